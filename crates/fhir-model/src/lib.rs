@@ -1,0 +1,16 @@
+//! The FHIR R4 model, generated from the official definitions.
+//!
+//! The tables come from `data/r4-model.json`, which `scripts/gen-fhir-model.py` generates from the
+//! R4 StructureDefinitions, SearchParameters and the Patient CompartmentDefinition. They are embedded
+//! in the binary and indexed once, on first use of [`r4()`].
+//!
+//! Architecture Invariant: this crate is pure — no IO, no async, no global state besides the lazily
+//! built model.
+
+mod model;
+mod primitives;
+mod validate;
+
+pub use model::{ChildRef, ElementDef, Model, SearchParam, SearchParamType, TypeDef, TypeKind, r4};
+pub use primitives::{primitive_text_ok, primitive_value_ok};
+pub use validate::ValidationIssue;

@@ -1,0 +1,445 @@
+//! Indexed model tables.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+
+const R4_MODEL_JSON: &str = include_str!("../data/r4-model.json");
+
+/// The kind of a type definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeKind {
+    /// `string`, `date`, `code`, …: the JSON value itself, plus an optional `_name` shadow.
+    Primitive,
+    /// A complex data type such as `HumanName` or `Quantity`.
+    Complex,
+    /// A resource type, including the abstract `Resource` and `DomainResource`.
+    Resource,
+    /// An element defined inline in a resource or type, named by its path (`Patient.contact`).
+    Backbone,
+}
+
+/// One element of a type, inherited elements included.
+#[derive(Debug, Clone)]
+pub struct ElementDef {
+    /// The element name; `value` for `value[x]`.
+    pub name: String,
+    /// True for choice elements (`value[x]`).
+    pub choice: bool,
+    /// Type codes. Backbone elements have a synthetic type named by their path; elements that hold
+    /// resources have `["Resource"]`.
+    pub types: Vec<String>,
+    pub min: u32,
+    /// `max == "*"`: the JSON representation is an array.
+    pub max_many: bool,
+}
+
+/// A type definition with its (flattened) elements.
+#[derive(Debug, Clone)]
+pub struct TypeDef {
+    pub name: String,
+    pub kind: TypeKind,
+    pub base: Option<String>,
+    pub is_abstract: bool,
+    pub elements: Vec<ElementDef>,
+    /// JSON key -> (element index, type index); choice elements are expanded (`valueQuantity`).
+    children: HashMap<String, (usize, usize)>,
+}
+
+impl TypeDef {
+    /// The element and concrete type a JSON key names, if any.
+    pub fn child(&self, json_key: &str) -> Option<ChildRef<'_>> {
+        let &(e, t) = self.children.get(json_key)?;
+        let element = &self.elements[e];
+        Some(ChildRef {
+            element,
+            type_name: &element.types[t],
+        })
+    }
+
+    /// An element by its name (`value` for `value[x]`).
+    pub fn element(&self, name: &str) -> Option<&ElementDef> {
+        self.elements.iter().find(|e| e.name == name)
+    }
+}
+
+/// An element reached through a JSON key, with the concrete type that key selects.
+#[derive(Debug, Clone, Copy)]
+pub struct ChildRef<'a> {
+    pub element: &'a ElementDef,
+    pub type_name: &'a str,
+}
+
+/// The type of a search parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SearchParamType {
+    Number,
+    Date,
+    String,
+    Token,
+    Reference,
+    Composite,
+    Quantity,
+    Uri,
+    Special,
+}
+
+impl SearchParamType {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "number" => Self::Number,
+            "date" => Self::Date,
+            "string" => Self::String,
+            "token" => Self::Token,
+            "reference" => Self::Reference,
+            "composite" => Self::Composite,
+            "quantity" => Self::Quantity,
+            "uri" => Self::Uri,
+            "special" => Self::Special,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Number => "number",
+            Self::Date => "date",
+            Self::String => "string",
+            Self::Token => "token",
+            Self::Reference => "reference",
+            Self::Composite => "composite",
+            Self::Quantity => "quantity",
+            Self::Uri => "uri",
+            Self::Special => "special",
+        }
+    }
+}
+
+/// A search parameter as it applies to one resource type.
+#[derive(Debug, Clone)]
+pub struct SearchParam {
+    pub code: String,
+    pub url: String,
+    pub kind: SearchParamType,
+    /// The FHIRPath expression restricted to the parts that apply to this resource type.
+    pub expression: Option<String>,
+    /// Target resource types of a reference parameter.
+    pub targets: Vec<String>,
+    /// Components of a composite parameter: (definition url, expression).
+    pub components: Vec<(String, String)>,
+}
+
+/// The R4 model.
+#[derive(Debug)]
+pub struct Model {
+    types: HashMap<String, TypeDef>,
+    resource_types: Vec<String>,
+    /// resource type (incl. `Resource`, `DomainResource`) -> code -> parameter
+    search: HashMap<String, HashMap<String, SearchParam>>,
+    compartment: HashMap<String, Vec<String>>,
+}
+
+static R4: OnceLock<Model> = OnceLock::new();
+
+/// The FHIR R4 model, built on first use from the embedded tables.
+pub fn r4() -> &'static Model {
+    R4.get_or_init(|| Model::from_json(R4_MODEL_JSON).expect("embedded R4 model tables are valid"))
+}
+
+#[derive(Deserialize)]
+struct RawModel {
+    types: Vec<RawType>,
+    search: Vec<RawSearch>,
+    compartment: HashMap<String, Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct RawType {
+    n: String,
+    k: String,
+    b: Option<String>,
+    a: bool,
+    e: Vec<(String, u8, Vec<String>, u32, u8)>,
+}
+
+#[derive(Deserialize)]
+struct RawSearch {
+    c: String,
+    u: String,
+    t: String,
+    b: Vec<String>,
+    x: HashMap<String, String>,
+    tg: Vec<String>,
+    comp: Vec<(String, String)>,
+}
+
+/// The suffix a choice type adds to its element name: `valueQuantity`, `valueDateTime`.
+fn choice_suffix(type_code: &str) -> String {
+    let mut chars = type_code.chars();
+    match chars.next() {
+        Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
+        None => String::new(),
+    }
+}
+
+impl Model {
+    fn from_json(text: &str) -> Result<Model, String> {
+        let raw: RawModel = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut types = HashMap::with_capacity(raw.types.len());
+        let mut resource_types = Vec::new();
+        for t in raw.types {
+            let kind = match t.k.as_str() {
+                "P" => TypeKind::Primitive,
+                "C" => TypeKind::Complex,
+                "R" => TypeKind::Resource,
+                "B" => TypeKind::Backbone,
+                other => return Err(format!("unknown type kind {other}")),
+            };
+            let elements: Vec<ElementDef> =
+                t.e.into_iter()
+                    .map(|(name, choice, types, min, many)| ElementDef {
+                        name,
+                        choice: choice != 0,
+                        types,
+                        min,
+                        max_many: many != 0,
+                    })
+                    .collect();
+            let mut children = HashMap::new();
+            for (ei, el) in elements.iter().enumerate() {
+                if el.choice {
+                    for (ti, ty) in el.types.iter().enumerate() {
+                        children.insert(format!("{}{}", el.name, choice_suffix(ty)), (ei, ti));
+                    }
+                } else {
+                    children.insert(el.name.clone(), (ei, 0));
+                }
+            }
+            if kind == TypeKind::Resource && !t.a {
+                resource_types.push(t.n.clone());
+            }
+            types.insert(
+                t.n.clone(),
+                TypeDef {
+                    name: t.n,
+                    kind,
+                    base: t.b,
+                    is_abstract: t.a,
+                    elements,
+                    children,
+                },
+            );
+        }
+        resource_types.sort();
+
+        let mut search: HashMap<String, HashMap<String, SearchParam>> = HashMap::new();
+        for s in raw.search {
+            let Some(kind) = SearchParamType::parse(&s.t) else {
+                return Err(format!("unknown search parameter type {}", s.t));
+            };
+            for base in &s.b {
+                let param = SearchParam {
+                    code: s.c.clone(),
+                    url: s.u.clone(),
+                    kind,
+                    expression: s.x.get(base).cloned(),
+                    targets: s.tg.clone(),
+                    components: s.comp.clone(),
+                };
+                search
+                    .entry(base.clone())
+                    .or_default()
+                    .insert(s.c.clone(), param);
+            }
+        }
+        Ok(Model {
+            types,
+            resource_types,
+            search,
+            compartment: raw.compartment,
+        })
+    }
+
+    /// A type by name: `Patient`, `HumanName`, `string`, or a backbone path such as `Patient.contact`.
+    pub fn type_def(&self, name: &str) -> Option<&TypeDef> {
+        self.types.get(name)
+    }
+
+    /// Any resource type, including the abstract `Resource` and `DomainResource`.
+    pub fn is_resource(&self, name: &str) -> bool {
+        self.types
+            .get(name)
+            .is_some_and(|t| t.kind == TypeKind::Resource)
+    }
+
+    /// The concrete resource types, sorted.
+    pub fn resource_types(&self) -> &[String] {
+        &self.resource_types
+    }
+
+    pub fn is_primitive(&self, name: &str) -> bool {
+        self.types
+            .get(name)
+            .is_some_and(|t| t.kind == TypeKind::Primitive)
+    }
+
+    /// The base type: `Patient` -> `DomainResource`, `code` -> `string`, `Age` -> `Quantity`.
+    pub fn base_of(&self, name: &str) -> Option<&str> {
+        self.types.get(name)?.base.as_deref()
+    }
+
+    /// Whether `ty` is `base` or derives from it.
+    pub fn is_subtype_of(&self, ty: &str, base: &str) -> bool {
+        let mut cur = Some(ty);
+        while let Some(t) = cur {
+            if t == base {
+                return true;
+            }
+            cur = self.base_of(t);
+        }
+        false
+    }
+
+    /// The element a JSON key names in a type, choice elements resolved to their concrete type.
+    pub fn child(&self, type_name: &str, json_key: &str) -> Option<ChildRef<'_>> {
+        self.types.get(type_name)?.child(json_key)
+    }
+
+    /// An element of a type by element name (`value` for `value[x]`).
+    pub fn element(&self, type_name: &str, name: &str) -> Option<&ElementDef> {
+        self.types.get(type_name)?.element(name)
+    }
+
+    /// All search parameters of a resource type, those defined on `Resource` and `DomainResource`
+    /// included.
+    pub fn search_params(&self, resource_type: &str) -> Vec<&SearchParam> {
+        let mut out = Vec::new();
+        for base in [resource_type, "DomainResource", "Resource"] {
+            if base != resource_type && !self.is_subtype_of(resource_type, base) {
+                continue;
+            }
+            if let Some(params) = self.search.get(base) {
+                out.extend(params.values());
+            }
+            if base == "Resource" && resource_type == "Resource" {
+                break;
+            }
+        }
+        out.sort_by(|a, b| a.code.cmp(&b.code));
+        out.dedup_by(|a, b| a.code == b.code);
+        out
+    }
+
+    /// One search parameter of a resource type by code.
+    pub fn search_param(&self, resource_type: &str, code: &str) -> Option<&SearchParam> {
+        for base in [resource_type, "DomainResource", "Resource"] {
+            if base != resource_type && !self.is_subtype_of(resource_type, base) {
+                continue;
+            }
+            if let Some(p) = self.search.get(base).and_then(|m| m.get(code)) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// The search parameters that link a resource type to a Patient (R4 Patient
+    /// CompartmentDefinition); `None` when the type is not in the Patient compartment.
+    /// For `Patient` itself this is `["link"]`: a Patient is in its own compartment by id.
+    pub fn patient_compartment(&self, resource_type: &str) -> Option<&[String]> {
+        self.compartment.get(resource_type).map(Vec::as_slice)
+    }
+
+    /// Structural validation of a resource (see [`crate::validate`]).
+    pub fn validate(
+        &self,
+        resource: &serde_json::Value,
+    ) -> Result<(), Vec<crate::validate::ValidationIssue>> {
+        crate::validate::validate_resource(self, resource)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_choice_elements() {
+        let m = r4();
+        let c = m.child("Observation", "valueQuantity").unwrap();
+        assert_eq!(c.element.name, "value");
+        assert!(c.element.choice);
+        assert_eq!(c.type_name, "Quantity");
+        let c = m.child("Observation", "effectiveDateTime").unwrap();
+        assert_eq!(c.type_name, "dateTime");
+        assert!(m.child("Observation", "value").is_none());
+        assert!(m.child("Observation", "valueFoo").is_none());
+    }
+
+    #[test]
+    fn knows_resource_and_primitive_types() {
+        let m = r4();
+        assert!(m.is_resource("Patient"));
+        assert!(m.is_resource("Resource"));
+        assert!(!m.resource_types().iter().any(|t| t == "Resource"));
+        assert_eq!(m.resource_types().len(), 146);
+        assert!(m.is_primitive("dateTime"));
+        assert!(m.is_subtype_of("code", "string"));
+        assert!(m.is_subtype_of("Age", "Quantity"));
+        assert!(m.is_subtype_of("Patient", "Resource"));
+        assert!(!m.is_subtype_of("Patient", "Observation"));
+        assert_eq!(m.child("Patient", "id").unwrap().type_name, "id");
+        assert_eq!(m.child("HumanName", "id").unwrap().type_name, "string");
+    }
+
+    #[test]
+    fn backbone_and_content_reference() {
+        let m = r4();
+        let c = m.child("Patient", "contact").unwrap();
+        assert_eq!(c.type_name, "Patient.contact");
+        assert!(c.element.max_many);
+        assert_eq!(
+            m.child("Patient.contact", "name").unwrap().type_name,
+            "HumanName"
+        );
+        assert_eq!(
+            m.child("Questionnaire.item", "item").unwrap().type_name,
+            "Questionnaire.item"
+        );
+        assert_eq!(
+            m.child("Bundle.entry", "resource").unwrap().type_name,
+            "Resource"
+        );
+        assert_eq!(
+            m.child("Patient", "contained").unwrap().type_name,
+            "Resource"
+        );
+    }
+
+    #[test]
+    fn search_parameters_per_type() {
+        let m = r4();
+        let code = m.search_param("Observation", "code").unwrap();
+        assert_eq!(code.kind, SearchParamType::Token);
+        assert_eq!(code.expression.as_deref(), Some("Observation.code"));
+        let id = m.search_param("Observation", "_id").unwrap();
+        assert_eq!(id.kind, SearchParamType::Token);
+        let subject = m.search_param("Observation", "subject").unwrap();
+        assert!(subject.targets.iter().any(|t| t == "Patient"));
+        assert!(
+            m.search_params("Patient")
+                .iter()
+                .any(|p| p.code == "birthdate")
+        );
+        assert!(m.search_param("Patient", "nonsense").is_none());
+    }
+
+    #[test]
+    fn patient_compartment() {
+        let m = r4();
+        let obs = m.patient_compartment("Observation").unwrap();
+        assert!(obs.iter().any(|p| p == "subject"));
+        assert!(m.patient_compartment("Organization").is_none());
+    }
+}
