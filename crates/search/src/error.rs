@@ -1,0 +1,63 @@
+//! Search errors. Every variant is a client error (HTTP 400 with an OperationOutcome) except
+//! [`SearchError::Store`], which is a server-side failure.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum SearchError {
+    /// The resource type is not a known FHIR R4 resource type. → 400 (`not-supported`).
+    #[error("unknown resource type '{resource_type}'")]
+    UnknownResourceType { resource_type: String },
+    /// The parameter is not a search parameter of the type. → 400 (`not-supported`) unless the
+    /// request is lenient, in which case it is reported in [`crate::Ignored`] instead.
+    #[error("unknown search parameter '{param}' for resource type {resource_type}")]
+    UnknownParameter {
+        resource_type: String,
+        param: String,
+    },
+    /// The parameter exists but this server does not support it (composite, special, `:above`…).
+    /// → 400 (`not-supported`) unless lenient.
+    #[error("search parameter '{param}' is not supported: {reason}")]
+    Unsupported { param: String, reason: String },
+    /// A malformed value, prefix or modifier. → 400 (`invalid`), lenient or not.
+    #[error("invalid value for search parameter '{param}': {reason}")]
+    InvalidValue { param: String, reason: String },
+    /// The storage layer failed while executing a search. → 500.
+    #[error("store error: {0}")]
+    Store(String),
+}
+
+impl SearchError {
+    pub(crate) fn invalid(param: &str, reason: impl Into<String>) -> Self {
+        SearchError::InvalidValue {
+            param: param.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn unsupported(param: &str, reason: impl Into<String>) -> Self {
+        SearchError::Unsupported {
+            param: param.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The search parameter (as written by the client) the error is about, for the
+    /// OperationOutcome's `expression`.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            SearchError::UnknownParameter { param, .. }
+            | SearchError::Unsupported { param, .. }
+            | SearchError::InvalidValue { param, .. } => Some(param),
+            _ => None,
+        }
+    }
+
+    /// True for errors that `Prefer: handling=lenient` turns into ignored parameters.
+    pub fn is_lenient_ignorable(&self) -> bool {
+        matches!(
+            self,
+            SearchError::UnknownParameter { .. } | SearchError::Unsupported { .. }
+        )
+    }
+}
