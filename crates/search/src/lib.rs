@@ -4,6 +4,8 @@
 //! - [`values`]: dates as millisecond ranges, decimals with precision, string normalization.
 
 pub mod error;
+pub mod extract;
+pub mod matching;
 pub mod query;
 pub mod values;
 
