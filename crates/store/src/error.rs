@@ -1,0 +1,66 @@
+//! The store's error type. Each variant's doc says how it must reach an HTTP client; the server maps
+//! it in one place.
+
+/// Errors of every [`crate::Store`] operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The resource (or that version of it) does not exist. → 404 `not-found`.
+    #[error("{resource_type}/{id} not found")]
+    NotFound { resource_type: String, id: String },
+    /// The resource's current version (or the requested version) is a delete tombstone.
+    /// → 410 `deleted`.
+    #[error("{resource_type}/{id} was deleted (version {version})")]
+    Gone {
+        resource_type: String,
+        id: String,
+        version: i64,
+    },
+    /// `If-Match` named a version that is not the current one (`actual` is `None` when the
+    /// resource does not exist). → 412 `conflict`.
+    #[error("version conflict on {resource_type}/{id}: expected version {expected}, current is {}", actual.map(|v| v.to_string()).unwrap_or_else(|| "none".into()))]
+    VersionConflict {
+        resource_type: String,
+        id: String,
+        expected: i64,
+        actual: Option<i64>,
+    },
+    /// A create with a caller-chosen id that already exists (also if deleted). → 409 `duplicate`.
+    #[error("{resource_type}/{id} already exists")]
+    AlreadyExists { resource_type: String, id: String },
+    /// Not a valid FHIR id (`[A-Za-z0-9\-\.]{1,64}`). → 400 `invalid`.
+    #[error("invalid resource id '{0}'")]
+    InvalidId(String),
+    /// Not a syntactically valid resource type name. → 400 `invalid` (or 404 for a URL segment).
+    #[error("invalid resource type '{0}'")]
+    InvalidType(String),
+    /// The resource JSON cannot be stored as given (not an object, `resourceType` missing or not
+    /// matching, body id differing from the URL id). → 400 `invalid`.
+    #[error("invalid resource: {0}")]
+    InvalidResource(String),
+    /// Another process holds the data directory's lock. → fail at start-up with this message.
+    #[error(
+        "data directory {path} is in use by another fhirhose process (lock file {lock_file}); stop it or use `load --server`"
+    )]
+    Locked { path: String, lock_file: String },
+    /// File system error (creating the data directory, the lock file). → 500.
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database failed. → 500 (details to the log only).
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database content is not what this version of the store expects (unknown schema
+    /// version, malformed stored row). → 500, and refuse to start.
+    #[error("store is corrupt or from an incompatible version: {0}")]
+    Corrupt(String),
+}
+
+impl From<rusqlite::types::FromSqlError> for StoreError {
+    /// A stored value of an unexpected SQL type means the database is not what we wrote.
+    fn from(e: rusqlite::types::FromSqlError) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}

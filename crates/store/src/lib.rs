@@ -1,0 +1,362 @@
+//! Versioned FHIR resource storage.
+//!
+//! - [`Store`]: the storage trait every caller uses (REST server, loader, search, export). It is
+//!   synchronous and object safe (`Arc<dyn Store>`); async callers wrap calls in
+//!   `tokio::task::spawn_blocking`. A PostgreSQL backend implements the same trait.
+//! - [`SqliteStore`]: the SQLite implementation (bundled SQLite, WAL, one writer connection behind a
+//!   mutex plus a small pool of reader connections). Its schema is documented in [`sqlite`].
+//! - [`DataDirLock`]: the exclusive advisory lock on a data directory that `serve` and
+//!   `load --data-dir` both take, so two processes never write one database.
+//! - [`Indexer`]: the hook through which the search crate turns a resource into index rows, written
+//!   in the same transaction as the resource.
+//!
+//! # Versions, sequence numbers and snapshots
+//!
+//! Every version row (create, update or delete tombstone) gets its own `seq`, a global strictly
+//! increasing `i64`. The rows of one [`Store::write`] call take consecutive seqs and commit
+//! atomically; the transaction is identified by its last seq. [`Store::watermark`] only ever returns
+//! the last seq of a committed transaction, so "as of seq S" (the rows with `seq <= S` that were not
+//! superseded by a row with `seq <= S`) is always the state after a whole transaction: the snapshot a
+//! bulk export pins. `meta.lastUpdated` is the same instant for all rows of one transaction and
+//! strictly increasing between transactions (millisecond precision, `Z`), so instants map onto seqs
+//! monotonically ([`Store::seq_at_or_after`]).
+//!
+//! Stored resources are compact JSON bytes with `id`, `meta.versionId` and `meta.lastUpdated`
+//! already set, ready to be written into an NDJSON file unchanged. Numbers keep their exact text.
+
+mod error;
+mod index;
+mod lock;
+pub mod sqlite;
+mod stamp;
+
+use std::ops::ControlFlow;
+
+pub use error::StoreError;
+pub use index::{IndexEntry, IndexValue, Indexer};
+pub use lock::DataDirLock;
+pub use sqlite::{SqliteOptions, SqliteStore};
+pub use stamp::{format_instant_ms, is_valid_id, is_valid_type_name, parse_instant_ms};
+
+/// One operation of an atomic [`Store::write`].
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Create a new resource; the type comes from `resource.resourceType`.
+    ///
+    /// If `resource.id` is present it is kept (the caller decided so: the REST `POST` handler removes
+    /// a client id first, the bundle translation keeps ids it resolved); if that resource already
+    /// exists (even deleted) the write fails with [`StoreError::AlreadyExists`]. Without an id the
+    /// store assigns a fresh UUID.
+    Create { resource: serde_json::Value },
+    /// Update or create-on-update (`PUT Type/id`). `resource.resourceType` must equal
+    /// `resource_type`; `resource.id`, if present, must equal `id` (else
+    /// [`StoreError::InvalidResource`]). With `if_match`, the current version must be exactly that
+    /// version (else [`StoreError::VersionConflict`]).
+    Update {
+        resource_type: String,
+        id: String,
+        resource: serde_json::Value,
+        if_match: Option<i64>,
+    },
+    /// Delete: writes a tombstone version. Deleting a missing or already deleted resource is not an
+    /// error and writes nothing (status [`WriteStatus::DeleteNotFound`]). With `if_match`, the
+    /// current version must be that version.
+    Delete {
+        resource_type: String,
+        id: String,
+        if_match: Option<i64>,
+    },
+}
+
+/// What a [`WriteOp`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStatus {
+    /// A new resource (version 1, or a re-creation after a delete) — HTTP 201.
+    Created,
+    /// A new version of an existing resource — HTTP 200.
+    Updated,
+    /// A tombstone was written — HTTP 204 (or 200).
+    Deleted,
+    /// Delete of a resource that does not exist or is already deleted; nothing written — HTTP 204.
+    DeleteNotFound,
+}
+
+/// The result of one [`WriteOp`], in the order of the ops.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    pub resource_type: String,
+    pub id: String,
+    pub status: WriteStatus,
+    /// The version written; for [`WriteStatus::DeleteNotFound`] the current (tombstone) version, or 0
+    /// if the resource never existed.
+    pub version: i64,
+    /// The seq of the row written; 0 for [`WriteStatus::DeleteNotFound`].
+    pub seq: i64,
+    /// `meta.lastUpdated` of the row written (`2026-11-22T11:03:10.123Z`); for
+    /// [`WriteStatus::DeleteNotFound`] the instant of the write call.
+    pub last_updated: String,
+    /// The stored JSON (compact, meta included) for creates and updates; `None` for deletes.
+    pub json: Option<Vec<u8>>,
+}
+
+/// One stored version of a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResource {
+    pub resource_type: String,
+    pub id: String,
+    pub seq: i64,
+    pub version: i64,
+    pub last_updated: String,
+    /// Compact JSON with `id` and `meta.versionId`/`meta.lastUpdated` set.
+    pub json: Vec<u8>,
+}
+
+/// A row handed to the callback of [`Store::scan_type_each`], borrowed from the database cursor so
+/// that scanning does not allocate per row.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanRow<'a> {
+    pub seq: i64,
+    pub id: &'a str,
+    pub version: i64,
+    pub last_updated: &'a str,
+    pub json: &'a [u8],
+}
+
+/// A deletion visible in a snapshot: the resource's current version at `as_of` is this tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    pub resource_type: String,
+    pub id: String,
+    pub seq: i64,
+    /// The version number of the tombstone itself.
+    pub version: i64,
+    pub last_updated: String,
+}
+
+/// The newest committed transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watermark {
+    /// Last seq of the newest committed transaction; 0 for an empty store.
+    pub seq: i64,
+    /// Its `lastUpdated` instant; `None` for an empty store.
+    pub last_updated: Option<String>,
+}
+
+/// Seq statistics of one type in a snapshot, for cutting export work items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqStats {
+    /// Smallest seq of a resource current at `as_of`.
+    pub min_seq: i64,
+    /// Largest seq of a resource current at `as_of`.
+    pub max_seq: i64,
+    /// Number of resources current (not deleted) at `as_of`.
+    pub count: u64,
+}
+
+/// A half-open seq interval `(after, up_to]` for [`Store::scan_type_each`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqBounds {
+    /// Exclusive lower bound (a keyset cursor, or a `_since` seq minus one); 0 scans from the start.
+    pub after: i64,
+    /// Inclusive upper bound; `i64::MAX` for no bound. Rows are also limited by `as_of`.
+    pub up_to: i64,
+}
+
+impl SeqBounds {
+    pub const ALL: SeqBounds = SeqBounds {
+        after: 0,
+        up_to: i64::MAX,
+    };
+}
+
+/// Which history to read.
+#[derive(Debug, Clone, Copy)]
+pub enum HistoryScope<'a> {
+    Instance { resource_type: &'a str, id: &'a str },
+    Type(&'a str),
+    System,
+}
+
+/// History parameters. Entries come newest first (seq descending).
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// `_since`: only versions with `lastUpdated >= since` (ms since the epoch, see
+    /// [`parse_instant_ms`]).
+    pub since_ms: Option<i64>,
+    /// `_count` (page size). 0 means the default page size of 50.
+    pub count: usize,
+    /// Keyset cursor: only versions with `seq < before_seq` (from [`HistoryPage::next_before_seq`]).
+    pub before_seq: Option<i64>,
+    /// Pin the history to a snapshot: only versions with `seq <= as_of` (so that later pages do not
+    /// shift when new versions arrive). `None` = everything committed.
+    pub as_of: Option<i64>,
+}
+
+/// How a version came to be, for `Bundle.entry.request.method` in history bundles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryMethod {
+    Post,
+    Put,
+    Delete,
+}
+
+impl HistoryMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HistoryMethod::Post => "POST",
+            HistoryMethod::Put => "PUT",
+            HistoryMethod::Delete => "DELETE",
+        }
+    }
+}
+
+/// One entry of a history page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub resource_type: String,
+    pub id: String,
+    pub seq: i64,
+    pub version: i64,
+    pub last_updated: String,
+    pub method: HistoryMethod,
+    /// The JSON of that version; `None` for a delete tombstone.
+    pub json: Option<Vec<u8>>,
+}
+
+/// A page of history, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub entries: Vec<HistoryEntry>,
+    /// Pass as [`HistoryQuery::before_seq`] to get the next (older) page; `None` on the last page.
+    pub next_before_seq: Option<i64>,
+}
+
+/// Filter of the simple `GET /[type]` listing (before full search exists): current, non-deleted
+/// resources only, in seq order.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// `_id`: any of these ids (`None` = no id filter; an empty list matches nothing).
+    pub ids: Option<Vec<String>>,
+    /// `_lastUpdated` lower bound, inclusive, ms since the epoch.
+    pub updated_from_ms: Option<i64>,
+    /// `_lastUpdated` upper bound, exclusive, ms since the epoch.
+    pub updated_before_ms: Option<i64>,
+}
+
+/// A page of [`Store::list_type`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    pub resources: Vec<StoredResource>,
+    /// Pass as `after_seq` to get the next page; `None` on the last page.
+    pub next_after_seq: Option<i64>,
+}
+
+/// The storage trait. All methods are blocking; every implementation is `Send + Sync` and safe to
+/// share as `Arc<dyn Store>`.
+///
+/// `as_of` arguments are seqs obtained from [`Store::watermark`] (or [`Store::current_seq`]); they
+/// pin a consistent snapshot: rows written later are invisible.
+pub trait Store: Send + Sync {
+    /// Apply `ops` atomically: either every op is applied in one transaction, or none is and the
+    /// first error is returned. Outcomes come in the order of `ops`. Several ops on the same resource
+    /// within one call see each other (the second update creates version n+2).
+    fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, StoreError>;
+
+    /// The current version. [`StoreError::NotFound`] if the resource never existed,
+    /// [`StoreError::Gone`] if its current version is a tombstone.
+    fn read(&self, resource_type: &str, id: &str) -> Result<StoredResource, StoreError>;
+
+    /// A specific version. [`StoreError::NotFound`] if there is no such version,
+    /// [`StoreError::Gone`] if that version is a tombstone.
+    fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<StoredResource, StoreError>;
+
+    /// Instance, type or system history, newest first, keyset paged.
+    fn history(
+        &self,
+        scope: HistoryScope<'_>,
+        query: &HistoryQuery,
+    ) -> Result<HistoryPage, StoreError>;
+
+    /// The newest committed transaction (seq and instant).
+    fn watermark(&self) -> Result<Watermark, StoreError>;
+
+    /// Shorthand for `watermark()?.seq`.
+    fn current_seq(&self) -> Result<i64, StoreError> {
+        Ok(self.watermark()?.seq)
+    }
+
+    /// The first seq whose `lastUpdated >= instant_ms`; `current_seq() + 1` if there is none. A
+    /// `_since` instant becomes the seq bound `after = seq_at_or_after(since) - 1`.
+    fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError>;
+
+    /// The `lastUpdated` instant of the transaction containing `seq`, if any (e.g. to report an
+    /// export's `transactionTime` for a pinned seq).
+    fn instant_of_seq(&self, seq: i64) -> Result<Option<String>, StoreError>;
+
+    /// Resource types with at least one resource current (not deleted) at `as_of`, sorted.
+    fn types_present(&self, as_of: i64) -> Result<Vec<String>, StoreError>;
+
+    /// Number of resources of a type current (not deleted) at `as_of`.
+    fn count_type(&self, resource_type: &str, as_of: i64) -> Result<u64, StoreError>;
+
+    /// Min/max seq and count of the resources of a type current at `as_of`; `None` if there are none.
+    fn seq_range(&self, resource_type: &str, as_of: i64) -> Result<Option<SeqStats>, StoreError>;
+
+    /// Keyset page of the resources of a type current at `as_of` with `seq > after_seq`, in seq
+    /// order, at most `limit`. With `after_seq = s`, this is also "changed since seq s" (the `_since`
+    /// scan of an export): a resource appears iff its version current at `as_of` is newer than `s`.
+    fn scan_type(
+        &self,
+        resource_type: &str,
+        as_of: i64,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredResource>, StoreError>;
+
+    /// Streaming form of [`Store::scan_type`] for the export hot path: calls `f` for each resource of
+    /// the type current at `as_of` with seq in `bounds`, in seq order, without allocating per row.
+    /// `f` returns `ControlFlow::Break(())` to stop early. Returns the number of rows passed to `f`.
+    /// Holds one reader connection for the whole scan; keep `f` fast or scan in bounded ranges.
+    fn scan_type_each(
+        &self,
+        resource_type: &str,
+        as_of: i64,
+        bounds: SeqBounds,
+        f: &mut dyn FnMut(ScanRow<'_>) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError>;
+
+    /// Resources of a type whose version current at `as_of` is a tombstone written after
+    /// `since_seq` (deleted since, and not re-created by `as_of`), keyset paged by seq
+    /// (`after_seq`, `limit`), in seq order.
+    fn deleted_since(
+        &self,
+        resource_type: &str,
+        since_seq: i64,
+        as_of: i64,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Tombstone>, StoreError>;
+
+    /// The simple `GET /[type]` listing: current resources matching `filter`, in seq order,
+    /// keyset paged (`after_seq` from [`ListPage::next_after_seq`]), at most `count`.
+    fn list_type(
+        &self,
+        resource_type: &str,
+        filter: &ListFilter,
+        count: usize,
+        after_seq: Option<i64>,
+    ) -> Result<ListPage, StoreError>;
+
+    /// Number of current resources matching `filter` (`_summary=count`, `Bundle.total`).
+    fn count_list(&self, resource_type: &str, filter: &ListFilter) -> Result<u64, StoreError>;
+
+    /// Rebuild the search index rows of the current resources of one type (or all types) with the
+    /// store's [`Indexer`]; returns the number of resources indexed. Without an indexer, only
+    /// removes index rows.
+    fn reindex(&self, resource_type: Option<&str>) -> Result<u64, StoreError>;
+}
