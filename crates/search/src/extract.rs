@@ -8,48 +8,8 @@ use serde_json::Value as Json;
 
 use crate::values::{self, MAX_MS, MIN_MS};
 
-/// One indexed value of a search parameter.
-#[derive(Debug, Clone, PartialEq)]
-pub enum IndexValue {
-    /// A coded value; `system` is `None` when the element has no system (plain `code`, boolean,
-    /// ContactPoint value), `code` is `None` for a Coding with only a system.
-    Token {
-        system: Option<String>,
-        code: Option<String>,
-    },
-    /// Normalized `Coding.display` / `CodeableConcept.text` / `Identifier.type.text`, for `:text`.
-    TokenText(String),
-    /// A string part: normalized for prefix/contains search, and as written for `:exact`.
-    String {
-        normalized: String,
-        exact: String,
-    },
-    /// A time range `[lo, hi)` in ms since the epoch.
-    Date {
-        lo: i64,
-        hi: i64,
-    },
-    Number(f64),
-    Quantity {
-        value: f64,
-        system: Option<String>,
-        code: Option<String>,
-        unit: Option<String>,
-    },
-    /// A relative reference `Type/id`.
-    Reference {
-        target_type: String,
-        id: String,
-    },
-    /// An absolute or otherwise unresolved reference, or a canonical.
-    ReferenceUrl(String),
-    /// `Reference.identifier`, for `:identifier`.
-    ReferenceIdentifier {
-        system: Option<String>,
-        value: Option<String>,
-    },
-    Uri(String),
-}
+/// Index values are the store's: each variant has its own index table.
+pub use store::IndexValue;
 
 fn s(v: &Json, key: &str) -> Option<String> {
     v.get(key).and_then(Json::as_str).map(str::to_string)

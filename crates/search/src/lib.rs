@@ -3,6 +3,7 @@
 //! - [`query`]: parsing and validation of search requests into a typed [`SearchQuery`].
 //! - [`values`]: dates as millisecond ranges, decimals with precision, string normalization.
 
+pub mod elements;
 pub mod error;
 pub mod extract;
 pub mod matching;
