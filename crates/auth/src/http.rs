@@ -1,0 +1,399 @@
+//! The axum side: the auth routes, the bearer-token middleware and the [`AuthContext`] handlers
+//! use to check scopes.
+//!
+//! Wiring in a server:
+//! ```ignore
+//! let auth = auth::Auth::from_settings(&settings, listen_addr)?;
+//! let api = auth.protect(api_router);           // every request needs a valid bearer token
+//! let app = api.merge(auth.routes());           // /auth/token, /.well-known/smart-configuration
+//! // in a handler:
+//! async fn read(ctx: AuthContext, ...) -> Result<..., AuthRejection> { ctx.require_read("Patient")?; ... }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::rejection::FormRejection;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::access_token::TokenIssuer;
+use crate::config::{AuthMode, AuthSettings, ConfigError, check_mode};
+use crate::registry::ClientRegistry;
+use crate::scope::{Permission, Scopes};
+use crate::token_endpoint::{ACCEPTED_ALGORITHMS, OAuthError, SmartAuth, TokenForm};
+
+pub const TOKEN_PATH: &str = "/auth/token";
+pub const SMART_CONFIGURATION_PATH: &str = "/.well-known/smart-configuration";
+
+/// The authorization layer of a running server: cheap to clone.
+#[derive(Clone)]
+pub struct Auth {
+    inner: Arc<AuthInner>,
+}
+
+enum AuthInner {
+    None,
+    Smart(Box<SmartAuth>),
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Auth {
+    /// Checks the settings (the loopback rule, the token lifetime, the clients file) and builds
+    /// the layer. Every problem is reported here, at start.
+    pub fn from_settings(
+        settings: &AuthSettings,
+        listen_addr: SocketAddr,
+    ) -> Result<Auth, ConfigError> {
+        check_mode(settings.mode, listen_addr, settings.insecure)?;
+        settings.check()?;
+        match settings.mode {
+            AuthMode::None => {
+                if !listen_addr.ip().to_canonical().is_loopback() {
+                    tracing::warn!(%listen_addr, "serving WITHOUT authorization on a non-loopback address (--insecure)");
+                }
+                Ok(Auth::none())
+            }
+            AuthMode::Smart => {
+                let path = settings
+                    .clients_file
+                    .as_ref()
+                    .ok_or(ConfigError::ClientsFileMissing)?;
+                let registry = ClientRegistry::load(path)?;
+                tracing::info!(clients = registry.len(), token_url = %settings.token_url(), "SMART Backend Services authorization enabled");
+                let issuer = TokenIssuer::new(
+                    settings.base_url.trim_end_matches('/').to_owned(),
+                    settings.token_lifetime,
+                );
+                Ok(Auth::smart(SmartAuth::new(
+                    registry,
+                    issuer,
+                    settings.token_url(),
+                    settings.replay_capacity,
+                )))
+            }
+        }
+    }
+
+    /// Mode `none`: every request gets an all-allowing context.
+    pub fn none() -> Auth {
+        Auth {
+            inner: Arc::new(AuthInner::None),
+        }
+    }
+
+    pub fn smart(smart: SmartAuth) -> Auth {
+        Auth {
+            inner: Arc::new(AuthInner::Smart(Box::new(smart))),
+        }
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        match *self.inner {
+            AuthInner::None => AuthMode::None,
+            AuthInner::Smart(_) => AuthMode::Smart,
+        }
+    }
+
+    /// Whether downloads need a bearer token (the manifest's `requiresAccessToken`).
+    pub fn requires_access_token(&self) -> bool {
+        self.mode() == AuthMode::Smart
+    }
+
+    pub fn smart_auth(&self) -> Option<&SmartAuth> {
+        match &*self.inner {
+            AuthInner::Smart(s) => Some(s),
+            AuthInner::None => None,
+        }
+    }
+
+    /// `POST /auth/token` and `GET /.well-known/smart-configuration`, in mode `smart`; no routes
+    /// in mode `none` (there is nothing to discover).
+    pub fn routes<S: Clone + Send + Sync + 'static>(&self) -> Router<S> {
+        if self.smart_auth().is_none() {
+            return Router::new();
+        }
+        let for_token = self.clone();
+        let for_config = self.clone();
+        Router::new()
+            .route(
+                TOKEN_PATH,
+                post(move |form: Result<axum::Form<TokenForm>, FormRejection>| {
+                    let auth = for_token.clone();
+                    async move { auth.token_handler(form).await }
+                }),
+            )
+            .route(
+                SMART_CONFIGURATION_PATH,
+                get(move || {
+                    let auth = for_config.clone();
+                    async move { auth.smart_configuration() }
+                }),
+            )
+    }
+
+    async fn token_handler(&self, form: Result<axum::Form<TokenForm>, FormRejection>) -> Response {
+        let Some(smart) = self.smart_auth() else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        let result = match form {
+            Ok(axum::Form(form)) => smart.token(&form, unix_now()).await,
+            Err(_) => Err(OAuthError {
+                error: crate::token_endpoint::OAuthErrorCode::InvalidRequest,
+                description:
+                    "the body must be application/x-www-form-urlencoded, each parameter once"
+                        .to_owned(),
+            }),
+        };
+        match result {
+            Ok(body) => no_store(axum::Json(body).into_response()),
+            Err(e) => {
+                tracing::warn!(error = ?e.error, description = %e.description, "token request refused");
+                oauth_error_response(&e)
+            }
+        }
+    }
+
+    /// The discovery document.
+    pub fn smart_configuration(&self) -> Response {
+        let Some(smart) = self.smart_auth() else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        let doc = serde_json::json!({
+            "token_endpoint": smart.token_url(),
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": ACCEPTED_ALGORITHMS,
+            "grant_types_supported": ["client_credentials"],
+            "scopes_supported": [
+                "system/*.rs", "system/*.cruds", "system/*.read", "system/*.write", "system/*.*"
+            ],
+            "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+        });
+        axum::Json(doc).into_response()
+    }
+
+    /// Wraps `router` so that every request needs a valid bearer token (mode `smart`) and
+    /// carries an [`AuthContext`] in its extensions.
+    pub fn protect<S: Clone + Send + Sync + 'static>(&self, router: Router<S>) -> Router<S> {
+        router.layer(axum::middleware::from_fn_with_state(
+            self.clone(),
+            require_bearer,
+        ))
+    }
+
+    /// Resolves the `Authorization` header value (if any) into a context.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<AuthContext, AuthRejection> {
+        let smart = match &*self.inner {
+            AuthInner::None => return Ok(AuthContext::unrestricted()),
+            AuthInner::Smart(s) => s,
+        };
+        let Some(value) = authorization else {
+            return Err(AuthRejection::MissingToken);
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            })
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthRejection::InvalidToken(
+                "the Authorization header must be `Bearer <access token>`",
+            ))?;
+        let verified = smart
+            .issuer()
+            .verify(token, unix_now())
+            .map_err(|e| AuthRejection::InvalidToken(e.reason()))?;
+        Ok(AuthContext {
+            client_id: Some(verified.client_id),
+            scopes: verified.scopes,
+        })
+    }
+}
+
+/// The middleware behind [`Auth::protect`].
+pub async fn require_bearer(
+    axum::extract::State(auth): axum::extract::State<Auth>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match auth.authenticate(request.headers().get(header::AUTHORIZATION)) {
+        Ok(ctx) => {
+            request.extensions_mut().insert(ctx);
+            next.run(request).await
+        }
+        Err(rejection) => {
+            tracing::debug!(reason = %rejection, path = %request.uri().path(), "request without a valid bearer token");
+            rejection.into_response()
+        }
+    }
+}
+
+/// Who is calling and what they may do; in request extensions after [`Auth::protect`].
+#[derive(Debug, Clone)]
+pub struct AuthContext {
+    /// `None` in mode `none`.
+    pub client_id: Option<String>,
+    pub scopes: Scopes,
+}
+
+impl AuthContext {
+    /// The context of mode `none`.
+    pub fn unrestricted() -> AuthContext {
+        AuthContext {
+            client_id: None,
+            scopes: Scopes::unrestricted(),
+        }
+    }
+
+    pub fn require(&self, resource_type: &str, p: Permission) -> Result<(), AuthRejection> {
+        if self.scopes.allows(resource_type, p) {
+            Ok(())
+        } else {
+            Err(AuthRejection::Forbidden(format!(
+                "the granted scopes do not allow `{}` on {resource_type}",
+                p.letter()
+            )))
+        }
+    }
+
+    /// Read, vread, history: `r`.
+    pub fn require_read(&self, resource_type: &str) -> Result<(), AuthRejection> {
+        self.require(resource_type, Permission::Read)
+    }
+
+    /// Search: `s`.
+    pub fn require_search(&self, resource_type: &str) -> Result<(), AuthRejection> {
+        self.require(resource_type, Permission::Search)
+    }
+
+    /// v1 `write`: create, update and delete. Prefer [`AuthContext::require`] with the exact
+    /// permission when the interaction is known.
+    pub fn require_write(&self, resource_type: &str) -> Result<(), AuthRejection> {
+        if self.scopes.can_write(resource_type) {
+            Ok(())
+        } else {
+            Err(AuthRejection::Forbidden(format!(
+                "the granted scopes do not allow writing {resource_type}"
+            )))
+        }
+    }
+
+    /// `$export` of `types`: each needs `r` and `s`. Names every missing type.
+    pub fn require_export<'a>(
+        &self,
+        types: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), AuthRejection> {
+        let missing: Vec<&str> = types
+            .into_iter()
+            .filter(|t| !self.scopes.can_export(t))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(AuthRejection::Forbidden(format!(
+                "the granted scopes do not allow exporting {}",
+                missing.join(", ")
+            )))
+        }
+    }
+
+    /// Whether this caller may see a job started by `owner` (the client_id recorded at kick-off).
+    /// In mode `none` both are `None`.
+    pub fn owns(&self, owner: Option<&str>) -> bool {
+        self.client_id.as_deref() == owner
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AuthContext {
+    type Rejection = AuthRejection;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        // Without the layer there is no context: refuse rather than allow.
+        parts
+            .extensions
+            .get::<AuthContext>()
+            .cloned()
+            .ok_or(AuthRejection::MissingToken)
+    }
+}
+
+/// Why a request was refused: 401 (no or bad token) or 403 (scopes fall short).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthRejection {
+    #[error("no bearer token")]
+    MissingToken,
+    #[error("{0}")]
+    InvalidToken(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+impl IntoResponse for AuthRejection {
+    fn into_response(self) -> Response {
+        let (status, code, text, challenge) = match &self {
+            AuthRejection::MissingToken => (
+                StatusCode::UNAUTHORIZED,
+                "login",
+                "a bearer access token is required (see /.well-known/smart-configuration)"
+                    .to_owned(),
+                r#"Bearer realm="fhirhose""#.to_owned(),
+            ),
+            AuthRejection::InvalidToken(reason) => (
+                StatusCode::UNAUTHORIZED,
+                "login",
+                (*reason).to_owned(),
+                format!(
+                    r#"Bearer realm="fhirhose", error="invalid_token", error_description="{reason}""#
+                ),
+            ),
+            AuthRejection::Forbidden(reason) => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                reason.clone(),
+                r#"Bearer realm="fhirhose", error="insufficient_scope""#.to_owned(),
+            ),
+        };
+        let body = serde_json::json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+        });
+        let mut response = (status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/fhir+json"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            headers.insert(header::WWW_AUTHENTICATE, v);
+        }
+        response
+    }
+}
+
+fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn oauth_error_response(e: &OAuthError) -> Response {
+    let status = StatusCode::from_u16(e.error.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    no_store((status, axum::Json(e)).into_response())
+}

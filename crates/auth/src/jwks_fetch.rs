@@ -1,0 +1,250 @@
+//! Fetching and caching the JWKS of clients registered by `jwks_url`.
+//!
+//! Keys are fetched on first use, cached for the response's `Cache-Control: max-age` (clamped to
+//! [`MIN_TTL`, `MAX_TTL`], [`DEFAULT_TTL`] without one), and re-fetched early when an assertion
+//! names a `kid` the cache does not hold (key rotation), at most once per [`MIN_TTL`]. Each fetch
+//! has a bounded time and body size; one client's fetches are serialised so that a burst of
+//! token requests makes one request to the client's server.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use reqwest::Url;
+
+use crate::registry::{VerificationKey, parse_jwk};
+
+pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+pub const MIN_TTL: Duration = Duration::from_secs(30);
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BODY: usize = 256 * 1024;
+
+/// Why a client's JWKS could not be obtained. Shown to the client as part of `invalid_client`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JwksFetchError {
+    #[error("cannot create the HTTP client: {0}")]
+    Client(String),
+    #[error("fetching the registered JWKS failed: {0}")]
+    Transport(String),
+    #[error("the registered JWKS URL answered HTTP {0}")]
+    Status(u16),
+    #[error("the registered JWKS is larger than {MAX_BODY} bytes")]
+    TooLarge,
+    #[error("the registered JWKS is not valid: {0}")]
+    Invalid(String),
+    #[error("a recent fetch of the registered JWKS failed; retry later")]
+    Backoff,
+}
+
+/// The shared HTTP client for JWKS fetches, built on first use.
+pub(crate) struct JwksFetcher {
+    client: OnceLock<Result<reqwest::Client, String>>,
+}
+
+impl JwksFetcher {
+    pub(crate) fn new() -> JwksFetcher {
+        JwksFetcher {
+            client: OnceLock::new(),
+        }
+    }
+
+    fn client(&self) -> Result<&reqwest::Client, JwksFetchError> {
+        self.client
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .timeout(FETCH_TIMEOUT)
+                    .connect_timeout(FETCH_TIMEOUT)
+                    .redirect(reqwest::redirect::Policy::limited(3))
+                    .build()
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| JwksFetchError::Client(e.clone()))
+    }
+
+    /// One GET of `url`: the usable keys and how long they may be cached.
+    async fn fetch(
+        &self,
+        url: &Url,
+    ) -> Result<(Arc<Vec<VerificationKey>>, Duration), JwksFetchError> {
+        let client = self.client()?;
+        let mut response = client
+            .get(url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| JwksFetchError::Transport(transport_reason(&e)))?;
+        if !response.status().is_success() {
+            return Err(JwksFetchError::Status(response.status().as_u16()));
+        }
+        let ttl = response
+            .headers()
+            .get(reqwest::header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .map(cache_ttl)
+            .unwrap_or(DEFAULT_TTL);
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_BODY as u64)
+        {
+            return Err(JwksFetchError::TooLarge);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| JwksFetchError::Transport(transport_reason(&e)))?
+        {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(JwksFetchError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let doc: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|_| JwksFetchError::Invalid("not JSON".to_owned()))?;
+        let Some(keys) = doc.get("keys").and_then(|k| k.as_array()) else {
+            return Err(JwksFetchError::Invalid("no `keys` array".to_owned()));
+        };
+        // A published JWKS may carry keys for other uses; keep the ones that can verify.
+        let usable: Vec<VerificationKey> = keys
+            .iter()
+            .filter_map(|k| parse_jwk(k).ok().flatten())
+            .collect();
+        if usable.is_empty() {
+            return Err(JwksFetchError::Invalid(
+                "no RSA or EC (P-384, P-256) signature key".to_owned(),
+            ));
+        }
+        Ok((Arc::new(usable), ttl))
+    }
+}
+
+fn transport_reason(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "cannot connect".to_owned()
+    } else {
+        "transport error".to_owned()
+    }
+}
+
+/// The cache lifetime a `Cache-Control` value asks for, clamped.
+fn cache_ttl(value: &str) -> Duration {
+    let mut ttl = None;
+    for directive in value.split(',').map(str::trim) {
+        let lower = directive.to_ascii_lowercase();
+        if lower == "no-store" || lower == "no-cache" {
+            return MIN_TTL;
+        }
+        if let Some(secs) = lower.strip_prefix("max-age=")
+            && let Ok(secs) = secs.trim_matches('"').parse::<u64>()
+        {
+            ttl = Some(Duration::from_secs(secs));
+        }
+    }
+    ttl.unwrap_or(DEFAULT_TTL).clamp(MIN_TTL, MAX_TTL)
+}
+
+#[derive(Default)]
+struct CacheState {
+    keys: Option<Arc<Vec<VerificationKey>>>,
+    expires_at: Option<Instant>,
+    last_fetch: Option<Instant>,
+    last_failed: bool,
+}
+
+/// A client's registered JWKS URL and its cached keys.
+pub(crate) struct JwksUrlSource {
+    url: Url,
+    state: tokio::sync::Mutex<CacheState>,
+}
+
+impl JwksUrlSource {
+    /// Checks the URL: https, or plain http to a loopback host (for local testing).
+    pub(crate) fn new(url: &str) -> Result<JwksUrlSource, String> {
+        let parsed = Url::parse(url).map_err(|e| format!("is not a URL: {e}"))?;
+        let Some(host) = parsed.host_str() else {
+            return Err("has no host".to_owned());
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match parsed.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            _ => return Err("must be https (plain http only to a loopback host)".to_owned()),
+        }
+        Ok(JwksUrlSource {
+            url: parsed,
+            state: tokio::sync::Mutex::new(CacheState::default()),
+        })
+    }
+
+    pub(crate) fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The cached keys, fetched when missing or expired. `refresh` asks for a re-fetch because
+    /// the wanted `kid` was not found; it is honoured at most once per [`MIN_TTL`].
+    pub(crate) async fn keys(
+        &self,
+        fetcher: &JwksFetcher,
+        refresh: bool,
+    ) -> Result<Arc<Vec<VerificationKey>>, JwksFetchError> {
+        let mut state = self.state.lock().await;
+        let now = Instant::now();
+        let recently = state
+            .last_fetch
+            .is_some_and(|t| now.duration_since(t) < MIN_TTL);
+        if let (Some(keys), Some(exp)) = (&state.keys, state.expires_at)
+            && now < exp
+            && (!refresh || recently)
+        {
+            return Ok(keys.clone());
+        }
+        if recently && state.last_failed {
+            return Err(JwksFetchError::Backoff);
+        }
+        state.last_fetch = Some(now);
+        match fetcher.fetch(&self.url).await {
+            Ok((keys, ttl)) => {
+                tracing::debug!(url = %self.url, keys = keys.len(), ttl_s = ttl.as_secs(), "fetched client JWKS");
+                state.keys = Some(keys.clone());
+                state.expires_at = Some(Instant::now() + ttl);
+                state.last_failed = false;
+                Ok(keys)
+            }
+            Err(e) => {
+                tracing::warn!(url = %self.url, error = %e, "client JWKS fetch failed");
+                state.last_failed = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_control_is_clamped() {
+        assert_eq!(cache_ttl("max-age=600"), Duration::from_secs(600));
+        assert_eq!(cache_ttl("public, max-age=1"), MIN_TTL);
+        assert_eq!(cache_ttl("max-age=99999999"), MAX_TTL);
+        assert_eq!(cache_ttl("no-store"), MIN_TTL);
+        assert_eq!(cache_ttl("private"), DEFAULT_TTL);
+    }
+
+    #[test]
+    fn jwks_url_must_be_https_or_loopback() {
+        assert!(JwksUrlSource::new("https://example.org/jwks.json").is_ok());
+        assert!(JwksUrlSource::new("http://127.0.0.1:9/jwks").is_ok());
+        assert!(JwksUrlSource::new("http://localhost/jwks").is_ok());
+        assert!(JwksUrlSource::new("http://example.org/jwks").is_err());
+        assert!(JwksUrlSource::new("not a url").is_err());
+    }
+}

@@ -1,0 +1,31 @@
+//! SMART Backend Services authorization for Fhirhose.
+//!
+//! - [`registry`]: the registered clients (`--clients FILE`), their JWKS (inline or by URL).
+//! - [`scope`]: SMART v1/v2 `system/` scopes and what they allow.
+//! - [`token_endpoint`]: `POST /auth/token` (client-credentials grant with a JWT assertion).
+//! - [`access_token`]: the bearer tokens this server issues (HS256, per-process key).
+//! - [`http`]: axum routes, the bearer middleware and [`AuthContext`] for handlers.
+//! - [`config`]: `--auth none|smart`, the loopback rule ([`check_mode`]).
+//! - [`client_tools`]: the client side (sign an assertion, publish a JWK), for CLI helpers.
+//!
+//! Architecture Invariant: no access token, client assertion or key material is ever written to
+//! a log line or to an error's `Display`; types holding them redact their `Debug`.
+
+pub mod access_token;
+pub mod client_tools;
+pub mod config;
+pub mod http;
+mod jwks_fetch;
+pub mod registry;
+pub mod replay;
+pub mod scope;
+pub mod token_endpoint;
+
+pub use access_token::{AccessTokenError, TokenIssuer};
+pub use client_tools::{ClientKey, ClientKeyError};
+pub use config::{AuthMode, AuthSettings, ConfigError, DEFAULT_TOKEN_LIFETIME, check_mode};
+pub use http::{Auth, AuthContext, AuthRejection, SMART_CONFIGURATION_PATH, TOKEN_PATH};
+pub use jwks_fetch::JwksFetchError;
+pub use registry::{ClientRegistry, RegistryError};
+pub use scope::{PermSet, Permission, ScopeError, Scopes};
+pub use token_endpoint::{OAuthError, OAuthErrorCode, SmartAuth, TokenForm, TokenResponse};

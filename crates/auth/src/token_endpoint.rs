@@ -1,0 +1,453 @@
+//! `POST /auth/token`: the SMART Backend Services client-credentials grant with a JWT client
+//! assertion (RFC 7523 §2.2, §3).
+//!
+//! Order of checks: form parameters (presence and fixed values, scope syntax) → assertion header
+//! (algorithm) → client lookup by `iss` → key selection (`jku`, `kid`, key type) → signature →
+//! claims (`sub`, `aud`, `exp`, `nbf`, `jti`) → replay cache → scope grant. The `jti` is only
+//! recorded for assertions whose signature verified, so nobody can fill the cache with jtis of
+//! someone else's future assertions.
+//!
+//! Status codes: `invalid_client` is 401, every other error 400 (RFC 6749 §5.2); a full replay
+//! cache answers 503 `temporarily_unavailable`.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::access_token::TokenIssuer;
+use crate::registry::{ClientRegistry, KeySource, RegisteredClient, VerificationKey};
+use crate::replay::{ReplayCache, ReplayError};
+use crate::scope::Scopes;
+
+pub const GRANT_TYPE: &str = "client_credentials";
+pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Assertions may expire at most this far ahead (SMART: five minutes).
+pub const MAX_ASSERTION_LIFETIME_S: i64 = 300;
+/// Allowed difference between the client's clock and ours.
+pub const CLOCK_SKEW_S: i64 = 30;
+/// Accepted assertion algorithms, in the order advertised.
+pub const ACCEPTED_ALGORITHMS: [&str; 4] = ["RS384", "ES384", "RS256", "ES256"];
+const MAX_JTI_LEN: usize = 255;
+
+/// The OAuth 2.0 error codes this endpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OAuthErrorCode {
+    InvalidRequest,
+    InvalidClient,
+    InvalidScope,
+    UnsupportedGrantType,
+    TemporarilyUnavailable,
+    ServerError,
+}
+
+impl OAuthErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            OAuthErrorCode::InvalidClient => 401,
+            OAuthErrorCode::TemporarilyUnavailable => 503,
+            OAuthErrorCode::ServerError => 500,
+            _ => 400,
+        }
+    }
+}
+
+/// A refused token request. `description` never contains the assertion or any key material.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{error:?}: {description}")]
+pub struct OAuthError {
+    pub error: OAuthErrorCode,
+    #[serde(rename = "error_description")]
+    pub description: String,
+}
+
+impl OAuthError {
+    fn new(error: OAuthErrorCode, description: impl Into<String>) -> OAuthError {
+        OAuthError {
+            error,
+            description: description.into(),
+        }
+    }
+    fn request(d: impl Into<String>) -> OAuthError {
+        Self::new(OAuthErrorCode::InvalidRequest, d)
+    }
+    fn client(d: impl Into<String>) -> OAuthError {
+        Self::new(OAuthErrorCode::InvalidClient, d)
+    }
+}
+
+/// The form fields of a token request. `Debug` hides the assertion.
+#[derive(Default, Clone, Deserialize)]
+pub struct TokenForm {
+    pub grant_type: Option<String>,
+    pub client_assertion_type: Option<String>,
+    pub client_assertion: Option<String>,
+    pub scope: Option<String>,
+}
+
+impl std::fmt::Debug for TokenForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenForm")
+            .field("grant_type", &self.grant_type)
+            .field("client_assertion_type", &self.client_assertion_type)
+            .field(
+                "client_assertion",
+                &self.client_assertion.as_ref().map(|_| "<redacted>"),
+            )
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+/// A successful token response.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub token_type: String,
+    pub expires_in: u64,
+    pub scope: String,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("access_token", &"<redacted>")
+            .field("token_type", &self.token_type)
+            .field("expires_in", &self.expires_in)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct AssertionHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    jku: Option<String>,
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
+}
+
+/// State of mode `smart`: the registry, the replay cache and the token issuer.
+pub struct SmartAuth {
+    pub(crate) registry: ClientRegistry,
+    pub(crate) replay: ReplayCache,
+    pub(crate) issuer: TokenIssuer,
+    pub(crate) token_url: String,
+}
+
+impl SmartAuth {
+    pub fn new(
+        registry: ClientRegistry,
+        issuer: TokenIssuer,
+        token_url: String,
+        replay_capacity: usize,
+    ) -> SmartAuth {
+        SmartAuth {
+            registry,
+            replay: ReplayCache::new(replay_capacity),
+            issuer,
+            token_url,
+        }
+    }
+
+    pub fn token_url(&self) -> &str {
+        &self.token_url
+    }
+
+    pub fn issuer(&self) -> &TokenIssuer {
+        &self.issuer
+    }
+
+    /// Handles one token request at time `now` (unix seconds).
+    pub async fn token(&self, form: &TokenForm, now: i64) -> Result<TokenResponse, OAuthError> {
+        let grant_type = required(&form.grant_type, "grant_type")?;
+        if grant_type != GRANT_TYPE {
+            return Err(OAuthError::new(
+                OAuthErrorCode::UnsupportedGrantType,
+                format!("grant_type must be `{GRANT_TYPE}`"),
+            ));
+        }
+        let assertion_type = required(&form.client_assertion_type, "client_assertion_type")?;
+        if assertion_type != CLIENT_ASSERTION_TYPE {
+            return Err(OAuthError::request(format!(
+                "client_assertion_type must be `{CLIENT_ASSERTION_TYPE}`"
+            )));
+        }
+        let assertion = required(&form.client_assertion, "client_assertion")?;
+        let scope = required(&form.scope, "scope")?;
+        let requested = Scopes::parse(scope)
+            .map_err(|e| OAuthError::new(OAuthErrorCode::InvalidScope, e.to_string()))?;
+
+        let client = self.authenticate_client(assertion, now).await?;
+
+        let granted = client.max_scope.intersect(&requested);
+        if granted.is_empty() {
+            return Err(OAuthError::new(
+                OAuthErrorCode::InvalidScope,
+                "none of the requested scopes is within the client's registered scope",
+            ));
+        }
+        let access_token = self
+            .issuer
+            .issue(&client.client_id, &granted, now)
+            .map_err(|e| OAuthError::new(OAuthErrorCode::ServerError, e))?;
+        let scope = granted.render();
+        tracing::info!(client_id = %client.client_id, scope = %scope, "access token issued");
+        Ok(TokenResponse {
+            access_token,
+            token_type: "bearer".to_owned(),
+            expires_in: self.issuer.lifetime().as_secs(),
+            scope,
+        })
+    }
+
+    /// Validates a client assertion and returns the client it authenticates.
+    pub async fn authenticate_client(
+        &self,
+        assertion: &str,
+        now: i64,
+    ) -> Result<Arc<RegisteredClient>, OAuthError> {
+        let parts: Vec<&str> = assertion.split('.').collect();
+        if parts.len() != 3 {
+            return Err(OAuthError::client(
+                "client_assertion is not a compact JWS (three dot-separated parts)",
+            ));
+        }
+        let header: AssertionHeader = decode_part(parts[0])
+            .ok_or_else(|| OAuthError::client("the client_assertion header is not valid JSON"))?;
+        if header.crit.is_some() {
+            return Err(OAuthError::client(
+                "the client_assertion header has `crit` extensions, which are not supported",
+            ));
+        }
+        let alg = match header.alg.as_str() {
+            "RS384" => Algorithm::RS384,
+            "ES384" => Algorithm::ES384,
+            "RS256" => Algorithm::RS256,
+            "ES256" => Algorithm::ES256,
+            other => {
+                return Err(OAuthError::client(format!(
+                    "algorithm `{}` is not accepted; use one of {}",
+                    printable(other),
+                    ACCEPTED_ALGORITHMS.join(", ")
+                )));
+            }
+        };
+        // Claims are read unverified only to find the client, and checked after verification.
+        let unverified: serde_json::Map<String, serde_json::Value> = decode_part(parts[1])
+            .ok_or_else(|| {
+                OAuthError::client("the client_assertion claims are not a JSON object")
+            })?;
+        let iss = unverified
+            .get("iss")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| {
+                OAuthError::client("the client_assertion has no `iss` (the client_id)")
+            })?;
+        let client = self
+            .registry
+            .get(iss)
+            .ok_or_else(|| OAuthError::client(format!("unknown client_id `{}`", printable(iss))))?;
+
+        if let Some(jku) = &header.jku
+            && client.jwks_url() != Some(jku.as_str())
+        {
+            return Err(OAuthError::client(
+                "the assertion's `jku` is not the client's registered JWKS URL",
+            ));
+        }
+
+        let keys = self
+            .candidate_keys(&client, alg, header.kid.as_deref())
+            .await?;
+        let claims = verify_with_any(assertion, alg, &keys).ok_or_else(|| {
+            OAuthError::client(
+                "the client_assertion signature does not verify with the client's registered keys",
+            )
+        })?;
+
+        self.check_claims(&client, &claims, now)
+    }
+
+    async fn candidate_keys(
+        &self,
+        client: &RegisteredClient,
+        alg: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<Vec<VerificationKey>, OAuthError> {
+        let select = |keys: &[VerificationKey]| -> Vec<VerificationKey> {
+            keys.iter()
+                .filter(|k| k.accepts(alg))
+                .filter(|k| kid.is_none_or(|want| k.kid.as_deref() == Some(want)))
+                .cloned()
+                .collect()
+        };
+        let chosen = match &client.keys {
+            KeySource::Inline(keys) => select(keys),
+            KeySource::Url(source) => {
+                let keys = source
+                    .keys(&self.registry.fetcher, false)
+                    .await
+                    .map_err(|e| OAuthError::client(e.to_string()))?;
+                let chosen = select(&keys);
+                if chosen.is_empty() && kid.is_some() {
+                    // The client may have rotated its keys since we cached them.
+                    let keys = source
+                        .keys(&self.registry.fetcher, true)
+                        .await
+                        .map_err(|e| OAuthError::client(e.to_string()))?;
+                    select(&keys)
+                } else {
+                    chosen
+                }
+            }
+        };
+        if chosen.is_empty() {
+            return Err(OAuthError::client(match kid {
+                Some(kid) => format!(
+                    "no registered key has kid `{}` and fits algorithm {alg:?}",
+                    printable(kid)
+                ),
+                None => format!("no registered key fits algorithm {alg:?}"),
+            }));
+        }
+        Ok(chosen)
+    }
+
+    fn check_claims(
+        &self,
+        client: &Arc<RegisteredClient>,
+        claims: &serde_json::Map<String, serde_json::Value>,
+        now: i64,
+    ) -> Result<Arc<RegisteredClient>, OAuthError> {
+        let str_claim = |name: &str| claims.get(name).and_then(|v| v.as_str());
+        if str_claim("iss") != Some(client.client_id.as_str()) {
+            return Err(OAuthError::client("`iss` must be the client_id"));
+        }
+        match str_claim("sub") {
+            None => return Err(OAuthError::client("the client_assertion has no `sub`")),
+            Some(sub) if sub != client.client_id => {
+                return Err(OAuthError::client("`sub` must equal `iss` (the client_id)"));
+            }
+            Some(_) => {}
+        }
+        let aud_ok = match claims.get("aud") {
+            Some(serde_json::Value::String(a)) => *a == self.token_url,
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .any(|a| a.as_str() == Some(self.token_url.as_str())),
+            None => return Err(OAuthError::client("the client_assertion has no `aud`")),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(OAuthError::client(format!(
+                "`aud` must be the token endpoint URL `{}`",
+                self.token_url
+            )));
+        }
+        let exp = int_claim(claims, "exp")?
+            .ok_or_else(|| OAuthError::client("the client_assertion has no `exp`"))?;
+        if exp + CLOCK_SKEW_S <= now {
+            return Err(OAuthError::client("the client_assertion has expired"));
+        }
+        if exp > now + MAX_ASSERTION_LIFETIME_S + CLOCK_SKEW_S {
+            return Err(OAuthError::client(
+                "the client_assertion `exp` is more than five minutes in the future",
+            ));
+        }
+        if let Some(nbf) = int_claim(claims, "nbf")?
+            && nbf > now + CLOCK_SKEW_S
+        {
+            return Err(OAuthError::client(
+                "the client_assertion is not valid yet (`nbf`)",
+            ));
+        }
+        let jti = match claims.get("jti") {
+            None => return Err(OAuthError::client("the client_assertion has no `jti`")),
+            Some(serde_json::Value::String(j)) if !j.is_empty() && j.len() <= MAX_JTI_LEN => j,
+            Some(_) => {
+                return Err(OAuthError::client(format!(
+                    "`jti` must be a non-empty string of at most {MAX_JTI_LEN} bytes"
+                )));
+            }
+        };
+        self.replay
+            .check_and_insert(&client.client_id, jti, exp + CLOCK_SKEW_S, now)
+            .map_err(|e| match e {
+                ReplayError::Replayed => OAuthError::client(
+                    "this client_assertion's `jti` has already been used (replay refused)",
+                ),
+                ReplayError::Full => {
+                    OAuthError::new(OAuthErrorCode::TemporarilyUnavailable, e.to_string())
+                }
+            })?;
+        Ok(client.clone())
+    }
+}
+
+fn required<'a>(field: &'a Option<String>, name: &str) -> Result<&'a str, OAuthError> {
+    match field.as_deref() {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(OAuthError::request(format!("missing `{name}`"))),
+    }
+}
+
+fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// A claim that must be an integer number of seconds when present.
+fn int_claim(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<Option<i64>, OAuthError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+            .map(Some)
+            .ok_or_else(|| OAuthError::client(format!("`{name}` must be a number of seconds"))),
+    }
+}
+
+/// Tries each candidate key; returns the verified claims of the first that verifies.
+fn verify_with_any(
+    assertion: &str,
+    alg: Algorithm,
+    keys: &[VerificationKey],
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let mut validation = Validation::new(alg);
+    // The claims are checked by `check_claims`, with SMART's rules and precise errors.
+    validation.validate_exp = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    keys.iter().find_map(|k| {
+        jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            assertion,
+            &k.decoding,
+            &validation,
+        )
+        .ok()
+        .map(|d| d.claims)
+    })
+}
+
+/// Client-supplied text echoed in an error: short, printable, so it cannot smuggle a whole
+/// token into a response or log line.
+fn printable(s: &str) -> String {
+    let clean: String = s.chars().filter(|c| !c.is_control()).take(64).collect();
+    if s.chars().count() > 64 {
+        format!("{clean}…")
+    } else {
+        clean
+    }
+}
