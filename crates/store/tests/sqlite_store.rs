@@ -1,0 +1,705 @@
+//! Behaviour of the SQLite store through the `Store` trait, on temporary databases.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use store::{
+    HistoryMethod, HistoryQuery, HistoryScope, IndexEntry, IndexValue, Indexer, ListFilter,
+    SeqBounds, SqliteOptions, SqliteStore, Store, StoreError, WriteOp, WriteStatus,
+    parse_instant_ms,
+};
+
+fn open() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_data_dir(dir.path(), SqliteOptions::default()).unwrap();
+    (dir, store)
+}
+
+fn put(store: &dyn Store, ty: &str, id: &str, body: Value) -> store::WriteOutcome {
+    let mut outs = store
+        .write(vec![WriteOp::Update {
+            resource_type: ty.into(),
+            id: id.into(),
+            resource: body,
+            if_match: None,
+        }])
+        .unwrap();
+    outs.pop().unwrap()
+}
+
+fn del(store: &dyn Store, ty: &str, id: &str) -> store::WriteOutcome {
+    store
+        .write(vec![WriteOp::Delete {
+            resource_type: ty.into(),
+            id: id.into(),
+            if_match: None,
+        }])
+        .unwrap()
+        .pop()
+        .unwrap()
+}
+
+fn json_of(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+#[test]
+fn create_assigns_id_version_and_meta() {
+    let (_d, s) = open();
+    let out = s
+        .write(vec![WriteOp::Create {
+            resource: json!({"resourceType": "Patient", "active": true}),
+        }])
+        .unwrap();
+    assert_eq!(out[0].status, WriteStatus::Created);
+    assert_eq!(out[0].version, 1);
+    let stored = s.read("Patient", &out[0].id).unwrap();
+    let v = json_of(&stored.json);
+    assert_eq!(v["id"], out[0].id.as_str());
+    assert_eq!(v["meta"]["versionId"], "1");
+    assert_eq!(v["meta"]["lastUpdated"], out[0].last_updated.as_str());
+    assert!(out[0].last_updated.ends_with('Z') && out[0].last_updated.len() == 24);
+    assert_eq!(stored.json, out[0].json.clone().unwrap());
+}
+
+#[test]
+fn create_with_existing_id_is_refused() {
+    let (_d, s) = open();
+    let r = json!({"resourceType": "Patient", "id": "p1"});
+    s.write(vec![WriteOp::Create {
+        resource: r.clone(),
+    }])
+    .unwrap();
+    match s.write(vec![WriteOp::Create { resource: r }]) {
+        Err(StoreError::AlreadyExists { id, .. }) => assert_eq!(id, "p1"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn numbers_keep_their_exact_text() {
+    let (_d, s) = open();
+    let out = put(
+        &s,
+        "Observation",
+        "o1",
+        json!({"resourceType": "Observation", "status": "final",
+               "valueQuantity": {"value": serde_json::from_str::<Value>("1.50").unwrap()}}),
+    );
+    let text = String::from_utf8(s.read("Observation", "o1").unwrap().json).unwrap();
+    assert!(text.contains(r#""value":1.50"#), "{text}");
+    assert_eq!(out.version, 1);
+}
+
+#[test]
+fn versions_tombstones_and_vread() {
+    let (_d, s) = open();
+    assert_eq!(
+        put(
+            &s,
+            "Patient",
+            "p1",
+            json!({"resourceType": "Patient", "gender": "male"})
+        )
+        .status,
+        WriteStatus::Created
+    );
+    let u = put(
+        &s,
+        "Patient",
+        "p1",
+        json!({"resourceType": "Patient", "id": "p1", "gender": "female"}),
+    );
+    assert_eq!((u.status, u.version), (WriteStatus::Updated, 2));
+    let d = del(&s, "Patient", "p1");
+    assert_eq!((d.status, d.version), (WriteStatus::Deleted, 3));
+    match s.read("Patient", "p1") {
+        Err(StoreError::Gone { version: 3, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        s.read("Patient", "nope"),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.read("Nothing", "nope"),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(
+        json_of(&s.vread("Patient", "p1", 1).unwrap().json)["gender"],
+        "male"
+    );
+    assert_eq!(
+        json_of(&s.vread("Patient", "p1", 2).unwrap().json)["gender"],
+        "female"
+    );
+    assert!(matches!(
+        s.vread("Patient", "p1", 3),
+        Err(StoreError::Gone { .. })
+    ));
+    assert!(matches!(
+        s.vread("Patient", "p1", 4),
+        Err(StoreError::NotFound { .. })
+    ));
+    // Deleting again writes nothing; re-creating continues the version line.
+    assert_eq!(del(&s, "Patient", "p1").status, WriteStatus::DeleteNotFound);
+    let c = put(&s, "Patient", "p1", json!({"resourceType": "Patient"}));
+    assert_eq!((c.status, c.version), (WriteStatus::Created, 4));
+    assert_eq!(s.read("Patient", "p1").unwrap().version, 4);
+    assert_eq!(
+        del(&s, "Patient", "never").status,
+        WriteStatus::DeleteNotFound
+    );
+}
+
+#[test]
+fn update_rejects_mismatched_type_or_id_and_bad_ids() {
+    let (_d, s) = open();
+    let err = s
+        .write(vec![WriteOp::Update {
+            resource_type: "Patient".into(),
+            id: "a".into(),
+            resource: json!({"resourceType": "Patient", "id": "b"}),
+            if_match: None,
+        }])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidResource(_)), "{err:?}");
+    let err = s
+        .write(vec![WriteOp::Update {
+            resource_type: "Patient".into(),
+            id: "a".into(),
+            resource: json!({"resourceType": "Observation"}),
+            if_match: None,
+        }])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidResource(_)), "{err:?}");
+    let err = s
+        .write(vec![WriteOp::Update {
+            resource_type: "Patient".into(),
+            id: "a b".into(),
+            resource: json!({"resourceType": "Patient"}),
+            if_match: None,
+        }])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidId(_)), "{err:?}");
+    let err = s
+        .write(vec![WriteOp::Create {
+            resource: json!(["not", "an", "object"]),
+        }])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidResource(_)), "{err:?}");
+}
+
+#[test]
+fn if_match_conflicts() {
+    let (_d, s) = open();
+    put(&s, "Patient", "p1", json!({"resourceType": "Patient"}));
+    put(&s, "Patient", "p1", json!({"resourceType": "Patient"}));
+    let err = s
+        .write(vec![WriteOp::Update {
+            resource_type: "Patient".into(),
+            id: "p1".into(),
+            resource: json!({"resourceType": "Patient"}),
+            if_match: Some(1),
+        }])
+        .unwrap_err();
+    match err {
+        StoreError::VersionConflict {
+            expected: 1,
+            actual: Some(2),
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    let ok = s
+        .write(vec![WriteOp::Update {
+            resource_type: "Patient".into(),
+            id: "p1".into(),
+            resource: json!({"resourceType": "Patient"}),
+            if_match: Some(2),
+        }])
+        .unwrap();
+    assert_eq!(ok[0].version, 3);
+    let err = s
+        .write(vec![WriteOp::Delete {
+            resource_type: "Patient".into(),
+            id: "p1".into(),
+            if_match: Some(2),
+        }])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::VersionConflict { .. }));
+    let err = s
+        .write(vec![WriteOp::Update {
+            resource_type: "Patient".into(),
+            id: "new".into(),
+            resource: json!({"resourceType": "Patient"}),
+            if_match: Some(1),
+        }])
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::VersionConflict { actual: None, .. }
+    ));
+}
+
+#[test]
+fn failing_batch_rolls_back_entirely() {
+    let (_d, s) = open();
+    put(&s, "Patient", "p1", json!({"resourceType": "Patient"}));
+    let before = s.watermark().unwrap();
+    let err = s
+        .write(vec![
+            WriteOp::Update {
+                resource_type: "Patient".into(),
+                id: "p2".into(),
+                resource: json!({"resourceType": "Patient"}),
+                if_match: None,
+            },
+            WriteOp::Create {
+                resource: json!({"resourceType": "Observation", "id": "o1"}),
+            },
+            WriteOp::Update {
+                resource_type: "Patient".into(),
+                id: "p1".into(),
+                resource: json!({"resourceType": "Patient"}),
+                if_match: Some(7),
+            },
+        ])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::VersionConflict { .. }));
+    assert!(matches!(
+        s.read("Patient", "p2"),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.read("Observation", "o1"),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(s.read("Patient", "p1").unwrap().version, 1);
+    assert_eq!(s.watermark().unwrap(), before);
+    // The next write continues the sequence without a gap.
+    let next = put(&s, "Patient", "p3", json!({"resourceType": "Patient"}));
+    assert_eq!(next.seq, before.seq + 1);
+    assert_eq!(
+        s.count_type("Observation", s.current_seq().unwrap())
+            .unwrap(),
+        0
+    );
+}
+
+#[test]
+fn ops_on_one_resource_within_a_write_see_each_other() {
+    let (_d, s) = open();
+    let out = s
+        .write(vec![
+            WriteOp::Update {
+                resource_type: "Patient".into(),
+                id: "p".into(),
+                resource: json!({"resourceType": "Patient"}),
+                if_match: None,
+            },
+            WriteOp::Update {
+                resource_type: "Patient".into(),
+                id: "p".into(),
+                resource: json!({"resourceType": "Patient", "active": true}),
+                if_match: Some(1),
+            },
+        ])
+        .unwrap();
+    assert_eq!(out[1].version, 2);
+    assert_eq!(out[0].last_updated, out[1].last_updated);
+    assert_eq!(out[1].seq, out[0].seq + 1);
+}
+
+#[test]
+fn last_updated_is_strictly_increasing_between_transactions() {
+    let (_d, s) = open();
+    let mut last = String::new();
+    for i in 0..50 {
+        let o = put(
+            &s,
+            "Patient",
+            &format!("p{i}"),
+            json!({"resourceType": "Patient"}),
+        );
+        assert!(o.last_updated > last, "{} <= {}", o.last_updated, last);
+        last = o.last_updated;
+    }
+    let w = s.watermark().unwrap();
+    assert_eq!(w.seq, 50);
+    assert_eq!(w.last_updated.as_deref(), Some(last.as_str()));
+    assert_eq!(
+        s.instant_of_seq(50).unwrap().as_deref(),
+        Some(last.as_str())
+    );
+    assert_eq!(s.instant_of_seq(51).unwrap(), None);
+}
+
+#[test]
+fn history_with_since_and_keyset_paging() {
+    let (_d, s) = open();
+    put(&s, "Patient", "a", json!({"resourceType": "Patient"}));
+    put(
+        &s,
+        "Observation",
+        "o",
+        json!({"resourceType": "Observation", "status": "final"}),
+    );
+    let second = put(
+        &s,
+        "Patient",
+        "a",
+        json!({"resourceType": "Patient", "active": true}),
+    );
+    del(&s, "Patient", "a");
+    put(&s, "Patient", "b", json!({"resourceType": "Patient"}));
+
+    let inst = s
+        .history(
+            HistoryScope::Instance {
+                resource_type: "Patient",
+                id: "a",
+            },
+            &HistoryQuery::default(),
+        )
+        .unwrap();
+    let methods: Vec<_> = inst.entries.iter().map(|e| (e.version, e.method)).collect();
+    assert_eq!(
+        methods,
+        vec![
+            (3, HistoryMethod::Delete),
+            (2, HistoryMethod::Put),
+            (1, HistoryMethod::Put)
+        ]
+    );
+    assert!(inst.entries[0].json.is_none());
+
+    let ty = s
+        .history(HistoryScope::Type("Patient"), &HistoryQuery::default())
+        .unwrap();
+    assert_eq!(ty.entries.len(), 4);
+
+    // System history, two per page, newest first, pages do not overlap.
+    let mut seen = Vec::new();
+    let mut q = HistoryQuery {
+        count: 2,
+        ..Default::default()
+    };
+    loop {
+        let page = s.history(HistoryScope::System, &q).unwrap();
+        seen.extend(page.entries.iter().map(|e| e.seq));
+        match page.next_before_seq {
+            Some(b) => q.before_seq = Some(b),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec![5, 4, 3, 2, 1]);
+
+    // _since: the instant of the second write of Patient/a and later.
+    let since = parse_instant_ms(&second.last_updated).unwrap();
+    let page = s
+        .history(
+            HistoryScope::System,
+            &HistoryQuery {
+                since_ms: Some(since),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        page.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![5, 4, 3]
+    );
+    assert_eq!(page.entries[2].resource_type, "Patient");
+
+    match s.history(
+        HistoryScope::Instance {
+            resource_type: "Patient",
+            id: "zzz",
+        },
+        &HistoryQuery::default(),
+    ) {
+        Err(StoreError::NotFound { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn as_of_snapshot_ignores_later_writes() {
+    let (_d, s) = open();
+    for i in 0..10 {
+        put(
+            &s,
+            "Patient",
+            &format!("p{i}"),
+            json!({"resourceType": "Patient", "n": i}),
+        );
+    }
+    let mark = s.current_seq().unwrap();
+    // After the watermark: one update, one delete, one create.
+    put(
+        &s,
+        "Patient",
+        "p1",
+        json!({"resourceType": "Patient", "n": 100}),
+    );
+    del(&s, "Patient", "p2");
+    put(&s, "Patient", "p99", json!({"resourceType": "Patient"}));
+
+    let snap = s.scan_type("Patient", mark, 0, 1000).unwrap();
+    assert_eq!(snap.len(), 10);
+    let p1 = snap.iter().find(|r| r.id == "p1").unwrap();
+    assert_eq!(json_of(&p1.json)["n"], 1);
+    assert!(snap.iter().any(|r| r.id == "p2"));
+    assert!(!snap.iter().any(|r| r.id == "p99"));
+    assert_eq!(s.count_type("Patient", mark).unwrap(), 10);
+    let st = s.seq_range("Patient", mark).unwrap().unwrap();
+    assert_eq!((st.min_seq, st.max_seq, st.count), (1, 10, 10));
+
+    let now = s.current_seq().unwrap();
+    assert_eq!(s.count_type("Patient", now).unwrap(), 10);
+    let cur = s.scan_type("Patient", now, 0, 1000).unwrap();
+    assert_eq!(cur.len(), 10);
+    assert!(!cur.iter().any(|r| r.id == "p2"));
+    // Changed since the mark (an export's _since), and deleted since the mark.
+    let changed: Vec<_> = s
+        .scan_type("Patient", now, mark, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(changed, vec!["p1", "p99"]);
+    let gone = s.deleted_since("Patient", mark, now, 0, 100).unwrap();
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].id, "p2");
+    assert!(
+        s.deleted_since("Patient", mark, mark, 0, 100)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.types_present(now).unwrap(), vec!["Patient"]);
+    assert!(s.types_present(0).unwrap().is_empty());
+}
+
+#[test]
+fn scan_pages_and_streaming_agree() {
+    let (_d, s) = open();
+    let ops = (0..250)
+        .map(|i| WriteOp::Update {
+            resource_type: if i % 3 == 0 { "Patient" } else { "Observation" }.into(),
+            id: format!("r{i}"),
+            resource: json!({"resourceType": if i % 3 == 0 { "Patient" } else { "Observation" }, "status": "final"}),
+            if_match: None,
+        })
+        .collect();
+    s.write(ops).unwrap();
+    let as_of = s.current_seq().unwrap();
+    let mut paged = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = s.scan_type("Observation", as_of, after, 40).unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        paged.extend(page.into_iter().map(|r| r.seq));
+    }
+    let mut streamed = Vec::new();
+    let n = s
+        .scan_type_each("Observation", as_of, SeqBounds::ALL, &mut |row| {
+            assert!(row.json.starts_with(b"{\"resourceType\":\"Observation\""));
+            streamed.push(row.seq);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(n as usize, streamed.len());
+    assert_eq!(paged, streamed);
+    assert_eq!(paged.len(), 166);
+    assert!(paged.windows(2).all(|w| w[0] < w[1]));
+    // Bounded range and early stop.
+    let mut part = 0;
+    s.scan_type_each(
+        "Observation",
+        as_of,
+        SeqBounds {
+            after: 10,
+            up_to: 20,
+        },
+        &mut |_| {
+            part += 1;
+            ControlFlow::Continue(())
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        part,
+        streamed.iter().filter(|q| **q > 10 && **q <= 20).count()
+    );
+    let mut one = 0;
+    s.scan_type_each("Observation", as_of, SeqBounds::ALL, &mut |_| {
+        one += 1;
+        ControlFlow::Break(())
+    })
+    .unwrap();
+    assert_eq!(one, 1);
+}
+
+#[test]
+fn list_type_with_ids_last_updated_and_paging() {
+    let (_d, s) = open();
+    for i in 0..7 {
+        put(
+            &s,
+            "Patient",
+            &format!("p{i}"),
+            json!({"resourceType": "Patient"}),
+        );
+    }
+    del(&s, "Patient", "p3");
+    let all = ListFilter::default();
+    assert_eq!(s.count_list("Patient", &all).unwrap(), 6);
+    let mut ids = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.list_type("Patient", &all, 4, after).unwrap();
+        ids.extend(page.resources.into_iter().map(|r| r.id));
+        match page.next_after_seq {
+            Some(a) => after = Some(a),
+            None => break,
+        }
+    }
+    assert_eq!(ids, vec!["p0", "p1", "p2", "p4", "p5", "p6"]);
+
+    let by_id = ListFilter {
+        ids: Some(vec!["p5".into(), "p3".into(), "p0".into(), "zz".into()]),
+        ..Default::default()
+    };
+    let page = s.list_type("Patient", &by_id, 10, None).unwrap();
+    assert_eq!(
+        page.resources
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["p0", "p5"]
+    );
+    assert_eq!(s.count_list("Patient", &by_id).unwrap(), 2);
+
+    let p4 = s.read("Patient", "p4").unwrap();
+    let from = ListFilter {
+        updated_from_ms: parse_instant_ms(&p4.last_updated),
+        ..Default::default()
+    };
+    assert_eq!(s.count_list("Patient", &from).unwrap(), 3);
+    let before = ListFilter {
+        updated_before_ms: parse_instant_ms(&p4.last_updated),
+        ..Default::default()
+    };
+    assert_eq!(s.count_list("Patient", &before).unwrap(), 3);
+    assert_eq!(s.count_list("Observation", &all).unwrap(), 0);
+}
+
+struct CodeIndexer;
+
+impl Indexer for CodeIndexer {
+    fn entries(&self, _ty: &str, resource: &Value) -> Vec<IndexEntry> {
+        let mut out = Vec::new();
+        if let Some(g) = resource.get("gender").and_then(Value::as_str) {
+            out.push(IndexEntry {
+                param: "gender".into(),
+                value: IndexValue::Token {
+                    system: None,
+                    code: Some(g.into()),
+                },
+            });
+        }
+        if let Some(lu) = resource
+            .pointer("/meta/lastUpdated")
+            .and_then(Value::as_str)
+        {
+            let ms = parse_instant_ms(lu).unwrap();
+            out.push(IndexEntry {
+                param: "_lastUpdated".into(),
+                value: IndexValue::Date { lo: ms, hi: ms + 1 },
+            });
+        }
+        out
+    }
+}
+
+#[test]
+fn index_rows_follow_the_current_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open_data_dir(
+        dir.path(),
+        SqliteOptions {
+            indexer: Some(Arc::new(CodeIndexer)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let count = |code: &str| -> i64 {
+        s.with_reader(|c| {
+            Ok(c.query_row(
+                "SELECT count(*) FROM idx_token t JOIN resource_versions rv ON rv.k = t.k
+                 WHERE t.param = 'gender' AND t.code = ?1",
+                [code],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap()
+    };
+    put(
+        &s,
+        "Patient",
+        "a",
+        json!({"resourceType": "Patient", "gender": "male"}),
+    );
+    put(
+        &s,
+        "Patient",
+        "b",
+        json!({"resourceType": "Patient", "gender": "male"}),
+    );
+    assert_eq!(count("male"), 2);
+    put(
+        &s,
+        "Patient",
+        "a",
+        json!({"resourceType": "Patient", "gender": "female"}),
+    );
+    assert_eq!((count("male"), count("female")), (1, 1));
+    del(&s, "Patient", "b");
+    assert_eq!(count("male"), 0);
+    let dates: i64 = s
+        .with_reader(|c| Ok(c.query_row("SELECT count(*) FROM idx_date", [], |r| r.get(0))?))
+        .unwrap();
+    assert_eq!(dates, 1);
+    // Reindex rebuilds the same rows.
+    assert_eq!(s.reindex(None).unwrap(), 1);
+    assert_eq!((count("male"), count("female")), (0, 1));
+}
+
+#[test]
+fn reopen_keeps_data_and_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let last = {
+        let s = SqliteStore::open_data_dir(dir.path(), SqliteOptions::default()).unwrap();
+        put(&s, "Patient", "a", json!({"resourceType": "Patient"}));
+        put(&s, "Patient", "a", json!({"resourceType": "Patient"}))
+    };
+    let s = SqliteStore::open_data_dir(dir.path(), SqliteOptions::default()).unwrap();
+    assert_eq!(s.read("Patient", "a").unwrap().version, 2);
+    let next = put(&s, "Patient", "b", json!({"resourceType": "Patient"}));
+    assert_eq!(next.seq, last.seq + 1);
+    assert!(next.last_updated > last.last_updated);
+}
+
+#[test]
+fn data_dir_lock_refuses_a_second_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let _s = SqliteStore::open_data_dir(dir.path(), SqliteOptions::default()).unwrap();
+    match SqliteStore::open_data_dir(dir.path(), SqliteOptions::default()) {
+        Err(StoreError::Locked { .. }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("second open succeeded"),
+    }
+}
