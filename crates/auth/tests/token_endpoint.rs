@@ -1,0 +1,552 @@
+//! Every refusal of `POST /auth/token`, and the successful grants, at the logic level.
+
+mod common;
+
+use auth::{OAuthErrorCode, TokenForm};
+use common::*;
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+
+async fn refused(form: &TokenForm, now: i64) -> (OAuthErrorCode, String) {
+    let e = smart()
+        .token(form, now)
+        .await
+        .expect_err("the request must be refused");
+    (e.error, e.description)
+}
+
+fn assert_code(got: (OAuthErrorCode, String), want: OAuthErrorCode, needle: &str) {
+    assert_eq!(got.0, want, "description: {}", got.1);
+    assert!(
+        got.1.contains(needle),
+        "description `{}` should mention `{needle}`",
+        got.1
+    );
+}
+
+#[tokio::test]
+async fn rs384_grant_succeeds() {
+    let t = now();
+    let assertion = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+    let res = smart()
+        .token(&form(&assertion, "system/*.rs"), t)
+        .await
+        .unwrap();
+    assert_eq!(res.token_type, "bearer");
+    assert_eq!(res.expires_in, 300);
+    assert_eq!(res.scope, "system/*.rs");
+    assert!(!res.access_token.is_empty());
+}
+
+#[tokio::test]
+async fn es384_and_es256_and_rs256_grants_succeed() {
+    let t = now();
+    let s = smart();
+    let a = ec_key().sign("ec-client", TOKEN_URL, t).unwrap();
+    assert_eq!(ec_key().alg, Algorithm::ES384);
+    let res = s.token(&form(&a, "system/Patient.read"), t).await.unwrap();
+    assert_eq!(res.scope, "system/Patient.read");
+
+    let k256 = key("ec-p256.pem", None, "ec-256");
+    assert_eq!(k256.alg, Algorithm::ES256);
+    let a = k256.sign("ec-client", TOKEN_URL, t).unwrap();
+    s.token(&form(&a, "system/Patient.rs"), t).await.unwrap();
+
+    let rs256 = key("rsa-a.pem", Some(Algorithm::RS256), "rsa-1");
+    let a = rs256.sign("limited", TOKEN_URL, t).unwrap();
+    s.token(&form(&a, "system/Patient.rs"), t).await.unwrap();
+    // rsa-client's JWK pins RS384, so the same key may not be used with RS256 there.
+    let a = rs256.sign("rsa-client", TOKEN_URL, t).unwrap();
+    let e = s
+        .token(&form(&a, "system/Patient.rs"), t)
+        .await
+        .unwrap_err();
+    assert_eq!(e.error, OAuthErrorCode::InvalidClient);
+}
+
+#[tokio::test]
+async fn kid_is_optional() {
+    let t = now();
+    let a = sign_raw(
+        "rsa-a.pem",
+        Algorithm::RS384,
+        None,
+        &claims("rsa-client", t),
+    );
+    smart().token(&form(&a, "system/*.rs"), t).await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_grant_type() {
+    let t = now();
+    let a = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+    let mut f = form(&a, "system/*.rs");
+    f.grant_type = None;
+    assert_code(
+        refused(&f, t).await,
+        OAuthErrorCode::InvalidRequest,
+        "grant_type",
+    );
+}
+
+#[tokio::test]
+async fn wrong_grant_type() {
+    let t = now();
+    let a = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+    let mut f = form(&a, "system/*.rs");
+    f.grant_type = Some("authorization_code".into());
+    assert_code(
+        refused(&f, t).await,
+        OAuthErrorCode::UnsupportedGrantType,
+        "client_credentials",
+    );
+}
+
+#[tokio::test]
+async fn missing_or_wrong_client_assertion_type() {
+    let t = now();
+    let a = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+    let mut f = form(&a, "system/*.rs");
+    f.client_assertion_type = None;
+    assert_code(
+        refused(&f, t).await,
+        OAuthErrorCode::InvalidRequest,
+        "client_assertion_type",
+    );
+    f.client_assertion_type =
+        Some("urn:ietf:params:oauth:client-assertion-type:saml2-bearer".into());
+    assert_code(
+        refused(&f, t).await,
+        OAuthErrorCode::InvalidRequest,
+        "client_assertion_type",
+    );
+}
+
+#[tokio::test]
+async fn missing_client_assertion() {
+    let mut f = form("", "system/*.rs");
+    assert_code(
+        refused(&f, now()).await,
+        OAuthErrorCode::InvalidRequest,
+        "client_assertion",
+    );
+    f.client_assertion = None;
+    assert_code(
+        refused(&f, now()).await,
+        OAuthErrorCode::InvalidRequest,
+        "client_assertion",
+    );
+}
+
+#[tokio::test]
+async fn missing_scope() {
+    let t = now();
+    let a = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+    let mut f = form(&a, "system/*.rs");
+    f.scope = None;
+    assert_code(
+        refused(&f, t).await,
+        OAuthErrorCode::InvalidRequest,
+        "scope",
+    );
+    f.scope = Some(String::new());
+    assert_code(
+        refused(&f, t).await,
+        OAuthErrorCode::InvalidRequest,
+        "scope",
+    );
+}
+
+#[tokio::test]
+async fn malformed_scope_is_invalid_scope() {
+    let t = now();
+    for bad in [
+        "patient/*.read",
+        "user/Patient.rs",
+        "system/Patient.sr",
+        "system/Patient.delete",
+        "system/NotAType.rs",
+        "system/Observation.rs?category=laboratory",
+        "launch",
+        "   ",
+    ] {
+        let a = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+        let got = refused(&form(&a, bad), t).await;
+        assert_eq!(
+            got.0,
+            OAuthErrorCode::InvalidScope,
+            "scope {bad:?}: {}",
+            got.1
+        );
+    }
+}
+
+#[tokio::test]
+async fn scope_outside_registration_is_refused_when_nothing_remains() {
+    let t = now();
+    let a = rsa_key().sign("limited", TOKEN_URL, t).unwrap();
+    assert_code(
+        refused(&form(&a, "system/Observation.rs"), t).await,
+        OAuthErrorCode::InvalidScope,
+        "registered scope",
+    );
+    // rsa-client may only read: asking to write alone gives nothing.
+    let a = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.write"), t).await,
+        OAuthErrorCode::InvalidScope,
+        "registered scope",
+    );
+}
+
+#[tokio::test]
+async fn scope_beyond_registration_is_narrowed() {
+    let t = now();
+    let a = rsa_key().sign("limited", TOKEN_URL, t).unwrap();
+    let res = smart().token(&form(&a, "system/*.cruds"), t).await.unwrap();
+    assert_eq!(res.scope, "system/Patient.rs");
+    let a = ec_key().sign("ec-client", TOKEN_URL, t).unwrap();
+    let res = smart()
+        .token(&form(&a, "system/*.* system/Encounter.read"), t)
+        .await
+        .unwrap();
+    assert_eq!(res.scope, "system/Observation.* system/Patient.read");
+}
+
+#[tokio::test]
+async fn not_a_jwt() {
+    for bad in ["abc", "a.b", "a.b.c.d", "!!!.e30.sig"] {
+        assert_code(
+            refused(&form(bad, "system/*.rs"), now()).await,
+            OAuthErrorCode::InvalidClient,
+            "client_assertion",
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_client() {
+    let t = now();
+    let a = rsa_key().sign("nobody", TOKEN_URL, t).unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "unknown client_id",
+    );
+}
+
+#[tokio::test]
+async fn missing_iss() {
+    let t = now();
+    let mut c = claims("rsa-client", t);
+    c.as_object_mut().unwrap().remove("iss");
+    let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "iss",
+    );
+}
+
+#[tokio::test]
+async fn missing_or_wrong_sub() {
+    let t = now();
+    let mut c = claims("rsa-client", t);
+    c.as_object_mut().unwrap().remove("sub");
+    let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "sub",
+    );
+    let mut c = claims("rsa-client", t);
+    c["sub"] = json!("limited");
+    let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "sub",
+    );
+}
+
+#[tokio::test]
+async fn wrong_or_missing_aud() {
+    let t = now();
+    let a = rsa_key()
+        .sign("rsa-client", "http://127.0.0.1:8080/fhir/other", t)
+        .unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "aud",
+    );
+    let mut c = claims("rsa-client", t);
+    c.as_object_mut().unwrap().remove("aud");
+    let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "aud",
+    );
+    // An array holding the token URL is fine.
+    let mut c = claims("rsa-client", t);
+    c["aud"] = json!(["x", TOKEN_URL]);
+    let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    smart().token(&form(&a, "system/*.rs"), t).await.unwrap();
+}
+
+#[tokio::test]
+async fn expired_assertion() {
+    let t = now();
+    let a = rsa_key()
+        .sign_with_exp("rsa-client", TOKEN_URL, t - 600, t - 300)
+        .unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "expired",
+    );
+}
+
+#[tokio::test]
+async fn exp_too_far_ahead() {
+    let t = now();
+    let a = rsa_key()
+        .sign_with_exp("rsa-client", TOKEN_URL, t, t + 3600)
+        .unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "five minutes",
+    );
+}
+
+#[tokio::test]
+async fn missing_or_non_numeric_exp() {
+    let t = now();
+    let mut c = claims("rsa-client", t);
+    c.as_object_mut().unwrap().remove("exp");
+    let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "exp",
+    );
+    let mut c = claims("rsa-client", t);
+    c["exp"] = json!("soon");
+    let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "exp",
+    );
+}
+
+#[tokio::test]
+async fn not_yet_valid() {
+    let t = now();
+    let mut c = claims("rsa-client", t);
+    c["nbf"] = json!(t + 200);
+    let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "nbf",
+    );
+}
+
+#[tokio::test]
+async fn missing_or_empty_jti() {
+    let t = now();
+    let mut c = claims("rsa-client", t);
+    c.as_object_mut().unwrap().remove("jti");
+    let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "jti",
+    );
+    c["jti"] = json!("");
+    let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "jti",
+    );
+}
+
+#[tokio::test]
+async fn replayed_jti() {
+    let t = now();
+    let s = smart();
+    let a = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+    s.token(&form(&a, "system/*.rs"), t).await.unwrap();
+    let e = s.token(&form(&a, "system/*.rs"), t + 1).await.unwrap_err();
+    assert_code(
+        (e.error, e.description),
+        OAuthErrorCode::InvalidClient,
+        "replay",
+    );
+    // Same jti in a freshly signed assertion is still a replay.
+    let mut c = claims("rsa-client", t);
+    let jti = "fixed-jti";
+    c["jti"] = json!(jti);
+    let a1 = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    s.token(&form(&a1, "system/*.rs"), t).await.unwrap();
+    c["exp"] = json!(t + 200);
+    let a2 = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    let e = s.token(&form(&a2, "system/*.rs"), t).await.unwrap_err();
+    assert_eq!(e.error, OAuthErrorCode::InvalidClient);
+}
+
+#[tokio::test]
+async fn refused_assertion_does_not_burn_its_jti() {
+    // A failing signature must not record the jti, or anyone could block a client's assertions.
+    let t = now();
+    let s = smart();
+    let mut c = claims("rsa-client", t);
+    c["jti"] = json!("jti-1");
+    let forged = sign_raw("rsa-b.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    s.token(&form(&forged, "system/*.rs"), t).await.unwrap_err();
+    let genuine = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+    s.token(&form(&genuine, "system/*.rs"), t).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_signature() {
+    let t = now();
+    // Signed by a key the client never registered, under the registered kid.
+    let a = key("rsa-b.pem", None, "rsa-1")
+        .sign("rsa-client", TOKEN_URL, t)
+        .unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "signature",
+    );
+    // A genuine assertion with its payload swapped.
+    let good = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+    let other = rsa_key().sign("limited", TOKEN_URL, t).unwrap();
+    let parts: Vec<&str> = good.split('.').collect();
+    let other_parts: Vec<&str> = other.split('.').collect();
+    let tampered = format!("{}.{}.{}", parts[0], other_parts[1], parts[2]);
+    assert_code(
+        refused(&form(&tampered, "system/Patient.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "signature",
+    );
+}
+
+#[tokio::test]
+async fn wrong_alg() {
+    let t = now();
+    // HS256 with the public key as secret: the classic algorithm-confusion attack.
+    let c = claims("rsa-client", t);
+    let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+    header.kid = Some("rsa-1".into());
+    let a = jsonwebtoken::encode(
+        &header,
+        &c,
+        &jsonwebtoken::EncodingKey::from_secret(b"public"),
+    )
+    .unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "HS256",
+    );
+    // RS512 and PS384 are not on the list either.
+    for alg in [Algorithm::RS512, Algorithm::PS384] {
+        let a = sign_raw("rsa-a.pem", alg, Some("rsa-1"), &claims("rsa-client", t));
+        assert_code(
+            refused(&form(&a, "system/*.rs"), t).await,
+            OAuthErrorCode::InvalidClient,
+            "not accepted",
+        );
+    }
+    // alg `none`, unsigned.
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    };
+    let a = format!(
+        "{}.{}.",
+        b64(r#"{"alg":"none","typ":"JWT"}"#),
+        b64(&claims("rsa-client", t).to_string())
+    );
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "none",
+    );
+    // An EC key cannot sign for an RSA-only client.
+    let a = key("ec-p384.pem", None, "rsa-1")
+        .sign("rsa-client", TOKEN_URL, t)
+        .unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "ES384",
+    );
+}
+
+#[tokio::test]
+async fn kid_not_found() {
+    let t = now();
+    let a = key("rsa-a.pem", None, "rotated-away")
+        .sign("rsa-client", TOKEN_URL, t)
+        .unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "rotated-away",
+    );
+}
+
+#[tokio::test]
+async fn jku_must_match_registration() {
+    let t = now();
+    let pem = pem("rsa-a.pem");
+    let mut header = jsonwebtoken::Header::new(Algorithm::RS384);
+    header.kid = Some("rsa-1".into());
+    header.jku = Some("https://evil.example/jwks.json".into());
+    let a = jsonwebtoken::encode(
+        &header,
+        &claims("rsa-client", t),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+    )
+    .unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "jku",
+    );
+}
+
+#[tokio::test]
+async fn status_codes_follow_rfc6749() {
+    assert_eq!(OAuthErrorCode::InvalidClient.http_status(), 401);
+    for c in [
+        OAuthErrorCode::InvalidRequest,
+        OAuthErrorCode::InvalidScope,
+        OAuthErrorCode::UnsupportedGrantType,
+    ] {
+        assert_eq!(c.http_status(), 400);
+    }
+}
+
+#[tokio::test]
+async fn token_lifetime_is_reported_and_enforced() {
+    let t = now();
+    let s = smart();
+    let a = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+    let res = s.token(&form(&a, "system/*.rs"), t).await.unwrap();
+    let v = s.issuer().verify(&res.access_token, t + 299).unwrap();
+    assert_eq!(v.client_id, "rsa-client");
+    assert!(v.scopes.can_export("Patient"));
+    assert!(!v.scopes.can_write("Patient"));
+    assert_eq!(
+        s.issuer().verify(&res.access_token, t + 300).unwrap_err(),
+        auth::AccessTokenError::Expired
+    );
+}
