@@ -125,3 +125,77 @@ impl ClientKey {
         jsonwebtoken::encode(&header, &claims, &self.key).map_err(|_| ClientKeyError::Signing)
     }
 }
+
+/// A JWKS document (`{"keys": [...]}`) holding the public halves of `keys`, for the `jwks`
+/// field of a clients file or for publishing at a `jwks_url`.
+pub fn jwks_document(keys: &[ClientKey]) -> Result<serde_json::Value, ClientKeyError> {
+    let keys = keys
+        .iter()
+        .map(ClientKey::public_jwk)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(serde_json::json!({ "keys": keys }))
+}
+
+/// Why [`request_token`] failed. Never includes the assertion.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRequestError {
+    #[error(transparent)]
+    Key(#[from] ClientKeyError),
+    #[error("cannot reach the token endpoint {url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("the token endpoint refused: HTTP {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("the token endpoint answered something that is not a token response")]
+    BadResponse,
+}
+
+/// Signs an assertion for `client_id` and exchanges it at `token_url` for an access token.
+pub async fn request_token(
+    token_url: &str,
+    client_id: &str,
+    key: &ClientKey,
+    scope: &str,
+) -> Result<crate::token_endpoint::TokenResponse, TokenRequestError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let assertion = key.sign(client_id, token_url, now)?;
+    let transport = |e: reqwest::Error| TokenRequestError::Transport {
+        url: token_url.to_owned(),
+        reason: if e.is_timeout() {
+            "timed out".to_owned()
+        } else if e.is_connect() {
+            "cannot connect".to_owned()
+        } else {
+            "transport error".to_owned()
+        },
+    };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(transport)?;
+    let response = client
+        .post(token_url)
+        .form(&[
+            ("grant_type", crate::token_endpoint::GRANT_TYPE),
+            (
+                "client_assertion_type",
+                crate::token_endpoint::CLIENT_ASSERTION_TYPE,
+            ),
+            ("client_assertion", assertion.as_str()),
+            ("scope", scope),
+        ])
+        .send()
+        .await
+        .map_err(transport)?;
+    let status = response.status();
+    let body = response.text().await.map_err(transport)?;
+    if !status.is_success() {
+        return Err(TokenRequestError::Refused {
+            status: status.as_u16(),
+            body: body.chars().take(500).collect(),
+        });
+    }
+    serde_json::from_str(&body).map_err(|_| TokenRequestError::BadResponse)
+}

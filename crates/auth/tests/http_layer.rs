@@ -474,3 +474,51 @@ async fn unreachable_or_failing_jwks_url_is_invalid_client() {
         .unwrap_err();
     assert_eq!(e.error, auth::OAuthErrorCode::InvalidClient);
 }
+
+#[tokio::test]
+async fn client_tools_get_a_token_over_tcp() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let token_url = format!("{base}/auth/token");
+    let registry = ClientRegistry::from_json(
+        &serde_json::json!([{
+            "client_id": "cli",
+            "jwks": auth::client_tools::jwks_document(&[ec_key()]).unwrap(),
+            "scope": "system/*.read",
+        }])
+        .to_string(),
+        Path::new("clients.json"),
+    )
+    .unwrap();
+    let auth = Auth::smart(SmartAuth::new(
+        registry,
+        TokenIssuer::new(base.clone(), Duration::from_secs(60)),
+        token_url.clone(),
+        100,
+    ));
+    let server = app(&auth);
+    tokio::spawn(async move { axum::serve(listener, server).await.unwrap() });
+
+    let res =
+        auth::client_tools::request_token(&token_url, "cli", &ec_key(), "system/Patient.read")
+            .await
+            .unwrap();
+    assert_eq!(res.scope, "system/Patient.read");
+    assert_eq!(res.expires_in, 60);
+    let body = reqwest::Client::new()
+        .get(format!("{base}/Patient/1"))
+        .bearer_auth(&res.access_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "read Patient as Some(\"cli\")");
+
+    let e =
+        auth::client_tools::request_token(&token_url, "nobody", &ec_key(), "system/Patient.read")
+            .await
+            .unwrap_err();
+    assert!(e.to_string().contains("401"), "{e}");
+}
