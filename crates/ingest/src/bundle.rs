@@ -1,0 +1,675 @@
+//! Batch and transaction Bundles (`POST /`).
+//!
+//! [`translate`] is pure: it checks each entry, decides every resource's id, resolves `fullUrl`s
+//! (`urn:uuid:X` → `Type/id`), rewrites references everywhere in the resources and validates them.
+//! [`process_bundle`] runs the result against a [`Store`] and builds the response Bundle:
+//! a transaction is one atomic [`Store::write`]; a batch applies each entry independently (it
+//! tries all writes in one transaction first and falls back to one per entry if that fails).
+//!
+//! Id policy: `POST` keeps `resource.id` when it is present and valid (Synthea bundles rely on
+//! this: `fullUrl` `urn:uuid:X` with `resource.id` X, referenced across files) and assigns a new
+//! UUID otherwise; `PUT Type/id` uses the URL's id. Processing order inside a transaction follows
+//! FHIR: DELETE, POST, PUT, then GET (reads run after the write committed); the response lists the
+//! entries in request order.
+
+use serde_json::{Map, Value, json};
+use store::{Store, StoreError, WriteOp, WriteOutcome, WriteStatus, is_valid_id, is_valid_type_name};
+
+use crate::error::{BundleError, EntryError};
+use crate::outcome::status_line;
+use crate::references::ReferenceMap;
+
+/// Options of [`process_bundle`].
+#[derive(Debug, Clone)]
+pub struct BundleOptions {
+    /// Validate each resource against the R4 model (structural validation).
+    pub validate: bool,
+    /// Put the stored resource into each response entry (`Prefer: return=representation`).
+    pub return_resources: bool,
+}
+
+impl Default for BundleOptions {
+    fn default() -> Self {
+        BundleOptions {
+            validate: true,
+            return_resources: false,
+        }
+    }
+}
+
+/// `Bundle.type` of a processable Bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleKind {
+    Transaction,
+    Batch,
+}
+
+/// What one entry asks for, after translation.
+#[derive(Debug, Clone)]
+pub enum EntryAction {
+    Write(WriteOp),
+    Read {
+        resource_type: String,
+        id: String,
+        version: Option<i64>,
+    },
+}
+
+/// A translated entry.
+#[derive(Debug, Clone)]
+pub struct PlannedEntry {
+    pub index: usize,
+    pub action: EntryAction,
+}
+
+/// The result of [`translate`]: entries in request order, each planned or failed.
+#[derive(Debug)]
+pub struct Translated {
+    pub kind: BundleKind,
+    pub entries: Vec<Result<PlannedEntry, EntryError>>,
+}
+
+/// Parse, resolve and validate a Bundle without touching a store. For a transaction, the first
+/// failing entry fails the whole Bundle.
+pub fn translate(bundle: Value, validate: bool) -> Result<Translated, BundleError> {
+    let Value::Object(mut bundle) = bundle else {
+        return Err(not_processable("the body is not a JSON object", "Bundle"));
+    };
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(not_processable(
+            "POST / expects a Bundle of type transaction or batch",
+            "Bundle.resourceType",
+        ));
+    }
+    let kind = match bundle.get("type").and_then(Value::as_str) {
+        Some("transaction") => BundleKind::Transaction,
+        Some("batch") => BundleKind::Batch,
+        Some(other) => {
+            return Err(not_processable(
+                format!("Bundle.type must be transaction or batch, not '{other}'"),
+                "Bundle.type",
+            ));
+        }
+        None => return Err(not_processable("Bundle.type is missing", "Bundle.type")),
+    };
+    let entries = match bundle.remove("entry") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(not_processable("Bundle.entry must be an array", "Bundle.entry")),
+    };
+
+    // Pass 1: parse entries and decide ids, so that every fullUrl is known before rewriting.
+    let mut parsed: Vec<Result<Parsed, EntryError>> = entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| parse_entry(i, e))
+        .collect();
+    let mut refs = ReferenceMap::new();
+    for p in parsed.iter().flatten() {
+        if let (Some(full_url), Some((ty, id))) = (&p.full_url, p.target()) {
+            refs.insert(full_url.clone(), ty, id);
+        }
+    }
+
+    // Pass 2: rewrite references and validate.
+    for p in parsed.iter_mut() {
+        let Ok(entry) = p else { continue };
+        let index = entry.index;
+        if let Some(resource) = entry.resource_mut() {
+            let mut unresolved = None;
+            refs.rewrite(
+                resource,
+                &format!("Bundle.entry[{index}].resource"),
+                &mut |r, path| {
+                    if unresolved.is_none() {
+                        unresolved = Some((r.to_string(), path));
+                    }
+                },
+            );
+            if let Some((reference, expression)) = unresolved {
+                *p = Err(EntryError::UnresolvedReference {
+                    index,
+                    reference,
+                    expression,
+                });
+                continue;
+            }
+            if validate && let Err(issues) = fhir_model::r4().validate(resource) {
+                *p = Err(EntryError::Validation { index, issues });
+            }
+        }
+    }
+
+    let mut entries = Vec::with_capacity(parsed.len());
+    for p in parsed {
+        match p {
+            Err(e) if kind == BundleKind::Transaction => return Err(BundleError::Entry(e)),
+            p => entries.push(p.map(Parsed::into_planned)),
+        }
+    }
+    Ok(Translated { kind, entries })
+}
+
+/// Process a `POST /` Bundle against the store and return the response Bundle
+/// (`transaction-response` / `batch-response`). A failing transaction returns the error of the
+/// entry that failed and writes nothing.
+pub fn process_bundle(
+    store: &dyn Store,
+    bundle: Value,
+    options: &BundleOptions,
+) -> Result<Value, BundleError> {
+    let translated = translate(bundle, options.validate)?;
+    let n = translated.entries.len();
+    let mut responses: Vec<Option<Value>> = vec![None; n];
+    let mut writes: Vec<(usize, WriteOp)> = Vec::new();
+    let mut reads: Vec<(usize, String, String, Option<i64>)> = Vec::new();
+    for e in translated.entries {
+        match e {
+            Ok(PlannedEntry {
+                index,
+                action: EntryAction::Write(op),
+            }) => writes.push((index, op)),
+            Ok(PlannedEntry {
+                index,
+                action:
+                    EntryAction::Read {
+                        resource_type,
+                        id,
+                        version,
+                    },
+            }) => reads.push((index, resource_type, id, version)),
+            Err(err) => responses[err.index()] = Some(error_entry(&err)),
+        }
+    }
+    // FHIR processing order: DELETE, POST, PUT (stable within each).
+    writes.sort_by_key(|(_, op)| match op {
+        WriteOp::Delete { .. } => 0,
+        WriteOp::Create { .. } => 1,
+        WriteOp::Update { .. } => 2,
+    });
+
+    match translated.kind {
+        BundleKind::Transaction => {
+            let indexes: Vec<usize> = writes.iter().map(|(i, _)| *i).collect();
+            let keys: Vec<Option<(String, String)>> =
+                writes.iter().map(|(_, op)| op_key(op)).collect();
+            let ops = writes.into_iter().map(|(_, op)| op).collect();
+            match store.write(ops) {
+                Ok(outcomes) => {
+                    for (index, outcome) in indexes.into_iter().zip(outcomes) {
+                        responses[index] = Some(write_entry(&outcome, options.return_resources));
+                    }
+                }
+                Err(e) => {
+                    return Err(match failing_entry(&e, &keys) {
+                        Some(pos) => BundleError::Entry(EntryError::Store {
+                            index: indexes[pos],
+                            source: e,
+                        }),
+                        None => BundleError::Store(e),
+                    });
+                }
+            }
+        }
+        BundleKind::Batch => {
+            let all: Vec<WriteOp> = writes.iter().map(|(_, op)| op.clone()).collect();
+            match store.write(all) {
+                Ok(outcomes) => {
+                    for ((index, _), outcome) in writes.iter().zip(outcomes) {
+                        responses[*index] =
+                            Some(write_entry(&outcome, options.return_resources));
+                    }
+                }
+                Err(_) => {
+                    for (index, op) in writes {
+                        responses[index] = Some(match store.write(vec![op]) {
+                            Ok(mut outcomes) => match outcomes.pop() {
+                                Some(o) => write_entry(&o, options.return_resources),
+                                None => error_entry(&EntryError::Store {
+                                    index,
+                                    source: StoreError::Corrupt("no outcome".into()),
+                                }),
+                            },
+                            Err(source) => error_entry(&EntryError::Store { index, source }),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    for (index, resource_type, id, version) in reads {
+        let result = match version {
+            Some(v) => store.vread(&resource_type, &id, v),
+            None => store.read(&resource_type, &id),
+        };
+        responses[index] = Some(match result {
+            Ok(r) => {
+                let mut entry = json!({"response": {
+                    "status": status_line(200),
+                    "location": format!("{resource_type}/{id}/_history/{}", r.version),
+                    "etag": format!("W/\"{}\"", r.version),
+                    "lastModified": r.last_updated,
+                }});
+                if let Ok(v) = serde_json::from_slice::<Value>(&r.json) {
+                    entry["resource"] = v;
+                }
+                entry
+            }
+            Err(source) => error_entry(&EntryError::Store { index, source }),
+        });
+    }
+
+    let entry: Vec<Value> = responses
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| json!({"response": {"status": status_line(500)}})))
+        .collect();
+    let ty = match translated.kind {
+        BundleKind::Transaction => "transaction-response",
+        BundleKind::Batch => "batch-response",
+    };
+    Ok(json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "type": ty,
+        "entry": entry,
+    }))
+}
+
+/// The response entry of a successful write.
+pub fn write_entry(o: &WriteOutcome, return_resource: bool) -> Value {
+    let status = match o.status {
+        WriteStatus::Created => 201,
+        WriteStatus::Updated => 200,
+        WriteStatus::Deleted | WriteStatus::DeleteNotFound => 204,
+    };
+    let mut response = Map::new();
+    response.insert("status".into(), Value::String(status_line(status)));
+    if matches!(o.status, WriteStatus::Created | WriteStatus::Updated) {
+        response.insert(
+            "location".into(),
+            Value::String(format!("{}/{}/_history/{}", o.resource_type, o.id, o.version)),
+        );
+        response.insert("etag".into(), Value::String(format!("W/\"{}\"", o.version)));
+    }
+    if o.status != WriteStatus::DeleteNotFound {
+        response.insert("lastModified".into(), Value::String(o.last_updated.clone()));
+    }
+    let mut entry = Map::new();
+    if return_resource
+        && let Some(json) = &o.json
+        && let Ok(v) = serde_json::from_slice::<Value>(json)
+    {
+        entry.insert("resource".into(), v);
+    }
+    entry.insert("response".into(), Value::Object(response));
+    Value::Object(entry)
+}
+
+/// The response entry of a failed batch entry.
+pub fn error_entry(e: &EntryError) -> Value {
+    json!({"response": {
+        "status": status_line(e.status()),
+        "outcome": e.to_operation_outcome(),
+    }})
+}
+
+fn op_key(op: &WriteOp) -> Option<(String, String)> {
+    match op {
+        WriteOp::Create { resource } => Some((
+            resource.get("resourceType")?.as_str()?.to_string(),
+            resource.get("id")?.as_str()?.to_string(),
+        )),
+        WriteOp::Update {
+            resource_type, id, ..
+        }
+        | WriteOp::Delete {
+            resource_type, id, ..
+        } => Some((resource_type.clone(), id.clone())),
+    }
+}
+
+/// Which op a store error belongs to, from the resource it names.
+fn failing_entry(e: &StoreError, keys: &[Option<(String, String)>]) -> Option<usize> {
+    let (ty, id) = match e {
+        StoreError::NotFound { resource_type, id }
+        | StoreError::Gone {
+            resource_type, id, ..
+        }
+        | StoreError::VersionConflict {
+            resource_type, id, ..
+        }
+        | StoreError::AlreadyExists { resource_type, id } => (resource_type, id),
+        _ => return None,
+    };
+    keys.iter()
+        .position(|k| k.as_ref().is_some_and(|(t, i)| t == ty && i == id))
+}
+
+fn not_processable(message: impl Into<String>, expression: &str) -> BundleError {
+    BundleError::NotProcessable {
+        message: message.into(),
+        expression: expression.to_string(),
+    }
+}
+
+/// An entry after parsing, before reference rewriting.
+struct Parsed {
+    index: usize,
+    full_url: Option<String>,
+    action: EntryAction,
+}
+
+impl Parsed {
+    /// The resource this entry creates or updates.
+    fn target(&self) -> Option<(&str, &str)> {
+        match &self.action {
+            EntryAction::Write(WriteOp::Create { resource }) => Some((
+                resource.get("resourceType")?.as_str()?,
+                resource.get("id")?.as_str()?,
+            )),
+            EntryAction::Write(WriteOp::Update {
+                resource_type, id, ..
+            }) => Some((resource_type, id)),
+            _ => None,
+        }
+    }
+
+    fn resource_mut(&mut self) -> Option<&mut Value> {
+        match &mut self.action {
+            EntryAction::Write(WriteOp::Create { resource })
+            | EntryAction::Write(WriteOp::Update { resource, .. }) => Some(resource),
+            _ => None,
+        }
+    }
+
+    fn into_planned(self) -> PlannedEntry {
+        PlannedEntry {
+            index: self.index,
+            action: self.action,
+        }
+    }
+}
+
+fn parse_entry(index: usize, entry: Value) -> Result<Parsed, EntryError> {
+    let at = |field: &str| format!("Bundle.entry[{index}]{field}");
+    let invalid = |message: String, field: &str| EntryError::Invalid {
+        index,
+        message,
+        expression: at(field),
+    };
+    let not_supported = |message: String, field: &str| EntryError::NotSupported {
+        index,
+        message,
+        expression: at(field),
+    };
+    let Value::Object(mut entry) = entry else {
+        return Err(invalid("an entry must be an object".into(), ""));
+    };
+    let full_url = match entry.get("fullUrl") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(invalid("fullUrl must be a string".into(), ".fullUrl")),
+    };
+    let Some(Value::Object(request)) = entry.remove("request") else {
+        return Err(invalid(
+            "entry.request (method and url) is required in a batch or transaction".into(),
+            ".request",
+        ));
+    };
+    let method = request.get("method").and_then(Value::as_str).unwrap_or("");
+    let Some(url) = request.get("url").and_then(Value::as_str) else {
+        return Err(invalid("entry.request.url is required".into(), ".request.url"));
+    };
+    let if_match = match request.get("ifMatch") {
+        None => None,
+        Some(Value::String(s)) => Some(parse_etag(s).ok_or_else(|| {
+            invalid(format!("ifMatch '{s}' is not an ETag like W/\"3\""), ".request.ifMatch")
+        })?),
+        Some(_) => return Err(invalid("ifMatch must be a string".into(), ".request.ifMatch")),
+    };
+    if request.contains_key("ifNoneExist") {
+        return Err(not_supported(
+            "conditional create (ifNoneExist) is not supported".into(),
+            ".request.ifNoneExist",
+        ));
+    }
+    if url.contains('?') {
+        return Err(not_supported(
+            format!("conditional or search URL '{url}' is not supported in a Bundle"),
+            ".request.url",
+        ));
+    }
+    let path = url.trim_start_matches('/');
+    if path.contains("://") {
+        return Err(not_supported(
+            format!("absolute request URL '{url}' is not supported; use Type or Type/id"),
+            ".request.url",
+        ));
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    let check_type = |t: &str| -> Result<(), EntryError> {
+        if is_valid_type_name(t) && fhir_model::r4().resource_types().iter().any(|r| r == t) {
+            Ok(())
+        } else {
+            Err(invalid(format!("unknown resource type '{t}' in request.url"), ".request.url"))
+        }
+    };
+    let check_id = |id: &str| -> Result<(), EntryError> {
+        if is_valid_id(id) {
+            Ok(())
+        } else {
+            Err(invalid(format!("invalid id '{id}' in request.url"), ".request.url"))
+        }
+    };
+    let take_resource = |entry: &mut Map<String, Value>, ty: &str| -> Result<Value, EntryError> {
+        match entry.remove("resource") {
+            Some(Value::Object(r)) => {
+                match r.get("resourceType").and_then(Value::as_str) {
+                    Some(t) if t == ty => Ok(Value::Object(r)),
+                    Some(t) => Err(invalid(
+                        format!("resourceType '{t}' does not match request.url type '{ty}'"),
+                        ".resource.resourceType",
+                    )),
+                    None => Err(invalid(
+                        "resource.resourceType is missing".into(),
+                        ".resource.resourceType",
+                    )),
+                }
+            }
+            Some(_) => Err(invalid("entry.resource must be an object".into(), ".resource")),
+            None => Err(invalid(format!("{method} needs entry.resource"), ".resource")),
+        }
+    };
+
+    let action = match (method, segments.as_slice()) {
+        ("POST", [ty]) => {
+            check_type(ty)?;
+            let mut resource = take_resource(&mut entry, ty)?;
+            let id = match resource.get("id") {
+                Some(Value::String(id)) if is_valid_id(id) => id.clone(),
+                Some(Value::String(id)) => {
+                    return Err(invalid(format!("invalid id '{id}'"), ".resource.id"));
+                }
+                Some(_) => return Err(invalid("id must be a string".into(), ".resource.id")),
+                None => uuid::Uuid::new_v4().to_string(),
+            };
+            resource["id"] = Value::String(id);
+            EntryAction::Write(WriteOp::Create { resource })
+        }
+        ("PUT", [ty, id]) => {
+            check_type(ty)?;
+            check_id(id)?;
+            let resource = take_resource(&mut entry, ty)?;
+            match resource.get("id") {
+                None => {}
+                Some(Value::String(body)) if body == id => {}
+                Some(other) => {
+                    return Err(invalid(
+                        format!("resource.id {other} differs from the id '{id}' in request.url"),
+                        ".resource.id",
+                    ));
+                }
+            }
+            EntryAction::Write(WriteOp::Update {
+                resource_type: ty.to_string(),
+                id: id.to_string(),
+                resource,
+                if_match,
+            })
+        }
+        ("DELETE", [ty, id]) => {
+            check_type(ty)?;
+            check_id(id)?;
+            EntryAction::Write(WriteOp::Delete {
+                resource_type: ty.to_string(),
+                id: id.to_string(),
+                if_match,
+            })
+        }
+        ("GET", [ty, id]) => {
+            check_type(ty)?;
+            check_id(id)?;
+            EntryAction::Read {
+                resource_type: ty.to_string(),
+                id: id.to_string(),
+                version: None,
+            }
+        }
+        ("GET", [ty, id, "_history", v]) => {
+            check_type(ty)?;
+            check_id(id)?;
+            let version = v
+                .parse::<i64>()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| invalid(format!("invalid version '{v}'"), ".request.url"))?;
+            EntryAction::Read {
+                resource_type: ty.to_string(),
+                id: id.to_string(),
+                version: Some(version),
+            }
+        }
+        ("POST" | "PUT" | "DELETE" | "GET", _) => {
+            return Err(not_supported(
+                format!("{method} {url} is not supported in a Bundle"),
+                ".request.url",
+            ));
+        }
+        ("PATCH" | "HEAD", _) => {
+            return Err(not_supported(
+                format!("{method} is not supported in a Bundle"),
+                ".request.method",
+            ));
+        }
+        _ => {
+            return Err(invalid(
+                format!("unknown request.method '{method}'"),
+                ".request.method",
+            ));
+        }
+    };
+    Ok(Parsed {
+        index,
+        full_url,
+        action,
+    })
+}
+
+/// `W/"3"`, `"3"` or `3` → 3.
+pub fn parse_etag(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let s = s.strip_prefix("W/").unwrap_or(s);
+    let s = s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s);
+    s.parse().ok().filter(|v: &i64| *v > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags() {
+        assert_eq!(parse_etag("W/\"3\""), Some(3));
+        assert_eq!(parse_etag("\"12\""), Some(12));
+        assert_eq!(parse_etag("4"), Some(4));
+        assert_eq!(parse_etag("W/\"x\""), None);
+        assert_eq!(parse_etag("0"), None);
+    }
+
+    #[test]
+    fn post_keeps_resource_id_and_rewrites_urns() {
+        let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:aaaa", "resource": {"resourceType": "Patient", "id": "aaaa"},
+             "request": {"method": "POST", "url": "Patient"}},
+            {"fullUrl": "urn:uuid:bbbb", "resource": {"resourceType": "Observation", "status": "final",
+              "code": {"text": "x"}, "subject": {"reference": "urn:uuid:aaaa"}},
+             "request": {"method": "POST", "url": "Observation"}}
+        ]});
+        let t = translate(b, true).unwrap();
+        let ops: Vec<_> = t.entries.into_iter().map(|e| e.unwrap()).collect();
+        let EntryAction::Write(WriteOp::Create { resource: p }) = &ops[0].action else {
+            panic!()
+        };
+        assert_eq!(p["id"], "aaaa");
+        let EntryAction::Write(WriteOp::Create { resource: o }) = &ops[1].action else {
+            panic!()
+        };
+        assert_eq!(o["subject"]["reference"], "Patient/aaaa");
+        // No id in the resource: a fresh uuid, used consistently by references.
+        assert!(is_valid_id(o["id"].as_str().unwrap()));
+    }
+
+    #[test]
+    fn transaction_fails_on_first_bad_entry() {
+        let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+            {"resource": {"resourceType": "Patient", "birthDate": "not a date"},
+             "request": {"method": "POST", "url": "Patient"}}
+        ]});
+        match translate(b, true) {
+            Err(BundleError::Entry(EntryError::Validation { index: 1, .. })) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_entries_are_reported_with_their_path() {
+        let b = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": {"resourceType": "Patient"}},
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "PUT", "url": "Patient/a"}},
+            {"resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Patient"}},
+            {"request": {"method": "DELETE", "url": "Patient?name=x"}},
+            {"resource": {"resourceType": "Patient", "id": "b"}, "request": {"method": "PUT", "url": "Patient/a"}},
+            {"resource": {"resourceType": "Patient", "link": [{"other": {"reference": "urn:uuid:nope"}, "type": "seealso"}]},
+             "request": {"method": "POST", "url": "Patient"}},
+            {"request": {"method": "FROB", "url": "Patient/a"}}
+        ]});
+        let t = translate(b, true).unwrap();
+        let statuses: Vec<Option<u16>> = t
+            .entries
+            .iter()
+            .map(|e| e.as_ref().err().map(EntryError::status))
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![Some(400), None, Some(400), Some(501), Some(400), Some(400), Some(400)]
+        );
+        let e = t.entries[5].as_ref().unwrap_err();
+        assert_eq!(
+            e.issues()[0].expression.as_deref(),
+            Some("Bundle.entry[5].resource.link[0].other.reference")
+        );
+    }
+
+    #[test]
+    fn not_a_transaction_or_batch() {
+        for b in [
+            json!([]),
+            json!({"resourceType": "Patient"}),
+            json!({"resourceType": "Bundle", "type": "collection"}),
+        ] {
+            assert_eq!(translate(b, true).unwrap_err().status(), 400);
+        }
+    }
+}

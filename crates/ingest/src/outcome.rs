@@ -1,0 +1,101 @@
+//! OperationOutcome resources and the mapping of store errors to HTTP statuses, shared by bundle
+//! responses here and (so that they agree) by the REST server.
+
+use serde_json::{Value, json};
+use store::StoreError;
+
+/// One `OperationOutcome.issue`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutcomeIssue {
+    /// `error`, `warning`, `information` or `fatal`.
+    pub severity: &'static str,
+    /// An `IssueType` code: `invalid`, `not-found`, `deleted`, `conflict`, `duplicate`,
+    /// `not-supported`, `processing`, `exception`, ...
+    pub code: &'static str,
+    pub diagnostics: String,
+    /// FHIRPath of the offending element, e.g. `Bundle.entry[2].request.url`.
+    pub expression: Option<String>,
+}
+
+impl OutcomeIssue {
+    pub fn error(code: &'static str, diagnostics: impl Into<String>) -> OutcomeIssue {
+        OutcomeIssue {
+            severity: "error",
+            code,
+            diagnostics: diagnostics.into(),
+            expression: None,
+        }
+    }
+
+    pub fn at(mut self, expression: impl Into<String>) -> OutcomeIssue {
+        self.expression = Some(expression.into());
+        self
+    }
+}
+
+/// An `OperationOutcome` resource with these issues.
+pub fn operation_outcome(issues: &[OutcomeIssue]) -> Value {
+    let issues: Vec<Value> = issues
+        .iter()
+        .map(|i| {
+            let mut v = json!({
+                "severity": i.severity,
+                "code": i.code,
+                "diagnostics": i.diagnostics,
+            });
+            if let Some(e) = &i.expression {
+                v["expression"] = json!([e]);
+            }
+            v
+        })
+        .collect();
+    json!({"resourceType": "OperationOutcome", "issue": issues})
+}
+
+/// HTTP status and issue of a store error. Internal failures (database, i/o, corruption) get a
+/// generic diagnostics text: their detail belongs in the log, not in a response.
+pub fn store_error_issue(e: &StoreError) -> (u16, OutcomeIssue) {
+    match e {
+        StoreError::NotFound { .. } => (404, OutcomeIssue::error("not-found", e.to_string())),
+        StoreError::Gone { .. } => (410, OutcomeIssue::error("deleted", e.to_string())),
+        StoreError::VersionConflict { .. } => {
+            (412, OutcomeIssue::error("conflict", e.to_string()))
+        }
+        StoreError::AlreadyExists { .. } => {
+            (409, OutcomeIssue::error("duplicate", e.to_string()))
+        }
+        StoreError::InvalidId(_) => (400, OutcomeIssue::error("invalid", e.to_string()).at("id")),
+        StoreError::InvalidType(_) | StoreError::InvalidResource(_) => {
+            (400, OutcomeIssue::error("invalid", e.to_string()))
+        }
+        StoreError::Locked { .. } => (503, OutcomeIssue::error("transient", e.to_string())),
+        StoreError::Io { .. } | StoreError::Sqlite(_) | StoreError::Corrupt(_) => (
+            500,
+            OutcomeIssue::error("exception", "internal storage error"),
+        ),
+    }
+}
+
+/// The `Bundle.entry.response.status` text of an HTTP status.
+pub fn status_line(status: u16) -> String {
+    let reason = match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        409 => "Conflict",
+        410 => "Gone",
+        412 => "Precondition Failed",
+        422 => "Unprocessable Entity",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    if reason.is_empty() {
+        status.to_string()
+    } else {
+        format!("{status} {reason}")
+    }
+}

@@ -1,0 +1,353 @@
+//! Input files of the loader: discovery, decompression and streaming of their resources.
+//!
+//! Formats, recognised by name (a trailing `.gz` means gzip):
+//! - `*.ndjson`, `*.jsonl`: one resource per line, read line by line;
+//! - `*.json`: a Bundle of type transaction, batch, collection or searchset (its entries), or any
+//!   single resource. A `.json` file is parsed whole, one file at a time.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flate2::read::MultiGzDecoder;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::LoadError;
+use crate::references::ReferenceMap;
+
+/// How a file's content is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputFormat {
+    Ndjson,
+    Json,
+}
+
+/// The format of a file from its name, `None` if the loader does not read it.
+pub fn format_of(path: &Path) -> Option<InputFormat> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    let name = name.strip_suffix(".gz").unwrap_or(&name);
+    if name.ends_with(".ndjson") || name.ends_with(".jsonl") {
+        Some(InputFormat::Ndjson)
+    } else if name.ends_with(".json") {
+        Some(InputFormat::Json)
+    } else {
+        None
+    }
+}
+
+/// Expand files and folders (recursively) into the input files, sorted by path within each
+/// folder. Files given explicitly must have a known format.
+pub fn collect_inputs(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(|source| LoadError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            walk(p, &mut out)?;
+        } else if format_of(p).is_some() {
+            out.push(p.clone());
+        } else {
+            return Err(LoadError::NoInput { path: p.clone() });
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    let io = |source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if format_of(&p).is_some() {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Open a file, transparently decompressing `.gz`.
+pub fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, LoadError> {
+    let file = File::open(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let gz = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    Ok(if gz {
+        Box::new(BufReader::with_capacity(
+            256 * 1024,
+            MultiGzDecoder::new(BufReader::new(file)),
+        ))
+    } else {
+        Box::new(BufReader::with_capacity(256 * 1024, file))
+    })
+}
+
+/// Where a resource came from, for reports: `file:line` or `file entry N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: Arc<Path>,
+    /// 1-based line of an NDJSON file.
+    pub line: Option<usize>,
+    /// 0-based index in `Bundle.entry`.
+    pub entry: Option<usize>,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        if let Some(e) = self.entry {
+            write!(f, " entry {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One resource (or delete) read from an input.
+#[derive(Debug)]
+pub struct Item {
+    pub location: Location,
+    pub full_url: Option<String>,
+    pub content: ItemContent,
+}
+
+#[derive(Debug)]
+pub enum ItemContent {
+    Resource(Value),
+    /// A Bundle entry with `request.method` DELETE.
+    Delete { resource_type: String, id: String },
+}
+
+/// Read every item of one file, in order. Items that cannot be read (malformed JSON line, entry
+/// without resource) are passed as `Err((location, message))`; `f` returning `Err` stops reading.
+pub fn read_items(
+    path: &Path,
+    f: &mut dyn FnMut(Result<Item, (Location, String)>) -> Result<(), LoadError>,
+) -> Result<(), LoadError> {
+    let file: Arc<Path> = Arc::from(path);
+    let format = format_of(path).unwrap_or(InputFormat::Json);
+    let mut reader = open(path)?;
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match format {
+        InputFormat::Ndjson => {
+            let mut line = String::new();
+            let mut n = 0usize;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).map_err(io)? == 0 {
+                    break;
+                }
+                n += 1;
+                let text = line.trim();
+                if text.is_empty() {
+                    continue;
+                }
+                let location = Location {
+                    file: file.clone(),
+                    line: Some(n),
+                    entry: None,
+                };
+                f(match serde_json::from_str::<Value>(text) {
+                    Ok(v) => Ok(Item {
+                        location,
+                        full_url: None,
+                        content: ItemContent::Resource(v),
+                    }),
+                    Err(e) => Err((location, format!("malformed JSON: {e}"))),
+                })?;
+            }
+        }
+        InputFormat::Json => {
+            let mut bytes = Vec::new();
+            reader.read_to_end(&mut bytes).map_err(io)?;
+            let whole = Location {
+                file: file.clone(),
+                line: None,
+                entry: None,
+            };
+            let value: Value = match serde_json::from_slice(&bytes) {
+                Ok(v) => v,
+                Err(e) => return f(Err((whole, format!("malformed JSON: {e}")))),
+            };
+            drop(bytes);
+            if !is_entry_bundle(&value) {
+                return f(Ok(Item {
+                    location: whole,
+                    full_url: None,
+                    content: ItemContent::Resource(value),
+                }));
+            }
+            let Value::Object(mut bundle) = value else {
+                return Ok(());
+            };
+            let entries = match bundle.remove("entry") {
+                Some(Value::Array(a)) => a,
+                _ => Vec::new(),
+            };
+            for (i, entry) in entries.into_iter().enumerate() {
+                let location = Location {
+                    file: file.clone(),
+                    line: None,
+                    entry: Some(i),
+                };
+                f(entry_item(entry, location))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_entry_bundle(v: &Value) -> bool {
+    v.get("resourceType").and_then(Value::as_str) == Some("Bundle")
+        && matches!(
+            v.get("type").and_then(Value::as_str),
+            Some("transaction" | "batch" | "collection" | "searchset")
+        )
+}
+
+fn entry_item(entry: Value, location: Location) -> Result<Item, (Location, String)> {
+    let Value::Object(mut entry) = entry else {
+        return Err((location, "entry is not an object".into()));
+    };
+    let full_url = entry
+        .get("fullUrl")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let method = entry
+        .get("request")
+        .and_then(|r| r.get("method"))
+        .and_then(Value::as_str);
+    if method == Some("DELETE") {
+        let url = entry
+            .get("request")
+            .and_then(|r| r.get("url"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        return match url.trim_start_matches('/').split_once('/') {
+            Some((t, id)) if !id.contains('/') && !id.contains('?') => Ok(Item {
+                location,
+                full_url,
+                content: ItemContent::Delete {
+                    resource_type: t.to_string(),
+                    id: id.to_string(),
+                },
+            }),
+            _ => Err((location, format!("unsupported DELETE url '{url}'"))),
+        };
+    }
+    match entry.remove("resource") {
+        Some(resource) => Ok(Item {
+            location,
+            full_url,
+            content: ItemContent::Resource(resource),
+        }),
+        None => Err((location, "entry without resource".into())),
+    }
+}
+
+/// The id the loader stores a resource under: its own `id`, else the uuid of a `urn:uuid:`
+/// fullUrl, else none (the store assigns one). Used by the fullUrl pre-pass and the load pass
+/// alike, so that both agree.
+pub fn loader_id(full_url: Option<&str>, resource_id: Option<&str>) -> Option<String> {
+    if let Some(id) = resource_id.filter(|id| store::is_valid_id(id)) {
+        return Some(id.to_string());
+    }
+    full_url
+        .and_then(|u| u.strip_prefix("urn:uuid:"))
+        .filter(|id| store::is_valid_id(id))
+        .map(str::to_string)
+}
+
+#[derive(Deserialize)]
+struct HeadBundle {
+    #[serde(rename = "resourceType")]
+    resource_type: Option<String>,
+    entry: Option<Vec<HeadEntry>>,
+}
+
+#[derive(Deserialize)]
+struct HeadEntry {
+    #[serde(rename = "fullUrl")]
+    full_url: Option<String>,
+    resource: Option<HeadResource>,
+}
+
+#[derive(Deserialize)]
+struct HeadResource {
+    #[serde(rename = "resourceType")]
+    resource_type: Option<String>,
+    id: Option<String>,
+}
+
+/// The pre-pass: add `fullUrl → Type/id` of every Bundle entry of a `.json` file to `refs`,
+/// reading only `fullUrl`, `resourceType` and `id` (the rest is skipped by the parser). NDJSON
+/// files have no fullUrls and are not read. Unreadable files are left to the load pass to report.
+pub fn collect_full_urls(path: &Path, refs: &mut ReferenceMap) -> Result<(), LoadError> {
+    if format_of(path) != Some(InputFormat::Json) {
+        return Ok(());
+    }
+    let mut bytes = Vec::new();
+    open(path)?
+        .read_to_end(&mut bytes)
+        .map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let Ok(head) = serde_json::from_slice::<HeadBundle>(&bytes) else {
+        return Ok(());
+    };
+    if head.resource_type.as_deref() != Some("Bundle") {
+        return Ok(());
+    }
+    for e in head.entry.unwrap_or_default() {
+        let (Some(full_url), Some(r)) = (e.full_url, e.resource) else {
+            continue;
+        };
+        let Some(ty) = r.resource_type else { continue };
+        if let Some(id) = loader_id(Some(&full_url), r.id.as_deref()) {
+            refs.insert(full_url, &ty, &id);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_by_name() {
+        assert_eq!(format_of(Path::new("a/Patient.ndjson")), Some(InputFormat::Ndjson));
+        assert_eq!(format_of(Path::new("a/x.NDJSON.gz")), Some(InputFormat::Ndjson));
+        assert_eq!(format_of(Path::new("b.json.gz")), Some(InputFormat::Json));
+        assert_eq!(format_of(Path::new("README.md")), None);
+    }
+
+    #[test]
+    fn loader_ids() {
+        assert_eq!(loader_id(Some("urn:uuid:abc"), Some("own")), Some("own".into()));
+        assert_eq!(loader_id(Some("urn:uuid:abc"), None), Some("abc".into()));
+        assert_eq!(loader_id(Some("http://x/Patient/1"), None), None);
+        assert_eq!(loader_id(None, Some("bad id")), None);
+    }
+}
