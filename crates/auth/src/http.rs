@@ -314,9 +314,9 @@ impl AuthContext {
     }
 
     /// Whether this caller may see a job started by `owner` (the client_id recorded at kick-off).
-    /// In mode `none` both are `None`.
+    /// The all-allowing context of mode `none` sees every job.
     pub fn owns(&self, owner: Option<&str>) -> bool {
-        self.client_id.as_deref() == owner
+        self.scopes.is_unrestricted() || self.client_id.as_deref() == owner
     }
 }
 

@@ -6,12 +6,14 @@
 //! - [`access_token`]: the bearer tokens this server issues (HS256, per-process key).
 //! - [`http`]: axum routes, the bearer middleware and [`AuthContext`] for handlers.
 //! - [`config`]: `--auth none|smart`, the loopback rule ([`check_mode`]).
-//! - [`client_tools`]: the client side (sign an assertion, publish a JWK), for CLI helpers.
+//! - [`client_tools`]: the client side (sign an assertion, publish a JWK); [`cli`]: the
+//!   `fhirhose jwks` / `fhirhose token` subcommands built on it.
 //!
 //! Architecture Invariant: no access token, client assertion or key material is ever written to
 //! a log line or to an error's `Display`; types holding them redact their `Debug`.
 
 pub mod access_token;
+pub mod cli;
 pub mod client_tools;
 pub mod config;
 pub mod http;

@@ -261,6 +261,11 @@ impl Scopes {
             .collect()
     }
 
+    /// The all-allowing scopes of mode `none`.
+    pub fn is_unrestricted(&self) -> bool {
+        self.unrestricted
+    }
+
     pub fn is_empty(&self) -> bool {
         !self.unrestricted
             && self.all_types.is_empty()

@@ -209,3 +209,29 @@ fn missing_clients_file_is_reported() {
         .unwrap();
     assert!(e.to_string().contains("/nonexistent/clients.json"));
 }
+
+#[test]
+fn jwks_subcommand_output_registers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let args = auth::cli::JwksArgs {
+        keys: vec![dir.join("rsa-a.pem"), dir.join("ec-p384.pem")],
+        kid: None,
+    };
+    let jwks: serde_json::Value =
+        serde_json::from_str(&auth::cli::run_jwks(&args).unwrap()).unwrap();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+    assert_eq!(jwks["keys"][0]["alg"], "RS384");
+    assert_eq!(jwks["keys"][1]["alg"], "ES384");
+    assert!(jwks["keys"][0].get("d").is_none(), "no private part");
+    assert!(jwks["keys"][1].get("d").is_none(), "no private part");
+    load(
+        &serde_json::json!([{"client_id": "a", "jwks": jwks, "scope": "system/*.rs"}]).to_string(),
+    )
+    .unwrap();
+    let e = auth::cli::run_jwks(&auth::cli::JwksArgs {
+        keys: vec![dir.join("nope.pem")],
+        kid: None,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("nope.pem"));
+}

@@ -342,6 +342,10 @@ async fn export_and_ownership_helpers() {
     assert!(!ctx.owns(Some("b")));
     assert!(!ctx.owns(None));
     assert!(AuthContext::unrestricted().owns(None));
+    assert!(
+        AuthContext::unrestricted().owns(Some("a")),
+        "mode none sees every job"
+    );
 }
 
 #[tokio::test]

@@ -71,7 +71,8 @@ fn several_tokens_combine() {
 
 #[test]
 fn refused_scopes() {
-    let cases: &[(&str, fn(&ScopeError) -> bool)] = &[
+    type Check = fn(&ScopeError) -> bool;
+    let cases: &[(&str, Check)] = &[
         ("", |e| matches!(e, ScopeError::Empty)),
         ("patient/*.read", |e| {
             matches!(e, ScopeError::UnsupportedContext { .. })
