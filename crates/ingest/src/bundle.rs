@@ -13,7 +13,9 @@
 //! entries in request order.
 
 use serde_json::{Map, Value, json};
-use store::{Store, StoreError, WriteOp, WriteOutcome, WriteStatus, is_valid_id, is_valid_type_name};
+use store::{
+    Store, StoreError, WriteOp, WriteOutcome, WriteStatus, is_valid_id, is_valid_type_name,
+};
 
 use crate::error::{BundleError, EntryError};
 use crate::outcome::status_line;
@@ -95,7 +97,12 @@ pub fn translate(bundle: Value, validate: bool) -> Result<Translated, BundleErro
     let entries = match bundle.remove("entry") {
         None => Vec::new(),
         Some(Value::Array(a)) => a,
-        Some(_) => return Err(not_processable("Bundle.entry must be an array", "Bundle.entry")),
+        Some(_) => {
+            return Err(not_processable(
+                "Bundle.entry must be an array",
+                "Bundle.entry",
+            ));
+        }
     };
 
     // Pass 1: parse entries and decide ids, so that every fullUrl is known before rewriting.
@@ -216,8 +223,7 @@ pub fn process_bundle(
             match store.write(all) {
                 Ok(outcomes) => {
                     for ((index, _), outcome) in writes.iter().zip(outcomes) {
-                        responses[*index] =
-                            Some(write_entry(&outcome, options.return_resources));
+                        responses[*index] = Some(write_entry(&outcome, options.return_resources));
                     }
                 }
                 Err(_) => {
@@ -288,7 +294,10 @@ pub fn write_entry(o: &WriteOutcome, return_resource: bool) -> Value {
     if matches!(o.status, WriteStatus::Created | WriteStatus::Updated) {
         response.insert(
             "location".into(),
-            Value::String(format!("{}/{}/_history/{}", o.resource_type, o.id, o.version)),
+            Value::String(format!(
+                "{}/{}/_history/{}",
+                o.resource_type, o.id, o.version
+            )),
         );
         response.insert("etag".into(), Value::String(format!("W/\"{}\"", o.version)));
     }
@@ -419,14 +428,25 @@ fn parse_entry(index: usize, entry: Value) -> Result<Parsed, EntryError> {
     };
     let method = request.get("method").and_then(Value::as_str).unwrap_or("");
     let Some(url) = request.get("url").and_then(Value::as_str) else {
-        return Err(invalid("entry.request.url is required".into(), ".request.url"));
+        return Err(invalid(
+            "entry.request.url is required".into(),
+            ".request.url",
+        ));
     };
     let if_match = match request.get("ifMatch") {
         None => None,
         Some(Value::String(s)) => Some(parse_etag(s).ok_or_else(|| {
-            invalid(format!("ifMatch '{s}' is not an ETag like W/\"3\""), ".request.ifMatch")
+            invalid(
+                format!("ifMatch '{s}' is not an ETag like W/\"3\""),
+                ".request.ifMatch",
+            )
         })?),
-        Some(_) => return Err(invalid("ifMatch must be a string".into(), ".request.ifMatch")),
+        Some(_) => {
+            return Err(invalid(
+                "ifMatch must be a string".into(),
+                ".request.ifMatch",
+            ));
+        }
     };
     if request.contains_key("ifNoneExist") {
         return Err(not_supported(
@@ -452,33 +472,43 @@ fn parse_entry(index: usize, entry: Value) -> Result<Parsed, EntryError> {
         if is_valid_type_name(t) && fhir_model::r4().resource_types().iter().any(|r| r == t) {
             Ok(())
         } else {
-            Err(invalid(format!("unknown resource type '{t}' in request.url"), ".request.url"))
+            Err(invalid(
+                format!("unknown resource type '{t}' in request.url"),
+                ".request.url",
+            ))
         }
     };
     let check_id = |id: &str| -> Result<(), EntryError> {
         if is_valid_id(id) {
             Ok(())
         } else {
-            Err(invalid(format!("invalid id '{id}' in request.url"), ".request.url"))
+            Err(invalid(
+                format!("invalid id '{id}' in request.url"),
+                ".request.url",
+            ))
         }
     };
     let take_resource = |entry: &mut Map<String, Value>, ty: &str| -> Result<Value, EntryError> {
         match entry.remove("resource") {
-            Some(Value::Object(r)) => {
-                match r.get("resourceType").and_then(Value::as_str) {
-                    Some(t) if t == ty => Ok(Value::Object(r)),
-                    Some(t) => Err(invalid(
-                        format!("resourceType '{t}' does not match request.url type '{ty}'"),
-                        ".resource.resourceType",
-                    )),
-                    None => Err(invalid(
-                        "resource.resourceType is missing".into(),
-                        ".resource.resourceType",
-                    )),
-                }
-            }
-            Some(_) => Err(invalid("entry.resource must be an object".into(), ".resource")),
-            None => Err(invalid(format!("{method} needs entry.resource"), ".resource")),
+            Some(Value::Object(r)) => match r.get("resourceType").and_then(Value::as_str) {
+                Some(t) if t == ty => Ok(Value::Object(r)),
+                Some(t) => Err(invalid(
+                    format!("resourceType '{t}' does not match request.url type '{ty}'"),
+                    ".resource.resourceType",
+                )),
+                None => Err(invalid(
+                    "resource.resourceType is missing".into(),
+                    ".resource.resourceType",
+                )),
+            },
+            Some(_) => Err(invalid(
+                "entry.resource must be an object".into(),
+                ".resource",
+            )),
+            None => Err(invalid(
+                format!("{method} needs entry.resource"),
+                ".resource",
+            )),
         }
     };
 
@@ -580,7 +610,10 @@ fn parse_entry(index: usize, entry: Value) -> Result<Parsed, EntryError> {
 pub fn parse_etag(s: &str) -> Option<i64> {
     let s = s.trim();
     let s = s.strip_prefix("W/").unwrap_or(s);
-    let s = s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s);
+    let s = s
+        .strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .unwrap_or(s);
     s.parse().ok().filter(|v: &i64| *v > 0)
 }
 
@@ -653,7 +686,15 @@ mod tests {
             .collect();
         assert_eq!(
             statuses,
-            vec![Some(400), None, Some(400), Some(501), Some(400), Some(400), Some(400)]
+            vec![
+                Some(400),
+                None,
+                Some(400),
+                Some(501),
+                Some(400),
+                Some(400),
+                Some(400)
+            ]
         );
         let e = t.entries[5].as_ref().unwrap_err();
         assert_eq!(

@@ -94,8 +94,10 @@ impl EntryError {
             EntryError::Validation { issues, .. } => issues
                 .iter()
                 .map(|v| {
-                    OutcomeIssue::error("invalid", v.message.clone())
-                        .at(format!("Bundle.entry[{i}].resource.{}", strip_type(&v.path)))
+                    OutcomeIssue::error("invalid", v.message.clone()).at(format!(
+                        "Bundle.entry[{i}].resource.{}",
+                        strip_type(&v.path)
+                    ))
                 })
                 .collect(),
             EntryError::Store { source, .. } => {

@@ -183,7 +183,15 @@ fn run(
     let strict = options.strict;
     std::thread::scope(|scope| {
         let reader = scope.spawn(|| produce(&files, &refs, chunk_size, validate, strict, tx));
-        let written = consume(sink, rx, options, &mut summary, &mut state, started, progress);
+        let written = consume(
+            sink,
+            rx,
+            options,
+            &mut summary,
+            &mut state,
+            started,
+            progress,
+        );
         // The reader stops when the receiver is gone (after an error here); its own error wins
         // only if the writer finished cleanly.
         let read = reader
@@ -292,7 +300,10 @@ fn prepare(
     let mut resource = match item.content {
         ItemContent::Delete { resource_type, id } => {
             if !store::is_valid_id(&id) || !store::is_valid_type_name(&resource_type) {
-                return Err((location, format!("invalid DELETE target {resource_type}/{id}")));
+                return Err((
+                    location,
+                    format!("invalid DELETE target {resource_type}/{id}"),
+                ));
             }
             return Ok((
                 WriteOp::Delete {
@@ -378,7 +389,10 @@ impl Sink for StoreSink<'_> {
 fn count(summary: &mut LoadSummary, resource_type: &str, status: WriteStatus) {
     match status {
         WriteStatus::Created | WriteStatus::Updated => {
-            *summary.per_type.entry(resource_type.to_string()).or_insert(0) += 1;
+            *summary
+                .per_type
+                .entry(resource_type.to_string())
+                .or_insert(0) += 1;
         }
         WriteStatus::Deleted => summary.deleted += 1,
         WriteStatus::DeleteNotFound => {}
@@ -444,7 +458,9 @@ impl Sink for HttpSink {
             .send()
             .map_err(|e| LoadError::Http(e.to_string()))?;
         let status = response.status().as_u16();
-        let text = response.text().map_err(|e| LoadError::Http(e.to_string()))?;
+        let text = response
+            .text()
+            .map_err(|e| LoadError::Http(e.to_string()))?;
         if status != 200 {
             return Err(LoadError::Server {
                 status,

@@ -106,7 +106,9 @@ mod tests {
             "performer": [{"reference": "Practitioner/7"}, {"reference": "#c1"}]
         });
         let mut missing = Vec::new();
-        let n = map.rewrite(&mut v, "Observation", &mut |r, p| missing.push((r.to_string(), p)));
+        let n = map.rewrite(&mut v, "Observation", &mut |r, p| {
+            missing.push((r.to_string(), p))
+        });
         assert_eq!(n, 2);
         assert_eq!(v["subject"]["reference"], "Patient/1");
         assert_eq!(v["contained"][0]["target"][0]["reference"], "Patient/1");

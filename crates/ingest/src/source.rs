@@ -132,7 +132,10 @@ pub struct Item {
 pub enum ItemContent {
     Resource(Value),
     /// A Bundle entry with `request.method` DELETE.
-    Delete { resource_type: String, id: String },
+    Delete {
+        resource_type: String,
+        id: String,
+    },
 }
 
 /// Read every item of one file, in order. Items that cannot be read (malformed JSON line, entry
@@ -337,15 +340,24 @@ mod tests {
 
     #[test]
     fn formats_by_name() {
-        assert_eq!(format_of(Path::new("a/Patient.ndjson")), Some(InputFormat::Ndjson));
-        assert_eq!(format_of(Path::new("a/x.NDJSON.gz")), Some(InputFormat::Ndjson));
+        assert_eq!(
+            format_of(Path::new("a/Patient.ndjson")),
+            Some(InputFormat::Ndjson)
+        );
+        assert_eq!(
+            format_of(Path::new("a/x.NDJSON.gz")),
+            Some(InputFormat::Ndjson)
+        );
         assert_eq!(format_of(Path::new("b.json.gz")), Some(InputFormat::Json));
         assert_eq!(format_of(Path::new("README.md")), None);
     }
 
     #[test]
     fn loader_ids() {
-        assert_eq!(loader_id(Some("urn:uuid:abc"), Some("own")), Some("own".into()));
+        assert_eq!(
+            loader_id(Some("urn:uuid:abc"), Some("own")),
+            Some("own".into())
+        );
         assert_eq!(loader_id(Some("urn:uuid:abc"), None), Some("abc".into()));
         assert_eq!(loader_id(Some("http://x/Patient/1"), None), None);
         assert_eq!(loader_id(None, Some("bad id")), None);

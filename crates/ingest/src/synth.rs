@@ -73,18 +73,45 @@ pub struct SynthSummary {
     pub elapsed: Duration,
 }
 
-const SHARED_TYPES: [&str; 4] = ["Organization", "Practitioner", "PractitionerRole", "Location"];
+const SHARED_TYPES: [&str; 4] = [
+    "Organization",
+    "Practitioner",
+    "PractitionerRole",
+    "Location",
+];
 const BLOCK: usize = 64;
 const MAX_SHIFT_DAYS: u64 = 3650;
 
 const GIVEN: [&str; 24] = [
     "Ada", "Bela", "Cyrus", "Dalia", "Emil", "Farah", "Gus", "Hana", "Ivo", "Jona", "Kira", "Lev",
-    "Mara", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wim", "Yara",
+    "Mara", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wim",
+    "Yara",
 ];
 const FAMILY: [&str; 24] = [
-    "Abbott", "Brandt", "Castillo", "Dorsey", "Eklund", "Fischer", "Garza", "Holm", "Ibsen",
-    "Jansen", "Kowalski", "Lindqvist", "Moreau", "Nakamura", "Okafor", "Petrov", "Quast", "Rossi",
-    "Sato", "Tanaka", "Ulrich", "Vargas", "Weber", "Zhou",
+    "Abbott",
+    "Brandt",
+    "Castillo",
+    "Dorsey",
+    "Eklund",
+    "Fischer",
+    "Garza",
+    "Holm",
+    "Ibsen",
+    "Jansen",
+    "Kowalski",
+    "Lindqvist",
+    "Moreau",
+    "Nakamura",
+    "Okafor",
+    "Petrov",
+    "Quast",
+    "Rossi",
+    "Sato",
+    "Tanaka",
+    "Ulrich",
+    "Vargas",
+    "Weber",
+    "Zhou",
 ];
 
 /// One seed patient: its resources and the fullUrls they had.
@@ -192,7 +219,8 @@ fn read_seed(dir: &Path) -> Result<Seed, SynthError> {
         path: dir.to_path_buf(),
         message,
     };
-    let files = source::collect_inputs(&[dir.to_path_buf()]).map_err(|e| seed_err(e.to_string()))?;
+    let files =
+        source::collect_inputs(&[dir.to_path_buf()]).map_err(|e| seed_err(e.to_string()))?;
     let mut patients = Vec::new();
     let mut shared = Vec::new();
     let mut shared_ids = HashSet::new();
@@ -220,7 +248,10 @@ fn read_seed(dir: &Path) -> Result<Seed, SynthError> {
             old_ids: Vec::new(),
         };
         for (full_url, r) in own {
-            let Some(ty) = r.get("resourceType").and_then(Value::as_str).map(str::to_string)
+            let Some(ty) = r
+                .get("resourceType")
+                .and_then(Value::as_str)
+                .map(str::to_string)
             else {
                 continue;
             };
@@ -352,7 +383,12 @@ fn rewrite_with_shared(
 }
 
 /// Rewrite references of shared resources (no per-patient ids, no date shift).
-fn rewrite(v: &mut Value, shared: &HashMap<String, String>, ids: &HashMap<String, String>, days: i64) {
+fn rewrite(
+    v: &mut Value,
+    shared: &HashMap<String, String>,
+    ids: &HashMap<String, String>,
+    days: i64,
+) {
     rewrite_with_shared(v, &HashMap::new(), shared, ids, days);
 }
 
@@ -365,7 +401,12 @@ fn shift_date(s: &str, days: i64) -> Option<String> {
     if b.len() < 10 || b[4] != b'-' || b[7] != b'-' || (b.len() > 10 && b[10] != b'T') {
         return None;
     }
-    if !b[..4].iter().chain(&b[5..7]).chain(&b[8..10]).all(u8::is_ascii_digit) {
+    if !b[..4]
+        .iter()
+        .chain(&b[5..7])
+        .chain(&b[8..10])
+        .all(u8::is_ascii_digit)
+    {
         return None;
     }
     let date = NaiveDate::parse_from_str(&s[..10], "%Y-%m-%d").ok()?;

@@ -876,8 +876,16 @@ impl Store for SqliteStore {
             .min(MAX_SEQ);
         let mut entries = Vec::new();
         let limit = (count + 1) as i64;
-        let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, String, i64, String, i64, Option<Vec<u8>>, i64)> {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+        let map = |r: &rusqlite::Row<'_>| -> rusqlite::Result<HistoryRow> {
+            Ok(HistoryRow {
+                seq: r.get(0)?,
+                id: r.get(1)?,
+                version: r.get(2)?,
+                last_updated: r.get(3)?,
+                method: r.get(4)?,
+                json: r.get(5)?,
+                type_no: r.get(6)?,
+            })
         };
         let rows: Vec<_> = match scope {
             HistoryScope::Instance { resource_type, id } => {
@@ -941,16 +949,15 @@ impl Store for SqliteStore {
                 .collect::<Result<_, _>>()?,
         };
         let more = rows.len() > count;
-        for (seq, id, version, last_updated, method, json, type_no) in rows.into_iter().take(count)
-        {
+        for row in rows.into_iter().take(count) {
             entries.push(HistoryEntry {
-                resource_type: self.type_name_of(&conn, type_no)?,
-                id,
-                seq,
-                version,
-                last_updated,
-                method: method_of(method)?,
-                json,
+                resource_type: self.type_name_of(&conn, row.type_no)?,
+                id: row.id,
+                seq: row.seq,
+                version: row.version,
+                last_updated: row.last_updated,
+                method: method_of(row.method)?,
+                json: row.json,
             });
         }
         let next_before_seq = if more {
@@ -1361,6 +1368,16 @@ impl Store for SqliteStore {
         }
         Ok(total)
     }
+}
+
+struct HistoryRow {
+    seq: i64,
+    id: String,
+    version: i64,
+    last_updated: String,
+    method: i64,
+    json: Option<Vec<u8>>,
+    type_no: i64,
 }
 
 type VersionRow = (i64, i64, String, i64, Option<Vec<u8>>);

@@ -1,0 +1,182 @@
+//! `POST /` Bundles against a real store: urn resolution, kept ids, atomicity, batch outcomes.
+
+mod support;
+
+use ingest::{BundleError, BundleOptions, EntryError, process_bundle};
+use serde_json::{Value, json};
+use store::Store;
+
+fn obs(subject: &str) -> Value {
+    json!({"resourceType": "Observation", "status": "final", "code": {"text": "weight"},
+           "subject": {"reference": subject},
+           "valueQuantity": {"value": serde_json::from_str::<Value>("70.50").unwrap(), "unit": "kg"}})
+}
+
+#[test]
+fn transaction_resolves_urns_keeps_ids_and_answers_per_entry() {
+    let (_d, store) = support::temp_store();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:3b5c1d2e-0000-4000-8000-000000000001",
+         "resource": {"resourceType": "Patient", "id": "3b5c1d2e-0000-4000-8000-000000000001"},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": "urn:uuid:3b5c1d2e-0000-4000-8000-000000000002",
+         "resource": obs("urn:uuid:3b5c1d2e-0000-4000-8000-000000000001"),
+         "request": {"method": "POST", "url": "Observation"}},
+        {"fullUrl": "urn:uuid:3b5c1d2e-0000-4000-8000-000000000003",
+         "resource": {"resourceType": "Patient", "link": [{"type": "seealso",
+            "other": {"reference": "urn:uuid:3b5c1d2e-0000-4000-8000-000000000001"}}]},
+         "request": {"method": "PUT", "url": "Patient/other"}}
+    ]});
+    let resp = process_bundle(
+        &store,
+        bundle,
+        &BundleOptions {
+            validate: true,
+            return_resources: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(resp["type"], "transaction-response");
+    let e = resp["entry"].as_array().unwrap();
+    assert_eq!(e.len(), 3);
+    assert_eq!(e[0]["response"]["status"], "201 Created");
+    assert_eq!(
+        e[0]["response"]["location"],
+        "Patient/3b5c1d2e-0000-4000-8000-000000000001/_history/1"
+    );
+    assert_eq!(e[0]["response"]["etag"], "W/\"1\"");
+    assert!(
+        e[0]["response"]["lastModified"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    // The observation got a fresh id and its subject now names the kept patient id.
+    let loc = e[1]["response"]["location"].as_str().unwrap();
+    let id = loc.split('/').nth(1).unwrap();
+    let stored: Value =
+        serde_json::from_slice(&store.read("Observation", id).unwrap().json).unwrap();
+    assert_eq!(
+        stored["subject"]["reference"],
+        "Patient/3b5c1d2e-0000-4000-8000-000000000001"
+    );
+    let text = String::from_utf8(store.read("Observation", id).unwrap().json).unwrap();
+    assert!(text.contains("\"value\":70.50"), "{text}");
+    assert_eq!(
+        e[1]["resource"]["subject"]["reference"],
+        stored["subject"]["reference"]
+    );
+    // PUT entries keep the URL id and their references are rewritten too.
+    let other: Value =
+        serde_json::from_slice(&store.read("Patient", "other").unwrap().json).unwrap();
+    assert_eq!(
+        other["link"][0]["other"]["reference"],
+        "Patient/3b5c1d2e-0000-4000-8000-000000000001"
+    );
+}
+
+#[test]
+fn transaction_with_one_invalid_entry_writes_nothing() {
+    let (_d, store) = support::temp_store();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "a"}, "request": {"method": "PUT", "url": "Patient/a"}},
+        {"resource": {"resourceType": "Patient", "id": "b", "birthDate": "1990-13-45"},
+         "request": {"method": "PUT", "url": "Patient/b"}}
+    ]});
+    let err = process_bundle(&store, bundle, &BundleOptions::default()).unwrap_err();
+    assert_eq!(err.status(), 400);
+    let oo = err.to_operation_outcome();
+    assert_eq!(
+        oo["issue"][0]["expression"][0],
+        "Bundle.entry[1].resource.birthDate"
+    );
+    assert_eq!(store.current_seq().unwrap(), 0);
+    assert!(store.read("Patient", "a").is_err());
+}
+
+#[test]
+fn transaction_rolls_back_on_a_version_conflict() {
+    let (_d, store) = support::temp_store();
+    let put = |id: &str| {
+        json!({"resource": {"resourceType": "Patient", "id": id},
+                                "request": {"method": "PUT", "url": format!("Patient/{id}")}})
+    };
+    process_bundle(
+        &store,
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [put("a")]}),
+        &BundleOptions::default(),
+    )
+    .unwrap();
+    let mut conflicting = put("a");
+    conflicting["request"]["ifMatch"] = json!("W/\"5\"");
+    let err = process_bundle(
+        &store,
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [put("b"), conflicting]}),
+        &BundleOptions::default(),
+    )
+    .unwrap_err();
+    match &err {
+        BundleError::Entry(EntryError::Store { index: 1, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err.status(), 412);
+    assert!(store.read("Patient", "b").is_err());
+    assert_eq!(store.read("Patient", "a").unwrap().version, 1);
+}
+
+#[test]
+fn batch_entries_succeed_or_fail_independently() {
+    let (_d, store) = support::temp_store();
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "a"}, "request": {"method": "PUT", "url": "Patient/a"}},
+        {"resource": {"resourceType": "Patient", "id": "b"}, "request": {"method": "PUT", "url": "Patient/b", "ifMatch": "W/\"3\""}},
+        {"resource": {"resourceType": "Patient", "unknownElement": 1}, "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "DELETE", "url": "Patient/nothing"}},
+        {"request": {"method": "GET", "url": "Patient/a"}},
+        {"request": {"method": "GET", "url": "Patient/zzz"}}
+    ]});
+    let resp = process_bundle(&store, bundle, &BundleOptions::default()).unwrap();
+    assert_eq!(resp["type"], "batch-response");
+    let statuses: Vec<&str> = resp["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            "201 Created",
+            "412 Precondition Failed",
+            "400 Bad Request",
+            "204 No Content",
+            "200 OK",
+            "404 Not Found"
+        ]
+    );
+    assert_eq!(
+        resp["entry"][1]["response"]["outcome"]["resourceType"],
+        "OperationOutcome"
+    );
+    assert_eq!(
+        resp["entry"][2]["response"]["outcome"]["issue"][0]["expression"][0],
+        "Bundle.entry[2].resource.unknownElement"
+    );
+    assert_eq!(resp["entry"][4]["resource"]["id"], "a");
+    assert_eq!(store.read("Patient", "a").unwrap().version, 1);
+    assert!(store.read("Patient", "b").is_err());
+}
+
+#[test]
+fn transaction_deletes_and_updates_in_fhir_order() {
+    let (_d, store) = support::temp_store();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "x", "active": true}, "request": {"method": "PUT", "url": "Patient/x"}},
+        {"request": {"method": "DELETE", "url": "Patient/x"}}
+    ]});
+    // DELETE runs before PUT, so the resource ends up present.
+    let resp = process_bundle(&store, bundle, &BundleOptions::default()).unwrap();
+    assert_eq!(resp["entry"][0]["response"]["status"], "201 Created");
+    assert_eq!(resp["entry"][1]["response"]["status"], "204 No Content");
+    assert_eq!(store.read("Patient", "x").unwrap().version, 1);
+}
