@@ -22,7 +22,9 @@ pub struct SearchPage {
 fn encode_component(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':' | b'/' | b'|' | b',') {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'.' | b'~' | b':' | b'/' | b'|' | b',')
+        {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -46,7 +48,12 @@ pub fn link_query(params: &[(String, String)], cursor: Option<&str>) -> String {
 
 /// Builds the searchset Bundle. `base` is the server base URL without a trailing slash;
 /// `params` are the request's parameters as received (used for the links).
-pub fn searchset_bundle(base: &str, q: &SearchQuery, params: &[(String, String)], page: &SearchPage) -> Json {
+pub fn searchset_bundle(
+    base: &str,
+    q: &SearchQuery,
+    params: &[(String, String)],
+    page: &SearchPage,
+) -> Json {
     let ty = &q.resource_type;
     let self_url = format!("{base}/{ty}?{}", link_query(params, q.cursor.as_deref()));
     let mut links = vec![json!({"relation": "self", "url": self_url})];
@@ -55,7 +62,10 @@ pub fn searchset_bundle(base: &str, q: &SearchQuery, params: &[(String, String)]
     }
     let mut entries = Vec::new();
     let mut entry = |r: &Json, mode: &str| {
-        let t = r.get("resourceType").and_then(Json::as_str).unwrap_or_default();
+        let t = r
+            .get("resourceType")
+            .and_then(Json::as_str)
+            .unwrap_or_default();
         let id = r.get("id").and_then(Json::as_str).unwrap_or_default();
         let resource = match &q.elements {
             Some(els) if mode == "match" => apply_elements(r, els),
@@ -117,7 +127,15 @@ mod tests {
     #[test]
     fn links_and_outcome() {
         let params = parse_query_string("name=J%C3%B6rg&foo=1&_cursor=abc");
-        let q = parse_query("Patient", &params, ParseOptions { lenient: true, ..Default::default() }).unwrap();
+        let q = parse_query(
+            "Patient",
+            &params,
+            ParseOptions {
+                lenient: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let page = SearchPage {
             matches: vec![json!({"resourceType":"Patient","id":"1"})],
             next_cursor: Some("n1".into()),
@@ -126,9 +144,15 @@ mod tests {
         };
         let b = searchset_bundle("http://h/fhir", &q, &params, &page);
         assert_eq!(b["total"], 3);
-        assert_eq!(b["link"][1]["url"], "http://h/fhir/Patient?name=J%C3%B6rg&foo=1&_cursor=n1");
+        assert_eq!(
+            b["link"][1]["url"],
+            "http://h/fhir/Patient?name=J%C3%B6rg&foo=1&_cursor=n1"
+        );
         assert_eq!(b["entry"][0]["search"]["mode"], "match");
         assert_eq!(b["entry"][1]["search"]["mode"], "outcome");
-        assert_eq!(b["entry"][1]["resource"]["issue"][0]["expression"][0], "foo");
+        assert_eq!(
+            b["entry"][1]["resource"]["issue"][0]["expression"][0],
+            "foo"
+        );
     }
 }

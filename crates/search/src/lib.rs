@@ -2,16 +2,41 @@
 //!
 //! - [`query`]: parsing and validation of search requests into a typed [`SearchQuery`].
 //! - [`values`]: dates as millisecond ranges, decimals with precision, string normalization.
+//! - [`registry`] and [`extract`]: each type's indexable parameters with their FHIRPath
+//!   expressions compiled once, and conversion of the selected values into index values.
+//! - [`indexer`]: the store's indexing hook ([`SearchIndexer`]).
+//! - [`matching`]: what each search value means against index values (in memory).
+//! - [`sql`]: the same meaning as SQL over the SQLite store's index tables; [`execute`] runs a
+//!   search page.
+//! - [`predicate`]: compiled predicates for bulk export `_typeFilter` ([`Predicate`],
+//!   [`PredicateSet`]).
+//! - [`bundle`], [`elements`]: the searchset Bundle and `_elements`.
+//! - [`reindex`](reindex()): rebuild the index of existing data.
+//!
+//! Architecture invariant: the same extraction code feeds the index tables and the in-memory
+//! predicates, so a database search and an export `_typeFilter` select the same resources.
 
+pub mod bundle;
 pub mod elements;
 pub mod error;
+mod evaluate;
 pub mod extract;
+pub mod indexer;
 pub mod matching;
+pub mod predicate;
 pub mod query;
+pub mod registry;
+mod reindex;
+pub mod sql;
 pub mod values;
 
+pub use bundle::{SearchPage, searchset_bundle};
 pub use error::SearchError;
+pub use indexer::SearchIndexer;
+pub use predicate::{Predicate, PredicateSet};
 pub use query::{
     Filter, Ignored, Include, ParseOptions, Prefix, SearchQuery, SortKey, StringMatch, TotalMode,
     Value, parse_query, parse_query_string,
 };
+pub use reindex::reindex;
+pub use sql::execute;

@@ -29,7 +29,10 @@ impl Predicate {
     }
 
     /// Compiles already-decoded (name, value) pairs.
-    pub fn from_pairs(resource_type: &str, pairs: &[(String, String)]) -> Result<Predicate, SearchError> {
+    pub fn from_pairs(
+        resource_type: &str,
+        pairs: &[(String, String)],
+    ) -> Result<Predicate, SearchError> {
         let q = query::parse_query(
             resource_type,
             pairs,
@@ -50,11 +53,14 @@ impl Predicate {
 
     /// Whether the resource satisfies every filter. A resource of another type never matches.
     pub fn matches(&self, resource: &Json) -> bool {
-        if resource.get("resourceType").and_then(Json::as_str) != Some(self.resource_type.as_str()) {
+        if resource.get("resourceType").and_then(Json::as_str) != Some(self.resource_type.as_str())
+        {
             return false;
         }
         let mut cache: HashMap<&str, Vec<IndexValue>> = HashMap::new();
-        self.filters.iter().all(|f| filter_matches(&self.resource_type, f, resource, &mut cache))
+        self.filters
+            .iter()
+            .all(|f| filter_matches(&self.resource_type, f, resource, &mut cache))
     }
 }
 
@@ -65,7 +71,12 @@ fn filter_matches<'f>(
     cache: &mut HashMap<&'f str, Vec<IndexValue>>,
 ) -> bool {
     let (code, values, negate) = match f {
-        Filter::Param { code, values, negate, .. } => (code.as_str(), Some(values), *negate),
+        Filter::Param {
+            code,
+            values,
+            negate,
+            ..
+        } => (code.as_str(), Some(values), *negate),
         Filter::Missing { code, .. } => (code.as_str(), None, false),
         // Rejected by `compile`; a hand-built predicate with them matches nothing.
         Filter::Chain { .. } | Filter::Has { .. } => return false,
@@ -97,10 +108,12 @@ impl PredicateSet {
 
     /// Adds one `_typeFilter` value `Type?query`.
     pub fn add_type_filter(&mut self, type_filter: &str) -> Result<(), SearchError> {
-        let (ty, q) = type_filter.split_once('?').ok_or_else(|| SearchError::InvalidValue {
-            param: "_typeFilter".into(),
-            reason: format!("'{type_filter}' is not of the form Type?query"),
-        })?;
+        let (ty, q) = type_filter
+            .split_once('?')
+            .ok_or_else(|| SearchError::InvalidValue {
+                param: "_typeFilter".into(),
+                reason: format!("'{type_filter}' is not of the form Type?query"),
+            })?;
         let p = Predicate::compile(ty, q).map_err(|e| match e {
             SearchError::UnknownResourceType { .. } => SearchError::InvalidValue {
                 param: "_typeFilter".into(),
@@ -113,7 +126,10 @@ impl PredicateSet {
     }
 
     pub fn add(&mut self, p: Predicate) {
-        self.by_type.entry(p.resource_type.clone()).or_default().push(p);
+        self.by_type
+            .entry(p.resource_type.clone())
+            .or_default()
+            .push(p);
     }
 
     pub fn is_empty(&self) -> bool {

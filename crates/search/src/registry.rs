@@ -43,7 +43,11 @@ static CACHE: OnceLock<RwLock<HashMap<String, Arc<TypeIndex>>>> = OnceLock::new(
 /// The compiled parameters of a resource type (`None` for an unknown type). Built on first use.
 pub fn type_index(resource_type: &str) -> Option<Arc<TypeIndex>> {
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(t) = cache.read().ok().and_then(|c| c.get(resource_type).cloned()) {
+    if let Some(t) = cache
+        .read()
+        .ok()
+        .and_then(|c| c.get(resource_type).cloned())
+    {
         return Some(t);
     }
     let model = r4();
@@ -52,7 +56,10 @@ pub fn type_index(resource_type: &str) -> Option<Arc<TypeIndex>> {
     }
     let mut params = Vec::new();
     for p in model.search_params(resource_type) {
-        if matches!(p.kind, SearchParamType::Composite | SearchParamType::Special) {
+        if matches!(
+            p.kind,
+            SearchParamType::Composite | SearchParamType::Special
+        ) {
             continue;
         }
         let Some(expr) = p.expression.as_deref() else {
@@ -64,7 +71,9 @@ pub fn type_index(resource_type: &str) -> Option<Arc<TypeIndex>> {
                 let (path, ref_type) = strip_resolve(b);
                 // An expression the evaluator cannot compile leaves the branch unindexed; the
                 // model's expressions are all expected to compile (tested).
-                CompiledPath::compile(path).ok().map(|path| Branch { path, ref_type })
+                CompiledPath::compile(path)
+                    .ok()
+                    .map(|path| Branch { path, ref_type })
             })
             .collect();
         if branches.is_empty() {
@@ -76,7 +85,11 @@ pub fn type_index(resource_type: &str) -> Option<Arc<TypeIndex>> {
             branches,
         });
     }
-    let by_code = params.iter().enumerate().map(|(i, p)| (p.code.clone(), i)).collect();
+    let by_code = params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.code.clone(), i))
+        .collect();
     let ti = Arc::new(TypeIndex {
         resource_type: resource_type.to_string(),
         params,
@@ -89,7 +102,7 @@ pub fn type_index(resource_type: &str) -> Option<Arc<TypeIndex>> {
 }
 
 /// Splits an expression on top-level `|`.
-fn split_union(expr: &str) -> Vec<&str> {
+pub(crate) fn split_union(expr: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let (mut depth, mut quote, mut start) = (0i32, false, 0);
     for (i, c) in expr.char_indices() {
@@ -109,11 +122,17 @@ fn split_union(expr: &str) -> Vec<&str> {
 }
 
 /// `X.where(resolve() is T)` → (`X`, Some(T)); parentheses around a branch are kept balanced.
-fn strip_resolve(branch: &str) -> (&str, Option<String>) {
+pub(crate) fn strip_resolve(branch: &str) -> (&str, Option<String>) {
     let b = branch.trim();
-    let inner = if b.starts_with('(') && b.ends_with(')') { &b[1..b.len() - 1] } else { b };
+    let inner = if b.starts_with('(') && b.ends_with(')') {
+        &b[1..b.len() - 1]
+    } else {
+        b
+    };
     if let Some(i) = inner.find(".where(resolve() is ") {
-        let t = inner[i + ".where(resolve() is ".len()..].trim_end_matches(')').trim();
+        let t = inner[i + ".where(resolve() is ".len()..]
+            .trim_end_matches(')')
+            .trim();
         return (&inner[..i], Some(t.to_string()));
     }
     (b, None)
@@ -124,7 +143,9 @@ impl IndexedParam {
     pub fn extract(&self, resource: &Json, out: &mut Vec<IndexValue>) {
         for b in &self.branches {
             let start = out.len();
-            b.path.evaluate(resource, &mut |ty, v| extract::convert(self.kind, ty, v, out));
+            b.path.evaluate(resource, &mut |ty, v| {
+                extract::convert(self.kind, ty, v, out)
+            });
             if let Some(t) = &b.ref_type {
                 // Keep only references to the named type (and identifiers, which have no type).
                 let mut i = start;
@@ -195,7 +216,10 @@ mod tests {
 
     #[test]
     fn splits_unions_and_resolve() {
-        assert_eq!(split_union("(A.b as X) | A.c.where(d = 'x|y')"), vec!["(A.b as X)", "A.c.where(d = 'x|y')"]);
+        assert_eq!(
+            split_union("(A.b as X) | A.c.where(d = 'x|y')"),
+            vec!["(A.b as X)", "A.c.where(d = 'x|y')"]
+        );
         assert_eq!(
             strip_resolve("Observation.subject.where(resolve() is Patient)"),
             ("Observation.subject", Some("Patient".to_string()))

@@ -7,15 +7,21 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
+/// The repository copy; `FHIRHOSE_SYNTHEA_DIR` overrides it.
 pub fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100")
+    match std::env::var_os("FHIRHOSE_SYNTHEA_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100"),
+    }
 }
 
 fn read(path: &std::path::Path) -> Vec<u8> {
     let raw = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     if path.extension().is_some_and(|e| e == "gz") {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).expect("gunzip");
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .expect("gunzip");
         out
     } else {
         raw
@@ -55,6 +61,8 @@ pub fn load() -> Vec<Value> {
     files.sort();
     let mut resources = Vec::new();
     let mut map = HashMap::new();
+    // The hospital and practitioner files repeat some Organizations: keep the first copy.
+    let mut seen = std::collections::HashSet::new();
     for f in &files {
         let b: Value = serde_json::from_slice(&read(f)).expect("bundle JSON");
         if b["resourceType"] != "Bundle" {
@@ -62,11 +70,15 @@ pub fn load() -> Vec<Value> {
         }
         for e in b["entry"].as_array().into_iter().flatten() {
             let r = e["resource"].clone();
-            let (Some(t), Some(id)) = (r["resourceType"].as_str(), r["id"].as_str()) else { continue };
+            let (Some(t), Some(id)) = (r["resourceType"].as_str(), r["id"].as_str()) else {
+                continue;
+            };
             if let Some(fu) = e["fullUrl"].as_str() {
                 map.insert(fu.to_string(), format!("{t}/{id}"));
             }
-            resources.push(r);
+            if seen.insert(format!("{t}/{id}")) {
+                resources.push(r);
+            }
         }
     }
     for r in &mut resources {

@@ -1,0 +1,667 @@
+//! Translation of a typed [`SearchQuery`] into SQL over the SQLite store's index tables, and its
+//! execution: keyset paging by (sort keys, `k`), `_total=accurate`, `_include`/`_revinclude`.
+//!
+//! The comparisons mirror [`crate::matching`] exactly (tests hold them together). Index rows
+//! exist only for current, non-deleted versions (the store maintains that), so an `IN` over an
+//! index table is already restricted to current resources.
+
+use std::collections::{HashMap, HashSet};
+
+use fhir_model::SearchParamType;
+use rusqlite::Connection;
+use rusqlite::types::Value as Sql;
+use serde_json::Value as Json;
+use store::{SqliteStore, StoreError};
+
+use crate::bundle::SearchPage;
+use crate::error::SearchError;
+use crate::query::{Filter, Include, Prefix, SearchQuery, SortKey, StringMatch, TotalMode, Value};
+use crate::values::{MAX_MS, MIN_MS};
+
+/// `resource_versions.k = (type_no << 40) | seq`.
+const TYPE_SHIFT: u32 = 40;
+/// How many `_include:iterate` rounds are followed.
+const MAX_ITERATE: usize = 3;
+
+impl From<StoreError> for SearchError {
+    fn from(e: StoreError) -> Self {
+        SearchError::Store(e.to_string())
+    }
+}
+
+impl From<rusqlite::Error> for SearchError {
+    fn from(e: rusqlite::Error) -> Self {
+        SearchError::Store(e.to_string())
+    }
+}
+
+/// SQL text plus its positional parameters.
+struct Builder<'s> {
+    store: &'s SqliteStore,
+    params: Vec<Sql>,
+}
+
+fn k_bounds(type_no: i64) -> (i64, i64) {
+    (type_no << TYPE_SHIFT, ((type_no + 1) << TYPE_SHIFT) - 1)
+}
+
+fn text(s: &str) -> Sql {
+    Sql::Text(s.to_string())
+}
+
+/// Upper bound of all strings starting with `p` (for an index range scan).
+fn prefix_upper(p: &str) -> String {
+    format!("{p}\u{10FFFF}")
+}
+
+impl<'s> Builder<'s> {
+    fn new(store: &'s SqliteStore) -> Self {
+        Builder {
+            store,
+            params: Vec::new(),
+        }
+    }
+
+    fn p(&mut self, v: Sql) -> String {
+        self.params.push(v);
+        format!("?{}", self.params.len())
+    }
+
+    fn type_no(&self, t: &str) -> Result<i64, SearchError> {
+        // A type never written has no rows: -1 matches nothing.
+        Ok(self.store.type_no(t)?.unwrap_or(-1))
+    }
+
+    /// `<kexpr>` satisfies `f` (a boolean SQL expression), for a resource of `resource_type`.
+    fn filter(
+        &mut self,
+        resource_type: &str,
+        f: &Filter,
+        kexpr: &str,
+        idexpr: &str,
+    ) -> Result<String, SearchError> {
+        let type_no = self.type_no(resource_type)?;
+        Ok(match f {
+            Filter::Param {
+                code,
+                kind,
+                values,
+                negate,
+            } => {
+                let cond = self.param_values(type_no, code, *kind, values, kexpr)?;
+                if *negate {
+                    format!("NOT ({cond})")
+                } else {
+                    cond
+                }
+            }
+            Filter::Missing { code, missing } => {
+                let kind = fhir_model::r4()
+                    .search_param(resource_type, code)
+                    .map(|p| p.kind)
+                    .unwrap_or(SearchParamType::Token);
+                let tn = self.p(Sql::Integer(type_no));
+                let pc = self.p(text(code));
+                let present = tables_of(kind)
+                    .iter()
+                    .map(|t| {
+                        format!(
+                            "{kexpr} IN (SELECT k FROM {t} WHERE type_no = {tn} AND param = {pc})"
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" OR ");
+                if *missing {
+                    format!("NOT ({present})")
+                } else {
+                    format!("({present})")
+                }
+            }
+            Filter::Chain {
+                code,
+                target_types,
+                inner,
+            } => {
+                let mut alts = Vec::new();
+                for tt in target_types {
+                    let tno = self.type_no(tt)?;
+                    let (lo, hi) = k_bounds(tno);
+                    let inner_sql = self.filter(tt, inner, "t.k", "t.id")?;
+                    let tn = self.p(Sql::Integer(type_no));
+                    let pc = self.p(text(code));
+                    let ttp = self.p(text(tt));
+                    let lop = self.p(Sql::Integer(lo));
+                    let hip = self.p(Sql::Integer(hi));
+                    alts.push(format!(
+                        "{kexpr} IN (SELECT r.k FROM idx_reference r WHERE r.type_no = {tn} AND r.param = {pc} \
+                         AND r.target_type = {ttp} AND r.target_id IN (SELECT t.id FROM resource_versions t \
+                         WHERE t.k > {lop} AND t.k <= {hip} AND t.superseded_seq IS NULL AND t.deleted = 0 AND {inner_sql}))"
+                    ));
+                }
+                if alts.is_empty() {
+                    "0".to_string()
+                } else {
+                    format!("({})", alts.join(" OR "))
+                }
+            }
+            Filter::Has {
+                source_type,
+                ref_code,
+                inner,
+            } => {
+                let sno = self.type_no(source_type)?;
+                let inner_sql = self.filter(source_type, inner, "r.k", "")?;
+                let sn = self.p(Sql::Integer(sno));
+                let pc = self.p(text(ref_code));
+                let me = self.p(text(resource_type));
+                format!(
+                    "{idexpr} IN (SELECT r.target_id FROM idx_reference r WHERE r.type_no = {sn} AND r.param = {pc} \
+                     AND r.target_type = {me} AND {inner_sql})"
+                )
+            }
+        })
+    }
+
+    /// An OR list of values of one parameter, grouped by index table.
+    fn param_values(
+        &mut self,
+        type_no: i64,
+        code: &str,
+        _kind: SearchParamType,
+        values: &[Value],
+        kexpr: &str,
+    ) -> Result<String, SearchError> {
+        let mut by_table: Vec<(&'static str, Vec<String>)> = Vec::new();
+        for v in values {
+            let (table, cond) = self.value_cond(v);
+            match by_table.iter_mut().find(|(t, _)| *t == table) {
+                Some((_, conds)) => conds.push(cond),
+                None => by_table.push((table, vec![cond])),
+            }
+        }
+        let mut parts = Vec::new();
+        for (table, conds) in by_table {
+            let tn = self.p(Sql::Integer(type_no));
+            let pc = self.p(text(code));
+            parts.push(format!(
+                "{kexpr} IN (SELECT k FROM {table} WHERE type_no = {tn} AND param = {pc} AND ({}))",
+                conds.join(" OR ")
+            ));
+        }
+        Ok(if parts.is_empty() {
+            "0".into()
+        } else {
+            format!("({})", parts.join(" OR "))
+        })
+    }
+
+    fn token_cond(
+        &mut self,
+        system: &Option<String>,
+        code: &Option<String>,
+        scol: &str,
+        ccol: &str,
+    ) -> String {
+        let mut c = Vec::new();
+        if let Some(code) = code {
+            c.push(format!("{ccol} = {}", self.p(text(code))));
+        }
+        match system.as_deref() {
+            None => {}
+            Some("") => c.push(format!("{scol} IS NULL")),
+            Some(s) => c.push(format!("{scol} = {}", self.p(text(s)))),
+        }
+        if c.is_empty() {
+            "1".into()
+        } else {
+            c.join(" AND ")
+        }
+    }
+
+    fn prefix_cond(&mut self, col: &str, v: &str) -> String {
+        let a = self.p(text(v));
+        let b = self.p(text(&prefix_upper(v)));
+        let n = self.p(Sql::Integer(v.chars().count() as i64));
+        format!("({col} >= {a} AND {col} < {b} AND substr({col}, 1, {n}) = {a})")
+    }
+
+    fn number_cond(&mut self, col: &str, prefix: Prefix, d: &crate::values::Decimal) -> String {
+        let v = self.p(Sql::Real(d.value));
+        match prefix {
+            Prefix::Eq | Prefix::Ne => {
+                let lo = self.p(Sql::Real(d.lo));
+                let hi = self.p(Sql::Real(d.hi));
+                let c = format!("({col} >= {lo} AND {col} < {hi})");
+                if prefix == Prefix::Ne {
+                    format!("NOT {c}")
+                } else {
+                    c
+                }
+            }
+            Prefix::Gt | Prefix::Sa => format!("{col} > {v}"),
+            Prefix::Lt | Prefix::Eb => format!("{col} < {v}"),
+            Prefix::Ge => format!("{col} >= {v}"),
+            Prefix::Le => format!("{col} <= {v}"),
+            Prefix::Ap => {
+                let tol = (d.value.abs() * 0.1).max(d.hi - d.value);
+                let t = self.p(Sql::Real(tol));
+                format!("abs({col} - {v}) <= {t}")
+            }
+        }
+    }
+
+    /// The index table and the row condition of one search value.
+    fn value_cond(&mut self, v: &Value) -> (&'static str, String) {
+        match v {
+            Value::Token { system, code } => {
+                ("idx_token", self.token_cond(system, code, "system", "code"))
+            }
+            Value::TokenText(t) => ("idx_token_text", self.prefix_cond("text", t)),
+            Value::String { value, mode } => {
+                let c = match mode {
+                    StringMatch::Prefix => self.prefix_cond("normalized", value),
+                    StringMatch::Contains => {
+                        format!("instr(normalized, {}) > 0", self.p(text(value)))
+                    }
+                    StringMatch::Exact => format!("exact = {}", self.p(text(value))),
+                };
+                ("idx_string", c)
+            }
+            Value::Date { prefix, range } => {
+                let plo = self.p(Sql::Integer(range.lo));
+                let phi = self.p(Sql::Integer(range.hi));
+                let c = match prefix {
+                    Prefix::Eq => format!("(lo >= {plo} AND hi <= {phi})"),
+                    Prefix::Ne => format!("NOT (lo >= {plo} AND hi <= {phi})"),
+                    Prefix::Gt => format!("hi > {phi}"),
+                    Prefix::Lt => format!("lo < {plo}"),
+                    Prefix::Ge => format!("hi > {plo}"),
+                    Prefix::Le => format!("lo < {phi}"),
+                    Prefix::Sa => format!("lo >= {phi}"),
+                    Prefix::Eb => format!("hi <= {plo}"),
+                    Prefix::Ap => format!("(lo < {phi} AND hi > {plo})"),
+                };
+                ("idx_date", c)
+            }
+            Value::Number { prefix, value } => {
+                ("idx_number", self.number_cond("value", *prefix, value))
+            }
+            Value::Quantity {
+                prefix,
+                value,
+                system,
+                code,
+            } => {
+                let mut c = vec![self.number_cond("value", *prefix, value)];
+                if let Some(s) = system {
+                    c.push(format!("system = {}", self.p(text(s))));
+                }
+                if let Some(code) = code {
+                    let cp = self.p(text(code));
+                    if system.is_some() {
+                        c.push(format!("code = {cp}"));
+                    } else {
+                        c.push(format!("(code = {cp} OR unit = {cp})"));
+                    }
+                }
+                ("idx_quantity", c.join(" AND "))
+            }
+            Value::Reference { target_type, id } => {
+                let mut c = format!("target_id = {}", self.p(text(id)));
+                if let Some(t) = target_type {
+                    c = format!("{c} AND target_type = {}", self.p(text(t)));
+                }
+                ("idx_reference", format!("({c})"))
+            }
+            Value::ReferenceUrl(u) => ("idx_reference", format!("url = {}", self.p(text(u)))),
+            Value::ReferenceIdentifier { system, code } => (
+                "idx_reference_identifier",
+                format!("({})", self.token_cond(system, code, "system", "value")),
+            ),
+            Value::Uri(u) => ("idx_uri", format!("uri = {}", self.p(text(u)))),
+        }
+    }
+
+    /// The SQL expression of a sort key for the row `rv` (never NULL: missing values sort last).
+    fn sort_expr(&mut self, type_no: i64, key: &SortKey) -> String {
+        match key.code.as_str() {
+            "_id" => return "rv.id".into(),
+            "_lastUpdated" => return "rv.seq".into(),
+            _ => {}
+        }
+        let tn = self.p(Sql::Integer(type_no));
+        let pc = self.p(text(&key.code));
+        let agg = if key.descending { "max" } else { "min" };
+        let (table, col, missing) = match key.kind {
+            SearchParamType::Date => (
+                "idx_date",
+                if key.descending { "hi" } else { "lo" },
+                if key.descending {
+                    MIN_MS.to_string()
+                } else {
+                    MAX_MS.to_string()
+                },
+            ),
+            SearchParamType::String => (
+                "idx_string",
+                "normalized",
+                if key.descending {
+                    "''".into()
+                } else {
+                    "char(1114111)".into()
+                },
+            ),
+            _ => (
+                "idx_token",
+                "code",
+                if key.descending {
+                    "''".into()
+                } else {
+                    "char(1114111)".into()
+                },
+            ),
+        };
+        format!(
+            "coalesce((SELECT {agg}({col}) FROM {table} WHERE k = rv.k AND type_no = {tn} AND param = {pc}), {missing})"
+        )
+    }
+}
+
+fn tables_of(kind: SearchParamType) -> &'static [&'static str] {
+    match kind {
+        SearchParamType::Token => &["idx_token", "idx_token_text"],
+        SearchParamType::String => &["idx_string"],
+        SearchParamType::Date => &["idx_date"],
+        SearchParamType::Number => &["idx_number"],
+        SearchParamType::Quantity => &["idx_quantity"],
+        SearchParamType::Reference => &["idx_reference", "idx_reference_identifier"],
+        SearchParamType::Uri => &["idx_uri"],
+        SearchParamType::Composite | SearchParamType::Special => &[],
+    }
+}
+
+/// A sort value as stored in a cursor.
+fn sql_to_json(v: &Sql) -> Json {
+    match v {
+        Sql::Integer(i) => Json::from(*i),
+        Sql::Real(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        Sql::Text(t) => Json::String(t.clone()),
+        _ => Json::Null,
+    }
+}
+
+fn json_to_sql(v: &Json) -> Sql {
+    match v {
+        Json::Number(n) => n
+            .as_i64()
+            .map(Sql::Integer)
+            .unwrap_or_else(|| Sql::Real(n.as_f64().unwrap_or(0.0))),
+        Json::String(s) => Sql::Text(s.clone()),
+        _ => Sql::Null,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Decodes a `_cursor`: the sort values and `k` of the last row of the previous page.
+fn decode_cursor(c: &str, nkeys: usize) -> Result<(Vec<Sql>, i64), SearchError> {
+    let bad = || SearchError::invalid("_cursor", "malformed paging cursor");
+    let bytes = unhex(c).ok_or_else(bad)?;
+    let v: Json = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    let a = v.as_array().ok_or_else(bad)?;
+    if a.len() != nkeys + 1 {
+        return Err(bad());
+    }
+    let k = a[nkeys].as_i64().ok_or_else(bad)?;
+    Ok((a[..nkeys].iter().map(json_to_sql).collect(), k))
+}
+
+fn encode_cursor(vals: &[Sql], k: i64) -> String {
+    let mut a: Vec<Json> = vals.iter().map(sql_to_json).collect();
+    a.push(Json::from(k));
+    hex(Json::Array(a).to_string().as_bytes())
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Json, SearchError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| SearchError::Store(format!("stored resource is not JSON: {e}")))
+}
+
+/// Runs a search on the SQLite store: one page of matches, includes, total and next cursor.
+pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, SearchError> {
+    let mut b = Builder::new(store);
+    let type_no = b.type_no(&q.resource_type)?;
+    let (lo, hi) = k_bounds(type_no);
+    let mut where_ = format!(
+        "rv.k > {} AND rv.k <= {} AND rv.superseded_seq IS NULL AND rv.deleted = 0",
+        b.p(Sql::Integer(lo)),
+        b.p(Sql::Integer(hi))
+    );
+    for f in &q.filters {
+        let c = b.filter(&q.resource_type, f, "rv.k", "rv.id")?;
+        where_.push_str(" AND ");
+        where_.push_str(&c);
+    }
+
+    let mut page = SearchPage::default();
+    if q.total == TotalMode::Accurate || q.summary_count || q.count == 0 {
+        let sql = format!("SELECT count(*) FROM resource_versions rv WHERE {where_}");
+        let n: i64 = store.with_reader(|conn| {
+            Ok(conn
+                .prepare(&sql)?
+                .query_row(rusqlite::params_from_iter(b.params.iter()), |r| r.get(0))?)
+        })?;
+        page.total = Some(n as u64);
+    }
+    if q.summary_count || q.count == 0 {
+        return Ok(page);
+    }
+
+    let sort_exprs: Vec<String> = q.sort.iter().map(|k| b.sort_expr(type_no, k)).collect();
+    let select_sorts: String = sort_exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!(", {e} AS s{i}"))
+        .collect();
+    let mut outer_where = String::from("1");
+    if let Some(c) = &q.cursor {
+        let (vals, ck) = decode_cursor(c, q.sort.len())?;
+        // (s0, s1, …, k) after the cursor, each key in its own direction; k always ascending.
+        let mut cond = format!("k > {}", b.p(Sql::Integer(ck)));
+        for (i, key) in q.sort.iter().enumerate().rev() {
+            let v = b.p(vals[i].clone());
+            let op = if key.descending { "<" } else { ">" };
+            cond = format!("(s{i} {op} {v} OR (s{i} = {v} AND {cond}))");
+        }
+        outer_where = cond;
+    }
+    let order: String = q
+        .sort
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("s{i}{}, ", if k.descending { " DESC" } else { "" }))
+        .collect::<String>()
+        + "k";
+    let limit = b.p(Sql::Integer(q.count as i64 + 1));
+    let sql = format!(
+        "SELECT * FROM (SELECT rv.k AS k, rv.id AS id, rv.json AS json{select_sorts} FROM resource_versions rv WHERE {where_}) \
+         WHERE {outer_where} ORDER BY {order} LIMIT {limit}"
+    );
+    let nsort = q.sort.len();
+    let rows: Vec<(i64, String, Vec<u8>, Vec<Sql>)> = store.with_reader(|conn| {
+        let mut stmt = conn.prepare(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(b.params.iter()))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let mut sorts = Vec::with_capacity(nsort);
+            for i in 0..nsort {
+                sorts.push(r.get::<_, Sql>(3 + i)?);
+            }
+            out.push((r.get(0)?, r.get(1)?, r.get(2)?, sorts));
+        }
+        Ok(out)
+    })?;
+    let mut rows = rows;
+    if rows.len() > q.count as usize {
+        rows.truncate(q.count as usize);
+        if let Some((k, _, _, sorts)) = rows.last() {
+            page.next_cursor = Some(encode_cursor(sorts, *k));
+        }
+    }
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    let mut page_refs: Vec<(String, String, i64)> = Vec::new();
+    for (k, id, json, _) in &rows {
+        seen.insert((q.resource_type.clone(), id.clone()));
+        page_refs.push((q.resource_type.clone(), id.clone(), *k));
+        page.matches.push(parse_json(json)?);
+    }
+    if !q.includes.is_empty() || !q.revincludes.is_empty() {
+        page.included = includes(store, q, page_refs, &mut seen)?;
+    }
+    Ok(page)
+}
+
+/// `_include` and `_revinclude` (with `:iterate` up to [`MAX_ITERATE`] rounds).
+fn includes(
+    store: &SqliteStore,
+    q: &SearchQuery,
+    mut frontier: Vec<(String, String, i64)>,
+    seen: &mut HashSet<(String, String)>,
+) -> Result<Vec<Json>, SearchError> {
+    let mut out = Vec::new();
+    let mut type_nos: HashMap<String, i64> = HashMap::new();
+    let mut type_no = |t: &str| -> Result<i64, SearchError> {
+        if let Some(n) = type_nos.get(t) {
+            return Ok(*n);
+        }
+        let n = store.type_no(t)?.unwrap_or(-1);
+        type_nos.insert(t.to_string(), n);
+        Ok(n)
+    };
+    for round in 0..=MAX_ITERATE {
+        let applies = |inc: &Include| round == 0 || inc.iterate;
+        let mut next = Vec::new();
+        for inc in q.includes.iter().filter(|i| applies(i)) {
+            for (t, _, k) in frontier.iter().filter(|(t, _, _)| *t == inc.source_type) {
+                let tno = type_no(t)?;
+                let targets = include_targets(store, tno, *k, inc)?;
+                for (tt, tid) in targets {
+                    if seen.insert((tt.clone(), tid.clone())) {
+                        let ttno = type_no(&tt)?;
+                        if let Some((k2, json)) = read_current(store, ttno, &tid)? {
+                            out.push(parse_json(&json)?);
+                            next.push((tt, tid, k2));
+                        }
+                    }
+                }
+            }
+        }
+        for inc in q.revincludes.iter().filter(|i| applies(i)) {
+            let sno = type_no(&inc.source_type)?;
+            for (t, id, _) in &frontier {
+                if inc.target_type.as_ref().is_some_and(|tt| tt != t) {
+                    continue;
+                }
+                for (k2, sid, json) in revinclude_sources(store, sno, inc, t, id)? {
+                    if seen.insert((inc.source_type.clone(), sid.clone())) {
+                        out.push(parse_json(&json)?);
+                        next.push((inc.source_type.clone(), sid, k2));
+                    }
+                }
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        frontier = next;
+    }
+    Ok(out)
+}
+
+fn include_targets(
+    store: &SqliteStore,
+    type_no: i64,
+    k: i64,
+    inc: &Include,
+) -> Result<Vec<(String, String)>, SearchError> {
+    let mut sql = String::from(
+        "SELECT target_type, target_id FROM idx_reference WHERE k = ?1 AND type_no = ?2 AND target_id IS NOT NULL",
+    );
+    let mut params = vec![Sql::Integer(k), Sql::Integer(type_no)];
+    if let Some(p) = &inc.param {
+        params.push(text(p));
+        sql.push_str(&format!(" AND param = ?{}", params.len()));
+    }
+    if let Some(t) = &inc.target_type {
+        params.push(text(t));
+        sql.push_str(&format!(" AND target_type = ?{}", params.len()));
+    }
+    Ok(store.with_reader(|conn| {
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    })?)
+}
+
+fn revinclude_sources(
+    store: &SqliteStore,
+    source_type_no: i64,
+    inc: &Include,
+    target_type: &str,
+    target_id: &str,
+) -> Result<Vec<(i64, String, Vec<u8>)>, SearchError> {
+    let mut sql = String::from(
+        "SELECT DISTINCT rv.k, rv.id, rv.json FROM idx_reference r JOIN resource_versions rv ON rv.k = r.k \
+         WHERE r.type_no = ?1 AND r.target_id = ?2 AND r.target_type = ?3",
+    );
+    let mut params = vec![
+        Sql::Integer(source_type_no),
+        text(target_id),
+        text(target_type),
+    ];
+    if let Some(p) = &inc.param {
+        params.push(text(p));
+        sql.push_str(&format!(" AND r.param = ?{}", params.len()));
+    }
+    sql.push_str(" ORDER BY rv.k");
+    Ok(store.with_reader(|conn| {
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    })?)
+}
+
+fn read_current(
+    store: &SqliteStore,
+    type_no: i64,
+    id: &str,
+) -> Result<Option<(i64, Vec<u8>)>, SearchError> {
+    use rusqlite::OptionalExtension;
+    Ok(store.with_reader(|conn: &Connection| {
+        Ok(conn
+            .prepare_cached(
+                "SELECT k, json FROM resource_versions WHERE type_no = ?1 AND id = ?2 \
+                 AND superseded_seq IS NULL AND deleted = 0",
+            )?
+            .query_row(rusqlite::params![type_no, id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?)
+    })?)
+}

@@ -1,0 +1,62 @@
+#![allow(dead_code)]
+// pub mod oracle;
+pub mod synthea;
+
+use std::sync::Arc;
+
+use search::SearchIndexer;
+use serde_json::Value;
+use store::{SqliteOptions, SqliteStore, Store, WriteOp};
+
+/// A fresh SQLite store in a temporary directory with the search indexer, holding `resources`
+/// (written in batches, as the loader does). Returns the stored resources (meta set).
+pub fn load_store(resources: &[Value]) -> (tempfile::TempDir, SqliteStore, Vec<Value>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(
+        &dir.path().join("t.db"),
+        SqliteOptions {
+            indexer: Some(Arc::new(SearchIndexer)),
+            ..Default::default()
+        },
+    )
+    .expect("open store");
+    let mut stored = Vec::with_capacity(resources.len());
+    for chunk in resources.chunks(1000) {
+        let ops = chunk
+            .iter()
+            .map(|r| WriteOp::Create {
+                resource: r.clone(),
+            })
+            .collect();
+        for o in store.write(ops).expect("write") {
+            stored.push(serde_json::from_slice(&o.json.expect("json")).expect("stored json"));
+        }
+    }
+    (dir, store, stored)
+}
+
+/// All ids a search returns, following the next-page cursors.
+pub fn search_ids(
+    store: &SqliteStore,
+    ty: &str,
+    query: &str,
+) -> Result<Vec<String>, search::SearchError> {
+    let mut pairs = search::parse_query_string(query);
+    let mut out = Vec::new();
+    loop {
+        let q = search::parse_query(ty, &pairs, search::ParseOptions::default())?;
+        let page = search::execute(store, &q)?;
+        out.extend(
+            page.matches
+                .iter()
+                .map(|r| r["id"].as_str().unwrap_or_default().to_string()),
+        );
+        match page.next_cursor {
+            Some(c) => {
+                pairs.retain(|(k, _)| k != "_cursor");
+                pairs.push(("_cursor".into(), c));
+            }
+            None => return Ok(out),
+        }
+    }
+}
