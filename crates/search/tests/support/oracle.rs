@@ -24,16 +24,26 @@ fn norm(s: &str) -> String {
 
 /// [lo, hi) in ms for a FHIR date/dateTime/instant string.
 fn range(s: &str) -> Option<(i64, i64)> {
-    let day = |d: NaiveDate| d.and_hms_opt(0, 0, 0).map(|t| t.and_utc().timestamp_millis());
+    let day = |d: NaiveDate| {
+        d.and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_millis())
+    };
     match s.len() {
         4 => {
             let y: i32 = s.parse().ok()?;
-            Some((day(NaiveDate::from_ymd_opt(y, 1, 1)?)?, day(NaiveDate::from_ymd_opt(y + 1, 1, 1)?)?))
+            Some((
+                day(NaiveDate::from_ymd_opt(y, 1, 1)?)?,
+                day(NaiveDate::from_ymd_opt(y + 1, 1, 1)?)?,
+            ))
         }
         7 => {
             let y: i32 = s[..4].parse().ok()?;
             let m: u32 = s[5..7].parse().ok()?;
-            let next = if m == 12 { NaiveDate::from_ymd_opt(y + 1, 1, 1) } else { NaiveDate::from_ymd_opt(y, m + 1, 1) };
+            let next = if m == 12 {
+                NaiveDate::from_ymd_opt(y + 1, 1, 1)
+            } else {
+                NaiveDate::from_ymd_opt(y, m + 1, 1)
+            };
             Some((day(NaiveDate::from_ymd_opt(y, m, 1)?)?, day(next?)?))
         }
         10 => {
@@ -57,8 +67,16 @@ fn item_ranges(item: &Value) -> Vec<(i64, i64)> {
     match item {
         Value::String(s) => range(s).into_iter().collect(),
         Value::Object(o) if o.contains_key("start") || o.contains_key("end") => {
-            let lo = o.get("start").and_then(Value::as_str).and_then(range).map_or(i64::MIN / 2, |r| r.0);
-            let hi = o.get("end").and_then(Value::as_str).and_then(range).map_or(i64::MAX / 2, |r| r.1);
+            let lo = o
+                .get("start")
+                .and_then(Value::as_str)
+                .and_then(range)
+                .map_or(i64::MIN / 2, |r| r.0);
+            let hi = o
+                .get("end")
+                .and_then(Value::as_str)
+                .and_then(range)
+                .map_or(i64::MAX / 2, |r| r.1);
             vec![(lo, hi)]
         }
         _ => vec![],
@@ -77,6 +95,7 @@ fn date_match(item: &Value, v: &str) -> bool {
         "le" => lo < phi,
         "sa" => lo >= phi,
         "eb" => hi <= plo,
+        "ap" => lo < phi && hi > plo,
         other => panic!("oracle prefix {other}"),
     })
 }
@@ -120,11 +139,19 @@ fn token_pairs(item: &Value) -> Vec<(Option<String>, String)> {
             .flatten()
             .filter_map(|c| Some((s(c, "system"), s(c, "code")?)))
             .collect(),
-        Value::Object(o) if o.contains_key("code") => vec![(s(item, "system"), s(item, "code").unwrap_or_default())],
+        Value::Object(o) if o.contains_key("code") => {
+            vec![(s(item, "system"), s(item, "code").unwrap_or_default())]
+        }
         Value::Object(o) if o.contains_key("value") => {
             // Identifier (system|value) or ContactPoint (value only: its system is not a URI)
-            let is_contact = matches!(o.get("system").and_then(Value::as_str), Some("phone" | "email" | "fax" | "url" | "sms" | "pager" | "other"));
-            vec![(if is_contact { None } else { s(item, "system") }, s(item, "value").unwrap_or_default())]
+            let is_contact = matches!(
+                o.get("system").and_then(Value::as_str),
+                Some("phone" | "email" | "fax" | "url" | "sms" | "pager" | "other")
+            );
+            vec![(
+                if is_contact { None } else { s(item, "system") },
+                s(item, "value").unwrap_or_default(),
+            )]
         }
         _ => vec![],
     }
@@ -153,7 +180,11 @@ fn strings(item: &Value) -> Vec<String> {
             .filter(|(k, _)| !matches!(k.as_str(), "use" | "period" | "extension" | "type" | "id"))
             .flat_map(|(_, v)| match v {
                 Value::String(s) => vec![s.clone()],
-                Value::Array(a) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+                Value::Array(a) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
                 _ => vec![],
             })
             .collect(),
@@ -175,7 +206,10 @@ impl<'a> Oracle<'a> {
 
     /// Ids of the resources of `ty` that satisfy every `name=value` of the query.
     pub fn ids(&self, ty: &str, query: &str) -> BTreeSet<String> {
-        let conds: Vec<(&str, &str)> = query.split('&').map(|p| p.split_once('=').expect("name=value")).collect();
+        let conds: Vec<(&str, &str)> = query
+            .split('&')
+            .map(|p| p.split_once('=').expect("name=value"))
+            .collect();
         self.by_type
             .get(ty)
             .into_iter()
@@ -188,7 +222,9 @@ impl<'a> Oracle<'a> {
     /// The items the parameter's expression selects, with `resolve() is T` honoured by
     /// looking the reference's target up in the data set.
     fn items(&self, ty: &str, code: &str, r: &Value) -> (SearchParamType, Vec<Value>) {
-        let p = r4().search_param(ty, code).unwrap_or_else(|| panic!("oracle: {ty}.{code}"));
+        let p = r4()
+            .search_param(ty, code)
+            .unwrap_or_else(|| panic!("oracle: {ty}.{code}"));
         let expr = p.expression.as_deref().expect("expression");
         let mut out = Vec::new();
         for branch in expr.split(" | ") {
@@ -198,7 +234,10 @@ impl<'a> Oracle<'a> {
             };
             for item in super::fhirpath_eval(path, r) {
                 if let Some(t) = want {
-                    let target = item.get("reference").and_then(Value::as_str).and_then(|rf| self.by_ref.get(rf));
+                    let target = item
+                        .get("reference")
+                        .and_then(Value::as_str)
+                        .and_then(|rf| self.by_ref.get(rf));
                     if target.is_none_or(|tr| tr["resourceType"] != t) {
                         continue;
                     }
@@ -212,11 +251,16 @@ impl<'a> Oracle<'a> {
     fn cond(&self, ty: &str, r: &Value, name: &str, value: &str) -> bool {
         if let Some(rest) = name.strip_prefix("_has:") {
             let mut parts = rest.splitn(3, ':');
-            let (st, rc, pname) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+            let (st, rc, pname) = (
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+            );
             let me = format!("{ty}/{}", r["id"].as_str().unwrap_or_default());
             return self.by_type.get(st).into_iter().flatten().any(|s| {
                 let (_, refs) = self.items(st, rc, s);
-                refs.iter().any(|i| i.get("reference").and_then(Value::as_str) == Some(me.as_str()))
+                refs.iter()
+                    .any(|i| i.get("reference").and_then(Value::as_str) == Some(me.as_str()))
                     && self.cond(st, s, pname, value)
             });
         }
@@ -227,11 +271,18 @@ impl<'a> Oracle<'a> {
             };
             let (_, refs) = self.items(ty, code, r);
             return refs.iter().any(|i| {
-                let Some(t) = i.get("reference").and_then(Value::as_str).and_then(|rf| self.by_ref.get(rf)) else {
+                let Some(t) = i
+                    .get("reference")
+                    .and_then(Value::as_str)
+                    .and_then(|rf| self.by_ref.get(rf))
+                else {
                     return false;
                 };
                 let tt = t["resourceType"].as_str().unwrap_or_default();
-                only.is_none_or(|o| o == tt) && r4().search_param(tt, chained.split(':').next().unwrap()).is_some()
+                only.is_none_or(|o| o == tt)
+                    && r4()
+                        .search_param(tt, chained.split(':').next().unwrap())
+                        .is_some()
                     && self.cond(tt, t, chained, value)
             });
         }
@@ -257,8 +308,12 @@ impl<'a> Oracle<'a> {
                         .collect();
                     texts.iter().any(|t| norm(t).starts_with(&norm(v)))
                 }
-                (SearchParamType::String, None) => strings(item).iter().any(|s| norm(s).starts_with(&norm(v))),
-                (SearchParamType::String, Some("contains")) => strings(item).iter().any(|s| norm(s).contains(&norm(v))),
+                (SearchParamType::String, None) => {
+                    strings(item).iter().any(|s| norm(s).starts_with(&norm(v)))
+                }
+                (SearchParamType::String, Some("contains")) => {
+                    strings(item).iter().any(|s| norm(s).contains(&norm(v)))
+                }
                 (SearchParamType::String, Some("exact")) => strings(item).iter().any(|s| s == v),
                 (SearchParamType::Date, None) => date_match(item, v),
                 (SearchParamType::Number, None) => as_f64(item).is_some_and(|n| number_match(n, v)),
@@ -267,19 +322,26 @@ impl<'a> Oracle<'a> {
                     let num = parts.next().unwrap();
                     let sys = parts.next().filter(|s| !s.is_empty());
                     let unit = parts.next().filter(|s| !s.is_empty());
-                    item.get("value").and_then(as_f64).is_some_and(|n| number_match(n, num))
+                    item.get("value")
+                        .and_then(as_f64)
+                        .is_some_and(|n| number_match(n, num))
                         && sys.is_none_or(|s| item.get("system").and_then(Value::as_str) == Some(s))
                         && unit.is_none_or(|u| {
                             item.get("code").and_then(Value::as_str) == Some(u)
-                                || (sys.is_none() && item.get("unit").and_then(Value::as_str) == Some(u))
+                                || (sys.is_none()
+                                    && item.get("unit").and_then(Value::as_str) == Some(u))
                         })
                 }
                 (SearchParamType::Reference, None) => {
-                    let rf = item.get("reference").and_then(Value::as_str).unwrap_or_default();
+                    let rf = item
+                        .get("reference")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
                     rf == v || rf.rsplit('/').next() == Some(v) && !v.contains('/')
                 }
                 (SearchParamType::Reference, Some(t)) => {
-                    item.get("reference").and_then(Value::as_str) == Some(format!("{t}/{v}").as_str())
+                    item.get("reference").and_then(Value::as_str)
+                        == Some(format!("{t}/{v}").as_str())
                 }
                 (SearchParamType::Uri, None) => item.as_str() == Some(v),
                 other => panic!("oracle does not know {other:?}"),
