@@ -1,0 +1,386 @@
+//! Tokens of the FHIRPath grammar.
+
+use crate::error::ParseError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Tok {
+    /// A plain identifier (also keywords such as `and`, `div`, `is`: the parser decides).
+    Ident(String),
+    /// A `` `backtick` `` identifier: never a keyword.
+    Delimited(String),
+    /// `$this`, `$index`, `$total`.
+    Dollar(String),
+    Str(String),
+    /// Number text as written (`12`, `3.14`).
+    Number(String),
+    /// Long integer literal `12L`.
+    Long(String),
+    /// `@...` text without the `@`.
+    DateTime(String),
+    /// `@T...` text without the `@T`.
+    Time(String),
+    Percent,
+    Dot,
+    Comma,
+    LParen,
+    RParen,
+    LBracket,
+    RBracket,
+    LBrace,
+    RBrace,
+    Plus,
+    Minus,
+    Star,
+    Slash,
+    Amp,
+    Pipe,
+    Eq,
+    Tilde,
+    NotEq,
+    NotTilde,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eof,
+}
+
+impl Tok {
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Tok::Ident(s) => format!("identifier '{s}'"),
+            Tok::Delimited(s) => format!("identifier `{s}`"),
+            Tok::Dollar(s) => format!("'${s}'"),
+            Tok::Str(s) => format!("string '{s}'"),
+            Tok::Number(s) | Tok::Long(s) => format!("number {s}"),
+            Tok::DateTime(s) => format!("date/time @{s}"),
+            Tok::Time(s) => format!("time @T{s}"),
+            Tok::Eof => "end of expression".to_string(),
+            other => format!("'{}'", other.symbol()),
+        }
+    }
+
+    fn symbol(&self) -> &'static str {
+        match self {
+            Tok::Percent => "%",
+            Tok::Dot => ".",
+            Tok::Comma => ",",
+            Tok::LParen => "(",
+            Tok::RParen => ")",
+            Tok::LBracket => "[",
+            Tok::RBracket => "]",
+            Tok::LBrace => "{",
+            Tok::RBrace => "}",
+            Tok::Plus => "+",
+            Tok::Minus => "-",
+            Tok::Star => "*",
+            Tok::Slash => "/",
+            Tok::Amp => "&",
+            Tok::Pipe => "|",
+            Tok::Eq => "=",
+            Tok::Tilde => "~",
+            Tok::NotEq => "!=",
+            Tok::NotTilde => "!~",
+            Tok::Lt => "<",
+            Tok::Le => "<=",
+            Tok::Gt => ">",
+            Tok::Ge => ">=",
+            _ => "?",
+        }
+    }
+}
+
+/// A token with its byte offset in the source.
+#[derive(Debug, Clone)]
+pub(crate) struct Token {
+    pub tok: Tok,
+    pub pos: usize,
+}
+
+pub(crate) fn tokenize(src: &str) -> Result<Vec<Token>, ParseError> {
+    let b = src.as_bytes();
+    let mut i = 0;
+    let mut out = Vec::new();
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'/') {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            let start = i;
+            i += 2;
+            loop {
+                if i + 1 >= b.len() {
+                    return Err(ParseError::new(
+                        start,
+                        "'*/' closing the comment",
+                        "end of expression",
+                    ));
+                }
+                if b[i] == b'*' && b[i + 1] == b'/' {
+                    i += 2;
+                    break;
+                }
+                i += 1;
+            }
+            continue;
+        }
+        let start = i;
+        let tok = match c {
+            b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                    i += 1;
+                }
+                Tok::Ident(src[start..i].to_string())
+            }
+            b'$' => {
+                i += 1;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                    i += 1;
+                }
+                Tok::Dollar(src[start + 1..i].to_string())
+            }
+            b'`' => {
+                let (s, next) = quoted(src, i, b'`')?;
+                i = next;
+                Tok::Delimited(s)
+            }
+            b'\'' => {
+                let (s, next) = quoted(src, i, b'\'')?;
+                i = next;
+                Tok::Str(s)
+            }
+            b'0'..=b'9' => {
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+                if i + 1 < b.len() && b[i] == b'.' && b[i + 1].is_ascii_digit() {
+                    i += 1;
+                    while i < b.len() && b[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                    Tok::Number(src[start..i].to_string())
+                } else if i < b.len() && b[i] == b'L' {
+                    i += 1;
+                    Tok::Long(src[start..i - 1].to_string())
+                } else {
+                    Tok::Number(src[start..i].to_string())
+                }
+            }
+            b'@' => {
+                i += 1;
+                if b.get(i) == Some(&b'T') {
+                    i += 1;
+                    let s = i;
+                    while i < b.len() && (b[i].is_ascii_digit() || b[i] == b':' || b[i] == b'.') {
+                        i += 1;
+                    }
+                    Tok::Time(src[s..i].to_string())
+                } else {
+                    let s = i;
+                    while i < b.len()
+                        && (b[i].is_ascii_digit()
+                            || matches!(b[i], b'-' | b':' | b'.' | b'T' | b'Z' | b'+'))
+                    {
+                        i += 1;
+                    }
+                    Tok::DateTime(src[s..i].to_string())
+                }
+            }
+            b'%' => {
+                i += 1;
+                Tok::Percent
+            }
+            b'.' => {
+                i += 1;
+                Tok::Dot
+            }
+            b',' => {
+                i += 1;
+                Tok::Comma
+            }
+            b'(' => {
+                i += 1;
+                Tok::LParen
+            }
+            b')' => {
+                i += 1;
+                Tok::RParen
+            }
+            b'[' => {
+                i += 1;
+                Tok::LBracket
+            }
+            b']' => {
+                i += 1;
+                Tok::RBracket
+            }
+            b'{' => {
+                i += 1;
+                Tok::LBrace
+            }
+            b'}' => {
+                i += 1;
+                Tok::RBrace
+            }
+            b'+' => {
+                i += 1;
+                Tok::Plus
+            }
+            b'-' => {
+                i += 1;
+                Tok::Minus
+            }
+            b'*' => {
+                i += 1;
+                Tok::Star
+            }
+            b'/' => {
+                i += 1;
+                Tok::Slash
+            }
+            b'&' => {
+                i += 1;
+                Tok::Amp
+            }
+            b'|' => {
+                i += 1;
+                Tok::Pipe
+            }
+            b'=' => {
+                i += 1;
+                Tok::Eq
+            }
+            b'~' => {
+                i += 1;
+                Tok::Tilde
+            }
+            b'!' if b.get(i + 1) == Some(&b'=') => {
+                i += 2;
+                Tok::NotEq
+            }
+            b'!' if b.get(i + 1) == Some(&b'~') => {
+                i += 2;
+                Tok::NotTilde
+            }
+            b'<' if b.get(i + 1) == Some(&b'=') => {
+                i += 2;
+                Tok::Le
+            }
+            b'<' => {
+                i += 1;
+                Tok::Lt
+            }
+            b'>' if b.get(i + 1) == Some(&b'=') => {
+                i += 2;
+                Tok::Ge
+            }
+            b'>' => {
+                i += 1;
+                Tok::Gt
+            }
+            _ => {
+                let ch = src[i..].chars().next().unwrap_or('?');
+                return Err(ParseError::new(i, "a token", &format!("character '{ch}'")));
+            }
+        };
+        out.push(Token { tok, pos: start });
+    }
+    out.push(Token {
+        tok: Tok::Eof,
+        pos: src.len(),
+    });
+    Ok(out)
+}
+
+/// A quoted string or delimited identifier starting at `start` (the quote), with FHIRPath escapes.
+fn quoted(src: &str, start: usize, quote: u8) -> Result<(String, usize), ParseError> {
+    let mut out = String::new();
+    let mut chars = src[start + 1..].char_indices();
+    while let Some((off, c)) = chars.next() {
+        let at = start + 1 + off;
+        if c as u32 == quote as u32 {
+            return Ok((out, at + 1));
+        }
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let Some((_, e)) = chars.next() else { break };
+        match e {
+            '\'' | '"' | '`' | '\\' | '/' => out.push(e),
+            'n' => out.push('\n'),
+            'r' => out.push('\r'),
+            't' => out.push('\t'),
+            'f' => out.push('\u{c}'),
+            'u' => {
+                let mut code = 0u32;
+                for _ in 0..4 {
+                    let d = chars
+                        .next()
+                        .and_then(|(_, h)| h.to_digit(16))
+                        .ok_or_else(|| {
+                            ParseError::new(at, "four hex digits after \\u", "other text")
+                        })?;
+                    code = code * 16 + d;
+                }
+                out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
+            }
+            other => {
+                return Err(ParseError::new(
+                    at,
+                    "a valid escape sequence",
+                    &format!("'\\{other}'"),
+                ));
+            }
+        }
+    }
+    Err(ParseError::new(
+        start,
+        if quote == b'`' {
+            "closing '`'"
+        } else {
+            "closing quote"
+        },
+        "end of expression",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_and_comments() {
+        let t = tokenize("a.b // x\n + 'it\\'s' /* c */ <= @2014-01T @T12:00 5L").unwrap();
+        let toks: Vec<_> = t.into_iter().map(|t| t.tok).collect();
+        assert_eq!(
+            toks,
+            vec![
+                Tok::Ident("a".into()),
+                Tok::Dot,
+                Tok::Ident("b".into()),
+                Tok::Plus,
+                Tok::Str("it's".into()),
+                Tok::Le,
+                Tok::DateTime("2014-01T".into()),
+                Tok::Time("12:00".into()),
+                Tok::Long("5".into()),
+                Tok::Eof
+            ]
+        );
+    }
+
+    #[test]
+    fn unterminated() {
+        assert!(tokenize("'abc").is_err());
+        assert!(tokenize("1 /* x").is_err());
+    }
+}

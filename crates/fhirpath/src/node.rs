@@ -1,0 +1,646 @@
+//! Document nodes: a typed, located view of a FHIR JSON value.
+
+use std::fmt;
+use std::rc::Rc;
+
+use fhir_model::Model;
+use serde_json::{Map, Value as Json};
+
+/// One step of a [`NodePath`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Segment {
+    /// An object member, by its real JSON key (`valueQuantity`, not `value`).
+    Key(String),
+    /// An array position.
+    Index(usize),
+}
+
+/// The location of a node from the root JSON value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct NodePath(pub Vec<Segment>);
+
+impl NodePath {
+    pub fn root() -> Self {
+        NodePath(Vec::new())
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.0
+    }
+
+    /// The path of the `_name` shadow that belongs to this primitive's position (`_given[1]` for
+    /// `given[1]`); `None` for the root.
+    pub fn shadow(&self) -> Option<NodePath> {
+        let mut segs = self.0.clone();
+        let pos = segs.iter().rposition(|s| matches!(s, Segment::Key(_)))?;
+        if let Segment::Key(k) = &segs[pos] {
+            segs[pos] = Segment::Key(format!("_{k}"));
+        }
+        Some(NodePath(segs))
+    }
+
+    /// The JSON value at this path.
+    pub fn get<'v>(&self, root: &'v Json) -> Option<&'v Json> {
+        let mut cur = root;
+        for s in &self.0 {
+            cur = match s {
+                Segment::Key(k) => cur.get(k.as_str())?,
+                Segment::Index(i) => cur.get(*i)?,
+            };
+        }
+        Some(cur)
+    }
+
+    /// Parses the form printed by `Display` (`name[0].given[1]`; empty for the root).
+    pub fn parse(s: &str) -> Option<NodePath> {
+        let mut segs = Vec::new();
+        if s.is_empty() {
+            return Some(NodePath(segs));
+        }
+        for part in s.split('.') {
+            let (key, mut rest) = match part.find('[') {
+                Some(i) => (&part[..i], &part[i..]),
+                None => (part, ""),
+            };
+            if key.is_empty() {
+                return None;
+            }
+            segs.push(Segment::Key(key.to_string()));
+            while let Some(r) = rest.strip_prefix('[') {
+                let end = r.find(']')?;
+                segs.push(Segment::Index(r[..end].parse().ok()?));
+                rest = &r[end + 1..];
+            }
+            if !rest.is_empty() {
+                return None;
+            }
+        }
+        Some(NodePath(segs))
+    }
+}
+
+impl fmt::Display for NodePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for s in &self.0 {
+            match s {
+                Segment::Key(k) => {
+                    if !first {
+                        f.write_str(".")?;
+                    }
+                    f.write_str(k)?;
+                }
+                Segment::Index(i) => write!(f, "[{i}]")?,
+            }
+            first = false;
+        }
+        Ok(())
+    }
+}
+
+/// Where a node sits: a persistent parent chain, so that creating a child costs one small allocation
+/// and the full path is only built when asked for.
+#[derive(Clone)]
+pub(crate) enum Loc<'a> {
+    /// Not part of the document (a variable's value).
+    Detached,
+    Root,
+    Child(Rc<Link<'a>>),
+}
+
+pub(crate) struct Link<'a> {
+    parent: Loc<'a>,
+    key: &'a str,
+    index: Option<usize>,
+}
+
+impl<'a> Loc<'a> {
+    pub(crate) fn child(&self, key: &'a str, index: Option<usize>) -> Loc<'a> {
+        match self {
+            Loc::Detached => Loc::Detached,
+            _ => Loc::Child(Rc::new(Link {
+                parent: self.clone(),
+                key,
+                index,
+            })),
+        }
+    }
+
+    fn collect(&self, out: &mut Vec<Segment>) -> bool {
+        match self {
+            Loc::Detached => false,
+            Loc::Root => true,
+            Loc::Child(l) => {
+                if !l.parent.collect(out) {
+                    return false;
+                }
+                out.push(Segment::Key(l.key.to_string()));
+                if let Some(i) = l.index {
+                    out.push(Segment::Index(i));
+                }
+                true
+            }
+        }
+    }
+
+    pub(crate) fn path(&self) -> Option<NodePath> {
+        let mut v = Vec::new();
+        self.collect(&mut v).then_some(NodePath(v))
+    }
+
+    /// Same location (for `distinct` / union of nodes).
+    pub(crate) fn same(&self, other: &Loc<'a>) -> bool {
+        match (self, other) {
+            (Loc::Root, Loc::Root) => true,
+            (Loc::Child(a), Loc::Child(b)) => {
+                Rc::ptr_eq(a, b)
+                    || (a.key == b.key && a.index == b.index && a.parent.same(&b.parent))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A node of the document: a JSON value (and, for primitives, its `_name` shadow), its FHIR type
+/// and its location.
+#[derive(Clone)]
+pub struct Node<'a> {
+    pub(crate) value: Option<&'a Json>,
+    pub(crate) shadow: Option<&'a Json>,
+    /// FHIR type name (`HumanName`, `string`, `Patient`, backbone `Patient.contact`); empty when
+    /// unknown (data outside the model).
+    pub(crate) ty: &'a str,
+    /// Element name (`value` for `valueQuantity`); empty for roots.
+    pub(crate) name: &'a str,
+    pub(crate) loc: Loc<'a>,
+}
+
+impl fmt::Debug for Node<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("type", &self.ty)
+            .field("path", &self.path().map(|p| p.to_string()))
+            .field("value", &self.value)
+            .finish()
+    }
+}
+
+impl<'a> Node<'a> {
+    /// A resource or typed value at the document root.
+    pub fn root(value: &'a Json) -> Node<'a> {
+        Node {
+            value: Some(value),
+            shadow: None,
+            ty: resource_type(value).unwrap_or(""),
+            name: "",
+            loc: Loc::Root,
+        }
+    }
+
+    /// A value that is not part of the evaluated document (has no path). `ty` may be empty:
+    /// then a resource's type comes from `resourceType` and primitives are typed by their JSON kind.
+    pub fn detached(value: &'a Json, ty: &'a str) -> Node<'a> {
+        let ty = if ty.is_empty() {
+            resource_type(value).unwrap_or("")
+        } else {
+            ty
+        };
+        Node {
+            value: Some(value),
+            shadow: None,
+            ty,
+            name: "",
+            loc: Loc::Detached,
+        }
+    }
+
+    /// Finds the node at `path` below `root`, typing it through the R4 model.
+    pub fn at_path(root: &'a Json, path: &NodePath) -> Option<Node<'a>> {
+        let mut node = Node::root(root);
+        let segs = &path.0;
+        let mut i = 0;
+        while i < segs.len() {
+            let Segment::Key(key) = &segs[i] else {
+                return None;
+            };
+            let index = match segs.get(i + 1) {
+                Some(Segment::Index(n)) => {
+                    i += 1;
+                    Some(*n)
+                }
+                _ => None,
+            };
+            i += 1;
+            let plain = key.strip_prefix('_').unwrap_or(key);
+            let found = node.children().into_iter().find_map(|c| match c {
+                crate::Item::Node(n) if n.key() == Some(plain) && n.index() == index => Some(n),
+                _ => None,
+            })?;
+            node = found;
+        }
+        Some(node)
+    }
+
+    /// The JSON value; `None` for a primitive that only has a `_name` shadow (extensions, no value).
+    pub fn json(&self) -> Option<&'a Json> {
+        self.value
+    }
+
+    /// The `_name` shadow object of a primitive (holding `id` / `extension`).
+    pub fn shadow(&self) -> Option<&'a Json> {
+        self.shadow
+    }
+
+    /// The FHIR type name as the model knows it (`HumanName`, `date`, `Patient`, `Patient.contact`);
+    /// empty when unknown.
+    pub fn fhir_type(&self) -> &'a str {
+        self.ty
+    }
+
+    /// The type name FHIRPath reports (`BackboneElement` for inline backbone elements).
+    pub fn type_name(&self) -> &'a str {
+        if self.ty.contains('.') {
+            let m = fhir_model::r4();
+            return m
+                .type_def(self.ty)
+                .and_then(|t| t.base.as_deref())
+                .unwrap_or("BackboneElement");
+        }
+        if self.ty.is_empty() {
+            return match self.value {
+                Some(Json::String(_)) => "string",
+                Some(Json::Bool(_)) => "boolean",
+                Some(Json::Number(n)) if is_integer_text(n.as_str()) => "integer",
+                Some(Json::Number(_)) => "decimal",
+                _ => "",
+            };
+        }
+        self.ty
+    }
+
+    /// The element name (`value` for `valueQuantity`).
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+
+    /// The JSON key under which this node sits in its parent object.
+    pub fn key(&self) -> Option<&'a str> {
+        match &self.loc {
+            Loc::Child(l) => Some(l.key),
+            _ => None,
+        }
+    }
+
+    /// The array index, when the element repeats.
+    pub fn index(&self) -> Option<usize> {
+        match &self.loc {
+            Loc::Child(l) => l.index,
+            _ => None,
+        }
+    }
+
+    /// Location from the document root; `None` for values outside the document.
+    pub fn path(&self) -> Option<NodePath> {
+        self.loc.path()
+    }
+
+    /// Location of the `_name` shadow of a primitive (whether or not it exists in the document).
+    pub fn shadow_path(&self) -> Option<NodePath> {
+        if self.is_primitive() {
+            self.path()?.shadow()
+        } else {
+            None
+        }
+    }
+
+    /// True for FHIR primitive values (including a shadow-only primitive).
+    pub fn is_primitive(&self) -> bool {
+        match self.value {
+            Some(Json::Object(_)) | Some(Json::Array(_)) => false,
+            Some(_) => true,
+            None => self.shadow.is_some(),
+        }
+    }
+
+    /// True when the node is a resource (root, contained, Bundle entry resource, …).
+    pub fn is_resource(&self) -> bool {
+        !self.ty.is_empty() && fhir_model::r4().is_resource(self.ty)
+    }
+
+    pub(crate) fn same(&self, other: &Node<'a>) -> bool {
+        match (self.value, other.value) {
+            (Some(a), Some(b)) => std::ptr::eq(a, b) && self.loc.same(&other.loc),
+            (None, None) => match (self.shadow, other.shadow) {
+                (Some(a), Some(b)) => std::ptr::eq(a, b),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Children named `name` (an element name; choice elements resolve to their typed key), pushed
+    /// onto `out` in document order.
+    pub(crate) fn push_children_named(&self, name: &str, out: &mut Vec<crate::Item<'a>>) {
+        // A primitive's own children live in its shadow object.
+        let map = if self.is_primitive() {
+            match self.shadow {
+                Some(Json::Object(m)) => m,
+                _ => return,
+            }
+        } else {
+            match self.value {
+                Some(Json::Object(m)) => m,
+                _ => return,
+            }
+        };
+        let model = fhir_model::r4();
+        let td = if self.is_primitive() {
+            model.type_def("Element")
+        } else if self.ty.is_empty() {
+            None
+        } else {
+            model.type_def(self.ty)
+        };
+        let Some(td) = td else {
+            // Untyped data: plain member access.
+            if let Some((k, v)) = map.get_key_value(name) {
+                let shadow = shadow_of(map, name);
+                push_members(out, self, k, k, "", Some(v), shadow);
+            } else if let Some((k, v)) = shadow_entry(map, name) {
+                push_members(out, self, &k[1..], &k[1..], "", None, Some(v));
+            }
+            return;
+        };
+        if let Some(child) = td.child(name).filter(|c| !c.element.choice) {
+            let value = map.get_key_value(name);
+            let shadow = shadow_entry(map, name);
+            match (value, shadow) {
+                (Some((k, v)), s) => push_members(
+                    out,
+                    self,
+                    k,
+                    &child.element.name,
+                    child.type_name,
+                    Some(v),
+                    s.map(|x| x.1),
+                ),
+                (None, Some((k, s))) => push_members(
+                    out,
+                    self,
+                    &k[1..],
+                    &child.element.name,
+                    child.type_name,
+                    None,
+                    Some(s),
+                ),
+                (None, None) => {}
+            }
+            return;
+        }
+        let Some(el) = td.element(name).filter(|e| e.choice) else {
+            return;
+        };
+        for (key, v) in map {
+            let plain = key.strip_prefix('_').unwrap_or(key);
+            if !plain.starts_with(name) || plain.len() == name.len() {
+                continue;
+            }
+            let Some(c) = td.child(plain) else { continue };
+            if !std::ptr::eq(c.element, el) {
+                continue;
+            }
+            if key.starts_with('_') {
+                if map.contains_key(plain) {
+                    continue;
+                }
+                push_members(
+                    out,
+                    self,
+                    plain_key(map, plain).unwrap_or(plain),
+                    &el.name,
+                    c.type_name,
+                    None,
+                    Some(v),
+                );
+            } else {
+                push_members(
+                    out,
+                    self,
+                    key,
+                    &el.name,
+                    c.type_name,
+                    Some(v),
+                    shadow_of(map, key),
+                );
+            }
+            return;
+        }
+    }
+
+    /// All child nodes in document order (`children()`).
+    pub fn children(&self) -> Vec<crate::Item<'a>> {
+        let mut out = Vec::new();
+        self.push_children(&mut out);
+        out
+    }
+
+    pub(crate) fn push_children(&self, out: &mut Vec<crate::Item<'a>>) {
+        let (map, primitive) = if self.is_primitive() {
+            match self.shadow {
+                Some(Json::Object(m)) => (m, true),
+                _ => return,
+            }
+        } else {
+            match self.value {
+                Some(Json::Object(m)) => (m, false),
+                _ => return,
+            }
+        };
+        let model = fhir_model::r4();
+        let td = if primitive {
+            model.type_def("Element")
+        } else if self.ty.is_empty() {
+            None
+        } else {
+            model.type_def(self.ty)
+        };
+        for (key, v) in map {
+            if key == "resourceType" && !primitive {
+                continue;
+            }
+            if let Some(plain) = key.strip_prefix('_') {
+                if map.contains_key(plain) {
+                    continue;
+                }
+                let (name, ty) = child_name_type(model, td, plain);
+                push_members(
+                    out,
+                    self,
+                    plain_key(map, plain).unwrap_or(plain),
+                    name,
+                    ty,
+                    None,
+                    Some(v),
+                );
+                continue;
+            }
+            let (name, ty) = child_name_type(model, td, key);
+            push_members(out, self, key, name, ty, Some(v), shadow_of(map, key));
+        }
+    }
+}
+
+fn plain_key<'a>(map: &'a Map<String, Json>, plain: &str) -> Option<&'a str> {
+    // The key string must live as long as the document; for a shadow-only primitive the plain key
+    // is not in the map, so borrow it from the shadow key (without its '_').
+    let mut buf = String::with_capacity(plain.len() + 1);
+    buf.push('_');
+    buf.push_str(plain);
+    map.get_key_value(buf.as_str()).map(|(k, _)| &k[1..])
+}
+
+fn child_name_type<'m>(
+    _model: &'m Model,
+    td: Option<&'m fhir_model::TypeDef>,
+    key: &str,
+) -> (&'m str, &'m str) {
+    match td.and_then(|t| t.child(key)) {
+        Some(c) => (c.element.name.as_str(), c.type_name),
+        None => ("", ""),
+    }
+}
+
+/// `map["_" + name]` without allocating for short names.
+fn shadow_entry<'a>(map: &'a Map<String, Json>, name: &str) -> Option<(&'a String, &'a Json)> {
+    let mut buf = [0u8; 96];
+    if name.len() + 1 <= buf.len() {
+        buf[0] = b'_';
+        buf[1..=name.len()].copy_from_slice(name.as_bytes());
+        let key = std::str::from_utf8(&buf[..=name.len()]).ok()?;
+        map.get_key_value(key)
+    } else {
+        map.get_key_value(format!("_{name}").as_str())
+    }
+}
+
+fn shadow_of<'a>(map: &'a Map<String, Json>, name: &str) -> Option<&'a Json> {
+    shadow_entry(map, name).map(|(_, v)| v)
+}
+
+pub(crate) fn resource_type(v: &Json) -> Option<&str> {
+    v.get("resourceType")?.as_str()
+}
+
+/// Pushes the node(s) of one member: arrays expand to one node per element (pairing each primitive
+/// with its shadow at the same index).
+fn push_members<'a>(
+    out: &mut Vec<crate::Item<'a>>,
+    parent: &Node<'a>,
+    key: &'a str,
+    name: &'a str,
+    ty: &'a str,
+    value: Option<&'a Json>,
+    shadow: Option<&'a Json>,
+) {
+    let name = if name.is_empty() { key } else { name };
+    let resolve_ty = |v: Option<&'a Json>| -> &'a str {
+        if ty == "Resource" || ty.is_empty() {
+            if let Some(rt) = v.and_then(resource_type) {
+                return rt;
+            }
+        }
+        ty
+    };
+    match value {
+        Some(Json::Array(items)) => {
+            let shadows = match shadow {
+                Some(Json::Array(s)) => Some(s),
+                _ => None,
+            };
+            for (i, v) in items.iter().enumerate() {
+                let sh = shadows.and_then(|s| s.get(i)).filter(|s| !s.is_null());
+                if v.is_null() && sh.is_none() {
+                    continue;
+                }
+                out.push(crate::Item::Node(Node {
+                    value: (!v.is_null()).then_some(v),
+                    shadow: sh,
+                    ty: resolve_ty(Some(v)),
+                    name,
+                    loc: parent.loc.child(key, Some(i)),
+                }));
+            }
+        }
+        Some(Json::Null) | None => match shadow {
+            Some(Json::Array(s)) => {
+                for (i, sh) in s.iter().enumerate() {
+                    if sh.is_null() {
+                        continue;
+                    }
+                    out.push(crate::Item::Node(Node {
+                        value: None,
+                        shadow: Some(sh),
+                        ty,
+                        name,
+                        loc: parent.loc.child(key, Some(i)),
+                    }));
+                }
+            }
+            Some(sh @ Json::Object(_)) => out.push(crate::Item::Node(Node {
+                value: None,
+                shadow: Some(sh),
+                ty,
+                name,
+                loc: parent.loc.child(key, None),
+            })),
+            _ => {}
+        },
+        Some(v) => out.push(crate::Item::Node(Node {
+            value: Some(v),
+            shadow: shadow.filter(|s| s.is_object()),
+            ty: resolve_ty(Some(v)),
+            name,
+            loc: parent.loc.child(key, None),
+        })),
+    }
+}
+
+pub(crate) fn is_integer_text(s: &str) -> bool {
+    !s.contains(['.', 'e', 'E'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn path_roundtrip() {
+        let p = NodePath::parse("name[0].given[1]").unwrap();
+        assert_eq!(p.to_string(), "name[0].given[1]");
+        assert_eq!(p.shadow().unwrap().to_string(), "name[0]._given[1]");
+    }
+
+    #[test]
+    fn choice_and_shadow() {
+        let doc = json!({"resourceType":"Observation","valueQuantity":{"value":1},
+            "status":"final","_status":{"id":"x"}});
+        let root = Node::root(&doc);
+        let mut out = Vec::new();
+        root.push_children_named("value", &mut out);
+        let crate::Item::Node(n) = &out[0] else {
+            panic!()
+        };
+        assert_eq!(n.fhir_type(), "Quantity");
+        assert_eq!(n.path().unwrap().to_string(), "valueQuantity");
+        out.clear();
+        root.push_children_named("status", &mut out);
+        let crate::Item::Node(n) = &out[0] else {
+            panic!()
+        };
+        assert!(n.shadow().is_some());
+        assert_eq!(n.shadow_path().unwrap().to_string(), "_status");
+        let at = Node::at_path(&doc, &NodePath::parse("valueQuantity").unwrap()).unwrap();
+        assert_eq!(at.fhir_type(), "Quantity");
+    }
+}
