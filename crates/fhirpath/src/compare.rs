@@ -43,6 +43,10 @@ pub(crate) fn sys_equals(x: &SystemValue<'_>, y: &SystemValue<'_>) -> Option<boo
         }
         (S::Time(p), S::Time(q)) => p.compare(q).map(|o| o == Ordering::Equal),
         (S::Quantity(p), S::Quantity(q)) => p.compare(q).map(|o| o == Ordering::Equal),
+        (S::Quantity(p), n) | (n, S::Quantity(p)) if num(n).is_some() => {
+            let q = crate::Quantity::new(num(n).unwrap_or_default(), "1");
+            p.compare(&q).map(|o| o == Ordering::Equal).or(Some(false))
+        }
         (
             S::TypeInfo {
                 namespace: n1,
@@ -93,10 +97,12 @@ fn definite(u: &str) -> &str {
     }
 }
 
+/// Equivalence ignores case and treats every whitespace character as a space (without trimming or
+/// collapsing runs).
 fn normalize_ws(s: &str) -> String {
-    s.split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    s.chars()
+        .map(|c| if c.is_whitespace() { ' ' } else { c })
+        .collect::<String>()
         .to_lowercase()
 }
 
@@ -156,6 +162,12 @@ pub(crate) fn compare(a: &Item<'_>, b: &Item<'_>) -> Result<Option<Ordering>, Ev
         (S::Date(p) | S::DateTime(p), S::Date(q) | S::DateTime(q)) => p.compare(q),
         (S::Time(p), S::Time(q)) => p.compare(q),
         (S::Quantity(p), S::Quantity(q)) => p.compare(q),
+        (S::Quantity(p), n) if num(n).is_some() => {
+            p.compare(&crate::Quantity::new(num(n).unwrap_or_default(), "1"))
+        }
+        (n, S::Quantity(q)) if num(n).is_some() => {
+            crate::Quantity::new(num(n).unwrap_or_default(), "1").compare(q)
+        }
         (S::Boolean(_), S::Boolean(_)) => {
             return Err(EvalError::ty("Boolean values are not ordered"));
         }

@@ -40,6 +40,7 @@ pub(crate) fn evaluate<'a>(expr: &Expr, ctx: &EvalContext<'a>) -> R<'a> {
 pub(crate) fn singleton_bool(items: &[Item<'_>]) -> Result<Option<bool>, EvalError> {
     match items {
         [] => Ok(None),
+        [one] if valueless(one) => Ok(None),
         [one] => match one.to_system() {
             Some(SystemValue::Boolean(b)) => Ok(Some(b)),
             _ => Ok(Some(true)),
@@ -50,9 +51,16 @@ pub(crate) fn singleton_bool(items: &[Item<'_>]) -> Result<Option<bool>, EvalErr
     }
 }
 
+/// A primitive that has only extensions (`"_given": [{…}]` with a null value) carries no value:
+/// value-consuming operators and functions treat it as empty.
+fn valueless(item: &Item<'_>) -> bool {
+    matches!(item, Item::Node(n) if n.json().is_none())
+}
+
 fn single<'x, 'a>(items: &'x [Item<'a>], what: &str) -> Result<Option<&'x Item<'a>>, EvalError> {
     match items {
         [] => Ok(None),
+        [one] if valueless(one) => Ok(None),
         [one] => Ok(Some(one)),
         _ => Err(EvalError::ty(format!(
             "{what}: expected a single item, found {}",
@@ -69,12 +77,14 @@ fn single_sys<'a>(items: &[Item<'a>], what: &str) -> Result<Option<SystemValue<'
 }
 
 fn single_string<'a>(items: &[Item<'a>], what: &str) -> Result<Option<Cow<'a, str>>, EvalError> {
-    match single_sys(items, what)? {
-        None => Ok(None),
+    let Some(item) = single(items, what)? else {
+        return Ok(None);
+    };
+    match item.to_system() {
         Some(SystemValue::String(s)) => Ok(Some(s)),
-        Some(other) => Err(EvalError::ty(format!(
+        _ => Err(EvalError::ty(format!(
             "{what}: expected a String, found {}",
-            other.type_name()
+            item.type_name()
         ))),
     }
 }
@@ -147,6 +157,15 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
                     }
                 }
                 None => {
+                    // A resource type outside the model filters by its own name.
+                    let own_type: Vec<_> = input
+                        .iter()
+                        .filter(|i| matches!(i, Item::Node(n) if n.fhir_type() == name.as_str()))
+                        .cloned()
+                        .collect();
+                    if !own_type.is_empty() {
+                        return Ok(own_type);
+                    }
                     if name.starts_with(|c: char| c.is_ascii_uppercase())
                         && fhir_model::r4().type_def(name).is_some()
                     {
@@ -206,6 +225,12 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
         }
         Expr::As(e, spec) => {
             let items = eval(e, env, input)?;
+            if items.len() > 1 {
+                return Err(EvalError::ty(format!(
+                    "as: expected a single item, found {}",
+                    items.len()
+                )));
+            }
             Ok(items.into_iter().filter(|i| is_type(i, spec)).collect())
         }
         Expr::Binary(op, l, r) => binary(*op, l, r, env, input),
@@ -229,6 +254,10 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
                         None => Ok(Vec::new()),
                         Some(i) => b(is_type(i, spec)),
                     },
+                    Builtin::As if focus.len() > 1 => Err(EvalError::ty(format!(
+                        "as(): expected a single item, found {}",
+                        focus.len()
+                    ))),
                     _ => Ok(focus.into_iter().filter(|i| is_type(i, spec)).collect()),
                 },
                 Func::Builtin(f) => call(*f, focus, args, regex.as_deref(), env, input),
@@ -507,6 +536,14 @@ fn arithmetic<'a>(op: BinOp, x: SystemValue<'a>, y: SystemValue<'a>) -> R<'a> {
             };
         }
         (_, S::Quantity(p), S::Quantity(q)) => return quantity_arith(op, p, q),
+        (BinOp::Add | BinOp::Sub, S::Quantity(p), n) if dec(n).is_some() => {
+            let n = dec(n).unwrap_or_default();
+            return quantity_arith(op, p, &Quantity::new(n, "1"));
+        }
+        (BinOp::Add | BinOp::Sub | BinOp::Div, n, S::Quantity(q)) if dec(n).is_some() => {
+            let n = dec(n).unwrap_or_default();
+            return quantity_arith(op, &Quantity::new(n, "1"), q);
+        }
         (BinOp::Mul | BinOp::Div, S::Quantity(p), n) if dec(n).is_some() => {
             let n = dec(n).unwrap_or_default();
             return quantity_arith(op, p, &Quantity::new(n, "1"));
@@ -563,6 +600,13 @@ fn quantity_arith<'a>(op: BinOp, p: &Quantity, q: &Quantity) -> R<'a> {
     let none = || Ok(Vec::new());
     match op {
         BinOp::Add | BinOp::Sub => {
+            // The result is expressed in the finer of the two units (`7 days + 12 hours` = 180 hours).
+            if let Some(r) = Quantity::unit_ratio(ucum_of(&q.unit), ucum_of(&p.unit))
+                && r < 1.0
+                && let Some(p2) = p.convert_to(&q.unit)
+            {
+                return quantity_arith(op, &p2, q);
+            }
             let Some(q2) = q.convert_to(&p.unit) else {
                 return Err(EvalError::ty(format!(
                     "incompatible units '{}' and '{}'",
@@ -1116,10 +1160,32 @@ fn call<'a>(
             };
             b(p.compare(&q).is_some())
         }
+        F::ConformsTo => {
+            let Some(url) = single_string(&eval(&args[0], env, input)?, "conformsTo")? else {
+                return Ok(Vec::new());
+            };
+            // Only the core definitions are known: a profile URL needs a profile registry.
+            let Some(ty) = url.strip_prefix("http://hl7.org/fhir/StructureDefinition/") else {
+                return Err(EvalError::Unsupported(format!(
+                    "conformsTo('{url}'): profiles are not available"
+                )));
+            };
+            if fhir_model::r4().type_def(ty).is_none() {
+                return Err(EvalError::Unsupported(format!(
+                    "conformsTo('{url}'): profiles are not available"
+                )));
+            }
+            let Some(item) = single(&focus, "conformsTo")? else {
+                return Ok(Vec::new());
+            };
+            b(match item {
+                Item::Node(n) => fhir_model::r4().is_subtype_of(n.fhir_type(), ty),
+                Item::Value(_) => false,
+            })
+        }
         F::MemberOf
         | F::Subsumes
         | F::SubsumedBy
-        | F::ConformsTo
         | F::HtmlChecks
         | F::ElementDefinition
         | F::Slice
@@ -1291,8 +1357,15 @@ fn math<'a>(
     let d = match &v {
         S::Integer(i) => Decimal::from(*i),
         S::Decimal(d) => *d,
-        S::Quantity(q) if f == F::Abs => {
-            return val(S::Quantity(Quantity::new(q.value.abs(), q.unit.clone())));
+        S::Quantity(q) if matches!(f, F::Abs | F::Ceiling | F::Floor | F::Truncate | F::Round) => {
+            // Rounding functions keep the unit.
+            let r = math(f, &[Item::Value(S::Decimal(q.value))], args, env, input)?;
+            return Ok(
+                match r.first().and_then(Item::to_system).as_ref().and_then(dec) {
+                    Some(v) => vec![Item::Value(S::Quantity(Quantity::new(v, q.unit.clone())))],
+                    None => Vec::new(),
+                },
+            );
         }
         other => {
             return Err(EvalError::ty(format!(

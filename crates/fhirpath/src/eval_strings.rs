@@ -83,7 +83,27 @@ fn json_escape(s: &str) -> String {
 }
 
 fn json_unescape(s: &str) -> Option<String> {
-    serde_json::from_str::<String>(&format!("\"{s}\"")).ok()
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next()? {
+            'n' => out.push('\n'),
+            'r' => out.push('\r'),
+            't' => out.push('\t'),
+            'b' => out.push('\u{8}'),
+            'f' => out.push('\u{c}'),
+            'u' => {
+                let hex: String = chars.by_ref().take(4).collect();
+                out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+            }
+            other => out.push(other),
+        }
+    }
+    Some(out)
 }
 
 /// Applies `f` (encode/decode/escape/unescape) with `format`; `None` when the input is invalid for

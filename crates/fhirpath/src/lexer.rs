@@ -179,18 +179,11 @@ pub(crate) fn tokenize(src: &str) -> Result<Vec<Token>, ParseError> {
                 if b.get(i) == Some(&b'T') {
                     i += 1;
                     let s = i;
-                    while i < b.len() && (b[i].is_ascii_digit() || b[i] == b':' || b[i] == b'.') {
-                        i += 1;
-                    }
+                    i = scan_time(b, i);
                     Tok::Time(src[s..i].to_string())
                 } else {
                     let s = i;
-                    while i < b.len()
-                        && (b[i].is_ascii_digit()
-                            || matches!(b[i], b'-' | b':' | b'.' | b'T' | b'Z' | b'+'))
-                    {
-                        i += 1;
-                    }
+                    i = scan_datetime(b, i);
                     Tok::DateTime(src[s..i].to_string())
                 }
             }
@@ -300,6 +293,67 @@ pub(crate) fn tokenize(src: &str) -> Result<Vec<Token>, ParseError> {
     Ok(out)
 }
 
+fn digits(b: &[u8], i: usize, n: usize) -> bool {
+    i + n <= b.len() && b[i..i + n].iter().all(u8::is_ascii_digit)
+}
+
+/// `YYYY[-MM[-DD]][T[time][zone]]`: returns the end offset.
+fn scan_datetime(b: &[u8], mut i: usize) -> usize {
+    if !digits(b, i, 4) {
+        return i;
+    }
+    i += 4;
+    for _ in 0..2 {
+        if b.get(i) == Some(&b'-') && digits(b, i + 1, 2) {
+            i += 3;
+        } else {
+            break;
+        }
+    }
+    if b.get(i) == Some(&b'T') {
+        i += 1;
+        if digits(b, i, 2) {
+            i = scan_time(b, i);
+            i = scan_zone(b, i);
+        }
+    }
+    i
+}
+
+/// `hh[:mm[:ss[.fff]]]`.
+fn scan_time(b: &[u8], mut i: usize) -> usize {
+    if !digits(b, i, 2) {
+        return i;
+    }
+    i += 2;
+    for _ in 0..2 {
+        if b.get(i) == Some(&b':') && digits(b, i + 1, 2) {
+            i += 3;
+        } else {
+            return i;
+        }
+    }
+    if b.get(i) == Some(&b'.') && digits(b, i + 1, 1) {
+        i += 1;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+    }
+    i
+}
+
+fn scan_zone(b: &[u8], i: usize) -> usize {
+    match b.get(i) {
+        Some(b'Z') => i + 1,
+        Some(b'+' | b'-')
+            if digits(b, i + 1, 2) && b.get(i + 3) == Some(&b':') && digits(b, i + 4, 2) =>
+        {
+            i + 6
+        }
+        _ => i,
+    }
+}
+
 /// A quoted string or delimited identifier starting at `start` (the quote), with FHIRPath escapes.
 fn quoted(src: &str, start: usize, quote: u8) -> Result<(String, usize), ParseError> {
     let mut out = String::new();
@@ -359,7 +413,8 @@ mod tests {
 
     #[test]
     fn tokens_and_comments() {
-        let t = tokenize("a.b // x\n + 'it\\'s' /* c */ <= @2014-01T @T12:00 5L").unwrap();
+        let t = tokenize("a.b // x\n + 'it\\'s' /* c */ <= @2014-01T @T12:00 5L @2015.is(Date)")
+            .unwrap();
         let toks: Vec<_> = t.into_iter().map(|t| t.tok).collect();
         assert_eq!(
             toks,
@@ -373,6 +428,12 @@ mod tests {
                 Tok::DateTime("2014-01T".into()),
                 Tok::Time("12:00".into()),
                 Tok::Long("5".into()),
+                Tok::DateTime("2015".into()),
+                Tok::Dot,
+                Tok::Ident("is".into()),
+                Tok::LParen,
+                Tok::Ident("Date".into()),
+                Tok::RParen,
                 Tok::Eof
             ]
         );

@@ -245,6 +245,13 @@ impl Parser<'_> {
     }
 
     fn type_spec(&mut self) -> Result<TypeSpec, ParseError> {
+        let pos = self.peek().pos;
+        let spec = self.type_spec_raw()?;
+        check_type(&spec, pos)?;
+        Ok(spec)
+    }
+
+    fn type_spec_raw(&mut self) -> Result<TypeSpec, ParseError> {
         let (first, _) = self.identifier()?;
         if self.peek().tok == Tok::Dot
             && matches!(
@@ -371,6 +378,7 @@ impl Parser<'_> {
                 },
                 _ => return Err(ParseError::new(pos, "a type name", "an expression")),
             };
+            check_type(&spec, pos)?;
             return Ok(Expr::Call {
                 base,
                 func: Func::TypeTest(f, spec),
@@ -505,6 +513,35 @@ impl Parser<'_> {
                 }
             }
         }
+    }
+}
+
+const SYSTEM_TYPES: [&str; 9] = [
+    "Boolean", "String", "Integer", "Decimal", "Date", "DateTime", "Time", "Quantity", "Long",
+];
+
+/// A type name must exist in its namespace (FHIR R4 model or System).
+fn check_type(spec: &TypeSpec, pos: usize) -> Result<(), ParseError> {
+    let fhir = || fhir_model::r4().type_def(&spec.name).is_some();
+    let system = || SYSTEM_TYPES.contains(&spec.name.as_str());
+    let known = match spec.namespace.as_deref() {
+        Some("FHIR") => fhir(),
+        Some("System") => system(),
+        None => fhir() || system(),
+        Some(_) => false,
+    };
+    if known {
+        Ok(())
+    } else {
+        let name = match &spec.namespace {
+            Some(ns) => format!("{ns}.{}", spec.name),
+            None => spec.name.clone(),
+        };
+        Err(ParseError::new(
+            pos,
+            "a FHIR or System type name",
+            &format!("unknown type '{name}'"),
+        ))
     }
 }
 
