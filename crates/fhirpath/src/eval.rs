@@ -57,6 +57,21 @@ fn valueless(item: &Item<'_>) -> bool {
     matches!(item, Item::Node(n) if n.json().is_none())
 }
 
+/// Like [`single`] but keeps a valueless primitive (type tests look at the node, not the value).
+fn single_item<'x, 'a>(
+    items: &'x [Item<'a>],
+    what: &str,
+) -> Result<Option<&'x Item<'a>>, EvalError> {
+    match items {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        _ => Err(EvalError::ty(format!(
+            "{what}: expected a single item, found {}",
+            items.len()
+        ))),
+    }
+}
+
 fn single<'x, 'a>(items: &'x [Item<'a>], what: &str) -> Result<Option<&'x Item<'a>>, EvalError> {
     match items {
         [] => Ok(None),
@@ -218,7 +233,7 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
         }
         Expr::Is(e, spec) => {
             let items = eval(e, env, input)?;
-            match single(&items, "is")? {
+            match single_item(&items, "is")? {
                 None => Ok(Vec::new()),
                 Some(i) => b(is_type(i, spec)),
             }
@@ -250,7 +265,7 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
                     (entry.func)(&focus, &evaluated)
                 }
                 Func::TypeTest(f, spec) => match f {
-                    Builtin::Is => match single(&focus, "is()")? {
+                    Builtin::Is => match single_item(&focus, "is()")? {
                         None => Ok(Vec::new()),
                         Some(i) => b(is_type(i, spec)),
                     },
@@ -1112,16 +1127,40 @@ fn call<'a>(
                 .collect())
         }
         F::HasValue => b(match focus.as_slice() {
-            [Item::Node(n)] => n.is_primitive() && n.json().is_some(),
-            [Item::Value(_)] => true,
+            [Item::Node(n)] => n.is_primitive() && n.json().is_some() && n.fhir_type() != "xhtml",
+            [Item::Value(v)] => !matches!(v, S::Quantity(_) | S::TypeInfo { .. }),
             _ => false,
         }),
         F::GetValue => Ok(match focus.as_slice() {
-            [i @ Item::Node(n)] if n.is_primitive() => {
+            [i @ Item::Node(n)] if n.is_primitive() && n.fhir_type() != "xhtml" => {
                 i.to_system().map(Item::Value).into_iter().collect()
             }
+            [Item::Value(v)] if !matches!(v, S::Quantity(_) | S::TypeInfo { .. }) => focus.clone(),
             _ => Vec::new(),
         }),
+        F::YearOf
+        | F::MonthOf
+        | F::DayOf
+        | F::HourOf
+        | F::MinuteOf
+        | F::SecondOf
+        | F::MillisecondOf
+        | F::TimezoneOffsetOf
+        | F::DateOf
+        | F::TimeOf => {
+            let v = match single_sys(&focus, f.name())? {
+                Some(S::String(s)) => to_temporal(S::String(s), TemporalKind::DateTime),
+                other => other,
+            };
+            let t = match v {
+                Some(S::Date(t) | S::DateTime(t) | S::Time(t)) => t,
+                _ => return Ok(Vec::new()),
+            };
+            Ok(temporal_component(f, &t)
+                .map(Item::Value)
+                .into_iter()
+                .collect())
+        }
         F::Resolve => Ok(focus.iter().filter_map(|i| resolve(i, env.ctx)).collect()),
         F::Sort => sort(focus, args.first(), env),
         F::Precision => {
@@ -1193,6 +1232,35 @@ fn call<'a>(
             "{}() needs terminology services or profiles, which this engine does not have",
             f.name()
         ))),
+    }
+}
+
+/// `yearOf()` … `timeOf()`: a component when the value is precise enough to have it.
+fn temporal_component<'a>(f: Builtin, t: &Temporal) -> Option<SystemValue<'a>> {
+    use Builtin as F;
+    let is_time = t.kind == TemporalKind::Time;
+    let int = |p: Precision, v: i64| (t.precision >= p).then_some(SystemValue::Integer(v));
+    match f {
+        F::YearOf if !is_time => int(Precision::Year, i64::from(t.year)),
+        F::MonthOf if !is_time => int(Precision::Month, i64::from(t.month)),
+        F::DayOf if !is_time => int(Precision::Day, i64::from(t.day)),
+        F::HourOf if t.kind != TemporalKind::Date => int(Precision::Hour, i64::from(t.hour)),
+        F::MinuteOf if t.kind != TemporalKind::Date => int(Precision::Minute, i64::from(t.minute)),
+        F::SecondOf if t.kind != TemporalKind::Date => int(Precision::Second, i64::from(t.second)),
+        F::MillisecondOf if t.kind != TemporalKind::Date => {
+            int(Precision::Millisecond, i64::from(t.nanos / 1_000_000))
+        }
+        F::TimezoneOffsetOf if t.kind == TemporalKind::DateTime => t
+            .offset_minutes
+            .map(|m| SystemValue::Decimal(Decimal::from(m) / Decimal::from(60))),
+        F::DateOf if !is_time => Some(SystemValue::Date(t.with_kind(TemporalKind::Date))),
+        F::TimeOf if t.kind == TemporalKind::DateTime && t.precision >= Precision::Hour => {
+            let mut r = *t;
+            r.kind = TemporalKind::Time;
+            r.offset_minutes = None;
+            Some(SystemValue::Time(r))
+        }
+        _ => None,
     }
 }
 
@@ -1464,9 +1532,25 @@ fn math<'a>(
 
 fn aggregate_simple<'a>(f: Builtin, focus: Vec<Item<'a>>) -> R<'a> {
     use SystemValue as S;
-    let vals: Vec<SystemValue<'a>> = focus.iter().filter_map(|i| i.to_system()).collect();
-    if vals.is_empty() {
+    if focus.iter().any(valueless) {
         return Ok(Vec::new());
+    }
+    let vals: Vec<SystemValue<'a>> = focus.iter().filter_map(|i| i.to_system()).collect();
+    if vals.is_empty() || vals.len() != focus.len() {
+        return Ok(Vec::new());
+    }
+    if matches!(f, Builtin::Sum | Builtin::Avg)
+        && !vals.iter().all(|v| {
+            matches!(
+                v,
+                SystemValue::Integer(_) | SystemValue::Decimal(_) | SystemValue::Quantity(_)
+            )
+        })
+    {
+        return Err(EvalError::ty(format!(
+            "{}(): expected numbers or quantities",
+            f.name()
+        )));
     }
     match f {
         Builtin::Sum | Builtin::Avg => {

@@ -371,7 +371,8 @@ impl<'a> Node<'a> {
             }
             return;
         };
-        if let Some(child) = td.child(name).filter(|c| !c.element.choice) {
+        // Plain elements, and a choice element named by its typed key (`valueDateTime`).
+        if let Some(child) = td.child(name) {
             let value = map.get_key_value(name);
             let shadow = shadow_entry(map, name);
             match (value, shadow) {
@@ -557,15 +558,18 @@ fn push_members<'a>(
                 Some(Json::Array(s)) => Some(s),
                 _ => None,
             };
-            for (i, v) in items.iter().enumerate() {
+            // The shadow array may be longer than the value array (trailing extension-only values).
+            let len = items.len().max(shadows.map_or(0, |s| s.len()));
+            for i in 0..len {
+                let v = items.get(i).filter(|v| !v.is_null());
                 let sh = shadows.and_then(|s| s.get(i)).filter(|s| !s.is_null());
-                if v.is_null() && sh.is_none() {
+                if v.is_none() && sh.is_none() {
                     continue;
                 }
                 out.push(crate::Item::Node(Node {
-                    value: (!v.is_null()).then_some(v),
+                    value: v,
                     shadow: sh,
-                    ty: resolve_ty(Some(v)),
+                    ty: resolve_ty(v),
                     name,
                     loc: parent.loc.child(key, Some(i)),
                 }));
