@@ -41,6 +41,12 @@ pub fn now() -> i64 {
 /// write on Observation, EC P-384 and P-256 keys), `limited` (system/Patient.rs only; the RSA
 /// key without a pinned `alg`).
 pub fn clients_json() -> String {
+    // Deriving the JWKs costs RSA work, slow in debug builds: do it once per test binary.
+    static JSON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    JSON.get_or_init(make_clients_json).clone()
+}
+
+fn make_clients_json() -> String {
     let rsa = rsa_key().public_jwk().unwrap();
     let ec = ec_key().public_jwk().unwrap();
     let ec256 = key("ec-p256.pem", None, "ec-256").public_jwk().unwrap();
