@@ -18,6 +18,9 @@ impl Indexer for SearchIndexer {
         let mut out = Vec::new();
         let mut vals = Vec::new();
         for p in &ti.params {
+            if p.storage != registry::Storage::Rows {
+                continue;
+            }
             vals.clear();
             p.extract(resource, &mut vals);
             let start = out.len();

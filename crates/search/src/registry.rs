@@ -18,11 +18,32 @@ struct Branch {
     ref_type: Option<String>,
 }
 
+/// How a parameter's values are found in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// Its own index rows.
+    Rows,
+    /// No rows of its own: its expression is the union of other parameters' expressions
+    /// (`combo-code` = `code | component-code`), possibly restricted to references of one type
+    /// (`patient` = `subject.where(resolve() is Patient)`). Saves index rows at load time.
+    Alias {
+        codes: Vec<String>,
+        ref_type: Option<String>,
+    },
+    /// `_id`: the resource id column.
+    Id,
+    /// `_lastUpdated`: the version's seq (seqs increase with lastUpdated).
+    LastUpdated,
+}
+
 /// An indexable parameter of one resource type.
 pub struct IndexedParam {
     pub code: String,
     pub kind: SearchParamType,
+    pub storage: Storage,
     branches: Vec<Branch>,
+    /// Branch texts, for alias detection.
+    branch_keys: Vec<(String, Option<String>)>,
 }
 
 /// The indexable parameters of one resource type.
@@ -65,26 +86,37 @@ pub fn type_index(resource_type: &str) -> Option<Arc<TypeIndex>> {
         let Some(expr) = p.expression.as_deref() else {
             continue;
         };
-        let branches: Vec<Branch> = split_union(expr)
-            .into_iter()
-            .filter_map(|b| {
-                let (path, ref_type) = strip_resolve(b);
-                // An expression the evaluator cannot compile leaves the branch unindexed; the
-                // model's expressions are all expected to compile (tested).
-                CompiledPath::compile(path)
-                    .ok()
-                    .map(|path| Branch { path, ref_type })
-            })
-            .collect();
+        let mut branches = Vec::new();
+        let mut branch_keys = Vec::new();
+        for b in split_union(expr) {
+            let (path, ref_type) = strip_resolve(b);
+            // An expression the evaluator cannot compile leaves the branch unindexed; the
+            // model's expressions all compile (tested).
+            if let Ok(compiled) = CompiledPath::compile(path) {
+                branch_keys.push((strip_outer(path).to_string(), ref_type.clone()));
+                branches.push(Branch {
+                    path: compiled,
+                    ref_type,
+                });
+            }
+        }
         if branches.is_empty() {
             continue;
         }
+        let storage = match p.code.as_str() {
+            "_id" => Storage::Id,
+            "_lastUpdated" => Storage::LastUpdated,
+            _ => Storage::Rows,
+        };
         params.push(IndexedParam {
             code: p.code.clone(),
             kind: p.kind,
+            storage,
             branches,
+            branch_keys,
         });
     }
+    detect_aliases(&mut params);
     let by_code = params
         .iter()
         .enumerate()
@@ -99,6 +131,54 @@ pub fn type_index(resource_type: &str) -> Option<Arc<TypeIndex>> {
         c.insert(resource_type.to_string(), ti.clone());
     }
     Some(ti)
+}
+
+fn strip_outer(s: &str) -> &str {
+    let s = s.trim();
+    if s.starts_with('(') && s.ends_with(')') && !s[1..s.len() - 1].contains(')') {
+        return &s[1..s.len() - 1];
+    }
+    s
+}
+
+/// Marks parameters whose branches are all whole expressions of other stored parameters of the
+/// same kind (a single branch without a `resolve()` filter) as aliases of those parameters.
+fn detect_aliases(params: &mut [IndexedParam]) {
+    // (kind, path) -> the canonical stored parameter: the first one in code order.
+    let mut canonical: HashMap<(SearchParamType, String), String> = HashMap::new();
+    for p in params.iter() {
+        if p.storage == Storage::Rows && p.branch_keys.len() == 1 && p.branch_keys[0].1.is_none() {
+            canonical
+                .entry((p.kind, p.branch_keys[0].0.clone()))
+                .or_insert_with(|| p.code.clone());
+        }
+    }
+    for p in params.iter_mut() {
+        if p.storage != Storage::Rows {
+            continue;
+        }
+        let ref_type = p.branch_keys[0].1.clone();
+        if p.branch_keys.iter().any(|(_, r)| *r != ref_type) {
+            continue;
+        }
+        let codes: Option<Vec<String>> = p
+            .branch_keys
+            .iter()
+            .map(|(path, _)| canonical.get(&(p.kind, path.clone())).cloned())
+            .collect();
+        if let Some(codes) = codes
+            && !codes.iter().any(|c| *c == p.code)
+        {
+            p.storage = Storage::Alias { codes, ref_type };
+        }
+    }
+}
+
+/// How a parameter of a type is stored (`None` for an unknown or unindexed parameter).
+pub fn storage(resource_type: &str, code: &str) -> Option<Storage> {
+    type_index(resource_type)?
+        .param(code)
+        .map(|p| p.storage.clone())
 }
 
 /// Splits an expression on top-level `|`.
@@ -152,9 +232,8 @@ impl IndexedParam {
                 while i < out.len() {
                     let keep = match &out[i] {
                         IndexValue::Reference { target_type, .. } => target_type == t,
-                        IndexValue::ReferenceUrl(u) => {
-                            u.rsplit('/').nth(1).is_some_and(|seg| seg == t)
-                        }
+                        // The SQL side matches `url LIKE '%/T/%'`; keep the two identical.
+                        IndexValue::ReferenceUrl(u) => u.contains(&format!("/{t}/")),
                         _ => true,
                     };
                     if keep {
@@ -213,6 +292,27 @@ fn dedup(v: &mut Vec<IndexValue>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aliases() {
+        let obs = type_index("Observation").unwrap();
+        assert_eq!(
+            obs.param("patient").unwrap().storage,
+            Storage::Alias {
+                codes: vec!["subject".into()],
+                ref_type: Some("Patient".into())
+            }
+        );
+        assert_eq!(
+            obs.param("combo-code").unwrap().storage,
+            Storage::Alias {
+                codes: vec!["code".into(), "component-code".into()],
+                ref_type: None
+            }
+        );
+        assert_eq!(obs.param("code").unwrap().storage, Storage::Rows);
+        assert_eq!(obs.param("_id").unwrap().storage, Storage::Id);
+    }
 
     #[test]
     fn splits_unions_and_resolve() {

@@ -16,6 +16,7 @@ use store::{SqliteStore, StoreError};
 use crate::bundle::SearchPage;
 use crate::error::SearchError;
 use crate::query::{Filter, Include, Prefix, SearchQuery, SortKey, StringMatch, TotalMode, Value};
+use crate::registry::{self, Storage};
 use crate::values::{MAX_MS, MIN_MS};
 
 /// `resource_versions.k = (type_no << 40) | seq`.
@@ -88,12 +89,25 @@ impl<'s> Builder<'s> {
                 values,
                 negate,
             } => {
-                let cond = self.param_values(type_no, code, *kind, values, kexpr)?;
+                let cond = match registry::storage(resource_type, code) {
+                    Some(Storage::Id) => self.id_values(type_no, values, kexpr),
+                    Some(Storage::LastUpdated) => self.last_updated_values(values, kexpr)?,
+                    _ => self.param_values(resource_type, type_no, code, *kind, values, kexpr)?,
+                };
                 if *negate {
                     format!("NOT ({cond})")
                 } else {
                     cond
                 }
+            }
+            Filter::Missing { code, missing }
+                if matches!(
+                    registry::storage(resource_type, code),
+                    Some(Storage::Id | Storage::LastUpdated)
+                ) =>
+            {
+                // Every resource has an id and a lastUpdated.
+                if *missing { "0".into() } else { "1".into() }
             }
             Filter::Missing { code, missing } => {
                 let kind = fhir_model::r4()
@@ -101,16 +115,14 @@ impl<'s> Builder<'s> {
                     .map(|p| p.kind)
                     .unwrap_or(SearchParamType::Token);
                 let tn = self.p(Sql::Integer(type_no));
-                let pc = self.p(text(code));
-                let present = tables_of(kind)
-                    .iter()
-                    .map(|t| {
-                        format!(
-                            "{kexpr} IN (SELECT k FROM {t} WHERE type_no = {tn} AND param = {pc})"
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" OR ");
+                let mut present = Vec::new();
+                for t in tables_of(kind) {
+                    let pm = self.param_match(resource_type, code, t, "");
+                    present.push(format!(
+                        "{kexpr} IN (SELECT k FROM {t} WHERE type_no = {tn} AND {pm})"
+                    ));
+                }
+                let present = present.join(" OR ");
                 if *missing {
                     format!("NOT ({present})")
                 } else {
@@ -128,12 +140,12 @@ impl<'s> Builder<'s> {
                     let (lo, hi) = k_bounds(tno);
                     let inner_sql = self.filter(tt, inner, "t.k", "t.id")?;
                     let tn = self.p(Sql::Integer(type_no));
-                    let pc = self.p(text(code));
+                    let pc = self.param_match(resource_type, code, "idx_reference", "r.");
                     let ttp = self.p(text(tt));
                     let lop = self.p(Sql::Integer(lo));
                     let hip = self.p(Sql::Integer(hi));
                     alts.push(format!(
-                        "{kexpr} IN (SELECT r.k FROM idx_reference r WHERE r.type_no = {tn} AND r.param = {pc} \
+                        "{kexpr} IN (SELECT r.k FROM idx_reference r WHERE r.type_no = {tn} AND {pc} \
                          AND r.target_type = {ttp} AND r.target_id IN (SELECT t.id FROM resource_versions t \
                          WHERE t.k > {lop} AND t.k <= {hip} AND t.superseded_seq IS NULL AND t.deleted = 0 AND {inner_sql}))"
                     ));
@@ -152,19 +164,97 @@ impl<'s> Builder<'s> {
                 let sno = self.type_no(source_type)?;
                 let inner_sql = self.filter(source_type, inner, "r.k", "")?;
                 let sn = self.p(Sql::Integer(sno));
-                let pc = self.p(text(ref_code));
+                let pc = self.param_match(source_type, ref_code, "idx_reference", "r.");
                 let me = self.p(text(resource_type));
                 format!(
-                    "{idexpr} IN (SELECT r.target_id FROM idx_reference r WHERE r.type_no = {sn} AND r.param = {pc} \
+                    "{idexpr} IN (SELECT r.target_id FROM idx_reference r WHERE r.type_no = {sn} AND {pc} \
                      AND r.target_type = {me} AND {inner_sql})"
                 )
             }
         })
     }
 
+    /// The parameter condition on an index table (columns prefixed with `a`): its own rows, or
+    /// those of the parameters it is an alias of.
+    fn param_match(&mut self, resource_type: &str, code: &str, table: &str, a: &str) -> String {
+        match registry::storage(resource_type, code) {
+            Some(Storage::Alias { codes, ref_type }) => {
+                let list: Vec<String> = codes.iter().map(|c| self.p(text(c))).collect();
+                let mut s = format!("{a}param IN ({})", list.join(", "));
+                if let (Some(t), "idx_reference") = (ref_type, table) {
+                    let tp = self.p(text(&t));
+                    let gp = self.p(text(&format!("*/{t}/*")));
+                    s = format!("{s} AND ({a}target_type = {tp} OR {a}url GLOB {gp})");
+                }
+                s
+            }
+            _ => format!("{a}param = {}", self.p(text(code))),
+        }
+    }
+
+    /// `_id` values against the id column. An id has no system: `id` and `|id` match, `sys|id`
+    /// cannot.
+    fn id_values(&mut self, type_no: i64, values: &[Value], kexpr: &str) -> String {
+        let ids: Vec<String> = values
+            .iter()
+            .filter_map(|v| match v {
+                Value::Token {
+                    system,
+                    code: Some(c),
+                } if system.as_deref().is_none_or(str::is_empty) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return "0".into();
+        }
+        let tn = self.p(Sql::Integer(type_no));
+        let list: Vec<String> = ids.iter().map(|i| self.p(text(i))).collect();
+        format!(
+            "{kexpr} IN (SELECT k FROM resource_versions WHERE type_no = {tn} AND id IN ({}) \
+             AND superseded_seq IS NULL AND deleted = 0)",
+            list.join(", ")
+        )
+    }
+
+    /// `_lastUpdated` values as seq bounds: lastUpdated is the same for a transaction's rows and
+    /// increases between transactions, so `lastUpdated >= t` iff `seq >= seq_at_or_after(t)`.
+    /// A stored lastUpdated is a millisecond point `[t, t+1)`; the prefixes reduce accordingly.
+    fn last_updated_values(
+        &mut self,
+        values: &[Value],
+        kexpr: &str,
+    ) -> Result<String, SearchError> {
+        let seq = format!("({kexpr} & {})", (1i64 << TYPE_SHIFT) - 1);
+        let mut alts = Vec::new();
+        for v in values {
+            let Value::Date { prefix, range } = v else {
+                continue;
+            };
+            let s_lo = store::Store::seq_at_or_after(self.store, range.lo)?;
+            let s_hi = store::Store::seq_at_or_after(self.store, range.hi)?;
+            let lo = self.p(Sql::Integer(s_lo));
+            let hi = self.p(Sql::Integer(s_hi));
+            alts.push(match prefix {
+                Prefix::Eq | Prefix::Ap => format!("({seq} >= {lo} AND {seq} < {hi})"),
+                Prefix::Ne => format!("NOT ({seq} >= {lo} AND {seq} < {hi})"),
+                Prefix::Gt | Prefix::Sa => format!("{seq} >= {hi}"),
+                Prefix::Lt | Prefix::Eb => format!("{seq} < {lo}"),
+                Prefix::Ge => format!("{seq} >= {lo}"),
+                Prefix::Le => format!("{seq} < {hi}"),
+            });
+        }
+        Ok(if alts.is_empty() {
+            "0".into()
+        } else {
+            format!("({})", alts.join(" OR "))
+        })
+    }
+
     /// An OR list of values of one parameter, grouped by index table.
     fn param_values(
         &mut self,
+        resource_type: &str,
         type_no: i64,
         code: &str,
         _kind: SearchParamType,
@@ -182,9 +272,9 @@ impl<'s> Builder<'s> {
         let mut parts = Vec::new();
         for (table, conds) in by_table {
             let tn = self.p(Sql::Integer(type_no));
-            let pc = self.p(text(code));
+            let pc = self.param_match(resource_type, code, table, "");
             parts.push(format!(
-                "{kexpr} IN (SELECT k FROM {table} WHERE type_no = {tn} AND param = {pc} AND ({}))",
+                "{kexpr} IN (SELECT k FROM {table} WHERE type_no = {tn} AND {pc} AND ({}))",
                 conds.join(" OR ")
             ));
         }
@@ -323,14 +413,13 @@ impl<'s> Builder<'s> {
     }
 
     /// The SQL expression of a sort key for the row `rv` (never NULL: missing values sort last).
-    fn sort_expr(&mut self, type_no: i64, key: &SortKey) -> String {
+    fn sort_expr(&mut self, resource_type: &str, type_no: i64, key: &SortKey) -> String {
         match key.code.as_str() {
             "_id" => return "rv.id".into(),
             "_lastUpdated" => return "rv.seq".into(),
             _ => {}
         }
         let tn = self.p(Sql::Integer(type_no));
-        let pc = self.p(text(&key.code));
         let agg = if key.descending { "max" } else { "min" };
         let (table, col, missing) = match key.kind {
             SearchParamType::Date => (
@@ -361,8 +450,9 @@ impl<'s> Builder<'s> {
                 },
             ),
         };
+        let pc = self.param_match(resource_type, &key.code, table, "");
         format!(
-            "coalesce((SELECT {agg}({col}) FROM {table} WHERE k = rv.k AND type_no = {tn} AND param = {pc}), {missing})"
+            "coalesce((SELECT {agg}({col}) FROM {table} WHERE k = rv.k AND type_no = {tn} AND {pc}), {missing})"
         )
     }
 }
@@ -469,7 +559,11 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
         return Ok(page);
     }
 
-    let sort_exprs: Vec<String> = q.sort.iter().map(|k| b.sort_expr(type_no, k)).collect();
+    let sort_exprs: Vec<String> = q
+        .sort
+        .iter()
+        .map(|k| b.sort_expr(&q.resource_type, type_no, k))
+        .collect();
     let select_sorts: String = sort_exprs
         .iter()
         .enumerate()
@@ -596,18 +690,20 @@ fn include_targets(
     k: i64,
     inc: &Include,
 ) -> Result<Vec<(String, String)>, SearchError> {
-    let mut sql = String::from(
-        "SELECT target_type, target_id FROM idx_reference WHERE k = ?1 AND type_no = ?2 AND target_id IS NOT NULL",
+    let mut b = Builder::new(store);
+    let mut sql = format!(
+        "SELECT target_type, target_id FROM idx_reference WHERE k = {} AND type_no = {} AND target_id IS NOT NULL",
+        b.p(Sql::Integer(k)),
+        b.p(Sql::Integer(type_no))
     );
-    let mut params = vec![Sql::Integer(k), Sql::Integer(type_no)];
     if let Some(p) = &inc.param {
-        params.push(text(p));
-        sql.push_str(&format!(" AND param = ?{}", params.len()));
+        let pm = b.param_match(&inc.source_type, p, "idx_reference", "");
+        sql.push_str(&format!(" AND {pm}"));
     }
     if let Some(t) = &inc.target_type {
-        params.push(text(t));
-        sql.push_str(&format!(" AND target_type = ?{}", params.len()));
+        sql.push_str(&format!(" AND target_type = {}", b.p(text(t))));
     }
+    let params = b.params;
     Ok(store.with_reader(|conn| {
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
@@ -624,19 +720,19 @@ fn revinclude_sources(
     target_type: &str,
     target_id: &str,
 ) -> Result<Vec<(i64, String, Vec<u8>)>, SearchError> {
-    let mut sql = String::from(
+    let mut b = Builder::new(store);
+    let mut sql = format!(
         "SELECT DISTINCT rv.k, rv.id, rv.json FROM idx_reference r JOIN resource_versions rv ON rv.k = r.k \
-         WHERE r.type_no = ?1 AND r.target_id = ?2 AND r.target_type = ?3",
+         WHERE r.type_no = {} AND r.target_id = {} AND r.target_type = {}",
+        b.p(Sql::Integer(source_type_no)),
+        b.p(text(target_id)),
+        b.p(text(target_type))
     );
-    let mut params = vec![
-        Sql::Integer(source_type_no),
-        text(target_id),
-        text(target_type),
-    ];
     if let Some(p) = &inc.param {
-        params.push(text(p));
-        sql.push_str(&format!(" AND r.param = ?{}", params.len()));
+        let pm = b.param_match(&inc.source_type, p, "idx_reference", "r.");
+        sql.push_str(&format!(" AND {pm}"));
     }
+    let params = b.params;
     sql.push_str(" ORDER BY rv.k");
     Ok(store.with_reader(|conn| {
         let mut stmt = conn.prepare_cached(&sql)?;
