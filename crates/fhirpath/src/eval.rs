@@ -182,7 +182,7 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
                         return Ok(own_type);
                     }
                     if name.starts_with(|c: char| c.is_ascii_uppercase())
-                        && fhir_model::r4().type_def(name).is_some()
+                        && crate::typeinfo::info(name).is_some()
                     {
                         let spec = TypeSpec {
                             namespace: None,
@@ -333,8 +333,10 @@ pub(crate) fn is_type(item: &Item<'_>, spec: &TypeSpec) -> bool {
             if ns == Some("System") {
                 return false;
             }
-            let model = fhir_model::r4();
-            model.is_subtype_of(n.ty, name) || (n.ty.contains('.') && name == "BackboneElement")
+            match crate::typeinfo::info(n.ty) {
+                Some(i) => i.is_a(name),
+                None => n.ty == name,
+            }
         }
         _ => {
             if ns == Some("FHIR") {
@@ -1061,12 +1063,12 @@ fn call<'a>(
             }
             Ok(focus)
         }
-        F::Now => val(S::DateTime(Temporal::from_chrono(&env.ctx.now))),
+        F::Now => val(S::DateTime(Temporal::from_chrono(&env.ctx.now()))),
         F::Today => val(S::Date(
-            Temporal::from_chrono(&env.ctx.now).with_kind(TemporalKind::Date),
+            Temporal::from_chrono(&env.ctx.now()).with_kind(TemporalKind::Date),
         )),
         F::TimeOfDay => {
-            let mut t = Temporal::from_chrono(&env.ctx.now);
+            let mut t = Temporal::from_chrono(&env.ctx.now());
             t.kind = TemporalKind::Time;
             t.offset_minutes = None;
             val(S::Time(t))

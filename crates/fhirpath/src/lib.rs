@@ -28,6 +28,7 @@ mod parser;
 mod quantity;
 mod registry;
 mod temporal;
+mod typeinfo;
 mod value;
 
 use std::collections::HashMap;
@@ -90,12 +91,13 @@ pub struct EvalContext<'a> {
     pub(crate) root_resource: Item<'a>,
     pub(crate) focus: Item<'a>,
     pub(crate) variables: HashMap<String, Vec<Item<'a>>>,
-    pub(crate) now: DateTime<FixedOffset>,
+    /// Set by `with_now`, or on the first use of `now()` (reading the clock is not free).
+    pub(crate) now: std::sync::OnceLock<DateTime<FixedOffset>>,
 }
 
 impl<'a> EvalContext<'a> {
     /// `root` is the document: its `resourceType` gives its FHIR type; result paths are relative to
-    /// it. It is the focus, `%resource`, `%rootResource` and `%context`. `now()` is fixed at creation.
+    /// it. It is the focus, `%resource`, `%rootResource` and `%context`. `now()` is read once, on first use.
     pub fn new(root: &'a Json) -> Self {
         let node = Item::Node(Node::root(root));
         EvalContext {
@@ -104,7 +106,7 @@ impl<'a> EvalContext<'a> {
             root_resource: node.clone(),
             focus: node,
             variables: HashMap::new(),
-            now: chrono::Local::now().fixed_offset(),
+            now: std::sync::OnceLock::new(),
         }
     }
 
@@ -160,9 +162,15 @@ impl<'a> EvalContext<'a> {
     }
 
     /// Fixes the instant `now()`, `today()` and `timeOfDay()` report.
-    pub fn with_now(mut self, now: DateTime<FixedOffset>) -> Self {
-        self.now = now;
-        self
+    pub fn with_now(self, now: DateTime<FixedOffset>) -> Self {
+        let cell = std::sync::OnceLock::new();
+        let _ = cell.set(now);
+        EvalContext { now: cell, ..self }
+    }
+
+    /// The instant `now()` reports for this context.
+    pub fn now(&self) -> DateTime<FixedOffset> {
+        *self.now.get_or_init(|| chrono::Local::now().fixed_offset())
     }
 
     /// The document root.

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::rc::Rc;
 
-use fhir_model::Model;
+use crate::typeinfo::{self, TypeInfo};
 use serde_json::{Map, Value as Json};
 
 /// One step of a [`NodePath`].
@@ -324,7 +324,7 @@ impl<'a> Node<'a> {
 
     /// True when the node is a resource (root, contained, Bundle entry resource, …).
     pub fn is_resource(&self) -> bool {
-        !self.ty.is_empty() && fhir_model::r4().is_resource(self.ty)
+        typeinfo::info(self.ty).is_some_and(|i| i.is_a("Resource"))
     }
 
     pub(crate) fn same(&self, other: &Node<'a>) -> bool {
@@ -338,33 +338,36 @@ impl<'a> Node<'a> {
         }
     }
 
-    /// Children named `name` (an element name; choice elements resolve to their typed key), pushed
-    /// onto `out` in document order.
-    pub(crate) fn push_children_named(&self, name: &str, out: &mut Vec<crate::Item<'a>>) {
-        // A primitive's own children live in its shadow object.
-        let map = if self.is_primitive() {
+    /// The object holding this node's children (a primitive's live in its `_name` shadow), with the
+    /// navigation entry of its type (`Element` for a primitive; `None` when untyped).
+    fn child_map(&self) -> Option<(&'a Map<String, Json>, Option<&'static TypeInfo>)> {
+        if self.is_primitive() {
             match self.shadow {
-                Some(Json::Object(m)) => m,
-                _ => return,
+                Some(Json::Object(m)) => Some((m, typeinfo::element())),
+                _ => None,
             }
         } else {
             match self.value {
-                Some(Json::Object(m)) => m,
-                _ => return,
+                Some(Json::Object(m)) => Some((m, typeinfo::info(self.ty))),
+                _ => None,
             }
+        }
+    }
+
+    /// Children named `name` (an element name; choice elements resolve to their typed key), pushed
+    /// onto `out` in document order.
+    pub(crate) fn push_children_named(&self, name: &str, out: &mut Vec<crate::Item<'a>>) {
+        let Some((map, info)) = self.child_map() else {
+            return;
         };
-        let model = fhir_model::r4();
-        let td = if self.is_primitive() {
-            model.type_def("Element")
-        } else if self.ty.is_empty() {
-            None
-        } else {
-            model.type_def(self.ty)
-        };
-        let Some(td) = td else {
+        let Some(info) = info else {
             // Untyped data: plain member access.
             if let Some((k, v)) = map.get_key_value(name) {
-                let shadow = shadow_of(map, name);
+                let shadow = if may_have_shadow(v) {
+                    shadow_of(map, name)
+                } else {
+                    None
+                };
                 push_members(out, self, k, k, "", Some(v), shadow);
             } else if let Some((k, v)) = shadow_entry(map, name) {
                 push_members(out, self, &k[1..], &k[1..], "", None, Some(v));
@@ -372,67 +375,50 @@ impl<'a> Node<'a> {
             return;
         };
         // Plain elements, and a choice element named by its typed key (`valueDateTime`).
-        if let Some(child) = td.child(name) {
+        if let Some(c) = info.children.get(name) {
             let value = map.get_key_value(name);
-            let shadow = shadow_entry(map, name);
+            let shadow = if c.primitive {
+                shadow_entry(map, name)
+            } else {
+                None
+            };
             match (value, shadow) {
-                (Some((k, v)), s) => push_members(
-                    out,
-                    self,
-                    k,
-                    &child.element.name,
-                    child.type_name,
-                    Some(v),
-                    s.map(|x| x.1),
-                ),
-                (None, Some((k, s))) => push_members(
-                    out,
-                    self,
-                    &k[1..],
-                    &child.element.name,
-                    child.type_name,
-                    None,
-                    Some(s),
-                ),
+                (Some((k, v)), s) => {
+                    push_members(out, self, k, c.name, c.ty, Some(v), s.map(|x| x.1))
+                }
+                (None, Some((k, s))) => {
+                    push_members(out, self, &k[1..], c.name, c.ty, None, Some(s))
+                }
                 (None, None) => {}
             }
             return;
         }
-        let Some(el) = td.element(name).filter(|e| e.choice) else {
+        if !info.choices.contains_key(name) {
             return;
-        };
+        }
         for (key, v) in map {
             let plain = key.strip_prefix('_').unwrap_or(key);
-            if !plain.starts_with(name) || plain.len() == name.len() {
+            if plain.len() <= name.len() || !plain.starts_with(name) {
                 continue;
             }
-            let Some(c) = td.child(plain) else { continue };
-            if !std::ptr::eq(c.element, el) {
+            let Some(c) = info.children.get(plain) else {
+                continue;
+            };
+            if c.name != name {
                 continue;
             }
             if key.starts_with('_') {
                 if map.contains_key(plain) {
                     continue;
                 }
-                push_members(
-                    out,
-                    self,
-                    plain_key(map, plain).unwrap_or(plain),
-                    &el.name,
-                    c.type_name,
-                    None,
-                    Some(v),
-                );
+                push_members(out, self, &key[1..], c.name, c.ty, None, Some(v));
             } else {
-                push_members(
-                    out,
-                    self,
-                    key,
-                    &el.name,
-                    c.type_name,
-                    Some(v),
-                    shadow_of(map, key),
-                );
+                let shadow = if c.primitive {
+                    shadow_of(map, key)
+                } else {
+                    None
+                };
+                push_members(out, self, key, c.name, c.ty, Some(v), shadow);
             }
             return;
         }
@@ -446,68 +432,55 @@ impl<'a> Node<'a> {
     }
 
     pub(crate) fn push_children(&self, out: &mut Vec<crate::Item<'a>>) {
-        let (map, primitive) = if self.is_primitive() {
-            match self.shadow {
-                Some(Json::Object(m)) => (m, true),
-                _ => return,
-            }
-        } else {
-            match self.value {
-                Some(Json::Object(m)) => (m, false),
-                _ => return,
-            }
-        };
-        let model = fhir_model::r4();
-        let td = if primitive {
-            model.type_def("Element")
-        } else if self.ty.is_empty() {
-            None
-        } else {
-            model.type_def(self.ty)
+        let Some((map, info)) = self.child_map() else {
+            return;
         };
         for (key, v) in map {
-            if key == "resourceType" && !primitive {
+            if key == "resourceType" {
                 continue;
             }
             if let Some(plain) = key.strip_prefix('_') {
                 if map.contains_key(plain) {
                     continue;
                 }
-                let (name, ty) = child_name_type(model, td, plain);
-                push_members(
-                    out,
-                    self,
-                    plain_key(map, plain).unwrap_or(plain),
-                    name,
-                    ty,
-                    None,
-                    Some(v),
-                );
+                let (name, ty) = match info.and_then(|i| i.children.get(plain)) {
+                    Some(c) => (c.name, c.ty),
+                    None => ("", ""),
+                };
+                push_members(out, self, plain, name, ty, None, Some(v));
                 continue;
             }
-            let (name, ty) = child_name_type(model, td, key);
-            push_members(out, self, key, name, ty, Some(v), shadow_of(map, key));
+            let (name, ty, shadow) = match info.and_then(|i| i.children.get(key.as_str())) {
+                Some(c) => (
+                    c.name,
+                    c.ty,
+                    if c.primitive {
+                        shadow_of(map, key)
+                    } else {
+                        None
+                    },
+                ),
+                None => (
+                    "",
+                    "",
+                    if may_have_shadow(v) {
+                        shadow_of(map, key)
+                    } else {
+                        None
+                    },
+                ),
+            };
+            push_members(out, self, key, name, ty, Some(v), shadow);
         }
     }
 }
 
-fn plain_key<'a>(map: &'a Map<String, Json>, plain: &str) -> Option<&'a str> {
-    // The key string must live as long as the document; for a shadow-only primitive the plain key
-    // is not in the map, so borrow it from the shadow key (without its '_').
-    let mut buf = String::with_capacity(plain.len() + 1);
-    buf.push('_');
-    buf.push_str(plain);
-    map.get_key_value(buf.as_str()).map(|(k, _)| &k[1..])
-}
-
-fn child_name_type<'m>(
-    _model: &'m Model,
-    td: Option<&'m fhir_model::TypeDef>,
-    key: &str,
-) -> (&'m str, &'m str) {
-    match td.and_then(|t| t.child(key)) {
-        Some(c) => (c.element.name.as_str(), c.type_name),
-        None => ("", ""),
+/// Only primitives (or arrays of them) have `_name` shadows.
+fn may_have_shadow(v: &Json) -> bool {
+    match v {
+        Json::Object(_) => false,
+        Json::Array(a) => !a.first().is_some_and(Json::is_object),
+        _ => true,
     }
 }
 
