@@ -184,13 +184,11 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
                     if name.starts_with(|c: char| c.is_ascii_uppercase())
                         && crate::typeinfo::info(name).is_some()
                     {
-                        let spec = TypeSpec {
-                            namespace: None,
-                            name: name.clone(),
-                        };
                         let filtered: Vec<_> = input
                             .iter()
-                            .filter(|i| is_type(i, &spec))
+                            .filter(|i| {
+                                matches!(i, Item::Node(n) if crate::typeinfo::info(n.ty).is_some_and(|t| t.is_a(name)))
+                            })
                             .cloned()
                             .collect();
                         if !filtered.is_empty() {
@@ -292,7 +290,7 @@ fn variable<'a>(name: &str, env: &Env<'_, 'a>) -> R<'a> {
         "sct" => s("http://snomed.info/sct".into()),
         "loinc" => s("http://loinc.org".into()),
         _ => {
-            if let Some(v) = ctx.variables.get(name) {
+            if let Some((_, v)) = ctx.variables.iter().find(|(n, _)| n == name) {
                 return Ok(v.clone());
             }
             if let Some(vs) = name.strip_prefix("vs-") {
@@ -333,9 +331,12 @@ pub(crate) fn is_type(item: &Item<'_>, spec: &TypeSpec) -> bool {
             if ns == Some("System") {
                 return false;
             }
-            match crate::typeinfo::info(n.ty) {
-                Some(i) => i.is_a(name),
-                None => n.ty == name,
+            if n.ty == name {
+                return true;
+            }
+            match &spec.subtypes {
+                Some(list) => list.contains(&n.ty),
+                None => crate::typeinfo::info(n.ty).is_some_and(|i| i.is_a(name)),
             }
         }
         _ => {

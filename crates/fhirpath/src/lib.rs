@@ -31,8 +31,6 @@ mod temporal;
 mod typeinfo;
 mod value;
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, FixedOffset};
 use serde_json::Value as Json;
 
@@ -90,7 +88,8 @@ pub struct EvalContext<'a> {
     pub(crate) resource: Item<'a>,
     pub(crate) root_resource: Item<'a>,
     pub(crate) focus: Item<'a>,
-    pub(crate) variables: HashMap<String, Vec<Item<'a>>>,
+    /// Caller variables: few, so a list (a hash map's random state costs more than the scan).
+    pub(crate) variables: Vec<(String, Vec<Item<'a>>)>,
     /// Set by `with_now`, or on the first use of `now()` (reading the clock is not free).
     pub(crate) now: std::sync::OnceLock<DateTime<FixedOffset>>,
 }
@@ -105,7 +104,7 @@ impl<'a> EvalContext<'a> {
             resource: node.clone(),
             root_resource: node.clone(),
             focus: node,
-            variables: HashMap::new(),
+            variables: Vec::new(),
             now: std::sync::OnceLock::new(),
         }
     }
@@ -143,7 +142,7 @@ impl<'a> EvalContext<'a> {
 
     /// Defines `%name` as a collection of items.
     pub fn with_variable(mut self, name: &str, items: Vec<Item<'a>>) -> Self {
-        self.variables.insert(name.to_string(), items);
+        self.set_variable(name, items);
         self
     }
 
@@ -157,7 +156,7 @@ impl<'a> EvalContext<'a> {
             .into_iter()
             .map(|v| Item::Node(Node::detached(v, "")))
             .collect();
-        self.variables.insert(name.to_string(), items);
+        self.set_variable(name, items);
         self
     }
 
@@ -171,6 +170,13 @@ impl<'a> EvalContext<'a> {
     /// The instant `now()` reports for this context.
     pub fn now(&self) -> DateTime<FixedOffset> {
         *self.now.get_or_init(|| chrono::Local::now().fixed_offset())
+    }
+
+    fn set_variable(&mut self, name: &str, items: Vec<Item<'a>>) {
+        match self.variables.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = items,
+            None => self.variables.push((name.to_string(), items)),
+        }
     }
 
     /// The document root.

@@ -362,7 +362,7 @@ impl<'a> Node<'a> {
         };
         let Some(info) = info else {
             // Untyped data: plain member access.
-            if let Some((k, v)) = map.get_key_value(name) {
+            if let Some((k, v)) = lookup(map, name) {
                 let shadow = if may_have_shadow(v) {
                     shadow_of(map, name)
                 } else {
@@ -376,7 +376,7 @@ impl<'a> Node<'a> {
         };
         // Plain elements, and a choice element named by its typed key (`valueDateTime`).
         if let Some(c) = info.children.get(name) {
-            let value = map.get_key_value(name);
+            let value = lookup(map, name);
             let shadow = if c.primitive {
                 shadow_entry(map, name)
             } else {
@@ -408,7 +408,7 @@ impl<'a> Node<'a> {
                 continue;
             }
             if key.starts_with('_') {
-                if map.contains_key(plain) {
+                if has_key(map, plain) {
                     continue;
                 }
                 push_members(out, self, &key[1..], c.name, c.ty, None, Some(v));
@@ -440,7 +440,7 @@ impl<'a> Node<'a> {
                 continue;
             }
             if let Some(plain) = key.strip_prefix('_') {
-                if map.contains_key(plain) {
+                if has_key(map, plain) {
                     continue;
                 }
                 let (name, ty) = match info.and_then(|i| i.children.get(plain)) {
@@ -484,8 +484,28 @@ fn may_have_shadow(v: &Json) -> bool {
     }
 }
 
-/// `map["_" + name]` without allocating for short names.
+/// Below this many members a linear scan beats hashing the key (FHIR objects are mostly small).
+const SCAN_LIMIT: usize = 16;
+
+fn lookup<'a>(map: &'a Map<String, Json>, key: &str) -> Option<(&'a String, &'a Json)> {
+    if map.len() <= SCAN_LIMIT {
+        map.iter().find(|(k, _)| k.as_str() == key)
+    } else {
+        map.get_key_value(key)
+    }
+}
+
+fn has_key(map: &Map<String, Json>, key: &str) -> bool {
+    lookup(map, key).is_some()
+}
+
+/// `map["_" + name]` without allocating.
 fn shadow_entry<'a>(map: &'a Map<String, Json>, name: &str) -> Option<(&'a String, &'a Json)> {
+    if map.len() <= SCAN_LIMIT {
+        return map
+            .iter()
+            .find(|(k, _)| k.len() == name.len() + 1 && k.starts_with('_') && &k[1..] == name);
+    }
     let mut buf = [0u8; 96];
     if name.len() + 1 <= buf.len() {
         buf[0] = b'_';
@@ -502,7 +522,10 @@ fn shadow_of<'a>(map: &'a Map<String, Json>, name: &str) -> Option<&'a Json> {
 }
 
 pub(crate) fn resource_type(v: &Json) -> Option<&str> {
-    v.get("resourceType")?.as_str()
+    match v {
+        Json::Object(m) => lookup(m, "resourceType")?.1.as_str(),
+        _ => None,
+    }
 }
 
 /// Pushes the node(s) of one member: arrays expand to one node per element (pairing each primitive

@@ -43,6 +43,25 @@ pub(crate) enum BinOp {
 pub(crate) struct TypeSpec {
     pub namespace: Option<String>,
     pub name: String,
+    /// FHIR types that are this type or derive from it, when few: type tests then compare names
+    /// instead of walking the model.
+    pub subtypes: Option<Vec<&'static str>>,
+}
+
+impl TypeSpec {
+    pub(crate) fn new(namespace: Option<String>, name: String) -> Self {
+        let subtypes = if namespace.as_deref() == Some("System") {
+            None
+        } else {
+            let s = crate::typeinfo::subtypes_of(&name);
+            (s.len() <= 16).then_some(s)
+        };
+        TypeSpec {
+            namespace,
+            name,
+            subtypes,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -261,15 +280,9 @@ impl Parser<'_> {
         {
             self.next();
             let (second, _) = self.identifier()?;
-            return Ok(TypeSpec {
-                namespace: Some(first),
-                name: second,
-            });
+            return Ok(TypeSpec::new(Some(first), second));
         }
-        Ok(TypeSpec {
-            namespace: None,
-            name: first,
-        })
+        Ok(TypeSpec::new(None, first))
     }
 
     /// identifier | function call | $this | $index | $total, after a '.' or at a term.
@@ -365,15 +378,9 @@ impl Parser<'_> {
         }
         if matches!(f, Builtin::Is | Builtin::As | Builtin::OfType) {
             let spec = match &args[0] {
-                Expr::Member(None, n) => TypeSpec {
-                    namespace: None,
-                    name: n.clone(),
-                },
+                Expr::Member(None, n) => TypeSpec::new(None, n.clone()),
                 Expr::Member(Some(b), n) => match b.as_ref() {
-                    Expr::Member(None, ns) => TypeSpec {
-                        namespace: Some(ns.clone()),
-                        name: n.clone(),
-                    },
+                    Expr::Member(None, ns) => TypeSpec::new(Some(ns.clone()), n.clone()),
                     _ => return Err(ParseError::new(pos, "a type name", "an expression")),
                 },
                 _ => return Err(ParseError::new(pos, "a type name", "an expression")),

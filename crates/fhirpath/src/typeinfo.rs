@@ -177,6 +177,17 @@ pub(crate) fn element() -> Option<&'static TypeInfo> {
     *ELEMENT.get_or_init(|| info("Element"))
 }
 
+/// The types that are `name` or derive from it.
+pub(crate) fn subtypes_of(name: &str) -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = index()
+        .values()
+        .filter(|i| i.is_a(name))
+        .map(|i| i.name)
+        .collect();
+    v.sort_unstable();
+    v
+}
+
 impl TypeInfo {
     pub(crate) fn is_a(&self, name: &str) -> bool {
         self.ancestors.iter().any(|a| *a == name)
