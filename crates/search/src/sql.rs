@@ -39,6 +39,8 @@ impl From<rusqlite::Error> for SearchError {
 /// SQL text plus its positional parameters.
 struct Builder<'s> {
     store: &'s SqliteStore,
+    /// Render the next parameter filter as a correlated `EXISTS` probe instead of `IN`.
+    probe: bool,
     params: Vec<Sql>,
 }
 
@@ -59,6 +61,7 @@ impl<'s> Builder<'s> {
     fn new(store: &'s SqliteStore) -> Self {
         Builder {
             store,
+            probe: false,
             params: Vec::new(),
         }
     }
@@ -269,14 +272,24 @@ impl<'s> Builder<'s> {
                 None => by_table.push((table, vec![cond])),
             }
         }
+        let probe = std::mem::replace(&mut self.probe, false);
         let mut parts = Vec::new();
         for (table, conds) in by_table {
             let tn = self.p(Sql::Integer(type_no));
-            let pc = self.param_match(resource_type, code, table, "");
-            parts.push(format!(
-                "{kexpr} IN (SELECT k FROM {table} WHERE type_no = {tn} AND {pc} AND ({}))",
-                conds.join(" OR ")
-            ));
+            if probe {
+                // A per-row lookup through the `(k)` index (see `execute`).
+                let pc = self.param_match(resource_type, code, table, "+");
+                parts.push(format!(
+                    "EXISTS (SELECT 1 FROM {table} WHERE k = {kexpr} AND +type_no = {tn} AND {pc} AND ({}))",
+                    conds.join(" OR ")
+                ));
+            } else {
+                let pc = self.param_match(resource_type, code, table, "");
+                parts.push(format!(
+                    "{kexpr} IN (SELECT k FROM {table} WHERE type_no = {tn} AND {pc} AND ({}))",
+                    conds.join(" OR ")
+                ));
+            }
         }
         Ok(if parts.is_empty() {
             "0".into()
@@ -450,9 +463,11 @@ impl<'s> Builder<'s> {
                 },
             ),
         };
-        let pc = self.param_match(resource_type, &key.code, table, "");
+        // `+` keeps the planner on the `(k)` index: one lookup per row, not a scan of the
+        // parameter's rows.
+        let pc = self.param_match(resource_type, &key.code, table, "+");
         format!(
-            "coalesce((SELECT {agg}({col}) FROM {table} WHERE k = rv.k AND type_no = {tn} AND {pc}), {missing})"
+            "coalesce((SELECT {agg}({col}) FROM {table} WHERE k = rv.k AND +type_no = {tn} AND {pc}), {missing})"
         )
     }
 }
@@ -539,8 +554,27 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
         b.p(Sql::Integer(lo)),
         b.p(Sql::Integer(hi))
     );
+    // Selective filters (codes, references, strings, chains) drive the query as `IN` lists;
+    // range filters (dates, negations) then become per-row probes, so a wide date range never
+    // materializes its whole match set. With only range filters, the first one drives.
+    let selective = |f: &Filter| match f {
+        Filter::Param { kind, negate, .. } => !*negate && *kind != SearchParamType::Date,
+        Filter::Chain { .. } | Filter::Has { .. } => true,
+        Filter::Missing { .. } => false,
+    };
+    let any_selective = q.filters.iter().any(selective);
+    let mut driver_chosen = any_selective;
     for f in &q.filters {
+        b.probe = if selective(f) {
+            false
+        } else if !driver_chosen && matches!(f, Filter::Param { negate: false, .. }) {
+            driver_chosen = true;
+            false
+        } else {
+            true
+        };
         let c = b.filter(&q.resource_type, f, "rv.k", "rv.id")?;
+        b.probe = false;
         where_.push_str(" AND ");
         where_.push_str(&c);
     }
@@ -692,12 +726,12 @@ fn include_targets(
 ) -> Result<Vec<(String, String)>, SearchError> {
     let mut b = Builder::new(store);
     let mut sql = format!(
-        "SELECT target_type, target_id FROM idx_reference WHERE k = {} AND type_no = {} AND target_id IS NOT NULL",
+        "SELECT target_type, target_id FROM idx_reference WHERE k = {} AND +type_no = {} AND target_id IS NOT NULL",
         b.p(Sql::Integer(k)),
         b.p(Sql::Integer(type_no))
     );
     if let Some(p) = &inc.param {
-        let pm = b.param_match(&inc.source_type, p, "idx_reference", "");
+        let pm = b.param_match(&inc.source_type, p, "idx_reference", "+");
         sql.push_str(&format!(" AND {pm}"));
     }
     if let Some(t) = &inc.target_type {
