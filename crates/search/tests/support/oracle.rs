@@ -210,11 +210,40 @@ impl<'a> Oracle<'a> {
             .split('&')
             .map(|p| p.split_once('=').expect("name=value"))
             .collect();
+        // `_has` is answered from the source side once per query: the references of every
+        // matching source resource.
+        let has_sets: Vec<Option<BTreeSet<String>>> = conds
+            .iter()
+            .map(|(n, v)| {
+                let rest = n.strip_prefix("_has:")?;
+                let mut parts = rest.splitn(3, ':');
+                let (st, rc, pname) = (parts.next()?, parts.next()?, parts.next()?);
+                let mut set = BTreeSet::new();
+                for s in self.by_type.get(st).into_iter().flatten() {
+                    if self.cond(st, s, pname, v) {
+                        let (_, refs) = self.items(st, rc, s);
+                        set.extend(
+                            refs.iter()
+                                .filter_map(|i| i.get("reference").and_then(Value::as_str))
+                                .map(str::to_string),
+                        );
+                    }
+                }
+                Some(set)
+            })
+            .collect();
         self.by_type
             .get(ty)
             .into_iter()
             .flatten()
-            .filter(|r| conds.iter().all(|(n, v)| self.cond(ty, r, n, v)))
+            .filter(|r| {
+                conds.iter().zip(&has_sets).all(|((n, v), has)| match has {
+                    Some(set) => {
+                        set.contains(&format!("{ty}/{}", r["id"].as_str().unwrap_or_default()))
+                    }
+                    None => self.cond(ty, r, n, v),
+                })
+            })
             .map(|r| r["id"].as_str().unwrap_or_default().to_string())
             .collect()
     }

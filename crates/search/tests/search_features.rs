@@ -1,0 +1,257 @@
+//! Search behaviour on a small hand-made data set: paging and sorting, totals, includes,
+//! updates and deletes, `_lastUpdated`, lenient handling, and `_typeFilter` predicate sets.
+
+mod support;
+
+use search::{ParseOptions, Predicate, PredicateSet, SearchError, parse_query, parse_query_string};
+use serde_json::{Value, json};
+use store::{SqliteStore, Store, WriteOp};
+
+fn patient(id: &str, family: &str, birth: &str) -> Value {
+    json!({"resourceType":"Patient","id":id,"name":[{"family":family,"given":["Ann"]}],"birthDate":birth,"gender":"female"})
+}
+
+fn obs(id: &str, subject: &str, code: &str, date: &str, value: f64) -> Value {
+    json!({"resourceType":"Observation","id":id,"status":"final",
+        "code":{"coding":[{"system":"http://loinc.org","code":code}]},
+        "subject":{"reference":format!("Patient/{subject}")},
+        "effectiveDateTime":date,
+        "valueQuantity":{"value":value,"unit":"kg","system":"http://unitsofmeasure.org","code":"kg"}})
+}
+
+fn data() -> Vec<Value> {
+    let mut v = vec![
+        patient("p1", "Zeta", "1980-01-01"),
+        patient("p2", "Alpha", "1990-05-05"),
+        patient("p3", "Müller", "1970-03-03"),
+    ];
+    for i in 0..25 {
+        let p = ["p1", "p2", "p3"][i % 3];
+        v.push(obs(
+            &format!("o{i:02}"),
+            p,
+            if i % 2 == 0 { "29463-7" } else { "8302-2" },
+            &format!("2020-01-{:02}T10:00:00Z", i + 1),
+            50.0 + i as f64,
+        ));
+    }
+    v.push(json!({"resourceType":"Provenance","id":"prov1","target":[{"reference":"Patient/p1"}],"recorded":"2020-01-01T00:00:00Z","agent":[{"who":{"reference":"Patient/p1"}}]}));
+    v
+}
+
+fn run(store: &SqliteStore, ty: &str, q: &str) -> Result<search::SearchPage, SearchError> {
+    let query = parse_query(ty, &parse_query_string(q), ParseOptions::default())?;
+    search::execute(store, &query)
+}
+
+fn ids(rs: &[Value]) -> Vec<&str> {
+    rs.iter()
+        .map(|r| r["id"].as_str().unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn sorting_and_keyset_paging() {
+    let (_d, store, _) = support::load_store(&data());
+    let all = support::search_ids(&store, "Observation", "_sort=-date&_count=4").unwrap();
+    let expected: Vec<String> = (0..25).rev().map(|i| format!("o{i:02}")).collect();
+    assert_eq!(all, expected);
+    let asc = support::search_ids(
+        &store,
+        "Observation",
+        "code=29463-7&_sort=date,_id&_count=5",
+    )
+    .unwrap();
+    assert_eq!(
+        asc,
+        (0..25)
+            .step_by(2)
+            .map(|i| format!("o{i:02}"))
+            .collect::<Vec<_>>()
+    );
+    let by_name = support::search_ids(&store, "Patient", "_sort=family&_count=1").unwrap();
+    assert_eq!(by_name, ["p2", "p3", "p1"]); // alpha, muller, zeta (normalized)
+    let desc_id = support::search_ids(&store, "Patient", "_sort=-_id&_count=2").unwrap();
+    assert_eq!(desc_id, ["p3", "p2", "p1"]);
+}
+
+#[test]
+fn totals_and_summary_count() {
+    let (_d, store, _) = support::load_store(&data());
+    let p = run(
+        &store,
+        "Observation",
+        "code=29463-7&_total=accurate&_count=2",
+    )
+    .unwrap();
+    assert_eq!(p.total, Some(13));
+    assert_eq!(p.matches.len(), 2);
+    assert!(p.next_cursor.is_some());
+    let p = run(&store, "Observation", "_summary=count").unwrap();
+    assert_eq!(p.total, Some(25));
+    assert!(p.matches.is_empty());
+}
+
+#[test]
+fn include_and_revinclude() {
+    let (_d, store, _) = support::load_store(&data());
+    let p = run(
+        &store,
+        "Observation",
+        "_id=o00,o03&_include=Observation:subject",
+    )
+    .unwrap();
+    assert_eq!(ids(&p.matches), ["o00", "o03"]);
+    assert_eq!(ids(&p.included), ["p1"]);
+    let p = run(
+        &store,
+        "Observation",
+        "_id=o01&_include=Observation:patient:Patient",
+    )
+    .unwrap();
+    assert_eq!(ids(&p.included), ["p2"]);
+    let p = run(&store, "Patient", "_id=p1&_revinclude=Provenance:target").unwrap();
+    assert_eq!(ids(&p.included), ["prov1"]);
+    let p = run(
+        &store,
+        "Patient",
+        "_id=p2&_revinclude=Observation:subject&_include:iterate=Observation:subject",
+    )
+    .unwrap();
+    assert_eq!(p.included.len(), 8);
+    let params = parse_query_string("_id=o00&_include=Observation:subject");
+    let q = parse_query("Observation", &params, ParseOptions::default()).unwrap();
+    let page = search::execute(&store, &q).unwrap();
+    let b = search::searchset_bundle("http://x/fhir", &q, &params, &page);
+    assert_eq!(b["entry"][1]["search"]["mode"], "include");
+    assert_eq!(b["entry"][1]["fullUrl"], "http://x/fhir/Patient/p1");
+}
+
+#[test]
+fn updates_and_deletes_keep_the_index_current() {
+    let (_d, store, _) = support::load_store(&data());
+    let mut p = patient("p2", "Beta", "1990-05-05");
+    p["gender"] = json!("male");
+    store
+        .write(vec![WriteOp::Update {
+            resource_type: "Patient".into(),
+            id: "p2".into(),
+            resource: p,
+            if_match: None,
+        }])
+        .unwrap();
+    assert_eq!(
+        support::search_ids(&store, "Patient", "family=alpha").unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        support::search_ids(&store, "Patient", "family=beta").unwrap(),
+        ["p2"]
+    );
+    assert_eq!(
+        support::search_ids(&store, "Patient", "gender=female").unwrap(),
+        ["p1", "p3"]
+    );
+    store
+        .write(vec![WriteOp::Delete {
+            resource_type: "Patient".into(),
+            id: "p1".into(),
+            if_match: None,
+        }])
+        .unwrap();
+    assert_eq!(
+        support::search_ids(&store, "Patient", "gender=female").unwrap(),
+        ["p3"]
+    );
+    assert_eq!(
+        support::search_ids(&store, "Patient", "_id=p1").unwrap(),
+        Vec::<String>::new()
+    );
+    // chains only follow current targets
+    assert!(
+        support::search_ids(&store, "Observation", "subject:Patient.family=zeta")
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn last_updated_uses_transaction_instants() {
+    let (_d, store, stored) = support::load_store(&data());
+    let lu = stored[0]["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    store
+        .write(vec![WriteOp::Create {
+            resource: patient("p9", "Late", "2000-01-01"),
+        }])
+        .unwrap();
+    let after = support::search_ids(&store, "Patient", &format!("_lastUpdated=gt{lu}")).unwrap();
+    assert_eq!(after, ["p9"]);
+    let upto = support::search_ids(&store, "Patient", &format!("_lastUpdated=le{lu}")).unwrap();
+    assert_eq!(upto, ["p1", "p2", "p3"]);
+    let p9 = store.read("Patient", "p9").unwrap();
+    let p9: Value = serde_json::from_slice(&p9.json).unwrap();
+    let pred = Predicate::compile("Patient", &format!("_lastUpdated=gt{lu}")).unwrap();
+    assert!(pred.matches(&p9));
+    assert!(!pred.matches(&stored[0]));
+}
+
+#[test]
+fn errors_and_lenient_handling() {
+    let (_d, store, _) = support::load_store(&data());
+    for (q, param) in [
+        ("birthdate=2020-13-45", "birthdate"),
+        ("_count=-1", "_count"),
+        ("birthdate=zz2020", "birthdate"),
+        ("gender.name=x", "gender.name"),
+        ("_cursor=nothex", "_cursor"),
+    ] {
+        let e = run(&store, "Patient", q).unwrap_err();
+        assert_eq!(e.param(), Some(param), "{q}: {e}");
+    }
+    assert!(matches!(
+        run(&store, "Patient", "nope=1"),
+        Err(SearchError::UnknownParameter { .. })
+    ));
+    let q = parse_query(
+        "Patient",
+        &parse_query_string("nope=1&family=zeta"),
+        ParseOptions {
+            lenient: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(q.ignored[0].param, "nope");
+    assert_eq!(ids(&search::execute(&store, &q).unwrap().matches), ["p1"]);
+}
+
+#[test]
+fn type_filter_sets_or_per_type_and_pass_other_types() {
+    let mut set = PredicateSet::new();
+    set.add_type_filter("Observation?code=29463-7&value-quantity=lt52")
+        .unwrap();
+    set.add_type_filter("Observation?date=ge2020-01-25")
+        .unwrap();
+    let d = data();
+    let selected: Vec<&str> = d
+        .iter()
+        .filter(|r| set.matches(r))
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(selected, ["p1", "p2", "p3", "o00", "o24", "prov1"]);
+    for bad in [
+        "Observation?subject:Patient.name=x",
+        "Patient?_has:Observation:patient:code=1",
+        "Observation?_sort=date",
+        "Observation?_include=Observation:subject",
+        "Observation?code-value-quantity=x",
+        "Nope?x=1",
+        "Observation",
+    ] {
+        assert!(set.add_type_filter(bad).is_err(), "{bad}");
+    }
+}
