@@ -1041,17 +1041,20 @@ fn call<'a>(
             Ok(out)
         }
         F::Descendants => {
+            // Breadth-first in one vector: each node's children are appended behind it.
             let mut out = Vec::new();
-            let mut queue = focus;
-            while !queue.is_empty() {
-                let mut next = Vec::new();
-                for i in &queue {
-                    if let Item::Node(n) = i {
-                        n.push_children(&mut next);
-                    }
+            for i in &focus {
+                if let Item::Node(n) = i {
+                    n.push_children(&mut out);
                 }
-                out.extend(next.iter().cloned());
-                queue = next;
+            }
+            let mut next = 0;
+            while next < out.len() {
+                if let Item::Node(n) = &out[next] {
+                    let n = n.clone();
+                    n.push_children(&mut out);
+                }
+                next += 1;
             }
             Ok(out)
         }

@@ -98,8 +98,8 @@ impl fmt::Display for NodePath {
     }
 }
 
-/// Where a node sits: a persistent parent chain, so that creating a child costs one small allocation
-/// and the full path is only built when asked for.
+/// Where a node's parent sits: a persistent chain shared by all children of one parent, so that
+/// expanding a node costs one small allocation (leaves none) and a full path is only built when asked.
 #[derive(Clone)]
 pub(crate) enum Loc<'a> {
     /// Not part of the document (a variable's value).
@@ -172,7 +172,11 @@ pub struct Node<'a> {
     pub(crate) ty: &'a str,
     /// Element name (`value` for `valueQuantity`); empty for roots.
     pub(crate) name: &'a str,
-    pub(crate) loc: Loc<'a>,
+    /// Location of the parent; for the root (or a detached value) its own location.
+    pub(crate) parent: Loc<'a>,
+    /// JSON key in the parent object; `None` for the root or a detached value.
+    pub(crate) key: Option<&'a str>,
+    pub(crate) index: Option<usize>,
 }
 
 impl fmt::Debug for Node<'_> {
@@ -193,7 +197,9 @@ impl<'a> Node<'a> {
             shadow: None,
             ty: resource_type(value).unwrap_or(""),
             name: "",
-            loc: Loc::Root,
+            parent: Loc::Root,
+            key: None,
+            index: None,
         }
     }
 
@@ -210,7 +216,9 @@ impl<'a> Node<'a> {
             shadow: None,
             ty,
             name: "",
-            loc: Loc::Detached,
+            parent: Loc::Detached,
+            key: None,
+            index: None,
         }
     }
 
@@ -285,23 +293,35 @@ impl<'a> Node<'a> {
 
     /// The JSON key under which this node sits in its parent object.
     pub fn key(&self) -> Option<&'a str> {
-        match &self.loc {
-            Loc::Child(l) => Some(l.key),
-            _ => None,
-        }
+        self.key
     }
 
     /// The array index, when the element repeats.
     pub fn index(&self) -> Option<usize> {
-        match &self.loc {
-            Loc::Child(l) => l.index,
-            _ => None,
+        self.index
+    }
+
+    /// This node's own location, for its children to point at.
+    fn self_loc(&self) -> Loc<'a> {
+        match self.key {
+            None => self.parent.clone(),
+            Some(k) => self.parent.child(k, self.index),
         }
     }
 
     /// Location from the document root; `None` for values outside the document.
     pub fn path(&self) -> Option<NodePath> {
-        self.loc.path()
+        let mut v = Vec::new();
+        if !self.parent.collect(&mut v) {
+            return None;
+        }
+        if let Some(k) = self.key {
+            v.push(Segment::Key(k.to_string()));
+            if let Some(i) = self.index {
+                v.push(Segment::Index(i));
+            }
+        }
+        Some(NodePath(v))
     }
 
     /// Location of the `_name` shadow of a primitive (whether or not it exists in the document).
@@ -329,7 +349,12 @@ impl<'a> Node<'a> {
 
     pub(crate) fn same(&self, other: &Node<'a>) -> bool {
         match (self.value, other.value) {
-            (Some(a), Some(b)) => std::ptr::eq(a, b) && self.loc.same(&other.loc),
+            (Some(a), Some(b)) => {
+                std::ptr::eq(a, b)
+                    && self.key == other.key
+                    && self.index == other.index
+                    && self.parent.same(&other.parent)
+            }
             (None, None) => match (self.shadow, other.shadow) {
                 (Some(a), Some(b)) => std::ptr::eq(a, b),
                 _ => false,
@@ -368,9 +393,9 @@ impl<'a> Node<'a> {
                 } else {
                     None
                 };
-                push_members(out, self, k, k, "", Some(v), shadow);
+                push_members(out, &self.self_loc(), k, k, "", Some(v), shadow);
             } else if let Some((k, v)) = shadow_entry(map, name) {
-                push_members(out, self, &k[1..], &k[1..], "", None, Some(v));
+                push_members(out, &self.self_loc(), &k[1..], &k[1..], "", None, Some(v));
             }
             return;
         };
@@ -383,11 +408,17 @@ impl<'a> Node<'a> {
                 None
             };
             match (value, shadow) {
-                (Some((k, v)), s) => {
-                    push_members(out, self, k, c.name, c.ty, Some(v), s.map(|x| x.1))
-                }
+                (Some((k, v)), s) => push_members(
+                    out,
+                    &self.self_loc(),
+                    k,
+                    c.name,
+                    c.ty,
+                    Some(v),
+                    s.map(|x| x.1),
+                ),
                 (None, Some((k, s))) => {
-                    push_members(out, self, &k[1..], c.name, c.ty, None, Some(s))
+                    push_members(out, &self.self_loc(), &k[1..], c.name, c.ty, None, Some(s))
                 }
                 (None, None) => {}
             }
@@ -411,14 +442,22 @@ impl<'a> Node<'a> {
                 if has_key(map, plain) {
                     continue;
                 }
-                push_members(out, self, &key[1..], c.name, c.ty, None, Some(v));
+                push_members(
+                    out,
+                    &self.self_loc(),
+                    &key[1..],
+                    c.name,
+                    c.ty,
+                    None,
+                    Some(v),
+                );
             } else {
                 let shadow = if c.primitive {
                     shadow_of(map, key)
                 } else {
                     None
                 };
-                push_members(out, self, key, c.name, c.ty, Some(v), shadow);
+                push_members(out, &self.self_loc(), key, c.name, c.ty, Some(v), shadow);
             }
             return;
         }
@@ -435,6 +474,9 @@ impl<'a> Node<'a> {
         let Some((map, info)) = self.child_map() else {
             return;
         };
+        let loc = self.self_loc();
+        // Most objects have no `_name` shadows: then skip looking for them.
+        let shadows = map.keys().any(|k| k.starts_with('_'));
         for (key, v) in map {
             if key == "resourceType" {
                 continue;
@@ -447,14 +489,14 @@ impl<'a> Node<'a> {
                     Some(c) => (c.name, c.ty),
                     None => ("", ""),
                 };
-                push_members(out, self, plain, name, ty, None, Some(v));
+                push_members(out, &loc, plain, name, ty, None, Some(v));
                 continue;
             }
             let (name, ty, shadow) = match info.and_then(|i| i.children.get(key.as_str())) {
                 Some(c) => (
                     c.name,
                     c.ty,
-                    if c.primitive {
+                    if shadows && c.primitive {
                         shadow_of(map, key)
                     } else {
                         None
@@ -463,14 +505,14 @@ impl<'a> Node<'a> {
                 None => (
                     "",
                     "",
-                    if may_have_shadow(v) {
+                    if shadows && may_have_shadow(v) {
                         shadow_of(map, key)
                     } else {
                         None
                     },
                 ),
             };
-            push_members(out, self, key, name, ty, Some(v), shadow);
+            push_members(out, &loc, key, name, ty, Some(v), shadow);
         }
     }
 }
@@ -532,7 +574,7 @@ pub(crate) fn resource_type(v: &Json) -> Option<&str> {
 /// with its shadow at the same index).
 fn push_members<'a>(
     out: &mut Vec<crate::Item<'a>>,
-    parent: &Node<'a>,
+    parent: &Loc<'a>,
     key: &'a str,
     name: &'a str,
     ty: &'a str,
@@ -567,7 +609,9 @@ fn push_members<'a>(
                     shadow: sh,
                     ty: resolve_ty(v),
                     name,
-                    loc: parent.loc.child(key, Some(i)),
+                    parent: parent.clone(),
+                    key: Some(key),
+                    index: Some(i),
                 }));
             }
         }
@@ -582,7 +626,9 @@ fn push_members<'a>(
                         shadow: Some(sh),
                         ty,
                         name,
-                        loc: parent.loc.child(key, Some(i)),
+                        parent: parent.clone(),
+                        key: Some(key),
+                        index: Some(i),
                     }));
                 }
             }
@@ -591,7 +637,9 @@ fn push_members<'a>(
                 shadow: Some(sh),
                 ty,
                 name,
-                loc: parent.loc.child(key, None),
+                parent: parent.clone(),
+                key: Some(key),
+                index: None,
             })),
             _ => {}
         },
@@ -600,7 +648,9 @@ fn push_members<'a>(
             shadow: shadow.filter(|s| s.is_object()),
             ty: resolve_ty(Some(v)),
             name,
-            loc: parent.loc.child(key, None),
+            parent: parent.clone(),
+            key: Some(key),
+            index: None,
         })),
     }
 }
