@@ -183,6 +183,23 @@ impl Auth {
         axum::Json(doc).into_response()
     }
 
+    /// The `rest[0].security` element of the CapabilityStatement: SMART-on-FHIR with the token
+    /// endpoint (mode `smart`), or `None` (mode `none`).
+    pub fn capability_security(&self) -> Option<serde_json::Value> {
+        let smart = self.smart_auth()?;
+        Some(serde_json::json!({
+            "service": [{"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": "SMART-on-FHIR"
+            }]}],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": smart.token_url()}]
+            }],
+            "description": "SMART Backend Services: see /.well-known/smart-configuration"
+        }))
+    }
+
     /// Wraps `router` so that every request needs a valid bearer token (mode `smart`) and
     /// carries an [`AuthContext`] in its extensions.
     pub fn protect<S: Clone + Send + Sync + 'static>(&self, router: Router<S>) -> Router<S> {

@@ -526,3 +526,12 @@ async fn client_tools_get_a_token_over_tcp() {
             .unwrap_err();
     assert!(e.to_string().contains("401"), "{e}");
 }
+
+#[test]
+fn capability_statement_security() {
+    let auth = Auth::smart(smart());
+    let sec = auth.capability_security().unwrap();
+    assert_eq!(sec["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+    assert_eq!(sec["extension"][0]["extension"][0]["valueUri"], TOKEN_URL);
+    assert!(Auth::none().capability_security().is_none());
+}
