@@ -144,33 +144,57 @@ fn strip_outer(s: &str) -> &str {
 /// Marks parameters whose branches are all whole expressions of other stored parameters of the
 /// same kind (a single branch without a `resolve()` filter) as aliases of those parameters.
 fn detect_aliases(params: &mut [IndexedParam]) {
-    // (kind, path) -> the canonical stored parameter: the first one in code order.
-    let mut canonical: HashMap<(SearchParamType, String), String> = HashMap::new();
-    for p in params.iter() {
-        if p.storage == Storage::Rows && p.branch_keys.len() == 1 && p.branch_keys[0].1.is_none() {
-            canonical
-                .entry((p.kind, p.branch_keys[0].0.clone()))
-                .or_insert_with(|| p.code.clone());
-        }
-    }
-    for p in params.iter_mut() {
-        if p.storage != Storage::Rows {
+    use std::collections::BTreeSet;
+    let n = params.len();
+    // Branch sets of the parameters that can be alias targets (stored, no resolve() filter).
+    let sets: Vec<Option<BTreeSet<&str>>> = params
+        .iter()
+        .map(|p| {
+            (p.storage == Storage::Rows && p.branch_keys.iter().all(|(_, r)| r.is_none()))
+                .then(|| p.branch_keys.iter().map(|(k, _)| k.as_str()).collect())
+        })
+        .collect();
+    // Unions first, so that their parts are fixed as stored targets before being considered.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(params[i].branch_keys.len()), i));
+    let mut is_alias = vec![false; n];
+    let mut is_target = vec![false; n];
+    let mut decided: Vec<(usize, Storage)> = Vec::new();
+    for &i in &order {
+        let p = &params[i];
+        if p.storage != Storage::Rows || is_target[i] {
             continue;
         }
         let ref_type = p.branch_keys[0].1.clone();
         if p.branch_keys.iter().any(|(_, r)| *r != ref_type) {
             continue;
         }
-        let codes: Option<Vec<String>> = p
-            .branch_keys
-            .iter()
-            .map(|(path, _)| canonical.get(&(p.kind, path.clone())).cloned())
-            .collect();
-        if let Some(codes) = codes
-            && !codes.iter().any(|c| *c == p.code)
-        {
-            p.storage = Storage::Alias { codes, ref_type };
+        let want: BTreeSet<&str> = p.branch_keys.iter().map(|(k, _)| k.as_str()).collect();
+        let mut covered: BTreeSet<&str> = BTreeSet::new();
+        let mut targets = Vec::new();
+        for j in 0..n {
+            if j == i || is_alias[j] || params[j].kind != p.kind {
+                continue;
+            }
+            let Some(s) = &sets[j] else { continue };
+            // Of two parameters with the same expression, the first in code order is stored.
+            let usable = s.is_subset(&want) && (*s != want || ref_type.is_some() || j < i);
+            if usable && !s.is_subset(&covered) {
+                covered.extend(s.iter().copied());
+                targets.push(j);
+            }
         }
+        if covered == want && !targets.is_empty() {
+            is_alias[i] = true;
+            for &j in &targets {
+                is_target[j] = true;
+            }
+            let codes = targets.iter().map(|&j| params[j].code.clone()).collect();
+            decided.push((i, Storage::Alias { codes, ref_type }));
+        }
+    }
+    for (i, s) in decided {
+        params[i].storage = s;
     }
 }
 
@@ -310,7 +334,16 @@ mod tests {
                 ref_type: None
             }
         );
+        assert_eq!(
+            obs.param("combo-value-quantity").unwrap().storage,
+            Storage::Alias {
+                codes: vec!["component-value-quantity".into(), "value-quantity".into()],
+                ref_type: None
+            }
+        );
         assert_eq!(obs.param("code").unwrap().storage, Storage::Rows);
+        assert_eq!(obs.param("subject").unwrap().storage, Storage::Rows);
+        assert_eq!(obs.param("value-quantity").unwrap().storage, Storage::Rows);
         assert_eq!(obs.param("_id").unwrap().storage, Storage::Id);
     }
 

@@ -1,0 +1,37 @@
+//! Cost of index extraction alone (no database): `SearchIndexer::entries` over NDJSON input.
+//!
+//! `cargo run --release -p search --example index_cost -- FILE.ndjson [LIMIT]`
+
+use std::io::BufRead;
+use std::time::Instant;
+
+use store::Indexer;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.get(1).expect("FILE.ndjson");
+    let limit: usize = args
+        .get(2)
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(usize::MAX);
+    let file = std::io::BufReader::new(std::fs::File::open(path).expect("open"));
+    let resources: Vec<serde_json::Value> = file
+        .lines()
+        .take(limit)
+        .map(|l| serde_json::from_str(&l.expect("line")).expect("json"))
+        .collect();
+    let idx = search::SearchIndexer;
+    let t = Instant::now();
+    let mut rows = 0;
+    for r in &resources {
+        let ty = r["resourceType"].as_str().unwrap_or_default();
+        rows += idx.entries(ty, r).len();
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "{} resources, {rows} index rows ({:.1}/resource), {s:.2} s = {:.0} resources/s",
+        resources.len(),
+        rows as f64 / resources.len() as f64,
+        resources.len() as f64 / s
+    );
+}
