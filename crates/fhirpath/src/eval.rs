@@ -187,7 +187,7 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
                         let filtered: Vec<_> = input
                             .iter()
                             .filter(|i| {
-                                matches!(i, Item::Node(n) if crate::typeinfo::info(n.ty).is_some_and(|t| t.is_a(name)))
+                                matches!(i, Item::Node(n) if n.info.is_some_and(|t| t.is_a(name)))
                             })
                             .cloned()
                             .collect();
@@ -336,7 +336,7 @@ pub(crate) fn is_type(item: &Item<'_>, spec: &TypeSpec) -> bool {
             }
             match &spec.subtypes {
                 Some(list) => list.contains(&n.ty),
-                None => crate::typeinfo::info(n.ty).is_some_and(|i| i.is_a(name)),
+                None => n.info.is_some_and(|i| i.is_a(name)),
             }
         }
         _ => {

@@ -170,6 +170,8 @@ pub struct Node<'a> {
     /// FHIR type name (`HumanName`, `string`, `Patient`, backbone `Patient.contact`); empty when
     /// unknown (data outside the model).
     pub(crate) ty: &'a str,
+    /// Navigation entry of `ty` (`None` when untyped or outside the model).
+    pub(crate) info: Option<&'static TypeInfo>,
     /// Element name (`value` for `valueQuantity`); empty for roots.
     pub(crate) name: &'a str,
     /// Location of the parent; for the root (or a detached value) its own location.
@@ -196,6 +198,7 @@ impl<'a> Node<'a> {
             value: Some(value),
             shadow: None,
             ty: resource_type(value).unwrap_or(""),
+            info: resource_type(value).and_then(typeinfo::info),
             name: "",
             parent: Loc::Root,
             key: None,
@@ -215,6 +218,7 @@ impl<'a> Node<'a> {
             value: Some(value),
             shadow: None,
             ty,
+            info: typeinfo::info(ty),
             name: "",
             parent: Loc::Detached,
             key: None,
@@ -268,10 +272,9 @@ impl<'a> Node<'a> {
     /// The type name FHIRPath reports (`BackboneElement` for inline backbone elements).
     pub fn type_name(&self) -> &'a str {
         if self.ty.contains('.') {
-            let m = fhir_model::r4();
-            return m
-                .type_def(self.ty)
-                .and_then(|t| t.base.as_deref())
+            return self
+                .info
+                .and_then(|i| i.ancestors.get(1).copied())
                 .unwrap_or("BackboneElement");
         }
         if self.ty.is_empty() {
@@ -344,7 +347,7 @@ impl<'a> Node<'a> {
 
     /// True when the node is a resource (root, contained, Bundle entry resource, …).
     pub fn is_resource(&self) -> bool {
-        typeinfo::info(self.ty).is_some_and(|i| i.is_a("Resource"))
+        self.info.is_some_and(|i| i.is_resource)
     }
 
     pub(crate) fn same(&self, other: &Node<'a>) -> bool {
@@ -373,7 +376,7 @@ impl<'a> Node<'a> {
             }
         } else {
             match self.value {
-                Some(Json::Object(m)) => Some((m, typeinfo::info(self.ty))),
+                Some(Json::Object(m)) => Some((m, self.info)),
                 _ => None,
             }
         }
@@ -393,9 +396,18 @@ impl<'a> Node<'a> {
                 } else {
                     None
                 };
-                push_members(out, &self.self_loc(), k, k, "", Some(v), shadow);
+                push_members(out, &self.self_loc(), k, k, "", None, Some(v), shadow);
             } else if let Some((k, v)) = shadow_entry(map, name) {
-                push_members(out, &self.self_loc(), &k[1..], &k[1..], "", None, Some(v));
+                push_members(
+                    out,
+                    &self.self_loc(),
+                    &k[1..],
+                    &k[1..],
+                    "",
+                    None,
+                    None,
+                    Some(v),
+                );
             }
             return;
         };
@@ -414,12 +426,20 @@ impl<'a> Node<'a> {
                     k,
                     c.name,
                     c.ty,
+                    c.info(),
                     Some(v),
                     s.map(|x| x.1),
                 ),
-                (None, Some((k, s))) => {
-                    push_members(out, &self.self_loc(), &k[1..], c.name, c.ty, None, Some(s))
-                }
+                (None, Some((k, s))) => push_members(
+                    out,
+                    &self.self_loc(),
+                    &k[1..],
+                    c.name,
+                    c.ty,
+                    c.info(),
+                    None,
+                    Some(s),
+                ),
                 (None, None) => {}
             }
             return;
@@ -448,6 +468,7 @@ impl<'a> Node<'a> {
                     &key[1..],
                     c.name,
                     c.ty,
+                    c.info(),
                     None,
                     Some(v),
                 );
@@ -457,7 +478,16 @@ impl<'a> Node<'a> {
                 } else {
                     None
                 };
-                push_members(out, &self.self_loc(), key, c.name, c.ty, Some(v), shadow);
+                push_members(
+                    out,
+                    &self.self_loc(),
+                    key,
+                    c.name,
+                    c.ty,
+                    c.info(),
+                    Some(v),
+                    shadow,
+                );
             }
             return;
         }
@@ -485,17 +515,18 @@ impl<'a> Node<'a> {
                 if has_key(map, plain) {
                     continue;
                 }
-                let (name, ty) = match info.and_then(|i| i.children.get(plain)) {
-                    Some(c) => (c.name, c.ty),
-                    None => ("", ""),
+                let (name, ty, ci) = match info.and_then(|i| i.children.get(plain)) {
+                    Some(c) => (c.name, c.ty, c.info()),
+                    None => ("", "", None),
                 };
-                push_members(out, &loc, plain, name, ty, None, Some(v));
+                push_members(out, &loc, plain, name, ty, ci, None, Some(v));
                 continue;
             }
-            let (name, ty, shadow) = match info.and_then(|i| i.children.get(key.as_str())) {
+            let (name, ty, ci, shadow) = match info.and_then(|i| i.children.get(key.as_str())) {
                 Some(c) => (
                     c.name,
                     c.ty,
+                    c.info(),
                     if shadows && c.primitive {
                         shadow_of(map, key)
                     } else {
@@ -505,6 +536,7 @@ impl<'a> Node<'a> {
                 None => (
                     "",
                     "",
+                    None,
                     if shadows && may_have_shadow(v) {
                         shadow_of(map, key)
                     } else {
@@ -512,7 +544,7 @@ impl<'a> Node<'a> {
                     },
                 ),
             };
-            push_members(out, &loc, key, name, ty, Some(v), shadow);
+            push_members(out, &loc, key, name, ty, ci, Some(v), shadow);
         }
     }
 }
@@ -578,17 +610,19 @@ fn push_members<'a>(
     key: &'a str,
     name: &'a str,
     ty: &'a str,
+    info: Option<&'static TypeInfo>,
     value: Option<&'a Json>,
     shadow: Option<&'a Json>,
 ) {
     let name = if name.is_empty() { key } else { name };
-    let resolve_ty = |v: Option<&'a Json>| -> &'a str {
+    // Elements holding resources take their type from `resourceType`.
+    let resolve_ty = |v: Option<&'a Json>| -> (&'a str, Option<&'static TypeInfo>) {
         if ty == "Resource" || ty.is_empty() {
             if let Some(rt) = v.and_then(resource_type) {
-                return rt;
+                return (rt, typeinfo::info(rt));
             }
         }
-        ty
+        (ty, info)
     };
     match value {
         Some(Json::Array(items)) => {
@@ -604,10 +638,12 @@ fn push_members<'a>(
                 if v.is_none() && sh.is_none() {
                     continue;
                 }
+                let (ty, info) = resolve_ty(v);
                 out.push(crate::Item::Node(Node {
                     value: v,
                     shadow: sh,
-                    ty: resolve_ty(v),
+                    ty,
+                    info,
                     name,
                     parent: parent.clone(),
                     key: Some(key),
@@ -625,6 +661,7 @@ fn push_members<'a>(
                         value: None,
                         shadow: Some(sh),
                         ty,
+                        info,
                         name,
                         parent: parent.clone(),
                         key: Some(key),
@@ -636,6 +673,7 @@ fn push_members<'a>(
                 value: None,
                 shadow: Some(sh),
                 ty,
+                info,
                 name,
                 parent: parent.clone(),
                 key: Some(key),
@@ -646,7 +684,8 @@ fn push_members<'a>(
         Some(v) => out.push(crate::Item::Node(Node {
             value: Some(v),
             shadow: shadow.filter(|s| s.is_object()),
-            ty: resolve_ty(Some(v)),
+            ty: resolve_ty(Some(v)).0,
+            info: resolve_ty(Some(v)).1,
             name,
             parent: parent.clone(),
             key: Some(key),

@@ -101,21 +101,25 @@ fn string_arg(fname: &str, args: &[Vec<Item<'_>>]) -> Result<String, EvalError> 
 /// child that is a resource (anonymizer.md §3.3).
 pub fn walk_without_subresources<'a>(node: &Node<'a>, visit: &mut dyn FnMut(&Node<'a>)) {
     visit(node);
-    walk_children(node, visit);
+    let mut buf = Vec::new();
+    walk_children(node, &mut buf, visit);
 }
 
-fn walk_children<'a>(node: &Node<'a>, visit: &mut dyn FnMut(&Node<'a>)) {
-    let mut kids = Vec::new();
-    node.push_children(&mut kids);
-    for k in kids {
-        if let Item::Node(c) = k {
-            if c.is_resource() {
-                continue;
-            }
-            visit(&c);
-            walk_children(&c, visit);
+/// Depth-first over one shared buffer: a node's children occupy a range that is truncated away
+/// once they are done.
+fn walk_children<'a>(node: &Node<'a>, buf: &mut Vec<Item<'a>>, visit: &mut dyn FnMut(&Node<'a>)) {
+    let start = buf.len();
+    node.push_children(buf);
+    for i in start..buf.len() {
+        let Item::Node(c) = &buf[i] else { continue };
+        if c.is_resource() {
+            continue;
         }
+        let c = c.clone();
+        visit(&c);
+        walk_children(&c, buf, visit);
     }
+    buf.truncate(start);
 }
 
 fn nodes_by_type<'a>(
@@ -127,7 +131,7 @@ fn nodes_by_type<'a>(
     for item in focus {
         if let Item::Node(n) = item {
             walk_without_subresources(n, &mut |c| {
-                if c.type_name() == ty || c.fhir_type() == ty {
+                if c.fhir_type() == ty || c.type_name() == ty {
                     out.push(Item::Node(c.clone()));
                 }
             });

@@ -43,12 +43,23 @@ pub(crate) struct Child {
     pub choice: bool,
     /// Whether values of this key are FHIR primitives (and so may have a `_key` shadow).
     pub primitive: bool,
+    /// The entry of `ty`, resolved on first use (entries cannot point at each other while the
+    /// index is being built).
+    ty_info: OnceLock<Option<&'static TypeInfo>>,
+}
+
+impl Child {
+    pub(crate) fn info(&'static self) -> Option<&'static TypeInfo> {
+        *self.ty_info.get_or_init(|| info(self.ty))
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct TypeInfo {
     pub name: &'static str,
     pub primitive: bool,
+    /// Derives from `Resource`.
+    pub is_resource: bool,
     /// The type itself, then its bases up to the root.
     pub ancestors: Vec<&'static str>,
     /// JSON key -> child.
@@ -125,6 +136,7 @@ fn index() -> &'static FnvMap<&'static str, TypeInfo> {
                                 ty: t.as_str(),
                                 choice: true,
                                 primitive: is_prim(t),
+                                ty_info: OnceLock::new(),
                             },
                         );
                     }
@@ -136,6 +148,7 @@ fn index() -> &'static FnvMap<&'static str, TypeInfo> {
                             ty: t.as_str(),
                             choice: false,
                             primitive: is_prim(t),
+                            ty_info: OnceLock::new(),
                         },
                     );
                 }
@@ -145,6 +158,7 @@ fn index() -> &'static FnvMap<&'static str, TypeInfo> {
                 TypeInfo {
                     name: td.name.as_str(),
                     primitive: td.kind == TypeKind::Primitive,
+                    is_resource: ancestors.contains(&"Resource"),
                     ancestors,
                     children,
                     choices,

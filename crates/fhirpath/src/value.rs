@@ -239,7 +239,7 @@ pub(crate) fn node_system_value<'a>(n: &Node<'a>) -> Option<SystemValue<'a>> {
             }
         }
         Json::Object(m) => {
-            let quantity_like = crate::typeinfo::info(ty).is_some_and(|i| i.is_a("Quantity"));
+            let quantity_like = n.info.is_some_and(|i| i.is_a("Quantity"));
             let untyped_quantity = ty.is_empty()
                 && m.contains_key("value")
                 && (m.contains_key("unit") || m.contains_key("code"));
