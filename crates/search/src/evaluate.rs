@@ -12,6 +12,7 @@ use fhir_model::r4;
 use serde_json::Value as Json;
 
 static TRUE: Json = Json::Bool(true);
+static FALSE: Json = Json::Bool(false);
 
 #[derive(Debug, Clone, PartialEq)]
 enum Step {
@@ -227,11 +228,10 @@ impl CompiledPath {
             std::mem::swap(&mut items, &mut next);
         }
         if self.exists_not_false {
-            if items.iter().any(|(_, v)| **v != Json::Bool(false)) {
-                f(Some("boolean"), &TRUE);
-            } else if !items.is_empty() {
-                f(Some("boolean"), &Json::Bool(false));
-            }
+            // FHIRPath: `X.exists()` is false without X, and `false and {}` is false, so the
+            // expression yields a boolean for every resource (`deceased=false` finds the living).
+            let any = items.iter().any(|(_, v)| **v != Json::Bool(false));
+            f(Some("boolean"), if any { &TRUE } else { &FALSE });
             return;
         }
         for (t, v) in items {
@@ -290,6 +290,13 @@ mod tests {
             eval(
                 "Patient.deceased.exists() and Patient.deceased != false",
                 &p
+            ),
+            vec![("boolean".into(), json!(false))]
+        );
+        assert_eq!(
+            eval(
+                "Patient.deceased.exists() and Patient.deceased != false",
+                &json!({"resourceType":"Patient"})
             ),
             vec![("boolean".into(), json!(false))]
         );

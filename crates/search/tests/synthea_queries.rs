@@ -106,6 +106,7 @@ const QUERIES: &[(&str, &str)] = &[
     ("Condition", "abatement-date:missing=true"),
     ("Encounter", "reason-code:missing=false"),
     ("Patient", "deceased:missing=true"),
+    ("Patient", "deceased=false"),
     // chains and _has
     ("Observation", "subject:Patient.gender=female&code=8867-4"),
     ("Observation", "patient.birthdate=ge1990"),

@@ -61,92 +61,23 @@ pub fn search_ids(
     }
 }
 
-/// The oracle's own evaluation of a (resolve-free) search expression branch: a schema-less JSON
-/// walk where a member name also matches choice keys (`value` → `valueQuantity`), and
-/// `ofType(T)` keeps the items whose choice key ends in T. Independent of the crate's
-/// model-driven evaluator on purpose.
+/// Evaluates a (resolve-free) search expression branch with the FHIRPath engine (the fhirpath
+/// crate), independent of the search crate's own expression evaluator. Compiled expressions are
+/// cached per thread.
 pub fn fhirpath_eval(expr: &str, r: &Value) -> Vec<Value> {
-    let mut e = expr.trim();
-    while e.starts_with('(') && e.ends_with(')') {
-        e = &e[1..e.len() - 1];
+    thread_local! {
+        static CACHE: std::cell::RefCell<std::collections::HashMap<String, fhirpath::Expression>> =
+            Default::default();
     }
-    if let Some((x, _)) = e.split_once(".exists() and ") {
-        let items = fhirpath_eval(x, r);
-        if items.is_empty() {
-            return vec![];
-        }
-        return vec![Value::Bool(items.iter().any(|v| *v != Value::Bool(false)))];
-    }
-    // segments split on '.' outside parentheses
-    let mut segs = Vec::new();
-    let (mut depth, mut start) = (0, 0);
-    for (i, c) in e.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            '.' if depth == 0 => {
-                segs.push(&e[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    segs.push(&e[start..]);
-    let head = segs[0].trim();
-    let owned: Vec<Value>;
-    let mut items: Vec<(Option<String>, &Value)> = if head.starts_with('(') {
-        // a parenthesized head: `(X.value.ofType(CodeableConcept)).text`
-        owned = fhirpath_eval(head, r);
-        owned.iter().map(|v| (None, v)).collect()
-    } else {
-        vec![(None, r)]
-    };
-    for seg in segs.iter().skip(1) {
-        let mut next = Vec::new();
-        if let Some(t) = seg
-            .strip_prefix("ofType(")
-            .and_then(|s| s.strip_suffix(')'))
-        {
-            next = items
-                .into_iter()
-                .filter(|(ct, _)| ct.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(t)))
-                .collect();
-        } else if let Some(cond) = seg.strip_prefix("where(").and_then(|s| s.strip_suffix(')')) {
-            let (f, lit) = cond.split_once('=').unwrap();
-            let lit = lit.trim().trim_matches('\'');
-            next = items
-                .into_iter()
-                .filter(|(_, v)| v.get(f.trim()).and_then(Value::as_str) == Some(lit))
-                .collect();
-        } else {
-            let (name, index) = match seg.split_once('[') {
-                Some((n, i)) => (n, Some(i.trim_end_matches(']').parse::<usize>().unwrap())),
-                None => (*seg, None),
-            };
-            for (_, v) in &items {
-                let Some(o) = v.as_object() else { continue };
-                for (k, child) in o {
-                    let choice = if k == name {
-                        None
-                    } else if k.len() > name.len()
-                        && k.starts_with(name)
-                        && k[name.len()..].starts_with(|c: char| c.is_ascii_uppercase())
-                    {
-                        Some(k[name.len()..].to_string())
-                    } else {
-                        continue;
-                    };
-                    match child {
-                        Value::Array(a) => next.extend(a.iter().map(|c| (choice.clone(), c))),
-                        c => next.push((choice, c)),
-                    }
-                }
-            }
-            if let Some(i) = index {
-                next = next.into_iter().nth(i).into_iter().collect();
-            }
-        }
-        items = next;
-    }
-    items.into_iter().map(|(_, v)| v.clone()).collect()
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let e = c.entry(expr.to_string()).or_insert_with(|| {
+            fhirpath::Expression::compile(expr).unwrap_or_else(|e| panic!("FHIRPath '{expr}': {e}"))
+        });
+        e.evaluate(&fhirpath::EvalContext::new(r))
+            .unwrap_or_else(|err| panic!("FHIRPath '{expr}': {err}"))
+            .iter()
+            .map(|i| i.as_json())
+            .collect()
+    })
 }
