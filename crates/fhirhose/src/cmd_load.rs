@@ -1,0 +1,91 @@
+//! `fhirhose load`: straight into a data directory, or over HTTP into a running server.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::progress::{counter, thousands};
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Data directory to load into (refused while a server holds it).
+    #[arg(long, env = "FHIRHOSE_DATA_DIR", conflicts_with = "server")]
+    pub data_dir: Option<PathBuf>,
+    /// Base URL of a running Fhirhose server to send batches to instead.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Stop at the first invalid resource instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
+    /// Files or folders of NDJSON, Bundle JSON, or .gz of either.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+pub fn run(args: LoadArgs) -> Result<(), String> {
+    let bar = counter("starting");
+    let mut on_progress = |p: &ingest::LoadProgress| {
+        let secs = p.elapsed.as_secs_f64().max(1e-3);
+        bar.set_message(format!(
+            "{} resources ({:.0}/s), {} invalid, file {}/{}",
+            thousands(p.resources),
+            p.resources as f64 / secs,
+            thousands(p.invalid),
+            p.files_done,
+            p.files_total
+        ));
+    };
+    let summary = match (&args.server, &args.data_dir) {
+        (Some(url), _) => {
+            let mut options = ingest::LoadOptions::for_server();
+            options.strict = args.strict;
+            ingest::load_to_server(
+                url.trim_end_matches('/'),
+                &args.paths,
+                &options,
+                &mut on_progress,
+            )
+            .map_err(|e| e.to_string())?
+        }
+        (None, dir) => {
+            let dir = dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("./fhirhose-data"));
+            let store = server::open_store(&dir)
+                .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+            let options = ingest::LoadOptions {
+                strict: args.strict,
+                ..ingest::LoadOptions::default()
+            };
+            ingest::load_into_store(&store, &args.paths, &options, &mut on_progress)
+                .map_err(|e| e.to_string())?
+        }
+    };
+    bar.finish_and_clear();
+    let secs = summary.elapsed.as_secs_f64().max(1e-3);
+    println!(
+        "loaded {} resources from {} files in {:.1}s ({:.0} resources/s); {} invalid skipped; {} deletes",
+        thousands(summary.written()),
+        summary.files,
+        secs,
+        summary.written() as f64 / secs,
+        thousands(summary.invalid),
+        summary.deleted
+    );
+    for (t, n) in &summary.per_type {
+        println!("  {t:<28} {:>12}", thousands(*n));
+    }
+    if summary.unresolved_references > 0 {
+        println!(
+            "  {} urn: references named no fullUrl of the inputs (left unchanged)",
+            summary.unresolved_references
+        );
+    }
+    for p in &summary.problems {
+        eprintln!("invalid: {}: {}", p.location, p.message);
+    }
+    if args.strict && summary.invalid > 0 {
+        return Err("invalid resources found (--strict)".into());
+    }
+    Ok(())
+}

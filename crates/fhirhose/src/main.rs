@@ -1,0 +1,69 @@
+//! The `fhirhose` command: a thin dispatcher over the library crates, one module per subcommand.
+
+mod cmd_fhirpath;
+mod cmd_load;
+mod cmd_reindex;
+mod cmd_serve;
+mod cmd_synth;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "fhirhose",
+    version,
+    about = "A FHIR R4 server built for bulk $export and de-identification"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the FHIR server.
+    Serve(server::ServeConfig),
+    /// Load NDJSON / Bundle files (or .gz of either) into a data directory or a running server.
+    Load(cmd_load::LoadArgs),
+    /// Generate synthetic benchmark data (NDJSON per type) from the Synthea seed.
+    Synth(cmd_synth::SynthArgs),
+    /// Rebuild the search indexes of a data directory.
+    Reindex(cmd_reindex::ReindexArgs),
+    /// Evaluate a FHIRPath expression against a JSON resource file.
+    Fhirpath(cmd_fhirpath::FhirpathArgs),
+    /// Print a JWKS document for client key files (to register a SMART client).
+    Jwks(auth::cli::JwksArgs),
+    /// Sign a client assertion and request an access token from a Fhirhose server.
+    Token(auth::cli::TokenArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(config) => cmd_serve::run(config),
+        Command::Load(args) => cmd_load::run(args),
+        Command::Synth(args) => cmd_synth::run(args),
+        Command::Reindex(args) => cmd_reindex::run(args),
+        Command::Fhirpath(args) => cmd_fhirpath::run(args),
+        Command::Jwks(args) => auth::cli::run_jwks(&args)
+            .map(|s| println!("{s}"))
+            .map_err(|e| e.to_string()),
+        Command::Token(args) => tokio::runtime::Runtime::new()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(auth::cli::run_token(&args))
+                    .map_err(|e| e.to_string())
+            })
+            .map(|s| println!("{s}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

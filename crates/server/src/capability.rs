@@ -1,0 +1,64 @@
+//! The CapabilityStatement: generated from the model and from what this server implements,
+//! nothing more.
+
+use fhir_model::SearchParamType;
+use serde_json::{Value, json};
+
+use crate::AppState;
+
+/// Search parameter types the search crate answers (composite and special are refused).
+fn supported(kind: SearchParamType) -> bool {
+    !matches!(kind, SearchParamType::Composite | SearchParamType::Special)
+}
+
+pub fn capability_statement(state: &AppState) -> Value {
+    let model = fhir_model::r4();
+    let resources: Vec<Value> = model
+        .resource_types()
+        .iter()
+        .map(|t| {
+            let params: Vec<Value> = model
+                .search_params(t)
+                .into_iter()
+                .filter(|p| supported(p.kind))
+                .map(|p| json!({"name": p.code, "definition": p.url, "type": p.kind.as_str()}))
+                .collect();
+            json!({
+                "type": t,
+                "interaction": [
+                    {"code": "read"}, {"code": "vread"}, {"code": "update"}, {"code": "delete"},
+                    {"code": "history-instance"}, {"code": "history-type"}, {"code": "create"},
+                    {"code": "search-type"}
+                ],
+                "versioning": "versioned",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": false,
+                "conditionalUpdate": false,
+                "conditionalDelete": "not-supported",
+                "searchInclude": ["*"],
+                "searchRevInclude": ["*"],
+                "searchParam": params,
+            })
+        })
+        .collect();
+    let mut rest = json!({
+        "mode": "server",
+        "resource": resources,
+        "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+    });
+    if let Some(security) = state.auth.capability_security() {
+        rest["security"] = security;
+    }
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-22",
+        "kind": "instance",
+        "software": {"name": "Fhirhose", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "Fhirhose FHIR R4 server", "url": state.base_url.as_ref()},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [rest],
+    })
+}

@@ -1,0 +1,149 @@
+//! The one place where errors become HTTP responses: every error is an OperationOutcome with the
+//! right status. Internal details go to the log, never to the client.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ingest::outcome::{OutcomeIssue, operation_outcome, store_error_issue};
+use serde_json::Value;
+
+/// An API error: an HTTP status and the issues of its OperationOutcome.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub issues: Vec<OutcomeIssue>,
+    /// A ready OperationOutcome (from a bundle error) used instead of `issues`.
+    pub outcome: Option<Value>,
+    pub headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, diagnostics: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            issues: vec![OutcomeIssue::error(code, diagnostics)],
+            outcome: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// 400 `invalid` at an expression.
+    pub fn invalid(diagnostics: impl Into<String>, expression: impl Into<String>) -> ApiError {
+        let mut e = ApiError::new(StatusCode::BAD_REQUEST, "invalid", diagnostics);
+        e.issues[0].expression = Some(expression.into());
+        e
+    }
+
+    pub fn at(mut self, expression: impl Into<String>) -> ApiError {
+        if let Some(i) = self.issues.first_mut() {
+            i.expression = Some(expression.into());
+        }
+        self
+    }
+
+    pub fn not_found(diagnostics: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not-found", diagnostics)
+    }
+
+    pub fn internal(context: &str, detail: impl std::fmt::Display) -> ApiError {
+        tracing::error!(context, error = %detail, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            "internal server error",
+        )
+    }
+
+    pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> ApiError {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+impl From<store::StoreError> for ApiError {
+    fn from(e: store::StoreError) -> ApiError {
+        let (status, issue) = store_error_issue(&e);
+        if status >= 500 {
+            tracing::error!(error = %e, "store error");
+        }
+        ApiError {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            issues: vec![issue],
+            outcome: None,
+            headers: Vec::new(),
+        }
+    }
+}
+
+impl From<ingest::BundleError> for ApiError {
+    fn from(e: ingest::BundleError) -> ApiError {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %e, "bundle processing failed");
+        }
+        ApiError {
+            status,
+            issues: Vec::new(),
+            outcome: Some(e.to_operation_outcome()),
+            headers: Vec::new(),
+        }
+    }
+}
+
+impl From<search::SearchError> for ApiError {
+    fn from(e: search::SearchError) -> ApiError {
+        match &e {
+            search::SearchError::Store(detail) => ApiError::internal("search", detail),
+            search::SearchError::UnknownParameter { .. }
+            | search::SearchError::Unsupported { .. }
+            | search::SearchError::UnknownResourceType { .. } => {
+                let mut err =
+                    ApiError::new(StatusCode::BAD_REQUEST, "not-supported", e.to_string());
+                if let Some(p) = e.param() {
+                    err = err.at(p.to_string());
+                }
+                err
+            }
+            search::SearchError::InvalidValue { .. } => {
+                let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
+                if let Some(p) = e.param() {
+                    err = err.at(p.to_string());
+                }
+                err
+            }
+        }
+    }
+}
+
+impl From<auth::AuthRejection> for ApiError {
+    fn from(e: auth::AuthRejection) -> ApiError {
+        let (status, code, challenge) = match &e {
+            auth::AuthRejection::Forbidden(_) => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                r#"Bearer realm="fhirhose", error="insufficient_scope""#,
+            ),
+            _ => (
+                StatusCode::UNAUTHORIZED,
+                "login",
+                r#"Bearer realm="fhirhose""#,
+            ),
+        };
+        ApiError::new(status, code, e.to_string()).with_header(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self
+            .outcome
+            .unwrap_or_else(|| operation_outcome(&self.issues));
+        let mut resp = (self.status, crate::fhir_json(&body)).into_response();
+        for (k, v) in self.headers {
+            resp.headers_mut().insert(k, v);
+        }
+        resp
+    }
+}

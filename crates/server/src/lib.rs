@@ -1,0 +1,150 @@
+//! The Fhirhose FHIR R4 REST API.
+//!
+//! - [`config`]: `fhirhose serve` options ([`ServeConfig`]).
+//! - [`error`]: [`ApiError`], the one mapping of every error to an HTTP status and an
+//!   OperationOutcome.
+//! - [`routes`]: the handlers (CRUD, history, search, batch/transaction, metadata).
+//! - [`capability`]: the CapabilityStatement, generated from what is implemented.
+//! - [`negotiate`]: content negotiation (JSON only), body parsing.
+//!
+//! Architecture Invariant: handlers never block the async runtime: every store call runs in
+//! `spawn_blocking`. Stored resources are served as the stored bytes, without re-serialisation.
+
+pub mod capability;
+pub mod config;
+pub mod error;
+pub mod negotiate;
+pub mod routes;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use store::SqliteStore;
+
+pub use config::{LogFormat, ServeConfig};
+pub use error::ApiError;
+
+/// FHIR JSON media type.
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+/// Everything handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<SqliteStore>,
+    /// Base URL without a trailing slash.
+    pub base_url: Arc<str>,
+    pub auth: auth::Auth,
+    pub max_body_bytes: usize,
+}
+
+/// A JSON value as an `application/fhir+json` response body.
+pub fn fhir_json(v: &serde_json::Value) -> Response {
+    fhir_bytes(v.to_string().into_bytes())
+}
+
+/// Stored JSON bytes as an `application/fhir+json` response body.
+pub fn fhir_bytes(bytes: Vec<u8>) -> Response {
+    let mut r = bytes.into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+json; charset=utf-8"),
+    );
+    r
+}
+
+/// The application: routes, negotiation, authorization, body limit, tracing, compression and a
+/// panic backstop that still answers with an OperationOutcome.
+pub fn router(state: AppState) -> Router {
+    routes::router(state)
+}
+
+/// Errors that stop `serve` from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("invalid authorization configuration: {0}")]
+    Auth(#[from] auth::ConfigError),
+    #[error("cannot open the data directory {dir}: {source}")]
+    Store {
+        dir: String,
+        #[source]
+        source: store::StoreError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the store of a data directory (taking its lock) with search indexing on.
+pub fn open_store(dir: &std::path::Path) -> Result<SqliteStore, store::StoreError> {
+    std::fs::create_dir_all(dir).map_err(|source| store::StoreError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let options = store::SqliteOptions {
+        indexer: Some(Arc::new(search::SearchIndexer)),
+        ..store::SqliteOptions::default()
+    };
+    SqliteStore::open_data_dir(dir, options)
+}
+
+/// Runs the server until Ctrl-C / SIGTERM.
+pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
+    config.validate()?;
+    let base_url = config.base_url();
+    let mode: auth::AuthMode = config.auth.parse()?;
+    let mut settings = auth::AuthSettings::new(mode, base_url.clone());
+    settings.clients_file = config.clients.clone();
+    settings.insecure = config.insecure;
+    settings.token_lifetime = std::time::Duration::from_secs(config.token_lifetime);
+    let auth = auth::Auth::from_settings(&settings, config.listen)?;
+    let store = open_store(&config.data_dir).map_err(|source| ServeError::Store {
+        dir: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let state = AppState {
+        store: Arc::new(store),
+        base_url: base_url.clone().into(),
+        auth,
+        max_body_bytes: config.max_body_bytes,
+    };
+    let app = router(state);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    tracing::info!(listen = %config.listen, base_url = %base_url, data_dir = %config.data_dir.display(), "Fhirhose is serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

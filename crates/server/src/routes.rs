@@ -1,0 +1,644 @@
+//! The REST handlers.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use store::{
+    HistoryMethod, HistoryPage, HistoryQuery, HistoryScope, Store, StoredResource, WriteOp,
+    WriteOutcome,
+};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+use crate::negotiate::{self, json_object};
+use crate::{AppState, fhir_bytes, fhir_json};
+use auth::AuthContext;
+
+/// Builds the router with every layer.
+pub fn router(state: AppState) -> Router {
+    let auth = state.auth.clone();
+    let fhir = Router::new()
+        .route("/", post(bundle))
+        .route("/_history", get(history_system))
+        .route("/{rtype}", get(search_get).post(create))
+        .route("/{rtype}/_search", post(search_post))
+        .route("/{rtype}/_history", get(history_type))
+        .route("/{rtype}/{id}", get(read).put(update).delete(delete))
+        .route("/{rtype}/{id}/_history", get(history_instance))
+        .route("/{rtype}/{id}/_history/{vid}", get(vread));
+    let fhir = auth.protect(fhir);
+    Router::new()
+        .route("/metadata", get(metadata))
+        .merge(auth.routes())
+        .merge(fhir)
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(negotiate::negotiate))
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(CompressionLayer::new())
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(
+            |_panic: Box<dyn std::any::Any + Send>| {
+                tracing::error!("a request handler panicked");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "exception",
+                    "internal server error",
+                )
+                .into_response()
+            },
+        ))
+        .with_state(state)
+}
+
+async fn unknown_route(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "not-supported",
+        "this method is not allowed on this endpoint",
+    )
+}
+
+async fn metadata(State(state): State<AppState>) -> Response {
+    fhir_json(&crate::capability::capability_statement(&state))
+}
+
+/// Runs blocking store work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal("blocking task", e))?
+}
+
+/// The resource type in a URL must be a concrete R4 resource type.
+fn check_type(rtype: &str) -> Result<(), ApiError> {
+    if fhir_model::r4().resource_types().iter().any(|t| t == rtype) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            format!("unknown resource type '{rtype}'"),
+        ))
+    }
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if store::is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            format!("invalid id '{id}': 1-64 characters of A-Z a-z 0-9 - ."),
+            "id",
+        ))
+    }
+}
+
+/// Validates a request body as a resource of the URL's type.
+fn check_resource(v: &Value, rtype: &str) -> Result<(), ApiError> {
+    match v.get("resourceType").and_then(Value::as_str) {
+        None => {
+            return Err(ApiError::invalid(
+                "the resource has no resourceType",
+                "resourceType",
+            ));
+        }
+        Some(rt) if rt != rtype => {
+            return Err(ApiError::invalid(
+                format!("resourceType '{rt}' does not match the URL's type '{rtype}'"),
+                "resourceType",
+            ));
+        }
+        Some(_) => {}
+    }
+    if let Err(issues) = fhir_model::r4().validate(v) {
+        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", "invalid resource");
+        err.issues = issues
+            .iter()
+            .map(|i| {
+                ingest::outcome::OutcomeIssue::error("invalid", i.message.clone())
+                    .at(i.path.clone())
+            })
+            .collect();
+        return Err(err);
+    }
+    Ok(())
+}
+
+fn etag(version: i64) -> HeaderValue {
+    HeaderValue::from_str(&format!("W/\"{version}\""))
+        .unwrap_or(HeaderValue::from_static("W/\"0\""))
+}
+
+fn http_date(instant: &str) -> Option<HeaderValue> {
+    let ms = store::parse_instant_ms(instant)?;
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).ok()?);
+    HeaderValue::from_str(&httpdate::fmt_http_date(t)).ok()
+}
+
+fn resource_response(status: StatusCode, r: &StoredResource) -> Response {
+    let mut resp = fhir_bytes(r.json.clone());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, etag(r.version));
+    if let Some(d) = http_date(&r.last_updated) {
+        h.insert(header::LAST_MODIFIED, d);
+    }
+    resp
+}
+
+async fn read(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path((rtype, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_type(&rtype)?;
+    ctx.require_read(&rtype)?;
+    check_id(&id)?;
+    let store = state.store.clone();
+    let r = blocking(move || Ok(store.read(&rtype, &id)?)).await?;
+    Ok(resource_response(StatusCode::OK, &r))
+}
+
+async fn vread(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    check_type(&rtype)?;
+    ctx.require_read(&rtype)?;
+    check_id(&id)?;
+    let version: i64 = vid
+        .parse()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| ApiError::not_found(format!("no version '{vid}' of {rtype}/{id}")))?;
+    let store = state.store.clone();
+    let r = blocking(move || Ok(store.vread(&rtype, &id, version)?)).await?;
+    Ok(resource_response(StatusCode::OK, &r))
+}
+
+/// The answer to a create or update, honouring `Prefer: return=`.
+fn write_response(state: &AppState, headers: &HeaderMap, o: &WriteOutcome) -> Response {
+    let status = match o.status {
+        store::WriteStatus::Created => StatusCode::CREATED,
+        _ => StatusCode::OK,
+    };
+    let mut resp = match negotiate::prefer(headers, "return").as_deref() {
+        Some("minimal") => status.into_response(),
+        Some("operationoutcome") => {
+            let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational",
+                "diagnostics": format!("{} {}/{} version {}", if status == StatusCode::CREATED { "created" } else { "updated" }, o.resource_type, o.id, o.version)}]});
+            fhir_json(&oo)
+        }
+        _ => fhir_bytes(o.json.clone().unwrap_or_default()),
+    };
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, etag(o.version));
+    if let Some(d) = http_date(&o.last_updated) {
+        h.insert(header::LAST_MODIFIED, d);
+    }
+    let location = format!(
+        "{}/{}/{}/_history/{}",
+        state.base_url, o.resource_type, o.id, o.version
+    );
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v.clone());
+        h.insert(header::CONTENT_LOCATION, v);
+    }
+    resp
+}
+
+async fn create(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path(rtype): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_type(&rtype)?;
+    ctx.require(&rtype, auth::Permission::Create)?;
+    let mut v = json_object(body)?;
+    check_resource(&v, &rtype)?;
+    // The server assigns the id of a created resource.
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("id");
+    }
+    let store = state.store.clone();
+    let outcomes =
+        blocking(move || Ok(store.write(vec![WriteOp::Create { resource: v }])?)).await?;
+    let o = outcomes
+        .first()
+        .ok_or_else(|| ApiError::internal("create", "store returned no outcome"))?;
+    Ok(write_response(&state, &headers, o))
+}
+
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    match headers.get(header::IF_MATCH) {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.to_str().unwrap_or("");
+            ingest::bundle::parse_etag(s).map(Some).ok_or_else(|| {
+                ApiError::invalid(
+                    format!("If-Match '{s}' is not a version ETag such as W/\"3\""),
+                    "If-Match",
+                )
+            })
+        }
+    }
+}
+
+async fn update(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_type(&rtype)?;
+    ctx.require(&rtype, auth::Permission::Update)?;
+    check_id(&id)?;
+    let v = json_object(body)?;
+    match v.get("id") {
+        None => {
+            return Err(ApiError::invalid(
+                format!("the resource has no id; an update of {rtype}/{id} needs \"id\": \"{id}\""),
+                "id",
+            ));
+        }
+        Some(Value::String(body_id)) if body_id != &id => {
+            return Err(ApiError::invalid(
+                format!("the id in the body ('{body_id}') differs from the id in the URL ('{id}')"),
+                "id",
+            ));
+        }
+        _ => {}
+    }
+    check_resource(&v, &rtype)?;
+    let expected = if_match(&headers)?;
+    let store = state.store.clone();
+    let outcomes = blocking(move || {
+        Ok(store.write(vec![WriteOp::Update {
+            resource_type: rtype,
+            id,
+            resource: v,
+            if_match: expected,
+        }])?)
+    })
+    .await?;
+    let o = outcomes
+        .first()
+        .ok_or_else(|| ApiError::internal("update", "store returned no outcome"))?;
+    Ok(write_response(&state, &headers, o))
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_type(&rtype)?;
+    ctx.require(&rtype, auth::Permission::Delete)?;
+    check_id(&id)?;
+    let expected = if_match(&headers)?;
+    let store = state.store.clone();
+    let outcomes = blocking(move || {
+        Ok(store.write(vec![WriteOp::Delete {
+            resource_type: rtype,
+            id,
+            if_match: expected,
+        }])?)
+    })
+    .await?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Some(o) = outcomes
+        .first()
+        .filter(|o| o.status == store::WriteStatus::Deleted)
+    {
+        resp.headers_mut().insert(header::ETAG, etag(o.version));
+    }
+    Ok(resp)
+}
+
+/// `POST /`: a batch or transaction Bundle, through the write path the loader shares.
+async fn bundle(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = json_object(body)?;
+    if v.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(ApiError::invalid(
+            "POST / expects a Bundle of type batch or transaction",
+            "resourceType",
+        ));
+    }
+    authorize_bundle(&ctx, &v)?;
+    let options = ingest::BundleOptions {
+        validate: true,
+        return_resources: negotiate::prefer(&headers, "return").as_deref()
+            == Some("representation"),
+    };
+    let store = state.store.clone();
+    let response =
+        blocking(move || Ok(ingest::process_bundle(store.as_ref(), v, &options)?)).await?;
+    Ok(fhir_json(&response))
+}
+
+/// Every entry of a Bundle needs the scope of its interaction.
+fn authorize_bundle(ctx: &AuthContext, bundle: &Value) -> Result<(), ApiError> {
+    let Some(entries) = bundle.get("entry").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    for e in entries {
+        let method = e
+            .pointer("/request/method")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let url = e
+            .pointer("/request/url")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let rtype = e
+            .pointer("/resource/resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| url.split(['/', '?']).next().unwrap_or(""));
+        let perm = match method {
+            "GET" | "HEAD" => auth::Permission::Read,
+            "POST" => auth::Permission::Create,
+            "PUT" | "PATCH" => auth::Permission::Update,
+            "DELETE" => auth::Permission::Delete,
+            _ => continue,
+        };
+        ctx.require(rtype, perm)?;
+    }
+    Ok(())
+}
+
+// ---- history ----
+
+fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
+    raw.map(search::parse_query_string).unwrap_or_default()
+}
+
+fn history_query(pairs: &[(String, String)]) -> Result<HistoryQuery, ApiError> {
+    let mut q = HistoryQuery::default();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "_since" => {
+                q.since_ms = Some(store::parse_instant_ms(v).ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("_since '{v}' is not an instant such as 2024-01-01T00:00:00Z"),
+                        "_since",
+                    )
+                })?)
+            }
+            "_count" => {
+                let n: usize = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    ApiError::invalid(format!("_count '{v}' must be a positive integer"), "_count")
+                })?;
+                q.count = n.min(1000);
+            }
+            "_before" => {
+                q.before_seq = Some(
+                    v.parse()
+                        .map_err(|_| ApiError::invalid("invalid paging cursor", "_before"))?,
+                )
+            }
+            "_asof" => {
+                q.as_of = Some(
+                    v.parse()
+                        .map_err(|_| ApiError::invalid("invalid paging cursor", "_asof"))?,
+                )
+            }
+            "_format" => {}
+            other => {
+                return Err(ApiError::invalid(
+                    format!("unknown history parameter '{other}'"),
+                    other.to_string(),
+                ));
+            }
+        }
+    }
+    Ok(q)
+}
+
+fn history_bundle(
+    state: &AppState,
+    path: &str,
+    q: &HistoryQuery,
+    as_of: i64,
+    page: &HistoryPage,
+) -> Result<Value, ApiError> {
+    let mut entries = Vec::with_capacity(page.entries.len());
+    for e in &page.entries {
+        let full_url = format!("{}/{}/{}", state.base_url, e.resource_type, e.id);
+        let mut entry = json!({"fullUrl": full_url});
+        if let Some(bytes) = &e.json {
+            let r: Value =
+                serde_json::from_slice(bytes).map_err(|err| ApiError::internal("history", err))?;
+            entry["resource"] = r;
+        }
+        let url = match e.method {
+            HistoryMethod::Post => e.resource_type.clone(),
+            _ => format!("{}/{}", e.resource_type, e.id),
+        };
+        let status = match e.method {
+            HistoryMethod::Post => "201 Created",
+            HistoryMethod::Put => "200 OK",
+            HistoryMethod::Delete => "204 No Content",
+        };
+        entry["request"] = json!({"method": e.method.as_str(), "url": url});
+        entry["response"] = json!({"status": status, "etag": format!("W/\"{}\"", e.version), "lastModified": e.last_updated});
+        entries.push(entry);
+    }
+    let mut params: Vec<String> = Vec::new();
+    if let Some(s) = q.since_ms {
+        params.push(format!("_since={}", store::format_instant_ms(s)));
+    }
+    if q.count > 0 {
+        params.push(format!("_count={}", q.count));
+    }
+    let self_url = format!(
+        "{}{}{}{}",
+        state.base_url,
+        path,
+        if params.is_empty() { "" } else { "?" },
+        params.join("&")
+    );
+    let mut links = vec![json!({"relation": "self", "url": self_url})];
+    if let Some(before) = page.next_before_seq {
+        let mut p = params.clone();
+        p.push(format!("_asof={as_of}"));
+        p.push(format!("_before={before}"));
+        links.push(json!({"relation": "next", "url": format!("{}{}?{}", state.base_url, path, p.join("&"))}));
+    }
+    Ok(json!({"resourceType": "Bundle", "type": "history", "link": links, "entry": entries}))
+}
+
+async fn history(
+    state: AppState,
+    path: String,
+    scope: (Option<String>, Option<String>),
+    raw: Option<String>,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(raw.as_deref());
+    let mut q = history_query(&pairs)?;
+    let store = state.store.clone();
+    let (q2, page, as_of) = blocking(move || {
+        let as_of = match q.as_of {
+            Some(a) => a,
+            None => store.current_seq()?,
+        };
+        q.as_of = Some(as_of);
+        let scope = match (&scope.0, &scope.1) {
+            (Some(t), Some(id)) => HistoryScope::Instance {
+                resource_type: t,
+                id,
+            },
+            (Some(t), None) => HistoryScope::Type(t),
+            _ => HistoryScope::System,
+        };
+        let page = store.history(scope, &q)?;
+        Ok((q, page, as_of))
+    })
+    .await?;
+    let b = history_bundle(&state, &path, &q2, as_of, &page)?;
+    Ok(fhir_json(&b))
+}
+
+async fn history_system(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    if !ctx.scopes.is_unrestricted() {
+        return Err(auth::AuthRejection::Forbidden(
+            "system history needs unrestricted read access".into(),
+        )
+        .into());
+    }
+    history(state, "/_history".into(), (None, None), raw).await
+}
+
+async fn history_type(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path(rtype): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_type(&rtype)?;
+    ctx.require_read(&rtype)?;
+    history(
+        state,
+        format!("/{rtype}/_history"),
+        (Some(rtype), None),
+        raw,
+    )
+    .await
+}
+
+async fn history_instance(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path((rtype, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_type(&rtype)?;
+    ctx.require_read(&rtype)?;
+    check_id(&id)?;
+    // An instance history of a resource that never existed is a 404.
+    let store = state.store.clone();
+    let (t, i) = (rtype.clone(), id.clone());
+    blocking(move || match store.read(&t, &i) {
+        Ok(_) | Err(store::StoreError::Gone { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    })
+    .await?;
+    history(
+        state,
+        format!("/{rtype}/{id}/_history"),
+        (Some(rtype), Some(id)),
+        raw,
+    )
+    .await
+}
+
+// ---- search ----
+
+async fn search_get(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path(rtype): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(raw.as_deref());
+    run_search(state, ctx, rtype, &headers, pairs).await
+}
+
+async fn search_post(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path(rtype): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes = body.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-long",
+            "request body exceeds the configured limit",
+        )
+    })?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| ApiError::invalid("the form body is not UTF-8", "body"))?;
+    let mut pairs = query_pairs(raw.as_deref());
+    pairs.extend(search::parse_query_string(text));
+    run_search(state, ctx, rtype, &headers, pairs).await
+}
+
+async fn run_search(
+    state: AppState,
+    ctx: AuthContext,
+    rtype: String,
+    headers: &HeaderMap,
+    pairs: Vec<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_type(&rtype)?;
+    ctx.require_search(&rtype)?;
+    let pairs: Vec<(String, String)> = pairs.into_iter().filter(|(k, _)| k != "_format").collect();
+    let opts = search::ParseOptions {
+        lenient: negotiate::lenient(headers),
+        predicate_only: false,
+    };
+    let q = search::parse_query(&rtype, &pairs, opts)?;
+    for inc in q.includes.iter().chain(q.revincludes.iter()) {
+        ctx.require_read(&inc.source_type)?;
+        if let Some(t) = &inc.target_type {
+            ctx.require_read(t)?;
+        }
+    }
+    let store = state.store.clone();
+    let q2 = q.clone();
+    let page = blocking(move || Ok(search::execute(&store, &q2)?)).await?;
+    let b = search::searchset_bundle(&state.base_url, &q, &pairs, &page);
+    Ok(fhir_json(&b))
+}
