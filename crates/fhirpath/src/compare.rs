@@ -6,7 +6,6 @@ use rust_decimal::Decimal;
 use serde_json::Value as Json;
 
 use crate::error::EvalError;
-use crate::temporal::TemporalKind;
 use crate::value::{Item, SystemValue};
 
 fn num(v: &SystemValue<'_>) -> Option<Decimal> {
@@ -174,33 +173,12 @@ pub(crate) fn compare(a: &Item<'_>, b: &Item<'_>) -> Result<Option<Ordering>, Ev
         _ => match (num(&x), num(&y)) {
             (Some(p), Some(q)) => Some(p.cmp(&q)),
             _ => {
-                // A string node against a date literal: FHIR strings holding dates compare as dates.
-                match (&x, &y) {
-                    (S::String(s), S::Date(q) | S::DateTime(q)) => {
-                        parse_any_date(s).and_then(|p| p.compare(q))
-                    }
-                    (S::Date(p) | S::DateTime(p), S::String(s)) => {
-                        parse_any_date(s).and_then(|q| p.compare(&q))
-                    }
-                    _ => {
-                        return Err(EvalError::ty(format!(
-                            "cannot compare {} with {}",
-                            x.type_name(),
-                            y.type_name()
-                        )));
-                    }
-                }
+                return Err(EvalError::ty(format!(
+                    "cannot compare {} with {}",
+                    x.type_name(),
+                    y.type_name()
+                )));
             }
         },
-    })
-}
-
-fn parse_any_date(s: &str) -> Option<crate::Temporal> {
-    crate::Temporal::parse_datetime(s).map(|t| {
-        if s.contains('T') {
-            t
-        } else {
-            t.with_kind(TemporalKind::Date)
-        }
     })
 }

@@ -315,6 +315,12 @@ fn member<'a>(item: &Item<'a>, name: &str, out: &mut Vec<Item<'a>>) {
             "namespace" => out.push(Item::string(*namespace)),
             _ => {}
         },
+        // A System Quantity exposes its parts like a FHIR Quantity.
+        Item::Value(SystemValue::Quantity(q)) => match name {
+            "value" => out.push(Item::Value(SystemValue::Decimal(q.value))),
+            "unit" | "code" => out.push(Item::string(q.unit.clone())),
+            _ => {}
+        },
         Item::Value(_) => {}
     }
 }
@@ -856,7 +862,11 @@ fn call<'a>(
         F::ToTime | F::ConvertsToTime => convert(f, &focus, |v| to_temporal(v, TemporalKind::Time)),
         F::ToQuantity | F::ConvertsToQuantity => {
             let unit = match args.first() {
-                Some(a) => single_string(&eval(a, env, input)?, f.name())?.map(|s| s.into_owned()),
+                Some(a) => single_string(&eval(a, env, input)?, f.name())?.map(|s| {
+                    calendar_unit(&s)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| s.into_owned())
+                }),
                 None => None,
             };
             convert(f, &focus, |v| {
@@ -1000,8 +1010,11 @@ fn call<'a>(
                 Some(a) => single_string(&eval(a, env, input)?, "join")?.unwrap_or_default(),
                 None => Cow::Borrowed(""),
             };
+            if focus.is_empty() {
+                return Ok(Vec::new());
+            }
             let mut parts = Vec::new();
-            for i in &focus {
+            for i in focus.iter().filter(|i| !valueless(i)) {
                 match i.to_system() {
                     Some(S::String(s)) => parts.push(s.into_owned()),
                     _ => return Err(EvalError::ty("join(): expected Strings")),
@@ -1016,6 +1029,9 @@ fn call<'a>(
             let Some(fmt) = single_string(&eval(&args[0], env, input)?, f.name())? else {
                 return Ok(Vec::new());
             };
+            if f == F::Decode && fmt == "hex" && s.len() % 2 != 0 {
+                return Err(EvalError::ty("decode('hex'): odd number of hex digits"));
+            }
             Ok(crate::eval_strings::codec(f, &s, &fmt)
                 .map(Item::string)
                 .into_iter()
@@ -1502,13 +1518,13 @@ fn math<'a>(
             let Some(e) = single_sys(&eval(&args[0], env, input)?, "power")? else {
                 return Ok(Vec::new());
             };
-            if let (S::Integer(base), S::Integer(exp)) = (&v, &e) {
-                if *exp >= 0 {
-                    return match u32::try_from(*exp).ok().and_then(|x| base.checked_pow(x)) {
-                        Some(r) => val(S::Integer(r)),
-                        None => Ok(Vec::new()),
-                    };
-                }
+            if let (S::Integer(base), S::Integer(exp)) = (&v, &e)
+                && *exp >= 0
+            {
+                return match u32::try_from(*exp).ok().and_then(|x| base.checked_pow(x)) {
+                    Some(r) => val(S::Integer(r)),
+                    None => Ok(Vec::new()),
+                };
             }
             let Some(ed) = dec(&e) else {
                 return Err(EvalError::ty("power(): exponent must be a number"));

@@ -385,6 +385,23 @@ fn quoted(src: &str, start: usize, quote: u8) -> Result<(String, usize), ParseEr
                         })?;
                     code = code * 16 + d;
                 }
+                // A UTF-16 surrogate pair spans two escapes.
+                if (0xD800..0xDC00).contains(&code) {
+                    let mut look = chars.clone();
+                    let low = match (look.next(), look.next()) {
+                        (Some((_, '\\')), Some((_, 'u'))) => {
+                            let hex: String = look.by_ref().take(4).map(|(_, c)| c).collect();
+                            u32::from_str_radix(&hex, 16)
+                                .ok()
+                                .filter(|l| (0xDC00..0xE000).contains(l))
+                        }
+                        _ => None,
+                    };
+                    if let Some(low) = low {
+                        chars = look;
+                        code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+                    }
+                }
                 out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
             }
             other => {

@@ -143,11 +143,6 @@ impl<'a> Loc<'a> {
         }
     }
 
-    pub(crate) fn path(&self) -> Option<NodePath> {
-        let mut v = Vec::new();
-        self.collect(&mut v).then_some(NodePath(v))
-    }
-
     /// Same location (for `distinct` / union of nodes).
     pub(crate) fn same(&self, other: &Loc<'a>) -> bool {
         match (self, other) {
@@ -465,7 +460,7 @@ impl<'a> Node<'a> {
                 push_members(
                     out,
                     &self.self_loc(),
-                    &key[1..],
+                    plain,
                     c.name,
                     c.ty,
                     c.info(),
@@ -581,7 +576,7 @@ fn shadow_entry<'a>(map: &'a Map<String, Json>, name: &str) -> Option<(&'a Strin
             .find(|(k, _)| k.len() == name.len() + 1 && k.starts_with('_') && &k[1..] == name);
     }
     let mut buf = [0u8; 96];
-    if name.len() + 1 <= buf.len() {
+    if name.len() < buf.len() {
         buf[0] = b'_';
         buf[1..=name.len()].copy_from_slice(name.as_bytes());
         let key = std::str::from_utf8(&buf[..=name.len()]).ok()?;
@@ -604,6 +599,8 @@ pub(crate) fn resource_type(v: &Json) -> Option<&str> {
 
 /// Pushes the node(s) of one member: arrays expand to one node per element (pairing each primitive
 /// with its shadow at the same index).
+// Every argument is a distinct part of the node being built; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 fn push_members<'a>(
     out: &mut Vec<crate::Item<'a>>,
     parent: &Loc<'a>,
@@ -617,10 +614,10 @@ fn push_members<'a>(
     let name = if name.is_empty() { key } else { name };
     // Elements holding resources take their type from `resourceType`.
     let resolve_ty = |v: Option<&'a Json>| -> (&'a str, Option<&'static TypeInfo>) {
-        if ty == "Resource" || ty.is_empty() {
-            if let Some(rt) = v.and_then(resource_type) {
-                return (rt, typeinfo::info(rt));
-            }
+        if (ty == "Resource" || ty.is_empty())
+            && let Some(rt) = v.and_then(resource_type)
+        {
+            return (rt, typeinfo::info(rt));
         }
         (ty, info)
     };

@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
-use fhir_model::TypeKind;
-
 /// FNV-1a: keys are short ASCII names.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct Fnv(u64);
@@ -40,7 +38,6 @@ pub(crate) struct Child {
     pub name: &'static str,
     /// Concrete type code of this key (`Quantity`, `string`, `Resource`, `Patient.contact`).
     pub ty: &'static str,
-    pub choice: bool,
     /// Whether values of this key are FHIR primitives (and so may have a `_key` shadow).
     pub primitive: bool,
     /// The entry of `ty`, resolved on first use (entries cannot point at each other while the
@@ -57,7 +54,6 @@ impl Child {
 #[derive(Debug)]
 pub(crate) struct TypeInfo {
     pub name: &'static str,
-    pub primitive: bool,
     /// Derives from `Resource`.
     pub is_resource: bool,
     /// The type itself, then its bases up to the root.
@@ -134,7 +130,6 @@ fn index() -> &'static FnvMap<&'static str, TypeInfo> {
                             Child {
                                 name: e.name.as_str(),
                                 ty: t.as_str(),
-                                choice: true,
                                 primitive: is_prim(t),
                                 ty_info: OnceLock::new(),
                             },
@@ -146,7 +141,6 @@ fn index() -> &'static FnvMap<&'static str, TypeInfo> {
                         Child {
                             name: e.name.as_str(),
                             ty: t.as_str(),
-                            choice: false,
                             primitive: is_prim(t),
                             ty_info: OnceLock::new(),
                         },
@@ -157,7 +151,6 @@ fn index() -> &'static FnvMap<&'static str, TypeInfo> {
                 td.name.as_str(),
                 TypeInfo {
                     name: td.name.as_str(),
-                    primitive: td.kind == TypeKind::Primitive,
                     is_resource: ancestors.contains(&"Resource"),
                     ancestors,
                     children,
@@ -204,7 +197,7 @@ pub(crate) fn subtypes_of(name: &str) -> Vec<&'static str> {
 
 impl TypeInfo {
     pub(crate) fn is_a(&self, name: &str) -> bool {
-        self.ancestors.iter().any(|a| *a == name)
+        self.ancestors.contains(&name)
     }
 }
 

@@ -276,15 +276,34 @@ fn known_failures_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/known-failures.txt")
 }
 
-/// `file<TAB>desc<TAB>reason` lines; `#` comments.
-fn load_known() -> BTreeMap<(String, String), String> {
+type Key = (String, String, String);
+
+/// A case's identity in the list: file, description and expression (several cases share a
+/// description, some have none).
+fn key(c: &Case) -> Key {
+    let expr = c
+        .expression
+        .replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('\r', "\\r")
+        .replace('\t', "\\t");
+    (c.file.clone(), c.desc.clone(), expr)
+}
+
+/// `file<TAB>desc<TAB>expression<TAB>reason` lines (expression with `\n`, `\r`, `\t`, `\\` escaped);
+/// `#` comments.
+fn load_known() -> BTreeMap<Key, String> {
     let text = fs::read_to_string(known_failures_path()).unwrap_or_default();
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| {
-            let mut parts = l.splitn(3, '\t');
+            let mut parts = l.splitn(4, '\t');
             Some((
-                (parts.next()?.to_string(), parts.next()?.to_string()),
+                (
+                    parts.next()?.to_string(),
+                    parts.next()?.to_string(),
+                    parts.next()?.to_string(),
+                ),
                 parts.next().unwrap_or("").to_string(),
             ))
         })
@@ -302,7 +321,7 @@ fn conformance() {
     files.sort();
     let known = load_known();
     let mut resources = HashMap::new();
-    let mut failures: Vec<(String, String, String)> = Vec::new();
+    let mut failures: Vec<(Key, String)> = Vec::new();
     let mut unexpected = Vec::new();
     let mut r4_rate = 0.0;
     let (mut all_pass, mut all_total) = (0, 0);
@@ -314,13 +333,13 @@ fn conformance() {
                 Ok(()) => passed += 1,
                 Err(reason) => {
                     let reason = reason.replace(['\t', '\n', '\r'], " ");
-                    if !known.contains_key(&(c.file.clone(), c.desc.clone())) {
+                    if !known.contains_key(&key(c)) {
                         unexpected.push(format!(
                             "{} :: {} :: `{}` :: {}",
                             c.file, c.desc, c.expression, reason
                         ));
                     }
-                    failures.push((c.file.clone(), c.desc.clone(), reason));
+                    failures.push((key(c), reason));
                 }
             }
         }
@@ -338,31 +357,25 @@ fn conformance() {
     println!("all files: {all_pass}/{all_total} passed");
     if std::env::var_os("FHIRPATH_WRITE_KNOWN_FAILURES").is_some() {
         let mut text = String::from(
-            "# Cases of tests/corpus/cases that fail, with the reason: file<TAB>description<TAB>reason.\n\
+            "# Cases of tests/corpus/cases that fail: file<TAB>description<TAB>expression<TAB>reason.\n\
              # The conformance test fails when a case not listed here fails.\n",
         );
-        for (file, desc, reason) in &failures {
-            let note = known
-                .get(&(file.clone(), desc.clone()))
-                .filter(|r| !r.is_empty())
-                .unwrap_or(reason);
-            text.push_str(&format!("{file}\t{desc}\t{note}\n"));
+        for (k, reason) in &failures {
+            let note = known.get(k).filter(|r| !r.is_empty()).unwrap_or(reason);
+            text.push_str(&format!("{}\t{}\t{}\t{note}\n", k.0, k.1, k.2));
         }
         fs::write(known_failures_path(), text).expect("write known failures");
         return;
     }
-    let failing: std::collections::BTreeSet<_> = failures
-        .iter()
-        .map(|(f, d, _)| (f.clone(), d.clone()))
-        .collect();
+    let failing: std::collections::BTreeSet<_> = failures.iter().map(|(k, _)| k.clone()).collect();
     let stale: Vec<_> = known.keys().filter(|k| !failing.contains(*k)).collect();
     if !stale.is_empty() {
         println!(
             "{} listed known failures now pass (remove them from the list):",
             stale.len()
         );
-        for (f, d) in stale {
-            println!("  {f} :: {d}");
+        for (f, d, e) in stale {
+            println!("  {f} :: {d} :: {e}");
         }
     }
     for u in &unexpected {
