@@ -134,6 +134,20 @@ impl<'a> EvalContext<'a> {
         Ok(self)
     }
 
+    /// Like [`EvalContext::with_focus_path`], with the node's FHIR type given by the caller (e.g. a
+    /// profile-constrained type the model does not infer).
+    pub fn with_focus_path_typed(
+        self,
+        path: &NodePath,
+        fhir_type: &'a str,
+    ) -> Result<Self, EvalError> {
+        let mut ctx = self.with_focus_path(path)?;
+        if let Item::Node(n) = &mut ctx.focus {
+            n.set_type(fhir_type);
+        }
+        Ok(ctx)
+    }
+
     /// Sets `%resource` (e.g. a Bundle entry's resource node while the root stays the Bundle).
     pub fn with_resource(mut self, resource: Item<'a>) -> Self {
         self.resource = resource;

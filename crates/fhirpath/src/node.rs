@@ -112,16 +112,19 @@ pub(crate) struct Link<'a> {
     parent: Loc<'a>,
     key: &'a str,
     index: Option<usize>,
+    /// The location is a primitive's `_key` shadow object (its children live there).
+    shadow: bool,
 }
 
 impl<'a> Loc<'a> {
-    pub(crate) fn child(&self, key: &'a str, index: Option<usize>) -> Loc<'a> {
+    pub(crate) fn child(&self, key: &'a str, index: Option<usize>, shadow: bool) -> Loc<'a> {
         match self {
             Loc::Detached => Loc::Detached,
             _ => Loc::Child(Rc::new(Link {
                 parent: self.clone(),
                 key,
                 index,
+                shadow,
             })),
         }
     }
@@ -134,7 +137,11 @@ impl<'a> Loc<'a> {
                 if !l.parent.collect(out) {
                     return false;
                 }
-                out.push(Segment::Key(l.key.to_string()));
+                out.push(Segment::Key(if l.shadow {
+                    format!("_{}", l.key)
+                } else {
+                    l.key.to_string()
+                }));
                 if let Some(i) = l.index {
                     out.push(Segment::Index(i));
                 }
@@ -149,7 +156,10 @@ impl<'a> Loc<'a> {
             (Loc::Root, Loc::Root) => true,
             (Loc::Child(a), Loc::Child(b)) => {
                 Rc::ptr_eq(a, b)
-                    || (a.key == b.key && a.index == b.index && a.parent.same(&b.parent))
+                    || (a.key == b.key
+                        && a.index == b.index
+                        && a.shadow == b.shadow
+                        && a.parent.same(&b.parent))
             }
             _ => false,
         }
@@ -248,6 +258,11 @@ impl<'a> Node<'a> {
         Some(node)
     }
 
+    pub(crate) fn set_type(&mut self, ty: &'a str) {
+        self.ty = ty;
+        self.info = typeinfo::info(ty);
+    }
+
     /// The JSON value; `None` for a primitive that only has a `_name` shadow (extensions, no value).
     pub fn json(&self) -> Option<&'a Json> {
         self.value
@@ -303,7 +318,8 @@ impl<'a> Node<'a> {
     fn self_loc(&self) -> Loc<'a> {
         match self.key {
             None => self.parent.clone(),
-            Some(k) => self.parent.child(k, self.index),
+            // A primitive's children (id, extension) are in its shadow object.
+            Some(k) => self.parent.child(k, self.index, self.is_primitive()),
         }
     }
 
