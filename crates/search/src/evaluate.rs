@@ -133,9 +133,8 @@ impl CompiledPath {
                     .ok_or_else(|| format!("unsupported where in '{expr}'"))?;
                 let field = field.trim();
                 let lit = lit.trim();
-                if !is_ident(field)
-                    || !(lit.len() >= 2 && lit.starts_with('\'') && lit.ends_with('\''))
-                {
+                let quoted = lit.len() >= 2 && lit.starts_with('\'') && lit.ends_with('\'');
+                if !(is_ident(field) && quoted) {
                     return Err(format!("unsupported where in '{expr}'"));
                 }
                 steps.push(Step::WhereEq {

@@ -274,10 +274,10 @@ impl IndexedParam {
 /// The index values of one parameter (by code) of a resource.
 pub fn extract_param(resource_type: &str, code: &str, resource: &Json) -> Vec<IndexValue> {
     let mut out = Vec::new();
-    if let Some(ti) = type_index(resource_type) {
-        if let Some(p) = ti.param(code) {
-            p.extract(resource, &mut out);
-        }
+    if let Some(ti) = type_index(resource_type)
+        && let Some(p) = ti.param(code)
+    {
+        p.extract(resource, &mut out);
     }
     out
 }

@@ -33,10 +33,10 @@ fn rewrite(v: &mut Value, map: &HashMap<String, String>) {
         Value::Object(o) => {
             for (k, child) in o.iter_mut() {
                 if k == "reference" {
-                    if let Value::String(s) = child {
-                        if let Some(r) = map.get(s.as_str()) {
-                            *s = r.clone();
-                        }
+                    if let Value::String(s) = child
+                        && let Some(r) = map.get(s.as_str())
+                    {
+                        *s = r.clone();
                     }
                 } else {
                     rewrite(child, map);
