@@ -61,3 +61,41 @@ impl SearchError {
         )
     }
 }
+
+impl SearchError {
+    /// The HTTP status this error maps to: 400 for every client error, 500 for the store.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            SearchError::Store(_) => 500,
+            _ => 400,
+        }
+    }
+
+    /// The OperationOutcome `issue.code`.
+    pub fn issue_code(&self) -> &'static str {
+        match self {
+            SearchError::UnknownResourceType { .. }
+            | SearchError::UnknownParameter { .. }
+            | SearchError::Unsupported { .. } => "not-supported",
+            SearchError::InvalidValue { .. } => "invalid",
+            SearchError::Store(_) => "exception",
+        }
+    }
+
+    /// An OperationOutcome for the client; store details are not exposed.
+    pub fn operation_outcome(&self) -> serde_json::Value {
+        let diagnostics = match self {
+            SearchError::Store(_) => "the search failed on the server".to_string(),
+            other => other.to_string(),
+        };
+        let mut issue = serde_json::json!({
+            "severity": "error",
+            "code": self.issue_code(),
+            "diagnostics": diagnostics,
+        });
+        if let Some(p) = self.param() {
+            issue["expression"] = serde_json::json!([p]);
+        }
+        serde_json::json!({"resourceType": "OperationOutcome", "issue": [issue]})
+    }
+}

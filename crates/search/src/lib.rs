@@ -39,4 +39,4 @@ pub use query::{
     Value, parse_query, parse_query_string,
 };
 pub use reindex::reindex;
-pub use sql::execute;
+pub use sql::{execute, search_bundle};

@@ -795,3 +795,26 @@ fn read_current(
             .optional()?)
     })?)
 }
+
+/// The whole `GET /[type]` / `POST /[type]/_search` flow for the server: parse the request's
+/// (name, value) pairs, run the page, and build the searchset Bundle. `base` is the server's
+/// base URL (links and `fullUrl`s). Errors carry their HTTP status and OperationOutcome
+/// ([`SearchError::http_status`], [`SearchError::operation_outcome`]).
+pub fn search_bundle(
+    store: &SqliteStore,
+    base: &str,
+    resource_type: &str,
+    params: &[(String, String)],
+    lenient: bool,
+) -> Result<Json, SearchError> {
+    let q = crate::query::parse_query(
+        resource_type,
+        params,
+        crate::query::ParseOptions {
+            lenient,
+            predicate_only: false,
+        },
+    )?;
+    let page = execute(store, &q)?;
+    Ok(crate::bundle::searchset_bundle(base, &q, params, &page))
+}

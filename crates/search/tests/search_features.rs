@@ -255,3 +255,30 @@ fn type_filter_sets_or_per_type_and_pass_other_types() {
         assert!(set.add_type_filter(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn search_bundle_for_the_server() {
+    let (_d, store, _) = support::load_store(&data());
+    let b = search::search_bundle(
+        &store,
+        "http://h/fhir",
+        "Patient",
+        &parse_query_string("family=zeta&_total=accurate"),
+        false,
+    )
+    .unwrap();
+    assert_eq!(b["total"], 1);
+    assert_eq!(b["entry"][0]["resource"]["id"], "p1");
+    let e = search::search_bundle(
+        &store,
+        "http://h/fhir",
+        "Patient",
+        &parse_query_string("birthdate=2020-13-45"),
+        false,
+    )
+    .unwrap_err();
+    assert_eq!(e.http_status(), 400);
+    let oo = e.operation_outcome();
+    assert_eq!(oo["issue"][0]["code"], "invalid");
+    assert_eq!(oo["issue"][0]["expression"][0], "birthdate");
+}
