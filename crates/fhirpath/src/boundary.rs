@@ -32,7 +32,10 @@ fn decimal_boundary(d: Decimal, precision: Option<i64>, high: bool) -> Option<De
     if !(0..=28).contains(&p) {
         return None;
     }
-    // Half a unit in the last written place on either side.
+    // Half a unit in the last written place on either side (none beyond the 28-digit scale limit).
+    if d.scale() >= 28 {
+        return Some(d);
+    }
     let half = Decimal::new(5, d.scale() + 1);
     let edge = if high {
         d.checked_add(half)?

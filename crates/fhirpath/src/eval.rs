@@ -218,7 +218,10 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
             let items = eval(e, env, input)?;
             match single_sys(&items, "unary -")? {
                 None => Ok(Vec::new()),
-                Some(SystemValue::Integer(i)) => val(SystemValue::Integer(-i)),
+                Some(SystemValue::Integer(i)) => match i.checked_neg() {
+                    Some(n) => val(SystemValue::Integer(n)),
+                    None => Ok(Vec::new()),
+                },
                 Some(SystemValue::Decimal(d)) => val(SystemValue::Decimal(-d)),
                 Some(SystemValue::Quantity(q)) => {
                     val(SystemValue::Quantity(Quantity::new(-q.value, q.unit)))

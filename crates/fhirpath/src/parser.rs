@@ -102,6 +102,8 @@ pub(crate) fn parse(src: &str, registry: &FunctionRegistry) -> Result<Expr, Pars
         toks,
         i: 0,
         registry,
+        depth: 0,
+        links: 0,
     };
     let e = p.expr(0)?;
     let t = p.peek();
@@ -119,7 +121,15 @@ struct Parser<'r> {
     toks: Vec<Token>,
     i: usize,
     registry: &'r FunctionRegistry,
+    /// Current recursion depth (parentheses, arguments, operands), and the operators and
+    /// invocations seen so far (each chain link nests the tree one level): both capped so that
+    /// parsing, evaluating and dropping an expression cannot exhaust the stack.
+    depth: usize,
+    links: usize,
 }
+
+const MAX_DEPTH: usize = 100;
+const MAX_LINKS: usize = 300;
 
 fn infix(tok: &Tok) -> Option<(u8, BinOp)> {
     Some(match tok {
@@ -177,7 +187,40 @@ impl Parser<'_> {
         }
     }
 
+    fn link(&mut self) -> Result<(), ParseError> {
+        self.links += 1;
+        if self.links > MAX_LINKS {
+            let pos = self.peek().pos;
+            return Err(ParseError::new(
+                pos,
+                &format!("an expression of at most {MAX_LINKS} operators and invocations"),
+                "a larger expression",
+            ));
+        }
+        Ok(())
+    }
+
+    fn nest(&mut self, by: usize) -> Result<(), ParseError> {
+        self.depth += by;
+        if self.depth > MAX_DEPTH {
+            let pos = self.peek().pos;
+            return Err(ParseError::new(
+                pos,
+                &format!("at most {MAX_DEPTH} levels of nesting"),
+                "deeper nesting",
+            ));
+        }
+        Ok(())
+    }
+
     fn expr(&mut self, min_bp: u8) -> Result<Expr, ParseError> {
+        self.nest(1)?;
+        let r = self.expr_inner(min_bp);
+        self.depth -= 1;
+        r
+    }
+
+    fn expr_inner(&mut self, min_bp: u8) -> Result<Expr, ParseError> {
         let mut lhs = self.unary()?;
         loop {
             let t = self.peek().clone();
@@ -201,6 +244,7 @@ impl Parser<'_> {
                 break;
             }
             self.next();
+            self.link()?;
             let rhs = self.expr(bp + 1)?;
             lhs = Expr::Binary(op, Box::new(lhs), Box::new(rhs));
         }
@@ -238,6 +282,9 @@ impl Parser<'_> {
 
     fn postfix(&mut self, mut e: Expr) -> Result<Expr, ParseError> {
         loop {
+            if matches!(self.peek().tok, Tok::Dot | Tok::LBracket) {
+                self.link()?;
+            }
             match self.peek().tok {
                 Tok::Dot => {
                     self.next();
@@ -578,6 +625,25 @@ mod tests {
         assert!(p("Patient.foo(").is_err());
         assert!(p("Patient.unknownFn()").is_err());
         assert!(p("1 2").is_err());
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        assert!(p(&"(".repeat(10_000)).is_err());
+        assert!(p(&"a.".repeat(10_000).trim_end_matches('.').to_string()).is_err());
+        assert!(p(&vec!["1"; 10_000].join(" + ")).is_err());
+        assert!(p(&vec!["1"; 50].join(" + ")).is_ok());
+        // The largest accepted expression evaluates on a small stack.
+        let big = vec!["true"; 150].join(" and ") + &".not()".repeat(140);
+        let handle = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let e = crate::Expression::compile(&big).unwrap();
+                let v = serde_json::json!({});
+                e.evaluate(&crate::EvalContext::new(&v)).is_ok()
+            })
+            .unwrap();
+        assert!(handle.join().unwrap());
     }
 
     #[test]

@@ -280,7 +280,9 @@ impl Temporal {
             Some(off) if off != 0 && self.precision >= Precision::Hour => {
                 let mut t = *self;
                 if let Some(n) = self.naive() {
-                    t.set_naive(n - Duration::minutes(i64::from(off)));
+                    if let Some(shifted) = n.checked_sub_signed(Duration::minutes(i64::from(off))) {
+                        t.set_naive(shifted);
+                    }
                 }
                 t.offset_minutes = Some(0);
                 t
@@ -366,7 +368,7 @@ impl Temporal {
                 if t.precision < Precision::Day {
                     return Some(t);
                 }
-                let n = t.naive()? + Duration::try_days(days)?;
+                let n = t.naive()?.checked_add_signed(Duration::try_days(days)?)?;
                 t.set_naive(n);
                 Some(t)
             }
@@ -381,13 +383,13 @@ impl Temporal {
                     // Time units below the value's precision: whole days only.
                     let days = d.num_days();
                     if t.precision >= Precision::Day {
-                        let n = t.naive()? + Duration::try_days(days)?;
+                        let n = t.naive()?.checked_add_signed(Duration::try_days(days)?)?;
                         t.set_naive(n);
                     }
                     return Some(t);
                 }
                 // Times wrap around midnight: set_naive ignores the date part for them.
-                let n = t.naive()? + d;
+                let n = t.naive()?.checked_add_signed(d)?;
                 t.set_naive(n);
                 if unit == "millisecond" && t.precision < Precision::Millisecond {
                     t.precision = Precision::Millisecond;
