@@ -279,10 +279,10 @@ impl Temporal {
         match self.offset_minutes {
             Some(off) if off != 0 && self.precision >= Precision::Hour => {
                 let mut t = *self;
-                if let Some(n) = self.naive() {
-                    if let Some(shifted) = n.checked_sub_signed(Duration::minutes(i64::from(off))) {
-                        t.set_naive(shifted);
-                    }
+                if let Some(n) = self.naive()
+                    && let Some(shifted) = n.checked_sub_signed(Duration::minutes(i64::from(off)))
+                {
+                    t.set_naive(shifted);
                 }
                 t.offset_minutes = Some(0);
                 t
