@@ -256,6 +256,21 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
             args,
             regex,
         } => {
+            // `descendants().ofType(T)`: filter while walking instead of materializing every node
+            // (same items, same order).
+            if let (Func::TypeTest(Builtin::OfType, spec), Some(b)) = (func, base)
+                && let Expr::Call {
+                    base: inner_base,
+                    func: Func::Builtin(Builtin::Descendants),
+                    ..
+                } = b.as_ref()
+            {
+                let roots = match inner_base {
+                    Some(ib) => eval(ib, env, input)?,
+                    None => input.to_vec(),
+                };
+                return Ok(descendants_of_type(&roots, spec));
+            }
             let focus = match base {
                 Some(b) => eval(b, env, input)?,
                 None => input.to_vec(),
@@ -280,6 +295,33 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
             }
         }
     }
+}
+
+/// Breadth-first like `descendants()`, keeping only nodes of type `spec`; leaves without children
+/// are tested and dropped at once.
+fn descendants_of_type<'a>(roots: &[Item<'a>], spec: &TypeSpec) -> Vec<Item<'a>> {
+    let mut out = Vec::new();
+    let mut level: Vec<Item<'a>> = Vec::new();
+    for r in roots {
+        if let Item::Node(n) = r {
+            n.push_children(&mut level);
+        }
+    }
+    let mut next = Vec::new();
+    while !level.is_empty() {
+        for item in level.drain(..) {
+            if is_type(&item, spec) {
+                out.push(item.clone());
+            }
+            if let Item::Node(n) = &item
+                && n.has_children()
+            {
+                n.push_children(&mut next);
+            }
+        }
+        std::mem::swap(&mut level, &mut next);
+    }
+    out
 }
 
 fn variable<'a>(name: &str, env: &Env<'_, 'a>) -> R<'a> {

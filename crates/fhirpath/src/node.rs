@@ -504,6 +504,11 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// Whether `children()` can be non-empty (an object, or a primitive with a shadow object).
+    pub(crate) fn has_children(&self) -> bool {
+        matches!(self.value, Some(Json::Object(_))) || matches!(self.shadow, Some(Json::Object(_)))
+    }
+
     /// All child nodes in document order (`children()`).
     pub fn children(&self) -> Vec<crate::Item<'a>> {
         let mut out = Vec::new();

@@ -115,9 +115,11 @@ fn walk_children<'a>(node: &Node<'a>, buf: &mut Vec<Item<'a>>, visit: &mut dyn F
         if c.is_resource() {
             continue;
         }
-        let c = c.clone();
-        visit(&c);
-        walk_children(&c, buf, visit);
+        visit(c);
+        if c.has_children() {
+            let c = c.clone();
+            walk_children(&c, buf, visit);
+        }
     }
     buf.truncate(start);
 }

@@ -249,3 +249,14 @@ fn equality_equivalence_and_dates() {
     assert_eq!(eval("{} and false", &ctx)[0].as_json(), json!(false));
     assert!(eval("{} and true", &ctx).is_empty());
 }
+
+#[test]
+fn descendants_of_type_matches_the_unfused_form() {
+    let b = bundle();
+    let ctx = EvalContext::new(&b);
+    for t in ["Reference", "HumanName", "string", "Quantity", "Resource"] {
+        let fused = eval(&format!("descendants().ofType({t})"), &ctx);
+        let plain = eval(&format!("descendants().where($this is {t})"), &ctx);
+        assert_eq!(paths(&fused), paths(&plain), "{t}");
+    }
+}
