@@ -593,6 +593,36 @@ async fn search_get(
     run_search(state, ctx, rtype, &headers, pairs).await
 }
 
+/// Every type a search touches needs scope: chained and `_has` filters search the types they
+/// name (`s`), includes read theirs (`r`).
+fn authorize_search(ctx: &AuthContext, q: &search::SearchQuery) -> Result<(), ApiError> {
+    fn filter(ctx: &AuthContext, f: &search::Filter) -> Result<(), ApiError> {
+        match f {
+            search::Filter::Chain { target_types, inner, .. } => {
+                for t in target_types {
+                    ctx.require_search(t)?;
+                }
+                filter(ctx, inner)
+            }
+            search::Filter::Has { source_type, inner, .. } => {
+                ctx.require_search(source_type)?;
+                filter(ctx, inner)
+            }
+            _ => Ok(()),
+        }
+    }
+    for f in &q.filters {
+        filter(ctx, f)?;
+    }
+    for inc in q.includes.iter().chain(q.revincludes.iter()) {
+        ctx.require_read(&inc.source_type)?;
+        if let Some(t) = &inc.target_type {
+            ctx.require_read(t)?;
+        }
+    }
+    Ok(())
+}
+
 async fn search_post(
     State(state): State<AppState>,
     ctx: AuthContext,
@@ -630,15 +660,13 @@ async fn run_search(
         predicate_only: false,
     };
     let q = search::parse_query(&rtype, &pairs, opts)?;
-    for inc in q.includes.iter().chain(q.revincludes.iter()) {
-        ctx.require_read(&inc.source_type)?;
-        if let Some(t) = &inc.target_type {
-            ctx.require_read(t)?;
-        }
-    }
+    authorize_search(&ctx, &q)?;
     let store = state.store.clone();
     let q2 = q.clone();
-    let page = blocking(move || Ok(search::execute(&store, &q2)?)).await?;
+    let mut page = blocking(move || Ok(search::execute(&store, &q2)?)).await?;
+    // `_include` without a target type (or `*`) may reach types the client cannot read: withhold them.
+    page.included
+        .retain(|r| r.get("resourceType").and_then(Value::as_str).is_some_and(|t| ctx.scopes.can_read(t)));
     let b = search::searchset_bundle(&state.base_url, &q, &pairs, &page);
     Ok(fhir_json(&b))
 }

@@ -1,0 +1,262 @@
+//! SMART scopes enforced by the REST API over real HTTP: per-type read / search / write, chains,
+//! `_has`, `_include`, batches, 401 without a token. (Owned by the auth crate's author; the test
+//! keys are the auth crate's, see crates/auth/tests/data/PROVENANCE.md.)
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn key(name: &str) -> auth::ClientKey {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../auth/tests/data")
+        .join(name);
+    auth::ClientKey::from_pem(&std::fs::read(path).unwrap(), None, None).unwrap()
+}
+
+struct Server {
+    base: String,
+    token_url: String,
+    key: auth::ClientKey,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let store = server::open_store(dir.path()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let token_url = format!("{base}/auth/token");
+    let key = key("ec-p384.pem");
+    let jwks = auth::client_tools::jwks_document(std::slice::from_ref(&key)).unwrap();
+    let clients = json!([
+        {"client_id": "admin", "jwks": jwks, "scope": "system/*.cruds"},
+        {"client_id": "patients", "jwks": jwks, "scope": "system/Patient.rs"},
+        {"client_id": "observations", "jwks": jwks, "scope": "system/Observation.rs"},
+    ]);
+    let registry =
+        auth::ClientRegistry::from_json(&clients.to_string(), Path::new("clients.json")).unwrap();
+    let smart = auth::SmartAuth::new(
+        registry,
+        auth::TokenIssuer::new(base.clone(), Duration::from_secs(300)),
+        token_url.clone(),
+        1000,
+    );
+    let state = server::AppState {
+        store: Arc::new(store),
+        base_url: base.clone().into(),
+        auth: auth::Auth::smart(smart),
+        max_body_bytes: 1 << 20,
+    };
+    let app = server::router(state);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Server {
+        base,
+        token_url,
+        key,
+        _dir: dir,
+    }
+}
+
+impl Server {
+    async fn token(&self, client: &str, scope: &str) -> String {
+        auth::client_tools::request_token(&self.token_url, client, &self.key, scope)
+            .await
+            .unwrap()
+            .access_token
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = reqwest::Client::new().request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/fhir+json")
+                .body(b.to_string());
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+}
+
+fn forbidden(status: StatusCode, body: &Value) {
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    assert_eq!(body["issue"][0]["code"], "forbidden");
+}
+
+#[tokio::test]
+async fn per_type_scopes_on_the_rest_api() {
+    let s = start().await;
+    use reqwest::Method as M;
+
+    // Open endpoints, and 401 without a token.
+    assert_eq!(
+        s.send(M::GET, "/metadata", None, None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.send(M::GET, "/.well-known/smart-configuration", None, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (st, body) = s.send(M::GET, "/Patient", None, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["resourceType"], "OperationOutcome");
+
+    let admin = s.token("admin", "system/*.cruds").await;
+    let (st, _) = s
+        .send(
+            M::PUT,
+            "/Patient/p1",
+            Some(&admin),
+            Some(json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Doe"}]})),
+        )
+        .await;
+    assert!(st.is_success(), "{st}");
+    let (st, _) = s
+        .send(
+            M::PUT,
+            "/Observation/o1",
+            Some(&admin),
+            Some(
+                json!({"resourceType": "Observation", "id": "o1", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "1234-5"}]},
+                "subject": {"reference": "Patient/p1"}}),
+            ),
+        )
+        .await;
+    assert!(st.is_success(), "{st}");
+
+    let patients = s.token("patients", "system/Patient.rs").await;
+    assert_eq!(
+        s.send(M::GET, "/Patient/p1", Some(&patients), None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.send(M::GET, "/Patient?family=Doe", Some(&patients), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.send(M::GET, "/Patient/p1/_history", Some(&patients), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (st, b) = s
+        .send(M::GET, "/Observation/o1", Some(&patients), None)
+        .await;
+    forbidden(st, &b);
+    let (st, b) = s
+        .send(M::GET, "/Observation?code=1234-5", Some(&patients), None)
+        .await;
+    forbidden(st, &b);
+    // Writes need c / u / d.
+    let (st, b) = s
+        .send(
+            M::POST,
+            "/Patient",
+            Some(&patients),
+            Some(json!({"resourceType": "Patient"})),
+        )
+        .await;
+    forbidden(st, &b);
+    let (st, b) = s
+        .send(
+            M::PUT,
+            "/Patient/p1",
+            Some(&patients),
+            Some(json!({"resourceType": "Patient", "id": "p1"})),
+        )
+        .await;
+    forbidden(st, &b);
+    let (st, b) = s
+        .send(M::DELETE, "/Patient/p1", Some(&patients), None)
+        .await;
+    forbidden(st, &b);
+    // `_has` searches Observation: needs its scope.
+    let (st, b) = s
+        .send(
+            M::GET,
+            "/Patient?_has:Observation:subject:code=1234-5",
+            Some(&patients),
+            None,
+        )
+        .await;
+    forbidden(st, &b);
+    // A batch entry of a type outside the scopes.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation/o1"}}
+    ]});
+    let (st, b) = s.send(M::POST, "/", Some(&patients), Some(batch)).await;
+    forbidden(st, &b);
+
+    let observations = s.token("observations", "system/Observation.rs").await;
+    // A chain searches Patient: needs its scope.
+    let (st, b) = s
+        .send(
+            M::GET,
+            "/Observation?subject:Patient.family=Doe",
+            Some(&observations),
+            None,
+        )
+        .await;
+    forbidden(st, &b);
+    // `_include` with an explicit unreadable target: 403; without a target: the Patient is withheld.
+    let (st, b) = s
+        .send(
+            M::GET,
+            "/Observation?_include=Observation:subject:Patient",
+            Some(&observations),
+            None,
+        )
+        .await;
+    forbidden(st, &b);
+    let (st, b) = s
+        .send(
+            M::GET,
+            "/Observation?_include=Observation:subject",
+            Some(&observations),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    let types: Vec<&str> = b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["resource"]["resourceType"].as_str())
+        .collect();
+    assert_eq!(types, vec!["Observation"], "{b}");
+    // The admin gets both.
+    let (_, b) = s
+        .send(
+            M::GET,
+            "/Observation?_include=Observation:subject",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(b["entry"].as_array().unwrap().len(), 2, "{b}");
+
+    // A token whose signature does not verify.
+    let (st, _) = s
+        .send(M::GET, "/Patient/p1", Some(&format!("{patients}x")), None)
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+}
