@@ -598,13 +598,19 @@ async fn search_get(
 fn authorize_search(ctx: &AuthContext, q: &search::SearchQuery) -> Result<(), ApiError> {
     fn filter(ctx: &AuthContext, f: &search::Filter) -> Result<(), ApiError> {
         match f {
-            search::Filter::Chain { target_types, inner, .. } => {
+            search::Filter::Chain {
+                target_types,
+                inner,
+                ..
+            } => {
                 for t in target_types {
                     ctx.require_search(t)?;
                 }
                 filter(ctx, inner)
             }
-            search::Filter::Has { source_type, inner, .. } => {
+            search::Filter::Has {
+                source_type, inner, ..
+            } => {
                 ctx.require_search(source_type)?;
                 filter(ctx, inner)
             }
@@ -665,8 +671,11 @@ async fn run_search(
     let q2 = q.clone();
     let mut page = blocking(move || Ok(search::execute(&store, &q2)?)).await?;
     // `_include` without a target type (or `*`) may reach types the client cannot read: withhold them.
-    page.included
-        .retain(|r| r.get("resourceType").and_then(Value::as_str).is_some_and(|t| ctx.scopes.can_read(t)));
+    page.included.retain(|r| {
+        r.get("resourceType")
+            .and_then(Value::as_str)
+            .is_some_and(|t| ctx.scopes.can_read(t))
+    });
     let b = search::searchset_bundle(&state.base_url, &q, &pairs, &page);
     Ok(fhir_json(&b))
 }
