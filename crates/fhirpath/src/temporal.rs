@@ -293,11 +293,10 @@ impl Temporal {
 
     /// FHIRPath comparison: `None` when the values differ in precision and agree on what both know.
     pub fn compare(&self, other: &Temporal) -> Option<Ordering> {
-        let (a, b) = if self.offset_minutes.is_some() && other.offset_minutes.is_some() {
-            (self.normalized(), other.normalized())
-        } else {
-            (*self, *other)
-        };
+        // Values are compared in UTC; a value without a zone counts as UTC (as the Firely engine
+        // behind the reference anonymizer does), so `2010-01-01` differs from
+        // `2010-01-01T00:00:00+08:00` (= 2009-12-31T16:00Z).
+        let (a, b) = (self.normalized(), other.normalized());
         let pa = a.cmp_precision();
         let pb = b.cmp_precision();
         let common = pa.min(pb);
