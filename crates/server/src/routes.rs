@@ -528,9 +528,14 @@ async fn history_system(
     ctx: AuthContext,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    if !ctx.scopes.is_unrestricted() {
+    // System history spans every type: it needs read on all of them (e.g. `system/*.rs`).
+    if !fhir_model::r4()
+        .resource_types()
+        .iter()
+        .all(|t| ctx.scopes.can_read(t))
+    {
         return Err(auth::AuthRejection::Forbidden(
-            "system history needs unrestricted read access".into(),
+            "system history needs read access to every resource type".into(),
         )
         .into());
     }

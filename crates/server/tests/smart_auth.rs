@@ -254,6 +254,14 @@ async fn per_type_scopes_on_the_rest_api() {
         .await;
     assert_eq!(b["entry"].as_array().unwrap().len(), 2, "{b}");
 
+    // System history needs read on every type.
+    let (st, b) = s.send(M::GET, "/_history", Some(&patients), None).await;
+    forbidden(st, &b);
+    assert_eq!(
+        s.send(M::GET, "/_history", Some(&admin), None).await.0,
+        StatusCode::OK
+    );
+
     // A token whose signature does not verify.
     let (st, _) = s
         .send(M::GET, "/Patient/p1", Some(&format!("{patients}x")), None)
