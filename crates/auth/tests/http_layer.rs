@@ -535,3 +535,33 @@ fn capability_statement_security() {
     assert_eq!(sec["extension"][0]["extension"][0]["valueUri"], TOKEN_URL);
     assert!(Auth::none().capability_security().is_none());
 }
+
+#[test]
+fn export_type_lists() {
+    let ctx = AuthContext {
+        client_id: Some("a".into()),
+        scopes: auth::Scopes::parse("system/Patient.rs system/Observation.read system/Encounter.r")
+            .unwrap(),
+    };
+    assert_eq!(
+        ctx.export_types(None).unwrap(),
+        Some(vec!["Observation".to_string(), "Patient".to_string()])
+    );
+    let asked = vec!["Patient".to_string()];
+    assert_eq!(ctx.export_types(Some(&asked)).unwrap(), Some(asked.clone()));
+    let asked = vec!["Patient".to_string(), "Encounter".to_string()];
+    let e = ctx.export_types(Some(&asked)).unwrap_err();
+    assert!(e.to_string().contains("Encounter"));
+    let none = AuthContext {
+        client_id: Some("b".into()),
+        scopes: auth::Scopes::parse("system/Patient.r").unwrap(),
+    };
+    assert!(matches!(
+        none.export_types(None),
+        Err(AuthRejection::Forbidden(_))
+    ));
+    assert_eq!(
+        AuthContext::unrestricted().export_types(None).unwrap(),
+        None
+    );
+}
