@@ -382,12 +382,10 @@ pub(crate) fn is_type(item: &Item<'_>, spec: &TypeSpec) -> bool {
             if ns == Some("System") {
                 return false;
             }
-            if n.ty == name {
-                return true;
-            }
-            match &spec.subtypes {
-                Some(list) => list.contains(&n.ty),
-                None => n.info.is_some_and(|i| i.is_a(name)),
+            match (&spec.subtypes, n.info) {
+                (Some(list), Some(i)) => list.contains(&(std::ptr::from_ref(i) as usize)),
+                (None, Some(i)) => i.is_a(name),
+                (_, None) => n.ty == name,
             }
         }
         _ => {

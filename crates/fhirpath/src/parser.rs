@@ -45,7 +45,8 @@ pub(crate) struct TypeSpec {
     pub name: String,
     /// FHIR types that are this type or derive from it, when few: type tests then compare names
     /// instead of walking the model.
-    pub subtypes: Option<Vec<&'static str>>,
+    /// (Addresses of their entries in the type index, so a test is a pointer comparison.)
+    pub subtypes: Option<Vec<usize>>,
 }
 
 impl TypeSpec {

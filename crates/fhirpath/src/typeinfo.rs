@@ -184,15 +184,13 @@ pub(crate) fn element() -> Option<&'static TypeInfo> {
     *ELEMENT.get_or_init(|| info("Element"))
 }
 
-/// The types that are `name` or derive from it.
-pub(crate) fn subtypes_of(name: &str) -> Vec<&'static str> {
-    let mut v: Vec<&'static str> = index()
+/// The index entries (as addresses) of the types that are `name` or derive from it.
+pub(crate) fn subtypes_of(name: &str) -> Vec<usize> {
+    index()
         .values()
         .filter(|i| i.is_a(name))
-        .map(|i| i.name)
-        .collect();
-    v.sort_unstable();
-    v
+        .map(|i| std::ptr::from_ref(i) as usize)
+        .collect()
 }
 
 impl TypeInfo {
