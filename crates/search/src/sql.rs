@@ -177,6 +177,52 @@ impl<'s> Builder<'s> {
         })
     }
 
+    /// The driving index lookup of an equality filter (token, reference, uri values of one index
+    /// table), as conditions on the table aliased `d`; `None` when the filter cannot drive.
+    fn driver(
+        &mut self,
+        resource_type: &str,
+        type_no: i64,
+        f: &Filter,
+    ) -> Option<(&'static str, String)> {
+        let Filter::Param {
+            code,
+            kind,
+            values,
+            negate: false,
+        } = f
+        else {
+            return None;
+        };
+        if !matches!(
+            kind,
+            SearchParamType::Token | SearchParamType::Reference | SearchParamType::Uri
+        ) || !matches!(
+            registry::storage(resource_type, code),
+            Some(Storage::Rows | Storage::Alias { .. })
+        ) || values.iter().any(|v| matches!(v, Value::TokenText(_)))
+        {
+            return None;
+        }
+        let mut table = None;
+        let mut conds = Vec::new();
+        for v in values {
+            let (t, c) = self.value_cond(v);
+            if table.is_some_and(|x| x != t) {
+                return None;
+            }
+            table = Some(t);
+            conds.push(c);
+        }
+        let table = table?;
+        let tn = self.p(Sql::Integer(type_no));
+        let pm = self.param_match(resource_type, code, table, "d.");
+        Some((
+            table,
+            format!("d.type_no = {tn} AND {pm} AND ({})", conds.join(" OR ")),
+        ))
+    }
+
     /// The parameter condition on an index table (columns prefixed with `a`): its own rows, or
     /// those of the parameters it is an alias of.
     fn param_match(&mut self, resource_type: &str, code: &str, table: &str, a: &str) -> String {
@@ -564,6 +610,7 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
     };
     let any_selective = q.filters.iter().any(selective);
     let mut driver_chosen = any_selective;
+    let mut filter_sqls = Vec::with_capacity(q.filters.len());
     for f in &q.filters {
         b.probe = if selective(f) {
             false
@@ -575,8 +622,12 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
         };
         let c = b.filter(&q.resource_type, f, "rv.k", "rv.id")?;
         b.probe = false;
+        filter_sqls.push(c);
+    }
+    let base_where = where_.clone();
+    for c in &filter_sqls {
         where_.push_str(" AND ");
-        where_.push_str(&c);
+        where_.push_str(c);
     }
 
     let mut page = SearchPage::default();
@@ -593,6 +644,40 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
         return Ok(page);
     }
 
+    if q.sort.is_empty()
+        && let Some((i, (table, cond))) = q
+            .filters
+            .iter()
+            .enumerate()
+            .find_map(|(i, f)| b.driver(&q.resource_type, type_no, f).map(|d| (i, d)))
+    {
+        // Pages in `k` order driven by an equality filter's index (whose entries end in `k`):
+        // the page stops after `count` matches instead of collecting every match first.
+        let mut w = base_where;
+        for (j, c) in filter_sqls.iter().enumerate() {
+            if j != i {
+                w.push_str(" AND ");
+                w.push_str(c);
+            }
+        }
+        if let Some(c) = &q.cursor {
+            let (_, ck) = decode_cursor(c, 0)?;
+            w.push_str(&format!(" AND d.k > {}", b.p(Sql::Integer(ck))));
+        }
+        let limit = b.p(Sql::Integer(q.count as i64 + 1));
+        let sql = format!(
+            "SELECT rv.k, rv.id, rv.json FROM {table} d JOIN resource_versions rv ON rv.k = d.k \
+             WHERE {cond} AND {w} GROUP BY d.k ORDER BY d.k LIMIT {limit}"
+        );
+        let rows: Vec<(i64, String, Vec<u8>, Vec<Sql>)> = store.with_reader(|conn| {
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(b.params.iter()), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, Vec::new()))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })?;
+        return finish_page(store, q, page, rows);
+    }
     let sort_exprs: Vec<String> = q
         .sort
         .iter()
@@ -641,7 +726,16 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
         }
         Ok(out)
     })?;
-    let mut rows = rows;
+    finish_page(store, q, page, rows)
+}
+
+/// Cuts the extra row into a cursor, parses the matches and adds the includes.
+fn finish_page(
+    store: &SqliteStore,
+    q: &SearchQuery,
+    mut page: SearchPage,
+    mut rows: Vec<(i64, String, Vec<u8>, Vec<Sql>)>,
+) -> Result<SearchPage, SearchError> {
     if rows.len() > q.count as usize {
         rows.truncate(q.count as usize);
         if let Some((k, _, _, sorts)) = rows.last() {

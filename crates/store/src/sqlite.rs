@@ -40,7 +40,9 @@
 //! idx_reference_identifier(type_no, param, system, value, k)
 //! idx_uri(type_no, param, uri, k)
 //! ```
-//! Each has an index on `(type_no, param, <first value columns>)` and one on `(k)`.
+//! Each has an index on `(type_no, param, <first value columns>, k)` and one on `(k)`. `k` ends the
+//! value index so that an equality lookup yields rows in `k` order (search pages stop early) and
+//! the index covers the search's `k` lists.
 
 use std::collections::HashMap;
 use std::ops::{ControlFlow, Deref};
@@ -344,40 +346,40 @@ CREATE INDEX IF NOT EXISTS rv_superseded ON resource_versions(superseded_seq)
 
 CREATE TABLE IF NOT EXISTS idx_token(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   system TEXT, code TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_token_value ON idx_token(type_no, param, code, system);
+CREATE INDEX IF NOT EXISTS idx_token_value ON idx_token(type_no, param, code, system, k);
 CREATE INDEX IF NOT EXISTS idx_token_k ON idx_token(k);
 CREATE TABLE IF NOT EXISTS idx_token_text(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   text TEXT NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_token_text_value ON idx_token_text(type_no, param, text);
+CREATE INDEX IF NOT EXISTS idx_token_text_value ON idx_token_text(type_no, param, text, k);
 CREATE INDEX IF NOT EXISTS idx_token_text_k ON idx_token_text(k);
 CREATE TABLE IF NOT EXISTS idx_string(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   normalized TEXT NOT NULL, exact TEXT NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_string_value ON idx_string(type_no, param, normalized);
+CREATE INDEX IF NOT EXISTS idx_string_value ON idx_string(type_no, param, normalized, k);
 CREATE INDEX IF NOT EXISTS idx_string_k ON idx_string(k);
 CREATE TABLE IF NOT EXISTS idx_date(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   lo INTEGER NOT NULL, hi INTEGER NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_date_value ON idx_date(type_no, param, lo, hi);
+CREATE INDEX IF NOT EXISTS idx_date_value ON idx_date(type_no, param, lo, hi, k);
 CREATE INDEX IF NOT EXISTS idx_date_k ON idx_date(k);
 CREATE TABLE IF NOT EXISTS idx_number(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   value REAL NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_number_value ON idx_number(type_no, param, value);
+CREATE INDEX IF NOT EXISTS idx_number_value ON idx_number(type_no, param, value, k);
 CREATE INDEX IF NOT EXISTS idx_number_k ON idx_number(k);
 CREATE TABLE IF NOT EXISTS idx_quantity(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   value REAL NOT NULL, system TEXT, code TEXT, unit TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_quantity_value ON idx_quantity(type_no, param, value);
+CREATE INDEX IF NOT EXISTS idx_quantity_value ON idx_quantity(type_no, param, value, k);
 CREATE INDEX IF NOT EXISTS idx_quantity_k ON idx_quantity(k);
 CREATE TABLE IF NOT EXISTS idx_reference(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   target_type TEXT, target_id TEXT, url TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_reference_value ON idx_reference(type_no, param, target_id, target_type);
-CREATE INDEX IF NOT EXISTS idx_reference_url ON idx_reference(type_no, param, url) WHERE url IS NOT NULL;
+CREATE INDEX IF NOT EXISTS idx_reference_value ON idx_reference(type_no, param, target_id, target_type, k);
+CREATE INDEX IF NOT EXISTS idx_reference_url ON idx_reference(type_no, param, url, k) WHERE url IS NOT NULL;
 CREATE INDEX IF NOT EXISTS idx_reference_k ON idx_reference(k);
 CREATE TABLE IF NOT EXISTS idx_reference_identifier(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   system TEXT, value TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_reference_identifier_value ON idx_reference_identifier(type_no, param, value, system);
+CREATE INDEX IF NOT EXISTS idx_reference_identifier_value ON idx_reference_identifier(type_no, param, value, system, k);
 CREATE INDEX IF NOT EXISTS idx_reference_identifier_k ON idx_reference_identifier(k);
 CREATE TABLE IF NOT EXISTS idx_uri(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   uri TEXT NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_uri_value ON idx_uri(type_no, param, uri);
+CREATE INDEX IF NOT EXISTS idx_uri_value ON idx_uri(type_no, param, uri, k);
 CREATE INDEX IF NOT EXISTS idx_uri_k ON idx_uri(k);
 ";
 
