@@ -260,3 +260,30 @@ fn descendants_of_type_matches_the_unfused_form() {
         assert_eq!(paths(&fused), paths(&plain), "{t}");
     }
 }
+
+#[test]
+fn every_r4_search_parameter_expression_compiles_and_runs() {
+    let model = fhir_model::r4();
+    let b = bundle();
+    let mut count = 0;
+    for rt in model.resource_types() {
+        for sp in model.search_params(rt) {
+            let Some(src) = &sp.expression else { continue };
+            let e = Expression::compile(src)
+                .unwrap_or_else(|err| panic!("{rt}.{}: {src}: {err}", sp.code));
+            // Type errors are possible on odd data; on this bundle and its entries every expression
+            // must run.
+            e.evaluate(&EvalContext::new(&b))
+                .unwrap_or_else(|err| panic!("{rt}.{}: {src}: {err}", sp.code));
+            for entry in ["entry[0].resource", "entry[1].resource"] {
+                let ctx = EvalContext::new(&b)
+                    .with_focus_path(&NodePath::parse(entry).unwrap())
+                    .unwrap();
+                e.evaluate(&ctx)
+                    .unwrap_or_else(|err| panic!("{rt}.{}: {src}: {err}", sp.code));
+            }
+            count += 1;
+        }
+    }
+    assert!(count > 1000, "{count}");
+}
