@@ -5,7 +5,8 @@
 //! cargo run --release -p search --example search_bench -- --input DIR_OR_FILES --db /tmp/bench.db
 //! ```
 //! `--input` takes what `fhirhose load` takes (NDJSON from `fhirhose synth`, or Bundles).
-//! `--no-index` loads without the indexer, for comparison.
+//! `--no-index` loads without the indexer, for comparison; `--cache-mib N` sets SQLite's page
+//! cache per connection; `--no-validate` skips structural validation in the loader.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,10 +65,13 @@ fn main() {
     let db = PathBuf::from(arg("--db").unwrap_or_else(|| "/tmp/search-bench.db".into()));
     let index = !args.iter().any(|a| a == "--no-index");
     let runs: usize = arg("--runs").and_then(|r| r.parse().ok()).unwrap_or(7);
-    let options = SqliteOptions {
+    let mut options = SqliteOptions {
         indexer: index.then(|| Arc::new(SearchIndexer) as Arc<dyn store::Indexer>),
         ..Default::default()
     };
+    if let Some(mib) = arg("--cache-mib").and_then(|m| m.parse::<i64>().ok()) {
+        options.cache_kib = mib * 1024;
+    }
     if let Some(n) = arg("--synth") {
         let out = PathBuf::from(arg("--out").expect("--out DIR"));
         let patients: usize = n.parse().expect("--synth N");

@@ -681,10 +681,10 @@ fn parse_filter(
             }
             (SearchParamType::Quantity, None) => parse_quantity(name, raw)?,
             (SearchParamType::Reference, None) => parse_reference(name, raw, None, &p.targets)?,
-            (SearchParamType::Reference, Some("identifier")) => match parse_token(raw) {
-                Value::Token { system, code } => Value::ReferenceIdentifier { system, code },
-                _ => unreachable!("parse_token returns Token"),
-            },
+            (SearchParamType::Reference, Some("identifier")) => {
+                let (system, code) = token_parts(raw);
+                Value::ReferenceIdentifier { system, code }
+            }
             (SearchParamType::Reference, Some(t))
                 if model.resource_types().iter().any(|x| x == t) =>
             {
@@ -786,15 +786,15 @@ fn unescape(s: &str) -> String {
 }
 
 fn parse_token(raw: &str) -> Value {
+    let (system, code) = token_parts(raw);
+    Value::Token { system, code }
+}
+
+/// `system|code`, `|code`, `system|` or `code`, unescaped.
+fn token_parts(raw: &str) -> (Option<String>, Option<String>) {
     match split_pipe(raw) {
-        (code, None) => Value::Token {
-            system: None,
-            code: Some(code),
-        },
-        (system, Some(code)) => Value::Token {
-            system: Some(system),
-            code: (!code.is_empty()).then_some(code),
-        },
+        (code, None) => (None, Some(code)),
+        (system, Some(code)) => (Some(system), (!code.is_empty()).then_some(code)),
     }
 }
 

@@ -101,7 +101,7 @@ pub fn parse_date_range(s: &str) -> Result<DateRange, String> {
     // Split off the zone: 'Z' or ±hh:mm at the end.
     let (clock, offset_ms) = if let Some(c) = t.strip_suffix('Z') {
         (c, 0i64)
-    } else if t.len() > 6 && matches!(t.as_bytes()[t.len() - 6], b'+' | b'-') {
+    } else if t.len() > 6 && t.is_ascii() && matches!(t.as_bytes()[t.len() - 6], b'+' | b'-') {
         let (c, z) = t.split_at(t.len() - 6);
         let sign = if z.starts_with('-') { -1 } else { 1 };
         let zh = digits(&z[1..3], 2).filter(|h| *h <= 14);
@@ -262,6 +262,8 @@ mod tests {
             "2020-01-01T10:00:00+2",
             "",
             "2020T10:00",
+            "2020-01-01T10:00+é:00",
+            "2020-01-01T10:00é",
         ] {
             assert!(parse_date_range(s).is_err(), "{s}");
         }
