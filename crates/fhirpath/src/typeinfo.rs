@@ -53,7 +53,6 @@ impl Child {
 
 #[derive(Debug)]
 pub(crate) struct TypeInfo {
-    pub name: &'static str,
     /// Derives from `Resource`.
     pub is_resource: bool,
     /// The type itself, then its bases up to the root.
@@ -150,7 +149,6 @@ fn index() -> &'static FnvMap<&'static str, TypeInfo> {
             map.insert(
                 td.name.as_str(),
                 TypeInfo {
-                    name: td.name.as_str(),
                     is_resource: ancestors.contains(&"Resource"),
                     ancestors,
                     children,
