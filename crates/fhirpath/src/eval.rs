@@ -302,9 +302,10 @@ fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
 fn descendants_of_type<'a>(roots: &[Item<'a>], spec: &TypeSpec) -> Vec<Item<'a>> {
     let mut out = Vec::new();
     let mut level: Vec<Item<'a>> = Vec::new();
+    let leaves = spec.matches_leaves;
     for r in roots {
         if let Item::Node(n) = r {
-            n.push_children(&mut level);
+            n.push_children_with(&mut level, leaves);
         }
     }
     let mut next = Vec::new();
@@ -316,7 +317,7 @@ fn descendants_of_type<'a>(roots: &[Item<'a>], spec: &TypeSpec) -> Vec<Item<'a>>
             if let Item::Node(n) = &item
                 && n.has_children()
             {
-                n.push_children(&mut next);
+                n.push_children_with(&mut next, leaves);
             }
         }
         std::mem::swap(&mut level, &mut next);

@@ -517,6 +517,12 @@ impl<'a> Node<'a> {
     }
 
     pub(crate) fn push_children(&self, out: &mut Vec<crate::Item<'a>>) {
+        self.push_children_with(out, true);
+    }
+
+    /// With `leaves` false, primitive children that have no shadow (so no children of their own)
+    /// are left out: walks looking for complex types need not build them.
+    pub(crate) fn push_children_with(&self, out: &mut Vec<crate::Item<'a>>, leaves: bool) {
         let Some((map, info)) = self.child_map() else {
             return;
         };
@@ -560,6 +566,9 @@ impl<'a> Node<'a> {
                     },
                 ),
             };
+            if !leaves && shadow.is_none() && may_have_shadow(v) {
+                continue;
+            }
             push_members(out, &loc, key, name, ty, ci, Some(v), shadow);
         }
     }

@@ -47,6 +47,8 @@ pub(crate) struct TypeSpec {
     /// instead of walking the model.
     /// (Addresses of their entries in the type index, so a test is a pointer comparison.)
     pub subtypes: Option<Vec<usize>>,
+    /// Whether primitive leaves can be of this type (false for complex FHIR types).
+    pub matches_leaves: bool,
 }
 
 impl TypeSpec {
@@ -57,10 +59,16 @@ impl TypeSpec {
             let s = crate::typeinfo::subtypes_of(&name);
             (s.len() <= 16).then_some(s)
         };
+        let complex_fhir = namespace.as_deref() != Some("System")
+            && !SYSTEM_TYPES.contains(&name.as_str())
+            && fhir_model::r4()
+                .type_def(&name)
+                .is_some_and(|t| t.kind != fhir_model::TypeKind::Primitive);
         TypeSpec {
             namespace,
             name,
             subtypes,
+            matches_leaves: !complex_fhir,
         }
     }
 }

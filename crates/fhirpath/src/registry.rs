@@ -100,16 +100,26 @@ fn string_arg(fname: &str, args: &[Vec<Item<'_>>]) -> Result<String, EvalError> 
 /// The focus node and its descendants depth-first in document order, never yielding or entering a
 /// child that is a resource (anonymizer.md §3.3).
 pub fn walk_without_subresources<'a>(node: &Node<'a>, visit: &mut dyn FnMut(&Node<'a>)) {
+    walk(node, true, visit);
+}
+
+/// `leaves` false skips primitives without children (when the visitor looks for complex types).
+fn walk<'a>(node: &Node<'a>, leaves: bool, visit: &mut dyn FnMut(&Node<'a>)) {
     visit(node);
     let mut buf = Vec::new();
-    walk_children(node, &mut buf, visit);
+    walk_children(node, leaves, &mut buf, visit);
 }
 
 /// Depth-first over one shared buffer: a node's children occupy a range that is truncated away
 /// once they are done.
-fn walk_children<'a>(node: &Node<'a>, buf: &mut Vec<Item<'a>>, visit: &mut dyn FnMut(&Node<'a>)) {
+fn walk_children<'a>(
+    node: &Node<'a>,
+    leaves: bool,
+    buf: &mut Vec<Item<'a>>,
+    visit: &mut dyn FnMut(&Node<'a>),
+) {
     let start = buf.len();
-    node.push_children(buf);
+    node.push_children_with(buf, leaves);
     for i in start..buf.len() {
         let Item::Node(c) = &buf[i] else { continue };
         if c.is_resource() {
@@ -118,7 +128,7 @@ fn walk_children<'a>(node: &Node<'a>, buf: &mut Vec<Item<'a>>, visit: &mut dyn F
         visit(c);
         if c.has_children() {
             let c = c.clone();
-            walk_children(&c, buf, visit);
+            walk_children(&c, leaves, buf, visit);
         }
     }
     buf.truncate(start);
@@ -129,10 +139,14 @@ fn nodes_by_type<'a>(
     args: &[Vec<Item<'a>>],
 ) -> Result<Vec<Item<'a>>, EvalError> {
     let ty = string_arg("nodesByType", args)?;
+    // Complex types never sit in primitive leaves: skip building those.
+    let leaves = !fhir_model::r4()
+        .type_def(&ty)
+        .is_some_and(|t| t.kind != fhir_model::TypeKind::Primitive);
     let mut out = Vec::new();
     for item in focus {
         if let Item::Node(n) = item {
-            walk_without_subresources(n, &mut |c| {
+            walk(n, leaves, &mut |c| {
                 if c.fhir_type() == ty || c.type_name() == ty {
                     out.push(Item::Node(c.clone()));
                 }
