@@ -198,6 +198,14 @@ fn detect_aliases(params: &mut [IndexedParam]) {
     }
 }
 
+/// The union branches of a parameter's expression as indexed: (path, `resolve() is T` type).
+/// For cross-checking the evaluator against a full FHIRPath engine.
+pub fn param_branches(resource_type: &str, code: &str) -> Vec<(String, Option<String>)> {
+    type_index(resource_type)
+        .and_then(|ti| ti.param(code).map(|p| p.branch_keys.clone()))
+        .unwrap_or_default()
+}
+
 /// How a parameter of a type is stored (`None` for an unknown or unindexed parameter).
 pub fn storage(resource_type: &str, code: &str) -> Option<Storage> {
     type_index(resource_type)?
