@@ -3,11 +3,14 @@
 //! - [`query`]: parsing and validation of search requests into a typed [`SearchQuery`].
 //! - [`values`]: dates as millisecond ranges, decimals with precision, string normalization.
 //! - [`registry`] and [`extract`]: each type's indexable parameters with their FHIRPath
-//!   expressions compiled once, and conversion of the selected values into index values.
+//!   expressions compiled once (by `evaluate`, a walker over the R4 model for the FHIRPath subset
+//!   that SearchParameter expressions use; the `evaluator_agrees_with_fhirpath` test holds it to
+//!   the fhirpath crate), and conversion of the selected values into index values. Parameters
+//!   that restrict or unite others (`patient`, `combo-code`) are aliases with no rows of their own.
 //! - [`indexer`]: the store's indexing hook ([`SearchIndexer`]).
 //! - [`matching`]: what each search value means against index values (in memory).
 //! - [`sql`]: the same meaning as SQL over the SQLite store's index tables; [`execute`] runs a
-//!   search page.
+//!   search page, [`search_bundle`] does parse + execute + Bundle for the server.
 //! - [`predicate`]: compiled predicates for bulk export `_typeFilter` ([`Predicate`],
 //!   [`PredicateSet`]).
 //! - [`bundle`], [`elements`]: the searchset Bundle and `_elements`.
