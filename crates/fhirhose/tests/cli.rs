@@ -1,0 +1,420 @@
+//! The real `fhirhose` binary, end to end: `serve --help`, start-up validation, `load` into a data
+//! directory and into a running server over HTTP, the data-directory lock, and a few REST behaviours
+//! that only show over a real socket (gzip, `Prefer`, `_lastUpdated`).
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn fhirhose() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
+    // The tests pass every setting as a flag: nothing from the caller's environment may leak in.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FHIRHOSE_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    fhirhose().args(args).output().expect("run fhirhose")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A running `fhirhose serve`, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn serve(data_dir: &Path) -> Server {
+    let port = free_port();
+    let child = fhirhose()
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env("FHIRHOSE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start fhirhose serve");
+    let mut server = Server {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let client = reqwest::blocking::Client::new();
+    // Readiness: poll /metadata until the server answers (or has exited).
+    for _ in 0..600 {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("fhirhose serve exited early: {status}");
+        }
+        if client
+            .get(format!("{}/metadata", server.base))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = server.child.kill();
+    panic!("fhirhose serve did not answer on {}", server.base);
+}
+
+fn write_ndjson(path: &Path, lines: &[&str]) {
+    let mut f = std::fs::File::create(path).expect("create ndjson");
+    for l in lines {
+        writeln!(f, "{l}").expect("write ndjson");
+    }
+}
+
+fn get_json(client: &reqwest::blocking::Client, url: &str) -> (u16, Value) {
+    let r = client.get(url).send().expect("GET");
+    let status = r.status().as_u16();
+    (status, r.json().expect("JSON body"))
+}
+
+#[test]
+fn serve_help_documents_every_option_and_its_variable() {
+    let out = run(&["serve", "--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for (flag, env) in [
+        ("--listen", "FHIRHOSE_LISTEN"),
+        ("--data-dir", "FHIRHOSE_DATA_DIR"),
+        ("--base-url", "FHIRHOSE_BASE_URL"),
+        ("--max-body-bytes", "FHIRHOSE_MAX_BODY_BYTES"),
+        ("--log-format", "FHIRHOSE_LOG_FORMAT"),
+    ] {
+        assert!(
+            help.contains(flag),
+            "{flag} missing from serve --help:\n{help}"
+        );
+        assert!(
+            help.contains(env),
+            "{env} missing from serve --help:\n{help}"
+        );
+    }
+    assert!(
+        help.contains("127.0.0.1:8080"),
+        "default listen address shown"
+    );
+    assert!(
+        help.contains("./fhirhose-data"),
+        "default data directory shown"
+    );
+}
+
+#[test]
+fn invalid_configuration_fails_at_start_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["serve", "--listen", "nowhere", "--data-dir", d],
+            "--listen",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                d,
+                "--base-url",
+                "ftp://x",
+            ],
+            "--base-url",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                d,
+                "--max-body-bytes",
+                "10",
+            ],
+            "--max-body-bytes",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                d,
+                "--log-format",
+                "xml",
+            ],
+            "--log-format",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?} must fail");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: message names {needle}: {err}"
+        );
+    }
+    // The same validation reads the environment variables.
+    let out = fhirhose()
+        .args(["serve", "--data-dir", d])
+        .env("FHIRHOSE_LISTEN", "not-an-address")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("FHIRHOSE_LISTEN") || text(&out.stderr).contains("--listen")
+    );
+}
+
+#[test]
+fn load_into_a_data_dir_then_serve_then_load_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = dir.path().join("first.ndjson");
+    write_ndjson(
+        &first,
+        &[
+            r#"{"resourceType":"Patient","id":"p1","birthDate":"1970-01-02"}"#,
+            // The decimal's text (72.50) must survive loading and reading unchanged.
+            r#"{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"weight"},"subject":{"reference":"Patient/p1"},"valueQuantity":{"value":72.50,"unit":"kg"}}"#,
+            r#"{"resourceType":"Patient","id":"bad","unknownElement":true}"#,
+        ],
+    );
+    let out = fhirhose()
+        .args(["load", "--data-dir"])
+        .arg(&data)
+        .arg(&first)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "load: {}", text(&out.stderr));
+    let summary = text(&out.stdout);
+    assert!(summary.contains("loaded 2 resources"), "{summary}");
+    assert!(
+        summary.contains("Observation") && summary.contains("Patient"),
+        "{summary}"
+    );
+    // The invalid line is reported with its file and line, and skipped.
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("first.ndjson") && err.contains("unknownElement"),
+        "{err}"
+    );
+
+    // --strict stops instead.
+    let strict = dir.path().join("strict-data");
+    let out = fhirhose()
+        .args(["load", "--strict", "--data-dir"])
+        .arg(&strict)
+        .arg(&first)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "--strict fails on an invalid resource"
+    );
+
+    let server = serve(&data);
+    let client = reqwest::blocking::Client::new();
+
+    // What the loader wrote is served, decimals exactly as loaded.
+    let r = client
+        .get(format!("{}/Observation/o1", server.base))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["etag"], "W/\"1\"");
+    let body = r.text().unwrap();
+    assert!(body.contains("72.50"), "decimal text kept: {body}");
+
+    // A second loader may not write while the server holds the directory.
+    let out = fhirhose()
+        .args(["load", "--data-dir"])
+        .arg(&data)
+        .arg(&first)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "load must refuse a held data dir");
+    let err = text(&out.stderr);
+    assert!(err.contains("in use"), "clear refusal: {err}");
+
+    // ... but it can send batches to the server.
+    let second = dir.path().join("second.ndjson");
+    write_ndjson(
+        &second,
+        &[
+            r#"{"resourceType":"Patient","id":"p2"}"#,
+            r#"{"resourceType":"Patient","id":"p3"}"#,
+        ],
+    );
+    let out = fhirhose()
+        .args(["load", "--server", &server.base])
+        .arg(&second)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "load --server: {}", text(&out.stderr));
+    let (st, b) = get_json(&client, &format!("{}/Patient?_summary=count", server.base));
+    assert_eq!(st, 200);
+    assert_eq!(b["total"], 3);
+}
+
+#[test]
+fn rest_behaviours_over_a_real_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(&dir.path().join("data"));
+    let client = reqwest::blocking::Client::builder()
+        .no_gzip()
+        .build()
+        .unwrap();
+    let base = &server.base;
+
+    // Prefer: return=minimal -> 201 with headers and no body.
+    let r = client
+        .post(format!("{base}/Patient"))
+        .header("content-type", "application/fhir+json")
+        .header("prefer", "return=minimal")
+        .body(r#"{"resourceType":"Patient","gender":"female"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(r.headers()["etag"], "W/\"1\"");
+    assert!(r.headers().contains_key("last-modified"));
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        location.starts_with(&format!("{base}/Patient/")),
+        "{location}"
+    );
+    assert!(r.bytes().unwrap().is_empty(), "return=minimal has no body");
+
+    // Prefer: return=OperationOutcome -> an OperationOutcome instead of the resource.
+    let r = client
+        .post(format!("{base}/Patient"))
+        .header("content-type", "application/json")
+        .header("prefer", "return=OperationOutcome")
+        .body(r#"{"resourceType":"Patient"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["resourceType"], "OperationOutcome");
+
+    // The default is the stored resource, with server-assigned id and meta.
+    let r = client
+        .post(format!("{base}/Patient"))
+        .header("content-type", "application/fhir+json")
+        .body(r#"{"resourceType":"Patient"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let created: Value = r.json().unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    let last_updated = created["meta"]["lastUpdated"].as_str().unwrap().to_string();
+    assert_eq!(created["meta"]["versionId"], "1");
+
+    // _lastUpdated with prefixes, and _id.
+    let count = |q: &str| -> Value {
+        let (st, b) = get_json(&client, &format!("{base}/Patient?{q}"));
+        assert_eq!(st, 200, "{q}: {b}");
+        b["total"].clone()
+    };
+    let entries = |q: &str| -> usize {
+        let (st, b) = get_json(&client, &format!("{base}/Patient?{q}"));
+        assert_eq!(st, 200, "{q}: {b}");
+        b["entry"].as_array().map_or(0, Vec::len)
+    };
+    assert_eq!(count("_summary=count"), 3);
+    assert_eq!(entries(&format!("_lastUpdated=ge{last_updated}")), 1);
+    assert_eq!(entries(&format!("_lastUpdated=lt{last_updated}")), 2);
+    assert_eq!(entries(&format!("_lastUpdated=le{last_updated}")), 3);
+    assert_eq!(entries(&format!("_lastUpdated=eq{last_updated}")), 1);
+    assert_eq!(count("_summary=count&_lastUpdated=gt2999-01-01"), 0);
+    assert_eq!(count(&format!("_summary=count&_id={id}")), 1);
+
+    // Responses are gzip-compressed when the client asks.
+    let r = client
+        .get(format!("{base}/metadata"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let mut json = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(&r.bytes().unwrap()[..]),
+        &mut json,
+    )
+    .unwrap();
+    let cs: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+
+    // Delete, then read -> 410 Gone with an OperationOutcome; vread of version 1 still works.
+    let r = client
+        .delete(format!("{base}/Patient/{id}"))
+        .send()
+        .unwrap();
+    assert!(matches!(r.status().as_u16(), 200 | 204));
+    let (st, b) = get_json(&client, &format!("{base}/Patient/{id}"));
+    assert_eq!(st, 410);
+    assert_eq!(b["resourceType"], "OperationOutcome");
+    let (st, b) = get_json(&client, &format!("{base}/Patient/{id}/_history/1"));
+    assert_eq!(st, 200);
+    assert_eq!(b["id"], id.as_str());
+}
+
+/// `_summary=count` combined with `_lastUpdated=ge…` / `lt…` answered 500: the search SQL bound
+/// both seq bounds but the count query used only one ("Wrong number of parameters passed to
+/// query. Got 4, needed 3", `crates/search/src/sql.rs` `last_updated_values`).
+#[test]
+#[ignore = "search crate bug, reported: unused bound parameter in last_updated_values (count mode)"]
+fn regression_summary_count_with_last_updated_lower_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(&dir.path().join("data"));
+    let client = reqwest::blocking::Client::new();
+    let r = client
+        .post(format!("{}/Patient", server.base))
+        .header("content-type", "application/fhir+json")
+        .body(r#"{"resourceType":"Patient"}"#)
+        .send()
+        .unwrap();
+    let created: Value = r.json().unwrap();
+    let t = created["meta"]["lastUpdated"].as_str().unwrap().to_string();
+    for (q, n) in [(format!("ge{t}"), 1), (format!("lt{t}"), 0)] {
+        let (st, b) = get_json(
+            &client,
+            &format!("{}/Patient?_summary=count&_lastUpdated={q}", server.base),
+        );
+        assert_eq!(st, 200, "{q}: {b}");
+        assert_eq!(b["total"], n, "{q}");
+    }
+}
