@@ -1,0 +1,6 @@
+//! De-identification of FHIR R4 resources with Microsoft FHIR anonymizer configurations
+//! (shared/specs/anonymizer.md). Pure: no IO.
+
+pub mod config;
+
+pub use config::{Config, ConfigError, DateShiftScope, Method, Parameters, ProcessingErrors, Rule};
