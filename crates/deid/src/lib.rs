@@ -4,3 +4,4 @@
 pub mod config;
 
 pub use config::{Config, ConfigError, DateShiftScope, Method, Parameters, ProcessingErrors, Rule};
+pub mod transforms;
