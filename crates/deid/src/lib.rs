@@ -4,4 +4,7 @@
 pub mod config;
 
 pub use config::{Config, ConfigError, DateShiftScope, Method, Parameters, ProcessingErrors, Rule};
+pub mod engine;
 pub mod transforms;
+
+pub use engine::{DeidError, Engine, Outcome};

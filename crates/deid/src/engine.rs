@@ -1,0 +1,910 @@
+//! The rule walker (§3): resources in document order, rules in configuration order,
+//! first-match-wins through one visited set per input resource, labels, cleanup.
+
+use std::collections::HashSet;
+
+use chrono::NaiveDate;
+use fhirpath::{EvalContext, Item, Node, NodePath, Segment};
+use serde_json::{Map, Value as Json};
+
+use crate::config::{Config, ConfigError, DateShiftScope, Matcher, Method, ProcessingErrors, Rule};
+use crate::transforms::{self, NumberKind, Shifted};
+
+/// Why a resource could not be anonymized.
+#[derive(Debug, thiserror::Error)]
+pub enum DeidError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// Skippable with `processingErrors: skip` (generalize evaluation failures).
+    #[error("rule {rule} ({path}): {message}")]
+    Processing {
+        rule: usize,
+        path: String,
+        message: String,
+    },
+    /// Not skippable: a method that cannot apply to the node, an unknown method, a bad value.
+    #[error("rule {rule} ({path}): {message}")]
+    Rule {
+        rule: usize,
+        path: String,
+        message: String,
+    },
+    #[error("The input FHIR resource JSON is invalid: {0}")]
+    InvalidInput(String),
+}
+
+/// Operation bits recorded per resource; their order is the label order (§3.6).
+const REDACT: u8 = 1;
+const ABSTRACT: u8 = 2;
+const CRYPTOHASH: u8 = 4;
+const ENCRYPT: u8 = 8;
+const PERTURB: u8 = 16;
+const SUBSTITUTE: u8 = 32;
+const GENERALIZE: u8 = 64;
+
+const V3: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
+const LABELS: [(u8, &str, Option<&str>, &str); 7] = [
+    (REDACT, "REDACTED", Some(V3), "redacted"),
+    (ABSTRACT, "ABSTRED", Some(V3), "abstracted"),
+    // The reference spells the code CRYTOHASH (QUIRKS.md).
+    (
+        CRYPTOHASH,
+        "CRYTOHASH",
+        Some(V3),
+        "cryptographic hash function",
+    ),
+    (ENCRYPT, "MASKED", Some(V3), "masked"),
+    (
+        PERTURB,
+        "PERTURBED",
+        None,
+        "exact value is replaced with another exact value",
+    ),
+    (
+        SUBSTITUTE,
+        "SUBSTITUTED",
+        None,
+        "exact value is replaced with a predefined value",
+    ),
+    (
+        GENERALIZE,
+        "GENERALIZED",
+        None,
+        "exact value is replaced with a general value",
+    ),
+];
+
+/// One anonymized resource.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub resource: Json,
+    /// True when `processingErrors: skip` replaced the resource with the redacted stub.
+    pub skipped: bool,
+    /// Nodes processed per rule (index = rule index).
+    pub rule_hits: Vec<u64>,
+}
+
+/// A compiled configuration ready to anonymize resources. `Send + Sync`.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    config: Config,
+    date_shift_prefix: String,
+    today: Option<NaiveDate>,
+}
+
+enum Edit {
+    /// Replace the value at the path.
+    Set(NodePath, Json),
+    /// Remove the value at the path (object key removed, array slot nulled).
+    Remove(NodePath),
+}
+
+impl Engine {
+    pub fn new(config: Config) -> Engine {
+        Engine {
+            config,
+            date_shift_prefix: String::new(),
+            today: None,
+        }
+    }
+
+    pub fn from_config_text(text: &str) -> Result<Engine, ConfigError> {
+        Ok(Engine::new(Config::parse(text)?))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Date-shift prefix from the host's file context (§2.3): the file name for `file` scope, the
+    /// folder's last segment for `folder` scope; ignored for `resource` scope.
+    pub fn with_file_context(mut self, file_name: &str, folder_name: &str) -> Engine {
+        self.date_shift_prefix = match self.config.parameters.date_shift_scope {
+            DateShiftScope::Resource => String::new(),
+            DateShiftScope::File => file_name.to_string(),
+            DateShiftScope::Folder => folder_name.trim_end_matches(['/', '\\']).to_string(),
+        };
+        self
+    }
+
+    /// Fixes "today" for the age-over-89 test (the reference reads the local clock).
+    pub fn with_today(mut self, today: NaiveDate) -> Engine {
+        self.today = Some(today);
+        self
+    }
+
+    /// Decrypts a value produced by an `encrypt` rule with this configuration's key.
+    pub fn decrypt(&self, b64: &str) -> Result<String, transforms::CryptoError> {
+        transforms::decrypt(&self.config.parameters.encrypt_key, b64)
+    }
+
+    /// Parses and anonymizes one resource.
+    pub fn anonymize_str(&self, text: &str) -> Result<Outcome, DeidError> {
+        let v: Json = serde_json::from_str(text.trim_start_matches('\u{feff}'))
+            .map_err(|e| DeidError::InvalidInput(e.to_string()))?;
+        self.anonymize(v)
+    }
+
+    pub fn anonymize(&self, mut root: Json) -> Result<Outcome, DeidError> {
+        let ty = match root.get("resourceType") {
+            Some(Json::String(t)) if fhir_model::r4().is_resource(t) => t.clone(),
+            Some(Json::String(t)) => {
+                return Err(DeidError::InvalidInput(format!(
+                    "Cannot locate type information for type '{t}'"
+                )));
+            }
+            _ => return Err(DeidError::InvalidInput("no resourceType".into())),
+        };
+        let mut hits = vec![0u64; self.config.rules.len()];
+        match self.run(&mut root, &mut hits) {
+            Ok(()) => Ok(Outcome {
+                resource: root,
+                skipped: false,
+                rule_hits: hits,
+            }),
+            Err(DeidError::Processing { .. })
+                if self.config.processing_errors == ProcessingErrors::Skip =>
+            {
+                let mut stub = Map::new();
+                stub.insert("resourceType".into(), Json::String(ty));
+                stub.insert(
+                    "meta".into(),
+                    serde_json::json!({"security": [{"system": V3, "code": "REDACTED", "display": "redacted"}]}),
+                );
+                Ok(Outcome {
+                    resource: Json::Object(stub),
+                    skipped: true,
+                    rule_hits: hits,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn today(&self) -> NaiveDate {
+        self.today
+            .unwrap_or_else(|| chrono::Local::now().date_naive())
+    }
+
+    fn run(&self, root: &mut Json, hits: &mut [u64]) -> Result<(), DeidError> {
+        // Resource nodes in document pre-order: (path, type, is contained).
+        let mut resources: Vec<(NodePath, String, bool)> = Vec::new();
+        {
+            let n = Node::root(root);
+            resources.push((NodePath::root(), n.fhir_type().to_string(), false));
+            collect_resources(&n, &mut resources);
+        }
+        let mut visited: HashSet<NodePath> = HashSet::new();
+        let mut sealed: Vec<NodePath> = Vec::new();
+        let mut ops = vec![0u8; resources.len()];
+        let today = self.today();
+        for (ri, (rpath, rtype, _)) in resources.iter().enumerate() {
+            let mut cache: Option<Vec<(NodePath, String, String)>> = None;
+            for rule in self.config.rules.iter().filter(|r| r.applies_to(rtype)) {
+                if let Method::Unknown(m) = &rule.method {
+                    return Err(DeidError::Config(ConfigError {
+                        rule: Some(rule.index),
+                        field: "method".into(),
+                        problem: format!("Anonymization method {m} not supported."),
+                    }));
+                }
+                let mut edits = Vec::new();
+                {
+                    let Some(rnode) = Node::at_path(root, rpath) else {
+                        break;
+                    };
+                    let matched = self.matches(root, rpath, &rnode, rule, &mut cache)?;
+                    let mut pass = Pass {
+                        engine: self,
+                        root,
+                        rule,
+                        visited: &mut visited,
+                        sealed: &mut sealed,
+                        edits: &mut edits,
+                        ops: 0,
+                        hits: 0,
+                        today,
+                    };
+                    for node in &matched {
+                        pass.process(node, "")?;
+                    }
+                    ops[ri] |= pass.ops;
+                    hits[rule.index] += pass.hits;
+                }
+                apply(root, edits);
+            }
+        }
+        // Labels: each non-contained resource gets its own operations and its nested ones'.
+        for (p, _, contained) in resources.iter().rev() {
+            if *contained {
+                continue;
+            }
+            let mut all = 0u8;
+            for (j, (q, _, _)) in resources.iter().enumerate() {
+                if q.0.starts_with(&p.0) {
+                    all |= ops[j];
+                }
+            }
+            if all != 0
+                && let Some(Json::Object(obj)) = get_mut(root, p)
+            {
+                add_labels(obj, all);
+            }
+        }
+        cleanup(root, true);
+        Ok(())
+    }
+
+    fn matches<'a>(
+        &self,
+        root: &'a Json,
+        rpath: &NodePath,
+        rnode: &Node<'a>,
+        rule: &Rule,
+        cache: &mut Option<Vec<(NodePath, String, String)>>,
+    ) -> Result<Vec<Node<'a>>, DeidError> {
+        Ok(match &rule.matcher {
+            Matcher::Resource => vec![rnode.clone()],
+            Matcher::ByType(want, child) | Matcher::ByName(want, child) => {
+                let by_type = matches!(rule.matcher, Matcher::ByType(..));
+                let list = cache.get_or_insert_with(|| {
+                    let mut v = Vec::new();
+                    descendants(rnode, &mut v);
+                    v
+                });
+                let mut out = Vec::new();
+                for (p, ty, name) in list.iter() {
+                    let hit = if by_type { ty == want } else { name == want };
+                    if !hit {
+                        continue;
+                    }
+                    let Some(n) = Node::at_path(root, p) else {
+                        continue;
+                    };
+                    match child {
+                        None => out.push(n),
+                        Some(c) => out.extend(n.children().into_iter().filter_map(|i| match i {
+                            Item::Node(cn) if cn.name() == c => Some(cn),
+                            _ => None,
+                        })),
+                    }
+                }
+                out
+            }
+            Matcher::Expr(e) => {
+                let ctx = EvalContext::new(root)
+                    .with_focus_path(rpath)
+                    .map_err(|err| rule_err(rule, err.to_string()))?;
+                e.evaluate(&ctx)
+                    .map_err(|err| rule_err(rule, err.to_string()))?
+                    .into_iter()
+                    .filter_map(|i| match i {
+                        Item::Node(n) if n.path().is_some() => Some(n),
+                        _ => None,
+                    })
+                    .collect()
+            }
+        })
+    }
+}
+
+fn rule_err(rule: &Rule, message: String) -> DeidError {
+    DeidError::Rule {
+        rule: rule.index,
+        path: rule.path.clone(),
+        message,
+    }
+}
+
+fn collect_resources(node: &Node<'_>, out: &mut Vec<(NodePath, String, bool)>) {
+    for c in node.children() {
+        let Item::Node(c) = c else { continue };
+        if c.is_resource()
+            && let Some(p) = c.path()
+        {
+            let contained = c.name() == "contained";
+            out.push((p, c.fhir_type().to_string(), contained));
+        }
+        collect_resources(&c, out);
+    }
+}
+
+/// Descendants without the node itself, stopping at (but including) sub-resources (§3.2 fast path).
+fn descendants(node: &Node<'_>, out: &mut Vec<(NodePath, String, String)>) {
+    for c in node.children() {
+        let Item::Node(c) = c else { continue };
+        if let Some(p) = c.path() {
+            out.push((p, c.fhir_type().to_string(), c.name().to_string()));
+        }
+        if !c.is_resource() {
+            descendants(&c, out);
+        }
+    }
+}
+
+struct Pass<'e, 'a> {
+    engine: &'e Engine,
+    root: &'a Json,
+    rule: &'e Rule,
+    visited: &'e mut HashSet<NodePath>,
+    sealed: &'e mut Vec<NodePath>,
+    edits: &'e mut Vec<Edit>,
+    ops: u8,
+    hits: u64,
+    today: NaiveDate,
+}
+
+fn primitive_text(v: &Json) -> Option<String> {
+    match v {
+        Json::String(s) => Some(s.clone()),
+        Json::Number(n) => Some(n.to_string()),
+        // .NET bool.ToString()
+        Json::Bool(b) => Some(if *b { "True" } else { "False" }.into()),
+        _ => None,
+    }
+}
+
+impl<'a> Pass<'_, 'a> {
+    fn is_visited(&self, p: &NodePath) -> bool {
+        self.visited.contains(p) || self.sealed.iter().any(|s| p.0.starts_with(&s.0))
+    }
+
+    /// `ProcessNodeRecursive`: the node, then its non-resource children.
+    fn process(&mut self, node: &Node<'a>, parent_type: &str) -> Result<(), DeidError> {
+        let Some(path) = node.path() else {
+            return Ok(());
+        };
+        if self.is_visited(&path) {
+            return Ok(());
+        }
+        self.hits += 1;
+        self.apply_method(node, &path, parent_type)?;
+        self.visited.insert(path);
+        let ty = node.fhir_type();
+        for c in node.children() {
+            if let Item::Node(c) = c
+                && !c.is_resource()
+            {
+                self.process(&c, ty)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_method(
+        &mut self,
+        node: &Node<'a>,
+        path: &NodePath,
+        parent_type: &str,
+    ) -> Result<(), DeidError> {
+        let params = &self.engine.config.parameters;
+        let ty = node.fhir_type();
+        let text = node.json().and_then(primitive_text);
+        match &self.rule.method {
+            Method::Keep | Method::Unknown(_) => {}
+            Method::Redact => {
+                let Some(text) = text.filter(|t| !t.is_empty()) else {
+                    return Ok(());
+                };
+                if ty == "date" || ty == "dateTime" || ty == "instant" {
+                    match transforms::redact_date(
+                        &text,
+                        ty == "date",
+                        params.enable_partial_dates_for_redact,
+                        self.today,
+                    ) {
+                        Some(y) => self.edits.push(Edit::Set(path.clone(), Json::String(y))),
+                        None => self.edits.push(Edit::Remove(path.clone())),
+                    }
+                    self.ops |= REDACT;
+                } else if ty == "decimal"
+                    && node.name() == "value"
+                    && parent_of(self.root, path) == "Age"
+                {
+                    if params.enable_partial_ages_for_redact {
+                        // int.Parse in the reference: a non-integral text is a hard failure.
+                        let age: i64 = text.parse().map_err(|_| {
+                            rule_err(self.rule, format!("Age value {text} is not an integer"))
+                        })?;
+                        if age > 89 {
+                            self.edits.push(Edit::Remove(path.clone()));
+                        }
+                    } else {
+                        self.edits.push(Edit::Remove(path.clone()));
+                    }
+                    self.ops |= REDACT;
+                } else if node.name().eq_ignore_ascii_case("postalCode") {
+                    if params.enable_partial_zip_codes_for_redact {
+                        let z = transforms::redact_postal_code(
+                            &text,
+                            &params.restricted_zip_code_tabulation_areas,
+                        );
+                        self.edits.push(Edit::Set(path.clone(), Json::String(z)));
+                        self.ops |= ABSTRACT;
+                    } else {
+                        self.edits.push(Edit::Remove(path.clone()));
+                        self.ops |= REDACT;
+                    }
+                } else {
+                    self.edits.push(Edit::Remove(path.clone()));
+                    self.ops |= REDACT;
+                }
+            }
+            Method::DateShift => {
+                if !(ty == "date" || ty == "dateTime" || ty == "instant") {
+                    return Ok(());
+                }
+                let Some(text) = text.filter(|t| !t.is_empty()) else {
+                    return Ok(());
+                };
+                let offset = match params.date_shift_fixed_offset_in_days {
+                    Some(d) => d,
+                    None => {
+                        let prefix = if self.engine.date_shift_prefix.is_empty() {
+                            // The ROOT resource's id as it is now (possibly already hashed).
+                            self.root
+                                .get("id")
+                                .and_then(primitive_text)
+                                .unwrap_or_default()
+                        } else {
+                            self.engine.date_shift_prefix.clone()
+                        };
+                        transforms::date_shift_offset(&prefix, &params.date_shift_key)
+                    }
+                };
+                match transforms::shift_date(
+                    &text,
+                    ty == "date",
+                    offset,
+                    params.enable_partial_dates_for_redact,
+                    self.today,
+                ) {
+                    Shifted::Value(v) => {
+                        self.edits.push(Edit::Set(path.clone(), Json::String(v)));
+                        self.ops |= PERTURB;
+                    }
+                    Shifted::Redacted(Some(v)) => {
+                        self.edits.push(Edit::Set(path.clone(), Json::String(v)));
+                        self.ops |= REDACT;
+                    }
+                    Shifted::Redacted(None) => {
+                        self.edits.push(Edit::Remove(path.clone()));
+                        self.ops |= REDACT;
+                    }
+                    Shifted::Unchanged => {}
+                }
+            }
+            Method::CryptoHash => {
+                let Some(text) = text.filter(|t| !t.is_empty()) else {
+                    return Ok(());
+                };
+                let key = &params.crypto_hash_key;
+                let out = if node.name() == "reference" && parent_type == "Reference" {
+                    transforms::transform_reference(&text, &|s| transforms::crypto_hash(key, s))
+                } else {
+                    transforms::crypto_hash(key, &text)
+                };
+                self.edits.push(Edit::Set(path.clone(), Json::String(out)));
+                self.ops |= CRYPTOHASH;
+            }
+            Method::Encrypt => {
+                let Some(text) = text.filter(|t| !t.is_empty()) else {
+                    return Ok(());
+                };
+                let out = transforms::encrypt(&params.encrypt_key, &text)
+                    .map_err(|e| rule_err(self.rule, e.to_string()))?;
+                self.edits.push(Edit::Set(path.clone(), Json::String(out)));
+                self.ops |= ENCRYPT;
+            }
+            Method::Perturb {
+                span,
+                proportional,
+                round_to,
+            } => {
+                let (target, kind) = match ty {
+                    "decimal" => (node.clone(), NumberKind::Decimal),
+                    "integer" => (node.clone(), NumberKind::Integer),
+                    "positiveInt" => (node.clone(), NumberKind::PositiveInt),
+                    "unsignedInt" => (node.clone(), NumberKind::UnsignedInt),
+                    "Age" | "Count" | "Duration" | "Distance" | "Money" | "Quantity"
+                    | "SimpleQuantity" | "MoneyQuantity" => {
+                        let Some(v) = node.children().into_iter().find_map(|c| match c {
+                            Item::Node(c) if c.name() == "value" => Some(c),
+                            _ => None,
+                        }) else {
+                            return Ok(());
+                        };
+                        (v, NumberKind::Decimal)
+                    }
+                    _ => return Ok(()),
+                };
+                let Some(tpath) = target.path() else {
+                    return Ok(());
+                };
+                self.sealed.push(path.clone());
+                if target.path().as_ref() != Some(path) && self.visited.contains(&tpath) {
+                    return Ok(());
+                }
+                let Some(text) = target.json().and_then(primitive_text) else {
+                    return Ok(());
+                };
+                let r = transforms::perturb(
+                    &text,
+                    kind,
+                    *span,
+                    *proportional,
+                    *round_to,
+                    rand::random::<f64>(),
+                )
+                .map_err(|e| rule_err(self.rule, e.to_string()))?;
+                let num: serde_json::Number = r
+                    .to_string()
+                    .parse()
+                    .map_err(|_| rule_err(self.rule, format!("bad number {r}")))?;
+                self.edits.push(Edit::Set(tpath, Json::Number(num)));
+                self.ops |= PERTURB;
+            }
+            Method::Substitute(with) => {
+                if node.is_primitive() {
+                    match with {
+                        Json::Null => self.edits.push(Edit::Remove(path.clone())),
+                        v => {
+                            let s = primitive_text(v).unwrap_or_else(|| {
+                                serde_json::to_string_pretty(v).unwrap_or_default()
+                            });
+                            self.edits.push(Edit::Set(path.clone(), Json::String(s)));
+                        }
+                    }
+                    // Children (id/extension in the shadow) go unless an earlier rule processed them.
+                    if let Some(sp) = node.shadow_path()
+                        && node.shadow().is_some()
+                    {
+                        let keep = self.visited.iter().any(|v| v.0.starts_with(&sp.0));
+                        if !keep {
+                            self.edits.push(Edit::Remove(sp));
+                        }
+                    }
+                } else {
+                    let existing = node.json().cloned().unwrap_or(Json::Null);
+                    let repl = if with.is_null() {
+                        Json::Object(Map::new())
+                    } else {
+                        with.clone()
+                    };
+                    if !repl.is_object() {
+                        return Err(rule_err(
+                            self.rule,
+                            format!("replaceWith {repl} is not valid {ty} JSON"),
+                        ));
+                    }
+                    let merged = merge(&existing, path, &repl, self.visited);
+                    self.edits.push(Edit::Set(path.clone(), merged));
+                }
+                self.sealed.push(path.clone());
+                self.ops |= SUBSTITUTE;
+            }
+            Method::Generalize {
+                cases,
+                keep_other_values,
+            } => {
+                if !node.is_primitive() {
+                    return Err(rule_err(
+                        self.rule,
+                        format!(
+                            "generalize is not applicable to the non-primitive {ty} node {path}"
+                        ),
+                    ));
+                }
+                if node.json().is_none_or(|v| v.is_null()) {
+                    return Ok(());
+                }
+                let proc_err = |m: String| DeidError::Processing {
+                    rule: self.rule.index,
+                    path: self.rule.path.clone(),
+                    message: format!("Generalize failed when processing {path}: {m}"),
+                };
+                let ctx = EvalContext::new(self.root)
+                    .with_focus_path(path)
+                    .map_err(|e| proc_err(e.to_string()))?;
+                let mut done = false;
+                for (cond, val) in cases {
+                    // Firely's Predicate(): empty counts as true.
+                    let hit = cond
+                        .evaluate_bool(&ctx)
+                        .map_err(|e| proc_err(e.to_string()))?
+                        .unwrap_or(true);
+                    if !hit {
+                        continue;
+                    }
+                    let out = val.evaluate(&ctx).map_err(|e| proc_err(e.to_string()))?;
+                    match out.as_slice() {
+                        [] => self.edits.push(Edit::Remove(path.clone())),
+                        [one] => {
+                            let j = one.as_json();
+                            self.edits.push(Edit::Set(path.clone(), j));
+                        }
+                        _ => return Err(proc_err("more than one result".into())),
+                    }
+                    done = true;
+                    break;
+                }
+                if !done && !keep_other_values {
+                    self.edits.push(Edit::Remove(path.clone()));
+                }
+                self.ops |= GENERALIZE;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The FHIR type of the node containing `path` (`Age` for `valueAge.value`).
+fn parent_of(root: &Json, path: &NodePath) -> String {
+    let mut segs = path.0.clone();
+    segs.pop();
+    if matches!(segs.last(), Some(Segment::Index(_))) {
+        segs.pop();
+        // An array element: keep the index so the node resolves to the element.
+        segs = path.0[..path.0.len() - 1].to_vec();
+    }
+    Node::at_path(root, &NodePath(segs))
+        .map(|n| n.fhir_type().to_string())
+        .unwrap_or_default()
+}
+
+/// Substitute on a complex node (§2.6): replacement children replace unvisited existing ones;
+/// visited descendants and their ancestors survive.
+fn merge(existing: &Json, path: &NodePath, repl: &Json, visited: &HashSet<NodePath>) -> Json {
+    let has_visited_below = |p: &NodePath| {
+        visited
+            .iter()
+            .any(|v| v.0.len() > p.0.len() && v.0.starts_with(&p.0))
+    };
+    let (Json::Object(ex), Json::Object(rp)) = (existing, repl) else {
+        return if visited.contains(path) {
+            existing.clone()
+        } else {
+            repl.clone()
+        };
+    };
+    let empty = Json::Object(Map::new());
+    let mut out = Map::new();
+    for (k, ev) in ex {
+        let mut cp = path.clone();
+        cp.0.push(Segment::Key(k.clone()));
+        match (ev, rp.get(k)) {
+            (Json::Array(ea), Some(rv)) => {
+                let ra: Vec<Json> = match rv {
+                    Json::Array(a) => a.clone(),
+                    v => vec![v.clone()],
+                };
+                let mut arr = Vec::new();
+                for (i, e) in ea.iter().enumerate() {
+                    let mut ip = cp.clone();
+                    ip.0.push(Segment::Index(i));
+                    if visited.contains(&ip) {
+                        arr.push(e.clone());
+                    } else if let Some(r) = ra.get(i) {
+                        arr.push(merge(e, &ip, r, visited));
+                    } else if has_visited_below(&ip) {
+                        arr.push(merge(e, &ip, &empty, visited));
+                    }
+                }
+                arr.extend(ra.iter().skip(ea.len()).cloned());
+                out.insert(k.clone(), Json::Array(arr));
+            }
+            (_, Some(rv)) => {
+                if visited.contains(&cp) {
+                    out.insert(k.clone(), ev.clone());
+                } else {
+                    out.insert(k.clone(), merge(ev, &cp, rv, visited));
+                }
+            }
+            (_, None) => {
+                if visited.contains(&cp) || has_visited_below(&cp) {
+                    out.insert(k.clone(), merge(ev, &cp, &empty, visited));
+                }
+            }
+        }
+    }
+    for (k, rv) in rp {
+        if !ex.contains_key(k) {
+            out.insert(k.clone(), rv.clone());
+        }
+    }
+    if let Some(rt) = ex.get("resourceType") {
+        out.insert("resourceType".into(), rt.clone());
+    }
+    Json::Object(out)
+}
+
+fn get_mut<'j>(root: &'j mut Json, path: &NodePath) -> Option<&'j mut Json> {
+    let mut cur = root;
+    for s in &path.0 {
+        cur = match s {
+            Segment::Key(k) => cur.as_object_mut()?.get_mut(k)?,
+            Segment::Index(i) => cur.as_array_mut()?.get_mut(*i)?,
+        };
+    }
+    Some(cur)
+}
+
+fn apply(root: &mut Json, edits: Vec<Edit>) {
+    for e in edits {
+        match e {
+            Edit::Set(p, v) => {
+                if let Some(slot) = get_mut(root, &p) {
+                    *slot = v;
+                }
+            }
+            Edit::Remove(p) => {
+                let Some((last, parent)) = p.0.split_last() else {
+                    continue;
+                };
+                let parent = NodePath(parent.to_vec());
+                match (last, get_mut(root, &parent)) {
+                    (Segment::Key(k), Some(Json::Object(o))) => {
+                        o.shift_remove(k);
+                    }
+                    (Segment::Index(i), Some(Json::Array(a))) => {
+                        if let Some(slot) = a.get_mut(*i) {
+                            *slot = Json::Null;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// `meta.lastUpdated` after the reference's `Meta` round trip: `Z` → `+00:00`, trailing zero
+/// fractions dropped (QUIRKS.md).
+fn requote_instant(s: &str) -> String {
+    let (body, zone) = if let Some(b) = s.strip_suffix('Z') {
+        (b, "+00:00")
+    } else if s.len() > 6
+        && (s.as_bytes()[s.len() - 6] == b'+' || s.as_bytes()[s.len() - 6] == b'-')
+    {
+        s.split_at(s.len() - 6)
+    } else {
+        return s.to_string();
+    };
+    let body = match body.split_once('.') {
+        Some((main, frac)) => {
+            let f = frac.trim_end_matches('0');
+            if f.is_empty() {
+                main.to_string()
+            } else {
+                format!("{main}.{f}")
+            }
+        }
+        None => body.to_string(),
+    };
+    format!("{body}{zone}")
+}
+
+fn add_labels(obj: &mut Map<String, Json>, ops: u8) {
+    let meta = obj
+        .entry("meta")
+        .or_insert_with(|| Json::Object(Map::new()));
+    let Json::Object(meta) = meta else { return };
+    if let Some(Json::String(lu)) = meta.get_mut("lastUpdated") {
+        *lu = requote_instant(lu);
+    }
+    let sec = meta
+        .entry("security")
+        .or_insert_with(|| Json::Array(Vec::new()));
+    let Json::Array(sec) = sec else { return };
+    for (bit, code, system, display) in LABELS {
+        if ops & bit == 0 {
+            continue;
+        }
+        let present = sec.iter().any(|c| {
+            c.get("code")
+                .and_then(|v| v.as_str())
+                .is_some_and(|v| v.eq_ignore_ascii_case(code))
+        });
+        if present {
+            continue;
+        }
+        let mut c = Map::new();
+        if let Some(s) = system {
+            c.insert("system".into(), Json::String(s.into()));
+        }
+        c.insert("code".into(), Json::String(code.into()));
+        c.insert("display".into(), Json::String(display.into()));
+        sec.push(Json::Object(c));
+    }
+}
+
+/// `RemoveEmptyNodes` plus output trimming (§3.7). Returns whether the value is empty.
+fn cleanup(v: &mut Json, is_resource: bool) -> bool {
+    match v {
+        Json::Null => true,
+        Json::String(s) => {
+            let t = s.trim();
+            if t.len() != s.len() {
+                *s = t.to_string();
+            }
+            false
+        }
+        Json::Object(o) => {
+            let keys: Vec<String> = o.keys().cloned().collect();
+            for k in &keys {
+                let sibling = match k.strip_prefix('_') {
+                    Some(base) => o.contains_key(base),
+                    None => o.contains_key(&format!("_{k}")),
+                };
+                let Some(child) = o.get_mut(k) else { continue };
+                let child_is_resource = child.get("resourceType").is_some();
+                let empty = match child {
+                    Json::Array(a) => {
+                        let mut all_empty = true;
+                        for e in a.iter_mut() {
+                            let er = e.get("resourceType").is_some();
+                            if cleanup(e, er) {
+                                *e = Json::Null;
+                            } else {
+                                all_empty = false;
+                            }
+                        }
+                        if !sibling {
+                            a.retain(|e| !e.is_null());
+                        }
+                        all_empty
+                    }
+                    c => cleanup(c, child_is_resource),
+                };
+                if empty {
+                    o.shift_remove(k);
+                }
+            }
+            !is_resource && o.is_empty()
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quirk_last_updated() {
+        assert_eq!(
+            requote_instant("2020-01-01T10:00:30.000Z"),
+            "2020-01-01T10:00:30+00:00"
+        );
+        assert_eq!(
+            requote_instant("2020-01-01T10:00:30.120-05:00"),
+            "2020-01-01T10:00:30.12-05:00"
+        );
+    }
+
+    #[test]
+    fn engine_is_send_sync() {
+        fn f<T: Send + Sync>() {}
+        f::<Engine>();
+    }
+}
