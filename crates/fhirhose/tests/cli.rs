@@ -378,6 +378,17 @@ fn rest_behaviours_over_a_real_socket() {
     let cs: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(cs["resourceType"], "CapabilityStatement");
 
+    // Every response carries a request id: the client's own, or a new one.
+    let r = client
+        .get(format!("{base}/metadata"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+    let r = client.get(format!("{base}/Nope/x/y/z")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert!(!r.headers()["x-request-id"].is_empty());
+
     // Delete, then read -> 410 Gone with an OperationOutcome; vread of version 1 still works.
     let r = client
         .delete(format!("{base}/Patient/{id}"))
