@@ -1,0 +1,21 @@
+//! FHIR Bulk Data `$export`.
+//!
+//! - [`request`]: kick-off parameters, parsed and validated ([`ExportRequest`]).
+//! - [`jobs`]: the durable job table ([`JobStore`], SQLite, `exports.db` in the data directory).
+//! - [`run`]: executing one export against a pinned store snapshot into NDJSON files.
+//! - [`service`]: [`ExportService`], what the HTTP layer calls: kick-off, status, cancel, files.
+//!
+//! Architecture Invariant: an export reads only through a store snapshot — every scan is
+//! `as_of` the watermark recorded at kick-off, which is the manifest's `transactionTime`.
+//! Architecture Invariant: files are written under a temporary name and renamed when complete;
+//! a job that was interrupted is run again from its pinned snapshot into a cleared folder, so a
+//! restart never duplicates or loses a resource and never leaves a half file.
+
+pub mod jobs;
+pub mod request;
+pub mod run;
+pub mod service;
+
+pub use jobs::{JobRecord, JobState, JobStore};
+pub use request::{ExportLevel, ExportRequest, RequestError};
+pub use service::{ExportConfig, ExportError, ExportService, Status};

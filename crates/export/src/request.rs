@@ -1,0 +1,329 @@
+//! Kick-off parameters (`GET` query or `POST` Parameters), validated at kick-off.
+
+use serde_json::Value;
+
+/// The three export levels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportLevel {
+    System,
+    Patient,
+    Group(String),
+}
+
+/// A validated export request.
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    pub level: ExportLevel,
+    /// `_type`; empty = every type the level covers.
+    pub types: Vec<String>,
+    /// `_since` in ms since the epoch.
+    pub since_ms: Option<i64>,
+    /// `_until` / `_till` in ms since the epoch.
+    pub until_ms: Option<i64>,
+    /// `_typeFilter` queries, `Type?query` each.
+    pub type_filters: Vec<String>,
+    /// `patient` references (POST only; not at system level): patient ids.
+    pub patients: Vec<String>,
+    /// `_container`.
+    pub container: Option<String>,
+    /// Problems accepted under `handling=lenient`: they go to the manifest's `error` file.
+    pub warnings: Vec<String>,
+    /// The kick-off URL, for the manifest's `request`.
+    pub request_url: String,
+}
+
+/// A kick-off parameter problem: 400 with an OperationOutcome naming the parameter.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{param}: {message}")]
+pub struct RequestError {
+    pub param: String,
+    pub message: String,
+}
+
+fn err(param: &str, message: impl Into<String>) -> RequestError {
+    RequestError {
+        param: param.to_string(),
+        message: message.into(),
+    }
+}
+
+const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
+
+/// Azure container rules: 3–63 characters of lowercase letters, digits and single hyphens,
+/// starting and ending with a letter or digit.
+pub fn valid_container(name: &str) -> bool {
+    (3..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+fn parse_instant(param: &str, v: &str) -> Result<i64, RequestError> {
+    // Full instants; a date alone is accepted as its midnight UTC.
+    let text = if v.len() == 10 {
+        format!("{v}T00:00:00Z")
+    } else {
+        v.to_string()
+    };
+    store::parse_instant_ms(&text).ok_or_else(|| {
+        err(
+            param,
+            format!("'{v}' is not an instant such as 2024-01-01T00:00:00Z"),
+        )
+    })
+}
+
+/// Parameters from a `POST` Parameters body into (name, value) pairs; `patient` references
+/// become `patient` pairs with the reference text.
+pub fn parameters_to_pairs(body: &Value) -> Result<Vec<(String, String)>, RequestError> {
+    if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err(err("body", "a POST kick-off takes a Parameters resource"));
+    }
+    let mut pairs = Vec::new();
+    for p in body
+        .get("parameter")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(name) = p.get("name").and_then(Value::as_str) else {
+            return Err(err("parameter", "every parameter needs a name"));
+        };
+        let value = p.as_object().and_then(|o| {
+            o.iter().find_map(|(k, v)| {
+                if !k.starts_with("value") {
+                    return None;
+                }
+                match v {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Object(_) => v
+                        .get("reference")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    other => Some(other.to_string()),
+                }
+            })
+        });
+        match value {
+            Some(v) => pairs.push((name.to_string(), v)),
+            None => return Err(err(name, "the parameter has no value")),
+        }
+    }
+    Ok(pairs)
+}
+
+impl ExportRequest {
+    /// Validates kick-off parameters. `now_ms` rejects `_since` in the future; `lenient` turns
+    /// recoverable problems into warnings.
+    pub fn parse(
+        level: ExportLevel,
+        pairs: &[(String, String)],
+        is_post: bool,
+        lenient: bool,
+        now_ms: i64,
+        request_url: String,
+    ) -> Result<ExportRequest, RequestError> {
+        let model = fhir_model::r4();
+        let mut r = ExportRequest {
+            level,
+            types: Vec::new(),
+            since_ms: None,
+            until_ms: None,
+            type_filters: Vec::new(),
+            patients: Vec::new(),
+            container: None,
+            warnings: Vec::new(),
+            request_url,
+        };
+        let soft = |r: &mut ExportRequest, e: RequestError| -> Result<(), RequestError> {
+            if lenient {
+                r.warnings.push(e.to_string());
+                Ok(())
+            } else {
+                Err(e)
+            }
+        };
+        for (name, value) in pairs {
+            match name.as_str() {
+                "_outputFormat" => {
+                    // A `+` decoded as a space is the same format.
+                    let f = value.replace(' ', "+");
+                    if !OUTPUT_FORMATS.contains(&f.as_str()) {
+                        return Err(err(
+                            "_outputFormat",
+                            format!("'{value}' is not supported; use application/fhir+ndjson"),
+                        ));
+                    }
+                }
+                "_since" => {
+                    let ms = parse_instant("_since", value)?;
+                    if ms > now_ms {
+                        return Err(err("_since", format!("'{value}' is in the future")));
+                    }
+                    r.since_ms = Some(ms);
+                }
+                "_until" | "_till" => r.until_ms = Some(parse_instant(name, value)?),
+                "_type" => {
+                    for t in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                        if model.resource_types().iter().any(|k| k == t) {
+                            if !r.types.iter().any(|k| k == t) {
+                                r.types.push(t.to_string());
+                            }
+                        } else {
+                            soft(&mut r, err("_type", format!("unknown resource type '{t}'")))?;
+                        }
+                    }
+                }
+                "_typeFilter" => {
+                    let Some((t, q)) = value.split_once('?') else {
+                        return Err(err(
+                            "_typeFilter",
+                            format!("'{value}' is not of the form Type?query"),
+                        ));
+                    };
+                    match search::Predicate::compile(t, q) {
+                        Ok(_) => r.type_filters.push(value.clone()),
+                        Err(e) => soft(&mut r, err("_typeFilter", e.to_string()))?,
+                    }
+                }
+                "_container" => {
+                    if !valid_container(value) {
+                        return Err(err(
+                            "_container",
+                            format!(
+                                "'{value}' is not a valid container name (3-63 lowercase letters, digits and single hyphens)"
+                            ),
+                        ));
+                    }
+                    r.container = Some(value.clone());
+                }
+                "patient" => {
+                    if !is_post {
+                        return Err(err(
+                            "patient",
+                            "the patient parameter is only accepted in a POST kick-off",
+                        ));
+                    }
+                    if r.level == ExportLevel::System {
+                        return Err(err(
+                            "patient",
+                            "the patient parameter is not allowed at system level",
+                        ));
+                    }
+                    let id = value.strip_prefix("Patient/").unwrap_or(value);
+                    if !store::is_valid_id(id) {
+                        return Err(err(
+                            "patient",
+                            format!("'{value}' is not a Patient reference"),
+                        ));
+                    }
+                    r.patients.push(id.to_string());
+                }
+                "_elements" | "includeAssociatedData" => {
+                    soft(&mut r, err(name, "not supported by this server yet"))?;
+                }
+                "_format" => {}
+                other => soft(&mut r, err(other, "unknown $export parameter"))?,
+            }
+        }
+        Ok(r)
+    }
+
+    /// The types this export writes, in order.
+    pub fn effective_types(&self, present: &[String]) -> Vec<String> {
+        let model = fhir_model::r4();
+        let in_level = |t: &str| match self.level {
+            ExportLevel::System => true,
+            _ => t == "Patient" || model.patient_compartment(t).is_some(),
+        };
+        let base: Vec<String> = if self.types.is_empty() {
+            present.to_vec()
+        } else {
+            self.types.clone()
+        };
+        base.into_iter().filter(|t| in_level(t)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn validates_parameters() {
+        let now = 2_000_000_000_000;
+        let ok = ExportRequest::parse(
+            ExportLevel::System,
+            &pairs(&[
+                ("_type", "Patient,Observation"),
+                ("_outputFormat", "application/fhir ndjson"),
+                ("_since", "2020-01-01T00:00:00Z"),
+            ]),
+            false,
+            false,
+            now,
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(ok.types, ["Patient", "Observation"]);
+        let bad = |p: &[(&str, &str)]| {
+            ExportRequest::parse(
+                ExportLevel::System,
+                &pairs(p),
+                false,
+                false,
+                now,
+                String::new(),
+            )
+            .unwrap_err()
+            .param
+        };
+        assert_eq!(bad(&[("_type", "Unicorn")]), "_type");
+        assert_eq!(bad(&[("_since", "2999-01-01T00:00:00Z")]), "_since");
+        assert_eq!(bad(&[("_since", "nope")]), "_since");
+        assert_eq!(bad(&[("_container", "Bad_Name")]), "_container");
+        assert_eq!(bad(&[("_container", "../x")]), "_container");
+        assert_eq!(bad(&[("_outputFormat", "text/csv")]), "_outputFormat");
+        assert_eq!(
+            bad(&[("_typeFilter", "Observation?nonsense=1")]),
+            "_typeFilter"
+        );
+        let lenient = ExportRequest::parse(
+            ExportLevel::System,
+            &pairs(&[("_type", "Unicorn,Patient")]),
+            false,
+            true,
+            now,
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(lenient.types, ["Patient"]);
+        assert_eq!(lenient.warnings.len(), 1);
+    }
+
+    #[test]
+    fn container_rules() {
+        assert!(valid_container("exports-2024"));
+        for bad in [
+            "ab",
+            "-ab",
+            "ab-",
+            "a--b",
+            "UPPER",
+            "a/b",
+            "a..b",
+            &"a".repeat(64),
+        ] {
+            assert!(!valid_container(bad), "{bad}");
+        }
+    }
+}

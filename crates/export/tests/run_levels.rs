@@ -1,0 +1,195 @@
+//! `run_export` against a real SQLite store: levels, compartment de-duplication, Group member
+//! rules, file rolling, snapshot pinning and `_typeFilter`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use export::request::{ExportLevel, ExportRequest};
+use export::run::run_export;
+use serde_json::{Value, json};
+use store::sqlite::{SqliteOptions, SqliteStore};
+use store::{Store, WriteOp};
+
+fn create(store: &SqliteStore, v: Value) {
+    store
+        .write(vec![WriteOp::Create { resource: v }])
+        .expect("write");
+}
+
+fn seed(store: &SqliteStore) {
+    for p in ["p1", "p2", "p3"] {
+        create(store, json!({"resourceType": "Patient", "id": p}));
+    }
+    create(
+        store,
+        json!({"resourceType": "Observation", "id": "o1", "status": "final",
+        "code": {"text": "a"}, "subject": {"reference": "Patient/p1"}}),
+    );
+    create(
+        store,
+        json!({"resourceType": "Observation", "id": "o2", "status": "final",
+        "code": {"text": "b"}, "subject": {"reference": "Patient/p2"}}),
+    );
+    // References two patients: exported once per export.
+    create(
+        store,
+        json!({"resourceType": "Observation", "id": "o3", "status": "final",
+        "code": {"text": "c"}, "subject": {"reference": "Patient/p1"}, "performer": [{"reference": "Patient/p2"}]}),
+    );
+    create(store, json!({"resourceType": "Organization", "id": "org1"}));
+    create(
+        store,
+        json!({"resourceType": "Group", "id": "g1", "type": "person", "actual": true, "member": [
+        {"entity": {"reference": "Patient/p1"}},
+        {"entity": {"reference": "Patient/p2"}, "inactive": true},
+        {"entity": {"reference": "Patient/p3"}, "period": {"end": "2001-01-01"}},
+        {"entity": {"reference": "Group/g2"}}]}),
+    );
+    create(
+        store,
+        json!({"resourceType": "Group", "id": "g2", "type": "person", "actual": true, "member": [
+        {"entity": {"reference": "Patient/p2"}}]}),
+    );
+    create(
+        store,
+        json!({"resourceType": "Group", "id": "empty", "type": "person", "actual": true}),
+    );
+}
+
+fn request(level: ExportLevel, pairs: &[(&str, &str)]) -> ExportRequest {
+    let pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    ExportRequest::parse(
+        level,
+        &pairs,
+        false,
+        false,
+        i64::MAX / 2,
+        "http://x/$export".into(),
+    )
+    .expect("valid request")
+}
+
+/// Ids per type over every output file, with the number of files per type.
+fn read_out(dir: &Path) -> (BTreeMap<String, Vec<String>>, BTreeMap<String, usize>) {
+    let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut files: BTreeMap<String, usize> = BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("dir") {
+        let path = e.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.ends_with(".ndjson"), "no leftover part files: {name}");
+        for line in std::fs::read_to_string(&path).expect("read").lines() {
+            let v: Value = serde_json::from_str(line).expect("json line");
+            let t = v["resourceType"].as_str().expect("type").to_string();
+            assert!(
+                name.starts_with(&format!("{t}-")),
+                "one type per file: {name}"
+            );
+            ids.entry(t)
+                .or_default()
+                .push(v["id"].as_str().expect("id").to_string());
+        }
+        let t = name.split('-').next().expect("type").to_string();
+        *files.entry(t).or_default() += 1;
+    }
+    for v in ids.values_mut() {
+        v.sort();
+    }
+    (ids, files)
+}
+
+fn run(store: &SqliteStore, req: &ExportRequest, watermark: i64, dir: &Path, max: u64) {
+    run_export(
+        store,
+        req,
+        watermark,
+        dir,
+        max,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .expect("run");
+}
+
+#[test]
+fn levels_membership_rolling_and_snapshot() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store =
+        SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
+    seed(&store);
+    let wm = store.current_seq().expect("seq");
+    // Written after the watermark: never in an export pinned to it.
+    create(&store, json!({"resourceType": "Patient", "id": "late"}));
+
+    let sys = tmp.path().join("sys");
+    run(&store, &request(ExportLevel::System, &[]), wm, &sys, 2);
+    let (ids, files) = read_out(&sys);
+    assert_eq!(ids["Patient"], ["p1", "p2", "p3"]);
+    assert_eq!(ids["Observation"], ["o1", "o2", "o3"]);
+    assert_eq!(ids["Organization"], ["org1"]);
+    assert_eq!(files["Patient"], 2, "rolled at 2 resources per file");
+
+    let pat = tmp.path().join("pat");
+    run(&store, &request(ExportLevel::Patient, &[]), wm, &pat, 5000);
+    let (ids, _) = read_out(&pat);
+    assert_eq!(
+        ids["Observation"],
+        ["o1", "o2", "o3"],
+        "o3 once although it names two patients"
+    );
+    assert!(
+        !ids.contains_key("Organization"),
+        "not in the Patient compartment"
+    );
+
+    let grp = tmp.path().join("grp");
+    run(
+        &store,
+        &request(ExportLevel::Group("g1".into()), &[]),
+        wm,
+        &grp,
+        5000,
+    );
+    let (ids, _) = read_out(&grp);
+    // p2 is inactive in g1 but an active member of the nested g2; p3's membership ended.
+    assert_eq!(ids["Patient"], ["p1", "p2"]);
+    assert_eq!(ids["Observation"], ["o1", "o2", "o3"]);
+
+    let empty = tmp.path().join("empty");
+    run(
+        &store,
+        &request(ExportLevel::Group("empty".into()), &[]),
+        wm,
+        &empty,
+        5000,
+    );
+    assert!(
+        read_out(&empty).0.is_empty(),
+        "an empty Group exports nothing"
+    );
+
+    let filtered = tmp.path().join("filtered");
+    let req = request(
+        ExportLevel::System,
+        &[
+            ("_type", "Patient"),
+            ("_typeFilter", "Patient?_id=p1"),
+            ("_typeFilter", "Patient?_id=p3"),
+        ],
+    );
+    run(&store, &req, wm, &filtered, 5000);
+    let (ids, _) = read_out(&filtered);
+    assert_eq!(ids.keys().collect::<Vec<_>>(), ["Patient"]);
+    assert_eq!(
+        ids["Patient"],
+        ["p1", "p3"],
+        "repeated _typeFilter queries are ORed"
+    );
+}
