@@ -147,7 +147,19 @@ impl Engine {
 
     pub fn anonymize(&self, mut root: Json) -> Result<Outcome, DeidError> {
         let ty = match root.get("resourceType") {
-            Some(Json::String(t)) if fhir_model::r4().is_resource(t) => t.clone(),
+            Some(Json::String(t)) if fhir_model::r4().is_resource(t) => {
+                // Firely refuses elements unknown to the version ("The input FHIR resource is invalid").
+                if let Err(issues) = fhir_model::r4().validate(&root)
+                    && let Some(i) = issues
+                        .iter()
+                        .find(|i| i.message.starts_with("unknown element"))
+                {
+                    return Err(DeidError::InvalidInput(format!(
+                        "The input FHIR resource is invalid: {i}"
+                    )));
+                }
+                t.clone()
+            }
             Some(Json::String(t)) => {
                 return Err(DeidError::InvalidInput(format!(
                     "Cannot locate type information for type '{t}'"
@@ -499,7 +511,9 @@ impl<'a> Pass<'_, 'a> {
                     return Ok(());
                 };
                 let key = &params.crypto_hash_key;
-                let out = if node.name() == "reference" && parent_type == "Reference" {
+                let out = if node.name() == "reference"
+                    && (parent_type == "Reference" || parent_of(self.root, path) == "Reference")
+                {
                     transforms::transform_reference(&text, &|s| transforms::crypto_hash(key, s))
                 } else {
                     transforms::crypto_hash(key, &text)
@@ -692,6 +706,11 @@ fn merge(existing: &Json, path: &NodePath, repl: &Json, visited: &HashSet<NodePa
     for (k, ev) in ex {
         let mut cp = path.clone();
         cp.0.push(Segment::Key(k.clone()));
+        // A node an earlier rule processed is left untouched (it still consumes a slot).
+        if visited.contains(&cp) {
+            out.insert(k.clone(), ev.clone());
+            continue;
+        }
         match (ev, rp.get(k)) {
             (Json::Array(ea), Some(rv)) => {
                 let ra: Vec<Json> = match rv {

@@ -18,12 +18,18 @@ fn read(p: &Path) -> String {
 }
 
 fn norm_dt(s: &str) -> String {
-    let re = regex::Regex::new(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
-        .expect("regex");
+    let re =
+        regex::Regex::new(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+            .expect("regex");
     let Some(c) = re.captures(s) else {
         return s.to_string();
     };
-    let mut frac = c.get(2).map(|m| m.as_str()).unwrap_or("").trim_end_matches('0').to_string();
+    let mut frac = c
+        .get(2)
+        .map(|m| m.as_str())
+        .unwrap_or("")
+        .trim_end_matches('0')
+        .to_string();
     if frac == "." {
         frac.clear();
     }
@@ -95,7 +101,8 @@ fn dirs(p: &Path) -> Vec<PathBuf> {
 
 /// Runs one end-to-end case; `Ok(None)` = not applicable to R4.
 fn run_case(dir: &Path) -> Result<Option<()>, String> {
-    let case: Json = serde_json::from_str(&read(&dir.join("case.json"))).map_err(|e| e.to_string())?;
+    let case: Json =
+        serde_json::from_str(&read(&dir.join("case.json"))).map_err(|e| e.to_string())?;
     let r4 = case["fhirVersions"]
         .as_array()
         .is_some_and(|a| a.iter().any(|v| v == "R4"));
@@ -119,8 +126,10 @@ fn run_case(dir: &Path) -> Result<Option<()>, String> {
         (Some("error"), Ok(o)) => Err(format!("expected an error, got {}", o.resource)),
         (_, Err(e)) => Err(format!("error: {e}")),
         (_, Ok(o)) => {
-            let expected: Json = serde_json::from_str(read(&dir.join("expected.json")).trim_start_matches('\u{feff}'))
-                .map_err(|e| e.to_string())?;
+            let expected: Json = serde_json::from_str(
+                read(&dir.join("expected.json")).trim_start_matches('\u{feff}'),
+            )
+            .map_err(|e| e.to_string())?;
             let mut out = Vec::new();
             diff(&expected, &o.resource, "", &mut out);
             if out.is_empty() {
@@ -134,9 +143,14 @@ fn run_case(dir: &Path) -> Result<Option<()>, String> {
 }
 
 fn run_validation(dir: &Path) -> Result<(), String> {
-    let case: Json = serde_json::from_str(&read(&dir.join("case.json"))).map_err(|e| e.to_string())?;
+    let case: Json =
+        serde_json::from_str(&read(&dir.join("case.json"))).map_err(|e| e.to_string())?;
     let expect = match &case["expect"] {
-        Json::Object(o) => o.get("R4").and_then(|v| v.as_str()).unwrap_or("").to_string(),
+        Json::Object(o) => o
+            .get("R4")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string(),
         v => v.as_str().unwrap_or("").to_string(),
     };
     let parsed = Config::parse(&read(&dir.join("config.json")));
@@ -154,7 +168,11 @@ fn conformance() {
     let mut unlisted = Vec::new();
     let (mut pass, mut fail, mut na) = (0, 0, 0);
     for dir in dirs(&corpus().join("cases")) {
-        let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        let id = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
         match run_case(&dir) {
             Ok(Some(())) => pass += 1,
             Ok(None) => na += 1,
@@ -170,7 +188,11 @@ fn conformance() {
     println!("cases: {pass} passed, {fail} failed, {na} not R4");
     let (mut vp, mut vf) = (0, 0);
     for dir in dirs(&corpus().join("config-validation")) {
-        let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        let id = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
         match run_validation(&dir) {
             Ok(()) => vp += 1,
             Err(e) => {
