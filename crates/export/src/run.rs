@@ -262,17 +262,17 @@ pub fn run_export(
         };
         store.scan_type_each(t, watermark, bounds, &mut |row| {
             seen += 1;
-            if seen % 2048 == 0 && cancel.load(Ordering::Relaxed) {
+            if seen.is_multiple_of(2048) && cancel.load(Ordering::Relaxed) {
                 failure = Some(RunError::Cancelled);
                 return ControlFlow::Break(());
             }
-            if seen % 50_000 == 0 {
+            if seen.is_multiple_of(50_000) {
                 progress(&format!("{t} {seen} of {total}"));
             }
-            if let Some(until) = req.until_ms {
-                if store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until) {
-                    return ControlFlow::Continue(());
-                }
+            if let Some(until) = req.until_ms
+                && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
+            {
+                return ControlFlow::Continue(());
             }
             if needs_json && (by_patient || filters.filters_type(t)) {
                 let Ok(v) = serde_json::from_slice::<Value>(row.json) else {

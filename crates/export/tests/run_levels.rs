@@ -193,3 +193,80 @@ fn levels_membership_rolling_and_snapshot() {
         "repeated _typeFilter queries are ORed"
     );
 }
+
+#[test]
+fn since_exports_changes_and_lists_deletions() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store =
+        SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
+    seed(&store);
+    let first = store.current_seq().expect("seq");
+    let since = store.instant_of_seq(first).expect("instant").expect("some");
+    let since_ms = store::parse_instant_ms(&since).expect("ms");
+    // The next writes must carry a later lastUpdated than `since` (millisecond clock).
+    while chrono::Utc::now().timestamp_millis() <= since_ms {
+        std::thread::yield_now();
+    }
+    store
+        .write(vec![WriteOp::Update {
+            resource_type: "Patient".into(),
+            id: "p1".into(),
+            resource: json!({"resourceType": "Patient", "id": "p1", "active": true}),
+            if_match: None,
+        }])
+        .expect("update");
+    store
+        .write(vec![WriteOp::Delete {
+            resource_type: "Observation".into(),
+            id: "o2".into(),
+            if_match: None,
+        }])
+        .expect("delete");
+    let wm = store.current_seq().expect("seq");
+
+    let out = tmp.path().join("since");
+    let req = request(
+        ExportLevel::System,
+        &[("_since", &since), ("_type", "Patient,Observation")],
+    );
+    let result = run_export(
+        &store,
+        &req,
+        wm,
+        &out,
+        5000,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .expect("run");
+    let mut patients = Vec::new();
+    let mut deleted = Vec::new();
+    for f in &result.files {
+        for line in std::fs::read_to_string(out.join(&f.name))
+            .expect("read")
+            .lines()
+        {
+            let v: Value = serde_json::from_str(line).expect("json");
+            assert_ne!(
+                v["resourceType"], "Observation",
+                "nothing changed among Observations but a delete"
+            );
+            patients.push(v["id"].as_str().expect("id").to_string());
+        }
+    }
+    assert_eq!(patients, ["p1"]);
+    for f in &result.deleted {
+        for line in std::fs::read_to_string(out.join(&f.name))
+            .expect("read")
+            .lines()
+        {
+            let b: Value = serde_json::from_str(line).expect("json");
+            assert_eq!(b["type"], "transaction");
+            for e in b["entry"].as_array().expect("entries") {
+                assert_eq!(e["request"]["method"], "DELETE");
+                deleted.push(e["request"]["url"].as_str().expect("url").to_string());
+            }
+        }
+    }
+    assert_eq!(deleted, ["Observation/o2"]);
+}
