@@ -167,6 +167,7 @@ impl Engine {
             }
             _ => return Err(DeidError::InvalidInput("no resourceType".into())),
         };
+        normalise_arrays(&mut root, &ty);
         let mut hits = vec![0u64; self.config.rules.len()];
         match self.run(&mut root, &mut hits) {
             Ok(()) => Ok(Outcome {
@@ -317,6 +318,33 @@ impl Engine {
                     .collect()
             }
         })
+    }
+}
+
+/// Repeating elements written as a single object become one-element arrays, as the reference
+/// parser reads them and its serializer writes them.
+fn normalise_arrays(v: &mut Json, ty: &str) {
+    let Json::Object(o) = v else { return };
+    let ty = match o.get("resourceType") {
+        Some(Json::String(rt)) => rt.clone(),
+        _ => ty.to_string(),
+    };
+    let model = fhir_model::r4();
+    for (k, child) in o.iter_mut() {
+        let base = k.strip_prefix('_').unwrap_or(k);
+        let Some(c) = model.child(&ty, base) else {
+            continue;
+        };
+        if c.element.max_many && !child.is_array() && !child.is_null() {
+            *child = Json::Array(vec![child.take()]);
+        }
+        if k.starts_with('_') {
+            continue;
+        }
+        match child {
+            Json::Array(a) => a.iter_mut().for_each(|e| normalise_arrays(e, c.type_name)),
+            other => normalise_arrays(other, c.type_name),
+        }
     }
 }
 
