@@ -1,0 +1,381 @@
+//! `fhirhose anonymize`: the reference tool's options (-i/-o/-c/-b/-r/-s) plus `.gz`, `--threads`,
+//! a progress bar, a summary and `--decrypt`. Output goes to a temporary file renamed at the end.
+
+use std::fs;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use deid::{Config, Engine};
+use serde_json::Value as Json;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AnonymizeArgs {
+    /// Input file or folder.
+    #[arg(short = 'i', long)]
+    pub input: PathBuf,
+    /// Output file or folder.
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+    /// Anonymizer configuration (Microsoft FHIR anonymizer format).
+    #[arg(short = 'c', long)]
+    pub config: PathBuf,
+    /// Inputs are NDJSON (one resource per line; `.ndjson` / `.ndjson.gz`).
+    #[arg(short = 'b', long)]
+    pub bulk: bool,
+    /// Walk sub-folders of a folder input.
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+    /// Skip inputs whose output already exists.
+    #[arg(short = 's', long)]
+    pub skip: bool,
+    /// Worker threads for NDJSON (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Decrypt values produced by `encrypt` rules (with the config's encryptKey) instead of anonymizing.
+    #[arg(long)]
+    pub decrypt: bool,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Config {
+        path: PathBuf,
+        source: deid::ConfigError,
+    },
+    #[error("{path}:{line}: {source}")]
+    Resource {
+        path: PathBuf,
+        line: usize,
+        source: deid::DeidError,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub files: usize,
+    pub files_skipped: usize,
+    pub resources: u64,
+    /// Resources replaced by the `processingErrors: skip` stub.
+    pub resources_skipped: u64,
+    /// (rule index, rule path, nodes processed).
+    pub rule_hits: Vec<(usize, String, u64)>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |source| CliError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn open_text(path: &Path) -> Result<Box<dyn BufRead>, CliError> {
+    let f = fs::File::open(path).map_err(io(path))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(
+            f,
+        ))))
+    } else {
+        Ok(Box::new(BufReader::new(f)))
+    }
+}
+
+/// Writes through a temporary sibling file, renamed over `path` only on success.
+fn write_atomic(
+    path: &Path,
+    body: &dyn Fn(&mut dyn Write) -> Result<(), CliError>,
+) -> Result<(), CliError> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let tmp = path.with_extension(format!(
+        "{}.tmp{}",
+        path.extension().and_then(|e| e.to_str()).unwrap_or(""),
+        std::process::id()
+    ));
+    let result = (|| {
+        let f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        let mut w: Box<dyn Write> = if path.extension().is_some_and(|e| e == "gz") {
+            Box::new(flate2::write::GzEncoder::new(
+                BufWriter::new(f),
+                flate2::Compression::default(),
+            ))
+        } else {
+            Box::new(BufWriter::new(f))
+        };
+        body(&mut w)?;
+        w.flush().map_err(io(&tmp))?;
+        drop(w);
+        fs::rename(&tmp, path).map_err(io(path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn is_input(p: &Path, bulk: bool) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let name = name.strip_suffix(".gz").unwrap_or(name);
+    if bulk {
+        name.ends_with(".ndjson")
+    } else {
+        name.ends_with(".json")
+    }
+}
+
+fn collect(
+    dir: &Path,
+    recursive: bool,
+    bulk: bool,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), CliError> {
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            if recursive {
+                collect(&p, recursive, bulk, out)?;
+            }
+        } else if is_input(&p, bulk) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Replaces every string that decrypts with the key by its plaintext.
+fn decrypt_all(engine: &Engine, v: &mut Json) {
+    match v {
+        Json::String(s) => {
+            if let Ok(p) = engine.decrypt(s) {
+                *s = p;
+            }
+        }
+        Json::Array(a) => a.iter_mut().for_each(|e| decrypt_all(engine, e)),
+        Json::Object(o) => o.values_mut().for_each(|e| decrypt_all(engine, e)),
+        _ => {}
+    }
+}
+
+struct Job<'a> {
+    engine: &'a Engine,
+    decrypt: bool,
+}
+
+impl Job<'_> {
+    fn one(
+        &self,
+        text: &str,
+        path: &Path,
+        line: usize,
+        summary: &mut Summary,
+    ) -> Result<Json, CliError> {
+        let err = |source| CliError::Resource {
+            path: path.to_path_buf(),
+            line,
+            source,
+        };
+        if self.decrypt {
+            let mut v: Json = serde_json::from_str(text)
+                .map_err(|e| err(deid::DeidError::InvalidInput(e.to_string())))?;
+            decrypt_all(self.engine, &mut v);
+            summary.resources += 1;
+            return Ok(v);
+        }
+        let o = self.engine.anonymize_str(text).map_err(err)?;
+        summary.resources += 1;
+        if o.skipped {
+            summary.resources_skipped += 1;
+        }
+        for (i, h) in o.rule_hits.iter().enumerate() {
+            if let Some(slot) = summary.rule_hits.get_mut(i) {
+                slot.2 += h;
+            }
+        }
+        Ok(o.resource)
+    }
+}
+
+/// Runs the command. Fails (non-zero exit) on the first bad file, line or rule; no partial output.
+pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
+    let cfg_text = fs::read_to_string(&args.config).map_err(io(&args.config))?;
+    let config = Config::parse(&cfg_text).map_err(|source| CliError::Config {
+        path: args.config.clone(),
+        source,
+    })?;
+    let mut summary = Summary {
+        rule_hits: config
+            .rules
+            .iter()
+            .map(|r| (r.index, r.path.clone(), 0))
+            .collect(),
+        ..Summary::default()
+    };
+    let folder_mode = args.input.is_dir();
+    let inputs: Vec<(PathBuf, PathBuf)> = if folder_mode {
+        let (a, b) = (
+            fs::canonicalize(&args.input).map_err(io(&args.input))?,
+            fs::create_dir_all(&args.output)
+                .and_then(|_| fs::canonicalize(&args.output))
+                .map_err(io(&args.output))?,
+        );
+        if a == b {
+            return Err(CliError::Usage(
+                "input and output folders must differ".into(),
+            ));
+        }
+        let mut files = Vec::new();
+        collect(&args.input, args.recursive, args.bulk, &mut files)?;
+        files
+            .into_iter()
+            .map(|f| {
+                let rel = f.strip_prefix(&args.input).unwrap_or(&f).to_path_buf();
+                let out = args.output.join(rel);
+                (f, out)
+            })
+            .collect()
+    } else {
+        vec![(args.input.clone(), args.output.clone())]
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(inputs.len() as u64)
+    };
+    let folder_name = args
+        .input
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .to_string();
+    for (input, output) in &inputs {
+        if args.skip && output.exists() {
+            summary.files_skipped += 1;
+            bar.inc(1);
+            continue;
+        }
+        let file_name = input.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let engine = Engine::new(config.clone()).with_file_context(file_name, &folder_name);
+        let job = Job {
+            engine: &engine,
+            decrypt: args.decrypt,
+        };
+        if args.bulk {
+            let mut text = String::new();
+            open_text(input)?
+                .read_to_string(&mut text)
+                .map_err(io(input))?;
+            let lines: Vec<(usize, &str)> =
+                text.lines().enumerate().map(|(i, l)| (i + 1, l)).collect();
+            let chunk = lines.len().div_ceil(threads).max(1);
+            // Each thread returns its lines in order; chunks are joined in order.
+            let parts: Vec<Result<(Vec<String>, Summary), CliError>> = std::thread::scope(|s| {
+                let handles: Vec<_> = lines
+                    .chunks(chunk)
+                    .map(|part| {
+                        let job = &job;
+                        let template = summary.rule_hits.clone();
+                        s.spawn(move || {
+                            let mut local = Summary {
+                                rule_hits: template
+                                    .iter()
+                                    .map(|(i, p, _)| (*i, p.clone(), 0))
+                                    .collect(),
+                                ..Summary::default()
+                            };
+                            let mut out = Vec::with_capacity(part.len());
+                            for (n, l) in part {
+                                if l.trim().is_empty() {
+                                    return Err(CliError::Resource {
+                                        path: input.clone(),
+                                        line: *n,
+                                        source: deid::DeidError::InvalidInput(
+                                            "blank NDJSON line".into(),
+                                        ),
+                                    });
+                                }
+                                let v = job.one(l, input, *n, &mut local)?;
+                                out.push(v.to_string());
+                            }
+                            Ok((out, local))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(CliError::Usage("worker panicked".into())))
+                    })
+                    .collect()
+            });
+            let mut all = Vec::new();
+            for p in parts {
+                let (lines, local) = p?;
+                summary.resources += local.resources;
+                summary.resources_skipped += local.resources_skipped;
+                for (slot, l) in summary.rule_hits.iter_mut().zip(local.rule_hits) {
+                    slot.2 += l.2;
+                }
+                all.extend(lines);
+            }
+            write_atomic(output, &|w| {
+                for l in &all {
+                    writeln!(w, "{l}").map_err(io(output))?;
+                }
+                Ok(())
+            })?;
+        } else {
+            let mut text = String::new();
+            open_text(input)?
+                .read_to_string(&mut text)
+                .map_err(io(input))?;
+            let v = job.one(&text, input, 1, &mut summary)?;
+            let pretty = serde_json::to_string_pretty(&v).unwrap_or_default();
+            write_atomic(output, &|w| {
+                w.write_all(pretty.as_bytes()).map_err(io(output))
+            })?;
+        }
+        summary.files += 1;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(summary)
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} files ({} skipped as existing), {} resources ({} replaced by the processing-error stub)",
+            self.files, self.files_skipped, self.resources, self.resources_skipped
+        )?;
+        for (i, p, h) in &self.rule_hits {
+            if *h > 0 {
+                writeln!(f, "  rule {i} {p}: {h}")?;
+            }
+        }
+        Ok(())
+    }
+}
