@@ -26,6 +26,8 @@ pub struct ExportRequest {
     pub patients: Vec<String>,
     /// `_container`.
     pub container: Option<String>,
+    /// `_elements`: `(type, element)`; a `None` type applies to every type.
+    pub elements: Vec<(Option<String>, String)>,
     /// Problems accepted under `handling=lenient`: they go to the manifest's `error` file.
     pub warnings: Vec<String>,
     /// The kick-off URL, for the manifest's `request`.
@@ -135,6 +137,7 @@ impl ExportRequest {
             type_filters: Vec::new(),
             patients: Vec::new(),
             container: None,
+            elements: Vec::new(),
             warnings: Vec::new(),
             request_url,
         };
@@ -222,7 +225,29 @@ impl ExportRequest {
                     }
                     r.patients.push(id.to_string());
                 }
-                "_elements" | "includeAssociatedData" => {
+                "_elements" => {
+                    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                        let (ty, elem) = match part.split_once('.') {
+                            Some((t, e)) => (Some(t.to_string()), e),
+                            None => (None, part),
+                        };
+                        let known_type = ty.as_deref().is_none_or(|t| model.is_resource(t));
+                        let simple = !elem.is_empty()
+                            && elem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                        if known_type && simple {
+                            r.elements.push((ty, elem.to_string()));
+                        } else {
+                            soft(
+                                &mut r,
+                                err(
+                                    "_elements",
+                                    format!("'{part}' is not a top-level [Type.]element"),
+                                ),
+                            )?;
+                        }
+                    }
+                }
+                "includeAssociatedData" => {
                     soft(&mut r, err(name, "not supported by this server yet"))?;
                 }
                 "_format" => {}

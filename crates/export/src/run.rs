@@ -219,6 +219,54 @@ fn in_compartment(
     })
 }
 
+/// The `_elements` subset of one type: `None` when the type is not subsetted, else the kept
+/// top-level element names (requested ones plus the mandatory ones, `id` and `meta`).
+fn element_subset(req: &ExportRequest, resource_type: &str) -> Option<HashSet<String>> {
+    let mut keep: HashSet<String> = req
+        .elements
+        .iter()
+        .filter(|(t, _)| t.as_deref().is_none_or(|t| t == resource_type))
+        .map(|(_, e)| e.clone())
+        .collect();
+    if keep.is_empty() {
+        return None;
+    }
+    keep.extend(["resourceType", "id", "meta"].map(String::from));
+    if let Some(def) = fhir_model::r4().type_def(resource_type) {
+        keep.extend(
+            def.elements
+                .iter()
+                .filter(|e| e.min > 0)
+                .map(|e| e.name.clone()),
+        );
+    }
+    Some(keep)
+}
+
+/// Keeps the subset's elements (a choice element `value` keeps `valueQuantity`, a primitive keeps
+/// its `_` shadow) and tags the result `SUBSETTED`.
+fn apply_subset(mut v: Value, keep: &HashSet<String>) -> Value {
+    if let Some(obj) = v.as_object_mut() {
+        let kept = |key: &str| {
+            let key = key.strip_prefix('_').unwrap_or(key);
+            keep.contains(key)
+                || keep.iter().any(|k| {
+                    key.strip_prefix(k.as_str())
+                        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
+                })
+        };
+        obj.retain(|k, _| kept(k));
+        let meta = obj.entry("meta").or_insert_with(|| json!({}));
+        if let Some(meta) = meta.as_object_mut() {
+            let tags = meta.entry("tag").or_insert_with(|| json!([]));
+            if let Some(tags) = tags.as_array_mut() {
+                tags.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}));
+            }
+        }
+    }
+    v
+}
+
 /// Runs the export into `dir` (which must be empty). `progress` is told about each type.
 pub fn run_export(
     store: &dyn Store,
@@ -255,7 +303,8 @@ pub fn run_export(
         let mut roller = Roller::new(dir, t, t, file_max);
         let mut seen: u64 = 0;
         let mut failure: Option<RunError> = None;
-        let needs_json = by_patient || filters.filters_type(t) || req.until_ms.is_some();
+        let subset = element_subset(req, t);
+        let needs_json = by_patient || filters.filters_type(t) || subset.is_some();
         let bounds = SeqBounds {
             after: since_after.max(0),
             up_to: i64::MAX,
@@ -274,7 +323,8 @@ pub fn run_export(
             {
                 return ControlFlow::Continue(());
             }
-            if needs_json && (by_patient || filters.filters_type(t)) {
+            let mut subsetted: Option<Vec<u8>> = None;
+            if needs_json {
                 let Ok(v) = serde_json::from_slice::<Value>(row.json) else {
                     return ControlFlow::Continue(());
                 };
@@ -284,8 +334,11 @@ pub fn run_export(
                 if !filters.matches(&v) {
                     return ControlFlow::Continue(());
                 }
+                if let Some(keep) = &subset {
+                    subsetted = Some(apply_subset(v, keep).to_string().into_bytes());
+                }
             }
-            if let Err(e) = roller.write(row.json) {
+            if let Err(e) = roller.write(subsetted.as_deref().unwrap_or(row.json)) {
                 failure = Some(e);
                 return ControlFlow::Break(());
             }

@@ -270,3 +270,63 @@ fn since_exports_changes_and_lists_deletions() {
     }
     assert_eq!(deleted, ["Observation/o2"]);
 }
+
+#[test]
+fn elements_keep_mandatory_and_tag_subsetted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store =
+        SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
+    seed(&store);
+    let wm = store.current_seq().expect("seq");
+    let out = tmp.path().join("elements");
+    let req = request(
+        ExportLevel::System,
+        &[
+            ("_type", "Observation,Organization"),
+            ("_elements", "Observation.subject"),
+        ],
+    );
+    let result = run_export(
+        &store,
+        &req,
+        wm,
+        &out,
+        5000,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .expect("run");
+    let mut seen = 0;
+    for f in &result.files {
+        for line in std::fs::read_to_string(out.join(&f.name))
+            .expect("read")
+            .lines()
+        {
+            let v: Value = serde_json::from_str(line).expect("json");
+            let keys: Vec<&str> = v
+                .as_object()
+                .expect("object")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let tags = v["meta"]["tag"].as_array().cloned().unwrap_or_default();
+            let subsetted = tags.iter().any(|t| t["code"] == "SUBSETTED");
+            if v["resourceType"] == "Observation" {
+                seen += 1;
+                // status and code are mandatory (min 1); performer was not asked for.
+                for k in ["resourceType", "id", "meta", "status", "code", "subject"] {
+                    assert!(keys.contains(&k), "{k} kept in {v}");
+                }
+                assert!(!keys.contains(&"performer"), "performer dropped in {v}");
+                assert!(subsetted);
+            } else {
+                assert!(!subsetted, "a type without _elements is not subsetted");
+            }
+        }
+    }
+    assert_eq!(seen, 3);
+    let bad: Vec<(String, String)> = vec![("_elements".into(), "Nope.x".into())];
+    assert!(
+        ExportRequest::parse(ExportLevel::System, &bad, false, false, 0, String::new()).is_err()
+    );
+}
