@@ -36,6 +36,8 @@ enum Command {
     Fhirpath(cmd_fhirpath::FhirpathArgs),
     /// Print a JWKS document for client key files (to register a SMART client).
     Jwks(auth::cli::JwksArgs),
+    /// De-identify files, folders or NDJSON with a Microsoft FHIR anonymizer configuration.
+    Anonymize(deid_cli::AnonymizeArgs),
     /// Sign a client assertion and request an access token from a Fhirhose server.
     Token(auth::cli::TokenArgs),
 }
@@ -50,6 +52,9 @@ fn main() -> ExitCode {
         Command::Fhirpath(args) => cmd_fhirpath::run(args),
         Command::Jwks(args) => auth::cli::run_jwks(&args)
             .map(|s| println!("{s}"))
+            .map_err(|e| e.to_string()),
+        Command::Anonymize(args) => deid_cli::run(&args)
+            .map(|s| eprint!("{s}"))
             .map_err(|e| e.to_string()),
         Command::Token(args) => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
