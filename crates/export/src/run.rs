@@ -288,7 +288,9 @@ pub fn run_export(
     let scope = patient_scope(store, req)?;
     let by_patient = !matches!(req.level, ExportLevel::System) || !req.patients.is_empty();
     let since_after = match req.since_ms {
-        Some(ms) => store.seq_at_or_after(ms)? - 1,
+        // "Changed after the supplied time" (Bulk Data IG): lastUpdated > _since. Instants are
+        // strictly increasing between transactions, so the next millisecond is the bound.
+        Some(ms) => store.seq_at_or_after(ms.saturating_add(1))? - 1,
         None => 0,
     };
     let present = store.types_present(watermark)?;

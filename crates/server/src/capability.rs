@@ -23,7 +23,7 @@ pub fn capability_statement(state: &AppState) -> Value {
                 .filter(|p| supported(p.kind))
                 .map(|p| json!({"name": p.code, "definition": p.url, "type": p.kind.as_str()}))
                 .collect();
-            json!({
+            let mut r = json!({
                 "type": t,
                 "interaction": [
                     {"code": "read"}, {"code": "vread"}, {"code": "update"}, {"code": "delete"},
@@ -39,13 +39,22 @@ pub fn capability_statement(state: &AppState) -> Value {
                 "searchInclude": ["*"],
                 "searchRevInclude": ["*"],
                 "searchParam": params,
-            })
+            });
+            if t == "Patient" || t == "Group" {
+                r["operation"] = json!([{"name": "export", "definition": if t == "Patient" {
+                    "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"
+                } else {
+                    "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"
+                }}]);
+            }
+            r
         })
         .collect();
     let mut rest = json!({
         "mode": "server",
         "resource": resources,
         "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+        "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}],
     });
     if let Some(security) = state.auth.capability_security() {
         rest["security"] = security;
@@ -55,6 +64,7 @@ pub fn capability_statement(state: &AppState) -> Value {
         "status": "active",
         "date": "2026-11-22",
         "kind": "instance",
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
         "software": {"name": "Fhirhose", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "Fhirhose FHIR R4 server", "url": state.base_url.as_ref()},
         "fhirVersion": "4.0.1",

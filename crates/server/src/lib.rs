@@ -13,6 +13,7 @@
 pub mod capability;
 pub mod config;
 pub mod error;
+pub mod export_routes;
 pub mod negotiate;
 pub mod routes;
 
@@ -37,6 +38,38 @@ pub struct AppState {
     pub base_url: Arc<str>,
     pub auth: auth::Auth,
     pub max_body_bytes: usize,
+    pub export: Arc<export::ExportService>,
+}
+
+impl AppState {
+    /// The state of a server over `store`, with the export service keeping its jobs and its local
+    /// storage containers in `data_dir` (`exports.db`, `storage/`).
+    pub fn new(
+        store: Arc<SqliteStore>,
+        base_url: impl Into<String>,
+        auth: auth::Auth,
+        max_body_bytes: usize,
+        data_dir: &std::path::Path,
+    ) -> Result<AppState, export::ExportError> {
+        let base_url: String = base_url.into();
+        let config = export::ExportConfig {
+            storage_root: data_dir.join("storage"),
+            jobs_db: data_dir.join("exports.db"),
+            default_container: "exports".into(),
+            file_max_resources: 5000,
+            max_concurrent: 4,
+            base_url: base_url.clone(),
+            requires_access_token: auth.requires_access_token(),
+        };
+        let export = export::ExportService::open(store.clone(), config)?;
+        Ok(AppState {
+            store,
+            base_url: base_url.into(),
+            auth,
+            max_body_bytes,
+            export,
+        })
+    }
 }
 
 /// A JSON value as an `application/fhir+json` response body.
@@ -81,6 +114,8 @@ pub enum ServeError {
     },
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot open the export job table: {0}")]
+    Export(#[from] export::ExportError),
 }
 
 /// Opens the store of a data directory (taking its lock) with search indexing on.
@@ -110,12 +145,17 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         dir: config.data_dir.display().to_string(),
         source,
     })?;
-    let state = AppState {
-        store: Arc::new(store),
-        base_url: base_url.clone().into(),
+    let state = AppState::new(
+        Arc::new(store),
+        base_url.clone(),
         auth,
-        max_body_bytes: config.max_body_bytes,
-    };
+        config.max_body_bytes,
+        &config.data_dir,
+    )?;
+    let resumed = state.export.resume()?;
+    if resumed > 0 {
+        tracing::info!(resumed, "export jobs resumed");
+    }
     let app = router(state);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

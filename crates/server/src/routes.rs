@@ -27,6 +27,27 @@ pub fn router(state: AppState) -> Router {
     let auth = state.auth.clone();
     let fhir = Router::new()
         .route("/", post(bundle))
+        .route(
+            "/$export",
+            get(crate::export_routes::system_export).post(crate::export_routes::system_export),
+        )
+        .route(
+            "/{rtype}/$export",
+            get(crate::export_routes::type_export).post(crate::export_routes::type_export),
+        )
+        .route(
+            "/{rtype}/{id}/{operation}",
+            get(crate::export_routes::instance_operation)
+                .post(crate::export_routes::instance_operation),
+        )
+        .route(
+            "/export-status/{job}",
+            get(crate::export_routes::status).delete(crate::export_routes::cancel),
+        )
+        .route(
+            "/export-files/{job}/{file}",
+            get(crate::export_routes::download),
+        )
         .route("/_history", get(history_system))
         .route("/{rtype}", get(search_get).post(create))
         .route("/{rtype}/_search", post(search_post))

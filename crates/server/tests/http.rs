@@ -23,12 +23,14 @@ async fn start_with(max_body_bytes: usize, load: Option<&str>) -> TestServer {
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let state = server::AppState {
-        store: Arc::new(store),
-        base_url: base.clone().into(),
-        auth: auth::Auth::none(),
+    let state = server::AppState::new(
+        Arc::new(store),
+        base.clone(),
+        auth::Auth::none(),
         max_body_bytes,
-    };
+        dir.path(),
+    )
+    .unwrap();
     let app = server::router(state);
     tokio::spawn(async move { axum_serve(listener, app).await });
     TestServer {

@@ -44,12 +44,14 @@ async fn start() -> Server {
         token_url.clone(),
         1000,
     );
-    let state = server::AppState {
-        store: Arc::new(store),
-        base_url: base.clone().into(),
-        auth: auth::Auth::smart(smart),
-        max_body_bytes: 1 << 20,
-    };
+    let state = server::AppState::new(
+        Arc::new(store),
+        base.clone(),
+        auth::Auth::smart(smart),
+        1 << 20,
+        dir.path(),
+    )
+    .unwrap();
     let app = server::router(state);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server {

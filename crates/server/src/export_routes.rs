@@ -1,0 +1,331 @@
+//! Bulk Data `$export`: kick-off at system, Patient and Group level, status polling, cancel,
+//! and downloads of the files listed in the manifest.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{OriginalUri, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use export::{ExportError, ExportLevel, Status};
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::negotiate::{self, json_object};
+use crate::{AppState, fhir_json};
+use auth::AuthContext;
+
+impl From<ExportError> for ApiError {
+    fn from(e: ExportError) -> ApiError {
+        match &e {
+            ExportError::Request(r) => ApiError::invalid(e.to_string(), r.param.clone()),
+            ExportError::GroupNotFound(_)
+            | ExportError::UnknownJob(_)
+            | ExportError::UnknownFile(_) => ApiError::not_found(e.to_string()),
+            ExportError::TooMany(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", e.to_string())
+                    .with_header(header::RETRY_AFTER, HeaderValue::from_static("30"))
+            }
+            ExportError::Internal(detail) => ApiError::internal("export", detail),
+        }
+    }
+}
+
+/// `Accept: application/fhir+json` and `Prefer: respond-async` are required at kick-off.
+fn check_kickoff_headers(headers: &HeaderMap) -> Result<(), ApiError> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let accept_ok = accept.split(',').any(|m| {
+        m.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("application/fhir+json")
+    });
+    if !accept_ok {
+        return Err(ApiError::invalid(
+            "$export requires the header Accept: application/fhir+json",
+            "Accept",
+        ));
+    }
+    let async_ok = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"));
+    if !async_ok {
+        return Err(ApiError::invalid(
+            "$export requires the header Prefer: respond-async",
+            "Prefer",
+        ));
+    }
+    Ok(())
+}
+
+async fn kickoff(
+    state: AppState,
+    ctx: AuthContext,
+    level: ExportLevel,
+    method: Method,
+    headers: HeaderMap,
+    uri: String,
+    raw: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_kickoff_headers(&headers)?;
+    let mut pairs: Vec<(String, String)> = raw
+        .as_deref()
+        .map(search::parse_query_string)
+        .unwrap_or_default();
+    let body = if method == Method::POST {
+        Some(json_object(body)?)
+    } else {
+        None
+    };
+    // Scopes: explicit `_type` lists must all be exportable; without one, the export covers the
+    // types the scopes allow.
+    let mut requested: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "_type")
+        .flat_map(|(_, v)| v.split(',').map(|t| t.trim().to_string()))
+        .filter(|t| !t.is_empty())
+        .collect();
+    if let Some(b) = &body {
+        for p in b
+            .get("parameter")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if p.get("name").and_then(Value::as_str) == Some("_type") {
+                if let Some(v) = p.get("valueString").and_then(Value::as_str) {
+                    requested.extend(v.split(',').map(|t| t.trim().to_string()));
+                }
+            }
+        }
+    }
+    if !matches!(level, ExportLevel::System) {
+        ctx.require_export(["Patient"])?;
+    }
+    if let ExportLevel::Group(_) = level {
+        ctx.require_read("Group")?;
+    }
+    if let Some(allowed) = ctx.export_types(if requested.is_empty() {
+        None
+    } else {
+        Some(&requested)
+    })? {
+        if requested.is_empty() {
+            pairs.push(("_type".into(), allowed.join(",")));
+        }
+    }
+    let request_url = format!("{}{}", state.base_url, uri);
+    let lenient = negotiate::lenient(&headers);
+    let svc = state.export.clone();
+    let client = ctx.client_id.clone();
+    let id = tokio::task::spawn_blocking(move || {
+        svc.kickoff(level, pairs, body.as_ref(), lenient, request_url, client)
+    })
+    .await
+    .map_err(|e| ApiError::internal("export kick-off", e))??;
+    let location = format!("{}/export-status/{id}", state.base_url);
+    let mut resp = StatusCode::ACCEPTED.into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::CONTENT_LOCATION, v);
+    }
+    Ok(resp)
+}
+
+pub async fn system_export(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    method: Method,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    RawQuery(raw): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    kickoff(
+        state,
+        ctx,
+        ExportLevel::System,
+        method,
+        headers,
+        uri.to_string(),
+        raw,
+        body,
+    )
+    .await
+}
+
+/// `/{type}/$export`: only `Patient` has a type-level export.
+pub async fn type_export(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path(rtype): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    RawQuery(raw): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if rtype != "Patient" {
+        return Err(ApiError::not_found(format!(
+            "{rtype} has no $export operation (Patient and Group do)"
+        )));
+    }
+    kickoff(
+        state,
+        ctx,
+        ExportLevel::Patient,
+        method,
+        headers,
+        uri.to_string(),
+        raw,
+        body,
+    )
+    .await
+}
+
+/// `/{type}/{id}/$export`: only `Group` has an instance-level export.
+pub async fn instance_operation(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path((rtype, id, op)): Path<(String, String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    RawQuery(raw): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if rtype != "Group" || op != "$export" {
+        return Err(ApiError::not_found(format!(
+            "no such endpoint: /{rtype}/{id}/{op}"
+        )));
+    }
+    if !store::is_valid_id(&id) {
+        return Err(ApiError::invalid(format!("invalid id '{id}'"), "id"));
+    }
+    kickoff(
+        state,
+        ctx,
+        ExportLevel::Group(id),
+        method,
+        headers,
+        uri.to_string(),
+        raw,
+        body,
+    )
+    .await
+}
+
+/// Polling faster than this answers 429.
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+fn polled_too_often(job: &str) -> bool {
+    static LAST: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+    let mut last = LAST
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    if last.len() > 10_000 {
+        last.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+    }
+    match last.insert(job.to_string(), now) {
+        Some(prev) => now.duration_since(prev) < MIN_POLL_INTERVAL,
+        None => false,
+    }
+}
+
+pub async fn status(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path(job): Path<String>,
+) -> Result<Response, ApiError> {
+    let svc = state.export.clone();
+    let j = job.clone();
+    let c = ctx.clone();
+    let st = tokio::task::spawn_blocking(move || svc.status(&j, &|owner| c.owns(owner)))
+        .await
+        .map_err(|e| ApiError::internal("export status", e))??;
+    match st {
+        Status::InProgress { progress } => {
+            if polled_too_often(&job) {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "throttled",
+                    "polled too often; wait for Retry-After",
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
+            }
+            let mut resp = StatusCode::ACCEPTED.into_response();
+            let h = resp.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            if let Ok(v) = HeaderValue::from_str(&progress) {
+                h.insert("x-progress", v);
+            }
+            Ok(resp)
+        }
+        Status::Complete { manifest } => {
+            let mut resp = (StatusCode::OK, manifest.to_string()).into_response();
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            let expires = std::time::SystemTime::now() + Duration::from_secs(24 * 3600);
+            if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
+                h.insert(header::EXPIRES, v);
+            }
+            Ok(resp)
+        }
+        Status::Failed { diagnostics } => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            format!("export failed: {diagnostics}"),
+        )),
+    }
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path(job): Path<String>,
+) -> Result<Response, ApiError> {
+    let svc = state.export.clone();
+    tokio::task::spawn_blocking(move || svc.cancel(&job, &|owner| ctx.owns(owner)))
+        .await
+        .map_err(|e| ApiError::internal("export cancel", e))??;
+    let oo = serde_json::json!({"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational", "diagnostics": "export cancelled; its files are removed"}]});
+    let mut resp = fhir_json(&oo);
+    *resp.status_mut() = StatusCode::ACCEPTED;
+    Ok(resp)
+}
+
+pub async fn download(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path((job, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let svc = state.export.clone();
+    let path = tokio::task::spawn_blocking(move || svc.file(&job, &file, &|owner| ctx.owns(owner)))
+        .await
+        .map_err(|e| ApiError::internal("export download", e))??;
+    let f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal("export download", e))?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 16));
+    let mut resp = body.into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+ndjson"),
+    );
+    Ok(resp)
+}

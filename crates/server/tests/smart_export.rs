@@ -1,0 +1,284 @@
+//! SMART scopes on Bulk Data `$export` over real HTTP: per-type checks at kick-off, the type list
+//! without `_type`, and status, cancel and downloads only for the client that started the export.
+//! (Test keys: crates/auth/tests/data, see PROVENANCE.md there.)
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+struct Server {
+    base: String,
+    token_url: String,
+    key: auth::ClientKey,
+    auth: auth::Auth,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let store = server::open_store(dir.path()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let token_url = format!("{base}/auth/token");
+    let pem = Path::new(env!("CARGO_MANIFEST_DIR")).join("../auth/tests/data/rsa-a.pem");
+    let key = auth::ClientKey::from_pem(&std::fs::read(pem).unwrap(), None, None).unwrap();
+    let jwks = auth::client_tools::jwks_document(std::slice::from_ref(&key)).unwrap();
+    let clients = json!([
+        {"client_id": "admin", "jwks": jwks, "scope": "system/*.cruds"},
+        {"client_id": "exporter", "jwks": jwks, "scope": "system/Patient.rs system/Observation.read"},
+        {"client_id": "other", "jwks": jwks, "scope": "system/Patient.rs system/Observation.read"},
+        {"client_id": "observations", "jwks": jwks, "scope": "system/Observation.rs"},
+    ]);
+    let registry =
+        auth::ClientRegistry::from_json(&clients.to_string(), Path::new("clients.json")).unwrap();
+    let smart = auth::SmartAuth::new(
+        registry,
+        auth::TokenIssuer::new(base.clone(), Duration::from_secs(300)),
+        token_url.clone(),
+        1000,
+    );
+    let auth = auth::Auth::smart(smart);
+    let state = server::AppState::new(
+        Arc::new(store),
+        base.clone(),
+        auth.clone(),
+        1 << 20,
+        dir.path(),
+    )
+    .unwrap();
+    let app = server::router(state);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Server {
+        base,
+        token_url,
+        key,
+        auth,
+        _dir: dir,
+    }
+}
+
+impl Server {
+    async fn token(&self, client: &str, scope: &str) -> String {
+        auth::client_tools::request_token(&self.token_url, client, &self.key, scope)
+            .await
+            .unwrap()
+            .access_token
+    }
+
+    /// `path` may be absolute (a URL from a header or manifest) or relative to the base.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, String) {
+        let url = if path.starts_with("http") {
+            path.to_owned()
+        } else {
+            format!("{}{path}", self.base)
+        };
+        let mut req = reqwest::Client::new()
+            .request(method, url)
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async");
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/fhir+json")
+                .body(b.to_string());
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        (status, headers, res.text().await.unwrap())
+    }
+
+    async fn kickoff(&self, path: &str, token: &str) -> (StatusCode, String) {
+        let (st, h, body) = self.send(Method::GET, path, Some(token), None).await;
+        let loc = h
+            .get("content-location")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or(body);
+        (st, loc)
+    }
+
+    /// Polls a status URL until the export completes; returns the manifest.
+    async fn manifest(&self, status_url: &str, token: &str) -> Value {
+        for _ in 0..600 {
+            let (st, _, body) = self.send(Method::GET, status_url, Some(token), None).await;
+            match st {
+                StatusCode::OK => return serde_json::from_str(&body).unwrap(),
+                StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {
+                    tokio::time::sleep(Duration::from_millis(150)).await
+                }
+                other => panic!("status {other}: {body}"),
+            }
+        }
+        panic!("the export did not complete");
+    }
+}
+
+fn assert_forbidden(st: StatusCode, body: &str, needle: &str) {
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body.contains("OperationOutcome") && body.contains(needle),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn export_is_limited_to_scopes_and_to_its_client() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    for (path, resource) in [
+        (
+            "/Patient/p1",
+            json!({"resourceType": "Patient", "id": "p1"}),
+        ),
+        (
+            "/Observation/o1",
+            json!({"resourceType": "Observation", "id": "o1", "status": "final",
+                "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}}),
+        ),
+        (
+            "/Encounter/e1",
+            json!({"resourceType": "Encounter", "id": "e1", "status": "finished",
+                "class": {"code": "AMB"}, "subject": {"reference": "Patient/p1"}}),
+        ),
+        (
+            "/Group/g1",
+            json!({"resourceType": "Group", "id": "g1", "type": "person", "actual": true,
+                "member": [{"entity": {"reference": "Patient/p1"}}]}),
+        ),
+    ] {
+        let (st, _, body) = s
+            .send(Method::PUT, path, Some(&admin), Some(resource))
+            .await;
+        assert!(st.is_success(), "{path}: {body}");
+    }
+
+    let exporter = s.token("exporter", "system/*.read").await;
+    let other = s.token("other", "system/*.read").await;
+    let observations = s.token("observations", "system/Observation.rs").await;
+
+    // Kick-off: without a token 401; every requested type needs read + search.
+    let (st, _, _) = s.send(Method::GET, "/$export", None, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, body) = s
+        .kickoff("/$export?_type=Patient,Encounter", &exporter)
+        .await;
+    assert_forbidden(st, &body, "Encounter");
+    // Patient-level export needs Patient; Group-level needs Group too.
+    let (st, body) = s
+        .kickoff("/Patient/$export?_type=Observation", &observations)
+        .await;
+    assert_forbidden(st, &body, "Patient");
+    let (st, body) = s.kickoff("/Group/g1/$export", &exporter).await;
+    assert_forbidden(st, &body, "Group");
+
+    // Without `_type`: exactly the types the scopes allow (Encounter and Group are withheld).
+    let (st, status_url) = s.kickoff("/$export", &exporter).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{status_url}");
+    // Another client cannot see, poll or cancel it.
+    let (st, _, _) = s.send(Method::GET, &status_url, Some(&other), None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let manifest = s.manifest(&status_url, &exporter).await;
+    assert_eq!(manifest["requiresAccessToken"], true);
+    let mut types: Vec<&str> = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["type"].as_str().unwrap())
+        .collect();
+    types.sort();
+    assert_eq!(types, vec!["Observation", "Patient"], "{manifest}");
+
+    // Downloads: the token is required, and only the exporting client gets the file.
+    let file_url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
+    let (st, _, _) = s.send(Method::GET, &file_url, None, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, _, _) = s.send(Method::GET, &file_url, Some(&other), None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, _, _) = s.send(Method::GET, &file_url, Some(&admin), None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "even a client with wider scopes");
+    let (st, _, ndjson) = s.send(Method::GET, &file_url, Some(&exporter), None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(!ndjson.trim().is_empty());
+
+    // Cancel: others get 404 and the job stays; the owner's cancel removes it.
+    let (st, _, _) = s
+        .send(Method::DELETE, &status_url, Some(&other), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, _, _) = s
+        .send(Method::GET, &status_url, Some(&exporter), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _, _) = s
+        .send(Method::DELETE, &status_url, Some(&exporter), None)
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let (st, _, _) = s
+        .send(Method::GET, &status_url, Some(&exporter), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+
+    // An explicit `_type` within the scopes is accepted, at Patient level too.
+    let (st, status_url) = s
+        .kickoff("/Patient/$export?_type=Observation", &exporter)
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{status_url}");
+    let manifest = s.manifest(&status_url, &exporter).await;
+    let types: Vec<&str> = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, vec!["Observation"], "{manifest}");
+    // The admin may export the Group.
+    let (st, _) = s.kickoff("/Group/g1/$export", &admin).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn expired_or_foreign_tokens_cannot_poll() {
+    let s = start().await;
+    let exporter = s.token("exporter", "system/Patient.rs").await;
+    let (st, status_url) = s.kickoff("/$export?_type=Patient", &exporter).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{status_url}");
+    let scopes = auth::Scopes::parse("system/Patient.rs").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // Issued by this server for the owner, but past its lifetime.
+    let expired = s
+        .auth
+        .smart_auth()
+        .unwrap()
+        .issuer()
+        .issue("exporter", &scopes, now - 1000)
+        .unwrap();
+    let (st, h, body) = s.send(Method::GET, &status_url, Some(&expired), None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("expired"), "{body}");
+    assert!(h.get("www-authenticate").is_some());
+    // Signed by another server process's key.
+    let foreign = auth::TokenIssuer::new(s.base.clone(), Duration::from_secs(300))
+        .issue("exporter", &scopes, now)
+        .unwrap();
+    let (st, _, _) = s.send(Method::GET, &status_url, Some(&foreign), None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    // The owner's live token still works.
+    let (st, _, _) = s
+        .send(Method::GET, &status_url, Some(&exporter), None)
+        .await;
+    assert!(st == StatusCode::OK || st == StatusCode::ACCEPTED, "{st}");
+}
