@@ -1,0 +1,116 @@
+//! `cargo bench -p store`: insert and scan throughput of the SQLite store on the 100-patient
+//! Synthea set (testdata/synthea-r4-100). A command, not a criterion bench: one insert of 38,970
+//! resources and one full scan are the units of interest, repeated a few times.
+//!
+//! Insert: all Bundle entries as `WriteOp::Update` (keep id) in transactions of 1,000, measured
+//! from `Vec<WriteOp>` to committed (stamping meta, serializing, inserting). Scan: every type,
+//! current resources in seq order through `scan_type_each`, touching each row's JSON bytes.
+
+use std::io::Read;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::Value;
+use store::{SeqBounds, SqliteOptions, SqliteStore, Store, WriteOp};
+
+const RUNS: usize = 3;
+const SCANS: usize = 5;
+
+fn main() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100");
+    let ops = read_ops(&dir);
+    println!("data: {} resources from {}", ops.len(), dir.display());
+    let mut insert_rates = Vec::new();
+    let mut scan_rates = Vec::new();
+    for run in 0..RUNS {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open_data_dir(tmp.path(), SqliteOptions::default()).expect("open");
+        let batch = ops.clone();
+        let started = Instant::now();
+        let mut n = 0usize;
+        let mut it = batch.into_iter().peekable();
+        while it.peek().is_some() {
+            let chunk: Vec<WriteOp> = it.by_ref().take(1000).collect();
+            n += store.write(chunk).expect("write").len();
+        }
+        let secs = started.elapsed().as_secs_f64();
+        insert_rates.push(n as f64 / secs);
+        println!(
+            "run {run}: insert {n} in {secs:.3} s = {:.0} resources/s",
+            n as f64 / secs
+        );
+
+        let as_of = store.current_seq().expect("seq");
+        let types = store.types_present(as_of).expect("types");
+        for scan in 0..SCANS {
+            let started = Instant::now();
+            let mut rows = 0u64;
+            let mut bytes = 0usize;
+            for ty in &types {
+                rows += store
+                    .scan_type_each(ty, as_of, SeqBounds::ALL, &mut |row| {
+                        bytes += row.json.len();
+                        ControlFlow::Continue(())
+                    })
+                    .expect("scan");
+            }
+            let secs = started.elapsed().as_secs_f64();
+            scan_rates.push(rows as f64 / secs);
+            println!(
+                "run {run} scan {scan}: {rows} rows, {:.1} MB in {secs:.4} s = {:.0} resources/s",
+                bytes as f64 / 1e6,
+                rows as f64 / secs
+            );
+        }
+    }
+    let (m, sd) = mean_sd(&insert_rates);
+    println!("insert: {m:.0} ± {sd:.0} resources/s ({RUNS} runs)");
+    let (m, sd) = mean_sd(&scan_rates);
+    println!(
+        "scan:   {m:.0} ± {sd:.0} resources/s ({} scans)",
+        scan_rates.len()
+    );
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64;
+    (m, var.sqrt())
+}
+
+/// Every Bundle entry resource of the data set as a create-or-update op (ids kept).
+fn read_ops(dir: &PathBuf) -> Vec<WriteOp> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("testdata/synthea-r4-100")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.to_string_lossy().ends_with(".json.gz"))
+        .collect();
+    files.sort();
+    let mut ops = Vec::new();
+    for f in files {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&f).expect("open"))
+            .read_to_string(&mut text)
+            .expect("gunzip");
+        let v: Value = serde_json::from_str(&text).expect("json");
+        let resources: Vec<Value> = match v.get("entry").and_then(Value::as_array) {
+            Some(entries) => entries
+                .iter()
+                .filter_map(|e| e.get("resource").cloned())
+                .collect(),
+            None => vec![v],
+        };
+        for r in resources {
+            let ty = r["resourceType"].as_str().expect("type").to_string();
+            let id = r["id"].as_str().expect("id").to_string();
+            ops.push(WriteOp::Update {
+                resource_type: ty,
+                id,
+                resource: r,
+                if_match: None,
+            });
+        }
+    }
+    ops
+}
