@@ -1,19 +1,31 @@
-//! The durable job table.
+//! The durable job queue: export jobs, their work items and their committed files.
 //!
 //! ```text
 //!   kick-off ──> queued ──> running ──> complete
 //!                  │           │  └───> failed
 //!                  └───────────┴──────> cancelled (files removed)
-//!   server restart: running ──> queued (run again from the pinned snapshot)
+//!
+//!   work item:  pending ──claim──> running ──> done
+//!                  ^                  │  └──> failed (attempts exhausted, or not retryable)
+//!                  └── heartbeat older than the timeout: taken over by another worker,
+//!                      which resumes from the item's committed cursor
 //! ```
 //!
-//! Jobs live in `exports.db` beside the store's database (SQLite, WAL). Progress is committed
-//! per finished file, never per resource.
+//! An export is planned at kick-off into work items: one per (resource type, sequence range), an
+//! optional Provenance item, and one `finalize` item that becomes claimable only when every other
+//! item of its job is done (it writes `deleted` and warnings and the manifest). Workers claim
+//! items, heartbeat them, and commit progress **per finished file part** (the file's number is
+//! allocated at commit, so files of a type are numbered 1, 2, … without gaps whatever the order in
+//! which items finish). A file row records its temporary name until the rename to its final name
+//! is done; a worker that takes an item over first finishes such renames.
+//!
+//! [`JobQueue`] is the interface (a PostgreSQL implementation with `FOR UPDATE SKIP LOCKED`
+//! follows the same contract); [`SqliteJobQueue`] keeps it in `exports.db` beside the store.
 
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
@@ -25,7 +37,7 @@ pub enum JobState {
 }
 
 impl JobState {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             JobState::Queued => "queued",
             JobState::Running => "running",
@@ -44,6 +56,10 @@ impl JobState {
             _ => JobState::Queued,
         }
     }
+
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Queued | JobState::Running)
+    }
 }
 
 /// One export job.
@@ -51,7 +67,7 @@ impl JobState {
 pub struct JobRecord {
     pub id: String,
     pub state: JobState,
-    /// The request as JSON (level, parameters) so a restarted server can run it again.
+    /// The request as JSON (level, parameters) so any worker, in any process, can run it.
     pub request: String,
     /// The pinned snapshot.
     pub watermark: i64,
@@ -59,21 +75,222 @@ pub struct JobRecord {
     /// The client that started the job (`None` without authorization).
     pub client_id: Option<String>,
     pub container: String,
-    /// Manifest JSON when complete; OperationOutcome diagnostics when failed.
+    /// The export's folder inside the container.
+    pub folder: String,
+    /// De-identification of the export (JSON: source, name, etag/digest, fingerprint and the
+    /// configuration text itself, so a resumed job uses exactly the kick-off's rules).
+    pub anonymization: Option<String>,
+    /// Manifest JSON when complete; diagnostics when failed.
     pub result: Option<String>,
-    /// Human progress text, committed per file.
-    pub progress: String,
+    /// HTTP status of a failure (4xx for a bad request found late, 5xx otherwise).
+    pub failure_status: Option<u16>,
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
 }
 
-/// The job table.
-pub struct JobStore {
-    conn: Mutex<Connection>,
+/// What a work item does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemKind {
+    /// Scan one resource type over a sequence range.
+    Scan,
+    /// Provenance of exported resources (`includeAssociatedData`).
+    Associated,
+    /// Deleted entries, warnings, the manifest: runs after every other item is done.
+    Finalize,
+}
+
+impl ItemKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ItemKind::Scan => "scan",
+            ItemKind::Associated => "associated",
+            ItemKind::Finalize => "finalize",
+        }
+    }
+
+    fn parse(s: &str) -> ItemKind {
+        match s {
+            "associated" => ItemKind::Associated,
+            "finalize" => ItemKind::Finalize,
+            _ => ItemKind::Scan,
+        }
+    }
+}
+
+/// A planned work item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemPlan {
+    pub kind: ItemKind,
+    pub resource_type: String,
+    /// Sequence range `(seq_after, seq_up_to]`.
+    pub seq_after: i64,
+    pub seq_up_to: i64,
+    /// Resources expected in the range (for progress).
+    pub expected: u64,
+}
+
+/// A claimed work item.
+#[derive(Debug, Clone)]
+pub struct WorkItem {
+    pub job_id: String,
+    pub item_no: i64,
+    pub kind: ItemKind,
+    pub resource_type: String,
+    pub seq_after: i64,
+    pub seq_up_to: i64,
+    /// Last sequence number covered by committed files (resume point).
+    pub cursor: i64,
+    pub expected: u64,
+    /// Resources scanned so far, as of the last heartbeat or commit.
+    pub scanned: u64,
+    /// This claim's attempt number (1 = first); part names include it so that two workers
+    /// never write the same temporary object.
+    pub attempt: i64,
+    pub owner: String,
+}
+
+/// What a heartbeat learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    Held,
+    /// Another worker took the item over, or it is no longer running.
+    Lost,
+    /// The job was cancelled or failed: stop.
+    JobStopped,
+}
+
+/// A file part to commit.
+#[derive(Debug, Clone)]
+pub struct NewFile {
+    /// `output`, `deleted` or `error`.
+    pub kind: FileKind,
+    /// Type in the manifest (`Patient`, `Bundle`, `OperationOutcome`).
+    pub resource_type: String,
+    /// Name prefix: the file is `<prefix>-<n>.ndjson`.
+    pub prefix: String,
+    pub count: u64,
+    pub bytes: u64,
+    /// Temporary path inside the container.
+    pub temp_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Output,
+    Deleted,
+    Error,
+}
+
+impl FileKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            FileKind::Output => "output",
+            FileKind::Deleted => "deleted",
+            FileKind::Error => "error",
+        }
+    }
+
+    fn parse(s: &str) -> FileKind {
+        match s {
+            "deleted" => FileKind::Deleted,
+            "error" => FileKind::Error,
+            _ => FileKind::Output,
+        }
+    }
+}
+
+/// A committed file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    pub kind: FileKind,
+    pub resource_type: String,
+    pub number: i64,
+    /// Final name in the export folder, e.g. `Patient-2.ndjson`.
+    pub name: String,
+    pub count: u64,
+    pub bytes: u64,
+    pub item_no: i64,
+    /// Set while the temporary object still has to be renamed to `name`.
+    pub pending_rename: Option<String>,
+}
+
+/// Progress of one type, summed over its items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeProgress {
+    pub resource_type: String,
+    pub scanned: u64,
+    pub expected: u64,
+    pub done: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("job table: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+/// The job queue contract shared by every backend.
+pub trait JobQueue: Send + Sync {
+    /// Inserts a job and its work items atomically.
+    fn create(&self, job: &JobRecord, items: &[ItemPlan]) -> Result<(), QueueError>;
+    fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError>;
+    /// Jobs queued or running.
+    fn active_count(&self) -> Result<u64, QueueError>;
+    /// Claims the next runnable item: a pending one, or a running one whose heartbeat is older
+    /// than `timeout_ms` (taken over) — at most `max_attempts` claims per item.
+    fn claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        timeout_ms: i64,
+        max_attempts: i64,
+    ) -> Result<Option<WorkItem>, QueueError>;
+    /// Refreshes the lease and records the scanned count.
+    fn heartbeat(&self, item: &WorkItem, scanned: u64, now_ms: i64) -> Result<Lease, QueueError>;
+    /// Commits finished file parts and the item's new cursor atomically; allocates the files'
+    /// numbers. `None` when the lease is lost or the job stopped (the caller discards the parts).
+    fn commit_files(
+        &self,
+        item: &WorkItem,
+        files: &[NewFile],
+        cursor: i64,
+        scanned: u64,
+        now_ms: i64,
+    ) -> Result<Option<Vec<FileRecord>>, QueueError>;
+    /// Records that a committed file's temporary object was renamed to its final name.
+    fn renamed(&self, job_id: &str, name: &str) -> Result<(), QueueError>;
+    /// Marks the item done (only by its lease holder).
+    fn complete_item(&self, item: &WorkItem, scanned: u64, now_ms: i64)
+    -> Result<bool, QueueError>;
+    /// Gives the item back for another attempt (`retry`), or fails the whole job.
+    fn fail_item(
+        &self,
+        item: &WorkItem,
+        message: &str,
+        status: u16,
+        retry: bool,
+        now_ms: i64,
+    ) -> Result<(), QueueError>;
+    /// Ends a job (a cancelled job is never overwritten).
+    fn finish(
+        &self,
+        id: &str,
+        state: JobState,
+        result: Option<&str>,
+        failure_status: Option<u16>,
+        now_ms: i64,
+    ) -> Result<(), QueueError>;
+    fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError>;
+    fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError>;
+    fn progress(&self, job_id: &str) -> Result<Vec<TypeProgress>, QueueError>;
+    /// Single-node start-up: every running item belongs to a process that is gone (the data
+    /// directory lock guarantees no other process shares this queue), so it is made claimable
+    /// at once instead of after the heartbeat timeout. Returns how many.
+    fn release_orphans(&self) -> Result<u64, QueueError>;
 }
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS export_jobs (
+CREATE TABLE IF NOT EXISTS export_job (
     id TEXT PRIMARY KEY,
     state TEXT NOT NULL,
     request TEXT NOT NULL,
@@ -81,16 +298,50 @@ CREATE TABLE IF NOT EXISTS export_jobs (
     transaction_time TEXT NOT NULL,
     client_id TEXT,
     container TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    anonymization TEXT,
     result TEXT,
-    progress TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
+    failure_status INTEGER,
     created_ms INTEGER NOT NULL,
     finished_ms INTEGER
 );
-CREATE INDEX IF NOT EXISTS export_jobs_state ON export_jobs(state);
+CREATE INDEX IF NOT EXISTS export_job_state ON export_job(state);
+CREATE TABLE IF NOT EXISTS export_item (
+    job_id TEXT NOT NULL,
+    item_no INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    seq_after INTEGER NOT NULL,
+    seq_up_to INTEGER NOT NULL,
+    expected INTEGER NOT NULL,
+    cursor INTEGER NOT NULL,
+    scanned INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    owner TEXT,
+    heartbeat_ms INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    PRIMARY KEY (job_id, item_no)
+);
+CREATE INDEX IF NOT EXISTS export_item_state ON export_item(state);
+CREATE TABLE IF NOT EXISTS export_file (
+    job_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    resource_type TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    item_no INTEGER NOT NULL,
+    pending_rename TEXT,
+    PRIMARY KEY (job_id, name)
+);
 ";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+const JOB_COLUMNS: &str = "id, state, request, watermark, transaction_time, client_id, container, folder, anonymization, result, failure_status, created_ms, finished_ms";
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
     Ok(JobRecord {
         id: r.get(0)?,
         state: JobState::parse(&r.get::<_, String>(1)?),
@@ -99,23 +350,44 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         transaction_time: r.get(4)?,
         client_id: r.get(5)?,
         container: r.get(6)?,
-        result: r.get(7)?,
-        progress: r.get(8)?,
-        created_ms: r.get(9)?,
-        finished_ms: r.get(10)?,
+        folder: r.get(7)?,
+        anonymization: r.get(8)?,
+        result: r.get(9)?,
+        failure_status: r.get::<_, Option<i64>>(10)?.map(|s| s as u16),
+        created_ms: r.get(11)?,
+        finished_ms: r.get(12)?,
     })
 }
 
-const COLUMNS: &str = "id, state, request, watermark, transaction_time, client_id, container, result, progress, created_ms, finished_ms";
+const FILE_COLUMNS: &str =
+    "kind, resource_type, number, name, count, bytes, item_no, pending_rename";
 
-impl JobStore {
-    pub fn open(path: &Path) -> rusqlite::Result<JobStore> {
+fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
+    Ok(FileRecord {
+        kind: FileKind::parse(&r.get::<_, String>(0)?),
+        resource_type: r.get(1)?,
+        number: r.get(2)?,
+        name: r.get(3)?,
+        count: r.get::<_, i64>(4)? as u64,
+        bytes: r.get::<_, i64>(5)? as u64,
+        item_no: r.get(6)?,
+        pending_rename: r.get(7)?,
+    })
+}
+
+/// [`JobQueue`] in a SQLite file (WAL).
+pub struct SqliteJobQueue {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteJobQueue {
+    pub fn open(path: &Path) -> Result<SqliteJobQueue, QueueError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(JobStore {
+        Ok(SqliteJobQueue {
             conn: Mutex::new(conn),
         })
     }
@@ -123,81 +395,345 @@ impl JobStore {
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    pub fn insert(&self, j: &JobRecord) -> rusqlite::Result<()> {
-        self.conn().execute(
-            &format!("INSERT INTO export_jobs ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
-            params![j.id, j.state.as_str(), j.request, j.watermark, j.transaction_time, j.client_id, j.container, j.result, j.progress, j.created_ms, j.finished_ms],
+/// Whether `item` still holds its lease and its job is running; inside a transaction.
+fn lease_state(c: &Connection, item: &WorkItem) -> rusqlite::Result<Lease> {
+    let row: Option<(String, Option<String>, i64, String)> = c
+        .query_row(
+            "SELECT i.state, i.owner, i.attempts, j.state FROM export_item i JOIN export_job j ON j.id = i.job_id
+             WHERE i.job_id = ?1 AND i.item_no = ?2",
+            params![item.job_id, item.item_no],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    Ok(match row {
+        None => Lease::JobStopped,
+        Some((_, _, _, job_state)) if !JobState::parse(&job_state).is_active() => Lease::JobStopped,
+        Some((state, owner, attempts, _))
+            if state == "running"
+                && owner.as_deref() == Some(item.owner.as_str())
+                && attempts == item.attempt =>
+        {
+            Lease::Held
+        }
+        Some(_) => Lease::Lost,
+    })
+}
+
+impl JobQueue for SqliteJobQueue {
+    fn create(&self, j: &JobRecord, items: &[ItemPlan]) -> Result<(), QueueError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            &format!("INSERT INTO export_job ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+            params![j.id, j.state.as_str(), j.request, j.watermark, j.transaction_time, j.client_id, j.container, j.folder, j.anonymization, j.result, j.failure_status.map(i64::from), j.created_ms, j.finished_ms],
         )?;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO export_item (job_id, item_no, kind, resource_type, seq_after, seq_up_to, expected, cursor, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?5, 'pending')",
+            )?;
+            for (n, it) in items.iter().enumerate() {
+                stmt.execute(params![
+                    j.id,
+                    n as i64 + 1,
+                    it.kind.as_str(),
+                    it.resource_type,
+                    it.seq_after,
+                    it.seq_up_to,
+                    it.expected as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
-    pub fn get(&self, id: &str) -> rusqlite::Result<Option<JobRecord>> {
-        self.conn()
+    fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
+        Ok(self
+            .conn()
             .query_row(
-                &format!("SELECT {COLUMNS} FROM export_jobs WHERE id = ?1"),
+                &format!("SELECT {JOB_COLUMNS} FROM export_job WHERE id = ?1"),
                 [id],
-                row,
+                job_row,
             )
-            .optional()
+            .optional()?)
     }
 
-    /// Jobs that must (still) run: queued ones, and running ones a previous process left behind.
-    pub fn unfinished(&self) -> rusqlite::Result<Vec<JobRecord>> {
-        let c = self.conn();
-        let mut stmt = c.prepare(&format!("SELECT {COLUMNS} FROM export_jobs WHERE state IN ('queued', 'running') ORDER BY created_ms"))?;
-        let rows = stmt.query_map([], row)?;
-        rows.collect()
+    fn active_count(&self) -> Result<u64, QueueError> {
+        Ok(self.conn().query_row(
+            "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running')",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
     }
 
-    pub fn active_count(&self) -> rusqlite::Result<u64> {
-        self.conn()
+    fn claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        timeout_ms: i64,
+        max_attempts: i64,
+    ) -> Result<Option<WorkItem>, QueueError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Items whose attempts ran out while stale fail their job.
+        let exhausted: Vec<(String, i64)> = {
+            let mut stmt = tx.prepare(
+                "SELECT i.job_id, i.item_no FROM export_item i JOIN export_job j ON j.id = i.job_id
+                 WHERE j.state IN ('queued', 'running') AND i.state = 'running'
+                   AND i.heartbeat_ms < ?1 AND i.attempts >= ?2",
+            )?;
+            stmt.query_map(params![now_ms - timeout_ms, max_attempts], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?
+        };
+        for (job, item_no) in exhausted {
+            tx.execute(
+                "UPDATE export_item SET state = 'failed', error = 'no heartbeat; attempts exhausted' WHERE job_id = ?1 AND item_no = ?2",
+                params![job, item_no],
+            )?;
+            tx.execute(
+                "UPDATE export_job SET state = 'failed', failure_status = 500, finished_ms = ?2,
+                   result = 'a work item stopped responding too many times (attempts exhausted)'
+                 WHERE id = ?1 AND state IN ('queued', 'running')",
+                params![job, now_ms],
+            )?;
+        }
+        let found: Option<(String, i64)> = tx
             .query_row(
-                "SELECT count(*) FROM export_jobs WHERE state IN ('queued', 'running')",
-                [],
-                |r| r.get::<_, i64>(0),
+                "SELECT i.job_id, i.item_no FROM export_item i JOIN export_job j ON j.id = i.job_id
+                 WHERE j.state IN ('queued', 'running')
+                   AND (i.state = 'pending' OR (i.state = 'running' AND i.heartbeat_ms < ?1))
+                   AND i.attempts < ?2
+                   AND (i.kind != 'finalize' OR NOT EXISTS (
+                        SELECT 1 FROM export_item o WHERE o.job_id = i.job_id AND o.kind != 'finalize' AND o.state != 'done'))
+                 ORDER BY j.created_ms, i.item_no LIMIT 1",
+                params![now_ms - timeout_ms, max_attempts],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .map(|n| n as u64)
-    }
-
-    /// Claims a queued job: only one runner moves it to running.
-    pub fn start(&self, id: &str) -> rusqlite::Result<bool> {
-        let n = self.conn().execute(
-            "UPDATE export_jobs SET state = 'running', attempts = attempts + 1 WHERE id = ?1 AND state IN ('queued', 'running')",
-            [id],
+            .optional()?;
+        let Some((job_id, item_no)) = found else {
+            tx.commit()?;
+            return Ok(None);
+        };
+        tx.execute(
+            "UPDATE export_item SET state = 'running', owner = ?3, heartbeat_ms = ?4, attempts = attempts + 1
+             WHERE job_id = ?1 AND item_no = ?2",
+            params![job_id, item_no, owner, now_ms],
         )?;
-        Ok(n == 1)
+        tx.execute(
+            "UPDATE export_job SET state = 'running' WHERE id = ?1 AND state = 'queued'",
+            [&job_id],
+        )?;
+        let item = tx.query_row(
+            "SELECT kind, resource_type, seq_after, seq_up_to, cursor, expected, scanned, attempts
+             FROM export_item WHERE job_id = ?1 AND item_no = ?2",
+            params![job_id, item_no],
+            |r| {
+                Ok(WorkItem {
+                    job_id: job_id.clone(),
+                    item_no,
+                    kind: ItemKind::parse(&r.get::<_, String>(0)?),
+                    resource_type: r.get(1)?,
+                    seq_after: r.get(2)?,
+                    seq_up_to: r.get(3)?,
+                    cursor: r.get(4)?,
+                    expected: r.get::<_, i64>(5)? as u64,
+                    scanned: r.get::<_, i64>(6)? as u64,
+                    attempt: r.get(7)?,
+                    owner: owner.to_string(),
+                })
+            },
+        )?;
+        tx.commit()?;
+        Ok(Some(item))
     }
 
-    pub fn progress(&self, id: &str, text: &str) -> rusqlite::Result<()> {
+    fn heartbeat(&self, item: &WorkItem, scanned: u64, now_ms: i64) -> Result<Lease, QueueError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let lease = lease_state(&tx, item)?;
+        if lease == Lease::Held {
+            tx.execute(
+                "UPDATE export_item SET heartbeat_ms = ?3, scanned = ?4 WHERE job_id = ?1 AND item_no = ?2",
+                params![item.job_id, item.item_no, now_ms, scanned as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(lease)
+    }
+
+    fn commit_files(
+        &self,
+        item: &WorkItem,
+        files: &[NewFile],
+        cursor: i64,
+        scanned: u64,
+        now_ms: i64,
+    ) -> Result<Option<Vec<FileRecord>>, QueueError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if lease_state(&tx, item)? != Lease::Held {
+            return Ok(None);
+        }
+        let mut records = Vec::with_capacity(files.len());
+        for file in files {
+            let number: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(number), 0) + 1 FROM export_file WHERE job_id = ?1 AND prefix = ?2",
+                params![item.job_id, file.prefix],
+                |r| r.get(0),
+            )?;
+            let name = format!("{}-{number}.ndjson", file.prefix);
+            tx.execute(
+                "INSERT INTO export_file (job_id, name, kind, resource_type, prefix, number, count, bytes, item_no, pending_rename)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![item.job_id, name, file.kind.as_str(), file.resource_type, file.prefix, number, file.count as i64, file.bytes as i64, item.item_no, file.temp_path],
+            )?;
+            records.push(FileRecord {
+                kind: file.kind,
+                resource_type: file.resource_type.clone(),
+                number,
+                name,
+                count: file.count,
+                bytes: file.bytes,
+                item_no: item.item_no,
+                pending_rename: Some(file.temp_path.clone()),
+            });
+        }
+        tx.execute(
+            "UPDATE export_item SET cursor = ?3, scanned = ?4, heartbeat_ms = ?5 WHERE job_id = ?1 AND item_no = ?2",
+            params![item.job_id, item.item_no, cursor, scanned as i64, now_ms],
+        )?;
+        tx.commit()?;
+        Ok(Some(records))
+    }
+
+    fn renamed(&self, job_id: &str, name: &str) -> Result<(), QueueError> {
         self.conn().execute(
-            "UPDATE export_jobs SET progress = ?2 WHERE id = ?1",
-            params![id, text],
+            "UPDATE export_file SET pending_rename = NULL WHERE job_id = ?1 AND name = ?2",
+            params![job_id, name],
         )?;
         Ok(())
     }
 
-    /// Final state; a cancelled job is never overwritten by a runner finishing late.
-    pub fn finish(
+    fn complete_item(
+        &self,
+        item: &WorkItem,
+        scanned: u64,
+        now_ms: i64,
+    ) -> Result<bool, QueueError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if lease_state(&tx, item)? != Lease::Held {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE export_item SET state = 'done', scanned = ?3, heartbeat_ms = ?4 WHERE job_id = ?1 AND item_no = ?2",
+            params![item.job_id, item.item_no, scanned as i64, now_ms],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn fail_item(
+        &self,
+        item: &WorkItem,
+        message: &str,
+        status: u16,
+        retry: bool,
+        now_ms: i64,
+    ) -> Result<(), QueueError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if lease_state(&tx, item)? == Lease::Held {
+            if retry {
+                // Claimable again at once; `attempts` bounds the retries.
+                tx.execute(
+                    "UPDATE export_item SET state = 'pending', owner = NULL, error = ?3 WHERE job_id = ?1 AND item_no = ?2",
+                    params![item.job_id, item.item_no, message],
+                )?;
+            } else {
+                tx.execute(
+                    "UPDATE export_item SET state = 'failed', error = ?3 WHERE job_id = ?1 AND item_no = ?2",
+                    params![item.job_id, item.item_no, message],
+                )?;
+                tx.execute(
+                    "UPDATE export_job SET state = 'failed', result = ?2, failure_status = ?3, finished_ms = ?4
+                     WHERE id = ?1 AND state IN ('queued', 'running')",
+                    params![item.job_id, message, i64::from(status), now_ms],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn finish(
         &self,
         id: &str,
         state: JobState,
         result: Option<&str>,
+        failure_status: Option<u16>,
         now_ms: i64,
-    ) -> rusqlite::Result<()> {
+    ) -> Result<(), QueueError> {
         self.conn().execute(
-            "UPDATE export_jobs SET state = ?2, result = ?3, finished_ms = ?4 WHERE id = ?1 AND state != 'cancelled'",
-            params![id, state.as_str(), result, now_ms],
+            "UPDATE export_job SET state = ?2, result = ?3, failure_status = ?4, finished_ms = ?5
+             WHERE id = ?1 AND state IN ('queued', 'running')",
+            params![
+                id,
+                state.as_str(),
+                result,
+                failure_status.map(i64::from),
+                now_ms
+            ],
         )?;
         Ok(())
     }
 
-    pub fn cancel(&self, id: &str, now_ms: i64) -> rusqlite::Result<()> {
+    fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError> {
         self.conn().execute(
-            "UPDATE export_jobs SET state = 'cancelled', finished_ms = ?2 WHERE id = ?1",
+            "UPDATE export_job SET state = 'cancelled', finished_ms = ?2 WHERE id = ?1",
             params![id, now_ms],
         )?;
         Ok(())
+    }
+
+    fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError> {
+        let c = self.conn();
+        let mut stmt = c.prepare(&format!(
+            "SELECT {FILE_COLUMNS} FROM export_file WHERE job_id = ?1 ORDER BY kind, prefix, number"
+        ))?;
+        let rows = stmt.query_map([job_id], file_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn progress(&self, job_id: &str) -> Result<Vec<TypeProgress>, QueueError> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "SELECT resource_type, SUM(scanned), SUM(expected), MIN(state = 'done')
+             FROM export_item WHERE job_id = ?1 AND kind = 'scan'
+             GROUP BY resource_type ORDER BY MIN(item_no)",
+        )?;
+        let rows = stmt.query_map([job_id], |r| {
+            Ok(TypeProgress {
+                resource_type: r.get(0)?,
+                scanned: r.get::<_, i64>(1)? as u64,
+                expected: r.get::<_, i64>(2)? as u64,
+                done: r.get::<_, i64>(3)? == 1,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn release_orphans(&self) -> Result<u64, QueueError> {
+        let n = self.conn().execute(
+            "UPDATE export_item SET state = 'pending', owner = NULL WHERE state = 'running'",
+            [],
+        )?;
+        Ok(n as u64)
     }
 }
 
@@ -214,55 +750,198 @@ mod tests {
             transaction_time: "2026-01-01T00:00:00Z".to_string(),
             client_id: Some("client-a".to_string()),
             container: "fhirhose".to_string(),
+            folder: id.to_string(),
+            anonymization: None,
             result: None,
-            progress: String::new(),
+            failure_status: None,
             created_ms,
             finished_ms: None,
         }
     }
 
-    #[test]
-    fn state_machine_and_restart_survival() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("exports.db");
-        {
-            let jobs = JobStore::open(&path).expect("open");
-            jobs.insert(&job("a", 1)).expect("insert a");
-            jobs.insert(&job("b", 2)).expect("insert b");
-            assert_eq!(jobs.active_count().expect("count"), 2);
-            assert!(jobs.start("a").expect("start"));
-            jobs.progress("a", "Patient 1 of 2").expect("progress");
+    fn scan(t: &str, after: i64, up_to: i64) -> ItemPlan {
+        ItemPlan {
+            kind: ItemKind::Scan,
+            resource_type: t.into(),
+            seq_after: after,
+            seq_up_to: up_to,
+            expected: (up_to - after) as u64,
         }
-        // A new process sees the running job as unfinished and may claim it again.
-        let jobs = JobStore::open(&path).expect("reopen");
-        let open: Vec<String> = jobs
-            .unfinished()
-            .expect("unfinished")
-            .into_iter()
-            .map(|j| j.id)
-            .collect();
-        assert_eq!(open, ["a", "b"]);
-        let a = jobs.get("a").expect("get").expect("present");
-        assert_eq!(a.state, JobState::Running);
-        assert_eq!(a.progress, "Patient 1 of 2");
-        assert_eq!(a.client_id.as_deref(), Some("client-a"));
-        assert!(jobs.start("a").expect("restart"));
+    }
 
-        jobs.finish("a", JobState::Complete, Some("{\"output\":[]}"), 10)
+    fn finalize() -> ItemPlan {
+        ItemPlan {
+            kind: ItemKind::Finalize,
+            resource_type: String::new(),
+            seq_after: 0,
+            seq_up_to: 0,
+            expected: 0,
+        }
+    }
+
+    fn part(prefix: &str, temp: &str, count: u64) -> NewFile {
+        NewFile {
+            kind: FileKind::Output,
+            resource_type: prefix.into(),
+            prefix: prefix.into(),
+            count,
+            bytes: count * 10,
+            temp_path: temp.into(),
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> SqliteJobQueue {
+        SqliteJobQueue::open(&dir.path().join("exports.db")).expect("open")
+    }
+
+    #[test]
+    fn items_are_claimed_once_and_finalize_waits_for_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = open(&dir);
+        q.create(
+            &job("a", 1),
+            &[scan("Patient", 0, 10), scan("Patient", 10, 20), finalize()],
+        )
+        .expect("create");
+        assert_eq!(q.active_count().expect("count"), 1);
+        let one = q.claim("w1", 100, 1000, 3).expect("claim").expect("item 1");
+        let two = q.claim("w2", 100, 1000, 3).expect("claim").expect("item 2");
+        assert_eq!((one.item_no, two.item_no), (1, 2));
+        // The finalize item waits until both scans are done.
+        assert!(q.claim("w3", 100, 1000, 3).expect("claim").is_none());
+        assert_eq!(
+            q.get("a").expect("get").expect("job").state,
+            JobState::Running
+        );
+
+        // Files of one prefix are numbered in commit order, whichever item commits.
+        let f = q
+            .commit_files(&two, &[part("Patient", "_parts/2-1-1", 5)], 15, 5, 101)
+            .expect("commit")
+            .expect("held");
+        assert_eq!(f[0].name, "Patient-1.ndjson");
+        let f = q
+            .commit_files(&one, &[part("Patient", "_parts/1-1-1", 3)], 4, 3, 101)
+            .expect("commit")
+            .expect("held");
+        assert_eq!(f[0].name, "Patient-2.ndjson");
+        q.renamed("a", "Patient-1.ndjson").expect("renamed");
+        let files = q.files("a").expect("files");
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0].pending_rename, None);
+        assert_eq!(files[1].pending_rename.as_deref(), Some("_parts/1-1-1"));
+
+        assert!(q.complete_item(&one, 10, 102).expect("complete"));
+        assert!(q.claim("w3", 103, 1000, 3).expect("claim").is_none());
+        assert!(q.complete_item(&two, 10, 103).expect("complete"));
+        let fin = q
+            .claim("w3", 104, 1000, 3)
+            .expect("claim")
+            .expect("finalize");
+        assert_eq!(fin.kind, ItemKind::Finalize);
+        let progress = q.progress("a").expect("progress");
+        assert_eq!(progress.len(), 1);
+        assert_eq!((progress[0].scanned, progress[0].done), (20, true));
+        q.finish("a", JobState::Complete, Some("{}"), None, 105)
             .expect("finish");
-        let a = jobs.get("a").expect("get").expect("present");
-        assert_eq!(a.state, JobState::Complete);
-        assert_eq!(a.finished_ms, Some(10));
-        // A finished job cannot be claimed again.
-        assert!(!jobs.start("a").expect("start finished"));
+        assert_eq!(q.active_count().expect("count"), 0);
+    }
 
-        // Cancel wins over a runner that finishes late.
-        jobs.cancel("b", 11).expect("cancel");
-        jobs.finish("b", JobState::Complete, Some("{}"), 12)
-            .expect("late finish");
-        let b = jobs.get("b").expect("get").expect("present");
-        assert_eq!(b.state, JobState::Cancelled);
-        assert_eq!(jobs.active_count().expect("count"), 0);
-        assert!(jobs.get("missing").expect("get").is_none());
+    #[test]
+    fn a_stale_item_is_taken_over_from_its_cursor_and_the_old_owner_loses_its_lease() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = open(&dir);
+        q.create(&job("a", 1), &[scan("Observation", 0, 100)])
+            .expect("create");
+        let old = q
+            .claim("node-1", 1_000, 600_000, 3)
+            .expect("claim")
+            .expect("item");
+        q.commit_files(
+            &old,
+            &[part("Observation", "_parts/1-1-1", 40)],
+            40,
+            40,
+            2_000,
+        )
+        .expect("commit")
+        .expect("held");
+        // Within the timeout nobody else may take it.
+        assert!(
+            q.claim("node-2", 500_000, 600_000, 3)
+                .expect("claim")
+                .is_none()
+        );
+        // After the timeout without heartbeat, node-2 takes it over and resumes at the cursor.
+        let new = q
+            .claim("node-2", 700_000, 600_000, 3)
+            .expect("claim")
+            .expect("taken over");
+        assert_eq!((new.cursor, new.attempt, new.scanned), (40, 2, 40));
+        // The old owner learns it at its next heartbeat or commit, and cannot commit.
+        assert_eq!(q.heartbeat(&old, 50, 700_001).expect("hb"), Lease::Lost);
+        assert!(
+            q.commit_files(
+                &old,
+                &[part("Observation", "_parts/1-1-2", 10)],
+                50,
+                50,
+                700_002
+            )
+            .expect("commit")
+            .is_none()
+        );
+        assert!(!q.complete_item(&old, 100, 700_003).expect("complete"));
+        assert_eq!(q.heartbeat(&new, 60, 700_004).expect("hb"), Lease::Held);
+        assert!(q.complete_item(&new, 100, 700_005).expect("complete"));
+    }
+
+    #[test]
+    fn attempts_are_bounded_and_cancel_stops_workers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = open(&dir);
+        q.create(&job("a", 1), &[scan("Patient", 0, 10)])
+            .expect("create");
+        let i = q.claim("w", 0, 10, 2).expect("claim").expect("1");
+        q.fail_item(&i, "destination unreachable", 503, true, 1)
+            .expect("retry");
+        let i = q.claim("w", 2, 10, 2).expect("claim").expect("2");
+        assert_eq!(i.attempt, 2);
+        // Stale again with attempts exhausted: the job fails instead of looping forever.
+        assert!(q.claim("w", 100, 10, 2).expect("claim").is_none());
+        let a = q.get("a").expect("get").expect("job");
+        assert_eq!((a.state, a.failure_status), (JobState::Failed, Some(500)));
+
+        q.create(&job("b", 2), &[scan("Patient", 0, 10)])
+            .expect("create");
+        let i = q.claim("w", 200, 10, 3).expect("claim").expect("b");
+        q.cancel("b", 201).expect("cancel");
+        assert_eq!(q.heartbeat(&i, 1, 202).expect("hb"), Lease::JobStopped);
+        // A runner finishing late never overwrites the cancel.
+        q.finish("b", JobState::Complete, Some("{}"), None, 203)
+            .expect("finish");
+        assert_eq!(
+            q.get("b").expect("get").expect("job").state,
+            JobState::Cancelled
+        );
+    }
+
+    #[test]
+    fn orphans_of_a_dead_process_are_released_on_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let q = open(&dir);
+            q.create(&job("a", 1), &[scan("Patient", 0, 10)])
+                .expect("create");
+            q.claim("dead", 0, 600_000, 3)
+                .expect("claim")
+                .expect("item");
+        }
+        let q = open(&dir);
+        assert!(q.claim("new", 1, 600_000, 3).expect("claim").is_none());
+        assert_eq!(q.release_orphans().expect("release"), 1);
+        let i = q.claim("new", 2, 600_000, 3).expect("claim").expect("item");
+        assert_eq!(i.attempt, 2);
+        assert!(q.get("missing").expect("get").is_none());
     }
 }

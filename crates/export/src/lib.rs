@@ -11,11 +11,16 @@
 //! a job that was interrupted is run again from its pinned snapshot into a cleared folder, so a
 //! restart never duplicates or loses a resource and never leaves a half file.
 
+pub mod anonymization;
 pub mod jobs;
 pub mod request;
 pub mod run;
 pub mod service;
+pub mod sink;
 
-pub use jobs::{JobRecord, JobState, JobStore};
+pub use anonymization::{AnonymizationError, AnonymizationInfo};
+pub use jobs::{JobQueue, JobRecord, JobState, SqliteJobQueue};
 pub use request::{ExportLevel, ExportRequest, RequestError};
-pub use service::{ExportConfig, ExportError, ExportService, Status};
+pub use run::RunSettings;
+pub use service::{ExportConfig, ExportError, ExportService, ImageConfigFetcher, Status};
+pub use sink::{FileBody, LocalSink, Sink, SinkError};

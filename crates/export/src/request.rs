@@ -28,10 +28,47 @@ pub struct ExportRequest {
     pub container: Option<String>,
     /// `_elements`: `(type, element)`; a `None` type applies to every type.
     pub elements: Vec<(Option<String>, String)>,
+    /// `includeAssociatedData` (the least restrictive of the values given).
+    pub associated: Option<Associated>,
+    /// De-identification (`_anonymizationConfig` and friends).
+    pub anonymization: Option<AnonymizationSpec>,
     /// Problems accepted under `handling=lenient`: they go to the manifest's `error` file.
     pub warnings: Vec<String>,
     /// The kick-off URL, for the manifest's `request`.
     pub request_url: String,
+}
+
+/// `includeAssociatedData` values: Provenance of the exported resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Associated {
+    /// `LatestProvenanceResources`: the latest Provenance (by `recorded`) per exported resource.
+    Latest,
+    /// `RelevantProvenanceResources`: every Provenance whose target is exported.
+    Relevant,
+}
+
+/// Where the anonymizer configuration of a de-identified export comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnonymizationSpec {
+    /// `_anonymizationConfig`: the file name (in the `anonymization` container, or in the image).
+    pub config: String,
+    /// `_anonymizationConfigEtag`: the stored object's expected ETag, quotes removed.
+    pub etag: Option<String>,
+    /// `_anonymizationConfigCollectionReference`: an OCI image reference.
+    pub collection: Option<String>,
+}
+
+/// Whether an anonymization config name is a plain relative name: no `..` segment, not absolute,
+/// no backslash or control characters.
+pub fn valid_config_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 1024
+        && !name.starts_with('/')
+        && !name.contains('\\')
+        && !name.chars().any(char::is_control)
+        && name
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
 /// A kick-off parameter problem: 400 with an OperationOutcome naming the parameter.
@@ -138,9 +175,12 @@ impl ExportRequest {
             patients: Vec::new(),
             container: None,
             elements: Vec::new(),
+            associated: None,
+            anonymization: None,
             warnings: Vec::new(),
             request_url,
         };
+        let (mut anon_config, mut anon_etag, mut anon_collection) = (None, None, None);
         let soft = |r: &mut ExportRequest, e: RequestError| -> Result<(), RequestError> {
             if lenient {
                 r.warnings.push(e.to_string());
@@ -248,11 +288,74 @@ impl ExportRequest {
                     }
                 }
                 "includeAssociatedData" => {
-                    soft(&mut r, err(name, "not supported by this server yet"))?;
+                    for v in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                        let a = match v {
+                            "LatestProvenanceResources" => Associated::Latest,
+                            "RelevantProvenanceResources" => Associated::Relevant,
+                            other => {
+                                soft(
+                                    &mut r,
+                                    err(
+                                        name,
+                                        format!(
+                                            "'{other}' is not supported (LatestProvenanceResources, RelevantProvenanceResources)"
+                                        ),
+                                    ),
+                                )?;
+                                continue;
+                            }
+                        };
+                        // Conflicting values: the least restrictive applies.
+                        r.associated = Some(r.associated.map_or(a, |b| b.max(a)));
+                    }
+                }
+                "_anonymizationConfig" => {
+                    if !valid_config_name(value) {
+                        return Err(err(
+                            name,
+                            format!("'{value}' is not a valid configuration name"),
+                        ));
+                    }
+                    anon_config = Some(value.clone());
+                }
+                "_anonymizationConfigEtag" => {
+                    let e = value.trim().trim_matches('"').to_string();
+                    if e.is_empty() {
+                        return Err(err(name, "the ETag is empty"));
+                    }
+                    anon_etag = Some(e);
+                }
+                "_anonymizationConfigCollectionReference" => {
+                    anon_collection = Some(value.trim().to_string());
                 }
                 "_format" => {}
                 other => soft(&mut r, err(other, "unknown $export parameter"))?,
             }
+        }
+        if anon_config.is_some() || anon_etag.is_some() || anon_collection.is_some() {
+            let Some(config) = anon_config else {
+                return Err(err(
+                    "_anonymizationConfig",
+                    "Missing '_anonymizationConfig' for anonymized export",
+                ));
+            };
+            if r.container.is_none() {
+                return Err(err(
+                    "_container",
+                    "Missing '_container' for anonymized export",
+                ));
+            }
+            if anon_etag.is_some() && anon_collection.is_some() {
+                return Err(err(
+                    "_anonymizationConfigEtag",
+                    "_anonymizationConfigEtag and _anonymizationConfigCollectionReference cannot be used together",
+                ));
+            }
+            r.anonymization = Some(AnonymizationSpec {
+                config,
+                etag: anon_etag,
+                collection: anon_collection,
+            });
         }
         Ok(r)
     }

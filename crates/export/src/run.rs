@@ -1,124 +1,201 @@
-//! Running one export: scans of the pinned snapshot, filtered by level and `_typeFilter`, written
-//! as NDJSON files rolled at a fixed number of resources.
+//! Running export work items: planning an export into items at kick-off, and executing one
+//! claimed item — a scan of the pinned snapshot filtered by level, `_typeFilter` and `_since`,
+//! optionally subsetted and de-identified, written as NDJSON parts committed per file.
 
-use std::collections::HashSet;
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use store::{IndexValue, SeqBounds, Store};
 
-use crate::request::{ExportLevel, ExportRequest};
-
-/// One output file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutputFile {
-    pub resource_type: String,
-    pub name: String,
-    pub count: u64,
-}
-
-/// What an export wrote.
-#[derive(Debug, Default)]
-pub struct RunOutput {
-    pub files: Vec<OutputFile>,
-    pub deleted: Vec<OutputFile>,
-    pub errors: Vec<OutputFile>,
-}
+use crate::anonymization::Anonymizer;
+use crate::jobs::{
+    FileKind, FileRecord, ItemKind, ItemPlan, JobQueue, JobRecord, Lease, NewFile, QueueError,
+    WorkItem,
+};
+use crate::request::{Associated, ExportLevel, ExportRequest};
+use crate::sink::{PartWriter, Sink, SinkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cancelled")]
-    Cancelled,
+    /// The job was cancelled (or failed elsewhere) while this item ran.
+    #[error("the export was stopped")]
+    Stopped,
+    /// Another worker holds this item now.
+    #[error("the work item's lease was lost")]
+    LeaseLost,
     #[error("Group/{0} not found")]
     GroupNotFound(String),
     #[error("store: {0}")]
     Store(#[from] store::StoreError),
-    #[error("writing {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("job table: {0}")]
+    Queue(#[from] QueueError),
+    #[error("storage: {0}")]
+    Sink(#[from] SinkError),
     #[error("_typeFilter: {0}")]
     Filter(String),
+    /// A resource could not be de-identified and the configuration says `raise`.
+    #[error("{0}")]
+    Anonymization(String),
+    #[error("the stored export request cannot be read")]
+    BadRequest,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
-    move |source| RunError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
-/// NDJSON files of one type, rolled every `max` resources; each file is written under a
-/// `.part` name and renamed when complete.
-struct Roller<'a> {
-    dir: &'a Path,
-    prefix: String,
-    resource_type: String,
-    max: u64,
-    current: Option<(BufWriter<File>, PathBuf, PathBuf, u64)>,
-    number: u32,
-    done: Vec<OutputFile>,
-}
-
-impl<'a> Roller<'a> {
-    fn new(dir: &'a Path, prefix: &str, resource_type: &str, max: u64) -> Self {
-        Roller {
-            dir,
-            prefix: prefix.to_string(),
-            resource_type: resource_type.to_string(),
-            max: max.max(1),
-            current: None,
-            number: 0,
-            done: Vec::new(),
+impl RunError {
+    /// Whether another attempt of the item may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::Sink(e) => e.is_transient(),
+            RunError::Store(store::StoreError::Io { .. }) => true,
+            _ => false,
         }
     }
 
-    fn write(&mut self, line: &[u8]) -> Result<(), RunError> {
-        if self.current.is_none() {
-            self.number += 1;
-            let name = format!("{}-{}.ndjson", self.prefix, self.number);
-            let final_path = self.dir.join(&name);
-            let part = self.dir.join(format!("{name}.part"));
-            let f = File::create(&part).map_err(io(&part))?;
-            self.current = Some((BufWriter::with_capacity(1 << 20, f), part, final_path, 0));
+    /// The HTTP status the status endpoint answers for a job failed by this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            RunError::GroupNotFound(_)
+            | RunError::Filter(_)
+            | RunError::Anonymization(_)
+            | RunError::BadRequest => 400,
+            RunError::Sink(e) if e.is_transient() => 503,
+            _ => 500,
         }
-        let Some((w, part, _, n)) = self.current.as_mut() else {
-            return Ok(());
+    }
+}
+
+/// How files are cut and how often a worker reports.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    /// Resources per NDJSON file.
+    pub file_max_resources: u64,
+    /// Bytes per NDJSON file (a file is closed after the resource that passes it).
+    pub file_max_bytes: u64,
+    /// Resources per work item when an export is planned.
+    pub item_resources: u64,
+    /// How often a running item refreshes its lease.
+    pub heartbeat_every: Duration,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings {
+            file_max_resources: 5000,
+            file_max_bytes: 64 * 1024 * 1024,
+            item_resources: 250_000,
+            heartbeat_every: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything an item of one job needs, prepared once per job and process: the request, the
+/// compiled `_typeFilter` predicates, the patients in scope, the compiled de-identification.
+pub struct Prepared {
+    pub job: JobRecord,
+    pub req: ExportRequest,
+    filters: search::PredicateSet,
+    scope: Option<HashSet<String>>,
+    by_patient: bool,
+    /// `_since` as a sequence number (resources with a newer current version are exported).
+    since_after: i64,
+    pub anonymizer: Option<Anonymizer>,
+}
+
+impl Prepared {
+    pub fn new(
+        store: &dyn Store,
+        job: JobRecord,
+        req: ExportRequest,
+        anonymizer: Option<Anonymizer>,
+    ) -> Result<Prepared, RunError> {
+        let mut filters = search::PredicateSet::new();
+        for f in &req.type_filters {
+            filters
+                .add_type_filter(f)
+                .map_err(|e| RunError::Filter(e.to_string()))?;
+        }
+        let scope = patient_scope(store, &req)?;
+        let by_patient = !matches!(req.level, ExportLevel::System) || !req.patients.is_empty();
+        let since_after = since_seq(store, &req)?;
+        Ok(Prepared {
+            job,
+            req,
+            filters,
+            scope,
+            by_patient,
+            since_after,
+            anonymizer,
+        })
+    }
+}
+
+fn since_seq(store: &dyn Store, req: &ExportRequest) -> Result<i64, store::StoreError> {
+    Ok(match req.since_ms {
+        // "Changed after the supplied time" (Bulk Data IG): lastUpdated > _since. Instants are
+        // strictly increasing between transactions, so the next millisecond is the bound.
+        Some(ms) => (store.seq_at_or_after(ms.saturating_add(1))? - 1).max(0),
+        None => 0,
+    })
+}
+
+/// Splits an export into work items: per type, sequence ranges of about
+/// `item_resources` resources each; a Provenance item for `includeAssociatedData`; a final item.
+pub fn plan(
+    store: &dyn Store,
+    req: &ExportRequest,
+    watermark: i64,
+    item_resources: u64,
+) -> Result<Vec<ItemPlan>, RunError> {
+    let since_after = since_seq(store, req)?;
+    let present = store.types_present(watermark)?;
+    let types = req.effective_types(&present);
+    let mut items = Vec::new();
+    for t in &types {
+        let Some(stats) = store.seq_range(t, watermark)? else {
+            continue;
         };
-        w.write_all(line).map_err(io(part))?;
-        w.write_all(b"\n").map_err(io(part))?;
-        *n += 1;
-        if *n >= self.max {
-            self.close()?;
+        let lo = since_after.max(stats.min_seq - 1);
+        let hi = stats.max_seq;
+        if hi <= lo || stats.count == 0 {
+            continue;
         }
-        Ok(())
-    }
-
-    fn close(&mut self) -> Result<(), RunError> {
-        if let Some((w, part, final_path, n)) = self.current.take() {
-            let f = w.into_inner().map_err(|e| RunError::Io {
-                path: part.display().to_string(),
-                source: e.into_error(),
-            })?;
-            f.sync_data().map_err(io(&part))?;
-            fs::rename(&part, &final_path).map_err(io(&final_path))?;
-            self.done.push(OutputFile {
-                resource_type: self.resource_type.clone(),
-                name: final_path
-                    .file_name()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                count: n,
+        // Equal sequence widths: types are written interleaved, so the widths hold about equal
+        // numbers of resources.
+        let parts = stats.count.div_ceil(item_resources.max(1)).max(1) as i64;
+        let width = ((hi - lo) + parts - 1) / parts;
+        let mut after = lo;
+        while after < hi {
+            let up_to = (after + width).min(hi);
+            items.push(ItemPlan {
+                kind: ItemKind::Scan,
+                resource_type: t.clone(),
+                seq_after: after,
+                seq_up_to: up_to,
+                expected: stats.count / parts as u64,
             });
+            after = up_to;
         }
-        Ok(())
     }
+    if req.associated.is_some() && !types.iter().any(|t| t == "Provenance") {
+        items.push(ItemPlan {
+            kind: ItemKind::Associated,
+            resource_type: "Provenance".into(),
+            seq_after: 0,
+            seq_up_to: watermark,
+            expected: 0,
+        });
+    }
+    items.push(ItemPlan {
+        kind: ItemKind::Finalize,
+        resource_type: String::new(),
+        seq_after: 0,
+        seq_up_to: 0,
+        expected: 0,
+    });
+    Ok(items)
 }
 
 /// Which patients an export is about: `None` = every patient (Patient level without `patient`).
@@ -145,6 +222,16 @@ fn patient_scope(
     Ok(set)
 }
 
+/// Whether a member `period` covers `now_ms`: bounds are FHIR dateTimes of any precision; a
+/// partial date covers its whole span (a start of `2024` begins 2024-01-01, an end of `2024`
+/// lasts to the end of 2024).
+fn period_covers(start: Option<&str>, end: Option<&str>, now_ms: i64) -> bool {
+    let range = |s: &str| search::values::parse_date_range(s).ok();
+    let starts_ok = start.is_none_or(|s| range(s).is_none_or(|r| r.lo <= now_ms));
+    let ends_ok = end.is_none_or(|e| range(e).is_none_or(|r| now_ms < r.hi));
+    starts_ok && ends_ok
+}
+
 /// Active members of a Group (nested Groups followed once): `inactive` members and members
 /// whose `period` does not cover now are left out.
 fn group_members(
@@ -166,7 +253,7 @@ fn group_members(
         Err(e) => return Err(e.into()),
     };
     let v: Value = serde_json::from_slice(&g.json).unwrap_or(Value::Null);
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let now = chrono::Utc::now().timestamp_millis();
     for m in v
         .get("member")
         .and_then(Value::as_array)
@@ -178,10 +265,7 @@ fn group_members(
         }
         let start = m.pointer("/period/start").and_then(Value::as_str);
         let end = m.pointer("/period/end").and_then(Value::as_str);
-        // Date-times compare as text when both are UTC ISO forms; partial dates compare by prefix.
-        if start.is_some_and(|s| s > now.as_str())
-            || end.is_some_and(|e| e < &now[..e.len().min(now.len())])
-        {
+        if !period_covers(start, end, now) {
             continue;
         }
         let Some(r) = m.pointer("/entity/reference").and_then(Value::as_str) else {
@@ -217,6 +301,13 @@ fn in_compartment(
                 _ => false,
             })
     })
+}
+
+fn compartment_params(resource_type: &str) -> Vec<String> {
+    fhir_model::r4()
+        .patient_compartment(resource_type)
+        .map(<[String]>::to_vec)
+        .unwrap_or_default()
 }
 
 /// The `_elements` subset of one type: `None` when the type is not subsetted, else the kept
@@ -267,94 +358,484 @@ fn apply_subset(mut v: Value, keep: &HashSet<String>) -> Value {
     v
 }
 
-/// Runs the export into `dir` (which must be empty). `progress` is told about each type.
-pub fn run_export(
-    store: &dyn Store,
-    req: &ExportRequest,
-    watermark: i64,
-    dir: &Path,
-    file_max: u64,
-    cancel: &AtomicBool,
-    progress: &mut dyn FnMut(&str),
-) -> Result<RunOutput, RunError> {
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut out = RunOutput::default();
-    let mut filters = search::PredicateSet::new();
-    for f in &req.type_filters {
-        filters
-            .add_type_filter(f)
-            .map_err(|e| RunError::Filter(e.to_string()))?;
+/// The pieces one item execution works with.
+pub struct ItemContext<'a> {
+    pub store: &'a dyn Store,
+    pub queue: &'a dyn JobQueue,
+    pub sink: &'a dyn Sink,
+    pub prepared: &'a Prepared,
+    pub settings: &'a RunSettings,
+    /// Set by a cancel in this process (other processes learn it at their next heartbeat).
+    pub cancel: &'a AtomicBool,
+    /// Resources scanned, shared with the status endpoint of this process.
+    pub live_scanned: &'a dyn Fn(u64),
+}
+
+/// NDJSON parts of one prefix in one item, cut by count and size; a finished part is handed to
+/// the caller to commit.
+struct Roller<'s> {
+    sink: &'s dyn Sink,
+    container: String,
+    folder: String,
+    item_no: i64,
+    attempt: i64,
+    kind: FileKind,
+    resource_type: String,
+    prefix: String,
+    max_resources: u64,
+    max_bytes: u64,
+    current: Option<(Box<dyn PartWriter>, String, u64, u64)>,
+    parts: u32,
+}
+
+impl<'s> Roller<'s> {
+    fn new(
+        ctx: &ItemContext<'s>,
+        item: &WorkItem,
+        kind: FileKind,
+        resource_type: &str,
+        prefix: &str,
+    ) -> Roller<'s> {
+        Roller {
+            sink: ctx.sink,
+            container: ctx.prepared.job.container.clone(),
+            folder: ctx.prepared.job.folder.clone(),
+            item_no: item.item_no,
+            attempt: item.attempt,
+            kind,
+            resource_type: resource_type.to_string(),
+            prefix: prefix.to_string(),
+            max_resources: ctx.settings.file_max_resources.max(1),
+            max_bytes: ctx.settings.file_max_bytes.max(1),
+            current: None,
+            parts: 0,
+        }
     }
-    let scope = patient_scope(store, req)?;
-    let by_patient = !matches!(req.level, ExportLevel::System) || !req.patients.is_empty();
-    let since_after = match req.since_ms {
-        // "Changed after the supplied time" (Bulk Data IG): lastUpdated > _since. Instants are
-        // strictly increasing between transactions, so the next millisecond is the bound.
-        Some(ms) => store.seq_at_or_after(ms.saturating_add(1))? - 1,
-        None => 0,
-    };
-    let present = store.types_present(watermark)?;
-    let types = req.effective_types(&present);
-    let model = fhir_model::r4();
-    for t in &types {
-        let total = store.count_type(t, watermark)?;
-        let compartment: Vec<String> = model
-            .patient_compartment(t)
-            .map(<[String]>::to_vec)
-            .unwrap_or_default();
-        let mut roller = Roller::new(dir, t, t, file_max);
-        let mut seen: u64 = 0;
-        let mut failure: Option<RunError> = None;
-        let subset = element_subset(req, t);
-        let needs_json = by_patient || filters.filters_type(t) || subset.is_some();
-        let bounds = SeqBounds {
-            after: since_after.max(0),
-            up_to: i64::MAX,
+
+    fn write(&mut self, line: &[u8]) -> Result<(), RunError> {
+        if self.current.is_none() {
+            self.parts += 1;
+            let temp = format!(
+                "{}/_parts/{}-{}-{}-{}.ndjson",
+                self.folder, self.prefix, self.item_no, self.attempt, self.parts
+            );
+            let w = self.sink.create(&self.container, &temp)?;
+            self.current = Some((w, temp, 0, 0));
+        }
+        if let Some((w, temp, n, bytes)) = self.current.as_mut() {
+            let io = |e: std::io::Error| SinkError::Failed(format!("{temp}: {e}"));
+            w.write_all(line).map_err(io)?;
+            w.write_all(b"\n").map_err(io)?;
+            *n += 1;
+            *bytes += line.len() as u64 + 1;
+        }
+        Ok(())
+    }
+
+    fn full(&self) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|(_, _, n, b)| *n >= self.max_resources || *b >= self.max_bytes)
+    }
+
+    /// Finishes the current part, if any, for committing.
+    fn take(&mut self) -> Result<Option<NewFile>, RunError> {
+        let Some((w, temp, n, _)) = self.current.take() else {
+            return Ok(None);
         };
-        store.scan_type_each(t, watermark, bounds, &mut |row| {
-            seen += 1;
-            if seen.is_multiple_of(2048) && cancel.load(Ordering::Relaxed) {
-                failure = Some(RunError::Cancelled);
-                return ControlFlow::Break(());
+        let bytes = w.finish()?;
+        Ok(Some(NewFile {
+            kind: self.kind,
+            resource_type: self.resource_type.clone(),
+            prefix: self.prefix.clone(),
+            count: n,
+            bytes,
+            temp_path: temp,
+        }))
+    }
+}
+
+/// Commits finished parts with the item's cursor and renames them to their final names.
+fn commit(
+    ctx: &ItemContext<'_>,
+    item: &WorkItem,
+    parts: Vec<NewFile>,
+    cursor: i64,
+    scanned: u64,
+) -> Result<(), RunError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let Some(records) = ctx.queue.commit_files(item, &parts, cursor, scanned, now)? else {
+        for p in &parts {
+            let _ = ctx
+                .sink
+                .delete_prefix(&ctx.prepared.job.container, &p.temp_path);
+        }
+        return Err(lease_error(ctx.queue.heartbeat(item, scanned, now)?));
+    };
+    finish_renames(ctx.sink, ctx.queue, &ctx.prepared.job, &records)
+}
+
+/// Renames committed parts still under their temporary names (also after a crash).
+pub fn finish_renames(
+    sink: &dyn Sink,
+    queue: &dyn JobQueue,
+    job: &JobRecord,
+    files: &[FileRecord],
+) -> Result<(), RunError> {
+    for f in files {
+        if let Some(temp) = &f.pending_rename {
+            sink.rename(&job.container, temp, &format!("{}/{}", job.folder, f.name))?;
+            queue.renamed(&job.id, &f.name)?;
+        }
+    }
+    Ok(())
+}
+
+fn lease_error(lease: Lease) -> RunError {
+    match lease {
+        Lease::JobStopped => RunError::Stopped,
+        _ => RunError::LeaseLost,
+    }
+}
+
+/// Watches the clock and the cancel flag for a running item.
+struct Pulse {
+    last: Instant,
+}
+
+impl Pulse {
+    fn beat(
+        &mut self,
+        ctx: &ItemContext<'_>,
+        item: &WorkItem,
+        scanned: u64,
+    ) -> Result<(), RunError> {
+        if ctx.cancel.load(Ordering::Relaxed) {
+            return Err(RunError::Stopped);
+        }
+        (ctx.live_scanned)(scanned);
+        if self.last.elapsed() >= ctx.settings.heartbeat_every {
+            self.last = Instant::now();
+            let now = chrono::Utc::now().timestamp_millis();
+            match ctx.queue.heartbeat(item, scanned, now)? {
+                Lease::Held => {}
+                other => return Err(lease_error(other)),
             }
-            if seen.is_multiple_of(50_000) {
-                progress(&format!("{t} {seen} of {total}"));
+        }
+        Ok(())
+    }
+}
+
+/// Executes one claimed item to its end (files committed, item done) or to an error.
+pub fn execute_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<(), RunError> {
+    // A previous holder may have committed parts without renaming them.
+    let mine: Vec<FileRecord> = ctx
+        .queue
+        .files(&item.job_id)?
+        .into_iter()
+        .filter(|f| f.item_no == item.item_no)
+        .collect();
+    finish_renames(ctx.sink, ctx.queue, &ctx.prepared.job, &mine)?;
+    let scanned = match item.kind {
+        ItemKind::Scan => scan_item(ctx, item)?,
+        ItemKind::Associated => associated_item(ctx, item)?,
+        ItemKind::Finalize => finalize_item(ctx, item)?,
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    if !ctx.queue.complete_item(item, scanned, now)? {
+        return Err(lease_error(ctx.queue.heartbeat(item, scanned, now)?));
+    }
+    Ok(())
+}
+
+/// What one resource becomes in the output.
+enum Emit {
+    Skip,
+    Line(Vec<u8>),
+    /// De-identification failed with `processingErrors: skip`: the stub, and an
+    /// OperationOutcome line for the `error` file.
+    Stub(Vec<u8>, Vec<u8>),
+}
+
+fn transform(
+    p: &Prepared,
+    t: &str,
+    json: &[u8],
+    compartment: &[String],
+    subset: &Option<HashSet<String>>,
+    needs_value: bool,
+) -> Result<Emit, RunError> {
+    if !needs_value {
+        return Ok(match &p.anonymizer {
+            None => Emit::Line(json.to_vec()),
+            Some(a) => emit(a.apply_bytes(json)?),
+        });
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(json) else {
+        return Ok(Emit::Skip);
+    };
+    if p.by_patient && !in_compartment(t, &v, compartment, &p.scope) {
+        return Ok(Emit::Skip);
+    }
+    if !p.filters.matches(&v) {
+        return Ok(Emit::Skip);
+    }
+    let v = match subset {
+        Some(keep) => apply_subset(v, keep),
+        None => v,
+    };
+    Ok(match &p.anonymizer {
+        None => Emit::Line(v.to_string().into_bytes()),
+        Some(a) => emit(a.apply_value(v)?),
+    })
+}
+
+fn emit((line, error): (Vec<u8>, Option<Vec<u8>>)) -> Emit {
+    match error {
+        None => Emit::Line(line),
+        Some(outcome) => Emit::Stub(line, outcome),
+    }
+}
+
+fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
+    let p = ctx.prepared;
+    let t = item.resource_type.as_str();
+    let compartment = compartment_params(t);
+    let subset = element_subset(&p.req, t);
+    let needs_value = p.by_patient || p.filters.filters_type(t) || subset.is_some();
+    let mut out = Roller::new(ctx, item, FileKind::Output, t, t);
+    let mut errors = Roller::new(
+        ctx,
+        item,
+        FileKind::Error,
+        "OperationOutcome",
+        "OperationOutcome",
+    );
+    let mut pulse = Pulse {
+        last: Instant::now(),
+    };
+    let mut scanned = item.scanned;
+    let mut failure: Option<RunError> = None;
+    let bounds = SeqBounds {
+        after: item.cursor.max(p.since_after),
+        up_to: item.seq_up_to,
+    };
+    ctx.store
+        .scan_type_each(t, p.job.watermark, bounds, &mut |row| {
+            scanned += 1;
+            let mut step = || -> Result<(), RunError> {
+                if scanned.is_multiple_of(1024) {
+                    pulse.beat(ctx, item, scanned)?;
+                }
+                if let Some(until) = p.req.until_ms
+                    && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
+                {
+                    return Ok(());
+                }
+                match transform(p, t, row.json, &compartment, &subset, needs_value)? {
+                    Emit::Skip => {}
+                    Emit::Line(line) => out.write(&line)?,
+                    Emit::Stub(stub, outcome) => {
+                        out.write(&stub)?;
+                        errors.write(&outcome)?;
+                    }
+                }
+                if out.full() || errors.full() {
+                    let parts: Vec<NewFile> = [out.take()?, errors.take()?]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    commit(ctx, item, parts, row.seq, scanned)?;
+                }
+                Ok(())
+            };
+            match step() {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    failure = Some(e);
+                    ControlFlow::Break(())
+                }
             }
-            if let Some(until) = req.until_ms
-                && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
+        })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let parts: Vec<NewFile> = [out.take()?, errors.take()?]
+        .into_iter()
+        .flatten()
+        .collect();
+    if !parts.is_empty() {
+        commit(ctx, item, parts, item.seq_up_to, scanned)?;
+    }
+    Ok(scanned)
+}
+
+/// The ids a Provenance `target` points at, as `Type/id`.
+fn provenance_targets(v: &Value) -> Vec<String> {
+    v.get("target")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("reference").and_then(Value::as_str))
+        .map(|r| r.to_string())
+        .collect()
+}
+
+/// `includeAssociatedData`: Provenance resources whose target is a resource of this export
+/// (all of them for `RelevantProvenanceResources`, the latest `recorded` per target for
+/// `LatestProvenanceResources`). Membership of a target is decided on its current version.
+fn associated_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
+    let p = ctx.prepared;
+    let present = ctx.store.types_present(p.job.watermark)?;
+    let types: HashSet<String> = p.req.effective_types(&present).into_iter().collect();
+    let mut member_cache: HashMap<String, bool> = HashMap::new();
+    let mut is_exported = |reference: &str| -> bool {
+        if let Some(&known) = member_cache.get(reference) {
+            return known;
+        }
+        let Some((t, id)) = reference.split_once('/') else {
+            return false;
+        };
+        let answer = types.contains(t)
+            && match ctx.store.read(t, id) {
+                Ok(r) => {
+                    let v: Value = serde_json::from_slice(&r.json).unwrap_or(Value::Null);
+                    (!p.by_patient || in_compartment(t, &v, &compartment_params(t), &p.scope))
+                        && p.filters.matches(&v)
+                        && p.since_after < r.seq
+                }
+                Err(_) => false,
+            };
+        member_cache.insert(reference.to_string(), answer);
+        answer
+    };
+    // First pass: which Provenance resources qualify.
+    let latest_only = p.req.associated == Some(Associated::Latest);
+    let mut chosen: HashSet<String> = HashSet::new();
+    let mut latest: HashMap<String, (String, String)> = HashMap::new();
+    let mut scanned = 0u64;
+    let mut pulse = Pulse {
+        last: Instant::now(),
+    };
+    let mut failure = None;
+    let all = SeqBounds {
+        after: 0,
+        up_to: i64::MAX,
+    };
+    ctx.store
+        .scan_type_each("Provenance", p.job.watermark, all, &mut |row| {
+            scanned += 1;
+            if scanned.is_multiple_of(1024)
+                && let Err(e) = pulse.beat(ctx, item, scanned)
             {
-                return ControlFlow::Continue(());
-            }
-            let mut subsetted: Option<Vec<u8>> = None;
-            if needs_json {
-                let Ok(v) = serde_json::from_slice::<Value>(row.json) else {
-                    return ControlFlow::Continue(());
-                };
-                if by_patient && !in_compartment(t, &v, &compartment, &scope) {
-                    return ControlFlow::Continue(());
-                }
-                if !filters.matches(&v) {
-                    return ControlFlow::Continue(());
-                }
-                if let Some(keep) = &subset {
-                    subsetted = Some(apply_subset(v, keep).to_string().into_bytes());
-                }
-            }
-            if let Err(e) = roller.write(subsetted.as_deref().unwrap_or(row.json)) {
                 failure = Some(e);
                 return ControlFlow::Break(());
             }
+            let Ok(v) = serde_json::from_slice::<Value>(row.json) else {
+                return ControlFlow::Continue(());
+            };
+            let recorded = v
+                .get("recorded")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            for target in provenance_targets(&v) {
+                if !is_exported(&target) {
+                    continue;
+                }
+                if latest_only {
+                    let e = latest
+                        .entry(target)
+                        .or_insert_with(|| (String::new(), String::new()));
+                    if recorded >= e.0 {
+                        *e = (recorded.clone(), row.id.to_string());
+                    }
+                } else {
+                    chosen.insert(row.id.to_string());
+                }
+            }
             ControlFlow::Continue(())
         })?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        roller.close()?;
-        out.files.extend(roller.done);
-        progress(&format!("{t} {total} of {total}"));
+    if let Some(e) = failure {
+        return Err(e);
     }
-    // Deletions since `_since`, as transaction Bundles of DELETE entries (system level: a
-    // tombstone carries no content to decide compartment membership).
+    chosen.extend(latest.into_values().map(|(_, id)| id));
+    // Second pass: write them in sequence order.
+    let mut out = Roller::new(ctx, item, FileKind::Output, "Provenance", "Provenance");
+    let mut errors = Roller::new(
+        ctx,
+        item,
+        FileKind::Error,
+        "OperationOutcome",
+        "OperationOutcome",
+    );
+    let mut failure = None;
+    ctx.store
+        .scan_type_each("Provenance", p.job.watermark, all, &mut |row| {
+            if !chosen.contains(row.id) {
+                return ControlFlow::Continue(());
+            }
+            let mut step = || -> Result<(), RunError> {
+                match transform(p, "Provenance", row.json, &[], &None, false)? {
+                    Emit::Skip => {}
+                    Emit::Line(l) => out.write(&l)?,
+                    Emit::Stub(s, o) => {
+                        out.write(&s)?;
+                        errors.write(&o)?;
+                    }
+                }
+                Ok(())
+            };
+            match step() {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    failure = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    // One commit at the end: the item is rerun whole after a crash (its parts are discarded).
+    let parts: Vec<NewFile> = [out.take()?, errors.take()?]
+        .into_iter()
+        .flatten()
+        .collect();
+    if !parts.is_empty() {
+        commit(ctx, item, parts, item.seq_up_to, scanned)?;
+    }
+    Ok(scanned)
+}
+
+/// Deleted entries (system level with `_since`), kick-off warnings, and the final renames. Its
+/// parts are committed together at the end, so a rerun after a crash either finds them all
+/// committed or starts over.
+fn finalize_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
+    let p = ctx.prepared;
+    let files = ctx.queue.files(&item.job_id)?;
+    if !files.iter().any(|f| f.item_no == item.item_no) {
+        let parts = finalize_parts(ctx, item)?;
+        if !parts.is_empty() {
+            commit(ctx, item, parts, 0, 0)?;
+        }
+    }
+    let all = ctx.queue.files(&item.job_id)?;
+    finish_renames(ctx.sink, ctx.queue, &p.job, &all)?;
+    let _ = ctx
+        .sink
+        .delete_prefix(&p.job.container, &format!("{}/_parts", p.job.folder));
+    Ok(0)
+}
+
+fn finalize_parts(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<Vec<NewFile>, RunError> {
+    let p = ctx.prepared;
+    let req = &p.req;
+    let model = fhir_model::r4();
+    let mut parts = Vec::new();
+    let mut warnings = req.warnings.clone();
+    // A tombstone carries no content to decide compartment membership: `deleted` is written at
+    // system level only.
     if req.since_ms.is_some() && matches!(req.level, ExportLevel::System) && req.patients.is_empty()
     {
         let all_types: Vec<String> = if req.types.is_empty() {
@@ -362,34 +843,147 @@ pub fn run_export(
         } else {
             req.types.clone()
         };
-        let mut roller = Roller::new(dir, "Deleted", "Bundle", file_max);
+        let mut roller = Roller::new(ctx, item, FileKind::Deleted, "Bundle", "Deleted");
+        let mut unlisted = 0u64;
         for t in &all_types {
             let mut after = 0;
             loop {
-                let page = store.deleted_since(t, since_after, watermark, after, 5000)?;
+                let page =
+                    ctx.store
+                        .deleted_since(t, p.since_after, p.job.watermark, after, 5000)?;
                 if page.is_empty() {
                     break;
                 }
-                after = page.last().map_or(after, |p| p.seq);
+                after = page.last().map_or(after, |d| d.seq);
                 let entries: Vec<Value> = page
                     .iter()
-                    .map(|d| json!({"request": {"method": "DELETE", "url": format!("{}/{}", d.resource_type, d.id)}}))
+                    .filter_map(|d| {
+                        let id = match &p.anonymizer {
+                            Some(a) => a.deleted_id(&d.resource_type, &d.id),
+                            None => Some(d.id.clone()),
+                        };
+                        if id.is_none() {
+                            unlisted += 1;
+                        }
+                        id.map(|id| json!({"request": {"method": "DELETE", "url": format!("{}/{}", d.resource_type, id)}}))
+                    })
                     .collect();
+                if entries.is_empty() {
+                    continue;
+                }
                 let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
                 roller.write(b.to_string().as_bytes())?;
+                if roller.full() {
+                    parts.extend(roller.take()?);
+                }
             }
         }
-        roller.close()?;
-        out.deleted = roller.done;
+        parts.extend(roller.take()?);
+        if unlisted > 0 {
+            warnings.push(format!(
+                "{unlisted} deleted resources are not listed in `deleted`: the anonymization configuration removes resource ids"
+            ));
+        }
     }
-    if !req.warnings.is_empty() {
-        let mut roller = Roller::new(dir, "OperationOutcome", "OperationOutcome", file_max);
-        for w in &req.warnings {
+    if !warnings.is_empty() {
+        let mut roller = Roller::new(
+            ctx,
+            item,
+            FileKind::Error,
+            "OperationOutcome",
+            "OperationOutcome",
+        );
+        for w in &warnings {
             let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "warning", "code": "processing", "diagnostics": w}]});
             roller.write(oo.to_string().as_bytes())?;
+            if roller.full() {
+                parts.extend(roller.take()?);
+            }
         }
-        roller.close()?;
-        out.errors = roller.done;
+        parts.extend(roller.take()?);
+    }
+    Ok(parts)
+}
+
+/// What [`run_export`] wrote.
+#[derive(Debug, Default)]
+pub struct RunOutput {
+    pub files: Vec<FileRecord>,
+    pub deleted: Vec<FileRecord>,
+    pub errors: Vec<FileRecord>,
+}
+
+/// Runs a whole export in the calling thread into `container`/`folder` of `sink`, through the
+/// same planning, items and commits as the service (with a private in-memory queue).
+#[allow(clippy::too_many_arguments)]
+pub fn run_export(
+    store: &dyn Store,
+    req: &ExportRequest,
+    watermark: i64,
+    sink: &dyn Sink,
+    container: &str,
+    folder: &str,
+    settings: &RunSettings,
+    anonymizer: Option<Anonymizer>,
+    cancel: &AtomicBool,
+) -> Result<RunOutput, RunError> {
+    let queue = crate::jobs::SqliteJobQueue::open(std::path::Path::new(":memory:"))?;
+    let job = JobRecord {
+        id: "run".into(),
+        state: crate::jobs::JobState::Queued,
+        request: String::new(),
+        watermark,
+        transaction_time: String::new(),
+        client_id: None,
+        container: container.to_string(),
+        folder: folder.to_string(),
+        anonymization: None,
+        result: None,
+        failure_status: None,
+        created_ms: 0,
+        finished_ms: None,
+    };
+    queue.create(&job, &plan(store, req, watermark, settings.item_resources)?)?;
+    sink.ensure_container(container)?;
+    let prepared = Prepared::new(store, job, req.clone(), anonymizer)?;
+    let ctx = ItemContext {
+        store,
+        queue: &queue,
+        sink,
+        prepared: &prepared,
+        settings,
+        cancel,
+        live_scanned: &|_| {},
+    };
+    while let Some(item) = queue.claim("local", 0, i64::MAX / 4, 1)? {
+        execute_item(&ctx, &item)?;
+    }
+    let mut out = RunOutput::default();
+    for f in queue.files("run")? {
+        match f.kind {
+            FileKind::Output => out.files.push(f),
+            FileKind::Deleted => out.deleted.push(f),
+            FileKind::Error => out.errors.push(f),
+        }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_periods_compare_as_instants_at_any_precision() {
+        let now = store::parse_instant_ms("2026-06-15T12:00:00Z").expect("now");
+        assert!(period_covers(None, None, now));
+        assert!(period_covers(Some("2026"), Some("2026"), now));
+        assert!(period_covers(Some("2026-06-15"), None, now));
+        assert!(!period_covers(Some("2026-06-16"), None, now));
+        assert!(!period_covers(None, Some("2026-06-14"), now));
+        assert!(period_covers(None, Some("2026-06-15"), now));
+        // Offsets are honoured (text comparison would get this wrong).
+        assert!(period_covers(Some("2026-06-15T13:30:00+02:00"), None, now));
+        assert!(!period_covers(None, Some("2026-06-15T13:30:00+02:00"), now));
+    }
 }

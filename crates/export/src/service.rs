@@ -1,34 +1,87 @@
-//! [`ExportService`]: what the HTTP layer calls.
+//! [`ExportService`]: what the HTTP layer calls (kick-off, status, cancel, files), and the pool
+//! of workers that claim work items from the job queue.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use store::{SqliteStore, Store};
 
-use crate::jobs::{JobRecord, JobState, JobStore};
+use crate::anonymization::{AnonymizationError, AnonymizationInfo, Anonymizer, load_from_storage};
+use crate::jobs::{
+    FileKind, ItemKind, JobQueue, JobRecord, JobState, QueueError, SqliteJobQueue, WorkItem,
+};
 use crate::request::{ExportLevel, ExportRequest, RequestError, parameters_to_pairs};
-use crate::run::{RunError, run_export};
+use crate::run::{ItemContext, Prepared, RunError, RunSettings, execute_item, plan};
+use crate::sink::{FileBody, Sink};
+
+/// Fetches an anonymizer configuration out of an OCI image (`_anonymizationConfigCollectionReference`):
+/// `(image reference, file name)` → the configuration. Supplied by the server, which owns the
+/// registry client and its allow-list.
+pub type ImageConfigFetcher =
+    dyn Fn(&str, &str) -> Result<AnonymizationInfo, AnonymizationError> + Send + Sync;
 
 /// Export settings from the server configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ExportConfig {
-    /// `<data-dir>/storage`: containers are folders in it.
-    pub storage_root: PathBuf,
-    /// `<data-dir>/exports.db`.
+    /// Where export folders are written (a local folder by default).
+    pub sink: Arc<dyn Sink>,
+    /// `<data-dir>/exports.db`: the job queue.
     pub jobs_db: PathBuf,
     /// Container used without `_container`.
     pub default_container: String,
-    /// Resources per NDJSON file.
-    pub file_max_resources: u64,
+    /// File cutting and item sizes.
+    pub run: RunSettings,
+    /// Worker threads in this process.
+    pub workers: usize,
     /// Exports queued or running at once; more get 429.
     pub max_concurrent: u64,
+    /// A running work item without a heartbeat for this long is taken over.
+    pub heartbeat_timeout: Duration,
+    /// Claims per work item before the export fails.
+    pub max_attempts: i64,
     /// Base URL for file URLs in manifests.
     pub base_url: String,
     /// Whether downloads need a bearer token (the manifest's `requiresAccessToken`).
     pub requires_access_token: bool,
+    /// OCI image configurations; `None` refuses `_anonymizationConfigCollectionReference`.
+    pub image_configs: Option<Arc<ImageConfigFetcher>>,
+}
+
+impl std::fmt::Debug for ExportConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportConfig")
+            .field("sink", &self.sink.kind())
+            .field("jobs_db", &self.jobs_db)
+            .field("default_container", &self.default_container)
+            .field("run", &self.run)
+            .field("workers", &self.workers)
+            .field("max_concurrent", &self.max_concurrent)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExportConfig {
+    /// Defaults for a local folder destination at `storage_root`.
+    pub fn local(storage_root: PathBuf, jobs_db: PathBuf, base_url: String) -> ExportConfig {
+        ExportConfig {
+            sink: Arc::new(crate::sink::LocalSink::new(storage_root)),
+            jobs_db,
+            default_container: "exports".into(),
+            run: RunSettings::default(),
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            max_concurrent: 4,
+            heartbeat_timeout: Duration::from_secs(600),
+            max_attempts: 5,
+            base_url,
+            requires_access_token: false,
+            image_configs: None,
+        }
+    }
 }
 
 /// Errors of the export API; each names the HTTP status it maps to.
@@ -40,6 +93,10 @@ pub enum ExportError {
     /// The Group of a Group-level export does not exist → 404.
     #[error("Group/{0} not found")]
     GroupNotFound(String),
+    /// The de-identification configuration is missing, invalid or not allowed → 400
+    /// (503 when the storage could not be read).
+    #[error(transparent)]
+    Anonymization(#[from] AnonymizationError),
     /// No such job, or not the caller's → 404.
     #[error("no export job '{0}'")]
     UnknownJob(String),
@@ -54,15 +111,21 @@ pub enum ExportError {
     Internal(String),
 }
 
+impl From<QueueError> for ExportError {
+    fn from(e: QueueError) -> Self {
+        ExportError::Internal(e.to_string())
+    }
+}
+
 /// The state of a job as the status endpoint reports it.
 #[derive(Debug, Clone)]
 pub enum Status {
     InProgress { progress: String },
     Complete { manifest: Value },
-    Failed { diagnostics: String },
+    Failed { diagnostics: String, status: u16 },
 }
 
-/// Persisted form of a kick-off, re-parsed when a restarted server resumes the job.
+/// Persisted form of a kick-off, parsed again by whichever worker runs the job.
 fn request_json(
     level: &ExportLevel,
     pairs: &[(String, String)],
@@ -101,51 +164,102 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The export service: durable jobs, one runner thread per running export.
+/// `1234567` → `1,234,567`.
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The export service: the job queue, this process's workers, and the per-job state they share.
 pub struct ExportService {
     store: Arc<SqliteStore>,
-    jobs: JobStore,
+    queue: Arc<dyn JobQueue>,
     config: ExportConfig,
+    /// This process's lease-owner name.
+    node: String,
+    prepared: Mutex<HashMap<String, Arc<Prepared>>>,
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
-    live_progress: Arc<Mutex<HashMap<String, String>>>,
+    /// Resources scanned per running item of this process, finer than the heartbeats.
+    live: Mutex<HashMap<(String, i64), (String, u64)>>,
+    wake: (Mutex<u64>, Condvar),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ExportService {
+    /// Opens the job queue and starts this process's workers. Items left running by a previous
+    /// process are released at once: the store's data-directory lock guarantees that no other
+    /// live process shares this queue.
     pub fn open(
         store: Arc<SqliteStore>,
         config: ExportConfig,
     ) -> Result<Arc<ExportService>, ExportError> {
-        let jobs =
-            JobStore::open(&config.jobs_db).map_err(|e| ExportError::Internal(e.to_string()))?;
-        Ok(Arc::new(ExportService {
-            store,
-            jobs,
-            config,
-            cancels: Mutex::new(HashMap::new()),
-            live_progress: Arc::new(Mutex::new(HashMap::new())),
-        }))
-    }
-
-    /// Starts again every job a previous process left unfinished (from its pinned snapshot,
-    /// into a cleared folder).
-    pub fn resume(self: &Arc<Self>) -> Result<usize, ExportError> {
-        let unfinished = self
-            .jobs
-            .unfinished()
-            .map_err(|e| ExportError::Internal(e.to_string()))?;
-        let n = unfinished.len();
-        for job in unfinished {
-            tracing::info!(job = %job.id, "resuming export job");
-            self.spawn(job);
+        let queue = Arc::new(SqliteJobQueue::open(&config.jobs_db)?);
+        let released = queue.release_orphans()?;
+        if released > 0 {
+            tracing::info!(
+                items = released,
+                "resuming export work left by a previous process"
+            );
         }
-        Ok(n)
+        let node = format!(
+            "{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let svc = Arc::new(ExportService {
+            store,
+            queue,
+            config,
+            node,
+            prepared: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            wake: (Mutex::new(0), Condvar::new()),
+        });
+        for n in 0..svc.config.workers.max(1) {
+            let me = Arc::downgrade(&svc);
+            let spawned = std::thread::Builder::new()
+                .name(format!("export-worker-{n}"))
+                .spawn(move || worker_loop(me));
+            if let Err(e) = spawned {
+                return Err(ExportError::Internal(format!(
+                    "cannot start an export worker: {e}"
+                )));
+            }
+        }
+        Ok(svc)
     }
 
-    fn job_dir(&self, job: &JobRecord) -> PathBuf {
-        self.config.storage_root.join(&job.container).join(&job.id)
+    /// The number of exports queued or running (they resume on their own).
+    pub fn resume(self: &Arc<Self>) -> Result<u64, ExportError> {
+        Ok(self.queue.active_count()?)
     }
 
-    /// Validates a kick-off and queues the job. `body` is the POST Parameters resource, if any.
+    fn notify(&self) {
+        let (m, cv) = &self.wake;
+        *lock(m) += 1;
+        cv.notify_all();
+    }
+
+    fn cancel_flag(&self, job: &str) -> Arc<AtomicBool> {
+        lock(&self.cancels)
+            .entry(job.to_string())
+            .or_insert_with(|| Arc::new(AtomicBool::new(false)))
+            .clone()
+    }
+
+    /// Validates a kick-off, fetches and compiles its de-identification configuration, plans its
+    /// work items and queues it. `body` is the POST Parameters resource, if any.
     #[allow(clippy::too_many_arguments)]
     pub fn kickoff(
         self: &Arc<Self>,
@@ -178,13 +292,22 @@ impl ExportService {
                 Err(e) => return Err(ExportError::Internal(e.to_string())),
             }
         }
-        let active = self
-            .jobs
-            .active_count()
-            .map_err(|e| ExportError::Internal(e.to_string()))?;
+        let active = self.queue.active_count()?;
         if active >= self.config.max_concurrent {
             return Err(ExportError::TooMany(active));
         }
+        // The configuration is fetched and compiled now: a bad one answers 400 here rather
+        // than failing the job later.
+        let anonymization = match &req.anonymization {
+            None => None,
+            Some(spec) => Some(match &spec.collection {
+                None => load_from_storage(self.config.sink.as_ref(), spec)?,
+                Some(image) => match &self.config.image_configs {
+                    Some(fetch) => fetch(image, &spec.config)?,
+                    None => return Err(AnonymizationError::NotAllowed(image.clone()).into()),
+                },
+            }),
+        };
         let wm = self
             .store
             .watermark()
@@ -192,128 +315,171 @@ impl ExportService {
         let transaction_time = wm
             .last_updated
             .unwrap_or_else(|| store::format_instant_ms(now));
+        let items = plan(
+            self.store.as_ref(),
+            &req,
+            wm.seq,
+            self.config.run.item_resources,
+        )
+        .map_err(|e| ExportError::Internal(e.to_string()))?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let container = req
+            .container
+            .clone()
+            .unwrap_or_else(|| self.config.default_container.clone());
+        self.config
+            .sink
+            .ensure_container(&container)
+            .map_err(|e| ExportError::Internal(e.to_string()))?;
         let job = JobRecord {
-            id: uuid::Uuid::new_v4().simple().to_string(),
+            id: id.clone(),
             state: JobState::Queued,
             request: request_json(&level, &pairs, is_post, lenient, &request_url),
             watermark: wm.seq,
             transaction_time,
             client_id,
-            container: req
-                .container
-                .clone()
-                .unwrap_or_else(|| self.config.default_container.clone()),
+            container,
+            folder: id.clone(),
+            anonymization: anonymization.map(|a| serde_json::to_string(&a).unwrap_or_default()),
             result: None,
-            progress: "queued".into(),
+            failure_status: None,
             created_ms: now,
             finished_ms: None,
         };
-        self.jobs
-            .insert(&job)
-            .map_err(|e| ExportError::Internal(e.to_string()))?;
-        let id = job.id.clone();
-        self.spawn(job);
+        self.queue.create(&job, &items)?;
+        tracing::info!(job = %id, items = items.len(), "export queued");
+        self.notify();
         Ok(id)
     }
 
-    fn spawn(self: &Arc<Self>, job: JobRecord) {
-        let flag = Arc::new(AtomicBool::new(false));
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(job.id.clone(), flag.clone());
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name(format!("export-{}", &job.id[..8.min(job.id.len())]))
-            .spawn(move || me.execute(job, &flag))
-            .map(|_| ())
-            .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start an export thread"));
+    /// The prepared state of a job, built once per job and process.
+    fn prepare(&self, job_id: &str) -> Result<Arc<Prepared>, RunError> {
+        if let Some(p) = lock(&self.prepared).get(job_id) {
+            return Ok(p.clone());
+        }
+        let job = self.queue.get(job_id)?.ok_or(RunError::Stopped)?;
+        let req = parse_request_json(&job.request, job.created_ms).ok_or(RunError::BadRequest)?;
+        let anonymizer = match &job.anonymization {
+            None => None,
+            Some(text) => {
+                let info: AnonymizationInfo =
+                    serde_json::from_str(text).map_err(|_| RunError::BadRequest)?;
+                Some(
+                    Anonymizer::new(info, &job.folder)
+                        .map_err(|e| RunError::Anonymization(e.to_string()))?,
+                )
+            }
+        };
+        let p = Arc::new(Prepared::new(self.store.as_ref(), job, req, anonymizer)?);
+        lock(&self.prepared).insert(job_id.to_string(), p.clone());
+        Ok(p)
     }
 
-    fn execute(&self, job: JobRecord, cancel: &AtomicBool) {
-        let id = job.id.clone();
-        match self.jobs.start(&id) {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                tracing::error!(job = %id, error = %e, "cannot start export job");
-                return;
+    fn forget(&self, job_id: &str) {
+        lock(&self.prepared).remove(job_id);
+        lock(&self.cancels).remove(job_id);
+    }
+
+    /// Runs one claimed item and records the outcome.
+    fn run_item(&self, item: WorkItem) {
+        let job_id = item.job_id.clone();
+        let key = (job_id.clone(), item.item_no);
+        let result = self.prepare(&job_id).and_then(|prepared| {
+            let cancel = self.cancel_flag(&job_id);
+            let live_scanned = |n: u64| {
+                lock(&self.live).insert(key.clone(), (item.resource_type.clone(), n));
+            };
+            let ctx = ItemContext {
+                store: self.store.as_ref(),
+                queue: self.queue.as_ref(),
+                sink: self.config.sink.as_ref(),
+                prepared: &prepared,
+                settings: &self.config.run,
+                cancel: &cancel,
+                live_scanned: &live_scanned,
+            };
+            execute_item(&ctx, &item)?;
+            if item.kind == ItemKind::Finalize {
+                self.complete_job(&prepared)?;
             }
-        }
-        let Some(req) = parse_request_json(&job.request, job.created_ms) else {
-            let _ = self.jobs.finish(
-                &id,
-                JobState::Failed,
-                Some("the stored request cannot be read"),
-                now_ms(),
-            );
-            return;
-        };
-        let dir = self.job_dir(&job);
-        // A previous attempt may have left files: the snapshot is pinned, so start clean.
-        let _ = std::fs::remove_dir_all(&dir);
-        let live = self.live_progress.clone();
-        let mut progress = |text: &str| {
-            live.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone(), text.to_string());
-        };
-        let result = run_export(
-            self.store.as_ref(),
-            &req,
-            job.watermark,
-            &dir,
-            self.config.file_max_resources,
-            cancel,
-            &mut progress,
-        );
-        self.live_progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+            Ok(())
+        });
+        lock(&self.live).remove(&key);
         match result {
-            Ok(output) => {
-                let url =
-                    |name: &str| format!("{}/export-files/{}/{}", self.config.base_url, id, name);
-                let files = |v: &[crate::run::OutputFile]| -> Vec<Value> {
-                    v.iter().map(|f| json!({"type": f.resource_type, "url": url(&f.name), "count": f.count})).collect()
-                };
-                let mut manifest = json!({
-                    "transactionTime": job.transaction_time,
-                    "request": req.request_url,
-                    "requiresAccessToken": self.config.requires_access_token,
-                    "output": files(&output.files),
-                    "error": files(&output.errors),
-                    "extension": {
-                        "storage": {"container": job.container, "folder": id, "path": dir.display().to_string()}
-                    }
-                });
-                if req.since_ms.is_some() {
-                    manifest["deleted"] = Value::Array(files(&output.deleted));
-                }
-                let _ = self.jobs.finish(
-                    &id,
-                    JobState::Complete,
-                    Some(&manifest.to_string()),
-                    now_ms(),
-                );
-                tracing::info!(job = %id, files = output.files.len(), "export complete");
+            Ok(()) => {}
+            Err(RunError::LeaseLost) => {
+                tracing::warn!(job = %job_id, item = item.item_no, "work item taken over elsewhere");
             }
-            Err(RunError::Cancelled) => {
-                let _ = std::fs::remove_dir_all(&dir);
+            Err(RunError::Stopped) => {
+                // Cancelled or failed: make sure nothing of this export remains.
+                if let Ok(Some(job)) = self.queue.get(&job_id) {
+                    let _ = self.config.sink.delete_prefix(&job.container, &job.folder);
+                }
+                self.forget(&job_id);
             }
             Err(e) => {
-                tracing::error!(job = %id, error = %e, "export failed");
-                let _ = std::fs::remove_dir_all(&dir);
+                let retry = e.is_transient();
+                tracing::error!(job = %job_id, item = item.item_no, error = %e, retry, "export work item failed");
                 let _ = self
-                    .jobs
-                    .finish(&id, JobState::Failed, Some(&e.to_string()), now_ms());
+                    .queue
+                    .fail_item(&item, &e.to_string(), e.status(), retry, now_ms());
+                if !retry {
+                    if let Ok(Some(job)) = self.queue.get(&job_id) {
+                        let _ = self.config.sink.delete_prefix(&job.container, &job.folder);
+                    }
+                    self.forget(&job_id);
+                }
             }
         }
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+    }
+
+    /// Writes the manifest of a job whose items are all done.
+    fn complete_job(&self, prepared: &Prepared) -> Result<(), RunError> {
+        let job = &prepared.job;
+        let files = self.queue.files(&job.id)?;
+        let url = |name: &str| format!("{}/export-files/{}/{}", self.config.base_url, job.id, name);
+        let list = |kind: FileKind| -> Vec<Value> {
+            files
+                .iter()
+                .filter(|f| f.kind == kind)
+                .map(|f| json!({"type": f.resource_type, "url": url(&f.name), "count": f.count}))
+                .collect()
+        };
+        let mut storage = json!({
+            "kind": self.config.sink.kind(),
+            "container": job.container,
+            "folder": job.folder,
+            "location": self.config.sink.location(&job.container, &job.folder),
+        });
+        if let Some(a) = &prepared.anonymizer {
+            storage["anonymization"] = a.info.manifest_extension();
+        }
+        let mut manifest = json!({
+            "transactionTime": job.transaction_time,
+            "request": prepared.req.request_url,
+            "requiresAccessToken": self.config.requires_access_token,
+            "output": list(FileKind::Output),
+            "error": list(FileKind::Error),
+            "extension": {"storage": storage},
+        });
+        if prepared.req.since_ms.is_some() {
+            manifest["deleted"] = Value::Array(list(FileKind::Deleted));
+        }
+        self.queue.finish(
+            &job.id,
+            JobState::Complete,
+            Some(&manifest.to_string()),
+            None,
+            now_ms(),
+        )?;
+        let total: u64 = files
+            .iter()
+            .filter(|f| f.kind == FileKind::Output)
+            .map(|f| f.count)
+            .sum();
+        tracing::info!(job = %job.id, files = files.len(), resources = total, "export complete");
+        self.forget(&job.id);
+        Ok(())
     }
 
     fn owned_job(
@@ -322,9 +488,8 @@ impl ExportService {
         may_see: &dyn Fn(Option<&str>) -> bool,
     ) -> Result<JobRecord, ExportError> {
         let job = self
-            .jobs
-            .get(id)
-            .map_err(|e| ExportError::Internal(e.to_string()))?
+            .queue
+            .get(id)?
             .ok_or_else(|| ExportError::UnknownJob(id.to_string()))?;
         if job.state == JobState::Cancelled || !may_see(job.client_id.as_deref()) {
             return Err(ExportError::UnknownJob(id.to_string()));
@@ -332,7 +497,31 @@ impl ExportService {
         Ok(job)
     }
 
-    /// The status of a job; `may_see` decides whether the caller may see a job of that client.
+    /// Progress text such as `Observation 1,200,000 of 3,000,000 (2 of 17 types done)`.
+    fn progress_text(&self, job_id: &str) -> Result<String, ExportError> {
+        let mut types = self.queue.progress(job_id)?;
+        for ((j, _), (t, n)) in lock(&self.live).iter() {
+            if j == job_id
+                && let Some(tp) = types.iter_mut().find(|tp| &tp.resource_type == t)
+            {
+                tp.scanned = tp.scanned.max(*n);
+            }
+        }
+        let done = types.iter().filter(|t| t.done).count();
+        Ok(match types.iter().find(|t| !t.done) {
+            Some(t) => format!(
+                "{} {} of {} ({done} of {} types done)",
+                t.resource_type,
+                thousands(t.scanned.min(t.expected.max(t.scanned))),
+                thousands(t.expected),
+                types.len()
+            ),
+            None if types.is_empty() => "queued".to_string(),
+            None => format!("finishing ({done} of {} types done)", types.len()),
+        })
+    }
+
+    /// The state of a job; `may_see` decides whether the caller may see a job of that client.
     pub fn status(
         &self,
         id: &str,
@@ -340,17 +529,9 @@ impl ExportService {
     ) -> Result<Status, ExportError> {
         let job = self.owned_job(id, may_see)?;
         Ok(match job.state {
-            JobState::Queued | JobState::Running | JobState::Cancelled => {
-                let live = self
-                    .live_progress
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(id)
-                    .cloned();
-                Status::InProgress {
-                    progress: live.unwrap_or(job.progress),
-                }
-            }
+            JobState::Queued | JobState::Running | JobState::Cancelled => Status::InProgress {
+                progress: self.progress_text(id)?,
+            },
             JobState::Complete => Status::Complete {
                 manifest: job
                     .result
@@ -360,50 +541,101 @@ impl ExportService {
             },
             JobState::Failed => Status::Failed {
                 diagnostics: job.result.unwrap_or_default(),
+                status: job.failure_status.unwrap_or(500),
             },
         })
     }
 
-    /// Cancels a job (running or finished): stops its runner and removes its files.
+    /// Cancels a job (running or finished): its workers stop and its files are removed.
     pub fn cancel(
         &self,
         id: &str,
         may_see: &dyn Fn(Option<&str>) -> bool,
     ) -> Result<(), ExportError> {
         let job = self.owned_job(id, may_see)?;
-        if let Some(flag) = self
-            .cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-        {
-            flag.store(true, Ordering::Relaxed);
-        }
-        self.jobs
-            .cancel(id, now_ms())
+        self.cancel_flag(id).store(true, Ordering::Relaxed);
+        self.queue.cancel(id, now_ms())?;
+        self.config
+            .sink
+            .delete_prefix(&job.container, &job.folder)
             .map_err(|e| ExportError::Internal(e.to_string()))?;
-        let _ = std::fs::remove_dir_all(self.job_dir(&job));
         Ok(())
     }
 
-    /// The path of a file of a finished export.
+    /// Where a file of a finished export is, for the download endpoint.
     pub fn file(
         &self,
         id: &str,
         name: &str,
         may_see: &dyn Fn(Option<&str>) -> bool,
-    ) -> Result<PathBuf, ExportError> {
+    ) -> Result<FileBody, ExportError> {
         let job = self.owned_job(id, may_see)?;
-        let valid_name =
-            name.ends_with(".ndjson") && !name.contains(['/', '\\']) && !name.contains("..");
-        if job.state != JobState::Complete || !valid_name {
+        if job.state != JobState::Complete {
             return Err(ExportError::UnknownFile(name.to_string()));
         }
-        let path = self.job_dir(&job).join(name);
-        if path.is_file() {
-            Ok(path)
-        } else {
-            Err(ExportError::UnknownFile(name.to_string()))
+        let known = self
+            .queue
+            .files(id)?
+            .into_iter()
+            .any(|f| f.name == name && f.pending_rename.is_none());
+        if !known {
+            return Err(ExportError::UnknownFile(name.to_string()));
         }
+        Ok(self
+            .config
+            .sink
+            .body(&job.container, &format!("{}/{name}", job.folder)))
+    }
+
+    /// The destination, for serving remote file bodies.
+    pub fn sink(&self) -> &Arc<dyn Sink> {
+        &self.config.sink
+    }
+}
+
+/// A worker: claims items until the service is dropped; waits for a kick-off (or polls, for
+/// work other processes release) when there is none.
+fn worker_loop(svc: std::sync::Weak<ExportService>) {
+    const POLL: Duration = Duration::from_secs(2);
+    loop {
+        let Some(me) = svc.upgrade() else {
+            return;
+        };
+        let seen = *lock(&me.wake.0);
+        let claimed = me.queue.claim(
+            &me.node,
+            now_ms(),
+            me.config.heartbeat_timeout.as_millis() as i64,
+            me.config.max_attempts,
+        );
+        match claimed {
+            Ok(Some(item)) => {
+                me.run_item(item);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot claim export work"),
+        }
+        {
+            let (m, cv) = &me.wake;
+            let guard = lock(m);
+            if *guard == seen {
+                let _ = cv.wait_timeout(guard, POLL);
+            }
+        }
+        drop(me);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_numbers_have_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(3_000_000), "3,000,000");
     }
 }

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
+use export::LocalSink;
 use export::request::{ExportLevel, ExportRequest};
-use export::run::run_export;
+use export::run::{RunOutput, RunSettings, run_export};
 use serde_json::{Value, json};
 use store::sqlite::{SqliteOptions, SqliteStore};
 use store::{Store, WriteOp};
@@ -77,7 +78,11 @@ fn request(level: ExportLevel, pairs: &[(&str, &str)]) -> ExportRequest {
 fn read_out(dir: &Path) -> (BTreeMap<String, Vec<String>>, BTreeMap<String, usize>) {
     let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut files: BTreeMap<String, usize> = BTreeMap::new();
-    for e in std::fs::read_dir(dir).expect("dir") {
+    // An export without files has no folder.
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (ids, files);
+    };
+    for e in entries {
         let path = e.expect("entry").path();
         let name = path
             .file_name()
@@ -105,17 +110,44 @@ fn read_out(dir: &Path) -> (BTreeMap<String, Vec<String>>, BTreeMap<String, usiz
     (ids, files)
 }
 
-fn run(store: &SqliteStore, req: &ExportRequest, watermark: i64, dir: &Path, max: u64) {
+/// Runs an export into `<root>/out/<folder>` with `max` resources per file and small work items
+/// (so that types are split into several items).
+fn export_to(
+    store: &SqliteStore,
+    req: &ExportRequest,
+    watermark: i64,
+    root: &Path,
+    folder: &str,
+    max: u64,
+) -> RunOutput {
+    let settings = RunSettings {
+        file_max_resources: max,
+        item_resources: 2,
+        ..RunSettings::default()
+    };
     run_export(
         store,
         req,
         watermark,
-        dir,
-        max,
+        &LocalSink::new(root),
+        "out",
+        folder,
+        &settings,
+        None,
         &AtomicBool::new(false),
-        &mut |_| {},
     )
-    .expect("run");
+    .expect("run")
+}
+
+fn run(store: &SqliteStore, req: &ExportRequest, watermark: i64, dir: &Path, max: u64) {
+    // `dir` is `<root>/out/<folder>`.
+    let root = dir.parent().and_then(Path::parent).expect("root");
+    let folder = dir
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    export_to(store, req, watermark, root, &folder, max);
 }
 
 #[test]
@@ -128,7 +160,8 @@ fn levels_membership_rolling_and_snapshot() {
     // Written after the watermark: never in an export pinned to it.
     create(&store, json!({"resourceType": "Patient", "id": "late"}));
 
-    let sys = tmp.path().join("sys");
+    let out = tmp.path().join("out");
+    let sys = out.join("sys");
     run(&store, &request(ExportLevel::System, &[]), wm, &sys, 2);
     let (ids, files) = read_out(&sys);
     assert_eq!(ids["Patient"], ["p1", "p2", "p3"]);
@@ -136,7 +169,7 @@ fn levels_membership_rolling_and_snapshot() {
     assert_eq!(ids["Organization"], ["org1"]);
     assert_eq!(files["Patient"], 2, "rolled at 2 resources per file");
 
-    let pat = tmp.path().join("pat");
+    let pat = out.join("pat");
     run(&store, &request(ExportLevel::Patient, &[]), wm, &pat, 5000);
     let (ids, _) = read_out(&pat);
     assert_eq!(
@@ -149,7 +182,7 @@ fn levels_membership_rolling_and_snapshot() {
         "not in the Patient compartment"
     );
 
-    let grp = tmp.path().join("grp");
+    let grp = out.join("grp");
     run(
         &store,
         &request(ExportLevel::Group("g1".into()), &[]),
@@ -162,7 +195,7 @@ fn levels_membership_rolling_and_snapshot() {
     assert_eq!(ids["Patient"], ["p1", "p2"]);
     assert_eq!(ids["Observation"], ["o1", "o2", "o3"]);
 
-    let empty = tmp.path().join("empty");
+    let empty = out.join("empty");
     run(
         &store,
         &request(ExportLevel::Group("empty".into()), &[]),
@@ -175,7 +208,7 @@ fn levels_membership_rolling_and_snapshot() {
         "an empty Group exports nothing"
     );
 
-    let filtered = tmp.path().join("filtered");
+    let filtered = out.join("filtered");
     let req = request(
         ExportLevel::System,
         &[
@@ -224,21 +257,12 @@ fn since_exports_changes_and_lists_deletions() {
         .expect("delete");
     let wm = store.current_seq().expect("seq");
 
-    let out = tmp.path().join("since");
     let req = request(
         ExportLevel::System,
         &[("_since", &since), ("_type", "Patient,Observation")],
     );
-    let result = run_export(
-        &store,
-        &req,
-        wm,
-        &out,
-        5000,
-        &AtomicBool::new(false),
-        &mut |_| {},
-    )
-    .expect("run");
+    let result = export_to(&store, &req, wm, tmp.path(), "since", 5000);
+    let out = tmp.path().join("out/since");
     let mut patients = Vec::new();
     let mut deleted = Vec::new();
     for f in &result.files {
@@ -278,7 +302,6 @@ fn elements_keep_mandatory_and_tag_subsetted() {
         SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
     seed(&store);
     let wm = store.current_seq().expect("seq");
-    let out = tmp.path().join("elements");
     let req = request(
         ExportLevel::System,
         &[
@@ -286,16 +309,8 @@ fn elements_keep_mandatory_and_tag_subsetted() {
             ("_elements", "Observation.subject"),
         ],
     );
-    let result = run_export(
-        &store,
-        &req,
-        wm,
-        &out,
-        5000,
-        &AtomicBool::new(false),
-        &mut |_| {},
-    )
-    .expect("run");
+    let result = export_to(&store, &req, wm, tmp.path(), "elements", 5000);
+    let out = tmp.path().join("out/elements");
     let mut seen = 0;
     for f in &result.files {
         for line in std::fs::read_to_string(out.join(&f.name))

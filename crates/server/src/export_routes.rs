@@ -29,6 +29,16 @@ impl From<ExportError> for ApiError {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", e.to_string())
                     .with_header(header::RETRY_AFTER, HeaderValue::from_static("30"))
             }
+            ExportError::Anonymization(a) => match a {
+                export::AnonymizationError::Fetch(_) => {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "transient", e.to_string())
+                        .with_header(header::RETRY_AFTER, HeaderValue::from_static("30"))
+                }
+                export::AnonymizationError::NotAllowed(_) => {
+                    ApiError::invalid(e.to_string(), "_anonymizationConfigCollectionReference")
+                }
+                _ => ApiError::invalid(e.to_string(), "_anonymizationConfig"),
+            },
             ExportError::Internal(detail) => ApiError::internal("export", detail),
         }
     }
@@ -286,11 +296,24 @@ pub async fn status(
             }
             Ok(resp)
         }
-        Status::Failed { diagnostics } => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "exception",
-            format!("export failed: {diagnostics}"),
-        )),
+        Status::Failed {
+            diagnostics,
+            status,
+        } => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let issue = if code.is_client_error() {
+                "invalid"
+            } else if code == StatusCode::SERVICE_UNAVAILABLE {
+                "transient"
+            } else {
+                "exception"
+            };
+            Err(ApiError::new(
+                code,
+                issue,
+                format!("export failed: {diagnostics}"),
+            ))
+        }
     }
 }
 
@@ -315,17 +338,68 @@ pub async fn download(
     Path((job, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
-    let path = tokio::task::spawn_blocking(move || svc.file(&job, &file, &|owner| ctx.owns(owner)))
+    let body = tokio::task::spawn_blocking(move || svc.file(&job, &file, &|owner| ctx.owns(owner)))
         .await
         .map_err(|e| ApiError::internal("export download", e))??;
-    let f = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| ApiError::internal("export download", e))?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 16));
+    let body = match body {
+        export::FileBody::Local(path) => {
+            let f = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| ApiError::internal("export download", e))?;
+            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 16))
+        }
+        export::FileBody::Remote { container, path } => {
+            remote_body(state.export.sink().clone(), container, path).await?
+        }
+    };
     let mut resp = body.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/fhir+ndjson"),
     );
     Ok(resp)
+}
+
+/// Streams an object of a remote destination through the server: a blocking reader on a worker
+/// thread feeds a pipe whose other end is the response body.
+async fn remote_body(
+    sink: std::sync::Arc<dyn export::Sink>,
+    container: String,
+    path: String,
+) -> Result<Body, ApiError> {
+    let reader = tokio::task::spawn_blocking(move || sink.open_read(&container, &path))
+        .await
+        .map_err(|e| ApiError::internal("export download", e))?
+        .map_err(|e| match e {
+            export::SinkError::NotFound(_) => ApiError::not_found(e.to_string()),
+            other => ApiError::internal("export download", other),
+        })?;
+    let (mut tx, rx) = tokio::io::duplex(1 << 16);
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "export download interrupted");
+                    return;
+                }
+            };
+            let chunk = &buf[..n];
+            let written = handle.block_on(async {
+                use tokio::io::AsyncWriteExt;
+                tx.write_all(chunk).await
+            });
+            if written.is_err() {
+                // The client went away.
+                return;
+            }
+        }
+    });
+    Ok(Body::from_stream(
+        tokio_util::io::ReaderStream::with_capacity(rx, 1 << 16),
+    ))
 }

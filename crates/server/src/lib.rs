@@ -52,15 +52,12 @@ impl AppState {
         data_dir: &std::path::Path,
     ) -> Result<AppState, export::ExportError> {
         let base_url: String = base_url.into();
-        let config = export::ExportConfig {
-            storage_root: data_dir.join("storage"),
-            jobs_db: data_dir.join("exports.db"),
-            default_container: "exports".into(),
-            file_max_resources: 5000,
-            max_concurrent: 4,
-            base_url: base_url.clone(),
-            requires_access_token: auth.requires_access_token(),
-        };
+        let mut config = export::ExportConfig::local(
+            data_dir.join("storage"),
+            data_dir.join("exports.db"),
+            base_url.clone(),
+        );
+        config.requires_access_token = auth.requires_access_token();
         let export = export::ExportService::open(store.clone(), config)?;
         Ok(AppState {
             store,

@@ -1,0 +1,352 @@
+//! De-identified export: the anonymizer configuration is fetched and compiled at kick-off (from
+//! the destination's `anonymization` container, or from an OCI image), recorded on the job with
+//! its ETag or digest and a fingerprint, and applied to every resource on the way out.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::request::AnonymizationSpec;
+use crate::run::RunError;
+use crate::sink::{Sink, SinkError, sha256_hex};
+
+/// The container holding anonymizer configurations, beside the export containers.
+pub const CONFIG_CONTAINER: &str = "anonymization";
+/// Largest accepted configuration.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Why a de-identified export cannot start: each answers 400 at kick-off.
+#[derive(Debug, thiserror::Error)]
+pub enum AnonymizationError {
+    #[error("Anonymization container not found on the destination storage.")]
+    ContainerNotFound,
+    #[error("Anonymization configuration '{0}' not found.")]
+    NotFound(String),
+    #[error("Anonymization configuration is too large > 1MB.")]
+    TooLarge,
+    #[error(
+        "The ETag of anonymization configuration '{name}' is \"{actual}\", not the requested \"{expected}\"."
+    )]
+    EtagMismatch {
+        name: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("Failed to parse anonymization configuration '{name}': {message}")]
+    Invalid { name: String, message: String },
+    #[error("{0}")]
+    Registry(String),
+    #[error("The configuration collection reference '{0}' is not configured.")]
+    NotAllowed(String),
+    /// The storage could not be read (transient): 503 rather than 400.
+    #[error("Failed to fetch anonymization configuration: {0}")]
+    Fetch(String),
+}
+
+/// What the job records about its configuration. The text itself is kept so that a resumed job,
+/// on any node, applies exactly the rules fetched at kick-off.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AnonymizationInfo {
+    /// `storage` or `oci`.
+    pub source: String,
+    /// `_anonymizationConfig`.
+    pub name: String,
+    /// Storage: the object's ETag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// OCI: the image reference and the manifest digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// SHA-256 of the configuration as compiled (see [`fingerprint`]).
+    pub fingerprint: String,
+    pub config_text: String,
+}
+
+impl AnonymizationInfo {
+    /// The manifest's description (without the configuration text).
+    pub fn manifest_extension(&self) -> Value {
+        let mut v = json!({"source": self.source, "configuration": self.name, "fingerprint": self.fingerprint});
+        if let Some(e) = &self.etag {
+            v["etag"] = json!(e);
+        }
+        if let Some(i) = &self.image {
+            v["image"] = json!(i);
+        }
+        if let Some(d) = &self.digest {
+            v["digest"] = json!(d);
+        }
+        v
+    }
+}
+
+/// Compiles a configuration text, naming the file in errors.
+pub fn compile(name: &str, text: &str) -> Result<deid::Engine, AnonymizationError> {
+    deid::Engine::from_config_text(text).map_err(|e| AnonymizationError::Invalid {
+        name: name.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// A fingerprint of the configuration's rules and parameters: SHA-256 over its JSON with each
+/// key replaced by the key's own SHA-256, so that it identifies rules and keys without revealing
+/// them; whitespace and formatting do not change it. (A configuration with comments, which
+/// Newtonsoft accepts, is fingerprinted by its exact text.)
+pub fn fingerprint(config_text: &str) -> String {
+    let text = config_text.trim_start_matches('\u{feff}');
+    let Ok(mut v) = serde_json::from_str::<Value>(text) else {
+        return sha256_hex(text.as_bytes());
+    };
+    if let Some(params) = v.get_mut("parameters").and_then(Value::as_object_mut) {
+        for key in ["dateShiftKey", "cryptoHashKey", "encryptKey"] {
+            if let Some(Value::String(k)) = params.get_mut(key) {
+                *k = sha256_hex(k.as_bytes());
+            }
+        }
+    }
+    sha256_hex(v.to_string().as_bytes())
+}
+
+fn strip_quotes(etag: &str) -> &str {
+    let e = etag.trim();
+    let e = e.strip_prefix("W/").unwrap_or(e);
+    e.trim_matches('"')
+}
+
+/// Fetches the configuration from the destination's `anonymization` container and checks it.
+pub fn load_from_storage(
+    sink: &dyn Sink,
+    spec: &AnonymizationSpec,
+) -> Result<AnonymizationInfo, AnonymizationError> {
+    let (bytes, etag) = sink
+        .read_limited(CONFIG_CONTAINER, &spec.config, MAX_CONFIG_BYTES)
+        .map_err(|e| match e {
+            SinkError::ContainerNotFound(_) => AnonymizationError::ContainerNotFound,
+            SinkError::NotFound(_) => AnonymizationError::NotFound(spec.config.clone()),
+            SinkError::TooLarge { .. } => AnonymizationError::TooLarge,
+            other => AnonymizationError::Fetch(other.to_string()),
+        })?;
+    let etag = strip_quotes(&etag).to_string();
+    if let Some(expected) = &spec.etag
+        && strip_quotes(expected) != etag
+    {
+        return Err(AnonymizationError::EtagMismatch {
+            name: spec.config.clone(),
+            expected: strip_quotes(expected).to_string(),
+            actual: etag,
+        });
+    }
+    from_bytes(&spec.config, bytes, "storage", Some(etag), None, None)
+}
+
+/// Checks and compiles a fetched configuration into what the job records.
+pub fn from_bytes(
+    name: &str,
+    bytes: Vec<u8>,
+    source: &str,
+    etag: Option<String>,
+    image: Option<String>,
+    digest: Option<String>,
+) -> Result<AnonymizationInfo, AnonymizationError> {
+    let text = String::from_utf8(bytes).map_err(|_| AnonymizationError::Invalid {
+        name: name.to_string(),
+        message: "the configuration is not UTF-8 text".into(),
+    })?;
+    compile(name, &text)?;
+    Ok(AnonymizationInfo {
+        source: source.to_string(),
+        name: name.to_string(),
+        etag,
+        image,
+        digest,
+        fingerprint: fingerprint(&text),
+        config_text: text,
+    })
+}
+
+/// A compiled configuration applied to the resources of one export.
+#[derive(Clone)]
+pub struct Anonymizer {
+    engine: Arc<deid::Engine>,
+    pub info: AnonymizationInfo,
+}
+
+fn describe(v: &Value) -> String {
+    format!(
+        "{}/{}",
+        v.get("resourceType").and_then(Value::as_str).unwrap_or("?"),
+        v.get("id").and_then(Value::as_str).unwrap_or("?")
+    )
+}
+
+impl Anonymizer {
+    /// Compiles the recorded configuration once per export and process. `folder` is the
+    /// export's folder, the date-shift prefix of a `folder`-scoped configuration (a `file`
+    /// scope has no stable file name at transform time and uses the folder too).
+    pub fn new(info: AnonymizationInfo, folder: &str) -> Result<Anonymizer, AnonymizationError> {
+        let engine = compile(&info.name, &info.config_text)?.with_file_context(folder, folder);
+        Ok(Anonymizer {
+            engine: Arc::new(engine),
+            info,
+        })
+    }
+
+    /// De-identifies one stored resource: the output line, and with `processingErrors: skip`
+    /// an OperationOutcome line for the `error` file when the stub was written instead.
+    pub fn apply_bytes(&self, json: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>), RunError> {
+        let v: Value = serde_json::from_slice(json)
+            .map_err(|e| RunError::Anonymization(format!("stored resource unreadable: {e}")))?;
+        self.apply_value(v)
+    }
+
+    pub fn apply_value(&self, v: Value) -> Result<(Vec<u8>, Option<Vec<u8>>), RunError> {
+        let what = describe(&v);
+        match self.engine.anonymize(v) {
+            Ok(out) if out.skipped => {
+                let oo = json!({"resourceType": "OperationOutcome", "issue": [{
+                    "severity": "error", "code": "processing",
+                    "diagnostics": format!("{what} could not be de-identified; the redacted stub was written (processingErrors: skip)")
+                }]});
+                Ok((
+                    out.resource.to_string().into_bytes(),
+                    Some(oo.to_string().into_bytes()),
+                ))
+            }
+            Ok(out) => Ok((out.resource.to_string().into_bytes(), None)),
+            Err(e) => Err(RunError::Anonymization(format!(
+                "Failed to anonymize resource {what}. The job is marked as failed: {e}"
+            ))),
+        }
+    }
+
+    /// The id a `deleted` entry carries: the id as the configuration transforms `Resource.id`
+    /// (hashed when it hashes ids), found by running the configuration on the bare resource —
+    /// the same rules, in the same order, as for a full one. `None` when the configuration
+    /// removes ids (then the entry cannot be written without revealing the id).
+    pub fn deleted_id(&self, resource_type: &str, id: &str) -> Option<String> {
+        let bare = json!({"resourceType": resource_type, "id": id});
+        let out = self.engine.anonymize(bare).ok()?;
+        if out.skipped {
+            return None;
+        }
+        out.resource
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::LocalSink;
+
+    const CONFIG: &str = r#"{
+        "fhirVersion": "R4",
+        "fhirPathRules": [
+            {"path": "Resource.id", "method": "cryptoHash"},
+            {"path": "nodesByType('HumanName')", "method": "redact"}
+        ],
+        "parameters": {"cryptoHashKey": "secret-key", "dateShiftKey": "d"}
+    }"#;
+
+    fn spec(name: &str, etag: Option<&str>) -> AnonymizationSpec {
+        AnonymizationSpec {
+            config: name.into(),
+            etag: etag.map(str::to_string),
+            collection: None,
+        }
+    }
+
+    #[test]
+    fn storage_configs_are_found_checked_and_compiled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = LocalSink::new(dir.path());
+        assert!(matches!(
+            load_from_storage(&sink, &spec("c.json", None)),
+            Err(AnonymizationError::ContainerNotFound)
+        ));
+        std::fs::create_dir_all(dir.path().join("anonymization")).expect("mkdir");
+        assert!(matches!(
+            load_from_storage(&sink, &spec("c.json", None)),
+            Err(AnonymizationError::NotFound(_))
+        ));
+        std::fs::write(dir.path().join("anonymization/c.json"), CONFIG).expect("write");
+        let info = load_from_storage(&sink, &spec("c.json", None)).expect("load");
+        let etag = sha256_hex(CONFIG.as_bytes());
+        assert_eq!(info.etag.as_deref(), Some(etag.as_str()));
+        // Quotes are optional on the requested ETag.
+        let quoted = format!("\"{etag}\"");
+        load_from_storage(&sink, &spec("c.json", Some(&quoted))).expect("etag matches");
+        let e = load_from_storage(&sink, &spec("c.json", Some("abc"))).expect_err("mismatch");
+        assert!(
+            e.to_string().contains("abc") && e.to_string().contains(&etag),
+            "{e}"
+        );
+
+        std::fs::write(
+            dir.path().join("anonymization/bad.json"),
+            "{\"fhirPathRules\": 3}",
+        )
+        .expect("write");
+        assert!(matches!(
+            load_from_storage(&sink, &spec("bad.json", None)),
+            Err(AnonymizationError::Invalid { .. })
+        ));
+        let big = vec![b' '; MAX_CONFIG_BYTES as usize + 1];
+        std::fs::write(dir.path().join("anonymization/big.json"), big).expect("write");
+        assert!(matches!(
+            load_from_storage(&sink, &spec("big.json", None)),
+            Err(AnonymizationError::TooLarge)
+        ));
+    }
+
+    #[test]
+    fn fingerprints_hide_keys_and_deleted_ids_follow_the_rules() {
+        let info = from_bytes(
+            "c.json",
+            CONFIG.as_bytes().to_vec(),
+            "storage",
+            None,
+            None,
+            None,
+        )
+        .expect("info");
+        assert_eq!(info.fingerprint.len(), 64);
+        let other = CONFIG.replace("secret-key", "other-key");
+        let info2 =
+            from_bytes("c.json", other.into_bytes(), "storage", None, None, None).expect("info");
+        assert_ne!(info.fingerprint, info2.fingerprint);
+        let reformatted = CONFIG.replace('\n', " ");
+        let info3 = from_bytes(
+            "c.json",
+            reformatted.into_bytes(),
+            "storage",
+            None,
+            None,
+            None,
+        )
+        .expect("info");
+        assert_eq!(info.fingerprint, info3.fingerprint);
+        assert!(!info.manifest_extension().to_string().contains("secret-key"));
+
+        let a = Anonymizer::new(info, "folder").expect("anonymizer");
+        // A deleted entry carries the id exactly as the exported resource would.
+        let hashed = a.deleted_id("Observation", "obs-1").expect("hashed id");
+        let (line, _) = a
+            .apply_bytes(br#"{"resourceType":"Observation","id":"obs-1","status":"final","code":{"text":"x"}}"#)
+            .expect("apply");
+        let v: Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(v["id"], json!(hashed));
+        assert_ne!(hashed, "obs-1");
+        let (line, error) = a
+            .apply_bytes(br#"{"resourceType":"Patient","id":"p1","name":[{"family":"Doe"}]}"#)
+            .expect("apply");
+        assert!(error.is_none());
+        let v: Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(v["id"].as_str().map(str::len), Some(64));
+        assert!(v.get("name").is_none());
+    }
+}

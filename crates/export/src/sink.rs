@@ -1,0 +1,283 @@
+//! Where export files go: [`Sink`], with the local-folder implementation [`LocalSink`] (the
+//! default, `<data-dir>/storage/<container>/…`). Object stores (Azure Blob, S3) plug in through
+//! the same trait (see `remote.rs`).
+//!
+//! Architecture Invariant: a part is written under a temporary path and becomes visible under its
+//! final name only by [`Sink::rename`] after [`PartWriter::finish`] — a reader never sees a half
+//! file.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("container '{0}' not found on the destination")]
+    ContainerNotFound(String),
+    #[error("'{0}' not found on the destination")]
+    NotFound(String),
+    #[error("'{path}' is larger than {limit} bytes")]
+    TooLarge { path: String, limit: u64 },
+    /// Worth retrying (network, throttling, a destination that refused for now).
+    #[error("destination unavailable: {0}")]
+    Unavailable(String),
+    #[error("destination: {0}")]
+    Failed(String),
+}
+
+impl SinkError {
+    /// Whether another attempt may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Unavailable(_))
+    }
+}
+
+/// A file being written.
+pub trait PartWriter: Write + Send {
+    /// Makes the written bytes durable at the temporary path; returns the byte count.
+    fn finish(self: Box<Self>) -> Result<u64, SinkError>;
+}
+
+/// How the server hands a finished file to a client.
+#[derive(Debug, Clone)]
+pub enum FileBody {
+    /// A local file, streamed from disk.
+    Local(PathBuf),
+    /// An object in a remote store, streamed through the server.
+    Remote { container: String, path: String },
+}
+
+/// A storage destination: containers holding export folders, and the `anonymization` container.
+pub trait Sink: Send + Sync {
+    /// Short name of the kind (`local`, `azure`, `s3`).
+    fn kind(&self) -> &'static str;
+    /// Creates the container if it does not exist.
+    fn ensure_container(&self, container: &str) -> Result<(), SinkError>;
+    fn create(&self, container: &str, path: &str) -> Result<Box<dyn PartWriter>, SinkError>;
+    /// Moves a finished part to its final name; done when `from` is gone and `to` exists.
+    fn rename(&self, container: &str, from: &str, to: &str) -> Result<(), SinkError>;
+    /// Removes everything under `prefix` (a folder).
+    fn delete_prefix(&self, container: &str, prefix: &str) -> Result<(), SinkError>;
+    /// Reads a small object whole (at most `max_bytes`), with its ETag.
+    fn read_limited(
+        &self,
+        container: &str,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, String), SinkError>;
+    /// A blocking reader of a whole object (downloads from remote destinations).
+    fn open_read(&self, container: &str, path: &str) -> Result<Box<dyn Read + Send>, SinkError>;
+    /// Where a path lies, for people (a file path or a URL).
+    fn location(&self, container: &str, path: &str) -> String;
+    /// How to serve a finished file.
+    fn body(&self, container: &str, path: &str) -> FileBody;
+}
+
+/// Containers as folders under a root directory.
+#[derive(Debug, Clone)]
+pub struct LocalSink {
+    root: PathBuf,
+}
+
+impl LocalSink {
+    pub fn new(root: impl Into<PathBuf>) -> LocalSink {
+        LocalSink { root: root.into() }
+    }
+
+    /// The path of `path` in `container`; names are checked by the callers (container rules,
+    /// generated file names), and `..` is refused again here.
+    fn path(&self, container: &str, path: &str) -> Result<PathBuf, SinkError> {
+        let bad = |s: &str| s.split(['/', '\\']).any(|seg| seg == "..") || s.starts_with('/');
+        if container.is_empty() || container.contains(['/', '\\']) || bad(container) || bad(path) {
+            return Err(SinkError::Failed(format!(
+                "refused path '{container}/{path}'"
+            )));
+        }
+        Ok(self.root.join(container).join(path))
+    }
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> SinkError {
+    SinkError::Failed(format!("{}: {e}", path.display()))
+}
+
+struct LocalPart {
+    writer: BufWriter<File>,
+    path: PathBuf,
+    bytes: u64,
+}
+
+impl Write for LocalPart {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.writer.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+impl PartWriter for LocalPart {
+    fn finish(self: Box<Self>) -> Result<u64, SinkError> {
+        let LocalPart {
+            writer,
+            path,
+            bytes,
+        } = *self;
+        let f = writer
+            .into_inner()
+            .map_err(|e| io_error(&path, e.into_error()))?;
+        f.sync_data().map_err(|e| io_error(&path, e))?;
+        Ok(bytes)
+    }
+}
+
+impl Sink for LocalSink {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn ensure_container(&self, container: &str) -> Result<(), SinkError> {
+        let p = self.path(container, "")?;
+        fs::create_dir_all(&p).map_err(|e| io_error(&p, e))
+    }
+
+    fn create(&self, container: &str, path: &str) -> Result<Box<dyn PartWriter>, SinkError> {
+        let p = self.path(container, path)?;
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+        }
+        let f = File::create(&p).map_err(|e| io_error(&p, e))?;
+        Ok(Box::new(LocalPart {
+            writer: BufWriter::with_capacity(1 << 20, f),
+            path: p,
+            bytes: 0,
+        }))
+    }
+
+    fn rename(&self, container: &str, from: &str, to: &str) -> Result<(), SinkError> {
+        let (src, dst) = (self.path(container, from)?, self.path(container, to)?);
+        if !src.exists() && dst.exists() {
+            return Ok(());
+        }
+        if let Some(parent) = dst.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+        }
+        fs::rename(&src, &dst).map_err(|e| io_error(&src, e))
+    }
+
+    fn delete_prefix(&self, container: &str, prefix: &str) -> Result<(), SinkError> {
+        let p = self.path(container, prefix)?;
+        match fs::remove_dir_all(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error(&p, e)),
+        }
+    }
+
+    fn read_limited(
+        &self,
+        container: &str,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, String), SinkError> {
+        let dir = self.path(container, "")?;
+        if !dir.is_dir() {
+            return Err(SinkError::ContainerNotFound(container.to_string()));
+        }
+        let p = self.path(container, path)?;
+        let f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SinkError::NotFound(path.to_string()));
+            }
+            Err(e) => return Err(io_error(&p, e)),
+        };
+        let mut bytes = Vec::new();
+        f.take(max_bytes + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io_error(&p, e))?;
+        if bytes.len() as u64 > max_bytes {
+            return Err(SinkError::TooLarge {
+                path: path.to_string(),
+                limit: max_bytes,
+            });
+        }
+        // A local file's ETag is the SHA-256 of its content: anyone can compute it
+        // (`sha256sum`), and it changes exactly when the content does.
+        let etag = sha256_hex(&bytes);
+        Ok((bytes, etag))
+    }
+
+    fn open_read(&self, container: &str, path: &str) -> Result<Box<dyn Read + Send>, SinkError> {
+        let p = self.path(container, path)?;
+        match File::open(&p) {
+            Ok(f) => Ok(Box::new(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(SinkError::NotFound(path.to_string()))
+            }
+            Err(e) => Err(io_error(&p, e)),
+        }
+    }
+
+    fn location(&self, container: &str, path: &str) -> String {
+        self.root.join(container).join(path).display().to_string()
+    }
+
+    fn body(&self, container: &str, path: &str) -> FileBody {
+        FileBody::Local(self.root.join(container).join(path))
+    }
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_become_visible_only_when_renamed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = LocalSink::new(dir.path());
+        sink.ensure_container("exports").expect("container");
+        let mut w = sink
+            .create("exports", "job/_parts/1-1-1.ndjson")
+            .expect("create");
+        w.write_all(b"{}\n{}\n").expect("write");
+        assert_eq!(w.finish().expect("finish"), 6);
+        assert!(!dir.path().join("exports/job/Patient-1.ndjson").exists());
+        sink.rename("exports", "job/_parts/1-1-1.ndjson", "job/Patient-1.ndjson")
+            .expect("rename");
+        // Renaming again (a retried commit) is a no-op.
+        sink.rename("exports", "job/_parts/1-1-1.ndjson", "job/Patient-1.ndjson")
+            .expect("rename again");
+        let (bytes, etag) = sink
+            .read_limited("exports", "job/Patient-1.ndjson", 100)
+            .expect("read");
+        assert_eq!(bytes, b"{}\n{}\n");
+        assert_eq!(etag, sha256_hex(b"{}\n{}\n"));
+        assert!(matches!(
+            sink.read_limited("exports", "job/Patient-1.ndjson", 3),
+            Err(SinkError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            sink.read_limited("nothing", "x.json", 3),
+            Err(SinkError::ContainerNotFound(_))
+        ));
+        assert!(matches!(
+            sink.read_limited("exports", "x.json", 3),
+            Err(SinkError::NotFound(_))
+        ));
+        assert!(sink.create("exports", "../escape").is_err());
+        sink.delete_prefix("exports", "job").expect("delete");
+        assert!(!dir.path().join("exports/job").exists());
+    }
+}
