@@ -37,6 +37,78 @@ pub struct ServeConfig {
     /// Lifetime of issued access tokens, in seconds.
     #[arg(long, env = "FHIRHOSE_TOKEN_LIFETIME", default_value_t = 300)]
     pub token_lifetime: u64,
+    #[command(flatten)]
+    pub export: ExportOptions,
+}
+
+/// `$export` options.
+#[derive(Debug, Clone, Args)]
+pub struct ExportOptions {
+    /// Export worker threads in this process (default: the number of cores, at least 2).
+    #[arg(long, env = "FHIRHOSE_EXPORT_WORKERS")]
+    pub export_workers: Option<usize>,
+    /// Resources per NDJSON file before it is rolled to the next number.
+    #[arg(long, env = "FHIRHOSE_EXPORT_FILE_RESOURCES", default_value_t = 5000)]
+    pub export_file_resources: u64,
+    /// Megabytes per NDJSON file before it is rolled (whichever limit comes first).
+    #[arg(long, env = "FHIRHOSE_EXPORT_FILE_MB", default_value_t = 64)]
+    pub export_file_mb: u64,
+    /// Resources per work item: an export is split into items of about this size, which the
+    /// workers share.
+    #[arg(
+        long,
+        env = "FHIRHOSE_EXPORT_ITEM_RESOURCES",
+        default_value_t = 250_000
+    )]
+    pub export_item_resources: u64,
+    /// Exports queued or running at once; more kick-offs get 429.
+    #[arg(long, env = "FHIRHOSE_EXPORT_MAX_CONCURRENT", default_value_t = 4)]
+    pub export_max_concurrent: u64,
+    /// Seconds without a heartbeat after which a running work item is taken over.
+    #[arg(long, env = "FHIRHOSE_EXPORT_HEARTBEAT_TIMEOUT", default_value_t = 600)]
+    pub export_heartbeat_timeout: u64,
+    /// Container used when a kick-off has no `_container`.
+    #[arg(long, env = "FHIRHOSE_EXPORT_CONTAINER", default_value = "exports")]
+    pub export_container: String,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            export_workers: None,
+            export_file_resources: 5000,
+            export_file_mb: 64,
+            export_item_resources: 250_000,
+            export_max_concurrent: 4,
+            export_heartbeat_timeout: 600,
+            export_container: "exports".into(),
+        }
+    }
+}
+
+impl ExportOptions {
+    /// The export service settings for a data directory.
+    pub fn export_config(
+        &self,
+        data_dir: &std::path::Path,
+        base_url: String,
+    ) -> export::ExportConfig {
+        let mut c = export::ExportConfig::local(
+            data_dir.join("storage"),
+            data_dir.join("exports.db"),
+            base_url,
+        );
+        if let Some(w) = self.export_workers {
+            c.workers = w;
+        }
+        c.run.file_max_resources = self.export_file_resources;
+        c.run.file_max_bytes = self.export_file_mb.saturating_mul(1024 * 1024);
+        c.run.item_resources = self.export_item_resources;
+        c.max_concurrent = self.export_max_concurrent;
+        c.heartbeat_timeout = std::time::Duration::from_secs(self.export_heartbeat_timeout);
+        c.default_container = self.export_container.clone();
+        c
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -51,6 +123,8 @@ pub enum ConfigError {
     BaseUrl(String),
     #[error("--max-body-bytes must be at least 1024")]
     BodyLimit,
+    #[error("{0}")]
+    Export(String),
     #[error("{0}")]
     Auth(String),
 }
@@ -68,6 +142,28 @@ impl ServeConfig {
         }
         if self.max_body_bytes < 1024 {
             return Err(ConfigError::BodyLimit);
+        }
+        let e = &self.export;
+        if e.export_workers == Some(0) {
+            return Err(ConfigError::Export(
+                "--export-workers must be at least 1".into(),
+            ));
+        }
+        if e.export_file_resources == 0 || e.export_file_mb == 0 || e.export_item_resources == 0 {
+            return Err(ConfigError::Export(
+                "--export-file-resources, --export-file-mb and --export-item-resources must be at least 1".into(),
+            ));
+        }
+        if e.export_heartbeat_timeout < 5 {
+            return Err(ConfigError::Export(
+                "--export-heartbeat-timeout must be at least 5 seconds".into(),
+            ));
+        }
+        if !export::request::valid_container(&e.export_container) {
+            return Err(ConfigError::Export(format!(
+                "--export-container '{}' is not a valid container name (3-63 lowercase letters, digits and single hyphens)",
+                e.export_container
+            )));
         }
         Ok(())
     }

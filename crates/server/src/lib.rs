@@ -52,13 +52,22 @@ impl AppState {
         data_dir: &std::path::Path,
     ) -> Result<AppState, export::ExportError> {
         let base_url: String = base_url.into();
-        let mut config = export::ExportConfig::local(
-            data_dir.join("storage"),
-            data_dir.join("exports.db"),
-            base_url.clone(),
-        );
-        config.requires_access_token = auth.requires_access_token();
-        let export = export::ExportService::open(store.clone(), config)?;
+        let config = config::ExportOptions::default().export_config(data_dir, base_url.clone());
+        AppState::with_export(store, base_url, auth, max_body_bytes, config)
+    }
+
+    /// The state of a server with the given export settings.
+    pub fn with_export(
+        store: Arc<SqliteStore>,
+        base_url: impl Into<String>,
+        auth: auth::Auth,
+        max_body_bytes: usize,
+        mut export_config: export::ExportConfig,
+    ) -> Result<AppState, export::ExportError> {
+        let base_url: String = base_url.into();
+        export_config.base_url = base_url.clone();
+        export_config.requires_access_token = auth.requires_access_token();
+        let export = export::ExportService::open(store.clone(), export_config)?;
         Ok(AppState {
             store,
             base_url: base_url.into(),
@@ -142,12 +151,15 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         dir: config.data_dir.display().to_string(),
         source,
     })?;
-    let state = AppState::new(
+    let export_config = config
+        .export
+        .export_config(&config.data_dir, base_url.clone());
+    let state = AppState::with_export(
         Arc::new(store),
         base_url.clone(),
         auth,
         config.max_body_bytes,
-        &config.data_dir,
+        export_config,
     )?;
     let resumed = state.export.resume()?;
     if resumed > 0 {

@@ -1,0 +1,450 @@
+//! De-identified `$export` over real HTTP on the 100-patient Synthea set, with the shipped R4
+//! sample configuration (keys set) kept in the local storage's `anonymization` container:
+//! residual-PHI checks, hashed references that resolve, kick-off validation, ETags,
+//! `processingErrors: skip`, and the manifest's record of the configuration.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct S {
+    base: String,
+    c: reqwest::Client,
+    dir: tempfile::TempDir,
+}
+
+fn synthea() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100")
+}
+
+/// The shipped sample configuration with its three keys set.
+fn sample_config() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deid/tests/corpus/shipped-configs/r4-configuration-sample.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["parameters"]["dateShiftKey"] = json!("date-shift-key-for-tests");
+    v["parameters"]["cryptoHashKey"] = json!("crypto-hash-key-for-tests");
+    v["parameters"]["encryptKey"] = json!("0123456789abcdef0123456789abcdef");
+    serde_json::to_string_pretty(&v).unwrap()
+}
+
+async fn start() -> S {
+    let dir = tempfile::tempdir().unwrap();
+    let store = server::open_store(dir.path()).unwrap();
+    ingest::load_into_store(
+        &store,
+        &[synthea()],
+        &ingest::LoadOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let state = server::AppState::new(
+        Arc::new(store),
+        base.clone(),
+        auth::Auth::none(),
+        1 << 20,
+        dir.path(),
+    )
+    .unwrap();
+    tokio::spawn(async move { axum::serve(listener, server::router(state)).await.unwrap() });
+    let configs = dir.path().join("storage/anonymization");
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::write(configs.join("sample.json"), sample_config()).unwrap();
+    S {
+        base,
+        c: reqwest::Client::new(),
+        dir,
+    }
+}
+
+impl S {
+    async fn kickoff(&self, path: &str) -> reqwest::Response {
+        self.c
+            .get(format!("{}{}", self.base, path))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn export(&self, path: &str) -> Value {
+        let r = self.kickoff(path).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::ACCEPTED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        let url = r.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        for _ in 0..1200 {
+            let r = self.c.get(&url).send().await.unwrap();
+            match r.status() {
+                StatusCode::OK => return r.json().await.unwrap(),
+                StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {}
+                other => panic!("status {other}: {}", r.text().await.unwrap()),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("export did not finish");
+    }
+
+    /// Every resource of a manifest's `output` (or `error`) files.
+    async fn lines(&self, manifest: &Value, key: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        for o in manifest[key].as_array().unwrap() {
+            let text = self
+                .c
+                .get(o["url"].as_str().unwrap())
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            out.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+            );
+        }
+        out
+    }
+
+    async fn bad_kickoff(&self, path: &str, needle: &str) {
+        let r = self.kickoff(path).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
+        let oo: Value = r.json().await.unwrap();
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        let text = oo.to_string();
+        assert!(text.contains(needle), "{path}: {text}");
+    }
+}
+
+/// Strings under `key` anywhere in a JSON value.
+fn collect(v: &Value, key: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if k == key {
+                    match x {
+                        Value::String(s) => out.push(s.clone()),
+                        Value::Array(a) => {
+                            out.extend(a.iter().filter_map(Value::as_str).map(str::to_string))
+                        }
+                        _ => {}
+                    }
+                }
+                collect(x, key, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect(x, key, out)),
+        _ => {}
+    }
+}
+
+/// Original identifying values of the people in the data (outside the config's keep rules,
+/// which keep Organization identifiers, telecoms and addresses).
+fn original_phi() -> HashSet<String> {
+    let mut phi = HashSet::new();
+    let mut kept = HashSet::new();
+    for res in ingest_resources() {
+        let t = res["resourceType"].as_str().unwrap_or("").to_string();
+        let mut vals = Vec::new();
+        for (elem, key) in [
+            ("name", "family"),
+            ("name", "given"),
+            ("telecom", "value"),
+            ("address", "line"),
+            ("address", "city"),
+            ("identifier", "value"),
+        ] {
+            if let Some(items) = res.get(elem).and_then(Value::as_array) {
+                for it in items {
+                    collect(&json!({"x": it.get(key)}), "x", &mut vals);
+                }
+            }
+        }
+        if t == "Organization" {
+            kept.extend(vals);
+        } else if t == "Patient" || t == "Practitioner" {
+            phi.extend(vals);
+        }
+    }
+    // Values too short to be identifying on their own, and values an Organization keeps.
+    phi.retain(|v| v.len() >= 4 && !kept.contains(v));
+    phi
+}
+
+/// The Synthea resources as loaded (Bundles unpacked).
+fn ingest_resources() -> Vec<Value> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(synthea()).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.ends_with(".json.gz") && !name.ends_with(".json") {
+            continue;
+        }
+        let f = std::fs::File::open(&p).unwrap();
+        let text = if name.ends_with(".gz") {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(f), &mut s).unwrap();
+            s
+        } else {
+            std::fs::read_to_string(&p).unwrap()
+        };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        match v["resourceType"].as_str() {
+            Some("Bundle") => out.extend(
+                v["entry"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| e["resource"].clone()),
+            ),
+            _ => out.push(v),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deidentified_system_export_leaves_no_phi_and_references_resolve() {
+    let s = start().await;
+    let m = s
+        .export("/$export?_container=deid&_anonymizationConfig=sample.json")
+        .await;
+    let ext = &m["extension"]["storage"]["anonymization"];
+    assert_eq!(ext["configuration"], "sample.json");
+    assert_eq!(ext["source"], "storage");
+    assert_eq!(ext["fingerprint"].as_str().map(str::len), Some(64));
+    assert!(ext["etag"].is_string());
+    assert!(!m.to_string().contains("crypto-hash-key-for-tests"));
+    assert_eq!(m["error"], json!([]));
+
+    let resources = s.lines(&m, "output").await;
+    // Every resource of the plain export is there, under a hashed id: the README's 38,970
+    // entries carry 203 distinct Organizations and Practitioners (not 452), plus the Group.
+    assert_eq!(resources.len(), 38_970 - 452 * 2 + 203 * 2 + 1);
+    let mut ids: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in &resources {
+        let t = r["resourceType"].as_str().unwrap().to_string();
+        let id = r["id"].as_str().unwrap().to_string();
+        assert_eq!(id.len(), 64, "hashed id: {t}/{id}");
+        ids.entry(t).or_default().insert(id);
+    }
+    let text: String = resources
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let phi = original_phi();
+    assert!(phi.len() > 500, "the check has values to look for");
+    let leaked: Vec<&String> = phi
+        .iter()
+        .filter(|v| text.contains(&format!("\"{v}\"")))
+        .collect();
+    assert!(leaked.is_empty(), "original PHI in the output: {leaked:?}");
+    // The sample configuration date-shifts birth dates (a Safe Harbor configuration would
+    // generalize them to the year): no patient keeps its original birth date. Hashed ids are
+    // HMACs of the original ids, so each output Patient is matched to its original.
+    let original_births: HashMap<String, String> = ingest_resources()
+        .into_iter()
+        .filter(|r| r["resourceType"] == "Patient")
+        .map(|r| {
+            (
+                deid::transforms::crypto_hash(
+                    "crypto-hash-key-for-tests",
+                    r["id"].as_str().unwrap(),
+                ),
+                r["birthDate"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // (Patients over 89 lose the birth date altogether.)
+    let (mut shifted, mut removed) = (0, 0);
+    for r in resources.iter().filter(|r| r["resourceType"] == "Patient") {
+        let original = &original_births[r["id"].as_str().unwrap()];
+        match r["birthDate"].as_str() {
+            Some(b) => {
+                assert_ne!(b, original, "original birth date kept");
+                shifted += 1;
+            }
+            None => removed += 1,
+        }
+    }
+    assert_eq!(shifted + removed, 100);
+    assert!(shifted > 80);
+    // Every reference points at an exported (hashed) resource, or at a contained one.
+    let mut checked = 0;
+    for r in &resources {
+        let mut refs = Vec::new();
+        collect(r, "reference", &mut refs);
+        let mut contained = Vec::new();
+        for c in r["contained"].as_array().into_iter().flatten() {
+            collect(&json!({"x": c["id"]}), "x", &mut contained);
+        }
+        for reference in &refs {
+            if let Some(local) = reference.strip_prefix('#') {
+                assert!(contained.iter().any(|c| c == local), "dangling {reference}");
+            } else {
+                let (t, id) = reference.split_once('/').unwrap_or(("", reference));
+                assert!(
+                    ids.get(t).is_some_and(|set| set.contains(id)),
+                    "dangling reference {reference}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 10_000);
+
+    // The Patient level de-identifies the same way (same ids for the same patients).
+    let mp = s
+        .export("/Patient/$export?_type=Patient&_container=deid&_anonymizationConfig=sample.json")
+        .await;
+    let patients = s.lines(&mp, "output").await;
+    assert_eq!(patients.len(), 100);
+    for p in &patients {
+        assert!(ids["Patient"].contains(p["id"].as_str().unwrap()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kickoff_validates_configs_and_etags() {
+    let s = start().await;
+    s.bad_kickoff(
+        "/$export?_anonymizationConfig=sample.json",
+        "Missing '_container' for anonymized export",
+    )
+    .await;
+    s.bad_kickoff(
+        "/$export?_container=deid&_anonymizationConfigEtag=abc",
+        "Missing '_anonymizationConfig'",
+    )
+    .await;
+    s.bad_kickoff(
+        "/$export?_container=deid&_anonymizationConfig=sample.json&_anonymizationConfigEtag=abc&_anonymizationConfigCollectionReference=localhost:5001/cfg:1",
+        "cannot be used together",
+    )
+    .await;
+    s.bad_kickoff(
+        "/$export?_container=deid&_anonymizationConfig=../fhirhose.db",
+        "not a valid configuration name",
+    )
+    .await;
+    s.bad_kickoff(
+        "/$export?_container=deid&_anonymizationConfig=missing.json",
+        "Anonymization configuration 'missing.json' not found",
+    )
+    .await;
+    s.bad_kickoff(
+        "/$export?_container=deid&_anonymizationConfig=cfg.json&_anonymizationConfigCollectionReference=example.com/cfg:1",
+        "not configured",
+    )
+    .await;
+    let configs = s.dir.path().join("storage/anonymization");
+    std::fs::write(
+        configs.join("invalid.json"),
+        r#"{"fhirPathRules": [{"path": "Patient.name.where(", "method": "redact"}]}"#,
+    )
+    .unwrap();
+    s.bad_kickoff(
+        "/$export?_container=deid&_anonymizationConfig=invalid.json",
+        "invalid.json",
+    )
+    .await;
+
+    // ETags: the SHA-256 of the file, quotes optional; a mismatch names both.
+    let etag = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(sample_config().as_bytes());
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    s.bad_kickoff(
+        "/$export?_type=Patient&_container=deid&_anonymizationConfig=sample.json&_anonymizationConfigEtag=%220x8D%22",
+        &etag,
+    )
+    .await;
+    let m = s
+        .export(&format!(
+            "/$export?_type=Patient&_container=deid&_anonymizationConfig=sample.json&_anonymizationConfigEtag=%22{etag}%22"
+        ))
+        .await;
+    assert_eq!(
+        m["extension"]["storage"]["anonymization"]["etag"],
+        json!(etag)
+    );
+    assert_eq!(s.lines(&m, "output").await.len(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn processing_errors_skip_writes_stubs_and_error_lines() {
+    let s = start().await;
+    std::fs::write(
+        s.dir.path().join("storage/anonymization/skip.json"),
+        r#"{"fhirVersion": "R4", "processingErrors": "skip",
+            "fhirPathRules": [{"path": "Patient.birthDate", "method": "generalize", "cases": {"$this + 1 = 2": "'x'"}}],
+            "parameters": {"cryptoHashKey": "k"}}"#,
+    )
+    .unwrap();
+    let m = s
+        .export("/$export?_type=Patient&_container=deid&_anonymizationConfig=skip.json")
+        .await;
+    let out = s.lines(&m, "output").await;
+    assert_eq!(out.len(), 100);
+    for stub in &out {
+        assert_eq!(stub["meta"]["security"][0]["code"], "REDACTED");
+        assert!(stub.get("name").is_none());
+    }
+    let errors = s.lines(&m, "error").await;
+    assert_eq!(errors.len(), 100);
+    assert!(
+        errors
+            .iter()
+            .all(|e| e["resourceType"] == "OperationOutcome")
+    );
+
+    // With `raise`, the same failure fails the export with a 400 OperationOutcome.
+    std::fs::write(
+        s.dir.path().join("storage/anonymization/raise.json"),
+        r#"{"fhirVersion": "R4", "processingErrors": "raise",
+            "fhirPathRules": [{"path": "Patient.birthDate", "method": "generalize", "cases": {"$this + 1 = 2": "'x'"}}],
+            "parameters": {"cryptoHashKey": "k"}}"#,
+    )
+    .unwrap();
+    let r = s
+        .kickoff("/$export?_type=Patient&_container=deid&_anonymizationConfig=raise.json")
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let url = r.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut last = StatusCode::ACCEPTED;
+    for _ in 0..300 {
+        let r = s.c.get(&url).send().await.unwrap();
+        last = r.status();
+        if last != StatusCode::ACCEPTED && last != StatusCode::TOO_MANY_REQUESTS {
+            let oo: Value = r.json().await.unwrap();
+            assert_eq!(oo["resourceType"], "OperationOutcome");
+            assert!(oo.to_string().contains("Failed to anonymize"), "{oo}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last, StatusCode::BAD_REQUEST);
+    // Nothing of the failed export remains in the container.
+    let folders = std::fs::read_dir(s.dir.path().join("storage/deid"))
+        .unwrap()
+        .count();
+    assert_eq!(folders, 1, "only the successful export's folder");
+}
