@@ -632,12 +632,17 @@ fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
                 {
                     return Ok(());
                 }
-                match transform(p, t, row.json, &compartment, &subset, needs_value)? {
-                    Emit::Skip => {}
-                    Emit::Line(line) => out.write(&line)?,
-                    Emit::Stub(stub, outcome) => {
-                        out.write(&stub)?;
-                        errors.write(&outcome)?;
+                if !needs_value && p.anonymizer.is_none() {
+                    // The common plain case: stored bytes straight to the file.
+                    out.write(row.json)?;
+                } else {
+                    match transform(p, t, row.json, &compartment, &subset, needs_value)? {
+                        Emit::Skip => {}
+                        Emit::Line(line) => out.write(&line)?,
+                        Emit::Stub(stub, outcome) => {
+                            out.write(&stub)?;
+                            errors.write(&outcome)?;
+                        }
                     }
                 }
                 if out.full() || errors.full() {

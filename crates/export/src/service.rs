@@ -35,8 +35,13 @@ pub struct ExportConfig {
     pub default_container: String,
     /// File cutting and item sizes.
     pub run: RunSettings,
-    /// Worker threads in this process.
+    /// Worker threads in this process (0: this process only answers kick-off, status and
+    /// downloads; other processes sharing the queue do the work).
     pub workers: usize,
+    /// Whether this process is the only one using the job queue (SQLite beside a locked data
+    /// directory): then work left running at start-up is released at once instead of after the
+    /// heartbeat timeout.
+    pub exclusive_queue: bool,
     /// Exports queued or running at once; more get 429.
     pub max_concurrent: u64,
     /// A running work item without a heartbeat for this long is taken over.
@@ -74,6 +79,7 @@ impl ExportConfig {
             default_container: "exports".into(),
             run: RunSettings::default(),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            exclusive_queue: true,
             max_concurrent: 4,
             heartbeat_timeout: Duration::from_secs(600),
             max_attempts: 5,
@@ -226,7 +232,7 @@ impl ExportService {
             live: Mutex::new(HashMap::new()),
             wake: (Mutex::new(0), Condvar::new()),
         });
-        for n in 0..svc.config.workers.max(1) {
+        for n in 0..svc.config.workers {
             let me = Arc::downgrade(&svc);
             let spawned = std::thread::Builder::new()
                 .name(format!("export-worker-{n}"))

@@ -345,3 +345,93 @@ fn elements_keep_mandatory_and_tag_subsetted() {
         ExportRequest::parse(ExportLevel::System, &bad, false, false, 0, String::new()).is_err()
     );
 }
+
+#[test]
+fn associated_provenance_and_size_rolling() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store =
+        SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
+    seed(&store);
+    let prov = |id: &str, target: &str, recorded: &str| {
+        json!({"resourceType": "Provenance", "id": id, "recorded": recorded,
+            "target": [{"reference": target}], "agent": [{"who": {"reference": "Organization/org1"}}]})
+    };
+    create(
+        &store,
+        prov("pr-o1-old", "Observation/o1", "2020-01-01T00:00:00Z"),
+    );
+    create(
+        &store,
+        prov("pr-o1-new", "Observation/o1", "2021-01-01T00:00:00Z"),
+    );
+    create(
+        &store,
+        prov("pr-org", "Organization/org1", "2021-01-01T00:00:00Z"),
+    );
+    create(
+        &store,
+        prov("pr-o2", "Observation/o2", "2019-01-01T00:00:00Z"),
+    );
+    let wm = store.current_seq().expect("seq");
+    let post = |pairs: &[(&str, &str)]| {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        ExportRequest::parse(
+            ExportLevel::Patient,
+            &pairs,
+            true,
+            false,
+            i64::MAX / 2,
+            "http://x/Patient/$export".into(),
+        )
+        .expect("valid")
+    };
+    // Patient p1's Observations, and the Provenance of what is exported.
+    let req = post(&[
+        ("_type", "Observation"),
+        ("patient", "Patient/p1"),
+        ("includeAssociatedData", "RelevantProvenanceResources"),
+    ]);
+    export_to(&store, &req, wm, tmp.path(), "relevant", 5000);
+    let (ids, _) = read_out(&tmp.path().join("out/relevant"));
+    assert_eq!(ids["Observation"], ["o1", "o3"]);
+    assert_eq!(ids["Provenance"], ["pr-o1-new", "pr-o1-old"]);
+    let req = post(&[
+        ("_type", "Observation"),
+        ("patient", "Patient/p1"),
+        ("includeAssociatedData", "LatestProvenanceResources"),
+    ]);
+    export_to(&store, &req, wm, tmp.path(), "latest", 5000);
+    let (ids, _) = read_out(&tmp.path().join("out/latest"));
+    assert_eq!(ids["Provenance"], ["pr-o1-new"]);
+    let bad = vec![(
+        "includeAssociatedData".to_string(),
+        "_everything".to_string(),
+    )];
+    assert!(
+        ExportRequest::parse(ExportLevel::System, &bad, false, false, 0, String::new()).is_err()
+    );
+
+    // Files roll by size too: each Observation line is over 100 bytes.
+    let settings = RunSettings {
+        file_max_bytes: 100,
+        ..RunSettings::default()
+    };
+    let req = request(ExportLevel::System, &[("_type", "Observation")]);
+    let out = run_export(
+        &store,
+        &req,
+        wm,
+        &LocalSink::new(tmp.path()),
+        "out",
+        "bysize",
+        &settings,
+        None,
+        &AtomicBool::new(false),
+    )
+    .expect("run");
+    assert_eq!(out.files.len(), 3, "one Observation per file");
+    assert!(out.files.iter().all(|f| f.count == 1 && f.bytes > 100));
+}

@@ -1,0 +1,251 @@
+//! The export service with its worker pool over a real SQLite store and job queue: an export
+//! split into many work items shared by several workers, a work item of a dead node taken over
+//! after the heartbeat timeout, cancel.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use export::jobs::{JobQueue, SqliteJobQueue};
+use export::{ExportConfig, ExportLevel, ExportService, Status};
+use serde_json::{Value, json};
+use store::sqlite::{SqliteOptions, SqliteStore};
+use store::{Store, WriteOp};
+
+const PATIENTS: usize = 1200;
+const OBSERVATIONS_PER_PATIENT: usize = 3;
+
+fn seeded(dir: &Path) -> Arc<SqliteStore> {
+    let store = SqliteStore::open(&dir.join("db.sqlite"), SqliteOptions::default()).expect("store");
+    for chunk in 0..(PATIENTS / 100) {
+        let mut ops = Vec::new();
+        for i in chunk * 100..(chunk + 1) * 100 {
+            ops.push(WriteOp::Create {
+                resource: json!({"resourceType": "Patient", "id": format!("p{i}")}),
+            });
+            for k in 0..OBSERVATIONS_PER_PATIENT {
+                ops.push(WriteOp::Create {
+                    resource: json!({"resourceType": "Observation", "id": format!("o{i}-{k}"),
+                        "status": "final", "code": {"text": "x"},
+                        "subject": {"reference": format!("Patient/p{i}")}}),
+                });
+            }
+        }
+        store.write(ops).expect("write");
+    }
+    Arc::new(store)
+}
+
+fn config(dir: &Path, workers: usize) -> ExportConfig {
+    let mut c = ExportConfig::local(
+        dir.join("storage"),
+        dir.join("exports.db"),
+        "http://fhirhose.test".into(),
+    );
+    c.workers = workers;
+    c.run.item_resources = 250;
+    c.run.file_max_resources = 200;
+    c.run.heartbeat_every = Duration::from_millis(100);
+    c
+}
+
+fn wait(svc: &ExportService, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        match svc.status(id, &|_| true).expect("status") {
+            Status::Complete { manifest } => return manifest,
+            Status::Failed { diagnostics, .. } => panic!("export failed: {diagnostics}"),
+            Status::InProgress { .. } => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    panic!("export did not finish");
+}
+
+/// Ids per type in the export folder, asserting one type per file, numbering without gaps and
+/// manifest counts.
+fn contents(dir: &Path, manifest: &Value) -> BTreeMap<String, Vec<String>> {
+    let folder = dir
+        .join("storage")
+        .join(
+            manifest["extension"]["storage"]["container"]
+                .as_str()
+                .expect("container"),
+        )
+        .join(
+            manifest["extension"]["storage"]["folder"]
+                .as_str()
+                .expect("folder"),
+        );
+    let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut numbers: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for o in manifest["output"].as_array().expect("output") {
+        let name = o["url"]
+            .as_str()
+            .expect("url")
+            .rsplit('/')
+            .next()
+            .expect("name");
+        let (t, n) = name
+            .trim_end_matches(".ndjson")
+            .rsplit_once('-')
+            .expect("Type-n");
+        numbers
+            .entry(t.to_string())
+            .or_default()
+            .push(n.parse().expect("n"));
+        let text = std::fs::read_to_string(folder.join(name)).expect("file");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(o["count"], json!(lines.len()));
+        for l in lines {
+            let v: Value = serde_json::from_str(l).expect("json");
+            assert_eq!(v["resourceType"], o["type"]);
+            ids.entry(t.to_string())
+                .or_default()
+                .push(v["id"].as_str().expect("id").to_string());
+        }
+    }
+    for (t, mut ns) in numbers {
+        ns.sort();
+        let expected: Vec<u32> = (1..=ns.len() as u32).collect();
+        assert_eq!(ns, expected, "{t} files numbered 1..n without gaps");
+    }
+    let leftovers: Vec<String> = std::fs::read_dir(&folder)
+        .expect("folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".ndjson"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "no temporary parts remain: {leftovers:?}"
+    );
+    for v in ids.values() {
+        let unique: HashSet<&String> = v.iter().collect();
+        assert_eq!(unique.len(), v.len(), "no duplicates");
+    }
+    ids
+}
+
+#[test]
+fn workers_share_an_export_split_into_items() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = seeded(dir.path());
+    let svc = ExportService::open(store, config(dir.path(), 3)).expect("service");
+    let id = svc
+        .kickoff(
+            ExportLevel::System,
+            vec![],
+            None,
+            false,
+            "http://x/$export".into(),
+            None,
+        )
+        .expect("kickoff");
+    let manifest = wait(&svc, &id);
+    let ids = contents(dir.path(), &manifest);
+    assert_eq!(ids["Patient"].len(), PATIENTS);
+    assert_eq!(
+        ids["Observation"].len(),
+        PATIENTS * OBSERVATIONS_PER_PATIENT
+    );
+    // Files are cut per item, so there are more than count / file size.
+    let files = manifest["output"].as_array().expect("output").len();
+    assert!(files >= (PATIENTS * 4) / 200, "{files} files");
+
+    // Patient level through the same items: every compartment resource once.
+    let id = svc
+        .kickoff(
+            ExportLevel::Patient,
+            vec![("_type".into(), "Observation".into())],
+            None,
+            false,
+            "http://x/Patient/$export".into(),
+            None,
+        )
+        .expect("kickoff");
+    let ids = contents(dir.path(), &wait(&svc, &id));
+    assert_eq!(
+        ids["Observation"].len(),
+        PATIENTS * OBSERVATIONS_PER_PATIENT
+    );
+}
+
+#[test]
+fn an_item_of_a_dead_node_is_taken_over_after_the_heartbeat_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = seeded(dir.path());
+    // An API-only node queues the export; nobody works on it yet.
+    let mut api = config(dir.path(), 0);
+    api.exclusive_queue = false;
+    let api = ExportService::open(store.clone(), api).expect("api node");
+    let id = api
+        .kickoff(
+            ExportLevel::System,
+            vec![],
+            None,
+            false,
+            "http://x/$export".into(),
+            None,
+        )
+        .expect("kickoff");
+    // A node claims the first item and dies without a heartbeat.
+    let queue = SqliteJobQueue::open(&dir.path().join("exports.db")).expect("queue");
+    let now = chrono::Utc::now().timestamp_millis();
+    let dead = queue
+        .claim("dead-node", now, 600_000, 5)
+        .expect("claim")
+        .expect("an item");
+    assert!(matches!(
+        api.status(&id, &|_| true).expect("status"),
+        Status::InProgress { .. }
+    ));
+
+    // A worker node with a 1-second timeout finishes the export, the dead node's item included.
+    let mut worker = config(dir.path(), 2);
+    worker.exclusive_queue = false;
+    worker.heartbeat_timeout = Duration::from_secs(1);
+    let worker = ExportService::open(store, worker).expect("worker node");
+    let manifest = wait(&api, &id);
+    let ids = contents(dir.path(), &manifest);
+    assert_eq!(ids["Patient"].len(), PATIENTS);
+    assert_eq!(
+        ids["Observation"].len(),
+        PATIENTS * OBSERVATIONS_PER_PATIENT
+    );
+    // The dead node, were it to wake up, can no longer commit.
+    assert_ne!(
+        queue.heartbeat(&dead, 1, now + 1).expect("heartbeat"),
+        export::jobs::Lease::Held
+    );
+    drop(worker);
+}
+
+#[test]
+fn cancel_stops_the_workers_and_removes_the_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = seeded(dir.path());
+    let mut c = config(dir.path(), 2);
+    c.run.item_resources = 100;
+    c.run.file_max_resources = 10;
+    let svc = ExportService::open(store, c).expect("service");
+    let id = svc
+        .kickoff(
+            ExportLevel::System,
+            vec![],
+            None,
+            false,
+            "http://x/$export".into(),
+            None,
+        )
+        .expect("kickoff");
+    std::thread::sleep(Duration::from_millis(30));
+    svc.cancel(&id, &|_| true).expect("cancel");
+    assert!(
+        svc.status(&id, &|_| true).is_err(),
+        "a cancelled job is gone"
+    );
+    // The workers notice within a heartbeat and remove what they were writing.
+    std::thread::sleep(Duration::from_millis(1500));
+    let folder = dir.path().join("storage/exports").join(&id);
+    assert!(!folder.exists(), "files of a cancelled export are removed");
+}
