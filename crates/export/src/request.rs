@@ -22,6 +22,8 @@ pub struct ExportRequest {
     pub until_ms: Option<i64>,
     /// `_typeFilter` queries, `Type?query` each.
     pub type_filters: Vec<String>,
+    /// The same queries compiled once, ORed per type.
+    pub filters: search::PredicateSet,
     /// `patient` references (POST only; not at system level): patient ids.
     pub patients: Vec<String>,
     /// `_container`.
@@ -172,6 +174,7 @@ impl ExportRequest {
             since_ms: None,
             until_ms: None,
             type_filters: Vec::new(),
+            filters: search::PredicateSet::new(),
             patients: Vec::new(),
             container: None,
             elements: Vec::new(),
@@ -228,7 +231,10 @@ impl ExportRequest {
                         ));
                     };
                     match search::Predicate::compile(t, q) {
-                        Ok(_) => r.type_filters.push(value.clone()),
+                        Ok(p) => {
+                            r.type_filters.push(value.clone());
+                            r.filters.add(p);
+                        }
                         Err(e) => soft(&mut r, err("_typeFilter", e.to_string()))?,
                     }
                 }

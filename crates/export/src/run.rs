@@ -35,8 +35,6 @@ pub enum RunError {
     Queue(#[from] QueueError),
     #[error("storage: {0}")]
     Sink(#[from] SinkError),
-    #[error("_typeFilter: {0}")]
-    Filter(String),
     /// A resource could not be de-identified and the configuration says `raise`.
     #[error("{0}")]
     Anonymization(String),
@@ -57,10 +55,7 @@ impl RunError {
     /// The HTTP status the status endpoint answers for a job failed by this error.
     pub fn status(&self) -> u16 {
         match self {
-            RunError::GroupNotFound(_)
-            | RunError::Filter(_)
-            | RunError::Anonymization(_)
-            | RunError::BadRequest => 400,
+            RunError::GroupNotFound(_) | RunError::Anonymization(_) | RunError::BadRequest => 400,
             RunError::Sink(e) if e.is_transient() => 503,
             _ => 500,
         }
@@ -111,12 +106,7 @@ impl Prepared {
         req: ExportRequest,
         anonymizer: Option<Anonymizer>,
     ) -> Result<Prepared, RunError> {
-        let mut filters = search::PredicateSet::new();
-        for f in &req.type_filters {
-            filters
-                .add_type_filter(f)
-                .map_err(|e| RunError::Filter(e.to_string()))?;
-        }
+        let filters = req.filters.clone();
         let scope = patient_scope(store, &req)?;
         let by_patient = !matches!(req.level, ExportLevel::System) || !req.patients.is_empty();
         let since_after = since_seq(store, &req)?;

@@ -63,13 +63,7 @@ fn check_kickoff_headers(headers: &HeaderMap) -> Result<(), ApiError> {
             "Accept",
         ));
     }
-    let async_ok = headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split([',', ';']))
-        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"));
-    if !async_ok {
+    if !crate::negotiate::prefer_token(headers, "respond-async") {
         return Err(ApiError::invalid(
             "$export requires the header Prefer: respond-async",
             "Prefer",

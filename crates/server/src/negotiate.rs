@@ -157,18 +157,32 @@ pub fn lenient(headers: &HeaderMap) -> bool {
     prefer(headers, "handling").as_deref() == Some("lenient")
 }
 
-/// The value of one `Prefer` preference, e.g. `return` or `handling`.
-pub fn prefer(headers: &HeaderMap, name: &str) -> Option<String> {
+/// The preferences of every `Prefer` header, as `(name, value)` (value empty for a bare token
+/// such as `respond-async`).
+fn preferences(headers: &HeaderMap) -> impl Iterator<Item = (String, String)> + '_ {
     headers
         .get_all("prefer")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split([',', ';']))
-        .find_map(|p| {
-            let (k, v) = p.split_once('=')?;
-            (k.trim().eq_ignore_ascii_case(name))
-                .then(|| v.trim().trim_matches('"').to_ascii_lowercase())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (
+                k.trim().to_ascii_lowercase(),
+                v.trim().trim_matches('"').to_ascii_lowercase(),
+            ),
+            None => (p.trim().to_ascii_lowercase(), String::new()),
         })
+}
+
+/// The value of one `Prefer` preference, e.g. `return` or `handling`.
+pub fn prefer(headers: &HeaderMap, name: &str) -> Option<String> {
+    preferences(headers)
+        .find_map(|(k, v)| (k.eq_ignore_ascii_case(name) && !v.is_empty()).then_some(v))
+}
+
+/// Whether a bare `Prefer` token such as `respond-async` is present.
+pub fn prefer_token(headers: &HeaderMap, token: &str) -> bool {
+    preferences(headers).any(|(k, v)| v.is_empty() && k.eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]
