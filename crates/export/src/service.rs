@@ -24,6 +24,9 @@ use crate::sink::{FileBody, Sink};
 pub type ImageConfigFetcher =
     dyn Fn(&str, &str) -> Result<AnonymizationInfo, AnonymizationError> + Send + Sync;
 
+/// Largest work item of a de-identified export.
+const DEID_ITEM_RESOURCES: u64 = 10_000;
+
 /// Export settings from the server configuration.
 #[derive(Clone)]
 pub struct ExportConfig {
@@ -321,13 +324,14 @@ impl ExportService {
         let transaction_time = wm
             .last_updated
             .unwrap_or_else(|| store::format_instant_ms(now));
-        let items = plan(
-            self.store.as_ref(),
-            &req,
-            wm.seq,
-            self.config.run.item_resources,
-        )
-        .map_err(|e| ExportError::Internal(e.to_string()))?;
+        // De-identification is CPU-bound: smaller items let every worker share a large type.
+        let item_resources = if anonymization.is_some() {
+            self.config.run.item_resources.min(DEID_ITEM_RESOURCES)
+        } else {
+            self.config.run.item_resources
+        };
+        let items = plan(self.store.as_ref(), &req, wm.seq, item_resources)
+            .map_err(|e| ExportError::Internal(e.to_string()))?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let container = req
             .container
