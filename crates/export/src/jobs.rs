@@ -320,6 +320,7 @@ CREATE TABLE IF NOT EXISTS export_item (
     owner TEXT,
     heartbeat_ms INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
+    not_before_ms INTEGER,
     error TEXT,
     PRIMARY KEY (job_id, item_no)
 );
@@ -508,10 +509,11 @@ impl JobQueue for SqliteJobQueue {
                  WHERE j.state IN ('queued', 'running')
                    AND (i.state = 'pending' OR (i.state = 'running' AND i.heartbeat_ms < ?1))
                    AND i.attempts < ?2
+                   AND (i.not_before_ms IS NULL OR i.not_before_ms <= ?3)
                    AND (i.kind != 'finalize' OR NOT EXISTS (
                         SELECT 1 FROM export_item o WHERE o.job_id = i.job_id AND o.kind != 'finalize' AND o.state != 'done'))
                  ORDER BY j.created_ms, i.item_no LIMIT 1",
-                params![now_ms - timeout_ms, max_attempts],
+                params![now_ms - timeout_ms, max_attempts, now_ms],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
@@ -650,10 +652,12 @@ impl JobQueue for SqliteJobQueue {
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if lease_state(&tx, item)? == Lease::Held {
             if retry {
-                // Claimable again at once; `attempts` bounds the retries.
+                // Claimable again after a back-off that doubles per attempt (2 s, 4 s, … ≤ 60 s);
+                // `attempts` bounds the retries.
+                let backoff_ms = (1_000i64 << item.attempt.clamp(1, 6)).min(60_000);
                 tx.execute(
-                    "UPDATE export_item SET state = 'pending', owner = NULL, error = ?3 WHERE job_id = ?1 AND item_no = ?2",
-                    params![item.job_id, item.item_no, message],
+                    "UPDATE export_item SET state = 'pending', owner = NULL, error = ?3, not_before_ms = ?4 WHERE job_id = ?1 AND item_no = ?2",
+                    params![item.job_id, item.item_no, message, now_ms + backoff_ms],
                 )?;
             } else {
                 tx.execute(
@@ -905,10 +909,12 @@ mod tests {
         let i = q.claim("w", 0, 10, 2).expect("claim").expect("1");
         q.fail_item(&i, "destination unreachable", 503, true, 1)
             .expect("retry");
-        let i = q.claim("w", 2, 10, 2).expect("claim").expect("2");
+        // Retried after a back-off, not at once.
+        assert!(q.claim("w", 2, 10, 2).expect("claim").is_none());
+        let i = q.claim("w", 2_001, 10, 2).expect("claim").expect("2");
         assert_eq!(i.attempt, 2);
         // Stale again with attempts exhausted: the job fails instead of looping forever.
-        assert!(q.claim("w", 100, 10, 2).expect("claim").is_none());
+        assert!(q.claim("w", 3_000, 10, 2).expect("claim").is_none());
         let a = q.get("a").expect("get").expect("job");
         assert_eq!((a.state, a.failure_status), (JobState::Failed, Some(500)));
 
