@@ -435,3 +435,61 @@ fn associated_provenance_and_size_rolling() {
     assert_eq!(out.files.len(), 3, "one Observation per file");
     assert!(out.files.iter().all(|f| f.count == 1 && f.bytes > 100));
 }
+
+#[test]
+fn deidentified_deleted_entries_carry_hashed_ids() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store =
+        SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
+    seed(&store);
+    let first = store.current_seq().expect("seq");
+    let since = store.instant_of_seq(first).expect("instant").expect("some");
+    let since_ms = store::parse_instant_ms(&since).expect("ms");
+    while chrono::Utc::now().timestamp_millis() <= since_ms {
+        std::thread::yield_now();
+    }
+    store
+        .write(vec![WriteOp::Delete {
+            resource_type: "Observation".into(),
+            id: "o2".into(),
+            if_match: None,
+        }])
+        .expect("delete");
+    let wm = store.current_seq().expect("seq");
+    let config = r#"{"fhirVersion": "R4", "fhirPathRules": [{"path": "Resource.id", "method": "cryptoHash"}],
+        "parameters": {"cryptoHashKey": "k"}}"#;
+    let info = export::anonymization::from_bytes(
+        "c.json",
+        config.as_bytes().to_vec(),
+        "storage",
+        None,
+        None,
+        None,
+    )
+    .expect("config");
+    let anonymizer = export::anonymization::Anonymizer::new(info, "f").expect("anonymizer");
+    let req = request(ExportLevel::System, &[("_since", &since)]);
+    let out = run_export(
+        &store,
+        &req,
+        wm,
+        &LocalSink::new(tmp.path()),
+        "out",
+        "deid",
+        &RunSettings::default(),
+        Some(anonymizer),
+        &AtomicBool::new(false),
+    )
+    .expect("run");
+    assert_eq!(out.deleted.len(), 1);
+    let text = std::fs::read_to_string(tmp.path().join("out/deid").join(&out.deleted[0].name))
+        .expect("read");
+    let b: Value = serde_json::from_str(text.trim()).expect("bundle");
+    assert_eq!(
+        b["entry"][0]["request"]["url"],
+        json!(format!(
+            "Observation/{}",
+            deid::transforms::crypto_hash("k", "o2")
+        ))
+    );
+}
