@@ -522,7 +522,12 @@ impl ExportService {
             Some(t) => format!(
                 "{} {} of {} ({done} of {} types done)",
                 t.resource_type,
-                thousands(t.scanned.min(t.expected.max(t.scanned))),
+                // `expected` is estimated from the item ranges; a resumed item rescans a little.
+                thousands(if t.expected > 0 {
+                    t.scanned.min(t.expected)
+                } else {
+                    t.scanned
+                }),
                 thousands(t.expected),
                 types.len()
             ),
