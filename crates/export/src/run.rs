@@ -538,6 +538,83 @@ pub fn execute_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<(), RunErr
     Ok(())
 }
 
+/// Scans a type of the snapshot with a fallible step per row; the first error stops the scan.
+fn scan_rows(
+    store: &dyn Store,
+    resource_type: &str,
+    as_of: i64,
+    bounds: SeqBounds,
+    step: &mut dyn FnMut(store::ScanRow<'_>) -> Result<(), RunError>,
+) -> Result<(), RunError> {
+    let mut failure = None;
+    store.scan_type_each(resource_type, as_of, bounds, &mut |row| match step(row) {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(e) => {
+            failure = Some(e);
+            ControlFlow::Break(())
+        }
+    })?;
+    failure.map_or(Ok(()), Err)
+}
+
+/// The output and `error` parts of one item.
+struct Outputs<'s> {
+    out: Roller<'s>,
+    errors: Roller<'s>,
+}
+
+impl<'s> Outputs<'s> {
+    fn new(ctx: &ItemContext<'s>, item: &WorkItem, resource_type: &str) -> Outputs<'s> {
+        Outputs {
+            out: Roller::new(ctx, item, FileKind::Output, resource_type, resource_type),
+            errors: Roller::new(
+                ctx,
+                item,
+                FileKind::Error,
+                "OperationOutcome",
+                "OperationOutcome",
+            ),
+        }
+    }
+
+    fn emit(&mut self, e: Emit) -> Result<(), RunError> {
+        match e {
+            Emit::Skip => Ok(()),
+            Emit::Line(line) => self.out.write(&line),
+            Emit::Stub(stub, outcome) => {
+                self.out.write(&stub)?;
+                self.errors.write(&outcome)
+            }
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.out.full() || self.errors.full()
+    }
+
+    /// Finishes the current parts, for one commit.
+    fn take(&mut self) -> Result<Vec<NewFile>, RunError> {
+        Ok([self.out.take()?, self.errors.take()?]
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// Commits what remains with the item's end as cursor.
+    fn close(
+        &mut self,
+        ctx: &ItemContext<'_>,
+        item: &WorkItem,
+        scanned: u64,
+    ) -> Result<(), RunError> {
+        let parts = self.take()?;
+        if !parts.is_empty() {
+            commit(ctx, item, parts, item.seq_up_to, scanned)?;
+        }
+        Ok(())
+    }
+}
+
 /// What one resource becomes in the output.
 enum Emit {
     Skip,
@@ -593,75 +670,45 @@ fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
     let compartment = compartment_params(t);
     let subset = element_subset(&p.req, t);
     let needs_value = p.by_patient || p.filters.filters_type(t) || subset.is_some();
-    let mut out = Roller::new(ctx, item, FileKind::Output, t, t);
-    let mut errors = Roller::new(
-        ctx,
-        item,
-        FileKind::Error,
-        "OperationOutcome",
-        "OperationOutcome",
-    );
+    let mut outputs = Outputs::new(ctx, item, t);
     let mut pulse = Pulse {
         last: Instant::now(),
     };
     let mut scanned = item.scanned;
-    let mut failure: Option<RunError> = None;
     let bounds = SeqBounds {
         after: item.cursor.max(p.since_after),
         up_to: item.seq_up_to,
     };
-    ctx.store
-        .scan_type_each(t, p.job.watermark, bounds, &mut |row| {
-            scanned += 1;
-            let mut step = || -> Result<(), RunError> {
-                if scanned.is_multiple_of(1024) {
-                    pulse.beat(ctx, item, scanned)?;
-                }
-                if let Some(until) = p.req.until_ms
-                    && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
-                {
-                    return Ok(());
-                }
-                if !needs_value && p.anonymizer.is_none() {
-                    // The common plain case: stored bytes straight to the file.
-                    out.write(row.json)?;
-                } else {
-                    match transform(p, t, row.json, &compartment, &subset, needs_value)? {
-                        Emit::Skip => {}
-                        Emit::Line(line) => out.write(&line)?,
-                        Emit::Stub(stub, outcome) => {
-                            out.write(&stub)?;
-                            errors.write(&outcome)?;
-                        }
-                    }
-                }
-                if out.full() || errors.full() {
-                    let parts: Vec<NewFile> = [out.take()?, errors.take()?]
-                        .into_iter()
-                        .flatten()
-                        .collect();
-                    commit(ctx, item, parts, row.seq, scanned)?;
-                }
-                Ok(())
-            };
-            match step() {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(e) => {
-                    failure = Some(e);
-                    ControlFlow::Break(())
-                }
-            }
-        })?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let parts: Vec<NewFile> = [out.take()?, errors.take()?]
-        .into_iter()
-        .flatten()
-        .collect();
-    if !parts.is_empty() {
-        commit(ctx, item, parts, item.seq_up_to, scanned)?;
-    }
+    scan_rows(ctx.store, t, p.job.watermark, bounds, &mut |row| {
+        scanned += 1;
+        if scanned.is_multiple_of(1024) {
+            pulse.beat(ctx, item, scanned)?;
+        }
+        if let Some(until) = p.req.until_ms
+            && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
+        {
+            return Ok(());
+        }
+        if !needs_value && p.anonymizer.is_none() {
+            // The common plain case: stored bytes straight to the file.
+            outputs.out.write(row.json)?;
+        } else {
+            outputs.emit(transform(
+                p,
+                t,
+                row.json,
+                &compartment,
+                &subset,
+                needs_value,
+            )?)?;
+        }
+        if outputs.full() {
+            let parts = outputs.take()?;
+            commit(ctx, item, parts, row.seq, scanned)?;
+        }
+        Ok(())
+    })?;
+    outputs.close(ctx, item, scanned)?;
     Ok(scanned)
 }
 
@@ -712,94 +759,51 @@ fn associated_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunErr
     let mut pulse = Pulse {
         last: Instant::now(),
     };
-    let mut failure = None;
     let all = SeqBounds {
         after: 0,
         up_to: i64::MAX,
     };
-    ctx.store
-        .scan_type_each("Provenance", p.job.watermark, all, &mut |row| {
-            scanned += 1;
-            if scanned.is_multiple_of(1024)
-                && let Err(e) = pulse.beat(ctx, item, scanned)
-            {
-                failure = Some(e);
-                return ControlFlow::Break(());
+    scan_rows(ctx.store, "Provenance", p.job.watermark, all, &mut |row| {
+        scanned += 1;
+        if scanned.is_multiple_of(1024) {
+            pulse.beat(ctx, item, scanned)?;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(row.json) else {
+            return Ok(());
+        };
+        let recorded = v
+            .get("recorded")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        for target in provenance_targets(&v) {
+            if !is_exported(&target) {
+                continue;
             }
-            let Ok(v) = serde_json::from_slice::<Value>(row.json) else {
-                return ControlFlow::Continue(());
-            };
-            let recorded = v
-                .get("recorded")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            for target in provenance_targets(&v) {
-                if !is_exported(&target) {
-                    continue;
+            if latest_only {
+                let e = latest
+                    .entry(target)
+                    .or_insert_with(|| (String::new(), String::new()));
+                if recorded >= e.0 {
+                    *e = (recorded.clone(), row.id.to_string());
                 }
-                if latest_only {
-                    let e = latest
-                        .entry(target)
-                        .or_insert_with(|| (String::new(), String::new()));
-                    if recorded >= e.0 {
-                        *e = (recorded.clone(), row.id.to_string());
-                    }
-                } else {
-                    chosen.insert(row.id.to_string());
-                }
+            } else {
+                chosen.insert(row.id.to_string());
             }
-            ControlFlow::Continue(())
-        })?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
+        }
+        Ok(())
+    })?;
     chosen.extend(latest.into_values().map(|(_, id)| id));
-    // Second pass: write them in sequence order.
-    let mut out = Roller::new(ctx, item, FileKind::Output, "Provenance", "Provenance");
-    let mut errors = Roller::new(
-        ctx,
-        item,
-        FileKind::Error,
-        "OperationOutcome",
-        "OperationOutcome",
-    );
-    let mut failure = None;
-    ctx.store
-        .scan_type_each("Provenance", p.job.watermark, all, &mut |row| {
-            if !chosen.contains(row.id) {
-                return ControlFlow::Continue(());
-            }
-            let mut step = || -> Result<(), RunError> {
-                match transform(p, "Provenance", row.json, &[], &None, false)? {
-                    Emit::Skip => {}
-                    Emit::Line(l) => out.write(&l)?,
-                    Emit::Stub(s, o) => {
-                        out.write(&s)?;
-                        errors.write(&o)?;
-                    }
-                }
-                Ok(())
-            };
-            match step() {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(e) => {
-                    failure = Some(e);
-                    ControlFlow::Break(())
-                }
-            }
-        })?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    // One commit at the end: the item is rerun whole after a crash (its parts are discarded).
-    let parts: Vec<NewFile> = [out.take()?, errors.take()?]
-        .into_iter()
-        .flatten()
-        .collect();
-    if !parts.is_empty() {
-        commit(ctx, item, parts, item.seq_up_to, scanned)?;
-    }
+    // Second pass: write them in sequence order, committed once at the end (after a crash the
+    // item is run again whole; its uncommitted parts are discarded).
+    let mut outputs = Outputs::new(ctx, item, "Provenance");
+    scan_rows(ctx.store, "Provenance", p.job.watermark, all, &mut |row| {
+        if chosen.contains(row.id) {
+            outputs.emit(transform(p, "Provenance", row.json, &[], &None, false)?)?;
+        }
+        Ok(())
+    })?;
+    outputs.close(ctx, item, scanned)?;
     Ok(scanned)
 }
 

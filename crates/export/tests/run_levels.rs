@@ -58,6 +58,30 @@ fn seed(store: &SqliteStore) {
     );
 }
 
+/// `_since` = the instant of the seeded state; then `changes` are written strictly later.
+/// Returns `_since` and the watermark after the changes.
+fn since_then(store: &SqliteStore, changes: Vec<WriteOp>) -> (String, i64) {
+    let first = store.current_seq().expect("seq");
+    let since = store.instant_of_seq(first).expect("instant").expect("some");
+    let since_ms = store::parse_instant_ms(&since).expect("ms");
+    // The next writes must carry a later lastUpdated than `since` (millisecond clock).
+    while chrono::Utc::now().timestamp_millis() <= since_ms {
+        std::thread::yield_now();
+    }
+    for op in changes {
+        store.write(vec![op]).expect("write");
+    }
+    (since, store.current_seq().expect("seq"))
+}
+
+fn delete_o2() -> WriteOp {
+    WriteOp::Delete {
+        resource_type: "Observation".into(),
+        id: "o2".into(),
+        if_match: None,
+    }
+}
+
 fn request(level: ExportLevel, pairs: &[(&str, &str)]) -> ExportRequest {
     let pairs: Vec<(String, String)> = pairs
         .iter()
@@ -233,30 +257,18 @@ fn since_exports_changes_and_lists_deletions() {
     let store =
         SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
     seed(&store);
-    let first = store.current_seq().expect("seq");
-    let since = store.instant_of_seq(first).expect("instant").expect("some");
-    let since_ms = store::parse_instant_ms(&since).expect("ms");
-    // The next writes must carry a later lastUpdated than `since` (millisecond clock).
-    while chrono::Utc::now().timestamp_millis() <= since_ms {
-        std::thread::yield_now();
-    }
-    store
-        .write(vec![WriteOp::Update {
-            resource_type: "Patient".into(),
-            id: "p1".into(),
-            resource: json!({"resourceType": "Patient", "id": "p1", "active": true}),
-            if_match: None,
-        }])
-        .expect("update");
-    store
-        .write(vec![WriteOp::Delete {
-            resource_type: "Observation".into(),
-            id: "o2".into(),
-            if_match: None,
-        }])
-        .expect("delete");
-    let wm = store.current_seq().expect("seq");
-
+    let (since, wm) = since_then(
+        &store,
+        vec![
+            WriteOp::Update {
+                resource_type: "Patient".into(),
+                id: "p1".into(),
+                resource: json!({"resourceType": "Patient", "id": "p1", "active": true}),
+                if_match: None,
+            },
+            delete_o2(),
+        ],
+    );
     let req = request(
         ExportLevel::System,
         &[("_since", &since), ("_type", "Patient,Observation")],
@@ -442,20 +454,7 @@ fn deidentified_deleted_entries_carry_hashed_ids() {
     let store =
         SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
     seed(&store);
-    let first = store.current_seq().expect("seq");
-    let since = store.instant_of_seq(first).expect("instant").expect("some");
-    let since_ms = store::parse_instant_ms(&since).expect("ms");
-    while chrono::Utc::now().timestamp_millis() <= since_ms {
-        std::thread::yield_now();
-    }
-    store
-        .write(vec![WriteOp::Delete {
-            resource_type: "Observation".into(),
-            id: "o2".into(),
-            if_match: None,
-        }])
-        .expect("delete");
-    let wm = store.current_seq().expect("seq");
+    let (since, wm) = since_then(&store, vec![delete_o2()]);
     let config = r#"{"fhirVersion": "R4", "fhirPathRules": [{"path": "Resource.id", "method": "cryptoHash"}],
         "parameters": {"cryptoHashKey": "k"}}"#;
     let info = export::anonymization::from_bytes(

@@ -50,6 +50,15 @@ fn config(dir: &Path, workers: usize) -> ExportConfig {
     c
 }
 
+fn kickoff(svc: &Arc<ExportService>, level: ExportLevel, pairs: &[(&str, &str)]) -> String {
+    let pairs = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    svc.kickoff(level, pairs, None, false, "http://x/$export".into(), None)
+        .expect("kickoff")
+}
+
 fn wait(svc: &ExportService, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
@@ -131,16 +140,7 @@ fn workers_share_an_export_split_into_items() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = seeded(dir.path());
     let svc = ExportService::open(store, config(dir.path(), 3)).expect("service");
-    let id = svc
-        .kickoff(
-            ExportLevel::System,
-            vec![],
-            None,
-            false,
-            "http://x/$export".into(),
-            None,
-        )
-        .expect("kickoff");
+    let id = kickoff(&svc, ExportLevel::System, &[]);
     let manifest = wait(&svc, &id);
     let ids = contents(dir.path(), &manifest);
     assert_eq!(ids["Patient"].len(), PATIENTS);
@@ -153,16 +153,7 @@ fn workers_share_an_export_split_into_items() {
     assert!(files >= (PATIENTS * 4) / 200, "{files} files");
 
     // Patient level through the same items: every compartment resource once.
-    let id = svc
-        .kickoff(
-            ExportLevel::Patient,
-            vec![("_type".into(), "Observation".into())],
-            None,
-            false,
-            "http://x/Patient/$export".into(),
-            None,
-        )
-        .expect("kickoff");
+    let id = kickoff(&svc, ExportLevel::Patient, &[("_type", "Observation")]);
     let ids = contents(dir.path(), &wait(&svc, &id));
     assert_eq!(
         ids["Observation"].len(),
@@ -178,16 +169,7 @@ fn an_item_of_a_dead_node_is_taken_over_after_the_heartbeat_timeout() {
     let mut api = config(dir.path(), 0);
     api.exclusive_queue = false;
     let api = ExportService::open(store.clone(), api).expect("api node");
-    let id = api
-        .kickoff(
-            ExportLevel::System,
-            vec![],
-            None,
-            false,
-            "http://x/$export".into(),
-            None,
-        )
-        .expect("kickoff");
+    let id = kickoff(&api, ExportLevel::System, &[]);
     // A node claims the first item and dies without a heartbeat.
     let queue = SqliteJobQueue::open(&dir.path().join("exports.db")).expect("queue");
     let now = chrono::Utc::now().timestamp_millis();
@@ -228,16 +210,7 @@ fn cancel_stops_the_workers_and_removes_the_files() {
     c.run.item_resources = 100;
     c.run.file_max_resources = 10;
     let svc = ExportService::open(store, c).expect("service");
-    let id = svc
-        .kickoff(
-            ExportLevel::System,
-            vec![],
-            None,
-            false,
-            "http://x/$export".into(),
-            None,
-        )
-        .expect("kickoff");
+    let id = kickoff(&svc, ExportLevel::System, &[]);
     std::thread::sleep(Duration::from_millis(30));
     svc.cancel(&id, &|_| true).expect("cancel");
     assert!(
