@@ -27,6 +27,28 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+/// The text form of a state enum as stored in the queue's tables: `as_str`, and `parse` with
+/// the first variant for unknown text.
+macro_rules! stored_names {
+    ($t:ident { $first:ident = $first_name:literal $(, $v:ident = $name:literal)* $(,)? }) => {
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $t::$first => $first_name,
+                    $($t::$v => $name,)*
+                }
+            }
+
+            fn parse(s: &str) -> $t {
+                match s {
+                    $($name => $t::$v,)*
+                    _ => $t::$first,
+                }
+            }
+        }
+    };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
     Queued,
@@ -36,27 +58,15 @@ pub enum JobState {
     Cancelled,
 }
 
+stored_names!(JobState {
+    Queued = "queued",
+    Running = "running",
+    Complete = "complete",
+    Failed = "failed",
+    Cancelled = "cancelled",
+});
+
 impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Complete => "complete",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-
-    fn parse(s: &str) -> JobState {
-        match s {
-            "running" => JobState::Running,
-            "complete" => JobState::Complete,
-            "failed" => JobState::Failed,
-            "cancelled" => JobState::Cancelled,
-            _ => JobState::Queued,
-        }
-    }
-
     pub fn is_active(self) -> bool {
         matches!(self, JobState::Queued | JobState::Running)
     }
@@ -99,23 +109,11 @@ pub enum ItemKind {
     Finalize,
 }
 
-impl ItemKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            ItemKind::Scan => "scan",
-            ItemKind::Associated => "associated",
-            ItemKind::Finalize => "finalize",
-        }
-    }
-
-    fn parse(s: &str) -> ItemKind {
-        match s {
-            "associated" => ItemKind::Associated,
-            "finalize" => ItemKind::Finalize,
-            _ => ItemKind::Scan,
-        }
-    }
-}
+stored_names!(ItemKind {
+    Scan = "scan",
+    Associated = "associated",
+    Finalize = "finalize",
+});
 
 /// A planned work item.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,23 +179,11 @@ pub enum FileKind {
     Error,
 }
 
-impl FileKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            FileKind::Output => "output",
-            FileKind::Deleted => "deleted",
-            FileKind::Error => "error",
-        }
-    }
-
-    fn parse(s: &str) -> FileKind {
-        match s {
-            "deleted" => FileKind::Deleted,
-            "error" => FileKind::Error,
-            _ => FileKind::Output,
-        }
-    }
-}
+stored_names!(FileKind {
+    Output = "output",
+    Deleted = "deleted",
+    Error = "error",
+});
 
 /// A committed file.
 #[derive(Debug, Clone, PartialEq, Eq)]
