@@ -4,7 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# External components the tests talk to are installed and started here, by the project itself.
-# (Azurite, a registry and PostgreSQL join this list as the features that need them land.)
+# External components the tests talk to are installed and started here, by the project itself;
+# tests that need them fail (rather than skip) when FHIRHOSE_REQUIRE_EXTERNAL=1.
+export FHIRHOSE_REQUIRE_EXTERNAL=1
+# Azure Blob destination: Azurite (npm) on 127.0.0.1:10000.
+./scripts/azurite.sh
+export FHIRHOSE_TEST_AZURITE=http://127.0.0.1:10000/devstoreaccount1
 
 cargo test --workspace --profile ci "$@"

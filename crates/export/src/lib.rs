@@ -13,6 +13,7 @@
 
 pub mod anonymization;
 pub mod jobs;
+pub mod remote;
 pub mod request;
 pub mod run;
 pub mod service;
@@ -20,6 +21,7 @@ pub mod sink;
 
 pub use anonymization::{AnonymizationError, AnonymizationInfo};
 pub use jobs::{JobQueue, JobRecord, JobState, SqliteJobQueue};
+pub use remote::{ObjectStoreSink, RemoteConfig, RemoteSettings};
 pub use request::{ExportLevel, ExportRequest, RequestError};
 pub use run::RunSettings;
 pub use service::{ExportConfig, ExportError, ExportService, ImageConfigFetcher, Status};

@@ -1,0 +1,285 @@
+//! The Azure Blob destination against a real Azurite (started by `scripts/test.sh`, which sets
+//! `FHIRHOSE_TEST_AZURITE` to its blob endpoint). Without that variable the tests say so and pass,
+//! unless `FHIRHOSE_REQUIRE_EXTERNAL=1` (as in `scripts/test.sh`), where they fail.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use export::run::{RunSettings, run_export};
+use export::{
+    ExportConfig, ExportLevel, ExportRequest, ExportService, ObjectStoreSink, RemoteConfig,
+    RemoteSettings, Sink, SinkError, Status,
+};
+use serde_json::{Value, json};
+use store::sqlite::{SqliteOptions, SqliteStore};
+use store::{Store, WriteOp};
+
+const DEV_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Azurite's endpoint, or `None` (test skipped) when it is not running here.
+fn azurite() -> Option<String> {
+    match std::env::var("FHIRHOSE_TEST_AZURITE") {
+        Ok(e) if !e.is_empty() => Some(e),
+        _ => {
+            assert!(
+                std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+                "FHIRHOSE_TEST_AZURITE is not set but external components are required"
+            );
+            eprintln!("skipped: FHIRHOSE_TEST_AZURITE not set (run ./scripts/test.sh)");
+            None
+        }
+    }
+}
+
+fn sink(endpoint: &str) -> ObjectStoreSink {
+    let conn = format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};BlobEndpoint={endpoint};"
+    );
+    ObjectStoreSink::new(
+        RemoteConfig::azure_from_connection_string(&conn).expect("connection string"),
+        RemoteSettings::default(),
+    )
+    .expect("sink")
+}
+
+/// A container name no earlier run used.
+fn fresh(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+fn seeded(dir: &std::path::Path, patients: usize) -> Arc<SqliteStore> {
+    let store = SqliteStore::open(&dir.join("db.sqlite"), SqliteOptions::default()).expect("store");
+    let mut ops = Vec::new();
+    for i in 0..patients {
+        ops.push(WriteOp::Create {
+            resource: json!({"resourceType": "Patient", "id": format!("p{i}"),
+                "name": [{"family": format!("Family{i}")}]}),
+        });
+        ops.push(WriteOp::Create {
+            resource: json!({"resourceType": "Observation", "id": format!("o{i}"), "status": "final",
+                "code": {"text": "x"}, "subject": {"reference": format!("Patient/p{i}")}}),
+        });
+    }
+    store.write(ops).expect("write");
+    Arc::new(store)
+}
+
+fn read_all(sink: &dyn Sink, container: &str, path: &str) -> String {
+    let mut s = String::new();
+    sink.open_read(container, path)
+        .expect("open")
+        .read_to_string(&mut s)
+        .expect("read");
+    s
+}
+
+#[test]
+fn parts_uploads_renames_and_errors_on_azurite() {
+    let Some(endpoint) = azurite() else { return };
+    let sink = sink(&endpoint);
+    let c = fresh("parts");
+    sink.ensure_container(&c).expect("create container");
+    sink.ensure_container(&c).expect("creating again is fine");
+
+    // A part larger than one upload chunk, streamed: invisible until finished and renamed.
+    let mut w = sink.create(&c, "job/_parts/p-1.ndjson").expect("create");
+    let line = format!(
+        "{{\"resourceType\":\"Basic\",\"x\":\"{}\"}}\n",
+        "y".repeat(1000)
+    );
+    let mut expected = 0u64;
+    while expected < 20 * 1024 * 1024 {
+        w.write_all(line.as_bytes()).expect("write");
+        expected += line.len() as u64;
+    }
+    assert!(matches!(
+        sink.read_limited(&c, "job/_parts/p-1.ndjson", 1 << 30),
+        Err(SinkError::NotFound(_))
+    ));
+    assert_eq!(w.finish().expect("finish"), expected);
+    sink.rename(&c, "job/_parts/p-1.ndjson", "job/Basic-1.ndjson")
+        .expect("rename");
+    sink.rename(&c, "job/_parts/p-1.ndjson", "job/Basic-1.ndjson")
+        .expect("a repeated rename is a no-op");
+    let text = read_all(&sink, &c, "job/Basic-1.ndjson");
+    assert_eq!(text.len() as u64, expected);
+
+    // An abandoned part leaves nothing.
+    let mut w = sink.create(&c, "job/_parts/p-2.ndjson").expect("create");
+    w.write_all(b"{}\n").expect("write");
+    drop(w);
+    assert!(matches!(
+        sink.read_limited(&c, "job/_parts/p-2.ndjson", 100),
+        Err(SinkError::NotFound(_))
+    ));
+
+    // Small reads with ETags and limits; missing container vs missing object.
+    let mut w = sink.create(&c, "cfg.json").expect("create");
+    w.write_all(b"{\"a\": 1}").expect("write");
+    w.finish().expect("finish");
+    let (bytes, etag) = sink.read_limited(&c, "cfg.json", 100).expect("read");
+    assert_eq!(bytes, b"{\"a\": 1}");
+    assert!(!etag.is_empty() && !etag.contains('"'), "{etag}");
+    assert!(matches!(
+        sink.read_limited(&c, "cfg.json", 3),
+        Err(SinkError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        sink.read_limited(&c, "nothing.json", 100),
+        Err(SinkError::NotFound(_))
+    ));
+    assert!(matches!(
+        sink.read_limited(&fresh("absent"), "cfg.json", 100),
+        Err(SinkError::ContainerNotFound(_))
+    ));
+
+    sink.delete_prefix(&c, "job").expect("delete");
+    assert!(matches!(
+        sink.read_limited(&c, "job/Basic-1.ndjson", 1 << 30),
+        Err(SinkError::NotFound(_))
+    ));
+}
+
+#[test]
+fn an_export_into_azurite() {
+    let Some(endpoint) = azurite() else { return };
+    let sink = sink(&endpoint);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = seeded(dir.path(), 300);
+    let wm = store.current_seq().expect("seq");
+    let c = fresh("run");
+    let req = ExportRequest::parse(
+        ExportLevel::System,
+        &[],
+        false,
+        false,
+        i64::MAX / 2,
+        "http://x/$export".into(),
+    )
+    .expect("request");
+    let settings = RunSettings {
+        file_max_resources: 100,
+        item_resources: 150,
+        ..RunSettings::default()
+    };
+    let out = run_export(
+        store.as_ref(),
+        &req,
+        wm,
+        &sink,
+        &c,
+        "job",
+        &settings,
+        None,
+        &AtomicBool::new(false),
+    )
+    .expect("export");
+    let mut ids: BTreeMap<String, usize> = BTreeMap::new();
+    for f in &out.files {
+        let text = read_all(&sink, &c, &format!("job/{}", f.name));
+        for l in text.lines() {
+            let v: Value = serde_json::from_str(l).expect("json");
+            *ids.entry(v["resourceType"].as_str().expect("type").to_string())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(ids["Patient"], 300);
+    assert_eq!(ids["Observation"], 300);
+    assert!(out.files.len() >= 6);
+}
+
+#[test]
+fn a_deidentified_export_service_on_azurite() {
+    let Some(endpoint) = azurite() else { return };
+    let sink: Arc<dyn Sink> = Arc::new(self::sink(&endpoint));
+    // The configuration lives in the destination's `anonymization` container.
+    sink.ensure_container("anonymization").expect("container");
+    let name = format!("{}.json", fresh("cfg"));
+    let mut w = sink.create("anonymization", &name).expect("create");
+    w.write_all(
+        br#"{"fhirVersion": "R4", "fhirPathRules": [
+            {"path": "Resource.id", "method": "cryptoHash"},
+            {"path": "nodesByType('HumanName')", "method": "redact"},
+            {"path": "nodesByType('Reference').reference", "method": "cryptoHash"}],
+            "parameters": {"cryptoHashKey": "azure-test-key"}}"#,
+    )
+    .expect("write");
+    w.finish().expect("finish");
+    let (_, etag) = sink
+        .read_limited("anonymization", &name, 1 << 20)
+        .expect("read back");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = seeded(dir.path(), 50);
+    let mut config = ExportConfig::local(
+        dir.path().join("unused"),
+        dir.path().join("exports.db"),
+        "http://fhirhose.test".into(),
+    );
+    config.sink = sink.clone();
+    let svc = ExportService::open(store, config).expect("service");
+    let container = fresh("deid");
+    let kick = |extra: &[(&str, &str)]| {
+        let mut pairs: Vec<(String, String)> = vec![
+            ("_container".into(), container.clone()),
+            ("_anonymizationConfig".into(), name.clone()),
+        ];
+        pairs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        svc.kickoff(
+            ExportLevel::System,
+            pairs,
+            None,
+            false,
+            "http://x/$export".into(),
+            None,
+        )
+    };
+    let wrong = kick(&[("_anonymizationConfigEtag", "\"0x0\"")]).expect_err("etag mismatch");
+    assert!(wrong.to_string().contains(&etag), "{wrong}");
+    let id = kick(&[("_anonymizationConfigEtag", &format!("\"{etag}\""))]).expect("kickoff");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let manifest = loop {
+        match svc.status(&id, &|_| true).expect("status") {
+            Status::Complete { manifest } => break manifest,
+            Status::Failed { diagnostics, .. } => panic!("failed: {diagnostics}"),
+            Status::InProgress { .. } => {
+                assert!(Instant::now() < deadline, "export did not finish");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(manifest["extension"]["storage"]["kind"], "azure");
+    assert_eq!(
+        manifest["extension"]["storage"]["anonymization"]["etag"],
+        json!(etag)
+    );
+    let mut n = 0;
+    for o in manifest["output"].as_array().expect("output") {
+        let file = o["url"]
+            .as_str()
+            .expect("url")
+            .rsplit('/')
+            .next()
+            .expect("name");
+        let body = match svc.file(&id, file, &|_| true).expect("file") {
+            export::FileBody::Remote { container, path } => {
+                read_all(sink.as_ref(), &container, &path)
+            }
+            export::FileBody::Local(p) => panic!("a remote file expected, got {}", p.display()),
+        };
+        for l in body.lines() {
+            let v: Value = serde_json::from_str(l).expect("json");
+            assert_eq!(v["id"].as_str().map(str::len), Some(64), "hashed id");
+            assert!(!l.contains("Family"), "names removed: {l}");
+            n += 1;
+        }
+    }
+    assert_eq!(n, 100);
+}
