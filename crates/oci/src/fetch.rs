@@ -487,6 +487,11 @@ fn map_error(error: OciDistributionError, image: &ImageRef, stage: Stage<'_>) ->
                 .map(|e| format!("{:?}: {}", e.code, e.message))
                 .collect::<Vec<_>>()
                 .join("; ");
+            let text = if text.is_empty() {
+                "the registry refused the request (client error without details)".to_string()
+            } else {
+                text
+            };
             if codes.iter().any(|c| {
                 matches!(
                     c,
