@@ -14,6 +14,23 @@
 //! The API is blocking. Each call runs its own current-thread tokio runtime (on a helper thread
 //! when the caller is itself inside a runtime), and the whole call is bounded by
 //! [`OciSettings::timeout`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use oci_config::{OciSettings, fetch_file};
+//!
+//! let settings = OciSettings {
+//!     allow: vec!["myregistry.azurecr.io/deid".parse()?],
+//!     timeout: Duration::from_secs(30),
+//!     ..OciSettings::default()
+//! };
+//! // At kick-off (no network): InvalidReference / NotAllowed become 400s.
+//! settings.check_reference("myregistry.azurecr.io/deid:v1")?;
+//! // In the job:
+//! let fetched = fetch_file(&settings, "myregistry.azurecr.io/deid:v1", "r4-config.json")?;
+//! println!("{} bytes from {}", fetched.bytes.len(), fetched.manifest_digest);
+//! # Ok::<(), oci_config::OciError>(())
+//! ```
 
 mod fetch;
 mod layer;
