@@ -49,11 +49,14 @@ fi
 if [[ ! -x "$BIN" ]]; then
   mkdir -p "$DIR/deb"
   rm -f "$DIR"/deb/docker-registry_*.deb
-  if ! (cd "$DIR/deb" && apt-get download docker-registry); then
+  # As root, apt would hand the download to its sandbox user, who cannot write here.
+  APT_OPTS=()
+  if [[ "$(id -u)" == 0 ]]; then APT_OPTS=(-o APT::Sandbox::User=root); fi
+  if ! (cd "$DIR/deb" && apt-get download "${APT_OPTS[@]}" docker-registry); then
     # A fresh machine may have no package lists yet; refreshing them needs root.
     if [[ "$(id -u)" == 0 ]]; then
       apt-get update -qq
-      (cd "$DIR/deb" && apt-get download docker-registry)
+      (cd "$DIR/deb" && apt-get download "${APT_OPTS[@]}" docker-registry)
     else
       echo "registry: 'apt-get download docker-registry' failed; run 'sudo apt-get update' first" >&2
       exit 1
