@@ -7,7 +7,12 @@ use chrono::NaiveDate;
 use fhirpath::{EvalContext, Item, Node, NodePath, Segment};
 use serde_json::{Map, Value as Json};
 
-use crate::config::{Config, ConfigError, DateShiftScope, Matcher, Method, ProcessingErrors, Rule};
+use std::sync::Arc;
+
+use crate::config::{
+    Config, ConfigError, DateShiftScope, Matcher, Method, Parameters, ProcessingErrors, Rule,
+};
+use crate::plan::{Plan, Walk};
 use crate::transforms::{self, NumberKind, Shifted};
 
 /// Why a resource could not be anonymized.
@@ -38,7 +43,7 @@ const REDACT: u8 = 1;
 const ABSTRACT: u8 = 2;
 const CRYPTOHASH: u8 = 4;
 const ENCRYPT: u8 = 8;
-const PERTURB: u8 = 16;
+pub(crate) const PERTURB: u8 = 16;
 const SUBSTITUTE: u8 = 32;
 const GENERALIZE: u8 = 64;
 
@@ -88,6 +93,10 @@ pub struct Outcome {
 #[derive(Debug, Clone)]
 pub struct Engine {
     config: Config,
+    /// The configuration compiled per resource type (plan.rs).
+    plan: Arc<Plan>,
+    /// Whether resources the plan covers take the single walk (off: rule by rule, for comparison).
+    use_plan: bool,
     date_shift_prefix: String,
     today: Option<NaiveDate>,
 }
@@ -102,7 +111,9 @@ enum Edit {
 impl Engine {
     pub fn new(config: Config) -> Engine {
         Engine {
+            plan: Arc::new(Plan::compile(&config)),
             config,
+            use_plan: true,
             date_shift_prefix: String::new(),
             today: None,
         }
@@ -127,6 +138,13 @@ impl Engine {
         self
     }
 
+    /// Applies every rule through the rule-by-rule walker, even where the compiled plan would do:
+    /// the reference the plan is compared against in tests and benchmarks.
+    pub fn rule_by_rule(mut self) -> Engine {
+        self.use_plan = false;
+        self
+    }
+
     /// Fixes "today" for the age-over-89 test (the reference reads the local clock).
     pub fn with_today(mut self, today: NaiveDate) -> Engine {
         self.today = Some(today);
@@ -147,19 +165,7 @@ impl Engine {
 
     pub fn anonymize(&self, mut root: Json) -> Result<Outcome, DeidError> {
         let ty = match root.get("resourceType") {
-            Some(Json::String(t)) if fhir_model::r4().is_resource(t) => {
-                // Firely refuses elements unknown to the version ("The input FHIR resource is invalid").
-                if let Err(issues) = fhir_model::r4().validate(&root)
-                    && let Some(i) = issues
-                        .iter()
-                        .find(|i| i.message.starts_with("unknown element"))
-                {
-                    return Err(DeidError::InvalidInput(format!(
-                        "The input FHIR resource is invalid: {i}"
-                    )));
-                }
-                t.clone()
-            }
+            Some(Json::String(t)) if fhir_model::r4().is_resource(t) => t.clone(),
             Some(Json::String(t)) => {
                 return Err(DeidError::InvalidInput(format!(
                     "Cannot locate type information for type '{t}'"
@@ -167,9 +173,43 @@ impl Engine {
             }
             _ => return Err(DeidError::InvalidInput("no resourceType".into())),
         };
-        normalise_arrays(&mut root, &ty);
+        let mut shape = Shape::default();
+        normalise_arrays(&mut root, &ty, &mut shape);
+        if shape.unknown || shape.shadows {
+            // Firely refuses elements unknown to the version ("The input FHIR resource is invalid").
+            // Only resources with keys outside the model (or inside `_x` shadows) can have them.
+            if let Err(issues) = fhir_model::r4().validate(&root)
+                && let Some(i) = issues
+                    .iter()
+                    .find(|i| i.message.starts_with("unknown element"))
+            {
+                return Err(DeidError::InvalidInput(format!(
+                    "The input FHIR resource is invalid: {i}"
+                )));
+            }
+        }
+        let fast = self.use_plan
+            && !shape.unknown
+            && !shape.shadows
+            && self
+                .plan
+                .covers(&ty, shape.nested.iter().map(String::as_str));
         let mut hits = vec![0u64; self.config.rules.len()];
-        match self.run(&mut root, &mut hits) {
+        let done = if fast {
+            let mut walk = Walk::new(
+                &self.config.parameters,
+                &self.config.rules,
+                self.today(),
+                &self.date_shift_prefix,
+                &mut hits,
+            );
+            walk.run(&self.plan, &mut root, &ty).map(|()| {
+                cleanup(&mut root, true);
+            })
+        } else {
+            self.run(&mut root, &mut hits)
+        };
+        match done {
             Ok(()) => Ok(Outcome {
                 resource: root,
                 skipped: false,
@@ -192,6 +232,22 @@ impl Engine {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether this resource would take the compiled plan's single walk (diagnostics and tests).
+    pub fn takes_plan(&self, resource: &Json) -> bool {
+        let Some(Json::String(ty)) = resource.get("resourceType") else {
+            return false;
+        };
+        let mut copy = resource.clone();
+        let mut shape = Shape::default();
+        normalise_arrays(&mut copy, ty, &mut shape);
+        self.use_plan
+            && !shape.unknown
+            && !shape.shadows
+            && self
+                .plan
+                .covers(ty, shape.nested.iter().map(String::as_str))
     }
 
     fn today(&self) -> NaiveDate {
@@ -321,9 +377,18 @@ impl Engine {
     }
 }
 
+/// What the first pass over a resource found: the single walk needs known elements only and
+/// no `_x` shadows, and the types of the resources nested in it.
+#[derive(Debug, Default)]
+struct Shape {
+    shadows: bool,
+    unknown: bool,
+    nested: Vec<String>,
+}
+
 /// Repeating elements written as a single object become one-element arrays, as the reference
-/// parser reads them and its serializer writes them.
-fn normalise_arrays(v: &mut Json, ty: &str) {
+/// parser reads them and its serializer writes them; notes the resource's [`Shape`].
+fn normalise_arrays(v: &mut Json, ty: &str, shape: &mut Shape) {
     let Json::Object(o) = v else { return };
     let ty = match o.get("resourceType") {
         Some(Json::String(rt)) => rt.clone(),
@@ -331,8 +396,15 @@ fn normalise_arrays(v: &mut Json, ty: &str) {
     };
     let model = fhir_model::r4();
     for (k, child) in o.iter_mut() {
+        if k == "resourceType" {
+            continue;
+        }
         let base = k.strip_prefix('_').unwrap_or(k);
+        if base.len() != k.len() {
+            shape.shadows = true;
+        }
         let Some(c) = model.child(&ty, base) else {
+            shape.unknown = true;
             continue;
         };
         if c.element.max_many && !child.is_array() && !child.is_null() {
@@ -341,14 +413,20 @@ fn normalise_arrays(v: &mut Json, ty: &str) {
         if k.starts_with('_') {
             continue;
         }
+        let mut each = |e: &mut Json| {
+            if let Some(Json::String(rt)) = e.get("resourceType") {
+                shape.nested.push(rt.clone());
+            }
+            normalise_arrays(e, c.type_name, shape)
+        };
         match child {
-            Json::Array(a) => a.iter_mut().for_each(|e| normalise_arrays(e, c.type_name)),
-            other => normalise_arrays(other, c.type_name),
+            Json::Array(a) => a.iter_mut().for_each(each),
+            other => each(other),
         }
     }
 }
 
-fn rule_err(rule: &Rule, message: String) -> DeidError {
+pub(crate) fn rule_err(rule: &Rule, message: String) -> DeidError {
     DeidError::Rule {
         rule: rule.index,
         path: rule.path.clone(),
@@ -394,7 +472,7 @@ struct Pass<'e, 'a> {
     today: NaiveDate,
 }
 
-fn primitive_text(v: &Json) -> Option<String> {
+pub(crate) fn primitive_text(v: &Json) -> Option<String> {
     match v {
         Json::String(s) => Some(s.clone()),
         Json::Number(n) => Some(n.to_string()),
@@ -442,121 +520,47 @@ impl<'a> Pass<'_, 'a> {
         let text = node.json().and_then(primitive_text);
         match &self.rule.method {
             Method::Keep | Method::Unknown(_) => {}
-            Method::Redact => {
-                let Some(text) = text.filter(|t| !t.is_empty()) else {
-                    return Ok(());
-                };
-                if ty == "date" || ty == "dateTime" || ty == "instant" {
-                    match transforms::redact_date(
-                        &text,
-                        ty == "date",
-                        params.enable_partial_dates_for_redact,
-                        self.today,
-                    ) {
-                        Some(y) => self.edits.push(Edit::Set(path.clone(), Json::String(y))),
-                        None => self.edits.push(Edit::Remove(path.clone())),
-                    }
-                    self.ops |= REDACT;
-                } else if ty == "decimal"
-                    && node.name() == "value"
-                    && parent_of(self.root, path) == "Age"
-                {
-                    if params.enable_partial_ages_for_redact {
-                        // int.Parse in the reference: a non-integral text is a hard failure.
-                        let age: i64 = text.parse().map_err(|_| {
-                            rule_err(self.rule, format!("Age value {text} is not an integer"))
-                        })?;
-                        if age > 89 {
-                            self.edits.push(Edit::Remove(path.clone()));
-                        }
+            method
+            @ (Method::Redact | Method::DateShift | Method::CryptoHash | Method::Encrypt) => {
+                let Some(text) = text else { return Ok(()) };
+                let root = self.root;
+                let parent = || {
+                    if parent_type.is_empty() {
+                        parent_of(root, path)
                     } else {
-                        self.edits.push(Edit::Remove(path.clone()));
+                        parent_type.to_string()
                     }
-                    self.ops |= REDACT;
-                } else if node.name().eq_ignore_ascii_case("postalCode") {
-                    if params.enable_partial_zip_codes_for_redact {
-                        let z = transforms::redact_postal_code(
-                            &text,
-                            &params.restricted_zip_code_tabulation_areas,
-                        );
-                        self.edits.push(Edit::Set(path.clone(), Json::String(z)));
-                        self.ops |= ABSTRACT;
+                };
+                let prefix = || {
+                    if self.engine.date_shift_prefix.is_empty() {
+                        // The ROOT resource's id as it is now (possibly already hashed).
+                        root.get("id").and_then(primitive_text).unwrap_or_default()
                     } else {
-                        self.edits.push(Edit::Remove(path.clone()));
-                        self.ops |= REDACT;
-                    }
-                } else {
-                    self.edits.push(Edit::Remove(path.clone()));
-                    self.ops |= REDACT;
-                }
-            }
-            Method::DateShift => {
-                if !(ty == "date" || ty == "dateTime" || ty == "instant") {
-                    return Ok(());
-                }
-                let Some(text) = text.filter(|t| !t.is_empty()) else {
-                    return Ok(());
-                };
-                let offset = match params.date_shift_fixed_offset_in_days {
-                    Some(d) => d,
-                    None => {
-                        let prefix = if self.engine.date_shift_prefix.is_empty() {
-                            // The ROOT resource's id as it is now (possibly already hashed).
-                            self.root
-                                .get("id")
-                                .and_then(primitive_text)
-                                .unwrap_or_default()
-                        } else {
-                            self.engine.date_shift_prefix.clone()
-                        };
-                        transforms::date_shift_offset(&prefix, &params.date_shift_key)
+                        self.engine.date_shift_prefix.clone()
                     }
                 };
-                match transforms::shift_date(
+                match primitive_change(
+                    self.rule,
+                    method,
+                    params,
                     &text,
-                    ty == "date",
-                    offset,
-                    params.enable_partial_dates_for_redact,
+                    ty,
+                    node.name(),
+                    &parent,
+                    &prefix,
                     self.today,
-                ) {
-                    Shifted::Value(v) => {
-                        self.edits.push(Edit::Set(path.clone(), Json::String(v)));
-                        self.ops |= PERTURB;
+                )? {
+                    None => {}
+                    Some((Change::Keep, ops)) => self.ops |= ops,
+                    Some((Change::Set(v), ops)) => {
+                        self.edits.push(Edit::Set(path.clone(), v));
+                        self.ops |= ops;
                     }
-                    Shifted::Redacted(Some(v)) => {
-                        self.edits.push(Edit::Set(path.clone(), Json::String(v)));
-                        self.ops |= REDACT;
-                    }
-                    Shifted::Redacted(None) => {
+                    Some((Change::Remove, ops)) => {
                         self.edits.push(Edit::Remove(path.clone()));
-                        self.ops |= REDACT;
+                        self.ops |= ops;
                     }
-                    Shifted::Unchanged => {}
                 }
-            }
-            Method::CryptoHash => {
-                let Some(text) = text.filter(|t| !t.is_empty()) else {
-                    return Ok(());
-                };
-                let key = &params.crypto_hash_key;
-                let out = if node.name() == "reference"
-                    && (parent_type == "Reference" || parent_of(self.root, path) == "Reference")
-                {
-                    transforms::transform_reference(&text, &|s| transforms::crypto_hash(key, s))
-                } else {
-                    transforms::crypto_hash(key, &text)
-                };
-                self.edits.push(Edit::Set(path.clone(), Json::String(out)));
-                self.ops |= CRYPTOHASH;
-            }
-            Method::Encrypt => {
-                let Some(text) = text.filter(|t| !t.is_empty()) else {
-                    return Ok(());
-                };
-                let out = transforms::encrypt(&params.encrypt_key, &text)
-                    .map_err(|e| rule_err(self.rule, e.to_string()))?;
-                self.edits.push(Edit::Set(path.clone(), Json::String(out)));
-                self.ops |= ENCRYPT;
             }
             Method::Perturb {
                 span,
@@ -698,6 +702,111 @@ impl<'a> Pass<'_, 'a> {
         }
         Ok(())
     }
+}
+
+/// What a method does to one primitive value.
+pub(crate) enum Change {
+    /// Left as it is (the operation still counts for the labels).
+    Keep,
+    Set(Json),
+    /// Removed (an array slot becomes null).
+    Remove,
+}
+
+/// The change a redact, dateShift, cryptoHash or encrypt rule makes to one non-empty primitive
+/// value (§2), with the operation bit for the labels; shared by both walkers. `parent` gives the
+/// FHIR type of the element holding the value (`Age`, `Reference`), `prefix` the date-shift
+/// prefix; both are only asked for when needed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn primitive_change(
+    rule: &Rule,
+    method: &Method,
+    params: &Parameters,
+    text: &str,
+    ty: &str,
+    name: &str,
+    parent: &dyn Fn() -> String,
+    prefix: &dyn Fn() -> String,
+    today: NaiveDate,
+) -> Result<Option<(Change, u8)>, DeidError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let is_date = ty == "date" || ty == "dateTime" || ty == "instant";
+    Ok(Some(match method {
+        Method::Redact => {
+            if is_date {
+                match transforms::redact_date(
+                    text,
+                    ty == "date",
+                    params.enable_partial_dates_for_redact,
+                    today,
+                ) {
+                    Some(y) => (Change::Set(Json::String(y)), REDACT),
+                    None => (Change::Remove, REDACT),
+                }
+            } else if ty == "decimal" && name == "value" && parent() == "Age" {
+                if params.enable_partial_ages_for_redact {
+                    // int.Parse in the reference: a non-integral text is a hard failure.
+                    let age: i64 = text.parse().map_err(|_| {
+                        rule_err(rule, format!("Age value {text} is not an integer"))
+                    })?;
+                    if age <= 89 {
+                        return Ok(Some((Change::Keep, REDACT)));
+                    }
+                }
+                (Change::Remove, REDACT)
+            } else if name.eq_ignore_ascii_case("postalCode") {
+                if params.enable_partial_zip_codes_for_redact {
+                    let z = transforms::redact_postal_code(
+                        text,
+                        &params.restricted_zip_code_tabulation_areas,
+                    );
+                    (Change::Set(Json::String(z)), ABSTRACT)
+                } else {
+                    (Change::Remove, REDACT)
+                }
+            } else {
+                (Change::Remove, REDACT)
+            }
+        }
+        Method::DateShift => {
+            if !is_date {
+                return Ok(None);
+            }
+            let offset = match params.date_shift_fixed_offset_in_days {
+                Some(d) => d,
+                None => transforms::date_shift_offset(&prefix(), &params.date_shift_key),
+            };
+            match transforms::shift_date(
+                text,
+                ty == "date",
+                offset,
+                params.enable_partial_dates_for_redact,
+                today,
+            ) {
+                Shifted::Value(v) => (Change::Set(Json::String(v)), PERTURB),
+                Shifted::Redacted(Some(v)) => (Change::Set(Json::String(v)), REDACT),
+                Shifted::Redacted(None) => (Change::Remove, REDACT),
+                Shifted::Unchanged => return Ok(None),
+            }
+        }
+        Method::CryptoHash => {
+            let key = &params.crypto_hash_key;
+            let out = if name == "reference" && parent() == "Reference" {
+                transforms::transform_reference(text, &|s| transforms::crypto_hash(key, s))
+            } else {
+                transforms::crypto_hash(key, text)
+            };
+            (Change::Set(Json::String(out)), CRYPTOHASH)
+        }
+        Method::Encrypt => {
+            let out = transforms::encrypt(&params.encrypt_key, text)
+                .map_err(|e| rule_err(rule, e.to_string()))?;
+            (Change::Set(Json::String(out)), ENCRYPT)
+        }
+        _ => return Ok(None),
+    }))
 }
 
 /// The FHIR type of the node containing `path` (`Age` for `valueAge.value`).
@@ -851,7 +960,7 @@ fn requote_instant(s: &str) -> String {
     format!("{body}{zone}")
 }
 
-fn add_labels(obj: &mut Map<String, Json>, ops: u8) {
+pub(crate) fn add_labels(obj: &mut Map<String, Json>, ops: u8) {
     let meta = obj
         .entry("meta")
         .or_insert_with(|| Json::Object(Map::new()));
@@ -895,6 +1004,32 @@ fn cleanup(v: &mut Json, is_resource: bool) -> bool {
                 *s = t.to_string();
             }
             false
+        }
+        Json::Object(o) if !o.keys().any(|k| k.starts_with('_')) => {
+            // No `_x` shadows (the common case): no sibling to keep array slots for.
+            o.retain(|_, child| {
+                let empty = match child {
+                    Json::Array(a) => {
+                        let mut all_empty = true;
+                        for e in a.iter_mut() {
+                            let er = e.get("resourceType").is_some();
+                            if cleanup(e, er) {
+                                *e = Json::Null;
+                            } else {
+                                all_empty = false;
+                            }
+                        }
+                        a.retain(|e| !e.is_null());
+                        all_empty
+                    }
+                    c => {
+                        let r = c.get("resourceType").is_some();
+                        cleanup(c, r)
+                    }
+                };
+                !empty
+            });
+            !is_resource && o.is_empty()
         }
         Json::Object(o) => {
             let keys: Vec<String> = o.keys().cloned().collect();

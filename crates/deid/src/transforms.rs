@@ -19,12 +19,16 @@ pub fn crypto_hash(key: &str, text: &str) -> String {
         Err(_) => return String::new(),
     };
     mac.update(text.as_bytes());
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let digest = mac.finalize().into_bytes();
+    let mut out = String::with_capacity(digest.len() * 2);
+    for b in digest {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out
 }
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 static REF_URL: LazyLock<Regex> = LazyLock::new(|| {
     let types = fhir_model::r4().resource_types().join("|");

@@ -1,6 +1,8 @@
 //! Indexed model tables.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
@@ -44,7 +46,7 @@ pub struct TypeDef {
     pub is_abstract: bool,
     pub elements: Vec<ElementDef>,
     /// JSON key -> (element index, type index); choice elements are expanded (`valueQuantity`).
-    children: HashMap<String, (usize, usize)>,
+    children: FxHashMap<String, (usize, usize)>,
 }
 
 impl TypeDef {
@@ -133,7 +135,7 @@ pub struct SearchParam {
 /// The R4 model.
 #[derive(Debug)]
 pub struct Model {
-    types: HashMap<String, TypeDef>,
+    types: FxHashMap<String, TypeDef>,
     resource_types: Vec<String>,
     /// resource type (incl. `Resource`, `DomainResource`) -> code -> parameter
     search: HashMap<String, HashMap<String, SearchParam>>,
@@ -186,7 +188,7 @@ fn choice_suffix(type_code: &str) -> String {
 impl Model {
     fn from_json(text: &str) -> Result<Model, String> {
         let raw: RawModel = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let mut types = HashMap::with_capacity(raw.types.len());
+        let mut types = FxHashMap::with_capacity_and_hasher(raw.types.len(), Default::default());
         let mut resource_types = Vec::new();
         for t in raw.types {
             let kind = match t.k.as_str() {
@@ -206,7 +208,7 @@ impl Model {
                         max_many: many != 0,
                     })
                     .collect();
-            let mut children = HashMap::new();
+            let mut children = FxHashMap::default();
             for (ei, el) in elements.iter().enumerate() {
                 if el.choice {
                     for (ti, ty) in el.types.iter().enumerate() {

@@ -1,0 +1,615 @@
+//! The compiled configuration: rules whose paths are structural — `Type`, `Type.a.b.c`,
+//! `nodesByType('T')[.c]`, `nodesByName('n')[.c]` — become per-resource-type dispatch tables,
+//! and a resource is anonymized in one walk of its JSON tree that decides, for every node, the rule
+//! the reference's rule-by-rule passes (engine.rs, §3.4) would have applied to it first.
+//!
+//! Why one walk gives the same result as the rule-by-rule passes:
+//! - A rule processes its matched nodes and, recursively, their descendants up to (not into)
+//!   nested resources, skipping nodes an earlier rule processed. So a node goes to the smallest rule
+//!   index that matches it or an ancestor within the same resource ("inherited"); rules of an
+//!   enclosing resource all run before those of a nested one, so outer resources win first.
+//! - Structural matches do not depend on values, and the edits of earlier rules only change or
+//!   remove nodes those rules processed, which later rules skip anyway. The one value a method reads
+//!   elsewhere is the root `id` (the date-shift prefix, "as it is now"): the walk handles the root's
+//!   `id` first and gives each date shift the id as the rules before it left it.
+//! - `perturb` seals its node: rules after it do not enter it, earlier ones already did. The walk
+//!   enters a sealed subtree only for those earlier rules.
+//!
+//! What stays on the rule-by-rule walker: rules that need FHIRPath (`where()`, `as`, …),
+//! `substitute` (its merge depends on what earlier rules visited below it) and `generalize` (its
+//! expressions may read anything) — per resource type they apply to — and resources with `_x`
+//! primitive shadows or unknown elements. [`Plan::covers`] decides per resource.
+
+use rustc_hash::FxHashMap as HashMap;
+use smallvec::SmallVec;
+
+use chrono::NaiveDate;
+use serde_json::Value as Json;
+
+use crate::config::{Config, Matcher, Method, Parameters, Rule};
+use crate::engine::{Change, DeidError, add_labels, primitive_change, primitive_text, rule_err};
+use crate::transforms::{self, NumberKind};
+
+/// Rule indexes are `u32`; `NONE` sorts after every rule.
+type RuleIx = u32;
+
+/// Per concrete resource type, what the structural rules that apply to it match.
+#[derive(Debug, Default)]
+struct TypePlan {
+    /// Every applicable rule is structural and its method one the walk applies.
+    fast: bool,
+    /// `"path": "Type"`: the resource itself.
+    root: Option<RuleIx>,
+    /// Member paths from the resource (`name.given`), by element name.
+    trie: Trie,
+    /// `nodesByType('T')`, `nodesByName('n')`: first rule per type / name.
+    by_type: HashMap<String, RuleIx>,
+    by_name: HashMap<String, RuleIx>,
+    /// `nodesByType('T').c`, `nodesByName('n').c`: (parent type or name, child name, rule).
+    by_type_child: Vec<(String, String, RuleIx)>,
+    by_name_child: Vec<(String, String, RuleIx)>,
+}
+
+#[derive(Debug, Default)]
+struct Trie {
+    /// The first rule whose path ends here.
+    here: Option<RuleIx>,
+    next: HashMap<String, Trie>,
+}
+
+/// A configuration compiled per resource type.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    types: HashMap<String, TypePlan>,
+}
+
+fn min_rule(a: Option<RuleIx>, b: Option<RuleIx>) -> Option<RuleIx> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// `a.b.c` member paths (element names only), the part after the rule's type.
+fn member_path(rule: &Rule) -> Option<Vec<&str>> {
+    let rest = rule
+        .path
+        .strip_prefix(rule.resource_type.as_str())?
+        .strip_prefix('.')?;
+    let segs: Vec<&str> = rest.split('.').collect();
+    let ident = |s: &&str| {
+        let mut c = s.chars();
+        c.next().is_some_and(|f| f.is_ascii_lowercase())
+            && c.all(|ch| ch.is_ascii_alphanumeric())
+            // FHIRPath keywords are operators or literals, not member names here.
+            && !matches!(*s, "and" | "or" | "xor" | "implies" | "is" | "as" | "in" | "contains"
+                | "div" | "mod" | "true" | "false")
+    };
+    segs.iter().all(ident).then_some(segs)
+}
+
+/// Whether every segment names an element of the type reached so far (choice elements reach all
+/// their types; a `Resource` reaches any element).
+fn path_exists(model: &fhir_model::Model, ty: &str, segs: &[&str]) -> bool {
+    let Some((first, rest)) = segs.split_first() else {
+        return true;
+    };
+    if ty == "Resource" || ty == "DomainResource" {
+        return true;
+    }
+    let Some(el) = model.element(ty, first) else {
+        return false;
+    };
+    el.types.iter().any(|t| {
+        let t = if t == "BackboneElement" || t == "Element" {
+            // Inline backbone elements are typed by their path.
+            format!("{ty}.{first}")
+        } else {
+            t.clone()
+        };
+        model.type_def(&t).is_some() && path_exists(model, &t, rest)
+    })
+}
+
+impl Plan {
+    pub(crate) fn compile(config: &Config) -> Plan {
+        let model = fhir_model::r4();
+        let mut types = HashMap::default();
+        for ty in model.resource_types() {
+            let mut tp = TypePlan {
+                fast: true,
+                ..TypePlan::default()
+            };
+            for rule in config.rules.iter().filter(|r| r.applies_to(ty)) {
+                let ix = rule.index as RuleIx;
+                if !matches!(
+                    rule.method,
+                    Method::Keep
+                        | Method::Redact
+                        | Method::DateShift
+                        | Method::CryptoHash
+                        | Method::Encrypt
+                        | Method::Perturb { .. }
+                ) {
+                    tp.fast = false;
+                }
+                match &rule.matcher {
+                    Matcher::Resource => tp.root = min_rule(tp.root, Some(ix)),
+                    Matcher::ByType(t, None) => {
+                        tp.by_type.entry(t.clone()).or_insert(ix);
+                    }
+                    Matcher::ByName(n, None) => {
+                        tp.by_name.entry(n.clone()).or_insert(ix);
+                    }
+                    Matcher::ByType(t, Some(c)) => {
+                        tp.by_type_child.push((t.clone(), c.clone(), ix))
+                    }
+                    Matcher::ByName(n, Some(c)) => {
+                        tp.by_name_child.push((n.clone(), c.clone(), ix))
+                    }
+                    Matcher::Expr(_) => match member_path(rule) {
+                        Some(segs) if path_exists(model, ty, &segs) => {
+                            let mut node = &mut tp.trie;
+                            for s in segs {
+                                node = node.next.entry(s.to_string()).or_default();
+                            }
+                            node.here = min_rule(node.here, Some(ix));
+                        }
+                        // A path naming no element matches nothing on either walker.
+                        Some(_) => {}
+                        None => tp.fast = false,
+                    },
+                }
+            }
+            types.insert(ty.clone(), tp);
+        }
+        Plan { types }
+    }
+
+    /// Whether the walk applies to a resource of this type containing these nested types.
+    pub(crate) fn covers<'t>(&self, ty: &str, mut nested: impl Iterator<Item = &'t str>) -> bool {
+        let fast = |t: &str| self.types.get(t).is_some_and(|p| p.fast);
+        fast(ty) && nested.all(fast)
+    }
+}
+
+/// The rule a node falls to: (scope, rule); scopes are the enclosing resources, outermost first.
+type Cover = (usize, RuleIx);
+
+/// One enclosing resource, as seen from the node being walked.
+#[derive(Clone, Copy)]
+struct Scope<'p> {
+    plan: &'p TypePlan,
+    /// Trie position of this node relative to the scope's resource (None: no path continues).
+    trie: Option<&'p Trie>,
+    /// The rule covering this node through an ancestor (within this scope).
+    inherited: Option<RuleIx>,
+    /// 0 at the scope's resource, 1 for its descendants, 2 below a nested resource (out of
+    /// `nodesBy*` reach, which stops at sub-resources but includes them).
+    depth: u8,
+    /// The parent's depth (`u8::MAX` at the scope's resource).
+    parent_depth: u8,
+    /// Index into [`Walk::ops`].
+    id: usize,
+}
+
+/// The enclosing resources of a node; rarely more than three.
+type Scopes<'p> = SmallVec<[Scope<'p>; 4]>;
+
+/// A node: its element name, its FHIR type, and its parent's.
+struct NodeCx<'a> {
+    name: &'a str,
+    ty: &'a str,
+    /// The type's definition (None for a type the model lacks).
+    def: Option<&'static fhir_model::TypeDef>,
+    parent_name: &'a str,
+    parent_ty: &'a str,
+    /// The root or a nested resource.
+    is_resource: bool,
+}
+
+/// Operation bits of one resource (scope) of the walk, for the security labels.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScopeOps {
+    pub ops: u8,
+    pub contained: bool,
+}
+
+/// One resource's single walk.
+pub(crate) struct Walk<'e> {
+    params: &'e Parameters,
+    rules: &'e [Rule],
+    today: NaiveDate,
+    /// Date-shift prefix from the file context; empty: the root id (resource scope).
+    file_prefix: &'e str,
+    hits: &'e mut [u64],
+    /// Per resource met, in pre-order.
+    pub ops: Vec<ScopeOps>,
+    original_id: String,
+    current_id: String,
+    /// The root-scope rule that processed the root's `id`.
+    id_rule: Option<RuleIx>,
+    /// The root's `id` is being walked.
+    at_root_id: bool,
+}
+
+impl<'e> Walk<'e> {
+    pub(crate) fn new(
+        params: &'e Parameters,
+        rules: &'e [Rule],
+        today: NaiveDate,
+        file_prefix: &'e str,
+        hits: &'e mut [u64],
+    ) -> Walk<'e> {
+        Walk {
+            params,
+            rules,
+            today,
+            file_prefix,
+            hits,
+            ops: Vec::new(),
+            original_id: String::new(),
+            current_id: String::new(),
+            id_rule: None,
+            at_root_id: false,
+        }
+    }
+
+    /// Anonymizes `root`, a resource of type `ty` the plan covers, in place (labels and cleanup
+    /// are the caller's, from [`Walk::ops`]).
+    pub(crate) fn run(&mut self, plan: &Plan, root: &mut Json, ty: &str) -> Result<(), DeidError> {
+        let Some(tp) = plan.types.get(ty) else {
+            return Ok(());
+        };
+        self.original_id = root.get("id").and_then(primitive_text).unwrap_or_default();
+        self.current_id = self.original_id.clone();
+        self.ops.push(ScopeOps {
+            ops: 0,
+            contained: false,
+        });
+        let scopes = [Scope {
+            plan: tp,
+            trie: Some(&tp.trie),
+            inherited: None,
+            depth: 0,
+            parent_depth: u8::MAX,
+            id: 0,
+        }];
+        let cx = NodeCx {
+            name: ty,
+            ty,
+            def: fhir_model::r4().type_def(ty),
+            parent_name: "",
+            parent_ty: "",
+            is_resource: true,
+        };
+        self.node(plan, root, &cx, &scopes, None, true)
+    }
+
+    /// The rule covering a node: outer scopes first; under a seal only the rules that ran before
+    /// the sealing one.
+    fn cover(&self, scopes: &[Scope<'_>], cx: &NodeCx<'_>, seal: Option<Cover>) -> Option<Cover> {
+        for (s, sc) in scopes.iter().enumerate() {
+            let allowed = |r: RuleIx| match seal {
+                None => true,
+                Some((ss, sr)) => s < ss || (s == ss && r < sr),
+            };
+            // Within a scope the smaller rule index wins, matched here or on an ancestor.
+            let mut own = sc.inherited.filter(|r| allowed(*r));
+            own = min_rule(own, sc.trie.and_then(|t| t.here));
+            match sc.depth {
+                0 => own = min_rule(own, sc.plan.root),
+                1 => {
+                    own = min_rule(own, sc.plan.by_type.get(cx.ty).copied());
+                    own = min_rule(own, sc.plan.by_name.get(cx.name).copied());
+                }
+                _ => {}
+            }
+            if sc.parent_depth == 1 {
+                for (t, c, r) in &sc.plan.by_type_child {
+                    if t == cx.parent_ty && c == cx.name {
+                        own = min_rule(own, Some(*r));
+                    }
+                }
+                for (n, c, r) in &sc.plan.by_name_child {
+                    if n == cx.parent_name && c == cx.name {
+                        own = min_rule(own, Some(*r));
+                    }
+                }
+            }
+            if let Some(r) = own
+                && allowed(r)
+            {
+                return Some((s, r));
+            }
+        }
+        None
+    }
+
+    /// The scopes as seen from a child named `name` of a node (`cover` is the node's), plus the
+    /// child's own scope when it is a nested resource.
+    fn child_scopes<'p>(
+        &mut self,
+        plan: &'p Plan,
+        scopes: &[Scope<'p>],
+        cover: Option<Cover>,
+        node_is_resource: bool,
+        name: &str,
+        nested: Option<(&str, bool)>,
+    ) -> Scopes<'p> {
+        let mut out = Scopes::new();
+        for (s, sc) in scopes.iter().enumerate() {
+            let depth = match sc.depth {
+                0 => 1,
+                1 if node_is_resource => 2,
+                1 => 1,
+                _ => 2,
+            };
+            out.push(Scope {
+                plan: sc.plan,
+                trie: sc.trie.and_then(|t| t.next.get(name)),
+                // Processing recurses into the covered node's children, never into resources.
+                inherited: match cover {
+                    Some((cs, r)) if cs == s && nested.is_none() => Some(r),
+                    _ => None,
+                },
+                depth,
+                parent_depth: sc.depth,
+                id: sc.id,
+            });
+        }
+        if let Some((ty, contained)) = nested
+            && let Some(tp) = plan.types.get(ty)
+        {
+            let id = self.ops.len();
+            self.ops.push(ScopeOps { ops: 0, contained });
+            out.push(Scope {
+                plan: tp,
+                trie: Some(&tp.trie),
+                inherited: None,
+                depth: 0,
+                parent_depth: u8::MAX,
+                id,
+            });
+        }
+        out
+    }
+
+    fn node(
+        &mut self,
+        plan: &Plan,
+        value: &mut Json,
+        cx: &NodeCx<'_>,
+        scopes: &[Scope<'_>],
+        seal: Option<Cover>,
+        is_root: bool,
+    ) -> Result<(), DeidError> {
+        let cover = self.cover(scopes, cx, seal);
+        let mut child_seal = seal;
+        if let Some((s, r)) = cover {
+            self.hits[r as usize] += 1;
+            if self.at_root_id {
+                self.id_rule = Some(r);
+            }
+            let (ops, sealed) = self.apply(plan, value, cx, scopes, s, r)?;
+            self.ops[scopes[s].id].ops |= ops;
+            if sealed {
+                // The earliest seal bounds the subtree.
+                child_seal = Some(seal.map_or((s, r), |prev| prev.min((s, r))));
+            }
+        }
+        let Json::Object(obj) = value else {
+            return Ok(());
+        };
+        if is_root && let Some(id) = obj.get_mut("id") {
+            // The root's id first: date shifts read it as the rules before them left it.
+            self.at_root_id = true;
+            let done = self.child(plan, id, "id", cx, scopes, cover, child_seal);
+            self.at_root_id = false;
+            done?;
+            self.current_id = obj.get("id").and_then(primitive_text).unwrap_or_default();
+        }
+        for (key, v) in obj.iter_mut() {
+            if key == "resourceType" || (is_root && key == "id") {
+                continue;
+            }
+            match v {
+                Json::Array(items) => {
+                    for item in items.iter_mut().filter(|i| !i.is_null()) {
+                        self.child(plan, item, key, cx, scopes, cover, child_seal)?;
+                    }
+                }
+                Json::Null => {}
+                item => self.child(plan, item, key, cx, scopes, cover, child_seal)?,
+            }
+        }
+        // A resource's labels: its operations and those of the resources nested in it, all
+        // final once its subtree is walked (scopes are numbered in pre-order).
+        if cx.is_resource
+            && let Some(own) = scopes.last().filter(|s| s.depth == 0)
+            && !self.ops[own.id].contained
+        {
+            let all = self.ops[own.id..].iter().fold(0u8, |a, o| a | o.ops);
+            if all != 0 {
+                add_labels(obj, all);
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn child(
+        &mut self,
+        plan: &Plan,
+        item: &mut Json,
+        key: &str,
+        parent: &NodeCx<'_>,
+        scopes: &[Scope<'_>],
+        cover: Option<Cover>,
+        seal: Option<Cover>,
+    ) -> Result<(), DeidError> {
+        let Some(child) = parent.def.and_then(|d| d.child(key)) else {
+            // Unknown keys never reach the walk (the shape pass sends such resources elsewhere).
+            return Ok(());
+        };
+        let model = fhir_model::r4();
+        let name = child.element.name.as_str();
+        // Primitive types (lower case) have no definition the walk needs.
+        let declared = if child
+            .type_name
+            .starts_with(|c: char| c.is_ascii_lowercase())
+        {
+            None
+        } else {
+            model.type_def(child.type_name)
+        };
+        let nested_def = if declared.is_some_and(|d| d.kind == fhir_model::TypeKind::Resource) {
+            item.get("resourceType")
+                .and_then(Json::as_str)
+                .and_then(|t| model.type_def(t))
+        } else {
+            None
+        };
+        let def = nested_def.or(declared);
+        let ty = nested_def.map_or(child.type_name, |d| d.name.as_str());
+        let nested = nested_def.map(|d| (d.name.as_str(), name == "contained"));
+        let cs = self.child_scopes(plan, scopes, cover, parent.is_resource, name, nested);
+        let cx = NodeCx {
+            name,
+            ty,
+            def,
+            parent_name: parent.name,
+            parent_ty: parent.ty,
+            is_resource: nested.is_some(),
+        };
+        self.node(plan, item, &cx, &cs, seal, false)
+    }
+
+    /// Applies rule `r` of scope `s` to a node: (operation bits, whether the node is now sealed).
+    fn apply(
+        &mut self,
+        plan: &Plan,
+        value: &mut Json,
+        cx: &NodeCx<'_>,
+        scopes: &[Scope<'_>],
+        s: usize,
+        r: RuleIx,
+    ) -> Result<(u8, bool), DeidError> {
+        let rules = self.rules;
+        let rule = &rules[r as usize];
+        match &rule.method {
+            Method::Keep => Ok((0, false)),
+            Method::Perturb {
+                span,
+                proportional,
+                round_to,
+            } => {
+                let kind = match cx.ty {
+                    "decimal" => NumberKind::Decimal,
+                    "integer" => NumberKind::Integer,
+                    "positiveInt" => NumberKind::PositiveInt,
+                    "unsignedInt" => NumberKind::UnsignedInt,
+                    "Age" | "Count" | "Duration" | "Distance" | "Money" | "Quantity"
+                    | "SimpleQuantity" | "MoneyQuantity" => {
+                        // The quantity's `value`; none: not sealed.
+                        let Some(v) = value.get_mut("value").filter(|v| !v.is_null()) else {
+                            return Ok((0, false));
+                        };
+                        // An earlier rule processed the value: it stays, the quantity is sealed.
+                        let vcx = NodeCx {
+                            name: "value",
+                            ty: "decimal",
+                            def: None,
+                            parent_name: cx.name,
+                            parent_ty: cx.ty,
+                            is_resource: false,
+                        };
+                        let cs =
+                            self.child_scopes(plan, scopes, Some((s, r)), false, "value", None);
+                        if self.cover(&cs, &vcx, Some((s, r))).is_some() {
+                            return Ok((0, true));
+                        }
+                        return perturb_value(
+                            rule,
+                            v,
+                            NumberKind::Decimal,
+                            *span,
+                            *proportional,
+                            *round_to,
+                        )
+                        .map(|ops| (ops, true));
+                    }
+                    _ => return Ok((0, false)),
+                };
+                perturb_value(rule, value, kind, *span, *proportional, *round_to)
+                    .map(|ops| (ops, true))
+            }
+            method => {
+                let Some(text) = primitive_text(value) else {
+                    return Ok((0, false));
+                };
+                let prefix = || {
+                    if !self.file_prefix.is_empty() {
+                        self.file_prefix.to_string()
+                    } else if s > 0 || self.id_rule.is_some_and(|ir| ir < r) {
+                        self.current_id.clone()
+                    } else {
+                        self.original_id.clone()
+                    }
+                };
+                let change = primitive_change(
+                    rule,
+                    method,
+                    self.params,
+                    &text,
+                    cx.ty,
+                    cx.name,
+                    &|| cx.parent_ty.to_string(),
+                    &prefix,
+                    self.today,
+                )?;
+                Ok(match change {
+                    None => (0, false),
+                    Some((Change::Keep, ops)) => (ops, false),
+                    Some((Change::Set(j), ops)) => {
+                        *value = j;
+                        (ops, false)
+                    }
+                    Some((Change::Remove, ops)) => {
+                        *value = Json::Null;
+                        (ops, false)
+                    }
+                })
+            }
+        }
+    }
+}
+
+fn perturb_value(
+    rule: &Rule,
+    value: &mut Json,
+    kind: NumberKind,
+    span: f64,
+    proportional: bool,
+    round_to: u32,
+) -> Result<u8, DeidError> {
+    let Some(text) = primitive_text(value) else {
+        return Ok(0);
+    };
+    let out = transforms::perturb(
+        &text,
+        kind,
+        span,
+        proportional,
+        round_to,
+        rand::random::<f64>(),
+    )
+    .map_err(|e| rule_err(rule, e.to_string()))?;
+    let num: serde_json::Number = out
+        .to_string()
+        .parse()
+        .map_err(|_| rule_err(rule, format!("bad number {out}")))?;
+    *value = Json::Number(num);
+    Ok(crate::engine::PERTURB)
+}
