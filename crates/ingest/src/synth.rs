@@ -287,7 +287,7 @@ struct Generated {
 }
 
 fn generate(seed: &Seed, rng_seed: u64, index: usize) -> Generated {
-    let mut rng = SplitMix(rng_seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = SplitMix::for_patient(rng_seed, index);
     let sp = &seed.patients[index % seed.patients.len()];
     let shift_days = (rng.next() % (MAX_SHIFT_DAYS + 1)) as i64;
     let mut ids: HashMap<String, String> = HashMap::with_capacity(sp.old_ids.len());
@@ -459,16 +459,27 @@ impl Outputs {
     }
 }
 
+/// SplitMix64's finaliser: a bijection on u64 with full avalanche.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// A small deterministic generator (SplitMix64): reproducible output without a dependency.
 struct SplitMix(u64);
 
 impl SplitMix {
+    /// The stream of patient `index`. The start state goes through the mixing function: a plain
+    /// `seed ^ index * step` start would make patient i+1's stream patient i's shifted by one step,
+    /// so consecutive patients would share almost every id.
+    fn for_patient(seed: u64, index: usize) -> SplitMix {
+        SplitMix(mix(seed ^ mix(index as u64 ^ 0x5EED_0F_5EED)))
+    }
+
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        mix(self.0)
     }
 
     /// A version-4 style UUID from the stream.
@@ -505,5 +516,17 @@ mod tests {
         let a = SplitMix(7).uuid();
         assert_eq!(a, SplitMix(7).uuid());
         assert!(uuid::Uuid::parse_str(&a).is_ok());
+    }
+
+    #[test]
+    fn patients_draw_distinct_ids() {
+        // 2,000 patients of 400 resources each: every id is new.
+        let mut seen = HashSet::new();
+        for index in 0..2_000 {
+            let mut rng = SplitMix::for_patient(42, index);
+            for _ in 0..400 {
+                assert!(seen.insert(rng.uuid()), "repeated id at patient {index}");
+            }
+        }
     }
 }

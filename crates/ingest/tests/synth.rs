@@ -43,6 +43,10 @@ fn synthetic_patients_load_with_all_references_resolved() {
     let (current, broken) = support::check_references(&store);
     assert!(broken.is_empty(), "{:?}", &broken[..3.min(broken.len())]);
     assert_eq!(current["Patient"], 7);
+    // Every written resource has an id of its own: as many current resources as lines written.
+    for (ty, n) in &summary.per_type {
+        assert_eq!(current.get(ty), Some(n), "{ty}: repeated ids");
+    }
     // Patients 0 and 5 come from the same seed patient but share no id.
     assert_eq!(
         store
