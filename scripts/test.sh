@@ -10,5 +10,8 @@ export FHIRHOSE_REQUIRE_EXTERNAL=1
 # Azure Blob destination: Azurite (npm) on 127.0.0.1:10000.
 ./scripts/azurite.sh
 export FHIRHOSE_TEST_AZURITE=http://127.0.0.1:10000/devstoreaccount1
+# OCI registry for de-identification configs in images: Debian's docker-registry on 127.0.0.1:5001.
+./scripts/registry.sh
+export FHIRHOSE_TEST_REGISTRY=127.0.0.1:5001
 
 cargo test --workspace --profile ci "$@"

@@ -30,18 +30,40 @@ const ACCEPTED_MANIFESTS: &[&str] = &[
 /// Longest registry error text kept in a message (a registry may answer with a whole web page).
 const MAX_MESSAGE_CHARS: usize = 300;
 
-/// Runs the fetch on a private current-thread runtime, on this thread or, when this thread is
-/// inside a runtime already (where `block_on` would panic), on a scoped helper thread. Panics
-/// anywhere below are caught and reported as `OciError::Internal`.
+/// Runs the fetch on a private current-thread runtime (see [`on_own_runtime`]).
 pub(crate) fn run_blocking(
     settings: &OciSettings,
     image: &ImageRef,
     name: &str,
     limits: &Limits,
 ) -> Result<Fetched, OciError> {
-    let work = || {
+    on_own_runtime(|runtime| {
+        let deadline = Instant::now() + settings.timeout;
+        runtime
+            .block_on(async {
+                tokio::time::timeout(
+                    settings.timeout,
+                    fetch(settings, image, name, limits, deadline),
+                )
+                .await
+            })
+            .unwrap_or_else(|_elapsed| Err(timed_out(image, settings.timeout)))
+    })
+}
+
+/// Runs `work` with a private current-thread runtime, on this thread or, when this thread is
+/// inside a runtime already (where `block_on` would panic), on a scoped helper thread. Panics
+/// anywhere below are caught and reported as `OciError::Internal`.
+pub(crate) fn on_own_runtime<T: Send>(
+    work: impl FnOnce(&tokio::runtime::Runtime) -> Result<T, OciError> + Send,
+) -> Result<T, OciError> {
+    let guarded = || {
         std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_on_own_runtime(settings, image, name, limits)
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| OciError::Internal(format!("cannot start a tokio runtime: {e}")))?;
+            work(&runtime)
         }))
         .unwrap_or_else(|panic| {
             let what = panic
@@ -55,41 +77,16 @@ pub(crate) fn run_blocking(
     if tokio::runtime::Handle::try_current().is_ok() {
         std::thread::scope(|scope| {
             scope
-                .spawn(work)
+                .spawn(guarded)
                 .join()
                 .unwrap_or_else(|_| Err(OciError::Internal("helper thread panicked".into())))
         })
     } else {
-        work()
+        guarded()
     }
 }
 
-fn run_on_own_runtime(
-    settings: &OciSettings,
-    image: &ImageRef,
-    name: &str,
-    limits: &Limits,
-) -> Result<Fetched, OciError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| OciError::Internal(format!("cannot start a tokio runtime: {e}")))?;
-    let started = Instant::now();
-    let deadline = started + settings.timeout;
-    let result = runtime.block_on(async {
-        tokio::time::timeout(
-            settings.timeout,
-            fetch(settings, image, name, limits, deadline),
-        )
-        .await
-    });
-    match result {
-        Ok(result) => result,
-        Err(_elapsed) => Err(timed_out(image, settings.timeout)),
-    }
-}
-
-fn timed_out(image: &ImageRef, timeout: Duration) -> OciError {
+pub(crate) fn timed_out(image: &ImageRef, timeout: Duration) -> OciError {
     OciError::Registry {
         registry: image.registry.clone(),
         message: format!("no complete answer within {} s", timeout.as_secs_f64()),
@@ -97,7 +94,7 @@ fn timed_out(image: &ImageRef, timeout: Duration) -> OciError {
     }
 }
 
-fn client_for(settings: &OciSettings) -> Client {
+pub(crate) fn client_for(settings: &OciSettings) -> Client {
     let insecure = settings
         .insecure_http
         .iter()
@@ -114,7 +111,7 @@ fn client_for(settings: &OciSettings) -> Client {
     })
 }
 
-fn auth_for(settings: &OciSettings) -> RegistryAuth {
+pub(crate) fn auth_for(settings: &OciSettings) -> RegistryAuth {
     match (&settings.username, &settings.password) {
         (Some(user), Some(password)) => RegistryAuth::Basic(user.clone(), password.clone()),
         (Some(user), None) => RegistryAuth::Basic(user.clone(), String::new()),
@@ -122,12 +119,13 @@ fn auth_for(settings: &OciSettings) -> RegistryAuth {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
     for b in digest.iter() {
-        out.push_str(&format!("{b:02x}"));
+        use std::fmt::Write as _;
+        let _ = write!(out, "{b:02x}");
     }
     out
 }

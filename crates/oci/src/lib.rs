@@ -34,11 +34,13 @@
 
 mod fetch;
 mod layer;
+mod push;
 mod reference;
 
 use std::fmt;
 use std::time::Duration;
 
+pub use push::push_file;
 pub use reference::{AllowEntry, ImageRef};
 
 /// Largest layer blob that is downloaded (compressed size), as in Microsoft's server.

@@ -533,3 +533,29 @@ fn works_from_inside_an_async_runtime() {
     });
     assert_eq!(bytes, b"{}");
 }
+
+#[test]
+fn pushed_file_comes_back() {
+    let Some(addr) = registry("pushed_file_comes_back") else {
+        return;
+    };
+    let repo = unique_repo("push");
+    let image = format!("{addr}/{repo}:v1");
+    let config = br#"{"fhirVersion":"R4","fhirPathRules":[]}"#;
+    let digest = oci_config::push_file(&settings(&addr), &image, "deid.json", config).unwrap();
+    let got = fetch(&addr, &image, "deid.json").unwrap();
+    assert_eq!(got.bytes, config);
+    assert_eq!(got.manifest_digest, digest);
+    let pinned = fetch(&addr, &format!("{addr}/{repo}@{digest}"), "deid.json").unwrap();
+    assert_eq!(pinned.bytes, config);
+    // A push needs a tag.
+    assert!(matches!(
+        oci_config::push_file(
+            &settings(&addr),
+            &format!("{addr}/{repo}@{digest}"),
+            "x",
+            b"{}"
+        ),
+        Err(OciError::InvalidReference(_))
+    ));
+}
