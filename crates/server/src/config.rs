@@ -70,6 +70,57 @@ pub struct ExportOptions {
     /// Container used when a kick-off has no `_container`.
     #[arg(long, env = "FHIRHOSE_EXPORT_CONTAINER", default_value = "exports")]
     pub export_container: String,
+    /// Where export files go: `local` (`<data-dir>/storage/<container>/`), `azure` (Blob /
+    /// ADLS Gen2) or `s3` (an S3-compatible store).
+    #[arg(long, env = "FHIRHOSE_EXPORT_DESTINATION", default_value = "local")]
+    pub export_destination: String,
+    /// Azure: a storage connection string (AccountName + AccountKey or SharedAccessSignature,
+    /// optional BlobEndpoint).
+    #[arg(long, env = "FHIRHOSE_AZURE_CONNECTION_STRING", hide_env_values = true)]
+    pub azure_connection_string: Option<String>,
+    /// Azure: the storage account (without a connection string).
+    #[arg(long, env = "FHIRHOSE_AZURE_ACCOUNT")]
+    pub azure_account: Option<String>,
+    /// Azure: the account key.
+    #[arg(long, env = "FHIRHOSE_AZURE_ACCOUNT_KEY", hide_env_values = true)]
+    pub azure_account_key: Option<String>,
+    /// Azure: a SAS token (instead of the key).
+    #[arg(long, env = "FHIRHOSE_AZURE_SAS", hide_env_values = true)]
+    pub azure_sas: Option<String>,
+    /// Azure: the blob endpoint (default https://<account>.blob.core.windows.net).
+    #[arg(long, env = "FHIRHOSE_AZURE_ENDPOINT")]
+    pub azure_endpoint: Option<String>,
+    /// S3: the bucket (containers are top-level prefixes in it).
+    #[arg(long, env = "FHIRHOSE_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// S3: the region.
+    #[arg(long, env = "FHIRHOSE_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// S3: the endpoint of an S3-compatible store (default AWS).
+    #[arg(long, env = "FHIRHOSE_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3: the access key id.
+    #[arg(long, env = "FHIRHOSE_S3_ACCESS_KEY_ID")]
+    pub s3_access_key_id: Option<String>,
+    /// S3: the secret access key.
+    #[arg(long, env = "FHIRHOSE_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_access_key: Option<String>,
+    /// Container registries `_anonymizationConfigCollectionReference` may name, comma-separated:
+    /// `host[:port]`, `host[:port]/repository` or `host[:port]/repository@sha256:…`. Empty: none.
+    #[arg(long, env = "FHIRHOSE_ANONYMIZATION_REGISTRIES", value_delimiter = ',')]
+    pub anonymization_registries: Vec<String>,
+    /// Registries (`host:port`) reached over plain HTTP rather than HTTPS, comma-separated.
+    #[arg(long, env = "FHIRHOSE_REGISTRY_INSECURE_HTTP", value_delimiter = ',')]
+    pub registry_insecure_http: Vec<String>,
+    /// Registry user name (Basic or token authentication).
+    #[arg(long, env = "FHIRHOSE_REGISTRY_USERNAME")]
+    pub registry_username: Option<String>,
+    /// Registry password or token.
+    #[arg(long, env = "FHIRHOSE_REGISTRY_PASSWORD", hide_env_values = true)]
+    pub registry_password: Option<String>,
+    /// Seconds one configuration pull may take.
+    #[arg(long, env = "FHIRHOSE_REGISTRY_TIMEOUT", default_value_t = 60)]
+    pub registry_timeout: u64,
 }
 
 impl Default for ExportOptions {
@@ -82,17 +133,111 @@ impl Default for ExportOptions {
             export_max_concurrent: 4,
             export_heartbeat_timeout: 600,
             export_container: "exports".into(),
+            export_destination: "local".into(),
+            azure_connection_string: None,
+            azure_account: None,
+            azure_account_key: None,
+            azure_sas: None,
+            azure_endpoint: None,
+            s3_bucket: None,
+            s3_region: "us-east-1".into(),
+            s3_endpoint: None,
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            anonymization_registries: Vec::new(),
+            registry_insecure_http: Vec::new(),
+            registry_username: None,
+            registry_password: None,
+            registry_timeout: 60,
         }
     }
 }
 
 impl ExportOptions {
-    /// The export service settings for a data directory.
+    /// The object-store destination, when one is configured (`None` for `local`).
+    pub fn remote_destination(&self) -> Result<Option<export::RemoteConfig>, ConfigError> {
+        let bad = |m: &str| ConfigError::Export(m.to_string());
+        match self.export_destination.as_str() {
+            "local" => Ok(None),
+            "azure" => {
+                if let Some(cs) = &self.azure_connection_string {
+                    return export::RemoteConfig::azure_from_connection_string(cs)
+                        .map(Some)
+                        .map_err(|e| {
+                            ConfigError::Export(format!("--azure-connection-string: {e}"))
+                        });
+                }
+                let account = self.azure_account.clone().ok_or_else(|| {
+                    bad("--export-destination azure needs --azure-connection-string or --azure-account")
+                })?;
+                if self.azure_account_key.is_none() && self.azure_sas.is_none() {
+                    return Err(bad(
+                        "--azure-account needs --azure-account-key or --azure-sas",
+                    ));
+                }
+                Ok(Some(export::RemoteConfig::Azure {
+                    account,
+                    key: self.azure_account_key.clone(),
+                    sas: self.azure_sas.clone(),
+                    endpoint: self.azure_endpoint.clone(),
+                }))
+            }
+            "s3" => {
+                let bucket = self
+                    .s3_bucket
+                    .clone()
+                    .ok_or_else(|| bad("--export-destination s3 needs --s3-bucket"))?;
+                Ok(Some(export::RemoteConfig::S3 {
+                    bucket,
+                    region: self.s3_region.clone(),
+                    allow_http: self
+                        .s3_endpoint
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("http://")),
+                    endpoint: self.s3_endpoint.clone(),
+                    access_key_id: self.s3_access_key_id.clone(),
+                    secret_access_key: self.s3_secret_access_key.clone(),
+                }))
+            }
+            other => Err(ConfigError::Export(format!(
+                "--export-destination '{other}' is not one of local, azure, s3"
+            ))),
+        }
+    }
+
+    /// How de-identification configurations are pulled out of OCI images.
+    pub fn registry_settings(&self) -> Result<oci_config::OciSettings, ConfigError> {
+        let allow = self
+            .anonymization_registries
+            .iter()
+            .map(|e| e.trim())
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                e.parse().map_err(|err| {
+                    ConfigError::Export(format!("--anonymization-registries '{e}': {err}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.registry_timeout == 0 {
+            return Err(ConfigError::Export(
+                "--registry-timeout must be at least 1 second".into(),
+            ));
+        }
+        Ok(oci_config::OciSettings {
+            allow,
+            insecure_http: self.registry_insecure_http.clone(),
+            username: self.registry_username.clone(),
+            password: self.registry_password.clone(),
+            timeout: std::time::Duration::from_secs(self.registry_timeout),
+        })
+    }
+
+    /// The export service settings for a data directory (the destination is connected here).
     pub fn export_config(
         &self,
         data_dir: &std::path::Path,
         base_url: String,
-    ) -> export::ExportConfig {
+    ) -> Result<export::ExportConfig, ConfigError> {
         let mut c = export::ExportConfig::local(
             data_dir.join("storage"),
             data_dir.join("exports.db"),
@@ -107,7 +252,25 @@ impl ExportOptions {
         c.max_concurrent = self.export_max_concurrent;
         c.heartbeat_timeout = std::time::Duration::from_secs(self.export_heartbeat_timeout);
         c.default_container = self.export_container.clone();
-        c
+        if let Some(remote) = self.remote_destination()? {
+            let sink = export::ObjectStoreSink::new(remote, export::RemoteSettings::default())
+                .map_err(|e| ConfigError::Export(format!("export destination: {e}")))?;
+            c.sink = std::sync::Arc::new(sink);
+        }
+        let registry = self.registry_settings()?;
+        c.image_configs = Some(std::sync::Arc::new(move |image: &str, name: &str| {
+            let fetched = oci_config::fetch_file(&registry, image, name)
+                .map_err(|e| oci_error(e, image, name))?;
+            export::anonymization::from_bytes(
+                name,
+                fetched.bytes,
+                "oci",
+                None,
+                Some(fetched.image),
+                Some(fetched.manifest_digest),
+            )
+        }));
+        Ok(c)
     }
 }
 
@@ -127,6 +290,20 @@ pub enum ConfigError {
     Export(String),
     #[error("{0}")]
     Auth(String),
+}
+
+/// A registry failure as the kick-off reports it: 400 for what the request got wrong, 503 for
+/// a registry that may answer later.
+fn oci_error(e: oci_config::OciError, image: &str, name: &str) -> export::AnonymizationError {
+    use export::AnonymizationError as A;
+    use oci_config::OciError as O;
+    match e {
+        O::NotAllowed(_) => A::NotAllowed(image.to_string()),
+        O::FileNotFound { .. } => A::NotFound(name.to_string()),
+        O::FileTooLarge { .. } => A::TooLarge,
+        e if e.is_transient() => A::Fetch(e.to_string()),
+        e => A::Registry(e.to_string()),
+    }
 }
 
 impl ServeConfig {
@@ -159,6 +336,8 @@ impl ServeConfig {
                 "--export-heartbeat-timeout must be at least 5 seconds".into(),
             ));
         }
+        e.remote_destination()?;
+        e.registry_settings()?;
         if !export::request::valid_container(&e.export_container) {
             return Err(ConfigError::Export(format!(
                 "--export-container '{}' is not a valid container name (3-63 lowercase letters, digits and single hyphens)",

@@ -34,7 +34,8 @@ impl From<ExportError> for ApiError {
                     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "transient", e.to_string())
                         .with_header(header::RETRY_AFTER, HeaderValue::from_static("30"))
                 }
-                export::AnonymizationError::NotAllowed(_) => {
+                export::AnonymizationError::NotAllowed(_)
+                | export::AnonymizationError::Registry(_) => {
                     ApiError::invalid(e.to_string(), "_anonymizationConfigCollectionReference")
                 }
                 _ => ApiError::invalid(e.to_string(), "_anonymizationConfig"),

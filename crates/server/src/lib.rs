@@ -52,7 +52,9 @@ impl AppState {
         data_dir: &std::path::Path,
     ) -> Result<AppState, export::ExportError> {
         let base_url: String = base_url.into();
-        let config = config::ExportOptions::default().export_config(data_dir, base_url.clone());
+        let config = config::ExportOptions::default()
+            .export_config(data_dir, base_url.clone())
+            .map_err(|e| export::ExportError::Internal(e.to_string()))?;
         AppState::with_export(store, base_url, auth, max_body_bytes, config)
     }
 
@@ -153,7 +155,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     })?;
     let export_config = config
         .export
-        .export_config(&config.data_dir, base_url.clone());
+        .export_config(&config.data_dir, base_url.clone())?;
     let state = AppState::with_export(
         Arc::new(store),
         base_url.clone(),

@@ -33,6 +33,10 @@ fn sample_config() -> String {
 }
 
 async fn start() -> S {
+    start_with(server::config::ExportOptions::default()).await
+}
+
+async fn start_with(options: server::config::ExportOptions) -> S {
     let dir = tempfile::tempdir().unwrap();
     let store = server::open_store(dir.path()).unwrap();
     ingest::load_into_store(
@@ -44,12 +48,13 @@ async fn start() -> S {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let state = server::AppState::new(
+    let export = options.export_config(dir.path(), base.clone()).unwrap();
+    let state = server::AppState::with_export(
         Arc::new(store),
         base.clone(),
         auth::Auth::none(),
         1 << 20,
-        dir.path(),
+        export,
     )
     .unwrap();
     tokio::spawn(async move { axum::serve(listener, server::router(state)).await.unwrap() });
@@ -447,4 +452,104 @@ async fn processing_errors_skip_writes_stubs_and_error_lines() {
         .unwrap()
         .count();
     assert_eq!(folders, 1, "only the successful export's folder");
+}
+
+/// The local registry (scripts/registry.sh), or None when the test should be skipped.
+fn registry() -> Option<String> {
+    match std::env::var("FHIRHOSE_TEST_REGISTRY") {
+        Ok(addr) if !addr.is_empty() => Some(addr),
+        _ if std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() == Ok("1") => {
+            panic!("FHIRHOSE_TEST_REGISTRY is not set: run ./scripts/registry.sh")
+        }
+        _ => {
+            eprintln!("skipping: FHIRHOSE_TEST_REGISTRY is not set (./scripts/registry.sh)");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_from_an_oci_image() {
+    let Some(addr) = registry() else { return };
+    let mut options = server::config::ExportOptions::default();
+    options.anonymization_registries = vec![format!("{addr}/fhirhose-test/deid-configs")];
+    options.registry_insecure_http = vec![addr.clone()];
+    let push_settings = options.registry_settings().unwrap();
+    let s = start_with(options).await;
+    let tag = format!("t{}", std::process::id());
+    let image = format!("{addr}/fhirhose-test/deid-configs:{tag}");
+    let digest = oci_config::push_file(
+        &push_settings,
+        &image,
+        "sample.json",
+        sample_config().as_bytes(),
+    )
+    .unwrap();
+
+    let by_tag = s
+        .export(&format!(
+            "/Patient/$export?_type=Patient&_container=deid&_anonymizationConfig=sample.json\
+             &_anonymizationConfigCollectionReference={image}"
+        ))
+        .await;
+    let ext = &by_tag["extension"]["storage"]["anonymization"];
+    assert_eq!(ext["source"], "oci");
+    assert_eq!(ext["image"], image.as_str());
+    assert_eq!(ext["digest"], digest.as_str());
+    let patients = s.lines(&by_tag, "output").await;
+    assert_eq!(patients.len(), 100);
+    let phi = original_phi();
+    for p in &patients {
+        assert_eq!(p["id"].as_str().map(str::len), Some(64), "hashed id");
+        for n in p["name"].as_array().into_iter().flatten() {
+            assert!(!phi.contains(n["family"].as_str().unwrap_or("")));
+        }
+    }
+    // Pinned by digest: the same output.
+    let pinned = s
+        .export(&format!(
+            "/Patient/$export?_type=Patient&_container=deid&_anonymizationConfig=sample.json\
+             &_anonymizationConfigCollectionReference={addr}/fhirhose-test/deid-configs@{digest}"
+        ))
+        .await;
+    let again = s.lines(&pinned, "output").await;
+    let ids = |v: &[Value]| {
+        let mut i: Vec<String> = v.iter().map(|p| p["id"].to_string()).collect();
+        i.sort();
+        i
+    };
+    assert_eq!(ids(&again), ids(&patients));
+
+    // What the kick-off refuses, before any job exists.
+    let kick = |reference: &str, name: &str| {
+        format!(
+            "/$export?_container=deid&_anonymizationConfig={name}\
+             &_anonymizationConfigCollectionReference={reference}"
+        )
+    };
+    s.bad_kickoff(
+        &kick("example.com/fhirhose-test/deid-configs:v1", "sample.json"),
+        "is not configured",
+    )
+    .await;
+    s.bad_kickoff(
+        &kick(
+            &format!("{addr}/elsewhere/deid-configs:{tag}"),
+            "sample.json",
+        ),
+        "is not configured",
+    )
+    .await;
+    s.bad_kickoff(&kick("not%20a%20reference", "sample.json"), "reference")
+        .await;
+    s.bad_kickoff(&kick(&image, "missing.json"), "not found")
+        .await;
+    s.bad_kickoff(
+        &format!(
+            "/$export?_container=deid&_anonymizationConfig=sample.json&_anonymizationConfigEtag=x\
+             &_anonymizationConfigCollectionReference={image}"
+        ),
+        "",
+    )
+    .await;
 }
