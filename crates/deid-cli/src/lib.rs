@@ -94,7 +94,7 @@ fn open_text(path: &Path) -> Result<Box<dyn BufRead>, CliError> {
 /// Writes through a temporary sibling file, renamed over `path` only on success.
 fn write_atomic(
     path: &Path,
-    body: &dyn Fn(&mut dyn Write) -> Result<(), CliError>,
+    body: &mut dyn FnMut(&mut dyn Write) -> Result<(), CliError>,
 ) -> Result<(), CliError> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
@@ -213,6 +213,68 @@ impl Job<'_> {
     }
 }
 
+/// Lines read and anonymized together: enough to keep every thread busy, small enough to
+/// stream (a few MB).
+const BATCH_LINES: usize = 4096;
+
+/// Anonymizes one batch of NDJSON lines on `threads` threads; the output keeps the input order.
+fn anonymize_batch(
+    job: &Job<'_>,
+    batch: &[(usize, String)],
+    threads: usize,
+    input: &Path,
+    summary: &mut Summary,
+) -> Result<Vec<String>, CliError> {
+    let chunk = batch.len().div_ceil(threads).max(1);
+    let parts: Vec<Result<(Vec<String>, Summary), CliError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = batch
+            .chunks(chunk)
+            .map(|part| {
+                let template = &summary.rule_hits;
+                s.spawn(move || {
+                    let mut local = Summary {
+                        rule_hits: template
+                            .iter()
+                            .map(|(i, p, _)| (*i, p.clone(), 0))
+                            .collect(),
+                        ..Summary::default()
+                    };
+                    let mut out = Vec::with_capacity(part.len());
+                    for (n, l) in part {
+                        if l.trim().is_empty() {
+                            return Err(CliError::Resource {
+                                path: input.to_path_buf(),
+                                line: *n,
+                                source: deid::DeidError::InvalidInput("blank NDJSON line".into()),
+                            });
+                        }
+                        out.push(job.one(l, input, *n, &mut local)?.to_string());
+                    }
+                    Ok((out, local))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(CliError::Usage("worker panicked".into())))
+            })
+            .collect()
+    });
+    let mut all = Vec::with_capacity(batch.len());
+    for p in parts {
+        let (lines, local) = p?;
+        summary.resources += local.resources;
+        summary.resources_skipped += local.resources_skipped;
+        for (slot, l) in summary.rule_hits.iter_mut().zip(local.rule_hits) {
+            slot.2 += l.2;
+        }
+        all.extend(lines);
+    }
+    Ok(all)
+}
+
 /// Runs the command. Fails (non-zero exit) on the first bad file, line or rule; no partial output.
 pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
     let cfg_text = fs::read_to_string(&args.config).map_err(io(&args.config))?;
@@ -282,69 +344,31 @@ pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
             decrypt: args.decrypt,
         };
         if args.bulk {
-            let mut text = String::new();
-            open_text(input)?
-                .read_to_string(&mut text)
-                .map_err(io(input))?;
-            let lines: Vec<(usize, &str)> =
-                text.lines().enumerate().map(|(i, l)| (i + 1, l)).collect();
-            let chunk = lines.len().div_ceil(threads).max(1);
-            // Each thread returns its lines in order; chunks are joined in order.
-            let parts: Vec<Result<(Vec<String>, Summary), CliError>> = std::thread::scope(|s| {
-                let handles: Vec<_> = lines
-                    .chunks(chunk)
-                    .map(|part| {
-                        let job = &job;
-                        let template = summary.rule_hits.clone();
-                        s.spawn(move || {
-                            let mut local = Summary {
-                                rule_hits: template
-                                    .iter()
-                                    .map(|(i, p, _)| (*i, p.clone(), 0))
-                                    .collect(),
-                                ..Summary::default()
-                            };
-                            let mut out = Vec::with_capacity(part.len());
-                            for (n, l) in part {
-                                if l.trim().is_empty() {
-                                    return Err(CliError::Resource {
-                                        path: input.clone(),
-                                        line: *n,
-                                        source: deid::DeidError::InvalidInput(
-                                            "blank NDJSON line".into(),
-                                        ),
-                                    });
-                                }
-                                let v = job.one(l, input, *n, &mut local)?;
-                                out.push(v.to_string());
-                            }
-                            Ok((out, local))
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(CliError::Usage("worker panicked".into())))
-                    })
-                    .collect()
-            });
-            let mut all = Vec::new();
-            for p in parts {
-                let (lines, local) = p?;
-                summary.resources += local.resources;
-                summary.resources_skipped += local.resources_skipped;
-                for (slot, l) in summary.rule_hits.iter_mut().zip(local.rule_hits) {
-                    slot.2 += l.2;
+            // Streams: batches of lines go to the threads and come back in order.
+            let mut reader = open_text(input)?;
+            let mut line_no = 0usize;
+            write_atomic(output, &mut |w| {
+                loop {
+                    let mut batch: Vec<(usize, String)> = Vec::with_capacity(BATCH_LINES);
+                    while batch.len() < BATCH_LINES {
+                        let mut l = String::new();
+                        if reader.read_line(&mut l).map_err(io(input))? == 0 {
+                            break;
+                        }
+                        line_no += 1;
+                        let end = l.trim_end_matches(['\n', '\r']).len();
+                        l.truncate(end);
+                        batch.push((line_no, l));
+                    }
+                    if batch.is_empty() {
+                        return Ok(());
+                    }
+                    for l in anonymize_batch(&job, &batch, threads, input, &mut summary)? {
+                        w.write_all(l.as_bytes())
+                            .and_then(|()| w.write_all(b"\n"))
+                            .map_err(io(output))?;
+                    }
                 }
-                all.extend(lines);
-            }
-            write_atomic(output, &|w| {
-                for l in &all {
-                    writeln!(w, "{l}").map_err(io(output))?;
-                }
-                Ok(())
             })?;
         } else {
             let mut text = String::new();
@@ -353,7 +377,7 @@ pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
                 .map_err(io(input))?;
             let v = job.one(&text, input, 1, &mut summary)?;
             let pretty = serde_json::to_string_pretty(&v).unwrap_or_default();
-            write_atomic(output, &|w| {
+            write_atomic(output, &mut |w| {
                 w.write_all(pretty.as_bytes()).map_err(io(output))
             })?;
         }
