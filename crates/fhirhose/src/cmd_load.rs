@@ -17,6 +17,10 @@ pub struct LoadArgs {
     /// Stop at the first invalid resource instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// Write no search index rows (a faster bulk load); searches miss these resources until
+    /// `fhirhose reindex`, and the server warns at start. Export does not need the indexes.
+    #[arg(long, conflicts_with = "server")]
+    pub no_index: bool,
     /// Files or folders of NDJSON, Bundle JSON, or .gz of either.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
@@ -51,8 +55,11 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
             let dir = dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("./fhirhose-data"));
-            let store = server::open_store(&dir)
+            let store = server::open_store_indexing(&dir, !args.no_index)
                 .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+            if args.no_index {
+                store.set_indexes_stale(true).map_err(|e| e.to_string())?;
+            }
             let options = ingest::LoadOptions {
                 strict: args.strict,
                 ..ingest::LoadOptions::default()

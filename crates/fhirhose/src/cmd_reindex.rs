@@ -21,6 +21,7 @@ pub fn run(args: ReindexArgs) -> Result<(), String> {
         bar.set_message(format!("{t}: {} resources", thousands(n)));
     })
     .map_err(|e| e.to_string())?;
+    store.set_indexes_stale(false).map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     println!("reindexed {} resources", thousands(n));
     Ok(())

@@ -128,12 +128,21 @@ pub enum ServeError {
 
 /// Opens the store of a data directory (taking its lock) with search indexing on.
 pub fn open_store(dir: &std::path::Path) -> Result<SqliteStore, store::StoreError> {
+    open_store_indexing(dir, true)
+}
+
+/// Opens the store of a data directory, writing search index rows or not (a bulk load that
+/// indexes later with `fhirhose reindex`).
+pub fn open_store_indexing(
+    dir: &std::path::Path,
+    index: bool,
+) -> Result<SqliteStore, store::StoreError> {
     std::fs::create_dir_all(dir).map_err(|source| store::StoreError::Io {
         path: dir.display().to_string(),
         source,
     })?;
     let options = store::SqliteOptions {
-        indexer: Some(Arc::new(search::SearchIndexer)),
+        indexer: index.then(|| Arc::new(search::SearchIndexer) as Arc<dyn store::Indexer>),
         ..store::SqliteOptions::default()
     };
     SqliteStore::open_data_dir(dir, options)
@@ -153,6 +162,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         dir: config.data_dir.display().to_string(),
         source,
     })?;
+    if store.indexes_stale().unwrap_or(false) {
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            "data was loaded with --no-index: searches miss those resources until `fhirhose reindex`"
+        );
+    }
     let export_config = config
         .export
         .export_config(&config.data_dir, base_url.clone())?;

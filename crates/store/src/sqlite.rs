@@ -118,6 +118,35 @@ struct Writer {
 }
 
 impl SqliteStore {
+    /// Records whether the search indexes miss resources (a `load --no-index`), until a full
+    /// reindex clears it.
+    pub fn set_indexes_stale(&self, stale: bool) -> Result<(), StoreError> {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if stale {
+            w.conn.execute(
+                "INSERT OR REPLACE INTO store_meta(key, value) VALUES ('indexes_stale', '1')",
+                [],
+            )?;
+        } else {
+            w.conn
+                .execute("DELETE FROM store_meta WHERE key = 'indexes_stale'", [])?;
+        }
+        Ok(())
+    }
+
+    /// Whether resources were loaded without search indexes since the last full reindex.
+    pub fn indexes_stale(&self) -> Result<bool, StoreError> {
+        let conn = self.readers.get();
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM store_meta WHERE key = 'indexes_stale'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     /// Lock the data directory `dir` (creating it) and open `dir/fhirhose.db`. This is what
     /// `serve` and `load --data-dir` use; fails with [`StoreError::Locked`] while another process
     /// holds the directory. The lock is released when the store is dropped.

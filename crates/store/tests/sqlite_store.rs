@@ -703,3 +703,17 @@ fn data_dir_lock_refuses_a_second_store() {
         Ok(_) => panic!("second open succeeded"),
     }
 }
+
+#[test]
+fn index_staleness_is_recorded_until_cleared() {
+    let (dir, s) = open();
+    assert!(!s.indexes_stale().unwrap());
+    s.set_indexes_stale(true).unwrap();
+    assert!(s.indexes_stale().unwrap());
+    drop(s);
+    // It survives a reopen, and a clear removes it.
+    let s = SqliteStore::open_data_dir(dir.path(), SqliteOptions::default()).unwrap();
+    assert!(s.indexes_stale().unwrap());
+    s.set_indexes_stale(false).unwrap();
+    assert!(!s.indexes_stale().unwrap());
+}
