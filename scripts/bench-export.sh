@@ -4,7 +4,10 @@
 # server's peak RSS (VmHWM, read from /proc before the server is stopped).
 #
 # Usage: scripts/bench-export.sh [PATIENTS] [WORK_DIR]   (defaults: 10000, /tmp/fhirhose-bench-export)
-# Env: FHIRHOSE_BIN (default: target/release/fhirhose, built if missing), PORT (default 18480).
+# Env: FHIRHOSE_BIN (default: target/release/fhirhose, built if missing), PORT (default 18480),
+#      BENCH_DATA=DIR (export from this loaded data directory; no synth, no load),
+#      QUERY='...' (kick-off query string, e.g. '_container=deid&_anonymizationConfig=sample.json'
+#      with the configuration in DIR/storage/anonymization/), SERVE_ARGS (extra `serve` flags).
 set -euo pipefail
 
 PATIENTS="${1:-10000}"
@@ -17,6 +20,10 @@ if [[ ! -x "$BIN" ]]; then
   (cd "$ROOT" && cargo build --release -p fhirhose)
 fi
 
+if [[ -n "${BENCH_DATA:-}" ]]; then
+  DATA="$BENCH_DATA"
+  mkdir -p "$WORK"
+else
 rm -rf "$WORK"
 mkdir -p "$WORK"
 SYNTH="$WORK/synth" DATA="$WORK/data"
@@ -26,20 +33,17 @@ t0=$(date +%s.%N)
 "$BIN" synth --patients "$PATIENTS" --out "$SYNTH"
 t1=$(date +%s.%N)
 echo "synth: $(echo "$t1 - $t0" | bc) s"
-# Synth was reported to repeat ids (e.g. Observation): count lines and distinct type/id keys.
-cat_all() { for f in "$SYNTH"/*.ndjson*; do if [[ $f == *.gz ]]; then zcat "$f"; else cat "$f"; fi; done; }
-lines=$(cat_all | wc -l)
-distinct=$(cat_all | jq -r '.resourceType + "/" + .id' | sort -u | wc -l)
-echo "synth: $lines resources, $distinct distinct type/id keys ($((lines - distinct)) repeats)"
 
-echo "== load"
+echo "== load (no search indexes: export does not use them)"
 t0=$(date +%s.%N)
-FHIRHOSE_LOG=warn "$BIN" load --data-dir "$DATA" "$SYNTH"
+FHIRHOSE_LOG=warn "$BIN" load --no-index --data-dir "$DATA" "$SYNTH"
 t1=$(date +%s.%N)
 echo "load: $(echo "$t1 - $t0" | bc) s"
+fi
 
 echo "== serve + system export"
-FHIRHOSE_LOG=warn "$BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" >"$WORK/serve.log" 2>&1 &
+# shellcheck disable=SC2086
+FHIRHOSE_LOG=warn "$BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" ${SERVE_ARGS:-} >"$WORK/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true' EXIT
 BASE="http://127.0.0.1:$PORT"
@@ -51,20 +55,20 @@ rss_before=$(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status")
 
 t0=$(date +%s.%N)
 status_url=$(curl -fsS -D - -o /dev/null -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' \
-  "$BASE/\$export" | awk -F': ' 'tolower($1)=="content-location" {gsub(/\r/,"",$2); print $2}')
+  "$BASE/\$export?${QUERY:-}" | awk -F': ' 'tolower($1)=="content-location" {gsub(/\r/,"",$2); print $2}')
 [[ -n "$status_url" ]] || { echo "kick-off failed" >&2; exit 1; }
 while :; do
   code=$(curl -sS -o "$WORK/manifest.json" -w '%{http_code}' "$status_url")
   [[ "$code" == 200 ]] && break
-  [[ "$code" == 202 ]] || { echo "status $code: $(cat "$WORK/manifest.json")" >&2; exit 1; }
+  [[ "$code" == 202 || "$code" == 429 ]] || { echo "status $code: $(cat "$WORK/manifest.json")" >&2; exit 1; }
   sleep 0.2
 done
 t1=$(date +%s.%N)
 rss_peak=$(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status")
 
-job="${status_url##*/}"
-exported=$(cat "$DATA/storage/exports/$job"/*.ndjson | wc -l)
-bytes=$(du -sb "$DATA/storage/exports/$job" | cut -f1)
+folder="$DATA/storage/$(jq -r '.extension.storage.container + "/" + .extension.storage.folder' "$WORK/manifest.json")"
+exported=$(jq '[.output[].count] | add' "$WORK/manifest.json")
+bytes=$(du -sb "$folder" | cut -f1)
 secs=$(echo "$t1 - $t0" | bc)
 echo "export: $exported resources, $((bytes / 1048576)) MiB NDJSON in $secs s" \
   "= $(echo "$exported / $secs" | bc) resources/s"
