@@ -49,6 +49,9 @@ pub fn transform_reference(text: &str, f: &dyn Fn(&str) -> String) -> String {
     if let Some(rest) = text.strip_prefix('#') {
         return format!("#{}", f(rest));
     }
+    if let Some(out) = transform_common_reference(text, f) {
+        return out;
+    }
     if let Some(c) = REF_URL.captures(text) {
         return format!(
             "{}{}{}",
@@ -64,6 +67,40 @@ pub fn transform_reference(text: &str, f: &dyn Fn(&str) -> String) -> String {
         return format!("urn:uuid:{}", f(&c["id"]));
     }
     f(text)
+}
+
+/// The two forms most references take, without the regular expressions (same results):
+/// `Type/id[/_history/vid]` and `urn:uuid:<uuid>`. `None`: let the expressions decide.
+fn transform_common_reference(text: &str, f: &dyn Fn(&str) -> String) -> Option<String> {
+    let id_ok = |s: &str| {
+        (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    if let Some(uuid) = text.strip_prefix("urn:uuid:") {
+        let b = uuid.as_bytes();
+        let ok = b.len() == 36
+            && b.iter().enumerate().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => *c == b'-',
+                _ => c.is_ascii_hexdigit(),
+            });
+        return ok.then(|| format!("urn:uuid:{}", f(uuid)));
+    }
+    if text.contains(':') {
+        return None; // absolute URLs, OIDs, other URNs
+    }
+    let mut parts = text.split('/');
+    let (ty, id) = (parts.next()?, parts.next()?);
+    let suffix = match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) => "",
+        (Some("_history"), Some(v), None) if id_ok(v) => &text[ty.len() + 1 + id.len()..],
+        _ => return None,
+    };
+    let is_type = fhir_model::r4()
+        .resource_types()
+        .binary_search_by(|t| t.as_str().cmp(ty))
+        .is_ok();
+    (is_type && id_ok(id)).then(|| format!("{ty}/{}{suffix}", f(id)))
 }
 
 type Aes128Enc = cbc::Encryptor<aes::Aes128>;
@@ -330,6 +367,59 @@ pub fn perturb(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_references_take_the_expressions_result() {
+        let f = |s: &str| format!("<{s}>");
+        let by_expressions = |text: &str| -> String {
+            if let Some(c) = REF_URL.captures(text) {
+                let suffix = c.name("suffix").map(|m| m.as_str()).unwrap_or("");
+                return format!("{}{}{suffix}", &c["prefix"], f(&c["id"]));
+            }
+            if let Some(c) = UUID.captures(text) {
+                return format!("urn:uuid:{}", f(&c["id"]));
+            }
+            f(text)
+        };
+        let long = "a".repeat(65);
+        let cases = [
+            "Patient/123",
+            "Patient/a.b-c",
+            "Medication/1",
+            "MedicationRequest/2",
+            "Patient/123/_history/4",
+            "Patient/123/_history/",
+            "Patient/123/extra",
+            "Patient/",
+            "/123",
+            "Unknown/123",
+            "patient/123",
+            "Patient/12_3",
+            &format!("Patient/{long}"),
+            "urn:uuid:6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2",
+            "urn:uuid:6C5D9CA9-54D7-42F5-BFAE-A7C19CD217F2",
+            "urn:uuid:6c5d9ca9-54d7-42f5-bfae-a7c19cd217f",
+            "urn:uuid:6c5d9ca9x54d7-42f5-bfae-a7c19cd217f2",
+            "urn:uuid:6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2/x",
+            "123",
+            "",
+        ];
+        for text in cases {
+            if let Some(fast) = transform_common_reference(text, &f) {
+                assert_eq!(fast, by_expressions(text), "{text}");
+            }
+            assert_eq!(
+                transform_reference(text, &f),
+                by_expressions(text),
+                "{text}"
+            );
+        }
+        assert!(transform_common_reference("Patient/123", &f).is_some());
+        assert!(
+            transform_common_reference("urn:uuid:6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2", &f)
+                .is_some()
+        );
+    }
 
     #[test]
     fn hmac_vector() {
