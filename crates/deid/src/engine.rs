@@ -994,6 +994,32 @@ pub(crate) fn add_labels(obj: &mut Map<String, Json>, ops: u8) {
     }
 }
 
+/// Cleans one member of an object; returns whether it is empty (to be removed). Empty array
+/// slots are dropped unless a `_x` sibling pairs with them by position (`keep_slots`).
+fn cleanup_member(child: &mut Json, keep_slots: bool) -> bool {
+    match child {
+        Json::Array(a) => {
+            let mut all_empty = true;
+            for e in a.iter_mut() {
+                let er = e.get("resourceType").is_some();
+                if cleanup(e, er) {
+                    *e = Json::Null;
+                } else {
+                    all_empty = false;
+                }
+            }
+            if !keep_slots {
+                a.retain(|e| !e.is_null());
+            }
+            all_empty
+        }
+        c => {
+            let r = c.get("resourceType").is_some();
+            cleanup(c, r)
+        }
+    }
+}
+
 /// `RemoveEmptyNodes` plus output trimming (§3.7). Returns whether the value is empty.
 fn cleanup(v: &mut Json, is_resource: bool) -> bool {
     match v {
@@ -1007,28 +1033,7 @@ fn cleanup(v: &mut Json, is_resource: bool) -> bool {
         }
         Json::Object(o) if !o.keys().any(|k| k.starts_with('_')) => {
             // No `_x` shadows (the common case): no sibling to keep array slots for.
-            o.retain(|_, child| {
-                let empty = match child {
-                    Json::Array(a) => {
-                        let mut all_empty = true;
-                        for e in a.iter_mut() {
-                            let er = e.get("resourceType").is_some();
-                            if cleanup(e, er) {
-                                *e = Json::Null;
-                            } else {
-                                all_empty = false;
-                            }
-                        }
-                        a.retain(|e| !e.is_null());
-                        all_empty
-                    }
-                    c => {
-                        let r = c.get("resourceType").is_some();
-                        cleanup(c, r)
-                    }
-                };
-                !empty
-            });
+            o.retain(|_, child| !cleanup_member(child, false));
             !is_resource && o.is_empty()
         }
         Json::Object(o) => {
@@ -1038,27 +1043,9 @@ fn cleanup(v: &mut Json, is_resource: bool) -> bool {
                     Some(base) => o.contains_key(base),
                     None => o.contains_key(&format!("_{k}")),
                 };
-                let Some(child) = o.get_mut(k) else { continue };
-                let child_is_resource = child.get("resourceType").is_some();
-                let empty = match child {
-                    Json::Array(a) => {
-                        let mut all_empty = true;
-                        for e in a.iter_mut() {
-                            let er = e.get("resourceType").is_some();
-                            if cleanup(e, er) {
-                                *e = Json::Null;
-                            } else {
-                                all_empty = false;
-                            }
-                        }
-                        if !sibling {
-                            a.retain(|e| !e.is_null());
-                        }
-                        all_empty
-                    }
-                    c => cleanup(c, child_is_resource),
-                };
-                if empty {
+                if let Some(child) = o.get_mut(k)
+                    && cleanup_member(child, sibling)
+                {
                     o.shift_remove(k);
                 }
             }
