@@ -407,7 +407,6 @@ fn rest_behaviours_over_a_real_socket() {
 /// both seq bounds but the count query used only one ("Wrong number of parameters passed to
 /// query. Got 4, needed 3", `crates/search/src/sql.rs` `last_updated_values`).
 #[test]
-#[ignore = "search crate bug, reported: unused bound parameter in last_updated_values (count mode)"]
 fn regression_summary_count_with_last_updated_lower_bound() {
     let dir = tempfile::tempdir().unwrap();
     let server = serve(&dir.path().join("data"));

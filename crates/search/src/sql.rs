@@ -280,10 +280,25 @@ impl<'s> Builder<'s> {
             let Value::Date { prefix, range } = v else {
                 continue;
             };
-            let s_lo = store::Store::seq_at_or_after(self.store, range.lo)?;
-            let s_hi = store::Store::seq_at_or_after(self.store, range.hi)?;
-            let lo = self.p(Sql::Integer(s_lo));
-            let hi = self.p(Sql::Integer(s_hi));
+            // Bind only the bounds the condition uses: every bound parameter must appear in the
+            // statement (a `ge` with an unused upper bound failed in count mode).
+            let (need_lo, need_hi) = match prefix {
+                Prefix::Eq | Prefix::Ap | Prefix::Ne => (true, true),
+                Prefix::Gt | Prefix::Sa | Prefix::Le => (false, true),
+                Prefix::Lt | Prefix::Eb | Prefix::Ge => (true, false),
+            };
+            let lo = if need_lo {
+                let s_lo = store::Store::seq_at_or_after(self.store, range.lo)?;
+                self.p(Sql::Integer(s_lo))
+            } else {
+                String::new()
+            };
+            let hi = if need_hi {
+                let s_hi = store::Store::seq_at_or_after(self.store, range.hi)?;
+                self.p(Sql::Integer(s_hi))
+            } else {
+                String::new()
+            };
             alts.push(match prefix {
                 Prefix::Eq | Prefix::Ap => format!("({seq} >= {lo} AND {seq} < {hi})"),
                 Prefix::Ne => format!("NOT ({seq} >= {lo} AND {seq} < {hi})"),
