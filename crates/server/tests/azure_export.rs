@@ -1,0 +1,152 @@
+//! The server configured with `--export-destination azure` (a connection string to Azurite, which
+//! `scripts/test.sh` starts; `FHIRHOSE_TEST_AZURITE` is its blob endpoint): a system export over
+//! real HTTP lands in the blob container, every manifest URL is served by the server itself
+//! (plain and gzip), and a cancel removes the blobs.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+const DEV_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+fn azurite() -> Option<String> {
+    match std::env::var("FHIRHOSE_TEST_AZURITE") {
+        Ok(e) if !e.is_empty() => Some(e),
+        _ => {
+            assert!(
+                std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+                "FHIRHOSE_TEST_AZURITE is not set but external components are required"
+            );
+            eprintln!("skipped: FHIRHOSE_TEST_AZURITE not set (run ./scripts/test.sh)");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn system_export_to_azure_blob_is_served_by_the_server() {
+    let Some(endpoint) = azurite() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let store = server::open_store(dir.path()).unwrap();
+    // One Synthea patient (its Bundle: a few hundred resources).
+    let one = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
+        "../../testdata/synthea-r4-100/Abram_Lemke_6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2.json.gz",
+    );
+    ingest::load_into_store(&store, &[one], &ingest::LoadOptions::default(), &mut |_| {}).unwrap();
+
+    let mut options = server::config::ExportOptions::default();
+    options.export_destination = "azure".into();
+    options.azure_connection_string = Some(format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};BlobEndpoint={endpoint};"
+    ));
+    options.export_file_resources = 50;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let export = options.export_config(dir.path(), base.clone()).unwrap();
+    let state = server::AppState::with_export(
+        Arc::new(store),
+        base.clone(),
+        auth::Auth::none(),
+        1 << 20,
+        export,
+    )
+    .unwrap();
+    tokio::spawn(async move { axum::serve(listener, server::router(state)).await.unwrap() });
+
+    let c = reqwest::Client::builder().no_gzip().build().unwrap();
+    let container = format!("srv-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let r = c
+        .get(format!("{base}/$export?_container={container}"))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::ACCEPTED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let status = r.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut manifest = Value::Null;
+    for _ in 0..600 {
+        let r = c.get(&status).send().await.unwrap();
+        match r.status() {
+            StatusCode::OK => {
+                manifest = r.json().await.unwrap();
+                break;
+            }
+            StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("status {other}: {}", r.text().await.unwrap()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let storage = &manifest["extension"]["storage"];
+    assert_eq!(storage["container"], container.as_str(), "{manifest}");
+    assert!(
+        storage["location"].as_str().unwrap().starts_with("http"),
+        "{storage}"
+    );
+
+    let outputs = manifest["output"].as_array().unwrap().clone();
+    assert!(outputs.len() > 3, "rolled at 50 resources: {manifest}");
+    let (mut total, mut counted) = (0u64, 0u64);
+    for (i, o) in outputs.iter().enumerate() {
+        let url = o["url"].as_str().unwrap();
+        assert!(url.starts_with(&base), "served by the server: {url}");
+        counted += o["count"].as_u64().unwrap();
+        let r = if i % 2 == 0 {
+            c.get(url).send().await.unwrap()
+        } else {
+            c.get(url)
+                .header("accept-encoding", "gzip")
+                .send()
+                .await
+                .unwrap()
+        };
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["content-type"], "application/fhir+ndjson");
+        let gz = r
+            .headers()
+            .get("content-encoding")
+            .is_some_and(|v| v == "gzip");
+        let body = r.bytes().await.unwrap();
+        let text = if gz {
+            let mut s = String::new();
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_string(&mut s)
+                .unwrap();
+            s
+        } else {
+            assert_eq!(i % 2, 0, "gzip was asked for");
+            String::from_utf8(body.to_vec()).unwrap()
+        };
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["resourceType"], o["type"]);
+            total += 1;
+        }
+    }
+    assert_eq!(total, counted);
+
+    // Cancel: the status and the file URLs answer 404 afterwards (the blobs are removed).
+    let first = outputs[0]["url"].as_str().unwrap().to_string();
+    let r = c.delete(&status).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        c.get(&status).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        c.get(&first).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+}
