@@ -19,7 +19,9 @@
 # Env: PORT (default 18490), SMART_DIR (install dir, default .tools/smart-bulk-data-server),
 #      SMART_GIT / FHIR_FILTER_GIT (git sources; default: the local mirrors under /work/.mirror if
 #      present, else GitHub), PARALLEL (concurrent downloads, default 2), PAGE (resources per file,
-#      the server's own default 10000; the server refuses more than 1500 files).
+#      the server's own default 10000; the server refuses more than 1500 files),
+#      TIMEOUT (seconds after kick-off; when reached, downloads are stopped and a PARTIAL result is
+#      printed: complete NDJSON lines downloaded so far / elapsed seconds).
 #
 # Deviations from an out-of-the-box reference server, all needed to make it usable at this size:
 #  - data are imported with an embedded Python importer (same table/columns/view as upstream
@@ -198,8 +200,20 @@ mkdir -p "$OUT"
 jq -r '.output[] | "\(.url)\t\(.url | split("/") | last)"' "$WORK/manifest.json" >"$WORK/urls.tsv"
 nfiles=$(wc -l <"$WORK/urls.tsv")
 # shellcheck disable=SC2016
-if ! tr '\t' '\n' <"$WORK/urls.tsv" | xargs -d '\n' -n 2 -P "$PARALLEL" \
-  sh -c 'curl -fsS -o "$0/$2" "$1"' "$OUT"; then
+tr '\t' '\n' <"$WORK/urls.tsv" | xargs -d '\n' -n 2 -P "$PARALLEL" \
+  sh -c 'exec curl -fsS -o "$0/$2" "$1"' "$OUT" &
+DL=$!
+partial=""
+while kill -0 "$DL" 2>/dev/null; do
+  if [[ -n "${TIMEOUT:-}" ]] && (( $(echo "$(date +%s.%N) - $t0 > $TIMEOUT" | bc) )); then
+    partial=1
+    pkill -P "$DL" 2>/dev/null || true # the curl processes of this xargs only
+    kill "$DL" 2>/dev/null || true
+    break
+  fi
+  sleep 0.05
+done
+if [[ -z "$partial" ]] && ! wait "$DL"; then
   echo "a download failed" >&2
   exit 1
 fi
@@ -212,8 +226,12 @@ exported=$(cat "$OUT"/* /dev/null | wc -l)
 bytes=$(du -sb "$OUT" | cut -f1)
 secs=$(echo "$t1 - $t0" | bc)
 msecs=$(echo "$t_manifest - $t0" | bc)
-[[ "$exported" == "$manifest_count" ]] ||
+if [[ -n "$partial" ]]; then
+  echo "PARTIAL: TIMEOUT=$TIMEOUT s reached; $(find "$OUT" -type f | wc -l) of $nfiles files started," \
+    "counting complete lines only"
+elif [[ "$exported" != "$manifest_count" ]]; then
   echo "WARNING: manifest lists $manifest_count resources but $exported lines were downloaded"
+fi
 echo "manifest: $nfiles files, $manifest_count resources, $msecs s after kick-off (counting only:" \
   "the reference server generates the NDJSON at download time)"
 echo "export: $exported resources, $((bytes / 1048576)) MiB NDJSON downloaded ($PARALLEL parallel)" \
