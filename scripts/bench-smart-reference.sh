@@ -32,6 +32,11 @@
 #    subject/patient/beneficiary references, modified_date from meta.lastUpdated or a clinical date.
 # Its status endpoint allows 60 requests/minute per client (then blocks for 5 min), so the status is
 # polled every 1.1 s: the manifest time has up to ~1 s of polling slack.
+# Measured 2026-12-02 (2 cores, Node 20.20.2, load 2-6 from other work): 79,491-resource subset:
+# ~5 s to manifest, ~16-18 s to last byte (~4,400-5,000 resources/s). 3,974,407 resources (bench4m):
+# import 483 s; manifest 1,333 s (22 min; rows are paged with growing OFFSETs); downloading every 8th
+# file (490,203 resources) took 106 s (4,618 resources/s), so the full export is ~2,200 s (~1,800
+# resources/s) -- use TIMEOUT for a partial number if that is too long.
 set -euo pipefail
 
 SRC="${1:?usage: $0 NDJSON_DIR|SQLITE_DB [WORK_DIR]}"
