@@ -390,11 +390,12 @@ struct Shape {
 /// parser reads them and its serializer writes them; notes the resource's [`Shape`].
 fn normalise_arrays(v: &mut Json, ty: &str, shape: &mut Shape) {
     let Json::Object(o) = v else { return };
-    let ty = match o.get("resourceType") {
-        Some(Json::String(rt)) => rt.clone(),
-        _ => ty.to_string(),
-    };
     let model = fhir_model::r4();
+    // One type lookup per object, then one key lookup per member.
+    let def = match o.get("resourceType") {
+        Some(Json::String(rt)) => model.type_def(rt),
+        _ => model.type_def(ty),
+    };
     for (k, child) in o.iter_mut() {
         if k == "resourceType" {
             continue;
@@ -403,7 +404,7 @@ fn normalise_arrays(v: &mut Json, ty: &str, shape: &mut Shape) {
         if base.len() != k.len() {
             shape.shadows = true;
         }
-        let Some(c) = model.child(&ty, base) else {
+        let Some(c) = def.and_then(|d| d.child(base)) else {
             shape.unknown = true;
             continue;
         };
@@ -414,6 +415,9 @@ fn normalise_arrays(v: &mut Json, ty: &str, shape: &mut Shape) {
             continue;
         }
         let mut each = |e: &mut Json| {
+            if !e.is_object() {
+                return;
+            }
             if let Some(Json::String(rt)) = e.get("resourceType") {
                 shape.nested.push(rt.clone());
             }

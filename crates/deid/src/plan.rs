@@ -546,8 +546,13 @@ impl<'e> Walk<'e> {
                     .map(|ops| (ops, true))
             }
             method => {
-                let Some(text) = primitive_text(value) else {
-                    return Ok((0, false));
+                // Borrowed for strings (most values): only numbers and booleans are rendered.
+                let text: std::borrow::Cow<'_, str> = match &*value {
+                    Json::String(t) => std::borrow::Cow::Borrowed(t.as_str()),
+                    other => match primitive_text(other) {
+                        Some(t) => std::borrow::Cow::Owned(t),
+                        None => return Ok((0, false)),
+                    },
                 };
                 let prefix = || {
                     if !self.file_prefix.is_empty() {
