@@ -4,68 +4,35 @@
 //! (plain and gzip), and a cancel removes the blobs.
 
 use std::io::Read;
-use std::sync::Arc;
-use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
 
+mod common;
+
 const DEV_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
-fn azurite() -> Option<String> {
-    match std::env::var("FHIRHOSE_TEST_AZURITE") {
-        Ok(e) if !e.is_empty() => Some(e),
-        _ => {
-            assert!(
-                std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
-                "FHIRHOSE_TEST_AZURITE is not set but external components are required"
-            );
-            eprintln!("skipped: FHIRHOSE_TEST_AZURITE not set (run ./scripts/test.sh)");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn system_export_to_azure_blob_is_served_by_the_server() {
-    let Some(endpoint) = azurite() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let store = server::open_store(dir.path()).unwrap();
+    let Some(endpoint) = common::external("FHIRHOSE_TEST_AZURITE", "./scripts/azurite.sh") else {
+        return;
+    };
     // One Synthea patient (its Bundle: a few hundred resources).
-    let one = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
-        "../../testdata/synthea-r4-100/Abram_Lemke_6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2.json.gz",
-    );
-    ingest::load_into_store(&store, &[one], &ingest::LoadOptions::default(), &mut |_| {}).unwrap();
+    let one = common::synthea().join("Abram_Lemke_6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2.json.gz");
+    let options = server::config::ExportOptions {
+        export_destination: "azure".into(),
+        azure_connection_string: Some(format!(
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};BlobEndpoint={endpoint};"
+        )),
+        export_file_resources: 50,
+        ..Default::default()
+    };
+    let s = common::start(&[one], options).await;
+    let base = s.base.clone();
 
-    let mut options = server::config::ExportOptions::default();
-    options.export_destination = "azure".into();
-    options.azure_connection_string = Some(format!(
-        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};BlobEndpoint={endpoint};"
-    ));
-    options.export_file_resources = 50;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let export = options.export_config(dir.path(), base.clone()).unwrap();
-    let state = server::AppState::with_export(
-        Arc::new(store),
-        base.clone(),
-        auth::Auth::none(),
-        1 << 20,
-        export,
-    )
-    .unwrap();
-    tokio::spawn(async move { axum::serve(listener, server::router(state)).await.unwrap() });
-
-    let c = reqwest::Client::builder().no_gzip().build().unwrap();
     let container = format!("srv-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let r = c
-        .get(format!("{base}/$export?_container={container}"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .send()
-        .await
-        .unwrap();
+    let r = s.kickoff(&format!("/$export?_container={container}")).await;
     assert_eq!(
         r.status(),
         StatusCode::ACCEPTED,
@@ -76,19 +43,9 @@ async fn system_export_to_azure_blob_is_served_by_the_server() {
         .to_str()
         .unwrap()
         .to_string();
-    let mut manifest = Value::Null;
-    for _ in 0..600 {
-        let r = c.get(&status).send().await.unwrap();
-        match r.status() {
-            StatusCode::OK => {
-                manifest = r.json().await.unwrap();
-                break;
-            }
-            StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {}
-            other => panic!("status {other}: {}", r.text().await.unwrap()),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let manifest = s.wait(&status).await;
+    // Downloads: a client that leaves gzip to the test.
+    let c = reqwest::Client::builder().no_gzip().build().unwrap();
     let storage = &manifest["extension"]["storage"];
     assert_eq!(storage["container"], container.as_str(), "{manifest}");
     assert!(

@@ -4,22 +4,14 @@
 //! `processingErrors: skip`, and the manifest's record of the configuration.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-struct S {
-    base: String,
-    c: reqwest::Client,
-    dir: tempfile::TempDir,
-}
+mod common;
 
-fn synthea() -> PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100")
-}
+use common::{Server, synthea};
 
 /// The shipped sample configuration with its three keys set.
 fn sample_config() -> String {
@@ -32,77 +24,21 @@ fn sample_config() -> String {
     serde_json::to_string_pretty(&v).unwrap()
 }
 
-async fn start() -> S {
+async fn start() -> Server {
     start_with(server::config::ExportOptions::default()).await
 }
 
-async fn start_with(options: server::config::ExportOptions) -> S {
-    let dir = tempfile::tempdir().unwrap();
-    let store = server::open_store(dir.path()).unwrap();
-    ingest::load_into_store(
-        &store,
-        &[synthea()],
-        &ingest::LoadOptions::default(),
-        &mut |_| {},
-    )
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let export = options.export_config(dir.path(), base.clone()).unwrap();
-    let state = server::AppState::with_export(
-        Arc::new(store),
-        base.clone(),
-        auth::Auth::none(),
-        1 << 20,
-        export,
-    )
-    .unwrap();
-    tokio::spawn(async move { axum::serve(listener, server::router(state)).await.unwrap() });
-    let configs = dir.path().join("storage/anonymization");
+/// The Synthea set, served with these export options, the sample configuration in the local
+/// storage's `anonymization` container.
+async fn start_with(options: server::config::ExportOptions) -> Server {
+    let s = common::start(&[synthea()], options).await;
+    let configs = s.dir.path().join("storage/anonymization");
     std::fs::create_dir_all(&configs).unwrap();
     std::fs::write(configs.join("sample.json"), sample_config()).unwrap();
-    S {
-        base,
-        c: reqwest::Client::new(),
-        dir,
-    }
+    s
 }
 
-impl S {
-    async fn kickoff(&self, path: &str) -> reqwest::Response {
-        self.c
-            .get(format!("{}{}", self.base, path))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn export(&self, path: &str) -> Value {
-        let r = self.kickoff(path).await;
-        assert_eq!(
-            r.status(),
-            StatusCode::ACCEPTED,
-            "{}",
-            r.text().await.unwrap()
-        );
-        let url = r.headers()["content-location"]
-            .to_str()
-            .unwrap()
-            .to_string();
-        for _ in 0..1200 {
-            let r = self.c.get(&url).send().await.unwrap();
-            match r.status() {
-                StatusCode::OK => return r.json().await.unwrap(),
-                StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {}
-                other => panic!("status {other}: {}", r.text().await.unwrap()),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("export did not finish");
-    }
-
+impl Server {
     /// Every resource of a manifest's `output` (or `error`) files.
     async fn lines(&self, manifest: &Value, key: &str) -> Vec<Value> {
         let mut out = Vec::new();
@@ -454,26 +390,16 @@ async fn processing_errors_skip_writes_stubs_and_error_lines() {
     assert_eq!(folders, 1, "only the successful export's folder");
 }
 
-/// The local registry (scripts/registry.sh), or None when the test should be skipped.
-fn registry() -> Option<String> {
-    match std::env::var("FHIRHOSE_TEST_REGISTRY") {
-        Ok(addr) if !addr.is_empty() => Some(addr),
-        _ if std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() == Ok("1") => {
-            panic!("FHIRHOSE_TEST_REGISTRY is not set: run ./scripts/registry.sh")
-        }
-        _ => {
-            eprintln!("skipping: FHIRHOSE_TEST_REGISTRY is not set (./scripts/registry.sh)");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn config_from_an_oci_image() {
-    let Some(addr) = registry() else { return };
-    let mut options = server::config::ExportOptions::default();
-    options.anonymization_registries = vec![format!("{addr}/fhirhose-test/deid-configs")];
-    options.registry_insecure_http = vec![addr.clone()];
+    let Some(addr) = common::external("FHIRHOSE_TEST_REGISTRY", "./scripts/registry.sh") else {
+        return;
+    };
+    let options = server::config::ExportOptions {
+        anonymization_registries: vec![format!("{addr}/fhirhose-test/deid-configs")],
+        registry_insecure_http: vec![addr.clone()],
+        ..Default::default()
+    };
     let push_settings = options.registry_settings().unwrap();
     let s = start_with(options).await;
     let tag = format!("t{}", std::process::id());

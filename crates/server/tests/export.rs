@@ -2,88 +2,23 @@
 //! snapshot, cancel, downloads.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-struct S {
-    base: String,
-    c: reqwest::Client,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
-async fn start() -> S {
-    let dir = tempfile::tempdir().unwrap();
-    let store = server::open_store(dir.path()).unwrap();
-    let paths = vec![
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100"),
-    ];
-    ingest::load_into_store(&store, &paths, &ingest::LoadOptions::default(), &mut |_| {}).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let state = server::AppState::new(
-        Arc::new(store),
-        base.clone(),
-        auth::Auth::none(),
-        1 << 20,
-        dir.path(),
+use common::Server;
+
+async fn start() -> Server {
+    common::start(
+        &[common::synthea()],
+        server::config::ExportOptions::default(),
     )
-    .unwrap();
-    let app = server::router(state);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    S {
-        base,
-        c: reqwest::Client::new(),
-        _dir: dir,
-    }
+    .await
 }
 
-impl S {
-    async fn kickoff(&self, path: &str) -> reqwest::Response {
-        self.c
-            .get(format!("{}{}", self.base, path))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// Kick-off, poll to completion, return the manifest.
-    async fn export(&self, path: &str) -> Value {
-        let r = self.kickoff(path).await;
-        assert_eq!(
-            r.status(),
-            StatusCode::ACCEPTED,
-            "{}",
-            r.text().await.unwrap()
-        );
-        let status_url = r.headers()["content-location"]
-            .to_str()
-            .unwrap()
-            .to_string();
-        self.wait(&status_url).await
-    }
-
-    async fn wait(&self, status_url: &str) -> Value {
-        for _ in 0..600 {
-            let r = self.c.get(status_url).send().await.unwrap();
-            match r.status() {
-                StatusCode::OK => {
-                    assert!(r.headers().contains_key("expires"));
-                    return r.json().await.unwrap();
-                }
-                StatusCode::ACCEPTED => assert!(r.headers().contains_key("x-progress")),
-                StatusCode::TOO_MANY_REQUESTS => assert!(r.headers().contains_key("retry-after")),
-                other => panic!("status {other}: {}", r.text().await.unwrap()),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("export did not finish");
-    }
-
+impl Server {
     /// All resources of a manifest: type -> ids (asserting no id appears twice).
     async fn contents(&self, manifest: &Value) -> HashMap<String, Vec<String>> {
         let mut out: HashMap<String, Vec<String>> = HashMap::new();

@@ -1,0 +1,108 @@
+//! Scaffolding shared by the server's HTTP tests: a real server on a socket over a loaded store,
+//! the `$export` client flow, and the external components `scripts/test.sh` starts.
+#![allow(dead_code)] // each test file uses a part
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// The 100-patient Synthea set (gzipped Bundles).
+pub fn synthea() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100")
+}
+
+/// The address of an external component from `var` (set by `scripts/test.sh`), or `None` — the
+/// test is skipped — unless `FHIRHOSE_REQUIRE_EXTERNAL=1`, where its absence is a failure.
+pub fn external(var: &str, script: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            assert!(
+                std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+                "{var} is not set but external components are required: run {script}"
+            );
+            eprintln!("skipped: {var} is not set (run {script})");
+            None
+        }
+    }
+}
+
+/// A server on 127.0.0.1 over a fresh data directory.
+pub struct Server {
+    pub base: String,
+    pub c: reqwest::Client,
+    pub dir: tempfile::TempDir,
+}
+
+/// Loads `paths` into a fresh data directory and serves it with these export options.
+pub async fn start(paths: &[PathBuf], options: server::config::ExportOptions) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let store = server::open_store(dir.path()).unwrap();
+    ingest::load_into_store(&store, paths, &ingest::LoadOptions::default(), &mut |_| {}).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let export = options.export_config(dir.path(), base.clone()).unwrap();
+    let state = server::AppState::with_export(
+        Arc::new(store),
+        base.clone(),
+        auth::Auth::none(),
+        1 << 20,
+        export,
+    )
+    .unwrap();
+    tokio::spawn(async move { axum::serve(listener, server::router(state)).await.unwrap() });
+    Server {
+        base,
+        c: reqwest::Client::new(),
+        dir,
+    }
+}
+
+impl Server {
+    pub async fn kickoff(&self, path: &str) -> reqwest::Response {
+        self.c
+            .get(format!("{}{}", self.base, path))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Kick-off (202 expected), poll to completion, return the manifest.
+    pub async fn export(&self, path: &str) -> Value {
+        let r = self.kickoff(path).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::ACCEPTED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        let status_url = r.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        self.wait(&status_url).await
+    }
+
+    /// Polls a status URL until the manifest (checking the headers of each answer).
+    pub async fn wait(&self, status_url: &str) -> Value {
+        for _ in 0..1200 {
+            let r = self.c.get(status_url).send().await.unwrap();
+            match r.status() {
+                StatusCode::OK => {
+                    assert!(r.headers().contains_key("expires"));
+                    return r.json().await.unwrap();
+                }
+                StatusCode::ACCEPTED => assert!(r.headers().contains_key("x-progress")),
+                StatusCode::TOO_MANY_REQUESTS => assert!(r.headers().contains_key("retry-after")),
+                other => panic!("status {other}: {}", r.text().await.unwrap()),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("export did not finish");
+    }
+}
