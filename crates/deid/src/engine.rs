@@ -188,12 +188,7 @@ impl Engine {
                 )));
             }
         }
-        let fast = self.use_plan
-            && !shape.unknown
-            && !shape.shadows
-            && self
-                .plan
-                .covers(&ty, shape.nested.iter().map(String::as_str));
+        let fast = self.plan_applies(&ty, &shape);
         let mut hits = vec![0u64; self.config.rules.len()];
         let done = if fast {
             let mut walk = Walk::new(
@@ -242,6 +237,12 @@ impl Engine {
         let mut copy = resource.clone();
         let mut shape = Shape::default();
         normalise_arrays(&mut copy, ty, &mut shape);
+        self.plan_applies(ty, &shape)
+    }
+
+    /// The single walk needs known elements only, no `_x` shadows, and plans for every resource
+    /// type involved.
+    fn plan_applies(&self, ty: &str, shape: &Shape) -> bool {
         self.use_plan
             && !shape.unknown
             && !shape.shadows
