@@ -3,8 +3,11 @@
 //! and removes the entries of the version it supersedes, so the index always describes exactly the
 //! current, non-deleted resources.
 
-/// Turns a resource into search index entries. Called inside the write transaction with the
-/// resource as stored (id and meta set), so it must be fast and must not touch the store.
+/// Turns a resource into search index entries. Called with the resource about to be stored, its
+/// `id` set but `meta.versionId`/`meta.lastUpdated` not yet stamped (`_lastUpdated` is answered from
+/// the version rows, not from index entries) — inside the write transaction, or ahead of it on a
+/// loader's worker thread ([`crate::Store::prepare_put`]). It must be fast, deterministic and must
+/// not touch the store.
 pub trait Indexer: Send + Sync {
     fn entries(&self, resource_type: &str, resource: &serde_json::Value) -> Vec<IndexEntry>;
 }

@@ -36,7 +36,9 @@ pub use error::StoreError;
 pub use index::{IndexEntry, IndexValue, Indexer};
 pub use lock::DataDirLock;
 pub use sqlite::{SqliteOptions, SqliteStore};
-pub use stamp::{format_instant_ms, is_valid_id, is_valid_type_name, parse_instant_ms};
+pub use stamp::{
+    PreparedResource, format_instant_ms, is_valid_id, is_valid_type_name, parse_instant_ms,
+};
 
 /// One operation of an atomic [`Store::write`].
 #[derive(Debug, Clone)]
@@ -66,6 +68,10 @@ pub enum WriteOp {
         id: String,
         if_match: Option<i64>,
     },
+    /// Create-or-update (`PUT`, no If-Match) of a resource prepared ahead of the write by
+    /// [`Store::prepare_put`] of the same store (the bulk loader's path: serialization and index
+    /// extraction run on its worker threads, not under the write lock).
+    Put(PreparedResource),
 }
 
 /// What a [`WriteOp`] did.
@@ -261,6 +267,16 @@ pub trait Store: Send + Sync {
     /// first error is returned. Outcomes come in the order of `ops`. Several ops on the same resource
     /// within one call see each other (the second update creates version n+2).
     fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, StoreError>;
+
+    /// Check, serialize and index `resource` for a later [`WriteOp::Put`] as `resource_type/id`,
+    /// exactly as [`Store::write`] would for a [`WriteOp::Update`] without If-Match. Pure CPU
+    /// work that takes no lock: call it from as many threads as there are cores.
+    fn prepare_put(
+        &self,
+        resource_type: &str,
+        id: &str,
+        resource: serde_json::Value,
+    ) -> Result<PreparedResource, StoreError>;
 
     /// The current version. [`StoreError::NotFound`] if the resource never existed,
     /// [`StoreError::Gone`] if its current version is a tombstone.

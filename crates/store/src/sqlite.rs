@@ -53,7 +53,7 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
-use crate::stamp::{format_instant_ms, is_valid_id, is_valid_type_name, stamp};
+use crate::stamp::{PreparedResource, format_instant_ms, is_valid_id, is_valid_type_name};
 use crate::{
     DataDirLock, HistoryEntry, HistoryMethod, HistoryPage, HistoryQuery, HistoryScope, IndexEntry,
     IndexValue, Indexer, ListFilter, ListPage, ScanRow, SeqBounds, SeqStats, Store, StoreError,
@@ -306,21 +306,6 @@ impl SqliteStore {
         let mut types = self.types.write().unwrap_or_else(|e| e.into_inner());
         types.extend(added);
         Ok(())
-    }
-
-    fn index_rows(
-        &self,
-        tx: &Connection,
-        type_no: i64,
-        k: i64,
-        resource_type: &str,
-        resource: &Value,
-    ) -> Result<(), StoreError> {
-        let Some(indexer) = &self.indexer else {
-            return Ok(());
-        };
-        let entries = indexer.entries(resource_type, resource);
-        insert_index_entries(tx, type_no, k, &entries)
     }
 }
 
@@ -587,9 +572,50 @@ fn resource_type_of(resource: &Value) -> Result<&str, StoreError> {
 struct Prepared {
     resource_type: String,
     id: Option<String>,
-    resource: Option<serde_json::Map<String, Value>>,
+    resource: Option<Body>,
     if_match: Option<i64>,
     method: HistoryMethod,
+}
+
+/// The new content of a create or update.
+enum Body {
+    /// To be checked, serialized and indexed inside the write.
+    Json(serde_json::Map<String, Value>),
+    /// Done ahead by [`Store::prepare_put`].
+    Ready(PreparedResource),
+}
+
+/// Check an update's target and body (the rules of [`WriteOp::Update`]).
+fn check_update(
+    resource_type: &str,
+    id: &str,
+    resource: Value,
+) -> Result<serde_json::Map<String, Value>, StoreError> {
+    if !is_valid_type_name(resource_type) {
+        return Err(StoreError::InvalidType(resource_type.to_string()));
+    }
+    if !is_valid_id(id) {
+        return Err(StoreError::InvalidId(id.to_string()));
+    }
+    let body_type = resource_type_of(&resource)?;
+    if body_type != resource_type {
+        return Err(StoreError::InvalidResource(format!(
+            "resourceType '{body_type}' does not match '{resource_type}'"
+        )));
+    }
+    let Value::Object(m) = resource else {
+        unreachable!("checked by resource_type_of")
+    };
+    match m.get("id") {
+        None => {}
+        Some(Value::String(body_id)) if body_id == id => {}
+        Some(other) => {
+            return Err(StoreError::InvalidResource(format!(
+                "id {other} in the resource does not match '{id}'"
+            )));
+        }
+    }
+    Ok(m)
 }
 
 fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
@@ -608,7 +634,7 @@ fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
             Ok(Prepared {
                 resource_type,
                 id,
-                resource: Some(m),
+                resource: Some(Body::Json(m)),
                 if_match: None,
                 method: HistoryMethod::Post,
             })
@@ -619,38 +645,22 @@ fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
             resource,
             if_match,
         } => {
-            if !is_valid_type_name(&resource_type) {
-                return Err(StoreError::InvalidType(resource_type));
-            }
-            if !is_valid_id(&id) {
-                return Err(StoreError::InvalidId(id));
-            }
-            let body_type = resource_type_of(&resource)?;
-            if body_type != resource_type {
-                return Err(StoreError::InvalidResource(format!(
-                    "resourceType '{body_type}' does not match '{resource_type}'"
-                )));
-            }
-            let Value::Object(m) = resource else {
-                unreachable!("checked by resource_type_of")
-            };
-            match m.get("id") {
-                None => {}
-                Some(Value::String(body_id)) if *body_id == id => {}
-                Some(other) => {
-                    return Err(StoreError::InvalidResource(format!(
-                        "id {other} in the resource does not match '{id}'"
-                    )));
-                }
-            }
+            let m = check_update(&resource_type, &id, resource)?;
             Ok(Prepared {
                 resource_type,
                 id: Some(id),
-                resource: Some(m),
+                resource: Some(Body::Json(m)),
                 if_match,
                 method: HistoryMethod::Put,
             })
         }
+        WriteOp::Put(ready) => Ok(Prepared {
+            resource_type: ready.resource_type.clone(),
+            id: Some(ready.id.clone()),
+            resource: Some(Body::Ready(ready)),
+            if_match: None,
+            method: HistoryMethod::Put,
+        }),
         WriteOp::Delete {
             resource_type,
             id,
@@ -690,6 +700,16 @@ fn current_of(conn: &Connection, type_no: i64, id: &str) -> Result<Option<Curren
 }
 
 impl Store for SqliteStore {
+    fn prepare_put(
+        &self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+    ) -> Result<PreparedResource, StoreError> {
+        let m = check_update(resource_type, id, resource)?;
+        PreparedResource::build(resource_type, id, m, self.indexer.as_deref())
+    }
+
     fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, StoreError> {
         let prepared: Vec<Prepared> = ops.into_iter().map(prepare).collect::<Result<_, _>>()?;
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -807,15 +827,13 @@ impl Store for SqliteStore {
                         delete_index_rows(&tx, c.k)?;
                     }
                 }
-                let stamped = Value::Object(stamp(
-                    resource,
-                    &p.resource_type,
-                    &id,
-                    version,
-                    &last_updated,
-                ));
-                let json = serde_json::to_vec(&stamped)
-                    .map_err(|e| StoreError::InvalidResource(e.to_string()))?;
+                let ready = match resource {
+                    Body::Ready(ready) => ready,
+                    Body::Json(m) => {
+                        PreparedResource::build(&p.resource_type, &id, m, self.indexer.as_deref())?
+                    }
+                };
+                let json = ready.stamped(version, &last_updated);
                 insert.execute(params![
                     k,
                     seq,
@@ -827,7 +845,15 @@ impl Store for SqliteStore {
                     0,
                     json
                 ])?;
-                self.index_rows(&tx, type_no, k, &p.resource_type, &stamped)?;
+                if self.indexer.is_some() {
+                    let Some(entries) = &ready.index else {
+                        return Err(StoreError::InvalidResource(format!(
+                            "{}/{} was prepared without this store's search indexer",
+                            p.resource_type, id
+                        )));
+                    };
+                    insert_index_entries(&tx, type_no, k, entries)?;
+                }
                 outcomes.push(WriteOutcome {
                     resource_type: p.resource_type,
                     id,

@@ -46,47 +46,117 @@ pub fn parse_instant_ms(text: &str) -> Option<i64> {
     Some(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
 }
 
-/// Return the resource object with `id`, `meta.versionId` and `meta.lastUpdated` set, keeping
-/// every other element (and the rest of `meta`) in place. `resourceType`, `id` and `meta` come
-/// first, as FHIR JSON conventionally orders them.
-pub(crate) fn stamp(
-    resource: Map<String, Value>,
-    resource_type: &str,
-    id: &str,
-    version: i64,
-    last_updated: &str,
-) -> Map<String, Value> {
-    let mut out = Map::with_capacity(resource.len() + 3);
-    out.insert(
-        "resourceType".to_string(),
-        Value::String(resource_type.to_string()),
-    );
-    out.insert("id".to_string(), Value::String(id.to_string()));
-    let mut meta = Map::new();
-    meta.insert("versionId".to_string(), Value::String(version.to_string()));
-    meta.insert(
-        "lastUpdated".to_string(),
-        Value::String(last_updated.to_string()),
-    );
-    let mut rest = Vec::with_capacity(resource.len());
-    for (k, v) in resource {
-        match k.as_str() {
-            "resourceType" | "id" => {}
-            "meta" => {
-                if let Value::Object(old) = v {
-                    for (mk, mv) in old {
-                        if mk != "versionId" && mk != "lastUpdated" {
-                            meta.insert(mk, mv);
+/// A resource ready to be stored: validated, serialized apart from the members the store stamps
+/// (`id`, `meta.versionId`, `meta.lastUpdated`), and turned into search index entries.
+///
+/// Every create and update goes through one: [`crate::Store::write`] builds it inside the write
+/// for [`crate::WriteOp::Create`] and [`crate::WriteOp::Update`], and a bulk loader builds it ahead
+/// of time with [`crate::Store::prepare_put`] on worker threads and passes
+/// [`crate::WriteOp::Put`], so that the single writer only splices bytes and inserts rows. The
+/// stored JSON is `{"resourceType","id","meta":{"versionId","lastUpdated",…rest of meta},…}`:
+/// `resourceType`, `id` and `meta` first, as FHIR JSON conventionally orders them, every other
+/// member (and the rest of `meta`) in its original order.
+#[derive(Debug, Clone)]
+pub struct PreparedResource {
+    pub(crate) resource_type: String,
+    pub(crate) id: String,
+    /// `,"k":v` for each member of `meta` except `versionId` and `lastUpdated`.
+    meta_rest: Vec<u8>,
+    /// `,"k":v` for each member except `resourceType`, `id` and `meta`.
+    rest: Vec<u8>,
+    /// The search index entries, when the store that prepared it indexes.
+    pub(crate) index: Option<Vec<crate::IndexEntry>>,
+}
+
+impl PreparedResource {
+    /// Serialize `resource` (already checked: an object of `resource_type` whose `id`, if any,
+    /// equals `id`) and compute its index entries with `indexer`, on the resource with `id` set.
+    pub(crate) fn build(
+        resource_type: &str,
+        id: &str,
+        mut resource: Map<String, Value>,
+        indexer: Option<&dyn crate::Indexer>,
+    ) -> Result<PreparedResource, crate::StoreError> {
+        let index = match indexer {
+            Some(indexer) => {
+                if resource.get("id").and_then(Value::as_str) != Some(id) {
+                    resource.insert("id".to_string(), Value::String(id.to_string()));
+                }
+                let value = Value::Object(resource);
+                let entries = indexer.entries(resource_type, &value);
+                let Value::Object(m) = value else {
+                    unreachable!("built as an object above")
+                };
+                resource = m;
+                Some(entries)
+            }
+            None => None,
+        };
+        let mut meta_rest = Vec::new();
+        let mut rest = Vec::with_capacity(1024);
+        let json = |e: serde_json::Error| crate::StoreError::InvalidResource(e.to_string());
+        for (k, v) in &resource {
+            match k.as_str() {
+                "resourceType" | "id" => {}
+                "meta" => {
+                    if let Value::Object(meta) = v {
+                        for (mk, mv) in meta {
+                            if mk != "versionId" && mk != "lastUpdated" {
+                                member(&mut meta_rest, mk, mv).map_err(json)?;
+                            }
                         }
                     }
                 }
+                _ => member(&mut rest, k, v).map_err(json)?,
             }
-            _ => rest.push((k, v)),
         }
+        Ok(PreparedResource {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            meta_rest,
+            rest,
+            index,
+        })
     }
-    out.insert("meta".to_string(), Value::Object(meta));
-    out.extend(rest);
-    out
+
+    pub fn resource_type(&self) -> &str {
+        &self.resource_type
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The stored JSON bytes of this resource as version `version`, last updated `last_updated`.
+    pub(crate) fn stamped(&self, version: i64, last_updated: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            self.rest.len() + self.meta_rest.len() + self.resource_type.len() + self.id.len() + 96,
+        );
+        // Type names and ids are checked (`is_valid_type_name`, `is_valid_id`) and instants are
+        // formatted by the store: none of them needs escaping.
+        out.extend_from_slice(b"{\"resourceType\":\"");
+        out.extend_from_slice(self.resource_type.as_bytes());
+        out.extend_from_slice(b"\",\"id\":\"");
+        out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(b"\",\"meta\":{\"versionId\":\"");
+        out.extend_from_slice(version.to_string().as_bytes());
+        out.extend_from_slice(b"\",\"lastUpdated\":\"");
+        out.extend_from_slice(last_updated.as_bytes());
+        out.push(b'"');
+        out.extend_from_slice(&self.meta_rest);
+        out.push(b'}');
+        out.extend_from_slice(&self.rest);
+        out.push(b'}');
+        out
+    }
+}
+
+/// Append `,"key":value` (compact JSON) to `out`.
+fn member(out: &mut Vec<u8>, key: &str, value: &Value) -> Result<(), serde_json::Error> {
+    out.push(b',');
+    serde_json::to_writer(&mut *out, key)?;
+    out.push(b':');
+    serde_json::to_writer(&mut *out, value)
 }
 
 #[cfg(test)]
@@ -121,16 +191,52 @@ mod tests {
     }
 
     #[test]
-    fn stamp_puts_meta_first_and_keeps_other_meta() {
+    fn stamped_json_puts_meta_first_and_keeps_other_meta() {
         let v: Value = serde_json::from_str(
-            r#"{"resourceType":"Patient","active":true,"meta":{"versionId":"9","profile":["x"]},"id":"old"}"#,
+            r#"{"resourceType":"Patient","active":true,"meta":{"versionId":"9","profile":["x"],"lastUpdated":"2000"},"id":"old","name":[{"family":"Ünï \"q\""}],"n":1.50}"#,
         )
         .unwrap();
         let Value::Object(m) = v else { unreachable!() };
-        let out = Value::Object(stamp(m, "Patient", "p1", 2, "2026-01-01T00:00:00.000Z"));
+        let p = PreparedResource::build("Patient", "p1", m, None).unwrap();
+        let out = String::from_utf8(p.stamped(2, "2026-01-01T00:00:00.000Z")).unwrap();
         assert_eq!(
-            serde_json::to_string(&out).unwrap(),
-            r#"{"resourceType":"Patient","id":"p1","meta":{"versionId":"2","lastUpdated":"2026-01-01T00:00:00.000Z","profile":["x"]},"active":true}"#
+            out,
+            r#"{"resourceType":"Patient","id":"p1","meta":{"versionId":"2","lastUpdated":"2026-01-01T00:00:00.000Z","profile":["x"]},"active":true,"name":[{"family":"Ünï \"q\""}],"n":1.50}"#
+        );
+        // The same bytes serde_json writes for the stamped object.
+        let reparsed: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(serde_json::to_string(&reparsed).unwrap(), out);
+    }
+
+    #[test]
+    fn meta_that_is_not_an_object_is_replaced() {
+        let v: Value = serde_json::from_str(r#"{"resourceType":"Basic","meta":"x"}"#).unwrap();
+        let Value::Object(m) = v else { unreachable!() };
+        let p = PreparedResource::build("Basic", "b", m, None).unwrap();
+        assert_eq!(
+            String::from_utf8(p.stamped(1, "2026-01-01T00:00:00.000Z")).unwrap(),
+            r#"{"resourceType":"Basic","id":"b","meta":{"versionId":"1","lastUpdated":"2026-01-01T00:00:00.000Z"}}"#
+        );
+    }
+
+    struct IdIndexer;
+    impl crate::Indexer for IdIndexer {
+        fn entries(&self, _: &str, resource: &Value) -> Vec<crate::IndexEntry> {
+            vec![crate::IndexEntry {
+                param: "seen-id".into(),
+                value: crate::IndexValue::Uri(resource["id"].as_str().unwrap_or("").into()),
+            }]
+        }
+    }
+
+    #[test]
+    fn the_indexer_sees_the_id_the_resource_is_stored_under() {
+        let v: Value = serde_json::from_str(r#"{"resourceType":"Basic"}"#).unwrap();
+        let Value::Object(m) = v else { unreachable!() };
+        let p = PreparedResource::build("Basic", "b7", m, Some(&IdIndexer)).unwrap();
+        assert_eq!(
+            p.index.unwrap()[0].value,
+            crate::IndexValue::Uri("b7".into())
         );
     }
 }

@@ -611,13 +611,10 @@ impl Indexer for CodeIndexer {
                 },
             });
         }
-        if let Some(lu) = resource
-            .pointer("/meta/lastUpdated")
-            .and_then(Value::as_str)
-        {
-            let ms = parse_instant_ms(lu).unwrap();
+        if let Some(d) = resource.get("birthDate").and_then(Value::as_str) {
+            let ms = parse_instant_ms(d).unwrap();
             out.push(IndexEntry {
-                param: "_lastUpdated".into(),
+                param: "birthdate".into(),
                 value: IndexValue::Date { lo: ms, hi: ms + 1 },
             });
         }
@@ -651,20 +648,20 @@ fn index_rows_follow_the_current_version() {
         &s,
         "Patient",
         "a",
-        json!({"resourceType": "Patient", "gender": "male"}),
+        json!({"resourceType": "Patient", "gender": "male", "birthDate": "2000"}),
     );
     put(
         &s,
         "Patient",
         "b",
-        json!({"resourceType": "Patient", "gender": "male"}),
+        json!({"resourceType": "Patient", "gender": "male", "birthDate": "2000"}),
     );
     assert_eq!(count("male"), 2);
     put(
         &s,
         "Patient",
         "a",
-        json!({"resourceType": "Patient", "gender": "female"}),
+        json!({"resourceType": "Patient", "gender": "female", "birthDate": "2001"}),
     );
     assert_eq!((count("male"), count("female")), (1, 1));
     del(&s, "Patient", "b");
@@ -716,4 +713,77 @@ fn index_staleness_is_recorded_until_cleared() {
     assert!(s.indexes_stale().unwrap());
     s.set_indexes_stale(false).unwrap();
     assert!(!s.indexes_stale().unwrap());
+}
+
+#[test]
+fn a_prepared_put_stores_what_an_update_stores() {
+    let open_indexed = || {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open_data_dir(
+            dir.path(),
+            SqliteOptions {
+                indexer: Some(Arc::new(CodeIndexer)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (dir, s)
+    };
+    let body = json!({"resourceType": "Patient", "gender": "male", "birthDate": "2000",
+        "meta": {"versionId": "x", "tag": [{"code": "t"}]}, "name": [{"family": "Ünï"}]});
+    let (_d1, a) = open_indexed();
+    let (_d2, b) = open_indexed();
+    put(&a, "Patient", "p", body.clone());
+    put(&a, "Patient", "p", body.clone());
+    let prepared = b.prepare_put("Patient", "p", body.clone()).unwrap();
+    b.write(vec![WriteOp::Put(prepared.clone())]).unwrap();
+    let second = b
+        .write(vec![WriteOp::Put(prepared)])
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(second.status, WriteStatus::Updated);
+    assert_eq!(second.version, 2);
+    let (ra, rb) = (
+        a.read("Patient", "p").unwrap(),
+        b.read("Patient", "p").unwrap(),
+    );
+    let mut ja = json_of(&ra.json);
+    let mut jb = json_of(&rb.json);
+    // Everything but the instant is the same, byte for byte.
+    ja["meta"]["lastUpdated"] = Value::Null;
+    jb["meta"]["lastUpdated"] = Value::Null;
+    assert_eq!(
+        serde_json::to_string(&ja).unwrap(),
+        serde_json::to_string(&jb).unwrap()
+    );
+    assert_eq!(ja["meta"]["versionId"], "2");
+    let rows = |s: &SqliteStore| -> i64 {
+        s.with_reader(|c| {
+            Ok(c.query_row(
+                "SELECT (SELECT count(*) FROM idx_token) * 10 + (SELECT count(*) FROM idx_date)",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap()
+    };
+    assert_eq!((rows(&a), rows(&b)), (11, 11));
+    // The same checks as an update.
+    assert!(matches!(
+        b.prepare_put("Patient", "q", json!({"resourceType": "Observation"})),
+        Err(StoreError::InvalidResource(_))
+    ));
+    assert!(matches!(
+        b.prepare_put("Patient", "bad id", json!({"resourceType": "Patient"})),
+        Err(StoreError::InvalidId(_))
+    ));
+    // A resource prepared by a store without the indexer is refused by one with it.
+    let (_d3, plain) = open();
+    let unindexed = plain.prepare_put("Patient", "u", body).unwrap();
+    assert!(b.write(vec![WriteOp::Put(unindexed)]).is_err());
+    assert!(matches!(
+        b.read("Patient", "u"),
+        Err(StoreError::NotFound { .. })
+    ));
 }
