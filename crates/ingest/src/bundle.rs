@@ -192,7 +192,7 @@ pub fn process_bundle(
     writes.sort_by_key(|(_, op)| match op {
         WriteOp::Delete { .. } => 0,
         WriteOp::Create { .. } => 1,
-        WriteOp::Update { .. } => 2,
+        WriteOp::Update { .. } | WriteOp::Put(_) => 2,
     });
 
     match translated.kind {
@@ -335,6 +335,7 @@ fn op_key(op: &WriteOp) -> Option<(String, String)> {
         | WriteOp::Delete {
             resource_type, id, ..
         } => Some((resource_type.clone(), id.clone())),
+        WriteOp::Put(p) => Some((p.resource_type().to_string(), p.id().to_string())),
     }
 }
 

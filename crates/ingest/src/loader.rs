@@ -8,22 +8,27 @@
 //! server holds the directory, and draws a progress bar from [`LoadProgress`]).
 //!
 //! Both read the inputs the same way ([`crate::source`]) in two streaming passes:
-//! 1. a cheap pre-pass over the `.json` Bundles collecting `fullUrl → Type/id`, so that
-//!    `urn:uuid:` references resolve across files (forward references included);
+//! 1. a cheap pre-pass over the `.json` Bundles collecting `fullUrl → Type/id` (one thread per
+//!    core), so that `urn:uuid:` references resolve across files (forward references included);
 //! 2. the load pass: each resource keeps its id (or takes the uuid of its `urn:uuid:` fullUrl),
 //!    references are rewritten, the resource is validated against the R4 model, and chunks of
 //!    `chunk_size` resources are written as `PUT Type/id` (create-or-update), so loading the same
 //!    data twice makes new versions rather than duplicates.
 //!
-//! Parsing and validation run on a second thread while the first writes, so the two cores both
-//! work. Invalid resources are reported with file and line (or entry index) and skipped, or stop
-//! the load with `strict`. References that resolve to nothing (a `urn:` that names no loaded
-//! fullUrl) are left unchanged and counted. NDJSON files take no part in the pre-pass: a
-//! `urn:uuid:` reference to a resource that only occurs in NDJSON does not resolve.
+//! The load pass is a pipeline: one thread reads and decompresses the files into units (NDJSON
+//! line batches, whole `.json` files), one parsing thread per core parses, resolves, validates
+//! and — for a store — serializes and indexes each resource ([`store::Store::prepare_put`]), and
+//! the calling thread writes the units in input order, so the single SQLite writer only inserts
+//! rows. Invalid resources are reported with file and line (or entry index) and skipped, or, with
+//! `strict`, stop the load after the resources before them are written. References that resolve
+//! to nothing (a `urn:` that names no loaded fullUrl) are left unchanged and counted. NDJSON files
+//! take no part in the pre-pass: a `urn:uuid:` reference to a resource that only occurs in NDJSON
+//! does not resolve.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -125,7 +130,20 @@ pub fn load_into_store(
     options: &LoadOptions,
     progress: &mut dyn FnMut(&LoadProgress),
 ) -> Result<LoadSummary, LoadError> {
-    run(&mut StoreSink { store }, paths, options, progress)
+    // Updates are serialized and indexed by the parsing threads; the writer only inserts rows.
+    let prepare = |op: WriteOp| match op {
+        WriteOp::Update {
+            resource_type,
+            id,
+            resource,
+            if_match: None,
+        } => store
+            .prepare_put(&resource_type, &id, resource)
+            .map(WriteOp::Put)
+            .map_err(|e| e.to_string()),
+        other => Ok(other),
+    };
+    run(&mut StoreSink { store }, &prepare, paths, options, progress)
 }
 
 /// Load files or folders into a running server (`fhirhose load --server URL`): batch Bundles of
@@ -144,29 +162,49 @@ pub fn load_to_server(
         client,
         url: format!("{}/", base_url.trim_end_matches('/')),
     };
-    run(&mut sink, paths, options, progress)
+    run(&mut sink, &|op| Ok(op), paths, options, progress)
 }
 
-/// A chunk travelling from the reading thread to the writer.
-struct Chunk {
+/// Turns a validated op into what the sink writes, on a parsing thread; an `Err` is reported as
+/// a problem of that resource.
+type PrepareFn<'a> = dyn Fn(WriteOp) -> Result<WriteOp, String> + Sync + 'a;
+
+/// A unit of one file travelling from the reading thread to a parsing thread.
+struct Work {
+    seq: u64,
+    file: usize,
+    /// The file's last unit: when it is written, the file is done.
+    last_of_file: bool,
+    unit: Result<Option<source::Unit>, LoadError>,
+}
+
+/// A parsed unit travelling from a parsing thread to the writer.
+struct Parsed {
+    seq: u64,
+    file: usize,
+    last_of_file: bool,
     ops: Vec<(WriteOp, Location)>,
-    problems: Vec<Problem>,
+    /// Each problem with the number of `ops` that precede it in the unit.
+    problems: Vec<(usize, Problem)>,
     unresolved: u64,
-    files_done: usize,
+    failed: Option<LoadError>,
 }
 
+/// The pipeline: one thread reads and decompresses the inputs into units (NDJSON line batches or
+/// whole `.json` files), as many threads as there are cores parse, resolve, validate and prepare
+/// them, and the calling thread writes them to the sink in input order, `chunk_size` resources
+/// per transaction. At most `2 × parsers + 2` units are in flight.
 fn run(
     sink: &mut dyn Sink,
+    prepare: &PrepareFn<'_>,
     paths: &[PathBuf],
     options: &LoadOptions,
     progress: &mut dyn FnMut(&LoadProgress),
 ) -> Result<LoadSummary, LoadError> {
     let started = Instant::now();
     let files = source::collect_inputs(paths)?;
-    let mut refs = ReferenceMap::new();
-    for f in &files {
-        source::collect_full_urls(f, &mut refs)?;
-    }
+    let parsers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let refs = collect_references(&files, parsers)?;
     let mut summary = LoadSummary {
         files: files.len(),
         ..Default::default()
@@ -177,120 +215,265 @@ fn run(
     };
     progress(&state);
 
-    let (tx, rx) = sync_channel::<Chunk>(4);
-    let chunk_size = options.chunk_size.max(1);
+    let names: Vec<Arc<Path>> = files.iter().map(|f| Arc::from(f.as_path())).collect();
+    let in_flight = 2 * parsers + 2;
+    let (permit_tx, permit_rx) = sync_channel::<()>(in_flight);
+    let (work_tx, work_rx) = sync_channel::<Work>(in_flight);
+    let work_rx = Mutex::new(work_rx);
+    let (parsed_tx, parsed_rx) = channel::<Parsed>();
     let validate = options.validate;
-    let strict = options.strict;
     std::thread::scope(|scope| {
-        let reader = scope.spawn(|| produce(&files, &refs, chunk_size, validate, strict, tx));
-        let written = consume(
+        let files = &files;
+        scope.spawn(move || read_all(files, permit_tx, work_tx));
+        for _ in 0..parsers {
+            let parsed_tx = parsed_tx.clone();
+            let (work_rx, names, refs) = (&work_rx, &names, &refs);
+            scope.spawn(move || {
+                loop {
+                    let next = work_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(work) = next else { break };
+                    let parsed = parse_unit(work, names, refs, validate, prepare);
+                    if parsed_tx.send(parsed).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(parsed_tx);
+        // Returning (on error too) drops the receivers, which stops the other threads.
+        write_in_order(
             sink,
-            rx,
+            parsed_rx,
+            permit_rx,
             options,
             &mut summary,
             &mut state,
             started,
             progress,
-        );
-        // The reader stops when the receiver is gone (after an error here); its own error wins
-        // only if the writer finished cleanly.
-        let read = reader
-            .join()
-            .unwrap_or_else(|_| Err(LoadError::Http("reader thread panicked".into())));
-        written.and(read)
+        )
     })?;
     summary.elapsed = started.elapsed();
     Ok(summary)
 }
 
-fn consume(
+/// The pre-pass over the `.json` inputs (`fullUrl → Type/id`), on `threads` threads; entries are
+/// added in input order, so a later file wins as in a sequential pass.
+fn collect_references(files: &[PathBuf], threads: usize) -> Result<ReferenceMap, LoadError> {
+    type Found = Result<Vec<(String, String, String)>, LoadError>;
+    let mut found: Vec<Option<Found>> = (0..files.len()).map(|_| None).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = Mutex::new(&mut found);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(files.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(file) = files.get(i) else { break };
+                    let r = source::full_urls(file);
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+                }
+            });
+        }
+    });
+    let mut refs = ReferenceMap::new();
+    for r in found.into_iter().flatten() {
+        for (full_url, ty, id) in r? {
+            refs.insert(full_url, &ty, &id);
+        }
+    }
+    Ok(refs)
+}
+
+/// The reading thread: every file's units in order, each behind a permit (the writer returns
+/// one per unit written). Stops quietly when the writer has gone.
+fn read_all(files: &[PathBuf], permits: SyncSender<()>, work: SyncSender<Work>) {
+    let mut seq = 0u64;
+    let mut send =
+        |file: usize, last_of_file: bool, unit: Result<Option<source::Unit>, LoadError>| {
+            permits.send(()).map_err(|_| ())?;
+            seq += 1;
+            work.send(Work {
+                seq,
+                file,
+                last_of_file,
+                unit,
+            })
+            .map_err(|_| ())
+        };
+    for (i, file) in files.iter().enumerate() {
+        // One unit is held back, so that the file's last one is known as such.
+        let mut held: Option<source::Unit> = None;
+        let mut stopped = false;
+        let read = source::read_units(file, &mut |unit| {
+            if let Some(prev) = held.replace(unit)
+                && send(i, false, Ok(Some(prev))).is_err()
+            {
+                stopped = true;
+                // Any error value stops read_units; it is discarded.
+                return Err(LoadError::Http(String::new()));
+            }
+            Ok(())
+        });
+        if stopped {
+            return;
+        }
+        let last = match read {
+            Ok(()) => Ok(held),
+            Err(e) => Err(e),
+        };
+        let failed = last.is_err();
+        if send(i, true, last).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// A parsing thread's work on one unit.
+fn parse_unit(
+    work: Work,
+    names: &[Arc<Path>],
+    refs: &ReferenceMap,
+    validate: bool,
+    prepare: &PrepareFn<'_>,
+) -> Parsed {
+    let mut parsed = Parsed {
+        seq: work.seq,
+        file: work.file,
+        last_of_file: work.last_of_file,
+        ops: Vec::new(),
+        problems: Vec::new(),
+        unresolved: 0,
+        failed: None,
+    };
+    let unit = match work.unit {
+        Ok(Some(unit)) => unit,
+        Ok(None) => return parsed,
+        Err(e) => {
+            parsed.failed = Some(e);
+            return parsed;
+        }
+    };
+    let problem = |parsed: &mut Parsed, location: Location, message: String| {
+        let at = parsed.ops.len();
+        parsed.problems.push((
+            at,
+            Problem {
+                location: location.to_string(),
+                message,
+            },
+        ));
+    };
+    let file = &names[work.file];
+    // `unit_items` only fails when the callback does, which this one never does.
+    let _ = source::unit_items(file, unit, &mut |item| {
+        let mut unresolved = 0;
+        match item.and_then(|item| prepare_item(item, refs, validate, &mut unresolved)) {
+            Ok((op, location)) => match prepare(op) {
+                Ok(op) => parsed.ops.push((op, location)),
+                Err(message) => problem(&mut parsed, location, message),
+            },
+            Err((location, message)) => problem(&mut parsed, location, message),
+        }
+        parsed.unresolved += unresolved;
+        Ok(())
+    });
+    parsed
+}
+
+/// The writer: parsed units in input order (out-of-order arrivals wait in a small buffer),
+/// resources gathered into transactions of `chunk_size`. With `strict`, the resources before the
+/// first invalid one are written, then the load stops.
+#[allow(clippy::too_many_arguments)]
+fn write_in_order(
     sink: &mut dyn Sink,
-    rx: Receiver<Chunk>,
+    parsed: Receiver<Parsed>,
+    permits: Receiver<()>,
     options: &LoadOptions,
     summary: &mut LoadSummary,
     state: &mut LoadProgress,
     started: Instant,
     progress: &mut dyn FnMut(&LoadProgress),
 ) -> Result<(), LoadError> {
-    for chunk in rx {
-        for p in chunk.problems {
-            if options.strict {
-                return Err(LoadError::Invalid {
-                    location: p.location,
-                    message: p.message,
-                });
-            }
-            summary.problem(p.location, p.message, options.max_reported_problems);
+    let chunk_size = options.chunk_size.max(1);
+    let mut waiting: BTreeMap<u64, Parsed> = BTreeMap::new();
+    let mut next = 1u64;
+    let mut batch: Vec<(WriteOp, Location)> = Vec::with_capacity(chunk_size);
+    let mut flush = |batch: &mut Vec<(WriteOp, Location)>,
+                     summary: &mut LoadSummary,
+                     state: &mut LoadProgress,
+                     progress: &mut dyn FnMut(&LoadProgress)|
+     -> Result<(), LoadError> {
+        if !batch.is_empty() {
+            sink.write(std::mem::take(batch), summary, options)?;
         }
-        summary.unresolved_references += chunk.unresolved;
-        if !chunk.ops.is_empty() {
-            sink.write(chunk.ops, summary, options)?;
-        }
-        state.files_done = chunk.files_done;
         state.resources = summary.written() + summary.deleted;
         state.invalid = summary.invalid;
         state.elapsed = started.elapsed();
         progress(state);
-    }
-    Ok(())
-}
-
-/// The reading thread: parse, resolve, validate, and send chunks.
-fn produce(
-    files: &[PathBuf],
-    refs: &ReferenceMap,
-    chunk_size: usize,
-    validate: bool,
-    strict: bool,
-    tx: SyncSender<Chunk>,
-) -> Result<(), LoadError> {
-    let mut chunk = new_chunk(chunk_size, 0);
-    // A closed channel means the writer stopped (error or strict); stop quietly.
-    struct Stop;
-    let send = |chunk: Chunk| -> Result<(), Stop> { tx.send(chunk).map_err(|_| Stop) };
-    for (i, file) in files.iter().enumerate() {
-        let mut stopped = false;
-        let result = source::read_items(file, &mut |item| {
-            match item.and_then(|item| prepare(item, refs, validate, &mut chunk.unresolved)) {
-                Ok(op) => chunk.ops.push(op),
-                Err((location, message)) => chunk.problems.push(Problem {
-                    location: location.to_string(),
-                    message,
-                }),
+        Ok(())
+    };
+    for unit in parsed {
+        waiting.insert(unit.seq, unit);
+        while let Some(unit) = waiting.remove(&next) {
+            next += 1;
+            let _ = permits.try_recv();
+            if let Some(e) = unit.failed {
+                flush(&mut batch, summary, state, progress)?;
+                return Err(e);
             }
-            let full = chunk.ops.len() >= chunk_size;
-            if full || (strict && !chunk.problems.is_empty()) {
-                let files_done = chunk.files_done;
-                let ready = std::mem::replace(&mut chunk, new_chunk(chunk_size, files_done));
-                if send(ready).is_err() {
-                    stopped = true;
-                    // Any error value stops read_items; it is discarded below.
-                    return Err(LoadError::Http(String::new()));
+            summary.unresolved_references += unit.unresolved;
+            let mut problems = unit.problems.into_iter().peekable();
+            for (i, op) in unit.ops.into_iter().enumerate() {
+                while let Some((_, p)) = problems.next_if(|(at, _)| *at <= i) {
+                    report(p, &mut batch, summary, state, options, &mut flush, progress)?;
+                }
+                batch.push(op);
+                if batch.len() >= chunk_size {
+                    flush(&mut batch, summary, state, progress)?;
                 }
             }
-            Ok(())
-        });
-        if stopped {
-            return Ok(());
+            for (_, p) in problems {
+                report(p, &mut batch, summary, state, options, &mut flush, progress)?;
+            }
+            if unit.last_of_file {
+                state.files_done = unit.file + 1;
+            }
         }
-        result?;
-        chunk.files_done = i + 1;
     }
-    let _ = send(chunk);
-    Ok(())
+    flush(&mut batch, summary, state, progress)
 }
 
-fn new_chunk(chunk_size: usize, files_done: usize) -> Chunk {
-    Chunk {
-        ops: Vec::with_capacity(chunk_size),
-        problems: Vec::new(),
-        unresolved: 0,
-        files_done,
+type FlushFn<'a> = dyn FnMut(
+        &mut Vec<(WriteOp, Location)>,
+        &mut LoadSummary,
+        &mut LoadProgress,
+        &mut dyn FnMut(&LoadProgress),
+    ) -> Result<(), LoadError>
+    + 'a;
+
+/// Count a skipped resource, or with `strict` write what precedes it and stop.
+fn report(
+    p: Problem,
+    batch: &mut Vec<(WriteOp, Location)>,
+    summary: &mut LoadSummary,
+    state: &mut LoadProgress,
+    options: &LoadOptions,
+    flush: &mut FlushFn<'_>,
+    progress: &mut dyn FnMut(&LoadProgress),
+) -> Result<(), LoadError> {
+    if options.strict {
+        flush(batch, summary, state, progress)?;
+        return Err(LoadError::Invalid {
+            location: p.location,
+            message: p.message,
+        });
     }
+    summary.problem(p.location, p.message, options.max_reported_problems);
+    Ok(())
 }
 
 /// Turn one input item into a write op: keep/derive the id, rewrite references, validate.
-fn prepare(
+fn prepare_item(
     item: Item,
     refs: &ReferenceMap,
     validate: bool,
@@ -389,10 +572,12 @@ impl Sink for StoreSink<'_> {
 fn count(summary: &mut LoadSummary, resource_type: &str, status: WriteStatus) {
     match status {
         WriteStatus::Created | WriteStatus::Updated => {
-            *summary
-                .per_type
-                .entry(resource_type.to_string())
-                .or_insert(0) += 1;
+            match summary.per_type.get_mut(resource_type) {
+                Some(n) => *n += 1,
+                None => {
+                    summary.per_type.insert(resource_type.to_string(), 1);
+                }
+            }
         }
         WriteStatus::Deleted => summary.deleted += 1,
         WriteStatus::DeleteNotFound => {}
@@ -411,6 +596,12 @@ impl Sink for HttpSink {
         summary: &mut LoadSummary,
         options: &LoadOptions,
     ) -> Result<(), LoadError> {
+        // `load_to_server` prepares nothing (its ops stay JSON); a prepared op has no body to send.
+        if ops.iter().any(|(op, _)| matches!(op, WriteOp::Put(_))) {
+            return Err(LoadError::Http(
+                "a store-prepared resource cannot be sent to a server".into(),
+            ));
+        }
         let mut kinds = Vec::with_capacity(ops.len());
         let mut locations = Vec::with_capacity(ops.len());
         let entries: Vec<Value> = ops
@@ -444,6 +635,8 @@ impl Sink for HttpSink {
                         kinds.push((resource_type, true));
                         json!({"request": {"method": "DELETE", "url": url}})
                     }
+                    // Refused above.
+                    WriteOp::Put(_) => Value::Null,
                 }
             })
             .collect();

@@ -43,49 +43,63 @@ impl ReferenceMap {
         root: &str,
         unresolved: &mut dyn FnMut(&str, String),
     ) -> usize {
-        let mut path = root.to_string();
-        self.walk(value, &mut path, unresolved)
+        self.walk(value, &Step::Root(root), unresolved)
     }
 
     fn walk(
         &self,
         value: &mut Value,
-        path: &mut String,
+        at: &Step<'_>,
         unresolved: &mut dyn FnMut(&str, String),
     ) -> usize {
         let mut n = 0;
         match value {
             Value::Object(map) => {
                 for (k, v) in map.iter_mut() {
-                    let len = path.len();
-                    path.push('.');
-                    path.push_str(k);
-                    if k == "reference"
-                        && let Value::String(s) = v
-                    {
-                        if let Some(target) = self.map.get(s.as_str()) {
-                            *s = target.clone();
-                            n += 1;
-                        } else if s.starts_with("urn:") {
-                            unresolved(s, path.clone());
+                    match v {
+                        Value::String(s) if k == "reference" => {
+                            if let Some(target) = self.map.get(s.as_str()) {
+                                *s = target.clone();
+                                n += 1;
+                            } else if s.starts_with("urn:") {
+                                unresolved(s, Step::Member(at, k).path());
+                            }
                         }
-                    } else {
-                        n += self.walk(v, path, unresolved);
+                        Value::Object(_) | Value::Array(_) => {
+                            n += self.walk(v, &Step::Member(at, k), unresolved);
+                        }
+                        _ => {}
                     }
-                    path.truncate(len);
                 }
             }
             Value::Array(items) => {
                 for (i, v) in items.iter_mut().enumerate() {
-                    let len = path.len();
-                    path.push_str(&format!("[{i}]"));
-                    n += self.walk(v, path, unresolved);
-                    path.truncate(len);
+                    if matches!(v, Value::Object(_) | Value::Array(_)) {
+                        n += self.walk(v, &Step::Index(at, i), unresolved);
+                    }
                 }
             }
             _ => {}
         }
         n
+    }
+}
+
+/// Where the walk is, as a chain of steps on the stack: the path string is only built for the
+/// (rare) unresolved reference.
+enum Step<'a> {
+    Root(&'a str),
+    Member(&'a Step<'a>, &'a str),
+    Index(&'a Step<'a>, usize),
+}
+
+impl Step<'_> {
+    fn path(&self) -> String {
+        match self {
+            Step::Root(r) => r.to_string(),
+            Step::Member(up, k) => format!("{}.{k}", up.path()),
+            Step::Index(up, i) => format!("{}[{i}]", up.path()),
+        }
     }
 }
 

@@ -138,13 +138,30 @@ pub enum ItemContent {
     },
 }
 
-/// Read every item of one file, in order. Items that cannot be read (malformed JSON line, entry
-/// without resource) are passed as `Err((location, message))`; `f` returning `Err` stops reading.
-pub fn read_items(
+/// A piece of one input file as read from disk, before parsing: the unit of work of the loader's
+/// parsing threads. NDJSON files come as batches of lines, `.json` files whole.
+#[derive(Debug)]
+pub enum Unit {
+    /// Consecutive lines of an NDJSON file; `first_line` is the 1-based number of the first.
+    Lines {
+        first_line: usize,
+        lines: Vec<String>,
+    },
+    /// The whole (decompressed) content of a `.json` file.
+    Document(Vec<u8>),
+}
+
+/// Lines per [`Unit::Lines`] batch, unless [`UNIT_BYTES`] is reached first.
+pub const UNIT_LINES: usize = 1024;
+/// Bytes after which a [`Unit::Lines`] batch is closed.
+pub const UNIT_BYTES: usize = 4 << 20;
+
+/// Read one file into units, in order, without parsing (IO and decompression only). `f`
+/// returning `Err` stops reading.
+pub fn read_units(
     path: &Path,
-    f: &mut dyn FnMut(Result<Item, (Location, String)>) -> Result<(), LoadError>,
+    f: &mut dyn FnMut(Unit) -> Result<(), LoadError>,
 ) -> Result<(), LoadError> {
-    let file: Arc<Path> = Arc::from(path);
     let format = format_of(path).unwrap_or(InputFormat::Json);
     let mut reader = open(path)?;
     let io = |source| LoadError::Io {
@@ -153,21 +170,57 @@ pub fn read_items(
     };
     match format {
         InputFormat::Ndjson => {
-            let mut line = String::new();
-            let mut n = 0usize;
+            let mut first_line = 1;
+            let mut lines = Vec::with_capacity(UNIT_LINES);
+            let mut bytes = 0;
             loop {
-                line.clear();
+                let mut line = String::new();
                 if reader.read_line(&mut line).map_err(io)? == 0 {
                     break;
                 }
-                n += 1;
+                bytes += line.len();
+                lines.push(line);
+                if lines.len() >= UNIT_LINES || bytes >= UNIT_BYTES {
+                    let n = lines.len();
+                    f(Unit::Lines {
+                        first_line,
+                        lines: std::mem::replace(&mut lines, Vec::with_capacity(UNIT_LINES)),
+                    })?;
+                    first_line += n;
+                    bytes = 0;
+                }
+            }
+            if !lines.is_empty() {
+                f(Unit::Lines { first_line, lines })?;
+            }
+        }
+        InputFormat::Json => {
+            let mut bytes = Vec::new();
+            reader.read_to_end(&mut bytes).map_err(io)?;
+            f(Unit::Document(bytes))?;
+        }
+    }
+    Ok(())
+}
+
+/// Parse one unit of `file` into its items, in order. Items that cannot be read (malformed JSON
+/// line, entry without resource) are passed as `Err((location, message))`; `f` returning `Err`
+/// stops.
+pub fn unit_items(
+    file: &Arc<Path>,
+    unit: Unit,
+    f: &mut dyn FnMut(Result<Item, (Location, String)>) -> Result<(), LoadError>,
+) -> Result<(), LoadError> {
+    match unit {
+        Unit::Lines { first_line, lines } => {
+            for (i, line) in lines.iter().enumerate() {
                 let text = line.trim();
                 if text.is_empty() {
                     continue;
                 }
                 let location = Location {
                     file: file.clone(),
-                    line: Some(n),
+                    line: Some(first_line + i),
                     entry: None,
                 };
                 f(match serde_json::from_str::<Value>(text) {
@@ -180,9 +233,7 @@ pub fn read_items(
                 })?;
             }
         }
-        InputFormat::Json => {
-            let mut bytes = Vec::new();
-            reader.read_to_end(&mut bytes).map_err(io)?;
+        Unit::Document(bytes) => {
             let whole = Location {
                 file: file.clone(),
                 line: None,
@@ -218,6 +269,17 @@ pub fn read_items(
         }
     }
     Ok(())
+}
+
+/// Read every item of one file, in order, on the calling thread ([`read_units`] then
+/// [`unit_items`]). Items that cannot be read are passed as `Err((location, message))`; `f`
+/// returning `Err` stops reading.
+pub fn read_items(
+    path: &Path,
+    f: &mut dyn FnMut(Result<Item, (Location, String)>) -> Result<(), LoadError>,
+) -> Result<(), LoadError> {
+    let file: Arc<Path> = Arc::from(path);
+    read_units(path, &mut |unit| unit_items(&file, unit, f))
 }
 
 fn is_entry_bundle(v: &Value) -> bool {
@@ -306,8 +368,18 @@ struct HeadResource {
 /// reading only `fullUrl`, `resourceType` and `id` (the rest is skipped by the parser). NDJSON
 /// files have no fullUrls and are not read. Unreadable files are left to the load pass to report.
 pub fn collect_full_urls(path: &Path, refs: &mut ReferenceMap) -> Result<(), LoadError> {
+    for (full_url, ty, id) in full_urls(path)? {
+        refs.insert(full_url, &ty, &id);
+    }
+    Ok(())
+}
+
+/// `(fullUrl, type, id)` of every Bundle entry of a `.json` file that the load pass will store
+/// under a known id, in entry order (see [`collect_full_urls`]).
+pub fn full_urls(path: &Path) -> Result<Vec<(String, String, String)>, LoadError> {
+    let mut out = Vec::new();
     if format_of(path) != Some(InputFormat::Json) {
-        return Ok(());
+        return Ok(out);
     }
     let mut bytes = Vec::new();
     open(path)?
@@ -317,10 +389,10 @@ pub fn collect_full_urls(path: &Path, refs: &mut ReferenceMap) -> Result<(), Loa
             source,
         })?;
     let Ok(head) = serde_json::from_slice::<HeadBundle>(&bytes) else {
-        return Ok(());
+        return Ok(out);
     };
     if head.resource_type.as_deref() != Some("Bundle") {
-        return Ok(());
+        return Ok(out);
     }
     for e in head.entry.unwrap_or_default() {
         let (Some(full_url), Some(r)) = (e.full_url, e.resource) else {
@@ -328,10 +400,10 @@ pub fn collect_full_urls(path: &Path, refs: &mut ReferenceMap) -> Result<(), Loa
         };
         let Some(ty) = r.resource_type else { continue };
         if let Some(id) = loader_id(Some(&full_url), r.id.as_deref()) {
-            refs.insert(full_url, &ty, &id);
+            out.push((full_url, ty, id));
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 #[cfg(test)]
