@@ -21,6 +21,10 @@ pub struct LoadArgs {
     /// `fhirhose reindex`, and the server warns at start. Export does not need the indexes.
     #[arg(long, conflicts_with = "server")]
     pub no_index: bool,
+    /// Resources per store transaction (default 1000), or per batch Bundle with `--server`
+    /// (default 500).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: Option<u32>,
     /// Files or folders of NDJSON, Bundle JSON, or .gz of either.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
@@ -43,6 +47,9 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
         (Some(url), _) => {
             let mut options = ingest::LoadOptions::for_server();
             options.strict = args.strict;
+            if let Some(n) = args.batch_size {
+                options.chunk_size = n as usize;
+            }
             ingest::load_to_server(
                 url.trim_end_matches('/'),
                 &args.paths,
@@ -60,10 +67,13 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
             if args.no_index {
                 store.set_indexes_stale(true).map_err(|e| e.to_string())?;
             }
-            let options = ingest::LoadOptions {
+            let mut options = ingest::LoadOptions {
                 strict: args.strict,
                 ..ingest::LoadOptions::default()
             };
+            if let Some(n) = args.batch_size {
+                options.chunk_size = n as usize;
+            }
             ingest::load_into_store(&store, &args.paths, &options, &mut on_progress)
                 .map_err(|e| e.to_string())?
         }
