@@ -13,10 +13,22 @@ pub fn crypto_hash(key: &str, text: &str) -> String {
     if text.is_empty() {
         return String::new();
     }
-    let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()) {
-        Ok(m) => m,
-        // HMAC accepts any key length; this branch is unreachable in practice.
-        Err(_) => return String::new(),
+    // The keyed state (two SHA-256 blocks of key padding) is computed once per thread and key,
+    // then cloned: half the compressions of a short value.
+    let keyed = KEYED.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        match &*slot {
+            Some((k, mac)) if k == key => Some(mac.clone()),
+            _ => {
+                let mac = HmacSha256::new_from_slice(key.as_bytes()).ok()?;
+                *slot = Some((key.to_string(), mac.clone()));
+                Some(mac)
+            }
+        }
+    });
+    // HMAC accepts any key length; `None` is unreachable in practice.
+    let Some(mut mac) = keyed else {
+        return String::new();
     };
     mac.update(text.as_bytes());
     let digest = mac.finalize().into_bytes();
@@ -26,6 +38,14 @@ pub fn crypto_hash(key: &str, text: &str) -> String {
         out.push(char::from(HEX[usize::from(b & 15)]));
     }
     out
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+thread_local! {
+    /// The last key used on this thread, keyed.
+    static KEYED: std::cell::RefCell<Option<(String, HmacSha256)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -174,41 +194,100 @@ pub fn decrypt(key: &str, b64: &str) -> Result<String, CryptoError> {
     String::from_utf8(pt).map_err(|_| CryptoError::Utf8)
 }
 
-const YEAR: &str = r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)";
-static DATE_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(&format!(
-        r"{YEAR}(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?"
-    ))
-    .expect("date regex")
-});
-static DATETIME_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(&format!(
-        r"{YEAR}(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?"
-    ))
-    .expect("dateTime regex")
-});
-
-/// The parts of a FHIR date/dateTime/instant text the reference reads.
-struct DateParts {
+/// The parts of a FHIR date/dateTime/instant text the reference reads: the first match of its
+/// date (or dateTime) regular expression anywhere in the text, read by hand (same result as
+/// the expressions kept in the tests, `DATE_RE` / `DATETIME_RE`).
+struct DateParts<'a> {
+    /// The four year digits as written (`0012`).
+    year_text: &'a str,
     year: i32,
     month: Option<u32>,
     day: Option<u32>,
-    time: Option<String>,
+    /// `T…` through the zone, when the whole time part matches (dateTime/instant only).
+    time: Option<&'a str>,
 }
 
-fn parse_date(text: &str, is_date: bool) -> Option<DateParts> {
-    let re = if is_date { &*DATE_RE } else { &*DATETIME_RE };
-    let c = re.captures(text)?;
-    Some(DateParts {
-        year: c.get(1)?.as_str().parse().ok()?,
-        month: c.get(5).and_then(|m| m.as_str().parse().ok()),
-        day: c.get(7).and_then(|m| m.as_str().parse().ok()),
-        time: if is_date {
-            None
-        } else {
-            c.get(8).map(|m| m.as_str().to_string())
-        },
-    })
+/// Two ASCII digits at `i` as a number.
+fn two_digits(b: &[u8], i: usize) -> Option<u32> {
+    match (b.get(i), b.get(i + 1)) {
+        (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+            Some(u32::from(x - b'0') * 10 + u32::from(y - b'0'))
+        }
+        _ => None,
+    }
+}
+
+/// `-MM` (01–12) or `-DD` (01–31) at `i`.
+fn dash_two(b: &[u8], i: usize, max: u32) -> Option<u32> {
+    if b.get(i) != Some(&b'-') {
+        return None;
+    }
+    two_digits(b, i + 1).filter(|v| (1..=max).contains(v))
+}
+
+/// `T hh:mm:ss(.f+)? (Z|±hh:mm)` at `i` (hours 00–23, seconds up to 60, zone hours up to 13 or
+/// exactly 14:00): the end of the match.
+fn time_end(b: &[u8], i: usize) -> Option<usize> {
+    if b.get(i) != Some(&b'T') {
+        return None;
+    }
+    two_digits(b, i + 1).filter(|h| *h <= 23)?;
+    (b.get(i + 3) == Some(&b':')).then_some(())?;
+    two_digits(b, i + 4).filter(|m| *m <= 59)?;
+    (b.get(i + 6) == Some(&b':')).then_some(())?;
+    two_digits(b, i + 7).filter(|s| *s <= 60)?;
+    let mut p = i + 9;
+    if b.get(p) == Some(&b'.') && b.get(p + 1).is_some_and(u8::is_ascii_digit) {
+        p += 1;
+        while b.get(p).is_some_and(u8::is_ascii_digit) {
+            p += 1;
+        }
+    }
+    match b.get(p) {
+        Some(b'Z') => Some(p + 1),
+        Some(b'+' | b'-') => {
+            let h = two_digits(b, p + 1)?;
+            (b.get(p + 3) == Some(&b':')).then_some(())?;
+            let m = two_digits(b, p + 4)?;
+            let ok = (h <= 13 && m <= 59) || (h == 14 && m == 0);
+            ok.then_some(p + 6)
+        }
+        _ => None,
+    }
+}
+
+/// The match starting at `i`, if one does (a year: four digits, not `0000`).
+fn date_at(text: &str, i: usize, is_date: bool) -> Option<DateParts<'_>> {
+    let b = text.as_bytes();
+    let y = b.get(i..i + 4)?;
+    if !y.iter().all(u8::is_ascii_digit) || y == b"0000" {
+        return None;
+    }
+    let year = y.iter().fold(0i32, |a, d| a * 10 + i32::from(d - b'0'));
+    let mut parts = DateParts {
+        year_text: &text[i..i + 4],
+        year,
+        month: None,
+        day: None,
+        time: None,
+    };
+    let Some(m) = dash_two(b, i + 4, 12) else {
+        return Some(parts);
+    };
+    parts.month = Some(m);
+    let Some(d) = dash_two(b, i + 7, 31) else {
+        return Some(parts);
+    };
+    parts.day = Some(d);
+    if !is_date && let Some(end) = time_end(b, i + 10) {
+        parts.time = Some(&text[i + 10..end]);
+    }
+    Some(parts)
+}
+
+fn parse_date(text: &str, is_date: bool) -> Option<DateParts<'_>> {
+    // Unanchored, like the reference's expression: the leftmost position where a year starts.
+    (0..text.len()).find_map(|i| date_at(text, i, is_date))
 }
 
 /// Age-over-89 test against `today` (§2.2).
@@ -230,10 +309,7 @@ pub fn redact_date(text: &str, is_date: bool, partial: bool, today: NaiveDate) -
     if over_89(&p, today) {
         return None;
     }
-    let re = if is_date { &*DATE_RE } else { &*DATETIME_RE };
-    re.captures(text)
-        .and_then(|c| c.get(1))
-        .map(|m| m.as_str().to_string())
+    Some(p.year_text.to_string())
 }
 
 /// Result of a date shift.
@@ -276,7 +352,8 @@ pub fn shift_date(
     else {
         return Shifted::Unchanged;
     };
-    let mut out = date.format("%Y-%m-%d").to_string();
+    let mut out = String::with_capacity(text.len());
+    push_date(&mut out, date);
     if let Some(t) = p.time {
         let zone_len = if t.ends_with('Z') { 1 } else { 6 };
         let split = t.len().saturating_sub(zone_len);
@@ -289,6 +366,27 @@ pub fn shift_date(
         out.push_str(zone);
     }
     Shifted::Value(out)
+}
+
+/// `date` as chrono's `%Y-%m-%d` writes it.
+fn push_date(out: &mut String, date: NaiveDate) {
+    let (y, m, d) = (date.year(), date.month(), date.day());
+    if !(0..=9999).contains(&y) {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{}", date.format("%Y-%m-%d"));
+        return;
+    }
+    let digit = |v: u32| char::from(b'0' + (v % 10) as u8);
+    let y = y as u32;
+    for v in [y / 1000, y / 100, y / 10, y] {
+        out.push(digit(v));
+    }
+    out.push('-');
+    out.push(digit(m / 10));
+    out.push(digit(m));
+    out.push('-');
+    out.push(digit(d / 10));
+    out.push(digit(d));
 }
 
 /// Partial postal code (§2.2 rule 4, partial zip on).
@@ -421,10 +519,158 @@ mod tests {
         );
     }
 
+    const YEAR: &str = r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)";
+    /// The reference's expressions, which the hand-written parser replaces.
+    static DATE_RE: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(&format!(
+            r"{YEAR}(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?"
+        ))
+        .expect("date regex")
+    });
+    static DATETIME_RE: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(&format!(
+            r"{YEAR}(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?"
+        ))
+        .expect("dateTime regex")
+    });
+
+    type Parts = (String, i32, Option<u32>, Option<u32>, Option<String>);
+
+    fn by_regex(text: &str, is_date: bool) -> Option<Parts> {
+        let re = if is_date { &*DATE_RE } else { &*DATETIME_RE };
+        let c = re.captures(text)?;
+        Some((
+            c.get(1)?.as_str().to_string(),
+            c.get(1)?.as_str().parse().ok()?,
+            c.get(5).and_then(|m| m.as_str().parse().ok()),
+            c.get(7).and_then(|m| m.as_str().parse().ok()),
+            if is_date {
+                None
+            } else {
+                c.get(8).map(|m| m.as_str().to_string())
+            },
+        ))
+    }
+
+    fn by_hand(text: &str, is_date: bool) -> Option<Parts> {
+        parse_date(text, is_date).map(|p| {
+            (
+                p.year_text.to_string(),
+                p.year,
+                p.month,
+                p.day,
+                p.time.map(str::to_string),
+            )
+        })
+    }
+
+    #[test]
+    fn date_parser_matches_the_expressions() {
+        let cases = [
+            "2015",
+            "0000",
+            "0001",
+            "0010",
+            "0100",
+            "1000",
+            "00000",
+            "x0000-01-01",
+            "2015-02",
+            "2015-13",
+            "2015-00",
+            "2015-1",
+            "2015-02-07",
+            "2015-02-00",
+            "2015-02-31",
+            "2015-02-32",
+            "2015-02-3",
+            "2015-02-07T13:28:17Z",
+            "2015-02-07T13:28:17.12345-05:00",
+            "2015-02-07T13:28:17.-05:00",
+            "2015-02-07T13:28:17.5",
+            "2015-02-07T24:00:00Z",
+            "2015-02-07T23:59:60Z",
+            "2015-02-07T23:59:61Z",
+            "2015-02-07T23:60:00Z",
+            "2015-02-07T13:28:17+14:00",
+            "2015-02-07T13:28:17+14:01",
+            "2015-02-07T13:28:17+13:59",
+            "2015-02-07T13:28:17-00:00",
+            "2015-02-07T13:28:17+1:00",
+            "2015-02-07T13:28Z",
+            "2015-02-07T13:28:17",
+            "2015-02-07 13:28:17Z",
+            "2015-02-07t13:28:17Z",
+            "abc 1999-12-31 def",
+            "é2015-02-07T01:02:03Z…",
+            "12-2015-01",
+            "000002015",
+            "2015-02-07T13:28:17Z trailing",
+            "",
+            "T",
+            "--",
+        ];
+        for text in cases {
+            for is_date in [true, false] {
+                assert_eq!(
+                    by_hand(text, is_date),
+                    by_regex(text, is_date),
+                    "{text} {is_date}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn date_parser_matches_the_expressions_on_generated_texts(
+            text in "[0-9T:+\\-.Z a]{0,40}|[0-9]{1,4}(-[0-3][0-9](-[0-3][0-9](T[0-2][0-9]:[0-6][0-9]:[0-6][0-9](\\.[0-9]{0,3})?(Z|[+-][01][0-9]:[0-6][0-9])?)?)?)?",
+            is_date: bool,
+        ) {
+            proptest::prop_assert_eq!(by_hand(&text, is_date), by_regex(&text, is_date));
+        }
+    }
+
+    #[test]
+    fn dates_written_as_chrono_writes_them() {
+        for (y, m, d) in [
+            (1, 1, 1),
+            (9, 12, 31),
+            (99, 2, 28),
+            (999, 7, 4),
+            (2024, 2, 29),
+            (9999, 12, 31),
+            (0, 1, 1),
+            (-1, 6, 1),
+            (10000, 1, 1),
+        ] {
+            let date = NaiveDate::from_ymd_opt(y, m, d).unwrap();
+            let mut out = String::new();
+            push_date(&mut out, date);
+            assert_eq!(out, date.format("%Y-%m-%d").to_string());
+        }
+    }
+
     #[test]
     fn hmac_vector() {
         assert!(crypto_hash("123", "example").starts_with("698d54f0"));
         assert!(crypto_hash("123", "example").ends_with("d84ba"));
+    }
+
+    #[test]
+    fn hmac_with_changing_keys_uses_each_key() {
+        let fresh = |key: &str, text: &str| {
+            let mut mac = HmacSha256::new_from_slice(key.as_bytes()).unwrap();
+            mac.update(text.as_bytes());
+            let d = mac.finalize().into_bytes();
+            d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        let long = "k".repeat(100);
+        for key in ["", "123", "other", &long, "123", ""] {
+            for text in ["example", "a", &"x".repeat(200)] {
+                assert_eq!(crypto_hash(key, text), fresh(key, text), "{key} {text}");
+            }
+        }
     }
 
     #[test]
