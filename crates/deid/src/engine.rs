@@ -387,16 +387,34 @@ struct Shape {
     nested: Vec<String>,
 }
 
+/// `o.get("resourceType")` without hashing the key (serde_json's maps hash with SipHash): a
+/// resource names its type first as a rule, and other objects are small.
+pub(crate) fn resource_type_of(o: &Map<String, Json>) -> Option<&Json> {
+    o.iter()
+        .find(|(k, _)| k.as_str() == "resourceType")
+        .map(|(_, v)| v)
+}
+
 /// Repeating elements written as a single object become one-element arrays, as the reference
 /// parser reads them and its serializer writes them; notes the resource's [`Shape`].
 fn normalise_arrays(v: &mut Json, ty: &str, shape: &mut Shape) {
     let Json::Object(o) = v else { return };
     let model = fhir_model::r4();
-    // One type lookup per object, then one key lookup per member.
-    let def = match o.get("resourceType") {
+    let def = match resource_type_of(o) {
         Some(Json::String(rt)) => model.type_def(rt),
         _ => model.type_def(ty),
     };
+    normalise_object(o, def, shape);
+}
+
+/// [`normalise_arrays`] on an object of type `def`: one type lookup per object, one key lookup
+/// per member.
+fn normalise_object(
+    o: &mut Map<String, Json>,
+    def: Option<&'static fhir_model::TypeDef>,
+    shape: &mut Shape,
+) {
+    let model = fhir_model::r4();
     for (k, child) in o.iter_mut() {
         if k == "resourceType" {
             continue;
@@ -416,13 +434,15 @@ fn normalise_arrays(v: &mut Json, ty: &str, shape: &mut Shape) {
             continue;
         }
         let mut each = |e: &mut Json| {
-            if !e.is_object() {
-                return;
-            }
-            if let Some(Json::String(rt)) = e.get("resourceType") {
-                shape.nested.push(rt.clone());
-            }
-            normalise_arrays(e, c.type_name, shape)
+            let Json::Object(eo) = e else { return };
+            let edef = match resource_type_of(eo) {
+                Some(Json::String(rt)) => {
+                    shape.nested.push(rt.clone());
+                    model.type_def(rt)
+                }
+                _ => model.type_def(c.type_name),
+            };
+            normalise_object(eo, edef, shape)
         };
         match child {
             Json::Array(a) => a.iter_mut().for_each(each),
@@ -1006,7 +1026,7 @@ fn cleanup_member(child: &mut Json, keep_slots: bool) -> bool {
         Json::Array(a) => {
             let mut all_empty = true;
             for e in a.iter_mut() {
-                let er = e.get("resourceType").is_some();
+                let er = e.as_object().is_some_and(|o| resource_type_of(o).is_some());
                 if cleanup(e, er) {
                     *e = Json::Null;
                 } else {
@@ -1019,7 +1039,7 @@ fn cleanup_member(child: &mut Json, keep_slots: bool) -> bool {
             all_empty
         }
         c => {
-            let r = c.get("resourceType").is_some();
+            let r = c.as_object().is_some_and(|o| resource_type_of(o).is_some());
             cleanup(c, r)
         }
     }

@@ -27,7 +27,9 @@ use chrono::NaiveDate;
 use serde_json::Value as Json;
 
 use crate::config::{Config, Matcher, Method, Parameters, Rule};
-use crate::engine::{Change, DeidError, add_labels, primitive_change, primitive_text, rule_err};
+use crate::engine::{
+    Change, DeidError, add_labels, primitive_change, primitive_text, resource_type_of, rule_err,
+};
 use crate::transforms::{self, NumberKind};
 
 /// Rule indexes are `u32`; `NONE` sorts after every rule.
@@ -42,13 +44,22 @@ struct TypePlan {
     root: Option<RuleIx>,
     /// Member paths from the resource (`name.given`), by element name.
     trie: Trie,
-    /// `nodesByType('T')`, `nodesByName('n')`: first rule per type / name.
-    by_type: HashMap<String, RuleIx>,
-    by_name: HashMap<String, RuleIx>,
-    /// `nodesByType('T').c`, `nodesByName('n').c`: (parent type or name, child name, rule).
-    by_type_child: Vec<(String, String, RuleIx)>,
-    by_name_child: Vec<(String, String, RuleIx)>,
+    /// `nodesByType('T')[.c]`, `nodesByName('n')[.c]`, by type / name.
+    by_type: HashMap<String, Entry>,
+    by_name: HashMap<String, Entry>,
 }
+
+/// What `nodesByType('T')` / `nodesByName('n')` rules match at a node of that type or name.
+#[derive(Debug, Default)]
+struct Entry {
+    /// `nodesByType('T')`: the first rule matching the node itself.
+    own: Option<RuleIx>,
+    /// `nodesByType('T').c`: (child name, rule), matching the node's children.
+    children: Vec<(String, RuleIx)>,
+}
+
+/// The [`Entry`]s a depth-1 node meets in one scope (by its type, by its name).
+type Entries<'p> = [Option<&'p Entry>; 2];
 
 #[derive(Debug, Default)]
 struct Trie {
@@ -137,17 +148,25 @@ impl Plan {
                 match &rule.matcher {
                     Matcher::Resource => tp.root = min_rule(tp.root, Some(ix)),
                     Matcher::ByType(t, None) => {
-                        tp.by_type.entry(t.clone()).or_insert(ix);
+                        let e = tp.by_type.entry(t.clone()).or_default();
+                        e.own = e.own.or(Some(ix));
                     }
                     Matcher::ByName(n, None) => {
-                        tp.by_name.entry(n.clone()).or_insert(ix);
+                        let e = tp.by_name.entry(n.clone()).or_default();
+                        e.own = e.own.or(Some(ix));
                     }
-                    Matcher::ByType(t, Some(c)) => {
-                        tp.by_type_child.push((t.clone(), c.clone(), ix))
-                    }
-                    Matcher::ByName(n, Some(c)) => {
-                        tp.by_name_child.push((n.clone(), c.clone(), ix))
-                    }
+                    Matcher::ByType(t, Some(c)) => tp
+                        .by_type
+                        .entry(t.clone())
+                        .or_default()
+                        .children
+                        .push((c.clone(), ix)),
+                    Matcher::ByName(n, Some(c)) => tp
+                        .by_name
+                        .entry(n.clone())
+                        .or_default()
+                        .children
+                        .push((c.clone(), ix)),
                     Matcher::Expr(_) => match member_path(rule) {
                         Some(segs) if path_exists(model, ty, &segs) => {
                             let mut node = &mut tp.trie;
@@ -190,6 +209,8 @@ struct Scope<'p> {
     depth: u8,
     /// The parent's depth (`u8::MAX` at the scope's resource).
     parent_depth: u8,
+    /// The parent's entries when its depth is 1 (its `nodesBy*(…).c` rules).
+    parent_entries: Entries<'p>,
     /// Index into [`Walk::ops`].
     id: usize,
 }
@@ -203,7 +224,6 @@ struct NodeCx<'a> {
     ty: &'a str,
     /// The type's definition (None for a type the model lacks).
     def: Option<&'static fhir_model::TypeDef>,
-    parent_name: &'a str,
     parent_ty: &'a str,
     /// The root or a nested resource.
     is_resource: bool,
@@ -274,22 +294,42 @@ impl<'e> Walk<'e> {
             inherited: None,
             depth: 0,
             parent_depth: u8::MAX,
+            parent_entries: [None, None],
             id: 0,
         }];
         let cx = NodeCx {
             name: ty,
             ty,
             def: fhir_model::r4().type_def(ty),
-            parent_name: "",
             parent_ty: "",
             is_resource: true,
         };
         self.node(plan, root, &cx, &scopes, None, true)
     }
 
-    /// The rule covering a node: outer scopes first; under a seal only the rules that ran before
-    /// the sealing one.
-    fn cover(&self, scopes: &[Scope<'_>], cx: &NodeCx<'_>, seal: Option<Cover>) -> Option<Cover> {
+    /// The entries a node meets, per scope (only depth-1 scopes have any).
+    fn entries<'p>(scopes: &[Scope<'p>], cx: &NodeCx<'_>) -> SmallVec<[Entries<'p>; 4]> {
+        scopes
+            .iter()
+            .map(|sc| {
+                if sc.depth == 1 {
+                    [sc.plan.by_type.get(cx.ty), sc.plan.by_name.get(cx.name)]
+                } else {
+                    [None, None]
+                }
+            })
+            .collect()
+    }
+
+    /// The rule covering a node (`entries` from [`Walk::entries`]): outer scopes first; under a
+    /// seal only the rules that ran before the sealing one.
+    fn cover(
+        &self,
+        scopes: &[Scope<'_>],
+        entries: &[Entries<'_>],
+        cx: &NodeCx<'_>,
+        seal: Option<Cover>,
+    ) -> Option<Cover> {
         for (s, sc) in scopes.iter().enumerate() {
             let allowed = |r: RuleIx| match seal {
                 None => true,
@@ -301,20 +341,18 @@ impl<'e> Walk<'e> {
             match sc.depth {
                 0 => own = min_rule(own, sc.plan.root),
                 1 => {
-                    own = min_rule(own, sc.plan.by_type.get(cx.ty).copied());
-                    own = min_rule(own, sc.plan.by_name.get(cx.name).copied());
+                    for e in entries[s].iter().flatten() {
+                        own = min_rule(own, e.own);
+                    }
                 }
                 _ => {}
             }
             if sc.parent_depth == 1 {
-                for (t, c, r) in &sc.plan.by_type_child {
-                    if t == cx.parent_ty && c == cx.name {
-                        own = min_rule(own, Some(*r));
-                    }
-                }
-                for (n, c, r) in &sc.plan.by_name_child {
-                    if n == cx.parent_name && c == cx.name {
-                        own = min_rule(own, Some(*r));
+                for e in sc.parent_entries.iter().flatten() {
+                    for (c, r) in &e.children {
+                        if c == cx.name {
+                            own = min_rule(own, Some(*r));
+                        }
                     }
                 }
             }
@@ -329,10 +367,12 @@ impl<'e> Walk<'e> {
 
     /// The scopes as seen from a child named `name` of a node (`cover` is the node's), plus the
     /// child's own scope when it is a nested resource.
+    #[allow(clippy::too_many_arguments)]
     fn child_scopes<'p>(
         &mut self,
         plan: &'p Plan,
         scopes: &[Scope<'p>],
+        entries: &[Entries<'p>],
         cover: Option<Cover>,
         node_is_resource: bool,
         name: &str,
@@ -356,6 +396,7 @@ impl<'e> Walk<'e> {
                 },
                 depth,
                 parent_depth: sc.depth,
+                parent_entries: entries[s],
                 id: sc.id,
             });
         }
@@ -370,6 +411,7 @@ impl<'e> Walk<'e> {
                 inherited: None,
                 depth: 0,
                 parent_depth: u8::MAX,
+                parent_entries: [None, None],
                 id,
             });
         }
@@ -385,14 +427,15 @@ impl<'e> Walk<'e> {
         seal: Option<Cover>,
         is_root: bool,
     ) -> Result<(), DeidError> {
-        let cover = self.cover(scopes, cx, seal);
+        let entries = Self::entries(scopes, cx);
+        let cover = self.cover(scopes, &entries, cx, seal);
         let mut child_seal = seal;
         if let Some((s, r)) = cover {
             self.hits[r as usize] += 1;
             if self.at_root_id {
                 self.id_rule = Some(r);
             }
-            let (ops, sealed) = self.apply(plan, value, cx, scopes, s, r)?;
+            let (ops, sealed) = self.apply(plan, value, cx, scopes, &entries, s, r)?;
             self.ops[scopes[s].id].ops |= ops;
             if sealed {
                 // The earliest seal bounds the subtree.
@@ -405,7 +448,7 @@ impl<'e> Walk<'e> {
         if is_root && let Some(id) = obj.get_mut("id") {
             // The root's id first: date shifts read it as the rules before them left it.
             self.at_root_id = true;
-            let done = self.child(plan, id, "id", cx, scopes, cover, child_seal);
+            let done = self.child(plan, id, "id", cx, scopes, &entries, cover, child_seal);
             self.at_root_id = false;
             done?;
             self.current_id = obj.get("id").and_then(primitive_text).unwrap_or_default();
@@ -417,11 +460,11 @@ impl<'e> Walk<'e> {
             match v {
                 Json::Array(items) => {
                     for item in items.iter_mut().filter(|i| !i.is_null()) {
-                        self.child(plan, item, key, cx, scopes, cover, child_seal)?;
+                        self.child(plan, item, key, cx, scopes, &entries, cover, child_seal)?;
                     }
                 }
                 Json::Null => {}
-                item => self.child(plan, item, key, cx, scopes, cover, child_seal)?,
+                item => self.child(plan, item, key, cx, scopes, &entries, cover, child_seal)?,
             }
         }
         // A resource's labels: its operations and those of the resources nested in it, all
@@ -446,6 +489,7 @@ impl<'e> Walk<'e> {
         key: &str,
         parent: &NodeCx<'_>,
         scopes: &[Scope<'_>],
+        entries: &[Entries<'_>],
         cover: Option<Cover>,
         seal: Option<Cover>,
     ) -> Result<(), DeidError> {
@@ -465,7 +509,8 @@ impl<'e> Walk<'e> {
             model.type_def(child.type_name)
         };
         let nested_def = if declared.is_some_and(|d| d.kind == fhir_model::TypeKind::Resource) {
-            item.get("resourceType")
+            item.as_object()
+                .and_then(resource_type_of)
                 .and_then(Json::as_str)
                 .and_then(|t| model.type_def(t))
         } else {
@@ -474,12 +519,19 @@ impl<'e> Walk<'e> {
         let def = nested_def.or(declared);
         let ty = nested_def.map_or(child.type_name, |d| d.name.as_str());
         let nested = nested_def.map(|d| (d.name.as_str(), name == "contained"));
-        let cs = self.child_scopes(plan, scopes, cover, parent.is_resource, name, nested);
+        let cs = self.child_scopes(
+            plan,
+            scopes,
+            entries,
+            cover,
+            parent.is_resource,
+            name,
+            nested,
+        );
         let cx = NodeCx {
             name,
             ty,
             def,
-            parent_name: parent.name,
             parent_ty: parent.ty,
             is_resource: nested.is_some(),
         };
@@ -487,12 +539,14 @@ impl<'e> Walk<'e> {
     }
 
     /// Applies rule `r` of scope `s` to a node: (operation bits, whether the node is now sealed).
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
         plan: &Plan,
         value: &mut Json,
         cx: &NodeCx<'_>,
         scopes: &[Scope<'_>],
+        entries: &[Entries<'_>],
         s: usize,
         r: RuleIx,
     ) -> Result<(u8, bool), DeidError> {
@@ -521,13 +575,20 @@ impl<'e> Walk<'e> {
                             name: "value",
                             ty: "decimal",
                             def: None,
-                            parent_name: cx.name,
                             parent_ty: cx.ty,
                             is_resource: false,
                         };
-                        let cs =
-                            self.child_scopes(plan, scopes, Some((s, r)), false, "value", None);
-                        if self.cover(&cs, &vcx, Some((s, r))).is_some() {
+                        let cs = self.child_scopes(
+                            plan,
+                            scopes,
+                            entries,
+                            Some((s, r)),
+                            false,
+                            "value",
+                            None,
+                        );
+                        let ve = Self::entries(&cs, &vcx);
+                        if self.cover(&cs, &ve, &vcx, Some((s, r))).is_some() {
                             return Ok((0, true));
                         }
                         return perturb_value(
