@@ -12,7 +12,12 @@ use crate::values::{self, MAX_MS, MIN_MS};
 pub use store::IndexValue;
 
 fn s(v: &Json, key: &str) -> Option<String> {
-    v.get(key).and_then(Json::as_str).map(str::to_string)
+    get(v, key).and_then(Json::as_str).map(str::to_string)
+}
+
+/// `v.get(key)`; small objects are scanned instead of hashing the key (the indexing hot path).
+fn get<'a>(v: &'a Json, key: &str) -> Option<&'a Json> {
+    crate::evaluate::member(v.as_object()?, key)
 }
 
 fn f(v: &Json) -> Option<f64> {
@@ -107,7 +112,7 @@ fn coding(c: &Json, out: &mut Vec<IndexValue>) {
     if system.is_some() || code.is_some() {
         out.push(IndexValue::Token { system, code });
     }
-    push_text(c.get("display").and_then(Json::as_str), out);
+    push_text(get(c, "display").and_then(Json::as_str), out);
 }
 
 fn token(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
@@ -121,15 +126,14 @@ fn token(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
             code: Some(t.clone()),
         }),
         ("CodeableConcept", _) => {
-            for c in v
-                .get("coding")
+            for c in get(v, "coding")
                 .and_then(Json::as_array)
                 .into_iter()
                 .flatten()
             {
                 coding(c, out);
             }
-            push_text(v.get("text").and_then(Json::as_str), out);
+            push_text(get(v, "text").and_then(Json::as_str), out);
         }
         ("Coding", _) => coding(v, out),
         ("Identifier", _) => {
@@ -138,7 +142,12 @@ fn token(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
             if system.is_some() || code.is_some() {
                 out.push(IndexValue::Token { system, code });
             }
-            push_text(v.pointer("/type/text").and_then(Json::as_str), out);
+            push_text(
+                get(v, "type")
+                    .and_then(|t| get(t, "text"))
+                    .and_then(Json::as_str),
+                out,
+            );
         }
         ("ContactPoint", _) => {
             if let Some(val) = s(v, "value") {
@@ -189,7 +198,7 @@ fn string(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
         _ => return,
     };
     for key in parts {
-        match v.get(*key) {
+        match get(v, *key) {
             Some(Json::String(t)) => push_string(t, out),
             Some(Json::Array(a)) => a
                 .iter()
@@ -213,8 +222,8 @@ fn date(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
             }
         }
         ("Period", _) => {
-            let start = range_of(v.get("start"));
-            let end = range_of(v.get("end"));
+            let start = range_of(get(v, "start"));
+            let end = range_of(get(v, "end"));
             if start.is_none() && end.is_none() {
                 return;
             }
@@ -224,8 +233,7 @@ fn date(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
             });
         }
         ("Timing", _) => {
-            let events: Vec<values::DateRange> = v
-                .get("event")
+            let events: Vec<values::DateRange> = get(v, "event")
                 .and_then(Json::as_array)
                 .into_iter()
                 .flatten()
@@ -236,7 +244,7 @@ fn date(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
                 events.iter().map(|r| r.hi).max(),
             ) {
                 out.push(IndexValue::Date { lo, hi });
-            } else if let Some(b) = v.pointer("/repeat/boundsPeriod") {
+            } else if let Some(b) = get(v, "repeat").and_then(|r| get(r, "boundsPeriod")) {
                 date("Period", b, out);
             }
         }
@@ -255,7 +263,10 @@ pub fn split_reference(r: &str) -> Option<(&str, &str)> {
     }
     let typed = t.chars().next().is_some_and(|c| c.is_ascii_uppercase())
         && !id.is_empty()
-        && fhir_model::r4().resource_types().iter().any(|x| x == t);
+        && fhir_model::r4()
+            .resource_types()
+            .binary_search_by(|x| x.as_str().cmp(t))
+            .is_ok();
     typed.then_some((t, id))
 }
 
@@ -266,7 +277,7 @@ fn reference(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
             out.push(IndexValue::ReferenceUrl(t.clone()));
         }
         _ => {
-            if let Some(r) = v.get("reference").and_then(Json::as_str) {
+            if let Some(r) = get(v, "reference").and_then(Json::as_str) {
                 if r.starts_with('#') {
                     // contained resources are not searchable targets here
                 } else if let Some((t, id)) = split_reference(r) {
@@ -278,7 +289,7 @@ fn reference(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
                     out.push(IndexValue::ReferenceUrl(r.to_string()));
                 }
             }
-            if let Some(i) = v.get("identifier") {
+            if let Some(i) = get(v, "identifier") {
                 let system = s(i, "system");
                 let value = s(i, "value");
                 if system.is_some() || value.is_some() {
@@ -292,7 +303,7 @@ fn reference(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
 fn quantity(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
     match ty {
         "Money" => {
-            if let Some(n) = v.get("value").and_then(f) {
+            if let Some(n) = get(v, "value").and_then(f) {
                 out.push(IndexValue::Quantity {
                     value: n,
                     system: Some("urn:iso:std:iso:4217".into()),
@@ -303,14 +314,14 @@ fn quantity(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
         }
         "Range" => {
             for k in ["low", "high"] {
-                if let Some(q) = v.get(k) {
+                if let Some(q) = get(v, k) {
                     quantity("Quantity", q, out);
                 }
             }
         }
         "SampledData" => {}
         _ => {
-            if let Some(n) = v.get("value").and_then(f) {
+            if let Some(n) = get(v, "value").and_then(f) {
                 out.push(IndexValue::Quantity {
                     value: n,
                     system: s(v, "system"),

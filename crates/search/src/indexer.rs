@@ -4,6 +4,7 @@
 use serde_json::Value as Json;
 use store::{IndexEntry, Indexer};
 
+use crate::evaluate::Scratch;
 use crate::registry;
 
 /// The [`Indexer`] to install in the store (`SqliteOptions::indexer`).
@@ -17,12 +18,16 @@ impl Indexer for SearchIndexer {
         };
         let mut out = Vec::new();
         let mut vals = Vec::new();
-        for p in &ti.params {
-            if p.storage != registry::Storage::Rows {
-                continue;
-            }
+        let mut scratch = Scratch::default();
+        let bound = ti.is_root_of(resource);
+        let mut root_vals = Vec::new();
+        if bound {
+            ti.root_members(resource, &mut root_vals);
+        }
+        let table = bound.then_some(root_vals.as_slice());
+        for p in ti.row_params() {
             vals.clear();
-            p.extract(resource, &mut vals);
+            p.extract_with(resource, bound, table, &mut scratch, &mut vals);
             let start = out.len();
             for v in vals.drain(..) {
                 // Repeated values (the same coding twice) add nothing but rows.

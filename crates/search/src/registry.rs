@@ -2,12 +2,13 @@
 //! compiled once and cached, and extraction of index values from a resource.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use fhir_model::{SearchParamType, r4};
 use serde_json::Value as Json;
 
-use crate::evaluate::CompiledPath;
+use crate::evaluate::{BoundPath, CompiledPath, Scratch};
 use crate::extract::{self, IndexValue};
 
 /// One union branch of a parameter's expression. `X.where(resolve() is T)` is compiled as `X`
@@ -15,7 +16,11 @@ use crate::extract::{self, IndexValue};
 /// names its target type, which is all the filter needs.
 struct Branch {
     path: CompiledPath,
+    /// `path` bound to the parameter's resource type.
+    bound: BoundPath,
     ref_type: Option<String>,
+    /// `/T/` for `ref_type` T: what an absolute reference URL must contain.
+    ref_url_part: Option<String>,
 }
 
 /// How a parameter's values are found in the store.
@@ -51,11 +56,63 @@ pub struct TypeIndex {
     pub resource_type: String,
     pub params: Vec<IndexedParam>,
     by_code: HashMap<String, usize>,
+    /// The model's name of the type (what `resourceType` must equal for the bound paths).
+    root: &'static str,
+    /// Indexes into `params` of the parameters with [`Storage::Rows`].
+    rows: Vec<usize>,
+    /// The root members the stored parameters' first steps read, by JSON key: the slots of
+    /// the table [`TypeIndex::root_members`] fills once per resource.
+    root_slots: HashMap<String, usize, BuildHasherDefault<Fnv>>,
+}
+
+/// FNV-1a: a fast hash for the short JSON keys of [`TypeIndex::root_slots`].
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
 }
 
 impl TypeIndex {
     pub fn param(&self, code: &str) -> Option<&IndexedParam> {
         self.by_code.get(code).map(|&i| &self.params[i])
+    }
+
+    /// The parameters with index rows of their own ([`Storage::Rows`]), in code order.
+    pub fn row_params(&self) -> impl Iterator<Item = &IndexedParam> {
+        self.rows.iter().map(|&i| &self.params[i])
+    }
+
+    /// Whether `resource` has this type's `resourceType` (its parameters' paths are bound to it).
+    pub(crate) fn is_root_of(&self, resource: &Json) -> bool {
+        resource.get("resourceType").and_then(Json::as_str) == Some(self.root)
+    }
+
+    /// Fills `vals` with the resource's members that the stored parameters read first, by slot
+    /// (one pass over the resource's keys instead of one lookup per parameter).
+    pub(crate) fn root_members<'a>(&self, resource: &'a Json, vals: &mut Vec<Option<&'a Json>>) {
+        vals.clear();
+        vals.resize(self.root_slots.len(), None);
+        if let Some(obj) = resource.as_object() {
+            for (k, v) in obj {
+                if let Some(&i) = self.root_slots.get(k.as_str()) {
+                    vals[i] = Some(v);
+                }
+            }
+        }
     }
 }
 
@@ -95,7 +152,9 @@ pub fn type_index(resource_type: &str) -> Option<Arc<TypeIndex>> {
             if let Ok(compiled) = CompiledPath::compile(path) {
                 branch_keys.push((strip_outer(path).to_string(), ref_type.clone()));
                 branches.push(Branch {
+                    bound: compiled.bind(resource_type),
                     path: compiled,
+                    ref_url_part: ref_type.as_ref().map(|t| format!("/{t}/")),
                     ref_type,
                 });
             }
@@ -122,10 +181,47 @@ pub fn type_index(resource_type: &str) -> Option<Arc<TypeIndex>> {
         .enumerate()
         .map(|(i, p)| (p.code.clone(), i))
         .collect();
+    // Slots for the root members that the stored parameters' first steps read.
+    let mut root_keys: Vec<String> = Vec::new();
+    for p in params.iter_mut().filter(|p| p.storage == Storage::Rows) {
+        for b in &mut p.branches {
+            let slots: Option<Vec<usize>> = b.bound.first_keys().map(|keys| {
+                keys.iter()
+                    .map(|k| match root_keys.iter().position(|x| x == k) {
+                        Some(i) => i,
+                        None => {
+                            root_keys.push(k.to_string());
+                            root_keys.len() - 1
+                        }
+                    })
+                    .collect()
+            });
+            if let Some(slots) = slots {
+                b.bound.set_first_slots(slots);
+            }
+        }
+    }
+    let root_slots = root_keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| (k, i))
+        .collect();
+    let rows = params
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.storage == Storage::Rows)
+        .map(|(i, _)| i)
+        .collect();
+    let root = model
+        .type_def(resource_type)
+        .map_or("", |t| t.name.as_str());
     let ti = Arc::new(TypeIndex {
         resource_type: resource_type.to_string(),
         params,
         by_code,
+        root,
+        rows,
+        root_slots,
     });
     if let Ok(mut c) = cache.write() {
         c.insert(resource_type.to_string(), ti.clone());
@@ -253,19 +349,43 @@ pub(crate) fn strip_resolve(branch: &str) -> (&str, Option<String>) {
 impl IndexedParam {
     /// The index values of this parameter in a resource.
     pub fn extract(&self, resource: &Json, out: &mut Vec<IndexValue>) {
+        let bound = self.branches.first().is_some_and(|b| {
+            resource.get("resourceType").and_then(Json::as_str) == Some(b.bound.root())
+        });
+        self.extract_with(resource, bound, None, &mut Scratch::default(), out);
+    }
+
+    /// [`IndexedParam::extract`] with reusable buffers; `bound`: the caller has checked that
+    /// the resource's `resourceType` is the one this parameter was compiled for; `root_vals`
+    /// (only with `bound`): its [`TypeIndex::root_members`].
+    pub(crate) fn extract_with<'a>(
+        &self,
+        resource: &'a Json,
+        bound: bool,
+        root_vals: Option<&[Option<&'a Json>]>,
+        scratch: &mut Scratch<'a>,
+        out: &mut Vec<IndexValue>,
+    ) {
         for b in &self.branches {
+            if bound && root_vals.is_some_and(|v| b.bound.absent_in(v)) {
+                continue;
+            }
             let start = out.len();
-            b.path.evaluate(resource, &mut |ty, v| {
-                extract::convert(self.kind, ty, v, out)
-            });
+            let mut f = |ty: Option<&str>, v: &Json| extract::convert(self.kind, ty, v, out);
+            if bound {
+                b.bound.evaluate_root(resource, root_vals, scratch, &mut f);
+            } else {
+                b.path.evaluate(resource, &mut f);
+            }
             if let Some(t) = &b.ref_type {
+                let part = b.ref_url_part.as_deref().unwrap_or_default();
                 // Keep only references to the named type (and identifiers, which have no type).
                 let mut i = start;
                 while i < out.len() {
                     let keep = match &out[i] {
                         IndexValue::Reference { target_type, .. } => target_type == t,
                         // The SQL side matches `url LIKE '%/T/%'`; keep the two identical.
-                        IndexValue::ReferenceUrl(u) => u.contains(&format!("/{t}/")),
+                        IndexValue::ReferenceUrl(u) => u.contains(part),
                         _ => true,
                     };
                     if keep {

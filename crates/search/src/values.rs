@@ -194,20 +194,22 @@ pub fn parse_decimal(s: &str) -> Result<Decimal, String> {
 /// lower-cased, whitespace runs collapsed. ASCII takes a fast path.
 pub fn normalize_string(s: &str) -> String {
     if s.is_ascii() {
-        let mut out = String::with_capacity(s.len());
+        let t = s.trim();
+        let mut out = Vec::with_capacity(t.len());
         let mut space = false;
-        for c in s.trim().chars() {
-            if c.is_ascii_whitespace() {
+        for &b in t.as_bytes() {
+            if b.is_ascii_whitespace() {
                 space = true;
                 continue;
             }
             if space {
-                out.push(' ');
+                out.push(b' ');
                 space = false;
             }
-            out.push(c.to_ascii_lowercase());
+            out.push(b.to_ascii_lowercase());
         }
-        return out;
+        // ASCII in, ASCII out.
+        return String::from_utf8(out).unwrap_or_default();
     }
     let mut out = String::with_capacity(s.len());
     let mut space = false;
@@ -285,5 +287,7 @@ mod tests {
         assert_eq!(normalize_string("  Émile  Zola "), "emile zola");
         assert_eq!(normalize_string("MÜLLER"), "muller");
         assert_eq!(normalize_string("Smith"), "smith");
+        // Trimmed as Unicode white space, collapsed as ASCII white space (vertical tab kept).
+        assert_eq!(normalize_string("\u{b} A\t\n B\u{b}C \u{b}"), "a b\u{b}c");
     }
 }
