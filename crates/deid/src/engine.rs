@@ -395,6 +395,27 @@ pub(crate) fn resource_type_of(o: &Map<String, Json>) -> Option<&Json> {
         .map(|(_, v)| v)
 }
 
+thread_local! {
+    /// Type definitions by the address of a type name inside the model (element types).
+    static ELEMENT_TYPES: std::cell::RefCell<
+        rustc_hash::FxHashMap<(usize, usize), Option<&'static fhir_model::TypeDef>>,
+    > = std::cell::RefCell::new(rustc_hash::FxHashMap::default());
+}
+
+/// `model.type_def(name)` for a type name borrowed from the model (`ChildRef::type_name`): the
+/// same definition, found by the name's address instead of hashing its text.
+pub(crate) fn element_type_def(name: &'static str) -> Option<&'static fhir_model::TypeDef> {
+    let key = (name.as_ptr() as usize, name.len());
+    ELEMENT_TYPES.with(|cell| {
+        if let Some(d) = cell.borrow().get(&key) {
+            return *d;
+        }
+        let d = fhir_model::r4().type_def(name);
+        cell.borrow_mut().insert(key, d);
+        d
+    })
+}
+
 /// Repeating elements written as a single object become one-element arrays, as the reference
 /// parser reads them and its serializer writes them; notes the resource's [`Shape`].
 fn normalise_arrays(v: &mut Json, ty: &str, shape: &mut Shape) {
@@ -440,7 +461,7 @@ fn normalise_object(
                     shape.nested.push(rt.clone());
                     model.type_def(rt)
                 }
-                _ => model.type_def(c.type_name),
+                _ => element_type_def(c.type_name),
             };
             normalise_object(eo, edef, shape)
         };

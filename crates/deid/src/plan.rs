@@ -28,7 +28,8 @@ use serde_json::Value as Json;
 
 use crate::config::{Config, Matcher, Method, Parameters, Rule};
 use crate::engine::{
-    Change, DeidError, add_labels, primitive_change, primitive_text, resource_type_of, rule_err,
+    Change, DeidError, add_labels, element_type_def, primitive_change, primitive_text,
+    resource_type_of, rule_err,
 };
 use crate::transforms::{self, NumberKind};
 
@@ -309,16 +310,15 @@ impl<'e> Walk<'e> {
 
     /// The entries a node meets, per scope (only depth-1 scopes have any).
     fn entries<'p>(scopes: &[Scope<'p>], cx: &NodeCx<'_>) -> SmallVec<[Entries<'p>; 4]> {
-        scopes
-            .iter()
-            .map(|sc| {
-                if sc.depth == 1 {
-                    [sc.plan.by_type.get(cx.ty), sc.plan.by_name.get(cx.name)]
-                } else {
-                    [None, None]
-                }
-            })
-            .collect()
+        let mut out = SmallVec::new();
+        for sc in scopes {
+            out.push(if sc.depth == 1 {
+                [sc.plan.by_type.get(cx.ty), sc.plan.by_name.get(cx.name)]
+            } else {
+                [None, None]
+            });
+        }
+        out
     }
 
     /// The rule covering a node (`entries` from [`Walk::entries`]): outer scopes first; under a
@@ -506,7 +506,7 @@ impl<'e> Walk<'e> {
         {
             None
         } else {
-            model.type_def(child.type_name)
+            element_type_def(child.type_name)
         };
         let nested_def = if declared.is_some_and(|d| d.kind == fhir_model::TypeKind::Resource) {
             item.as_object()
