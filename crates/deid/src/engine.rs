@@ -577,13 +577,14 @@ impl<'a> Pass<'_, 'a> {
                         parent_type.to_string()
                     }
                 };
-                let prefix = || {
-                    if self.engine.date_shift_prefix.is_empty() {
+                let offset = || {
+                    let prefix = if self.engine.date_shift_prefix.is_empty() {
                         // The ROOT resource's id as it is now (possibly already hashed).
                         root.get("id").and_then(primitive_text).unwrap_or_default()
                     } else {
                         self.engine.date_shift_prefix.clone()
-                    }
+                    };
+                    transforms::date_shift_offset(&prefix, &params.date_shift_key)
                 };
                 match primitive_change(
                     self.rule,
@@ -593,7 +594,7 @@ impl<'a> Pass<'_, 'a> {
                     ty,
                     node.name(),
                     &parent,
-                    &prefix,
+                    &offset,
                     self.today,
                 )? {
                     None => {}
@@ -761,8 +762,8 @@ pub(crate) enum Change {
 
 /// The change a redact, dateShift, cryptoHash or encrypt rule makes to one non-empty primitive
 /// value (§2), with the operation bit for the labels; shared by both walkers. `parent` gives the
-/// FHIR type of the element holding the value (`Age`, `Reference`), `prefix` the date-shift
-/// prefix; both are only asked for when needed.
+/// FHIR type of the element holding the value (`Age`, `Reference`), `offset` the date-shift
+/// offset from the prefix and key (§2.3); both are only asked for when needed.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn primitive_change(
     rule: &Rule,
@@ -772,7 +773,7 @@ pub(crate) fn primitive_change(
     ty: &str,
     name: &str,
     parent: &dyn Fn() -> String,
-    prefix: &dyn Fn() -> String,
+    offset: &dyn Fn() -> i64,
     today: NaiveDate,
 ) -> Result<Option<(Change, u8)>, DeidError> {
     if text.is_empty() {
@@ -822,7 +823,7 @@ pub(crate) fn primitive_change(
             }
             let offset = match params.date_shift_fixed_offset_in_days {
                 Some(d) => d,
-                None => transforms::date_shift_offset(&prefix(), &params.date_shift_key),
+                None => offset(),
             };
             match transforms::shift_date(
                 text,

@@ -253,6 +253,8 @@ pub(crate) struct Walk<'e> {
     id_rule: Option<RuleIx>,
     /// The root's `id` is being walked.
     at_root_id: bool,
+    /// Date-shift offsets computed so far, by prefix: file context, current id, original id.
+    offsets: [std::cell::Cell<Option<i64>>; 3],
 }
 
 impl<'e> Walk<'e> {
@@ -274,6 +276,7 @@ impl<'e> Walk<'e> {
             current_id: String::new(),
             id_rule: None,
             at_root_id: false,
+            offsets: Default::default(),
         }
     }
 
@@ -452,6 +455,7 @@ impl<'e> Walk<'e> {
             self.at_root_id = false;
             done?;
             self.current_id = obj.get("id").and_then(primitive_text).unwrap_or_default();
+            self.offsets[1].set(None);
         }
         for (key, v) in obj.iter_mut() {
             if key == "resourceType" || (is_root && key == "id") {
@@ -615,14 +619,20 @@ impl<'e> Walk<'e> {
                         None => return Ok((0, false)),
                     },
                 };
-                let prefix = || {
-                    if !self.file_prefix.is_empty() {
-                        self.file_prefix.to_string()
+                let offset = || {
+                    let (slot, prefix) = if !self.file_prefix.is_empty() {
+                        (0, self.file_prefix)
                     } else if s > 0 || self.id_rule.is_some_and(|ir| ir < r) {
-                        self.current_id.clone()
+                        (1, self.current_id.as_str())
                     } else {
-                        self.original_id.clone()
-                    }
+                        (2, self.original_id.as_str())
+                    };
+                    let cell = &self.offsets[slot];
+                    cell.get().unwrap_or_else(|| {
+                        let o = transforms::date_shift_offset(prefix, &self.params.date_shift_key);
+                        cell.set(Some(o));
+                        o
+                    })
                 };
                 let change = primitive_change(
                     rule,
@@ -632,7 +642,7 @@ impl<'e> Walk<'e> {
                     cx.ty,
                     cx.name,
                     &|| cx.parent_ty.to_string(),
-                    &prefix,
+                    &offset,
                     self.today,
                 )?;
                 Ok(match change {

@@ -104,7 +104,7 @@ fn transform_common_reference(text: &str, f: &dyn Fn(&str) -> String) -> Option<
                 8 | 13 | 18 | 23 => *c == b'-',
                 _ => c.is_ascii_hexdigit(),
             });
-        return ok.then(|| format!("urn:uuid:{}", f(uuid)));
+        return ok.then(|| concat3("urn:uuid:", &f(uuid), ""));
     }
     if text.contains(':') {
         return None; // absolute URLs, OIDs, other URNs
@@ -120,7 +120,20 @@ fn transform_common_reference(text: &str, f: &dyn Fn(&str) -> String) -> Option<
         .resource_types()
         .binary_search_by(|t| t.as_str().cmp(ty))
         .is_ok();
-    (is_type && id_ok(id)).then(|| format!("{ty}/{}{suffix}", f(id)))
+    (is_type && id_ok(id)).then(|| {
+        let mut out = concat3(ty, "/", &f(id));
+        out.push_str(suffix);
+        out
+    })
+}
+
+/// `a ‖ b ‖ c` in one allocation.
+fn concat3(a: &str, b: &str, c: &str) -> String {
+    let mut out = String::with_capacity(a.len() + b.len() + c.len() + 24);
+    out.push_str(a);
+    out.push_str(b);
+    out.push_str(c);
+    out
 }
 
 type Aes128Enc = cbc::Encryptor<aes::Aes128>;

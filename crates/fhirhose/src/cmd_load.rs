@@ -21,7 +21,7 @@ pub struct LoadArgs {
     /// `fhirhose reindex`, and the server warns at start. Export does not need the indexes.
     #[arg(long, conflicts_with = "server")]
     pub no_index: bool,
-    /// Resources per store transaction (default 1000), or per batch Bundle with `--server`
+    /// Resources per store transaction (default 5000), or per batch Bundle with `--server`
     /// (default 500).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: Option<u32>,

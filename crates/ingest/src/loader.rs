@@ -56,7 +56,7 @@ impl Default for LoadOptions {
         LoadOptions {
             strict: false,
             validate: true,
-            chunk_size: 1000,
+            chunk_size: 5000,
             max_reported_problems: 1000,
         }
     }
