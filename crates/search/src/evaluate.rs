@@ -671,6 +671,36 @@ mod tests {
     }
 
     #[test]
+    fn bound_paths_give_what_unbound_paths_give() {
+        let obs = json!({"resourceType":"Observation","valueString":"x","valueQuantity":{"value":1},
+            "effectivePeriod":{"start":"2020"},"effectiveDateTime":"2021",
+            "component":[{"code":{"text":"a"},"valueBoolean":true},{"valueInteger":3}],
+            "contained":[{"resourceType":"Patient","name":[{"family":"D"}]}]});
+        for expr in [
+            "Observation.value",
+            "Observation.effective",
+            "(Observation.value.ofType(Quantity))",
+            "Observation.component.value",
+            "Observation.component.code.text",
+            "Observation.contained.name.family",
+            "Observation.component[1].value",
+            "Observation.subject.exists() and Observation.subject != false",
+        ] {
+            let p = CompiledPath::compile(expr).unwrap();
+            let mut old = Vec::new();
+            p.evaluate(&obs, &mut |t, v| {
+                old.push((t.map(str::to_string), v.clone()))
+            });
+            let b = p.bind("Observation");
+            let mut new = Vec::new();
+            b.evaluate_root(&obs, None, &mut Scratch::default(), &mut |t, v| {
+                new.push((t.map(str::to_string), v.clone()))
+            });
+            assert_eq!(old, new, "{expr}");
+        }
+    }
+
+    #[test]
     fn every_r4_search_expression_compiles() {
         let m = r4();
         let mut failed = Vec::new();
