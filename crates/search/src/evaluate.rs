@@ -469,9 +469,9 @@ impl BoundPath {
                 // as the step itself would take them.
                 steps.next();
                 if let Some((_, r)) = by_type.first() {
-                    for (&slot, (_, t)) in self.first_slots.iter().zip(&r.keys) {
+                    for (&slot, &(_, t)) in self.first_slots.iter().zip(&r.keys) {
                         if let Some(c) = vals[slot] {
-                            push_items(items, *t, c);
+                            push_items(items, t, c);
                         }
                     }
                 }
@@ -494,13 +494,13 @@ impl BoundPath {
                         let Some(obj) = v.as_object() else { continue };
                         if r.choice {
                             choice_children(obj, name, &r.keys, next);
-                        } else if let Some((key, t)) = r.keys.first()
+                        } else if let Some(&(ref key, t)) = r.keys.first()
                             && let Some(c) = member(obj, key)
                         {
                             if r.resource {
                                 push_resources_static(next, c);
                             } else {
-                                push_items(next, *t, c);
+                                push_items(next, t, c);
                             }
                         }
                     }
@@ -559,9 +559,9 @@ fn choice_children<'a>(
         };
         if found.is_some() {
             // Two types of one choice element (invalid FHIR): the model's order decides.
-            for (key, t) in keys {
+            for &(ref key, t) in keys {
                 if let Some(c) = obj.get(key) {
-                    push_items(next, *t, c);
+                    push_items(next, t, c);
                 }
             }
             return;

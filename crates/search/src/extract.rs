@@ -198,7 +198,7 @@ fn string(ty: &str, v: &Json, out: &mut Vec<IndexValue>) {
         _ => return,
     };
     for key in parts {
-        match get(v, *key) {
+        match get(v, key) {
             Some(Json::String(t)) => push_string(t, out),
             Some(Json::Array(a)) => a
                 .iter()
