@@ -404,7 +404,8 @@ fn write_in_order(
                      progress: &mut dyn FnMut(&LoadProgress)|
      -> Result<(), LoadError> {
         if !batch.is_empty() {
-            sink.write(std::mem::take(batch), summary, options)?;
+            let full = std::mem::replace(batch, Vec::with_capacity(chunk_size));
+            sink.write(full, summary, options)?;
         }
         state.resources = summary.written() + summary.deleted;
         state.invalid = summary.invalid;
