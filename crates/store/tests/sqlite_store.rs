@@ -787,3 +787,45 @@ fn a_prepared_put_stores_what_an_update_stores() {
         Err(StoreError::NotFound { .. })
     ));
 }
+
+#[test]
+fn one_transaction_that_rewrites_a_resource_keeps_only_the_last_versions_index_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open_data_dir(
+        dir.path(),
+        SqliteOptions {
+            indexer: Some(Arc::new(CodeIndexer)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let update = |g: &str| WriteOp::Update {
+        resource_type: "Patient".into(),
+        id: "a".into(),
+        resource: json!({"resourceType": "Patient", "gender": g, "birthDate": "2000"}),
+        if_match: None,
+    };
+    let delete = WriteOp::Delete {
+        resource_type: "Patient".into(),
+        id: "a".into(),
+        if_match: None,
+    };
+    let rows = || -> Vec<(String, i64)> {
+        s.with_reader(|c| {
+            let mut st = c.prepare(
+                "SELECT t.code, (SELECT count(*) FROM idx_date) FROM idx_token t ORDER BY t.code",
+            )?;
+            let v = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(v)
+        })
+        .unwrap()
+    };
+    s.write(vec![update("male"), update("female"), update("other")])
+        .unwrap();
+    assert_eq!(rows(), vec![("other".to_string(), 1)]);
+    s.write(vec![update("unknown"), delete]).unwrap();
+    assert_eq!(rows(), vec![]);
+    assert_eq!(s.reindex(None).unwrap(), 0);
+}
