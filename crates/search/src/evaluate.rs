@@ -169,14 +169,7 @@ impl CompiledPath {
                     }
                 }
                 Step::Index(n) => next.extend(items.get(*n).copied()),
-                Step::OfType(t) => {
-                    next.extend(
-                        items
-                            .iter()
-                            .filter(|(ty, _)| model.is_subtype_of(ty, t))
-                            .copied(),
-                    );
-                }
+                Step::OfType(t) => of_type(model, &items, t, &mut next),
                 Step::WhereEq { field, literal } => {
                     next.extend(
                         items
@@ -304,6 +297,21 @@ fn resolve_child(ty: &str, name: &str) -> Resolved {
             if t == "Resource" { "" } else { intern(t) },
         )],
     }
+}
+
+/// The items whose type is `t` or a subtype of it (`ofType(t)`).
+fn of_type<'t, 'a>(
+    model: &fhir_model::Model,
+    items: &[(&'t str, &'a Json)],
+    t: &str,
+    next: &mut Vec<(&'t str, &'a Json)>,
+) {
+    next.extend(
+        items
+            .iter()
+            .filter(|(ty, _)| model.is_subtype_of(ty, t))
+            .copied(),
+    );
 }
 
 /// The children named `name` of one item of type `ty`, resolved through the model at each call.
@@ -506,14 +514,7 @@ impl BoundPath {
                     }
                 }
                 BoundStep::Index(n) => next.extend(items.get(*n).copied()),
-                BoundStep::OfType(t) => {
-                    next.extend(
-                        items
-                            .iter()
-                            .filter(|(ty, _)| model.is_subtype_of(ty, t))
-                            .copied(),
-                    );
-                }
+                BoundStep::OfType(t) => of_type(model, &items, t, next),
                 BoundStep::WhereEq { field, literal } => {
                     next.extend(
                         items

@@ -622,8 +622,8 @@ impl Indexer for CodeIndexer {
     }
 }
 
-#[test]
-fn index_rows_follow_the_current_version() {
+/// A store on a temporary directory that indexes with [`CodeIndexer`].
+fn open_indexed() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let s = SqliteStore::open_data_dir(
         dir.path(),
@@ -633,6 +633,12 @@ fn index_rows_follow_the_current_version() {
         },
     )
     .unwrap();
+    (dir, s)
+}
+
+#[test]
+fn index_rows_follow_the_current_version() {
+    let (_dir, s) = open_indexed();
     let count = |code: &str| -> i64 {
         s.with_reader(|c| {
             Ok(c.query_row(
@@ -717,18 +723,6 @@ fn index_staleness_is_recorded_until_cleared() {
 
 #[test]
 fn a_prepared_put_stores_what_an_update_stores() {
-    let open_indexed = || {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open_data_dir(
-            dir.path(),
-            SqliteOptions {
-                indexer: Some(Arc::new(CodeIndexer)),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        (dir, s)
-    };
     let body = json!({"resourceType": "Patient", "gender": "male", "birthDate": "2000",
         "meta": {"versionId": "x", "tag": [{"code": "t"}]}, "name": [{"family": "Ünï"}]});
     let (_d1, a) = open_indexed();
@@ -790,15 +784,7 @@ fn a_prepared_put_stores_what_an_update_stores() {
 
 #[test]
 fn one_transaction_that_rewrites_a_resource_keeps_only_the_last_versions_index_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open_data_dir(
-        dir.path(),
-        SqliteOptions {
-            indexer: Some(Arc::new(CodeIndexer)),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_dir, s) = open_indexed();
     let update = |g: &str| WriteOp::Update {
         resource_type: "Patient".into(),
         id: "a".into(),
