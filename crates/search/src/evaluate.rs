@@ -271,16 +271,7 @@ fn resolve_child(ty: &str, name: &str) -> Resolved {
         let keys = el
             .types
             .iter()
-            .map(|t| {
-                let mut key = String::with_capacity(name.len() + t.len());
-                key.push_str(name);
-                let mut cs = t.chars();
-                if let Some(c0) = cs.next() {
-                    key.push(c0.to_ascii_uppercase());
-                    key.push_str(cs.as_str());
-                }
-                (key, intern(t))
-            })
+            .map(|t| (choice_key(name, t), intern(t)))
             .collect();
         return Resolved {
             choice: true,
@@ -297,6 +288,18 @@ fn resolve_child(ty: &str, name: &str) -> Resolved {
             if t == "Resource" { "" } else { intern(t) },
         )],
     }
+}
+
+/// The JSON key of choice element `name[x]` holding type `t`: `value` + `Quantity`.
+fn choice_key(name: &str, t: &str) -> String {
+    let mut key = String::with_capacity(name.len() + t.len());
+    key.push_str(name);
+    let mut cs = t.chars();
+    if let Some(c0) = cs.next() {
+        key.push(c0.to_ascii_uppercase());
+        key.push_str(cs.as_str());
+    }
+    key
 }
 
 /// The items whose type is `t` or a subtype of it (`ofType(t)`).
@@ -323,14 +326,7 @@ fn child_dynamic<'a>(ty: &str, name: &str, v: &'a Json, next: &mut Vec<(&'a str,
     };
     if el.choice {
         for t in &el.types {
-            let mut key = String::with_capacity(name.len() + t.len());
-            key.push_str(name);
-            let mut cs = t.chars();
-            if let Some(c0) = cs.next() {
-                key.push(c0.to_ascii_uppercase());
-                key.push_str(cs.as_str());
-            }
-            if let Some(c) = obj.get(&key) {
+            if let Some(c) = obj.get(&choice_key(name, t)) {
                 push_items(next, intern(t), c);
             }
         }
