@@ -32,18 +32,9 @@ async fn system_export_to_azure_blob_is_served_by_the_server() {
     let base = s.base.clone();
 
     let container = format!("srv-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let r = s.kickoff(&format!("/$export?_container={container}")).await;
-    assert_eq!(
-        r.status(),
-        StatusCode::ACCEPTED,
-        "{}",
-        r.text().await.unwrap()
-    );
-    let status = r.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let manifest = s.wait(&status).await;
+    let (status, manifest) = s
+        .export_with_status(&format!("/$export?_container={container}"))
+        .await;
     // Downloads: a client that leaves gzip to the test.
     let c = reqwest::Client::builder().no_gzip().build().unwrap();
     let storage = &manifest["extension"]["storage"];

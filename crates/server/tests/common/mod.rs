@@ -74,6 +74,11 @@ impl Server {
 
     /// Kick-off (202 expected), poll to completion, return the manifest.
     pub async fn export(&self, path: &str) -> Value {
+        self.export_with_status(path).await.1
+    }
+
+    /// [`Server::export`] that also returns the status URL (to cancel or poll again).
+    pub async fn export_with_status(&self, path: &str) -> (String, Value) {
         let r = self.kickoff(path).await;
         assert_eq!(
             r.status(),
@@ -85,7 +90,8 @@ impl Server {
             .to_str()
             .unwrap()
             .to_string();
-        self.wait(&status_url).await
+        let manifest = self.wait(&status_url).await;
+        (status_url, manifest)
     }
 
     /// Polls a status URL until the manifest (checking the headers of each answer).
