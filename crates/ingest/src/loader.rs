@@ -31,6 +31,7 @@ use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use serde_json::{Value, json};
 use store::{Store, WriteOp, WriteStatus};
 
@@ -204,7 +205,7 @@ fn run(
     let started = Instant::now();
     let files = source::collect_inputs(paths)?;
     let parsers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let refs = collect_references(&files, parsers)?;
+    let refs = collect_references(&files)?;
     let mut summary = LoadSummary {
         files: files.len(),
         ..Default::default()
@@ -256,27 +257,12 @@ fn run(
     Ok(summary)
 }
 
-/// The pre-pass over the `.json` inputs (`fullUrl → Type/id`), on `threads` threads; entries are
-/// added in input order, so a later file wins as in a sequential pass.
-fn collect_references(files: &[PathBuf], threads: usize) -> Result<ReferenceMap, LoadError> {
-    type Found = Result<Vec<(String, String, String)>, LoadError>;
-    let mut found: Vec<Option<Found>> = (0..files.len()).map(|_| None).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results = Mutex::new(&mut found);
-    std::thread::scope(|scope| {
-        for _ in 0..threads.min(files.len()) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(file) = files.get(i) else { break };
-                    let r = source::full_urls(file);
-                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
-                }
-            });
-        }
-    });
+/// The pre-pass over the `.json` inputs (`fullUrl → Type/id`), files read in parallel (rayon);
+/// entries are added in input order, so a later file wins as in a sequential pass.
+fn collect_references(files: &[PathBuf]) -> Result<ReferenceMap, LoadError> {
+    let found: Vec<_> = files.par_iter().map(|f| source::full_urls(f)).collect();
     let mut refs = ReferenceMap::new();
-    for r in found.into_iter().flatten() {
+    for r in found {
         for (full_url, ty, id) in r? {
             refs.insert(full_url, &ty, &id);
         }

@@ -15,7 +15,6 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::LoadError;
-use crate::references::ReferenceMap;
 
 /// How a file's content is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,18 +363,10 @@ struct HeadResource {
     id: Option<String>,
 }
 
-/// The pre-pass: add `fullUrl → Type/id` of every Bundle entry of a `.json` file to `refs`,
-/// reading only `fullUrl`, `resourceType` and `id` (the rest is skipped by the parser). NDJSON
-/// files have no fullUrls and are not read. Unreadable files are left to the load pass to report.
-pub fn collect_full_urls(path: &Path, refs: &mut ReferenceMap) -> Result<(), LoadError> {
-    for (full_url, ty, id) in full_urls(path)? {
-        refs.insert(full_url, &ty, &id);
-    }
-    Ok(())
-}
-
-/// `(fullUrl, type, id)` of every Bundle entry of a `.json` file that the load pass will store
-/// under a known id, in entry order (see [`collect_full_urls`]).
+/// The pre-pass over one file: `(fullUrl, type, id)` of every Bundle entry of a `.json` file that
+/// the load pass will store under a known id, in entry order, reading only `fullUrl`,
+/// `resourceType` and `id` (the rest is skipped by the parser). NDJSON files have no fullUrls and
+/// are not read. Unreadable files are left to the load pass to report.
 pub fn full_urls(path: &Path) -> Result<Vec<(String, String, String)>, LoadError> {
     let mut out = Vec::new();
     if format_of(path) != Some(InputFormat::Json) {

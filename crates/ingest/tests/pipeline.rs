@@ -87,7 +87,7 @@ fn strict_writes_what_precedes_the_first_invalid_resource_and_nothing_after() {
     let (_d, store) = support::temp_store();
     let err = load_into_store(
         &store,
-        &[file.clone()],
+        std::slice::from_ref(&file),
         &LoadOptions {
             strict: true,
             chunk_size: 500,
