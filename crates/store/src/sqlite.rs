@@ -50,7 +50,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use rusqlite::config::DbConfig;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{
+    CachedStatement, Connection, OpenFlags, OptionalExtension, TransactionBehavior, params,
+};
 use serde_json::Value;
 
 use crate::stamp::{PreparedResource, format_instant_ms, is_valid_id, is_valid_type_name};
@@ -457,71 +459,97 @@ fn key(type_no: i64, seq: i64) -> i64 {
     (type_no << TYPE_SHIFT) | seq.clamp(0, MAX_SEQ)
 }
 
-fn insert_index_entries(
-    conn: &Connection,
-    type_no: i64,
-    k: i64,
-    entries: &[IndexEntry],
-) -> Result<(), StoreError> {
-    for e in entries {
-        let p = e.param.as_str();
-        match &e.value {
-            IndexValue::Token { system, code } => conn
-                .prepare_cached(
-                    "INSERT INTO idx_token(type_no, param, system, code, k) VALUES (?1,?2,?3,?4,?5)",
-                )?
-                .execute(params![type_no, p, system, code, k])?,
-            IndexValue::TokenText(text) => conn
-                .prepare_cached(
-                    "INSERT INTO idx_token_text(type_no, param, text, k) VALUES (?1,?2,?3,?4)",
-                )?
-                .execute(params![type_no, p, text, k])?,
-            IndexValue::String { normalized, exact } => conn
-                .prepare_cached(
-                    "INSERT INTO idx_string(type_no, param, normalized, exact, k) VALUES (?1,?2,?3,?4,?5)",
-                )?
-                .execute(params![type_no, p, normalized, exact, k])?,
-            IndexValue::Date { lo, hi } => conn
-                .prepare_cached(
-                    "INSERT INTO idx_date(type_no, param, lo, hi, k) VALUES (?1,?2,?3,?4,?5)",
-                )?
-                .execute(params![type_no, p, lo, hi, k])?,
-            IndexValue::Number(value) => conn
-                .prepare_cached(
-                    "INSERT INTO idx_number(type_no, param, value, k) VALUES (?1,?2,?3,?4)",
-                )?
-                .execute(params![type_no, p, value, k])?,
-            IndexValue::Quantity {
-                value,
-                system,
-                code,
-                unit,
-            } => conn
-                .prepare_cached(
-                    "INSERT INTO idx_quantity(type_no, param, value, system, code, unit, k) VALUES (?1,?2,?3,?4,?5,?6,?7)",
-                )?
-                .execute(params![type_no, p, value, system, code, unit, k])?,
-            IndexValue::Reference { target_type, id } => conn
-                .prepare_cached(
-                    "INSERT INTO idx_reference(type_no, param, target_type, target_id, url, k) VALUES (?1,?2,?3,?4,NULL,?5)",
-                )?
-                .execute(params![type_no, p, target_type, id, k])?,
-            IndexValue::ReferenceUrl(url) => conn
-                .prepare_cached(
-                    "INSERT INTO idx_reference(type_no, param, target_type, target_id, url, k) VALUES (?1,?2,NULL,NULL,?3,?4)",
-                )?
-                .execute(params![type_no, p, url, k])?,
-            IndexValue::ReferenceIdentifier { system, value } => conn
-                .prepare_cached(
-                    "INSERT INTO idx_reference_identifier(type_no, param, system, value, k) VALUES (?1,?2,?3,?4,?5)",
-                )?
-                .execute(params![type_no, p, system, value, k])?,
-            IndexValue::Uri(uri) => conn
-                .prepare_cached("INSERT INTO idx_uri(type_no, param, uri, k) VALUES (?1,?2,?3,?4)")?
-                .execute(params![type_no, p, uri, k])?,
-        };
+/// The index-row inserts of one transaction, prepared once: a bulk load inserts about nine rows
+/// per resource, and looking each statement up in the connection's cache by its SQL text cost a
+/// tenth of the insert time.
+struct IndexInserts<'c> {
+    token: CachedStatement<'c>,
+    token_text: CachedStatement<'c>,
+    string: CachedStatement<'c>,
+    date: CachedStatement<'c>,
+    number: CachedStatement<'c>,
+    quantity: CachedStatement<'c>,
+    reference: CachedStatement<'c>,
+    reference_url: CachedStatement<'c>,
+    reference_identifier: CachedStatement<'c>,
+    uri: CachedStatement<'c>,
+}
+
+impl<'c> IndexInserts<'c> {
+    fn new(conn: &'c Connection) -> Result<Self, StoreError> {
+        Ok(IndexInserts {
+            token: conn.prepare_cached(
+                "INSERT INTO idx_token(type_no, param, system, code, k) VALUES (?1,?2,?3,?4,?5)",
+            )?,
+            token_text: conn.prepare_cached(
+                "INSERT INTO idx_token_text(type_no, param, text, k) VALUES (?1,?2,?3,?4)",
+            )?,
+            string: conn.prepare_cached(
+                "INSERT INTO idx_string(type_no, param, normalized, exact, k) VALUES (?1,?2,?3,?4,?5)",
+            )?,
+            date: conn.prepare_cached(
+                "INSERT INTO idx_date(type_no, param, lo, hi, k) VALUES (?1,?2,?3,?4,?5)",
+            )?,
+            number: conn.prepare_cached(
+                "INSERT INTO idx_number(type_no, param, value, k) VALUES (?1,?2,?3,?4)",
+            )?,
+            quantity: conn.prepare_cached(
+                "INSERT INTO idx_quantity(type_no, param, value, system, code, unit, k) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+            )?,
+            reference: conn.prepare_cached(
+                "INSERT INTO idx_reference(type_no, param, target_type, target_id, url, k) VALUES (?1,?2,?3,?4,NULL,?5)",
+            )?,
+            reference_url: conn.prepare_cached(
+                "INSERT INTO idx_reference(type_no, param, target_type, target_id, url, k) VALUES (?1,?2,NULL,NULL,?3,?4)",
+            )?,
+            reference_identifier: conn.prepare_cached(
+                "INSERT INTO idx_reference_identifier(type_no, param, system, value, k) VALUES (?1,?2,?3,?4,?5)",
+            )?,
+            uri: conn.prepare_cached(
+                "INSERT INTO idx_uri(type_no, param, uri, k) VALUES (?1,?2,?3,?4)",
+            )?,
+        })
     }
-    Ok(())
+
+    /// The rows of one stored version `k`.
+    fn insert(&mut self, type_no: i64, k: i64, entries: &[IndexEntry]) -> Result<(), StoreError> {
+        for e in entries {
+            let p = e.param.as_str();
+            match &e.value {
+                IndexValue::Token { system, code } => {
+                    self.token.execute(params![type_no, p, system, code, k])?
+                }
+                IndexValue::TokenText(text) => {
+                    self.token_text.execute(params![type_no, p, text, k])?
+                }
+                IndexValue::String { normalized, exact } => self
+                    .string
+                    .execute(params![type_no, p, normalized, exact, k])?,
+                IndexValue::Date { lo, hi } => self.date.execute(params![type_no, p, lo, hi, k])?,
+                IndexValue::Number(value) => self.number.execute(params![type_no, p, value, k])?,
+                IndexValue::Quantity {
+                    value,
+                    system,
+                    code,
+                    unit,
+                } => self
+                    .quantity
+                    .execute(params![type_no, p, value, system, code, unit, k])?,
+                IndexValue::Reference { target_type, id } => {
+                    self.reference
+                        .execute(params![type_no, p, target_type, id, k])?
+                }
+                IndexValue::ReferenceUrl(url) => {
+                    self.reference_url.execute(params![type_no, p, url, k])?
+                }
+                IndexValue::ReferenceIdentifier { system, value } => self
+                    .reference_identifier
+                    .execute(params![type_no, p, system, value, k])?,
+                IndexValue::Uri(uri) => self.uri.execute(params![type_no, p, uri, k])?,
+            };
+        }
+        Ok(())
+    }
 }
 
 fn delete_index_rows(conn: &Connection, k: i64) -> Result<(), StoreError> {
@@ -739,6 +767,10 @@ impl Store for SqliteStore {
             )?;
             let mut supersede =
                 tx.prepare_cached("UPDATE resource_versions SET superseded_seq = ?1 WHERE k = ?2")?;
+            let mut index_inserts = match self.indexer {
+                Some(_) => Some(IndexInserts::new(&tx)?),
+                None => None,
+            };
             for p in prepared {
                 let type_no = self
                     .cached_type(&p.resource_type)
@@ -848,14 +880,14 @@ impl Store for SqliteStore {
                     0,
                     json
                 ])?;
-                if self.indexer.is_some() {
+                if let Some(inserts) = &mut index_inserts {
                     let Some(entries) = &ready.index else {
                         return Err(StoreError::InvalidResource(format!(
                             "{}/{} was prepared without this store's search indexer",
                             p.resource_type, id
                         )));
                     };
-                    insert_index_entries(&tx, type_no, k, entries)?;
+                    inserts.insert(type_no, k, entries)?;
                 }
                 outcomes.push(WriteOutcome {
                     resource_type: p.resource_type,
@@ -1424,6 +1456,7 @@ impl Store for SqliteStore {
                      WHERE k > ?1 AND k <= ?2 AND superseded_seq IS NULL AND deleted = 0",
                 )?;
                 let mut rows = stmt.query(params![key(type_no, 0), key(type_no, MAX_SEQ)])?;
+                let mut inserts = IndexInserts::new(&tx)?;
                 while let Some(r) = rows.next()? {
                     let k: i64 = r.get(0)?;
                     let json = r.get_ref(1)?.as_blob_or_null()?.unwrap_or_default();
@@ -1431,7 +1464,7 @@ impl Store for SqliteStore {
                         StoreError::Corrupt(format!("stored {name} row {k} is not JSON: {e}"))
                     })?;
                     let entries = indexer.entries(&name, &value);
-                    insert_index_entries(&tx, type_no, k, &entries)?;
+                    inserts.insert(type_no, k, &entries)?;
                     total += 1;
                 }
             }
