@@ -16,6 +16,7 @@ pub mod error;
 pub mod loader;
 pub mod outcome;
 pub mod references;
+mod sched;
 pub mod source;
 pub mod synth;
 

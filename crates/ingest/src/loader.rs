@@ -194,7 +194,8 @@ struct Parsed {
 /// The pipeline: one thread reads and decompresses the inputs into units (NDJSON line batches or
 /// whole `.json` files), as many threads as there are cores parse, resolve, validate and prepare
 /// them, and the calling thread writes them to the sink in input order, `chunk_size` resources
-/// per transaction. At most `2 × parsers + 2` units are in flight.
+/// per transaction. At most `2 × parsers + 2` units are in flight. Parsing threads run at a lower
+/// priority than the writer, the one serial stage (see [`crate::sched`]).
 fn run(
     sink: &mut dyn Sink,
     prepare: &PrepareFn<'_>,
@@ -230,6 +231,7 @@ fn run(
             let parsed_tx = parsed_tx.clone();
             let (work_rx, names, refs) = (&work_rx, &names, &refs);
             scope.spawn(move || {
+                crate::sched::lower_this_threads_priority();
                 loop {
                     let next = work_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok(work) = next else { break };
