@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 
 use serde::Deserialize;
 
+use crate::primitives::Prim;
+
 const R4_MODEL_JSON: &str = include_str!("../data/r4-model.json");
 
 /// The kind of a type definition.
@@ -45,19 +47,33 @@ pub struct TypeDef {
     pub base: Option<String>,
     pub is_abstract: bool,
     pub elements: Vec<ElementDef>,
-    /// JSON key -> (element index, type index); choice elements are expanded (`valueQuantity`).
-    children: FxHashMap<String, (usize, usize)>,
+    /// JSON key -> child; choice elements are expanded (`valueQuantity`).
+    children: FxHashMap<String, Child>,
+    /// The syntax of a primitive type's values.
+    pub(crate) prim: Option<Prim>,
+}
+
+/// Where a JSON key of a type leads: its element, the concrete type, and that type's index in
+/// [`Model`]'s table (so that validation needs no second lookup by name).
+#[derive(Debug, Clone, Copy)]
+struct Child {
+    element: u32,
+    ty: u32,
+    def: Option<u32>,
 }
 
 impl TypeDef {
     /// The element and concrete type a JSON key names, if any.
     pub fn child(&self, json_key: &str) -> Option<ChildRef<'_>> {
-        let &(e, t) = self.children.get(json_key)?;
-        let element = &self.elements[e];
-        Some(ChildRef {
+        self.children.get(json_key).map(|c| self.child_ref(c))
+    }
+
+    fn child_ref(&self, c: &Child) -> ChildRef<'_> {
+        let element = &self.elements[c.element as usize];
+        ChildRef {
             element,
-            type_name: &element.types[t],
-        })
+            type_name: &element.types[c.ty as usize],
+        }
     }
 
     /// An element by its name (`value` for `value[x]`).
@@ -135,7 +151,9 @@ pub struct SearchParam {
 /// The R4 model.
 #[derive(Debug)]
 pub struct Model {
-    types: FxHashMap<String, TypeDef>,
+    types: Vec<TypeDef>,
+    /// Type name -> index in `types`.
+    by_name: FxHashMap<String, u32>,
     resource_types: Vec<String>,
     /// resource type (incl. `Resource`, `DomainResource`) -> code -> parameter
     search: HashMap<String, HashMap<String, SearchParam>>,
@@ -188,7 +206,9 @@ fn choice_suffix(type_code: &str) -> String {
 impl Model {
     fn from_json(text: &str) -> Result<Model, String> {
         let raw: RawModel = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let mut types = FxHashMap::with_capacity_and_hasher(raw.types.len(), Default::default());
+        let mut types = Vec::with_capacity(raw.types.len());
+        let mut by_name: FxHashMap<String, u32> =
+            FxHashMap::with_capacity_and_hasher(raw.types.len(), Default::default());
         let mut resource_types = Vec::new();
         for t in raw.types {
             let kind = match t.k.as_str() {
@@ -210,30 +230,52 @@ impl Model {
                     .collect();
             let mut children = FxHashMap::default();
             for (ei, el) in elements.iter().enumerate() {
+                let child = |ti: usize| Child {
+                    element: ei as u32,
+                    ty: ti as u32,
+                    def: None,
+                };
                 if el.choice {
                     for (ti, ty) in el.types.iter().enumerate() {
-                        children.insert(format!("{}{}", el.name, choice_suffix(ty)), (ei, ti));
+                        children.insert(format!("{}{}", el.name, choice_suffix(ty)), child(ti));
                     }
                 } else {
-                    children.insert(el.name.clone(), (ei, 0));
+                    children.insert(el.name.clone(), child(0));
                 }
             }
             if kind == TypeKind::Resource && !t.a {
                 resource_types.push(t.n.clone());
             }
-            types.insert(
-                t.n.clone(),
-                TypeDef {
-                    name: t.n,
-                    kind,
-                    base: t.b,
-                    is_abstract: t.a,
-                    elements,
-                    children,
-                },
-            );
+            let prim = (kind == TypeKind::Primitive).then(|| Prim::from_name(&t.n));
+            // A later definition of the same name replaces the earlier one, as a map insert would.
+            let def = TypeDef {
+                name: t.n,
+                kind,
+                base: t.b,
+                is_abstract: t.a,
+                elements,
+                children,
+                prim,
+            };
+            match by_name.get(&def.name) {
+                Some(&i) => types[i as usize] = def,
+                None => {
+                    by_name.insert(def.name.clone(), types.len() as u32);
+                    types.push(def);
+                }
+            }
         }
         resource_types.sort();
+        // Resolve every child's type to its index, once.
+        for t in &mut types {
+            let TypeDef {
+                elements, children, ..
+            } = t;
+            for c in children.values_mut() {
+                let ty = &elements[c.element as usize].types[c.ty as usize];
+                c.def = by_name.get(ty.as_str()).copied();
+            }
+        }
 
         let mut search: HashMap<String, HashMap<String, SearchParam>> = HashMap::new();
         for s in raw.search {
@@ -257,6 +299,7 @@ impl Model {
         }
         Ok(Model {
             types,
+            by_name,
             resource_types,
             search,
             compartment: raw.compartment,
@@ -265,13 +308,25 @@ impl Model {
 
     /// A type by name: `Patient`, `HumanName`, `string`, or a backbone path such as `Patient.contact`.
     pub fn type_def(&self, name: &str) -> Option<&TypeDef> {
-        self.types.get(name)
+        let &i = self.by_name.get(name)?;
+        self.types.get(i as usize)
+    }
+
+    /// The child a JSON key names in `def` (a type of this model), with the definition of its
+    /// concrete type when the model has one: one hash lookup instead of two.
+    pub(crate) fn child_with_def<'m>(
+        &'m self,
+        def: &'m TypeDef,
+        json_key: &str,
+    ) -> Option<(ChildRef<'m>, Option<&'m TypeDef>)> {
+        let c = def.children.get(json_key)?;
+        let child_def = c.def.and_then(|i| self.types.get(i as usize));
+        Some((def.child_ref(c), child_def))
     }
 
     /// Any resource type, including the abstract `Resource` and `DomainResource`.
     pub fn is_resource(&self, name: &str) -> bool {
-        self.types
-            .get(name)
+        self.type_def(name)
             .is_some_and(|t| t.kind == TypeKind::Resource)
     }
 
@@ -281,14 +336,13 @@ impl Model {
     }
 
     pub fn is_primitive(&self, name: &str) -> bool {
-        self.types
-            .get(name)
+        self.type_def(name)
             .is_some_and(|t| t.kind == TypeKind::Primitive)
     }
 
     /// The base type: `Patient` -> `DomainResource`, `code` -> `string`, `Age` -> `Quantity`.
     pub fn base_of(&self, name: &str) -> Option<&str> {
-        self.types.get(name)?.base.as_deref()
+        self.type_def(name)?.base.as_deref()
     }
 
     /// Whether `ty` is `base` or derives from it.
@@ -305,12 +359,12 @@ impl Model {
 
     /// The element a JSON key names in a type, choice elements resolved to their concrete type.
     pub fn child(&self, type_name: &str, json_key: &str) -> Option<ChildRef<'_>> {
-        self.types.get(type_name)?.child(json_key)
+        self.type_def(type_name)?.child(json_key)
     }
 
     /// An element of a type by element name (`value` for `value[x]`).
     pub fn element(&self, type_name: &str, name: &str) -> Option<&ElementDef> {
-        self.types.get(type_name)?.element(name)
+        self.type_def(type_name)?.element(name)
     }
 
     /// All search parameters of a resource type, those defined on `Resource` and `DomainResource`

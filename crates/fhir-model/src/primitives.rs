@@ -3,62 +3,134 @@
 
 use serde_json::Value;
 
+/// The primitive types whose syntax is checked, resolved once from the type name (validation then
+/// dispatches on this instead of comparing type names for every value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prim {
+    Boolean,
+    Integer,
+    UnsignedInt,
+    PositiveInt,
+    Decimal,
+    /// `string` and `markdown`.
+    String,
+    Xhtml,
+    Id,
+    Code,
+    /// `uri`, `url` and `canonical`.
+    Uri,
+    Oid,
+    Uuid,
+    Base64Binary,
+    Date,
+    DateTime,
+    Instant,
+    Time,
+    /// A name this module does not know: no value is valid.
+    Unknown,
+}
+
+impl Prim {
+    pub(crate) fn from_name(type_name: &str) -> Prim {
+        match type_name {
+            "boolean" => Prim::Boolean,
+            "integer" => Prim::Integer,
+            "unsignedInt" => Prim::UnsignedInt,
+            "positiveInt" => Prim::PositiveInt,
+            "decimal" => Prim::Decimal,
+            "string" | "markdown" => Prim::String,
+            "xhtml" => Prim::Xhtml,
+            "id" => Prim::Id,
+            "code" => Prim::Code,
+            "uri" | "url" | "canonical" => Prim::Uri,
+            "oid" => Prim::Oid,
+            "uuid" => Prim::Uuid,
+            "base64Binary" => Prim::Base64Binary,
+            "date" => Prim::Date,
+            "dateTime" => Prim::DateTime,
+            "instant" => Prim::Instant,
+            "time" => Prim::Time,
+            _ => Prim::Unknown,
+        }
+    }
+
+    /// The smallest value of an integer type.
+    fn int_min(self) -> Option<i64> {
+        match self {
+            Prim::Integer => Some(i64::from(i32::MIN)),
+            Prim::UnsignedInt => Some(0),
+            Prim::PositiveInt => Some(1),
+            _ => None,
+        }
+    }
+}
+
 /// Whether a JSON value is a valid representation of a FHIR primitive type.
 pub fn primitive_value_ok(type_name: &str, value: &Value) -> bool {
-    match type_name {
-        "boolean" => value.is_boolean(),
-        "integer" => integer_in(value, i64::from(i32::MIN)),
-        "unsignedInt" => integer_in(value, 0),
-        "positiveInt" => integer_in(value, 1),
-        "decimal" => value.is_number() && decimal_ok(&value.to_string()),
-        _ => match value.as_str() {
-            Some(s) => primitive_text_ok(type_name, s),
-            None => false,
-        },
+    value_ok(Prim::from_name(type_name), value)
+}
+
+pub(crate) fn value_ok(prim: Prim, value: &Value) -> bool {
+    if let Some(min) = prim.int_min() {
+        return integer_in(value, min);
+    }
+    match (prim, value) {
+        (Prim::Boolean, v) => v.is_boolean(),
+        (Prim::Decimal, Value::Number(n)) => decimal_ok(n.as_str()),
+        (Prim::Decimal, _) => false,
+        (p, Value::String(s)) => text_ok(p, s),
+        _ => false,
     }
 }
 
 fn integer_in(value: &Value, min: i64) -> bool {
     // With arbitrary_precision the number text is kept; "1.0" is not an integer.
-    let Some(n) = value.as_i64() else {
+    let Value::Number(number) = value else {
         return false;
     };
-    n >= min && n <= i64::from(i32::MAX) && !value.to_string().contains(['.', 'e', 'E'])
+    let Some(n) = number.as_i64() else {
+        return false;
+    };
+    n >= min && n <= i64::from(i32::MAX) && !number.as_str().contains(['.', 'e', 'E'])
 }
 
 /// Whether a string is valid lexical content for a FHIR primitive type (string-valued types, and
 /// the textual forms of the numeric and boolean ones).
 pub fn primitive_text_ok(type_name: &str, s: &str) -> bool {
-    match type_name {
-        "string" | "markdown" => !s.is_empty() && s.len() <= 1024 * 1024 && !has_control(s),
-        "xhtml" => !s.is_empty(),
-        "id" => (1..=64).contains(&s.len()) && s.bytes().all(id_byte),
-        "code" => code_ok(s),
-        "uri" | "url" | "canonical" => !s.is_empty() && !s.chars().any(char::is_whitespace),
-        "oid" => oid_ok(s),
-        "uuid" => uuid_ok(s),
-        "base64Binary" => base64_ok(s),
-        "date" => date_ok(s),
-        "dateTime" => date_time_ok(s, false),
-        "instant" => date_time_ok(s, true),
-        "time" => time_ok(s),
-        "boolean" => s == "true" || s == "false",
-        "integer" | "unsignedInt" | "positiveInt" => {
-            let min = match type_name {
-                "integer" => i64::from(i32::MIN),
-                "unsignedInt" => 0,
-                _ => 1,
-            };
+    text_ok(Prim::from_name(type_name), s)
+}
+
+pub(crate) fn text_ok(prim: Prim, s: &str) -> bool {
+    match prim {
+        Prim::String => !s.is_empty() && s.len() <= 1024 * 1024 && !has_control(s),
+        Prim::Xhtml => !s.is_empty(),
+        Prim::Id => (1..=64).contains(&s.len()) && s.bytes().all(id_byte),
+        Prim::Code => code_ok(s),
+        Prim::Uri => !s.is_empty() && !s.chars().any(char::is_whitespace),
+        Prim::Oid => oid_ok(s),
+        Prim::Uuid => uuid_ok(s),
+        Prim::Base64Binary => base64_ok(s),
+        Prim::Date => date_ok(s),
+        Prim::DateTime => date_time_ok(s, false),
+        Prim::Instant => date_time_ok(s, true),
+        Prim::Time => time_ok(s),
+        Prim::Boolean => s == "true" || s == "false",
+        Prim::Integer | Prim::UnsignedInt | Prim::PositiveInt => {
+            let min = prim.int_min().unwrap_or(0);
             int_text_ok(s)
                 && s.parse::<i64>()
                     .is_ok_and(|n| n >= min && n <= i64::from(i32::MAX))
         }
-        "decimal" => decimal_ok(s),
-        _ => false,
+        Prim::Decimal => decimal_ok(s),
+        Prim::Unknown => false,
     }
 }
 
 fn has_control(s: &str) -> bool {
+    // Printable ASCII (the common case) has no control character.
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return false;
+    }
     s.chars()
         .any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t')
 }
@@ -118,7 +190,7 @@ fn base64_ok(s: &str) -> bool {
         }
         n += 1;
     }
-    n % 4 == 0
+    n.is_multiple_of(4)
 }
 
 fn int_text_ok(s: &str) -> bool {
@@ -161,7 +233,9 @@ fn days_in_month(year: u32, month: u32) -> u32 {
     match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,
-        _ if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        _ if (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400) => {
+            29
+        }
         _ => 28,
     }
 }

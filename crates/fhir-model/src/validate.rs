@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::model::{Model, TypeKind};
+use crate::model::{Model, TypeDef, TypeKind};
 
 /// One problem found by validation, with the FHIRPath-style location of the offending element.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub(crate) fn validate_resource(
         model,
         issues: Vec::new(),
     };
-    let mut path = String::new();
+    let mut path = String::with_capacity(128);
     v.resource(resource, &mut path, 0);
     if v.issues.is_empty() {
         Ok(())
@@ -50,7 +50,33 @@ pub(crate) fn validate_resource(
     }
 }
 
-impl Validator<'_> {
+/// Append `[i]` to a path without allocating.
+fn push_index(path: &mut String, i: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = i;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    path.push('[');
+    path.extend(digits[at..].iter().map(|&d| char::from(d)));
+    path.push(']');
+}
+
+/// Whether `obj` has the `_key` shadow of `key`.
+fn has_shadow(obj: &Map<String, Value>, key: &str) -> bool {
+    let mut name = String::with_capacity(key.len() + 1);
+    name.push('_');
+    name.push_str(key);
+    obj.contains_key(&name)
+}
+
+impl<'m> Validator<'m> {
     fn issue(&mut self, path: &str, message: impl Into<String>) {
         if self.issues.len() < MAX_ISSUES {
             self.issues.push(ValidationIssue {
@@ -81,26 +107,28 @@ impl Validator<'_> {
                 return;
             }
         };
-        let concrete = self
-            .model
+        let model = self.model;
+        let def = model
             .type_def(rt)
-            .is_some_and(|t| t.kind == TypeKind::Resource && !t.is_abstract);
-        if !concrete {
+            .filter(|t| t.kind == TypeKind::Resource && !t.is_abstract);
+        let Some(def) = def else {
             self.issue(path, format!("unknown resource type '{rt}'"));
             return;
-        }
+        };
         // Inside a parent the path already names the element; the root starts with the type.
         let saved = path.len();
         if path.is_empty() {
             path.push_str(rt);
         }
-        self.object(rt, obj, path, true, depth);
+        self.object(rt, Some(def), obj, path, true, depth);
         path.truncate(saved);
     }
 
+    /// An object of type `type_name`, whose definition is `def` (`None` if the model has none).
     fn object(
         &mut self,
         type_name: &str,
+        def: Option<&'m TypeDef>,
         obj: &Map<String, Value>,
         path: &mut String,
         is_resource: bool,
@@ -110,10 +138,11 @@ impl Validator<'_> {
             self.issue(path, "nesting too deep");
             return;
         }
-        let Some(def) = self.model.type_def(type_name) else {
+        let Some(def) = def else {
             self.issue(path, format!("unknown type '{type_name}'"));
             return;
         };
+        let model = self.model;
         for (key, value) in obj {
             if is_resource && key == "resourceType" {
                 continue;
@@ -122,10 +151,10 @@ impl Validator<'_> {
             path.push('.');
             path.push_str(key);
             if let Some(name) = key.strip_prefix('_') {
-                match def.child(name) {
-                    Some(child) if self.model.is_primitive(child.type_name) => {
+                match model.child_with_def(def, name) {
+                    Some((child, Some(child_def))) if child_def.kind == TypeKind::Primitive => {
                         self.shadow(value, child.element.max_many, path, depth);
-                        if !obj.contains_key(name) && value.is_null() {
+                        if value.is_null() && !obj.contains_key(name) {
                             self.issue(path, "empty primitive extension");
                         }
                     }
@@ -136,12 +165,19 @@ impl Validator<'_> {
                     None => self.issue(path, format!("unknown element '{name}' in {type_name}")),
                 }
             } else {
-                match def.child(key) {
-                    Some(child) => {
-                        let ty = child.type_name;
+                match model.child_with_def(def, key) {
+                    Some((child, child_def)) => {
                         let many = child.element.max_many;
-                        let has_shadow = obj.contains_key(&format!("_{key}"));
-                        self.element(ty, value, many, has_shadow, path, depth);
+                        self.element(
+                            child.type_name,
+                            child_def,
+                            value,
+                            many,
+                            obj,
+                            key,
+                            path,
+                            depth,
+                        );
                     }
                     None => self.issue(path, format!("unknown element '{key}' in {type_name}")),
                 }
@@ -150,12 +186,16 @@ impl Validator<'_> {
         }
     }
 
+    /// The value of element `key` of `parent`, of type `ty` (defined by `def`).
+    #[allow(clippy::too_many_arguments)]
     fn element(
         &mut self,
         ty: &str,
+        def: Option<&'m TypeDef>,
         value: &Value,
         many: bool,
-        has_shadow: bool,
+        parent: &Map<String, Value>,
+        key: &str,
         path: &mut String,
         depth: usize,
     ) {
@@ -164,14 +204,16 @@ impl Validator<'_> {
                 if items.is_empty() {
                     self.issue(path, "arrays must not be empty");
                 }
+                // Looked up on the first null only: most arrays have none.
+                let mut shadowed: Option<bool> = None;
                 for (i, item) in items.iter().enumerate() {
                     let saved = path.len();
-                    path.push('[');
-                    path.push_str(&i.to_string());
-                    path.push(']');
+                    push_index(path, i);
                     // In primitive arrays, null stands for "value only in the shadow array".
-                    if !(item.is_null() && has_shadow) {
-                        self.single(ty, item, path, depth);
+                    let skip =
+                        item.is_null() && *shadowed.get_or_insert_with(|| has_shadow(parent, key));
+                    if !skip {
+                        self.single(ty, def, item, path, depth);
                     }
                     path.truncate(saved);
                 }
@@ -184,19 +226,26 @@ impl Validator<'_> {
                 path,
                 "this element does not repeat (max 1): its value must not be an array",
             ),
-            (false, v) => self.single(ty, v, path, depth),
+            (false, v) => self.single(ty, def, v, path, depth),
         }
     }
 
-    fn single(&mut self, ty: &str, value: &Value, path: &mut String, depth: usize) {
+    fn single(
+        &mut self,
+        ty: &str,
+        def: Option<&'m TypeDef>,
+        value: &Value,
+        path: &mut String,
+        depth: usize,
+    ) {
         if ty == "Resource" {
             self.resource(value, path, depth + 1);
             return;
         }
-        if self.model.is_primitive(ty) {
+        if let Some(prim) = def.and_then(|d| d.prim) {
             if value.is_null() {
                 self.issue(path, "null is not a valid value");
-            } else if !crate::primitives::primitive_value_ok(ty, value) {
+            } else if !crate::primitives::value_ok(prim, value) {
                 self.issue(
                     path,
                     format!("invalid {ty} value {}", truncate(&value.to_string())),
@@ -209,7 +258,7 @@ impl Validator<'_> {
                 if obj.is_empty() {
                     self.issue(path, "objects must not be empty");
                 }
-                self.object(ty, obj, path, false, depth + 1)
+                self.object(ty, def, obj, path, false, depth + 1)
             }
             None => self.issue(path, format!("a {ty} must be a JSON object")),
         }
@@ -224,7 +273,7 @@ impl Validator<'_> {
                         continue;
                     }
                     let saved = path.len();
-                    path.push_str(&format!("[{i}]"));
+                    push_index(path, i);
                     self.shadow_object(item, path, depth);
                     path.truncate(saved);
                 }
@@ -236,7 +285,10 @@ impl Validator<'_> {
 
     fn shadow_object(&mut self, value: &Value, path: &mut String, depth: usize) {
         match value.as_object() {
-            Some(obj) => self.object("Element", obj, path, false, depth + 1),
+            Some(obj) => {
+                let element = self.model.type_def("Element");
+                self.object("Element", element, obj, path, false, depth + 1)
+            }
             None => self.issue(path, "a primitive's '_' shadow must be a JSON object"),
         }
     }
@@ -317,6 +369,26 @@ mod tests {
         assert!(
             got.iter().any(|i| i.starts_with("Patient.id: invalid id")),
             "{got:?}"
+        );
+    }
+
+    #[test]
+    fn nulls_in_arrays_need_a_shadow_and_indices_are_exact() {
+        let mut given: Vec<serde_json::Value> = (0..11).map(|i| json!(format!("g{i}"))).collect();
+        given.push(serde_json::Value::Null);
+        let p = json!({"resourceType": "Patient", "name": [{"given": given.clone()}]});
+        assert_eq!(
+            issues(p),
+            vec!["Patient.name[0].given[11]: null is not a valid value".to_string()]
+        );
+        let mut shadows = vec![serde_json::Value::Null; 11];
+        shadows.push(json!({"id": "x"}));
+        let p = json!({"resourceType": "Patient", "name": [{"given": given, "_given": shadows}]});
+        assert_eq!(issues(p), Vec::<String>::new());
+        let p = json!({"resourceType": "Patient", "name": [{"_given": [null, {"id": 1}]}]});
+        assert_eq!(
+            issues(p),
+            vec!["Patient.name[0]._given[1].id: invalid string value 1".to_string()]
         );
     }
 
