@@ -23,6 +23,6 @@ pub mod synth;
 pub use bundle::{BundleOptions, process_bundle};
 pub use error::{BundleError, EntryError, LoadError, SynthError};
 pub use loader::{
-    LoadOptions, LoadProgress, LoadSummary, Problem, load_into_store, load_to_server,
+    IndexBuild, LoadOptions, LoadProgress, LoadSummary, Problem, load_into_store, load_to_server,
 };
 pub use synth::{SynthOptions, SynthProgress, SynthSummary, synthesize};

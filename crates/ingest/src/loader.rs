@@ -50,6 +50,22 @@ pub struct LoadOptions {
     pub chunk_size: usize,
     /// At most this many problems are kept in [`LoadSummary::problems`] (all are counted).
     pub max_reported_problems: usize,
+    /// How a store with search indexes builds them (`load --data-dir` only).
+    pub index_build: IndexBuild,
+}
+
+/// How the search indexes of a bulk load are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IndexBuild {
+    /// [`IndexBuild::Rebuild`] when the input is at least as large as the data already stored
+    /// (gzipped input counted at five times its size), else [`IndexBuild::Inline`].
+    #[default]
+    Auto,
+    /// Every index row goes into its value index as it is written.
+    Inline,
+    /// Index rows are written with their resources, the value indexes are dropped at the start
+    /// and built once, sorted, at the end ([`Store::suspend_index_upkeep`]).
+    Rebuild,
 }
 
 impl Default for LoadOptions {
@@ -59,6 +75,7 @@ impl Default for LoadOptions {
             validate: true,
             chunk_size: 5000,
             max_reported_problems: 1000,
+            index_build: IndexBuild::Auto,
         }
     }
 }
@@ -83,6 +100,8 @@ pub struct LoadProgress {
     /// Resources skipped as invalid so far.
     pub invalid: u64,
     pub elapsed: Duration,
+    /// All resources are written; the search indexes are being built.
+    pub building_indexes: bool,
 }
 
 /// One skipped resource.
@@ -107,7 +126,11 @@ pub struct LoadSummary {
     pub problems: Vec<Problem>,
     /// `urn:` references that named no fullUrl of the inputs (left unchanged).
     pub unresolved_references: u64,
+    /// The whole load, index build included.
     pub elapsed: Duration,
+    /// How long building the value indexes at the end took, when they were rebuilt
+    /// ([`IndexBuild::Rebuild`]).
+    pub index_build: Option<Duration>,
 }
 
 impl LoadSummary {
@@ -144,7 +167,53 @@ pub fn load_into_store(
             .map_err(|e| e.to_string()),
         other => Ok(other),
     };
-    run(&mut StoreSink { store }, &prepare, paths, options, progress)
+    let rebuild = match options.index_build {
+        IndexBuild::Inline => false,
+        IndexBuild::Rebuild => true,
+        IndexBuild::Auto => input_bytes(paths)? >= store.stored_bytes()?,
+    };
+    let suspended = rebuild && store.suspend_index_upkeep()?;
+    let loaded = run(&mut StoreSink { store }, &prepare, paths, options, progress);
+    if !suspended {
+        return loaded;
+    }
+    // Built also after a failed load: what was written stays searchable.
+    let started = Instant::now();
+    let mut state = LoadProgress {
+        building_indexes: true,
+        ..Default::default()
+    };
+    if let Ok(summary) = &loaded {
+        state.files_total = summary.files;
+        state.files_done = summary.files;
+        state.resources = summary.written() + summary.deleted;
+        state.invalid = summary.invalid;
+        state.elapsed = summary.elapsed;
+    }
+    progress(&state);
+    let built = store.resume_index_upkeep();
+    let mut summary = loaded?;
+    built?;
+    let took = started.elapsed();
+    summary.index_build = Some(took);
+    summary.elapsed += took;
+    Ok(summary)
+}
+
+/// Bytes of input, gzipped files counted at five times their size (JSON compresses about 5–10x).
+fn input_bytes(paths: &[PathBuf]) -> Result<u64, LoadError> {
+    let mut total = 0u64;
+    for f in source::collect_inputs(paths)? {
+        let len = std::fs::metadata(&f)
+            .map_err(|source| LoadError::Io {
+                path: f.clone(),
+                source,
+            })?
+            .len();
+        let gz = f.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+        total = total.saturating_add(if gz { len.saturating_mul(5) } else { len });
+    }
+    Ok(total)
 }
 
 /// Load files or folders into a running server (`fhirhose load --server URL`): batch Bundles of

@@ -375,4 +375,28 @@ pub trait Store: Send + Sync {
     /// store's [`Indexer`]; returns the number of resources indexed. Without an indexer, only
     /// removes index rows.
     fn reindex(&self, resource_type: Option<&str>) -> Result<u64, StoreError>;
+
+    /// About how many bytes of resources and indexes the store holds; a bulk loader compares its
+    /// input with it (see [`Store::suspend_index_upkeep`]). Default: 0.
+    fn stored_bytes(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// For a bulk load that brings at least as much data as the store holds: stop maintaining
+    /// the secondary search structures that are cheaper to rebuild once, sorted, than to update
+    /// row by row at random places (in SQLite, the value indexes of the index tables: random
+    /// B-tree inserts that become disk-bound once the indexes outgrow the page cache). Index rows
+    /// are still written with every resource; only their ordering for lookups waits.
+    /// Returns whether upkeep was suspended. [`Store::resume_index_upkeep`] must follow, also
+    /// when the load fails; a store that was left suspended (a crash) rebuilds on the next open.
+    /// Searches run slowly (or not at all) while upkeep is suspended: call this only with the
+    /// data directory held exclusively. Default: nothing suspended.
+    fn suspend_index_upkeep(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Rebuild what [`Store::suspend_index_upkeep`] suspended (nothing when it was not).
+    fn resume_index_upkeep(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

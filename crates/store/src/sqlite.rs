@@ -44,7 +44,7 @@
 //! value index so that an equality lookup yields rows in `k` order (search pages stop early) and
 //! the index covers the search's `k` lists.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::{ControlFlow, Deref};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -164,7 +164,15 @@ impl SqliteStore {
     pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path)?;
         configure(&conn, options.cache_kib)?;
-        create_schema(&conn)?;
+        let created = create_schema(&conn)?;
+        let rebuilt = build_value_indexes(&conn)?;
+        if rebuilt > 0 && !created {
+            tracing::warn!(
+                rebuilt,
+                db = %path.display(),
+                "rebuilt search value indexes that an interrupted bulk load had left out"
+            );
+        }
         let (last_seq, last_ms): (i64, i64) = conn.query_row(
             "SELECT coalesce(max(last_seq), 0), coalesce(max(lu_ms), 0) FROM transactions",
             [],
@@ -376,42 +384,78 @@ CREATE INDEX IF NOT EXISTS rv_superseded ON resource_versions(superseded_seq)
 
 CREATE TABLE IF NOT EXISTS idx_token(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   system TEXT, code TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_token_value ON idx_token(type_no, param, code, system, k);
 CREATE INDEX IF NOT EXISTS idx_token_k ON idx_token(k);
 CREATE TABLE IF NOT EXISTS idx_token_text(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   text TEXT NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_token_text_value ON idx_token_text(type_no, param, text, k);
 CREATE INDEX IF NOT EXISTS idx_token_text_k ON idx_token_text(k);
 CREATE TABLE IF NOT EXISTS idx_string(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   normalized TEXT NOT NULL, exact TEXT NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_string_value ON idx_string(type_no, param, normalized, k);
 CREATE INDEX IF NOT EXISTS idx_string_k ON idx_string(k);
 CREATE TABLE IF NOT EXISTS idx_date(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   lo INTEGER NOT NULL, hi INTEGER NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_date_value ON idx_date(type_no, param, lo, hi, k);
 CREATE INDEX IF NOT EXISTS idx_date_k ON idx_date(k);
 CREATE TABLE IF NOT EXISTS idx_number(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   value REAL NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_number_value ON idx_number(type_no, param, value, k);
 CREATE INDEX IF NOT EXISTS idx_number_k ON idx_number(k);
 CREATE TABLE IF NOT EXISTS idx_quantity(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   value REAL NOT NULL, system TEXT, code TEXT, unit TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_quantity_value ON idx_quantity(type_no, param, value, k);
 CREATE INDEX IF NOT EXISTS idx_quantity_k ON idx_quantity(k);
 CREATE TABLE IF NOT EXISTS idx_reference(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   target_type TEXT, target_id TEXT, url TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_reference_value ON idx_reference(type_no, param, target_id, target_type, k);
-CREATE INDEX IF NOT EXISTS idx_reference_url ON idx_reference(type_no, param, url, k) WHERE url IS NOT NULL;
 CREATE INDEX IF NOT EXISTS idx_reference_k ON idx_reference(k);
 CREATE TABLE IF NOT EXISTS idx_reference_identifier(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   system TEXT, value TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_reference_identifier_value ON idx_reference_identifier(type_no, param, value, system, k);
 CREATE INDEX IF NOT EXISTS idx_reference_identifier_k ON idx_reference_identifier(k);
 CREATE TABLE IF NOT EXISTS idx_uri(type_no INTEGER NOT NULL, param TEXT NOT NULL,
   uri TEXT NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_uri_value ON idx_uri(type_no, param, uri, k);
 CREATE INDEX IF NOT EXISTS idx_uri_k ON idx_uri(k);
 ";
+
+/// The value indexes of the index tables (what searches look values up in), apart from
+/// [`SCHEMA`] because a bulk load may drop them and build them again at its end
+/// ([`Store::suspend_index_upkeep`]). Every writer open creates the missing ones.
+const VALUE_INDEXES: [(&str, &str); 10] = [
+    (
+        "idx_token_value",
+        "CREATE INDEX IF NOT EXISTS idx_token_value ON idx_token(type_no, param, code, system, k)",
+    ),
+    (
+        "idx_token_text_value",
+        "CREATE INDEX IF NOT EXISTS idx_token_text_value ON idx_token_text(type_no, param, text, k)",
+    ),
+    (
+        "idx_string_value",
+        "CREATE INDEX IF NOT EXISTS idx_string_value ON idx_string(type_no, param, normalized, k)",
+    ),
+    (
+        "idx_date_value",
+        "CREATE INDEX IF NOT EXISTS idx_date_value ON idx_date(type_no, param, lo, hi, k)",
+    ),
+    (
+        "idx_number_value",
+        "CREATE INDEX IF NOT EXISTS idx_number_value ON idx_number(type_no, param, value, k)",
+    ),
+    (
+        "idx_quantity_value",
+        "CREATE INDEX IF NOT EXISTS idx_quantity_value ON idx_quantity(type_no, param, value, k)",
+    ),
+    (
+        "idx_reference_value",
+        "CREATE INDEX IF NOT EXISTS idx_reference_value ON idx_reference(type_no, param, target_id, target_type, k)",
+    ),
+    (
+        "idx_reference_url",
+        "CREATE INDEX IF NOT EXISTS idx_reference_url ON idx_reference(type_no, param, url, k) WHERE url IS NOT NULL",
+    ),
+    (
+        "idx_reference_identifier_value",
+        "CREATE INDEX IF NOT EXISTS idx_reference_identifier_value ON idx_reference_identifier(type_no, param, value, system, k)",
+    ),
+    (
+        "idx_uri_value",
+        "CREATE INDEX IF NOT EXISTS idx_uri_value ON idx_uri(type_no, param, uri, k)",
+    ),
+];
 
 /// The index tables, for deleting a version's rows and for reindexing.
 const INDEX_TABLES: [&str; 9] = [
@@ -426,7 +470,8 @@ const INDEX_TABLES: [&str; 9] = [
     "idx_uri",
 ];
 
-fn create_schema(conn: &Connection) -> Result<(), StoreError> {
+/// Create the schema of a new database (returns true) or check the version of an existing one.
+fn create_schema(conn: &Connection) -> Result<bool, StoreError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS store_meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);",
     )?;
@@ -444,6 +489,7 @@ fn create_schema(conn: &Connection) -> Result<(), StoreError> {
                 "INSERT INTO store_meta(key, value) VALUES ('schema_version', ?1)",
                 [SCHEMA_VERSION.to_string()],
             )?;
+            return Ok(true);
         }
         Some(v) if v == SCHEMA_VERSION.to_string() => {}
         Some(v) => {
@@ -452,7 +498,39 @@ fn create_schema(conn: &Connection) -> Result<(), StoreError> {
             )));
         }
     }
-    Ok(())
+    Ok(false)
+}
+
+/// Create the [`VALUE_INDEXES`] that are missing; returns how many were. Sorting a large index
+/// spills to temporary files (not to memory, as the writer's other temporary data does) and uses
+/// every core.
+fn build_value_indexes(conn: &Connection) -> Result<usize, StoreError> {
+    let present: HashSet<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'idx_%'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let missing: Vec<&str> = VALUE_INDEXES
+        .iter()
+        .filter(|(name, _)| !present.contains(*name))
+        .map(|(_, ddl)| *ddl)
+        .collect();
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    conn.execute_batch(&format!(
+        "PRAGMA temp_store = FILE; PRAGMA threads = {threads};"
+    ))?;
+    let built = (|| {
+        let tx = conn.unchecked_transaction()?;
+        for ddl in &missing {
+            tx.execute_batch(ddl)?;
+        }
+        tx.commit()
+    })();
+    conn.execute_batch("PRAGMA temp_store = MEMORY; PRAGMA threads = 0;")?;
+    built?;
+    Ok(missing.len())
 }
 
 fn key(type_no: i64, seq: i64) -> i64 {
@@ -1425,6 +1503,36 @@ impl Store for SqliteStore {
                 Ok(n as u64)
             }
         }
+    }
+
+    fn stored_bytes(&self) -> Result<u64, StoreError> {
+        let conn = self.readers.get();
+        let pages: i64 = conn.query_row(
+            "SELECT (SELECT page_count FROM pragma_page_count()) - (SELECT freelist_count FROM pragma_freelist_count())",
+            [],
+            |r| r.get(0),
+        )?;
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok((pages.max(0) * page_size) as u64)
+    }
+
+    fn suspend_index_upkeep(&self) -> Result<bool, StoreError> {
+        if self.indexer.is_none() {
+            return Ok(false);
+        }
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = w.conn.unchecked_transaction()?;
+        for (name, _) in VALUE_INDEXES {
+            tx.execute_batch(&format!("DROP INDEX IF EXISTS {name}"))?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn resume_index_upkeep(&self) -> Result<(), StoreError> {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        build_value_indexes(&w.conn)?;
+        Ok(())
     }
 
     fn reindex(&self, resource_type: Option<&str>) -> Result<u64, StoreError> {
