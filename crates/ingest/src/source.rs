@@ -210,6 +210,7 @@ pub fn unit_items(
     unit: Unit,
     f: &mut dyn FnMut(Result<Item, (Location, String)>) -> Result<(), LoadError>,
 ) -> Result<(), LoadError> {
+    let mut scratch = json::Scratch::default();
     match unit {
         Unit::Lines { first_line, lines } => {
             for (i, line) in lines.iter().enumerate() {
@@ -222,7 +223,7 @@ pub fn unit_items(
                     line: Some(first_line + i),
                     entry: None,
                 };
-                f(match serde_json::from_str::<Value>(text) {
+                f(match json::from_str(text, &mut scratch) {
                     Ok(v) => Ok(Item {
                         location,
                         full_url: None,
@@ -238,7 +239,7 @@ pub fn unit_items(
                 line: None,
                 entry: None,
             };
-            let value: Value = match serde_json::from_slice(&bytes) {
+            let value: Value = match json::from_slice(&bytes, &mut scratch) {
                 Ok(v) => v,
                 Err(e) => return f(Err((whole, format!("malformed JSON: {e}")))),
             };
@@ -342,6 +343,191 @@ pub fn loader_id(full_url: Option<&str>, resource_id: Option<&str>) -> Option<St
         .map(str::to_string)
 }
 
+/// JSON text to `serde_json::Value`, exactly as `serde_json::from_str`/`from_slice` build it
+/// (same values, key order, number text, errors), but with every object's map and every array
+/// allocated once at its final size: the members are gathered on a stack reused across the
+/// whole unit, so maps are never grown and rehashed while they are filled.
+mod json {
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Number, Value};
+
+    /// serde_json's (private) names for the one-entry maps through which it hands over numbers
+    /// (`arbitrary_precision`) and raw values; `serde_json::Value` recognises them the same way.
+    const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+    const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
+    /// Members of the objects and arrays being built, innermost last.
+    #[derive(Default)]
+    pub(super) struct Scratch {
+        members: Vec<(String, Value)>,
+        items: Vec<Value>,
+    }
+
+    pub(super) fn from_str(text: &str, scratch: &mut Scratch) -> serde_json::Result<Value> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let value = parse(&mut de, scratch)?;
+        de.end()?;
+        Ok(value)
+    }
+
+    pub(super) fn from_slice(bytes: &[u8], scratch: &mut Scratch) -> serde_json::Result<Value> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let value = parse(&mut de, scratch)?;
+        de.end()?;
+        Ok(value)
+    }
+
+    fn parse<'de, D: Deserializer<'de>>(de: D, scratch: &mut Scratch) -> Result<Value, D::Error> {
+        scratch.members.clear();
+        scratch.items.clear();
+        ValueSeed(scratch).deserialize(de)
+    }
+
+    struct ValueSeed<'s>(&'s mut Scratch);
+
+    impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
+        type Value = Value;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Value, D::Error> {
+            de.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for ValueSeed<'_> {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any valid JSON value")
+        }
+
+        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+
+        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+
+        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+
+        fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+            Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_owned()))
+        }
+
+        fn visit_string<E>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+
+        fn visit_none<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<Value, D::Error> {
+            self.deserialize(de)
+        }
+
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let scratch = self.0;
+            let start = scratch.items.len();
+            let result = loop {
+                match seq.next_element_seed(ValueSeed(scratch)) {
+                    Ok(Some(item)) => scratch.items.push(item),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            let items: Vec<Value> = scratch.items.drain(start..).collect();
+            result.map(|()| Value::Array(items))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let Some(first) = map.next_key_seed(KeySeed)? else {
+                return Ok(Value::Object(Map::new()));
+            };
+            match first.as_str() {
+                NUMBER_TOKEN => {
+                    let text = map.next_value_seed(TextSeed("string containing a number"))?;
+                    return text
+                        .parse::<Number>()
+                        .map(Value::Number)
+                        .map_err(de::Error::custom);
+                }
+                RAW_VALUE_TOKEN => {
+                    let text = map.next_value_seed(TextSeed("raw value"))?;
+                    return serde_json::from_str(&text).map_err(de::Error::custom);
+                }
+                _ => {}
+            }
+            let scratch = self.0;
+            let start = scratch.members.len();
+            let result = (|| {
+                let value = map.next_value_seed(ValueSeed(scratch))?;
+                scratch.members.push((first, value));
+                while let Some(key) = map.next_key_seed(KeySeed)? {
+                    let value = map.next_value_seed(ValueSeed(scratch))?;
+                    scratch.members.push((key, value));
+                }
+                Ok(())
+            })();
+            // Inserted in order, so that a repeated key keeps its first position and its last
+            // value, as `Map::insert` does.
+            let members: Map<String, Value> = scratch.members.drain(start..).collect();
+            result.map(|()| Value::Object(members))
+        }
+    }
+
+    /// An object key, owned.
+    struct KeySeed;
+
+    impl<'de> DeserializeSeed<'de> for KeySeed {
+        type Value = String;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<String, D::Error> {
+            de.deserialize_str(TextSeed("a string key"))
+        }
+    }
+
+    /// A string, as serde_json's own helpers for numbers and raw values read it (their
+    /// `expecting` text is given, so that errors read the same).
+    struct TextSeed(&'static str);
+
+    impl<'de> DeserializeSeed<'de> for TextSeed {
+        type Value = String;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<String, D::Error> {
+            de.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for TextSeed {
+        type Value = String;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.0)
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+
+        fn visit_string<E>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct HeadBundle {
     #[serde(rename = "resourceType")]
@@ -413,6 +599,74 @@ mod tests {
         );
         assert_eq!(format_of(Path::new("b.json.gz")), Some(InputFormat::Json));
         assert_eq!(format_of(Path::new("README.md")), None);
+    }
+
+    /// The faster parse gives what `serde_json` gives, value and bytes, and the same errors.
+    #[test]
+    fn json_parse_matches_serde_json() {
+        let cases = [
+            r#"{"a":1,"b":[1.50,-0,1e5,12345678901234567890123,0.1e-3],"c":{},"d":[],"e":null}"#,
+            r#"{"k":1,"j":2,"k":3}"#,
+            r#"[{"x":{"y":[[[]]]}},"s\u00e9\n",true,false,null]"#,
+            r#"{"$serde_json::private::Number":"1.50"}"#,
+            r#"{"$serde_json::private::Number":1}"#,
+            r#"{"$serde_json::private::RawValue":"{\"a\":1}"}"#,
+            r#"{"a":1,"$serde_json::private::Number":"2"}"#,
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":1,}"#,
+            r#"{"a":1} x"#,
+            r#"{"a":[1,2"#,
+            r#"{"a":01}"#,
+            r#"{1:2}"#,
+            " ",
+            "\"text\"",
+        ];
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        let mut scratch = json::Scratch::default();
+        for text in cases.iter().copied().chain([deep.as_str()]) {
+            let want = serde_json::from_str::<Value>(text).map_err(|e| e.to_string());
+            let got = json::from_str(text, &mut scratch).map_err(|e| e.to_string());
+            assert_eq!(got, want, "{text}");
+            let want = serde_json::from_slice::<Value>(text.as_bytes()).map_err(|e| e.to_string());
+            let got = json::from_slice(text.as_bytes(), &mut scratch).map_err(|e| e.to_string());
+            assert_eq!(got, want, "{text}");
+            if let (Ok(a), Ok(b)) = (got, want) {
+                assert_eq!(
+                    serde_json::to_string(&a).ok(),
+                    serde_json::to_string(&b).ok()
+                );
+            }
+        }
+        let bad_utf8 = b"{\"a\":\"\xff\"}";
+        assert_eq!(
+            json::from_slice(bad_utf8, &mut scratch).map_err(|e| e.to_string()),
+            serde_json::from_slice::<Value>(bad_utf8).map_err(|e| e.to_string())
+        );
+    }
+
+    /// The same on every file of the Synthea set: equal values, byte-identical when serialized.
+    #[test]
+    fn json_parse_matches_serde_json_on_synthea() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100");
+        let files = collect_inputs(&[dir]).unwrap();
+        assert!(files.len() > 100);
+        let mut scratch = json::Scratch::default();
+        for f in files {
+            read_units(&f, &mut |unit| {
+                let Unit::Document(bytes) = unit else {
+                    panic!("{} is not a .json file", f.display())
+                };
+                let want: Value = serde_json::from_slice(&bytes).unwrap();
+                let got = json::from_slice(&bytes, &mut scratch).unwrap();
+                assert_eq!(
+                    serde_json::to_vec(&got).unwrap(),
+                    serde_json::to_vec(&want).unwrap()
+                );
+                assert!(got == want, "{}", f.display());
+                Ok(())
+            })
+            .unwrap();
+        }
     }
 
     #[test]
