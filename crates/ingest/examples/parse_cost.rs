@@ -16,13 +16,18 @@
 //! It prints the median (and minimum) µs per resource of each phase over the runs, and a digest of
 //! what the phases produced (the re-serialized resources after rewriting, the validation verdicts
 //! and messages, the unresolved references), which must not change when the code gets faster.
+//!
+//! Then, as the loader's parsing threads do, each item is taken through all steps as soon as it
+//! is parsed, timed per unit: `buffered` with [`source::unit_items`] (a Bundle is parsed whole,
+//! then its entries are handled), `streamed` with [`source::stream_unit_items`] (each entry is
+//! handled as soon as it is parsed).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ingest::references::ReferenceMap;
-use ingest::source::{self, Item, ItemContent, Unit};
+use ingest::source::{self, Item, ItemContent, Unit, UnitEvent};
 use serde_json::Value;
 use store::{SqliteOptions, SqliteStore, Store};
 
@@ -60,6 +65,34 @@ fn copy_unit(u: &Unit) -> Unit {
     }
 }
 
+/// What the loader's `prepare_item` and `prepare_put` do with one item.
+fn process(item: Item, refs: &ReferenceMap, store: &SqliteStore) -> u64 {
+    let ItemContent::Resource(mut v) = item.content else {
+        return 0;
+    };
+    let Some(ty) = v
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        return 0;
+    };
+    let id = source::loader_id(
+        item.full_url.as_deref(),
+        v.get("id").and_then(Value::as_str),
+    );
+    let mut unresolved = 0;
+    refs.rewrite(&mut v, &ty, &mut |_, _| unresolved += 1);
+    if fhir_model::r4().validate(&v).is_err() {
+        return unresolved;
+    }
+    if let Some(id) = id {
+        v["id"] = Value::String(id.clone());
+        std::hint::black_box(store.prepare_put(&ty, &id, v).ok());
+    }
+    unresolved
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let input = PathBuf::from(
@@ -90,6 +123,7 @@ fn main() {
     let model = fhir_model::r4();
 
     let mut per_run: Vec<[u64; 4]> = Vec::new();
+    let mut pipeline: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     let mut resources = 0u64;
     let mut digest = 0u64;
     let mut invalid = 0u64;
@@ -179,6 +213,34 @@ fn main() {
         if run == 0 {
             digest = hasher.finish();
         }
+        // The two pipelines, in alternating order.
+        for which in [run % 2, 1 - run % 2] {
+            let copies: Vec<(Arc<Path>, Unit)> = units
+                .iter()
+                .map(|(n, u)| (n.clone(), copy_unit(u)))
+                .collect();
+            let mut total = 0;
+            for (name, unit) in copies {
+                let t0 = thread_cpu_ns();
+                if which == 0 {
+                    let _ = source::unit_items(&name, unit, &mut |item| {
+                        if let Ok(item) = item {
+                            process(item, &refs, &store);
+                        }
+                        Ok(())
+                    });
+                } else {
+                    let _ = source::stream_unit_items(&name, unit, &mut |event| {
+                        if let UnitEvent::Item(Ok(item)) = event {
+                            process(item, &refs, &store);
+                        }
+                        Ok(())
+                    });
+                }
+                total += thread_cpu_ns() - t0;
+            }
+            pipeline[which].push(total);
+        }
         resources = count;
         per_run.push(ns);
         eprintln!(
@@ -205,6 +267,14 @@ fn main() {
         total.push(r.iter().sum::<u64>());
     }
     total.sort_unstable();
+    for (name, mut v) in ["buffered", "streamed"].into_iter().zip(pipeline) {
+        v.sort_unstable();
+        println!(
+            "{name:<10} {:>10.2} {:>12.2}",
+            v[v.len() / 2] as f64 / 1000.0 / resources as f64,
+            v[0] as f64 / 1000.0 / resources as f64
+        );
+    }
     println!(
         "{:<10} {:>10.2} {:>12.2}",
         "total",

@@ -421,8 +421,19 @@ fn parse_unit(
         ));
     };
     let file = &names[work.file];
-    // `unit_items` only fails when the callback does, which this one never does.
-    let _ = source::unit_items(file, unit, &mut |item| {
+    // Each Bundle entry is handled as soon as it is parsed, while it is in the CPU caches.
+    // `stream_unit_items` only fails when the callback does, which this one never does.
+    let _ = source::stream_unit_items(file, unit, &mut |event| {
+        let item = match event {
+            source::UnitEvent::Item(item) => item,
+            // The document proved malformed after some entries: they are void.
+            source::UnitEvent::Restart => {
+                parsed.ops.clear();
+                parsed.problems.clear();
+                parsed.unresolved = 0;
+                return Ok(());
+            }
+        };
         let mut unresolved = 0;
         match item.and_then(|item| prepare_item(item, refs, validate, &mut unresolved)) {
             Ok((op, location)) => match prepare(op) {

@@ -244,31 +244,128 @@ pub fn unit_items(
                 Err(e) => return f(Err((whole, format!("malformed JSON: {e}")))),
             };
             drop(bytes);
-            if !is_entry_bundle(&value) {
-                return f(Ok(Item {
-                    location: whole,
-                    full_url: None,
-                    content: ItemContent::Resource(value),
-                }));
-            }
-            let Value::Object(mut bundle) = value else {
-                return Ok(());
-            };
-            let entries = match bundle.remove("entry") {
-                Some(Value::Array(a)) => a,
-                _ => Vec::new(),
-            };
-            for (i, entry) in entries.into_iter().enumerate() {
-                let location = Location {
-                    file: file.clone(),
-                    line: None,
-                    entry: Some(i),
-                };
-                f(entry_item(entry, location))?;
-            }
+            document_items(file, value, f)?;
         }
     }
     Ok(())
+}
+
+/// The items of a parsed `.json` document: its entries if it is a Bundle whose entries are
+/// loaded, else the document itself.
+fn document_items(
+    file: &Arc<Path>,
+    value: Value,
+    f: &mut dyn FnMut(Result<Item, (Location, String)>) -> Result<(), LoadError>,
+) -> Result<(), LoadError> {
+    if !is_entry_bundle(&value) {
+        return f(Ok(Item {
+            location: document_location(file),
+            full_url: None,
+            content: ItemContent::Resource(value),
+        }));
+    }
+    let Value::Object(mut bundle) = value else {
+        return Ok(());
+    };
+    let entries = match bundle.remove("entry") {
+        Some(Value::Array(a)) => a,
+        _ => Vec::new(),
+    };
+    for (i, entry) in entries.into_iter().enumerate() {
+        f(entry_item(entry, entry_location(file, i)))?;
+    }
+    Ok(())
+}
+
+fn document_location(file: &Arc<Path>) -> Location {
+    Location {
+        file: file.clone(),
+        line: None,
+        entry: None,
+    }
+}
+
+fn entry_location(file: &Arc<Path>, i: usize) -> Location {
+    Location {
+        file: file.clone(),
+        line: None,
+        entry: Some(i),
+    }
+}
+
+/// What [`stream_unit_items`] passes on.
+#[derive(Debug)]
+pub enum UnitEvent {
+    /// The next item, as [`unit_items`] would pass it.
+    Item(Result<Item, (Location, String)>),
+    /// Forget every item this unit passed so far: the document turned out to be malformed, or
+    /// (through repeated keys) not a Bundle whose entries are loaded. What the document really
+    /// holds follows, as [`unit_items`] would pass it.
+    Restart,
+}
+
+/// [`unit_items`], but the entries of a Bundle are passed on while the document is being parsed
+/// (when its `resourceType` and `type` precede `entry`, as they do in the files of Synthea and
+/// most other writers), so that each is handled while it is still in the CPU caches and the
+/// Bundle is never whole in memory. The price: a document that proves malformed after some
+/// entries were passed on sends [`UnitEvent::Restart`] before its error, and the receiver drops
+/// what it got from this unit. Once the restarts are applied, the items are exactly those of
+/// [`unit_items`]. `f` returning `Err` stops.
+pub fn stream_unit_items(
+    file: &Arc<Path>,
+    unit: Unit,
+    f: &mut dyn FnMut(UnitEvent) -> Result<(), LoadError>,
+) -> Result<(), LoadError> {
+    let bytes = match unit {
+        Unit::Document(bytes) => bytes,
+        lines @ Unit::Lines { .. } => {
+            return unit_items(file, lines, &mut |item| f(UnitEvent::Item(item)));
+        }
+    };
+    let mut scratch = json::Scratch::default();
+    let mut passed = 0usize;
+    let mut stopped = None;
+    let parsed = json::stream_document(
+        &bytes,
+        &mut scratch,
+        &mut |entry| {
+            let item = entry_item(entry, entry_location(file, passed));
+            passed += 1;
+            f(UnitEvent::Item(item))
+        },
+        &mut stopped,
+    );
+    if let Some(e) = stopped {
+        return Err(e);
+    }
+    let whole = |f: &mut dyn FnMut(UnitEvent) -> Result<(), LoadError>, value| {
+        document_items(file, value, &mut |item| f(UnitEvent::Item(item)))
+    };
+    match parsed {
+        Ok(json::Doc::Streamed) => Ok(()),
+        Ok(json::Doc::Whole(value)) => whole(f, value),
+        Ok(json::Doc::Redo) => {
+            f(UnitEvent::Restart)?;
+            // It parsed once, it parses again.
+            match json::from_slice(&bytes, &mut scratch) {
+                Ok(value) => whole(f, value),
+                Err(e) => f(UnitEvent::Item(Err((
+                    document_location(file),
+                    format!("malformed JSON: {e}"),
+                )))),
+            }
+        }
+        Err(e) => {
+            if passed > 0 {
+                f(UnitEvent::Restart)?;
+            }
+            let location = document_location(file);
+            f(UnitEvent::Item(Err((
+                location,
+                format!("malformed JSON: {e}"),
+            ))))
+        }
+    }
 }
 
 /// Read every item of one file, in order, on the calling thread ([`read_units`] then
@@ -284,10 +381,9 @@ pub fn read_items(
 
 fn is_entry_bundle(v: &Value) -> bool {
     v.get("resourceType").and_then(Value::as_str) == Some("Bundle")
-        && matches!(
-            v.get("type").and_then(Value::as_str),
-            Some("transaction" | "batch" | "collection" | "searchset")
-        )
+        && v.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(json::is_entry_type)
 }
 
 fn entry_item(entry: Value, location: Location) -> Result<Item, (Location, String)> {
@@ -352,6 +448,8 @@ mod json {
 
     use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
     use serde_json::{Map, Number, Value};
+
+    use crate::error::LoadError;
 
     /// serde_json's (private) names for the one-entry maps through which it hands over numbers
     /// (`arbitrary_precision`) and raw values; `serde_json::Value` recognises them the same way.
@@ -456,19 +554,8 @@ mod json {
             let Some(first) = map.next_key_seed(KeySeed)? else {
                 return Ok(Value::Object(Map::new()));
             };
-            match first.as_str() {
-                NUMBER_TOKEN => {
-                    let text = map.next_value_seed(TextSeed("string containing a number"))?;
-                    return text
-                        .parse::<Number>()
-                        .map(Value::Number)
-                        .map_err(de::Error::custom);
-                }
-                RAW_VALUE_TOKEN => {
-                    let text = map.next_value_seed(TextSeed("raw value"))?;
-                    return serde_json::from_str(&text).map_err(de::Error::custom);
-                }
-                _ => {}
+            if let Some(special) = token_value(&first, &mut map) {
+                return special;
             }
             let scratch = self.0;
             let start = scratch.members.len();
@@ -485,6 +572,272 @@ mod json {
             // value, as `Map::insert` does.
             let members: Map<String, Value> = scratch.members.drain(start..).collect();
             result.map(|()| Value::Object(members))
+        }
+    }
+
+    /// The value serde_json hands over as a one-entry map named by a token, read as
+    /// `serde_json::Value` reads it; `None` for an ordinary first key.
+    fn token_value<'de, A: MapAccess<'de>>(
+        first: &str,
+        map: &mut A,
+    ) -> Option<Result<Value, A::Error>> {
+        match first {
+            NUMBER_TOKEN => Some(
+                map.next_value_seed(TextSeed("string containing a number"))
+                    .and_then(|text| {
+                        text.parse::<Number>()
+                            .map(Value::Number)
+                            .map_err(de::Error::custom)
+                    }),
+            ),
+            RAW_VALUE_TOKEN => Some(
+                map.next_value_seed(TextSeed("raw value"))
+                    .and_then(|text| serde_json::from_str(&text).map_err(de::Error::custom)),
+            ),
+            _ => None,
+        }
+    }
+
+    /// How [`stream_document`] ended.
+    pub(super) enum Doc {
+        /// Every entry went to `emit`, and the whole document confirms that it is a Bundle whose
+        /// entries are loaded.
+        Streamed,
+        /// Nothing went to `emit`: the whole document.
+        Whole(Value),
+        /// Entries went to `emit`, but the rest of the document voids them (a repeated `entry`,
+        /// or a repeated `resourceType`/`type` that changes what the document is).
+        Redo,
+    }
+
+    /// Receives each `Bundle.entry` element as soon as it is parsed.
+    pub(super) type Emit<'a> = dyn FnMut(Value) -> Result<(), LoadError> + 'a;
+
+    /// Parse a whole document as [`from_slice`] does, but pass the elements of `entry` to `emit`
+    /// one by one while parsing, when `resourceType` (`Bundle`) and `type` (transaction, batch,
+    /// collection, searchset) come before `entry`: each entry is then handled while it is still
+    /// in the CPU caches, and the Bundle is never whole in memory. An `Err` from `emit` stops the
+    /// parse and is put in `stopped`.
+    pub(super) fn stream_document(
+        bytes: &[u8],
+        scratch: &mut Scratch,
+        emit: &mut Emit<'_>,
+        stopped: &mut Option<LoadError>,
+    ) -> serde_json::Result<Doc> {
+        scratch.members.clear();
+        scratch.items.clear();
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let doc = DocSeed {
+            scratch,
+            emit,
+            stopped,
+        }
+        .deserialize(&mut de)?;
+        de.end()?;
+        Ok(doc)
+    }
+
+    /// Whether a Bundle `type` is one whose entries the loader loads.
+    pub(super) fn is_entry_type(ty: &str) -> bool {
+        matches!(ty, "transaction" | "batch" | "collection" | "searchset")
+    }
+
+    struct DocSeed<'s, 'e> {
+        scratch: &'s mut Scratch,
+        emit: &'s mut Emit<'e>,
+        stopped: &'s mut Option<LoadError>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for DocSeed<'_, '_> {
+        type Value = Doc;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Doc, D::Error> {
+            de.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for DocSeed<'_, '_> {
+        type Value = Doc;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any valid JSON value")
+        }
+
+        fn visit_bool<E>(self, v: bool) -> Result<Doc, E> {
+            Ok(Doc::Whole(Value::Bool(v)))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Doc, E> {
+            ValueSeed(self.scratch).visit_i64(v).map(Doc::Whole)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Doc, E> {
+            ValueSeed(self.scratch).visit_u64(v).map(Doc::Whole)
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Doc, E> {
+            ValueSeed(self.scratch).visit_f64(v).map(Doc::Whole)
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<Doc, E> {
+            Ok(Doc::Whole(Value::String(v.to_owned())))
+        }
+
+        fn visit_string<E>(self, v: String) -> Result<Doc, E> {
+            Ok(Doc::Whole(Value::String(v)))
+        }
+
+        fn visit_none<E>(self) -> Result<Doc, E> {
+            Ok(Doc::Whole(Value::Null))
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<Doc, D::Error> {
+            ValueSeed(self.scratch).visit_some(de).map(Doc::Whole)
+        }
+
+        fn visit_unit<E>(self) -> Result<Doc, E> {
+            Ok(Doc::Whole(Value::Null))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Doc, A::Error> {
+            ValueSeed(self.scratch).visit_seq(seq).map(Doc::Whole)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc, A::Error> {
+            let Some(first) = map.next_key_seed(KeySeed)? else {
+                return Ok(Doc::Whole(Value::Object(Map::new())));
+            };
+            if let Some(special) = token_value(&first, &mut map) {
+                return special.map(Doc::Whole);
+            }
+            let DocSeed {
+                scratch,
+                emit,
+                stopped,
+            } = self;
+            let start = scratch.members.len();
+            // The last value of each wins, as in a map.
+            let mut is_bundle = false;
+            let mut entry_type = false;
+            let mut entry_keys = 0u32;
+            let mut streamed = false;
+            let mut key = first;
+            let result = loop {
+                if key == "entry" {
+                    entry_keys += 1;
+                }
+                if key == "entry" && entry_keys == 1 && is_bundle && entry_type {
+                    let entries = EntriesSeed {
+                        scratch: &mut *scratch,
+                        emit: &mut *emit,
+                        stopped: &mut *stopped,
+                    };
+                    match map.next_value_seed(entries) {
+                        Ok(None) => streamed = true,
+                        Ok(Some(value)) => scratch.members.push((key, value)),
+                        Err(e) => break Err(e),
+                    }
+                } else {
+                    let value = match map.next_value_seed(ValueSeed(scratch)) {
+                        Ok(value) => value,
+                        Err(e) => break Err(e),
+                    };
+                    match key.as_str() {
+                        "resourceType" => is_bundle = value.as_str() == Some("Bundle"),
+                        "type" => entry_type = value.as_str().is_some_and(is_entry_type),
+                        _ => {}
+                    }
+                    scratch.members.push((key, value));
+                }
+                match map.next_key_seed(KeySeed) {
+                    Ok(Some(next)) => key = next,
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            let members: Map<String, Value> = scratch.members.drain(start..).collect();
+            result?;
+            Ok(if !streamed {
+                Doc::Whole(Value::Object(members))
+            } else if entry_keys == 1 && is_bundle && entry_type {
+                Doc::Streamed
+            } else {
+                Doc::Redo
+            })
+        }
+    }
+
+    /// The value of `Bundle.entry`: an array is streamed to `emit` (`None`), anything else is
+    /// returned.
+    struct EntriesSeed<'s, 'e> {
+        scratch: &'s mut Scratch,
+        emit: &'s mut Emit<'e>,
+        stopped: &'s mut Option<LoadError>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for EntriesSeed<'_, '_> {
+        type Value = Option<Value>;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Option<Value>, D::Error> {
+            de.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for EntriesSeed<'_, '_> {
+        type Value = Option<Value>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any valid JSON value")
+        }
+
+        fn visit_bool<E>(self, v: bool) -> Result<Option<Value>, E> {
+            Ok(Some(Value::Bool(v)))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<Value>, E> {
+            ValueSeed(self.scratch).visit_i64(v).map(Some)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<Value>, E> {
+            ValueSeed(self.scratch).visit_u64(v).map(Some)
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Option<Value>, E> {
+            ValueSeed(self.scratch).visit_f64(v).map(Some)
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<Option<Value>, E> {
+            Ok(Some(Value::String(v.to_owned())))
+        }
+
+        fn visit_string<E>(self, v: String) -> Result<Option<Value>, E> {
+            Ok(Some(Value::String(v)))
+        }
+
+        fn visit_none<E>(self) -> Result<Option<Value>, E> {
+            Ok(Some(Value::Null))
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<Option<Value>, D::Error> {
+            ValueSeed(self.scratch).visit_some(de).map(Some)
+        }
+
+        fn visit_unit<E>(self) -> Result<Option<Value>, E> {
+            Ok(Some(Value::Null))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Option<Value>, A::Error> {
+            ValueSeed(self.scratch).visit_map(map).map(Some)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Value>, A::Error> {
+            while let Some(entry) = seq.next_element_seed(ValueSeed(&mut *self.scratch))? {
+                if let Err(e) = (self.emit)(entry) {
+                    *self.stopped = Some(e);
+                    return Err(de::Error::custom("stopped by the caller"));
+                }
+            }
+            Ok(None)
         }
     }
 
@@ -667,6 +1020,125 @@ mod tests {
             })
             .unwrap();
         }
+    }
+
+    /// What a receiver of [`stream_unit_items`] ends up with (restarts applied), as text.
+    fn streamed(file: &Arc<Path>, unit: Unit) -> Vec<String> {
+        let mut got = Vec::new();
+        stream_unit_items(file, unit, &mut |event| {
+            match event {
+                UnitEvent::Item(item) => got.push(format!("{item:?}")),
+                UnitEvent::Restart => got.clear(),
+            }
+            Ok(())
+        })
+        .unwrap();
+        got
+    }
+
+    fn buffered(file: &Arc<Path>, unit: Unit) -> Vec<String> {
+        let mut got = Vec::new();
+        unit_items(file, unit, &mut |item| {
+            got.push(format!("{item:?}"));
+            Ok(())
+        })
+        .unwrap();
+        got
+    }
+
+    #[test]
+    fn streamed_items_are_the_buffered_ones() {
+        let file: Arc<Path> = Arc::from(Path::new("x.json"));
+        let e1 = r#"{"fullUrl":"urn:uuid:1","resource":{"resourceType":"Patient","id":"a"}}"#;
+        let e2 = r#"{"resource":{"resourceType":"Observation","valueQuantity":{"value":1.50}}}"#;
+        let del = r#"{"request":{"method":"DELETE","url":"Patient/z"}}"#;
+        let docs = [
+            format!(
+                r#"{{"resourceType":"Bundle","type":"batch","entry":[{e1},{e2},{del},1,{{}}]}}"#
+            ),
+            format!(r#"{{"resourceType":"Bundle","entry":[{e1},{e2}],"type":"transaction"}}"#),
+            format!(
+                r#"{{"resourceType":"Bundle","type":"collection","entry":[{e1}],"entry":[{e2}]}}"#
+            ),
+            format!(
+                r#"{{"resourceType":"Bundle","type":"searchset","entry":[{e1}],"type":"document"}}"#
+            ),
+            format!(
+                r#"{{"resourceType":"Bundle","type":"batch","entry":[{e1}],"resourceType":"X"}}"#
+            ),
+            format!(r#"{{"resourceType":"Bundle","type":"batch","entry":[{e1},{e2}]"#),
+            format!(r#"{{"resourceType":"Bundle","type":"batch","entry":[{e1},{e2}]}} x"#),
+            format!(r#"{{"resourceType":"Bundle","type":"batch","entry":[{e1},{{"a":01}}]}}"#),
+            format!(r#"{{"resourceType":"Bundle","type":"document","entry":[{e1}]}}"#),
+            format!(r#"{{"resourceType":"Bundle","type":"batch","entry":{e1}}}"#),
+            r#"{"resourceType":"Bundle","type":"batch","entry":[]}"#.to_string(),
+            r#"{"resourceType":"Bundle","type":"batch","entry":null,"id":"b"}"#.to_string(),
+            format!(
+                r#"{{"resourceType":"Bundle","type":"batch","id":"b","entry":[{e2}],"meta":{{}}}}"#
+            ),
+            r#"{"resourceType":"Patient","id":"p","name":[{"family":"F"}]}"#.to_string(),
+            r#"{"$serde_json::private::Number":"1.5"}"#.to_string(),
+            "[1,2]".to_string(),
+            "{}".to_string(),
+            String::new(),
+            "\"Bundle\"".to_string(),
+        ];
+        for doc in docs {
+            let unit = || Unit::Document(doc.clone().into_bytes());
+            let want = buffered(&file, unit());
+            assert_eq!(streamed(&file, unit()), want, "{doc}");
+        }
+        let lines = || Unit::Lines {
+            first_line: 3,
+            lines: vec![e1.to_string(), "\n".into(), "{".into(), "[]".into()],
+        };
+        assert_eq!(streamed(&file, lines()), buffered(&file, lines()));
+    }
+
+    #[test]
+    fn streaming_stops_when_the_receiver_does() {
+        let file: Arc<Path> = Arc::from(Path::new("x.json"));
+        let e = r#"{"resource":{"resourceType":"Patient"}}"#;
+        let doc = format!(r#"{{"resourceType":"Bundle","type":"batch","entry":[{e},{e},{e}]}}"#);
+        let mut n = 0;
+        let r = stream_unit_items(&file, Unit::Document(doc.into_bytes()), &mut |_| {
+            n += 1;
+            if n == 2 {
+                return Err(LoadError::Http("enough".into()));
+            }
+            Ok(())
+        });
+        assert!(matches!(r, Err(LoadError::Http(m)) if m == "enough"));
+        assert_eq!(n, 2);
+    }
+
+    /// On every Synthea file, streaming gives exactly the items of the buffered parse.
+    #[test]
+    fn streamed_items_match_on_synthea() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100");
+        let mut items = 0;
+        for f in collect_inputs(&[dir]).unwrap() {
+            let file: Arc<Path> = Arc::from(f.as_path());
+            let mut units = Vec::new();
+            read_units(&f, &mut |u| {
+                units.push(u);
+                Ok(())
+            })
+            .unwrap();
+            for u in units {
+                let Unit::Document(bytes) = u else {
+                    panic!("{} is not a .json file", f.display())
+                };
+                let want = buffered(&file, Unit::Document(bytes.clone()));
+                items += want.len();
+                assert!(
+                    streamed(&file, Unit::Document(bytes)) == want,
+                    "{}",
+                    f.display()
+                );
+            }
+        }
+        assert_eq!(items, 38_971);
     }
 
     #[test]
