@@ -131,10 +131,16 @@ fn main() {
         let mut ns = [0u64; 4];
         let mut hasher = DefaultHasher::new();
         let mut count = 0u64;
-        let copies: Vec<(Arc<Path>, Unit)> = units
-            .iter()
-            .map(|(n, u)| (n.clone(), copy_unit(u)))
-            .collect();
+        // `PARSE_COST_STREAMED_ONLY=1` runs only the streamed pipeline (for a profiler).
+        let streamed_only = std::env::var_os("PARSE_COST_STREAMED_ONLY").is_some();
+        let copies: Vec<(Arc<Path>, Unit)> = if streamed_only {
+            Vec::new()
+        } else {
+            units
+                .iter()
+                .map(|(n, u)| (n.clone(), copy_unit(u)))
+                .collect()
+        };
         for (name, unit) in copies {
             let mut items: Vec<Item> = Vec::new();
             let t0 = thread_cpu_ns();
@@ -215,6 +221,9 @@ fn main() {
         }
         // The two pipelines, in alternating order.
         for which in [run % 2, 1 - run % 2] {
+            if streamed_only && which == 0 {
+                continue;
+            }
             let copies: Vec<(Arc<Path>, Unit)> = units
                 .iter()
                 .map(|(n, u)| (n.clone(), copy_unit(u)))

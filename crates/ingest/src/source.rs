@@ -471,6 +471,11 @@ mod json {
     }
 
     pub(super) fn from_slice(bytes: &[u8], scratch: &mut Scratch) -> serde_json::Result<Value> {
+        // Checking the whole text at once is cheaper than checking each string as it is read;
+        // text that is not UTF-8 takes the slice reader, for its exact error.
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            return from_str(text, scratch);
+        }
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let value = parse(&mut de, scratch)?;
         de.end()?;
@@ -626,13 +631,23 @@ mod json {
     ) -> serde_json::Result<Doc> {
         scratch.members.clear();
         scratch.items.clear();
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let doc = DocSeed {
+        let seed = DocSeed {
             scratch,
             emit,
             stopped,
+        };
+        // As in `from_slice`: UTF-8 checked once for the whole text when it is valid.
+        match std::str::from_utf8(bytes) {
+            Ok(text) => end(seed, serde_json::Deserializer::from_str(text)),
+            Err(_) => end(seed, serde_json::Deserializer::from_slice(bytes)),
         }
-        .deserialize(&mut de)?;
+    }
+
+    fn end<'de, R: serde_json::de::Read<'de>>(
+        seed: DocSeed<'_, '_>,
+        mut de: serde_json::Deserializer<R>,
+    ) -> serde_json::Result<Doc> {
+        let doc = seed.deserialize(&mut de)?;
         de.end()?;
         Ok(doc)
     }
@@ -990,6 +1005,11 @@ mod tests {
                 );
             }
         }
+        let text = "{\"a\":\"Jos\u{e9} \u{1F600}\",\"b\":[\"\\u00e9\"]}";
+        assert_eq!(
+            json::from_slice(text.as_bytes(), &mut scratch).map_err(|e| e.to_string()),
+            serde_json::from_slice::<Value>(text.as_bytes()).map_err(|e| e.to_string())
+        );
         let bad_utf8 = b"{\"a\":\"\xff\"}";
         assert_eq!(
             json::from_slice(bad_utf8, &mut scratch).map_err(|e| e.to_string()),
@@ -1088,6 +1108,13 @@ mod tests {
             let want = buffered(&file, unit());
             assert_eq!(streamed(&file, unit()), want, "{doc}");
         }
+        // Not UTF-8, in the second entry.
+        let mut bytes =
+            format!(r#"{{"resourceType":"Bundle","type":"batch","entry":[{e1},"#).into_bytes();
+        bytes.extend_from_slice(b"{\"resource\":{\"resourceType\":\"P\xffx\"}}]}");
+        let want = buffered(&file, Unit::Document(bytes.clone()));
+        assert!(want[0].contains("malformed JSON"), "{want:?}");
+        assert_eq!(streamed(&file, Unit::Document(bytes)), want);
         let lines = || Unit::Lines {
             first_line: 3,
             lines: vec![e1.to_string(), "\n".into(), "{".into(), "[]".into()],
