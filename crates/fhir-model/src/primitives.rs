@@ -377,6 +377,32 @@ mod tests {
         assert!(primitive_text_ok("code", "a b"));
         assert!(!primitive_text_ok("code", "a  b"));
         assert!(!primitive_text_ok("code", " a"));
+        for (code, ok) in [
+            ("a", true),
+            ("a b c", true),
+            ("a\tb", true),
+            ("a\u{b}b", true),
+            ("", false),
+            ("a ", false),
+            ("a\u{c}", false),
+            ("\na", false),
+            ("a \tb", false),
+            ("é b", true),
+            ("é  b", false),
+            ("é\u{85}", false),
+            ("a\u{a0}\u{a0}b", false),
+        ] {
+            assert_eq!(primitive_text_ok("code", code), ok, "{code:?}");
+        }
+        for (uri, ok) in [
+            ("http://x", true),
+            ("a\u{b}b", false),
+            ("a\rb", false),
+            ("é\u{2003}", false),
+            ("é", true),
+        ] {
+            assert_eq!(primitive_text_ok("uri", uri), ok, "{uri:?}");
+        }
         assert!(!primitive_text_ok("uri", "a b"));
         assert!(primitive_text_ok("oid", "urn:oid:1.2.840"));
         assert!(primitive_text_ok(
