@@ -5,9 +5,28 @@ use store::Store;
 use crate::error::SearchError;
 
 /// Rebuilds the index rows of every stored resource type, one type per transaction, with the
-/// store's indexer (open the store with [`crate::SearchIndexer`] installed). `progress` is called
+/// store's indexer (open the store with [`crate::SearchIndexer`] installed). Every row is
+/// rewritten, so the store's value indexes are suspended meanwhile and built once at the end
+/// ([`Store::suspend_index_upkeep`]; hold the data directory exclusively). `progress` is called
 /// after each type with (type, resources indexed). Returns the total number of resources.
 pub fn reindex(store: &dyn Store, progress: &mut dyn FnMut(&str, u64)) -> Result<u64, SearchError> {
+    let suspended = store.suspend_index_upkeep()?;
+    let done = reindex_types(store, progress);
+    // Built also after a failure: the types already done stay searchable.
+    let built = if suspended {
+        store.resume_index_upkeep()
+    } else {
+        Ok(())
+    };
+    let total = done?;
+    built?;
+    Ok(total)
+}
+
+fn reindex_types(
+    store: &dyn Store,
+    progress: &mut dyn FnMut(&str, u64),
+) -> Result<u64, SearchError> {
     let as_of = store.current_seq()?;
     let mut total = 0;
     for t in store.types_present(as_of)? {

@@ -1552,10 +1552,12 @@ impl Store for SqliteStore {
             let tx = w
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // The type's rows by their key range (the `k` index), so that this stays a range
+            // delete while the value indexes are suspended.
             for table in INDEX_TABLES {
                 tx.execute(
-                    &format!("DELETE FROM {table} WHERE type_no = ?1"),
-                    [type_no],
+                    &format!("DELETE FROM {table} WHERE k > ?1 AND k <= ?2"),
+                    params![key(type_no, 0), key(type_no, MAX_SEQ)],
                 )?;
             }
             if let Some(indexer) = &self.indexer {
