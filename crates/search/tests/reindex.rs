@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 
 use search::SearchIndexer;
-use store::{SqliteOptions, SqliteStore, Store, WriteOp};
+use store::{SqliteOptions, SqliteStore};
 
 const QUERIES: [(&str, &str); 6] = [
     ("Observation", "code=http://loinc.org|8302-2"),
@@ -39,15 +39,7 @@ fn reindex_makes_unindexed_data_searchable_as_if_indexed_at_write_time() {
     let path = dir.path().join("t.db");
     {
         let plain = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-        for chunk in resources.chunks(1000) {
-            let ops = chunk
-                .iter()
-                .map(|r| WriteOp::Create {
-                    resource: r.clone(),
-                })
-                .collect();
-            plain.write(ops).unwrap();
-        }
+        support::create_all(&plain, &resources);
     }
     let store = SqliteStore::open(
         &path,

@@ -20,6 +20,12 @@ pub fn load_store(resources: &[Value]) -> (tempfile::TempDir, SqliteStore, Vec<V
         },
     )
     .expect("open store");
+    let stored = create_all(&store, resources);
+    (dir, store, stored)
+}
+
+/// Create `resources` in `store`, 1,000 per transaction; returns them as stored (meta set).
+pub fn create_all(store: &dyn Store, resources: &[Value]) -> Vec<Value> {
     let mut stored = Vec::with_capacity(resources.len());
     for chunk in resources.chunks(1000) {
         let ops = chunk
@@ -32,7 +38,7 @@ pub fn load_store(resources: &[Value]) -> (tempfile::TempDir, SqliteStore, Vec<V
             stored.push(serde_json::from_slice(&o.json.expect("json")).expect("stored json"));
         }
     }
-    (dir, store, stored)
+    stored
 }
 
 /// All ids a search returns, following the next-page cursors.
