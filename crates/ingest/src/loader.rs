@@ -167,13 +167,14 @@ pub fn load_into_store(
             .map_err(|e| e.to_string()),
         other => Ok(other),
     };
+    let files = source::collect_inputs(paths)?;
     let rebuild = match options.index_build {
         IndexBuild::Inline => false,
         IndexBuild::Rebuild => true,
-        IndexBuild::Auto => input_bytes(paths)? >= store.stored_bytes()?,
+        IndexBuild::Auto => input_bytes(&files)? >= store.stored_bytes()?,
     };
     let suspended = rebuild && store.suspend_index_upkeep()?;
-    let loaded = run(&mut StoreSink { store }, &prepare, paths, options, progress);
+    let loaded = run(&mut StoreSink { store }, &prepare, files, options, progress);
     if !suspended {
         return loaded;
     }
@@ -201,17 +202,17 @@ pub fn load_into_store(
 }
 
 /// Bytes of input, gzipped files counted at five times their size (JSON compresses about 5–10x).
-fn input_bytes(paths: &[PathBuf]) -> Result<u64, LoadError> {
+fn input_bytes(files: &[PathBuf]) -> Result<u64, LoadError> {
     let mut total = 0u64;
-    for f in source::collect_inputs(paths)? {
-        let len = std::fs::metadata(&f)
+    for f in files {
+        let len = std::fs::metadata(f)
             .map_err(|source| LoadError::Io {
                 path: f.clone(),
                 source,
             })?
             .len();
-        let gz = f.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
-        total = total.saturating_add(if gz { len.saturating_mul(5) } else { len });
+        let factor = if source::is_gzip(f) { 5 } else { 1 };
+        total = total.saturating_add(len.saturating_mul(factor));
     }
     Ok(total)
 }
@@ -232,7 +233,8 @@ pub fn load_to_server(
         client,
         url: format!("{}/", base_url.trim_end_matches('/')),
     };
-    run(&mut sink, &|op| Ok(op), paths, options, progress)
+    let files = source::collect_inputs(paths)?;
+    run(&mut sink, &|op| Ok(op), files, options, progress)
 }
 
 /// Turns a validated op into what the sink writes, on a parsing thread; an `Err` is reported as
@@ -268,12 +270,11 @@ struct Parsed {
 fn run(
     sink: &mut dyn Sink,
     prepare: &PrepareFn<'_>,
-    paths: &[PathBuf],
+    files: Vec<PathBuf>,
     options: &LoadOptions,
     progress: &mut dyn FnMut(&LoadProgress),
 ) -> Result<LoadSummary, LoadError> {
     let started = Instant::now();
-    let files = source::collect_inputs(paths)?;
     let parsers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let refs = collect_references(&files)?;
     let mut summary = LoadSummary {
@@ -770,18 +771,4 @@ impl Sink for HttpSink {
         }
         Ok(())
     }
-}
-
-/// The files a load would read, for a dry run or a progress bar sized by bytes.
-pub fn input_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
-    source::collect_inputs(paths)
-}
-
-/// Total size in bytes of `files` (compressed size for `.gz`).
-pub fn total_bytes(files: &[PathBuf]) -> u64 {
-    files
-        .iter()
-        .filter_map(|f| std::fs::metadata(Path::new(f)).ok())
-        .map(|m| m.len())
-        .sum()
 }

@@ -77,16 +77,19 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// Whether a file is read through gzip (its name ends in `.gz`).
+pub fn is_gzip(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"))
+}
+
 /// Open a file, transparently decompressing `.gz`.
 pub fn open(path: &Path) -> Result<Box<dyn BufRead + Send>, LoadError> {
     let file = File::open(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let gz = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
-    Ok(if gz {
+    Ok(if is_gzip(path) {
         Box::new(BufReader::with_capacity(
             256 * 1024,
             MultiGzDecoder::new(BufReader::new(file)),
