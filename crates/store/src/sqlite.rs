@@ -503,7 +503,7 @@ fn create_schema(conn: &Connection) -> Result<bool, StoreError> {
 
 /// Create the [`VALUE_INDEXES`] that are missing; returns how many were. Sorting a large index
 /// spills to temporary files (not to memory, as the writer's other temporary data does) and uses
-/// every core.
+/// every core; the connection's own settings are restored afterwards.
 fn build_value_indexes(conn: &Connection) -> Result<usize, StoreError> {
     let present: HashSet<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'idx_%'")?
@@ -517,9 +517,11 @@ fn build_value_indexes(conn: &Connection) -> Result<usize, StoreError> {
     if missing.is_empty() {
         return Ok(0);
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let temp_store: i64 = conn.query_row("PRAGMA temp_store", [], |r| r.get(0))?;
+    let threads: i64 = conn.query_row("PRAGMA threads", [], |r| r.get(0))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     conn.execute_batch(&format!(
-        "PRAGMA temp_store = FILE; PRAGMA threads = {threads};"
+        "PRAGMA temp_store = FILE; PRAGMA threads = {cores};"
     ))?;
     let built = (|| {
         let tx = conn.unchecked_transaction()?;
@@ -528,7 +530,9 @@ fn build_value_indexes(conn: &Connection) -> Result<usize, StoreError> {
         }
         tx.commit()
     })();
-    conn.execute_batch("PRAGMA temp_store = MEMORY; PRAGMA threads = 0;")?;
+    conn.execute_batch(&format!(
+        "PRAGMA temp_store = {temp_store}; PRAGMA threads = {threads};"
+    ))?;
     built?;
     Ok(missing.len())
 }
@@ -1507,13 +1511,13 @@ impl Store for SqliteStore {
 
     fn stored_bytes(&self) -> Result<u64, StoreError> {
         let conn = self.readers.get();
-        let pages: i64 = conn.query_row(
-            "SELECT (SELECT page_count FROM pragma_page_count()) - (SELECT freelist_count FROM pragma_freelist_count())",
+        let bytes: i64 = conn.query_row(
+            "SELECT (page_count - freelist_count) * page_size
+             FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()",
             [],
             |r| r.get(0),
         )?;
-        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        Ok((pages.max(0) * page_size) as u64)
+        Ok(bytes.max(0) as u64)
     }
 
     fn suspend_index_upkeep(&self) -> Result<bool, StoreError> {
