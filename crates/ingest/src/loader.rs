@@ -173,31 +173,28 @@ pub fn load_into_store(
         IndexBuild::Rebuild => true,
         IndexBuild::Auto => input_bytes(&files)? >= store.stored_bytes()?,
     };
-    let suspended = rebuild && store.suspend_index_upkeep()?;
-    let loaded = run(&mut StoreSink { store }, &prepare, files, options, progress);
-    if !suspended {
-        return loaded;
+    let (mut summary, build) = store::with_index_upkeep_suspended(store, rebuild, |suspended| {
+        let loaded = run(&mut StoreSink { store }, &prepare, files, options, progress);
+        if suspended {
+            let mut state = LoadProgress {
+                building_indexes: true,
+                ..Default::default()
+            };
+            if let Ok(summary) = &loaded {
+                state.files_total = summary.files;
+                state.files_done = summary.files;
+                state.resources = summary.written() + summary.deleted;
+                state.invalid = summary.invalid;
+                state.elapsed = summary.elapsed;
+            }
+            progress(&state);
+        }
+        loaded
+    })?;
+    if let Some(took) = build {
+        summary.index_build = Some(took);
+        summary.elapsed += took;
     }
-    // Built also after a failed load: what was written stays searchable.
-    let started = Instant::now();
-    let mut state = LoadProgress {
-        building_indexes: true,
-        ..Default::default()
-    };
-    if let Ok(summary) = &loaded {
-        state.files_total = summary.files;
-        state.files_done = summary.files;
-        state.resources = summary.written() + summary.deleted;
-        state.invalid = summary.invalid;
-        state.elapsed = summary.elapsed;
-    }
-    progress(&state);
-    let built = store.resume_index_upkeep();
-    let mut summary = loaded?;
-    built?;
-    let took = started.elapsed();
-    summary.index_build = Some(took);
-    summary.elapsed += took;
     Ok(summary)
 }
 

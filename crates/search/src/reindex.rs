@@ -10,17 +10,8 @@ use crate::error::SearchError;
 /// ([`Store::suspend_index_upkeep`]; hold the data directory exclusively). `progress` is called
 /// after each type with (type, resources indexed). Returns the total number of resources.
 pub fn reindex(store: &dyn Store, progress: &mut dyn FnMut(&str, u64)) -> Result<u64, SearchError> {
-    let suspended = store.suspend_index_upkeep()?;
-    let done = reindex_types(store, progress);
-    // Built also after a failure: the types already done stay searchable.
-    let built = if suspended {
-        store.resume_index_upkeep()
-    } else {
-        Ok(())
-    };
-    let total = done?;
-    built?;
-    Ok(total)
+    store::with_index_upkeep_suspended(store, true, |_| reindex_types(store, progress))
+        .map(|(total, _)| total)
 }
 
 fn reindex_types(

@@ -31,6 +31,7 @@ pub mod sqlite;
 mod stamp;
 
 use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
 
 pub use error::StoreError;
 pub use index::{IndexEntry, IndexValue, Indexer};
@@ -399,4 +400,25 @@ pub trait Store: Send + Sync {
     fn resume_index_upkeep(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
+
+/// Run `work` with `store`'s index upkeep suspended when `suspend` is true and the store can
+/// ([`Store::suspend_index_upkeep`]; `work` is told whether it was), then rebuild — also when
+/// `work` fails, so that what it wrote stays searchable. The first error wins. Returns `work`'s
+/// value and, when upkeep was suspended, how long the rebuild took.
+pub fn with_index_upkeep_suspended<T, E: From<StoreError>>(
+    store: &dyn Store,
+    suspend: bool,
+    work: impl FnOnce(bool) -> Result<T, E>,
+) -> Result<(T, Option<Duration>), E> {
+    let suspended = suspend && store.suspend_index_upkeep()?;
+    let done = work(suspended);
+    if !suspended {
+        return done.map(|value| (value, None));
+    }
+    let started = Instant::now();
+    let built = store.resume_index_upkeep();
+    let value = done?;
+    built?;
+    Ok((value, Some(started.elapsed())))
 }

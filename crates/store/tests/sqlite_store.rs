@@ -920,3 +920,26 @@ fn stored_bytes_grow_with_the_data() {
     // Counted before any checkpoint: pages committed to the write-ahead log count too.
     assert!(s.stored_bytes().unwrap() > empty + 100_000);
 }
+
+#[test]
+fn suspended_index_upkeep_is_resumed_also_when_the_work_fails() {
+    let (_dir, s) = open_indexed();
+    let failed: Result<((), _), StoreError> =
+        store::with_index_upkeep_suspended(&s, true, |suspended| {
+            assert!(suspended);
+            assert!(value_indexes(&s).is_empty());
+            Err(StoreError::Corrupt("the work failed".into()))
+        });
+    assert!(matches!(failed, Err(StoreError::Corrupt(m)) if m == "the work failed"));
+    assert_eq!(value_indexes(&s).len(), 10);
+    // Not asked to suspend: nothing dropped, no rebuild time.
+    let (n, build) = store::with_index_upkeep_suspended(&s, false, |suspended| {
+        assert!(!suspended);
+        Ok::<_, StoreError>(value_indexes(&s).len())
+    })
+    .unwrap();
+    assert_eq!((n, build), (10, None));
+    let (_, build) =
+        store::with_index_upkeep_suspended(&s, true, |_| Ok::<_, StoreError>(())).unwrap();
+    assert!(build.is_some());
+}
