@@ -510,7 +510,7 @@ impl BoundPath {
                     }
                 }
                 BoundStep::Index(n) => next.extend(items.get(*n).copied()),
-                BoundStep::OfType(t) => of_type(model, &items, t, next),
+                BoundStep::OfType(t) => of_type(model, items, t, next),
                 BoundStep::WhereEq { field, literal } => {
                     next.extend(
                         items
