@@ -5,6 +5,8 @@
 //! contained resources and `Bundle.entry.resource` validated as resources. Cardinality minimums and
 //! invariants are not checked (profiles and invariants are not part of structural validation).
 
+use std::fmt::Write as _;
+
 use serde_json::{Map, Value};
 
 use crate::model::{Model, TypeDef, TypeKind};
@@ -50,22 +52,10 @@ pub(crate) fn validate_resource(
     }
 }
 
-/// Append `[i]` to a path without allocating.
+/// Append `[i]` to a path (formatted in place: no allocation).
 fn push_index(path: &mut String, i: usize) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut n = i;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    path.push('[');
-    path.extend(digits[at..].iter().map(|&d| char::from(d)));
-    path.push(']');
+    // Writing to a String cannot fail.
+    let _ = write!(path, "[{i}]");
 }
 
 /// Whether `obj` has the `_key` shadow of `key`.
