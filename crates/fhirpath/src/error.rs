@@ -42,6 +42,12 @@ pub enum EvalError {
     /// A custom function reported a failure.
     #[error("{name}: {message}")]
     Function { name: String, message: String },
+    /// The evaluation did more work than one evaluation may (collections or strings growing
+    /// without bound); the number is the budget.
+    #[error(
+        "the expression needs more than {0} evaluation steps (its collections or strings grow too large)"
+    )]
+    Budget(u64),
 }
 
 impl EvalError {

@@ -1,6 +1,7 @@
 //! The evaluator: walks the compiled tree over collections of items.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::cmp::Ordering;
 
 use rust_decimal::Decimal;
@@ -23,14 +24,53 @@ pub(crate) struct Env<'c, 'a> {
     this: Item<'a>,
     index: Option<usize>,
     total: Option<&'c [Item<'a>]>,
+    /// Work left to this evaluation (see [`BUDGET`]), shared by every nested environment.
+    budget: &'c Cell<u64>,
+}
+
+/// The work one evaluation may do, in units: one per item any sub-expression produces, one per
+/// 16 bytes of a computed string, one per item comparison of `distinct`, `union`,
+/// `intersect`, `exclude`, `subsetOf` and `repeat`. A few thousand units are typical of a
+/// resource; the budget stops expressions whose results grow without bound
+/// (`repeat($this + 1)`, a string doubled in a loop, nested `select`s of `descendants()`) with
+/// [`EvalError::Budget`] while their memory and time are still small.
+pub(crate) const BUDGET: u64 = 4_000_000;
+
+impl Env<'_, '_> {
+    fn spend(&self, units: u64) -> Result<(), EvalError> {
+        let left = self.budget.get();
+        if units > left {
+            self.budget.set(0);
+            return Err(EvalError::Budget(BUDGET));
+        }
+        self.budget.set(left - units);
+        Ok(())
+    }
+
+    /// The cost of comparing each of `a` items with each of `b`.
+    fn spend_pairs(&self, a: usize, b: usize) -> Result<(), EvalError> {
+        self.spend((a as u64).saturating_mul(b as u64))
+    }
+
+    fn spend_items(&self, items: &[Item<'_>]) -> Result<(), EvalError> {
+        let mut units = items.len() as u64;
+        for i in items {
+            if let Item::Value(SystemValue::String(Cow::Owned(s))) = i {
+                units += s.len() as u64 / 16;
+            }
+        }
+        self.spend(units)
+    }
 }
 
 pub(crate) fn evaluate<'a>(expr: &Expr, ctx: &EvalContext<'a>) -> R<'a> {
+    let budget = Cell::new(BUDGET);
     let env = Env {
         ctx,
         this: ctx.focus.clone(),
         index: None,
         total: None,
+        budget: &budget,
     };
     let input = [ctx.focus.clone()];
     eval(expr, &env, &input)
@@ -151,6 +191,12 @@ fn distinct<'a>(items: Vec<Item<'a>>) -> Vec<Item<'a>> {
 }
 
 fn eval<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
+    let out = eval_node(expr, env, input)?;
+    env.spend_items(&out)?;
+    Ok(out)
+}
+
+fn eval_node<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
     match expr {
         Expr::Empty => Ok(Vec::new()),
         Expr::Literal(v) => Ok(vec![Item::Value(v.clone())]),
@@ -407,6 +453,7 @@ fn lambda<'a>(expr: &Expr, env: &Env<'_, 'a>, item: &Item<'a>, index: usize) -> 
         this: item.clone(),
         index: Some(index),
         total: env.total,
+        budget: env.budget,
     };
     eval(expr, &sub, std::slice::from_ref(item))
 }
@@ -461,6 +508,7 @@ fn binary<'a>(op: BinOp, l: &Expr, r: &Expr, env: &Env<'_, 'a>, input: &[Item<'a
         BinOp::Union => {
             let mut all = lv;
             all.extend(rv);
+            env.spend_pairs(all.len(), all.len())?;
             Ok(distinct(all))
         }
         BinOp::Eq | BinOp::NotEq => {
@@ -784,12 +832,17 @@ fn call<'a>(
             } else {
                 (&other, &focus)
             };
+            env.spend_pairs(small.len(), big.len())?;
             b(small.iter().all(|x| contains_item(big, x)))
         }
         F::Count => val(S::Integer(focus.len() as i64)),
-        F::Distinct => Ok(distinct(focus)),
+        F::Distinct => {
+            env.spend_pairs(focus.len(), focus.len())?;
+            Ok(distinct(focus))
+        }
         F::IsDistinct => {
             let n = focus.len();
+            env.spend_pairs(n, n)?;
             b(distinct(focus).len() == n)
         }
         F::Where => {
@@ -814,7 +867,9 @@ fn call<'a>(
             while !queue.is_empty() {
                 let mut next = Vec::new();
                 for (i, item) in queue.iter().enumerate() {
-                    for r in lambda(&args[0], env, item, i)? {
+                    let found = lambda(&args[0], env, item, i)?;
+                    env.spend_pairs(found.len(), out.len())?;
+                    for r in found {
                         if !contains_item(&out, &r) {
                             out.push(r.clone());
                             next.push(r);
@@ -846,6 +901,7 @@ fn call<'a>(
         }
         F::Intersect => {
             let other = eval(&args[0], env, input)?;
+            env.spend_pairs(focus.len(), other.len() + focus.len())?;
             Ok(distinct(
                 focus
                     .into_iter()
@@ -855,6 +911,7 @@ fn call<'a>(
         }
         F::Exclude => {
             let other = eval(&args[0], env, input)?;
+            env.spend_pairs(focus.len(), other.len())?;
             Ok(focus
                 .into_iter()
                 .filter(|x| !contains_item(&other, x))
@@ -863,6 +920,7 @@ fn call<'a>(
         F::Union => {
             let mut all = focus;
             all.extend(eval(&args[0], env, input)?);
+            env.spend_pairs(all.len(), all.len())?;
             Ok(distinct(all))
         }
         F::Combine => {
@@ -880,6 +938,7 @@ fn call<'a>(
                 this: this.clone(),
                 index: env.index,
                 total: env.total,
+                budget: env.budget,
             };
             let cin = if focus.is_empty() {
                 input.to_vec()
@@ -1148,6 +1207,7 @@ fn call<'a>(
                     this: item.clone(),
                     index: Some(i),
                     total: Some(&total),
+                    budget: env.budget,
                 };
                 let next = eval(&args[0], &sub, std::slice::from_ref(item))?;
                 total = next;

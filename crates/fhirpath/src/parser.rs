@@ -240,6 +240,8 @@ impl Parser<'_> {
                     break;
                 }
                 self.next();
+                // Each nests the tree one level, as a binary operator does.
+                self.link()?;
                 let spec = self.type_spec()?;
                 lhs = if kw == "is" {
                     Expr::Is(Box::new(lhs), spec)
