@@ -10,6 +10,9 @@ export FHIRHOSE_REQUIRE_EXTERNAL=1
 # Azure Blob destination: Azurite (npm) on 127.0.0.1:10000.
 ./scripts/azurite.sh
 export FHIRHOSE_TEST_AZURITE=http://127.0.0.1:10000/devstoreaccount1
+# S3 destination: moto (PyPI moto[server]) on 127.0.0.1:5000.
+./scripts/s3.sh
+export FHIRHOSE_TEST_S3=http://127.0.0.1:5000
 # OCI registry for de-identification configs in images: Debian's docker-registry on 127.0.0.1:5001.
 ./scripts/registry.sh
 export FHIRHOSE_TEST_REGISTRY=127.0.0.1:5001
