@@ -29,6 +29,10 @@ pub enum RunError {
     LeaseLost,
     #[error("Group/{0} not found")]
     GroupNotFound(String),
+    /// The Group's membership passes a bound of [`RunSettings`] (nesting depth or members):
+    /// this export fails, the server goes on.
+    #[error("{0}")]
+    GroupTooLarge(String),
     #[error("store: {0}")]
     Store(#[from] store::StoreError),
     #[error("job table: {0}")]
@@ -55,7 +59,10 @@ impl RunError {
     /// The HTTP status the status endpoint answers for a job failed by this error.
     pub fn status(&self) -> u16 {
         match self {
-            RunError::GroupNotFound(_) | RunError::Anonymization(_) | RunError::BadRequest => 400,
+            RunError::GroupNotFound(_)
+            | RunError::GroupTooLarge(_)
+            | RunError::Anonymization(_)
+            | RunError::BadRequest => 400,
             RunError::Sink(e) if e.is_transient() => 503,
             _ => 500,
         }
@@ -73,6 +80,11 @@ pub struct RunSettings {
     pub item_resources: u64,
     /// How often a running item refreshes its lease.
     pub heartbeat_every: Duration,
+    /// Deepest Group nesting followed for a Group-level export (the Group itself is depth 0).
+    pub group_max_depth: usize,
+    /// Most member entries (patients and nested Groups, over all levels) a Group-level export
+    /// resolves.
+    pub group_max_members: usize,
 }
 
 impl Default for RunSettings {
@@ -82,6 +94,8 @@ impl Default for RunSettings {
             file_max_bytes: 64 * 1024 * 1024,
             item_resources: 250_000,
             heartbeat_every: Duration::from_secs(10),
+            group_max_depth: 100,
+            group_max_members: 1_000_000,
         }
     }
 }
@@ -105,9 +119,10 @@ impl Prepared {
         job: JobRecord,
         req: ExportRequest,
         anonymizer: Option<Anonymizer>,
+        settings: &RunSettings,
     ) -> Result<Prepared, RunError> {
         let filters = req.filters.clone();
-        let scope = patient_scope(store, &req)?;
+        let scope = patient_scope(store, &req, settings)?;
         let by_patient = !matches!(req.level, ExportLevel::System) || !req.patients.is_empty();
         let since_after = since_seq(store, &req)?;
         Ok(Prepared {
@@ -192,15 +207,11 @@ pub fn plan(
 fn patient_scope(
     store: &dyn Store,
     req: &ExportRequest,
+    settings: &RunSettings,
 ) -> Result<Option<HashSet<String>>, RunError> {
     let mut set: Option<HashSet<String>> = match &req.level {
         ExportLevel::System | ExportLevel::Patient => None,
-        ExportLevel::Group(id) => {
-            let mut members = HashSet::new();
-            let mut seen = HashSet::new();
-            group_members(store, id, &mut members, &mut seen, true)?;
-            Some(members)
-        }
+        ExportLevel::Group(id) => Some(group_members(store, id, settings)?),
     };
     if !req.patients.is_empty() {
         let wanted: HashSet<String> = req.patients.iter().cloned().collect();
@@ -222,52 +233,73 @@ fn period_covers(start: Option<&str>, end: Option<&str>, now_ms: i64) -> bool {
     starts_ok && ends_ok
 }
 
-/// Active members of a Group (nested Groups followed once): `inactive` members and members
-/// whose `period` does not cover now are left out.
+/// Active patient members of a Group: `inactive` members and members whose `period` does not
+/// cover now are left out; nested Groups are followed once each (a cycle ends there), breadth
+/// first with an explicit queue, so that no nesting depth can exhaust the stack. Nesting deeper
+/// than `group_max_depth` or more than `group_max_members` member entries fail the export.
 fn group_members(
     store: &dyn Store,
     id: &str,
-    out: &mut HashSet<String>,
-    seen: &mut HashSet<String>,
-    top: bool,
-) -> Result<(), RunError> {
-    if !seen.insert(id.to_string()) {
-        return Ok(());
-    }
-    let g = match store.read("Group", id) {
-        Ok(g) => g,
-        Err(store::StoreError::NotFound { .. } | store::StoreError::Gone { .. }) if top => {
-            return Err(RunError::GroupNotFound(id.to_string()));
-        }
-        Err(store::StoreError::NotFound { .. } | store::StoreError::Gone { .. }) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    let v: Value = serde_json::from_slice(&g.json).unwrap_or(Value::Null);
+    settings: &RunSettings,
+) -> Result<HashSet<String>, RunError> {
+    let mut out = HashSet::new();
+    let mut seen: HashSet<String> = HashSet::from([id.to_string()]);
+    let mut queue: std::collections::VecDeque<(String, usize)> =
+        std::collections::VecDeque::from([(id.to_string(), 0)]);
+    let mut entries = 0usize;
     let now = chrono::Utc::now().timestamp_millis();
-    for m in v
-        .get("member")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if m.get("inactive").and_then(Value::as_bool) == Some(true) {
-            continue;
-        }
-        let start = m.pointer("/period/start").and_then(Value::as_str);
-        let end = m.pointer("/period/end").and_then(Value::as_str);
-        if !period_covers(start, end, now) {
-            continue;
-        }
-        let Some(r) = m.pointer("/entity/reference").and_then(Value::as_str) else {
-            continue;
+    while let Some((gid, depth)) = queue.pop_front() {
+        let g = match store.read("Group", &gid) {
+            Ok(g) => g,
+            Err(store::StoreError::NotFound { .. } | store::StoreError::Gone { .. })
+                if gid == id =>
+            {
+                return Err(RunError::GroupNotFound(id.to_string()));
+            }
+            Err(store::StoreError::NotFound { .. } | store::StoreError::Gone { .. }) => continue,
+            Err(e) => return Err(e.into()),
         };
-        if let Some(pid) = r.strip_prefix("Patient/") {
-            out.insert(pid.to_string());
-        } else if let Some(gid) = r.strip_prefix("Group/") {
-            group_members(store, gid, out, seen, false)?;
+        let v: Value = serde_json::from_slice(&g.json).unwrap_or(Value::Null);
+        for m in v
+            .get("member")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            entries += 1;
+            if entries > settings.group_max_members {
+                return Err(RunError::GroupTooLarge(format!(
+                    "Group/{id} has more than {} members (nested Groups included); the limit is --export-group-max-members",
+                    settings.group_max_members
+                )));
+            }
+            if m.get("inactive").and_then(Value::as_bool) == Some(true) {
+                continue;
+            }
+            let start = m.pointer("/period/start").and_then(Value::as_str);
+            let end = m.pointer("/period/end").and_then(Value::as_str);
+            if !period_covers(start, end, now) {
+                continue;
+            }
+            let Some(r) = m.pointer("/entity/reference").and_then(Value::as_str) else {
+                continue;
+            };
+            if let Some(pid) = r.strip_prefix("Patient/") {
+                out.insert(pid.to_string());
+            } else if let Some(nested) = r.strip_prefix("Group/")
+                && seen.insert(nested.to_string())
+            {
+                if depth + 1 > settings.group_max_depth {
+                    return Err(RunError::GroupTooLarge(format!(
+                        "Group/{id} nests Groups more than {} levels deep; the limit is --export-group-max-depth",
+                        settings.group_max_depth
+                    )));
+                }
+                queue.push_back((nested.to_string(), depth + 1));
+            }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Whether a resource belongs to the Patient compartment of a patient in scope.
@@ -944,7 +976,7 @@ pub fn run_export(
     };
     queue.create(&job, &plan(store, req, watermark, settings.item_resources)?)?;
     sink.ensure_container(container)?;
-    let prepared = Prepared::new(store, job, req.clone(), anonymizer)?;
+    let prepared = Prepared::new(store, job, req.clone(), anonymizer, settings)?;
     let ctx = ItemContext {
         store,
         queue: &queue,

@@ -380,7 +380,13 @@ impl ExportService {
                 )
             }
         };
-        let p = Arc::new(Prepared::new(self.store.as_ref(), job, req, anonymizer)?);
+        let p = Arc::new(Prepared::new(
+            self.store.as_ref(),
+            job,
+            req,
+            anonymizer,
+            &self.config.run,
+        )?);
         lock(&self.prepared).insert(job_id.to_string(), p.clone());
         Ok(p)
     }

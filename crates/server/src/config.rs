@@ -67,6 +67,17 @@ pub struct ExportOptions {
     /// Seconds without a heartbeat after which a running work item is taken over.
     #[arg(long, env = "FHIRHOSE_EXPORT_HEARTBEAT_TIMEOUT", default_value_t = 600)]
     pub export_heartbeat_timeout: u64,
+    /// Deepest nesting of Groups a Group-level export follows (deeper: that export fails).
+    #[arg(long, env = "FHIRHOSE_EXPORT_GROUP_MAX_DEPTH", default_value_t = 100)]
+    pub export_group_max_depth: usize,
+    /// Most member entries (over all nested Groups) a Group-level export resolves (more: that
+    /// export fails).
+    #[arg(
+        long,
+        env = "FHIRHOSE_EXPORT_GROUP_MAX_MEMBERS",
+        default_value_t = 1_000_000
+    )]
+    pub export_group_max_members: usize,
     /// Container used when a kick-off has no `_container`.
     #[arg(long, env = "FHIRHOSE_EXPORT_CONTAINER", default_value = "exports")]
     pub export_container: String,
@@ -132,6 +143,8 @@ impl Default for ExportOptions {
             export_item_resources: 250_000,
             export_max_concurrent: 4,
             export_heartbeat_timeout: 600,
+            export_group_max_depth: 100,
+            export_group_max_members: 1_000_000,
             export_container: "exports".into(),
             export_destination: "local".into(),
             azure_connection_string: None,
@@ -249,6 +262,8 @@ impl ExportOptions {
         c.run.file_max_resources = self.export_file_resources;
         c.run.file_max_bytes = self.export_file_mb.saturating_mul(1024 * 1024);
         c.run.item_resources = self.export_item_resources;
+        c.run.group_max_depth = self.export_group_max_depth;
+        c.run.group_max_members = self.export_group_max_members;
         c.max_concurrent = self.export_max_concurrent;
         c.heartbeat_timeout = std::time::Duration::from_secs(self.export_heartbeat_timeout);
         c.default_container = self.export_container.clone();
