@@ -361,7 +361,7 @@ pub fn shift_date(
         return Shifted::Redacted(redact_date(text, is_date, partial, today));
     }
     let Some(date) = NaiveDate::from_ymd_opt(p.year, m, d)
-        .and_then(|nd| nd.checked_add_signed(chrono::Duration::days(offset)))
+        .and_then(|nd| nd.checked_add_signed(chrono::Duration::try_days(offset)?))
     else {
         return Shifted::Unchanged;
     };
