@@ -17,6 +17,9 @@ pub struct SearchPage {
     pub total: Option<u64>,
     /// Cursor of the next page, when there is one.
     pub next_cursor: Option<String>,
+    /// Why the page is incomplete (included resources left out at a limit), for the
+    /// OperationOutcome entry.
+    pub warnings: Vec<String>,
 }
 
 fn encode_component(s: &str) -> String {
@@ -85,9 +88,17 @@ pub fn searchset_bundle(
             entry(r, "include");
         }
     }
-    if !q.ignored.is_empty() {
+    if !q.ignored.is_empty() || !page.warnings.is_empty() {
+        let mut outcome = ignored_outcome(&q.ignored);
+        if let Some(issues) = outcome["issue"].as_array_mut() {
+            issues.extend(
+                page.warnings.iter().map(
+                    |w| json!({"severity": "warning", "code": "too-costly", "diagnostics": w}),
+                ),
+            );
+        }
         entries.push(json!({
-            "resource": ignored_outcome(&q.ignored),
+            "resource": outcome,
             "search": {"mode": "outcome"},
         }));
     }

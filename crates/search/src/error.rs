@@ -22,6 +22,22 @@ pub enum SearchError {
     /// A malformed value, prefix or modifier. → 400 (`invalid`), lenient or not.
     #[error("invalid value for search parameter '{param}': {reason}")]
     InvalidValue { param: String, reason: String },
+    /// The request asks for more than a bound of [`crate::SearchLimits`] allows (parameters,
+    /// lengths, values, sort keys, includes), or more than the database can take in one
+    /// statement. `param` names the parameter (empty when no single one is to blame).
+    /// → 400 (`too-costly`), lenient or not.
+    #[error("search parameter '{param}' exceeds a limit: {reason}")]
+    TooCostly { param: String, reason: String },
+    /// The search ran longer than the server's time limit (`--search-timeout`) and was stopped.
+    /// → 503 (`timeout`).
+    #[error(
+        "the search was stopped after the server's time limit of {limit:?}; narrow it (fewer values, sort keys or includes, a smaller _count)"
+    )]
+    Timeout { limit: std::time::Duration },
+    /// The search was stopped because its client went away (nobody reads the answer).
+    /// → 503 (`timeout`).
+    #[error("the search was cancelled")]
+    Cancelled,
     /// The storage layer failed while executing a search. → 500.
     #[error("store error: {0}")]
     Store(String),
@@ -30,6 +46,13 @@ pub enum SearchError {
 impl SearchError {
     pub(crate) fn invalid(param: &str, reason: impl Into<String>) -> Self {
         SearchError::InvalidValue {
+            param: param.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn too_costly(param: &str, reason: impl Into<String>) -> Self {
+        SearchError::TooCostly {
             param: param.to_string(),
             reason: reason.into(),
         }
@@ -49,6 +72,7 @@ impl SearchError {
             SearchError::UnknownParameter { param, .. }
             | SearchError::Unsupported { param, .. }
             | SearchError::InvalidValue { param, .. } => Some(param),
+            SearchError::TooCostly { param, .. } if !param.is_empty() => Some(param),
             _ => None,
         }
     }
@@ -63,10 +87,12 @@ impl SearchError {
 }
 
 impl SearchError {
-    /// The HTTP status this error maps to: 400 for every client error, 500 for the store.
+    /// The HTTP status this error maps to: 400 for every client error, 503 for a search stopped
+    /// by the time limit (or its client), 500 for the store.
     pub fn http_status(&self) -> u16 {
         match self {
             SearchError::Store(_) => 500,
+            SearchError::Timeout { .. } | SearchError::Cancelled => 503,
             _ => 400,
         }
     }
@@ -78,6 +104,8 @@ impl SearchError {
             | SearchError::UnknownParameter { .. }
             | SearchError::Unsupported { .. } => "not-supported",
             SearchError::InvalidValue { .. } => "invalid",
+            SearchError::TooCostly { .. } => "too-costly",
+            SearchError::Timeout { .. } | SearchError::Cancelled => "timeout",
             SearchError::Store(_) => "exception",
         }
     }

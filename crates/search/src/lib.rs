@@ -38,8 +38,8 @@ pub use error::SearchError;
 pub use indexer::SearchIndexer;
 pub use predicate::{Predicate, PredicateSet};
 pub use query::{
-    Filter, Ignored, Include, ParseOptions, Prefix, SearchQuery, SortKey, StringMatch, TotalMode,
-    Value, parse_query, parse_query_string,
+    Filter, Ignored, Include, ParseOptions, Prefix, SearchLimits, SearchQuery, SortKey,
+    StringMatch, TotalMode, Value, parse_query, parse_query_string,
 };
 pub use reindex::reindex;
-pub use sql::{execute, search_bundle};
+pub use sql::{ExecOptions, SearchControl, execute, execute_with, search_bundle};

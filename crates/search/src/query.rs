@@ -189,6 +189,160 @@ pub struct ParseOptions {
     pub predicate_only: bool,
 }
 
+/// Bounds on what one search request may ask for (the server's `--search-*` flags). A request
+/// beyond one is refused with [`SearchError::TooCostly`] (400 `too-costly`) naming the
+/// parameter; included resources beyond [`SearchLimits::max_included`] are left out of the page
+/// with a warning. Chains are one level deep and `_has` does not nest, whatever the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchLimits {
+    /// Parameters in one request (`_format` and `_pretty` not counted).
+    pub max_params: usize,
+    /// Bytes of one parameter, name and value together (after percent-decoding).
+    pub max_value_bytes: usize,
+    /// Bytes of all parameters together.
+    pub max_query_bytes: usize,
+    /// Values over the whole request: every item of every comma-separated OR list.
+    pub max_values: usize,
+    /// `_sort` keys.
+    pub max_sort_keys: usize,
+    /// `_include` and `_revinclude` parameters together.
+    pub max_includes: usize,
+    /// Resources `_include`/`_revinclude` add to one page; more are left out, with a warning in
+    /// the Bundle's OperationOutcome.
+    pub max_included: usize,
+    /// Longest a search may run before it is stopped (503 `timeout`).
+    pub timeout: std::time::Duration,
+}
+
+impl Default for SearchLimits {
+    fn default() -> Self {
+        SearchLimits {
+            max_params: 50,
+            max_value_bytes: 8 * 1024,
+            max_query_bytes: 32 * 1024,
+            max_values: 1000,
+            max_sort_keys: 8,
+            max_includes: 10,
+            max_included: 1000,
+            timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+impl SearchLimits {
+    /// The checks on the raw (name, value) pairs, before any parsing work: how many there are
+    /// and how long they are.
+    pub fn check_request(&self, params: &[(String, String)]) -> Result<(), SearchError> {
+        let mut count = 0usize;
+        let mut total = 0usize;
+        for (name, value) in params {
+            if matches!(name.as_str(), "_format" | "_pretty") {
+                continue;
+            }
+            count += 1;
+            if count > self.max_params {
+                return Err(SearchError::too_costly(
+                    name,
+                    format!("more than {} search parameters", self.max_params),
+                ));
+            }
+            let len = name.len() + value.len();
+            if len > self.max_value_bytes {
+                return Err(SearchError::too_costly(
+                    clip(name),
+                    format!(
+                        "the parameter has {len} bytes; at most {} are allowed",
+                        self.max_value_bytes
+                    ),
+                ));
+            }
+            total += len;
+            if total > self.max_query_bytes {
+                return Err(SearchError::too_costly(
+                    clip(name),
+                    format!(
+                        "the search parameters have more than {} bytes together",
+                        self.max_query_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks on a parsed query: sort keys, includes and values.
+    pub fn check_query(&self, q: &SearchQuery) -> Result<(), SearchError> {
+        if q.sort.len() > self.max_sort_keys {
+            return Err(SearchError::too_costly(
+                "_sort",
+                format!(
+                    "{} sort keys; at most {} are allowed",
+                    q.sort.len(),
+                    self.max_sort_keys
+                ),
+            ));
+        }
+        let includes = q.includes.len() + q.revincludes.len();
+        if includes > self.max_includes {
+            let param = if q.revincludes.is_empty() {
+                "_include"
+            } else {
+                "_revinclude"
+            };
+            return Err(SearchError::too_costly(
+                param,
+                format!(
+                    "{includes} _include/_revinclude parameters; at most {} are allowed",
+                    self.max_includes
+                ),
+            ));
+        }
+        let mut values = 0usize;
+        for f in &q.filters {
+            values += f.value_count();
+            if values > self.max_values {
+                return Err(SearchError::too_costly(
+                    f.code(),
+                    format!(
+                        "more than {} search values in one request (comma-separated values count one each)",
+                        self.max_values
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parameter name short enough to be echoed in an OperationOutcome.
+fn clip(name: &str) -> &str {
+    match name.char_indices().nth(100) {
+        Some((i, _)) => &name[..i],
+        None => name,
+    }
+}
+
+impl Filter {
+    /// The values this filter compares (its OR list, or its inner filter's).
+    pub fn value_count(&self) -> usize {
+        match self {
+            Filter::Param { values, .. } => values.len(),
+            Filter::Missing { .. } => 1,
+            Filter::Chain { inner, .. } | Filter::Has { inner, .. } => inner.value_count(),
+        }
+    }
+
+    /// The parameter code of the searched type this filter is about (`_has` for `_has`).
+    pub fn code(&self) -> &str {
+        match self {
+            Filter::Param { code, .. }
+            | Filter::Missing { code, .. }
+            | Filter::Chain { code, .. } => code,
+            Filter::Has { .. } => "_has",
+        }
+    }
+}
+
 /// Parses a search request.
 pub fn parse_query(
     resource_type: &str,

@@ -6,6 +6,9 @@
 //! index table is already restricted to current resources.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use fhir_model::SearchParamType;
 use rusqlite::Connection;
@@ -24,15 +27,142 @@ const TYPE_SHIFT: u32 = 40;
 /// How many `_include:iterate` rounds are followed.
 const MAX_ITERATE: usize = 3;
 
+/// Most SQL parameters one statement may bind (SQLite allows 32,766).
+const MAX_SQL_PARAMS: usize = 30_000;
+
 impl From<StoreError> for SearchError {
     fn from(e: StoreError) -> Self {
-        SearchError::Store(e.to_string())
+        if store::sqlite::is_interrupted(&e) {
+            return SearchError::Cancelled;
+        }
+        match e {
+            StoreError::Sqlite(e) => e.into(),
+            e => SearchError::Store(e.to_string()),
+        }
     }
 }
 
 impl From<rusqlite::Error> for SearchError {
+    /// A statement beyond what SQLite takes (too long, too many variables, too deep an
+    /// expression) is the request's size, not a server fault: 400.
     fn from(e: rusqlite::Error) -> Self {
+        if let rusqlite::Error::SqliteFailure(f, msg) = &e {
+            let msg = msg.as_deref().unwrap_or_default();
+            if f.code == rusqlite::ErrorCode::OperationInterrupted {
+                return SearchError::Cancelled;
+            }
+            if f.code == rusqlite::ErrorCode::TooBig
+                || msg.contains("too many SQL variables")
+                || msg.contains("too large")
+                || msg.contains("too many terms")
+                || msg.contains("stack overflow")
+            {
+                tracing::info!(error = %e, "search refused: too large for one SQL statement");
+                return SearchError::too_costly("", "the search is too large; use fewer values");
+            }
+        }
         SearchError::Store(e.to_string())
+    }
+}
+
+/// The owner's handle on a running search: it stops when [`SearchControl::cancel`] is called
+/// (the client went away) or its time limit passes, checked by SQLite while statements run.
+/// Clones share the state.
+#[derive(Debug, Clone)]
+pub struct SearchControl {
+    cancelled: Arc<AtomicBool>,
+    deadline: Option<Instant>,
+    limit: Duration,
+}
+
+impl SearchControl {
+    /// A search that may run for `limit`.
+    pub fn new(limit: Duration) -> SearchControl {
+        SearchControl {
+            cancelled: Arc::new(AtomicBool::new(false)),
+            deadline: Instant::now().checked_add(limit),
+            limit,
+        }
+    }
+
+    /// Stops the search at its next check.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    fn timed_out(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    fn should_stop(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed) || self.timed_out()
+    }
+
+    /// A guard that cancels the search when dropped: hold it in the async handler, whose future
+    /// is dropped when the client disconnects (the blocking work it started is not).
+    pub fn cancel_on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.clone())
+    }
+}
+
+/// See [`SearchControl::cancel_on_drop`].
+#[derive(Debug)]
+pub struct CancelOnDrop(SearchControl);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// How [`execute_with`] runs a search.
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// Stops the search (cancelled or out of time); `None` runs it to the end.
+    pub control: Option<SearchControl>,
+    /// Resources `_include`/`_revinclude` add to the page at most (more are left out, with a
+    /// warning on the page).
+    pub max_included: usize,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            control: None,
+            max_included: usize::MAX,
+        }
+    }
+}
+
+/// What the statements of one search run with: the store and the stop check.
+struct Run<'s> {
+    store: &'s SqliteStore,
+    stop: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    max_included: usize,
+}
+
+impl Run<'_> {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, SearchError> {
+        Ok(match &self.stop {
+            Some(stop) => self.store.with_reader_until(stop, f)?,
+            None => self.store.with_reader(f)?,
+        })
+    }
+}
+
+/// `a OR b OR …` as a balanced tree: SQLite limits an expression's depth to 1,000, and a flat
+/// chain of ORs is as deep as it is long.
+fn any_of(conds: &[String]) -> String {
+    match conds {
+        [] => "0".to_string(),
+        [one] => one.clone(),
+        _ => {
+            let (a, b) = conds.split_at(conds.len() / 2);
+            format!("({} OR {})", any_of(a), any_of(b))
+        }
     }
 }
 
@@ -125,7 +255,7 @@ impl<'s> Builder<'s> {
                         "{kexpr} IN (SELECT k FROM {t} WHERE type_no = {tn} AND {pm})"
                     ));
                 }
-                let present = present.join(" OR ");
+                let present = any_of(&present);
                 if *missing {
                     format!("NOT ({present})")
                 } else {
@@ -156,7 +286,7 @@ impl<'s> Builder<'s> {
                 if alts.is_empty() {
                     "0".to_string()
                 } else {
-                    format!("({})", alts.join(" OR "))
+                    format!("({})", any_of(&alts))
                 }
             }
             Filter::Has {
@@ -219,7 +349,7 @@ impl<'s> Builder<'s> {
         let pm = self.param_match(resource_type, code, table, "d.");
         Some((
             table,
-            format!("d.type_no = {tn} AND {pm} AND ({})", conds.join(" OR ")),
+            format!("d.type_no = {tn} AND {pm} AND ({})", any_of(&conds)),
         ))
     }
 
@@ -311,7 +441,7 @@ impl<'s> Builder<'s> {
         Ok(if alts.is_empty() {
             "0".into()
         } else {
-            format!("({})", alts.join(" OR "))
+            format!("({})", any_of(&alts))
         })
     }
 
@@ -342,20 +472,20 @@ impl<'s> Builder<'s> {
                 let pc = self.param_match(resource_type, code, table, "+");
                 parts.push(format!(
                     "EXISTS (SELECT 1 FROM {table} WHERE k = {kexpr} AND +type_no = {tn} AND {pc} AND ({}))",
-                    conds.join(" OR ")
+                    any_of(&conds)
                 ));
             } else {
                 let pc = self.param_match(resource_type, code, table, "");
                 parts.push(format!(
                     "{kexpr} IN (SELECT k FROM {table} WHERE type_no = {tn} AND {pc} AND ({}))",
-                    conds.join(" OR ")
+                    any_of(&conds)
                 ));
             }
         }
         Ok(if parts.is_empty() {
             "0".into()
         } else {
-            format!("({})", parts.join(" OR "))
+            format!("({})", any_of(&parts))
         })
     }
 
@@ -607,6 +737,35 @@ fn parse_json(bytes: &[u8]) -> Result<Json, SearchError> {
 
 /// Runs a search on the SQLite store: one page of matches, includes, total and next cursor.
 pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, SearchError> {
+    execute_with(store, q, &ExecOptions::default())
+}
+
+/// [`execute`] that stops when `opts.control` says so ([`SearchError::Timeout`] past its time
+/// limit, [`SearchError::Cancelled`] when cancelled) and bounds the included resources.
+pub fn execute_with(
+    store: &SqliteStore,
+    q: &SearchQuery,
+    opts: &ExecOptions,
+) -> Result<SearchPage, SearchError> {
+    let run = Run {
+        store,
+        stop: opts
+            .control
+            .clone()
+            .map(|c| Arc::new(move || c.should_stop()) as Arc<dyn Fn() -> bool + Send + Sync>),
+        max_included: opts.max_included,
+    };
+    match run_page(&run, q) {
+        Err(SearchError::Cancelled) => match &opts.control {
+            Some(c) if c.timed_out() => Err(SearchError::Timeout { limit: c.limit }),
+            _ => Err(SearchError::Cancelled),
+        },
+        other => other,
+    }
+}
+
+fn run_page(run: &Run<'_>, q: &SearchQuery) -> Result<SearchPage, SearchError> {
+    let store = run.store;
     let mut b = Builder::new(store);
     let type_no = b.type_no(&q.resource_type)?;
     let (lo, hi) = k_bounds(type_no);
@@ -639,6 +798,12 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
         b.probe = false;
         filter_sqls.push(c);
     }
+    if b.params.len() > MAX_SQL_PARAMS {
+        return Err(SearchError::too_costly(
+            "",
+            "the search is too large; use fewer values",
+        ));
+    }
     let base_where = where_.clone();
     for c in &filter_sqls {
         where_.push_str(" AND ");
@@ -648,7 +813,7 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
     let mut page = SearchPage::default();
     if q.total == TotalMode::Accurate || q.summary_count || q.count == 0 {
         let sql = format!("SELECT count(*) FROM resource_versions rv WHERE {where_}");
-        let n: i64 = store.with_reader(|conn| {
+        let n: i64 = run.read(|conn| {
             Ok(conn
                 .prepare(&sql)?
                 .query_row(rusqlite::params_from_iter(b.params.iter()), |r| r.get(0))?)
@@ -684,14 +849,14 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
             "SELECT rv.k, rv.id, rv.json FROM {table} d JOIN resource_versions rv ON rv.k = d.k \
              WHERE {cond} AND {w} GROUP BY d.k ORDER BY d.k LIMIT {limit}"
         );
-        let rows: Vec<(i64, String, Vec<u8>, Vec<Sql>)> = store.with_reader(|conn| {
+        let rows: Vec<(i64, String, Vec<u8>, Vec<Sql>)> = run.read(|conn| {
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(b.params.iter()), |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, Vec::new()))
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })?;
-        return finish_page(store, q, page, rows);
+        return finish_page(run, q, page, rows);
     }
     let sort_exprs: Vec<String> = q
         .sort
@@ -728,7 +893,7 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
          WHERE {outer_where} ORDER BY {order} LIMIT {limit}"
     );
     let nsort = q.sort.len();
-    let rows: Vec<(i64, String, Vec<u8>, Vec<Sql>)> = store.with_reader(|conn| {
+    let rows: Vec<(i64, String, Vec<u8>, Vec<Sql>)> = run.read(|conn| {
         let mut stmt = conn.prepare(&sql)?;
         let mut rows = stmt.query(rusqlite::params_from_iter(b.params.iter()))?;
         let mut out = Vec::new();
@@ -741,12 +906,12 @@ pub fn execute(store: &SqliteStore, q: &SearchQuery) -> Result<SearchPage, Searc
         }
         Ok(out)
     })?;
-    finish_page(store, q, page, rows)
+    finish_page(run, q, page, rows)
 }
 
 /// Cuts the extra row into a cursor, parses the matches and adds the includes.
 fn finish_page(
-    store: &SqliteStore,
+    run: &Run<'_>,
     q: &SearchQuery,
     mut page: SearchPage,
     mut rows: Vec<(i64, String, Vec<u8>, Vec<Sql>)>,
@@ -765,18 +930,33 @@ fn finish_page(
         page.matches.push(parse_json(json)?);
     }
     if !q.includes.is_empty() || !q.revincludes.is_empty() {
-        page.included = includes(store, q, page_refs, &mut seen)?;
+        let (included, complete) = includes(run, q, page_refs, &mut seen)?;
+        page.included = included;
+        if !complete {
+            tracing::info!(
+                resource_type = %q.resource_type,
+                limit = run.max_included,
+                "included resources left out at the limit"
+            );
+            page.warnings.push(format!(
+                "only the first {} included resources are in this page (the server's limit); ask for a smaller _count or fewer includes to get them all",
+                run.max_included
+            ));
+        }
     }
     Ok(page)
 }
 
-/// `_include` and `_revinclude` (with `:iterate` up to [`MAX_ITERATE`] rounds).
+/// `_include` and `_revinclude` (with `:iterate` up to [`MAX_ITERATE`] rounds), at most
+/// `run.max_included` resources; the flag is false when some were left out at that limit.
 fn includes(
-    store: &SqliteStore,
+    run: &Run<'_>,
     q: &SearchQuery,
     mut frontier: Vec<(String, String, i64)>,
     seen: &mut HashSet<(String, String)>,
-) -> Result<Vec<Json>, SearchError> {
+) -> Result<(Vec<Json>, bool), SearchError> {
+    let store = run.store;
+    let max = run.max_included;
     let mut out = Vec::new();
     let mut type_nos: HashMap<String, i64> = HashMap::new();
     let mut type_no = |t: &str| -> Result<i64, SearchError> {
@@ -793,11 +973,14 @@ fn includes(
         for inc in q.includes.iter().filter(|i| applies(i)) {
             for (t, _, k) in frontier.iter().filter(|(t, _, _)| *t == inc.source_type) {
                 let tno = type_no(t)?;
-                let targets = include_targets(store, tno, *k, inc)?;
+                let targets = include_targets(run, tno, *k, inc)?;
                 for (tt, tid) in targets {
                     if seen.insert((tt.clone(), tid.clone())) {
                         let ttno = type_no(&tt)?;
-                        if let Some((k2, json)) = read_current(store, ttno, &tid)? {
+                        if let Some((k2, json)) = read_current(run, ttno, &tid)? {
+                            if out.len() >= max {
+                                return Ok((out, false));
+                            }
                             out.push(parse_json(&json)?);
                             next.push((tt, tid, k2));
                         }
@@ -811,8 +994,13 @@ fn includes(
                 if inc.target_type.as_ref().is_some_and(|tt| tt != t) {
                     continue;
                 }
-                for (k2, sid, json) in revinclude_sources(store, sno, inc, t, id)? {
+                // One more than may still be added: enough to tell that the limit was reached.
+                let room = max.saturating_sub(out.len()).saturating_add(1);
+                for (k2, sid, json) in revinclude_sources(run, sno, inc, t, id, room)? {
                     if seen.insert((inc.source_type.clone(), sid.clone())) {
+                        if out.len() >= max {
+                            return Ok((out, false));
+                        }
                         out.push(parse_json(&json)?);
                         next.push((inc.source_type.clone(), sid, k2));
                     }
@@ -824,16 +1012,16 @@ fn includes(
         }
         frontier = next;
     }
-    Ok(out)
+    Ok((out, true))
 }
 
 fn include_targets(
-    store: &SqliteStore,
+    run: &Run<'_>,
     type_no: i64,
     k: i64,
     inc: &Include,
 ) -> Result<Vec<(String, String)>, SearchError> {
-    let mut b = Builder::new(store);
+    let mut b = Builder::new(run.store);
     let mut sql = format!(
         "SELECT target_type, target_id FROM idx_reference WHERE k = {} AND +type_no = {} AND target_id IS NOT NULL",
         b.p(Sql::Integer(k)),
@@ -847,23 +1035,24 @@ fn include_targets(
         sql.push_str(&format!(" AND target_type = {}", b.p(text(t))));
     }
     let params = b.params;
-    Ok(store.with_reader(|conn| {
+    run.read(|conn| {
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    })?)
+    })
 }
 
 fn revinclude_sources(
-    store: &SqliteStore,
+    run: &Run<'_>,
     source_type_no: i64,
     inc: &Include,
     target_type: &str,
     target_id: &str,
+    limit: usize,
 ) -> Result<Vec<(i64, String, Vec<u8>)>, SearchError> {
-    let mut b = Builder::new(store);
+    let mut b = Builder::new(run.store);
     let mut sql = format!(
         "SELECT DISTINCT rv.k, rv.id, rv.json FROM idx_reference r JOIN resource_versions rv ON rv.k = r.k \
          WHERE r.type_no = {} AND r.target_id = {} AND r.target_type = {}",
@@ -875,24 +1064,25 @@ fn revinclude_sources(
         let pm = b.param_match(&inc.source_type, p, "idx_reference", "r.");
         sql.push_str(&format!(" AND {pm}"));
     }
+    let limit = b.p(Sql::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
     let params = b.params;
-    sql.push_str(" ORDER BY rv.k");
-    Ok(store.with_reader(|conn| {
+    sql.push_str(&format!(" ORDER BY rv.k LIMIT {limit}"));
+    run.read(|conn| {
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    })?)
+    })
 }
 
 fn read_current(
-    store: &SqliteStore,
+    run: &Run<'_>,
     type_no: i64,
     id: &str,
 ) -> Result<Option<(i64, Vec<u8>)>, SearchError> {
     use rusqlite::OptionalExtension;
-    Ok(store.with_reader(|conn: &Connection| {
+    run.read(|conn: &Connection| {
         Ok(conn
             .prepare_cached(
                 "SELECT k, json FROM resource_versions WHERE type_no = ?1 AND id = ?2 \
@@ -902,7 +1092,7 @@ fn read_current(
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?)
-    })?)
+    })
 }
 
 /// The whole `GET /[type]` / `POST /[type]/_search` flow for the server: parse the request's

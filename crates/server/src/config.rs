@@ -39,6 +39,83 @@ pub struct ServeConfig {
     pub token_lifetime: u64,
     #[command(flatten)]
     pub export: ExportOptions,
+    #[command(flatten)]
+    pub search: SearchOptions,
+}
+
+/// Bounds on one search request (each beyond its bound: 400 `too-costly` naming the parameter).
+#[derive(Debug, Clone, Args)]
+pub struct SearchOptions {
+    /// Seconds a search may run; then it is stopped and answers 503 (`timeout`).
+    #[arg(long, env = "FHIRHOSE_SEARCH_TIMEOUT", default_value_t = 30)]
+    pub search_timeout: u64,
+    /// Search parameters in one request.
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_PARAMS", default_value_t = 50)]
+    pub search_max_params: usize,
+    /// Bytes of one search parameter (name and value).
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_VALUE_BYTES", default_value_t = 8192)]
+    pub search_max_value_bytes: usize,
+    /// Bytes of all search parameters of a request together.
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_QUERY_BYTES", default_value_t = 32768)]
+    pub search_max_query_bytes: usize,
+    /// Values in one search request (each item of a comma-separated OR list counts).
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_VALUES", default_value_t = 1000)]
+    pub search_max_values: usize,
+    /// `_sort` keys.
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_SORT_KEYS", default_value_t = 8)]
+    pub search_max_sort_keys: usize,
+    /// `_include` and `_revinclude` parameters of one search together.
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_INCLUDES", default_value_t = 10)]
+    pub search_max_includes: usize,
+    /// Included resources in one page; more are left out with a warning in the Bundle.
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_INCLUDED", default_value_t = 1000)]
+    pub search_max_included: usize,
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        let d = search::SearchLimits::default();
+        SearchOptions {
+            search_timeout: d.timeout.as_secs(),
+            search_max_params: d.max_params,
+            search_max_value_bytes: d.max_value_bytes,
+            search_max_query_bytes: d.max_query_bytes,
+            search_max_values: d.max_values,
+            search_max_sort_keys: d.max_sort_keys,
+            search_max_includes: d.max_includes,
+            search_max_included: d.max_included,
+        }
+    }
+}
+
+impl SearchOptions {
+    /// The limits the search handler applies.
+    pub fn limits(&self) -> search::SearchLimits {
+        search::SearchLimits {
+            max_params: self.search_max_params,
+            max_value_bytes: self.search_max_value_bytes,
+            max_query_bytes: self.search_max_query_bytes,
+            max_values: self.search_max_values,
+            max_sort_keys: self.search_max_sort_keys,
+            max_includes: self.search_max_includes,
+            max_included: self.search_max_included,
+            timeout: std::time::Duration::from_secs(self.search_timeout),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.search_timeout == 0
+            || self.search_max_params == 0
+            || self.search_max_value_bytes == 0
+            || self.search_max_query_bytes == 0
+            || self.search_max_values == 0
+        {
+            return Err(ConfigError::Search(
+                "--search-timeout, --search-max-params, --search-max-value-bytes, --search-max-query-bytes and --search-max-values must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `$export` options.
@@ -305,6 +382,8 @@ pub enum ConfigError {
     Export(String),
     #[error("{0}")]
     Auth(String),
+    #[error("{0}")]
+    Search(String),
 }
 
 /// A registry failure as the kick-off reports it: 400 for what the request got wrong, 503 for
@@ -335,6 +414,7 @@ impl ServeConfig {
         if self.max_body_bytes < 1024 {
             return Err(ConfigError::BodyLimit);
         }
+        self.search.validate()?;
         let e = &self.export;
         if e.export_workers == Some(0) {
             return Err(ConfigError::Export(

@@ -110,6 +110,17 @@ impl From<search::SearchError> for ApiError {
                 }
                 err
             }
+            search::SearchError::TooCostly { .. }
+            | search::SearchError::Timeout { .. }
+            | search::SearchError::Cancelled => {
+                let status = StatusCode::from_u16(e.http_status())
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                let mut err = ApiError::new(status, e.issue_code(), e.to_string());
+                if let Some(p) = e.param() {
+                    err = err.at(p.to_string());
+                }
+                err
+            }
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct AppState {
     pub auth: auth::Auth,
     pub max_body_bytes: usize,
     pub export: Arc<export::ExportService>,
+    /// Bounds on search requests and their time limit (`--search-*`).
+    pub search_limits: search::SearchLimits,
 }
 
 impl AppState {
@@ -76,6 +78,7 @@ impl AppState {
             auth,
             max_body_bytes,
             export,
+            search_limits: search::SearchLimits::default(),
         })
     }
 }
@@ -178,6 +181,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         config.max_body_bytes,
         export_config,
     )?;
+    let state = AppState {
+        search_limits: config.search.limits(),
+        ..state
+    };
     let resumed = state.export.resume()?;
     if resumed > 0 {
         tracing::info!(resumed, "export jobs resumed");

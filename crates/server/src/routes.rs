@@ -713,11 +713,38 @@ async fn run_search(
         lenient: negotiate::lenient(headers),
         predicate_only: false,
     };
+    let limits = state.search_limits;
+    limits.check_request(&pairs)?;
     let q = search::parse_query(&rtype, &pairs, opts)?;
+    limits.check_query(&q)?;
     authorize_search(&ctx, &q)?;
     let store = state.store.clone();
     let q2 = q.clone();
-    let mut page = blocking(move || Ok(search::execute(&store, &q2)?)).await?;
+    // The blocking search outlives this future when the client goes away (axum drops the
+    // handler, not the blocking task): the guard stops it then, SQLite checks the time limit.
+    let control = search::SearchControl::new(limits.timeout);
+    let _stop_when_dropped = control.cancel_on_drop();
+    let exec = search::ExecOptions {
+        control: Some(control),
+        max_included: limits.max_included,
+    };
+    let span = tracing::Span::current();
+    let mut page = blocking(move || {
+        let _request = span.enter();
+        tracing::debug!(resource_type = %q2.resource_type, "search running");
+        let result = search::execute_with(&store, &q2, &exec);
+        match &result {
+            Err(search::SearchError::Cancelled) => {
+                tracing::info!(resource_type = %q2.resource_type, "search stopped: the client went away");
+            }
+            Err(search::SearchError::Timeout { limit }) => {
+                tracing::warn!(resource_type = %q2.resource_type, limit = ?limit, "search stopped: time limit");
+            }
+            _ => {}
+        }
+        Ok(result?)
+    })
+    .await?;
     // `_include` without a target type (or `*`) may reach types the client cannot read: withhold them.
     page.included.retain(|r| {
         r.get("resourceType")

@@ -230,6 +230,36 @@ impl SqliteStore {
         f(&conn)
     }
 
+    /// [`SqliteStore::with_reader`] whose statements stop as soon as `stop` answers true (a
+    /// client that went away, a time limit): SQLite asks it every thousand virtual-machine
+    /// steps through a progress handler, and it is asked once before `f` starts. A stopped
+    /// statement fails with `SQLITE_INTERRUPT` ([`is_interrupted`]). The handler is removed
+    /// before the connection goes back to the pool, also when `f` panics.
+    pub fn with_reader_until<T>(
+        &self,
+        stop: &Arc<dyn Fn() -> bool + Send + Sync>,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if stop() {
+            return Err(interrupted());
+        }
+        struct Handler<'p, 'a>(&'p mut PooledConn<'a>);
+        impl Drop for Handler<'_, '_> {
+            fn drop(&mut self) {
+                if let Some(conn) = self.0.conn.as_mut() {
+                    let _ = conn.progress_handler(0, None::<fn() -> bool>);
+                }
+            }
+        }
+        let mut pooled = self.readers.get();
+        let stop = Arc::clone(stop);
+        if let Some(conn) = pooled.conn.as_mut() {
+            conn.progress_handler(1000, Some(move || stop()))?;
+        }
+        let handler = Handler(&mut pooled);
+        f(&*handler.0)
+    }
+
     /// The type number used in `k` and in the index tables; `None` if the type was never written.
     pub fn type_no(&self, resource_type: &str) -> Result<Option<i64>, StoreError> {
         if let Some(no) = self.cached_type(resource_type) {
@@ -317,6 +347,19 @@ impl SqliteStore {
         types.extend(added);
         Ok(())
     }
+}
+
+/// Whether `e` is a statement stopped by the `stop` of [`SqliteStore::with_reader_until`].
+pub fn is_interrupted(e: &StoreError) -> bool {
+    matches!(e, StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+        if f.code == rusqlite::ErrorCode::OperationInterrupted)
+}
+
+fn interrupted() -> StoreError {
+    StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERRUPT),
+        None,
+    ))
 }
 
 fn configure(conn: &Connection, cache_kib: i64) -> Result<(), StoreError> {
