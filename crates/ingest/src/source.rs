@@ -145,9 +145,10 @@ pub enum ItemContent {
 #[derive(Debug)]
 pub enum Unit {
     /// Consecutive lines of an NDJSON file; `first_line` is the 1-based number of the first.
+    /// Bytes as read: a line that is not UTF-8 is one malformed line, not a failed file.
     Lines {
         first_line: usize,
-        lines: Vec<String>,
+        lines: Vec<Vec<u8>>,
     },
     /// The whole (decompressed) content of a `.json` file.
     Document(Vec<u8>),
@@ -176,8 +177,8 @@ pub fn read_units(
             let mut lines = Vec::with_capacity(UNIT_LINES);
             let mut bytes = 0;
             loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).map_err(io)? == 0 {
+                let mut line = Vec::new();
+                if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {
                     break;
                 }
                 bytes += line.len();
@@ -217,16 +218,23 @@ pub fn unit_items(
     match unit {
         Unit::Lines { first_line, lines } => {
             for (i, line) in lines.iter().enumerate() {
-                let text = line.trim();
-                if text.is_empty() {
-                    continue;
-                }
+                // Text that is not UTF-8 takes the slice reader, for its exact error.
+                let parsed = match std::str::from_utf8(line) {
+                    Ok(text) => {
+                        let text = text.trim();
+                        if text.is_empty() {
+                            continue;
+                        }
+                        json::from_str(text, &mut scratch)
+                    }
+                    Err(_) => json::from_slice(line.trim_ascii(), &mut scratch),
+                };
                 let location = Location {
                     file: file.clone(),
                     line: Some(first_line + i),
                     entry: None,
                 };
-                f(match json::from_str(text, &mut scratch) {
+                f(match parsed {
                     Ok(v) => Ok(Item {
                         location,
                         full_url: None,
@@ -1120,7 +1128,13 @@ mod tests {
         assert_eq!(streamed(&file, Unit::Document(bytes)), want);
         let lines = || Unit::Lines {
             first_line: 3,
-            lines: vec![e1.to_string(), "\n".into(), "{".into(), "[]".into()],
+            lines: vec![
+                e1.into(),
+                "\n".into(),
+                "{".into(),
+                "[]".into(),
+                b"[\xff]".to_vec(),
+            ],
         };
         assert_eq!(streamed(&file, lines()), buffered(&file, lines()));
     }
