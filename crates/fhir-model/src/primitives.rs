@@ -218,7 +218,10 @@ fn decimal_ok(s: &str) -> bool {
         let e = e.strip_prefix(['+', '-']).unwrap_or(e);
         !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit())
     });
-    int_ok && frac_ok && exp_ok
+    // A value beyond f64's range (`1e400`) could be stored but never searched: refused.
+    let in_range =
+        (exponent.is_none() && int.len() < 300) || s.parse::<f64>().is_ok_and(f64::is_finite);
+    int_ok && frac_ok && exp_ok && in_range
 }
 
 fn digits(s: &str, n: usize) -> Option<u32> {
@@ -367,6 +370,25 @@ mod tests {
         assert!(primitive_value_ok("unsignedInt", &json!(0)));
         assert!(!primitive_value_ok("integer", &json!("3")));
         assert!(!primitive_value_ok("boolean", &json!("true")));
+    }
+
+    #[test]
+    fn decimals_beyond_f64_are_refused() {
+        for bad in ["1e400", "-1e400", "1E+309", &"9".repeat(400)] {
+            let v = serde_json::from_str::<Value>(bad).unwrap();
+            assert!(!primitive_value_ok("decimal", &v), "{bad}");
+            assert!(!primitive_text_ok("decimal", bad), "{bad}");
+        }
+        for ok in [
+            "1e300",
+            "-1.7976931348623157e308",
+            "1e-400",
+            "0.000001",
+            &"9".repeat(299),
+        ] {
+            let v = serde_json::from_str::<Value>(ok).unwrap();
+            assert!(primitive_value_ok("decimal", &v), "{ok}");
+        }
     }
 
     #[test]

@@ -64,7 +64,14 @@ pub fn store_error_issue(e: &StoreError) -> (u16, OutcomeIssue) {
         StoreError::InvalidType(_) | StoreError::InvalidResource(_) => {
             (400, OutcomeIssue::error("invalid", e.to_string()))
         }
-        StoreError::Locked { .. } => (503, OutcomeIssue::error("transient", e.to_string())),
+        // The message names the data directory: a server path, which stays in the log.
+        StoreError::Locked { .. } => (
+            503,
+            OutcomeIssue::error(
+                "transient",
+                "the data directory is in use by another process; retry later",
+            ),
+        ),
         StoreError::Io { .. } | StoreError::Sqlite(_) | StoreError::Corrupt(_) => (
             500,
             OutcomeIssue::error("exception", "internal storage error"),

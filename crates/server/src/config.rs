@@ -21,6 +21,20 @@ pub struct ServeConfig {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "FHIRHOSE_MAX_BODY_BYTES", default_value_t = 100 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Most entries in a batch or transaction Bundle (413 beyond); the body is refused while it
+    /// is parsed.
+    #[arg(
+        long,
+        env = "FHIRHOSE_MAX_BUNDLE_ENTRIES",
+        default_value_t = crate::negotiate::DEFAULT_MAX_BUNDLE_ENTRIES
+    )]
+    pub max_bundle_entries: usize,
+    /// `Host` names accepted besides the base URL's host, the listen address and
+    /// localhost/127.0.0.1/[::1] on the base URL's port, comma-separated: `host` (any port),
+    /// `host:port`, or `*` (any host; no DNS-rebinding guard). Checked with `--auth none`, and
+    /// with `--auth smart` when given.
+    #[arg(long, env = "FHIRHOSE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// Log format.
     #[arg(long, env = "FHIRHOSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -384,6 +398,8 @@ pub enum ConfigError {
     Auth(String),
     #[error("{0}")]
     Search(String),
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// A registry failure as the kick-off reports it: 400 for what the request got wrong, 503 for
@@ -414,6 +430,7 @@ impl ServeConfig {
         if self.max_body_bytes < 1024 {
             return Err(ConfigError::BodyLimit);
         }
+        self.request_policy(&self.base_url())?;
         self.search.validate()?;
         let e = &self.export;
         if e.export_workers == Some(0) {
@@ -440,6 +457,34 @@ impl ServeConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The request rules of `--max-bundle-entries` and `--allowed-hosts` (the Host check is on
+    /// with `--auth none`, or when `--allowed-hosts` is given).
+    pub fn request_policy(
+        &self,
+        base_url: &str,
+    ) -> Result<crate::negotiate::RequestPolicy, ConfigError> {
+        if self.max_bundle_entries == 0 {
+            return Err(ConfigError::Limit(
+                "--max-bundle-entries must be at least 1".into(),
+            ));
+        }
+        let mut p = crate::negotiate::RequestPolicy::new(
+            base_url,
+            self.auth.trim().eq_ignore_ascii_case("none"),
+            Some(&self.data_dir),
+        );
+        p.max_bundle_entries = self.max_bundle_entries;
+        let mut extra = self.allowed_hosts.clone();
+        if (!self.allowed_hosts.is_empty() || p.allowed_hosts.is_some())
+            && !self.listen.ip().is_unspecified()
+        {
+            extra.push(self.listen.to_string());
+        }
+        p.allow_hosts(base_url, &extra)
+            .map_err(ConfigError::Limit)?;
+        Ok(p)
     }
 
     /// The base URL without a trailing slash.

@@ -41,6 +41,8 @@ pub struct AppState {
     pub export: Arc<export::ExportService>,
     /// Bounds on search requests and their time limit (`--search-*`).
     pub search_limits: search::SearchLimits,
+    /// Host check, Bundle entry limit, paths kept out of error answers ([`negotiate`]).
+    pub policy: Arc<negotiate::RequestPolicy>,
 }
 
 impl AppState {
@@ -71,6 +73,11 @@ impl AppState {
         let base_url: String = base_url.into();
         export_config.base_url = base_url.clone();
         export_config.requires_access_token = auth.requires_access_token();
+        let policy = negotiate::RequestPolicy::new(
+            &base_url,
+            !auth.requires_access_token(),
+            export_config.jobs_db.parent(),
+        );
         let export = export::ExportService::open(store.clone(), export_config)?;
         Ok(AppState {
             store,
@@ -79,6 +86,7 @@ impl AppState {
             max_body_bytes,
             export,
             search_limits: search::SearchLimits::default(),
+            policy: Arc::new(policy),
         })
     }
 }
@@ -183,6 +191,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     )?;
     let state = AppState {
         search_limits: config.search.limits(),
+        ..state
+    };
+    let state = AppState {
+        policy: Arc::new(config.request_policy(&base_url)?),
         ..state
     };
     let resumed = state.export.resume()?;

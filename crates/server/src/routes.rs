@@ -14,11 +14,12 @@ use store::{
 };
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
+use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::error::ApiError;
-use crate::negotiate::{self, json_object};
+use crate::negotiate::{self, json_body};
 use crate::{AppState, fhir_bytes, fhir_json};
 use auth::AuthContext;
 
@@ -62,7 +63,13 @@ pub fn router(state: AppState) -> Router {
         .merge(fhir)
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(negotiate::negotiate))
+        // Inside the negotiation (which refuses other encodings with an OperationOutcome): a
+        // gzip body is decoded as it is read, so the body limit applies to the decoded size.
+        .layer(RequestDecompressionLayer::new())
+        .layer(axum::middleware::from_fn_with_state(
+            state.policy.clone(),
+            negotiate::negotiate,
+        ))
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(CompressionLayer::new())
         // One INFO span per request with the fields an operator filters on; the response line
@@ -275,7 +282,7 @@ async fn create(
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
     ctx.require(&rtype, auth::Permission::Create)?;
-    let mut v = json_object(body)?;
+    let mut v = json_body(body, state.policy.max_bundle_entries)?;
     check_resource(&v, &rtype)?;
     // The server assigns the id of a created resource.
     if let Some(obj) = v.as_object_mut() {
@@ -315,7 +322,7 @@ async fn update(
     check_type(&rtype)?;
     ctx.require(&rtype, auth::Permission::Update)?;
     check_id(&id)?;
-    let v = json_object(body)?;
+    let v = json_body(body, state.policy.max_bundle_entries)?;
     match v.get("id") {
         None => {
             return Err(ApiError::invalid(
@@ -385,7 +392,7 @@ async fn bundle(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v = json_object(body)?;
+    let v = json_body(body, state.policy.max_bundle_entries)?;
     if v.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(ApiError::invalid(
             "POST / expects a Bundle of type batch or transaction",
