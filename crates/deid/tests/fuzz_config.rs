@@ -6,8 +6,8 @@
 //! without panicking or running without bound; comments and trailing commas (which the loader
 //! accepts) change nothing.
 //!
-//! `PROPTEST_CASES` sets the cases per property (CI: the small defaults below; the long run:
-//! `scripts/fuzz-long.sh`). Failures are not persisted: a failing case is printed, minimized, and
+//! `PROPTEST_CASES` sets the cases per property, `FUZZ_SCALE` multiplies the small defaults
+//! below (CI runs them as they are; the long run is `scripts/fuzz-long.sh`). Failures are not persisted: a failing case is printed, minimized, and
 //! becomes a named regression test.
 
 use std::path::{Path, PathBuf};
@@ -22,7 +22,14 @@ fn config(default_cases: u32) -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(default_cases);
+        .unwrap_or_else(|| {
+            // `FUZZ_SCALE` multiplies every property's own default (scripts/fuzz-long.sh).
+            let scale: u32 = std::env::var("FUZZ_SCALE")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1);
+            default_cases.saturating_mul(scale)
+        });
     ProptestConfig {
         cases,
         failure_persistence: None,
