@@ -219,16 +219,22 @@ pub fn process_bundle(
             }
         }
         BundleKind::Batch => {
-            let all: Vec<WriteOp> = writes.iter().map(|(_, op)| op.clone()).collect();
+            // All writes in one transaction first; if that fails, each alone from a copy that
+            // keeps resources as JSON text (a clone of their trees took ~10× the body).
+            let retry: Vec<(usize, RetryCopy)> = writes
+                .iter()
+                .map(|(index, op)| (*index, RetryCopy::of(op)))
+                .collect();
+            let all: Vec<WriteOp> = writes.into_iter().map(|(_, op)| op).collect();
             match store.write(all) {
                 Ok(outcomes) => {
-                    for ((index, _), outcome) in writes.iter().zip(outcomes) {
+                    for ((index, _), outcome) in retry.iter().zip(outcomes) {
                         responses[*index] = Some(write_entry(&outcome, options.return_resources));
                     }
                 }
                 Err(_) => {
-                    for (index, op) in writes {
-                        responses[index] = Some(match store.write(vec![op]) {
+                    for (index, copy) in retry {
+                        responses[index] = Some(match store.write(vec![copy.into_op()]) {
                             Ok(mut outcomes) => match outcomes.pop() {
                                 Some(o) => write_entry(&o, options.return_resources),
                                 None => error_entry(&EntryError::Store {
@@ -280,6 +286,68 @@ pub fn process_bundle(
         "type": ty,
         "entry": entry,
     }))
+}
+
+/// A batch write kept for a retry: the op with its resource as JSON text.
+struct RetryCopy {
+    op: WriteOp,
+    json: Option<Vec<u8>>,
+}
+
+impl RetryCopy {
+    fn of(op: &WriteOp) -> RetryCopy {
+        let (op, resource) = match op {
+            WriteOp::Create { resource } => (
+                WriteOp::Create {
+                    resource: Value::Null,
+                },
+                Some(resource),
+            ),
+            WriteOp::Update {
+                resource_type,
+                id,
+                resource,
+                if_match,
+            } => (
+                WriteOp::Update {
+                    resource_type: resource_type.clone(),
+                    id: id.clone(),
+                    resource: Value::Null,
+                    if_match: *if_match,
+                },
+                Some(resource),
+            ),
+            other => (other.clone(), None),
+        };
+        RetryCopy {
+            op,
+            json: resource.and_then(|r| serde_json::to_vec(r).ok()),
+        }
+    }
+
+    fn into_op(self) -> WriteOp {
+        let parsed = |json: Option<Vec<u8>>| {
+            json.and_then(|j| serde_json::from_slice(&j).ok())
+                .unwrap_or(Value::Null)
+        };
+        match self.op {
+            WriteOp::Create { .. } => WriteOp::Create {
+                resource: parsed(self.json),
+            },
+            WriteOp::Update {
+                resource_type,
+                id,
+                if_match,
+                ..
+            } => WriteOp::Update {
+                resource_type,
+                id,
+                resource: parsed(self.json),
+                if_match,
+            },
+            other => other,
+        }
+    }
 }
 
 /// The response entry of a successful write.

@@ -191,6 +191,41 @@ async fn bundle_entry_limit_is_configurable() {
 }
 
 #[tokio::test]
+async fn batch_entries_retried_alone_keep_their_resources_intact() {
+    // One entry fails in the store (If-Match on a resource that does not exist), so the batch's
+    // single transaction fails and each write is retried alone from its retry copy.
+    let s = start().await;
+    let bundle = r#"{"resourceType":"Bundle","type":"batch","entry":[
+        {"resource":{"resourceType":"Patient","id":"a","gender":"female"},"request":{"method":"PUT","url":"Patient/a","ifMatch":"W/\"9\""}},
+        {"resource":{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"x"},"valueQuantity":{"value":1.50,"unit":"mg"}},"request":{"method":"POST","url":"Observation"}},
+        {"resource":{"resourceType":"Patient","id":"b","gender":"male"},"request":{"method":"PUT","url":"Patient/b"}}
+    ]}"#;
+    let a = s.post("/", FHIR, bundle).await;
+    assert_eq!(a.status, StatusCode::OK, "{:#}", a.body);
+    let statuses: Vec<&str> = a.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap())
+        .collect();
+    assert!(statuses[0].starts_with("412"), "{statuses:?}");
+    assert!(statuses[1].starts_with("201"), "{statuses:?}");
+    assert!(statuses[2].starts_with("201"), "{statuses:?}");
+    let r = s
+        .client
+        .get(s.url("/Observation/o1"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // The decimal keeps its text through the retry copy.
+    assert!(r.contains(r#""value":1.50"#), "{r}");
+    assert_eq!(s.get("/Patient/b").await.body["gender"], "male");
+}
+
+#[tokio::test]
 async fn deep_nesting_is_a_400_not_a_stack_overflow() {
     let s = start().await;
     for depth in [200, 100_000] {
