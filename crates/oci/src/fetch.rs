@@ -3,18 +3,17 @@
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use oci_client::Client;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::{
     IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
     OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest, OciManifest,
 };
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
+use crate::api::{Api, Bounded, Stage, read_bounded};
 use crate::layer::{LayerOutcome, ScanError, TITLE_ANNOTATION, scan_layer};
 use crate::reference::check_digest;
 use crate::{Fetched, ImageRef, Limits, OciError, OciSettings};
@@ -26,9 +25,6 @@ const ACCEPTED_MANIFESTS: &[&str] = &[
     OCI_IMAGE_INDEX_MEDIA_TYPE,
     IMAGE_MANIFEST_LIST_MEDIA_TYPE,
 ];
-
-/// Longest registry error text kept in a message (a registry may answer with a whole web page).
-const MAX_MESSAGE_CHARS: usize = 300;
 
 /// Runs the fetch on a private current-thread runtime (see [`on_own_runtime`]).
 pub(crate) fn run_blocking(
@@ -130,13 +126,6 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     out
 }
 
-/// Which request an error came from (a 404 on the manifest means "no such image").
-#[derive(Clone, Copy)]
-enum Stage<'a> {
-    Manifest,
-    Blob(&'a str),
-}
-
 async fn fetch(
     settings: &OciSettings,
     image: &ImageRef,
@@ -145,31 +134,15 @@ async fn fetch(
     deadline: Instant,
 ) -> Result<Fetched, OciError> {
     let canonical = image.to_string();
-    let client = client_for(settings);
-    let auth = auth_for(settings);
+    let mut api = Api::new(settings, image)?;
     let reference = match &image.digest {
-        Some(digest) => Reference::with_digest(
-            image.registry.clone(),
-            image.repository.clone(),
-            digest.clone(),
-        ),
-        None => Reference::with_tag(
-            image.registry.clone(),
-            image.repository.clone(),
-            image.tag.clone().unwrap_or_default(),
-        ),
+        Some(digest) => digest.clone(),
+        None => image.tag.clone().unwrap_or_default(),
     };
     debug!(image = %canonical, file = name, "fetching OCI manifest");
 
-    let (body, manifest_digest) = pull_manifest(
-        &client,
-        &auth,
-        &reference,
-        image,
-        image.digest.as_deref(),
-        limits,
-    )
-    .await?;
+    let (body, manifest_digest) =
+        pull_manifest(&mut api, &reference, image, image.digest.as_deref(), limits).await?;
     let manifest = match parse_manifest(&body, &canonical)? {
         OciManifest::Image(manifest) => manifest,
         OciManifest::ImageIndex(index) => {
@@ -183,13 +156,7 @@ async fn fetch(
                 reason,
             })?;
             debug!(image = %canonical, manifest = %chosen, "resolved image index entry");
-            let by_digest = Reference::with_digest(
-                image.registry.clone(),
-                image.repository.clone(),
-                chosen.clone(),
-            );
-            let (body, _) =
-                pull_manifest(&client, &auth, &by_digest, image, Some(&chosen), limits).await?;
+            let (body, _) = pull_manifest(&mut api, &chosen, image, Some(&chosen), limits).await?;
             match parse_manifest(&body, &canonical)? {
                 OciManifest::Image(manifest) => manifest,
                 OciManifest::ImageIndex(_) => {
@@ -202,8 +169,7 @@ async fn fetch(
         }
     };
     find_in_layers(
-        &client,
-        &reference,
+        &mut api,
         image,
         &manifest,
         name,
@@ -214,39 +180,47 @@ async fn fetch(
     .await
 }
 
-/// Pulls one manifest; returns its bytes and sha256 digest, checked against `expected`.
+/// Pulls one manifest (`reference`: a tag or a digest); returns its bytes and sha256 digest,
+/// checked against `expected` and against the registry's `Docker-Content-Digest`.
 async fn pull_manifest(
-    client: &Client,
-    auth: &RegistryAuth,
-    reference: &Reference,
+    api: &mut Api,
+    reference: &str,
     image: &ImageRef,
     expected: Option<&str>,
     limits: &Limits,
 ) -> Result<(Vec<u8>, String), OciError> {
-    let (body, _) = client
-        .pull_manifest_raw(reference, auth, ACCEPTED_MANIFESTS)
+    let path = format!("v2/{}/manifests/{reference}", image.repository);
+    let answer = api
+        .get(&path, &ACCEPTED_MANIFESTS.join(", "), Stage::Manifest)
+        .await?;
+    let announced = answer
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .filter(|d| d.starts_with("sha256:"))
+        .map(str::to_string);
+    let body = read_bounded(answer, limits.manifest as u64)
         .await
-        .map_err(|e| map_error(e, image, Stage::Manifest))?;
-    if body.len() > limits.manifest {
-        return Err(OciError::BadManifest {
-            image: image.to_string(),
-            reason: format!(
-                "the manifest has {} bytes (at most {} are accepted)",
-                body.len(),
-                limits.manifest
-            ),
-        });
-    }
+        .map_err(|e| match e {
+            Bounded::TooLarge(size) => OciError::BadManifest {
+                image: image.to_string(),
+                reason: format!(
+                    "the manifest has {size} bytes or more (at most {} are accepted)",
+                    limits.manifest
+                ),
+            },
+            Bounded::Failed(e) => api.chunk_error(&e),
+        })?;
     let actual = sha256_hex(&body);
-    if let Some(expected) = expected
-        && expected != actual
-    {
-        return Err(OciError::DigestMismatch {
-            expected: expected.to_string(),
-            actual,
-        });
+    for expected in [expected, announced.as_deref()].into_iter().flatten() {
+        if expected != actual {
+            return Err(OciError::DigestMismatch {
+                expected: expected.to_string(),
+                actual,
+            });
+        }
     }
-    Ok((body.to_vec(), actual))
+    Ok((body, actual))
 }
 
 fn parse_manifest(body: &[u8], image: &str) -> Result<OciManifest, OciError> {
@@ -280,8 +254,7 @@ fn choose_from_index(entries: &[oci_client::manifest::ImageIndexEntry]) -> Optio
 
 #[allow(clippy::too_many_arguments)]
 async fn find_in_layers(
-    client: &Client,
-    reference: &Reference,
+    api: &mut Api,
     image: &ImageRef,
     manifest: &OciImageManifest,
     name: &str,
@@ -320,7 +293,7 @@ async fn find_in_layers(
                 limit: limits.layer,
             });
         }
-        let blob = pull_layer(client, reference, image, layer, limits).await?;
+        let blob = pull_layer(api, image, layer, limits).await?;
         if blob.len() as u64 != size {
             return Err(bad_manifest(format!(
                 "layer {} has {} bytes, its descriptor says {size}",
@@ -382,54 +355,27 @@ async fn find_in_layers(
     })
 }
 
-/// Downloads one layer blob, at most `limits.layer` bytes, and checks its sha256.
+/// Downloads one layer blob, at most `limits.layer` bytes, and checks its sha256. A
+/// descriptor's foreign `urls` are never followed: a manifest must not send us to other hosts.
 async fn pull_layer(
-    client: &Client,
-    reference: &Reference,
+    api: &mut Api,
     image: &ImageRef,
     layer: &OciDescriptor,
     limits: &Limits,
 ) -> Result<Vec<u8>, OciError> {
-    let too_large = |size: u64| OciError::LayerTooLarge {
-        image: image.to_string(),
-        size,
-        limit: limits.layer,
-    };
-    // Never follow a descriptor's foreign `urls`: a manifest must not send us to other hosts.
-    let descriptor = OciDescriptor {
-        urls: None,
-        ..layer.clone()
-    };
     debug!(layer = %layer.digest, size = layer.size, "downloading layer");
-    let mut stream = client
-        .pull_blob_stream(reference, &descriptor)
+    let path = format!("v2/{}/blobs/{}", image.repository, layer.digest);
+    let answer = api.get(&path, "*/*", Stage::Blob(&layer.digest)).await?;
+    let blob = read_bounded(answer, limits.layer)
         .await
-        .map_err(|e| map_error(e, image, Stage::Blob(&layer.digest)))?;
-    if let Some(length) = stream.content_length
-        && length > limits.layer
-    {
-        return Err(too_large(length));
-    }
-    let mut blob = Vec::with_capacity(layer.size.clamp(0, 16 << 20) as usize);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| match digest_mismatch(&e) {
-            Some(mismatch) => mismatch,
-            None => OciError::Registry {
-                registry: image.registry.clone(),
-                message: format!(
-                    "reading layer {} failed: {}",
-                    layer.digest,
-                    clip(&e.to_string())
-                ),
-                transient: true,
+        .map_err(|e| match e {
+            Bounded::TooLarge(size) => OciError::LayerTooLarge {
+                image: image.to_string(),
+                size,
+                limit: limits.layer,
             },
+            Bounded::Failed(e) => api.chunk_error(&e),
         })?;
-        if (blob.len() + chunk.len()) as u64 > limits.layer {
-            return Err(too_large((blob.len() + chunk.len()) as u64));
-        }
-        blob.extend_from_slice(&chunk);
-    }
-    // oci-client verifies too; this check does not depend on it.
     let actual = sha256_hex(&blob);
     if actual != layer.digest {
         return Err(OciError::DigestMismatch {
@@ -440,118 +386,9 @@ async fn pull_layer(
     Ok(blob)
 }
 
-fn digest_mismatch(e: &std::io::Error) -> Option<OciError> {
-    match e.get_ref()?.downcast_ref::<DigestError>()? {
-        DigestError::VerificationError { expected, actual } => Some(OciError::DigestMismatch {
-            expected: expected.clone(),
-            actual: actual.clone(),
-        }),
-        _ => None,
-    }
-}
-
-fn clip(message: &str) -> String {
-    let message = message.trim();
-    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
-        Some((cut, _)) => format!("{}…", &message[..cut]),
-        None => message.to_string(),
-    }
-}
-
-/// Maps an `oci-client` error to ours, deciding what is transient.
-fn map_error(error: OciDistributionError, image: &ImageRef, stage: Stage<'_>) -> OciError {
-    let registry = |message: String, transient: bool| OciError::Registry {
-        registry: image.registry.clone(),
-        message: clip(&message),
-        transient,
-    };
-    let not_found = || match stage {
-        Stage::Manifest => OciError::ImageNotFound(image.to_string()),
-        Stage::Blob(digest) => OciError::Registry {
-            registry: image.registry.clone(),
-            message: format!("layer {digest} of '{image}' is missing"),
-            transient: false,
-        },
-    };
-    match error {
-        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
-            OciError::DigestMismatch { expected, actual }
-        }
-        OciDistributionError::RegistryError { envelope, .. } => {
-            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
-            let text = envelope
-                .errors
-                .iter()
-                .map(|e| format!("{:?}: {}", e.code, e.message))
-                .collect::<Vec<_>>()
-                .join("; ");
-            let text = if text.is_empty() {
-                "the registry refused the request (client error without details)".to_string()
-            } else {
-                text
-            };
-            if codes.iter().any(|c| {
-                matches!(
-                    c,
-                    OciErrorCode::ManifestUnknown
-                        | OciErrorCode::NameUnknown
-                        | OciErrorCode::NotFound
-                        | OciErrorCode::BlobUnknown
-                )
-            }) {
-                not_found()
-            } else if codes
-                .iter()
-                .any(|c| matches!(c, OciErrorCode::Toomanyrequests))
-            {
-                registry(text, true)
-            } else {
-                registry(text, false)
-            }
-        }
-        OciDistributionError::ServerError { code, message, .. } => match code {
-            404 => not_found(),
-            408 | 429 | 500..=599 => registry(format!("HTTP {code}: {message}"), true),
-            _ => registry(format!("HTTP {code}: {message}"), false),
-        },
-        OciDistributionError::UnauthorizedError { .. } => registry(
-            "not authorized (HTTP 401): credentials are missing or refused".to_string(),
-            false,
-        ),
-        OciDistributionError::AuthenticationFailure(message) => {
-            registry(format!("authentication failed: {message}"), false)
-        }
-        OciDistributionError::RequestError(e) => {
-            let transient = !(e.is_builder() || e.is_redirect());
-            // reqwest's Display hides the cause ("error sending request"); keep the chain.
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                message.push_str(": ");
-                message.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            registry(message, transient)
-        }
-        OciDistributionError::IoError(e) => match digest_mismatch(&e) {
-            Some(mismatch) => mismatch,
-            None => registry(e.to_string(), true),
-        },
-        other => registry(other.to_string(), false),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn clips_long_messages() {
-        assert_eq!(clip("  short "), "short");
-        let long = "é".repeat(1000);
-        let clipped = clip(&long);
-        assert_eq!(clipped.chars().count(), MAX_MESSAGE_CHARS + 1);
-    }
 
     #[test]
     fn sha256_format() {

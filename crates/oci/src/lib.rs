@@ -32,6 +32,7 @@
 //! # Ok::<(), oci_config::OciError>(())
 //! ```
 
+mod api;
 mod fetch;
 mod layer;
 mod push;
@@ -90,6 +91,10 @@ pub struct OciSettings {
     pub password: Option<String>,
     /// Bound on one whole [`fetch_file`] call (connecting, every request, decompression).
     pub timeout: Duration,
+    /// Hosts other than the registry itself that a pull may be sent to: blob redirects (to a
+    /// CDN) and token services (`host` admits any port, `host:port` that one). A redirect or
+    /// token realm elsewhere fails the pull. Empty: the registry only.
+    pub redirect_hosts: Vec<String>,
 }
 
 impl Default for OciSettings {
@@ -100,6 +105,7 @@ impl Default for OciSettings {
             username: None,
             password: None,
             timeout: Duration::from_secs(60),
+            redirect_hosts: Vec::new(),
         }
     }
 }
@@ -112,6 +118,7 @@ impl fmt::Debug for OciSettings {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("timeout", &self.timeout)
+            .field("redirect_hosts", &self.redirect_hosts)
             .finish()
     }
 }

@@ -55,7 +55,12 @@ fn oci_error(code: u16, oci_code: &str, message: &str) -> Reply {
 
 /// Serves `routes` (path → reply; `/v2/` answers 200 unless routed) on a fresh loopback port.
 fn serve(routes: HashMap<String, Reply>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    serve_on("127.0.0.1:0", routes)
+}
+
+/// [`serve`] on `addr`.
+fn serve_on(addr: &str, routes: HashMap<String, Reply>) -> String {
+    let listener = TcpListener::bind(addr).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let routes = Arc::new(routes);
     std::thread::spawn(move || {
@@ -89,13 +94,22 @@ fn answer(mut stream: TcpStream, routes: &HashMap<String, Reply>) {
         .next()
         .unwrap_or("/")
         .to_string();
-    let reply = routes.get(&path).cloned().unwrap_or_else(|| {
-        if path == "/v2/" {
-            ok("{}", "application/json")
-        } else {
-            status(404)
-        }
-    });
+    // A route `<path>#authed` answers requests that carry the token the test's token service
+    // hands out.
+    let authed = line
+        .to_ascii_lowercase()
+        .contains("authorization: bearer good-token");
+    let reply = authed
+        .then(|| routes.get(&format!("{path}#authed")).cloned())
+        .flatten()
+        .or_else(|| routes.get(&path).cloned())
+        .unwrap_or_else(|| {
+            if path == "/v2/" {
+                ok("{}", "application/json")
+            } else {
+                status(404)
+            }
+        });
     if let Some(raw) = reply.raw {
         let _ = stream.write_all(&raw);
         return;
@@ -506,4 +520,158 @@ fn random_answers_never_panic() {
             }
         }
     }
+}
+
+/// A server that answers every request with 418 and a body that must never reach an error
+/// message, counting the requests it gets: the stand-in for an internal service.
+fn bystander() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&hits);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                answer(
+                    stream,
+                    &HashMap::from([(
+                        "/latest/meta-data".to_string(),
+                        Reply {
+                            body: b"SECRET-CREDENTIALS".to_vec(),
+                            ..status(418)
+                        },
+                    )]),
+                )
+            });
+        }
+    });
+    (addr, hits)
+}
+
+fn redirect(to: &str) -> Reply {
+    Reply {
+        status: 302,
+        headers: vec![("Location".into(), to.into())],
+        body: Vec::new(),
+        raw: None,
+    }
+}
+
+/// Issue 16 item 10: a registry cannot send the server to a host that is not allowed (SSRF),
+/// by a redirect or a token realm, and nothing the remote side says reaches an error message.
+#[test]
+fn redirects_and_token_services_only_to_allowed_hosts() {
+    let (inside, hits) = bystander();
+    let secret = format!("http://{inside}/latest/meta-data");
+    let layer = tar_gz("r4-config.json", b"{\"ok\":true}");
+    let digest = sha256(&layer);
+    let body = manifest(&[(digest.clone(), layer.len() as i64)]);
+    let routes = HashMap::from([
+        ("/v2/m/manifests/v1".to_string(), redirect(&secret)),
+        ("/v2/b/manifests/v1".to_string(), ok(body.clone(), MANIFEST)),
+        (format!("/v2/b/blobs/{digest}"), redirect(&secret)),
+        (
+            "/v2/t/manifests/v1".to_string(),
+            Reply {
+                headers: vec![(
+                    "WWW-Authenticate".into(),
+                    format!(r#"Bearer realm="{secret}",service="x""#),
+                )],
+                ..status(401)
+            },
+        ),
+        (
+            "/v2/e/manifests/v1".to_string(),
+            Reply {
+                body: b"SECRET-CREDENTIALS from the registry".to_vec(),
+                ..status(403)
+            },
+        ),
+    ]);
+    let addr = serve(routes);
+    for repo in ["m", "b", "t", "e"] {
+        let err = fetch(&addr, &format!("{repo}:v1")).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, OciError::Registry { .. }), "{repo}: {err:?}");
+        assert!(
+            !text.contains("SECRET"),
+            "{repo}: remote text echoed: {text}"
+        );
+        assert!(!err.is_transient(), "{repo}: {text}");
+        if repo != "e" {
+            assert!(text.contains("not allowed"), "{repo}: {text}");
+        }
+    }
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the server was sent to a host that is not allowed"
+    );
+}
+
+/// Blob redirects to a CDN are normal: followed when the CDN host is configured.
+#[test]
+fn redirect_to_a_configured_host_is_followed() {
+    let layer = tar_gz("r4-config.json", b"{\"ok\":true}");
+    let digest = sha256(&layer);
+    let cdn = serve(HashMap::from([(
+        "/blobs/layer".to_string(),
+        ok(layer.clone(), "application/octet-stream"),
+    )]));
+    let body = manifest(&[(digest.clone(), layer.len() as i64)]);
+    let addr = serve(HashMap::from([
+        ("/v2/c/manifests/v1".to_string(), ok(body, MANIFEST)),
+        (
+            format!("/v2/c/blobs/{digest}"),
+            redirect(&format!("http://{cdn}/blobs/layer")),
+        ),
+    ]));
+    let mut settings = settings(&addr);
+    settings.insecure_http.push(cdn.clone());
+    let refused = fetch_file(&settings, &format!("{addr}/c:v1"), "r4-config.json").unwrap_err();
+    assert!(refused.to_string().contains("not allowed"), "{refused}");
+    settings.redirect_hosts = vec![cdn.clone()];
+    let fetched = fetch_file(&settings, &format!("{addr}/c:v1"), "r4-config.json").unwrap();
+    assert_eq!(fetched.bytes, b"{\"ok\":true}");
+}
+
+/// The Bearer token flow of registries (a token service on the registry's host).
+#[test]
+fn bearer_token_from_the_registry_host() {
+    let layer = tar_gz("r4-config.json", b"{\"ok\":true}");
+    let digest = sha256(&layer);
+    let body = manifest(&[(digest.clone(), layer.len() as i64)]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let challenge = |path: &str| {
+        (
+            path.to_string(),
+            Reply {
+                headers: vec![(
+                    "WWW-Authenticate".into(),
+                    format!(r#"Bearer realm="http://{addr}/token",service="test""#),
+                )],
+                ..status(401)
+            },
+        )
+    };
+    let routes = HashMap::from([
+        challenge("/v2/p/manifests/v1"),
+        challenge(&format!("/v2/p/blobs/{digest}")),
+        ("/v2/p/manifests/v1#authed".to_string(), ok(body, MANIFEST)),
+        (
+            format!("/v2/p/blobs/{digest}#authed"),
+            ok(layer, "application/octet-stream"),
+        ),
+        (
+            "/token".to_string(),
+            ok(r#"{"token":"good-token"}"#, "application/json"),
+        ),
+    ]);
+    let bound = serve_on(&addr, routes);
+    let fetched = fetch(&bound, "p:v1").unwrap();
+    assert_eq!(fetched.bytes, b"{\"ok\":true}");
 }

@@ -223,6 +223,11 @@ pub struct ExportOptions {
     /// Seconds one configuration pull may take.
     #[arg(long, env = "FHIRHOSE_REGISTRY_TIMEOUT", default_value_t = 60)]
     pub registry_timeout: u64,
+    /// Hosts besides the registry itself that a pull may be sent to, comma-separated: blob
+    /// redirects (a CDN) and token services (`host` any port, `host:port` that one). Empty:
+    /// redirects and token services elsewhere fail the pull.
+    #[arg(long, env = "FHIRHOSE_REGISTRY_REDIRECT_HOSTS", value_delimiter = ',')]
+    pub registry_redirect_hosts: Vec<String>,
 }
 
 impl Default for ExportOptions {
@@ -253,6 +258,7 @@ impl Default for ExportOptions {
             registry_username: None,
             registry_password: None,
             registry_timeout: 60,
+            registry_redirect_hosts: Vec::new(),
         }
     }
 }
@@ -333,6 +339,12 @@ impl ExportOptions {
             username: self.registry_username.clone(),
             password: self.registry_password.clone(),
             timeout: std::time::Duration::from_secs(self.registry_timeout),
+            redirect_hosts: self
+                .registry_redirect_hosts
+                .iter()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .collect(),
         })
     }
 
