@@ -745,6 +745,48 @@ mod tests {
     }
 
     #[test]
+    fn error_texts_lose_server_paths() {
+        let dirs = vec!["/srv/fhirhose-data".to_string()];
+        let text = r#"{"diagnostics":"export failed: /srv/fhirhose-data/storage/exports/j1/Patient-1.ndjson: Permission denied; db /srv/fhirhose-data/exports.db; /srv/fhirhose-data"}"#;
+        let out = scrub_paths(text, &dirs, false);
+        assert_eq!(
+            out,
+            r#"{"diagnostics":"export failed: exports/j1/Patient-1.ndjson: Permission denied; db exports.db; <data directory>"}"#
+        );
+        // In a 5xx answer any other absolute path goes too; URLs and FHIR paths stay.
+        let text = r#"{"diagnostics":"cannot open '/tmp/x/y.db' (/var/lib/z): see https://example.org/a/b and Patient/1 at /metadata"}"#;
+        assert_eq!(
+            scrub_paths(text, &[], true),
+            r#"{"diagnostics":"cannot open '<server path>' (<server path>): see https://example.org/a/b and Patient/1 at /metadata"}"#
+        );
+        assert_eq!(scrub_paths(text, &[], false), text);
+    }
+
+    #[test]
+    fn host_patterns_and_defaults() {
+        assert_eq!(
+            HostPattern::parse("Example.ORG:8080"),
+            Some(HostPattern {
+                host: "example.org".into(),
+                port: Some(8080)
+            })
+        );
+        assert_eq!(HostPattern::parse("[::1]").unwrap().host, "[::1]");
+        assert_eq!(HostPattern::parse("[::1]:80").unwrap().port, Some(80));
+        for bad in ["", "a b", "host:99999", "host:x", "[::1"] {
+            assert_eq!(HostPattern::parse(bad), None, "{bad}");
+        }
+        let p = RequestPolicy::new("https://fhir.example.org/r4", true, None);
+        assert!(p.host_allowed(Some("fhir.example.org")));
+        assert!(p.host_allowed(Some("fhir.example.org:443")));
+        assert!(p.host_allowed(Some("localhost:443")));
+        assert!(!p.host_allowed(Some("fhir.example.org:8443")));
+        assert!(!p.host_allowed(Some("localhost:8080")));
+        assert!(!p.host_allowed(None));
+        assert!(RequestPolicy::new("https://x", false, None).host_allowed(Some("any")));
+    }
+
+    #[test]
     fn reads_preferences() {
         let mut h = HeaderMap::new();
         h.insert(
