@@ -463,7 +463,7 @@ proptest! {
             write_file(&input.join("zz-bundle.json"), b, false);
         }
         let (_sd, store) = support::temp_store();
-        let summary = load_into_store(&store, &[input.clone()], &LoadOptions::default(), &mut |_| {});
+        let summary = load_into_store(&store, std::slice::from_ref(&input), &LoadOptions::default(), &mut |_| {});
         let summary = match summary {
             Ok(s) => s,
             Err(e) => return Err(TestCaseError::fail(format!("load failed: {e}"))),
@@ -601,7 +601,7 @@ fn a_line_that_is_not_utf8_is_reported_and_the_rest_loads() {
         let (_sd, store) = support::temp_store();
         let summary = load_into_store(
             &store,
-            &[path.clone()],
+            std::slice::from_ref(&path),
             &LoadOptions::default(),
             &mut |_| {},
         )
