@@ -1,12 +1,17 @@
 //! The durable job queue: export jobs, their work items and their committed files.
 //!
 //! ```text
-//!   kick-off ──> queued ──> running ──> complete
+//!   kick-off ──> queued ──> running ──> complete ──(retention)──> expired
 //!                  │           │  └───> failed
-//!                  └───────────┴──────> cancelled (files removed)
+//!                  └───────────┴──────> cancelled
+//!   failed, cancelled and expired jobs have their files removed: `cleanup` is set to
+//!   `pending` in the same transaction as the state, and to `done` once the deletion succeeded
+//!   (retried by the sweeper and at start-up until then).
 //!
 //!   work item:  pending ──claim──> running ──> done
 //!                  ^                  │  └──> failed (attempts exhausted, or not retryable)
+//!                  ├── failed transiently: pending again after a back-off (attempt counted)
+//!                  ├── released at shutdown: pending at once, the attempt given back
 //!                  └── heartbeat older than the timeout: taken over by another worker,
 //!                      which resumes from the item's committed cursor
 //! ```
@@ -56,6 +61,8 @@ pub enum JobState {
     Complete,
     Failed,
     Cancelled,
+    /// Complete, and removed after the retention period.
+    Expired,
 }
 
 stored_names!(JobState {
@@ -64,6 +71,24 @@ stored_names!(JobState {
     Complete = "complete",
     Failed = "failed",
     Cancelled = "cancelled",
+    Expired = "expired",
+});
+
+/// Whether a finished job's files still have to be removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Nothing to remove (an active or complete job).
+    None,
+    /// The job failed, was cancelled or expired: its files are to be removed.
+    Pending,
+    /// Its files are removed.
+    Done,
+}
+
+stored_names!(Cleanup {
+    None = "none",
+    Pending = "pending",
+    Done = "done",
 });
 
 impl JobState {
@@ -96,6 +121,26 @@ pub struct JobRecord {
     pub failure_status: Option<u16>,
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
+    /// Whether the job's files are still to be removed.
+    pub cleanup: Cleanup,
+}
+
+/// How a transiently failed item is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// Claims per item; the failure of the last one fails the job.
+    pub max_attempts: i64,
+    /// Back-off after attempt n: `base_ms * 2^(n-1)`, at most `max_ms`.
+    pub base_ms: i64,
+    pub max_ms: i64,
+}
+
+impl Retry {
+    /// When an item failed in its `attempt`-th claim may be claimed again.
+    pub fn not_before(&self, attempt: i64, now_ms: i64) -> i64 {
+        let shift = (attempt - 1).clamp(0, 20) as u32;
+        now_ms + self.base_ms.saturating_mul(1i64 << shift).min(self.max_ms)
+    }
 }
 
 /// What a work item does.
@@ -213,17 +258,27 @@ pub struct TypeProgress {
 pub enum QueueError {
     #[error("job table: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The concurrent-export limit is reached (the number of active jobs).
+    #[error("{0} exports in progress")]
+    Full(u64),
 }
 
 /// The job queue contract shared by every backend.
 pub trait JobQueue: Send + Sync {
-    /// Inserts a job and its work items atomically.
-    fn create(&self, job: &JobRecord, items: &[ItemPlan]) -> Result<(), QueueError>;
+    /// Inserts a job and its work items atomically, unless `max_active` jobs are queued or
+    /// running already ([`QueueError::Full`]): admission is decided in the same transaction.
+    fn create(
+        &self,
+        job: &JobRecord,
+        items: &[ItemPlan],
+        max_active: u64,
+    ) -> Result<(), QueueError>;
     fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError>;
     /// Jobs queued or running.
     fn active_count(&self) -> Result<u64, QueueError>;
     /// Claims the next runnable item: a pending one, or a running one whose heartbeat is older
-    /// than `timeout_ms` (taken over) — at most `max_attempts` claims per item.
+    /// than `timeout_ms` (taken over) — at most `max_attempts` claims per item. An item whose
+    /// attempts are used up (stale, or left pending by a crash) fails its job here.
     fn claim(
         &self,
         owner: &str,
@@ -248,15 +303,22 @@ pub trait JobQueue: Send + Sync {
     /// Marks the item done (only by its lease holder).
     fn complete_item(&self, item: &WorkItem, scanned: u64, now_ms: i64)
     -> Result<bool, QueueError>;
-    /// Gives the item back for another attempt (`retry`), or fails the whole job.
+    /// Gives the item back for another attempt after a back-off (`retry`, while attempts
+    /// remain), or fails the whole job (its files then to be removed). Returns whether the job
+    /// failed.
     fn fail_item(
         &self,
         item: &WorkItem,
         message: &str,
         status: u16,
-        retry: bool,
+        retry: Option<Retry>,
         now_ms: i64,
-    ) -> Result<(), QueueError>;
+    ) -> Result<bool, QueueError>;
+    /// Gives a held item back without counting the attempt (graceful shutdown): claimable at
+    /// once, resumed at its committed cursor.
+    fn release(&self, item: &WorkItem) -> Result<bool, QueueError>;
+    /// [`JobQueue::release`] for every item `owner` holds.
+    fn release_owned(&self, owner: &str) -> Result<u64, QueueError>;
     /// Ends a job (a cancelled job is never overwritten).
     fn finish(
         &self,
@@ -266,7 +328,15 @@ pub trait JobQueue: Send + Sync {
         failure_status: Option<u16>,
         now_ms: i64,
     ) -> Result<(), QueueError>;
+    /// Cancels a job durably (its files to be removed).
     fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError>;
+    /// Complete jobs finished at or before `finished_before_ms` become `expired` (their files to
+    /// be removed). Returns how many.
+    fn expire(&self, finished_before_ms: i64) -> Result<u64, QueueError>;
+    /// Jobs whose files are still to be removed.
+    fn cleanups(&self) -> Result<Vec<JobRecord>, QueueError>;
+    /// Records that a job's files are removed.
+    fn cleaned(&self, id: &str) -> Result<(), QueueError>;
     fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError>;
     fn progress(&self, job_id: &str) -> Result<Vec<TypeProgress>, QueueError>;
     /// Single-node start-up: every running item belongs to a process that is gone (the data
@@ -289,7 +359,8 @@ CREATE TABLE IF NOT EXISTS export_job (
     result TEXT,
     failure_status INTEGER,
     created_ms INTEGER NOT NULL,
-    finished_ms INTEGER
+    finished_ms INTEGER,
+    cleanup TEXT NOT NULL DEFAULT 'none'
 );
 CREATE INDEX IF NOT EXISTS export_job_state ON export_job(state);
 CREATE TABLE IF NOT EXISTS export_item (
@@ -308,6 +379,7 @@ CREATE TABLE IF NOT EXISTS export_item (
     attempts INTEGER NOT NULL DEFAULT 0,
     not_before_ms INTEGER,
     error TEXT,
+    error_status INTEGER,
     PRIMARY KEY (job_id, item_no)
 );
 CREATE INDEX IF NOT EXISTS export_item_state ON export_item(state);
@@ -326,7 +398,13 @@ CREATE TABLE IF NOT EXISTS export_file (
 );
 ";
 
-const JOB_COLUMNS: &str = "id, state, request, watermark, transaction_time, client_id, container, folder, anonymization, result, failure_status, created_ms, finished_ms";
+const JOB_COLUMNS: &str = "id, state, request, watermark, transaction_time, client_id, container, folder, anonymization, result, failure_status, created_ms, finished_ms, cleanup";
+
+/// Columns added after the first release, for `exports.db` files that predate them.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("export_job", "cleanup", "TEXT NOT NULL DEFAULT 'none'"),
+    ("export_item", "error_status", "INTEGER"),
+];
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
     Ok(JobRecord {
@@ -343,6 +421,7 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         failure_status: r.get::<_, Option<i64>>(10)?.map(|s| s as u16),
         created_ms: r.get(11)?,
         finished_ms: r.get(12)?,
+        cleanup: Cleanup::parse(&r.get::<_, String>(13)?),
     })
 }
 
@@ -374,6 +453,16 @@ impl SqliteJobQueue {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        for (table, column, decl) in ADDED_COLUMNS {
+            let present: bool = conn.query_row(
+                &format!("SELECT count(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+                [column],
+                |r| r.get(0),
+            )?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+            }
+        }
         Ok(SqliteJobQueue {
             conn: Mutex::new(conn),
         })
@@ -409,12 +498,22 @@ fn lease_state(c: &Connection, item: &WorkItem) -> rusqlite::Result<Lease> {
 }
 
 impl JobQueue for SqliteJobQueue {
-    fn create(&self, j: &JobRecord, items: &[ItemPlan]) -> Result<(), QueueError> {
+    fn create(&self, j: &JobRecord, items: &[ItemPlan], max_active: u64) -> Result<(), QueueError> {
         let mut c = self.conn();
+        // IMMEDIATE: the count and the insert happen under the write lock, so two kick-offs
+        // can never both take the last slot.
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let active: i64 = tx.query_row(
+            "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running')",
+            [],
+            |r| r.get(0),
+        )?;
+        if active as u64 >= max_active {
+            return Err(QueueError::Full(active as u64));
+        }
         tx.execute(
-            &format!("INSERT INTO export_job ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
-            params![j.id, j.state.as_str(), j.request, j.watermark, j.transaction_time, j.client_id, j.container, j.folder, j.anonymization, j.result, j.failure_status.map(i64::from), j.created_ms, j.finished_ms],
+            &format!("INSERT INTO export_job ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+            params![j.id, j.state.as_str(), j.request, j.watermark, j.transaction_time, j.client_id, j.container, j.folder, j.anonymization, j.result, j.failure_status.map(i64::from), j.created_ms, j.finished_ms, j.cleanup.as_str()],
         )?;
         {
             let mut stmt = tx.prepare(
@@ -465,28 +564,51 @@ impl JobQueue for SqliteJobQueue {
     ) -> Result<Option<WorkItem>, QueueError> {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // Items whose attempts ran out while stale fail their job.
-        let exhausted: Vec<(String, i64)> = {
+        // Items whose attempts ran out fail their job: stale ones (their holder stopped
+        // responding) and pending ones (left by a process that died while running them, or
+        // by a lower attempt limit).
+        let exhausted: Vec<(String, i64, i64, Option<String>, Option<i64>, bool)> = {
             let mut stmt = tx.prepare(
-                "SELECT i.job_id, i.item_no FROM export_item i JOIN export_job j ON j.id = i.job_id
-                 WHERE j.state IN ('queued', 'running') AND i.state = 'running'
-                   AND i.heartbeat_ms < ?1 AND i.attempts >= ?2",
+                "SELECT i.job_id, i.item_no, i.attempts, i.error, i.error_status, i.state = 'running'
+                 FROM export_item i JOIN export_job j ON j.id = i.job_id
+                 WHERE j.state IN ('queued', 'running') AND i.attempts >= ?2
+                   AND (i.state = 'pending' OR (i.state = 'running' AND i.heartbeat_ms < ?1))",
             )?;
             stmt.query_map(params![now_ms - timeout_ms, max_attempts], |r| {
-                Ok((r.get(0)?, r.get(1)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?
             .collect::<rusqlite::Result<_>>()?
         };
-        for (job, item_no) in exhausted {
+        for (job, item_no, attempts, error, status, stale) in exhausted {
+            let cause = match (stale, error) {
+                (true, _) => "its worker stopped responding".to_string(),
+                (false, Some(e)) => e,
+                (false, None) => "the server stopped while it ran".to_string(),
+            };
+            let message = format!(
+                "work item {item_no} failed {attempts} times (attempts exhausted): {cause}"
+            );
             tx.execute(
-                "UPDATE export_item SET state = 'failed', error = 'no heartbeat; attempts exhausted' WHERE job_id = ?1 AND item_no = ?2",
-                params![job, item_no],
+                "UPDATE export_item SET state = 'failed', error = ?3 WHERE job_id = ?1 AND item_no = ?2",
+                params![job, item_no, message],
             )?;
             tx.execute(
-                "UPDATE export_job SET state = 'failed', failure_status = 500, finished_ms = ?2,
-                   result = 'a work item stopped responding too many times (attempts exhausted)'
+                "UPDATE export_job SET state = 'failed', failure_status = ?3, finished_ms = ?2,
+                   result = ?4, cleanup = 'pending'
                  WHERE id = ?1 AND state IN ('queued', 'running')",
-                params![job, now_ms],
+                params![
+                    job,
+                    now_ms,
+                    if stale { 500 } else { status.unwrap_or(500) },
+                    message
+                ],
             )?;
         }
         let found: Option<(String, i64)> = tx
@@ -631,34 +753,76 @@ impl JobQueue for SqliteJobQueue {
         item: &WorkItem,
         message: &str,
         status: u16,
-        retry: bool,
+        retry: Option<Retry>,
         now_ms: i64,
-    ) -> Result<(), QueueError> {
+    ) -> Result<bool, QueueError> {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut job_failed = false;
         if lease_state(&tx, item)? == Lease::Held {
-            if retry {
-                // Claimable again after a back-off that doubles per attempt (2 s, 4 s, … ≤ 60 s);
-                // `attempts` bounds the retries.
-                let backoff_ms = (1_000i64 << item.attempt.clamp(1, 6)).min(60_000);
-                tx.execute(
-                    "UPDATE export_item SET state = 'pending', owner = NULL, error = ?3, not_before_ms = ?4 WHERE job_id = ?1 AND item_no = ?2",
-                    params![item.job_id, item.item_no, message, now_ms + backoff_ms],
-                )?;
-            } else {
-                tx.execute(
-                    "UPDATE export_item SET state = 'failed', error = ?3 WHERE job_id = ?1 AND item_no = ?2",
-                    params![item.job_id, item.item_no, message],
-                )?;
-                tx.execute(
-                    "UPDATE export_job SET state = 'failed', result = ?2, failure_status = ?3, finished_ms = ?4
-                     WHERE id = ?1 AND state IN ('queued', 'running')",
-                    params![item.job_id, message, i64::from(status), now_ms],
-                )?;
+            match retry {
+                Some(r) if item.attempt < r.max_attempts => {
+                    // Claimable again after a back-off that doubles per attempt.
+                    tx.execute(
+                        "UPDATE export_item SET state = 'pending', owner = NULL, error = ?3, error_status = ?4,
+                           not_before_ms = ?5 WHERE job_id = ?1 AND item_no = ?2",
+                        params![
+                            item.job_id,
+                            item.item_no,
+                            message,
+                            i64::from(status),
+                            r.not_before(item.attempt, now_ms)
+                        ],
+                    )?;
+                }
+                _ => {
+                    let message = match retry {
+                        Some(_) => format!(
+                            "work item {} failed {} times (attempts exhausted): {message}",
+                            item.item_no, item.attempt
+                        ),
+                        None => message.to_string(),
+                    };
+                    tx.execute(
+                        "UPDATE export_item SET state = 'failed', error = ?3, error_status = ?4 WHERE job_id = ?1 AND item_no = ?2",
+                        params![item.job_id, item.item_no, message, i64::from(status)],
+                    )?;
+                    tx.execute(
+                        "UPDATE export_job SET state = 'failed', result = ?2, failure_status = ?3, finished_ms = ?4,
+                           cleanup = 'pending'
+                         WHERE id = ?1 AND state IN ('queued', 'running')",
+                        params![item.job_id, message, i64::from(status), now_ms],
+                    )?;
+                    job_failed = true;
+                }
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(job_failed)
+    }
+
+    fn release(&self, item: &WorkItem) -> Result<bool, QueueError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if lease_state(&tx, item)? != Lease::Held {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE export_item SET state = 'pending', owner = NULL, attempts = max(attempts - 1, 0), not_before_ms = NULL
+             WHERE job_id = ?1 AND item_no = ?2",
+            params![item.job_id, item.item_no],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn release_owned(&self, owner: &str) -> Result<u64, QueueError> {
+        let n = self.conn().execute(
+            "UPDATE export_item SET state = 'pending', owner = NULL, attempts = max(attempts - 1, 0), not_before_ms = NULL
+             WHERE state = 'running' AND owner = ?1",
+            [owner],
+        )?;
+        Ok(n as u64)
     }
 
     fn finish(
@@ -669,15 +833,21 @@ impl JobQueue for SqliteJobQueue {
         failure_status: Option<u16>,
         now_ms: i64,
     ) -> Result<(), QueueError> {
+        let cleanup = if state == JobState::Complete {
+            Cleanup::None
+        } else {
+            Cleanup::Pending
+        };
         self.conn().execute(
-            "UPDATE export_job SET state = ?2, result = ?3, failure_status = ?4, finished_ms = ?5
+            "UPDATE export_job SET state = ?2, result = ?3, failure_status = ?4, finished_ms = ?5, cleanup = ?6
              WHERE id = ?1 AND state IN ('queued', 'running')",
             params![
                 id,
                 state.as_str(),
                 result,
                 failure_status.map(i64::from),
-                now_ms
+                now_ms,
+                cleanup.as_str()
             ],
         )?;
         Ok(())
@@ -685,8 +855,34 @@ impl JobQueue for SqliteJobQueue {
 
     fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError> {
         self.conn().execute(
-            "UPDATE export_job SET state = 'cancelled', finished_ms = ?2 WHERE id = ?1",
+            "UPDATE export_job SET state = 'cancelled', finished_ms = ?2, cleanup = 'pending' WHERE id = ?1",
             params![id, now_ms],
+        )?;
+        Ok(())
+    }
+
+    fn expire(&self, finished_before_ms: i64) -> Result<u64, QueueError> {
+        let n = self.conn().execute(
+            "UPDATE export_job SET state = 'expired', cleanup = 'pending', result = NULL
+             WHERE state = 'complete' AND finished_ms <= ?1",
+            [finished_before_ms],
+        )?;
+        Ok(n as u64)
+    }
+
+    fn cleanups(&self) -> Result<Vec<JobRecord>, QueueError> {
+        let c = self.conn();
+        let mut stmt = c.prepare(&format!(
+            "SELECT {JOB_COLUMNS} FROM export_job WHERE cleanup = 'pending' ORDER BY finished_ms"
+        ))?;
+        let rows = stmt.query_map([], job_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn cleaned(&self, id: &str) -> Result<(), QueueError> {
+        self.conn().execute(
+            "UPDATE export_job SET cleanup = 'done' WHERE id = ?1 AND cleanup = 'pending'",
+            [id],
         )?;
         Ok(())
     }
@@ -719,8 +915,12 @@ impl JobQueue for SqliteJobQueue {
     }
 
     fn release_orphans(&self) -> Result<u64, QueueError> {
+        // The attempt stays counted (a crash loop ends when the attempts run out), and the
+        // cause is recorded for the failure that names it.
         let n = self.conn().execute(
-            "UPDATE export_item SET state = 'pending', owner = NULL WHERE state = 'running'",
+            "UPDATE export_item SET state = 'pending', owner = NULL,
+               error = 'the server stopped while it ran', error_status = 500
+             WHERE state = 'running'",
             [],
         )?;
         Ok(n as u64)
@@ -746,6 +946,7 @@ mod tests {
             failure_status: None,
             created_ms,
             finished_ms: None,
+            cleanup: Cleanup::None,
         }
     }
 
@@ -791,6 +992,7 @@ mod tests {
         q.create(
             &job("a", 1),
             &[scan("Patient", 0, 10), scan("Patient", 10, 20), finalize()],
+            10,
         )
         .expect("create");
         assert_eq!(q.active_count().expect("count"), 1);
@@ -841,7 +1043,7 @@ mod tests {
     fn a_stale_item_is_taken_over_from_its_cursor_and_the_old_owner_loses_its_lease() {
         let dir = tempfile::tempdir().expect("tempdir");
         let q = open(&dir);
-        q.create(&job("a", 1), &[scan("Observation", 0, 100)])
+        q.create(&job("a", 1), &[scan("Observation", 0, 100)], 10)
             .expect("create");
         let old = q
             .claim("node-1", 1_000, 600_000, 3)
@@ -890,11 +1092,13 @@ mod tests {
     fn attempts_are_bounded_and_cancel_stops_workers() {
         let dir = tempfile::tempdir().expect("tempdir");
         let q = open(&dir);
-        q.create(&job("a", 1), &[scan("Patient", 0, 10)])
+        q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
             .expect("create");
         let i = q.claim("w", 0, 10, 2).expect("claim").expect("1");
-        q.fail_item(&i, "destination unreachable", 503, true, 1)
-            .expect("retry");
+        assert!(
+            !q.fail_item(&i, "destination unreachable", 503, Some(RETRY), 1)
+                .expect("retry")
+        );
         // Retried after a back-off, not at once.
         assert!(q.claim("w", 2, 10, 2).expect("claim").is_none());
         let i = q.claim("w", 2_001, 10, 2).expect("claim").expect("2");
@@ -904,7 +1108,7 @@ mod tests {
         let a = q.get("a").expect("get").expect("job");
         assert_eq!((a.state, a.failure_status), (JobState::Failed, Some(500)));
 
-        q.create(&job("b", 2), &[scan("Patient", 0, 10)])
+        q.create(&job("b", 2), &[scan("Patient", 0, 10)], 10)
             .expect("create");
         let i = q.claim("w", 200, 10, 3).expect("claim").expect("b");
         q.cancel("b", 201).expect("cancel");
@@ -918,12 +1122,112 @@ mod tests {
         );
     }
 
+    const RETRY: Retry = Retry {
+        max_attempts: 2,
+        base_ms: 2_000,
+        max_ms: 60_000,
+    };
+
+    #[test]
+    fn a_transient_failure_of_the_last_attempt_fails_the_job_with_its_cause() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = open(&dir);
+        q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
+            .expect("create");
+        let i = q.claim("w", 0, 10_000, 2).expect("claim").expect("1");
+        assert!(
+            !q.fail_item(&i, "s3 unavailable", 503, Some(RETRY), 1)
+                .expect("fail")
+        );
+        let i = q.claim("w", 5_000, 10_000, 2).expect("claim").expect("2");
+        // The second failure is the last allowed attempt: the job fails, nothing stays pending.
+        assert!(
+            q.fail_item(&i, "s3 unavailable", 503, Some(RETRY), 5_001)
+                .expect("fail")
+        );
+        assert!(q.claim("w", 999_999, 10_000, 2).expect("claim").is_none());
+        let a = q.get("a").expect("get").expect("job");
+        assert_eq!((a.state, a.failure_status), (JobState::Failed, Some(503)));
+        assert!(
+            a.result
+                .as_deref()
+                .is_some_and(|r| r.contains("s3 unavailable"))
+        );
+        assert_eq!(a.cleanup, Cleanup::Pending);
+        assert_eq!(q.active_count().expect("count"), 0);
+        assert_eq!(q.cleanups().expect("cleanups").len(), 1);
+        q.cleaned("a").expect("cleaned");
+        assert!(q.cleanups().expect("cleanups").is_empty());
+    }
+
+    #[test]
+    fn a_crash_loop_fails_the_job_once_the_attempts_are_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = open(&dir);
+        q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
+            .expect("create");
+        for n in 1..=2 {
+            let i = q.claim("w", n, 600_000, 2).expect("claim").expect("item");
+            assert_eq!(i.attempt, n);
+            // The process dies; the next one releases the item.
+            assert_eq!(q.release_orphans().expect("release"), 1);
+        }
+        assert!(q.claim("w", 10, 600_000, 2).expect("claim").is_none());
+        let a = q.get("a").expect("get").expect("job");
+        assert_eq!((a.state, a.failure_status), (JobState::Failed, Some(500)));
+        assert!(
+            a.result
+                .as_deref()
+                .is_some_and(|r| r.contains("the server stopped while it ran")),
+            "{:?}",
+            a.result
+        );
+    }
+
+    #[test]
+    fn a_released_item_keeps_its_cursor_and_gets_its_attempt_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = open(&dir);
+        q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
+            .expect("create");
+        for _ in 0..5 {
+            let i = q.claim("w", 1, 600_000, 1).expect("claim").expect("item");
+            assert_eq!(i.attempt, 1);
+            q.commit_files(&i, &[part("Patient", "_parts/x", 1)], i.cursor + 1, 1, 2)
+                .expect("commit")
+                .expect("held");
+            assert!(q.release(&i).expect("release"));
+            // The released holder has lost its lease.
+            assert_eq!(q.heartbeat(&i, 1, 3).expect("hb"), Lease::Lost);
+        }
+        let i = q.claim("w", 1, 600_000, 1).expect("claim").expect("item");
+        assert_eq!(i.cursor, 5);
+        assert_eq!(q.release_owned("w").expect("release"), 1);
+        assert_eq!(
+            q.get("a").expect("get").expect("job").state,
+            JobState::Running
+        );
+    }
+
+    #[test]
+    fn admission_is_refused_in_the_creating_transaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = open(&dir);
+        q.create(&job("a", 1), &[finalize()], 2).expect("a");
+        q.create(&job("b", 2), &[finalize()], 2).expect("b");
+        assert!(matches!(
+            q.create(&job("c", 3), &[finalize()], 2),
+            Err(QueueError::Full(2))
+        ));
+        assert!(q.get("c").expect("get").is_none());
+    }
+
     #[test]
     fn orphans_of_a_dead_process_are_released_on_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let q = open(&dir);
-            q.create(&job("a", 1), &[scan("Patient", 0, 10)])
+            q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
                 .expect("create");
             q.claim("dead", 0, 600_000, 3)
                 .expect("claim")

@@ -27,6 +27,9 @@ pub enum RunError {
     /// Another worker holds this item now.
     #[error("the work item's lease was lost")]
     LeaseLost,
+    /// This process is shutting down: the item is given back, resumed at its cursor.
+    #[error("the server is shutting down")]
+    Interrupted,
     #[error("Group/{0} not found")]
     GroupNotFound(String),
     /// The Group's membership passes a bound of [`RunSettings`] (nesting depth or members):
@@ -64,6 +67,7 @@ impl RunError {
             | RunError::Anonymization(_)
             | RunError::BadRequest => 400,
             RunError::Sink(e) if e.is_transient() => 503,
+            RunError::Sink(SinkError::NoSpace(_)) => 507,
             _ => 500,
         }
     }
@@ -389,6 +393,8 @@ pub struct ItemContext<'a> {
     pub settings: &'a RunSettings,
     /// Set by a cancel in this process (other processes learn it at their next heartbeat).
     pub cancel: &'a AtomicBool,
+    /// Set when this process shuts down: the item stops at its next check, to be released.
+    pub shutdown: &'a AtomicBool,
     /// Resources scanned, shared with the status endpoint of this process.
     pub live_scanned: &'a dyn Fn(u64),
 }
@@ -445,7 +451,7 @@ impl<'s> Roller<'s> {
             self.current = Some((w, temp, 0, 0));
         }
         if let Some((w, temp, n, bytes)) = self.current.as_mut() {
-            let io = |e: std::io::Error| SinkError::Failed(format!("{temp}: {e}"));
+            let io = |e: std::io::Error| SinkError::from_io(temp, e);
             w.write_all(line).map_err(io)?;
             w.write_all(b"\n").map_err(io)?;
             *n += 1;
@@ -534,6 +540,9 @@ impl Pulse {
     ) -> Result<(), RunError> {
         if ctx.cancel.load(Ordering::Relaxed) {
             return Err(RunError::Stopped);
+        }
+        if ctx.shutdown.load(Ordering::Relaxed) {
+            return Err(RunError::Interrupted);
         }
         (ctx.live_scanned)(scanned);
         if self.last.elapsed() >= ctx.settings.heartbeat_every {
@@ -973,8 +982,13 @@ pub fn run_export(
         failure_status: None,
         created_ms: 0,
         finished_ms: None,
+        cleanup: crate::jobs::Cleanup::None,
     };
-    queue.create(&job, &plan(store, req, watermark, settings.item_resources)?)?;
+    queue.create(
+        &job,
+        &plan(store, req, watermark, settings.item_resources)?,
+        u64::MAX,
+    )?;
     sink.ensure_container(container)?;
     let prepared = Prepared::new(store, job, req.clone(), anonymizer, settings)?;
     let ctx = ItemContext {
@@ -984,6 +998,7 @@ pub fn run_export(
         prepared: &prepared,
         settings,
         cancel,
+        shutdown: &AtomicBool::new(false),
         live_scanned: &|_| {},
     };
     while let Some(item) = queue.claim("local", 0, i64::MAX / 4, 1)? {

@@ -12,7 +12,8 @@ use store::{SqliteStore, Store};
 
 use crate::anonymization::{AnonymizationError, AnonymizationInfo, Anonymizer, load_from_storage};
 use crate::jobs::{
-    FileKind, ItemKind, JobQueue, JobRecord, JobState, QueueError, SqliteJobQueue, WorkItem,
+    Cleanup, FileKind, ItemKind, JobQueue, JobRecord, JobState, QueueError, Retry, SqliteJobQueue,
+    WorkItem,
 };
 use crate::request::{ExportLevel, ExportRequest, RequestError, parameters_to_pairs};
 use crate::run::{ItemContext, Prepared, RunError, RunSettings, execute_item, plan};
@@ -51,6 +52,14 @@ pub struct ExportConfig {
     pub heartbeat_timeout: Duration,
     /// Claims per work item before the export fails.
     pub max_attempts: i64,
+    /// Back-off after a transient failure: doubles per attempt from this, up to
+    /// `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    /// How long a complete export's files are kept (then removed; status answers 410).
+    pub retention: Duration,
+    /// How often expired exports are removed and failed deletions retried.
+    pub sweep_every: Duration,
     /// Base URL for file URLs in manifests.
     pub base_url: String,
     /// Whether downloads need a bearer token (the manifest's `requiresAccessToken`).
@@ -69,6 +78,8 @@ impl std::fmt::Debug for ExportConfig {
             .field("workers", &self.workers)
             .field("max_concurrent", &self.max_concurrent)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("retention", &self.retention)
             .finish_non_exhaustive()
     }
 }
@@ -86,6 +97,10 @@ impl ExportConfig {
             max_concurrent: 4,
             heartbeat_timeout: Duration::from_secs(600),
             max_attempts: 5,
+            retry_backoff: Duration::from_secs(2),
+            retry_backoff_max: Duration::from_secs(60),
+            retention: Duration::from_secs(24 * 3600),
+            sweep_every: Duration::from_secs(60),
             base_url,
             requires_access_token: false,
             image_configs: None,
@@ -112,6 +127,9 @@ pub enum ExportError {
     /// No such file in a finished export → 404.
     #[error("no file '{0}' in this export")]
     UnknownFile(String),
+    /// The export's retention period is over and its files are removed → 410.
+    #[error("export '{0}' has expired: its files were removed after the retention period")]
+    Expired(String),
     /// Too many exports at once → 429 with Retry-After.
     #[error("too many exports in progress ({0}); retry later")]
     TooMany(u64),
@@ -122,16 +140,28 @@ pub enum ExportError {
 
 impl From<QueueError> for ExportError {
     fn from(e: QueueError) -> Self {
-        ExportError::Internal(e.to_string())
+        match e {
+            QueueError::Full(n) => ExportError::TooMany(n),
+            e => ExportError::Internal(e.to_string()),
+        }
     }
 }
 
 /// The state of a job as the status endpoint reports it.
 #[derive(Debug, Clone)]
 pub enum Status {
-    InProgress { progress: String },
-    Complete { manifest: Value },
-    Failed { diagnostics: String, status: u16 },
+    InProgress {
+        progress: String,
+    },
+    /// `expires_ms`: when the files are removed (completion + retention).
+    Complete {
+        manifest: Value,
+        expires_ms: i64,
+    },
+    Failed {
+        diagnostics: String,
+        status: u16,
+    },
 }
 
 /// Persisted form of a kick-off, parsed again by whichever worker runs the job.
@@ -173,6 +203,52 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Drops the query of every URL in `text` (an Azure SAS travels in it).
+fn without_queries(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_query = false;
+    for c in text.chars() {
+        if c == '?' {
+            in_query = true;
+        } else if in_query && (c.is_whitespace() || matches!(c, '"' | '\'' | ')' | ',')) {
+            in_query = false;
+        }
+        if !in_query {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The diagnostics of a failed item: what failed and where, without secrets or server paths.
+fn failure_text(e: &RunError, sink: &dyn Sink, job: Option<&JobRecord>) -> String {
+    match e {
+        RunError::Sink(crate::sink::SinkError::NoSpace(_)) => format!(
+            "the {} export destination is full (no space left on the device): {e}",
+            sink.kind()
+        ),
+        RunError::Sink(s) => {
+            let at = job.map_or_else(String::new, |j| {
+                format!(
+                    " at {}",
+                    without_queries(&sink.location(&j.container, &j.folder))
+                )
+            });
+            let what = if s.is_transient() {
+                "is unavailable"
+            } else {
+                "failed"
+            };
+            format!(
+                "the {} export destination{at} {what}: {}",
+                sink.kind(),
+                without_queries(&s.to_string())
+            )
+        }
+        e => e.to_string(),
+    }
+}
+
 /// `1234567` → `1,234,567`.
 fn thousands(n: u64) -> String {
     let s = n.to_string();
@@ -198,6 +274,10 @@ pub struct ExportService {
     /// Resources scanned per running item of this process, finer than the heartbeats.
     live: Mutex<HashMap<(String, i64), (String, u64)>>,
     wake: (Mutex<u64>, Condvar),
+    /// Set by [`ExportService::shutdown`]: workers stop claiming and give their items back.
+    stopping: AtomicBool,
+    /// The worker and sweeper threads, once started.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -205,21 +285,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ExportService {
-    /// Opens the job queue and starts this process's workers. Items left running by a previous
-    /// process are released at once: the store's data-directory lock guarantees that no other
-    /// live process shares this queue.
+    /// Opens the job queue. Nothing runs until [`ExportService::start_workers`]: the server
+    /// starts them last, once everything else is validated and its port is bound, so that a
+    /// start that fails claims no work (and uses up no attempt).
     pub fn open(
         store: Arc<SqliteStore>,
         config: ExportConfig,
     ) -> Result<Arc<ExportService>, ExportError> {
         let queue = Arc::new(SqliteJobQueue::open(&config.jobs_db)?);
-        let released = queue.release_orphans()?;
-        if released > 0 {
-            tracing::info!(
-                items = released,
-                "resuming export work left by a previous process"
-            );
-        }
         let node = format!(
             "{}-{}",
             std::process::id(),
@@ -234,19 +307,126 @@ impl ExportService {
             cancels: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             wake: (Mutex::new(0), Condvar::new()),
+            stopping: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
         });
-        for n in 0..svc.config.workers {
-            let me = Arc::downgrade(&svc);
-            let spawned = std::thread::Builder::new()
-                .name(format!("export-worker-{n}"))
-                .spawn(move || worker_loop(me));
-            if let Err(e) = spawned {
-                return Err(ExportError::Internal(format!(
-                    "cannot start an export worker: {e}"
-                )));
+        Ok(svc)
+    }
+
+    /// Starts this process's workers and the sweeper (retention, deletions still to do). Items
+    /// left running by a previous process are released first when the queue is exclusive: the
+    /// store's data-directory lock guarantees that no other live process shares it. Their
+    /// attempt stays counted, so a server that keeps crashing fails the export in the end.
+    pub fn start_workers(self: &Arc<Self>) -> Result<(), ExportError> {
+        let mut threads = lock(&self.threads);
+        if !threads.is_empty() {
+            return Ok(());
+        }
+        if self.config.exclusive_queue {
+            let released = self.queue.release_orphans()?;
+            if released > 0 {
+                tracing::info!(
+                    items = released,
+                    "resuming export work left by a previous process"
+                );
             }
         }
-        Ok(svc)
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(|e| ExportError::Internal(format!("cannot start an export thread: {e}")))
+        };
+        let me = Arc::downgrade(self);
+        threads.push(spawn(
+            "export-sweeper".into(),
+            Box::new(move || sweeper_loop(me)),
+        )?);
+        for n in 0..self.config.workers {
+            let me = Arc::downgrade(self);
+            threads.push(spawn(
+                format!("export-worker-{n}"),
+                Box::new(move || worker_loop(me)),
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Graceful shutdown: workers stop claiming; every running item of this process stops at
+    /// its next check and is given back (un-claimed at its committed cursor, the attempt not
+    /// counted) — or finishes. After `drain`, items still held are given back regardless (their
+    /// workers can no longer commit). Returns how many items were given back here.
+    pub fn shutdown(&self, drain: Duration) -> u64 {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.notify();
+        let deadline = std::time::Instant::now() + drain;
+        let threads: Vec<_> = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        match self.queue.release_owned(&self.node) {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::warn!(
+                        items = n,
+                        "export work still running at the drain timeout was given back"
+                    );
+                }
+                n
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot give back export work at shutdown");
+                0
+            }
+        }
+    }
+
+    /// Removes the files of a failed, cancelled or expired job and records it; a failure (the
+    /// destination is down) leaves the deletion to the sweeper.
+    fn clean_up(&self, job: &JobRecord) -> bool {
+        match self.config.sink.delete_prefix(&job.container, &job.folder) {
+            Ok(()) => {
+                if let Err(e) = self.queue.cleaned(&job.id) {
+                    tracing::error!(job = %job.id, error = %e, "cannot record a finished deletion");
+                    return false;
+                }
+                tracing::info!(job = %job.id, state = job.state.as_str(), "export files removed");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %without_queries(&e.to_string()), "cannot remove export files yet; retried later");
+                false
+            }
+        }
+    }
+
+    /// One pass of the sweeper: expires complete jobs past the retention period and removes
+    /// the files of every job whose deletion is still to do. Returns the jobs cleaned.
+    pub fn sweep(&self) -> Result<u64, ExportError> {
+        let retention = self.config.retention.as_millis().min(i64::MAX as u128) as i64;
+        let expired = self.queue.expire(now_ms().saturating_sub(retention))?;
+        if expired > 0 {
+            tracing::info!(jobs = expired, "exports past their retention period expire");
+        }
+        let mut cleaned = 0;
+        for job in self.queue.cleanups()? {
+            if self.stopping.load(Ordering::Relaxed) {
+                break;
+            }
+            if self.clean_up(&job) {
+                cleaned += 1;
+                self.forget(&job.id);
+            }
+        }
+        if let Err(e) = self.store.checkpoint() {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+        Ok(cleaned)
     }
 
     /// The number of exports queued or running (they resume on their own).
@@ -301,6 +481,8 @@ impl ExportService {
                 Err(e) => return Err(ExportError::Internal(e.to_string())),
             }
         }
+        // An early answer before the configuration is fetched and the export planned; the
+        // admission itself is decided atomically when the job is recorded.
         let active = self.queue.active_count()?;
         if active >= self.config.max_concurrent {
             return Err(ExportError::TooMany(active));
@@ -355,8 +537,10 @@ impl ExportService {
             failure_status: None,
             created_ms: now,
             finished_ms: None,
+            cleanup: Cleanup::None,
         };
-        self.queue.create(&job, &items)?;
+        self.queue
+            .create(&job, &items, self.config.max_concurrent)?;
         tracing::info!(job = %id, items = items.len(), "export queued");
         self.notify();
         Ok(id)
@@ -412,6 +596,7 @@ impl ExportService {
                 prepared: &prepared,
                 settings: &self.config.run,
                 cancel: &cancel,
+                shutdown: &self.stopping,
                 live_scanned: &live_scanned,
             };
             execute_item(&ctx, &item)?;
@@ -426,24 +611,48 @@ impl ExportService {
             Err(RunError::LeaseLost) => {
                 tracing::warn!(job = %job_id, item = item.item_no, "work item taken over elsewhere");
             }
+            Err(RunError::Interrupted) => match self.queue.release(&item) {
+                Ok(_) => {
+                    tracing::info!(job = %job_id, item = item.item_no, "work item given back at shutdown")
+                }
+                Err(e) => {
+                    tracing::error!(job = %job_id, item = item.item_no, error = %e, "cannot give back a work item")
+                }
+            },
             Err(RunError::Stopped) => {
-                // Cancelled or failed: make sure nothing of this export remains.
-                if let Ok(Some(job)) = self.queue.get(&job_id) {
-                    let _ = self.config.sink.delete_prefix(&job.container, &job.folder);
+                // Cancelled or failed: make sure nothing of this export remains (a deletion
+                // that fails stays recorded for the sweeper).
+                if let Ok(Some(job)) = self.queue.get(&job_id)
+                    && job.cleanup == Cleanup::Pending
+                {
+                    self.clean_up(&job);
                 }
                 self.forget(&job_id);
             }
             Err(e) => {
-                let retry = e.is_transient();
-                tracing::error!(job = %job_id, item = item.item_no, error = %e, retry, "export work item failed");
-                let _ = self
+                let retry = e.is_transient().then_some(Retry {
+                    max_attempts: self.config.max_attempts,
+                    base_ms: self.config.retry_backoff.as_millis() as i64,
+                    max_ms: self.config.retry_backoff_max.as_millis() as i64,
+                });
+                let job = self.queue.get(&job_id).ok().flatten();
+                let text = failure_text(&e, self.config.sink.as_ref(), job.as_ref());
+                tracing::error!(job = %job_id, item = item.item_no, attempt = item.attempt, error = %text, retry = retry.is_some(), "export work item failed");
+                match self
                     .queue
-                    .fail_item(&item, &e.to_string(), e.status(), retry, now_ms());
-                if !retry {
-                    if let Ok(Some(job)) = self.queue.get(&job_id) {
-                        let _ = self.config.sink.delete_prefix(&job.container, &job.folder);
+                    .fail_item(&item, &text, e.status(), retry, now_ms())
+                {
+                    Ok(true) => {
+                        tracing::error!(job = %job_id, status = e.status(), "export failed");
+                        if let Ok(Some(job)) = self.queue.get(&job_id) {
+                            self.clean_up(&job);
+                        }
+                        self.forget(&job_id);
                     }
-                    self.forget(&job_id);
+                    Ok(false) => {}
+                    Err(qe) => {
+                        tracing::error!(job = %job_id, error = %qe, "cannot record a failed work item")
+                    }
                 }
             }
         }
@@ -553,12 +762,17 @@ impl ExportService {
             JobState::Queued | JobState::Running | JobState::Cancelled => Status::InProgress {
                 progress: self.progress_text(id)?,
             },
+            JobState::Expired => return Err(ExportError::Expired(id.to_string())),
             JobState::Complete => Status::Complete {
                 manifest: job
                     .result
                     .as_deref()
                     .and_then(|s| serde_json::from_str(s).ok())
                     .unwrap_or(Value::Null),
+                expires_ms: job
+                    .finished_ms
+                    .unwrap_or_else(now_ms)
+                    .saturating_add(self.config.retention.as_millis().min(i64::MAX as u128) as i64),
             },
             JobState::Failed => Status::Failed {
                 diagnostics: job.result.unwrap_or_default(),
@@ -567,7 +781,9 @@ impl ExportService {
         })
     }
 
-    /// Cancels a job (running or finished): its workers stop and its files are removed.
+    /// Cancels a job (running or finished): its workers stop and its files are removed. The
+    /// cancel is recorded first (with the deletion still to do), so a crash or a destination
+    /// that is down only delays the deletion: the sweeper and the next start-up finish it.
     pub fn cancel(
         &self,
         id: &str,
@@ -576,10 +792,7 @@ impl ExportService {
         let job = self.owned_job(id, may_see)?;
         self.cancel_flag(id).store(true, Ordering::Relaxed);
         self.queue.cancel(id, now_ms())?;
-        self.config
-            .sink
-            .delete_prefix(&job.container, &job.folder)
-            .map_err(|e| ExportError::Internal(e.to_string()))?;
+        self.clean_up(&job);
         Ok(())
     }
 
@@ -622,6 +835,9 @@ fn worker_loop(svc: std::sync::Weak<ExportService>) {
         let Some(me) = svc.upgrade() else {
             return;
         };
+        if me.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         let seen = *lock(&me.wake.0);
         let claimed = me.queue.claim(
             &me.node,
@@ -648,9 +864,49 @@ fn worker_loop(svc: std::sync::Weak<ExportService>) {
     }
 }
 
+/// The sweeper: at start and then every `sweep_every`, expires exports past their retention,
+/// finishes deletions still to do (interrupted by a crash, or refused by a destination that was
+/// down) and checkpoints the store's WAL.
+fn sweeper_loop(svc: std::sync::Weak<ExportService>) {
+    loop {
+        let Some(me) = svc.upgrade() else {
+            return;
+        };
+        if me.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = me.sweep() {
+            tracing::error!(error = %e, "export sweep failed");
+        }
+        let every = me.config.sweep_every;
+        let (m, cv) = &me.wake;
+        let deadline = std::time::Instant::now() + every;
+        let mut guard = lock(m);
+        while !me.stopping.load(Ordering::SeqCst) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            guard = cv
+                .wait_timeout(guard, left)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+        drop(guard);
+        drop(me);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queries_are_dropped_from_urls() {
+        assert_eq!(
+            without_queries("GET http://a/b?sig=secret&sv=1 failed (http://c?x)"),
+            "GET http://a/b failed (http://c)"
+        );
+    }
 
     #[test]
     fn progress_numbers_have_separators() {

@@ -22,11 +22,25 @@ pub enum SinkError {
     /// Worth retrying (network, throttling, a destination that refused for now).
     #[error("destination unavailable: {0}")]
     Unavailable(String),
+    /// The local file system is full (ENOSPC) or over quota.
+    #[error("no space left on the destination: {0}")]
+    NoSpace(String),
     #[error("destination: {0}")]
     Failed(String),
 }
 
 impl SinkError {
+    /// An I/O error on `what` (a container-relative name: never a server path).
+    pub fn from_io(what: &str, e: std::io::Error) -> SinkError {
+        // ENOSPC, EDQUOT
+        if e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28 | 122))
+        {
+            SinkError::NoSpace(what.to_string())
+        } else {
+            SinkError::Failed(format!("{what}: {e}"))
+        }
+    }
+
     /// Whether another attempt may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, SinkError::Unavailable(_))
@@ -68,7 +82,8 @@ pub trait Sink: Send + Sync {
     ) -> Result<(Vec<u8>, String), SinkError>;
     /// A blocking reader of a whole object (downloads from remote destinations).
     fn open_read(&self, container: &str, path: &str) -> Result<Box<dyn Read + Send>, SinkError>;
-    /// Where a path lies, for people (a file path or a URL).
+    /// Where a path lies, for people: `<container>/<path>` for a local folder, the object's URL
+    /// (without credentials) for an object store — never a server file path.
     fn location(&self, container: &str, path: &str) -> String;
     /// How to serve a finished file.
     fn body(&self, container: &str, path: &str) -> FileBody;
@@ -98,13 +113,22 @@ impl LocalSink {
     }
 }
 
-fn io_error(path: &Path, e: std::io::Error) -> SinkError {
-    SinkError::Failed(format!("{}: {e}", path.display()))
+impl LocalSink {
+    /// An I/O error on `path`, named relative to the storage root (`<container>/<path>`): error
+    /// texts reach clients and logs, and must not show the server's directories.
+    fn io_error(&self, path: &Path, e: std::io::Error) -> SinkError {
+        let shown = path.strip_prefix(&self.root).unwrap_or_else(|_| {
+            // Not under the root (cannot happen for checked paths): show the name only.
+            Path::new(path.file_name().unwrap_or_default())
+        });
+        SinkError::from_io(&shown.display().to_string(), e)
+    }
 }
 
 struct LocalPart {
     writer: BufWriter<File>,
-    path: PathBuf,
+    /// `<container>/<path>`, for errors.
+    name: String,
     bytes: u64,
 }
 
@@ -124,13 +148,13 @@ impl PartWriter for LocalPart {
     fn finish(self: Box<Self>) -> Result<u64, SinkError> {
         let LocalPart {
             writer,
-            path,
+            name,
             bytes,
         } = *self;
         let f = writer
             .into_inner()
-            .map_err(|e| io_error(&path, e.into_error()))?;
-        f.sync_data().map_err(|e| io_error(&path, e))?;
+            .map_err(|e| SinkError::from_io(&name, e.into_error()))?;
+        f.sync_data().map_err(|e| SinkError::from_io(&name, e))?;
         Ok(bytes)
     }
 }
@@ -142,18 +166,18 @@ impl Sink for LocalSink {
 
     fn ensure_container(&self, container: &str) -> Result<(), SinkError> {
         let p = self.path(container, "")?;
-        fs::create_dir_all(&p).map_err(|e| io_error(&p, e))
+        fs::create_dir_all(&p).map_err(|e| self.io_error(&p, e))
     }
 
     fn create(&self, container: &str, path: &str) -> Result<Box<dyn PartWriter>, SinkError> {
         let p = self.path(container, path)?;
         if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+            fs::create_dir_all(parent).map_err(|e| self.io_error(parent, e))?;
         }
-        let f = File::create(&p).map_err(|e| io_error(&p, e))?;
+        let f = File::create(&p).map_err(|e| self.io_error(&p, e))?;
         Ok(Box::new(LocalPart {
             writer: BufWriter::with_capacity(1 << 20, f),
-            path: p,
+            name: format!("{container}/{path}"),
             bytes: 0,
         }))
     }
@@ -164,9 +188,9 @@ impl Sink for LocalSink {
             return Ok(());
         }
         if let Some(parent) = dst.parent() {
-            fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+            fs::create_dir_all(parent).map_err(|e| self.io_error(parent, e))?;
         }
-        fs::rename(&src, &dst).map_err(|e| io_error(&src, e))
+        fs::rename(&src, &dst).map_err(|e| self.io_error(&src, e))
     }
 
     fn delete_prefix(&self, container: &str, prefix: &str) -> Result<(), SinkError> {
@@ -174,7 +198,7 @@ impl Sink for LocalSink {
         match fs::remove_dir_all(&p) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_error(&p, e)),
+            Err(e) => Err(self.io_error(&p, e)),
         }
     }
 
@@ -194,12 +218,12 @@ impl Sink for LocalSink {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(SinkError::NotFound(path.to_string()));
             }
-            Err(e) => return Err(io_error(&p, e)),
+            Err(e) => return Err(self.io_error(&p, e)),
         };
         let mut bytes = Vec::new();
         f.take(max_bytes + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| io_error(&p, e))?;
+            .map_err(|e| self.io_error(&p, e))?;
         if bytes.len() as u64 > max_bytes {
             return Err(SinkError::TooLarge {
                 path: path.to_string(),
@@ -219,12 +243,13 @@ impl Sink for LocalSink {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(SinkError::NotFound(path.to_string()))
             }
-            Err(e) => Err(io_error(&p, e)),
+            Err(e) => Err(self.io_error(&p, e)),
         }
     }
 
     fn location(&self, container: &str, path: &str) -> String {
-        self.root.join(container).join(path).display().to_string()
+        // Container-relative: the server's directories are not the client's business.
+        format!("{container}/{path}")
     }
 
     fn body(&self, container: &str, path: &str) -> FileBody {

@@ -225,6 +225,7 @@ fn a_deidentified_export_service_on_azurite() {
     );
     config.sink = sink.clone();
     let svc = ExportService::open(store, config).expect("service");
+    svc.start_workers().expect("workers");
     let container = fresh("deid");
     let kick = |extra: &[(&str, &str)]| {
         let mut pairs: Vec<(String, String)> = vec![
@@ -247,7 +248,7 @@ fn a_deidentified_export_service_on_azurite() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let manifest = loop {
         match svc.status(&id, &|_| true).expect("status") {
-            Status::Complete { manifest } => break manifest,
+            Status::Complete { manifest, .. } => break manifest,
             Status::Failed { diagnostics, .. } => panic!("failed: {diagnostics}"),
             Status::InProgress { .. } => {
                 assert!(Instant::now() < deadline, "export did not finish");

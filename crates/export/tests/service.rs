@@ -63,7 +63,7 @@ fn wait(svc: &ExportService, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         match svc.status(id, &|_| true).expect("status") {
-            Status::Complete { manifest } => return manifest,
+            Status::Complete { manifest, .. } => return manifest,
             Status::Failed { diagnostics, .. } => panic!("export failed: {diagnostics}"),
             Status::InProgress { .. } => std::thread::sleep(Duration::from_millis(50)),
         }
@@ -140,6 +140,7 @@ fn workers_share_an_export_split_into_items() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = seeded(dir.path());
     let svc = ExportService::open(store, config(dir.path(), 3)).expect("service");
+    svc.start_workers().expect("workers");
     let id = kickoff(&svc, ExportLevel::System, &[]);
     let manifest = wait(&svc, &id);
     let ids = contents(dir.path(), &manifest);
@@ -169,6 +170,7 @@ fn an_item_of_a_dead_node_is_taken_over_after_the_heartbeat_timeout() {
     let mut api = config(dir.path(), 0);
     api.exclusive_queue = false;
     let api = ExportService::open(store.clone(), api).expect("api node");
+    api.start_workers().expect("workers");
     let id = kickoff(&api, ExportLevel::System, &[]);
     // A node claims the first item and dies without a heartbeat.
     let queue = SqliteJobQueue::open(&dir.path().join("exports.db")).expect("queue");
@@ -187,6 +189,7 @@ fn an_item_of_a_dead_node_is_taken_over_after_the_heartbeat_timeout() {
     worker.exclusive_queue = false;
     worker.heartbeat_timeout = Duration::from_secs(1);
     let worker = ExportService::open(store, worker).expect("worker node");
+    worker.start_workers().expect("workers");
     let manifest = wait(&api, &id);
     let ids = contents(dir.path(), &manifest);
     assert_eq!(ids["Patient"].len(), PATIENTS);
@@ -210,6 +213,7 @@ fn cancel_stops_the_workers_and_removes_the_files() {
     c.run.item_resources = 100;
     c.run.file_max_resources = 10;
     let svc = ExportService::open(store, c).expect("service");
+    svc.start_workers().expect("workers");
     let id = kickoff(&svc, ExportLevel::System, &[]);
     std::thread::sleep(Duration::from_millis(30));
     svc.cancel(&id, &|_| true).expect("cancel");

@@ -51,6 +51,17 @@ pub struct ServeConfig {
     /// Lifetime of issued access tokens, in seconds.
     #[arg(long, env = "FHIRHOSE_TOKEN_LIFETIME", default_value_t = 300)]
     pub token_lifetime: u64,
+    /// Seconds a client has to send a request's complete header (slowloris guard).
+    #[arg(long, env = "FHIRHOSE_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    pub header_read_timeout: u64,
+    /// Connections served at once; more wait until one closes.
+    #[arg(long, env = "FHIRHOSE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a graceful shutdown (SIGTERM, Ctrl-C) waits for open requests and running export
+    /// work items to finish; items still running are then given back to resume at the next
+    /// start.
+    #[arg(long, env = "FHIRHOSE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
     #[command(flatten)]
     pub export: ExportOptions,
     #[command(flatten)]
@@ -158,6 +169,14 @@ pub struct ExportOptions {
     /// Seconds without a heartbeat after which a running work item is taken over.
     #[arg(long, env = "FHIRHOSE_EXPORT_HEARTBEAT_TIMEOUT", default_value_t = 600)]
     pub export_heartbeat_timeout: u64,
+    /// Attempts per export work item (a transient failure, or a server that stopped while it
+    /// ran, uses one; back-off 2 s, 4 s, … ≤ 60 s between them); then the export fails.
+    #[arg(long, env = "FHIRHOSE_EXPORT_MAX_ATTEMPTS", default_value_t = 5)]
+    pub export_max_attempts: i64,
+    /// Seconds a complete export's files are kept; then they are removed and its status URL
+    /// answers 410.
+    #[arg(long, env = "FHIRHOSE_EXPORT_RETENTION", default_value_t = 24 * 3600)]
+    pub export_retention: u64,
     /// Deepest nesting of Groups a Group-level export follows (deeper: that export fails).
     #[arg(long, env = "FHIRHOSE_EXPORT_GROUP_MAX_DEPTH", default_value_t = 100)]
     pub export_group_max_depth: usize,
@@ -239,6 +258,8 @@ impl Default for ExportOptions {
             export_item_resources: 250_000,
             export_max_concurrent: 4,
             export_heartbeat_timeout: 600,
+            export_max_attempts: 5,
+            export_retention: 24 * 3600,
             export_group_max_depth: 100,
             export_group_max_members: 1_000_000,
             export_container: "exports".into(),
@@ -369,6 +390,8 @@ impl ExportOptions {
         c.run.group_max_members = self.export_group_max_members;
         c.max_concurrent = self.export_max_concurrent;
         c.heartbeat_timeout = std::time::Duration::from_secs(self.export_heartbeat_timeout);
+        c.max_attempts = self.export_max_attempts;
+        c.retention = std::time::Duration::from_secs(self.export_retention);
         c.default_container = self.export_container.clone();
         if let Some(remote) = self.remote_destination()? {
             let sink = export::ObjectStoreSink::new(remote, export::RemoteSettings::default())
@@ -453,6 +476,16 @@ impl ServeConfig {
         if e.export_file_resources == 0 || e.export_file_mb == 0 || e.export_item_resources == 0 {
             return Err(ConfigError::Export(
                 "--export-file-resources, --export-file-mb and --export-item-resources must be at least 1".into(),
+            ));
+        }
+        if self.header_read_timeout == 0 || self.max_connections == 0 {
+            return Err(ConfigError::Export(
+                "--header-read-timeout and --max-connections must be at least 1".into(),
+            ));
+        }
+        if e.export_max_attempts < 1 || e.export_retention == 0 {
+            return Err(ConfigError::Export(
+                "--export-max-attempts and --export-retention must be at least 1".into(),
             ));
         }
         if e.export_heartbeat_timeout < 5 {

@@ -25,6 +25,7 @@ impl From<ExportError> for ApiError {
             ExportError::GroupNotFound(_)
             | ExportError::UnknownJob(_)
             | ExportError::UnknownFile(_) => ApiError::not_found(e.to_string()),
+            ExportError::Expired(_) => ApiError::new(StatusCode::GONE, "not-found", e.to_string()),
             ExportError::TooMany(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", e.to_string())
                     .with_header(header::RETRY_AFTER, HeaderValue::from_static("30"))
@@ -278,14 +279,19 @@ pub async fn status(
             }
             Ok(resp)
         }
-        Status::Complete { manifest } => {
+        Status::Complete {
+            manifest,
+            expires_ms,
+        } => {
             let mut resp = (StatusCode::OK, manifest.to_string()).into_response();
             let h = resp.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            let expires = std::time::SystemTime::now() + Duration::from_secs(24 * 3600);
+            // When the retention period ends and the files are removed.
+            let expires = std::time::UNIX_EPOCH
+                + Duration::from_millis(u64::try_from(expires_ms).unwrap_or(0));
             if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
                 h.insert(header::EXPIRES, v);
             }

@@ -62,8 +62,23 @@ impl AppState {
         AppState::with_export(store, base_url, auth, max_body_bytes, config)
     }
 
-    /// The state of a server with the given export settings.
+    /// The state of a server with the given export settings, its export workers running.
     pub fn with_export(
+        store: Arc<SqliteStore>,
+        base_url: impl Into<String>,
+        auth: auth::Auth,
+        max_body_bytes: usize,
+        export_config: export::ExportConfig,
+    ) -> Result<AppState, export::ExportError> {
+        let state =
+            AppState::with_export_idle(store, base_url, auth, max_body_bytes, export_config)?;
+        state.export.start_workers()?;
+        Ok(state)
+    }
+
+    /// [`AppState::with_export`] without starting the export workers: `serve` starts them last
+    /// ([`export::ExportService::start_workers`]), once its port is bound.
+    pub fn with_export_idle(
         store: Arc<SqliteStore>,
         base_url: impl Into<String>,
         auth: auth::Auth,
@@ -160,6 +175,11 @@ pub fn open_store_indexing(
 }
 
 /// Runs the server until Ctrl-C / SIGTERM.
+///
+/// Order: everything is validated and the port bound before the store is opened and before any
+/// export work is claimed (a start that fails uses up no attempt of a work item); export
+/// workers start last. On SIGTERM the listener closes, open connections get the drain timeout
+/// to finish, and running export items finish or are given back at their committed cursor.
 pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     config.validate()?;
     let base_url = config.base_url();
@@ -169,6 +189,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     settings.insecure = config.insecure;
     settings.token_lifetime = std::time::Duration::from_secs(config.token_lifetime);
     let auth = auth::Auth::from_settings(&settings, config.listen)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
     let store = open_store(&config.data_dir).map_err(|source| ServeError::Store {
         dir: config.data_dir.display().to_string(),
         source,
@@ -182,7 +208,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let export_config = config
         .export
         .export_config(&config.data_dir, base_url.clone())?;
-    let state = AppState::with_export(
+    let state = AppState::with_export_idle(
         Arc::new(store),
         base_url.clone(),
         auth,
@@ -197,21 +223,116 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         policy: Arc::new(config.request_policy(&base_url)?),
         ..state
     };
-    let resumed = state.export.resume()?;
+    let export = state.export.clone();
+    let app = router(state);
+    let limits = ConnectionLimits {
+        header_read_timeout: std::time::Duration::from_secs(config.header_read_timeout),
+        max_connections: config.max_connections,
+    };
+    let drain = std::time::Duration::from_secs(config.shutdown_timeout);
+    // Last: from here on work items are claimed.
+    export.start_workers()?;
+    let resumed = export.resume()?;
     if resumed > 0 {
         tracing::info!(resumed, "export jobs resumed");
     }
-    let app = router(state);
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: config.listen,
-            source,
-        })?;
     tracing::info!(listen = %config.listen, base_url = %base_url, data_dir = %config.data_dir.display(), "Fhirhose is serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_exports = tokio::spawn(async move {
+        let _ = stopping_rx.await;
+        tokio::task::spawn_blocking(move || export.shutdown(drain)).await
+    });
+    serve_connections(
+        listener,
+        app,
+        limits,
+        async move {
+            shutdown_signal().await;
+            let _ = stopping_tx.send(());
+        },
+        drain,
+    )
+    .await?;
+    match drain_exports.await {
+        Ok(Ok(released)) => tracing::info!(released, "export work drained"),
+        _ => tracing::warn!("export drain did not finish"),
+    }
+    Ok(())
+}
+
+/// Limits on the connections `serve` accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// A client must send a request's complete header within this time (slowloris guard); an
+    /// idle kept-alive connection is closed after it too.
+    pub header_read_timeout: std::time::Duration,
+    /// Connections served at once; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` (HTTP/1.1 and HTTP/2) under `limits` until `shutdown` completes;
+/// then stops accepting and gives open connections up to `drain` to finish their requests.
+pub async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: std::time::Duration,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    tokio::pin!(shutdown);
+    loop {
+        // A permit first: beyond the cap, connections wait in the backlog, unread.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // E.g. out of file descriptors: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain) => {
+            tracing::warn!(drain_secs = drain.as_secs(), "connections still open at the drain timeout are closed");
+        }
+    }
     Ok(())
 }
 

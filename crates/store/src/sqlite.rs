@@ -137,6 +137,25 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Checkpoints the WAL into the database and truncates it to zero bytes, when no reader
+    /// needs its frames (busy otherwise: then nothing waits, and the next call tries again).
+    /// Long exports read in short transactions (one per page of a scan), so that such moments
+    /// come often; the export sweeper calls this periodically. Returns whether the WAL was
+    /// truncated.
+    pub fn checkpoint(&self) -> Result<bool, StoreError> {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        // No busy wait: the writer must not stall behind a reader for this.
+        w.conn.busy_timeout(std::time::Duration::ZERO)?;
+        let busy = w
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+        w.conn
+            .busy_timeout(std::time::Duration::from_millis(5000))?;
+        Ok(busy? == 0)
+    }
+
     /// Whether resources were loaded without search indexes since the last full reindex.
     pub fn indexes_stale(&self) -> Result<bool, StoreError> {
         let conn = self.readers.get();
@@ -381,6 +400,9 @@ fn configure(conn: &Connection, cache_kib: i64) -> Result<(), StoreError> {
     // Checkpoint every 64 MiB of WAL rather than SQLite's 8 MiB: a bulk load rewrites the same
     // index pages in many transactions, and each checkpoint copies them (and fsyncs) once.
     conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
+    // A WAL that grew (while a reader held an old snapshot) is cut back to this size when it is
+    // reset, instead of keeping its largest size on disk.
+    conn.pragma_update(None, "journal_size_limit", 64i64 * 1024 * 1024)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
 }
@@ -1338,40 +1360,82 @@ impl Store for SqliteStore {
         bounds: SeqBounds,
         f: &mut dyn FnMut(ScanRow<'_>) -> ControlFlow<()>,
     ) -> Result<u64, StoreError> {
-        let conn = self.readers.get();
-        let Some(type_no) = self.lookup_type(&conn, resource_type)? else {
+        let Some(type_no) = self.type_no(resource_type)? else {
             return Ok(0);
         };
         let upper = bounds.up_to.min(as_of);
         if upper <= bounds.after {
             return Ok(0);
         }
-        let mut stmt = conn.prepare_cached(
-            "SELECT seq, id, version, last_updated, json FROM resource_versions
-             WHERE k > ?1 AND k <= ?2 AND deleted = 0
-             AND (superseded_seq IS NULL OR superseded_seq > ?3) ORDER BY k",
-        )?;
-        let mut rows = stmt.query(params![
-            key(type_no, bounds.after),
-            key(type_no, upper),
-            as_of
-        ])?;
+        // Keyset pages, each read in its own short read transaction and handed to `f` after
+        // the statement is reset: a long scan (an export) must not pin the WAL, or it could
+        // neither be checkpointed nor restarted while writes go on (it grew to GBs). The
+        // snapshot is the `as_of` sequence number, not the read transaction, so pages read at
+        // different moments still show one snapshot.
+        const PAGE_ROWS: usize = 512;
+        const PAGE_BYTES: usize = 16 << 20;
+        struct Owned {
+            k: i64,
+            seq: i64,
+            id: String,
+            version: i64,
+            last_updated: String,
+            json: Vec<u8>,
+        }
+        let mut after_k = key(type_no, bounds.after);
         let mut n = 0u64;
-        while let Some(r) = rows.next()? {
-            let json = r.get_ref(4)?.as_blob_or_null()?.unwrap_or_default();
-            let row = ScanRow {
-                seq: r.get(0)?,
-                id: r.get_ref(1)?.as_str()?,
-                version: r.get(2)?,
-                last_updated: r.get_ref(3)?.as_str()?,
-                json,
+        let mut page: Vec<Owned> = Vec::with_capacity(PAGE_ROWS);
+        let mut cut;
+        loop {
+            page.clear();
+            {
+                let conn = self.readers.get();
+                let mut stmt = conn.prepare_cached(
+                    "SELECT k, seq, id, version, last_updated, json FROM resource_versions
+                     WHERE k > ?1 AND k <= ?2 AND deleted = 0
+                     AND (superseded_seq IS NULL OR superseded_seq > ?3) ORDER BY k",
+                )?;
+                let mut rows = stmt.query(params![after_k, key(type_no, upper), as_of])?;
+                let mut bytes = 0usize;
+                cut = false;
+                while let Some(r) = rows.next()? {
+                    let json = r.get_ref(5)?.as_blob_or_null()?.unwrap_or_default();
+                    bytes += json.len();
+                    page.push(Owned {
+                        k: r.get(0)?,
+                        seq: r.get(1)?,
+                        id: r.get(2)?,
+                        version: r.get(3)?,
+                        last_updated: r.get(4)?,
+                        json: json.to_vec(),
+                    });
+                    if page.len() >= PAGE_ROWS || bytes >= PAGE_BYTES {
+                        cut = true;
+                        break;
+                    }
+                }
+            }
+            let Some(last) = page.last() else {
+                return Ok(n);
             };
-            n += 1;
-            if f(row).is_break() {
-                break;
+            after_k = last.k;
+            for o in &page {
+                n += 1;
+                let row = ScanRow {
+                    seq: o.seq,
+                    id: &o.id,
+                    version: o.version,
+                    last_updated: &o.last_updated,
+                    json: &o.json,
+                };
+                if f(row).is_break() {
+                    return Ok(n);
+                }
+            }
+            if !cut {
+                return Ok(n);
             }
         }
-        Ok(n)
     }
 
     fn deleted_since(

@@ -1,0 +1,478 @@
+//! Every export ends, and nothing it wrote outlives it: over real HTTP against the real router,
+//! served by `server::serve_connections` (what `fhirhose serve` runs) on a socket.
+//!
+//! - admission of the concurrent-export limit is atomic (16 simultaneous kick-offs, limit 4);
+//! - a destination that stays down fails the export with a 503 naming it, after bounded,
+//!   backed-off retries, and frees its slot; DELETE meanwhile answers 202;
+//! - a full disk fails the export with 507 and removes its files;
+//! - a cancel recorded but not carried out (a crash between the two) is finished by the sweeper;
+//! - retention: `Expires` is completion + retention; then the files go and status answers 410;
+//! - manifests and error texts show no server paths;
+//! - slowloris: a half-sent header is dropped after the header-read timeout;
+//! - the connection cap holds.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use store::{Store, WriteOp};
+
+struct Server {
+    base: String,
+    c: reqwest::Client,
+    dir: tempfile::TempDir,
+    export: Arc<export::ExportService>,
+}
+
+/// `patients` Patients of about `pad` bytes each.
+fn fill(store: &store::SqliteStore, patients: usize, pad: usize) {
+    let text = "x".repeat(pad);
+    let ops: Vec<WriteOp> = (0..patients)
+        .map(|i| WriteOp::Create {
+            resource: json!({"resourceType": "Patient", "id": format!("p{i}"),
+                "text": {"status": "generated", "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{text}</div>")}}),
+        })
+        .collect();
+    store.write(ops).unwrap();
+}
+
+/// A server over a fresh data directory with `patients` Patients, export settings adjusted
+/// by `tune` (short back-offs and sweeps so that tests stay fast).
+async fn start(
+    patients: usize,
+    limits: server::ConnectionLimits,
+    tune: impl FnOnce(&Path, &mut export::ExportConfig),
+) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let store = server::open_store(dir.path()).unwrap();
+    fill(&store, patients, 200);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut config = server::config::ExportOptions::default()
+        .export_config(dir.path(), base.clone())
+        .unwrap();
+    config.workers = 2;
+    config.retry_backoff = Duration::from_millis(50);
+    config.retry_backoff_max = Duration::from_millis(200);
+    config.sweep_every = Duration::from_millis(100);
+    config.run.heartbeat_every = Duration::from_millis(100);
+    tune(dir.path(), &mut config);
+    let state = server::AppState::with_export(
+        Arc::new(store),
+        base.clone(),
+        auth::Auth::none(),
+        1 << 20,
+        config,
+    )
+    .unwrap();
+    let export = state.export.clone();
+    tokio::spawn(server::serve_connections(
+        listener,
+        server::router(state),
+        limits,
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    Server {
+        base,
+        c: reqwest::Client::new(),
+        dir,
+        export,
+    }
+}
+
+fn limits() -> server::ConnectionLimits {
+    server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(10),
+        max_connections: 1024,
+    }
+}
+
+/// An S3 destination on a port where nothing listens.
+fn dead_s3() -> export::ObjectStoreSink {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    export::ObjectStoreSink::new(
+        export::RemoteConfig::S3 {
+            bucket: "fhirhose-test".into(),
+            region: "us-east-1".into(),
+            endpoint: Some(format!("http://127.0.0.1:{port}")),
+            access_key_id: Some("AKIDTEST".into()),
+            secret_access_key: Some("very-secret-key".into()),
+            allow_http: true,
+        },
+        export::RemoteSettings {
+            connect_timeout: Duration::from_millis(200),
+            request_timeout: Duration::from_secs(1),
+            max_retries: 0,
+            retry_timeout: Duration::from_millis(100),
+        },
+    )
+    .unwrap()
+}
+
+impl Server {
+    async fn kickoff(&self) -> reqwest::Response {
+        self.c
+            .get(format!("{}/$export", self.base))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn kickoff_ok(&self) -> String {
+        let r = self.kickoff().await;
+        assert_eq!(
+            r.status(),
+            StatusCode::ACCEPTED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        r.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Polls until the status is no longer 202 (bounded), returning the final answer.
+    async fn settle(&self, status_url: &str) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let r = self.c.get(status_url).send().await.unwrap();
+            match r.status() {
+                StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                s => {
+                    let h = r.headers().clone();
+                    return (s, h, r.json().await.unwrap_or(Value::Null));
+                }
+            }
+        }
+        panic!("the export did not end within the bound");
+    }
+
+    fn folder(&self, status_url: &str) -> PathBuf {
+        let job = status_url.rsplit('/').next().unwrap();
+        self.dir.path().join("storage/exports").join(job)
+    }
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_simultaneous_kickoffs_with_a_limit_of_four_admit_exactly_four() {
+    // No workers: admitted exports stay queued, so each holds its slot.
+    let s = Arc::new(
+        start(200, limits(), |_, c| {
+            c.workers = 0;
+            c.max_concurrent = 4;
+        })
+        .await,
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.kickoff().await.status() }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::ACCEPTED => accepted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("kick-off answered {other}"),
+        }
+    }
+    assert_eq!(accepted, 4, "exactly the limit is admitted");
+    assert_eq!(s.kickoff().await.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_that_stays_down_fails_the_export_with_503_naming_it_and_frees_its_slot() {
+    let s = start(300, limits(), |_, c| {
+        c.sink = Arc::new(dead_s3());
+        c.max_attempts = 3;
+        c.max_concurrent = 1;
+    })
+    .await;
+    let status_url = s.kickoff_ok().await;
+    let (code, _, body) = s.settle(&status_url).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    let text = body.to_string();
+    assert!(
+        text.contains("s3://fhirhose-test/exports/"),
+        "names the destination: {text}"
+    );
+    assert!(
+        text.contains("3 times"),
+        "says the attempts were used up: {text}"
+    );
+    assert!(
+        !text.contains("very-secret-key") && !text.contains("/tmp"),
+        "{text}"
+    );
+    // The slot is free again.
+    let again = s.kickoff().await;
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_while_the_destination_is_down_answers_202() {
+    let s = start(300, limits(), |_, c| {
+        c.sink = Arc::new(dead_s3());
+        // The export keeps retrying for the length of this test.
+        c.max_attempts = 1000;
+        c.retry_backoff = Duration::from_secs(60);
+    })
+    .await;
+    let status_url = s.kickoff_ok().await;
+    let r = s.c.delete(&status_url).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::ACCEPTED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    assert_eq!(
+        s.c.get(&status_url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+/// A tmpfs of `kib` KiB mounted at `at`, unmounted when dropped; `None` where mounting is not
+/// allowed (not root): the test is then skipped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, kib: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_fails_the_export_with_507_and_removes_its_files() {
+    let mut mounted = None;
+    // About 600 KB of Patients into a 256 KiB file system.
+    let s = start(2500, limits(), |dir, c| {
+        mounted = Tmpfs::mount(&dir.join("storage"), 256);
+        c.max_attempts = 2;
+    })
+    .await;
+    if mounted.is_none() {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let status_url = s.kickoff_ok().await;
+    let (code, _, body) = s.settle(&status_url).await;
+    assert_eq!(code.as_u16(), 507, "{body}");
+    let text = body.to_string();
+    assert!(text.contains("no space left"), "{text}");
+    assert!(
+        !text.contains(&s.dir.path().display().to_string()),
+        "no server paths: {text}"
+    );
+    let folder = s.folder(&status_url);
+    wait_until("the failed export's files are removed", || !folder.exists()).await;
+    drop(mounted);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_recorded_before_a_crash_has_its_files_removed_by_the_sweeper() {
+    let s = start(300, limits(), |_, _| {}).await;
+    let status_url = s.kickoff_ok().await;
+    let (code, _, manifest) = s.settle(&status_url).await;
+    assert_eq!(code, StatusCode::OK, "{manifest}");
+    let folder = s.folder(&status_url);
+    assert!(folder.exists());
+    // What a DELETE interrupted by kill -9 leaves: the cancel recorded, the files still there.
+    let job = status_url.rsplit('/').next().unwrap();
+    let q = export::SqliteJobQueue::open(&s.dir.path().join("exports.db")).unwrap();
+    export::JobQueue::cancel(&q, job, 0).unwrap();
+    wait_until("the cancelled export's files are removed", || {
+        !folder.exists()
+    })
+    .await;
+    assert_eq!(
+        s.c.get(&status_url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_complete_export_expires_after_the_retention_period() {
+    let s = start(300, limits(), |_, c| {
+        c.retention = Duration::from_secs(2);
+    })
+    .await;
+    let status_url = s.kickoff_ok().await;
+    let (code, headers, manifest) = s.settle(&status_url).await;
+    assert_eq!(code, StatusCode::OK, "{manifest}");
+    let expires = httpdate::parse_http_date(headers["expires"].to_str().unwrap()).unwrap();
+    assert!(
+        expires < std::time::SystemTime::now() + Duration::from_secs(3600),
+        "Expires is completion + retention (2 s), not a day from now"
+    );
+    // No server path in the manifest: the location is container-relative.
+    let location = manifest["extension"]["storage"]["location"]
+        .as_str()
+        .unwrap();
+    assert!(location.starts_with("exports/"), "{location}");
+    assert!(
+        !manifest
+            .to_string()
+            .contains(&s.dir.path().display().to_string())
+    );
+    let file_url = manifest["output"][0]["url"].as_str().unwrap().to_string();
+    let folder = s.folder(&status_url);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = s.c.get(&status_url).send().await.unwrap();
+        if r.status() == StatusCode::GONE {
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(Instant::now() < deadline, "the export never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_until("the expired export's files are removed", || {
+        !folder.exists()
+    })
+    .await;
+    assert_eq!(
+        s.c.get(&file_url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    // The service agrees (and holds no slot for it).
+    assert_eq!(s.export.resume().unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_half_sent_header_is_dropped_after_the_header_read_timeout() {
+    let s = start(
+        0,
+        server::ConnectionLimits {
+            header_read_timeout: Duration::from_secs(1),
+            max_connections: 1024,
+        },
+        |_, _| {},
+    )
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let r = tokio::task::spawn_blocking(move || {
+        let mut conn = TcpStream::connect(&addr).unwrap();
+        conn.write_all(b"GET /metadata HTTP/1.1\r\nHost: x\r\nAccept: appl")
+            .unwrap();
+        // Bounded: a server without a header timeout never answers nor closes.
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buf = Vec::new();
+        conn.read_to_end(&mut buf).map(|_| buf)
+    })
+    .await
+    .unwrap();
+    let answer = r.expect("the server closed the connection (no read timeout on our side)");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "closed, at most with a 408: {text}"
+    );
+    // The server still serves.
+    let ok =
+        s.c.get(format!("{}/metadata", s.base))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connection_cap_holds() {
+    let s = start(
+        0,
+        server::ConnectionLimits {
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 2,
+        },
+        |_, _| {},
+    )
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let a = addr.clone();
+    // Two kept-alive connections, each served once and then idle.
+    let held = tokio::task::spawn_blocking(move || {
+        (0..2)
+            .map(|_| {
+                let mut conn = TcpStream::connect(&a).unwrap();
+                conn.write_all(format!("GET /metadata HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+                    .unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                let mut first = [0u8; 9];
+                conn.read_exact(&mut first).unwrap();
+                assert_eq!(&first, b"HTTP/1.1 ", "served");
+                conn
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let third = quick.get(format!("{}/metadata", s.base)).send().await;
+    assert!(
+        third.is_err(),
+        "a third connection is not served while two are open"
+    );
+    drop(held);
+    let patient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let r = patient
+        .get(format!("{}/metadata", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "served once a connection closed"
+    );
+}
