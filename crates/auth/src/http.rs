@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{FromRequestParts, Request};
 use axum::http::{HeaderValue, StatusCode, header, request::Parts};
@@ -30,6 +31,8 @@ use crate::token_endpoint::{ACCEPTED_ALGORITHMS, OAuthError, SmartAuth, TokenFor
 
 pub const TOKEN_PATH: &str = "/auth/token";
 pub const SMART_CONFIGURATION_PATH: &str = "/.well-known/smart-configuration";
+/// Largest `/auth/token` form body; larger ones get 413 before anything is decoded.
+pub const TOKEN_BODY_LIMIT: usize = 64 * 1024;
 
 /// The authorization layer of a running server: cheap to clone.
 #[derive(Clone)]
@@ -71,6 +74,13 @@ impl Auth {
                     .as_ref()
                     .ok_or(ConfigError::ClientsFileMissing)?;
                 let registry = ClientRegistry::load(path)?;
+                if let Some(host) = plain_http_public_host(&settings.base_url) {
+                    tracing::warn!(
+                        base_url = %settings.base_url,
+                        host,
+                        "SMART authorization over plain HTTP on a non-loopback address: client assertions and access tokens travel in clear; put TLS in front (a reverse proxy) and use an https base URL"
+                    );
+                }
                 tracing::info!(clients = registry.len(), token_url = %settings.token_url(), "SMART Backend Services authorization enabled");
                 let issuer = TokenIssuer::new(
                     settings.base_url.trim_end_matches('/').to_owned(),
@@ -132,7 +142,9 @@ impl Auth {
                 post(move |form: Result<axum::Form<TokenForm>, FormRejection>| {
                     let auth = for_token.clone();
                     async move { auth.token_handler(form).await }
-                }),
+                })
+                // Bounded before the form is decoded, whatever the server's body limit.
+                .layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)),
             )
             .route(
                 SMART_CONFIGURATION_PATH,
@@ -149,6 +161,18 @@ impl Auth {
         };
         let result = match form {
             Ok(axum::Form(form)) => smart.token(&form, unix_now()).await,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                let e = OAuthError {
+                    error: crate::token_endpoint::OAuthErrorCode::InvalidRequest,
+                    description: format!(
+                        "the token request body exceeds {} KiB",
+                        TOKEN_BODY_LIMIT / 1024
+                    ),
+                };
+                tracing::warn!(error = ?e.error, "token request refused: body too large");
+                let status = StatusCode::PAYLOAD_TOO_LARGE;
+                return no_store((status, axum::Json(e)).into_response());
+            }
             Err(_) => Err(OAuthError {
                 error: crate::token_endpoint::OAuthErrorCode::InvalidRequest,
                 description:
@@ -159,7 +183,7 @@ impl Auth {
         match result {
             Ok(body) => no_store(axum::Json(body).into_response()),
             Err(e) => {
-                tracing::warn!(error = ?e.error, description = %e.description, "token request refused");
+                tracing::warn!(error = ?e.error, description = %crate::log_safe(&e.description), "token request refused");
                 oauth_error_response(&e)
             }
         }
@@ -243,6 +267,24 @@ impl Auth {
     }
 }
 
+/// The host of a plain `http://` base URL when it is not a loopback name or address: tokens
+/// sent there travel in clear.
+pub fn plain_http_public_host(base_url: &str) -> Option<String> {
+    let rest = base_url.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.split(':').next().unwrap_or("")
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback());
+    (!loopback).then(|| host.to_owned())
+}
+
 /// The middleware behind [`Auth::protect`].
 pub async fn require_bearer(
     axum::extract::State(auth): axum::extract::State<Auth>,
@@ -255,7 +297,7 @@ pub async fn require_bearer(
             next.run(request).await
         }
         Err(rejection) => {
-            tracing::debug!(reason = %rejection, path = %request.uri().path(), "request without a valid bearer token");
+            tracing::debug!(reason = %rejection, path = %crate::log_safe(request.uri().path()), "request without a valid bearer token");
             rejection.into_response()
         }
     }

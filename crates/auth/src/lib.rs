@@ -5,6 +5,7 @@
 //! - [`token_endpoint`]: `POST /auth/token` (client-credentials grant with a JWT assertion).
 //! - [`access_token`]: the bearer tokens this server issues (HS256, per-process key).
 //! - [`http`]: axum routes, the bearer middleware and [`AuthContext`] for handlers.
+//! - [`log_safe`]: client-supplied text made fit for a log line.
 //! - [`config`]: `--auth none|smart`, the loopback rule ([`check_mode`]).
 //! - [`client_tools`]: the client side (sign an assertion, publish a JWK); [`cli`]: the
 //!   `fhirhose jwks` / `fhirhose token` subcommands built on it.
@@ -18,6 +19,7 @@ pub mod client_tools;
 pub mod config;
 pub mod http;
 mod jwks_fetch;
+pub mod log_safe;
 pub mod registry;
 pub mod replay;
 pub mod scope;
@@ -28,6 +30,7 @@ pub use client_tools::{ClientKey, ClientKeyError};
 pub use config::{AuthMode, AuthSettings, ConfigError, DEFAULT_TOKEN_LIFETIME, check_mode};
 pub use http::{Auth, AuthContext, AuthRejection, SMART_CONFIGURATION_PATH, TOKEN_PATH};
 pub use jwks_fetch::JwksFetchError;
+pub use log_safe::log_safe;
 pub use registry::{ClientRegistry, RegistryError};
 pub use scope::{PermSet, Permission, ScopeError, Scopes};
 pub use token_endpoint::{OAuthError, OAuthErrorCode, SmartAuth, TokenForm, TokenResponse};

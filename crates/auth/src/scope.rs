@@ -343,7 +343,8 @@ fn is_concrete_type(name: &str) -> bool {
 
 /// One `system/<target>.<action>` token: target `None` is `*`.
 fn parse_token(token: &str) -> Result<(Option<String>, PermSet, ScopeSyntax), ScopeError> {
-    let scope = || token.to_owned();
+    // Errors quote the token, escaped and shortened: it is echoed to the client and logged.
+    let scope = || crate::log_safe(token);
     let Some((context, rest)) = token.split_once('/') else {
         return Err(if token.contains('.') {
             ScopeError::Malformed { scope: scope() }
@@ -371,7 +372,7 @@ fn parse_token(token: &str) -> Result<(Option<String>, PermSet, ScopeSyntax), Sc
     } else {
         return Err(ScopeError::UnknownResourceType {
             scope: scope(),
-            resource_type: target.to_owned(),
+            resource_type: crate::log_safe(target),
         });
     };
     let (perms, syntax) = match action {
@@ -383,7 +384,7 @@ fn parse_token(token: &str) -> Result<(Option<String>, PermSet, ScopeSyntax), Sc
             None => {
                 return Err(ScopeError::UnknownAction {
                     scope: scope(),
-                    action: action.to_owned(),
+                    action: crate::log_safe(action),
                 });
             }
         },

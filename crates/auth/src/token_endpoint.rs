@@ -30,6 +30,12 @@ pub const CLOCK_SKEW_S: i64 = 30;
 /// Accepted assertion algorithms, in the order advertised.
 pub const ACCEPTED_ALGORITHMS: [&str; 4] = ["RS384", "ES384", "RS256", "ES256"];
 const MAX_JTI_LEN: usize = 255;
+/// Largest accepted `client_assertion`, checked before it is decoded.
+pub const MAX_ASSERTION_BYTES: usize = 16 * 1024;
+/// The one answer to a client that could not be authenticated before its signature verified:
+/// the same for an unknown client_id, an unknown key and a bad signature, so that nobody learns
+/// which client ids exist. The precise reason goes to the log.
+const CLIENT_AUTH_FAILED: &str = "client authentication failed";
 
 /// The OAuth 2.0 error codes this endpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -179,7 +185,18 @@ impl SmartAuth {
             )));
         }
         let assertion = required(&form.client_assertion, "client_assertion")?;
-        let scope = required(&form.scope, "scope")?;
+        if assertion.len() > MAX_ASSERTION_BYTES {
+            return Err(OAuthError::request(format!(
+                "client_assertion exceeds {} KiB",
+                MAX_ASSERTION_BYTES / 1024
+            )));
+        }
+        // An empty or missing scope asks for nothing that could be granted.
+        let scope = form
+            .scope
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| OAuthError::new(OAuthErrorCode::InvalidScope, "a scope is required"))?;
         let requested = Scopes::parse(scope)
             .map_err(|e| OAuthError::new(OAuthErrorCode::InvalidScope, e.to_string()))?;
 
@@ -197,7 +214,7 @@ impl SmartAuth {
             .issue(&client.client_id, &granted, now)
             .map_err(|e| OAuthError::new(OAuthErrorCode::ServerError, e))?;
         let scope = granted.render();
-        tracing::info!(client_id = %client.client_id, scope = %scope, "access token issued");
+        tracing::info!(client_id = %crate::log_safe(&client.client_id), scope = %crate::log_safe(&scope), "access token issued");
         Ok(TokenResponse {
             access_token,
             token_type: "bearer".to_owned(),
@@ -252,22 +269,29 @@ impl SmartAuth {
         let client = self
             .registry
             .get(iss)
-            .ok_or_else(|| OAuthError::client(format!("unknown client_id `{}`", printable(iss))))?;
+            .ok_or_else(|| hidden_client_failure(iss, "unknown client_id".to_owned()))?;
 
         if let Some(jku) = &header.jku
             && client.jwks_url() != Some(jku.as_str())
         {
-            return Err(OAuthError::client(
-                "the assertion's `jku` is not the client's registered JWKS URL",
+            return Err(hidden_client_failure(
+                iss,
+                "the assertion's `jku` is not the client's registered JWKS URL".to_owned(),
             ));
         }
 
         let keys = self
             .candidate_keys(&client, alg, header.kid.as_deref())
-            .await?;
+            .await
+            .map_err(|e| match e.error {
+                OAuthErrorCode::InvalidClient => hidden_client_failure(iss, e.description),
+                _ => e,
+            })?;
         let claims = verify_with_any(assertion, alg, &keys).ok_or_else(|| {
-            OAuthError::client(
-                "the client_assertion signature does not verify with the client's registered keys",
+            hidden_client_failure(
+                iss,
+                "the client_assertion signature does not verify with the client's registered keys"
+                    .to_owned(),
             )
         })?;
 
@@ -388,6 +412,17 @@ impl SmartAuth {
             })?;
         Ok(client.clone())
     }
+}
+
+/// A failure before the assertion's signature verified that depends on the client: logged with
+/// its reason, answered with [`CLIENT_AUTH_FAILED`] only.
+fn hidden_client_failure(client_id: &str, reason: String) -> OAuthError {
+    tracing::info!(
+        client_id = %crate::log_safe(client_id),
+        reason = %crate::log_safe(&reason),
+        "client authentication failed"
+    );
+    OAuthError::client(CLIENT_AUTH_FAILED)
 }
 
 fn required<'a>(field: &'a Option<String>, name: &str) -> Result<&'a str, OAuthError> {

@@ -146,13 +146,13 @@ async fn missing_scope() {
     f.scope = None;
     assert_code(
         refused(&f, t).await,
-        OAuthErrorCode::InvalidRequest,
+        OAuthErrorCode::InvalidScope,
         "scope",
     );
     f.scope = Some(String::new());
     assert_code(
         refused(&f, t).await,
-        OAuthErrorCode::InvalidRequest,
+        OAuthErrorCode::InvalidScope,
         "scope",
     );
 }
@@ -228,11 +228,21 @@ async fn not_a_jwt() {
 async fn unknown_client() {
     let t = now();
     let a = rsa_key().sign("nobody", TOKEN_URL, t).unwrap();
+    let unknown = refused(&form(&a, "system/*.rs"), t).await;
     assert_code(
-        refused(&form(&a, "system/*.rs"), t).await,
+        unknown.clone(),
         OAuthErrorCode::InvalidClient,
-        "unknown client_id",
+        "client authentication failed",
     );
+    // A registered client with a key that is not its own gets the very same answer: the
+    // endpoint does not tell which client ids exist (issue 16 item 17).
+    let forged = sign_raw(
+        "rsa-b.pem",
+        Algorithm::RS384,
+        Some("rsa-1"),
+        &claims("rsa-client", t),
+    );
+    assert_eq!(refused(&form(&forged, "system/*.rs"), t).await, unknown);
 }
 
 #[tokio::test]
@@ -422,7 +432,7 @@ async fn bad_signature() {
     assert_code(
         refused(&form(&a, "system/*.rs"), t).await,
         OAuthErrorCode::InvalidClient,
-        "signature",
+        "client authentication failed",
     );
     // A genuine assertion with its payload swapped.
     let good = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
@@ -433,7 +443,7 @@ async fn bad_signature() {
     assert_code(
         refused(&form(&tampered, "system/Patient.rs"), t).await,
         OAuthErrorCode::InvalidClient,
-        "signature",
+        "client authentication failed",
     );
 }
 
@@ -486,7 +496,7 @@ async fn wrong_alg() {
     assert_code(
         refused(&form(&a, "system/*.rs"), t).await,
         OAuthErrorCode::InvalidClient,
-        "ES384",
+        "client authentication failed",
     );
 }
 
@@ -499,7 +509,7 @@ async fn kid_not_found() {
     assert_code(
         refused(&form(&a, "system/*.rs"), t).await,
         OAuthErrorCode::InvalidClient,
-        "rotated-away",
+        "client authentication failed",
     );
 }
 
@@ -519,7 +529,7 @@ async fn jku_must_match_registration() {
     assert_code(
         refused(&form(&a, "system/*.rs"), t).await,
         OAuthErrorCode::InvalidClient,
-        "jku",
+        "client authentication failed",
     );
 }
 

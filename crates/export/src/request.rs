@@ -88,6 +88,10 @@ fn err(param: &str, message: impl Into<String>) -> RequestError {
     }
 }
 
+/// Containers the server keeps for itself: the de-identification configurations
+/// (`anonymization`, read at kick-off) must never be written or overwritten by an export.
+pub const RESERVED_CONTAINERS: [&str; 1] = [crate::anonymization::CONFIG_CONTAINER];
+
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
 /// Azure container rules: 3–63 characters of lowercase letters, digits and single hyphens,
@@ -117,6 +121,29 @@ fn parse_instant(param: &str, v: &str) -> Result<i64, RequestError> {
     })
 }
 
+/// The `value[x]` types a kick-off parameter may be given as in a POST Parameters body: the
+/// Bulk Data types, and `valueString` for every text parameter. Anything else is a 400, so a
+/// value can never slip past the checks on its parsed form. Unknown parameters are reported
+/// as such by [`ExportRequest::parse`].
+fn value_type_allowed(name: &str, ty: &str) -> bool {
+    match name {
+        "patient" => ty == "Reference",
+        "_since" | "_until" | "_till" => matches!(ty, "Instant" | "DateTime" | "String"),
+        "_type" | "_outputFormat" | "includeAssociatedData" => matches!(ty, "String" | "Code"),
+        "_typeFilter"
+        | "_elements"
+        | "_container"
+        | "_format"
+        | "_anonymizationConfig"
+        | "_anonymizationConfigEtag"
+        | "_anonymizationConfigCollectionReference" => ty == "String",
+        _ => matches!(
+            ty,
+            "String" | "Code" | "Uri" | "Boolean" | "Integer" | "Instant" | "DateTime"
+        ),
+    }
+}
+
 /// Parameters from a `POST` Parameters body into (name, value) pairs; `patient` references
 /// become `patient` pairs with the reference text.
 pub fn parameters_to_pairs(body: &Value) -> Result<Vec<(String, String)>, RequestError> {
@@ -133,24 +160,42 @@ pub fn parameters_to_pairs(body: &Value) -> Result<Vec<(String, String)>, Reques
         let Some(name) = p.get("name").and_then(Value::as_str) else {
             return Err(err("parameter", "every parameter needs a name"));
         };
-        let value = p.as_object().and_then(|o| {
-            o.iter().find_map(|(k, v)| {
-                if !k.starts_with("value") {
-                    return None;
-                }
-                match v {
-                    Value::String(s) => Some(s.clone()),
-                    Value::Object(_) => v
-                        .get("reference")
-                        .and_then(Value::as_str)
-                        .map(str::to_string),
-                    other => Some(other.to_string()),
-                }
-            })
-        });
+        let values: Vec<(&String, &Value)> = p
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with("value"))
+            .collect();
+        let [(key, v)] = values.as_slice() else {
+            return Err(err(
+                name,
+                "the parameter needs exactly one value[x] (e.g. valueString)",
+            ));
+        };
+        let key = key.strip_prefix("value").unwrap_or_default();
+        if !value_type_allowed(name, key) {
+            return Err(err(
+                name,
+                format!(
+                    "value{} is not a value type of this parameter",
+                    key.chars()
+                        .filter(char::is_ascii_alphanumeric)
+                        .take(40)
+                        .collect::<String>()
+                ),
+            ));
+        }
+        let value = match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(_) if key == "Reference" => v
+                .get("reference")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        };
         match value {
             Some(v) => pairs.push((name.to_string(), v)),
-            None => return Err(err(name, "the parameter has no value")),
+            None => return Err(err(name, format!("value{key} must be a string value"))),
         }
     }
     Ok(pairs)
@@ -244,6 +289,14 @@ impl ExportRequest {
                             "_container",
                             format!(
                                 "'{value}' is not a valid container name (3-63 lowercase letters, digits and single hyphens)"
+                            ),
+                        ));
+                    }
+                    if RESERVED_CONTAINERS.contains(&value.as_str()) {
+                        return Err(err(
+                            "_container",
+                            format!(
+                                "'{value}' is reserved by the server and cannot receive exports"
                             ),
                         ));
                     }
@@ -426,6 +479,7 @@ mod tests {
         assert_eq!(bad(&[("_since", "nope")]), "_since");
         assert_eq!(bad(&[("_container", "Bad_Name")]), "_container");
         assert_eq!(bad(&[("_container", "../x")]), "_container");
+        assert_eq!(bad(&[("_container", "anonymization")]), "_container");
         assert_eq!(bad(&[("_outputFormat", "text/csv")]), "_outputFormat");
         assert_eq!(
             bad(&[("_typeFilter", "Observation?nonsense=1")]),

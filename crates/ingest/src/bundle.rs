@@ -21,6 +21,244 @@ use crate::error::{BundleError, EntryError};
 use crate::outcome::status_line;
 use crate::references::ReferenceMap;
 
+/// The interaction an entry's `request` performs, from `request.method` and `request.url` alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interaction {
+    /// `GET|HEAD Type/id`
+    Read,
+    /// `GET|HEAD Type/id/_history/vid`
+    VRead,
+    /// `GET Type/id/_history`, `GET Type/_history`, `GET _history`
+    History,
+    /// `GET Type?query`, `POST Type/_search`, `GET ?query` (system level)
+    Search,
+    /// `GET metadata`
+    Capabilities,
+    /// `POST Type`
+    Create,
+    /// `POST Type` with `ifNoneExist`
+    ConditionalCreate,
+    /// `PUT Type/id`
+    Update,
+    /// `PUT Type?query`
+    ConditionalUpdate,
+    /// `DELETE Type/id`
+    Delete,
+    /// `DELETE Type?query`
+    ConditionalDelete,
+    /// `PATCH Type/id`
+    Patch,
+    /// `PATCH Type?query`
+    ConditionalPatch,
+    /// `$name` at system, type or instance level
+    Operation,
+}
+
+/// An entry's `request`, parsed: what it does and to which type, id and version. Authorization
+/// decides on this form and [`translate`] plans the entry from the same value, so the type that
+/// is checked is the type that is acted on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryRequest {
+    pub interaction: Interaction,
+    /// `None` at system level (`_history`, `?query`, `$op`, `metadata`).
+    pub resource_type: Option<String>,
+    pub id: Option<String>,
+    pub version: Option<i64>,
+    /// The URL's query (search and conditional interactions); for `ifNoneExist`, its query.
+    pub query: Option<String>,
+    /// The operation's name without `$` ([`Interaction::Operation`]).
+    pub operation: Option<String>,
+}
+
+impl EntryRequest {
+    /// Parses `request.method`, `request.url` and `request.ifNoneExist`. The error is the message
+    /// and the field of the entry it concerns.
+    pub fn parse(
+        method: &str,
+        url: &str,
+        if_none_exist: Option<&str>,
+    ) -> Result<EntryRequest, (String, &'static str)> {
+        let bad_url = |m: String| (m, ".request.url");
+        if url.contains("://") {
+            return Err(bad_url(format!(
+                "absolute request URL '{url}' is not supported; use Type or Type/id"
+            )));
+        }
+        let (path, query) = match url.split_once('?') {
+            Some((p, q)) => (p, Some(q.to_string())),
+            None => (url, None),
+        };
+        let path = path.trim_start_matches('/').trim_end_matches('/');
+        let segments: Vec<&str> = if path.is_empty() {
+            Vec::new()
+        } else {
+            path.split('/').collect()
+        };
+        let check_type = |t: &str| -> Result<String, (String, &'static str)> {
+            if is_valid_type_name(t) && fhir_model::r4().resource_types().iter().any(|r| r == t) {
+                Ok(t.to_string())
+            } else {
+                Err(bad_url(format!(
+                    "unknown resource type '{t}' in request.url"
+                )))
+            }
+        };
+        let check_id = |id: &str| -> Result<String, (String, &'static str)> {
+            if is_valid_id(id) {
+                Ok(id.to_string())
+            } else {
+                Err(bad_url(format!("invalid id '{id}' in request.url")))
+            }
+        };
+        let op_name = |s: &str| {
+            s.strip_prefix('$')
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+        };
+        let mut r = EntryRequest {
+            interaction: Interaction::Read,
+            resource_type: None,
+            id: None,
+            version: None,
+            query: query.clone(),
+            operation: None,
+        };
+        use Interaction as I;
+        let reads = matches!(method, "GET" | "HEAD");
+        if !matches!(method, "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "PATCH") {
+            return Err((
+                format!("unknown request.method '{method}'"),
+                ".request.method",
+            ));
+        }
+        r.interaction = match (method, segments.as_slice()) {
+            (_, [op]) if op.starts_with('$') => {
+                r.operation = Some(
+                    op_name(op).ok_or_else(|| bad_url(format!("invalid operation in '{url}'")))?,
+                );
+                I::Operation
+            }
+            (_, [ty, op]) if op.starts_with('$') => {
+                r.resource_type = Some(check_type(ty)?);
+                r.operation = Some(
+                    op_name(op).ok_or_else(|| bad_url(format!("invalid operation in '{url}'")))?,
+                );
+                I::Operation
+            }
+            (_, [ty, id, op]) if op.starts_with('$') => {
+                r.resource_type = Some(check_type(ty)?);
+                r.id = Some(check_id(id)?);
+                r.operation = Some(
+                    op_name(op).ok_or_else(|| bad_url(format!("invalid operation in '{url}'")))?,
+                );
+                I::Operation
+            }
+            (_, []) if reads => I::Search,
+            ("POST", ["_search"]) => I::Search,
+            (_, ["metadata"]) if reads => I::Capabilities,
+            (_, ["_history"]) if reads => I::History,
+            (_, [ty]) if reads => {
+                r.resource_type = Some(check_type(ty)?);
+                I::Search
+            }
+            ("POST", [ty, "_search"]) => {
+                r.resource_type = Some(check_type(ty)?);
+                I::Search
+            }
+            (_, [ty, "_history"]) if reads => {
+                r.resource_type = Some(check_type(ty)?);
+                I::History
+            }
+            ("POST", [ty]) => {
+                r.resource_type = Some(check_type(ty)?);
+                if query.is_some() {
+                    return Err(bad_url(format!(
+                        "POST {url}: a create URL has no query; use ifNoneExist"
+                    )));
+                }
+                match if_none_exist {
+                    Some(q) => {
+                        r.query = Some(q.trim_start_matches('?').to_string());
+                        I::ConditionalCreate
+                    }
+                    None => I::Create,
+                }
+            }
+            ("PUT" | "DELETE" | "PATCH", [ty]) => {
+                r.resource_type = Some(check_type(ty)?);
+                if query.is_none() {
+                    return Err(bad_url(format!("{method} {url} needs an id or a query")));
+                }
+                match method {
+                    "PUT" => I::ConditionalUpdate,
+                    "DELETE" => I::ConditionalDelete,
+                    _ => I::ConditionalPatch,
+                }
+            }
+            (_, [ty, id]) => {
+                r.resource_type = Some(check_type(ty)?);
+                r.id = Some(check_id(id)?);
+                match method {
+                    "GET" | "HEAD" => I::Read,
+                    "PUT" => I::Update,
+                    "DELETE" => I::Delete,
+                    "PATCH" => I::Patch,
+                    _ => return Err(bad_url(format!("{method} {url} is not an interaction"))),
+                }
+            }
+            (_, [ty, id, "_history"]) if reads => {
+                r.resource_type = Some(check_type(ty)?);
+                r.id = Some(check_id(id)?);
+                I::History
+            }
+            (_, [ty, id, "_history", v]) if reads => {
+                r.resource_type = Some(check_type(ty)?);
+                r.id = Some(check_id(id)?);
+                r.version = Some(
+                    v.parse::<i64>()
+                        .ok()
+                        .filter(|v| *v > 0)
+                        .ok_or_else(|| bad_url(format!("invalid version '{v}'")))?,
+                );
+                I::VRead
+            }
+            _ => return Err(bad_url(format!("{method} {url} is not an interaction"))),
+        };
+        if if_none_exist.is_some() && r.interaction != I::ConditionalCreate {
+            return Err((
+                "ifNoneExist applies only to a POST create".to_string(),
+                ".request.ifNoneExist",
+            ));
+        }
+        Ok(r)
+    }
+
+    /// The resource this entry changes, as a key for the duplicate check of a transaction:
+    /// `Type/id`, or `Type?query` for a conditional change.
+    fn changed_resource(&self) -> Option<String> {
+        let ty = self.resource_type.as_deref()?;
+        match self.interaction {
+            Interaction::Update | Interaction::Delete | Interaction::Patch => {
+                Some(format!("{ty}/{}", self.id.as_deref()?))
+            }
+            Interaction::ConditionalCreate
+            | Interaction::ConditionalUpdate
+            | Interaction::ConditionalDelete
+            | Interaction::ConditionalPatch => {
+                let mut pairs: Vec<&str> = self
+                    .query
+                    .as_deref()?
+                    .split('&')
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                pairs.sort_unstable();
+                Some(format!("{ty}?{}", pairs.join("&")))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Options of [`process_bundle`].
 #[derive(Debug, Clone)]
 pub struct BundleOptions {
@@ -71,9 +309,17 @@ pub struct Translated {
     pub entries: Vec<Result<PlannedEntry, EntryError>>,
 }
 
-/// Parse, resolve and validate a Bundle without touching a store. For a transaction, the first
-/// failing entry fails the whole Bundle.
-pub fn translate(bundle: Value, validate: bool) -> Result<Translated, BundleError> {
+/// A Bundle whose entries' requests are parsed ([`plan`]): every entry's typed
+/// [`EntryRequest`] is known, nothing is resolved or validated yet. Authorization checks
+/// [`BundlePlan::requests`]; [`BundlePlan::translate`] then plans the very same entries.
+#[derive(Debug)]
+pub struct BundlePlan {
+    pub kind: BundleKind,
+    entries: Vec<(Option<EntryRequest>, Result<Parsed, EntryError>)>,
+}
+
+/// Reads a Bundle's type and parses every entry's request (method, URL) into its typed form.
+pub fn plan(bundle: Value) -> Result<BundlePlan, BundleError> {
     let Value::Object(mut bundle) = bundle else {
         return Err(not_processable("the body is not a JSON object", "Bundle"));
     };
@@ -104,57 +350,108 @@ pub fn translate(bundle: Value, validate: bool) -> Result<Translated, BundleErro
             ));
         }
     };
-
-    // Pass 1: parse entries and decide ids, so that every fullUrl is known before rewriting.
-    let mut parsed: Vec<Result<Parsed, EntryError>> = entries
+    let entries = entries
         .into_iter()
         .enumerate()
         .map(|(i, e)| parse_entry(i, e))
         .collect();
-    let mut refs = ReferenceMap::new();
+    Ok(BundlePlan { kind, entries })
+}
+
+impl BundlePlan {
+    /// The typed request of every entry whose `request` parsed, with the entry's index: every
+    /// interaction the Bundle can perform is among these.
+    pub fn requests(&self) -> impl Iterator<Item = (usize, &EntryRequest)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (r, _))| r.as_ref().map(|r| (i, r)))
+    }
+
+    /// Decides ids, resolves `fullUrl`s, rewrites references and validates (`validate`). For a
+    /// transaction, the first failing entry fails the whole Bundle, and so do two entries that
+    /// change the same resource (FHIR: their identities SHALL NOT overlap).
+    pub fn translate(self, validate: bool) -> Result<Translated, BundleError> {
+        let kind = self.kind;
+        let mut parsed: Vec<Result<Parsed, EntryError>> =
+            self.entries.into_iter().map(|(_, p)| p).collect();
+        if kind == BundleKind::Transaction {
+            check_overlaps(&parsed)?;
+        }
+        // Every fullUrl is known before references are rewritten.
+        let mut refs = ReferenceMap::new();
+        for p in parsed.iter().flatten() {
+            if let (Some(full_url), Some((ty, id))) = (&p.full_url, p.target()) {
+                refs.insert(full_url.clone(), ty, id);
+            }
+        }
+        for p in parsed.iter_mut() {
+            let Ok(entry) = p else { continue };
+            let index = entry.index;
+            if let Some(resource) = entry.resource_mut() {
+                let mut unresolved = None;
+                refs.rewrite(
+                    resource,
+                    &format!("Bundle.entry[{index}].resource"),
+                    &mut |r, path| {
+                        if unresolved.is_none() {
+                            unresolved = Some((r.to_string(), path));
+                        }
+                    },
+                );
+                if let Some((reference, expression)) = unresolved {
+                    *p = Err(EntryError::UnresolvedReference {
+                        index,
+                        reference,
+                        expression,
+                    });
+                    continue;
+                }
+                if validate && let Err(issues) = fhir_model::r4().validate(resource) {
+                    *p = Err(EntryError::Validation { index, issues });
+                }
+            }
+        }
+
+        let mut entries = Vec::with_capacity(parsed.len());
+        for p in parsed {
+            match p {
+                Err(e) if kind == BundleKind::Transaction => return Err(BundleError::Entry(e)),
+                p => entries.push(p.map(Parsed::into_planned)),
+            }
+        }
+        Ok(Translated { kind, entries })
+    }
+}
+
+/// Two entries of a transaction that change the same resource (`Type/id`, or the same
+/// conditional URL) fail it; the second one is reported.
+fn check_overlaps(parsed: &[Result<Parsed, EntryError>]) -> Result<(), BundleError> {
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for p in parsed.iter().flatten() {
-        if let (Some(full_url), Some((ty, id))) = (&p.full_url, p.target()) {
-            refs.insert(full_url.clone(), ty, id);
+        let key = match p.request.interaction {
+            Interaction::Create => p.target().map(|(t, i)| format!("{t}/{i}")),
+            _ => p.request.changed_resource(),
+        };
+        let Some(key) = key else { continue };
+        if let Some(first) = seen.insert(key.clone(), p.index) {
+            return Err(BundleError::Entry(EntryError::Invalid {
+                index: p.index,
+                message: format!(
+                    "entries {first} and {} both change {key}; a transaction changes each resource at most once",
+                    p.index
+                ),
+                expression: format!("Bundle.entry[{}].request.url", p.index),
+            }));
         }
     }
+    Ok(())
+}
 
-    // Pass 2: rewrite references and validate.
-    for p in parsed.iter_mut() {
-        let Ok(entry) = p else { continue };
-        let index = entry.index;
-        if let Some(resource) = entry.resource_mut() {
-            let mut unresolved = None;
-            refs.rewrite(
-                resource,
-                &format!("Bundle.entry[{index}].resource"),
-                &mut |r, path| {
-                    if unresolved.is_none() {
-                        unresolved = Some((r.to_string(), path));
-                    }
-                },
-            );
-            if let Some((reference, expression)) = unresolved {
-                *p = Err(EntryError::UnresolvedReference {
-                    index,
-                    reference,
-                    expression,
-                });
-                continue;
-            }
-            if validate && let Err(issues) = fhir_model::r4().validate(resource) {
-                *p = Err(EntryError::Validation { index, issues });
-            }
-        }
-    }
-
-    let mut entries = Vec::with_capacity(parsed.len());
-    for p in parsed {
-        match p {
-            Err(e) if kind == BundleKind::Transaction => return Err(BundleError::Entry(e)),
-            p => entries.push(p.map(Parsed::into_planned)),
-        }
-    }
-    Ok(Translated { kind, entries })
+/// Parse, resolve and validate a Bundle without touching a store: [`plan`], then
+/// [`BundlePlan::translate`].
+pub fn translate(bundle: Value, validate: bool) -> Result<Translated, BundleError> {
+    plan(bundle)?.translate(validate)
 }
 
 /// Process a `POST /` Bundle against the store and return the response Bundle
@@ -165,7 +462,15 @@ pub fn process_bundle(
     bundle: Value,
     options: &BundleOptions,
 ) -> Result<Value, BundleError> {
-    let translated = translate(bundle, options.validate)?;
+    execute(store, translate(bundle, options.validate)?, options)
+}
+
+/// Runs translated entries against the store and builds the response Bundle.
+pub fn execute(
+    store: &dyn Store,
+    translated: Translated,
+    options: &BundleOptions,
+) -> Result<Value, BundleError> {
     let n = translated.entries.len();
     let mut responses: Vec<Option<Value>> = vec![None; n];
     let mut writes: Vec<(usize, WriteOp)> = Vec::new();
@@ -432,9 +737,11 @@ fn not_processable(message: impl Into<String>, expression: &str) -> BundleError 
 }
 
 /// An entry after parsing, before reference rewriting.
+#[derive(Debug)]
 struct Parsed {
     index: usize,
     full_url: Option<String>,
+    request: EntryRequest,
     action: EntryAction,
 }
 
@@ -469,7 +776,75 @@ impl Parsed {
     }
 }
 
-fn parse_entry(index: usize, entry: Value) -> Result<Parsed, EntryError> {
+/// Parses one entry: its typed request (when `request` parses), and its planned action or why
+/// it cannot be performed.
+fn parse_entry(index: usize, entry: Value) -> (Option<EntryRequest>, Result<Parsed, EntryError>) {
+    let at = |field: &str| format!("Bundle.entry[{index}]{field}");
+    let invalid = |message: String, field: &str| EntryError::Invalid {
+        index,
+        message,
+        expression: at(field),
+    };
+    let Value::Object(mut entry) = entry else {
+        return (None, Err(invalid("an entry must be an object".into(), "")));
+    };
+    let Some(Value::Object(request)) = entry.remove("request") else {
+        return (
+            None,
+            Err(invalid(
+                "entry.request (method and url) is required in a batch or transaction".into(),
+                ".request",
+            )),
+        );
+    };
+    let method = request.get("method").and_then(Value::as_str).unwrap_or("");
+    let Some(url) = request.get("url").and_then(Value::as_str) else {
+        return (
+            None,
+            Err(invalid(
+                "entry.request.url is required".into(),
+                ".request.url",
+            )),
+        );
+    };
+    let if_none_exist = match request.get("ifNoneExist") {
+        None => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(_) => {
+            return (
+                None,
+                Err(invalid(
+                    "ifNoneExist must be a string".into(),
+                    ".request.ifNoneExist",
+                )),
+            );
+        }
+    };
+    let typed = match EntryRequest::parse(method, url, if_none_exist) {
+        Ok(t) => t,
+        Err((message, field)) => return (None, Err(invalid(message, field))),
+    };
+    let planned = plan_entry(index, &mut entry, &request, &typed, method, url);
+    (
+        Some(typed.clone()),
+        planned.map(|(full_url, action)| Parsed {
+            index,
+            full_url,
+            request: typed,
+            action,
+        }),
+    )
+}
+
+/// The action of an entry whose request parsed as `typed`.
+fn plan_entry(
+    index: usize,
+    entry: &mut Map<String, Value>,
+    request: &Map<String, Value>,
+    typed: &EntryRequest,
+    method: &str,
+    url: &str,
+) -> Result<(Option<String>, EntryAction), EntryError> {
     let at = |field: &str| format!("Bundle.entry[{index}]{field}");
     let invalid = |message: String, field: &str| EntryError::Invalid {
         index,
@@ -481,26 +856,41 @@ fn parse_entry(index: usize, entry: Value) -> Result<Parsed, EntryError> {
         message,
         expression: at(field),
     };
-    let Value::Object(mut entry) = entry else {
-        return Err(invalid("an entry must be an object".into(), ""));
-    };
     let full_url = match entry.get("fullUrl") {
         None => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(invalid("fullUrl must be a string".into(), ".fullUrl")),
     };
-    let Some(Value::Object(request)) = entry.remove("request") else {
-        return Err(invalid(
-            "entry.request (method and url) is required in a batch or transaction".into(),
-            ".request",
-        ));
-    };
-    let method = request.get("method").and_then(Value::as_str).unwrap_or("");
-    let Some(url) = request.get("url").and_then(Value::as_str) else {
-        return Err(invalid(
-            "entry.request.url is required".into(),
-            ".request.url",
-        ));
+    // Whatever the interaction, a resource of another type than the URL's is refused: the entry
+    // acts on the URL's type, and a decoy body must not make it look like something else.
+    let resource = match entry.remove("resource") {
+        None => None,
+        Some(Value::Object(r)) => {
+            match (
+                r.get("resourceType").and_then(Value::as_str),
+                typed.resource_type.as_deref(),
+            ) {
+                (Some(t), Some(ty)) if t != ty => {
+                    return Err(invalid(
+                        format!("resourceType '{t}' does not match request.url type '{ty}'"),
+                        ".resource.resourceType",
+                    ));
+                }
+                (Some(_), _) => Some(r),
+                (None, _) => {
+                    return Err(invalid(
+                        "resource.resourceType is missing".into(),
+                        ".resource.resourceType",
+                    ));
+                }
+            }
+        }
+        Some(_) => {
+            return Err(invalid(
+                "entry.resource must be an object".into(),
+                ".resource",
+            ));
+        }
     };
     let if_match = match request.get("ifMatch") {
         None => None,
@@ -517,74 +907,16 @@ fn parse_entry(index: usize, entry: Value) -> Result<Parsed, EntryError> {
             ));
         }
     };
-    if request.contains_key("ifNoneExist") {
-        return Err(not_supported(
-            "conditional create (ifNoneExist) is not supported".into(),
-            ".request.ifNoneExist",
-        ));
-    }
-    if url.contains('?') {
-        return Err(not_supported(
-            format!("conditional or search URL '{url}' is not supported in a Bundle"),
-            ".request.url",
-        ));
-    }
-    let path = url.trim_start_matches('/');
-    if path.contains("://") {
-        return Err(not_supported(
-            format!("absolute request URL '{url}' is not supported; use Type or Type/id"),
-            ".request.url",
-        ));
-    }
-    let segments: Vec<&str> = path.split('/').collect();
-    let check_type = |t: &str| -> Result<(), EntryError> {
-        if is_valid_type_name(t) && fhir_model::r4().resource_types().iter().any(|r| r == t) {
-            Ok(())
-        } else {
-            Err(invalid(
-                format!("unknown resource type '{t}' in request.url"),
-                ".request.url",
-            ))
-        }
+    let needs_resource = |resource: Option<Map<String, Value>>| {
+        resource
+            .map(Value::Object)
+            .ok_or_else(|| invalid(format!("{method} needs entry.resource"), ".resource"))
     };
-    let check_id = |id: &str| -> Result<(), EntryError> {
-        if is_valid_id(id) {
-            Ok(())
-        } else {
-            Err(invalid(
-                format!("invalid id '{id}' in request.url"),
-                ".request.url",
-            ))
-        }
-    };
-    let take_resource = |entry: &mut Map<String, Value>, ty: &str| -> Result<Value, EntryError> {
-        match entry.remove("resource") {
-            Some(Value::Object(r)) => match r.get("resourceType").and_then(Value::as_str) {
-                Some(t) if t == ty => Ok(Value::Object(r)),
-                Some(t) => Err(invalid(
-                    format!("resourceType '{t}' does not match request.url type '{ty}'"),
-                    ".resource.resourceType",
-                )),
-                None => Err(invalid(
-                    "resource.resourceType is missing".into(),
-                    ".resource.resourceType",
-                )),
-            },
-            Some(_) => Err(invalid(
-                "entry.resource must be an object".into(),
-                ".resource",
-            )),
-            None => Err(invalid(
-                format!("{method} needs entry.resource"),
-                ".resource",
-            )),
-        }
-    };
-
-    let action = match (method, segments.as_slice()) {
-        ("POST", [ty]) => {
-            check_type(ty)?;
-            let mut resource = take_resource(&mut entry, ty)?;
+    let ty = typed.resource_type.clone().unwrap_or_default();
+    let id = typed.id.clone().unwrap_or_default();
+    let action = match typed.interaction {
+        Interaction::Create => {
+            let mut resource = needs_resource(resource)?;
             let id = match resource.get("id") {
                 Some(Value::String(id)) if is_valid_id(id) => id.clone(),
                 Some(Value::String(id)) => {
@@ -596,13 +928,11 @@ fn parse_entry(index: usize, entry: Value) -> Result<Parsed, EntryError> {
             resource["id"] = Value::String(id);
             EntryAction::Write(WriteOp::Create { resource })
         }
-        ("PUT", [ty, id]) => {
-            check_type(ty)?;
-            check_id(id)?;
-            let resource = take_resource(&mut entry, ty)?;
+        Interaction::Update => {
+            let resource = needs_resource(resource)?;
             match resource.get("id") {
                 None => {}
-                Some(Value::String(body)) if body == id => {}
+                Some(Value::String(body)) if *body == id => {}
                 Some(other) => {
                     return Err(invalid(
                         format!("resource.id {other} differs from the id '{id}' in request.url"),
@@ -611,68 +941,56 @@ fn parse_entry(index: usize, entry: Value) -> Result<Parsed, EntryError> {
                 }
             }
             EntryAction::Write(WriteOp::Update {
-                resource_type: ty.to_string(),
-                id: id.to_string(),
+                resource_type: ty,
+                id,
                 resource,
                 if_match,
             })
         }
-        ("DELETE", [ty, id]) => {
-            check_type(ty)?;
-            check_id(id)?;
-            EntryAction::Write(WriteOp::Delete {
-                resource_type: ty.to_string(),
-                id: id.to_string(),
-                if_match,
-            })
-        }
-        ("GET", [ty, id]) => {
-            check_type(ty)?;
-            check_id(id)?;
-            EntryAction::Read {
-                resource_type: ty.to_string(),
-                id: id.to_string(),
-                version: None,
-            }
-        }
-        ("GET", [ty, id, "_history", v]) => {
-            check_type(ty)?;
-            check_id(id)?;
-            let version = v
-                .parse::<i64>()
-                .ok()
-                .filter(|v| *v > 0)
-                .ok_or_else(|| invalid(format!("invalid version '{v}'"), ".request.url"))?;
-            EntryAction::Read {
-                resource_type: ty.to_string(),
-                id: id.to_string(),
-                version: Some(version),
-            }
-        }
-        ("POST" | "PUT" | "DELETE" | "GET", _) => {
+        Interaction::Delete => EntryAction::Write(WriteOp::Delete {
+            resource_type: ty,
+            id,
+            if_match,
+        }),
+        Interaction::Read | Interaction::VRead if method == "GET" => EntryAction::Read {
+            resource_type: ty,
+            id,
+            version: typed.version,
+        },
+        Interaction::ConditionalCreate => {
             return Err(not_supported(
-                format!("{method} {url} is not supported in a Bundle"),
-                ".request.url",
+                "conditional create (ifNoneExist) is not supported".into(),
+                ".request.ifNoneExist",
             ));
         }
-        ("PATCH" | "HEAD", _) => {
+        Interaction::Patch | Interaction::ConditionalPatch => {
             return Err(not_supported(
                 format!("{method} is not supported in a Bundle"),
                 ".request.method",
             ));
         }
-        _ => {
-            return Err(invalid(
-                format!("unknown request.method '{method}'"),
+        Interaction::Read | Interaction::VRead => {
+            return Err(not_supported(
+                format!("{method} is not supported in a Bundle"),
                 ".request.method",
             ));
         }
+        Interaction::Search | Interaction::ConditionalUpdate | Interaction::ConditionalDelete
+            if url.contains('?') =>
+        {
+            return Err(not_supported(
+                format!("conditional or search URL '{url}' is not supported in a Bundle"),
+                ".request.url",
+            ));
+        }
+        _ => {
+            return Err(not_supported(
+                format!("{method} {url} is not supported in a Bundle"),
+                ".request.url",
+            ));
+        }
     };
-    Ok(Parsed {
-        index,
-        full_url,
-        action,
-    })
+    Ok((full_url, action))
 }
 
 /// `W/"3"`, `"3"` or `3` → 3.

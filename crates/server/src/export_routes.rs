@@ -11,7 +11,6 @@ use axum::extract::{OriginalUri, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use export::{ExportError, ExportLevel, Status};
-use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::negotiate::{self, json_object};
@@ -94,45 +93,40 @@ async fn kickoff(
     } else {
         None
     };
-    // Scopes: explicit `_type` lists must all be exportable; without one, the export covers the
-    // types the scopes allow.
-    let mut requested: Vec<String> = pairs
-        .iter()
-        .filter(|(k, _)| k == "_type")
-        .flat_map(|(_, v)| v.split(',').map(|t| t.trim().to_string()))
-        .filter(|t| !t.is_empty())
-        .collect();
+    // Authorization on the parsed, typed request (the parser the export service runs too), for
+    // GET and POST alike: every value of every parameter is seen exactly as the export sees it.
+    let request_url = format!("{}{}", state.base_url, uri);
+    let lenient = negotiate::lenient(&headers);
+    let mut all_pairs = pairs.clone();
     if let Some(b) = &body {
-        for p in b
-            .get("parameter")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if p.get("name").and_then(Value::as_str) == Some("_type") {
-                if let Some(v) = p.get("valueString").and_then(Value::as_str) {
-                    requested.extend(v.split(',').map(|t| t.trim().to_string()));
-                }
-            }
-        }
+        all_pairs.extend(export::request::parameters_to_pairs(b).map_err(ExportError::Request)?);
     }
+    let parsed = export::ExportRequest::parse(
+        level.clone(),
+        &all_pairs,
+        body.is_some(),
+        lenient,
+        chrono::Utc::now().timestamp_millis(),
+        request_url.clone(),
+    )
+    .map_err(ExportError::Request)?;
     if !matches!(level, ExportLevel::System) {
         ctx.require_export(["Patient"])?;
     }
     if let ExportLevel::Group(_) = level {
         ctx.require_read("Group")?;
     }
-    if let Some(allowed) = ctx.export_types(if requested.is_empty() {
-        None
-    } else {
-        Some(&requested)
-    })? {
-        if requested.is_empty() {
-            pairs.push(("_type".into(), allowed.join(",")));
-        }
+    // `includeAssociatedData` exports Provenance resources.
+    if parsed.associated.is_some() {
+        ctx.require_export(["Provenance"])?;
     }
-    let request_url = format!("{}{}", state.base_url, uri);
-    let lenient = negotiate::lenient(&headers);
+    let requested = (!parsed.types.is_empty()).then_some(parsed.types.as_slice());
+    if let Some(allowed) = ctx.export_types(requested)?
+        && requested.is_none()
+    {
+        // Without `_type`, the export covers exactly the types the scopes allow.
+        pairs.push(("_type".into(), allowed.join(",")));
+    }
     let svc = state.export.clone();
     let client = ctx.client_id.clone();
     let id = tokio::task::spawn_blocking(move || {

@@ -399,44 +399,86 @@ async fn bundle(
             "resourceType",
         ));
     }
-    authorize_bundle(&ctx, &v)?;
+    // The entries' typed requests are authorized, then the same plan is translated and run.
+    let plan = ingest::bundle::plan(v)?;
+    authorize_bundle(&ctx, &plan)?;
     let options = ingest::BundleOptions {
         validate: true,
         return_resources: negotiate::prefer(&headers, "return").as_deref()
             == Some("representation"),
     };
     let store = state.store.clone();
-    let response =
-        blocking(move || Ok(ingest::process_bundle(store.as_ref(), v, &options)?)).await?;
+    let response = blocking(move || {
+        let translated = plan.translate(options.validate)?;
+        Ok(ingest::bundle::execute(
+            store.as_ref(),
+            translated,
+            &options,
+        )?)
+    })
+    .await?;
     Ok(fhir_json(&response))
 }
 
-/// Every entry of a Bundle needs the scope of its interaction.
-fn authorize_bundle(ctx: &AuthContext, bundle: &Value) -> Result<(), ApiError> {
-    let Some(entries) = bundle.get("entry").and_then(Value::as_array) else {
-        return Ok(());
+/// Every entry of a Bundle needs the scope of the interaction its `request` performs, on the
+/// type in its URL (never the type of the entry's `resource`, which ingest refuses when it
+/// differs).
+fn authorize_bundle(ctx: &AuthContext, plan: &ingest::bundle::BundlePlan) -> Result<(), ApiError> {
+    for (index, request) in plan.requests() {
+        authorize_entry(ctx, request)
+            .map_err(|e| e.at(format!("Bundle.entry[{index}].request")))?;
+    }
+    Ok(())
+}
+
+fn authorize_entry(
+    ctx: &AuthContext,
+    request: &ingest::bundle::EntryRequest,
+) -> Result<(), ApiError> {
+    use auth::Permission as P;
+    use ingest::bundle::Interaction as I;
+    let needs: &[P] = match request.interaction {
+        I::Capabilities => return Ok(()),
+        I::Read | I::VRead | I::History => &[P::Read],
+        I::Search => &[P::Search],
+        I::Create => &[P::Create],
+        I::ConditionalCreate => &[P::Create, P::Search],
+        I::Update | I::Patch => &[P::Update],
+        // A conditional update creates the resource when nothing matches.
+        I::ConditionalUpdate => &[P::Create, P::Update, P::Search],
+        I::ConditionalPatch => &[P::Update, P::Search],
+        I::Delete => &[P::Delete],
+        I::ConditionalDelete => &[P::Delete, P::Search],
+        I::Operation => &P::ALL,
     };
-    for e in entries {
-        let method = e
-            .pointer("/request/method")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let url = e
-            .pointer("/request/url")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let rtype = e
-            .pointer("/resource/resourceType")
-            .and_then(Value::as_str)
-            .unwrap_or_else(|| url.split(['/', '?']).next().unwrap_or(""));
-        let perm = match method {
-            "GET" | "HEAD" => auth::Permission::Read,
-            "POST" => auth::Permission::Create,
-            "PUT" | "PATCH" => auth::Permission::Update,
-            "DELETE" => auth::Permission::Delete,
-            _ => continue,
+    match &request.resource_type {
+        Some(t) => {
+            for p in needs {
+                ctx.require(t, *p)?;
+            }
+        }
+        // System level (`_history`, `?query`, `$op`): every type.
+        None => {
+            for t in fhir_model::r4().resource_types() {
+                for p in needs {
+                    ctx.require(t, *p)?;
+                }
+            }
+        }
+    }
+    // The query of a search or conditional interaction: chains, `_has` and includes need what
+    // the same query needs at the top level. A query that does not parse is never run.
+    if let (Some(t), Some(q)) = (&request.resource_type, &request.query)
+        && needs.contains(&P::Search)
+    {
+        let pairs = search::parse_query_string(q);
+        let opts = search::ParseOptions {
+            lenient: false,
+            predicate_only: false,
         };
-        ctx.require(rtype, perm)?;
+        if let Ok(parsed) = search::parse_query(t, &pairs, opts) {
+            authorize_search(ctx, &parsed)?;
+        }
     }
     Ok(())
 }
