@@ -43,6 +43,10 @@ fn free_port() -> u16 {
 }
 
 fn serve(data_dir: &Path, port: u16) -> Server {
+    serve_with(data_dir, port, &[])
+}
+
+fn serve_with(data_dir: &Path, port: u16, extra: &[&str]) -> Server {
     let child = fhirhose()
         .args([
             "serve",
@@ -51,6 +55,7 @@ fn serve(data_dir: &Path, port: u16) -> Server {
             "--data-dir",
         ])
         .arg(data_dir)
+        .args(extra)
         .env("FHIRHOSE_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -221,4 +226,268 @@ fn system_export_resumes_after_sigkill_with_every_resource_once() {
         "no .part files left: {entries:?}"
     );
     drop(second);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every export ends: crash loops, SIGTERM and failed starts (issue 17, items 1-3). A slow export
+// (one resource per file, one worker) of PATIENTS Patients gives time to interrupt it while its
+// one scan item runs.
+
+const PATIENTS: usize = 6000;
+
+/// Settings that make an export of `PATIENTS` Patients take a few seconds.
+const SLOW: &[&str] = &["--export-workers", "1", "--export-file-resources", "1"];
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("http client")
+}
+
+/// Writes `PATIENTS` Patients through the API (transactions of 500).
+fn add_patients(c: &reqwest::blocking::Client, base: &str) {
+    for chunk in 0..PATIENTS / 500 {
+        let entries: Vec<Value> = (chunk * 500..(chunk + 1) * 500)
+            .map(|i| {
+                serde_json::json!({"resource": {"resourceType": "Patient", "id": format!("p{i}")},
+                    "request": {"method": "PUT", "url": format!("Patient/p{i}")}})
+            })
+            .collect();
+        let r = c
+            .post(base)
+            .header("Content-Type", "application/fhir+json")
+            .body(
+                serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+                    .to_string(),
+            )
+            .send()
+            .expect("transaction");
+        assert!(r.status().is_success(), "transaction: {}", r.status());
+    }
+}
+
+fn kickoff(c: &reqwest::blocking::Client, base: &str) -> reqwest::blocking::Response {
+    c.get(format!("{base}/$export?_type=Patient"))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .send()
+        .expect("kick-off")
+}
+
+fn kickoff_ok(c: &reqwest::blocking::Client, base: &str) -> String {
+    let r = kickoff(c, base);
+    assert_eq!(r.status().as_u16(), 202, "kick-off accepted");
+    r.headers()["Content-Location"]
+        .to_str()
+        .expect("status URL")
+        .to_owned()
+}
+
+/// Resources scanned so far, from `X-Progress` (`Patient 12 of 1,500 (…)`); `None` once the
+/// status is no longer 202.
+fn scanned(c: &reqwest::blocking::Client, status_url: &str) -> Option<u64> {
+    let r = c.get(status_url).send().expect("poll status");
+    match r.status().as_u16() {
+        202 => Some(
+            r.headers()
+                .get("X-Progress")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|p| p.split_whitespace().nth(1))
+                .map_or(0, |n| n.replace(',', "").parse().unwrap_or(0)),
+        ),
+        429 => Some(0),
+        _ => None,
+    }
+}
+
+/// Waits until the export's scan item has committed at least `n` files (it is running).
+fn wait_running(c: &reqwest::blocking::Client, status_url: &str, n: u64) {
+    for _ in 0..1000 {
+        match scanned(c, status_url) {
+            Some(k) if k >= n => return,
+            // Not faster than the status endpoint allows (it answers 429 to faster polls).
+            Some(_) => std::thread::sleep(Duration::from_millis(120)),
+            None => {
+                let r = c.get(status_url).send().expect("status");
+                panic!(
+                    "the export ended before it could be interrupted (too fast a machine?): {}",
+                    r.status()
+                )
+            }
+        }
+    }
+    panic!("the export did not start");
+}
+
+/// Polls until the status is not 202 (bounded): `(status, body)`.
+fn settle(c: &reqwest::blocking::Client, status_url: &str) -> (u16, Value) {
+    for _ in 0..1800 {
+        let r = c.get(status_url).send().expect("poll status");
+        match r.status().as_u16() {
+            202 | 429 => std::thread::sleep(Duration::from_millis(100)),
+            s => return (s, r.json().unwrap_or(Value::Null)),
+        }
+    }
+    panic!("the export did not end within 3 minutes");
+}
+
+/// Every Patient exactly once in a finished manifest.
+fn assert_every_patient_once(c: &reqwest::blocking::Client, manifest: &Value) {
+    let mut seen = HashSet::new();
+    for out in manifest["output"].as_array().expect("output") {
+        let body = c
+            .get(out["url"].as_str().expect("url"))
+            .send()
+            .expect("download")
+            .text()
+            .expect("text");
+        for line in body.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line).expect("json line");
+            let id = v["id"].as_str().expect("id").to_owned();
+            assert!(seen.insert(id.clone()), "Patient/{id} exported twice");
+        }
+    }
+    assert_eq!(seen.len(), PATIENTS, "every Patient once");
+}
+
+fn sigterm(server: &mut Server) {
+    let pid = server.child.id().to_string();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(ok.success());
+    for _ in 0..600 {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            assert!(status.success(), "graceful shutdown exits 0: {status}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the server did not stop within 60 s of SIGTERM");
+}
+
+fn sigkill(mut server: Server) {
+    server.child.kill().expect("kill -9");
+    server.child.wait().expect("reap");
+}
+
+#[test]
+fn a_server_that_keeps_crashing_fails_the_export_which_frees_its_slot_and_files() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let c = client();
+    let port = free_port();
+    let args: Vec<&str> = [
+        SLOW,
+        &["--export-max-attempts", "2", "--export-max-concurrent", "1"],
+    ]
+    .concat();
+    let first = serve_with(&data, port, &args);
+    add_patients(&c, &first.base);
+    let status_url = kickoff_ok(&c, &first.base);
+    wait_running(&c, &status_url, 1);
+    sigkill(first);
+    // The second process resumes the item (its second attempt) and dies too.
+    let second = serve_with(&data, port, &args);
+    let before = scanned(&c, &status_url).expect("still running");
+    wait_running(&c, &status_url, before + 1);
+    sigkill(second);
+    // Attempts used up: the export fails with a reason instead of answering 202 forever.
+    let third = serve_with(&data, port, &args);
+    let (code, body) = settle(&c, &status_url);
+    assert_eq!(code, 500, "{body}");
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    assert!(
+        body.to_string().contains("the server stopped while it ran"),
+        "names the cause: {body}"
+    );
+    // Its slot is free, and its files are removed.
+    let again = kickoff(&c, &third.base);
+    assert_eq!(again.status().as_u16(), 202, "the slot is freed");
+    let job = status_url.rsplit('/').next().expect("job id");
+    let folder = data.join("storage/exports").join(job);
+    for _ in 0..600 {
+        if !folder.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!folder.exists(), "the failed export's files are removed");
+}
+
+#[test]
+fn sigterm_gives_running_export_work_back_without_using_an_attempt() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let c = client();
+    let port = free_port();
+    // One attempt only: an interrupted item that counted its attempt would fail the export.
+    let args: Vec<&str> = [
+        SLOW,
+        &["--export-max-attempts", "1", "--shutdown-timeout", "20"],
+    ]
+    .concat();
+    let mut first = serve_with(&data, port, &args);
+    add_patients(&c, &first.base);
+    let status_url = kickoff_ok(&c, &first.base);
+    wait_running(&c, &status_url, 1);
+    sigterm(&mut first);
+    drop(first);
+    let mut second = serve_with(&data, port, &args);
+    let before = scanned(&c, &status_url).expect("still running");
+    wait_running(&c, &status_url, before + 1);
+    sigterm(&mut second);
+    drop(second);
+    let _third = serve_with(&data, port, &args);
+    let (code, manifest) = settle(&c, &status_url);
+    assert_eq!(code, 200, "{manifest}");
+    assert_every_patient_once(&c, &manifest);
+}
+
+#[test]
+fn a_start_that_cannot_bind_its_port_claims_no_export_work() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let c = client();
+    let port = free_port();
+    let args: Vec<&str> = [SLOW, &["--export-max-attempts", "2"]].concat();
+    let first = serve_with(&data, port, &args);
+    add_patients(&c, &first.base);
+    let status_url = kickoff_ok(&c, &first.base);
+    wait_running(&c, &status_url, 1);
+    // One attempt used by the crash.
+    sigkill(first);
+    // Two starts on a port that is taken: each must fail before it claims anything.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    for _ in 0..2 {
+        let out = fhirhose()
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{taken_port}"),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .args(&args)
+            .env("FHIRHOSE_LOG", "warn")
+            .output()
+            .expect("run fhirhose serve");
+        assert!(!out.status.success(), "a taken port fails the start");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot listen"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    drop(taken);
+    let _second = serve_with(&data, port, &args);
+    let (code, manifest) = settle(&c, &status_url);
+    assert_eq!(
+        code, 200,
+        "the second attempt completes the export: {manifest}"
+    );
+    assert_every_patient_once(&c, &manifest);
 }
