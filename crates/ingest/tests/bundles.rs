@@ -170,13 +170,31 @@ fn batch_entries_succeed_or_fail_independently() {
 #[test]
 fn transaction_deletes_and_updates_in_fhir_order() {
     let (_d, store) = support::temp_store();
+    let seed = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "y"}, "request": {"method": "PUT", "url": "Patient/y"}}
+    ]});
+    process_bundle(&store, seed, &BundleOptions::default()).unwrap();
+    // The PUT is listed first, the DELETE second; both run (DELETE first, as FHIR orders them)
+    // and each answers in its own entry's place.
     let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": {"resourceType": "Patient", "id": "x", "active": true}, "request": {"method": "PUT", "url": "Patient/x"}},
-        {"request": {"method": "DELETE", "url": "Patient/x"}}
+        {"request": {"method": "DELETE", "url": "Patient/y"}}
     ]});
-    // DELETE runs before PUT, so the resource ends up present.
     let resp = process_bundle(&store, bundle, &BundleOptions::default()).unwrap();
     assert_eq!(resp["entry"][0]["response"]["status"], "201 Created");
     assert_eq!(resp["entry"][1]["response"]["status"], "204 No Content");
     assert_eq!(store.read("Patient", "x").unwrap().version, 1);
+    assert!(store.read("Patient", "y").is_err());
+}
+
+#[test]
+fn transaction_changing_one_resource_twice_fails_and_writes_nothing() {
+    let (_d, store) = support::temp_store();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "x", "active": true}, "request": {"method": "PUT", "url": "Patient/x"}},
+        {"request": {"method": "DELETE", "url": "Patient/x"}}
+    ]});
+    let err = process_bundle(&store, bundle, &BundleOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("at most once"), "{err}");
+    assert!(store.read("Patient", "x").is_err());
 }
