@@ -144,17 +144,9 @@ async fn missing_scope() {
     let a = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
     let mut f = form(&a, "system/*.rs");
     f.scope = None;
-    assert_code(
-        refused(&f, t).await,
-        OAuthErrorCode::InvalidScope,
-        "scope",
-    );
+    assert_code(refused(&f, t).await, OAuthErrorCode::InvalidScope, "scope");
     f.scope = Some(String::new());
-    assert_code(
-        refused(&f, t).await,
-        OAuthErrorCode::InvalidScope,
-        "scope",
-    );
+    assert_code(refused(&f, t).await, OAuthErrorCode::InvalidScope, "scope");
 }
 
 #[tokio::test]

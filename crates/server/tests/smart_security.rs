@@ -287,8 +287,14 @@ async fn token_request(s: &Server, body: String) -> (StatusCode, Value) {
         .await
         .unwrap();
     let st = res.status();
-    let text = res.text().await.unwrap_or_else(|e| format!("unreadable: {e}"));
-    (st, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    let text = res
+        .text()
+        .await
+        .unwrap_or_else(|e| format!("unreadable: {e}"));
+    (
+        st,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn token_form(assertion: &str, scope: &str) -> String {
