@@ -82,7 +82,7 @@ pub fn router(state: AppState) -> Router {
                         .get("x-request-id")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("");
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
+                    tracing::info_span!("request", method = %req.method(), path = %auth::log_safe(req.uri().path()), request_id = %auth::log_safe(request_id))
                 })
                 .on_response(
                     DefaultOnResponse::new()
