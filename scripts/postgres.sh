@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# A private PostgreSQL cluster for tests and benchmarks (issue 18).
+#
+#   ./scripts/postgres.sh start DIR   create (initdb) and start a cluster in DIR, print its URL
+#   ./scripts/postgres.sh stop DIR    stop it (the data stays in DIR; `start` reuses it)
+#   ./scripts/postgres.sh url DIR     print the URL of a running cluster
+#
+# The cluster listens on 127.0.0.1 only, on a free port chosen at the first start (kept in
+# DIR/port), with trust authentication (any local user may connect as the superuser `postgres`:
+# a test cluster, never a production one) and durability switched off for speed (fsync,
+# synchronous_commit and full_page_writes off: a machine crash loses the cluster). `start` is
+# idempotent: when the cluster already runs it prints the URL again. The connection URL
+# (postgres://postgres@127.0.0.1:PORT/postgres) is always the LAST line of stdout.
+#
+# PostgreSQL refuses to run as root: when run as root the server runs as the `postgres` system user
+# (created if missing) and DIR is owned by it; DIR's parent directories must be traversable by it.
+# When the binaries are missing (no /usr/lib/postgresql/*/bin/initdb and no pg_ctl on PATH), the
+# Debian/Ubuntu package `postgresql` is installed with apt-get.
+set -euo pipefail
+
+usage() {
+  echo "usage: $0 start|stop|url DIR" >&2
+  exit 2
+}
+[[ $# -eq 2 ]] || usage
+CMD=$1
+DIR=$2
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+DATA=$DIR/data
+LOG=$DIR/postgres.log
+PORT_FILE=$DIR/port
+DB_USER=postgres
+
+find_bindir() {
+  local d
+  # Highest installed major version first.
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5 -V -r); do
+    if [[ -x $d/initdb && -x $d/pg_ctl ]]; then
+      echo "$d"
+      return 0
+    fi
+  done
+  if command -v pg_ctl >/dev/null && command -v initdb >/dev/null; then
+    dirname "$(command -v pg_ctl)"
+    return 0
+  fi
+  return 1
+}
+
+BIN=$(find_bindir || true)
+if [[ -z $BIN ]]; then
+  if [[ $CMD != start ]]; then
+    echo "postgres.sh: PostgreSQL is not installed" >&2
+    exit 1
+  fi
+  echo "postgres.sh: PostgreSQL binaries not found; installing the apt package postgresql" >&2
+  SUDO=
+  [[ $(id -u) -eq 0 ]] || SUDO=sudo
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
+  BIN=$(find_bindir) || {
+    echo "postgres.sh: installing postgresql did not provide initdb/pg_ctl" >&2
+    exit 1
+  }
+fi
+
+# Run a command as the user that owns the cluster.
+if [[ $(id -u) -eq 0 ]]; then
+  RUN_USER=postgres
+  if ! id "$RUN_USER" >/dev/null 2>&1; then
+    useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin "$RUN_USER"
+  fi
+  as_owner() { runuser -u "$RUN_USER" -- "$@"; }
+else
+  RUN_USER=$(id -un)
+  as_owner() { "$@"; }
+fi
+
+running() {
+  [[ -f $DATA/postmaster.pid ]] && as_owner "$BIN/pg_ctl" status -D "$DATA" >/dev/null 2>&1
+}
+
+url() {
+  echo "postgres://$DB_USER@127.0.0.1:$(cat "$PORT_FILE")/postgres"
+}
+
+port_free() {
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+pick_port() {
+  local p
+  for _ in $(seq 1 200); do
+    p=$((20000 + RANDOM % 30000))
+    if port_free "$p"; then
+      echo "$p"
+      return 0
+    fi
+  done
+  echo "postgres.sh: no free port found" >&2
+  return 1
+}
+
+case $CMD in
+  start)
+    if running; then
+      echo "postgres.sh: already running in $DIR" >&2
+      url
+      exit 0
+    fi
+    if [[ $(id -u) -eq 0 ]]; then
+      chown "$RUN_USER" "$DIR"
+      chmod 700 "$DIR"
+      if ! as_owner test -w "$DIR"; then
+        echo "postgres.sh: user $RUN_USER cannot reach $DIR (check the parent directories' permissions)" >&2
+        exit 1
+      fi
+    fi
+    if [[ ! -f $DATA/PG_VERSION ]]; then
+      rm -rf "$DATA"
+      as_owner "$BIN/initdb" -D "$DATA" --username="$DB_USER" --auth=trust \
+        --encoding=UTF8 --locale=C.UTF-8 >"$DIR/initdb.log" 2>&1 || {
+        # Older initdb versions or images without C.UTF-8.
+        rm -rf "$DATA"
+        as_owner "$BIN/initdb" -D "$DATA" --username="$DB_USER" --auth=trust \
+          --encoding=UTF8 --no-locale >"$DIR/initdb.log" 2>&1 || {
+          echo "postgres.sh: initdb failed; see $DIR/initdb.log" >&2
+          tail -n 20 "$DIR/initdb.log" >&2
+          exit 1
+        }
+      }
+      as_owner tee -a "$DATA/postgresql.conf" >/dev/null <<'EOF'
+
+# scripts/postgres.sh: a private test cluster (no durability, local connections only)
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+max_connections = 300
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+wal_level = minimal
+max_wal_senders = 0
+max_wal_size = 4GB
+checkpoint_timeout = 30min
+autovacuum_naptime = 10s
+log_min_messages = warning
+log_min_error_statement = panic
+EOF
+    fi
+    # Reuse the port of an earlier start unless something else took it meanwhile.
+    if [[ ! -f $PORT_FILE ]] || ! port_free "$(cat "$PORT_FILE")"; then
+      pick_port >"$PORT_FILE"
+    fi
+    PORT=$(cat "$PORT_FILE")
+    # A stale pid file from a killed server: pg_ctl start handles it (it checks the pid).
+    if ! as_owner "$BIN/pg_ctl" start -D "$DATA" -l "$LOG" -w -t 60 -o "-p $PORT" >/dev/null; then
+      echo "postgres.sh: the server did not start; see $LOG" >&2
+      tail -n 20 "$LOG" >&2 || true
+      exit 1
+    fi
+    echo "postgres.sh: PostgreSQL $("$BIN/postgres" --version | awk '{print $3}') running in $DIR on 127.0.0.1:$PORT (as $RUN_USER)" >&2
+    url
+    ;;
+  stop)
+    if running; then
+      as_owner "$BIN/pg_ctl" stop -D "$DATA" -m fast -w -t 60 >/dev/null
+      echo "postgres.sh: stopped the cluster in $DIR" >&2
+    else
+      echo "postgres.sh: no cluster running in $DIR" >&2
+    fi
+    ;;
+  url)
+    if running; then
+      url
+    else
+      echo "postgres.sh: no cluster running in $DIR" >&2
+      exit 1
+    fi
+    ;;
+  *)
+    usage
+    ;;
+esac
