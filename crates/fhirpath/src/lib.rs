@@ -68,6 +68,20 @@ impl Expression {
         &self.source
     }
 
+    /// The names of the `%variables` the expression reads (each once, in order of first
+    /// appearance), so a caller can check them against what it will define before evaluating.
+    pub fn variables(&self) -> Vec<&str> {
+        let mut all = Vec::new();
+        self.expr.collect_variables(&mut all);
+        let mut out: Vec<&str> = Vec::new();
+        for v in all {
+            if !out.contains(&v) {
+                out.push(v);
+            }
+        }
+        out
+    }
+
     /// Evaluates against the context's focus (the resource unless another focus was set).
     pub fn evaluate<'a>(&self, ctx: &EvalContext<'a>) -> Result<Vec<Item<'a>>, EvalError> {
         eval::evaluate(&self.expr, ctx)
@@ -204,6 +218,36 @@ mod tests {
     use super::*;
 
     fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn variables_lists_each_read_variable_once() {
+        let e = Expression::compile("name.where(use = %a).given[%b] | %a.select(%c) is String")
+            .unwrap();
+        assert_eq!(e.variables(), vec!["a", "b", "c"]);
+        assert!(Expression::compile("'%a'").unwrap().variables().is_empty());
+    }
+
+    #[test]
+    fn type_specifier_arguments_reach_custom_functions_as_names() {
+        let mut reg = FunctionRegistry::new();
+        reg.register_with_type_args("typeName", 0, 1, |_focus, args| {
+            Ok(args.first().cloned().unwrap_or_default())
+        });
+        let patient = serde_json::json!({"resourceType": "Patient", "id": "p"});
+        let ctx = EvalContext::new(&patient);
+        for (src, want) in [
+            ("typeName(Patient)", "Patient"),
+            ("typeName(FHIR.Observation)", "Observation"),
+            ("typeName('Group')", "Group"),
+        ] {
+            let out = Expression::compile_with(src, &reg)
+                .unwrap()
+                .evaluate(&ctx)
+                .unwrap();
+            assert_eq!(out.len(), 1, "{src}");
+            assert_eq!(out[0].as_json(), serde_json::json!(want), "{src}");
+        }
+    }
 
     #[test]
     fn expression_is_send_sync() {

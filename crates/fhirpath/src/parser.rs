@@ -105,6 +105,45 @@ pub(crate) enum Expr {
     As(Box<Expr>, TypeSpec),
 }
 
+/// A type-specifier argument of a custom function (`Patient`, `FHIR.Patient`) as the string literal
+/// of its name; anything else unchanged.
+fn type_arg_as_literal(arg: Expr) -> Expr {
+    let name = match &arg {
+        Expr::Member(None, n) => n.clone(),
+        Expr::Member(Some(b), n) if matches!(b.as_ref(), Expr::Member(None, _)) => n.clone(),
+        _ => return arg,
+    };
+    Expr::Literal(SystemValue::String(name.into()))
+}
+
+impl Expr {
+    /// Names of the `%variables` this expression reads, in order of appearance (with repeats).
+    pub(crate) fn collect_variables<'e>(&'e self, out: &mut Vec<&'e str>) {
+        match self {
+            Expr::Empty | Expr::Literal(_) | Expr::This | Expr::Index | Expr::Total => {}
+            Expr::Var(n) => out.push(n),
+            Expr::Member(base, _) => {
+                if let Some(b) = base {
+                    b.collect_variables(out);
+                }
+            }
+            Expr::Call { base, args, .. } => {
+                if let Some(b) = base {
+                    b.collect_variables(out);
+                }
+                for a in args {
+                    a.collect_variables(out);
+                }
+            }
+            Expr::Indexer(a, b) | Expr::Binary(_, a, b) => {
+                a.collect_variables(out);
+                b.collect_variables(out);
+            }
+            Expr::Neg(a) | Expr::Is(a, _) | Expr::As(a, _) => a.collect_variables(out),
+        }
+    }
+}
+
 pub(crate) fn parse(src: &str, registry: &FunctionRegistry) -> Result<Expr, ParseError> {
     let toks = tokenize(src)?;
     let mut p = Parser {
@@ -413,6 +452,11 @@ impl Parser<'_> {
                     &format!("{} arguments", args.len()),
                 ));
             }
+            let args = if entry.type_args {
+                args.into_iter().map(type_arg_as_literal).collect()
+            } else {
+                args
+            };
             return Ok(Expr::Call {
                 base,
                 func: Func::Custom(entry),

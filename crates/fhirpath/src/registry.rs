@@ -17,6 +17,9 @@ pub(crate) struct CustomEntry {
     pub name: String,
     pub min_args: usize,
     pub max_args: usize,
+    /// Arguments are type specifiers (`getReferenceKey(Patient)`): an identifier argument reaches
+    /// the function as a string instead of being evaluated as a path.
+    pub type_args: bool,
     pub func: Box<CustomFn>,
 }
 
@@ -61,13 +64,43 @@ impl FunctionRegistry {
             + Sync
             + 'static,
     {
+        self.insert(name, min_args, max_args, false, Box::new(func));
+    }
+
+    /// Registers `name` whose arguments are type specifiers, like `ofType(T)`: an identifier
+    /// (`Patient`, `FHIR.Patient`) is passed as a one-string collection holding its name; other
+    /// arguments are evaluated as usual.
+    pub fn register_with_type_args<F>(
+        &mut self,
+        name: &str,
+        min_args: usize,
+        max_args: usize,
+        func: F,
+    ) where
+        F: for<'a> Fn(&[Item<'a>], &[Vec<Item<'a>>]) -> Result<Vec<Item<'a>>, EvalError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.insert(name, min_args, max_args, true, Box::new(func));
+    }
+
+    fn insert(
+        &mut self,
+        name: &str,
+        min_args: usize,
+        max_args: usize,
+        type_args: bool,
+        func: Box<CustomFn>,
+    ) {
         self.fns.insert(
             name.to_string(),
             Arc::new(CustomEntry {
                 name: name.to_string(),
                 min_args,
                 max_args,
-                func: Box::new(func),
+                type_args,
+                func,
             }),
         );
     }
