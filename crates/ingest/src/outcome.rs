@@ -72,7 +72,15 @@ pub fn store_error_issue(e: &StoreError) -> (u16, OutcomeIssue) {
                 "the data directory is in use by another process; retry later",
             ),
         ),
-        StoreError::Io { .. } | StoreError::Sqlite(_) | StoreError::Corrupt(_) => (
+        // The message names the database host: it stays in the log.
+        StoreError::Unavailable { .. } => (
+            503,
+            OutcomeIssue::error("transient", "the database is unavailable; retry later"),
+        ),
+        StoreError::Io { .. }
+        | StoreError::Sqlite(_)
+        | StoreError::Postgres(_)
+        | StoreError::Corrupt(_) => (
             500,
             OutcomeIssue::error("exception", "internal storage error"),
         ),

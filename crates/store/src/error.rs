@@ -52,6 +52,16 @@ pub enum StoreError {
     /// The database failed. → 500 (details to the log only).
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The database server cannot be reached: refused or timed out at open, or the connection
+    /// was lost during the call (server restart, network, `pg_terminate_backend`). `target` is
+    /// `host:port` (never credentials). → 503 `transient` (retry later); at start-up, a clear
+    /// message and exit. The connection pool recovers by itself once the database is back.
+    #[error("database at {target} is unavailable: {reason}")]
+    Unavailable { target: String, reason: String },
+    /// PostgreSQL failed (not a lost connection: that is [`StoreError::Unavailable`]). → 500
+    /// (details to the log only).
+    #[error("postgres: {0}")]
+    Postgres(#[from] ::postgres::Error),
     /// The database content is not what this version of the store expects (unknown schema
     /// version, malformed stored row). → 500, and refuse to start.
     #[error("store is corrupt or from an incompatible version: {0}")]

@@ -27,8 +27,11 @@
 mod error;
 mod index;
 mod lock;
+pub mod postgres;
 pub mod sqlite;
 mod stamp;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -36,6 +39,7 @@ use std::time::{Duration, Instant};
 pub use error::StoreError;
 pub use index::{IndexEntry, IndexValue, Indexer};
 pub use lock::DataDirLock;
+pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 pub use stamp::{
     PreparedResource, format_instant_ms, is_valid_id, is_valid_type_name, parse_instant_ms,

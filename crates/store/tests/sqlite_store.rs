@@ -1,4 +1,6 @@
-//! Behaviour of the SQLite store through the `Store` trait, on temporary databases.
+//! Behaviour of the stores through the `Store` trait, on temporary databases. The tests that use
+//! `open()` run on the backend `FHIRHOSE_TEST_DATABASE` selects (unset: SQLite; a PostgreSQL URL:
+//! a fresh database on that cluster, see `store::testing`); the others are SQLite's own.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -10,7 +12,12 @@ use store::{
     parse_instant_ms,
 };
 
-fn open() -> (tempfile::TempDir, SqliteStore) {
+/// A fresh store on the backend under test (its database lives as long as the `TestStore`).
+fn open() -> store::testing::TestStore {
+    store::testing::test_store(None)
+}
+
+fn open_sqlite() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open_data_dir(dir.path(), SqliteOptions::default()).unwrap();
     (dir, store)
@@ -46,7 +53,8 @@ fn json_of(bytes: &[u8]) -> Value {
 
 #[test]
 fn create_assigns_id_version_and_meta() {
-    let (_d, s) = open();
+    let t = open();
+    let s: &dyn Store = &*t.store;
     let out = s
         .write(vec![WriteOp::Create {
             resource: json!({"resourceType": "Patient", "active": true}),
@@ -65,7 +73,8 @@ fn create_assigns_id_version_and_meta() {
 
 #[test]
 fn create_with_existing_id_is_refused() {
-    let (_d, s) = open();
+    let t = open();
+    let s: &dyn Store = &*t.store;
     let r = json!({"resourceType": "Patient", "id": "p1"});
     s.write(vec![WriteOp::Create {
         resource: r.clone(),
@@ -79,9 +88,10 @@ fn create_with_existing_id_is_refused() {
 
 #[test]
 fn numbers_keep_their_exact_text() {
-    let (_d, s) = open();
+    let t = open();
+    let s: &dyn Store = &*t.store;
     let out = put(
-        &s,
+        s,
         "Observation",
         "o1",
         json!({"resourceType": "Observation", "status": "final",
@@ -94,10 +104,11 @@ fn numbers_keep_their_exact_text() {
 
 #[test]
 fn versions_tombstones_and_vread() {
-    let (_d, s) = open();
+    let t = open();
+    let s: &dyn Store = &*t.store;
     assert_eq!(
         put(
-            &s,
+            s,
             "Patient",
             "p1",
             json!({"resourceType": "Patient", "gender": "male"})
@@ -106,13 +117,13 @@ fn versions_tombstones_and_vread() {
         WriteStatus::Created
     );
     let u = put(
-        &s,
+        s,
         "Patient",
         "p1",
         json!({"resourceType": "Patient", "id": "p1", "gender": "female"}),
     );
     assert_eq!((u.status, u.version), (WriteStatus::Updated, 2));
-    let d = del(&s, "Patient", "p1");
+    let d = del(s, "Patient", "p1");
     assert_eq!((d.status, d.version), (WriteStatus::Deleted, 3));
     match s.read("Patient", "p1") {
         Err(StoreError::Gone { version: 3, .. }) => {}
@@ -143,19 +154,20 @@ fn versions_tombstones_and_vread() {
         Err(StoreError::NotFound { .. })
     ));
     // Deleting again writes nothing; re-creating continues the version line.
-    assert_eq!(del(&s, "Patient", "p1").status, WriteStatus::DeleteNotFound);
-    let c = put(&s, "Patient", "p1", json!({"resourceType": "Patient"}));
+    assert_eq!(del(s, "Patient", "p1").status, WriteStatus::DeleteNotFound);
+    let c = put(s, "Patient", "p1", json!({"resourceType": "Patient"}));
     assert_eq!((c.status, c.version), (WriteStatus::Created, 4));
     assert_eq!(s.read("Patient", "p1").unwrap().version, 4);
     assert_eq!(
-        del(&s, "Patient", "never").status,
+        del(s, "Patient", "never").status,
         WriteStatus::DeleteNotFound
     );
 }
 
 #[test]
 fn update_rejects_mismatched_type_or_id_and_bad_ids() {
-    let (_d, s) = open();
+    let t = open();
+    let s: &dyn Store = &*t.store;
     let err = s
         .write(vec![WriteOp::Update {
             resource_type: "Patient".into(),
@@ -193,9 +205,10 @@ fn update_rejects_mismatched_type_or_id_and_bad_ids() {
 
 #[test]
 fn if_match_conflicts() {
-    let (_d, s) = open();
-    put(&s, "Patient", "p1", json!({"resourceType": "Patient"}));
-    put(&s, "Patient", "p1", json!({"resourceType": "Patient"}));
+    let t = open();
+    let s: &dyn Store = &*t.store;
+    put(s, "Patient", "p1", json!({"resourceType": "Patient"}));
+    put(s, "Patient", "p1", json!({"resourceType": "Patient"}));
     let err = s
         .write(vec![WriteOp::Update {
             resource_type: "Patient".into(),
@@ -245,8 +258,9 @@ fn if_match_conflicts() {
 
 #[test]
 fn failing_batch_rolls_back_entirely() {
-    let (_d, s) = open();
-    put(&s, "Patient", "p1", json!({"resourceType": "Patient"}));
+    let t = open();
+    let s: &dyn Store = &*t.store;
+    put(s, "Patient", "p1", json!({"resourceType": "Patient"}));
     let before = s.watermark().unwrap();
     let err = s
         .write(vec![
@@ -279,7 +293,7 @@ fn failing_batch_rolls_back_entirely() {
     assert_eq!(s.read("Patient", "p1").unwrap().version, 1);
     assert_eq!(s.watermark().unwrap(), before);
     // The next write continues the sequence without a gap.
-    let next = put(&s, "Patient", "p3", json!({"resourceType": "Patient"}));
+    let next = put(s, "Patient", "p3", json!({"resourceType": "Patient"}));
     assert_eq!(next.seq, before.seq + 1);
     assert_eq!(
         s.count_type("Observation", s.current_seq().unwrap())
@@ -290,7 +304,8 @@ fn failing_batch_rolls_back_entirely() {
 
 #[test]
 fn ops_on_one_resource_within_a_write_see_each_other() {
-    let (_d, s) = open();
+    let t = open();
+    let s: &dyn Store = &*t.store;
     let out = s
         .write(vec![
             WriteOp::Update {
@@ -314,11 +329,12 @@ fn ops_on_one_resource_within_a_write_see_each_other() {
 
 #[test]
 fn last_updated_is_strictly_increasing_between_transactions() {
-    let (_d, s) = open();
+    let t = open();
+    let s: &dyn Store = &*t.store;
     let mut last = String::new();
     for i in 0..50 {
         let o = put(
-            &s,
+            s,
             "Patient",
             &format!("p{i}"),
             json!({"resourceType": "Patient"}),
@@ -338,22 +354,23 @@ fn last_updated_is_strictly_increasing_between_transactions() {
 
 #[test]
 fn history_with_since_and_keyset_paging() {
-    let (_d, s) = open();
-    put(&s, "Patient", "a", json!({"resourceType": "Patient"}));
+    let t = open();
+    let s: &dyn Store = &*t.store;
+    put(s, "Patient", "a", json!({"resourceType": "Patient"}));
     put(
-        &s,
+        s,
         "Observation",
         "o",
         json!({"resourceType": "Observation", "status": "final"}),
     );
     let second = put(
-        &s,
+        s,
         "Patient",
         "a",
         json!({"resourceType": "Patient", "active": true}),
     );
-    del(&s, "Patient", "a");
-    put(&s, "Patient", "b", json!({"resourceType": "Patient"}));
+    del(s, "Patient", "a");
+    put(s, "Patient", "b", json!({"resourceType": "Patient"}));
 
     let inst = s
         .history(
@@ -427,10 +444,11 @@ fn history_with_since_and_keyset_paging() {
 
 #[test]
 fn as_of_snapshot_ignores_later_writes() {
-    let (_d, s) = open();
+    let t = open();
+    let s: &dyn Store = &*t.store;
     for i in 0..10 {
         put(
-            &s,
+            s,
             "Patient",
             &format!("p{i}"),
             json!({"resourceType": "Patient", "n": i}),
@@ -439,13 +457,13 @@ fn as_of_snapshot_ignores_later_writes() {
     let mark = s.current_seq().unwrap();
     // After the watermark: one update, one delete, one create.
     put(
-        &s,
+        s,
         "Patient",
         "p1",
         json!({"resourceType": "Patient", "n": 100}),
     );
-    del(&s, "Patient", "p2");
-    put(&s, "Patient", "p99", json!({"resourceType": "Patient"}));
+    del(s, "Patient", "p2");
+    put(s, "Patient", "p99", json!({"resourceType": "Patient"}));
 
     let snap = s.scan_type("Patient", mark, 0, 1000).unwrap();
     assert_eq!(snap.len(), 10);
@@ -484,7 +502,8 @@ fn as_of_snapshot_ignores_later_writes() {
 
 #[test]
 fn scan_pages_and_streaming_agree() {
-    let (_d, s) = open();
+    let t = open();
+    let s: &dyn Store = &*t.store;
     let ops = (0..250)
         .map(|i| WriteOp::Update {
             resource_type: if i % 3 == 0 { "Patient" } else { "Observation" }.into(),
@@ -545,16 +564,17 @@ fn scan_pages_and_streaming_agree() {
 
 #[test]
 fn list_type_with_ids_last_updated_and_paging() {
-    let (_d, s) = open();
+    let t = open();
+    let s: &dyn Store = &*t.store;
     for i in 0..7 {
         put(
-            &s,
+            s,
             "Patient",
             &format!("p{i}"),
             json!({"resourceType": "Patient"}),
         );
     }
-    del(&s, "Patient", "p3");
+    del(s, "Patient", "p3");
     let all = ListFilter::default();
     assert_eq!(s.count_list("Patient", &all).unwrap(), 6);
     let mut ids = Vec::new();
@@ -709,7 +729,7 @@ fn data_dir_lock_refuses_a_second_store() {
 
 #[test]
 fn index_staleness_is_recorded_until_cleared() {
-    let (dir, s) = open();
+    let (dir, s) = open_sqlite();
     assert!(!s.indexes_stale().unwrap());
     s.set_indexes_stale(true).unwrap();
     assert!(s.indexes_stale().unwrap());
@@ -773,7 +793,7 @@ fn a_prepared_put_stores_what_an_update_stores() {
         Err(StoreError::InvalidId(_))
     ));
     // A resource prepared by a store without the indexer is refused by one with it.
-    let (_d3, plain) = open();
+    let (_d3, plain) = open_sqlite();
     let unindexed = plain.prepare_put("Patient", "u", body).unwrap();
     assert!(b.write(vec![WriteOp::Put(unindexed)]).is_err());
     assert!(matches!(
@@ -876,7 +896,7 @@ fn a_bulk_load_with_suspended_index_upkeep_ends_with_the_same_indexes() {
     // Resuming twice changes nothing; a store without indexer suspends nothing.
     s.resume_index_upkeep().unwrap();
     assert_eq!(value_indexes(&s), all);
-    let (_d2, plain) = open();
+    let (_d2, plain) = open_sqlite();
     assert!(!plain.suspend_index_upkeep().unwrap());
     assert_eq!(value_indexes(&plain).len(), 10);
 }
@@ -906,7 +926,7 @@ fn a_store_left_with_suspended_index_upkeep_rebuilds_on_open() {
 
 #[test]
 fn stored_bytes_grow_with_the_data() {
-    let (_dir, s) = open();
+    let (_dir, s) = open_sqlite();
     let empty = s.stored_bytes().unwrap();
     assert!(empty > 0);
     for i in 0..200 {

@@ -1,0 +1,191 @@
+//! Test support (cargo feature `test-support`): a store per test on the backend the environment
+//! names, so that the same tests run against SQLite and PostgreSQL.
+//!
+//! `FHIRHOSE_TEST_DATABASE` unset: SQLite in a temporary directory. Set to a PostgreSQL URL (a
+//! running cluster, e.g. from `scripts/postgres.sh start .pg`): each test gets a database of its
+//! own, `CREATE DATABASE fh_<random>`, dropped (`WITH (FORCE)`) when the guard is dropped.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::postgres::Target;
+use crate::{Indexer, PgOptions, PgStore, SqliteOptions, SqliteStore, Store, StoreError};
+
+/// The environment variable naming the PostgreSQL cluster the tests use.
+pub const TEST_DATABASE_ENV: &str = "FHIRHOSE_TEST_DATABASE";
+
+/// The PostgreSQL URL of `FHIRHOSE_TEST_DATABASE`, when set (and not empty).
+pub fn test_database_url() -> Option<String> {
+    std::env::var(TEST_DATABASE_ENV)
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+}
+
+/// A database created for one test; dropped with it.
+#[derive(Debug)]
+pub struct TestDatabase {
+    /// The URL of the new database (the base URL with its database name replaced).
+    pub url: String,
+    /// Its name (`fh_…`).
+    pub name: String,
+    base_url: String,
+}
+
+/// `CREATE DATABASE fh_<random>` on the cluster of `base_url`.
+pub fn fresh_database(base_url: &str) -> Result<TestDatabase, StoreError> {
+    let name = format!("fh_{}", uuid::Uuid::new_v4().simple());
+    let target = Target::parse(base_url, Duration::from_secs(10))?;
+    let mut client = target.connect()?;
+    client.batch_execute(&format!("CREATE DATABASE {name}"))?;
+    Ok(TestDatabase {
+        url: with_database(base_url, &name),
+        name,
+        base_url: base_url.to_string(),
+    })
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let dropped = Target::parse(&self.base_url, Duration::from_secs(10))
+            .and_then(|t| t.connect())
+            .and_then(|mut c| {
+                c.batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                ))
+                .map_err(StoreError::from)
+            });
+        if let Err(e) = dropped {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// `url` with its database (path) replaced by `name`, the query kept.
+pub fn with_database(url: &str, name: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let after = scheme_end + 3;
+    let rest = &url[after..];
+    let authority_end = rest.find(['/', '?']).map_or(url.len(), |i| after + i);
+    let query_start = url[authority_end..]
+        .find('?')
+        .map_or(url.len(), |i| authority_end + i);
+    format!(
+        "{}/{}{}",
+        &url[..authority_end],
+        name,
+        &url[query_start..]
+    )
+}
+
+/// Which backend a [`TestStore`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// What keeps a test's database alive.
+#[derive(Debug)]
+pub enum TestGuard {
+    Sqlite(tempfile::TempDir),
+    Postgres(TestDatabase),
+}
+
+/// A store for one test and the guard of its database (drop the store first: fields drop in
+/// order).
+pub struct TestStore {
+    pub store: Arc<dyn Store>,
+    pub backend: Backend,
+    /// The SQLite file or the PostgreSQL URL (to open a second store on the same data).
+    pub location: String,
+    pub guard: TestGuard,
+}
+
+impl TestStore {
+    /// Open another store on the same database (a second process, a restart).
+    pub fn reopen(&self, indexer: Option<Arc<dyn Indexer>>) -> Arc<dyn Store> {
+        open_at(self.backend, &self.location, indexer).expect("reopen the test store")
+    }
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = dyn Store + 'static;
+    fn deref(&self) -> &(dyn Store + 'static) {
+        &*self.store
+    }
+}
+
+fn open_at(
+    backend: Backend,
+    location: &str,
+    indexer: Option<Arc<dyn Indexer>>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match backend {
+        Backend::Sqlite => Arc::new(SqliteStore::open(
+            &PathBuf::from(location),
+            SqliteOptions {
+                indexer,
+                ..SqliteOptions::default()
+            },
+        )?),
+        Backend::Postgres => Arc::new(PgStore::connect(
+            location,
+            PgOptions {
+                indexer,
+                ..PgOptions::default()
+            },
+        )?),
+    })
+}
+
+/// A fresh, empty store on the backend `FHIRHOSE_TEST_DATABASE` selects. Panics when it cannot
+/// be created (a test set-up failure).
+pub fn test_store(indexer: Option<Arc<dyn Indexer>>) -> TestStore {
+    match test_database_url() {
+        Some(base) => {
+            let db = fresh_database(&base).expect("create a test database");
+            let location = db.url.clone();
+            let store = open_at(Backend::Postgres, &location, indexer).expect("open PgStore");
+            TestStore {
+                store,
+                backend: Backend::Postgres,
+                location,
+                guard: TestGuard::Postgres(db),
+            }
+        }
+        None => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let location = dir
+                .path()
+                .join(crate::sqlite::DB_FILE_NAME)
+                .display()
+                .to_string();
+            let store = open_at(Backend::Sqlite, &location, indexer).expect("open SqliteStore");
+            TestStore {
+                store,
+                backend: Backend::Sqlite,
+                location,
+                guard: TestGuard::Sqlite(dir),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_name_is_replaced_and_query_kept() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5/postgres?sslmode=require", "fh_1"),
+            "postgres://u:p@h:5/fh_1?sslmode=require"
+        );
+        assert_eq!(with_database("postgres://h:5", "x"), "postgres://h:5/x");
+        assert_eq!(with_database("postgres://h/db", "x"), "postgres://h/x");
+    }
+}
