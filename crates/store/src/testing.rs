@@ -73,12 +73,7 @@ pub fn with_database(url: &str, name: &str) -> String {
     let query_start = url[authority_end..]
         .find('?')
         .map_or(url.len(), |i| authority_end + i);
-    format!(
-        "{}/{}{}",
-        &url[..authority_end],
-        name,
-        &url[query_start..]
-    )
+    format!("{}/{}{}", &url[..authority_end], name, &url[query_start..])
 }
 
 /// Which backend a [`TestStore`] runs on.

@@ -1,0 +1,389 @@
+//! Snapshot correctness under concurrent writers (both backends, through `store::testing`), and
+//! the PostgreSQL backend's faults: a database unreachable at open, a connection lost during a
+//! call (the pool recovers), several processes migrating one database at once.
+//!
+//! The PostgreSQL-only tests need `FHIRHOSE_TEST_DATABASE` (a cluster from
+//! `scripts/postgres.sh start DIR`); without it they return early, unless
+//! `FHIRHOSE_REQUIRE_EXTERNAL=1` (as `scripts/test.sh` sets), where they fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+
+use serde_json::json;
+use store::testing::{fresh_database, test_database_url, test_store};
+use store::{PgOptions, PgStore, SeqBounds, Store, StoreError, WriteOp, WriteStatus};
+
+fn postgres_url(test: &str) -> Option<String> {
+    let url = test_database_url();
+    if url.is_none() {
+        if std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").is_ok_and(|v| v == "1") {
+            panic!("{test} needs FHIRHOSE_TEST_DATABASE (scripts/postgres.sh start DIR)");
+        }
+        eprintln!("{test}: skipped, FHIRHOSE_TEST_DATABASE is not set");
+    }
+    url
+}
+
+/// One committed version: (type, id) → (version, seq, deleted).
+type Written = Vec<(String, String, i64, i64, bool)>;
+
+/// The state at `as_of` from the write log: (type, id) → version, for resources alive then.
+fn expected_at(log: &Written, as_of: i64) -> BTreeMap<(String, String), (i64, i64)> {
+    let mut newest: BTreeMap<(String, String), (i64, i64, bool)> = BTreeMap::new();
+    for (t, id, version, seq, deleted) in log {
+        if *seq > as_of {
+            continue;
+        }
+        let e = newest
+            .entry((t.clone(), id.clone()))
+            .or_insert((*version, *seq, *deleted));
+        if *seq >= e.1 {
+            *e = (*version, *seq, *deleted);
+        }
+    }
+    newest
+        .into_iter()
+        .filter(|(_, (_, _, deleted))| !deleted)
+        .map(|(k, (v, s, _))| (k, (v, s)))
+        .collect()
+}
+
+/// Every resource of `types` current at `as_of` with seq in `(after, as_of]`.
+fn scan(
+    store: &dyn Store,
+    types: &[&str],
+    as_of: i64,
+    after: i64,
+) -> BTreeMap<(String, String), (i64, i64)> {
+    let mut out = BTreeMap::new();
+    for t in types {
+        store
+            .scan_type_each(
+                t,
+                as_of,
+                SeqBounds {
+                    after,
+                    up_to: i64::MAX,
+                },
+                &mut |row| {
+                    let json: serde_json::Value = serde_json::from_slice(row.json).unwrap();
+                    assert_eq!(json["meta"]["versionId"], row.version.to_string());
+                    let dup =
+                        out.insert((t.to_string(), row.id.to_string()), (row.version, row.seq));
+                    assert!(dup.is_none(), "{t}/{} twice in one scan", row.id);
+                    ControlFlow::Continue(())
+                },
+            )
+            .unwrap();
+    }
+    out
+}
+
+/// Hundreds of write transactions from several threads (creates, updates, deletes, of one or
+/// several resources) race repeated export-like reads: pin the watermark W, scan everything as of
+/// W, and scan what changed in (previous W, W] (the next `_since` export). Afterwards every
+/// snapshot must equal the state the write log gives for its W, and every pair of consecutive
+/// reads must hold each resource's version exactly once: in the snapshot when it was written up
+/// to the earlier W, in the `_since` scan when after it — never in both, never in neither.
+#[test]
+fn concurrent_writes_land_in_exactly_one_of_a_snapshot_and_the_next_since_scan() {
+    let t = test_store(None);
+    let store = Arc::clone(&t.store);
+    const THREADS: usize = 4;
+    const TXNS: usize = 100;
+    let types = ["Patient", "Observation"];
+    let done = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(THREADS + 1));
+    let writers: Vec<_> = (0..THREADS)
+        .map(|w| {
+            let store = Arc::clone(&store);
+            let start = Arc::clone(&start);
+            std::thread::spawn(move || {
+                let mut log: Written = Vec::new();
+                let mut alive: Vec<(String, String)> = Vec::new();
+                start.wait();
+                for n in 0..TXNS {
+                    let mut ops = Vec::new();
+                    // A new resource in every transaction, sometimes two of different types.
+                    let ty = if n % 3 == 0 { "Observation" } else { "Patient" };
+                    let id = format!("w{w}-{n}");
+                    ops.push(WriteOp::Update {
+                        resource_type: ty.into(),
+                        id: id.clone(),
+                        resource: json!({"resourceType": ty, "id": id, "n": n}),
+                        if_match: None,
+                    });
+                    if n % 4 == 1 && !alive.is_empty() {
+                        let (ty, id) = alive[n % alive.len()].clone();
+                        ops.push(WriteOp::Update {
+                            resource_type: ty.clone(),
+                            id: id.clone(),
+                            resource: json!({"resourceType": ty, "id": id, "touched": n}),
+                            if_match: None,
+                        });
+                    }
+                    if n % 7 == 6 && alive.len() > 2 {
+                        let (ty, id) = alive.remove(0);
+                        ops.push(WriteOp::Delete {
+                            resource_type: ty,
+                            id,
+                            if_match: None,
+                        });
+                    }
+                    let outs = store.write(ops).unwrap();
+                    for o in outs {
+                        match o.status {
+                            WriteStatus::Created | WriteStatus::Updated => log.push((
+                                o.resource_type.clone(),
+                                o.id.clone(),
+                                o.version,
+                                o.seq,
+                                false,
+                            )),
+                            WriteStatus::Deleted => log.push((
+                                o.resource_type.clone(),
+                                o.id.clone(),
+                                o.version,
+                                o.seq,
+                                true,
+                            )),
+                            WriteStatus::DeleteNotFound => {}
+                        }
+                        if o.status == WriteStatus::Created {
+                            alive.push((o.resource_type, o.id));
+                        }
+                    }
+                }
+                log
+            })
+        })
+        .collect();
+
+    // The reader: pinned snapshots and `_since` scans while the writers run.
+    let reader = {
+        let store = Arc::clone(&store);
+        let done = Arc::clone(&done);
+        let start = Arc::clone(&start);
+        std::thread::spawn(move || {
+            let mut reads = Vec::new();
+            let mut previous = 0i64;
+            start.wait();
+            loop {
+                let finished = done.load(Ordering::SeqCst);
+                let w = store.watermark().unwrap().seq;
+                let snapshot = scan(&*store, &types, w, 0);
+                let since = scan(&*store, &types, w, previous);
+                reads.push((previous, w, snapshot, since));
+                previous = w;
+                if finished {
+                    return reads;
+                }
+            }
+        })
+    };
+    let mut log: Written = Vec::new();
+    for h in writers {
+        log.extend(h.join().unwrap());
+    }
+    done.store(true, Ordering::SeqCst);
+    let reads = reader.join().unwrap();
+
+    // Seqs are unique and the final watermark covers every write.
+    let seqs: BTreeSet<i64> = log.iter().map(|w| w.3).collect();
+    assert_eq!(seqs.len(), log.len(), "a seq was given twice");
+    let final_w = reads.last().unwrap().1;
+    assert_eq!(final_w, *seqs.iter().max().unwrap());
+    assert!(
+        reads.len() >= 3,
+        "the reader should have raced the writers a few times (got {} reads)",
+        reads.len()
+    );
+    for (before, w, snapshot, since) in &reads {
+        assert_eq!(
+            snapshot,
+            &expected_at(&log, *w),
+            "the snapshot as of {w} is not the committed state at {w}"
+        );
+        let want_since: BTreeMap<_, _> = expected_at(&log, *w)
+            .into_iter()
+            .filter(|(_, (_, seq))| seq > before)
+            .collect();
+        assert_eq!(since, &want_since, "the _since scan ({before}, {w}]");
+    }
+    // Consecutive reads: the snapshot at W1 and the `_since` scan (W1, W2] hold each version
+    // current at W2 exactly once.
+    for pair in reads.windows(2) {
+        let (_, w1, snap1, _) = &pair[0];
+        let (_, w2, _, since2) = &pair[1];
+        for (key, (version, seq)) in expected_at(&log, *w2) {
+            let in_snapshot = snap1.get(&key) == Some(&(version, seq));
+            let in_since = since2.get(&key) == Some(&(version, seq));
+            assert!(
+                in_snapshot ^ in_since,
+                "{key:?} version {version} (seq {seq}): in the snapshot at {w1}: {in_snapshot}, \
+                 in the _since scan ({w1}, {w2}]: {in_since}"
+            );
+        }
+    }
+}
+
+/// A database that cannot be reached at open is `StoreError::Unavailable` naming host:port,
+/// without the password, and no panic. (Needs no cluster: the port is closed.)
+#[test]
+fn an_unreachable_database_at_open_is_unavailable_and_names_host_and_port() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("postgres://fh:s3cret-pw@127.0.0.1:{port}/fhir");
+    let err = PgStore::connect(&url, PgOptions::default()).unwrap_err();
+    match &err {
+        StoreError::Unavailable { target, .. } => assert_eq!(target, &format!("127.0.0.1:{port}")),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert!(!text.contains("s3cret"), "the password leaked: {text}");
+
+    // Not a URL the driver takes: also a clear error, still without the password.
+    let err = PgStore::connect(
+        "postgres://fh:s3cret-pw@127.0.0.1:notaport/x",
+        PgOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+}
+
+/// The backends of the store's connections are terminated from another connection while a scan
+/// runs: the scan fails with `Unavailable` (no panic), and the next calls work on new
+/// connections (the pool dropped the dead ones).
+#[test]
+fn a_lost_connection_is_unavailable_and_the_pool_recovers() {
+    let Some(base) = postgres_url("a_lost_connection_is_unavailable_and_the_pool_recovers") else {
+        return;
+    };
+    let db = fresh_database(&base).unwrap();
+    let store = PgStore::connect(
+        &db.url,
+        PgOptions {
+            pool_size: 3,
+            ..PgOptions::default()
+        },
+    )
+    .unwrap();
+    for chunk in 0..5 {
+        let ops = (0..1000)
+            .map(|i| WriteOp::Update {
+                resource_type: "Patient".into(),
+                id: format!("p{}", chunk * 1000 + i),
+                resource: json!({"resourceType": "Patient", "active": true}),
+                if_match: None,
+            })
+            .collect();
+        store.write(ops).unwrap();
+    }
+    // Fill the pool with idle connections too.
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| store.read("Patient", "p1").unwrap());
+        }
+    });
+    let mut admin = postgres::Client::connect(&base, postgres::NoTls).unwrap();
+    let kill = |admin: &mut postgres::Client| -> i64 {
+        admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&db.name],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let w = store.watermark().unwrap().seq;
+    let mut seen = 0u64;
+    let mut killed = 0;
+    let result = store.scan_type_each("Patient", w, SeqBounds::ALL, &mut |_| {
+        seen += 1;
+        if seen == 1 {
+            killed = kill(&mut admin);
+        }
+        ControlFlow::Continue(())
+    });
+    assert!(killed >= 1, "no backend was terminated");
+    match result {
+        Err(StoreError::Unavailable { target, .. }) => {
+            assert!(db.url.contains(&target), "{target}")
+        }
+        other => panic!("expected Unavailable after the backend was terminated, got {other:?}"),
+    }
+    assert!(
+        seen < 5000,
+        "the scan went on after its connection was terminated"
+    );
+
+    // The pool recovers: reads, writes and a whole scan work again.
+    assert_eq!(store.read("Patient", "p42").unwrap().version, 1);
+    let out = store
+        .write(vec![WriteOp::Delete {
+            resource_type: "Patient".into(),
+            id: "p42".into(),
+            if_match: None,
+        }])
+        .unwrap();
+    assert_eq!(out[0].status, WriteStatus::Deleted);
+    assert_eq!(store.count_type("Patient", i64::MAX).unwrap(), 4999);
+
+    // Terminated while idle: the next call may fail once, then works.
+    kill(&mut admin);
+    let first = store.read("Patient", "p7");
+    assert!(
+        matches!(first, Ok(_) | Err(StoreError::Unavailable { .. })),
+        "{first:?}"
+    );
+    assert_eq!(store.read("Patient", "p7").unwrap().version, 1);
+    drop(store);
+}
+
+/// Several processes starting at once on a new database: the advisory lock lets each migration
+/// run once, and every store works.
+#[test]
+fn concurrent_opens_apply_each_migration_once() {
+    let Some(base) = postgres_url("concurrent_opens_apply_each_migration_once") else {
+        return;
+    };
+    let db = fresh_database(&base).unwrap();
+    let stores: Vec<PgStore> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| PgStore::connect(&db.url, PgOptions::default())))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    let mut admin = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    let rows = admin
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .unwrap();
+    let versions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let expected: Vec<i64> = store::postgres::MIGRATIONS.iter().map(|m| m.0).collect();
+    assert_eq!(versions, expected);
+    // Writes from every store interleave with strictly increasing seqs and instants.
+    let mut last = (0, String::new());
+    for (i, s) in stores.iter().enumerate() {
+        let out = s
+            .write(vec![WriteOp::Create {
+                resource: json!({"resourceType": "Patient", "id": format!("p{i}")}),
+            }])
+            .unwrap();
+        assert!(out[0].seq > last.0 && out[0].last_updated > last.1);
+        last = (out[0].seq, out[0].last_updated.clone());
+    }
+    drop(stores);
+}
