@@ -387,3 +387,218 @@ fn concurrent_opens_apply_each_migration_once() {
     }
     drop(stores);
 }
+
+/// Emits one entry of every index kind, so that every index table's COPY runs.
+struct EveryKind;
+
+impl store::Indexer for EveryKind {
+    fn entries(&self, _ty: &str, r: &serde_json::Value) -> Vec<store::IndexEntry> {
+        use store::{IndexEntry, IndexValue};
+        let code = r["code"].as_str().unwrap_or("none").to_string();
+        let e = |param: &str, value| IndexEntry {
+            param: param.into(),
+            value,
+        };
+        vec![
+            e(
+                "code",
+                IndexValue::Token {
+                    system: Some("http://s".into()),
+                    code: Some(code.clone()),
+                },
+            ),
+            e(
+                "code",
+                IndexValue::Token {
+                    system: None,
+                    code: None,
+                },
+            ),
+            e("code-text", IndexValue::TokenText(code.to_lowercase())),
+            e(
+                "name",
+                IndexValue::String {
+                    normalized: code.to_lowercase(),
+                    exact: code.clone(),
+                },
+            ),
+            e(
+                "date",
+                IndexValue::Date {
+                    lo: 1_000,
+                    hi: 2_000,
+                },
+            ),
+            e("n", IndexValue::Number(1.5)),
+            e(
+                "q",
+                IndexValue::Quantity {
+                    value: 2.5,
+                    system: Some("http://unitsofmeasure.org".into()),
+                    code: Some("mg".into()),
+                    unit: None,
+                },
+            ),
+            e(
+                "subject",
+                IndexValue::Reference {
+                    target_type: "Patient".into(),
+                    id: "p1".into(),
+                },
+            ),
+            e(
+                "subject",
+                IndexValue::ReferenceUrl("http://x/Patient/9".into()),
+            ),
+            e(
+                "subject",
+                IndexValue::ReferenceIdentifier {
+                    system: None,
+                    value: Some("mrn-1".into()),
+                },
+            ),
+            e("url", IndexValue::Uri("urn:x".into())),
+        ]
+    }
+}
+
+fn index_counts(admin: &mut postgres::Client) -> Vec<(String, i64)> {
+    [
+        "idx_token",
+        "idx_token_text",
+        "idx_string",
+        "idx_date",
+        "idx_number",
+        "idx_quantity",
+        "idx_reference",
+        "idx_reference_identifier",
+        "idx_uri",
+    ]
+    .iter()
+    .map(|t| {
+        let n: i64 = admin
+            .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+            .unwrap()
+            .get(0);
+        (t.to_string(), n)
+    })
+    .collect()
+}
+
+/// Index rows (every kind, through binary COPY) describe exactly the current, non-deleted
+/// versions — also when one write rewrites a resource twice — and `reindex` rebuilds the same
+/// rows; suspending index upkeep drops the value indexes and resuming builds them again.
+#[test]
+fn index_rows_of_every_kind_follow_the_current_version_and_reindex_rebuilds_them() {
+    let Some(base) = postgres_url("index_rows_of_every_kind_follow_the_current_version") else {
+        return;
+    };
+    let db = fresh_database(&base).unwrap();
+    let store = PgStore::connect(
+        &db.url,
+        PgOptions {
+            indexer: Some(Arc::new(EveryKind)),
+            ..PgOptions::default()
+        },
+    )
+    .unwrap();
+    let obs = |id: &str, code: &str| WriteOp::Update {
+        resource_type: "Observation".into(),
+        id: id.into(),
+        resource: json!({"resourceType": "Observation", "code": code}),
+        if_match: None,
+    };
+    store
+        .write(vec![obs("o1", "A"), obs("o2", "B"), obs("o3", "C")])
+        .unwrap();
+    // One transaction rewrites o1 twice and deletes o2: only o1's last version keeps rows.
+    store
+        .write(vec![
+            obs("o1", "A2"),
+            obs("o1", "A3"),
+            WriteOp::Delete {
+                resource_type: "Observation".into(),
+                id: "o2".into(),
+                if_match: None,
+            },
+        ])
+        .unwrap();
+    // A prepared put (the bulk loader's path) of a new and an existing resource.
+    let p4 = store
+        .prepare_put(
+            "Observation",
+            "o4",
+            json!({"resourceType": "Observation", "code": "D"}),
+        )
+        .unwrap();
+    let p3 = store
+        .prepare_put(
+            "Observation",
+            "o3",
+            json!({"resourceType": "Observation", "code": "C2"}),
+        )
+        .unwrap();
+    store
+        .write(vec![WriteOp::Put(p4), WriteOp::Put(p3)])
+        .unwrap();
+
+    let mut admin = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    let expected: Vec<(String, i64)> = [
+        ("idx_token", 6),
+        ("idx_token_text", 3),
+        ("idx_string", 3),
+        ("idx_date", 3),
+        ("idx_number", 3),
+        ("idx_quantity", 3),
+        ("idx_reference", 6),
+        ("idx_reference_identifier", 3),
+        ("idx_uri", 3),
+    ]
+    .iter()
+    .map(|(t, n)| (t.to_string(), *n))
+    .collect();
+    assert_eq!(index_counts(&mut admin), expected);
+    let codes: Vec<String> = admin
+        .query(
+            "SELECT i.code FROM idx_token i JOIN resource_versions rv ON rv.k = i.k
+             WHERE i.code IS NOT NULL ORDER BY rv.id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(codes, ["A3", "C2", "D"]);
+    let q: (f64, Option<String>, Option<String>) = {
+        let r = admin
+            .query_one("SELECT value, code, unit FROM idx_quantity LIMIT 1", &[])
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(q, (2.5, Some("mg".into()), None));
+
+    assert_eq!(store.reindex(None).unwrap(), 3);
+    assert_eq!(index_counts(&mut admin), expected);
+    assert_eq!(store.reindex(Some("Patient")).unwrap(), 0);
+
+    let value_indexes = |admin: &mut postgres::Client| -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'idx\\_%\\_value' OR indexname = 'idx_reference_url'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(value_indexes(&mut admin), 10);
+    assert!(store.suspend_index_upkeep().unwrap());
+    assert_eq!(value_indexes(&mut admin), 0);
+    store.write(vec![obs("o5", "E")]).unwrap();
+    store.resume_index_upkeep().unwrap();
+    assert_eq!(value_indexes(&mut admin), 10);
+    // A store left suspended (a crash during a load) builds them on the next open.
+    assert!(store.suspend_index_upkeep().unwrap());
+    drop(store);
+    let _reopened = PgStore::connect(&db.url, PgOptions::default()).unwrap();
+    assert_eq!(value_indexes(&mut admin), 10);
+}
