@@ -1,5 +1,6 @@
 //! `cargo bench -p store`: insert and scan throughput of the SQLite store on the 100-patient
-//! Synthea set (testdata/synthea-r4-100). A command, not a criterion bench: one insert of 38,970
+//! Synthea set (testdata/synthea-r4-100); with `FHIRHOSE_BENCH_DATABASE=postgres://…` (e.g. from
+//! `scripts/postgres.sh start DIR`) the same runs on PostgreSQL too, each run in a fresh database. A command, not a criterion bench: one insert of 38,970
 //! resources and one full scan are the units of interest, repeated a few times.
 //!
 //! Insert: all Bundle entries as `WriteOp::Update` (keep id) in transactions of 1,000, measured
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use serde_json::Value;
-use store::{SeqBounds, SqliteOptions, SqliteStore, Store, WriteOp};
+use store::{PgOptions, PgStore, SeqBounds, SqliteOptions, SqliteStore, Store, WriteOp};
 
 const RUNS: usize = 3;
 const SCANS: usize = 5;
@@ -21,12 +22,26 @@ fn main() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100");
     let ops = read_ops(&dir);
     println!("data: {} resources from {}", ops.len(), dir.display());
+    bench("sqlite", &ops, None);
+    if let Ok(url) = std::env::var("FHIRHOSE_BENCH_DATABASE") {
+        bench("postgres", &ops, Some(&url));
+    }
+}
+
+fn bench(backend: &str, ops: &[WriteOp], postgres: Option<&str>) {
+    println!("== {backend}");
     let mut insert_rates = Vec::new();
     let mut scan_rates = Vec::new();
     for run in 0..RUNS {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open_data_dir(tmp.path(), SqliteOptions::default()).expect("open");
-        let batch = ops.clone();
+        let db = postgres.map(|url| store::testing::fresh_database(url).expect("create database"));
+        let store: Box<dyn Store> = match &db {
+            Some(db) => Box::new(PgStore::connect(&db.url, PgOptions::default()).expect("open")),
+            None => Box::new(
+                SqliteStore::open_data_dir(tmp.path(), SqliteOptions::default()).expect("open"),
+            ),
+        };
+        let batch = ops.to_vec();
         let started = Instant::now();
         let mut n = 0usize;
         let mut it = batch.into_iter().peekable();
@@ -63,12 +78,14 @@ fn main() {
                 rows as f64 / secs
             );
         }
+        drop(store);
+        drop(db);
     }
     let (m, sd) = mean_sd(&insert_rates);
-    println!("insert: {m:.0} ± {sd:.0} resources/s ({RUNS} runs)");
+    println!("{backend} insert: {m:.0} ± {sd:.0} resources/s ({RUNS} runs)");
     let (m, sd) = mean_sd(&scan_rates);
     println!(
-        "scan:   {m:.0} ± {sd:.0} resources/s ({} scans)",
+        "{backend} scan:   {m:.0} ± {sd:.0} resources/s ({} scans)",
         scan_rates.len()
     );
 }
