@@ -13,7 +13,9 @@
 # (postgres://postgres@127.0.0.1:PORT/postgres) is always the LAST line of stdout.
 #
 # PostgreSQL refuses to run as root: when run as root the server runs as the `postgres` system user
-# (created if missing) and DIR is owned by it; DIR's parent directories must be traversable by it.
+# (created if missing) and DIR is owned by it; when DIR's parent directories are not traversable
+# by that user (a clone under /root), the cluster lives in /var/tmp/fhirhose-pg-<hash of DIR>
+# (named in DIR/cluster) and only the port file stays in DIR.
 # When the binaries are missing (no /usr/lib/postgresql/*/bin/initdb and no pg_ctl on PATH), the
 # Debian/Ubuntu package `postgresql` is installed with apt-get.
 set -euo pipefail
@@ -72,9 +74,24 @@ if [[ $(id -u) -eq 0 ]]; then
     useradd --system --home-dir /nonexistent --shell /usr/sbin/nologin "$RUN_USER"
   fi
   as_owner() { runuser -u "$RUN_USER" -- "$@"; }
+  # DIR inside a directory the server's user cannot traverse (a clone under /root): the cluster
+  # lives under /var/tmp instead, DIR/cluster names it.
+  if ! as_owner test -x "$DIR"/.. 2>/dev/null; then
+    ALT=/var/tmp/fhirhose-pg-$(printf '%s' "$DIR" | sha1sum | cut -c1-12)
+    mkdir -p "$ALT"
+    chown "$RUN_USER" "$ALT"
+    chmod 700 "$ALT"
+    echo "$ALT" >"$DIR/cluster"
+    DATA=$ALT/data
+    LOG=$ALT/postgres.log
+    OWNED=$ALT
+  else
+    OWNED=$DIR
+  fi
 else
   RUN_USER=$(id -un)
   as_owner() { "$@"; }
+  OWNED=$DIR
 fi
 
 running() {
@@ -110,23 +127,23 @@ case $CMD in
       exit 0
     fi
     if [[ $(id -u) -eq 0 ]]; then
-      chown "$RUN_USER" "$DIR"
-      chmod 700 "$DIR"
-      if ! as_owner test -w "$DIR"; then
-        echo "postgres.sh: user $RUN_USER cannot reach $DIR (check the parent directories' permissions)" >&2
+      chown "$RUN_USER" "$OWNED"
+      chmod 700 "$OWNED"
+      if ! as_owner test -w "$OWNED"; then
+        echo "postgres.sh: user $RUN_USER cannot write $OWNED" >&2
         exit 1
       fi
     fi
     if [[ ! -f $DATA/PG_VERSION ]]; then
       rm -rf "$DATA"
       as_owner "$BIN/initdb" -D "$DATA" --username="$DB_USER" --auth=trust \
-        --encoding=UTF8 --locale=C.UTF-8 >"$DIR/initdb.log" 2>&1 || {
+        --encoding=UTF8 --locale=C.UTF-8 >"$OWNED/initdb.log" 2>&1 || {
         # Older initdb versions or images without C.UTF-8.
         rm -rf "$DATA"
         as_owner "$BIN/initdb" -D "$DATA" --username="$DB_USER" --auth=trust \
-          --encoding=UTF8 --no-locale >"$DIR/initdb.log" 2>&1 || {
-          echo "postgres.sh: initdb failed; see $DIR/initdb.log" >&2
-          tail -n 20 "$DIR/initdb.log" >&2
+          --encoding=UTF8 --no-locale >"$OWNED/initdb.log" 2>&1 || {
+          echo "postgres.sh: initdb failed; see $OWNED/initdb.log" >&2
+          tail -n 20 "$OWNED/initdb.log" >&2
           exit 1
         }
       }

@@ -16,5 +16,13 @@ export FHIRHOSE_TEST_S3=http://127.0.0.1:5000
 # OCI registry for de-identification configs in images: Debian's docker-registry on 127.0.0.1:5001.
 ./scripts/registry.sh
 export FHIRHOSE_TEST_REGISTRY=127.0.0.1:5001
+# PostgreSQL: a private cluster in .pg (scripts/postgres.sh; apt-installs PostgreSQL if missing).
+# FHIRHOSE_TEST_POSTGRES serves the PostgreSQL-only tests in the first run.
+FHIRHOSE_TEST_POSTGRES=$(./scripts/postgres.sh start .pg | tail -n 1)
+export FHIRHOSE_TEST_POSTGRES
 
 cargo test --workspace --profile ci "$@"
+
+# The suites parameterised by backend, a second time against PostgreSQL (a fresh database per
+# test, see store::testing).
+FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --profile ci -p store "$@"

@@ -2,8 +2,8 @@
 //! the PostgreSQL backend's faults: a database unreachable at open, a connection lost during a
 //! call (the pool recovers), several processes migrating one database at once.
 //!
-//! The PostgreSQL-only tests need `FHIRHOSE_TEST_DATABASE` (a cluster from
-//! `scripts/postgres.sh start DIR`); without it they return early, unless
+//! The PostgreSQL-only tests need `FHIRHOSE_TEST_DATABASE` or `FHIRHOSE_TEST_POSTGRES` (a cluster
+//! from `scripts/postgres.sh start DIR`); without either they return early, unless
 //! `FHIRHOSE_REQUIRE_EXTERNAL=1` (as `scripts/test.sh` sets), where they fail.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,10 +16,16 @@ use store::testing::{fresh_database, test_database_url, test_store};
 use store::{PgOptions, PgStore, SeqBounds, Store, StoreError, WriteOp, WriteStatus};
 
 fn postgres_url(test: &str) -> Option<String> {
-    let url = test_database_url();
+    let url = test_database_url().or_else(|| {
+        std::env::var("FHIRHOSE_TEST_POSTGRES")
+            .ok()
+            .filter(|u| !u.is_empty())
+    });
     if url.is_none() {
         if std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").is_ok_and(|v| v == "1") {
-            panic!("{test} needs FHIRHOSE_TEST_DATABASE (scripts/postgres.sh start DIR)");
+            panic!(
+                "{test} needs FHIRHOSE_TEST_DATABASE or FHIRHOSE_TEST_POSTGRES (scripts/postgres.sh start DIR)"
+            );
         }
         eprintln!("{test}: skipped, FHIRHOSE_TEST_DATABASE is not set");
     }
