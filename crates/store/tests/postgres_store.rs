@@ -608,3 +608,20 @@ fn index_rows_of_every_kind_follow_the_current_version_and_reindex_rebuilds_them
     let _reopened = PgStore::connect(&db.url, PgOptions::default()).unwrap();
     assert_eq!(value_indexes(&mut admin), 10);
 }
+
+/// `sslmode=require` against a server without TLS (the test cluster) is refused at open with
+/// `Unavailable`, not a panic and not a silent plain-text connection.
+#[test]
+fn sslmode_require_against_a_server_without_tls_is_unavailable() {
+    let Some(base) = postgres_url("sslmode_require_against_a_server_without_tls_is_unavailable")
+    else {
+        return;
+    };
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}sslmode=require");
+    match PgStore::connect(&url, PgOptions::default()) {
+        Err(StoreError::Unavailable { .. }) => {}
+        Err(other) => panic!("expected Unavailable, got {other:?}"),
+        Ok(_) => panic!("connected without TLS although sslmode=require"),
+    }
+}

@@ -11,10 +11,11 @@
 //! be reached, or a connection lost during a call, is [`StoreError::Unavailable`] (→ 503), naming
 //! `host:port` and never the password.
 //!
-//! TLS: `sslmode=require` (or `prefer`, tokio-postgres's default, which falls back to plain text
-//! when the server has no TLS) in the URL encrypts with rustls, verifying the server's certificate
-//! against the Mozilla roots plus the PEM file named by `sslrootcert=PATH` (a managed service's own
-//! CA, e.g. Amazon RDS).
+//! TLS: `sslmode=require` in the URL encrypts with rustls and verifies the server's certificate
+//! and host name against the Mozilla roots plus the PEM file named by `sslrootcert=PATH` (a managed
+//! service's own CA, e.g. Amazon RDS) — stricter than libpq's `require`, which does not verify.
+//! `sslmode=prefer` tries TLS the same way and uses plain text when the server has none. Without
+//! `sslmode` the connection is plain text.
 //!
 //! # Schema (versioned migrations in `schema_migrations`, applied under an advisory lock)
 //!
@@ -259,6 +260,12 @@ impl Target {
         }
         if config.get_application_name().is_none() {
             config.application_name("fhirhose");
+        }
+        // No `sslmode` in the URL: plain text. (The driver's own default, `prefer`, would try TLS
+        // and, with a server certificate our verifier refuses — e.g. Debian's self-signed
+        // snakeoil one — fail instead of falling back.) `require`/`prefer` use TLS and verify.
+        if !url.contains("sslmode=") {
+            config.ssl_mode(::postgres::config::SslMode::Disable);
         }
         let hosts: Vec<String> = config
             .get_hosts()
@@ -2098,5 +2105,70 @@ impl Store for PgStore {
             }
             Ok(total)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslrootcert_is_taken_out_of_the_url() {
+        assert_eq!(
+            take_query_param(
+                "postgres://h/db?sslmode=require&sslrootcert=/ca.pem",
+                "sslrootcert"
+            ),
+            (
+                "postgres://h/db?sslmode=require".to_string(),
+                Some("/ca.pem".to_string())
+            )
+        );
+        assert_eq!(
+            take_query_param("postgres://h/db?sslrootcert=/ca.pem", "sslrootcert"),
+            ("postgres://h/db".to_string(), Some("/ca.pem".to_string()))
+        );
+        assert_eq!(
+            take_query_param("postgres://h/db", "sslrootcert"),
+            ("postgres://h/db".to_string(), None)
+        );
+    }
+
+    #[test]
+    fn targets_name_host_and_port_without_credentials() {
+        let t = Target::parse(
+            "postgres://fh:s3cret@db.example:6543/fhir?sslmode=require&sslrootcert=/x.pem",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(t.display, "db.example:6543");
+        assert_eq!(t.root_cert.as_deref(), Some("/x.pem"));
+        assert_eq!(
+            t.config.get_ssl_mode(),
+            ::postgres::config::SslMode::Require
+        );
+        let t = Target::parse("postgresql://db/fhir", Duration::from_secs(1)).unwrap();
+        assert_eq!(t.display, "db:5432");
+        assert_eq!(
+            t.config.get_ssl_mode(),
+            ::postgres::config::SslMode::Disable
+        );
+        assert_eq!(
+            t.config.get_connect_timeout(),
+            Some(&Duration::from_secs(1))
+        );
+        assert_eq!(redact("postgres://u:pw@h:1/db?x=1"), "h:1");
+        let e = match Target::parse("postgres://u:pw@h:port/db", Duration::from_secs(1)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a bad port parsed"),
+        };
+        assert!(!e.contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn keys_fold_the_type_over_the_seq() {
+        assert_eq!(key(1, 5), (1 << 40) | 5);
+        assert!(key(1, MAX_SEQ) < key(2, 0));
+        assert_eq!(key(3, i64::MAX), key(3, MAX_SEQ));
     }
 }
