@@ -5,6 +5,7 @@ mod cmd_load;
 mod cmd_reindex;
 mod cmd_serve;
 mod cmd_synth;
+mod cmd_view;
 mod progress;
 
 use std::process::ExitCode;
@@ -43,6 +44,8 @@ enum Command {
     Jwks(auth::cli::JwksArgs),
     /// De-identify files, folders or NDJSON with a Microsoft FHIR anonymizer configuration.
     Anonymize(deid_cli::AnonymizeArgs),
+    /// Run a SQL on FHIR ViewDefinition over NDJSON/JSON files or folders, to CSV or NDJSON.
+    View(cmd_view::ViewArgs),
     /// Sign a client assertion and request an access token from a Fhirhose server.
     Token(auth::cli::TokenArgs),
 }
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Command::Anonymize(args) => deid_cli::run(&args)
             .map(|s| eprint!("{s}"))
             .map_err(|e| e.to_string()),
+        Command::View(args) => cmd_view::run(args),
         Command::Token(args) => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
             .and_then(|rt| {
