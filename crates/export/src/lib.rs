@@ -3,6 +3,7 @@
 //! - [`request`]: kick-off parameters, parsed and validated ([`ExportRequest`]).
 //! - [`jobs`]: the durable job table ([`JobStore`], SQLite, `exports.db` in the data directory).
 //! - [`run`]: executing one export against a pinned store snapshot into NDJSON files.
+//! - [`access`]: who may start, see and use an export, decided on the parsed request.
 //! - [`service`]: [`ExportService`], what the HTTP layer calls: kick-off, status, cancel, files.
 //!
 //! Architecture Invariant: an export reads only through a store snapshot — every scan is
@@ -11,6 +12,7 @@
 //! a job that was interrupted is run again from its pinned snapshot into a cleared folder, so a
 //! restart never duplicates or loses a resource and never leaves a half file.
 
+pub mod access;
 pub mod anonymization;
 pub mod jobs;
 pub mod remote;
@@ -19,6 +21,7 @@ pub mod run;
 pub mod service;
 pub mod sink;
 
+pub use access::{ExportAccess, Unrestricted};
 pub use anonymization::{AnonymizationError, AnonymizationInfo};
 pub use jobs::{JobQueue, JobRecord, JobState, SqliteJobQueue};
 pub use remote::{ObjectStoreSink, RemoteConfig, RemoteSettings};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use store::{SqliteStore, Store};
 
+use crate::access::{self, ExportAccess};
 use crate::anonymization::{AnonymizationError, AnonymizationInfo, Anonymizer, load_from_storage};
 use crate::jobs::{
     Cleanup, FileKind, ItemKind, JobQueue, JobRecord, JobState, QueueError, Retry, SqliteJobQueue,
@@ -124,6 +125,9 @@ pub enum ExportError {
     /// No such job, or not the caller's → 404.
     #[error("no export job '{0}'")]
     UnknownJob(String),
+    /// The caller's current scopes do not cover what the export needs → 403.
+    #[error("{0}")]
+    Forbidden(String),
     /// No such file in a finished export → 404.
     #[error("no file '{0}' in this export")]
     UnknownFile(String),
@@ -447,9 +451,10 @@ impl ExportService {
             .clone()
     }
 
-    /// Validates a kick-off, fetches and compiles its de-identification configuration, plans its
-    /// work items and queues it. `body` is the POST Parameters resource, if any.
-    #[allow(clippy::too_many_arguments)]
+    /// Validates a kick-off, authorizes the parsed request for `access` (the caller), fetches
+    /// and compiles its de-identification configuration, plans its work items and queues it for
+    /// the caller's client. `pairs` is the query, `body` the POST Parameters resource, if any.
+    /// Without `_type`, a restricted caller's export covers exactly the types it may export.
     pub fn kickoff(
         self: &Arc<Self>,
         level: ExportLevel,
@@ -457,14 +462,14 @@ impl ExportService {
         body: Option<&Value>,
         lenient: bool,
         request_url: String,
-        client_id: Option<String>,
+        access: &dyn ExportAccess,
     ) -> Result<String, ExportError> {
         let is_post = body.is_some();
         if let Some(b) = body {
             pairs.extend(parameters_to_pairs(b)?);
         }
         let now = now_ms();
-        let req = ExportRequest::parse(
+        let mut req = ExportRequest::parse(
             level.clone(),
             &pairs,
             is_post,
@@ -472,6 +477,20 @@ impl ExportService {
             now,
             request_url.clone(),
         )?;
+        if req.types.is_empty()
+            && let Some(allowed) = access::exportable_types(access)
+        {
+            if allowed.is_empty() {
+                return Err(ExportError::Forbidden(
+                    "the granted scopes allow exporting no resource type (export needs `r` and `s`, or v1 `read`)".into(),
+                ));
+            }
+            // Recorded with the job, so its workers and later checks see the same list.
+            pairs.push(("_type".into(), allowed.join(",")));
+            req.types = allowed;
+        }
+        access::authorize(&req, access).map_err(ExportError::Forbidden)?;
+        let client_id = access.client_id().map(str::to_string);
         if let ExportLevel::Group(id) = &level {
             match self.store.read("Group", id) {
                 Ok(_) => {}
@@ -707,16 +726,13 @@ impl ExportService {
         Ok(())
     }
 
-    fn owned_job(
-        &self,
-        id: &str,
-        may_see: &dyn Fn(Option<&str>) -> bool,
-    ) -> Result<JobRecord, ExportError> {
+    /// The job `id` if `access` may use it: another client's job is unknown (404).
+    fn owned_job(&self, id: &str, access: &dyn ExportAccess) -> Result<JobRecord, ExportError> {
         let job = self
             .queue
             .get(id)?
             .ok_or_else(|| ExportError::UnknownJob(id.to_string()))?;
-        if job.state == JobState::Cancelled || !may_see(job.client_id.as_deref()) {
+        if job.state == JobState::Cancelled || !access.owns(job.client_id.as_deref()) {
             return Err(ExportError::UnknownJob(id.to_string()));
         }
         Ok(job)
@@ -751,13 +767,9 @@ impl ExportService {
         })
     }
 
-    /// The state of a job; `may_see` decides whether the caller may see a job of that client.
-    pub fn status(
-        &self,
-        id: &str,
-        may_see: &dyn Fn(Option<&str>) -> bool,
-    ) -> Result<Status, ExportError> {
-        let job = self.owned_job(id, may_see)?;
+    /// The state of a job, for a caller who may use it (see `owned_job`).
+    pub fn status(&self, id: &str, access: &dyn ExportAccess) -> Result<Status, ExportError> {
+        let job = self.owned_job(id, access)?;
         Ok(match job.state {
             JobState::Queued | JobState::Running | JobState::Cancelled => Status::InProgress {
                 progress: self.progress_text(id)?,
@@ -784,12 +796,8 @@ impl ExportService {
     /// Cancels a job (running or finished): its workers stop and its files are removed. The
     /// cancel is recorded first (with the deletion still to do), so a crash or a destination
     /// that is down only delays the deletion: the sweeper and the next start-up finish it.
-    pub fn cancel(
-        &self,
-        id: &str,
-        may_see: &dyn Fn(Option<&str>) -> bool,
-    ) -> Result<(), ExportError> {
-        let job = self.owned_job(id, may_see)?;
+    pub fn cancel(&self, id: &str, access: &dyn ExportAccess) -> Result<(), ExportError> {
+        let job = self.owned_job(id, access)?;
         self.cancel_flag(id).store(true, Ordering::Relaxed);
         self.queue.cancel(id, now_ms())?;
         self.clean_up(&job);
@@ -801,9 +809,9 @@ impl ExportService {
         &self,
         id: &str,
         name: &str,
-        may_see: &dyn Fn(Option<&str>) -> bool,
+        access: &dyn ExportAccess,
     ) -> Result<FileBody, ExportError> {
-        let job = self.owned_job(id, may_see)?;
+        let job = self.owned_job(id, access)?;
         if job.state != JobState::Complete {
             return Err(ExportError::UnknownFile(name.to_string()));
         }

@@ -239,7 +239,7 @@ fn a_deidentified_export_service_on_azurite() {
             None,
             false,
             "http://x/$export".into(),
-            None,
+            &export::Unrestricted,
         )
     };
     let wrong = kick(&[("_anonymizationConfigEtag", "\"0x0\"")]).expect_err("etag mismatch");
@@ -247,7 +247,7 @@ fn a_deidentified_export_service_on_azurite() {
     let id = kick(&[("_anonymizationConfigEtag", &format!("\"{etag}\""))]).expect("kickoff");
     let deadline = Instant::now() + Duration::from_secs(60);
     let manifest = loop {
-        match svc.status(&id, &|_| true).expect("status") {
+        match svc.status(&id, &export::Unrestricted).expect("status") {
             Status::Complete { manifest, .. } => break manifest,
             Status::Failed { diagnostics, .. } => panic!("failed: {diagnostics}"),
             Status::InProgress { .. } => {
@@ -269,7 +269,7 @@ fn a_deidentified_export_service_on_azurite() {
             .rsplit('/')
             .next()
             .expect("name");
-        let body = match svc.file(&id, file, &|_| true).expect("file") {
+        let body = match svc.file(&id, file, &export::Unrestricted).expect("file") {
             export::FileBody::Remote { container, path } => {
                 read_all(sink.as_ref(), &container, &path)
             }

@@ -55,14 +55,21 @@ fn kickoff(svc: &Arc<ExportService>, level: ExportLevel, pairs: &[(&str, &str)])
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    svc.kickoff(level, pairs, None, false, "http://x/$export".into(), None)
-        .expect("kickoff")
+    svc.kickoff(
+        level,
+        pairs,
+        None,
+        false,
+        "http://x/$export".into(),
+        &export::Unrestricted,
+    )
+    .expect("kickoff")
 }
 
 fn wait(svc: &ExportService, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
-        match svc.status(id, &|_| true).expect("status") {
+        match svc.status(id, &export::Unrestricted).expect("status") {
             Status::Complete { manifest, .. } => return manifest,
             Status::Failed { diagnostics, .. } => panic!("export failed: {diagnostics}"),
             Status::InProgress { .. } => std::thread::sleep(Duration::from_millis(50)),
@@ -180,7 +187,7 @@ fn an_item_of_a_dead_node_is_taken_over_after_the_heartbeat_timeout() {
         .expect("claim")
         .expect("an item");
     assert!(matches!(
-        api.status(&id, &|_| true).expect("status"),
+        api.status(&id, &export::Unrestricted).expect("status"),
         Status::InProgress { .. }
     ));
 
@@ -216,9 +223,9 @@ fn cancel_stops_the_workers_and_removes_the_files() {
     svc.start_workers().expect("workers");
     let id = kickoff(&svc, ExportLevel::System, &[]);
     std::thread::sleep(Duration::from_millis(30));
-    svc.cancel(&id, &|_| true).expect("cancel");
+    svc.cancel(&id, &export::Unrestricted).expect("cancel");
     assert!(
-        svc.status(&id, &|_| true).is_err(),
+        svc.status(&id, &export::Unrestricted).is_err(),
         "a cancelled job is gone"
     );
     // The workers notice within a heartbeat and remove what they were writing.

@@ -24,6 +24,7 @@ impl From<ExportError> for ApiError {
             ExportError::GroupNotFound(_)
             | ExportError::UnknownJob(_)
             | ExportError::UnknownFile(_) => ApiError::not_found(e.to_string()),
+            ExportError::Forbidden(reason) => auth::AuthRejection::Forbidden(reason.clone()).into(),
             ExportError::Expired(_) => ApiError::new(StatusCode::GONE, "not-found", e.to_string()),
             ExportError::TooMany(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", e.to_string())
@@ -42,6 +43,30 @@ impl From<ExportError> for ApiError {
             },
             ExportError::Internal(detail) => ApiError::internal("export", detail),
         }
+    }
+}
+
+/// The caller as the export service sees it: its client and its current token's scopes. The
+/// service decides on the parsed request (kick-off) or the job's recorded one (status, files,
+/// cancel).
+struct Caller(AuthContext);
+
+impl export::ExportAccess for Caller {
+    fn client_id(&self) -> Option<&str> {
+        self.0.client_id.as_deref()
+    }
+    fn owns(&self, owner: Option<&str>) -> bool {
+        self.0.owns(owner)
+    }
+    fn is_unrestricted(&self) -> bool {
+        self.0.scopes.is_unrestricted()
+    }
+    fn allows(&self, resource_type: &str, permission: export::access::Permission) -> bool {
+        let p = match permission {
+            export::access::Permission::Read => auth::Permission::Read,
+            export::access::Permission::Search => auth::Permission::Search,
+        };
+        self.0.scopes.allows(resource_type, p)
     }
 }
 
@@ -84,7 +109,7 @@ async fn kickoff(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_kickoff_headers(&headers)?;
-    let mut pairs: Vec<(String, String)> = raw
+    let pairs: Vec<(String, String)> = raw
         .as_deref()
         .map(search::parse_query_string)
         .unwrap_or_default();
@@ -93,44 +118,19 @@ async fn kickoff(
     } else {
         None
     };
-    // Authorization on the parsed, typed request (the parser the export service runs too), for
-    // GET and POST alike: every value of every parameter is seen exactly as the export sees it.
+    // The service parses the request once and authorizes the typed request for this caller.
     let request_url = format!("{}{}", state.base_url, uri);
     let lenient = negotiate::lenient(&headers);
-    let mut all_pairs = pairs.clone();
-    if let Some(b) = &body {
-        all_pairs.extend(export::request::parameters_to_pairs(b).map_err(ExportError::Request)?);
-    }
-    let parsed = export::ExportRequest::parse(
-        level.clone(),
-        &all_pairs,
-        body.is_some(),
-        lenient,
-        chrono::Utc::now().timestamp_millis(),
-        request_url.clone(),
-    )
-    .map_err(ExportError::Request)?;
-    if !matches!(level, ExportLevel::System) {
-        ctx.require_export(["Patient"])?;
-    }
-    if let ExportLevel::Group(_) = level {
-        ctx.require_read("Group")?;
-    }
-    // `includeAssociatedData` exports Provenance resources.
-    if parsed.associated.is_some() {
-        ctx.require_export(["Provenance"])?;
-    }
-    let requested = (!parsed.types.is_empty()).then_some(parsed.types.as_slice());
-    if let Some(allowed) = ctx.export_types(requested)?
-        && requested.is_none()
-    {
-        // Without `_type`, the export covers exactly the types the scopes allow.
-        pairs.push(("_type".into(), allowed.join(",")));
-    }
     let svc = state.export.clone();
-    let client = ctx.client_id.clone();
     let id = tokio::task::spawn_blocking(move || {
-        svc.kickoff(level, pairs, body.as_ref(), lenient, request_url, client)
+        svc.kickoff(
+            level,
+            pairs,
+            body.as_ref(),
+            lenient,
+            request_url,
+            &Caller(ctx),
+        )
     })
     .await
     .map_err(|e| ApiError::internal("export kick-off", e))??;
@@ -251,8 +251,7 @@ pub async fn status(
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
     let j = job.clone();
-    let c = ctx.clone();
-    let st = tokio::task::spawn_blocking(move || svc.status(&j, &|owner| c.owns(owner)))
+    let st = tokio::task::spawn_blocking(move || svc.status(&j, &Caller(ctx)))
         .await
         .map_err(|e| ApiError::internal("export status", e))??;
     match st {
@@ -318,7 +317,7 @@ pub async fn cancel(
     Path(job): Path<String>,
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
-    tokio::task::spawn_blocking(move || svc.cancel(&job, &|owner| ctx.owns(owner)))
+    tokio::task::spawn_blocking(move || svc.cancel(&job, &Caller(ctx)))
         .await
         .map_err(|e| ApiError::internal("export cancel", e))??;
     let oo = serde_json::json!({"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational", "diagnostics": "export cancelled; its files are removed"}]});
@@ -333,7 +332,7 @@ pub async fn download(
     Path((job, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
-    let body = tokio::task::spawn_blocking(move || svc.file(&job, &file, &|owner| ctx.owns(owner)))
+    let body = tokio::task::spawn_blocking(move || svc.file(&job, &file, &Caller(ctx)))
         .await
         .map_err(|e| ApiError::internal("export download", e))??;
     let body = match body {
