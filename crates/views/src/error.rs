@@ -98,4 +98,6 @@ pub enum RowReason {
     WhereNotBoolean(String),
     #[error("repeat goes deeper than {0} levels")]
     RepeatTooDeep(usize),
+    #[error("the resource gives more than {0} rows")]
+    TooManyRows(usize),
 }

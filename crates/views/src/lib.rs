@@ -32,7 +32,7 @@ pub mod ndjson;
 
 pub use error::{Reason, RowError, RowReason, ViewError};
 pub use functions::split_reference;
-pub use run::{MAX_REPEAT_DEPTH, Row};
+pub use run::{MAX_REPEAT_DEPTH, MAX_ROWS_PER_RESOURCE, Row};
 pub use value::{Value, ValueKind};
 pub use view::{Column, View};
 

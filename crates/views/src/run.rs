@@ -19,6 +19,10 @@ pub type Row = Vec<Value>;
 /// How deep `repeat` may recurse (a path that does not descend would otherwise never end).
 pub const MAX_REPEAT_DEPTH: usize = 256;
 
+/// How many rows one resource may produce: sibling `forEach`es multiply (their Cartesian product),
+/// so a few of them over large collections could otherwise exhaust memory.
+pub const MAX_ROWS_PER_RESOURCE: usize = 1_000_000;
+
 struct Env<'a> {
     base: EvalContext<'a>,
     uses_row_index: bool,
@@ -174,7 +178,7 @@ fn process<'a>(
         let mut acc: Vec<Row> = vec![own];
         for sub in &s.selects {
             let rows = process(sub, f, *i, env)?;
-            acc = product(acc, &rows);
+            acc = product(acc, &rows, s, env)?;
             if acc.is_empty() {
                 break;
             }
@@ -184,15 +188,26 @@ fn process<'a>(
             for u in &s.union {
                 urows.extend(process(u, f, *i, env)?);
             }
-            acc = product(acc, &urows);
+            acc = product(acc, &urows, s, env)?;
+        }
+        if out.len() + acc.len() > MAX_ROWS_PER_RESOURCE {
+            return Err(env.err(&s.element, RowReason::TooManyRows(MAX_ROWS_PER_RESOURCE)));
         }
         out.extend(acc);
     }
     Ok(out)
 }
 
-/// Every row of `left` followed by every row of `right` (left-major order).
-fn product(left: Vec<Row>, right: &[Row]) -> Vec<Row> {
+/// Every row of `left` followed by every row of `right` (left-major order), refused beyond
+/// [`MAX_ROWS_PER_RESOURCE`].
+fn product(left: Vec<Row>, right: &[Row], s: &Select, env: &Env<'_>) -> Result<Vec<Row>, RowError> {
+    if left.len().saturating_mul(right.len()) > MAX_ROWS_PER_RESOURCE {
+        return Err(env.err(&s.element, RowReason::TooManyRows(MAX_ROWS_PER_RESOURCE)));
+    }
+    Ok(product_unchecked(left, right))
+}
+
+fn product_unchecked(left: Vec<Row>, right: &[Row]) -> Vec<Row> {
     if right.len() == 1 {
         let r = &right[0];
         return left
@@ -236,6 +251,9 @@ fn traverse<'a>(
             .map_err(|e| env.err(element, RowReason::Eval(e)))?;
         for c in children {
             out.push(c.clone());
+            if out.len() > MAX_ROWS_PER_RESOURCE {
+                return Err(env.err(element, RowReason::TooManyRows(MAX_ROWS_PER_RESOURCE)));
+            }
             traverse(paths, &c, row_index, env, element, depth + 1, out)?;
         }
     }

@@ -155,3 +155,26 @@ fn a_repeat_that_never_descends_ends_with_an_error() {
     assert_eq!(e.reason, RowReason::RepeatTooDeep(views::MAX_REPEAT_DEPTH));
     assert_eq!(e.resource.as_deref(), Some("Patient/p"));
 }
+
+#[test]
+fn a_cartesian_product_beyond_the_row_limit_is_an_error_not_an_exhausted_memory() {
+    // 4 sibling forEach over 40 items each: 40^4 = 2.56 M rows from one resource.
+    let each = |n: &str| json!({"forEach": "name", "column": [{"name": n, "path": "family"}]});
+    let view = View::compile(&json!({"resource": "Patient",
+        "select": [each("a"), each("b"), each("c"), each("d")]}))
+    .unwrap();
+    let names: Vec<_> = (0..40)
+        .map(|i| json!({"family": format!("f{i}")}))
+        .collect();
+    let patient = json!({"resourceType": "Patient", "id": "p", "name": names});
+    let e = view.rows(&patient).unwrap_err();
+    assert_eq!(
+        e.reason,
+        RowReason::TooManyRows(views::MAX_ROWS_PER_RESOURCE)
+    );
+    // Three of them (64,000 rows) are fine.
+    let view = View::compile(&json!({"resource": "Patient",
+        "select": [each("a"), each("b"), each("c")]}))
+    .unwrap();
+    assert_eq!(view.rows(&patient).unwrap().len(), 64_000);
+}
