@@ -726,7 +726,9 @@ impl ExportService {
         Ok(())
     }
 
-    /// The job `id` if `access` may use it: another client's job is unknown (404).
+    /// The job `id` if `access` may use it: another client's job is unknown (404), and the
+    /// caller's current scopes must still cover everything the export needed, derived from its
+    /// recorded request exactly as at kick-off (403). Status, files and cancel all come here.
     fn owned_job(&self, id: &str, access: &dyn ExportAccess) -> Result<JobRecord, ExportError> {
         let job = self
             .queue
@@ -734,6 +736,12 @@ impl ExportService {
             .ok_or_else(|| ExportError::UnknownJob(id.to_string()))?;
         if job.state == JobState::Cancelled || !access.owns(job.client_id.as_deref()) {
             return Err(ExportError::UnknownJob(id.to_string()));
+        }
+        if !access.is_unrestricted() {
+            let req = parse_request_json(&job.request, job.created_ms).ok_or_else(|| {
+                ExportError::Internal(format!("the recorded request of export {id} is unreadable"))
+            })?;
+            access::authorize(&req, access).map_err(ExportError::Forbidden)?;
         }
         Ok(job)
     }

@@ -486,3 +486,112 @@ async fn export_kickoff_is_authorized_on_the_parsed_request() {
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{text}");
 }
+
+/// Kicks off `path` with `token`; returns the status URL.
+async fn kickoff_ok(s: &Server, path: &str, token: &str) -> String {
+    let (st, h, text) = s.send(Method::GET, path, Some(token), None).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{path}: {text}");
+    h["content-location"].to_str().unwrap().to_owned()
+}
+
+/// Issue 16 item 3: status, downloads and cancel are protected like the kick-off. The caller's
+/// current token must carry every permission the export needed (read+search on each type it may
+/// contain, Provenance for `includeAssociatedData`, Patient at Patient level, Group read at Group
+/// level); the same client with fewer scopes, or none of them, gets 403 and the job stays.
+#[tokio::test]
+async fn export_status_files_and_cancel_need_the_kickoff_scopes() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    s.put(&admin, json!({"resourceType": "Patient", "id": "p1"}))
+        .await;
+    s.put(&admin, observation("o1")).await;
+    s.put(
+        &admin,
+        json!({"resourceType": "Group", "id": "g1", "type": "person", "actual": true,
+            "member": [{"entity": {"reference": "Patient/p1"}}]}),
+    )
+    .await;
+    let full = s
+        .token("exporter", "system/Patient.rs system/Observation.rs")
+        .await;
+    let fewer = s.token("exporter", "system/Patient.rs").await;
+    let read_only = s
+        .token("exporter", "system/Patient.r system/Observation.r")
+        .await;
+    let none_needed = s.token("exporter", "system/Provenance.rs").await;
+
+    // Without `_type`: the export covers what `full` allowed (Patient and Observation).
+    let status_url = kickoff_ok(&s, "/$export", &full).await;
+    let manifest = s.manifest(&status_url, &full).await;
+    let file_url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
+    for token in [&fewer, &read_only, &none_needed] {
+        let (st, _, text) = s.send(Method::GET, &status_url, Some(token), None).await;
+        assert_outcome(st, StatusCode::FORBIDDEN, &text);
+        let (st, _, text) = s.send(Method::GET, &file_url, Some(token), None).await;
+        assert_outcome(st, StatusCode::FORBIDDEN, &text);
+        let (st, _, text) = s.send(Method::DELETE, &status_url, Some(token), None).await;
+        assert_outcome(st, StatusCode::FORBIDDEN, &text);
+    }
+    // The refused cancels changed nothing; the full token still polls, downloads and cancels.
+    let (st, _, text) = s.send(Method::GET, &status_url, Some(&full), None).await;
+    assert_eq!(st, StatusCode::OK, "{text}");
+    let (st, _, ndjson) = s.send(Method::GET, &file_url, Some(&full), None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(!ndjson.trim().is_empty());
+    let (st, _, text) = s.send(Method::DELETE, &status_url, Some(&full), None).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{text}");
+
+    // An explicit `_type` needs exactly its types: Patient alone suffices for a Patient export.
+    let status_url = kickoff_ok(&s, "/$export?_type=Patient", &full).await;
+    s.manifest(&status_url, &fewer).await;
+    let (st, _, text) = s
+        .send(Method::GET, &status_url, Some(&none_needed), None)
+        .await;
+    assert_outcome(st, StatusCode::FORBIDDEN, &text);
+
+    // includeAssociatedData needs Provenance on every later request too.
+    let with_provenance = s
+        .token("exporter", "system/Patient.rs system/Provenance.rs")
+        .await;
+    let status_url = kickoff_ok(
+        &s,
+        "/$export?_type=Patient&includeAssociatedData=LatestProvenanceResources",
+        &with_provenance,
+    )
+    .await;
+    s.manifest(&status_url, &with_provenance).await;
+    let (st, _, text) = s.send(Method::GET, &status_url, Some(&fewer), None).await;
+    assert_outcome(st, StatusCode::FORBIDDEN, &text);
+
+    // Patient level needs Patient; Group level needs Group read as well.
+    let status_url = kickoff_ok(&s, "/Patient/$export?_type=Observation", &full).await;
+    s.manifest(&status_url, &full).await;
+    let observations = s.token("exporter", "system/Observation.rs").await;
+    let (st, _, text) = s
+        .send(Method::GET, &status_url, Some(&observations), None)
+        .await;
+    assert_outcome(st, StatusCode::FORBIDDEN, &text);
+    let group_admin = s
+        .token(
+            "admin",
+            "system/Patient.rs system/Observation.rs system/Group.r",
+        )
+        .await;
+    let no_group = s
+        .token("admin", "system/Patient.rs system/Observation.rs")
+        .await;
+    let status_url = kickoff_ok(&s, "/Group/g1/$export?_type=Patient", &group_admin).await;
+    s.manifest(&status_url, &group_admin).await;
+    let (st, _, text) = s
+        .send(Method::GET, &status_url, Some(&no_group), None)
+        .await;
+    assert_outcome(st, StatusCode::FORBIDDEN, &text);
+    let (st, _, text) = s
+        .send(Method::DELETE, &status_url, Some(&no_group), None)
+        .await;
+    assert_outcome(st, StatusCode::FORBIDDEN, &text);
+    let (st, _, text) = s
+        .send(Method::DELETE, &status_url, Some(&group_admin), None)
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{text}");
+}
