@@ -192,3 +192,47 @@ fn invalid_views_and_bad_resources_fail_with_the_element_and_leave_no_output() {
         "family\n\nGz\n\n"
     );
 }
+
+#[test]
+fn rows_keep_input_order_whatever_the_thread_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("view.json"), VIEW).unwrap();
+    let mut lines = String::new();
+    for i in 0..3000 {
+        lines.push_str(&format!(
+            r#"{{"resourceType":"Patient","id":"p{i}","name":[{{"family":"F{i}"}},{{"family":"G{i}"}}]}}"#
+        ));
+        lines.push('\n');
+    }
+    std::fs::write(dir.join("many.ndjson"), lines).unwrap();
+    let mut outputs = Vec::new();
+    for threads in ["1", "3"] {
+        let out_dir = format!("out{threads}");
+        let out = fhirhose(
+            &[
+                "view",
+                "view.json",
+                "many.ndjson",
+                "--out",
+                &out_dir,
+                "--threads",
+                threads,
+                "--quiet",
+            ],
+            dir,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs
+            .push(std::fs::read_to_string(dir.join(&out_dir).join("patient_names.csv")).unwrap());
+    }
+    assert_eq!(outputs[0], outputs[1]);
+    let rows: Vec<&str> = outputs[0].lines().collect();
+    assert_eq!(rows.len(), 6001);
+    assert_eq!(rows[1], "p0,,F0,\"\"");
+    assert_eq!(rows[6000], "p2999,,G2999,\"\"");
+}
