@@ -10,7 +10,9 @@
 # a test cluster, never a production one) and durability switched off for speed (fsync,
 # synchronous_commit and full_page_writes off: a machine crash loses the cluster). `start` is
 # idempotent: when the cluster already runs it prints the URL again. The connection URL
-# (postgres://postgres@127.0.0.1:PORT/postgres) is always the LAST line of stdout.
+# (postgres://postgres@127.0.0.1:PORT/postgres) is always the LAST line of stdout. With openssl
+# installed the cluster also speaks TLS, its certificate signed by a private CA in DIR/ca.pem
+# (for `?sslmode=require&sslrootcert=DIR/ca.pem`).
 #
 # PostgreSQL refuses to run as root: when run as root the server runs as the `postgres` system user
 # (created if missing) and DIR is owned by it; when DIR's parent directories are not traversable
@@ -165,6 +167,30 @@ autovacuum_naptime = 10s
 log_min_messages = warning
 log_min_error_statement = panic
 EOF
+      # TLS with a private CA (when openssl is there): DIR/ca.pem verifies the server's certificate
+      # (127.0.0.1 and localhost), e.g. ?sslmode=require&sslrootcert=DIR/ca.pem. Clients without
+      # sslmode still connect in plain text.
+      if command -v openssl >/dev/null; then
+        tls=$(mktemp -d)
+        (
+          cd "$tls"
+          openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=fhirhose test CA" \
+            -keyout ca.key -out ca.pem >/dev/null 2>&1
+          openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+            -keyout server.key -out server.csr >/dev/null 2>&1
+          printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n' >ext.cnf
+          openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+            -extfile ext.cnf -out server.crt >/dev/null 2>&1
+        ) && {
+          cp "$tls/ca.pem" "$DIR/ca.pem"
+          chmod 644 "$DIR/ca.pem"
+          as_owner tee "$DATA/server.crt" <"$tls/server.crt" >/dev/null
+          as_owner tee "$DATA/server.key" <"$tls/server.key" >/dev/null
+          as_owner chmod 600 "$DATA/server.key"
+          echo "ssl = on" | as_owner tee -a "$DATA/postgresql.conf" >/dev/null
+        }
+        rm -rf "$tls"
+      fi
     fi
     # Reuse the port of an earlier start unless something else took it meanwhile.
     if [[ ! -f $PORT_FILE ]] || ! port_free "$(cat "$PORT_FILE")"; then

@@ -20,6 +20,8 @@ export FHIRHOSE_TEST_REGISTRY=127.0.0.1:5001
 # FHIRHOSE_TEST_POSTGRES serves the PostgreSQL-only tests in the first run.
 FHIRHOSE_TEST_POSTGRES=$(./scripts/postgres.sh start .pg | tail -n 1)
 export FHIRHOSE_TEST_POSTGRES
+# The cluster's private CA (written when openssl is installed), for the TLS test.
+[[ -f .pg/ca.pem ]] && export FHIRHOSE_TEST_POSTGRES_CA=$PWD/.pg/ca.pem
 
 cargo test --workspace --profile ci "$@"
 

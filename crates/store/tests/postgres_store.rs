@@ -609,11 +609,12 @@ fn index_rows_of_every_kind_follow_the_current_version_and_reindex_rebuilds_them
     assert_eq!(value_indexes(&mut admin), 10);
 }
 
-/// `sslmode=require` against a server without TLS (the test cluster) is refused at open with
-/// `Unavailable`, not a panic and not a silent plain-text connection.
+/// `sslmode=require` against a server whose certificate is not signed by a trusted root (the test
+/// cluster's private CA, not named by `sslrootcert`) or that has no TLS: refused at open with
+/// `Unavailable`, never a panic and never a silent plain-text or unverified connection.
 #[test]
-fn sslmode_require_against_a_server_without_tls_is_unavailable() {
-    let Some(base) = postgres_url("sslmode_require_against_a_server_without_tls_is_unavailable")
+fn sslmode_require_without_a_trusted_certificate_is_unavailable() {
+    let Some(base) = postgres_url("sslmode_require_without_a_trusted_certificate_is_unavailable")
     else {
         return;
     };
@@ -622,6 +623,44 @@ fn sslmode_require_against_a_server_without_tls_is_unavailable() {
     match PgStore::connect(&url, PgOptions::default()) {
         Err(StoreError::Unavailable { .. }) => {}
         Err(other) => panic!("expected Unavailable, got {other:?}"),
-        Ok(_) => panic!("connected without TLS although sslmode=require"),
+        Ok(_) => panic!("connected although the certificate cannot be verified"),
     }
+}
+
+/// TLS end to end: `sslmode=require&sslrootcert=CA` (the cluster's private CA from
+/// scripts/postgres.sh, named by `FHIRHOSE_TEST_POSTGRES_CA`) connects, verifies the certificate,
+/// and the server reports the store's own connections as encrypted.
+#[test]
+fn sslmode_require_with_sslrootcert_connects_over_tls() {
+    let Some(base) = postgres_url("sslmode_require_with_sslrootcert_connects_over_tls") else {
+        return;
+    };
+    let Ok(ca) = std::env::var("FHIRHOSE_TEST_POSTGRES_CA") else {
+        eprintln!("skipped: FHIRHOSE_TEST_POSTGRES_CA (the cluster's ca.pem) is not set");
+        return;
+    };
+    let db = fresh_database(&base).unwrap();
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}sslmode=require&sslrootcert={ca}", db.url);
+    let store = PgStore::connect(&url, PgOptions::default()).unwrap();
+    store
+        .write(vec![WriteOp::Create {
+            resource: json!({"resourceType": "Patient", "id": "tls"}),
+        }])
+        .unwrap();
+    assert_eq!(store.read("Patient", "tls").unwrap().version, 1);
+    let mut admin = postgres::Client::connect(&base, postgres::NoTls).unwrap();
+    let encrypted: Vec<bool> = admin
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
+             WHERE a.datname = $1",
+            &[&db.name],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!encrypted.is_empty());
+    assert!(encrypted.iter().all(|e| *e), "{encrypted:?}");
+    drop(store);
 }
