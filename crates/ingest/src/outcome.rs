@@ -72,15 +72,18 @@ pub fn store_error_issue(e: &StoreError) -> (u16, OutcomeIssue) {
                 "the data directory is in use by another process; retry later",
             ),
         ),
+        StoreError::Cancelled => (503, OutcomeIssue::error("timeout", e.to_string())),
         // The message names the database host: it stays in the log.
         StoreError::Unavailable { .. } => (
             503,
             OutcomeIssue::error("transient", "the database is unavailable; retry later"),
         ),
+        StoreError::QueryTooLarge(_) => (400, OutcomeIssue::error("too-costly", e.to_string())),
         StoreError::Io { .. }
         | StoreError::Sqlite(_)
         | StoreError::Postgres(_)
-        | StoreError::Corrupt(_) => (
+        | StoreError::Corrupt(_)
+        | StoreError::InvalidPlan(_) => (
             500,
             OutcomeIssue::error("exception", "internal storage error"),
         ),

@@ -9,8 +9,9 @@
 //!   that restrict or unite others (`patient`, `combo-code`) are aliases with no rows of their own.
 //! - [`indexer`]: the store's indexing hook ([`SearchIndexer`]).
 //! - [`matching`]: what each search value means against index values (in memory).
-//! - [`sql`]: the same meaning as SQL over the SQLite store's index tables; [`execute`] runs a
-//!   search page, [`search_bundle`] does parse + execute + Bundle for the server.
+//! - [`exec`]: a query compiled into the store's backend-neutral search plan (the store owns the
+//!   SQL); [`execute`] runs a search page, [`search_bundle`] does parse + execute + Bundle for
+//!   the server.
 //! - [`predicate`]: compiled predicates for bulk export `_typeFilter` ([`Predicate`],
 //!   [`PredicateSet`]).
 //! - [`bundle`], [`elements`]: the searchset Bundle and `_elements`.
@@ -23,6 +24,7 @@ pub mod bundle;
 pub mod elements;
 pub mod error;
 mod evaluate;
+pub mod exec;
 pub mod extract;
 pub mod indexer;
 pub mod matching;
@@ -30,11 +32,11 @@ pub mod predicate;
 pub mod query;
 pub mod registry;
 mod reindex;
-pub mod sql;
 pub mod values;
 
 pub use bundle::{SearchPage, searchset_bundle};
 pub use error::SearchError;
+pub use exec::{ExecOptions, SearchControl, compile, execute, execute_with, search_bundle};
 pub use indexer::SearchIndexer;
 pub use predicate::{Predicate, PredicateSet};
 pub use query::{
@@ -42,4 +44,3 @@ pub use query::{
     StringMatch, TotalMode, Value, parse_query, parse_query_string,
 };
 pub use reindex::reindex;
-pub use sql::{ExecOptions, SearchControl, execute, execute_with, search_bundle};

@@ -781,7 +781,7 @@ async fn run_search(
     let mut page = blocking(move || {
         let _request = span.enter();
         tracing::debug!(resource_type = %q2.resource_type, "search running");
-        let result = search::execute_with(&store, &q2, &exec);
+        let result = search::execute_with(&*store, &q2, &exec);
         match &result {
             Err(search::SearchError::Cancelled) => {
                 tracing::info!(resource_type = %q2.resource_type, "search stopped: the client went away");

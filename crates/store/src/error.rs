@@ -52,6 +52,18 @@ pub enum StoreError {
     /// The database failed. → 500 (details to the log only).
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A search was stopped by its stop check (client gone, time limit) while it ran.
+    /// → 503 `timeout` (the search crate tells the two apart).
+    #[error("the search was stopped")]
+    Cancelled,
+    /// A search is larger than the database takes in one statement (too many values, too deep
+    /// an expression). → 400 `too-costly`.
+    #[error("the search is too large for one statement: {0}")]
+    QueryTooLarge(String),
+    /// A search plan that does not hold together (a caller's bug, e.g. a cursor with another
+    /// number of sort values than the plan has sort keys). → 500.
+    #[error("invalid search plan: {0}")]
+    InvalidPlan(String),
     /// The database server cannot be reached: refused or timed out at open, or the connection
     /// was lost during the call (server restart, network, `pg_terminate_backend`). `target` is
     /// `host:port` (never credentials). → 503 `transient` (retry later); at start-up, a clear

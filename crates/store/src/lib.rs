@@ -28,6 +28,8 @@ mod error;
 mod index;
 mod lock;
 pub mod postgres;
+pub mod plan;
+mod sql_plan;
 pub mod sqlite;
 mod stamp;
 #[cfg(feature = "test-support")]
@@ -403,6 +405,22 @@ pub trait Store: Send + Sync {
     /// Rebuild what [`Store::suspend_index_upkeep`] suspended (nothing when it was not).
     fn resume_index_upkeep(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// One page of a search ([`plan`]): the matches in order, the included resources, the total
+    /// when asked, and the cursor of the next page. `stop` is asked while statements run; once it
+    /// answers true the search fails with [`StoreError::Cancelled`]. A search beyond what the
+    /// database takes in one statement fails with [`StoreError::QueryTooLarge`].
+    fn search(
+        &self,
+        plan: &plan::SearchPlan,
+        stop: Option<&plan::StopCheck>,
+    ) -> Result<plan::SearchRows, StoreError> {
+        // Until every backend has it (the PostgreSQL one is being written).
+        let _ = (plan, stop);
+        Err(StoreError::InvalidPlan(
+            "this store does not implement search".into(),
+        ))
     }
 }
 

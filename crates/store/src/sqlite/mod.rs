@@ -55,6 +55,8 @@ use rusqlite::{
 };
 use serde_json::Value;
 
+mod search;
+
 use crate::stamp::{PreparedResource, format_instant_ms, is_valid_id, is_valid_type_name};
 use crate::{
     DataDirLock, HistoryEntry, HistoryMethod, HistoryPage, HistoryQuery, HistoryScope, IndexEntry,
@@ -878,6 +880,14 @@ fn current_of(conn: &Connection, type_no: i64, id: &str) -> Result<Option<Curren
 }
 
 impl Store for SqliteStore {
+    fn search(
+        &self,
+        plan: &crate::plan::SearchPlan,
+        stop: Option<&crate::plan::StopCheck>,
+    ) -> Result<crate::plan::SearchRows, StoreError> {
+        search::search(self, plan, stop)
+    }
+
     fn prepare_put(
         &self,
         resource_type: &str,

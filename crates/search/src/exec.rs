@@ -1,0 +1,449 @@
+//! Execution of a typed [`SearchQuery`]: compiled into the store's backend-neutral
+//! [`SearchPlan`] (parameter storage resolved through the [`registry`], values in the forms the
+//! indexer wrote), run by [`Store::search`] (which owns all SQL), and the rows turned into a
+//! [`SearchPage`]. The cursor the client carries is the plan's keyset position, hex-encoded JSON.
+//!
+//! The meaning of every value is the one of [`crate::matching`] (the store's translation is held
+//! to it by the tests).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fhir_model::SearchParamType;
+use serde_json::Value as Json;
+use store::plan::{
+    ChainTarget, CursorValue, IncludeSpec, MsRange, NumberRange, PageCursor, ParamKind, ParamMatch,
+    ParamOn, PlanFilter, PlanValue, SearchPlan, SearchRows, SortOn, StopCheck,
+};
+use store::{Store, StoreError};
+
+use crate::bundle::SearchPage;
+use crate::error::SearchError;
+use crate::query::{Filter, Include, Prefix, SearchQuery, StringMatch, TotalMode, Value};
+use crate::registry::{self, Storage};
+use crate::values::Decimal;
+
+impl From<StoreError> for SearchError {
+    /// A stopped search is [`SearchError::Cancelled`] (told apart from a timeout by
+    /// [`execute_with`]); a statement beyond what the database takes is the request's size, not
+    /// a server fault: 400 too-costly.
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Cancelled => SearchError::Cancelled,
+            StoreError::QueryTooLarge(_) => {
+                SearchError::too_costly("", "the search is too large; use fewer values")
+            }
+            e => SearchError::Store(e.to_string()),
+        }
+    }
+}
+
+/// The owner's handle on a running search: it stops when [`SearchControl::cancel`] is called
+/// (the client went away) or its time limit passes, checked by SQLite while statements run.
+/// Clones share the state.
+#[derive(Debug, Clone)]
+pub struct SearchControl {
+    cancelled: Arc<AtomicBool>,
+    deadline: Option<Instant>,
+    limit: Duration,
+}
+
+impl SearchControl {
+    /// A search that may run for `limit`.
+    pub fn new(limit: Duration) -> SearchControl {
+        SearchControl {
+            cancelled: Arc::new(AtomicBool::new(false)),
+            deadline: Instant::now().checked_add(limit),
+            limit,
+        }
+    }
+
+    /// Stops the search at its next check.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    fn timed_out(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    fn should_stop(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed) || self.timed_out()
+    }
+
+    /// A guard that cancels the search when dropped: hold it in the async handler, whose future
+    /// is dropped when the client disconnects (the blocking work it started is not).
+    pub fn cancel_on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.clone())
+    }
+}
+
+/// See [`SearchControl::cancel_on_drop`].
+#[derive(Debug)]
+pub struct CancelOnDrop(SearchControl);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// How [`execute_with`] runs a search.
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// Stops the search (cancelled or out of time); `None` runs it to the end.
+    pub control: Option<SearchControl>,
+    /// Resources `_include`/`_revinclude` add to the page at most (more are left out, with a
+    /// warning on the page).
+    pub max_included: usize,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            control: None,
+            max_included: usize::MAX,
+        }
+    }
+}
+
+fn kind(k: SearchParamType) -> ParamKind {
+    match k {
+        SearchParamType::Token => ParamKind::Token,
+        SearchParamType::String => ParamKind::String,
+        SearchParamType::Date => ParamKind::Date,
+        SearchParamType::Number => ParamKind::Number,
+        SearchParamType::Quantity => ParamKind::Quantity,
+        SearchParamType::Reference => ParamKind::Reference,
+        SearchParamType::Uri => ParamKind::Uri,
+        SearchParamType::Composite | SearchParamType::Special => ParamKind::Other,
+    }
+}
+
+/// The index rows of a parameter: its own, or those of the parameters it is an alias of.
+fn param_match(resource_type: &str, code: &str) -> ParamMatch {
+    match registry::storage(resource_type, code) {
+        Some(Storage::Alias { codes, ref_type }) => ParamMatch::Alias { codes, ref_type },
+        _ => ParamMatch::Own(code.to_string()),
+    }
+}
+
+fn param_on(resource_type: &str, code: &str) -> ParamOn {
+    match registry::storage(resource_type, code) {
+        Some(Storage::Id) => ParamOn::Id,
+        Some(Storage::LastUpdated) => ParamOn::LastUpdated,
+        _ => ParamOn::Index(param_match(resource_type, code)),
+    }
+}
+
+fn prefix(p: Prefix) -> store::plan::Prefix {
+    use store::plan::Prefix as P;
+    match p {
+        Prefix::Eq => P::Eq,
+        Prefix::Ne => P::Ne,
+        Prefix::Gt => P::Gt,
+        Prefix::Lt => P::Lt,
+        Prefix::Ge => P::Ge,
+        Prefix::Le => P::Le,
+        Prefix::Sa => P::Sa,
+        Prefix::Eb => P::Eb,
+        Prefix::Ap => P::Ap,
+    }
+}
+
+fn number(d: &Decimal) -> NumberRange {
+    NumberRange {
+        value: d.value,
+        lo: d.lo,
+        hi: d.hi,
+    }
+}
+
+fn plan_value(v: &Value) -> PlanValue {
+    match v {
+        Value::Token { system, code } => PlanValue::Token {
+            system: system.clone(),
+            code: code.clone(),
+        },
+        Value::TokenText(t) => PlanValue::TokenText(t.clone()),
+        Value::String { value, mode } => PlanValue::String {
+            value: value.clone(),
+            mode: match mode {
+                StringMatch::Prefix => store::plan::StringMatch::Prefix,
+                StringMatch::Exact => store::plan::StringMatch::Exact,
+                StringMatch::Contains => store::plan::StringMatch::Contains,
+            },
+        },
+        Value::Date { prefix: p, range } => PlanValue::Date {
+            prefix: prefix(*p),
+            range: MsRange {
+                lo: range.lo,
+                hi: range.hi,
+            },
+        },
+        Value::Number { prefix: p, value } => PlanValue::Number {
+            prefix: prefix(*p),
+            value: number(value),
+        },
+        Value::Quantity {
+            prefix: p,
+            value,
+            system,
+            code,
+        } => PlanValue::Quantity {
+            prefix: prefix(*p),
+            value: number(value),
+            system: system.clone(),
+            code: code.clone(),
+        },
+        Value::Reference { target_type, id } => PlanValue::Reference {
+            target_type: target_type.clone(),
+            id: id.clone(),
+        },
+        Value::ReferenceUrl(u) => PlanValue::ReferenceUrl(u.clone()),
+        Value::ReferenceIdentifier { system, code } => PlanValue::ReferenceIdentifier {
+            system: system.clone(),
+            code: code.clone(),
+        },
+        Value::Uri(u) => PlanValue::Uri(u.clone()),
+    }
+}
+
+/// A filter on `resource_type` as a plan condition.
+fn plan_filter(resource_type: &str, f: &Filter) -> PlanFilter {
+    match f {
+        Filter::Param {
+            code,
+            kind: k,
+            values,
+            negate,
+        } => PlanFilter::Param {
+            on: param_on(resource_type, code),
+            kind: kind(*k),
+            values: values.iter().map(plan_value).collect(),
+            negate: *negate,
+        },
+        Filter::Missing { code, missing } => PlanFilter::Missing {
+            on: param_on(resource_type, code),
+            kind: fhir_model::r4()
+                .search_param(resource_type, code)
+                .map_or(ParamKind::Token, |p| kind(p.kind)),
+            missing: *missing,
+        },
+        Filter::Chain {
+            code,
+            target_types,
+            inner,
+        } => PlanFilter::Chain {
+            param: param_match(resource_type, code),
+            targets: target_types
+                .iter()
+                .map(|tt| ChainTarget {
+                    target_type: tt.clone(),
+                    inner: Box::new(plan_filter(tt, inner)),
+                })
+                .collect(),
+        },
+        Filter::Has {
+            source_type,
+            ref_code,
+            inner,
+        } => PlanFilter::Has {
+            source_type: source_type.clone(),
+            param: param_match(source_type, ref_code),
+            inner: Box::new(plan_filter(source_type, inner)),
+        },
+    }
+}
+
+fn include_spec(inc: &Include) -> IncludeSpec {
+    IncludeSpec {
+        source_type: inc.source_type.clone(),
+        param: inc
+            .param
+            .as_deref()
+            .map(|p| param_match(&inc.source_type, p)),
+        target_type: inc.target_type.clone(),
+        iterate: inc.iterate,
+    }
+}
+
+/// Compiles `q` into the store's [`SearchPlan`], with at most `max_included` included
+/// resources. Fails only on a malformed `_cursor` (400).
+pub fn compile(q: &SearchQuery, max_included: usize) -> Result<SearchPlan, SearchError> {
+    let only_total = q.summary_count || q.count == 0;
+    // A cursor only matters for a page of matches (a count ignores it, as it always did).
+    let cursor = match &q.cursor {
+        Some(c) if !only_total => Some(decode_cursor(c, q.sort.len())?),
+        _ => None,
+    };
+    Ok(SearchPlan {
+        resource_type: q.resource_type.clone(),
+        filters: q
+            .filters
+            .iter()
+            .map(|f| plan_filter(&q.resource_type, f))
+            .collect(),
+        sort: q
+            .sort
+            .iter()
+            .map(|k| store::plan::SortKey {
+                on: match k.code.as_str() {
+                    "_id" => SortOn::Id,
+                    "_lastUpdated" => SortOn::LastUpdated,
+                    code => SortOn::Index {
+                        param: param_match(&q.resource_type, code),
+                        kind: kind(k.kind),
+                    },
+                },
+                descending: k.descending,
+            })
+            .collect(),
+        page_size: if only_total { 0 } else { q.count },
+        count_total: q.total == TotalMode::Accurate || only_total,
+        cursor,
+        includes: q.includes.iter().map(include_spec).collect(),
+        revincludes: q.revincludes.iter().map(include_spec).collect(),
+        max_included,
+    })
+}
+
+/// A sort value as stored in a cursor.
+fn cursor_value_to_json(v: &CursorValue) -> Json {
+    match v {
+        CursorValue::Int(i) => Json::from(*i),
+        CursorValue::Real(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        CursorValue::Text(t) => Json::String(t.clone()),
+        CursorValue::Null => Json::Null,
+    }
+}
+
+fn json_to_cursor_value(v: &Json) -> CursorValue {
+    match v {
+        Json::Number(n) => n
+            .as_i64()
+            .map(CursorValue::Int)
+            .unwrap_or_else(|| CursorValue::Real(n.as_f64().unwrap_or(0.0))),
+        Json::String(s) => CursorValue::Text(s.clone()),
+        _ => CursorValue::Null,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Decodes a `_cursor`: the sort values and row key of the last row of the previous page.
+fn decode_cursor(c: &str, nkeys: usize) -> Result<PageCursor, SearchError> {
+    let bad = || SearchError::invalid("_cursor", "malformed paging cursor");
+    let bytes = unhex(c).ok_or_else(bad)?;
+    let v: Json = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    let a = v.as_array().ok_or_else(bad)?;
+    if a.len() != nkeys + 1 {
+        return Err(bad());
+    }
+    let key = a[nkeys].as_i64().ok_or_else(bad)?;
+    Ok(PageCursor {
+        sort_values: a[..nkeys].iter().map(json_to_cursor_value).collect(),
+        key,
+    })
+}
+
+fn encode_cursor(c: &PageCursor) -> String {
+    let mut a: Vec<Json> = c.sort_values.iter().map(cursor_value_to_json).collect();
+    a.push(Json::from(c.key));
+    hex(Json::Array(a).to_string().as_bytes())
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Json, SearchError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| SearchError::Store(format!("stored resource is not JSON: {e}")))
+}
+
+/// Runs a search: one page of matches, includes, total and next cursor.
+pub fn execute(store: &dyn Store, q: &SearchQuery) -> Result<SearchPage, SearchError> {
+    execute_with(store, q, &ExecOptions::default())
+}
+
+/// [`execute`] that stops when `opts.control` says so ([`SearchError::Timeout`] past its time
+/// limit, [`SearchError::Cancelled`] when cancelled) and bounds the included resources.
+pub fn execute_with(
+    store: &dyn Store,
+    q: &SearchQuery,
+    opts: &ExecOptions,
+) -> Result<SearchPage, SearchError> {
+    let plan = compile(q, opts.max_included)?;
+    let stop: Option<StopCheck> = opts
+        .control
+        .clone()
+        .map(|c| Arc::new(move || c.should_stop()) as StopCheck);
+    match store.search(&plan, stop.as_ref()) {
+        Ok(rows) => page(q, &plan, rows),
+        Err(StoreError::Cancelled) => match &opts.control {
+            Some(c) if c.timed_out() => Err(SearchError::Timeout { limit: c.limit }),
+            _ => Err(SearchError::Cancelled),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The rows of a plan as a [`SearchPage`].
+fn page(q: &SearchQuery, plan: &SearchPlan, rows: SearchRows) -> Result<SearchPage, SearchError> {
+    let mut page = SearchPage {
+        total: rows.total,
+        next_cursor: rows.next.as_ref().map(encode_cursor),
+        ..SearchPage::default()
+    };
+    for json in &rows.matches {
+        page.matches.push(parse_json(json)?);
+    }
+    for json in &rows.included {
+        page.included.push(parse_json(json)?);
+    }
+    if !rows.included_complete {
+        tracing::info!(
+            resource_type = %q.resource_type,
+            limit = plan.max_included,
+            "included resources left out at the limit"
+        );
+        page.warnings.push(format!(
+            "only the first {} included resources are in this page (the server's limit); ask for a smaller _count or fewer includes to get them all",
+            plan.max_included
+        ));
+    }
+    Ok(page)
+}
+
+/// The whole `GET /[type]` / `POST /[type]/_search` flow for the server: parse the request's
+/// (name, value) pairs, run the page, and build the searchset Bundle. `base` is the server's
+/// base URL (links and `fullUrl`s). Errors carry their HTTP status and OperationOutcome
+/// ([`SearchError::http_status`], [`SearchError::operation_outcome`]).
+pub fn search_bundle(
+    store: &dyn Store,
+    base: &str,
+    resource_type: &str,
+    params: &[(String, String)],
+    lenient: bool,
+) -> Result<Json, SearchError> {
+    let q = crate::query::parse_query(
+        resource_type,
+        params,
+        crate::query::ParseOptions {
+            lenient,
+            predicate_only: false,
+        },
+    )?;
+    let page = execute(store, &q)?;
+    Ok(crate::bundle::searchset_bundle(base, &q, params, &page))
+}
