@@ -18,18 +18,27 @@ pub fn registry() -> &'static FunctionRegistry {
     static REG: OnceLock<FunctionRegistry> = OnceLock::new();
     REG.get_or_init(|| {
         let mut r = FunctionRegistry::new();
+        // On a resource: its id. On anything else an error (inside a `forEach` the focus is an
+        // element; `%resource.getResourceKey()` names the resource), not a silent null.
         r.register("getResourceKey", 0, 0, |focus, _args| {
-            Ok(focus
-                .iter()
-                .filter_map(|item| {
-                    let node = item.as_node()?;
-                    if !node.is_resource() {
-                        return None;
+            let mut out = Vec::with_capacity(focus.len());
+            for item in focus {
+                match item.as_node() {
+                    Some(node) if node.is_resource() => {
+                        if let Some(id) = node.json().and_then(|j| j.get("id")).and_then(Json::as_str)
+                        {
+                            out.push(Item::from_value(SystemValue::String(id.into())));
+                        }
                     }
-                    let id = node.json()?.get("id")?.as_str()?;
-                    Some(Item::from_value(fhirpath::SystemValue::String(id.into())))
-                })
-                .collect())
+                    _ => {
+                        return Err(function_error(
+                            "getResourceKey",
+                            "the focus is not a resource (inside forEach, use %resource.getResourceKey())",
+                        ));
+                    }
+                }
+            }
+            Ok(out)
         });
         r.register_with_type_args("getReferenceKey", 0, 1, |focus, args| {
             let wanted: Option<String> = match args.first() {

@@ -413,7 +413,7 @@ impl Compiler {
         for (i, u) in branches.iter().enumerate() {
             let uel = format!("{el}.unionAll[{i}]");
             let (sel, cols) = self.select(u, &uel, &ret)?;
-            match &first {
+            match first.as_mut() {
                 None => first = Some(cols),
                 Some(f) => {
                     let same = f.len() == cols.len()
@@ -438,6 +438,12 @@ impl Compiler {
                                 found: describe(&cols),
                             },
                         ));
+                    }
+                    // A type declared in a later branch types the output column.
+                    for (a, b) in f.iter_mut().zip(&cols) {
+                        if a.ty.is_none() {
+                            a.ty = b.ty.clone();
+                        }
                     }
                 }
             }

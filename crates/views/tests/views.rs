@@ -178,3 +178,34 @@ fn a_cartesian_product_beyond_the_row_limit_is_an_error_not_an_exhausted_memory(
     .unwrap();
     assert_eq!(view.rows(&patient).unwrap().len(), 64_000);
 }
+
+#[test]
+fn get_resource_key_off_a_resource_is_an_error_and_resource_names_the_resource() {
+    let view = View::compile(
+        &json!({"resource": "Patient", "select": [{"forEach": "name",
+        "column": [{"name": "k", "path": "getResourceKey()"}]}]}),
+    )
+    .unwrap();
+    let patient = json!({"resourceType": "Patient", "id": "p", "name": [{"family": "F"}]});
+    let e = view.rows(&patient).unwrap_err();
+    assert!(e.to_string().contains("%resource.getResourceKey()"), "{e}");
+    let view = View::compile(
+        &json!({"resource": "Patient", "select": [{"forEach": "name",
+        "column": [{"name": "k", "path": "%resource.getResourceKey()"}]}]}),
+    )
+    .unwrap();
+    assert_eq!(
+        view.rows(&patient).unwrap(),
+        vec![vec![Value::String("p".into())]]
+    );
+}
+
+#[test]
+fn a_union_column_takes_the_type_any_branch_declares() {
+    let view = View::compile(&json!({"resource": "Patient", "select": [{"unionAll": [
+        {"column": [{"name": "d", "path": "birthDate"}]},
+        {"column": [{"name": "d", "path": "birthDate", "type": "date"}]}]}]}))
+    .unwrap();
+    assert_eq!(view.columns()[0].ty.as_deref(), Some("date"));
+    assert_eq!(view.columns()[0].kind(), ValueKind::Date);
+}
