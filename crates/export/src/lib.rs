@@ -1,7 +1,8 @@
 //! FHIR Bulk Data `$export`.
 //!
 //! - [`request`]: kick-off parameters, parsed and validated ([`ExportRequest`]).
-//! - [`jobs`]: the durable job table ([`JobStore`], SQLite, `exports.db` in the data directory).
+//! - [`jobs`]: the durable job queue ([`JobQueue`]), re-exported from the store, which keeps it
+//!   in its own database ([`store::Store::jobs`]).
 //! - [`run`]: executing one export against a pinned store snapshot into NDJSON files.
 //! - [`access`]: who may start, see and use an export, decided on the parsed request.
 //! - [`service`]: [`ExportService`], what the HTTP layer calls: kick-off, status, cancel, files.
@@ -23,7 +24,7 @@ pub mod sink;
 
 pub use access::{ExportAccess, Unrestricted};
 pub use anonymization::{AnonymizationError, AnonymizationInfo};
-pub use jobs::{JobQueue, JobRecord, JobState, SqliteJobQueue};
+pub use jobs::{JobQueue, JobRecord, JobState, QueueError};
 pub use remote::{ObjectStoreSink, RemoteConfig, RemoteSettings};
 pub use request::{ExportLevel, ExportRequest, RequestError};
 pub use run::RunSettings;

@@ -967,7 +967,7 @@ pub fn run_export(
     anonymizer: Option<Anonymizer>,
     cancel: &AtomicBool,
 ) -> Result<RunOutput, RunError> {
-    let queue = crate::jobs::SqliteJobQueue::open(std::path::Path::new(":memory:"))?;
+    let queue = crate::jobs::SqliteJobQueue::open_in_memory()?;
     let job = JobRecord {
         id: "run".into(),
         state: crate::jobs::JobState::Queued,

@@ -218,11 +218,7 @@ fn a_deidentified_export_service_on_azurite() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let store = seeded(dir.path(), 50);
-    let mut config = ExportConfig::local(
-        dir.path().join("unused"),
-        dir.path().join("exports.db"),
-        "http://fhirhose.test".into(),
-    );
+    let mut config = ExportConfig::local(dir.path().join("unused"), "http://fhirhose.test".into());
     config.sink = sink.clone();
     let svc = ExportService::open(store, config).expect("service");
     svc.start_workers().expect("workers");

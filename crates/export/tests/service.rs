@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use export::jobs::{JobQueue, SqliteJobQueue};
 use export::{ExportConfig, ExportLevel, ExportService, Status};
 use serde_json::{Value, json};
 use store::sqlite::{SqliteOptions, SqliteStore};
@@ -38,11 +37,7 @@ fn seeded(dir: &Path) -> Arc<SqliteStore> {
 }
 
 fn config(dir: &Path, workers: usize) -> ExportConfig {
-    let mut c = ExportConfig::local(
-        dir.join("storage"),
-        dir.join("exports.db"),
-        "http://fhirhose.test".into(),
-    );
+    let mut c = ExportConfig::local(dir.join("storage"), "http://fhirhose.test".into());
     c.workers = workers;
     c.run.item_resources = 250;
     c.run.file_max_resources = 200;
@@ -180,7 +175,7 @@ fn an_item_of_a_dead_node_is_taken_over_after_the_heartbeat_timeout() {
     api.start_workers().expect("workers");
     let id = kickoff(&api, ExportLevel::System, &[]);
     // A node claims the first item and dies without a heartbeat.
-    let queue = SqliteJobQueue::open(&dir.path().join("exports.db")).expect("queue");
+    let queue = store.jobs().expect("the store's queue");
     let now = chrono::Utc::now().timestamp_millis();
     let dead = queue
         .claim("dead-node", now, 600_000, 5)

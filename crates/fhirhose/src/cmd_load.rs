@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::failure::Failure;
 use crate::progress::{counter, thousands};
 
 #[derive(Debug, Args)]
@@ -11,6 +12,9 @@ pub struct LoadArgs {
     /// Data directory to load into (refused while a server holds it).
     #[arg(long, env = "FHIRHOSE_DATA_DIR", conflicts_with = "server")]
     pub data_dir: Option<PathBuf>,
+    /// The database to load into: `sqlite` (default: the data directory's) or a PostgreSQL URL.
+    #[arg(long, env = "FHIRHOSE_DATABASE", conflicts_with = "server")]
+    pub database: Option<store::DatabaseArg>,
     /// Base URL of a running Fhirhose server to send batches to instead.
     #[arg(long)]
     pub server: Option<String>,
@@ -43,7 +47,7 @@ pub enum IndexBuildArg {
     Rebuild,
 }
 
-pub fn run(args: LoadArgs) -> Result<(), String> {
+pub fn run(args: LoadArgs) -> Result<(), Failure> {
     let bar = counter("starting");
     let mut on_progress = |p: &ingest::LoadProgress| {
         if p.building_indexes {
@@ -82,10 +86,13 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
             let dir = dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("./fhirhose-data"));
-            let store = server::open_store_indexing(&dir, !args.no_index)
-                .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+            let database = store::Database::from_flag(args.database.as_ref(), &dir);
+            let store = server::open_database(&database, !args.no_index)
+                .map_err(|e| Failure::store(format!("cannot open {}", database.describe()), &e))?;
             if args.no_index {
-                store.set_indexes_stale(true).map_err(|e| e.to_string())?;
+                store
+                    .set_indexes_stale(true)
+                    .map_err(|e| Failure::store("cannot record --no-index", &e))?;
             }
             let mut options = ingest::LoadOptions {
                 strict: args.strict,
@@ -99,7 +106,7 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
             if let Some(n) = args.batch_size {
                 options.chunk_size = n as usize;
             }
-            ingest::load_into_store(&store, &args.paths, &options, &mut on_progress)
+            ingest::load_into_store(&*store, &args.paths, &options, &mut on_progress)
                 .map_err(|e| e.to_string())?
         }
     };
@@ -133,7 +140,7 @@ pub fn run(args: LoadArgs) -> Result<(), String> {
         eprintln!("invalid: {}: {}", p.location, p.message);
     }
     if args.strict && summary.invalid > 0 {
-        return Err("invalid resources found (--strict)".into());
+        return Err(Failure::from("invalid resources found (--strict)".to_string()));
     }
     Ok(())
 }

@@ -2,7 +2,9 @@
 
 use tracing_subscriber::EnvFilter;
 
-pub fn run(config: server::ServeConfig) -> Result<(), String> {
+use crate::failure::{EXIT_DATABASE_UNAVAILABLE, EXIT_FAILURE, Failure};
+
+pub fn run(config: server::ServeConfig) -> Result<(), Failure> {
     let filter = EnvFilter::try_from_env("FHIRHOSE_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info"));
     match config.log_format {
@@ -14,6 +16,17 @@ pub fn run(config: server::ServeConfig) -> Result<(), String> {
     }
     let rt =
         tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
-    rt.block_on(server::serve(config))
-        .map_err(|e| e.to_string())
+    rt.block_on(server::serve(config)).map_err(|e| {
+        let code = match &e {
+            server::ServeError::Store {
+                source: store::StoreError::Unavailable { .. },
+                ..
+            } => EXIT_DATABASE_UNAVAILABLE,
+            _ => EXIT_FAILURE,
+        };
+        Failure {
+            message: e.to_string(),
+            code,
+        }
+    })
 }

@@ -5,6 +5,7 @@ mod cmd_load;
 mod cmd_reindex;
 mod cmd_serve;
 mod cmd_synth;
+mod failure;
 mod cmd_view;
 mod progress;
 
@@ -53,10 +54,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(config) => cmd_serve::run(config),
-        Command::Load(args) => cmd_load::run(args),
+        Command::Serve(config) => return failure::finish(cmd_serve::run(config)),
+        Command::Load(args) => return failure::finish(cmd_load::run(args)),
         Command::Synth(args) => cmd_synth::run(args),
-        Command::Reindex(args) => cmd_reindex::run(args),
+        Command::Reindex(args) => return failure::finish(cmd_reindex::run(args)),
         Command::Fhirpath(args) => cmd_fhirpath::run(args),
         Command::Jwks(args) => auth::cli::run_jwks(&args)
             .map(|s| println!("{s}"))
@@ -73,11 +74,5 @@ fn main() -> ExitCode {
             })
             .map(|s| println!("{s}")),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    failure::finish(result.map_err(failure::Failure::from))
 }

@@ -15,6 +15,11 @@ pub struct ServeConfig {
     /// Data directory: the SQLite database `fhirhose.db` and the local `storage/` folder.
     #[arg(long, env = "FHIRHOSE_DATA_DIR", default_value = "./fhirhose-data")]
     pub data_dir: PathBuf,
+    /// Where resources and export jobs are kept: `sqlite` (default: `fhirhose.db` and
+    /// `exports.db` in the data directory) or a PostgreSQL URL
+    /// (`postgres://user:password@host:5432/db`, `?sslmode=require` for TLS).
+    #[arg(long, env = "FHIRHOSE_DATABASE")]
+    pub database: Option<store::DatabaseArg>,
     /// Base URL written into links and manifests (default: http://<listen address>).
     #[arg(long, env = "FHIRHOSE_BASE_URL")]
     pub base_url: Option<String>,
@@ -377,7 +382,6 @@ impl ExportOptions {
     ) -> Result<export::ExportConfig, ConfigError> {
         let mut c = export::ExportConfig::local(
             data_dir.join("storage"),
-            data_dir.join("exports.db"),
             base_url,
         );
         if let Some(w) = self.export_workers {
@@ -452,6 +456,11 @@ fn oci_error(e: oci_config::OciError, image: &str, name: &str) -> export::Anonym
 }
 
 impl ServeConfig {
+    /// The database `--database` names (SQLite in `--data-dir` by default).
+    pub fn database(&self) -> store::Database {
+        store::Database::from_flag(self.database.as_ref(), &self.data_dir)
+    }
+
     /// Checks the values that clap cannot check alone.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(b) = &self.base_url {

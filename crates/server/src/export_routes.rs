@@ -54,6 +54,7 @@ struct Caller(AuthContext);
 impl export::ExportAccess for Caller {
     fn client_id(&self) -> Option<&str> {
         self.0.client_id.as_deref()
+            ExportError::Queue(q) => ApiError::internal("export job queue", q),
     }
     fn owns(&self, owner: Option<&str>) -> bool {
         self.0.owns(owner)

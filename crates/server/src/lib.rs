@@ -22,7 +22,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use store::SqliteStore;
+use store::{SqliteStore, Store};
 
 pub use config::{LogFormat, ServeConfig};
 pub use error::ApiError;
@@ -33,7 +33,7 @@ pub const FHIR_JSON: &str = "application/fhir+json";
 /// Everything handlers share. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Store>,
     /// Base URL without a trailing slash.
     pub base_url: Arc<str>,
     pub auth: auth::Auth,
@@ -46,10 +46,10 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The state of a server over `store`, with the export service keeping its jobs and its local
-    /// storage containers in `data_dir` (`exports.db`, `storage/`).
+    /// The state of a server over `store` (its export jobs in the store's queue), with the local
+    /// storage containers in `data_dir` (`storage/`).
     pub fn new(
-        store: Arc<SqliteStore>,
+        store: Arc<dyn Store>,
         base_url: impl Into<String>,
         auth: auth::Auth,
         max_body_bytes: usize,
@@ -59,12 +59,18 @@ impl AppState {
         let config = config::ExportOptions::default()
             .export_config(data_dir, base_url.clone())
             .map_err(|e| export::ExportError::Internal(e.to_string()))?;
-        AppState::with_export(store, base_url, auth, max_body_bytes, config)
+        let state = AppState::with_export(store, base_url.clone(), auth, max_body_bytes, config)?;
+        let policy =
+            negotiate::RequestPolicy::new(&base_url, !state.auth.requires_access_token(), Some(data_dir));
+        Ok(AppState {
+            policy: Arc::new(policy),
+            ..state
+        })
     }
 
     /// The state of a server with the given export settings, its export workers running.
     pub fn with_export(
-        store: Arc<SqliteStore>,
+        store: Arc<dyn Store>,
         base_url: impl Into<String>,
         auth: auth::Auth,
         max_body_bytes: usize,
@@ -79,7 +85,7 @@ impl AppState {
     /// [`AppState::with_export`] without starting the export workers: `serve` starts them last
     /// ([`export::ExportService::start_workers`]), once its port is bound.
     pub fn with_export_idle(
-        store: Arc<SqliteStore>,
+        store: Arc<dyn Store>,
         base_url: impl Into<String>,
         auth: auth::Auth,
         max_body_bytes: usize,
@@ -88,11 +94,7 @@ impl AppState {
         let base_url: String = base_url.into();
         export_config.base_url = base_url.clone();
         export_config.requires_access_token = auth.requires_access_token();
-        let policy = negotiate::RequestPolicy::new(
-            &base_url,
-            !auth.requires_access_token(),
-            export_config.jobs_db.parent(),
-        );
+        let policy = negotiate::RequestPolicy::new(&base_url, !auth.requires_access_token(), None);
         let export = export::ExportService::open(store.clone(), export_config)?;
         Ok(AppState {
             store,
@@ -134,9 +136,11 @@ pub enum ServeError {
     Config(#[from] config::ConfigError),
     #[error("invalid authorization configuration: {0}")]
     Auth(#[from] auth::ConfigError),
-    #[error("cannot open the data directory {dir}: {source}")]
+    /// The store cannot be opened (`database` as [`store::Database::describe`] says it, without
+    /// credentials).
+    #[error("cannot open the store ({database}): {source}")]
     Store {
-        dir: String,
+        database: String,
         #[source]
         source: store::StoreError,
     },
@@ -152,23 +156,28 @@ pub enum ServeError {
     Export(#[from] export::ExportError),
 }
 
-/// Opens the store of a data directory (taking its lock) with search indexing on.
-pub fn open_store(dir: &std::path::Path) -> Result<SqliteStore, store::StoreError> {
-    open_store_indexing(dir, true)
+/// Opens the store `database` names ([`store::open`]), writing search index rows or not (a bulk
+/// load that indexes later with `fhirhose reindex`).
+pub fn open_database(
+    database: &store::Database,
+    index: bool,
+) -> Result<Arc<dyn Store>, store::StoreError> {
+    store::open(
+        database,
+        store::OpenOptions {
+            indexer: index.then(|| Arc::new(search::SearchIndexer) as Arc<dyn store::Indexer>),
+        },
+    )
 }
 
-/// Opens the store of a data directory, writing search index rows or not (a bulk load that
-/// indexes later with `fhirhose reindex`).
-pub fn open_store_indexing(
-    dir: &std::path::Path,
-    index: bool,
-) -> Result<SqliteStore, store::StoreError> {
+/// Opens the SQLite store of a data directory (taking its lock) with search indexing on.
+pub fn open_store(dir: &std::path::Path) -> Result<SqliteStore, store::StoreError> {
     std::fs::create_dir_all(dir).map_err(|source| store::StoreError::Io {
         path: dir.display().to_string(),
         source,
     })?;
     let options = store::SqliteOptions {
-        indexer: index.then(|| Arc::new(search::SearchIndexer) as Arc<dyn store::Indexer>),
+        indexer: Some(Arc::new(search::SearchIndexer)),
         ..store::SqliteOptions::default()
     };
     SqliteStore::open_data_dir(dir, options)
@@ -195,26 +204,34 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
             addr: config.listen,
             source,
         })?;
-    let store = open_store(&config.data_dir).map_err(|source| ServeError::Store {
-        dir: config.data_dir.display().to_string(),
-        source,
-    })?;
-    if store.indexes_stale().unwrap_or(false) {
+    let database = config.database();
+    // The store's calls block (PostgreSQL's client runs a runtime of its own): off the async
+    // workers, like every store call.
+    let store = tokio::task::block_in_place(|| open_database(&database, true)).map_err(
+        |source| ServeError::Store {
+            database: database.describe(),
+            source,
+        },
+    )?;
+    if tokio::task::block_in_place(|| store.indexes_stale()).unwrap_or(false) {
         tracing::warn!(
-            data_dir = %config.data_dir.display(),
+            database = %database.describe(),
             "data was loaded with --no-index: searches miss those resources until `fhirhose reindex`"
         );
     }
-    let export_config = config
+    let mut export_config = config
         .export
         .export_config(&config.data_dir, base_url.clone())?;
-    let state = AppState::with_export_idle(
-        Arc::new(store),
-        base_url.clone(),
-        auth,
-        config.max_body_bytes,
-        export_config,
-    )?;
+    export_config.exclusive_queue = database.is_exclusive();
+    let state = tokio::task::block_in_place(|| {
+        AppState::with_export_idle(
+            store,
+            base_url.clone(),
+            auth,
+            config.max_body_bytes,
+            export_config,
+        )
+    })?;
     let state = AppState {
         search_limits: config.search.limits(),
         ..state
@@ -231,12 +248,14 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     };
     let drain = std::time::Duration::from_secs(config.shutdown_timeout);
     // Last: from here on work items are claimed.
-    export.start_workers()?;
-    let resumed = export.resume()?;
+    let resumed = tokio::task::block_in_place(|| {
+        export.start_workers()?;
+        export.resume()
+    })?;
     if resumed > 0 {
         tracing::info!(resumed, "export jobs resumed");
     }
-    tracing::info!(listen = %config.listen, base_url = %base_url, data_dir = %config.data_dir.display(), "Fhirhose is serving");
+    tracing::info!(listen = %config.listen, base_url = %base_url, data_dir = %config.data_dir.display(), database = %database.describe(), "Fhirhose is serving");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_exports = tokio::spawn(async move {
         let _ = stopping_rx.await;

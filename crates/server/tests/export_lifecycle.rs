@@ -321,7 +321,7 @@ async fn a_cancel_recorded_before_a_crash_has_its_files_removed_by_the_sweeper()
     assert!(folder.exists());
     // What a DELETE interrupted by kill -9 leaves: the cancel recorded, the files still there.
     let job = status_url.rsplit('/').next().unwrap();
-    let q = export::SqliteJobQueue::open(&s.dir.path().join("exports.db")).unwrap();
+    let q = export::jobs::SqliteJobQueue::open(&s.dir.path().join("exports.db")).unwrap();
     export::JobQueue::cancel(&q, job, 0).unwrap();
     wait_until("the cancelled export's files are removed", || {
         !folder.exists()

@@ -26,7 +26,9 @@
 
 mod error;
 mod index;
+pub mod jobs;
 mod lock;
+mod open;
 pub mod postgres;
 pub mod plan;
 mod sql_plan;
@@ -40,7 +42,9 @@ use std::time::{Duration, Instant};
 
 pub use error::StoreError;
 pub use index::{IndexEntry, IndexValue, Indexer};
+pub use jobs::{JobQueue, QueueError};
 pub use lock::DataDirLock;
+pub use open::{DATABASE_ENV, Database, DatabaseArg, OpenOptions, UnknownDatabase, open};
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 pub use stamp::{
@@ -422,6 +426,27 @@ pub trait Store: Send + Sync {
             "this store does not implement search".into(),
         ))
     }
+
+    /// Records whether the search indexes miss resources (a `load --no-index`), until a full
+    /// reindex clears it. Default: nothing recorded (a store that always indexes).
+    fn set_indexes_stale(&self, _stale: bool) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Whether resources were loaded without search indexes since the last full reindex.
+    fn indexes_stale(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Housekeeping the export sweeper runs periodically (SQLite: truncate the write-ahead log
+    /// when no reader needs it). Returns whether there was something done. Default: nothing.
+    fn checkpoint(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// The export job queue of this store, in the same database ([`jobs`]; SQLite keeps it in a
+    /// file of its own, see [`sqlite::SqliteJobQueue`]). Every call returns the same queue.
+    fn jobs(&self) -> Result<std::sync::Arc<dyn JobQueue>, QueueError>;
 }
 
 /// Run `work` with `store`'s index upkeep suspended when `suspend` is true and the store can

@@ -2051,6 +2051,21 @@ impl Store for PgStore {
                 .query("SELECT name, type_no FROM types ORDER BY name", &[])?
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
+    fn set_indexes_stale(&self, stale: bool) -> Result<(), StoreError> {
+        PgStore::set_indexes_stale(self, stale)
+    }
+
+    fn indexes_stale(&self) -> Result<bool, StoreError> {
+        PgStore::indexes_stale(self)
+    }
+
+    fn jobs(&self) -> Result<Arc<dyn crate::JobQueue>, crate::QueueError> {
+        // The PostgreSQL job queue (postgres/jobs.rs) is being written.
+        Err(crate::QueueError::Db(StoreError::Corrupt(
+            "export jobs are not implemented on PostgreSQL yet".into(),
+        )))
+    }
+
                 .collect();
             let mut total = 0u64;
             for (name, type_no) in types {

@@ -55,8 +55,12 @@ use rusqlite::{
 };
 use serde_json::Value;
 
+mod jobs;
 mod search;
 
+pub use jobs::{JOBS_FILE_NAME, JOBS_SCHEMA_VERSION, SqliteJobQueue};
+
+use crate::jobs::{JobQueue, QueueError};
 use crate::stamp::{PreparedResource, format_instant_ms, is_valid_id, is_valid_type_name};
 use crate::{
     DataDirLock, HistoryEntry, HistoryMethod, HistoryPage, HistoryQuery, HistoryScope, IndexEntry,
@@ -111,6 +115,9 @@ pub struct SqliteStore {
     readers: ReaderPool,
     types: RwLock<HashMap<String, i64>>,
     indexer: Option<Arc<dyn Indexer>>,
+    /// The export job queue in `exports.db` beside the database file, opened on first use
+    /// ([`jobs`] says why it is a separate file).
+    jobs: Mutex<Option<Arc<SqliteJobQueue>>>,
     _lock: Option<DataDirLock>,
 }
 
@@ -123,54 +130,6 @@ struct Writer {
 }
 
 impl SqliteStore {
-    /// Records whether the search indexes miss resources (a `load --no-index`), until a full
-    /// reindex clears it.
-    pub fn set_indexes_stale(&self, stale: bool) -> Result<(), StoreError> {
-        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if stale {
-            w.conn.execute(
-                "INSERT OR REPLACE INTO store_meta(key, value) VALUES ('indexes_stale', '1')",
-                [],
-            )?;
-        } else {
-            w.conn
-                .execute("DELETE FROM store_meta WHERE key = 'indexes_stale'", [])?;
-        }
-        Ok(())
-    }
-
-    /// Checkpoints the WAL into the database and truncates it to zero bytes, when no reader
-    /// needs its frames (busy otherwise: then nothing waits, and the next call tries again).
-    /// Long exports read in short transactions (one per page of a scan), so that such moments
-    /// come often; the export sweeper calls this periodically. Returns whether the WAL was
-    /// truncated.
-    pub fn checkpoint(&self) -> Result<bool, StoreError> {
-        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        // No busy wait: the writer must not stall behind a reader for this.
-        w.conn.busy_timeout(std::time::Duration::ZERO)?;
-        let busy = w
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                r.get::<_, i64>(0)
-            });
-        w.conn
-            .busy_timeout(std::time::Duration::from_millis(5000))?;
-        Ok(busy? == 0)
-    }
-
-    /// Whether resources were loaded without search indexes since the last full reindex.
-    pub fn indexes_stale(&self) -> Result<bool, StoreError> {
-        let conn = self.readers.get();
-        Ok(conn
-            .query_row(
-                "SELECT 1 FROM store_meta WHERE key = 'indexes_stale'",
-                [],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
-    }
-
     /// Lock the data directory `dir` (creating it) and open `dir/fhirhose.db`. This is what
     /// `serve` and `load --data-dir` use; fails with [`StoreError::Locked`] while another process
     /// holds the directory. The lock is released when the store is dropped.
@@ -232,6 +191,7 @@ impl SqliteStore {
             },
             types: RwLock::new(types),
             indexer: options.indexer,
+            jobs: Mutex::new(None),
             _lock: None,
         })
     }
@@ -886,6 +846,66 @@ impl Store for SqliteStore {
         stop: Option<&crate::plan::StopCheck>,
     ) -> Result<crate::plan::SearchRows, StoreError> {
         search::search(self, plan, stop)
+    }
+
+    /// Records whether the search indexes miss resources (a `load --no-index`), until a full
+    /// reindex clears it.
+    fn set_indexes_stale(&self, stale: bool) -> Result<(), StoreError> {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if stale {
+            w.conn.execute(
+                "INSERT OR REPLACE INTO store_meta(key, value) VALUES ('indexes_stale', '1')",
+                [],
+            )?;
+        } else {
+            w.conn
+                .execute("DELETE FROM store_meta WHERE key = 'indexes_stale'", [])?;
+        }
+        Ok(())
+    }
+
+    /// Checkpoints the WAL into the database and truncates it to zero bytes, when no reader
+    /// needs its frames (busy otherwise: then nothing waits, and the next call tries again).
+    /// Long exports read in short transactions (one per page of a scan), so that such moments
+    /// come often; the export sweeper calls this periodically. Returns whether the WAL was
+    /// truncated.
+    fn checkpoint(&self) -> Result<bool, StoreError> {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        // No busy wait: the writer must not stall behind a reader for this.
+        w.conn.busy_timeout(std::time::Duration::ZERO)?;
+        let busy = w
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+        w.conn
+            .busy_timeout(std::time::Duration::from_millis(5000))?;
+        Ok(busy? == 0)
+    }
+
+    /// Whether resources were loaded without search indexes since the last full reindex.
+    fn indexes_stale(&self) -> Result<bool, StoreError> {
+        let conn = self.readers.get();
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM store_meta WHERE key = 'indexes_stale'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    fn jobs(&self) -> Result<Arc<dyn JobQueue>, QueueError> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = jobs.as_ref() {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(SqliteJobQueue::open(
+            &self.path.with_file_name(JOBS_FILE_NAME),
+        )?);
+        *jobs = Some(q.clone());
+        Ok(q)
     }
 
     fn prepare_put(

@@ -1,0 +1,398 @@
+//! Export job persistence: the [`JobQueue`] contract and its typed records, implemented by each
+//! backend in the same database as the resources ([`crate::Store::jobs`]):
+//! [`crate::sqlite::SqliteJobQueue`] and the PostgreSQL queue.
+//!
+//! ```text
+//!   kick-off ──> queued ──> running ──> complete ──(retention)──> expired
+//!                  │           │  └───> failed
+//!                  └───────────┴──────> cancelled
+//!   failed, cancelled and expired jobs have their files removed: `cleanup` is set to
+//!   `pending` in the same transaction as the state, and to `done` once the deletion succeeded
+//!   (retried by the sweeper and at start-up until then). Rows of jobs whose files are removed
+//!   are deleted by [`JobQueue::purge`] once they are older than the sweeper's horizon.
+//!
+//!   work item:  pending ──claim──> running ──> done
+//!                  ^                  │  └──> failed (attempts exhausted, or not retryable)
+//!                  ├── failed transiently: pending again after a back-off (attempt counted)
+//!                  ├── released at shutdown: pending at once, the attempt given back
+//!                  └── heartbeat older than the timeout: taken over by another worker,
+//!                      which resumes from the item's committed cursor
+//! ```
+//!
+//! An export is planned at kick-off into work items: one per (resource type, sequence range), an
+//! optional Provenance item, and one `finalize` item that becomes claimable only when every other
+//! item of its job is done (it writes `deleted` and warnings and the manifest). Workers claim
+//! items, heartbeat them, and commit progress **per finished file part** (the file's number is
+//! allocated at commit, so files of a type are numbered 1, 2, … without gaps whatever the order in
+//! which items finish). A file row records its temporary name until the rename to its final name
+//! is done; a worker that takes an item over first finishes such renames.
+//!
+//! States are stored as text constrained by `CHECK (… IN (…))` in both backends and read back
+//! through [`std::str::FromStr`]: a value this version does not know is an error
+//! ([`QueueError::Unknown`]), never another state.
+
+use std::str::FromStr;
+
+use crate::StoreError;
+
+/// A stored state name this version does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown export {what} '{value}' in the job table (written by a newer version, or edited by hand)"
+)]
+pub struct UnknownName {
+    /// What the value names (`job state`, `cleanup state`, `item kind`, `file kind`).
+    pub what: &'static str,
+    pub value: String,
+}
+
+/// A state enum stored as text: `as_str`, `NAMES` (for the `CHECK` constraints) and a `FromStr`
+/// that refuses unknown text.
+macro_rules! text_enum {
+    ($t:ident { $($v:ident = $name:literal),+ $(,)? }) => {
+        impl $t {
+            /// Every stored name, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($t::$v => $name,)+
+                }
+            }
+        }
+
+        impl FromStr for $t {
+            type Err = UnknownName;
+
+            fn from_str(s: &str) -> Result<$t, UnknownName> {
+                match s {
+                    $($name => Ok($t::$v),)+
+                    _ => Err(UnknownName { what: $t::WHAT, value: s.to_string() }),
+                }
+            }
+        }
+    };
+}
+
+impl JobState {
+    const WHAT: &'static str = "job state";
+}
+impl Cleanup {
+    const WHAT: &'static str = "cleanup state";
+}
+impl ItemKind {
+    const WHAT: &'static str = "item kind";
+}
+impl FileKind {
+    const WHAT: &'static str = "file kind";
+}
+
+/// The states of a work item (stored in `export_item.state`; not part of the records).
+pub const ITEM_STATES: &[&str] = &["pending", "running", "done", "failed"];
+
+/// `col IN ('a', 'b')` for a `CHECK` constraint over stored names.
+pub(crate) fn check_in(column: &str, names: &[&str]) -> String {
+    let list: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+    format!("CHECK ({column} IN ({}))", list.join(", "))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Complete,
+    Failed,
+    Cancelled,
+    /// Complete, and removed after the retention period.
+    Expired,
+}
+
+text_enum!(JobState {
+    Queued = "queued",
+    Running = "running",
+    Complete = "complete",
+    Failed = "failed",
+    Cancelled = "cancelled",
+    Expired = "expired",
+});
+
+/// Whether a finished job's files still have to be removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Nothing to remove (an active or complete job).
+    None,
+    /// The job failed, was cancelled or expired: its files are to be removed.
+    Pending,
+    /// Its files are removed.
+    Done,
+}
+
+text_enum!(Cleanup {
+    None = "none",
+    Pending = "pending",
+    Done = "done",
+});
+
+impl JobState {
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// One export job.
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    pub id: String,
+    pub state: JobState,
+    /// The request as JSON (level, parameters) so any worker, in any process, can run it.
+    pub request: String,
+    /// The pinned snapshot.
+    pub watermark: i64,
+    pub transaction_time: String,
+    /// The client that started the job (`None` without authorization).
+    pub client_id: Option<String>,
+    pub container: String,
+    /// The export's folder inside the container.
+    pub folder: String,
+    /// De-identification of the export (JSON: source, name, etag/digest, fingerprint and the
+    /// configuration text itself, so a resumed job uses exactly the kick-off's rules).
+    pub anonymization: Option<String>,
+    /// Manifest JSON when complete; diagnostics when failed.
+    pub result: Option<String>,
+    /// HTTP status of a failure (4xx for a bad request found late, 5xx otherwise).
+    pub failure_status: Option<u16>,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// Whether the job's files are still to be removed.
+    pub cleanup: Cleanup,
+}
+
+/// How a transiently failed item is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// Claims per item; the failure of the last one fails the job.
+    pub max_attempts: i64,
+    /// Back-off after attempt n: `base_ms * 2^(n-1)`, at most `max_ms`.
+    pub base_ms: i64,
+    pub max_ms: i64,
+}
+
+impl Retry {
+    /// When an item failed in its `attempt`-th claim may be claimed again.
+    pub fn not_before(&self, attempt: i64, now_ms: i64) -> i64 {
+        let shift = (attempt - 1).clamp(0, 20) as u32;
+        now_ms + self.base_ms.saturating_mul(1i64 << shift).min(self.max_ms)
+    }
+}
+
+/// What a work item does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemKind {
+    /// Scan one resource type over a sequence range.
+    Scan,
+    /// Provenance of exported resources (`includeAssociatedData`).
+    Associated,
+    /// Deleted entries, warnings, the manifest: runs after every other item is done.
+    Finalize,
+}
+
+text_enum!(ItemKind {
+    Scan = "scan",
+    Associated = "associated",
+    Finalize = "finalize",
+});
+
+/// A planned work item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemPlan {
+    pub kind: ItemKind,
+    pub resource_type: String,
+    /// Sequence range `(seq_after, seq_up_to]`.
+    pub seq_after: i64,
+    pub seq_up_to: i64,
+    /// Resources expected in the range (for progress).
+    pub expected: u64,
+}
+
+/// A claimed work item.
+#[derive(Debug, Clone)]
+pub struct WorkItem {
+    pub job_id: String,
+    pub item_no: i64,
+    pub kind: ItemKind,
+    pub resource_type: String,
+    pub seq_after: i64,
+    pub seq_up_to: i64,
+    /// Last sequence number covered by committed files (resume point).
+    pub cursor: i64,
+    pub expected: u64,
+    /// Resources scanned so far, as of the last heartbeat or commit.
+    pub scanned: u64,
+    /// This claim's attempt number (1 = first); part names include it so that two workers
+    /// never write the same temporary object.
+    pub attempt: i64,
+    pub owner: String,
+}
+
+/// What a heartbeat learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    Held,
+    /// Another worker took the item over, or it is no longer running.
+    Lost,
+    /// The job was cancelled or failed: stop.
+    JobStopped,
+}
+
+/// A file part to commit.
+#[derive(Debug, Clone)]
+pub struct NewFile {
+    /// `output`, `deleted` or `error`.
+    pub kind: FileKind,
+    /// Type in the manifest (`Patient`, `Bundle`, `OperationOutcome`).
+    pub resource_type: String,
+    /// Name prefix: the file is `<prefix>-<n>.ndjson`.
+    pub prefix: String,
+    pub count: u64,
+    pub bytes: u64,
+    /// Temporary path inside the container.
+    pub temp_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Output,
+    Deleted,
+    Error,
+}
+
+text_enum!(FileKind {
+    Output = "output",
+    Deleted = "deleted",
+    Error = "error",
+});
+
+/// A committed file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    pub kind: FileKind,
+    pub resource_type: String,
+    pub number: i64,
+    /// Final name in the export folder, e.g. `Patient-2.ndjson`.
+    pub name: String,
+    pub count: u64,
+    pub bytes: u64,
+    pub item_no: i64,
+    /// Set while the temporary object still has to be renamed to `name`.
+    pub pending_rename: Option<String>,
+}
+
+/// Progress of one type, summed over its items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeProgress {
+    pub resource_type: String,
+    pub scanned: u64,
+    pub expected: u64,
+    pub done: bool,
+}
+
+/// Errors of a [`JobQueue`].
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The database failed (the driver's error is the source). → 500.
+    #[error("export job table: {0}")]
+    Db(#[from] StoreError),
+    /// The concurrent-export limit is reached (the number of active jobs). → 429.
+    #[error("{0} exports in progress")]
+    Full(u64),
+    /// A stored state this version does not know (a newer version wrote it, or the table was
+    /// edited by hand): refused, never read as some other state. → 500.
+    #[error(transparent)]
+    Unknown(#[from] UnknownName),
+}
+
+/// The job queue contract shared by every backend.
+pub trait JobQueue: Send + Sync {
+    /// Inserts a job and its work items atomically, unless `max_active` jobs are queued or
+    /// running already ([`QueueError::Full`]): admission is decided in the same transaction.
+    fn create(
+        &self,
+        job: &JobRecord,
+        items: &[ItemPlan],
+        max_active: u64,
+    ) -> Result<(), QueueError>;
+    fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError>;
+    /// Jobs queued or running.
+    fn active_count(&self) -> Result<u64, QueueError>;
+    /// Claims the next runnable item: a pending one, or a running one whose heartbeat is older
+    /// than `timeout_ms` (taken over) — at most `max_attempts` claims per item. An item whose
+    /// attempts are used up (stale, or left pending by a crash) fails its job here.
+    fn claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        timeout_ms: i64,
+        max_attempts: i64,
+    ) -> Result<Option<WorkItem>, QueueError>;
+    /// Refreshes the lease and records the scanned count.
+    fn heartbeat(&self, item: &WorkItem, scanned: u64, now_ms: i64) -> Result<Lease, QueueError>;
+    /// Commits finished file parts and the item's new cursor atomically; allocates the files'
+    /// numbers. `None` when the lease is lost or the job stopped (the caller discards the parts).
+    fn commit_files(
+        &self,
+        item: &WorkItem,
+        files: &[NewFile],
+        cursor: i64,
+        scanned: u64,
+        now_ms: i64,
+    ) -> Result<Option<Vec<FileRecord>>, QueueError>;
+    /// Records that a committed file's temporary object was renamed to its final name.
+    fn renamed(&self, job_id: &str, name: &str) -> Result<(), QueueError>;
+    /// Marks the item done (only by its lease holder).
+    fn complete_item(&self, item: &WorkItem, scanned: u64, now_ms: i64)
+    -> Result<bool, QueueError>;
+    /// Gives the item back for another attempt after a back-off (`retry`, while attempts
+    /// remain), or fails the whole job (its files then to be removed). Returns whether the job
+    /// failed.
+    fn fail_item(
+        &self,
+        item: &WorkItem,
+        message: &str,
+        status: u16,
+        retry: Option<Retry>,
+        now_ms: i64,
+    ) -> Result<bool, QueueError>;
+    /// Gives a held item back without counting the attempt (graceful shutdown): claimable at
+    /// once, resumed at its committed cursor.
+    fn release(&self, item: &WorkItem) -> Result<bool, QueueError>;
+    /// [`JobQueue::release`] for every item `owner` holds.
+    fn release_owned(&self, owner: &str) -> Result<u64, QueueError>;
+    /// Ends a job (a cancelled job is never overwritten).
+    fn finish(
+        &self,
+        id: &str,
+        state: JobState,
+        result: Option<&str>,
+        failure_status: Option<u16>,
+        now_ms: i64,
+    ) -> Result<(), QueueError>;
+    /// Cancels a job durably (its files to be removed).
+    fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError>;
+    /// Complete jobs finished at or before `finished_before_ms` become `expired` (their files to
+    /// be removed). Returns how many.
+    fn expire(&self, finished_before_ms: i64) -> Result<u64, QueueError>;
+    /// Jobs whose files are still to be removed.
+    fn cleanups(&self) -> Result<Vec<JobRecord>, QueueError>;
+    /// Records that a job's files are removed.
+    fn cleaned(&self, id: &str) -> Result<(), QueueError>;
+    fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError>;
+    fn progress(&self, job_id: &str) -> Result<Vec<TypeProgress>, QueueError>;
+    /// Single-node start-up: every running item belongs to a process that is gone (the data
+    /// directory lock guarantees no other process shares this queue), so it is made claimable
+    /// at once instead of after the heartbeat timeout. Returns how many.
+    fn release_orphans(&self) -> Result<u64, QueueError>;
+    /// Deletes the rows (job, items, files) of failed, cancelled and expired jobs whose files are
+    /// removed (`cleanup` done) and that finished at or before `finished_before_ms`. Returns how
+    /// many jobs.
+    fn purge(&self, finished_before_ms: i64) -> Result<u64, QueueError>;
+}

@@ -1,0 +1,362 @@
+//! The export job queue's contract ([`store::JobQueue`]), on the backend
+//! `FHIRHOSE_TEST_DATABASE` selects (SQLite without it): claims, leases, take-over, retries,
+//! admission, cancellation, clean-up and purge.
+
+use std::sync::Arc;
+
+use store::jobs::*;
+use store::testing::{TestStore, test_store};
+
+fn job(id: &str, created_ms: i64) -> JobRecord {
+    JobRecord {
+        id: id.to_string(),
+        state: JobState::Queued,
+        request: "{}".to_string(),
+        watermark: 7,
+        transaction_time: "2026-01-01T00:00:00Z".to_string(),
+        client_id: Some("client-a".to_string()),
+        container: "fhirhose".to_string(),
+        folder: id.to_string(),
+        anonymization: None,
+        result: None,
+        failure_status: None,
+        created_ms,
+        finished_ms: None,
+        cleanup: Cleanup::None,
+    }
+}
+
+fn scan(t: &str, after: i64, up_to: i64) -> ItemPlan {
+    ItemPlan {
+        kind: ItemKind::Scan,
+        resource_type: t.into(),
+        seq_after: after,
+        seq_up_to: up_to,
+        expected: (up_to - after) as u64,
+    }
+}
+
+fn finalize() -> ItemPlan {
+    ItemPlan {
+        kind: ItemKind::Finalize,
+        resource_type: String::new(),
+        seq_after: 0,
+        seq_up_to: 0,
+        expected: 0,
+    }
+}
+
+fn part(prefix: &str, temp: &str, count: u64) -> NewFile {
+    NewFile {
+        kind: FileKind::Output,
+        resource_type: prefix.into(),
+        prefix: prefix.into(),
+        count,
+        bytes: count * 10,
+        temp_path: temp.into(),
+    }
+}
+
+/// A fresh store on the backend `FHIRHOSE_TEST_DATABASE` selects, and its queue.
+fn open() -> (TestStore, Arc<dyn JobQueue>) {
+    let store = test_store(None);
+    let queue = store.jobs().expect("job queue");
+    (store, queue)
+}
+
+#[test]
+fn items_are_claimed_once_and_finalize_waits_for_the_rest() {
+    let (_store, q) = open();
+    q.create(
+        &job("a", 1),
+        &[scan("Patient", 0, 10), scan("Patient", 10, 20), finalize()],
+        10,
+    )
+    .expect("create");
+    assert_eq!(q.active_count().expect("count"), 1);
+    let one = q.claim("w1", 100, 1000, 3).expect("claim").expect("item 1");
+    let two = q.claim("w2", 100, 1000, 3).expect("claim").expect("item 2");
+    assert_eq!((one.item_no, two.item_no), (1, 2));
+    // The finalize item waits until both scans are done.
+    assert!(q.claim("w3", 100, 1000, 3).expect("claim").is_none());
+    assert_eq!(
+        q.get("a").expect("get").expect("job").state,
+        JobState::Running
+    );
+
+    // Files of one prefix are numbered in commit order, whichever item commits.
+    let f = q
+        .commit_files(&two, &[part("Patient", "_parts/2-1-1", 5)], 15, 5, 101)
+        .expect("commit")
+        .expect("held");
+    assert_eq!(f[0].name, "Patient-1.ndjson");
+    let f = q
+        .commit_files(&one, &[part("Patient", "_parts/1-1-1", 3)], 4, 3, 101)
+        .expect("commit")
+        .expect("held");
+    assert_eq!(f[0].name, "Patient-2.ndjson");
+    q.renamed("a", "Patient-1.ndjson").expect("renamed");
+    let files = q.files("a").expect("files");
+    assert_eq!(files.len(), 2);
+    assert_eq!(files[0].pending_rename, None);
+    assert_eq!(files[1].pending_rename.as_deref(), Some("_parts/1-1-1"));
+
+    assert!(q.complete_item(&one, 10, 102).expect("complete"));
+    assert!(q.claim("w3", 103, 1000, 3).expect("claim").is_none());
+    assert!(q.complete_item(&two, 10, 103).expect("complete"));
+    let fin = q
+        .claim("w3", 104, 1000, 3)
+        .expect("claim")
+        .expect("finalize");
+    assert_eq!(fin.kind, ItemKind::Finalize);
+    let progress = q.progress("a").expect("progress");
+    assert_eq!(progress.len(), 1);
+    assert_eq!((progress[0].scanned, progress[0].done), (20, true));
+    q.finish("a", JobState::Complete, Some("{}"), None, 105)
+        .expect("finish");
+    assert_eq!(q.active_count().expect("count"), 0);
+}
+
+#[test]
+fn a_stale_item_is_taken_over_from_its_cursor_and_the_old_owner_loses_its_lease() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[scan("Observation", 0, 100)], 10)
+        .expect("create");
+    let old = q
+        .claim("node-1", 1_000, 600_000, 3)
+        .expect("claim")
+        .expect("item");
+    q.commit_files(
+        &old,
+        &[part("Observation", "_parts/1-1-1", 40)],
+        40,
+        40,
+        2_000,
+    )
+    .expect("commit")
+    .expect("held");
+    // Within the timeout nobody else may take it.
+    assert!(
+        q.claim("node-2", 500_000, 600_000, 3)
+            .expect("claim")
+            .is_none()
+    );
+    // After the timeout without heartbeat, node-2 takes it over and resumes at the cursor.
+    let new = q
+        .claim("node-2", 700_000, 600_000, 3)
+        .expect("claim")
+        .expect("taken over");
+    assert_eq!((new.cursor, new.attempt, new.scanned), (40, 2, 40));
+    // The old owner learns it at its next heartbeat or commit, and cannot commit.
+    assert_eq!(q.heartbeat(&old, 50, 700_001).expect("hb"), Lease::Lost);
+    assert!(
+        q.commit_files(
+            &old,
+            &[part("Observation", "_parts/1-1-2", 10)],
+            50,
+            50,
+            700_002
+        )
+        .expect("commit")
+        .is_none()
+    );
+    assert!(!q.complete_item(&old, 100, 700_003).expect("complete"));
+    assert_eq!(q.heartbeat(&new, 60, 700_004).expect("hb"), Lease::Held);
+    assert!(q.complete_item(&new, 100, 700_005).expect("complete"));
+}
+
+#[test]
+fn attempts_are_bounded_and_cancel_stops_workers() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
+        .expect("create");
+    let i = q.claim("w", 0, 10, 2).expect("claim").expect("1");
+    assert!(
+        !q.fail_item(&i, "destination unreachable", 503, Some(RETRY), 1)
+            .expect("retry")
+    );
+    // Retried after a back-off, not at once.
+    assert!(q.claim("w", 2, 10, 2).expect("claim").is_none());
+    let i = q.claim("w", 2_001, 10, 2).expect("claim").expect("2");
+    assert_eq!(i.attempt, 2);
+    // Stale again with attempts exhausted: the job fails instead of looping forever.
+    assert!(q.claim("w", 3_000, 10, 2).expect("claim").is_none());
+    let a = q.get("a").expect("get").expect("job");
+    assert_eq!((a.state, a.failure_status), (JobState::Failed, Some(500)));
+
+    q.create(&job("b", 2), &[scan("Patient", 0, 10)], 10)
+        .expect("create");
+    let i = q.claim("w", 200, 10, 3).expect("claim").expect("b");
+    q.cancel("b", 201).expect("cancel");
+    assert_eq!(q.heartbeat(&i, 1, 202).expect("hb"), Lease::JobStopped);
+    // A runner finishing late never overwrites the cancel.
+    q.finish("b", JobState::Complete, Some("{}"), None, 203)
+        .expect("finish");
+    assert_eq!(
+        q.get("b").expect("get").expect("job").state,
+        JobState::Cancelled
+    );
+}
+
+const RETRY: Retry = Retry {
+    max_attempts: 2,
+    base_ms: 2_000,
+    max_ms: 60_000,
+};
+
+#[test]
+fn a_transient_failure_of_the_last_attempt_fails_the_job_with_its_cause() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
+        .expect("create");
+    let i = q.claim("w", 0, 10_000, 2).expect("claim").expect("1");
+    assert!(
+        !q.fail_item(&i, "s3 unavailable", 503, Some(RETRY), 1)
+            .expect("fail")
+    );
+    let i = q.claim("w", 5_000, 10_000, 2).expect("claim").expect("2");
+    // The second failure is the last allowed attempt: the job fails, nothing stays pending.
+    assert!(
+        q.fail_item(&i, "s3 unavailable", 503, Some(RETRY), 5_001)
+            .expect("fail")
+    );
+    assert!(q.claim("w", 999_999, 10_000, 2).expect("claim").is_none());
+    let a = q.get("a").expect("get").expect("job");
+    assert_eq!((a.state, a.failure_status), (JobState::Failed, Some(503)));
+    assert!(
+        a.result
+            .as_deref()
+            .is_some_and(|r| r.contains("s3 unavailable"))
+    );
+    assert_eq!(a.cleanup, Cleanup::Pending);
+    assert_eq!(q.active_count().expect("count"), 0);
+    assert_eq!(q.cleanups().expect("cleanups").len(), 1);
+    q.cleaned("a").expect("cleaned");
+    assert!(q.cleanups().expect("cleanups").is_empty());
+}
+
+#[test]
+fn a_crash_loop_fails_the_job_once_the_attempts_are_used() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
+        .expect("create");
+    for n in 1..=2 {
+        let i = q.claim("w", n, 600_000, 2).expect("claim").expect("item");
+        assert_eq!(i.attempt, n);
+        // The process dies; the next one releases the item.
+        assert_eq!(q.release_orphans().expect("release"), 1);
+    }
+    assert!(q.claim("w", 10, 600_000, 2).expect("claim").is_none());
+    let a = q.get("a").expect("get").expect("job");
+    assert_eq!((a.state, a.failure_status), (JobState::Failed, Some(500)));
+    assert!(
+        a.result
+            .as_deref()
+            .is_some_and(|r| r.contains("the server stopped while it ran")),
+        "{:?}",
+        a.result
+    );
+}
+
+#[test]
+fn a_released_item_keeps_its_cursor_and_gets_its_attempt_back() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
+        .expect("create");
+    for _ in 0..5 {
+        let i = q.claim("w", 1, 600_000, 1).expect("claim").expect("item");
+        assert_eq!(i.attempt, 1);
+        q.commit_files(&i, &[part("Patient", "_parts/x", 1)], i.cursor + 1, 1, 2)
+            .expect("commit")
+            .expect("held");
+        assert!(q.release(&i).expect("release"));
+        // The released holder has lost its lease.
+        assert_eq!(q.heartbeat(&i, 1, 3).expect("hb"), Lease::Lost);
+    }
+    let i = q.claim("w", 1, 600_000, 1).expect("claim").expect("item");
+    assert_eq!(i.cursor, 5);
+    assert_eq!(q.release_owned("w").expect("release"), 1);
+    assert_eq!(
+        q.get("a").expect("get").expect("job").state,
+        JobState::Running
+    );
+}
+
+#[test]
+fn admission_is_refused_in_the_creating_transaction() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[finalize()], 2).expect("a");
+    q.create(&job("b", 2), &[finalize()], 2).expect("b");
+    assert!(matches!(
+        q.create(&job("c", 3), &[finalize()], 2),
+        Err(QueueError::Full(2))
+    ));
+    assert!(q.get("c").expect("get").is_none());
+}
+
+#[test]
+fn orphans_of_a_dead_process_are_released_on_reopen() {
+    let (store, q) = open();
+    {
+        q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
+            .expect("create");
+        q.claim("dead", 0, 600_000, 3)
+            .expect("claim")
+            .expect("item");
+    }
+    drop(q);
+    // Another process opens the same database.
+    let q = store.reopen(None).jobs().expect("job queue");
+    assert!(q.claim("new", 1, 600_000, 3).expect("claim").is_none());
+    assert_eq!(q.release_orphans().expect("release"), 1);
+    let i = q.claim("new", 2, 600_000, 3).expect("claim").expect("item");
+    assert_eq!(i.attempt, 2);
+    assert!(q.get("missing").expect("get").is_none());
+}
+
+#[test]
+fn rows_of_removed_jobs_are_purged_after_the_horizon_and_nothing_else() {
+    let (_store, q) = open();
+    // a: complete, expired and cleaned; b: failed and cleaned; c: cancelled, files not yet
+    // removed; d: complete, not expired; e: running.
+    for (id, at) in [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)] {
+        q.create(&job(id, at), &[scan("Patient", 0, 10), finalize()], 10)
+            .expect("create");
+    }
+    let item = q
+        .claim("w", 10, 600_000, 3)
+        .expect("claim")
+        .expect("a's item");
+    q.commit_files(&item, &[part("Patient", "_parts/a", 3)], 10, 3, 11)
+        .expect("commit")
+        .expect("held");
+    q.finish("a", JobState::Complete, Some("{}"), None, 100)
+        .expect("finish");
+    q.finish("b", JobState::Failed, Some("broken"), Some(500), 100)
+        .expect("finish");
+    q.cancel("c", 100).expect("cancel");
+    q.finish("d", JobState::Complete, Some("{}"), None, 5_000)
+        .expect("finish");
+    assert_eq!(q.expire(1_000).expect("expire"), 1);
+    q.cleaned("a").expect("cleaned");
+    q.cleaned("b").expect("cleaned");
+
+    // Nothing finished after the horizon goes.
+    assert_eq!(q.purge(99).expect("purge"), 0);
+    assert_eq!(q.purge(10_000).expect("purge"), 2);
+    assert!(q.get("a").expect("get").is_none());
+    assert!(q.get("b").expect("get").is_none());
+    assert!(q.files("a").expect("files").is_empty());
+    assert!(q.progress("a").expect("progress").is_empty());
+    // Still to clean, complete, or active: kept.
+    assert_eq!(
+        q.get("c").expect("get").expect("c").cleanup,
+        Cleanup::Pending
+    );
+    assert_eq!(
+        q.get("d").expect("get").expect("d").state,
+        JobState::Complete
+    );
+    assert!(q.get("e").expect("get").expect("e").state.is_active());
+    assert_eq!(q.purge(i64::MAX).expect("purge"), 0);
+}
