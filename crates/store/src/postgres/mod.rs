@@ -69,9 +69,9 @@ const TYPE_SHIFT: u32 = 40;
 const MAX_SEQ: i64 = (1 << TYPE_SHIFT) - 1;
 const DEFAULT_HISTORY_COUNT: usize = 50;
 /// `pg_advisory_xact_lock` key held by every write transaction (ASCII "fhhose" + 1).
-pub const WRITE_LOCK: i64 = 0x6668_686f_7365_01;
+pub const WRITE_LOCK: i64 = 0x0066_6868_6f73_6501;
 /// `pg_advisory_lock` key held while migrations are applied.
-pub const MIGRATION_LOCK: i64 = 0x6668_686f_7365_02;
+pub const MIGRATION_LOCK: i64 = 0x0066_6868_6f73_6502;
 /// Rows per keyset page of a scan.
 const SCAN_PAGE_ROWS: i64 = 1000;
 /// A pooled connection idle longer than this answers a round trip before it is used.
@@ -902,7 +902,7 @@ impl PgStore {
                     });
                 }
             }
-            if p.resource.is_none() && !cur.is_some_and(|c| !c.deleted) {
+            if p.resource.is_none() && cur.is_none_or(|c| c.deleted) {
                 outcomes.push(WriteOutcome {
                     resource_type: p.resource_type,
                     id,
