@@ -9,9 +9,10 @@
 //!
 //! Parts are uploaded with multipart uploads (`object_store::buffered::BufWriter`): nothing is
 //! visible under a part's path before `finish`. Every request has a timeout and bounded retries
-//! with back-off, so an unreachable or refusing destination fails (as
-//! [`SinkError::Unavailable`], which the export retries a bounded number of times) instead of
-//! hanging. Calls block on a runtime owned by the sink: they are made from export workers (plain
+//! with back-off, so an unreachable or overloaded destination fails (as
+//! [`SinkError::Unavailable`]: network errors, 5xx, 429; the export retries a bounded number of
+//! times) instead of hanging. A destination that refuses the credentials (401/403), or whose
+//! bucket or container does not exist, fails for good at once ([`SinkError::Refused`]). Calls block on a runtime owned by the sink: they are made from export workers (plain
 //! threads) and from the server's `spawn_blocking` tasks, never from async tasks.
 
 use std::collections::HashMap;
@@ -184,17 +185,118 @@ pub struct ObjectStoreSink {
 }
 
 fn classify(what: &str, e: object_store::Error) -> SinkError {
+    classify_ref(what, &e)
+}
+
+/// Transient (network failures, timeouts, throttling, server errors, after the client's own
+/// retries) or permanent (refused credentials, a missing bucket or container, a conflict).
+fn classify_ref(what: &str, e: &object_store::Error) -> SinkError {
     match e {
-        object_store::Error::NotFound { .. } => SinkError::NotFound(what.to_string()),
+        object_store::Error::NotFound { .. } => match refusal(e) {
+            Some(r @ Refusal { missing: true, .. }) => SinkError::Refused(r.text(what)),
+            _ => SinkError::NotFound(what.to_string()),
+        },
         object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. } => {
             SinkError::Failed(format!("{what}: {e}"))
         }
         object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => {
-            SinkError::Failed(format!("{what}: access denied: {e}"))
-        }
-        // Network failures, timeouts, throttling and server errors, after the client's retries.
-        other => SinkError::Unavailable(format!("{what}: {other}")),
+        | object_store::Error::Unauthenticated { .. } => SinkError::Refused(
+            refusal(e)
+                .unwrap_or(Refusal {
+                    status: 403,
+                    code: None,
+                    missing: false,
+                })
+                .text(what),
+        ),
+        // S3 multipart and list requests keep the HTTP status inside a generic error.
+        other => match refusal(other) {
+            Some(r) => SinkError::Refused(r.text(what)),
+            None => SinkError::Unavailable(format!("{what}: {other}")),
+        },
+    }
+}
+
+/// An error of a multipart upload (an `object_store` error, or one classified already, inside
+/// an I/O error).
+fn classify_io(what: &str, e: std::io::Error) -> SinkError {
+    if e.get_ref().is_some_and(|inner| inner.is::<SinkError>()) {
+        return SinkError::from_io(what, e);
+    }
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<object_store::Error>())
+    {
+        Some(inner) => classify_ref(what, inner),
+        None => match refusal(&e) {
+            Some(r) => SinkError::Refused(r.text(what)),
+            None => SinkError::Unavailable(format!("{what}: {e}")),
+        },
+    }
+}
+
+/// A final answer of the destination: no later attempt can succeed with this configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    status: u16,
+    /// The S3/Azure error code (`InvalidAccessKeyId`, `NoSuchBucket`, `AuthenticationFailed`).
+    code: Option<String>,
+    /// The bucket or container does not exist.
+    missing: bool,
+}
+
+impl Refusal {
+    /// A fixed sentence with the status and error code, never the destination's own text.
+    fn text(&self, what: &str) -> String {
+        let why = if self.missing {
+            "the bucket or container does not exist"
+        } else if matches!(self.status, 401 | 403) {
+            "destination refused the credentials"
+        } else {
+            "destination refused the request"
+        };
+        let code = self
+            .code
+            .as_deref()
+            .map_or_else(String::new, |c| format!(", {c}"));
+        format!("{why} (HTTP {}{code}; {what})", self.status)
+    }
+}
+
+/// The status and error code of an error answer that no retry can change: 400, 401, 403, and a
+/// 404 naming a missing bucket or container. `None` for everything else (network failures, 5xx,
+/// 429, 408: transient). Read from the error's debug text, where `object_store` keeps the
+/// status (`status: 403`) and the body of answers it does not type.
+fn refusal(e: &dyn std::fmt::Debug) -> Option<Refusal> {
+    let text = format!("{e:?}");
+    let status = text.match_indices("status: ").find_map(|(i, m)| {
+        let digits = text.get(i + m.len()..i + m.len() + 3)?;
+        digits
+            .parse::<u16>()
+            .ok()
+            .filter(|s| (100..600).contains(s))
+    })?;
+    let code = text
+        .split_once("<Code>")
+        .and_then(|(_, rest)| rest.split_once("</Code>"))
+        .map(|(c, _)| c)
+        .filter(|c| !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map(str::to_string);
+    let missing = matches!(code.as_deref(), Some("NoSuchBucket" | "ContainerNotFound"));
+    match status {
+        // S3 answers a stalled upload with 400 `RequestTimeout`: worth another attempt.
+        400 if code.as_deref() == Some("RequestTimeout") => None,
+        400 | 401 | 403 => Some(Refusal {
+            status,
+            code,
+            missing,
+        }),
+        404 if missing => Some(Refusal {
+            status,
+            code,
+            missing,
+        }),
+        _ => None,
     }
 }
 
@@ -412,15 +514,30 @@ impl ObjectStoreSink {
         let resp = req.send().await.map_err(|e| {
             SinkError::Unavailable(format!("creating container '{container}': {e}"))
         })?;
+        let what = format!("creating container '{container}'");
         match resp.status().as_u16() {
             201 | 409 => Ok(()),
-            s if s >= 500 || s == 429 => Err(SinkError::Unavailable(format!(
-                "creating container '{container}': HTTP {s}"
-            ))),
-            s => Err(SinkError::Failed(format!(
-                "creating container '{container}': HTTP {s}: {}",
-                resp.text().await.unwrap_or_default()
-            ))),
+            s if s >= 500 || s == 429 || s == 408 => {
+                Err(SinkError::Unavailable(format!("{what}: HTTP {s}")))
+            }
+            s => {
+                // Only the error code of the answer, never its text.
+                let body = resp.text().await.unwrap_or_default();
+                let code = body
+                    .split_once("<Code>")
+                    .and_then(|(_, rest)| rest.split_once("</Code>"))
+                    .map(|(c, _)| c)
+                    .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+                    .map(str::to_string);
+                Err(SinkError::Refused(
+                    Refusal {
+                        status: s,
+                        code,
+                        missing: false,
+                    }
+                    .text(&what),
+                ))
+            }
         }
     }
 }
@@ -467,9 +584,12 @@ impl RemotePart {
         let Some(w) = self.writer.as_mut() else {
             return Err(std::io::Error::other("part already finished"));
         };
+        // Classified here: the export sees a transient or a permanent failure through the I/O
+        // error of `write` (see `SinkError::from_io`).
+        let what = &self.what;
         self.rt
             .block_on(w.put(chunk))
-            .map_err(std::io::Error::other)
+            .map_err(|e| std::io::Error::other(classify_ref(what, &e)))
     }
 }
 
@@ -491,14 +611,13 @@ impl Write for RemotePart {
 impl PartWriter for RemotePart {
     fn finish(mut self: Box<Self>) -> Result<u64, SinkError> {
         let what = self.what.clone();
-        self.flush_chunk()
-            .map_err(|e| SinkError::Unavailable(format!("{what}: {e}")))?;
+        self.flush_chunk().map_err(|e| classify_io(&what, e))?;
         let Some(mut w) = self.writer.take() else {
             return Err(SinkError::Failed(format!("{what}: already finished")));
         };
         self.rt
             .block_on(w.shutdown())
-            .map_err(|e| SinkError::Unavailable(format!("{what}: {e}")))?;
+            .map_err(|e| classify_io(&what, e))?;
         Ok(self.bytes)
     }
 }
@@ -746,6 +865,35 @@ mod tests {
             )
             .contains("secret")
         );
+    }
+
+    #[test]
+    fn refusals_are_permanent_and_named_without_the_answer_text() {
+        let body = "<?xml version=\"1.0\"?><Error><Code>InvalidAccessKeyId</Code><Message>secret detail</Message></Error>";
+        let debug = format!("Generic {{ source: Status {{ status: 403, body: Some({body:?}) }} }}");
+        let r = refusal(&debug).expect("403 is a refusal");
+        assert_eq!(r.status, 403);
+        assert_eq!(r.code.as_deref(), Some("InvalidAccessKeyId"));
+        let text = r.text("exports/j/Patient-1.ndjson");
+        assert!(
+            text.contains("destination refused the credentials"),
+            "{text}"
+        );
+        assert!(text.contains("InvalidAccessKeyId"), "{text}");
+        assert!(!text.contains("secret detail"), "{text}");
+        let missing = refusal(&"Status { status: 404, body: Some(\"<Code>NoSuchBucket</Code>\") }")
+            .expect("a missing bucket is a refusal");
+        assert!(missing.text("x").contains("does not exist"));
+        for transient in [
+            "Status { status: 503, body: None }",
+            "Status { status: 500, body: None }",
+            "Status { status: 429, body: None }",
+            "Status { status: 404, body: None }",
+            "Status { status: 400, body: Some(\"<Code>RequestTimeout</Code>\") }",
+            "Http(HttpError { kind: Connect })",
+        ] {
+            assert_eq!(refusal(&transient), None, "{transient}");
+        }
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub enum SinkError {
     /// Worth retrying (network, throttling, a destination that refused for now).
     #[error("destination unavailable: {0}")]
     Unavailable(String),
+    /// The destination refused for good: credentials refused (401/403), bucket or container
+    /// missing, request invalid. Retrying cannot help.
+    #[error("{0}")]
+    Refused(String),
     /// The local file system is full (ENOSPC) or over quota.
     #[error("no space left on the destination: {0}")]
     NoSpace(String),
@@ -32,6 +36,13 @@ pub enum SinkError {
 impl SinkError {
     /// An I/O error on `what` (a container-relative name: never a server path).
     pub fn from_io(what: &str, e: std::io::Error) -> SinkError {
+        // A remote part's `write` carries the destination's error, classified already.
+        if e.get_ref().is_some_and(|inner| inner.is::<SinkError>()) {
+            return match e.into_inner().map(|inner| inner.downcast::<SinkError>()) {
+                Some(Ok(inner)) => *inner,
+                _ => SinkError::Failed(format!("{what}: write failed")),
+            };
+        }
         // ENOSPC, EDQUOT
         if e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28 | 122))
         {

@@ -2,7 +2,8 @@
 //! (PyPI `moto[server]`), which `scripts/s3.sh` installs and starts; `FHIRHOSE_TEST_S3` is its
 //! endpoint. A system export over real HTTP lands in the bucket and every manifest URL is served
 //! by the server; a file larger than 64 MB goes up as a multipart upload; a cancel removes the
-//! objects; wrong credentials fail the export with an OperationOutcome that names the cause.
+//! objects; wrong credentials fail the export at once (no retries) with an OperationOutcome that
+//! names the cause.
 //!
 //! moto accepts any credentials unless its IAM checks are switched on; the wrong-credentials test
 //! therefore starts its own moto (`INITIAL_NO_AUTH_ACTION_COUNT=0`, every key unknown) on a free
@@ -291,13 +292,21 @@ impl Moto {
     }
 }
 
+/// Issue 17: refused credentials are permanent. With 1,000 attempts allowed (back-off up to 60 s
+/// between them) a failure taken for transient would keep the export at 202 for hours; it must
+/// end at its first attempt, failed (500, not the 503 of an unavailable destination), naming the
+/// refusal and the destination.
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_s3_credentials_fail_the_export_with_an_outcome_naming_the_cause() {
     let Some(moto) = Moto::start(true) else {
         return;
     };
     let one = common::synthea().join("Abram_Lemke_6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2.json.gz");
-    let s = common::start(&[one], s3_options(&moto.endpoint, "fh-denied")).await;
+    let options = server::config::ExportOptions {
+        export_max_attempts: 1000,
+        ..s3_options(&moto.endpoint, "fh-denied")
+    };
+    let s = common::start(&[one], options).await;
     let r = s.kickoff("/$export").await;
     let code = r.status();
     let outcome: Value = if code == StatusCode::ACCEPTED {
@@ -315,11 +324,8 @@ async fn wrong_s3_credentials_fail_the_export_with_an_outcome_naming_the_cause()
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (code, outcome) = ended.expect("the export ended");
-        assert!(
-            code.is_client_error() || code.is_server_error(),
-            "{code}: {outcome}"
-        );
+        let (code, outcome) = ended.expect("the export ended (not retried as transient)");
+        assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR, "{outcome}");
         outcome
     } else {
         assert!(
@@ -332,7 +338,7 @@ async fn wrong_s3_credentials_fail_the_export_with_an_outcome_naming_the_cause()
     assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
     let text = outcome.to_string().to_ascii_lowercase();
     assert!(
-        text.contains("access denied") || text.contains("invalidaccesskeyid"),
+        text.contains("destination refused the credentials") && text.contains("invalidaccesskeyid"),
         "the cause is named: {outcome}"
     );
     assert!(
