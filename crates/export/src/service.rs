@@ -8,12 +8,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use store::Store;
+use store::{SqliteStore, Store};
 
 use crate::access::{self, ExportAccess};
 use crate::anonymization::{AnonymizationError, AnonymizationInfo, Anonymizer, load_from_storage};
 use crate::jobs::{
-    Cleanup, FileKind, ItemKind, JobQueue, JobRecord, JobState, QueueError, Retry, WorkItem,
+    Cleanup, FileKind, ItemKind, JobQueue, JobRecord, JobState, QueueError, Retry, SqliteJobQueue,
+    WorkItem,
 };
 use crate::request::{ExportLevel, ExportRequest, RequestError, parameters_to_pairs};
 use crate::run::{ItemContext, Prepared, RunError, RunSettings, execute_item, plan};
@@ -33,6 +34,8 @@ const DEID_ITEM_RESOURCES: u64 = 10_000;
 pub struct ExportConfig {
     /// Where export folders are written (a local folder by default).
     pub sink: Arc<dyn Sink>,
+    /// `<data-dir>/exports.db`: the job queue.
+    pub jobs_db: PathBuf,
     /// Container used without `_container`.
     pub default_container: String,
     /// File cutting and item sizes.
@@ -70,6 +73,7 @@ impl std::fmt::Debug for ExportConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExportConfig")
             .field("sink", &self.sink.kind())
+            .field("jobs_db", &self.jobs_db)
             .field("default_container", &self.default_container)
             .field("run", &self.run)
             .field("workers", &self.workers)
@@ -83,9 +87,10 @@ impl std::fmt::Debug for ExportConfig {
 
 impl ExportConfig {
     /// Defaults for a local folder destination at `storage_root`.
-    pub fn local(storage_root: PathBuf, base_url: String) -> ExportConfig {
+    pub fn local(storage_root: PathBuf, jobs_db: PathBuf, base_url: String) -> ExportConfig {
         ExportConfig {
             sink: Arc::new(crate::sink::LocalSink::new(storage_root)),
+            jobs_db,
             default_container: "exports".into(),
             run: RunSettings::default(),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
@@ -129,10 +134,18 @@ pub enum ExportError {
     /// The export's retention period is over and its files are removed → 410.
     #[error("export '{0}' has expired: its files were removed after the retention period")]
     Expired(String),
+    /// The export destination cannot be reached or is overloaded at kick-off → 503 with
+    /// Retry-After. Names the destination, never its credentials or its answer.
+    #[error("{0}")]
+    DestinationUnavailable(String),
+    /// The export destination refused at kick-off (credentials, missing bucket) → 500 naming
+    /// the destination and the reason.
+    #[error("{0}")]
+    Destination(String),
     /// Too many exports at once → 429 with Retry-After.
     #[error("too many exports in progress ({0}); retry later")]
     TooMany(u64),
-    /// Storage failure → 500.
+    /// Storage or job-table failure → 500.
     #[error("export storage failure: {0}")]
     Internal(String),
 }
@@ -141,11 +154,8 @@ impl From<QueueError> for ExportError {
     fn from(e: QueueError) -> Self {
         match e {
             QueueError::Full(n) => ExportError::TooMany(n),
-            e => ExportError::Queue(e),
+            e => ExportError::Internal(e.to_string()),
         }
-    /// The job queue failed (its cause kept as the source) → 500.
-    #[error(transparent)]
-    Queue(QueueError),
     }
 }
 
@@ -266,7 +276,7 @@ fn thousands(n: u64) -> String {
 
 /// The export service: the job queue, this process's workers, and the per-job state they share.
 pub struct ExportService {
-    store: Arc<dyn Store>,
+    store: Arc<SqliteStore>,
     queue: Arc<dyn JobQueue>,
     config: ExportConfig,
     /// This process's lease-owner name.
@@ -287,14 +297,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ExportService {
-    /// Opens the store's job queue ([`Store::jobs`]). Nothing runs until [`ExportService::start_workers`]: the server
+    /// Opens the job queue. Nothing runs until [`ExportService::start_workers`]: the server
     /// starts them last, once everything else is validated and its port is bound, so that a
     /// start that fails claims no work (and uses up no attempt).
     pub fn open(
-        store: Arc<dyn Store>,
+        store: Arc<SqliteStore>,
         config: ExportConfig,
     ) -> Result<Arc<ExportService>, ExportError> {
-        let queue = store.jobs()?;
+        let queue = Arc::new(SqliteJobQueue::open(&config.jobs_db)?);
         let node = format!(
             "{}-{}",
             std::process::id(),
@@ -407,9 +417,8 @@ impl ExportService {
         }
     }
 
-    /// One pass of the sweeper: expires complete jobs past the retention period, removes the
-    /// files of every job whose deletion is still to do, and deletes the rows of removed jobs
-    /// finished more than two retention periods ago. Returns the jobs cleaned.
+    /// One pass of the sweeper: expires complete jobs past the retention period and removes
+    /// the files of every job whose deletion is still to do. Returns the jobs cleaned.
     pub fn sweep(&self) -> Result<u64, ExportError> {
         let retention = self.config.retention.as_millis().min(i64::MAX as u128) as i64;
         let expired = self.queue.expire(now_ms().saturating_sub(retention))?;
@@ -427,21 +436,13 @@ impl ExportService {
             }
         }
         if let Err(e) = self.store.checkpoint() {
-            tracing::warn!(error = %e, "store checkpoint failed");
+            tracing::warn!(error = %e, "WAL checkpoint failed");
         }
         Ok(cleaned)
     }
 
     /// The number of exports queued or running (they resume on their own).
     pub fn resume(self: &Arc<Self>) -> Result<u64, ExportError> {
-        // The rows of jobs whose files are gone stay one more retention period (status answers
-        // 410 or the failure meanwhile), then go.
-        let purged = self
-            .queue
-            .purge(now_ms().saturating_sub(retention.saturating_mul(2)))?;
-        if purged > 0 {
-            tracing::info!(jobs = purged, "rows of removed exports purged");
-        }
         Ok(self.queue.active_count()?)
     }
 
@@ -548,7 +549,7 @@ impl ExportService {
         self.config
             .sink
             .ensure_container(&container)
-            .map_err(|e| ExportError::Internal(e.to_string()))?;
+            .map_err(|e| self.destination_error(&container, &e))?;
         let job = JobRecord {
             id: id.clone(),
             state: JobState::Queued,
@@ -570,6 +571,27 @@ impl ExportService {
         tracing::info!(job = %id, items = items.len(), "export queued");
         self.notify();
         Ok(id)
+    }
+
+    /// A destination fault at kick-off: 503 while the destination is unreachable or overloaded
+    /// (the client retries later), else why it refused. Named by kind and location, without
+    /// secrets (queries dropped) or the destination's own answer text.
+    fn destination_error(&self, container: &str, e: &crate::sink::SinkError) -> ExportError {
+        let sink = self.config.sink.as_ref();
+        let at = without_queries(&sink.location(container, ""));
+        let kind = sink.kind();
+        tracing::warn!(destination = kind, at = %at, error = %without_queries(&e.to_string()), "export destination fault at kick-off");
+        match e {
+            e if e.is_transient() => ExportError::DestinationUnavailable(format!(
+                "the {kind} export destination at {at} is unavailable; retry later"
+            )),
+            crate::sink::SinkError::Refused(why) => ExportError::Destination(format!(
+                "the {kind} export destination at {at} cannot be used: {why}"
+            )),
+            _ => ExportError::Destination(format!(
+                "the {kind} export destination at {at} failed to prepare container '{container}'"
+            )),
+        }
     }
 
     /// The prepared state of a job, built once per job and process.

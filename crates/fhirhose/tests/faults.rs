@@ -43,11 +43,9 @@ macro_rules! ensure {
     };
 }
 
-/// Cases whose behaviour is not fixed yet: run only with `FHIRHOSE_FAULTS_PENDING=1`.
-/// - `kickoff-destination-down`: a kick-off whose container cannot be created (Azurite down)
-///   answers a bare 500 "internal server error" (issue 17, item 6: destination faults are
-///   503-class and name the destination).
-const PENDING: &[&str] = &["kickoff-destination-down"];
+/// Cases whose behaviour is not fixed yet: run only with `FHIRHOSE_FAULTS_PENDING=1`. None now
+/// (`kickoff-destination-down` answered a bare 500 until issue 17's 503 at kick-off).
+const PENDING: &[&str] = &[];
 
 /// Upper bound for an export that should complete (a hang detector, not a timing assertion).
 const COMPLETE_BOUND: Duration = Duration::from_secs(300);
@@ -1175,6 +1173,8 @@ fn kickoff_destination_down(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Opti
         .send()
         .map_err(|e| format!("kick-off: {e}"))?;
     let code = r.status().as_u16();
+    // A 503 answered at kick-off tells the client when to try again.
+    let retry_after = code == 202 || r.headers().get("Retry-After").is_some();
     let (code, body) = if code == 202 {
         let status = r
             .headers()
@@ -1196,6 +1196,7 @@ fn kickoff_destination_down(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Opti
         "kick-off with the destination down: {code} {body}"
     );
     outcome_names(&body, &[&dest.port.to_string(), "azure", "destination"])?;
+    ensure!(retry_after, "a 503 at kick-off needs Retry-After: {body}");
     Ok(Some("503 naming the destination".into()))
 }
 

@@ -26,6 +26,18 @@ impl From<ExportError> for ApiError {
             | ExportError::UnknownFile(_) => ApiError::not_found(e.to_string()),
             ExportError::Forbidden(reason) => auth::AuthRejection::Forbidden(reason.clone()).into(),
             ExportError::Expired(_) => ApiError::new(StatusCode::GONE, "not-found", e.to_string()),
+            ExportError::DestinationUnavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "transient", e.to_string())
+                    .with_header(header::RETRY_AFTER, HeaderValue::from_static("30"))
+            }
+            ExportError::Destination(_) => {
+                tracing::error!(error = %e, "export destination refused at kick-off");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "exception",
+                    e.to_string(),
+                )
+            }
             ExportError::TooMany(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", e.to_string())
                     .with_header(header::RETRY_AFTER, HeaderValue::from_static("30"))
@@ -54,7 +66,6 @@ struct Caller(AuthContext);
 impl export::ExportAccess for Caller {
     fn client_id(&self) -> Option<&str> {
         self.0.client_id.as_deref()
-            ExportError::Queue(q) => ApiError::internal("export job queue", q),
     }
     fn owns(&self, owner: Option<&str>) -> bool {
         self.0.owns(owner)
