@@ -8,13 +8,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use store::{SqliteStore, Store};
+use store::Store;
 
 use crate::access::{self, ExportAccess};
 use crate::anonymization::{AnonymizationError, AnonymizationInfo, Anonymizer, load_from_storage};
 use crate::jobs::{
-    Cleanup, FileKind, ItemKind, JobQueue, JobRecord, JobState, QueueError, Retry, SqliteJobQueue,
-    WorkItem,
+    Cleanup, FileKind, ItemKind, JobQueue, JobRecord, JobState, QueueError, Retry, WorkItem,
 };
 use crate::request::{ExportLevel, ExportRequest, RequestError, parameters_to_pairs};
 use crate::run::{ItemContext, Prepared, RunError, RunSettings, execute_item, plan};
@@ -34,8 +33,6 @@ const DEID_ITEM_RESOURCES: u64 = 10_000;
 pub struct ExportConfig {
     /// Where export folders are written (a local folder by default).
     pub sink: Arc<dyn Sink>,
-    /// `<data-dir>/exports.db`: the job queue.
-    pub jobs_db: PathBuf,
     /// Container used without `_container`.
     pub default_container: String,
     /// File cutting and item sizes.
@@ -73,7 +70,6 @@ impl std::fmt::Debug for ExportConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExportConfig")
             .field("sink", &self.sink.kind())
-            .field("jobs_db", &self.jobs_db)
             .field("default_container", &self.default_container)
             .field("run", &self.run)
             .field("workers", &self.workers)
@@ -87,10 +83,9 @@ impl std::fmt::Debug for ExportConfig {
 
 impl ExportConfig {
     /// Defaults for a local folder destination at `storage_root`.
-    pub fn local(storage_root: PathBuf, jobs_db: PathBuf, base_url: String) -> ExportConfig {
+    pub fn local(storage_root: PathBuf, base_url: String) -> ExportConfig {
         ExportConfig {
             sink: Arc::new(crate::sink::LocalSink::new(storage_root)),
-            jobs_db,
             default_container: "exports".into(),
             run: RunSettings::default(),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
@@ -145,16 +140,19 @@ pub enum ExportError {
     /// Too many exports at once → 429 with Retry-After.
     #[error("too many exports in progress ({0}); retry later")]
     TooMany(u64),
-    /// Storage or job-table failure → 500.
+    /// Storage failure → 500.
     #[error("export storage failure: {0}")]
     Internal(String),
+    /// The job queue failed (its cause kept as the source) → 500.
+    #[error(transparent)]
+    Queue(QueueError),
 }
 
 impl From<QueueError> for ExportError {
     fn from(e: QueueError) -> Self {
         match e {
             QueueError::Full(n) => ExportError::TooMany(n),
-            e => ExportError::Internal(e.to_string()),
+            e => ExportError::Queue(e),
         }
     }
 }
@@ -276,7 +274,7 @@ fn thousands(n: u64) -> String {
 
 /// The export service: the job queue, this process's workers, and the per-job state they share.
 pub struct ExportService {
-    store: Arc<SqliteStore>,
+    store: Arc<dyn Store>,
     queue: Arc<dyn JobQueue>,
     config: ExportConfig,
     /// This process's lease-owner name.
@@ -297,14 +295,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ExportService {
-    /// Opens the job queue. Nothing runs until [`ExportService::start_workers`]: the server
+    /// Opens the store's job queue ([`Store::jobs`]). Nothing runs until [`ExportService::start_workers`]: the server
     /// starts them last, once everything else is validated and its port is bound, so that a
     /// start that fails claims no work (and uses up no attempt).
     pub fn open(
-        store: Arc<SqliteStore>,
+        store: Arc<dyn Store>,
         config: ExportConfig,
     ) -> Result<Arc<ExportService>, ExportError> {
-        let queue = Arc::new(SqliteJobQueue::open(&config.jobs_db)?);
+        let queue = store.jobs()?;
         let node = format!(
             "{}-{}",
             std::process::id(),
@@ -417,8 +415,9 @@ impl ExportService {
         }
     }
 
-    /// One pass of the sweeper: expires complete jobs past the retention period and removes
-    /// the files of every job whose deletion is still to do. Returns the jobs cleaned.
+    /// One pass of the sweeper: expires complete jobs past the retention period, removes the
+    /// files of every job whose deletion is still to do, and deletes the rows of removed jobs
+    /// finished more than two retention periods ago. Returns the jobs cleaned.
     pub fn sweep(&self) -> Result<u64, ExportError> {
         let retention = self.config.retention.as_millis().min(i64::MAX as u128) as i64;
         let expired = self.queue.expire(now_ms().saturating_sub(retention))?;
@@ -435,8 +434,16 @@ impl ExportService {
                 self.forget(&job.id);
             }
         }
+        // The rows of jobs whose files are gone stay one more retention period (status answers
+        // 410 or the failure meanwhile), then go.
+        let purged = self
+            .queue
+            .purge(now_ms().saturating_sub(retention.saturating_mul(2)))?;
+        if purged > 0 {
+            tracing::info!(jobs = purged, "rows of removed exports purged");
+        }
         if let Err(e) = self.store.checkpoint() {
-            tracing::warn!(error = %e, "WAL checkpoint failed");
+            tracing::warn!(error = %e, "store checkpoint failed");
         }
         Ok(cleaned)
     }

@@ -54,6 +54,7 @@ impl From<ExportError> for ApiError {
                 _ => ApiError::invalid(e.to_string(), "_anonymizationConfig"),
             },
             ExportError::Internal(detail) => ApiError::internal("export", detail),
+            ExportError::Queue(q) => ApiError::internal("export job queue", q),
         }
     }
 }
