@@ -360,3 +360,62 @@ fn rows_of_removed_jobs_are_purged_after_the_horizon_and_nothing_else() {
     assert!(q.get("e").expect("get").expect("e").state.is_active());
     assert_eq!(q.purge(i64::MAX).expect("purge"), 0);
 }
+
+#[test]
+fn concurrent_claims_take_every_item_exactly_once() {
+    let (_store, q) = open();
+    let plans: Vec<ItemPlan> = (0..40)
+        .map(|n| scan("Patient", n * 10, n * 10 + 10))
+        .collect();
+    q.create(&job("a", 1), &plans, 10).expect("create");
+    let claimed: Vec<i64> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let q = q.clone();
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    while let Some(item) =
+                        q.claim(&format!("w{w}"), 100, 600_000, 3).expect("claim")
+                    {
+                        assert!(q.complete_item(&item, 10, 101).expect("complete"));
+                        mine.push(item.item_no);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
+    });
+    let mut sorted = claimed.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=40).collect::<Vec<_>>(), "{claimed:?}");
+}
+
+#[test]
+fn concurrent_kickoffs_never_pass_the_limit() {
+    let (_store, q) = open();
+    let admitted = std::thread::scope(|s| {
+        let kickoffs: Vec<_> = (0..8)
+            .map(|n| {
+                let q = q.clone();
+                s.spawn(
+                    move || match q.create(&job(&format!("j{n}"), n), &[finalize()], 3) {
+                        Ok(()) => true,
+                        Err(QueueError::Full(_)) => false,
+                        Err(e) => panic!("create: {e}"),
+                    },
+                )
+            })
+            .collect();
+        kickoffs
+            .into_iter()
+            .map(|k| k.join().expect("kick-off"))
+            .filter(|admitted| *admitted)
+            .count()
+    });
+    assert_eq!(admitted, 3);
+    assert_eq!(q.active_count().expect("count"), 3);
+}

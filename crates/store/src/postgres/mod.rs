@@ -58,6 +58,10 @@ use ::postgres::types::{ToSql, Type};
 use ::postgres::{Client, Config, GenericClient};
 use serde_json::Value;
 
+mod jobs;
+
+pub use jobs::PgJobQueue;
+
 use crate::stamp::{PreparedResource, format_instant_ms, is_valid_id, is_valid_type_name};
 use crate::{
     HistoryEntry, HistoryMethod, HistoryPage, HistoryQuery, HistoryScope, IndexEntry, IndexValue,
@@ -79,7 +83,10 @@ const IDLE_CHECK_AFTER: Duration = Duration::from_secs(5);
 
 /// The migrations, in order; each runs once, in its own transaction, and is recorded in
 /// `schema_migrations`. Append new versions; never change an applied one.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "resources and search indexes", SCHEMA_V1)];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "resources and search indexes", SCHEMA_V1),
+    (2, "export job tables", jobs::SCHEMA),
+];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE store_meta(key text PRIMARY KEY, value text COLLATE "C" NOT NULL);
@@ -661,6 +668,8 @@ pub struct PgStore {
     pub(crate) pool: Pool,
     types: RwLock<HashMap<String, i64>>,
     indexer: Option<Arc<dyn Indexer>>,
+    /// The export job queue (its own small pool on the same database).
+    jobs: Arc<PgJobQueue>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -677,11 +686,13 @@ impl PgStore {
     /// [`StoreError::Unavailable`] when the server cannot be reached.
     pub fn connect(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
         let target = Target::parse(url, options.connect_timeout)?;
+        let jobs = Arc::new(PgJobQueue::new(target.clone()));
         let pool = Pool::new(target, options.pool_size);
         let store = PgStore {
             pool,
             types: RwLock::new(HashMap::new()),
             indexer: options.indexer,
+            jobs,
         };
         store.pool.run(|c| {
             with_schema_lock(c, |c| {
@@ -2060,10 +2071,7 @@ impl Store for PgStore {
     }
 
     fn jobs(&self) -> Result<Arc<dyn crate::JobQueue>, crate::QueueError> {
-        // The PostgreSQL job queue (postgres/jobs.rs) is being written.
-        Err(crate::QueueError::Db(StoreError::Corrupt(
-            "export jobs are not implemented on PostgreSQL yet".into(),
-        )))
+        Ok(self.jobs.clone())
     }
 
                 .collect();

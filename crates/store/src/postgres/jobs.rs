@@ -1,0 +1,697 @@
+//! [`JobQueue`] on PostgreSQL: the export job tables in the same database as the resources
+//! (migration 2 of [`super::MIGRATIONS`]), used by every node that shares the database.
+//!
+//! - Claims lock the chosen item with `SELECT … FOR UPDATE OF i SKIP LOCKED`: nodes claiming at
+//!   once never wait for each other and never take the same item.
+//! - Admission to the concurrent-export limit is decided in the transaction that records the job,
+//!   under a transaction-scoped advisory lock ([`ADMISSION_LOCK`]), so two kick-offs never both
+//!   take the last slot.
+//! - Every lease check locks the item row (`FOR UPDATE OF i`), and file commits lock the job row
+//!   too (file numbers are allocated per job): always item before job, as claims do, so the
+//!   locks cannot deadlock.
+//! - The queue has its own small connection pool, so heartbeats never wait behind export scans
+//!   holding the store's connections.
+//!
+//! States are text under the same `CHECK` constraints as on SQLite, read back through `FromStr`
+//! (an unknown value is [`QueueError::Unknown`]).
+
+use ::postgres::{Client, GenericClient, Row, Transaction};
+
+use super::{Pool, Target};
+use crate::StoreError;
+use crate::jobs::{
+    Cleanup, FileRecord, ItemKind, ItemPlan, JobQueue, JobRecord, JobState, Lease, NewFile,
+    QueueError, Retry, TypeProgress, WorkItem,
+};
+
+/// `pg_advisory_xact_lock` key held while a kick-off counts the active jobs and records its own.
+pub const ADMISSION_LOCK: i64 = 0x6668_686f_7365_03;
+
+/// Connections of the queue's own pool.
+const QUEUE_CONNECTIONS: usize = 4;
+
+/// The job tables (migration 2). The `CHECK` lists are the names of the enums of
+/// [`crate::jobs`] (a unit test keeps them equal).
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE export_job (
+    id text PRIMARY KEY,
+    state text NOT NULL CHECK (state IN ('queued', 'running', 'complete', 'failed', 'cancelled', 'expired')),
+    request text NOT NULL,
+    watermark bigint NOT NULL,
+    transaction_time text NOT NULL,
+    client_id text,
+    container text NOT NULL,
+    folder text NOT NULL,
+    anonymization text,
+    result text,
+    failure_status bigint,
+    created_ms bigint NOT NULL,
+    finished_ms bigint,
+    cleanup text NOT NULL DEFAULT 'none' CHECK (cleanup IN ('none', 'pending', 'done'))
+);
+CREATE INDEX export_job_state ON export_job(state);
+CREATE TABLE export_item (
+    job_id text NOT NULL,
+    item_no bigint NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('scan', 'associated', 'finalize')),
+    resource_type text NOT NULL,
+    seq_after bigint NOT NULL,
+    seq_up_to bigint NOT NULL,
+    expected bigint NOT NULL,
+    cursor bigint NOT NULL,
+    scanned bigint NOT NULL DEFAULT 0,
+    state text NOT NULL CHECK (state IN ('pending', 'running', 'done', 'failed')),
+    owner text,
+    heartbeat_ms bigint,
+    attempts bigint NOT NULL DEFAULT 0,
+    not_before_ms bigint,
+    error text,
+    error_status bigint,
+    PRIMARY KEY (job_id, item_no)
+);
+CREATE INDEX export_item_state ON export_item(state);
+CREATE TABLE export_file (
+    job_id text NOT NULL,
+    name text NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('output', 'deleted', 'error')),
+    resource_type text NOT NULL,
+    prefix text NOT NULL,
+    number bigint NOT NULL,
+    count bigint NOT NULL,
+    bytes bigint NOT NULL,
+    item_no bigint NOT NULL,
+    pending_rename text,
+    PRIMARY KEY (job_id, name)
+);
+";
+
+impl From<::postgres::Error> for QueueError {
+    fn from(e: ::postgres::Error) -> Self {
+        QueueError::Db(StoreError::Postgres(e))
+    }
+}
+
+/// [`JobQueue`] on a PostgreSQL database.
+pub struct PgJobQueue {
+    pool: Pool,
+}
+
+impl PgJobQueue {
+    /// A queue on the database of `target` (connections are opened when needed).
+    pub(crate) fn new(target: Target) -> PgJobQueue {
+        PgJobQueue {
+            pool: Pool::new(target, QUEUE_CONNECTIONS),
+        }
+    }
+
+    /// Runs `f` on a pooled connection; a lost connection becomes [`StoreError::Unavailable`]
+    /// (the pool's rule), every other error stays what it is.
+    fn run<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        self.pool
+            .run(|c| match f(c) {
+                Ok(v) => Ok(Ok(v)),
+                Err(QueueError::Db(e)) => Err(e),
+                Err(other) => Ok(Err(other)),
+            })
+            .map_err(QueueError::Db)?
+    }
+
+    /// [`PgJobQueue::run`] in one transaction, committed when `f` succeeds.
+    fn tx<T>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        self.run(|c| {
+            let mut tx = c.transaction()?;
+            let value = f(&mut tx)?;
+            tx.commit()?;
+            Ok(value)
+        })
+    }
+}
+
+const JOB_COLUMNS: &str = "id, state, request, watermark, transaction_time, client_id, container, folder, anonymization, result, failure_status, created_ms, finished_ms, cleanup";
+
+fn job_row(r: &Row) -> Result<JobRecord, QueueError> {
+    Ok(JobRecord {
+        id: r.get(0),
+        state: r.get::<_, &str>(1).parse()?,
+        request: r.get(2),
+        watermark: r.get(3),
+        transaction_time: r.get(4),
+        client_id: r.get(5),
+        container: r.get(6),
+        folder: r.get(7),
+        anonymization: r.get(8),
+        result: r.get(9),
+        failure_status: r.get::<_, Option<i64>>(10).map(|s| s as u16),
+        created_ms: r.get(11),
+        finished_ms: r.get(12),
+        cleanup: r.get::<_, &str>(13).parse()?,
+    })
+}
+
+const FILE_COLUMNS: &str =
+    "kind, resource_type, number, name, count, bytes, item_no, pending_rename";
+
+fn file_row(r: &Row) -> Result<FileRecord, QueueError> {
+    Ok(FileRecord {
+        kind: r.get::<_, &str>(0).parse()?,
+        resource_type: r.get(1),
+        number: r.get(2),
+        name: r.get(3),
+        count: r.get::<_, i64>(4) as u64,
+        bytes: r.get::<_, i64>(5) as u64,
+        item_no: r.get(6),
+        pending_rename: r.get(7),
+    })
+}
+
+/// Whether `item` still holds its lease and its job is active; locks the item row.
+fn lease_state(c: &mut impl GenericClient, item: &WorkItem) -> Result<Lease, QueueError> {
+    let row = c.query_opt(
+        "SELECT i.state, i.owner, i.attempts, j.state
+         FROM export_item i JOIN export_job j ON j.id = i.job_id
+         WHERE i.job_id = $1 AND i.item_no = $2 FOR UPDATE OF i",
+        &[&item.job_id, &item.item_no],
+    )?;
+    let Some(row) = row else {
+        return Ok(Lease::JobStopped);
+    };
+    let job_state: JobState = row.get::<_, &str>(3).parse()?;
+    if !job_state.is_active() {
+        return Ok(Lease::JobStopped);
+    }
+    let held = row.get::<_, &str>(0) == "running"
+        && row.get::<_, Option<&str>>(1) == Some(item.owner.as_str())
+        && row.get::<_, i64>(2) == item.attempt;
+    Ok(if held { Lease::Held } else { Lease::Lost })
+}
+
+impl JobQueue for PgJobQueue {
+    fn create(&self, j: &JobRecord, items: &[ItemPlan], max_active: u64) -> Result<(), QueueError> {
+        self.tx(|tx| {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ADMISSION_LOCK])?;
+            let active: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running')",
+                    &[],
+                )?
+                .get(0);
+            if active as u64 >= max_active {
+                return Err(QueueError::Full(active as u64));
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO export_job ({JOB_COLUMNS})
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                ),
+                &[
+                    &j.id,
+                    &j.state.as_str(),
+                    &j.request,
+                    &j.watermark,
+                    &j.transaction_time,
+                    &j.client_id,
+                    &j.container,
+                    &j.folder,
+                    &j.anonymization,
+                    &j.result,
+                    &j.failure_status.map(i64::from),
+                    &j.created_ms,
+                    &j.finished_ms,
+                    &j.cleanup.as_str(),
+                ],
+            )?;
+            let insert = tx.prepare(
+                "INSERT INTO export_item (job_id, item_no, kind, resource_type, seq_after, seq_up_to, expected, cursor, state)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $5, 'pending')",
+            )?;
+            for (n, it) in items.iter().enumerate() {
+                tx.execute(
+                    &insert,
+                    &[
+                        &j.id,
+                        &(n as i64 + 1),
+                        &it.kind.as_str(),
+                        &it.resource_type,
+                        &it.seq_after,
+                        &it.seq_up_to,
+                        &(it.expected as i64),
+                    ],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
+        self.run(|c| {
+            c.query_opt(
+                &format!("SELECT {JOB_COLUMNS} FROM export_job WHERE id = $1"),
+                &[&id],
+            )?
+            .as_ref()
+            .map(job_row)
+            .transpose()
+        })
+    }
+
+    fn active_count(&self) -> Result<u64, QueueError> {
+        self.run(|c| {
+            Ok(c.query_one(
+                "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running')",
+                &[],
+            )?
+            .get::<_, i64>(0) as u64)
+        })
+    }
+
+    fn claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        timeout_ms: i64,
+        max_attempts: i64,
+    ) -> Result<Option<WorkItem>, QueueError> {
+        let stale_before = now_ms - timeout_ms;
+        self.tx(|tx| {
+            // Items whose attempts ran out fail their job (see the SQLite queue).
+            let exhausted = tx.query(
+                "SELECT i.job_id, i.item_no, i.attempts, i.error, i.error_status, i.state = 'running'
+                 FROM export_item i JOIN export_job j ON j.id = i.job_id
+                 WHERE j.state IN ('queued', 'running') AND i.attempts >= $2
+                   AND (i.state = 'pending' OR (i.state = 'running' AND i.heartbeat_ms < $1))
+                 FOR UPDATE OF i SKIP LOCKED",
+                &[&stale_before, &max_attempts],
+            )?;
+            for r in exhausted {
+                let (job, item_no, attempts): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
+                let (error, status, stale): (Option<String>, Option<i64>, bool) =
+                    (r.get(3), r.get(4), r.get(5));
+                let cause = match (stale, error) {
+                    (true, _) => "its worker stopped responding".to_string(),
+                    (false, Some(e)) => e,
+                    (false, None) => "the server stopped while it ran".to_string(),
+                };
+                let message = format!(
+                    "work item {item_no} failed {attempts} times (attempts exhausted): {cause}"
+                );
+                tx.execute(
+                    "UPDATE export_item SET state = 'failed', error = $3 WHERE job_id = $1 AND item_no = $2",
+                    &[&job, &item_no, &message],
+                )?;
+                let status: i64 = if stale { 500 } else { status.unwrap_or(500) };
+                tx.execute(
+                    "UPDATE export_job SET state = 'failed', failure_status = $3, finished_ms = $2,
+                       result = $4, cleanup = 'pending'
+                     WHERE id = $1 AND state IN ('queued', 'running')",
+                    &[&job, &now_ms, &status, &message],
+                )?;
+            }
+            let found = tx.query_opt(
+                "SELECT i.job_id, i.item_no FROM export_item i JOIN export_job j ON j.id = i.job_id
+                 WHERE j.state IN ('queued', 'running')
+                   AND (i.state = 'pending' OR (i.state = 'running' AND i.heartbeat_ms < $1))
+                   AND i.attempts < $2
+                   AND (i.not_before_ms IS NULL OR i.not_before_ms <= $3)
+                   AND (i.kind <> 'finalize' OR NOT EXISTS (
+                        SELECT 1 FROM export_item o WHERE o.job_id = i.job_id
+                          AND o.kind <> 'finalize' AND o.state <> 'done'))
+                 ORDER BY j.created_ms, i.item_no LIMIT 1
+                 FOR UPDATE OF i SKIP LOCKED",
+                &[&stale_before, &max_attempts, &now_ms],
+            )?;
+            let Some(found) = found else {
+                return Ok(None);
+            };
+            let (job_id, item_no): (String, i64) = (found.get(0), found.get(1));
+            let r = tx.query_one(
+                "UPDATE export_item SET state = 'running', owner = $3, heartbeat_ms = $4,
+                   attempts = attempts + 1
+                 WHERE job_id = $1 AND item_no = $2
+                 RETURNING kind, resource_type, seq_after, seq_up_to, cursor, expected, scanned, attempts",
+                &[&job_id, &item_no, &owner, &now_ms],
+            )?;
+            tx.execute(
+                "UPDATE export_job SET state = 'running' WHERE id = $1 AND state = 'queued'",
+                &[&job_id],
+            )?;
+            let kind: ItemKind = r.get::<_, &str>(0).parse()?;
+            Ok(Some(WorkItem {
+                job_id,
+                item_no,
+                kind,
+                resource_type: r.get(1),
+                seq_after: r.get(2),
+                seq_up_to: r.get(3),
+                cursor: r.get(4),
+                expected: r.get::<_, i64>(5) as u64,
+                scanned: r.get::<_, i64>(6) as u64,
+                attempt: r.get(7),
+                owner: owner.to_string(),
+            }))
+        })
+    }
+
+    fn heartbeat(&self, item: &WorkItem, scanned: u64, now_ms: i64) -> Result<Lease, QueueError> {
+        self.tx(|tx| {
+            let lease = lease_state(tx, item)?;
+            if lease == Lease::Held {
+                tx.execute(
+                    "UPDATE export_item SET heartbeat_ms = $3, scanned = $4 WHERE job_id = $1 AND item_no = $2",
+                    &[&item.job_id, &item.item_no, &now_ms, &(scanned as i64)],
+                )?;
+            }
+            Ok(lease)
+        })
+    }
+
+    fn commit_files(
+        &self,
+        item: &WorkItem,
+        files: &[NewFile],
+        cursor: i64,
+        scanned: u64,
+        now_ms: i64,
+    ) -> Result<Option<Vec<FileRecord>>, QueueError> {
+        self.tx(|tx| {
+            if lease_state(tx, item)? != Lease::Held {
+                return Ok(None);
+            }
+            // File numbers are per job: commits of one job's items take turns.
+            tx.execute(
+                "SELECT 1 FROM export_job WHERE id = $1 FOR UPDATE",
+                &[&item.job_id],
+            )?;
+            let mut records = Vec::with_capacity(files.len());
+            for file in files {
+                let number: i64 = tx
+                    .query_one(
+                        "SELECT COALESCE(MAX(number), 0) + 1 FROM export_file WHERE job_id = $1 AND prefix = $2",
+                        &[&item.job_id, &file.prefix],
+                    )?
+                    .get(0);
+                let name = format!("{}-{number}.ndjson", file.prefix);
+                tx.execute(
+                    "INSERT INTO export_file (job_id, name, kind, resource_type, prefix, number, count, bytes, item_no, pending_rename)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    &[
+                        &item.job_id,
+                        &name,
+                        &file.kind.as_str(),
+                        &file.resource_type,
+                        &file.prefix,
+                        &number,
+                        &(file.count as i64),
+                        &(file.bytes as i64),
+                        &item.item_no,
+                        &file.temp_path,
+                    ],
+                )?;
+                records.push(FileRecord {
+                    kind: file.kind,
+                    resource_type: file.resource_type.clone(),
+                    number,
+                    name,
+                    count: file.count,
+                    bytes: file.bytes,
+                    item_no: item.item_no,
+                    pending_rename: Some(file.temp_path.clone()),
+                });
+            }
+            tx.execute(
+                "UPDATE export_item SET cursor = $3, scanned = $4, heartbeat_ms = $5 WHERE job_id = $1 AND item_no = $2",
+                &[&item.job_id, &item.item_no, &cursor, &(scanned as i64), &now_ms],
+            )?;
+            Ok(Some(records))
+        })
+    }
+
+    fn renamed(&self, job_id: &str, name: &str) -> Result<(), QueueError> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE export_file SET pending_rename = NULL WHERE job_id = $1 AND name = $2",
+                &[&job_id, &name],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn complete_item(
+        &self,
+        item: &WorkItem,
+        scanned: u64,
+        now_ms: i64,
+    ) -> Result<bool, QueueError> {
+        self.tx(|tx| {
+            if lease_state(tx, item)? != Lease::Held {
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE export_item SET state = 'done', scanned = $3, heartbeat_ms = $4 WHERE job_id = $1 AND item_no = $2",
+                &[&item.job_id, &item.item_no, &(scanned as i64), &now_ms],
+            )?;
+            Ok(true)
+        })
+    }
+
+    fn fail_item(
+        &self,
+        item: &WorkItem,
+        message: &str,
+        status: u16,
+        retry: Option<Retry>,
+        now_ms: i64,
+    ) -> Result<bool, QueueError> {
+        let status = i64::from(status);
+        self.tx(|tx| {
+            if lease_state(tx, item)? != Lease::Held {
+                return Ok(false);
+            }
+            match retry {
+                Some(r) if item.attempt < r.max_attempts => {
+                    tx.execute(
+                        "UPDATE export_item SET state = 'pending', owner = NULL, error = $3, error_status = $4,
+                           not_before_ms = $5 WHERE job_id = $1 AND item_no = $2",
+                        &[
+                            &item.job_id,
+                            &item.item_no,
+                            &message,
+                            &status,
+                            &r.not_before(item.attempt, now_ms),
+                        ],
+                    )?;
+                    Ok(false)
+                }
+                _ => {
+                    let message = match retry {
+                        Some(_) => format!(
+                            "work item {} failed {} times (attempts exhausted): {message}",
+                            item.item_no, item.attempt
+                        ),
+                        None => message.to_string(),
+                    };
+                    tx.execute(
+                        "UPDATE export_item SET state = 'failed', error = $3, error_status = $4 WHERE job_id = $1 AND item_no = $2",
+                        &[&item.job_id, &item.item_no, &message, &status],
+                    )?;
+                    tx.execute(
+                        "UPDATE export_job SET state = 'failed', result = $2, failure_status = $3, finished_ms = $4,
+                           cleanup = 'pending'
+                         WHERE id = $1 AND state IN ('queued', 'running')",
+                        &[&item.job_id, &message, &status, &now_ms],
+                    )?;
+                    Ok(true)
+                }
+            }
+        })
+    }
+
+    fn release(&self, item: &WorkItem) -> Result<bool, QueueError> {
+        self.tx(|tx| {
+            if lease_state(tx, item)? != Lease::Held {
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE export_item SET state = 'pending', owner = NULL, attempts = GREATEST(attempts - 1, 0),
+                   not_before_ms = NULL
+                 WHERE job_id = $1 AND item_no = $2",
+                &[&item.job_id, &item.item_no],
+            )?;
+            Ok(true)
+        })
+    }
+
+    fn release_owned(&self, owner: &str) -> Result<u64, QueueError> {
+        self.run(|c| {
+            Ok(c.execute(
+                "UPDATE export_item SET state = 'pending', owner = NULL, attempts = GREATEST(attempts - 1, 0),
+                   not_before_ms = NULL
+                 WHERE state = 'running' AND owner = $1",
+                &[&owner],
+            )?)
+        })
+    }
+
+    fn finish(
+        &self,
+        id: &str,
+        state: JobState,
+        result: Option<&str>,
+        failure_status: Option<u16>,
+        now_ms: i64,
+    ) -> Result<(), QueueError> {
+        let cleanup = if state == JobState::Complete {
+            Cleanup::None
+        } else {
+            Cleanup::Pending
+        };
+        self.run(|c| {
+            c.execute(
+                "UPDATE export_job SET state = $2, result = $3, failure_status = $4, finished_ms = $5, cleanup = $6
+                 WHERE id = $1 AND state IN ('queued', 'running')",
+                &[
+                    &id,
+                    &state.as_str(),
+                    &result,
+                    &failure_status.map(i64::from),
+                    &now_ms,
+                    &cleanup.as_str(),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE export_job SET state = 'cancelled', finished_ms = $2, cleanup = 'pending' WHERE id = $1",
+                &[&id, &now_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn expire(&self, finished_before_ms: i64) -> Result<u64, QueueError> {
+        self.run(|c| {
+            Ok(c.execute(
+                "UPDATE export_job SET state = 'expired', cleanup = 'pending', result = NULL
+                 WHERE state = 'complete' AND finished_ms <= $1",
+                &[&finished_before_ms],
+            )?)
+        })
+    }
+
+    fn cleanups(&self) -> Result<Vec<JobRecord>, QueueError> {
+        self.run(|c| {
+            c.query(
+                &format!(
+                    "SELECT {JOB_COLUMNS} FROM export_job WHERE cleanup = 'pending' ORDER BY finished_ms"
+                ),
+                &[],
+            )?
+            .iter()
+            .map(job_row)
+            .collect()
+        })
+    }
+
+    fn cleaned(&self, id: &str) -> Result<(), QueueError> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE export_job SET cleanup = 'done' WHERE id = $1 AND cleanup = 'pending'",
+                &[&id],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError> {
+        self.run(|c| {
+            c.query(
+                &format!(
+                    "SELECT {FILE_COLUMNS} FROM export_file WHERE job_id = $1 ORDER BY kind, prefix, number"
+                ),
+                &[&job_id],
+            )?
+            .iter()
+            .map(file_row)
+            .collect()
+        })
+    }
+
+    fn progress(&self, job_id: &str) -> Result<Vec<TypeProgress>, QueueError> {
+        self.run(|c| {
+            Ok(c.query(
+                "SELECT resource_type, SUM(scanned)::bigint, SUM(expected)::bigint, bool_and(state = 'done')
+                 FROM export_item WHERE job_id = $1 AND kind = 'scan'
+                 GROUP BY resource_type ORDER BY MIN(item_no)",
+                &[&job_id],
+            )?
+            .iter()
+            .map(|r| TypeProgress {
+                resource_type: r.get(0),
+                scanned: r.get::<_, i64>(1) as u64,
+                expected: r.get::<_, i64>(2) as u64,
+                done: r.get(3),
+            })
+            .collect())
+        })
+    }
+
+    fn release_orphans(&self) -> Result<u64, QueueError> {
+        self.run(|c| {
+            Ok(c.execute(
+                "UPDATE export_item SET state = 'pending', owner = NULL,
+                   error = 'the server stopped while it ran', error_status = 500
+                 WHERE state = 'running'",
+                &[],
+            )?)
+        })
+    }
+
+    fn purge(&self, finished_before_ms: i64) -> Result<u64, QueueError> {
+        self.tx(|tx| {
+            let gone = "SELECT id FROM export_job WHERE state IN ('failed', 'cancelled', 'expired')
+                          AND cleanup = 'done' AND finished_ms <= $1";
+            tx.execute(
+                &format!("DELETE FROM export_file WHERE job_id IN ({gone})"),
+                &[&finished_before_ms],
+            )?;
+            tx.execute(
+                &format!("DELETE FROM export_item WHERE job_id IN ({gone})"),
+                &[&finished_before_ms],
+            )?;
+            Ok(tx.execute(
+                &format!("DELETE FROM export_job WHERE id IN ({gone})"),
+                &[&finished_before_ms],
+            )?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::{FileKind, ITEM_STATES, check_in};
+
+    #[test]
+    fn the_check_constraints_list_exactly_the_enum_names() {
+        let flat = SCHEMA.split_whitespace().collect::<Vec<_>>().join(" ");
+        for (column, names) in [
+            ("state", JobState::NAMES),
+            ("cleanup", Cleanup::NAMES),
+            ("kind", ItemKind::NAMES),
+            ("state", ITEM_STATES),
+            ("kind", FileKind::NAMES),
+        ] {
+            let check = check_in(column, names);
+            assert!(flat.contains(&check), "{check} missing from the schema");
+        }
+    }
+}
