@@ -1,6 +1,9 @@
 //! `cargo bench -p store`: insert and scan throughput of the SQLite store on the 100-patient
 //! Synthea set (testdata/synthea-r4-100); with `FHIRHOSE_BENCH_DATABASE=postgres://…` (e.g. from
-//! `scripts/postgres.sh start DIR`) the same runs on PostgreSQL too, each run in a fresh database. A command, not a criterion bench: one insert of 38,970
+//! `scripts/postgres.sh start DIR`) the same runs on PostgreSQL too, each run in a fresh database.
+//! `FHIRHOSE_BENCH_COPIES=N` inserts the set N times (ids suffixed) for a larger store, and
+//! `FHIRHOSE_BENCH_RUNS` sets the number of runs; each scan reports the growth of the process's
+//! resident memory while it ran (sampled every 10,000 rows). A command, not a criterion bench: one insert of 38,970
 //! resources and one full scan are the units of interest, repeated a few times.
 //!
 //! Insert: all Bundle entries as `WriteOp::Update` (keep id) in transactions of 1,000, measured
@@ -15,8 +18,49 @@ use std::time::Instant;
 use serde_json::Value;
 use store::{PgOptions, PgStore, SeqBounds, SqliteOptions, SqliteStore, Store, WriteOp};
 
-const RUNS: usize = 3;
 const SCANS: usize = 5;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Resident memory of this process in MB.
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// `op` with its id suffixed by `-c{copy}` (copy 0: unchanged).
+fn copy_of(op: &WriteOp, copy: usize) -> WriteOp {
+    match op {
+        WriteOp::Update {
+            resource_type,
+            id,
+            resource,
+            ..
+        } if copy > 0 => {
+            let id = format!("{id}-c{copy}");
+            let mut resource = resource.clone();
+            resource["id"] = Value::String(id.clone());
+            WriteOp::Update {
+                resource_type: resource_type.clone(),
+                id,
+                resource,
+                if_match: None,
+            }
+        }
+        other => other.clone(),
+    }
+}
 
 fn main() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100");
@@ -32,7 +76,9 @@ fn bench(backend: &str, ops: &[WriteOp], postgres: Option<&str>) {
     println!("== {backend}");
     let mut insert_rates = Vec::new();
     let mut scan_rates = Vec::new();
-    for run in 0..RUNS {
+    let runs = env_usize("FHIRHOSE_BENCH_RUNS", 3);
+    let copies = env_usize("FHIRHOSE_BENCH_COPIES", 1).max(1);
+    for run in 0..runs {
         let tmp = tempfile::tempdir().expect("temp dir");
         let db = postgres.map(|url| store::testing::fresh_database(url).expect("create database"));
         let store: Box<dyn Store> = match &db {
@@ -41,13 +87,13 @@ fn bench(backend: &str, ops: &[WriteOp], postgres: Option<&str>) {
                 SqliteStore::open_data_dir(tmp.path(), SqliteOptions::default()).expect("open"),
             ),
         };
-        let batch = ops.to_vec();
         let started = Instant::now();
         let mut n = 0usize;
-        let mut it = batch.into_iter().peekable();
-        while it.peek().is_some() {
-            let chunk: Vec<WriteOp> = it.by_ref().take(1000).collect();
-            n += store.write(chunk).expect("write").len();
+        for copy in 0..copies {
+            for chunk in ops.chunks(1000) {
+                let chunk: Vec<WriteOp> = chunk.iter().map(|op| copy_of(op, copy)).collect();
+                n += store.write(chunk).expect("write").len();
+            }
         }
         let secs = started.elapsed().as_secs_f64();
         insert_rates.push(n as f64 / secs);
@@ -62,10 +108,17 @@ fn bench(backend: &str, ops: &[WriteOp], postgres: Option<&str>) {
             let started = Instant::now();
             let mut rows = 0u64;
             let mut bytes = 0usize;
+            let rss_before = rss_mb();
+            let mut rss_peak = rss_before;
+            let mut seen = 0u64;
             for ty in &types {
                 rows += store
                     .scan_type_each(ty, as_of, SeqBounds::ALL, &mut |row| {
                         bytes += row.json.len();
+                        seen += 1;
+                        if seen.is_multiple_of(10_000) {
+                            rss_peak = rss_peak.max(rss_mb());
+                        }
                         ControlFlow::Continue(())
                     })
                     .expect("scan");
@@ -73,16 +126,17 @@ fn bench(backend: &str, ops: &[WriteOp], postgres: Option<&str>) {
             let secs = started.elapsed().as_secs_f64();
             scan_rates.push(rows as f64 / secs);
             println!(
-                "run {run} scan {scan}: {rows} rows, {:.1} MB in {secs:.4} s = {:.0} resources/s",
+                "run {run} scan {scan}: {rows} rows, {:.1} MB in {secs:.4} s = {:.0} resources/s, RSS +{:.1} MB",
                 bytes as f64 / 1e6,
-                rows as f64 / secs
+                rows as f64 / secs,
+                rss_peak - rss_before
             );
         }
         drop(store);
         drop(db);
     }
     let (m, sd) = mean_sd(&insert_rates);
-    println!("{backend} insert: {m:.0} ± {sd:.0} resources/s ({RUNS} runs)");
+    println!("{backend} insert: {m:.0} ± {sd:.0} resources/s ({runs} runs)");
     let (m, sd) = mean_sd(&scan_rates);
     println!(
         "{backend} scan:   {m:.0} ± {sd:.0} resources/s ({} scans)",
