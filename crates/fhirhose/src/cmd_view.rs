@@ -87,7 +87,10 @@ pub fn run(args: ViewArgs) -> Result<(), String> {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("view");
-        name.split('.').next().unwrap_or("view").to_string()
+        match name.split('.').next() {
+            Some(stem) if !stem.is_empty() => stem.to_string(),
+            _ => "view".to_string(),
+        }
     });
     let output = args.out.join(format!("{stem}.{}", args.format.extension()));
     fs::create_dir_all(&args.out)

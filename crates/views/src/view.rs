@@ -176,6 +176,12 @@ impl View {
             ));
         }
         let name = string(obj, "name", "")?.map(str::to_string);
+        // The spec's sql-name rule; writers also use the name for table and file names.
+        if let Some(n) = &name
+            && !valid_name(n)
+        {
+            return Err(ViewError::new("name", Reason::InvalidName(n.clone())));
+        }
         let constants = constants(obj)?;
         let mut cx = Compiler {
             constants: constants.iter().map(|c| c.name.clone()).collect(),

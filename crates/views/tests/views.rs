@@ -71,6 +71,11 @@ fn invalid_views_name_the_element_and_the_reason() {
     );
     assert_eq!(e.reason, Reason::InvalidName("1st".into()));
 
+    let e = err(json!({"resource": "Patient", "name": "../../etc/x",
+        "select": [{"column": [{"name": "id", "path": "id"}]}]}));
+    assert_eq!(e.element, "name");
+    assert_eq!(e.reason, Reason::InvalidName("../../etc/x".into()));
+
     let e =
         err(json!({"resource": "Patient", "select": [{"forEach": "name", "repeat": ["item"]}]}));
     assert_eq!(e.reason, Reason::ConflictingIteration);
