@@ -259,6 +259,24 @@ fn failure_text(e: &RunError, sink: &dyn Sink, job: Option<&JobRecord>) -> Strin
     }
 }
 
+/// Failed deletions in a row after which the sweeper stops retrying a job in this process
+/// (about 6 hours with the default 60 s sweep); the next start-up tries again.
+const DELETION_MAX_FAILURES: u32 = 12;
+/// Longest wait between two tries of a failed deletion.
+const DELETION_BACKOFF_MAX: Duration = Duration::from_secs(3600);
+
+/// The wait before the next try after `failures` failed deletions in a row: `every`, doubling,
+/// at most an hour; `None` once this process gives up.
+fn deletion_backoff(failures: u32, every: Duration) -> Option<Duration> {
+    if failures >= DELETION_MAX_FAILURES {
+        return None;
+    }
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    Some(every.saturating_mul(factor).min(DELETION_BACKOFF_MAX))
+}
+
 /// `1234567` → `1,234,567`.
 fn thousands(n: u64) -> String {
     let s = n.to_string();
@@ -288,6 +306,9 @@ pub struct ExportService {
     stopping: AtomicBool,
     /// The worker and sweeper threads, once started.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Failed deletions of the sweeper per job: failures in a row and when to try next (`None`:
+    /// this process gave up; the next start-up tries again).
+    deletions: Mutex<HashMap<String, (u32, Option<std::time::Instant>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -319,6 +340,7 @@ impl ExportService {
             wake: (Mutex::new(0), Condvar::new()),
             stopping: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            deletions: Mutex::new(HashMap::new()),
         });
         Ok(svc)
     }
@@ -415,6 +437,33 @@ impl ExportService {
         }
     }
 
+    /// Records a failed deletion of the sweeper and when to try again (back-off), or gives up in
+    /// this process after `DELETION_MAX_FAILURES` in a row (logged; the deletion stays recorded).
+    fn deletion_failed(&self, job: &str) {
+        let mut deletions = lock(&self.deletions);
+        let failures = deletions.get(job).map_or(0, |(n, _)| *n) + 1;
+        let next = match deletion_backoff(failures, self.config.sweep_every) {
+            Some(wait) => {
+                tracing::warn!(
+                    job,
+                    failures,
+                    retry_in_s = wait.as_secs(),
+                    "export files not removed yet; retried with back-off"
+                );
+                Some(std::time::Instant::now() + wait)
+            }
+            None => {
+                tracing::error!(
+                    job,
+                    failures,
+                    "export files could not be removed; this process stops retrying (the deletion stays recorded and the next start tries again)"
+                );
+                None
+            }
+        };
+        deletions.insert(job.to_string(), (failures, next));
+    }
+
     /// One pass of the sweeper: expires complete jobs past the retention period, removes the
     /// files of every job whose deletion is still to do, and deletes the rows of removed jobs
     /// finished more than two retention periods ago. Returns the jobs cleaned.
@@ -429,9 +478,20 @@ impl ExportService {
             if self.stopping.load(Ordering::Relaxed) {
                 break;
             }
+            let waiting = match lock(&self.deletions).get(&job.id) {
+                Some((_, None)) => true,
+                Some((_, Some(next))) => std::time::Instant::now() < *next,
+                None => false,
+            };
+            if waiting {
+                continue;
+            }
             if self.clean_up(&job) {
                 cleaned += 1;
                 self.forget(&job.id);
+                lock(&self.deletions).remove(&job.id);
+            } else {
+                self.deletion_failed(&job.id);
             }
         }
         // The rows of jobs whose files are gone stay one more retention period (status answers
@@ -958,6 +1018,21 @@ mod tests {
             without_queries("GET http://a/b?sig=secret&sv=1 failed (http://c?x)"),
             "GET http://a/b failed (http://c)"
         );
+    }
+
+    #[test]
+    fn failed_deletions_back_off_and_end() {
+        let every = Duration::from_secs(60);
+        let waits: Vec<Option<Duration>> = (1..=13).map(|n| deletion_backoff(n, every)).collect();
+        assert_eq!(waits[0], Some(Duration::from_secs(60)));
+        assert_eq!(waits[1], Some(Duration::from_secs(120)));
+        assert_eq!(waits[5], Some(Duration::from_secs(1920)));
+        assert_eq!(waits[6], Some(DELETION_BACKOFF_MAX));
+        assert_eq!(waits[10], Some(DELETION_BACKOFF_MAX));
+        assert_eq!(waits[11], None, "bounded");
+        assert_eq!(waits[12], None);
+        let total: Duration = waits.iter().flatten().sum();
+        assert!(total < Duration::from_secs(8 * 3600), "{total:?}");
     }
 
     #[test]
