@@ -27,4 +27,4 @@ cargo test --workspace --profile ci "$@"
 
 # The suites parameterised by backend, a second time against PostgreSQL (a fresh database per
 # test, see store::testing).
-FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --profile ci -p store "$@"
+FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --profile ci -p store -p search "$@"

@@ -33,7 +33,7 @@ fn value_indexes(store: &SqliteStore) -> usize {
 #[test]
 fn reindex_makes_unindexed_data_searchable_as_if_indexed_at_write_time() {
     let resources: Vec<_> = support::synthea::load().into_iter().take(6000).collect();
-    let (_d1, indexed, _) = support::load_store(&resources);
+    let (_d1, indexed, _) = support::load_sqlite_store(&resources);
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");

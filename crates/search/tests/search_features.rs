@@ -5,7 +5,7 @@ mod support;
 
 use search::{ParseOptions, Predicate, PredicateSet, SearchError, parse_query, parse_query_string};
 use serde_json::{Value, json};
-use store::{SqliteStore, Store, WriteOp};
+use store::{Store, WriteOp};
 
 fn patient(id: &str, family: &str, birth: &str) -> Value {
     json!({"resourceType":"Patient","id":id,"name":[{"family":family,"given":["Ann"]}],"birthDate":birth,"gender":"female"})
@@ -39,7 +39,7 @@ fn data() -> Vec<Value> {
     v
 }
 
-fn run(store: &SqliteStore, ty: &str, q: &str) -> Result<search::SearchPage, SearchError> {
+fn run(store: &dyn Store, ty: &str, q: &str) -> Result<search::SearchPage, SearchError> {
     let query = parse_query(ty, &parse_query_string(q), ParseOptions::default())?;
     search::execute(store, &query)
 }
@@ -52,12 +52,12 @@ fn ids(rs: &[Value]) -> Vec<&str> {
 
 #[test]
 fn sorting_and_keyset_paging() {
-    let (_d, store, _) = support::load_store(&data());
-    let all = support::search_ids(&store, "Observation", "_sort=-date&_count=4").unwrap();
+    let (store, _) = support::load_store(&data());
+    let all = support::search_ids(&*store, "Observation", "_sort=-date&_count=4").unwrap();
     let expected: Vec<String> = (0..25).rev().map(|i| format!("o{i:02}")).collect();
     assert_eq!(all, expected);
     let asc = support::search_ids(
-        &store,
+        &*store,
         "Observation",
         "code=29463-7&_sort=date,_id&_count=5",
     )
@@ -69,17 +69,17 @@ fn sorting_and_keyset_paging() {
             .map(|i| format!("o{i:02}"))
             .collect::<Vec<_>>()
     );
-    let by_name = support::search_ids(&store, "Patient", "_sort=family&_count=1").unwrap();
+    let by_name = support::search_ids(&*store, "Patient", "_sort=family&_count=1").unwrap();
     assert_eq!(by_name, ["p2", "p3", "p1"]); // alpha, muller, zeta (normalized)
-    let desc_id = support::search_ids(&store, "Patient", "_sort=-_id&_count=2").unwrap();
+    let desc_id = support::search_ids(&*store, "Patient", "_sort=-_id&_count=2").unwrap();
     assert_eq!(desc_id, ["p3", "p2", "p1"]);
 }
 
 #[test]
 fn totals_and_summary_count() {
-    let (_d, store, _) = support::load_store(&data());
+    let (store, _) = support::load_store(&data());
     let p = run(
-        &store,
+        &*store,
         "Observation",
         "code=29463-7&_total=accurate&_count=2",
     )
@@ -87,16 +87,16 @@ fn totals_and_summary_count() {
     assert_eq!(p.total, Some(13));
     assert_eq!(p.matches.len(), 2);
     assert!(p.next_cursor.is_some());
-    let p = run(&store, "Observation", "_summary=count").unwrap();
+    let p = run(&*store, "Observation", "_summary=count").unwrap();
     assert_eq!(p.total, Some(25));
     assert!(p.matches.is_empty());
 }
 
 #[test]
 fn include_and_revinclude() {
-    let (_d, store, _) = support::load_store(&data());
+    let (store, _) = support::load_store(&data());
     let p = run(
-        &store,
+        &*store,
         "Observation",
         "_id=o00,o03&_include=Observation:subject",
     )
@@ -104,16 +104,16 @@ fn include_and_revinclude() {
     assert_eq!(ids(&p.matches), ["o00", "o03"]);
     assert_eq!(ids(&p.included), ["p1"]);
     let p = run(
-        &store,
+        &*store,
         "Observation",
         "_id=o01&_include=Observation:patient:Patient",
     )
     .unwrap();
     assert_eq!(ids(&p.included), ["p2"]);
-    let p = run(&store, "Patient", "_id=p1&_revinclude=Provenance:target").unwrap();
+    let p = run(&*store, "Patient", "_id=p1&_revinclude=Provenance:target").unwrap();
     assert_eq!(ids(&p.included), ["prov1"]);
     let p = run(
-        &store,
+        &*store,
         "Patient",
         "_id=p2&_revinclude=Observation:subject&_include:iterate=Observation:subject",
     )
@@ -121,7 +121,7 @@ fn include_and_revinclude() {
     assert_eq!(p.included.len(), 8);
     let params = parse_query_string("_id=o00&_include=Observation:subject");
     let q = parse_query("Observation", &params, ParseOptions::default()).unwrap();
-    let page = search::execute(&store, &q).unwrap();
+    let page = search::execute(&*store, &q).unwrap();
     let b = search::searchset_bundle("http://x/fhir", &q, &params, &page);
     assert_eq!(b["entry"][1]["search"]["mode"], "include");
     assert_eq!(b["entry"][1]["fullUrl"], "http://x/fhir/Patient/p1");
@@ -129,7 +129,7 @@ fn include_and_revinclude() {
 
 #[test]
 fn updates_and_deletes_keep_the_index_current() {
-    let (_d, store, _) = support::load_store(&data());
+    let (store, _) = support::load_store(&data());
     let mut p = patient("p2", "Beta", "1990-05-05");
     p["gender"] = json!("male");
     store
@@ -141,15 +141,15 @@ fn updates_and_deletes_keep_the_index_current() {
         }])
         .unwrap();
     assert_eq!(
-        support::search_ids(&store, "Patient", "family=alpha").unwrap(),
+        support::search_ids(&*store, "Patient", "family=alpha").unwrap(),
         Vec::<String>::new()
     );
     assert_eq!(
-        support::search_ids(&store, "Patient", "family=beta").unwrap(),
+        support::search_ids(&*store, "Patient", "family=beta").unwrap(),
         ["p2"]
     );
     assert_eq!(
-        support::search_ids(&store, "Patient", "gender=female").unwrap(),
+        support::search_ids(&*store, "Patient", "gender=female").unwrap(),
         ["p1", "p3"]
     );
     store
@@ -160,16 +160,16 @@ fn updates_and_deletes_keep_the_index_current() {
         }])
         .unwrap();
     assert_eq!(
-        support::search_ids(&store, "Patient", "gender=female").unwrap(),
+        support::search_ids(&*store, "Patient", "gender=female").unwrap(),
         ["p3"]
     );
     assert_eq!(
-        support::search_ids(&store, "Patient", "_id=p1").unwrap(),
+        support::search_ids(&*store, "Patient", "_id=p1").unwrap(),
         Vec::<String>::new()
     );
     // chains only follow current targets
     assert!(
-        support::search_ids(&store, "Observation", "subject:Patient.family=zeta")
+        support::search_ids(&*store, "Observation", "subject:Patient.family=zeta")
             .unwrap()
             .is_empty()
     );
@@ -177,7 +177,7 @@ fn updates_and_deletes_keep_the_index_current() {
 
 #[test]
 fn last_updated_uses_transaction_instants() {
-    let (_d, store, stored) = support::load_store(&data());
+    let (store, stored) = support::load_store(&data());
     let lu = stored[0]["meta"]["lastUpdated"]
         .as_str()
         .unwrap()
@@ -188,9 +188,9 @@ fn last_updated_uses_transaction_instants() {
             resource: patient("p9", "Late", "2000-01-01"),
         }])
         .unwrap();
-    let after = support::search_ids(&store, "Patient", &format!("_lastUpdated=gt{lu}")).unwrap();
+    let after = support::search_ids(&*store, "Patient", &format!("_lastUpdated=gt{lu}")).unwrap();
     assert_eq!(after, ["p9"]);
-    let upto = support::search_ids(&store, "Patient", &format!("_lastUpdated=le{lu}")).unwrap();
+    let upto = support::search_ids(&*store, "Patient", &format!("_lastUpdated=le{lu}")).unwrap();
     assert_eq!(upto, ["p1", "p2", "p3"]);
     let p9 = store.read("Patient", "p9").unwrap();
     let p9: Value = serde_json::from_slice(&p9.json).unwrap();
@@ -201,7 +201,7 @@ fn last_updated_uses_transaction_instants() {
 
 #[test]
 fn errors_and_lenient_handling() {
-    let (_d, store, _) = support::load_store(&data());
+    let (store, _) = support::load_store(&data());
     for (q, param) in [
         ("birthdate=2020-13-45", "birthdate"),
         ("_count=-1", "_count"),
@@ -209,11 +209,11 @@ fn errors_and_lenient_handling() {
         ("gender.name=x", "gender.name"),
         ("_cursor=nothex", "_cursor"),
     ] {
-        let e = run(&store, "Patient", q).unwrap_err();
+        let e = run(&*store, "Patient", q).unwrap_err();
         assert_eq!(e.param(), Some(param), "{q}: {e}");
     }
     assert!(matches!(
-        run(&store, "Patient", "nope=1"),
+        run(&*store, "Patient", "nope=1"),
         Err(SearchError::UnknownParameter { .. })
     ));
     let q = parse_query(
@@ -226,7 +226,7 @@ fn errors_and_lenient_handling() {
     )
     .unwrap();
     assert_eq!(q.ignored[0].param, "nope");
-    assert_eq!(ids(&search::execute(&store, &q).unwrap().matches), ["p1"]);
+    assert_eq!(ids(&search::execute(&*store, &q).unwrap().matches), ["p1"]);
 }
 
 #[test]
@@ -258,9 +258,9 @@ fn type_filter_sets_or_per_type_and_pass_other_types() {
 
 #[test]
 fn search_bundle_for_the_server() {
-    let (_d, store, _) = support::load_store(&data());
+    let (store, _) = support::load_store(&data());
     let b = search::search_bundle(
-        &store,
+        &*store,
         "http://h/fhir",
         "Patient",
         &parse_query_string("family=zeta&_total=accurate"),
@@ -270,7 +270,7 @@ fn search_bundle_for_the_server() {
     assert_eq!(b["total"], 1);
     assert_eq!(b["entry"][0]["resource"]["id"], "p1");
     let e = search::search_bundle(
-        &store,
+        &*store,
         "http://h/fhir",
         "Patient",
         &parse_query_string("birthdate=2020-13-45"),

@@ -117,14 +117,14 @@ const QUERIES: &[(&str, &str)] = &[
 ];
 
 fn query_table_impl(resources: &[serde_json::Value]) {
-    let (_dir, store, stored) = support::load_store(resources);
+    let (store, stored) = support::load_store(resources);
     let oracle = support::oracle::Oracle::new(&stored);
     let mut non_empty = 0;
     let mut failures = Vec::new();
     for (ty, q) in QUERIES {
         let expected = oracle.ids(ty, q);
         // small pages so that keyset paging is exercised
-        let got: Vec<String> = support::search_ids(&store, ty, &format!("{q}&_count=997"))
+        let got: Vec<String> = support::search_ids(&*store, ty, &format!("{q}&_count=997"))
             .unwrap_or_else(|e| panic!("{ty}?{q}: {e}"));
         let got_set: BTreeSet<String> = got.iter().cloned().collect();
         assert_eq!(

@@ -419,13 +419,7 @@ pub trait Store: Send + Sync {
         &self,
         plan: &plan::SearchPlan,
         stop: Option<&plan::StopCheck>,
-    ) -> Result<plan::SearchRows, StoreError> {
-        // Until every backend has it (the PostgreSQL one is being written).
-        let _ = (plan, stop);
-        Err(StoreError::InvalidPlan(
-            "this store does not implement search".into(),
-        ))
-    }
+    ) -> Result<plan::SearchRows, StoreError>;
 
     /// Records whether the search indexes miss resources (a `load --no-index`), until a full
     /// reindex clears it. Default: nothing recorded (a store that always indexes).

@@ -6,11 +6,20 @@ use std::sync::Arc;
 
 use search::SearchIndexer;
 use serde_json::Value;
+use store::testing::TestStore;
 use store::{SqliteOptions, SqliteStore, Store, WriteOp};
 
-/// A fresh SQLite store in a temporary directory with the search indexer, holding `resources`
-/// (written in batches, as the loader does). Returns the stored resources (meta set).
-pub fn load_store(resources: &[Value]) -> (tempfile::TempDir, SqliteStore, Vec<Value>) {
+/// A fresh store with the search indexer on the backend `FHIRHOSE_TEST_DATABASE` selects
+/// (SQLite in a temporary directory when unset, else a new PostgreSQL database), holding
+/// `resources` (written in batches, as the loader does). Returns the stored resources (meta set).
+pub fn load_store(resources: &[Value]) -> (TestStore, Vec<Value>) {
+    let store = store::testing::test_store(Some(Arc::new(SearchIndexer)));
+    let stored = create_all(&*store, resources);
+    (store, stored)
+}
+
+/// [`load_store`] on SQLite whatever the environment says (tests of SQLite's own tables).
+pub fn load_sqlite_store(resources: &[Value]) -> (tempfile::TempDir, SqliteStore, Vec<Value>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SqliteStore::open(
         &dir.path().join("t.db"),
@@ -43,7 +52,7 @@ pub fn create_all(store: &dyn Store, resources: &[Value]) -> Vec<Value> {
 
 /// All ids a search returns, following the next-page cursors.
 pub fn search_ids(
-    store: &SqliteStore,
+    store: &dyn Store,
     ty: &str,
     query: &str,
 ) -> Result<Vec<String>, search::SearchError> {

@@ -59,6 +59,7 @@ use ::postgres::{Client, Config, GenericClient};
 use serde_json::Value;
 
 mod jobs;
+mod search;
 
 pub use jobs::PgJobQueue;
 
@@ -1507,6 +1508,14 @@ fn sql_limit(n: usize) -> i64 {
 }
 
 impl Store for PgStore {
+    fn search(
+        &self,
+        plan: &crate::plan::SearchPlan,
+        stop: Option<&crate::plan::StopCheck>,
+    ) -> Result<crate::plan::SearchRows, StoreError> {
+        search::search(self, plan, stop)
+    }
+
     fn prepare_put(
         &self,
         resource_type: &str,
