@@ -246,3 +246,52 @@ fn synthea_100_searches_answer_the_same_on_sqlite_and_postgres() {
     eprintln!("compared {matched} matches and {included} included resources");
     assert!(differ.is_empty(), "{}", differ.join("\n"));
 }
+
+/// The time limit stops a running statement on PostgreSQL (the watcher cancels it through the
+/// connection's cancel token), not only between statements: a search of 80 ANDed `_id` filters
+/// is one statement that PostgreSQL takes over a second to plan, and with a 100 ms limit it must
+/// end as a timeout (without the watcher it completed, with an empty page).
+#[test]
+fn a_running_statement_is_stopped_at_the_time_limit_on_postgres() {
+    let Some(url) = postgres_url() else {
+        return;
+    };
+    let db = fresh_database(&url).expect("create a test database");
+    let pg = PgStore::connect(
+        &db.url,
+        PgOptions {
+            indexer: Some(Arc::new(SearchIndexer)),
+            ..PgOptions::default()
+        },
+    )
+    .expect("open PgStore");
+    let patients: Vec<serde_json::Value> = (0..20)
+        .map(|i| serde_json::json!({"resourceType": "Patient", "id": format!("p{i}")}))
+        .collect();
+    support::create_all(&pg, &patients);
+    let pairs: Vec<(String, String)> = (0..80)
+        .map(|i| ("_id".to_string(), format!("p{},p{}", i % 20, (i + 1) % 20)))
+        .collect();
+    let q = search::parse_query("Patient", &pairs, search::ParseOptions::default()).unwrap();
+    let opts = ExecOptions {
+        control: Some(search::SearchControl::new(
+            std::time::Duration::from_millis(100),
+        )),
+        ..ExecOptions::default()
+    };
+    match search::execute_with(&pg, &q, &opts) {
+        Err(search::SearchError::Timeout { .. }) => {}
+        other => panic!(
+            "expected a timeout, got {:?}",
+            other.map(|p| p.matches.len())
+        ),
+    }
+    // The connection went back to the pool usable.
+    let q = search::parse_query(
+        "Patient",
+        &[("_id".to_string(), "p3".to_string())],
+        search::ParseOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(search::execute(&pg, &q).unwrap().matches.len(), 1);
+}
