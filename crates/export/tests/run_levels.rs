@@ -1,4 +1,4 @@
-//! `run_export` against a real SQLite store: levels, compartment de-duplication, Group member
+//! `run_export` against a real store (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`): levels, compartment de-duplication, Group member
 //! rules, file rolling, snapshot pinning and `_typeFilter`.
 
 use std::collections::BTreeMap;
@@ -9,16 +9,15 @@ use export::LocalSink;
 use export::request::{ExportLevel, ExportRequest};
 use export::run::{RunOutput, RunSettings, run_export};
 use serde_json::{Value, json};
-use store::sqlite::{SqliteOptions, SqliteStore};
 use store::{Store, WriteOp};
 
-fn create(store: &SqliteStore, v: Value) {
+fn create(store: &dyn Store, v: Value) {
     store
         .write(vec![WriteOp::Create { resource: v }])
         .expect("write");
 }
 
-fn seed(store: &SqliteStore) {
+fn seed(store: &dyn Store) {
     for p in ["p1", "p2", "p3"] {
         create(store, json!({"resourceType": "Patient", "id": p}));
     }
@@ -60,7 +59,7 @@ fn seed(store: &SqliteStore) {
 
 /// `_since` = the instant of the seeded state; then `changes` are written strictly later.
 /// Returns `_since` and the watermark after the changes.
-fn since_then(store: &SqliteStore, changes: Vec<WriteOp>) -> (String, i64) {
+fn since_then(store: &dyn Store, changes: Vec<WriteOp>) -> (String, i64) {
     let first = store.current_seq().expect("seq");
     let since = store.instant_of_seq(first).expect("instant").expect("some");
     let since_ms = store::parse_instant_ms(&since).expect("ms");
@@ -137,7 +136,7 @@ fn read_out(dir: &Path) -> (BTreeMap<String, Vec<String>>, BTreeMap<String, usiz
 /// Runs an export into `<root>/out/<folder>` with `max` resources per file and small work items
 /// (so that types are split into several items).
 fn export_to(
-    store: &SqliteStore,
+    store: &dyn Store,
     req: &ExportRequest,
     watermark: i64,
     root: &Path,
@@ -163,7 +162,7 @@ fn export_to(
     .expect("run")
 }
 
-fn run(store: &SqliteStore, req: &ExportRequest, watermark: i64, dir: &Path, max: u64) {
+fn run(store: &dyn Store, req: &ExportRequest, watermark: i64, dir: &Path, max: u64) {
     // `dir` is `<root>/out/<folder>`.
     let root = dir.parent().and_then(Path::parent).expect("root");
     let folder = dir
@@ -177,16 +176,16 @@ fn run(store: &SqliteStore, req: &ExportRequest, watermark: i64, dir: &Path, max
 #[test]
 fn levels_membership_rolling_and_snapshot() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let store =
-        SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
-    seed(&store);
+    let db = store::testing::test_store(None);
+    let store = &*db.store;
+    seed(store);
     let wm = store.current_seq().expect("seq");
     // Written after the watermark: never in an export pinned to it.
-    create(&store, json!({"resourceType": "Patient", "id": "late"}));
+    create(store, json!({"resourceType": "Patient", "id": "late"}));
 
     let out = tmp.path().join("out");
     let sys = out.join("sys");
-    run(&store, &request(ExportLevel::System, &[]), wm, &sys, 2);
+    run(store, &request(ExportLevel::System, &[]), wm, &sys, 2);
     let (ids, files) = read_out(&sys);
     assert_eq!(ids["Patient"], ["p1", "p2", "p3"]);
     assert_eq!(ids["Observation"], ["o1", "o2", "o3"]);
@@ -194,7 +193,7 @@ fn levels_membership_rolling_and_snapshot() {
     assert_eq!(files["Patient"], 2, "rolled at 2 resources per file");
 
     let pat = out.join("pat");
-    run(&store, &request(ExportLevel::Patient, &[]), wm, &pat, 5000);
+    run(store, &request(ExportLevel::Patient, &[]), wm, &pat, 5000);
     let (ids, _) = read_out(&pat);
     assert_eq!(
         ids["Observation"],
@@ -208,7 +207,7 @@ fn levels_membership_rolling_and_snapshot() {
 
     let grp = out.join("grp");
     run(
-        &store,
+        store,
         &request(ExportLevel::Group("g1".into()), &[]),
         wm,
         &grp,
@@ -221,7 +220,7 @@ fn levels_membership_rolling_and_snapshot() {
 
     let empty = out.join("empty");
     run(
-        &store,
+        store,
         &request(ExportLevel::Group("empty".into()), &[]),
         wm,
         &empty,
@@ -241,7 +240,7 @@ fn levels_membership_rolling_and_snapshot() {
             ("_typeFilter", "Patient?_id=p3"),
         ],
     );
-    run(&store, &req, wm, &filtered, 5000);
+    run(store, &req, wm, &filtered, 5000);
     let (ids, _) = read_out(&filtered);
     assert_eq!(ids.keys().collect::<Vec<_>>(), ["Patient"]);
     assert_eq!(
@@ -254,11 +253,11 @@ fn levels_membership_rolling_and_snapshot() {
 #[test]
 fn since_exports_changes_and_lists_deletions() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let store =
-        SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
-    seed(&store);
+    let db = store::testing::test_store(None);
+    let store = &*db.store;
+    seed(store);
     let (since, wm) = since_then(
-        &store,
+        store,
         vec![
             WriteOp::Update {
                 resource_type: "Patient".into(),
@@ -273,7 +272,7 @@ fn since_exports_changes_and_lists_deletions() {
         ExportLevel::System,
         &[("_since", &since), ("_type", "Patient,Observation")],
     );
-    let result = export_to(&store, &req, wm, tmp.path(), "since", 5000);
+    let result = export_to(store, &req, wm, tmp.path(), "since", 5000);
     let out = tmp.path().join("out/since");
     let mut patients = Vec::new();
     let mut deleted = Vec::new();
@@ -310,9 +309,9 @@ fn since_exports_changes_and_lists_deletions() {
 #[test]
 fn elements_keep_mandatory_and_tag_subsetted() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let store =
-        SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
-    seed(&store);
+    let db = store::testing::test_store(None);
+    let store = &*db.store;
+    seed(store);
     let wm = store.current_seq().expect("seq");
     let req = request(
         ExportLevel::System,
@@ -321,7 +320,7 @@ fn elements_keep_mandatory_and_tag_subsetted() {
             ("_elements", "Observation.subject"),
         ],
     );
-    let result = export_to(&store, &req, wm, tmp.path(), "elements", 5000);
+    let result = export_to(store, &req, wm, tmp.path(), "elements", 5000);
     let out = tmp.path().join("out/elements");
     let mut seen = 0;
     for f in &result.files {
@@ -361,27 +360,27 @@ fn elements_keep_mandatory_and_tag_subsetted() {
 #[test]
 fn associated_provenance_and_size_rolling() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let store =
-        SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
-    seed(&store);
+    let db = store::testing::test_store(None);
+    let store = &*db.store;
+    seed(store);
     let prov = |id: &str, target: &str, recorded: &str| {
         json!({"resourceType": "Provenance", "id": id, "recorded": recorded,
             "target": [{"reference": target}], "agent": [{"who": {"reference": "Organization/org1"}}]})
     };
     create(
-        &store,
+        store,
         prov("pr-o1-old", "Observation/o1", "2020-01-01T00:00:00Z"),
     );
     create(
-        &store,
+        store,
         prov("pr-o1-new", "Observation/o1", "2021-01-01T00:00:00Z"),
     );
     create(
-        &store,
+        store,
         prov("pr-org", "Organization/org1", "2021-01-01T00:00:00Z"),
     );
     create(
-        &store,
+        store,
         prov("pr-o2", "Observation/o2", "2019-01-01T00:00:00Z"),
     );
     let wm = store.current_seq().expect("seq");
@@ -406,7 +405,7 @@ fn associated_provenance_and_size_rolling() {
         ("patient", "Patient/p1"),
         ("includeAssociatedData", "RelevantProvenanceResources"),
     ]);
-    export_to(&store, &req, wm, tmp.path(), "relevant", 5000);
+    export_to(store, &req, wm, tmp.path(), "relevant", 5000);
     let (ids, _) = read_out(&tmp.path().join("out/relevant"));
     assert_eq!(ids["Observation"], ["o1", "o3"]);
     assert_eq!(ids["Provenance"], ["pr-o1-new", "pr-o1-old"]);
@@ -415,7 +414,7 @@ fn associated_provenance_and_size_rolling() {
         ("patient", "Patient/p1"),
         ("includeAssociatedData", "LatestProvenanceResources"),
     ]);
-    export_to(&store, &req, wm, tmp.path(), "latest", 5000);
+    export_to(store, &req, wm, tmp.path(), "latest", 5000);
     let (ids, _) = read_out(&tmp.path().join("out/latest"));
     assert_eq!(ids["Provenance"], ["pr-o1-new"]);
     let bad = vec![(
@@ -433,7 +432,7 @@ fn associated_provenance_and_size_rolling() {
     };
     let req = request(ExportLevel::System, &[("_type", "Observation")]);
     let out = run_export(
-        &store,
+        store,
         &req,
         wm,
         &LocalSink::new(tmp.path()),
@@ -451,10 +450,10 @@ fn associated_provenance_and_size_rolling() {
 #[test]
 fn deidentified_deleted_entries_carry_hashed_ids() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let store =
-        SqliteStore::open(&tmp.path().join("db.sqlite"), SqliteOptions::default()).expect("store");
-    seed(&store);
-    let (since, wm) = since_then(&store, vec![delete_o2()]);
+    let db = store::testing::test_store(None);
+    let store = &*db.store;
+    seed(store);
+    let (since, wm) = since_then(store, vec![delete_o2()]);
     let config = r#"{"fhirVersion": "R4", "fhirPathRules": [{"path": "Resource.id", "method": "cryptoHash"}],
         "parameters": {"cryptoHashKey": "k"}}"#;
     let info = export::anonymization::from_bytes(
@@ -469,7 +468,7 @@ fn deidentified_deleted_entries_carry_hashed_ids() {
     let anonymizer = export::anonymization::Anonymizer::new(info, "f").expect("anonymizer");
     let req = request(ExportLevel::System, &[("_since", &since)]);
     let out = run_export(
-        &store,
+        store,
         &req,
         wm,
         &LocalSink::new(tmp.path()),

@@ -1,4 +1,5 @@
-//! The export service with its worker pool over a real SQLite store and job queue: an export
+//! The export service with its worker pool over a real store and job queue (SQLite, or
+//! PostgreSQL with `FHIRHOSE_TEST_DATABASE`): an export
 //! split into many work items shared by several workers, a work item of a dead node taken over
 //! after the heartbeat timeout, cancel.
 
@@ -9,14 +10,15 @@ use std::time::{Duration, Instant};
 
 use export::{ExportConfig, ExportLevel, ExportService, Status};
 use serde_json::{Value, json};
-use store::sqlite::{SqliteOptions, SqliteStore};
-use store::{Store, WriteOp};
+use store::WriteOp;
 
 const PATIENTS: usize = 1200;
 const OBSERVATIONS_PER_PATIENT: usize = 3;
 
-fn seeded(dir: &Path) -> Arc<SqliteStore> {
-    let store = SqliteStore::open(&dir.join("db.sqlite"), SqliteOptions::default()).expect("store");
+/// A fresh store (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`) with the test data.
+fn seeded() -> store::testing::TestStore {
+    let db = store::testing::test_store(None);
+    let store = &db.store;
     for chunk in 0..(PATIENTS / 100) {
         let mut ops = Vec::new();
         for i in chunk * 100..(chunk + 1) * 100 {
@@ -33,7 +35,7 @@ fn seeded(dir: &Path) -> Arc<SqliteStore> {
         }
         store.write(ops).expect("write");
     }
-    Arc::new(store)
+    db
 }
 
 fn config(dir: &Path, workers: usize) -> ExportConfig {
@@ -140,7 +142,8 @@ fn contents(dir: &Path, manifest: &Value) -> BTreeMap<String, Vec<String>> {
 #[test]
 fn workers_share_an_export_split_into_items() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = seeded(dir.path());
+    let db = seeded();
+    let store = db.store.clone();
     let svc = ExportService::open(store, config(dir.path(), 3)).expect("service");
     svc.start_workers().expect("workers");
     let id = kickoff(&svc, ExportLevel::System, &[]);
@@ -167,7 +170,8 @@ fn workers_share_an_export_split_into_items() {
 #[test]
 fn an_item_of_a_dead_node_is_taken_over_after_the_heartbeat_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = seeded(dir.path());
+    let db = seeded();
+    let store = db.store.clone();
     // An API-only node queues the export; nobody works on it yet.
     let mut api = config(dir.path(), 0);
     api.exclusive_queue = false;
@@ -210,7 +214,8 @@ fn an_item_of_a_dead_node_is_taken_over_after_the_heartbeat_timeout() {
 #[test]
 fn cancel_stops_the_workers_and_removes_the_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = seeded(dir.path());
+    let db = seeded();
+    let store = db.store.clone();
     let mut c = config(dir.path(), 2);
     c.run.item_resources = 100;
     c.run.file_max_resources = 10;

@@ -4,7 +4,6 @@ mod support;
 
 use ingest::{BundleError, BundleOptions, EntryError, process_bundle};
 use serde_json::{Value, json};
-use store::Store;
 
 fn obs(subject: &str) -> Value {
     json!({"resourceType": "Observation", "status": "final", "code": {"text": "weight"},
@@ -28,7 +27,7 @@ fn transaction_resolves_urns_keeps_ids_and_answers_per_entry() {
          "request": {"method": "PUT", "url": "Patient/other"}}
     ]});
     let resp = process_bundle(
-        &store,
+        &*store,
         bundle,
         &BundleOptions {
             validate: true,
@@ -83,7 +82,7 @@ fn transaction_with_one_invalid_entry_writes_nothing() {
         {"resource": {"resourceType": "Patient", "id": "b", "birthDate": "1990-13-45"},
          "request": {"method": "PUT", "url": "Patient/b"}}
     ]});
-    let err = process_bundle(&store, bundle, &BundleOptions::default()).unwrap_err();
+    let err = process_bundle(&*store, bundle, &BundleOptions::default()).unwrap_err();
     assert_eq!(err.status(), 400);
     let oo = err.to_operation_outcome();
     assert_eq!(
@@ -102,7 +101,7 @@ fn transaction_rolls_back_on_a_version_conflict() {
                                 "request": {"method": "PUT", "url": format!("Patient/{id}")}})
     };
     process_bundle(
-        &store,
+        &*store,
         json!({"resourceType": "Bundle", "type": "transaction", "entry": [put("a")]}),
         &BundleOptions::default(),
     )
@@ -110,7 +109,7 @@ fn transaction_rolls_back_on_a_version_conflict() {
     let mut conflicting = put("a");
     conflicting["request"]["ifMatch"] = json!("W/\"5\"");
     let err = process_bundle(
-        &store,
+        &*store,
         json!({"resourceType": "Bundle", "type": "transaction", "entry": [put("b"), conflicting]}),
         &BundleOptions::default(),
     )
@@ -135,7 +134,7 @@ fn batch_entries_succeed_or_fail_independently() {
         {"request": {"method": "GET", "url": "Patient/a"}},
         {"request": {"method": "GET", "url": "Patient/zzz"}}
     ]});
-    let resp = process_bundle(&store, bundle, &BundleOptions::default()).unwrap();
+    let resp = process_bundle(&*store, bundle, &BundleOptions::default()).unwrap();
     assert_eq!(resp["type"], "batch-response");
     let statuses: Vec<&str> = resp["entry"]
         .as_array()
@@ -173,14 +172,14 @@ fn transaction_deletes_and_updates_in_fhir_order() {
     let seed = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": {"resourceType": "Patient", "id": "y"}, "request": {"method": "PUT", "url": "Patient/y"}}
     ]});
-    process_bundle(&store, seed, &BundleOptions::default()).unwrap();
+    process_bundle(&*store, seed, &BundleOptions::default()).unwrap();
     // The PUT is listed first, the DELETE second; both run (DELETE first, as FHIR orders them)
     // and each answers in its own entry's place.
     let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": {"resourceType": "Patient", "id": "x", "active": true}, "request": {"method": "PUT", "url": "Patient/x"}},
         {"request": {"method": "DELETE", "url": "Patient/y"}}
     ]});
-    let resp = process_bundle(&store, bundle, &BundleOptions::default()).unwrap();
+    let resp = process_bundle(&*store, bundle, &BundleOptions::default()).unwrap();
     assert_eq!(resp["entry"][0]["response"]["status"], "201 Created");
     assert_eq!(resp["entry"][1]["response"]["status"], "204 No Content");
     assert_eq!(store.read("Patient", "x").unwrap().version, 1);
@@ -194,7 +193,7 @@ fn transaction_changing_one_resource_twice_fails_and_writes_nothing() {
         {"resource": {"resourceType": "Patient", "id": "x", "active": true}, "request": {"method": "PUT", "url": "Patient/x"}},
         {"request": {"method": "DELETE", "url": "Patient/x"}}
     ]});
-    let err = process_bundle(&store, bundle, &BundleOptions::default()).unwrap_err();
+    let err = process_bundle(&*store, bundle, &BundleOptions::default()).unwrap_err();
     assert!(err.to_string().contains("at most once"), "{err}");
     assert!(store.read("Patient", "x").is_err());
 }

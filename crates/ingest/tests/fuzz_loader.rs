@@ -25,7 +25,6 @@ use ingest::{BundleOptions, LoadOptions, load_into_store, process_bundle};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use serde_json::{Map, Value, json};
-use store::Store;
 
 fn config(default_cases: u32) -> Config {
     let cases = std::env::var("PROPTEST_CASES")
@@ -463,7 +462,7 @@ proptest! {
             write_file(&input.join("zz-bundle.json"), b, false);
         }
         let (_sd, store) = support::temp_store();
-        let summary = load_into_store(&store, std::slice::from_ref(&input), &LoadOptions::default(), &mut |_| {});
+        let summary = load_into_store(&*store, std::slice::from_ref(&input), &LoadOptions::default(), &mut |_| {});
         let summary = match summary {
             Ok(s) => s,
             Err(e) => return Err(TestCaseError::fail(format!("load failed: {e}"))),
@@ -569,7 +568,7 @@ proptest! {
         if let Some(x) = extra {
             bundle["entry"] = x;
         }
-        let result = process_bundle(&store, bundle, &BundleOptions { validate, return_resources });
+        let result = process_bundle(&*store, bundle, &BundleOptions { validate, return_resources });
         match result {
             Ok(resp) => {
                 let got = resp["entry"].as_array().map_or(0, Vec::len);
@@ -600,7 +599,7 @@ fn a_line_that_is_not_utf8_is_reported_and_the_rest_loads() {
         write_file(&path, &bytes, gzip);
         let (_sd, store) = support::temp_store();
         let summary = load_into_store(
-            &store,
+            &*store,
             std::slice::from_ref(&path),
             &LoadOptions::default(),
             &mut |_| {},

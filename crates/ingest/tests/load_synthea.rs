@@ -5,7 +5,6 @@ mod support;
 use std::collections::BTreeMap;
 
 use ingest::{LoadOptions, load_into_store};
-use store::Store;
 
 /// Bundle entries per type, from testdata/synthea-r4-100/PROVENANCE.md (the data README table).
 const ENTRIES: [(&str, u64); 17] = [
@@ -33,7 +32,7 @@ fn loads_all_of_synthea_100_with_every_reference_resolved() {
     let (_dir, store) = support::temp_store();
     let mut last = None;
     let summary = load_into_store(
-        &store,
+        &*store,
         &[support::testdata("synthea-r4-100")],
         &LoadOptions::default(),
         &mut |p| last = Some(p.clone()),
@@ -59,7 +58,7 @@ fn loads_all_of_synthea_100_with_every_reference_resolved() {
     assert_eq!(summary.written(), 38_971);
 
     // Organizations and Practitioners repeat across files under one id: 203 distinct each.
-    let (current, broken) = support::check_references(&store);
+    let (current, broken) = support::check_references(&*store);
     expected.insert("Organization".into(), 203);
     expected.insert("Practitioner".into(), 203);
     assert_eq!(current, expected);
@@ -82,7 +81,7 @@ fn loads_all_of_synthea_100_with_every_reference_resolved() {
 
     // Loading again makes new versions, not duplicates.
     let again = load_into_store(
-        &store,
+        &*store,
         &[support::testdata(
             "synthea-r4-100/groupInformation1588766256867.json.gz",
         )],

@@ -7,7 +7,6 @@ use std::io::Write;
 
 use ingest::{LoadError, LoadOptions, load_into_store};
 use serde_json::Value;
-use store::Store;
 
 fn patient_line(id: &str, n: usize) -> String {
     format!(
@@ -43,7 +42,7 @@ fn updates_spread_over_many_units_apply_in_input_order() {
     let (_d, store) = support::temp_store();
     let mut seen = Vec::new();
     let summary = load_into_store(
-        &store,
+        &*store,
         &[input],
         &LoadOptions {
             chunk_size: 300,
@@ -86,7 +85,7 @@ fn strict_writes_what_precedes_the_first_invalid_resource_and_nothing_after() {
     drop(f);
     let (_d, store) = support::temp_store();
     let err = load_into_store(
-        &store,
+        &*store,
         std::slice::from_ref(&file),
         &LoadOptions {
             strict: true,
@@ -109,7 +108,7 @@ fn strict_writes_what_precedes_the_first_invalid_resource_and_nothing_after() {
 
     // Without strict the same file loads all but the invalid line, reported with its line.
     let (_d2, store) = support::temp_store();
-    let summary = load_into_store(&store, &[file], &LoadOptions::default(), &mut |_| {}).unwrap();
+    let summary = load_into_store(&*store, &[file], &LoadOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(summary.written(), 3000);
     assert_eq!(summary.invalid, 1);
     assert!(summary.problems[0].location.ends_with("x.ndjson:2101"));

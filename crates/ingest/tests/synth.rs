@@ -3,7 +3,6 @@
 mod support;
 
 use ingest::{LoadOptions, SynthOptions, load_into_store, synthesize};
-use store::Store;
 
 #[test]
 fn synthetic_patients_load_with_all_references_resolved() {
@@ -32,7 +31,7 @@ fn synthetic_patients_load_with_all_references_resolved() {
 
     let (_d, store) = support::temp_store();
     let loaded = load_into_store(
-        &store,
+        &*store,
         &[out.path().to_path_buf()],
         &LoadOptions::default(),
         &mut |_| {},
@@ -40,7 +39,7 @@ fn synthetic_patients_load_with_all_references_resolved() {
     .unwrap();
     assert_eq!(loaded.invalid, 0, "{:?}", loaded.problems.first());
     assert_eq!(loaded.per_type, summary.per_type);
-    let (current, broken) = support::check_references(&store);
+    let (current, broken) = support::check_references(&*store);
     assert!(broken.is_empty(), "{:?}", &broken[..3.min(broken.len())]);
     assert_eq!(current["Patient"], 7);
     // Every written resource has an id of its own: as many current resources as lines written.

@@ -26,10 +26,12 @@ struct Server {
     c: reqwest::Client,
     dir: tempfile::TempDir,
     export: Arc<export::ExportService>,
+    /// The store (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`) and its database's guard.
+    db: store::testing::TestStore,
 }
 
 /// `patients` Patients of about `pad` bytes each.
-fn fill(store: &store::SqliteStore, patients: usize, pad: usize) {
+fn fill(store: &dyn Store, patients: usize, pad: usize) {
     let text = "x".repeat(pad);
     let ops: Vec<WriteOp> = (0..patients)
         .map(|i| WriteOp::Create {
@@ -48,8 +50,12 @@ async fn start(
     tune: impl FnOnce(&Path, &mut export::ExportConfig),
 ) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store = server::open_store(dir.path()).unwrap();
-    fill(&store, patients, 200);
+    // Store calls block (PostgreSQL's client): off the async workers.
+    let db = tokio::task::block_in_place(|| {
+        let db = store::testing::test_store(Some(Arc::new(search::SearchIndexer)));
+        fill(&*db.store, patients, 200);
+        db
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let mut config = server::config::ExportOptions::default()
@@ -61,13 +67,15 @@ async fn start(
     config.sweep_every = Duration::from_millis(100);
     config.run.heartbeat_every = Duration::from_millis(100);
     tune(dir.path(), &mut config);
-    let state = server::AppState::with_export(
-        Arc::new(store),
-        base.clone(),
-        auth::Auth::none(),
-        1 << 20,
-        config,
-    )
+    let state = tokio::task::block_in_place(|| {
+        server::AppState::with_export(
+            db.store.clone(),
+            base.clone(),
+            auth::Auth::none(),
+            1 << 20,
+            config,
+        )
+    })
     .unwrap();
     let export = state.export.clone();
     tokio::spawn(server::serve_connections(
@@ -82,6 +90,7 @@ async fn start(
         c: reqwest::Client::new(),
         dir,
         export,
+        db,
     }
 }
 
@@ -321,8 +330,7 @@ async fn a_cancel_recorded_before_a_crash_has_its_files_removed_by_the_sweeper()
     assert!(folder.exists());
     // What a DELETE interrupted by kill -9 leaves: the cancel recorded, the files still there.
     let job = status_url.rsplit('/').next().unwrap();
-    let q = export::jobs::SqliteJobQueue::open(&s.dir.path().join("exports.db")).unwrap();
-    export::JobQueue::cancel(&q, job, 0).unwrap();
+    tokio::task::block_in_place(|| s.db.jobs().unwrap().cancel(job, 0)).unwrap();
     wait_until("the cancelled export's files are removed", || {
         !folder.exists()
     })
@@ -378,7 +386,10 @@ async fn a_complete_export_expires_after_the_retention_period() {
         StatusCode::NOT_FOUND
     );
     // The service agrees (and holds no slot for it).
-    assert_eq!(s.export.resume().unwrap(), 0);
+    assert_eq!(
+        tokio::task::block_in_place(|| s.export.resume()).unwrap(),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

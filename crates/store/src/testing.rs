@@ -47,15 +47,19 @@ pub fn fresh_database(base_url: &str) -> Result<TestDatabase, StoreError> {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        let dropped = Target::parse(&self.base_url, Duration::from_secs(10))
-            .and_then(|t| t.connect())
-            .and_then(|mut c| {
-                c.batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                ))
-                .map_err(StoreError::from)
-            });
+        // On a thread of its own: the guard may drop inside an async test, where the blocking
+        // client cannot run.
+        let (base_url, name) = (self.base_url.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            Target::parse(&base_url, Duration::from_secs(10))
+                .and_then(|t| t.connect())
+                .and_then(|mut c| {
+                    c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .map_err(StoreError::from)
+                })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(StoreError::Corrupt("the drop thread panicked".into())));
         if let Err(e) = dropped {
             eprintln!("could not drop test database {}: {e}", self.name);
         }

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use serde_json::Value;
-use store::{SeqBounds, SqliteOptions, SqliteStore, Store};
+use store::{SeqBounds, Store};
 
 pub fn testdata(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -14,10 +14,12 @@ pub fn testdata(name: &str) -> PathBuf {
         .join(name)
 }
 
-pub fn temp_store() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open_data_dir(dir.path(), SqliteOptions::default()).unwrap();
-    (dir, store)
+/// A fresh store without search indexing, on the backend `FHIRHOSE_TEST_DATABASE` selects
+/// (SQLite without it), and the guard of its database (keep it alive).
+pub fn temp_store() -> (store::testing::TestStore, std::sync::Arc<dyn Store>) {
+    let db = store::testing::test_store(None);
+    let store = db.store.clone();
+    (db, store)
 }
 
 /// Current resources per type, and the references that do not resolve (to a stored resource,

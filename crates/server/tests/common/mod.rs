@@ -30,34 +30,57 @@ pub fn external(var: &str, script: &str) -> Option<String> {
     }
 }
 
-/// A server on 127.0.0.1 over a fresh data directory.
+/// A server on 127.0.0.1 over a fresh store (SQLite, or PostgreSQL with
+/// `FHIRHOSE_TEST_DATABASE`: [`store::testing`]) and a fresh directory for its storage containers.
 pub struct Server {
     pub base: String,
     pub c: reqwest::Client,
     pub dir: tempfile::TempDir,
+    /// The store and what keeps its database alive.
+    pub db: store::testing::TestStore,
+}
+
+/// A fresh store with search indexing, on the backend `FHIRHOSE_TEST_DATABASE` selects. Call it
+/// off the async workers (PostgreSQL's client blocks): in `spawn_blocking`.
+pub fn test_store() -> store::testing::TestStore {
+    store::testing::test_store(Some(Arc::new(search::SearchIndexer)))
 }
 
 /// Loads `paths` into a fresh data directory and serves it with these export options.
 pub async fn start(paths: &[PathBuf], options: server::config::ExportOptions) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store = server::open_store(dir.path()).unwrap();
-    ingest::load_into_store(&store, paths, &ingest::LoadOptions::default(), &mut |_| {}).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let export = options.export_config(dir.path(), base.clone()).unwrap();
-    let state = server::AppState::with_export(
-        Arc::new(store),
-        base.clone(),
-        auth::Auth::none(),
-        1 << 20,
-        export,
-    )
+    let paths = paths.to_vec();
+    let url = base.clone();
+    let (db, state) = tokio::task::spawn_blocking(move || {
+        let db = test_store();
+        ingest::load_into_store(
+            &*db.store,
+            &paths,
+            &ingest::LoadOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        let state = server::AppState::with_export(
+            db.store.clone(),
+            url,
+            auth::Auth::none(),
+            1 << 20,
+            export,
+        )
+        .unwrap();
+        (db, state)
+    })
+    .await
     .unwrap();
     tokio::spawn(async move { axum::serve(listener, server::router(state)).await.unwrap() });
     Server {
         base,
         c: reqwest::Client::new(),
         dir,
+        db,
     }
 }
 
