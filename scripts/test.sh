@@ -13,6 +13,9 @@ export FHIRHOSE_TEST_AZURITE=http://127.0.0.1:10000/devstoreaccount1
 # S3 destination: moto (PyPI moto[server]) on 127.0.0.1:5000.
 ./scripts/s3.sh
 export FHIRHOSE_TEST_S3=http://127.0.0.1:5000
+# Parquet reader for the `fhirhose view --format parquet` test: pyarrow (PyPI) in .tools/pyarrow.
+FHIRHOSE_TEST_PYARROW=$(./scripts/pyarrow.sh | tail -n 1)
+export FHIRHOSE_TEST_PYARROW
 # OCI registry for de-identification configs in images: Debian's docker-registry on 127.0.0.1:5001.
 ./scripts/registry.sh
 export FHIRHOSE_TEST_REGISTRY=127.0.0.1:5001
@@ -26,5 +29,10 @@ export FHIRHOSE_TEST_POSTGRES
 cargo test --workspace --profile ci "$@"
 
 # The suites parameterised by backend, a second time against PostgreSQL (a fresh database per
-# test, see store::testing).
-FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --profile ci -p store -p search "$@"
+# test, see store::testing). The server's export suites open their store through its harness;
+# its other HTTP suites (http, hardening, smart_*, search_limits) still open SQLite and are not
+# repeated.
+FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --profile ci -p store -p search -p ingest -p export "$@"
+FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --profile ci -p server --test export \
+  --test export_lifecycle --test deid_export --test export_group_limits --test azure_export \
+  --test s3_export "$@"

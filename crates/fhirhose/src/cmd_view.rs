@@ -1,8 +1,8 @@
-//! `fhirhose view VIEW.json INPUT… --format csv|ndjson --out DIR`: runs a SQL on FHIR
+//! `fhirhose view VIEW.json INPUT… --format csv|ndjson|parquet --out DIR`: runs a SQL on FHIR
 //! ViewDefinition over NDJSON / JSON files and folders (`.gz` too), for users who have an export.
 //!
 //! Lines are read in batches; worker threads parse and evaluate their share of a batch and format
-//! its rows; the batches' text is written in input order to `DIR/<view name>.<format>` through a
+//! its rows (Parquet: hands them back as rows); the batches' output is written in input order to `DIR/<view name>.<format>` through a
 //! temporary file renamed at the end (a failed run leaves no partial output).
 
 use std::fs;
@@ -22,6 +22,8 @@ pub enum Format {
     Csv,
     /// One JSON object per row.
     Ndjson,
+    /// Typed columns from the columns' `type`s, snappy, row groups of 1 M rows or 128 MiB.
+    Parquet,
 }
 
 impl Format {
@@ -29,6 +31,7 @@ impl Format {
         match self {
             Format::Csv => "csv",
             Format::Ndjson => "ndjson",
+            Format::Parquet => "parquet",
         }
     }
 }
@@ -41,7 +44,7 @@ pub struct ViewArgs {
     /// or folders of them (walked recursively).
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
-    /// Output format (Parquet is planned).
+    /// Output format.
     #[arg(long, value_enum, default_value = "csv")]
     pub format: Format,
     /// Output folder: the rows go to `<view name>.<format>` in it (the view's `name`, else the
@@ -114,9 +117,23 @@ pub fn run(args: ViewArgs) -> Result<(), String> {
     let result = (|| -> Result<(), String> {
         let f =
             fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        let mut w = BufWriter::with_capacity(1 << 20, f);
+        let w = BufWriter::with_capacity(1 << 20, f);
         let werr = |e: std::io::Error| format!("cannot write {}: {e}", output.display());
-        if args.format == Format::Csv {
+        let perr = |e: views::parquet::ParquetError| format!("{}: {e}", output.display());
+        let mut sink = if args.format == Format::Parquet {
+            Sink::Parquet(
+                views::parquet::ParquetWriter::new(
+                    &stem,
+                    view.columns(),
+                    w,
+                    views::parquet::Options::default(),
+                )
+                .map_err(perr)?,
+            )
+        } else {
+            Sink::Text(w)
+        };
+        if let (Format::Csv, Sink::Text(w)) = (args.format, &mut sink) {
             let mut header = String::new();
             views::csv::write_header(view.columns(), &mut header);
             w.write_all(header.as_bytes()).map_err(werr)?;
@@ -147,8 +164,8 @@ pub fn run(args: ViewArgs) -> Result<(), String> {
                     if batch.is_empty() {
                         break;
                     }
-                    for (text, c) in job.batch(file, &batch, threads)? {
-                        w.write_all(text.as_bytes()).map_err(werr)?;
+                    for (out, c) in job.batch(file, &batch, threads)? {
+                        sink.write(out, &werr, &perr)?;
                         counts.add(&c);
                     }
                     bar.set_message(format!(
@@ -163,10 +180,14 @@ pub fn run(args: ViewArgs) -> Result<(), String> {
                     .read_to_string(&mut text)
                     .map_err(|e| format!("{}: {e}", file.display()))?;
                 let (out, c) = job.document(file, &text)?;
-                w.write_all(out.as_bytes()).map_err(werr)?;
+                sink.write(out, &werr, &perr)?;
                 counts.add(&c);
             }
         }
+        let mut w = match sink {
+            Sink::Text(w) => w,
+            Sink::Parquet(p) => p.finish().map_err(perr)?,
+        };
         w.flush().map_err(werr)?;
         drop(w);
         fs::rename(&tmp, &output).map_err(|e| format!("cannot write {}: {e}", output.display()))
@@ -208,6 +229,34 @@ impl Counts {
     }
 }
 
+/// A batch part's output: formatted text, or the rows themselves for Parquet.
+enum Out {
+    Text(String),
+    Rows(Vec<views::Row>),
+}
+
+enum Sink {
+    Text(BufWriter<fs::File>),
+    Parquet(views::parquet::ParquetWriter<BufWriter<fs::File>>),
+}
+
+impl Sink {
+    fn write(
+        &mut self,
+        out: Out,
+        werr: &dyn Fn(std::io::Error) -> String,
+        perr: &dyn Fn(views::parquet::ParquetError) -> String,
+    ) -> Result<(), String> {
+        match (self, out) {
+            (Sink::Text(w), Out::Text(text)) => w.write_all(text.as_bytes()).map_err(werr),
+            (Sink::Parquet(p), Out::Rows(rows)) => {
+                rows.iter().try_for_each(|r| p.write_row(r)).map_err(perr)
+            }
+            _ => Err("internal error: output kind does not match the format".into()),
+        }
+    }
+}
+
 struct Job<'v> {
     view: &'v View,
     format: Format,
@@ -223,7 +272,7 @@ impl Job<'_> {
         file: &Path,
         lines: &[(usize, String)],
         threads: usize,
-    ) -> Result<Vec<(String, Counts)>, String> {
+    ) -> Result<Vec<(Out, Counts)>, String> {
         let chunk = lines.len().div_ceil(threads).max(1);
         if threads == 1 || lines.len() < 64 {
             return Ok(vec![self.lines(file, lines)?]);
@@ -243,8 +292,15 @@ impl Job<'_> {
         })
     }
 
-    fn lines(&self, file: &Path, lines: &[(usize, String)]) -> Result<(String, Counts), String> {
-        let mut out = String::new();
+    fn out(&self) -> Out {
+        match self.format {
+            Format::Parquet => Out::Rows(Vec::new()),
+            Format::Csv | Format::Ndjson => Out::Text(String::new()),
+        }
+    }
+
+    fn lines(&self, file: &Path, lines: &[(usize, String)]) -> Result<(Out, Counts), String> {
+        let mut out = self.out();
         let mut c = Counts::default();
         let mut rows = Vec::new();
         for (line_no, line) in lines {
@@ -272,10 +328,10 @@ impl Job<'_> {
 
     /// A `.json` file: one resource, or a Bundle whose entries are read (unless the view reads
     /// Bundles).
-    fn document(&self, file: &Path, text: &str) -> Result<(String, Counts), String> {
+    fn document(&self, file: &Path, text: &str) -> Result<(Out, Counts), String> {
         let doc: Json = serde_json::from_str(text)
             .map_err(|e| format!("{}: invalid JSON: {e}", file.display()))?;
-        let mut out = String::new();
+        let mut out = self.out();
         let mut c = Counts::default();
         let mut rows = Vec::new();
         let is_bundle = doc.get("resourceType").and_then(Json::as_str) == Some("Bundle");
@@ -300,7 +356,7 @@ impl Job<'_> {
         at: usize,
         resource: &Json,
         rows: &mut Vec<views::Row>,
-        out: &mut String,
+        out: &mut Out,
         c: &mut Counts,
     ) -> Result<(), String> {
         if resource.get("resourceType").and_then(Json::as_str) != Some(self.view.resource_type()) {
@@ -315,13 +371,18 @@ impl Job<'_> {
             }
             return Err(format!("{}:{at}: {e}", file.display()));
         }
-        for row in rows.iter() {
-            match self.format {
-                Format::Csv => views::csv::write_row(row, out),
-                Format::Ndjson => views::ndjson::write_row(self.view.columns(), row, out),
+        c.rows += rows.len() as u64;
+        match out {
+            Out::Rows(all) => all.append(rows),
+            Out::Text(text) => {
+                for row in rows.iter() {
+                    match self.format {
+                        Format::Ndjson => views::ndjson::write_row(self.view.columns(), row, text),
+                        _ => views::csv::write_row(row, text),
+                    }
+                }
             }
         }
-        c.rows += rows.len() as u64;
         Ok(())
     }
 }

@@ -19,7 +19,8 @@
 //! ```
 //!
 //! Architecture Invariant: pure — no IO, no async (like `deid`). Writers (CSV/NDJSON here in
-//! [`csv`] and [`ndjson`] as text formatting) take rows; files and HTTP are the callers' business.
+//! [`csv`] and [`ndjson`] as text formatting, Parquet in `parquet` (feature `parquet`, default)
+//! into a caller-given `Write`) take rows; files and HTTP are the callers' business.
 
 mod error;
 mod functions;
@@ -29,6 +30,8 @@ mod view;
 
 pub mod csv;
 pub mod ndjson;
+#[cfg(feature = "parquet")]
+pub mod parquet;
 
 pub use error::{Reason, RowError, RowReason, ViewError};
 pub use functions::split_reference;
