@@ -2065,12 +2065,6 @@ impl Store for PgStore {
         })
     }
 
-    fn reindex(&self, resource_type: Option<&str>) -> Result<u64, StoreError> {
-        self.pool.run(|c| {
-            let types: Vec<(String, i64)> = c
-                .query("SELECT name, type_no FROM types ORDER BY name", &[])?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
     fn set_indexes_stale(&self, stale: bool) -> Result<(), StoreError> {
         PgStore::set_indexes_stale(self, stale)
     }
@@ -2083,6 +2077,12 @@ impl Store for PgStore {
         Ok(self.jobs.clone())
     }
 
+    fn reindex(&self, resource_type: Option<&str>) -> Result<u64, StoreError> {
+        self.pool.run(|c| {
+            let types: Vec<(String, i64)> = c
+                .query("SELECT name, type_no FROM types ORDER BY name", &[])?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
                 .collect();
             let mut total = 0u64;
             for (name, type_no) in types {
