@@ -353,53 +353,6 @@ impl AuthContext {
         }
     }
 
-    /// `$export` of `types`: each needs `r` and `s`. Names every missing type.
-    pub fn require_export<'a>(
-        &self,
-        types: impl IntoIterator<Item = &'a str>,
-    ) -> Result<(), AuthRejection> {
-        let missing: Vec<&str> = types
-            .into_iter()
-            .filter(|t| !self.scopes.can_export(t))
-            .collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(AuthRejection::Forbidden(format!(
-                "the granted scopes do not allow exporting {}",
-                missing.join(", ")
-            )))
-        }
-    }
-
-    /// The types an `$export` kick-off may cover. With a `_type` list, every listed type needs
-    /// `r` and `s` (403 names the missing ones). Without one, the export covers the types the
-    /// scopes allow (403 when there are none); `Ok(None)` means no restriction (mode `none`).
-    /// Patient- and Group-level exports should also `require_export(["Patient"])` /
-    /// `require_read("Group")`.
-    pub fn export_types(
-        &self,
-        requested: Option<&[String]>,
-    ) -> Result<Option<Vec<String>>, AuthRejection> {
-        match requested {
-            Some(types) => {
-                self.require_export(types.iter().map(String::as_str))?;
-                Ok(Some(types.to_vec()))
-            }
-            None if self.scopes.is_unrestricted() => Ok(None),
-            None => {
-                let types = self.scopes.exportable_types();
-                if types.is_empty() {
-                    return Err(AuthRejection::Forbidden(
-                        "the granted scopes allow exporting no resource type (export needs `r` and `s`, or v1 `read`)"
-                            .to_owned(),
-                    ));
-                }
-                Ok(Some(types))
-            }
-        }
-    }
-
     /// Whether this caller may see a job started by `owner` (the client_id recorded at kick-off).
     /// The all-allowing context of mode `none` sees every job.
     pub fn owns(&self, owner: Option<&str>) -> bool {

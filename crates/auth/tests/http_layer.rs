@@ -326,17 +326,11 @@ async fn scopes_are_enforced_per_type_with_403() {
 }
 
 #[tokio::test]
-async fn export_and_ownership_helpers() {
+async fn ownership_helpers() {
     let ctx = AuthContext {
         client_id: Some("a".into()),
         scopes: auth::Scopes::parse("system/Patient.rs system/Observation.r").unwrap(),
     };
-    ctx.require_export(["Patient"]).unwrap();
-    let e = ctx
-        .require_export(["Patient", "Observation", "Encounter"])
-        .unwrap_err();
-    let msg = e.to_string();
-    assert!(msg.contains("Observation, Encounter"), "{msg}");
     assert_eq!(ctx.scopes.exportable_types(), vec!["Patient".to_string()]);
     assert!(ctx.owns(Some("a")));
     assert!(!ctx.owns(Some("b")));
@@ -537,32 +531,3 @@ fn capability_statement_security() {
     assert!(Auth::none().capability_security().is_none());
 }
 
-#[test]
-fn export_type_lists() {
-    let ctx = AuthContext {
-        client_id: Some("a".into()),
-        scopes: auth::Scopes::parse("system/Patient.rs system/Observation.read system/Encounter.r")
-            .unwrap(),
-    };
-    assert_eq!(
-        ctx.export_types(None).unwrap(),
-        Some(vec!["Observation".to_string(), "Patient".to_string()])
-    );
-    let asked = vec!["Patient".to_string()];
-    assert_eq!(ctx.export_types(Some(&asked)).unwrap(), Some(asked.clone()));
-    let asked = vec!["Patient".to_string(), "Encounter".to_string()];
-    let e = ctx.export_types(Some(&asked)).unwrap_err();
-    assert!(e.to_string().contains("Encounter"));
-    let none = AuthContext {
-        client_id: Some("b".into()),
-        scopes: auth::Scopes::parse("system/Patient.r").unwrap(),
-    };
-    assert!(matches!(
-        none.export_types(None),
-        Err(AuthRejection::Forbidden(_))
-    ));
-    assert_eq!(
-        AuthContext::unrestricted().export_types(None).unwrap(),
-        None
-    );
-}
