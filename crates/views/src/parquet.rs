@@ -251,7 +251,7 @@ impl ColumnBuf {
                     Value::String(s) => s.parse().ok(),
                     _ => None,
                 };
-                out.push(i.ok_or_else(|| bad())?);
+                out.push(i.ok_or_else(&bad)?);
                 Ok(4)
             }
             Values::I64(out) => {
@@ -260,7 +260,7 @@ impl ColumnBuf {
                     Value::String(s) => s.parse().ok(),
                     _ => None,
                 };
-                out.push(i.ok_or_else(|| bad())?);
+                out.push(i.ok_or_else(&bad)?);
                 Ok(8)
             }
             Values::F64(out) => {
@@ -271,7 +271,7 @@ impl ColumnBuf {
                     }
                     _ => None,
                 };
-                out.push(d.ok_or_else(|| bad())?);
+                out.push(d.ok_or_else(&bad)?);
                 Ok(8)
             }
             Values::Bytes(out) if storage == Storage::Bytes => {
@@ -279,7 +279,7 @@ impl ColumnBuf {
                     Value::String(s) => base64_decode(s),
                     _ => None,
                 };
-                let bytes = bytes.ok_or_else(|| bad())?;
+                let bytes = bytes.ok_or_else(&bad)?;
                 let n = bytes.len();
                 out.push(ByteArray::from(bytes));
                 Ok(n)
@@ -335,7 +335,7 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
         .strip_suffix(b"==")
         .or_else(|| clean.strip_suffix(b"="))
         .unwrap_or(&clean);
-    if body.len() % 4 == 1 || (clean.len() != body.len() && clean.len() % 4 != 0) {
+    if body.len() % 4 == 1 || (clean.len() != body.len() && !clean.len().is_multiple_of(4)) {
         return None;
     }
     let mut out = Vec::with_capacity(body.len() / 4 * 3 + 2);
