@@ -530,4 +530,3 @@ fn capability_statement_security() {
     assert_eq!(sec["extension"][0]["extension"][0]["valueUri"], TOKEN_URL);
     assert!(Auth::none().capability_security().is_none());
 }
-

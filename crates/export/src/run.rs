@@ -54,7 +54,9 @@ impl RunError {
     pub fn is_transient(&self) -> bool {
         match self {
             RunError::Sink(e) => e.is_transient(),
-            RunError::Store(store::StoreError::Io { .. } | store::StoreError::Unavailable { .. }) => true,
+            RunError::Store(
+                store::StoreError::Io { .. } | store::StoreError::Unavailable { .. },
+            ) => true,
             _ => false,
         }
     }

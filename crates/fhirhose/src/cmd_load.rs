@@ -140,7 +140,9 @@ pub fn run(args: LoadArgs) -> Result<(), Failure> {
         eprintln!("invalid: {}: {}", p.location, p.message);
     }
     if args.strict && summary.invalid > 0 {
-        return Err(Failure::from("invalid resources found (--strict)".to_string()));
+        return Err(Failure::from(
+            "invalid resources found (--strict)".to_string(),
+        ));
     }
     Ok(())
 }

@@ -5,8 +5,8 @@ mod cmd_load;
 mod cmd_reindex;
 mod cmd_serve;
 mod cmd_synth;
-mod failure;
 mod cmd_view;
+mod failure;
 mod progress;
 
 use std::process::ExitCode;

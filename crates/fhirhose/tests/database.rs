@@ -33,7 +33,10 @@ fn assert_unavailable(out: &Output, what: &str) {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{what}: {stderr}");
     assert!(!stderr.contains("panicked"), "{what}: {stderr}");
-    assert!(!stderr.contains("s3cret"), "{what} shows the password: {stderr}");
+    assert!(
+        !stderr.contains("s3cret"),
+        "{what} shows the password: {stderr}"
+    );
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("error: ") && last.contains("unavailable") && last.contains("127.0.0.1"),
@@ -89,7 +92,10 @@ fn a_database_value_naming_no_backend_is_refused_before_anything_opens() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--database"), "{stderr}");
-    assert!(stderr.contains("postgres:// or postgresql:// URL"), "{stderr}");
+    assert!(
+        stderr.contains("postgres:// or postgresql:// URL"),
+        "{stderr}"
+    );
     // Nothing was created: a typo must not start an empty SQLite store.
     assert!(!data.exists());
 }

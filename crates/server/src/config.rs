@@ -380,10 +380,7 @@ impl ExportOptions {
         data_dir: &std::path::Path,
         base_url: String,
     ) -> Result<export::ExportConfig, ConfigError> {
-        let mut c = export::ExportConfig::local(
-            data_dir.join("storage"),
-            base_url,
-        );
+        let mut c = export::ExportConfig::local(data_dir.join("storage"), base_url);
         if let Some(w) = self.export_workers {
             c.workers = w;
         }

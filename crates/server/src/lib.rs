@@ -60,8 +60,11 @@ impl AppState {
             .export_config(data_dir, base_url.clone())
             .map_err(|e| export::ExportError::Internal(e.to_string()))?;
         let state = AppState::with_export(store, base_url.clone(), auth, max_body_bytes, config)?;
-        let policy =
-            negotiate::RequestPolicy::new(&base_url, !state.auth.requires_access_token(), Some(data_dir));
+        let policy = negotiate::RequestPolicy::new(
+            &base_url,
+            !state.auth.requires_access_token(),
+            Some(data_dir),
+        );
         Ok(AppState {
             policy: Arc::new(policy),
             ..state
@@ -207,12 +210,13 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let database = config.database();
     // The store's calls block (PostgreSQL's client runs a runtime of its own): off the async
     // workers, like every store call.
-    let store = tokio::task::block_in_place(|| open_database(&database, true)).map_err(
-        |source| ServeError::Store {
-            database: database.describe(),
-            source,
-        },
-    )?;
+    let store =
+        tokio::task::block_in_place(|| open_database(&database, true)).map_err(|source| {
+            ServeError::Store {
+                database: database.describe(),
+                source,
+            }
+        })?;
     if tokio::task::block_in_place(|| store.indexes_stale()).unwrap_or(false) {
         tracing::warn!(
             database = %database.describe(),

@@ -9,8 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use store::{
-    HistoryMethod, HistoryPage, HistoryQuery, HistoryScope, StoredResource, WriteOp,
-    WriteOutcome,
+    HistoryMethod, HistoryPage, HistoryQuery, HistoryScope, StoredResource, WriteOp, WriteOutcome,
 };
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
