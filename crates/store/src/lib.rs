@@ -29,6 +29,7 @@ mod index;
 pub mod jobs;
 mod lock;
 mod open;
+mod ops;
 pub mod plan;
 pub mod postgres;
 mod sql_plan;

@@ -63,16 +63,17 @@ mod search;
 
 pub use jobs::PgJobQueue;
 
-use crate::stamp::{PreparedResource, format_instant_ms, is_valid_id, is_valid_type_name};
+use crate::stamp::{PreparedResource, format_instant_ms};
 use crate::{
     HistoryEntry, HistoryMethod, HistoryPage, HistoryQuery, HistoryScope, IndexEntry, IndexValue,
     Indexer, ListFilter, ListPage, ScanRow, SeqBounds, SeqStats, Store, StoreError, StoredResource,
     Tombstone, Watermark, WriteOp, WriteOutcome, WriteStatus,
 };
 
-const TYPE_SHIFT: u32 = 40;
-const MAX_SEQ: i64 = (1 << TYPE_SHIFT) - 1;
-const DEFAULT_HISTORY_COUNT: usize = 50;
+use crate::ops::{
+    Body, DEFAULT_HISTORY_COUNT, MAX_SEQ, Prepared, check_update, key, method_code, method_of,
+    prepare,
+};
 /// `pg_advisory_xact_lock` key held by every write transaction (ASCII "fhhose" + 1).
 pub const WRITE_LOCK: i64 = 0x0066_6868_6f73_6501;
 /// `pg_advisory_lock` key held while migrations are applied.
@@ -1284,158 +1285,6 @@ fn copy_index_rows(
         w.finish()?;
     }
     Ok(())
-}
-
-fn key(type_no: i64, seq: i64) -> i64 {
-    (type_no << TYPE_SHIFT) | seq.clamp(0, MAX_SEQ)
-}
-
-fn method_code(m: HistoryMethod) -> i64 {
-    match m {
-        HistoryMethod::Post => 0,
-        HistoryMethod::Put => 1,
-        HistoryMethod::Delete => 2,
-    }
-}
-
-fn method_of(code: i64) -> Result<HistoryMethod, StoreError> {
-    match code {
-        0 => Ok(HistoryMethod::Post),
-        1 => Ok(HistoryMethod::Put),
-        2 => Ok(HistoryMethod::Delete),
-        other => Err(StoreError::Corrupt(format!("unknown method code {other}"))),
-    }
-}
-
-fn resource_type_of(resource: &Value) -> Result<&str, StoreError> {
-    let Value::Object(m) = resource else {
-        return Err(StoreError::InvalidResource(
-            "a resource must be a JSON object".into(),
-        ));
-    };
-    match m.get("resourceType") {
-        Some(Value::String(t)) if is_valid_type_name(t) => Ok(t),
-        Some(Value::String(t)) => Err(StoreError::InvalidType(t.clone())),
-        _ => Err(StoreError::InvalidResource(
-            "resourceType is missing or not a string".into(),
-        )),
-    }
-}
-
-/// A write op after validation.
-struct Prepared {
-    resource_type: String,
-    id: Option<String>,
-    resource: Option<Body>,
-    if_match: Option<i64>,
-    method: HistoryMethod,
-}
-
-enum Body {
-    Json(serde_json::Map<String, Value>),
-    Ready(PreparedResource),
-}
-
-/// Check an update's target and body (the rules of [`WriteOp::Update`]).
-fn check_update(
-    resource_type: &str,
-    id: &str,
-    resource: Value,
-) -> Result<serde_json::Map<String, Value>, StoreError> {
-    if !is_valid_type_name(resource_type) {
-        return Err(StoreError::InvalidType(resource_type.to_string()));
-    }
-    if !is_valid_id(id) {
-        return Err(StoreError::InvalidId(id.to_string()));
-    }
-    let body_type = resource_type_of(&resource)?;
-    if body_type != resource_type {
-        return Err(StoreError::InvalidResource(format!(
-            "resourceType '{body_type}' does not match '{resource_type}'"
-        )));
-    }
-    let Value::Object(m) = resource else {
-        return Err(StoreError::InvalidResource(
-            "a resource must be a JSON object".into(),
-        ));
-    };
-    match m.get("id") {
-        None => {}
-        Some(Value::String(body_id)) if body_id == id => {}
-        Some(other) => {
-            return Err(StoreError::InvalidResource(format!(
-                "id {other} in the resource does not match '{id}'"
-            )));
-        }
-    }
-    Ok(m)
-}
-
-fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
-    match op {
-        WriteOp::Create { resource } => {
-            let resource_type = resource_type_of(&resource)?.to_string();
-            let Value::Object(m) = resource else {
-                return Err(StoreError::InvalidResource(
-                    "a resource must be a JSON object".into(),
-                ));
-            };
-            let id = match m.get("id") {
-                None => None,
-                Some(Value::String(id)) if is_valid_id(id) => Some(id.clone()),
-                Some(Value::String(id)) => return Err(StoreError::InvalidId(id.clone())),
-                Some(_) => return Err(StoreError::InvalidResource("id must be a string".into())),
-            };
-            Ok(Prepared {
-                resource_type,
-                id,
-                resource: Some(Body::Json(m)),
-                if_match: None,
-                method: HistoryMethod::Post,
-            })
-        }
-        WriteOp::Update {
-            resource_type,
-            id,
-            resource,
-            if_match,
-        } => {
-            let m = check_update(&resource_type, &id, resource)?;
-            Ok(Prepared {
-                resource_type,
-                id: Some(id),
-                resource: Some(Body::Json(m)),
-                if_match,
-                method: HistoryMethod::Put,
-            })
-        }
-        WriteOp::Put(ready) => Ok(Prepared {
-            resource_type: ready.resource_type.clone(),
-            id: Some(ready.id.clone()),
-            resource: Some(Body::Ready(ready)),
-            if_match: None,
-            method: HistoryMethod::Put,
-        }),
-        WriteOp::Delete {
-            resource_type,
-            id,
-            if_match,
-        } => {
-            if !is_valid_type_name(&resource_type) {
-                return Err(StoreError::InvalidType(resource_type));
-            }
-            if !is_valid_id(&id) {
-                return Err(StoreError::InvalidId(id));
-            }
-            Ok(Prepared {
-                resource_type,
-                id: Some(id),
-                resource: None,
-                if_match,
-                method: HistoryMethod::Delete,
-            })
-        }
-    }
 }
 
 fn seq_at_or_after(c: &mut impl GenericClient, instant_ms: i64) -> Result<i64, StoreError> {
