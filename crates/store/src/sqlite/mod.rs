@@ -1196,43 +1196,6 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn scan_type(
-        &self,
-        resource_type: &str,
-        as_of: i64,
-        after_seq: i64,
-        limit: usize,
-    ) -> Result<Vec<StoredResource>, StoreError> {
-        let mut out = Vec::with_capacity(limit.min(10_000));
-        if limit == 0 {
-            return Ok(out);
-        }
-        self.scan_type_each(
-            resource_type,
-            as_of,
-            SeqBounds {
-                after: after_seq,
-                up_to: i64::MAX,
-            },
-            &mut |row| {
-                out.push(StoredResource {
-                    resource_type: resource_type.to_string(),
-                    id: row.id.to_string(),
-                    seq: row.seq,
-                    version: row.version,
-                    last_updated: row.last_updated.to_string(),
-                    json: row.json.to_vec(),
-                });
-                if out.len() >= limit {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            },
-        )?;
-        Ok(out)
-    }
-
     fn scan_type_each(
         &self,
         resource_type: &str,
