@@ -26,6 +26,7 @@
 
 mod error;
 mod index;
+mod index_tables;
 pub mod jobs;
 mod lock;
 mod open;

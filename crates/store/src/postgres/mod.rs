@@ -70,6 +70,7 @@ use crate::{
     Tombstone, Watermark, WriteOp, WriteOutcome, WriteStatus,
 };
 
+use crate::index_tables::{INDEX_TABLES, VALUE_INDEXES};
 use crate::ops::{
     Body, DEFAULT_HISTORY_COUNT, MAX_SEQ, Prepared, check_update, key, method_code, method_of,
     prepare,
@@ -149,67 +150,6 @@ CREATE TABLE idx_uri(type_no bigint NOT NULL, param text COLLATE "C" NOT NULL,
   uri text COLLATE "C" NOT NULL, k bigint NOT NULL);
 CREATE INDEX idx_uri_k ON idx_uri(k);
 "#;
-
-/// The value indexes of the index tables (what searches look values up in), apart from the
-/// migrations because a bulk load may drop them and build them again at its end
-/// ([`Store::suspend_index_upkeep`]). Every open creates the missing ones. The `text` columns
-/// of the schema use the `C` collation: byte order, as SQLite compares, whatever the database's
-/// default collation, and range/prefix comparisons can use these indexes.
-pub const VALUE_INDEXES: [(&str, &str); 10] = [
-    (
-        "idx_token_value",
-        "CREATE INDEX IF NOT EXISTS idx_token_value ON idx_token(type_no, param, code, system, k)",
-    ),
-    (
-        "idx_token_text_value",
-        "CREATE INDEX IF NOT EXISTS idx_token_text_value ON idx_token_text(type_no, param, text, k)",
-    ),
-    (
-        "idx_string_value",
-        "CREATE INDEX IF NOT EXISTS idx_string_value ON idx_string(type_no, param, normalized, k)",
-    ),
-    (
-        "idx_date_value",
-        "CREATE INDEX IF NOT EXISTS idx_date_value ON idx_date(type_no, param, lo, hi, k)",
-    ),
-    (
-        "idx_number_value",
-        "CREATE INDEX IF NOT EXISTS idx_number_value ON idx_number(type_no, param, value, k)",
-    ),
-    (
-        "idx_quantity_value",
-        "CREATE INDEX IF NOT EXISTS idx_quantity_value ON idx_quantity(type_no, param, value, k)",
-    ),
-    (
-        "idx_reference_value",
-        "CREATE INDEX IF NOT EXISTS idx_reference_value ON idx_reference(type_no, param, target_id, target_type, k)",
-    ),
-    (
-        "idx_reference_url",
-        "CREATE INDEX IF NOT EXISTS idx_reference_url ON idx_reference(type_no, param, url, k) WHERE url IS NOT NULL",
-    ),
-    (
-        "idx_reference_identifier_value",
-        "CREATE INDEX IF NOT EXISTS idx_reference_identifier_value ON idx_reference_identifier(type_no, param, value, system, k)",
-    ),
-    (
-        "idx_uri_value",
-        "CREATE INDEX IF NOT EXISTS idx_uri_value ON idx_uri(type_no, param, uri, k)",
-    ),
-];
-
-/// The index tables, for deleting a version's rows and for reindexing.
-const INDEX_TABLES: [&str; 9] = [
-    "idx_token",
-    "idx_token_text",
-    "idx_string",
-    "idx_date",
-    "idx_number",
-    "idx_quantity",
-    "idx_reference",
-    "idx_reference_identifier",
-    "idx_uri",
-];
 
 /// Options of [`PgStore`].
 #[derive(Clone)]
