@@ -20,7 +20,7 @@ use store::{Store, StoreError};
 
 use crate::bundle::SearchPage;
 use crate::error::SearchError;
-use crate::query::{Filter, Include, Prefix, SearchQuery, StringMatch, TotalMode, Value};
+use crate::query::{Filter, Include, SearchQuery, TotalMode, Value};
 use crate::registry::{self, Storage};
 use crate::values::Decimal;
 
@@ -137,21 +137,6 @@ fn param_on(resource_type: &str, code: &str) -> ParamOn {
     }
 }
 
-fn prefix(p: Prefix) -> store::plan::Prefix {
-    use store::plan::Prefix as P;
-    match p {
-        Prefix::Eq => P::Eq,
-        Prefix::Ne => P::Ne,
-        Prefix::Gt => P::Gt,
-        Prefix::Lt => P::Lt,
-        Prefix::Ge => P::Ge,
-        Prefix::Le => P::Le,
-        Prefix::Sa => P::Sa,
-        Prefix::Eb => P::Eb,
-        Prefix::Ap => P::Ap,
-    }
-}
-
 fn number(d: &Decimal) -> NumberRange {
     NumberRange {
         value: d.value,
@@ -169,21 +154,17 @@ fn plan_value(v: &Value) -> PlanValue {
         Value::TokenText(t) => PlanValue::TokenText(t.clone()),
         Value::String { value, mode } => PlanValue::String {
             value: value.clone(),
-            mode: match mode {
-                StringMatch::Prefix => store::plan::StringMatch::Prefix,
-                StringMatch::Exact => store::plan::StringMatch::Exact,
-                StringMatch::Contains => store::plan::StringMatch::Contains,
-            },
+            mode: *mode,
         },
         Value::Date { prefix: p, range } => PlanValue::Date {
-            prefix: prefix(*p),
+            prefix: *p,
             range: MsRange {
                 lo: range.lo,
                 hi: range.hi,
             },
         },
         Value::Number { prefix: p, value } => PlanValue::Number {
-            prefix: prefix(*p),
+            prefix: *p,
             value: number(value),
         },
         Value::Quantity {
@@ -192,7 +173,7 @@ fn plan_value(v: &Value) -> PlanValue {
             system,
             code,
         } => PlanValue::Quantity {
-            prefix: prefix(*p),
+            prefix: *p,
             value: number(value),
             system: system.clone(),
             code: code.clone(),

@@ -6,46 +6,24 @@ use fhir_model::{SearchParamType, r4};
 use crate::error::SearchError;
 use crate::values::{self, DateRange, Decimal};
 
-/// Comparison prefixes of number, date and quantity parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prefix {
-    Eq,
-    Ne,
-    Gt,
-    Lt,
-    Ge,
-    Le,
-    Sa,
-    Eb,
-    Ap,
-}
+/// Comparison prefixes and string modes are the store plan's own types (the query hands them to
+/// the plan unchanged).
+pub use store::plan::{Prefix, StringMatch};
 
-impl Prefix {
-    fn parse(s: &str) -> Option<Prefix> {
-        Some(match s {
-            "eq" => Prefix::Eq,
-            "ne" => Prefix::Ne,
-            "gt" => Prefix::Gt,
-            "lt" => Prefix::Lt,
-            "ge" => Prefix::Ge,
-            "le" => Prefix::Le,
-            "sa" => Prefix::Sa,
-            "eb" => Prefix::Eb,
-            "ap" => Prefix::Ap,
-            _ => return None,
-        })
-    }
-}
-
-/// How a string value is compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StringMatch {
-    /// Default: normalized prefix.
-    Prefix,
-    /// `:exact`: case- and accent-sensitive equality.
-    Exact,
-    /// `:contains`: normalized substring.
-    Contains,
+/// The prefix a number, date or quantity value starts with (`eq`, `gt`, ...), if any.
+fn parse_prefix(s: &str) -> Option<Prefix> {
+    Some(match s {
+        "eq" => Prefix::Eq,
+        "ne" => Prefix::Ne,
+        "gt" => Prefix::Gt,
+        "lt" => Prefix::Lt,
+        "ge" => Prefix::Ge,
+        "le" => Prefix::Le,
+        "sa" => Prefix::Sa,
+        "eb" => Prefix::Eb,
+        "ap" => Prefix::Ap,
+        _ => return None,
+    })
 }
 
 /// One value of an OR list, typed by the parameter's type.
@@ -955,7 +933,7 @@ fn token_parts(raw: &str) -> (Option<String>, Option<String>) {
 fn split_prefix<'a>(name: &str, raw: &'a str) -> Result<(Prefix, &'a str), SearchError> {
     let b = raw.as_bytes();
     if b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1].is_ascii_alphabetic() {
-        let p = Prefix::parse(&raw[..2])
+        let p = parse_prefix(&raw[..2])
             .ok_or_else(|| SearchError::invalid(name, format!("unknown prefix '{}'", &raw[..2])))?;
         return Ok((p, &raw[2..]));
     }
