@@ -33,6 +33,9 @@ pub enum DateShiftScope {
     Resource,
     File,
     Folder,
+    /// Our extension: one shift per patient, for every resource of the patient's compartment
+    /// (patient.rs); `resource` scope for the others.
+    Patient,
 }
 
 /// `parameters` after defaults are filled.
@@ -370,6 +373,7 @@ impl Config {
             "" | "resource" => DateShiftScope::Resource,
             "file" => DateShiftScope::File,
             "folder" => DateShiftScope::Folder,
+            "patient" => DateShiftScope::Patient,
             other => return Err(parse_fail(format!("dateShiftScope {other} is invalid"))),
         };
         let fixed = match member(params, "dateShiftFixedOffsetInDays") {

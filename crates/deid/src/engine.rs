@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::config::{
     Config, ConfigError, DateShiftScope, Matcher, Method, Parameters, ProcessingErrors, Rule,
 };
+use crate::patient;
 use crate::plan::{Plan, Walk};
 use crate::transforms::{self, NumberKind, Shifted};
 
@@ -131,7 +132,7 @@ impl Engine {
     /// folder's last segment for `folder` scope; ignored for `resource` scope.
     pub fn with_file_context(mut self, file_name: &str, folder_name: &str) -> Engine {
         self.date_shift_prefix = match self.config.parameters.date_shift_scope {
-            DateShiftScope::Resource => String::new(),
+            DateShiftScope::Resource | DateShiftScope::Patient => String::new(),
             DateShiftScope::File => file_name.to_string(),
             DateShiftScope::Folder => folder_name.trim_end_matches(['/', '\\']).to_string(),
         };
@@ -264,6 +265,7 @@ impl Engine {
             resources.push((NodePath::root(), n.fhir_type().to_string(), false));
             collect_resources(&n, &mut resources);
         }
+        let patient_offsets = self.patient_offsets(root, &resources);
         let mut visited: HashSet<NodePath> = HashSet::new();
         let mut sealed: Vec<NodePath> = Vec::new();
         let mut ops = vec![0u8; resources.len()];
@@ -294,6 +296,8 @@ impl Engine {
                         ops: 0,
                         hits: 0,
                         today,
+                        resources: &resources,
+                        patient_offsets: &patient_offsets,
                     };
                     for node in &matched {
                         pass.process(node, "")?;
@@ -323,6 +327,37 @@ impl Engine {
         }
         cleanup(root, true);
         Ok(())
+    }
+
+    /// `dateShiftScope: "patient"`: per resource (as listed by `run`), the offset of its
+    /// patient, read on the input; a contained resource takes its container's.
+    fn patient_offsets(
+        &self,
+        root: &Json,
+        resources: &[(NodePath, String, bool)],
+    ) -> Vec<Option<i64>> {
+        if self.config.parameters.date_shift_scope != DateShiftScope::Patient {
+            return vec![None; resources.len()];
+        }
+        let bundle = patient::bundle_patients(root);
+        let key = &self.config.parameters.date_shift_key;
+        let mut out: Vec<Option<i64>> = Vec::with_capacity(resources.len());
+        for (i, (p, _, contained)) in resources.iter().enumerate() {
+            let o = if *contained {
+                (0..i)
+                    .rev()
+                    .find(|&j| p.0.starts_with(&resources[j].0.0))
+                    .and_then(|j| out[j])
+            } else {
+                Node::at_path(root, p)
+                    .and_then(|n| n.json())
+                    .and_then(Json::as_object)
+                    .and_then(|o| patient::patient_of(o, &bundle))
+                    .map(|id| transforms::patient_shift_offset(key, &id))
+            };
+            out.push(o);
+        }
+        out
     }
 
     fn matches<'a>(
@@ -516,6 +551,9 @@ struct Pass<'e, 'a> {
     ops: u8,
     hits: u64,
     today: NaiveDate,
+    /// The resources of the input and their patients' offsets (patient scope).
+    resources: &'e [(NodePath, String, bool)],
+    patient_offsets: &'e [Option<i64>],
 }
 
 pub(crate) fn primitive_text(v: &Json) -> Option<String> {
@@ -578,6 +616,15 @@ impl<'a> Pass<'_, 'a> {
                     }
                 };
                 let offset = || {
+                    // Patient scope: the patient of the innermost resource holding the node.
+                    if let Some(o) = self
+                        .resources
+                        .iter()
+                        .rposition(|(rp, _, _)| path.0.starts_with(&rp.0))
+                        .and_then(|i| self.patient_offsets[i])
+                    {
+                        return o;
+                    }
                     let prefix = if self.engine.date_shift_prefix.is_empty() {
                         // The ROOT resource's id as it is now (possibly already hashed).
                         root.get("id").and_then(primitive_text).unwrap_or_default()

@@ -5,6 +5,7 @@ pub mod config;
 
 pub use config::{Config, ConfigError, DateShiftScope, Method, Parameters, ProcessingErrors, Rule};
 pub mod engine;
+mod patient;
 mod plan;
 pub mod transforms;
 

@@ -26,11 +26,12 @@ use smallvec::SmallVec;
 use chrono::NaiveDate;
 use serde_json::Value as Json;
 
-use crate::config::{Config, Matcher, Method, Parameters, Rule};
+use crate::config::{Config, DateShiftScope, Matcher, Method, Parameters, Rule};
 use crate::engine::{
     Change, DeidError, add_labels, element_type_def, primitive_change, primitive_text,
     resource_type_of, rule_err,
 };
+use crate::patient;
 use crate::transforms::{self, NumberKind};
 
 /// Rule indexes are `u32`; `NONE` sorts after every rule.
@@ -235,6 +236,8 @@ struct NodeCx<'a> {
 pub(crate) struct ScopeOps {
     pub ops: u8,
     pub contained: bool,
+    /// `dateShiftScope: "patient"`: the offset of the resource's patient, if it has one.
+    pub patient_offset: Option<i64>,
 }
 
 /// One resource's single walk.
@@ -255,6 +258,8 @@ pub(crate) struct Walk<'e> {
     at_root_id: bool,
     /// Date-shift offsets computed so far, by prefix: file context, current id, original id.
     offsets: [std::cell::Cell<Option<i64>>; 3],
+    /// `dateShiftScope: "patient"`: the root Bundle's Patient entries by `fullUrl`.
+    bundle_patients: rustc_hash::FxHashMap<String, String>,
 }
 
 impl<'e> Walk<'e> {
@@ -277,6 +282,7 @@ impl<'e> Walk<'e> {
             id_rule: None,
             at_root_id: false,
             offsets: Default::default(),
+            bundle_patients: Default::default(),
         }
     }
 
@@ -288,9 +294,16 @@ impl<'e> Walk<'e> {
         };
         self.original_id = root.get("id").and_then(primitive_text).unwrap_or_default();
         self.current_id = self.original_id.clone();
+        let patient_offset = if self.params.date_shift_scope == DateShiftScope::Patient {
+            self.bundle_patients = patient::bundle_patients(root);
+            self.patient_offset(root)
+        } else {
+            None
+        };
         self.ops.push(ScopeOps {
             ops: 0,
             contained: false,
+            patient_offset,
         });
         let scopes = [Scope {
             plan: tp,
@@ -309,6 +322,15 @@ impl<'e> Walk<'e> {
             is_resource: true,
         };
         self.node(plan, root, &cx, &scopes, None, true)
+    }
+
+    /// The date-shift offset of a (non-contained) resource's patient.
+    fn patient_offset(&self, resource: &Json) -> Option<i64> {
+        let id = patient::patient_of(resource.as_object()?, &self.bundle_patients)?;
+        Some(transforms::patient_shift_offset(
+            &self.params.date_shift_key,
+            &id,
+        ))
     }
 
     /// The entries a node meets, per scope (only depth-1 scopes have any).
@@ -379,7 +401,7 @@ impl<'e> Walk<'e> {
         cover: Option<Cover>,
         node_is_resource: bool,
         name: &str,
-        nested: Option<(&str, bool)>,
+        nested: Option<(&str, bool, Option<i64>)>,
     ) -> Scopes<'p> {
         let mut out = Scopes::new();
         for (s, sc) in scopes.iter().enumerate() {
@@ -403,11 +425,15 @@ impl<'e> Walk<'e> {
                 id: sc.id,
             });
         }
-        if let Some((ty, contained)) = nested
+        if let Some((ty, contained, patient_offset)) = nested
             && let Some(tp) = plan.types.get(ty)
         {
             let id = self.ops.len();
-            self.ops.push(ScopeOps { ops: 0, contained });
+            self.ops.push(ScopeOps {
+                ops: 0,
+                contained,
+                patient_offset,
+            });
             out.push(Scope {
                 plan: tp,
                 trie: Some(&tp.trie),
@@ -522,7 +548,19 @@ impl<'e> Walk<'e> {
         };
         let def = nested_def.or(declared);
         let ty = nested_def.map_or(child.type_name, |d| d.name.as_str());
-        let nested = nested_def.map(|d| (d.name.as_str(), name == "contained"));
+        let nested = nested_def.map(|d| {
+            let contained = name == "contained";
+            // A contained resource shares its container's patient; another nested resource (a
+            // Bundle entry) has its own.
+            let patient_offset = if self.params.date_shift_scope != DateShiftScope::Patient {
+                None
+            } else if contained {
+                scopes.last().and_then(|sc| self.ops[sc.id].patient_offset)
+            } else {
+                self.patient_offset(item)
+            };
+            (d.name.as_str(), contained, patient_offset)
+        });
         let cs = self.child_scopes(
             plan,
             scopes,
@@ -620,6 +658,10 @@ impl<'e> Walk<'e> {
                     },
                 };
                 let offset = || {
+                    // Patient scope: the patient of the innermost resource holding the node.
+                    if let Some(o) = scopes.last().and_then(|sc| self.ops[sc.id].patient_offset) {
+                        return o;
+                    }
                     let (slot, prefix) = if !self.file_prefix.is_empty() {
                         (0, self.file_prefix)
                     } else if s > 0 || self.id_rule.is_some_and(|ir| ir < r) {

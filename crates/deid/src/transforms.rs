@@ -344,6 +344,22 @@ pub fn date_shift_offset(prefix: &str, key: &str) -> i64 {
     acc - 50
 }
 
+/// The date-shift offset of a patient for `dateShiftScope: "patient"` (our extension): days in
+/// [-50, 50] from HMAC-SHA256(key, "patient|" + patient id). Unlike [`date_shift_offset`] (a
+/// fold modulo 101, affine in the prefix), knowing the offsets of some patients tells nothing
+/// about another's.
+pub fn patient_shift_offset(key: &str, patient_id: &str) -> i64 {
+    let Ok(mut mac) = HmacSha256::new_from_slice(key.as_bytes()) else {
+        return date_shift_offset(patient_id, key);
+    };
+    mac.update(b"patient|");
+    mac.update(patient_id.as_bytes());
+    let d = mac.finalize().into_bytes();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    (u64::from_be_bytes(first) % 101) as i64 - 50
+}
+
 pub fn shift_date(
     text: &str,
     is_date: bool,

@@ -78,9 +78,13 @@ fn stress_configs() -> Vec<(String, Json)> {
         {"path": "Resource", "method": "keep"},
         {"path": "nodesByType('string')", "method": "redact"}
     ]});
+    // The same rules with one date shift per patient (our `patient` scope).
+    let mut patient = order.clone();
+    patient["parameters"]["dateShiftScope"] = json!("patient");
     vec![
         ("stress-order".into(), order),
         ("stress-seals".into(), seals),
+        ("stress-patient".into(), patient),
     ]
 }
 
