@@ -10,12 +10,14 @@ use serde_json::Value as Json;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AnonymizeArgs {
-    /// Input file or folder.
-    #[arg(short = 'i', long)]
-    pub input: PathBuf,
-    /// Output file or folder.
-    #[arg(short = 'o', long)]
-    pub output: PathBuf,
+    /// Input file or folder (or give it as the last argument).
+    #[arg(short = 'i', long = "input", required_unless_present = "input_arg")]
+    pub input: Option<PathBuf>,
+    #[arg(value_name = "INPUT", conflicts_with = "input")]
+    pub input_arg: Option<PathBuf>,
+    /// Output file or folder (not with --dry-run).
+    #[arg(short = 'o', long, required_unless_present = "dry_run")]
+    pub output: Option<PathBuf>,
     /// Anonymizer configuration (Microsoft FHIR anonymizer format).
     #[arg(short = 'c', long)]
     pub config: PathBuf,
@@ -37,6 +39,41 @@ pub struct AnonymizeArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Write no data: print a report of what the configuration would do (rules, untouched
+    /// fields, residual PHI, k-anonymity of the output Patients).
+    #[arg(long, conflicts_with = "decrypt")]
+    pub dry_run: bool,
+    /// The dry-run report as `table` (default) or `json`.
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    pub report_format: String,
+    /// Dry run: equivalence classes smaller than this are counted.
+    #[arg(long, default_value_t = 5)]
+    pub k: usize,
+    /// Dry run: quasi-identifiers of the output Patients (birthYear, ageBand, gender, zip3, state).
+    #[arg(long, value_delimiter = ',', default_value = "birthYear,gender,zip3")]
+    pub quasi_identifiers: Vec<String>,
+}
+
+impl AnonymizeArgs {
+    /// Arguments for a plain run (the library's callers).
+    pub fn new(input: PathBuf, output: PathBuf, config: PathBuf) -> AnonymizeArgs {
+        AnonymizeArgs {
+            input: Some(input),
+            input_arg: None,
+            output: Some(output),
+            config,
+            bulk: false,
+            recursive: false,
+            skip: false,
+            threads: None,
+            decrypt: false,
+            quiet: true,
+            dry_run: false,
+            report_format: "table".into(),
+            k: 5,
+            quasi_identifiers: vec!["birthYear".into(), "gender".into(), "zip3".into()],
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +108,8 @@ pub struct Summary {
     pub resources_skipped: u64,
     /// (rule index, rule path, nodes processed).
     pub rule_hits: Vec<(usize, String, u64)>,
+    /// `--dry-run`: the report (also printed to standard output).
+    pub report: Option<deid::report::Report>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
@@ -275,13 +314,116 @@ fn anonymize_batch(
     Ok(all)
 }
 
+/// `--dry-run`: every input resource through [`deid::report::DryRun`]; nothing is written.
+fn dry_run(args: &AnonymizeArgs, config: &Config, input_root: &Path) -> Result<Summary, CliError> {
+    let mut qis = Vec::new();
+    for q in &args.quasi_identifiers {
+        qis.push(deid::report::QuasiIdentifier::parse(q).ok_or_else(|| {
+            CliError::Usage(format!(
+                "unknown quasi-identifier '{q}' (birthYear, ageBand, gender, zip3, state)"
+            ))
+        })?);
+    }
+    let mut risk = deid::report::RiskOptions::new(chrono_today());
+    risk.quasi_identifiers = qis;
+    risk.k = args.k.max(1);
+    let mut files = Vec::new();
+    if input_root.is_dir() {
+        collect(input_root, args.recursive, args.bulk, &mut files)?;
+    } else {
+        files.push(input_root.to_path_buf());
+    }
+    let folder_name = input_root
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .to_string();
+    let mut all: Option<deid::report::DryRun> = None;
+    let mut summary = Summary::default();
+    for input in &files {
+        let file_name = input.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let engine = Engine::new(config.clone()).with_file_context(file_name, &folder_name);
+        let mut dry = deid::report::DryRun::new(engine, risk.clone());
+        let mut text = String::new();
+        let mut reader = open_text(input)?;
+        let one = |line: usize, t: &str, dry: &mut deid::report::DryRun| {
+            let err = |source| CliError::Resource {
+                path: input.clone(),
+                line,
+                source,
+            };
+            let v: Json = serde_json::from_str(t.trim_start_matches('\u{feff}'))
+                .map_err(|e| err(deid::DeidError::InvalidInput(e.to_string())))?;
+            // A resource the configuration fails on is counted in the report, not fatal.
+            let _ = dry.add(&v);
+            Ok::<(), CliError>(())
+        };
+        if args.bulk {
+            let mut n = 0;
+            loop {
+                text.clear();
+                if reader.read_line(&mut text).map_err(io(input))? == 0 {
+                    break;
+                }
+                n += 1;
+                if !text.trim().is_empty() {
+                    one(n, &text, &mut dry)?;
+                }
+            }
+        } else {
+            reader.read_to_string(&mut text).map_err(io(input))?;
+            one(1, &text, &mut dry)?;
+        }
+        summary.files += 1;
+        match &mut all {
+            None => all = Some(dry),
+            Some(a) => a.merge(dry),
+        }
+    }
+    let report = match all {
+        Some(d) => d.report(),
+        None => deid::report::DryRun::new(Engine::new(config.clone()), risk).report(),
+    };
+    summary.resources = report.resources;
+    summary.resources_skipped = report.skipped;
+    let mut out = std::io::stdout().lock();
+    let printed = if args.report_format == "json" {
+        serde_json::to_writer_pretty(&mut out, &report)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
+    } else {
+        write!(out, "{report}")
+    };
+    printed.map_err(io(Path::new("<stdout>")))?;
+    summary.report = Some(report);
+    Ok(summary)
+}
+
+/// Today's date, for the age-over-89 rule and age bands.
+fn chrono_today() -> chrono::NaiveDate {
+    chrono::Local::now().date_naive()
+}
+
 /// Runs the command. Fails (non-zero exit) on the first bad file, line or rule; no partial output.
 pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
+    let input_root = args
+        .input
+        .as_ref()
+        .or(args.input_arg.as_ref())
+        .ok_or_else(|| CliError::Usage("no input given".into()))?
+        .clone();
     let cfg_text = fs::read_to_string(&args.config).map_err(io(&args.config))?;
     let config = Config::parse(&cfg_text).map_err(|source| CliError::Config {
         path: args.config.clone(),
         source,
     })?;
+    if args.dry_run {
+        return dry_run(args, &config, &input_root);
+    }
+    let output_root = args
+        .output
+        .clone()
+        .ok_or_else(|| CliError::Usage("--output is required (or use --dry-run)".into()))?;
     let mut summary = Summary {
         rule_hits: config
             .rules
@@ -290,13 +432,13 @@ pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
             .collect(),
         ..Summary::default()
     };
-    let folder_mode = args.input.is_dir();
+    let folder_mode = input_root.is_dir();
     let inputs: Vec<(PathBuf, PathBuf)> = if folder_mode {
         let (a, b) = (
-            fs::canonicalize(&args.input).map_err(io(&args.input))?,
-            fs::create_dir_all(&args.output)
-                .and_then(|_| fs::canonicalize(&args.output))
-                .map_err(io(&args.output))?,
+            fs::canonicalize(&input_root).map_err(io(&input_root))?,
+            fs::create_dir_all(&output_root)
+                .and_then(|_| fs::canonicalize(&output_root))
+                .map_err(io(&output_root))?,
         );
         if a == b {
             return Err(CliError::Usage(
@@ -304,17 +446,17 @@ pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
             ));
         }
         let mut files = Vec::new();
-        collect(&args.input, args.recursive, args.bulk, &mut files)?;
+        collect(&input_root, args.recursive, args.bulk, &mut files)?;
         files
             .into_iter()
             .map(|f| {
-                let rel = f.strip_prefix(&args.input).unwrap_or(&f).to_path_buf();
-                let out = args.output.join(rel);
+                let rel = f.strip_prefix(&input_root).unwrap_or(&f).to_path_buf();
+                let out = output_root.join(rel);
                 (f, out)
             })
             .collect()
     } else {
-        vec![(args.input.clone(), args.output.clone())]
+        vec![(input_root.clone(), output_root.clone())]
     };
     let threads = args
         .threads
@@ -325,8 +467,7 @@ pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
     } else {
         indicatif::ProgressBar::new(inputs.len() as u64)
     };
-    let folder_name = args
-        .input
+    let folder_name = input_root
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("")

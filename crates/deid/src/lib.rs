@@ -7,6 +7,7 @@ pub use config::{Config, ConfigError, DateShiftScope, Method, Parameters, Proces
 pub mod engine;
 mod patient;
 mod plan;
+pub mod report;
 pub mod transforms;
 
 pub use engine::{DeidError, Engine, Outcome};
