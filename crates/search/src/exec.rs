@@ -259,6 +259,26 @@ pub fn compile(q: &SearchQuery, max_included: usize) -> Result<SearchPlan, Searc
         Some(c) if !only_total => Some(decode_cursor(c, q.sort.len())?),
         _ => None,
     };
+    let sort: Vec<store::plan::SortKey> = q
+        .sort
+        .iter()
+        .map(|k| store::plan::SortKey {
+            on: match k.code.as_str() {
+                "_id" => SortOn::Id,
+                "_lastUpdated" => SortOn::LastUpdated,
+                code => SortOn::Index {
+                    param: param_match(&q.resource_type, code),
+                    kind: kind(k.kind),
+                },
+            },
+            descending: k.descending,
+        })
+        .collect();
+    if let Some(c) = &cursor
+        && !cursor_fits(c, &sort)
+    {
+        return Err(SearchError::invalid("_cursor", "malformed paging cursor"));
+    }
     Ok(SearchPlan {
         resource_type: q.resource_type.clone(),
         filters: q
@@ -266,21 +286,7 @@ pub fn compile(q: &SearchQuery, max_included: usize) -> Result<SearchPlan, Searc
             .iter()
             .map(|f| plan_filter(&q.resource_type, f))
             .collect(),
-        sort: q
-            .sort
-            .iter()
-            .map(|k| store::plan::SortKey {
-                on: match k.code.as_str() {
-                    "_id" => SortOn::Id,
-                    "_lastUpdated" => SortOn::LastUpdated,
-                    code => SortOn::Index {
-                        param: param_match(&q.resource_type, code),
-                        kind: kind(k.kind),
-                    },
-                },
-                descending: k.descending,
-            })
-            .collect(),
+        sort,
         page_size: if only_total { 0 } else { q.count },
         count_total: q.total == TotalMode::Accurate || only_total,
         cursor,
@@ -288,6 +294,26 @@ pub fn compile(q: &SearchQuery, max_included: usize) -> Result<SearchPlan, Searc
         revincludes: q.revincludes.iter().map(include_spec).collect(),
         max_included,
     })
+}
+
+/// Whether each sort value of a cursor has the type its key's values have (an integer for
+/// `_lastUpdated` and dates, text otherwise), as every cursor this server wrote does. A cursor
+/// edited by the client is refused here: PostgreSQL refused to compare the values of another
+/// type (a 500), where SQLite compared them anyway; nor does a PostgreSQL text hold a NUL.
+fn cursor_fits(c: &PageCursor, sort: &[store::plan::SortKey]) -> bool {
+    c.sort_values.len() == sort.len()
+        && c.sort_values.iter().zip(sort).all(|(v, k)| {
+            let int = match &k.on {
+                SortOn::Id => false,
+                SortOn::LastUpdated => true,
+                SortOn::Index { kind, .. } => *kind == store::plan::ParamKind::Date,
+            };
+            match v {
+                CursorValue::Int(_) => int,
+                CursorValue::Text(t) => !int && !t.contains('\0'),
+                CursorValue::Real(_) | CursorValue::Null => false,
+            }
+        })
 }
 
 /// A sort value as stored in a cursor.

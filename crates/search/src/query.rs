@@ -347,6 +347,13 @@ pub fn parse_query(
         ignored: Vec::new(),
     };
     for (name, value) in params {
+        // No FHIR string holds one, and no PostgreSQL text can (it refused the statement: 500).
+        if value.contains('\0') {
+            return Err(SearchError::invalid(
+                name,
+                "a search value cannot contain a NUL character",
+            ));
+        }
         match parse_one(&mut q, name, value, opts) {
             Ok(()) => {}
             Err(e) if opts.lenient && e.is_lenient_ignorable() => q.ignored.push(Ignored {

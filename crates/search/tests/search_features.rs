@@ -229,6 +229,48 @@ fn errors_and_lenient_handling() {
     assert_eq!(ids(&search::execute(&*store, &q).unwrap().matches), ["p1"]);
 }
 
+/// A cursor the client edited (well-formed hex JSON, values of the wrong type for their sort
+/// keys) is a 400 on `_cursor` on every backend: PostgreSQL refused to compare a text cursor
+/// value with a date column (a 500), SQLite compared them anyway. A NUL in a value, and a NUL
+/// in a search value, which no PostgreSQL text can hold, are refused the same way.
+#[test]
+fn tampered_cursors_and_nul_values_are_invalid_on_every_backend() {
+    let (store, _) = support::load_store(&data());
+    let hex = |text: &str| -> String { text.bytes().map(|b| format!("{b:02x}")).collect() };
+    let query = "code=29463-7&_sort=date,_id&_count=5";
+    let first = run(&*store, "Observation", query).unwrap();
+    let cursor = first.next_cursor.expect("a next page");
+    let next = run(&*store, "Observation", &format!("{query}&_cursor={cursor}")).unwrap();
+    assert_eq!(next.matches.len(), 5);
+    for tampered in [
+        r#"["2020","o08",9]"#.to_string(),
+        r#"[5,7,9]"#.to_string(),
+        r#"[1.5,"o08",9]"#.to_string(),
+        r#"[null,"o08",9]"#.to_string(),
+        r#"[5,"o\u0000",9]"#.to_string(),
+    ] {
+        let e = run(
+            &*store,
+            "Observation",
+            &format!("{query}&_cursor={}", hex(&tampered)),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, SearchError::InvalidValue { param, .. } if param == "_cursor"),
+            "{tampered}: {e:?}"
+        );
+    }
+    for q in ["family=a%00b", "_id=p%001", "code=29463-7%00"] {
+        let ty = if q.starts_with("code") {
+            "Observation"
+        } else {
+            "Patient"
+        };
+        let e = run(&*store, ty, q).unwrap_err();
+        assert!(matches!(&e, SearchError::InvalidValue { .. }), "{q}: {e:?}");
+    }
+}
+
 #[test]
 fn type_filter_sets_or_per_type_and_pass_other_types() {
     let mut set = PredicateSet::new();
