@@ -29,4 +29,4 @@ pub use remote::{ObjectStoreSink, RemoteConfig, RemoteSettings};
 pub use request::{ExportLevel, ExportRequest, RequestError};
 pub use run::RunSettings;
 pub use service::{ExportConfig, ExportError, ExportService, ImageConfigFetcher, Status};
-pub use sink::{FileBody, LocalSink, Sink, SinkError};
+pub use sink::{FileBody, LocalSink, ObjectInfo, Sink, SinkError};

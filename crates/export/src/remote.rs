@@ -27,7 +27,7 @@ use object_store::path::Path;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 use tokio::io::AsyncWriteExt;
 
-use crate::sink::{FileBody, PartWriter, Sink, SinkError};
+use crate::sink::{FileBody, ObjectInfo, PartWriter, Sink, SinkError, clean_etag};
 
 /// Where an object-store destination is and how to authenticate.
 #[derive(Clone, PartialEq, Eq)]
@@ -786,6 +786,61 @@ impl Sink for ObjectStoreSink {
                 .await
                 .map(|r| r.into_stream())
                 .map_err(|e| classify(path, e))
+        })?;
+        Ok(Box::new(RemoteReader {
+            rt: self.rt.clone(),
+            stream,
+            current: Bytes::new(),
+        }))
+    }
+
+    fn stat(&self, container: &str, path: &str) -> Result<ObjectInfo, SinkError> {
+        let store = self.store(container)?;
+        let p = self.path(container, path)?;
+        let meta = self
+            .rt
+            .block_on(store.head(&p))
+            .map_err(|e| classify(path, e))?;
+        Ok(ObjectInfo {
+            size: meta.size,
+            etag: meta.e_tag.as_deref().map(clean_etag).unwrap_or_default(),
+            last_modified: Some(meta.last_modified.into()),
+        })
+    }
+
+    fn open_range(
+        &self,
+        container: &str,
+        path: &str,
+        range: std::ops::Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Box<dyn Read + Send>, SinkError> {
+        if range.is_empty() {
+            // The stores refuse an empty range; there is nothing to read.
+            return Ok(Box::new(std::io::empty()));
+        }
+        let store = self.store(container)?;
+        let p = self.path(container, path)?;
+        let stream = self.rt.block_on(async {
+            let options = object_store::GetOptions {
+                range: Some(object_store::GetRange::Bounded(range.clone())),
+                ..Default::default()
+            };
+            let r = store
+                .get_opts(&p, options)
+                .await
+                .map_err(|e| classify(path, e))?;
+            // The answer's own ETag guards the read: bytes of another version than the one
+            // `stat` saw are refused instead of mixed into a resumed download.
+            if let Some(expected) = etag {
+                let current = r.meta.e_tag.as_deref().map(clean_etag).unwrap_or_default();
+                if current != expected {
+                    return Err(SinkError::Unavailable(format!(
+                        "{container}/{path} changed while it was read"
+                    )));
+                }
+            }
+            Ok(r.into_stream())
         })?;
         Ok(Box::new(RemoteReader {
             rt: self.rt.clone(),

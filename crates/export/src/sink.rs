@@ -64,6 +64,44 @@ pub trait PartWriter: Write + Send {
     fn finish(self: Box<Self>) -> Result<u64, SinkError>;
 }
 
+/// Size and validators of a stored file, for ranged downloads (HTTP `Range`, `If-Range`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// A strong validator, unquoted, made of `!`, `#`-`~` only (an HTTP entity tag's
+    /// characters); empty when the destination gives none (then no `If-Range` ever matches).
+    pub etag: String,
+    pub last_modified: Option<std::time::SystemTime>,
+}
+
+/// An entity tag's characters only (RFC 9110 `etagc` without obs-text): a destination's ETag is
+/// kept when it is clean, else replaced by a hex digest of it (still strong: it changes exactly
+/// when the destination's does).
+pub fn clean_etag(raw: &str) -> String {
+    let raw = raw.trim().trim_start_matches("W/").trim_matches('"');
+    if raw.bytes().all(|b| b == 0x21 || (0x23..=0x7e).contains(&b)) {
+        raw.to_string()
+    } else {
+        sha256_hex(raw.as_bytes())
+    }
+}
+
+/// The strong validator of a local export file: its size, modification time (ns) and inode.
+/// Export files never change once they have their final name (they are renamed into place
+/// whole), so this changes exactly when the file is replaced, without reading it.
+pub fn local_etag(meta: &std::fs::Metadata) -> String {
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(meta);
+    #[cfg(not(unix))]
+    let ino = 0u64;
+    format!("{:x}-{mtime:x}-{ino:x}", meta.len())
+}
+
 /// How the server hands a finished file to a client.
 #[derive(Debug, Clone)]
 pub enum FileBody {
@@ -93,6 +131,18 @@ pub trait Sink: Send + Sync {
     ) -> Result<(Vec<u8>, String), SinkError>;
     /// A blocking reader of a whole object (downloads from remote destinations).
     fn open_read(&self, container: &str, path: &str) -> Result<Box<dyn Read + Send>, SinkError>;
+    /// Size and validators of an object ([`SinkError::NotFound`] when there is none).
+    fn stat(&self, container: &str, path: &str) -> Result<ObjectInfo, SinkError>;
+    /// A blocking reader of the bytes `range` (end exclusive, inside the object) of an object,
+    /// streamed, never read whole. With `etag` (from [`Sink::stat`]) the read fails
+    /// ([`SinkError::Unavailable`]) rather than return bytes of another version.
+    fn open_range(
+        &self,
+        container: &str,
+        path: &str,
+        range: std::ops::Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Box<dyn Read + Send>, SinkError>;
     /// Where a path lies, for people: `<container>/<path>` for a local folder, the object's URL
     /// (without credentials) for an object store — never a server file path.
     fn location(&self, container: &str, path: &str) -> String;
@@ -256,6 +306,52 @@ impl Sink for LocalSink {
             }
             Err(e) => Err(self.io_error(&p, e)),
         }
+    }
+
+    fn stat(&self, container: &str, path: &str) -> Result<ObjectInfo, SinkError> {
+        let p = self.path(container, path)?;
+        match fs::metadata(&p) {
+            Ok(m) if m.is_file() => Ok(ObjectInfo {
+                size: m.len(),
+                etag: local_etag(&m),
+                last_modified: m.modified().ok(),
+            }),
+            Ok(_) => Err(SinkError::NotFound(path.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(SinkError::NotFound(path.to_string()))
+            }
+            Err(e) => Err(self.io_error(&p, e)),
+        }
+    }
+
+    fn open_range(
+        &self,
+        container: &str,
+        path: &str,
+        range: std::ops::Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Box<dyn Read + Send>, SinkError> {
+        use std::io::{Seek, SeekFrom};
+        let p = self.path(container, path)?;
+        let mut f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SinkError::NotFound(path.to_string()));
+            }
+            Err(e) => return Err(self.io_error(&p, e)),
+        };
+        if let Some(expected) = etag {
+            // The open file's own metadata: the validator of exactly the bytes read.
+            let m = f.metadata().map_err(|e| self.io_error(&p, e))?;
+            if local_etag(&m) != expected {
+                return Err(SinkError::Unavailable(format!(
+                    "{container}/{path} changed while it was read"
+                )));
+            }
+        }
+        f.seek(SeekFrom::Start(range.start))
+            .map_err(|e| self.io_error(&p, e))?;
+        Ok(Box::new(f.take(range.end.saturating_sub(range.start))))
     }
 
     fn location(&self, container: &str, path: &str) -> String {

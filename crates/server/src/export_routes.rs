@@ -339,48 +339,165 @@ pub async fn cancel(
     Ok(resp)
 }
 
+/// `GET /export-files/{job}/{file}`: a file of a finished export, streamed from its destination
+/// (a local folder, Azure Blob or S3), never read whole. Range requests ([`crate::ranges`]): one
+/// byte range answers `206` with `Content-Range`; `Accept-Ranges: bytes`, a strong `ETag` and
+/// `Last-Modified` on every answer; `If-Range` resumes only the same version.
 pub async fn download(
     State(state): State<AppState>,
     ctx: AuthContext,
     Path((job, file)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
     let body = tokio::task::spawn_blocking(move || svc.file(&job, &file, &Caller(ctx)))
         .await
         .map_err(|e| ApiError::internal("export download", e))??;
-    let body = match body {
+    let head_only = method == Method::HEAD;
+    match body {
         export::FileBody::Local(path) => {
-            let f = tokio::fs::File::open(&path)
+            use tokio::io::AsyncSeekExt;
+            let mut f = match tokio::fs::File::open(&path).await {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ApiError::not_found("the export file is gone"));
+                }
+                Err(e) => return Err(ApiError::internal("export download", e)),
+            };
+            // The open file's own metadata: the validator of exactly the bytes sent.
+            let meta = f
+                .metadata()
                 .await
                 .map_err(|e| ApiError::internal("export download", e))?;
-            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 16))
+            let info = export::ObjectInfo {
+                size: meta.len(),
+                etag: export::sink::local_etag(&meta),
+                last_modified: meta.modified().ok(),
+            };
+            let (status, range, head) = plan_download(&headers, &info)?;
+            let body = if head_only || range.is_empty() {
+                Body::empty()
+            } else {
+                f.seek(std::io::SeekFrom::Start(range.start))
+                    .await
+                    .map_err(|e| ApiError::internal("export download", e))?;
+                let part = tokio::io::AsyncReadExt::take(f, range.end - range.start);
+                Body::from_stream(tokio_util::io::ReaderStream::with_capacity(part, 1 << 16))
+            };
+            Ok(file_response(status, head, body))
         }
         export::FileBody::Remote { container, path } => {
-            remote_body(state.export.sink().clone(), container, path).await?
+            let sink = state.export.sink().clone();
+            let (c, p, s) = (container.clone(), path.clone(), sink.clone());
+            let info = tokio::task::spawn_blocking(move || s.stat(&c, &p))
+                .await
+                .map_err(|e| ApiError::internal("export download", e))?
+                .map_err(download_error)?;
+            let (status, range, head) = plan_download(&headers, &info)?;
+            let body = if head_only || range.is_empty() {
+                Body::empty()
+            } else {
+                remote_body(sink, container, path, range, info.etag).await?
+            };
+            Ok(file_response(status, head, body))
+        }
+    }
+}
+
+/// The status, the bytes and the headers of a download answer; `416` as an OperationOutcome.
+fn plan_download(
+    headers: &HeaderMap,
+    info: &export::ObjectInfo,
+) -> Result<(StatusCode, std::ops::Range<u64>, HeaderMap), ApiError> {
+    let mut head = HeaderMap::new();
+    head.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let decision = crate::ranges::decide(headers, info.size, &info.etag, info.last_modified);
+    let (status, range) = match decision {
+        crate::ranges::Decision::Full => (StatusCode::OK, 0..info.size),
+        crate::ranges::Decision::Partial { start, end } => {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{}", info.size)) {
+                head.insert(header::CONTENT_RANGE, v);
+            }
+            (StatusCode::PARTIAL_CONTENT, start..end + 1)
+        }
+        crate::ranges::Decision::Unsatisfiable => {
+            let size = HeaderValue::from_str(&format!("bytes */{}", info.size))
+                .unwrap_or(HeaderValue::from_static("bytes */0"));
+            return Err(ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "invalid",
+                format!(
+                    "the Range header asks for no byte of this {}-byte file (one range of bytes=FIRST-LAST, FIRST- or -SUFFIX)",
+                    info.size
+                ),
+            )
+            .at("Range")
+            .with_header(header::CONTENT_RANGE, size)
+            .with_header(header::ACCEPT_RANGES, HeaderValue::from_static("bytes")));
         }
     };
-    let mut resp = body.into_response();
-    resp.headers_mut().insert(
+    // A whole file may leave gzip-encoded (the compression layer): another representation,
+    // another tag. A partial answer is never compressed (it has a Content-Range).
+    let may_be_gzip = status == StatusCode::OK && crate::ranges::accepts_gzip(headers);
+    if let Some(tag) = crate::ranges::etag_header(&info.etag, may_be_gzip)
+        && let Ok(v) = HeaderValue::from_str(&tag)
+    {
+        head.insert(header::ETAG, v);
+    }
+    if let Some(t) = info.last_modified
+        && let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(t))
+    {
+        head.insert(header::LAST_MODIFIED, v);
+    }
+    head.insert(header::CONTENT_LENGTH, HeaderValue::from(range.end - range.start));
+    head.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/fhir+ndjson"),
     );
-    Ok(resp)
+    Ok((status, range, head))
 }
 
-/// Streams an object of a remote destination through the server: a blocking reader on a worker
-/// thread feeds a pipe whose other end is the response body.
+fn file_response(status: StatusCode, head: HeaderMap, body: Body) -> Response {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut().extend(head);
+    resp
+}
+
+/// A destination's error while serving a file.
+fn download_error(e: export::SinkError) -> ApiError {
+    match e {
+        export::SinkError::NotFound(_) => ApiError::not_found("the export file is gone"),
+        export::SinkError::Unavailable(_) => {
+            tracing::warn!(error = %e, "export download: destination unavailable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "the export destination is unavailable; retry later",
+            )
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("5"))
+        }
+        other => ApiError::internal("export download", other),
+    }
+}
+
+/// Streams bytes `range` of an object of a remote destination through the server: a blocking
+/// reader on a worker thread feeds a pipe whose other end is the response body.
 async fn remote_body(
     sink: std::sync::Arc<dyn export::Sink>,
     container: String,
     path: String,
+    range: std::ops::Range<u64>,
+    etag: String,
 ) -> Result<Body, ApiError> {
-    let reader = tokio::task::spawn_blocking(move || sink.open_read(&container, &path))
-        .await
-        .map_err(|e| ApiError::internal("export download", e))?
-        .map_err(|e| match e {
-            export::SinkError::NotFound(_) => ApiError::not_found(e.to_string()),
-            other => ApiError::internal("export download", other),
-        })?;
+    let reader = tokio::task::spawn_blocking(move || {
+        let etag = (!etag.is_empty()).then_some(etag);
+        sink.open_range(&container, &path, range, etag.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError::internal("export download", e))?
+    .map_err(download_error)?;
     let (mut tx, rx) = tokio::io::duplex(1 << 16);
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod export_routes;
 pub mod negotiate;
+pub mod ranges;
 pub mod routes;
 
 use std::sync::Arc;
