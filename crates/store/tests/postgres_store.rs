@@ -353,6 +353,74 @@ fn a_lost_connection_is_unavailable_and_the_pool_recovers() {
     drop(store);
 }
 
+/// A call that finds every pooled connection in use waits at most `pool_timeout` (from the URL)
+/// and is then Unavailable (503), instead of waiting without end; the pool serves again once a
+/// connection is returned. Before, the call waited until a connection came back.
+#[test]
+fn a_call_waiting_for_a_busy_pool_is_unavailable_after_pool_timeout() {
+    let Some(base) =
+        postgres_url("a_call_waiting_for_a_busy_pool_is_unavailable_after_pool_timeout")
+    else {
+        return;
+    };
+    let db = fresh_database(&base).unwrap();
+    let sep = if db.url.contains('?') { '&' } else { '?' };
+    let store = PgStore::connect(
+        &format!("{}{sep}pool_timeout=0.5", db.url),
+        PgOptions {
+            pool_size: 1,
+            ..PgOptions::default()
+        },
+    )
+    .unwrap();
+    let ops = (0..3)
+        .map(|i| WriteOp::Create {
+            resource: json!({"resourceType": "Patient", "id": format!("p{i}")}),
+        })
+        .collect();
+    store.write(ops).unwrap();
+    let w = store.watermark().unwrap().seq;
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (answer_tx, answer_rx) = std::sync::mpsc::channel();
+    let store = &store;
+    std::thread::scope(|s| {
+        // The pool's one connection, held by a scan until released.
+        s.spawn(move || {
+            let mut first = true;
+            store
+                .scan_type_each("Patient", w, SeqBounds::ALL, &mut |_| {
+                    if std::mem::take(&mut first) {
+                        held_tx.send(()).unwrap();
+                        release_rx.recv().unwrap();
+                    }
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+        });
+        held_rx.recv().unwrap();
+        s.spawn(move || answer_tx.send(store.read("Patient", "p1")).unwrap());
+        // Bounded so that a call waiting without end fails the test instead of hanging it.
+        let answer = answer_rx.recv_timeout(std::time::Duration::from_secs(60));
+        release_tx.send(()).unwrap();
+        match answer {
+            Ok(Err(StoreError::Unavailable { reason, .. })) => {
+                assert!(reason.contains("pool_timeout"), "{reason}")
+            }
+            other => panic!("expected Unavailable while the pool was busy, got {other:?}"),
+        }
+    });
+    assert_eq!(store.read("Patient", "p1").unwrap().version, 1);
+    // A pool_timeout that is not a number of seconds is refused at open.
+    match PgStore::connect(
+        &format!("{}{sep}pool_timeout=soon", db.url),
+        PgOptions::default(),
+    ) {
+        Err(StoreError::Unavailable { reason, .. }) => assert!(reason.contains("pool_timeout")),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
 /// Several processes starting at once on a new database: the advisory lock lets each migration
 /// run once, and every store works.
 #[test]

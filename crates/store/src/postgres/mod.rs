@@ -9,7 +9,9 @@
 //! connection also retires every idle connection opened before it (after a server restart they
 //! are all dead), so the pool recovers by itself when the database is back. A database that cannot
 //! be reached, or a connection lost during a call, is [`StoreError::Unavailable`] (→ 503), naming
-//! `host:port` and never the password.
+//! `host:port` and never the password. A call that finds every connection in use waits at most
+//! `pool_timeout=SECONDS` (a URL parameter, default [`DEFAULT_POOL_TIMEOUT`]) and is then
+//! [`StoreError::Unavailable`] too.
 //!
 //! TLS: `sslmode=require` in the URL encrypts with rustls and verifies the server's certificate
 //! and host name against the Mozilla roots plus the PEM file named by `sslrootcert=PATH` (a managed
@@ -81,6 +83,9 @@ pub const WRITE_LOCK: i64 = 0x0066_6868_6f73_6501;
 pub const MIGRATION_LOCK: i64 = 0x0066_6868_6f73_6502;
 /// Rows per keyset page of a scan.
 const SCAN_PAGE_ROWS: i64 = 1000;
+/// How long a call waits for a pooled connection when all are in use, unless the URL says
+/// `pool_timeout=SECONDS`: a database too busy (or a pool held by long calls) answers 503.
+pub const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A pooled connection idle longer than this answers a round trip before it is used.
 const IDLE_CHECK_AFTER: Duration = Duration::from_secs(5);
 
@@ -194,12 +199,31 @@ pub(crate) struct Target {
     root_cert: Option<String>,
     /// `host:port` (several joined by `,`), for messages: no user, no password.
     pub(crate) display: String,
+    /// Longest wait for a pooled connection when every one is in use (`pool_timeout=SECONDS` in
+    /// the URL, default [`DEFAULT_POOL_TIMEOUT`]); then the call is [`StoreError::Unavailable`].
+    pub(crate) pool_timeout: Duration,
 }
 
 impl Target {
     pub(crate) fn parse(url: &str, connect_timeout: Duration) -> Result<Target, StoreError> {
         // `sslrootcert` is libpq's; the driver refuses options it does not know.
         let (url, root_cert) = take_query_param(url, "sslrootcert");
+        // Ours, not the driver's (it refuses options it does not know).
+        let (url, pool_timeout) = take_query_param(&url, "pool_timeout");
+        let pool_timeout = match pool_timeout {
+            None => DEFAULT_POOL_TIMEOUT,
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| StoreError::Unavailable {
+                    target: redact(&url),
+                    reason: format!(
+                        "pool_timeout={v}: seconds (more than 0, at most 3600) expected"
+                    ),
+                })?,
+        };
         let mut config = Config::from_str(&url).map_err(|e| StoreError::Unavailable {
             target: redact(&url),
             reason: format!("not a valid PostgreSQL URL: {e}"),
@@ -239,6 +263,7 @@ impl Target {
             config,
             root_cert,
             display,
+            pool_timeout,
         })
     }
 
@@ -397,8 +422,10 @@ impl Pool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Take a checked connection, opening one when fewer than `max` are open.
+    /// Take a checked connection, opening one when fewer than `max` are open; waits at most
+    /// the target's `pool_timeout` for one to be returned ([`StoreError::Unavailable`] then).
     pub(crate) fn get(&self) -> Result<PooledClient<'_>, StoreError> {
+        let deadline = Instant::now() + self.target.pool_timeout;
         let mut state = self.lock();
         loop {
             if let Some(idle) = state.idle.pop() {
@@ -446,10 +473,20 @@ impl Pool {
                     }
                 };
             }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(state);
+                tracing::warn!(target_db = %self.target.display, connections = self.max, "no pooled database connection became free in time");
+                return Err(self.target.unavailable(format!(
+                    "all {} connections stayed in use for {:?} (pool_timeout)",
+                    self.max, self.target.pool_timeout
+                )));
+            }
             state = self
                 .available
-                .wait(state)
-                .unwrap_or_else(|e| e.into_inner());
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
