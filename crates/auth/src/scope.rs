@@ -333,12 +333,14 @@ impl fmt::Display for Scopes {
     }
 }
 
-/// A concrete R4 resource type (not `Resource` or `DomainResource`).
+/// A concrete R4 resource type (not `Resource` or `DomainResource`), or `ViewDefinition` (SQL on
+/// FHIR v2's logical model, stored by the server like a resource).
 fn is_concrete_type(name: &str) -> bool {
-    fhir_model::r4()
-        .resource_types()
-        .binary_search_by(|t| t.as_str().cmp(name))
-        .is_ok()
+    name == "ViewDefinition"
+        || fhir_model::r4()
+            .resource_types()
+            .binary_search_by(|t| t.as_str().cmp(name))
+            .is_ok()
 }
 
 /// One `system/<target>.<action>` token: target `None` is `*`.

@@ -38,6 +38,33 @@ pub struct ExportRequest {
     pub warnings: Vec<String>,
     /// The kick-off URL, for the manifest's `request`.
     pub request_url: String,
+    /// `$viewdefinition-export` (`_view`, one per view, the ViewDefinition's JSON): each
+    /// resource of the views' types becomes rows of each view of its type, written as
+    /// `<view name>-<n>.<ext>` files, instead of the resource itself. Empty for `$export`.
+    pub views: Vec<std::sync::Arc<views::View>>,
+    /// `_viewFormat`: the file format of view rows.
+    pub view_format: ViewFormat,
+    /// `_viewHeader`: CSV files start with the header line (default true).
+    pub view_header: bool,
+}
+
+/// The file format of `$viewdefinition-export` output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewFormat {
+    Ndjson,
+    Csv,
+    Parquet,
+}
+
+impl ViewFormat {
+    /// The file name extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ViewFormat::Ndjson => "ndjson",
+            ViewFormat::Csv => "csv",
+            ViewFormat::Parquet => "parquet",
+        }
+    }
 }
 
 /// `includeAssociatedData` values: Provenance of the exported resources.
@@ -227,6 +254,9 @@ impl ExportRequest {
             anonymization: None,
             warnings: Vec::new(),
             request_url,
+            views: Vec::new(),
+            view_format: ViewFormat::Ndjson,
+            view_header: true,
         };
         let (mut anon_config, mut anon_etag, mut anon_collection) = (None, None, None);
         let soft = |r: &mut ExportRequest, e: RequestError| -> Result<(), RequestError> {
@@ -388,7 +418,42 @@ impl ExportRequest {
                     anon_collection = Some(value.trim().to_string());
                 }
                 "_format" => {}
+                "_view" => {
+                    let v: Value = serde_json::from_str(value)
+                        .map_err(|e| err("view", format!("not a ViewDefinition: {e}")))?;
+                    let view = views::View::compile(&v).map_err(|e| err("view", e.to_string()))?;
+                    r.views.push(std::sync::Arc::new(view));
+                }
+                "_viewFormat" => {
+                    r.view_format = match value.as_str() {
+                        "ndjson" => ViewFormat::Ndjson,
+                        "csv" => ViewFormat::Csv,
+                        "parquet" => ViewFormat::Parquet,
+                        other => {
+                            return Err(err(
+                                "_format",
+                                format!("'{other}' is not a view format (ndjson, csv, parquet)"),
+                            ));
+                        }
+                    }
+                }
+                "_viewHeader" => r.view_header = value != "false",
                 other => soft(&mut r, err(other, "unknown $export parameter"))?,
+            }
+        }
+        if !r.views.is_empty() {
+            if !r.elements.is_empty() || r.associated.is_some() {
+                return Err(err(
+                    "view",
+                    "_elements and includeAssociatedData do not apply to views",
+                ));
+            }
+            // The views' types, in the order of the views.
+            r.types.clear();
+            for v in &r.views {
+                if !r.types.iter().any(|t| t == v.resource_type()) {
+                    r.types.push(v.resource_type().to_string());
+                }
             }
         }
         if anon_config.is_some() || anon_etag.is_some() || anon_collection.is_some() {

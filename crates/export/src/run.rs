@@ -243,7 +243,7 @@ fn period_covers(start: Option<&str>, end: Option<&str>, now_ms: i64) -> bool {
 /// cover now are left out; nested Groups are followed once each (a cycle ends there), breadth
 /// first with an explicit queue, so that no nesting depth can exhaust the stack. Nesting deeper
 /// than `group_max_depth` or more than `group_max_members` member entries fail the export.
-fn group_members(
+pub fn group_members(
     store: &dyn Store,
     id: &str,
     settings: &RunSettings,
@@ -309,7 +309,7 @@ fn group_members(
 }
 
 /// Whether a resource belongs to the Patient compartment of a patient in scope.
-fn in_compartment(
+pub fn in_compartment(
     resource_type: &str,
     resource: &Value,
     params: &[String],
@@ -331,7 +331,7 @@ fn in_compartment(
     })
 }
 
-fn compartment_params(resource_type: &str) -> Vec<String> {
+pub fn compartment_params(resource_type: &str) -> Vec<String> {
     fhir_model::r4()
         .patient_compartment(resource_type)
         .map(<[String]>::to_vec)
@@ -708,6 +708,9 @@ fn emit((line, error): (Vec<u8>, Option<Vec<u8>>)) -> Emit {
 }
 
 fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
+    if !ctx.prepared.req.views.is_empty() {
+        return view_items::scan_views(ctx, item);
+    }
     let p = ctx.prepared;
     let t = item.resource_type.as_str();
     let compartment = compartment_params(t);
@@ -754,6 +757,9 @@ fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
     outputs.close(ctx, item, scanned)?;
     Ok(scanned)
 }
+
+/// `$viewdefinition-export` items: the same scan, rows of views instead of resources.
+mod view_items;
 
 /// The ids a Provenance `target` points at, as `Type/id`.
 fn provenance_targets(v: &Value) -> Vec<String> {
@@ -878,7 +884,10 @@ fn finalize_parts(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<Vec<NewFile>
     let mut warnings = req.warnings.clone();
     // A tombstone carries no content to decide compartment membership: `deleted` is written at
     // system level only.
-    if req.since_ms.is_some() && matches!(req.level, ExportLevel::System) && req.patients.is_empty()
+    if req.since_ms.is_some()
+        && matches!(req.level, ExportLevel::System)
+        && req.patients.is_empty()
+        && req.views.is_empty()
     {
         let all_types: Vec<String> = if req.types.is_empty() {
             model.resource_types().to_vec()

@@ -937,6 +937,11 @@ impl ExportService {
     pub fn sink(&self) -> &Arc<dyn Sink> {
         &self.config.sink
     }
+
+    /// The run settings (Group bounds for `$viewdefinition-run`'s `group`).
+    pub fn run_settings(&self) -> &crate::run::RunSettings {
+        &self.config.run
+    }
 }
 
 /// A worker: claims items until the service is dropped; waits for a kick-off (or polls, for

@@ -50,11 +50,22 @@ pub fn capability_statement(state: &AppState) -> Value {
             r
         })
         .collect();
+    let mut resources = resources;
+    resources.push(crate::view_routes::capability_resource());
+    let mut operations = vec![
+        json!({"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}),
+    ];
+    operations.extend(
+        crate::view_routes::capability_operations()
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    );
     let mut rest = json!({
         "mode": "server",
         "resource": resources,
         "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
-        "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}],
+        "operation": operations,
     });
     if let Some(security) = state.auth.capability_security() {
         rest["security"] = security;

@@ -111,7 +111,7 @@ fn check_kickoff_headers(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn kickoff(
+pub(crate) async fn kickoff(
     state: AppState,
     ctx: AuthContext,
     level: ExportLevel,
@@ -217,6 +217,9 @@ pub async fn instance_operation(
     RawQuery(raw): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    if rtype == crate::view_routes::VIEW_DEFINITION && op == "$viewdefinition-run" {
+        return crate::view_routes::instance_run(state, ctx, id, method, raw, body).await;
+    }
     if rtype != "Group" || op != "$export" {
         return Err(ApiError::not_found(format!(
             "no such endpoint: /{rtype}/{id}/{op}"

@@ -17,6 +17,7 @@ pub mod export_routes;
 pub mod negotiate;
 pub mod ranges;
 pub mod routes;
+pub mod view_routes;
 
 use std::sync::Arc;
 

@@ -265,7 +265,10 @@ fn check(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<(), ApiError> {
-    if let Some(f) = format_param(query) {
+    // The SQL on FHIR operations answer CSV, NDJSON and Parquet; they check `_format` themselves.
+    let views_op =
+        path.ends_with("/$viewdefinition-run") || path.ends_with("/$viewdefinition-export");
+    if let Some(f) = format_param(query).filter(|_| !views_op) {
         let ok = matches!(
             f.as_str(),
             "json" | "application/json" | "application/fhir json" | "application/fhir+json"
@@ -280,7 +283,11 @@ fn check(
             .at("_format"));
         }
     }
-    if let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+    if let Some(accept) = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| !views_op)
+    {
         if !accept.split(',').any(is_json_media) {
             return Err(ApiError::new(
                 StatusCode::NOT_ACCEPTABLE,

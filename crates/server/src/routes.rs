@@ -32,6 +32,22 @@ pub fn router(state: AppState) -> Router {
             get(crate::export_routes::system_export).post(crate::export_routes::system_export),
         )
         .route(
+            "/$viewdefinition-run",
+            get(crate::view_routes::run).post(crate::view_routes::run),
+        )
+        .route(
+            "/{rtype}/$viewdefinition-run",
+            get(crate::view_routes::type_run).post(crate::view_routes::type_run),
+        )
+        .route(
+            "/$viewdefinition-export",
+            post(crate::view_routes::export_kickoff),
+        )
+        .route(
+            "/ViewDefinition/$viewdefinition-export",
+            post(crate::view_routes::export_kickoff),
+        )
+        .route(
             "/{rtype}/$export",
             get(crate::export_routes::type_export).post(crate::export_routes::type_export),
         )
@@ -134,7 +150,10 @@ async fn blocking<T: Send + 'static>(
 
 /// The resource type in a URL must be a concrete R4 resource type.
 fn check_type(rtype: &str) -> Result<(), ApiError> {
-    if fhir_model::r4().resource_types().iter().any(|t| t == rtype) {
+    // ViewDefinition (SQL on FHIR v2's logical model) is stored like a resource: view_routes.
+    if rtype == crate::view_routes::VIEW_DEFINITION
+        || fhir_model::r4().resource_types().iter().any(|t| t == rtype)
+    {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -172,6 +191,9 @@ fn check_resource(v: &Value, rtype: &str) -> Result<(), ApiError> {
             ));
         }
         Some(_) => {}
+    }
+    if rtype == crate::view_routes::VIEW_DEFINITION {
+        return crate::view_routes::check_view_definition(v);
     }
     if let Err(issues) = fhir_model::r4().validate(v) {
         let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", "invalid resource");
@@ -755,6 +777,9 @@ async fn run_search(
     pairs: Vec<(String, String)>,
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
+    if rtype == crate::view_routes::VIEW_DEFINITION {
+        return crate::view_routes::search(state, ctx, pairs).await;
+    }
     ctx.require_search(&rtype)?;
     let pairs: Vec<(String, String)> = pairs.into_iter().filter(|(k, _)| k != "_format").collect();
     let opts = search::ParseOptions {

@@ -272,6 +272,18 @@ text_enum!(FileKind {
     Error = "error",
 });
 
+/// The final name of file `number` of `prefix`: `<prefix>-<n>.ndjson`, or `<stem>-<n>.<ext>`
+/// for a prefix `<stem>.<ext>` (`$viewdefinition-export`: `patients.parquet` →
+/// `patients-1.parquet`; resource type prefixes have no dot).
+pub fn file_name(prefix: &str, number: i64) -> String {
+    match prefix.rsplit_once('.') {
+        Some((stem, ext)) if matches!(ext, "ndjson" | "csv" | "parquet") => {
+            format!("{stem}-{number}.{ext}")
+        }
+        _ => format!("{prefix}-{number}.ndjson"),
+    }
+}
+
 /// A committed file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileRecord {

@@ -395,7 +395,7 @@ impl JobQueue for PgJobQueue {
                         &[&item.job_id, &file.prefix],
                     )?
                     .get(0);
-                let name = format!("{}-{number}.ndjson", file.prefix);
+                let name = crate::jobs::file_name(&file.prefix, number);
                 tx.execute(
                     "INSERT INTO export_file (job_id, name, kind, resource_type, prefix, number, count, bytes, item_no, pending_rename)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
