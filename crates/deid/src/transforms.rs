@@ -345,9 +345,10 @@ pub fn date_shift_offset(prefix: &str, key: &str) -> i64 {
 }
 
 /// The date-shift offset of a patient for `dateShiftScope: "patient"` (our extension): days in
-/// [-50, 50] from HMAC-SHA256(key, "patient|" + patient id). Unlike [`date_shift_offset`] (a
-/// fold modulo 101, affine in the prefix), knowing the offsets of some patients tells nothing
-/// about another's.
+/// [-50, -1] or [1, 50] from HMAC-SHA256(key, "patient|" + patient id). Unlike
+/// [`date_shift_offset`] (a fold modulo 101, affine in the prefix), knowing the offsets of some
+/// patients tells nothing about another's; and it is never 0 (the reference's range includes 0:
+/// about one patient in a hundred kept true dates).
 pub fn patient_shift_offset(key: &str, patient_id: &str) -> i64 {
     let Ok(mut mac) = HmacSha256::new_from_slice(key.as_bytes()) else {
         return date_shift_offset(patient_id, key);
@@ -357,7 +358,8 @@ pub fn patient_shift_offset(key: &str, patient_id: &str) -> i64 {
     let d = mac.finalize().into_bytes();
     let mut first = [0u8; 8];
     first.copy_from_slice(&d[..8]);
-    (u64::from_be_bytes(first) % 101) as i64 - 50
+    let v = (u64::from_be_bytes(first) % 100) as i64 - 50;
+    if v >= 0 { v + 1 } else { v }
 }
 
 pub fn shift_date(
@@ -678,6 +680,16 @@ mod tests {
             push_date(&mut out, date);
             assert_eq!(out, date.format("%Y-%m-%d").to_string());
         }
+    }
+
+    #[test]
+    fn patient_offsets_are_never_zero() {
+        let offsets: std::collections::BTreeSet<i64> = (0..5000)
+            .map(|i| patient_shift_offset("k", &format!("patient-{i}")))
+            .collect();
+        assert!(!offsets.contains(&0));
+        assert_eq!(offsets.len(), 100);
+        assert_eq!((offsets.first(), offsets.last()), (Some(&-50), Some(&50)));
     }
 
     #[test]
