@@ -185,6 +185,9 @@ pub enum LoadError {
     Http(String),
     #[error("server answered {status}: {body}")]
     Server { status: u16, body: String },
+    /// The loader's writing thread ended without an answer (it panicked).
+    #[error("the loader's writing thread stopped")]
+    WriterStopped,
 }
 
 /// Failure of `synth`.

@@ -139,6 +139,17 @@ impl LoadSummary {
         self.per_type.values().sum()
     }
 
+    /// Add what a chunk's write counted (`part`) to this summary.
+    fn merge(&mut self, part: LoadSummary, max: usize) {
+        for (t, n) in part.per_type {
+            *self.per_type.entry(t).or_insert(0) += n;
+        }
+        self.deleted += part.deleted;
+        self.invalid += part.invalid;
+        let room = max.saturating_sub(self.problems.len());
+        self.problems.extend(part.problems.into_iter().take(room));
+    }
+
     fn problem(&mut self, location: String, message: String, max: usize) {
         self.invalid += 1;
         if self.problems.len() < max {
@@ -449,6 +460,12 @@ fn parse_unit(
 /// The writer: parsed units in input order (out-of-order arrivals wait in a small buffer),
 /// resources gathered into transactions of `chunk_size`. With `strict`, the resources before the
 /// first invalid one are written, then the load stops.
+///
+/// The sink writes on a thread of its own, one chunk at a time: while chunk N is written, this
+/// thread gathers chunk N+1 (so the parsing threads keep working while the database does; on
+/// PostgreSQL the database's work on a chunk is as long as parsing it). Chunk N+1 is handed over
+/// only after chunk N succeeded, so a failed write stops the load before anything after it is
+/// written, as before; at most two chunks are held in memory.
 #[allow(clippy::too_many_arguments)]
 fn write_in_order(
     sink: &mut dyn Sink,
@@ -461,57 +478,87 @@ fn write_in_order(
     progress: &mut dyn FnMut(&LoadProgress),
 ) -> Result<(), LoadError> {
     let chunk_size = options.chunk_size.max(1);
-    let mut waiting: BTreeMap<u64, Parsed> = BTreeMap::new();
-    let mut next = 1u64;
-    let mut batch: Vec<(WriteOp, Location)> = Vec::with_capacity(chunk_size);
-    let mut flush = |batch: &mut Vec<(WriteOp, Location)>,
-                     summary: &mut LoadSummary,
-                     state: &mut LoadProgress,
-                     progress: &mut dyn FnMut(&LoadProgress)|
-     -> Result<(), LoadError> {
-        if !batch.is_empty() {
-            let full = std::mem::replace(batch, Vec::with_capacity(chunk_size));
-            sink.write(full, summary, options)?;
-        }
-        state.resources = summary.written() + summary.deleted;
-        state.invalid = summary.invalid;
-        state.elapsed = started.elapsed();
-        progress(state);
-        Ok(())
-    };
-    for unit in parsed {
-        waiting.insert(unit.seq, unit);
-        while let Some(unit) = waiting.remove(&next) {
-            next += 1;
-            let _ = permits.try_recv();
-            if let Some(e) = unit.failed {
-                flush(&mut batch, summary, state, progress)?;
-                return Err(e);
+    std::thread::scope(|scope| {
+        let (chunk_tx, chunk_rx) = sync_channel::<Vec<(WriteOp, Location)>>(0);
+        let (done_tx, done_rx) = sync_channel::<Result<LoadSummary, LoadError>>(1);
+        scope.spawn(move || {
+            for chunk in chunk_rx {
+                let mut part = LoadSummary::default();
+                let written = sink.write(chunk, &mut part, options).map(|()| part);
+                if done_tx.send(written).is_err() {
+                    break;
+                }
             }
-            summary.unresolved_references += unit.unresolved;
-            let mut problems = unit.problems.into_iter().peekable();
-            for (i, op) in unit.ops.into_iter().enumerate() {
-                while let Some((_, p)) = problems.next_if(|(at, _)| *at <= i) {
+        });
+        let mut writing = false;
+        // Collect the chunk being written (if any) into `summary`; then hand `batch` over, and
+        // with `wait` also wait until it is written.
+        let mut flush = |batch: &mut Vec<(WriteOp, Location)>,
+                         wait: bool,
+                         summary: &mut LoadSummary,
+                         state: &mut LoadProgress,
+                         progress: &mut dyn FnMut(&LoadProgress)|
+         -> Result<(), LoadError> {
+            let collect = |writing: &mut bool, summary: &mut LoadSummary| {
+                if std::mem::take(writing) {
+                    let part = done_rx.recv().map_err(|_| LoadError::WriterStopped)??;
+                    summary.merge(part, options.max_reported_problems);
+                }
+                Ok::<(), LoadError>(())
+            };
+            collect(&mut writing, summary)?;
+            if !batch.is_empty() {
+                let full = std::mem::replace(batch, Vec::with_capacity(chunk_size));
+                chunk_tx.send(full).map_err(|_| LoadError::WriterStopped)?;
+                writing = true;
+                if wait {
+                    collect(&mut writing, summary)?;
+                }
+            }
+            state.resources = summary.written() + summary.deleted;
+            state.invalid = summary.invalid;
+            state.elapsed = started.elapsed();
+            progress(state);
+            Ok(())
+        };
+        let mut waiting: BTreeMap<u64, Parsed> = BTreeMap::new();
+        let mut next = 1u64;
+        let mut batch: Vec<(WriteOp, Location)> = Vec::with_capacity(chunk_size);
+        for unit in parsed {
+            waiting.insert(unit.seq, unit);
+            while let Some(unit) = waiting.remove(&next) {
+                next += 1;
+                let _ = permits.try_recv();
+                if let Some(e) = unit.failed {
+                    flush(&mut batch, true, summary, state, progress)?;
+                    return Err(e);
+                }
+                summary.unresolved_references += unit.unresolved;
+                let mut problems = unit.problems.into_iter().peekable();
+                for (i, op) in unit.ops.into_iter().enumerate() {
+                    while let Some((_, p)) = problems.next_if(|(at, _)| *at <= i) {
+                        report(p, &mut batch, summary, state, options, &mut flush, progress)?;
+                    }
+                    batch.push(op);
+                    if batch.len() >= chunk_size {
+                        flush(&mut batch, false, summary, state, progress)?;
+                    }
+                }
+                for (_, p) in problems {
                     report(p, &mut batch, summary, state, options, &mut flush, progress)?;
                 }
-                batch.push(op);
-                if batch.len() >= chunk_size {
-                    flush(&mut batch, summary, state, progress)?;
+                if unit.last_of_file {
+                    state.files_done = unit.file + 1;
                 }
             }
-            for (_, p) in problems {
-                report(p, &mut batch, summary, state, options, &mut flush, progress)?;
-            }
-            if unit.last_of_file {
-                state.files_done = unit.file + 1;
-            }
         }
-    }
-    flush(&mut batch, summary, state, progress)
+        flush(&mut batch, true, summary, state, progress)
+    })
 }
 
 type FlushFn<'a> = dyn FnMut(
         &mut Vec<(WriteOp, Location)>,
+        bool,
         &mut LoadSummary,
         &mut LoadProgress,
         &mut dyn FnMut(&LoadProgress),
@@ -529,7 +576,7 @@ fn report(
     progress: &mut dyn FnMut(&LoadProgress),
 ) -> Result<(), LoadError> {
     if options.strict {
-        flush(batch, summary, state, progress)?;
+        flush(batch, true, summary, state, progress)?;
         return Err(LoadError::Invalid {
             location: p.location,
             message: p.message,
@@ -605,8 +652,8 @@ fn prepare_item(
     Ok((op, location))
 }
 
-/// Where chunks go.
-trait Sink {
+/// Where chunks go (written on a thread of their own, see [`write_in_order`]).
+trait Sink: Send {
     fn write(
         &mut self,
         ops: Vec<(WriteOp, Location)>,
