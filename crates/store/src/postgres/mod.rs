@@ -612,8 +612,74 @@ fn migrate(client: &mut Client) -> Result<usize, StoreError> {
     Ok(n)
 }
 
-/// Create the [`VALUE_INDEXES`] that are missing; returns how many were.
-fn build_value_indexes(client: &mut Client) -> Result<usize, StoreError> {
+/// The columns of `resource_versions` that ANALYZE samples (all but `json`).
+const RV_ANALYZE_COLUMNS: &str =
+    "k, seq, type_no, id, version, last_updated, method, deleted, superseded_seq";
+
+/// Session settings for building indexes: sorting a large index gets memory and parallel workers.
+const BUILD_SETTINGS: &str =
+    "SET maintenance_work_mem = '512MB'; SET max_parallel_maintenance_workers = 4";
+
+/// Undoes [`BUILD_SETTINGS`].
+const BUILD_RESET: &str = "RESET maintenance_work_mem; RESET max_parallel_maintenance_workers";
+
+/// Run `statements` (each on its own, in no particular order) on `client` and on a second
+/// connection opened for the purpose, each taking the next statement when it has finished one;
+/// with `build`, both use [`BUILD_SETTINGS`] meanwhile. Without a second connection everything
+/// runs on `client`.
+fn run_on_two_connections(
+    target: &Target,
+    client: &mut Client,
+    statements: Vec<String>,
+    build: bool,
+) -> Result<usize, StoreError> {
+    let n = statements.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let queue = Mutex::new(statements.into_iter());
+    let work = |c: &mut Client| -> Result<(), StoreError> {
+        if build {
+            c.batch_execute(BUILD_SETTINGS)?;
+        }
+        loop {
+            let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+            let Some(sql) = next else { break };
+            c.batch_execute(&sql)?;
+        }
+        if build {
+            c.batch_execute(BUILD_RESET)?;
+        }
+        Ok(())
+    };
+    let second = if n > 1 { target.connect().ok() } else { None };
+    let (mine, theirs) = std::thread::scope(|scope| {
+        let helper = second.map(|mut c| {
+            let work = &work;
+            scope.spawn(move || {
+                work(&mut c).map_err(|e| match e {
+                    StoreError::Postgres(e) if is_connection_error(&e) => {
+                        target.unavailable(describe(&e))
+                    }
+                    e => e,
+                })
+            })
+        });
+        let mine = work(client);
+        let theirs = helper.map_or(Ok(()), |h| {
+            h.join().unwrap_or_else(|_| {
+                Err(StoreError::Corrupt("an index build thread panicked".into()))
+            })
+        });
+        (mine, theirs)
+    });
+    mine?;
+    theirs?;
+    Ok(n)
+}
+
+/// The `CREATE INDEX` statements of the [`VALUE_INDEXES`] that are missing.
+fn missing_value_indexes(client: &mut Client) -> Result<Vec<&'static str>, StoreError> {
     let present: Vec<String> = client
         .query(
             "SELECT indexname::text FROM pg_indexes
@@ -623,23 +689,18 @@ fn build_value_indexes(client: &mut Client) -> Result<usize, StoreError> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let missing: Vec<&str> = VALUE_INDEXES
+    Ok(VALUE_INDEXES
         .iter()
         .filter(|(name, _)| !present.iter().any(|p| p == name))
         .map(|(_, ddl)| *ddl)
-        .collect();
-    if missing.is_empty() {
-        return Ok(0);
-    }
-    // Sorting a large index: give it memory and parallel workers for this session.
-    client.batch_execute(
-        "SET maintenance_work_mem = '512MB'; SET max_parallel_maintenance_workers = 4",
-    )?;
-    for ddl in &missing {
-        client.batch_execute(ddl)?;
-    }
-    client.batch_execute("RESET maintenance_work_mem; RESET max_parallel_maintenance_workers")?;
-    Ok(missing.len())
+        .collect())
+}
+
+/// Create the [`VALUE_INDEXES`] that are missing (two at a time); returns how many were.
+fn build_value_indexes(target: &Target, client: &mut Client) -> Result<usize, StoreError> {
+    let missing = missing_value_indexes(client)?;
+    let statements: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
+    run_on_two_connections(target, client, statements, true)
 }
 
 /// [`Store`] on a PostgreSQL database.
@@ -676,7 +737,7 @@ impl PgStore {
         store.pool.run(|c| {
             with_schema_lock(c, |c| {
                 migrate(c)?;
-                let rebuilt = build_value_indexes(c)?;
+                let rebuilt = build_value_indexes(&store.pool.target, c)?;
                 if rebuilt > 0 {
                     tracing::info!(rebuilt, "built missing search value indexes");
                 }
@@ -1847,9 +1908,16 @@ impl Store for PgStore {
     }
 
     fn resume_index_upkeep(&self) -> Result<(), StoreError> {
+        // The value indexes, then fresh statistics of the tables a load wrote, each on two
+        // connections at once (the server builds and samples a table on one core; a second
+        // connection keeps a second core busy). The JSON column takes no part in ANALYZE: no plan
+        // filters on it, and sampling it would read and sort 30,000 documents.
         self.pool.run(|c| {
-            with_schema_lock(c, build_value_indexes)?;
-            c.batch_execute("ANALYZE")?;
+            with_schema_lock(c, |c| build_value_indexes(&self.pool.target, c))?;
+            let mut statements = vec![format!("ANALYZE resource_versions ({RV_ANALYZE_COLUMNS})")];
+            statements.extend(INDEX_TABLES.iter().map(|t| format!("ANALYZE {t}")));
+            statements.push("ANALYZE transactions".into());
+            run_on_two_connections(&self.pool.target, c, statements, false)?;
             Ok(())
         })
     }
