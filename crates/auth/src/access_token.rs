@@ -1,8 +1,9 @@
-//! Access tokens: HS256 JWTs signed with a random key made at process start.
+//! Access tokens: HS256 JWTs signed with a random key made at process start, or with the key
+//! the nodes sharing a database share ([`crate::shared`]).
 //!
-//! The key never leaves the process, so tokens are only valid for this server process: a restart
+//! With a per-process key, tokens are only valid for this server process: a restart
 //! invalidates every token, and clients simply ask for a new one (backend clients do that on
-//! every expiry anyway). Claims: `iss` (the server base URL), `sub` (the client_id), `scope`
+//! every expiry anyway). With the shared key every node accepts every node's tokens. Claims: `iss` (the server base URL), `sub` (the client_id), `scope`
 //! (the granted scopes), `iat`, `exp`, `jti`.
 
 use std::time::Duration;
@@ -72,6 +73,21 @@ impl TokenIssuer {
             issuer,
             lifetime,
         }
+    }
+
+    /// An issuer signing with `key` (the key the nodes of a cluster share).
+    pub fn with_key(issuer: String, lifetime: Duration, key: &[u8]) -> TokenIssuer {
+        TokenIssuer {
+            encoding: EncodingKey::from_secret(key),
+            decoding: DecodingKey::from_secret(key),
+            issuer,
+            lifetime,
+        }
+    }
+
+    /// The `iss` of the tokens (the server's base URL).
+    pub fn issuer(&self) -> &str {
+        &self.issuer
     }
 
     pub fn lifetime(&self) -> Duration {

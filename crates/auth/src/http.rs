@@ -121,6 +121,24 @@ impl Auth {
         self.mode() == AuthMode::Smart
     }
 
+    /// Mode `smart` on a database several nodes share: the shared signing key and replay cache
+    /// ([`SmartAuth::share`]). Call before the routes are built (blocks on `shared`). Mode
+    /// `none` is unchanged.
+    pub fn share(
+        self,
+        shared: Arc<dyn crate::SharedAuthState>,
+    ) -> Result<Auth, crate::SharedStateError> {
+        let mut inner = Arc::try_unwrap(self.inner).map_err(|_| {
+            crate::SharedStateError("the authorization state is already in use".into())
+        })?;
+        if let AuthInner::Smart(smart) = &mut inner {
+            smart.share(shared)?;
+        }
+        Ok(Auth {
+            inner: Arc::new(inner),
+        })
+    }
+
     pub fn smart_auth(&self) -> Option<&SmartAuth> {
         match &*self.inner {
             AuthInner::Smart(s) => Some(s),

@@ -3,7 +3,9 @@
 //! - [`registry`]: the registered clients (`--clients FILE`), their JWKS (inline or by URL).
 //! - [`scope`]: SMART v1/v2 `system/` scopes and what they allow.
 //! - [`token_endpoint`]: `POST /auth/token` (client-credentials grant with a JWT assertion).
-//! - [`access_token`]: the bearer tokens this server issues (HS256, per-process key).
+//! - [`access_token`]: the bearer tokens this server issues (HS256, per-process key, or a key
+//!   shared by the nodes of a cluster through [`shared`]).
+//! - [`shared`]: [`SharedAuthState`], the signing key and replay cache several nodes share.
 //! - [`http`]: axum routes, the bearer middleware and [`AuthContext`] for handlers.
 //! - [`log_safe`]: client-supplied text made fit for a log line.
 //! - [`config`]: `--auth none|smart`, the loopback rule ([`check_mode`]).
@@ -23,6 +25,7 @@ pub mod log_safe;
 pub mod registry;
 pub mod replay;
 pub mod scope;
+pub mod shared;
 pub mod token_endpoint;
 
 pub use access_token::{AccessTokenError, TokenIssuer};
@@ -33,4 +36,5 @@ pub use jwks_fetch::JwksFetchError;
 pub use log_safe::log_safe;
 pub use registry::{ClientRegistry, RegistryError};
 pub use scope::{PermSet, Permission, ScopeError, Scopes};
+pub use shared::{SharedAuthState, SharedStateError};
 pub use token_endpoint::{OAuthError, OAuthErrorCode, SmartAuth, TokenForm, TokenResponse};

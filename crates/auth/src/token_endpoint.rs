@@ -20,6 +20,7 @@ use crate::access_token::TokenIssuer;
 use crate::registry::{ClientRegistry, KeySource, RegisteredClient, VerificationKey};
 use crate::replay::{ReplayCache, ReplayError};
 use crate::scope::Scopes;
+use crate::shared::{SIGNING_KEY_BYTES, SharedAuthState, SharedStateError};
 
 pub const GRANT_TYPE: &str = "client_credentials";
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -144,6 +145,9 @@ pub struct SmartAuth {
     pub(crate) replay: ReplayCache,
     pub(crate) issuer: TokenIssuer,
     pub(crate) token_url: String,
+    /// The nodes' shared state, when several share a database: its replay cache replaces the
+    /// in-memory one (see [`SmartAuth::share`]).
+    pub(crate) shared: Option<std::sync::Arc<dyn SharedAuthState>>,
 }
 
 impl SmartAuth {
@@ -158,7 +162,32 @@ impl SmartAuth {
             replay: ReplayCache::new(replay_capacity),
             issuer,
             token_url,
+            shared: None,
         }
+    }
+
+    /// Uses the state the nodes of a cluster share: the shared signing key (made by the first
+    /// node) replaces this process's random one, and accepted assertions are recorded there.
+    /// Blocks on `shared`.
+    pub fn share(
+        &mut self,
+        shared: std::sync::Arc<dyn SharedAuthState>,
+    ) -> Result<(), SharedStateError> {
+        let mut fresh = [0u8; SIGNING_KEY_BYTES];
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut fresh);
+        let key = shared.signing_key(&fresh)?;
+        if key.len() < SIGNING_KEY_BYTES {
+            return Err(SharedStateError(format!(
+                "the shared signing key is shorter than {SIGNING_KEY_BYTES} bytes"
+            )));
+        }
+        self.issuer = TokenIssuer::with_key(
+            self.issuer.issuer().to_string(),
+            self.issuer.lifetime(),
+            &key,
+        );
+        self.shared = Some(shared);
+        Ok(())
     }
 
     pub fn token_url(&self) -> &str {
@@ -295,7 +324,7 @@ impl SmartAuth {
             )
         })?;
 
-        self.check_claims(&client, &claims, now)
+        self.check_claims(&client, &claims, now).await
     }
 
     async fn candidate_keys(
@@ -343,7 +372,7 @@ impl SmartAuth {
         Ok(chosen)
     }
 
-    fn check_claims(
+    async fn check_claims(
         &self,
         client: &Arc<RegisteredClient>,
         claims: &serde_json::Map<String, serde_json::Value>,
@@ -400,16 +429,44 @@ impl SmartAuth {
                 )));
             }
         };
-        self.replay
-            .check_and_insert(&client.client_id, jti, exp + CLOCK_SKEW_S, now)
-            .map_err(|e| match e {
-                ReplayError::Replayed => OAuthError::client(
-                    "this client_assertion's `jti` has already been used (replay refused)",
-                ),
-                ReplayError::Full => {
-                    OAuthError::new(OAuthErrorCode::TemporarilyUnavailable, e.to_string())
+        let remembered = match &self.shared {
+            None => self
+                .replay
+                .check_and_insert(&client.client_id, jti, exp + CLOCK_SKEW_S, now),
+            Some(shared) => {
+                let (shared, iss, jti) = (shared.clone(), client.client_id.clone(), jti.clone());
+                let keep_until = exp + CLOCK_SKEW_S;
+                match tokio::task::spawn_blocking(move || {
+                    shared.remember_once(&iss, &jti, keep_until, now)
+                })
+                .await
+                {
+                    Ok(Ok(true)) => Ok(()),
+                    Ok(Ok(false)) => Err(ReplayError::Replayed),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "the shared replay cache failed");
+                        return Err(OAuthError::new(
+                            OAuthErrorCode::TemporarilyUnavailable,
+                            "the replay cache is unavailable; retry later",
+                        ));
+                    }
+                    Err(_) => {
+                        return Err(OAuthError::new(
+                            OAuthErrorCode::ServerError,
+                            "the replay check did not finish",
+                        ));
+                    }
                 }
-            })?;
+            }
+        };
+        remembered.map_err(|e| match e {
+            ReplayError::Replayed => OAuthError::client(
+                "this client_assertion's `jti` has already been used (replay refused)",
+            ),
+            ReplayError::Full => {
+                OAuthError::new(OAuthErrorCode::TemporarilyUnavailable, e.to_string())
+            }
+        })?;
         Ok(client.clone())
     }
 }

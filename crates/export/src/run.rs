@@ -446,8 +446,10 @@ impl<'s> Roller<'s> {
         if self.current.is_none() {
             self.parts += 1;
             let temp = format!(
-                "{}/_parts/{}-{}-{}-{}.ndjson",
-                self.folder, self.prefix, self.item_no, self.attempt, self.parts
+                "{}/{}-{}.ndjson",
+                attempt_dir(&self.folder, self.item_no, self.attempt),
+                self.prefix,
+                self.parts
             );
             let w = self.sink.create(&self.container, &temp)?;
             self.current = Some((w, temp, 0, 0));
@@ -483,6 +485,14 @@ impl<'s> Roller<'s> {
             temp_path: temp,
         }))
     }
+}
+
+/// The folder of one claim's temporary parts, `<folder>/_parts/<item>-<attempt>`: a worker
+/// writes only there until a part is committed (the attempt is the lease's fencing token, so a
+/// worker that lost its lease never writes where the new holder does), and only committed
+/// parts are renamed into the export folder.
+pub fn attempt_dir(folder: &str, item_no: i64, attempt: i64) -> String {
+    format!("{folder}/_parts/{item_no}-{attempt}")
 }
 
 /// Commits finished parts with the item's cursor and renames them to their final names.

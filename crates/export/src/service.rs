@@ -13,7 +13,8 @@ use store::Store;
 use crate::access::{self, ExportAccess};
 use crate::anonymization::{AnonymizationError, AnonymizationInfo, Anonymizer, load_from_storage};
 use crate::jobs::{
-    Cleanup, FileKind, ItemKind, JobQueue, JobRecord, JobState, QueueError, Retry, WorkItem,
+    Cleanup, FileKind, ItemKind, JobQueue, JobRecord, JobState, Orphans, QueueError, Retry,
+    WorkItem, owner_name,
 };
 use crate::request::{ExportLevel, ExportRequest, RequestError, parameters_to_pairs};
 use crate::run::{ItemContext, Prepared, RunError, RunSettings, execute_item, plan};
@@ -44,6 +45,12 @@ pub struct ExportConfig {
     /// directory): then work left running at start-up is released at once instead of after the
     /// heartbeat timeout.
     pub exclusive_queue: bool,
+    /// This node's stable id among the processes sharing the job queue (`--node-id`). Leases
+    /// are owned by `<node id>/<incarnation>` (a new incarnation at every start); with an id, a
+    /// restarted node releases its previous incarnation's leases at once. `None`: a random id
+    /// (nothing released at start-up on a shared queue; other nodes take the items over after
+    /// the heartbeat timeout).
+    pub node_id: Option<String>,
     /// Exports queued or running at once; more get 429.
     pub max_concurrent: u64,
     /// A running work item without a heartbeat for this long is taken over.
@@ -73,6 +80,7 @@ impl std::fmt::Debug for ExportConfig {
             .field("default_container", &self.default_container)
             .field("run", &self.run)
             .field("workers", &self.workers)
+            .field("node_id", &self.node_id)
             .field("max_concurrent", &self.max_concurrent)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("max_attempts", &self.max_attempts)
@@ -90,6 +98,7 @@ impl ExportConfig {
             run: RunSettings::default(),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
             exclusive_queue: true,
+            node_id: None,
             max_concurrent: 4,
             heartbeat_timeout: Duration::from_secs(600),
             max_attempts: 5,
@@ -259,6 +268,21 @@ fn failure_text(e: &RunError, sink: &dyn Sink, job: Option<&JobRecord>) -> Strin
     }
 }
 
+/// How long one node holds the deletion of an export's files ([`JobQueue::hold_cleanup`]);
+/// if it dies meanwhile, another node retries after it.
+const CLEANUP_HOLD: Duration = Duration::from_secs(600);
+
+/// What [`ExportService::clean_up`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deletion {
+    /// The files are removed and it is recorded.
+    Done,
+    /// Another deletion (on this or another node) holds it, or there is none to do.
+    Busy,
+    /// It failed (the destination is down); retried later.
+    Failed,
+}
+
 /// Failed deletions in a row after which the sweeper stops retrying a job in this process
 /// (about 6 hours with the default 60 s sweep); the next start-up tries again.
 const DELETION_MAX_FAILURES: u32 = 12;
@@ -324,11 +348,12 @@ impl ExportService {
         config: ExportConfig,
     ) -> Result<Arc<ExportService>, ExportError> {
         let queue = store.jobs()?;
-        let node = format!(
-            "{}-{}",
-            std::process::id(),
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
+        let random = || uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", std::process::id(), random()));
+        let node = owner_name(&node_id, &random());
         let svc = Arc::new(ExportService {
             store,
             queue,
@@ -354,8 +379,19 @@ impl ExportService {
         if !threads.is_empty() {
             return Ok(());
         }
-        if self.config.exclusive_queue {
-            let released = self.queue.release_orphans()?;
+        // Only leases known to be dead: every lease when this process is alone on the queue;
+        // on a shared database those of this node's earlier incarnations (a node id is unique
+        // in the cluster), never another node's (taken over after the heartbeat timeout).
+        let orphans = match (&self.config.node_id, self.config.exclusive_queue) {
+            (_, true) => Some(Orphans::All),
+            (Some(node), false) => Some(Orphans::OfNode {
+                node,
+                current: &self.node,
+            }),
+            (None, false) => None,
+        };
+        if let Some(orphans) = orphans {
+            let released = self.queue.release_orphans(orphans)?;
             if released > 0 {
                 tracing::info!(
                     items = released,
@@ -363,6 +399,7 @@ impl ExportService {
                 );
             }
         }
+        tracing::info!(owner = %self.node, workers = self.config.workers, "export workers start");
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name)
@@ -419,20 +456,68 @@ impl ExportService {
     }
 
     /// Removes the files of a failed, cancelled or expired job and records it; a failure (the
-    /// destination is down) leaves the deletion to the sweeper.
-    fn clean_up(&self, job: &JobRecord) -> bool {
+    /// destination is down) leaves the deletion to the sweeper. The deletion is held in the
+    /// queue first, so nodes sharing it never remove the same export at once.
+    fn clean_up(&self, job: &JobRecord) -> Deletion {
+        let hold = CLEANUP_HOLD.as_millis() as i64;
+        match self.queue.hold_cleanup(&job.id, now_ms(), hold) {
+            Ok(true) => {}
+            Ok(false) => return Deletion::Busy,
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "cannot hold an export's deletion");
+                return Deletion::Failed;
+            }
+        }
         match self.config.sink.delete_prefix(&job.container, &job.folder) {
             Ok(()) => {
                 if let Err(e) = self.queue.cleaned(&job.id) {
                     tracing::error!(job = %job.id, error = %e, "cannot record a finished deletion");
-                    return false;
+                    return Deletion::Failed;
                 }
                 tracing::info!(job = %job.id, state = job.state.as_str(), "export files removed");
-                true
+                Deletion::Done
             }
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %without_queries(&e.to_string()), "cannot remove export files yet; retried later");
-                false
+                Deletion::Failed
+            }
+        }
+    }
+
+    /// After an item stopped because its lease or its job ended: removes what this claim wrote
+    /// that nobody will use. A stopped job's files all go, so the item's committed files too
+    /// (another node may have listed the folder before this worker renamed one into it); a lost
+    /// lease leaves committed parts to the new holder, so the claim's part folder goes only
+    /// when none of its parts still waits for a rename.
+    fn remove_own_writes(&self, item: &WorkItem, job_stopped: bool) {
+        let Ok(Some(job)) = self.queue.get(&item.job_id) else {
+            return;
+        };
+        let dir = crate::run::attempt_dir(&job.folder, item.item_no, item.attempt);
+        let files = match self.queue.files(&job.id) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "cannot list an export's files");
+                return;
+            }
+        };
+        let mine: Vec<_> = files.iter().filter(|f| f.item_no == item.item_no).collect();
+        let waiting = mine.iter().any(|f| {
+            f.pending_rename
+                .as_deref()
+                .is_some_and(|t| t.starts_with(&format!("{dir}/")))
+        });
+        let sink = self.config.sink.as_ref();
+        let mut paths = Vec::new();
+        if job_stopped {
+            paths.extend(mine.iter().map(|f| format!("{}/{}", job.folder, f.name)));
+        }
+        if job_stopped || !waiting {
+            paths.push(dir);
+        }
+        for path in paths {
+            if let Err(e) = sink.delete_prefix(&job.container, &path) {
+                tracing::warn!(job = %job.id, error = %without_queries(&e.to_string()), "cannot remove a stopped work item's files");
             }
         }
     }
@@ -486,12 +571,15 @@ impl ExportService {
             if waiting {
                 continue;
             }
-            if self.clean_up(&job) {
-                cleaned += 1;
-                self.forget(&job.id);
-                lock(&self.deletions).remove(&job.id);
-            } else {
-                self.deletion_failed(&job.id);
+            match self.clean_up(&job) {
+                Deletion::Done => {
+                    cleaned += 1;
+                    self.forget(&job.id);
+                    lock(&self.deletions).remove(&job.id);
+                }
+                // Another node (or a worker here) is removing it.
+                Deletion::Busy => {}
+                Deletion::Failed => self.deletion_failed(&job.id),
             }
         }
         // The rows of jobs whose files are gone stay one more retention period (status answers
@@ -724,7 +812,8 @@ impl ExportService {
         match result {
             Ok(()) => {}
             Err(RunError::LeaseLost) => {
-                tracing::warn!(job = %job_id, item = item.item_no, "work item taken over elsewhere");
+                tracing::warn!(job = %job_id, item = item.item_no, attempt = item.attempt, owner = %self.node, "work item taken over elsewhere; its uncommitted parts are discarded");
+                self.remove_own_writes(&item, false);
             }
             Err(RunError::Interrupted) => match self.queue.release(&item) {
                 Ok(_) => {
@@ -735,8 +824,10 @@ impl ExportService {
                 }
             },
             Err(RunError::Stopped) => {
+                tracing::info!(job = %job_id, item = item.item_no, owner = %self.node, "work item stopped: its export was cancelled or failed");
                 // Cancelled or failed: make sure nothing of this export remains (a deletion
-                // that fails stays recorded for the sweeper).
+                // that fails stays recorded for the sweeper; one another node holds is its).
+                self.remove_own_writes(&item, true);
                 if let Ok(Some(job)) = self.queue.get(&job_id)
                     && job.cleanup == Cleanup::Pending
                 {

@@ -17,7 +17,9 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// Where resources and export jobs are kept: `sqlite` (default: `fhirhose.db` and
     /// `exports.db` in the data directory) or a PostgreSQL URL
-    /// (`postgres://user:password@host:5432/db`, `?sslmode=require` for TLS).
+    /// (`postgres://user:password@host:5432/db`, `?sslmode=require` for TLS). Several `serve`
+    /// processes may share one PostgreSQL database and one export destination (see --node-id
+    /// and --export-destination).
     #[arg(long, env = "FHIRHOSE_DATABASE")]
     pub database: Option<store::DatabaseArg>,
     /// Base URL written into links and manifests (default: http://<listen address>).
@@ -171,9 +173,17 @@ pub struct ExportOptions {
     /// Exports queued or running at once; more kick-offs get 429.
     #[arg(long, env = "FHIRHOSE_EXPORT_MAX_CONCURRENT", default_value_t = 4)]
     pub export_max_concurrent: u64,
-    /// Seconds without a heartbeat after which a running work item is taken over.
+    /// Seconds without a heartbeat after which a running work item is taken over (by any node
+    /// sharing the database); items heartbeat every quarter of it, at most every 10 s.
     #[arg(long, env = "FHIRHOSE_EXPORT_HEARTBEAT_TIMEOUT", default_value_t = 600)]
     pub export_heartbeat_timeout: u64,
+    /// This node's id among the `serve` processes sharing one PostgreSQL database (letters,
+    /// digits, `.`, `_`, `-`; at most 64), unique and stable across restarts: export leases are
+    /// owned by `<node id>/<incarnation>`, and a restarted node releases its previous
+    /// incarnation's leases at once. Without it a random id is used, and the leases of a node
+    /// that died are taken over after the heartbeat timeout.
+    #[arg(long, env = "FHIRHOSE_NODE_ID")]
+    pub node_id: Option<String>,
     /// Attempts per export work item (a transient failure, or a server that stopped while it
     /// ran, uses one; back-off 2 s, 4 s, … ≤ 60 s between them); then the export fails.
     #[arg(long, env = "FHIRHOSE_EXPORT_MAX_ATTEMPTS", default_value_t = 5)]
@@ -197,7 +207,9 @@ pub struct ExportOptions {
     #[arg(long, env = "FHIRHOSE_EXPORT_CONTAINER", default_value = "exports")]
     pub export_container: String,
     /// Where export files go: `local` (`<data-dir>/storage/<container>/`), `azure` (Blob /
-    /// ADLS Gen2) or `s3` (an S3-compatible store).
+    /// ADLS Gen2) or `s3` (an S3-compatible store). When several nodes share one PostgreSQL
+    /// database, `local` must be shared storage (the same folder mounted at every node's
+    /// `<data-dir>/storage`, e.g. NFS): any node writes an export's parts, any node serves them.
     #[arg(long, env = "FHIRHOSE_EXPORT_DESTINATION", default_value = "local")]
     pub export_destination: String,
     /// Azure: a storage connection string (AccountName + AccountKey or SharedAccessSignature,
@@ -263,6 +275,7 @@ impl Default for ExportOptions {
             export_item_resources: 250_000,
             export_max_concurrent: 4,
             export_heartbeat_timeout: 600,
+            node_id: None,
             export_max_attempts: 5,
             export_retention: 24 * 3600,
             export_group_max_depth: 100,
@@ -391,6 +404,8 @@ impl ExportOptions {
         c.run.group_max_members = self.export_group_max_members;
         c.max_concurrent = self.export_max_concurrent;
         c.heartbeat_timeout = std::time::Duration::from_secs(self.export_heartbeat_timeout);
+        c.run.heartbeat_every = c.run.heartbeat_every.min(c.heartbeat_timeout / 4);
+        c.node_id = self.node_id.clone();
         c.max_attempts = self.export_max_attempts;
         c.retention = std::time::Duration::from_secs(self.export_retention);
         c.default_container = self.export_container.clone();
@@ -498,6 +513,17 @@ impl ServeConfig {
             return Err(ConfigError::Export(
                 "--export-heartbeat-timeout must be at least 5 seconds".into(),
             ));
+        }
+        if let Some(id) = &e.node_id {
+            let ok = (1..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !ok {
+                return Err(ConfigError::Export(format!(
+                    "--node-id '{id}' must be 1-64 letters, digits, '.', '_' or '-'"
+                )));
+            }
         }
         e.remote_destination()?;
         e.registry_settings()?;

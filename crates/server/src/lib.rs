@@ -159,6 +159,34 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("cannot open the export job table: {0}")]
     Export(#[from] export::ExportError),
+    /// The signing key the nodes sharing the database share could not be read or made.
+    #[error("{0}")]
+    SharedAuth(#[from] auth::SharedStateError),
+}
+
+/// The auth layer's shared state ([`auth::SharedAuthState`]) over the store's
+/// ([`store::SharedState`]): the nodes sharing a PostgreSQL database share the token signing key
+/// and the assertion replay cache.
+struct SharedAuth(Arc<dyn store::SharedState>);
+
+impl auth::SharedAuthState for SharedAuth {
+    fn signing_key(&self, fresh: &[u8]) -> Result<Vec<u8>, auth::SharedStateError> {
+        self.0
+            .secret(auth::shared::SIGNING_KEY_NAME, fresh)
+            .map_err(|e| auth::SharedStateError(e.to_string()))
+    }
+
+    fn remember_once(
+        &self,
+        iss: &str,
+        jti: &str,
+        keep_until: i64,
+        now: i64,
+    ) -> Result<bool, auth::SharedStateError> {
+        self.0
+            .remember_once(iss, jti, keep_until, now)
+            .map_err(|e| auth::SharedStateError(e.to_string()))
+    }
 }
 
 /// Opens the store `database` names ([`store::open`]), writing search index rows or not (a bulk
@@ -219,6 +247,13 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
                 source,
             }
         })?;
+    // Several nodes on one database: tokens and the replay cache are the cluster's.
+    let auth = match store.shared_state() {
+        Some(shared) if auth.mode() == auth::AuthMode::Smart => {
+            tokio::task::block_in_place(|| auth.share(Arc::new(SharedAuth(shared))))?
+        }
+        _ => auth,
+    };
     if tokio::task::block_in_place(|| store.indexes_stale()).unwrap_or(false) {
         tracing::warn!(
             database = %database.describe(),

@@ -234,6 +234,25 @@ pub struct WorkItem {
     pub owner: String,
 }
 
+/// The lease-owner name of a worker process: `<node>/<incarnation>`. `node` is the stable node
+/// id (`--node-id`, or a random one), `incarnation` is new at every start, so a restarted node
+/// can tell its previous incarnation's leases from its own ([`Orphans::OfNode`]).
+pub fn owner_name(node: &str, incarnation: &str) -> String {
+    format!("{node}/{incarnation}")
+}
+
+/// Which running items [`JobQueue::release_orphans`] releases at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orphans<'a> {
+    /// Every running item: this process is the only one using the queue (SQLite, behind the
+    /// data-directory lock), so any lease belongs to a dead process.
+    All,
+    /// The items of earlier incarnations of node `node` (owners `<node>/…` other than
+    /// `current`): on a database shared by several nodes only a node's own previous leases are
+    /// known to be dead; every other node's items are taken over after the heartbeat timeout.
+    OfNode { node: &'a str, current: &'a str },
+}
+
 /// What a heartbeat learns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lease {
@@ -395,14 +414,24 @@ pub trait JobQueue: Send + Sync {
     fn expire(&self, finished_before_ms: i64) -> Result<u64, QueueError>;
     /// Jobs whose files are still to be removed.
     fn cleanups(&self) -> Result<Vec<JobRecord>, QueueError>;
+    /// The most recent jobs (by creation, newest first), at most `limit`; only `client`'s when
+    /// given (the status page: a client sees its own jobs).
+    fn recent(&self, limit: u64, client: Option<&str>) -> Result<Vec<JobRecord>, QueueError>;
+    /// How many jobs are in each state (the metrics endpoint); states without jobs are left out.
+    fn count_by_state(&self) -> Result<Vec<(JobState, u64)>, QueueError>;
     /// Records that a job's files are removed.
     fn cleaned(&self, id: &str) -> Result<(), QueueError>;
     fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError>;
     fn progress(&self, job_id: &str) -> Result<Vec<TypeProgress>, QueueError>;
-    /// Single-node start-up: every running item belongs to a process that is gone (the data
-    /// directory lock guarantees no other process shares this queue), so it is made claimable
-    /// at once instead of after the heartbeat timeout. Returns how many.
-    fn release_orphans(&self) -> Result<u64, QueueError>;
+    /// Start-up: the running items that belong to a process that is gone are made claimable at
+    /// once instead of after the heartbeat timeout ([`Orphans`] says which). Their attempt stays
+    /// counted. Returns how many.
+    fn release_orphans(&self, orphans: Orphans<'_>) -> Result<u64, QueueError>;
+    /// Takes the deletion of job `id`'s files for `hold_ms`: true when its cleanup is pending
+    /// and no other deletion holds it (cluster-wide: two nodes never remove the same export's
+    /// files at once). The hold ends with [`JobQueue::cleaned`], or lapses (a deletion that
+    /// failed, or a node that died, is retried by anyone after `hold_ms`).
+    fn hold_cleanup(&self, id: &str, now_ms: i64, hold_ms: i64) -> Result<bool, QueueError>;
     /// Deletes the rows (job, items, files) of failed, cancelled and expired jobs whose files are
     /// removed (`cleanup` done) and that finished at or before `finished_before_ms`. Returns how
     /// many jobs.

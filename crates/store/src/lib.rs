@@ -33,6 +33,7 @@ mod open;
 mod ops;
 pub mod plan;
 pub mod postgres;
+pub mod shared;
 mod sql_plan;
 pub mod sqlite;
 mod stamp;
@@ -48,6 +49,7 @@ pub use jobs::{JobQueue, QueueError};
 pub use lock::DataDirLock;
 pub use open::{DATABASE_ENV, Database, DatabaseArg, OpenOptions, UnknownDatabase, open};
 pub use postgres::{PgOptions, PgStore};
+pub use shared::SharedState;
 pub use sqlite::{SqliteOptions, SqliteStore};
 pub use stamp::{
     PreparedResource, format_instant_ms, is_valid_id, is_valid_type_name, parse_instant_ms,
@@ -472,6 +474,13 @@ pub trait Store: Send + Sync {
     /// The export job queue of this store, in the same database ([`jobs`]; SQLite keeps it in a
     /// file of its own, see [`sqlite::SqliteJobQueue`]). Every call returns the same queue.
     fn jobs(&self) -> Result<std::sync::Arc<dyn JobQueue>, QueueError>;
+
+    /// State shared by every server process using this database ([`shared`]: the token signing
+    /// key, the assertion replay cache). `None` (the default) when only one process can use the
+    /// database (SQLite, behind the data-directory lock).
+    fn shared_state(&self) -> Option<std::sync::Arc<dyn SharedState>> {
+        None
+    }
 }
 
 /// Run `work` with `store`'s index upkeep suspended when `suspend` is true and the store can

@@ -244,7 +244,7 @@ fn a_crash_loop_fails_the_job_once_the_attempts_are_used() {
         let i = q.claim("w", n, 600_000, 2).expect("claim").expect("item");
         assert_eq!(i.attempt, n);
         // The process dies; the next one releases the item.
-        assert_eq!(q.release_orphans().expect("release"), 1);
+        assert_eq!(q.release_orphans(Orphans::All).expect("release"), 1);
     }
     assert!(q.claim("w", 10, 600_000, 2).expect("claim").is_none());
     let a = q.get("a").expect("get").expect("job");
@@ -308,7 +308,7 @@ fn orphans_of_a_dead_process_are_released_on_reopen() {
     // Another process opens the same database.
     let q = store.reopen(None).jobs().expect("job queue");
     assert!(q.claim("new", 1, 600_000, 3).expect("claim").is_none());
-    assert_eq!(q.release_orphans().expect("release"), 1);
+    assert_eq!(q.release_orphans(Orphans::All).expect("release"), 1);
     let i = q.claim("new", 2, 600_000, 3).expect("claim").expect("item");
     assert_eq!(i.attempt, 2);
     assert!(q.get("missing").expect("get").is_none());
@@ -418,4 +418,65 @@ fn concurrent_kickoffs_never_pass_the_limit() {
     });
     assert_eq!(admitted, 3);
     assert_eq!(q.active_count().expect("count"), 3);
+}
+
+#[test]
+fn a_restarted_node_releases_only_its_previous_incarnations_leases() {
+    let (_store, q) = open();
+    q.create(
+        &job("a", 1),
+        &[
+            scan("Patient", 0, 10),
+            scan("Patient", 10, 20),
+            scan("Patient", 20, 30),
+            scan("Patient", 30, 40),
+        ],
+        10,
+    )
+    .expect("create");
+    let dead = owner_name("n1", "old");
+    let current = owner_name("n1", "new");
+    let other = owner_name("n2", "live");
+    // A node whose id starts like n1's is another node.
+    let lookalike = owner_name("n10", "live");
+    for owner in [&dead, &other, &lookalike, &current] {
+        q.claim(owner, 1, 600_000, 3).expect("claim").expect("item");
+    }
+    let released = q
+        .release_orphans(Orphans::OfNode {
+            node: "n1",
+            current: &current,
+        })
+        .expect("release");
+    assert_eq!(released, 1, "only n1's previous incarnation");
+    // The released item is claimable at once; the live leases stay where they are.
+    let again = q
+        .claim(&current, 2, 600_000, 3)
+        .expect("claim")
+        .expect("released");
+    assert_eq!(again.attempt, 2);
+    assert!(q.claim(&current, 3, 600_000, 3).expect("claim").is_none());
+}
+
+#[test]
+fn one_deleter_at_a_time_holds_a_jobs_cleanup() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
+        .expect("create");
+    // Nothing to delete while the job runs.
+    assert!(!q.hold_cleanup("a", 100, 1_000).expect("hold"));
+    q.cancel("a", 100).expect("cancel");
+    assert!(q.hold_cleanup("a", 200, 1_000).expect("first deleter"));
+    assert!(
+        !q.hold_cleanup("a", 300, 1_000)
+            .expect("second deleter waits")
+    );
+    // A hold whose deleter failed or died lapses.
+    assert!(q.hold_cleanup("a", 1_300, 1_000).expect("after the hold"));
+    q.cleaned("a").expect("cleaned");
+    assert!(!q.hold_cleanup("a", 5_000, 1_000).expect("done"));
+    assert!(
+        !q.hold_cleanup("missing", 5_000, 1_000)
+            .expect("unknown job")
+    );
 }

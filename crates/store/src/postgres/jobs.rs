@@ -17,12 +17,15 @@
 
 use ::postgres::{Client, GenericClient, Row, Transaction};
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use super::{Pool, Target};
 use crate::StoreError;
 use crate::jobs::{
     Cleanup, FileRecord, ItemKind, ItemPlan, JobQueue, JobRecord, JobState, Lease, NewFile,
-    QueueError, Retry, TypeProgress, WorkItem,
+    Orphans, QueueError, Retry, TypeProgress, WorkItem,
 };
+use crate::shared::SharedState;
 
 /// `pg_advisory_xact_lock` key held while a kick-off counts the active jobs and records its own.
 pub const ADMISSION_LOCK: i64 = 0x6668_686f_7365_03;
@@ -85,15 +88,39 @@ CREATE TABLE export_file (
 );
 ";
 
+/// Migration 3: the hold on a job's deletion ([`JobQueue::hold_cleanup`]) and the state the
+/// nodes share ([`crate::shared`]): secrets made once by the first node, and the replay cache of
+/// client assertions.
+pub(crate) const SCHEMA_V3: &str = "
+ALTER TABLE export_job ADD COLUMN cleanup_until_ms bigint;
+CREATE TABLE cluster_secret (
+    name text PRIMARY KEY,
+    value bytea NOT NULL,
+    created_ms bigint NOT NULL
+);
+CREATE TABLE auth_jti (
+    iss text NOT NULL,
+    jti text NOT NULL,
+    expires_s bigint NOT NULL,
+    PRIMARY KEY (iss, jti)
+);
+CREATE INDEX auth_jti_expires ON auth_jti(expires_s);
+";
+
+/// How often (seconds) a node deletes expired replay-cache rows.
+const JTI_PURGE_EVERY_S: i64 = 60;
+
 impl From<::postgres::Error> for QueueError {
     fn from(e: ::postgres::Error) -> Self {
         QueueError::Db(StoreError::Postgres(e))
     }
 }
 
-/// [`JobQueue`] on a PostgreSQL database.
+/// [`JobQueue`] on a PostgreSQL database; also the nodes' [`SharedState`] (same small pool).
 pub struct PgJobQueue {
     pool: Pool,
+    /// When this process last purged expired replay-cache rows (unix seconds).
+    jti_purged_s: AtomicI64,
 }
 
 impl PgJobQueue {
@@ -101,6 +128,7 @@ impl PgJobQueue {
     pub(crate) fn new(target: Target) -> PgJobQueue {
         PgJobQueue {
             pool: Pool::new(target, QUEUE_CONNECTIONS),
+            jti_purged_s: AtomicI64::new(0),
         }
     }
 
@@ -601,10 +629,36 @@ impl JobQueue for PgJobQueue {
         })
     }
 
+    fn recent(&self, limit: u64, client: Option<&str>) -> Result<Vec<JobRecord>, QueueError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(|c| {
+            c.query(
+                &format!(
+                    "SELECT {JOB_COLUMNS} FROM export_job WHERE $1::text IS NULL OR client_id = $1
+                     ORDER BY created_ms DESC, id LIMIT $2"
+                ),
+                &[&client, &limit],
+            )?
+            .iter()
+            .map(job_row)
+            .collect()
+        })
+    }
+
+    fn count_by_state(&self) -> Result<Vec<(JobState, u64)>, QueueError> {
+        self.run(|c| {
+            c.query("SELECT state, count(*) FROM export_job GROUP BY state", &[])?
+                .iter()
+                .map(|r| Ok((r.get::<_, &str>(0).parse()?, r.get::<_, i64>(1) as u64)))
+                .collect()
+        })
+    }
+
     fn cleaned(&self, id: &str) -> Result<(), QueueError> {
         self.run(|c| {
             c.execute(
-                "UPDATE export_job SET cleanup = 'done' WHERE id = $1 AND cleanup = 'pending'",
+                "UPDATE export_job SET cleanup = 'done', cleanup_until_ms = NULL
+                 WHERE id = $1 AND cleanup = 'pending'",
                 &[&id],
             )?;
             Ok(())
@@ -644,33 +698,100 @@ impl JobQueue for PgJobQueue {
         })
     }
 
-    fn release_orphans(&self) -> Result<u64, QueueError> {
+    fn release_orphans(&self, orphans: Orphans<'_>) -> Result<u64, QueueError> {
+        const RELEASE: &str = "UPDATE export_item SET state = 'pending', owner = NULL,
+               error = 'the server stopped while it ran', error_status = 500
+             WHERE state = 'running'";
+        self.run(|c| {
+            Ok(match orphans {
+                Orphans::All => c.execute(RELEASE, &[])?,
+                // `left(owner, n)` rather than LIKE: a node id is matched literally.
+                Orphans::OfNode { node, current } => c.execute(
+                    &format!(
+                        "{RELEASE} AND left(owner, length($1) + 1) = $1 || '/' AND owner <> $2"
+                    ),
+                    &[&node, &current],
+                )?,
+            })
+        })
+    }
+
+    fn hold_cleanup(&self, id: &str, now_ms: i64, hold_ms: i64) -> Result<bool, QueueError> {
         self.run(|c| {
             Ok(c.execute(
-                "UPDATE export_item SET state = 'pending', owner = NULL,
-                   error = 'the server stopped while it ran', error_status = 500
-                 WHERE state = 'running'",
-                &[],
-            )?)
+                "UPDATE export_job SET cleanup_until_ms = $2
+                 WHERE id = $1 AND cleanup = 'pending'
+                   AND (cleanup_until_ms IS NULL OR cleanup_until_ms <= $3)",
+                &[&id, &now_ms.saturating_add(hold_ms), &now_ms],
+            )? == 1)
         })
     }
 
     fn purge(&self, finished_before_ms: i64) -> Result<u64, QueueError> {
-        self.tx(|tx| {
-            let gone = "SELECT id FROM export_job WHERE state IN ('failed', 'cancelled', 'expired')
-                          AND cleanup = 'done' AND finished_ms <= $1";
-            tx.execute(
-                &format!("DELETE FROM export_file WHERE job_id IN ({gone})"),
+        // One statement: the jobs deleted are exactly those whose items and files go (nodes
+        // purging at once wait for each other's row locks and delete each row once).
+        self.run(|c| {
+            Ok(c.query_one(
+                "WITH gone AS (
+                   DELETE FROM export_job WHERE state IN ('failed', 'cancelled', 'expired')
+                     AND cleanup = 'done' AND finished_ms <= $1
+                   RETURNING id),
+                 files AS (DELETE FROM export_file WHERE job_id IN (SELECT id FROM gone)),
+                 items AS (DELETE FROM export_item WHERE job_id IN (SELECT id FROM gone))
+                 SELECT count(*) FROM gone",
                 &[&finished_before_ms],
+            )?
+            .get::<_, i64>(0) as u64)
+        })
+    }
+}
+
+impl SharedState for PgJobQueue {
+    fn secret(&self, name: &str, fresh: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.pool.run(|c| {
+            // The first insert wins; every node then reads the same value.
+            c.execute(
+                "INSERT INTO cluster_secret (name, value, created_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&name, &fresh, &now_ms],
             )?;
-            tx.execute(
-                &format!("DELETE FROM export_item WHERE job_id IN ({gone})"),
-                &[&finished_before_ms],
-            )?;
-            Ok(tx.execute(
-                &format!("DELETE FROM export_job WHERE id IN ({gone})"),
-                &[&finished_before_ms],
-            )?)
+            Ok(
+                c.query_one("SELECT value FROM cluster_secret WHERE name = $1", &[&name])?
+                    .get::<_, Vec<u8>>(0),
+            )
+        })
+    }
+
+    fn remember_once(
+        &self,
+        scope: &str,
+        key: &str,
+        until_s: i64,
+        now_s: i64,
+    ) -> Result<bool, StoreError> {
+        let last = self.jti_purged_s.load(Ordering::Relaxed);
+        let purge = now_s.saturating_sub(last) >= JTI_PURGE_EVERY_S
+            && self
+                .jti_purged_s
+                .compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        self.pool.run(|c| {
+            if purge {
+                c.execute("DELETE FROM auth_jti WHERE expires_s < $1", &[&now_s])?;
+            }
+            // Inserted, or an expired row of the same key taken over: a row comes back. A live
+            // row of the key (a replay, at this node or any other) returns none.
+            Ok(c.query_opt(
+                "INSERT INTO auth_jti (iss, jti, expires_s) VALUES ($1, $2, $3)
+                 ON CONFLICT (iss, jti) DO UPDATE SET expires_s = EXCLUDED.expires_s
+                   WHERE auth_jti.expires_s < $4
+                 RETURNING 1",
+                &[&scope, &key, &until_s, &now_s],
+            )?
+            .is_some())
         })
     }
 }

@@ -94,6 +94,11 @@ const IDLE_CHECK_AFTER: Duration = Duration::from_secs(5);
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "resources and search indexes", SCHEMA_V1),
     (2, "export job tables", jobs::SCHEMA),
+    (
+        3,
+        "cluster state: cleanup holds, shared secrets, assertion replay cache",
+        jobs::SCHEMA_V3,
+    ),
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -1932,6 +1937,10 @@ impl Store for PgStore {
 
     fn jobs(&self) -> Result<Arc<dyn crate::JobQueue>, crate::QueueError> {
         Ok(self.jobs.clone())
+    }
+
+    fn shared_state(&self) -> Option<Arc<dyn crate::SharedState>> {
+        Some(self.jobs.clone())
     }
 
     fn reindex(&self, resource_type: Option<&str>) -> Result<u64, StoreError> {

@@ -28,7 +28,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use crate::StoreError;
 use crate::jobs::{
     Cleanup, FileKind, FileRecord, ITEM_STATES, ItemKind, ItemPlan, JobQueue, JobRecord, JobState,
-    Lease, NewFile, QueueError, Retry, TypeProgress, UnknownName, WorkItem, check_in,
+    Lease, NewFile, Orphans, QueueError, Retry, TypeProgress, UnknownName, WorkItem, check_in,
 };
 
 /// The job tables' schema version (`PRAGMA user_version` of `exports.db`). 0 is the first,
@@ -269,6 +269,8 @@ fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
 /// [`JobQueue`] in a SQLite file (WAL).
 pub struct SqliteJobQueue {
     conn: Mutex<Connection>,
+    /// Deletions in progress ([`JobQueue::hold_cleanup`]): job → held until (ms).
+    cleanup_holds: Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl SqliteJobQueue {
@@ -281,6 +283,7 @@ impl SqliteJobQueue {
         migrate(&mut conn, path)?;
         Ok(SqliteJobQueue {
             conn: Mutex::new(conn),
+            cleanup_holds: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -290,6 +293,7 @@ impl SqliteJobQueue {
         migrate(&mut conn, Path::new(":memory:"))?;
         Ok(SqliteJobQueue {
             conn: Mutex::new(conn),
+            cleanup_holds: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -704,11 +708,38 @@ impl JobQueue for SqliteJobQueue {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn recent(&self, limit: u64, client: Option<&str>) -> Result<Vec<JobRecord>, QueueError> {
+        let c = self.conn();
+        let mut stmt = c.prepare(&format!(
+            "SELECT {JOB_COLUMNS} FROM export_job WHERE ?1 IS NULL OR client_id = ?1
+             ORDER BY created_ms DESC, id LIMIT ?2"
+        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![client, limit], job_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn count_by_state(&self) -> Result<Vec<(JobState, u64)>, QueueError> {
+        let c = self.conn();
+        let mut stmt = c.prepare("SELECT state, count(*) FROM export_job GROUP BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, JobState>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (state, n) = row?;
+            out.push((state, n as u64));
+        }
+        Ok(out)
+    }
+
     fn cleaned(&self, id: &str) -> Result<(), QueueError> {
         self.conn().execute(
             "UPDATE export_job SET cleanup = 'done' WHERE id = ?1 AND cleanup = 'pending'",
             [id],
         )?;
+        self.cleanup_holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         Ok(())
     }
 
@@ -739,16 +770,43 @@ impl JobQueue for SqliteJobQueue {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    fn release_orphans(&self) -> Result<u64, QueueError> {
+    fn release_orphans(&self, orphans: Orphans<'_>) -> Result<u64, QueueError> {
         // The attempt stays counted (a crash loop ends when the attempts run out), and the
         // cause is recorded for the failure that names it.
-        let n = self.conn().execute(
-            "UPDATE export_item SET state = 'pending', owner = NULL,
+        const RELEASE: &str = "UPDATE export_item SET state = 'pending', owner = NULL,
                error = 'the server stopped while it ran', error_status = 500
-             WHERE state = 'running'",
-            [],
-        )?;
+             WHERE state = 'running'";
+        let c = self.conn();
+        let n = match orphans {
+            Orphans::All => c.execute(RELEASE, [])?,
+            Orphans::OfNode { node, current } => c.execute(
+                &format!(
+                    "{RELEASE} AND substr(owner, 1, length(?1) + 1) = ?1 || '/' AND owner <> ?2"
+                ),
+                params![node, current],
+            )?,
+        };
         Ok(n as u64)
+    }
+
+    fn hold_cleanup(&self, id: &str, now_ms: i64, hold_ms: i64) -> Result<bool, QueueError> {
+        // One process uses this file (the data-directory lock): the holds live in memory.
+        let pending: bool = self
+            .conn()
+            .query_row(
+                "SELECT cleanup = 'pending' FROM export_job WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false);
+        let mut holds = self.cleanup_holds.lock().unwrap_or_else(|p| p.into_inner());
+        holds.retain(|_, until| *until > now_ms);
+        if !pending || holds.contains_key(id) {
+            return Ok(false);
+        }
+        holds.insert(id.to_string(), now_ms.saturating_add(hold_ms));
+        Ok(true)
     }
 
     fn purge(&self, finished_before_ms: i64) -> Result<u64, QueueError> {

@@ -1,0 +1,497 @@
+//! Several `fhirhose serve` nodes on one PostgreSQL database and one shared destination (issue
+//! 19), through the real binary: three nodes (one export worker each, a 5 s heartbeat timeout)
+//! behind one base URL, as behind a load balancer, and a local-folder destination that is the
+//! same folder for every node (`<data-dir>/storage` links to it).
+//!
+//! - A token minted at node 1 is accepted at node 2 (the signing key is the cluster's), and the
+//!   same client assertion presented again at node 3 is refused (the replay cache is shared).
+//! - A system export kicked off at node 1 is split across the nodes (each node finishes items:
+//!   the `owner` column of the items shows it); mid-export node 3 is killed with SIGKILL while it
+//!   holds a lease, and node 2 is stopped (SIGSTOP) while it holds one until the item is taken
+//!   over after the heartbeat timeout, then continued: its late writes are refused (fencing by
+//!   owner and attempt) and removed. The export ends complete with every resource exactly once,
+//!   and the export folder holds exactly the manifest's files.
+//! - A second export kicked off at node 1 and cancelled at node 3 (restarted with the same node
+//!   id) stops the workers running it on the other nodes at their next heartbeat; its files go.
+//!
+//! Runs when `FHIRHOSE_TEST_POSTGRES` names a PostgreSQL cluster (`scripts/test.sh` starts one
+//! with `scripts/postgres.sh`); each run makes a database of its own. Without it the test says so
+//! and passes, unless `FHIRHOSE_REQUIRE_EXTERNAL=1`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::BufRead;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A bound against hangs (not a timing assertion).
+const BOUND: Duration = Duration::from_secs(40);
+const HEARTBEAT_TIMEOUT_S: &str = "5";
+
+fn fhirhose() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FHIRHOSE_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("FHIRHOSE_LOG", "info");
+    c
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{sig} {pid}");
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < BOUND, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A running node, killed when dropped.
+struct Node {
+    _id: &'static str,
+    port: u16,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = signal_quiet(self.child.id(), "CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal_quiet(pid: u32, sig: &str) -> std::io::Result<std::process::ExitStatus> {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+}
+
+struct Cluster {
+    root: tempfile::TempDir,
+    url: String,
+    base: String,
+    clients: PathBuf,
+    http: reqwest::blocking::Client,
+}
+
+impl Cluster {
+    fn start(&self, id: &'static str, port: u16) -> Node {
+        let data = self.root.path().join(id);
+        fs::create_dir_all(&data).expect("data dir");
+        let storage = data.join("storage");
+        if !storage.exists() {
+            std::os::unix::fs::symlink(self.root.path().join("shared"), &storage)
+                .expect("link the shared folder");
+        }
+        let log = self.root.path().join(format!("{id}.log"));
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log");
+        let child = fhirhose()
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--database", &self.url, "--base-url", &self.base])
+            .args(["--node-id", id, "--auth", "smart"])
+            .arg("--clients")
+            .arg(&self.clients)
+            .args(["--export-workers", "1"])
+            .args(["--export-heartbeat-timeout", HEARTBEAT_TIMEOUT_S])
+            .args(["--export-item-resources", "1500"])
+            .args(["--export-file-resources", "300"])
+            .args(["--export-max-attempts", "10"])
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start fhirhose serve");
+        let mut node = Node {
+            _id: id,
+            port,
+            child,
+            log,
+        };
+        let at = format!("http://127.0.0.1:{port}/metadata");
+        wait_for(&format!("node {id} to answer"), || {
+            if let Ok(Some(status)) = node.child.try_wait() {
+                panic!("node {id} exited: {status}\n{}", node.log_text());
+            }
+            self.http
+                .get(&at)
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+        });
+        node
+    }
+}
+
+impl Node {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Resources per type in the loaded Bundles (their entries; ids are assigned at load).
+fn expected_counts(files: &[PathBuf]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for f in files {
+        let gz = flate2::read::GzDecoder::new(fs::File::open(f).expect("bundle"));
+        let bundle: Value = serde_json::from_reader(gz).expect("bundle JSON");
+        for e in bundle["entry"].as_array().expect("entries") {
+            let t = e["resource"]["resourceType"].as_str().expect("type");
+            *counts.entry(t.to_string()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// `(owner, state)` of every item of `job`, and the attempts, by item number.
+fn items(db: &mut postgres::Client, job: &str) -> Vec<(i64, Option<String>, String, i64)> {
+    db.query(
+        "SELECT item_no, owner, state, attempts FROM export_item WHERE job_id = $1 ORDER BY item_no",
+        &[&job],
+    )
+    .expect("items")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+fn node_of(owner: &Option<String>) -> &str {
+    owner
+        .as_deref()
+        .and_then(|o| o.split('/').next())
+        .unwrap_or("")
+}
+
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(
+                    p.strip_prefix(dir)
+                        .expect("under")
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_tokens() {
+    let Some(cluster_url) = std::env::var("FHIRHOSE_TEST_POSTGRES")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    else {
+        assert!(
+            std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+            "multinode needs FHIRHOSE_TEST_POSTGRES (scripts/postgres.sh start DIR)"
+        );
+        eprintln!("multinode: skipped (FHIRHOSE_TEST_POSTGRES is not set)");
+        return;
+    };
+    let database = store::testing::fresh_database(&cluster_url).expect("fresh database");
+    let root = tempfile::tempdir().expect("tempdir");
+    fs::create_dir_all(root.path().join("shared")).expect("shared folder");
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+
+    // The registered client (the auth crate's test key).
+    let pem = repo().join("crates/auth/tests/data/rsa-a.pem");
+    let jwks = fhirhose().arg("jwks").arg(&pem).output().expect("jwks");
+    assert!(jwks.status.success(), "{jwks:?}");
+    let jwks: Value = serde_json::from_slice(&jwks.stdout).expect("jwks JSON");
+    let clients = root.path().join("clients.json");
+    fs::write(
+        &clients,
+        json!([{"client_id": "admin", "jwks": jwks, "scope": "system/*.cruds"}]).to_string(),
+    )
+    .expect("clients");
+
+    // A third of the Synthea set: ~13,000 resources.
+    let mut bundles: Vec<PathBuf> = fs::read_dir(repo().join("testdata/synthea-r4-100"))
+        .expect("testdata")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".json.gz"))
+        .collect();
+    bundles.sort();
+    bundles.truncate(34);
+    let expected = expected_counts(&bundles);
+    let load = fhirhose()
+        .args(["load", "--database", &database.url, "--data-dir"])
+        .arg(root.path().join("load"))
+        .args(&bundles)
+        .stdout(Stdio::null())
+        .output()
+        .expect("load");
+    assert!(load.status.success(), "{load:?}");
+
+    let ports = [free_port(), free_port(), free_port()];
+    let cluster = Cluster {
+        url: database.url.clone(),
+        base: format!("http://127.0.0.1:{}", ports[0]),
+        clients,
+        http: http.clone(),
+        root,
+    };
+    let n1 = cluster.start("n1", ports[0]);
+    let n2 = cluster.start("n2", ports[1]);
+    let mut n3 = cluster.start("n3", ports[2]);
+    let mut db = postgres::Client::connect(&database.url, postgres::NoTls).expect("database");
+
+    // One assertion: a token at node 1, a replay at node 3.
+    let assertion = fhirhose()
+        .args(["token", "--client-id", "admin", "--key"])
+        .arg(&pem)
+        .args(["--token-url", &format!("{}/auth/token", cluster.base)])
+        .args(["--scope", "system/*.cruds", "--assertion-only"])
+        .output()
+        .expect("assertion");
+    assert!(assertion.status.success(), "{assertion:?}");
+    let assertion = String::from_utf8(assertion.stdout).expect("utf-8");
+    let form = [
+        ("grant_type", "client_credentials"),
+        (
+            "client_assertion_type",
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ),
+        ("client_assertion", assertion.trim()),
+        ("scope", "system/*.cruds"),
+    ];
+    let minted = http
+        .post(n1.url("/auth/token"))
+        .form(&form)
+        .send()
+        .expect("token at n1");
+    assert_eq!(minted.status().as_u16(), 200);
+    let token = minted.json::<Value>().expect("token JSON")["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string();
+    let replay = http
+        .post(n3.url("/auth/token"))
+        .form(&form)
+        .send()
+        .expect("token at n3");
+    let replay_status = replay.status().as_u16();
+    let replay_body = replay.text().unwrap_or_default();
+    assert!(
+        (400..500).contains(&replay_status) && replay_body.contains("already been used"),
+        "a replayed assertion at node 3: {replay_status} {replay_body}"
+    );
+    let bearer = format!("Bearer {token}");
+    let at_n2 = http
+        .get(n2.url("/Patient?_count=1"))
+        .header("Authorization", &bearer)
+        .send()
+        .expect("search at n2");
+    assert_eq!(at_n2.status().as_u16(), 200, "node 1's token at node 2");
+
+    // A system export kicked off at node 1.
+    let kickoff = |node: &Node| -> String {
+        let r = http
+            .get(node.url("/$export"))
+            .header("Authorization", &bearer)
+            .header("Accept", "application/fhir+json")
+            .header("Prefer", "respond-async")
+            .send()
+            .expect("kick-off");
+        assert_eq!(r.status().as_u16(), 202, "{:?}", r.text());
+        let location = r.headers()["content-location"]
+            .to_str()
+            .expect("location")
+            .to_string();
+        location.rsplit('/').next().expect("job id").to_string()
+    };
+    let job = kickoff(&n1);
+
+    // Wait until nodes 2 and 3 have each finished an item and each hold one.
+    let (held2, held3) = wait_for("nodes 2 and 3 to hold leases after finishing items", || {
+        let rows = items(&mut db, &job);
+        let done = |n: &str| {
+            rows.iter()
+                .any(|(_, o, s, _)| s == "done" && node_of(o) == n)
+        };
+        let running = |n: &str| {
+            rows.iter()
+                .find(|(_, o, s, _)| s == "running" && node_of(o) == n)
+                .cloned()
+        };
+        if done("n2") && done("n3") {
+            Some((running("n2")?, running("n3")?))
+        } else {
+            None
+        }
+    });
+    signal(n3.child.id(), "KILL");
+    let _ = n3.child.wait();
+    signal(n2.child.id(), "STOP");
+    eprintln!("multinode: n3 killed holding item {held3:?}; n2 paused holding item {held2:?}");
+
+    // Both leases are taken over after the heartbeat timeout (node 1 is the only live worker).
+    wait_for("the paused node's item to be taken over", || {
+        items(&mut db, &job)
+            .into_iter()
+            .find(|(n, o, _, a)| *n == held2.0 && (*a > held2.3 || o != &held2.1))
+    });
+    signal(n2.child.id(), "CONT");
+    let status_url = n2.url(&format!("/export-status/{job}"));
+    let manifest = wait_for("the export to complete", || {
+        let r = http
+            .get(&status_url)
+            .header("Authorization", &bearer)
+            .send()
+            .ok()?;
+        match r.status().as_u16() {
+            200 => Some(r.json::<Value>().expect("manifest")),
+            202 => None,
+            s => panic!("export status {s}: {:?}", r.text()),
+        }
+    });
+    let rows = items(&mut db, &job);
+    let take_over3 = rows.iter().find(|r| r.0 == held3.0).expect("item");
+    assert!(
+        take_over3.2 == "done" && take_over3.1 != held3.1 && take_over3.3 > held3.3,
+        "the killed node's item was finished by another claim: {take_over3:?}"
+    );
+    let finishers: HashSet<&str> = rows.iter().map(|r| node_of(&r.1)).collect();
+    for n in ["n1", "n2", "n3"] {
+        assert!(finishers.contains(n), "node {n} finished no item: {rows:?}");
+    }
+    // The paused node learnt that it lost its lease, and committed nothing after it.
+    wait_for("node 2 to notice its lost lease", || {
+        n2.log_text()
+            .contains("work item taken over elsewhere")
+            .then_some(())
+    });
+
+    // Every resource exactly once.
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    let mut listed = Vec::new();
+    for f in manifest["output"].as_array().expect("output") {
+        let url = f["url"].as_str().expect("url");
+        let name = url.rsplit('/').next().expect("name").to_string();
+        let path = cluster
+            .root
+            .path()
+            .join("shared/exports")
+            .join(&job)
+            .join(&name);
+        listed.push(name);
+        let file = fs::File::open(&path).expect("output file in the shared folder");
+        let mut in_file = 0;
+        for line in std::io::BufReader::new(file).lines() {
+            let v: Value = serde_json::from_str(&line.expect("line")).expect("resource");
+            let t = v["resourceType"].as_str().expect("type").to_string();
+            let id = v["id"].as_str().expect("id").to_string();
+            assert!(seen.insert((t.clone(), id)), "{t} exported twice");
+            *counts.entry(t).or_default() += 1;
+            in_file += 1;
+        }
+        assert_eq!(in_file, f["count"].as_u64().expect("count") as usize);
+    }
+    assert_eq!(counts, expected, "every resource exactly once");
+    // The folder holds the manifest's files and nothing else: no part of the paused node.
+    listed.sort();
+    assert_eq!(
+        files_under(&cluster.root.path().join("shared/exports").join(&job)),
+        listed
+    );
+
+    // Node 3 comes back under its id; an export kicked off at node 1 is cancelled at node 3
+    // while another node runs it.
+    drop(n3);
+    let n3 = cluster.start("n3", ports[2]);
+    let job2 = kickoff(&n1);
+    let runner = wait_for("an item of the second export to run on node 1 or 2", || {
+        items(&mut db, &job2)
+            .into_iter()
+            .find(|(_, o, s, _)| s == "running" && matches!(node_of(o), "n1" | "n2"))
+            .map(|(_, o, _, _)| node_of(&o).to_string())
+    });
+    let cancel = http
+        .delete(n3.url(&format!("/export-status/{job2}")))
+        .header("Authorization", &bearer)
+        .send()
+        .expect("cancel at n3");
+    assert_eq!(cancel.status().as_u16(), 202);
+    let runner = if runner == "n1" { &n1 } else { &n2 };
+    wait_for("the running node to stop the cancelled export", || {
+        runner
+            .log_text()
+            .lines()
+            .any(|l| l.contains("work item stopped") && l.contains(&job2))
+            .then_some(())
+    });
+    let folder2 = cluster.root.path().join("shared/exports").join(&job2);
+    wait_for("the cancelled export's files to go", || {
+        files_under(&folder2).is_empty().then_some(())
+    });
+    let state: String = db
+        .query_one("SELECT state FROM export_job WHERE id = $1", &[&job2])
+        .expect("job")
+        .get(0);
+    assert_eq!(state, "cancelled");
+    let gone = http
+        .get(n2.url(&format!("/export-status/{job2}")))
+        .header("Authorization", &bearer)
+        .send()
+        .expect("status at n2");
+    assert_eq!(gone.status().as_u16(), 404);
+    drop((n1, n2, n3));
+    drop(db);
+}
