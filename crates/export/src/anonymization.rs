@@ -221,13 +221,22 @@ impl Anonymizer {
         }
     }
 
-    /// The id a `deleted` entry carries: the id as the configuration transforms `Resource.id`
-    /// (hashed when it hashes ids), found by running the configuration on the bare resource —
-    /// the same rules, in the same order, as for a full one. `None` when the configuration
-    /// removes ids (then the entry cannot be written without revealing the id).
-    pub fn deleted_id(&self, resource_type: &str, id: &str) -> Option<String> {
-        let bare = json!({"resourceType": resource_type, "id": id});
-        let out = self.engine.anonymize(bare).ok()?;
+    /// The id a `deleted` entry carries: the id the configuration gave the resource when it was
+    /// last exported, found by running the configuration on its last stored version (`last`,
+    /// the version before the tombstone) — the same rules, in the same order, on the same
+    /// content, so rules that depend on content (`where()`, `processingErrors: skip`) decide as
+    /// they did. Without that version (history purged) the bare `{resourceType, id}` stands in.
+    /// `None` when the configuration removes the id (or the last version could not be
+    /// de-identified): the entry cannot be written without revealing the id.
+    pub fn deleted_id(&self, resource_type: &str, id: &str, last: Option<&[u8]>) -> Option<String> {
+        let resource = last
+            .and_then(|json| serde_json::from_slice::<Value>(json).ok())
+            .filter(|v| {
+                v.get("resourceType").and_then(Value::as_str) == Some(resource_type)
+                    && v.get("id").and_then(Value::as_str) == Some(id)
+            })
+            .unwrap_or_else(|| json!({"resourceType": resource_type, "id": id}));
+        let out = self.engine.anonymize(resource).ok()?;
         if out.skipped {
             return None;
         }
@@ -334,7 +343,9 @@ mod tests {
 
         let a = Anonymizer::new(info, "folder").expect("anonymizer");
         // A deleted entry carries the id exactly as the exported resource would.
-        let hashed = a.deleted_id("Observation", "obs-1").expect("hashed id");
+        let hashed = a
+            .deleted_id("Observation", "obs-1", None)
+            .expect("hashed id");
         let (line, _) = a
             .apply_bytes(br#"{"resourceType":"Observation","id":"obs-1","status":"final","code":{"text":"x"}}"#)
             .expect("apply");
@@ -348,5 +359,22 @@ mod tests {
         let v: Value = serde_json::from_slice(&line).expect("json");
         assert_eq!(v["id"].as_str().map(str::len), Some(64));
         assert!(v.get("name").is_none());
+
+        // Content-dependent id rules decide on the last stored version, as the export did.
+        let restricted = r#"{"fhirPathRules": [{"path": "Resource.where(meta.security.code = 'R').id", "method": "cryptoHash"}],
+            "parameters": {"cryptoHashKey": "k"}}"#;
+        let info =
+            from_bytes("r.json", restricted.into(), "storage", None, None, None).expect("info");
+        let a = Anonymizer::new(info, "folder").expect("anonymizer");
+        let last = br#"{"resourceType":"Observation","id":"o-1","meta":{"security":[{"code":"R"}]},"status":"final","code":{"text":"x"}}"#;
+        assert_eq!(
+            a.deleted_id("Observation", "o-1", Some(last)).as_deref(),
+            Some(deid::transforms::crypto_hash("k", "o-1").as_str())
+        );
+        // A version of another resource is not used.
+        assert_eq!(
+            a.deleted_id("Observation", "o-2", Some(last)).as_deref(),
+            Some("o-2")
+        );
     }
 }

@@ -920,7 +920,18 @@ fn finalize_parts(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<Vec<NewFile>
                     .iter()
                     .filter_map(|d| {
                         let id = match &p.anonymizer {
-                            Some(a) => a.deleted_id(&d.resource_type, &d.id),
+                            // The version before the tombstone: the content last exported.
+                            Some(a) => {
+                                let last = ctx
+                                    .store
+                                    .vread(&d.resource_type, &d.id, d.version - 1)
+                                    .ok();
+                                a.deleted_id(
+                                    &d.resource_type,
+                                    &d.id,
+                                    last.as_ref().map(|r| r.json.as_slice()),
+                                )
+                            }
                             None => Some(d.id.clone()),
                         };
                         if id.is_none() {
