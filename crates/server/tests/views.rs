@@ -695,13 +695,12 @@ async fn smart_server() -> (Server, auth::ClientKey, String) {
         token_url.clone(),
         1000,
     );
-    let state = server::AppState::new(
-        db.store.clone(),
-        base.clone(),
-        auth::Auth::smart(smart),
-        1 << 20,
-        dir.path(),
-    )
+    // Off the async workers: the export service opens its job tables (PostgreSQL's client blocks).
+    let (store, url, data) = (db.store.clone(), base.clone(), dir.path().to_path_buf());
+    let state = tokio::task::spawn_blocking(move || {
+        server::AppState::new(store, url, auth::Auth::smart(smart), 1 << 20, &data).unwrap()
+    })
+    .await
     .unwrap();
     let app = server::router(state);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
