@@ -18,7 +18,8 @@
 //! The load pass is a pipeline: one thread reads and decompresses the files into units (NDJSON
 //! line batches, whole `.json` files), one parsing thread per core parses, resolves, validates
 //! and — for a store — serializes and indexes each resource ([`store::Store::prepare_put`]), and
-//! the calling thread writes the units in input order, so the single SQLite writer only inserts
+//! the calling thread gathers the units in input order into chunks that a writing thread writes
+//! (one chunk written while the next is gathered), so the single database writer only inserts
 //! rows. Invalid resources are reported with file and line (or entry index) and skipped, or, with
 //! `strict`, stop the load after the resources before them are written. References that resolve
 //! to nothing (a `urn:` that names no loaded fullUrl) are left unchanged and counted. NDJSON files
@@ -272,8 +273,8 @@ struct Parsed {
 
 /// The pipeline: one thread reads and decompresses the inputs into units (NDJSON line batches or
 /// whole `.json` files), as many threads as there are cores parse, resolve, validate and prepare
-/// them, and the calling thread writes them to the sink in input order, `chunk_size` resources
-/// per transaction. At most `2 × parsers + 2` units are in flight. Parsing threads run at a lower
+/// them, and the calling thread gathers them in input order into chunks of `chunk_size`
+/// resources, each written as one transaction by a writing thread ([`write_in_order`]). At most `2 × parsers + 2` units are in flight. Parsing threads run at a lower
 /// priority than the writer, the one serial stage (see [`crate::sched`]).
 fn run(
     sink: &mut dyn Sink,
