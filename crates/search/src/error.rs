@@ -38,6 +38,10 @@ pub enum SearchError {
     /// → 503 (`timeout`).
     #[error("the search was cancelled")]
     Cancelled,
+    /// The database could not be reached, or the connection was lost, during the search.
+    /// → 503 (`transient`, Retry-After); the details (host) go to the log only.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     /// The storage layer failed while executing a search. → 500.
     #[error("store error: {0}")]
     Store(String),
@@ -92,7 +96,9 @@ impl SearchError {
     pub fn http_status(&self) -> u16 {
         match self {
             SearchError::Store(_) => 500,
-            SearchError::Timeout { .. } | SearchError::Cancelled => 503,
+            SearchError::Timeout { .. } | SearchError::Cancelled | SearchError::Unavailable(_) => {
+                503
+            }
             _ => 400,
         }
     }
@@ -106,6 +112,7 @@ impl SearchError {
             SearchError::InvalidValue { .. } => "invalid",
             SearchError::TooCostly { .. } => "too-costly",
             SearchError::Timeout { .. } | SearchError::Cancelled => "timeout",
+            SearchError::Unavailable(_) => "transient",
             SearchError::Store(_) => "exception",
         }
     }
@@ -114,6 +121,7 @@ impl SearchError {
     pub fn operation_outcome(&self) -> serde_json::Value {
         let diagnostics = match self {
             SearchError::Store(_) => "the search failed on the server".to_string(),
+            SearchError::Unavailable(_) => "the database is unavailable; retry later".to_string(),
             other => other.to_string(),
         };
         let mut issue = serde_json::json!({

@@ -34,6 +34,7 @@ impl From<StoreError> for SearchError {
             StoreError::QueryTooLarge(_) => {
                 SearchError::too_costly("", "the search is too large; use fewer values")
             }
+            e @ StoreError::Unavailable { .. } => SearchError::Unavailable(e.to_string()),
             e => SearchError::Store(e.to_string()),
         }
     }

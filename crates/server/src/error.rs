@@ -6,6 +6,10 @@ use axum::response::{IntoResponse, Response};
 use ingest::outcome::{OutcomeIssue, operation_outcome, store_error_issue};
 use serde_json::Value;
 
+/// Retry-After (seconds) of a 503 for a database that is unavailable (the pool reconnects by
+/// itself once it is back).
+pub const RETRY_AFTER_SECS: &str = "5";
+
 /// An API error: an HTTP status and the issues of its OperationOutcome.
 #[derive(Debug)]
 pub struct ApiError {
@@ -65,11 +69,18 @@ impl From<store::StoreError> for ApiError {
         if status >= 500 {
             tracing::error!(error = %e, "store error");
         }
+        let mut headers = Vec::new();
+        if matches!(e, store::StoreError::Unavailable { .. }) {
+            headers.push((
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            ));
+        }
         ApiError {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             issues: vec![issue],
             outcome: None,
-            headers: Vec::new(),
+            headers,
         }
     }
 }
@@ -93,6 +104,18 @@ impl From<search::SearchError> for ApiError {
     fn from(e: search::SearchError) -> ApiError {
         match &e {
             search::SearchError::Store(detail) => ApiError::internal("search", detail),
+            search::SearchError::Unavailable(detail) => {
+                tracing::error!(error = %detail, "search: database unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "transient",
+                    "the database is unavailable; retry later",
+                )
+                .with_header(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECS),
+                )
+            }
             search::SearchError::UnknownParameter { .. }
             | search::SearchError::Unsupported { .. }
             | search::SearchError::UnknownResourceType { .. } => {

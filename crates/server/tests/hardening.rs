@@ -3,6 +3,8 @@
 //! `Content-Encoding`, write `Content-Type`s (CSRF), the `Host` check (DNS rebinding) and server
 //! paths in error answers.
 
+mod common;
+
 use std::io::Write;
 use std::sync::Arc;
 
@@ -14,6 +16,8 @@ struct TestServer {
     port: u16,
     client: reqwest::Client,
     dir: tempfile::TempDir,
+    /// The store's database (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`).
+    _db: store::testing::TestStore,
 }
 
 /// A server with `--auth none` on 127.0.0.1 over an empty data directory; `policy` adjusts its
@@ -23,12 +27,12 @@ async fn start_with(
     policy: impl FnOnce(&mut server::negotiate::RequestPolicy, &str),
 ) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    let store = server::open_store(dir.path()).unwrap();
+    let db = common::test_store_async().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let base = format!("http://127.0.0.1:{port}");
     let mut state = server::AppState::new(
-        Arc::new(store),
+        db.store.clone(),
         base.clone(),
         auth::Auth::none(),
         max_body_bytes,
@@ -45,6 +49,7 @@ async fn start_with(
         port,
         client: reqwest::Client::new(),
         dir,
+        _db: db,
     }
 }
 

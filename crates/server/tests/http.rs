@@ -1,6 +1,6 @@
 //! Integration tests over real HTTP: the real router on a socket, a temporary data directory.
 
-use std::sync::Arc;
+mod common;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -9,22 +9,36 @@ struct TestServer {
     base: String,
     client: reqwest::Client,
     _dir: tempfile::TempDir,
+    /// The store's database (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`).
+    _db: store::testing::TestStore,
 }
 
 async fn start_with(max_body_bytes: usize, load: Option<&str>) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    let store = server::open_store(dir.path()).unwrap();
-    if let Some(path) = load {
-        let paths = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)];
-        let summary =
-            ingest::load_into_store(&store, &paths, &ingest::LoadOptions::default(), &mut |_| {})
-                .unwrap();
-        assert_eq!(summary.invalid, 0, "{:?}", summary.problems);
-    }
+    let paths: Vec<_> = load
+        .map(|path| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .into_iter()
+        .collect();
+    let db = tokio::task::spawn_blocking(move || {
+        let db = common::test_store();
+        if !paths.is_empty() {
+            let summary = ingest::load_into_store(
+                &*db.store,
+                &paths,
+                &ingest::LoadOptions::default(),
+                &mut |_| {},
+            )
+            .unwrap();
+            assert_eq!(summary.invalid, 0, "{:?}", summary.problems);
+        }
+        db
+    })
+    .await
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let state = server::AppState::new(
-        Arc::new(store),
+        db.store.clone(),
         base.clone(),
         auth::Auth::none(),
         max_body_bytes,
@@ -37,6 +51,7 @@ async fn start_with(max_body_bytes: usize, load: Option<&str>) -> TestServer {
         base,
         client: reqwest::Client::new(),
         _dir: dir,
+        _db: db,
     }
 }
 
@@ -489,4 +504,75 @@ async fn synthea_counts_per_type() {
         assert_eq!(st, StatusCode::OK);
         assert_eq!(b["total"], n, "{t}");
     }
+}
+
+/// PostgreSQL only (`FHIRHOSE_TEST_DATABASE`): while the database refuses connections (its
+/// backends terminated, `ALLOW_CONNECTIONS false`), a read, a search and an export status poll
+/// answer 503 `transient` with Retry-After — the search and the job queue answered 500 — and
+/// the same server answers again once the database takes connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_went_away_answers_503_with_retry_after() {
+    let s = start().await;
+    let store::testing::TestGuard::Postgres(db) = &s._db.guard else {
+        eprintln!("skipped: SQLite (set FHIRHOSE_TEST_DATABASE)");
+        return;
+    };
+    let admin_url = store::testing::test_database_url().unwrap();
+    let name = db.name.clone();
+    let admin = move |allow: bool| {
+        let (url, name) = (admin_url.clone(), name.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut sql = format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allow};");
+            if !allow {
+                sql.push_str(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
+                ));
+            }
+            store::testing::admin_batch(&url, &sql).unwrap();
+        })
+    };
+    let (status, _, _) = s
+        .send(
+            reqwest::Method::PUT,
+            "/Patient/p1",
+            Some(json!({"resourceType": "Patient", "id": "p1"})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    // A finished export, whose status is then polled.
+    let r = s
+        .client
+        .get(s.url("/Patient/$export"))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let status_url = r.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let status_path = status_url.strip_prefix(&s.base).unwrap().to_string();
+    for _ in 0..300 {
+        if s.get(&status_path).await.0 == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    admin(false).await.unwrap();
+    for path in ["/Patient/p1", "/Patient?name=x", status_path.as_str()] {
+        let (status, headers, body) = s.get(path).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {body}");
+        assert_eq!(body["resourceType"], "OperationOutcome", "{path}");
+        assert_eq!(body["issue"][0]["code"], "transient", "{path}: {body}");
+        assert!(headers.contains_key("retry-after"), "{path}: {headers:?}");
+        assert!(!body.to_string().contains("127.0.0.1"), "{path}: {body}");
+    }
+    admin(true).await.unwrap();
+    let (status, _, body) = s.get("/Patient?_id=p1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(s.get(&status_path).await.0, StatusCode::OK);
 }

@@ -55,29 +55,27 @@ struct Server {
     addr: std::net::SocketAddr,
     c: reqwest::Client,
     _dir: tempfile::TempDir,
+    /// The store's database (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`).
+    _db: store::testing::TestStore,
 }
 
 const GENDERS: [&str; 3] = ["male", "female", "other"];
 
-/// A server over a store with `readers` reader connections and these search limits, holding
+/// A server over a store with `readers` reader connections (pooled connections on PostgreSQL) and these search limits, holding
 /// `patients` Patients (names and birth dates vary, so that sorting has work to do).
 async fn start(readers: usize, limits: search::SearchLimits, patients: usize) -> Server {
     log();
     let dir = tempfile::tempdir().unwrap();
-    let store = store::SqliteStore::open_data_dir(
-        dir.path(),
-        store::SqliteOptions {
-            readers,
-            indexer: Some(Arc::new(search::SearchIndexer)),
-            ..Default::default()
-        },
-    )
+    let db = tokio::task::spawn_blocking(move || {
+        store::testing::test_store_sized(Some(Arc::new(search::SearchIndexer)), Some(readers))
+    })
+    .await
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let base = format!("http://{addr}");
     let mut state = server::AppState::new(
-        Arc::new(store),
+        db.store.clone(),
         base.clone(),
         auth::Auth::none(),
         64 << 20,
@@ -91,6 +89,7 @@ async fn start(readers: usize, limits: search::SearchLimits, patients: usize) ->
         addr,
         c: reqwest::Client::new(),
         _dir: dir,
+        _db: db,
     };
     let entry: Vec<Value> = (0..patients)
         .map(|i| {

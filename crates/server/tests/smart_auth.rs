@@ -2,8 +2,9 @@
 //! `_has`, `_include`, batches, 401 without a token. (Owned by the auth crate's author; the test
 //! keys are the auth crate's, see crates/auth/tests/data/PROVENANCE.md.)
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -21,11 +22,13 @@ struct Server {
     token_url: String,
     key: auth::ClientKey,
     _dir: tempfile::TempDir,
+    /// The store's database (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`).
+    _db: store::testing::TestStore,
 }
 
 async fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store = server::open_store(dir.path()).unwrap();
+    let db = common::test_store_async().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let token_url = format!("{base}/auth/token");
@@ -45,7 +48,7 @@ async fn start() -> Server {
         1000,
     );
     let state = server::AppState::new(
-        Arc::new(store),
+        db.store.clone(),
         base.clone(),
         auth::Auth::smart(smart),
         1 << 20,
@@ -59,6 +62,7 @@ async fn start() -> Server {
         token_url,
         key,
         _dir: dir,
+        _db: db,
     }
 }
 

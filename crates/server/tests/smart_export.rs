@@ -2,8 +2,9 @@
 //! without `_type`, and status, cancel and downloads only for the client that started the export.
 //! (Test keys: crates/auth/tests/data, see PROVENANCE.md there.)
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -15,11 +16,13 @@ struct Server {
     key: auth::ClientKey,
     auth: auth::Auth,
     _dir: tempfile::TempDir,
+    /// The store's database (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`).
+    _db: store::testing::TestStore,
 }
 
 async fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store = server::open_store(dir.path()).unwrap();
+    let db = common::test_store_async().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let token_url = format!("{base}/auth/token");
@@ -42,7 +45,7 @@ async fn start() -> Server {
     );
     let auth = auth::Auth::smart(smart);
     let state = server::AppState::new(
-        Arc::new(store),
+        db.store.clone(),
         base.clone(),
         auth.clone(),
         1 << 20,
@@ -57,6 +60,7 @@ async fn start() -> Server {
         key,
         auth,
         _dir: dir,
+        _db: db,
     }
 }
 

@@ -4,8 +4,9 @@
 //! caller's current scopes, token endpoint bounds and error texts, log hygiene.
 //! (Test keys: crates/auth/tests/data, see PROVENANCE.md there.)
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -16,6 +17,8 @@ struct Server {
     token_url: String,
     key: auth::ClientKey,
     _dir: tempfile::TempDir,
+    /// The store's database (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`).
+    _db: store::testing::TestStore,
 }
 
 fn key() -> auth::ClientKey {
@@ -26,7 +29,7 @@ fn key() -> auth::ClientKey {
 /// A server whose body limit is `max_body` (the token endpoint has its own, smaller one).
 async fn start_with(max_body: usize) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store = server::open_store(dir.path()).unwrap();
+    let db = common::test_store_async().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let token_url = format!("{base}/auth/token");
@@ -47,7 +50,7 @@ async fn start_with(max_body: usize) -> Server {
         1000,
     );
     let state = server::AppState::new(
-        Arc::new(store),
+        db.store.clone(),
         base.clone(),
         auth::Auth::smart(smart),
         max_body,
@@ -61,6 +64,7 @@ async fn start_with(max_body: usize) -> Server {
         token_url,
         key,
         _dir: dir,
+        _db: db,
     }
 }
 

@@ -66,6 +66,14 @@ impl Drop for TestDatabase {
     }
 }
 
+/// Runs `sql` on the cluster of `base_url` (test set-ups: refuse a test database's connections,
+/// terminate its backends).
+pub fn admin_batch(base_url: &str, sql: &str) -> Result<(), StoreError> {
+    let target = Target::parse(base_url, Duration::from_secs(10))?;
+    target.connect()?.batch_execute(sql)?;
+    Ok(())
+}
+
 /// `url` with its database (path) replaced by `name`, the query kept.
 pub fn with_database(url: &str, name: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
@@ -123,32 +131,57 @@ fn open_at(
     location: &str,
     indexer: Option<Arc<dyn Indexer>>,
 ) -> Result<Arc<dyn Store>, StoreError> {
+    open_sized(backend, location, indexer, None)
+}
+
+fn open_sized(
+    backend: Backend,
+    location: &str,
+    indexer: Option<Arc<dyn Indexer>>,
+    connections: Option<usize>,
+) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match backend {
-        Backend::Sqlite => Arc::new(SqliteStore::open(
-            &PathBuf::from(location),
-            SqliteOptions {
+        Backend::Sqlite => {
+            let mut options = SqliteOptions {
                 indexer,
                 ..SqliteOptions::default()
-            },
-        )?),
-        Backend::Postgres => Arc::new(PgStore::connect(
-            location,
-            PgOptions {
+            };
+            if let Some(n) = connections {
+                options.readers = n;
+            }
+            Arc::new(SqliteStore::open(&PathBuf::from(location), options)?)
+        }
+        Backend::Postgres => {
+            let mut options = PgOptions {
                 indexer,
                 ..PgOptions::default()
-            },
-        )?),
+            };
+            if let Some(n) = connections {
+                options.pool_size = n;
+            }
+            Arc::new(PgStore::connect(location, options)?)
+        }
     })
 }
 
 /// A fresh, empty store on the backend `FHIRHOSE_TEST_DATABASE` selects. Panics when it cannot
 /// be created (a test set-up failure).
 pub fn test_store(indexer: Option<Arc<dyn Indexer>>) -> TestStore {
+    test_store_sized(indexer, None)
+}
+
+/// [`test_store`] with `connections` reader connections (SQLite) or pooled connections
+/// (PostgreSQL) instead of the default.
+pub fn test_store_sized(
+    indexer: Option<Arc<dyn Indexer>>,
+    connections: Option<usize>,
+) -> TestStore {
     match test_database_url() {
         Some(base) => {
             let db = fresh_database(&base).expect("create a test database");
             let location = db.url.clone();
-            let store = open_at(Backend::Postgres, &location, indexer).expect("open PgStore");
+            let store = open_sized(Backend::Postgres, &location, indexer, connections)
+                .expect("open PgStore");
             TestStore {
                 store,
                 backend: Backend::Postgres,
@@ -163,7 +196,8 @@ pub fn test_store(indexer: Option<Arc<dyn Indexer>>) -> TestStore {
                 .join(crate::sqlite::DB_FILE_NAME)
                 .display()
                 .to_string();
-            let store = open_at(Backend::Sqlite, &location, indexer).expect("open SqliteStore");
+            let store = open_sized(Backend::Sqlite, &location, indexer, connections)
+                .expect("open SqliteStore");
             TestStore {
                 store,
                 backend: Backend::Sqlite,

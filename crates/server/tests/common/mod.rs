@@ -46,6 +46,11 @@ pub fn test_store() -> store::testing::TestStore {
     store::testing::test_store(Some(Arc::new(search::SearchIndexer)))
 }
 
+/// [`test_store`] from an async test (created off the async workers).
+pub async fn test_store_async() -> store::testing::TestStore {
+    tokio::task::spawn_blocking(test_store).await.unwrap()
+}
+
 /// Loads `paths` into a fresh data directory and serves it with these export options.
 pub async fn start(paths: &[PathBuf], options: server::config::ExportOptions) -> Server {
     let dir = tempfile::tempdir().unwrap();
