@@ -13,6 +13,10 @@ export FHIRHOSE_TEST_AZURITE=http://127.0.0.1:10000/devstoreaccount1
 # S3 destination: moto (PyPI moto[server]) on 127.0.0.1:5000.
 ./scripts/s3.sh
 export FHIRHOSE_TEST_S3=http://127.0.0.1:5000
+# Headless browser for the status-page test: Debian's chromium + chromium-driver (apt, when missing);
+# the test starts chromedriver itself on a free port.
+FHIRHOSE_TEST_CHROMEDRIVER=$(./scripts/chromium.sh | tail -n 1)
+export FHIRHOSE_TEST_CHROMEDRIVER
 # Parquet reader for the `fhirhose view --format parquet` test: pyarrow (PyPI) in .tools/pyarrow.
 FHIRHOSE_TEST_PYARROW=$(./scripts/pyarrow.sh | tail -n 1)
 export FHIRHOSE_TEST_PYARROW
@@ -35,4 +39,4 @@ cargo test --workspace --profile ci "$@"
 FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --profile ci -p store -p search -p ingest -p export "$@"
 FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --profile ci -p server --test export \
   --test export_lifecycle --test deid_export --test export_group_limits --test azure_export \
-  --test s3_export --test views "$@"
+  --test s3_export --test views --test download_ranges --test status_page "$@"

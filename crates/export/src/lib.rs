@@ -28,5 +28,8 @@ pub use jobs::{JobQueue, JobRecord, JobState, QueueError};
 pub use remote::{ObjectStoreSink, RemoteConfig, RemoteSettings};
 pub use request::{ExportLevel, ExportRequest, RequestError};
 pub use run::RunSettings;
-pub use service::{ExportConfig, ExportError, ExportService, ImageConfigFetcher, Status};
+pub use service::{
+    ExportConfig, ExportError, ExportService, FileSummary, ImageConfigFetcher, JobSummary,
+    RECENT_JOBS, Status,
+};
 pub use sink::{FileBody, LocalSink, ObjectInfo, Sink, SinkError};

@@ -20,6 +20,9 @@ use crate::request::{ExportLevel, ExportRequest, RequestError, parameters_to_pai
 use crate::run::{ItemContext, Prepared, RunError, RunSettings, execute_item, plan};
 use crate::sink::{FileBody, Sink};
 
+mod overview;
+pub use overview::{FileSummary, JobSummary, RECENT_JOBS, Stats, stats};
+
 /// Fetches an anonymizer configuration out of an OCI image (`_anonymizationConfigCollectionReference`):
 /// `(image reference, file name)` → the configuration. Supplied by the server, which owns the
 /// registry client and its allow-list.
@@ -786,6 +789,10 @@ impl ExportService {
     /// Runs one claimed item and records the outcome.
     fn run_item(&self, item: WorkItem) {
         let job_id = item.job_id.clone();
+        // Every line logged while the item runs carries the job, the item and its type, so a
+        // log shows one export end to end (`job` also on kick-off and completion).
+        let _span = tracing::info_span!("export_item", job = %job_id, item = item.item_no, kind = item.kind.as_str(), resource_type = %item.resource_type, attempt = item.attempt).entered();
+        tracing::debug!("export work item claimed");
         let key = (job_id.clone(), item.item_no);
         let result = self.prepare(&job_id).and_then(|prepared| {
             let cancel = self.cancel_flag(&job_id);
@@ -810,7 +817,13 @@ impl ExportService {
         });
         lock(&self.live).remove(&key);
         match result {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Ok(files) = self.queue.files(&job_id) {
+                    let mine: Vec<_> = files.into_iter().filter(|f| f.item_no == item.item_no).collect();
+                    tracing::info!(files = mine.len(), resources = mine.iter().map(|f| f.count).sum::<u64>(), "export work item done");
+                    overview::item_done(&mine);
+                }
+            }
             Err(RunError::LeaseLost) => {
                 tracing::warn!(job = %job_id, item = item.item_no, attempt = item.attempt, owner = %self.node, "work item taken over elsewhere; its uncommitted parts are discarded");
                 self.remove_own_writes(&item, false);
@@ -849,13 +862,14 @@ impl ExportService {
                     .fail_item(&item, &text, e.status(), retry, now_ms())
                 {
                     Ok(true) => {
+                        overview::item_failed(false);
                         tracing::error!(job = %job_id, status = e.status(), "export failed");
                         if let Ok(Some(job)) = self.queue.get(&job_id) {
                             self.clean_up(&job);
                         }
                         self.forget(&job_id);
                     }
-                    Ok(false) => {}
+                    Ok(false) => overview::item_failed(true),
                     Err(qe) => {
                         tracing::error!(job = %job_id, error = %qe, "cannot record a failed work item")
                     }

@@ -52,6 +52,10 @@ pub struct ServeConfig {
     /// SMART client registrations (JSON array), required with `--auth smart`.
     #[arg(long, env = "FHIRHOSE_CLIENTS")]
     pub clients: Option<PathBuf>,
+    /// Who may read `GET /metrics` (Prometheus text): `off`, `open`, or `protected` (a
+    /// valid access token). Default: `open` with `--auth none`, `protected` with `--auth smart`.
+    #[arg(long, env = "FHIRHOSE_METRICS", value_enum)]
+    pub metrics: Option<crate::metrics::MetricsMode>,
     /// Allow `--auth none` on a non-loopback address.
     #[arg(long, env = "FHIRHOSE_INSECURE", default_value_t = false)]
     pub insecure: bool,

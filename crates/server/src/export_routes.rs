@@ -393,6 +393,9 @@ pub async fn download(
                 last_modified: meta.modified().ok(),
             };
             let (status, range, head) = plan_download(&headers, &info)?;
+            if !head_only {
+                state.metrics.downloaded(range.end - range.start);
+            }
             let body = if head_only || range.is_empty() {
                 Body::empty()
             } else {
@@ -412,6 +415,9 @@ pub async fn download(
                 .map_err(|e| ApiError::internal("export download", e))?
                 .map_err(download_error)?;
             let (status, range, head) = plan_download(&headers, &info)?;
+            if !head_only {
+                state.metrics.downloaded(range.end - range.start);
+            }
             let body = if head_only || range.is_empty() {
                 Body::empty()
             } else {

@@ -14,9 +14,11 @@ pub mod capability;
 pub mod config;
 pub mod error;
 pub mod export_routes;
+pub mod metrics;
 pub mod negotiate;
 pub mod ranges;
 pub mod routes;
+pub mod status_page;
 pub mod view_routes;
 
 use std::sync::Arc;
@@ -45,6 +47,10 @@ pub struct AppState {
     pub search_limits: search::SearchLimits,
     /// Host check, Bundle entry limit, paths kept out of error answers ([`negotiate`]).
     pub policy: Arc<negotiate::RequestPolicy>,
+    /// Request counters and latencies for `GET /metrics` ([`metrics`]).
+    pub metrics: Arc<metrics::Metrics>,
+    /// Who may read `GET /metrics` (`--metrics`).
+    pub metrics_mode: metrics::MetricsMode,
 }
 
 impl AppState {
@@ -109,6 +115,8 @@ impl AppState {
             export,
             search_limits: search::SearchLimits::default(),
             policy: Arc::new(policy),
+            metrics: Arc::new(metrics::Metrics::default()),
+            metrics_mode: metrics::MetricsMode::Open,
         })
     }
 }
@@ -275,6 +283,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     })?;
     let state = AppState {
         search_limits: config.search.limits(),
+        // `--metrics`, by default open without authorization and protected with it.
+        metrics_mode: config.metrics.unwrap_or(if state.auth.requires_access_token() {
+            metrics::MetricsMode::Protected
+        } else {
+            metrics::MetricsMode::Open
+        }),
         ..state
     };
     let state = AppState {

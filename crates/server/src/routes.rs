@@ -64,6 +64,7 @@ pub fn router(state: AppState) -> Router {
             "/export-files/{job}/{file}",
             get(crate::export_routes::download),
         )
+        .route("/exports", get(crate::status_page::exports_page))
         .route("/_history", get(history_system))
         .route("/{rtype}", get(search_get).post(create))
         .route("/{rtype}/_search", post(search_post))
@@ -71,13 +72,26 @@ pub fn router(state: AppState) -> Router {
         .route("/{rtype}/{id}", get(read).put(update).delete(delete))
         .route("/{rtype}/{id}/_history", get(history_instance))
         .route("/{rtype}/{id}/_history/{vid}", get(vread));
+    // `GET /metrics` (`--metrics`): behind the authorization layer when protected.
+    let metrics = Router::new().route("/metrics", get(crate::metrics::metrics));
+    let (open_metrics, fhir) = match state.metrics_mode {
+        crate::metrics::MetricsMode::Off => (Router::new(), fhir),
+        crate::metrics::MetricsMode::Open => (metrics, fhir),
+        crate::metrics::MetricsMode::Protected => (Router::new(), fhir.merge(metrics)),
+    };
     let fhir = auth.protect(fhir);
     Router::new()
         .route("/metadata", get(metadata))
+        .merge(open_metrics)
         .merge(auth.routes())
         .merge(fhir)
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
+        // Every routed request is counted under its route template, with its latency.
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::track,
+        ))
         // Inside the negotiation (which refuses other encodings with an OperationOutcome): a
         // gzip body is decoded as it is read, so the body limit applies to the decoded size.
         .layer(RequestDecompressionLayer::new())
