@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The fault suite (crates/fhirhose/tests/faults.rs) in a longer series than CI runs: the real
 # `fhirhose` binary killed (-9) at random points of exports, cancels, loads and transactions,
-# SIGTERM during exports, Azurite and the S3 server (moto) down for a while or for good, a full
-# disk (an 8 MB tmpfs: needs root). See docs/reliability.md for the invariants and results.
+# SIGTERM during exports, Azurite and the S3 servers (moto frozen, s3s-fs stopped and restarted)
+# down for a while or for good, a full disk (an 8 MB tmpfs: needs root). See docs/reliability.md
+# for the invariants and results.
 #
 # Usage: ./scripts/fault-suite.sh [ROUNDS] [CASES]
 #   ROUNDS  rounds of every case (default 20; CI runs 1-3 per case)
@@ -21,5 +22,6 @@ fi
 # The suite starts its own Azurite and moto on free ports from these installations.
 ./scripts/azurite.sh >/dev/null
 ./scripts/s3.sh >/dev/null
+./scripts/s3fs.sh >/dev/null
 
 cargo test --profile ci -p fhirhose --test faults -- --nocapture 2>&1 | grep -E '^(faults|  (ok|FAIL|skip))|test result'

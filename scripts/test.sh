@@ -13,6 +13,10 @@ export FHIRHOSE_TEST_AZURITE=http://127.0.0.1:10000/devstoreaccount1
 # S3 destination: moto (PyPI moto[server]) on 127.0.0.1:5000.
 ./scripts/s3.sh
 export FHIRHOSE_TEST_S3=http://127.0.0.1:5000
+# A second S3 server that keeps its objects on disk, stopped and restarted by the fault suite:
+# s3s-fs (crates.io), built into .tools/s3s-fs (a few minutes, once).
+FHIRHOSE_TEST_S3S_FS=$(./scripts/s3fs.sh | tail -n 1)
+export FHIRHOSE_TEST_S3S_FS
 # Headless browser for the status-page test: Debian's chromium + chromium-driver (apt, when missing);
 # the test starts chromedriver itself on a free port.
 FHIRHOSE_TEST_CHROMEDRIVER=$(./scripts/chromium.sh | tail -n 1)

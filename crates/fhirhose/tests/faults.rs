@@ -1,7 +1,7 @@
 //! The fault suite: the real `fhirhose` binary under the faults a deployment meets — kill -9 at
 //! random points of an export, a cancel, a bulk load and a transaction; SIGTERM during an
-//! export; the export destination (Azurite, S3 on moto) down for a while or for good; a full
-//! disk. Each case states the invariant it checks; the suite prints one line per round and
+//! export; the export destination (Azurite, S3 on moto, S3 on s3s-fs) down for a while or for
+//! good; a full disk. Each case states the invariant it checks; the suite prints one line per round and
 //! `faults: N passed, M failed, K skipped (cases passed/total)`, and fails if any round failed.
 //!
 //! Settings (environment):
@@ -15,11 +15,13 @@
 //!   yet; without it they are reported as pending, not run).
 //! - `FHIRHOSE_FAULT_BIN`: the `fhirhose` binary to drive (default: this build's).
 //! - `FHIRHOSE_REQUIRE_EXTERNAL=1` (as `scripts/test.sh` sets): a case whose component (Azurite,
-//!   moto, tmpfs mount) is missing fails instead of being skipped.
+//!   moto, s3s-fs, tmpfs mount) is missing fails instead of being skipped.
 //!
 //! Destinations run as private instances on free ports from the installations of
-//! `scripts/azurite.sh` and `scripts/s3.sh` (`FHIRHOSE_TEST_AZURITE_BIN`,
-//! `FHIRHOSE_TEST_MOTO_SERVER` override the paths), so stopping them never disturbs other tests.
+//! `scripts/azurite.sh`, `scripts/s3.sh` and `scripts/s3fs.sh` (`FHIRHOSE_TEST_AZURITE_BIN`,
+//! `FHIRHOSE_TEST_MOTO_SERVER`, `FHIRHOSE_TEST_S3S_FS` override the paths), so stopping them never
+//! disturbs other tests. moto keeps its objects in memory (it can be frozen, not restarted);
+//! s3s-fs keeps them in a folder, so it is the S3 server that is stopped and restarted.
 //! Every connection goes to 127.0.0.1.
 
 use std::collections::{BTreeMap, HashSet};
@@ -234,7 +236,7 @@ impl Server {
     }
 }
 
-/// Azurite or moto on a free port of its own (from the installations the scripts make).
+/// Azurite, moto or s3s-fs on a free port of its own (from the installations the scripts make).
 struct Destination {
     kind: &'static str,
     bin: PathBuf,
@@ -276,6 +278,10 @@ impl Destination {
                 ),
                 "./scripts/azurite.sh",
             ),
+            "s3s" => (
+                tool("FHIRHOSE_TEST_S3S_FS", ".tools/s3s-fs/bin/s3s-fs"),
+                "./scripts/s3fs.sh",
+            ),
             _ => (
                 tool(
                     "FHIRHOSE_TEST_MOTO_SERVER",
@@ -309,6 +315,12 @@ impl Destination {
                 .arg("--location")
                 .arg(&self.location)
                 .args(["--skipApiVersionCheck", "--loose"]);
+        } else if self.kind == "s3s" {
+            // A bucket is a folder of the root; the credentials are the ones `serve_args` gives.
+            cmd.args(["--host", "127.0.0.1", "--port"])
+                .arg(self.port.to_string())
+                .args(["--access-key", "test", "--secret-key", "test"])
+                .arg(&self.location);
         } else {
             cmd.args(["-H", "127.0.0.1", "-p"])
                 .arg(self.port.to_string());
@@ -770,6 +782,12 @@ const CASES: &[Case] = &[
         run: s3_hung_then_back,
     },
     Case {
+        name: "s3-down-then-back",
+        invariant: "the S3 server (s3s-fs, objects kept on disk) stopped for a few seconds during an export and restarted: the export completes, every resource exactly once, no part left in the bucket",
+        rounds: 1,
+        run: s3_down_then_back,
+    },
+    Case {
         name: "s3-stays-down",
         invariant: "the S3 server (moto) stopped for good during an export: the job fails within the bound with a 503 OperationOutcome naming the destination, and its slot is free again",
         rounds: 1,
@@ -1060,6 +1078,9 @@ fn destination_back(
     if kind == "moto" {
         create_bucket(&dest.endpoint(), bucket)?;
     }
+    if kind == "s3s" {
+        fs::create_dir_all(dest.location.join(bucket)).map_err(|e| e.to_string())?;
+    }
     let mut args = export_args();
     args.extend(dest.serve_args(bucket));
     // The outage here includes the destination's own restart (Azurite takes 1-20 s to answer
@@ -1073,7 +1094,7 @@ fn destination_back(
     let was_running = is_running(&ctx.c, &status);
     let down = 3 + rng.below(6);
     let stopped = Instant::now();
-    if kind == "azurite" {
+    if kind == "azurite" || kind == "s3s" {
         dest.stop();
         sleep_ms(down * 1000);
         dest.start()?;
@@ -1090,6 +1111,10 @@ fn destination_back(
         outage.as_millis()
     );
     let n = verify_manifest(&ctx.c, &manifest)?;
+    if kind == "s3s" {
+        // The bucket is a folder here: nothing but the manifest's files may be left in it.
+        no_parts_left(&dest.location.join(bucket))?;
+    }
     Ok(Some(format!(
         "{kind} down {down} s (answering again after {} ms; {}), completed {} ms after it was back, {n} resources once each",
         outage.as_millis(),
@@ -1212,6 +1237,10 @@ fn s3_hung_then_back(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<Strin
     destination_back(ctx, rng, dir, "moto")
 }
 
+fn s3_down_then_back(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    destination_back(ctx, rng, dir, "s3s")
+}
+
 fn s3_stays_down(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
     destination_gone(ctx, rng, dir, "moto")
 }
@@ -1318,7 +1347,13 @@ fn fault_suite() {
                 }
                 Err(e) => {
                     println!("  FAIL {} #{round} ({secs:.1} s): {e}", case.name);
-                    for log in ["serve.log", "load.log", "azurite.log", "moto.log"] {
+                    for log in [
+                        "serve.log",
+                        "load.log",
+                        "azurite.log",
+                        "moto.log",
+                        "s3s.log",
+                    ] {
                         let path = dir.join(log);
                         if path.exists() {
                             println!("  --- {log} (last lines)\n{}", tail(&path));
