@@ -397,7 +397,11 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
             .ok()?;
         match r.status().as_u16() {
             200 => Some(r.json::<Value>().expect("manifest")),
-            202 => None,
+            // Polled as a client does: no faster than the server asks (Retry-After).
+            202 | 429 => {
+                std::thread::sleep(Duration::from_secs(1));
+                None
+            }
             s => panic!("export status {s}: {:?}", r.text()),
         }
     });
