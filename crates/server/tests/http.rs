@@ -37,13 +37,12 @@ async fn start_with(max_body_bytes: usize, load: Option<&str>) -> TestServer {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let state = server::AppState::new(
-        db.store.clone(),
-        base.clone(),
-        auth::Auth::none(),
-        max_body_bytes,
-        dir.path(),
-    )
+    // Off the async workers: the export service's start-up calls the store.
+    let (store, url, data) = (db.store.clone(), base.clone(), dir.path().to_path_buf());
+    let state = tokio::task::spawn_blocking(move || {
+        server::AppState::new(store, url, auth::Auth::none(), max_body_bytes, &data).unwrap()
+    })
+    .await
     .unwrap();
     let app = server::router(state);
     tokio::spawn(async move { axum_serve(listener, app).await });
