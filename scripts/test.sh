@@ -43,4 +43,4 @@ cargo test --workspace --profile ci "$@"
 FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --profile ci -p store -p search -p ingest -p export "$@"
 FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --profile ci -p server --test export \
   --test export_lifecycle --test deid_export --test export_group_limits --test azure_export \
-  --test s3_export --test views --test download_ranges --test status_page "$@"
+  --test s3_export --test views --test download_ranges --test status_page --test http "$@"
