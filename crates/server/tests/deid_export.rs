@@ -479,3 +479,204 @@ async fn config_from_an_oci_image() {
     )
     .await;
 }
+
+/// A server over an empty store (resources are written through the API), with the sample
+/// configuration and these configurations in the `anonymization` container.
+async fn start_empty(configs: &[(&str, Value)]) -> Server {
+    let s = common::start(&[], server::config::ExportOptions::default()).await;
+    let dir = s.dir.path().join("storage/anonymization");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, c) in configs {
+        std::fs::write(dir.join(name), c.to_string()).unwrap();
+    }
+    s
+}
+
+impl Server {
+    async fn put(&self, r: Value) {
+        let url = format!(
+            "{}/{}/{}",
+            self.base,
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        let resp = self
+            .c
+            .put(url)
+            .header("content-type", "application/fhir+json")
+            .body(r.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    }
+}
+
+fn day(s: &str) -> chrono::NaiveDate {
+    chrono::NaiveDate::parse_from_str(&s[..10], "%Y-%m-%d").unwrap()
+}
+
+/// `dateShiftScope: "patient"` through `$export`: a patient's resources share one shift (age at
+/// an encounter survives exactly), patients differ, and a later `_since` export shifts the
+/// patient's new resources by the same amount, their references resolving into the baseline.
+#[tokio::test(flavor = "multi_thread")]
+async fn patient_date_shift_scope_keeps_intervals_within_a_patient_across_exports() {
+    let config = json!({"fhirVersion": "R4", "fhirPathRules": [
+        {"path": "Resource.id", "method": "cryptoHash"},
+        {"path": "nodesByType('Reference').reference", "method": "cryptoHash"},
+        {"path": "nodesByType('date')", "method": "dateShift"},
+        {"path": "nodesByType('dateTime')", "method": "dateShift"}
+    ], "parameters": {"dateShiftKey": "date-key", "cryptoHashKey": "hash-key",
+        "dateShiftScope": "patient"}});
+    let s = start_empty(&[("patient.json", config)]).await;
+    let (p1, p2) = ("patient-one", "patient-two");
+    assert_ne!(
+        deid::transforms::patient_shift_offset("date-key", p1),
+        deid::transforms::patient_shift_offset("date-key", p2)
+    );
+    let encounter = |id: &str, patient: &str, start: &str, end: &str| {
+        json!({"resourceType": "Encounter", "id": id, "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "subject": {"reference": format!("Patient/{patient}")},
+            "period": {"start": start, "end": end}})
+    };
+    s.put(json!({"resourceType": "Patient", "id": p1, "birthDate": "1980-03-01"}))
+        .await;
+    s.put(json!({"resourceType": "Patient", "id": p2, "birthDate": "1975-06-10"}))
+        .await;
+    s.put(encounter(
+        "enc-1",
+        p1,
+        "2020-03-01T10:00:00Z",
+        "2020-03-04T09:00:00Z",
+    ))
+    .await;
+    s.put(encounter("enc-2", p2, "2019-01-01", "2019-01-02"))
+        .await;
+
+    let m = s
+        .export("/$export?_container=deid&_anonymizationConfig=patient.json")
+        .await;
+    let out = s.lines(&m, "output").await;
+    let hash = |id: &str| deid::transforms::crypto_hash("hash-key", id);
+    let by_id = |id: &str| {
+        out.iter()
+            .find(|r| r["id"] == json!(hash(id)))
+            .unwrap_or_else(|| panic!("{id} exported"))
+            .clone()
+    };
+    let shift = |shifted: &Value, original: &str| {
+        (day(shifted.as_str().unwrap()) - day(original)).num_days()
+    };
+    let s1 = shift(&by_id(p1)["birthDate"], "1980-03-01");
+    let s2 = shift(&by_id(p2)["birthDate"], "1975-06-10");
+    assert_ne!(s1, s2, "patients are shifted by different amounts");
+    let e1 = by_id("enc-1");
+    assert_eq!(shift(&e1["period"]["start"], "2020-03-01"), s1);
+    assert_eq!(shift(&e1["period"]["end"], "2020-03-04"), s1);
+    assert_eq!(shift(&by_id("enc-2")["period"]["start"], "2019-01-01"), s2);
+    // Age at the encounter, in days, is the original one.
+    assert_eq!(
+        day(e1["period"]["start"].as_str().unwrap())
+            - day(by_id(p1)["birthDate"].as_str().unwrap()),
+        day("2020-03-01") - day("1980-03-01")
+    );
+
+    // A delta: the patient's new encounter moves with the baseline, and points into it.
+    let tt = m["transactionTime"].as_str().unwrap().to_string();
+    s.put(encounter("enc-3", p1, "2022-05-05", "2022-05-06"))
+        .await;
+    let delta = s
+        .export(&format!(
+            "/$export?_container=deid&_anonymizationConfig=patient.json&_since={tt}"
+        ))
+        .await;
+    let later = s.lines(&delta, "output").await;
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0]["id"], json!(hash("enc-3")));
+    assert_eq!(shift(&later[0]["period"]["start"], "2022-05-05"), s1);
+    assert_eq!(
+        later[0]["subject"]["reference"],
+        json!(format!("Patient/{}", hash(p1)))
+    );
+}
+
+/// A `_since` de-identified export lists deletions under the ids the resources got in the
+/// earlier export — decided on their last content, as the export decided — and nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn deidentified_deletions_carry_the_exported_pseudonymous_ids() {
+    // Restricted resources get hashed ids; the others keep theirs (reference data).
+    let config = json!({"fhirVersion": "R4", "fhirPathRules": [
+        {"path": "Resource.where(meta.security.code = 'R').id", "method": "cryptoHash"},
+        {"path": "nodesByType('Reference').reference", "method": "cryptoHash"},
+        {"path": "Observation.value", "method": "redact"}
+    ], "parameters": {"dateShiftKey": "date-key", "cryptoHashKey": "hash-key"}});
+    let s = start_empty(&[("restricted.json", config)]).await;
+    let restricted =
+        json!({"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"});
+    s.put(
+        json!({"resourceType": "Observation", "id": "obs-secret-1", "status": "final",
+        "meta": {"security": [restricted]},
+        "code": {"text": "HIV viral load"}, "subject": {"reference": "Patient/pat-secret"},
+        "valueString": "detected"}),
+    )
+    .await;
+    s.put(
+        json!({"resourceType": "Observation", "id": "obs-public-1", "status": "final",
+        "code": {"text": "reference range"}}),
+    )
+    .await;
+    let m = s
+        .export("/$export?_container=deid&_anonymizationConfig=restricted.json")
+        .await;
+    let first = s.lines(&m, "output").await;
+    let exported: Vec<String> = first
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    let secret_id = deid::transforms::crypto_hash("hash-key", "obs-secret-1");
+    assert!(exported.contains(&secret_id) && exported.contains(&"obs-public-1".to_string()));
+
+    let tt = m["transactionTime"].as_str().unwrap().to_string();
+    for id in ["obs-secret-1", "obs-public-1"] {
+        let r =
+            s.c.delete(format!("{}/Observation/{id}", s.base))
+                .send()
+                .await
+                .unwrap();
+        assert!(r.status().is_success());
+    }
+    let delta = s
+        .export(&format!(
+            "/$export?_container=deid&_anonymizationConfig=restricted.json&_since={tt}"
+        ))
+        .await;
+    assert_eq!(delta["output"], json!([]));
+    let bundles = s.lines(&delta, "deleted").await;
+    let mut urls = Vec::new();
+    for b in &bundles {
+        assert_eq!(b["resourceType"], "Bundle");
+        for e in b["entry"].as_array().unwrap() {
+            // Only the request: method and URL.
+            assert_eq!(
+                e.as_object().unwrap().keys().collect::<Vec<_>>(),
+                ["request"]
+            );
+            assert_eq!(e["request"]["method"], "DELETE");
+            urls.push(e["request"]["url"].as_str().unwrap().to_string());
+        }
+    }
+    urls.sort();
+    assert_eq!(
+        urls,
+        [
+            format!("Observation/{secret_id}"),
+            "Observation/obs-public-1".to_string()
+        ]
+    );
+    let text: String = bundles.iter().map(Value::to_string).collect();
+    assert!(
+        !text.contains("obs-secret-1") && !text.contains("pat-secret"),
+        "{text}"
+    );
+}
