@@ -496,6 +496,8 @@ impl ExportService {
         let Ok(Some(job)) = self.queue.get(&item.job_id) else {
             return;
         };
+        // A job that completed meanwhile keeps its files: this claim only lost its lease.
+        let job_stopped = job_stopped && job.state != JobState::Complete;
         let dir = crate::run::attempt_dir(&job.folder, item.item_no, item.attempt);
         let files = match self.queue.files(&job.id) {
             Ok(files) => files,
