@@ -821,8 +821,15 @@ impl ExportService {
         match result {
             Ok(()) => {
                 if let Ok(files) = self.queue.files(&job_id) {
-                    let mine: Vec<_> = files.into_iter().filter(|f| f.item_no == item.item_no).collect();
-                    tracing::info!(files = mine.len(), resources = mine.iter().map(|f| f.count).sum::<u64>(), "export work item done");
+                    let mine: Vec<_> = files
+                        .into_iter()
+                        .filter(|f| f.item_no == item.item_no)
+                        .collect();
+                    tracing::info!(
+                        files = mine.len(),
+                        resources = mine.iter().map(|f| f.count).sum::<u64>(),
+                        "export work item done"
+                    );
                     overview::item_done(&mine);
                 }
             }

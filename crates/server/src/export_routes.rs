@@ -473,7 +473,10 @@ fn plan_download(
     {
         head.insert(header::LAST_MODIFIED, v);
     }
-    head.insert(header::CONTENT_LENGTH, HeaderValue::from(range.end - range.start));
+    head.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(range.end - range.start),
+    );
     head.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/fhir+ndjson"),

@@ -284,11 +284,13 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let state = AppState {
         search_limits: config.search.limits(),
         // `--metrics`, by default open without authorization and protected with it.
-        metrics_mode: config.metrics.unwrap_or(if state.auth.requires_access_token() {
-            metrics::MetricsMode::Protected
-        } else {
-            metrics::MetricsMode::Open
-        }),
+        metrics_mode: config
+            .metrics
+            .unwrap_or(if state.auth.requires_access_token() {
+                metrics::MetricsMode::Protected
+            } else {
+                metrics::MetricsMode::Open
+            }),
         ..state
     };
     let state = AppState {
