@@ -261,13 +261,18 @@ async fn start_smart(mode: Option<server::metrics::MetricsMode>) -> Smart {
         token_url.clone(),
         1000,
     );
-    let state = server::AppState::new(
+    // Off the async workers: the export service opens its job queue (PostgreSQL's client blocks).
+    let (store, url, auth, data) = (
         db.store.clone(),
         base.clone(),
         auth::Auth::smart(smart),
-        1 << 20,
-        dir.path(),
-    )
+        dir.path().to_path_buf(),
+    );
+    let state = tokio::task::spawn_blocking(move || {
+        server::AppState::new(store, url, auth, 1 << 20, &data)
+    })
+    .await
+    .expect("join")
     .expect("state");
     // As `serve` decides it: protected by default with SMART.
     let state = server::AppState {
