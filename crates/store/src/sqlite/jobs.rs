@@ -891,7 +891,7 @@ mod tests {
         );
         assert_eq!(q.files("busy").expect("files")[0].kind, FileKind::Output);
         // The running item of the dead process resumes at its cursor.
-        assert_eq!(q.release_orphans().expect("release"), 1);
+        assert_eq!(q.release_orphans(Orphans::All).expect("release"), 1);
         let item = q
             .claim("new", 10, 600_000, 5)
             .expect("claim")
