@@ -57,6 +57,21 @@ impl ApiError {
         )
     }
 
+    /// The database cannot be reached (refused, connection lost, pool timeout): 503 `transient`
+    /// with `Retry-After`; the detail (host names) goes to the log only.
+    pub fn database_unavailable(context: &str, detail: impl std::fmt::Display) -> ApiError {
+        tracing::error!(context, error = %detail, "database unavailable");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            "the database is unavailable; retry later",
+        )
+        .with_header(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        )
+    }
+
     pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> ApiError {
         self.headers.push((name, value));
         self
@@ -105,16 +120,7 @@ impl From<search::SearchError> for ApiError {
         match &e {
             search::SearchError::Store(detail) => ApiError::internal("search", detail),
             search::SearchError::Unavailable(detail) => {
-                tracing::error!(error = %detail, "search: database unavailable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "transient",
-                    "the database is unavailable; retry later",
-                )
-                .with_header(
-                    header::RETRY_AFTER,
-                    HeaderValue::from_static(RETRY_AFTER_SECS),
-                )
+                ApiError::database_unavailable("search", detail)
             }
             search::SearchError::UnknownParameter { .. }
             | search::SearchError::Unsupported { .. }

@@ -56,18 +56,7 @@ impl From<ExportError> for ApiError {
             ExportError::Internal(detail) => ApiError::internal("export", detail),
             ExportError::Queue(store::QueueError::Db(
                 db @ store::StoreError::Unavailable { .. },
-            )) => {
-                tracing::error!(error = %db, "export job queue: database unavailable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "transient",
-                    "the database is unavailable; retry later",
-                )
-                .with_header(
-                    header::RETRY_AFTER,
-                    HeaderValue::from_static(crate::error::RETRY_AFTER_SECS),
-                )
-            }
+            )) => ApiError::database_unavailable("export job queue", db),
             ExportError::Queue(q) => ApiError::internal("export job queue", q),
         }
     }
