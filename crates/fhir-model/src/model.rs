@@ -406,14 +406,6 @@ impl Model {
     pub fn patient_compartment(&self, resource_type: &str) -> Option<&[String]> {
         self.compartment.get(resource_type).map(Vec::as_slice)
     }
-
-    /// Structural validation of a resource (see [`crate::validate`]).
-    pub fn validate(
-        &self,
-        resource: &serde_json::Value,
-    ) -> Result<(), Vec<crate::validate::ValidationIssue>> {
-        crate::validate::validate_resource(self, resource)
-    }
 }
 
 #[cfg(test)]

@@ -35,20 +35,23 @@ struct Validator<'m> {
     issues: Vec<ValidationIssue>,
 }
 
-pub(crate) fn validate_resource(
-    model: &Model,
-    resource: &Value,
-) -> Result<(), Vec<ValidationIssue>> {
-    let mut v = Validator {
-        model,
-        issues: Vec::new(),
-    };
-    let mut path = String::with_capacity(128);
-    v.resource(resource, &mut path, 0);
-    if v.issues.is_empty() {
-        Ok(())
-    } else {
-        Err(v.issues)
+// Validation depends on the model, not the reverse: the method is defined here.
+impl Model {
+    /// Structural validation of a resource: a known concrete `resourceType`, no unknown elements,
+    /// primitive syntax, `_element` shadow objects, arrays exactly where the maximum cardinality is
+    /// `*`, contained resources and `Bundle.entry.resource` validated as resources.
+    pub fn validate(&self, resource: &Value) -> Result<(), Vec<ValidationIssue>> {
+        let mut v = Validator {
+            model: self,
+            issues: Vec::new(),
+        };
+        let mut path = String::with_capacity(128);
+        v.resource(resource, &mut path, 0);
+        if v.issues.is_empty() {
+            Ok(())
+        } else {
+            Err(v.issues)
+        }
     }
 }
 
