@@ -39,9 +39,7 @@ cargo test --workspace --profile ci "$@"
 # The suites parameterised by backend, a second time against PostgreSQL (a fresh database per
 # test, see store::testing): every unit test, and the store, search, ingest and export suites and
 # the server's storage suites by name. `--workspace` again, so that features resolve as in the
-# first run and nothing is rebuilt (`-p` selections rebuilt for minutes). The server's
-# hardening, smart_* and search_limits suites still build their state on the async workers,
-# which PostgreSQL's blocking client refuses, and are not repeated yet.
+# first run and nothing is rebuilt (`-p` selections rebuilt for minutes).
 pg_suites=(
   job_queue postgres_store sqlite_store
   backends_agree bad_input evaluator_agrees_with_fhirpath fuzz_props indexer_entries reindex
@@ -49,7 +47,7 @@ pg_suites=(
   bundles fuzz_loader load_synthea pipeline synth
   azure fuzz_request run_levels service wal
   export export_lifecycle deid_export export_group_limits azure_export s3_export views
-  download_ranges status_page http
+  download_ranges status_page http hardening smart_auth smart_export smart_security search_limits
 )
 FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --workspace --profile ci --lib \
   "${pg_suites[@]/#/--test=}" "$@"

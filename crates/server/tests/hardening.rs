@@ -31,14 +31,14 @@ async fn start_with(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut state = server::AppState::new(
+    let mut state = common::app_state(
         db.store.clone(),
-        base.clone(),
+        &base,
         auth::Auth::none(),
         max_body_bytes,
         dir.path(),
     )
-    .unwrap();
+    .await;
     let mut p = (*state.policy).clone();
     policy(&mut p, &base);
     state.policy = Arc::new(p);

@@ -6,6 +6,8 @@
 //! In its own test binary: it installs the process-wide `tracing` subscriber, whose lines show
 //! that a search stopped.
 
+mod common;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -74,14 +76,14 @@ async fn start(readers: usize, limits: search::SearchLimits, patients: usize) ->
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let base = format!("http://{addr}");
-    let mut state = server::AppState::new(
+    let mut state = common::app_state(
         db.store.clone(),
-        base.clone(),
+        &base,
         auth::Auth::none(),
         64 << 20,
         dir.path(),
     )
-    .unwrap();
+    .await;
     state.search_limits = limits;
     tokio::spawn(async move { axum::serve(listener, server::router(state)).await.unwrap() });
     let s = Server {
@@ -193,7 +195,7 @@ async fn oversize_search_input_is_refused_with_400_never_500() {
     let (status, body) = s.get(&format!("Patient?_sort={}", sort_keys(9))).await;
     assert_too_costly(status, &body, "_sort");
     // 11 includes.
-    let incs = vec!["_revinclude=Observation:subject"; 11].join("&");
+    let incs = ["_revinclude=Observation:subject"; 11].join("&");
     let (status, body) = s.get(&format!("Patient?{incs}")).await;
     assert_too_costly(status, &body, "_revinclude");
 

@@ -47,14 +47,14 @@ async fn start() -> Server {
         token_url.clone(),
         1000,
     );
-    let state = server::AppState::new(
+    let state = common::app_state(
         db.store.clone(),
-        base.clone(),
+        &base,
         auth::Auth::smart(smart),
         1 << 20,
         dir.path(),
     )
-    .unwrap();
+    .await;
     let app = server::router(state);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server {

@@ -44,14 +44,7 @@ async fn start() -> Server {
         1000,
     );
     let auth = auth::Auth::smart(smart);
-    let state = server::AppState::new(
-        db.store.clone(),
-        base.clone(),
-        auth.clone(),
-        1 << 20,
-        dir.path(),
-    )
-    .unwrap();
+    let state = common::app_state(db.store.clone(), &base, auth.clone(), 1 << 20, dir.path()).await;
     let app = server::router(state);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server {

@@ -49,14 +49,14 @@ async fn start_with(max_body: usize) -> Server {
         token_url.clone(),
         1000,
     );
-    let state = server::AppState::new(
+    let state = common::app_state(
         db.store.clone(),
-        base.clone(),
+        &base,
         auth::Auth::smart(smart),
         max_body,
         dir.path(),
     )
-    .unwrap();
+    .await;
     let app = server::router(state);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server {

@@ -51,6 +51,28 @@ pub async fn test_store_async() -> store::testing::TestStore {
     tokio::task::spawn_blocking(test_store).await.unwrap()
 }
 
+/// [`server::AppState::new`] built off the async workers: the export service's start-up calls
+/// the store, and PostgreSQL's client blocks.
+pub async fn app_state(
+    store: Arc<dyn store::Store>,
+    base: &str,
+    auth: auth::Auth,
+    max_body_bytes: usize,
+    data_dir: &std::path::Path,
+) -> server::AppState {
+    let (base, data_dir) = (base.to_string(), data_dir.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        server::AppState::new(store, base, auth, max_body_bytes, &data_dir).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Runs `f` (which calls the store) off the async workers and returns its result.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
 /// Loads `paths` into a fresh data directory and serves it with these export options.
 pub async fn start(paths: &[PathBuf], options: server::config::ExportOptions) -> Server {
     let dir = tempfile::tempdir().unwrap();
