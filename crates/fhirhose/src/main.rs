@@ -49,6 +49,9 @@ enum Command {
     View(cmd_view::ViewArgs),
     /// Sign a client assertion and request an access token from a Fhirhose server.
     Token(auth::cli::TokenArgs),
+    /// Bulk Data $export client for any FHIR server: kick-off, SMART auth, polling, parallel
+    /// resumable downloads into a folder, --verify.
+    Export(client::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,9 @@ fn main() -> ExitCode {
             .map(|s| eprint!("{s}"))
             .map_err(|e| e.to_string()),
         Command::View(args) => cmd_view::run(args),
+        Command::Export(args) => client::run(args)
+            .map(|summary| eprintln!("{summary}"))
+            .map_err(|e| e.to_string()),
         Command::Token(args) => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
             .and_then(|rt| {

@@ -1,0 +1,382 @@
+//! Downloading the manifest's files: `--parallel` at a time, each into `NAME.part`; a body cut
+//! short (connection dropped, read timeout, fewer bytes than announced) is resumed with
+//! `Range: bytes=<part length>-` and `If-Range` naming the version already received (its strong
+//! ETag, else its Last-Modified date). A `200` answer to a ranged request means the server sent
+//! the whole file (another version, or no range support): the part is started over. The part
+//! is renamed to its final name only when complete.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use futures::StreamExt;
+use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use crate::error::ClientError;
+use crate::session::{self, Session};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Output,
+    Error,
+    Deleted,
+}
+
+/// One file of the manifest and where it goes.
+#[derive(Debug, Clone)]
+pub struct File {
+    pub kind: Kind,
+    /// Stored gzip-compressed (`.ndjson.gz`).
+    pub gzip: bool,
+    pub resource_type: String,
+    pub url: String,
+    pub dest: PathBuf,
+    pub count: Option<u64>,
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+}
+
+/// The files of `manifest`: `output` as `DIR/<Type>.<n>.ndjson`, `error` and `deleted` under
+/// `DIR/error/` and `DIR/deleted/` (n counts from 1 per type and kind).
+pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
+    let mut files = Vec::new();
+    let mut seen: std::collections::HashMap<(String, &str), u32> = Default::default();
+    for (key, kind, dir) in [
+        ("output", Kind::Output, out.to_owned()),
+        ("error", Kind::Error, out.join("error")),
+        ("deleted", Kind::Deleted, out.join("deleted")),
+    ] {
+        let Some(entries) = manifest.get(key).and_then(Value::as_array) else {
+            if key == "output" {
+                return Err(ClientError::Protocol(
+                    "the manifest has no output array".to_owned(),
+                ));
+            }
+            continue;
+        };
+        if !entries.is_empty() {
+            std::fs::create_dir_all(&dir).map_err(|e| ClientError::io(&dir, e))?;
+        }
+        for e in entries {
+            let url = e.get("url").and_then(Value::as_str).ok_or_else(|| {
+                ClientError::Protocol(format!("a manifest {key} entry has no url"))
+            })?;
+            // The type names a local file: letters and digits only, whatever the server says.
+            let rtype: String = e
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(64)
+                .collect();
+            let rtype = if rtype.is_empty() {
+                "file".to_owned()
+            } else {
+                rtype
+            };
+            let n = seen.entry((rtype.clone(), key)).or_default();
+            *n += 1;
+            let number =
+                |names: &[&str]| names.iter().find_map(|k| e.get(*k).and_then(Value::as_u64));
+            // A gzip-compressed file (Fhirhose's `extension.compression`, or a `.gz` URL) keeps
+            // its encoding on disk.
+            let gzip = e.pointer("/extension/compression").and_then(Value::as_str) == Some("gzip")
+                || url.split('?').next().is_some_and(|u| u.ends_with(".gz"));
+            let suffix = if gzip { "ndjson.gz" } else { "ndjson" };
+            let sha256 = e
+                .get("sha256")
+                .or_else(|| e.pointer("/extension/sha256"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            files.push(File {
+                kind,
+                gzip,
+                dest: dir.join(format!("{rtype}.{n}.{suffix}")),
+                resource_type: rtype,
+                url: url.to_owned(),
+                count: number(&["count"]),
+                size: number(&["fileSize", "size"]),
+                sha256,
+            });
+        }
+    }
+    Ok(files)
+}
+
+pub struct Outcome {
+    pub bytes: u64,
+    pub resumed: u32,
+}
+
+/// Downloads every file, `parallel` at a time; the first failure ends the run.
+pub async fn all(
+    session: Arc<Session>,
+    files: &[File],
+    requires_token: bool,
+    parallel: usize,
+    quiet: bool,
+) -> Result<Outcome, ClientError> {
+    let total: Option<u64> = files.iter().map(|f| f.size).sum();
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = match total {
+            Some(t) => indicatif::ProgressBar::new(t),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        let template = if total.is_some() {
+            "{spinner} {elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}"
+        } else {
+            "{spinner} {elapsed_precise} {bytes} {binary_bytes_per_sec} {msg}"
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    };
+    let resumed = Arc::new(AtomicU32::new(0));
+    let done = Arc::new(AtomicU32::new(0));
+    let n = files.len();
+    bar.set_message(format!("0/{n} files"));
+    let mut stream = futures::stream::iter(files.iter().cloned())
+        .map(|f| {
+            let (session, bar, resumed, done) =
+                (session.clone(), bar.clone(), resumed.clone(), done.clone());
+            async move {
+                let bytes = one(&session, &f, requires_token, &bar, &resumed).await?;
+                let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                bar.set_message(format!("{d}/{n} files"));
+                Ok::<u64, ClientError>(bytes)
+            }
+        })
+        .buffer_unordered(parallel);
+    let mut bytes = 0;
+    while let Some(r) = stream.next().await {
+        bytes += r?;
+    }
+    bar.finish_and_clear();
+    Ok(Outcome {
+        bytes,
+        resumed: resumed.load(Ordering::Relaxed),
+    })
+}
+
+fn part_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".part");
+    dest.with_file_name(name)
+}
+
+/// The validator of the bytes received so far, for `If-Range`.
+fn validator(headers: &HeaderMap) -> Option<HeaderValue> {
+    if let Some(etag) = headers.get("etag")
+        && !etag.as_bytes().starts_with(b"W/")
+    {
+        return Some(etag.clone());
+    }
+    headers.get("last-modified").cloned()
+}
+
+/// `Content-Range: bytes START-END/SIZE` → (START, SIZE).
+fn content_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
+    let v = headers.get("content-range")?.to_str().ok()?;
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, size) = rest.split_once('/')?;
+    let size = size.parse().ok();
+    let start = match range.split_once('-') {
+        Some((s, _)) => s.parse().ok()?,
+        None => return Some((0, size)), // `*/SIZE`
+    };
+    Some((start, size))
+}
+
+async fn one(
+    session: &Session,
+    file: &File,
+    requires_token: bool,
+    bar: &indicatif::ProgressBar,
+    resumed: &AtomicU32,
+) -> Result<u64, ClientError> {
+    let part = part_path(&file.dest);
+    let _ = tokio::fs::remove_file(&part).await;
+    let mut have: u64 = 0;
+    let mut validator_seen: Option<HeaderValue> = None;
+    let mut attempt: u32 = 0;
+    loop {
+        let mut headers = session::header("accept", "application/fhir+ndjson");
+        headers.insert("accept-encoding", HeaderValue::from_static("identity"));
+        let ranged = have > 0 && validator_seen.is_some();
+        if ranged {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes={have}-")) {
+                headers.insert("range", v);
+            }
+            if let Some(v) = &validator_seen {
+                headers.insert("if-range", v.clone());
+            }
+        }
+        let resp = session
+            .send(
+                Method::GET,
+                &file.url,
+                &headers,
+                None,
+                requires_token,
+                session::IDEMPOTENT,
+            )
+            .await?;
+        let status = resp.status();
+        let (append, expected_total) = match status {
+            StatusCode::OK => (false, resp.content_length()),
+            StatusCode::PARTIAL_CONTENT if ranged => match content_range(resp.headers()) {
+                Some((start, size)) if start == have => (true, size),
+                _ => {
+                    return Err(ClientError::Protocol(format!(
+                        "{}: a 206 answer for bytes {have}- does not start there",
+                        file.url
+                    )));
+                }
+            },
+            StatusCode::RANGE_NOT_SATISFIABLE if ranged => {
+                match content_range(resp.headers()) {
+                    // The part already holds the whole file.
+                    Some((_, Some(size))) if size == have => break,
+                    _ => {
+                        // Start over.
+                        bar.dec(have);
+                        have = 0;
+                        validator_seen = None;
+                        attempt += 1;
+                        if attempt > session.retries {
+                            return Err(ClientError::Protocol(format!(
+                                "{}: the server cannot resume this file (416)",
+                                file.url
+                            )));
+                        }
+                        continue;
+                    }
+                }
+            }
+            _ => return Err(session.fail(&file.url, resp, 1).await),
+        };
+        if !append && have > 0 {
+            tracing::info!(url = %file.url, "the server sent the whole file again; starting it over");
+            bar.dec(have);
+            have = 0;
+        }
+        if !append {
+            validator_seen = validator(resp.headers());
+        }
+        let f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&part)
+            .await
+            .map_err(|e| ClientError::io(&part, e))?;
+        let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
+        let mut resp = resp;
+        let before = have;
+        let mut dropped: Option<String> = None;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(bytes)) => {
+                    w.write_all(&bytes)
+                        .await
+                        .map_err(|e| ClientError::io(&part, e))?;
+                    have += bytes.len() as u64;
+                    bar.inc(bytes.len() as u64);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    dropped = Some(session::transport_reason(&e));
+                    break;
+                }
+            }
+        }
+        w.flush().await.map_err(|e| ClientError::io(&part, e))?;
+        drop(w);
+        let short = expected_total.is_some_and(|t| have < t);
+        if dropped.is_none() && !short {
+            break;
+        }
+        let reason = dropped.unwrap_or_else(|| "the body ended early".to_owned());
+        if have > before {
+            attempt = 0; // progress was made: a flaky link gets its retries again
+        }
+        attempt += 1;
+        if attempt > session.retries {
+            return Err(ClientError::Transport {
+                url: file.url.clone(),
+                attempts: attempt,
+                reason: format!("{reason} at byte {have}"),
+            });
+        }
+        resumed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(url = %file.url, at = have, %reason, "download interrupted; resuming by Range");
+        bar.suspend(|| {
+            eprintln!(
+                "{}: interrupted at byte {have} ({reason}); resuming by Range",
+                file.dest.display()
+            )
+        });
+        tokio::time::sleep(session::backoff(attempt)).await;
+    }
+    tokio::fs::rename(&part, &file.dest)
+        .await
+        .map_err(|e| ClientError::io(&file.dest, e))?;
+    Ok(have)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_names_files_safely() {
+        let m = serde_json::json!({
+            "output": [
+                {"type": "Patient", "url": "http://s/1", "count": 3, "fileSize": 10, "sha256": "ab"},
+                {"type": "Patient", "url": "http://s/2"},
+                {"type": "../../etc", "url": "http://s/3"}],
+            "error": [{"type": "OperationOutcome", "url": "http://s/e"}]
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let files = plan(&m, dir.path()).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| {
+                f.dest
+                    .strip_prefix(dir.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "Patient.1.ndjson",
+                "Patient.2.ndjson",
+                "etc.1.ndjson",
+                "error/OperationOutcome.1.ndjson"
+            ]
+        );
+        assert_eq!((files[0].count, files[0].size), (Some(3), Some(10)));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "content-range",
+            HeaderValue::from_static("bytes 100-199/200"),
+        );
+        assert_eq!(content_range(&h), Some((100, Some(200))));
+        h.insert("content-range", HeaderValue::from_static("bytes */200"));
+        assert_eq!(content_range(&h), Some((0, Some(200))));
+    }
+}

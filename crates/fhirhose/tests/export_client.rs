@@ -1,0 +1,419 @@
+//! `fhirhose export` (the Bulk Data client) against the real `fhirhose serve --auth smart`,
+//! through a small TCP proxy in front of the server (the server's `--base-url` is the proxy, so
+//! the manifest's URLs and the token endpoint go through it too). The proxy can hold the first
+//! file request long enough for the access token to expire, cut the next file download after
+//! a number of bytes (once), and hold status polls (for Ctrl-C). Test key:
+//! crates/auth/tests/data/rsa-a.pem (see PROVENANCE.md there).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+fn fhirhose() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FHIRHOSE_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn key_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../auth/tests/data/rsa-a.pem")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Server {
+    child: Child,
+    direct: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the proxy does and saw.
+#[derive(Default)]
+struct ProxyState {
+    /// Hold the first file request this long before forwarding it (token expiry).
+    delay_first_file: Option<Duration>,
+    /// Cut the response of the first file request after the delayed one after this many bytes.
+    cut_after: Option<u64>,
+    /// Never forward status polls (GET /export-status/...).
+    hold_status: AtomicBool,
+    delayed: AtomicBool,
+    cut: AtomicBool,
+    saw_range: AtomicBool,
+    saw_status_poll: AtomicBool,
+    saw_delete: AtomicBool,
+}
+
+/// A TCP proxy on a new port in front of `upstream`, one thread pair per connection.
+fn proxy(port: u16, upstream: u16, state: Arc<ProxyState>) {
+    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind proxy");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(client) = conn else { continue };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let state = state.clone();
+            // Bytes of the response after which this connection is cut (armed per request).
+            let armed: Arc<Mutex<Option<u64>>> = Arc::default();
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (st, arm) = (state.clone(), armed.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match c_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                    if text.contains("get /export-files/") {
+                        if text.contains("\r\nrange: bytes=") {
+                            st.saw_range.store(true, Ordering::SeqCst);
+                        }
+                        if let Some(d) = st.delay_first_file
+                            && !st.delayed.swap(true, Ordering::SeqCst)
+                        {
+                            std::thread::sleep(d);
+                        } else if let Some(after) = st.cut_after
+                            && !st.cut.swap(true, Ordering::SeqCst)
+                        {
+                            *arm.lock().unwrap() = Some(after);
+                        }
+                    }
+                    if text.contains("get /export-status/") {
+                        st.saw_status_poll.store(true, Ordering::SeqCst);
+                        if st.hold_status.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_secs(60));
+                            break;
+                        }
+                    }
+                    if text.starts_with("delete /export-status/") {
+                        st.saw_delete.store(true, Ordering::SeqCst);
+                    }
+                    if s_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s_write.shutdown(Shutdown::Write);
+            });
+            let (mut s_read, mut c_write) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut sent: u64 = 0;
+                loop {
+                    let n = match s_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let limit = *armed.lock().unwrap();
+                    if let Some(limit) = limit
+                        && sent + n as u64 > limit
+                    {
+                        // The dropped connection: part of the body, then both ends closed.
+                        let _ = c_write.write_all(&buf[..(limit - sent) as usize]);
+                        let _ = c_write.shutdown(Shutdown::Both);
+                        let _ = s_read.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    if limit.is_some() {
+                        sent += n as u64;
+                    }
+                    if c_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_write.shutdown(Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// Loads `patients` Patients and as many Observations into a new data directory and serves it
+/// with `--auth smart` (1 s tokens) at a port whose `--base-url` is `proxy_port`'s.
+fn serve_smart(proxy_port: u16, patients: usize) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let ndjson = dir.path().join("data.ndjson");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&ndjson).unwrap());
+    for i in 0..patients {
+        let p = json!({"resourceType": "Patient", "id": format!("p{i}"), "active": true,
+            "name": [{"family": format!("Family{i}"), "given": ["Given", "Name"]}],
+            "gender": if i % 2 == 0 { "female" } else { "male" }, "birthDate": "1970-01-01"});
+        let o = json!({"resourceType": "Observation", "id": format!("o{i}"), "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
+            "subject": {"reference": format!("Patient/p{i}")},
+            "valueQuantity": {"value": 170.25, "unit": "cm"}});
+        writeln!(f, "{p}\n{o}").unwrap();
+    }
+    drop(f);
+    let data = dir.path().join("data");
+    let out = fhirhose()
+        .args(["load", "--data-dir"])
+        .arg(&data)
+        .arg(&ndjson)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "load: {out:?}");
+    let jwks = fhirhose().arg("jwks").arg(key_file()).output().unwrap();
+    assert!(jwks.status.success(), "{jwks:?}");
+    let jwks: Value = serde_json::from_slice(&jwks.stdout).unwrap();
+    let clients = dir.path().join("clients.json");
+    std::fs::write(
+        &clients,
+        json!([{"client_id": "exporter", "jwks": jwks, "scope": "system/*.read"}]).to_string(),
+    )
+    .unwrap();
+    let port = free_port();
+    let child = fhirhose()
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--auth",
+            "smart",
+        ])
+        .args(["--base-url", &format!("http://127.0.0.1:{proxy_port}")])
+        .args(["--token-lifetime", "1", "--data-dir"])
+        .arg(&data)
+        .arg("--clients")
+        .arg(&clients)
+        .env("FHIRHOSE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut server = Server {
+        child,
+        direct: format!("http://127.0.0.1:{port}"),
+        _dir: dir,
+    };
+    let http = reqwest::blocking::Client::new();
+    for _ in 0..600 {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("fhirhose serve exited early: {status}");
+        }
+        if http
+            .get(format!("{}/metadata", server.direct))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("fhirhose serve did not answer");
+}
+
+fn export_cmd(url: &str, out: &Path) -> Command {
+    export_as("exporter", url, out)
+}
+
+fn export_as(client_id: &str, url: &str, out: &Path) -> Command {
+    let mut c = fhirhose();
+    c.args(["export", url, "--quiet", "--client-id", client_id, "--key"])
+        .arg(key_file())
+        .arg("--out")
+        .arg(out);
+    c
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn token(proxy: &str) -> String {
+    let out = fhirhose()
+        .args([
+            "token",
+            "--client-id",
+            "exporter",
+            "--scope",
+            "system/*.read",
+            "--key",
+        ])
+        .arg(key_file())
+        .args(["--token-url", &format!("{proxy}/auth/token")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+/// The client, with SMART auth discovered from the server, downloads a system export whose
+/// first file request arrives after the token expired (401: a new token, one retry) and whose
+/// next download is cut mid-file (resumed by Range with If-Range); the files are the server's
+/// bytes, `--verify` passes, and every resource is there once.
+#[test]
+fn the_client_exports_with_smart_renews_its_token_and_resumes_a_cut_download_by_range() {
+    let proxy_port = free_port();
+    let server = serve_smart(proxy_port, 1500);
+    let state = Arc::new(ProxyState {
+        delay_first_file: Some(Duration::from_millis(1500)),
+        cut_after: Some(40_000),
+        ..Default::default()
+    });
+    let port = server.direct.rsplit(':').next().unwrap().parse().unwrap();
+    proxy(proxy_port, port, state.clone());
+    let base = format!("http://127.0.0.1:{proxy_port}");
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = export_cmd(&base, &out_dir)
+        .args([
+            "--type",
+            "Patient,Observation",
+            "--verify",
+            "--parallel",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        state.saw_range.load(Ordering::SeqCst),
+        "no Range request: {err}"
+    );
+    assert!(err.contains("resuming by Range"), "{err}");
+    assert!(err.contains("1 downloads resumed by Range"), "{err}");
+    assert!(err.contains("verified"), "{err}");
+    // The proxy held the first file request past the 1 s token: at least two tokens.
+    let tokens: u32 = err
+        .split("; ")
+        .find_map(|s| s.strip_suffix(" access tokens"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(tokens >= 2, "{err}");
+    assert!(
+        std::fs::read_dir(&out_dir).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".part"))
+    );
+
+    // Byte for byte the files the server serves (fetched directly, bypassing the proxy).
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    let http = reqwest::blocking::Client::new();
+    let bearer = token(&base);
+    let mut ids = std::collections::BTreeMap::<String, usize>::new();
+    let mut n: std::collections::HashMap<String, usize> = Default::default();
+    for entry in manifest["output"].as_array().unwrap() {
+        let rtype = entry["type"].as_str().unwrap();
+        let i = n.entry(rtype.to_owned()).or_default();
+        *i += 1;
+        let local = std::fs::read(out_dir.join(format!("{rtype}.{i}.ndjson"))).unwrap();
+        let url = entry["url"]
+            .as_str()
+            .unwrap()
+            .replace(&base, &server.direct);
+        let served = http.get(url).bearer_auth(&bearer).send().unwrap();
+        assert!(served.status().is_success());
+        assert!(
+            local == served.bytes().unwrap().as_ref(),
+            "{rtype}.{i} differs"
+        );
+        for line in String::from_utf8(local).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            *ids.entry(format!(
+                "{}/{}",
+                v["resourceType"].as_str().unwrap(),
+                v["id"].as_str().unwrap()
+            ))
+            .or_default() += 1;
+        }
+    }
+    assert_eq!(ids.len(), 3000);
+    assert!(ids.values().all(|c| *c == 1));
+}
+
+/// Each failure is one line: a 401 with the server's reason, a client the token endpoint does
+/// not know; Ctrl-C with --cancel-on-interrupt cancels the export on the server.
+#[test]
+fn failures_are_one_line_and_ctrl_c_cancels_the_export() {
+    let proxy_port = free_port();
+    let server = serve_smart(proxy_port, 20);
+    let state = Arc::new(ProxyState::default());
+    let port = server.direct.rsplit(':').next().unwrap().parse().unwrap();
+    proxy(proxy_port, port, state.clone());
+    let base = format!("http://127.0.0.1:{proxy_port}");
+    let dir = tempfile::tempdir().unwrap();
+
+    // No credentials: the server's 401 and its reason.
+    let out = fhirhose()
+        .args(["export", &base, "--quiet", "--out"])
+        .arg(dir.path().join("a"))
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "error: HTTP 401 Unauthorized from {base}/$export: "
+        )) && err.contains("access token"),
+        "{err}"
+    );
+    // A client id the server does not know: the token endpoint's refusal.
+    let out = export_as("stranger", &base, &dir.path().join("b"))
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "the token endpoint {base}/auth/token refused the client: HTTP 401"
+        )) && err.contains("invalid_client"),
+        "{err}"
+    );
+
+    // Ctrl-C while polling (the proxy holds the polls): a DELETE the server accepted.
+    state.hold_status.store(true, Ordering::SeqCst);
+    let child = export_cmd(&base, &dir.path().join("c"))
+        .arg("--cancel-on-interrupt")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..600 {
+        if state.saw_status_poll.load(Ordering::SeqCst) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(state.saw_status_poll.load(Ordering::SeqCst));
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("interrupted; the export was cancelled on the server"),
+        "{err}"
+    );
+    assert!(state.saw_delete.load(Ordering::SeqCst));
+}
