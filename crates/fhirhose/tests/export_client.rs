@@ -63,6 +63,8 @@ struct ProxyState {
     saw_range: AtomicBool,
     saw_status_poll: AtomicBool,
     saw_delete: AtomicBool,
+    /// Answer every file request with this canned HTTP status (429, 503), not forwarding it.
+    refuse_files: std::sync::atomic::AtomicU16,
 }
 
 /// A TCP proxy on a new port in front of `upstream`, one thread pair per connection.
@@ -88,6 +90,20 @@ fn proxy(port: u16, upstream: u16, state: Arc<ProxyState>) {
                         Ok(n) => n,
                     };
                     let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                    let refuse = st.refuse_files.load(Ordering::SeqCst);
+                    if refuse != 0 && text.contains("get /export-files/") {
+                        let body = format!(
+                            r#"{{"resourceType":"OperationOutcome","issue":[{{"severity":"error","code":"transient","diagnostics":"proxy says {refuse}"}}]}}"#
+                        );
+                        let answer = format!(
+                            "HTTP/1.1 {refuse} Refused\r\nretry-after: 0\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if c_read.write_all(answer.as_bytes()).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     if text.contains("get /export-files/") {
                         if text.contains("\r\nrange: bytes=") {
                             st.saw_range.store(true, Ordering::SeqCst);
@@ -350,7 +366,7 @@ fn the_client_exports_with_smart_renews_its_token_and_resumes_a_cut_download_by_
 }
 
 /// Each failure is one line: a 401 with the server's reason, a client the token endpoint does
-/// not know; Ctrl-C with --cancel-on-interrupt cancels the export on the server.
+/// not know, 429 and 503 after the retries; Ctrl-C with --cancel-on-interrupt cancels the export on the server.
 #[test]
 fn failures_are_one_line_and_ctrl_c_cancels_the_export() {
     let proxy_port = free_port();
@@ -389,8 +405,31 @@ fn failures_are_one_line_and_ctrl_c_cancels_the_export() {
         "{err}"
     );
 
+    // 429 and 503 on every file request: retried as told, then one line naming the attempts.
+    for (code, text) in [
+        (429u16, "HTTP 429 Too Many Requests from"),
+        (503, "HTTP 503 from"),
+    ] {
+        state.refuse_files.store(code, Ordering::SeqCst);
+        let out = export_cmd(&base, &dir.path().join(format!("r{code}")))
+            .args(["--retries", "2"])
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(text)
+                && err.contains("/export-files/")
+                && err.contains(&format!("after 3 attempts: proxy says {code}")),
+            "{err}"
+        );
+    }
+    state.refuse_files.store(0, Ordering::SeqCst);
+
     // Ctrl-C while polling (the proxy holds the polls): a DELETE the server accepted.
     state.hold_status.store(true, Ordering::SeqCst);
+    state.saw_status_poll.store(false, Ordering::SeqCst);
     let child = export_cmd(&base, &dir.path().join("c"))
         .arg("--cancel-on-interrupt")
         .stderr(Stdio::piped())
