@@ -52,6 +52,10 @@ pub struct AnonymizeArgs {
     /// Dry run: quasi-identifiers of the output Patients (birthYear, ageBand, gender, zip3, state).
     #[arg(long, value_delimiter = ',', default_value = "birthYear,gender,zip3")]
     pub quasi_identifiers: Vec<String>,
+    /// Keys for the parameters the configuration leaves empty (a stored key set, resolved by
+    /// the `fhirhose` binary from `--key-set`).
+    #[arg(skip)]
+    pub keys: Option<deid::keys::Keys>,
 }
 
 impl AnonymizeArgs {
@@ -72,6 +76,7 @@ impl AnonymizeArgs {
             report_format: "table".into(),
             k: 5,
             quasi_identifiers: vec!["birthYear".into(), "gender".into(), "zip3".into()],
+            keys: None,
         }
     }
 }
@@ -412,7 +417,12 @@ pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
         .or(args.input_arg.as_ref())
         .ok_or_else(|| CliError::Usage("no input given".into()))?
         .clone();
-    let cfg_text = fs::read_to_string(&args.config).map_err(io(&args.config))?;
+    let mut cfg_text = fs::read_to_string(&args.config).map_err(io(&args.config))?;
+    if let Some(keys) = &args.keys {
+        cfg_text = deid::keys::fill_empty(&cfg_text, keys)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", args.config.display())))?
+            .0;
+    }
     let config = Config::parse(&cfg_text).map_err(|source| CliError::Config {
         path: args.config.clone(),
         source,

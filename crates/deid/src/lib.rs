@@ -5,6 +5,7 @@ pub mod config;
 
 pub use config::{Config, ConfigError, DateShiftScope, Method, Parameters, ProcessingErrors, Rule};
 pub mod engine;
+pub mod keys;
 mod patient;
 mod plan;
 pub mod report;

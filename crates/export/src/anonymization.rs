@@ -37,6 +37,8 @@ pub enum AnonymizationError {
     Invalid { name: String, message: String },
     #[error("{0}")]
     Registry(String),
+    #[error("Anonymization key set '{0}' not found.")]
+    UnknownKeySet(String),
     #[error("The configuration collection reference '{0}' is not configured.")]
     NotAllowed(String),
     /// The storage could not be read (transient): 503 rather than 400.
@@ -62,7 +64,14 @@ pub struct AnonymizationInfo {
     pub digest: Option<String>,
     /// SHA-256 of the configuration as compiled (see [`fingerprint`]).
     pub fingerprint: String,
+    /// The configuration as applied: with a key set, the keys it left empty filled in (the
+    /// job's record is in the database, beside the key set; never in a manifest or status).
     pub config_text: String,
+    /// `_anonymizationKeySet`: the key set's name and version at kick-off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_set: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_set_version: Option<i64>,
 }
 
 impl AnonymizationInfo {
@@ -78,8 +87,47 @@ impl AnonymizationInfo {
         if let Some(d) = &self.digest {
             v["digest"] = json!(d);
         }
+        if let Some(k) = &self.key_set {
+            v["keySet"] = json!(k);
+            v["keySetVersion"] = json!(self.key_set_version);
+        }
         v
     }
+}
+
+/// Supplies the keys the configuration leaves empty from the stored key set `name`, at
+/// kick-off: the job then records the keys it used (a rotation during the export changes
+/// nothing in it), and the fingerprint covers them (hashed).
+pub fn apply_key_set(
+    info: &mut AnonymizationInfo,
+    queue: &dyn store::JobQueue,
+    name: &str,
+) -> Result<(), AnonymizationError> {
+    let sets = queue
+        .key_sets()
+        .ok_or_else(|| AnonymizationError::UnknownKeySet(name.to_string()))?;
+    let set = sets
+        .key_set(name)
+        .map_err(|e| AnonymizationError::Fetch(format!("key set {name}: {e}")))?
+        .ok_or_else(|| AnonymizationError::UnknownKeySet(name.to_string()))?;
+    let keys = deid::keys::Keys {
+        crypto_hash_key: set.crypto_hash_key,
+        encrypt_key: set.encrypt_key,
+        date_shift_key: set.date_shift_key,
+    };
+    let (text, supplied) = deid::keys::fill_empty(&info.config_text, &keys).map_err(|e| {
+        AnonymizationError::Invalid {
+            name: info.name.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    compile(&info.name, &text)?;
+    tracing::info!(key_set = %name, version = set.version, fingerprint = %keys.fingerprint(), supplied = ?supplied, "export uses a stored key set");
+    info.fingerprint = fingerprint(&text);
+    info.config_text = text;
+    info.key_set = Some(name.to_string());
+    info.key_set_version = Some(set.version);
+    Ok(())
 }
 
 /// Compiles a configuration text, naming the file in errors.
@@ -163,6 +211,8 @@ pub fn from_bytes(
         digest,
         fingerprint: fingerprint(&text),
         config_text: text,
+        key_set: None,
+        key_set_version: None,
     })
 }
 
@@ -191,6 +241,16 @@ impl Anonymizer {
             engine: Arc::new(engine),
             info,
         })
+    }
+
+    /// A dry run of this configuration (`_anonymizationDryRun=true`): the report's default
+    /// quasi-identifiers and k (docs/deid-consistency.md), ages at today's date.
+    pub fn dry_run(&self) -> deid::report::DryRun {
+        let today = chrono::Utc::now().date_naive();
+        deid::report::DryRun::new(
+            (*self.engine).clone(),
+            deid::report::RiskOptions::new(today),
+        )
     }
 
     /// De-identifies one stored resource: the output line, and with `processingErrors: skip`
@@ -266,6 +326,8 @@ mod tests {
             config: name.into(),
             etag: etag.map(str::to_string),
             collection: None,
+            key_set: None,
+            dry_run: false,
         }
     }
 

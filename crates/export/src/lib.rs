@@ -16,6 +16,7 @@
 pub mod access;
 pub mod anonymization;
 pub mod jobs;
+pub mod part;
 pub mod remote;
 pub mod request;
 pub mod run;

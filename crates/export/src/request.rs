@@ -46,6 +46,9 @@ pub struct ExportRequest {
     pub view_format: ViewFormat,
     /// `_viewHeader`: CSV files start with the header line (default true).
     pub view_header: bool,
+    /// `_compression=gzip`: NDJSON files are stored gzip-compressed (`.ndjson.gz`); `None`
+    /// leaves it to the server's `--export-gzip`.
+    pub gzip: Option<bool>,
 }
 
 /// The file format of `$viewdefinition-export` output.
@@ -85,6 +88,11 @@ pub struct AnonymizationSpec {
     pub etag: Option<String>,
     /// `_anonymizationConfigCollectionReference`: an OCI image reference.
     pub collection: Option<String>,
+    /// `_anonymizationKeySet`: a stored key set supplying the keys the configuration leaves
+    /// empty (docs/deid-consistency.md).
+    pub key_set: Option<String>,
+    /// `_anonymizationDryRun=true`: the export writes the dry-run report instead of data.
+    pub dry_run: bool,
 }
 
 /// Whether an anonymization config name is a plain relative name: no `..` segment, not absolute,
@@ -163,7 +171,8 @@ fn value_type_allowed(name: &str, ty: &str) -> bool {
         | "_format"
         | "_anonymizationConfig"
         | "_anonymizationConfigEtag"
-        | "_anonymizationConfigCollectionReference" => ty == "String",
+        | "_anonymizationConfigCollectionReference"
+        | "_anonymizationKeySet" => ty == "String",
         _ => matches!(
             ty,
             "String" | "Code" | "Uri" | "Boolean" | "Integer" | "Instant" | "DateTime"
@@ -257,8 +266,10 @@ impl ExportRequest {
             views: Vec::new(),
             view_format: ViewFormat::Ndjson,
             view_header: true,
+            gzip: None,
         };
         let (mut anon_config, mut anon_etag, mut anon_collection) = (None, None, None);
+        let (mut anon_key_set, mut anon_dry_run) = (None, false);
         let soft = |r: &mut ExportRequest, e: RequestError| -> Result<(), RequestError> {
             if lenient {
                 r.warnings.push(e.to_string());
@@ -417,6 +428,34 @@ impl ExportRequest {
                 "_anonymizationConfigCollectionReference" => {
                     anon_collection = Some(value.trim().to_string());
                 }
+                "_anonymizationKeySet" => {
+                    let v = value.trim();
+                    if v.is_empty() || v.len() > 64 {
+                        return Err(err(name, "the key set name is empty or too long"));
+                    }
+                    anon_key_set = Some(v.to_string());
+                }
+                "_anonymizationDryRun" => {
+                    anon_dry_run = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        other => {
+                            return Err(err(name, format!("'{other}' is not true or false")));
+                        }
+                    }
+                }
+                "_compression" => {
+                    r.gzip = match value.as_str() {
+                        "gzip" => Some(true),
+                        "none" => Some(false),
+                        other => {
+                            return Err(err(
+                                name,
+                                format!("'{other}' is not a compression (gzip, none)"),
+                            ));
+                        }
+                    }
+                }
                 "_format" => {}
                 "_view" => {
                     let v: Value = serde_json::from_str(value)
@@ -456,7 +495,12 @@ impl ExportRequest {
                 }
             }
         }
-        if anon_config.is_some() || anon_etag.is_some() || anon_collection.is_some() {
+        if anon_config.is_some()
+            || anon_etag.is_some()
+            || anon_collection.is_some()
+            || anon_key_set.is_some()
+            || anon_dry_run
+        {
             let Some(config) = anon_config else {
                 return Err(err(
                     "_anonymizationConfig",
@@ -479,6 +523,8 @@ impl ExportRequest {
                 config,
                 etag: anon_etag,
                 collection: anon_collection,
+                key_set: anon_key_set,
+                dry_run: anon_dry_run,
             });
         }
         Ok(r)

@@ -416,6 +416,8 @@ struct Roller<'s> {
     max_bytes: u64,
     current: Option<(Box<dyn PartWriter>, String, u64, u64)>,
     parts: u32,
+    /// Parts are stored gzip-compressed (`.ndjson.gz`).
+    gzip: bool,
 }
 
 impl<'s> Roller<'s> {
@@ -439,6 +441,7 @@ impl<'s> Roller<'s> {
             max_bytes: ctx.settings.file_max_bytes.max(1),
             current: None,
             parts: 0,
+            gzip: ctx.prepared.req.gzip == Some(true) && ctx.prepared.req.views.is_empty(),
         }
     }
 
@@ -446,12 +449,13 @@ impl<'s> Roller<'s> {
         if self.current.is_none() {
             self.parts += 1;
             let temp = format!(
-                "{}/{}-{}.ndjson",
+                "{}/{}-{}.ndjson{}",
                 attempt_dir(&self.folder, self.item_no, self.attempt),
                 self.prefix,
-                self.parts
+                self.parts,
+                if self.gzip { ".gz" } else { "" }
             );
-            let w = self.sink.create(&self.container, &temp)?;
+            let w = crate::part::create(self.sink, &self.container, &temp, self.gzip)?;
             self.current = Some((w, temp, 0, 0));
         }
         if let Some((w, temp, n, bytes)) = self.current.as_mut() {
@@ -475,13 +479,18 @@ impl<'s> Roller<'s> {
         let Some((w, temp, n, _)) = self.current.take() else {
             return Ok(None);
         };
-        let bytes = w.finish()?;
+        let (bytes, sha256) = w.finish_digest()?;
         Ok(Some(NewFile {
             kind: self.kind,
             resource_type: self.resource_type.clone(),
-            prefix: self.prefix.clone(),
+            prefix: if self.gzip {
+                format!("{}.ndjson.gz", self.prefix)
+            } else {
+                self.prefix.clone()
+            },
             count: n,
             bytes,
+            sha256,
             temp_path: temp,
         }))
     }
@@ -886,11 +895,73 @@ fn finalize_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError
     Ok(0)
 }
 
+/// `_anonymizationDryRun=true`: the export's resources (its types, `_since`, level, patients
+/// and `_typeFilter`, as the scan items would select them) go through the dry run instead of
+/// into files; the report is the one output file, `DeidReport-1.ndjson` (one JSON line, type
+/// `DeidReport`).
+fn dry_run_parts(
+    ctx: &ItemContext<'_>,
+    item: &WorkItem,
+    a: &crate::anonymization::Anonymizer,
+) -> Result<Vec<NewFile>, RunError> {
+    let p = ctx.prepared;
+    let present = ctx.store.types_present(p.job.watermark)?;
+    let mut dry = a.dry_run();
+    let mut scanned = 0u64;
+    let mut pulse = Pulse {
+        last: Instant::now(),
+    };
+    for t in p.req.effective_types(&present) {
+        let compartment = compartment_params(&t);
+        let bounds = SeqBounds {
+            after: p.since_after,
+            up_to: p.job.watermark,
+        };
+        scan_rows(ctx.store, &t, p.job.watermark, bounds, &mut |row| {
+            scanned += 1;
+            if scanned.is_multiple_of(1024) {
+                pulse.beat(ctx, item, scanned)?;
+            }
+            if let Some(until) = p.req.until_ms
+                && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
+            {
+                return Ok(());
+            }
+            let Ok(v) = serde_json::from_slice::<Value>(row.json) else {
+                return Ok(());
+            };
+            if p.by_patient && !in_compartment(&t, &v, &compartment, &p.scope) {
+                return Ok(());
+            }
+            if !p.filters.matches(&v) {
+                return Ok(());
+            }
+            // A resource the configuration fails on is counted in the report.
+            let _ = dry.add(&v);
+            Ok(())
+        })?;
+    }
+    let report = serde_json::to_value(dry.report())
+        .map_err(|e| RunError::Anonymization(format!("dry-run report: {e}")))?;
+    let mut line = json!({"resourceType": "DeidReport"});
+    if let (Some(o), Value::Object(r)) = (line.as_object_mut(), report) {
+        o.extend(r);
+    }
+    let mut roller = Roller::new(ctx, item, FileKind::Output, "DeidReport", "DeidReport");
+    roller.write(line.to_string().as_bytes())?;
+    Ok(roller.take()?.into_iter().collect())
+}
+
 fn finalize_parts(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<Vec<NewFile>, RunError> {
     let p = ctx.prepared;
     let req = &p.req;
     let model = fhir_model::r4();
     let mut parts = Vec::new();
+    if let Some(a) = &p.anonymizer
+        && req.anonymization.as_ref().is_some_and(|s| s.dry_run)
+    {
+        parts.extend(dry_run_parts(ctx, item, a)?);
+    }
     let mut warnings = req.warnings.clone();
     // A tombstone carries no content to decide compartment membership: `deleted` is written at
     // system level only.
@@ -898,6 +969,7 @@ fn finalize_parts(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<Vec<NewFile>
         && matches!(req.level, ExportLevel::System)
         && req.patients.is_empty()
         && req.views.is_empty()
+        && parts.is_empty()
     {
         let all_types: Vec<String> = if req.types.is_empty() {
             model.resource_types().to_vec()

@@ -74,6 +74,9 @@ pub struct ExportConfig {
     pub requires_access_token: bool,
     /// OCI image configurations; `None` refuses `_anonymizationConfigCollectionReference`.
     pub image_configs: Option<Arc<ImageConfigFetcher>>,
+    /// `--export-gzip`: NDJSON files are stored gzip-compressed unless the kick-off says
+    /// `_compression=none` (recorded on the job at kick-off).
+    pub gzip: bool,
 }
 
 impl std::fmt::Debug for ExportConfig {
@@ -112,6 +115,7 @@ impl ExportConfig {
             base_url,
             requires_access_token: false,
             image_configs: None,
+            gzip: false,
         }
     }
 }
@@ -678,14 +682,25 @@ impl ExportService {
         // than failing the job later.
         let anonymization = match &req.anonymization {
             None => None,
-            Some(spec) => Some(match &spec.collection {
-                None => load_from_storage(self.config.sink.as_ref(), spec)?,
-                Some(image) => match &self.config.image_configs {
-                    Some(fetch) => fetch(image, &spec.config)?,
-                    None => return Err(AnonymizationError::NotAllowed(image.clone()).into()),
-                },
-            }),
+            Some(spec) => {
+                let mut info = match &spec.collection {
+                    None => load_from_storage(self.config.sink.as_ref(), spec)?,
+                    Some(image) => match &self.config.image_configs {
+                        Some(fetch) => fetch(image, &spec.config)?,
+                        None => return Err(AnonymizationError::NotAllowed(image.clone()).into()),
+                    },
+                };
+                if let Some(name) = &spec.key_set {
+                    crate::anonymization::apply_key_set(&mut info, self.queue.as_ref(), name)?;
+                }
+                Some(info)
+            }
         };
+        // The server's default compression is pinned on the job, like its types.
+        if self.config.gzip && req.gzip.is_none() && req.views.is_empty() {
+            pairs.push(("_compression".into(), "gzip".into()));
+            req.gzip = Some(true);
+        }
         let wm = self
             .store
             .watermark()
@@ -699,8 +714,12 @@ impl ExportService {
         } else {
             self.config.run.item_resources
         };
-        let items = plan(self.store.as_ref(), &req, wm.seq, item_resources)
+        let mut items = plan(self.store.as_ref(), &req, wm.seq, item_resources)
             .map_err(|e| ExportError::Internal(e.to_string()))?;
+        // A dry run writes no data: its finalize item runs the report over the export's scope.
+        if req.anonymization.as_ref().is_some_and(|s| s.dry_run) {
+            items.retain(|i| i.kind == store::jobs::ItemKind::Finalize);
+        }
         let id = uuid::Uuid::new_v4().simple().to_string();
         let container = req
             .container
@@ -896,7 +915,13 @@ impl ExportService {
             files
                 .iter()
                 .filter(|f| f.kind == kind)
-                .map(|f| json!({"type": f.resource_type, "url": url(&f.name), "count": f.count}))
+                .map(|f| {
+                    let mut e = json!({"type": f.resource_type, "url": url(&f.name), "count": f.count, "fileSize": f.bytes});
+                    if let Some(sha) = &f.sha256 {
+                        e["extension"] = manifest::entry_extension(sha, f.name.ends_with(".gz"));
+                    }
+                    e
+                })
                 .collect()
         };
         let mut storage = json!({

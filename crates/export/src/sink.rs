@@ -62,6 +62,12 @@ impl SinkError {
 pub trait PartWriter: Write + Send {
     /// Makes the written bytes durable at the temporary path; returns the byte count.
     fn finish(self: Box<Self>) -> Result<u64, SinkError>;
+
+    /// [`PartWriter::finish`], with the SHA-256 (lowercase hex) of the stored bytes when the
+    /// writer computed it while writing ([`crate::part`]); `None` for a bare destination writer.
+    fn finish_digest(self: Box<Self>) -> Result<(u64, Option<String>), SinkError> {
+        self.finish().map(|bytes| (bytes, None))
+    }
 }
 
 /// Size and validators of a stored file, for ranged downloads (HTTP `Range`, `If-Range`).

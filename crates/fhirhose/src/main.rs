@@ -1,10 +1,12 @@
 //! The `fhirhose` command: a thin dispatcher over the library crates, one module per subcommand.
 
 mod cmd_fhirpath;
+mod cmd_keys;
 mod cmd_load;
 mod cmd_reindex;
 mod cmd_serve;
 mod cmd_synth;
+mod cmd_verify;
 mod cmd_view;
 mod failure;
 mod progress;
@@ -44,11 +46,15 @@ enum Command {
     /// Print a JWKS document for client key files (to register a SMART client).
     Jwks(auth::cli::JwksArgs),
     /// De-identify files, folders or NDJSON with a Microsoft FHIR anonymizer configuration.
-    Anonymize(deid_cli::AnonymizeArgs),
+    Anonymize(cmd_keys::AnonymizeCmd),
     /// Run a SQL on FHIR ViewDefinition over NDJSON/JSON files or folders, to CSV or NDJSON.
     View(cmd_view::ViewArgs),
     /// Sign a client assertion and request an access token from a Fhirhose server.
     Token(auth::cli::TokenArgs),
+    /// Manage named de-identification key sets (create, list, rotate, delete) in the database.
+    Keys(cmd_keys::KeysArgs),
+    /// Check an export against its manifest: sizes, SHA-256, counts, lines, references.
+    Verify(cmd_verify::VerifyArgs),
     /// Bulk Data $export client for any FHIR server: kick-off, SMART auth, polling, parallel
     /// resumable downloads into a folder, --verify.
     Export(client::ExportArgs),
@@ -65,10 +71,14 @@ fn main() -> ExitCode {
         Command::Jwks(args) => auth::cli::run_jwks(&args)
             .map(|s| println!("{s}"))
             .map_err(|e| e.to_string()),
-        Command::Anonymize(args) => deid_cli::run(&args)
+        Command::Anonymize(cmd) => cmd_keys::with_key_set(cmd)
+            .map_err(|f| f.message)
+            .and_then(|args| deid_cli::run(&args).map_err(|e| e.to_string()))
             .map(|s| eprint!("{s}"))
             .map_err(|e| e.to_string()),
         Command::View(args) => cmd_view::run(args),
+        Command::Keys(args) => return failure::finish(cmd_keys::run(args)),
+        Command::Verify(args) => return failure::finish(cmd_verify::run(args)),
         Command::Export(args) => client::run(args)
             .map(|summary| eprintln!("{summary}"))
             .map_err(|e| e.to_string()),

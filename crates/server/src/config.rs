@@ -166,6 +166,10 @@ pub struct ExportOptions {
     /// Megabytes per NDJSON file before it is rolled (whichever limit comes first).
     #[arg(long, env = "FHIRHOSE_EXPORT_FILE_MB", default_value_t = 64)]
     pub export_file_mb: u64,
+    /// Store export files gzip-compressed (`.ndjson.gz`; the manifest says so) unless the
+    /// kick-off says `_compression=none`.
+    #[arg(long, env = "FHIRHOSE_EXPORT_GZIP")]
+    pub export_gzip: bool,
     /// Resources per work item: an export is split into items of about this size, which the
     /// workers share.
     #[arg(
@@ -276,6 +280,7 @@ impl Default for ExportOptions {
             export_workers: None,
             export_file_resources: 5000,
             export_file_mb: 64,
+            export_gzip: false,
             export_item_resources: 250_000,
             export_max_concurrent: 4,
             export_heartbeat_timeout: 600,
@@ -413,6 +418,7 @@ impl ExportOptions {
         c.max_attempts = self.export_max_attempts;
         c.retention = std::time::Duration::from_secs(self.export_retention);
         c.default_container = self.export_container.clone();
+        c.gzip = self.export_gzip;
         if let Some(remote) = self.remote_destination()? {
             let sink = export::ObjectStoreSink::new(remote, export::RemoteSettings::default())
                 .map_err(|e| ConfigError::Export(format!("export destination: {e}")))?;

@@ -357,11 +357,13 @@ pub async fn download(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
+    // A `.ndjson.gz` file (`--export-gzip`, `_compression=gzip`) is sent as stored, as gzip.
+    let gzip = file.ends_with(".gz");
     let body = tokio::task::spawn_blocking(move || svc.file(&job, &file, &Caller(ctx)))
         .await
         .map_err(|e| ApiError::internal("export download", e))??;
     let head_only = method == Method::HEAD;
-    match body {
+    let mut resp = match body {
         export::FileBody::Local(path) => {
             use tokio::io::AsyncSeekExt;
             let mut f = match tokio::fs::File::open(&path).await {
@@ -394,7 +396,7 @@ pub async fn download(
                 let part = tokio::io::AsyncReadExt::take(f, range.end - range.start);
                 Body::from_stream(tokio_util::io::ReaderStream::with_capacity(part, 1 << 16))
             };
-            Ok(file_response(status, head, body))
+            file_response(status, head, body)
         }
         export::FileBody::Remote { container, path } => {
             let sink = state.export.sink().clone();
@@ -412,9 +414,16 @@ pub async fn download(
             } else {
                 remote_body(sink, container, path, range, info.etag).await?
             };
-            Ok(file_response(status, head, body))
+            file_response(status, head, body)
         }
+    };
+    if gzip {
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/gzip"),
+        );
     }
+    Ok(resp)
 }
 
 /// The status, the bytes and the headers of a download answer; `416` as an OperationOutcome.

@@ -680,3 +680,321 @@ async fn deidentified_deletions_carry_the_exported_pseudonymous_ids() {
         "{text}"
     );
 }
+
+/// The file of a manifest entry in the local storage (container `deid`).
+fn stored_file(s: &Server, folder: &str, url: &str) -> std::path::PathBuf {
+    s.dir
+        .path()
+        .join("storage/deid")
+        .join(folder)
+        .join(url.rsplit('/').next().unwrap())
+}
+
+/// Issue 21 item 3: every manifest entry carries `count`, `fileSize` and the SHA-256 of the
+/// stored file (computed while writing), the manifest the configuration's fingerprint; the
+/// `manifest` crate's verification (what `fhirhose verify` runs) passes over HTTP, and fails,
+/// naming the file and the check, after one byte is changed or one line removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn manifests_carry_sizes_and_digests_and_verification_catches_tampering() {
+    let config = json!({"fhirVersion": "R4", "fhirPathRules": [
+        {"path": "Resource.id", "method": "cryptoHash"},
+        {"path": "nodesByType('Reference').reference", "method": "cryptoHash"}
+    ], "parameters": {"cryptoHashKey": "hash-key"}});
+    let s = start_empty(&[("ids.json", config)]).await;
+    for i in 0..3 {
+        s.put(json!({"resourceType": "Patient", "id": format!("p{i}"), "gender": "female"}))
+            .await;
+        s.put(
+            json!({"resourceType": "Observation", "id": format!("o{i}"), "status": "final",
+            "code": {"text": "x"}, "subject": {"reference": format!("Patient/p{i}")}}),
+        )
+        .await;
+    }
+    let m = s
+        .export("/$export?_container=deid&_anonymizationConfig=ids.json")
+        .await;
+    let fingerprint = m["extension"]["storage"]["anonymization"]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(fingerprint.len(), 64);
+    let folder = m["extension"]["storage"]["folder"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let outputs = m["output"].as_array().unwrap().clone();
+    assert_eq!(outputs.len(), 2, "{m}");
+    for o in &outputs {
+        let path = stored_file(&s, &folder, o["url"].as_str().unwrap());
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(o["fileSize"], json!(bytes.len()), "{o}");
+        assert_eq!(o["count"], json!(3));
+        use sha2::Digest;
+        let sha: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(o["extension"]["sha256"], json!(sha), "{o}");
+    }
+
+    let status_manifest = m.clone();
+    let verify = move |m: Value| {
+        tokio::task::spawn_blocking(move || {
+            let src = manifest::HttpSource::new(None).unwrap();
+            manifest::verify(&m, &src, &manifest::Options::default())
+        })
+    };
+    let report = verify(status_manifest.clone()).await.unwrap();
+    assert!(report.ok(), "{report}");
+    assert_eq!(report.resources(), 6);
+    assert_eq!(report.references, 3);
+    assert_eq!(report.dangling_total, 0);
+
+    // One byte changed (same size): the digest names the file.
+    let obs = outputs.iter().find(|o| o["type"] == "Observation").unwrap();
+    let path = stored_file(&s, &folder, obs["url"].as_str().unwrap());
+    let original = std::fs::read_to_string(&path).unwrap();
+    let tampered = original.replacen("final", "fINal", 1);
+    assert_eq!(tampered.len(), original.len());
+    std::fs::write(&path, &tampered).unwrap();
+    let report = verify(status_manifest.clone()).await.unwrap();
+    let text = report.to_string();
+    assert!(!report.ok(), "{text}");
+    assert!(
+        text.contains("FAIL  output   Observation-1.ndjson")
+            && text.contains("the content changed")
+            && !text.contains("size is"),
+        "{text}"
+    );
+    // One line removed: count, size and digest.
+    let shorter: String = original.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, shorter).unwrap();
+    let report = verify(status_manifest).await.unwrap();
+    let text = report.to_string();
+    assert!(
+        text.contains("2 resources (lines), the manifest says 3") && text.contains("size is"),
+        "{text}"
+    );
+}
+
+/// Issue 21 item 1b: a stored key set supplies the keys the configuration leaves empty. A full
+/// export, writes, then a `_since` export with the same key set: the same hashed ids (every
+/// reference of the delta resolves into the baseline) and the same per-patient shift; an
+/// unknown key set answers 400 at kick-off. No key appears in the manifest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_set_keeps_ids_and_shifts_consistent_across_exports() {
+    let config = json!({"fhirVersion": "R4", "fhirPathRules": [
+        {"path": "Resource.id", "method": "cryptoHash"},
+        {"path": "nodesByType('Reference').reference", "method": "cryptoHash"},
+        {"path": "nodesByType('date')", "method": "dateShift"},
+        {"path": "nodesByType('dateTime')", "method": "dateShift"}
+    ], "parameters": {"dateShiftScope": "patient"}});
+    let s = start_empty(&[("empty-keys.json", config)]).await;
+    let keys = deid::keys::Keys::generate();
+    let queue = s.db.store.jobs().unwrap();
+    let set = store::keysets::KeySet {
+        name: "research".into(),
+        version: 1,
+        crypto_hash_key: keys.crypto_hash_key.clone(),
+        encrypt_key: keys.encrypt_key.clone(),
+        date_shift_key: keys.date_shift_key.clone(),
+        created_ms: 0,
+        rotated_ms: None,
+    };
+    let created = tokio::task::spawn_blocking(move || {
+        queue.key_sets().unwrap().create_key_set(&set).unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(created);
+
+    s.bad_kickoff(
+        "/$export?_container=deid&_anonymizationConfig=empty-keys.json&_anonymizationKeySet=nope",
+        "key set 'nope' not found",
+    )
+    .await;
+
+    let encounter = |id: &str, start: &str| {
+        json!({"resourceType": "Encounter", "id": id, "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "subject": {"reference": "Patient/pat-1"}, "period": {"start": start}})
+    };
+    s.put(json!({"resourceType": "Patient", "id": "pat-1", "birthDate": "1970-01-10"}))
+        .await;
+    s.put(encounter("enc-1", "2020-02-01")).await;
+    let kickoff = "/$export?_container=deid&_anonymizationConfig=empty-keys.json&_anonymizationKeySet=research";
+    let base = s.export(kickoff).await;
+    let text = base.to_string();
+    for k in [
+        &keys.crypto_hash_key,
+        &keys.encrypt_key,
+        &keys.date_shift_key,
+    ] {
+        assert!(!text.contains(k.as_str()), "a key in the manifest: {text}");
+    }
+    assert_eq!(
+        base["extension"]["storage"]["anonymization"]["keySet"],
+        "research"
+    );
+    let baseline = s.lines(&base, "output").await;
+    let hash = |id: &str| deid::transforms::crypto_hash(&keys.crypto_hash_key, id);
+    let find = |rs: &[Value], id: &str| {
+        rs.iter()
+            .find(|r| r["id"] == json!(hash(id)))
+            .unwrap_or_else(|| panic!("{id} under the key set's hash"))
+            .clone()
+    };
+    let patient = find(&baseline, "pat-1");
+    let born = day(patient["birthDate"].as_str().unwrap());
+    let shift = (born - day("1970-01-10")).num_days();
+    assert_ne!(shift, 0);
+    assert_eq!(
+        (day(find(&baseline, "enc-1")["period"]["start"]
+            .as_str()
+            .unwrap())
+            - day("2020-02-01"))
+        .num_days(),
+        shift
+    );
+
+    // Writes, then a delta with the same key set.
+    s.put(encounter("enc-2", "2021-07-15")).await;
+    let tt = base["transactionTime"].as_str().unwrap();
+    let delta = s.export(&format!("{kickoff}&_since={tt}")).await;
+    let later = s.lines(&delta, "output").await;
+    assert_eq!(later.len(), 1);
+    let e2 = find(&later, "enc-2");
+    let ids: HashSet<String> = baseline
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let mut refs = Vec::new();
+    collect(&e2, "reference", &mut refs);
+    assert!(!refs.is_empty());
+    for r in refs {
+        assert!(ids.contains(&r), "{r} resolves into the baseline");
+    }
+    // The patient's interval survives across the two exports.
+    assert_eq!(
+        day(e2["period"]["start"].as_str().unwrap()) - born,
+        day("2021-07-15") - day("1970-01-10")
+    );
+    assert_eq!(
+        delta["extension"]["storage"]["anonymization"]["fingerprint"],
+        base["extension"]["storage"]["anonymization"]["fingerprint"]
+    );
+}
+
+/// Issue 21 item 4b: `_anonymizationDryRun=true` writes the dry-run report (one JSON line, type
+/// `DeidReport`, listed in the manifest with its size and digest) instead of any data.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_export_writes_the_report_instead_of_data() {
+    let config = json!({"fhirVersion": "R4", "fhirPathRules": [
+        {"path": "Resource.id", "method": "cryptoHash"},
+        {"path": "Patient.birthDate", "method": "redact"}
+    ], "parameters": {"cryptoHashKey": "k"}});
+    let s = start_empty(&[("ids.json", config)]).await;
+    for (id, family) in [("a", "Smith"), ("b", "Jones")] {
+        s.put(
+            json!({"resourceType": "Patient", "id": id, "gender": "male",
+            "birthDate": "1980-01-01", "name": [{"family": family}]}),
+        )
+        .await;
+    }
+    s.put(
+        json!({"resourceType": "Observation", "id": "o", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": "Patient/a"}}),
+    )
+    .await;
+    let m = s
+        .export("/$export?_container=deid&_anonymizationConfig=ids.json&_anonymizationDryRun=true")
+        .await;
+    let outputs = m["output"].as_array().unwrap();
+    assert_eq!(outputs.len(), 1, "{m}");
+    assert_eq!(outputs[0]["type"], "DeidReport");
+    assert_eq!(outputs[0]["count"], 1);
+    assert!(outputs[0]["extension"]["sha256"].is_string());
+    let report = s.lines(&m, "output").await.remove(0);
+    assert_eq!(report["resourceType"], "DeidReport");
+    assert_eq!(report["resources"], 3, "{report}");
+    assert_eq!(report["risk"]["patients"], 2, "{report}");
+    let phi = report["residualPhi"].to_string();
+    assert!(phi.contains("\"name\"") && phi.contains("Patient"), "{phi}");
+    assert!(
+        !report.to_string().contains("Smith"),
+        "no values in the report"
+    );
+    // No data file in the folder.
+    let folder = s
+        .dir
+        .path()
+        .join("storage/deid")
+        .join(m["extension"]["storage"]["folder"].as_str().unwrap());
+    let names: Vec<String> = std::fs::read_dir(folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["DeidReport-1.ndjson"]);
+}
+
+/// Issue 21 item 6: `--export-gzip` stores `.ndjson.gz` files (the manifest says so and its size
+/// and digest are the stored bytes'), downloads send them as stored (`application/gzip`), and
+/// `_compression=none` turns it off per export.
+#[tokio::test(flavor = "multi_thread")]
+async fn gzip_exports_store_and_serve_ndjson_gz() {
+    let s = common::start(
+        &[],
+        server::config::ExportOptions {
+            export_gzip: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    for i in 0..3 {
+        s.put(json!({"resourceType": "Patient", "id": format!("p{i}")}))
+            .await;
+    }
+    let m = s.export("/$export?_type=Patient").await;
+    let o = &m["output"][0];
+    let url = o["url"].as_str().unwrap();
+    assert!(url.ends_with("/Patient-1.ndjson.gz"), "{m}");
+    assert_eq!(o["extension"]["compression"], "gzip");
+    let r =
+        s.c.get(url)
+            .header("accept-encoding", "identity")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.headers()["content-type"], "application/gzip");
+    let bytes = r.bytes().await.unwrap();
+    assert_eq!(o["fileSize"], json!(bytes.len()));
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
+        .unwrap();
+    assert_eq!(text.lines().count(), 3);
+    let checked = m.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        manifest::verify(
+            &checked,
+            &manifest::HttpSource::new(None).unwrap(),
+            &manifest::Options::default(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(report.ok(), "{report}");
+
+    let m = s.export("/$export?_type=Patient&_compression=none").await;
+    let o = &m["output"][0];
+    assert!(
+        o["url"].as_str().unwrap().ends_with("/Patient-1.ndjson"),
+        "{m}"
+    );
+    assert!(o["extension"].get("compression").is_none());
+}

@@ -274,6 +274,8 @@ pub struct NewFile {
     pub prefix: String,
     pub count: u64,
     pub bytes: u64,
+    /// SHA-256 (lowercase hex) of the stored bytes, computed while writing.
+    pub sha256: Option<String>,
     /// Temporary path inside the container.
     pub temp_path: String,
 }
@@ -295,6 +297,10 @@ text_enum!(FileKind {
 /// for a prefix `<stem>.<ext>` (`$viewdefinition-export`: `patients.parquet` →
 /// `patients-1.parquet`; resource type prefixes have no dot).
 pub fn file_name(prefix: &str, number: i64) -> String {
+    // A gzip-compressed export's prefixes end in `.ndjson.gz`: `Patient-1.ndjson.gz`.
+    if let Some(stem) = prefix.strip_suffix(".ndjson.gz") {
+        return format!("{stem}-{number}.ndjson.gz");
+    }
     match prefix.rsplit_once('.') {
         Some((stem, ext)) if matches!(ext, "ndjson" | "csv" | "parquet") => {
             format!("{stem}-{number}.{ext}")
@@ -313,6 +319,8 @@ pub struct FileRecord {
     pub name: String,
     pub count: u64,
     pub bytes: u64,
+    /// SHA-256 (lowercase hex) of the stored bytes (`None` for files of older versions).
+    pub sha256: Option<String>,
     pub item_no: i64,
     /// Set while the temporary object still has to be renamed to `name`.
     pub pending_rename: Option<String>,
@@ -422,6 +430,10 @@ pub trait JobQueue: Send + Sync {
     /// Records that a job's files are removed.
     fn cleaned(&self, id: &str) -> Result<(), QueueError>;
     fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError>;
+    /// The de-identification key sets kept in the same database ([`crate::keysets`]).
+    fn key_sets(&self) -> Option<&dyn crate::keysets::KeySets> {
+        None
+    }
     fn progress(&self, job_id: &str) -> Result<Vec<TypeProgress>, QueueError>;
     /// Start-up: the running items that belong to a process that is gone are made claimable at
     /// once instead of after the heartbeat timeout ([`Orphans`] says which). Their attempt stays

@@ -28,6 +28,7 @@ mod error;
 mod index;
 mod index_tables;
 pub mod jobs;
+pub mod keysets;
 mod lock;
 mod open;
 mod ops;

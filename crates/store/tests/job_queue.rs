@@ -53,6 +53,7 @@ fn part(prefix: &str, temp: &str, count: u64) -> NewFile {
         prefix: prefix.into(),
         count,
         bytes: count * 10,
+        sha256: None,
         temp_path: temp.into(),
     }
 }

@@ -125,7 +125,7 @@ impl<'s> ViewOut<'s> {
                         "{}/_parts/{}-{}-{}-{}.parquet",
                         base.folder, base.prefix, base.item_no, base.attempt, base.parts
                     );
-                    let w = base.sink.create(&base.container, &temp)?;
+                    let w = crate::part::create(base.sink, &base.container, &temp, false)?;
                     let writer = views::parquet::ParquetWriter::new(
                         &base.resource_type,
                         view.columns(),
@@ -168,13 +168,14 @@ impl<'s> ViewOut<'s> {
                 let rows = p.writer.rows();
                 let mut w = p.writer.finish().map_err(|e| parquet_error(&p.temp, e))?;
                 w.flush().map_err(|e| SinkError::from_io(&p.temp, e))?;
-                let bytes = w.finish()?;
+                let (bytes, sha256) = w.finish_digest()?;
                 Ok(Some(NewFile {
                     kind: FileKind::Output,
                     resource_type: base.resource_type.clone(),
                     prefix: base.prefix.clone(),
                     count: rows,
                     bytes,
+                    sha256,
                     temp_path: p.temp,
                 }))
             }

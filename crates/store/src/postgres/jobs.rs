@@ -27,6 +27,8 @@ use crate::jobs::{
 };
 use crate::shared::SharedState;
 
+mod keysets;
+
 /// `pg_advisory_xact_lock` key held while a kick-off counts the active jobs and records its own.
 pub const ADMISSION_LOCK: i64 = 0x6668_686f_7365_03;
 
@@ -107,6 +109,21 @@ CREATE TABLE auth_jti (
 CREATE INDEX auth_jti_expires ON auth_jti(expires_s);
 ";
 
+/// Migration 4 (issue 21): file digests and de-identification key sets (the table as
+/// [`crate::keysets::KEY_SET_TABLE`]; a unit test keeps them equal).
+pub(crate) const SCHEMA_V4: &str = "
+ALTER TABLE export_file ADD COLUMN sha256 text;
+CREATE TABLE deid_key_set (
+    name text PRIMARY KEY,
+    version bigint NOT NULL,
+    crypto_hash_key text NOT NULL,
+    encrypt_key text NOT NULL,
+    date_shift_key text NOT NULL,
+    created_ms bigint NOT NULL,
+    rotated_ms bigint
+);
+";
+
 /// How often (seconds) a node deletes expired replay-cache rows.
 const JTI_PURGE_EVERY_S: i64 = 60;
 
@@ -183,7 +200,7 @@ fn job_row(r: &Row) -> Result<JobRecord, QueueError> {
 }
 
 const FILE_COLUMNS: &str =
-    "kind, resource_type, number, name, count, bytes, item_no, pending_rename";
+    "kind, resource_type, number, name, count, bytes, item_no, pending_rename, sha256";
 
 fn file_row(r: &Row) -> Result<FileRecord, QueueError> {
     Ok(FileRecord {
@@ -195,6 +212,7 @@ fn file_row(r: &Row) -> Result<FileRecord, QueueError> {
         bytes: r.get::<_, i64>(5) as u64,
         item_no: r.get(6),
         pending_rename: r.get(7),
+        sha256: r.get(8),
     })
 }
 
@@ -425,8 +443,8 @@ impl JobQueue for PgJobQueue {
                     .get(0);
                 let name = crate::jobs::file_name(&file.prefix, number);
                 tx.execute(
-                    "INSERT INTO export_file (job_id, name, kind, resource_type, prefix, number, count, bytes, item_no, pending_rename)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    "INSERT INTO export_file (job_id, name, kind, resource_type, prefix, number, count, bytes, item_no, pending_rename, sha256)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     &[
                         &item.job_id,
                         &name,
@@ -438,6 +456,7 @@ impl JobQueue for PgJobQueue {
                         &(file.bytes as i64),
                         &item.item_no,
                         &file.temp_path,
+                        &file.sha256,
                     ],
                 )?;
                 records.push(FileRecord {
@@ -447,6 +466,7 @@ impl JobQueue for PgJobQueue {
                     name,
                     count: file.count,
                     bytes: file.bytes,
+                    sha256: file.sha256.clone(),
                     item_no: item.item_no,
                     pending_rename: Some(file.temp_path.clone()),
                 });
@@ -663,6 +683,10 @@ impl JobQueue for PgJobQueue {
             )?;
             Ok(())
         })
+    }
+
+    fn key_sets(&self) -> Option<&dyn crate::keysets::KeySets> {
+        Some(self)
     }
 
     fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError> {

@@ -99,6 +99,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "cluster state: cleanup holds, shared secrets, assertion replay cache",
         jobs::SCHEMA_V3,
     ),
+    (
+        4,
+        "export file digests, de-identification key sets",
+        jobs::SCHEMA_V4,
+    ),
 ];
 
 const SCHEMA_V1: &str = r#"

@@ -26,6 +26,8 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::StoreError;
+
+mod keysets;
 use crate::jobs::{
     Cleanup, FileKind, FileRecord, ITEM_STATES, ItemKind, ItemPlan, JobQueue, JobRecord, JobState,
     Lease, NewFile, Orphans, QueueError, Retry, TypeProgress, UnknownName, WorkItem, check_in,
@@ -33,7 +35,10 @@ use crate::jobs::{
 
 /// The job tables' schema version (`PRAGMA user_version` of `exports.db`). 0 is the first,
 /// unconstrained schema (migrated at open).
-pub const JOBS_SCHEMA_VERSION: i64 = 2;
+pub const JOBS_SCHEMA_VERSION: i64 = 3;
+
+/// What version 3 added to version 2: file digests and de-identification key sets (issue 21).
+const SCHEMA_V3_FROM_V2: &str = "ALTER TABLE export_file ADD COLUMN sha256 TEXT;";
 
 /// The file name of the job queue in a data directory.
 pub const JOBS_FILE_NAME: &str = "exports.db";
@@ -74,6 +79,7 @@ fn schema() -> String {
     let item_kind = check_in("kind", ItemKind::NAMES);
     let item_state = check_in("state", ITEM_STATES);
     let file_kind = check_in("kind", FileKind::NAMES);
+    let key_sets = crate::keysets::KEY_SET_TABLE;
     format!(
         "
 CREATE TABLE export_job (
@@ -124,9 +130,10 @@ CREATE TABLE export_file (
     bytes INTEGER NOT NULL,
     item_no INTEGER NOT NULL,
     pending_rename TEXT,
+    sha256 TEXT,
     PRIMARY KEY (job_id, name)
 );
-"
+{key_sets}"
     )
 }
 
@@ -158,6 +165,14 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), QueueError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version == JOBS_SCHEMA_VERSION {
+        return Ok(());
+    }
+    if version == 2 {
+        tx.execute_batch(SCHEMA_V3_FROM_V2)?;
+        tx.execute_batch(crate::keysets::KEY_SET_TABLE)?;
+        tx.pragma_update(None, "user_version", JOBS_SCHEMA_VERSION)?;
+        tx.commit()?;
+        tracing::info!(file = %path.display(), version = JOBS_SCHEMA_VERSION, "export job tables migrated");
         return Ok(());
     }
     if version != 0 {
@@ -251,7 +266,7 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
 }
 
 const FILE_COLUMNS: &str =
-    "kind, resource_type, number, name, count, bytes, item_no, pending_rename";
+    "kind, resource_type, number, name, count, bytes, item_no, pending_rename, sha256";
 
 fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
     Ok(FileRecord {
@@ -263,6 +278,7 @@ fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
         bytes: r.get::<_, i64>(5)? as u64,
         item_no: r.get(6)?,
         pending_rename: r.get(7)?,
+        sha256: r.get(8)?,
     })
 }
 
@@ -527,9 +543,9 @@ impl JobQueue for SqliteJobQueue {
             )?;
             let name = crate::jobs::file_name(&file.prefix, number);
             tx.execute(
-                "INSERT INTO export_file (job_id, name, kind, resource_type, prefix, number, count, bytes, item_no, pending_rename)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![item.job_id, name, file.kind.as_str(), file.resource_type, file.prefix, number, file.count as i64, file.bytes as i64, item.item_no, file.temp_path],
+                "INSERT INTO export_file (job_id, name, kind, resource_type, prefix, number, count, bytes, item_no, pending_rename, sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![item.job_id, name, file.kind.as_str(), file.resource_type, file.prefix, number, file.count as i64, file.bytes as i64, item.item_no, file.temp_path, file.sha256],
             )?;
             records.push(FileRecord {
                 kind: file.kind,
@@ -538,6 +554,7 @@ impl JobQueue for SqliteJobQueue {
                 name,
                 count: file.count,
                 bytes: file.bytes,
+                sha256: file.sha256.clone(),
                 item_no: item.item_no,
                 pending_rename: Some(file.temp_path.clone()),
             });
@@ -741,6 +758,10 @@ impl JobQueue for SqliteJobQueue {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         Ok(())
+    }
+
+    fn key_sets(&self) -> Option<&dyn crate::keysets::KeySets> {
+        Some(self)
     }
 
     fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError> {

@@ -1,0 +1,726 @@
+//! Bulk Data export manifests as Fhirhose writes them, and their verification.
+//!
+//! Each entry of `output`, `error` and `deleted` carries `count` (resources, i.e. lines) and
+//! `fileSize` (bytes as stored; the Bulk Data STU4 names) and, in its `extension` object, the
+//! `sha256` (lowercase hex) of the stored bytes and, for a gzip-compressed file (`.ndjson.gz`),
+//! `"compression": "gzip"`. The digest is computed while the file is written ([`DigestWriter`]),
+//! never by reading it back.
+//!
+//! [`verify`] checks an export against its manifest: every file read once, streamed (sizes,
+//! SHA-256, line counts, every line a JSON resource of the entry's type), and then whether the
+//! references of the output resolve to resources of the export. Files come from a [`Source`]:
+//! [`HttpSource`] (the manifest's URLs, with an optional bearer token) or [`DirSource`] (a folder
+//! holding the files under the names their URLs end with). `fhirhose verify` and the export
+//! client use this module.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::Digest as _;
+
+/// Lowercase hex of a digest.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A writer that passes bytes through to `inner` while counting them and computing their
+/// SHA-256: the digest of exactly what was stored, at no extra read.
+pub struct DigestWriter<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+    bytes: u64,
+}
+
+impl<W> DigestWriter<W> {
+    pub fn new(inner: W) -> DigestWriter<W> {
+        DigestWriter {
+            inner,
+            hasher: sha2::Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    /// The inner writer, the byte count and the lowercase hex SHA-256 of what was written.
+    pub fn into_parts(self) -> (W, u64, String) {
+        (self.inner, self.bytes, hex(&self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for DigestWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that counts and hashes what passes through it.
+struct DigestReader<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Read for DigestReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// The `extension` object of a manifest entry: its digest, and its compression when gzip.
+pub fn entry_extension(sha256: &str, gzip: bool) -> Value {
+    let mut e = serde_json::Map::new();
+    e.insert("sha256".into(), Value::String(sha256.to_string()));
+    if gzip {
+        e.insert("compression".into(), Value::String("gzip".into()));
+    }
+    Value::Object(e)
+}
+
+/// Why a file or manifest could not be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{what}: {message}")]
+    Read { what: String, message: String },
+    #[error("HTTP {status} for {url}")]
+    Status { url: String, status: u16 },
+    #[error("the manifest is not a Bulk Data manifest: {0}")]
+    NotAManifest(String),
+}
+
+/// Where the files of a manifest are read from.
+pub trait Source {
+    /// The bytes of the file an entry's `url` names, as stored.
+    fn open(&self, url: &str) -> Result<Box<dyn Read + '_>, VerifyError>;
+}
+
+/// The files over HTTP, at their manifest URLs, with a bearer token when given. Files are read
+/// as stored (a `.ndjson.gz` is not decoded by the transport).
+pub struct HttpSource {
+    client: reqwest::blocking::Client,
+    token: Option<String>,
+}
+
+impl HttpSource {
+    pub fn new(token: Option<String>) -> Result<HttpSource, VerifyError> {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .map_err(|e| VerifyError::Read {
+                what: "HTTP client".into(),
+                message: e.to_string(),
+            })?;
+        Ok(HttpSource { client, token })
+    }
+
+    fn get(&self, url: &str, accept: &str) -> Result<reqwest::blocking::Response, VerifyError> {
+        let mut req = self.client.get(url).header("accept", accept);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().map_err(|e| VerifyError::Read {
+            what: url.to_string(),
+            message: e.to_string(),
+        })?;
+        if !resp.status().is_success() {
+            return Err(VerifyError::Status {
+                url: url.to_string(),
+                status: resp.status().as_u16(),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// The manifest at a status URL (which must answer 200 with the manifest: the export is
+    /// complete).
+    pub fn manifest(&self, url: &str) -> Result<Value, VerifyError> {
+        let resp = self.get(url, "application/json")?;
+        let text = resp.text().map_err(|e| VerifyError::Read {
+            what: url.to_string(),
+            message: e.to_string(),
+        })?;
+        parse_manifest(&text)
+    }
+}
+
+impl Source for HttpSource {
+    fn open(&self, url: &str) -> Result<Box<dyn Read + '_>, VerifyError> {
+        Ok(Box::new(self.get(url, "application/fhir+ndjson, */*")?))
+    }
+}
+
+/// The files in a folder, by the last path segment of their URLs.
+pub struct DirSource {
+    dir: PathBuf,
+}
+
+impl DirSource {
+    pub fn new(dir: impl Into<PathBuf>) -> DirSource {
+        DirSource { dir: dir.into() }
+    }
+
+    pub fn path_of(&self, url: &str) -> PathBuf {
+        let name = url
+            .split(['?', '#'])
+            .next()
+            .unwrap_or(url)
+            .rsplit('/')
+            .next()
+            .unwrap_or(url);
+        self.dir.join(name)
+    }
+}
+
+impl Source for DirSource {
+    fn open(&self, url: &str) -> Result<Box<dyn Read + '_>, VerifyError> {
+        let path = self.path_of(url);
+        let f = std::fs::File::open(&path).map_err(|e| VerifyError::Read {
+            what: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(Box::new(f))
+    }
+}
+
+/// Parses a manifest text and checks its shape.
+pub fn parse_manifest(text: &str) -> Result<Value, VerifyError> {
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| VerifyError::NotAManifest(e.to_string()))?;
+    if !v.get("output").is_some_and(Value::is_array) {
+        return Err(VerifyError::NotAManifest("no `output` array".into()));
+    }
+    Ok(v)
+}
+
+/// Reads a manifest file.
+pub fn read_manifest_file(path: &Path) -> Result<Value, VerifyError> {
+    let text = std::fs::read_to_string(path).map_err(|e| VerifyError::Read {
+        what: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    parse_manifest(&text)
+}
+
+/// How unresolved references count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dangling {
+    /// A reference to a type the export has files of, to an id it does not hold, is a failure
+    /// (the default: a full or de-identified export must be closed).
+    #[default]
+    Fail,
+    /// Reported, not a failure (a `_since` delta points into its baseline).
+    Warn,
+}
+
+/// Options of [`verify`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub dangling: Dangling,
+}
+
+/// The outcome for one manifest entry.
+#[derive(Debug, Clone)]
+pub struct FileReport {
+    /// `output`, `error` or `deleted`.
+    pub section: String,
+    pub resource_type: String,
+    pub url: String,
+    /// Lines (resources) read.
+    pub lines: u64,
+    /// Bytes as stored.
+    pub bytes: u64,
+    pub sha256: String,
+    /// What the manifest lacks (not failures: a manifest of another server may lack digests).
+    pub unchecked: Vec<&'static str>,
+    /// Mismatches and unreadable lines; empty when the file is good.
+    pub problems: Vec<String>,
+}
+
+/// A reference that resolves to no resource of the export.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DanglingRef {
+    /// The referencing resource, `Type/id`.
+    pub from: String,
+    pub reference: String,
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub files: Vec<FileReport>,
+    /// Problems with the manifest itself.
+    pub manifest_problems: Vec<String>,
+    /// References checked (relative `Type/id` references in output resources).
+    pub references: u64,
+    /// Unresolved references to types the export has files of (at most [`MAX_LISTED`] kept).
+    pub dangling: Vec<DanglingRef>,
+    pub dangling_total: u64,
+    /// References to types the export has no file of, by type (not checked).
+    pub outside: BTreeMap<String, u64>,
+    pub dangling_fails: bool,
+}
+
+/// How many problems of one kind are listed.
+pub const MAX_LISTED: usize = 20;
+
+impl Report {
+    /// Whether every check passed.
+    pub fn ok(&self) -> bool {
+        self.manifest_problems.is_empty()
+            && self.files.iter().all(|f| f.problems.is_empty())
+            && !(self.dangling_fails && self.dangling_total > 0)
+    }
+
+    /// Resources in `output` files.
+    pub fn resources(&self) -> u64 {
+        self.files
+            .iter()
+            .filter(|f| f.section == "output")
+            .map(|f| f.lines)
+            .sum()
+    }
+
+    /// The number of failed checks.
+    pub fn problem_count(&self) -> usize {
+        self.manifest_problems.len()
+            + self.files.iter().map(|f| f.problems.len()).sum::<usize>()
+            + usize::from(self.dangling_fails && self.dangling_total > 0)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let bytes: u64 = self.files.iter().map(|f| f.bytes).sum();
+        writeln!(
+            f,
+            "{} files, {} resources in output, {} bytes",
+            self.files.len(),
+            self.resources(),
+            bytes
+        )?;
+        for p in &self.manifest_problems {
+            writeln!(f, "  FAIL  manifest: {p}")?;
+        }
+        for file in &self.files {
+            let name = file.url.rsplit('/').next().unwrap_or(&file.url);
+            if file.problems.is_empty() {
+                write!(
+                    f,
+                    "  ok    {:<8} {:<28} {:>9} lines {:>12} bytes  sha256 {}",
+                    file.section,
+                    name,
+                    file.lines,
+                    file.bytes,
+                    &file.sha256[..12.min(file.sha256.len())]
+                )?;
+                if !file.unchecked.is_empty() {
+                    write!(f, "  (manifest has no {})", file.unchecked.join(", "))?;
+                }
+                writeln!(f)?;
+            } else {
+                writeln!(f, "  FAIL  {:<8} {name}", file.section)?;
+                for p in &file.problems {
+                    writeln!(f, "          {p}")?;
+                }
+            }
+        }
+        writeln!(
+            f,
+            "references: {} checked, {} dangling",
+            self.references, self.dangling_total
+        )?;
+        for d in &self.dangling {
+            writeln!(f, "  dangling: {} -> {}", d.from, d.reference)?;
+        }
+        if self.dangling_total > self.dangling.len() as u64 {
+            writeln!(
+                f,
+                "  … {} more",
+                self.dangling_total - self.dangling.len() as u64
+            )?;
+        }
+        if !self.outside.is_empty() {
+            let types: Vec<String> = self
+                .outside
+                .iter()
+                .map(|(t, n)| format!("{t} ({n})"))
+                .collect();
+            writeln!(
+                f,
+                "references to types not in the export (not checked): {}",
+                types.join(", ")
+            )?;
+        }
+        if self.ok() {
+            writeln!(f, "result: OK")
+        } else {
+            writeln!(f, "result: FAILED ({} problems)", self.problem_count())
+        }
+    }
+}
+
+/// The entries of a manifest section.
+fn entries<'m>(manifest: &'m Value, section: &str) -> &'m [Value] {
+    manifest
+        .get(section)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// Whether an entry is a gzip-compressed file.
+pub fn is_gzip(entry: &Value) -> bool {
+    entry
+        .pointer("/extension/compression")
+        .and_then(Value::as_str)
+        == Some("gzip")
+        || entry
+            .get("url")
+            .and_then(Value::as_str)
+            .is_some_and(|u| u.ends_with(".gz"))
+}
+
+/// A relative literal reference `Type/id` (or `Type/id/_history/v`), as `Type/id`.
+fn relative_reference(r: &str) -> Option<(&str, &str)> {
+    let mut parts = r.split('/');
+    let t = parts.next()?;
+    let id = parts.next()?;
+    match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) | (Some("_history"), Some(_), None) => {}
+        _ => return None,
+    }
+    let type_ok = t.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+        && t.chars().all(|c| c.is_ascii_alphanumeric());
+    let id_ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    (type_ok && id_ok).then_some((t, id))
+}
+
+/// Every `reference` string in a resource.
+fn references<'v>(v: &'v Value, out: &mut Vec<&'v str>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x) {
+                    ("reference", Value::String(s)) => out.push(s),
+                    _ => references(x, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| references(x, out)),
+        _ => {}
+    }
+}
+
+/// Checks the files of `manifest` read from `source`; see the crate documentation.
+pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Report {
+    let mut report = Report {
+        dangling_fails: options.dangling == Dangling::Fail,
+        ..Report::default()
+    };
+    let mut ids: HashSet<String> = HashSet::new();
+    let mut types: HashSet<String> = HashSet::new();
+    // (referencing resource, reference) of every relative reference, checked at the end.
+    let mut refs: Vec<(String, String)> = Vec::new();
+    let mut seen_urls = HashSet::new();
+    for section in ["output", "deleted", "error"] {
+        for entry in entries(manifest, section) {
+            let url = entry.get("url").and_then(Value::as_str).unwrap_or("");
+            let resource_type = entry.get("type").and_then(Value::as_str).unwrap_or("");
+            if url.is_empty() || resource_type.is_empty() {
+                report
+                    .manifest_problems
+                    .push(format!("a `{section}` entry has no `url` or no `type`"));
+                continue;
+            }
+            if !seen_urls.insert(url.to_string()) {
+                report
+                    .manifest_problems
+                    .push(format!("{url} is listed twice"));
+                continue;
+            }
+            if section == "output" {
+                types.insert(resource_type.to_string());
+            }
+            let file = check_file(
+                section,
+                entry,
+                url,
+                resource_type,
+                source,
+                &mut ids,
+                &mut refs,
+            );
+            report.files.push(file);
+        }
+    }
+    for (from, r) in refs {
+        let Some((t, id)) = relative_reference(&r) else {
+            continue;
+        };
+        report.references += 1;
+        if !types.contains(t) {
+            *report.outside.entry(t.to_string()).or_default() += 1;
+        } else if !ids.contains(&format!("{t}/{id}")) {
+            report.dangling_total += 1;
+            if report.dangling.len() < MAX_LISTED {
+                report.dangling.push(DanglingRef {
+                    from,
+                    reference: r.clone(),
+                });
+            }
+        }
+    }
+    report
+}
+
+fn check_file(
+    section: &str,
+    entry: &Value,
+    url: &str,
+    resource_type: &str,
+    source: &dyn Source,
+    ids: &mut HashSet<String>,
+    refs: &mut Vec<(String, String)>,
+) -> FileReport {
+    let mut file = FileReport {
+        section: section.to_string(),
+        resource_type: resource_type.to_string(),
+        url: url.to_string(),
+        lines: 0,
+        bytes: 0,
+        sha256: String::new(),
+        unchecked: Vec::new(),
+        problems: Vec::new(),
+    };
+    let raw = match source.open(url) {
+        Ok(r) => r,
+        Err(e) => {
+            file.problems.push(format!("cannot be read: {e}"));
+            return file;
+        }
+    };
+    let mut digest = DigestReader {
+        inner: raw,
+        hasher: sha2::Sha256::new(),
+        bytes: 0,
+    };
+    let gzip = is_gzip(entry);
+    let mut bad_lines = 0u64;
+    {
+        let decoded: Box<dyn Read> = if gzip {
+            Box::new(flate2::read::MultiGzDecoder::new(&mut digest))
+        } else {
+            Box::new(&mut digest)
+        };
+        let mut reader = BufReader::with_capacity(256 * 1024, decoded);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    file.problems.push(format!(
+                        "read failed after line {}: {e}{}",
+                        file.lines,
+                        if gzip { " (gzip)" } else { "" }
+                    ));
+                    break;
+                }
+            }
+            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            let text = text.strip_suffix(b"\r").unwrap_or(text);
+            if text.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            file.lines += 1;
+            let n = file.lines;
+            let mut bad = |file: &mut FileReport, msg: String| {
+                bad_lines += 1;
+                if bad_lines <= 5 {
+                    file.problems.push(msg);
+                }
+            };
+            let v: Value = match serde_json::from_slice(text) {
+                Ok(v) => v,
+                Err(e) => {
+                    bad(&mut file, format!("line {n} is not JSON: {e}"));
+                    continue;
+                }
+            };
+            let rt = v.get("resourceType").and_then(Value::as_str).unwrap_or("");
+            if rt != resource_type {
+                bad(
+                    &mut file,
+                    format!(
+                        "line {n} is a {} where the manifest says {resource_type}",
+                        if rt.is_empty() {
+                            "resource without resourceType"
+                        } else {
+                            rt
+                        }
+                    ),
+                );
+                continue;
+            }
+            if section == "output" {
+                let id = v.get("id").and_then(Value::as_str).unwrap_or("");
+                let me = format!("{rt}/{id}");
+                let mut found = Vec::new();
+                references(&v, &mut found);
+                refs.extend(found.into_iter().map(|r| (me.clone(), r.to_string())));
+                if !id.is_empty() {
+                    ids.insert(me);
+                }
+            }
+        }
+        // Read what a reader that stopped early left, so the size and digest cover the file.
+        let _ = std::io::copy(reader.get_mut(), &mut std::io::sink());
+    }
+    let _ = std::io::copy(&mut digest, &mut std::io::sink());
+    if bad_lines > 5 {
+        file.problems
+            .push(format!("… {} bad lines in all", bad_lines));
+    }
+    file.bytes = digest.bytes;
+    file.sha256 = hex(&digest.hasher.finalize());
+    match entry.get("fileSize").and_then(Value::as_u64) {
+        Some(size) if size != file.bytes => file.problems.push(format!(
+            "size is {} bytes, the manifest says {size}",
+            file.bytes
+        )),
+        Some(_) => {}
+        None => file.unchecked.push("fileSize"),
+    }
+    match entry.pointer("/extension/sha256").and_then(Value::as_str) {
+        Some(h) if !h.eq_ignore_ascii_case(&file.sha256) => file.problems.push(format!(
+            "SHA-256 is {}, the manifest says {h} (the content changed)",
+            file.sha256
+        )),
+        Some(_) => {}
+        None => file.unchecked.push("sha256"),
+    }
+    match entry.get("count").and_then(Value::as_u64) {
+        Some(c) if c != file.lines => file.problems.push(format!(
+            "{} resources (lines), the manifest says {c}",
+            file.lines
+        )),
+        Some(_) => {}
+        None => file.unchecked.push("count"),
+    }
+    file
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn write(dir: &Path, name: &str, text: &str) -> (u64, String) {
+        let mut w = DigestWriter::new(Vec::new());
+        w.write_all(text.as_bytes()).unwrap();
+        let (bytes, n, sha) = w.into_parts();
+        std::fs::write(dir.join(name), bytes).unwrap();
+        (n, sha)
+    }
+
+    #[test]
+    fn a_good_export_passes_and_each_tampering_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n";
+        let o = "{\"resourceType\":\"Observation\",\"id\":\"o1\",\"subject\":{\"reference\":\"Patient/p1\"},\"performer\":[{\"reference\":\"Practitioner/x\"}]}\n{\"resourceType\":\"Observation\",\"id\":\"o2\",\"subject\":{\"reference\":\"Patient/p1/_history/2\"}}\n";
+        let (pn, ps) = write(dir.path(), "Patient-1.ndjson", p);
+        let (on, os) = write(dir.path(), "Observation-1.ndjson", o);
+        let m = json!({"output": [
+            {"type": "Patient", "url": "http://x/f/Patient-1.ndjson", "count": 1, "fileSize": pn, "extension": entry_extension(&ps, false)},
+            {"type": "Observation", "url": "http://x/f/Observation-1.ndjson", "count": 2, "fileSize": on, "extension": entry_extension(&os, false)}
+        ], "error": []});
+        let src = DirSource::new(dir.path());
+        let r = verify(&m, &src, &Options::default());
+        assert!(r.ok(), "{r}");
+        assert_eq!(r.references, 3);
+        assert_eq!(r.outside.get("Practitioner"), Some(&1));
+
+        // One line removed: count, size and digest all differ.
+        std::fs::write(
+            dir.path().join("Observation-1.ndjson"),
+            o.lines().next().unwrap().to_string() + "\n",
+        )
+        .unwrap();
+        let r = verify(&m, &src, &Options::default());
+        assert!(!r.ok());
+        let text = r.to_string();
+        assert!(
+            text.contains("1 resources (lines), the manifest says 2"),
+            "{text}"
+        );
+        assert!(text.contains("SHA-256"), "{text}");
+        // One byte changed, same size: only the digest (and here the reference) tell.
+        std::fs::write(
+            dir.path().join("Observation-1.ndjson"),
+            o.replace("p1", "p2"),
+        )
+        .unwrap();
+        let r = verify(&m, &src, &Options::default());
+        let text = r.to_string();
+        assert!(!r.ok() && text.contains("the content changed"), "{text}");
+        assert!(
+            text.contains("dangling: Observation/o1 -> Patient/p2"),
+            "{text}"
+        );
+        assert!(!text.contains("size is"), "{text}");
+        let r = verify(
+            &m,
+            &src,
+            &Options {
+                dangling: Dangling::Warn,
+            },
+        );
+        assert_eq!(r.problem_count(), 1, "{r}");
+    }
+
+    #[test]
+    fn gzip_files_are_hashed_as_stored_and_read_decoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gz = DigestWriter::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        gz.write_all(b"{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n")
+            .unwrap();
+        let (enc, _, _) = gz.into_parts();
+        let mut stored = DigestWriter::new(Vec::new());
+        stored.write_all(&enc.finish().unwrap()).unwrap();
+        let (bytes, n, sha) = stored.into_parts();
+        std::fs::write(dir.path().join("Patient-1.ndjson.gz"), bytes).unwrap();
+        let m = json!({"output": [{"type": "Patient", "url": "Patient-1.ndjson.gz", "count": 1,
+            "fileSize": n, "extension": entry_extension(&sha, true)}]});
+        let r = verify(&m, &DirSource::new(dir.path()), &Options::default());
+        assert!(r.ok(), "{r}");
+        let m = json!({"output": [{"type": "Observation", "url": "Patient-1.ndjson.gz"}]});
+        let r = verify(&m, &DirSource::new(dir.path()), &Options::default());
+        assert!(
+            r.to_string()
+                .contains("line 1 is a Patient where the manifest says Observation"),
+            "{r}"
+        );
+    }
+}
