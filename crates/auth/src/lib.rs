@@ -7,7 +7,7 @@
 //!   shared by the nodes of a cluster through [`shared`]).
 //! - [`shared`]: [`SharedAuthState`], the signing key and replay cache several nodes share.
 //! - [`http`]: axum routes, the bearer middleware and [`AuthContext`] for handlers.
-//! - [`log_safe`]: client-supplied text made fit for a log line.
+//! - [`log_safe`](mod@log_safe): client-supplied text made fit for a log line.
 //! - [`config`]: `--auth none|smart`, the loopback rule ([`check_mode`]).
 //! - [`client_tools`]: the client side (sign an assertion, publish a JWK); [`cli`]: the
 //!   `fhirhose jwks` / `fhirhose token` subcommands built on it.

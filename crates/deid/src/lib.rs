@@ -1,5 +1,5 @@
 //! De-identification of FHIR R4 resources with Microsoft FHIR anonymizer configurations
-//! (shared/specs/anonymizer.md). Pure: no IO.
+//! (docs/specs/anonymizer.md; the `§` numbers in this crate are its sections). Pure: no IO.
 
 pub mod config;
 

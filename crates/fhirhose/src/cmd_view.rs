@@ -121,7 +121,7 @@ pub fn run(args: ViewArgs) -> Result<(), String> {
         let werr = |e: std::io::Error| format!("cannot write {}: {e}", output.display());
         let perr = |e: views::parquet::ParquetError| format!("{}: {e}", output.display());
         let mut sink = if args.format == Format::Parquet {
-            Sink::Parquet(
+            Sink::Parquet(Box::new(
                 views::parquet::ParquetWriter::new(
                     &stem,
                     view.columns(),
@@ -129,7 +129,7 @@ pub fn run(args: ViewArgs) -> Result<(), String> {
                     views::parquet::Options::default(),
                 )
                 .map_err(perr)?,
-            )
+            ))
         } else {
             Sink::Text(w)
         };
@@ -237,7 +237,7 @@ enum Out {
 
 enum Sink {
     Text(BufWriter<fs::File>),
-    Parquet(views::parquet::ParquetWriter<BufWriter<fs::File>>),
+    Parquet(Box<views::parquet::ParquetWriter<BufWriter<fs::File>>>),
 }
 
 impl Sink {

@@ -131,7 +131,7 @@ fn string_arg(fname: &str, args: &[Vec<Item<'_>>]) -> Result<String, EvalError> 
 }
 
 /// The focus node and its descendants depth-first in document order, never yielding or entering a
-/// child that is a resource (anonymizer.md §3.3).
+/// child that is a resource (docs/specs/anonymizer.md §3.3).
 pub fn walk_without_subresources<'a>(node: &Node<'a>, visit: &mut dyn FnMut(&Node<'a>)) {
     walk(node, true, visit);
 }

@@ -474,7 +474,7 @@ impl SplitMix {
     /// `seed ^ index * step` start would make patient i+1's stream patient i's shifted by one step,
     /// so consecutive patients would share almost every id.
     fn for_patient(seed: u64, index: usize) -> SplitMix {
-        SplitMix(mix(seed ^ mix(index as u64 ^ 0x5EED_0F_5EED)))
+        SplitMix(mix(seed ^ mix(index as u64 ^ 0x005E_ED0F_5EED)))
     }
 
     fn next(&mut self) -> u64 {

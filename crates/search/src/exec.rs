@@ -338,24 +338,10 @@ fn json_to_cursor_value(v: &Json) -> CursorValue {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// Decodes a `_cursor`: the sort values and row key of the last row of the previous page.
 fn decode_cursor(c: &str, nkeys: usize) -> Result<PageCursor, SearchError> {
     let bad = || SearchError::invalid("_cursor", "malformed paging cursor");
-    let bytes = unhex(c).ok_or_else(bad)?;
+    let bytes = hex::decode(c).map_err(|_| bad())?;
     let v: Json = serde_json::from_slice(&bytes).map_err(|_| bad())?;
     let a = v.as_array().ok_or_else(bad)?;
     if a.len() != nkeys + 1 {
@@ -371,7 +357,7 @@ fn decode_cursor(c: &str, nkeys: usize) -> Result<PageCursor, SearchError> {
 fn encode_cursor(c: &PageCursor) -> String {
     let mut a: Vec<Json> = c.sort_values.iter().map(cursor_value_to_json).collect();
     a.push(Json::from(c.key));
-    hex(Json::Array(a).to_string().as_bytes())
+    hex::encode(Json::Array(a).to_string())
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Json, SearchError> {

@@ -22,7 +22,7 @@ pub struct ServeConfig {
     /// and --export-destination).
     #[arg(long, env = "FHIRHOSE_DATABASE")]
     pub database: Option<store::DatabaseArg>,
-    /// Base URL written into links and manifests (default: http://<listen address>).
+    /// Base URL written into links and manifests (default: `http://` and the listen address).
     #[arg(long, env = "FHIRHOSE_BASE_URL")]
     pub base_url: Option<String>,
     /// Largest accepted request body, in bytes.
@@ -37,7 +37,7 @@ pub struct ServeConfig {
     )]
     pub max_bundle_entries: usize,
     /// `Host` names accepted besides the base URL's host, the listen address and
-    /// localhost/127.0.0.1/[::1] on the base URL's port, comma-separated: `host` (any port),
+    /// localhost, 127.0.0.1 or ::1 on the base URL's port, comma-separated: `host` (any port),
     /// `host:port`, or `*` (any host; no DNS-rebinding guard). Checked with `--auth none`, and
     /// with `--auth smart` when given.
     #[arg(long, env = "FHIRHOSE_ALLOWED_HOSTS", value_delimiter = ',')]
@@ -233,7 +233,7 @@ pub struct ExportOptions {
     /// Azure: a SAS token (instead of the key).
     #[arg(long, env = "FHIRHOSE_AZURE_SAS", hide_env_values = true)]
     pub azure_sas: Option<String>,
-    /// Azure: the blob endpoint (default https://<account>.blob.core.windows.net).
+    /// Azure: the blob endpoint (default `https://ACCOUNT.blob.core.windows.net`).
     #[arg(long, env = "FHIRHOSE_AZURE_ENDPOINT")]
     pub azure_endpoint: Option<String>,
     /// S3: the bucket (containers are top-level prefixes in it).

@@ -10,9 +10,15 @@ use serde_json::Value;
 /// itself once it is back).
 pub const RETRY_AFTER_SECS: &str = "5";
 
-/// An API error: an HTTP status and the issues of its OperationOutcome.
+/// An API error: an HTTP status and the issues of its OperationOutcome. Boxed, so that the
+/// `Result<_, ApiError>` every handler returns stays one pointer wide on its error side; the
+/// fields are read and written through `Deref` ([`ApiErrorBody`]).
 #[derive(Debug)]
-pub struct ApiError {
+pub struct ApiError(Box<ApiErrorBody>);
+
+/// What an [`ApiError`] carries.
+#[derive(Debug)]
+pub struct ApiErrorBody {
     pub status: StatusCode,
     pub issues: Vec<OutcomeIssue>,
     /// A ready OperationOutcome (from a bundle error) used instead of `issues`.
@@ -20,14 +26,39 @@ pub struct ApiError {
     pub headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
+impl std::ops::Deref for ApiError {
+    type Target = ApiErrorBody;
+    fn deref(&self) -> &ApiErrorBody {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut ApiErrorBody {
+        &mut self.0
+    }
+}
+
+impl From<ApiErrorBody> for ApiError {
+    fn from(body: ApiErrorBody) -> ApiError {
+        ApiError(Box::new(body))
+    }
+}
+
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, diagnostics: impl Into<String>) -> ApiError {
-        ApiError {
+        ApiErrorBody {
             status,
             issues: vec![OutcomeIssue::error(code, diagnostics)],
             outcome: None,
             headers: Vec::new(),
         }
+        .into()
+    }
+
+    /// The parts, by value.
+    pub fn into_body(self) -> ApiErrorBody {
+        *self.0
     }
 
     /// 400 `invalid` at an expression.
@@ -91,12 +122,13 @@ impl From<store::StoreError> for ApiError {
                 HeaderValue::from_static(RETRY_AFTER_SECS),
             ));
         }
-        ApiError {
+        ApiErrorBody {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             issues: vec![issue],
             outcome: None,
             headers,
         }
+        .into()
     }
 }
 
@@ -106,12 +138,13 @@ impl From<ingest::BundleError> for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %e, "bundle processing failed");
         }
-        ApiError {
+        ApiErrorBody {
             status,
             issues: Vec::new(),
             outcome: Some(e.to_operation_outcome()),
             headers: Vec::new(),
         }
+        .into()
     }
 }
 
@@ -177,11 +210,10 @@ impl From<auth::AuthRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = self
-            .outcome
-            .unwrap_or_else(|| operation_outcome(&self.issues));
-        let mut resp = (self.status, crate::fhir_json(&body)).into_response();
-        for (k, v) in self.headers {
+        let e = self.into_body();
+        let body = e.outcome.unwrap_or_else(|| operation_outcome(&e.issues));
+        let mut resp = (e.status, crate::fhir_json(&body)).into_response();
+        for (k, v) in e.headers {
             resp.headers_mut().insert(k, v);
         }
         resp

@@ -287,16 +287,15 @@ fn check(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .filter(|_| !views_op)
+        && !accept.split(',').any(is_json_media)
     {
-        if !accept.split(',').any(is_json_media) {
-            return Err(ApiError::new(
-                StatusCode::NOT_ACCEPTABLE,
-                "not-supported",
-                format!(
-                    "cannot answer in '{accept}': this server speaks FHIR JSON only (application/fhir+json)"
-                ),
-            ));
-        }
+        return Err(ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not-supported",
+            format!(
+                "cannot answer in '{accept}': this server speaks FHIR JSON only (application/fhir+json)"
+            ),
+        ));
     }
     if let Some(ce) = headers.get(header::CONTENT_ENCODING) {
         let ce = ce.to_str().unwrap_or("?").trim();

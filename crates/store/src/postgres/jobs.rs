@@ -30,7 +30,7 @@ use crate::shared::SharedState;
 mod keysets;
 
 /// `pg_advisory_xact_lock` key held while a kick-off counts the active jobs and records its own.
-pub const ADMISSION_LOCK: i64 = 0x6668_686f_7365_03;
+pub const ADMISSION_LOCK: i64 = 0x0066_6868_6f73_6503;
 
 /// Connections of the queue's own pool.
 const QUEUE_CONNECTIONS: usize = 4;

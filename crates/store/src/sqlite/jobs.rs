@@ -412,7 +412,10 @@ impl JobQueue for SqliteJobQueue {
         // Items whose attempts ran out fail their job: stale ones (their holder stopped
         // responding) and pending ones (left by a process that died while running them, or
         // by a lower attempt limit).
-        let exhausted: Vec<(String, i64, i64, Option<String>, Option<i64>, bool)> = {
+        /// An item out of attempts: job, item, attempts, its last error and status, and whether
+        /// it was running (its worker stopped responding).
+        type Exhausted = (String, i64, i64, Option<String>, Option<i64>, bool);
+        let exhausted: Vec<Exhausted> = {
             let mut stmt = tx.prepare(
                 "SELECT i.job_id, i.item_no, i.attempts, i.error, i.error_status, i.state = 'running'
                  FROM export_item i JOIN export_job j ON j.id = i.job_id
