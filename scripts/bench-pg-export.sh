@@ -125,6 +125,7 @@ for run in $(seq 1 "$RUNS"); do
   done
   t1=$(date +%s.%N)
   rss_peak=$(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status")
+  server_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$SERVER/stat")
   folder="$DATA/storage/$(jq -r '.extension.storage.container + "/" + .extension.storage.folder' \
     "$WORK/manifest.json")"
   exported=$(jq '[.output[].count] | add' "$WORK/manifest.json")
@@ -135,6 +136,7 @@ for run in $(seq 1 "$RUNS"); do
     "= $(echo "$exported / $secs" | bc) resources/s"
   echo "server VmHWM: idle $((rss_before / 1024)) MiB, after the export $((rss_peak / 1024)) MiB" \
     "(largest VmRSS sampled: $((rss_max / 1024)) MiB)"
+  echo "server CPU (user+sys, whole process life): $server_cpu s"
   kill "$SERVER"
   wait "$SERVER" 2>/dev/null || true
   SERVER=
