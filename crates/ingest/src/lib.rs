@@ -7,7 +7,9 @@
 //!   callback ([`LoadProgress`]) and a per-type [`LoadSummary`].
 //! - [`synth`]: `fhirhose synth --patients N --out DIR` ([`synth::synthesize`]).
 //! - [`references`]: `fullUrl` → `Type/id` resolution and reference rewriting.
-//! - [`source`]: input discovery and streaming (NDJSON, Bundle JSON, `.gz`).
+//! - [`source`]: input discovery and streaming (NDJSON, Bundle JSON, `.gz`); the JSON parse and
+//!   the streaming of Bundle entries on serde_json's public API in `source/json.rs`, the fullUrl
+//!   pre-pass in `source/prepass.rs`.
 //! - [`outcome`]: OperationOutcome building and the store-error → HTTP status mapping, which the
 //!   server should reuse so that bundle entries and plain requests answer alike.
 

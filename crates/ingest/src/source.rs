@@ -11,10 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flate2::read::MultiGzDecoder;
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::LoadError;
+
+mod json;
+mod prepass;
+
+pub use prepass::full_urls;
 
 /// How a file's content is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +218,6 @@ pub fn unit_items(
     unit: Unit,
     f: &mut dyn FnMut(Result<Item, (Location, String)>) -> Result<(), LoadError>,
 ) -> Result<(), LoadError> {
-    let mut scratch = json::Scratch::default();
     match unit {
         Unit::Lines { first_line, lines } => {
             for (i, line) in lines.iter().enumerate() {
@@ -225,9 +228,9 @@ pub fn unit_items(
                         if text.is_empty() {
                             continue;
                         }
-                        json::from_str(text, &mut scratch)
+                        json::from_str(text)
                     }
-                    Err(_) => json::from_slice(line.trim_ascii(), &mut scratch),
+                    Err(_) => json::from_slice(line.trim_ascii()),
                 };
                 let location = Location {
                     file: file.clone(),
@@ -250,7 +253,7 @@ pub fn unit_items(
                 line: None,
                 entry: None,
             };
-            let value: Value = match json::from_slice(&bytes, &mut scratch) {
+            let value: Value = match json::from_slice(&bytes) {
                 Ok(v) => v,
                 Err(e) => return f(Err((whole, format!("malformed JSON: {e}")))),
             };
@@ -333,12 +336,10 @@ pub fn stream_unit_items(
             return unit_items(file, lines, &mut |item| f(UnitEvent::Item(item)));
         }
     };
-    let mut scratch = json::Scratch::default();
     let mut passed = 0usize;
     let mut stopped = None;
     let parsed = json::stream_document(
         &bytes,
-        &mut scratch,
         &mut |entry| {
             let item = entry_item(entry, entry_location(file, passed));
             passed += 1;
@@ -358,7 +359,7 @@ pub fn stream_unit_items(
         Ok(json::Doc::Redo) => {
             f(UnitEvent::Restart)?;
             // It parsed once, it parses again.
-            match json::from_slice(&bytes, &mut scratch) {
+            match json::from_slice(&bytes) {
                 Ok(value) => whole(f, value),
                 Err(e) => f(UnitEvent::Item(Err((
                     document_location(file),
@@ -449,519 +450,6 @@ pub fn loader_id(full_url: Option<&str>, resource_id: Option<&str>) -> Option<St
         .filter(|id| store::is_valid_id(id))
         .map(str::to_string)
 }
-
-/// JSON text to `serde_json::Value`, exactly as `serde_json::from_str`/`from_slice` build it
-/// (same values, key order, number text, errors), but with every object's map and every array
-/// allocated once at its final size: the members are gathered on a stack reused across the
-/// whole unit, so maps are never grown and rehashed while they are filled.
-mod json {
-    use std::fmt;
-
-    use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-    use serde_json::{Map, Number, Value};
-
-    use crate::error::LoadError;
-
-    /// serde_json's (private) names for the one-entry maps through which it hands over numbers
-    /// (`arbitrary_precision`) and raw values; `serde_json::Value` recognises them the same way.
-    const NUMBER_TOKEN: &str = "$serde_json::private::Number";
-    const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
-
-    /// Members of the objects and arrays being built, innermost last.
-    #[derive(Default)]
-    pub(super) struct Scratch {
-        members: Vec<(String, Value)>,
-        items: Vec<Value>,
-    }
-
-    pub(super) fn from_str(text: &str, scratch: &mut Scratch) -> serde_json::Result<Value> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let value = parse(&mut de, scratch)?;
-        de.end()?;
-        Ok(value)
-    }
-
-    pub(super) fn from_slice(bytes: &[u8], scratch: &mut Scratch) -> serde_json::Result<Value> {
-        // Checking the whole text at once is cheaper than checking each string as it is read;
-        // text that is not UTF-8 takes the slice reader, for its exact error.
-        if let Ok(text) = std::str::from_utf8(bytes) {
-            return from_str(text, scratch);
-        }
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let value = parse(&mut de, scratch)?;
-        de.end()?;
-        Ok(value)
-    }
-
-    fn parse<'de, D: Deserializer<'de>>(de: D, scratch: &mut Scratch) -> Result<Value, D::Error> {
-        scratch.members.clear();
-        scratch.items.clear();
-        ValueSeed(scratch).deserialize(de)
-    }
-
-    struct ValueSeed<'s>(&'s mut Scratch);
-
-    impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
-        type Value = Value;
-
-        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Value, D::Error> {
-            de.deserialize_any(self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for ValueSeed<'_> {
-        type Value = Value;
-
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("any valid JSON value")
-        }
-
-        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-            Ok(Value::Bool(v))
-        }
-
-        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-            Ok(Value::Number(v.into()))
-        }
-
-        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-            Ok(Value::Number(v.into()))
-        }
-
-        fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-            Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
-        }
-
-        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-            Ok(Value::String(v.to_owned()))
-        }
-
-        fn visit_string<E>(self, v: String) -> Result<Value, E> {
-            Ok(Value::String(v))
-        }
-
-        fn visit_none<E>(self) -> Result<Value, E> {
-            Ok(Value::Null)
-        }
-
-        fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<Value, D::Error> {
-            self.deserialize(de)
-        }
-
-        fn visit_unit<E>(self) -> Result<Value, E> {
-            Ok(Value::Null)
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-            let scratch = self.0;
-            let start = scratch.items.len();
-            let result = loop {
-                match seq.next_element_seed(ValueSeed(scratch)) {
-                    Ok(Some(item)) => scratch.items.push(item),
-                    Ok(None) => break Ok(()),
-                    Err(e) => break Err(e),
-                }
-            };
-            let items: Vec<Value> = scratch.items.drain(start..).collect();
-            result.map(|()| Value::Array(items))
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-            let Some(first) = map.next_key_seed(KeySeed)? else {
-                return Ok(Value::Object(Map::new()));
-            };
-            if let Some(special) = token_value(&first, &mut map) {
-                return special;
-            }
-            let scratch = self.0;
-            let start = scratch.members.len();
-            let result = (|| {
-                let value = map.next_value_seed(ValueSeed(scratch))?;
-                scratch.members.push((first, value));
-                while let Some(key) = map.next_key_seed(KeySeed)? {
-                    let value = map.next_value_seed(ValueSeed(scratch))?;
-                    scratch.members.push((key, value));
-                }
-                Ok(())
-            })();
-            // Inserted in order, so that a repeated key keeps its first position and its last
-            // value, as `Map::insert` does.
-            let members: Map<String, Value> = scratch.members.drain(start..).collect();
-            result.map(|()| Value::Object(members))
-        }
-    }
-
-    /// The value serde_json hands over as a one-entry map named by a token, read as
-    /// `serde_json::Value` reads it; `None` for an ordinary first key.
-    fn token_value<'de, A: MapAccess<'de>>(
-        first: &str,
-        map: &mut A,
-    ) -> Option<Result<Value, A::Error>> {
-        match first {
-            NUMBER_TOKEN => Some(
-                map.next_value_seed(TextSeed("string containing a number"))
-                    .and_then(|text| {
-                        text.parse::<Number>()
-                            .map(Value::Number)
-                            .map_err(de::Error::custom)
-                    }),
-            ),
-            RAW_VALUE_TOKEN => Some(
-                map.next_value_seed(TextSeed("raw value"))
-                    .and_then(|text| serde_json::from_str(&text).map_err(de::Error::custom)),
-            ),
-            _ => None,
-        }
-    }
-
-    /// How [`stream_document`] ended.
-    pub(super) enum Doc {
-        /// Every entry went to `emit`, and the whole document confirms that it is a Bundle whose
-        /// entries are loaded.
-        Streamed,
-        /// Nothing went to `emit`: the whole document.
-        Whole(Value),
-        /// Entries went to `emit`, but the rest of the document voids them (a repeated `entry`,
-        /// or a repeated `resourceType`/`type` that changes what the document is).
-        Redo,
-    }
-
-    /// Receives each `Bundle.entry` element as soon as it is parsed.
-    pub(super) type Emit<'a> = dyn FnMut(Value) -> Result<(), LoadError> + 'a;
-
-    /// Parse a whole document as [`from_slice`] does, but pass the elements of `entry` to `emit`
-    /// one by one while parsing, when `resourceType` (`Bundle`) and `type` (transaction, batch,
-    /// collection, searchset) come before `entry`: each entry is then handled while it is still
-    /// in the CPU caches, and the Bundle is never whole in memory. An `Err` from `emit` stops the
-    /// parse and is put in `stopped`.
-    pub(super) fn stream_document(
-        bytes: &[u8],
-        scratch: &mut Scratch,
-        emit: &mut Emit<'_>,
-        stopped: &mut Option<LoadError>,
-    ) -> serde_json::Result<Doc> {
-        scratch.members.clear();
-        scratch.items.clear();
-        let seed = DocSeed {
-            scratch,
-            emit,
-            stopped,
-        };
-        // As in `from_slice`: UTF-8 checked once for the whole text when it is valid.
-        match std::str::from_utf8(bytes) {
-            Ok(text) => end(seed, serde_json::Deserializer::from_str(text)),
-            Err(_) => end(seed, serde_json::Deserializer::from_slice(bytes)),
-        }
-    }
-
-    fn end<'de, R: serde_json::de::Read<'de>>(
-        seed: DocSeed<'_, '_>,
-        mut de: serde_json::Deserializer<R>,
-    ) -> serde_json::Result<Doc> {
-        let doc = seed.deserialize(&mut de)?;
-        de.end()?;
-        Ok(doc)
-    }
-
-    /// Whether a Bundle `type` is one whose entries the loader loads.
-    pub(super) fn is_entry_type(ty: &str) -> bool {
-        matches!(ty, "transaction" | "batch" | "collection" | "searchset")
-    }
-
-    struct DocSeed<'s, 'e> {
-        scratch: &'s mut Scratch,
-        emit: &'s mut Emit<'e>,
-        stopped: &'s mut Option<LoadError>,
-    }
-
-    impl<'de> DeserializeSeed<'de> for DocSeed<'_, '_> {
-        type Value = Doc;
-
-        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Doc, D::Error> {
-            de.deserialize_any(self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for DocSeed<'_, '_> {
-        type Value = Doc;
-
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("any valid JSON value")
-        }
-
-        fn visit_bool<E>(self, v: bool) -> Result<Doc, E> {
-            Ok(Doc::Whole(Value::Bool(v)))
-        }
-
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Doc, E> {
-            ValueSeed(self.scratch).visit_i64(v).map(Doc::Whole)
-        }
-
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Doc, E> {
-            ValueSeed(self.scratch).visit_u64(v).map(Doc::Whole)
-        }
-
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Doc, E> {
-            ValueSeed(self.scratch).visit_f64(v).map(Doc::Whole)
-        }
-
-        fn visit_str<E>(self, v: &str) -> Result<Doc, E> {
-            Ok(Doc::Whole(Value::String(v.to_owned())))
-        }
-
-        fn visit_string<E>(self, v: String) -> Result<Doc, E> {
-            Ok(Doc::Whole(Value::String(v)))
-        }
-
-        fn visit_none<E>(self) -> Result<Doc, E> {
-            Ok(Doc::Whole(Value::Null))
-        }
-
-        fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<Doc, D::Error> {
-            ValueSeed(self.scratch).visit_some(de).map(Doc::Whole)
-        }
-
-        fn visit_unit<E>(self) -> Result<Doc, E> {
-            Ok(Doc::Whole(Value::Null))
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Doc, A::Error> {
-            ValueSeed(self.scratch).visit_seq(seq).map(Doc::Whole)
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc, A::Error> {
-            let Some(first) = map.next_key_seed(KeySeed)? else {
-                return Ok(Doc::Whole(Value::Object(Map::new())));
-            };
-            if let Some(special) = token_value(&first, &mut map) {
-                return special.map(Doc::Whole);
-            }
-            let DocSeed {
-                scratch,
-                emit,
-                stopped,
-            } = self;
-            let start = scratch.members.len();
-            // The last value of each wins, as in a map.
-            let mut is_bundle = false;
-            let mut entry_type = false;
-            let mut entry_keys = 0u32;
-            let mut streamed = false;
-            let mut key = first;
-            let result = loop {
-                if key == "entry" {
-                    entry_keys += 1;
-                }
-                if key == "entry" && entry_keys == 1 && is_bundle && entry_type {
-                    let entries = EntriesSeed {
-                        scratch: &mut *scratch,
-                        emit: &mut *emit,
-                        stopped: &mut *stopped,
-                    };
-                    match map.next_value_seed(entries) {
-                        Ok(None) => streamed = true,
-                        Ok(Some(value)) => scratch.members.push((key, value)),
-                        Err(e) => break Err(e),
-                    }
-                } else {
-                    let value = match map.next_value_seed(ValueSeed(scratch)) {
-                        Ok(value) => value,
-                        Err(e) => break Err(e),
-                    };
-                    match key.as_str() {
-                        "resourceType" => is_bundle = value.as_str() == Some("Bundle"),
-                        "type" => entry_type = value.as_str().is_some_and(is_entry_type),
-                        _ => {}
-                    }
-                    scratch.members.push((key, value));
-                }
-                match map.next_key_seed(KeySeed) {
-                    Ok(Some(next)) => key = next,
-                    Ok(None) => break Ok(()),
-                    Err(e) => break Err(e),
-                }
-            };
-            let members: Map<String, Value> = scratch.members.drain(start..).collect();
-            result?;
-            Ok(if !streamed {
-                Doc::Whole(Value::Object(members))
-            } else if entry_keys == 1 && is_bundle && entry_type {
-                Doc::Streamed
-            } else {
-                Doc::Redo
-            })
-        }
-    }
-
-    /// The value of `Bundle.entry`: an array is streamed to `emit` (`None`), anything else is
-    /// returned.
-    struct EntriesSeed<'s, 'e> {
-        scratch: &'s mut Scratch,
-        emit: &'s mut Emit<'e>,
-        stopped: &'s mut Option<LoadError>,
-    }
-
-    impl<'de> DeserializeSeed<'de> for EntriesSeed<'_, '_> {
-        type Value = Option<Value>;
-
-        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Option<Value>, D::Error> {
-            de.deserialize_any(self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for EntriesSeed<'_, '_> {
-        type Value = Option<Value>;
-
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("any valid JSON value")
-        }
-
-        fn visit_bool<E>(self, v: bool) -> Result<Option<Value>, E> {
-            Ok(Some(Value::Bool(v)))
-        }
-
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<Value>, E> {
-            ValueSeed(self.scratch).visit_i64(v).map(Some)
-        }
-
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<Value>, E> {
-            ValueSeed(self.scratch).visit_u64(v).map(Some)
-        }
-
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Option<Value>, E> {
-            ValueSeed(self.scratch).visit_f64(v).map(Some)
-        }
-
-        fn visit_str<E>(self, v: &str) -> Result<Option<Value>, E> {
-            Ok(Some(Value::String(v.to_owned())))
-        }
-
-        fn visit_string<E>(self, v: String) -> Result<Option<Value>, E> {
-            Ok(Some(Value::String(v)))
-        }
-
-        fn visit_none<E>(self) -> Result<Option<Value>, E> {
-            Ok(Some(Value::Null))
-        }
-
-        fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<Option<Value>, D::Error> {
-            ValueSeed(self.scratch).visit_some(de).map(Some)
-        }
-
-        fn visit_unit<E>(self) -> Result<Option<Value>, E> {
-            Ok(Some(Value::Null))
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Option<Value>, A::Error> {
-            ValueSeed(self.scratch).visit_map(map).map(Some)
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Value>, A::Error> {
-            while let Some(entry) = seq.next_element_seed(ValueSeed(&mut *self.scratch))? {
-                if let Err(e) = (self.emit)(entry) {
-                    *self.stopped = Some(e);
-                    return Err(de::Error::custom("stopped by the caller"));
-                }
-            }
-            Ok(None)
-        }
-    }
-
-    /// An object key, owned.
-    struct KeySeed;
-
-    impl<'de> DeserializeSeed<'de> for KeySeed {
-        type Value = String;
-
-        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<String, D::Error> {
-            de.deserialize_str(TextSeed("a string key"))
-        }
-    }
-
-    /// A string, as serde_json's own helpers for numbers and raw values read it (their
-    /// `expecting` text is given, so that errors read the same).
-    struct TextSeed(&'static str);
-
-    impl<'de> DeserializeSeed<'de> for TextSeed {
-        type Value = String;
-
-        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<String, D::Error> {
-            de.deserialize_str(self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for TextSeed {
-        type Value = String;
-
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str(self.0)
-        }
-
-        fn visit_str<E>(self, v: &str) -> Result<String, E> {
-            Ok(v.to_owned())
-        }
-
-        fn visit_string<E>(self, v: String) -> Result<String, E> {
-            Ok(v)
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct HeadBundle {
-    #[serde(rename = "resourceType")]
-    resource_type: Option<String>,
-    entry: Option<Vec<HeadEntry>>,
-}
-
-#[derive(Deserialize)]
-struct HeadEntry {
-    #[serde(rename = "fullUrl")]
-    full_url: Option<String>,
-    resource: Option<HeadResource>,
-}
-
-#[derive(Deserialize)]
-struct HeadResource {
-    #[serde(rename = "resourceType")]
-    resource_type: Option<String>,
-    id: Option<String>,
-}
-
-/// The pre-pass over one file: `(fullUrl, type, id)` of every Bundle entry of a `.json` file that
-/// the load pass will store under a known id, in entry order, reading only `fullUrl`,
-/// `resourceType` and `id` (the rest is skipped by the parser). NDJSON files have no fullUrls and
-/// are not read. Unreadable files are left to the load pass to report.
-pub fn full_urls(path: &Path) -> Result<Vec<(String, String, String)>, LoadError> {
-    let mut out = Vec::new();
-    if format_of(path) != Some(InputFormat::Json) {
-        return Ok(out);
-    }
-    let mut bytes = Vec::new();
-    open(path)?
-        .read_to_end(&mut bytes)
-        .map_err(|source| LoadError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let Ok(head) = serde_json::from_slice::<HeadBundle>(&bytes) else {
-        return Ok(out);
-    };
-    if head.resource_type.as_deref() != Some("Bundle") {
-        return Ok(out);
-    }
-    for e in head.entry.unwrap_or_default() {
-        let (Some(full_url), Some(r)) = (e.full_url, e.resource) else {
-            continue;
-        };
-        let Some(ty) = r.resource_type else { continue };
-        if let Some(id) = loader_id(Some(&full_url), r.id.as_deref()) {
-            out.push((full_url, ty, id));
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -980,7 +468,8 @@ mod tests {
         assert_eq!(format_of(Path::new("README.md")), None);
     }
 
-    /// The faster parse gives what `serde_json` gives, value and bytes, and the same errors.
+    /// The parse (through `str` when the text is UTF-8) gives what `serde_json::from_slice` gives,
+    /// value and bytes, and the same errors.
     #[test]
     fn json_parse_matches_serde_json() {
         let cases = [
@@ -1001,13 +490,12 @@ mod tests {
             "\"text\"",
         ];
         let deep = "[".repeat(200) + &"]".repeat(200);
-        let mut scratch = json::Scratch::default();
         for text in cases.iter().copied().chain([deep.as_str()]) {
             let want = serde_json::from_str::<Value>(text).map_err(|e| e.to_string());
-            let got = json::from_str(text, &mut scratch).map_err(|e| e.to_string());
+            let got = json::from_str(text).map_err(|e| e.to_string());
             assert_eq!(got, want, "{text}");
             let want = serde_json::from_slice::<Value>(text.as_bytes()).map_err(|e| e.to_string());
-            let got = json::from_slice(text.as_bytes(), &mut scratch).map_err(|e| e.to_string());
+            let got = json::from_slice(text.as_bytes()).map_err(|e| e.to_string());
             assert_eq!(got, want, "{text}");
             if let (Ok(a), Ok(b)) = (got, want) {
                 assert_eq!(
@@ -1018,12 +506,12 @@ mod tests {
         }
         let text = "{\"a\":\"Jos\u{e9} \u{1F600}\",\"b\":[\"\\u00e9\"]}";
         assert_eq!(
-            json::from_slice(text.as_bytes(), &mut scratch).map_err(|e| e.to_string()),
+            json::from_slice(text.as_bytes()).map_err(|e| e.to_string()),
             serde_json::from_slice::<Value>(text.as_bytes()).map_err(|e| e.to_string())
         );
         let bad_utf8 = b"{\"a\":\"\xff\"}";
         assert_eq!(
-            json::from_slice(bad_utf8, &mut scratch).map_err(|e| e.to_string()),
+            json::from_slice(bad_utf8).map_err(|e| e.to_string()),
             serde_json::from_slice::<Value>(bad_utf8).map_err(|e| e.to_string())
         );
     }
@@ -1034,14 +522,13 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100");
         let files = collect_inputs(&[dir]).unwrap();
         assert!(files.len() > 100);
-        let mut scratch = json::Scratch::default();
         for f in files {
             read_units(&f, &mut |unit| {
                 let Unit::Document(bytes) = unit else {
                     panic!("{} is not a .json file", f.display())
                 };
                 let want: Value = serde_json::from_slice(&bytes).unwrap();
-                let got = json::from_slice(&bytes, &mut scratch).unwrap();
+                let got = json::from_slice(&bytes).unwrap();
                 assert_eq!(
                     serde_json::to_vec(&got).unwrap(),
                     serde_json::to_vec(&want).unwrap()
@@ -1103,6 +590,9 @@ mod tests {
             format!(r#"{{"resourceType":"Bundle","type":"document","entry":[{e1}]}}"#),
             format!(r#"{{"resourceType":"Bundle","type":"batch","entry":{e1}}}"#),
             r#"{"resourceType":"Bundle","type":"batch","entry":[]}"#.to_string(),
+            r#"{"resourceType":"Bundle","type":"batch","entry":1.50}"#.to_string(),
+            format!(" \n\t{{\"resourceType\":\"Bundle\",\"type\":\"batch\",\"entry\":[{e1}]}}"),
+            format!(r#"{{"$x":1,"resourceType":"Bundle","type":"batch","entry":[{e1}]}}"#),
             r#"{"resourceType":"Bundle","type":"batch","entry":null,"id":"b"}"#.to_string(),
             format!(
                 r#"{{"resourceType":"Bundle","type":"batch","id":"b","entry":[{e2}],"meta":{{}}}}"#
