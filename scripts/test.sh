@@ -16,6 +16,9 @@ fi
 # External components the tests talk to are installed and started here, by the project itself;
 # tests that need them fail (rather than skip) when FHIRHOSE_REQUIRE_EXTERNAL=1.
 export FHIRHOSE_REQUIRE_EXTERNAL=1
+# One round of every randomised fault case here (the CI budget); scripts/fault-suite.sh runs the
+# long series (20 rounds by default) and docs/reliability.md records its results.
+export FHIRHOSE_FAULT_ROUNDS="${FHIRHOSE_FAULT_ROUNDS:-1}"
 # Azure Blob destination: Azurite (npm) on 127.0.0.1:10000.
 ./scripts/azurite.sh
 export FHIRHOSE_TEST_AZURITE=http://127.0.0.1:10000/devstoreaccount1
