@@ -105,6 +105,12 @@ pub(crate) trait Dialect {
     /// Written before a column name to keep the planner from using an index on it (SQLite's
     /// unary `+`); empty where the planner needs no such hint.
     fn no_index(&self) -> &'static str;
+    /// `SELECT {select} FROM {table} WHERE k = {k} AND {cond}`: a per-row lookup (a sort value)
+    /// that must read the table through its `(k)` index, whatever the other conditions and the
+    /// planner's statistics.
+    fn key_lookup(&self, select: &str, table: &str, k: &str, cond: &str) -> String {
+        format!("SELECT {select} FROM {table} WHERE k = {k} AND {cond}")
+    }
     /// The boolean constants.
     fn bool(&self, b: bool) -> &'static str;
     /// `needle` (a parameter) occurs in `hay`.
@@ -665,9 +671,13 @@ impl<'b> Builder<'b> {
         // scan of the parameter's rows.
         let ni = self.d.no_index();
         let pc = self.param_match(pm, table, ni);
-        format!(
-            "coalesce((SELECT {agg}({col}) FROM {table} WHERE k = rv.k AND {ni}type_no = {tn} AND {pc}), {missing})"
-        )
+        let lookup = self.d.key_lookup(
+            &format!("{agg}({col})"),
+            table,
+            "rv.k",
+            &format!("{ni}type_no = {tn} AND {pc}"),
+        );
+        format!("coalesce(({lookup}), {missing})")
     }
 }
 
