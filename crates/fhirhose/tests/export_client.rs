@@ -405,6 +405,32 @@ fn failures_are_one_line_and_ctrl_c_cancels_the_export() {
         "{err}"
     );
 
+    // A Patient-level POST kick-off (Parameters body) for two patients: only their resources.
+    let out = export_cmd(&base, &dir.path().join("p"))
+        .args([
+            "--patient-level",
+            "--patient",
+            "Patient/p3",
+            "--patient",
+            "Patient/p7",
+        ])
+        .args(["--type", "Patient,Observation", "--verify"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut ids: Vec<String> = Vec::new();
+    for t in ["Patient", "Observation"] {
+        let text = std::fs::read_to_string(dir.path().join(format!("p/{t}.1.ndjson"))).unwrap();
+        ids.extend(text.lines().map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }));
+    }
+    ids.sort();
+    assert_eq!(ids, ["o3", "o7", "p3", "p7"]);
+
     // 429 and 503 on every file request: retried as told, then one line naming the attempts.
     for (code, text) in [
         (429u16, "HTTP 429 Too Many Requests from"),
