@@ -129,4 +129,35 @@ mod tests {
         assert!(!q.delete_key_set("research").unwrap());
         assert_eq!(q.key_set("research").unwrap(), None);
     }
+
+    /// A file of job schema version 2 (before digests and key sets) gains both at open.
+    #[test]
+    fn a_version_2_file_gains_digests_and_key_sets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(super::super::JOBS_FILE_NAME);
+        drop(SqliteJobQueue::open(&path).expect("create"));
+        {
+            let c = rusqlite::Connection::open(&path).expect("open");
+            c.execute_batch(
+                "ALTER TABLE export_file DROP COLUMN sha256; DROP TABLE deid_key_set;
+                 PRAGMA user_version = 2;",
+            )
+            .expect("make a version 2 file");
+        }
+        let q = SqliteJobQueue::open(&path).expect("migrated");
+        assert!(q.key_sets().expect("key sets").is_empty());
+        let c = q.conn();
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, super::super::JOBS_SCHEMA_VERSION);
+        let has_sha: bool = c
+            .query_row(
+                "SELECT count(*) > 0 FROM pragma_table_info('export_file') WHERE name = 'sha256'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("columns");
+        assert!(has_sha);
+    }
 }
