@@ -561,7 +561,9 @@ fn index_counts(admin: &mut postgres::Client) -> Vec<(String, i64)> {
 
 /// Index rows (every kind, through binary COPY) describe exactly the current, non-deleted
 /// versions — also when one write rewrites a resource twice — and `reindex` rebuilds the same
-/// rows; suspending index upkeep drops the value indexes and resuming builds them again.
+/// rows; suspending index upkeep drops the value and `k` indexes (the rows of versions superseded
+/// meanwhile are deleted at the resume, or at the next open after a crash) and resuming builds
+/// them again.
 #[test]
 fn index_rows_of_every_kind_follow_the_current_version_and_reindex_rebuilds_them() {
     let Some(base) = postgres_url("index_rows_of_every_kind_follow_the_current_version") else {
@@ -664,17 +666,69 @@ fn index_rows_of_every_kind_follow_the_current_version_and_reindex_rebuilds_them
             .unwrap()
             .get(0)
     };
+    // The index tables' `k` indexes, and index rows whose version is no longer current.
+    let k_indexes = |admin: &mut postgres::Client| -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'idx\\_%\\_k'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let stale_rows = |admin: &mut postgres::Client| -> i64 {
+        index_counts(admin)
+            .iter()
+            .map(|(t, _)| {
+                admin
+                    .query_one(
+                        &format!(
+                            "SELECT count(*) FROM {t} i JOIN resource_versions rv ON rv.k = i.k
+                             WHERE rv.superseded_seq IS NOT NULL OR rv.deleted = 1"
+                        ),
+                        &[],
+                    )
+                    .unwrap()
+                    .get::<_, i64>(0)
+            })
+            .sum()
+    };
     assert_eq!(value_indexes(&mut admin), 10);
+    assert_eq!(k_indexes(&mut admin), 9);
     assert!(store.suspend_index_upkeep().unwrap());
     assert_eq!(value_indexes(&mut admin), 0);
-    store.write(vec![obs("o5", "E")]).unwrap();
+    // The `k` indexes go too; the rows of the versions a suspended load supersedes stay until
+    // the resume deletes them in one pass.
+    assert_eq!(k_indexes(&mut admin), 0);
+    store.write(vec![obs("o5", "E"), obs("o1", "A4")]).unwrap();
+    assert!(stale_rows(&mut admin) > 0);
     store.resume_index_upkeep().unwrap();
     assert_eq!(value_indexes(&mut admin), 10);
-    // A store left suspended (a crash during a load) builds them on the next open.
+    assert_eq!(k_indexes(&mut admin), 9);
+    assert_eq!(stale_rows(&mut admin), 0);
+    let current_codes = |admin: &mut postgres::Client| -> Vec<String> {
+        admin
+            .query(
+                "SELECT i.code FROM idx_token i JOIN resource_versions rv ON rv.k = i.k
+                 WHERE i.code IS NOT NULL ORDER BY rv.id",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    assert_eq!(current_codes(&mut admin), ["A4", "C2", "D", "E"]);
+    // A store left suspended (a crash during a load) builds them, and deletes the rows left
+    // behind, on the next open.
     assert!(store.suspend_index_upkeep().unwrap());
+    store.write(vec![obs("o3", "C3")]).unwrap();
     drop(store);
     let _reopened = PgStore::connect(&db.url, PgOptions::default()).unwrap();
     assert_eq!(value_indexes(&mut admin), 10);
+    assert_eq!(k_indexes(&mut admin), 9);
+    assert_eq!(stale_rows(&mut admin), 0);
+    assert_eq!(current_codes(&mut admin), ["A4", "C3", "D", "E"]);
 }
 
 /// `sslmode=require` against a server whose certificate is not signed by a trusted root (the test
