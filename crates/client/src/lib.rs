@@ -37,7 +37,7 @@ use session::{Credentials, Policy, Session, header};
 /// `fhirhose export`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExportArgs {
-    /// The server's FHIR base URL (e.g. https://fhir.example.org/r4), or a complete kick-off URL
+    /// The server's FHIR base URL (e.g. `https://fhir.example.org/r4`), or a complete kick-off URL
     /// ending in `$export`.
     pub url: String,
     /// Folder the files are written to (created when missing).
@@ -100,7 +100,7 @@ pub struct ExportArgs {
     /// The client's private key: PKCS#8 PEM (RSA, EC P-256/P-384) or a private JWK / JWKS.
     #[arg(long, env = "FHIRHOSE_EXPORT_KEY", requires = "client_id")]
     pub key: Option<PathBuf>,
-    /// Token endpoint (default: from [base]/.well-known/smart-configuration).
+    /// Token endpoint (default: from `BASE/.well-known/smart-configuration`).
     #[arg(long)]
     pub token_url: Option<String>,
     /// Scopes to request.
