@@ -1,6 +1,9 @@
 //! The real `fhirhose` binary, end to end: `serve --help`, start-up validation, `load` into a data
 //! directory and into a running server over HTTP, the data-directory lock, and a few REST behaviours
-//! that only show over a real socket (gzip, `Prefer`, `_lastUpdated`).
+//! that only show over a real socket (gzip, `Prefer`, `_lastUpdated`). The tests that store data run
+//! on PostgreSQL too, in a database of their own, when `FHIRHOSE_TEST_DATABASE` is set.
+
+mod common;
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -9,6 +12,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+
+use common::TestDb;
 
 fn fhirhose() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
@@ -49,9 +54,10 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn serve(data_dir: &Path) -> Server {
+fn serve(data_dir: &Path, db: &TestDb) -> Server {
     let port = free_port();
-    let child = fhirhose()
+    let child = db
+        .apply(&mut fhirhose())
         .args([
             "serve",
             "--listen",
@@ -201,6 +207,7 @@ fn invalid_configuration_fails_at_start_with_a_clear_message() {
 #[test]
 fn load_into_a_data_dir_then_serve_then_load_over_http() {
     let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::fresh();
     let data = dir.path().join("data");
     let first = dir.path().join("first.ndjson");
     write_ndjson(
@@ -212,7 +219,8 @@ fn load_into_a_data_dir_then_serve_then_load_over_http() {
             r#"{"resourceType":"Patient","id":"bad","unknownElement":true}"#,
         ],
     );
-    let out = fhirhose()
+    let out = db
+        .apply(&mut fhirhose())
         .args(["load", "--data-dir"])
         .arg(&data)
         .arg(&first)
@@ -232,9 +240,11 @@ fn load_into_a_data_dir_then_serve_then_load_over_http() {
         "{err}"
     );
 
-    // --strict stops instead.
+    // --strict stops instead (into a database of its own).
     let strict = dir.path().join("strict-data");
-    let out = fhirhose()
+    let strict_db = TestDb::fresh();
+    let out = strict_db
+        .apply(&mut fhirhose())
         .args(["load", "--strict", "--data-dir"])
         .arg(&strict)
         .arg(&first)
@@ -245,7 +255,7 @@ fn load_into_a_data_dir_then_serve_then_load_over_http() {
         "--strict fails on an invalid resource"
     );
 
-    let server = serve(&data);
+    let server = serve(&data, &db);
     let client = reqwest::blocking::Client::new();
 
     // What the loader wrote is served, decimals exactly as loaded.
@@ -258,16 +268,19 @@ fn load_into_a_data_dir_then_serve_then_load_over_http() {
     let body = r.text().unwrap();
     assert!(body.contains("72.50"), "decimal text kept: {body}");
 
-    // A second loader may not write while the server holds the directory.
-    let out = fhirhose()
-        .args(["load", "--data-dir"])
-        .arg(&data)
-        .arg(&first)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "load must refuse a held data dir");
-    let err = text(&out.stderr);
-    assert!(err.contains("in use"), "clear refusal: {err}");
+    // A second loader may not write while the server holds the SQLite file's directory
+    // (PostgreSQL takes writers from several processes).
+    if !db.is_postgres() {
+        let out = fhirhose()
+            .args(["load", "--data-dir"])
+            .arg(&data)
+            .arg(&first)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "load must refuse a held data dir");
+        let err = text(&out.stderr);
+        assert!(err.contains("in use"), "clear refusal: {err}");
+    }
 
     // ... but it can send batches to the server.
     let second = dir.path().join("second.ndjson");
@@ -292,7 +305,8 @@ fn load_into_a_data_dir_then_serve_then_load_over_http() {
 #[test]
 fn rest_behaviours_over_a_real_socket() {
     let dir = tempfile::tempdir().unwrap();
-    let server = serve(&dir.path().join("data"));
+    let db = TestDb::fresh();
+    let server = serve(&dir.path().join("data"), &db);
     let client = reqwest::blocking::Client::builder()
         .no_gzip()
         .build()
@@ -409,7 +423,8 @@ fn rest_behaviours_over_a_real_socket() {
 #[test]
 fn regression_summary_count_with_last_updated_lower_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let server = serve(&dir.path().join("data"));
+    let db = TestDb::fresh();
+    let server = serve(&dir.path().join("data"), &db);
     let client = reqwest::blocking::Client::new();
     let r = client
         .post(format!("{}/Patient", server.base))
