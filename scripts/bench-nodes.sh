@@ -9,7 +9,11 @@
 # Env: FHIRHOSE_BIN (default: target/release/fhirhose, built if missing),
 #      PG_URL (a cluster's URL; default: a private cluster started in WORK_DIR/pg by
 #      scripts/postgres.sh and stopped at the end), WORKERS (export workers per node, default 2),
-#      ITEM_RESOURCES (default 20000), NODES (default "1 2 3").
+#      ITEM_RESOURCES (default 5000), NODES (default "1 2 3"), RUNS (exports per node count,
+#      default 1), NICE (niceness of the nodes and of the private cluster's server processes,
+#      default 0; -15 as root on a machine shared with builds).
+# Each line printed also gives the load average before and after the run (other processes on
+# the machine compete for the same cores).
 set -euo pipefail
 
 PATIENTS="${1:-500}"
@@ -18,7 +22,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="${FHIRHOSE_BIN:-$TARGET/release/fhirhose}"
 WORKERS="${WORKERS:-2}"
-ITEM_RESOURCES="${ITEM_RESOURCES:-20000}"
+ITEM_RESOURCES="${ITEM_RESOURCES:-5000}"
+RUNS="${RUNS:-1}"
+NICE="${NICE:-0}"
 if [[ ! -x "$BIN" ]]; then
   (cd "$ROOT" && cargo build --release -p fhirhose)
 fi
@@ -36,6 +42,12 @@ trap cleanup EXIT
 if [[ -z "${PG_URL:-}" ]]; then
   PG_URL=$("$ROOT/scripts/postgres.sh" start "$WORK/pg" | tail -n 1)
   STARTED_PG=1
+  # The postmaster's niceness is inherited by the backends it forks for the nodes.
+  pg_data="$WORK/pg/data"
+  [[ -f "$WORK/pg/cluster" ]] && pg_data="$(cat "$WORK/pg/cluster")/data"
+  if [[ "$NICE" != 0 && -f "$pg_data/postmaster.pid" ]]; then
+    renice -n "$NICE" -p "$(head -n 1 "$pg_data/postmaster.pid")" >/dev/null
+  fi
 fi
 DB="fh_bench_nodes_$$"
 psql_url="$PG_URL"
@@ -54,15 +66,25 @@ FHIRHOSE_LOG=warn "$BIN" load --no-index --database "$URL" --data-dir "$WORK/loa
 t1=$(date +%s.%N)
 echo "load: $(echo "$t1 - $t0" | bc) s"
 
-PORT0=18600
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+PORT0=$(free_port)
+while :; do
+  ok=1
+  for i in 1 2; do (exec 3<>"/dev/tcp/127.0.0.1/$((PORT0 + i))") 2>/dev/null && ok=0; done
+  [[ $ok == 1 ]] && break
+  PORT0=$(free_port)
+done
 BASE="http://127.0.0.1:$PORT0"
 for n in ${NODES:-1 2 3}; do
+for run in $(seq 1 "$RUNS"); do
   PIDS=()
   for i in $(seq 1 "$n"); do
     d="$WORK/n$n-$i"
     mkdir -p "$d"
     ln -sfn "$WORK/shared" "$d/storage"
-    FHIRHOSE_LOG=warn "$BIN" serve --listen "127.0.0.1:$((PORT0 + i - 1))" --data-dir "$d" \
+    FHIRHOSE_LOG=warn nice -n "$NICE" "$BIN" serve --listen "127.0.0.1:$((PORT0 + i - 1))" --data-dir "$d" \
       --database "$URL" --base-url "$BASE" --node-id "n$i" --export-workers "$WORKERS" \
       --export-item-resources "$ITEM_RESOURCES" >"$d/serve.log" 2>&1 &
     PIDS+=($!)
@@ -73,6 +95,7 @@ for n in ${NODES:-1 2 3}; do
       sleep 0.1
     done
   done
+  load_before=$(cut -d' ' -f1 /proc/loadavg)
   t0=$(date +%s.%N)
   status_url=$(curl -fsS -D - -o /dev/null -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' \
     "$BASE/\$export" | awk -F': ' 'tolower($1)=="content-location" {gsub(/\r/,"",$2); print $2}')
@@ -84,13 +107,15 @@ for n in ${NODES:-1 2 3}; do
     sleep 0.2
   done
   t1=$(date +%s.%N)
+  load_after=$(cut -d' ' -f1 /proc/loadavg)
   secs=$(echo "$t1 - $t0" | bc)
   total=$(python3 -c "import json,sys; print(sum(f['count'] for f in json.load(open(sys.argv[1]))['output']))" "$WORK/manifest.json")
-  by_node=$(psql "$URL" -Atc "SELECT split_part(owner, '/', 1) || ':' || count(*) FROM export_item WHERE job_id = '${status_url##*/}' AND kind = 'scan' GROUP BY 1 ORDER BY 1" | tr '\n' ' ')
-  printf 'nodes=%d workers/node=%s resources=%s seconds=%.2f resources/s=%.0f items by node: %s\n' \
-    "$n" "$WORKERS" "$total" "$secs" "$(echo "$total / $secs" | bc -l)" "$by_node"
+  by_node=$(psql "$URL" -AtF: -c "SELECT split_part(owner, '/', 1), count(*) FROM export_item WHERE job_id = '${status_url##*/}' AND kind = 'scan' GROUP BY 1 ORDER BY 1" | tr '\n' ' ')
+  printf 'nodes=%d workers/node=%s resources=%s seconds=%.2f resources/s=%.0f load=%s..%s items by node: %s\n' \
+    "$n" "$WORKERS" "$total" "$secs" "$(echo "$total / $secs" | bc -l)" "$load_before" "$load_after" "$by_node"
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   PIDS=()
   rm -rf "$WORK/shared/exports"
+done
 done
 psql "$psql_url" -qc "DROP DATABASE $DB WITH (FORCE)" >/dev/null || true

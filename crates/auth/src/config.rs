@@ -64,6 +64,8 @@ pub enum ConfigError {
     TokenLifetime { secs: u64 },
     #[error("the base URL `{value}` is not an absolute http(s) URL")]
     BaseUrl { value: String },
+    #[error("--token-key {path}: {reason}")]
+    TokenKey { path: String, reason: String },
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
@@ -99,6 +101,10 @@ pub struct AuthSettings {
     pub base_url: String,
     /// How many assertion `jti`s to remember at most (see [`crate::replay`]).
     pub replay_capacity: usize,
+    /// A file holding the access-token signing key (`--token-key`): every process configured
+    /// with the same file accepts the others' tokens, with or without a shared database (which
+    /// otherwise provides the key). Its bytes, surrounding whitespace trimmed, at least 32.
+    pub token_key_file: Option<PathBuf>,
 }
 
 impl AuthSettings {
@@ -110,6 +116,7 @@ impl AuthSettings {
             token_lifetime: DEFAULT_TOKEN_LIFETIME,
             base_url: base_url.into(),
             replay_capacity: crate::replay::DEFAULT_CAPACITY,
+            token_key_file: None,
         }
     }
 
@@ -126,6 +133,28 @@ impl AuthSettings {
             });
         }
         Ok(())
+    }
+
+    /// The configured signing key (`--token-key`), read and checked; `None` without one.
+    pub fn token_key(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(path) = &self.token_key_file else {
+            return Ok(None);
+        };
+        let bad = |reason: String| ConfigError::TokenKey {
+            path: path.display().to_string(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let key = bytes.trim_ascii();
+        if key.len() < crate::shared::SIGNING_KEY_BYTES {
+            // The length only: the text names no part of the key.
+            return Err(bad(format!(
+                "the key has {} bytes; at least {} are needed (e.g. `openssl rand -hex 32`)",
+                key.len(),
+                crate::shared::SIGNING_KEY_BYTES
+            )));
+        }
+        Ok(Some(key.to_vec()))
     }
 
     pub fn token_url(&self) -> String {

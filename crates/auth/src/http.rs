@@ -82,16 +82,20 @@ impl Auth {
                     );
                 }
                 tracing::info!(clients = registry.len(), token_url = %settings.token_url(), "SMART Backend Services authorization enabled");
-                let issuer = TokenIssuer::new(
-                    settings.base_url.trim_end_matches('/').to_owned(),
-                    settings.token_lifetime,
-                );
-                Ok(Auth::smart(SmartAuth::new(
+                let iss = settings.base_url.trim_end_matches('/').to_owned();
+                let key = settings.token_key()?;
+                let issuer = match &key {
+                    Some(key) => TokenIssuer::with_key(iss, settings.token_lifetime, key),
+                    None => TokenIssuer::new(iss, settings.token_lifetime),
+                };
+                let mut smart = SmartAuth::new(
                     registry,
                     issuer,
                     settings.token_url(),
                     settings.replay_capacity,
-                )))
+                );
+                smart.key_configured = key.is_some();
+                Ok(Auth::smart(smart))
             }
         }
     }

@@ -148,6 +148,8 @@ pub struct SmartAuth {
     /// The nodes' shared state, when several share a database: its replay cache replaces the
     /// in-memory one (see [`SmartAuth::share`]).
     pub(crate) shared: Option<std::sync::Arc<dyn SharedAuthState>>,
+    /// The signing key was configured (`--token-key`): it is kept when the state is shared.
+    pub(crate) key_configured: bool,
 }
 
 impl SmartAuth {
@@ -163,16 +165,21 @@ impl SmartAuth {
             issuer,
             token_url,
             shared: None,
+            key_configured: false,
         }
     }
 
     /// Uses the state the nodes of a cluster share: the shared signing key (made by the first
-    /// node) replaces this process's random one, and accepted assertions are recorded there.
-    /// Blocks on `shared`.
+    /// node) replaces this process's random one — a configured key (`--token-key`) stays —
+    /// and accepted assertions are recorded there. Blocks on `shared`.
     pub fn share(
         &mut self,
         shared: std::sync::Arc<dyn SharedAuthState>,
     ) -> Result<(), SharedStateError> {
+        if self.key_configured {
+            self.shared = Some(shared);
+            return Ok(());
+        }
         let mut fresh = [0u8; SIGNING_KEY_BYTES];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut fresh);
         let key = shared.signing_key(&fresh)?;

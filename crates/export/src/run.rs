@@ -57,6 +57,9 @@ impl RunError {
             RunError::Store(
                 store::StoreError::Io { .. } | store::StoreError::Unavailable { .. },
             ) => true,
+            // The job table's database went away or a statement waited too long (e.g. behind
+            // a paused node's session, which the server then ends): the item is retried.
+            RunError::Queue(QueueError::Db(store::StoreError::Unavailable { .. })) => true,
             _ => false,
         }
     }

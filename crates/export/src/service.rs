@@ -897,7 +897,12 @@ impl ExportService {
                         }
                         self.forget(&job_id);
                     }
-                    Ok(false) => overview::item_failed(true),
+                    // Retried later under a new attempt, or taken over meanwhile (a paused
+                    // node): either way this claim's uncommitted parts are never listed.
+                    Ok(false) => {
+                        overview::item_failed(true);
+                        self.remove_own_writes(&item, false);
+                    }
                     Err(qe) => {
                         tracing::error!(job = %job_id, error = %qe, "cannot record a failed work item")
                     }

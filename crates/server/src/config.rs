@@ -62,6 +62,11 @@ pub struct ServeConfig {
     /// Lifetime of issued access tokens, in seconds.
     #[arg(long, env = "FHIRHOSE_TOKEN_LIFETIME", default_value_t = 300)]
     pub token_lifetime: u64,
+    /// File holding the access-token signing key (at least 32 bytes, e.g. `openssl rand -hex
+    /// 32`): processes given the same file accept each other's tokens. Without it the key is
+    /// random per process, or shared through the PostgreSQL database by the nodes using one.
+    #[arg(long, env = "FHIRHOSE_TOKEN_KEY", value_name = "FILE")]
+    pub token_key: Option<std::path::PathBuf>,
     /// Seconds a client has to send a request's complete header (slowloris guard).
     #[arg(long, env = "FHIRHOSE_HEADER_READ_TIMEOUT", default_value_t = 10)]
     pub header_read_timeout: u64,

@@ -238,6 +238,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     settings.clients_file = config.clients.clone();
     settings.insecure = config.insecure;
     settings.token_lifetime = std::time::Duration::from_secs(config.token_lifetime);
+    settings.token_key_file = config.token_key.clone();
     let auth = auth::Auth::from_settings(&settings, config.listen)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

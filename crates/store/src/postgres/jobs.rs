@@ -35,6 +35,21 @@ pub const ADMISSION_LOCK: i64 = 0x0066_6868_6f73_6503;
 /// Connections of the queue's own pool.
 const QUEUE_CONNECTIONS: usize = 4;
 
+/// Session settings of the queue's connections. A queue transaction is a few statements sent
+/// back to back (nothing slow runs inside one), so a session idle inside a transaction for
+/// seconds belongs to a node that is paused (SIGSTOP, a VM freeze) or cut off: the server ends
+/// it and its row locks go, so that the other nodes' `SKIP LOCKED` claims can take its items
+/// over after the heartbeat timeout (at least 5 s, longer than this). The paused node finds its
+/// connection gone when it runs again (a new one is opened) and its lease lost (fencing). Lock
+/// and statement timeouts bound what a live node waits for behind such a session; their errors
+/// are [`StoreError::Unavailable`] (transient: the item is retried), as a lost connection.
+const QUEUE_SESSION: &str =
+    "-c idle_in_transaction_session_timeout=3000 -c lock_timeout=10000 -c statement_timeout=60000";
+
+/// SQLSTATEs of a queue statement that waited too long (lock or statement timeout, a deadlock or
+/// serialization failure): worth another try, like a lost connection.
+const RETRYABLE: [&str; 4] = ["55P03", "57014", "40P01", "40001"];
+
 /// The job tables (migration 2). The `CHECK` lists are the names of the enums of
 /// [`crate::jobs`] (a unit test keeps them equal).
 pub(crate) const SCHEMA: &str = "
@@ -142,7 +157,12 @@ pub struct PgJobQueue {
 
 impl PgJobQueue {
     /// A queue on the database of `target` (connections are opened when needed).
-    pub(crate) fn new(target: Target) -> PgJobQueue {
+    pub(crate) fn new(mut target: Target) -> PgJobQueue {
+        let options = match target.config.get_options() {
+            Some(o) if !o.trim().is_empty() => format!("{o} {QUEUE_SESSION}"),
+            _ => QUEUE_SESSION.to_string(),
+        };
+        target.config.options(&options);
         PgJobQueue {
             pool: Pool::new(target, QUEUE_CONNECTIONS),
             jti_purged_s: AtomicI64::new(0),
@@ -158,6 +178,11 @@ impl PgJobQueue {
         self.pool
             .run(|c| match f(c) {
                 Ok(v) => Ok(Ok(v)),
+                Err(QueueError::Db(StoreError::Postgres(e)))
+                    if e.code().is_some_and(|c| RETRYABLE.contains(&c.code())) =>
+                {
+                    Err(self.pool.target.unavailable(super::describe(&e)))
+                }
                 Err(QueueError::Db(e)) => Err(e),
                 Err(other) => Ok(Err(other)),
             })

@@ -379,8 +379,9 @@ pub(crate) fn is_connection_error(e: &::postgres::Error) -> bool {
     }
     if let Some(code) = e.code() {
         let c = code.code();
-        // 08: connection exception; 57P01-57P03: admin/crash shutdown, cannot connect now.
-        return c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03");
+        // 08: connection exception; 57P01-57P03: admin/crash shutdown, cannot connect now;
+        // 25P03: the server ended a session idle in a transaction (the job queue's timeout).
+        return c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "25P03");
     }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
