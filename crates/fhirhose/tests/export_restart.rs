@@ -1,7 +1,11 @@
 //! Bulk `$export` survives a crash: the real binary loads the Synthea 100-patient data set, a
 //! system export is kicked off, the server is killed with SIGKILL while the job runs, and a new
 //! server on the same data directory resumes the job under the same status URL. The finished
-//! export must hold every resource exactly once and leave no `.part` files behind.
+//! export must hold every resource exactly once and leave no `.part` files behind. The job state
+//! lives in the store: with `FHIRHOSE_TEST_DATABASE` set, each test runs on a PostgreSQL database
+//! of its own.
+
+mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
@@ -10,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+
+use common::TestDb;
 
 fn fhirhose() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
@@ -42,12 +48,13 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn serve(data_dir: &Path, port: u16) -> Server {
-    serve_with(data_dir, port, &[])
+fn serve(data_dir: &Path, db: &TestDb, port: u16) -> Server {
+    serve_with(data_dir, db, port, &[])
 }
 
-fn serve_with(data_dir: &Path, port: u16, extra: &[&str]) -> Server {
-    let child = fhirhose()
+fn serve_with(data_dir: &Path, db: &TestDb, port: u16, extra: &[&str]) -> Server {
+    let child = db
+        .apply(&mut fhirhose())
         .args([
             "serve",
             "--listen",
@@ -56,6 +63,13 @@ fn serve_with(data_dir: &Path, port: u16, extra: &[&str]) -> Server {
         ])
         .arg(data_dir)
         .args(extra)
+        // On PostgreSQL a restarted node releases the leases of its previous incarnation at
+        // once only under a stable node id (others are taken over after the heartbeat timeout).
+        .args(if db.is_postgres() {
+            &["--node-id", "restart-test"][..]
+        } else {
+            &[]
+        })
         .env("FHIRHOSE_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -113,8 +127,10 @@ const EXPECTED: &[(&str, usize)] = &[
 fn system_export_resumes_after_sigkill_with_every_resource_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
+    let db = TestDb::fresh();
 
-    let load = fhirhose()
+    let load = db
+        .apply(&mut fhirhose())
         .args(["load", "--data-dir"])
         .arg(&data)
         .arg(repo_root().join("testdata/synthea-r4-100"))
@@ -132,7 +148,7 @@ fn system_export_resumes_after_sigkill_with_every_resource_once() {
         .build()
         .expect("http client");
     let port = free_port();
-    let mut first = serve(&data, port);
+    let mut first = serve(&data, &db, port);
     let kick = client
         .get(format!("{}/$export", first.base))
         .header("Accept", "application/fhir+json")
@@ -166,7 +182,7 @@ fn system_export_resumes_after_sigkill_with_every_resource_once() {
     first.child.wait().expect("reap server");
     drop(first);
 
-    let second = serve(&data, port);
+    let second = serve(&data, &db, port);
     let mut manifest = None;
     for _ in 0..3000 {
         let r = client.get(&status_url).send().expect("poll status");
@@ -377,6 +393,7 @@ fn sigkill(mut server: Server) {
 fn a_server_that_keeps_crashing_fails_the_export_which_frees_its_slot_and_files() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
+    let db = TestDb::fresh();
     let c = client();
     let port = free_port();
     let args: Vec<&str> = [
@@ -384,18 +401,18 @@ fn a_server_that_keeps_crashing_fails_the_export_which_frees_its_slot_and_files(
         &["--export-max-attempts", "2", "--export-max-concurrent", "1"],
     ]
     .concat();
-    let first = serve_with(&data, port, &args);
+    let first = serve_with(&data, &db, port, &args);
     add_patients(&c, &first.base);
     let status_url = kickoff_ok(&c, &first.base);
     wait_running(&c, &status_url, 1);
     sigkill(first);
     // The second process resumes the item (its second attempt) and dies too.
-    let second = serve_with(&data, port, &args);
+    let second = serve_with(&data, &db, port, &args);
     let before = scanned(&c, &status_url).expect("still running");
     wait_running(&c, &status_url, before + 1);
     sigkill(second);
     // Attempts used up: the export fails with a reason instead of answering 202 forever.
-    let third = serve_with(&data, port, &args);
+    let third = serve_with(&data, &db, port, &args);
     let (code, body) = settle(&c, &status_url);
     assert_eq!(code, 500, "{body}");
     assert_eq!(body["resourceType"], "OperationOutcome");
@@ -421,6 +438,7 @@ fn a_server_that_keeps_crashing_fails_the_export_which_frees_its_slot_and_files(
 fn sigterm_gives_running_export_work_back_without_using_an_attempt() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
+    let db = TestDb::fresh();
     let c = client();
     let port = free_port();
     // One attempt only: an interrupted item that counted its attempt would fail the export.
@@ -429,18 +447,18 @@ fn sigterm_gives_running_export_work_back_without_using_an_attempt() {
         &["--export-max-attempts", "1", "--shutdown-timeout", "20"],
     ]
     .concat();
-    let mut first = serve_with(&data, port, &args);
+    let mut first = serve_with(&data, &db, port, &args);
     add_patients(&c, &first.base);
     let status_url = kickoff_ok(&c, &first.base);
     wait_running(&c, &status_url, 1);
     sigterm(&mut first);
     drop(first);
-    let mut second = serve_with(&data, port, &args);
+    let mut second = serve_with(&data, &db, port, &args);
     let before = scanned(&c, &status_url).expect("still running");
     wait_running(&c, &status_url, before + 1);
     sigterm(&mut second);
     drop(second);
-    let _third = serve_with(&data, port, &args);
+    let _third = serve_with(&data, &db, port, &args);
     let (code, manifest) = settle(&c, &status_url);
     assert_eq!(code, 200, "{manifest}");
     assert_every_patient_once(&c, &manifest);
@@ -450,10 +468,11 @@ fn sigterm_gives_running_export_work_back_without_using_an_attempt() {
 fn a_start_that_cannot_bind_its_port_claims_no_export_work() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
+    let db = TestDb::fresh();
     let c = client();
     let port = free_port();
     let args: Vec<&str> = [SLOW, &["--export-max-attempts", "2"]].concat();
-    let first = serve_with(&data, port, &args);
+    let first = serve_with(&data, &db, port, &args);
     add_patients(&c, &first.base);
     let status_url = kickoff_ok(&c, &first.base);
     wait_running(&c, &status_url, 1);
@@ -463,7 +482,8 @@ fn a_start_that_cannot_bind_its_port_claims_no_export_work() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken_port = taken.local_addr().expect("addr").port();
     for _ in 0..2 {
-        let out = fhirhose()
+        let out = db
+            .apply(&mut fhirhose())
             .args([
                 "serve",
                 "--listen",
@@ -483,7 +503,7 @@ fn a_start_that_cannot_bind_its_port_claims_no_export_work() {
         );
     }
     drop(taken);
-    let _second = serve_with(&data, port, &args);
+    let _second = serve_with(&data, &db, port, &args);
     let (code, manifest) = settle(&c, &status_url);
     assert_eq!(
         code, 200,
