@@ -363,8 +363,7 @@ pub async fn download(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
-    // A `.ndjson.gz` file (`--export-gzip`, `_compression=gzip`) is sent as stored, as gzip.
-    let gzip = file.ends_with(".gz");
+    let media = media_type(&file);
     let body = tokio::task::spawn_blocking(move || svc.file(&job, &file, &Caller(ctx)))
         .await
         .map_err(|e| ApiError::internal("export download", e))??;
@@ -423,13 +422,22 @@ pub async fn download(
             file_response(status, head, body)
         }
     };
-    if gzip {
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/gzip"),
-        );
-    }
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
     Ok(resp)
+}
+
+/// The media type of an export file, by its name: resources as FHIR NDJSON, the outputs of
+/// `$viewdefinition-export` as CSV or Parquet, a `.ndjson.gz` file (`--export-gzip`,
+/// `_compression=gzip`) as the gzip it is stored as.
+fn media_type(file: &str) -> &'static str {
+    match file.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("gz") => "application/gzip",
+        Some("csv") => "text/csv; charset=utf-8",
+        Some("parquet") => "application/vnd.apache.parquet",
+        Some("json") => "application/json",
+        _ => "application/fhir+ndjson",
+    }
 }
 
 /// The status, the bytes and the headers of a download answer; `416` as an OperationOutcome.

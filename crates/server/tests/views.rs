@@ -567,14 +567,20 @@ async fn view_export_writes_numbered_files_of_each_format_to_the_folder() {
         let patients = folder.join(format!("patients-1.{ext}"));
         assert!(patients.exists(), "{m}");
         assert!(folder.join(format!("obs_rows-1.{ext}")).exists());
-        let bytes =
+        let resp =
             s.c.get(find("patients")["url"].as_str().unwrap())
                 .send()
                 .await
-                .unwrap()
-                .bytes()
-                .await
                 .unwrap();
+        // Each file says what it is (CSV and Parquet were sent as FHIR NDJSON before).
+        let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+        let expected = match format {
+            "csv" => "text/csv; charset=utf-8",
+            "parquet" => "application/vnd.apache.parquet",
+            _ => "application/fhir+ndjson",
+        };
+        assert_eq!(ct, expected);
+        let bytes = resp.bytes().await.unwrap();
         assert_eq!(bytes.as_ref(), std::fs::read(&patients).unwrap());
         match format {
             "csv" => {
