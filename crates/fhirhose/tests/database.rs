@@ -78,6 +78,12 @@ fn an_unreachable_database_ends_each_command_with_one_line_and_status_3() {
         .output()
         .expect("run reindex");
     assert_unavailable(&reindex, "reindex");
+
+    let keys = fhirhose()
+        .args(["keys", "--data-dir", data, "--database", &url, "list"])
+        .output()
+        .expect("run keys list");
+    assert_unavailable(&keys, "keys list");
 }
 
 #[test]
