@@ -159,6 +159,10 @@ pub enum ExportError {
     /// Storage failure → 500.
     #[error("export storage failure: {0}")]
     Internal(String),
+    /// The resource store failed (its cause kept as the source): 503 when the database is
+    /// unavailable, else 500.
+    #[error("export: {0}")]
+    Store(#[source] store::StoreError),
     /// The job queue failed (its cause kept as the source) → 500.
     #[error(transparent)]
     Queue(QueueError),
@@ -669,7 +673,7 @@ impl ExportService {
                 Err(store::StoreError::NotFound { .. } | store::StoreError::Gone { .. }) => {
                     return Err(ExportError::GroupNotFound(id.clone()));
                 }
-                Err(e) => return Err(ExportError::Internal(e.to_string())),
+                Err(e) => return Err(ExportError::Store(e)),
             }
         }
         // An early answer before the configuration is fetched and the export planned; the
@@ -701,10 +705,7 @@ impl ExportService {
             pairs.push(("_compression".into(), "gzip".into()));
             req.gzip = Some(true);
         }
-        let wm = self
-            .store
-            .watermark()
-            .map_err(|e| ExportError::Internal(e.to_string()))?;
+        let wm = self.store.watermark().map_err(ExportError::Store)?;
         let transaction_time = wm
             .last_updated
             .unwrap_or_else(|| store::format_instant_ms(now));
@@ -714,8 +715,12 @@ impl ExportService {
         } else {
             self.config.run.item_resources
         };
-        let mut items = plan(self.store.as_ref(), &req, wm.seq, item_resources)
-            .map_err(|e| ExportError::Internal(e.to_string()))?;
+        let mut items =
+            plan(self.store.as_ref(), &req, wm.seq, item_resources).map_err(|e| match e {
+                RunError::Store(e) => ExportError::Store(e),
+                RunError::Queue(q) => ExportError::from(q),
+                e => ExportError::Internal(e.to_string()),
+            })?;
         // A dry run writes no data: its finalize item runs the report over the export's scope.
         if req.anonymization.as_ref().is_some_and(|s| s.dry_run) {
             items.retain(|i| i.kind == store::jobs::ItemKind::Finalize);

@@ -54,6 +54,10 @@ impl From<ExportError> for ApiError {
                 _ => ApiError::invalid(e.to_string(), "_anonymizationConfig"),
             },
             ExportError::Internal(detail) => ApiError::internal("export", detail),
+            ExportError::Store(db @ store::StoreError::Unavailable { .. }) => {
+                ApiError::database_unavailable("export", db)
+            }
+            ExportError::Store(db) => ApiError::internal("export", db),
             ExportError::Queue(store::QueueError::Db(
                 db @ store::StoreError::Unavailable { .. },
             )) => ApiError::database_unavailable("export job queue", db),

@@ -570,6 +570,21 @@ async fn a_database_that_went_away_answers_503_with_retry_after() {
         assert!(headers.contains_key("retry-after"), "{path}: {headers:?}");
         assert!(!body.to_string().contains("127.0.0.1"), "{path}: {body}");
     }
+    // Kick-offs too: a Group export reads the Group before anything else (it answered 500).
+    for path in ["/Group/g1/$export", "/Patient/$export", "/$export"] {
+        let r = s
+            .client
+            .get(s.url(path))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert!(r.headers().contains_key("retry-after"), "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["issue"][0]["code"], "transient", "{path}: {body}");
+    }
     admin(true).await.unwrap();
     let (status, _, body) = s.get("/Patient?_id=p1").await;
     assert_eq!(status, StatusCode::OK, "{body}");
