@@ -523,9 +523,11 @@ impl ExportService {
         let sink = self.config.sink.as_ref();
         let mut paths = Vec::new();
         if job_stopped {
-            paths.extend(mine.iter().map(|f| format!("{}/{}", job.folder, f.name)));
-        }
-        if job_stopped || !waiting {
+            // Cancelled or failed: every file of the export goes, and with them the folders
+            // this claim created after the export's own deletion ran (a local folder keeps
+            // empty directories: `_parts/`, the export's folder itself).
+            paths.push(job.folder.clone());
+        } else if !waiting {
             paths.push(dir);
         }
         for path in paths {

@@ -236,5 +236,76 @@ fn cancel_stops_the_workers_and_removes_the_files() {
     while folder.exists() && std::time::Instant::now() < bound {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!folder.exists(), "files of a cancelled export are removed");
+    let left: Vec<String> = if folder.exists() {
+        walk(&folder)
+    } else {
+        Vec::new()
+    };
+    assert!(
+        left.is_empty() && !folder.exists(),
+        "files of a cancelled export are removed: {left:?}"
+    );
+}
+
+/// Issue 18: connections lost during an export (PostgreSQL restarted, a proxy cutting idle
+/// connections): every backend of the test database is terminated three times while the export
+/// runs. The items that lose their connection are retried on new ones, and the export still has
+/// every resource exactly once.
+#[test]
+fn an_export_survives_its_database_connections_being_killed() {
+    let db = seeded();
+    let store::testing::TestGuard::Postgres(pg) = &db.guard else {
+        eprintln!("skipped: SQLite (set FHIRHOSE_TEST_DATABASE)");
+        return;
+    };
+    let admin_url = store::testing::test_database_url().expect("the test database URL");
+    let kill = format!(
+        "DO $$ BEGIN PERFORM pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{}' AND pid <> pg_backend_pid(); END $$;",
+        pg.name
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path(), 2);
+    c.run.item_resources = 100;
+    c.retry_backoff = Duration::from_millis(50);
+    c.retry_backoff_max = Duration::from_millis(200);
+    let svc = ExportService::open(db.store.clone(), c).expect("service");
+    svc.start_workers().expect("workers");
+    let id = kickoff(&svc, ExportLevel::System, &[]);
+    for pause in [10, 120, 250] {
+        std::thread::sleep(Duration::from_millis(pause));
+        store::testing::admin_batch(&admin_url, &kill).expect("terminate the backends");
+    }
+    // The status reads go through the same pool: a lost connection is a transient error here.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let manifest = loop {
+        assert!(Instant::now() < deadline, "the export did not finish");
+        match svc.status(&id, &export::Unrestricted) {
+            Ok(Status::Complete { manifest, .. }) => break manifest,
+            Ok(Status::Failed { diagnostics, .. }) => panic!("export failed: {diagnostics}"),
+            Ok(Status::InProgress { .. }) | Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let ids = contents(dir.path(), &manifest);
+    assert_eq!(ids["Patient"].len(), PATIENTS);
+    assert_eq!(
+        ids["Observation"].len(),
+        PATIENTS * OBSERVATIONS_PER_PATIENT
+    );
+}
+
+/// Every path under `dir` (files and folders), relative to it.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(dir).unwrap_or(&p).display().to_string());
+            if p.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
 }
