@@ -124,7 +124,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     }
 }
 
-fn open_text(path: &Path) -> Result<Box<dyn BufRead>, CliError> {
+fn open_text(path: &Path) -> Result<Box<dyn BufRead + Send>, CliError> {
     let f = fs::File::open(path).map_err(io(path))?;
     if path.extension().is_some_and(|e| e == "gz") {
         Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(
@@ -257,66 +257,202 @@ impl Job<'_> {
     }
 }
 
-/// Lines read and anonymized together: enough to keep every thread busy, small enough to
-/// stream (a few MB).
-const BATCH_LINES: usize = 4096;
+/// Lines of NDJSON read and anonymized together: a unit of work for one thread.
+const BATCH_LINES: usize = 1024;
+/// A batch also ends once it holds this many bytes of input.
+const BATCH_BYTES: usize = 1 << 20;
+/// Batches read but not yet written, per worker thread (bounds memory: a few MB per thread).
+const BATCHES_IN_FLIGHT: usize = 4;
 
-/// Anonymizes one batch of NDJSON lines on `threads` threads; the output keeps the input order.
-fn anonymize_batch(
+/// Consecutive NDJSON lines: their text back to back, and where each ends.
+struct Batch {
+    /// Sequence number of the batch in the file (0, 1, ...): the output order.
+    seq: u64,
+    /// 1-based line number of the first line.
+    first_line: usize,
+    text: String,
+    /// End offset in `text` of each line, line terminator excluded.
+    ends: Vec<usize>,
+}
+
+/// Reads the next batch of lines (`None` at the end of the input).
+fn read_batch(
+    reader: &mut dyn BufRead,
+    seq: u64,
+    first_line: usize,
+    input: &Path,
+) -> Result<Option<Batch>, CliError> {
+    let mut text = String::new();
+    let mut ends = Vec::with_capacity(BATCH_LINES);
+    while ends.len() < BATCH_LINES && text.len() < BATCH_BYTES {
+        let start = text.len();
+        if reader.read_line(&mut text).map_err(io(input))? == 0 {
+            break;
+        }
+        let end = start + text[start..].trim_end_matches(['\n', '\r']).len();
+        text.truncate(end);
+        ends.push(end);
+    }
+    Ok((!ends.is_empty()).then_some(Batch {
+        seq,
+        first_line,
+        text,
+        ends,
+    }))
+}
+
+/// A summary with this run's rule list and no counts (a thread's own, merged at the end).
+fn empty_summary(template: &Summary) -> Summary {
+    Summary {
+        rule_hits: template
+            .rule_hits
+            .iter()
+            .map(|(i, p, _)| (*i, p.clone(), 0))
+            .collect(),
+        ..Summary::default()
+    }
+}
+
+fn merge_summary(into: &mut Summary, local: Summary) {
+    into.resources += local.resources;
+    into.resources_skipped += local.resources_skipped;
+    for (slot, l) in into.rule_hits.iter_mut().zip(local.rule_hits) {
+        slot.2 += l.2;
+    }
+}
+
+/// Anonymizes the lines of one batch into `out`, one output line each.
+fn anonymize_lines(
     job: &Job<'_>,
-    batch: &[(usize, String)],
-    threads: usize,
+    batch: &Batch,
     input: &Path,
     summary: &mut Summary,
-) -> Result<Vec<String>, CliError> {
-    let chunk = batch.len().div_ceil(threads).max(1);
-    let parts: Vec<Result<(Vec<String>, Summary), CliError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = batch
-            .chunks(chunk)
-            .map(|part| {
-                let template = &summary.rule_hits;
+    out: &mut Vec<u8>,
+) -> Result<(), CliError> {
+    let mut start = 0;
+    for (i, &end) in batch.ends.iter().enumerate() {
+        let line = &batch.text[start..end];
+        start = end;
+        let n = batch.first_line + i;
+        if line.trim().is_empty() {
+            return Err(CliError::Resource {
+                path: input.to_path_buf(),
+                line: n,
+                source: deid::DeidError::InvalidInput("blank NDJSON line".into()),
+            });
+        }
+        let v = job.one(line, input, n, summary)?;
+        serde_json::to_writer(&mut *out, &v).map_err(|e| io(input)(e.into()))?;
+        out.push(b'\n');
+    }
+    Ok(())
+}
+
+/// Anonymizes an NDJSON stream into `w`, keeping the input order. One thread does everything
+/// when `threads` is 1; otherwise a reader thread hands batches of lines to `threads` workers,
+/// each anonymizes and serializes its batch into one buffer, and the calling thread writes the
+/// buffers in order — reading, anonymizing and writing overlap, and no thread waits for a whole
+/// round of batches to finish.
+fn anonymize_ndjson(
+    job: &Job<'_>,
+    mut reader: Box<dyn BufRead + Send>,
+    w: &mut dyn Write,
+    threads: usize,
+    input: &Path,
+    output: &Path,
+    summary: &mut Summary,
+) -> Result<(), CliError> {
+    use std::sync::{Arc, Mutex, mpsc};
+    if threads <= 1 {
+        let mut out = Vec::new();
+        let (mut seq, mut line) = (0, 1);
+        while let Some(batch) = read_batch(&mut *reader, seq, line, input)? {
+            out.clear();
+            anonymize_lines(job, &batch, input, summary, &mut out)?;
+            w.write_all(&out).map_err(io(output))?;
+            seq += 1;
+            line += batch.ends.len();
+        }
+        return Ok(());
+    }
+    type Done = (u64, Result<Vec<u8>, CliError>);
+    let in_flight = threads * BATCHES_IN_FLIGHT;
+    // Credits: the reader takes one per batch, the writer gives it back once the batch is
+    // written, so at most `in_flight` batches exist at a time however the workers interleave.
+    let (credit_tx, credit_rx) = mpsc::sync_channel::<()>(in_flight);
+    for _ in 0..in_flight {
+        credit_tx.send(()).expect("the receiver is alive");
+    }
+    let (work_tx, work_rx) = mpsc::channel::<Batch>();
+    let (done_tx, done_rx) = mpsc::channel::<Done>();
+    // Owned by the workers only: once they are all gone the reader's sends fail and it stops.
+    let work_rx = Arc::new(Mutex::new(work_rx));
+    let template = empty_summary(summary);
+    std::thread::scope(|s| {
+        let reader_thread = s.spawn(move || -> Result<(), CliError> {
+            let (mut seq, mut line) = (0, 1);
+            loop {
+                if credit_rx.recv().is_err() {
+                    return Ok(()); // the writer stopped
+                }
+                let Some(batch) = read_batch(&mut *reader, seq, line, input)? else {
+                    return Ok(());
+                };
+                seq += 1;
+                line += batch.ends.len();
+                if work_tx.send(batch).is_err() {
+                    return Ok(());
+                }
+            }
+        });
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (work_rx, done_tx) = (Arc::clone(&work_rx), done_tx.clone());
+                let mut local = template.clone();
                 s.spawn(move || {
-                    let mut local = Summary {
-                        rule_hits: template
-                            .iter()
-                            .map(|(i, p, _)| (*i, p.clone(), 0))
-                            .collect(),
-                        ..Summary::default()
-                    };
-                    let mut out = Vec::with_capacity(part.len());
-                    for (n, l) in part {
-                        if l.trim().is_empty() {
-                            return Err(CliError::Resource {
-                                path: input.to_path_buf(),
-                                line: *n,
-                                source: deid::DeidError::InvalidInput("blank NDJSON line".into()),
-                            });
+                    loop {
+                        let next = work_rx.lock().map(|rx| rx.recv());
+                        let Ok(Ok(batch)) = next else {
+                            break;
+                        };
+                        let mut out = Vec::with_capacity(batch.text.len() + batch.text.len() / 4);
+                        let r = anonymize_lines(job, &batch, input, &mut local, &mut out);
+                        if done_tx.send((batch.seq, r.map(|()| out))).is_err() {
+                            break;
                         }
-                        out.push(job.one(l, input, *n, &mut local)?.to_string());
                     }
-                    Ok((out, local))
+                    local
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(CliError::Usage("worker panicked".into())))
-            })
-            .collect()
-    });
-    let mut all = Vec::with_capacity(batch.len());
-    for p in parts {
-        let (lines, local) = p?;
-        summary.resources += local.resources;
-        summary.resources_skipped += local.resources_skipped;
-        for (slot, l) in summary.rule_hits.iter_mut().zip(local.rule_hits) {
-            slot.2 += l.2;
+        drop((work_rx, done_tx));
+        // The writer: buffers arrive in any order and are written in sequence.
+        let mut pending = std::collections::BTreeMap::new();
+        let mut next = 0u64;
+        let written = (|| -> Result<(), CliError> {
+            for (seq, r) in done_rx.iter() {
+                pending.insert(seq, r);
+                while let Some(r) = pending.remove(&next) {
+                    w.write_all(&r?).map_err(io(output))?;
+                    next += 1;
+                    let _ = credit_tx.send(());
+                }
+            }
+            Ok(())
+        })();
+        // On an error this stops the reader (no credit) and the workers (no receiver).
+        drop((credit_tx, done_rx));
+        for h in workers {
+            match h.join() {
+                Ok(local) => merge_summary(summary, local),
+                Err(_) => return Err(CliError::Usage("worker panicked".into())),
+            }
         }
-        all.extend(lines);
-    }
-    Ok(all)
+        let read = reader_thread
+            .join()
+            .unwrap_or_else(|_| Err(CliError::Usage("reader panicked".into())));
+        written.and(read)
+    })
 }
 
 /// `--dry-run`: every input resource through [`deid::report::DryRun`]; nothing is written.
@@ -496,30 +632,10 @@ pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
         };
         if args.bulk {
             // Streams: batches of lines go to the threads and come back in order.
-            let mut reader = open_text(input)?;
-            let mut line_no = 0usize;
-            write_atomic(output, &mut |w| {
-                loop {
-                    let mut batch: Vec<(usize, String)> = Vec::with_capacity(BATCH_LINES);
-                    while batch.len() < BATCH_LINES {
-                        let mut l = String::new();
-                        if reader.read_line(&mut l).map_err(io(input))? == 0 {
-                            break;
-                        }
-                        line_no += 1;
-                        let end = l.trim_end_matches(['\n', '\r']).len();
-                        l.truncate(end);
-                        batch.push((line_no, l));
-                    }
-                    if batch.is_empty() {
-                        return Ok(());
-                    }
-                    for l in anonymize_batch(&job, &batch, threads, input, &mut summary)? {
-                        w.write_all(l.as_bytes())
-                            .and_then(|()| w.write_all(b"\n"))
-                            .map_err(io(output))?;
-                    }
-                }
+            let mut reader = Some(open_text(input)?);
+            write_atomic(output, &mut |w| match reader.take() {
+                Some(r) => anonymize_ndjson(&job, r, w, threads, input, output, &mut summary),
+                None => Ok(()),
             })?;
         } else {
             let mut text = String::new();
