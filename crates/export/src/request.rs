@@ -49,6 +49,15 @@ pub struct ExportRequest {
     /// `_compression=gzip`: NDJSON files are stored gzip-compressed (`.ndjson.gz`); `None`
     /// leaves it to the server's `--export-gzip`.
     pub gzip: Option<bool>,
+    /// `allowPartialManifests=true` (Bulk Data STU3): the status answers `202` with the files
+    /// written so far, and manifests are paged (`link` `next`), one page per work item.
+    pub allow_partial: bool,
+    /// `organizeOutputBy=Patient` (Bulk Data STU3): output files hold blocks of one patient
+    /// each (a header `Parameters`, the Patient, then its compartment resources).
+    pub organize_by_patient: bool,
+    /// `Prefer: separate-export-status` at kick-off (not a parameter; recorded with the job):
+    /// status polls answer `200` with the job's status in `X-Export-Status`.
+    pub separate_status: bool,
 }
 
 /// The file format of `$viewdefinition-export` output.
@@ -164,7 +173,10 @@ fn value_type_allowed(name: &str, ty: &str) -> bool {
     match name {
         "patient" => ty == "Reference",
         "_since" | "_until" | "_till" => matches!(ty, "Instant" | "DateTime" | "String"),
-        "_type" | "_outputFormat" | "includeAssociatedData" => matches!(ty, "String" | "Code"),
+        "_type" | "_outputFormat" | "includeAssociatedData" | "organizeOutputBy" => {
+            matches!(ty, "String" | "Code")
+        }
+        "allowPartialManifests" => matches!(ty, "Boolean" | "String"),
         "_typeFilter"
         | "_elements"
         | "_container"
@@ -223,6 +235,7 @@ pub fn parameters_to_pairs(body: &Value) -> Result<Vec<(String, String)>, Reques
         }
         let value = match v {
             Value::String(s) => Some(s.clone()),
+            Value::Bool(b) if key == "Boolean" => Some(b.to_string()),
             Value::Object(_) if key == "Reference" => v
                 .get("reference")
                 .and_then(Value::as_str)
@@ -235,6 +248,36 @@ pub fn parameters_to_pairs(body: &Value) -> Result<Vec<(String, String)>, Reques
         }
     }
     Ok(pairs)
+}
+
+/// The combinations `organizeOutputBy=Patient` refuses (400 naming `organizeOutputBy`): a block
+/// is a patient's compartment, so system level (resources outside every compartment) has none;
+/// a block's header references the Patient by id, which a de-identified export must not carry;
+/// views write rows, not resources; associated Provenance belongs to no one patient's block.
+fn organize_by_patient_allowed(r: &ExportRequest, deidentified: bool) -> Result<(), RequestError> {
+    let refuse = |why: &str| {
+        Err(err(
+            "organizeOutputBy",
+            format!("organizeOutputBy=Patient {why}"),
+        ))
+    };
+    if r.level == ExportLevel::System {
+        return refuse(
+            "needs a Patient or Group level export (/Patient/$export, /Group/[id]/$export)",
+        );
+    }
+    if deidentified {
+        return refuse(
+            "cannot be combined with a de-identified export: the block headers reference patients by id",
+        );
+    }
+    if !r.views.is_empty() {
+        return refuse("does not apply to $viewdefinition-export");
+    }
+    if r.associated.is_some() {
+        return refuse("cannot be combined with includeAssociatedData");
+    }
+    Ok(())
 }
 
 impl ExportRequest {
@@ -267,6 +310,9 @@ impl ExportRequest {
             view_format: ViewFormat::Ndjson,
             view_header: true,
             gzip: None,
+            allow_partial: false,
+            organize_by_patient: false,
+            separate_status: false,
         };
         let (mut anon_config, mut anon_etag, mut anon_collection) = (None, None, None);
         let (mut anon_key_set, mut anon_dry_run) = (None, false);
@@ -456,6 +502,28 @@ impl ExportRequest {
                         }
                     }
                 }
+                "allowPartialManifests" => {
+                    r.allow_partial = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        other => {
+                            return Err(err(name, format!("'{other}' is not true or false")));
+                        }
+                    }
+                }
+                "organizeOutputBy" => {
+                    r.organize_by_patient = match value.as_str() {
+                        "Patient" => true,
+                        other => {
+                            return Err(err(
+                                name,
+                                format!(
+                                    "'{other}' is not supported: output can be organized by Patient only"
+                                ),
+                            ));
+                        }
+                    }
+                }
                 "_format" => {}
                 "_view" => {
                     let v: Value = serde_json::from_str(value)
@@ -494,6 +562,9 @@ impl ExportRequest {
                     r.types.push(v.resource_type().to_string());
                 }
             }
+        }
+        if r.organize_by_patient {
+            organize_by_patient_allowed(&r, anon_config.is_some())?;
         }
         if anon_config.is_some()
             || anon_etag.is_some()

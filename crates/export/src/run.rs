@@ -167,6 +167,26 @@ pub fn plan(
     let present = store.types_present(watermark)?;
     let types = req.effective_types(&present);
     let mut items = Vec::new();
+    if req.organize_by_patient {
+        // Items are ranges of Patients (all of them: with `_since`, an unchanged patient's
+        // changed resources still form its block).
+        plan_ranges(
+            store,
+            "Patient",
+            watermark,
+            0,
+            ORGANIZE_ITEM_PATIENTS,
+            &mut items,
+        )?;
+        items.push(ItemPlan {
+            kind: ItemKind::Finalize,
+            resource_type: String::new(),
+            seq_after: 0,
+            seq_up_to: 0,
+            expected: 0,
+        });
+        return Ok(items);
+    }
     for t in &types {
         let Some(stats) = store.seq_range(t, watermark)? else {
             continue;
@@ -210,6 +230,44 @@ pub fn plan(
         expected: 0,
     });
     Ok(items)
+}
+
+/// Patients per work item of an `organizeOutputBy=Patient` export: an item holds its patients'
+/// resources in memory until their blocks are written.
+const ORGANIZE_ITEM_PATIENTS: u64 = 100;
+
+/// Sequence ranges of about `per_item` resources of `t` (after `since_after`) as scan items.
+fn plan_ranges(
+    store: &dyn Store,
+    t: &str,
+    watermark: i64,
+    since_after: i64,
+    per_item: u64,
+    items: &mut Vec<ItemPlan>,
+) -> Result<(), RunError> {
+    let Some(stats) = store.seq_range(t, watermark)? else {
+        return Ok(());
+    };
+    let lo = since_after.max(stats.min_seq - 1);
+    let hi = stats.max_seq;
+    if hi <= lo || stats.count == 0 {
+        return Ok(());
+    }
+    let parts = stats.count.div_ceil(per_item.max(1)).max(1) as i64;
+    let width = ((hi - lo) + parts - 1) / parts;
+    let mut after = lo;
+    while after < hi {
+        let up_to = (after + width).min(hi);
+        items.push(ItemPlan {
+            kind: ItemKind::Scan,
+            resource_type: t.to_string(),
+            seq_after: after,
+            seq_up_to: up_to,
+            expected: stats.count / parts as u64,
+        });
+        after = up_to;
+    }
+    Ok(())
 }
 
 /// Which patients an export is about: `None` = every patient (Patient level without `patient`).
@@ -733,6 +791,9 @@ fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
     if !ctx.prepared.req.views.is_empty() {
         return view_items::scan_views(ctx, item);
     }
+    if ctx.prepared.req.organize_by_patient {
+        return organize_item(ctx, item);
+    }
     let p = ctx.prepared;
     let t = item.resource_type.as_str();
     let compartment = compartment_params(t);
@@ -782,6 +843,148 @@ fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
 
 /// `$viewdefinition-export` items: the same scan, rows of views instead of resources.
 mod view_items;
+
+/// The patient whose block a resource goes to in an `organizeOutputBy=Patient` export: the
+/// first patient in scope that its compartment parameters reference (in the
+/// CompartmentDefinition's order), so that a resource in several patients' compartments is
+/// written once, like in a plain export.
+fn owner_patient(
+    resource_type: &str,
+    resource: &Value,
+    params: &[String],
+    scope: &Option<HashSet<String>>,
+) -> Option<String> {
+    params.iter().find_map(|code| {
+        search::registry::extract_param(resource_type, code, resource)
+            .into_iter()
+            .find_map(|v| match v {
+                IndexValue::Reference { target_type, id }
+                    if target_type == "Patient"
+                        && scope.as_ref().is_none_or(|s| s.contains(&id)) =>
+                {
+                    Some(id)
+                }
+                _ => None,
+            })
+    })
+}
+
+/// A patient's block being gathered: the Patient's sequence number and id, its own line (when
+/// exported) and its resources' lines.
+type Block = (i64, String, Option<Vec<u8>>, Vec<Vec<u8>>);
+
+/// One item of an `organizeOutputBy=Patient` export: the Patients of its range, then every
+/// exported compartment type of the snapshot scanned once for the resources whose owner
+/// ([`owner_patient`]) is one of them; then one block per patient, in Patient order — a header
+/// `Parameters` (`header` → the Patient), the Patient, its resources — into `output-<n>.ndjson`
+/// files cut only between blocks (a patient's block is never split). Commits carry the last
+/// written Patient's sequence number as the cursor; a resumed item rebuilds the blocks of the
+/// patients after it.
+fn organize_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
+    let p = ctx.prepared;
+    let present = ctx.store.types_present(p.job.watermark)?;
+    let types = p.req.effective_types(&present);
+    let mut pulse = Pulse {
+        last: Instant::now(),
+    };
+    let mut scanned = item.scanned;
+    let until_ok = |last_updated: &str| {
+        p.req
+            .until_ms
+            .is_none_or(|until| store::parse_instant_ms(last_updated).is_none_or(|ms| ms <= until))
+    };
+    let mut blocks: Vec<Block> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let with_patient = types.iter().any(|t| t == "Patient");
+    let patient_subset = element_subset(&p.req, "Patient");
+    let bounds = SeqBounds {
+        after: item.cursor,
+        up_to: item.seq_up_to,
+    };
+    scan_rows(ctx.store, "Patient", p.job.watermark, bounds, &mut |row| {
+        scanned += 1;
+        if scanned.is_multiple_of(1024) {
+            pulse.beat(ctx, item, scanned)?;
+        }
+        if !p.scope.as_ref().is_none_or(|s| s.contains(row.id)) {
+            return Ok(());
+        }
+        let line = if with_patient && row.seq > p.since_after && until_ok(row.last_updated) {
+            match transform(p, "Patient", row.json, &[], &patient_subset, true)? {
+                Emit::Line(l) => Some(l),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        index.insert(row.id.to_string(), blocks.len());
+        blocks.push((row.seq, row.id.to_string(), line, Vec::new()));
+        Ok(())
+    })?;
+    if !blocks.is_empty() {
+        for t in types.iter().filter(|t| t.as_str() != "Patient") {
+            let compartment = compartment_params(t);
+            if compartment.is_empty() {
+                continue;
+            }
+            let subset = element_subset(&p.req, t);
+            let all = SeqBounds {
+                after: p.since_after,
+                up_to: p.job.watermark,
+            };
+            scan_rows(ctx.store, t, p.job.watermark, all, &mut |row| {
+                scanned += 1;
+                if scanned.is_multiple_of(1024) {
+                    pulse.beat(ctx, item, scanned)?;
+                }
+                if !until_ok(row.last_updated) {
+                    return Ok(());
+                }
+                let Ok(v) = serde_json::from_slice::<Value>(row.json) else {
+                    return Ok(());
+                };
+                let Some(owner) = owner_patient(t, &v, &compartment, &p.scope) else {
+                    return Ok(());
+                };
+                let Some(&i) = index.get(&owner) else {
+                    return Ok(());
+                };
+                if !p.filters.matches(&v) {
+                    return Ok(());
+                }
+                let v = match &subset {
+                    Some(keep) => apply_subset(v, keep),
+                    None => v,
+                };
+                blocks[i].3.push(v.to_string().into_bytes());
+                Ok(())
+            })?;
+        }
+    }
+    let mut roller = Roller::new(ctx, item, FileKind::Output, "", "output");
+    for (seq, id, line, lines) in blocks {
+        if line.is_none() && lines.is_empty() {
+            continue;
+        }
+        let header = json!({"resourceType": "Parameters", "parameter": [{"name": "header", "valueReference": {"reference": format!("Patient/{id}")}}]});
+        roller.write(header.to_string().as_bytes())?;
+        if let Some(l) = line {
+            roller.write(&l)?;
+        }
+        for l in lines {
+            roller.write(&l)?;
+        }
+        if roller.full() {
+            let parts: Vec<NewFile> = roller.take()?.into_iter().collect();
+            commit(ctx, item, parts, seq, scanned)?;
+        }
+    }
+    let parts: Vec<NewFile> = roller.take()?.into_iter().collect();
+    if !parts.is_empty() {
+        commit(ctx, item, parts, item.seq_up_to, scanned)?;
+    }
+    Ok(scanned)
+}
 
 /// The ids a Provenance `target` points at, as `Type/id`.
 fn provenance_targets(v: &Value) -> Vec<String> {

@@ -166,6 +166,17 @@ pub enum ExportError {
     /// The job queue failed (its cause kept as the source) → 500.
     #[error(transparent)]
     Queue(QueueError),
+    /// A manifest page that this export does not have → 404.
+    #[error("this export's manifest has no page {0}")]
+    UnknownPage(i64),
+}
+
+/// What the status endpoint answers: the job's state, and whether the kick-off asked for
+/// `Prefer: separate-export-status` (then the state travels in `X-Export-Status`).
+#[derive(Debug, Clone)]
+pub struct StatusView {
+    pub status: Status,
+    pub separate_status: bool,
 }
 
 impl From<QueueError> for ExportError {
@@ -180,8 +191,10 @@ impl From<QueueError> for ExportError {
 /// The state of a job as the status endpoint reports it.
 #[derive(Debug, Clone)]
 pub enum Status {
+    /// `partial`: with `allowPartialManifests`, the manifest page of the files written so far.
     InProgress {
         progress: String,
+        partial: Option<Value>,
     },
     /// `expires_ms`: when the files are removed (completion + retention).
     Complete {
@@ -201,13 +214,14 @@ fn request_json(
     is_post: bool,
     lenient: bool,
     url: &str,
+    separate: bool,
 ) -> String {
     let (lv, gid) = match level {
         ExportLevel::System => ("system", None),
         ExportLevel::Patient => ("patient", None),
         ExportLevel::Group(g) => ("group", Some(g.clone())),
     };
-    json!({"level": lv, "group": gid, "params": pairs, "post": is_post, "lenient": lenient, "url": url}).to_string()
+    json!({"level": lv, "group": gid, "params": pairs, "post": is_post, "lenient": lenient, "url": url, "separate": separate}).to_string()
 }
 
 fn parse_request_json(s: &str, now_ms: i64) -> Option<ExportRequest> {
@@ -218,7 +232,7 @@ fn parse_request_json(s: &str, now_ms: i64) -> Option<ExportRequest> {
         _ => ExportLevel::Group(v["group"].as_str()?.to_string()),
     };
     let pairs: Vec<(String, String)> = serde_json::from_value(v["params"].clone()).ok()?;
-    ExportRequest::parse(
+    let mut req = ExportRequest::parse(
         level,
         &pairs,
         v["post"].as_bool()?,
@@ -226,7 +240,10 @@ fn parse_request_json(s: &str, now_ms: i64) -> Option<ExportRequest> {
         now_ms,
         v["url"].as_str()?.to_string(),
     )
-    .ok()
+    .ok()?;
+    // Jobs recorded before the field existed had no separate status.
+    req.separate_status = v["separate"].as_bool().unwrap_or(false);
+    Some(req)
 }
 
 fn now_ms() -> i64 {
@@ -636,9 +653,26 @@ impl ExportService {
     pub fn kickoff(
         self: &Arc<Self>,
         level: ExportLevel,
+        pairs: Vec<(String, String)>,
+        body: Option<&Value>,
+        lenient: bool,
+        request_url: String,
+        access: &dyn ExportAccess,
+    ) -> Result<String, ExportError> {
+        self.kickoff_with(level, pairs, body, lenient, false, request_url, access)
+    }
+
+    /// [`ExportService::kickoff`] with `Prefer: separate-export-status` (`separate`): recorded
+    /// with the job, so that every node answers its status polls with `200` and the job's
+    /// status in `X-Export-Status`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kickoff_with(
+        self: &Arc<Self>,
+        level: ExportLevel,
         mut pairs: Vec<(String, String)>,
         body: Option<&Value>,
         lenient: bool,
+        separate: bool,
         request_url: String,
         access: &dyn ExportAccess,
     ) -> Result<String, ExportError> {
@@ -739,7 +773,7 @@ impl ExportService {
         let job = JobRecord {
             id: id.clone(),
             state: JobState::Queued,
-            request: request_json(&level, &pairs, is_post, lenient, &request_url),
+            request: request_json(&level, &pairs, is_post, lenient, &request_url, separate),
             watermark: wm.seq,
             transaction_time,
             client_id,
@@ -918,22 +952,47 @@ impl ExportService {
         }
     }
 
-    /// Writes the manifest of a job whose items are all done.
-    fn complete_job(&self, prepared: &Prepared) -> Result<(), RunError> {
-        let job = &prepared.job;
-        let files = self.queue.files(&job.id)?;
-        let url = |name: &str| format!("{}/export-files/{}/{}", self.config.base_url, job.id, name);
+    /// A manifest entry of a committed file. Files of an `organizeOutputBy` export hold several
+    /// types: their entries carry no `type`.
+    fn manifest_entry(
+        &self,
+        job: &JobRecord,
+        f: &crate::jobs::FileRecord,
+        organized: bool,
+    ) -> Value {
+        let url = format!(
+            "{}/export-files/{}/{}",
+            self.config.base_url, job.id, f.name
+        );
+        let mut e =
+            json!({"type": f.resource_type, "url": url, "count": f.count, "fileSize": f.bytes});
+        if organized
+            && f.kind == FileKind::Output
+            && let Some(o) = e.as_object_mut()
+        {
+            o.remove("type");
+        }
+        if let Some(sha) = &f.sha256 {
+            e["extension"] = manifest::entry_extension(sha, f.name.ends_with(".gz"));
+        }
+        e
+    }
+
+    /// A manifest listing `files`: the job's fields, then `output`, `error` (and `deleted` with
+    /// `_since`). `anonymization` is the de-identification extension, if any.
+    fn manifest_of(
+        &self,
+        job: &JobRecord,
+        req: &ExportRequest,
+        anonymization: Option<Value>,
+        files: &[crate::jobs::FileRecord],
+    ) -> Value {
+        let organized = req.organize_by_patient;
         let list = |kind: FileKind| -> Vec<Value> {
             files
                 .iter()
                 .filter(|f| f.kind == kind)
-                .map(|f| {
-                    let mut e = json!({"type": f.resource_type, "url": url(&f.name), "count": f.count, "fileSize": f.bytes});
-                    if let Some(sha) = &f.sha256 {
-                        e["extension"] = manifest::entry_extension(sha, f.name.ends_with(".gz"));
-                    }
-                    e
-                })
+                .map(|f| self.manifest_entry(job, f, organized))
                 .collect()
         };
         let mut storage = json!({
@@ -942,20 +1001,35 @@ impl ExportService {
             "folder": job.folder,
             "location": self.config.sink.location(&job.container, &job.folder),
         });
-        if let Some(a) = &prepared.anonymizer {
-            storage["anonymization"] = a.info.manifest_extension();
+        if let Some(a) = anonymization {
+            storage["anonymization"] = a;
         }
         let mut manifest = json!({
             "transactionTime": job.transaction_time,
-            "request": prepared.req.request_url,
+            "request": req.request_url,
             "requiresAccessToken": self.config.requires_access_token,
             "output": list(FileKind::Output),
             "error": list(FileKind::Error),
             "extension": {"storage": storage},
         });
-        if prepared.req.since_ms.is_some() {
+        if organized {
+            manifest["outputOrganizedBy"] = json!("Patient");
+        }
+        if req.since_ms.is_some() {
             manifest["deleted"] = Value::Array(list(FileKind::Deleted));
         }
+        manifest
+    }
+
+    /// Writes the manifest of a job whose items are all done.
+    fn complete_job(&self, prepared: &Prepared) -> Result<(), RunError> {
+        let job = &prepared.job;
+        let files = self.queue.files(&job.id)?;
+        let anonymization = prepared
+            .anonymizer
+            .as_ref()
+            .map(|a| a.info.manifest_extension());
+        let manifest = self.manifest_of(job, &prepared.req, anonymization, &files);
         self.queue.finish(
             &job.id,
             JobState::Complete,
@@ -971,6 +1045,63 @@ impl ExportService {
         tracing::info!(job = %job.id, files = files.len(), resources = total, "export complete");
         self.forget(&job.id);
         Ok(())
+    }
+
+    /// One page of the manifest of an `allowPartialManifests` export, running or complete. A
+    /// page is the files of one work item (in item order; `page` is the item's number, the
+    /// first item's by default); files appear on it once committed and renamed, and never
+    /// change. `link` `next` names the next item with files once this item is done and every
+    /// item between them is done without files: following the links from the first page
+    /// lists every file of the export exactly once.
+    fn manifest_page(
+        &self,
+        job: &JobRecord,
+        req: &ExportRequest,
+        page: Option<i64>,
+    ) -> Result<Value, ExportError> {
+        let items = self.queue.item_states(&job.id)?;
+        let files: Vec<crate::jobs::FileRecord> = self
+            .queue
+            .files(&job.id)?
+            .into_iter()
+            .filter(|f| f.pending_rename.is_none())
+            .collect();
+        let no = match page {
+            Some(n) => n,
+            None => items.first().map_or(0, |(n, _)| *n),
+        };
+        let pos = items
+            .iter()
+            .position(|(n, _)| *n == no)
+            .ok_or(ExportError::UnknownPage(no))?;
+        let has_files = |n: i64| files.iter().any(|f| f.item_no == n);
+        let mut next = None;
+        if items[pos].1 {
+            for (n, done) in &items[pos + 1..] {
+                if has_files(*n) {
+                    next = Some(*n);
+                    break;
+                }
+                if !done {
+                    break;
+                }
+            }
+        }
+        let mine: Vec<crate::jobs::FileRecord> =
+            files.into_iter().filter(|f| f.item_no == no).collect();
+        let anonymization = job
+            .anonymization
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<AnonymizationInfo>(t).ok())
+            .map(|i| i.manifest_extension());
+        let mut m = self.manifest_of(job, req, anonymization, &mine);
+        if let Some(n) = next {
+            m["link"] = json!([{
+                "relation": "next",
+                "url": format!("{}/export-status/{}?page={n}", self.config.base_url, job.id),
+            }]);
+        }
+        Ok(m)
     }
 
     /// The job `id` if `access` may use it: another client's job is unknown (404), and the
@@ -1024,27 +1155,59 @@ impl ExportService {
 
     /// The state of a job, for a caller who may use it (see `owned_job`).
     pub fn status(&self, id: &str, access: &dyn ExportAccess) -> Result<Status, ExportError> {
+        Ok(self.status_page(id, None, access)?.status)
+    }
+
+    /// [`ExportService::status`] with the manifest page `page` of an `allowPartialManifests`
+    /// export (see `manifest_page`; `None`: the first), and the job's status preference.
+    pub fn status_page(
+        &self,
+        id: &str,
+        page: Option<i64>,
+        access: &dyn ExportAccess,
+    ) -> Result<StatusView, ExportError> {
         let job = self.owned_job(id, access)?;
-        Ok(match job.state {
+        let req = parse_request_json(&job.request, job.created_ms);
+        let allow_partial = req.as_ref().is_some_and(|r| r.allow_partial);
+        if page.is_some() && !allow_partial {
+            return Err(ExportError::Request(RequestError {
+                param: "page".into(),
+                message: "manifest pages exist only for exports kicked off with allowPartialManifests=true".into(),
+            }));
+        }
+        let status = match job.state {
             JobState::Queued | JobState::Running | JobState::Cancelled => Status::InProgress {
                 progress: self.progress_text(id)?,
+                partial: match &req {
+                    Some(r) if r.allow_partial => Some(self.manifest_page(&job, r, page)?),
+                    _ => None,
+                },
             },
             JobState::Expired => return Err(ExportError::Expired(id.to_string())),
-            JobState::Complete => Status::Complete {
-                manifest: job
+            JobState::Complete => {
+                let stored: Value = job
                     .result
                     .as_deref()
                     .and_then(|s| serde_json::from_str(s).ok())
-                    .unwrap_or(Value::Null),
-                expires_ms: job
-                    .finished_ms
-                    .unwrap_or_else(now_ms)
-                    .saturating_add(self.config.retention.as_millis().min(i64::MAX as u128) as i64),
-            },
+                    .unwrap_or(Value::Null);
+                Status::Complete {
+                    manifest: match &req {
+                        Some(r) if r.allow_partial => self.manifest_page(&job, r, page)?,
+                        _ => stored,
+                    },
+                    expires_ms: job.finished_ms.unwrap_or_else(now_ms).saturating_add(
+                        self.config.retention.as_millis().min(i64::MAX as u128) as i64,
+                    ),
+                }
+            }
             JobState::Failed => Status::Failed {
-                diagnostics: job.result.unwrap_or_default(),
+                diagnostics: job.result.clone().unwrap_or_default(),
                 status: job.failure_status.unwrap_or(500),
             },
+        };
+        Ok(StatusView {
+            status,
+            separate_status: req.is_some_and(|r| r.separate_status),
         })
     }
 
@@ -1067,7 +1230,10 @@ impl ExportService {
         access: &dyn ExportAccess,
     ) -> Result<FileBody, ExportError> {
         let job = self.owned_job(id, access)?;
-        if job.state != JobState::Complete {
+        // A running export's files are served once listed by a partial manifest.
+        let listed_early = matches!(job.state, JobState::Queued | JobState::Running)
+            && parse_request_json(&job.request, job.created_ms).is_some_and(|r| r.allow_partial);
+        if job.state != JobState::Complete && !listed_early {
             return Err(ExportError::UnknownFile(name.to_string()));
         }
         let known = self

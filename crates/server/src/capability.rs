@@ -6,6 +6,10 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 
+/// The `$export` kick-off parameters and preferences this server supports (the operations'
+/// `documentation`).
+const EXPORT_PARAMETERS: &str = "Kick-off parameters (GET query or POST Parameters): _outputFormat, _since, _until (_till), _type, _typeFilter, _elements, patient (POST), includeAssociatedData, _container, _compression, _anonymizationConfig, _anonymizationConfigEtag, _anonymizationConfigCollectionReference, _anonymizationKeySet, _anonymizationDryRun, allowPartialManifests (true|false), organizeOutputBy (Patient; Patient and Group level). Prefer: respond-async, handling=lenient, separate-export-status.";
+
 /// Search parameter types the search crate answers (composite and special are refused).
 fn supported(kind: SearchParamType) -> bool {
     !matches!(kind, SearchParamType::Composite | SearchParamType::Special)
@@ -45,7 +49,7 @@ pub fn capability_statement(state: &AppState) -> Value {
                     "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"
                 } else {
                     "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"
-                }}]);
+                }, "documentation": EXPORT_PARAMETERS}]);
             }
             r
         })
@@ -53,7 +57,7 @@ pub fn capability_statement(state: &AppState) -> Value {
     let mut resources = resources;
     resources.push(crate::view_routes::capability_resource());
     let mut operations = vec![
-        json!({"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}),
+        json!({"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export", "documentation": EXPORT_PARAMETERS}),
     ];
     operations.extend(
         crate::view_routes::capability_operations()

@@ -23,7 +23,8 @@ impl From<ExportError> for ApiError {
             ExportError::Request(r) => ApiError::invalid(e.to_string(), r.param.clone()),
             ExportError::GroupNotFound(_)
             | ExportError::UnknownJob(_)
-            | ExportError::UnknownFile(_) => ApiError::not_found(e.to_string()),
+            | ExportError::UnknownFile(_)
+            | ExportError::UnknownPage(_) => ApiError::not_found(e.to_string()),
             ExportError::Forbidden(reason) => auth::AuthRejection::Forbidden(reason.clone()).into(),
             ExportError::Expired(_) => ApiError::new(StatusCode::GONE, "not-found", e.to_string()),
             ExportError::DestinationUnavailable(_) => {
@@ -143,13 +144,15 @@ pub(crate) async fn kickoff(
     // The service parses the request once and authorizes the typed request for this caller.
     let request_url = format!("{}{}", state.base_url, uri);
     let lenient = negotiate::lenient(&headers);
+    let separate = negotiate::prefer_token(&headers, SEPARATE_EXPORT_STATUS);
     let svc = state.export.clone();
     let id = tokio::task::spawn_blocking(move || {
-        svc.kickoff(
+        svc.kickoff_with(
             level,
             pairs,
             body.as_ref(),
             lenient,
+            separate,
             request_url,
             &Caller(ctx),
         )
@@ -161,8 +164,18 @@ pub(crate) async fn kickoff(
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::CONTENT_LOCATION, v);
     }
+    if separate {
+        resp.headers_mut().insert(
+            "preference-applied",
+            HeaderValue::from_static("respond-async, separate-export-status"),
+        );
+    }
     Ok(resp)
 }
+
+/// The `Prefer` token of Bulk Data STU3's separate export status: status polls answer `200`
+/// and carry the job's own status in `X-Export-Status`.
+const SEPARATE_EXPORT_STATUS: &str = "separate-export-status";
 
 pub async fn system_export(
     State(state): State<AppState>,
@@ -273,18 +286,51 @@ fn polled_too_often(job: &str) -> bool {
     }
 }
 
+/// The `page` of a status URL (a manifest page of an `allowPartialManifests` export); any
+/// other query parameter is ignored.
+fn status_page_param(raw: Option<&str>) -> Result<Option<i64>, ApiError> {
+    let pairs = raw.map(search::parse_query_string).unwrap_or_default();
+    match pairs.iter().find(|(k, _)| k == "page") {
+        None => Ok(None),
+        Some((_, v)) => v
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| ApiError::invalid(format!("page '{v}' is not a page number"), "page")),
+    }
+}
+
 pub async fn status(
     State(state): State<AppState>,
     ctx: AuthContext,
     Path(job): Path<String>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    let page = status_page_param(raw.as_deref())?;
     let svc = state.export.clone();
     let j = job.clone();
-    let st = tokio::task::spawn_blocking(move || svc.status(&j, &Caller(ctx)))
+    let view = tokio::task::spawn_blocking(move || svc.status_page(&j, page, &Caller(ctx)))
         .await
         .map_err(|e| ApiError::internal("export status", e))??;
-    match st {
-        Status::InProgress { progress } => {
+    let separate = view.separate_status;
+    // With `separate-export-status`, the poll itself succeeds (200) and the job's status is
+    // in `X-Export-Status`: `202 Accepted`, `200 OK`, or the failure's code.
+    let separated = |mut resp: Response| -> Response {
+        if separate {
+            let code = resp.status();
+            let text = format!(
+                "{} {}",
+                code.as_u16(),
+                code.canonical_reason().unwrap_or("")
+            );
+            if let Ok(v) = HeaderValue::from_str(text.trim_end()) {
+                resp.headers_mut().insert("x-export-status", v);
+            }
+            *resp.status_mut() = StatusCode::OK;
+        }
+        resp
+    };
+    match view.status {
+        Status::InProgress { progress, partial } => {
             if polled_too_often(&job) {
                 return Err(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -293,13 +339,24 @@ pub async fn status(
                 )
                 .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
             }
-            let mut resp = StatusCode::ACCEPTED.into_response();
+            let mut resp = match partial {
+                // `allowPartialManifests`: the files written so far.
+                Some(m) => {
+                    let mut r = (StatusCode::ACCEPTED, m.to_string()).into_response();
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    r
+                }
+                None => StatusCode::ACCEPTED.into_response(),
+            };
             let h = resp.headers_mut();
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             if let Ok(v) = HeaderValue::from_str(&progress) {
                 h.insert("x-progress", v);
             }
-            Ok(resp)
+            Ok(separated(resp))
         }
         Status::Complete {
             manifest,
@@ -317,7 +374,7 @@ pub async fn status(
             if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
                 h.insert(header::EXPIRES, v);
             }
-            Ok(resp)
+            Ok(separated(resp))
         }
         Status::Failed {
             diagnostics,
@@ -331,11 +388,11 @@ pub async fn status(
             } else {
                 "exception"
             };
-            Err(ApiError::new(
-                code,
-                issue,
-                format!("export failed: {diagnostics}"),
-            ))
+            let e = ApiError::new(code, issue, format!("export failed: {diagnostics}"));
+            if separate {
+                return Ok(separated(e.into_response()));
+            }
+            Err(e)
         }
     }
 }

@@ -236,3 +236,336 @@ async fn kickoff_validation_snapshot_and_cancel() {
         StatusCode::NOT_FOUND
     );
 }
+
+/// GETs a status URL until it answers something other than 429 (polls faster than the server
+/// allows are refused).
+async fn poll(s: &Server, url: &str) -> reqwest::Response {
+    loop {
+        let r = s.c.get(url).send().await.unwrap();
+        if r.status() != StatusCode::TOO_MANY_REQUESTS {
+            return r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    }
+}
+
+/// Every entry of a manifest's `output` and `error`, by URL.
+fn entries(m: &Value) -> Vec<Value> {
+    ["output", "error"]
+        .iter()
+        .flat_map(|k| m[k].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partial_manifests_are_paged_while_running_and_list_every_file_once() {
+    // One worker, small items and files: the export runs long enough to be seen running.
+    let s = common::start(
+        &[common::synthea()],
+        server::config::ExportOptions {
+            export_workers: Some(1),
+            export_file_resources: 400,
+            export_item_resources: 1500,
+            ..Default::default()
+        },
+    )
+    .await;
+    let types = "_type=Patient,Observation,Encounter,Condition,Procedure";
+    let r =
+        s.c.get(format!(
+            "{}/Patient/$export?allowPartialManifests=true&{types}",
+            s.base
+        ))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async, separate-export-status")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        r.headers()["preference-applied"],
+        "respond-async, separate-export-status"
+    );
+    let status_url = r.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    // Poll while it runs: with separate-export-status every poll is 200 and the job's status
+    // is in X-Export-Status; a running job's body is the partial manifest.
+    let mut listed_early: HashMap<String, Value> = HashMap::new();
+    let mut downloaded_early = 0;
+    let first = loop {
+        let r = poll(&s, &status_url).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let job_status = r.headers()["x-export-status"].to_str().unwrap().to_string();
+        let page: Value = r.json().await.unwrap();
+        match job_status.as_str() {
+            "202 Accepted" => {
+                // Follow the pages that exist so far.
+                let mut page = page;
+                loop {
+                    for e in entries(&page) {
+                        let url = e["url"].as_str().unwrap().to_string();
+                        if let Some(before) = listed_early.get(&url) {
+                            assert_eq!(before, &e, "a listed file never changes");
+                        } else if downloaded_early < 3 {
+                            // A file listed while the export runs can be downloaded at once.
+                            let body = s.c.get(&url).send().await.unwrap();
+                            assert_eq!(body.status(), StatusCode::OK);
+                            let n = body.text().await.unwrap().lines().count();
+                            assert_eq!(e["count"], n);
+                            downloaded_early += 1;
+                        }
+                        listed_early.insert(url, e);
+                    }
+                    match page["link"][0]["url"].as_str() {
+                        Some(next) => {
+                            assert_eq!(page["link"][0]["relation"], "next");
+                            let r = poll(&s, next).await;
+                            page = r.json().await.unwrap();
+                        }
+                        None => break,
+                    }
+                }
+            }
+            "200 OK" => break page,
+            other => panic!("job status {other}: {page}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+    };
+    assert!(
+        !listed_early.is_empty() && downloaded_early > 0,
+        "partial manifests listed files while the export ran"
+    );
+    // The complete manifest, page by page: every file exactly once.
+    let mut all: Vec<Value> = Vec::new();
+    let mut page = first;
+    let mut pages = 1;
+    loop {
+        all.extend(entries(&page));
+        let Some(next) = page["link"][0]["url"].as_str().map(str::to_string) else {
+            break;
+        };
+        let r = poll(&s, &next).await;
+        assert_eq!(r.headers()["x-export-status"], "200 OK");
+        page = r.json().await.unwrap();
+        pages += 1;
+    }
+    assert!(pages > 1, "the manifest is paged");
+    let urls: HashSet<&str> = all.iter().map(|e| e["url"].as_str().unwrap()).collect();
+    assert_eq!(urls.len(), all.len(), "no file on two pages");
+    for (url, e) in &listed_early {
+        assert!(
+            all.contains(e),
+            "{url} listed while running is in the final pages unchanged"
+        );
+    }
+    // The same files as a plain export of the same request, by type and count.
+    let plain = s.export(&format!("/Patient/$export?{types}")).await;
+    let sum = |list: &[Value]| {
+        let mut by: HashMap<String, u64> = HashMap::new();
+        for e in list {
+            *by.entry(e["type"].as_str().unwrap().to_string())
+                .or_default() += e["count"].as_u64().unwrap();
+        }
+        by
+    };
+    let paged_output: Vec<Value> = all
+        .iter()
+        .filter(|e| e["type"] != "OperationOutcome")
+        .cloned()
+        .collect();
+    assert_eq!(sum(&paged_output), sum(plain["output"].as_array().unwrap()));
+    // Pages that do not exist, and a page of an export without partial manifests.
+    let r =
+        s.c.get(format!("{status_url}?page=999999"))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r =
+        s.c.get(format!("{status_url}?page=x"))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+/// The lines of a manifest's output files.
+async fn lines_of(s: &Server, m: &Value) -> Vec<Vec<Value>> {
+    let mut files = Vec::new();
+    for o in m["output"].as_array().unwrap() {
+        let text =
+            s.c.get(o["url"].as_str().unwrap())
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(o["count"], lines.len());
+        files.push(lines);
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn organize_output_by_patient_writes_one_block_per_patient() {
+    let s = common::start(
+        &[common::synthea()],
+        server::config::ExportOptions {
+            export_file_resources: 2000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let types = "_type=Patient,Encounter,Condition,Observation,Immunization";
+    let m = s
+        .export(&format!(
+            "/Patient/$export?organizeOutputBy=Patient&{types}"
+        ))
+        .await;
+    assert_eq!(m["outputOrganizedBy"], "Patient");
+    assert!(m["output"].as_array().unwrap().len() > 1, "several files");
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut patients_seen: HashSet<String> = HashSet::new();
+    let mut ids: HashSet<String> = HashSet::new();
+    for (n, o) in m["output"].as_array().unwrap().iter().enumerate() {
+        assert!(
+            o.get("type").is_none(),
+            "organized files hold several types"
+        );
+        assert!(
+            o["url"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("output-{}.ndjson", n + 1))
+                || o["url"].as_str().unwrap().contains("/output-"),
+        );
+    }
+    for lines in lines_of(&s, &m).await {
+        // Every file starts with a block; a block is header, Patient, then resources of that
+        // patient only.
+        assert_eq!(lines[0]["resourceType"], "Parameters");
+        let mut current: Option<String> = None;
+        let mut expect_patient = false;
+        for v in lines {
+            let t = v["resourceType"].as_str().unwrap().to_string();
+            if t == "Parameters" {
+                assert_eq!(v["parameter"][0]["name"], "header");
+                let r = v["parameter"][0]["valueReference"]["reference"]
+                    .as_str()
+                    .unwrap();
+                let pid = r.strip_prefix("Patient/").unwrap().to_string();
+                assert!(patients_seen.insert(pid.clone()), "one block per patient");
+                current = Some(pid);
+                expect_patient = true;
+                continue;
+            }
+            let pid = current.clone().expect("a resource after a header");
+            if expect_patient {
+                assert_eq!(t, "Patient", "the Patient first in its block");
+                assert_eq!(v["id"], pid.as_str());
+                expect_patient = false;
+            } else {
+                let text = v.to_string();
+                assert!(
+                    text.contains(&format!("Patient/{pid}\"")),
+                    "a {t} in Patient/{pid}'s block references it"
+                );
+            }
+            assert!(ids.insert(format!("{t}/{}", v["id"].as_str().unwrap())));
+            *counts.entry(t).or_default() += 1;
+        }
+    }
+    assert_eq!(patients_seen.len(), 100);
+    // The same resources as a plain export.
+    let plain = s.export(&format!("/Patient/$export?{types}")).await;
+    let mut plain_counts: HashMap<String, usize> = HashMap::new();
+    for o in plain["output"].as_array().unwrap() {
+        *plain_counts
+            .entry(o["type"].as_str().unwrap().to_string())
+            .or_default() += o["count"].as_u64().unwrap() as usize;
+    }
+    assert_eq!(counts, plain_counts);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stu3_parameters_are_validated_in_get_and_post() {
+    let s = start().await;
+    let bad = |path: &'static str, param: &'static str| {
+        let s = &s;
+        async move {
+            let r = s.kickoff(path).await;
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
+            let oo: Value = r.json().await.unwrap();
+            assert_eq!(oo["resourceType"], "OperationOutcome");
+            assert!(oo.to_string().contains(param), "{path}: {oo}");
+        }
+    };
+    bad(
+        "/$export?allowPartialManifests=yes",
+        "allowPartialManifests",
+    )
+    .await;
+    bad(
+        "/Patient/$export?organizeOutputBy=Encounter",
+        "organizeOutputBy",
+    )
+    .await;
+    bad("/$export?organizeOutputBy=Patient", "organizeOutputBy").await;
+    bad(
+        "/Patient/$export?organizeOutputBy=Patient&includeAssociatedData=LatestProvenanceResources",
+        "organizeOutputBy",
+    )
+    .await;
+    bad(
+        "/Patient/$export?organizeOutputBy=Patient&_container=deid&_anonymizationConfig=c.json",
+        "organizeOutputBy",
+    )
+    .await;
+    // POST Parameters: valueBoolean and valueCode.
+    let post = |body: Value| {
+        let s = &s;
+        async move {
+            s.c.post(format!("{}/Patient/$export", s.base))
+                .header("accept", "application/fhir+json")
+                .header("prefer", "respond-async")
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let ok = post(json!({"resourceType": "Parameters", "parameter": [
+        {"name": "allowPartialManifests", "valueBoolean": true},
+        {"name": "organizeOutputBy", "valueCode": "Patient"},
+        {"name": "_type", "valueString": "Patient,Condition"}]}))
+    .await;
+    assert_eq!(ok.status(), StatusCode::ACCEPTED);
+    let status_url = ok.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let m = s.wait(&status_url).await;
+    assert_eq!(m["outputOrganizedBy"], "Patient");
+    let r = post(json!({"resourceType": "Parameters", "parameter": [
+        {"name": "organizeOutputBy", "valueString": "Group"}]}))
+    .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = post(json!({"resourceType": "Parameters", "parameter": [
+        {"name": "allowPartialManifests", "valueInteger": 1}]}))
+    .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // A page asked of an export without partial manifests.
+    let (url, _) = s
+        .export_with_status("/Patient/$export?_type=Condition")
+        .await;
+    let r = s.c.get(format!("{url}?page=1")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}

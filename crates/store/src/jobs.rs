@@ -435,6 +435,9 @@ pub trait JobQueue: Send + Sync {
         None
     }
     fn progress(&self, job_id: &str) -> Result<Vec<TypeProgress>, QueueError>;
+    /// Every work item of a job in item order: its number and whether it is done (the pages of
+    /// a partial manifest, `allowPartialManifests`).
+    fn item_states(&self, job_id: &str) -> Result<Vec<(i64, bool)>, QueueError>;
     /// Start-up: the running items that belong to a process that is gone are made claimable at
     /// once instead of after the heartbeat timeout ([`Orphans`] says which). Their attempt stays
     /// counted. Returns how many.

@@ -747,6 +747,18 @@ impl JobQueue for PgJobQueue {
         })
     }
 
+    fn item_states(&self, job_id: &str) -> Result<Vec<(i64, bool)>, QueueError> {
+        self.run(|c| {
+            Ok(c.query(
+                "SELECT item_no, state = 'done' FROM export_item WHERE job_id = $1 ORDER BY item_no",
+                &[&job_id],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+        })
+    }
+
     fn release_orphans(&self, orphans: Orphans<'_>) -> Result<u64, QueueError> {
         const RELEASE: &str = "UPDATE export_item SET state = 'pending', owner = NULL,
                error = 'the server stopped while it ran', error_status = 500

@@ -794,6 +794,15 @@ impl JobQueue for SqliteJobQueue {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn item_states(&self, job_id: &str) -> Result<Vec<(i64, bool)>, QueueError> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "SELECT item_no, state = 'done' FROM export_item WHERE job_id = ?1 ORDER BY item_no",
+        )?;
+        let rows = stmt.query_map([job_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? == 1)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn release_orphans(&self, orphans: Orphans<'_>) -> Result<u64, QueueError> {
         // The attempt stays counted (a crash loop ends when the attempts run out), and the
         // cause is recorded for the failure that names it.
