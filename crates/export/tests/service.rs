@@ -309,3 +309,110 @@ fn walk(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// The STU3 options travel with the job: an API-only node records them, a node that dies
+/// holding an item and another node that takes the work over run the export, and the API node
+/// answers with the options (issue 21 item 7).
+#[test]
+fn stu3_options_are_recorded_with_the_job_and_honoured_by_the_node_that_resumes_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = seeded();
+    let store = db.store.clone();
+    let mut api = config(dir.path(), 0);
+    api.exclusive_queue = false;
+    let api = ExportService::open(store.clone(), api).expect("api node");
+    api.start_workers().expect("workers");
+    let pairs = [
+        ("allowPartialManifests", "true"),
+        ("organizeOutputBy", "Patient"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let id = api
+        .kickoff_with(
+            ExportLevel::Patient,
+            pairs,
+            None,
+            false,
+            true,
+            "http://x/Patient/$export".into(),
+            &export::Unrestricted,
+        )
+        .expect("kickoff");
+    let queue = store.jobs().expect("the store's queue");
+    let now = chrono::Utc::now().timestamp_millis();
+    queue
+        .claim("dead-node", now, 600_000, 5)
+        .expect("claim")
+        .expect("an item");
+    let view = api
+        .status_page(&id, None, &export::Unrestricted)
+        .expect("status");
+    assert!(view.separate_status);
+    match view.status {
+        Status::InProgress { partial, .. } => {
+            let page = partial.expect("a partial manifest");
+            assert_eq!(page["output"], json!([]));
+            assert!(page.get("link").is_none(), "nothing done yet");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut worker = config(dir.path(), 2);
+    worker.exclusive_queue = false;
+    worker.heartbeat_timeout = Duration::from_secs(1);
+    let worker = ExportService::open(store, worker).expect("worker node");
+    worker.start_workers().expect("workers");
+    let first = wait(&api, &id);
+    assert_eq!(first["outputOrganizedBy"], "Patient");
+    // Every page, following the links: every patient's block once.
+    let mut page = first;
+    let mut urls = HashSet::new();
+    let (mut patients, mut observations) = (HashSet::new(), 0usize);
+    let folder = dir.path().join("storage/exports").join(&id);
+    loop {
+        for o in page["output"].as_array().expect("output") {
+            assert!(o.get("type").is_none());
+            let url = o["url"].as_str().expect("url");
+            assert!(urls.insert(url.to_string()), "{url} on two pages");
+            let name = url.rsplit('/').next().expect("name");
+            let text = std::fs::read_to_string(folder.join(name)).expect("file");
+            let mut expect_patient = false;
+            for l in text.lines() {
+                let v: Value = serde_json::from_str(l).expect("json");
+                match v["resourceType"].as_str().expect("type") {
+                    "Parameters" => expect_patient = true,
+                    "Patient" => {
+                        assert!(expect_patient, "the Patient right after its header");
+                        assert!(patients.insert(v["id"].as_str().expect("id").to_string()));
+                        expect_patient = false;
+                    }
+                    _ => {
+                        assert!(!expect_patient);
+                        observations += 1;
+                    }
+                }
+            }
+        }
+        let Some(next) = page["link"][0]["url"].as_str() else {
+            break;
+        };
+        let n: i64 = next
+            .rsplit_once("page=")
+            .expect("page")
+            .1
+            .parse()
+            .expect("n");
+        let view = api
+            .status_page(&id, Some(n), &export::Unrestricted)
+            .expect("page");
+        assert!(view.separate_status);
+        page = match view.status {
+            Status::Complete { manifest, .. } => manifest,
+            other => panic!("{other:?}"),
+        };
+    }
+    assert_eq!(patients.len(), PATIENTS);
+    assert_eq!(observations, PATIENTS * OBSERVATIONS_PER_PATIENT);
+    drop(worker);
+}
