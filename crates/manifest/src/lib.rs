@@ -440,10 +440,16 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
     // (referencing resource, reference) of every relative reference, checked at the end.
     let mut refs: Vec<(String, String)> = Vec::new();
     let mut seen_urls = HashSet::new();
+    // `organizeOutputBy` (Bulk Data STU3): output files hold blocks of several types and their
+    // entries carry no `type`; each line's own type counts.
+    let organized = manifest.get("outputOrganizedBy").is_some();
     for section in ["output", "deleted", "error"] {
         for entry in entries(manifest, section) {
             let url = entry.get("url").and_then(Value::as_str).unwrap_or("");
-            let resource_type = entry.get("type").and_then(Value::as_str).unwrap_or("");
+            let resource_type = match entry.get("type").and_then(Value::as_str) {
+                None if organized && section == "output" => ANY_TYPE,
+                t => t.unwrap_or(""),
+            };
             if url.is_empty() || resource_type.is_empty() {
                 report
                     .manifest_problems
@@ -456,7 +462,7 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
                     .push(format!("{url} is listed twice"));
                 continue;
             }
-            if section == "output" {
+            if section == "output" && resource_type != ANY_TYPE {
                 types.insert(resource_type.to_string());
             }
             let file = check_file(
@@ -470,6 +476,13 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
             );
             report.files.push(file);
         }
+    }
+    if organized {
+        types.extend(
+            ids.iter()
+                .filter_map(|i| i.split_once('/'))
+                .map(|(t, _)| t.to_string()),
+        );
     }
     for (from, r) in refs {
         let Some((t, id)) = relative_reference(&r) else {
@@ -490,6 +503,9 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
     }
     report
 }
+
+/// The `type` of an output entry of an `organizeOutputBy` manifest: any resource type.
+const ANY_TYPE: &str = "*";
 
 fn check_file(
     section: &str,
@@ -567,7 +583,8 @@ fn check_file(
                 }
             };
             let rt = v.get("resourceType").and_then(Value::as_str).unwrap_or("");
-            if rt != resource_type {
+            let type_ok = rt == resource_type || (resource_type == ANY_TYPE && !rt.is_empty());
+            if !type_ok {
                 bad(
                     &mut file,
                     format!(
@@ -640,6 +657,25 @@ mod tests {
         let (bytes, n, sha) = w.into_parts();
         std::fs::write(dir.join(name), bytes).unwrap();
         (n, sha)
+    }
+
+    #[test]
+    fn an_organized_export_has_files_of_several_types() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "{\"resourceType\":\"Parameters\",\"parameter\":[{\"name\":\"header\",\"valueReference\":{\"reference\":\"Patient/p1\"}}]}\n{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n{\"resourceType\":\"Observation\",\"id\":\"o1\",\"subject\":{\"reference\":\"Patient/p1\"}}\n";
+        let (n, sha) = write(dir.path(), "output-1.ndjson", text);
+        let m = json!({"outputOrganizedBy": "Patient", "output": [
+            {"url": "http://x/f/output-1.ndjson", "count": 3, "fileSize": n, "extension": entry_extension(&sha, false)}
+        ], "error": []});
+        let src = DirSource::new(dir.path());
+        let r = verify(&m, &src, &Options::default());
+        assert!(r.ok(), "{r}");
+        assert_eq!(r.references, 2);
+        assert_eq!(r.dangling_total, 0);
+        // Without outputOrganizedBy an entry needs its type.
+        let mut plain = m.clone();
+        plain.as_object_mut().unwrap().remove("outputOrganizedBy");
+        assert!(!verify(&plain, &src, &Options::default()).ok());
     }
 
     #[test]
