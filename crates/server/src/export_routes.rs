@@ -331,7 +331,13 @@ pub async fn status(
     };
     match view.status {
         Status::InProgress { progress, partial } => {
-            if polled_too_often(&job) {
+            // Per manifest page: a client following the `next` links of a running export is
+            // not polling too often.
+            let key = match page {
+                Some(n) => format!("{job}?page={n}"),
+                None => job.clone(),
+            };
+            if polled_too_often(&key) {
                 return Err(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "throttled",
