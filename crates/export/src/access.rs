@@ -10,6 +10,10 @@ use crate::request::{ExportLevel, ExportRequest};
 pub enum Permission {
     Read,
     Search,
+    /// `c` (v1 `write`): `$import` creates resources.
+    Create,
+    /// `u` (v1 `write`): `$import` updates resources.
+    Update,
 }
 
 /// What the caller may do: the server's view of the access token of the current request.
@@ -107,6 +111,27 @@ pub fn authorize(req: &ExportRequest, access: &dyn ExportAccess) -> Result<(), S
         Err(format!(
             "the granted scopes do not allow {}",
             problems.join("; nor ")
+        ))
+    }
+}
+
+/// Whether `access` may import resources of `types` (`$import` writes each: it needs `c` and
+/// `u` on every type, v1 `write`), with the reason when not.
+pub fn authorize_import(types: &[String], access: &dyn ExportAccess) -> Result<(), String> {
+    if access.is_unrestricted() {
+        return Ok(());
+    }
+    let missing: Vec<&str> = types
+        .iter()
+        .filter(|t| !(access.allows(t, Permission::Create) && access.allows(t, Permission::Update)))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the granted scopes do not allow importing {} (import needs `c` and `u` on each type, or v1 `write`)",
+            missing.join(", ")
         ))
     }
 }

@@ -5,6 +5,8 @@
 //!   in its own database ([`store::Store::jobs`]).
 //! - [`run`]: executing one export against a pinned store snapshot into NDJSON files.
 //! - [`access`]: who may start, see and use an export, decided on the parsed request.
+//! - [`import`]: `$import` (Azure's shape) as jobs of the same queue: one item per input,
+//!   NDJSON read from the configured storage and written through [`ingest::import`].
 //! - [`service`]: [`ExportService`], what the HTTP layer calls: kick-off, status, cancel, files.
 //!
 //! Architecture Invariant: an export reads only through a store snapshot — every scan is
@@ -15,6 +17,7 @@
 
 pub mod access;
 pub mod anonymization;
+pub mod import;
 pub mod jobs;
 pub mod part;
 pub mod remote;

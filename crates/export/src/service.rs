@@ -153,6 +153,10 @@ pub enum ExportError {
     /// the destination and the reason.
     #[error("{0}")]
     Destination(String),
+    /// The request conflicts with the server's state (an `$import` InitialLoad into a server that
+    /// holds data) → 409.
+    #[error("{0}")]
+    Conflict(String),
     /// Too many exports at once → 429 with Retry-After.
     #[error("too many exports in progress ({0}); retry later")]
     TooMany(u64),
@@ -350,6 +354,8 @@ pub struct ExportService {
     /// This process's lease-owner name.
     node: String,
     prepared: Mutex<HashMap<String, Arc<Prepared>>>,
+    /// Import jobs seen by this process's workers, with their requests.
+    imports: Mutex<HashMap<String, (JobRecord, Arc<crate::import::ImportRequest>)>>,
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     /// Resources scanned per running item of this process, finer than the heartbeats.
     live: Mutex<HashMap<(String, i64), (String, u64)>>,
@@ -388,6 +394,7 @@ impl ExportService {
             config,
             node,
             prepared: Mutex::new(HashMap::new()),
+            imports: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             wake: (Mutex::new(0), Condvar::new()),
@@ -845,6 +852,7 @@ impl ExportService {
 
     fn forget(&self, job_id: &str) {
         lock(&self.prepared).remove(job_id);
+        lock(&self.imports).remove(job_id);
         lock(&self.cancels).remove(job_id);
     }
 
@@ -856,7 +864,105 @@ impl ExportService {
         let _span = tracing::info_span!("export_item", job = %job_id, item = item.item_no, kind = item.kind.as_str(), resource_type = %item.resource_type, attempt = item.attempt).entered();
         tracing::debug!("export work item claimed");
         let key = (job_id.clone(), item.item_no);
-        let result = self.prepare(&job_id).and_then(|prepared| {
+        let (result, import) = match self.import_of(&job_id) {
+            Ok(Some((job, request))) => (self.run_import_item(&job, &request, &item, &key), true),
+            Ok(None) => (self.run_export_item(&item, &key), false),
+            Err(e) => (Err(e), false),
+        };
+        self.item_finished(item, result, import);
+    }
+
+    /// The job `job_id` and its import request, when it is an import (cached per process).
+    fn import_of(
+        &self,
+        job_id: &str,
+    ) -> Result<Option<(JobRecord, Arc<crate::import::ImportRequest>)>, RunError> {
+        if lock(&self.prepared).contains_key(job_id) {
+            return Ok(None);
+        }
+        if let Some((job, req)) = lock(&self.imports).get(job_id) {
+            return Ok(Some((job.clone(), req.clone())));
+        }
+        let job = self.queue.get(job_id)?.ok_or(RunError::Stopped)?;
+        if !crate::import::is_import(&job) {
+            return Ok(None);
+        }
+        let req =
+            Arc::new(crate::import::ImportRequest::from_job(&job).ok_or(RunError::BadRequest)?);
+        lock(&self.imports).insert(job_id.to_string(), (job.clone(), req.clone()));
+        Ok(Some((job, req)))
+    }
+
+    /// Runs one item of an import: an input, or the finalize item that writes the result.
+    fn run_import_item(
+        &self,
+        job: &JobRecord,
+        request: &crate::import::ImportRequest,
+        item: &WorkItem,
+        key: &(String, i64),
+    ) -> Result<(), RunError> {
+        let cancel = self.cancel_flag(&job.id);
+        let loaded = match item.kind {
+            ItemKind::Finalize => {
+                let files = self.queue.files(&job.id)?;
+                crate::run::finish_renames(
+                    self.config.sink.as_ref(),
+                    self.queue.as_ref(),
+                    job,
+                    &files,
+                )?;
+                let _ = self
+                    .config
+                    .sink
+                    .delete_prefix(&job.container, &format!("{}/_parts", job.folder));
+                0
+            }
+            _ => {
+                let live = |n: u64| {
+                    lock(&self.live).insert(key.clone(), (item.resource_type.clone(), n));
+                };
+                let ctx = crate::import::InputContext {
+                    store: self.store.as_ref(),
+                    queue: self.queue.as_ref(),
+                    sink: self.config.sink.as_ref(),
+                    job,
+                    request,
+                    cancel: &cancel,
+                    shutdown: &self.stopping,
+                    live: &live,
+                };
+                crate::import::run_input(&ctx, item)?
+            }
+        };
+        let now = now_ms();
+        if !self.queue.complete_item(item, loaded, now)? {
+            return Err(match self.queue.heartbeat(item, loaded, now)? {
+                crate::jobs::Lease::JobStopped => RunError::Stopped,
+                _ => RunError::LeaseLost,
+            });
+        }
+        if item.kind == ItemKind::Finalize {
+            let result =
+                crate::import::result(self.queue.as_ref(), job, request, &self.config.base_url)?;
+            self.queue.finish(
+                &job.id,
+                JobState::Complete,
+                Some(&result.to_string()),
+                None,
+                now_ms(),
+            )?;
+            tracing::info!(job = %job.id, "import complete");
+            self.forget(&job.id);
+        } else {
+            tracing::info!(resources = loaded, "import input done");
+        }
+        Ok(())
+    }
+
+    /// Runs one item of an export.
+    fn run_export_item(&self, item: &WorkItem, key: &(String, i64)) -> Result<(), RunError> {
+        let job_id = item.job_id.clone();
+        self.prepare(&job_id).and_then(|prepared| {
             let cancel = self.cancel_flag(&job_id);
             let live_scanned = |n: u64| {
                 lock(&self.live).insert(key.clone(), (item.resource_type.clone(), n));
@@ -871,12 +977,18 @@ impl ExportService {
                 shutdown: &self.stopping,
                 live_scanned: &live_scanned,
             };
-            execute_item(&ctx, &item)?;
+            execute_item(&ctx, item)?;
             if item.kind == ItemKind::Finalize {
                 self.complete_job(&prepared)?;
             }
             Ok(())
-        });
+        })
+    }
+
+    /// Records the outcome of an item (export or import).
+    fn item_finished(&self, item: WorkItem, result: Result<(), RunError>, import: bool) {
+        let job_id = item.job_id.clone();
+        let key = (job_id.clone(), item.item_no);
         lock(&self.live).remove(&key);
         match result {
             Ok(()) => {
@@ -885,12 +997,14 @@ impl ExportService {
                         .into_iter()
                         .filter(|f| f.item_no == item.item_no)
                         .collect();
-                    tracing::info!(
-                        files = mine.len(),
-                        resources = mine.iter().map(|f| f.count).sum::<u64>(),
-                        "export work item done"
-                    );
-                    overview::item_done(&mine);
+                    if !import {
+                        tracing::info!(
+                            files = mine.len(),
+                            resources = mine.iter().map(|f| f.count).sum::<u64>(),
+                            "export work item done"
+                        );
+                        overview::item_done(&mine);
+                    }
                 }
             }
             Err(RunError::LeaseLost) => {
@@ -1115,7 +1229,12 @@ impl ExportService {
         if job.state == JobState::Cancelled || !access.owns(job.client_id.as_deref()) {
             return Err(ExportError::UnknownJob(id.to_string()));
         }
-        if !access.is_unrestricted() {
+        if !access.is_unrestricted() && crate::import::is_import(&job) {
+            let req = crate::import::ImportRequest::from_job(&job).ok_or_else(|| {
+                ExportError::Internal(format!("the recorded request of import {id} is unreadable"))
+            })?;
+            access::authorize_import(&req.types(), access).map_err(ExportError::Forbidden)?;
+        } else if !access.is_unrestricted() {
             let req = parse_request_json(&job.request, job.created_ms).ok_or_else(|| {
                 ExportError::Internal(format!("the recorded request of export {id} is unreadable"))
             })?;
@@ -1126,6 +1245,11 @@ impl ExportService {
 
     /// Progress text such as `Observation 1,200,000 of 3,000,000 (2 of 17 types done)`.
     fn progress_text(&self, job_id: &str) -> Result<String, ExportError> {
+        if let Some(job) = self.queue.get(job_id)?
+            && crate::import::is_import(&job)
+        {
+            return self.import_progress_text(job_id);
+        }
         let mut types = self.queue.progress(job_id)?;
         for ((j, _), (t, n)) in lock(&self.live).iter() {
             if j == job_id
@@ -1151,6 +1275,125 @@ impl ExportService {
             None if types.is_empty() => "queued".to_string(),
             None => format!("finishing ({done} of {} types done)", types.len()),
         })
+    }
+
+    /// Progress text of an import such as `input 2 of 5 (Observation): 12,000 resources loaded
+    /// (1 of 5 inputs done)`.
+    fn import_progress_text(&self, job_id: &str) -> Result<String, ExportError> {
+        let mut items: Vec<_> = self
+            .queue
+            .item_progress(job_id)?
+            .into_iter()
+            .filter(|i| i.kind != ItemKind::Finalize)
+            .collect();
+        for ((j, n), (_, live)) in lock(&self.live).iter() {
+            if j == job_id
+                && let Some(i) = items.iter_mut().find(|i| i.item_no == *n)
+            {
+                i.scanned = i.scanned.max(*live);
+            }
+        }
+        let done = items.iter().filter(|i| i.done).count();
+        let total = items.len();
+        Ok(match items.iter().find(|i| !i.done) {
+            Some(i) => format!(
+                "input {} of {total} ({}): {} resources loaded ({done} of {total} inputs done)",
+                i.item_no,
+                i.resource_type,
+                thousands(i.scanned)
+            ),
+            None => format!("finishing ({done} of {total} inputs done)"),
+        })
+    }
+
+    /// Validates an `$import` kick-off (Azure's Parameters: `inputFormat`, `mode`, `input`
+    /// entries naming objects of the configured storage), authorizes it for `access` (`c` and
+    /// `u` on each type), checks the inputs exist and queues it: one item per input and a
+    /// finalize item. InitialLoad is refused (409) unless the server has never stored a
+    /// resource: it keeps the inputs' versions and instants, which only make sense in an empty
+    /// server.
+    pub fn import_kickoff(
+        self: &Arc<Self>,
+        body: &Value,
+        request_url: String,
+        access: &dyn ExportAccess,
+    ) -> Result<String, ExportError> {
+        let sink = self.config.sink.as_ref();
+        let req = crate::import::ImportRequest::parse(body, sink, request_url)?;
+        access::authorize_import(&req.types(), access).map_err(ExportError::Forbidden)?;
+        if req.mode == ingest::import::ImportMode::InitialLoad {
+            let wm = self.store.watermark().map_err(ExportError::Store)?;
+            if wm.seq > 0 {
+                return Err(ExportError::Conflict(
+                    "InitialLoad needs an empty server (this one has stored resources); use IncrementalLoad to add to it".into(),
+                ));
+            }
+        }
+        for input in &req.inputs {
+            match sink.stat(&input.container, &input.path) {
+                Ok(_) => {}
+                Err(
+                    crate::sink::SinkError::NotFound(_)
+                    | crate::sink::SinkError::ContainerNotFound(_),
+                ) => {
+                    return Err(ExportError::Request(RequestError {
+                        param: "input".into(),
+                        message: format!("input '{}' does not exist in the storage", input.url),
+                    }));
+                }
+                Err(e) => return Err(self.destination_error(&input.container, &e)),
+            }
+        }
+        let active = self.queue.active_count()?;
+        if active >= self.config.max_concurrent {
+            return Err(ExportError::TooMany(active));
+        }
+        let now = now_ms();
+        let container = self.config.default_container.clone();
+        self.config
+            .sink
+            .ensure_container(&container)
+            .map_err(|e| self.destination_error(&container, &e))?;
+        let mut items: Vec<store::jobs::ItemPlan> = req
+            .inputs
+            .iter()
+            .map(|i| store::jobs::ItemPlan {
+                kind: ItemKind::Scan,
+                resource_type: i.resource_type.clone(),
+                seq_after: 0,
+                seq_up_to: i64::MAX,
+                expected: 0,
+            })
+            .collect();
+        items.push(store::jobs::ItemPlan {
+            kind: ItemKind::Finalize,
+            resource_type: String::new(),
+            seq_after: 0,
+            seq_up_to: 0,
+            expected: 0,
+        });
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let job = JobRecord {
+            id: id.clone(),
+            state: JobState::Queued,
+            request: req.to_json(),
+            watermark: 0,
+            transaction_time: store::format_instant_ms(now),
+            client_id: access.client_id().map(str::to_string),
+            container,
+            folder: id.clone(),
+            anonymization: None,
+            result: None,
+            failure_status: None,
+            created_ms: now,
+            finished_ms: None,
+            cleanup: Cleanup::None,
+        };
+        self.queue
+            .create(&job, &items, self.config.max_concurrent)?;
+        tracing::info!(job = %id, inputs = req.inputs.len(), mode = req.mode.as_str(), "import queued");
+        self.notify();
+        Ok(id)
     }
 
     /// The state of a job, for a caller who may use it (see `owned_job`).

@@ -5,6 +5,9 @@
 //! - [`loader`]: `fhirhose load --data-dir DIR PATH...` ([`load_into_store`]) and
 //!   `fhirhose load --server URL PATH...` ([`load_to_server`]), with [`LoadOptions`], a progress
 //!   callback ([`LoadProgress`]) and a per-type [`LoadSummary`].
+//! - [`import`]: `$import`'s write step, a chunk of NDJSON lines of one input checked like the
+//!   loader's resources and written in one store transaction, idempotently
+//!   ([`import::import_lines`]).
 //! - [`synth`]: `fhirhose synth --patients N --out DIR` ([`synth::synthesize`]).
 //! - [`references`]: `fullUrl` → `Type/id` resolution and reference rewriting.
 //! - [`source`]: input discovery and streaming (NDJSON, Bundle JSON, `.gz`); the JSON parse and
@@ -15,6 +18,7 @@
 
 pub mod bundle;
 pub mod error;
+pub mod import;
 pub mod loader;
 pub mod outcome;
 pub mod references;

@@ -629,14 +629,8 @@ fn prepare_item(
     }
     let id = source::loader_id(item.full_url.as_deref(), own_id);
     refs.rewrite(&mut resource, &resource_type, &mut |_, _| *unresolved += 1);
-    if validate && let Err(issues) = fhir_model::r4().validate(&resource) {
-        let shown: Vec<String> = issues.iter().take(3).map(|i| i.to_string()).collect();
-        let more = if issues.len() > 3 {
-            format!(" (+{} more)", issues.len() - 3)
-        } else {
-            String::new()
-        };
-        return Err((location, format!("{}{more}", shown.join("; "))));
+    if validate && let Some(message) = validation_problem(&resource) {
+        return Err((location, message));
     }
     let op = match id {
         Some(id) => {
@@ -651,6 +645,19 @@ fn prepare_item(
         None => WriteOp::Create { resource },
     };
     Ok((op, location))
+}
+
+/// What the R4 model finds wrong with `resource` (its first three issues), or `None` when it is
+/// valid: the loader's check, shared with `$import` ([`crate::import`]).
+pub(crate) fn validation_problem(resource: &Value) -> Option<String> {
+    let issues = fhir_model::r4().validate(resource).err()?;
+    let shown: Vec<String> = issues.iter().take(3).map(|i| i.to_string()).collect();
+    let more = if issues.len() > 3 {
+        format!(" (+{} more)", issues.len() - 3)
+    } else {
+        String::new()
+    };
+    Some(format!("{}{more}", shown.join("; ")))
 }
 
 /// Where chunks go (written on a thread of their own, see [`write_in_order`]).

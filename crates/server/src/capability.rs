@@ -58,6 +58,8 @@ pub fn capability_statement(state: &AppState) -> Value {
     resources.push(crate::view_routes::capability_resource());
     let mut operations = vec![
         json!({"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export", "documentation": EXPORT_PARAMETERS}),
+        // Azure FHIR service's `$import` (its OperationDefinition's canonical URL).
+        json!({"name": "import", "definition": "http://azurehealthcareapis.com/data-extensions/OperationDefinition/import"}),
     ];
     operations.extend(
         crate::view_routes::capability_operations()

@@ -39,6 +39,9 @@ impl From<ExportError> for ApiError {
                     e.to_string(),
                 )
             }
+            ExportError::Conflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
             ExportError::TooMany(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", e.to_string())
                     .with_header(header::RETRY_AFTER, HeaderValue::from_static("30"))
@@ -86,6 +89,8 @@ impl export::ExportAccess for Caller {
         let p = match permission {
             export::access::Permission::Read => auth::Permission::Read,
             export::access::Permission::Search => auth::Permission::Search,
+            export::access::Permission::Create => auth::Permission::Create,
+            export::access::Permission::Update => auth::Permission::Update,
         };
         self.0.scopes.allows(resource_type, p)
     }
@@ -176,6 +181,37 @@ pub(crate) async fn kickoff(
 /// The `Prefer` token of Bulk Data STU3's separate export status: status polls answer `200`
 /// and carry the job's own status in `X-Export-Status`.
 const SEPARATE_EXPORT_STATUS: &str = "separate-export-status";
+
+/// `POST /$import` (Azure's shape: a Parameters body with `inputFormat`, `mode` and `input`
+/// entries naming NDJSON objects of the configured storage; `Prefer: respond-async`): 202 with
+/// the status URL `/import-status/{id}` in Content-Location.
+pub async fn import_kickoff(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if !crate::negotiate::prefer_token(&headers, "respond-async") {
+        return Err(ApiError::invalid(
+            "$import requires the header Prefer: respond-async",
+            "Prefer",
+        ));
+    }
+    let body = json_object(body)?;
+    let request_url = format!("{}{}", state.base_url, uri);
+    let svc = state.export.clone();
+    let id =
+        tokio::task::spawn_blocking(move || svc.import_kickoff(&body, request_url, &Caller(ctx)))
+            .await
+            .map_err(|e| ApiError::internal("import kick-off", e))??;
+    let location = format!("{}/import-status/{id}", state.base_url);
+    let mut resp = StatusCode::ACCEPTED.into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::CONTENT_LOCATION, v);
+    }
+    Ok(resp)
+}
 
 pub async fn system_export(
     State(state): State<AppState>,

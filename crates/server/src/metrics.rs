@@ -12,8 +12,10 @@
 //!   `fhirhose_export_item_retries_total`: the export work of this process
 //!   ([`export::service::stats`]).
 //! - `fhirhose_export_download_bytes_total`: file bytes sent to clients.
-//! - Not yet: database pool use (the PostgreSQL store's pool exposes no counters; SQLite has
-//!   no pool).
+//! - `fhirhose_db_pool_connections{pool,state}` (`in_use`, `idle`), `fhirhose_db_pool_max{pool}`,
+//!   `fhirhose_db_pool_waits_total{pool}` and `fhirhose_db_pool_wait_timeouts_total{pool}`: the
+//!   database connection pools of this process (PostgreSQL: `store` and `jobs`), read through
+//!   [`store::Store::pool_stats`]; absent on SQLite, which has no pool.
 //!
 //! Who may read it is `--metrics` ([`MetricsMode`]).
 
@@ -238,7 +240,59 @@ pub fn render(state: &AppState) -> String {
             "fhirhose_export_items_total{{outcome=\"{outcome}\"}} {n}"
         );
     }
+    render_pools(&mut out, &state.store.pool_stats());
     out
+}
+
+/// The database pool families (nothing when the store has no pool).
+fn render_pools(out: &mut String, pools: &[store::PoolStats]) {
+    if pools.is_empty() {
+        return;
+    }
+    family(
+        out,
+        "fhirhose_db_pool_connections",
+        "gauge",
+        "Database connections of this process by pool and state (in_use, idle).",
+    );
+    for p in pools {
+        let pool = label(&p.name);
+        let _ = writeln!(
+            out,
+            "fhirhose_db_pool_connections{{pool=\"{pool}\",state=\"in_use\"}} {}",
+            p.in_use
+        );
+        let _ = writeln!(
+            out,
+            "fhirhose_db_pool_connections{{pool=\"{pool}\",state=\"idle\"}} {}",
+            p.idle
+        );
+    }
+    for (name, kind, help, value) in [
+        (
+            "fhirhose_db_pool_max",
+            "gauge",
+            "The most connections a database pool opens.",
+            (|p: &store::PoolStats| p.max) as fn(&store::PoolStats) -> u64,
+        ),
+        (
+            "fhirhose_db_pool_waits_total",
+            "counter",
+            "Connection requests that found every connection of the pool in use and waited.",
+            |p| p.waits,
+        ),
+        (
+            "fhirhose_db_pool_wait_timeouts_total",
+            "counter",
+            "Waits for a pooled connection that timed out (the request answered 503).",
+            |p| p.wait_timeouts,
+        ),
+    ] {
+        family(out, name, kind, help);
+        for p in pools {
+            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", label(&p.name), value(p));
+        }
+    }
 }
 
 /// `GET /metrics`.

@@ -64,6 +64,15 @@ pub fn router(state: AppState) -> Router {
             "/export-files/{job}/{file}",
             get(crate::export_routes::download),
         )
+        .route("/$import", post(crate::export_routes::import_kickoff))
+        .route(
+            "/import-status/{job}",
+            get(crate::export_routes::status).delete(crate::export_routes::cancel),
+        )
+        .route(
+            "/import-files/{job}/{file}",
+            get(crate::export_routes::download),
+        )
         .route("/exports", get(crate::status_page::exports_page))
         .route("/_history", get(history_system))
         .route("/{rtype}", get(search_get).post(create))

@@ -153,6 +153,44 @@ async fn metrics_and_the_status_page_show_an_export() {
             .is_some_and(|n| n >= body.len() as f64),
         "{text}"
     );
+    // Database pools: PostgreSQL's `store` and `jobs` pools (through `Store::pool_stats`);
+    // SQLite has none and shows no family.
+    if store::testing::test_database_url().is_some() {
+        for pool in ["store", "jobs"] {
+            let max = sample(&text, &format!(r#"fhirhose_db_pool_max{{pool="{pool}"}}"#));
+            assert!(max.is_some_and(|n| n >= 1.0), "{pool}: {text}");
+            let in_use = sample(
+                &text,
+                &format!(r#"fhirhose_db_pool_connections{{pool="{pool}",state="in_use"}}"#),
+            )
+            .expect("in use");
+            let idle = sample(
+                &text,
+                &format!(r#"fhirhose_db_pool_connections{{pool="{pool}",state="idle"}}"#),
+            )
+            .expect("idle");
+            assert!(in_use + idle <= max.unwrap_or(0.0), "{pool}: {text}");
+            assert!(
+                sample(
+                    &text,
+                    &format!(r#"fhirhose_db_pool_waits_total{{pool="{pool}"}}"#)
+                )
+                .is_some(),
+                "{text}"
+            );
+        }
+        // The export ran on the pools: connections were opened (idle once it finished).
+        assert!(
+            sample(
+                &text,
+                r#"fhirhose_db_pool_connections{pool="store",state="idle"}"#
+            )
+            .is_some_and(|n| n >= 1.0),
+            "{text}"
+        );
+    } else {
+        assert!(!text.contains("fhirhose_db_pool"), "{text}");
+    }
 
     // The status page's JSON form: the job with its parameters, resources, files.
     let r =

@@ -335,6 +335,19 @@ pub struct TypeProgress {
     pub done: bool,
 }
 
+/// Progress of one work item ([`JobQueue::item_progress`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemProgress {
+    pub item_no: i64,
+    pub kind: ItemKind,
+    pub resource_type: String,
+    /// Its committed cursor.
+    pub cursor: i64,
+    /// Its scanned count as of the last heartbeat or commit.
+    pub scanned: u64,
+    pub done: bool,
+}
+
 /// Errors of a [`JobQueue`].
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -438,6 +451,8 @@ pub trait JobQueue: Send + Sync {
     /// Every work item of a job in item order: its number and whether it is done (the pages of
     /// a partial manifest, `allowPartialManifests`).
     fn item_states(&self, job_id: &str) -> Result<Vec<(i64, bool)>, QueueError>;
+    /// Every item of a job, in item order (`$import` reports per input, one item each).
+    fn item_progress(&self, job_id: &str) -> Result<Vec<ItemProgress>, QueueError>;
     /// Start-up: the running items that belong to a process that is gone are made claimable at
     /// once instead of after the heartbeat timeout ([`Orphans`] says which). Their attempt stays
     /// counted. Returns how many.

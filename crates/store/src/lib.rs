@@ -273,6 +273,23 @@ pub struct ListPage {
     pub next_after_seq: Option<i64>,
 }
 
+/// The use of one database connection pool at one instant ([`Store::pool_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Which pool: `store` (resources, search, exports' scans) or `jobs` (the job queue).
+    pub name: String,
+    /// Connections checked out now.
+    pub in_use: u64,
+    /// Open connections waiting in the pool.
+    pub idle: u64,
+    /// The most connections the pool opens.
+    pub max: u64,
+    /// Connection requests that found every connection in use and waited, since start.
+    pub waits: u64,
+    /// Waits that ended without a connection (the request failed with 503), since start.
+    pub wait_timeouts: u64,
+}
+
 /// The storage trait. All methods are blocking; every implementation is `Send + Sync` and safe to
 /// share as `Arc<dyn Store>`.
 ///
@@ -464,6 +481,13 @@ pub trait Store: Send + Sync {
     /// Whether resources were loaded without search indexes since the last full reindex.
     fn indexes_stale(&self) -> Result<bool, StoreError> {
         Ok(false)
+    }
+
+    /// The use of this store's database connection pools (metrics): one entry per pool.
+    /// Default: none (SQLite has one writer connection and readers per thread, no pool to wait
+    /// on).
+    fn pool_stats(&self) -> Vec<PoolStats> {
+        Vec::new()
     }
 
     /// Housekeeping the export sweeper runs periodically (SQLite: truncate the write-ahead log

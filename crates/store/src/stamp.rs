@@ -66,6 +66,9 @@ pub struct PreparedResource {
     rest: Vec<u8>,
     /// The search index entries, when the store that prepared it indexes.
     pub(crate) index: Option<Vec<crate::IndexEntry>>,
+    /// `(versionId, lastUpdated)` to store it as instead of the next version at the write's
+    /// instant ([`PreparedResource::keeping_version`]).
+    pub(crate) kept: Option<(i64, String)>,
 }
 
 impl PreparedResource {
@@ -116,7 +119,31 @@ impl PreparedResource {
             meta_rest,
             rest,
             index,
+            kept: None,
         })
+    }
+
+    /// Stores it as version `version` last updated at `last_updated_ms` (formatted like every
+    /// stored instant) instead of the next version at the write's instant: `$import`'s
+    /// `InitialLoad`, which keeps the input's `meta.versionId` and `meta.lastUpdated`. Such a
+    /// [`crate::WriteOp::Put`] only creates: if the resource exists (even deleted) the write
+    /// fails with [`crate::StoreError::AlreadyExists`]. The transaction's own instant (what
+    /// `_since` compares) stays the write's.
+    pub fn keeping_version(mut self, version: i64, last_updated_ms: i64) -> PreparedResource {
+        self.kept = Some((version.max(1), format_instant_ms(last_updated_ms)));
+        self
+    }
+
+    /// The `(versionId, lastUpdated)` [`PreparedResource::keeping_version`] set.
+    pub fn kept_version(&self) -> Option<(i64, &str)> {
+        self.kept.as_ref().map(|(v, lu)| (*v, lu.as_str()))
+    }
+
+    /// The JSON bytes the store writes for it as version `version` last updated `last_updated`
+    /// (a stored instant's text): what a read of that version returns. Lets a caller tell
+    /// whether a stored version already holds exactly this content.
+    pub fn stored_json(&self, version: i64, last_updated: &str) -> Vec<u8> {
+        self.stamped(version, last_updated)
     }
 
     pub fn resource_type(&self) -> &str {

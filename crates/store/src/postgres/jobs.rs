@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use super::{Pool, Target};
 use crate::StoreError;
 use crate::jobs::{
-    Cleanup, FileRecord, ItemKind, ItemPlan, JobQueue, JobRecord, JobState, Lease, NewFile,
-    Orphans, QueueError, Retry, TypeProgress, WorkItem,
+    Cleanup, FileRecord, ItemKind, ItemPlan, ItemProgress, JobQueue, JobRecord, JobState, Lease,
+    NewFile, Orphans, QueueError, Retry, TypeProgress, WorkItem,
 };
 use crate::shared::SharedState;
 
@@ -167,6 +167,11 @@ impl PgJobQueue {
             pool: Pool::new(target, QUEUE_CONNECTIONS),
             jti_purged_s: AtomicI64::new(0),
         }
+    }
+
+    /// The use of the queue's own connection pool (`jobs`).
+    pub(crate) fn pool_stats(&self) -> crate::PoolStats {
+        self.pool.stats("jobs")
     }
 
     /// Runs `f` on a pooled connection; a lost connection becomes [`StoreError::Unavailable`]
@@ -757,6 +762,28 @@ impl JobQueue for PgJobQueue {
             .map(|r| (r.get(0), r.get(1)))
             .collect())
         })
+    }
+
+    fn item_progress(&self, job_id: &str) -> Result<Vec<ItemProgress>, QueueError> {
+        let rows = self.run(|c| {
+            Ok(c.query(
+                "SELECT item_no, kind, resource_type, cursor, scanned, state = 'done'
+                 FROM export_item WHERE job_id = $1 ORDER BY item_no",
+                &[&job_id],
+            )?)
+        })?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(ItemProgress {
+                item_no: r.get(0),
+                kind: r.get::<_, String>(1).parse()?,
+                resource_type: r.get(2),
+                cursor: r.get(3),
+                scanned: r.get::<_, i64>(4) as u64,
+                done: r.get(5),
+            });
+        }
+        Ok(out)
     }
 
     fn release_orphans(&self, orphans: Orphans<'_>) -> Result<u64, QueueError> {

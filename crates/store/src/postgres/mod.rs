@@ -405,6 +405,10 @@ struct PoolState {
     open: usize,
     /// Bumped when a connection is found lost: idle connections of older generations are dropped.
     generation: u64,
+    /// Calls of [`Pool::get`] that found every connection in use and waited for one.
+    waits: u64,
+    /// Waits that ended without a connection (`pool_timeout`).
+    wait_timeouts: u64,
 }
 
 /// A small connection pool (see the module docs).
@@ -424,6 +428,8 @@ impl Pool {
                 idle: Vec::new(),
                 open: 0,
                 generation: 0,
+                waits: 0,
+                wait_timeouts: 0,
             }),
             available: Condvar::new(),
         }
@@ -433,11 +439,25 @@ impl Pool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The pool's use now, named `name` (metrics).
+    pub(crate) fn stats(&self, name: &str) -> crate::PoolStats {
+        let state = self.lock();
+        crate::PoolStats {
+            name: name.to_string(),
+            in_use: (state.open - state.idle.len()) as u64,
+            idle: state.idle.len() as u64,
+            max: self.max as u64,
+            waits: state.waits,
+            wait_timeouts: state.wait_timeouts,
+        }
+    }
+
     /// Take a checked connection, opening one when fewer than `max` are open; waits at most
     /// the target's `pool_timeout` for one to be returned ([`StoreError::Unavailable`] then).
     pub(crate) fn get(&self) -> Result<PooledClient<'_>, StoreError> {
         let deadline = Instant::now() + self.target.pool_timeout;
         let mut state = self.lock();
+        let mut waited = false;
         loop {
             if let Some(idle) = state.idle.pop() {
                 if idle.generation < state.generation || idle.client.is_closed() {
@@ -486,12 +506,17 @@ impl Pool {
             }
             let now = Instant::now();
             if now >= deadline {
+                state.wait_timeouts += 1;
                 drop(state);
                 tracing::warn!(target_db = %self.target.display, connections = self.max, "no pooled database connection became free in time");
                 return Err(self.target.unavailable(format!(
                     "all {} connections stayed in use for {:?} (pool_timeout)",
                     self.max, self.target.pool_timeout
                 )));
+            }
+            if !waited {
+                waited = true;
+                state.waits += 1;
             }
             state = self
                 .available
@@ -1018,7 +1043,21 @@ impl PgStore {
                 return Err(StoreError::Corrupt("sequence space exhausted".into()));
             }
             let k = key(type_no, seq);
-            let version = cur.map_or(1, |c| c.version + 1);
+            // A kept version (`$import` InitialLoad) only creates.
+            let kept = match &p.resource {
+                Some(Body::Ready(ready)) => ready.kept.clone(),
+                _ => None,
+            };
+            if kept.is_some() && cur.is_some() {
+                return Err(StoreError::AlreadyExists {
+                    resource_type: p.resource_type,
+                    id,
+                });
+            }
+            let (version, row_updated) = match kept {
+                Some((v, lu)) => (v, lu),
+                None => (cur.map_or(1, |c| c.version + 1), last_updated.clone()),
+            };
             // Supersede the previous version (written earlier in this call, or in the database).
             if let Some(c) = cur {
                 match row_of_k.get(&c.k) {
@@ -1047,7 +1086,7 @@ impl PgStore {
                             self.indexer.as_deref(),
                         )?,
                     };
-                    let json = ready.stamped(version, &last_updated);
+                    let json = ready.stamped(version, &row_updated);
                     let index = if indexing {
                         let Some(entries) = ready.index else {
                             return Err(StoreError::InvalidResource(format!(
@@ -1096,7 +1135,7 @@ impl PgStore {
                 status,
                 version,
                 seq,
-                last_updated: last_updated.clone(),
+                last_updated: row_updated,
                 json,
             });
         }
@@ -1117,7 +1156,7 @@ impl PgStore {
             }
         }
         if !rows.is_empty() {
-            copy_versions(&mut tx, &rows, &outcomes, &last_updated)?;
+            copy_versions(&mut tx, &rows, &outcomes)?;
             let indexed: Vec<(i64, i64, &[IndexEntry])> = rows
                 .iter()
                 .filter_map(|r| r.index.as_deref().map(|e| (r.type_no, r.k, e)))
@@ -1190,7 +1229,6 @@ fn copy_versions(
     tx: &mut ::postgres::Transaction<'_>,
     rows: &[NewRow],
     outcomes: &[WriteOutcome],
-    last_updated: &str,
 ) -> Result<(), StoreError> {
     let sink = tx.copy_in(
         "COPY resource_versions (k, seq, type_no, id, version, last_updated, method, deleted,
@@ -1220,7 +1258,7 @@ fn copy_versions(
             &r.type_no,
             &o.id,
             &r.version,
-            &last_updated,
+            &o.last_updated,
             &method,
             &deleted,
             &r.superseded_seq,
@@ -1992,6 +2030,10 @@ impl Store for PgStore {
 
     fn jobs(&self) -> Result<Arc<dyn crate::JobQueue>, crate::QueueError> {
         Ok(self.jobs.clone())
+    }
+
+    fn pool_stats(&self) -> Vec<crate::PoolStats> {
+        vec![self.pool.stats("store"), self.jobs.pool_stats()]
     }
 
     fn shared_state(&self) -> Option<Arc<dyn crate::SharedState>> {

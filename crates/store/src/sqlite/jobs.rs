@@ -29,8 +29,9 @@ use crate::StoreError;
 
 mod keysets;
 use crate::jobs::{
-    Cleanup, FileKind, FileRecord, ITEM_STATES, ItemKind, ItemPlan, JobQueue, JobRecord, JobState,
-    Lease, NewFile, Orphans, QueueError, Retry, TypeProgress, UnknownName, WorkItem, check_in,
+    Cleanup, FileKind, FileRecord, ITEM_STATES, ItemKind, ItemPlan, ItemProgress, JobQueue,
+    JobRecord, JobState, Lease, NewFile, Orphans, QueueError, Retry, TypeProgress, UnknownName,
+    WorkItem, check_in,
 };
 
 /// The job tables' schema version (`PRAGMA user_version` of `exports.db`). 0 is the first,
@@ -801,6 +802,37 @@ impl JobQueue for SqliteJobQueue {
         )?;
         let rows = stmt.query_map([job_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? == 1)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn item_progress(&self, job_id: &str) -> Result<Vec<ItemProgress>, QueueError> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "SELECT item_no, kind, resource_type, cursor, scanned, state = 'done'
+             FROM export_item WHERE job_id = ?1 ORDER BY item_no",
+        )?;
+        let rows = stmt.query_map([job_id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)? == 1,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (item_no, kind, resource_type, cursor, scanned, done) = row?;
+            out.push(ItemProgress {
+                item_no,
+                kind: kind.parse()?,
+                resource_type,
+                cursor,
+                scanned: scanned as u64,
+                done,
+            });
+        }
+        Ok(out)
     }
 
     fn release_orphans(&self, orphans: Orphans<'_>) -> Result<u64, QueueError> {

@@ -820,7 +820,26 @@ impl Store for SqliteStore {
                     return Err(StoreError::Corrupt("sequence space exhausted".into()));
                 }
                 let k = key(type_no, seq);
-                let version = current.as_ref().map_or(1, |c| c.version + 1);
+                let ready = match resource {
+                    Body::Ready(ready) => ready,
+                    Body::Json(m) => {
+                        PreparedResource::build(&p.resource_type, &id, m, self.indexer.as_deref())?
+                    }
+                };
+                // A kept version (`$import` InitialLoad) only creates.
+                if ready.kept.is_some() && current.is_some() {
+                    return Err(StoreError::AlreadyExists {
+                        resource_type: p.resource_type,
+                        id,
+                    });
+                }
+                let (version, row_updated) = match &ready.kept {
+                    Some((v, lu)) => (*v, lu.clone()),
+                    None => (
+                        current.as_ref().map_or(1, |c| c.version + 1),
+                        last_updated.clone(),
+                    ),
+                };
                 let status = match &current {
                     Some(c) if !c.deleted => WriteStatus::Updated,
                     _ => WriteStatus::Created,
@@ -831,20 +850,14 @@ impl Store for SqliteStore {
                         delete_index_rows(&tx, c.k)?;
                     }
                 }
-                let ready = match resource {
-                    Body::Ready(ready) => ready,
-                    Body::Json(m) => {
-                        PreparedResource::build(&p.resource_type, &id, m, self.indexer.as_deref())?
-                    }
-                };
-                let json = ready.stamped(version, &last_updated);
+                let json = ready.stamped(version, &row_updated);
                 insert.execute(params![
                     k,
                     seq,
                     type_no,
                     id,
                     version,
-                    last_updated,
+                    row_updated,
                     method_code(p.method),
                     0,
                     json
@@ -864,7 +877,7 @@ impl Store for SqliteStore {
                     status,
                     version,
                     seq,
-                    last_updated: last_updated.clone(),
+                    last_updated: row_updated,
                     json: Some(json),
                 });
             }

@@ -1,0 +1,327 @@
+//! `$import`'s write step: a chunk of NDJSON lines of one input, each checked like a resource of
+//! the bulk loader (JSON, type, id, the R4 model) and prepared for the store on every core
+//! ([`store::Store::prepare_put`]), then written in **one** store transaction.
+//!
+//! A chunk may be run again after a crash (the job queue records an input's progress after the
+//! chunk's write, in another transaction), so a chunk is idempotent:
+//!
+//! - [`ImportMode::InitialLoad`] keeps each line's `id`, `meta.versionId` and
+//!   `meta.lastUpdated` ([`store::PreparedResource::keeping_version`]): the stored bytes are the
+//!   line's bytes when they came from a Fhirhose export. It never overwrites: a resource that
+//!   exists already is a line error — unless it holds exactly the version the line describes
+//!   (same version, same stored bytes), which is a re-run and counts as loaded.
+//! - [`ImportMode::IncrementalLoad`] keeps ids and writes a new version like a `PUT` — unless the
+//!   current version already has exactly the line's content, which writes nothing (a re-run,
+//!   or an unchanged resource) and counts as loaded.
+//!
+//! Lines without an id are refused (a generated id would differ in a re-run and duplicate the
+//! resource).
+
+use std::collections::HashSet;
+
+use rayon::prelude::*;
+use serde_json::Value;
+use store::{PreparedResource, Store, StoreError, WriteOp};
+
+/// How `$import` writes (the `mode` parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportMode {
+    /// Into an empty server, keeping `meta.versionId` and `meta.lastUpdated`.
+    InitialLoad,
+    /// New versions like a `PUT`.
+    IncrementalLoad,
+}
+
+impl ImportMode {
+    /// The parameter value (`InitialLoad`, `IncrementalLoad`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImportMode::InitialLoad => "InitialLoad",
+            ImportMode::IncrementalLoad => "IncrementalLoad",
+        }
+    }
+
+    /// The mode named by `text` (exact, as Azure spells it).
+    pub fn parse(text: &str) -> Option<ImportMode> {
+        match text {
+            "InitialLoad" => Some(ImportMode::InitialLoad),
+            "IncrementalLoad" => Some(ImportMode::IncrementalLoad),
+            _ => None,
+        }
+    }
+}
+
+/// One refused line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineError {
+    /// 1-based line number in the input.
+    pub line: u64,
+    /// The resource, when the line named one (`Patient/p1`).
+    pub resource: Option<String>,
+    pub message: String,
+    /// The OperationOutcome issue code (`invalid`, `structure`, `duplicate`).
+    pub code: &'static str,
+}
+
+impl LineError {
+    /// The line's OperationOutcome, one NDJSON line of the input's error file.
+    pub fn to_outcome(&self) -> Value {
+        let mut diagnostics = format!("line {}", self.line);
+        if let Some(r) = &self.resource {
+            diagnostics.push_str(&format!(" ({r})"));
+        }
+        diagnostics.push_str(": ");
+        diagnostics.push_str(&self.message);
+        serde_json::json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{
+                "severity": "error",
+                "code": self.code,
+                "diagnostics": diagnostics,
+                "expression": [format!("line {}", self.line)],
+            }]
+        })
+    }
+}
+
+/// What a chunk did.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkOutcome {
+    /// Lines whose resource is in the store now (written, or already there as the line says).
+    pub loaded: u64,
+    /// Lines refused, in line order.
+    pub errors: Vec<LineError>,
+}
+
+fn line_error(
+    line: u64,
+    resource: Option<String>,
+    code: &'static str,
+    message: String,
+) -> LineError {
+    LineError {
+        line,
+        resource,
+        message,
+        code,
+    }
+}
+
+/// A parsed, checked and prepared line.
+struct Ready {
+    line: u64,
+    id: String,
+    prepared: PreparedResource,
+}
+
+/// Parses and checks one line (CPU only; runs on the rayon pool).
+fn prepare_line(
+    store: &dyn Store,
+    line: u64,
+    bytes: &[u8],
+    resource_type: &str,
+    mode: ImportMode,
+    default_last_updated_ms: i64,
+) -> Result<Ready, LineError> {
+    let resource: Value = serde_json::from_slice(bytes)
+        .map_err(|e| line_error(line, None, "structure", format!("not a JSON resource: {e}")))?;
+    let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else {
+        return Err(line_error(
+            line,
+            None,
+            "structure",
+            "not a resource (no resourceType)".into(),
+        ));
+    };
+    if ty != resource_type {
+        return Err(line_error(
+            line,
+            None,
+            "invalid",
+            format!("resourceType '{ty}' is not the input's type '{resource_type}'"),
+        ));
+    }
+    let id = match resource.get("id") {
+        Some(Value::String(id)) if store::is_valid_id(id) => id.clone(),
+        Some(Value::String(id)) => {
+            return Err(line_error(
+                line,
+                None,
+                "invalid",
+                format!("invalid id '{id}'"),
+            ));
+        }
+        _ => {
+            return Err(line_error(
+                line,
+                None,
+                "required",
+                "an imported resource needs an id".into(),
+            ));
+        }
+    };
+    let named = || Some(format!("{resource_type}/{id}"));
+    if let Some(message) = crate::loader::validation_problem(&resource) {
+        return Err(line_error(line, named(), "invalid", message));
+    }
+    let kept = match mode {
+        ImportMode::IncrementalLoad => None,
+        ImportMode::InitialLoad => {
+            let meta = resource.get("meta");
+            let version = match meta.and_then(|m| m.get("versionId")) {
+                None => 1,
+                Some(Value::String(v)) => match v.parse::<i64>() {
+                    Ok(n) if n >= 1 => n,
+                    _ => {
+                        return Err(line_error(
+                            line,
+                            named(),
+                            "invalid",
+                            format!(
+                                "meta.versionId '{v}' is not a positive integer (InitialLoad keeps it)"
+                            ),
+                        ));
+                    }
+                },
+                Some(_) => {
+                    return Err(line_error(
+                        line,
+                        named(),
+                        "invalid",
+                        "meta.versionId is not a string".into(),
+                    ));
+                }
+            };
+            let last_updated = match meta.and_then(|m| m.get("lastUpdated")) {
+                None => default_last_updated_ms,
+                Some(Value::String(t)) => match store::parse_instant_ms(t) {
+                    Some(ms) if t.contains('T') => ms,
+                    _ => {
+                        return Err(line_error(
+                            line,
+                            named(),
+                            "invalid",
+                            format!("meta.lastUpdated '{t}' is not an instant"),
+                        ));
+                    }
+                },
+                Some(_) => {
+                    return Err(line_error(
+                        line,
+                        named(),
+                        "invalid",
+                        "meta.lastUpdated is not a string".into(),
+                    ));
+                }
+            };
+            Some((version, last_updated))
+        }
+    };
+    let prepared = store
+        .prepare_put(resource_type, &id, resource)
+        .map_err(|e| line_error(line, named(), "invalid", e.to_string()))?;
+    let prepared = match kept {
+        Some((version, ms)) => prepared.keeping_version(version, ms),
+        None => prepared,
+    };
+    Ok(Ready { line, id, prepared })
+}
+
+/// Checks, prepares and writes `lines` (`(line number, bytes)`, blank lines already left out)
+/// of an input of `resource_type` in one store transaction. `default_last_updated_ms` is what an
+/// InitialLoad line without `meta.lastUpdated` keeps (the job's start, the same in a re-run).
+/// A store failure is the error (nothing of the chunk is written); refused lines are in the
+/// outcome.
+pub fn import_lines(
+    store: &dyn Store,
+    lines: &[(u64, Vec<u8>)],
+    resource_type: &str,
+    mode: ImportMode,
+    default_last_updated_ms: i64,
+) -> Result<ChunkOutcome, StoreError> {
+    let prepared: Vec<Result<Ready, LineError>> = lines
+        .par_iter()
+        .map(|(n, bytes)| {
+            prepare_line(
+                store,
+                *n,
+                bytes,
+                resource_type,
+                mode,
+                default_last_updated_ms,
+            )
+        })
+        .collect();
+    let mut outcome = ChunkOutcome::default();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut ops = Vec::new();
+    for r in prepared {
+        let ready = match r {
+            Ok(ready) => ready,
+            Err(e) => {
+                outcome.errors.push(e);
+                continue;
+            }
+        };
+        let name = format!("{resource_type}/{}", ready.id);
+        if !seen.insert(ready.id.clone()) && mode == ImportMode::InitialLoad {
+            outcome.errors.push(line_error(
+                ready.line,
+                Some(name),
+                "duplicate",
+                "the id occurs twice in this input (InitialLoad writes one version per id)".into(),
+            ));
+            continue;
+        }
+        let current = match store.read(resource_type, &ready.id) {
+            Ok(c) => Some(c),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(StoreError::Gone { .. }) if mode == ImportMode::IncrementalLoad => None,
+            Err(StoreError::Gone { .. }) => {
+                outcome.errors.push(line_error(
+                    ready.line,
+                    Some(name),
+                    "duplicate",
+                    "the resource exists (deleted) in the server; InitialLoad never overwrites (use IncrementalLoad)".into(),
+                ));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match (mode, current) {
+            (_, None) => ops.push(WriteOp::Put(ready.prepared)),
+            (ImportMode::InitialLoad, Some(c)) => {
+                let same = ready.prepared.kept_version().is_some_and(|(v, lu)| {
+                    c.version == v && c.json == ready.prepared.stored_json(v, lu)
+                });
+                if same {
+                    // A re-run of a chunk written before a crash.
+                    outcome.loaded += 1;
+                } else {
+                    outcome.errors.push(line_error(
+                        ready.line,
+                        Some(name),
+                        "duplicate",
+                        format!(
+                            "the resource exists in the server (version {}); InitialLoad never overwrites (use IncrementalLoad)",
+                            c.version
+                        ),
+                    ));
+                }
+            }
+            (ImportMode::IncrementalLoad, Some(c)) => {
+                if c.json == ready.prepared.stored_json(c.version, &c.last_updated) {
+                    // Unchanged (or a re-run of a chunk written before a crash).
+                    outcome.loaded += 1;
+                } else {
+                    ops.push(WriteOp::Put(ready.prepared));
+                }
+            }
+        }
+    }
+    if !ops.is_empty() {
+        outcome.loaded += store.write(ops)?.len() as u64;
+    }
+    outcome.errors.sort_by_key(|e| e.line);
+    Ok(outcome)
+}
