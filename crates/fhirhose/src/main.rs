@@ -73,11 +73,16 @@ fn main() -> ExitCode {
         Command::Jwks(args) => auth::cli::run_jwks(&args)
             .map(|s| println!("{s}"))
             .map_err(|e| e.to_string()),
-        Command::Anonymize(cmd) => cmd_keys::with_key_set(cmd)
-            .map_err(|f| f.message)
-            .and_then(|args| deid_cli::run(&args).map_err(|e| e.to_string()))
-            .map(|s| eprint!("{s}"))
-            .map_err(|e| e.to_string()),
+        Command::Anonymize(cmd) => {
+            // A key set whose database is unreachable keeps its exit status (3).
+            let args = match cmd_keys::with_key_set(cmd) {
+                Ok(args) => args,
+                Err(failure) => return failure::finish(Err(failure)),
+            };
+            deid_cli::run(&args)
+                .map(|s| eprint!("{s}"))
+                .map_err(|e| e.to_string())
+        }
         Command::View(args) => cmd_view::run(args),
         Command::Keys(args) => return failure::finish(cmd_keys::run(args)),
         Command::Verify(args) => return failure::finish(cmd_verify::run(args)),

@@ -84,6 +84,21 @@ fn an_unreachable_database_ends_each_command_with_one_line_and_status_3() {
         .output()
         .expect("run keys list");
     assert_unavailable(&keys, "keys list");
+
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"fhirPathRules":[]}"#).expect("write config");
+    let out = dir.path().join("out");
+    let anonymize = fhirhose()
+        .args(["anonymize", "--data-dir", data, "--database", &url])
+        .args(["--key-set", "research", "--config"])
+        .arg(&config)
+        .arg("-i")
+        .arg(&ndjson)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run anonymize --key-set");
+    assert_unavailable(&anonymize, "anonymize --key-set");
 }
 
 #[test]
