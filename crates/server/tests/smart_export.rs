@@ -1,5 +1,6 @@
-//! SMART scopes on Bulk Data `$export` over real HTTP: per-type checks at kick-off, the type list
-//! without `_type`, and status, cancel and downloads only for the client that started the export.
+//! SMART scopes on Bulk Data `$export` and `$import` over real HTTP: per-type checks at
+//! kick-off, the type list without `_type`, and status, cancel and downloads (export files,
+//! import error files) only for the client that started the job.
 //! (Test keys: crates/auth/tests/data, see PROVENANCE.md there.)
 
 mod common;
@@ -15,7 +16,7 @@ struct Server {
     token_url: String,
     key: auth::ClientKey,
     auth: auth::Auth,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     /// The store's database (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`).
     _db: store::testing::TestStore,
 }
@@ -34,6 +35,7 @@ async fn start() -> Server {
         {"client_id": "exporter", "jwks": jwks, "scope": "system/Patient.rs system/Observation.read"},
         {"client_id": "other", "jwks": jwks, "scope": "system/Patient.rs system/Observation.read"},
         {"client_id": "observations", "jwks": jwks, "scope": "system/Observation.rs"},
+        {"client_id": "importer", "jwks": jwks, "scope": "system/Patient.cruds system/Observation.rs"},
     ]);
     let registry =
         auth::ClientRegistry::from_json(&clients.to_string(), Path::new("clients.json")).unwrap();
@@ -52,7 +54,7 @@ async fn start() -> Server {
         token_url,
         key,
         auth,
-        _dir: dir,
+        dir,
         _db: db,
     }
 }
@@ -278,4 +280,131 @@ async fn expired_or_foreign_tokens_cannot_poll() {
         .send(Method::GET, &status_url, Some(&exporter), None)
         .await;
     assert!(st == StatusCode::OK || st == StatusCode::ACCEPTED, "{st}");
+}
+
+/// `$import` Parameters (IncrementalLoad) with one input per `(type, url)`.
+fn import_parameters(inputs: &[(&str, &str)]) -> Value {
+    let mut params = vec![
+        json!({"name": "inputFormat", "valueString": "application/fhir+ndjson"}),
+        json!({"name": "mode", "valueString": "IncrementalLoad"}),
+    ];
+    for (t, url) in inputs {
+        params.push(json!({"name": "input", "part": [
+            {"name": "type", "valueString": t},
+            {"name": "url", "valueUri": url},
+        ]}));
+    }
+    json!({"resourceType": "Parameters", "parameter": params})
+}
+
+#[tokio::test]
+async fn import_is_limited_to_write_scopes_and_to_its_client() {
+    let s = start().await;
+    // Objects of the server's storage (local folder: <storage>/<container>/<path>).
+    let imports = s.dir.path().join("storage/imports");
+    std::fs::create_dir_all(&imports).unwrap();
+    std::fs::write(
+        imports.join("patients.ndjson"),
+        "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\nnot json\n",
+    )
+    .unwrap();
+    std::fs::write(
+        imports.join("obs.ndjson"),
+        "{\"resourceType\":\"Observation\",\"id\":\"o1\",\"status\":\"final\",\"code\":{\"text\":\"x\"}}\n",
+    )
+    .unwrap();
+    let admin = s.token("admin", "system/*.cruds").await;
+    let importer = s
+        .token("importer", "system/Patient.cruds system/Observation.rs")
+        .await;
+    let other = s.token("other", "system/*.read").await;
+    let both = import_parameters(&[
+        ("Patient", "imports/patients.ndjson"),
+        ("Observation", "imports/obs.ndjson"),
+    ]);
+
+    // Without a token 401; without `c`/`u` on one input type 403, and nothing is loaded.
+    let (st, _, _) = s
+        .send(Method::POST, "/$import", None, Some(both.clone()))
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, _, body) = s
+        .send(Method::POST, "/$import", Some(&importer), Some(both))
+        .await;
+    assert_forbidden(st, &body, "Observation");
+    assert!(
+        !body.contains("importing Patient"),
+        "only the refused type: {body}"
+    );
+    let (st, _, body) = s
+        .send(
+            Method::POST,
+            "/$import",
+            Some(&other),
+            Some(import_parameters(&[("Patient", "imports/patients.ndjson")])),
+        )
+        .await;
+    assert_forbidden(st, &body, "Patient");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for path in ["/Patient/p1", "/Observation/o1"] {
+        let (st, _, _) = s.send(Method::GET, path, Some(&admin), None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{path} was loaded");
+    }
+
+    // Within its scopes the import runs; only its client sees, polls and cancels it.
+    let patients = import_parameters(&[("Patient", "imports/patients.ndjson")]);
+    let (st, h, body) = s
+        .send(Method::POST, "/$import", Some(&importer), Some(patients))
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+    let status_url = h["content-location"].to_str().unwrap().to_owned();
+    for token in [&other, &admin] {
+        let (st, _, body) = s.send(Method::GET, &status_url, Some(token), None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
+        assert!(body.contains("OperationOutcome"), "{body}");
+    }
+    let (st, _, _) = s.send(Method::GET, &status_url, None, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, _, _) = s
+        .send(Method::DELETE, &status_url, Some(&other), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let result = s.manifest(&status_url, &importer).await;
+    assert_eq!(result["output"][0]["count"], 1, "{result}");
+    let (st, _, _) = s.send(Method::GET, "/Patient/p1", Some(&admin), None).await;
+    assert_eq!(st, StatusCode::OK);
+
+    // The error file ("not json" on line 2): the token is required, only the importer gets it.
+    let error_url = result["error"][0]["url"].as_str().unwrap().to_owned();
+    assert!(error_url.contains("/import-files/"), "{error_url}");
+    let (st, _, _) = s.send(Method::GET, &error_url, None, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    for token in [&other, &admin] {
+        let (st, _, body) = s.send(Method::GET, &error_url, Some(token), None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
+    }
+    let (st, _, text) = s.send(Method::GET, &error_url, Some(&importer), None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        text.contains("OperationOutcome") && text.contains("line 2"),
+        "{text}"
+    );
+
+    // Cancel: another client's DELETE is 404 and the job stays; the importer's removes it.
+    let (st, _, _) = s
+        .send(Method::DELETE, &status_url, Some(&other), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, _, _) = s
+        .send(Method::GET, &status_url, Some(&importer), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _, _) = s
+        .send(Method::DELETE, &status_url, Some(&importer), None)
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let (st, _, _) = s
+        .send(Method::GET, &status_url, Some(&importer), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
 }
