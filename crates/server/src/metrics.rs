@@ -6,7 +6,8 @@
 //!   `fhirhose_http_request_duration_seconds{method,route,status}` (histogram): every request,
 //!   labelled by its route *template* (`/{rtype}/{id}`, never the concrete path, so the label set
 //!   stays small); requests that match no route are `route="unmatched"`.
-//! - `fhirhose_export_jobs{state}`: export jobs by state, read from the job queue at scrape time.
+//! - `fhirhose_export_jobs{state}`, `fhirhose_import_jobs{state}`: export and `$import` jobs by
+//!   state, read from the job queue at scrape time.
 //! - `fhirhose_export_resources_total`, `fhirhose_export_bytes_total`,
 //!   `fhirhose_export_files_total`, `fhirhose_export_items_total{outcome}`,
 //!   `fhirhose_export_item_retries_total`: the export work of this process
@@ -178,16 +179,21 @@ pub fn render(state: &AppState) -> String {
             );
         }
     }
-    family(
-        &mut out,
-        "fhirhose_export_jobs",
-        "gauge",
-        "Export jobs in the job queue by state (all nodes sharing the database).",
-    );
     match state.export.job_counts() {
         Ok(counts) => {
-            for (s, n) in counts {
-                let _ = writeln!(out, "fhirhose_export_jobs{{state=\"{s}\"}} {n}");
+            for kind in ["export", "import"] {
+                family(
+                    &mut out,
+                    &format!("fhirhose_{kind}_jobs"),
+                    "gauge",
+                    &format!(
+                        "{} jobs in the job queue by state (all nodes sharing the database).",
+                        if kind == "export" { "Export" } else { "Import" }
+                    ),
+                );
+                for (_, s, n) in counts.iter().filter(|c| c.0 == kind) {
+                    let _ = writeln!(out, "fhirhose_{kind}_jobs{{state=\"{s}\"}} {n}");
+                }
             }
         }
         Err(e) => tracing::warn!(error = %e, "metrics: cannot count export jobs"),

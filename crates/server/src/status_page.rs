@@ -133,9 +133,10 @@ fn row(out: &mut String, j: &JobSummary) {
         .iter()
         .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
         .collect();
-    let level = match &j.group {
-        Some(g) => format!("group {}", esc(g)),
-        None => esc(&j.level),
+    let level = match (j.kind, &j.group) {
+        ("import", _) => "import".to_string(),
+        (_, Some(g)) => format!("export group {}", esc(g)),
+        (_, None) => format!("export {}", esc(&j.level)),
     };
     let _ = write!(
         out,
@@ -204,7 +205,7 @@ small {{ color: #666; }}
 </style></head>
 <body><h1>Exports</h1>
 <p>The {n} most recent export jobs. <small id="updated">Refreshed every second.</small></p>
-<table><thead><tr><th>Job</th><th>Level</th><th>Parameters</th><th>State</th><th>Progress</th><th>Resources</th><th>Size</th><th>Throughput</th><th>Errors</th><th>Manifest and files</th></tr></thead>
+<table><thead><tr><th>Job</th><th>Kind</th><th>Parameters</th><th>State</th><th>Progress</th><th>Resources</th><th>Size</th><th>Throughput</th><th>Errors</th><th>Manifest and files</th></tr></thead>
 <tbody id="jobs">{rows}</tbody></table>
 <script>
 "use strict";
@@ -213,7 +214,7 @@ function size(n) {{ const u = ["B","KiB","MiB","GiB"]; let i = 0; while (n >= 10
 function when(ms) {{ return new Date(ms).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC"); }}
 function row(j) {{
   const params = j.parameters.length ? j.parameters.map(p => esc(p[0]) + "=" + esc(p[1])).join("<br>") : "<small>(none)</small>";
-  const level = j.group ? "group " + esc(j.group) : esc(j.level);
+  const level = j.kind === "import" ? "import" : "export " + (j.group ? "group " + esc(j.group) : esc(j.level));
   let err = j.error ? esc(j.error) : "";
   if (j.error_entries > 0) err += " " + j.error_entries + " resources in error files";
   let files = "";

@@ -312,6 +312,56 @@ async fn line_errors_go_to_error_files_and_incremental_load_makes_versions() {
         .collect();
     assert_eq!(lines, ["line 2", "line 4", "line 5", "line 6"], "{text}");
 
+    // The status page and the metrics show it as an import, not as an export.
+    let (st, page) = read(&s, "exports?format=json").await;
+    assert_eq!(st, StatusCode::OK);
+    let job = &page["jobs"][0];
+    assert_eq!(job["kind"], "import", "{page}");
+    assert_eq!(job["resources"], 3, "{page}");
+    assert_eq!(
+        job["parameters"],
+        json!([
+            ["mode", "IncrementalLoad"],
+            ["input", "Patient imports/patients.ndjson"],
+            ["input", "Observation imports/obs.ndjson.gz"]
+        ]),
+        "{page}"
+    );
+    assert!(
+        job["status_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&format!("{}/import-status/", s.base))),
+        "{page}"
+    );
+    assert_eq!(job["files"][0]["url"], url, "{page}");
+    let html =
+        s.c.get(format!("{}/exports", s.base))
+            .send()
+            .await
+            .expect("page")
+            .text()
+            .await
+            .expect("html");
+    assert!(html.contains("<td>import</td>"), "{html}");
+    let metrics =
+        s.c.get(format!("{}/metrics", s.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"fhirhose_import_jobs{state="complete"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("fhirhose_export_jobs{"),
+        "no export ran: {metrics}"
+    );
+
     // IncrementalLoad writes like a PUT: new versions at the server's time.
     let (st, p3) = read(&s, "Patient/p3").await;
     assert_eq!(st, StatusCode::OK);

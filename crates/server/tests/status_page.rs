@@ -135,6 +135,10 @@ async fn metrics_and_the_status_page_show_an_export() {
         Some(1.0),
         "{text}"
     );
+    assert!(
+        !text.contains("fhirhose_import_jobs{"),
+        "no import ran: {text}"
+    );
     // Process-wide counters (other tests of this binary may add to them).
     assert!(
         sample(&text, "fhirhose_export_resources_total").is_some_and(|n| n >= total as f64),
@@ -202,6 +206,7 @@ async fn metrics_and_the_status_page_show_an_export() {
     let v: Value = r.json().await.expect("json");
     let job = &v["jobs"][0];
     assert_eq!(job["state"], "complete", "{v}");
+    assert_eq!(job["kind"], "export", "{v}");
     assert_eq!(job["status_url"], status_url.as_str());
     assert_eq!(job["resources"], total, "{v}");
     assert_eq!(job["percent"], 100.0);

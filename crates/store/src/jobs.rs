@@ -438,8 +438,10 @@ pub trait JobQueue: Send + Sync {
     /// The most recent jobs (by creation, newest first), at most `limit`; only `client`'s when
     /// given (the status page: a client sees its own jobs).
     fn recent(&self, limit: u64, client: Option<&str>) -> Result<Vec<JobRecord>, QueueError>;
-    /// How many jobs are in each state (the metrics endpoint); states without jobs are left out.
-    fn count_by_state(&self) -> Result<Vec<(JobState, u64)>, QueueError>;
+    /// How many jobs are in each state, apart for exports (`false`) and imports (`true`: the
+    /// recorded request holds `"operation":"import"`), for the metrics endpoint; states without
+    /// jobs are left out.
+    fn count_by_state(&self) -> Result<Vec<(JobState, bool, u64)>, QueueError>;
     /// Records that a job's files are removed.
     fn cleaned(&self, id: &str) -> Result<(), QueueError>;
     fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError>;

@@ -82,8 +82,10 @@ pub struct FileSummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct JobSummary {
     pub id: String,
+    /// `export` or `import` (`$import` jobs run on the same queue).
+    pub kind: &'static str,
     pub state: &'static str,
-    /// `system`, `patient` or `group`.
+    /// `system`, `patient` or `group` (an import: `system`).
     pub level: String,
     pub group: Option<String>,
     /// The kick-off parameters, as given.
@@ -114,13 +116,13 @@ pub struct JobSummary {
 pub const RECENT_JOBS: u64 = 50;
 
 impl ExportService {
-    /// Export jobs by state, over the whole job queue.
-    pub fn job_counts(&self) -> Result<Vec<(&'static str, u64)>, ExportError> {
+    /// Jobs by state and kind (`export` or `import`), over the whole job queue.
+    pub fn job_counts(&self) -> Result<Vec<(&'static str, &'static str, u64)>, ExportError> {
         Ok(self
             .queue
             .count_by_state()?
             .into_iter()
-            .map(|(s, n)| (s.as_str(), n))
+            .map(|(s, import, n)| (if import { "import" } else { "export" }, s.as_str(), n))
             .collect())
     }
 
@@ -137,19 +139,44 @@ impl ExportService {
 
     fn summary(&self, job: &JobRecord) -> Result<JobSummary, ExportError> {
         let request: Value = serde_json::from_str(&job.request).unwrap_or(Value::Null);
-        let parameters: Vec<(String, String)> =
-            serde_json::from_value(request["params"].clone()).unwrap_or_default();
+        let import = crate::import::ImportRequest::from_job(job);
+        let parameters: Vec<(String, String)> = match &import {
+            // An import's parameters: its mode and each input as `type url`.
+            Some(req) => std::iter::once(("mode".to_string(), req.mode.as_str().to_string()))
+                .chain(req.inputs.iter().map(|i| {
+                    (
+                        "input".to_string(),
+                        format!("{} {}", i.resource_type, i.url),
+                    )
+                }))
+                .collect(),
+            None => serde_json::from_value(request["params"].clone()).unwrap_or_default(),
+        };
+        let (kind, paths) = match import {
+            Some(_) => ("import", ("import-status", "import-files")),
+            None => ("export", ("export-status", "export-files")),
+        };
         let files: Vec<FileRecord> = self
             .queue
             .files(&job.id)?
             .into_iter()
             .filter(|f| f.pending_rename.is_none())
             .collect();
-        let resources = files
-            .iter()
-            .filter(|f| f.kind == FileKind::Output)
-            .map(|f| f.count)
-            .sum();
+        // An import writes no output files: its resources are those its inputs loaded.
+        let resources = if kind == "import" {
+            self.queue
+                .item_progress(&job.id)?
+                .iter()
+                .filter(|i| i.kind != store::jobs::ItemKind::Finalize)
+                .map(|i| i.scanned)
+                .sum()
+        } else {
+            files
+                .iter()
+                .filter(|f| f.kind == FileKind::Output)
+                .map(|f| f.count)
+                .sum()
+        };
         let error_entries = files
             .iter()
             .filter(|f| f.kind == FileKind::Error)
@@ -193,9 +220,10 @@ impl ExportService {
         };
         let end = job.finished_ms.unwrap_or_else(now_ms);
         let seconds = (end.saturating_sub(job.created_ms) as f64 / 1000.0).max(0.001);
-        let url = |name: &str| format!("{}/export-files/{}/{}", self.config.base_url, job.id, name);
+        let url = |name: &str| format!("{}/{}/{}/{}", self.config.base_url, paths.1, job.id, name);
         Ok(JobSummary {
             id: job.id.clone(),
+            kind,
             state: job.state.as_str(),
             level: request["level"].as_str().unwrap_or("system").to_string(),
             group: request["group"].as_str().map(str::to_string),
@@ -211,7 +239,7 @@ impl ExportService {
             resources_per_second: resources as f64 / seconds,
             error: (job.state == JobState::Failed).then(|| job.result.clone().unwrap_or_default()),
             error_entries,
-            status_url: format!("{}/export-status/{}", self.config.base_url, job.id),
+            status_url: format!("{}/{}/{}", self.config.base_url, paths.0, job.id),
             files: files
                 .iter()
                 .map(|f| FileSummary {

@@ -695,12 +695,22 @@ impl JobQueue for PgJobQueue {
         })
     }
 
-    fn count_by_state(&self) -> Result<Vec<(JobState, u64)>, QueueError> {
+    fn count_by_state(&self) -> Result<Vec<(JobState, bool, u64)>, QueueError> {
         self.run(|c| {
-            c.query("SELECT state, count(*) FROM export_job GROUP BY state", &[])?
-                .iter()
-                .map(|r| Ok((r.get::<_, &str>(0).parse()?, r.get::<_, i64>(1) as u64)))
-                .collect()
+            c.query(
+                "SELECT state, strpos(request, '\"operation\":\"import\"') > 0, count(*)
+                 FROM export_job GROUP BY 1, 2",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.get::<_, &str>(0).parse()?,
+                    r.get::<_, bool>(1),
+                    r.get::<_, i64>(2) as u64,
+                ))
+            })
+            .collect()
         })
     }
 

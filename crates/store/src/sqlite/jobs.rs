@@ -740,14 +740,23 @@ impl JobQueue for SqliteJobQueue {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    fn count_by_state(&self) -> Result<Vec<(JobState, u64)>, QueueError> {
+    fn count_by_state(&self) -> Result<Vec<(JobState, bool, u64)>, QueueError> {
         let c = self.conn();
-        let mut stmt = c.prepare("SELECT state, count(*) FROM export_job GROUP BY state")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, JobState>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut stmt = c.prepare(
+            "SELECT state, instr(request, '\"operation\":\"import\"') > 0 AS imp, count(*)
+             FROM export_job GROUP BY state, imp",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, JobState>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
         let mut out = Vec::new();
         for row in rows {
-            let (state, n) = row?;
-            out.push((state, n as u64));
+            let (state, import, n) = row?;
+            out.push((state, import, n as u64));
         }
         Ok(out)
     }
