@@ -1,5 +1,6 @@
 //! FHIR Bulk Data `$export`.
 //!
+//! - [`defaults`]: the settings' default values, shared with the `serve` flags.
 //! - [`request`]: kick-off parameters, parsed and validated ([`ExportRequest`]).
 //! - [`jobs`]: the durable job queue ([`JobQueue`]), re-exported from the store, which keeps it
 //!   in its own database ([`store::Store::jobs`]).
@@ -17,6 +18,7 @@
 
 pub mod access;
 pub mod anonymization;
+pub mod defaults;
 pub mod import;
 pub mod jobs;
 pub mod part;

@@ -99,12 +99,12 @@ pub struct RunSettings {
 impl Default for RunSettings {
     fn default() -> Self {
         RunSettings {
-            file_max_resources: 5000,
-            file_max_bytes: 64 * 1024 * 1024,
-            item_resources: 250_000,
+            file_max_resources: crate::defaults::FILE_MAX_RESOURCES,
+            file_max_bytes: crate::defaults::FILE_MAX_MB * 1024 * 1024,
+            item_resources: crate::defaults::ITEM_RESOURCES,
             heartbeat_every: Duration::from_secs(10),
-            group_max_depth: 100,
-            group_max_members: 1_000_000,
+            group_max_depth: crate::defaults::GROUP_MAX_DEPTH,
+            group_max_members: crate::defaults::GROUP_MAX_MEMBERS,
         }
     }
 }

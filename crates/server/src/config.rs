@@ -88,28 +88,28 @@ pub struct ServeConfig {
 #[derive(Debug, Clone, Args)]
 pub struct SearchOptions {
     /// Seconds a search may run; then it is stopped and answers 503 (`timeout`).
-    #[arg(long, env = "FHIRHOSE_SEARCH_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "FHIRHOSE_SEARCH_TIMEOUT", default_value_t = search::SearchLimits::default().timeout.as_secs())]
     pub search_timeout: u64,
     /// Search parameters in one request.
-    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_PARAMS", default_value_t = 50)]
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_PARAMS", default_value_t = search::SearchLimits::default().max_params)]
     pub search_max_params: usize,
     /// Bytes of one search parameter (name and value).
-    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_VALUE_BYTES", default_value_t = 8192)]
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_VALUE_BYTES", default_value_t = search::SearchLimits::default().max_value_bytes)]
     pub search_max_value_bytes: usize,
     /// Bytes of all search parameters of a request together.
-    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_QUERY_BYTES", default_value_t = 32768)]
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_QUERY_BYTES", default_value_t = search::SearchLimits::default().max_query_bytes)]
     pub search_max_query_bytes: usize,
     /// Values in one search request (each item of a comma-separated OR list counts).
-    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_VALUES", default_value_t = 1000)]
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_VALUES", default_value_t = search::SearchLimits::default().max_values)]
     pub search_max_values: usize,
     /// `_sort` keys.
-    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_SORT_KEYS", default_value_t = 8)]
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_SORT_KEYS", default_value_t = search::SearchLimits::default().max_sort_keys)]
     pub search_max_sort_keys: usize,
     /// `_include` and `_revinclude` parameters of one search together.
-    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_INCLUDES", default_value_t = 10)]
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_INCLUDES", default_value_t = search::SearchLimits::default().max_includes)]
     pub search_max_includes: usize,
     /// Included resources in one page; more are left out with a warning in the Bundle.
-    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_INCLUDED", default_value_t = 1000)]
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_INCLUDED", default_value_t = search::SearchLimits::default().max_included)]
     pub search_max_included: usize,
 }
 
@@ -166,10 +166,10 @@ pub struct ExportOptions {
     #[arg(long, env = "FHIRHOSE_EXPORT_WORKERS")]
     pub export_workers: Option<usize>,
     /// Resources per NDJSON file before it is rolled to the next number.
-    #[arg(long, env = "FHIRHOSE_EXPORT_FILE_RESOURCES", default_value_t = 5000)]
+    #[arg(long, env = "FHIRHOSE_EXPORT_FILE_RESOURCES", default_value_t = export::defaults::FILE_MAX_RESOURCES)]
     pub export_file_resources: u64,
     /// Megabytes per NDJSON file before it is rolled (whichever limit comes first).
-    #[arg(long, env = "FHIRHOSE_EXPORT_FILE_MB", default_value_t = 64)]
+    #[arg(long, env = "FHIRHOSE_EXPORT_FILE_MB", default_value_t = export::defaults::FILE_MAX_MB)]
     pub export_file_mb: u64,
     /// Store export files gzip-compressed (`.ndjson.gz`; the manifest says so) unless the
     /// kick-off says `_compression=none`.
@@ -180,15 +180,15 @@ pub struct ExportOptions {
     #[arg(
         long,
         env = "FHIRHOSE_EXPORT_ITEM_RESOURCES",
-        default_value_t = 250_000
+        default_value_t = export::defaults::ITEM_RESOURCES
     )]
     pub export_item_resources: u64,
     /// Exports queued or running at once; more kick-offs get 429.
-    #[arg(long, env = "FHIRHOSE_EXPORT_MAX_CONCURRENT", default_value_t = 4)]
+    #[arg(long, env = "FHIRHOSE_EXPORT_MAX_CONCURRENT", default_value_t = export::defaults::MAX_CONCURRENT)]
     pub export_max_concurrent: u64,
     /// Seconds without a heartbeat after which a running work item is taken over (by any node
     /// sharing the database); items heartbeat every quarter of it, at most every 10 s.
-    #[arg(long, env = "FHIRHOSE_EXPORT_HEARTBEAT_TIMEOUT", default_value_t = 600)]
+    #[arg(long, env = "FHIRHOSE_EXPORT_HEARTBEAT_TIMEOUT", default_value_t = export::defaults::HEARTBEAT_TIMEOUT_SECS)]
     pub export_heartbeat_timeout: u64,
     /// This node's id among the `serve` processes sharing one PostgreSQL database (letters,
     /// digits, `.`, `_`, `-`; at most 64), unique and stable across restarts: export leases are
@@ -199,25 +199,25 @@ pub struct ExportOptions {
     pub node_id: Option<String>,
     /// Attempts per export work item (a transient failure, or a server that stopped while it
     /// ran, uses one; back-off 2 s, 4 s, … ≤ 60 s between them); then the export fails.
-    #[arg(long, env = "FHIRHOSE_EXPORT_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(long, env = "FHIRHOSE_EXPORT_MAX_ATTEMPTS", default_value_t = export::defaults::MAX_ATTEMPTS)]
     pub export_max_attempts: i64,
     /// Seconds a complete export's files are kept; then they are removed and its status URL
     /// answers 410.
-    #[arg(long, env = "FHIRHOSE_EXPORT_RETENTION", default_value_t = 24 * 3600)]
+    #[arg(long, env = "FHIRHOSE_EXPORT_RETENTION", default_value_t = export::defaults::RETENTION_SECS)]
     pub export_retention: u64,
     /// Deepest nesting of Groups a Group-level export follows (deeper: that export fails).
-    #[arg(long, env = "FHIRHOSE_EXPORT_GROUP_MAX_DEPTH", default_value_t = 100)]
+    #[arg(long, env = "FHIRHOSE_EXPORT_GROUP_MAX_DEPTH", default_value_t = export::defaults::GROUP_MAX_DEPTH)]
     pub export_group_max_depth: usize,
     /// Most member entries (over all nested Groups) a Group-level export resolves (more: that
     /// export fails).
     #[arg(
         long,
         env = "FHIRHOSE_EXPORT_GROUP_MAX_MEMBERS",
-        default_value_t = 1_000_000
+        default_value_t = export::defaults::GROUP_MAX_MEMBERS
     )]
     pub export_group_max_members: usize,
     /// Container used when a kick-off has no `_container`.
-    #[arg(long, env = "FHIRHOSE_EXPORT_CONTAINER", default_value = "exports")]
+    #[arg(long, env = "FHIRHOSE_EXPORT_CONTAINER", default_value = export::defaults::CONTAINER)]
     pub export_container: String,
     /// Where export files go: `local` (`<data-dir>/storage/<container>/`), `azure` (Blob /
     /// ADLS Gen2) or `s3` (an S3-compatible store). When several nodes share one PostgreSQL
@@ -283,18 +283,18 @@ impl Default for ExportOptions {
     fn default() -> Self {
         ExportOptions {
             export_workers: None,
-            export_file_resources: 5000,
-            export_file_mb: 64,
+            export_file_resources: export::defaults::FILE_MAX_RESOURCES,
+            export_file_mb: export::defaults::FILE_MAX_MB,
             export_gzip: false,
-            export_item_resources: 250_000,
-            export_max_concurrent: 4,
-            export_heartbeat_timeout: 600,
+            export_item_resources: export::defaults::ITEM_RESOURCES,
+            export_max_concurrent: export::defaults::MAX_CONCURRENT,
+            export_heartbeat_timeout: export::defaults::HEARTBEAT_TIMEOUT_SECS,
             node_id: None,
-            export_max_attempts: 5,
-            export_retention: 24 * 3600,
-            export_group_max_depth: 100,
-            export_group_max_members: 1_000_000,
-            export_container: "exports".into(),
+            export_max_attempts: export::defaults::MAX_ATTEMPTS,
+            export_retention: export::defaults::RETENTION_SECS,
+            export_group_max_depth: export::defaults::GROUP_MAX_DEPTH,
+            export_group_max_members: export::defaults::GROUP_MAX_MEMBERS,
+            export_container: export::defaults::CONTAINER.into(),
             export_destination: "local".into(),
             azure_connection_string: None,
             azure_account: None,
@@ -596,5 +596,54 @@ impl ServeConfig {
                 format!("http://{host}:{}", addr.port())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeConfig,
+    }
+
+    /// The flags' defaults and the structs' `Default`s are the same values (both read
+    /// `export::defaults` and `search::SearchLimits::default()`), so tests that build options in
+    /// code run what `fhirhose serve` runs. (Skipped when the environment sets a flag's variable.)
+    #[test]
+    fn flag_defaults_are_the_default_settings() {
+        if std::env::vars().any(|(k, _)| {
+            (k.starts_with("FHIRHOSE_EXPORT_") || k.starts_with("FHIRHOSE_SEARCH_"))
+                && !k.starts_with("FHIRHOSE_TEST_")
+        }) {
+            return;
+        }
+        let parsed = Cli::parse_from(["serve"]).serve;
+        let (e, d) = (parsed.export, ExportOptions::default());
+        assert_eq!(e.export_file_resources, d.export_file_resources);
+        assert_eq!(e.export_file_mb, d.export_file_mb);
+        assert_eq!(e.export_item_resources, d.export_item_resources);
+        assert_eq!(e.export_max_concurrent, d.export_max_concurrent);
+        assert_eq!(e.export_heartbeat_timeout, d.export_heartbeat_timeout);
+        assert_eq!(e.export_max_attempts, d.export_max_attempts);
+        assert_eq!(e.export_retention, d.export_retention);
+        assert_eq!(e.export_group_max_depth, d.export_group_max_depth);
+        assert_eq!(e.export_group_max_members, d.export_group_max_members);
+        assert_eq!(e.export_container, d.export_container);
+        let run = export::RunSettings::default();
+        assert_eq!(e.export_file_resources, run.file_max_resources);
+        assert_eq!(e.export_file_mb * 1024 * 1024, run.file_max_bytes);
+        let (s, d) = (parsed.search.limits(), search::SearchLimits::default());
+        assert_eq!(s.max_params, d.max_params);
+        assert_eq!(s.max_value_bytes, d.max_value_bytes);
+        assert_eq!(s.max_query_bytes, d.max_query_bytes);
+        assert_eq!(s.max_values, d.max_values);
+        assert_eq!(s.max_sort_keys, d.max_sort_keys);
+        assert_eq!(s.max_includes, d.max_includes);
+        assert_eq!(s.max_included, d.max_included);
+        assert_eq!(s.timeout, d.timeout);
     }
 }

@@ -1,0 +1,24 @@
+//! The export settings' default values, written once: [`crate::RunSettings::default`],
+//! [`crate::ExportConfig::local`] and the `fhirhose serve` flags (`server::config`, whose help
+//! shows them) all read these.
+
+/// Resources per NDJSON file before it is rolled to the next number.
+pub const FILE_MAX_RESOURCES: u64 = 5000;
+/// Megabytes per NDJSON file before it is rolled (whichever limit comes first).
+pub const FILE_MAX_MB: u64 = 64;
+/// Resources per work item when an export is planned.
+pub const ITEM_RESOURCES: u64 = 250_000;
+/// Deepest Group nesting a Group-level export follows.
+pub const GROUP_MAX_DEPTH: usize = 100;
+/// Most member entries (over all nested Groups) a Group-level export resolves.
+pub const GROUP_MAX_MEMBERS: usize = 1_000_000;
+/// Exports queued or running at once.
+pub const MAX_CONCURRENT: u64 = 4;
+/// Seconds without a heartbeat after which a running work item is taken over.
+pub const HEARTBEAT_TIMEOUT_SECS: u64 = 600;
+/// Claims per work item before the export fails.
+pub const MAX_ATTEMPTS: i64 = 5;
+/// Seconds a complete export's files are kept.
+pub const RETENTION_SECS: u64 = 24 * 3600;
+/// Container used when a kick-off has no `_container`.
+pub const CONTAINER: &str = "exports";
