@@ -50,11 +50,12 @@ cargo test --workspace --profile ci "$@"
 
 # The suites parameterised by backend, a second time against PostgreSQL (a fresh database per
 # test, see store::testing): every unit test, and the store, search, ingest and export suites and
-# the server's storage suites by name. `--workspace` again, so that features resolve as in the
+# the server's storage suites by name. (search's backends_agree compares both backends already in
+# the first run, through FHIRHOSE_TEST_POSTGRES: not repeated here.) `--workspace` again, so that features resolve as in the
 # first run and nothing is rebuilt (`-p` selections rebuilt for minutes).
 pg_suites=(
   job_queue postgres_store sqlite_store
-  backends_agree bad_input evaluator_agrees_with_fhirpath fuzz_props indexer_entries reindex
+  bad_input evaluator_agrees_with_fhirpath fuzz_props indexer_entries reindex
   search_features synthea_queries
   bundles fuzz_loader load_synthea pipeline synth
   azure fuzz_request run_levels service wal
