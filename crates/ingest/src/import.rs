@@ -12,12 +12,15 @@
 //!   (same version, same stored bytes), which is a re-run and counts as loaded.
 //! - [`ImportMode::IncrementalLoad`] keeps ids and writes a new version like a `PUT` — unless the
 //!   current version already has exactly the line's content, which writes nothing (a re-run,
-//!   or an unchanged resource) and counts as loaded.
+//!   or an unchanged resource) and counts as loaded. Several lines of one id in a chunk are
+//!   written in line order (a version each, none for a line equal to the one before); when the
+//!   current version already has the content of the chunk's **last** line of that id, the chunk
+//!   wrote them before a crash (or nothing changes): none is written again.
 //!
 //! Lines without an id are refused (a generated id would differ in a re-run and duplicate the
 //! resource).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use rayon::prelude::*;
 use serde_json::Value;
@@ -227,6 +230,12 @@ fn prepare_line(
     Ok(Ready { line, id, prepared })
 }
 
+/// A prepared line's content, to compare two lines of one id (the same version and instant on
+/// both sides).
+fn content(p: &PreparedResource) -> Vec<u8> {
+    p.stored_json(1, "1970-01-01T00:00:00Z")
+}
+
 /// Checks, prepares and writes `lines` (`(line number, bytes)`, blank lines already left out)
 /// of an input of `resource_type` in one store transaction. `default_last_updated_ms` is what an
 /// InitialLoad line without `meta.lastUpdated` keeps (the job's start, the same in a re-run).
@@ -253,33 +262,54 @@ pub fn import_lines(
         })
         .collect();
     let mut outcome = ChunkOutcome::default();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut ops = Vec::new();
+    let mut ready: Vec<Ready> = Vec::with_capacity(prepared.len());
     for r in prepared {
-        let ready = match r {
-            Ok(ready) => ready,
-            Err(e) => {
-                outcome.errors.push(e);
-                continue;
+        match r {
+            Ok(r) => ready.push(r),
+            Err(e) => outcome.errors.push(e),
+        }
+    }
+    // The index of each id's last line in this chunk.
+    let mut last_of: HashMap<&str, usize> = HashMap::new();
+    for (i, r) in ready.iter().enumerate() {
+        last_of.insert(r.id.as_str(), i);
+    }
+    // IncrementalLoad, an id with several lines here: the content its latest line leaves
+    // (`None`: the chunk's lines of it are in the store already).
+    let mut chain: HashMap<&str, Option<Vec<u8>>> = HashMap::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut write = vec![false; ready.len()];
+    for (i, r) in ready.iter().enumerate() {
+        let name = format!("{resource_type}/{}", r.id);
+        if !seen.insert(r.id.as_str()) {
+            if mode == ImportMode::InitialLoad {
+                outcome.errors.push(line_error(
+                    r.line,
+                    Some(name),
+                    "duplicate",
+                    "the id occurs twice in this input (InitialLoad writes one version per id)"
+                        .into(),
+                ));
+            } else if let Some(Some(before)) = chain.get_mut(r.id.as_str()) {
+                let mine = content(&r.prepared);
+                if *before == mine {
+                    outcome.loaded += 1;
+                } else {
+                    *before = mine;
+                    write[i] = true;
+                }
+            } else {
+                outcome.loaded += 1;
             }
-        };
-        let name = format!("{resource_type}/{}", ready.id);
-        if !seen.insert(ready.id.clone()) && mode == ImportMode::InitialLoad {
-            outcome.errors.push(line_error(
-                ready.line,
-                Some(name),
-                "duplicate",
-                "the id occurs twice in this input (InitialLoad writes one version per id)".into(),
-            ));
             continue;
         }
-        let current = match store.read(resource_type, &ready.id) {
+        let current = match store.read(resource_type, &r.id) {
             Ok(c) => Some(c),
             Err(StoreError::NotFound { .. }) => None,
             Err(StoreError::Gone { .. }) if mode == ImportMode::IncrementalLoad => None,
             Err(StoreError::Gone { .. }) => {
                 outcome.errors.push(line_error(
-                    ready.line,
+                    r.line,
                     Some(name),
                     "duplicate",
                     "the resource exists (deleted) in the server; InitialLoad never overwrites (use IncrementalLoad)".into(),
@@ -288,37 +318,61 @@ pub fn import_lines(
             }
             Err(e) => return Err(e),
         };
-        match (mode, current) {
-            (_, None) => ops.push(WriteOp::Put(ready.prepared)),
-            (ImportMode::InitialLoad, Some(c)) => {
-                let same = ready.prepared.kept_version().is_some_and(|(v, lu)| {
-                    c.version == v && c.json == ready.prepared.stored_json(v, lu)
-                });
-                if same {
-                    // A re-run of a chunk written before a crash.
-                    outcome.loaded += 1;
-                } else {
-                    outcome.errors.push(line_error(
-                        ready.line,
-                        Some(name),
-                        "duplicate",
-                        format!(
-                            "the resource exists in the server (version {}); InitialLoad never overwrites (use IncrementalLoad)",
-                            c.version
-                        ),
-                    ));
+        match mode {
+            ImportMode::InitialLoad => match current {
+                None => write[i] = true,
+                Some(c) => {
+                    let same = r.prepared.kept_version().is_some_and(|(v, lu)| {
+                        c.version == v && c.json == r.prepared.stored_json(v, lu)
+                    });
+                    if same {
+                        // A re-run of a chunk written before a crash.
+                        outcome.loaded += 1;
+                    } else {
+                        outcome.errors.push(line_error(
+                            r.line,
+                            Some(name),
+                            "duplicate",
+                            format!(
+                                "the resource exists in the server (version {}); InitialLoad never overwrites (use IncrementalLoad)",
+                                c.version
+                            ),
+                        ));
+                    }
                 }
-            }
-            (ImportMode::IncrementalLoad, Some(c)) => {
-                if c.json == ready.prepared.stored_json(c.version, &c.last_updated) {
-                    // Unchanged (or a re-run of a chunk written before a crash).
+            },
+            ImportMode::IncrementalLoad => {
+                // Whether the current version has exactly `p`'s content.
+                let is_current = |p: &PreparedResource| {
+                    current
+                        .as_ref()
+                        .is_some_and(|c| c.json == p.stored_json(c.version, &c.last_updated))
+                };
+                let last = last_of[r.id.as_str()];
+                if last != i && is_current(&ready[last].prepared) {
+                    // The chunk's last line of this id is the current version: written by
+                    // this chunk before a crash (or unchanged); none of its lines is rewritten.
+                    chain.insert(r.id.as_str(), None);
                     outcome.loaded += 1;
                 } else {
-                    ops.push(WriteOp::Put(ready.prepared));
+                    if last != i {
+                        chain.insert(r.id.as_str(), Some(content(&r.prepared)));
+                    }
+                    if is_current(&r.prepared) {
+                        // Unchanged (or a re-run of a chunk written before a crash).
+                        outcome.loaded += 1;
+                    } else {
+                        write[i] = true;
+                    }
                 }
             }
         }
     }
+    let ops: Vec<WriteOp> = ready
+        .into_iter()
+        .zip(write)
+        .filter_map(|(r, w)| w.then_some(WriteOp::Put(r.prepared)))
+        .collect();
     if !ops.is_empty() {
         outcome.loaded += store.write(ops)?.len() as u64;
     }

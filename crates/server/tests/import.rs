@@ -2,7 +2,8 @@
 //! server (InitialLoad) and exported again gives the same bytes, resource for resource; refused
 //! requests (URLs outside the storage, bad parameters, InitialLoad into a server with data),
 //! per-line errors in the error files, IncrementalLoad's versions, cancel, and a chunk run again
-//! after a crash loading nothing twice. On SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`.
+//! after a crash loading nothing twice (also with an id on several lines of a chunk). On SQLite,
+//! or PostgreSQL with `FHIRHOSE_TEST_DATABASE`.
 
 mod common;
 
@@ -560,4 +561,49 @@ async fn a_chunk_run_again_after_a_crash_loads_nothing_twice() {
     let (_, last) = read(&s, &format!("Patient/p{}", n - 1)).await;
     assert_eq!(last["meta"]["versionId"], "2");
     drop(svc);
+}
+
+/// IncrementalLoad with one id on several lines of a chunk: a version per line in line order
+/// (none for a line equal to the one before), and the chunk run again (a crash before its
+/// commit) writes none of them again, so the last line stays the current version.
+#[test]
+fn a_chunk_with_an_id_twice_run_again_writes_nothing() {
+    let db = common::test_store();
+    let store = &db.store;
+    {
+        let lines: Vec<(u64, Vec<u8>)> = [
+            r#"{"resourceType":"Patient","id":"p1","gender":"female"}"#,
+            r#"{"resourceType":"Patient","id":"p1","gender":"male"}"#,
+            r#"{"resourceType":"Patient","id":"p2","gender":"male"}"#,
+            r#"{"resourceType":"Patient","id":"p1","gender":"male"}"#,
+            r#"{"resourceType":"Patient","id":"p1","gender":"other"}"#,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u64 + 1, l.as_bytes().to_vec()))
+        .collect();
+        let run = || {
+            ingest::import::import_lines(
+                &**store,
+                &lines,
+                "Patient",
+                ingest::import::ImportMode::IncrementalLoad,
+                0,
+            )
+            .expect("write")
+        };
+        let current = |id: &str| {
+            let c = store.read("Patient", id).expect("read");
+            (c.version, String::from_utf8_lossy(&c.json).into_owned())
+        };
+        for attempt in ["first run", "run again"] {
+            let done = run();
+            assert_eq!(done.loaded, 5, "{attempt}");
+            assert!(done.errors.is_empty(), "{attempt}: {:?}", done.errors);
+            let (version, json) = current("p1");
+            assert_eq!(version, 3, "{attempt}: female, male, other: {json}");
+            assert!(json.contains(r#""gender":"other""#), "{attempt}: {json}");
+            assert_eq!(current("p2").0, 1, "{attempt}");
+        }
+    }
 }
