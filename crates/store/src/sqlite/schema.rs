@@ -1,0 +1,175 @@
+//! The SQLite schema: connection settings (`PRAGMA`s of the writer and of the readers), the
+//! `CREATE TABLE` text with its `store_meta` version check, and the building of the search
+//! value indexes. The tables themselves are described in the [parent module](super).
+
+use std::collections::HashSet;
+
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::StoreError;
+use crate::index_tables::VALUE_INDEXES;
+
+use super::SCHEMA_VERSION;
+
+pub(super) fn configure(conn: &Connection, cache_kib: i64) -> Result<(), StoreError> {
+    // page_size only takes effect on a new database; 8 KiB keeps typical resources inline.
+    conn.execute_batch(&format!(
+        "PRAGMA page_size = 8192;
+         PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = NORMAL;
+         PRAGMA temp_store = MEMORY;
+         PRAGMA cache_size = -{cache_kib};
+         PRAGMA busy_timeout = 5000;"
+    ))?;
+    // The writer's statements are prepared once and bound per resource. Without the query
+    // planner stability guarantee SQLite re-prepares a statement on every new binding whose value
+    // it compares with a partial index's WHERE clause (`current_of` against `rv_current`): that
+    // re-parse was a tenth of a bulk load's time. The writer's queries gain nothing from
+    // value-dependent plans.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    // Checkpoint every 64 MiB of WAL rather than SQLite's 8 MiB: a bulk load rewrites the same
+    // index pages in many transactions, and each checkpoint copies them (and fsyncs) once.
+    conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
+    // A WAL that grew (while a reader held an old snapshot) is cut back to this size when it is
+    // reset, instead of keeping its largest size on disk.
+    conn.pragma_update(None, "journal_size_limit", 64i64 * 1024 * 1024)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// Readers: a quarter of the writer's page cache each, and no memory map. Their work is mostly
+/// sequential scans that a large cache does not help, and mapped pages of a multi-GB database
+/// would count as resident memory of the server (an export must stay within a few hundred MB).
+pub(super) fn configure_reader(conn: &Connection, cache_kib: i64) -> Result<(), StoreError> {
+    let cache_kib = (cache_kib / 4).max(1024);
+    conn.execute_batch(&format!(
+        "PRAGMA cache_size = -{cache_kib};
+         PRAGMA mmap_size = 0;
+         PRAGMA busy_timeout = 5000;"
+    ))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS types(
+  type_no INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS transactions(
+  lu_ms INTEGER PRIMARY KEY,
+  first_seq INTEGER NOT NULL,
+  last_seq INTEGER NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS resource_versions(
+  k INTEGER PRIMARY KEY,
+  seq INTEGER NOT NULL,
+  type_no INTEGER NOT NULL,
+  id TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  last_updated TEXT NOT NULL,
+  method INTEGER NOT NULL,
+  deleted INTEGER NOT NULL,
+  superseded_seq INTEGER,
+  json BLOB);
+CREATE UNIQUE INDEX IF NOT EXISTS rv_resource ON resource_versions(type_no, id, version);
+CREATE UNIQUE INDEX IF NOT EXISTS rv_seq ON resource_versions(seq);
+CREATE INDEX IF NOT EXISTS rv_current ON resource_versions(k)
+  WHERE superseded_seq IS NULL AND deleted = 0;
+CREATE INDEX IF NOT EXISTS rv_superseded ON resource_versions(superseded_seq)
+  WHERE superseded_seq IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS idx_token(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+  system TEXT, code TEXT, k INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_token_k ON idx_token(k);
+CREATE TABLE IF NOT EXISTS idx_token_text(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+  text TEXT NOT NULL, k INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_token_text_k ON idx_token_text(k);
+CREATE TABLE IF NOT EXISTS idx_string(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+  normalized TEXT NOT NULL, exact TEXT NOT NULL, k INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_string_k ON idx_string(k);
+CREATE TABLE IF NOT EXISTS idx_date(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+  lo INTEGER NOT NULL, hi INTEGER NOT NULL, k INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_date_k ON idx_date(k);
+CREATE TABLE IF NOT EXISTS idx_number(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+  value REAL NOT NULL, k INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_number_k ON idx_number(k);
+CREATE TABLE IF NOT EXISTS idx_quantity(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+  value REAL NOT NULL, system TEXT, code TEXT, unit TEXT, k INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_quantity_k ON idx_quantity(k);
+CREATE TABLE IF NOT EXISTS idx_reference(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+  target_type TEXT, target_id TEXT, url TEXT, k INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_reference_k ON idx_reference(k);
+CREATE TABLE IF NOT EXISTS idx_reference_identifier(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+  system TEXT, value TEXT, k INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_reference_identifier_k ON idx_reference_identifier(k);
+CREATE TABLE IF NOT EXISTS idx_uri(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+  uri TEXT NOT NULL, k INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS idx_uri_k ON idx_uri(k);
+";
+
+/// Create the schema of a new database (returns true) or check the version of an existing one.
+pub(super) fn create_schema(conn: &Connection) -> Result<bool, StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS store_meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    )?;
+    let found: Option<String> = conn
+        .query_row(
+            "SELECT value FROM store_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match found {
+        None => {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE;{SCHEMA}COMMIT;"))?;
+            conn.execute(
+                "INSERT INTO store_meta(key, value) VALUES ('schema_version', ?1)",
+                [SCHEMA_VERSION.to_string()],
+            )?;
+            return Ok(true);
+        }
+        Some(v) if v == SCHEMA_VERSION.to_string() => {}
+        Some(v) => {
+            return Err(StoreError::Corrupt(format!(
+                "database schema version {v}, this build reads version {SCHEMA_VERSION}"
+            )));
+        }
+    }
+    Ok(false)
+}
+
+/// Create the [`VALUE_INDEXES`] that are missing; returns how many were. Sorting a large index
+/// spills to temporary files (not to memory, as the writer's other temporary data does) and uses
+/// every core; the connection's own settings are restored afterwards.
+pub(super) fn build_value_indexes(conn: &Connection) -> Result<usize, StoreError> {
+    let present: HashSet<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'idx_%'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let missing: Vec<&str> = VALUE_INDEXES
+        .iter()
+        .filter(|(name, _)| !present.contains(*name))
+        .map(|(_, ddl)| *ddl)
+        .collect();
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let temp_store: i64 = conn.query_row("PRAGMA temp_store", [], |r| r.get(0))?;
+    let threads: i64 = conn.query_row("PRAGMA threads", [], |r| r.get(0))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    conn.execute_batch(&format!(
+        "PRAGMA temp_store = FILE; PRAGMA threads = {cores};"
+    ))?;
+    let built = (|| {
+        let tx = conn.unchecked_transaction()?;
+        for ddl in &missing {
+            tx.execute_batch(ddl)?;
+        }
+        tx.commit()
+    })();
+    conn.execute_batch(&format!(
+        "PRAGMA temp_store = {temp_store}; PRAGMA threads = {threads};"
+    ))?;
+    built?;
+    Ok(missing.len())
+}
