@@ -44,6 +44,7 @@ pub struct File {
 pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
     let mut files = Vec::new();
     let mut seen: std::collections::HashMap<(String, &str), u32> = Default::default();
+    let mut urls: std::collections::HashSet<&str> = Default::default();
     for (key, kind, dir) in [
         ("output", Kind::Output, out.to_owned()),
         ("error", Kind::Error, out.join("error")),
@@ -64,6 +65,12 @@ pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
             let url = e.get("url").and_then(Value::as_str).ok_or_else(|| {
                 ClientError::Protocol(format!("a manifest {key} entry has no url"))
             })?;
+            // Each file once, even when a (paged) manifest lists it twice.
+            if !urls.insert(url) {
+                return Err(ClientError::Protocol(format!(
+                    "the manifest lists {url} twice"
+                )));
+            }
             // The type names a local file: letters and digits only, whatever the server says.
             let rtype: String = e
                 .get("type")

@@ -9,10 +9,14 @@
 //!    `.well-known/smart-configuration`); renewed before it expires and once after a 401.
 //! 3. Polling that waits as long as `Retry-After` says (429 on a status URL is a wait, not an
 //!    error) and shows `X-Progress`.
-//! 4. Downloads of every `output`, `error` and `deleted` file, `--parallel` at a time, into
+//! 4. A paged manifest (Bulk Data `allowPartialManifests`: `link` `next`) is read page after
+//!    page with the same auth and retries (at most `--max-pages`, a page never read twice),
+//!    and `manifest.json` in the output folder is the merged manifest: every page's entries, in
+//!    page order, without `link`. Files are downloaded once the export is complete.
+//! 5. Downloads of every `output`, `error` and `deleted` file, `--parallel` at a time, into
 //!    `NAME.part` files; a dropped connection resumes with `Range: bytes=<part length>-` and
 //!    `If-Range: <ETag>` (a server answering 200 instead restarts the file), then renames.
-//! 5. `--verify`: line counts against `count`, sizes against `fileSize`/`size`, SHA-256 against
+//! 6. `--verify`: line counts against `count`, sizes against `fileSize`/`size`, SHA-256 against
 //!    `sha256` when the manifest has them, and every line a JSON resource of the file's type.
 //!
 //! Ctrl-C with `--cancel-on-interrupt` sends `DELETE` to the status URL before exiting.
@@ -131,6 +135,11 @@ pub struct ExportArgs {
     /// On Ctrl-C, cancel the export on the server (DELETE on the status URL) before exiting.
     #[arg(long)]
     pub cancel_on_interrupt: bool,
+    /// A paged manifest (`allowPartialManifests`, `link` `next`) is followed page by page into
+    /// one merged `manifest.json`; more pages than this, or a `next` link to a page already
+    /// read, ends the run with an error.
+    #[arg(long, default_value_t = manifest::MAX_PAGES)]
+    pub max_pages: usize,
     /// Resume a kicked-off export: poll this status URL instead of starting one.
     #[arg(long)]
     pub status_url: Option<String>,
@@ -151,6 +160,8 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
 pub struct Summary {
     pub status_url: String,
     pub files: usize,
+    /// Manifest pages read (1 unless the manifest is paged).
+    pub pages: usize,
     pub bytes: u64,
     pub resources: Option<u64>,
     pub resumed: u32,
@@ -165,8 +176,13 @@ impl std::fmt::Display for Summary {
         let mb = self.bytes as f64 / 1e6;
         write!(
             f,
-            "{} files, {:.1} MB downloaded in {:.1} s ({:.1} MB/s) after {:.1} s of export",
+            "{} files{}, {:.1} MB downloaded in {:.1} s ({:.1} MB/s) after {:.1} s of export",
             self.files,
+            if self.pages > 1 {
+                format!(" from {} manifest pages", self.pages)
+            } else {
+                String::new()
+            },
             mb,
             self.download_seconds,
             mb / self.download_seconds.max(1e-3),
@@ -398,6 +414,20 @@ async fn poll(
             .await?;
         let status = resp.status();
         let wait = session::retry_after(resp.headers());
+        // `Prefer: separate-export-status` (Bulk Data STU4 ballot): every poll is 200, the
+        // job's own status is in X-Export-Status.
+        let export_status = resp
+            .headers()
+            .get("x-export-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let status = match (status, export_status.as_deref()) {
+            (StatusCode::OK, Some(s)) if s.trim_start().starts_with("202") => StatusCode::ACCEPTED,
+            (StatusCode::OK, Some(s)) if !s.trim_start().starts_with("200") => {
+                return Err(ClientError::ExportFailed(format!("X-Export-Status: {s}")));
+            }
+            _ => status,
+        };
         match status {
             StatusCode::OK => {
                 let body = resp.text().await.map_err(|e| ClientError::Transport {
@@ -441,6 +471,44 @@ async fn poll(
     }
 }
 
+/// The whole manifest of a complete export from its first page: the pages its `link` `next`
+/// leads to, read with the session's auth and retries, merged (see [`manifest::PageWalk`]), and
+/// the number of pages.
+async fn all_pages(
+    args: &ExportArgs,
+    session: &Session,
+    status_url: &str,
+    first: Value,
+) -> Result<(Value, usize), ClientError> {
+    let paging = |e: manifest::VerifyError| ClientError::Protocol(e.to_string());
+    let mut walk =
+        manifest::PageWalk::new(first, Some(status_url), args.max_pages).map_err(paging)?;
+    let headers = header("accept", "application/json");
+    while let Some(url) = walk.next_url().map_err(paging)? {
+        tracing::debug!(
+            url,
+            page = walk.pages() + 1,
+            "reading the next manifest page"
+        );
+        let resp = session
+            .send(Method::GET, &url, &headers, None, true, session::IDEMPOTENT)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(session.fail(&url, resp, 1).await);
+        }
+        let body = resp.text().await.map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            attempts: 1,
+            reason: session::transport_reason(&e),
+        })?;
+        let page: Value = serde_json::from_str(&body)
+            .map_err(|_| ClientError::Protocol(format!("the manifest page {url} is not JSON")))?;
+        walk.push(page).map_err(paging)?;
+    }
+    let pages = walk.pages();
+    Ok((walk.finish(), pages))
+}
+
 /// Kick-off (or `--status-url`), poll, download, verify.
 async fn export(
     args: &ExportArgs,
@@ -477,7 +545,8 @@ async fn export(
     }
     tracing::info!(status_url, "export started");
     bar.set_message("exporting");
-    let manifest = poll(args, &session, &status_url, &bar).await?;
+    let first = poll(args, &session, &status_url, &bar).await?;
+    let (manifest, pages) = all_pages(args, &session, &status_url, first).await?;
     let export_seconds = started.elapsed().as_secs_f64();
     write_atomically(
         &args.out.join("manifest.json"),
@@ -510,6 +579,7 @@ async fn export(
     Ok(Summary {
         status_url,
         files: files.len(),
+        pages,
         bytes: outcome.bytes,
         resources,
         resumed: outcome.resumed,

@@ -1,6 +1,8 @@
 //! The real binary for issue 21: `fhirhose keys` (a key set created while the server runs, used
 //! by a de-identified export and by `fhirhose anonymize --key-set`, same ids) and `fhirhose verify`
-//! (URL and file forms; exit 1 with a clear message on a tampered file).
+//! (URL and file forms; exit 1 with a clear message on a tampered file); a paged manifest
+//! (`allowPartialManifests`) verified and exported (`fhirhose export`) page by page, and a
+//! server whose pages loop or never end refused by both.
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -40,7 +42,7 @@ impl Drop for Server {
     }
 }
 
-fn serve(data_dir: &Path) -> Server {
+fn serve(data_dir: &Path, extra: &[&str]) -> Server {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -53,6 +55,7 @@ fn serve(data_dir: &Path) -> Server {
             "--data-dir",
         ])
         .arg(data_dir)
+        .args(extra)
         .env("FHIRHOSE_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -92,7 +95,7 @@ fn key_sets_and_verify_through_the_binary() {
     let configs = data.join("storage/anonymization");
     std::fs::create_dir_all(&configs).unwrap();
     std::fs::write(configs.join("c.json"), CONFIG).unwrap();
-    let server = serve(&data);
+    let server = serve(&data, &[]);
     let d = data.to_str().unwrap();
 
     // A key set, created and listed while the server runs; no key is printed.
@@ -263,4 +266,228 @@ fn key_sets_and_verify_through_the_binary() {
     let out = run(&["keys", "delete", "research", "--data-dir", d]);
     assert!(out.status.success());
     drop(server);
+}
+
+/// The status URL of a finished export, polled directly.
+fn finished(c: &reqwest::blocking::Client, base: &str, query: &str) -> (String, Value) {
+    let r = c
+        .get(format!("{base}/$export?{query}"))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let status = r.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..600 {
+        let r = c.get(&status).send().unwrap();
+        if r.status().as_u16() == 200 {
+            return (status, r.json().unwrap());
+        }
+        assert_eq!(r.status().as_u16(), 202);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    panic!("the export did not finish");
+}
+
+/// An `allowPartialManifests` export of 300 Patients and 300 Observations in items of 100
+/// resources and files of 40: several pages of several files. `fhirhose verify STATUS_URL`
+/// follows the pages and checks every file of every page once (references over all of them);
+/// `fhirhose export` downloads every file of every page once and writes the merged manifest.
+#[test]
+fn a_paged_manifest_is_verified_and_exported_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let ndjson = dir.path().join("data.ndjson");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&ndjson).unwrap());
+    for i in 0..300 {
+        let p = json!({"resourceType": "Patient", "id": format!("p{i}"), "gender": "female"});
+        let o = json!({"resourceType": "Observation", "id": format!("o{i}"), "status": "final",
+            "code": {"text": "x"}, "subject": {"reference": format!("Patient/p{i}")}});
+        writeln!(f, "{p}\n{o}").unwrap();
+    }
+    drop(f);
+    let data = dir.path().join("data");
+    let out = fhirhose()
+        .args(["load", "--data-dir"])
+        .arg(&data)
+        .arg(&ndjson)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "load: {}", text(&out.stderr));
+    let server = serve(
+        &data,
+        &[
+            "--export-item-resources",
+            "100",
+            "--export-file-resources",
+            "40",
+        ],
+    );
+    let c = reqwest::blocking::Client::new();
+    let (status, first) = finished(
+        &c,
+        &server.base,
+        "allowPartialManifests=true&_type=Patient,Observation",
+    );
+    // The pages as the server lists them.
+    let mut urls: Vec<String> = Vec::new();
+    let mut page = first;
+    let mut pages = 1;
+    loop {
+        for e in page["output"].as_array().unwrap() {
+            urls.push(e["url"].as_str().unwrap().to_string());
+        }
+        let Some(next) = page["link"][0]["url"].as_str().map(str::to_string) else {
+            break;
+        };
+        page = c.get(next).send().unwrap().json().unwrap();
+        pages += 1;
+    }
+    assert!(pages >= 3, "{pages} pages");
+    assert!(urls.len() > pages, "pages of several files");
+    let names: Vec<&str> = urls.iter().map(|u| u.rsplit('/').next().unwrap()).collect();
+
+    // verify URL: every page's files, each once.
+    let out = run(&["verify", &status]);
+    let report = text(&out.stdout);
+    assert!(out.status.success(), "{report}{}", text(&out.stderr));
+    assert!(
+        report.contains(&format!("manifest: {pages} pages")),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("{} files, 600 resources in output", urls.len())),
+        "{report}"
+    );
+    assert!(
+        report.contains("references: 300 checked, 0 dangling"),
+        "{report}"
+    );
+    for name in &names {
+        let lines = report
+            .lines()
+            .filter(|l| l.starts_with("  ok ") && l.contains(&format!(" {name} ")))
+            .count();
+        assert_eq!(lines, 1, "{name} checked once: {report}");
+    }
+
+    // export: every file of every page downloaded once, the merged manifest written.
+    let out_dir = dir.path().join("out");
+    let out = fhirhose()
+        .args(["export", &server.base, "--quiet", "--verify"])
+        .args(["--type", "Patient,Observation"])
+        .args(["--param", "allowPartialManifests=true", "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("from {pages} manifest pages")),
+        "{err}"
+    );
+    assert!(err.contains("verified"), "{err}");
+    let merged: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    assert!(merged.get("link").is_none(), "{merged}");
+    assert_eq!(merged["output"].as_array().unwrap().len(), urls.len());
+    let mut ids = std::collections::BTreeMap::<String, usize>::new();
+    let mut files = 0;
+    for e in std::fs::read_dir(&out_dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "ndjson") {
+            files += 1;
+            for line in std::fs::read_to_string(&path).unwrap().lines() {
+                let v: Value = serde_json::from_str(line).unwrap();
+                *ids.entry(format!("{}/{}", v["resourceType"], v["id"]))
+                    .or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(files, urls.len());
+    assert_eq!(ids.len(), 600);
+    assert!(ids.values().all(|n| *n == 1));
+    drop(server);
+}
+
+/// A hostile status endpoint: `/loop` is a manifest page whose `next` is itself, `/endless`
+/// links page after page for ever (`?page=N` → `?page=N+1`). Answers every request, one per
+/// connection.
+fn hostile_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let b = base.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match std::io::Read::read(&mut conn, &mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+            let next = if path.starts_with("/loop") {
+                format!("{b}/loop")
+            } else {
+                let n: u64 = path
+                    .rsplit("page=")
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(1);
+                format!("{b}/endless?page={}", n + 1)
+            };
+            let body = json!({"transactionTime": "2026-01-01T00:00:00Z", "request": b,
+                "requiresAccessToken": false, "output": [], "error": [],
+                "link": [{"relation": "next", "url": next}]})
+            .to_string();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    base
+}
+
+/// `fhirhose verify` and `fhirhose export` refuse a manifest whose `next` page is one already
+/// read, and one with more pages than `--max-pages`, with one clear line (they do not loop).
+#[test]
+fn pages_that_loop_or_never_end_are_refused() {
+    let base = hostile_server();
+    let dir = tempfile::tempdir().unwrap();
+    let looping = format!("{base}/loop");
+    let endless = format!("{base}/endless");
+    let out = run(&["verify", &looping]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("manifest page 1 links to {looping} as `next`, a page already read: the pages loop; refused")),
+        "{err}"
+    );
+    let out = run(&["verify", &endless, "--max-pages", "5"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("the manifest has more than 5 pages"), "{err}");
+
+    for (status, max, expected) in [
+        (&looping, "10", "a page already read: the pages loop"),
+        (&endless, "5", "the manifest has more than 5 pages"),
+    ] {
+        let out = fhirhose()
+            .args(["export", &base, "--quiet", "--status-url", status])
+            .args(["--max-pages", max, "--out"])
+            .arg(dir.path().join("out"))
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(expected), "{err}");
+    }
 }

@@ -12,6 +12,9 @@
 //! [`HttpSource`] (the manifest's URLs, with an optional bearer token) or [`DirSource`] (a folder
 //! holding the files under the names their URLs end with). `fhirhose verify` and the export
 //! client use this module.
+//!
+//! A paged manifest (Bulk Data `allowPartialManifests`: each page's `link` `next`) is read
+//! whole with [`PageWalk`] (bounded, a page never read twice) and verified as one.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -101,6 +104,19 @@ pub enum VerifyError {
     Status { url: String, status: u16 },
     #[error("the manifest is not a Bulk Data manifest: {0}")]
     NotAManifest(String),
+    /// A page's `next` link names a page already read: following it would never end.
+    #[error(
+        "manifest page {page} links to {url} as `next`, a page already read: the pages loop; refused"
+    )]
+    PageLoop { page: usize, url: String },
+    /// More pages than the bound.
+    #[error(
+        "the manifest has more than {max} pages; refused (raise --max-pages if the export really has more work items)"
+    )]
+    TooManyPages { max: usize },
+    /// A page that does not belong to the manifest (a bad `next` URL, a page of another export).
+    #[error("manifest page {page}: {message}")]
+    BadPage { page: usize, message: String },
 }
 
 /// Where the files of a manifest are read from.
@@ -147,14 +163,42 @@ impl HttpSource {
     }
 
     /// The manifest at a status URL (which must answer 200 with the manifest: the export is
-    /// complete).
+    /// complete; with `Prefer: separate-export-status` the `X-Export-Status` header must say
+    /// `200` too). A paged manifest's first page only: see [`HttpSource::manifest_pages`].
     pub fn manifest(&self, url: &str) -> Result<Value, VerifyError> {
         let resp = self.get(url, "application/json")?;
+        if let Some(s) = resp
+            .headers()
+            .get("x-export-status")
+            .and_then(|v| v.to_str().ok())
+            && !s.trim_start().starts_with("200")
+        {
+            return Err(VerifyError::Read {
+                what: url.to_string(),
+                message: format!("the export is not complete (X-Export-Status: {s})"),
+            });
+        }
         let text = resp.text().map_err(|e| VerifyError::Read {
             what: url.to_string(),
             message: e.to_string(),
         })?;
         parse_manifest(&text)
+    }
+
+    /// The whole manifest at a status URL: its first page and every page its `link` `next`
+    /// leads to, merged ([`PageWalk`]; at most `max_pages`, no page read twice).
+    pub fn manifest_pages(&self, url: &str, max_pages: usize) -> Result<PageWalk, VerifyError> {
+        let first = self.manifest(url)?;
+        self.follow(PageWalk::new(first, Some(url), max_pages)?)
+    }
+
+    /// Reads the pages after those `walk` has read.
+    pub fn follow(&self, mut walk: PageWalk) -> Result<PageWalk, VerifyError> {
+        while let Some(next) = walk.next_url()? {
+            let page = self.manifest(&next)?;
+            walk.push(page)?;
+        }
+        Ok(walk)
     }
 }
 
@@ -194,6 +238,157 @@ impl Source for DirSource {
             message: e.to_string(),
         })?;
         Ok(Box::new(f))
+    }
+}
+
+/// Pages a manifest may have by default: a page is one work item of the export (Bulk Data
+/// `allowPartialManifests`), so real exports have far fewer; the bound stops a server that links
+/// page after page forever.
+pub const MAX_PAGES: usize = 10_000;
+
+/// The `url` of a manifest page's `link` entry with relation `next` (Bulk Data
+/// `allowPartialManifests`), if any.
+pub fn next_link(page: &Value) -> Option<&str> {
+    page.get("link")?
+        .as_array()?
+        .iter()
+        .find(|l| l.get("relation").and_then(Value::as_str) == Some("next"))?
+        .get("url")?
+        .as_str()
+}
+
+/// Following a paged manifest's `link` `next` from its first page to its last, whatever
+/// fetches the pages ([`HttpSource::manifest`] here, the export client's session there): the
+/// pages' `output`, `error` and `deleted` entries are merged, in page order, into one manifest
+/// (the first page's other fields, no `link`). A `next` URL already read (the status URL of
+/// the first page included) is refused as a loop, and so is a page beyond `max_pages`, before
+/// anything is fetched; a page with another `transactionTime` than the first is refused.
+pub struct PageWalk {
+    merged: Value,
+    pages: usize,
+    max_pages: usize,
+    seen: HashSet<String>,
+    /// The URL of the last page read (relative `next` URLs resolve against it).
+    current: Option<reqwest::Url>,
+    next: Option<String>,
+}
+
+impl PageWalk {
+    /// The walk from the first page, read from `url` (`None`: a file).
+    pub fn new(first: Value, url: Option<&str>, max_pages: usize) -> Result<PageWalk, VerifyError> {
+        if !first.get("output").is_some_and(Value::is_array) {
+            return Err(VerifyError::NotAManifest("no `output` array".into()));
+        }
+        let mut walk = PageWalk {
+            next: next_link(&first).map(str::to_string),
+            merged: first,
+            pages: 1,
+            max_pages: max_pages.max(1),
+            seen: HashSet::new(),
+            current: None,
+        };
+        if let Some(obj) = walk.merged.as_object_mut() {
+            obj.remove("link");
+        }
+        if let Some(u) = url {
+            let u = reqwest::Url::parse(u).map_err(|e| VerifyError::BadPage {
+                page: 1,
+                message: format!("{u} is not a URL: {e}"),
+            })?;
+            walk.seen.insert(u.to_string());
+            walk.current = Some(u);
+        }
+        Ok(walk)
+    }
+
+    /// The URL of the next page to read, checked: `None` when the last page was read.
+    pub fn next_url(&mut self) -> Result<Option<String>, VerifyError> {
+        let Some(next) = self.next.take() else {
+            return Ok(None);
+        };
+        let url = match &self.current {
+            Some(base) => base.join(&next),
+            None => reqwest::Url::parse(&next),
+        }
+        .map_err(|e| VerifyError::BadPage {
+            page: self.pages,
+            message: format!("its `next` link {next} is not a URL: {e}"),
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(VerifyError::BadPage {
+                page: self.pages,
+                message: format!("its `next` link {url} is not an http(s) URL"),
+            });
+        }
+        if !self.seen.insert(url.to_string()) {
+            return Err(VerifyError::PageLoop {
+                page: self.pages,
+                url: url.to_string(),
+            });
+        }
+        if self.pages >= self.max_pages {
+            return Err(VerifyError::TooManyPages {
+                max: self.max_pages,
+            });
+        }
+        self.current = Some(url.clone());
+        Ok(Some(url.to_string()))
+    }
+
+    /// Adds the page read from the URL [`PageWalk::next_url`] gave.
+    pub fn push(&mut self, page: Value) -> Result<(), VerifyError> {
+        self.pages += 1;
+        let n = self.pages;
+        if !page.get("output").is_some_and(Value::is_array) {
+            return Err(VerifyError::BadPage {
+                page: n,
+                message: "no `output` array".into(),
+            });
+        }
+        let time = |m: &Value| m.get("transactionTime").cloned();
+        if let (Some(first), Some(this)) = (time(&self.merged), time(&page))
+            && first != this
+        {
+            return Err(VerifyError::BadPage {
+                page: n,
+                message: format!(
+                    "transactionTime {this} differs from the first page's {first}: not the same export"
+                ),
+            });
+        }
+        self.next = next_link(&page).map(str::to_string);
+        for section in ["output", "error", "deleted"] {
+            let Some(more) = page.get(section).and_then(Value::as_array) else {
+                continue;
+            };
+            if more.is_empty() {
+                continue;
+            }
+            if let Some(obj) = self.merged.as_object_mut() {
+                let list = obj
+                    .entry(section)
+                    .or_insert_with(|| Value::Array(Vec::new()));
+                if let Some(list) = list.as_array_mut() {
+                    list.extend(more.iter().cloned());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the last page read links to a next one.
+    pub fn has_next(&self) -> bool {
+        self.next.is_some()
+    }
+
+    /// Pages read so far.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// The merged manifest.
+    pub fn finish(self) -> Value {
+        self.merged
     }
 }
 
@@ -657,6 +852,106 @@ mod tests {
         let (bytes, n, sha) = w.into_parts();
         std::fs::write(dir.join(name), bytes).unwrap();
         (n, sha)
+    }
+
+    fn page(urls: &[&str], next: Option<&str>) -> Value {
+        let output: Vec<Value> = urls
+            .iter()
+            .map(|u| json!({"type": "Patient", "url": u}))
+            .collect();
+        let mut m = json!({"transactionTime": "2026-01-01T00:00:00Z", "output": output,
+            "error": [], "requiresAccessToken": false});
+        if let Some(n) = next {
+            m["link"] = json!([{"relation": "next", "url": n}]);
+        }
+        m
+    }
+
+    #[test]
+    fn pages_are_merged_in_order_and_a_loop_or_too_many_pages_is_refused() {
+        let status = "http://s/export-status/j";
+        let mut walk = PageWalk::new(
+            page(&["http://s/f/1"], Some("http://s/export-status/j?page=2")),
+            Some(status),
+            10,
+        )
+        .unwrap();
+        assert_eq!(
+            walk.next_url().unwrap().as_deref(),
+            Some("http://s/export-status/j?page=2")
+        );
+        // A relative link resolves against the page it is on.
+        walk.push(page(&["http://s/f/2", "http://s/f/3"], Some("j?page=3")))
+            .unwrap();
+        assert_eq!(
+            walk.next_url().unwrap().as_deref(),
+            Some("http://s/export-status/j?page=3")
+        );
+        walk.push(page(&["http://s/f/4"], None)).unwrap();
+        assert_eq!(walk.next_url().unwrap(), None);
+        assert_eq!(walk.pages(), 3);
+        let m = walk.finish();
+        let urls: Vec<&str> = m["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["url"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "http://s/f/1",
+                "http://s/f/2",
+                "http://s/f/3",
+                "http://s/f/4"
+            ]
+        );
+        assert!(m.get("link").is_none());
+
+        // A first page whose next link is itself.
+        let mut walk =
+            PageWalk::new(page(&["http://s/f/1"], Some(status)), Some(status), 10).unwrap();
+        let e = walk.next_url().unwrap_err();
+        assert!(matches!(e, VerifyError::PageLoop { page: 1, .. }), "{e}");
+        assert!(e.to_string().contains("the pages loop"), "{e}");
+        // Page 3 leading back to page 2.
+        let p2 = "http://s/export-status/j?page=2";
+        let mut walk = PageWalk::new(page(&[], Some(p2)), Some(status), 10).unwrap();
+        walk.next_url().unwrap();
+        walk.push(page(&[], Some("http://s/export-status/j?page=3")))
+            .unwrap();
+        walk.next_url().unwrap();
+        walk.push(page(&[], Some(p2))).unwrap();
+        assert!(matches!(
+            walk.next_url(),
+            Err(VerifyError::PageLoop { page: 3, .. })
+        ));
+        // Ever new pages: refused at the bound.
+        let mut walk = PageWalk::new(page(&[], Some("?page=1")), Some(status), 3).unwrap();
+        let mut n = 1;
+        let e = loop {
+            match walk.next_url() {
+                Ok(_) => {
+                    n += 1;
+                    walk.push(page(&[], Some(&format!("?page={n}")))).unwrap();
+                }
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(e, VerifyError::TooManyPages { max: 3 }), "{e}");
+        assert_eq!(walk.pages(), 3);
+        // A page of another export.
+        let mut walk = PageWalk::new(page(&[], Some(p2)), Some(status), 10).unwrap();
+        walk.next_url().unwrap();
+        let mut other = page(&[], None);
+        other["transactionTime"] = json!("2020-01-01T00:00:00Z");
+        assert!(matches!(
+            walk.push(other),
+            Err(VerifyError::BadPage { page: 2, .. })
+        ));
+        // A file manifest's next link must be absolute.
+        let mut walk = PageWalk::new(page(&[], Some("?page=2")), None, 10).unwrap();
+        assert!(matches!(walk.next_url(), Err(VerifyError::BadPage { .. })));
     }
 
     #[test]
