@@ -186,7 +186,7 @@ impl PgJobQueue {
                 Err(QueueError::Db(StoreError::Postgres(e)))
                     if e.code().is_some_and(|c| RETRYABLE.contains(&c.code())) =>
                 {
-                    Err(self.pool.target.unavailable(super::describe(&e)))
+                    Err(self.pool.target.unavailable(super::target::describe(&e)))
                 }
                 Err(QueueError::Db(e)) => Err(e),
                 Err(other) => Ok(Err(other)),

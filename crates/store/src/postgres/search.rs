@@ -19,7 +19,8 @@ use std::time::Duration;
 use ::postgres::types::{ToSql, Type};
 use ::postgres::{Client, Statement};
 
-use super::{PgStore, seq_at_or_after};
+use super::PgStore;
+use super::watermark::seq_at_or_after;
 use crate::StoreError;
 use crate::plan::{SearchPlan, SearchRows, StopCheck};
 use crate::sql_plan::{self, Dialect, SearchBackend, SqlCell, SqlParam};

@@ -1,0 +1,211 @@
+//! The connection pool: a few `postgres` clients handed out one at a time, a lost connection
+//! dropped (503) and replaced, idle ones checked with a round trip before use, and its use counted
+//! for `GET /metrics`.
+
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use ::postgres::Client;
+
+use crate::StoreError;
+
+use super::IDLE_CHECK_AFTER;
+use super::target::{Target, describe, is_connection_error};
+
+struct Idle {
+    client: Client,
+    generation: u64,
+    since: Instant,
+}
+
+struct PoolState {
+    idle: Vec<Idle>,
+    /// Connections open (idle or checked out).
+    open: usize,
+    /// Bumped when a connection is found lost: idle connections of older generations are dropped.
+    generation: u64,
+    /// Calls of [`Pool::get`] that found every connection in use and waited for one.
+    waits: u64,
+    /// Waits that ended without a connection (`pool_timeout`).
+    wait_timeouts: u64,
+}
+
+/// A small connection pool (see the module docs).
+pub(crate) struct Pool {
+    pub(super) target: Target,
+    max: usize,
+    state: Mutex<PoolState>,
+    available: Condvar,
+}
+
+impl Pool {
+    pub(super) fn new(target: Target, max: usize) -> Pool {
+        Pool {
+            target,
+            max: max.max(1),
+            state: Mutex::new(PoolState {
+                idle: Vec::new(),
+                open: 0,
+                generation: 0,
+                waits: 0,
+                wait_timeouts: 0,
+            }),
+            available: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pool's use now, named `name` (metrics).
+    pub(crate) fn stats(&self, name: &str) -> crate::PoolStats {
+        let state = self.lock();
+        crate::PoolStats {
+            name: name.to_string(),
+            in_use: (state.open - state.idle.len()) as u64,
+            idle: state.idle.len() as u64,
+            max: self.max as u64,
+            waits: state.waits,
+            wait_timeouts: state.wait_timeouts,
+        }
+    }
+
+    /// Take a checked connection, opening one when fewer than `max` are open; waits at most
+    /// the target's `pool_timeout` for one to be returned ([`StoreError::Unavailable`] then).
+    pub(crate) fn get(&self) -> Result<PooledClient<'_>, StoreError> {
+        let deadline = Instant::now() + self.target.pool_timeout;
+        let mut state = self.lock();
+        let mut waited = false;
+        loop {
+            if let Some(idle) = state.idle.pop() {
+                if idle.generation < state.generation || idle.client.is_closed() {
+                    state.open -= 1;
+                    continue;
+                }
+                let generation = idle.generation;
+                let mut client = idle.client;
+                if idle.since.elapsed() > IDLE_CHECK_AFTER {
+                    drop(state);
+                    if client.is_valid(Duration::from_secs(5)).is_err() {
+                        drop(client);
+                        state = self.lock();
+                        state.open -= 1;
+                        state.generation += 1;
+                        continue;
+                    }
+                } else {
+                    drop(state);
+                }
+                return Ok(PooledClient {
+                    pool: self,
+                    client: Some(client),
+                    generation,
+                    broken: false,
+                });
+            }
+            if state.open < self.max {
+                state.open += 1;
+                let generation = state.generation;
+                drop(state);
+                return match self.target.connect() {
+                    Ok(client) => Ok(PooledClient {
+                        pool: self,
+                        client: Some(client),
+                        generation,
+                        broken: false,
+                    }),
+                    Err(e) => {
+                        let mut state = self.lock();
+                        state.open -= 1;
+                        self.available.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                state.wait_timeouts += 1;
+                drop(state);
+                tracing::warn!(target_db = %self.target.display, connections = self.max, "no pooled database connection became free in time");
+                return Err(self.target.unavailable(format!(
+                    "all {} connections stayed in use for {:?} (pool_timeout)",
+                    self.max, self.target.pool_timeout
+                )));
+            }
+            if !waited {
+                waited = true;
+                state.waits += 1;
+            }
+            state = self
+                .available
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Run `f` on a pooled connection. A lost connection is dropped (with the idle ones opened
+    /// before it) and the error becomes [`StoreError::Unavailable`].
+    pub(crate) fn run<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.get()?;
+        let result = f(conn.client());
+        match result {
+            Err(StoreError::Postgres(e))
+                if is_connection_error(&e) || conn.client().is_closed() =>
+            {
+                conn.broken = true;
+                tracing::warn!(target_db = %self.target.display, error = %describe(&e), "lost a database connection");
+                Err(self.target.unavailable(describe(&e)))
+            }
+            Err(e) => {
+                if conn.client().is_closed() {
+                    conn.broken = true;
+                }
+                Err(e)
+            }
+            ok => ok,
+        }
+    }
+}
+
+/// A connection taken from the [`Pool`]; goes back on drop unless it was lost.
+pub(crate) struct PooledClient<'a> {
+    pool: &'a Pool,
+    client: Option<Client>,
+    generation: u64,
+    broken: bool,
+}
+
+impl PooledClient<'_> {
+    pub(crate) fn client(&mut self) -> &mut Client {
+        self.client.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for PooledClient<'_> {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let mut state = self.pool.lock();
+        if self.broken || client.is_closed() {
+            state.open -= 1;
+            if self.broken && self.generation >= state.generation {
+                state.generation = self.generation + 1;
+            }
+            drop(state);
+            drop(client);
+        } else {
+            state.idle.push(Idle {
+                client,
+                generation: self.generation,
+                since: Instant::now(),
+            });
+        }
+        self.pool.available.notify_one();
+    }
+}
