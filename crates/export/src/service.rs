@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use store::Store;
+use store::format::thousands;
 
 use crate::access::{self, ExportAccess};
 use crate::anonymization::{AnonymizationError, AnonymizationInfo, Anonymizer, load_from_storage};
@@ -331,19 +332,6 @@ fn deletion_backoff(failures: u32, every: Duration) -> Option<Duration> {
         .checked_shl(failures.saturating_sub(1))
         .unwrap_or(u32::MAX);
     Some(every.saturating_mul(factor).min(DELETION_BACKOFF_MAX))
-}
-
-/// `1234567` → `1,234,567`.
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The export service: the job queue, this process's workers, and the per-job state they share.

@@ -1,6 +1,7 @@
 //! Progress bars for long command-line work.
 
 use indicatif::{ProgressBar, ProgressStyle};
+pub use store::format::thousands;
 
 /// A spinner-with-counter bar showing a rate, drawn on stderr.
 pub fn counter(what: &str) -> ProgressBar {
@@ -12,17 +13,4 @@ pub fn counter(what: &str) -> ProgressBar {
     bar.set_message(what.to_string());
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     bar
-}
-
-/// `12,345`.
-pub fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

@@ -25,6 +25,7 @@
 //! already set, ready to be written into an NDJSON file unchanged. Numbers keep their exact text.
 
 mod error;
+pub mod format;
 mod index;
 mod index_tables;
 pub mod jobs;
