@@ -74,6 +74,47 @@ pub fn admin_batch(base_url: &str, sql: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A transaction on another connection that holds `ACCESS EXCLUSIVE` locks on tables of the
+/// database at `url` until it is dropped (rolled back): every statement that reads them waits,
+/// however fast the machine, which is how a test makes a search statement that is still running
+/// when its time limit passes.
+pub struct TableLock {
+    client: Option<postgres::Client>,
+}
+
+impl std::fmt::Debug for TableLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableLock").finish_non_exhaustive()
+    }
+}
+
+/// Locks `tables` of the database at `url` (see [`TableLock`]).
+pub fn lock_tables(url: &str, tables: &[&str]) -> Result<TableLock, StoreError> {
+    let target = Target::parse(url, Duration::from_secs(10))?;
+    let mut client = target.connect()?;
+    client.batch_execute(&format!(
+        "BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        tables.join(", ")
+    ))?;
+    Ok(TableLock {
+        client: Some(client),
+    })
+}
+
+impl Drop for TableLock {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            // On a thread of its own, like the database guard (the blocking client cannot run
+            // inside an async runtime).
+            let _ = std::thread::spawn(move || {
+                let mut client = client;
+                let _ = client.batch_execute("ROLLBACK");
+            })
+            .join();
+        }
+    }
+}
+
 /// `url` with its database (path) replaced by `name`, the query kept.
 pub fn with_database(url: &str, name: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
