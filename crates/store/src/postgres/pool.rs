@@ -102,6 +102,7 @@ impl Pool {
                     client: Some(client),
                     generation,
                     broken: false,
+                    discard: false,
                 });
             }
             if state.open < self.max {
@@ -114,6 +115,7 @@ impl Pool {
                         client: Some(client),
                         generation,
                         broken: false,
+                        discard: false,
                     }),
                     Err(e) => {
                         let mut state = self.lock();
@@ -161,6 +163,14 @@ impl Pool {
                 tracing::warn!(target_db = %self.target.display, error = %describe(&e), "lost a database connection");
                 Err(self.target.unavailable(describe(&e)))
             }
+            Err(StoreError::Cancelled) => {
+                // A statement of this connection was (or was being) cancelled: a cancel request
+                // travels on a connection of its own and may reach the server after the
+                // statement ended, and would then stop the next statement run here — another
+                // request's. The connection is closed instead of going back to the pool.
+                conn.discard = true;
+                Err(StoreError::Cancelled)
+            }
             Err(e) => {
                 if conn.client().is_closed() {
                     conn.broken = true;
@@ -178,6 +188,9 @@ pub(crate) struct PooledClient<'a> {
     client: Option<Client>,
     generation: u64,
     broken: bool,
+    /// Close this connection instead of returning it (a cancel may be in flight for it); unlike
+    /// `broken`, the other idle connections stay.
+    discard: bool,
 }
 
 impl PooledClient<'_> {
@@ -192,7 +205,7 @@ impl Drop for PooledClient<'_> {
             return;
         };
         let mut state = self.pool.lock();
-        if self.broken || client.is_closed() {
+        if self.broken || self.discard || client.is_closed() {
             state.open -= 1;
             if self.broken && self.generation >= state.generation {
                 state.generation = self.generation + 1;

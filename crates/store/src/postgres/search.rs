@@ -247,7 +247,7 @@ impl SearchBackend for Backend<'_> {
         let token = client.cancel_token();
         let fired = AtomicBool::new(false);
         let (done, finished) = mpsc::channel::<()>();
-        std::thread::scope(|s| {
+        let result = std::thread::scope(|s| {
             let fired = &fired;
             let token = &token;
             let target = &self.store.pool.target;
@@ -267,17 +267,22 @@ impl SearchBackend for Backend<'_> {
             });
             let result = self.run_statement(&mut client, sql, params, cached);
             drop(done);
-            match result {
-                // A cancel that arrived after the statement ended: nothing was stopped.
-                Ok(rows) => Ok(rows),
-                Err(StoreError::Cancelled) => Err(StoreError::Cancelled),
-                Err(e) if fired.load(Ordering::Relaxed) => {
-                    tracing::debug!(error = %e, "search statement failed while being cancelled");
-                    Err(StoreError::Cancelled)
-                }
-                Err(e) => Err(e),
+            result
+        });
+        // After the scope: the watcher has ended, so `fired` is final.
+        // The watcher sent a cancel (the time limit passed or the client went away): the
+        // search stops here even when the statement ended first, and the connection is not
+        // reused (the pool closes it on `Cancelled`): a cancel that reaches the server late
+        // would stop whatever statement runs next on it.
+        if fired.load(Ordering::Relaxed) {
+            if let Err(e) = &result
+                && !matches!(e, StoreError::Cancelled)
+            {
+                tracing::debug!(error = %e, "search statement failed while being cancelled");
             }
-        })
+            return Err(StoreError::Cancelled);
+        }
+        result
     }
 }
 
