@@ -6,25 +6,12 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Child, Output, Stdio};
 
 use serde_json::Value;
 
-use common::TestDb;
-
-fn fhirhose() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
-    // The tests pass every setting as a flag: nothing from the caller's environment may leak in.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FHIRHOSE_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
+use common::{TestDb, fhirhose, free_port};
 
 fn run(args: &[&str]) -> Output {
     fhirhose().args(args).output().expect("run fhirhose")
@@ -47,13 +34,6 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn serve(data_dir: &Path, db: &TestDb) -> Server {
     let port = free_port();
     let child = db
@@ -74,23 +54,8 @@ fn serve(data_dir: &Path, db: &TestDb) -> Server {
         child,
         base: format!("http://127.0.0.1:{port}"),
     };
-    let client = reqwest::blocking::Client::new();
-    // Readiness: poll /metadata until the server answers (or has exited).
-    for _ in 0..600 {
-        if let Ok(Some(status)) = server.child.try_wait() {
-            panic!("fhirhose serve exited early: {status}");
-        }
-        if client
-            .get(format!("{}/metadata", server.base))
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return server;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = server.child.kill();
-    panic!("fhirhose serve did not answer on {}", server.base);
+    common::wait_until_answering(&mut server.child, &server.base);
+    server
 }
 
 fn write_ndjson(path: &Path, lines: &[&str]) {

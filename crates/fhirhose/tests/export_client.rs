@@ -5,6 +5,8 @@
 //! a number of bytes (once), and hold status polls (for Ctrl-C). Test key:
 //! crates/auth/tests/data/rsa-a.pem (see PROVENANCE.md there).
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,25 +17,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-fn fhirhose() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FHIRHOSE_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
+use common::{fhirhose, free_port};
 
 fn key_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../auth/tests/data/rsa-a.pem")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 struct Server {
@@ -224,21 +211,8 @@ fn serve_smart(proxy_port: u16, patients: usize) -> Server {
         direct: format!("http://127.0.0.1:{port}"),
         _dir: dir,
     };
-    let http = reqwest::blocking::Client::new();
-    for _ in 0..600 {
-        if let Ok(Some(status)) = server.child.try_wait() {
-            panic!("fhirhose serve exited early: {status}");
-        }
-        if http
-            .get(format!("{}/metadata", server.direct))
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return server;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("fhirhose serve did not answer");
+    common::wait_until_answering(&mut server.child, &server.direct);
+    server
 }
 
 fn export_cmd(url: &str, out: &Path) -> Command {

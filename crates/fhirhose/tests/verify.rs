@@ -4,23 +4,17 @@
 //! (`allowPartialManifests`) verified and exported (`fhirhose export`) page by page, and a
 //! server whose pages loop or never end refused by both.
 
+mod common;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-fn fhirhose() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FHIRHOSE_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
+use common::{fhirhose, free_port};
 
 fn run(args: &[&str]) -> Output {
     fhirhose().args(args).output().expect("run fhirhose")
@@ -43,10 +37,7 @@ impl Drop for Server {
 }
 
 fn serve(data_dir: &Path, extra: &[&str]) -> Server {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
+    let port = free_port();
     let child = fhirhose()
         .args([
             "serve",
@@ -65,21 +56,8 @@ fn serve(data_dir: &Path, extra: &[&str]) -> Server {
         child,
         base: format!("http://127.0.0.1:{port}"),
     };
-    let client = reqwest::blocking::Client::new();
-    for _ in 0..600 {
-        if let Ok(Some(status)) = server.child.try_wait() {
-            panic!("fhirhose serve exited early: {status}");
-        }
-        if client
-            .get(format!("{}/metadata", server.base))
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return server;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("fhirhose serve did not answer on {}", server.base);
+    common::wait_until_answering(&mut server.child, &server.base);
+    server
 }
 
 const CONFIG: &str = r#"{"fhirVersion": "R4", "fhirPathRules": [
