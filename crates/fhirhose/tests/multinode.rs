@@ -71,7 +71,7 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
             return v;
         }
         assert!(start.elapsed() < BOUND, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -207,8 +207,11 @@ impl Cluster {
             .arg(&self.clients)
             .args(["--export-workers", "1"])
             .args(["--export-heartbeat-timeout", HEARTBEAT_TIMEOUT_S])
-            .args(["--export-item-resources", "300"])
-            .args(["--export-file-resources", "100"])
+            // Small items, so that the export lasts many claims (about 130 items for the
+            // ~13,000 resources) and every node is seen finishing one and holding the next even
+            // on a quiet machine (with 300 the whole export could pass between two polls).
+            .args(["--export-item-resources", "100"])
+            .args(["--export-file-resources", "50"])
             .args(["--export-max-attempts", "10"])
             .args(self.dest.args())
             // The log goes to stdout.
