@@ -5,7 +5,7 @@
 //!
 //! Both backends have the same table shapes: `resource_versions(k, seq, type_no, id, deleted,
 //! superseded_seq, json)` with `k = (type_no << 40) | seq`, and the index tables
-//! `idx_*(type_no, param, <values>, k)` holding rows only for current, non-deleted versions (so an
+//! `idx_*(type_no, param_no, <values>, k)` holding rows only for current, non-deleted versions (so an
 //! `IN` over an index table is already restricted to current resources).
 //!
 //! Paging is keyset by (sort keys, `k`). With no sort and an equality filter (token, reference,
@@ -143,6 +143,9 @@ pub(crate) trait SearchBackend {
     fn dialect(&self) -> &dyn Dialect;
     /// The type number of a resource type; `None` if the type was never written.
     fn type_no(&self, resource_type: &str) -> Result<Option<i64>, StoreError>;
+    /// The number of a search parameter code in the index rows' `param_no`; `None` if no
+    /// index row was ever written for it.
+    fn param_no(&self, code: &str) -> Result<Option<i64>, StoreError>;
     /// See [`crate::Store::seq_at_or_after`].
     fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError>;
     /// Runs one statement and returns its rows. `cached`: the statement is one of a few shapes
@@ -230,6 +233,11 @@ impl<'b> Builder<'b> {
         Ok(self.backend.type_no(t)?.unwrap_or(-1))
     }
 
+    fn param_no(&self, code: &str) -> Result<i64, StoreError> {
+        // A parameter never indexed has no rows: -1 matches nothing.
+        Ok(self.backend.param_no(code)?.unwrap_or(-1))
+    }
+
     /// `<kexpr>` satisfies `f` (a boolean SQL expression), for a resource of `resource_type`.
     fn filter(
         &mut self,
@@ -246,7 +254,7 @@ impl<'b> Builder<'b> {
                 let cond = match on {
                     ParamOn::Id => self.id_values(type_no, values, kexpr),
                     ParamOn::LastUpdated => self.last_updated_values(values, kexpr)?,
-                    ParamOn::Index(pm) => self.param_values(type_no, pm, values, kexpr),
+                    ParamOn::Index(pm) => self.param_values(type_no, pm, values, kexpr)?,
                 };
                 if *negate {
                     format!("NOT ({cond})")
@@ -268,7 +276,7 @@ impl<'b> Builder<'b> {
                 let tn = self.p(SqlParam::Int(type_no));
                 let mut present = Vec::new();
                 for t in tables_of(*kind) {
-                    let pmc = self.param_match(pm, t, "");
+                    let pmc = self.param_match(pm, t, "")?;
                     present.push(format!(
                         "{kexpr} IN (SELECT k FROM {t} WHERE type_no = {tn} AND {pmc})"
                     ));
@@ -287,7 +295,7 @@ impl<'b> Builder<'b> {
                     let (lo, hi) = k_bounds(tno);
                     let inner_sql = self.filter(target_type, inner, "t.k", "t.id")?;
                     let tn = self.p(SqlParam::Int(type_no));
-                    let pc = self.param_match(param, "idx_reference", "r.");
+                    let pc = self.param_match(param, "idx_reference", "r.")?;
                     let ttp = self.p(text(target_type));
                     let lop = self.p(SqlParam::Int(lo));
                     let hip = self.p(SqlParam::Int(hi));
@@ -311,7 +319,7 @@ impl<'b> Builder<'b> {
                 let sno = self.type_no(source_type)?;
                 let inner_sql = self.filter(source_type, inner, "r.k", "")?;
                 let sn = self.p(SqlParam::Int(sno));
-                let pc = self.param_match(param, "idx_reference", "r.");
+                let pc = self.param_match(param, "idx_reference", "r.")?;
                 let me = self.p(text(resource_type));
                 format!(
                     "{idexpr} IN (SELECT r.target_id FROM idx_reference r WHERE r.type_no = {sn} AND {pc} \
@@ -323,7 +331,11 @@ impl<'b> Builder<'b> {
 
     /// The driving index lookup of an equality filter (token, reference, uri values of one index
     /// table), as conditions on the table aliased `d`; `None` when the filter cannot drive.
-    fn driver(&mut self, type_no: i64, f: &PlanFilter) -> Option<(&'static str, String)> {
+    fn driver(
+        &mut self,
+        type_no: i64,
+        f: &PlanFilter,
+    ) -> Result<Option<(&'static str, String)>, StoreError> {
         let PlanFilter::Param {
             on: ParamOn::Index(pm),
             kind,
@@ -331,44 +343,52 @@ impl<'b> Builder<'b> {
             negate: false,
         } = f
         else {
-            return None;
+            return Ok(None);
         };
         if !matches!(
             kind,
             ParamKind::Token | ParamKind::Reference | ParamKind::Uri
         ) || values.iter().any(|v| matches!(v, PlanValue::TokenText(_)))
         {
-            return None;
+            return Ok(None);
         }
         let mut table = None;
         let mut conds = Vec::new();
         for v in values {
             let (t, c) = self.value_cond(v);
             if table.is_some_and(|x| x != t) {
-                return None;
+                return Ok(None);
             }
             table = Some(t);
             conds.push(c);
         }
-        let table = table?;
+        let Some(table) = table else {
+            return Ok(None);
+        };
         let tn = self.p(SqlParam::Int(type_no));
-        let pmc = self.param_match(pm, table, "d.");
-        Some((
+        let pmc = self.param_match(pm, table, "d.")?;
+        Ok(Some((
             table,
             format!(
                 "d.type_no = {tn} AND {pmc} AND ({})",
                 any_of(self.d, &conds)
             ),
-        ))
+        )))
     }
 
     /// The parameter condition on an index table (columns prefixed with `a`): its own rows, or
     /// those of the parameters it is an alias of.
-    fn param_match(&mut self, pm: &ParamMatch, table: &str, a: &str) -> String {
-        match pm {
+    /// Parameter codes are compared by their numbers (`param_no`); a code without a number
+    /// has no rows, and -1 matches nothing.
+    fn param_match(&mut self, pm: &ParamMatch, table: &str, a: &str) -> Result<String, StoreError> {
+        Ok(match pm {
             ParamMatch::Alias { codes, ref_type } => {
-                let list: Vec<String> = codes.iter().map(|c| self.p(text(c))).collect();
-                let mut s = format!("{a}param IN ({})", list.join(", "));
+                let mut list = Vec::with_capacity(codes.len());
+                for c in codes {
+                    let no = self.param_no(c)?;
+                    list.push(self.p(SqlParam::Int(no)));
+                }
+                let mut s = format!("{a}param_no IN ({})", list.join(", "));
                 if let (Some(t), "idx_reference") = (ref_type, table) {
                     let tp = self.p(text(t));
                     let (op, pattern) = self.d.url_has_type(t);
@@ -377,8 +397,11 @@ impl<'b> Builder<'b> {
                 }
                 s
             }
-            ParamMatch::Own(code) => format!("{a}param = {}", self.p(text(code))),
-        }
+            ParamMatch::Own(code) => {
+                let no = self.param_no(code)?;
+                format!("{a}param_no = {}", self.p(SqlParam::Int(no)))
+            }
+        })
     }
 
     /// `_id` values against the id column. An id has no system: `id` and `|id` match, `sys|id`
@@ -462,7 +485,7 @@ impl<'b> Builder<'b> {
         pm: &ParamMatch,
         values: &[PlanValue],
         kexpr: &str,
-    ) -> String {
+    ) -> Result<String, StoreError> {
         let mut by_table: Vec<(&'static str, Vec<String>)> = Vec::new();
         for v in values {
             let (table, cond) = self.value_cond(v);
@@ -478,24 +501,24 @@ impl<'b> Builder<'b> {
             let tn = self.p(SqlParam::Int(type_no));
             if probe {
                 // A per-row lookup through the `(k)` index (see `run`).
-                let pc = self.param_match(pm, table, ni);
+                let pc = self.param_match(pm, table, ni)?;
                 parts.push(format!(
                     "EXISTS (SELECT 1 FROM {table} WHERE k = {kexpr} AND {ni}type_no = {tn} AND {pc} AND ({}))",
                     any_of(self.d, &conds)
                 ));
             } else {
-                let pc = self.param_match(pm, table, "");
+                let pc = self.param_match(pm, table, "")?;
                 parts.push(format!(
                     "{kexpr} IN (SELECT k FROM {table} WHERE type_no = {tn} AND {pc} AND ({}))",
                     any_of(self.d, &conds)
                 ));
             }
         }
-        if parts.is_empty() {
+        Ok(if parts.is_empty() {
             self.t(false)
         } else {
             format!("({})", any_of(self.d, &parts))
-        }
+        })
     }
 
     fn token_cond(
@@ -629,10 +652,10 @@ impl<'b> Builder<'b> {
     }
 
     /// The SQL expression of a sort key for the row `rv` (never NULL: missing values sort last).
-    fn sort_expr(&mut self, type_no: i64, key: &SortKey) -> String {
+    fn sort_expr(&mut self, type_no: i64, key: &SortKey) -> Result<String, StoreError> {
         let (pm, kind) = match &key.on {
-            SortOn::Id => return "rv.id".into(),
-            SortOn::LastUpdated => return "rv.seq".into(),
+            SortOn::Id => return Ok("rv.id".into()),
+            SortOn::LastUpdated => return Ok("rv.seq".into()),
             SortOn::Index { param, kind } => (param, *kind),
         };
         let tn = self.p(SqlParam::Int(type_no));
@@ -670,14 +693,14 @@ impl<'b> Builder<'b> {
         // The no-index hint keeps the planner on the `(k)` index: one lookup per row, not a
         // scan of the parameter's rows.
         let ni = self.d.no_index();
-        let pc = self.param_match(pm, table, ni);
+        let pc = self.param_match(pm, table, ni)?;
         let lookup = self.d.key_lookup(
             &format!("{agg}({col})"),
             table,
             "rv.k",
             &format!("{ni}type_no = {tn} AND {pc}"),
         );
-        format!("coalesce(({lookup}), {missing})")
+        Ok(format!("coalesce(({lookup}), {missing})"))
     }
 }
 
@@ -770,13 +793,16 @@ pub(crate) fn run(
         return Ok(out);
     }
 
-    if plan.sort.is_empty()
-        && let Some((i, (table, cond))) = plan
-            .filters
-            .iter()
-            .enumerate()
-            .find_map(|(i, f)| b.driver(type_no, f).map(|d| (i, d)))
-    {
+    let mut driven = None;
+    if plan.sort.is_empty() {
+        for (i, f) in plan.filters.iter().enumerate() {
+            if let Some(d) = b.driver(type_no, f)? {
+                driven = Some((i, d));
+                break;
+            }
+        }
+    }
+    if let Some((i, (table, cond))) = driven {
         // Pages in `k` order driven by an equality filter's index (whose entries end in `k`):
         // the page stops after `count` matches instead of collecting every match first.
         let mut w = base_where;
@@ -804,7 +830,11 @@ pub(crate) fn run(
             .collect::<Result<Vec<_>, _>>()?;
         return finish_page(backend, plan, out, rows);
     }
-    let sort_exprs: Vec<String> = plan.sort.iter().map(|k| b.sort_expr(type_no, k)).collect();
+    let sort_exprs: Vec<String> = plan
+        .sort
+        .iter()
+        .map(|k| b.sort_expr(type_no, k))
+        .collect::<Result<_, _>>()?;
     let select_sorts: String = sort_exprs
         .iter()
         .enumerate()
@@ -959,7 +989,7 @@ fn include_targets(
         b.p(SqlParam::Int(type_no))
     );
     if let Some(pm) = &inc.param {
-        let pmc = b.param_match(pm, "idx_reference", ni);
+        let pmc = b.param_match(pm, "idx_reference", ni)?;
         sql.push_str(&format!(" AND {pmc}"));
     }
     if let Some(t) = &inc.target_type {
@@ -995,7 +1025,7 @@ fn revinclude_sources(
         b.p(text(target_type))
     );
     if let Some(pm) = &inc.param {
-        let pmc = b.param_match(pm, "idx_reference", "r.");
+        let pmc = b.param_match(pm, "idx_reference", "r.")?;
         sql.push_str(&format!(" AND {pmc}"));
     }
     let limit = b.p(SqlParam::Int(i64::try_from(limit).unwrap_or(i64::MAX)));

@@ -872,3 +872,91 @@ fn the_pool_recovers_after_the_server_restarts() {
     assert_eq!(store.count_type("Patient", i64::MAX).unwrap(), 2);
     drop(store);
 }
+
+/// Index rows by (table, parameter code): the codes through `params`.
+fn rows_by_code(admin: &mut postgres::Client) -> Vec<(String, String, i64)> {
+    let mut out = Vec::new();
+    for (t, _) in index_counts(admin) {
+        for r in admin
+            .query(
+                &format!(
+                    "SELECT p.name, count(*) FROM {t} i JOIN params p ON p.param_no = i.param_no
+                     GROUP BY p.name ORDER BY p.name"
+                ),
+                &[],
+            )
+            .unwrap()
+        {
+            out.push((t.clone(), r.get(0), r.get(1)));
+        }
+    }
+    out
+}
+
+/// A database migrated up to version 4 (index rows carrying the parameter code as text) gets
+/// migration 5 at open (parameter numbers): the same rows by code, the `k` and value indexes
+/// built, and new writes numbered alike.
+#[test]
+fn a_version_4_database_is_migrated_to_parameter_numbers() {
+    let Some(base) = postgres_url("a_version_4_database_is_migrated_to_parameter_numbers") else {
+        return;
+    };
+    let db = fresh_database(&base).unwrap();
+    let options = || PgOptions {
+        indexer: Some(Arc::new(EveryKind)),
+        ..PgOptions::default()
+    };
+    let obs = |id: &str, code: &str| WriteOp::Update {
+        resource_type: "Observation".into(),
+        id: id.into(),
+        resource: json!({"resourceType": "Observation", "code": code}),
+        if_match: None,
+    };
+    let store = PgStore::connect(&db.url, options()).unwrap();
+    store
+        .write(vec![obs("o1", "A"), obs("o2", "B"), obs("o3", "C")])
+        .unwrap();
+    drop(store);
+    let mut admin = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    let before = rows_by_code(&mut admin);
+    // One code per table, one or two rows per resource.
+    assert_eq!(before.len(), 9, "{before:?}");
+    assert!(
+        before.iter().all(|(_, _, n)| *n == 3 || *n == 6),
+        "{before:?}"
+    );
+    // Version 4's shape: `param text` in place of `param_no`, no `params` table.
+    let mut downgrade = String::new();
+    for (t, _) in index_counts(&mut admin) {
+        downgrade.push_str(&format!(
+            "ALTER TABLE {t} ADD COLUMN param text COLLATE \"C\";
+             UPDATE {t} i SET param = p.name FROM params p WHERE p.param_no = i.param_no;
+             ALTER TABLE {t} ALTER COLUMN param SET NOT NULL;
+             ALTER TABLE {t} DROP COLUMN param_no;"
+        ));
+    }
+    downgrade.push_str("DROP TABLE params; DELETE FROM schema_migrations WHERE version = 5;");
+    admin.batch_execute(&downgrade).unwrap();
+
+    let store = PgStore::connect(&db.url, options()).unwrap();
+    assert_eq!(rows_by_code(&mut admin), before);
+    let indexes: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'idx\\_%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(indexes, 19, "9 `k` indexes and 10 value indexes");
+    store.write(vec![obs("o4", "D")]).unwrap();
+    let expected: Vec<(String, String, i64)> = before
+        .iter()
+        .map(|(t, c, n)| (t.clone(), c.clone(), n / 3 * 4))
+        .collect();
+    assert_eq!(rows_by_code(&mut admin), expected);
+    let codes: i64 = admin
+        .query_one("SELECT count(*) FROM params", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(codes, 8);
+}

@@ -663,7 +663,8 @@ fn index_rows_follow_the_current_version() {
         s.with_reader(|c| {
             Ok(c.query_row(
                 "SELECT count(*) FROM idx_token t JOIN resource_versions rv ON rv.k = t.k
-                 WHERE t.param = 'gender' AND t.code = ?1",
+                 WHERE t.param_no = (SELECT param_no FROM params WHERE name = 'gender')
+                 AND t.code = ?1",
                 [code],
                 |r| r.get(0),
             )?)
@@ -854,8 +855,8 @@ fn value_indexes(s: &SqliteStore) -> Vec<String> {
 /// How `gender = code` is answered: through the value index, or `None` when SQLite would scan.
 fn gender_lookup(s: &SqliteStore, code: &str) -> (i64, bool) {
     s.with_reader(|c| {
-        let sql =
-            "SELECT count(*) FROM idx_token WHERE type_no = 1 AND param = 'gender' AND code = ?1";
+        let sql = "SELECT count(*) FROM idx_token WHERE type_no = 1
+            AND param_no = (SELECT param_no FROM params WHERE name = 'gender') AND code = ?1";
         let n = c.query_row(sql, [code], |r| r.get(0))?;
         let plan: Vec<String> = c
             .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?
@@ -962,4 +963,135 @@ fn suspended_index_upkeep_is_resumed_also_when_the_work_fails() {
     let (_, build) =
         store::with_index_upkeep_suspended(&s, true, |_| Ok::<_, StoreError>(())).unwrap();
     assert!(build.is_some());
+}
+
+/// Index rows by (table, parameter code): the codes through `params`.
+fn rows_by_code(s: &SqliteStore) -> Vec<(String, String, i64)> {
+    s.with_reader(|c| {
+        let mut out = Vec::new();
+        for t in ["idx_token", "idx_date"] {
+            let mut st = c.prepare(&format!(
+                "SELECT p.name, count(*) FROM {t} i JOIN params p ON p.param_no = i.param_no
+                 GROUP BY p.name ORDER BY p.name"
+            ))?;
+            for r in st.query_map([], |r| Ok((t.to_string(), r.get(0)?, r.get(1)?)))? {
+                out.push(r?);
+            }
+        }
+        Ok(out)
+    })
+    .unwrap()
+}
+
+/// A database of schema version 1 (index rows carrying the parameter code as text) is migrated
+/// at open to version 2 (parameter numbers): the same rows by code, the value indexes built, and
+/// new writes and lookups use the numbers.
+#[test]
+fn a_schema_version_1_database_is_migrated_to_parameter_numbers() {
+    let (dir, s) = open_indexed();
+    put(
+        &s,
+        "Patient",
+        "a",
+        json!({"resourceType": "Patient", "gender": "male", "birthDate": "2000"}),
+    );
+    put(
+        &s,
+        "Patient",
+        "b",
+        json!({"resourceType": "Patient", "gender": "female", "birthDate": "2001"}),
+    );
+    put(
+        &s,
+        "Patient",
+        "c",
+        json!({"resourceType": "Patient", "gender": "male"}),
+    );
+    let before = rows_by_code(&s);
+    assert_eq!(
+        before,
+        [
+            ("idx_token".to_string(), "gender".to_string(), 3),
+            ("idx_date".to_string(), "birthdate".to_string(), 2)
+        ]
+    );
+    drop(s);
+    // Version 1's shape: `param TEXT` in place of `param_no`, no `params` table.
+    let conn = rusqlite::Connection::open(dir.path().join(store::sqlite::DB_FILE_NAME)).unwrap();
+    let mut downgrade = String::from("BEGIN;");
+    for name in value_index_names() {
+        downgrade.push_str(&format!("DROP INDEX {name};"));
+    }
+    for t in [
+        "idx_token",
+        "idx_token_text",
+        "idx_string",
+        "idx_date",
+        "idx_number",
+        "idx_quantity",
+        "idx_reference",
+        "idx_reference_identifier",
+        "idx_uri",
+    ] {
+        downgrade.push_str(&format!(
+            "ALTER TABLE {t} ADD COLUMN param TEXT;
+             UPDATE {t} SET param = (SELECT name FROM params p WHERE p.param_no = {t}.param_no);
+             ALTER TABLE {t} DROP COLUMN param_no;"
+        ));
+    }
+    downgrade.push_str(
+        "DROP TABLE params; UPDATE store_meta SET value = '1' WHERE key = 'schema_version'; COMMIT;",
+    );
+    conn.execute_batch(&downgrade).unwrap();
+    drop(conn);
+
+    let s = SqliteStore::open_data_dir(
+        dir.path(),
+        SqliteOptions {
+            indexer: Some(Arc::new(CodeIndexer)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(rows_by_code(&s), before);
+    assert_eq!(value_indexes(&s), value_index_names());
+    assert_eq!(gender_lookup(&s, "male"), (2, true));
+    put(
+        &s,
+        "Patient",
+        "d",
+        json!({"resourceType": "Patient", "gender": "male", "birthDate": "2002"}),
+    );
+    assert_eq!(gender_lookup(&s, "male"), (3, true));
+    let version: String = s
+        .with_reader(|c| {
+            Ok(c.query_row(
+                "SELECT value FROM store_meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(version, store::sqlite::SCHEMA_VERSION.to_string());
+}
+
+/// The names of the 10 value indexes, in [`value_indexes`]' order.
+fn value_index_names() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "idx_token_value",
+        "idx_token_text_value",
+        "idx_string_value",
+        "idx_date_value",
+        "idx_number_value",
+        "idx_quantity_value",
+        "idx_reference_value",
+        "idx_reference_url",
+        "idx_reference_identifier_value",
+        "idx_uri_value",
+    ]
+    .iter()
+    .map(|n| n.to_string())
+    .collect();
+    names.sort();
+    names
 }

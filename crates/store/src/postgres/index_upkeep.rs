@@ -82,6 +82,7 @@ pub(super) fn reindex(store: &PgStore, resource_type: Option<&str>) -> Result<u6
                     &[&lo, &hi],
                 )?;
             }
+            let mut assigned = Vec::new();
             if let Some(indexer) = &store.indexer {
                 let mut after = lo;
                 loop {
@@ -109,7 +110,7 @@ pub(super) fn reindex(store: &PgStore, resource_type: Option<&str>) -> Result<u6
                         .iter()
                         .map(|(t, k, e)| (*t, *k, e.as_slice()))
                         .collect();
-                    copy_index_rows(&mut tx, &items)?;
+                    assigned.extend(copy_index_rows(&mut tx, &store.params, &items)?);
                     total += rows.len() as u64;
                     if (rows.len() as i64) < SCAN_PAGE_ROWS {
                         break;
@@ -117,6 +118,7 @@ pub(super) fn reindex(store: &PgStore, resource_type: Option<&str>) -> Result<u6
                 }
             }
             tx.commit()?;
+            store.params.extend(assigned);
         }
         Ok(total)
     })

@@ -224,6 +224,11 @@ impl SearchBackend for Backend<'_> {
         self.store.lookup_type(&mut **client, resource_type)
     }
 
+    fn param_no(&self, code: &str) -> Result<Option<i64>, StoreError> {
+        let mut client = self.client.borrow_mut();
+        self.store.lookup_param(&mut **client, code)
+    }
+
     fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError> {
         let mut client = self.client.borrow_mut();
         seq_at_or_after(&mut **client, instant_ms)

@@ -14,7 +14,7 @@ use crate::{
 };
 
 use super::{PgStore, WRITE_LOCK};
-use crate::index_tables::INDEX_TABLES;
+use crate::index_tables::{INDEX_TABLES, ParamNumbers};
 use crate::ops::{Body, MAX_SEQ, Prepared, key, method_code, prepare};
 
 pub(super) fn write(store: &PgStore, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, StoreError> {
@@ -239,13 +239,14 @@ impl PgStore {
                 )?;
             }
         }
+        let mut assigned = Vec::new();
         if !rows.is_empty() {
             copy_versions(&mut tx, &rows, &outcomes)?;
             let indexed: Vec<(i64, i64, &[IndexEntry])> = rows
                 .iter()
                 .filter_map(|r| r.index.as_deref().map(|e| (r.type_no, r.k, e)))
                 .collect();
-            copy_index_rows(&mut tx, &indexed)?;
+            assigned = copy_index_rows(&mut tx, &self.params, &indexed)?;
             tx.execute(
                 "INSERT INTO transactions(lu_ms, first_seq, last_seq) VALUES ($1, $2, $3)",
                 &[&lu_ms, &first_seq, &seq],
@@ -253,6 +254,7 @@ impl PgStore {
             tx.execute("UPDATE watermark SET seq = $1, lu_ms = $2", &[&seq, &lu_ms])?;
         }
         tx.commit()?;
+        self.params.extend(assigned);
         Ok(outcomes)
     }
 }
@@ -325,13 +327,40 @@ pub(super) fn copy_versions(
 }
 
 /// COPY the index rows of `(type_no, k, entries)` into the index tables, one COPY per table that
-/// gets rows.
+/// gets rows. Returns the parameter numbers it read or assigned in `tx` (for the store's cache
+/// once `tx` committed).
 pub(super) fn copy_index_rows(
     tx: &mut ::postgres::Transaction<'_>,
+    params: &ParamNumbers,
     items: &[(i64, i64, &[IndexEntry])],
-) -> Result<(), StoreError> {
+) -> Result<Vec<(String, i64)>, StoreError> {
     if items.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
+    }
+    // The number of every code first: no other statement can run during a COPY.
+    let mut numbers: HashMap<&str, i64> = HashMap::new();
+    let mut assigned = Vec::new();
+    for (_, _, entries) in items {
+        for e in entries.iter() {
+            if numbers.contains_key(e.param.as_str()) {
+                continue;
+            }
+            let no = match params.get(&e.param) {
+                Some(no) => no,
+                None => {
+                    tx.execute(
+                        "INSERT INTO params(name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+                        &[&e.param],
+                    )?;
+                    let no: i64 = tx
+                        .query_one("SELECT param_no FROM params WHERE name = $1", &[&e.param])?
+                        .get(0);
+                    assigned.push((e.param.clone(), no));
+                    no
+                }
+            };
+            numbers.insert(&e.param, no);
+        }
     }
     let t = Type::TEXT;
     let i = Type::INT8;
@@ -341,40 +370,40 @@ pub(super) fn copy_index_rows(
     let tables: [(&str, &str, Vec<Type>, Pick); 9] = [
         (
             "idx_token",
-            "type_no, param, system, code, k",
-            vec![i.clone(), t.clone(), t.clone(), t.clone(), i.clone()],
+            "type_no, param_no, system, code, k",
+            vec![i.clone(), i.clone(), t.clone(), t.clone(), i.clone()],
             |v| matches!(v, IndexValue::Token { .. }),
         ),
         (
             "idx_token_text",
-            "type_no, param, text, k",
-            vec![i.clone(), t.clone(), t.clone(), i.clone()],
+            "type_no, param_no, text, k",
+            vec![i.clone(), i.clone(), t.clone(), i.clone()],
             |v| matches!(v, IndexValue::TokenText(_)),
         ),
         (
             "idx_string",
-            "type_no, param, normalized, exact, k",
-            vec![i.clone(), t.clone(), t.clone(), t.clone(), i.clone()],
+            "type_no, param_no, normalized, exact, k",
+            vec![i.clone(), i.clone(), t.clone(), t.clone(), i.clone()],
             |v| matches!(v, IndexValue::String { .. }),
         ),
         (
             "idx_date",
-            "type_no, param, lo, hi, k",
-            vec![i.clone(), t.clone(), i.clone(), i.clone(), i.clone()],
+            "type_no, param_no, lo, hi, k",
+            vec![i.clone(), i.clone(), i.clone(), i.clone(), i.clone()],
             |v| matches!(v, IndexValue::Date { .. }),
         ),
         (
             "idx_number",
-            "type_no, param, value, k",
-            vec![i.clone(), t.clone(), f.clone(), i.clone()],
+            "type_no, param_no, value, k",
+            vec![i.clone(), i.clone(), f.clone(), i.clone()],
             |v| matches!(v, IndexValue::Number(_)),
         ),
         (
             "idx_quantity",
-            "type_no, param, value, system, code, unit, k",
+            "type_no, param_no, value, system, code, unit, k",
             vec![
                 i.clone(),
-                t.clone(),
+                i.clone(),
                 f.clone(),
                 t.clone(),
                 t.clone(),
@@ -385,10 +414,10 @@ pub(super) fn copy_index_rows(
         ),
         (
             "idx_reference",
-            "type_no, param, target_type, target_id, url, k",
+            "type_no, param_no, target_type, target_id, url, k",
             vec![
                 i.clone(),
-                t.clone(),
+                i.clone(),
                 t.clone(),
                 t.clone(),
                 t.clone(),
@@ -403,14 +432,14 @@ pub(super) fn copy_index_rows(
         ),
         (
             "idx_reference_identifier",
-            "type_no, param, system, value, k",
-            vec![i.clone(), t.clone(), t.clone(), t.clone(), i.clone()],
+            "type_no, param_no, system, value, k",
+            vec![i.clone(), i.clone(), t.clone(), t.clone(), i.clone()],
             |v| matches!(v, IndexValue::ReferenceIdentifier { .. }),
         ),
         (
             "idx_uri",
-            "type_no, param, uri, k",
-            vec![i.clone(), t.clone(), t.clone(), i.clone()],
+            "type_no, param_no, uri, k",
+            vec![i.clone(), i.clone(), t.clone(), i.clone()],
             |v| matches!(v, IndexValue::Uri(_)),
         ),
     ];
@@ -427,7 +456,7 @@ pub(super) fn copy_index_rows(
         let mut w = BinaryCopyInWriter::new(sink, &types);
         for (type_no, k, entries) in items {
             for e in entries.iter().filter(|e| pick(&e.value)) {
-                let p = e.param.as_str();
+                let p = numbers[e.param.as_str()];
                 let none: Option<&str> = None;
                 match &e.value {
                     IndexValue::Token { system, code } => {
@@ -463,5 +492,5 @@ pub(super) fn copy_index_rows(
         }
         w.finish()?;
     }
-    Ok(())
+    Ok(assigned)
 }

@@ -5,7 +5,7 @@
 use rusqlite::{CachedStatement, Connection, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
-use crate::index_tables::{INDEX_TABLES, VALUE_INDEXES};
+use crate::index_tables::{INDEX_TABLES, ParamNumbers, VALUE_INDEXES};
 use crate::ops::{MAX_SEQ, key};
 use crate::{IndexEntry, IndexValue, StoreError};
 
@@ -82,13 +82,14 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
                 params![key(type_no, 0), key(type_no, MAX_SEQ)],
             )?;
         }
+        let mut assigned = Vec::new();
         if let Some(indexer) = &store.indexer {
             let mut stmt = tx.prepare(
                 "SELECT k, json FROM resource_versions
                  WHERE k > ?1 AND k <= ?2 AND superseded_seq IS NULL AND deleted = 0",
             )?;
             let mut rows = stmt.query(params![key(type_no, 0), key(type_no, MAX_SEQ)])?;
-            let mut inserts = IndexInserts::new(&tx)?;
+            let mut inserts = IndexInserts::new(&tx, &store.params)?;
             while let Some(r) = rows.next()? {
                 let k: i64 = r.get(0)?;
                 let json = r.get_ref(1)?.as_blob_or_null()?.unwrap_or_default();
@@ -99,8 +100,10 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
                 inserts.insert(type_no, k, &entries)?;
                 total += 1;
             }
+            assigned = inserts.into_assigned();
         }
         tx.commit()?;
+        store.params.extend(assigned);
     }
     Ok(total)
 }
@@ -109,6 +112,11 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
 /// per resource, and looking each statement up in the connection's cache by its SQL text cost a
 /// tenth of the insert time.
 pub(super) struct IndexInserts<'c> {
+    conn: &'c Connection,
+    /// The store's parameter numbers, and those this transaction assigned (for the cache once it
+    /// commits: [`IndexInserts::into_assigned`]).
+    params: &'c ParamNumbers,
+    assigned: Vec<(String, i64)>,
     token: CachedStatement<'c>,
     token_text: CachedStatement<'c>,
     string: CachedStatement<'c>,
@@ -122,39 +130,74 @@ pub(super) struct IndexInserts<'c> {
 }
 
 impl<'c> IndexInserts<'c> {
-    pub(super) fn new(conn: &'c Connection) -> Result<Self, StoreError> {
+    pub(super) fn new(conn: &'c Connection, params: &'c ParamNumbers) -> Result<Self, StoreError> {
         Ok(IndexInserts {
+            conn,
+            params,
+            assigned: Vec::new(),
             token: conn.prepare_cached(
-                "INSERT INTO idx_token(type_no, param, system, code, k) VALUES (?1,?2,?3,?4,?5)",
+                "INSERT INTO idx_token(type_no, param_no, system, code, k) VALUES (?1,?2,?3,?4,?5)",
             )?,
             token_text: conn.prepare_cached(
-                "INSERT INTO idx_token_text(type_no, param, text, k) VALUES (?1,?2,?3,?4)",
+                "INSERT INTO idx_token_text(type_no, param_no, text, k) VALUES (?1,?2,?3,?4)",
             )?,
             string: conn.prepare_cached(
-                "INSERT INTO idx_string(type_no, param, normalized, exact, k) VALUES (?1,?2,?3,?4,?5)",
+                "INSERT INTO idx_string(type_no, param_no, normalized, exact, k) VALUES (?1,?2,?3,?4,?5)",
             )?,
             date: conn.prepare_cached(
-                "INSERT INTO idx_date(type_no, param, lo, hi, k) VALUES (?1,?2,?3,?4,?5)",
+                "INSERT INTO idx_date(type_no, param_no, lo, hi, k) VALUES (?1,?2,?3,?4,?5)",
             )?,
             number: conn.prepare_cached(
-                "INSERT INTO idx_number(type_no, param, value, k) VALUES (?1,?2,?3,?4)",
+                "INSERT INTO idx_number(type_no, param_no, value, k) VALUES (?1,?2,?3,?4)",
             )?,
             quantity: conn.prepare_cached(
-                "INSERT INTO idx_quantity(type_no, param, value, system, code, unit, k) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+                "INSERT INTO idx_quantity(type_no, param_no, value, system, code, unit, k) VALUES (?1,?2,?3,?4,?5,?6,?7)",
             )?,
             reference: conn.prepare_cached(
-                "INSERT INTO idx_reference(type_no, param, target_type, target_id, url, k) VALUES (?1,?2,?3,?4,NULL,?5)",
+                "INSERT INTO idx_reference(type_no, param_no, target_type, target_id, url, k) VALUES (?1,?2,?3,?4,NULL,?5)",
             )?,
             reference_url: conn.prepare_cached(
-                "INSERT INTO idx_reference(type_no, param, target_type, target_id, url, k) VALUES (?1,?2,NULL,NULL,?3,?4)",
+                "INSERT INTO idx_reference(type_no, param_no, target_type, target_id, url, k) VALUES (?1,?2,NULL,NULL,?3,?4)",
             )?,
             reference_identifier: conn.prepare_cached(
-                "INSERT INTO idx_reference_identifier(type_no, param, system, value, k) VALUES (?1,?2,?3,?4,?5)",
+                "INSERT INTO idx_reference_identifier(type_no, param_no, system, value, k) VALUES (?1,?2,?3,?4,?5)",
             )?,
             uri: conn.prepare_cached(
-                "INSERT INTO idx_uri(type_no, param, uri, k) VALUES (?1,?2,?3,?4)",
+                "INSERT INTO idx_uri(type_no, param_no, uri, k) VALUES (?1,?2,?3,?4)",
             )?,
         })
+    }
+
+    /// The number of parameter `code`: known, or assigned now in this transaction.
+    fn param_no(&mut self, code: &str) -> Result<i64, StoreError> {
+        if let Some(no) = self.params.get(code) {
+            return Ok(no);
+        }
+        if let Some((_, no)) = self.assigned.iter().find(|(c, _)| c == code) {
+            return Ok(*no);
+        }
+        let no = match self
+            .conn
+            .prepare_cached("SELECT param_no FROM params WHERE name = ?1")?
+            .query_row([code], |r| r.get(0))
+            .optional()?
+        {
+            Some(no) => no,
+            None => {
+                self.conn
+                    .prepare_cached("INSERT INTO params(name) VALUES (?1)")?
+                    .execute([code])?;
+                self.conn.last_insert_rowid()
+            }
+        };
+        self.assigned.push((code.to_string(), no));
+        Ok(no)
+    }
+
+    /// The parameter numbers this transaction assigned or read from the database: enter them in
+    /// the store's cache once it committed.
+    pub(super) fn into_assigned(self) -> Vec<(String, i64)> {
+        self.assigned
     }
 
     /// The rows of one stored version `k`.
@@ -165,7 +208,7 @@ impl<'c> IndexInserts<'c> {
         entries: &[IndexEntry],
     ) -> Result<(), StoreError> {
         for e in entries {
-            let p = e.param.as_str();
+            let p = self.param_no(&e.param)?;
             match &e.value {
                 IndexValue::Token { system, code } => {
                     self.token.execute(params![type_no, p, system, code, k])?

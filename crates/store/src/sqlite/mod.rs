@@ -1,9 +1,10 @@
 //! The SQLite implementation of [`Store`].
 //!
-//! # Schema (`schema_version` 1, in table `store_meta`)
+//! # Schema (`schema_version` 2, in table `store_meta`; a version 1 database is migrated at open)
 //!
 //! ```sql
 //! types(type_no INTEGER PRIMARY KEY, name TEXT UNIQUE)      -- resource type numbers
+//! params(param_no INTEGER PRIMARY KEY, name TEXT UNIQUE)    -- search parameter code numbers
 //! transactions(lu_ms INTEGER PRIMARY KEY,                    -- lastUpdated of the transaction (ms)
 //!              first_seq INTEGER, last_seq INTEGER UNIQUE)   -- its consecutive seqs
 //! resource_versions(
@@ -26,22 +27,23 @@
 //! (rows average ~1.3 kB, too large for a clustered composite key to stay compact).
 //!
 //! Search index tables, one per [`IndexValue`](crate::IndexValue) kind, each row
-//! `(type_no, param, <values>, k)` where `k` is the `resource_versions.k` of the indexed (current)
-//! version; join with
+//! `(type_no, param_no, <values>, k)` where `param_no` numbers the parameter code (`params`,
+//! assigned the first time a code is written; version 1 stored the code itself) and `k` is the
+//! `resource_versions.k` of the indexed (current) version; join with
 //! `resource_versions.k = idx.k`:
 //!
 //! ```sql
-//! idx_token(type_no, param, system, code, k)
-//! idx_token_text(type_no, param, text, k)
-//! idx_string(type_no, param, normalized, exact, k)
-//! idx_date(type_no, param, lo, hi, k)                 -- [lo, hi) ms since the epoch
-//! idx_number(type_no, param, value REAL, k)
-//! idx_quantity(type_no, param, value REAL, system, code, unit, k)
-//! idx_reference(type_no, param, target_type, target_id, url, k)
-//! idx_reference_identifier(type_no, param, system, value, k)
-//! idx_uri(type_no, param, uri, k)
+//! idx_token(type_no, param_no, system, code, k)
+//! idx_token_text(type_no, param_no, text, k)
+//! idx_string(type_no, param_no, normalized, exact, k)
+//! idx_date(type_no, param_no, lo, hi, k)                 -- [lo, hi) ms since the epoch
+//! idx_number(type_no, param_no, value REAL, k)
+//! idx_quantity(type_no, param_no, value REAL, system, code, unit, k)
+//! idx_reference(type_no, param_no, target_type, target_id, url, k)
+//! idx_reference_identifier(type_no, param_no, system, value, k)
+//! idx_uri(type_no, param_no, uri, k)
 //! ```
-//! Each has an index on `(type_no, param, <first value columns>, k)` and one on `(k)`. `k` ends the
+//! Each has an index on `(type_no, param_no, <first value columns>, k)` and one on `(k)`. `k` ends the
 //! value index so that an equality lookup yields rows in `k` order (search pages stop early) and
 //! the index covers the search's `k` lists.
 //!
@@ -77,6 +79,7 @@ pub use jobs::{JOBS_FILE_NAME, JOBS_SCHEMA_VERSION, SqliteJobQueue};
 use pool::{PooledConn, ReaderPool};
 use schema::{build_value_indexes, configure, configure_reader, create_schema};
 
+use crate::index_tables::ParamNumbers;
 use crate::jobs::{JobQueue, QueueError};
 use crate::stamp::PreparedResource;
 use crate::{
@@ -86,7 +89,7 @@ use crate::{
 };
 
 /// The schema version this code writes and reads.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// Name of the database file inside a data directory.
 pub const DB_FILE_NAME: &str = "fhirhose.db";
 use crate::ops::check_update;
@@ -129,6 +132,8 @@ pub struct SqliteStore {
     writer: Mutex<Writer>,
     readers: ReaderPool,
     types: RwLock<HashMap<String, i64>>,
+    /// The numbers of the search parameter codes in the index rows.
+    params: ParamNumbers,
     indexer: Option<Arc<dyn Indexer>>,
     /// The export job queue in `exports.db` beside the database file, opened on first use
     /// ([`jobs`] says why it is a separate file).
@@ -182,6 +187,12 @@ impl SqliteStore {
                 types.insert(name, no);
             }
         }
+        let params = ParamNumbers::default();
+        {
+            let mut stmt = conn.prepare("SELECT name, param_no FROM params")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            params.extend(rows.collect::<Result<Vec<_>, _>>()?);
+        }
         let mut readers = Vec::new();
         for _ in 0..options.readers.max(1) {
             let r = Connection::open_with_flags(
@@ -205,6 +216,7 @@ impl SqliteStore {
                 available: Condvar::new(),
             },
             types: RwLock::new(types),
+            params,
             indexer: options.indexer,
             jobs: Mutex::new(None),
             _lock: None,
@@ -263,6 +275,24 @@ impl SqliteStore {
         }
         let conn = self.readers.get();
         self.lookup_type(&conn, resource_type)
+    }
+
+    /// The number of a search parameter code in the index rows; `None` if no index row of it was
+    /// ever written.
+    pub fn param_no(&self, code: &str) -> Result<Option<i64>, StoreError> {
+        if let Some(no) = self.params.get(code) {
+            return Ok(Some(no));
+        }
+        let conn = self.readers.get();
+        let no: Option<i64> = conn
+            .query_row("SELECT param_no FROM params WHERE name = ?1", [code], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if let Some(no) = no {
+            self.params.extend([(code.to_string(), no)]);
+        }
+        Ok(no)
     }
 
     fn cached_type(&self, name: &str) -> Option<i64> {

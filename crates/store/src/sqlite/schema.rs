@@ -56,6 +56,9 @@ pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS types(
   type_no INTEGER PRIMARY KEY,
   name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS params(
+  param_no INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS transactions(
   lu_ms INTEGER PRIMARY KEY,
   first_seq INTEGER NOT NULL,
@@ -78,36 +81,100 @@ CREATE INDEX IF NOT EXISTS rv_current ON resource_versions(k)
 CREATE INDEX IF NOT EXISTS rv_superseded ON resource_versions(superseded_seq)
   WHERE superseded_seq IS NOT NULL;
 
-CREATE TABLE IF NOT EXISTS idx_token(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS idx_token(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   system TEXT, code TEXT, k INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS idx_token_k ON idx_token(k);
-CREATE TABLE IF NOT EXISTS idx_token_text(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS idx_token_text(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   text TEXT NOT NULL, k INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS idx_token_text_k ON idx_token_text(k);
-CREATE TABLE IF NOT EXISTS idx_string(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS idx_string(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   normalized TEXT NOT NULL, exact TEXT NOT NULL, k INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS idx_string_k ON idx_string(k);
-CREATE TABLE IF NOT EXISTS idx_date(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS idx_date(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   lo INTEGER NOT NULL, hi INTEGER NOT NULL, k INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS idx_date_k ON idx_date(k);
-CREATE TABLE IF NOT EXISTS idx_number(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS idx_number(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   value REAL NOT NULL, k INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS idx_number_k ON idx_number(k);
-CREATE TABLE IF NOT EXISTS idx_quantity(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS idx_quantity(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   value REAL NOT NULL, system TEXT, code TEXT, unit TEXT, k INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS idx_quantity_k ON idx_quantity(k);
-CREATE TABLE IF NOT EXISTS idx_reference(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS idx_reference(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   target_type TEXT, target_id TEXT, url TEXT, k INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS idx_reference_k ON idx_reference(k);
-CREATE TABLE IF NOT EXISTS idx_reference_identifier(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS idx_reference_identifier(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   system TEXT, value TEXT, k INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS idx_reference_identifier_k ON idx_reference_identifier(k);
-CREATE TABLE IF NOT EXISTS idx_uri(type_no INTEGER NOT NULL, param TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS idx_uri(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   uri TEXT NOT NULL, k INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS idx_uri_k ON idx_uri(k);
 ";
 
-/// Create the schema of a new database (returns true) or check the version of an existing one.
+/// The value columns of each index table (after `type_no` and the parameter, before `k`), for
+/// copying rows between schema versions.
+const INDEX_TABLE_COLUMNS: [(&str, &str); 9] = [
+    ("idx_token", "system, code"),
+    ("idx_token_text", "text"),
+    ("idx_string", "normalized, exact"),
+    ("idx_date", "lo, hi"),
+    ("idx_number", "value"),
+    ("idx_quantity", "value, system, code, unit"),
+    ("idx_reference", "target_type, target_id, url"),
+    ("idx_reference_identifier", "system, value"),
+    ("idx_uri", "uri"),
+];
+
+/// Schema version 1 → 2 (issue 24): index rows name their parameter by number (`param_no`,
+/// numbered in the new `params` table in the order of the codes) instead of by its code. Each
+/// index table is rewritten in one transaction with the version change; the value indexes,
+/// dropped with the old tables, are built by the open that follows ([`build_value_indexes`]).
+fn migrate_v1(conn: &Connection) -> Result<(), StoreError> {
+    let mut sql = String::from("BEGIN IMMEDIATE;\n");
+    for (name, _) in VALUE_INDEXES {
+        sql.push_str(&format!("DROP INDEX IF EXISTS {name};\n"));
+    }
+    for (table, _) in INDEX_TABLE_COLUMNS {
+        sql.push_str(&format!(
+            "DROP INDEX IF EXISTS {table}_k;\nALTER TABLE {table} RENAME TO {table}_v1;\n"
+        ));
+    }
+    // The new tables (and `params`); the others exist already.
+    sql.push_str(SCHEMA);
+    let codes: Vec<String> = INDEX_TABLE_COLUMNS
+        .iter()
+        .map(|(table, _)| format!("SELECT param FROM {table}_v1"))
+        .collect();
+    sql.push_str(&format!(
+        "INSERT INTO params(name) SELECT param FROM ({}) ORDER BY param;\n",
+        codes.join(" UNION ")
+    ));
+    for (table, columns) in INDEX_TABLE_COLUMNS {
+        sql.push_str(&format!(
+            "INSERT INTO {table}(type_no, param_no, {columns}, k)
+             SELECT o.type_no, p.param_no, {columns}, o.k FROM {table}_v1 o
+             JOIN params p ON p.name = o.param;
+             DROP TABLE {table}_v1;\n"
+        ));
+    }
+    sql.push_str(&format!(
+        "UPDATE store_meta SET value = '{SCHEMA_VERSION}' WHERE key = 'schema_version';\nCOMMIT;"
+    ));
+    if let Err(e) = conn.execute_batch(&sql) {
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        return Err(e.into());
+    }
+    tracing::info!(
+        from = 1,
+        to = SCHEMA_VERSION,
+        "migrated the database schema"
+    );
+    Ok(())
+}
+
+/// Create the schema of a new database (returns true), or check the version of an existing one
+/// and migrate it from an older version.
 pub(super) fn create_schema(conn: &Connection) -> Result<bool, StoreError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS store_meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);",
@@ -129,6 +196,7 @@ pub(super) fn create_schema(conn: &Connection) -> Result<bool, StoreError> {
             return Ok(true);
         }
         Some(v) if v == SCHEMA_VERSION.to_string() => {}
+        Some(v) if v == "1" => migrate_v1(conn)?,
         Some(v) => {
             return Err(StoreError::Corrupt(format!(
                 "database schema version {v}, this build reads version {SCHEMA_VERSION}"

@@ -98,6 +98,10 @@ impl SearchBackend for Backend<'_> {
         self.store.type_no(resource_type)
     }
 
+    fn param_no(&self, code: &str) -> Result<Option<i64>, StoreError> {
+        self.store.param_no(code)
+    }
+
     fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError> {
         crate::Store::seq_at_or_after(self.store, instant_ms)
     }

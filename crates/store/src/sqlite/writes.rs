@@ -45,7 +45,7 @@ pub(super) fn write(
     let tx = w
         .conn
         .transaction_with_behavior(TransactionBehavior::Immediate)?;
-    {
+    let assigned_params = {
         let mut insert = tx.prepare_cached(
             "INSERT INTO resource_versions
              (k, seq, type_no, id, version, last_updated, method, deleted, superseded_seq, json)
@@ -54,7 +54,7 @@ pub(super) fn write(
         let mut supersede =
             tx.prepare_cached("UPDATE resource_versions SET superseded_seq = ?1 WHERE k = ?2")?;
         let mut index_inserts = match store.indexer {
-            Some(_) => Some(IndexInserts::new(&tx)?),
+            Some(_) => Some(IndexInserts::new(&tx, &store.params)?),
             None => None,
         };
         for p in prepared {
@@ -204,8 +204,12 @@ pub(super) fn write(
             )?
             .execute(params![lu_ms, first_seq, seq])?;
         }
-    }
+        index_inserts.map(IndexInserts::into_assigned)
+    };
     tx.commit()?;
+    if let Some(assigned) = assigned_params {
+        store.params.extend(assigned);
+    }
     if seq >= first_seq {
         w.last_seq = seq;
         w.last_ms = lu_ms;
