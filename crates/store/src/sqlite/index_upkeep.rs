@@ -2,7 +2,7 @@
 //! the `indexes_stale` flag, suspending and resuming the value indexes around a bulk load, and
 //! `reindex`.
 
-use rusqlite::{CachedStatement, Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Statement, TransactionBehavior, params};
 use serde_json::Value;
 
 use crate::index_tables::{INDEX_TABLES, ParamNumbers, VALUE_INDEXES};
@@ -97,9 +97,10 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
                     StoreError::Corrupt(format!("stored {name} row {k} is not JSON: {e}"))
                 })?;
                 let entries = indexer.entries(&name, &value);
-                inserts.insert(type_no, k, &entries)?;
+                inserts.insert(type_no, k, entries)?;
                 total += 1;
             }
+            inserts.finish()?;
             assigned = inserts.into_assigned();
         }
         tx.commit()?;
@@ -108,25 +109,134 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
     Ok(total)
 }
 
-/// The index-row inserts of one transaction, prepared once: a bulk load inserts about nine rows
-/// per resource, and looking each statement up in the connection's cache by its SQL text cost a
-/// tenth of the insert time.
+/// Rows per multi-row `INSERT` of [`IndexInserts`].
+const ROWS_PER_INSERT: usize = 64;
+
+/// The index row shapes, one `INSERT` each: (table and columns, one row's `VALUES` tuple).
+/// References to a `Type/id` and to a URL go to the same table with different `NULL`s.
+const SHAPES: [(&str, &str); 10] = [
+    (
+        "idx_token(type_no, param_no, system, code, k)",
+        "(?,?,?,?,?)",
+    ),
+    ("idx_token_text(type_no, param_no, text, k)", "(?,?,?,?)"),
+    (
+        "idx_string(type_no, param_no, normalized, exact, k)",
+        "(?,?,?,?,?)",
+    ),
+    ("idx_date(type_no, param_no, lo, hi, k)", "(?,?,?,?,?)"),
+    ("idx_number(type_no, param_no, value, k)", "(?,?,?,?)"),
+    (
+        "idx_quantity(type_no, param_no, value, system, code, unit, k)",
+        "(?,?,?,?,?,?,?)",
+    ),
+    (
+        "idx_reference(type_no, param_no, target_type, target_id, url, k)",
+        "(?,?,?,?,NULL,?)",
+    ),
+    (
+        "idx_reference(type_no, param_no, target_type, target_id, url, k)",
+        "(?,?,NULL,NULL,?,?)",
+    ),
+    (
+        "idx_reference_identifier(type_no, param_no, system, value, k)",
+        "(?,?,?,?,?)",
+    ),
+    ("idx_uri(type_no, param_no, uri, k)", "(?,?,?,?)"),
+];
+
+/// The position of a value's shape in [`SHAPES`].
+fn shape_of(v: &IndexValue) -> usize {
+    match v {
+        IndexValue::Token { .. } => 0,
+        IndexValue::TokenText(_) => 1,
+        IndexValue::String { .. } => 2,
+        IndexValue::Date { .. } => 3,
+        IndexValue::Number(_) => 4,
+        IndexValue::Quantity { .. } => 5,
+        IndexValue::Reference { .. } => 6,
+        IndexValue::ReferenceUrl(_) => 7,
+        IndexValue::ReferenceIdentifier { .. } => 8,
+        IndexValue::Uri(_) => 9,
+    }
+}
+
+/// `INSERT INTO` shape `shape` of `rows` rows.
+fn insert_sql(shape: usize, rows: usize) -> String {
+    let (table, tuple) = SHAPES[shape];
+    let tuples = vec![tuple; rows].join(",");
+    format!("INSERT INTO {table} VALUES {tuples}")
+}
+
+/// One index row waiting for its `INSERT`.
+struct Row {
+    type_no: i64,
+    param_no: i64,
+    k: i64,
+    value: IndexValue,
+}
+
+/// Bind `r`'s values from parameter `at` (1-based) on; returns the next parameter's number.
+fn bind_row(stmt: &mut Statement<'_>, mut at: usize, r: &Row) -> rusqlite::Result<usize> {
+    let mut bind = |v: &dyn rusqlite::ToSql| -> rusqlite::Result<()> {
+        stmt.raw_bind_parameter(at, v)?;
+        at += 1;
+        Ok(())
+    };
+    bind(&r.type_no)?;
+    bind(&r.param_no)?;
+    match &r.value {
+        IndexValue::Token { system, code } => {
+            bind(system)?;
+            bind(code)?;
+        }
+        IndexValue::TokenText(text) => bind(text)?,
+        IndexValue::String { normalized, exact } => {
+            bind(normalized)?;
+            bind(exact)?;
+        }
+        IndexValue::Date { lo, hi } => {
+            bind(lo)?;
+            bind(hi)?;
+        }
+        IndexValue::Number(value) => bind(value)?,
+        IndexValue::Quantity {
+            value,
+            system,
+            code,
+            unit,
+        } => {
+            bind(value)?;
+            bind(system)?;
+            bind(code)?;
+            bind(unit)?;
+        }
+        IndexValue::Reference { target_type, id } => {
+            bind(target_type)?;
+            bind(id)?;
+        }
+        IndexValue::ReferenceUrl(url) => bind(url)?,
+        IndexValue::ReferenceIdentifier { system, value } => {
+            bind(system)?;
+            bind(value)?;
+        }
+        IndexValue::Uri(uri) => bind(uri)?,
+    }
+    bind(&r.k)?;
+    Ok(at)
+}
+
+/// The index-row inserts of one transaction. Rows wait in one queue per shape and go in
+/// [`ROWS_PER_INSERT`] at a time, one statement execution for all of them (a bulk load inserts
+/// about nine rows per resource; one execution per row was most of the insert cost), the rest
+/// one by one at [`IndexInserts::finish`]. Statements come from the connection's cache.
 pub(super) struct IndexInserts<'c> {
     conn: &'c Connection,
     /// The store's parameter numbers, and those this transaction assigned (for the cache once it
     /// commits: [`IndexInserts::into_assigned`]).
     params: &'c ParamNumbers,
     assigned: Vec<(String, i64)>,
-    token: CachedStatement<'c>,
-    token_text: CachedStatement<'c>,
-    string: CachedStatement<'c>,
-    date: CachedStatement<'c>,
-    number: CachedStatement<'c>,
-    quantity: CachedStatement<'c>,
-    reference: CachedStatement<'c>,
-    reference_url: CachedStatement<'c>,
-    reference_identifier: CachedStatement<'c>,
-    uri: CachedStatement<'c>,
+    queues: [Vec<Row>; 10],
 }
 
 impl<'c> IndexInserts<'c> {
@@ -135,36 +245,7 @@ impl<'c> IndexInserts<'c> {
             conn,
             params,
             assigned: Vec::new(),
-            token: conn.prepare_cached(
-                "INSERT INTO idx_token(type_no, param_no, system, code, k) VALUES (?1,?2,?3,?4,?5)",
-            )?,
-            token_text: conn.prepare_cached(
-                "INSERT INTO idx_token_text(type_no, param_no, text, k) VALUES (?1,?2,?3,?4)",
-            )?,
-            string: conn.prepare_cached(
-                "INSERT INTO idx_string(type_no, param_no, normalized, exact, k) VALUES (?1,?2,?3,?4,?5)",
-            )?,
-            date: conn.prepare_cached(
-                "INSERT INTO idx_date(type_no, param_no, lo, hi, k) VALUES (?1,?2,?3,?4,?5)",
-            )?,
-            number: conn.prepare_cached(
-                "INSERT INTO idx_number(type_no, param_no, value, k) VALUES (?1,?2,?3,?4)",
-            )?,
-            quantity: conn.prepare_cached(
-                "INSERT INTO idx_quantity(type_no, param_no, value, system, code, unit, k) VALUES (?1,?2,?3,?4,?5,?6,?7)",
-            )?,
-            reference: conn.prepare_cached(
-                "INSERT INTO idx_reference(type_no, param_no, target_type, target_id, url, k) VALUES (?1,?2,?3,?4,NULL,?5)",
-            )?,
-            reference_url: conn.prepare_cached(
-                "INSERT INTO idx_reference(type_no, param_no, target_type, target_id, url, k) VALUES (?1,?2,NULL,NULL,?3,?4)",
-            )?,
-            reference_identifier: conn.prepare_cached(
-                "INSERT INTO idx_reference_identifier(type_no, param_no, system, value, k) VALUES (?1,?2,?3,?4,?5)",
-            )?,
-            uri: conn.prepare_cached(
-                "INSERT INTO idx_uri(type_no, param_no, uri, k) VALUES (?1,?2,?3,?4)",
-            )?,
+            queues: Default::default(),
         })
     }
 
@@ -195,52 +276,79 @@ impl<'c> IndexInserts<'c> {
     }
 
     /// The parameter numbers this transaction assigned or read from the database: enter them in
-    /// the store's cache once it committed.
+    /// the store's cache once it committed. Call [`IndexInserts::finish`] first.
     pub(super) fn into_assigned(self) -> Vec<(String, i64)> {
         self.assigned
     }
 
-    /// The rows of one stored version `k`.
+    /// The rows of one stored version `k`: queued, inserted once a shape has
+    /// [`ROWS_PER_INSERT`] waiting.
     pub(super) fn insert(
         &mut self,
         type_no: i64,
         k: i64,
-        entries: &[IndexEntry],
+        entries: Vec<IndexEntry>,
     ) -> Result<(), StoreError> {
         for e in entries {
-            let p = self.param_no(&e.param)?;
-            match &e.value {
-                IndexValue::Token { system, code } => {
-                    self.token.execute(params![type_no, p, system, code, k])?
+            let param_no = self.param_no(&e.param)?;
+            let shape = shape_of(&e.value);
+            self.queues[shape].push(Row {
+                type_no,
+                param_no,
+                k,
+                value: e.value,
+            });
+            if self.queues[shape].len() >= ROWS_PER_INSERT {
+                self.write(shape)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop the queued rows of version `k` (superseded in this transaction; those already
+    /// inserted are deleted by [`delete_index_rows`]).
+    pub(super) fn forget(&mut self, k: i64) {
+        for q in &mut self.queues {
+            q.retain(|r| r.k != k);
+        }
+    }
+
+    /// Insert every queued row (before the transaction commits).
+    pub(super) fn finish(&mut self) -> Result<(), StoreError> {
+        for shape in 0..SHAPES.len() {
+            self.write(shape)?;
+        }
+        Ok(())
+    }
+
+    /// Insert the queued rows of `shape`: by [`ROWS_PER_INSERT`], the rest one by one.
+    fn write(&mut self, shape: usize) -> Result<(), StoreError> {
+        let rows = std::mem::take(&mut self.queues[shape]);
+        let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
+        if chunks.len() > 0 {
+            let mut stmt = self
+                .conn
+                .prepare_cached(&insert_sql(shape, ROWS_PER_INSERT))?;
+            for chunk in &mut chunks {
+                let mut at = 1;
+                for r in chunk {
+                    at = bind_row(&mut stmt, at, r)?;
                 }
-                IndexValue::TokenText(text) => {
-                    self.token_text.execute(params![type_no, p, text, k])?
-                }
-                IndexValue::String { normalized, exact } => self
-                    .string
-                    .execute(params![type_no, p, normalized, exact, k])?,
-                IndexValue::Date { lo, hi } => self.date.execute(params![type_no, p, lo, hi, k])?,
-                IndexValue::Number(value) => self.number.execute(params![type_no, p, value, k])?,
-                IndexValue::Quantity {
-                    value,
-                    system,
-                    code,
-                    unit,
-                } => self
-                    .quantity
-                    .execute(params![type_no, p, value, system, code, unit, k])?,
-                IndexValue::Reference { target_type, id } => {
-                    self.reference
-                        .execute(params![type_no, p, target_type, id, k])?
-                }
-                IndexValue::ReferenceUrl(url) => {
-                    self.reference_url.execute(params![type_no, p, url, k])?
-                }
-                IndexValue::ReferenceIdentifier { system, value } => self
-                    .reference_identifier
-                    .execute(params![type_no, p, system, value, k])?,
-                IndexValue::Uri(uri) => self.uri.execute(params![type_no, p, uri, k])?,
-            };
+                stmt.raw_execute()?;
+            }
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut stmt = self.conn.prepare_cached(&insert_sql(shape, 1))?;
+            for r in rest {
+                bind_row(&mut stmt, 1, r)?;
+                stmt.raw_execute()?;
+            }
+        }
+        let mut rows = rows;
+        rows.clear();
+        if self.queues[shape].is_empty() {
+            self.queues[shape] = rows;
         }
         Ok(())
     }

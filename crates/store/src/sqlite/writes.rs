@@ -107,7 +107,8 @@ pub(super) fn write(
                 let k = key(type_no, seq);
                 let version = c.version + 1;
                 supersede.execute(params![seq, c.k])?;
-                if store.indexer.is_some() {
+                if let Some(inserts) = &mut index_inserts {
+                    inserts.forget(c.k);
                     delete_index_rows(&tx, c.k)?;
                 }
                 insert.execute(params![
@@ -137,7 +138,7 @@ pub(super) fn write(
                 return Err(StoreError::Corrupt("sequence space exhausted".into()));
             }
             let k = key(type_no, seq);
-            let ready = match resource {
+            let mut ready = match resource {
                 Body::Ready(ready) => ready,
                 Body::Json(m) => {
                     PreparedResource::build(&p.resource_type, &id, m, store.indexer.as_deref())?
@@ -163,7 +164,10 @@ pub(super) fn write(
             };
             if let Some(c) = &current {
                 supersede.execute(params![seq, c.k])?;
-                if store.indexer.is_some() && !c.deleted {
+                if let Some(inserts) = &mut index_inserts
+                    && !c.deleted
+                {
+                    inserts.forget(c.k);
                     delete_index_rows(&tx, c.k)?;
                 }
             }
@@ -180,7 +184,7 @@ pub(super) fn write(
                 json
             ])?;
             if let Some(inserts) = &mut index_inserts {
-                let Some(entries) = &ready.index else {
+                let Some(entries) = ready.index.take() else {
                     return Err(StoreError::InvalidResource(format!(
                         "{}/{} was prepared without this store's search indexer",
                         p.resource_type, id
@@ -204,7 +208,13 @@ pub(super) fn write(
             )?
             .execute(params![lu_ms, first_seq, seq])?;
         }
-        index_inserts.map(IndexInserts::into_assigned)
+        match index_inserts {
+            Some(mut inserts) => {
+                inserts.finish()?;
+                Some(inserts.into_assigned())
+            }
+            None => None,
+        }
     };
     tx.commit()?;
     if let Some(assigned) = assigned_params {
