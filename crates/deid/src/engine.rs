@@ -90,6 +90,17 @@ pub struct Outcome {
     pub rule_hits: Vec<u64>,
 }
 
+/// What [`Engine::anonymize_json`] wrote.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// True when `processingErrors: skip` replaced the resource with the redacted stub.
+    pub skipped: bool,
+    /// Nodes processed per rule (index = rule index).
+    pub rule_hits: Vec<u64>,
+    /// Whether the stream over the JSON bytes wrote it (else the tree path did).
+    pub streamed: bool,
+}
+
 /// A compiled configuration ready to anonymize resources. `Send + Sync`.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -162,6 +173,43 @@ impl Engine {
         let v: Json = serde_json::from_str(text.trim_start_matches('\u{feff}'))
             .map_err(|e| DeidError::InvalidInput(e.to_string()))?;
         self.anonymize(v)
+    }
+
+    /// Anonymizes one resource given as JSON bytes and appends the output's compact JSON to
+    /// `out`: the bytes `serde_json::to_writer` writes for [`Engine::anonymize`]'s resource.
+    /// Compact input whose types the compiled plan covers without FHIRPath, `substitute`,
+    /// `generalize`, `perturb` or patient-scoped date shifts is rewritten as it streams, without
+    /// a JSON tree (plan/stream.rs); anything else is parsed and goes through
+    /// [`Engine::anonymize`]. On error `out` is as it was.
+    pub fn anonymize_json(&self, input: &[u8], out: &mut Vec<u8>) -> Result<Written, DeidError> {
+        let mut hits = vec![0u64; self.config.rules.len()];
+        if self.use_plan {
+            let mut walk = Walk::new(
+                &self.config.parameters,
+                &self.config.rules,
+                self.today(),
+                &self.date_shift_prefix,
+                &mut hits,
+            );
+            if crate::plan::stream(&self.plan, &mut walk, input, out) {
+                return Ok(Written {
+                    skipped: false,
+                    rule_hits: hits,
+                    streamed: true,
+                });
+            }
+            hits.fill(0);
+        }
+        let v: Json =
+            serde_json::from_slice(input).map_err(|e| DeidError::InvalidInput(e.to_string()))?;
+        let o = self.anonymize(v)?;
+        serde_json::to_writer(&mut *out, &o.resource)
+            .map_err(|e| DeidError::InvalidInput(e.to_string()))?;
+        Ok(Written {
+            skipped: o.skipped,
+            rule_hits: o.rule_hits,
+            streamed: false,
+        })
     }
 
     pub fn anonymize(&self, mut root: Json) -> Result<Outcome, DeidError> {

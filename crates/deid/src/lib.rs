@@ -11,4 +11,4 @@ mod plan;
 pub mod report;
 pub mod transforms;
 
-pub use engine::{DeidError, Engine, Outcome};
+pub use engine::{DeidError, Engine, Outcome, Written};

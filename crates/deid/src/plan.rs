@@ -34,6 +34,9 @@ use crate::engine::{
 use crate::patient;
 use crate::transforms::{self, NumberKind};
 
+mod stream;
+pub(crate) use stream::stream;
+
 /// Rule indexes are `u32`; `NONE` sorts after every rule.
 type RuleIx = u32;
 
@@ -42,6 +45,9 @@ type RuleIx = u32;
 struct TypePlan {
     /// Every applicable rule is structural and its method one the walk applies.
     fast: bool,
+    /// `fast`, no `perturb` (its seals) and no patient-scoped date shift: the stream over the
+    /// JSON bytes applies (stream.rs).
+    stream: bool,
     /// `"path": "Type"`: the resource itself.
     root: Option<RuleIx>,
     /// Member paths from the resource (`name.given`), by element name.
@@ -134,6 +140,7 @@ impl Plan {
                 fast: true,
                 ..TypePlan::default()
             };
+            let mut perturb = false;
             for rule in config.rules.iter().filter(|r| r.applies_to(ty)) {
                 let ix = rule.index as RuleIx;
                 if !matches!(
@@ -146,6 +153,9 @@ impl Plan {
                         | Method::Perturb { .. }
                 ) {
                     tp.fast = false;
+                }
+                if matches!(rule.method, Method::Perturb { .. }) {
+                    perturb = true;
                 }
                 match &rule.matcher {
                     Matcher::Resource => tp.root = min_rule(tp.root, Some(ix)),
@@ -183,6 +193,9 @@ impl Plan {
                     },
                 }
             }
+            tp.stream = tp.fast
+                && !perturb
+                && config.parameters.date_shift_scope != DateShiftScope::Patient;
             types.insert(ty.clone(), tp);
         }
         Plan { types }
@@ -648,7 +661,7 @@ impl<'e> Walk<'e> {
                 perturb_value(rule, value, kind, *span, *proportional, *round_to)
                     .map(|ops| (ops, true))
             }
-            method => {
+            _ => {
                 // Borrowed for strings (most values): only numbers and booleans are rendered.
                 let text: std::borrow::Cow<'_, str> = match &*value {
                     Json::String(t) => std::borrow::Cow::Borrowed(t.as_str()),
@@ -657,36 +670,7 @@ impl<'e> Walk<'e> {
                         None => return Ok((0, false)),
                     },
                 };
-                let offset = || {
-                    // Patient scope: the patient of the innermost resource holding the node.
-                    if let Some(o) = scopes.last().and_then(|sc| self.ops[sc.id].patient_offset) {
-                        return o;
-                    }
-                    let (slot, prefix) = if !self.file_prefix.is_empty() {
-                        (0, self.file_prefix)
-                    } else if s > 0 || self.id_rule.is_some_and(|ir| ir < r) {
-                        (1, self.current_id.as_str())
-                    } else {
-                        (2, self.original_id.as_str())
-                    };
-                    let cell = &self.offsets[slot];
-                    cell.get().unwrap_or_else(|| {
-                        let o = transforms::date_shift_offset(prefix, &self.params.date_shift_key);
-                        cell.set(Some(o));
-                        o
-                    })
-                };
-                let change = primitive_change(
-                    rule,
-                    method,
-                    self.params,
-                    &text,
-                    cx.ty,
-                    cx.name,
-                    &|| cx.parent_ty.to_string(),
-                    &offset,
-                    self.today,
-                )?;
+                let change = self.change(&text, cx, scopes, s, r)?;
                 Ok(match change {
                     None => (0, false),
                     Some((Change::Keep, ops)) => (ops, false),
@@ -701,6 +685,51 @@ impl<'e> Walk<'e> {
                 })
             }
         }
+    }
+}
+
+impl Walk<'_> {
+    /// What rule `r` of scope `s` (redact, dateShift, cryptoHash or encrypt) does to the
+    /// primitive value `text` of a node: shared by the tree walk and the stream (stream.rs).
+    fn change(
+        &self,
+        text: &str,
+        cx: &NodeCx<'_>,
+        scopes: &[Scope<'_>],
+        s: usize,
+        r: RuleIx,
+    ) -> Result<Option<(Change, u8)>, DeidError> {
+        let rule = &self.rules[r as usize];
+        let offset = || {
+            // Patient scope: the patient of the innermost resource holding the node.
+            if let Some(o) = scopes.last().and_then(|sc| self.ops[sc.id].patient_offset) {
+                return o;
+            }
+            let (slot, prefix) = if !self.file_prefix.is_empty() {
+                (0, self.file_prefix)
+            } else if s > 0 || self.id_rule.is_some_and(|ir| ir < r) {
+                (1, self.current_id.as_str())
+            } else {
+                (2, self.original_id.as_str())
+            };
+            let cell = &self.offsets[slot];
+            cell.get().unwrap_or_else(|| {
+                let o = transforms::date_shift_offset(prefix, &self.params.date_shift_key);
+                cell.set(Some(o));
+                o
+            })
+        };
+        primitive_change(
+            rule,
+            &rule.method,
+            self.params,
+            text,
+            cx.ty,
+            cx.name,
+            &|| cx.parent_ty.to_string(),
+            &offset,
+            self.today,
+        )
     }
 }
 

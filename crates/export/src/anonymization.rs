@@ -262,10 +262,21 @@ impl Anonymizer {
 
     /// De-identifies one stored resource: the output line, and with `processingErrors: skip`
     /// an OperationOutcome line for the `error` file when the stub was written instead.
+    /// The stored bytes go to [`deid::Engine::anonymize_json`], which rewrites them without a
+    /// JSON tree where the configuration allows (issue 24) and is byte for byte what
+    /// [`Anonymizer::apply_value`] writes.
     pub fn apply_bytes(&self, json: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>), RunError> {
-        let v: Value = serde_json::from_slice(json)
-            .map_err(|e| RunError::Anonymization(format!("stored resource unreadable: {e}")))?;
-        self.apply_value(v)
+        let mut line = Vec::with_capacity(json.len() + 256);
+        match self.engine.anonymize_json(json, &mut line) {
+            Ok(w) if !w.skipped => Ok((line, None)),
+            // The rare cases: the stub, an error or unreadable bytes take the tree path's words.
+            _ => {
+                let v: Value = serde_json::from_slice(json).map_err(|e| {
+                    RunError::Anonymization(format!("stored resource unreadable: {e}"))
+                })?;
+                self.apply_value(v)
+            }
+        }
     }
 
     pub fn apply_value(&self, v: Value) -> Result<(Vec<u8>, Option<Vec<u8>>), RunError> {
