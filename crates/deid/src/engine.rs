@@ -1078,7 +1078,7 @@ fn apply(root: &mut Json, edits: Vec<Edit>) {
 
 /// `meta.lastUpdated` after the reference's `Meta` round trip: `Z` → `+00:00`, trailing zero
 /// fractions dropped (QUIRKS.md).
-fn requote_instant(s: &str) -> String {
+pub(crate) fn requote_instant(s: &str) -> String {
     let (body, zone) = if let Some(b) = s.strip_suffix('Z') {
         (b, "+00:00")
     } else if s.len() > 6
@@ -1126,14 +1126,26 @@ pub(crate) fn add_labels(obj: &mut Map<String, Json>, ops: u8) {
         if present {
             continue;
         }
-        let mut c = Map::new();
-        if let Some(s) = system {
-            c.insert("system".into(), Json::String(s.into()));
-        }
-        c.insert("code".into(), Json::String(code.into()));
-        c.insert("display".into(), Json::String(display.into()));
-        sec.push(Json::Object(c));
+        sec.push(Json::Object(label_object(system, code, display)));
     }
+}
+
+fn label_object(system: Option<&str>, code: &str, display: &str) -> Map<String, Json> {
+    let mut c = Map::new();
+    if let Some(s) = system {
+        c.insert("system".into(), Json::String(s.into()));
+    }
+    c.insert("code".into(), Json::String(code.into()));
+    c.insert("display".into(), Json::String(display.into()));
+    c
+}
+
+/// The security label of each operation bit, in label order (§3.6), as [`add_labels`] adds it.
+pub(crate) fn label_objects() -> Vec<(u8, Map<String, Json>)> {
+    LABELS
+        .iter()
+        .map(|(bit, code, system, display)| (*bit, label_object(*system, code, display)))
+        .collect()
 }
 
 /// Cleans one member of an object; returns whether it is empty (to be removed). Empty array

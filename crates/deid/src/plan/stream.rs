@@ -30,7 +30,7 @@ use serde_json::{Map, Value as Json};
 use smallvec::SmallVec;
 
 use super::{Cover, Entries, NodeCx, Plan, Scope, ScopeOps, Walk};
-use crate::engine::{Change, add_labels, element_type_def};
+use crate::engine::{Change, add_labels, element_type_def, label_objects, requote_instant};
 
 /// The stream cannot decide: the tree path runs instead.
 struct GiveUp;
@@ -76,6 +76,11 @@ struct MetaSlot {
     seen: bool,
     /// Something inside it was left out (cleanup's work), or it was left out itself.
     dropped: bool,
+    /// The output range of its `lastUpdated` string's text (without the quotes) when it has
+    /// no escapes, and whether it has other members the direct labels must look at
+    /// (`security`, or a `lastUpdated` that is not such a string).
+    last_updated: Option<(usize, usize)>,
+    complex: bool,
 }
 
 /// A scanned primitive token.
@@ -446,7 +451,30 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
                 self.metas[m].seen = true;
                 self.in_meta = Some(m);
             }
+            // A direct member of a resource's `meta`: what the direct labels need to know.
+            let meta_member = self
+                .in_meta
+                .filter(|_| cx.name == "meta" && cx.ty == "Meta");
             let written = self.member(child, cx, scopes, entries, cover)?;
+            if let Some(m) = meta_member {
+                let slot = &mut self.metas[m];
+                match key {
+                    "lastUpdated" => {
+                        let v = &self.out[value_start..];
+                        let plain = v.len() >= 2
+                            && v[0] == b'"'
+                            && v[v.len() - 1] == b'"'
+                            && !v.contains(&b'\\');
+                        if written && plain {
+                            slot.last_updated = Some((value_start + 1, self.out.len() - 1));
+                        } else {
+                            slot.complex = true;
+                        }
+                    }
+                    "security" => slot.complex = true,
+                    _ => {}
+                }
+            }
             if meta {
                 let m = self.metas.len() - 1;
                 if written {
@@ -494,6 +522,44 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             return Ok(());
         }
         let slot = self.metas.last().ok_or(GiveUp)?;
+        if !slot.complex && !slot.dropped {
+            // What `add_labels` does to a `meta` without `security` (or to none), written
+            // directly: `lastUpdated` requoted, the labels appended.
+            let mut labels = Vec::with_capacity(256);
+            labels.extend_from_slice(if slot.seen {
+                &b",\"security\":["[..]
+            } else {
+                &b",\"meta\":{\"security\":["[..]
+            });
+            for (bit, json) in LABEL_JSON.iter() {
+                if all & bit != 0 {
+                    if labels.last() != Some(&b'[') {
+                        labels.push(b',');
+                    }
+                    labels.extend_from_slice(json.as_bytes());
+                }
+            }
+            labels.push(b']');
+            match (slot.seen, slot.value) {
+                (false, _) => {
+                    labels.push(b'}');
+                    self.out.extend_from_slice(&labels);
+                }
+                (true, Some((_, end))) => {
+                    // Before the `}` closing `meta`; then `lastUpdated`, which comes earlier.
+                    replace(self.out, end - 1..end - 1, &labels);
+                    if let Some((a, b)) = slot.last_updated {
+                        let text = std::str::from_utf8(&self.out[a..b]).map_err(|_| GiveUp)?;
+                        let requoted = requote_instant(text);
+                        if requoted != text {
+                            replace(self.out, a..b, requoted.as_bytes());
+                        }
+                    }
+                }
+                (true, None) => return Err(GiveUp),
+            }
+            return Ok(());
+        }
         let mut obj = Map::new();
         let range = match (slot.seen, slot.value) {
             (false, _) => None,
@@ -510,9 +576,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         let meta = obj.get("meta").ok_or(GiveUp)?;
         let bytes = serde_json::to_vec(meta).map_err(|_| GiveUp)?;
         match range {
-            Some((from, to)) => {
-                self.out.splice(from..to, bytes);
-            }
+            Some((from, to)) => replace(self.out, from..to, &bytes),
             // A resource always has its `resourceType` written: a member precedes.
             None => {
                 self.out.extend_from_slice(b",\"meta\":");
@@ -661,6 +725,26 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         self.node(&cx, &cs, opened, false)
     }
 }
+
+/// `out[range] = with`, moving the tail once.
+fn replace(out: &mut Vec<u8>, range: std::ops::Range<usize>, with: &[u8]) {
+    let (from, to) = (range.start, range.end);
+    let old_len = out.len();
+    if with.len() > to - from {
+        out.resize(old_len + with.len() - (to - from), 0);
+    }
+    out.copy_within(to..old_len, from + with.len());
+    out[from..from + with.len()].copy_from_slice(with);
+    out.truncate(old_len + with.len() - (to - from));
+}
+
+/// Each security label as `serde_json` writes the object `add_labels` builds.
+static LABEL_JSON: std::sync::LazyLock<Vec<(u8, String)>> = std::sync::LazyLock::new(|| {
+    label_objects()
+        .into_iter()
+        .map(|(bit, obj)| (bit, Json::Object(obj).to_string()))
+        .collect()
+});
 
 /// A string's text with escapes, decoded as `serde_json` decodes it (invalid escapes give up).
 fn decode(content: &str) -> R<String> {
