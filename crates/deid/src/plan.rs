@@ -230,8 +230,9 @@ struct Scope<'p> {
     id: usize,
 }
 
-/// The enclosing resources of a node; rarely more than three.
-type Scopes<'p> = SmallVec<[Scope<'p>; 4]>;
+/// The enclosing resources of a node: one, two in a contained or Bundle entry resource (kept
+/// small: these are copied for every node).
+type Scopes<'p> = SmallVec<[Scope<'p>; 2]>;
 
 /// A node: its element name, its FHIR type, and its parent's.
 struct NodeCx<'a> {
@@ -347,7 +348,7 @@ impl<'e> Walk<'e> {
     }
 
     /// The entries a node meets, per scope (only depth-1 scopes have any).
-    fn entries<'p>(scopes: &[Scope<'p>], cx: &NodeCx<'_>) -> SmallVec<[Entries<'p>; 4]> {
+    fn entries<'p>(scopes: &[Scope<'p>], cx: &NodeCx<'_>) -> SmallVec<[Entries<'p>; 2]> {
         let mut out = SmallVec::new();
         for sc in scopes {
             out.push(if sc.depth == 1 {
