@@ -23,17 +23,23 @@
 //! disturbs other tests. moto keeps its objects in memory (it can be frozen, not restarted);
 //! s3s-fs keeps them in a folder, so it is the S3 server that is stopped and restarted.
 //! Every connection goes to 127.0.0.1.
+//!
+//! Backends: SQLite files by default; with `FHIRHOSE_TEST_DATABASE` set (`scripts/test.sh`'s
+//! PostgreSQL pass) every data directory of a round gets a PostgreSQL database of its own (the
+//! loaded data set is copied with `CREATE DATABASE … TEMPLATE`), passed to each `serve` and
+//! `load` of that directory with `--database`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use store::testing::TestDatabase;
 
 type R<T> = Result<T, String>;
 
@@ -198,6 +204,7 @@ impl Server {
                 "--data-dir",
             ])
             .arg(data)
+            .args(database_args(data))
             .args(args)
             .stdout(Stdio::null())
             .stderr(log_file(log))
@@ -646,6 +653,7 @@ fn load(data: &Path, log: &Path) -> R<Duration> {
     let status = fhirhose()
         .args(["load", "--data-dir"])
         .arg(data)
+        .args(database_args(data))
         .arg(synthea())
         .stdout(Stdio::null())
         .stderr(log_file(log))
@@ -676,6 +684,13 @@ impl Ctx {
     fn ensure_golden(&mut self) -> R<()> {
         if self.golden.is_none() {
             let golden = self.root.path().join("golden");
+            // On PostgreSQL `load` leaves the directory empty, or does not create it.
+            fs::create_dir_all(&golden).map_err(|e| e.to_string())?;
+            if let Some(base) = store::testing::test_database_url() {
+                let db = store::testing::fresh_database(&base)
+                    .map_err(|e| format!("create the golden database: {e}"))?;
+                register_database(&golden, db);
+            }
             let took = load(&golden, &self.root.path().join("golden.log"))?;
             self.load_ms = took.as_millis() as u64;
             self.golden = Some(golden);
@@ -687,6 +702,8 @@ impl Ctx {
             let (code, manifest, took) = wait_end(&self.c, &status, COMPLETE_BOUND)?;
             ensure!(code == 200, "calibration export: {code} {manifest}");
             verify_manifest(&self.c, &manifest)?;
+            drop(s);
+            drop_databases_under(&data);
             self.export_ms = (took.as_millis() as u64).max(50);
             println!(
                 "faults: calibration: load {} ms, local export {} ms",
@@ -699,6 +716,13 @@ impl Ctx {
     fn copy_golden(&self, dst: &Path) -> R<PathBuf> {
         let golden = self.golden.as_ref().ok_or("no golden data")?;
         fs::create_dir_all(dst).map_err(|e| e.to_string())?;
+        if let (Some(base), Some(template)) =
+            (store::testing::test_database_url(), database_name(golden))
+        {
+            let db = store::testing::database_from_template(&base, &template)
+                .map_err(|e| format!("copy the golden database: {e}"))?;
+            register_database(dst, db);
+        }
         for e in fs::read_dir(golden).map_err(|e| e.to_string())?.flatten() {
             let name = e.file_name();
             if name == "fhirhose.lock" || e.path().is_dir() {
@@ -708,6 +732,72 @@ impl Ctx {
         }
         Ok(dst.to_path_buf())
     }
+}
+
+impl Ctx {
+    /// An empty data directory under `dir` (and an empty database of its own on PostgreSQL).
+    fn empty_data(&self, dir: &Path) -> R<PathBuf> {
+        let data = dir.join("data");
+        if let Some(base) = store::testing::test_database_url() {
+            let db = store::testing::fresh_database(&base)
+                .map_err(|e| format!("create a database: {e}"))?;
+            register_database(&data, db);
+        }
+        Ok(data)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL: the database of each data directory (see the module documentation).
+
+/// The databases of the data directories, dropped (`WITH (FORCE)`) when their round ends.
+static DATABASES: Mutex<BTreeMap<PathBuf, TestDatabase>> = Mutex::new(BTreeMap::new());
+
+fn databases() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, TestDatabase>> {
+    DATABASES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn register_database(data: &Path, db: TestDatabase) {
+    databases().insert(data.to_path_buf(), db);
+}
+
+/// `--database URL` for a data directory with a database of its own; nothing on SQLite.
+fn database_args(data: &Path) -> Vec<String> {
+    databases()
+        .get(data)
+        .map(|db| vec!["--database".to_string(), db.url.clone()])
+        .unwrap_or_default()
+}
+
+fn database_name(data: &Path) -> Option<String> {
+    databases().get(data).map(|db| db.name.clone())
+}
+
+/// Drops the databases of the data directories under `dir` (a round's end).
+fn drop_databases_under(dir: &Path) {
+    let gone: Vec<TestDatabase> = {
+        let mut all = databases();
+        let keys: Vec<PathBuf> = all.keys().filter(|p| p.starts_with(dir)).cloned().collect();
+        keys.into_iter().filter_map(|k| all.remove(&k)).collect()
+    };
+    drop(gone);
+}
+
+/// Export work items in the `running` state (claimed by a worker) in the data directory's job
+/// queue: `exports.db` on SQLite, the `export_item` table of its database on PostgreSQL.
+fn running_items(data: &Path) -> R<i64> {
+    const SQL: &str = "SELECT count(*) FROM export_item WHERE state = 'running'";
+    if let Some(url) = databases().get(data).map(|db| db.url.clone()) {
+        let mut db = postgres::Client::connect(&url, postgres::NoTls)
+            .map_err(|e| format!("connect to {url}: {e}"))?;
+        let row = db
+            .query_one(SQL, &[])
+            .map_err(|e| format!("read export_item: {e}"))?;
+        return Ok(row.get(0));
+    }
+    rusqlite::Connection::open(data.join("exports.db"))
+        .and_then(|db| db.query_row(SQL, [], |r| r.get(0)))
+        .map_err(|e| format!("read exports.db: {e}"))
 }
 
 fn sleep_ms(ms: u64) {
@@ -876,11 +966,12 @@ fn kill9_cancel(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
 fn kill9_load(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
     // Calibrates the load time on first use.
     ctx.ensure_golden()?;
-    let data = dir.join("data");
+    let data = ctx.empty_data(dir)?;
     let log = dir.join("load.log");
     let mut child = fhirhose()
         .args(["load", "--data-dir"])
         .arg(&data)
+        .args(database_args(&data))
         .arg(synthea())
         .stdout(Stdio::null())
         .stderr(log_file(&log))
@@ -909,7 +1000,7 @@ fn kill9_load(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
 const TX_ENTRIES: usize = 10;
 
 fn kill9_transaction(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
-    let data = dir.join("data");
+    let data = ctx.empty_data(dir)?;
     let log = dir.join("serve.log");
     let port = free_port();
     let mut s = Server::start(&data, port, &[], &log)?;
@@ -1012,15 +1103,7 @@ fn sigterm_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>>
     );
     drop(s);
     // No work item may be left claimed: a restart (or another node) resumes at once.
-    let running: i64 = rusqlite::Connection::open(data.join("exports.db"))
-        .and_then(|db| {
-            db.query_row(
-                "SELECT count(*) FROM export_item WHERE state = 'running'",
-                [],
-                |r| r.get(0),
-            )
-        })
-        .map_err(|e| format!("read exports.db: {e}"))?;
+    let running = running_items(&data)?;
     ensure!(
         running == 0,
         "{running} work items left claimed after a graceful shutdown"
@@ -1301,7 +1384,14 @@ fn fault_suite() {
         .ok()
         .map(|s| s.split(',').map(|c| c.trim().to_string()).collect());
     let run_pending = std::env::var("FHIRHOSE_FAULTS_PENDING").as_deref() == Ok("1");
-    println!("faults: seed {seed} (rerun with FHIRHOSE_FAULT_SEED={seed})");
+    println!(
+        "faults: seed {seed} (rerun with FHIRHOSE_FAULT_SEED={seed}), backend {}",
+        if store::testing::test_database_url().is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
+    );
 
     let mut ctx = Ctx::new();
     let (mut passed, mut failed, mut skipped) = (0usize, 0usize, 0usize);
@@ -1362,7 +1452,9 @@ fn fault_suite() {
                     failures.push(format!("{} #{round}: {e}", case.name));
                 }
             }
-            // Keep the disk use down: a round's data directory is not needed any more.
+            // Keep the disk use down: a round's data directory (and database) is not needed any
+            // more.
+            drop_databases_under(&dir);
             let _ = fs::remove_dir_all(&dir);
         }
         let bad = rounds - ok - skip;
@@ -1388,6 +1480,7 @@ fn fault_suite() {
             },
         ));
     }
+    drop_databases_under(ctx.root.path());
     println!("faults: case | rounds | passed | result");
     for (name, rounds, ok, result) in &table {
         println!("faults: {name} | {rounds} | {ok} | {result}");

@@ -193,8 +193,10 @@ pub struct ExportOptions {
     /// This node's id among the `serve` processes sharing one PostgreSQL database (letters,
     /// digits, `.`, `_`, `-`; at most 64), unique and stable across restarts: export leases are
     /// owned by `<node id>/<incarnation>`, and a restarted node releases its previous
-    /// incarnation's leases at once. Without it a random id is used, and the leases of a node
-    /// that died are taken over after the heartbeat timeout.
+    /// incarnation's leases at once. Without it the id kept in the data directory's `node-id`
+    /// file (written at the first start, locked while the node runs) is used; if another
+    /// running process holds that file, a random id, whose dead leases are taken over only after
+    /// the heartbeat timeout.
     #[arg(long, env = "FHIRHOSE_NODE_ID")]
     pub node_id: Option<String>,
     /// Attempts per export work item (a transient failure, or a server that stopped while it
@@ -530,11 +532,7 @@ impl ServeConfig {
             ));
         }
         if let Some(id) = &e.node_id {
-            let ok = (1..=64).contains(&id.len())
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-            if !ok {
+            if !valid_node_id(id) {
                 return Err(ConfigError::Export(format!(
                     "--node-id '{id}' must be 1-64 letters, digits, '.', '_' or '-'"
                 )));
@@ -597,6 +595,15 @@ impl ServeConfig {
             }
         }
     }
+}
+
+/// A node id (`--node-id`, or the data directory's `node-id` file): 1-64 letters, digits, `.`,
+/// `_` or `-` (the lease owner `<node id>/<incarnation>` is split at the `/`).
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]

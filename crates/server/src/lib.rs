@@ -16,6 +16,7 @@ pub mod error;
 pub mod export_routes;
 pub mod metrics;
 pub mod negotiate;
+pub mod node_id;
 pub mod ranges;
 pub mod routes;
 pub mod status_page;
@@ -273,6 +274,23 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         .export
         .export_config(&config.data_dir, base_url.clone())?;
     export_config.exclusive_queue = database.is_exclusive();
+    // On a shared queue without --node-id: the data directory's id, so that a restart releases
+    // this node's dead leases at once (see node_id). Held until `serve` returns.
+    let _node_id = if export_config.exclusive_queue || export_config.node_id.is_some() {
+        None
+    } else {
+        match node_id::NodeId::acquire(&config.data_dir) {
+            Ok(held) => {
+                tracing::info!(node_id = held.id(), "node id from the data directory");
+                export_config.node_id = Some(held.id().to_string());
+                Some(held)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no stable node id: leases of an earlier run of this node are taken over only after the heartbeat timeout (give --node-id)");
+                None
+            }
+        }
+    };
     let state = tokio::task::block_in_place(|| {
         AppState::with_export_idle(
             store,

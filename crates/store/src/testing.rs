@@ -34,10 +34,23 @@ pub struct TestDatabase {
 
 /// `CREATE DATABASE fh_<random>` on the cluster of `base_url`.
 pub fn fresh_database(base_url: &str) -> Result<TestDatabase, StoreError> {
+    create_database(base_url, None)
+}
+
+/// `CREATE DATABASE fh_<random> TEMPLATE template` on the cluster of `base_url`: a copy of a
+/// database loaded once (no session may be connected to `template` meanwhile).
+pub fn database_from_template(base_url: &str, template: &str) -> Result<TestDatabase, StoreError> {
+    create_database(base_url, Some(template))
+}
+
+fn create_database(base_url: &str, template: Option<&str>) -> Result<TestDatabase, StoreError> {
     let name = format!("fh_{}", uuid::Uuid::new_v4().simple());
     let target = Target::parse(base_url, Duration::from_secs(10))?;
     let mut client = target.connect()?;
-    client.batch_execute(&format!("CREATE DATABASE {name}"))?;
+    let from = template
+        .map(|t| format!(" TEMPLATE {t}"))
+        .unwrap_or_default();
+    client.batch_execute(&format!("CREATE DATABASE {name}{from}"))?;
     Ok(TestDatabase {
         url: with_database(base_url, &name),
         name,
