@@ -483,7 +483,7 @@ impl ExportService {
     /// queue first, so nodes sharing it never remove the same export at once.
     fn clean_up(&self, job: &JobRecord) -> Deletion {
         let hold = CLEANUP_HOLD.as_millis() as i64;
-        match self.queue.hold_cleanup(&job.id, now_ms(), hold) {
+        match self.queue.hold_cleanup(&job.id, &self.node, now_ms(), hold) {
             Ok(true) => {}
             Ok(false) => return Deletion::Busy,
             Err(e) => {

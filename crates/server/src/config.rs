@@ -531,12 +531,12 @@ impl ServeConfig {
                 "--export-heartbeat-timeout must be at least 5 seconds".into(),
             ));
         }
-        if let Some(id) = &e.node_id {
-            if !valid_node_id(id) {
-                return Err(ConfigError::Export(format!(
-                    "--node-id '{id}' must be 1-64 letters, digits, '.', '_' or '-'"
-                )));
-            }
+        if let Some(id) = &e.node_id
+            && !valid_node_id(id)
+        {
+            return Err(ConfigError::Export(format!(
+                "--node-id '{id}' must be 1-64 letters, digits, '.', '_' or '-'"
+            )));
         }
         e.remote_destination()?;
         e.registry_settings()?;

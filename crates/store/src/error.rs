@@ -72,12 +72,31 @@ pub enum StoreError {
     Unavailable { target: String, reason: String },
     /// PostgreSQL failed (not a lost connection: that is [`StoreError::Unavailable`]). → 500
     /// (details to the log only).
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", postgres_detail(.0))]
     Postgres(#[from] ::postgres::Error),
     /// The database content is not what this version of the store expects (unknown schema
     /// version, malformed stored row). → 500, and refuse to start.
     #[error("store is corrupt or from an incompatible version: {0}")]
     Corrupt(String),
+}
+
+/// A PostgreSQL error as an operator needs it: the client's `Display` says only "db error" for
+/// an error the server sent, whose SQLSTATE, message and detail are in its source.
+fn postgres_detail(e: &::postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            if let Some(table) = db.table() {
+                text.push_str(&format!(" [table {table}]"));
+            }
+            text
+        }
+        None => e.to_string(),
+    }
 }
 
 impl From<rusqlite::types::FromSqlError> for StoreError {

@@ -456,14 +456,23 @@ pub trait JobQueue: Send + Sync {
     /// Every item of a job, in item order (`$import` reports per input, one item each).
     fn item_progress(&self, job_id: &str) -> Result<Vec<ItemProgress>, QueueError>;
     /// Start-up: the running items that belong to a process that is gone are made claimable at
-    /// once instead of after the heartbeat timeout ([`Orphans`] says which). Their attempt stays
-    /// counted. Returns how many.
+    /// once instead of after the heartbeat timeout ([`Orphans`] says which), and the deletions
+    /// such a process held ([`JobQueue::hold_cleanup`]) can be taken at once. Their attempt stays
+    /// counted. Returns how many items.
     fn release_orphans(&self, orphans: Orphans<'_>) -> Result<u64, QueueError>;
-    /// Takes the deletion of job `id`'s files for `hold_ms`: true when its cleanup is pending
-    /// and no other deletion holds it (cluster-wide: two nodes never remove the same export's
-    /// files at once). The hold ends with [`JobQueue::cleaned`], or lapses (a deletion that
-    /// failed, or a node that died, is retried by anyone after `hold_ms`).
-    fn hold_cleanup(&self, id: &str, now_ms: i64, hold_ms: i64) -> Result<bool, QueueError>;
+    /// Takes the deletion of job `id`'s files for `hold_ms` on behalf of `owner` (a lease owner,
+    /// [`owner_name`]): true when its cleanup is pending and no other deletion holds it
+    /// (cluster-wide: two nodes never remove the same export's files at once). The hold ends
+    /// with [`JobQueue::cleaned`], or lapses (a deletion that failed, or a node that died, is
+    /// retried by anyone after `hold_ms`), or is released at once by the next start of the
+    /// owner's node ([`JobQueue::release_orphans`]).
+    fn hold_cleanup(
+        &self,
+        id: &str,
+        owner: &str,
+        now_ms: i64,
+        hold_ms: i64,
+    ) -> Result<bool, QueueError>;
     /// Deletes the rows (job, items, files) of failed, cancelled and expired jobs whose files are
     /// removed (`cleanup` done) and that finished at or before `finished_before_ms`. Returns how
     /// many jobs.

@@ -465,19 +465,57 @@ fn one_deleter_at_a_time_holds_a_jobs_cleanup() {
     q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
         .expect("create");
     // Nothing to delete while the job runs.
-    assert!(!q.hold_cleanup("a", 100, 1_000).expect("hold"));
+    let (n1, n2) = (owner_name("n1", "a"), owner_name("n2", "a"));
+    assert!(!q.hold_cleanup("a", &n1, 100, 1_000).expect("hold"));
     q.cancel("a", 100).expect("cancel");
-    assert!(q.hold_cleanup("a", 200, 1_000).expect("first deleter"));
+    assert!(q.hold_cleanup("a", &n1, 200, 1_000).expect("first deleter"));
     assert!(
-        !q.hold_cleanup("a", 300, 1_000)
+        !q.hold_cleanup("a", &n2, 300, 1_000)
             .expect("second deleter waits")
     );
     // A hold whose deleter failed or died lapses.
-    assert!(q.hold_cleanup("a", 1_300, 1_000).expect("after the hold"));
-    q.cleaned("a").expect("cleaned");
-    assert!(!q.hold_cleanup("a", 5_000, 1_000).expect("done"));
     assert!(
-        !q.hold_cleanup("missing", 5_000, 1_000)
+        q.hold_cleanup("a", &n2, 1_300, 1_000)
+            .expect("after the hold")
+    );
+    q.cleaned("a").expect("cleaned");
+    assert!(!q.hold_cleanup("a", &n1, 5_000, 1_000).expect("done"));
+    assert!(
+        !q.hold_cleanup("missing", &n1, 5_000, 1_000)
             .expect("unknown job")
+    );
+}
+
+#[test]
+fn a_restarted_node_takes_back_the_deletion_its_dead_incarnation_held() {
+    let (_store, q) = open();
+    for id in ["a", "b"] {
+        q.create(&job(id, 1), &[scan("Patient", 0, 10)], 10)
+            .expect("create");
+        q.cancel(id, 100).expect("cancel");
+    }
+    let (dead, other) = (owner_name("n1", "dead"), owner_name("n2", "live"));
+    assert!(q.hold_cleanup("a", &dead, 200, 600_000).expect("hold a"));
+    assert!(q.hold_cleanup("b", &other, 200, 600_000).expect("hold b"));
+    // n1 starts again (a new incarnation): its dead hold goes, n2's live one stays.
+    let current = owner_name("n1", "now");
+    q.release_orphans(Orphans::OfNode {
+        node: "n1",
+        current: &current,
+    })
+    .expect("release");
+    assert!(
+        q.hold_cleanup("a", &current, 300, 600_000)
+            .expect("taken back at once")
+    );
+    assert!(
+        !q.hold_cleanup("b", &current, 300, 600_000)
+            .expect("another node's hold")
+    );
+    // A process alone on its queue (SQLite) releases every hold.
+    q.release_orphans(Orphans::All).expect("release all");
+    assert!(
+        q.hold_cleanup("b", &current, 400, 600_000)
+            .expect("free after a lone restart")
     );
 }

@@ -124,6 +124,13 @@ CREATE TABLE auth_jti (
 CREATE INDEX auth_jti_expires ON auth_jti(expires_s);
 ";
 
+/// Migration 6: who holds a job's deletion (a lease owner, `<node id>/<incarnation>`), so that
+/// the next start of that node releases the hold of its dead incarnation at once
+/// ([`JobQueue::release_orphans`]) instead of after the hold's 10 minutes.
+pub(crate) const SCHEMA_V6: &str = "
+ALTER TABLE export_job ADD COLUMN cleanup_owner text;
+";
+
 /// Migration 4 (issue 21): file digests and de-identification key sets (the table as
 /// [`crate::keysets::KEY_SET_TABLE`]; a unit test keeps them equal).
 pub(crate) const SCHEMA_V4: &str = "
@@ -800,27 +807,44 @@ impl JobQueue for PgJobQueue {
         const RELEASE: &str = "UPDATE export_item SET state = 'pending', owner = NULL,
                error = 'the server stopped while it ran', error_status = 500
              WHERE state = 'running'";
-        self.run(|c| {
+        const UNHOLD: &str = "UPDATE export_job SET cleanup_until_ms = NULL, cleanup_owner = NULL
+             WHERE cleanup_until_ms IS NOT NULL";
+        // `left(owner, n)` rather than LIKE: a node id is matched literally.
+        const OF_NODE: &str = "left({col}, length($1) + 1) = $1 || '/' AND {col} <> $2";
+        self.tx(|tx| {
             Ok(match orphans {
-                Orphans::All => c.execute(RELEASE, &[])?,
-                // `left(owner, n)` rather than LIKE: a node id is matched literally.
-                Orphans::OfNode { node, current } => c.execute(
-                    &format!(
-                        "{RELEASE} AND left(owner, length($1) + 1) = $1 || '/' AND owner <> $2"
-                    ),
-                    &[&node, &current],
-                )?,
+                Orphans::All => {
+                    tx.execute(UNHOLD, &[])?;
+                    tx.execute(RELEASE, &[])?
+                }
+                Orphans::OfNode { node, current } => {
+                    let of_node = |col: &str| OF_NODE.replace("{col}", col);
+                    tx.execute(
+                        &format!("{UNHOLD} AND {}", of_node("cleanup_owner")),
+                        &[&node, &current],
+                    )?;
+                    tx.execute(
+                        &format!("{RELEASE} AND {}", of_node("owner")),
+                        &[&node, &current],
+                    )?
+                }
             })
         })
     }
 
-    fn hold_cleanup(&self, id: &str, now_ms: i64, hold_ms: i64) -> Result<bool, QueueError> {
+    fn hold_cleanup(
+        &self,
+        id: &str,
+        owner: &str,
+        now_ms: i64,
+        hold_ms: i64,
+    ) -> Result<bool, QueueError> {
         self.run(|c| {
             Ok(c.execute(
-                "UPDATE export_job SET cleanup_until_ms = $2
+                "UPDATE export_job SET cleanup_until_ms = $2, cleanup_owner = $4
                  WHERE id = $1 AND cleanup = 'pending'
                    AND (cleanup_until_ms IS NULL OR cleanup_until_ms <= $3)",
-                &[&id, &now_ms.saturating_add(hold_ms), &now_ms],
+                &[&id, &now_ms.saturating_add(hold_ms), &now_ms, &owner],
             )? == 1)
         })
     }

@@ -96,6 +96,9 @@ use crate::ops::check_update;
 pub const WRITE_LOCK: i64 = 0x0066_6868_6f73_6501;
 /// `pg_advisory_lock` key held while migrations are applied.
 pub const MIGRATION_LOCK: i64 = 0x0066_6868_6f73_6502;
+/// `pg_advisory_lock_shared` key held by every session building the index tables' indexes; a
+/// build first waits for it exclusively (see `schema::run_on_two_connections`).
+pub const BUILD_LOCK: i64 = 0x0066_6868_6f73_6503;
 /// Rows per keyset page of a scan.
 const SCAN_PAGE_ROWS: i64 = 1000;
 /// How long a call waits for a pooled connection when all are in use, unless the URL says
@@ -120,6 +123,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         jobs::SCHEMA_V4,
     ),
     (5, "search parameters by number in index rows", SCHEMA_V5),
+    (6, "the owner of a deletion hold", jobs::SCHEMA_V6),
 ];
 
 const SCHEMA_V1: &str = r#"

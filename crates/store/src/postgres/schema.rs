@@ -9,7 +9,7 @@ use ::postgres::Client;
 use crate::StoreError;
 
 use super::target::{Target, describe, is_connection_error};
-use super::{MIGRATION_LOCK, MIGRATIONS};
+use super::{BUILD_LOCK, MIGRATION_LOCK, MIGRATIONS};
 use crate::index_tables::{INDEX_TABLES, VALUE_INDEXES};
 
 /// Run `f` holding the session advisory lock [`MIGRATION_LOCK`] (schema changes: migrations and
@@ -92,6 +92,15 @@ pub(super) const BUILD_RESET: &str =
 /// connection opened for the purpose, each taking the next statement when it has finished one;
 /// with `build`, both use [`BUILD_SETTINGS`] meanwhile. Without a second connection everything
 /// runs on `client`.
+///
+/// A build (`build`) first waits until no session of a dead process is still building: a
+/// loader killed with -9 leaves its server sessions running their `CREATE INDEX` to the end (a
+/// backend notices a vanished client only when it next talks to it), and a new `CREATE INDEX IF
+/// NOT EXISTS` of the same name would race it and fail on the catalog's unique name. Every
+/// build session holds [`BUILD_LOCK`] shared, so taking it exclusively once waits for them; the
+/// caller holds the schema lock, so no live process starts a build meanwhile. Build sessions
+/// also ask the server to check for a vanished client every second (PostgreSQL 14 and later),
+/// so such a session stops early.
 pub(super) fn run_on_two_connections(
     target: &Target,
     client: &mut Client,
@@ -102,19 +111,43 @@ pub(super) fn run_on_two_connections(
     if n == 0 {
         return Ok(0);
     }
+    if build {
+        client.execute("SELECT pg_advisory_lock($1)", &[&BUILD_LOCK])?;
+        client.execute("SELECT pg_advisory_unlock($1)", &[&BUILD_LOCK])?;
+    }
     let queue = Mutex::new(statements.into_iter());
-    let work = |c: &mut Client| -> Result<(), StoreError> {
-        if build {
-            c.batch_execute(BUILD_SETTINGS)?;
-        }
+    let run_all = |c: &mut Client| -> Result<(), StoreError> {
         loop {
             let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
             let Some(sql) = next else { break };
             c.batch_execute(&sql)?;
         }
-        if build {
-            c.batch_execute(BUILD_RESET)?;
+        Ok(())
+    };
+    let work = |c: &mut Client| -> Result<(), StoreError> {
+        if !build {
+            return run_all(c);
         }
+        c.batch_execute(BUILD_SETTINGS)?;
+        let checks_client = c
+            .query_one(
+                "SELECT current_setting('server_version_num')::int >= 140000",
+                &[],
+            )?
+            .get::<_, bool>(0);
+        if checks_client {
+            c.batch_execute("SET client_connection_check_interval = '1s'")?;
+        }
+        c.execute("SELECT pg_advisory_lock_shared($1)", &[&BUILD_LOCK])?;
+        let built = run_all(c);
+        // Unlocked on failure too: `client` goes back to the pool.
+        let unlocked = c.execute("SELECT pg_advisory_unlock_shared($1)", &[&BUILD_LOCK]);
+        built?;
+        unlocked?;
+        if checks_client {
+            c.batch_execute("RESET client_connection_check_interval")?;
+        }
+        c.batch_execute(BUILD_RESET)?;
         Ok(())
     };
     let second = if n > 1 { target.connect().ok() } else { None };

@@ -283,11 +283,20 @@ fn file_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FileRecord> {
     })
 }
 
+/// Whether lease or hold `owner` is an earlier incarnation of node `node` (not `current`), as
+/// the SQL of [`JobQueue::release_orphans`] decides it.
+fn orphans_owner(owner: &str, node: &str, current: &str) -> bool {
+    owner != current
+        && owner
+            .strip_prefix(node)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
 /// [`JobQueue`] in a SQLite file (WAL).
 pub struct SqliteJobQueue {
     conn: Mutex<Connection>,
-    /// Deletions in progress ([`JobQueue::hold_cleanup`]): job → held until (ms).
-    cleanup_holds: Mutex<std::collections::HashMap<String, i64>>,
+    /// Deletions in progress ([`JobQueue::hold_cleanup`]): job → (held until (ms), owner).
+    cleanup_holds: Mutex<std::collections::HashMap<String, (i64, String)>>,
 }
 
 impl SqliteJobQueue {
@@ -850,6 +859,13 @@ impl JobQueue for SqliteJobQueue {
         const RELEASE: &str = "UPDATE export_item SET state = 'pending', owner = NULL,
                error = 'the server stopped while it ran', error_status = 500
              WHERE state = 'running'";
+        {
+            let mut holds = self.cleanup_holds.lock().unwrap_or_else(|p| p.into_inner());
+            holds.retain(|_, (_, owner)| match orphans {
+                Orphans::All => false,
+                Orphans::OfNode { node, current } => !orphans_owner(owner, node, current),
+            });
+        }
         let c = self.conn();
         let n = match orphans {
             Orphans::All => c.execute(RELEASE, [])?,
@@ -863,8 +879,15 @@ impl JobQueue for SqliteJobQueue {
         Ok(n as u64)
     }
 
-    fn hold_cleanup(&self, id: &str, now_ms: i64, hold_ms: i64) -> Result<bool, QueueError> {
-        // One process uses this file (the data-directory lock): the holds live in memory.
+    fn hold_cleanup(
+        &self,
+        id: &str,
+        owner: &str,
+        now_ms: i64,
+        hold_ms: i64,
+    ) -> Result<bool, QueueError> {
+        // One process uses this file (the data-directory lock): the holds live in memory, and
+        // die with it.
         let pending: bool = self
             .conn()
             .query_row(
@@ -875,11 +898,14 @@ impl JobQueue for SqliteJobQueue {
             .optional()?
             .unwrap_or(false);
         let mut holds = self.cleanup_holds.lock().unwrap_or_else(|p| p.into_inner());
-        holds.retain(|_, until| *until > now_ms);
+        holds.retain(|_, (until, _)| *until > now_ms);
         if !pending || holds.contains_key(id) {
             return Ok(false);
         }
-        holds.insert(id.to_string(), now_ms.saturating_add(hold_ms));
+        holds.insert(
+            id.to_string(),
+            (now_ms.saturating_add(hold_ms), owner.to_string()),
+        );
         Ok(true)
     }
 
