@@ -50,12 +50,25 @@ pub fn link_query(params: &[(String, String)], cursor: Option<&str>) -> String {
 }
 
 /// Builds the searchset Bundle. `base` is the server base URL without a trailing slash;
-/// `params` are the request's parameters as received (used for the links).
+/// `params` are the request's parameters as received (used for the links). Copies the page's
+/// resources; [`into_searchset_bundle`] moves them instead.
 pub fn searchset_bundle(
     base: &str,
     q: &SearchQuery,
     params: &[(String, String)],
     page: &SearchPage,
+) -> Json {
+    into_searchset_bundle(base, q, params, page.clone())
+}
+
+/// [`searchset_bundle`] taking the page by value: each resource moves into its entry (no copy
+/// of the resource trees, which under search load was a visible share of the server's time:
+/// `json!` serialises an embedded value into a new tree, so the entries are built by hand).
+pub fn into_searchset_bundle(
+    base: &str,
+    q: &SearchQuery,
+    params: &[(String, String)],
+    page: SearchPage,
 ) -> Json {
     let ty = &q.resource_type;
     let self_url = format!("{base}/{ty}?{}", link_query(params, q.cursor.as_deref()));
@@ -63,28 +76,32 @@ pub fn searchset_bundle(
     if let Some(c) = &page.next_cursor {
         links.push(json!({"relation": "next", "url": format!("{base}/{ty}?{}", link_query(params, Some(c)))}));
     }
-    let mut entries = Vec::new();
-    let mut entry = |r: &Json, mode: &str| {
-        let t = r
-            .get("resourceType")
-            .and_then(Json::as_str)
-            .unwrap_or_default();
-        let id = r.get("id").and_then(Json::as_str).unwrap_or_default();
-        let resource = match &q.elements {
-            Some(els) if mode == "match" => apply_elements(r, els),
-            _ => r.clone(),
+    let mut entries = Vec::with_capacity(page.matches.len() + page.included.len() + 1);
+    let mut entry = |r: Json, mode: &str| {
+        let full_url = {
+            let t = r
+                .get("resourceType")
+                .and_then(Json::as_str)
+                .unwrap_or_default();
+            let id = r.get("id").and_then(Json::as_str).unwrap_or_default();
+            format!("{base}/{t}/{id}")
         };
-        entries.push(json!({
-            "fullUrl": format!("{base}/{t}/{id}"),
-            "resource": resource,
-            "search": {"mode": mode},
-        }));
+        let resource = match &q.elements {
+            Some(els) if mode == "match" => apply_elements(&r, els),
+            _ => r,
+        };
+        // Built by hand: `json!` would serialise `resource` into a new tree (a deep copy).
+        let mut e = serde_json::Map::with_capacity(3);
+        e.insert("fullUrl".into(), Json::String(full_url));
+        e.insert("resource".into(), resource);
+        e.insert("search".into(), json!({"mode": mode}));
+        entries.push(Json::Object(e));
     };
     if !q.summary_count {
-        for r in &page.matches {
+        for r in page.matches {
             entry(r, "match");
         }
-        for r in &page.included {
+        for r in page.included {
             entry(r, "include");
         }
     }

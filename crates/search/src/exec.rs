@@ -439,5 +439,5 @@ pub fn search_bundle(
         },
     )?;
     let page = execute(store, &q)?;
-    Ok(crate::bundle::searchset_bundle(base, &q, params, &page))
+    Ok(crate::bundle::into_searchset_bundle(base, &q, params, page))
 }

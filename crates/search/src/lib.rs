@@ -34,7 +34,7 @@ pub mod registry;
 mod reindex;
 pub mod values;
 
-pub use bundle::{SearchPage, searchset_bundle};
+pub use bundle::{SearchPage, into_searchset_bundle, searchset_bundle};
 pub use error::SearchError;
 pub use exec::{ExecOptions, SearchControl, compile, execute, execute_with, search_bundle};
 pub use indexer::SearchIndexer;

@@ -12,7 +12,7 @@ use store::{
     HistoryMethod, HistoryPage, HistoryQuery, HistoryScope, StoredResource, WriteOp, WriteOutcome,
 };
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::compression::CompressionLayer;
+use tower_http::compression::{CompressionLayer, CompressionLevel};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -109,7 +109,9 @@ pub fn router(state: AppState) -> Router {
             negotiate::negotiate,
         ))
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
-        .layer(CompressionLayer::new())
+        // gzip at the fastest level: at the default level (6) deflate was the largest share of
+        // the server's CPU under search load (issue 24, scripts/bench-search-load.sh).
+        .layer(CompressionLayer::new().quality(CompressionLevel::Fastest))
         // One INFO span per request with the fields an operator filters on; the response line
         // adds status and latency.
         .layer(
@@ -847,6 +849,6 @@ async fn run_search(
             .and_then(Value::as_str)
             .is_some_and(|t| ctx.scopes.can_read(t))
     });
-    let b = search::searchset_bundle(&state.base_url, &q, &pairs, &page);
+    let b = search::into_searchset_bundle(&state.base_url, &q, &pairs, page);
     Ok(fhir_json(&b))
 }
