@@ -501,8 +501,8 @@ pub async fn download(
                 f.seek(std::io::SeekFrom::Start(range.start))
                     .await
                     .map_err(|e| ApiError::internal("export download", e))?;
-                let part = tokio::io::AsyncReadExt::take(f, range.end - range.start);
-                Body::from_stream(tokio_util::io::ReaderStream::with_capacity(part, 1 << 16))
+                let part = std::io::Read::take(f.into_std().await, range.end - range.start);
+                blocking_body(part)
             };
             file_response(status, head, body)
         }
@@ -639,32 +639,56 @@ async fn remote_body(
     .await
     .map_err(|e| ApiError::internal("export download", e))?
     .map_err(download_error)?;
-    let (mut tx, rx) = tokio::io::duplex(1 << 16);
-    let handle = tokio::runtime::Handle::current();
+    Ok(blocking_body(reader))
+}
+
+/// Bytes read per chunk of a download body: one allocation and one blocking read per MiB (with
+/// `tokio::fs::File` and 64 KiB chunks, each 64 KiB cost a blocking-pool round trip, a copy out
+/// of the file's own buffer and an allocation; issue 24, scripts/bench-export-e2e.sh).
+const DOWNLOAD_CHUNK: usize = 1 << 20;
+/// Chunks read ahead of the connection, per download.
+const DOWNLOAD_AHEAD: usize = 4;
+
+/// A response body fed by a blocking reader on a worker thread: chunks of [`DOWNLOAD_CHUNK`]
+/// bytes, read straight into the buffer that becomes the chunk, at most [`DOWNLOAD_AHEAD`] of
+/// them waiting for the client. The reader stops when the client goes away.
+fn blocking_body(mut reader: impl std::io::Read + Send + 'static) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(DOWNLOAD_AHEAD);
     tokio::task::spawn_blocking(move || {
-        let mut reader = reader;
-        let mut buf = vec![0u8; 1 << 16];
         loop {
-            let n = match std::io::Read::read(&mut reader, &mut buf) {
-                Ok(0) => return,
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::error!(error = %e, "export download interrupted");
-                    return;
+            let mut buf = vec![0u8; DOWNLOAD_CHUNK];
+            let mut filled = 0;
+            let result = loop {
+                match reader.read(&mut buf[filled..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        filled += n;
+                        if filled == buf.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
                 }
             };
-            let chunk = &buf[..n];
-            let written = handle.block_on(async {
-                use tokio::io::AsyncWriteExt;
-                tx.write_all(chunk).await
-            });
-            if written.is_err() {
-                // The client went away.
+            let last = filled < buf.len();
+            if filled > 0 {
+                buf.truncate(filled);
+                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                    return; // the client went away
+                }
+            }
+            if let Err(e) = result {
+                tracing::error!(error = %e, "export download interrupted");
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+            if last {
                 return;
             }
         }
     });
-    Ok(Body::from_stream(
-        tokio_util::io::ReaderStream::with_capacity(rx, 1 << 16),
-    ))
+    let mut rx = rx;
+    // `poll_recv` may be polled again after the end (hyper does): it keeps answering `None`.
+    Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
