@@ -2,26 +2,12 @@
 //! command that opens the store with one clear line and exit status 3 (no panic, no backtrace),
 //! and a value that names no backend is refused when the flags are parsed.
 
-use std::net::TcpListener;
-use std::process::{Command, Output};
+mod common;
 
-fn fhirhose() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FHIRHOSE_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
+use std::process::Output;
 
-/// A port nothing listens on (bound, then released).
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+// `closed_port`: a port nothing listens on (bound, then released).
+use common::{fhirhose, free_port as closed_port};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

@@ -9,52 +9,25 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use common::TestDb;
+use common::{TestDb, fhirhose, free_port};
+use test_support::process::Serve;
+use test_support::{SYNTHEA_100_COUNTS as EXPECTED, synthea_100};
 
-fn fhirhose() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
-    // Every setting is passed as a flag: nothing from the caller's environment may leak in.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FHIRHOSE_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-/// A running `fhirhose serve`, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+type Server = Serve;
 
 fn serve(data_dir: &Path, db: &TestDb, port: u16) -> Server {
     serve_with(data_dir, db, port, &[])
 }
 
 fn serve_with(data_dir: &Path, db: &TestDb, port: u16, extra: &[&str]) -> Server {
-    let child = db
-        .apply(&mut fhirhose())
+    let mut cmd = fhirhose();
+    db.apply(&mut cmd)
         .args([
             "serve",
             "--listen",
@@ -72,56 +45,9 @@ fn serve_with(data_dir: &Path, db: &TestDb, port: u16, extra: &[&str]) -> Server
         })
         .env("FHIRHOSE_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start fhirhose serve");
-    let mut server = Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    let client = reqwest::blocking::Client::new();
-    for _ in 0..600 {
-        if let Ok(Some(status)) = server.child.try_wait() {
-            panic!("fhirhose serve exited early: {status}");
-        }
-        if client
-            .get(format!("{}/metadata", server.base))
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return server;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("fhirhose serve did not answer on {}", server.base);
+        .stderr(Stdio::inherit());
+    Serve::start(&mut cmd, port, None).unwrap_or_else(|e| panic!("{e}"))
 }
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Distinct resources per type in testdata/synthea-r4-100 (see its PROVENANCE.md: the 452
-/// Organization and Practitioner entries name 203 distinct resources each).
-const EXPECTED: &[(&str, usize)] = &[
-    ("Observation", 16_315),
-    ("Claim", 6_083),
-    ("Encounter", 3_697),
-    ("ExplanationOfBenefit", 3_697),
-    ("MedicationRequest", 2_386),
-    ("Procedure", 2_351),
-    ("Immunization", 1_287),
-    ("DiagnosticReport", 897),
-    ("Condition", 639),
-    ("Organization", 203),
-    ("Practitioner", 203),
-    ("CareTeam", 278),
-    ("CarePlan", 278),
-    ("Patient", 100),
-    ("AllergyIntolerance", 38),
-    ("ImagingStudy", 16),
-    ("Device", 4),
-    ("Group", 1),
-];
 
 #[test]
 fn system_export_resumes_after_sigkill_with_every_resource_once() {
@@ -133,7 +59,7 @@ fn system_export_resumes_after_sigkill_with_every_resource_once() {
         .apply(&mut fhirhose())
         .args(["load", "--data-dir"])
         .arg(&data)
-        .arg(repo_root().join("testdata/synthea-r4-100"))
+        .arg(synthea_100())
         .env("FHIRHOSE_LOG", "warn")
         .output()
         .expect("run fhirhose load");

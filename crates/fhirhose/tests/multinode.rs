@@ -26,41 +26,26 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use test_support::external;
+use test_support::process::{Serve, clean_command, free_port, log_file};
 
 /// A bound against hangs (not a timing assertion).
 const BOUND: Duration = Duration::from_secs(40);
 const HEARTBEAT_TIMEOUT_S: &str = "5";
 
 fn fhirhose() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fhirhose"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FHIRHOSE_") {
-            c.env_remove(k);
-        }
-    }
+    let mut c = clean_command(env!("CARGO_BIN_EXE_fhirhose"));
     c.env("FHIRHOSE_LOG", "info");
     c
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
+    let status = test_support::process::signal(pid, sig).expect("kill");
     assert!(status.success(), "kill -{sig} {pid}");
 }
 
@@ -75,33 +60,8 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A running node, killed when dropped.
-struct Node {
-    _id: &'static str,
-    port: u16,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = signal_quiet(self.child.id(), "CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn signal_quiet(pid: u32, sig: &str) -> std::io::Result<std::process::ExitStatus> {
-    Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status()
-}
+/// A running node (its output in its log), killed when dropped.
+type Node = Serve;
 
 /// The destination every node writes to.
 enum Dest {
@@ -178,7 +138,6 @@ struct Cluster {
     url: String,
     base: String,
     clients: PathBuf,
-    http: reqwest::blocking::Client,
 }
 
 impl Cluster {
@@ -192,13 +151,9 @@ impl Cluster {
             std::os::unix::fs::symlink(shared, &storage).expect("link the shared folder");
         }
         let log = self.root.path().join(format!("{id}.log"));
-        let stderr = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log");
-        let child = fhirhose()
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        let stderr = log_file(&log);
+        let mut cmd = fhirhose();
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .arg("--data-dir")
             .arg(&data)
             .args(["--database", &self.url, "--base-url", &self.base])
@@ -216,53 +171,8 @@ impl Cluster {
             .args(self.dest.args())
             // The log goes to stdout.
             .stdout(stderr.try_clone().expect("log"))
-            .stderr(stderr)
-            .spawn()
-            .expect("start fhirhose serve");
-        let mut node = Node {
-            _id: id,
-            port,
-            child,
-            log,
-        };
-        let at = format!("http://127.0.0.1:{port}/metadata");
-        wait_for(&format!("node {id} to answer"), || {
-            if let Ok(Some(status)) = node.child.try_wait() {
-                panic!("node {id} exited: {status}\n{}", node.log_text());
-            }
-            self.http
-                .get(&at)
-                .send()
-                .ok()
-                .filter(|r| r.status().is_success())
-        });
-        node
-    }
-}
-
-impl Node {
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// The node's log, without terminal colour codes.
-    fn log_text(&self) -> String {
-        let raw = fs::read_to_string(&self.log).unwrap_or_default();
-        let mut out = String::with_capacity(raw.len());
-        let mut chars = raw.chars();
-        while let Some(c) = chars.next() {
-            if c == '\u{1b}' {
-                // CSI: ESC [ parameters, ending with a letter.
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        out
+            .stderr(stderr);
+        Serve::start(&mut cmd, port, Some(&log)).unwrap_or_else(|e| panic!("node {id}: {e}"))
     }
 }
 
@@ -299,42 +209,26 @@ fn node_of(owner: &Option<String>) -> &str {
         .unwrap_or("")
 }
 
+/// Files under `dir`, named relative to it, sorted.
 fn files_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(
-                    p.strip_prefix(dir)
-                        .expect("under")
-                        .to_string_lossy()
-                        .into_owned(),
-                );
-            }
-        }
-    }
+    let mut out: Vec<String> = test_support::process::files_under(dir)
+        .iter()
+        .map(|p| {
+            p.strip_prefix(dir)
+                .expect("under")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
     out.sort();
     out
 }
 
 #[test]
 fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_tokens() {
-    let Some(cluster_url) = std::env::var("FHIRHOSE_TEST_POSTGRES")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
+    let Some(cluster_url) =
+        external::external("FHIRHOSE_TEST_POSTGRES", "scripts/postgres.sh start DIR")
     else {
-        assert!(
-            std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
-            "multinode needs FHIRHOSE_TEST_POSTGRES (scripts/postgres.sh start DIR)"
-        );
-        eprintln!("multinode: skipped (FHIRHOSE_TEST_POSTGRES is not set)");
         return;
     };
     let database = store::testing::fresh_database(&cluster_url).expect("fresh database");
@@ -343,10 +237,7 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
         .timeout(Duration::from_secs(20))
         .build()
         .expect("client");
-    let dest = match std::env::var("FHIRHOSE_TEST_S3")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-    {
+    let dest = match external::var("FHIRHOSE_TEST_S3") {
         Some(endpoint) => {
             let endpoint = endpoint.trim_end_matches('/').to_string();
             let bucket = format!("fh-multinode-{}", std::process::id());
@@ -363,7 +254,7 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
         }
         None => {
             assert!(
-                std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+                !external::required(),
                 "multinode needs FHIRHOSE_TEST_S3 (scripts/s3.sh)"
             );
             let shared = root.path().join("shared");
@@ -373,19 +264,10 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
     };
 
     // The registered client (the auth crate's test key).
-    let pem = repo().join("crates/auth/tests/data/rsa-a.pem");
-    let jwks = fhirhose().arg("jwks").arg(&pem).output().expect("jwks");
-    assert!(jwks.status.success(), "{jwks:?}");
-    let jwks: Value = serde_json::from_slice(&jwks.stdout).expect("jwks JSON");
-    let clients = root.path().join("clients.json");
-    fs::write(
-        &clients,
-        json!([{"client_id": "admin", "jwks": jwks, "scope": "system/*.cruds"}]).to_string(),
-    )
-    .expect("clients");
+    let (pem, clients) = admin_client(root.path(), "system/*.cruds");
 
     // A third of the Synthea set: ~13,000 resources.
-    let mut bundles: Vec<PathBuf> = fs::read_dir(repo().join("testdata/synthea-r4-100"))
+    let mut bundles: Vec<PathBuf> = fs::read_dir(test_support::synthea_100())
         .expect("testdata")
         .flatten()
         .map(|e| e.path())
@@ -408,7 +290,6 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
         url: database.url.clone(),
         base: format!("http://127.0.0.1:{}", ports[0]),
         clients,
-        http: http.clone(),
         root,
         dest,
     };
@@ -687,17 +568,17 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
     drop(db);
 }
 
-/// `admin` registered with the auth crate's test key, in `dir/clients.json`; returns its path
+/// `admin` (with `scope`) registered with the auth crate's test key, in `dir/clients.json`; returns its path
 /// and the key's.
-fn admin_client(dir: &Path) -> (PathBuf, PathBuf) {
-    let pem = repo().join("crates/auth/tests/data/rsa-a.pem");
+fn admin_client(dir: &Path, scope: &str) -> (PathBuf, PathBuf) {
+    let pem = test_support::smart::key_path("rsa-a.pem");
     let jwks = fhirhose().arg("jwks").arg(&pem).output().expect("jwks");
     assert!(jwks.status.success(), "{jwks:?}");
     let jwks: Value = serde_json::from_slice(&jwks.stdout).expect("jwks JSON");
     let clients = dir.join("clients.json");
     fs::write(
         &clients,
-        json!([{"client_id": "admin", "jwks": jwks, "scope": "system/*.rs"}]).to_string(),
+        json!([{"client_id": "admin", "jwks": jwks, "scope": scope}]).to_string(),
     )
     .expect("clients");
     (pem, clients)
@@ -735,7 +616,7 @@ fn serve_alone(
 #[test]
 fn processes_given_one_token_key_accept_each_others_tokens() {
     let root = tempfile::tempdir().expect("tempdir");
-    let (pem, clients) = admin_client(root.path());
+    let (pem, clients) = admin_client(root.path(), "system/*.rs");
     let key = root.path().join("token.key");
     fs::write(
         &key,

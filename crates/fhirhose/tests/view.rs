@@ -2,9 +2,11 @@
 //! files in folders, to CSV (header, RFC 4180 quoting, empty for null) and NDJSON; an invalid view
 //! and a resource the view cannot take fail with the element and the reason, leaving no output.
 
+mod common;
+
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 const VIEW: &str = r#"{"resourceType": "ViewDefinition", "name": "patient_names",
   "resource": "Patient", "status": "active",
@@ -15,8 +17,9 @@ const VIEW: &str = r#"{"resourceType": "ViewDefinition", "name": "patient_names"
      "column": [{"name": "family", "path": "family", "type": "string"},
                 {"name": "given", "path": "given.join(' ')", "type": "string"}]}]}"#;
 
+/// The binary in `dir`, with a clean environment.
 fn fhirhose(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fhirhose"))
+    common::fhirhose()
         .args(args)
         .current_dir(dir)
         .output()

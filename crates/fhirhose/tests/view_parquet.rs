@@ -3,6 +3,8 @@
 //! typed columns from the ViewDefinition's column types, nulls, a LIST column, row counts; and a
 //! value that does not convert to its column's type fails naming the column and the row.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -43,20 +45,12 @@ print(json.dumps({
 "#;
 
 fn pyarrow() -> Option<String> {
-    match std::env::var("FHIRHOSE_TEST_PYARROW") {
-        Ok(p) if !p.is_empty() => Some(p),
-        _ => {
-            if std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
-                panic!("FHIRHOSE_TEST_PYARROW is not set (run scripts/pyarrow.sh)");
-            }
-            eprintln!("skipped: FHIRHOSE_TEST_PYARROW is not set (scripts/pyarrow.sh installs it)");
-            None
-        }
-    }
+    test_support::external::external("FHIRHOSE_TEST_PYARROW", "scripts/pyarrow.sh")
 }
 
+/// The binary in `dir`, with a clean environment.
 fn fhirhose(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fhirhose"))
+    common::fhirhose()
         .args(args)
         .current_dir(dir)
         .output()

@@ -10,8 +10,7 @@ use serde_json::Value;
 
 mod common;
 
-const DEV_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+use test_support::destination::azurite_connection_string;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn system_export_to_azure_blob_is_served_by_the_server() {
@@ -22,9 +21,7 @@ async fn system_export_to_azure_blob_is_served_by_the_server() {
     let one = common::synthea().join("Abram_Lemke_6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2.json.gz");
     let options = server::config::ExportOptions {
         export_destination: "azure".into(),
-        azure_connection_string: Some(format!(
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};BlobEndpoint={endpoint};"
-        )),
+        azure_connection_string: Some(azurite_connection_string(&endpoint)),
         export_file_resources: 50,
         ..Default::default()
     };

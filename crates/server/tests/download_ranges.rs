@@ -11,8 +11,7 @@ use serde_json::Value;
 
 mod common;
 
-const DEV_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+use test_support::destination::azurite_connection_string;
 
 /// One Synthea patient (its Bundle: a few hundred resources).
 fn one_patient() -> std::path::PathBuf {
@@ -187,9 +186,7 @@ async fn ranges_on_azure_blob_downloads() {
     };
     let options = server::config::ExportOptions {
         export_destination: "azure".into(),
-        azure_connection_string: Some(format!(
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};BlobEndpoint={endpoint};"
-        )),
+        azure_connection_string: Some(azurite_connection_string(&endpoint)),
         ..Default::default()
     };
     let s = common::start(&[one_patient()], options).await;

@@ -11,13 +11,14 @@
 //! `.tools/moto/venv/bin/moto_server`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
 
 mod common;
+
+use test_support::destination::{Destination, Kind};
 
 /// A bucket of its own for one test (moto creates it on an unsigned `PUT /<bucket>`).
 async fn new_bucket(endpoint: &str) -> String {
@@ -226,69 +227,34 @@ async fn a_file_over_64_mb_goes_up_as_one_multipart_upload_and_downloads_whole()
     }
 }
 
-/// A moto of the test's own on a free port, killed when dropped; its request log (one line per
-/// HTTP request) goes to a file.
+/// A moto of the test's own on a free port (killed when dropped); its request log (one line
+/// per HTTP request) goes to a file.
 struct Moto {
-    child: Child,
+    dest: Destination,
     endpoint: String,
-    log: tempfile::NamedTempFile,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _dir: tempfile::TempDir,
 }
 
 impl Moto {
     /// `iam_checks`: every request must be signed by a key moto's IAM knows (none is).
     fn start(iam_checks: bool) -> Option<Moto> {
-        let bin = std::env::var("FHIRHOSE_TEST_MOTO_SERVER")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/moto/venv/bin/moto_server")
-            });
-        if !bin.exists() {
-            assert!(
-                std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
-                "{} is missing but external components are required: run ./scripts/s3.sh",
-                bin.display()
-            );
-            eprintln!(
-                "skipped: {} is missing (run ./scripts/s3.sh)",
-                bin.display()
-            );
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let mut cmd = Command::new(&bin);
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(log.reopen().expect("log file"));
-        if iam_checks {
-            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", "0");
-        }
-        let moto = Moto {
-            child: cmd.spawn().expect("start moto_server"),
-            endpoint: format!("http://127.0.0.1:{port}"),
-            log,
+        let dir = tempfile::tempdir().expect("temp dir");
+        let env: &[(&str, &str)] = if iam_checks {
+            &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]
+        } else {
+            &[]
         };
-        for _ in 0..300 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(moto);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("moto_server did not listen on {}", moto.endpoint);
+        let dest =
+            Destination::with_env(Kind::Moto, dir.path(), env).unwrap_or_else(|e| panic!("{e}"))?;
+        Some(Moto {
+            endpoint: dest.endpoint(),
+            dest,
+            _dir: dir,
+        })
     }
 
     fn requests(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+        self.dest.log_text()
     }
 }
 

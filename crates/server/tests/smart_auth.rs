@@ -4,18 +4,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::Duration;
-
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-fn key(name: &str) -> auth::ClientKey {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../auth/tests/data")
-        .join(name);
-    auth::ClientKey::from_pem(&std::fs::read(path).unwrap(), None, None).unwrap()
-}
+use test_support::smart::test_key as key;
 
 struct Server {
     base: String,
@@ -31,30 +23,18 @@ async fn start() -> Server {
     let db = common::test_store_async().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let token_url = format!("{base}/auth/token");
+    let token_url = test_support::smart::token_url(&base);
     let key = key("ec-p384.pem");
-    let jwks = auth::client_tools::jwks_document(std::slice::from_ref(&key)).unwrap();
-    let clients = json!([
-        {"client_id": "admin", "jwks": jwks, "scope": "system/*.cruds"},
-        {"client_id": "patients", "jwks": jwks, "scope": "system/Patient.rs"},
-        {"client_id": "observations", "jwks": jwks, "scope": "system/Observation.rs"},
-    ]);
-    let registry =
-        auth::ClientRegistry::from_json(&clients.to_string(), Path::new("clients.json")).unwrap();
-    let smart = auth::SmartAuth::new(
-        registry,
-        auth::TokenIssuer::new(base.clone(), Duration::from_secs(300)),
-        token_url.clone(),
-        1000,
-    );
-    let state = common::app_state(
-        db.store.clone(),
+    let smart = test_support::smart::auth(
         &base,
-        auth::Auth::smart(smart),
-        1 << 20,
-        dir.path(),
-    )
-    .await;
+        &key,
+        &[
+            ("admin", "system/*.cruds"),
+            ("patients", "system/Patient.rs"),
+            ("observations", "system/Observation.rs"),
+        ],
+    );
+    let state = common::app_state(db.store.clone(), &base, smart, 1 << 20, dir.path()).await;
     let app = server::router(state);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server {
@@ -68,10 +48,7 @@ async fn start() -> Server {
 
 impl Server {
     async fn token(&self, client: &str, scope: &str) -> String {
-        auth::client_tools::request_token(&self.token_url, client, &self.key, scope)
-            .await
-            .unwrap()
-            .access_token
+        test_support::smart::token(&self.token_url, client, &self.key, scope).await
     }
 
     async fn send(

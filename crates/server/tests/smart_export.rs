@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -26,26 +25,20 @@ async fn start() -> Server {
     let db = common::test_store_async().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let token_url = format!("{base}/auth/token");
-    let pem = Path::new(env!("CARGO_MANIFEST_DIR")).join("../auth/tests/data/rsa-a.pem");
-    let key = auth::ClientKey::from_pem(&std::fs::read(pem).unwrap(), None, None).unwrap();
-    let jwks = auth::client_tools::jwks_document(std::slice::from_ref(&key)).unwrap();
-    let clients = json!([
-        {"client_id": "admin", "jwks": jwks, "scope": "system/*.cruds"},
-        {"client_id": "exporter", "jwks": jwks, "scope": "system/Patient.rs system/Observation.read"},
-        {"client_id": "other", "jwks": jwks, "scope": "system/Patient.rs system/Observation.read"},
-        {"client_id": "observations", "jwks": jwks, "scope": "system/Observation.rs"},
-        {"client_id": "importer", "jwks": jwks, "scope": "system/Patient.cruds system/Observation.rs"},
-    ]);
-    let registry =
-        auth::ClientRegistry::from_json(&clients.to_string(), Path::new("clients.json")).unwrap();
-    let smart = auth::SmartAuth::new(
-        registry,
-        auth::TokenIssuer::new(base.clone(), Duration::from_secs(300)),
-        token_url.clone(),
-        1000,
+    let token_url = test_support::smart::token_url(&base);
+    let key = test_support::smart::test_key("rsa-a.pem");
+    let smart = test_support::smart::auth(
+        &base,
+        &key,
+        &[
+            ("admin", "system/*.cruds"),
+            ("exporter", "system/Patient.rs system/Observation.read"),
+            ("other", "system/Patient.rs system/Observation.read"),
+            ("observations", "system/Observation.rs"),
+            ("importer", "system/Patient.cruds system/Observation.rs"),
+        ],
     );
-    let auth = auth::Auth::smart(smart);
+    let auth = smart;
     let state = common::app_state(db.store.clone(), &base, auth.clone(), 1 << 20, dir.path()).await;
     let app = server::router(state);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -61,10 +54,7 @@ async fn start() -> Server {
 
 impl Server {
     async fn token(&self, client: &str, scope: &str) -> String {
-        auth::client_tools::request_token(&self.token_url, client, &self.key, scope)
-            .await
-            .unwrap()
-            .access_token
+        test_support::smart::token(&self.token_url, client, &self.key, scope).await
     }
 
     /// `path` may be absolute (a URL from a header or manifest) or relative to the base.

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -22,8 +21,7 @@ struct Server {
 }
 
 fn key() -> auth::ClientKey {
-    let pem = Path::new(env!("CARGO_MANIFEST_DIR")).join("../auth/tests/data/rsa-a.pem");
-    auth::ClientKey::from_pem(&std::fs::read(pem).unwrap(), None, None).unwrap()
+    test_support::smart::test_key("rsa-a.pem")
 }
 
 /// A server whose body limit is `max_body` (the token endpoint has its own, smaller one).
@@ -32,31 +30,21 @@ async fn start_with(max_body: usize) -> Server {
     let db = common::test_store_async().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let token_url = format!("{base}/auth/token");
+    let token_url = test_support::smart::token_url(&base);
     let key = key();
-    let jwks = auth::client_tools::jwks_document(std::slice::from_ref(&key)).unwrap();
-    let clients = json!([
-        {"client_id": "admin", "jwks": jwks, "scope": "system/*.cruds"},
-        {"client_id": "patients", "jwks": jwks, "scope": "system/Patient.cruds"},
-        {"client_id": "exporter", "jwks": jwks,
-         "scope": "system/Patient.rs system/Observation.rs system/Provenance.rs"},
-    ]);
-    let registry =
-        auth::ClientRegistry::from_json(&clients.to_string(), Path::new("clients.json")).unwrap();
-    let smart = auth::SmartAuth::new(
-        registry,
-        auth::TokenIssuer::new(base.clone(), Duration::from_secs(300)),
-        token_url.clone(),
-        1000,
-    );
-    let state = common::app_state(
-        db.store.clone(),
+    let smart = test_support::smart::auth(
         &base,
-        auth::Auth::smart(smart),
-        max_body,
-        dir.path(),
-    )
-    .await;
+        &key,
+        &[
+            ("admin", "system/*.cruds"),
+            ("patients", "system/Patient.cruds"),
+            (
+                "exporter",
+                "system/Patient.rs system/Observation.rs system/Provenance.rs",
+            ),
+        ],
+    );
+    let state = common::app_state(db.store.clone(), &base, smart, max_body, dir.path()).await;
     let app = server::router(state);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server {
@@ -74,10 +62,7 @@ async fn start() -> Server {
 
 impl Server {
     async fn token(&self, client: &str, scope: &str) -> String {
-        auth::client_tools::request_token(&self.token_url, client, &self.key, scope)
-            .await
-            .unwrap()
-            .access_token
+        test_support::smart::token(&self.token_url, client, &self.key, scope).await
     }
 
     async fn send(
@@ -344,8 +329,7 @@ async fn token_endpoint_bounds_input_and_hides_client_ids() {
     let unknown = s.key.sign("nobody", &s.token_url, now()).unwrap();
     let (st, unknown) = token_request(&s, token_form(&unknown, "system%2FPatient.rs")).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
-    let pem = Path::new(env!("CARGO_MANIFEST_DIR")).join("../auth/tests/data/rsa-b.pem");
-    let other_key = auth::ClientKey::from_pem(&std::fs::read(pem).unwrap(), None, None).unwrap();
+    let other_key = test_support::smart::test_key("rsa-b.pem");
     let forged = other_key.sign("patients", &s.token_url, now()).unwrap();
     let (st, forged) = token_request(&s, token_form(&forged, "system%2FPatient.rs")).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);

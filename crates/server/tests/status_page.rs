@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -287,28 +287,18 @@ async fn start_smart(mode: Option<server::metrics::MetricsMode>) -> Smart {
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let token_url = format!("{base}/auth/token");
-    let pem = Path::new(env!("CARGO_MANIFEST_DIR")).join("../auth/tests/data/rsa-a.pem");
-    let key =
-        auth::ClientKey::from_pem(&std::fs::read(pem).expect("pem"), None, None).expect("key");
-    let jwks = auth::client_tools::jwks_document(std::slice::from_ref(&key)).expect("jwks");
-    let clients = json!([
-        {"client_id": "alice", "jwks": jwks, "scope": "system/Patient.rs"},
-        {"client_id": "bob", "jwks": jwks, "scope": "system/Patient.rs"},
-    ]);
-    let registry = auth::ClientRegistry::from_json(&clients.to_string(), Path::new("clients.json"))
-        .expect("registry");
-    let smart = auth::SmartAuth::new(
-        registry,
-        auth::TokenIssuer::new(base.clone(), Duration::from_secs(300)),
-        token_url.clone(),
-        1000,
+    let token_url = test_support::smart::token_url(&base);
+    let key = test_support::smart::test_key("rsa-a.pem");
+    let smart = test_support::smart::auth(
+        &base,
+        &key,
+        &[("alice", "system/Patient.rs"), ("bob", "system/Patient.rs")],
     );
     // Off the async workers: the export service opens its job queue (PostgreSQL's client blocks).
     let (store, url, auth, data) = (
         db.store.clone(),
         base.clone(),
-        auth::Auth::smart(smart),
+        smart,
         dir.path().to_path_buf(),
     );
     let state = tokio::task::spawn_blocking(move || {
@@ -336,10 +326,7 @@ async fn start_smart(mode: Option<server::metrics::MetricsMode>) -> Smart {
 
 impl Smart {
     async fn token(&self, client: &str) -> String {
-        auth::client_tools::request_token(&self.token_url, client, &self.key, "system/Patient.rs")
-            .await
-            .expect("token")
-            .access_token
+        test_support::smart::token(&self.token_url, client, &self.key, "system/Patient.rs").await
     }
 }
 

@@ -684,27 +684,21 @@ async fn smart_server() -> (Server, auth::ClientKey, String) {
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let token_url = format!("{base}/auth/token");
-    let pem = Path::new(env!("CARGO_MANIFEST_DIR")).join("../auth/tests/data/rsa-a.pem");
-    let key = auth::ClientKey::from_pem(&std::fs::read(pem).unwrap(), None, None).unwrap();
-    let jwks = auth::client_tools::jwks_document(std::slice::from_ref(&key)).unwrap();
-    let clients = json!([
-        {"client_id": "admin", "jwks": jwks, "scope": "system/*.cruds"},
-        {"client_id": "patients", "jwks": jwks, "scope": "system/Patient.rs system/ViewDefinition.rs"},
-        {"client_id": "search-only", "jwks": jwks, "scope": "system/Patient.s"},
-    ]);
-    let registry =
-        auth::ClientRegistry::from_json(&clients.to_string(), Path::new("clients.json")).unwrap();
-    let smart = auth::SmartAuth::new(
-        registry,
-        auth::TokenIssuer::new(base.clone(), Duration::from_secs(300)),
-        token_url.clone(),
-        1000,
+    let token_url = test_support::smart::token_url(&base);
+    let key = test_support::smart::test_key("rsa-a.pem");
+    let smart = test_support::smart::auth(
+        &base,
+        &key,
+        &[
+            ("admin", "system/*.cruds"),
+            ("patients", "system/Patient.rs system/ViewDefinition.rs"),
+            ("search-only", "system/Patient.s"),
+        ],
     );
     // Off the async workers: the export service opens its job tables (PostgreSQL's client blocks).
     let (store, url, data) = (db.store.clone(), base.clone(), dir.path().to_path_buf());
     let state = tokio::task::spawn_blocking(move || {
-        server::AppState::new(store, url, auth::Auth::smart(smart), 1 << 20, &data).unwrap()
+        server::AppState::new(store, url, smart, 1 << 20, &data).unwrap()
     })
     .await
     .unwrap();
@@ -725,12 +719,7 @@ async fn runs_and_exports_need_the_scopes_of_the_views_type() {
     let (mut s, key, token_url) = smart_server().await;
     let token = |client: &'static str, scope: &'static str| {
         let (key, url) = (&key, token_url.clone());
-        async move {
-            auth::client_tools::request_token(&url, client, key, scope)
-                .await
-                .unwrap()
-                .access_token
-        }
+        async move { test_support::smart::token(&url, client, key, scope).await }
     };
     s.token = Some(token("admin", "system/*.cruds").await);
     s.load().await;

@@ -9,26 +9,13 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-/// The 100-patient Synthea set (gzipped Bundles).
-pub fn synthea() -> PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthea-r4-100")
-}
-
-/// The address of an external component from `var` (set by `scripts/test.sh`), or `None` — the
-/// test is skipped — unless `FHIRHOSE_REQUIRE_EXTERNAL=1`, where its absence is a failure.
-pub fn external(var: &str, script: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            assert!(
-                std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
-                "{var} is not set but external components are required: run {script}"
-            );
-            eprintln!("skipped: {var} is not set (run {script})");
-            None
-        }
-    }
-}
+/// The 100-patient Synthea set (gzipped Bundles), and an external component's address (the
+/// test is skipped without it, unless `FHIRHOSE_REQUIRE_EXTERNAL=1`): the `test-support`
+/// crate's.
+#[allow(unused_imports)]
+pub use test_support::external::external;
+#[allow(unused_imports)]
+pub use test_support::synthea_100 as synthea;
 
 /// A server on 127.0.0.1 over a fresh store (SQLite, or PostgreSQL with
 /// `FHIRHOSE_TEST_DATABASE`: [`store::testing`]) and a fresh directory for its storage containers.
