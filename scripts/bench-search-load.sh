@@ -131,7 +131,8 @@ for r in $(seq "$ROUNDS"); do
     read -r name url _ <<<"$s"
     echo "-- round $r $name (load $(cut -d' ' -f1 /proc/loadavg))"
     "$LOADGEN" load "$url" "$WORK/queries.tsv" --clients "$CLIENTS" --seconds "$SECONDS_EACH" \
-      --label "$name" | tee "$WORK/round-$r-$name.txt" | head -1 | tee -a "$WORK/runs.txt"
+      --label "$name" >"$WORK/round-$r-$name.txt"
+    head -1 "$WORK/round-$r-$name.txt" | tee -a "$WORK/runs.txt"
   done
 done
 echo "== medians of $ROUNDS rounds"
