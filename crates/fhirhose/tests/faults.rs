@@ -31,15 +31,18 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use store::testing::TestDatabase;
+use test_support::process::{
+    clean_command, files_under, free_port, log_file, signal, tail, wait_exit,
+};
+use test_support::{SYNTHEA_100_COUNTS, external, external::tool, synthea_100};
 
 type R<T> = Result<T, String>;
 
@@ -62,28 +65,6 @@ const COMPLETE_BOUND: Duration = Duration::from_secs(300);
 const FAIL_BOUND: Duration = Duration::from_secs(240);
 /// How long start-up cleanup may take to remove the files of a cancelled or failed job.
 const CLEANUP_BOUND: Duration = Duration::from_secs(60);
-
-/// Distinct resources per type in testdata/synthea-r4-100 (see its PROVENANCE.md).
-const EXPECTED: &[(&str, usize)] = &[
-    ("Observation", 16_315),
-    ("Claim", 6_083),
-    ("Encounter", 3_697),
-    ("ExplanationOfBenefit", 3_697),
-    ("MedicationRequest", 2_386),
-    ("Procedure", 2_351),
-    ("Immunization", 1_287),
-    ("DiagnosticReport", 897),
-    ("Condition", 639),
-    ("Organization", 203),
-    ("Practitioner", 203),
-    ("CareTeam", 278),
-    ("CarePlan", 278),
-    ("Patient", 100),
-    ("AllergyIntolerance", 38),
-    ("ImagingStudy", 16),
-    ("Device", 4),
-    ("Group", 1),
-];
 
 const DEV_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
@@ -123,61 +104,13 @@ fn fhirhose() -> Command {
     // cases fail before a fix).
     let bin = std::env::var("FHIRHOSE_FAULT_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fhirhose").to_string());
-    let mut c = Command::new(bin);
     // Every setting is passed as a flag: nothing from the caller's environment may leak in.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FHIRHOSE_") {
-            c.env_remove(k);
-        }
-    }
+    let mut c = clean_command(bin);
     c.env(
         "FHIRHOSE_LOG",
         std::env::var("FHIRHOSE_FAULT_LOG").unwrap_or_else(|_| "warn".into()),
     );
     c
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
-}
-
-fn wait_exit(child: &mut Child, bound: Duration) -> Option<ExitStatus> {
-    let start = Instant::now();
-    while start.elapsed() < bound {
-        if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
-fn tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..]
-        .iter()
-        .map(|l| l.chars().take(400).collect::<String>())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn log_file(path: &Path) -> fs::File {
-    fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("log file")
 }
 
 /// A running `fhirhose serve`, killed when dropped.
@@ -256,21 +189,11 @@ struct Destination {
 impl Drop for Destination {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            signal(c.id(), "CONT");
+            let _ = signal(c.id(), "CONT");
             let _ = c.kill();
             let _ = c.wait();
         }
     }
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tool(var: &str, default: &str) -> PathBuf {
-    std::env::var(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo_root().join(default))
 }
 
 impl Destination {
@@ -350,7 +273,7 @@ impl Destination {
     /// Stopped (SIGTERM, so that Azurite saves its metadata) and waited for.
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            signal(c.id(), "TERM");
+            let _ = signal(c.id(), "TERM");
             if wait_exit(&mut c, Duration::from_secs(20)).is_none() {
                 let _ = c.kill();
                 let _ = c.wait();
@@ -368,13 +291,13 @@ impl Destination {
 
     fn pause(&self) {
         if let Some(c) = &self.child {
-            signal(c.id(), "STOP");
+            let _ = signal(c.id(), "STOP");
         }
     }
 
     fn resume(&self) {
         if let Some(c) = &self.child {
-            signal(c.id(), "CONT");
+            let _ = signal(c.id(), "CONT");
         }
     }
 
@@ -411,13 +334,9 @@ impl Destination {
     }
 }
 
-fn require_external() -> bool {
-    std::env::var("FHIRHOSE_REQUIRE_EXTERNAL").as_deref() == Ok("1")
-}
-
 /// A missing component: skipped, or an error when components are required.
 fn missing<T>(what: &str) -> R<Option<T>> {
-    if require_external() {
+    if external::required() {
         Err(format!("missing, and FHIRHOSE_REQUIRE_EXTERNAL=1: {what}"))
     } else {
         Ok(None)
@@ -540,7 +459,7 @@ fn verify_manifest(c: &reqwest::blocking::Client, manifest: &Value) -> R<usize> 
             *counts.entry(rtype.clone()).or_default() += 1;
         }
     }
-    let expected: BTreeMap<String, usize> = EXPECTED
+    let expected: BTreeMap<String, usize> = SYNTHEA_100_COUNTS
         .iter()
         .map(|(t, n)| ((*t).to_owned(), *n))
         .collect();
@@ -549,26 +468,6 @@ fn verify_manifest(c: &reqwest::blocking::Client, manifest: &Value) -> R<usize> 
         "resources per type {counts:?}, expected {expected:?}"
     );
     Ok(seen.len())
-}
-
-/// Regular files under `dir` (none when it does not exist).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// Waits (within [`CLEANUP_BOUND`]) until no file is left under `dir`.
@@ -628,10 +527,6 @@ struct Ctx {
     c: reqwest::blocking::Client,
 }
 
-fn synthea() -> PathBuf {
-    repo_root().join("testdata/synthea-r4-100")
-}
-
 /// Flags of every export case: small files and items, so that a kill falls between many
 /// commits.
 fn export_args() -> Vec<String> {
@@ -654,7 +549,7 @@ fn load(data: &Path, log: &Path) -> R<Duration> {
         .args(["load", "--data-dir"])
         .arg(data)
         .args(database_args(data))
-        .arg(synthea())
+        .arg(synthea_100())
         .stdout(Stdio::null())
         .stderr(log_file(log))
         .status()
@@ -972,7 +867,7 @@ fn kill9_load(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
         .args(["load", "--data-dir"])
         .arg(&data)
         .args(database_args(&data))
-        .arg(synthea())
+        .arg(synthea_100())
         .stdout(Stdio::null())
         .stderr(log_file(&log))
         .spawn()
@@ -1090,7 +985,7 @@ fn sigterm_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>>
     sleep_ms(at);
     let was_running = is_running(&ctx.c, &status);
     let sent = Instant::now();
-    signal(s.child.id(), "TERM");
+    let _ = signal(s.child.id(), "TERM");
     // The default drain timeout is 30 s; the bound leaves room for a slow machine.
     let exit = wait_exit(&mut s.child, Duration::from_secs(90));
     let took = sent.elapsed();
