@@ -9,76 +9,17 @@ use serde_json::{Map, Value as Json};
 
 use std::sync::Arc;
 
-use crate::config::{
-    Config, ConfigError, DateShiftScope, Matcher, Method, Parameters, ProcessingErrors, Rule,
+use crate::config::{Config, ConfigError, DateShiftScope, Matcher, Method, ProcessingErrors, Rule};
+pub use crate::error::DeidError;
+use crate::error::rule_err;
+use crate::methods::{
+    self, Change, GENERALIZE, PERTURB, PerturbTarget, SUBSTITUTE, V3, add_labels, primitive_change,
+    primitive_text,
 };
 use crate::patient;
 use crate::plan::{Plan, Walk};
-use crate::transforms::{self, NumberKind, Shifted};
-
-/// Why a resource could not be anonymized.
-#[derive(Debug, thiserror::Error)]
-pub enum DeidError {
-    #[error("configuration: {0}")]
-    Config(#[from] ConfigError),
-    /// Skippable with `processingErrors: skip` (generalize evaluation failures).
-    #[error("rule {rule} ({path}): {message}")]
-    Processing {
-        rule: usize,
-        path: String,
-        message: String,
-    },
-    /// Not skippable: a method that cannot apply to the node, an unknown method, a bad value.
-    #[error("rule {rule} ({path}): {message}")]
-    Rule {
-        rule: usize,
-        path: String,
-        message: String,
-    },
-    #[error("The input FHIR resource JSON is invalid: {0}")]
-    InvalidInput(String),
-}
-
-/// Operation bits recorded per resource; their order is the label order (§3.6).
-const REDACT: u8 = 1;
-const ABSTRACT: u8 = 2;
-const CRYPTOHASH: u8 = 4;
-const ENCRYPT: u8 = 8;
-pub(crate) const PERTURB: u8 = 16;
-const SUBSTITUTE: u8 = 32;
-const GENERALIZE: u8 = 64;
-
-const V3: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
-const LABELS: [(u8, &str, Option<&str>, &str); 7] = [
-    (REDACT, "REDACTED", Some(V3), "redacted"),
-    (ABSTRACT, "ABSTRED", Some(V3), "abstracted"),
-    // The reference spells the code CRYTOHASH (QUIRKS.md).
-    (
-        CRYPTOHASH,
-        "CRYTOHASH",
-        Some(V3),
-        "cryptographic hash function",
-    ),
-    (ENCRYPT, "MASKED", Some(V3), "masked"),
-    (
-        PERTURB,
-        "PERTURBED",
-        None,
-        "exact value is replaced with another exact value",
-    ),
-    (
-        SUBSTITUTE,
-        "SUBSTITUTED",
-        None,
-        "exact value is replaced with a predefined value",
-    ),
-    (
-        GENERALIZE,
-        "GENERALIZED",
-        None,
-        "exact value is replaced with a general value",
-    ),
-];
+use crate::transforms;
+use crate::typing::{element_type_def, resource_type_of};
 
 /// One anonymized resource.
 #[derive(Debug, Clone)]
@@ -184,14 +125,8 @@ impl Engine {
     pub fn anonymize_json(&self, input: &[u8], out: &mut Vec<u8>) -> Result<Written, DeidError> {
         let mut hits = vec![0u64; self.config.rules.len()];
         if self.use_plan {
-            let mut walk = Walk::new(
-                &self.config.parameters,
-                &self.config.rules,
-                self.today(),
-                &self.date_shift_prefix,
-                &mut hits,
-            );
-            if crate::plan::stream(&self.plan, &mut walk, input, out) {
+            let mut walk = self.walk(&mut hits);
+            if crate::plan::stream::stream(&self.plan, &mut walk, input, out) {
                 return Ok(Written {
                     skipped: false,
                     rule_hits: hits,
@@ -240,13 +175,7 @@ impl Engine {
         let fast = self.plan_applies(&ty, &shape);
         let mut hits = vec![0u64; self.config.rules.len()];
         let done = if fast {
-            let mut walk = Walk::new(
-                &self.config.parameters,
-                &self.config.rules,
-                self.today(),
-                &self.date_shift_prefix,
-                &mut hits,
-            );
+            let mut walk = self.walk(&mut hits);
             walk.run(&self.plan, &mut root, &ty).map(|()| {
                 cleanup(&mut root, true);
             })
@@ -298,6 +227,17 @@ impl Engine {
             && self
                 .plan
                 .covers(ty, shape.nested.iter().map(String::as_str))
+    }
+
+    /// A compiled plan's walk of one resource, counting rule hits into `hits`.
+    fn walk<'e>(&'e self, hits: &'e mut [u64]) -> Walk<'e> {
+        Walk::new(
+            &self.config.parameters,
+            &self.config.rules,
+            self.today(),
+            &self.date_shift_prefix,
+            hits,
+        )
     }
 
     fn today(&self) -> NaiveDate {
@@ -470,35 +410,6 @@ struct Shape {
     nested: Vec<String>,
 }
 
-/// `o.get("resourceType")` without hashing the key (serde_json's maps hash with SipHash): a
-/// resource names its type first as a rule, and other objects are small.
-pub(crate) fn resource_type_of(o: &Map<String, Json>) -> Option<&Json> {
-    o.iter()
-        .find(|(k, _)| k.as_str() == "resourceType")
-        .map(|(_, v)| v)
-}
-
-thread_local! {
-    /// Type definitions by the address of a type name inside the model (element types).
-    static ELEMENT_TYPES: std::cell::RefCell<
-        rustc_hash::FxHashMap<(usize, usize), Option<&'static fhir_model::TypeDef>>,
-    > = std::cell::RefCell::new(rustc_hash::FxHashMap::default());
-}
-
-/// `model.type_def(name)` for a type name borrowed from the model (`ChildRef::type_name`): the
-/// same definition, found by the name's address instead of hashing its text.
-pub(crate) fn element_type_def(name: &'static str) -> Option<&'static fhir_model::TypeDef> {
-    let key = (name.as_ptr() as usize, name.len());
-    ELEMENT_TYPES.with(|cell| {
-        if let Some(d) = cell.borrow().get(&key) {
-            return *d;
-        }
-        let d = fhir_model::r4().type_def(name);
-        cell.borrow_mut().insert(key, d);
-        d
-    })
-}
-
 /// Repeating elements written as a single object become one-element arrays, as the reference
 /// parser reads them and its serializer writes them; notes the resource's [`Shape`].
 fn normalise_arrays(v: &mut Json, ty: &str, shape: &mut Shape) {
@@ -555,14 +466,6 @@ fn normalise_object(
     }
 }
 
-pub(crate) fn rule_err(rule: &Rule, message: String) -> DeidError {
-    DeidError::Rule {
-        rule: rule.index,
-        path: rule.path.clone(),
-        message,
-    }
-}
-
 fn collect_resources(node: &Node<'_>, out: &mut Vec<(NodePath, String, bool)>) {
     for c in node.children() {
         let Item::Node(c) = c else { continue };
@@ -604,17 +507,16 @@ struct Pass<'e, 'a> {
     patient_offsets: &'e [Option<i64>],
 }
 
-pub(crate) fn primitive_text(v: &Json) -> Option<String> {
-    match v {
-        Json::String(s) => Some(s.clone()),
-        Json::Number(n) => Some(n.to_string()),
-        // .NET bool.ToString()
-        Json::Bool(b) => Some(if *b { "True" } else { "False" }.into()),
-        _ => None,
-    }
-}
-
 impl<'a> Pass<'_, 'a> {
+    /// Records a method's change to the value at `path`.
+    fn change(&mut self, path: &NodePath, change: Change) {
+        match change {
+            Change::Keep => {}
+            Change::Set(v) => self.edits.push(Edit::Set(path.clone(), v)),
+            Change::Remove => self.edits.push(Edit::Remove(path.clone())),
+        }
+    }
+
     fn is_visited(&self, p: &NodePath) -> bool {
         self.visited.contains(p) || self.sealed.iter().any(|s| p.0.starts_with(&s.0))
     }
@@ -652,8 +554,7 @@ impl<'a> Pass<'_, 'a> {
         let text = node.json().and_then(primitive_text);
         match &self.rule.method {
             Method::Keep | Method::Unknown(_) => {}
-            method
-            @ (Method::Redact | Method::DateShift | Method::CryptoHash | Method::Encrypt) => {
+            Method::Redact | Method::DateShift | Method::CryptoHash | Method::Encrypt => {
                 let Some(text) = text else { return Ok(()) };
                 let root = self.root;
                 let parent = || {
@@ -683,7 +584,6 @@ impl<'a> Pass<'_, 'a> {
                 };
                 match primitive_change(
                     self.rule,
-                    method,
                     params,
                     &text,
                     ty,
@@ -693,76 +593,45 @@ impl<'a> Pass<'_, 'a> {
                     self.today,
                 )? {
                     None => {}
-                    Some((Change::Keep, ops)) => self.ops |= ops,
-                    Some((Change::Set(v), ops)) => {
-                        self.edits.push(Edit::Set(path.clone(), v));
-                        self.ops |= ops;
-                    }
-                    Some((Change::Remove, ops)) => {
-                        self.edits.push(Edit::Remove(path.clone()));
+                    Some((change, ops)) => {
+                        self.change(path, change);
                         self.ops |= ops;
                     }
                 }
             }
-            Method::Perturb {
-                span,
-                proportional,
-                round_to,
-            } => {
-                let (target, kind) = match ty {
-                    "decimal" => (node.clone(), NumberKind::Decimal),
-                    "integer" => (node.clone(), NumberKind::Integer),
-                    "positiveInt" => (node.clone(), NumberKind::PositiveInt),
-                    "unsignedInt" => (node.clone(), NumberKind::UnsignedInt),
-                    "Age" | "Count" | "Duration" | "Distance" | "Money" | "Quantity"
-                    | "SimpleQuantity" | "MoneyQuantity" => {
+            Method::Perturb { .. } => {
+                let Some(target) = methods::perturb_target(ty) else {
+                    return Ok(());
+                };
+                let target_node = match target {
+                    PerturbTarget::Number(_) => node.clone(),
+                    PerturbTarget::QuantityValue => {
                         let Some(v) = node.children().into_iter().find_map(|c| match c {
                             Item::Node(c) if c.name() == "value" => Some(c),
                             _ => None,
                         }) else {
                             return Ok(());
                         };
-                        (v, NumberKind::Decimal)
+                        v
                     }
-                    _ => return Ok(()),
                 };
-                let Some(tpath) = target.path() else {
+                let Some(tpath) = target_node.path() else {
                     return Ok(());
                 };
                 self.sealed.push(path.clone());
-                if target.path().as_ref() != Some(path) && self.visited.contains(&tpath) {
+                if &tpath != path && self.visited.contains(&tpath) {
                     return Ok(());
                 }
-                let Some(text) = target.json().and_then(primitive_text) else {
+                let Some(text) = target_node.json().and_then(primitive_text) else {
                     return Ok(());
                 };
-                let r = transforms::perturb(
-                    &text,
-                    kind,
-                    *span,
-                    *proportional,
-                    *round_to,
-                    rand::random::<f64>(),
-                )
-                .map_err(|e| rule_err(self.rule, e.to_string()))?;
-                let num: serde_json::Number = r
-                    .to_string()
-                    .parse()
-                    .map_err(|_| rule_err(self.rule, format!("bad number {r}")))?;
-                self.edits.push(Edit::Set(tpath, Json::Number(num)));
+                let v = methods::perturb(self.rule, &text, target.kind())?;
+                self.edits.push(Edit::Set(tpath, v));
                 self.ops |= PERTURB;
             }
             Method::Substitute(with) => {
                 if node.is_primitive() {
-                    match with {
-                        Json::Null => self.edits.push(Edit::Remove(path.clone())),
-                        v => {
-                            let s = primitive_text(v).unwrap_or_else(|| {
-                                serde_json::to_string_pretty(v).unwrap_or_default()
-                            });
-                            self.edits.push(Edit::Set(path.clone(), Json::String(s)));
-                        }
-                    }
+                    self.change(path, methods::substitute_primitive(with));
                     // Children (id/extension in the shadow) go unless an earlier rule processed them.
                     if let Some(sp) = node.shadow_path()
                         && node.shadow().is_some()
@@ -806,149 +675,14 @@ impl<'a> Pass<'_, 'a> {
                 if node.json().is_none_or(|v| v.is_null()) {
                     return Ok(());
                 }
-                let proc_err = |m: String| DeidError::Processing {
-                    rule: self.rule.index,
-                    path: self.rule.path.clone(),
-                    message: format!("Generalize failed when processing {path}: {m}"),
-                };
-                let ctx = EvalContext::new(self.root)
-                    .with_focus_path(path)
-                    .map_err(|e| proc_err(e.to_string()))?;
-                let mut done = false;
-                for (cond, val) in cases {
-                    // Firely's Predicate(): empty counts as true.
-                    let hit = cond
-                        .evaluate_bool(&ctx)
-                        .map_err(|e| proc_err(e.to_string()))?
-                        .unwrap_or(true);
-                    if !hit {
-                        continue;
-                    }
-                    let out = val.evaluate(&ctx).map_err(|e| proc_err(e.to_string()))?;
-                    match out.as_slice() {
-                        [] => self.edits.push(Edit::Remove(path.clone())),
-                        [one] => {
-                            let j = one.as_json();
-                            self.edits.push(Edit::Set(path.clone(), j));
-                        }
-                        _ => return Err(proc_err("more than one result".into())),
-                    }
-                    done = true;
-                    break;
-                }
-                if !done && !keep_other_values {
-                    self.edits.push(Edit::Remove(path.clone()));
-                }
+                let change =
+                    methods::generalize(self.rule, cases, *keep_other_values, self.root, path)?;
+                self.change(path, change);
                 self.ops |= GENERALIZE;
             }
         }
         Ok(())
     }
-}
-
-/// What a method does to one primitive value.
-pub(crate) enum Change {
-    /// Left as it is (the operation still counts for the labels).
-    Keep,
-    Set(Json),
-    /// Removed (an array slot becomes null).
-    Remove,
-}
-
-/// The change a redact, dateShift, cryptoHash or encrypt rule makes to one non-empty primitive
-/// value (§2), with the operation bit for the labels; shared by both walkers. `parent` gives the
-/// FHIR type of the element holding the value (`Age`, `Reference`), `offset` the date-shift
-/// offset from the prefix and key (§2.3); both are only asked for when needed.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn primitive_change(
-    rule: &Rule,
-    method: &Method,
-    params: &Parameters,
-    text: &str,
-    ty: &str,
-    name: &str,
-    parent: &dyn Fn() -> String,
-    offset: &dyn Fn() -> i64,
-    today: NaiveDate,
-) -> Result<Option<(Change, u8)>, DeidError> {
-    if text.is_empty() {
-        return Ok(None);
-    }
-    let is_date = ty == "date" || ty == "dateTime" || ty == "instant";
-    Ok(Some(match method {
-        Method::Redact => {
-            if is_date {
-                match transforms::redact_date(
-                    text,
-                    ty == "date",
-                    params.enable_partial_dates_for_redact,
-                    today,
-                ) {
-                    Some(y) => (Change::Set(Json::String(y)), REDACT),
-                    None => (Change::Remove, REDACT),
-                }
-            } else if ty == "decimal" && name == "value" && parent() == "Age" {
-                if params.enable_partial_ages_for_redact {
-                    // int.Parse in the reference: a non-integral text is a hard failure.
-                    let age: i64 = text.parse().map_err(|_| {
-                        rule_err(rule, format!("Age value {text} is not an integer"))
-                    })?;
-                    if age <= 89 {
-                        return Ok(Some((Change::Keep, REDACT)));
-                    }
-                }
-                (Change::Remove, REDACT)
-            } else if name.eq_ignore_ascii_case("postalCode") {
-                if params.enable_partial_zip_codes_for_redact {
-                    let z = transforms::redact_postal_code(
-                        text,
-                        &params.restricted_zip_code_tabulation_areas,
-                    );
-                    (Change::Set(Json::String(z)), ABSTRACT)
-                } else {
-                    (Change::Remove, REDACT)
-                }
-            } else {
-                (Change::Remove, REDACT)
-            }
-        }
-        Method::DateShift => {
-            if !is_date {
-                return Ok(None);
-            }
-            let offset = match params.date_shift_fixed_offset_in_days {
-                Some(d) => d,
-                None => offset(),
-            };
-            match transforms::shift_date(
-                text,
-                ty == "date",
-                offset,
-                params.enable_partial_dates_for_redact,
-                today,
-            ) {
-                Shifted::Value(v) => (Change::Set(Json::String(v)), PERTURB),
-                Shifted::Redacted(Some(v)) => (Change::Set(Json::String(v)), REDACT),
-                Shifted::Redacted(None) => (Change::Remove, REDACT),
-                Shifted::Unchanged => return Ok(None),
-            }
-        }
-        Method::CryptoHash => {
-            let key = &params.crypto_hash_key;
-            let out = if name == "reference" && parent() == "Reference" {
-                transforms::transform_reference(text, &|s| transforms::crypto_hash(key, s))
-            } else {
-                transforms::crypto_hash(key, text)
-            };
-            (Change::Set(Json::String(out)), CRYPTOHASH)
-        }
-        Method::Encrypt => {
-            let out = transforms::encrypt(&params.encrypt_key, text)
-                .map_err(|e| rule_err(rule, e.to_string()))?;
-            (Change::Set(Json::String(out)), ENCRYPT)
-        }
-        _ => return Ok(None),
-    }))
 }
 
 /// The FHIR type of the node containing `path` (`Age` for `valueAge.value`).
@@ -1076,78 +810,6 @@ fn apply(root: &mut Json, edits: Vec<Edit>) {
     }
 }
 
-/// `meta.lastUpdated` after the reference's `Meta` round trip: `Z` → `+00:00`, trailing zero
-/// fractions dropped (QUIRKS.md).
-pub(crate) fn requote_instant(s: &str) -> String {
-    let (body, zone) = if let Some(b) = s.strip_suffix('Z') {
-        (b, "+00:00")
-    } else if s.len() > 6
-        && (s.as_bytes()[s.len() - 6] == b'+' || s.as_bytes()[s.len() - 6] == b'-')
-    {
-        s.split_at(s.len() - 6)
-    } else {
-        return s.to_string();
-    };
-    let body = match body.split_once('.') {
-        Some((main, frac)) => {
-            let f = frac.trim_end_matches('0');
-            if f.is_empty() {
-                main.to_string()
-            } else {
-                format!("{main}.{f}")
-            }
-        }
-        None => body.to_string(),
-    };
-    format!("{body}{zone}")
-}
-
-pub(crate) fn add_labels(obj: &mut Map<String, Json>, ops: u8) {
-    let meta = obj
-        .entry("meta")
-        .or_insert_with(|| Json::Object(Map::new()));
-    let Json::Object(meta) = meta else { return };
-    if let Some(Json::String(lu)) = meta.get_mut("lastUpdated") {
-        *lu = requote_instant(lu);
-    }
-    let sec = meta
-        .entry("security")
-        .or_insert_with(|| Json::Array(Vec::new()));
-    let Json::Array(sec) = sec else { return };
-    for (bit, code, system, display) in LABELS {
-        if ops & bit == 0 {
-            continue;
-        }
-        let present = sec.iter().any(|c| {
-            c.get("code")
-                .and_then(|v| v.as_str())
-                .is_some_and(|v| v.eq_ignore_ascii_case(code))
-        });
-        if present {
-            continue;
-        }
-        sec.push(Json::Object(label_object(system, code, display)));
-    }
-}
-
-fn label_object(system: Option<&str>, code: &str, display: &str) -> Map<String, Json> {
-    let mut c = Map::new();
-    if let Some(s) = system {
-        c.insert("system".into(), Json::String(s.into()));
-    }
-    c.insert("code".into(), Json::String(code.into()));
-    c.insert("display".into(), Json::String(display.into()));
-    c
-}
-
-/// The security label of each operation bit, in label order (§3.6), as [`add_labels`] adds it.
-pub(crate) fn label_objects() -> Vec<(u8, Map<String, Json>)> {
-    LABELS
-        .iter()
-        .map(|(bit, code, system, display)| (*bit, label_object(*system, code, display)))
-        .collect()
-}
-
 /// Cleans one member of an object; returns whether it is empty (to be removed). Empty array
 /// slots are dropped unless a `_x` sibling pairs with them by position (`keep_slots`).
 fn cleanup_member(child: &mut Json, keep_slots: bool) -> bool {
@@ -1212,18 +874,6 @@ fn cleanup(v: &mut Json, is_resource: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quirk_last_updated() {
-        assert_eq!(
-            requote_instant("2020-01-01T10:00:30.000Z"),
-            "2020-01-01T10:00:30+00:00"
-        );
-        assert_eq!(
-            requote_instant("2020-01-01T10:00:30.120-05:00"),
-            "2020-01-01T10:00:30.12-05:00"
-        );
-    }
 
     #[test]
     fn engine_is_send_sync() {

@@ -5,10 +5,13 @@ pub mod config;
 
 pub use config::{Config, ConfigError, DateShiftScope, Method, Parameters, ProcessingErrors, Rule};
 pub mod engine;
+mod error;
 pub mod keys;
+mod methods;
 mod patient;
 mod plan;
 pub mod report;
 pub mod transforms;
+mod typing;
 
 pub use engine::{DeidError, Engine, Outcome, Written};

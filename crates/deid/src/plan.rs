@@ -27,15 +27,15 @@ use chrono::NaiveDate;
 use serde_json::Value as Json;
 
 use crate::config::{Config, DateShiftScope, Matcher, Method, Parameters, Rule};
-use crate::engine::{
-    Change, DeidError, add_labels, element_type_def, primitive_change, primitive_text,
-    resource_type_of, rule_err,
+use crate::error::DeidError;
+use crate::methods::{
+    self, Change, PERTURB, PerturbTarget, add_labels, primitive_change, primitive_text,
 };
 use crate::patient;
-use crate::transforms::{self, NumberKind};
+use crate::transforms;
+use crate::typing::{declared_def, resource_type_of};
 
-mod stream;
-pub(crate) use stream::stream;
+pub(crate) mod stream;
 
 /// Rule indexes are `u32`; `NONE` sorts after every rule.
 type RuleIx = u32;
@@ -230,6 +230,22 @@ struct Scope<'p> {
     id: usize,
 }
 
+impl<'p> Scope<'p> {
+    /// The scope of a resource of plan `plan`, seen from the resource itself; `id` indexes
+    /// [`Walk::ops`].
+    fn resource(plan: &'p TypePlan, id: usize) -> Scope<'p> {
+        Scope {
+            plan,
+            trie: Some(&plan.trie),
+            inherited: None,
+            depth: 0,
+            parent_depth: u8::MAX,
+            parent_entries: [None, None],
+            id,
+        }
+    }
+}
+
 /// The enclosing resources of a node: one, two in a contained or Bundle entry resource (kept
 /// small: these are copied for every node).
 type Scopes<'p> = SmallVec<[Scope<'p>; 2]>;
@@ -319,15 +335,7 @@ impl<'e> Walk<'e> {
             contained: false,
             patient_offset,
         });
-        let scopes = [Scope {
-            plan: tp,
-            trie: Some(&tp.trie),
-            inherited: None,
-            depth: 0,
-            parent_depth: u8::MAX,
-            parent_entries: [None, None],
-            id: 0,
-        }];
+        let scopes = [Scope::resource(tp, 0)];
         let cx = NodeCx {
             name: ty,
             ty,
@@ -448,15 +456,7 @@ impl<'e> Walk<'e> {
                 contained,
                 patient_offset,
             });
-            out.push(Scope {
-                plan: tp,
-                trie: Some(&tp.trie),
-                inherited: None,
-                depth: 0,
-                parent_depth: u8::MAX,
-                parent_entries: [None, None],
-                id,
-            });
+            out.push(Scope::resource(tp, id));
         }
         out
     }
@@ -541,40 +541,50 @@ impl<'e> Walk<'e> {
             // Unknown keys never reach the walk (the shape pass sends such resources elsewhere).
             return Ok(());
         };
-        let model = fhir_model::r4();
-        let name = child.element.name.as_str();
-        // Primitive types (lower case) have no definition the walk needs.
-        let declared = if child
-            .type_name
-            .starts_with(|c: char| c.is_ascii_lowercase())
-        {
-            None
-        } else {
-            element_type_def(child.type_name)
-        };
+        let declared = declared_def(child);
         let nested_def = if declared.is_some_and(|d| d.kind == fhir_model::TypeKind::Resource) {
             item.as_object()
                 .and_then(resource_type_of)
                 .and_then(Json::as_str)
-                .and_then(|t| model.type_def(t))
+                .and_then(|t| fhir_model::r4().type_def(t))
         } else {
             None
         };
-        let def = nested_def.or(declared);
-        let ty = nested_def.map_or(child.type_name, |d| d.name.as_str());
         let nested = nested_def.map(|d| {
-            let contained = name == "contained";
             // A contained resource shares its container's patient; another nested resource (a
             // Bundle entry) has its own.
             let patient_offset = if self.params.date_shift_scope != DateShiftScope::Patient {
                 None
-            } else if contained {
+            } else if child.element.name == "contained" {
                 scopes.last().and_then(|sc| self.ops[sc.id].patient_offset)
             } else {
                 self.patient_offset(item)
             };
-            (d.name.as_str(), contained, patient_offset)
+            (d, patient_offset)
         });
+        let (cs, cx) = self.enter(
+            plan, scopes, entries, cover, parent, child, declared, nested,
+        );
+        self.node(plan, item, &cx, &cs, seal, false)
+    }
+
+    /// A child node of element `child` under `parent` (shared by the tree walk and the stream):
+    /// its scopes and context. `declared`: its declared type's definition ([`declared_def`]);
+    /// `nested`: when it is a nested resource, the resource's definition and patient offset.
+    #[allow(clippy::too_many_arguments)]
+    fn enter<'p, 'c>(
+        &mut self,
+        plan: &'p Plan,
+        scopes: &[Scope<'p>],
+        entries: &[Entries<'p>],
+        cover: Option<Cover>,
+        parent: &NodeCx<'c>,
+        child: fhir_model::ChildRef<'static>,
+        declared: Option<&'static fhir_model::TypeDef>,
+        nested: Option<(&'static fhir_model::TypeDef, Option<i64>)>,
+    ) -> (Scopes<'p>, NodeCx<'c>) {
+        let name = child.element.name.as_str();
+        let ty = nested.map_or(child.type_name, |(d, _)| d.name.as_str());
         let cs = self.child_scopes(
             plan,
             scopes,
@@ -582,16 +592,16 @@ impl<'e> Walk<'e> {
             cover,
             parent.is_resource,
             name,
-            nested,
+            nested.map(|(d, offset)| (d.name.as_str(), name == "contained", offset)),
         );
         let cx = NodeCx {
             name,
             ty,
-            def,
+            def: nested.map(|(d, _)| d).or(declared),
             parent_ty: parent.ty,
             is_resource: nested.is_some(),
         };
-        self.node(plan, item, &cx, &cs, seal, false)
+        (cs, cx)
     }
 
     /// Applies rule `r` of scope `s` to a node: (operation bits, whether the node is now sealed).
@@ -610,18 +620,13 @@ impl<'e> Walk<'e> {
         let rule = &rules[r as usize];
         match &rule.method {
             Method::Keep => Ok((0, false)),
-            Method::Perturb {
-                span,
-                proportional,
-                round_to,
-            } => {
-                let kind = match cx.ty {
-                    "decimal" => NumberKind::Decimal,
-                    "integer" => NumberKind::Integer,
-                    "positiveInt" => NumberKind::PositiveInt,
-                    "unsignedInt" => NumberKind::UnsignedInt,
-                    "Age" | "Count" | "Duration" | "Distance" | "Money" | "Quantity"
-                    | "SimpleQuantity" | "MoneyQuantity" => {
+            Method::Perturb { .. } => {
+                let Some(target) = methods::perturb_target(cx.ty) else {
+                    return Ok((0, false));
+                };
+                let value = match target {
+                    PerturbTarget::Number(_) => value,
+                    PerturbTarget::QuantityValue => {
                         // The quantity's `value`; none: not sealed.
                         let Some(v) = value.get_mut("value").filter(|v| !v.is_null()) else {
                             return Ok((0, false));
@@ -647,20 +652,14 @@ impl<'e> Walk<'e> {
                         if self.cover(&cs, &ve, &vcx, Some((s, r))).is_some() {
                             return Ok((0, true));
                         }
-                        return perturb_value(
-                            rule,
-                            v,
-                            NumberKind::Decimal,
-                            *span,
-                            *proportional,
-                            *round_to,
-                        )
-                        .map(|ops| (ops, true));
+                        v
                     }
-                    _ => return Ok((0, false)),
                 };
-                perturb_value(rule, value, kind, *span, *proportional, *round_to)
-                    .map(|ops| (ops, true))
+                let Some(text) = primitive_text(value) else {
+                    return Ok((0, true));
+                };
+                *value = methods::perturb(rule, &text, target.kind())?;
+                Ok((PERTURB, true))
             }
             _ => {
                 // Borrowed for strings (most values): only numbers and booleans are rendered.
@@ -722,7 +721,6 @@ impl Walk<'_> {
         };
         primitive_change(
             rule,
-            &rule.method,
             self.params,
             text,
             cx.ty,
@@ -732,32 +730,4 @@ impl Walk<'_> {
             self.today,
         )
     }
-}
-
-fn perturb_value(
-    rule: &Rule,
-    value: &mut Json,
-    kind: NumberKind,
-    span: f64,
-    proportional: bool,
-    round_to: u32,
-) -> Result<u8, DeidError> {
-    let Some(text) = primitive_text(value) else {
-        return Ok(0);
-    };
-    let out = transforms::perturb(
-        &text,
-        kind,
-        span,
-        proportional,
-        round_to,
-        rand::random::<f64>(),
-    )
-    .map_err(|e| rule_err(rule, e.to_string()))?;
-    let num: serde_json::Number = out
-        .to_string()
-        .parse()
-        .map_err(|_| rule_err(rule, format!("bad number {out}")))?;
-    *value = Json::Number(num);
-    Ok(crate::engine::PERTURB)
 }

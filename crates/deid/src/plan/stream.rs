@@ -30,7 +30,8 @@ use serde_json::{Map, Value as Json};
 use smallvec::SmallVec;
 
 use super::{Cover, Entries, NodeCx, Plan, Scope, ScopeOps, Walk};
-use crate::engine::{Change, add_labels, element_type_def, label_objects, requote_instant};
+use crate::methods::{Change, add_labels, label_objects, requote_instant};
+use crate::typing::declared_def;
 
 /// The stream cannot decide: the tree path runs instead.
 struct GiveUp;
@@ -213,8 +214,8 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         }
     }
 
-    fn root(&mut self) -> R<()> {
-        self.expect(b'{')?;
+    /// A resource's first member, `"resourceType":"T"` (after its `{`): the type's name.
+    fn type_member(&mut self) -> R<&'a str> {
         let (key, esc) = self.string()?;
         if esc || key != "resourceType" {
             return Err(GiveUp);
@@ -224,6 +225,12 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         if esc {
             return Err(GiveUp);
         }
+        Ok(ty)
+    }
+
+    fn root(&mut self) -> R<()> {
+        self.expect(b'{')?;
+        let ty = self.type_member()?;
         let model = fhir_model::r4();
         let def = model.type_def(ty).ok_or(GiveUp)?;
         let plan = self.plan;
@@ -234,15 +241,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             contained: false,
             patient_offset: None,
         });
-        let scopes = [Scope {
-            plan: tp,
-            trie: Some(&tp.trie),
-            inherited: None,
-            depth: 0,
-            parent_depth: u8::MAX,
-            parent_entries: [None, None],
-            id: 0,
-        }];
+        let scopes = [Scope::resource(tp, 0)];
         let name = def.name.as_str();
         let cx = NodeCx {
             name,
@@ -663,17 +662,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         entries: &[Entries<'p>],
         cover: Option<Cover>,
     ) -> R<bool> {
-        let model = fhir_model::r4();
-        let name = child.element.name.as_str();
-        // Primitive types (lower case) have no definition the walk needs.
-        let declared = if child
-            .type_name
-            .starts_with(|c: char| c.is_ascii_lowercase())
-        {
-            None
-        } else {
-            element_type_def(child.type_name)
-        };
+        let declared = declared_def(child);
         let mut opened = false;
         let nested_def = if declared.is_some_and(|d| d.kind == fhir_model::TypeKind::Resource)
             && self.peek()? == b'{'
@@ -681,16 +670,8 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             // A nested resource names its type first (else the tree path decides).
             let start = self.pos;
             self.pos += 1;
-            let (key, esc) = self.string()?;
-            if esc || key != "resourceType" {
-                return Err(GiveUp);
-            }
-            self.expect(b':')?;
-            let (ty, esc) = self.string()?;
-            if esc {
-                return Err(GiveUp);
-            }
-            let d = model
+            let ty = self.type_member()?;
+            let d = fhir_model::r4()
                 .type_def(ty)
                 .filter(|d| d.kind == fhir_model::TypeKind::Resource)
                 .ok_or(GiveUp)?;
@@ -703,25 +684,16 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         } else {
             None
         };
-        let def = nested_def.or(declared);
-        let ty = nested_def.map_or(child.type_name, |d| d.name.as_str());
-        let nested = nested_def.map(|d| (d.name.as_str(), name == "contained", None));
-        let cs = self.walk.child_scopes(
+        let (cs, cx) = self.walk.enter(
             self.plan,
             scopes,
             entries,
             cover,
-            parent.is_resource,
-            name,
-            nested,
+            parent,
+            child,
+            declared,
+            nested_def.map(|d| (d, None)),
         );
-        let cx = NodeCx {
-            name,
-            ty,
-            def,
-            parent_ty: parent.ty,
-            is_resource: nested.is_some(),
-        };
         self.node(&cx, &cs, opened, false)
     }
 }
