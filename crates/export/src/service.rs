@@ -516,8 +516,10 @@ impl ExportService {
         let Ok(Some(job)) = self.queue.get(&item.job_id) else {
             return;
         };
-        // A job that completed meanwhile keeps its files: this claim only lost its lease.
-        let job_stopped = job_stopped && job.state != JobState::Complete;
+        // A job that completed meanwhile keeps its files: this claim only lost its lease. One
+        // that was cancelled or failed meanwhile loses them all, whatever ended this claim.
+        let job_stopped =
+            (job_stopped || !job.state.is_active()) && job.state != JobState::Complete;
         let dir = crate::run::attempt_dir(&job.folder, item.item_no, item.attempt);
         let files = match self.queue.files(&job.id) {
             Ok(files) => files,
@@ -978,6 +980,21 @@ impl ExportService {
         let job_id = item.job_id.clone();
         let key = (job_id.clone(), item.item_no);
         lock(&self.live).remove(&key);
+        let result = match result {
+            // A claim that fails after its export was cancelled or failed elsewhere (its folder
+            // removed under a rename, its lease revoked) stopped: it records no failure and
+            // removes what it wrote, like a claim that saw the stop itself.
+            Err(e) if !matches!(e, RunError::Interrupted | RunError::Stopped) => {
+                match self.queue.get(&job_id) {
+                    Ok(Some(job)) if !job.state.is_active() && job.state != JobState::Complete => {
+                        tracing::info!(job = %job_id, item = item.item_no, error = %e, "work item ended by an error after its export stopped");
+                        Err(RunError::Stopped)
+                    }
+                    _ => Err(e),
+                }
+            }
+            r => r,
+        };
         match result {
             Ok(()) => {
                 if let Ok(files) = self.queue.files(&job_id) {
