@@ -165,8 +165,8 @@ pub(crate) fn parse(src: &str, registry: &FunctionRegistry) -> Result<Expr, Pars
     Ok(e)
 }
 
-struct Parser<'r> {
-    toks: Vec<Token>,
+struct Parser<'r, 's> {
+    toks: Vec<Token<'s>>,
     i: usize,
     registry: &'r FunctionRegistry,
     /// Current recursion depth (parentheses, arguments, operands), and the operators and
@@ -179,7 +179,7 @@ struct Parser<'r> {
 const MAX_DEPTH: usize = 100;
 const MAX_LINKS: usize = 300;
 
-fn infix(tok: &Tok) -> Option<(u8, BinOp)> {
+fn infix(tok: &Tok<'_>) -> Option<(u8, BinOp)> {
     Some(match tok {
         Tok::Star => (10, BinOp::Mul),
         Tok::Slash => (10, BinOp::Div),
@@ -195,7 +195,7 @@ fn infix(tok: &Tok) -> Option<(u8, BinOp)> {
         Tok::Tilde => (5, BinOp::Equiv),
         Tok::NotEq => (5, BinOp::NotEq),
         Tok::NotTilde => (5, BinOp::NotEquiv),
-        Tok::Ident(s) => match s.as_str() {
+        Tok::Ident(s) => match *s {
             "div" => (10, BinOp::IntDiv),
             "mod" => (10, BinOp::Mod),
             "in" => (4, BinOp::In),
@@ -213,20 +213,25 @@ fn infix(tok: &Tok) -> Option<(u8, BinOp)> {
 const TYPE_BP: u8 = 8;
 const UNARY_BP: u8 = 11;
 
-impl Parser<'_> {
-    fn peek(&self) -> &Token {
+impl<'s> Parser<'_, 's> {
+    fn peek(&self) -> &Token<'s> {
         &self.toks[self.i.min(self.toks.len() - 1)]
     }
 
-    fn next(&mut self) -> Token {
-        let t = self.peek().clone();
-        if self.i < self.toks.len() - 1 {
+    /// Moves the current token out (the parser never looks back), except the final `Eof`.
+    fn next(&mut self) -> Token<'s> {
+        let last = self.toks.len() - 1;
+        if self.i < last {
+            let pos = self.toks[self.i].pos;
+            let t = std::mem::replace(&mut self.toks[self.i], Token { tok: Tok::Eof, pos });
             self.i += 1;
+            t
+        } else {
+            self.toks[last].clone()
         }
-        t
     }
 
-    fn expect(&mut self, tok: Tok, what: &str) -> Result<(), ParseError> {
+    fn expect(&mut self, tok: Tok<'_>, what: &str) -> Result<(), ParseError> {
         let t = self.next();
         if t.tok == tok {
             Ok(())
@@ -271,8 +276,8 @@ impl Parser<'_> {
     fn expr_inner(&mut self, min_bp: u8) -> Result<Expr, ParseError> {
         let mut lhs = self.unary()?;
         loop {
-            let t = self.peek().clone();
-            if let Tok::Ident(kw) = &t.tok
+            let t = self.peek();
+            if let Tok::Ident(kw) = t.tok
                 && (kw == "is" || kw == "as")
             {
                 if TYPE_BP < min_bp {
@@ -354,7 +359,7 @@ impl Parser<'_> {
     fn identifier(&mut self) -> Result<(String, bool), ParseError> {
         let t = self.next();
         match t.tok {
-            Tok::Ident(s) => Ok((s, false)),
+            Tok::Ident(s) => Ok((s.to_string(), false)),
             Tok::Delimited(s) => Ok((s, true)),
             other => Err(ParseError::new(t.pos, "an identifier", &other.describe())),
         }
@@ -388,7 +393,7 @@ impl Parser<'_> {
         match &t.tok {
             Tok::Dollar(d) => {
                 self.next();
-                let e = match d.as_str() {
+                let e = match *d {
                     "this" => Expr::This,
                     "index" => Expr::Index,
                     "total" => Expr::Total,
@@ -527,20 +532,21 @@ impl Parser<'_> {
     }
 
     fn term(&mut self) -> Result<Expr, ParseError> {
+        if let Tok::Str(_) = self.peek().tok
+            && let Tok::Str(s) = self.next().tok
+        {
+            return Ok(Expr::Literal(SystemValue::String(s.into())));
+        }
         let t = self.peek().clone();
         match &t.tok {
             Tok::Ident(s)
-                if (s == "true" || s == "false")
+                if (*s == "true" || *s == "false")
                     && self.toks.get(self.i + 1).map(|t| &t.tok) != Some(&Tok::LParen) =>
             {
                 self.next();
-                Ok(Expr::Literal(SystemValue::Boolean(s == "true")))
+                Ok(Expr::Literal(SystemValue::Boolean(*s == "true")))
             }
             Tok::Ident(_) | Tok::Delimited(_) | Tok::Dollar(_) => self.invocation(None),
-            Tok::Str(s) => {
-                self.next();
-                Ok(Expr::Literal(SystemValue::String(s.clone().into())))
-            }
             Tok::Number(n) => {
                 self.next();
                 self.number(n, t.pos)
@@ -573,7 +579,8 @@ impl Parser<'_> {
                 self.next();
                 let n = self.next();
                 match n.tok {
-                    Tok::Ident(s) | Tok::Delimited(s) | Tok::Str(s) => Ok(Expr::Var(s)),
+                    Tok::Ident(s) => Ok(Expr::Var(s.to_string())),
+                    Tok::Delimited(s) | Tok::Str(s) => Ok(Expr::Var(s)),
                     other => Err(ParseError::new(n.pos, "a variable name", &other.describe())),
                 }
             }
