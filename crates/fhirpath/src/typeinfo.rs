@@ -61,6 +61,9 @@ pub(crate) struct TypeInfo {
     pub children: FnvMap<&'static str, Child>,
     /// Element names of choice elements (`value`, `onset`).
     pub choices: FnvMap<&'static str, ()>,
+    /// [`subtypes_of`] this type, computed on first use (a scan of the whole index, which every
+    /// compilation of `ofType(T)`, `is T` or `as T` would otherwise repeat).
+    subtypes: OnceLock<Vec<usize>>,
 }
 
 fn index() -> &'static FnvMap<&'static str, TypeInfo> {
@@ -153,6 +156,7 @@ fn index() -> &'static FnvMap<&'static str, TypeInfo> {
                     ancestors,
                     children,
                     choices,
+                    subtypes: OnceLock::new(),
                 },
             );
         }
@@ -183,12 +187,21 @@ pub(crate) fn element() -> Option<&'static TypeInfo> {
 }
 
 /// The index entries (as addresses) of the types that are `name` or derive from it.
+/// A name outside the index has none: every ancestor of an entry is itself an entry.
 pub(crate) fn subtypes_of(name: &str) -> Vec<usize> {
-    index()
-        .values()
-        .filter(|i| i.is_a(name))
-        .map(|i| std::ptr::from_ref(i) as usize)
-        .collect()
+    let Some(entry) = info(name) else {
+        return Vec::new();
+    };
+    entry
+        .subtypes
+        .get_or_init(|| {
+            index()
+                .values()
+                .filter(|i| i.is_a(name))
+                .map(|i| std::ptr::from_ref(i) as usize)
+                .collect()
+        })
+        .clone()
 }
 
 impl TypeInfo {
@@ -200,6 +213,43 @@ impl TypeInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subtypes_of_matches_a_scan_of_the_index() {
+        let scan = |name: &str| -> Vec<usize> {
+            let mut v: Vec<usize> = index()
+                .values()
+                .filter(|i| i.is_a(name))
+                .map(|i| std::ptr::from_ref(i) as usize)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let names: Vec<&str> = index().keys().copied().chain(["NoSuchType", ""]).collect();
+        for name in names {
+            for _ in 0..2 {
+                let mut got = subtypes_of(name);
+                got.sort_unstable();
+                assert_eq!(got, scan(name), "{name}");
+            }
+        }
+        assert!(subtypes_of("Quantity").len() > 1);
+    }
+
+    /// `nodesByType` (registry.rs) relies on it: the name FHIRPath reports for a backbone element
+    /// is `BackboneElement` or `Element`.
+    #[test]
+    fn backbone_elements_derive_from_backbone_element_or_element() {
+        for (name, entry) in index() {
+            if name.contains('.') {
+                let base = entry.ancestors.get(1).copied().unwrap_or("BackboneElement");
+                assert!(
+                    matches!(base, "BackboneElement" | "Element"),
+                    "{name}: {base}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn index_covers_types() {
