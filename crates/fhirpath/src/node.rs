@@ -526,7 +526,9 @@ impl<'a> Node<'a> {
         let Some((map, info)) = self.child_map() else {
             return;
         };
-        let loc = self.self_loc();
+        // Built on the first child pushed: a walk for complex types skips every child of most
+        // objects (all primitives), and the location is a reference-counted allocation.
+        let mut loc: Option<Loc<'a>> = None;
         // Most objects have no `_name` shadows: then skip looking for them.
         let shadows = map.keys().any(|k| k.starts_with('_'));
         for (key, v) in map {
@@ -541,7 +543,8 @@ impl<'a> Node<'a> {
                     Some(c) => (c.name, c.ty, c.info()),
                     None => ("", "", None),
                 };
-                push_members(out, &loc, plain, name, ty, ci, None, Some(v));
+                let loc = loc.get_or_insert_with(|| self.self_loc());
+                push_members(out, loc, plain, name, ty, ci, None, Some(v));
                 continue;
             }
             let (name, ty, ci, shadow) = match info.and_then(|i| i.children.get(key.as_str())) {
@@ -569,7 +572,8 @@ impl<'a> Node<'a> {
             if !leaves && shadow.is_none() && may_have_shadow(v) {
                 continue;
             }
-            push_members(out, &loc, key, name, ty, ci, Some(v), shadow);
+            let loc = loc.get_or_insert_with(|| self.self_loc());
+            push_members(out, loc, key, name, ty, ci, Some(v), shadow);
         }
     }
 }

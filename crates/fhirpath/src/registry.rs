@@ -176,11 +176,18 @@ fn nodes_by_type<'a>(
     let leaves = !fhir_model::r4()
         .type_def(&ty)
         .is_some_and(|t| t.kind != fhir_model::TypeKind::Primitive);
+    // `type_name()` differs from `fhir_type()` only for backbone elements (`BackboneElement`, or
+    // `Element`) and untyped JSON (`string`, `boolean`, `integer`, `decimal`): for any other type
+    // asked for, comparing `fhir_type()` alone is the same test.
+    let by_name = matches!(
+        ty.as_str(),
+        "BackboneElement" | "Element" | "string" | "boolean" | "integer" | "decimal"
+    );
     let mut out = Vec::new();
     for item in focus {
         if let Item::Node(n) = item {
             walk(n, leaves, &mut |c| {
-                if c.fhir_type() == ty || c.type_name() == ty {
+                if c.fhir_type() == ty || (by_name && c.type_name() == ty) {
                     out.push(Item::Node(c.clone()));
                 }
             });
