@@ -16,6 +16,11 @@ use std::time::Instant;
 use fhirpath::{EvalContext, Expression, FunctionRegistry};
 use serde_json::Value as Json;
 
+/// The allocator of the `fhirhose` binary (crates/fhirhose/src/main.rs), which runs this engine in
+/// `fhirhose fhirpath`, de-identification and views.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [expr_file, data_dir, bundles] = args.as_slice() else {
