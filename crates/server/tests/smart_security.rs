@@ -72,27 +72,7 @@ impl Server {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, reqwest::header::HeaderMap, String) {
-        let url = if path.starts_with("http") {
-            path.to_owned()
-        } else {
-            format!("{}{path}", self.base)
-        };
-        let mut req = reqwest::Client::new()
-            .request(method, url)
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async");
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/fhir+json")
-                .body(b.to_string());
-        }
-        let res = req.send().await.unwrap();
-        let status = res.status();
-        let headers = res.headers().clone();
-        (status, headers, res.text().await.unwrap())
+        test_support::smart::send(&self.base, method, path, token, body).await
     }
 
     async fn put(&self, token: &str, resource: Value) {

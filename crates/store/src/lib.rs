@@ -290,6 +290,121 @@ pub struct PoolStats {
     /// Waits that ended without a connection (the request failed with 503), since start.
     pub wait_timeouts: u64,
 }
+/// The [`Store`] methods both backends answer the same way: each backend has modules `writes`,
+/// `reads`, `watermark`, `scans` and `index_upkeep` with functions of these names taking the
+/// store first. Invoked inside `impl Store for …` of each backend, so the forwarding is written
+/// once and a new method of that kind is added to both backends at once.
+macro_rules! forward_to_backend_modules {
+    () => {
+        fn write(
+            &self,
+            ops: Vec<$crate::WriteOp>,
+        ) -> Result<Vec<$crate::WriteOutcome>, $crate::StoreError> {
+            writes::write(self, ops)
+        }
+
+        fn read(
+            &self,
+            resource_type: &str,
+            id: &str,
+        ) -> Result<$crate::StoredResource, $crate::StoreError> {
+            reads::read(self, resource_type, id)
+        }
+
+        fn vread(
+            &self,
+            resource_type: &str,
+            id: &str,
+            version: i64,
+        ) -> Result<$crate::StoredResource, $crate::StoreError> {
+            reads::vread(self, resource_type, id, version)
+        }
+
+        fn history(
+            &self,
+            scope: $crate::HistoryScope<'_>,
+            query: &$crate::HistoryQuery,
+        ) -> Result<$crate::HistoryPage, $crate::StoreError> {
+            reads::history(self, scope, query)
+        }
+
+        fn watermark(&self) -> Result<$crate::Watermark, $crate::StoreError> {
+            watermark::watermark(self)
+        }
+
+        fn instant_of_seq(&self, seq: i64) -> Result<Option<String>, $crate::StoreError> {
+            watermark::instant_of_seq(self, seq)
+        }
+
+        fn types_present(&self, as_of: i64) -> Result<Vec<String>, $crate::StoreError> {
+            scans::types_present(self, as_of)
+        }
+
+        fn count_type(&self, resource_type: &str, as_of: i64) -> Result<u64, $crate::StoreError> {
+            scans::count_type(self, resource_type, as_of)
+        }
+
+        fn seq_range(
+            &self,
+            resource_type: &str,
+            as_of: i64,
+        ) -> Result<Option<$crate::SeqStats>, $crate::StoreError> {
+            scans::seq_range(self, resource_type, as_of)
+        }
+
+        fn scan_type_each(
+            &self,
+            resource_type: &str,
+            as_of: i64,
+            bounds: $crate::SeqBounds,
+            f: &mut dyn FnMut($crate::ScanRow<'_>) -> std::ops::ControlFlow<()>,
+        ) -> Result<u64, $crate::StoreError> {
+            scans::scan_type_each(self, resource_type, as_of, bounds, f)
+        }
+
+        fn deleted_since(
+            &self,
+            resource_type: &str,
+            since_seq: i64,
+            as_of: i64,
+            after_seq: i64,
+            limit: usize,
+        ) -> Result<Vec<$crate::Tombstone>, $crate::StoreError> {
+            scans::deleted_since(self, resource_type, since_seq, as_of, after_seq, limit)
+        }
+
+        fn list_type(
+            &self,
+            resource_type: &str,
+            filter: &$crate::ListFilter,
+            count: usize,
+            after_seq: Option<i64>,
+        ) -> Result<$crate::ListPage, $crate::StoreError> {
+            scans::list_type(self, resource_type, filter, count, after_seq)
+        }
+
+        fn count_list(
+            &self,
+            resource_type: &str,
+            filter: &$crate::ListFilter,
+        ) -> Result<u64, $crate::StoreError> {
+            scans::count_list(self, resource_type, filter)
+        }
+
+        fn stored_bytes(&self) -> Result<u64, $crate::StoreError> {
+            scans::stored_bytes(self)
+        }
+
+        fn suspend_index_upkeep(&self) -> Result<bool, $crate::StoreError> {
+            index_upkeep::suspend_index_upkeep(self)
+        }
+
+        fn resume_index_upkeep(&self) -> Result<(), $crate::StoreError> {
+            index_upkeep::resume_index_upkeep(self)
+        }
+    };
+}
+pub(crate) use forward_to_backend_modules;
 
 /// The storage trait. All methods are blocking; every implementation is `Send + Sync` and safe to
 /// share as `Arc<dyn Store>`.

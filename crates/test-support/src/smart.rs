@@ -52,3 +52,36 @@ pub async fn token(token_url: &str, client: &str, key: &auth::ClientKey, scope: 
         .expect("token")
         .access_token
 }
+
+/// Sends a FHIR request as a SMART client would: `path` absolute (a URL from a header or a
+/// manifest) or relative to `base`, `Prefer: respond-async`, the bearer token if any and a FHIR
+/// JSON body if any. Returns the status, the headers and the body as text.
+pub async fn send(
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (reqwest::StatusCode, reqwest::header::HeaderMap, String) {
+    let url = if path.starts_with("http") {
+        path.to_owned()
+    } else {
+        format!("{base}{path}")
+    };
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async");
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/fhir+json")
+            .body(b.to_string());
+    }
+    let res = req.send().await.expect("send the request");
+    let status = res.status();
+    let headers = res.headers().clone();
+    (status, headers, res.text().await.expect("read the body"))
+}

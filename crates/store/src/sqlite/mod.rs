@@ -57,7 +57,6 @@
 //! suspend/resume, reindex), `search` (search plan execution) and `jobs` (the export job queue).
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
@@ -82,11 +81,7 @@ use schema::{build_value_indexes, configure, configure_reader, create_schema};
 use crate::index_tables::ParamNumbers;
 use crate::jobs::{JobQueue, QueueError};
 use crate::stamp::PreparedResource;
-use crate::{
-    DataDirLock, HistoryPage, HistoryQuery, HistoryScope, Indexer, ListFilter, ListPage, ScanRow,
-    SeqBounds, SeqStats, Store, StoreError, StoredResource, Tombstone, Watermark, WriteOp,
-    WriteOutcome,
-};
+use crate::{DataDirLock, Indexer, Store, StoreError};
 
 /// The schema version this code writes and reads.
 pub const SCHEMA_VERSION: i64 = 2;
@@ -439,101 +434,11 @@ impl Store for SqliteStore {
         PreparedResource::build(resource_type, id, m, self.indexer.as_deref())
     }
 
-    fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteOutcome>, StoreError> {
-        writes::write(self, ops)
-    }
-
-    fn read(&self, resource_type: &str, id: &str) -> Result<StoredResource, StoreError> {
-        reads::read(self, resource_type, id)
-    }
-
-    fn vread(
-        &self,
-        resource_type: &str,
-        id: &str,
-        version: i64,
-    ) -> Result<StoredResource, StoreError> {
-        reads::vread(self, resource_type, id, version)
-    }
-
-    fn history(
-        &self,
-        scope: HistoryScope<'_>,
-        query: &HistoryQuery,
-    ) -> Result<HistoryPage, StoreError> {
-        reads::history(self, scope, query)
-    }
-
-    fn watermark(&self) -> Result<Watermark, StoreError> {
-        watermark::watermark(self)
-    }
+    crate::forward_to_backend_modules!();
 
     fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError> {
         let conn = self.readers.get();
         watermark::seq_at_or_after(&conn, instant_ms)
-    }
-
-    fn instant_of_seq(&self, seq: i64) -> Result<Option<String>, StoreError> {
-        watermark::instant_of_seq(self, seq)
-    }
-
-    fn types_present(&self, as_of: i64) -> Result<Vec<String>, StoreError> {
-        scans::types_present(self, as_of)
-    }
-
-    fn count_type(&self, resource_type: &str, as_of: i64) -> Result<u64, StoreError> {
-        scans::count_type(self, resource_type, as_of)
-    }
-
-    fn seq_range(&self, resource_type: &str, as_of: i64) -> Result<Option<SeqStats>, StoreError> {
-        scans::seq_range(self, resource_type, as_of)
-    }
-
-    fn scan_type_each(
-        &self,
-        resource_type: &str,
-        as_of: i64,
-        bounds: SeqBounds,
-        f: &mut dyn FnMut(ScanRow<'_>) -> ControlFlow<()>,
-    ) -> Result<u64, StoreError> {
-        scans::scan_type_each(self, resource_type, as_of, bounds, f)
-    }
-
-    fn deleted_since(
-        &self,
-        resource_type: &str,
-        since_seq: i64,
-        as_of: i64,
-        after_seq: i64,
-        limit: usize,
-    ) -> Result<Vec<Tombstone>, StoreError> {
-        scans::deleted_since(self, resource_type, since_seq, as_of, after_seq, limit)
-    }
-
-    fn list_type(
-        &self,
-        resource_type: &str,
-        filter: &ListFilter,
-        count: usize,
-        after_seq: Option<i64>,
-    ) -> Result<ListPage, StoreError> {
-        scans::list_type(self, resource_type, filter, count, after_seq)
-    }
-
-    fn count_list(&self, resource_type: &str, filter: &ListFilter) -> Result<u64, StoreError> {
-        scans::count_list(self, resource_type, filter)
-    }
-
-    fn stored_bytes(&self) -> Result<u64, StoreError> {
-        scans::stored_bytes(self)
-    }
-
-    fn suspend_index_upkeep(&self) -> Result<bool, StoreError> {
-        index_upkeep::suspend_index_upkeep(self)
-    }
-
-    fn resume_index_upkeep(&self) -> Result<(), StoreError> {
-        index_upkeep::resume_index_upkeep(self)
     }
 
     fn reindex(&self, resource_type: Option<&str>) -> Result<u64, StoreError> {
