@@ -202,17 +202,15 @@ t_manifest=$(date +%s.%N)
 OUT="$WORK/out"
 rm -rf "$OUT"
 mkdir -p "$OUT"
-jq -r '.output[] | "\(.url)\t\(.url | split("/") | last)"' "$WORK/manifest.json" >"$WORK/urls.tsv"
-nfiles=$(wc -l <"$WORK/urls.tsv")
-# shellcheck disable=SC2016
-tr '\t' '\n' <"$WORK/urls.tsv" | xargs -d '\n' -n 2 -P "$PARALLEL" \
-  sh -c 'exec curl -fsS -o "$0/$2" "$1"' "$OUT" &
+nfiles=$(jq '.output | length' "$WORK/manifest.json")
+# The same client as scripts/bench-export-e2e.sh uses for Fhirhose.
+"$ROOT/scripts/bench/download.sh" "$WORK/manifest.json" "$OUT" "$PARALLEL" &
 DL=$!
 partial=""
 while kill -0 "$DL" 2>/dev/null; do
   if [[ -n "${TIMEOUT:-}" ]] && (( $(echo "$(date +%s.%N) - $t0 > $TIMEOUT" | bc) )); then
     partial=1
-    pkill -P "$DL" 2>/dev/null || true # the curl processes of this xargs only
+    pkill -P "$DL" 2>/dev/null || true # the jq and curl of this download only
     kill "$DL" 2>/dev/null || true
     break
   fi
