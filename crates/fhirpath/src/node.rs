@@ -532,6 +532,11 @@ impl<'a> Node<'a> {
         // Most objects have no `_name` shadows: then skip looking for them.
         let shadows = map.keys().any(|k| k.starts_with('_'));
         for (key, v) in map {
+            // Without shadows, a primitive child has no children: a walk for complex types skips
+            // it before looking its key up in the model.
+            if !leaves && !shadows && may_have_shadow(v) {
+                continue;
+            }
             if key == "resourceType" {
                 continue;
             }
