@@ -99,6 +99,19 @@ pub(crate) struct Token<'s> {
     pub pos: usize,
 }
 
+/// Bytes that continue an identifier (`[A-Za-z0-9_]`): one table load per byte of the longest
+/// tokens (identifiers are most of an expression's text).
+static IDENT: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || b == b'_';
+        c += 1;
+    }
+    t
+};
+
 pub(crate) fn tokenize(src: &str) -> Result<Vec<Token<'_>>, ParseError> {
     let b = src.as_bytes();
     let mut i = 0;
@@ -138,14 +151,14 @@ pub(crate) fn tokenize(src: &str) -> Result<Vec<Token<'_>>, ParseError> {
         let start = i;
         let tok = match c {
             b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                while i < b.len() && IDENT[usize::from(b[i])] {
                     i += 1;
                 }
                 Tok::Ident(&src[start..i])
             }
             b'$' => {
                 i += 1;
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                while i < b.len() && IDENT[usize::from(b[i])] {
                     i += 1;
                 }
                 Tok::Dollar(&src[start + 1..i])

@@ -389,19 +389,19 @@ impl<'s> Parser<'_, 's> {
 
     /// identifier | function call | $this | $index | $total, after a '.' or at a term.
     fn invocation(&mut self, base: Option<Box<Expr>>) -> Result<Expr, ParseError> {
-        let t = self.peek().clone();
-        match &t.tok {
-            Tok::Dollar(d) => {
+        let pos = self.peek().pos;
+        match &self.peek().tok {
+            &Tok::Dollar(d) => {
                 self.next();
-                let e = match *d {
+                let e = match d {
                     "this" => Expr::This,
                     "index" => Expr::Index,
                     "total" => Expr::Total,
                     _ => {
                         return Err(ParseError::new(
-                            t.pos,
+                            pos,
                             "$this, $index or $total",
-                            &t.tok.describe(),
+                            &Tok::Dollar(d).describe(),
                         ));
                     }
                 };
@@ -427,12 +427,12 @@ impl<'s> Parser<'_, 's> {
                         }
                     }
                     self.expect(Tok::RParen, "')' or ','")?;
-                    return self.call(base, &name, args, t.pos);
+                    return self.call(base, &name, args, pos);
                 }
                 Ok(Expr::Member(base, name))
             }
             other => Err(ParseError::new(
-                t.pos,
+                pos,
                 "an identifier or function",
                 &other.describe(),
             )),
