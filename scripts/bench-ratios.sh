@@ -17,6 +17,8 @@
 # Each figure is wall time of the whole command (anonymize, load: process start to exit, including
 # reading, parsing, writing and, for load, the index build and fsyncs) or kick-off to complete
 # manifest (export: the server's own work, files written and fsynced; downloads not included).
+# Export rows also give the server's CPU seconds (user + system) during the export: steadier than
+# wall time when other processes share the cores.
 set -euo pipefail
 
 MODE="${1:?usage: $0 anonymize|export|load [WORK]}"
@@ -130,9 +132,14 @@ export)
     sleep 0.1
   done
   # export LABEL QUERY: kick-off to complete manifest, then the files are deleted.
+  # The server's CPU seconds so far (user + system), from /proc/PID/stat (clock ticks).
+  server_cpu() {
+    awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$SERVER/stat"
+  }
   export_once() {
-    local load t0 t1 status_url code folder count
+    local load t0 t1 status_url code folder count c0 c1
     load=$(cut -d' ' -f1 /proc/loadavg)
+    c0=$(server_cpu)
     t0=$(date +%s.%N)
     status_url=$(curl -fsS -D - -o /dev/null -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' \
       "$BASE/\$export?$2" | awk -F': ' 'tolower($1)=="content-location" {gsub(/\r/,"",$2); print $2}')
@@ -144,10 +151,12 @@ export)
       sleep 0.1
     done
     t1=$(date +%s.%N)
+    c1=$(server_cpu)
     count=$(jq '[.output[].count] | add' "$WORK/manifest.json")
     [[ "$count" == "$RESOURCES" ]] || { echo "exported $count of $RESOURCES" >&2; exit 1; }
     folder="$DATA/storage/$(jq -r '.extension.storage.container + "/" + .extension.storage.folder' "$WORK/manifest.json")"
-    record "$1" "$(echo "$t1 - $t0" | bc)" "$(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status")" "$load"
+    record "$1" "$(echo "$t1 - $t0" | bc)" "$(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status")" "$load" \
+      ", server CPU $(echo "$c1 - $c0" | bc) s"
     curl -fsS -X DELETE "$status_url" >/dev/null || true
     rm -rf "$folder"
   }

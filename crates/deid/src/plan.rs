@@ -219,15 +219,19 @@ struct Scope<'p> {
     trie: Option<&'p Trie>,
     /// The rule covering this node through an ancestor (within this scope).
     inherited: Option<RuleIx>,
+    /// The first rule matching this node itself in this scope: its member path, `"path": "Type"`
+    /// at the resource, `nodesBy*(…)` at depth 1 and its parent's `nodesBy*(…).c` (computed
+    /// once, when the scope is entered; [`Walk::cover`] adds `inherited` and the seal).
+    matched: Option<RuleIx>,
+    /// The entries the node itself meets (its type's and name's; depth 1 only): its children's
+    /// `nodesBy*(…).c` rules.
+    entries: Entries<'p>,
+    /// Index into [`Walk::ops`] (`u32` keeps two scopes within 128 bytes: moved, not copied
+    /// through `memcpy`, for every node).
+    id: u32,
     /// 0 at the scope's resource, 1 for its descendants, 2 below a nested resource (out of
     /// `nodesBy*` reach, which stops at sub-resources but includes them).
     depth: u8,
-    /// The parent's depth (`u8::MAX` at the scope's resource).
-    parent_depth: u8,
-    /// The parent's entries when its depth is 1 (its `nodesBy*(…).c` rules).
-    parent_entries: Entries<'p>,
-    /// Index into [`Walk::ops`].
-    id: usize,
 }
 
 impl<'p> Scope<'p> {
@@ -238,11 +242,16 @@ impl<'p> Scope<'p> {
             plan,
             trie: Some(&plan.trie),
             inherited: None,
+            matched: min_rule(plan.trie.here, plan.root),
+            entries: [None, None],
+            id: id as u32,
             depth: 0,
-            parent_depth: u8::MAX,
-            parent_entries: [None, None],
-            id,
         }
+    }
+
+    /// Index into [`Walk::ops`].
+    fn ops_ix(&self) -> usize {
+        self.id as usize
     }
 }
 
@@ -355,54 +364,17 @@ impl<'e> Walk<'e> {
         ))
     }
 
-    /// The entries a node meets, per scope (only depth-1 scopes have any).
-    fn entries<'p>(scopes: &[Scope<'p>], cx: &NodeCx<'_>) -> SmallVec<[Entries<'p>; 2]> {
-        let mut out = SmallVec::new();
-        for sc in scopes {
-            out.push(if sc.depth == 1 {
-                [sc.plan.by_type.get(cx.ty), sc.plan.by_name.get(cx.name)]
-            } else {
-                [None, None]
-            });
-        }
-        out
-    }
-
-    /// The rule covering a node (`entries` from [`Walk::entries`]): outer scopes first; under a
+    /// The rule covering a node: outer scopes first; under a
     /// seal only the rules that ran before the sealing one.
-    fn cover(
-        &self,
-        scopes: &[Scope<'_>],
-        entries: &[Entries<'_>],
-        cx: &NodeCx<'_>,
-        seal: Option<Cover>,
-    ) -> Option<Cover> {
+    #[inline(always)]
+    fn cover(&self, scopes: &[Scope<'_>], seal: Option<Cover>) -> Option<Cover> {
         for (s, sc) in scopes.iter().enumerate() {
             let allowed = |r: RuleIx| match seal {
                 None => true,
                 Some((ss, sr)) => s < ss || (s == ss && r < sr),
             };
             // Within a scope the smaller rule index wins, matched here or on an ancestor.
-            let mut own = sc.inherited.filter(|r| allowed(*r));
-            own = min_rule(own, sc.trie.and_then(|t| t.here));
-            match sc.depth {
-                0 => own = min_rule(own, sc.plan.root),
-                1 => {
-                    for e in entries[s].iter().flatten() {
-                        own = min_rule(own, e.own);
-                    }
-                }
-                _ => {}
-            }
-            if sc.parent_depth == 1 {
-                for e in sc.parent_entries.iter().flatten() {
-                    for (c, r) in &e.children {
-                        if c == cx.name {
-                            own = min_rule(own, Some(*r));
-                        }
-                    }
-                }
-            }
+            let own = min_rule(sc.inherited.filter(|r| allowed(*r)), sc.matched);
             if let Some(r) = own
                 && allowed(r)
             {
@@ -412,17 +384,18 @@ impl<'e> Walk<'e> {
         None
     }
 
-    /// The scopes as seen from a child named `name` of a node (`cover` is the node's), plus the
-    /// child's own scope when it is a nested resource.
+    /// The scopes as seen from a child named `name` of type `ty` of a node (`cover` is the
+    /// node's), plus the child's own scope when it is a nested resource.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn child_scopes<'p>(
         &mut self,
         plan: &'p Plan,
         scopes: &[Scope<'p>],
-        entries: &[Entries<'p>],
         cover: Option<Cover>,
         node_is_resource: bool,
         name: &str,
+        ty: &str,
         nested: Option<(&str, bool, Option<i64>)>,
     ) -> Scopes<'p> {
         let mut out = Scopes::new();
@@ -433,18 +406,38 @@ impl<'e> Walk<'e> {
                 1 => 1,
                 _ => 2,
             };
+            let trie = sc.trie.and_then(|t| t.next.get(name));
+            let entries = if depth == 1 {
+                [sc.plan.by_type.get(ty), sc.plan.by_name.get(name)]
+            } else {
+                [None, None]
+            };
+            let mut matched = trie.and_then(|t| t.here);
+            for e in entries.iter().flatten() {
+                matched = min_rule(matched, e.own);
+            }
+            if sc.depth == 1 {
+                // The parent's `nodesBy*(…).c` rules naming this child.
+                for e in sc.entries.iter().flatten() {
+                    for (c, r) in &e.children {
+                        if c == name {
+                            matched = min_rule(matched, Some(*r));
+                        }
+                    }
+                }
+            }
             out.push(Scope {
                 plan: sc.plan,
-                trie: sc.trie.and_then(|t| t.next.get(name)),
+                trie,
                 // Processing recurses into the covered node's children, never into resources.
                 inherited: match cover {
                     Some((cs, r)) if cs == s && nested.is_none() => Some(r),
                     _ => None,
                 },
-                depth,
-                parent_depth: sc.depth,
-                parent_entries: entries[s],
+                matched,
+                entries,
                 id: sc.id,
+                depth,
             });
         }
         if let Some((ty, contained, patient_offset)) = nested
@@ -470,16 +463,15 @@ impl<'e> Walk<'e> {
         seal: Option<Cover>,
         is_root: bool,
     ) -> Result<(), DeidError> {
-        let entries = Self::entries(scopes, cx);
-        let cover = self.cover(scopes, &entries, cx, seal);
+        let cover = self.cover(scopes, seal);
         let mut child_seal = seal;
         if let Some((s, r)) = cover {
             self.hits[r as usize] += 1;
             if self.at_root_id {
                 self.id_rule = Some(r);
             }
-            let (ops, sealed) = self.apply(plan, value, cx, scopes, &entries, s, r)?;
-            self.ops[scopes[s].id].ops |= ops;
+            let (ops, sealed) = self.apply(plan, value, cx, scopes, s, r)?;
+            self.ops[scopes[s].ops_ix()].ops |= ops;
             if sealed {
                 // The earliest seal bounds the subtree.
                 child_seal = Some(seal.map_or((s, r), |prev| prev.min((s, r))));
@@ -491,7 +483,7 @@ impl<'e> Walk<'e> {
         if is_root && let Some(id) = obj.get_mut("id") {
             // The root's id first: date shifts read it as the rules before them left it.
             self.at_root_id = true;
-            let done = self.child(plan, id, "id", cx, scopes, &entries, cover, child_seal);
+            let done = self.child(plan, id, "id", cx, scopes, cover, child_seal);
             self.at_root_id = false;
             done?;
             self.current_id = obj.get("id").and_then(primitive_text).unwrap_or_default();
@@ -504,20 +496,20 @@ impl<'e> Walk<'e> {
             match v {
                 Json::Array(items) => {
                     for item in items.iter_mut().filter(|i| !i.is_null()) {
-                        self.child(plan, item, key, cx, scopes, &entries, cover, child_seal)?;
+                        self.child(plan, item, key, cx, scopes, cover, child_seal)?;
                     }
                 }
                 Json::Null => {}
-                item => self.child(plan, item, key, cx, scopes, &entries, cover, child_seal)?,
+                item => self.child(plan, item, key, cx, scopes, cover, child_seal)?,
             }
         }
         // A resource's labels: its operations and those of the resources nested in it, all
         // final once its subtree is walked (scopes are numbered in pre-order).
         if cx.is_resource
             && let Some(own) = scopes.last().filter(|s| s.depth == 0)
-            && !self.ops[own.id].contained
+            && !self.ops[own.ops_ix()].contained
         {
-            let all = self.ops[own.id..].iter().fold(0u8, |a, o| a | o.ops);
+            let all = self.ops[own.ops_ix()..].iter().fold(0u8, |a, o| a | o.ops);
             if all != 0 {
                 add_labels(obj, all);
             }
@@ -533,7 +525,6 @@ impl<'e> Walk<'e> {
         key: &str,
         parent: &NodeCx<'_>,
         scopes: &[Scope<'_>],
-        entries: &[Entries<'_>],
         cover: Option<Cover>,
         seal: Option<Cover>,
     ) -> Result<(), DeidError> {
@@ -556,15 +547,15 @@ impl<'e> Walk<'e> {
             let patient_offset = if self.params.date_shift_scope != DateShiftScope::Patient {
                 None
             } else if child.element.name == "contained" {
-                scopes.last().and_then(|sc| self.ops[sc.id].patient_offset)
+                scopes
+                    .last()
+                    .and_then(|sc| self.ops[sc.ops_ix()].patient_offset)
             } else {
                 self.patient_offset(item)
             };
             (d, patient_offset)
         });
-        let (cs, cx) = self.enter(
-            plan, scopes, entries, cover, parent, child, declared, nested,
-        );
+        let (cs, cx) = self.enter(plan, scopes, cover, parent, child, declared, nested);
         self.node(plan, item, &cx, &cs, seal, false)
     }
 
@@ -572,11 +563,11 @@ impl<'e> Walk<'e> {
     /// its scopes and context. `declared`: its declared type's definition ([`declared_def`]);
     /// `nested`: when it is a nested resource, the resource's definition and patient offset.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn enter<'p, 'c>(
         &mut self,
         plan: &'p Plan,
         scopes: &[Scope<'p>],
-        entries: &[Entries<'p>],
         cover: Option<Cover>,
         parent: &NodeCx<'c>,
         child: fhir_model::ChildRef<'static>,
@@ -588,10 +579,10 @@ impl<'e> Walk<'e> {
         let cs = self.child_scopes(
             plan,
             scopes,
-            entries,
             cover,
             parent.is_resource,
             name,
+            ty,
             nested.map(|(d, offset)| (d.name.as_str(), name == "contained", offset)),
         );
         let cx = NodeCx {
@@ -612,7 +603,6 @@ impl<'e> Walk<'e> {
         value: &mut Json,
         cx: &NodeCx<'_>,
         scopes: &[Scope<'_>],
-        entries: &[Entries<'_>],
         s: usize,
         r: RuleIx,
     ) -> Result<(u8, bool), DeidError> {
@@ -631,25 +621,18 @@ impl<'e> Walk<'e> {
                         let Some(v) = value.get_mut("value").filter(|v| !v.is_null()) else {
                             return Ok((0, false));
                         };
-                        // An earlier rule processed the value: it stays, the quantity is sealed.
-                        let vcx = NodeCx {
-                            name: "value",
-                            ty: "decimal",
-                            def: None,
-                            parent_ty: cx.ty,
-                            is_resource: false,
-                        };
+                        // An earlier rule processed the value (a decimal): it stays, the
+                        // quantity is sealed.
                         let cs = self.child_scopes(
                             plan,
                             scopes,
-                            entries,
                             Some((s, r)),
                             false,
                             "value",
+                            "decimal",
                             None,
                         );
-                        let ve = Self::entries(&cs, &vcx);
-                        if self.cover(&cs, &ve, &vcx, Some((s, r))).is_some() {
+                        if self.cover(&cs, Some((s, r))).is_some() {
                             return Ok((0, true));
                         }
                         v
@@ -702,7 +685,10 @@ impl Walk<'_> {
         let rule = &self.rules[r as usize];
         let offset = || {
             // Patient scope: the patient of the innermost resource holding the node.
-            if let Some(o) = scopes.last().and_then(|sc| self.ops[sc.id].patient_offset) {
+            if let Some(o) = scopes
+                .last()
+                .and_then(|sc| self.ops[sc.ops_ix()].patient_offset)
+            {
                 return o;
             }
             let (slot, prefix) = if !self.file_prefix.is_empty() {

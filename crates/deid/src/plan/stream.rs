@@ -29,7 +29,7 @@ use std::borrow::Cow;
 use serde_json::{Map, Value as Json};
 use smallvec::SmallVec;
 
-use super::{Cover, Entries, NodeCx, Plan, Scope, ScopeOps, Walk};
+use super::{Cover, NodeCx, Plan, Scope, ScopeOps, Walk};
 use crate::methods::{Change, add_labels, label_objects, requote_instant};
 use crate::typing::declared_def;
 
@@ -266,8 +266,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         opened: bool,
         is_root: bool,
     ) -> R<bool> {
-        let entries = Walk::entries(scopes, cx);
-        let cover = self.walk.cover(scopes, &entries, cx, None);
+        let cover = self.walk.cover(scopes, None);
         if opened || self.peek()? == b'{' {
             if let Some((_, r)) = cover {
                 // A rule on an object changes nothing itself (its children inherit it).
@@ -276,7 +275,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
                     self.walk.id_rule = Some(r);
                 }
             }
-            return self.object(cx, scopes, &entries, cover, opened, is_root);
+            return self.object(cx, scopes, cover, opened, is_root);
         }
         self.primitive(cx, scopes, cover)
     }
@@ -310,7 +309,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
                 .change(&text, cx, scopes, s, r)
                 .map_err(|_| GiveUp)?;
             if let Some((change, ops)) = change {
-                self.walk.ops[scopes[s].id].ops |= ops;
+                self.walk.ops[scopes[s].ops_ix()].ops |= ops;
                 match change {
                     Change::Keep => {}
                     Change::Remove => {
@@ -370,7 +369,6 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         &mut self,
         cx: &NodeCx<'_>,
         scopes: &[Scope<'p>],
-        entries: &[Entries<'p>],
         cover: Option<Cover>,
         opened: bool,
         is_root: bool,
@@ -454,7 +452,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             let meta_member = self
                 .in_meta
                 .filter(|_| cx.name == "meta" && cx.ty == "Meta");
-            let written = self.member(child, cx, scopes, entries, cover)?;
+            let written = self.member(child, cx, scopes, cover)?;
             if let Some(m) = meta_member {
                 let slot = &mut self.metas[m];
                 match key {
@@ -513,10 +511,12 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         let Some(own) = scopes.last().filter(|s| s.depth == 0) else {
             return Ok(());
         };
-        if self.walk.ops[own.id].contained {
+        if self.walk.ops[own.ops_ix()].contained {
             return Ok(());
         }
-        let all = self.walk.ops[own.id..].iter().fold(0u8, |a, o| a | o.ops);
+        let all = self.walk.ops[own.ops_ix()..]
+            .iter()
+            .fold(0u8, |a, o| a | o.ops);
         if all == 0 {
             return Ok(());
         }
@@ -592,7 +592,6 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         child: fhir_model::ChildRef<'static>,
         parent: &NodeCx<'_>,
         scopes: &[Scope<'p>],
-        entries: &[Entries<'p>],
         cover: Option<Cover>,
     ) -> R<bool> {
         match self.peek()? {
@@ -632,7 +631,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
                     if any {
                         self.out.push(b',');
                     }
-                    if self.child(child, parent, scopes, entries, cover)? {
+                    if self.child(child, parent, scopes, cover)? {
                         any = true;
                     } else {
                         self.out.truncate(item);
@@ -645,11 +644,11 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             _ if child.element.max_many => {
                 // The tree path's shape pass makes it a one-element array.
                 self.out.push(b'[');
-                let written = self.child(child, parent, scopes, entries, cover)?;
+                let written = self.child(child, parent, scopes, cover)?;
                 self.out.push(b']');
                 Ok(written)
             }
-            _ => self.child(child, parent, scopes, entries, cover),
+            _ => self.child(child, parent, scopes, cover),
         }
     }
 
@@ -659,7 +658,6 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         child: fhir_model::ChildRef<'static>,
         parent: &NodeCx<'_>,
         scopes: &[Scope<'p>],
-        entries: &[Entries<'p>],
         cover: Option<Cover>,
     ) -> R<bool> {
         let declared = declared_def(child);
@@ -687,7 +685,6 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         let (cs, cx) = self.walk.enter(
             self.plan,
             scopes,
-            entries,
             cover,
             parent,
             child,
