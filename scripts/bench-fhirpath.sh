@@ -8,9 +8,11 @@
 # alternately, ROUNDS times each, one process per round; each times only its loop (loading the
 # bundles is outside), and reports its peak RSS. The script checks that both sides return the
 # same number of items for every expression, then prints per side the median evaluations/s
-# (resource x expression pairs), the median ratio, and the largest peak RSS.
+# (resource x expression pairs), the median ratio, the ratio of the median CPU times of the loops,
+# and the largest peak RSS.
 # Usage: scripts/bench-fhirpath.sh [BUNDLES] [ROUNDS]     (defaults 5 and 5)
-# Env: CARGO_TARGET_DIR (the example is built with --release).
+# Env: CARGO_TARGET_DIR (the example is built with --release); FHIRPATH_COLD_BIN runs that binary
+# instead of building the example.
 set -euo pipefail
 BUNDLES="${1:-5}"
 ROUNDS="${2:-5}"
@@ -21,8 +23,12 @@ HERE="$ROOT/scripts/bench-fhirpath"
 # fhirpath.js into .tools/ (gitignored), the version crates/fhirpath/benches/compare.sh uses.
 bash "$ROOT/crates/fhirpath/benches/js/install.sh"
 export NODE_PATH="$ROOT/.tools/fhirpath-js/node_modules"
-(cd "$ROOT" && cargo build -q --release -p views --no-default-features --example fhirpath_cold)
-BIN="$TARGET/release/examples/fhirpath_cold"
+if [[ -n "${FHIRPATH_COLD_BIN:-}" ]]; then
+  BIN="$FHIRPATH_COLD_BIN"   # e.g. the example built at an earlier commit, for a before/after
+else
+  (cd "$ROOT" && cargo build -q --release -p views --no-default-features --example fhirpath_cold)
+  BIN="$TARGET/release/examples/fhirpath_cold"
+fi
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
@@ -61,6 +67,9 @@ for side, label in (("rust", "fhirhose"), ("js", "fhirpath.js")):
     print(f"{label:12} median {statistics.median(secs):8.3f} s  {rates[side]:12,.0f} evaluations/s  "
           f"(rounds {', '.join(f'{s:.3f}' for s in secs)})  peak RSS {rss:.0f} MiB")
 ratios = [j["seconds"] / r["seconds"] for r, j in zip(runs["rust"], runs["js"])]
-print(f"ratio fhirhose/fhirpath.js: {rates['rust'] / rates['js']:.1f}x of the medians; "
+print(f"ratio fhirhose/fhirpath.js: {rates['rust'] / rates['js']:.1f}x of the medians (wall); "
       f"per round {', '.join(f'{x:.1f}' for x in ratios)}")
+cpu = {side: statistics.median(r["cpu_seconds"] for r in runs[side]) for side in runs}
+print(f"CPU time of the loop (median): fhirhose {cpu['rust']:.3f} s, fhirpath.js {cpu['js']:.3f} s: "
+      f"ratio {cpu['js'] / cpu['rust']:.1f}x (steadier than wall time on a shared machine)")
 PY
