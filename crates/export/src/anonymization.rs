@@ -49,6 +49,7 @@ pub enum AnonymizationError {
 /// What the job records about its configuration. The text itself is kept so that a resumed job,
 /// on any node, applies exactly the rules fetched at kick-off.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct AnonymizationInfo {
     /// `storage` or `oci`.
     pub source: String,

@@ -35,6 +35,7 @@ use ingest::import::{ImportMode, import_lines};
 use serde_json::{Value, json};
 use store::Store;
 
+use crate::error::{Column, RecordError};
 use crate::jobs::{FileKind, JobQueue, JobRecord, NewFile, WorkItem};
 use crate::request::RequestError;
 use crate::run::{RunError, attempt_dir, finish_renames};
@@ -223,31 +224,6 @@ impl ImportRequest {
         })
     }
 
-    /// The job's recorded request.
-    pub fn to_json(&self) -> String {
-        json!({
-            "operation": "import",
-            "mode": self.mode.as_str(),
-            "inputFormat": INPUT_FORMAT,
-            "inputs": self.inputs,
-            "url": self.request_url,
-        })
-        .to_string()
-    }
-
-    /// The request recorded on a job, `None` when the job is not an import.
-    pub fn from_job(job: &JobRecord) -> Option<ImportRequest> {
-        let v: Value = serde_json::from_str(&job.request).ok()?;
-        if v.get("operation").and_then(Value::as_str) != Some("import") {
-            return None;
-        }
-        Some(ImportRequest {
-            mode: ImportMode::parse(v.get("mode")?.as_str()?)?,
-            inputs: serde_json::from_value(v.get("inputs")?.clone()).ok()?,
-            request_url: v.get("url")?.as_str()?.to_string(),
-        })
-    }
-
     /// The resource types it writes.
     pub fn types(&self) -> Vec<String> {
         let mut types: Vec<String> = self
@@ -259,11 +235,6 @@ impl ImportRequest {
         types.dedup();
         types
     }
-}
-
-/// Whether a job's recorded request is an import (without parsing it all).
-pub fn is_import(job: &JobRecord) -> bool {
-    job.request.contains("\"operation\":\"import\"") && ImportRequest::from_job(job).is_some()
 }
 
 /// What one input item needs.
@@ -333,8 +304,14 @@ fn lease_stopped(queue: &dyn JobQueue, item: &WorkItem, scanned: u64) -> RunErro
 /// Runs the item of one input from its committed cursor to the end of the input. Returns the
 /// resources loaded by the item in all (this claim and the ones before it).
 pub fn run_input(ctx: &InputContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
-    let index = usize::try_from(item.item_no - 1).map_err(|_| RunError::BadRequest)?;
-    let input = ctx.request.inputs.get(index).ok_or(RunError::BadRequest)?;
+    let input = usize::try_from(item.item_no - 1)
+        .ok()
+        .and_then(|index| ctx.request.inputs.get(index))
+        .ok_or_else(|| RecordError::Invalid {
+            job: ctx.job.id.clone(),
+            column: Column::Request,
+            reason: format!("work item {} names no recorded input", item.item_no),
+        })?;
     // A previous holder may have committed error parts without renaming them.
     let mine: Vec<_> = ctx
         .queue
@@ -546,7 +523,7 @@ mod tests {
         let job = JobRecord {
             id: "j".into(),
             state: crate::jobs::JobState::Queued,
-            request: ok.to_json(),
+            request: crate::record::JobRequest::Import(ok.clone()).encode(),
             watermark: 0,
             transaction_time: String::new(),
             client_id: None,
@@ -559,7 +536,7 @@ mod tests {
             finished_ms: None,
             cleanup: crate::jobs::Cleanup::None,
         };
-        assert_eq!(ImportRequest::from_job(&job), Some(ok));
+        assert_eq!(crate::record::import_request(&job).expect("an import"), ok);
         for (params, param) in [
             (
                 json!([{"name": "mode", "valueString": "InitialLoad"}, input("Patient", "imports/p.ndjson")]),

@@ -8,6 +8,9 @@
 //! - [`access`]: who may start, see and use an export, decided on the parsed request.
 //! - [`import`]: `$import` (Azure's shape) as jobs of the same queue: one item per input,
 //!   NDJSON read from the configured storage and written through [`ingest::import`].
+//! - [`error`]: [`RunError`] (running a work item) and [`RecordError`] (reading a job's record).
+//! - [`record`]: the typed payloads of a job record (request, de-identification, result),
+//!   decoded strictly ([`RecordError`]).
 //! - [`service`]: [`ExportService`], what the HTTP layer calls: kick-off, status, cancel, files.
 //!
 //! Architecture Invariant: an export reads only through a store snapshot — every scan is
@@ -19,9 +22,11 @@
 pub mod access;
 pub mod anonymization;
 pub mod defaults;
+pub mod error;
 pub mod import;
 pub mod jobs;
 pub mod part;
+pub mod record;
 pub mod remote;
 pub mod request;
 pub mod run;
@@ -30,7 +35,9 @@ pub mod sink;
 
 pub use access::{ExportAccess, Unrestricted};
 pub use anonymization::{AnonymizationError, AnonymizationInfo};
+pub use error::{RecordError, RunError};
 pub use jobs::{JobQueue, JobRecord, JobState, QueueError};
+pub use record::JobRequest;
 pub use remote::{ObjectStoreSink, RemoteConfig, RemoteSettings};
 pub use request::{ExportLevel, ExportRequest, RequestError};
 pub use run::RunSettings;

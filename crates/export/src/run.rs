@@ -13,70 +13,12 @@ use store::{IndexValue, SeqBounds, Store};
 
 use crate::anonymization::Anonymizer;
 use crate::jobs::{
-    FileKind, FileRecord, ItemKind, ItemPlan, JobQueue, JobRecord, Lease, NewFile, QueueError,
-    WorkItem,
+    FileKind, FileRecord, ItemKind, ItemPlan, JobQueue, JobRecord, Lease, NewFile, WorkItem,
 };
 use crate::request::{Associated, ExportLevel, ExportRequest};
 use crate::sink::{PartWriter, Sink, SinkError};
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// The job was cancelled (or failed elsewhere) while this item ran.
-    #[error("the export was stopped")]
-    Stopped,
-    /// Another worker holds this item now.
-    #[error("the work item's lease was lost")]
-    LeaseLost,
-    /// This process is shutting down: the item is given back, resumed at its cursor.
-    #[error("the server is shutting down")]
-    Interrupted,
-    #[error("Group/{0} not found")]
-    GroupNotFound(String),
-    /// The Group's membership passes a bound of [`RunSettings`] (nesting depth or members):
-    /// this export fails, the server goes on.
-    #[error("{0}")]
-    GroupTooLarge(String),
-    #[error("store: {0}")]
-    Store(#[from] store::StoreError),
-    #[error("job table: {0}")]
-    Queue(#[from] QueueError),
-    #[error("storage: {0}")]
-    Sink(#[from] SinkError),
-    /// A resource could not be de-identified and the configuration says `raise`.
-    #[error("{0}")]
-    Anonymization(String),
-    #[error("the stored export request cannot be read")]
-    BadRequest,
-}
-
-impl RunError {
-    /// Whether another attempt of the item may succeed.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            RunError::Sink(e) => e.is_transient(),
-            RunError::Store(
-                store::StoreError::Io { .. } | store::StoreError::Unavailable { .. },
-            ) => true,
-            // The job table's database went away or a statement waited too long (e.g. behind
-            // a paused node's session, which the server then ends): the item is retried.
-            RunError::Queue(QueueError::Db(store::StoreError::Unavailable { .. })) => true,
-            _ => false,
-        }
-    }
-
-    /// The HTTP status the status endpoint answers for a job failed by this error.
-    pub fn status(&self) -> u16 {
-        match self {
-            RunError::GroupNotFound(_)
-            | RunError::GroupTooLarge(_)
-            | RunError::Anonymization(_)
-            | RunError::BadRequest => 400,
-            RunError::Sink(e) if e.is_transient() => 503,
-            RunError::Sink(SinkError::NoSpace(_)) => 507,
-            _ => 500,
-        }
-    }
-}
+pub use crate::error::RunError;
 
 /// How files are cut and how often a worker reports.
 #[derive(Debug, Clone)]

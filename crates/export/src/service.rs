@@ -17,6 +17,7 @@ use crate::jobs::{
     Cleanup, FileKind, ItemKind, JobQueue, JobRecord, JobState, Orphans, QueueError, Retry,
     WorkItem, owner_name,
 };
+use crate::record::{self, ExportRecord, JobRequest, RecordError, export_request};
 use crate::request::{ExportLevel, ExportRequest, RequestError, parameters_to_pairs};
 use crate::run::{ItemContext, Prepared, RunError, RunSettings, execute_item, plan};
 use crate::sink::{FileBody, Sink};
@@ -161,9 +162,19 @@ pub enum ExportError {
     /// Too many exports at once → 429 with Retry-After.
     #[error("too many exports in progress ({0}); retry later")]
     TooMany(u64),
-    /// Storage failure → 500.
-    #[error("export storage failure: {0}")]
-    Internal(String),
+    /// A payload of a job's record cannot be used (written by a newer version, or edited by
+    /// hand; the cause kept as the source) → 500.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// An export worker thread could not be started → 500.
+    #[error("cannot start an export thread")]
+    Thread(#[source] std::io::Error),
+    /// Planning the export's work items failed (the cause kept as the source) → 500.
+    #[error("cannot plan the export")]
+    Plan(#[source] Box<RunError>),
+    /// The export settings are invalid (the cause kept as the source) → 500.
+    #[error("invalid export settings")]
+    Settings(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The resource store failed (its cause kept as the source): 503 when the database is
     /// unavailable, else 500.
     #[error("export: {0}")]
@@ -210,45 +221,6 @@ pub enum Status {
         diagnostics: String,
         status: u16,
     },
-}
-
-/// Persisted form of a kick-off, parsed again by whichever worker runs the job.
-fn request_json(
-    level: &ExportLevel,
-    pairs: &[(String, String)],
-    is_post: bool,
-    lenient: bool,
-    url: &str,
-    separate: bool,
-) -> String {
-    let (lv, gid) = match level {
-        ExportLevel::System => ("system", None),
-        ExportLevel::Patient => ("patient", None),
-        ExportLevel::Group(g) => ("group", Some(g.clone())),
-    };
-    json!({"level": lv, "group": gid, "params": pairs, "post": is_post, "lenient": lenient, "url": url, "separate": separate}).to_string()
-}
-
-fn parse_request_json(s: &str, now_ms: i64) -> Option<ExportRequest> {
-    let v: Value = serde_json::from_str(s).ok()?;
-    let level = match v["level"].as_str()? {
-        "system" => ExportLevel::System,
-        "patient" => ExportLevel::Patient,
-        _ => ExportLevel::Group(v["group"].as_str()?.to_string()),
-    };
-    let pairs: Vec<(String, String)> = serde_json::from_value(v["params"].clone()).ok()?;
-    let mut req = ExportRequest::parse(
-        level,
-        &pairs,
-        v["post"].as_bool()?,
-        v["lenient"].as_bool()?,
-        now_ms,
-        v["url"].as_str()?.to_string(),
-    )
-    .ok()?;
-    // Jobs recorded before the field existed had no separate status.
-    req.separate_status = v["separate"].as_bool().unwrap_or(false);
-    Some(req)
 }
 
 fn now_ms() -> i64 {
@@ -427,7 +399,7 @@ impl ExportService {
             std::thread::Builder::new()
                 .name(name)
                 .spawn(f)
-                .map_err(|e| ExportError::Internal(format!("cannot start an export thread: {e}")))
+                .map_err(ExportError::Thread)
         };
         let me = Arc::downgrade(self);
         threads.push(spawn(
@@ -752,7 +724,7 @@ impl ExportService {
             plan(self.store.as_ref(), &req, wm.seq, item_resources).map_err(|e| match e {
                 RunError::Store(e) => ExportError::Store(e),
                 RunError::Queue(q) => ExportError::from(q),
-                e => ExportError::Internal(e.to_string()),
+                e => ExportError::Plan(Box::new(e)),
             })?;
         // A dry run writes no data: its finalize item runs the report over the export's scope.
         if req.anonymization.as_ref().is_some_and(|s| s.dry_run) {
@@ -770,13 +742,21 @@ impl ExportService {
         let job = JobRecord {
             id: id.clone(),
             state: JobState::Queued,
-            request: request_json(&level, &pairs, is_post, lenient, &request_url, separate),
+            request: JobRequest::Export(ExportRecord::new(
+                &level,
+                &pairs,
+                is_post,
+                lenient,
+                &request_url,
+                separate,
+            ))
+            .encode(),
             watermark: wm.seq,
             transaction_time,
             client_id,
             container,
             folder: id.clone(),
-            anonymization: anonymization.map(|a| serde_json::to_string(&a).unwrap_or_default()),
+            anonymization: anonymization.as_ref().map(record::encode_anonymization),
             result: None,
             failure_status: None,
             created_ms: now,
@@ -817,17 +797,13 @@ impl ExportService {
             return Ok(p.clone());
         }
         let job = self.queue.get(job_id)?.ok_or(RunError::Stopped)?;
-        let req = parse_request_json(&job.request, job.created_ms).ok_or(RunError::BadRequest)?;
-        let anonymizer = match &job.anonymization {
+        let req = export_request(&job)?;
+        let anonymizer = match record::anonymization(&job)? {
             None => None,
-            Some(text) => {
-                let info: AnonymizationInfo =
-                    serde_json::from_str(text).map_err(|_| RunError::BadRequest)?;
-                Some(
-                    Anonymizer::new(info, &job.folder)
-                        .map_err(|e| RunError::Anonymization(e.to_string()))?,
-                )
-            }
+            Some(info) => Some(
+                Anonymizer::new(info, &job.folder)
+                    .map_err(|e| RunError::Anonymization(e.to_string()))?,
+            ),
         };
         let p = Arc::new(Prepared::new(
             self.store.as_ref(),
@@ -874,11 +850,10 @@ impl ExportService {
             return Ok(Some((job.clone(), req.clone())));
         }
         let job = self.queue.get(job_id)?.ok_or(RunError::Stopped)?;
-        if !crate::import::is_import(&job) {
+        if !record::is_import(&job) {
             return Ok(None);
         }
-        let req =
-            Arc::new(crate::import::ImportRequest::from_job(&job).ok_or(RunError::BadRequest)?);
+        let req = Arc::new(record::import_request(&job)?);
         lock(&self.imports).insert(job_id.to_string(), (job.clone(), req.clone()));
         Ok(Some((job, req)))
     }
@@ -1208,11 +1183,7 @@ impl ExportService {
         }
         let mine: Vec<crate::jobs::FileRecord> =
             files.into_iter().filter(|f| f.item_no == no).collect();
-        let anonymization = job
-            .anonymization
-            .as_deref()
-            .and_then(|t| serde_json::from_str::<AnonymizationInfo>(t).ok())
-            .map(|i| i.manifest_extension());
+        let anonymization = record::anonymization(job)?.map(|i| i.manifest_extension());
         let mut m = self.manifest_of(job, req, anonymization, &mine);
         if let Some(n) = next {
             m["link"] = json!([{
@@ -1234,16 +1205,17 @@ impl ExportService {
         if job.state == JobState::Cancelled || !access.owns(job.client_id.as_deref()) {
             return Err(ExportError::UnknownJob(id.to_string()));
         }
-        if !access.is_unrestricted() && crate::import::is_import(&job) {
-            let req = crate::import::ImportRequest::from_job(&job).ok_or_else(|| {
-                ExportError::Internal(format!("the recorded request of import {id} is unreadable"))
-            })?;
-            access::authorize_import(&req.types(), access).map_err(ExportError::Forbidden)?;
-        } else if !access.is_unrestricted() {
-            let req = parse_request_json(&job.request, job.created_ms).ok_or_else(|| {
-                ExportError::Internal(format!("the recorded request of export {id} is unreadable"))
-            })?;
-            access::authorize(&req, access).map_err(ExportError::Forbidden)?;
+        if !access.is_unrestricted() {
+            match JobRequest::decode(&job)? {
+                JobRequest::Import(req) => {
+                    access::authorize_import(&req.types(), access)
+                        .map_err(ExportError::Forbidden)?;
+                }
+                JobRequest::Export(r) => {
+                    let req = r.request(&job.id, job.created_ms)?;
+                    access::authorize(&req, access).map_err(ExportError::Forbidden)?;
+                }
+            }
         }
         Ok(job)
     }
@@ -1251,7 +1223,7 @@ impl ExportService {
     /// Progress text such as `Observation 1,200,000 of 3,000,000 (2 of 17 types done)`.
     fn progress_text(&self, job_id: &str) -> Result<String, ExportError> {
         if let Some(job) = self.queue.get(job_id)?
-            && crate::import::is_import(&job)
+            && record::is_import(&job)
         {
             return self.import_progress_text(job_id);
         }
@@ -1381,7 +1353,7 @@ impl ExportService {
         let job = JobRecord {
             id: id.clone(),
             state: JobState::Queued,
-            request: req.to_json(),
+            request: JobRequest::Import(req.clone()).encode(),
             watermark: 0,
             transaction_time: store::format_instant_ms(now),
             client_id: access.client_id().map(str::to_string),
@@ -1415,7 +1387,15 @@ impl ExportService {
         access: &dyn ExportAccess,
     ) -> Result<StatusView, ExportError> {
         let job = self.owned_job(id, access)?;
-        let req = parse_request_json(&job.request, job.created_ms);
+        let recorded = JobRequest::decode(&job)?;
+        let separate_status = matches!(&recorded, JobRequest::Export(r) if r.separate());
+        let req = match recorded.export(&job) {
+            Ok(req) => req,
+            // Recorded parameters that no longer parse failed the job (400) when it ran: its
+            // status is that failure.
+            Err(RecordError::Request { .. }) if job.state == JobState::Failed => None,
+            Err(e) => return Err(e.into()),
+        };
         let allow_partial = req.as_ref().is_some_and(|r| r.allow_partial);
         if page.is_some() && !allow_partial {
             return Err(ExportError::Request(RequestError {
@@ -1433,11 +1413,11 @@ impl ExportService {
             },
             JobState::Expired => return Err(ExportError::Expired(id.to_string())),
             JobState::Complete => {
-                let stored: Value = job
-                    .result
-                    .as_deref()
-                    .and_then(|s| serde_json::from_str(s).ok())
-                    .unwrap_or(Value::Null);
+                let stored = record::manifest(&job)?.ok_or_else(|| RecordError::Invalid {
+                    job: job.id.clone(),
+                    column: crate::record::Column::Result,
+                    reason: "a complete job without its manifest".into(),
+                })?;
                 Status::Complete {
                     manifest: match &req {
                         Some(r) if r.allow_partial => self.manifest_page(&job, r, page)?,
@@ -1455,7 +1435,7 @@ impl ExportService {
         };
         Ok(StatusView {
             status,
-            separate_status: req.is_some_and(|r| r.separate_status),
+            separate_status,
         })
     }
 
@@ -1480,7 +1460,9 @@ impl ExportService {
         let job = self.owned_job(id, access)?;
         // A running export's files are served once listed by a partial manifest.
         let listed_early = matches!(job.state, JobState::Queued | JobState::Running)
-            && parse_request_json(&job.request, job.created_ms).is_some_and(|r| r.allow_partial);
+            && JobRequest::decode(&job)?
+                .export(&job)?
+                .is_some_and(|r| r.allow_partial);
         if job.state != JobState::Complete && !listed_early {
             return Err(ExportError::UnknownFile(name.to_string()));
         }

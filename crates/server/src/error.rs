@@ -10,6 +10,21 @@ use serde_json::Value;
 /// itself once it is back).
 pub const RETRY_AFTER_SECS: &str = "5";
 
+/// An error and its `source()` chain as one line (`a: b: c`), for the log.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
 /// An API error: an HTTP status and the issues of its OperationOutcome. Boxed, so that the
 /// `Result<_, ApiError>` every handler returns stays one pointer wide on its error side; the
 /// fields are read and written through `Deref` ([`ApiErrorBody`]).

@@ -57,7 +57,16 @@ impl From<ExportError> for ApiError {
                 }
                 _ => ApiError::invalid(e.to_string(), "_anonymizationConfig"),
             },
-            ExportError::Internal(detail) => ApiError::internal("export", detail),
+            // A job record this version cannot read: refused loudly, naming the job, the
+            // column and the cause (a server-side payload, no secret in it).
+            ExportError::Record(r) => {
+                let detail = crate::error::Chain(&e).to_string();
+                tracing::error!(job = %r.job(), column = %r.column(), error = %detail, "unreadable job record");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", detail)
+            }
+            ExportError::Thread(_) | ExportError::Plan(_) | ExportError::Settings(_) => {
+                ApiError::internal("export", crate::error::Chain(&e))
+            }
             ExportError::Store(db @ store::StoreError::Unavailable { .. }) => {
                 ApiError::database_unavailable("export", db)
             }

@@ -67,7 +67,7 @@ impl AppState {
         let base_url: String = base_url.into();
         let config = config::ExportOptions::default()
             .export_config(data_dir, base_url.clone())
-            .map_err(|e| export::ExportError::Internal(e.to_string()))?;
+            .map_err(|e| export::ExportError::Settings(Box::new(e)))?;
         let state = AppState::with_export(store, base_url.clone(), auth, max_body_bytes, config)?;
         let policy = negotiate::RequestPolicy::new(
             &base_url,

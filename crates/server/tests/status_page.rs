@@ -271,6 +271,114 @@ async fn metrics_and_the_status_page_show_an_export() {
     assert_eq!(complete["span"]["name"], "export_item", "{complete}");
 }
 
+/// A job row whose recorded payload this version cannot read (an unknown level in its request,
+/// a manifest that is not JSON), written straight into the job table through the store's
+/// queue: the status page (HTML and JSON) still answers 200 and lists the readable jobs, leaving
+/// out the unreadable one with an error log naming job and column; the job's own status URL
+/// answers 500 with an OperationOutcome naming the job, the column and the cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_job_record_is_refused_on_its_own_status_url_not_in_the_list() {
+    capture_logs();
+    let s = common::start(&some_patients(1), server::config::ExportOptions::default()).await;
+    let (good_url, _) = s.export_with_status("/$export?_type=Patient").await;
+    let good = good_url.rsplit('/').next().expect("id").to_string();
+
+    let bad_request = format!("bad-request-{}", uuid::Uuid::new_v4().simple());
+    let bad_result = format!("bad-result-{}", uuid::Uuid::new_v4().simple());
+    let store = s.db.store.clone();
+    let (a, b) = (bad_request.clone(), bad_result.clone());
+    common::blocking(move || {
+        let queue = store.jobs().expect("job queue");
+        let row = |id: &str, request: &str, result: &str| export::JobRecord {
+            id: id.to_string(),
+            state: export::JobState::Complete,
+            request: request.to_string(),
+            watermark: 0,
+            transaction_time: "2026-01-01T00:00:00Z".into(),
+            client_id: None,
+            container: "exports".into(),
+            folder: id.to_string(),
+            anonymization: None,
+            result: Some(result.to_string()),
+            failure_status: None,
+            created_ms: chrono::Utc::now().timestamp_millis(),
+            finished_ms: Some(chrono::Utc::now().timestamp_millis()),
+            cleanup: export::jobs::Cleanup::None,
+        };
+        let request = r#"{"level":"cohort","group":null,"params":[],"post":false,"lenient":true,"url":"http://x/$export"}"#;
+        queue
+            .create(&row(&a, request, r#"{"output":[]}"#), &[], 100)
+            .expect("insert the bad request row");
+        let readable = request.replace("cohort", "system");
+        queue
+            .create(&row(&b, &readable, "{not json"), &[], 100)
+            .expect("insert the bad result row");
+    })
+    .await;
+
+    // The list: 200, the readable jobs, the unreadable one left out.
+    let r =
+        s.c.get(format!("{}/exports?format=json", s.base))
+            .send()
+            .await
+            .expect("exports");
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.expect("json");
+    let ids: Vec<&str> = v["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter_map(|j| j["id"].as_str())
+        .collect();
+    assert!(ids.contains(&good.as_str()), "{v}");
+    assert!(
+        ids.contains(&bad_result.as_str()),
+        "the list reads no manifest: {v}"
+    );
+    assert!(!ids.contains(&bad_request.as_str()), "{v}");
+    let r =
+        s.c.get(format!("{}/exports", s.base))
+            .header("accept", "text/html,*/*;q=0.8")
+            .send()
+            .await
+            .expect("page");
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = r.text().await.expect("html");
+    assert!(html.contains(&good), "{html}");
+    assert!(!html.contains(&bad_request), "{html}");
+    let log = String::from_utf8_lossy(&LOG.lock().unwrap_or_else(|p| p.into_inner())).to_string();
+    let logged = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["job"] == bad_request.as_str() && v["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("the skipped row is logged: {log}"));
+    assert_eq!(logged["fields"]["column"], "request", "{logged}");
+
+    // Each job's own status URL: 500, an OperationOutcome naming job, column and cause.
+    for (id, column, cause) in [
+        (&bad_request, "request", "unknown variant `cohort`"),
+        (&bad_result, "result", "key must be a string"),
+    ] {
+        let r =
+            s.c.get(format!("{}/export-status/{id}", s.base))
+                .send()
+                .await
+                .expect("status");
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let oo: Value = r.json().await.expect("an OperationOutcome");
+        assert_eq!(oo["resourceType"], "OperationOutcome", "{oo}");
+        let text = oo["issue"][0]["diagnostics"].as_str().unwrap_or("");
+        assert!(
+            text.contains(&format!("the recorded {column} of job {id}")),
+            "{oo}"
+        );
+        assert!(text.contains(cause), "the cause is kept: {oo}");
+    }
+    // The readable job is unaffected.
+    let r = s.c.get(&good_url).send().await.expect("status");
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
 struct Smart {
     base: String,
     token_url: String,
