@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Url;
 
-use crate::registry::{VerificationKey, parse_jwk};
+use crate::jwk::{VerificationKey, parse_jwk};
 
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 pub const MIN_TTL: Duration = Duration::from_secs(30);

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod client_tools;
 pub mod config;
 pub mod http;
+mod jwk;
 mod jwks_fetch;
 pub mod log_safe;
 pub mod registry;

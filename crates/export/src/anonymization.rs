@@ -7,12 +7,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::error::RunError;
 use crate::request::AnonymizationSpec;
-use crate::run::RunError;
 use crate::sink::{Sink, SinkError, sha256_hex};
 
-/// The container holding anonymizer configurations, beside the export containers.
-pub const CONFIG_CONTAINER: &str = "anonymization";
+/// The container holding anonymizer configurations, beside the export containers (written
+/// in [`crate::request`], which reserves it).
+pub use crate::request::CONFIG_CONTAINER;
 /// Largest accepted configuration.
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 

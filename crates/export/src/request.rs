@@ -134,7 +134,10 @@ fn err(param: &str, message: impl Into<String>) -> RequestError {
 
 /// Containers the server keeps for itself: the de-identification configurations
 /// (`anonymization`, read at kick-off) must never be written or overwritten by an export.
-pub const RESERVED_CONTAINERS: [&str; 1] = [crate::anonymization::CONFIG_CONTAINER];
+pub const RESERVED_CONTAINERS: [&str; 1] = [CONFIG_CONTAINER];
+
+/// The container holding anonymizer configurations, beside the export containers.
+pub const CONFIG_CONTAINER: &str = "anonymization";
 
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
 

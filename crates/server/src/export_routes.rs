@@ -275,27 +275,20 @@ pub async fn type_export(
     .await
 }
 
-/// `/{type}/{id}/$export`: only `Group` has an instance-level export.
+/// `/{type}/{id}/$export`: only `Group` has an instance-level export (the router's
+/// `instance_operation` sends `/Group/{id}/$export` here).
 // One argument per axum extractor (and the level): a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
-pub async fn instance_operation(
-    State(state): State<AppState>,
+pub async fn group_export(
+    state: AppState,
     ctx: AuthContext,
-    Path((rtype, id, op)): Path<(String, String, String)>,
+    id: String,
     method: Method,
     headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
-    RawQuery(raw): RawQuery,
+    uri: axum::http::Uri,
+    raw: Option<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    if rtype == crate::view_routes::VIEW_DEFINITION && op == "$viewdefinition-run" {
-        return crate::view_routes::instance_run(state, ctx, id, method, raw, body).await;
-    }
-    if rtype != "Group" || op != "$export" {
-        return Err(ApiError::not_found(format!(
-            "no such endpoint: /{rtype}/{id}/{op}"
-        )));
-    }
     if !store::is_valid_id(&id) {
         return Err(ApiError::invalid(format!("invalid id '{id}'"), "id"));
     }

@@ -22,6 +22,31 @@ use crate::negotiate::{self, json_body};
 use crate::{AppState, fhir_bytes, fhir_json};
 use auth::AuthContext;
 
+/// `/{type}/{id}/{op}`: `/Group/{id}/$export` and `/ViewDefinition/{id}/$viewdefinition-run`
+/// (the router depends on both route modules; neither on the other's dispatch).
+// One argument per axum extractor: a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+async fn instance_operation(
+    State(state): State<AppState>,
+    ctx: AuthContext,
+    Path((rtype, id, op)): Path<(String, String, String)>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
+    RawQuery(raw): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if rtype == crate::view_routes::VIEW_DEFINITION && op == "$viewdefinition-run" {
+        return crate::view_routes::instance_run(state, ctx, id, method, raw, body).await;
+    }
+    if rtype != "Group" || op != "$export" {
+        return Err(ApiError::not_found(format!(
+            "no such endpoint: /{rtype}/{id}/{op}"
+        )));
+    }
+    crate::export_routes::group_export(state, ctx, id, method, headers, uri, raw, body).await
+}
+
 /// Builds the router with every layer.
 pub fn router(state: AppState) -> Router {
     let auth = state.auth.clone();
@@ -53,8 +78,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/{rtype}/{id}/{operation}",
-            get(crate::export_routes::instance_operation)
-                .post(crate::export_routes::instance_operation),
+            get(instance_operation).post(instance_operation),
         )
         .route(
             "/export-status/{job}",

@@ -105,3 +105,29 @@ impl From<rusqlite::types::FromSqlError> for StoreError {
         StoreError::Corrupt(e.to_string())
     }
 }
+
+/// A stored state name this version does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown export {what} '{value}' in the job table (written by a newer version, or edited by hand)"
+)]
+pub struct UnknownName {
+    /// What the value names (`job state`, `cleanup state`, `item kind`, `file kind`).
+    pub what: &'static str,
+    pub value: String,
+}
+
+/// Errors of a [`JobQueue`](crate::JobQueue) (and of its key sets, [`crate::keysets`]).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The database failed (the driver's error is the source). → 500.
+    #[error("export job table: {0}")]
+    Db(#[from] StoreError),
+    /// The concurrent-export limit is reached (the number of active jobs). → 429.
+    #[error("{0} exports in progress")]
+    Full(u64),
+    /// A stored state this version does not know (a newer version wrote it, or the table was
+    /// edited by hand): refused, never read as some other state. → 500.
+    #[error(transparent)]
+    Unknown(#[from] UnknownName),
+}

@@ -33,18 +33,7 @@
 
 use std::str::FromStr;
 
-use crate::StoreError;
-
-/// A stored state name this version does not know.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown export {what} '{value}' in the job table (written by a newer version, or edited by hand)"
-)]
-pub struct UnknownName {
-    /// What the value names (`job state`, `cleanup state`, `item kind`, `file kind`).
-    pub what: &'static str,
-    pub value: String,
-}
+pub use crate::error::{QueueError, UnknownName};
 
 /// A state enum stored as text: `as_str`, `NAMES` (for the `CHECK` constraints) and a `FromStr`
 /// that refuses unknown text.
@@ -346,21 +335,6 @@ pub struct ItemProgress {
     /// Its scanned count as of the last heartbeat or commit.
     pub scanned: u64,
     pub done: bool,
-}
-
-/// Errors of a [`JobQueue`].
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    /// The database failed (the driver's error is the source). → 500.
-    #[error("export job table: {0}")]
-    Db(#[from] StoreError),
-    /// The concurrent-export limit is reached (the number of active jobs). → 429.
-    #[error("{0} exports in progress")]
-    Full(u64),
-    /// A stored state this version does not know (a newer version wrote it, or the table was
-    /// edited by hand): refused, never read as some other state. → 500.
-    #[error(transparent)]
-    Unknown(#[from] UnknownName),
 }
 
 /// The job queue contract shared by every backend.

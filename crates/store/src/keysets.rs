@@ -6,7 +6,7 @@
 //! migration 4). The keys are secret: [`KeySet`]'s `Debug` shows none, and callers show only a digest
 //! of them (`deid::keys::fingerprint`).
 
-use crate::jobs::QueueError;
+use crate::error::QueueError;
 
 /// One stored key set (the current version of a name).
 #[derive(Clone, PartialEq, Eq)]
