@@ -388,28 +388,15 @@ impl BundlePlan {
         for p in parsed.iter_mut() {
             let Ok(entry) = p else { continue };
             let index = entry.index;
-            if let Some(resource) = entry.resource_mut() {
-                let mut unresolved = None;
-                refs.rewrite(
+            if let Some(resource) = entry.resource_mut()
+                && let Err(e) = check_resource(
                     resource,
+                    &refs,
                     &format!("Bundle.entry[{index}].resource"),
-                    &mut |r, path| {
-                        if unresolved.is_none() {
-                            unresolved = Some((r.to_string(), path));
-                        }
-                    },
-                );
-                if let Some((reference, expression)) = unresolved {
-                    *p = Err(EntryError::UnresolvedReference {
-                        index,
-                        reference,
-                        expression,
-                    });
-                    continue;
-                }
-                if validate && let Err(issues) = fhir_model::r4().validate(resource) {
-                    *p = Err(EntryError::Validation { index, issues });
-                }
+                    validate,
+                )
+            {
+                *p = Err(e.at_entry(index));
             }
         }
 
@@ -422,6 +409,70 @@ impl BundlePlan {
         }
         Ok(Translated { kind, entries })
     }
+}
+
+/// Why a resource cannot be written, found before the store by [`check_resource`].
+#[derive(Debug)]
+pub enum ResourceProblem {
+    /// A `urn:` reference that names no resource being written with it. → 400 `invalid`.
+    UnresolvedReference {
+        reference: String,
+        /// Where, below the `root` given to [`check_resource`].
+        expression: String,
+    },
+    /// The resource fails structural validation. → 400 `invalid` (one issue per problem; paths
+    /// relative to the resource).
+    Invalid(Vec<fhir_model::ValidationIssue>),
+}
+
+impl ResourceProblem {
+    /// The problem as the failure of Bundle entry `index`.
+    pub fn at_entry(self, index: usize) -> EntryError {
+        match self {
+            ResourceProblem::UnresolvedReference {
+                reference,
+                expression,
+            } => EntryError::UnresolvedReference {
+                index,
+                reference,
+                expression,
+            },
+            ResourceProblem::Invalid(issues) => EntryError::Validation { index, issues },
+        }
+    }
+}
+
+/// The checks every resource written through `ingest` passes before the store: its references
+/// rewritten with `refs` (`fullUrl` → `Type/id`), a `urn:` reference that `refs` does not know
+/// refused, and (with `validate`) structural validation against the R4 model. Each Bundle entry
+/// goes through it with the Bundle's `fullUrl`s, and so does a single REST create or update
+/// (`POST /{type}`, `PUT /{type}/{id}`) with an empty map: outside a Bundle no `urn:` reference
+/// names anything. (The bulk loader resolves across files and counts what stays unresolved
+/// instead, see [`crate::loader`].) `root` prefixes the expression of an unresolved reference.
+pub fn check_resource(
+    resource: &mut Value,
+    refs: &ReferenceMap,
+    root: &str,
+    validate: bool,
+) -> Result<(), ResourceProblem> {
+    let mut unresolved = None;
+    refs.rewrite(resource, root, &mut |r, path| {
+        if unresolved.is_none() {
+            unresolved = Some((r.to_string(), path));
+        }
+    });
+    if let Some((reference, expression)) = unresolved {
+        return Err(ResourceProblem::UnresolvedReference {
+            reference,
+            expression,
+        });
+    }
+    if validate {
+        fhir_model::r4()
+            .validate(resource)
+            .map_err(ResourceProblem::Invalid)?;
+    }
+    Ok(())
 }
 
 /// Two entries of a transaction that change the same resource (`Type/id`, or the same

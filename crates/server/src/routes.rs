@@ -224,8 +224,11 @@ fn check_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Validates a request body as a resource of the URL's type.
-fn check_resource(v: &Value, rtype: &str) -> Result<(), ApiError> {
+/// Checks a request body as a resource of the URL's type, through the checks every write
+/// through `ingest` makes ([`ingest::bundle::check_resource`]: a `urn:` reference, which names
+/// nothing outside a Bundle, is refused; structural validation). A ViewDefinition is validated
+/// by `views`.
+fn check_resource(v: &mut Value, rtype: &str) -> Result<(), ApiError> {
     match v.get("resourceType").and_then(Value::as_str) {
         None => {
             return Err(ApiError::invalid(
@@ -244,18 +247,30 @@ fn check_resource(v: &Value, rtype: &str) -> Result<(), ApiError> {
     if rtype == crate::view_routes::VIEW_DEFINITION {
         return crate::view_routes::check_view_definition(v);
     }
-    if let Err(issues) = fhir_model::r4().validate(v) {
-        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", "invalid resource");
-        err.issues = issues
-            .iter()
-            .map(|i| {
-                ingest::outcome::OutcomeIssue::error("invalid", i.message.clone())
-                    .at(i.path.clone())
-            })
-            .collect();
-        return Err(err);
+    let no_refs = ingest::references::ReferenceMap::new();
+    match ingest::bundle::check_resource(v, &no_refs, rtype, true) {
+        Ok(()) => Ok(()),
+        Err(ingest::bundle::ResourceProblem::UnresolvedReference {
+            reference,
+            expression,
+        }) => Err(ApiError::invalid(
+            format!(
+                "reference '{reference}' names no resource: a urn: reference resolves only inside a Bundle"
+            ),
+            expression,
+        )),
+        Err(ingest::bundle::ResourceProblem::Invalid(issues)) => {
+            let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", "invalid resource");
+            err.issues = issues
+                .iter()
+                .map(|i| {
+                    ingest::outcome::OutcomeIssue::error("invalid", i.message.clone())
+                        .at(i.path.clone())
+                })
+                .collect();
+            Err(err)
+        }
     }
-    Ok(())
 }
 
 fn etag(version: i64) -> HeaderValue {
@@ -353,7 +368,7 @@ async fn create(
     check_type(&rtype)?;
     ctx.require(&rtype, auth::Permission::Create)?;
     let mut v = json_body(body, state.policy.max_bundle_entries)?;
-    check_resource(&v, &rtype)?;
+    check_resource(&mut v, &rtype)?;
     // The server assigns the id of a created resource.
     if let Some(obj) = v.as_object_mut() {
         obj.remove("id");
@@ -392,7 +407,7 @@ async fn update(
     check_type(&rtype)?;
     ctx.require(&rtype, auth::Permission::Update)?;
     check_id(&id)?;
-    let v = json_body(body, state.policy.max_bundle_entries)?;
+    let mut v = json_body(body, state.policy.max_bundle_entries)?;
     match v.get("id") {
         None => {
             return Err(ApiError::invalid(
@@ -408,7 +423,7 @@ async fn update(
         }
         _ => {}
     }
-    check_resource(&v, &rtype)?;
+    check_resource(&mut v, &rtype)?;
     let expected = if_match(&headers)?;
     let store = state.store.clone();
     let outcomes = blocking(move || {

@@ -325,6 +325,58 @@ async fn transaction_is_all_or_nothing() {
     assert_eq!(st, StatusCode::OK);
 }
 
+/// Issue 23 item 1: `POST /{type}` and `PUT /{type}/{id}` pass the checks of the Bundle path
+/// (ingest's `check_resource`): the same invalid resource and the same `urn:` reference, which
+/// names nothing outside a Bundle, are refused by both, and nothing is stored.
+#[tokio::test]
+async fn single_writes_are_checked_like_bundle_entries() {
+    let s = start().await;
+    let dangling = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": "urn:uuid:0f2c5a4e-8f21-4c6e-9a55-0d3c1b0a7e11"}});
+    let invalid = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "valueFoo": 1});
+    for (resource, says) in [(&dangling, "urn:uuid:0f2c5a4e"), (&invalid, "valueFoo")] {
+        let (st, _, oo) = s
+            .send(
+                reqwest::Method::POST,
+                "/Observation",
+                Some(resource.clone()),
+                &[],
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{oo}");
+        assert_outcome(&oo, says);
+        let mut with_id = resource.clone();
+        with_id["id"] = json!("o1");
+        let (st, _, oo) = s
+            .send(reqwest::Method::PUT, "/Observation/o1", Some(with_id), &[])
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{oo}");
+        assert_outcome(&oo, says);
+        let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": resource, "request": {"method": "POST", "url": "Observation"}}]});
+        let (st, _, resp) = s.send(reqwest::Method::POST, "/", Some(batch), &[]).await;
+        assert_eq!(st, StatusCode::OK, "{resp}");
+        assert!(
+            resp["entry"][0]["response"]["status"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("400")),
+            "{resp}"
+        );
+        assert_outcome(&resp["entry"][0]["response"]["outcome"], says);
+    }
+    let (_, _, count) = s.get("/Observation?_summary=count").await;
+    assert_eq!(count["total"], 0, "nothing stored");
+    // The expression names where the reference is.
+    let (_, _, oo) = s
+        .send(reqwest::Method::POST, "/Observation", Some(dangling), &[])
+        .await;
+    assert_eq!(
+        oo["issue"][0]["expression"][0], "Observation.subject.reference",
+        "{oo}"
+    );
+}
+
 #[tokio::test]
 async fn bad_input_answers_with_operation_outcomes() {
     let s = start_with(64 * 1024, None).await;
