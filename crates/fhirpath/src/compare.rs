@@ -6,7 +6,8 @@ use rust_decimal::Decimal;
 use serde_json::Value as Json;
 
 use crate::error::EvalError;
-use crate::value::{Item, SystemValue};
+use crate::node::Item;
+use crate::value::SystemValue;
 
 fn num(v: &SystemValue<'_>) -> Option<Decimal> {
     match v {

@@ -25,9 +25,10 @@ use crate::EvalContext;
 use crate::compare::equals;
 use crate::error::EvalError;
 use crate::functions::Builtin;
+use crate::node::Item;
 use crate::parser::{Expr, Func};
 use crate::quantity::Quantity;
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 use operators::binary;
 use tree::descendants_of_type;

@@ -35,12 +35,12 @@ use chrono::{DateTime, FixedOffset};
 use serde_json::Value as Json;
 
 pub use error::{EvalError, ParseError};
-pub use node::{Node, NodePath, Segment};
+pub use node::{Item, Node, NodePath, Segment};
 pub use quantity::Quantity;
 pub use registry::{CustomFn, FunctionRegistry, walk_without_subresources};
 pub use rust_decimal::Decimal;
 pub use temporal::{Precision, Temporal, TemporalKind};
-pub use value::{Item, SystemValue};
+pub use value::SystemValue;
 
 /// A compiled FHIRPath expression. Immutable, `Send + Sync`: compile once, share, evaluate often.
 #[derive(Debug, Clone)]

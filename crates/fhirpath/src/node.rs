@@ -1,9 +1,13 @@
 //! Document nodes: a typed, located view of a FHIR JSON value.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::rc::Rc;
 
+use crate::quantity::Quantity;
+use crate::temporal::Temporal;
 use crate::typeinfo::{self, TypeInfo};
+use crate::value::{SystemValue, UCUM, parse_decimal};
 use serde_json::{Map, Value as Json};
 
 /// One step of a [`NodePath`].
@@ -250,7 +254,7 @@ impl<'a> Node<'a> {
             i += 1;
             let plain = key.strip_prefix('_').unwrap_or(key);
             let found = node.children().into_iter().find_map(|c| match c {
-                crate::Item::Node(n) if n.key() == Some(plain) && n.index() == index => Some(n),
+                Item::Node(n) if n.key() == Some(plain) && n.index() == index => Some(n),
                 _ => None,
             })?;
             node = found;
@@ -395,7 +399,7 @@ impl<'a> Node<'a> {
 
     /// Children named `name` (an element name; choice elements resolve to their typed key), pushed
     /// onto `out` in document order.
-    pub(crate) fn push_children_named(&self, name: &str, out: &mut Vec<crate::Item<'a>>) {
+    pub(crate) fn push_children_named(&self, name: &str, out: &mut Vec<Item<'a>>) {
         let Some((map, info)) = self.child_map() else {
             return;
         };
@@ -510,19 +514,19 @@ impl<'a> Node<'a> {
     }
 
     /// All child nodes in document order (`children()`).
-    pub fn children(&self) -> Vec<crate::Item<'a>> {
+    pub fn children(&self) -> Vec<Item<'a>> {
         let mut out = Vec::new();
         self.push_children(&mut out);
         out
     }
 
-    pub(crate) fn push_children(&self, out: &mut Vec<crate::Item<'a>>) {
+    pub(crate) fn push_children(&self, out: &mut Vec<Item<'a>>) {
         self.push_children_with(out, true);
     }
 
     /// With `leaves` false, primitive children that have no shadow (so no children of their own)
     /// are left out: walks looking for complex types need not build them.
-    pub(crate) fn push_children_with(&self, out: &mut Vec<crate::Item<'a>>, leaves: bool) {
+    pub(crate) fn push_children_with(&self, out: &mut Vec<Item<'a>>, leaves: bool) {
         let Some((map, info)) = self.child_map() else {
             return;
         };
@@ -641,7 +645,7 @@ pub(crate) fn resource_type(v: &Json) -> Option<&str> {
 // Every argument is a distinct part of the node being built; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 fn push_members<'a>(
-    out: &mut Vec<crate::Item<'a>>,
+    out: &mut Vec<Item<'a>>,
     parent: &Loc<'a>,
     key: &'a str,
     name: &'a str,
@@ -675,7 +679,7 @@ fn push_members<'a>(
                     continue;
                 }
                 let (ty, info) = resolve_ty(v);
-                out.push(crate::Item::Node(Node {
+                out.push(Item::Node(Node {
                     value: v,
                     shadow: sh,
                     ty,
@@ -693,7 +697,7 @@ fn push_members<'a>(
                     if sh.is_null() {
                         continue;
                     }
-                    out.push(crate::Item::Node(Node {
+                    out.push(Item::Node(Node {
                         value: None,
                         shadow: Some(sh),
                         ty,
@@ -705,7 +709,7 @@ fn push_members<'a>(
                     }));
                 }
             }
-            Some(sh @ Json::Object(_)) => out.push(crate::Item::Node(Node {
+            Some(sh @ Json::Object(_)) => out.push(Item::Node(Node {
                 value: None,
                 shadow: Some(sh),
                 ty,
@@ -717,7 +721,7 @@ fn push_members<'a>(
             })),
             _ => {}
         },
-        Some(v) => out.push(crate::Item::Node(Node {
+        Some(v) => out.push(Item::Node(Node {
             value: Some(v),
             shadow: shadow.filter(|s| s.is_object()),
             ty: resolve_ty(Some(v)).0,
@@ -732,6 +736,161 @@ fn push_members<'a>(
 
 pub(crate) fn is_integer_text(s: &str) -> bool {
     !s.contains(['.', 'e', 'E'])
+}
+
+/// One element of a FHIRPath result collection.
+#[derive(Debug, Clone)]
+pub enum Item<'a> {
+    /// A node of the evaluated document (or of a variable's JSON value).
+    Node(Node<'a>),
+    /// A computed value (literal, arithmetic, function result); it has no location.
+    Value(SystemValue<'a>),
+}
+
+impl<'a> Item<'a> {
+    pub fn from_value(v: SystemValue<'a>) -> Self {
+        Item::Value(v)
+    }
+
+    pub(crate) fn boolean(b: bool) -> Self {
+        Item::Value(SystemValue::Boolean(b))
+    }
+
+    pub(crate) fn string(s: impl Into<Cow<'a, str>>) -> Self {
+        Item::Value(SystemValue::String(s.into()))
+    }
+
+    /// The node, when this item is part of a document.
+    pub fn as_node(&self) -> Option<&Node<'a>> {
+        match self {
+            Item::Node(n) => Some(n),
+            Item::Value(_) => None,
+        }
+    }
+
+    /// Location in the document; `None` for computed values and detached nodes.
+    pub fn path(&self) -> Option<NodePath> {
+        self.as_node()?.path()
+    }
+
+    /// Location of a primitive's `_name` shadow.
+    pub fn shadow_path(&self) -> Option<NodePath> {
+        self.as_node()?.shadow_path()
+    }
+
+    /// The type name: the FHIR type for nodes (`HumanName`, `dateTime`), the System type for values.
+    pub fn type_name(&self) -> &str {
+        match self {
+            Item::Node(n) => n.type_name(),
+            Item::Value(v) => v.type_name(),
+        }
+    }
+
+    /// `FHIR` for nodes, `System` for computed values.
+    pub fn namespace(&self) -> &'static str {
+        match self {
+            Item::Node(n) if !n.ty.is_empty() => "FHIR",
+            Item::Node(_) => "System",
+            Item::Value(_) => "System",
+        }
+    }
+
+    /// JSON form: FHIR JSON for complex nodes, the JSON primitive for primitive nodes, strings for
+    /// dates and times.
+    pub fn as_json(&self) -> Json {
+        match self {
+            Item::Node(n) => match n.value {
+                Some(v) => v.clone(),
+                None => Json::Null,
+            },
+            Item::Value(v) => v.to_json(),
+        }
+    }
+
+    /// The System value of a primitive (FHIR primitives map to System types) or of a Quantity node.
+    pub fn to_system(&self) -> Option<SystemValue<'a>> {
+        match self {
+            Item::Value(v) => Some(v.clone()),
+            Item::Node(n) => node_system_value(n),
+        }
+    }
+
+    /// Children of a node (`children()`); computed values have none.
+    pub fn children(&self) -> Vec<Item<'a>> {
+        match self {
+            Item::Node(n) => n.children(),
+            Item::Value(_) => Vec::new(),
+        }
+    }
+}
+
+/// The System value of a FHIR primitive node, typed by its FHIR type (or by its JSON kind when
+/// untyped), or of a Quantity-typed complex node.
+pub(crate) fn node_system_value<'a>(n: &Node<'a>) -> Option<SystemValue<'a>> {
+    let v = n.value?;
+    let ty = n.ty;
+    match v {
+        Json::String(s) => {
+            let s: &'a str = s.as_str();
+            Some(match ty {
+                "date" => SystemValue::Date(Temporal::parse_date(s)?),
+                "dateTime" | "instant" => SystemValue::DateTime(Temporal::parse_datetime(s)?),
+                "time" => SystemValue::Time(Temporal::parse_time(s)?),
+                "integer" | "positiveInt" | "unsignedInt" => SystemValue::Integer(s.parse().ok()?),
+                "decimal" => SystemValue::Decimal(s.parse().ok()?),
+                "boolean" => SystemValue::Boolean(s.parse().ok()?),
+                _ => SystemValue::String(Cow::Borrowed(s)),
+            })
+        }
+        Json::Bool(b) => Some(SystemValue::Boolean(*b)),
+        Json::Number(num) => {
+            let text = num.as_str();
+            if ty == "decimal" || (ty.is_empty() && !is_integer_text(text)) {
+                Some(SystemValue::Decimal(parse_decimal(text)?))
+            } else {
+                match text.parse::<i64>() {
+                    Ok(i) => Some(SystemValue::Integer(i)),
+                    Err(_) => Some(SystemValue::Decimal(parse_decimal(text)?)),
+                }
+            }
+        }
+        Json::Object(m) => {
+            let quantity_like = n.info.is_some_and(|i| i.is_a("Quantity"));
+            let untyped_quantity = ty.is_empty()
+                && m.contains_key("value")
+                && (m.contains_key("unit") || m.contains_key("code"));
+            if !quantity_like && !untyped_quantity {
+                return None;
+            }
+            let value = match m.get("value")? {
+                Json::Number(num) => parse_decimal(num.as_str())?,
+                _ => return None,
+            };
+            Some(SystemValue::Quantity(Quantity::new(
+                value,
+                fhir_quantity_unit(m),
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// The unit a FHIR Quantity contributes: the UCUM code when coded in UCUM (calendar-like UCUM codes
+/// for years/months stay UCUM), otherwise the unit text, mapped to a calendar keyword when it is one.
+fn fhir_quantity_unit(m: &serde_json::Map<String, Json>) -> String {
+    let system = m.get("system").and_then(Json::as_str);
+    let code = m.get("code").and_then(Json::as_str);
+    let unit = m.get("unit").and_then(Json::as_str);
+    if let (Some(UCUM), Some(c)) = (system, code) {
+        return c.to_string();
+    }
+    if let Some(u) = unit {
+        if let Some(cal) = crate::quantity::calendar_unit(u) {
+            return cal.to_string();
+        }
+        return u.to_string();
+    }
+    code.unwrap_or("1").to_string()
 }
 
 #[cfg(test)]
@@ -753,16 +912,12 @@ mod tests {
         let root = Node::root(&doc);
         let mut out = Vec::new();
         root.push_children_named("value", &mut out);
-        let crate::Item::Node(n) = &out[0] else {
-            panic!()
-        };
+        let Item::Node(n) = &out[0] else { panic!() };
         assert_eq!(n.fhir_type(), "Quantity");
         assert_eq!(n.path().unwrap().to_string(), "valueQuantity");
         out.clear();
         root.push_children_named("status", &mut out);
-        let crate::Item::Node(n) = &out[0] else {
-            panic!()
-        };
+        let Item::Node(n) = &out[0] else { panic!() };
         assert!(n.shadow().is_some());
         assert_eq!(n.shadow_path().unwrap().to_string(), "_status");
         let at = Node::at_path(&doc, &NodePath::parse("valueQuantity").unwrap()).unwrap();

@@ -5,8 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::EvalError;
+use crate::node::Item;
 use crate::node::Node;
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 /// A custom function: receives the focus collection and the evaluated arguments (each a collection,
 /// evaluated against the same focus as the call), returns the result collection.

@@ -5,8 +5,9 @@ use std::cmp::Ordering;
 use crate::compare::compare;
 use crate::error::EvalError;
 use crate::functions::Builtin;
+use crate::node::Item;
 use crate::parser::{BinOp, Expr};
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 use super::{Env, R, eval, lambda, misrouted, val, valueless};
 

@@ -2,8 +2,9 @@
 
 use crate::error::EvalError;
 use crate::functions::Builtin;
+use crate::node::Item;
 use crate::parser::Expr;
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 use super::{
     Env, R, b, contains_item, distinct, eval, lambda, misrouted, single_int, singleton_bool, val,

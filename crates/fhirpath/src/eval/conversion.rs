@@ -5,10 +5,11 @@ use std::borrow::Cow;
 use rust_decimal::Decimal;
 
 use crate::functions::Builtin;
+use crate::node::Item;
 use crate::parser::Expr;
 use crate::quantity::{Quantity, calendar_unit};
 use crate::temporal::{Temporal, TemporalKind};
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 use super::{Env, R, b, eval, misrouted, single, single_string};
 

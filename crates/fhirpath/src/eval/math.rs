@@ -5,9 +5,10 @@ use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
 
 use crate::error::EvalError;
 use crate::functions::Builtin;
+use crate::node::Item;
 use crate::parser::Expr;
 use crate::quantity::Quantity;
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 use super::{Env, R, b, eval, misrouted, single_int, single_sys, val};
 

@@ -7,10 +7,11 @@ use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
 
 use crate::compare::{compare, equals, equivalent};
 use crate::error::EvalError;
+use crate::node::Item;
 use crate::parser::{BinOp, Expr};
 use crate::quantity::{Quantity, is_calendar, ucum_to_calendar};
 use crate::temporal::TemporalKind;
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 use super::{
     Env, R, b, distinct, eval, opt_b, single, single_string, single_sys, singleton_bool, val,

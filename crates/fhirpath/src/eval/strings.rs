@@ -5,8 +5,9 @@ use std::borrow::Cow;
 
 use crate::error::EvalError;
 use crate::functions::Builtin;
+use crate::node::Item;
 use crate::parser::Expr;
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 use super::{Env, R, b, eval, misrouted, single_int, single_string, val, valueless};
 

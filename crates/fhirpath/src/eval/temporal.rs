@@ -4,9 +4,10 @@
 use rust_decimal::Decimal;
 
 use crate::functions::Builtin;
+use crate::node::Item;
 use crate::parser::Expr;
 use crate::temporal::{Precision, Temporal, TemporalKind};
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 use super::{Env, R, eval, misrouted, single_int, single_sys, val};
 

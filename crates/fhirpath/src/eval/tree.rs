@@ -5,9 +5,10 @@ use std::borrow::Cow;
 
 use crate::EvalContext;
 use crate::functions::Builtin;
+use crate::node::Item;
 use crate::node::Node;
 use crate::parser::{Expr, TypeSpec};
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 use super::types::is_type;
 use super::{Env, R, eval, misrouted, single_string};

@@ -5,8 +5,9 @@ use std::borrow::Cow;
 
 use crate::error::EvalError;
 use crate::functions::Builtin;
+use crate::node::Item;
 use crate::parser::{Expr, TypeSpec};
-use crate::value::{Item, SystemValue};
+use crate::value::SystemValue;
 
 use super::{Env, R, b, eval, misrouted, single, single_string};
 

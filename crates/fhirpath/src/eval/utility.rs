@@ -2,8 +2,8 @@
 
 use crate::error::EvalError;
 use crate::functions::Builtin;
+use crate::node::Item;
 use crate::parser::Expr;
-use crate::value::Item;
 
 use super::{Env, R, b, eval, lambda, misrouted, singleton_bool};
 
