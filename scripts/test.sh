@@ -4,13 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The lint gate first (issue 23): formatting, clippy with warnings denied on every target, and the
-# API docs with warnings denied (broken intra-doc links). Fails fast, before any service starts.
+# The lint gate first (issue 23): formatting, clippy with warnings denied on every target, the
+# API docs with warnings denied (broken intra-doc links) and no module cycles inside a crate.
+# Fails fast, before any service starts.
 # FHIRHOSE_SKIP_LINT=1 skips it (a developer's quick rerun; CI never sets it).
 if [[ "${FHIRHOSE_SKIP_LINT:-0}" != 1 ]]; then
   cargo fmt --all --check
   cargo clippy --workspace --all-targets --profile ci -- -D warnings
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --profile ci
+  python3 scripts/check-module-cycles.py
 fi
 
 # External components the tests talk to are installed and started here, by the project itself;
