@@ -70,26 +70,7 @@ async fn system_patient_and_group_exports() {
     let all = s.contents(&m).await;
     let c = counts(&all);
     // Organization and Practitioner: 203 distinct ids behind 452 bundle entries each.
-    for (t, n) in [
-        ("Observation", 16315),
-        ("Claim", 6083),
-        ("Encounter", 3697),
-        ("ExplanationOfBenefit", 3697),
-        ("MedicationRequest", 2386),
-        ("Procedure", 2351),
-        ("Immunization", 1287),
-        ("DiagnosticReport", 897),
-        ("Condition", 639),
-        ("Organization", 203),
-        ("Practitioner", 203),
-        ("CareTeam", 278),
-        ("CarePlan", 278),
-        ("Patient", 100),
-        ("AllergyIntolerance", 38),
-        ("ImagingStudy", 16),
-        ("Device", 4),
-        ("Group", 1),
-    ] {
+    for &(t, n) in test_support::SYNTHEA_100_COUNTS {
         assert_eq!(c.get(t).copied(), Some(n), "{t}");
     }
 

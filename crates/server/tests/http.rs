@@ -530,27 +530,7 @@ async fn metadata_describes_what_is_implemented() {
 #[tokio::test(flavor = "multi_thread")]
 async fn synthea_counts_per_type() {
     let s = start_with(100 * 1024 * 1024, Some("../../testdata/synthea-r4-100")).await;
-    let expected = [
-        ("Observation", 16315),
-        ("Claim", 6083),
-        ("Encounter", 3697),
-        ("ExplanationOfBenefit", 3697),
-        ("MedicationRequest", 2386),
-        ("Procedure", 2351),
-        ("Immunization", 1287),
-        ("DiagnosticReport", 897),
-        ("Condition", 639),
-        ("Organization", 203),
-        ("Practitioner", 203),
-        ("CareTeam", 278),
-        ("CarePlan", 278),
-        ("Patient", 100),
-        ("AllergyIntolerance", 38),
-        ("ImagingStudy", 16),
-        ("Device", 4),
-        ("Group", 1),
-    ];
-    for (t, n) in expected {
+    for &(t, n) in test_support::SYNTHEA_100_COUNTS {
         let (st, _, b) = s.get(&format!("/{t}?_summary=count")).await;
         assert_eq!(st, StatusCode::OK);
         assert_eq!(b["total"], n, "{t}");
