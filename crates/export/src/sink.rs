@@ -251,8 +251,14 @@ impl Sink for LocalSink {
 
     fn rename(&self, container: &str, from: &str, to: &str) -> Result<(), SinkError> {
         let (src, dst) = (self.path(container, from)?, self.path(container, to)?);
-        if !src.exists() && dst.exists() {
-            return Ok(());
+        if !src.exists() {
+            // Renamed before (a retry after a crash), or gone with its folder (a cancel that
+            // removed the export while a worker was renaming): never re-create the folder.
+            return if dst.exists() {
+                Ok(())
+            } else {
+                Err(SinkError::NotFound(from.to_string()))
+            };
         }
         if let Some(parent) = dst.parent() {
             fs::create_dir_all(parent).map_err(|e| self.io_error(parent, e))?;
@@ -380,6 +386,25 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rename_whose_part_is_gone_fails_without_recreating_the_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = LocalSink::new(dir.path());
+        sink.ensure_container("exports").expect("container");
+        let mut w = sink
+            .create("exports", "job/_parts/1-1-1.ndjson")
+            .expect("create");
+        w.write_all(b"{}\n").expect("write");
+        w.finish().expect("finish");
+        // A cancel removes the export's folder between the part's commit and its rename.
+        sink.delete_prefix("exports", "job").expect("delete");
+        assert!(matches!(
+            sink.rename("exports", "job/_parts/1-1-1.ndjson", "job/Patient-1.ndjson"),
+            Err(SinkError::NotFound(_))
+        ));
+        assert!(!dir.path().join("exports/job").exists());
+    }
 
     #[test]
     fn parts_become_visible_only_when_renamed() {
