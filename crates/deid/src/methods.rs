@@ -157,7 +157,7 @@ pub(crate) fn primitive_change(
         Method::CryptoHash => {
             let key = &params.crypto_hash_key;
             let out = if name == "reference" && parent() == "Reference" {
-                transforms::transform_reference(text, &|s| transforms::crypto_hash(key, s))
+                transforms::hash_reference(key, text)
             } else {
                 transforms::crypto_hash(key, text)
             };

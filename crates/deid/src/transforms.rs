@@ -64,6 +64,63 @@ static UUID: LazyLock<Regex> = LazyLock::new(|| {
         .expect("uuid regex")
 });
 
+/// Slots of the per-thread cache of hashed references (a power of two).
+const REFERENCE_SLOTS: usize = 256;
+/// Longer references are not kept (a thread keeps at most 256 × (2 × 256 + 64) bytes of them).
+const REFERENCE_MAX_LEN: usize = 256;
+
+/// The hashed references this thread computed last, by the reference's text: direct-mapped,
+/// fixed size, for one key at a time.
+struct ReferenceCache {
+    key: String,
+    /// (reference text, its transform): both buffers are reused when a slot is replaced.
+    slots: Vec<Option<(String, String)>>,
+}
+
+thread_local! {
+    static REFERENCES: std::cell::RefCell<ReferenceCache> =
+        const { std::cell::RefCell::new(ReferenceCache { key: String::new(), slots: Vec::new() }) };
+}
+
+/// `transform_reference(text, crypto_hash(key, ·))`, the same text: the references of a scan
+/// recur (the same patient, encounter, practitioner in consecutive resources), so each thread
+/// remembers the last ones it hashed (256 slots, references up to 256 bytes).
+pub fn hash_reference(key: &str, text: &str) -> String {
+    let compute = |t: &str| transform_reference(t, &|s| crypto_hash(key, s));
+    if text.len() > REFERENCE_MAX_LEN {
+        return compute(text);
+    }
+    REFERENCES.with(|cell| {
+        let Ok(mut cache) = cell.try_borrow_mut() else {
+            return compute(text);
+        };
+        if cache.key != key || cache.slots.is_empty() {
+            cache.key.clear();
+            cache.key.push_str(key);
+            cache.slots.clear();
+            cache.slots.resize(REFERENCE_SLOTS, None);
+        }
+        let mut h = rustc_hash::FxHasher::default();
+        std::hash::Hasher::write(&mut h, text.as_bytes());
+        let ix = (std::hash::Hasher::finish(&h) >> 32) as usize & (REFERENCE_SLOTS - 1);
+        match &mut cache.slots[ix] {
+            Some((t, out)) if t == text => out.clone(),
+            Some((t, out)) => {
+                let fresh = compute(text);
+                t.clear();
+                t.push_str(text);
+                out.clone_from(&fresh);
+                fresh
+            }
+            slot @ None => {
+                let fresh = compute(text);
+                *slot = Some((text.to_string(), fresh.clone()));
+                fresh
+            }
+        }
+    })
+}
+
 /// `Reference.reference`: only the id part is transformed (§2.4 `TransformReferenceId`).
 pub fn transform_reference(text: &str, f: &dyn Fn(&str) -> String) -> String {
     if let Some(rest) = text.strip_prefix('#') {
@@ -710,6 +767,28 @@ mod tests {
         for key in ["", "123", "other", &long, "123", ""] {
             for text in ["example", "a", &"x".repeat(200)] {
                 assert_eq!(crypto_hash(key, text), fresh(key, text), "{key} {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn cached_references_are_what_transform_reference_gives() {
+        // More distinct references than slots, repeated, under changing keys: every answer is
+        // the uncached one.
+        let refs: Vec<String> = (0..600)
+            .map(|i| match i % 4 {
+                0 => format!("Patient/p{i}"),
+                1 => format!("urn:uuid:{i:08}-0000-0000-0000-000000000000"),
+                2 => format!("#c{i}"),
+                _ => format!("http://x.org/fhir/Encounter/e{i}/_history/2"),
+            })
+            .collect();
+        for key in ["k1", "k2", "k1"] {
+            for round in 0..3 {
+                for r in refs.iter().skip(round * 7).chain([&"Patient/".repeat(100)]) {
+                    let plain = transform_reference(r, &|s| crypto_hash(key, s));
+                    assert_eq!(hash_reference(key, r), plain, "{key} {r}");
+                }
             }
         }
     }
