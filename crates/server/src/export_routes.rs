@@ -644,21 +644,58 @@ async fn remote_body(
     Ok(blocking_body(reader))
 }
 
-/// Bytes read per chunk of a download body: one allocation and one blocking read per MiB (with
-/// `tokio::fs::File` and 64 KiB chunks, each 64 KiB cost a blocking-pool round trip, a copy out
-/// of the file's own buffer and an allocation; issue 24, scripts/bench-export-e2e.sh).
+/// Bytes read per chunk of a download body: one blocking read per MiB (with
+/// `tokio::fs::File` and 64 KiB chunks, each 64 KiB cost a blocking-pool round trip and a copy
+/// out of the file's own buffer; issue 24, scripts/bench-export-e2e.sh).
 const DOWNLOAD_CHUNK: usize = 1 << 20;
 /// Chunks read ahead of the connection, per download.
 const DOWNLOAD_AHEAD: usize = 4;
+/// Chunk buffers kept for the next chunks of any download once the connection has written
+/// them: at most this many ([`DOWNLOAD_CHUNK`] bytes each), so that a download allocates,
+/// zeroes and faults in no memory per chunk.
+const IDLE_BUFFERS: usize = 16;
+
+/// The idle chunk buffers ([`IDLE_BUFFERS`] at most), shared by every download.
+static IDLE: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// An idle chunk buffer, or a new one.
+fn chunk_buffer() -> Vec<u8> {
+    let idle = IDLE.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    idle.unwrap_or_else(|| vec![0u8; DOWNLOAD_CHUNK])
+}
+
+/// The first `len` bytes of a chunk buffer, as a body chunk; dropped (written to the
+/// connection, or the download abandoned), the buffer goes back to [`IDLE`].
+struct Chunk {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_BUFFERS {
+            idle.push(buf);
+        }
+    }
+}
 
 /// A response body fed by a blocking reader on a worker thread: chunks of [`DOWNLOAD_CHUNK`]
-/// bytes, read straight into the buffer that becomes the chunk, at most [`DOWNLOAD_AHEAD`] of
-/// them waiting for the client. The reader stops when the client goes away.
+/// bytes, read straight into the (reused) buffer that becomes the chunk, at most
+/// [`DOWNLOAD_AHEAD`] of them waiting for the client. The reader stops when the client goes
+/// away.
 fn blocking_body(mut reader: impl std::io::Read + Send + 'static) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(DOWNLOAD_AHEAD);
     tokio::task::spawn_blocking(move || {
         loop {
-            let mut buf = vec![0u8; DOWNLOAD_CHUNK];
+            let mut buf = chunk_buffer();
             let mut filled = 0;
             let result = loop {
                 match reader.read(&mut buf[filled..]) {
@@ -674,11 +711,9 @@ fn blocking_body(mut reader: impl std::io::Read + Send + 'static) -> Body {
                 }
             };
             let last = filled < buf.len();
-            if filled > 0 {
-                buf.truncate(filled);
-                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                    return; // the client went away
-                }
+            let chunk = Chunk { buf, len: filled };
+            if filled > 0 && tx.blocking_send(Ok(Bytes::from_owner(chunk))).is_err() {
+                return; // the client went away
             }
             if let Err(e) = result {
                 tracing::error!(error = %e, "export download interrupted");

@@ -4,7 +4,8 @@
 //! `206` with `Content-Range` for one range, a download cut off mid-file and resumed with
 //! `Range` + `If-Range` that reassembles the file byte for byte, `416` (an OperationOutcome) for an
 //! unsatisfiable range, the whole file for several ranges or a stale `If-Range`, and a gzip answer
-//! whose tag never resumes identity bytes.
+//! whose tag never resumes identity bytes. And a file of several download chunks, downloaded whole
+//! by several clients at once and by ranges across the chunk boundaries, byte for byte.
 
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -18,7 +19,7 @@ fn one_patient() -> std::path::PathBuf {
     common::synthea().join("Abram_Lemke_6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2.json.gz")
 }
 
-/// The largest file of the export's manifest (the Observations of one patient: tens of KB).
+/// The Observation file of the export's manifest (of one patient: tens of KB).
 async fn largest_file(s: &common::Server, kickoff: &str) -> String {
     let manifest = s.export(kickoff).await;
     let outputs = manifest["output"].as_array().expect("output");
@@ -179,21 +180,51 @@ async fn ranges_on_folder_downloads() {
     check_ranges(&url).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn ranges_on_azure_blob_downloads() {
-    let Some(endpoint) = common::external("FHIRHOSE_TEST_AZURITE", "./scripts/azurite.sh") else {
-        return;
-    };
-    let options = server::config::ExportOptions {
+/// The export options of an Azure Blob destination on Azurite (`None`: not available).
+fn azure_options() -> Option<server::config::ExportOptions> {
+    let endpoint = common::external("FHIRHOSE_TEST_AZURITE", "./scripts/azurite.sh")?;
+    Some(server::config::ExportOptions {
         export_destination: "azure".into(),
         azure_connection_string: Some(azurite_connection_string(&endpoint)),
         ..Default::default()
+    })
+}
+
+/// A fresh container name.
+fn container() -> String {
+    format!("rng-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// The export options of an S3 destination on moto, with a fresh bucket (`None`: not
+/// available).
+async fn s3_options() -> Option<server::config::ExportOptions> {
+    let endpoint = common::external("FHIRHOSE_TEST_S3", "./scripts/s3.sh")?;
+    let bucket = container();
+    let r = reqwest::Client::new()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .expect("create bucket");
+    assert!(r.status().is_success(), "create bucket: {}", r.status());
+    Some(server::config::ExportOptions {
+        export_destination: "s3".into(),
+        s3_bucket: Some(bucket),
+        s3_endpoint: Some(endpoint),
+        s3_access_key_id: Some("test".into()),
+        s3_secret_access_key: Some("test".into()),
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ranges_on_azure_blob_downloads() {
+    let Some(options) = azure_options() else {
+        return;
     };
     let s = common::start(&[one_patient()], options).await;
-    let container = format!("rng-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let url = largest_file(
         &s,
-        &format!("/$export?_type=Observation&_container={container}"),
+        &format!("/$export?_type=Observation&_container={}", container()),
     )
     .await;
     check_ranges(&url).await;
@@ -201,25 +232,158 @@ async fn ranges_on_azure_blob_downloads() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ranges_on_s3_downloads() {
-    let Some(endpoint) = common::external("FHIRHOSE_TEST_S3", "./scripts/s3.sh") else {
+    let Some(options) = s3_options().await else {
         return;
-    };
-    let bucket = format!("rng-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let r = reqwest::Client::new()
-        .put(format!("{endpoint}/{bucket}"))
-        .send()
-        .await
-        .expect("create bucket");
-    assert!(r.status().is_success(), "create bucket: {}", r.status());
-    let options = server::config::ExportOptions {
-        export_destination: "s3".into(),
-        s3_bucket: Some(bucket),
-        s3_endpoint: Some(endpoint),
-        s3_access_key_id: Some("test".into()),
-        s3_secret_access_key: Some("test".into()),
-        ..Default::default()
     };
     let s = common::start(&[one_patient()], options).await;
     let url = largest_file(&s, "/$export?_type=Observation&_container=ranges").await;
     check_ranges(&url).await;
+}
+
+/// A folder of one NDJSON file of `n` Observations, each with a distinct text of about 1.6 KB:
+/// an export file of several download chunks (1 MiB each) whose bytes differ everywhere.
+fn many_observations(n: usize) -> tempfile::TempDir {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(dir.path().join("Observation.ndjson")).expect("create"),
+    );
+    for i in 0..n {
+        let text: String = (0..100).map(|k| format!("{:015x}.", i * 131 + k)).collect();
+        let o = serde_json::json!({
+            "resourceType": "Observation",
+            "id": format!("obs-{i}"),
+            "status": "final",
+            "code": {"text": format!("observation {i}")},
+            "valueString": text,
+        });
+        writeln!(f, "{o}").expect("write");
+    }
+    f.flush().expect("flush");
+    dir
+}
+
+/// A file of several download chunks, downloaded whole by several clients at once and in
+/// ranges that cross the chunk boundaries, each a fresh request, all at the same time: every
+/// answer is exactly its bytes of the file (`expected`, when the test can read it itself).
+async fn check_large_file(url: &str, expected: Option<&[u8]>) {
+    let c = reqwest::Client::builder()
+        .no_gzip()
+        .build()
+        .expect("client");
+    let whole = |c: reqwest::Client, url: String| async move {
+        let r = c.get(&url).send().await.expect("request");
+        assert_eq!(r.status(), StatusCode::OK);
+        r.bytes().await.expect("body").to_vec()
+    };
+    let firsts =
+        futures::future::join_all((0..3).map(|_| tokio::spawn(whole(c.clone(), url.to_string()))))
+            .await;
+    let full = firsts[0].as_ref().expect("download").clone();
+    let len = full.len();
+    assert!(len > 3 << 20, "a file of several 1 MiB chunks: {len} bytes");
+    assert!(len % (1 << 20) != 0, "a last chunk shorter than the others");
+    if let Some(expected) = expected {
+        assert!(full == expected, "the download is the file");
+    }
+    for other in &firsts[1..] {
+        assert!(
+            other.as_ref().expect("download") == &full,
+            "concurrent downloads agree"
+        );
+    }
+    // Ranges across and at the chunk boundaries, and pieces of an odd size covering the file.
+    const MIB: usize = 1 << 20;
+    let mut ranges = vec![
+        (MIB - 1, MIB),
+        (MIB, 2 * MIB - 1),
+        (MIB - 10, 3 * MIB + 10),
+        (len - MIB - 1, len - 1),
+    ];
+    let piece = 700_001;
+    ranges.extend(
+        (0..len)
+            .step_by(piece)
+            .map(|s| (s, (s + piece).min(len) - 1)),
+    );
+    let tasks = ranges.iter().map(|&(first, last)| {
+        let (c, url) = (c.clone(), url.to_string());
+        tokio::spawn(async move {
+            let r = c
+                .get(&url)
+                .header("range", format!("bytes={first}-{last}"))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+            r.bytes().await.expect("body").to_vec()
+        })
+    });
+    let parts = futures::future::join_all(tasks).await;
+    for (&(first, last), part) in ranges.iter().zip(&parts) {
+        let part = part.as_ref().expect("range download");
+        assert!(
+            part[..] == full[first..=last],
+            "bytes {first}-{last} are the file's"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_folder_file_whole_and_by_ranges() {
+    let input = many_observations(2_500);
+    let s = common::start(
+        &[input.path().join("Observation.ndjson")],
+        server::config::ExportOptions::default(),
+    )
+    .await;
+    let manifest = s.export("/$export?_type=Observation").await;
+    let url = manifest["output"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_string();
+    let name = url.rsplit('/').next().expect("file name");
+    let on_disk = walk(s.dir.path())
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == name))
+        .unwrap_or_else(|| panic!("{name} under the export folder"));
+    let expected = std::fs::read(on_disk).expect("read the export file");
+    check_large_file(&url, Some(&expected)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_azure_blob_whole_and_by_ranges() {
+    let Some(options) = azure_options() else {
+        return;
+    };
+    let input = many_observations(2_500);
+    let s = common::start(&[input.path().join("Observation.ndjson")], options).await;
+    let path = format!("/$export?_type=Observation&_container={}", container());
+    let url = largest_file(&s, &path).await;
+    check_large_file(&url, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_s3_object_whole_and_by_ranges() {
+    let Some(options) = s3_options().await else {
+        return;
+    };
+    let input = many_observations(2_500);
+    let s = common::start(&[input.path().join("Observation.ndjson")], options).await;
+    let url = largest_file(&s, "/$export?_type=Observation&_container=large").await;
+    check_large_file(&url, None).await;
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
