@@ -397,8 +397,8 @@ impl<'e> Walk<'e> {
         name: &str,
         ty: &str,
         nested: Option<(&str, bool, Option<i64>)>,
-    ) -> Scopes<'p> {
-        let mut out = Scopes::new();
+        out: &mut Scopes<'p>,
+    ) {
         for (s, sc) in scopes.iter().enumerate() {
             let depth = match sc.depth {
                 0 => 1,
@@ -451,7 +451,6 @@ impl<'e> Walk<'e> {
             });
             out.push(Scope::resource(tp, id));
         }
-        out
     }
 
     fn node(
@@ -555,12 +554,16 @@ impl<'e> Walk<'e> {
             };
             (d, patient_offset)
         });
-        let (cs, cx) = self.enter(plan, scopes, cover, parent, child, declared, nested);
+        let mut cs = Scopes::new();
+        let cx = self.enter(
+            plan, scopes, cover, parent, child, declared, nested, &mut cs,
+        );
         self.node(plan, item, &cx, &cs, seal, false)
     }
 
     /// A child node of element `child` under `parent` (shared by the tree walk and the stream):
-    /// its scopes and context. `declared`: its declared type's definition ([`declared_def`]);
+    /// its scopes (pushed onto `cs`, empty, built in the caller's frame rather than moved out)
+    /// and context. `declared`: its declared type's definition ([`declared_def`]);
     /// `nested`: when it is a nested resource, the resource's definition and patient offset.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
@@ -573,10 +576,11 @@ impl<'e> Walk<'e> {
         child: fhir_model::ChildRef<'static>,
         declared: Option<&'static fhir_model::TypeDef>,
         nested: Option<(&'static fhir_model::TypeDef, Option<i64>)>,
-    ) -> (Scopes<'p>, NodeCx<'c>) {
+        cs: &mut Scopes<'p>,
+    ) -> NodeCx<'c> {
         let name = child.element.name.as_str();
         let ty = nested.map_or(child.type_name, |(d, _)| d.name.as_str());
-        let cs = self.child_scopes(
+        self.child_scopes(
             plan,
             scopes,
             cover,
@@ -584,15 +588,15 @@ impl<'e> Walk<'e> {
             name,
             ty,
             nested.map(|(d, offset)| (d.name.as_str(), name == "contained", offset)),
+            cs,
         );
-        let cx = NodeCx {
+        NodeCx {
             name,
             ty,
             def: nested.map(|(d, _)| d).or(declared),
             parent_ty: parent.ty,
             is_resource: nested.is_some(),
-        };
-        (cs, cx)
+        }
     }
 
     /// Applies rule `r` of scope `s` to a node: (operation bits, whether the node is now sealed).
@@ -623,7 +627,8 @@ impl<'e> Walk<'e> {
                         };
                         // An earlier rule processed the value (a decimal): it stays, the
                         // quantity is sealed.
-                        let cs = self.child_scopes(
+                        let mut cs = Scopes::new();
+                        self.child_scopes(
                             plan,
                             scopes,
                             Some((s, r)),
@@ -631,6 +636,7 @@ impl<'e> Walk<'e> {
                             "value",
                             "decimal",
                             None,
+                            &mut cs,
                         );
                         if self.cover(&cs, Some((s, r))).is_some() {
                             return Ok((0, true));

@@ -682,7 +682,8 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         } else {
             None
         };
-        let (cs, cx) = self.walk.enter(
+        let mut cs = super::Scopes::new();
+        let cx = self.walk.enter(
             self.plan,
             scopes,
             cover,
@@ -690,6 +691,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             child,
             declared,
             nested_def.map(|d| (d, None)),
+            &mut cs,
         );
         self.node(&cx, &cs, opened, false)
     }
