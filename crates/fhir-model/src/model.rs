@@ -48,7 +48,7 @@ pub struct TypeDef {
     pub is_abstract: bool,
     pub elements: Vec<ElementDef>,
     /// JSON key -> child; choice elements are expanded (`valueQuantity`).
-    children: FxHashMap<String, Child>,
+    children: ChildTable,
     /// The syntax of a primitive type's values.
     pub(crate) prim: Option<Prim>,
 }
@@ -62,12 +62,135 @@ struct Child {
     def: Option<u32>,
 }
 
+/// A type's children by JSON key: open addressing over a power-of-two table, each key hashed
+/// and compared through two words that, with its length, identify a key of up to 16 bytes
+/// (longer keys' middles are compared as slices). The walks look a key up for every JSON
+/// member, and these keys are short: no `memcmp` call, no byte-by-byte hash.
+#[derive(Debug, Clone, Default)]
+struct ChildTable {
+    /// Per child: its key's words, the key, the child.
+    entries: Vec<(KeyWords, Box<str>, Child)>,
+    /// Index + 1 into `entries`; 0: empty.
+    slots: Vec<u32>,
+    /// `64 - log2(slots.len())`.
+    shift: u32,
+}
+
+/// A key's length and two words: its first and last 8 bytes (overlapping when shorter than
+/// 16), or for shorter keys its first and last 4 or 2 bytes, or its one byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyWords {
+    len: usize,
+    first: u64,
+    last: u64,
+}
+
+impl KeyWords {
+    #[inline(always)]
+    fn of(key: &[u8]) -> KeyWords {
+        let len = key.len();
+        let (first, last) = if len >= 8 {
+            (word8(&key[..8]), word8(&key[len - 8..]))
+        } else if len >= 4 {
+            (word4(&key[..4]), word4(&key[len - 4..]))
+        } else if len >= 2 {
+            (
+                u64::from(u16::from_le_bytes([key[0], key[1]])),
+                u64::from(u16::from_le_bytes([key[len - 2], key[len - 1]])),
+            )
+        } else {
+            (key.first().map_or(0, |&b| u64::from(b)), 0)
+        };
+        KeyWords { len, first, last }
+    }
+
+    #[inline(always)]
+    fn hash(&self, shift: u32) -> usize {
+        let h = (self.first ^ self.last.rotate_left(29) ^ self.len as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> shift) as usize
+    }
+}
+
+#[inline(always)]
+fn word8(b: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(b);
+    u64::from_le_bytes(w)
+}
+
+#[inline(always)]
+fn word4(b: &[u8]) -> u64 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(b);
+    u64::from(u32::from_le_bytes(w))
+}
+
+impl ChildTable {
+    fn new(children: Vec<(String, Child)>) -> ChildTable {
+        let mut size = 4usize;
+        while size < children.len() * 2 {
+            size *= 2;
+        }
+        let mut t = ChildTable {
+            entries: Vec::with_capacity(children.len()),
+            slots: vec![0; size],
+            shift: 64 - size.trailing_zeros(),
+        };
+        for (key, child) in children {
+            match t.find(&key) {
+                // A repeated key replaces the earlier child, as a map insert would.
+                Some(i) => t.entries[i].2 = child,
+                None => {
+                    let words = KeyWords::of(key.as_bytes());
+                    let mut s = words.hash(t.shift);
+                    while t.slots[s] != 0 {
+                        s = (s + 1) & (size - 1);
+                    }
+                    t.slots[s] = t.entries.len() as u32 + 1;
+                    t.entries.push((words, key.into_boxed_str(), child));
+                }
+            }
+        }
+        t
+    }
+
+    #[inline]
+    fn find(&self, key: &str) -> Option<usize> {
+        let words = KeyWords::of(key.as_bytes());
+        let mask = self.slots.len().wrapping_sub(1);
+        let mut s = words.hash(self.shift);
+        loop {
+            let i = (*self.slots.get(s)? as usize).checked_sub(1)?;
+            let (w, k, _) = &self.entries[i];
+            if *w == words
+                && (words.len <= 16
+                    || k.as_bytes()[8..words.len - 8] == key.as_bytes()[8..words.len - 8])
+            {
+                return Some(i);
+            }
+            s = (s + 1) & mask;
+        }
+    }
+
+    #[inline]
+    fn get(&self, key: &str) -> Option<&Child> {
+        self.find(key).map(|i| &self.entries[i].2)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Child> {
+        self.entries.iter_mut().map(|(_, _, c)| c)
+    }
+}
+
 impl TypeDef {
     /// The element and concrete type a JSON key names, if any.
+    #[inline]
     pub fn child(&self, json_key: &str) -> Option<ChildRef<'_>> {
         self.children.get(json_key).map(|c| self.child_ref(c))
     }
 
+    #[inline]
     fn child_ref(&self, c: &Child) -> ChildRef<'_> {
         let element = &self.elements[c.element as usize];
         ChildRef {
@@ -228,7 +351,7 @@ impl Model {
                         max_many: many != 0,
                     })
                     .collect();
-            let mut children = FxHashMap::default();
+            let mut children = Vec::new();
             for (ei, el) in elements.iter().enumerate() {
                 let child = |ti: usize| Child {
                     element: ei as u32,
@@ -237,10 +360,10 @@ impl Model {
                 };
                 if el.choice {
                     for (ti, ty) in el.types.iter().enumerate() {
-                        children.insert(format!("{}{}", el.name, choice_suffix(ty)), child(ti));
+                        children.push((format!("{}{}", el.name, choice_suffix(ty)), child(ti)));
                     }
                 } else {
-                    children.insert(el.name.clone(), child(0));
+                    children.push((el.name.clone(), child(0)));
                 }
             }
             if kind == TypeKind::Resource && !t.a {
@@ -254,7 +377,7 @@ impl Model {
                 base: t.b,
                 is_abstract: t.a,
                 elements,
-                children,
+                children: ChildTable::new(children),
                 prim,
             };
             match by_name.get(&def.name) {
@@ -423,6 +546,78 @@ mod tests {
         assert_eq!(c.type_name, "dateTime");
         assert!(m.child("Observation", "value").is_none());
         assert!(m.child("Observation", "valueFoo").is_none());
+    }
+
+    #[test]
+    fn child_tables_find_every_key_and_nothing_else() {
+        let m = r4();
+        let mut keys = 0;
+        for def in &m.types {
+            // What the table was built from: every element, choice elements expanded.
+            let mut expected: HashMap<String, (String, String)> = HashMap::new();
+            for el in &def.elements {
+                if el.choice {
+                    for ty in &el.types {
+                        let key = format!("{}{}", el.name, choice_suffix(ty));
+                        expected.insert(key, (el.name.clone(), ty.clone()));
+                    }
+                } else {
+                    expected.insert(el.name.clone(), (el.name.clone(), el.types[0].clone()));
+                }
+            }
+            for (key, (name, ty)) in &expected {
+                let c = def
+                    .child(key)
+                    .unwrap_or_else(|| panic!("{}.{key}", def.name));
+                assert_eq!((&c.element.name, c.type_name), (name, ty.as_str()));
+                keys += 1;
+                // Near misses: a byte changed at each end and in the middle, one more or less.
+                let mut near = vec![
+                    format!("{key}x"),
+                    format!("x{key}"),
+                    key[..key.len() - 1].to_string(),
+                ];
+                for at in [0, key.len() / 2, key.len() - 1] {
+                    let mut b = key.clone().into_bytes();
+                    b[at] ^= 1;
+                    near.push(String::from_utf8(b).expect("ascii key"));
+                }
+                for n in near.iter().filter(|n| !expected.contains_key(*n)) {
+                    assert!(def.child(n).is_none(), "{}.{n}", def.name);
+                }
+            }
+            assert!(def.child("").is_none());
+        }
+        assert!(keys > 8000, "{keys}");
+        // Every length up to 40 on a synthetic table, against a map.
+        let names: Vec<String> = (0..40)
+            .map(|n| "abcdefghij".repeat(4)[..n].to_string())
+            .collect();
+        let child = |i: usize| Child {
+            element: i as u32,
+            ty: 0,
+            def: None,
+        };
+        let t = ChildTable::new(
+            names
+                .iter()
+                .enumerate()
+                .skip(1)
+                .map(|(i, n)| (n.clone(), child(i)))
+                .collect(),
+        );
+        for (i, n) in names.iter().enumerate() {
+            assert_eq!(
+                t.get(n).map(|c| c.element),
+                (i > 0).then_some(i as u32),
+                "{n}"
+            );
+            let mut other = n.clone().into_bytes();
+            if let Some(b) = other.get_mut(n.len() / 2) {
+                *b = b'z';
+                assert!(t.get(std::str::from_utf8(&other).unwrap()).is_none());
+            }
+        }
     }
 
     #[test]
