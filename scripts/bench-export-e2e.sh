@@ -7,7 +7,8 @@
 # Env: FHIRHOSE_BIN (default $CARGO_TARGET_DIR/ci/fhirhose, built if missing), PATIENTS (1000:
 #      `fhirhose synth --patients 1000` = 397,807 resources), SYNTH (an existing synth folder to
 #      use instead), ROUNDS (5), PARALLEL (2), PORT (18490), SKIP_SMART=1 (Fhirhose only),
-#      NICE (as in scripts/bench-ratios.sh: a negative value also raises this script's autogroup).
+#      NICE (as in scripts/bench-ratios.sh: a negative value also raises this script's autogroup),
+#      STREAMED=1 (also, in each round, a client that downloads during the export: below).
 #
 # Each round runs one system export twice: once timed to the complete manifest (the files are
 # written and fsynced by the server; polled every 0.1 s), once timed to the last byte of the last
@@ -52,7 +53,8 @@ if [[ ! -f "$DATA/fhirhose.db" ]]; then
 fi
 FHIRHOSE_LOG=warn nice -n "$NICE" "$BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" >"$WORK/serve.log" 2>&1 &
 SERVER=$!
-trap 'kill "$SERVER" 2>/dev/null || true' EXIT
+DOWNLOADER=
+trap 'kill "$SERVER" $DOWNLOADER 2>/dev/null || true' EXIT
 BASE="http://127.0.0.1:$PORT"
 for _ in $(seq 1 600); do
   curl -fsS "$BASE/metadata" >/dev/null 2>&1 && break
@@ -116,12 +118,79 @@ export_once() {
     tee -a "$RUNS"
   curl -fsS -X DELETE "$status_url" >/dev/null || true
 }
+# export_streamed: another client (STREAMED=1), not the one the targets are measured with: kicks
+# off with allowPartialManifests=true, follows the manifest pages as the export writes its files
+# and downloads each new batch of files at once (one curl process per batch, PARALLEL transfers
+# at a time, batches one after the other), so the downloads overlap the export. Timed from
+# kick-off to the last byte, every line counted.
+export_streamed() {
+  local load t0 t1 tl status_url url code next n=0 got
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  rm -rf "$WORK/out" "$WORK/batches"
+  mkdir -p "$WORK/out" "$WORK/batches"
+  sync
+  t0=$(date +%s.%N)
+  status_url=$(curl -fsS -D - -o /dev/null -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' \
+    "$BASE/\$export?allowPartialManifests=true" | awk -F': ' 'tolower($1)=="content-location" {gsub(/\r/,"",$2); print $2}')
+  [[ -n "$status_url" ]] || { echo "kick-off failed" >&2; exit 1; }
+  # The downloader: batch 1, 2, ... as they appear, until the number in `end`.
+  (
+    i=1
+    while :; do
+      if [[ -f "$WORK/batches/$i.json" ]]; then
+        nice -n "$NICE" "$ROOT/scripts/bench/download.sh" "$WORK/batches/$i.json" "$WORK/out" "$PARALLEL"
+        i=$((i + 1))
+      elif [[ -f "$WORK/batches/end" ]] && ((i > $(cat "$WORK/batches/end"))); then
+        break
+      else
+        sleep 0.01
+      fi
+    done
+  ) &
+  DOWNLOADER=$!
+  url=$status_url
+  : >"$WORK/batches/seen"
+  while :; do
+    code=$(curl -sS -o "$WORK/page.json" -w '%{http_code}' "$url")
+    case "$code" in
+      200 | 202) ;;
+      429) sleep 0.1; continue ;;
+      *) echo "status $code: $(cat "$WORK/page.json")" >&2; exit 1 ;;
+    esac
+    # A page's files never change once listed; new ones are added until its work item is done.
+    jq -r '.output[]?.url' "$WORK/page.json" | grep -vxF -f "$WORK/batches/seen" >"$WORK/batches/new" || true
+    if [[ -s "$WORK/batches/new" ]]; then
+      n=$((n + 1))
+      jq -R -s '{output: [split("\n")[] | select(length > 0) | {url: .}]}' "$WORK/batches/new" >"$WORK/batches/next.tmp"
+      mv "$WORK/batches/next.tmp" "$WORK/batches/$n.json"
+      cat "$WORK/batches/new" >>"$WORK/batches/seen"
+    fi
+    next=$(jq -r '(.link // [])[] | select(.relation == "next") | .url' "$WORK/page.json")
+    if [[ -n "$next" ]]; then
+      url=$next
+      continue
+    fi
+    [[ "$code" == 200 ]] && break
+    sleep 0.1
+  done
+  tl=$(date +%s.%N)
+  echo "$n" >"$WORK/batches/end"
+  wait "$DOWNLOADER"
+  DOWNLOADER=
+  t1=$(date +%s.%N)
+  got=$(cat "$WORK"/out/* | wc -l)
+  [[ "$got" == "$RESOURCES" ]] || { echo "streamed: downloaded $got of $RESOURCES lines" >&2; exit 1; }
+  echo "streamed $(echo "$t1 - $t0" | bc) s, every file listed at $(echo "$tl - $t0" | bc) s, $n batches," \
+    "server VmHWM $(awk '/VmHWM/ {print int($2/1024)}' "/proc/$SERVER/status") MiB, load $load" | tee -a "$RUNS"
+  curl -fsS -X DELETE "$status_url" >/dev/null || true
+}
 median() {
   grep "^$1 " "$RUNS" | awk '{print $2}' | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'
 }
 echo "== $ROUNDS rounds, $RESOURCES resources, $PARALLEL parallel downloads"
 for ((r = 1; r <= ROUNDS; r++)); do
   if ((r % 2)); then export_once manifest 0; export_once end-to-end 1; else export_once end-to-end 1; export_once manifest 0; fi
+  if [[ -n "${STREAMED:-}" ]]; then export_streamed; fi
 done
 rm -rf "$WORK/out"
 mm=$(median manifest)
@@ -133,6 +202,10 @@ mc=$(median copy)
 md=$(median downloads)
 echo "downloads alone (manifest to last byte, in the end-to-end runs): $md s, client CPU $(grep '^downloads ' "$RUNS" | awk '{print $(NF-1)}' | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}') s (median)"
 echo "downloads add $(echo "scale=1; 100 * ($me - $mm) / $mm" | bc) % to kick-off -> manifest (target <= 25 %)"
+if [[ -n "${STREAMED:-}" ]]; then
+  ms=$(median streamed)
+  echo "another client (STREAMED=1: allowPartialManifests, downloads during the export): kick-off -> last byte $ms s = $(echo "$RESOURCES / $ms" | bc) resources/s"
+fi
 echo "cp of the same files to the same disk: $mc s = $(echo "scale=1; 100 * $mc / $mm" | bc) % of kick-off -> manifest (2 processes copying in the kernel: below any one-process HTTP client)"
 kill "$SERVER" 2>/dev/null || true
 wait "$SERVER" 2>/dev/null || true
