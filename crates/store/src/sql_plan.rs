@@ -106,10 +106,17 @@ pub(crate) trait Dialect {
     /// unary `+`); empty where the planner needs no such hint.
     fn no_index(&self) -> &'static str;
     /// `SELECT {select} FROM {table} WHERE k = {k} AND {cond}`: a per-row lookup (a sort value)
-    /// that must read the table through its `(k)` index, whatever the other conditions and the
+    /// that must read the table through the version's rows ([`Dialect::version_rows`]), whatever the other conditions and the
     /// planner's statistics.
     fn key_lookup(&self, select: &str, table: &str, k: &str, cond: &str) -> String {
-        format!("SELECT {select} FROM {table} WHERE k = {k} AND {cond}")
+        let rows = self.version_rows(table, k);
+        format!("SELECT {select} FROM {table} WHERE {rows} AND {cond}")
+    }
+    /// The condition that selects the rows of index table `table` (not aliased) that belong to
+    /// the stored version whose key is `k` (an SQL expression): `k = {k}`, read through the
+    /// table's `(k)` index where it has one (SQLite has none: a rowid range).
+    fn version_rows(&self, _table: &str, k: &str) -> String {
+        format!("k = {k}")
     }
     /// The boolean constants.
     fn bool(&self, b: bool) -> &'static str;
@@ -500,10 +507,11 @@ impl<'b> Builder<'b> {
         for (table, conds) in by_table {
             let tn = self.p(SqlParam::Int(type_no));
             if probe {
-                // A per-row lookup through the `(k)` index (see `run`).
+                // A per-row lookup of the version's rows (see `run`).
                 let pc = self.param_match(pm, table, ni)?;
+                let rows = self.d.version_rows(table, kexpr);
                 parts.push(format!(
-                    "EXISTS (SELECT 1 FROM {table} WHERE k = {kexpr} AND {ni}type_no = {tn} AND {pc} AND ({}))",
+                    "EXISTS (SELECT 1 FROM {table} WHERE {rows} AND {ni}type_no = {tn} AND {pc} AND ({}))",
                     any_of(self.d, &conds)
                 ));
             } else {
@@ -690,7 +698,7 @@ impl<'b> Builder<'b> {
                 },
             ),
         };
-        // The no-index hint keeps the planner on the `(k)` index: one lookup per row, not a
+        // The no-index hint keeps the planner on the version's rows: one lookup per row, not a
         // scan of the parameter's rows.
         let ni = self.d.no_index();
         let pc = self.param_match(pm, table, ni)?;
@@ -983,9 +991,10 @@ fn include_targets(
 ) -> Result<Vec<(String, String)>, StoreError> {
     let mut b = Builder::new(backend);
     let ni = b.d.no_index();
+    let kp = b.p(SqlParam::Int(k));
+    let rows = b.d.version_rows("idx_reference", &kp);
     let mut sql = format!(
-        "SELECT target_type, target_id FROM idx_reference WHERE k = {} AND {ni}type_no = {} AND target_id IS NOT NULL",
-        b.p(SqlParam::Int(k)),
+        "SELECT target_type, target_id FROM idx_reference WHERE {rows} AND {ni}type_no = {} AND target_id IS NOT NULL",
         b.p(SqlParam::Int(type_no))
     );
     if let Some(pm) = &inc.param {

@@ -1075,6 +1075,111 @@ fn a_schema_version_1_database_is_migrated_to_parameter_numbers() {
     assert_eq!(version, store::sqlite::SCHEMA_VERSION.to_string());
 }
 
+/// The index rows whose rowid is not in their version's range `(seq << 20) | n`, over all
+/// index tables, and the number of `(k)` indexes.
+fn misplaced_rows_and_k_indexes(s: &SqliteStore) -> (i64, i64) {
+    s.with_reader(|c| {
+        let mut misplaced = 0;
+        for t in INDEX_TABLES {
+            misplaced += c.query_row(
+                &format!("SELECT count(*) FROM {t} WHERE rowid >> 20 != k & 1099511627775"),
+                [],
+                |r| r.get::<_, i64>(0),
+            )?;
+        }
+        let k_indexes = c.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name LIKE 'idx\\_%\\_k' ESCAPE '\\'",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok((misplaced, k_indexes))
+    })
+    .unwrap()
+}
+
+const INDEX_TABLES: [&str; 9] = [
+    "idx_token",
+    "idx_token_text",
+    "idx_string",
+    "idx_date",
+    "idx_number",
+    "idx_quantity",
+    "idx_reference",
+    "idx_reference_identifier",
+    "idx_uri",
+];
+
+/// A database of schema version 2 (plain rowids, an index on `(k)` per index table) is migrated
+/// at open to version 3: the same rows, each version's rows in its rowid range, no `(k)`
+/// indexes, the value indexes built; superseding a version then deletes exactly its rows.
+#[test]
+fn a_schema_version_2_database_is_migrated_to_version_rowids() {
+    let (dir, s) = open_indexed();
+    for (id, g, b) in [
+        ("a", "male", "2000"),
+        ("b", "female", "2001"),
+        ("c", "male", "2002"),
+    ] {
+        put(
+            &s,
+            "Patient",
+            id,
+            json!({"resourceType": "Patient", "gender": g, "birthDate": b}),
+        );
+    }
+    let before = rows_by_code(&s);
+    assert_eq!(misplaced_rows_and_k_indexes(&s), (0, 0));
+    drop(s);
+    // Version 2's shape: the same columns, rowids numbered from 1, a `(k)` index per table.
+    let conn = rusqlite::Connection::open(dir.path().join(store::sqlite::DB_FILE_NAME)).unwrap();
+    let mut downgrade = String::from("BEGIN;");
+    for t in INDEX_TABLES {
+        downgrade.push_str(&format!(
+            "CREATE TEMP TABLE old AS SELECT * FROM {t} ORDER BY rowid;
+             DELETE FROM {t};
+             INSERT INTO {t} SELECT * FROM old;
+             DROP TABLE old;
+             CREATE INDEX {t}_k ON {t}(k);"
+        ));
+    }
+    downgrade.push_str("UPDATE store_meta SET value = '2' WHERE key = 'schema_version'; COMMIT;");
+    conn.execute_batch(&downgrade).unwrap();
+    drop(conn);
+
+    let s = SqliteStore::open_data_dir(
+        dir.path(),
+        SqliteOptions {
+            indexer: Some(Arc::new(CodeIndexer)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(rows_by_code(&s), before);
+    assert_eq!(misplaced_rows_and_k_indexes(&s), (0, 0));
+    assert_eq!(value_indexes(&s), value_index_names());
+    assert_eq!(gender_lookup(&s, "male"), (2, true));
+    // A migrated version's rows go when it is superseded; the new version's rows come.
+    put(
+        &s,
+        "Patient",
+        "a",
+        json!({"resourceType": "Patient", "gender": "female"}),
+    );
+    assert_eq!(gender_lookup(&s, "male"), (1, true));
+    assert_eq!(gender_lookup(&s, "female"), (2, true));
+    assert_eq!(misplaced_rows_and_k_indexes(&s), (0, 0));
+    let version: String = s
+        .with_reader(|c| {
+            Ok(c.query_row(
+                "SELECT value FROM store_meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(version, "3");
+}
+
 /// The names of the 10 value indexes, in [`value_indexes`]' order.
 fn value_index_names() -> Vec<String> {
     let mut names: Vec<String> = [

@@ -74,12 +74,12 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
         let tx = w
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // The type's rows by their key range (the `k` index), so that this stays a range
-        // delete while the value indexes are suspended.
+        // The type's rows: through the value indexes, which all start with `type_no` (a scan
+        // of each table while they are suspended).
         for table in INDEX_TABLES {
             tx.execute(
-                &format!("DELETE FROM {table} WHERE k > ?1 AND k <= ?2"),
-                params![key(type_no, 0), key(type_no, MAX_SEQ)],
+                &format!("DELETE FROM {table} WHERE type_no = ?1"),
+                [type_no],
             )?;
         }
         let mut assigned = Vec::new();
@@ -109,6 +109,27 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
     Ok(total)
 }
 
+/// The bits of an index row's rowid that number the rows of one stored version: the rowid is
+/// `(seq << INDEX_ROW_BITS) | n` ([`index_rowid`]), `n` the row's position among the version's
+/// index entries. The rows of a version are thus one rowid range of each index table, which is
+/// how they are deleted when the version is superseded and looked up per resource (a sort value,
+/// an `_include`): no separate `(k)` index to keep up (schema version 3, issue 24). `seq` has 40
+/// bits, so the rowid stays below 2^60.
+pub(crate) const INDEX_ROW_BITS: u32 = 20;
+
+/// Most index entries one stored version may have (`n` must fit [`INDEX_ROW_BITS`]).
+pub(crate) const MAX_INDEX_ROWS: usize = 1 << INDEX_ROW_BITS;
+
+/// The rowid of row `n` of the version whose key is `k`.
+pub(crate) fn index_rowid(k: i64, n: usize) -> i64 {
+    ((k & MAX_SEQ) << INDEX_ROW_BITS) | n as i64
+}
+
+/// The rowids of the rows of version `k`: `lo..hi`.
+fn index_rowids(k: i64) -> (i64, i64) {
+    (index_rowid(k, 0), index_rowid(k, 0) + MAX_INDEX_ROWS as i64)
+}
+
 /// Rows per multi-row `INSERT` of [`IndexInserts`].
 const ROWS_PER_INSERT: usize = 64;
 
@@ -116,33 +137,42 @@ const ROWS_PER_INSERT: usize = 64;
 /// References to a `Type/id` and to a URL go to the same table with different `NULL`s.
 const SHAPES: [(&str, &str); 10] = [
     (
-        "idx_token(type_no, param_no, system, code, k)",
+        "idx_token(rowid, type_no, param_no, system, code, k)",
+        "(?,?,?,?,?,?)",
+    ),
+    (
+        "idx_token_text(rowid, type_no, param_no, text, k)",
         "(?,?,?,?,?)",
     ),
-    ("idx_token_text(type_no, param_no, text, k)", "(?,?,?,?)"),
     (
-        "idx_string(type_no, param_no, normalized, exact, k)",
+        "idx_string(rowid, type_no, param_no, normalized, exact, k)",
+        "(?,?,?,?,?,?)",
+    ),
+    (
+        "idx_date(rowid, type_no, param_no, lo, hi, k)",
+        "(?,?,?,?,?,?)",
+    ),
+    (
+        "idx_number(rowid, type_no, param_no, value, k)",
         "(?,?,?,?,?)",
     ),
-    ("idx_date(type_no, param_no, lo, hi, k)", "(?,?,?,?,?)"),
-    ("idx_number(type_no, param_no, value, k)", "(?,?,?,?)"),
     (
-        "idx_quantity(type_no, param_no, value, system, code, unit, k)",
-        "(?,?,?,?,?,?,?)",
+        "idx_quantity(rowid, type_no, param_no, value, system, code, unit, k)",
+        "(?,?,?,?,?,?,?,?)",
     ),
     (
-        "idx_reference(type_no, param_no, target_type, target_id, url, k)",
-        "(?,?,?,?,NULL,?)",
+        "idx_reference(rowid, type_no, param_no, target_type, target_id, url, k)",
+        "(?,?,?,?,?,NULL,?)",
     ),
     (
-        "idx_reference(type_no, param_no, target_type, target_id, url, k)",
-        "(?,?,NULL,NULL,?,?)",
+        "idx_reference(rowid, type_no, param_no, target_type, target_id, url, k)",
+        "(?,?,?,NULL,NULL,?,?)",
     ),
     (
-        "idx_reference_identifier(type_no, param_no, system, value, k)",
-        "(?,?,?,?,?)",
+        "idx_reference_identifier(rowid, type_no, param_no, system, value, k)",
+        "(?,?,?,?,?,?)",
     ),
-    ("idx_uri(type_no, param_no, uri, k)", "(?,?,?,?)"),
+    ("idx_uri(rowid, type_no, param_no, uri, k)", "(?,?,?,?,?)"),
 ];
 
 /// The position of a value's shape in [`SHAPES`].
@@ -170,6 +200,7 @@ fn insert_sql(shape: usize, rows: usize) -> String {
 
 /// One index row waiting for its `INSERT`.
 struct Row {
+    rowid: i64,
     type_no: i64,
     param_no: i64,
     k: i64,
@@ -183,6 +214,7 @@ fn bind_row(stmt: &mut Statement<'_>, mut at: usize, r: &Row) -> rusqlite::Resul
         at += 1;
         Ok(())
     };
+    bind(&r.rowid)?;
     bind(&r.type_no)?;
     bind(&r.param_no)?;
     match &r.value {
@@ -289,10 +321,17 @@ impl<'c> IndexInserts<'c> {
         k: i64,
         entries: Vec<IndexEntry>,
     ) -> Result<(), StoreError> {
-        for e in entries {
+        if entries.len() > MAX_INDEX_ROWS {
+            return Err(StoreError::InvalidResource(format!(
+                "{} search index entries in one resource; at most {MAX_INDEX_ROWS} are kept",
+                entries.len()
+            )));
+        }
+        for (n, e) in entries.into_iter().enumerate() {
             let param_no = self.param_no(&e.param)?;
             let shape = shape_of(&e.value);
             self.queues[shape].push(Row {
+                rowid: index_rowid(k, n),
                 type_no,
                 param_no,
                 k,
@@ -354,10 +393,14 @@ impl<'c> IndexInserts<'c> {
     }
 }
 
+/// Delete the index rows of version `k`: one rowid range per table ([`INDEX_ROW_BITS`]).
 pub(super) fn delete_index_rows(conn: &Connection, k: i64) -> Result<(), StoreError> {
+    let (lo, hi) = index_rowids(k);
     for table in INDEX_TABLES {
-        conn.prepare_cached(&format!("DELETE FROM {table} WHERE k = ?1"))?
-            .execute([k])?;
+        conn.prepare_cached(&format!(
+            "DELETE FROM {table} WHERE rowid >= ?1 AND rowid < ?2"
+        ))?
+        .execute([lo, hi])?;
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The SQLite implementation of [`Store`].
 //!
-//! # Schema (`schema_version` 2, in table `store_meta`; a version 1 database is migrated at open)
+//! # Schema (`schema_version` 3, in table `store_meta`; versions 1 and 2 are migrated at open)
 //!
 //! ```sql
 //! types(type_no INTEGER PRIMARY KEY, name TEXT UNIQUE)      -- resource type numbers
@@ -43,9 +43,12 @@
 //! idx_reference_identifier(type_no, param_no, system, value, k)
 //! idx_uri(type_no, param_no, uri, k)
 //! ```
-//! Each has an index on `(type_no, param_no, <first value columns>, k)` and one on `(k)`. `k` ends the
-//! value index so that an equality lookup yields rows in `k` order (search pages stop early) and
-//! the index covers the search's `k` lists.
+//! Each has an index on `(type_no, param_no, <first value columns>, k)`. `k` ends the value index
+//! so that an equality lookup yields rows in `k` order (search pages stop early) and the index
+//! covers the search's `k` lists. A row's rowid is `(seq << 20) | n` (`n` its position among the
+//! version's entries; version 2 and before had plain rowids and an index on `(k)`): the rows of
+//! one version are one rowid range, which is how they are deleted when it is superseded and read
+//! per resource, with no `(k)` index to keep up during a load.
 //!
 //! # Modules
 //!
@@ -84,7 +87,7 @@ use crate::stamp::PreparedResource;
 use crate::{DataDirLock, Indexer, Store, StoreError};
 
 /// The schema version this code writes and reads.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// Name of the database file inside a data directory.
 pub const DB_FILE_NAME: &str = "fhirhose.db";
 use crate::ops::check_update;

@@ -11,6 +11,8 @@ use crate::StoreError;
 use crate::index_tables::VALUE_INDEXES;
 
 use super::SCHEMA_VERSION;
+use super::index_upkeep::INDEX_ROW_BITS;
+use crate::ops::MAX_SEQ;
 
 pub(super) fn configure(conn: &Connection, cache_kib: i64) -> Result<(), StoreError> {
     // page_size only takes effect on a new database; 8 KiB keeps typical resources inline.
@@ -83,31 +85,22 @@ CREATE INDEX IF NOT EXISTS rv_superseded ON resource_versions(superseded_seq)
 
 CREATE TABLE IF NOT EXISTS idx_token(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   system TEXT, code TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_token_k ON idx_token(k);
 CREATE TABLE IF NOT EXISTS idx_token_text(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   text TEXT NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_token_text_k ON idx_token_text(k);
 CREATE TABLE IF NOT EXISTS idx_string(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   normalized TEXT NOT NULL, exact TEXT NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_string_k ON idx_string(k);
 CREATE TABLE IF NOT EXISTS idx_date(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   lo INTEGER NOT NULL, hi INTEGER NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_date_k ON idx_date(k);
 CREATE TABLE IF NOT EXISTS idx_number(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   value REAL NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_number_k ON idx_number(k);
 CREATE TABLE IF NOT EXISTS idx_quantity(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   value REAL NOT NULL, system TEXT, code TEXT, unit TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_quantity_k ON idx_quantity(k);
 CREATE TABLE IF NOT EXISTS idx_reference(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   target_type TEXT, target_id TEXT, url TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_reference_k ON idx_reference(k);
 CREATE TABLE IF NOT EXISTS idx_reference_identifier(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   system TEXT, value TEXT, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_reference_identifier_k ON idx_reference_identifier(k);
 CREATE TABLE IF NOT EXISTS idx_uri(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   uri TEXT NOT NULL, k INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_uri_k ON idx_uri(k);
 ";
 
 /// The value columns of each index table (after `type_no` and the parameter, before `k`), for
@@ -156,20 +149,49 @@ fn migrate_v1(conn: &Connection) -> Result<(), StoreError> {
              DROP TABLE {table}_v1;\n"
         ));
     }
-    sql.push_str(&format!(
-        "UPDATE store_meta SET value = '{SCHEMA_VERSION}' WHERE key = 'schema_version';\nCOMMIT;"
-    ));
-    if let Err(e) = conn.execute_batch(&sql) {
+    sql.push_str("UPDATE store_meta SET value = '2' WHERE key = 'schema_version';\nCOMMIT;");
+    run_migration(conn, &sql, 1, 2)
+}
+
+/// Schema version 2 → 3 (issue 24): an index row's rowid is `(seq << INDEX_ROW_BITS) | n`
+/// ([`index_rowid`](super::index_upkeep::index_rowid)), so the rows of one stored version are one rowid range of the table and
+/// the separate `(k)` index of each table is gone. Each index table is copied into its new
+/// shape (rows numbered within their version in their old order) in one transaction with the
+/// version change; the value indexes, dropped with the old tables, are built by the open that
+/// follows ([`build_value_indexes`]).
+fn migrate_v2(conn: &Connection) -> Result<(), StoreError> {
+    let mut sql = String::from("BEGIN IMMEDIATE;\n");
+    for (name, _) in VALUE_INDEXES {
+        sql.push_str(&format!("DROP INDEX IF EXISTS {name};\n"));
+    }
+    for (table, _) in INDEX_TABLE_COLUMNS {
+        sql.push_str(&format!(
+            "DROP INDEX IF EXISTS {table}_k;\nALTER TABLE {table} RENAME TO {table}_v2;\n"
+        ));
+    }
+    sql.push_str(SCHEMA);
+    for (table, columns) in INDEX_TABLE_COLUMNS {
+        sql.push_str(&format!(
+            "INSERT INTO {table}(rowid, type_no, param_no, {columns}, k)
+             SELECT ((k & {MAX_SEQ}) << {INDEX_ROW_BITS})
+                    | (row_number() OVER (PARTITION BY k ORDER BY rowid) - 1),
+                    type_no, param_no, {columns}, k FROM {table}_v2;
+             DROP TABLE {table}_v2;\n"
+        ));
+    }
+    sql.push_str("UPDATE store_meta SET value = '3' WHERE key = 'schema_version';\nCOMMIT;");
+    run_migration(conn, &sql, 2, 3)
+}
+
+/// Run one migration's SQL (a transaction), rolled back if it fails.
+fn run_migration(conn: &Connection, sql: &str, from: i64, to: i64) -> Result<(), StoreError> {
+    if let Err(e) = conn.execute_batch(sql) {
         if !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
         return Err(e.into());
     }
-    tracing::info!(
-        from = 1,
-        to = SCHEMA_VERSION,
-        "migrated the database schema"
-    );
+    tracing::info!(from, to, "migrated the database schema");
     Ok(())
 }
 
@@ -196,7 +218,11 @@ pub(super) fn create_schema(conn: &Connection) -> Result<bool, StoreError> {
             return Ok(true);
         }
         Some(v) if v == SCHEMA_VERSION.to_string() => {}
-        Some(v) if v == "1" => migrate_v1(conn)?,
+        Some(v) if v == "1" => {
+            migrate_v1(conn)?;
+            migrate_v2(conn)?;
+        }
+        Some(v) if v == "2" => migrate_v2(conn)?,
         Some(v) => {
             return Err(StoreError::Corrupt(format!(
                 "database schema version {v}, this build reads version {SCHEMA_VERSION}"

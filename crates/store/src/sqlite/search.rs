@@ -4,8 +4,10 @@
 
 use rusqlite::types::Value as Sql;
 
+use super::index_upkeep::INDEX_ROW_BITS;
 use super::{SqliteStore, is_interrupted};
 use crate::StoreError;
+use crate::ops::MAX_SEQ;
 use crate::plan::{SearchPlan, SearchRows, StopCheck};
 use crate::sql_plan::{self, Dialect, SearchBackend, SqlCell, SqlParam};
 
@@ -18,6 +20,14 @@ impl Dialect for SqliteDialect {
 
     fn no_index(&self) -> &'static str {
         "+"
+    }
+
+    fn version_rows(&self, table: &str, k: &str) -> String {
+        // The rows of a version are one rowid range (`index_upkeep::INDEX_ROW_BITS`).
+        format!(
+            "{table}.rowid >= ((({k}) & {MAX_SEQ}) << {INDEX_ROW_BITS}) \
+             AND {table}.rowid < (((({k}) & {MAX_SEQ}) + 1) << {INDEX_ROW_BITS})"
+        )
     }
 
     fn bool(&self, b: bool) -> &'static str {
