@@ -354,7 +354,13 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         if t.len() != v.len() {
             self.dropped();
         }
-        if t.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+        // Without an early exit the check vectorises (these are mostly 64-character hashes
+        // and dates, which need no escape).
+        let plain = !t.bytes().fold(false, |bad, c| {
+            bad | (c < 0x20) | (c == b'"') | (c == b'\\')
+        });
+        if plain {
+            self.out.reserve(t.len() + 2);
             self.out.push(b'"');
             self.out.extend_from_slice(t.as_bytes());
             self.out.push(b'"');
