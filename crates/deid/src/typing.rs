@@ -43,6 +43,6 @@ pub(crate) fn declared_def(
     {
         None
     } else {
-        element_type_def(child.type_name)
+        fhir_model::r4().child_def(child)
     }
 }

@@ -196,6 +196,7 @@ impl TypeDef {
         ChildRef {
             element,
             type_name: &element.types[c.ty as usize],
+            def: c.def,
         }
     }
 
@@ -210,6 +211,8 @@ impl TypeDef {
 pub struct ChildRef<'a> {
     pub element: &'a ElementDef,
     pub type_name: &'a str,
+    /// The concrete type's index in the model ([`Model::child_def`]).
+    def: Option<u32>,
 }
 
 /// The type of a search parameter.
@@ -435,6 +438,12 @@ impl Model {
         self.types.get(i as usize)
     }
 
+    /// The definition of a child's concrete type (`child` from a type of this model): what
+    /// `type_def(child.type_name)` gives, without hashing the name.
+    pub fn child_def(&self, child: ChildRef<'_>) -> Option<&TypeDef> {
+        child.def.and_then(|i| self.types.get(i as usize))
+    }
+
     /// The child a JSON key names in `def` (a type of this model), with the definition of its
     /// concrete type when the model has one: one hash lookup instead of two.
     pub(crate) fn child_with_def<'m>(
@@ -570,6 +579,10 @@ mod tests {
                     .child(key)
                     .unwrap_or_else(|| panic!("{}.{key}", def.name));
                 assert_eq!((&c.element.name, c.type_name), (name, ty.as_str()));
+                assert_eq!(
+                    m.child_def(c).map(|d| &d.name),
+                    m.type_def(ty).map(|d| &d.name)
+                );
                 keys += 1;
                 // Near misses: a byte changed at each end and in the middle, one more or less.
                 let mut near = vec![
