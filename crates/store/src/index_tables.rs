@@ -57,6 +57,10 @@ pub(crate) const VALUE_INDEXES: [(&str, &str); 10] = [
     ),
 ];
 
+/// Most names a [`ParamNumbers`] cache holds: parameter codes are bounded by the definitions,
+/// token systems by the data (a few dozen in practice), and the cache must not grow with it.
+pub(crate) const MAX_CACHED_NUMBERS: usize = 65_536;
+
 /// The index tables, for deleting a version's rows and for reindexing.
 pub(crate) const INDEX_TABLES: [&str; 9] = [
     "idx_token",
@@ -81,6 +85,8 @@ pub(crate) const INDEX_TABLES: [&str; 9] = [
 /// decides which codes exist), and a fixed numbering would change meaning whenever the list of
 /// definitions changes, silently pointing old rows at another parameter; the table keeps the
 /// mapping in the database it describes, like `types`.
+///
+/// The SQLite store numbers token systems the same way (`systems(system_no, name)`).
 #[derive(Default)]
 pub(crate) struct ParamNumbers {
     map: RwLock<HashMap<String, i64>>,
@@ -95,11 +101,16 @@ impl ParamNumbers {
             .copied()
     }
 
-    /// Numbers read from the database or assigned by a committed transaction.
+    /// Numbers read from the database or assigned by a committed transaction; beyond
+    /// [`MAX_CACHED_NUMBERS`] names the cache stops growing (the others are looked up in the
+    /// database each time).
     pub(crate) fn extend(&self, numbers: impl IntoIterator<Item = (String, i64)>) {
-        self.map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(numbers);
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        for (name, no) in numbers {
+            if map.len() >= MAX_CACHED_NUMBERS {
+                break;
+            }
+            map.insert(name, no);
+        }
     }
 }

@@ -118,6 +118,11 @@ pub(crate) trait Dialect {
     fn version_rows(&self, _table: &str, k: &str) -> String {
         format!("k = {k}")
     }
+    /// Whether `idx_token` names its system by number (`system_no`, SQLite) rather than by its
+    /// text (`system`).
+    fn token_system_numbers(&self) -> bool {
+        false
+    }
     /// The boolean constants.
     fn bool(&self, b: bool) -> &'static str;
     /// `needle` (a parameter) occurs in `hay`.
@@ -153,6 +158,11 @@ pub(crate) trait SearchBackend {
     /// The number of a search parameter code in the index rows' `param_no`; `None` if no
     /// index row was ever written for it.
     fn param_no(&self, code: &str) -> Result<Option<i64>, StoreError>;
+    /// The number of a token system in `idx_token.system_no`, where the dialect numbers them
+    /// ([`Dialect::token_system_numbers`]); `None` if no token row was ever written with it.
+    fn system_no(&self, _system: &str) -> Result<Option<i64>, StoreError> {
+        Ok(None)
+    }
     /// See [`crate::Store::seq_at_or_after`].
     fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError>;
     /// Runs one statement and returns its rows. `cached`: the statement is one of a few shapes
@@ -362,7 +372,7 @@ impl<'b> Builder<'b> {
         let mut table = None;
         let mut conds = Vec::new();
         for v in values {
-            let (t, c) = self.value_cond(v);
+            let (t, c) = self.value_cond(v)?;
             if table.is_some_and(|x| x != t) {
                 return Ok(None);
             }
@@ -495,7 +505,7 @@ impl<'b> Builder<'b> {
     ) -> Result<String, StoreError> {
         let mut by_table: Vec<(&'static str, Vec<String>)> = Vec::new();
         for v in values {
-            let (table, cond) = self.value_cond(v);
+            let (table, cond) = self.value_cond(v)?;
             match by_table.iter_mut().find(|(t, _)| *t == table) {
                 Some((_, conds)) => conds.push(cond),
                 None => by_table.push((table, vec![cond])),
@@ -552,6 +562,32 @@ impl<'b> Builder<'b> {
         }
     }
 
+    /// [`Builder::token_cond`] on `idx_token` with systems by number: a system no token row
+    /// was ever written with matches nothing (-1).
+    fn numbered_token_cond(
+        &mut self,
+        system: &Option<String>,
+        code: &Option<String>,
+    ) -> Result<String, StoreError> {
+        let mut c = Vec::new();
+        if let Some(code) = code {
+            c.push(format!("code = {}", self.p(text(code))));
+        }
+        match system.as_deref() {
+            None => {}
+            Some("") => c.push("system_no IS NULL".to_string()),
+            Some(s) => {
+                let no = self.backend.system_no(s)?.unwrap_or(-1);
+                c.push(format!("system_no = {}", self.p(SqlParam::Int(no))));
+            }
+        }
+        Ok(if c.is_empty() {
+            self.t(true)
+        } else {
+            c.join(" AND ")
+        })
+    }
+
     fn prefix_cond(&mut self, col: &str, v: &str) -> String {
         let a = self.p(text(v));
         let b = self.p(text(&prefix_upper(v)));
@@ -587,8 +623,11 @@ impl<'b> Builder<'b> {
     }
 
     /// The index table and the row condition of one search value.
-    fn value_cond(&mut self, v: &PlanValue) -> (&'static str, String) {
-        match v {
+    fn value_cond(&mut self, v: &PlanValue) -> Result<(&'static str, String), StoreError> {
+        Ok(match v {
+            PlanValue::Token { system, code } if self.d.token_system_numbers() => {
+                ("idx_token", self.numbered_token_cond(system, code)?)
+            }
             PlanValue::Token { system, code } => {
                 ("idx_token", self.token_cond(system, code, "system", "code"))
             }
@@ -656,7 +695,7 @@ impl<'b> Builder<'b> {
                 format!("({})", self.token_cond(system, code, "system", "value")),
             ),
             PlanValue::Uri(u) => ("idx_uri", format!("uri = {}", self.p(text(u)))),
-        }
+        })
     }
 
     /// The SQL expression of a sort key for the row `rv` (never NULL: missing values sort last).

@@ -626,7 +626,7 @@ impl Indexer for CodeIndexer {
             out.push(IndexEntry {
                 param: "gender".into(),
                 value: IndexValue::Token {
-                    system: None,
+                    system: Some("http://hl7.org/fhir/administrative-gender".into()),
                     code: Some(g.into()),
                 },
             });
@@ -1008,6 +1008,7 @@ fn a_schema_version_1_database_is_migrated_to_parameter_numbers() {
         json!({"resourceType": "Patient", "gender": "male"}),
     );
     let before = rows_by_code(&s);
+    let tokens = tokens_by_system(&s);
     assert_eq!(
         before,
         [
@@ -1039,6 +1040,7 @@ fn a_schema_version_1_database_is_migrated_to_parameter_numbers() {
              ALTER TABLE {t} DROP COLUMN param_no;"
         ));
     }
+    downgrade.push_str(TOKEN_SYSTEMS_AS_TEXT);
     downgrade.push_str(
         "DROP TABLE params; UPDATE store_meta SET value = '1' WHERE key = 'schema_version'; COMMIT;",
     );
@@ -1054,6 +1056,7 @@ fn a_schema_version_1_database_is_migrated_to_parameter_numbers() {
     )
     .unwrap();
     assert_eq!(rows_by_code(&s), before);
+    assert_eq!(tokens_by_system(&s), tokens);
     assert_eq!(value_indexes(&s), value_index_names());
     assert_eq!(gender_lookup(&s, "male"), (2, true));
     put(
@@ -1097,6 +1100,29 @@ fn misplaced_rows_and_k_indexes(s: &SqliteStore) -> (i64, i64) {
     .unwrap()
 }
 
+/// Versions 1 to 3 stored a token's system as text: `idx_token.system` (its value index
+/// dropped first), no `systems` table.
+const TOKEN_SYSTEMS_AS_TEXT: &str = "
+    ALTER TABLE idx_token ADD COLUMN system TEXT;
+    UPDATE idx_token SET system = (SELECT name FROM systems s WHERE s.system_no = idx_token.system_no);
+    ALTER TABLE idx_token DROP COLUMN system_no;
+    DROP TABLE systems;";
+
+/// Token rows by (system, code), systems by their text.
+fn tokens_by_system(s: &SqliteStore) -> Vec<(Option<String>, String, i64)> {
+    s.with_reader(|c| {
+        let mut st = c.prepare(
+            "SELECT s.name, t.code, count(*) FROM idx_token t
+             LEFT JOIN systems s ON s.system_no = t.system_no GROUP BY 1, 2 ORDER BY 1, 2",
+        )?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    })
+    .unwrap()
+}
+
 const INDEX_TABLES: [&str; 9] = [
     "idx_token",
     "idx_token_text",
@@ -1109,11 +1135,12 @@ const INDEX_TABLES: [&str; 9] = [
     "idx_uri",
 ];
 
-/// A database of schema version 2 (plain rowids, an index on `(k)` per index table) is migrated
-/// at open to version 3: the same rows, each version's rows in its rowid range, no `(k)`
-/// indexes, the value indexes built; superseding a version then deletes exactly its rows.
+/// A database of schema version 2 (plain rowids, an index on `(k)` per index table, token systems
+/// as text) is migrated at open to the current version: the same rows, each version's rows in
+/// its rowid range, no `(k)` indexes, the token systems numbered, the value indexes built;
+/// superseding a version then deletes exactly its rows.
 #[test]
-fn a_schema_version_2_database_is_migrated_to_version_rowids() {
+fn a_schema_version_2_database_is_migrated_to_version_rowids_and_system_numbers() {
     let (dir, s) = open_indexed();
     for (id, g, b) in [
         ("a", "male", "2000"),
@@ -1128,9 +1155,11 @@ fn a_schema_version_2_database_is_migrated_to_version_rowids() {
         );
     }
     let before = rows_by_code(&s);
+    let tokens = tokens_by_system(&s);
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
     assert_eq!(misplaced_rows_and_k_indexes(&s), (0, 0));
     drop(s);
-    // Version 2's shape: the same columns, rowids numbered from 1, a `(k)` index per table.
+    // Version 2's shape: rowids numbered from 1, a `(k)` index per table, token systems as text.
     let conn = rusqlite::Connection::open(dir.path().join(store::sqlite::DB_FILE_NAME)).unwrap();
     let mut downgrade = String::from("BEGIN;");
     for t in INDEX_TABLES {
@@ -1142,6 +1171,8 @@ fn a_schema_version_2_database_is_migrated_to_version_rowids() {
              CREATE INDEX {t}_k ON {t}(k);"
         ));
     }
+    downgrade.push_str("DROP INDEX idx_token_value;");
+    downgrade.push_str(TOKEN_SYSTEMS_AS_TEXT);
     downgrade.push_str("UPDATE store_meta SET value = '2' WHERE key = 'schema_version'; COMMIT;");
     conn.execute_batch(&downgrade).unwrap();
     drop(conn);
@@ -1155,6 +1186,7 @@ fn a_schema_version_2_database_is_migrated_to_version_rowids() {
     )
     .unwrap();
     assert_eq!(rows_by_code(&s), before);
+    assert_eq!(tokens_by_system(&s), tokens);
     assert_eq!(misplaced_rows_and_k_indexes(&s), (0, 0));
     assert_eq!(value_indexes(&s), value_index_names());
     assert_eq!(gender_lookup(&s, "male"), (2, true));
@@ -1177,7 +1209,7 @@ fn a_schema_version_2_database_is_migrated_to_version_rowids() {
             )?)
         })
         .unwrap();
-    assert_eq!(version, "3");
+    assert_eq!(version, store::sqlite::SCHEMA_VERSION.to_string());
 }
 
 /// The names of the 10 value indexes, in [`value_indexes`]' order.

@@ -2,6 +2,8 @@
 //! the `indexes_stale` flag, suspending and resuming the value indexes around a bulk load, and
 //! `reindex`.
 
+use std::collections::HashMap;
+
 use rusqlite::{Connection, OptionalExtension, Statement, TransactionBehavior, params};
 use serde_json::Value;
 
@@ -82,14 +84,14 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
                 [type_no],
             )?;
         }
-        let mut assigned = Vec::new();
+        let mut assigned = Assigned::default();
         if let Some(indexer) = &store.indexer {
             let mut stmt = tx.prepare(
                 "SELECT k, json FROM resource_versions
                  WHERE k > ?1 AND k <= ?2 AND superseded_seq IS NULL AND deleted = 0",
             )?;
             let mut rows = stmt.query(params![key(type_no, 0), key(type_no, MAX_SEQ)])?;
-            let mut inserts = IndexInserts::new(&tx, &store.params)?;
+            let mut inserts = IndexInserts::new(&tx, &store.params, &store.systems)?;
             while let Some(r) = rows.next()? {
                 let k: i64 = r.get(0)?;
                 let json = r.get_ref(1)?.as_blob_or_null()?.unwrap_or_default();
@@ -104,7 +106,7 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
             assigned = inserts.into_assigned();
         }
         tx.commit()?;
-        store.params.extend(assigned);
+        store.remember_numbers(assigned);
     }
     Ok(total)
 }
@@ -137,7 +139,7 @@ const ROWS_PER_INSERT: usize = 64;
 /// References to a `Type/id` and to a URL go to the same table with different `NULL`s.
 const SHAPES: [(&str, &str); 10] = [
     (
-        "idx_token(rowid, type_no, param_no, system, code, k)",
+        "idx_token(rowid, type_no, param_no, system_no, code, k)",
         "(?,?,?,?,?,?)",
     ),
     (
@@ -203,6 +205,8 @@ struct Row {
     rowid: i64,
     type_no: i64,
     param_no: i64,
+    /// A token's system, by number.
+    system_no: Option<i64>,
     k: i64,
     value: IndexValue,
 }
@@ -218,8 +222,8 @@ fn bind_row(stmt: &mut Statement<'_>, mut at: usize, r: &Row) -> rusqlite::Resul
     bind(&r.type_no)?;
     bind(&r.param_no)?;
     match &r.value {
-        IndexValue::Token { system, code } => {
-            bind(system)?;
+        IndexValue::Token { code, .. } => {
+            bind(&r.system_no)?;
             bind(code)?;
         }
         IndexValue::TokenText(text) => bind(text)?,
@@ -264,53 +268,80 @@ fn bind_row(stmt: &mut Statement<'_>, mut at: usize, r: &Row) -> rusqlite::Resul
 /// one by one at [`IndexInserts::finish`]. Statements come from the connection's cache.
 pub(super) struct IndexInserts<'c> {
     conn: &'c Connection,
-    /// The store's parameter numbers, and those this transaction assigned (for the cache once it
-    /// commits: [`IndexInserts::into_assigned`]).
-    params: &'c ParamNumbers,
-    assigned: Vec<(String, i64)>,
+    /// Parameter codes (`params`) and token systems (`systems`) by number.
+    params: Numbering<'c>,
+    systems: Numbering<'c>,
     queues: [Vec<Row>; 10],
 }
 
-impl<'c> IndexInserts<'c> {
-    pub(super) fn new(conn: &'c Connection, params: &'c ParamNumbers) -> Result<Self, StoreError> {
-        Ok(IndexInserts {
-            conn,
-            params,
-            assigned: Vec::new(),
-            queues: Default::default(),
-        })
-    }
+/// The names of one numbering table (`params`, `systems`): the store's cache, and the numbers
+/// this transaction assigned or read (for the cache once it commits).
+struct Numbering<'c> {
+    table: &'static str,
+    cache: &'c ParamNumbers,
+    assigned: HashMap<String, i64>,
+}
 
-    /// The number of parameter `code`: known, or assigned now in this transaction.
-    fn param_no(&mut self, code: &str) -> Result<i64, StoreError> {
-        if let Some(no) = self.params.get(code) {
+impl Numbering<'_> {
+    /// The number of `name`: known, or assigned now in this transaction.
+    fn number(&mut self, conn: &Connection, name: &str) -> Result<i64, StoreError> {
+        if let Some(no) = self.cache.get(name) {
             return Ok(no);
         }
-        if let Some((_, no)) = self.assigned.iter().find(|(c, _)| c == code) {
+        if let Some(no) = self.assigned.get(name) {
             return Ok(*no);
         }
-        let no = match self
-            .conn
-            .prepare_cached("SELECT param_no FROM params WHERE name = ?1")?
-            .query_row([code], |r| r.get(0))
+        let table = self.table;
+        let no = match conn
+            .prepare_cached(&format!("SELECT rowid FROM {table} WHERE name = ?1"))?
+            .query_row([name], |r| r.get(0))
             .optional()?
         {
             Some(no) => no,
             None => {
-                self.conn
-                    .prepare_cached("INSERT INTO params(name) VALUES (?1)")?
-                    .execute([code])?;
-                self.conn.last_insert_rowid()
+                conn.prepare_cached(&format!("INSERT INTO {table}(name) VALUES (?1)"))?
+                    .execute([name])?;
+                conn.last_insert_rowid()
             }
         };
-        self.assigned.push((code.to_string(), no));
+        self.assigned.insert(name.to_string(), no);
         Ok(no)
     }
+}
 
-    /// The parameter numbers this transaction assigned or read from the database: enter them in
-    /// the store's cache once it committed. Call [`IndexInserts::finish`] first.
-    pub(super) fn into_assigned(self) -> Vec<(String, i64)> {
-        self.assigned
+/// The numbers a transaction assigned or read: (parameter codes, token systems), for
+/// [`super::SqliteStore::remember_numbers`] once it committed.
+pub(super) type Assigned = (Vec<(String, i64)>, Vec<(String, i64)>);
+
+impl<'c> IndexInserts<'c> {
+    pub(super) fn new(
+        conn: &'c Connection,
+        params: &'c ParamNumbers,
+        systems: &'c ParamNumbers,
+    ) -> Result<Self, StoreError> {
+        Ok(IndexInserts {
+            conn,
+            params: Numbering {
+                table: "params",
+                cache: params,
+                assigned: HashMap::new(),
+            },
+            systems: Numbering {
+                table: "systems",
+                cache: systems,
+                assigned: HashMap::new(),
+            },
+            queues: Default::default(),
+        })
+    }
+
+    /// The numbers this transaction assigned or read from the database: enter them in the
+    /// store's caches once it committed. Call [`IndexInserts::finish`] first.
+    pub(super) fn into_assigned(self) -> Assigned {
+        (
+            self.params.assigned.into_iter().collect(),
+            self.systems.assigned.into_iter().collect(),
+        )
     }
 
     /// The rows of one stored version `k`: queued, inserted once a shape has
@@ -328,12 +359,20 @@ impl<'c> IndexInserts<'c> {
             )));
         }
         for (n, e) in entries.into_iter().enumerate() {
-            let param_no = self.param_no(&e.param)?;
+            let param_no = self.params.number(self.conn, &e.param)?;
+            let system_no = match &e.value {
+                IndexValue::Token {
+                    system: Some(system),
+                    ..
+                } => Some(self.systems.number(self.conn, system)?),
+                _ => None,
+            };
             let shape = shape_of(&e.value);
             self.queues[shape].push(Row {
                 rowid: index_rowid(k, n),
                 type_no,
                 param_no,
+                system_no,
                 k,
                 value: e.value,
             });

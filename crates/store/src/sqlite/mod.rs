@@ -1,10 +1,11 @@
 //! The SQLite implementation of [`Store`].
 //!
-//! # Schema (`schema_version` 3, in table `store_meta`; versions 1 and 2 are migrated at open)
+//! # Schema (`schema_version` 4, in table `store_meta`; versions 1 to 3 are migrated at open)
 //!
 //! ```sql
 //! types(type_no INTEGER PRIMARY KEY, name TEXT UNIQUE)      -- resource type numbers
 //! params(param_no INTEGER PRIMARY KEY, name TEXT UNIQUE)    -- search parameter code numbers
+//! systems(system_no INTEGER PRIMARY KEY, name TEXT UNIQUE)  -- token system numbers
 //! transactions(lu_ms INTEGER PRIMARY KEY,                    -- lastUpdated of the transaction (ms)
 //!              first_seq INTEGER, last_seq INTEGER UNIQUE)   -- its consecutive seqs
 //! resource_versions(
@@ -33,7 +34,7 @@
 //! `resource_versions.k = idx.k`:
 //!
 //! ```sql
-//! idx_token(type_no, param_no, system, code, k)
+//! idx_token(type_no, param_no, system_no, code, k)       -- system by number (`systems`)
 //! idx_token_text(type_no, param_no, text, k)
 //! idx_string(type_no, param_no, normalized, exact, k)
 //! idx_date(type_no, param_no, lo, hi, k)                 -- [lo, hi) ms since the epoch
@@ -48,7 +49,9 @@
 //! covers the search's `k` lists. A row's rowid is `(seq << 20) | n` (`n` its position among the
 //! version's entries; version 2 and before had plain rowids and an index on `(k)`): the rows of
 //! one version are one rowid range, which is how they are deleted when it is superseded and read
-//! per resource, with no `(k)` index to keep up during a load.
+//! per resource, with no `(k)` index to keep up during a load. A token row names its system by
+//! number (`systems`, numbered on first use like `params`; version 3 and before stored the
+//! text): token rows and their value index are half as wide (issue 24).
 //!
 //! # Modules
 //!
@@ -81,13 +84,13 @@ pub use jobs::{JOBS_FILE_NAME, JOBS_SCHEMA_VERSION, SqliteJobQueue};
 use pool::{PooledConn, ReaderPool};
 use schema::{build_value_indexes, configure, configure_reader, create_schema};
 
-use crate::index_tables::ParamNumbers;
+use crate::index_tables::{MAX_CACHED_NUMBERS, ParamNumbers};
 use crate::jobs::{JobQueue, QueueError};
 use crate::stamp::PreparedResource;
 use crate::{DataDirLock, Indexer, Store, StoreError};
 
 /// The schema version this code writes and reads.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// Name of the database file inside a data directory.
 pub const DB_FILE_NAME: &str = "fhirhose.db";
 use crate::ops::check_update;
@@ -132,6 +135,8 @@ pub struct SqliteStore {
     types: RwLock<HashMap<String, i64>>,
     /// The numbers of the search parameter codes in the index rows.
     params: ParamNumbers,
+    /// The numbers of the token systems in `idx_token`.
+    systems: ParamNumbers,
     indexer: Option<Arc<dyn Indexer>>,
     /// The export job queue in `exports.db` beside the database file, opened on first use
     /// ([`jobs`] says why it is a separate file).
@@ -191,6 +196,14 @@ impl SqliteStore {
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             params.extend(rows.collect::<Result<Vec<_>, _>>()?);
         }
+        let systems = ParamNumbers::default();
+        {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT name, system_no FROM systems ORDER BY system_no LIMIT {MAX_CACHED_NUMBERS}"
+            ))?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            systems.extend(rows.collect::<Result<Vec<_>, _>>()?);
+        }
         let mut readers = Vec::new();
         for _ in 0..options.readers.max(1) {
             let r = Connection::open_with_flags(
@@ -215,6 +228,7 @@ impl SqliteStore {
             },
             types: RwLock::new(types),
             params,
+            systems,
             indexer: options.indexer,
             jobs: Mutex::new(None),
             _lock: None,
@@ -273,6 +287,31 @@ impl SqliteStore {
         }
         let conn = self.readers.get();
         self.lookup_type(&conn, resource_type)
+    }
+
+    /// The number of token system `system` in `idx_token`; `None` if no row has it.
+    pub(crate) fn system_no(&self, system: &str) -> Result<Option<i64>, StoreError> {
+        if let Some(no) = self.systems.get(system) {
+            return Ok(Some(no));
+        }
+        let conn = self.readers.get();
+        let no: Option<i64> = conn
+            .query_row(
+                "SELECT system_no FROM systems WHERE name = ?1",
+                [system],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(no) = no {
+            self.systems.extend([(system.to_string(), no)]);
+        }
+        Ok(no)
+    }
+
+    /// Enter the numbers a committed transaction assigned or read in the caches.
+    fn remember_numbers(&self, (params, systems): index_upkeep::Assigned) {
+        self.params.extend(params);
+        self.systems.extend(systems);
     }
 
     /// The number of a search parameter code in the index rows; `None` if no index row of it was

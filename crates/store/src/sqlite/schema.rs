@@ -83,8 +83,11 @@ CREATE INDEX IF NOT EXISTS rv_current ON resource_versions(k)
 CREATE INDEX IF NOT EXISTS rv_superseded ON resource_versions(superseded_seq)
   WHERE superseded_seq IS NOT NULL;
 
+CREATE TABLE IF NOT EXISTS systems(
+  system_no INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS idx_token(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
-  system TEXT, code TEXT, k INTEGER NOT NULL);
+  system_no INTEGER, code TEXT, k INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS idx_token_text(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
   text TEXT NOT NULL, k INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS idx_string(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
@@ -103,84 +106,97 @@ CREATE TABLE IF NOT EXISTS idx_uri(type_no INTEGER NOT NULL, param_no INTEGER NO
   uri TEXT NOT NULL, k INTEGER NOT NULL);
 ";
 
-/// The value columns of each index table (after `type_no` and the parameter, before `k`), for
-/// copying rows between schema versions.
-const INDEX_TABLE_COLUMNS: [(&str, &str); 9] = [
-    ("idx_token", "system, code"),
-    ("idx_token_text", "text"),
-    ("idx_string", "normalized, exact"),
-    ("idx_date", "lo, hi"),
-    ("idx_number", "value"),
-    ("idx_quantity", "value, system, code, unit"),
-    ("idx_reference", "target_type, target_id, url"),
-    ("idx_reference_identifier", "system, value"),
-    ("idx_uri", "uri"),
+/// Each index table's value columns now (after `type_no` and `param_no`, before `k`), and the
+/// expressions that compute them from a row `o` of schema versions 1–3, for the migration.
+const INDEX_TABLE_COLUMNS: [(&str, &str, &str); 9] = [
+    (
+        "idx_token",
+        "system_no, code",
+        "(SELECT s.system_no FROM systems s WHERE s.name = o.system), o.code",
+    ),
+    ("idx_token_text", "text", "o.text"),
+    ("idx_string", "normalized, exact", "o.normalized, o.exact"),
+    ("idx_date", "lo, hi", "o.lo, o.hi"),
+    ("idx_number", "value", "o.value"),
+    (
+        "idx_quantity",
+        "value, system, code, unit",
+        "o.value, o.system, o.code, o.unit",
+    ),
+    (
+        "idx_reference",
+        "target_type, target_id, url",
+        "o.target_type, o.target_id, o.url",
+    ),
+    (
+        "idx_reference_identifier",
+        "system, value",
+        "o.system, o.value",
+    ),
+    ("idx_uri", "uri", "o.uri"),
 ];
 
-/// Schema version 1 → 2 (issue 24): index rows name their parameter by number (`param_no`,
-/// numbered in the new `params` table in the order of the codes) instead of by its code. Each
-/// index table is rewritten in one transaction with the version change; the value indexes,
-/// dropped with the old tables, are built by the open that follows ([`build_value_indexes`]).
-fn migrate_v1(conn: &Connection) -> Result<(), StoreError> {
+/// Schema versions 1, 2 and 3 → 4 (issue 24), each index table rewritten into its current shape
+/// in one transaction with the version change; the value indexes, dropped with the old tables,
+/// are built by the open that follows ([`build_value_indexes`]). What changed:
+/// - 1 → 2: index rows name their parameter by number (`param_no`, numbered in the new `params`
+///   table in the order of the codes) instead of by its code;
+/// - 2 → 3: an index row's rowid is `(seq << INDEX_ROW_BITS) | n`
+///   ([`index_rowid`](super::index_upkeep::index_rowid); rows numbered within their version in
+///   their old order), so the rows of one stored version are one rowid range of the table and
+///   the separate `(k)` index of each table is gone;
+/// - 3 → 4: a token row names its system by number (`system_no`, from the new `systems` table,
+///   numbered in the order of the systems) instead of by its text.
+fn migrate(conn: &Connection, from: i64) -> Result<(), StoreError> {
     let mut sql = String::from("BEGIN IMMEDIATE;\n");
     for (name, _) in VALUE_INDEXES {
         sql.push_str(&format!("DROP INDEX IF EXISTS {name};\n"));
     }
-    for (table, _) in INDEX_TABLE_COLUMNS {
+    for (table, _, _) in INDEX_TABLE_COLUMNS {
         sql.push_str(&format!(
-            "DROP INDEX IF EXISTS {table}_k;\nALTER TABLE {table} RENAME TO {table}_v1;\n"
+            "DROP INDEX IF EXISTS {table}_k;\nALTER TABLE {table} RENAME TO {table}_old;\n"
         ));
     }
-    // The new tables (and `params`); the others exist already.
+    // The new tables (and `params`, `systems`); the others exist already.
     sql.push_str(SCHEMA);
-    let codes: Vec<String> = INDEX_TABLE_COLUMNS
-        .iter()
-        .map(|(table, _)| format!("SELECT param FROM {table}_v1"))
-        .collect();
-    sql.push_str(&format!(
-        "INSERT INTO params(name) SELECT param FROM ({}) ORDER BY param;\n",
-        codes.join(" UNION ")
-    ));
-    for (table, columns) in INDEX_TABLE_COLUMNS {
+    if from == 1 {
+        let codes: Vec<String> = INDEX_TABLE_COLUMNS
+            .iter()
+            .map(|(table, _, _)| format!("SELECT param FROM {table}_old"))
+            .collect();
         sql.push_str(&format!(
-            "INSERT INTO {table}(type_no, param_no, {columns}, k)
-             SELECT o.type_no, p.param_no, {columns}, o.k FROM {table}_v1 o
-             JOIN params p ON p.name = o.param;
-             DROP TABLE {table}_v1;\n"
+            "INSERT INTO params(name) SELECT param FROM ({}) ORDER BY param;\n",
+            codes.join(" UNION ")
         ));
     }
-    sql.push_str("UPDATE store_meta SET value = '2' WHERE key = 'schema_version';\nCOMMIT;");
-    run_migration(conn, &sql, 1, 2)
-}
-
-/// Schema version 2 → 3 (issue 24): an index row's rowid is `(seq << INDEX_ROW_BITS) | n`
-/// ([`index_rowid`](super::index_upkeep::index_rowid)), so the rows of one stored version are one rowid range of the table and
-/// the separate `(k)` index of each table is gone. Each index table is copied into its new
-/// shape (rows numbered within their version in their old order) in one transaction with the
-/// version change; the value indexes, dropped with the old tables, are built by the open that
-/// follows ([`build_value_indexes`]).
-fn migrate_v2(conn: &Connection) -> Result<(), StoreError> {
-    let mut sql = String::from("BEGIN IMMEDIATE;\n");
-    for (name, _) in VALUE_INDEXES {
-        sql.push_str(&format!("DROP INDEX IF EXISTS {name};\n"));
-    }
-    for (table, _) in INDEX_TABLE_COLUMNS {
-        sql.push_str(&format!(
-            "DROP INDEX IF EXISTS {table}_k;\nALTER TABLE {table} RENAME TO {table}_v2;\n"
-        ));
-    }
-    sql.push_str(SCHEMA);
-    for (table, columns) in INDEX_TABLE_COLUMNS {
+    sql.push_str(
+        "INSERT INTO systems(name) SELECT DISTINCT system FROM idx_token_old
+         WHERE system IS NOT NULL ORDER BY system;\n",
+    );
+    let (param, join) = if from == 1 {
+        ("p.param_no", "JOIN params p ON p.name = o.param")
+    } else {
+        ("o.param_no", "")
+    };
+    let rowid = if from <= 2 {
+        format!(
+            "((o.k & {MAX_SEQ}) << {INDEX_ROW_BITS})
+             | (row_number() OVER (PARTITION BY o.k ORDER BY o.rowid) - 1)"
+        )
+    } else {
+        "o.rowid".to_string()
+    };
+    for (table, columns, exprs) in INDEX_TABLE_COLUMNS {
         sql.push_str(&format!(
             "INSERT INTO {table}(rowid, type_no, param_no, {columns}, k)
-             SELECT ((k & {MAX_SEQ}) << {INDEX_ROW_BITS})
-                    | (row_number() OVER (PARTITION BY k ORDER BY rowid) - 1),
-                    type_no, param_no, {columns}, k FROM {table}_v2;
-             DROP TABLE {table}_v2;\n"
+             SELECT {rowid}, o.type_no, {param}, {exprs}, o.k FROM {table}_old o {join};
+             DROP TABLE {table}_old;\n"
         ));
     }
-    sql.push_str("UPDATE store_meta SET value = '3' WHERE key = 'schema_version';\nCOMMIT;");
-    run_migration(conn, &sql, 2, 3)
+    sql.push_str(&format!(
+        "UPDATE store_meta SET value = '{SCHEMA_VERSION}' WHERE key = 'schema_version';\nCOMMIT;"
+    ));
+    run_migration(conn, &sql, from, SCHEMA_VERSION)
 }
 
 /// Run one migration's SQL (a transaction), rolled back if it fails.
@@ -218,11 +234,9 @@ pub(super) fn create_schema(conn: &Connection) -> Result<bool, StoreError> {
             return Ok(true);
         }
         Some(v) if v == SCHEMA_VERSION.to_string() => {}
-        Some(v) if v == "1" => {
-            migrate_v1(conn)?;
-            migrate_v2(conn)?;
-        }
-        Some(v) if v == "2" => migrate_v2(conn)?,
+        Some(v) if v == "1" => migrate(conn, 1)?,
+        Some(v) if v == "2" => migrate(conn, 2)?,
+        Some(v) if v == "3" => migrate(conn, 3)?,
         Some(v) => {
             return Err(StoreError::Corrupt(format!(
                 "database schema version {v}, this build reads version {SCHEMA_VERSION}"
@@ -230,6 +244,16 @@ pub(super) fn create_schema(conn: &Connection) -> Result<bool, StoreError> {
         }
     }
     Ok(false)
+}
+
+/// The `CREATE INDEX` of value index `name` on SQLite: [`VALUE_INDEXES`]' own, except the token
+/// index, whose system is a number here (`system_no`).
+fn sqlite_ddl(name: &str, ddl: &'static str) -> &'static str {
+    if name == "idx_token_value" {
+        "CREATE INDEX IF NOT EXISTS idx_token_value ON idx_token(type_no, param_no, code, system_no, k)"
+    } else {
+        ddl
+    }
 }
 
 /// Create the [`VALUE_INDEXES`] that are missing; returns how many were. Sorting a large index
@@ -243,7 +267,7 @@ pub(super) fn build_value_indexes(conn: &Connection) -> Result<usize, StoreError
     let missing: Vec<&str> = VALUE_INDEXES
         .iter()
         .filter(|(name, _)| !present.contains(*name))
-        .map(|(_, ddl)| *ddl)
+        .map(|(name, ddl)| sqlite_ddl(name, ddl))
         .collect();
     if missing.is_empty() {
         return Ok(0);

@@ -30,6 +30,10 @@ impl Dialect for SqliteDialect {
         )
     }
 
+    fn token_system_numbers(&self) -> bool {
+        true
+    }
+
     fn bool(&self, b: bool) -> &'static str {
         if b { "1" } else { "0" }
     }
@@ -110,6 +114,10 @@ impl SearchBackend for Backend<'_> {
 
     fn param_no(&self, code: &str) -> Result<Option<i64>, StoreError> {
         self.store.param_no(code)
+    }
+
+    fn system_no(&self, system: &str) -> Result<Option<i64>, StoreError> {
+        self.store.system_no(system)
     }
 
     fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError> {

@@ -54,7 +54,7 @@ pub(super) fn write(
         let mut supersede =
             tx.prepare_cached("UPDATE resource_versions SET superseded_seq = ?1 WHERE k = ?2")?;
         let mut index_inserts = match store.indexer {
-            Some(_) => Some(IndexInserts::new(&tx, &store.params)?),
+            Some(_) => Some(IndexInserts::new(&tx, &store.params, &store.systems)?),
             None => None,
         };
         for p in prepared {
@@ -218,7 +218,7 @@ pub(super) fn write(
     };
     tx.commit()?;
     if let Some(assigned) = assigned_params {
-        store.params.extend(assigned);
+        store.remember_numbers(assigned);
     }
     if seq >= first_seq {
         w.last_seq = seq;
