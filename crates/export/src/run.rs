@@ -479,11 +479,14 @@ impl<'s> Roller<'s> {
 
     /// Finishes the current part, if any, for committing.
     fn take(&mut self) -> Result<Option<NewFile>, RunError> {
-        let Some((w, temp, n, _)) = self.current.take() else {
-            return Ok(None);
-        };
-        let (bytes, sha256) = w.finish_digest()?;
-        Ok(Some(NewFile {
+        self.take_unfinished().map(Unfinished::finish).transpose()
+    }
+
+    /// The current part, if any, still to be finished (made durable) before its commit.
+    fn take_unfinished(&mut self) -> Option<Unfinished> {
+        let (writer, temp, count, _) = self.current.take()?;
+        Some(Unfinished {
+            writer,
             kind: self.kind,
             resource_type: self.resource_type.clone(),
             prefix: if self.gzip {
@@ -491,11 +494,36 @@ impl<'s> Roller<'s> {
             } else {
                 self.prefix.clone()
             },
-            count: n,
+            count,
+            temp_path: temp,
+        })
+    }
+}
+
+/// A part whose bytes are all written but not yet durable: [`Unfinished::finish`] flushes and
+/// syncs it (the expensive step: an `fdatasync` of a local file, the upload's completion of a
+/// remote one) and describes it for the commit.
+struct Unfinished {
+    writer: Box<dyn PartWriter>,
+    kind: FileKind,
+    resource_type: String,
+    prefix: String,
+    count: u64,
+    temp_path: String,
+}
+
+impl Unfinished {
+    fn finish(self) -> Result<NewFile, RunError> {
+        let (bytes, sha256) = self.writer.finish_digest()?;
+        Ok(NewFile {
+            kind: self.kind,
+            resource_type: self.resource_type,
+            prefix: self.prefix,
+            count: self.count,
             bytes,
             sha256,
-            temp_path: temp,
-        }))
+            temp_path: self.temp_path,
+        })
     }
 }
 
@@ -515,16 +543,62 @@ fn commit(
     cursor: i64,
     scanned: u64,
 ) -> Result<(), RunError> {
-    let now = chrono::Utc::now().timestamp_millis();
-    let Some(records) = ctx.queue.commit_files(item, &parts, cursor, scanned, now)? else {
-        for p in &parts {
-            let _ = ctx
-                .sink
-                .delete_prefix(&ctx.prepared.job.container, &p.temp_path);
+    Committer::of(ctx).commit(item, parts, cursor, scanned)
+}
+
+/// What a commit needs of an [`ItemContext`]: the parts shared between threads, so that a
+/// scan can hand its finished parts to a committing thread and go on writing the next ones.
+#[derive(Clone, Copy)]
+struct Committer<'a> {
+    queue: &'a dyn JobQueue,
+    sink: &'a dyn Sink,
+    job: &'a JobRecord,
+}
+
+impl<'a> Committer<'a> {
+    fn of(ctx: &ItemContext<'a>) -> Committer<'a> {
+        Committer {
+            queue: ctx.queue,
+            sink: ctx.sink,
+            job: &ctx.prepared.job,
         }
-        return Err(lease_error(ctx.queue.heartbeat(item, scanned, now)?));
-    };
-    finish_renames(ctx.sink, ctx.queue, &ctx.prepared.job, &records)
+    }
+
+    fn commit(
+        self,
+        item: &WorkItem,
+        parts: Vec<NewFile>,
+        cursor: i64,
+        scanned: u64,
+    ) -> Result<(), RunError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let Some(records) = self
+            .queue
+            .commit_files(item, &parts, cursor, scanned, now)?
+        else {
+            for p in &parts {
+                let _ = self.sink.delete_prefix(&self.job.container, &p.temp_path);
+            }
+            return Err(lease_error(self.queue.heartbeat(item, scanned, now)?));
+        };
+        finish_renames(self.sink, self.queue, self.job, &records)
+    }
+
+    /// Makes the parts durable, then commits them. On an error the parts already finished are
+    /// left in the claim's part folder, which the item's failure path removes.
+    fn finish_and_commit(
+        self,
+        item: &WorkItem,
+        parts: Vec<Unfinished>,
+        cursor: i64,
+        scanned: u64,
+    ) -> Result<(), RunError> {
+        let parts = parts
+            .into_iter()
+            .map(Unfinished::finish)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.commit(item, parts, cursor, scanned)
+    }
 }
 
 /// Renames committed parts still under their temporary names (also after a crash).
@@ -657,6 +731,14 @@ impl<'s> Outputs<'s> {
         self.out.full() || self.errors.full()
     }
 
+    /// The current parts, still to be finished, for one commit.
+    fn take_unfinished(&mut self) -> Vec<Unfinished> {
+        [self.out.take_unfinished(), self.errors.take_unfinished()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// Finishes the current parts, for one commit.
     fn take(&mut self) -> Result<Vec<NewFile>, RunError> {
         Ok([self.out.take()?, self.errors.take()?]
@@ -750,34 +832,58 @@ fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
         after: item.cursor.max(p.since_after),
         up_to: item.seq_up_to,
     };
-    scan_rows(ctx.store, t, p.job.watermark, bounds, &mut |row| {
-        scanned += 1;
-        if scanned.is_multiple_of(1024) {
-            pulse.beat(ctx, item, scanned)?;
-        }
-        if let Some(until) = p.req.until_ms
-            && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
-        {
-            return Ok(());
-        }
-        if !needs_value && p.anonymizer.is_none() {
-            // The common plain case: stored bytes straight to the file.
-            outputs.out.write(row.json)?;
-        } else {
-            outputs.emit(transform(
-                p,
-                t,
-                row.json,
-                &compartment,
-                &subset,
-                needs_value,
-            )?)?;
-        }
-        if outputs.full() {
-            let parts = outputs.take()?;
-            commit(ctx, item, parts, row.seq, scanned)?;
-        }
-        Ok(())
+    let committer = Committer::of(ctx);
+    // A full part is made durable and committed on a thread of its own while the scan writes
+    // the next one: the `fdatasync` of a 5,000-resource file (about 15 ms here) no longer stalls
+    // the worker. At most one commit is in flight, and commits stay in cursor order: the next
+    // full part waits for the previous commit, whose error ends the scan.
+    std::thread::scope(|threads| {
+        let mut pending: Option<std::thread::ScopedJoinHandle<'_, Result<(), RunError>>> = None;
+        let wait =
+            |pending: &mut Option<std::thread::ScopedJoinHandle<'_, Result<(), RunError>>>| {
+                pending.take().map_or(Ok(()), |h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+            };
+        let scan = scan_rows(ctx.store, t, p.job.watermark, bounds, &mut |row| {
+            scanned += 1;
+            if scanned.is_multiple_of(1024) {
+                pulse.beat(ctx, item, scanned)?;
+            }
+            if let Some(until) = p.req.until_ms
+                && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
+            {
+                return Ok(());
+            }
+            if !needs_value && p.anonymizer.is_none() {
+                // The common plain case: stored bytes straight to the file.
+                outputs.out.write(row.json)?;
+            } else {
+                outputs.emit(transform(
+                    p,
+                    t,
+                    row.json,
+                    &compartment,
+                    &subset,
+                    needs_value,
+                )?)?;
+            }
+            if outputs.full() {
+                let parts = outputs.take_unfinished();
+                wait(&mut pending)?;
+                let (cursor, scanned) = (row.seq, scanned);
+                pending = Some(
+                    threads
+                        .spawn(move || committer.finish_and_commit(item, parts, cursor, scanned)),
+                );
+            }
+            Ok(())
+        });
+        // The commit in flight ends first, whatever the scan's outcome; the scan's error wins.
+        let committed = wait(&mut pending);
+        scan?;
+        committed
     })?;
     outputs.close(ctx, item, scanned)?;
     Ok(scanned)
