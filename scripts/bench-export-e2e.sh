@@ -8,16 +8,18 @@
 #      `fhirhose synth --patients 1000` = 397,807 resources), SYNTH (an existing synth folder to
 #      use instead), ROUNDS (5), PARALLEL (2), PORT (18490), SKIP_SMART=1 (Fhirhose only),
 #      NICE (as in scripts/bench-ratios.sh: a negative value also raises this script's autogroup),
-#      STREAMED=1 (also, in each round, a client that downloads during the export: below).
+#      STREAMED=1 (also, in each round, a client that downloads during the export: below),
+#      DOWNLOAD_MODE (processes | one-process, see scripts/bench/download.sh; both servers).
 #
 # Each round runs one system export twice: once timed to the complete manifest (the files are
 # written and fsynced by the server; polled every 0.1 s), once timed to the last byte of the last
-# download (scripts/bench/download.sh: one curl process, keep-alive, PARALLEL transfers at a
-# time, each file written to WORK_DIR/out and counted), the two interleaved. Both figures include the kick-off and the polling. Files of each export are deleted
+# download (scripts/bench/download.sh: PARALLEL curl processes with keep-alive connections, or
+# one `curl --parallel` process with DOWNLOAD_MODE=one-process; each file written to WORK_DIR/out
+# and counted), the two interleaved. Both figures include the kick-off and the polling. Files of each export are deleted
 # (DELETE on the status URL) after it. After each manifest-only export its files are also copied
 # with `cp` (PARALLEL at a time) from the server's folder to WORK_DIR/out: the time to put those
 # bytes on this disk with no HTTP at all (cp copies in the kernel, copy_file_range, one copy per
-# byte; a client copies each byte out of its socket and into its file, in one process here).
+# byte; a client copies each byte out of its socket and into its file).
 # In the end-to-end runs the download phase is also timed alone, with the client's CPU time
 # (curl is single-threaded: its CPU time is the floor of that phase whatever the server). The reference
 # server writes no files (it generates each file's NDJSON when it is downloaded), so its only
@@ -82,7 +84,7 @@ export_once() {
   done
   if [[ "$2" == 1 ]]; then
     # The downloads alone, and the CPU time of the client (curl and jq, user + system): on a
-    # 2-core machine the one curl process is the floor of this phase (docs/performance.md).
+    # 2-core machine the client's CPU time is the floor of this phase (docs/performance.md).
     local tm cpu
     tm=$(date +%s.%N)
     /usr/bin/time -o "$WORK/client-time" -f '%U %S' nice -n "$NICE" \
@@ -187,7 +189,7 @@ export_streamed() {
 median() {
   grep "^$1 " "$RUNS" | awk '{print $2}' | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'
 }
-echo "== $ROUNDS rounds, $RESOURCES resources, $PARALLEL parallel downloads"
+echo "== $ROUNDS rounds, $RESOURCES resources, $PARALLEL parallel downloads (${DOWNLOAD_MODE:-processes})"
 for ((r = 1; r <= ROUNDS; r++)); do
   if ((r % 2)); then export_once manifest 0; export_once end-to-end 1; else export_once end-to-end 1; export_once manifest 0; fi
   if [[ -n "${STREAMED:-}" ]]; then export_streamed; fi
