@@ -152,16 +152,19 @@ pub async fn all(
     let done = Arc::new(AtomicU32::new(0));
     let n = files.len();
     bar.set_message(format!("0/{n} files"));
+    // Each download is a task of its own, so that `parallel` downloads receive and write on as
+    // many of the runtime's threads (in one task they would share one thread: receiving and
+    // writing hundreds of MB is CPU work). The first failure drops the others, which aborts them.
     let mut stream = futures::stream::iter(files.iter().cloned())
         .map(|f| {
             let (session, bar, resumed, done) =
                 (session.clone(), bar.clone(), resumed.clone(), done.clone());
-            async move {
+            Aborting(tokio::spawn(async move {
                 let bytes = one(&session, &f, requires_token, &bar, &resumed).await?;
                 let d = done.fetch_add(1, Ordering::Relaxed) + 1;
                 bar.set_message(format!("{d}/{n} files"));
                 Ok::<u64, ClientError>(bytes)
-            }
+            }))
         })
         .buffer_unordered(parallel);
     let mut bytes = 0;
@@ -173,6 +176,34 @@ pub async fn all(
         bytes,
         resumed: resumed.load(Ordering::Relaxed),
     })
+}
+
+/// A spawned download that is aborted when dropped (the run ended on another file's error).
+struct Aborting(tokio::task::JoinHandle<Result<u64, ClientError>>);
+
+impl std::future::Future for Aborting {
+    type Output = Result<u64, ClientError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|joined| match joined {
+                Ok(r) => r,
+                // A panic of the download is the caller's too.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Cancelled: only when the runtime shuts down under it.
+                Err(_) => Err(ClientError::Interrupted { cancelled: false }),
+            })
+    }
+}
+
+impl Drop for Aborting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn part_path(dest: &Path) -> PathBuf {
