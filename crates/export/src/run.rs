@@ -546,6 +546,9 @@ fn commit(
     Committer::of(ctx).commit(item, parts, cursor, scanned)
 }
 
+/// The commit a scan has handed to its committing thread, if any.
+type PendingCommit<'scope> = Option<std::thread::ScopedJoinHandle<'scope, Result<(), RunError>>>;
+
 /// What a commit needs of an [`ItemContext`]: the parts shared between threads, so that a
 /// scan can hand its finished parts to a committing thread and go on writing the next ones.
 #[derive(Clone, Copy)]
@@ -677,6 +680,12 @@ pub fn execute_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<(), RunErr
     Ok(())
 }
 
+/// Whether a row changed after the request's `_until` (such rows are left out of the export).
+fn changed_after_until(req: &ExportRequest, last_updated: &str) -> bool {
+    req.until_ms
+        .is_some_and(|until| store::parse_instant_ms(last_updated).is_some_and(|ms| ms > until))
+}
+
 /// Scans a type of the snapshot with a fallible step per row; the first error stops the scan.
 fn scan_rows(
     store: &dyn Store,
@@ -741,10 +750,10 @@ impl<'s> Outputs<'s> {
 
     /// Finishes the current parts, for one commit.
     fn take(&mut self) -> Result<Vec<NewFile>, RunError> {
-        Ok([self.out.take()?, self.errors.take()?]
+        self.take_unfinished()
             .into_iter()
-            .flatten()
-            .collect())
+            .map(Unfinished::finish)
+            .collect()
     }
 
     /// Commits what remains with the item's end as cursor.
@@ -838,22 +847,19 @@ fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
     // the worker. At most one commit is in flight, and commits stay in cursor order: the next
     // full part waits for the previous commit, whose error ends the scan.
     std::thread::scope(|threads| {
-        let mut pending: Option<std::thread::ScopedJoinHandle<'_, Result<(), RunError>>> = None;
-        let wait =
-            |pending: &mut Option<std::thread::ScopedJoinHandle<'_, Result<(), RunError>>>| {
-                pending.take().map_or(Ok(()), |h| {
-                    h.join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-            };
+        let mut pending: PendingCommit<'_> = None;
+        let wait = |pending: &mut PendingCommit<'_>| {
+            pending.take().map_or(Ok(()), |h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+        };
         let scan = scan_rows(ctx.store, t, p.job.watermark, bounds, &mut |row| {
             scanned += 1;
             if scanned.is_multiple_of(1024) {
                 pulse.beat(ctx, item, scanned)?;
             }
-            if let Some(until) = p.req.until_ms
-                && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
-            {
+            if changed_after_until(&p.req, row.last_updated) {
                 return Ok(());
             }
             if !needs_value && p.anonymizer.is_none() {
@@ -936,11 +942,7 @@ fn organize_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError
         last: Instant::now(),
     };
     let mut scanned = item.scanned;
-    let until_ok = |last_updated: &str| {
-        p.req
-            .until_ms
-            .is_none_or(|until| store::parse_instant_ms(last_updated).is_none_or(|ms| ms <= until))
-    };
+    let until_ok = |last_updated: &str| !changed_after_until(&p.req, last_updated);
     let mut blocks: Vec<Block> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     let with_patient = types.iter().any(|t| t == "Patient");
@@ -1176,9 +1178,7 @@ fn dry_run_parts(
             if scanned.is_multiple_of(1024) {
                 pulse.beat(ctx, item, scanned)?;
             }
-            if let Some(until) = p.req.until_ms
-                && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
-            {
+            if changed_after_until(&p.req, row.last_updated) {
                 return Ok(());
             }
             let Ok(v) = serde_json::from_slice::<Value>(row.json) else {

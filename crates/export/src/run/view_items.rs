@@ -231,9 +231,7 @@ pub(super) fn scan_views(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, 
         if scanned.is_multiple_of(1024) {
             pulse.beat(ctx, item, scanned)?;
         }
-        if let Some(until) = p.req.until_ms
-            && store::parse_instant_ms(row.last_updated).is_some_and(|ms| ms > until)
-        {
+        if super::changed_after_until(&p.req, row.last_updated) {
             return Ok(());
         }
         // The resource as `$export` would write it (filtered, de-identified), then the views.
