@@ -2,7 +2,8 @@
 # Benchmark the `fhirhose export` client against the server it downloads from: synth N patients,
 # load them, serve (--auth none), then run the client (kick-off, poll, parallel downloads) and,
 # on the same manifest, `curl` downloading the same files one after another. Reports the server's
-# export rate (kick-off to manifest), the client's download rate and curl's, in MB/s.
+# export rate (kick-off to manifest), the client's download rate and curl's, in MB/s, and the peak
+# RSS of the server (VmHWM) and of the client.
 #
 # Usage: scripts/bench-export-client.sh [PATIENTS] [WORK_DIR]  (defaults: 300, /tmp/fhirhose-bench-client)
 # Env: FHIRHOSE_BIN (default: $CARGO_TARGET_DIR/ci/fhirhose or target/ci/fhirhose), PORT (18490),
@@ -31,8 +32,8 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/metadata" >/dev/null &&
 
 rm -rf "$WORK/out" "$WORK/curl"
 echo "== fhirhose export (parallel ${PARALLEL:-4})"
-"$BIN" export "http://127.0.0.1:$PORT" --out "$WORK/out" --quiet --parallel "${PARALLEL:-4}" \
-  --poll-interval 1 --verify 2>&1 | tee "$WORK/client.txt"
+/usr/bin/time -o "$WORK/client-time" -f '%M' "$BIN" export "http://127.0.0.1:$PORT" --out "$WORK/out" \
+  --quiet --parallel "${PARALLEL:-4}" --poll-interval 1 --verify 2>&1 | tee "$WORK/client.txt"
 
 echo "== curl, the same files one after another"
 mkdir -p "$WORK/curl"
@@ -45,3 +46,5 @@ t1=$(date +%s.%N)
 bytes=$(du -sb "$WORK/curl" | cut -f1)
 echo "curl: $n files, $bytes bytes in $(echo "$t1 - $t0" | bc) s = $(echo "scale=1; $bytes / ($t1 - $t0) / 1000000" | bc) MB/s"
 echo "resources: $(cat "$WORK"/out/*.ndjson | wc -l)"
+echo "peak RSS: server $(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$SERVER/status") MiB (VmHWM of the serve process)," \
+  "client $(($(tail -n 1 "$WORK/client-time") / 1024)) MiB"

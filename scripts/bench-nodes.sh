@@ -13,7 +13,7 @@
 #      default 1), NICE (niceness of the nodes and of the private cluster's server processes,
 #      default 0; -15 as root on a machine shared with builds).
 # Each line printed also gives the load average before and after the run (other processes on
-# the machine compete for the same cores).
+# the machine compete for the same cores), and each node's peak RSS (VmHWM) after the export.
 set -euo pipefail
 
 PATIENTS="${1:-500}"
@@ -113,6 +113,9 @@ for run in $(seq 1 "$RUNS"); do
   by_node=$(psql "$URL" -AtF: -c "SELECT split_part(owner, '/', 1), count(*) FROM export_item WHERE job_id = '${status_url##*/}' AND kind = 'scan' GROUP BY 1 ORDER BY 1" | tr '\n' ' ')
   printf 'nodes=%d workers/node=%s resources=%s seconds=%.2f resources/s=%.0f load=%s..%s items by node: %s\n' \
     "$n" "$WORKERS" "$total" "$secs" "$(echo "$total / $secs" | bc -l)" "$load_before" "$load_after" "$by_node"
+  rss=""
+  for p in "${PIDS[@]}"; do rss+="$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$p/status")MiB "; done
+  echo "peak RSS by node: $rss"
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   PIDS=()
   rm -rf "$WORK/shared/exports"
