@@ -550,9 +550,18 @@ pub trait Store: Send + Sync {
     fn count_list(&self, resource_type: &str, filter: &ListFilter) -> Result<u64, StoreError>;
 
     /// Rebuild the search index rows of the current resources of one type (or all types) with the
-    /// store's [`Indexer`]; returns the number of resources indexed. Without an indexer, only
-    /// removes index rows.
-    fn reindex(&self, resource_type: Option<&str>) -> Result<u64, StoreError>;
+    /// store's [`Indexer`], one type per transaction, calling `progress` after each type with
+    /// (type, resources indexed); returns the number of resources indexed. Without an indexer,
+    /// only removes index rows. For all types (`None`) every index row is removed at once first,
+    /// not type by type (with the value indexes suspended, a type's rows can only be found by
+    /// scanning every table), and the indexes are recorded as stale
+    /// ([`Store::indexes_stale`]) until the last type is rebuilt, so that a reindex that stopped
+    /// half-way is not taken for a complete one.
+    fn reindex(
+        &self,
+        resource_type: Option<&str>,
+        progress: &mut dyn FnMut(&str, u64),
+    ) -> Result<u64, StoreError>;
 
     /// About how many bytes of resources and indexes the store holds; a bulk loader compares its
     /// input with it (see [`Store::suspend_index_upkeep`]). Default: 0.

@@ -698,7 +698,7 @@ fn index_rows_follow_the_current_version() {
         .unwrap();
     assert_eq!(dates, 1);
     // Reindex rebuilds the same rows.
-    assert_eq!(s.reindex(None).unwrap(), 1);
+    assert_eq!(s.reindex(None, &mut |_, _| {}).unwrap(), 1);
     assert_eq!((count("male"), count("female")), (0, 1));
 }
 
@@ -803,6 +803,68 @@ fn a_prepared_put_stores_what_an_update_stores() {
     ));
 }
 
+/// A full reindex removes every index row once and rebuilds type by type, reporting each type;
+/// a reindex of one type leaves the others' rows alone. Until the last type is rebuilt the
+/// indexes are recorded as stale: a store without an indexer (which only removes rows) leaves
+/// them so, a complete reindex clears the flag.
+#[test]
+fn a_full_reindex_clears_every_row_once_and_the_stale_flag_at_the_end() {
+    let (dir, s) = open_indexed();
+    let put = |ty: &str, id: &str, g: &str| WriteOp::Update {
+        resource_type: ty.into(),
+        id: id.into(),
+        resource: json!({"resourceType": ty, "gender": g, "birthDate": "2000"}),
+        if_match: None,
+    };
+    s.write(vec![
+        put("Patient", "a", "male"),
+        put("Patient", "b", "female"),
+        put("Person", "c", "male"),
+    ])
+    .unwrap();
+    let rows = |s: &SqliteStore| -> Vec<(i64, String)> {
+        s.with_reader(|c| {
+            let mut st = c.prepare("SELECT type_no, code FROM idx_token ORDER BY type_no, code")?;
+            let v = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(v)
+        })
+        .unwrap()
+    };
+    let written = rows(&s);
+    assert_eq!(written.len(), 3);
+
+    let mut seen = Vec::new();
+    assert_eq!(
+        s.reindex(Some("Person"), &mut |t, n| seen.push((t.to_string(), n)))
+            .unwrap(),
+        1
+    );
+    assert_eq!(seen, [("Person".to_string(), 1)]);
+    assert_eq!(rows(&s), written);
+
+    s.set_indexes_stale(true).unwrap();
+    seen.clear();
+    assert_eq!(
+        s.reindex(None, &mut |t, n| seen.push((t.to_string(), n)))
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        seen,
+        [("Patient".to_string(), 2), ("Person".to_string(), 1)]
+    );
+    assert_eq!(rows(&s), written);
+    assert!(!s.indexes_stale().unwrap());
+    drop(s);
+
+    let plain = SqliteStore::open_data_dir(dir.path(), SqliteOptions::default()).unwrap();
+    assert_eq!(plain.reindex(None, &mut |_, _| {}).unwrap(), 0);
+    assert_eq!(rows(&plain), []);
+    assert!(plain.indexes_stale().unwrap());
+}
+
 #[test]
 fn one_transaction_that_rewrites_a_resource_keeps_only_the_last_versions_index_rows() {
     let (_dir, s) = open_indexed();
@@ -834,7 +896,7 @@ fn one_transaction_that_rewrites_a_resource_keeps_only_the_last_versions_index_r
     assert_eq!(rows(), vec![("other".to_string(), 1)]);
     s.write(vec![update("unknown"), delete]).unwrap();
     assert_eq!(rows(), vec![]);
-    assert_eq!(s.reindex(None).unwrap(), 0);
+    assert_eq!(s.reindex(None, &mut |_, _| {}).unwrap(), 0);
 }
 
 /// The value indexes present, by name.
@@ -1260,7 +1322,7 @@ fn a_large_write_that_rewrites_its_own_resources_keeps_only_current_rows() {
         .with_reader(|c| Ok(c.query_row("SELECT count(*) FROM idx_date", [], |r| r.get(0))?))
         .unwrap();
     assert_eq!(dates, 149);
-    assert_eq!(s.reindex(None).unwrap(), 149);
+    assert_eq!(s.reindex(None, &mut |_, _| {}).unwrap(), 149);
     assert_eq!(gender_lookup(&s, "male").0, 147);
     assert_eq!(gender_lookup(&s, "female").0, 2);
 }

@@ -60,13 +60,39 @@ pub(super) fn resume_index_upkeep(store: &PgStore) -> Result<(), StoreError> {
     })
 }
 
-pub(super) fn reindex(store: &PgStore, resource_type: Option<&str>) -> Result<u64, StoreError> {
+pub(super) fn reindex(
+    store: &PgStore,
+    resource_type: Option<&str>,
+    progress: &mut dyn FnMut(&str, u64),
+) -> Result<u64, StoreError> {
     store.pool.run(|c| {
         let types: Vec<(String, i64)> = c
             .query("SELECT name, type_no FROM types ORDER BY name", &[])?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
+        let full = resource_type.is_none();
+        // The versions whose rows are rebuilt: all but those written after a full reindex
+        // cleared the tables, whose writers wrote their rows (see below).
+        let mut upto = MAX_SEQ;
+        if full {
+            // Every row at once (`TRUNCATE` visits no row; one type's `DELETE` by `k` range
+            // scans every table while the `k` indexes are suspended), under the write lock;
+            // versions written later, by other processes, come with their rows, so only those
+            // up to this seq are rebuilt. Until the last type is, the indexes miss resources:
+            // recorded as stale, so a reindex that stops half-way is not taken for a complete
+            // one.
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+            upto = tx.query_one("SELECT seq FROM watermark", &[])?.try_get(0)?;
+            tx.batch_execute(&format!("TRUNCATE {}", INDEX_TABLES.join(", ")))?;
+            tx.execute(
+                "INSERT INTO store_meta(key, value) VALUES ('indexes_stale', '1')
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[],
+            )?;
+            tx.commit()?;
+        }
         let mut total = 0u64;
         for (name, type_no) in types {
             if resource_type.is_some_and(|t| t != name) {
@@ -75,14 +101,17 @@ pub(super) fn reindex(store: &PgStore, resource_type: Option<&str>) -> Result<u6
             let mut tx = c.transaction()?;
             // Under the write lock: no version changes while this type is rebuilt.
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
-            let (lo, hi) = (key(type_no, 0), key(type_no, MAX_SEQ));
-            for table in INDEX_TABLES {
-                tx.execute(
-                    &format!("DELETE FROM {table} WHERE k > $1 AND k <= $2"),
-                    &[&lo, &hi],
-                )?;
+            let (lo, hi) = (key(type_no, 0), key(type_no, upto));
+            if !full {
+                for table in INDEX_TABLES {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE k > $1 AND k <= $2"),
+                        &[&lo, &hi],
+                    )?;
+                }
             }
             let mut assigned = Vec::new();
+            let mut n = 0u64;
             if let Some(indexer) = &store.indexer {
                 let mut after = lo;
                 loop {
@@ -111,7 +140,7 @@ pub(super) fn reindex(store: &PgStore, resource_type: Option<&str>) -> Result<u6
                         .map(|(t, k, e)| (*t, *k, e.as_slice()))
                         .collect();
                     assigned.extend(copy_index_rows(&mut tx, &store.params, &items)?);
-                    total += rows.len() as u64;
+                    n += rows.len() as u64;
                     if (rows.len() as i64) < SCAN_PAGE_ROWS {
                         break;
                     }
@@ -119,6 +148,11 @@ pub(super) fn reindex(store: &PgStore, resource_type: Option<&str>) -> Result<u6
             }
             tx.commit()?;
             store.params.extend(assigned);
+            total += n;
+            progress(&name, n);
+        }
+        if full && store.indexer.is_some() {
+            c.execute("DELETE FROM store_meta WHERE key = 'indexes_stale'", &[])?;
         }
         Ok(total)
     })

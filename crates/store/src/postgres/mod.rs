@@ -560,8 +560,12 @@ impl Store for PgStore {
         Some(self.jobs.clone())
     }
 
-    fn reindex(&self, resource_type: Option<&str>) -> Result<u64, StoreError> {
-        index_upkeep::reindex(self, resource_type)
+    fn reindex(
+        &self,
+        resource_type: Option<&str>,
+        progress: &mut dyn FnMut(&str, u64),
+    ) -> Result<u64, StoreError> {
+        index_upkeep::reindex(self, resource_type, progress)
     }
 }
 

@@ -59,7 +59,12 @@ pub(super) fn resume_index_upkeep(store: &SqliteStore) -> Result<(), StoreError>
     Ok(())
 }
 
-pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Result<u64, StoreError> {
+pub(super) fn reindex(
+    store: &SqliteStore,
+    resource_type: Option<&str>,
+    progress: &mut dyn FnMut(&str, u64),
+) -> Result<u64, StoreError> {
+    // The writer is held throughout: no version changes while the index is rebuilt.
     let mut w = store.writer.lock().unwrap_or_else(|e| e.into_inner());
     let types: Vec<(String, i64)> = {
         let mut stmt = w
@@ -68,6 +73,25 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?
     };
+    let full = resource_type.is_none();
+    if full {
+        // Every row at once, in a transaction of its own: a `DELETE` without `WHERE` empties a
+        // table without visiting its rows, where one type's `DELETE … WHERE type_no = ?` scans
+        // every table while the value indexes are suspended (no `(k)` index since schema 3).
+        // Until the last type is rebuilt the indexes miss resources: recorded as stale, so a
+        // reindex that stops half-way is not taken for a complete one.
+        let tx = w
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for table in INDEX_TABLES {
+            tx.execute(&format!("DELETE FROM {table}"), [])?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO store_meta(key, value) VALUES ('indexes_stale', '1')",
+            [],
+        )?;
+        tx.commit()?;
+    }
     let mut total = 0u64;
     for (name, type_no) in types {
         if resource_type.is_some_and(|t| t != name) {
@@ -76,15 +100,18 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
         let tx = w
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // The type's rows: through the value indexes, which all start with `type_no` (a scan
-        // of each table while they are suspended).
-        for table in INDEX_TABLES {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE type_no = ?1"),
-                [type_no],
-            )?;
+        if !full {
+            // The type's rows: through the value indexes, which all start with `type_no` (a
+            // scan of each table while they are suspended).
+            for table in INDEX_TABLES {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE type_no = ?1"),
+                    [type_no],
+                )?;
+            }
         }
         let mut assigned = Assigned::default();
+        let mut n = 0u64;
         if let Some(indexer) = &store.indexer {
             let mut stmt = tx.prepare(
                 "SELECT k, json FROM resource_versions
@@ -100,13 +127,19 @@ pub(super) fn reindex(store: &SqliteStore, resource_type: Option<&str>) -> Resul
                 })?;
                 let entries = indexer.entries(&name, &value);
                 inserts.insert(type_no, k, entries)?;
-                total += 1;
+                n += 1;
             }
             inserts.finish()?;
             assigned = inserts.into_assigned();
         }
         tx.commit()?;
         store.remember_numbers(assigned);
+        total += n;
+        progress(&name, n);
+    }
+    if full && store.indexer.is_some() {
+        w.conn
+            .execute("DELETE FROM store_meta WHERE key = 'indexes_stale'", [])?;
     }
     Ok(total)
 }

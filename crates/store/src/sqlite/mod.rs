@@ -483,7 +483,11 @@ impl Store for SqliteStore {
         watermark::seq_at_or_after(&conn, instant_ms)
     }
 
-    fn reindex(&self, resource_type: Option<&str>) -> Result<u64, StoreError> {
-        index_upkeep::reindex(self, resource_type)
+    fn reindex(
+        &self,
+        resource_type: Option<&str>,
+        progress: &mut dyn FnMut(&str, u64),
+    ) -> Result<u64, StoreError> {
+        index_upkeep::reindex(self, resource_type, progress)
     }
 }
