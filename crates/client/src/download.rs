@@ -40,10 +40,10 @@ pub struct File {
 }
 
 /// The files of `manifest`: `output` as `DIR/<Type>.<n>.ndjson`, `error` and `deleted` under
-/// `DIR/error/` and `DIR/deleted/` (n counts from 1 per type and kind).
+/// `DIR/error/` and `DIR/deleted/` (n counts from 1 per type and kind; manifest::DownloadLayout).
 pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
     let mut files = Vec::new();
-    let mut seen: std::collections::HashMap<(String, &str), u32> = Default::default();
+    let mut layout = manifest::DownloadLayout::default();
     let mut urls: std::collections::HashSet<&str> = Default::default();
     for (key, kind, dir) in [
         ("output", Kind::Output, out.to_owned()),
@@ -71,29 +71,12 @@ pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
                     "the manifest lists {url} twice"
                 )));
             }
-            // The type names a local file: letters and digits only, whatever the server says.
-            let rtype: String = e
-                .get("type")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .chars()
-                .filter(char::is_ascii_alphanumeric)
-                .take(64)
-                .collect();
-            let rtype = if rtype.is_empty() {
-                "file".to_owned()
-            } else {
-                rtype
-            };
-            let n = seen.entry((rtype.clone(), key)).or_default();
-            *n += 1;
+            // The name (manifest::DownloadLayout, which `fhirhose verify DIR/manifest.json` also
+            // knows): the type as letters and digits only, whatever the server says.
+            let (rtype, rel) = layout.next(key, e);
             let number =
                 |names: &[&str]| names.iter().find_map(|k| e.get(*k).and_then(Value::as_u64));
-            // A gzip-compressed file (Fhirhose's `extension.compression`, or a `.gz` URL) keeps
-            // its encoding on disk.
-            let gzip = e.pointer("/extension/compression").and_then(Value::as_str) == Some("gzip")
-                || url.split('?').next().is_some_and(|u| u.ends_with(".gz"));
-            let suffix = if gzip { "ndjson.gz" } else { "ndjson" };
+            let gzip = manifest::is_gzip(e);
             let sha256 = e
                 .get("sha256")
                 .or_else(|| e.pointer("/extension/sha256"))
@@ -102,7 +85,7 @@ pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
             files.push(File {
                 kind,
                 gzip,
-                dest: dir.join(format!("{rtype}.{n}.{suffix}")),
+                dest: out.join(rel),
                 resource_type: rtype,
                 url: url.to_owned(),
                 count: number(&["count"]),

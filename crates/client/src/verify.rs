@@ -1,9 +1,13 @@
 //! `--verify`: each downloaded file against what its manifest entry says — `count` (lines),
 //! `fileSize`/`size` (bytes), `sha256` (hex or base64) — and every line a JSON object whose
 //! `resourceType` is the file's type (`OperationOutcome` for error files, `Bundle` for deleted).
-//! Files are read on the blocking pool, several at once.
+//! Files are read on the blocking pool, one per core at a time: each holds two 1 MiB buffers and
+//! the line being parsed, so an export of many files (a task per file, all at once, as before)
+//! made the client's memory grow with the export (230 MiB for 90 files of 397,807 resources).
 
 use std::io::Read;
+
+use futures::StreamExt;
 
 use base64::Engine;
 use sha2::{Digest, Sha256};
@@ -12,14 +16,13 @@ use crate::download::{File, Kind};
 use crate::error::ClientError;
 
 pub async fn all(files: &[File]) -> Result<(), ClientError> {
-    let tasks: Vec<_> = files
-        .iter()
-        .cloned()
-        .map(|f| tokio::task::spawn_blocking(move || one(&f)))
-        .collect();
+    let at_once = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut results = futures::stream::iter(files.iter().cloned())
+        .map(|f| async move { tokio::task::spawn_blocking(move || one(&f)).await })
+        .buffered(at_once);
     let mut problems = Vec::new();
-    for t in tasks {
-        match t.await {
+    while let Some(r) = results.next().await {
+        match r {
             Ok(Ok(())) => {}
             Ok(Err(p)) => problems.push(p),
             Err(e) => problems.push(format!("verification task failed: {e}")),

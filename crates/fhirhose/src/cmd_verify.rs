@@ -50,7 +50,7 @@ pub fn run(args: VerifyArgs) -> Result<(), Failure> {
         let pages = walk.pages();
         let m = walk.finish();
         let report = match &args.dir {
-            Some(dir) => manifest::verify(&m, &manifest::DirSource::new(dir), &options),
+            Some(dir) => manifest::verify(&m, &manifest::DirSource::new(dir, &m), &options),
             None => manifest::verify(&m, &source, &options),
         };
         (report, pages)
@@ -72,7 +72,7 @@ pub fn run(args: VerifyArgs) -> Result<(), Failure> {
                 .map_or_else(|| PathBuf::from("."), PathBuf::from)
         });
         (
-            manifest::verify(&m, &manifest::DirSource::new(dir), &options),
+            manifest::verify(&m, &manifest::DirSource::new(dir, &m), &options),
             pages,
         )
     };

@@ -337,6 +337,35 @@ fn the_client_exports_with_smart_renews_its_token_and_resumes_a_cut_download_by_
     }
     assert_eq!(ids.len(), 3000);
     assert!(ids.values().all(|c| *c == 1));
+
+    // `fhirhose verify` of the folder the client filled finds the files under the client's names
+    // (not the URLs' last segments) and checks them with the references: Observation -> Patient
+    // resolve, the types not exported are counted outside.
+    let verify = |dir: &Path| {
+        fhirhose()
+            .arg("verify")
+            .arg(dir.join("manifest.json"))
+            .output()
+            .unwrap()
+    };
+    let out = verify(&out_dir);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{report}{}", stderr(&out));
+    assert!(report.contains("result: OK"), "{report}");
+    assert!(report.contains("0 dangling"), "{report}");
+    // One patient's id changed in place: its digest fails, and the references to the old id
+    // dangle.
+    let patients = out_dir.join("Patient.1.ndjson");
+    let text = std::fs::read_to_string(&patients).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let id = first["id"].as_str().unwrap();
+    let other = id.chars().rev().collect::<String>();
+    std::fs::write(&patients, text.replacen(id, &other, 1)).unwrap();
+    let out = verify(&out_dir);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{report}");
+    assert!(report.contains("the content changed"), "{report}");
+    assert!(report.contains(&format!("-> Patient/{id}")), "{report}");
 }
 
 /// Each failure is one line: a 401 with the server's reason, a client the token endpoint does

@@ -8,7 +8,9 @@
 //!
 //! [`verify`] checks an export against its manifest: every file read once, streamed (sizes,
 //! SHA-256, line counts, every line a JSON resource of the entry's type), and then whether the
-//! references of the output resolve to resources of the export. Files come from a [`Source`]:
+//! references of the output resolve to resources of the export, in memory of about 30 bytes per
+//! resource (the few lines that name a dangling reference are read again to list them). Files
+//! come from a [`Source`]:
 //! [`HttpSource`] (the manifest's URLs, with an optional bearer token) or [`DirSource`] (a folder
 //! holding the files under the names their URLs end with). `fhirhose verify` and the export
 //! client use this module.
@@ -16,13 +18,15 @@
 //! A paged manifest (Bulk Data `allowPartialManifests`: each page's `link` `next`) is read
 //! whole with [`PageWalk`] (bounded, a page never read twice) and verified as one.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use sha2::Digest as _;
+
+mod refs;
 
 /// Lowercase hex of a digest.
 fn hex(bytes: &[u8]) -> String {
@@ -208,16 +212,76 @@ impl Source for HttpSource {
     }
 }
 
-/// The files in a folder, by the last path segment of their URLs.
+/// The names `fhirhose export --out DIR` saves a manifest's files under, relative to DIR:
+/// `output` entries as `<Type>.<n>.ndjson`, `error` and `deleted` ones under `error/` and
+/// `deleted/`, `n` counting from 1 per type and section in manifest order, `.ndjson.gz` for a
+/// gzip-compressed file. The type is reduced to letters and digits (at most 64), whatever the
+/// server says, so a name never leaves DIR.
+#[derive(Default)]
+pub struct DownloadLayout {
+    seen: HashMap<(String, &'static str), u32>,
+}
+
+impl DownloadLayout {
+    /// The next entry of `section` (`output`, `error` or `deleted`): its type as a file name
+    /// part and its path relative to DIR.
+    pub fn next(&mut self, section: &'static str, entry: &Value) -> (String, PathBuf) {
+        let rtype: String = entry
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(64)
+            .collect();
+        let rtype = if rtype.is_empty() {
+            "file".to_owned()
+        } else {
+            rtype
+        };
+        let n = self.seen.entry((rtype.clone(), section)).or_default();
+        *n += 1;
+        let suffix = if is_gzip(entry) {
+            "ndjson.gz"
+        } else {
+            "ndjson"
+        };
+        let name = format!("{rtype}.{n}.{suffix}");
+        let path = match section {
+            "output" => PathBuf::from(name),
+            other => Path::new(other).join(name),
+        };
+        (rtype, path)
+    }
+}
+
+/// The files in a folder: by the last path segment of their URLs (a copy of a Fhirhose export
+/// folder), or else where `fhirhose export --out` saved them ([`DownloadLayout`]).
 pub struct DirSource {
     dir: PathBuf,
+    /// URL to the path `fhirhose export` saves it under.
+    downloaded: HashMap<String, PathBuf>,
 }
 
 impl DirSource {
-    pub fn new(dir: impl Into<PathBuf>) -> DirSource {
-        DirSource { dir: dir.into() }
+    /// The folder `dir` holding the files of `manifest`.
+    pub fn new(dir: impl Into<PathBuf>, manifest: &Value) -> DirSource {
+        let dir = dir.into();
+        let mut layout = DownloadLayout::default();
+        let mut downloaded = HashMap::new();
+        for section in ["output", "error", "deleted"] {
+            for e in entries(manifest, section) {
+                let (_, path) = layout.next(section, e);
+                if let Some(url) = e.get("url").and_then(Value::as_str) {
+                    downloaded.entry(url.to_string()).or_insert(dir.join(path));
+                }
+            }
+        }
+        DirSource { dir, downloaded }
     }
 
+    /// Where the file of `url` is read from: by its URL's last segment when that file exists,
+    /// else at its download name when that one does.
     pub fn path_of(&self, url: &str) -> PathBuf {
         let name = url
             .split(['?', '#'])
@@ -226,7 +290,11 @@ impl DirSource {
             .rsplit('/')
             .next()
             .unwrap_or(url);
-        self.dir.join(name)
+        let by_name = self.dir.join(name);
+        match self.downloaded.get(url) {
+            Some(d) if !by_name.is_file() && d.is_file() => d.clone(),
+            _ => by_name,
+        }
     }
 }
 
@@ -462,8 +530,10 @@ pub struct Report {
     pub manifest_problems: Vec<String>,
     /// References checked (relative `Type/id` references in output resources).
     pub references: u64,
-    /// Unresolved references to types the export has files of (at most [`MAX_LISTED`] kept).
+    /// Unresolved references to types the export has files of: the first [`MAX_LISTED`]
+    /// missing targets, each with the first resource that refers to it.
     pub dangling: Vec<DanglingRef>,
+    /// Unresolved references in all (each reference counts).
     pub dangling_total: u64,
     /// References to types the export has no file of, by type (not checked).
     pub outside: BTreeMap<String, u64>,
@@ -586,6 +656,7 @@ pub fn is_gzip(entry: &Value) -> bool {
         || entry
             .get("url")
             .and_then(Value::as_str)
+            .and_then(|u| u.split(['?', '#']).next())
             .is_some_and(|u| u.ends_with(".gz"))
 }
 
@@ -630,10 +701,10 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
         dangling_fails: options.dangling == Dangling::Fail,
         ..Report::default()
     };
-    let mut ids: HashSet<String> = HashSet::new();
     let mut types: HashSet<String> = HashSet::new();
-    // (referencing resource, reference) of every relative reference, checked at the end.
-    let mut refs: Vec<(String, String)> = Vec::new();
+    let mut check = refs::RefCheck::new();
+    // The files read, in order (the reference check may read a few lines again).
+    let mut read: Vec<refs::FileRef> = Vec::new();
     let mut seen_urls = HashSet::new();
     // `organizeOutputBy` (Bulk Data STU3): output files hold blocks of several types and their
     // entries carry no `type`; each line's own type counts.
@@ -660,42 +731,30 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
             if section == "output" && resource_type != ANY_TYPE {
                 types.insert(resource_type.to_string());
             }
+            let file_no = u32::try_from(read.len()).unwrap_or(u32::MAX);
             let file = check_file(
                 section,
                 entry,
                 url,
                 resource_type,
                 source,
-                &mut ids,
-                &mut refs,
+                (section == "output").then_some((&mut check, file_no)),
             );
+            read.push(refs::FileRef {
+                url: url.to_string(),
+                gzip: is_gzip(entry),
+            });
             report.files.push(file);
         }
     }
     if organized {
-        types.extend(
-            ids.iter()
-                .filter_map(|i| i.split_once('/'))
-                .map(|(t, _)| t.to_string()),
-        );
+        types.extend(check.line_types().cloned());
     }
-    for (from, r) in refs {
-        let Some((t, id)) = relative_reference(&r) else {
-            continue;
-        };
-        report.references += 1;
-        if !types.contains(t) {
-            *report.outside.entry(t.to_string()).or_default() += 1;
-        } else if !ids.contains(&format!("{t}/{id}")) {
-            report.dangling_total += 1;
-            if report.dangling.len() < MAX_LISTED {
-                report.dangling.push(DanglingRef {
-                    from,
-                    reference: r.clone(),
-                });
-            }
-        }
-    }
+    let outcome = check.finish(&types, &read, source);
+    report.references = outcome.references;
+    report.dangling = outcome.dangling;
+    report.dangling_total = outcome.dangling_total;
+    report.outside = outcome.outside;
     report
 }
 
@@ -708,8 +767,7 @@ fn check_file(
     url: &str,
     resource_type: &str,
     source: &dyn Source,
-    ids: &mut HashSet<String>,
-    refs: &mut Vec<(String, String)>,
+    mut refs: Option<(&mut refs::RefCheck, u32)>,
 ) -> FileReport {
     let mut file = FileReport {
         section: section.to_string(),
@@ -793,15 +851,8 @@ fn check_file(
                 );
                 continue;
             }
-            if section == "output" {
-                let id = v.get("id").and_then(Value::as_str).unwrap_or("");
-                let me = format!("{rt}/{id}");
-                let mut found = Vec::new();
-                references(&v, &mut found);
-                refs.extend(found.into_iter().map(|r| (me.clone(), r.to_string())));
-                if !id.is_empty() {
-                    ids.insert(me);
-                }
+            if let Some((check, file_no)) = refs.as_mut() {
+                check.resource(rt, &v, *file_no, n);
             }
         }
         // Read what a reader that stopped early left, so the size and digest cover the file.
@@ -962,7 +1013,7 @@ mod tests {
         let m = json!({"outputOrganizedBy": "Patient", "output": [
             {"url": "http://x/f/output-1.ndjson", "count": 3, "fileSize": n, "extension": entry_extension(&sha, false)}
         ], "error": []});
-        let src = DirSource::new(dir.path());
+        let src = DirSource::new(dir.path(), &m);
         let r = verify(&m, &src, &Options::default());
         assert!(r.ok(), "{r}");
         assert_eq!(r.references, 2);
@@ -984,7 +1035,7 @@ mod tests {
             {"type": "Patient", "url": "http://x/f/Patient-1.ndjson", "count": 1, "fileSize": pn, "extension": entry_extension(&ps, false)},
             {"type": "Observation", "url": "http://x/f/Observation-1.ndjson", "count": 2, "fileSize": on, "extension": entry_extension(&os, false)}
         ], "error": []});
-        let src = DirSource::new(dir.path());
+        let src = DirSource::new(dir.path(), &m);
         let r = verify(&m, &src, &Options::default());
         assert!(r.ok(), "{r}");
         assert_eq!(r.references, 3);
@@ -1029,6 +1080,48 @@ mod tests {
     }
 
     #[test]
+    fn dangling_targets_are_counted_by_reference_and_listed_once_in_reading_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // 25 observations, each to its own patient; o0 again and o25 to p0 too. The patients
+        // file (read after) holds p0..p2; a condition file (read last) refers back to p1.
+        let mut obs = String::new();
+        for i in 0..25 {
+            obs += &format!(
+                "{{\"resourceType\":\"Observation\",\"id\":\"o{i}\",\"subject\":{{\"reference\":\"Patient/p{i}\"}}}}\n"
+            );
+            if i == 10 {
+                obs += "\n"; // a blank line is not counted as a line
+            }
+        }
+        obs += "{\"resourceType\":\"Observation\",\"id\":\"o25\",\"subject\":{\"reference\":\"Patient/p0\"},\"focus\":[{\"reference\":\"Patient/p24/_history/1\"}]}\n";
+        let pats = "{\"resourceType\":\"Patient\",\"id\":\"p0\"}\n{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n{\"resourceType\":\"Patient\",\"id\":\"p2\"}\n";
+        let conds = "{\"resourceType\":\"Condition\",\"id\":\"c1\",\"subject\":{\"reference\":\"Patient/p1\"}}\n";
+        let m = json!({"output": [
+            {"type": "Observation", "url": "http://x/f/Observation-1.ndjson", "count": 26},
+            {"type": "Patient", "url": "http://x/f/Patient-1.ndjson", "count": 3},
+            {"type": "Condition", "url": "http://x/f/Condition-1.ndjson", "count": 1}
+        ]});
+        write(dir.path(), "Observation-1.ndjson", &obs);
+        write(dir.path(), "Patient-1.ndjson", pats);
+        write(dir.path(), "Condition-1.ndjson", conds);
+        let r = verify(&m, &DirSource::new(dir.path(), &m), &Options::default());
+        assert_eq!(r.references, 28);
+        // p3..p24 are missing; p24 is referred to twice.
+        assert_eq!(r.dangling_total, 23, "{r}");
+        assert!(!r.ok());
+        let listed: Vec<(String, String)> = r
+            .dangling
+            .iter()
+            .map(|d| (d.from.clone(), d.reference.clone()))
+            .collect();
+        let expected: Vec<(String, String)> = (3..3 + MAX_LISTED)
+            .map(|i| (format!("Observation/o{i}"), format!("Patient/p{i}")))
+            .collect();
+        assert_eq!(listed, expected);
+        assert!(r.to_string().contains("23 dangling"), "{r}");
+    }
+
+    #[test]
     fn gzip_files_are_hashed_as_stored_and_read_decoded() {
         let dir = tempfile::tempdir().unwrap();
         let mut gz = DigestWriter::new(flate2::write::GzEncoder::new(
@@ -1044,10 +1137,10 @@ mod tests {
         std::fs::write(dir.path().join("Patient-1.ndjson.gz"), bytes).unwrap();
         let m = json!({"output": [{"type": "Patient", "url": "Patient-1.ndjson.gz", "count": 1,
             "fileSize": n, "extension": entry_extension(&sha, true)}]});
-        let r = verify(&m, &DirSource::new(dir.path()), &Options::default());
+        let r = verify(&m, &DirSource::new(dir.path(), &m), &Options::default());
         assert!(r.ok(), "{r}");
         let m = json!({"output": [{"type": "Observation", "url": "Patient-1.ndjson.gz"}]});
-        let r = verify(&m, &DirSource::new(dir.path()), &Options::default());
+        let r = verify(&m, &DirSource::new(dir.path(), &m), &Options::default());
         assert!(
             r.to_string()
                 .contains("line 1 is a Patient where the manifest says Observation"),
