@@ -52,13 +52,62 @@ struct TypePlan {
     root: Option<RuleIx>,
     /// Member paths from the resource (`name.given`), by element name.
     trie: Trie,
-    /// `nodesByType('T')[.c]`, `nodesByName('n')[.c]`, by type / name.
-    by_type: HashMap<String, Entry>,
+    /// `nodesByType('T')[.c]` by type (shared by the plans whose entries are the same: every
+    /// plan, unless rules name resource types), `nodesByName('n')[.c]` by name.
+    by_type: std::sync::Arc<ByType>,
     by_name: HashMap<String, Entry>,
 }
 
+/// `nodesByType('T')[.c]` entries, found by the node's type index in the model (a table over
+/// the model's types instead of hashing the type's name for every node).
+#[derive(Debug, Default, PartialEq)]
+struct ByType {
+    /// Per model type ([`fhir_model::Model::type_index`]): 1 + its index in `entries`; 0: none.
+    ix: Vec<u32>,
+    entries: Vec<Entry>,
+    /// Entries of type names the model does not define, which only nodes of such (unindexed)
+    /// types can meet.
+    unindexed: HashMap<String, Entry>,
+}
+
+impl ByType {
+    fn new(model: &fhir_model::Model, by_type: HashMap<String, Entry>) -> ByType {
+        let mut t = ByType {
+            ix: vec![0; model.type_count()],
+            ..ByType::default()
+        };
+        let mut by_type: Vec<_> = by_type.into_iter().collect();
+        by_type.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, entry) in by_type {
+            match model.type_index(&name) {
+                Some(i) => {
+                    t.entries.push(entry);
+                    t.ix[i as usize] = t.entries.len() as u32;
+                }
+                None => {
+                    t.unindexed.insert(name, entry);
+                }
+            }
+        }
+        t
+    }
+
+    /// The entry of a node of type `ty`, whose index in the model is `ty_ix`.
+    #[inline(always)]
+    fn get(&self, ty: &str, ty_ix: Option<u32>) -> Option<&Entry> {
+        match ty_ix {
+            Some(i) => {
+                let e = *self.ix.get(i as usize)? as usize;
+                self.entries.get(e.checked_sub(1)?)
+            }
+            None if self.unindexed.is_empty() => None,
+            None => self.unindexed.get(ty),
+        }
+    }
+}
+
 /// What `nodesByType('T')` / `nodesByName('n')` rules match at a node of that type or name.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Entry {
     /// `nodesByType('T')`: the first rule matching the node itself.
     own: Option<RuleIx>,
@@ -135,11 +184,14 @@ impl Plan {
     pub(crate) fn compile(config: &Config) -> Plan {
         let model = fhir_model::r4();
         let mut types = HashMap::default();
+        // The distinct `nodesByType` tables, shared by the plans that have the same.
+        let mut shared: Vec<std::sync::Arc<ByType>> = Vec::new();
         for ty in model.resource_types() {
             let mut tp = TypePlan {
                 fast: true,
                 ..TypePlan::default()
             };
+            let mut by_type: HashMap<String, Entry> = HashMap::default();
             let mut perturb = false;
             for rule in config.rules.iter().filter(|r| r.applies_to(ty)) {
                 let ix = rule.index as RuleIx;
@@ -160,15 +212,14 @@ impl Plan {
                 match &rule.matcher {
                     Matcher::Resource => tp.root = min_rule(tp.root, Some(ix)),
                     Matcher::ByType(t, None) => {
-                        let e = tp.by_type.entry(t.clone()).or_default();
+                        let e = by_type.entry(t.clone()).or_default();
                         e.own = e.own.or(Some(ix));
                     }
                     Matcher::ByName(n, None) => {
                         let e = tp.by_name.entry(n.clone()).or_default();
                         e.own = e.own.or(Some(ix));
                     }
-                    Matcher::ByType(t, Some(c)) => tp
-                        .by_type
+                    Matcher::ByType(t, Some(c)) => by_type
                         .entry(t.clone())
                         .or_default()
                         .children
@@ -193,6 +244,15 @@ impl Plan {
                     },
                 }
             }
+            let table = ByType::new(model, by_type);
+            tp.by_type = match shared.iter().find(|t| ***t == table) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = std::sync::Arc::new(table);
+                    shared.push(t.clone());
+                    t
+                }
+            };
             tp.stream = tp.fast
                 && !perturb
                 && config.parameters.date_shift_scope != DateShiftScope::Patient;
@@ -384,6 +444,55 @@ impl<'e> Walk<'e> {
         None
     }
 
+    /// [`Walk::cover`] of a child named `name` of type `ty` that is a leaf (a primitive, not a
+    /// nested resource: no children, so no scopes of its own), without building its scopes:
+    /// what [`Walk::child_scopes`] would match at it, then the cover over those. No seal (the
+    /// stream runs without `perturb`).
+    #[inline(always)]
+    fn leaf_cover(
+        &self,
+        scopes: &[Scope<'_>],
+        cover: Option<Cover>,
+        node_is_resource: bool,
+        name: &str,
+        ty: &str,
+        ty_ix: Option<u32>,
+    ) -> Option<Cover> {
+        for (s, sc) in scopes.iter().enumerate() {
+            let mut matched = sc.trie.and_then(|t| t.next.get(name)).and_then(|t| t.here);
+            let depth1 = match sc.depth {
+                0 => true,
+                1 => !node_is_resource,
+                _ => false,
+            };
+            if depth1 {
+                if let Some(e) = sc.plan.by_type.get(ty, ty_ix) {
+                    matched = min_rule(matched, e.own);
+                }
+                if let Some(e) = sc.plan.by_name.get(name) {
+                    matched = min_rule(matched, e.own);
+                }
+            }
+            if sc.depth == 1 {
+                for e in sc.entries.iter().flatten() {
+                    for (c, r) in &e.children {
+                        if c == name {
+                            matched = min_rule(matched, Some(*r));
+                        }
+                    }
+                }
+            }
+            let inherited = match cover {
+                Some((cs, r)) if cs == s => Some(r),
+                _ => None,
+            };
+            if let Some(r) = min_rule(inherited, matched) {
+                return Some((s, r));
+            }
+        }
+        None
+    }
+
     /// The scopes as seen from a child named `name` of type `ty` of a node (`cover` is the
     /// node's), plus the child's own scope when it is a nested resource.
     #[allow(clippy::too_many_arguments)]
@@ -396,6 +505,7 @@ impl<'e> Walk<'e> {
         node_is_resource: bool,
         name: &str,
         ty: &str,
+        ty_ix: Option<u32>,
         nested: Option<(&str, bool, Option<i64>)>,
         out: &mut Scopes<'p>,
     ) {
@@ -407,13 +517,18 @@ impl<'e> Walk<'e> {
                 _ => 2,
             };
             let trie = sc.trie.and_then(|t| t.next.get(name));
-            let entries = if depth == 1 {
-                [sc.plan.by_type.get(ty), sc.plan.by_name.get(name)]
+            // Two values, not an array iterated by reference: an array would go through the
+            // stack and be read back whole into the scope (a store-forwarding stall).
+            let (by_type, by_name) = if depth == 1 {
+                (sc.plan.by_type.get(ty, ty_ix), sc.plan.by_name.get(name))
             } else {
-                [None, None]
+                (None, None)
             };
             let mut matched = trie.and_then(|t| t.here);
-            for e in entries.iter().flatten() {
+            if let Some(e) = by_type {
+                matched = min_rule(matched, e.own);
+            }
+            if let Some(e) = by_name {
                 matched = min_rule(matched, e.own);
             }
             if sc.depth == 1 {
@@ -435,7 +550,7 @@ impl<'e> Walk<'e> {
                     _ => None,
                 },
                 matched,
-                entries,
+                entries: [by_type, by_name],
                 id: sc.id,
                 depth,
             });
@@ -580,6 +695,10 @@ impl<'e> Walk<'e> {
     ) -> NodeCx<'c> {
         let name = child.element.name.as_str();
         let ty = nested.map_or(child.type_name, |(d, _)| d.name.as_str());
+        let ty_ix = match nested {
+            None => child.type_index(),
+            Some((d, _)) => fhir_model::r4().type_index(&d.name),
+        };
         self.child_scopes(
             plan,
             scopes,
@@ -587,6 +706,7 @@ impl<'e> Walk<'e> {
             parent.is_resource,
             name,
             ty,
+            ty_ix,
             nested.map(|(d, offset)| (d.name.as_str(), name == "contained", offset)),
             cs,
         );
@@ -635,6 +755,7 @@ impl<'e> Walk<'e> {
                             false,
                             "value",
                             "decimal",
+                            fhir_model::r4().type_index("decimal"),
                             None,
                             &mut cs,
                         );

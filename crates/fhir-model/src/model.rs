@@ -215,6 +215,15 @@ pub struct ChildRef<'a> {
     def: Option<u32>,
 }
 
+impl ChildRef<'_> {
+    /// The concrete type's index in the model ([`Model::type_index`] of `type_name`), when the
+    /// model defines that type: a key for tables over the model's types.
+    #[inline]
+    pub fn type_index(&self) -> Option<u32> {
+        self.def
+    }
+}
+
 /// The type of a search parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SearchParamType {
@@ -438,6 +447,16 @@ impl Model {
         self.types.get(i as usize)
     }
 
+    /// A type's index (below [`Model::type_count`]), the key [`ChildRef::type_index`] gives.
+    pub fn type_index(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).copied()
+    }
+
+    /// How many types the model defines.
+    pub fn type_count(&self) -> usize {
+        self.types.len()
+    }
+
     /// The definition of a child's concrete type (`child` from a type of this model): what
     /// `type_def(child.type_name)` gives, without hashing the name.
     pub fn child_def(&self, child: ChildRef<'_>) -> Option<&TypeDef> {
@@ -579,6 +598,7 @@ mod tests {
                     .child(key)
                     .unwrap_or_else(|| panic!("{}.{key}", def.name));
                 assert_eq!((&c.element.name, c.type_name), (name, ty.as_str()));
+                assert_eq!(c.type_index(), m.type_index(ty));
                 assert_eq!(
                     m.child_def(c).map(|d| &d.name),
                     m.type_def(ty).map(|d| &d.name)

@@ -126,17 +126,31 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
     fn string(&mut self) -> R<(&'a str, bool)> {
         self.expect(b'"')?;
         let start = self.pos;
+        let b = self.b;
         let mut escaped = false;
         let mut i = start;
         loop {
-            match *self.b.get(i).ok_or(GiveUp)? {
+            // The next quote, backslash or control character: eight bytes at a time (the
+            // lowest flagged byte of a word is exact), byte by byte in the input's last 7.
+            if let Some(word) = b.get(i..).and_then(|r| r.first_chunk::<8>()) {
+                let m = special_word(u64::from_le_bytes(*word));
+                if m == 0 {
+                    i += 8;
+                    continue;
+                }
+                i += (m.trailing_zeros() / 8) as usize;
+            } else {
+                while b.get(i).is_some_and(|&c| !special(c)) {
+                    i += 1;
+                }
+            }
+            match *b.get(i).ok_or(GiveUp)? {
                 b'"' => break,
                 b'\\' => {
                     escaped = true;
                     i += 2;
                 }
-                c if c < 0x20 => return Err(GiveUp),
-                _ => i += 1,
+                _ => return Err(GiveUp),
             }
         }
         self.pos = i + 1;
@@ -667,6 +681,32 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         cover: Option<Cover>,
     ) -> R<bool> {
         let declared = declared_def(child);
+        if declared.is_none() {
+            // A primitive (or a type the model lacks: an object of it gives up, as in
+            // `object`): a leaf, covered without building scopes of its own.
+            if self.peek()? == b'{' {
+                return Err(GiveUp);
+            }
+            let name = child.element.name.as_str();
+            let ty = child.type_name;
+            let cover = self.walk.leaf_cover(
+                scopes,
+                cover,
+                parent.is_resource,
+                name,
+                ty,
+                child.type_index(),
+            );
+            let cx = NodeCx {
+                name,
+                ty,
+                def: None,
+                parent_ty: parent.ty,
+                is_resource: false,
+            };
+            // A leaf's scopes are its parent's (the same resources, the same indexes).
+            return self.primitive(&cx, scopes, cover);
+        }
         let mut opened = false;
         let nested_def = if declared.is_some_and(|d| d.kind == fhir_model::TypeKind::Resource)
             && self.peek()? == b'{'
@@ -730,6 +770,25 @@ fn decode(content: &str) -> R<String> {
     quoted.push_str(content);
     quoted.push('"');
     serde_json::from_str(&quoted).map_err(|_| GiveUp)
+}
+
+/// A byte that ends a run of plain string content: a quote, a backslash, or a control
+/// character (which JSON forbids raw).
+#[inline(always)]
+fn special(c: u8) -> bool {
+    (c == b'"') | (c == b'\\') | (c < 0x20)
+}
+
+/// The high bit of each byte of `x` (little-endian) that is [`special`], exact up to the
+/// lowest such byte (above it, borrows may flag others: only the lowest is used).
+#[inline(always)]
+fn special_word(x: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v;
+    let quote = zero(x ^ (ONES * u64::from(b'"')));
+    let backslash = zero(x ^ (ONES * u64::from(b'\\')));
+    let control = x.wrapping_sub(ONES * 0x20) & !x;
+    (quote | backslash | control) & (ONES * 0x80)
 }
 
 /// Whether cleanup's `trim` would change the text.
