@@ -123,6 +123,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
 
     /// A string token at `pos`: its content (between the quotes) and whether it has escapes.
     /// Raw control characters (which JSON forbids) give up.
+    #[inline(always)]
     fn string(&mut self) -> R<(&'a str, bool)> {
         self.expect(b'"')?;
         let start = self.pos;
@@ -132,19 +133,24 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         loop {
             // The next quote, backslash or control character: eight bytes at a time (the
             // lowest flagged byte of a word is exact), byte by byte in the input's last 7.
-            if let Some(word) = b.get(i..).and_then(|r| r.first_chunk::<8>()) {
-                let m = special_word(u64::from_le_bytes(*word));
+            let c = if let Some(word) = b.get(i..).and_then(|r| r.first_chunk::<8>()) {
+                let w = u64::from_le_bytes(*word);
+                let m = special_word(w);
                 if m == 0 {
                     i += 8;
                     continue;
                 }
-                i += (m.trailing_zeros() / 8) as usize;
+                let bit = m.trailing_zeros();
+                i += (bit / 8) as usize;
+                // The byte itself, from the word (not loaded again).
+                (w >> (bit & !7)) as u8
             } else {
                 while b.get(i).is_some_and(|&c| !special(c)) {
                     i += 1;
                 }
-            }
-            match *b.get(i).ok_or(GiveUp)? {
+                *b.get(i).ok_or(GiveUp)?
+            };
+            match c {
                 b'"' => break,
                 b'\\' => {
                     escaped = true;
@@ -300,6 +306,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         scopes: &[Scope<'p>],
         cover: Option<Cover>,
     ) -> R<bool> {
+        let tok_start = self.pos;
         let tok = self.primitive_token()?;
         let text: Cow<'a, str> = match tok {
             Prim::Str(t, false) => Cow::Borrowed(t),
@@ -351,10 +358,9 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             self.root_id = Some(text.to_string());
         }
         match tok {
+            // The string with its quotes as the input has it, in one copy.
             Prim::Str(t, false) if !edge_space(t) => {
-                self.out.push(b'"');
-                self.out.extend_from_slice(t.as_bytes());
-                self.out.push(b'"');
+                self.out.extend_from_slice(&self.b[tok_start..self.pos]);
             }
             Prim::Str(..) => self.write_str(&text),
             Prim::Raw(t) => self.out.extend_from_slice(t.as_bytes()),
@@ -424,6 +430,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
                 }
                 self.pos += 1;
             }
+            let key_start = self.pos;
             let (key, esc) = self.string()?;
             self.expect(b':')?;
             if esc || key.starts_with('_') || key == "resourceType" {
@@ -454,9 +461,8 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             if any {
                 self.out.push(b',');
             }
-            self.out.push(b'"');
-            self.out.extend_from_slice(key.as_bytes());
-            self.out.extend_from_slice(b"\":");
+            // `"key":` as the input has it (no escapes, no whitespace), in one copy.
+            self.out.extend_from_slice(&self.b[key_start..self.pos]);
             let meta = cx.is_resource && key == "meta";
             let outer_meta = self.in_meta;
             let value_start = self.out.len();
