@@ -297,18 +297,21 @@ pub(crate) fn requote_instant(s: &str) -> String {
     } else {
         return s.to_string();
     };
-    let body = match body.split_once('.') {
+    // Pushed into one string (once per labelled resource: no formatting machinery).
+    let mut out = String::with_capacity(s.len() + zone.len());
+    match body.split_once('.') {
         Some((main, frac)) => {
+            out.push_str(main);
             let f = frac.trim_end_matches('0');
-            if f.is_empty() {
-                main.to_string()
-            } else {
-                format!("{main}.{f}")
+            if !f.is_empty() {
+                out.push('.');
+                out.push_str(f);
             }
         }
-        None => body.to_string(),
-    };
-    format!("{body}{zone}")
+        None => out.push_str(body),
+    }
+    out.push_str(zone);
+    out
 }
 
 /// Adds the labels of the operation bits `ops` to a resource's `meta.security` (§3.6), the ones
@@ -373,5 +376,14 @@ mod tests {
             requote_instant("2020-01-01T10:00:30.120-05:00"),
             "2020-01-01T10:00:30.12-05:00"
         );
+        assert_eq!(
+            requote_instant("2020-01-01T10:00:30Z"),
+            "2020-01-01T10:00:30+00:00"
+        );
+        assert_eq!(
+            requote_instant("2020-01-01T10:00:30.5+01:00"),
+            "2020-01-01T10:00:30.5+01:00"
+        );
+        assert_eq!(requote_instant("2020-01-01"), "2020-01-01");
     }
 }
