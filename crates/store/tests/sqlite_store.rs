@@ -1326,3 +1326,33 @@ fn a_large_write_that_rewrites_its_own_resources_keeps_only_current_rows() {
     assert_eq!(gender_lookup(&s, "male").0, 147);
     assert_eq!(gender_lookup(&s, "female").0, 2);
 }
+
+/// WAL frames are copied into the database file by the store's checkpointing thread, not by the
+/// writer after its commit: once a commit leaves more than 16 MiB in the WAL, the database file
+/// grows to hold them while nothing else is written.
+#[test]
+fn a_large_commit_is_checkpointed_by_the_background_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open_data_dir(dir.path(), SqliteOptions::default()).unwrap();
+    let db = dir.path().join(store::sqlite::DB_FILE_NAME);
+    let pad = "x".repeat(4000);
+    let ops = (0..6000)
+        .map(|i| WriteOp::Create {
+            resource: json!({"resourceType": "Patient", "id": format!("p{i}"), "text": {"div": pad}}),
+        })
+        .collect();
+    s.write(ops).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let size = std::fs::metadata(&db).unwrap().len();
+        if size > 20 << 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file stayed at {size} bytes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(s.watermark().unwrap().seq, 6000);
+}

@@ -58,7 +58,7 @@
 //! This module holds [`SqliteStore`], its open, the type-number cache and the [`Store`] impl,
 //! whose methods delegate to one module per concept: `schema` (connection settings, tables, value
 //! indexes), `pool` (the read-only connections), `writes` (the write transaction, the WAL
-//! checkpoint), `reads` (read, vread, history), `scans` (as-of counts and scans, listings),
+//! checkpoint), `checkpointer` (the WAL checkpoints of a thread of its own), `reads` (read, vread, history), `scans` (as-of counts and scans, listings),
 //! `watermark` (the watermark, instants and seqs), `index_upkeep` (index rows, the stale flag,
 //! suspend/resume, reindex), `search` (search plan execution) and `jobs` (the export job queue).
 
@@ -69,6 +69,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use serde_json::Value;
 
+mod checkpointer;
 mod index_upkeep;
 mod jobs;
 mod pool;
@@ -141,6 +142,9 @@ pub struct SqliteStore {
     /// The export job queue in `exports.db` beside the database file, opened on first use
     /// ([`jobs`] says why it is a separate file).
     jobs: Mutex<Option<Arc<SqliteJobQueue>>>,
+    /// Declared after `writer`: dropped once the writer connection is closed, which ends its
+    /// thread.
+    _checkpointer: checkpointer::Checkpointer,
     _lock: Option<DataDirLock>,
 }
 
@@ -165,7 +169,7 @@ impl SqliteStore {
 
     /// Open (creating if needed) the database file at `path` without taking a directory lock.
     pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         configure(&conn, options.cache_kib)?;
         let created = create_schema(&conn)?;
         let rebuilt = build_value_indexes(&conn)?;
@@ -215,6 +219,7 @@ impl SqliteStore {
             configure_reader(&r, options.cache_kib)?;
             readers.push(r);
         }
+        let checkpointer = checkpointer::start(&mut conn, path)?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
             writer: Mutex::new(Writer {
@@ -231,6 +236,7 @@ impl SqliteStore {
             systems,
             indexer: options.indexer,
             jobs: Mutex::new(None),
+            _checkpointer: checkpointer,
             _lock: None,
         })
     }

@@ -31,7 +31,9 @@ pub(super) fn configure(conn: &Connection, cache_kib: i64) -> Result<(), StoreEr
     // value-dependent plans.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     // Checkpoint every 64 MiB of WAL rather than SQLite's 8 MiB: a bulk load rewrites the same
-    // index pages in many transactions, and each checkpoint copies them (and fsyncs) once.
+    // index pages in many transactions, and each checkpoint copies them (and fsyncs) once. The
+    // store's writer replaces this with its WAL hook (`checkpointer`, same 64 MiB for the
+    // writer's own checkpoint, most of the copying done on another thread before).
     conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
     // A WAL that grew (while a reader held an old snapshot) is cut back to this size when it is
     // reset, instead of keeping its largest size on disk.
