@@ -486,7 +486,7 @@ impl<'s> Roller<'s> {
     fn take_unfinished(&mut self) -> Option<Unfinished> {
         let (writer, temp, count, _) = self.current.take()?;
         Some(Unfinished {
-            writer,
+            body: PartBody::Written(writer),
             kind: self.kind,
             resource_type: self.resource_type.clone(),
             prefix: if self.gzip {
@@ -500,11 +500,12 @@ impl<'s> Roller<'s> {
     }
 }
 
-/// A part whose bytes are all written but not yet durable: [`Unfinished::finish`] flushes and
-/// syncs it (the expensive step: an `fdatasync` of a local file, the upload's completion of a
-/// remote one) and describes it for the commit.
+/// A part whose rows are all given but which is not yet durable: [`Unfinished::finish`] writes
+/// what is still buffered (a Parquet file's last row group and footer), flushes and syncs it (the
+/// expensive step: an `fdatasync` of a local file, the upload's completion of a remote one) and
+/// describes it for the commit.
 struct Unfinished {
-    writer: Box<dyn PartWriter>,
+    body: PartBody,
     kind: FileKind,
     resource_type: String,
     prefix: String,
@@ -512,9 +513,21 @@ struct Unfinished {
     temp_path: String,
 }
 
+/// What an [`Unfinished`] part still holds.
+enum PartBody {
+    /// Every byte written to the destination's writer.
+    Written(Box<dyn PartWriter>),
+    /// A view's Parquet file: its last row group and footer are encoded when it is finished.
+    Parquet(Box<view_items::ParquetFile>),
+}
+
 impl Unfinished {
     fn finish(self) -> Result<NewFile, RunError> {
-        let (bytes, sha256) = self.writer.finish_digest()?;
+        let writer = match self.body {
+            PartBody::Written(w) => w,
+            PartBody::Parquet(file) => view_items::finish_parquet(*file, &self.temp_path)?,
+        };
+        let (bytes, sha256) = writer.finish_digest()?;
         Ok(NewFile {
             kind: self.kind,
             resource_type: self.resource_type,
@@ -550,7 +563,8 @@ fn commit(
 type PendingCommit<'scope> = Option<std::thread::ScopedJoinHandle<'scope, Result<(), RunError>>>;
 
 /// What a commit needs of an [`ItemContext`]: the parts shared between threads, so that a
-/// scan can hand its finished parts to a committing thread and go on writing the next ones.
+/// scan can hand its finished parts to a committing thread and go on writing the next ones
+/// ([`Committer::pipelined`]).
 #[derive(Clone, Copy)]
 struct Committer<'a> {
     queue: &'a dyn JobQueue,
@@ -601,6 +615,72 @@ impl<'a> Committer<'a> {
             .map(Unfinished::finish)
             .collect::<Result<Vec<_>, _>>()?;
         self.commit(item, parts, cursor, scanned)
+    }
+
+    /// Runs the scan of an item with its commits pipelined: each [`Pipeline::commit`] hands its
+    /// parts to a thread of their own that makes them durable (the `fdatasync` of a
+    /// 5,000-resource file, about 15 ms here), commits and renames them, while the scan writes
+    /// the next parts. At most one commit is in flight and commits stay in cursor order: the
+    /// next commit waits for the previous one, whose error ends the scan there. The commit in
+    /// flight has ended when this returns, whatever the scan's outcome; the scan's own error
+    /// wins over it.
+    fn pipelined<T>(
+        self,
+        item: &'a WorkItem,
+        scan: impl for<'scope> FnOnce(&mut Pipeline<'scope, 'a>) -> Result<T, RunError>,
+    ) -> Result<T, RunError> {
+        std::thread::scope(|threads| {
+            let mut pipeline = Pipeline {
+                committer: self,
+                item,
+                threads,
+                pending: None,
+            };
+            let scan_result = scan(&mut pipeline);
+            let committed = pipeline.wait();
+            let out = scan_result?;
+            committed.map(|()| out)
+        })
+    }
+}
+
+/// The committing side of one item's scan ([`Committer::pipelined`]).
+struct Pipeline<'scope, 'a> {
+    committer: Committer<'a>,
+    item: &'a WorkItem,
+    threads: &'scope std::thread::Scope<'scope, 'a>,
+    pending: PendingCommit<'scope>,
+}
+
+impl<'scope, 'a> Pipeline<'scope, 'a> {
+    /// Commits `parts` (nothing when there are none) with the cursor up to which they hold the
+    /// item's output: waits for the commit in flight (returning its error), then hands these
+    /// parts to a committing thread.
+    fn commit(
+        &mut self,
+        parts: impl IntoIterator<Item = Unfinished>,
+        cursor: i64,
+        scanned: u64,
+    ) -> Result<(), RunError> {
+        let parts: Vec<Unfinished> = parts.into_iter().collect();
+        if parts.is_empty() {
+            return Ok(());
+        }
+        self.wait()?;
+        let (committer, item) = (self.committer, self.item);
+        self.pending = Some(
+            self.threads
+                .spawn(move || committer.finish_and_commit(item, parts, cursor, scanned)),
+        );
+        Ok(())
+    }
+
+    /// Waits for the commit in flight, if any.
+    fn wait(&mut self) -> Result<(), RunError> {
+        self.pending.take().map_or(Ok(()), |h| {
+            h.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 }
 
@@ -747,28 +827,6 @@ impl<'s> Outputs<'s> {
             .flatten()
             .collect()
     }
-
-    /// Finishes the current parts, for one commit.
-    fn take(&mut self) -> Result<Vec<NewFile>, RunError> {
-        self.take_unfinished()
-            .into_iter()
-            .map(Unfinished::finish)
-            .collect()
-    }
-
-    /// Commits what remains with the item's end as cursor.
-    fn close(
-        &mut self,
-        ctx: &ItemContext<'_>,
-        item: &WorkItem,
-        scanned: u64,
-    ) -> Result<(), RunError> {
-        let parts = self.take()?;
-        if !parts.is_empty() {
-            commit(ctx, item, parts, item.seq_up_to, scanned)?;
-        }
-        Ok(())
-    }
 }
 
 /// What one resource becomes in the output.
@@ -841,20 +899,10 @@ fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
         after: item.cursor.max(p.since_after),
         up_to: item.seq_up_to,
     };
-    let committer = Committer::of(ctx);
     // A full part is made durable and committed on a thread of its own while the scan writes
-    // the next one: the `fdatasync` of a 5,000-resource file (about 15 ms here) no longer stalls
-    // the worker. At most one commit is in flight, and commits stay in cursor order: the next
-    // full part waits for the previous commit, whose error ends the scan.
-    std::thread::scope(|threads| {
-        let mut pending: PendingCommit<'_> = None;
-        let wait = |pending: &mut PendingCommit<'_>| {
-            pending.take().map_or(Ok(()), |h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-        };
-        let scan = scan_rows(ctx.store, t, p.job.watermark, bounds, &mut |row| {
+    // the next one.
+    Committer::of(ctx).pipelined(item, |pipeline| {
+        scan_rows(ctx.store, t, p.job.watermark, bounds, &mut |row| {
             scanned += 1;
             if scanned.is_multiple_of(1024) {
                 pulse.beat(ctx, item, scanned)?;
@@ -876,22 +924,12 @@ fn scan_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError> {
                 )?)?;
             }
             if outputs.full() {
-                let parts = outputs.take_unfinished();
-                wait(&mut pending)?;
-                let (cursor, scanned) = (row.seq, scanned);
-                pending = Some(
-                    threads
-                        .spawn(move || committer.finish_and_commit(item, parts, cursor, scanned)),
-                );
+                pipeline.commit(outputs.take_unfinished(), row.seq, scanned)?;
             }
             Ok(())
-        });
-        // The commit in flight ends first, whatever the scan's outcome; the scan's error wins.
-        let committed = wait(&mut pending);
-        scan?;
-        committed
+        })?;
+        pipeline.commit(outputs.take_unfinished(), item.seq_up_to, scanned)
     })?;
-    outputs.close(ctx, item, scanned)?;
     Ok(scanned)
 }
 
@@ -1012,27 +1050,25 @@ fn organize_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError
         }
     }
     let mut roller = Roller::new(ctx, item, FileKind::Output, "", "output");
-    for (seq, id, line, lines) in blocks {
-        if line.is_none() && lines.is_empty() {
-            continue;
+    Committer::of(ctx).pipelined(item, |pipeline| {
+        for (seq, id, line, lines) in blocks {
+            if line.is_none() && lines.is_empty() {
+                continue;
+            }
+            let header = json!({"resourceType": "Parameters", "parameter": [{"name": "header", "valueReference": {"reference": format!("Patient/{id}")}}]});
+            roller.write(header.to_string().as_bytes())?;
+            if let Some(l) = line {
+                roller.write(&l)?;
+            }
+            for l in lines {
+                roller.write(&l)?;
+            }
+            if roller.full() {
+                pipeline.commit(roller.take_unfinished(), seq, scanned)?;
+            }
         }
-        let header = json!({"resourceType": "Parameters", "parameter": [{"name": "header", "valueReference": {"reference": format!("Patient/{id}")}}]});
-        roller.write(header.to_string().as_bytes())?;
-        if let Some(l) = line {
-            roller.write(&l)?;
-        }
-        for l in lines {
-            roller.write(&l)?;
-        }
-        if roller.full() {
-            let parts: Vec<NewFile> = roller.take()?.into_iter().collect();
-            commit(ctx, item, parts, seq, scanned)?;
-        }
-    }
-    let parts: Vec<NewFile> = roller.take()?.into_iter().collect();
-    if !parts.is_empty() {
-        commit(ctx, item, parts, item.seq_up_to, scanned)?;
-    }
+        pipeline.commit(roller.take_unfinished(), item.seq_up_to, scanned)
+    })?;
     Ok(scanned)
 }
 
@@ -1121,13 +1157,15 @@ fn associated_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunErr
     // Second pass: write them in sequence order, committed once at the end (after a crash the
     // item is run again whole; its uncommitted parts are discarded).
     let mut outputs = Outputs::new(ctx, item, "Provenance");
-    scan_rows(ctx.store, "Provenance", p.job.watermark, all, &mut |row| {
-        if chosen.contains(row.id) {
-            outputs.emit(transform(p, "Provenance", row.json, &[], &None, false)?)?;
-        }
-        Ok(())
+    Committer::of(ctx).pipelined(item, |pipeline| {
+        scan_rows(ctx.store, "Provenance", p.job.watermark, all, &mut |row| {
+            if chosen.contains(row.id) {
+                outputs.emit(transform(p, "Provenance", row.json, &[], &None, false)?)?;
+            }
+            Ok(())
+        })?;
+        pipeline.commit(outputs.take_unfinished(), item.seq_up_to, scanned)
     })?;
-    outputs.close(ctx, item, scanned)?;
     Ok(scanned)
 }
 

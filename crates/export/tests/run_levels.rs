@@ -491,3 +491,118 @@ fn deidentified_deleted_entries_carry_hashed_ids() {
         ))
     );
 }
+
+/// Every scan kind (resources, `organizeOutputBy=Patient` blocks, view rows in Parquet,
+/// associated Provenance) commits through the pipelined committer: when its job is cancelled
+/// after the item was claimed, the commit refused by the queue ends the item with
+/// `RunError::Stopped` (the committing thread's error reaches the item), and no file reaches the
+/// export folder.
+#[test]
+fn a_refused_commit_ends_every_scan_kind() {
+    use export::RunError;
+    use export::jobs::{ItemKind, JobQueue, JobRecord, JobState, SqliteJobQueue};
+    use export::run::{ItemContext, Prepared, execute_item, plan};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db = store::testing::test_store(None);
+    let store = &*db.store;
+    seed(store);
+    create(
+        store,
+        json!({"resourceType": "Provenance", "id": "pr1", "recorded": "2021-01-01T00:00:00Z",
+            "target": [{"reference": "Observation/o1"}], "agent": [{"who": {"reference": "Organization/org1"}}]}),
+    );
+    let wm = store.current_seq().expect("seq");
+    let view = json!({"resourceType": "ViewDefinition", "name": "obs", "status": "active",
+        "resource": "Observation", "select": [{"column": [{"name": "id", "path": "id"}]}]})
+    .to_string();
+    let post = |pairs: &[(&str, &str)]| {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        ExportRequest::parse(
+            ExportLevel::Patient,
+            &pairs,
+            true,
+            false,
+            i64::MAX / 2,
+            "http://x/Patient/$export".into(),
+        )
+        .expect("valid")
+    };
+    let cases = [
+        ("scan", post(&[("_type", "Observation")]), ItemKind::Scan),
+        (
+            "organize",
+            post(&[("organizeOutputBy", "Patient")]),
+            ItemKind::Scan,
+        ),
+        (
+            "view",
+            post(&[("_view", view.as_str()), ("_viewFormat", "parquet")]),
+            ItemKind::Scan,
+        ),
+        (
+            "associated",
+            post(&[
+                ("_type", "Observation"),
+                ("includeAssociatedData", "RelevantProvenanceResources"),
+            ]),
+            ItemKind::Associated,
+        ),
+    ];
+    let settings = RunSettings {
+        file_max_resources: 1,
+        ..RunSettings::default()
+    };
+    let sink = LocalSink::new(tmp.path());
+    export::Sink::ensure_container(&sink, "out").expect("container");
+    for (name, req, kind) in cases {
+        let queue = SqliteJobQueue::open_in_memory().expect("queue");
+        let job = JobRecord {
+            id: name.into(),
+            state: JobState::Queued,
+            request: String::new(),
+            watermark: wm,
+            transaction_time: String::new(),
+            client_id: None,
+            container: "out".into(),
+            folder: name.into(),
+            anonymization: None,
+            result: None,
+            failure_status: None,
+            created_ms: 0,
+            finished_ms: None,
+            cleanup: export::jobs::Cleanup::None,
+        };
+        let items = plan(store, &req, wm, 1000).expect("plan");
+        queue.create(&job, &items, u64::MAX).expect("create");
+        let item = std::iter::from_fn(|| queue.claim("w", 0, i64::MAX / 4, 1).expect("claim"))
+            .find(|i| i.kind == kind)
+            .unwrap_or_else(|| panic!("{name}: no {kind:?} item"));
+        queue.cancel(name, 1).expect("cancel");
+        let prepared = Prepared::new(store, job, req, None, &settings).expect("prepared");
+        let ctx = ItemContext {
+            store,
+            queue: &queue,
+            sink: &sink,
+            prepared: &prepared,
+            settings: &settings,
+            cancel: &AtomicBool::new(false),
+            shutdown: &AtomicBool::new(false),
+            live_scanned: &|_| {},
+        };
+        let e = execute_item(&ctx, &item).expect_err(name);
+        assert!(matches!(e, RunError::Stopped), "{name}: {e}");
+        let folder = tmp.path().join("out").join(name);
+        let published: Vec<String> = std::fs::read_dir(&folder)
+            .into_iter()
+            .flatten()
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "_parts")
+            .collect();
+        assert!(published.is_empty(), "{name}: {published:?}");
+        assert!(queue.files(name).expect("files").is_empty(), "{name}");
+    }
+}

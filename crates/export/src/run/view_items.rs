@@ -17,9 +17,10 @@ use serde_json::{Value, json};
 use store::SeqBounds;
 
 use super::{
-    Emit, ItemContext, Pulse, Roller, RunError, commit, compartment_params, scan_rows, transform,
+    Committer, Emit, ItemContext, PartBody, Pulse, Roller, RunError, Unfinished,
+    compartment_params, scan_rows, transform,
 };
-use crate::jobs::{FileKind, NewFile, WorkItem};
+use crate::jobs::{FileKind, WorkItem};
 use crate::request::ViewFormat;
 use crate::sink::{PartWriter, SinkError};
 
@@ -28,10 +29,24 @@ use crate::sink::{PartWriter, SinkError};
 const PARQUET_GROUP_ROWS: usize = 1 << 20;
 const PARQUET_GROUP_BYTES: usize = 128 << 20;
 
+/// A Parquet file of a view being written, over its part's writer.
+pub(super) type ParquetFile = views::parquet::ParquetWriter<Box<dyn PartWriter>>;
+
 /// One Parquet part being written.
 struct ParquetPart {
-    writer: views::parquet::ParquetWriter<Box<dyn PartWriter>>,
+    writer: ParquetFile,
     temp: String,
+}
+
+/// Writes a Parquet part's last row group and footer (the encoding of its buffered rows: done by
+/// the committing thread, [`super::Committer::pipelined`]); returns the part's writer, flushed.
+pub(super) fn finish_parquet(
+    file: ParquetFile,
+    temp: &str,
+) -> Result<Box<dyn PartWriter>, RunError> {
+    let mut w = file.finish().map_err(|e| parquet_error(temp, e))?;
+    w.flush().map_err(|e| SinkError::from_io(temp, e))?;
+    Ok(w)
 }
 
 /// The parts of one view in one item.
@@ -158,26 +173,20 @@ impl<'s> ViewOut<'s> {
         }
     }
 
-    fn take(&mut self) -> Result<Option<NewFile>, RunError> {
+    /// The current part, if any, still to be finished before its commit.
+    fn take_unfinished(&mut self) -> Option<Unfinished> {
         match self {
-            ViewOut::Text { roller, .. } => roller.take(),
+            ViewOut::Text { roller, .. } => roller.take_unfinished(),
             ViewOut::Parquet { base, current } => {
-                let Some(p) = current.take() else {
-                    return Ok(None);
-                };
-                let rows = p.writer.rows();
-                let mut w = p.writer.finish().map_err(|e| parquet_error(&p.temp, e))?;
-                w.flush().map_err(|e| SinkError::from_io(&p.temp, e))?;
-                let (bytes, sha256) = w.finish_digest()?;
-                Ok(Some(NewFile {
+                let p = current.take()?;
+                Some(Unfinished {
                     kind: FileKind::Output,
                     resource_type: base.resource_type.clone(),
                     prefix: base.prefix.clone(),
-                    count: rows,
-                    bytes,
-                    sha256,
+                    count: p.writer.rows(),
+                    body: PartBody::Parquet(Box::new(p.writer)),
                     temp_path: p.temp,
-                }))
+                })
             }
         }
     }
@@ -217,59 +226,54 @@ pub(super) fn scan_views(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, 
     };
     let mut rows: Vec<views::Row> = Vec::new();
     let mut line = String::new();
-    let take_all =
-        |outs: &mut Vec<ViewOut<'_>>, errors: &mut Roller<'_>| -> Result<Vec<NewFile>, RunError> {
-            let mut parts = Vec::new();
-            for o in outs.iter_mut() {
-                parts.extend(o.take()?);
+    let take_all = |outs: &mut Vec<ViewOut<'_>>, errors: &mut Roller<'_>| -> Vec<Unfinished> {
+        outs.iter_mut()
+            .filter_map(ViewOut::take_unfinished)
+            .chain(errors.take_unfinished())
+            .collect()
+    };
+    Committer::of(ctx).pipelined(item, |pipeline| {
+        scan_rows(ctx.store, t, p.job.watermark, bounds, &mut |row| {
+            scanned += 1;
+            if scanned.is_multiple_of(1024) {
+                pulse.beat(ctx, item, scanned)?;
             }
-            parts.extend(errors.take()?);
-            Ok(parts)
-        };
-    scan_rows(ctx.store, t, p.job.watermark, bounds, &mut |row| {
-        scanned += 1;
-        if scanned.is_multiple_of(1024) {
-            pulse.beat(ctx, item, scanned)?;
-        }
-        if super::changed_after_until(&p.req, row.last_updated) {
-            return Ok(());
-        }
-        // The resource as `$export` would write it (filtered, de-identified), then the views.
-        let resource: Value = match transform(p, t, row.json, &compartment, &None, true)? {
-            Emit::Skip => return Ok(()),
-            Emit::Line(bytes) => match serde_json::from_slice(&bytes) {
-                Ok(v) => v,
-                Err(_) => return Ok(()),
-            },
-            Emit::Stub(stub, outcome) => {
-                errors.write(&outcome)?;
-                match serde_json::from_slice(&stub) {
+            if super::changed_after_until(&p.req, row.last_updated) {
+                return Ok(());
+            }
+            // The resource as `$export` would write it (filtered, de-identified), then the views.
+            let resource: Value = match transform(p, t, row.json, &compartment, &None, true)? {
+                Emit::Skip => return Ok(()),
+                Emit::Line(bytes) => match serde_json::from_slice(&bytes) {
                     Ok(v) => v,
                     Err(_) => return Ok(()),
+                },
+                Emit::Stub(stub, outcome) => {
+                    errors.write(&outcome)?;
+                    match serde_json::from_slice(&stub) {
+                        Ok(v) => v,
+                        Err(_) => return Ok(()),
+                    }
+                }
+            };
+            for (view, out) in views.iter().zip(outs.iter_mut()) {
+                rows.clear();
+                if let Err(e) = view.rows_into(&resource, &mut rows) {
+                    let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
+                        "diagnostics": format!("view '{}': {e}", view.name().unwrap_or(""))}]});
+                    errors.write(oo.to_string().as_bytes())?;
+                    continue;
+                }
+                for r in &rows {
+                    out.write(view, format, r, &mut line)?;
                 }
             }
-        };
-        for (view, out) in views.iter().zip(outs.iter_mut()) {
-            rows.clear();
-            if let Err(e) = view.rows_into(&resource, &mut rows) {
-                let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
-                    "diagnostics": format!("view '{}': {e}", view.name().unwrap_or(""))}]});
-                errors.write(oo.to_string().as_bytes())?;
-                continue;
+            if outs.iter().any(ViewOut::full) || errors.full() {
+                pipeline.commit(take_all(&mut outs, &mut errors), row.seq, scanned)?;
             }
-            for r in &rows {
-                out.write(view, format, r, &mut line)?;
-            }
-        }
-        if outs.iter().any(ViewOut::full) || errors.full() {
-            let parts = take_all(&mut outs, &mut errors)?;
-            commit(ctx, item, parts, row.seq, scanned)?;
-        }
-        Ok(())
+            Ok(())
+        })?;
+        pipeline.commit(take_all(&mut outs, &mut errors), item.seq_up_to, scanned)
     })?;
-    let parts = take_all(&mut outs, &mut errors)?;
-    if !parts.is_empty() {
-        commit(ctx, item, parts, item.seq_up_to, scanned)?;
-    }
     Ok(scanned)
 }
