@@ -1,0 +1,286 @@
+//! Kick-offs: an `$export` (or `$viewdefinition-export`) request validated, authorized, its
+//! de-identification configuration fetched and compiled, planned into work items and queued; an
+//! `$import` validated against the storage and queued.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::{ExportError, ExportService, now_ms, without_queries};
+use crate::access::{self, ExportAccess};
+use crate::anonymization::{AnonymizationError, load_from_storage};
+use crate::jobs::{Cleanup, ItemKind, JobRecord, JobState};
+use crate::record::{self, ExportRecord, JobRequest};
+use crate::request::{ExportLevel, ExportRequest, RequestError, parameters_to_pairs};
+use crate::run::{RunError, plan};
+
+/// Largest work item of a de-identified export.
+const DEID_ITEM_RESOURCES: u64 = 10_000;
+
+impl ExportService {
+    /// Validates a kick-off, authorizes the parsed request for `access` (the caller), fetches
+    /// and compiles its de-identification configuration, plans its work items and queues it for
+    /// the caller's client. `pairs` is the query, `body` the POST Parameters resource, if any.
+    /// Without `_type`, a restricted caller's export covers exactly the types it may export.
+    pub fn kickoff(
+        self: &Arc<Self>,
+        level: ExportLevel,
+        pairs: Vec<(String, String)>,
+        body: Option<&Value>,
+        lenient: bool,
+        request_url: String,
+        access: &dyn ExportAccess,
+    ) -> Result<String, ExportError> {
+        self.kickoff_with(level, pairs, body, lenient, false, request_url, access)
+    }
+
+    /// [`ExportService::kickoff`] with `Prefer: separate-export-status` (`separate`): recorded
+    /// with the job, so that every node answers its status polls with `200` and the job's
+    /// status in `X-Export-Status`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kickoff_with(
+        self: &Arc<Self>,
+        level: ExportLevel,
+        mut pairs: Vec<(String, String)>,
+        body: Option<&Value>,
+        lenient: bool,
+        separate: bool,
+        request_url: String,
+        access: &dyn ExportAccess,
+    ) -> Result<String, ExportError> {
+        let is_post = body.is_some();
+        if let Some(b) = body {
+            pairs.extend(parameters_to_pairs(b)?);
+        }
+        let now = now_ms();
+        let mut req = ExportRequest::parse(
+            level.clone(),
+            &pairs,
+            is_post,
+            lenient,
+            now,
+            request_url.clone(),
+        )?;
+        if req.types.is_empty()
+            && let Some(allowed) = access::exportable_types(access)
+        {
+            if allowed.is_empty() {
+                return Err(ExportError::Forbidden(
+                    "the granted scopes allow exporting no resource type (export needs `r` and `s`, or v1 `read`)".into(),
+                ));
+            }
+            // Recorded with the job, so its workers and later checks see the same list.
+            pairs.push(("_type".into(), allowed.join(",")));
+            req.types = allowed;
+        }
+        access::authorize(&req, access).map_err(ExportError::Forbidden)?;
+        let client_id = access.client_id().map(str::to_string);
+        if let ExportLevel::Group(id) = &level {
+            match self.store.read("Group", id) {
+                Ok(_) => {}
+                Err(store::StoreError::NotFound { .. } | store::StoreError::Gone { .. }) => {
+                    return Err(ExportError::GroupNotFound(id.clone()));
+                }
+                Err(e) => return Err(ExportError::Store(e)),
+            }
+        }
+        // An early answer before the configuration is fetched and the export planned; the
+        // admission itself is decided atomically when the job is recorded.
+        let active = self.queue.active_count()?;
+        if active >= self.config.max_concurrent {
+            return Err(ExportError::TooMany(active));
+        }
+        // The configuration is fetched and compiled now: a bad one answers 400 here rather
+        // than failing the job later.
+        let anonymization = match &req.anonymization {
+            None => None,
+            Some(spec) => {
+                let mut info = match &spec.collection {
+                    None => load_from_storage(self.config.sink.as_ref(), spec)?,
+                    Some(image) => match &self.config.image_configs {
+                        Some(fetch) => fetch(image, &spec.config)?,
+                        None => return Err(AnonymizationError::NotAllowed(image.clone()).into()),
+                    },
+                };
+                if let Some(name) = &spec.key_set {
+                    crate::anonymization::apply_key_set(&mut info, self.queue.as_ref(), name)?;
+                }
+                Some(info)
+            }
+        };
+        // The server's default compression is pinned on the job, like its types.
+        if self.config.gzip && req.gzip.is_none() && req.views.is_empty() {
+            pairs.push(("_compression".into(), "gzip".into()));
+            req.gzip = Some(true);
+        }
+        let wm = self.store.watermark().map_err(ExportError::Store)?;
+        let transaction_time = wm
+            .last_updated
+            .unwrap_or_else(|| store::format_instant_ms(now));
+        // De-identification is CPU-bound: smaller items let every worker share a large type.
+        let item_resources = if anonymization.is_some() {
+            self.config.run.item_resources.min(DEID_ITEM_RESOURCES)
+        } else {
+            self.config.run.item_resources
+        };
+        let mut items =
+            plan(self.store.as_ref(), &req, wm.seq, item_resources).map_err(|e| match e {
+                RunError::Store(e) => ExportError::Store(e),
+                RunError::Queue(q) => ExportError::from(q),
+                e => ExportError::Plan(Box::new(e)),
+            })?;
+        // A dry run writes no data: its finalize item runs the report over the export's scope.
+        if req.anonymization.as_ref().is_some_and(|s| s.dry_run) {
+            items.retain(|i| i.kind == store::jobs::ItemKind::Finalize);
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let container = req
+            .container
+            .clone()
+            .unwrap_or_else(|| self.config.default_container.clone());
+        self.config
+            .sink
+            .ensure_container(&container)
+            .map_err(|e| self.destination_error(&container, &e))?;
+        let job = JobRecord {
+            id: id.clone(),
+            state: JobState::Queued,
+            request: JobRequest::Export(ExportRecord::new(
+                &level,
+                &pairs,
+                is_post,
+                lenient,
+                &request_url,
+                separate,
+            ))
+            .encode(),
+            watermark: wm.seq,
+            transaction_time,
+            client_id,
+            container,
+            folder: id.clone(),
+            anonymization: anonymization.as_ref().map(record::encode_anonymization),
+            result: None,
+            failure_status: None,
+            created_ms: now,
+            finished_ms: None,
+            cleanup: Cleanup::None,
+        };
+        self.queue
+            .create(&job, &items, self.config.max_concurrent)?;
+        tracing::info!(job = %id, items = items.len(), "export queued");
+        self.notify();
+        Ok(id)
+    }
+
+    /// A destination fault at kick-off: 503 while the destination is unreachable or overloaded
+    /// (the client retries later), else why it refused. Named by kind and location, without
+    /// secrets (queries dropped) or the destination's own answer text.
+    fn destination_error(&self, container: &str, e: &crate::sink::SinkError) -> ExportError {
+        let sink = self.config.sink.as_ref();
+        let at = without_queries(&sink.location(container, ""));
+        let kind = sink.kind();
+        tracing::warn!(destination = kind, at = %at, error = %without_queries(&e.to_string()), "export destination fault at kick-off");
+        match e {
+            e if e.is_transient() => ExportError::DestinationUnavailable(format!(
+                "the {kind} export destination at {at} is unavailable; retry later"
+            )),
+            crate::sink::SinkError::Refused(why) => ExportError::Destination(format!(
+                "the {kind} export destination at {at} cannot be used: {why}"
+            )),
+            _ => ExportError::Destination(format!(
+                "the {kind} export destination at {at} failed to prepare container '{container}'"
+            )),
+        }
+    }
+
+    /// Validates an `$import` kick-off (Azure's Parameters: `inputFormat`, `mode`, `input`
+    /// entries naming objects of the configured storage), authorizes it for `access` (`c` and
+    /// `u` on each type), checks the inputs exist and queues it: one item per input and a
+    /// finalize item. InitialLoad is refused (409) unless the server has never stored a
+    /// resource: it keeps the inputs' versions and instants, which only make sense in an empty
+    /// server.
+    pub fn import_kickoff(
+        self: &Arc<Self>,
+        body: &Value,
+        request_url: String,
+        access: &dyn ExportAccess,
+    ) -> Result<String, ExportError> {
+        let sink = self.config.sink.as_ref();
+        let req = crate::import::ImportRequest::parse(body, sink, request_url)?;
+        access::authorize_import(&req.types(), access).map_err(ExportError::Forbidden)?;
+        if req.mode == ingest::import::ImportMode::InitialLoad {
+            let wm = self.store.watermark().map_err(ExportError::Store)?;
+            if wm.seq > 0 {
+                return Err(ExportError::Conflict(
+                    "InitialLoad needs an empty server (this one has stored resources); use IncrementalLoad to add to it".into(),
+                ));
+            }
+        }
+        for input in &req.inputs {
+            match sink.stat(&input.container, &input.path) {
+                Ok(_) => {}
+                Err(
+                    crate::sink::SinkError::NotFound(_)
+                    | crate::sink::SinkError::ContainerNotFound(_),
+                ) => {
+                    return Err(ExportError::Request(RequestError {
+                        param: "input".into(),
+                        message: format!("input '{}' does not exist in the storage", input.url),
+                    }));
+                }
+                Err(e) => return Err(self.destination_error(&input.container, &e)),
+            }
+        }
+        let active = self.queue.active_count()?;
+        if active >= self.config.max_concurrent {
+            return Err(ExportError::TooMany(active));
+        }
+        let now = now_ms();
+        let container = self.config.default_container.clone();
+        self.config
+            .sink
+            .ensure_container(&container)
+            .map_err(|e| self.destination_error(&container, &e))?;
+        let mut items: Vec<store::jobs::ItemPlan> = req
+            .inputs
+            .iter()
+            .map(|i| store::jobs::ItemPlan {
+                kind: ItemKind::Scan,
+                resource_type: i.resource_type.clone(),
+                seq_after: 0,
+                seq_up_to: i64::MAX,
+                expected: 0,
+            })
+            .collect();
+        items.push(store::jobs::ItemPlan {
+            kind: ItemKind::Finalize,
+            resource_type: String::new(),
+            seq_after: 0,
+            seq_up_to: 0,
+            expected: 0,
+        });
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let job = JobRecord {
+            id: id.clone(),
+            state: JobState::Queued,
+            request: JobRequest::Import(req.clone()).encode(),
+            watermark: 0,
+            transaction_time: store::format_instant_ms(now),
+            client_id: access.client_id().map(str::to_string),
+            container,
+            folder: id.clone(),
+            anonymization: None,
+            result: None,
+            failure_status: None,
+            created_ms: now,
+            finished_ms: None,
+            cleanup: Cleanup::None,
+        };
+        self.queue
+            .create(&job, &items, self.config.max_concurrent)?;
+        tracing::info!(job = %id, inputs = req.inputs.len(), mode = req.mode.as_str(), "import queued");
+        self.notify();
+        Ok(id)
+    }
+}

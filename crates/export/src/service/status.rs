@@ -1,0 +1,375 @@
+//! What a caller sees of a job: its status (progress text, the manifest or its pages with
+//! `allowPartialManifests`, the failure), its files, its cancel — each for the job's own client
+//! only, with the scopes its request needs.
+
+use std::sync::atomic::Ordering;
+
+use serde_json::{Value, json};
+use store::format::thousands;
+
+use super::{ExportError, ExportService, lock, now_ms};
+use crate::access::{self, ExportAccess};
+use crate::jobs::{FileKind, ItemKind, JobRecord, JobState};
+use crate::record::{self, JobRequest, RecordError};
+use crate::request::{ExportRequest, RequestError};
+use crate::sink::FileBody;
+
+/// What the status endpoint answers: the job's state, and whether the kick-off asked for
+/// `Prefer: separate-export-status` (then the state travels in `X-Export-Status`).
+#[derive(Debug, Clone)]
+pub struct StatusView {
+    pub status: Status,
+    pub separate_status: bool,
+}
+
+/// The state of a job as the status endpoint reports it.
+#[derive(Debug, Clone)]
+pub enum Status {
+    /// `partial`: with `allowPartialManifests`, the manifest page of the files written so far.
+    InProgress {
+        progress: String,
+        partial: Option<Value>,
+    },
+    /// `expires_ms`: when the files are removed (completion + retention).
+    Complete {
+        manifest: Value,
+        expires_ms: i64,
+    },
+    Failed {
+        diagnostics: String,
+        status: u16,
+    },
+}
+
+impl ExportService {
+    /// The state of a job, for a caller who may use it (see `owned_job`).
+    pub fn status(&self, id: &str, access: &dyn ExportAccess) -> Result<Status, ExportError> {
+        Ok(self.status_page(id, None, access)?.status)
+    }
+
+    /// [`ExportService::status`] with the manifest page `page` of an `allowPartialManifests`
+    /// export (see `manifest_page`; `None`: the first), and the job's status preference.
+    pub fn status_page(
+        &self,
+        id: &str,
+        page: Option<i64>,
+        access: &dyn ExportAccess,
+    ) -> Result<StatusView, ExportError> {
+        let job = self.owned_job(id, access)?;
+        let recorded = JobRequest::decode(&job)?;
+        let separate_status = matches!(&recorded, JobRequest::Export(r) if r.separate());
+        let req = match recorded.export(&job) {
+            Ok(req) => req,
+            // Recorded parameters that no longer parse failed the job (400) when it ran: its
+            // status is that failure.
+            Err(RecordError::Request { .. }) if job.state == JobState::Failed => None,
+            Err(e) => return Err(e.into()),
+        };
+        let allow_partial = req.as_ref().is_some_and(|r| r.allow_partial);
+        if page.is_some() && !allow_partial {
+            return Err(ExportError::Request(RequestError {
+                param: "page".into(),
+                message: "manifest pages exist only for exports kicked off with allowPartialManifests=true".into(),
+            }));
+        }
+        let status = match job.state {
+            JobState::Queued | JobState::Running | JobState::Cancelled => Status::InProgress {
+                progress: self.progress_text(id)?,
+                partial: match &req {
+                    Some(r) if r.allow_partial => Some(self.manifest_page(&job, r, page)?),
+                    _ => None,
+                },
+            },
+            JobState::Expired => return Err(ExportError::Expired(id.to_string())),
+            JobState::Complete => {
+                let stored = record::manifest(&job)?.ok_or_else(|| RecordError::Invalid {
+                    job: job.id.clone(),
+                    column: crate::record::Column::Result,
+                    reason: "a complete job without its manifest".into(),
+                })?;
+                Status::Complete {
+                    manifest: match &req {
+                        Some(r) if r.allow_partial => self.manifest_page(&job, r, page)?,
+                        _ => stored,
+                    },
+                    expires_ms: job.finished_ms.unwrap_or_else(now_ms).saturating_add(
+                        self.config.retention.as_millis().min(i64::MAX as u128) as i64,
+                    ),
+                }
+            }
+            JobState::Failed => Status::Failed {
+                diagnostics: job.result.clone().unwrap_or_default(),
+                status: job.failure_status.unwrap_or(500),
+            },
+        };
+        Ok(StatusView {
+            status,
+            separate_status,
+        })
+    }
+
+    /// Cancels a job (running or finished): its workers stop and its files are removed. The
+    /// cancel is recorded first (with the deletion still to do), so a crash or a destination
+    /// that is down only delays the deletion: the sweeper and the next start-up finish it.
+    pub fn cancel(&self, id: &str, access: &dyn ExportAccess) -> Result<(), ExportError> {
+        let job = self.owned_job(id, access)?;
+        self.cancel_flag(id).store(true, Ordering::Relaxed);
+        self.queue.cancel(id, now_ms())?;
+        self.clean_up(&job);
+        Ok(())
+    }
+
+    /// Where a file of a finished export is, for the download endpoint.
+    pub fn file(
+        &self,
+        id: &str,
+        name: &str,
+        access: &dyn ExportAccess,
+    ) -> Result<FileBody, ExportError> {
+        let job = self.owned_job(id, access)?;
+        // A running export's files are served once listed by a partial manifest.
+        let listed_early = matches!(job.state, JobState::Queued | JobState::Running)
+            && JobRequest::decode(&job)?
+                .export(&job)?
+                .is_some_and(|r| r.allow_partial);
+        if job.state != JobState::Complete && !listed_early {
+            return Err(ExportError::UnknownFile(name.to_string()));
+        }
+        let known = self
+            .queue
+            .files(id)?
+            .into_iter()
+            .any(|f| f.name == name && f.pending_rename.is_none());
+        if !known {
+            return Err(ExportError::UnknownFile(name.to_string()));
+        }
+        Ok(self
+            .config
+            .sink
+            .body(&job.container, &format!("{}/{name}", job.folder)))
+    }
+
+    /// The job `id` if `access` may use it: another client's job is unknown (404), and the
+    /// caller's current scopes must still cover everything the export needed, derived from its
+    /// recorded request exactly as at kick-off (403). Status, files and cancel all come here.
+    fn owned_job(&self, id: &str, access: &dyn ExportAccess) -> Result<JobRecord, ExportError> {
+        let job = self
+            .queue
+            .get(id)?
+            .ok_or_else(|| ExportError::UnknownJob(id.to_string()))?;
+        if job.state == JobState::Cancelled || !access.owns(job.client_id.as_deref()) {
+            return Err(ExportError::UnknownJob(id.to_string()));
+        }
+        if !access.is_unrestricted() {
+            match JobRequest::decode(&job)? {
+                JobRequest::Import(req) => {
+                    access::authorize_import(&req.types(), access)
+                        .map_err(ExportError::Forbidden)?;
+                }
+                JobRequest::Export(r) => {
+                    let req = r.request(&job.id, job.created_ms)?;
+                    access::authorize(&req, access).map_err(ExportError::Forbidden)?;
+                }
+            }
+        }
+        Ok(job)
+    }
+
+    /// Progress text such as `Observation 1,200,000 of 3,000,000 (2 of 17 types done)`.
+    pub(super) fn progress_text(&self, job_id: &str) -> Result<String, ExportError> {
+        if let Some(job) = self.queue.get(job_id)?
+            && record::is_import(&job)
+        {
+            return self.import_progress_text(job_id);
+        }
+        let mut types = self.queue.progress(job_id)?;
+        for ((j, _), (t, n)) in lock(&self.live).iter() {
+            if j == job_id
+                && let Some(tp) = types.iter_mut().find(|tp| &tp.resource_type == t)
+            {
+                tp.scanned = tp.scanned.max(*n);
+            }
+        }
+        let done = types.iter().filter(|t| t.done).count();
+        Ok(match types.iter().find(|t| !t.done) {
+            Some(t) => format!(
+                "{} {} of {} ({done} of {} types done)",
+                t.resource_type,
+                // `expected` is estimated from the item ranges; a resumed item rescans a little.
+                thousands(if t.expected > 0 {
+                    t.scanned.min(t.expected)
+                } else {
+                    t.scanned
+                }),
+                thousands(t.expected),
+                types.len()
+            ),
+            None if types.is_empty() => "queued".to_string(),
+            None => format!("finishing ({done} of {} types done)", types.len()),
+        })
+    }
+
+    /// Progress text of an import such as `input 2 of 5 (Observation): 12,000 resources loaded
+    /// (1 of 5 inputs done)`.
+    fn import_progress_text(&self, job_id: &str) -> Result<String, ExportError> {
+        let mut items: Vec<_> = self
+            .queue
+            .item_progress(job_id)?
+            .into_iter()
+            .filter(|i| i.kind != ItemKind::Finalize)
+            .collect();
+        for ((j, n), (_, live)) in lock(&self.live).iter() {
+            if j == job_id
+                && let Some(i) = items.iter_mut().find(|i| i.item_no == *n)
+            {
+                i.scanned = i.scanned.max(*live);
+            }
+        }
+        let done = items.iter().filter(|i| i.done).count();
+        let total = items.len();
+        Ok(match items.iter().find(|i| !i.done) {
+            Some(i) => format!(
+                "input {} of {total} ({}): {} resources loaded ({done} of {total} inputs done)",
+                i.item_no,
+                i.resource_type,
+                thousands(i.scanned)
+            ),
+            None => format!("finishing ({done} of {total} inputs done)"),
+        })
+    }
+
+    /// A manifest entry of a committed file. Files of an `organizeOutputBy` export hold several
+    /// types: their entries carry no `type`.
+    fn manifest_entry(
+        &self,
+        job: &JobRecord,
+        f: &crate::jobs::FileRecord,
+        organized: bool,
+    ) -> Value {
+        let url = format!(
+            "{}/export-files/{}/{}",
+            self.config.base_url, job.id, f.name
+        );
+        let mut e =
+            json!({"type": f.resource_type, "url": url, "count": f.count, "fileSize": f.bytes});
+        if organized
+            && f.kind == FileKind::Output
+            && let Some(o) = e.as_object_mut()
+        {
+            o.remove("type");
+        }
+        if let Some(sha) = &f.sha256 {
+            e["extension"] = manifest::entry_extension(sha, f.name.ends_with(".gz"));
+        }
+        e
+    }
+
+    /// A manifest listing `files`: the job's fields, then `output`, `error` (and `deleted` with
+    /// `_since`). `anonymization` is the de-identification extension, if any.
+    pub(super) fn manifest_of(
+        &self,
+        job: &JobRecord,
+        req: &ExportRequest,
+        anonymization: Option<Value>,
+        files: &[crate::jobs::FileRecord],
+    ) -> Value {
+        let organized = req.organize_by_patient;
+        let list = |kind: FileKind| -> Vec<Value> {
+            files
+                .iter()
+                .filter(|f| f.kind == kind)
+                .map(|f| self.manifest_entry(job, f, organized))
+                .collect()
+        };
+        let mut storage = json!({
+            "kind": self.config.sink.kind(),
+            "container": job.container,
+            "folder": job.folder,
+            "location": self.config.sink.location(&job.container, &job.folder),
+        });
+        if let Some(a) = anonymization {
+            storage["anonymization"] = a;
+        }
+        let mut manifest = json!({
+            "transactionTime": job.transaction_time,
+            "request": req.request_url,
+            "requiresAccessToken": self.config.requires_access_token,
+            "output": list(FileKind::Output),
+            "error": list(FileKind::Error),
+            "extension": {"storage": storage},
+        });
+        if organized {
+            manifest["outputOrganizedBy"] = json!("Patient");
+        }
+        if req.since_ms.is_some() {
+            manifest["deleted"] = Value::Array(list(FileKind::Deleted));
+        }
+        manifest
+    }
+
+    /// One page of the manifest of an `allowPartialManifests` export, running or complete. A
+    /// page is the files of one work item (in item order; `page` is the item's number, the
+    /// first item's by default); files appear on it once committed and renamed, and never
+    /// change. `link` `next` names the next item with files once this item is done and every
+    /// item between them is done without files: following the links from the first page
+    /// lists every file of the export exactly once.
+    fn manifest_page(
+        &self,
+        job: &JobRecord,
+        req: &ExportRequest,
+        page: Option<i64>,
+    ) -> Result<Value, ExportError> {
+        let items = self.queue.item_states(&job.id)?;
+        let files: Vec<crate::jobs::FileRecord> = self
+            .queue
+            .files(&job.id)?
+            .into_iter()
+            .filter(|f| f.pending_rename.is_none())
+            .collect();
+        let no = match page {
+            Some(n) => n,
+            None => items.first().map_or(0, |(n, _)| *n),
+        };
+        let pos = items
+            .iter()
+            .position(|(n, _)| *n == no)
+            .ok_or(ExportError::UnknownPage(no))?;
+        let has_files = |n: i64| files.iter().any(|f| f.item_no == n);
+        let mut next = None;
+        if items[pos].1 {
+            for (n, done) in &items[pos + 1..] {
+                if has_files(*n) {
+                    next = Some(*n);
+                    break;
+                }
+                if !done {
+                    break;
+                }
+            }
+        }
+        let mine: Vec<crate::jobs::FileRecord> =
+            files.into_iter().filter(|f| f.item_no == no).collect();
+        let anonymization = record::anonymization(job)?.map(|i| i.manifest_extension());
+        let mut m = self.manifest_of(job, req, anonymization, &mine);
+        if let Some(n) = next {
+            m["link"] = json!([{
+                "relation": "next",
+                "url": format!("{}/export-status/{}?page={n}", self.config.base_url, job.id),
+            }]);
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_numbers_have_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(3_000_000), "3,000,000");
+    }
+}

@@ -1,0 +1,420 @@
+//! This process's workers: started once the server's port is bound, each claims work items
+//! from the queue and runs them (an export's scan, an import's input, a job's finalize item), then
+//! records the outcome — done, given back at shutdown, stopped, retried or failed; a graceful
+//! shutdown gives running items back.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::cleanup::sweeper_loop;
+use super::{ExportError, ExportService, failure_text, lock, now_ms, overview};
+use crate::anonymization::Anonymizer;
+use crate::jobs::{Cleanup, FileKind, ItemKind, JobRecord, JobState, Orphans, Retry, WorkItem};
+use crate::record::{self, export_request};
+use crate::run::{ItemContext, Prepared, RunError, execute_item};
+
+impl ExportService {
+    /// Starts this process's workers and the sweeper (retention, deletions still to do). Items
+    /// left running by a previous process are released first when the queue is exclusive: the
+    /// store's data-directory lock guarantees that no other live process shares it. Their
+    /// attempt stays counted, so a server that keeps crashing fails the export in the end.
+    pub fn start_workers(self: &Arc<Self>) -> Result<(), ExportError> {
+        let mut threads = lock(&self.threads);
+        if !threads.is_empty() {
+            return Ok(());
+        }
+        // Only leases known to be dead: every lease when this process is alone on the queue;
+        // on a shared database those of this node's earlier incarnations (a node id is unique
+        // in the cluster), never another node's (taken over after the heartbeat timeout).
+        let orphans = match (&self.config.node_id, self.config.exclusive_queue) {
+            (_, true) => Some(Orphans::All),
+            (Some(node), false) => Some(Orphans::OfNode {
+                node,
+                current: &self.node,
+            }),
+            (None, false) => None,
+        };
+        if let Some(orphans) = orphans {
+            let released = self.queue.release_orphans(orphans)?;
+            if released > 0 {
+                tracing::info!(
+                    items = released,
+                    "resuming export work left by a previous process"
+                );
+            }
+        }
+        tracing::info!(owner = %self.node, workers = self.config.workers, "export workers start");
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(ExportError::Thread)
+        };
+        let me = Arc::downgrade(self);
+        threads.push(spawn(
+            "export-sweeper".into(),
+            Box::new(move || sweeper_loop(me)),
+        )?);
+        for n in 0..self.config.workers {
+            let me = Arc::downgrade(self);
+            threads.push(spawn(
+                format!("export-worker-{n}"),
+                Box::new(move || worker_loop(me)),
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Graceful shutdown: workers stop claiming; every running item of this process stops at
+    /// its next check and is given back (un-claimed at its committed cursor, the attempt not
+    /// counted) — or finishes. After `drain`, items still held are given back regardless (their
+    /// workers can no longer commit). Returns how many items were given back here.
+    pub fn shutdown(&self, drain: Duration) -> u64 {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.notify();
+        let deadline = std::time::Instant::now() + drain;
+        let threads: Vec<_> = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        match self.queue.release_owned(&self.node) {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::warn!(
+                        items = n,
+                        "export work still running at the drain timeout was given back"
+                    );
+                }
+                n
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot give back export work at shutdown");
+                0
+            }
+        }
+    }
+
+    /// The prepared state of a job, built once per job and process.
+    fn prepare(&self, job_id: &str) -> Result<Arc<Prepared>, RunError> {
+        if let Some(p) = lock(&self.prepared).get(job_id) {
+            return Ok(p.clone());
+        }
+        let job = self.queue.get(job_id)?.ok_or(RunError::Stopped)?;
+        let req = export_request(&job)?;
+        let anonymizer = match record::anonymization(&job)? {
+            None => None,
+            Some(info) => Some(
+                Anonymizer::new(info, &job.folder)
+                    .map_err(|e| RunError::Anonymization(e.to_string()))?,
+            ),
+        };
+        let p = Arc::new(Prepared::new(
+            self.store.as_ref(),
+            job,
+            req,
+            anonymizer,
+            &self.config.run,
+        )?);
+        lock(&self.prepared).insert(job_id.to_string(), p.clone());
+        Ok(p)
+    }
+
+    pub(super) fn forget(&self, job_id: &str) {
+        lock(&self.prepared).remove(job_id);
+        lock(&self.imports).remove(job_id);
+        lock(&self.cancels).remove(job_id);
+    }
+
+    /// Runs one claimed item and records the outcome.
+    fn run_item(&self, item: WorkItem) {
+        let job_id = item.job_id.clone();
+        // Every line logged while the item runs carries the job, the item and its type, so a
+        // log shows one export end to end (`job` also on kick-off and completion).
+        let _span = tracing::info_span!("export_item", job = %job_id, item = item.item_no, kind = item.kind.as_str(), resource_type = %item.resource_type, attempt = item.attempt).entered();
+        tracing::debug!("export work item claimed");
+        let key = (job_id.clone(), item.item_no);
+        let (result, import) = match self.import_of(&job_id) {
+            Ok(Some((job, request))) => (self.run_import_item(&job, &request, &item, &key), true),
+            Ok(None) => (self.run_export_item(&item, &key), false),
+            Err(e) => (Err(e), false),
+        };
+        self.item_finished(item, result, import);
+    }
+
+    /// The job `job_id` and its import request, when it is an import (cached per process).
+    fn import_of(
+        &self,
+        job_id: &str,
+    ) -> Result<Option<(JobRecord, Arc<crate::import::ImportRequest>)>, RunError> {
+        if lock(&self.prepared).contains_key(job_id) {
+            return Ok(None);
+        }
+        if let Some((job, req)) = lock(&self.imports).get(job_id) {
+            return Ok(Some((job.clone(), req.clone())));
+        }
+        let job = self.queue.get(job_id)?.ok_or(RunError::Stopped)?;
+        if !record::is_import(&job) {
+            return Ok(None);
+        }
+        let req = Arc::new(record::import_request(&job)?);
+        lock(&self.imports).insert(job_id.to_string(), (job.clone(), req.clone()));
+        Ok(Some((job, req)))
+    }
+
+    /// Runs one item of an import: an input, or the finalize item that writes the result.
+    fn run_import_item(
+        &self,
+        job: &JobRecord,
+        request: &crate::import::ImportRequest,
+        item: &WorkItem,
+        key: &(String, i64),
+    ) -> Result<(), RunError> {
+        let cancel = self.cancel_flag(&job.id);
+        let loaded = match item.kind {
+            ItemKind::Finalize => {
+                let files = self.queue.files(&job.id)?;
+                crate::run::finish_renames(
+                    self.config.sink.as_ref(),
+                    self.queue.as_ref(),
+                    job,
+                    &files,
+                )?;
+                let _ = self
+                    .config
+                    .sink
+                    .delete_prefix(&job.container, &format!("{}/_parts", job.folder));
+                0
+            }
+            _ => {
+                let live = |n: u64| {
+                    lock(&self.live).insert(key.clone(), (item.resource_type.clone(), n));
+                };
+                let ctx = crate::import::InputContext {
+                    store: self.store.as_ref(),
+                    queue: self.queue.as_ref(),
+                    sink: self.config.sink.as_ref(),
+                    job,
+                    request,
+                    cancel: &cancel,
+                    shutdown: &self.stopping,
+                    live: &live,
+                };
+                crate::import::run_input(&ctx, item)?
+            }
+        };
+        let now = now_ms();
+        if !self.queue.complete_item(item, loaded, now)? {
+            return Err(match self.queue.heartbeat(item, loaded, now)? {
+                crate::jobs::Lease::JobStopped => RunError::Stopped,
+                _ => RunError::LeaseLost,
+            });
+        }
+        if item.kind == ItemKind::Finalize {
+            let result =
+                crate::import::result(self.queue.as_ref(), job, request, &self.config.base_url)?;
+            self.queue.finish(
+                &job.id,
+                JobState::Complete,
+                Some(&result.to_string()),
+                None,
+                now_ms(),
+            )?;
+            tracing::info!(job = %job.id, "import complete");
+            self.forget(&job.id);
+        } else {
+            tracing::info!(resources = loaded, "import input done");
+        }
+        Ok(())
+    }
+
+    /// Runs one item of an export.
+    fn run_export_item(&self, item: &WorkItem, key: &(String, i64)) -> Result<(), RunError> {
+        let job_id = item.job_id.clone();
+        self.prepare(&job_id).and_then(|prepared| {
+            let cancel = self.cancel_flag(&job_id);
+            let live_scanned = |n: u64| {
+                lock(&self.live).insert(key.clone(), (item.resource_type.clone(), n));
+            };
+            let ctx = ItemContext {
+                store: self.store.as_ref(),
+                queue: self.queue.as_ref(),
+                sink: self.config.sink.as_ref(),
+                prepared: &prepared,
+                settings: &self.config.run,
+                cancel: &cancel,
+                shutdown: &self.stopping,
+                live_scanned: &live_scanned,
+            };
+            execute_item(&ctx, item)?;
+            if item.kind == ItemKind::Finalize {
+                self.complete_job(&prepared)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Records the outcome of an item (export or import).
+    fn item_finished(&self, item: WorkItem, result: Result<(), RunError>, import: bool) {
+        let job_id = item.job_id.clone();
+        let key = (job_id.clone(), item.item_no);
+        lock(&self.live).remove(&key);
+        let result = match result {
+            // A claim that fails after its export was cancelled or failed elsewhere (its folder
+            // removed under a rename, its lease revoked) stopped: it records no failure and
+            // removes what it wrote, like a claim that saw the stop itself.
+            Err(e) if !matches!(e, RunError::Interrupted | RunError::Stopped) => {
+                match self.queue.get(&job_id) {
+                    Ok(Some(job)) if !job.state.is_active() && job.state != JobState::Complete => {
+                        tracing::info!(job = %job_id, item = item.item_no, error = %e, "work item ended by an error after its export stopped");
+                        Err(RunError::Stopped)
+                    }
+                    _ => Err(e),
+                }
+            }
+            r => r,
+        };
+        match result {
+            Ok(()) => {
+                if let Ok(files) = self.queue.files(&job_id) {
+                    let mine: Vec<_> = files
+                        .into_iter()
+                        .filter(|f| f.item_no == item.item_no)
+                        .collect();
+                    if !import {
+                        tracing::info!(
+                            files = mine.len(),
+                            resources = mine.iter().map(|f| f.count).sum::<u64>(),
+                            "export work item done"
+                        );
+                        overview::item_done(&mine);
+                    }
+                }
+            }
+            Err(RunError::LeaseLost) => {
+                tracing::warn!(job = %job_id, item = item.item_no, attempt = item.attempt, owner = %self.node, "work item taken over elsewhere; its uncommitted parts are discarded");
+                self.remove_own_writes(&item, false);
+            }
+            Err(RunError::Interrupted) => match self.queue.release(&item) {
+                Ok(_) => {
+                    tracing::info!(job = %job_id, item = item.item_no, "work item given back at shutdown")
+                }
+                Err(e) => {
+                    tracing::error!(job = %job_id, item = item.item_no, error = %e, "cannot give back a work item")
+                }
+            },
+            Err(RunError::Stopped) => {
+                tracing::info!(job = %job_id, item = item.item_no, owner = %self.node, "work item stopped: its export was cancelled or failed");
+                // Cancelled or failed: make sure nothing of this export remains (a deletion
+                // that fails stays recorded for the sweeper; one another node holds is its).
+                self.remove_own_writes(&item, true);
+                if let Ok(Some(job)) = self.queue.get(&job_id)
+                    && job.cleanup == Cleanup::Pending
+                {
+                    self.clean_up(&job);
+                }
+                self.forget(&job_id);
+            }
+            Err(e) => {
+                let retry = e.is_transient().then_some(Retry {
+                    max_attempts: self.config.max_attempts,
+                    base_ms: self.config.retry_backoff.as_millis() as i64,
+                    max_ms: self.config.retry_backoff_max.as_millis() as i64,
+                });
+                let job = self.queue.get(&job_id).ok().flatten();
+                let text = failure_text(&e, self.config.sink.as_ref(), job.as_ref());
+                tracing::error!(job = %job_id, item = item.item_no, attempt = item.attempt, error = %text, retry = retry.is_some(), "export work item failed");
+                match self
+                    .queue
+                    .fail_item(&item, &text, e.status(), retry, now_ms())
+                {
+                    Ok(true) => {
+                        overview::item_failed(false);
+                        tracing::error!(job = %job_id, status = e.status(), "export failed");
+                        if let Ok(Some(job)) = self.queue.get(&job_id) {
+                            self.clean_up(&job);
+                        }
+                        self.forget(&job_id);
+                    }
+                    // Retried later under a new attempt, or taken over meanwhile (a paused
+                    // node): either way this claim's uncommitted parts are never listed.
+                    Ok(false) => {
+                        overview::item_failed(true);
+                        self.remove_own_writes(&item, false);
+                    }
+                    Err(qe) => {
+                        tracing::error!(job = %job_id, error = %qe, "cannot record a failed work item")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the manifest of a job whose items are all done.
+    fn complete_job(&self, prepared: &Prepared) -> Result<(), RunError> {
+        let job = &prepared.job;
+        let files = self.queue.files(&job.id)?;
+        let anonymization = prepared
+            .anonymizer
+            .as_ref()
+            .map(|a| a.info.manifest_extension());
+        let manifest = self.manifest_of(job, &prepared.req, anonymization, &files);
+        self.queue.finish(
+            &job.id,
+            JobState::Complete,
+            Some(&manifest.to_string()),
+            None,
+            now_ms(),
+        )?;
+        let total: u64 = files
+            .iter()
+            .filter(|f| f.kind == FileKind::Output)
+            .map(|f| f.count)
+            .sum();
+        tracing::info!(job = %job.id, files = files.len(), resources = total, "export complete");
+        self.forget(&job.id);
+        Ok(())
+    }
+}
+
+/// A worker: claims items until the service is dropped; waits for a kick-off (or polls, for
+/// work other processes release) when there is none.
+fn worker_loop(svc: std::sync::Weak<ExportService>) {
+    const POLL: Duration = Duration::from_secs(2);
+    loop {
+        let Some(me) = svc.upgrade() else {
+            return;
+        };
+        if me.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let seen = *lock(&me.wake.0);
+        let claimed = me.queue.claim(
+            &me.node,
+            now_ms(),
+            me.config.heartbeat_timeout.as_millis() as i64,
+            me.config.max_attempts,
+        );
+        match claimed {
+            Ok(Some(item)) => {
+                me.run_item(item);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot claim export work"),
+        }
+        {
+            let (m, cv) = &me.wake;
+            let guard = lock(m);
+            if *guard == seen {
+                let _ = cv.wait_timeout(guard, POLL);
+            }
+        }
+        drop(me);
+    }
+}
