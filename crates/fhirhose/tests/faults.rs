@@ -39,10 +39,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use store::testing::TestDatabase;
+use test_support::destination::{Destination, Kind};
 use test_support::process::{
     clean_command, files_under, free_port, log_file, signal, tail, wait_exit,
 };
-use test_support::{SYNTHEA_100_COUNTS, external, external::tool, synthea_100};
+use test_support::{SYNTHEA_100_COUNTS, external, synthea_100};
 
 type R<T> = Result<T, String>;
 
@@ -65,9 +66,6 @@ const COMPLETE_BOUND: Duration = Duration::from_secs(300);
 const FAIL_BOUND: Duration = Duration::from_secs(240);
 /// How long start-up cleanup may take to remove the files of a cancelled or failed job.
 const CLEANUP_BOUND: Duration = Duration::from_secs(60);
-
-const DEV_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 // ---------------------------------------------------------------------------------------------
 // Randomness: SplitMix64, seeded per case and round from the suite seed.
@@ -173,164 +171,6 @@ impl Server {
     fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Azurite, moto or s3s-fs on a free port of its own (from the installations the scripts make).
-struct Destination {
-    kind: &'static str,
-    bin: PathBuf,
-    port: u16,
-    location: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Drop for Destination {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = signal(c.id(), "CONT");
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Destination {
-    /// `Ok(None)`: not installed (the case is skipped, or fails under
-    /// `FHIRHOSE_REQUIRE_EXTERNAL=1`).
-    fn new(kind: &'static str, dir: &Path) -> R<Option<Destination>> {
-        let (bin, script) = match kind {
-            "azurite" => (
-                tool(
-                    "FHIRHOSE_TEST_AZURITE_BIN",
-                    ".tools/azurite/node_modules/.bin/azurite-blob",
-                ),
-                "./scripts/azurite.sh",
-            ),
-            "s3s" => (
-                tool("FHIRHOSE_TEST_S3S_FS", ".tools/s3s-fs/bin/s3s-fs"),
-                "./scripts/s3fs.sh",
-            ),
-            _ => (
-                tool(
-                    "FHIRHOSE_TEST_MOTO_SERVER",
-                    ".tools/moto/venv/bin/moto_server",
-                ),
-                "./scripts/s3.sh",
-            ),
-        };
-        if !bin.exists() {
-            return missing(&format!("{} (run {script})", bin.display()));
-        }
-        let location = dir.join(kind);
-        fs::create_dir_all(&location).map_err(|e| e.to_string())?;
-        let mut d = Destination {
-            kind,
-            bin,
-            port: free_port(),
-            log: dir.join(format!("{kind}.log")),
-            location,
-            child: None,
-        };
-        d.start()?;
-        Ok(Some(d))
-    }
-
-    fn start(&mut self) -> R<()> {
-        let mut cmd = Command::new(&self.bin);
-        if self.kind == "azurite" {
-            cmd.args(["--blobHost", "127.0.0.1", "--blobPort"])
-                .arg(self.port.to_string())
-                .arg("--location")
-                .arg(&self.location)
-                .args(["--skipApiVersionCheck", "--loose"]);
-        } else if self.kind == "s3s" {
-            // A bucket is a folder of the root; the credentials are the ones `serve_args` gives.
-            cmd.args(["--host", "127.0.0.1", "--port"])
-                .arg(self.port.to_string())
-                .args(["--access-key", "test", "--secret-key", "test"])
-                .arg(&self.location);
-        } else {
-            cmd.args(["-H", "127.0.0.1", "-p"])
-                .arg(self.port.to_string());
-        }
-        let child = cmd
-            .stdout(log_file(&self.log))
-            .stderr(log_file(&self.log))
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", self.kind))?;
-        self.child = Some(child);
-        for _ in 0..600 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Err(format!("{} did not listen: {}", self.kind, tail(&self.log)))
-    }
-
-    /// Stopped (SIGTERM, so that Azurite saves its metadata) and waited for.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = signal(c.id(), "TERM");
-            if wait_exit(&mut c, Duration::from_secs(20)).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-
-    /// Killed (SIGKILL) and waited for.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn pause(&self) {
-        if let Some(c) = &self.child {
-            let _ = signal(c.id(), "STOP");
-        }
-    }
-
-    fn resume(&self) {
-        if let Some(c) = &self.child {
-            let _ = signal(c.id(), "CONT");
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Server flags that export to this destination.
-    fn serve_args(&self, bucket: &str) -> Vec<String> {
-        if self.kind == "azurite" {
-            vec![
-                "--export-destination".into(),
-                "azure".into(),
-                "--azure-connection-string".into(),
-                format!(
-                    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};BlobEndpoint={}/devstoreaccount1;",
-                    self.endpoint()
-                ),
-            ]
-        } else {
-            vec![
-                "--export-destination".into(),
-                "s3".into(),
-                "--s3-bucket".into(),
-                bucket.into(),
-                "--s3-endpoint".into(),
-                self.endpoint(),
-                "--s3-access-key-id".into(),
-                "test".into(),
-                "--s3-secret-access-key".into(),
-                "test".into(),
-            ]
-        }
     }
 }
 
@@ -1042,21 +882,16 @@ fn wait_started(c: &reqwest::blocking::Client, status_url: &str) {
 }
 
 /// Destination fault, then back: the export completes exactly once.
-fn destination_back(
-    ctx: &mut Ctx,
-    rng: &mut Rng,
-    dir: &Path,
-    kind: &'static str,
-) -> R<Option<String>> {
+fn destination_back(ctx: &mut Ctx, rng: &mut Rng, dir: &Path, kind: Kind) -> R<Option<String>> {
     let data = ctx.data_dir(dir)?;
     let Some(mut dest) = Destination::new(kind, dir)? else {
         return Ok(None);
     };
     let bucket = "faults";
-    if kind == "moto" {
+    if kind == Kind::Moto {
         create_bucket(&dest.endpoint(), bucket)?;
     }
-    if kind == "s3s" {
+    if kind == Kind::S3sFs {
         fs::create_dir_all(dest.location.join(bucket)).map_err(|e| e.to_string())?;
     }
     let mut args = export_args();
@@ -1072,7 +907,7 @@ fn destination_back(
     let was_running = is_running(&ctx.c, &status);
     let down = 3 + rng.below(6);
     let stopped = Instant::now();
-    if kind == "azurite" || kind == "s3s" {
+    if kind == Kind::Azurite || kind == Kind::S3sFs {
         dest.stop();
         sleep_ms(down * 1000);
         dest.start()?;
@@ -1089,12 +924,13 @@ fn destination_back(
         outage.as_millis()
     );
     let n = verify_manifest(&ctx.c, &manifest)?;
-    if kind == "s3s" {
+    if kind == Kind::S3sFs {
         // The bucket is a folder here: nothing but the manifest's files may be left in it.
         no_parts_left(&dest.location.join(bucket))?;
     }
     Ok(Some(format!(
-        "{kind} down {down} s (answering again after {} ms; {}), completed {} ms after it was back, {n} resources once each",
+        "{} down {down} s (answering again after {} ms; {}), completed {} ms after it was back, {n} resources once each",
+        kind.name(),
         outage.as_millis(),
         if was_running {
             "job running"
@@ -1107,18 +943,13 @@ fn destination_back(
 
 /// Destination gone for good: the job fails within the bound with a 503 naming it, and the
 /// concurrency slot is free again.
-fn destination_gone(
-    ctx: &mut Ctx,
-    rng: &mut Rng,
-    dir: &Path,
-    kind: &'static str,
-) -> R<Option<String>> {
+fn destination_gone(ctx: &mut Ctx, rng: &mut Rng, dir: &Path, kind: Kind) -> R<Option<String>> {
     let data = ctx.data_dir(dir)?;
     let Some(mut dest) = Destination::new(kind, dir)? else {
         return Ok(None);
     };
     let bucket = "faults";
-    if kind == "moto" {
+    if kind == Kind::Moto {
         create_bucket(&dest.endpoint(), bucket)?;
     }
     let mut args = export_args();
@@ -1143,16 +974,17 @@ fn destination_gone(
         "status with the destination gone: {code} {body}"
     );
     let port = dest.port.to_string();
-    outcome_names(&body, &[&port, kind, "azure", "s3", "destination"])?;
+    outcome_names(&body, &[&port, kind.name(), "azure", "s3", "destination"])?;
     // The slot is free: with the destination back, a new export is accepted (not 429).
     dest.start()?;
-    if kind == "moto" {
+    if kind == Kind::Moto {
         create_bucket(&dest.endpoint(), bucket)?; // moto keeps buckets in memory only
     }
     let again = kickoff(&ctx.c, &s.base, "?_type=Patient");
     ensure!(again.is_ok(), "after the failure: {}", again.unwrap_err());
     Ok(Some(format!(
-        "{kind} stopped; job failed with 503 {} s later",
+        "{} stopped; job failed with 503 {} s later",
+        kind.name(),
         took.as_secs()
     )))
 }
@@ -1161,7 +993,7 @@ fn destination_gone(
 /// then the job fails with one), never a bare 500.
 fn kickoff_destination_down(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
     let data = ctx.data_dir(dir)?;
-    let Some(mut dest) = Destination::new("azurite", dir)? else {
+    let Some(mut dest) = Destination::new(Kind::Azurite, dir)? else {
         return Ok(None);
     };
     let mut args = export_args();
@@ -1204,23 +1036,23 @@ fn kickoff_destination_down(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Opti
 }
 
 fn azure_down_then_back(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
-    destination_back(ctx, rng, dir, "azurite")
+    destination_back(ctx, rng, dir, Kind::Azurite)
 }
 
 fn azure_stays_down(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
-    destination_gone(ctx, rng, dir, "azurite")
+    destination_gone(ctx, rng, dir, Kind::Azurite)
 }
 
 fn s3_hung_then_back(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
-    destination_back(ctx, rng, dir, "moto")
+    destination_back(ctx, rng, dir, Kind::Moto)
 }
 
 fn s3_down_then_back(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
-    destination_back(ctx, rng, dir, "s3s")
+    destination_back(ctx, rng, dir, Kind::S3sFs)
 }
 
 fn s3_stays_down(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
-    destination_gone(ctx, rng, dir, "moto")
+    destination_gone(ctx, rng, dir, Kind::Moto)
 }
 
 /// Unmounts when dropped.

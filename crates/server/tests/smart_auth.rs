@@ -7,69 +7,31 @@ mod common;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use test_support::smart::test_key as key;
-
-struct Server {
-    base: String,
-    token_url: String,
-    key: auth::ClientKey,
-    _dir: tempfile::TempDir,
-    /// The store's database (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`).
-    _db: store::testing::TestStore,
-}
+use common::SmartServer as Server;
 
 async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let db = common::test_store_async().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let token_url = test_support::smart::token_url(&base);
-    let key = key("ec-p384.pem");
-    let smart = test_support::smart::auth(
-        &base,
-        &key,
+    common::start_smart(
+        "ec-p384.pem",
         &[
             ("admin", "system/*.cruds"),
             ("patients", "system/Patient.rs"),
             ("observations", "system/Observation.rs"),
         ],
-    );
-    let state = common::app_state(db.store.clone(), &base, smart, 1 << 20, dir.path()).await;
-    let app = server::router(state);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server {
-        base,
-        token_url,
-        key,
-        _dir: dir,
-        _db: db,
-    }
+        1 << 20,
+    )
+    .await
 }
 
 impl Server {
-    async fn token(&self, client: &str, scope: &str) -> String {
-        test_support::smart::token(&self.token_url, client, &self.key, scope).await
-    }
-
-    async fn send(
+    /// [`Server::send`] with the body read as JSON (`Null` when it is not JSON).
+    async fn json(
         &self,
         method: reqwest::Method,
         path: &str,
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut req = reqwest::Client::new().request(method, format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/fhir+json")
-                .body(b.to_string());
-        }
-        let res = req.send().await.unwrap();
-        let status = res.status();
-        let text = res.text().await.unwrap();
+        let (status, _, text) = self.send(method, path, token, body).await;
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 }
@@ -87,22 +49,22 @@ async fn per_type_scopes_on_the_rest_api() {
 
     // Open endpoints, and 401 without a token.
     assert_eq!(
-        s.send(M::GET, "/metadata", None, None).await.0,
+        s.json(M::GET, "/metadata", None, None).await.0,
         StatusCode::OK
     );
     assert_eq!(
-        s.send(M::GET, "/.well-known/smart-configuration", None, None)
+        s.json(M::GET, "/.well-known/smart-configuration", None, None)
             .await
             .0,
         StatusCode::OK
     );
-    let (st, body) = s.send(M::GET, "/Patient", None, None).await;
+    let (st, body) = s.json(M::GET, "/Patient", None, None).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
     assert_eq!(body["resourceType"], "OperationOutcome");
 
     let admin = s.token("admin", "system/*.cruds").await;
     let (st, _) = s
-        .send(
+        .json(
             M::PUT,
             "/Patient/p1",
             Some(&admin),
@@ -111,7 +73,7 @@ async fn per_type_scopes_on_the_rest_api() {
         .await;
     assert!(st.is_success(), "{st}");
     let (st, _) = s
-        .send(
+        .json(
             M::PUT,
             "/Observation/o1",
             Some(&admin),
@@ -126,32 +88,32 @@ async fn per_type_scopes_on_the_rest_api() {
 
     let patients = s.token("patients", "system/Patient.rs").await;
     assert_eq!(
-        s.send(M::GET, "/Patient/p1", Some(&patients), None).await.0,
+        s.json(M::GET, "/Patient/p1", Some(&patients), None).await.0,
         StatusCode::OK
     );
     assert_eq!(
-        s.send(M::GET, "/Patient?family=Doe", Some(&patients), None)
+        s.json(M::GET, "/Patient?family=Doe", Some(&patients), None)
             .await
             .0,
         StatusCode::OK
     );
     assert_eq!(
-        s.send(M::GET, "/Patient/p1/_history", Some(&patients), None)
+        s.json(M::GET, "/Patient/p1/_history", Some(&patients), None)
             .await
             .0,
         StatusCode::OK
     );
     let (st, b) = s
-        .send(M::GET, "/Observation/o1", Some(&patients), None)
+        .json(M::GET, "/Observation/o1", Some(&patients), None)
         .await;
     forbidden(st, &b);
     let (st, b) = s
-        .send(M::GET, "/Observation?code=1234-5", Some(&patients), None)
+        .json(M::GET, "/Observation?code=1234-5", Some(&patients), None)
         .await;
     forbidden(st, &b);
     // Writes need c / u / d.
     let (st, b) = s
-        .send(
+        .json(
             M::POST,
             "/Patient",
             Some(&patients),
@@ -160,7 +122,7 @@ async fn per_type_scopes_on_the_rest_api() {
         .await;
     forbidden(st, &b);
     let (st, b) = s
-        .send(
+        .json(
             M::PUT,
             "/Patient/p1",
             Some(&patients),
@@ -169,12 +131,12 @@ async fn per_type_scopes_on_the_rest_api() {
         .await;
     forbidden(st, &b);
     let (st, b) = s
-        .send(M::DELETE, "/Patient/p1", Some(&patients), None)
+        .json(M::DELETE, "/Patient/p1", Some(&patients), None)
         .await;
     forbidden(st, &b);
     // `_has` searches Observation: needs its scope.
     let (st, b) = s
-        .send(
+        .json(
             M::GET,
             "/Patient?_has:Observation:subject:code=1234-5",
             Some(&patients),
@@ -186,13 +148,13 @@ async fn per_type_scopes_on_the_rest_api() {
     let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "GET", "url": "Observation/o1"}}
     ]});
-    let (st, b) = s.send(M::POST, "/", Some(&patients), Some(batch)).await;
+    let (st, b) = s.json(M::POST, "/", Some(&patients), Some(batch)).await;
     forbidden(st, &b);
 
     let observations = s.token("observations", "system/Observation.rs").await;
     // A chain searches Patient: needs its scope.
     let (st, b) = s
-        .send(
+        .json(
             M::GET,
             "/Observation?subject:Patient.family=Doe",
             Some(&observations),
@@ -202,7 +164,7 @@ async fn per_type_scopes_on_the_rest_api() {
     forbidden(st, &b);
     // `_include` with an explicit unreadable target: 403; without a target: the Patient is withheld.
     let (st, b) = s
-        .send(
+        .json(
             M::GET,
             "/Observation?_include=Observation:subject:Patient",
             Some(&observations),
@@ -211,7 +173,7 @@ async fn per_type_scopes_on_the_rest_api() {
         .await;
     forbidden(st, &b);
     let (st, b) = s
-        .send(
+        .json(
             M::GET,
             "/Observation?_include=Observation:subject",
             Some(&observations),
@@ -228,7 +190,7 @@ async fn per_type_scopes_on_the_rest_api() {
     assert_eq!(types, vec!["Observation"], "{b}");
     // The admin gets both.
     let (_, b) = s
-        .send(
+        .json(
             M::GET,
             "/Observation?_include=Observation:subject",
             Some(&admin),
@@ -238,16 +200,16 @@ async fn per_type_scopes_on_the_rest_api() {
     assert_eq!(b["entry"].as_array().unwrap().len(), 2, "{b}");
 
     // System history needs read on every type.
-    let (st, b) = s.send(M::GET, "/_history", Some(&patients), None).await;
+    let (st, b) = s.json(M::GET, "/_history", Some(&patients), None).await;
     forbidden(st, &b);
     assert_eq!(
-        s.send(M::GET, "/_history", Some(&admin), None).await.0,
+        s.json(M::GET, "/_history", Some(&admin), None).await.0,
         StatusCode::OK
     );
 
     // A token whose signature does not verify.
     let (st, _) = s
-        .send(M::GET, "/Patient/p1", Some(&format!("{patients}x")), None)
+        .json(M::GET, "/Patient/p1", Some(&format!("{patients}x")), None)
         .await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
 }

@@ -10,26 +10,11 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-struct Server {
-    base: String,
-    token_url: String,
-    key: auth::ClientKey,
-    auth: auth::Auth,
-    dir: tempfile::TempDir,
-    /// The store's database (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`).
-    _db: store::testing::TestStore,
-}
+use common::SmartServer as Server;
 
 async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let db = common::test_store_async().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let token_url = test_support::smart::token_url(&base);
-    let key = test_support::smart::test_key("rsa-a.pem");
-    let smart = test_support::smart::auth(
-        &base,
-        &key,
+    common::start_smart(
+        "rsa-a.pem",
         &[
             ("admin", "system/*.cruds"),
             ("exporter", "system/Patient.rs system/Observation.read"),
@@ -37,36 +22,12 @@ async fn start() -> Server {
             ("observations", "system/Observation.rs"),
             ("importer", "system/Patient.cruds system/Observation.rs"),
         ],
-    );
-    let auth = smart;
-    let state = common::app_state(db.store.clone(), &base, auth.clone(), 1 << 20, dir.path()).await;
-    let app = server::router(state);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server {
-        base,
-        token_url,
-        key,
-        auth,
-        dir,
-        _db: db,
-    }
+        1 << 20,
+    )
+    .await
 }
 
 impl Server {
-    async fn token(&self, client: &str, scope: &str) -> String {
-        test_support::smart::token(&self.token_url, client, &self.key, scope).await
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, reqwest::header::HeaderMap, String) {
-        test_support::smart::send(&self.base, method, path, token, body).await
-    }
-
     async fn kickoff(&self, path: &str, token: &str) -> (StatusCode, String) {
         let (st, h, body) = self.send(Method::GET, path, Some(token), None).await;
         let loc = h
@@ -74,21 +35,6 @@ impl Server {
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or(body);
         (st, loc)
-    }
-
-    /// Polls a status URL until the export completes; returns the manifest.
-    async fn manifest(&self, status_url: &str, token: &str) -> Value {
-        for _ in 0..600 {
-            let (st, _, body) = self.send(Method::GET, status_url, Some(token), None).await;
-            match st {
-                StatusCode::OK => return serde_json::from_str(&body).unwrap(),
-                StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {
-                    tokio::time::sleep(Duration::from_millis(150)).await
-                }
-                other => panic!("status {other}: {body}"),
-            }
-        }
-        panic!("the export did not complete");
     }
 }
 

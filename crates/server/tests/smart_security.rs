@@ -6,35 +6,15 @@
 
 mod common;
 
-use std::time::Duration;
-
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-struct Server {
-    base: String,
-    token_url: String,
-    key: auth::ClientKey,
-    _dir: tempfile::TempDir,
-    /// The store's database (SQLite, or PostgreSQL with `FHIRHOSE_TEST_DATABASE`).
-    _db: store::testing::TestStore,
-}
-
-fn key() -> auth::ClientKey {
-    test_support::smart::test_key("rsa-a.pem")
-}
+use common::SmartServer as Server;
 
 /// A server whose body limit is `max_body` (the token endpoint has its own, smaller one).
 async fn start_with(max_body: usize) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let db = common::test_store_async().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let token_url = test_support::smart::token_url(&base);
-    let key = key();
-    let smart = test_support::smart::auth(
-        &base,
-        &key,
+    common::start_smart(
+        "rsa-a.pem",
         &[
             ("admin", "system/*.cruds"),
             ("patients", "system/Patient.cruds"),
@@ -43,17 +23,9 @@ async fn start_with(max_body: usize) -> Server {
                 "system/Patient.rs system/Observation.rs system/Provenance.rs",
             ),
         ],
-    );
-    let state = common::app_state(db.store.clone(), &base, smart, max_body, dir.path()).await;
-    let app = server::router(state);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server {
-        base,
-        token_url,
-        key,
-        _dir: dir,
-        _db: db,
-    }
+        max_body,
+    )
+    .await
 }
 
 async fn start() -> Server {
@@ -61,20 +33,6 @@ async fn start() -> Server {
 }
 
 impl Server {
-    async fn token(&self, client: &str, scope: &str) -> String {
-        test_support::smart::token(&self.token_url, client, &self.key, scope).await
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, reqwest::header::HeaderMap, String) {
-        test_support::smart::send(&self.base, method, path, token, body).await
-    }
-
     async fn put(&self, token: &str, resource: Value) {
         let path = format!(
             "/{}/{}",
@@ -85,21 +43,6 @@ impl Server {
             .send(Method::PUT, &path, Some(token), Some(resource))
             .await;
         assert!(st.is_success(), "{path}: {body}");
-    }
-
-    /// Polls a status URL until the export completes; returns the manifest.
-    async fn manifest(&self, status_url: &str, token: &str) -> Value {
-        for _ in 0..600 {
-            let (st, _, body) = self.send(Method::GET, status_url, Some(token), None).await;
-            match st {
-                StatusCode::OK => return serde_json::from_str(&body).unwrap(),
-                StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {
-                    tokio::time::sleep(Duration::from_millis(150)).await
-                }
-                other => panic!("status {other}: {body}"),
-            }
-        }
-        panic!("the export did not complete");
     }
 }
 

@@ -379,62 +379,41 @@ async fn an_unreadable_job_record_is_refused_on_its_own_status_url_not_in_the_li
     assert_eq!(r.status(), StatusCode::OK);
 }
 
+/// A SMART server where `alice` and `bob` may export Patients, and a plain client.
 struct Smart {
-    base: String,
-    token_url: String,
-    key: auth::ClientKey,
+    server: common::SmartServer,
     c: reqwest::Client,
-    _dir: tempfile::TempDir,
-    _db: store::testing::TestStore,
+}
+
+impl std::ops::Deref for Smart {
+    type Target = common::SmartServer;
+
+    fn deref(&self) -> &common::SmartServer {
+        &self.server
+    }
 }
 
 async fn start_smart(mode: Option<server::metrics::MetricsMode>) -> Smart {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = common::test_store_async().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let token_url = test_support::smart::token_url(&base);
-    let key = test_support::smart::test_key("rsa-a.pem");
-    let smart = test_support::smart::auth(
-        &base,
-        &key,
+    let server = common::start_smart_with(
+        "rsa-a.pem",
         &[("alice", "system/Patient.rs"), ("bob", "system/Patient.rs")],
-    );
-    // Off the async workers: the export service opens its job queue (PostgreSQL's client blocks).
-    let (store, url, auth, data) = (
-        db.store.clone(),
-        base.clone(),
-        smart,
-        dir.path().to_path_buf(),
-    );
-    let state = tokio::task::spawn_blocking(move || {
-        server::AppState::new(store, url, auth, 1 << 20, &data)
-    })
-    .await
-    .expect("join")
-    .expect("state");
-    // As `serve` decides it: protected by default with SMART.
-    let state = server::AppState {
-        metrics_mode: mode.unwrap_or(server::metrics::MetricsMode::Protected),
-        ..state
-    };
-    let app = server::router(state);
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+        1 << 20,
+        // As `serve` decides it: protected by default with SMART.
+        |state| server::AppState {
+            metrics_mode: mode.unwrap_or(server::metrics::MetricsMode::Protected),
+            ..state
+        },
+    )
+    .await;
     Smart {
-        base,
-        token_url,
-        key,
+        server,
         c: reqwest::Client::new(),
-        _dir: dir,
-        _db: db,
     }
 }
 
 impl Smart {
     async fn token(&self, client: &str) -> String {
-        test_support::smart::token(&self.token_url, client, &self.key, "system/Patient.rs").await
+        self.server.token(client, "system/Patient.rs").await
     }
 }
 

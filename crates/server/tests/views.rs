@@ -678,40 +678,24 @@ async fn a_deidentified_view_sees_the_deidentified_resource() {
 
 /// A SMART server; the clients' scopes decide.
 async fn smart_server() -> (Server, auth::ClientKey, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = tokio::task::spawn_blocking(common::test_store)
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let token_url = test_support::smart::token_url(&base);
-    let key = test_support::smart::test_key("rsa-a.pem");
-    let smart = test_support::smart::auth(
-        &base,
-        &key,
+    let smart = common::start_smart(
+        "rsa-a.pem",
         &[
             ("admin", "system/*.cruds"),
             ("patients", "system/Patient.rs system/ViewDefinition.rs"),
             ("search-only", "system/Patient.s"),
         ],
-    );
-    // Off the async workers: the export service opens its job tables (PostgreSQL's client blocks).
-    let (store, url, data) = (db.store.clone(), base.clone(), dir.path().to_path_buf());
-    let state = tokio::task::spawn_blocking(move || {
-        server::AppState::new(store, url, smart, 1 << 20, &data).unwrap()
-    })
-    .await
-    .unwrap();
-    let app = server::router(state);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        1 << 20,
+    )
+    .await;
     let s = Server {
-        base,
+        base: smart.base,
         c: reqwest::Client::new(),
         token: None,
-        dir,
-        _db: db,
+        dir: smart.dir,
+        _db: smart.db,
     };
-    (s, key, token_url)
+    (s, smart.key, smart.token_url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

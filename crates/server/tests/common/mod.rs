@@ -149,3 +149,88 @@ impl Server {
         panic!("export did not finish");
     }
 }
+
+/// A server with `--auth smart` over a fresh store (SQLite, or PostgreSQL with
+/// `FHIRHOSE_TEST_DATABASE`) and a fresh storage directory: each `(client_id, scope)` of its
+/// clients is registered with one test key of the auth crate.
+pub struct SmartServer {
+    pub base: String,
+    pub token_url: String,
+    /// The clients' key (its public half registered for every client).
+    pub key: auth::ClientKey,
+    /// The server's authorization (its token issuer, for tokens the endpoint would not give).
+    pub auth: auth::Auth,
+    pub dir: tempfile::TempDir,
+    /// The store and what keeps its database alive.
+    pub db: store::testing::TestStore,
+}
+
+/// [`SmartServer`] with the key `key_name` (`crates/auth/tests/data`), `clients` and a request
+/// body limit of `max_body` bytes.
+pub async fn start_smart(key_name: &str, clients: &[(&str, &str)], max_body: usize) -> SmartServer {
+    start_smart_with(key_name, clients, max_body, |state| state).await
+}
+
+/// [`start_smart`] with the router's state changed by `adjust` first (as `serve` would set it,
+/// e.g. the metrics mode).
+pub async fn start_smart_with(
+    key_name: &str,
+    clients: &[(&str, &str)],
+    max_body: usize,
+    adjust: impl FnOnce(server::AppState) -> server::AppState,
+) -> SmartServer {
+    let dir = tempfile::tempdir().unwrap();
+    let db = test_store_async().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let token_url = test_support::smart::token_url(&base);
+    let key = test_support::smart::test_key(key_name);
+    let auth = test_support::smart::auth(&base, &key, clients);
+    let state = app_state(db.store.clone(), &base, auth.clone(), max_body, dir.path()).await;
+    let app = server::router(adjust(state));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    SmartServer {
+        base,
+        token_url,
+        key,
+        auth,
+        dir,
+        db,
+    }
+}
+
+impl SmartServer {
+    /// An access token for `client` with `scope` from this server's token endpoint.
+    pub async fn token(&self, client: &str, scope: &str) -> String {
+        test_support::smart::token(&self.token_url, client, &self.key, scope).await
+    }
+
+    /// A request as a SMART client sends it ([`test_support::smart::send`]): the status, the
+    /// headers and the body as text.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, String) {
+        test_support::smart::send(&self.base, method, path, token, body).await
+    }
+
+    /// Polls a status URL with `token` until the export completes; returns the manifest.
+    pub async fn manifest(&self, status_url: &str, token: &str) -> Value {
+        for _ in 0..600 {
+            let (st, _, body) = self
+                .send(reqwest::Method::GET, status_url, Some(token), None)
+                .await;
+            match st {
+                StatusCode::OK => return serde_json::from_str(&body).unwrap(),
+                StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {
+                    tokio::time::sleep(Duration::from_millis(150)).await
+                }
+                other => panic!("status {other}: {body}"),
+            }
+        }
+        panic!("the export did not complete");
+    }
+}
