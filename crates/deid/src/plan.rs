@@ -139,6 +139,47 @@ fn min_rule(a: Option<RuleIx>, b: Option<RuleIx>) -> Option<RuleIx> {
     }
 }
 
+/// What scope `sc`'s rules match at its child named `name` of type `ty`: the member path's rule
+/// (`here`, from the trie), when the child is at depth 1 of the scope (`depth1`) its
+/// `nodesByType`/`nodesByName` entries' own rules, and when the node itself is at depth 1 its
+/// entries' `nodesBy*(…).c` rules naming the child. The entries are returned too: the child's
+/// own scope keeps them. Shared by [`Walk::child_scopes`] and the leaf path [`Walk::leaf_cover`].
+#[inline(always)]
+fn child_rules<'p>(
+    sc: &Scope<'p>,
+    here: Option<RuleIx>,
+    depth1: bool,
+    name: &str,
+    ty: &str,
+    ty_ix: Option<u32>,
+) -> (Option<RuleIx>, Entries<'p>) {
+    // Two values, not an array iterated by reference: an array would go through the stack
+    // and be read back whole into the scope (a store-forwarding stall).
+    let (by_type, by_name) = if depth1 {
+        (sc.plan.by_type.get(ty, ty_ix), sc.plan.by_name.get(name))
+    } else {
+        (None, None)
+    };
+    let mut matched = here;
+    if let Some(e) = by_type {
+        matched = min_rule(matched, e.own);
+    }
+    if let Some(e) = by_name {
+        matched = min_rule(matched, e.own);
+    }
+    if sc.depth == 1 {
+        // The parent's `nodesBy*(…).c` rules naming this child.
+        for e in sc.entries.iter().flatten() {
+            for (c, r) in &e.children {
+                if c == name {
+                    matched = min_rule(matched, Some(*r));
+                }
+            }
+        }
+    }
+    (matched, [by_type, by_name])
+}
+
 /// `a.b.c` member paths (element names only), the part after the rule's type.
 fn member_path(rule: &Rule) -> Option<Vec<&str>> {
     let rest = rule
@@ -459,29 +500,13 @@ impl<'e> Walk<'e> {
         ty_ix: Option<u32>,
     ) -> Option<Cover> {
         for (s, sc) in scopes.iter().enumerate() {
-            let mut matched = sc.trie.and_then(|t| t.next.get(name)).and_then(|t| t.here);
+            let here = sc.trie.and_then(|t| t.next.get(name)).and_then(|t| t.here);
             let depth1 = match sc.depth {
                 0 => true,
                 1 => !node_is_resource,
                 _ => false,
             };
-            if depth1 {
-                if let Some(e) = sc.plan.by_type.get(ty, ty_ix) {
-                    matched = min_rule(matched, e.own);
-                }
-                if let Some(e) = sc.plan.by_name.get(name) {
-                    matched = min_rule(matched, e.own);
-                }
-            }
-            if sc.depth == 1 {
-                for e in sc.entries.iter().flatten() {
-                    for (c, r) in &e.children {
-                        if c == name {
-                            matched = min_rule(matched, Some(*r));
-                        }
-                    }
-                }
-            }
+            let (matched, _) = child_rules(sc, here, depth1, name, ty, ty_ix);
             let inherited = match cover {
                 Some((cs, r)) if cs == s => Some(r),
                 _ => None,
@@ -517,30 +542,8 @@ impl<'e> Walk<'e> {
                 _ => 2,
             };
             let trie = sc.trie.and_then(|t| t.next.get(name));
-            // Two values, not an array iterated by reference: an array would go through the
-            // stack and be read back whole into the scope (a store-forwarding stall).
-            let (by_type, by_name) = if depth == 1 {
-                (sc.plan.by_type.get(ty, ty_ix), sc.plan.by_name.get(name))
-            } else {
-                (None, None)
-            };
-            let mut matched = trie.and_then(|t| t.here);
-            if let Some(e) = by_type {
-                matched = min_rule(matched, e.own);
-            }
-            if let Some(e) = by_name {
-                matched = min_rule(matched, e.own);
-            }
-            if sc.depth == 1 {
-                // The parent's `nodesBy*(…).c` rules naming this child.
-                for e in sc.entries.iter().flatten() {
-                    for (c, r) in &e.children {
-                        if c == name {
-                            matched = min_rule(matched, Some(*r));
-                        }
-                    }
-                }
-            }
+            let (matched, [by_type, by_name]) =
+                child_rules(sc, trie.and_then(|t| t.here), depth == 1, name, ty, ty_ix);
             out.push(Scope {
                 plan: sc.plan,
                 trie,

@@ -82,19 +82,26 @@ fn delete_o2() -> WriteOp {
 }
 
 fn request(level: ExportLevel, pairs: &[(&str, &str)]) -> ExportRequest {
+    parse(level, pairs, false, "http://x/$export")
+}
+
+/// A Patient-level export POSTed with these parameters.
+fn patient_post(pairs: &[(&str, &str)]) -> ExportRequest {
+    parse(
+        ExportLevel::Patient,
+        pairs,
+        true,
+        "http://x/Patient/$export",
+    )
+}
+
+fn parse(level: ExportLevel, pairs: &[(&str, &str)], post: bool, url: &str) -> ExportRequest {
     let pairs: Vec<(String, String)> = pairs
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
-    ExportRequest::parse(
-        level,
-        &pairs,
-        false,
-        false,
-        i64::MAX / 2,
-        "http://x/$export".into(),
-    )
-    .expect("valid request")
+    ExportRequest::parse(level, &pairs, post, false, i64::MAX / 2, url.into())
+        .expect("valid request")
 }
 
 /// Ids per type over every output file, with the number of files per type.
@@ -384,23 +391,8 @@ fn associated_provenance_and_size_rolling() {
         prov("pr-o2", "Observation/o2", "2019-01-01T00:00:00Z"),
     );
     let wm = store.current_seq().expect("seq");
-    let post = |pairs: &[(&str, &str)]| {
-        let pairs: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
-        ExportRequest::parse(
-            ExportLevel::Patient,
-            &pairs,
-            true,
-            false,
-            i64::MAX / 2,
-            "http://x/Patient/$export".into(),
-        )
-        .expect("valid")
-    };
     // Patient p1's Observations, and the Provenance of what is exported.
-    let req = post(&[
+    let req = patient_post(&[
         ("_type", "Observation"),
         ("patient", "Patient/p1"),
         ("includeAssociatedData", "RelevantProvenanceResources"),
@@ -409,7 +401,7 @@ fn associated_provenance_and_size_rolling() {
     let (ids, _) = read_out(&tmp.path().join("out/relevant"));
     assert_eq!(ids["Observation"], ["o1", "o3"]);
     assert_eq!(ids["Provenance"], ["pr-o1-new", "pr-o1-old"]);
-    let req = post(&[
+    let req = patient_post(&[
         ("_type", "Observation"),
         ("patient", "Patient/p1"),
         ("includeAssociatedData", "LatestProvenanceResources"),
@@ -516,36 +508,25 @@ fn a_refused_commit_ends_every_scan_kind() {
     let view = json!({"resourceType": "ViewDefinition", "name": "obs", "status": "active",
         "resource": "Observation", "select": [{"column": [{"name": "id", "path": "id"}]}]})
     .to_string();
-    let post = |pairs: &[(&str, &str)]| {
-        let pairs: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
-        ExportRequest::parse(
-            ExportLevel::Patient,
-            &pairs,
-            true,
-            false,
-            i64::MAX / 2,
-            "http://x/Patient/$export".into(),
-        )
-        .expect("valid")
-    };
     let cases = [
-        ("scan", post(&[("_type", "Observation")]), ItemKind::Scan),
+        (
+            "scan",
+            patient_post(&[("_type", "Observation")]),
+            ItemKind::Scan,
+        ),
         (
             "organize",
-            post(&[("organizeOutputBy", "Patient")]),
+            patient_post(&[("organizeOutputBy", "Patient")]),
             ItemKind::Scan,
         ),
         (
             "view",
-            post(&[("_view", view.as_str()), ("_viewFormat", "parquet")]),
+            patient_post(&[("_view", view.as_str()), ("_viewFormat", "parquet")]),
             ItemKind::Scan,
         ),
         (
             "associated",
-            post(&[
+            patient_post(&[
                 ("_type", "Observation"),
                 ("includeAssociatedData", "RelevantProvenanceResources"),
             ]),

@@ -402,6 +402,14 @@ macro_rules! forward_to_backend_modules {
         fn resume_index_upkeep(&self) -> Result<(), $crate::StoreError> {
             index_upkeep::resume_index_upkeep(self)
         }
+
+        fn reindex(
+            &self,
+            resource_type: Option<&str>,
+            progress: &mut dyn FnMut(&str, u64),
+        ) -> Result<u64, $crate::StoreError> {
+            index_upkeep::reindex(self, resource_type, progress)
+        }
     };
 }
 pub(crate) use forward_to_backend_modules;

@@ -559,14 +559,6 @@ impl Store for PgStore {
     fn shared_state(&self) -> Option<Arc<dyn crate::SharedState>> {
         Some(self.jobs.clone())
     }
-
-    fn reindex(
-        &self,
-        resource_type: Option<&str>,
-        progress: &mut dyn FnMut(&str, u64),
-    ) -> Result<u64, StoreError> {
-        index_upkeep::reindex(self, resource_type, progress)
-    }
 }
 
 #[cfg(test)]

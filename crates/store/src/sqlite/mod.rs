@@ -488,12 +488,4 @@ impl Store for SqliteStore {
         let conn = self.readers.get();
         watermark::seq_at_or_after(&conn, instant_ms)
     }
-
-    fn reindex(
-        &self,
-        resource_type: Option<&str>,
-        progress: &mut dyn FnMut(&str, u64),
-    ) -> Result<u64, StoreError> {
-        index_upkeep::reindex(self, resource_type, progress)
-    }
 }
