@@ -60,49 +60,226 @@ struct TypePlan {
 
 /// `nodesByType('T')[.c]` entries, found by the node's type index in the model (a table over
 /// the model's types instead of hashing the type's name for every node).
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 struct ByType {
     /// Per model type ([`fhir_model::Model::type_index`]): 1 + its index in `entries`; 0: none.
     ix: Vec<u32>,
     entries: Vec<Entry>,
     /// Entries of type names the model does not define, which only nodes of such (unindexed)
-    /// types can meet.
-    unindexed: HashMap<String, Entry>,
+    /// types can meet: 1 + their index in `entries`.
+    unindexed: HashMap<String, u32>,
+    /// Per model type, its [`MemberTable`] under these entries, built when the stream first
+    /// meets an object of that type.
+    members: Box<[std::sync::OnceLock<MemberTable>]>,
+}
+
+impl PartialEq for ByType {
+    /// The same entries (the member tables follow from them).
+    fn eq(&self, other: &ByType) -> bool {
+        self.ix == other.ix && self.entries == other.entries && self.unindexed == other.unindexed
+    }
 }
 
 impl ByType {
     fn new(model: &fhir_model::Model, by_type: HashMap<String, Entry>) -> ByType {
         let mut t = ByType {
             ix: vec![0; model.type_count()],
+            members: (0..model.type_count())
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
             ..ByType::default()
         };
         let mut by_type: Vec<_> = by_type.into_iter().collect();
         by_type.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, entry) in by_type {
+            t.entries.push(entry);
+            let slot = t.entries.len() as u32;
             match model.type_index(&name) {
-                Some(i) => {
-                    t.entries.push(entry);
-                    t.ix[i as usize] = t.entries.len() as u32;
-                }
+                Some(i) => t.ix[i as usize] = slot,
                 None => {
-                    t.unindexed.insert(name, entry);
+                    t.unindexed.insert(name, slot);
                 }
             }
         }
         t
     }
 
+    /// 1 + the index in `entries` of the entry of a node of type `ty`, whose index in the model
+    /// is `ty_ix`; 0: none.
+    #[inline(always)]
+    fn slot(&self, ty: &str, ty_ix: Option<u32>) -> u32 {
+        match ty_ix {
+            Some(i) => self.ix.get(i as usize).copied().unwrap_or(0),
+            None if self.unindexed.is_empty() => 0,
+            None => self.unindexed.get(ty).copied().unwrap_or(0),
+        }
+    }
+
+    /// The entry at `slot` ([`ByType::slot`]).
+    #[inline(always)]
+    fn entry(&self, slot: u32) -> Option<&Entry> {
+        self.entries.get((slot as usize).checked_sub(1)?)
+    }
+
     /// The entry of a node of type `ty`, whose index in the model is `ty_ix`.
     #[inline(always)]
     fn get(&self, ty: &str, ty_ix: Option<u32>) -> Option<&Entry> {
-        match ty_ix {
-            Some(i) => {
-                let e = *self.ix.get(i as usize)? as usize;
-                self.entries.get(e.checked_sub(1)?)
-            }
-            None if self.unindexed.is_empty() => None,
-            None => self.unindexed.get(ty),
+        self.entry(self.slot(ty, ty_ix))
+    }
+
+    /// The member table of `def`, the model's type number `ix`.
+    #[inline(always)]
+    fn members(&self, def: &'static fhir_model::TypeDef, ix: u32) -> Option<&MemberTable> {
+        let cell = self.members.get(ix as usize)?;
+        Some(cell.get_or_init(|| MemberTable::new(self, def, ix)))
+    }
+}
+
+/// A type's JSON keys with what the stream reads for each — the model's child (element, name,
+/// concrete type, repetition, declared definition) and the `nodesByType` rules that depend on
+/// the key and the type only — in one entry: one lookup per key instead of the model's child
+/// table, its element and type list, the entry table and the `.c` names compared one by one.
+#[derive(Debug)]
+pub(crate) struct MemberTable {
+    /// 1 + index into `members`; 0: empty. A power of two, at least twice the members.
+    slots: Box<[u32]>,
+    /// `64 - log2(slots.len())`.
+    shift: u32,
+    members: Box<[Member]>,
+}
+
+/// One key of a [`MemberTable`].
+#[derive(Debug)]
+pub(crate) struct Member {
+    words: KeyWords,
+    /// The element's name (`value` for `valueQuantity`).
+    name: &'static str,
+    child: fhir_model::ChildRef<'static>,
+    /// [`declared_def`] of the child: None for a leaf.
+    declared: Option<&'static fhir_model::TypeDef>,
+    /// The element repeats (an array in JSON).
+    max_many: bool,
+    /// [`ByType::slot`] of the child's type.
+    entry: u32,
+    /// That entry's own rule (`nodesByType('T')` of the child's type).
+    own: Option<RuleIx>,
+    /// The first `nodesByType('P').c` rule naming this child, `P` the table's type.
+    parent_rule: Option<RuleIx>,
+    /// The key, for keys longer than 16 bytes (their middles are compared).
+    key: &'static str,
+}
+
+/// A key's length and two words: its first and last 8 bytes (overlapping when shorter than
+/// 16), or for shorter keys its first and last 4 or 2 bytes, or its one byte: with the length
+/// they identify a key of up to 16 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyWords {
+    len: usize,
+    first: u64,
+    last: u64,
+}
+
+impl KeyWords {
+    #[inline(always)]
+    fn of(key: &[u8]) -> KeyWords {
+        let len = key.len();
+        let word = |b: &[u8]| {
+            let mut w = [0u8; 8];
+            w[..b.len()].copy_from_slice(b);
+            u64::from_le_bytes(w)
+        };
+        let (first, last) = if len >= 8 {
+            (word(&key[..8]), word(&key[len - 8..]))
+        } else if len >= 4 {
+            (word(&key[..4]), word(&key[len - 4..]))
+        } else if len >= 2 {
+            (word(&key[..2]), word(&key[len - 2..]))
+        } else {
+            (key.first().map_or(0, |&b| u64::from(b)), 0)
+        };
+        KeyWords { len, first, last }
+    }
+
+    #[inline(always)]
+    fn hash(&self, shift: u32) -> usize {
+        let h = (self.first ^ self.last.rotate_left(29) ^ self.len as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> shift) as usize
+    }
+}
+
+impl MemberTable {
+    fn new(by_type: &ByType, def: &'static fhir_model::TypeDef, ix: u32) -> MemberTable {
+        let parent = by_type.entry(by_type.slot(&def.name, Some(ix)));
+        let members: Vec<Member> = def
+            .children()
+            .map(|(key, child)| {
+                let name = child.element.name.as_str();
+                let entry = by_type.slot(child.type_name, child.type_index());
+                Member {
+                    words: KeyWords::of(key.as_bytes()),
+                    name,
+                    child,
+                    declared: declared_def(child),
+                    max_many: child.element.max_many,
+                    entry,
+                    own: by_type.entry(entry).and_then(|e| e.own),
+                    parent_rule: parent.and_then(|e| {
+                        e.children
+                            .iter()
+                            .filter(|(c, _)| c == name)
+                            .map(|(_, r)| *r)
+                            .min()
+                    }),
+                    key,
+                }
+            })
+            .collect();
+        let mut size = 4usize;
+        while size < members.len() * 2 {
+            size *= 2;
         }
+        let mut slots = vec![0u32; size];
+        let shift = 64 - size.trailing_zeros();
+        for (i, m) in members.iter().enumerate() {
+            let mut s = m.words.hash(shift);
+            while slots[s] != 0 {
+                s = (s + 1) & (size - 1);
+            }
+            slots[s] = i as u32 + 1;
+        }
+        MemberTable {
+            slots: slots.into(),
+            shift,
+            members: members.into(),
+        }
+    }
+
+    /// The member a JSON key names, and its index.
+    #[inline(always)]
+    pub(crate) fn get(&self, key: &str) -> Option<(usize, &Member)> {
+        let words = KeyWords::of(key.as_bytes());
+        let mask = self.slots.len().wrapping_sub(1);
+        let mut s = words.hash(self.shift);
+        loop {
+            let i = (*self.slots.get(s)? as usize).checked_sub(1)?;
+            let m = self.members.get(i)?;
+            if m.words == words
+                && (words.len <= 16
+                    || m.key.as_bytes().get(8..words.len - 8)
+                        == key.as_bytes().get(8..words.len - 8))
+            {
+                return Some((i, m));
+            }
+            s = (s + 1) & mask;
+        }
+    }
+}
+
+impl Member {
+    /// The model's child this key names.
+    pub(crate) fn child(&self) -> fhir_model::ChildRef<'static> {
+        self.child
     }
 }
 
@@ -366,6 +543,8 @@ struct NodeCx<'a> {
     ty: &'a str,
     /// The type's definition (None for a type the model lacks).
     def: Option<&'static fhir_model::TypeDef>,
+    /// The type's index in the model (with `def`: the key of its [`MemberTable`]).
+    ty_ix: Option<u32>,
     parent_ty: &'a str,
     /// The root or a nested resource.
     is_resource: bool,
@@ -450,6 +629,7 @@ impl<'e> Walk<'e> {
             name: ty,
             ty,
             def: fhir_model::r4().type_def(ty),
+            ty_ix: fhir_model::r4().type_index(ty),
             parent_ty: "",
             is_resource: true,
         };
@@ -516,6 +696,104 @@ impl<'e> Walk<'e> {
             }
         }
         None
+    }
+
+    /// [`child_rules`] for a [`Member`] of the node's type in the single scope `sc` (the
+    /// member's table is of `sc.plan`'s `nodesByType` entries): the same rules, with the
+    /// type-dependent ones read from the member.
+    #[inline(always)]
+    fn member_rules<'p>(sc: &Scope<'p>, depth1: bool, m: &Member) -> (Option<RuleIx>, Entries<'p>) {
+        let mut matched = sc
+            .trie
+            .and_then(|t| t.next.get(m.name))
+            .and_then(|t| t.here);
+        let (by_type, by_name) = if depth1 {
+            matched = min_rule(matched, m.own);
+            let by_name = if sc.plan.by_name.is_empty() {
+                None
+            } else {
+                sc.plan.by_name.get(m.name)
+            };
+            (sc.plan.by_type.entry(m.entry), by_name)
+        } else {
+            (None, None)
+        };
+        if let Some(e) = by_name {
+            matched = min_rule(matched, e.own);
+        }
+        if sc.depth == 1 {
+            // The node's own `nodesBy*(…).c` rules naming this child: its type's entry (the
+            // node's `entries[0]`, the table's type) from the member, its name's here.
+            matched = min_rule(matched, m.parent_rule);
+            if let Some(e) = sc.entries[1] {
+                for (c, r) in &e.children {
+                    if c == m.name {
+                        matched = min_rule(matched, Some(*r));
+                    }
+                }
+            }
+        }
+        (matched, [by_type, by_name])
+    }
+
+    /// [`Walk::leaf_cover`] of a leaf member `m` of a node walked in one scope, `sc`.
+    #[inline(always)]
+    fn member_leaf_cover(
+        sc: &Scope<'_>,
+        cover: Option<Cover>,
+        node_is_resource: bool,
+        m: &Member,
+    ) -> Option<Cover> {
+        let depth1 = match sc.depth {
+            0 => true,
+            1 => !node_is_resource,
+            _ => false,
+        };
+        let (matched, _) = Self::member_rules(sc, depth1, m);
+        let inherited = match cover {
+            Some((0, r)) => Some(r),
+            _ => None,
+        };
+        min_rule(inherited, matched).map(|r| (0, r))
+    }
+
+    /// [`Walk::enter`] for a member `m` (not a leaf, not a nested resource) of a node walked
+    /// in one scope, `sc`: the child's one scope, pushed onto `cs`, and its context.
+    #[inline(always)]
+    fn enter_member<'p, 'c>(
+        sc: &Scope<'p>,
+        cover: Option<Cover>,
+        parent: &NodeCx<'c>,
+        m: &Member,
+        cs: &mut Scopes<'p>,
+    ) -> NodeCx<'c> {
+        let depth = match sc.depth {
+            0 => 1,
+            1 if parent.is_resource => 2,
+            1 => 1,
+            _ => 2,
+        };
+        let (matched, entries) = Self::member_rules(sc, depth == 1, m);
+        cs.push(Scope {
+            plan: sc.plan,
+            trie: sc.trie.and_then(|t| t.next.get(m.name)),
+            inherited: match cover {
+                Some((0, r)) => Some(r),
+                _ => None,
+            },
+            matched,
+            entries,
+            id: sc.id,
+            depth,
+        });
+        NodeCx {
+            name: m.name,
+            ty: m.child.type_name,
+            def: m.declared,
+            ty_ix: m.child.type_index(),
+            parent_ty: parent.ty,
+            is_resource: false,
+        }
     }
 
     /// The scopes as seen from a child named `name` of type `ty` of a node (`cover` is the
@@ -717,6 +995,7 @@ impl<'e> Walk<'e> {
             name,
             ty,
             def: nested.map(|(d, _)| d).or(declared),
+            ty_ix,
             parent_ty: parent.ty,
             is_resource: nested.is_some(),
         }
@@ -845,5 +1124,106 @@ impl Walk<'_> {
             &offset,
             self.today,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key of every model type found in its member table with the model's child and the
+    /// plan's `nodesByType` rules for it; keys the model lacks are not found.
+    #[test]
+    fn member_tables_agree_with_the_model_and_the_entries() {
+        let config = Config::parse(
+            r#"{"fhirPathRules": [
+                {"path": "nodesByType('Extension')", "method": "redact"},
+                {"path": "nodesByType('Coding').code", "method": "redact"},
+                {"path": "nodesByType('Coding').display", "method": "keep"},
+                {"path": "nodesByType('Coding').code", "method": "keep"},
+                {"path": "nodesByType('date')", "method": "dateshift"},
+                {"path": "nodesByType('HumanName')", "method": "redact"}
+            ]}"#,
+        )
+        .expect("config");
+        let plan = Plan::compile(&config);
+        let model = fhir_model::r4();
+        let by_type = &plan.types["Patient"].by_type;
+        // Every type reachable from the resource types, once.
+        let mut defs: Vec<&'static fhir_model::TypeDef> = model
+            .resource_types()
+            .iter()
+            .filter_map(|n| model.type_def(n))
+            .collect();
+        let mut seen: std::collections::HashSet<&str> =
+            defs.iter().map(|d| d.name.as_str()).collect();
+        let mut next = 0;
+        while let Some(&def) = defs.get(next) {
+            next += 1;
+            for (_, child) in def.children() {
+                if let Some(d) = model.child_def(child)
+                    && seen.insert(d.name.as_str())
+                {
+                    defs.push(d);
+                }
+            }
+        }
+        let mut keys = 0;
+        for def in defs {
+            let ty = model.type_index(&def.name).expect("index");
+            let table = by_type.members(def, ty).expect("table");
+            let parent = by_type.get(&def.name, Some(ty));
+            for (key, child) in def.children() {
+                let (i, m) = table
+                    .get(key)
+                    .unwrap_or_else(|| panic!("{}.{key}", def.name));
+                assert!(std::ptr::eq(&table.members[i], m));
+                assert!(std::ptr::eq(m.child.element, child.element));
+                assert_eq!(m.child.type_name, child.type_name);
+                assert_eq!(m.name, child.element.name);
+                assert_eq!(m.max_many, child.element.max_many);
+                assert_eq!(
+                    m.declared.map(|d| &d.name),
+                    declared_def(child).map(|d| &d.name)
+                );
+                let entry = by_type.get(child.type_name, child.type_index());
+                assert_eq!(m.own, entry.and_then(|e| e.own));
+                let named = parent.and_then(|p| {
+                    p.children
+                        .iter()
+                        .filter(|(c, _)| c == &child.element.name)
+                        .map(|(_, r)| *r)
+                        .min()
+                });
+                assert_eq!(m.parent_rule, named);
+                keys += 1;
+                for near in [format!("{key}x"), format!("_{key}"), key[1..].to_string()] {
+                    if def.child(&near).is_none() {
+                        assert!(table.get(&near).is_none(), "{}.{near}", def.name);
+                    }
+                }
+            }
+            assert!(table.get("").is_none(), "{}", def.name);
+            // (`ExampleScenario.instance` has an element named so: the stream gives up on the
+            // key before looking it up.)
+            if def.child("resourceType").is_none() {
+                assert!(table.get("resourceType").is_none(), "{}", def.name);
+            }
+        }
+        assert!(keys > 1000, "{keys}");
+        // Coding's `.c` rules: the first rule naming each child.
+        let coding = model.type_def("Coding").expect("Coding");
+        let ix = model.type_index("Coding").expect("index");
+        let t = by_type.members(coding, ix).expect("table");
+        assert_eq!(t.get("code").expect("code").1.parent_rule, Some(1));
+        assert_eq!(t.get("display").expect("display").1.parent_rule, Some(2));
+        assert_eq!(t.get("system").expect("system").1.parent_rule, None);
+        let name = model.type_def("Patient").expect("Patient");
+        let t = by_type
+            .members(name, model.type_index("Patient").expect("index"))
+            .expect("table");
+        assert_eq!(t.get("name").expect("name").1.own, Some(5));
+        assert_eq!(t.get("birthDate").expect("birthDate").1.own, Some(4));
+        assert_eq!(t.get("extension").expect("extension").1.own, Some(0));
     }
 }

@@ -200,6 +200,15 @@ impl TypeDef {
         }
     }
 
+    /// Every JSON key of the type with the child it names (choice elements expanded): the
+    /// keys [`TypeDef::child`] finds, each once.
+    pub fn children(&self) -> impl Iterator<Item = (&str, ChildRef<'_>)> {
+        self.children
+            .entries
+            .iter()
+            .map(|(_, key, c)| (&**key, self.child_ref(c)))
+    }
+
     /// An element by its name (`value` for `value[x]`).
     pub fn element(&self, name: &str) -> Option<&ElementDef> {
         self.elements.iter().find(|e| e.name == name)
@@ -620,6 +629,14 @@ mod tests {
                 }
             }
             assert!(def.child("").is_none());
+            // `children` lists the same keys, each once, with the child `child` finds.
+            let listed: Vec<(&str, ChildRef<'_>)> = def.children().collect();
+            assert_eq!(listed.len(), expected.len(), "{}", def.name);
+            for (key, c) in listed {
+                let (name, ty) = &expected[key];
+                assert_eq!((&c.element.name, c.type_name), (name, ty.as_str()));
+                assert_eq!(c.type_index(), def.child(key).and_then(|c| c.type_index()));
+            }
         }
         assert!(keys > 8000, "{keys}");
         // Every length up to 40 on a synthetic table, against a map.

@@ -29,7 +29,7 @@ use std::borrow::Cow;
 use serde_json::{Map, Value as Json};
 use smallvec::SmallVec;
 
-use super::{Cover, NodeCx, Plan, Scope, ScopeOps, Walk};
+use super::{Cover, Member, MemberTable, NodeCx, Plan, Scope, ScopeOps, Walk};
 use crate::methods::{Change, add_labels, label_objects, requote_instant};
 use crate::typing::declared_def;
 
@@ -267,6 +267,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             name,
             ty: name,
             def: Some(def),
+            ty_ix: model.type_index(ty),
             parent_ty: "",
             is_resource: true,
         };
@@ -415,8 +416,16 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
         }
         // Something written (a resource has written its `resourceType`).
         let mut any = opened;
-        // Keys seen, by element and type (a choice element's keys differ in type).
+        // In one scope (no nested resource around), keys are looked up in the type's member
+        // table under the scope's `nodesByType` entries.
+        let table: Option<&'p MemberTable> = match (scopes, cx.ty_ix) {
+            ([sc], Some(ix)) => sc.plan.by_type.members(def, ix),
+            _ => None,
+        };
+        // Keys seen, by element and type (a choice element's keys differ in type); through the
+        // table, by member index (a bit each for the first 128).
         let mut seen: SmallVec<[(usize, usize); 16]> = SmallVec::new();
+        let mut seen_bits = 0u128;
         let mut index = 0usize;
         loop {
             let c = self.peek()?;
@@ -436,15 +445,37 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             if esc || key.starts_with('_') || key == "resourceType" {
                 return Err(GiveUp);
             }
-            let child = def.child(key).ok_or(GiveUp)?;
-            let id = (
-                child.element as *const _ as usize,
-                child.type_name.as_ptr() as usize,
-            );
-            if seen.contains(&id) {
-                return Err(GiveUp);
-            }
-            seen.push(id);
+            let (child, fast) = match table {
+                Some(t) => {
+                    let (i, m) = t.get(key).ok_or(GiveUp)?;
+                    if i < 128 {
+                        let bit = 1u128 << i;
+                        if seen_bits & bit != 0 {
+                            return Err(GiveUp);
+                        }
+                        seen_bits |= bit;
+                    } else {
+                        let id = (i, 0);
+                        if seen.contains(&id) {
+                            return Err(GiveUp);
+                        }
+                        seen.push(id);
+                    }
+                    (m.child(), Some(m))
+                }
+                None => {
+                    let child = def.child(key).ok_or(GiveUp)?;
+                    let id = (
+                        child.element as *const _ as usize,
+                        child.type_name.as_ptr() as usize,
+                    );
+                    if seen.contains(&id) {
+                        return Err(GiveUp);
+                    }
+                    seen.push(id);
+                    (child, None)
+                }
+            };
             let root_id = is_root && key == "id";
             if root_id {
                 // Date shifts read the root id as the rules before them left it: the stream
@@ -478,7 +509,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             let meta_member = self
                 .in_meta
                 .filter(|_| cx.name == "meta" && cx.ty == "Meta");
-            let written = self.member(child, cx, scopes, cover)?;
+            let written = self.member(child, fast, cx, scopes, cover)?;
             if let Some(m) = meta_member {
                 let slot = &mut self.metas[m];
                 match key {
@@ -616,6 +647,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
     fn member(
         &mut self,
         child: fhir_model::ChildRef<'static>,
+        fast: Option<&Member>,
         parent: &NodeCx<'_>,
         scopes: &[Scope<'p>],
         cover: Option<Cover>,
@@ -657,7 +689,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
                     if any {
                         self.out.push(b',');
                     }
-                    if self.child(child, parent, scopes, cover)? {
+                    if self.child(child, fast, parent, scopes, cover)? {
                         any = true;
                     } else {
                         self.out.truncate(item);
@@ -667,25 +699,51 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
                 self.out.push(b']');
                 Ok(any)
             }
-            _ if child.element.max_many => {
+            _ if fast.map_or(child.element.max_many, |m| m.max_many) => {
                 // The tree path's shape pass makes it a one-element array.
                 self.out.push(b'[');
-                let written = self.child(child, parent, scopes, cover)?;
+                let written = self.child(child, fast, parent, scopes, cover)?;
                 self.out.push(b']');
                 Ok(written)
             }
-            _ => self.child(child, parent, scopes, cover),
+            _ => self.child(child, fast, parent, scopes, cover),
         }
     }
 
-    /// `Walk::child` over the bytes: one item (not `null`, not an array) of element `child`.
+    /// `Walk::child` over the bytes: one item (not `null`, not an array) of element `child`;
+    /// `fast`: its member in the parent's [`MemberTable`] (the parent walked in one scope).
     fn child(
         &mut self,
         child: fhir_model::ChildRef<'static>,
+        fast: Option<&Member>,
         parent: &NodeCx<'_>,
         scopes: &[Scope<'p>],
         cover: Option<Cover>,
     ) -> R<bool> {
+        if let (Some(m), [sc]) = (fast, scopes)
+            && m.declared
+                .is_none_or(|d| d.kind != fhir_model::TypeKind::Resource)
+        {
+            if m.declared.is_none() {
+                // A leaf, as below.
+                if self.peek()? == b'{' {
+                    return Err(GiveUp);
+                }
+                let cover = Walk::member_leaf_cover(sc, cover, parent.is_resource, m);
+                let cx = NodeCx {
+                    name: m.name,
+                    ty: child.type_name,
+                    def: None,
+                    ty_ix: None,
+                    parent_ty: parent.ty,
+                    is_resource: false,
+                };
+                return self.primitive(&cx, scopes, cover);
+            }
+            let mut cs = super::Scopes::new();
+            let cx = Walk::enter_member(sc, cover, parent, m, &mut cs);
+            return self.node(&cx, &cs, false, false);
+        }
         let declared = declared_def(child);
         if declared.is_none() {
             // A primitive (or a type the model lacks: an object of it gives up, as in
@@ -707,6 +765,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
                 name,
                 ty,
                 def: None,
+                ty_ix: None,
                 parent_ty: parent.ty,
                 is_resource: false,
             };
