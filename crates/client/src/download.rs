@@ -25,18 +25,15 @@ pub enum Kind {
     Deleted,
 }
 
-/// One file of the manifest and where it goes.
+/// One file of the manifest and where it goes (what `--verify` checks comes from the manifest
+/// itself: [`manifest::verify`]).
 #[derive(Debug, Clone)]
 pub struct File {
     pub kind: Kind,
-    /// Stored gzip-compressed (`.ndjson.gz`).
-    pub gzip: bool,
-    pub resource_type: String,
     pub url: String,
     pub dest: PathBuf,
     pub count: Option<u64>,
     pub size: Option<u64>,
-    pub sha256: Option<String>,
 }
 
 /// The files of `manifest`: `output` as `DIR/<Type>.<n>.ndjson`, `error` and `deleted` under
@@ -73,24 +70,15 @@ pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
             }
             // The name (manifest::DownloadLayout, which `fhirhose verify DIR/manifest.json` also
             // knows): the type as letters and digits only, whatever the server says.
-            let (rtype, rel) = layout.next(key, e);
+            let (_, rel) = layout.next(key, e);
             let number =
                 |names: &[&str]| names.iter().find_map(|k| e.get(*k).and_then(Value::as_u64));
-            let gzip = manifest::is_gzip(e);
-            let sha256 = e
-                .get("sha256")
-                .or_else(|| e.pointer("/extension/sha256"))
-                .and_then(Value::as_str)
-                .map(str::to_owned);
             files.push(File {
                 kind,
-                gzip,
                 dest: out.join(rel),
-                resource_type: rtype,
                 url: url.to_owned(),
                 count: number(&["count"]),
                 size: number(&["fileSize", "size"]),
-                sha256,
             });
         }
     }

@@ -16,8 +16,10 @@
 //! 5. Downloads of every `output`, `error` and `deleted` file, `--parallel` at a time, into
 //!    `NAME.part` files; a dropped connection resumes with `Range: bytes=<part length>-` and
 //!    `If-Range: <ETag>` (a server answering 200 instead restarts the file), then renames.
-//! 6. `--verify`: line counts against `count`, sizes against `fileSize`/`size`, SHA-256 against
-//!    `sha256` when the manifest has them, and every line a JSON resource of the file's type.
+//! 6. `--verify`: the folder checked by [`manifest::verify`] (what `fhirhose verify` runs): line
+//!    counts against `count`, sizes against `fileSize`/`size`, SHA-256 against `sha256` when
+//!    the manifest has them, every line a JSON resource of the file's type, and the references
+//!    of the output resolving to exported resources (`--dangling`).
 //!
 //! Ctrl-C with `--cancel-on-interrupt` sends `DELETE` to the status URL before exiting.
 
@@ -37,6 +39,7 @@ use serde_json::{Value, json};
 
 pub use error::ClientError;
 use session::{Credentials, Policy, Session, header};
+pub use verify::Verified;
 
 /// `fhirhose export`.
 #[derive(Debug, Clone, clap::Args)]
@@ -128,10 +131,16 @@ pub struct ExportArgs {
     /// Seconds between status polls when the server sends no Retry-After.
     #[arg(long, default_value_t = 2)]
     pub poll_interval: u64,
-    /// Check the downloaded files: line counts, sizes and hashes the manifest lists, and that
-    /// every line is a resource of the file's type.
+    /// Check the downloaded files as `fhirhose verify` does: line counts, sizes and hashes the
+    /// manifest lists, every line a resource of the file's type, and the references between
+    /// exported resources.
     #[arg(long)]
     pub verify: bool,
+    /// With --verify, references to an exported type that resolve to no exported resource:
+    /// `fail` or `warn` (default: `warn` with --since or --type-filter, whose exports are
+    /// partial by design, else `fail`).
+    #[arg(long, value_parser = ["fail", "warn"], requires = "verify")]
+    pub dangling: Option<String>,
     /// On Ctrl-C, cancel the export on the server (DELETE on the status URL) before exiting.
     #[arg(long)]
     pub cancel_on_interrupt: bool,
@@ -168,7 +177,8 @@ pub struct Summary {
     pub tokens: u32,
     pub export_seconds: f64,
     pub download_seconds: f64,
-    pub verified: bool,
+    /// What `--verify` found, when asked.
+    pub verified: Option<Verified>,
 }
 
 impl std::fmt::Display for Summary {
@@ -197,8 +207,20 @@ impl std::fmt::Display for Summary {
         if self.tokens > 0 {
             write!(f, "; {} access tokens", self.tokens)?;
         }
-        if self.verified {
-            write!(f, "; verified")?;
+        if let Some(v) = &self.verified {
+            write!(
+                f,
+                "; verified in {:.1} s, {} references checked",
+                v.seconds, v.references
+            )?;
+            if v.dangling > 0 {
+                write!(
+                    f,
+                    " ({} resolve to no exported resource, e.g. {}: --dangling warn)",
+                    v.dangling,
+                    v.first_dangling.as_deref().unwrap_or("?")
+                )?;
+            }
         }
         Ok(())
     }
@@ -568,9 +590,22 @@ async fn export(
     )
     .await?;
     let download_seconds = dl_started.elapsed().as_secs_f64();
-    if args.verify {
-        verify::all(&files).await?;
-    }
+    let verified = if args.verify {
+        let dangling = match args.dangling.as_deref() {
+            Some("warn") => manifest::Dangling::Warn,
+            Some(_) => manifest::Dangling::Fail,
+            None if args.since.is_some() || !args.type_filters.is_empty() => {
+                manifest::Dangling::Warn
+            }
+            None => manifest::Dangling::Fail,
+        };
+        let started = Instant::now();
+        let mut v = verify::all(&manifest, &args.out, &files, dangling).await?;
+        v.seconds = started.elapsed().as_secs_f64();
+        Some(v)
+    } else {
+        None
+    };
     let resources = files
         .iter()
         .filter(|f| f.kind == download::Kind::Output)
@@ -586,7 +621,7 @@ async fn export(
         tokens: session.tokens.load(std::sync::atomic::Ordering::Relaxed),
         export_seconds,
         download_seconds,
-        verified: args.verify,
+        verified,
     })
 }
 

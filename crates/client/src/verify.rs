@@ -1,174 +1,182 @@
-//! `--verify`: each downloaded file against what its manifest entry says — `count` (lines),
-//! `fileSize`/`size` (bytes), `sha256` (hex or base64) — and every line a JSON object whose
-//! `resourceType` is the file's type (`OperationOutcome` for error files, `Bundle` for deleted).
-//! Files are read on the blocking pool, one per core at a time: each holds two 1 MiB buffers and
-//! the line being parsed, so an export of many files (a task per file, all at once, as before)
-//! made the client's memory grow with the export (230 MiB for 90 files of 397,807 resources).
+//! `--verify`: the downloaded folder checked by [`manifest::verify`], the verifier
+//! `fhirhose verify` runs too — each file's `count` (lines), `fileSize`/`size` (bytes) and
+//! `sha256` (hex or base64) against its manifest entry, every line a JSON resource of the
+//! entry's type, and the references of the output resolving within the export. It reads the
+//! files one per core at a time, streamed, on a blocking thread of the runtime.
 
-use std::io::Read;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-use futures::StreamExt;
+use serde_json::Value;
 
-use base64::Engine;
-use sha2::{Digest, Sha256};
-
-use crate::download::{File, Kind};
+use crate::download::File;
 use crate::error::ClientError;
 
-pub async fn all(files: &[File]) -> Result<(), ClientError> {
-    let at_once = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut results = futures::stream::iter(files.iter().cloned())
-        .map(|f| async move { tokio::task::spawn_blocking(move || one(&f)).await })
-        .buffered(at_once);
-    let mut problems = Vec::new();
-    while let Some(r) = results.next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(p)) => problems.push(p),
-            Err(e) => problems.push(format!("verification task failed: {e}")),
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        let more = if problems.len() > 3 {
-            format!(" (and {} more)", problems.len() - 3)
-        } else {
-            String::new()
-        };
-        problems.truncate(3);
-        Err(ClientError::Verify(format!(
-            "{}{more}",
-            problems.join("; ")
-        )))
-    }
+/// How many problems the error names (the rest are counted).
+const NAMED: usize = 3;
+
+/// What a passed verification found: references checked and, when dangling ones are only
+/// warned of, how many and the first.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    pub references: u64,
+    pub dangling: u64,
+    pub first_dangling: Option<String>,
+    /// How long it took.
+    pub seconds: f64,
 }
 
-fn one(f: &File) -> Result<(), String> {
-    let name = f.dest.display();
-    let open = || std::fs::File::open(&f.dest).map_err(|e| format!("{name}: {e}"));
-    let mut hasher = Sha256::new();
-    let mut size: u64 = 0;
-    if f.gzip {
-        // Size and digest are of the stored (compressed) bytes; lines of the decoded ones.
-        let mut raw = open()?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = raw.read(&mut buf).map_err(|e| format!("{name}: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            size += n as u64;
-        }
+/// Verifies the files of `manifest` saved in `out` (where `files` says).
+pub async fn all(
+    manifest: &Value,
+    out: &Path,
+    files: &[File],
+    dangling: manifest::Dangling,
+) -> Result<Verified, ClientError> {
+    let (manifest, out) = (manifest.clone(), out.to_path_buf());
+    let options = manifest::Options { dangling };
+    let report = tokio::task::spawn_blocking(move || {
+        manifest::verify(
+            &manifest,
+            &manifest::DirSource::downloaded(&out, &manifest),
+            &options,
+        )
+    })
+    .await
+    .map_err(|e| ClientError::Verify(format!("the verification stopped: {e}")))?;
+    let paths: HashMap<&str, &PathBuf> = files.iter().map(|f| (f.url.as_str(), &f.dest)).collect();
+    outcome(&report, &paths)
+}
+
+/// The report as the client says it: an error naming the first [`NAMED`] problems, each with
+/// the file it was found in (its local path).
+fn outcome(
+    report: &manifest::Report,
+    paths: &HashMap<&str, &PathBuf>,
+) -> Result<Verified, ClientError> {
+    let first_dangling = report
+        .dangling
+        .first()
+        .map(|d| format!("{} -> {}", d.from, d.reference));
+    if report.ok() {
+        return Ok(Verified {
+            references: report.references,
+            dangling: report.dangling_total,
+            first_dangling,
+            seconds: 0.0,
+        });
     }
-    let mut file: Box<dyn Read> = if f.gzip {
-        Box::new(flate2::read::MultiGzDecoder::new(open()?))
+    let mut problems: Vec<String> = report
+        .manifest_problems
+        .iter()
+        .map(|p| format!("manifest: {p}"))
+        .collect();
+    for f in &report.files {
+        let name = paths
+            .get(f.url.as_str())
+            .map_or_else(|| f.url.clone(), |p| p.display().to_string());
+        problems.extend(f.problems.iter().map(|p| format!("{name}: {p}")));
+    }
+    if report.dangling_fails && report.dangling_total > 0 {
+        problems.push(format!(
+            "{} references resolve to no exported resource{} (--dangling warn if the export is partial)",
+            report.dangling_total,
+            first_dangling
+                .map(|d| format!(", the first {d}"))
+                .unwrap_or_default()
+        ));
+    }
+    let more = problems.len().saturating_sub(NAMED);
+    problems.truncate(NAMED);
+    let more = if more > 0 {
+        format!(" (and {more} more)")
     } else {
-        Box::new(open()?)
+        String::new()
     };
-    let mut lines: u64 = 0;
-    let mut line = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let expected_type = match f.kind {
-        Kind::Output => f.resource_type.as_str(),
-        Kind::Error => "OperationOutcome",
-        Kind::Deleted => "Bundle",
-    };
-    let check_line = |line: &[u8], n: u64| -> Result<(), String> {
-        let v: serde_json::Value =
-            serde_json::from_slice(line).map_err(|e| format!("{name}:{n}: not JSON ({e})"))?;
-        let t = v.get("resourceType").and_then(|t| t.as_str());
-        if f.kind == Kind::Output && t != Some(expected_type) || t.is_none() {
-            return Err(format!(
-                "{name}:{n}: resourceType {t:?}, expected {expected_type}"
-            ));
-        }
-        Ok(())
-    };
-    loop {
-        let n = file.read(&mut buf).map_err(|e| format!("{name}: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        if !f.gzip {
-            hasher.update(&buf[..n]);
-            size += n as u64;
-        }
-        let mut rest = &buf[..n];
-        while let Some(i) = rest.iter().position(|b| *b == b'\n') {
-            line.extend_from_slice(&rest[..i]);
-            if !line.iter().all(u8::is_ascii_whitespace) {
-                lines += 1;
-                check_line(&line, lines)?;
-            }
-            line.clear();
-            rest = &rest[i + 1..];
-        }
-        line.extend_from_slice(rest);
-    }
-    if !line.iter().all(u8::is_ascii_whitespace) {
-        lines += 1;
-        check_line(&line, lines)?;
-    }
-    if let Some(c) = f.count
-        && c != lines
-    {
-        return Err(format!("{name}: {lines} resources, the manifest says {c}"));
-    }
-    if let Some(s) = f.size
-        && s != size
-    {
-        return Err(format!("{name}: {size} bytes, the manifest says {s}"));
-    }
-    if let Some(expected) = &f.sha256 {
-        let digest = hasher.finalize();
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(digest);
-        let e = expected.trim();
-        if !e.eq_ignore_ascii_case(&hex) && e != b64 {
-            return Err(format!("{name}: SHA-256 {hex}, the manifest says {e}"));
-        }
-    }
-    Ok(())
+    Err(ClientError::Verify(format!(
+        "{}{more}",
+        problems.join("; ")
+    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::download::plan;
+    use serde_json::json;
+    use sha2::{Digest, Sha256};
+
+    fn check(m: &Value, out: &Path) -> Result<Verified, ClientError> {
+        let files = plan(m, out).unwrap();
+        let report = manifest::verify(
+            m,
+            &manifest::DirSource::downloaded(out, m),
+            &manifest::Options::default(),
+        );
+        let paths = files.iter().map(|f| (f.url.as_str(), &f.dest)).collect();
+        outcome(&report, &paths)
+    }
 
     #[test]
-    fn counts_sizes_hashes_and_types_are_checked() {
+    fn counts_sizes_hashes_types_and_references_are_checked() {
         let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("Patient.1.ndjson");
-        let body = "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n{\"resourceType\":\"Patient\",\"id\":\"b\"}\n";
-        std::fs::write(&dest, body).unwrap();
+        let body = "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n{\"resourceType\":\"Patient\",\"id\":\"b\",\"link\":[{\"other\":{\"reference\":\"Patient/a\"}}]}\n";
+        // The URL's last segment names another file of the folder: the download name counts.
+        std::fs::write(dir.path().join("Patient.1.ndjson"), body).unwrap();
+        std::fs::write(dir.path().join("Patient.2.ndjson"), "").unwrap();
         let hex: String = Sha256::digest(body.as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        let mut f = File {
-            kind: Kind::Output,
-            gzip: false,
-            resource_type: "Patient".into(),
-            url: String::new(),
-            dest,
-            count: Some(2),
-            size: Some(body.len() as u64),
-            sha256: Some(hex),
-        };
-        assert_eq!(one(&f), Ok(()));
-        f.count = Some(3);
-        assert!(
-            one(&f)
-                .unwrap_err()
-                .contains("2 resources, the manifest says 3")
+        let mut m = json!({"output": [{"type": "Patient", "url": "http://s/f/Patient.2.ndjson",
+            "count": 2, "size": body.len(), "sha256": hex}]});
+        let path = dir.path().join("Patient.1.ndjson").display().to_string();
+        let v = check(&m, dir.path()).unwrap();
+        assert_eq!((v.references, v.dangling), (1, 0));
+        // Base64 digests (some servers) pass too.
+        use base64::Engine;
+        m["output"][0]["sha256"] = json!(
+            base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body.as_bytes()))
         );
-        f.count = None;
-        f.sha256 = Some("00".into());
-        assert!(one(&f).unwrap_err().contains("SHA-256"));
-        f.sha256 = None;
-        f.resource_type = "Observation".into();
-        assert!(one(&f).unwrap_err().contains(":1: resourceType"));
+        check(&m, dir.path()).unwrap();
+
+        m["output"][0]["count"] = json!(3);
+        let e = check(&m, dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{path}: 2 resources (lines), the manifest says 3")),
+            "{e}"
+        );
+        m["output"][0]["count"] = json!(2);
+        m["output"][0]["sha256"] = json!("00");
+        let e = check(&m, dir.path()).unwrap_err().to_string();
+        assert!(e.contains(&format!("{path}: SHA-256")), "{e}");
+        m["output"][0]["sha256"] = json!(null);
+        m["output"][0]["size"] = json!(null);
+        std::fs::write(
+            dir.path().join("Patient.1.ndjson"),
+            body.replacen("Patient", "Observation", 1),
+        )
+        .unwrap();
+        let e = check(&m, dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "{path}: line 1 is a Observation where the manifest says Patient"
+            )),
+            "{e}"
+        );
+        // A reference to an exported type that resolves to nothing.
+        std::fs::write(
+            dir.path().join("Patient.1.ndjson"),
+            body.replace("Patient/a", "Patient/x"),
+        )
+        .unwrap();
+        let m = json!({"output": [{"type": "Patient", "url": "http://s/f/Patient.2.ndjson"}]});
+        let e = check(&m, dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "1 references resolve to no exported resource, the first Patient/b -> Patient/x"
+            ),
+            "{e}"
+        );
     }
 }

@@ -6,14 +6,14 @@
 //! `"compression": "gzip"`. The digest is computed while the file is written ([`DigestWriter`]),
 //! never by reading it back.
 //!
-//! [`verify`] checks an export against its manifest: every file read once, streamed (sizes,
-//! SHA-256, line counts, every line a JSON resource of the entry's type), and then whether the
-//! references of the output resolve to resources of the export, in memory of about 30 bytes per
-//! resource (the few lines that name a dangling reference are read again to list them). Files
-//! come from a [`Source`]:
-//! [`HttpSource`] (the manifest's URLs, with an optional bearer token) or [`DirSource`] (a folder
-//! holding the files under the names their URLs end with). `fhirhose verify` and the export
-//! client use this module.
+//! [`verify`] checks an export against its manifest: every file read once, streamed, one per
+//! core at a time (sizes, SHA-256, line counts, every line a JSON resource of the entry's type),
+//! and whether the references of the output resolve to resources of the export, in memory of
+//! about 30 bytes per resource (the few lines that name a dangling reference are read again to
+//! list them). Files come from a [`Source`]: [`HttpSource`] (the manifest's URLs, with an
+//! optional bearer token) or [`DirSource`] (a folder holding the files under the names their
+//! URLs end with, or under the export client's names). `fhirhose verify` and the export
+//! client's `--verify` are this function.
 //!
 //! A paged manifest (Bulk Data `allowPartialManifests`: each page's `link` `next`) is read
 //! whole with [`PageWalk`] (bounded, a page never read twice) and verified as one.
@@ -22,6 +22,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use serde_json::Value;
 use sha2::Digest as _;
@@ -31,6 +33,12 @@ mod refs;
 /// Lowercase hex of a digest.
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Standard base64 of a digest (some servers write `sha256` so).
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// A writer that passes bytes through to `inner` while counting them and computing their
@@ -123,8 +131,9 @@ pub enum VerifyError {
     BadPage { page: usize, message: String },
 }
 
-/// Where the files of a manifest are read from.
-pub trait Source {
+/// Where the files of a manifest are read from: shared by the threads [`verify`] reads with,
+/// each opening files of its own.
+pub trait Source: Sync {
     /// The bytes of the file an entry's `url` names, as stored.
     fn open(&self, url: &str) -> Result<Box<dyn Read + '_>, VerifyError>;
 }
@@ -261,6 +270,8 @@ pub struct DirSource {
     dir: PathBuf,
     /// URL to the path `fhirhose export` saves it under.
     downloaded: HashMap<String, PathBuf>,
+    /// Only the download names ([`DirSource::downloaded`]).
+    only_downloaded: bool,
 }
 
 impl DirSource {
@@ -277,12 +288,31 @@ impl DirSource {
                 }
             }
         }
-        DirSource { dir, downloaded }
+        DirSource {
+            dir,
+            downloaded,
+            only_downloaded: false,
+        }
+    }
+
+    /// The folder `fhirhose export --out DIR` filled: every file at its [`DownloadLayout`]
+    /// name, never by its URL's last segment (which may name another file of the folder).
+    pub fn downloaded(dir: impl Into<PathBuf>, manifest: &Value) -> DirSource {
+        DirSource {
+            only_downloaded: true,
+            ..DirSource::new(dir, manifest)
+        }
     }
 
     /// Where the file of `url` is read from: by its URL's last segment when that file exists,
-    /// else at its download name when that one does.
+    /// else at its download name when that one does ([`DirSource::downloaded`]: the download
+    /// name).
     pub fn path_of(&self, url: &str) -> PathBuf {
+        if self.only_downloaded
+            && let Some(d) = self.downloaded.get(url)
+        {
+            return d.clone();
+        }
         let name = url
             .split(['?', '#'])
             .next()
@@ -695,16 +725,16 @@ fn references<'v>(v: &'v Value, out: &mut Vec<&'v str>) {
     }
 }
 
-/// Checks the files of `manifest` read from `source`; see the crate documentation.
+/// Checks the files of `manifest` read from `source`; see the crate documentation. The files
+/// are read one per core at a time; the report lists them in manifest order.
 pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Report {
     let mut report = Report {
         dangling_fails: options.dangling == Dangling::Fail,
         ..Report::default()
     };
     let mut types: HashSet<String> = HashSet::new();
-    let mut check = refs::RefCheck::new();
-    // The files read, in order (the reference check may read a few lines again).
-    let mut read: Vec<refs::FileRef> = Vec::new();
+    // The files to read, in manifest order (the reference check may read a few lines again).
+    let mut planned: Vec<Planned> = Vec::new();
     let mut seen_urls = HashSet::new();
     // `organizeOutputBy` (Bulk Data STU3): output files hold blocks of several types and their
     // entries carry no `type`; each line's own type counts.
@@ -712,9 +742,13 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
     for section in ["output", "deleted", "error"] {
         for entry in entries(manifest, section) {
             let url = entry.get("url").and_then(Value::as_str).unwrap_or("");
-            let resource_type = match entry.get("type").and_then(Value::as_str) {
-                None if organized && section == "output" => ANY_TYPE,
-                t => t.unwrap_or(""),
+            let resource_type = match (entry.get("type").and_then(Value::as_str), section) {
+                (None, "output") if organized => ANY_TYPE,
+                // What these files hold whatever the server says (Bulk Data): an entry without
+                // a `type` is not refused for it.
+                (None, "error") => "OperationOutcome",
+                (None, "deleted") => "Bundle",
+                (t, _) => t.unwrap_or(""),
             };
             if url.is_empty() || resource_type.is_empty() {
                 report
@@ -722,7 +756,7 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
                     .push(format!("a `{section}` entry has no `url` or no `type`"));
                 continue;
             }
-            if !seen_urls.insert(url.to_string()) {
+            if !seen_urls.insert(url) {
                 report
                     .manifest_problems
                     .push(format!("{url} is listed twice"));
@@ -731,25 +765,26 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
             if section == "output" && resource_type != ANY_TYPE {
                 types.insert(resource_type.to_string());
             }
-            let file_no = u32::try_from(read.len()).unwrap_or(u32::MAX);
-            let file = check_file(
+            planned.push(Planned {
                 section,
                 entry,
                 url,
                 resource_type,
-                source,
-                (section == "output").then_some((&mut check, file_no)),
-            );
-            read.push(refs::FileRef {
-                url: url.to_string(),
-                gzip: is_gzip(entry),
             });
-            report.files.push(file);
         }
     }
+    let check = refs::RefCheck::new();
+    report.files = read_all(&planned, source, &check);
     if organized {
-        types.extend(check.line_types().cloned());
+        types.extend(check.line_types());
     }
+    let read: Vec<refs::FileRef> = planned
+        .iter()
+        .map(|p| refs::FileRef {
+            url: p.url.to_string(),
+            gzip: is_gzip(p.entry),
+        })
+        .collect();
     let outcome = check.finish(&types, &read, source);
     report.references = outcome.references;
     report.dangling = outcome.dangling;
@@ -761,14 +796,64 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
 /// The `type` of an output entry of an `organizeOutputBy` manifest: any resource type.
 const ANY_TYPE: &str = "*";
 
+/// A manifest entry to read.
+#[derive(Clone, Copy)]
+struct Planned<'m> {
+    section: &'static str,
+    entry: &'m Value,
+    url: &'m str,
+    resource_type: &'m str,
+}
+
+/// Reads the `planned` files, one per core at a time on scoped threads, each streamed through
+/// its own buffered reader (never a whole file in memory, so the peak does not grow with the
+/// files' number or size: each reader holds its buffer, the line it parses and that line's
+/// JSON); the output files feed `check`. The reports in the order of `planned`.
+fn read_all(planned: &[Planned], source: &dyn Source, check: &refs::RefCheck) -> Vec<FileReport> {
+    let at_once = std::thread::available_parallelism()
+        .map_or(2, std::num::NonZero::get)
+        .min(planned.len());
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<Option<FileReport>>> = Mutex::new(vec![None; planned.len()]);
+    let work = || {
+        loop {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            let Some(p) = planned.get(n) else {
+                break;
+            };
+            let file_no = u32::try_from(n).unwrap_or(u32::MAX);
+            let report = check_file(
+                p,
+                source,
+                (p.section == "output").then_some((check, file_no)),
+            );
+            done.lock().unwrap_or_else(PoisonError::into_inner)[n] = Some(report);
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..at_once {
+            s.spawn(work);
+        }
+        work();
+    });
+    done.into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 fn check_file(
-    section: &str,
-    entry: &Value,
-    url: &str,
-    resource_type: &str,
+    planned: &Planned,
     source: &dyn Source,
-    mut refs: Option<(&mut refs::RefCheck, u32)>,
+    refs: Option<(&refs::RefCheck, u32)>,
 ) -> FileReport {
+    let Planned {
+        section,
+        entry,
+        url,
+        resource_type,
+    } = *planned;
     let mut file = FileReport {
         section: section.to_string(),
         resource_type: resource_type.to_string(),
@@ -851,8 +936,8 @@ fn check_file(
                 );
                 continue;
             }
-            if let Some((check, file_no)) = refs.as_mut() {
-                check.resource(rt, &v, *file_no, n);
+            if let Some((check, file_no)) = refs {
+                check.resource(rt, &v, file_no, n);
             }
         }
         // Read what a reader that stopped early left, so the size and digest cover the file.
@@ -864,8 +949,14 @@ fn check_file(
             .push(format!("… {} bad lines in all", bad_lines));
     }
     file.bytes = digest.bytes;
-    file.sha256 = hex(&digest.hasher.finalize());
-    match entry.get("fileSize").and_then(Value::as_u64) {
+    let digest_bytes = digest.hasher.finalize();
+    file.sha256 = hex(&digest_bytes);
+    // Other servers' names too: `size` (Bulk Data before STU4), a `sha256` beside `url`, in hex
+    // or base64.
+    let size = ["fileSize", "size"]
+        .iter()
+        .find_map(|k| entry.get(*k).and_then(Value::as_u64));
+    match size {
         Some(size) if size != file.bytes => file.problems.push(format!(
             "size is {} bytes, the manifest says {size}",
             file.bytes
@@ -873,11 +964,18 @@ fn check_file(
         Some(_) => {}
         None => file.unchecked.push("fileSize"),
     }
-    match entry.pointer("/extension/sha256").and_then(Value::as_str) {
-        Some(h) if !h.eq_ignore_ascii_case(&file.sha256) => file.problems.push(format!(
-            "SHA-256 is {}, the manifest says {h} (the content changed)",
-            file.sha256
-        )),
+    let sha256 = entry
+        .pointer("/extension/sha256")
+        .or_else(|| entry.get("sha256"))
+        .and_then(Value::as_str)
+        .map(str::trim);
+    match sha256 {
+        Some(h) if !h.eq_ignore_ascii_case(&file.sha256) && h != base64_of(&digest_bytes) => {
+            file.problems.push(format!(
+                "SHA-256 is {}, the manifest says {h} (the content changed)",
+                file.sha256
+            ))
+        }
         Some(_) => {}
         None => file.unchecked.push("sha256"),
     }

@@ -16,6 +16,7 @@ use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{BufRead, BufReader, Read};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde_json::Value;
 
@@ -45,8 +46,33 @@ pub(crate) struct Outcome {
     pub outside: BTreeMap<String, u64>,
 }
 
+/// The check, shared by the threads that read the files (one per core): the keys are fixed at
+/// the start and hash outside the lock; what was read so far is behind one mutex, taken once
+/// per resource. The outcome does not depend on the order the files are read in: a target
+/// dangles when no file holds it, and its first referrer is the least (file, line).
 pub(crate) struct RefCheck {
-    keys: [RandomState; 2],
+    keys: Keys,
+    state: Mutex<State>,
+}
+
+/// The two keys of a run's 128-bit hashes.
+struct Keys([RandomState; 2]);
+
+impl Keys {
+    fn key(&self, t: &str, id: &str) -> u128 {
+        let [a, b] = self.0.each_ref().map(|k| {
+            let mut h = k.build_hasher();
+            h.write(t.as_bytes());
+            h.write_u8(b'/');
+            h.write(id.as_bytes());
+            h.finish()
+        });
+        (u128::from(a) << 64) | u128::from(b)
+    }
+}
+
+#[derive(Default)]
+struct State {
     /// Every output resource read, as the hash of `Type/id`.
     ids: HashSet<u128>,
     /// The types of the output lines (an `organizeOutputBy` export's types come from them).
@@ -57,64 +83,66 @@ pub(crate) struct RefCheck {
     references: u64,
 }
 
+impl State {
+    fn type_no(&mut self, t: &str) -> u32 {
+        if let Some(&n) = self.type_nos.get(t) {
+            return n;
+        }
+        let n = self.type_names.len() as u32;
+        self.type_names.push(t.to_string());
+        self.type_nos.insert(t.to_string(), n);
+        n
+    }
+}
+
 impl RefCheck {
     pub fn new() -> RefCheck {
         RefCheck {
-            keys: [RandomState::new(), RandomState::new()],
-            ids: HashSet::new(),
-            line_types: HashSet::new(),
-            type_nos: HashMap::new(),
-            type_names: Vec::new(),
-            pending: HashMap::new(),
-            references: 0,
+            keys: Keys([RandomState::new(), RandomState::new()]),
+            state: Mutex::new(State::default()),
         }
     }
 
-    fn key(&self, t: &str, id: &str) -> u128 {
-        let [a, b] = self.keys.each_ref().map(|k| {
-            let mut h = k.build_hasher();
-            h.write(t.as_bytes());
-            h.write_u8(b'/');
-            h.write(id.as_bytes());
-            h.finish()
-        });
-        (u128::from(a) << 64) | u128::from(b)
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// An output resource of type `rt` (line `line` of file `file`): its id, and its references.
-    pub fn resource(&mut self, rt: &str, v: &Value, file: u32, line: u64) {
-        if !self.line_types.contains(rt) {
-            self.line_types.insert(rt.to_string());
-        }
+    pub fn resource(&self, rt: &str, v: &Value, file: u32, line: u64) {
         let id = v.get("id").and_then(Value::as_str).unwrap_or("");
-        if !id.is_empty() {
-            let key = self.key(rt, id);
-            self.ids.insert(key);
-            // References read before it now resolve.
-            self.pending.remove(&key);
-        }
+        let own = (!id.is_empty()).then(|| self.keys.key(rt, id));
         let mut found = Vec::new();
         references(v, &mut found);
-        for r in found {
-            let Some((t, id)) = relative_reference(r) else {
-                continue;
-            };
-            self.references += 1;
-            let key = self.key(t, id);
-            if self.ids.contains(&key) {
+        let targets: Vec<(u128, &str)> = found
+            .into_iter()
+            .filter_map(relative_reference)
+            .map(|(t, id)| (self.keys.key(t, id), t))
+            .collect();
+        let mut s = self.state();
+        if !s.line_types.contains(rt) {
+            s.line_types.insert(rt.to_string());
+        }
+        if let Some(key) = own {
+            s.ids.insert(key);
+            // References read before it now resolve.
+            s.pending.remove(&key);
+        }
+        for (key, t) in targets {
+            s.references += 1;
+            if s.ids.contains(&key) {
                 continue;
             }
-            let type_no = match self.type_nos.get(t) {
-                Some(&n) => n,
-                None => {
-                    let n = self.type_names.len() as u32;
-                    self.type_names.push(t.to_string());
-                    self.type_nos.insert(t.to_string(), n);
-                    n
+            let type_no = s.type_no(t);
+            match s.pending.entry(key) {
+                Entry::Occupied(mut e) => {
+                    let p = e.get_mut();
+                    p.count += 1;
+                    // Files are read in parallel: the first referrer in reading order is the
+                    // least position, whichever thread saw it first.
+                    if (file, line) < (p.file, p.line) {
+                        (p.file, p.line) = (file, line);
+                    }
                 }
-            };
-            match self.pending.entry(key) {
-                Entry::Occupied(mut e) => e.get_mut().count += 1,
                 Entry::Vacant(e) => {
                     e.insert(Pending {
                         type_no,
@@ -128,8 +156,8 @@ impl RefCheck {
     }
 
     /// The types of the output lines read.
-    pub fn line_types(&self) -> impl Iterator<Item = &String> {
-        self.line_types.iter()
+    pub fn line_types(&self) -> Vec<String> {
+        self.state().line_types.iter().cloned().collect()
     }
 
     /// Classifies what is still unresolved: a target of a type the export has files of
@@ -142,13 +170,17 @@ impl RefCheck {
         files: &[FileRef],
         source: &dyn Source,
     ) -> Outcome {
+        let state = self
+            .state
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut out = Outcome {
-            references: self.references,
+            references: state.references,
             ..Outcome::default()
         };
         let mut dangling: Vec<(u32, u64, u128)> = Vec::new();
-        for (key, p) in &self.pending {
-            let t = &self.type_names[p.type_no as usize];
+        for (key, p) in &state.pending {
+            let t = &state.type_names[p.type_no as usize];
             if types.contains(t) {
                 out.dangling_total += p.count;
                 dangling.push((p.file, p.line, *key));
@@ -164,13 +196,15 @@ impl RefCheck {
             let end = start + dangling[start..].iter().take_while(|d| d.0 == file).count();
             let wanted = &dangling[start..end];
             if let Some(f) = files.get(file as usize) {
-                self.listed(f, wanted, source, &mut out.dangling);
+                self.keys.listed(f, wanted, source, &mut out.dangling);
             }
             start = end;
         }
         out
     }
+}
 
+impl Keys {
     /// Reads `file` again up to the last line in `wanted` and lists each wanted line's
     /// references to wanted targets. A file that changed or cannot be read lists less: its
     /// own report already says so (sizes and digests are checked on the first read).
