@@ -300,6 +300,21 @@ struct Trie {
     /// The first rule whose path ends here.
     here: Option<RuleIx>,
     next: HashMap<String, Trie>,
+    /// Bit `len % 64` set for the length of each key of `next`: most names are ruled out
+    /// without hashing them (a resource's root has the `Resource.id` path, so every member of
+    /// every resource asks).
+    lens: u64,
+}
+
+impl Trie {
+    /// The position after member `name`.
+    #[inline(always)]
+    fn next(&self, name: &str) -> Option<&Trie> {
+        if self.lens & (1u64 << (name.len() % 64)) == 0 {
+            return None;
+        }
+        self.next.get(name)
+    }
 }
 
 /// A configuration compiled per resource type.
@@ -452,6 +467,7 @@ impl Plan {
                         Some(segs) if path_exists(model, ty, &segs) => {
                             let mut node = &mut tp.trie;
                             for s in segs {
+                                node.lens |= 1u64 << (s.len() % 64);
                                 node = node.next.entry(s.to_string()).or_default();
                             }
                             node.here = min_rule(node.here, Some(ix));
@@ -680,7 +696,7 @@ impl<'e> Walk<'e> {
         ty_ix: Option<u32>,
     ) -> Option<Cover> {
         for (s, sc) in scopes.iter().enumerate() {
-            let here = sc.trie.and_then(|t| t.next.get(name)).and_then(|t| t.here);
+            let here = sc.trie.and_then(|t| t.next(name)).and_then(|t| t.here);
             let depth1 = match sc.depth {
                 0 => true,
                 1 => !node_is_resource,
@@ -703,10 +719,7 @@ impl<'e> Walk<'e> {
     /// type-dependent ones read from the member.
     #[inline(always)]
     fn member_rules<'p>(sc: &Scope<'p>, depth1: bool, m: &Member) -> (Option<RuleIx>, Entries<'p>) {
-        let mut matched = sc
-            .trie
-            .and_then(|t| t.next.get(m.name))
-            .and_then(|t| t.here);
+        let mut matched = sc.trie.and_then(|t| t.next(m.name)).and_then(|t| t.here);
         let (by_type, by_name) = if depth1 {
             matched = min_rule(matched, m.own);
             let by_name = if sc.plan.by_name.is_empty() {
@@ -776,7 +789,7 @@ impl<'e> Walk<'e> {
         let (matched, entries) = Self::member_rules(sc, depth == 1, m);
         cs.push(Scope {
             plan: sc.plan,
-            trie: sc.trie.and_then(|t| t.next.get(m.name)),
+            trie: sc.trie.and_then(|t| t.next(m.name)),
             inherited: match cover {
                 Some((0, r)) => Some(r),
                 _ => None,
@@ -819,7 +832,7 @@ impl<'e> Walk<'e> {
                 1 => 1,
                 _ => 2,
             };
-            let trie = sc.trie.and_then(|t| t.next.get(name));
+            let trie = sc.trie.and_then(|t| t.next(name));
             let (matched, [by_type, by_name]) =
                 child_rules(sc, trie.and_then(|t| t.here), depth == 1, name, ty, ty_ix);
             out.push(Scope {

@@ -326,31 +326,33 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             if at_root_id {
                 self.walk.id_rule = Some(r);
             }
-            let change = self
-                .walk
-                .change(&text, cx, scopes, s, r)
-                .map_err(|_| GiveUp)?;
-            if let Some((change, ops)) = change {
-                self.walk.ops[scopes[s].ops_ix()].ops |= ops;
-                match change {
-                    Change::Keep => {}
-                    Change::Remove => {
-                        if at_root_id {
-                            self.root_id = Some(String::new());
+            // Matched where it lies (not moved through `map_err` first: its fields were just
+            // stored one by one, and reading them back as one wide copy stalled).
+            match self.walk.change(&text, cx, scopes, s, r) {
+                Err(_) => return Err(GiveUp),
+                Ok(None) => {}
+                Ok(Some((change, ops))) => {
+                    self.walk.ops[scopes[s].ops_ix()].ops |= ops;
+                    match change {
+                        Change::Keep => {}
+                        Change::Remove => {
+                            if at_root_id {
+                                self.root_id = Some(String::new());
+                            }
+                            self.dropped();
+                            return Ok(false);
                         }
-                        self.dropped();
-                        return Ok(false);
-                    }
-                    Change::Set(Json::String(v)) => {
-                        self.write_str(&v);
-                        if at_root_id {
-                            self.root_id = Some(v);
+                        Change::Set(Json::String(v)) => {
+                            self.write_str(&v);
+                            if at_root_id {
+                                self.root_id = Some(v);
+                            }
+                            return Ok(true);
                         }
-                        return Ok(true);
-                    }
-                    Change::Set(other) => {
-                        serde_json::to_writer(&mut *self.out, &other).map_err(|_| GiveUp)?;
-                        return Ok(true);
+                        Change::Set(other) => {
+                            serde_json::to_writer(&mut *self.out, &other).map_err(|_| GiveUp)?;
+                            return Ok(true);
+                        }
                     }
                 }
             }
