@@ -37,15 +37,16 @@ pub struct File {
 }
 
 /// The files of `manifest`: `output` as `DIR/<Type>.<n>.ndjson`, `error` and `deleted` under
-/// `DIR/error/` and `DIR/deleted/` (n counts from 1 per type and kind; manifest::DownloadLayout).
+/// `DIR/error/` and `DIR/deleted/` (n counts from 1 per type and kind; manifest::DownloadLayout,
+/// which also names the folders: each file's folder is created here).
 pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
     let mut files = Vec::new();
     let mut layout = manifest::DownloadLayout::default();
     let mut urls: std::collections::HashSet<&str> = Default::default();
-    for (key, kind, dir) in [
-        ("output", Kind::Output, out.to_owned()),
-        ("error", Kind::Error, out.join("error")),
-        ("deleted", Kind::Deleted, out.join("deleted")),
+    for (key, kind) in [
+        ("output", Kind::Output),
+        ("error", Kind::Error),
+        ("deleted", Kind::Deleted),
     ] {
         let Some(entries) = manifest.get(key).and_then(Value::as_array) else {
             if key == "output" {
@@ -55,9 +56,6 @@ pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
             }
             continue;
         };
-        if !entries.is_empty() {
-            std::fs::create_dir_all(&dir).map_err(|e| ClientError::io(&dir, e))?;
-        }
         for e in entries {
             let url = e.get("url").and_then(Value::as_str).ok_or_else(|| {
                 ClientError::Protocol(format!("a manifest {key} entry has no url"))
@@ -71,11 +69,15 @@ pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
             // The name (manifest::DownloadLayout, which `fhirhose verify DIR/manifest.json` also
             // knows): the type as letters and digits only, whatever the server says.
             let (_, rel) = layout.next(key, e);
+            let dest = out.join(rel);
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| ClientError::io(dir, e))?;
+            }
             let number =
                 |names: &[&str]| names.iter().find_map(|k| e.get(*k).and_then(Value::as_u64));
             files.push(File {
                 kind,
-                dest: out.join(rel),
+                dest,
                 url: url.to_owned(),
                 count: number(&["count"]),
                 size: number(&["fileSize", "size"]),
@@ -379,6 +381,9 @@ mod tests {
             ]
         );
         assert_eq!((files[0].count, files[0].size), (Some(3), Some(10)));
+        // Each file's folder is there; no empty `deleted/`.
+        assert!(dir.path().join("error").is_dir());
+        assert!(!dir.path().join("deleted").exists());
         let mut h = HeaderMap::new();
         h.insert(
             "content-range",
