@@ -245,6 +245,15 @@ fn load_into_a_data_dir_then_serve_then_load_over_http() {
         assert!(!out.status.success(), "load must refuse a held data dir");
         let err = text(&out.stderr);
         assert!(err.contains("in use"), "clear refusal: {err}");
+        // Nor a reindex: on SQLite a reindex never runs beside a server's searches.
+        let out = fhirhose()
+            .args(["reindex", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "reindex must refuse a held data dir");
+        let err = text(&out.stderr);
+        assert!(err.contains("in use"), "clear refusal: {err}");
     }
 
     // ... but it can send batches to the server.

@@ -558,13 +558,16 @@ pub trait Store: Send + Sync {
     fn count_list(&self, resource_type: &str, filter: &ListFilter) -> Result<u64, StoreError>;
 
     /// Rebuild the search index rows of the current resources of one type (or all types) with the
-    /// store's [`Indexer`], one type per transaction, calling `progress` after each type with
-    /// (type, resources indexed); returns the number of resources indexed. Without an indexer,
-    /// only removes index rows. For all types (`None`) every index row is removed at once first,
-    /// not type by type (with the value indexes suspended, a type's rows can only be found by
-    /// scanning every table), and the indexes are recorded as stale
-    /// ([`Store::indexes_stale`]) until the last type is rebuilt, so that a reindex that stopped
-    /// half-way is not taken for a complete one.
+    /// store's [`Indexer`], calling `progress` after each type with (type, resources indexed);
+    /// returns the number of resources indexed. Without an indexer, only removes index rows.
+    ///
+    /// Searches never see a reindex half-done: until it commits they read the old, complete
+    /// index, after it the new one, and a reindex that stops half-way (killed, connection lost)
+    /// leaves the old one as it was. One type: one transaction. All types (`None`, which also
+    /// clears [`Store::indexes_stale`]): SQLite rebuilds every row in one transaction (the
+    /// value indexes dropped first and built at the end, in it); PostgreSQL writes the rows into
+    /// new tables beside the live ones, indexes them, catches up with the writes of other
+    /// processes meanwhile, and swaps them in with one short transaction under the write lock.
     fn reindex(
         &self,
         resource_type: Option<&str>,

@@ -653,8 +653,8 @@ fn index_rows_of_every_kind_follow_the_current_version_and_reindex_rebuilds_them
     };
     assert_eq!(q, (2.5, Some("mg".into()), None));
 
-    // A full reindex empties the tables once and rebuilds type by type, reporting each; the
-    // indexes are stale until the last type is done.
+    // A full reindex rebuilds into new tables, reporting each type, and swaps them in with
+    // their indexes under the canonical names (counted below); the stale flag goes with it.
     store.set_indexes_stale(true).unwrap();
     let mut seen = Vec::new();
     assert_eq!(

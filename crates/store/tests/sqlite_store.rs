@@ -803,10 +803,9 @@ fn a_prepared_put_stores_what_an_update_stores() {
     ));
 }
 
-/// A full reindex removes every index row once and rebuilds type by type, reporting each type;
-/// a reindex of one type leaves the others' rows alone. Until the last type is rebuilt the
-/// indexes are recorded as stale: a store without an indexer (which only removes rows) leaves
-/// them so, a complete reindex clears the flag.
+/// A full reindex removes every index row once and rebuilds type by type (one transaction),
+/// reporting each type; a reindex of one type leaves the others' rows alone. A complete reindex
+/// clears the stale flag; a store without an indexer (which only removes rows) sets it.
 #[test]
 fn a_full_reindex_clears_every_row_once_and_the_stale_flag_at_the_end() {
     let (dir, s) = open_indexed();

@@ -95,6 +95,9 @@ pub const MIGRATION_LOCK: i64 = 0x0066_6868_6f73_6502;
 /// `pg_advisory_lock_shared` key held by every session building the index tables' indexes; a
 /// build first waits for it exclusively (see `schema::run_on_two_connections`).
 pub const BUILD_LOCK: i64 = 0x0066_6868_6f73_6503;
+/// `pg_advisory_lock` key held by a full reindex from start to swap: one at a time in the
+/// cluster, and the `_rebuild` tables belong to its holder.
+pub const REINDEX_LOCK: i64 = 0x0066_6868_6f73_6504;
 /// Rows per keyset page of a scan.
 const SCAN_PAGE_ROWS: i64 = 1000;
 /// How long a call waits for a pooled connection when all are in use, unless the URL says
@@ -343,6 +346,15 @@ impl PgStore {
         store.pool.run(|c| {
             with_schema_lock(c, |c| {
                 migrate(c)?;
+                // The tables of a reindex killed half-way, unless one is running.
+                let free: bool = c
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&REINDEX_LOCK])?
+                    .get(0);
+                if free {
+                    let dropped = index_upkeep::drop_rebuild_tables(c);
+                    c.execute("SELECT pg_advisory_unlock($1)", &[&REINDEX_LOCK])?;
+                    dropped?;
+                }
                 let rebuilt = build_value_indexes(&store.pool.target, c)?;
                 if rebuilt > 0 {
                     tracing::info!(rebuilt, "built missing search value indexes");

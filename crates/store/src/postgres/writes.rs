@@ -246,7 +246,7 @@ impl PgStore {
                 .iter()
                 .filter_map(|r| r.index.as_deref().map(|e| (r.type_no, r.k, e)))
                 .collect();
-            assigned = copy_index_rows(&mut tx, &self.params, &indexed)?;
+            assigned = copy_index_rows(&mut tx, &self.params, &indexed, "")?;
             tx.execute(
                 "INSERT INTO transactions(lu_ms, first_seq, last_seq) VALUES ($1, $2, $3)",
                 &[&lu_ms, &first_seq, &seq],
@@ -327,12 +327,14 @@ pub(super) fn copy_versions(
 }
 
 /// COPY the index rows of `(type_no, k, entries)` into the index tables, one COPY per table that
-/// gets rows. Returns the parameter numbers it read or assigned in `tx` (for the store's cache
-/// once `tx` committed).
+/// gets rows; `suffix` names the tables' copies a full reindex fills (`""`: the live tables).
+/// Returns the parameter numbers it read or assigned in `tx` (for the store's cache once `tx`
+/// committed).
 pub(super) fn copy_index_rows(
     tx: &mut ::postgres::Transaction<'_>,
     params: &ParamNumbers,
     items: &[(i64, i64, &[IndexEntry])],
+    suffix: &str,
 ) -> Result<Vec<(String, i64)>, StoreError> {
     if items.is_empty() {
         return Ok(Vec::new());
@@ -451,7 +453,7 @@ pub(super) fn copy_index_rows(
             continue;
         }
         let sink = tx.copy_in(&format!(
-            "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
+            "COPY {table}{suffix} ({columns}) FROM STDIN (FORMAT binary)"
         ))?;
         let mut w = BinaryCopyInWriter::new(sink, &types);
         for (type_no, k, entries) in items {

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{Connection, OptionalExtension, Statement, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OptionalExtension, Statement, Transaction, TransactionBehavior, params,
+};
 use serde_json::Value;
 
 use crate::index_tables::{INDEX_TABLES, ParamNumbers, VALUE_INDEXES};
@@ -12,7 +14,7 @@ use crate::ops::{MAX_SEQ, key};
 use crate::{IndexEntry, IndexValue, StoreError};
 
 use super::SqliteStore;
-use super::schema::build_value_indexes;
+use super::schema::{build_value_indexes, create_value_indexes, with_build_settings};
 
 pub(super) fn set_indexes_stale(store: &SqliteStore, stale: bool) -> Result<(), StoreError> {
     let w = store.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -73,75 +75,96 @@ pub(super) fn reindex(
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?
     };
-    let full = resource_type.is_none();
-    if full {
-        // Every row at once, in a transaction of its own: a `DELETE` without `WHERE` empties a
-        // table without visiting its rows, where one type's `DELETE … WHERE type_no = ?` scans
-        // every table while the value indexes are suspended (no `(k)` index since schema 3).
-        // Until the last type is rebuilt the indexes miss resources: recorded as stale, so a
-        // reindex that stops half-way is not taken for a complete one.
-        let tx = w
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for table in INDEX_TABLES {
-            tx.execute(&format!("DELETE FROM {table}"), [])?;
-        }
-        tx.execute(
-            "INSERT OR REPLACE INTO store_meta(key, value) VALUES ('indexes_stale', '1')",
-            [],
-        )?;
-        tx.commit()?;
-    }
-    let mut total = 0u64;
-    for (name, type_no) in types {
-        if resource_type.is_some_and(|t| t != name) {
-            continue;
-        }
-        let tx = w
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if !full {
-            // The type's rows: through the value indexes, which all start with `type_no` (a
-            // scan of each table while they are suspended).
+    let Some(only) = resource_type else {
+        // Everything in one transaction: readers (WAL) see the old, complete index until it
+        // commits, the new one after; a reindex that stops half-way (killed, failed) leaves the
+        // old one as it was. The value indexes are dropped first and built once at the end,
+        // sorted, in the same transaction; a `DELETE` without `WHERE` empties a table without
+        // visiting its rows (one type's `DELETE … WHERE type_no = ?` would scan every table
+        // without the value indexes, and there is no `(k)` index since schema 3).
+        let conn = &w.conn;
+        let (total, assigned) = with_build_settings(conn, || {
+            let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+            for (name, _) in VALUE_INDEXES {
+                tx.execute_batch(&format!("DROP INDEX IF EXISTS {name}"))?;
+            }
             for table in INDEX_TABLES {
-                tx.execute(
-                    &format!("DELETE FROM {table} WHERE type_no = ?1"),
-                    [type_no],
-                )?;
+                tx.execute(&format!("DELETE FROM {table}"), [])?;
             }
-        }
-        let mut assigned = Assigned::default();
-        let mut n = 0u64;
-        if let Some(indexer) = &store.indexer {
-            let mut stmt = tx.prepare(
-                "SELECT k, json FROM resource_versions
-                 WHERE k > ?1 AND k <= ?2 AND superseded_seq IS NULL AND deleted = 0",
+            let mut total = 0u64;
+            let mut assigned = Assigned::default();
+            for (name, type_no) in &types {
+                let (n, a) = index_type(store, &tx, name, *type_no)?;
+                assigned.0.extend(a.0);
+                assigned.1.extend(a.1);
+                total += n;
+                progress(name, n);
+            }
+            create_value_indexes(&tx)?;
+            // Complete now; without an indexer, every resource is missing from it.
+            tx.execute(
+                if store.indexer.is_some() {
+                    "DELETE FROM store_meta WHERE key = 'indexes_stale'"
+                } else {
+                    "INSERT OR REPLACE INTO store_meta(key, value) VALUES ('indexes_stale', '1')"
+                },
+                [],
             )?;
-            let mut rows = stmt.query(params![key(type_no, 0), key(type_no, MAX_SEQ)])?;
-            let mut inserts = IndexInserts::new(&tx, &store.params, &store.systems)?;
-            while let Some(r) = rows.next()? {
-                let k: i64 = r.get(0)?;
-                let json = r.get_ref(1)?.as_blob_or_null()?.unwrap_or_default();
-                let value: Value = serde_json::from_slice(json).map_err(|e| {
-                    StoreError::Corrupt(format!("stored {name} row {k} is not JSON: {e}"))
-                })?;
-                let entries = indexer.entries(&name, &value);
-                inserts.insert(type_no, k, entries)?;
-                n += 1;
-            }
-            inserts.finish()?;
-            assigned = inserts.into_assigned();
+            tx.commit()?;
+            Ok((total, assigned))
+        })?;
+        store.remember_numbers(assigned);
+        return Ok(total);
+    };
+    let mut total = 0u64;
+    for (name, type_no) in types.iter().filter(|(name, _)| name == only) {
+        let tx = w
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // The type's rows: through the value indexes, which all start with `type_no`.
+        for table in INDEX_TABLES {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE type_no = ?1"),
+                [type_no],
+            )?;
         }
+        let (n, assigned) = index_type(store, &tx, name, *type_no)?;
         tx.commit()?;
         store.remember_numbers(assigned);
         total += n;
-        progress(&name, n);
-    }
-    if full && store.indexer.is_some() {
-        w.conn
-            .execute("DELETE FROM store_meta WHERE key = 'indexes_stale'", [])?;
+        progress(name, n);
     }
     Ok(total)
+}
+
+/// Write the index rows of the current versions of one type in `tx`; returns how many and the
+/// numbers assigned (for the caches once `tx` committed).
+fn index_type(
+    store: &SqliteStore,
+    tx: &Connection,
+    name: &str,
+    type_no: i64,
+) -> Result<(u64, Assigned), StoreError> {
+    let Some(indexer) = &store.indexer else {
+        return Ok((0, Assigned::default()));
+    };
+    let mut n = 0u64;
+    let mut stmt = tx.prepare(
+        "SELECT k, json FROM resource_versions
+         WHERE k > ?1 AND k <= ?2 AND superseded_seq IS NULL AND deleted = 0",
+    )?;
+    let mut rows = stmt.query(params![key(type_no, 0), key(type_no, MAX_SEQ)])?;
+    let mut inserts = IndexInserts::new(tx, &store.params, &store.systems)?;
+    while let Some(r) = rows.next()? {
+        let k: i64 = r.get(0)?;
+        let json = r.get_ref(1)?.as_blob_or_null()?.unwrap_or_default();
+        let value: Value = serde_json::from_slice(json)
+            .map_err(|e| StoreError::Corrupt(format!("stored {name} row {k} is not JSON: {e}")))?;
+        inserts.insert(type_no, k, indexer.entries(name, &value))?;
+        n += 1;
+    }
+    inserts.finish()?;
+    Ok((n, inserts.into_assigned()))
 }
 
 /// The bits of an index row's rowid that number the rows of one stored version: the rowid is

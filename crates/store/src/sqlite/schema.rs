@@ -262,6 +262,39 @@ fn sqlite_ddl(name: &str, ddl: &'static str) -> &'static str {
 /// spills to temporary files (not to memory, as the writer's other temporary data does) and uses
 /// every core; the connection's own settings are restored afterwards.
 pub(super) fn build_value_indexes(conn: &Connection) -> Result<usize, StoreError> {
+    with_build_settings(conn, || {
+        let tx = conn.unchecked_transaction()?;
+        let n = create_value_indexes(&tx)?;
+        tx.commit()?;
+        Ok(n)
+    })
+}
+
+/// Run `f` with the settings of index builds (sorts spill to temporary files, every core); the
+/// connection's own are restored afterwards. Call outside a transaction (SQLite changes
+/// `temp_store` only there).
+pub(super) fn with_build_settings<T>(
+    conn: &Connection,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let temp_store: i64 = conn.query_row("PRAGMA temp_store", [], |r| r.get(0))?;
+    let threads: i64 = conn.query_row("PRAGMA threads", [], |r| r.get(0))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    conn.execute_batch(&format!(
+        "PRAGMA temp_store = FILE; PRAGMA threads = {cores};"
+    ))?;
+    let done = f();
+    let restored = conn.execute_batch(&format!(
+        "PRAGMA temp_store = {temp_store}; PRAGMA threads = {threads};"
+    ));
+    let value = done?;
+    restored?;
+    Ok(value)
+}
+
+/// Create the [`VALUE_INDEXES`] that are missing, in the caller's transaction; returns how
+/// many were.
+pub(super) fn create_value_indexes(conn: &Connection) -> Result<usize, StoreError> {
     let present: HashSet<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'idx_%'")?
         .query_map([], |r| r.get(0))?
@@ -271,25 +304,8 @@ pub(super) fn build_value_indexes(conn: &Connection) -> Result<usize, StoreError
         .filter(|(name, _)| !present.contains(*name))
         .map(|(name, ddl)| sqlite_ddl(name, ddl))
         .collect();
-    if missing.is_empty() {
-        return Ok(0);
+    for ddl in &missing {
+        conn.execute_batch(ddl)?;
     }
-    let temp_store: i64 = conn.query_row("PRAGMA temp_store", [], |r| r.get(0))?;
-    let threads: i64 = conn.query_row("PRAGMA threads", [], |r| r.get(0))?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    conn.execute_batch(&format!(
-        "PRAGMA temp_store = FILE; PRAGMA threads = {cores};"
-    ))?;
-    let built = (|| {
-        let tx = conn.unchecked_transaction()?;
-        for ddl in &missing {
-            tx.execute_batch(ddl)?;
-        }
-        tx.commit()
-    })();
-    conn.execute_batch(&format!(
-        "PRAGMA temp_store = {temp_store}; PRAGMA threads = {threads};"
-    ))?;
-    built?;
     Ok(missing.len())
 }
