@@ -50,6 +50,9 @@ struct TypePlan {
     stream: bool,
     /// `"path": "Type"`: the resource itself.
     root: Option<RuleIx>,
+    /// The resource type's definition and index in the model (one lookup per resource).
+    def: Option<&'static fhir_model::TypeDef>,
+    ix: Option<u32>,
     /// Member paths from the resource (`name.given`), by element name.
     trie: Trie,
     /// `nodesByType('T')[.c]` by type (shared by the plans whose entries are the same: every
@@ -422,6 +425,8 @@ impl Plan {
         for ty in model.resource_types() {
             let mut tp = TypePlan {
                 fast: true,
+                def: model.type_def(ty),
+                ix: model.type_index(ty),
                 ..TypePlan::default()
             };
             let mut by_type: HashMap<String, Entry> = HashMap::default();

@@ -173,10 +173,11 @@ fn transform_common_reference(text: &str, f: &dyn Fn(&str) -> String) -> Option<
         (Some("_history"), Some(v), None) if id_ok(v) => &text[ty.len() + 1 + id.len()..],
         _ => return None,
     };
+    // One of `resource_types()` (a concrete resource type): one hash lookup, not a binary
+    // search of string compares.
     let is_type = fhir_model::r4()
-        .resource_types()
-        .binary_search_by(|t| t.as_str().cmp(ty))
-        .is_ok();
+        .type_def(ty)
+        .is_some_and(|d| d.kind == fhir_model::TypeKind::Resource && !d.is_abstract);
     (is_type && id_ok(id)).then(|| {
         let mut out = concat3(ty, "/", &f(id));
         out.push_str(suffix);
@@ -622,6 +623,29 @@ mod tests {
             assert_eq!(
                 transform_reference(text, &f),
                 by_expressions(text),
+                "{text}"
+            );
+        }
+        // Every concrete resource type is one the regular expression takes; the abstract
+        // ones, data types and backbone paths are not.
+        let model = fhir_model::r4();
+        let others = [
+            "Resource",
+            "DomainResource",
+            "HumanName",
+            "Patient.contact",
+            "string",
+        ];
+        for ty in model
+            .resource_types()
+            .iter()
+            .map(String::as_str)
+            .chain(others)
+        {
+            let text = format!("{ty}/1");
+            assert_eq!(
+                transform_common_reference(&text, &f),
+                REF_URL.is_match(&text).then(|| by_expressions(&text)),
                 "{text}"
             );
         }

@@ -601,3 +601,77 @@ proptest! {
         });
     }
 }
+
+/// Hostile bytes: every prefix of stored resources (unterminated strings, escapes and
+/// multi-byte characters cut at the end), invalid UTF-8 in keys and values, repeated keys at
+/// every level, keys one byte off the model's (short and longer than 16 bytes), deep nesting.
+/// The stream must not panic and must do what the tree path does (its bytes or its error).
+#[test]
+fn malformed_bytes_stream_as_the_tree_path_decides() {
+    let synthea = bundles("synthea-r4-100");
+    let picked: Vec<Vec<u8>> = entries(&synthea)
+        .iter()
+        .filter(|r| {
+            let ty = r["resourceType"].as_str().unwrap_or_default();
+            matches!(ty, "Observation" | "Patient" | "Claim" | "Encounter")
+        })
+        .step_by(97)
+        .take(4)
+        .enumerate()
+        .map(|(i, r)| stored(r, i as u32))
+        .collect();
+    assert_eq!(picked.len(), 4);
+    let engine = sample();
+    let mut n = 0usize;
+    let mut check = |input: &[u8], what: &str| {
+        n += 1;
+        same(&engine, input, what);
+    };
+    for (i, r) in picked.iter().enumerate() {
+        let text = String::from_utf8(r.clone()).unwrap();
+        for cut in 0..r.len() {
+            check(&r[..cut], &format!("{i} cut at {cut}"));
+            let mut escaped = r[..cut].to_vec();
+            escaped.push(b'\\');
+            check(&escaped, &format!("{i} cut at {cut}, backslash"));
+        }
+        // A multi-byte character cut after its first byte, and bytes no UTF-8 has.
+        for bad in [&b"\xc3"[..], b"\xff", b"\xe2\x80", b"\xed\xa0\x80"] {
+            for at in [r.len() / 3, r.len() / 2, r.len() - 2] {
+                let mut v = r.clone();
+                v.splice(at..at, bad.iter().copied());
+                check(&v, &format!("{i} {bad:?} at {at}"));
+            }
+        }
+        // Every key repeated (with its value) and every key one byte off the model's.
+        let keys: Vec<(usize, usize)> = text
+            .match_indices("\":")
+            .filter_map(|(end, _)| text[..end].rfind('"').map(|start| (start + 1, end)))
+            .collect();
+        for &(start, end) in &keys {
+            let value_end = text[end + 2..]
+                .find([',', '}'])
+                .map_or(text.len(), |e| end + 2 + e);
+            let member = &text[start - 1..value_end];
+            if !member.contains(['{', '[']) {
+                let repeated = format!("{},{member}{}", &text[..value_end], &text[value_end..]);
+                check(repeated.as_bytes(), &format!("{i} repeated {member}"));
+            }
+            for at in [start, (start + end) / 2, end - 1] {
+                let mut v = r.clone();
+                v[at] ^= 1;
+                check(&v, &format!("{i} key byte {at} of {}", &text[start..end]));
+            }
+        }
+    }
+    // Nested extensions deeper than the stream goes (it gives up; the tree decides).
+    for depth in [10, 99, 100, 101, 140] {
+        let mut ext = String::from("{\"url\":\"u\",\"valueString\":\"x\"}");
+        for _ in 0..depth {
+            ext = format!("{{\"url\":\"u\",\"extension\":[{ext}]}}");
+        }
+        let r = format!("{{\"resourceType\":\"Patient\",\"id\":\"p\",\"extension\":[{ext}]}}");
+        check(r.as_bytes(), &format!("extensions {depth} deep"));
+    }
+    println!("malformed: {n} inputs as the tree path decides");
+}

@@ -251,10 +251,9 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
     fn root(&mut self) -> R<()> {
         self.expect(b'{')?;
         let ty = self.type_member()?;
-        let model = fhir_model::r4();
-        let def = model.type_def(ty).ok_or(GiveUp)?;
         let plan = self.plan;
         let tp = plan.types.get(ty).filter(|tp| tp.stream).ok_or(GiveUp)?;
+        let def = tp.def.ok_or(GiveUp)?;
         self.out.extend_from_slice(&self.b[..self.pos]);
         self.walk.ops.push(ScopeOps {
             ops: 0,
@@ -267,7 +266,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
             name,
             ty: name,
             def: Some(def),
-            ty_ix: model.type_index(ty),
+            ty_ix: tp.ix,
             parent_ty: "",
             is_resource: true,
         };
