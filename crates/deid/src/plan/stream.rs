@@ -4,7 +4,7 @@
 //! serialisation) would write for the same input — or the stream gives up and the tree path
 //! runs instead.
 //!
-//! The walk itself is the tree walk's: the same [`Scope`]s, [`Walk::entries`], [`Walk::cover`],
+//! The walk itself is the tree walk's: the same [`Scope`]s, [`Walk::cover`],
 //! [`Walk::child_scopes`] and [`Walk::change`], called in the same order (document order, the
 //! root `id` first), so rule hits, date-shift prefixes and labels come out the same. What the
 //! tree path does around the walk is done inline:
@@ -23,6 +23,11 @@
 //!   again by `serde_json`), numbers keep their text (`arbitrary_precision`).
 //!
 //! Rule errors also give up: the tree path reports them, with its own wording.
+//!
+//! In one scope (no nested resource around the node, the common case) a key is looked up in
+//! its type's [`MemberTable`]: the model's child and the rules that depend only on the key and
+//! the type in one entry ([`Walk::member_leaf_cover`], [`Walk::enter_member`] compute what
+//! [`Walk::leaf_cover`] and [`Walk::enter`] would).
 
 use std::borrow::Cow;
 
