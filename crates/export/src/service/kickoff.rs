@@ -84,12 +84,8 @@ impl ExportService {
                 Err(e) => return Err(ExportError::Store(e)),
             }
         }
-        // An early answer before the configuration is fetched and the export planned; the
-        // admission itself is decided atomically when the job is recorded.
-        let active = self.queue.active_count()?;
-        if active >= self.config.max_concurrent {
-            return Err(ExportError::TooMany(active));
-        }
+        // An early answer before the configuration is fetched and the export planned.
+        self.admission()?;
         // The configuration is fetched and compiled now: a bad one answers 400 here rather
         // than failing the job later.
         let anonymization = match &req.anonymization {
@@ -133,42 +129,73 @@ impl ExportService {
         if req.anonymization.as_ref().is_some_and(|s| s.dry_run) {
             items.retain(|i| i.kind == store::jobs::ItemKind::Finalize);
         }
-        let id = uuid::Uuid::new_v4().simple().to_string();
         let container = req
             .container
             .clone()
             .unwrap_or_else(|| self.config.default_container.clone());
+        let id = self.queue_job(
+            NewJob {
+                request: JobRequest::Export(ExportRecord::new(
+                    &level,
+                    &pairs,
+                    is_post,
+                    lenient,
+                    &request_url,
+                    separate,
+                )),
+                watermark: wm.seq,
+                transaction_time,
+                client_id,
+                container,
+                anonymization: anonymization.as_ref().map(record::encode_anonymization),
+                created_ms: now,
+            },
+            &items,
+        )?;
+        tracing::info!(job = %id, items = items.len(), "export queued");
+        Ok(id)
+    }
+
+    /// The early answer to a kick-off while the server runs as many jobs as it may (429); the
+    /// admission itself is decided atomically when the job is recorded ([`Self::queue_job`]).
+    fn admission(&self) -> Result<(), ExportError> {
+        let active = self.queue.active_count()?;
+        if active >= self.config.max_concurrent {
+            return Err(ExportError::TooMany(active));
+        }
+        Ok(())
+    }
+
+    /// Queues the job of a kick-off (`$export` or `$import`) with its work items: its container
+    /// prepared, a new id that also names its folder, state `Queued`; admitted to the
+    /// concurrency limit in the transaction that records it. The job's id.
+    fn queue_job(
+        &self,
+        new: NewJob,
+        items: &[store::jobs::ItemPlan],
+    ) -> Result<String, ExportError> {
         self.config
             .sink
-            .ensure_container(&container)
-            .map_err(|e| self.destination_error(&container, &e))?;
+            .ensure_container(&new.container)
+            .map_err(|e| self.destination_error(&new.container, &e))?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
         let job = JobRecord {
             id: id.clone(),
             state: JobState::Queued,
-            request: JobRequest::Export(ExportRecord::new(
-                &level,
-                &pairs,
-                is_post,
-                lenient,
-                &request_url,
-                separate,
-            ))
-            .encode(),
-            watermark: wm.seq,
-            transaction_time,
-            client_id,
-            container,
+            request: new.request.encode(),
+            watermark: new.watermark,
+            transaction_time: new.transaction_time,
+            client_id: new.client_id,
+            container: new.container,
             folder: id.clone(),
-            anonymization: anonymization.as_ref().map(record::encode_anonymization),
+            anonymization: new.anonymization,
             result: None,
             failure_status: None,
-            created_ms: now,
+            created_ms: new.created_ms,
             finished_ms: None,
             cleanup: Cleanup::None,
         };
-        self.queue
-            .create(&job, &items, self.config.max_concurrent)?;
-        tracing::info!(job = %id, items = items.len(), "export queued");
+        self.queue.create(&job, items, self.config.max_concurrent)?;
         self.notify();
         Ok(id)
     }
@@ -232,16 +259,8 @@ impl ExportService {
                 Err(e) => return Err(self.destination_error(&input.container, &e)),
             }
         }
-        let active = self.queue.active_count()?;
-        if active >= self.config.max_concurrent {
-            return Err(ExportError::TooMany(active));
-        }
+        self.admission()?;
         let now = now_ms();
-        let container = self.config.default_container.clone();
-        self.config
-            .sink
-            .ensure_container(&container)
-            .map_err(|e| self.destination_error(&container, &e))?;
         let mut items: Vec<store::jobs::ItemPlan> = req
             .inputs
             .iter()
@@ -260,27 +279,34 @@ impl ExportService {
             seq_up_to: 0,
             expected: 0,
         });
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let job = JobRecord {
-            id: id.clone(),
-            state: JobState::Queued,
-            request: JobRequest::Import(req.clone()).encode(),
-            watermark: 0,
-            transaction_time: store::format_instant_ms(now),
-            client_id: access.client_id().map(str::to_string),
-            container,
-            folder: id.clone(),
-            anonymization: None,
-            result: None,
-            failure_status: None,
-            created_ms: now,
-            finished_ms: None,
-            cleanup: Cleanup::None,
-        };
-        self.queue
-            .create(&job, &items, self.config.max_concurrent)?;
-        tracing::info!(job = %id, inputs = req.inputs.len(), mode = req.mode.as_str(), "import queued");
-        self.notify();
+        let (inputs, mode) = (req.inputs.len(), req.mode.as_str());
+        let id = self.queue_job(
+            NewJob {
+                request: JobRequest::Import(req),
+                watermark: 0,
+                transaction_time: store::format_instant_ms(now),
+                client_id: access.client_id().map(str::to_string),
+                container: self.config.default_container.clone(),
+                anonymization: None,
+                created_ms: now,
+            },
+            &items,
+        )?;
+        tracing::info!(job = %id, inputs, mode, "import queued");
         Ok(id)
     }
+}
+
+/// What the job of a kick-off records beside what every new job has (see
+/// [`ExportService::queue_job`]).
+struct NewJob {
+    request: JobRequest,
+    /// The pinned snapshot (`$import`: none, 0).
+    watermark: i64,
+    transaction_time: String,
+    client_id: Option<String>,
+    container: String,
+    /// The encoded de-identification of an `$export`.
+    anonymization: Option<String>,
+    created_ms: i64,
 }
