@@ -13,7 +13,6 @@ use futures::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 
 use crate::error::ClientError;
 use crate::session::{self, Session};
@@ -292,18 +291,17 @@ async fn one(
             .open(&part)
             .await
             .map_err(|e| ClientError::io(&part, e))?;
-        let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
+        let mut w = BodyWriter::new(f.into_std().await);
         let mut resp = resp;
         let before = have;
         let mut dropped: Option<String> = None;
         loop {
             match resp.chunk().await {
                 Ok(Some(bytes)) => {
-                    w.write_all(&bytes)
-                        .await
-                        .map_err(|e| ClientError::io(&part, e))?;
-                    have += bytes.len() as u64;
-                    bar.inc(bytes.len() as u64);
+                    let n = bytes.len() as u64;
+                    w.push(bytes).await.map_err(|e| ClientError::io(&part, e))?;
+                    have += n;
+                    bar.inc(n);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -312,8 +310,7 @@ async fn one(
                 }
             }
         }
-        w.flush().await.map_err(|e| ClientError::io(&part, e))?;
-        drop(w);
+        w.finish().await.map_err(|e| ClientError::io(&part, e))?;
         let short = expected_total.is_some_and(|t| have < t);
         if dropped.is_none() && !short {
             break;
@@ -344,6 +341,90 @@ async fn one(
         .await
         .map_err(|e| ClientError::io(&file.dest, e))?;
     Ok(have)
+}
+
+/// Bytes gathered before one write: large writes let the page cache take whole large folios
+/// (a third of the kernel time of 8 KiB writes for the same bytes here).
+const WRITE_BATCH: usize = 1 << 20;
+
+/// A body's chunks written to its part file as they come, without copying them: gathered as
+/// received (`Bytes` share the receive buffers) until [`WRITE_BATCH`], then written with one
+/// vectored write on the blocking pool while the next batch is received (at most one write in
+/// flight, so at most two batches held per download).
+struct BodyWriter {
+    /// The file, when no write holds it.
+    file: Option<std::fs::File>,
+    in_flight: Option<tokio::task::JoinHandle<(std::fs::File, std::io::Result<()>)>>,
+    batch: Vec<bytes::Bytes>,
+    batched: usize,
+}
+
+impl BodyWriter {
+    fn new(file: std::fs::File) -> BodyWriter {
+        BodyWriter {
+            file: Some(file),
+            in_flight: None,
+            batch: Vec::new(),
+            batched: 0,
+        }
+    }
+
+    async fn push(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
+        self.batched += chunk.len();
+        self.batch.push(chunk);
+        if self.batched >= WRITE_BATCH {
+            self.submit().await?;
+        }
+        Ok(())
+    }
+
+    /// Hands the batch to the blocking pool (after the write in flight has ended).
+    async fn submit(&mut self) -> std::io::Result<()> {
+        let mut file = self.settle().await?;
+        let batch = std::mem::take(&mut self.batch);
+        self.batched = 0;
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let written = write_chunks(&mut file, &batch);
+            (file, written)
+        }));
+        Ok(())
+    }
+
+    /// Waits for the write in flight; the file is then free.
+    async fn settle(&mut self) -> std::io::Result<std::fs::File> {
+        if let Some(write) = self.in_flight.take() {
+            let (file, written) = write.await.map_err(std::io::Error::other)?;
+            written?;
+            return Ok(file);
+        }
+        self.file
+            .take()
+            .ok_or_else(|| std::io::Error::other("a failed write left no file"))
+    }
+
+    /// Writes what is left and waits for every write: the file then holds every byte pushed.
+    async fn finish(mut self) -> std::io::Result<()> {
+        if !self.batch.is_empty() {
+            self.submit().await?;
+        }
+        self.settle().await.map(drop)
+    }
+}
+
+/// Writes every chunk, in order, with as few vectored writes as the file takes.
+fn write_chunks(file: &mut std::fs::File, chunks: &[bytes::Bytes]) -> std::io::Result<()> {
+    use std::io::{IoSlice, Write};
+    let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
