@@ -9,7 +9,8 @@
 #      use instead), ROUNDS (5), PARALLEL (2), PORT (18490), SKIP_SMART=1 (Fhirhose only),
 #      NICE (as in scripts/bench-ratios.sh: a negative value also raises this script's autogroup),
 #      STREAMED=1 (also, in each round, a client that downloads during the export: below),
-#      DOWNLOAD_MODE (processes | one-process, see scripts/bench/download.sh; both servers).
+#      DOWNLOAD_MODE (processes | one-process | fhirhose, see scripts/bench/download.sh; both
+#      servers; fhirhose = this binary's `fhirhose export` client).
 #
 # Each round runs one system export twice: once timed to the complete manifest (the files are
 # written and fsynced by the server; polled every 0.1 s), once timed to the last byte of the last
@@ -87,7 +88,8 @@ export_once() {
     # 2-core machine the client's CPU time is the floor of this phase (docs/performance.md).
     local tm cpu
     tm=$(date +%s.%N)
-    /usr/bin/time -o "$WORK/client-time" -f '%U %S' nice -n "$NICE" \
+    STATUS_URL="$status_url" BASE_URL="$BASE" FHIRHOSE_BIN="$BIN" \
+      /usr/bin/time -o "$WORK/client-time" -f '%U %S' nice -n "$NICE" \
       "$ROOT/scripts/bench/download.sh" "$WORK/manifest.json" "$WORK/out" "$PARALLEL"
     cpu=$(tail -n 1 "$WORK/client-time")
   fi
@@ -99,7 +101,7 @@ export_once() {
   count=$(jq '[.output[].count] | add' "$WORK/manifest.json")
   [[ "$count" == "$RESOURCES" ]] || { echo "exported $count of $RESOURCES" >&2; exit 1; }
   if [[ "$2" == 1 ]]; then
-    got=$(cat "$WORK"/out/* | wc -l)
+    got=$(find "$WORK/out" -name '*.ndjson' -exec cat {} + | wc -l)
     [[ "$got" == "$RESOURCES" ]] || { echo "downloaded $got of $RESOURCES lines" >&2; exit 1; }
     bytes=$(du -sb "$WORK/out" | cut -f1)
   fi
@@ -112,7 +114,7 @@ export_once() {
     find "$DATA/storage" -type f -name '*.ndjson' -print0 |
       nice -n "$NICE" xargs -0 -n 1 -P "$PARALLEL" cp -t "$WORK/out"
     c1=$(date +%s.%N)
-    got=$(cat "$WORK"/out/* | wc -l)
+    got=$(find "$WORK/out" -name '*.ndjson' -exec cat {} + | wc -l)
     [[ "$got" == "$RESOURCES" ]] || { echo "copied $got of $RESOURCES lines" >&2; exit 1; }
     echo "copy $(echo "$c1 - $c0" | bc) s, $(( $(du -sb "$WORK/out" | cut -f1) / 1048576 )) MiB copied by cp" | tee -a "$RUNS"
   fi
@@ -140,7 +142,7 @@ export_streamed() {
     i=1
     while :; do
       if [[ -f "$WORK/batches/$i.json" ]]; then
-        nice -n "$NICE" "$ROOT/scripts/bench/download.sh" "$WORK/batches/$i.json" "$WORK/out" "$PARALLEL"
+        DOWNLOAD_MODE="${DOWNLOAD_MODE/fhirhose/processes}" nice -n "$NICE" "$ROOT/scripts/bench/download.sh" "$WORK/batches/$i.json" "$WORK/out" "$PARALLEL"
         i=$((i + 1))
       elif [[ -f "$WORK/batches/end" ]] && ((i > $(cat "$WORK/batches/end"))); then
         break
@@ -180,7 +182,7 @@ export_streamed() {
   wait "$DOWNLOADER"
   DOWNLOADER=
   t1=$(date +%s.%N)
-  got=$(cat "$WORK"/out/* | wc -l)
+  got=$(find "$WORK/out" -name '*.ndjson' -exec cat {} + | wc -l)
   [[ "$got" == "$RESOURCES" ]] || { echo "streamed: downloaded $got of $RESOURCES lines" >&2; exit 1; }
   echo "streamed $(echo "$t1 - $t0" | bc) s, every file listed at $(echo "$tl - $t0" | bc) s, $n batches," \
     "server VmHWM $(awk '/VmHWM/ {print int($2/1024)}' "/proc/$SERVER/status") MiB, load $load" | tee -a "$RUNS"
@@ -214,7 +216,7 @@ wait "$SERVER" 2>/dev/null || true
 
 if [[ -z "${SKIP_SMART:-}" ]]; then
   echo "== SMART reference server, same data"
-  PARALLEL="$PARALLEL" PORT="$PORT" "$ROOT/scripts/bench-smart-reference.sh" "$SYNTH" "$WORK/smart" | tee "$WORK/smart.txt"
+  FHIRHOSE_BIN="$BIN" PARALLEL="$PARALLEL" PORT="$PORT" "$ROOT/scripts/bench-smart-reference.sh" "$SYNTH" "$WORK/smart" | tee "$WORK/smart.txt"
   ref=$(awk '/^export:/ {for (i = 1; i <= NF; i++) if ($i == "resources/s") print $(i-1)}' "$WORK/smart.txt")
   if [[ -n "$ref" ]]; then
     echo "--- end to end: Fhirhose $(echo "$RESOURCES / $me" | bc) resources/s, reference $ref resources/s =" \

@@ -204,7 +204,8 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 nfiles=$(jq '.output | length' "$WORK/manifest.json")
 # The same client as scripts/bench-export-e2e.sh uses for Fhirhose.
-"$ROOT/scripts/bench/download.sh" "$WORK/manifest.json" "$OUT" "$PARALLEL" &
+STATUS_URL="$status_url" BASE_URL="$FHIR" FHIRHOSE_BIN="${FHIRHOSE_BIN:-}" \
+  "$ROOT/scripts/bench/download.sh" "$WORK/manifest.json" "$OUT" "$PARALLEL" &
 DL=$!
 partial=""
 while kill -0 "$DL" 2>/dev/null; do
@@ -225,7 +226,7 @@ rss_peak=$(awk '/VmHWM/ {print $2}' "/proc/$SERVER/status")
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 manifest_count=$(jq '[.output[].count] | add // 0' "$WORK/manifest.json")
-exported=$(cat "$OUT"/* /dev/null | wc -l)
+exported=$(find "$OUT" -name '*.ndjson' -exec cat {} + </dev/null | wc -l)
 bytes=$(du -sb "$OUT" | cut -f1)
 secs=$(echo "$t1 - $t0" | bc)
 msecs=$(echo "$t_manifest - $t0" | bc)

@@ -11,6 +11,11 @@
 #   bytes, about 0.5 s for 525 MiB here) is then the floor of the downloads on an idle machine
 #   (docs/performance.md, "Where the downloads' time goes").
 #
+# DOWNLOAD_MODE=fhirhose: the product's own client, `fhirhose export --status-url $STATUS_URL
+#   --parallel PARALLEL` ($FHIRHOSE_BIN; STATUS_URL and BASE_URL must be set): it reads the
+#   manifest from the status URL (one request) and downloads every file, PARALLEL at a time on
+#   the runtime's threads, into OUT_DIR as `<Type>.<n>.ndjson` (plus its `manifest.json`).
+#
 # Usage: scripts/bench/download.sh MANIFEST OUT_DIR PARALLEL [more curl options, e.g. -H ...]
 set -euo pipefail
 manifest="$1"
@@ -39,8 +44,12 @@ case "${DOWNLOAD_MODE:-processes}" in
     done
     exit "$status"
     ;;
+  fhirhose)
+    "${FHIRHOSE_BIN:?FHIRHOSE_BIN}" export --status-url "${STATUS_URL:?STATUS_URL}" --out "$out" \
+      --parallel "$parallel" --quiet "${BASE_URL:?BASE_URL}" >/dev/null
+    ;;
   *)
-    echo "DOWNLOAD_MODE must be processes or one-process" >&2
+    echo "DOWNLOAD_MODE must be processes, one-process or fhirhose" >&2
     exit 2
     ;;
 esac
