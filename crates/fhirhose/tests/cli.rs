@@ -7,11 +7,11 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Output, Stdio};
+use std::process::Output;
 
 use serde_json::Value;
 
-use common::{TestDb, fhirhose, free_port};
+use common::{Serve, TestDb, fhirhose};
 
 fn run(args: &[&str]) -> Output {
     fhirhose().args(args).output().expect("run fhirhose")
@@ -21,41 +21,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A running `fhirhose serve`, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(data_dir: &Path, db: &TestDb) -> Server {
-    let port = free_port();
-    let child = db
-        .apply(&mut fhirhose())
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("FHIRHOSE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start fhirhose serve");
-    let mut server = Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    common::wait_until_answering(&mut server.child, &server.base);
-    server
+fn serve(data_dir: &Path, db: &TestDb) -> Serve {
+    common::serve(data_dir, Some(db), &[])
 }
 
 fn write_ndjson(path: &Path, lines: &[&str]) {

@@ -10,7 +10,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -26,27 +26,14 @@ fn serve(data_dir: &Path, db: &TestDb, port: u16) -> Server {
 }
 
 fn serve_with(data_dir: &Path, db: &TestDb, port: u16, extra: &[&str]) -> Server {
-    let mut cmd = fhirhose();
-    db.apply(&mut cmd)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .args(extra)
-        // On PostgreSQL a restarted node releases the leases of its previous incarnation at
-        // once only under a stable node id (others are taken over after the heartbeat timeout).
-        .args(if db.is_postgres() {
-            &["--node-id", "restart-test"][..]
-        } else {
-            &[]
-        })
-        .env("FHIRHOSE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    Serve::start(&mut cmd, port, None).unwrap_or_else(|e| panic!("{e}"))
+    // On PostgreSQL a restarted node releases the leases of its previous incarnation at once
+    // only under a stable node id (others are taken over after the heartbeat timeout).
+    let node: &[&str] = if db.is_postgres() {
+        &["--node-id", "restart-test"]
+    } else {
+        &[]
+    };
+    common::serve_on(port, data_dir, Some(db), &[extra, node].concat())
 }
 
 #[test]

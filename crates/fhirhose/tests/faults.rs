@@ -882,25 +882,43 @@ fn wait_started(c: &reqwest::blocking::Client, status_url: &str) {
 }
 
 /// Destination fault, then back: the export completes exactly once.
-fn destination_back(ctx: &mut Ctx, rng: &mut Rng, dir: &Path, kind: Kind) -> R<Option<String>> {
+/// The bucket (or container) the destination cases export to.
+const BUCKET: &str = "faults";
+
+/// The opening of the destination cases: a data directory, `kind`'s destination started with
+/// its bucket (`None` when it is not installed here) and a server exporting to it with `extra`
+/// flags.
+fn destination_server(
+    ctx: &mut Ctx,
+    dir: &Path,
+    kind: Kind,
+    extra: [&str; 2],
+) -> R<Option<(Destination, Server)>> {
     let data = ctx.data_dir(dir)?;
-    let Some(mut dest) = Destination::new(kind, dir)? else {
+    let Some(dest) = Destination::new(kind, dir)? else {
         return Ok(None);
     };
-    let bucket = "faults";
     if kind == Kind::Moto {
-        create_bucket(&dest.endpoint(), bucket)?;
+        create_bucket(&dest.endpoint(), BUCKET)?;
     }
     if kind == Kind::S3sFs {
-        fs::create_dir_all(dest.location.join(bucket)).map_err(|e| e.to_string())?;
+        fs::create_dir_all(dest.location.join(BUCKET)).map_err(|e| e.to_string())?;
     }
     let mut args = export_args();
-    args.extend(dest.serve_args(bucket));
+    args.extend(dest.serve_args(BUCKET));
+    args.extend(extra.map(String::from));
+    let s = Server::start(&data, free_port(), &args, &dir.join("serve.log"))?;
+    Ok(Some((dest, s)))
+}
+
+fn destination_back(ctx: &mut Ctx, rng: &mut Rng, dir: &Path, kind: Kind) -> R<Option<String>> {
     // The outage here includes the destination's own restart (Azurite takes 1-20 s to answer
     // again on a loaded 2-core machine): more attempts than the default 5 (about 30 s of
     // back-off), so that the case checks resumption rather than this machine's speed.
-    args.extend(["--export-max-attempts".to_string(), "8".to_string()]);
-    let s = Server::start(&data, free_port(), &args, &dir.join("serve.log"))?;
+    let Some((mut dest, s)) = destination_server(ctx, dir, kind, ["--export-max-attempts", "8"])?
+    else {
+        return Ok(None);
+    };
     let status = kickoff(&ctx.c, &s.base, "")?;
     wait_started(&ctx.c, &status);
     sleep_ms(rng.below(500));
@@ -926,7 +944,7 @@ fn destination_back(ctx: &mut Ctx, rng: &mut Rng, dir: &Path, kind: Kind) -> R<O
     let n = verify_manifest(&ctx.c, &manifest)?;
     if kind == Kind::S3sFs {
         // The bucket is a folder here: nothing but the manifest's files may be left in it.
-        no_parts_left(&dest.location.join(bucket))?;
+        no_parts_left(&dest.location.join(BUCKET))?;
     }
     Ok(Some(format!(
         "{} down {down} s (answering again after {} ms; {}), completed {} ms after it was back, {n} resources once each",
@@ -944,19 +962,11 @@ fn destination_back(ctx: &mut Ctx, rng: &mut Rng, dir: &Path, kind: Kind) -> R<O
 /// Destination gone for good: the job fails within the bound with a 503 naming it, and the
 /// concurrency slot is free again.
 fn destination_gone(ctx: &mut Ctx, rng: &mut Rng, dir: &Path, kind: Kind) -> R<Option<String>> {
-    let data = ctx.data_dir(dir)?;
-    let Some(mut dest) = Destination::new(kind, dir)? else {
+    // One export at a time: a job that never ends would keep the only slot.
+    let Some((mut dest, s)) = destination_server(ctx, dir, kind, ["--export-max-concurrent", "1"])?
+    else {
         return Ok(None);
     };
-    let bucket = "faults";
-    if kind == Kind::Moto {
-        create_bucket(&dest.endpoint(), bucket)?;
-    }
-    let mut args = export_args();
-    args.extend(dest.serve_args(bucket));
-    // One export at a time: a job that never ends would keep the only slot.
-    args.extend(["--export-max-concurrent".to_string(), "1".to_string()]);
-    let s = Server::start(&data, free_port(), &args, &dir.join("serve.log"))?;
     let status = kickoff(&ctx.c, &s.base, "")?;
     // Right after the kick-off (which created the container): an export here takes only a
     // couple of seconds.
@@ -978,7 +988,7 @@ fn destination_gone(ctx: &mut Ctx, rng: &mut Rng, dir: &Path, kind: Kind) -> R<O
     // The slot is free: with the destination back, a new export is accepted (not 429).
     dest.start()?;
     if kind == Kind::Moto {
-        create_bucket(&dest.endpoint(), bucket)?; // moto keeps buckets in memory only
+        create_bucket(&dest.endpoint(), BUCKET)?; // moto keeps buckets in memory only
     }
     let again = kickoff(&ctx.c, &s.base, "?_type=Patient");
     ensure!(again.is_ok(), "after the failure: {}", again.unwrap_err());

@@ -9,12 +9,12 @@ mod common;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::{fhirhose, free_port};
+use common::{Serve, fhirhose};
 
 fn run(args: &[&str]) -> Output {
     fhirhose().args(args).output().expect("run fhirhose")
@@ -24,40 +24,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(data_dir: &Path, extra: &[&str]) -> Server {
-    let port = free_port();
-    let child = fhirhose()
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .args(extra)
-        .env("FHIRHOSE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start fhirhose serve");
-    let mut server = Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    common::wait_until_answering(&mut server.child, &server.base);
-    server
+fn serve(data_dir: &Path, extra: &[&str]) -> Serve {
+    common::serve(data_dir, None, extra)
 }
 
 const CONFIG: &str = r#"{"fhirVersion": "R4", "fhirPathRules": [

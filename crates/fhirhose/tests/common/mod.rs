@@ -6,10 +6,11 @@
 //! guard.
 #![allow(dead_code)] // each test file uses a part
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 #[allow(unused_imports)]
-pub use test_support::process::{free_port, wait_until_answering};
+pub use test_support::process::{Serve, free_port, wait_until_answering};
 
 /// The binary under test. The tests pass every setting as a flag: nothing from the caller's
 /// environment (`FHIRHOSE_*`) may leak in.
@@ -46,4 +47,30 @@ impl TestDb {
             None => c,
         }
     }
+}
+
+/// `fhirhose serve` of `data_dir` on a free port of 127.0.0.1, with `db`'s database when given
+/// and the `extra` flags, answering; its errors on the test's stderr; killed when dropped.
+pub fn serve(data_dir: &Path, db: Option<&TestDb>, extra: &[&str]) -> Serve {
+    serve_on(free_port(), data_dir, db, extra)
+}
+
+/// [`serve`] on `port` (a restarted server keeps its address).
+pub fn serve_on(port: u16, data_dir: &Path, db: Option<&TestDb>, extra: &[&str]) -> Serve {
+    let mut cmd = fhirhose();
+    if let Some(db) = db {
+        db.apply(&mut cmd);
+    }
+    cmd.args([
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+    ])
+    .arg(data_dir)
+    .args(extra)
+    .env("FHIRHOSE_LOG", "warn")
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
+    Serve::start(&mut cmd, port, None).unwrap_or_else(|e| panic!("{e}"))
 }
