@@ -66,15 +66,9 @@ pub(super) fn reindex(
     resource_type: Option<&str>,
     progress: &mut dyn FnMut(&str, u64),
 ) -> Result<u64, StoreError> {
-    // The writer is held throughout: no version changes while the index is rebuilt.
+    // The writer is held throughout, and the transactions take the database's write lock
+    // first: no version changes while the index is rebuilt (the types are read in them).
     let mut w = store.writer.lock().unwrap_or_else(|e| e.into_inner());
-    let types: Vec<(String, i64)> = {
-        let mut stmt = w
-            .conn
-            .prepare("SELECT name, type_no FROM types ORDER BY name")?;
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?
-    };
     let Some(only) = resource_type else {
         // Everything in one transaction: readers (WAL) see the old, complete index until it
         // commits, the new one after; a reindex that stops half-way (killed, failed) leaves the
@@ -93,7 +87,7 @@ pub(super) fn reindex(
             }
             let mut total = 0u64;
             let mut assigned = Assigned::default();
-            for (name, type_no) in &types {
+            for (name, type_no) in &types(&tx)? {
                 let (n, a) = index_type(store, &tx, name, *type_no)?;
                 assigned.0.extend(a.0);
                 assigned.1.extend(a.1);
@@ -116,25 +110,37 @@ pub(super) fn reindex(
         store.remember_numbers(assigned);
         return Ok(total);
     };
-    let mut total = 0u64;
-    for (name, type_no) in types.iter().filter(|(name, _)| name == only) {
-        let tx = w
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // The type's rows: through the value indexes, which all start with `type_no`.
-        for table in INDEX_TABLES {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE type_no = ?1"),
-                [type_no],
-            )?;
-        }
-        let (n, assigned) = index_type(store, &tx, name, *type_no)?;
-        tx.commit()?;
-        store.remember_numbers(assigned);
-        total += n;
-        progress(name, n);
+    let tx = w
+        .conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let type_no: Option<i64> = tx
+        .query_row("SELECT type_no FROM types WHERE name = ?1", [only], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let Some(type_no) = type_no else {
+        return Ok(0);
+    };
+    // The type's rows: through the value indexes, which all start with `type_no`.
+    for table in INDEX_TABLES {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE type_no = ?1"),
+            [type_no],
+        )?;
     }
-    Ok(total)
+    let (n, assigned) = index_type(store, &tx, only, type_no)?;
+    tx.commit()?;
+    store.remember_numbers(assigned);
+    progress(only, n);
+    Ok(n)
+}
+
+/// The resource types by name, with their numbers, in name order.
+fn types(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut stmt = conn.prepare("SELECT name, type_no FROM types ORDER BY name")?;
+    Ok(stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?)
 }
 
 /// Write the index rows of the current versions of one type in `tx`; returns how many and the
