@@ -392,3 +392,53 @@ fn a_reindex_killed_half_way_leaves_the_old_index_and_the_next_one_works() {
         .expect("no leftovers, canonical index names");
     }
 }
+
+/// PostgreSQL: the swap waits for a session that holds a live index table (a long search, here
+/// a lock held on `idx_token`), giving way every 200 ms (`lock_timeout`) and trying again, and
+/// completes once that session lets go; nothing is lost meanwhile.
+#[test]
+fn the_swap_waits_for_a_session_holding_a_live_table_and_then_completes() {
+    if store::testing::test_database_url().is_none() {
+        return;
+    }
+    let Data {
+        store,
+        first,
+        targets,
+    } = data();
+    let expected = counts(&*store.store);
+    let other = store.reopen(Some(Arc::new(SearchIndexer)));
+    std::thread::scope(|scope| {
+        let mut released = None;
+        let total = search::reindex(&*store.store, &mut |ty, _| {
+            if ty != first {
+                return;
+            }
+            // A write meanwhile, then a session holding `idx_token` until the swap waits.
+            write_during_reindex(&*other, &targets);
+            let lock = store::testing::lock_tables(&store.location, &["idx_token"]).unwrap();
+            let url = store.location.clone();
+            released = Some(scope.spawn(move || {
+                store::testing::admin_batch(
+                    &url,
+                    "DO $$ BEGIN
+                       LOOP
+                         EXIT WHEN EXISTS (SELECT 1 FROM pg_locks
+                           WHERE NOT granted AND relation = 'idx_token'::regclass);
+                         PERFORM pg_sleep(0.01);
+                       END LOOP;
+                     END $$",
+                )
+                .unwrap();
+                // Long enough for the swap to time out and try again a few times.
+                std::thread::sleep(Duration::from_millis(700));
+                drop(lock);
+            }));
+        });
+        released.expect("the first type").join().unwrap();
+        total.unwrap();
+    });
+    assert_eq!(counts(&*store.store), expected);
+    assert_eq!(counts(&*other), expected);
+    assert_writes_searchable(&*other, &[&first, "Patient"]);
+}
