@@ -29,8 +29,7 @@ use crate::shared::SharedState;
 
 mod keysets;
 
-/// `pg_advisory_xact_lock` key held while a kick-off counts the active jobs and records its own.
-pub const ADMISSION_LOCK: i64 = 0x0066_6868_6f73_6503;
+pub use super::ADMISSION_LOCK;
 
 /// Connections of the queue's own pool.
 const QUEUE_CONNECTIONS: usize = 4;

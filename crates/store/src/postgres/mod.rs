@@ -98,6 +98,10 @@ pub const BUILD_LOCK: i64 = 0x0066_6868_6f73_6503;
 /// `pg_advisory_lock` key held by a full reindex from start to swap: one at a time in the
 /// cluster, and the `_rebuild` tables belong to its holder.
 pub const REINDEX_LOCK: i64 = 0x0066_6868_6f73_6504;
+/// `pg_advisory_xact_lock` key held while a kick-off counts the active jobs and records its own
+/// (`jobs`). Every key of the store is here, each its own: a kick-off must never wait for a
+/// bulk load's index build (it did while the two shared one key; `lock_key_tests`).
+pub const ADMISSION_LOCK: i64 = 0x0066_6868_6f73_6505;
 /// Rows per keyset page of a scan.
 const SCAN_PAGE_ROWS: i64 = 1000;
 /// How long a call waits for a pooled connection when all are in use, unless the URL says
@@ -582,5 +586,25 @@ mod tests {
         assert_eq!(key(1, 5), (1 << 40) | 5);
         assert!(key(1, MAX_SEQ) < key(2, 0));
         assert_eq!(key(3, i64::MAX), key(3, MAX_SEQ));
+    }
+}
+
+#[cfg(test)]
+mod lock_key_tests {
+    #[test]
+    fn every_advisory_lock_key_is_its_own() {
+        use super::{ADMISSION_LOCK, BUILD_LOCK, MIGRATION_LOCK, REINDEX_LOCK, WRITE_LOCK};
+        let keys = [
+            WRITE_LOCK,
+            MIGRATION_LOCK,
+            BUILD_LOCK,
+            REINDEX_LOCK,
+            ADMISSION_LOCK,
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b, "two advisory locks share the key {a:#x}");
+            }
+        }
     }
 }
