@@ -34,6 +34,7 @@ use crate::methods::{
 use crate::patient;
 use crate::transforms;
 use crate::typing::{declared_def, resource_type_of};
+use fhir_model::KeyWords;
 
 pub(crate) mod stream;
 
@@ -172,45 +173,6 @@ pub(crate) struct Member {
     key: &'static str,
 }
 
-/// A key's length and two words: its first and last 8 bytes (overlapping when shorter than
-/// 16), or for shorter keys its first and last 4 or 2 bytes, or its one byte: with the length
-/// they identify a key of up to 16 bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct KeyWords {
-    len: usize,
-    first: u64,
-    last: u64,
-}
-
-impl KeyWords {
-    #[inline(always)]
-    fn of(key: &[u8]) -> KeyWords {
-        let len = key.len();
-        let word = |b: &[u8]| {
-            let mut w = [0u8; 8];
-            w[..b.len()].copy_from_slice(b);
-            u64::from_le_bytes(w)
-        };
-        let (first, last) = if len >= 8 {
-            (word(&key[..8]), word(&key[len - 8..]))
-        } else if len >= 4 {
-            (word(&key[..4]), word(&key[len - 4..]))
-        } else if len >= 2 {
-            (word(&key[..2]), word(&key[len - 2..]))
-        } else {
-            (key.first().map_or(0, |&b| u64::from(b)), 0)
-        };
-        KeyWords { len, first, last }
-    }
-
-    #[inline(always)]
-    fn hash(&self, shift: u32) -> usize {
-        let h = (self.first ^ self.last.rotate_left(29) ^ self.len as u64)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (h >> shift) as usize
-    }
-}
-
 impl MemberTable {
     fn new(by_type: &ByType, def: &'static fhir_model::TypeDef, ix: u32) -> MemberTable {
         let parent = by_type.entry(by_type.slot(&def.name, Some(ix)));
@@ -267,11 +229,7 @@ impl MemberTable {
         loop {
             let i = (*self.slots.get(s)? as usize).checked_sub(1)?;
             let m = self.members.get(i)?;
-            if m.words == words
-                && (words.len <= 16
-                    || m.key.as_bytes().get(8..words.len - 8)
-                        == key.as_bytes().get(8..words.len - 8))
-            {
+            if m.words.same_key(m.key.as_bytes(), &words, key.as_bytes()) {
                 return Some((i, m));
             }
             s = (s + 1) & mask;

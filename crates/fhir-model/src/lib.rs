@@ -11,6 +11,8 @@ mod model;
 mod primitives;
 mod validate;
 
-pub use model::{ChildRef, ElementDef, Model, SearchParam, SearchParamType, TypeDef, TypeKind, r4};
+pub use model::{
+    ChildRef, ElementDef, KeyWords, Model, SearchParam, SearchParamType, TypeDef, TypeKind, r4,
+};
 pub use primitives::{primitive_text_ok, primitive_value_ok};
 pub use validate::ValidationIssue;

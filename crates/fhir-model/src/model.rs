@@ -77,9 +77,12 @@ struct ChildTable {
 }
 
 /// A key's length and two words: its first and last 8 bytes (overlapping when shorter than
-/// 16), or for shorter keys its first and last 4 or 2 bytes, or its one byte.
+/// 16), or for shorter keys its first and last 4 or 2 bytes, or its one byte: with the length
+/// they identify a key of up to 16 bytes (longer keys also compare their middles,
+/// [`KeyWords::same_key`]). The model's child tables and de-identification's member tables
+/// look JSON keys up by them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct KeyWords {
+pub struct KeyWords {
     len: usize,
     first: u64,
     last: u64,
@@ -87,7 +90,7 @@ struct KeyWords {
 
 impl KeyWords {
     #[inline(always)]
-    fn of(key: &[u8]) -> KeyWords {
+    pub fn of(key: &[u8]) -> KeyWords {
         let len = key.len();
         let (first, last) = if len >= 8 {
             (word8(&key[..8]), word8(&key[len - 8..]))
@@ -104,11 +107,19 @@ impl KeyWords {
         KeyWords { len, first, last }
     }
 
+    /// The key's slot in a table of `2^(64 - shift)` slots.
     #[inline(always)]
-    fn hash(&self, shift: u32) -> usize {
+    pub fn hash(&self, shift: u32) -> usize {
         let h = (self.first ^ self.last.rotate_left(29) ^ self.len as u64)
             .wrapping_mul(0x9E37_79B9_7F4A_7C15);
         (h >> shift) as usize
+    }
+
+    /// Whether `key` (whose words these are) is `other_key` (whose words are `other`).
+    #[inline(always)]
+    pub fn same_key(&self, key: &[u8], other: &KeyWords, other_key: &[u8]) -> bool {
+        self == other
+            && (self.len <= 16 || key.get(8..self.len - 8) == other_key.get(8..self.len - 8))
     }
 }
 
@@ -163,10 +174,7 @@ impl ChildTable {
         loop {
             let i = (*self.slots.get(s)? as usize).checked_sub(1)?;
             let (w, k, _) = &self.entries[i];
-            if *w == words
-                && (words.len <= 16
-                    || k.as_bytes()[8..words.len - 8] == key.as_bytes()[8..words.len - 8])
-            {
+            if w.same_key(k.as_bytes(), &words, key.as_bytes()) {
                 return Some(i);
             }
             s = (s + 1) & mask;
