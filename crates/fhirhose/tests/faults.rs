@@ -1,7 +1,8 @@
 //! The fault suite: the real `fhirhose` binary under the faults a deployment meets — kill -9 at
 //! random points of an export, a cancel, a bulk load and a transaction; SIGTERM during an
 //! export; the export destination (Azurite, S3 on moto, S3 on s3s-fs) down for a while or for
-//! good; a full disk. Each case states the invariant it checks; the suite prints one line per round and
+//! good; a full disk, under the server's destination and under the export client's folder. Each
+//! case states the invariant it checks; the suite prints one line per round and
 //! `faults: N passed, M failed, K skipped (cases passed/total)`, and fails if any round failed.
 //!
 //! Settings (environment):
@@ -624,6 +625,12 @@ const CASES: &[Case] = &[
         rounds: 1,
         run: disk_full,
     },
+    Case {
+        name: "client-disk-full",
+        invariant: "`fhirhose export` downloads into a folder that fills up (an 8 MB tmpfs): it exits with an error naming a file and the lack of space (no panic), and every file it gave its final name is whole",
+        rounds: 1,
+        run: client_disk_full,
+    },
 ];
 
 fn kill9_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
@@ -1102,6 +1109,75 @@ fn disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
 }
 
 // ---------------------------------------------------------------------------------------------
+
+fn client_disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    let data = ctx.data_dir(dir)?;
+    let out = dir.join("client-out");
+    fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&out)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        return missing("permission to mount a tmpfs (run as root)");
+    }
+    let _mount = Mount(out.clone());
+    let s = Server::start(&data, free_port(), &export_args(), &dir.join("serve.log"))?;
+    let started = Instant::now();
+    let o = fhirhose()
+        .args(["export", &s.base, "--parallel", "2", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success(),
+        "the client succeeded into a full disk: {stderr}"
+    );
+    // An error exit, not a panic (101) or a signal.
+    ensure!(
+        matches!(o.status.code(), Some(c) if c != 101),
+        "the client ended with {:?}: {stderr}",
+        o.status
+    );
+    ensure!(
+        !stderr.contains("panicked"),
+        "the client panicked: {stderr}"
+    );
+    ensure!(
+        stderr.contains("No space left") && stderr.contains(".part"),
+        "the error names neither the file nor the lack of space: {stderr}"
+    );
+    // Files get their final names only when complete: each is whole NDJSON.
+    let mut whole = 0;
+    for entry in fs::read_dir(&out).map_err(|e| e.to_string())? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.extension().is_none_or(|x| x != "ndjson") {
+            continue;
+        }
+        let text = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        ensure!(
+            text.ends_with('\n'),
+            "{} has its final name but is cut",
+            path.display()
+        );
+        for line in text.lines() {
+            ensure!(
+                serde_json::from_str::<Value>(line).is_ok(),
+                "{} has its final name but holds a cut line",
+                path.display()
+            );
+        }
+        whole += 1;
+    }
+    Ok(Some(format!(
+        "failed after {} ms naming the file, {whole} whole files kept",
+        took.as_millis()
+    )))
+}
 
 #[test]
 fn fault_suite() {
