@@ -1075,6 +1075,21 @@ fn s3_stays_down(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> 
 /// Unmounts when dropped.
 struct Mount(PathBuf);
 
+impl Mount {
+    /// An 8 MB tmpfs mounted on `at` (created), unmounted when dropped; `None` without the
+    /// permission to mount (it needs root; CI runs as root).
+    fn small_tmpfs(at: &Path) -> R<Option<Mount>> {
+        fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(at)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        Ok(mounted.then(|| Mount(at.to_path_buf())))
+    }
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
@@ -1084,18 +1099,9 @@ impl Drop for Mount {
 fn disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
     let data = ctx.data_dir(dir)?;
     let storage = data.join("storage");
-    fs::create_dir_all(&storage).map_err(|e| e.to_string())?;
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&storage)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        // Mounting needs root (CI runs as root).
+    let Some(_mount) = Mount::small_tmpfs(&storage)? else {
         return missing("permission to mount a tmpfs (run as root)");
-    }
-    let _mount = Mount(storage.clone());
+    };
     let s = Server::start(&data, free_port(), &export_args(), &dir.join("serve.log"))?;
     let status = kickoff(&ctx.c, &s.base, "")?;
     let (code, body, took) = wait_end(&ctx.c, &status, FAIL_BOUND)?;
@@ -1113,17 +1119,9 @@ fn disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
 fn client_disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
     let data = ctx.data_dir(dir)?;
     let out = dir.join("client-out");
-    fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&out)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
+    let Some(_mount) = Mount::small_tmpfs(&out)? else {
         return missing("permission to mount a tmpfs (run as root)");
-    }
-    let _mount = Mount(out.clone());
+    };
     let s = Server::start(&data, free_port(), &export_args(), &dir.join("serve.log"))?;
     let started = Instant::now();
     let o = fhirhose()
