@@ -1,50 +1,38 @@
 #!/usr/bin/env bash
 # Installs Debian's OCI registry (package docker-registry, the CNCF "distribution" registry 2.8) into
 # .tools/registry without a system-wide install (apt-get download + dpkg -x, no root needed once the
-# apt lists exist), and starts it on 127.0.0.1:5001 with filesystem storage, unless a registry
-# already answers there. Idempotent: run it as often as you like. Data goes to .tools/registry/data
-# (removed by `--clean`), the log to .tools/registry/registry.log.
+# apt lists exist), and starts it on 127.0.0.1:5001 with filesystem storage. Idempotent: run it as
+# often as you like. Data goes to .tools/registry/data (removed by `--clean`, which also restarts
+# an instance using it), the log to .tools/registry/registry.log.
+# An instance already listening is reused only when it works for us: scripts/service-check.py
+# checks `GET /v2/` (200, a registry/2.0 API) and uploads, reads and deletes a small blob and, when
+# one of this project's scripts started it (from any checkout's .tools/registry), that its
+# checkout, program, configuration and storage folder still exist (this registry recreates a
+# deleted storage folder on the next write, so the round trip alone would not notice). A stale
+# instance of ours is stopped and replaced; anything else on the port is named and left alone,
+# and this script fails. scripts/tests/stale-services.sh checks that repair; see
+# docs/reliability.md.
 # Usage: ./scripts/registry.sh [--clean] ; stop it with: kill "$(cat .tools/registry/registry.pid)"
 # Tests find it through FHIRHOSE_TEST_REGISTRY=127.0.0.1:5001.
+# FHIRHOSE_REGISTRY_PORT overrides the port (the suite's tests expect 5001).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DIR=.tools/registry
 HOST=127.0.0.1
-PORT=5001
+PORT=${FHIRHOSE_REGISTRY_PORT:-5001}
 BIN="$DIR/root/usr/bin/docker-registry"
 
-# GET /v2/ must answer 200 (the registry's API version check); plain bash, no curl needed.
-answers() {
-  local reply
-  reply=$( (exec 3<>"/dev/tcp/$HOST/$PORT" &&
-    printf 'GET /v2/ HTTP/1.0\r\nHost: %s:%s\r\n\r\n' "$HOST" "$PORT" >&3 &&
-    timeout 2 head -n 1 <&3) 2>/dev/null) || return 1
-  [[ "$reply" == HTTP/1.?" 200"* ]]
-}
-
-port_taken() {
-  (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null
-}
+CHECK=(python3 scripts/service-check.py registry "$PORT")
 
 if [[ "${1:-}" == "--clean" ]]; then
-  if answers && [[ -f "$DIR/registry.pid" ]] && kill -0 "$(cat "$DIR/registry.pid")" 2>/dev/null; then
-    # Our registry is running on the data we are about to remove: restart it afterwards.
-    kill "$(cat "$DIR/registry.pid")"
-    for _ in $(seq 1 50); do port_taken || break; sleep 0.1; done
-  fi
   rm -rf "$DIR/data"
 fi
 
-# Already running (ours or anyone's): nothing to do.
-if answers; then
-  echo "registry: already answering on http://$HOST:$PORT/v2/"
-  exit 0
-fi
-if port_taken; then
-  echo "registry: something that is not an OCI registry listens on $HOST:$PORT; stop it first" >&2
-  exit 1
-fi
+# A working instance answers: nothing to do. A stale one of ours is stopped (exit 3).
+rc=0
+"${CHECK[@]}" reuse --pidfile "$DIR/registry.pid" || rc=$?
+case $rc in 0) exit 0 ;; 3) ;; *) exit 1 ;; esac
 
 if [[ ! -x "$BIN" ]]; then
   mkdir -p "$DIR/deb"
@@ -89,11 +77,12 @@ http:
     X-Content-Type-Options: [nosniff]
 EOF
 
-nohup "$BIN" serve "$DIR/config.yml" >"$DIR/registry.log" 2>&1 &
+# Absolute paths, so that the command line names the checkout (service-check.py reads it).
+nohup "$PWD/$BIN" serve "$PWD/$DIR/config.yml" >"$DIR/registry.log" 2>&1 &
 echo $! >"$DIR/registry.pid"
 
 for _ in $(seq 1 100); do
-  if answers; then
+  if (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null && "${CHECK[@]}" probe 2>/dev/null; then
     echo "registry: answering on http://$HOST:$PORT/v2/ (pid $(cat "$DIR/registry.pid"))"
     exit 0
   fi
@@ -102,6 +91,7 @@ for _ in $(seq 1 100); do
   fi
   sleep 0.1
 done
+"${CHECK[@]}" probe || true
 echo "registry: did not start on $HOST:$PORT; see $DIR/registry.log:" >&2
 tail -n 20 "$DIR/registry.log" >&2 || true
 exit 1
