@@ -237,9 +237,11 @@ def link(pid, what):
 def is_ours(kind, pid, pidfile):
     if any(OURS[kind].search(a) for a in cmdline(pid)[:3]):
         return True
+    # This checkout's pid file (the scripts run from the checkout's root); the working directory
+    # must match too, so that a recycled pid of some other program is never taken for ours.
     try:
         with open(pidfile) as f:
-            return int(f.read().strip()) == pid
+            return int(f.read().strip()) == pid and link(pid, "cwd") == os.getcwd()
     except (OSError, ValueError, TypeError):
         return False
 
