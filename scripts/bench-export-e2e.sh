@@ -8,12 +8,14 @@
 #      `fhirhose synth --patients 1000` = 397,807 resources), SYNTH (an existing synth folder to
 #      use instead), ROUNDS (5), PARALLEL (2), PORT (18490), SKIP_SMART=1 (Fhirhose only),
 #      NICE (as in scripts/bench-ratios.sh: a negative value also raises this script's autogroup),
-#      STREAMED=1 (also, in each round, a client that downloads during the export: below),
+#      STREAMED=1 (also, in each round, `fhirhose export --partial-manifests`: the product's
+#      client downloading each file while the export runs, timed from kick-off to its exit),
 #      DOWNLOAD_MODE (processes | one-process | fhirhose, see scripts/bench/download.sh; both
 #      servers; fhirhose = this binary's `fhirhose export` client).
 #
 # Each round runs one system export twice: once timed to the complete manifest (the files are
-# written and fsynced by the server; polled every 0.1 s), once timed to the last byte of the last
+# written and fsynced by the server; the status is long-polled with `Prefer: wait=20`, so the
+# answer comes as the export ends; a server that does not hold it is polled every 0.1 s), once timed to the last byte of the last
 # download (scripts/bench/download.sh: PARALLEL curl processes with keep-alive connections, or
 # one `curl --parallel` process with DOWNLOAD_MODE=one-process; each file written to WORK_DIR/out
 # and counted), the two interleaved. Both figures include the kick-off and the polling. Files of each export are deleted
@@ -56,8 +58,7 @@ if [[ ! -f "$DATA/fhirhose.db" ]]; then
 fi
 FHIRHOSE_LOG=warn nice -n "$NICE" "$BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" >"$WORK/serve.log" 2>&1 &
 SERVER=$!
-DOWNLOADER=
-trap 'kill "$SERVER" $DOWNLOADER 2>/dev/null || true' EXIT
+trap 'kill "$SERVER" 2>/dev/null || true' EXIT
 BASE="http://127.0.0.1:$PORT"
 for _ in $(seq 1 600); do
   curl -fsS "$BASE/metadata" >/dev/null 2>&1 && break
@@ -78,10 +79,12 @@ export_once() {
     "$BASE/\$export" | awk -F': ' 'tolower($1)=="content-location" {gsub(/\r/,"",$2); print $2}')
   [[ -n "$status_url" ]] || { echo "kick-off failed" >&2; exit 1; }
   while :; do
-    code=$(curl -sS -o "$WORK/manifest.json" -w '%{http_code}' "$status_url")
+    code=$(curl -sS -o "$WORK/manifest.json" -D "$WORK/status-headers" -w '%{http_code}' \
+      -H 'Prefer: wait=20' "$status_url")
     [[ "$code" == 200 ]] && break
     [[ "$code" == 202 || "$code" == 429 ]] || { echo "status $code: $(cat "$WORK/manifest.json")" >&2; exit 1; }
-    sleep 0.1
+    # A server that held the answer until something changed is asked again at once.
+    grep -qi '^preference-applied: *wait' "$WORK/status-headers" || sleep 0.1
   done
   if [[ "$2" == 1 ]]; then
     # The downloads alone, and the CPU time of the client (curl and jq, user + system): on a
@@ -122,71 +125,27 @@ export_once() {
     tee -a "$RUNS"
   curl -fsS -X DELETE "$status_url" >/dev/null || true
 }
-# export_streamed: another client (STREAMED=1), not the one the targets are measured with: kicks
-# off with allowPartialManifests=true, follows the manifest pages as the export writes its files
-# and downloads each new batch of files at once (one curl process per batch, PARALLEL transfers
-# at a time, batches one after the other), so the downloads overlap the export. Timed from
-# kick-off to the last byte, every line counted.
+# export_streamed (STREAMED=1): the product's client from kick-off to its exit with
+# --partial-manifests: it long-polls the running export's manifest pages and downloads each file
+# as soon as a page lists it, PARALLEL at a time, into WORK_DIR/out; every line counted.
 export_streamed() {
-  local load t0 t1 tl status_url url code next n=0 got
+  local load t0 t1 got job
   load=$(cut -d' ' -f1 /proc/loadavg)
-  rm -rf "$WORK/out" "$WORK/batches"
-  mkdir -p "$WORK/out" "$WORK/batches"
+  rm -rf "$WORK/out"
+  mkdir -p "$WORK/out"
   sync
   t0=$(date +%s.%N)
-  status_url=$(curl -fsS -D - -o /dev/null -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' \
-    "$BASE/\$export?allowPartialManifests=true" | awk -F': ' 'tolower($1)=="content-location" {gsub(/\r/,"",$2); print $2}')
-  [[ -n "$status_url" ]] || { echo "kick-off failed" >&2; exit 1; }
-  # The downloader: batch 1, 2, ... as they appear, until the number in `end`.
-  (
-    i=1
-    while :; do
-      if [[ -f "$WORK/batches/$i.json" ]]; then
-        DOWNLOAD_MODE="${DOWNLOAD_MODE/fhirhose/processes}" nice -n "$NICE" "$ROOT/scripts/bench/download.sh" "$WORK/batches/$i.json" "$WORK/out" "$PARALLEL"
-        i=$((i + 1))
-      elif [[ -f "$WORK/batches/end" ]] && ((i > $(cat "$WORK/batches/end"))); then
-        break
-      else
-        sleep 0.01
-      fi
-    done
-  ) &
-  DOWNLOADER=$!
-  url=$status_url
-  : >"$WORK/batches/seen"
-  while :; do
-    code=$(curl -sS -o "$WORK/page.json" -w '%{http_code}' "$url")
-    case "$code" in
-      200 | 202) ;;
-      429) sleep 0.1; continue ;;
-      *) echo "status $code: $(cat "$WORK/page.json")" >&2; exit 1 ;;
-    esac
-    # A page's files never change once listed; new ones are added until its work item is done.
-    jq -r '.output[]?.url' "$WORK/page.json" | grep -vxF -f "$WORK/batches/seen" >"$WORK/batches/new" || true
-    if [[ -s "$WORK/batches/new" ]]; then
-      n=$((n + 1))
-      jq -R -s '{output: [split("\n")[] | select(length > 0) | {url: .}]}' "$WORK/batches/new" >"$WORK/batches/next.tmp"
-      mv "$WORK/batches/next.tmp" "$WORK/batches/$n.json"
-      cat "$WORK/batches/new" >>"$WORK/batches/seen"
-    fi
-    next=$(jq -r '(.link // [])[] | select(.relation == "next") | .url' "$WORK/page.json")
-    if [[ -n "$next" ]]; then
-      url=$next
-      continue
-    fi
-    [[ "$code" == 200 ]] && break
-    sleep 0.1
-  done
-  tl=$(date +%s.%N)
-  echo "$n" >"$WORK/batches/end"
-  wait "$DOWNLOADER"
-  DOWNLOADER=
+  /usr/bin/time -o "$WORK/client-time" -f '%U %S %M' nice -n "$NICE" "$BIN" export "$BASE" \
+    --out "$WORK/out" --parallel "$PARALLEL" --partial-manifests --quiet >/dev/null 2>"$WORK/streamed.err" ||
+    { cat "$WORK/streamed.err" >&2; exit 1; }
   t1=$(date +%s.%N)
   got=$(find "$WORK/out" -name '*.ndjson' -exec cat {} + | wc -l)
   [[ "$got" == "$RESOURCES" ]] || { echo "streamed: downloaded $got of $RESOURCES lines" >&2; exit 1; }
-  echo "streamed $(echo "$t1 - $t0" | bc) s, every file listed at $(echo "$tl - $t0" | bc) s, $n batches," \
-    "server VmHWM $(awk '/VmHWM/ {print int($2/1024)}' "/proc/$SERVER/status") MiB, load $load" | tee -a "$RUNS"
-  curl -fsS -X DELETE "$status_url" >/dev/null || true
+  echo "streamed $(echo "$t1 - $t0" | bc) s, client CPU $(tail -n 1 "$WORK/client-time" | awk '{print $1 + $2 " s, client peak RSS " int($3 / 1024)}') MiB," \
+    "server VmHWM $(awk '/VmHWM/ {print int($2/1024)}' "/proc/$SERVER/status") MiB, load $load ($(tail -n 1 "$WORK/streamed.err"))" |
+    tee -a "$RUNS"
+  job=$(jq -r '.output[0].url' "$WORK/out/manifest.json" | sed 's#.*/export-files/\([^/]*\)/.*#\1#')
+  curl -fsS -X DELETE "$BASE/export-status/$job" >/dev/null || true
 }
 median() {
   grep "^$1 " "$RUNS" | awk '{print $2}' | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'
@@ -208,7 +167,8 @@ echo "downloads alone (manifest to last byte, in the end-to-end runs): $md s, cl
 echo "downloads add $(echo "scale=1; 100 * ($me - $mm) / $mm" | bc) % to kick-off -> manifest (target <= 25 %)"
 if [[ -n "${STREAMED:-}" ]]; then
   ms=$(median streamed)
-  echo "another client (STREAMED=1: allowPartialManifests, downloads during the export): kick-off -> last byte $ms s = $(echo "$RESOURCES / $ms" | bc) resources/s"
+  echo "fhirhose export --partial-manifests (downloads while the export runs): kick-off -> last byte $ms s = $(echo "$RESOURCES / $ms" | bc) resources/s;" \
+    "downloads add $(echo "scale=1; 100 * ($ms - $mm) / $mm" | bc) % to kick-off -> manifest"
 fi
 echo "cp of the same files to the same disk: $mc s = $(echo "scale=1; 100 * $mc / $mm" | bc) % of kick-off -> manifest (2 processes copying in the kernel: below any one-process HTTP client)"
 kill "$SERVER" 2>/dev/null || true

@@ -16,7 +16,8 @@
 #      default 0; -15 as root gives the runs the cores ahead of niced builds).
 # Each figure is wall time of the whole command (anonymize, load: process start to exit, including
 # reading, parsing, writing and, for load, the index build and fsyncs) or kick-off to complete
-# manifest (export: the server's own work, files written and fsynced; downloads not included).
+# manifest (export: the server's own work, files written and fsynced; downloads not included;
+# the status long-polled, so the figure ends when the export does).
 # Export rows also give the server's CPU seconds (user + system) during the export: steadier than
 # wall time when other processes share the cores.
 set -euo pipefail
@@ -144,11 +145,14 @@ export)
     status_url=$(curl -fsS -D - -o /dev/null -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' \
       "$BASE/\$export?$2" | awk -F': ' 'tolower($1)=="content-location" {gsub(/\r/,"",$2); print $2}')
     [[ -n "$status_url" ]] || { echo "kick-off failed" >&2; exit 1; }
+    # Long-polled (`Prefer: wait=20`): the answer comes as the export ends, not up to a polling
+    # interval later (a server that does not hold it is polled every 0.1 s).
     while :; do
-      code=$(curl -sS -o "$WORK/manifest.json" -w '%{http_code}' "$status_url")
+      code=$(curl -sS -o "$WORK/manifest.json" -D "$WORK/status-headers" -w '%{http_code}' \
+        -H 'Prefer: wait=20' "$status_url")
       [[ "$code" == 200 ]] && break
       [[ "$code" == 202 || "$code" == 429 ]] || { echo "status $code: $(cat "$WORK/manifest.json")" >&2; exit 1; }
-      sleep 0.1
+      grep -qi '^preference-applied: *wait' "$WORK/status-headers" || sleep 0.1
     done
     t1=$(date +%s.%N)
     c1=$(server_cpu)

@@ -35,6 +35,13 @@ pub struct File {
     pub size: Option<u64>,
 }
 
+/// The sections of a manifest and the kind of their files.
+const SECTIONS: [(&str, Kind); 3] = [
+    ("output", Kind::Output),
+    ("error", Kind::Error),
+    ("deleted", Kind::Deleted),
+];
+
 /// The files of `manifest`: `output` as `DIR/<Type>.<n>.ndjson`, `error` and `deleted` under
 /// `DIR/error/` and `DIR/deleted/` (n counts from 1 per type and kind; manifest::DownloadLayout,
 /// which also names the folders: each file's folder is created here).
@@ -42,11 +49,7 @@ pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
     let mut files = Vec::new();
     let mut layout = manifest::DownloadLayout::default();
     let mut urls: std::collections::HashSet<&str> = Default::default();
-    for (key, kind) in [
-        ("output", Kind::Output),
-        ("error", Kind::Error),
-        ("deleted", Kind::Deleted),
-    ] {
+    for (key, kind) in SECTIONS {
         let Some(entries) = manifest.get(key).and_then(Value::as_array) else {
             if key == "output" {
                 return Err(ClientError::Protocol(
@@ -56,39 +59,55 @@ pub fn plan(manifest: &Value, out: &Path) -> Result<Vec<File>, ClientError> {
             continue;
         };
         for e in entries {
-            let url = e.get("url").and_then(Value::as_str).ok_or_else(|| {
-                ClientError::Protocol(format!("a manifest {key} entry has no url"))
-            })?;
+            let file = entry_file(&mut layout, key, kind, e, out)?;
             // Each file once, even when a (paged) manifest lists it twice.
-            if !urls.insert(url) {
+            if !urls.insert(e["url"].as_str().unwrap_or_default()) {
                 return Err(ClientError::Protocol(format!(
-                    "the manifest lists {url} twice"
+                    "the manifest lists {} twice",
+                    file.url
                 )));
             }
-            // The name (manifest::DownloadLayout, which `fhirhose verify DIR/manifest.json` also
-            // knows): the type as letters and digits only, whatever the server says.
-            let (_, rel) = layout.next(key, e);
-            let dest = out.join(rel);
-            if let Some(dir) = dest.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| ClientError::io(dir, e))?;
-            }
-            let number =
-                |names: &[&str]| names.iter().find_map(|k| e.get(*k).and_then(Value::as_u64));
-            files.push(File {
-                kind,
-                dest,
-                url: url.to_owned(),
-                count: number(&["count"]),
-                size: number(&["fileSize", "size"]),
-            });
+            files.push(file);
         }
     }
     Ok(files)
 }
 
+/// The [`File`] of one entry of a manifest's section `key`, named by `layout` (the next name of
+/// its type and section), its folder created.
+fn entry_file(
+    layout: &mut manifest::DownloadLayout,
+    key: &'static str,
+    kind: Kind,
+    e: &Value,
+    out: &Path,
+) -> Result<File, ClientError> {
+    let url = e
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ClientError::Protocol(format!("a manifest {key} entry has no url")))?;
+    // The name (manifest::DownloadLayout, which `fhirhose verify DIR/manifest.json` also
+    // knows): the type as letters and digits only, whatever the server says.
+    let (_, rel) = layout.next(key, e);
+    let dest = out.join(rel);
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| ClientError::io(dir, e))?;
+    }
+    let number = |names: &[&str]| names.iter().find_map(|k| e.get(*k).and_then(Value::as_u64));
+    Ok(File {
+        kind,
+        dest,
+        url: url.to_owned(),
+        count: number(&["count"]),
+        size: number(&["fileSize", "size"]),
+    })
+}
+
 pub struct Outcome {
     pub bytes: u64,
     pub resumed: u32,
+    /// Files started while the export ran (`--partial-manifests`).
+    pub early: usize,
 }
 
 /// Downloads every file, `parallel` at a time; the first failure ends the run.
@@ -147,7 +166,194 @@ pub async fn all(
     Ok(Outcome {
         bytes,
         resumed: resumed.load(Ordering::Relaxed),
+        early: 0,
     })
+}
+
+/// Downloads started while the export runs (`fhirhose export --partial-manifests`): each file
+/// as soon as a manifest page of the running export lists it (a listed file never changes),
+/// `parallel` at a time, under the name [`plan`] gives it in the complete manifest (pages are
+/// read in order and a page's files only ever grow at its end, so the names agree; a file the
+/// complete manifest names otherwise is moved once every download has ended).
+pub struct Early {
+    session: Arc<Session>,
+    out: PathBuf,
+    permits: Arc<tokio::sync::Semaphore>,
+    bar: indicatif::ProgressBar,
+    resumed: Arc<AtomicU32>,
+    layout: manifest::DownloadLayout,
+    /// By URL: where each started file goes, and its download.
+    running: std::collections::HashMap<String, (PathBuf, Slot)>,
+    /// When the first download started.
+    pub started: Option<std::time::Instant>,
+}
+
+impl Early {
+    /// `bar`: the run's progress bar (hidden with --quiet), which now counts bytes too.
+    pub fn new(
+        session: Arc<Session>,
+        out: &Path,
+        parallel: usize,
+        bar: indicatif::ProgressBar,
+    ) -> Early {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} {bytes} {binary_bytes_per_sec} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        Early {
+            session,
+            out: out.to_path_buf(),
+            permits: Arc::new(tokio::sync::Semaphore::new(parallel.max(1))),
+            bar,
+            resumed: Arc::default(),
+            layout: manifest::DownloadLayout::default(),
+            running: Default::default(),
+            started: None,
+        }
+    }
+
+    /// Starts the files of a manifest page (of the running export) not started yet; the
+    /// first download that failed ends the run here.
+    pub fn page(&mut self, page: &Value, progress: &str) -> Result<(), ClientError> {
+        self.failed()?;
+        let requires_token = page
+            .get("requiresAccessToken")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        for (key, kind) in SECTIONS {
+            for e in page
+                .get(key)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(url) = e.get("url").and_then(Value::as_str) else {
+                    continue;
+                };
+                if self.running.contains_key(url) {
+                    continue;
+                }
+                let file = entry_file(&mut self.layout, key, kind, e, &self.out)?;
+                self.started.get_or_insert_with(std::time::Instant::now);
+                let task = self.spawn(file.clone(), requires_token);
+                self.running
+                    .insert(file.url, (file.dest, Slot::Running(task)));
+            }
+        }
+        self.bar.set_message(format!(
+            "{} files listed while exporting: {progress}",
+            self.running.len()
+        ));
+        Ok(())
+    }
+
+    /// The error of a download that already failed, if any (ended ones are set aside).
+    fn failed(&mut self) -> Result<(), ClientError> {
+        use futures::FutureExt;
+        for (_, slot) in self.running.values_mut() {
+            if let Slot::Running(task) = slot
+                && task.0.is_finished()
+                && let Some(result) = task.now_or_never()
+            {
+                *slot = Slot::Done(result?);
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, file: File, requires_token: bool) -> Aborting {
+        let (session, bar, resumed, permits) = (
+            self.session.clone(),
+            self.bar.clone(),
+            self.resumed.clone(),
+            self.permits.clone(),
+        );
+        Aborting(tokio::spawn(async move {
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .map_err(|_| ClientError::Interrupted { cancelled: false })?;
+            one(&session, &file, requires_token, &bar, &resumed).await
+        }))
+    }
+
+    /// Every file of the complete manifest (`files`, from [`plan`]): those started while the
+    /// export ran are awaited (and moved where `files` names them, if elsewhere), the others
+    /// downloaded now.
+    pub async fn finish(
+        mut self,
+        files: &[File],
+        requires_token: bool,
+    ) -> Result<Outcome, ClientError> {
+        let n = files.len();
+        let started_early = self.running.len();
+        let mut bytes = 0;
+        let mut early = Vec::new();
+        let mut moves = Vec::new();
+        let mut late = Vec::new();
+        for f in files {
+            match self.running.remove(&f.url) {
+                Some((dest, slot)) => {
+                    if dest != f.dest {
+                        moves.push((dest, f.dest.clone()));
+                    }
+                    match slot {
+                        Slot::Done(b) => bytes += b,
+                        Slot::Running(task) => early.push(task),
+                    }
+                }
+                None => late.push(f.clone()),
+            }
+        }
+        if let Some(url) = self.running.keys().next() {
+            return Err(ClientError::Protocol(format!(
+                "{url} was listed while the export ran but is not in its manifest"
+            )));
+        }
+        self.started.get_or_insert_with(std::time::Instant::now);
+        self.bar.set_message(format!("{n} files"));
+        if !moves.is_empty() {
+            // Every early file in place first: a name may be another early file's.
+            bytes += futures::future::try_join_all(early.drain(..))
+                .await?
+                .into_iter()
+                .sum::<u64>();
+            tracing::warn!(
+                files = moves.len(),
+                "the complete manifest orders files otherwise than its pages did: renaming them"
+            );
+            let parked = |i: usize, from: &Path| from.with_extension(format!("early-{i}"));
+            for (i, (from, _)) in moves.iter().enumerate() {
+                std::fs::rename(from, parked(i, from)).map_err(|e| ClientError::io(from, e))?;
+            }
+            for (i, (from, to)) in moves.iter().enumerate() {
+                std::fs::rename(parked(i, from), to).map_err(|e| ClientError::io(to, e))?;
+            }
+        }
+        let tasks: Vec<Aborting> = early
+            .into_iter()
+            .chain(late.into_iter().map(|f| self.spawn(f, requires_token)))
+            .collect();
+        // The first failure drops the others, which aborts them.
+        bytes += futures::future::try_join_all(tasks)
+            .await?
+            .into_iter()
+            .sum::<u64>();
+        self.bar.finish_and_clear();
+        Ok(Outcome {
+            bytes,
+            resumed: self.resumed.load(Ordering::Relaxed),
+            early: started_early,
+        })
+    }
+}
+
+/// A download started early: running, or ended with its byte count.
+enum Slot {
+    Running(Aborting),
+    Done(u64),
 }
 
 /// A spawned download that is aborted when dropped (the run ended on another file's error).

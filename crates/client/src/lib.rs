@@ -149,6 +149,12 @@ pub struct ExportArgs {
     /// read, ends the run with an error.
     #[arg(long, default_value_t = manifest::MAX_PAGES)]
     pub max_pages: usize,
+    /// Download while the export runs: kick off with `allowPartialManifests=true` and fetch each
+    /// file as soon as a manifest page of the running export lists it (the pages are followed
+    /// by their `link` `next`); `manifest.json` is still the complete manifest, written at the
+    /// end. With `--status-url`, the export must have been kicked off so.
+    #[arg(long)]
+    pub partial_manifests: bool,
     /// Resume a kicked-off export: poll this status URL instead of starting one.
     #[arg(long)]
     pub status_url: Option<String>,
@@ -174,6 +180,8 @@ pub struct Summary {
     pub bytes: u64,
     pub resources: Option<u64>,
     pub resumed: u32,
+    /// Files whose download started while the export ran (`--partial-manifests`).
+    pub early: usize,
     pub tokens: u32,
     pub export_seconds: f64,
     pub download_seconds: f64,
@@ -200,6 +208,9 @@ impl std::fmt::Display for Summary {
         )?;
         if let Some(r) = self.resources {
             write!(f, "; {r} resources")?;
+        }
+        if self.early > 0 {
+            write!(f, "; {} files fetched while the export ran", self.early)?;
         }
         if self.resumed > 0 {
             write!(f, "; {} downloads resumed by Range", self.resumed)?;
@@ -346,6 +357,9 @@ impl ExportArgs {
             p.push(("patient".to_owned(), r.clone()));
         }
         p.extend(self.params.iter().cloned());
+        if self.partial_manifests && !p.iter().any(|(k, _)| k == "allowPartialManifests") {
+            p.push(("allowPartialManifests".to_owned(), "true".to_owned()));
+        }
         p
     }
 }
@@ -357,6 +371,9 @@ fn parameters_body(params: &[(String, String)]) -> Value {
         .map(|(k, v)| match k.as_str() {
             "patient" => json!({"name": k, "valueReference": {"reference": v}}),
             "_since" | "_until" | "_till" => json!({"name": k, "valueInstant": v}),
+            "allowPartialManifests" if v == "true" || v == "false" => {
+                json!({"name": k, "valueBoolean": v == "true"})
+            }
             _ => json!({"name": k, "valueString": v}),
         })
         .collect();
@@ -417,25 +434,58 @@ async fn kickoff(args: &ExportArgs, session: &Session) -> Result<String, ClientE
         .ok_or_else(|| ClientError::Protocol("202 without Content-Location".to_owned()))
 }
 
-/// Polls until the manifest is ready.
+/// Seconds a status request asks the server to hold its answer until something changes
+/// (`Prefer: wait`, RFC 7240; servers that do not know it answer at once, as before), at most
+/// half of `--timeout`.
+const WAIT_SECONDS: u64 = 20;
+
+/// Polls until the manifest is ready: its first page. Each poll asks the server to answer
+/// only once something changed (`Prefer: wait`, with the last answer's `ETag` in
+/// `If-None-Match`; a manifest page not read yet is first asked for without it); a server
+/// that takes the preference (`Preference-Applied: wait`) is asked again at once, any other
+/// after `Retry-After` (or `--poll-interval`). With `early`
+/// (`--partial-manifests`), the running export's manifest pages are read as they grow and
+/// followed by their `link` `next`, and their files started.
 async fn poll(
     args: &ExportArgs,
     session: &Session,
     status_url: &str,
     bar: &indicatif::ProgressBar,
+    mut early: Option<&mut download::Early>,
 ) -> Result<Value, ClientError> {
-    let headers = header("accept", "application/json");
     let policy = Policy {
         idempotent: true,
         pass_429: true,
     };
     let mut slow_down = 0u32;
+    let mut url = status_url.to_owned();
+    let mut etag: Option<reqwest::header::HeaderValue> = None;
+    // The pages followed while the export runs: none twice, at most --max-pages.
+    let mut pages: std::collections::HashSet<String> = Default::default();
+    let prefer = format!("wait={}", (args.timeout / 2).clamp(1, WAIT_SECONDS));
     loop {
+        let mut headers = header("accept", "application/json");
+        // A page not read yet is asked for at once (its files so far), then waited on.
+        if (early.is_none() || etag.is_some())
+            && let Ok(v) = reqwest::header::HeaderValue::from_str(&prefer)
+        {
+            headers.insert("prefer", v);
+        }
+        if let Some(tag) = &etag {
+            headers.insert("if-none-match", tag.clone());
+        }
         let resp = session
-            .send(Method::GET, status_url, &headers, None, true, policy)
+            .send(Method::GET, &url, &headers, None, true, policy)
             .await?;
         let status = resp.status();
         let wait = session::retry_after(resp.headers());
+        let waits = resp
+            .headers()
+            .get_all("preference-applied")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split([',', ';']).any(|p| p.trim().starts_with("wait")));
+        let new_etag = resp.headers().get("etag").cloned();
         // `Prefer: separate-export-status` (Bulk Data STU4 ballot): every poll is 200, the
         // job's own status is in X-Export-Status.
         let export_status = resp
@@ -450,25 +500,56 @@ async fn poll(
             }
             _ => status,
         };
+        let body = |resp: reqwest::Response, url: String| async move {
+            resp.text().await.map_err(|e| ClientError::Transport {
+                url,
+                attempts: 1,
+                reason: session::transport_reason(&e),
+            })
+        };
         match status {
+            StatusCode::OK if url != status_url => {
+                // The export ended while a later page was being read: its manifest starts
+                // on the first page.
+                url = status_url.to_owned();
+                etag = None;
+                continue;
+            }
             StatusCode::OK => {
-                let body = resp.text().await.map_err(|e| ClientError::Transport {
-                    url: status_url.to_owned(),
-                    attempts: 1,
-                    reason: session::transport_reason(&e),
-                })?;
+                let body = body(resp, url).await?;
                 return serde_json::from_str(&body)
                     .map_err(|_| ClientError::Protocol("the manifest is not JSON".to_owned()));
             }
             StatusCode::ACCEPTED => {
                 slow_down = 0;
-                if let Some(p) = resp
+                let progress = resp
                     .headers()
                     .get("x-progress")
                     .and_then(|v| v.to_str().ok())
-                {
-                    bar.set_message(format!("exporting: {p}"));
-                    tracing::debug!(progress = p, "export in progress");
+                    .unwrap_or("")
+                    .to_owned();
+                if !progress.is_empty() {
+                    bar.set_message(format!("exporting: {progress}"));
+                    tracing::debug!(progress, "export in progress");
+                }
+                if let Some(early) = early.as_deref_mut() {
+                    let text = body(resp, url.clone()).await?;
+                    // A running export's manifest page (`allowPartialManifests`), if any.
+                    if let Ok(page) = serde_json::from_str::<Value>(&text)
+                        && page.get("output").is_some_and(Value::is_array)
+                    {
+                        early.page(&page, &progress)?;
+                        if let Some(next) = manifest::next_link(&page) {
+                            url = next_page(&url, next, &mut pages, args.max_pages)?;
+                            etag = None;
+                            continue;
+                        }
+                    }
+                }
+                let unread = early.is_some() && etag.is_none();
+                etag = new_etag;
+                if waits || (unread && etag.is_some()) {
+                    continue;
                 }
             }
             StatusCode::TOO_MANY_REQUESTS => {
@@ -476,7 +557,7 @@ async fn poll(
                 slow_down += 1;
             }
             _ => {
-                let err = session.fail(status_url, resp, 1).await;
+                let err = session.fail(&url, resp, 1).await;
                 return Err(match err {
                     ClientError::ServerError { reason, .. }
                     | ClientError::Refused { reason, .. }
@@ -491,6 +572,35 @@ async fn poll(
         let default = Duration::from_secs(args.poll_interval.max(1) << slow_down.min(4));
         tokio::time::sleep(wait.unwrap_or(default).max(Duration::from_millis(200))).await;
     }
+}
+
+/// The `next` page of a running export's manifest page read from `current`: resolved, an
+/// http(s) URL, never followed twice, at most `max_pages` of them.
+fn next_page(
+    current: &str,
+    next: &str,
+    seen: &mut std::collections::HashSet<String>,
+    max_pages: usize,
+) -> Result<String, ClientError> {
+    let url = reqwest::Url::parse(current)
+        .and_then(|base| base.join(next))
+        .map_err(|e| ClientError::Protocol(format!("the `next` link {next} is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ClientError::Protocol(format!(
+            "the `next` link {url} is not an http(s) URL"
+        )));
+    }
+    if !seen.insert(url.to_string()) {
+        return Err(ClientError::Protocol(format!(
+            "the manifest pages loop: {url} was already read"
+        )));
+    }
+    if seen.len() >= max_pages.max(1) {
+        return Err(ClientError::Protocol(format!(
+            "the manifest has more than {max_pages} pages (--max-pages)"
+        )));
+    }
+    Ok(url.to_string())
 }
 
 /// The whole manifest of a complete export from its first page: the pages its `link` `next`
@@ -567,7 +677,10 @@ async fn export(
     }
     tracing::info!(status_url, "export started");
     bar.set_message("exporting");
-    let first = poll(args, &session, &status_url, &bar).await?;
+    let mut early = args
+        .partial_manifests
+        .then(|| download::Early::new(session.clone(), &args.out, args.parallel, bar.clone()));
+    let first = poll(args, &session, &status_url, &bar, early.as_mut()).await?;
     let (manifest, pages) = all_pages(args, &session, &status_url, first).await?;
     let export_seconds = started.elapsed().as_secs_f64();
     write_atomically(
@@ -579,16 +692,26 @@ async fn export(
         .get("requiresAccessToken")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    bar.finish_and_clear();
-    let dl_started = Instant::now();
-    let outcome = download::all(
-        session.clone(),
-        &files,
-        requires_token,
-        args.parallel,
-        args.quiet,
-    )
-    .await?;
+    if early.is_none() {
+        bar.finish_and_clear();
+    }
+    let mut dl_started = Instant::now();
+    let outcome = match early {
+        Some(early) => {
+            dl_started = early.started.unwrap_or(dl_started);
+            early.finish(&files, requires_token).await?
+        }
+        None => {
+            download::all(
+                session.clone(),
+                &files,
+                requires_token,
+                args.parallel,
+                args.quiet,
+            )
+            .await?
+        }
+    };
     let download_seconds = dl_started.elapsed().as_secs_f64();
     let verified = if args.verify {
         let dangling = match args.dangling.as_deref() {
@@ -618,6 +741,7 @@ async fn export(
         bytes: outcome.bytes,
         resources,
         resumed: outcome.resumed,
+        early: outcome.early,
         tokens: session.tokens.load(std::sync::atomic::Ordering::Relaxed),
         export_seconds,
         download_seconds,

@@ -402,6 +402,9 @@ pub struct ItemContext<'a> {
     pub shutdown: &'a AtomicBool,
     /// Resources scanned, shared with the status endpoint of this process.
     pub live_scanned: &'a dyn Fn(u64),
+    /// Called after parts are committed and renamed (from the committing thread): status
+    /// requests waiting for a change look again.
+    pub committed: &'a (dyn Fn() + Sync),
 }
 
 /// NDJSON parts of one prefix in one item, cut by count and size; a finished part is handed to
@@ -570,6 +573,7 @@ struct Committer<'a> {
     queue: &'a dyn JobQueue,
     sink: &'a dyn Sink,
     job: &'a JobRecord,
+    committed: &'a (dyn Fn() + Sync),
 }
 
 impl<'a> Committer<'a> {
@@ -578,6 +582,7 @@ impl<'a> Committer<'a> {
             queue: ctx.queue,
             sink: ctx.sink,
             job: &ctx.prepared.job,
+            committed: ctx.committed,
         }
     }
 
@@ -598,7 +603,9 @@ impl<'a> Committer<'a> {
             }
             return Err(lease_error(self.queue.heartbeat(item, scanned, now)?));
         };
-        finish_renames(self.sink, self.queue, self.job, &records)
+        finish_renames(self.sink, self.queue, self.job, &records)?;
+        (self.committed)();
+        Ok(())
     }
 
     /// Makes the parts durable, then commits them. On an error the parts already finished are
@@ -1396,6 +1403,7 @@ pub fn run_export(
         cancel,
         shutdown: &AtomicBool::new(false),
         live_scanned: &|_| {},
+        committed: &|| {},
     };
     while let Some(item) = queue.claim("local", 0, i64::MAX / 4, 1)? {
         execute_item(&ctx, &item)?;

@@ -48,6 +48,9 @@ pub struct ExportService {
     /// Resources scanned per running item of this process, finer than the heartbeats.
     live: Mutex<HashMap<(String, i64), (String, u64)>>,
     wake: (Mutex<u64>, Condvar),
+    /// Woken when this process commits export files, ends a work item or cancels a job: what a
+    /// status request that waits for a change (`Prefer: wait`) looks at again.
+    changed: tokio::sync::Notify,
     /// Set by [`ExportService::shutdown`]: workers stop claiming and give their items back.
     stopping: AtomicBool,
     /// The worker and sweeper threads, once started.
@@ -86,6 +89,7 @@ impl ExportService {
             cancels: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             wake: (Mutex::new(0), Condvar::new()),
+            changed: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             deletions: Mutex::new(HashMap::new()),
@@ -102,6 +106,17 @@ impl ExportService {
         let (m, cv) = &self.wake;
         *lock(m) += 1;
         cv.notify_all();
+    }
+
+    /// Notified when this process commits export files, ends a work item or cancels a job
+    /// (other nodes' progress is only seen by looking again).
+    pub fn changes(&self) -> &tokio::sync::Notify {
+        &self.changed
+    }
+
+    /// Whether [`ExportService::shutdown`] has begun (waiting status requests answer then).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn cancel_flag(&self, job: &str) -> Arc<AtomicBool> {

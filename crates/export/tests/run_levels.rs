@@ -573,6 +573,7 @@ fn a_refused_commit_ends_every_scan_kind() {
             cancel: &AtomicBool::new(false),
             shutdown: &AtomicBool::new(false),
             live_scanned: &|_| {},
+            committed: &|| {},
         };
         let e = execute_item(&ctx, &item).expect_err(name);
         assert!(matches!(e, RunError::Stopped), "{name}: {e}");

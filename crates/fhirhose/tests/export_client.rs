@@ -156,6 +156,11 @@ fn proxy(port: u16, upstream: u16, state: Arc<ProxyState>) {
 /// Loads `patients` Patients and as many Observations into a new data directory and serves it
 /// with `--auth smart` (1 s tokens) at a port whose `--base-url` is `proxy_port`'s.
 fn serve_smart(proxy_port: u16, patients: usize) -> Server {
+    serve_smart_with(proxy_port, patients, &[])
+}
+
+/// [`serve_smart`] with more environment for the server (export item and file sizes).
+fn serve_smart_with(proxy_port: u16, patients: usize, env: &[(&str, &str)]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let ndjson = dir.path().join("data.ndjson");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&ndjson).unwrap());
@@ -201,6 +206,7 @@ fn serve_smart(proxy_port: u16, patients: usize) -> Server {
         .arg(&data)
         .arg("--clients")
         .arg(&clients)
+        .envs(env.iter().copied())
         .env("FHIRHOSE_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -304,37 +310,7 @@ fn the_client_exports_with_smart_renews_its_token_and_resumes_a_cut_download_by_
     );
 
     // Byte for byte the files the server serves (fetched directly, bypassing the proxy).
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
-    let http = reqwest::blocking::Client::new();
-    let bearer = token(&base);
-    let mut ids = std::collections::BTreeMap::<String, usize>::new();
-    let mut n: std::collections::HashMap<String, usize> = Default::default();
-    for entry in manifest["output"].as_array().unwrap() {
-        let rtype = entry["type"].as_str().unwrap();
-        let i = n.entry(rtype.to_owned()).or_default();
-        *i += 1;
-        let local = std::fs::read(out_dir.join(format!("{rtype}.{i}.ndjson"))).unwrap();
-        let url = entry["url"]
-            .as_str()
-            .unwrap()
-            .replace(&base, &server.direct);
-        let served = http.get(url).bearer_auth(&bearer).send().unwrap();
-        assert!(served.status().is_success());
-        assert!(
-            local == served.bytes().unwrap().as_ref(),
-            "{rtype}.{i} differs"
-        );
-        for line in String::from_utf8(local).unwrap().lines() {
-            let v: Value = serde_json::from_str(line).unwrap();
-            *ids.entry(format!(
-                "{}/{}",
-                v["resourceType"].as_str().unwrap(),
-                v["id"].as_str().unwrap()
-            ))
-            .or_default() += 1;
-        }
-    }
+    let ids = same_as_served(&out_dir, &base, &server);
     assert_eq!(ids.len(), 3000);
     assert!(ids.values().all(|c| *c == 1));
 
@@ -366,6 +342,48 @@ fn the_client_exports_with_smart_renews_its_token_and_resumes_a_cut_download_by_
     assert!(!out.status.success(), "{report}");
     assert!(report.contains("the content changed"), "{report}");
     assert!(report.contains(&format!("-> Patient/{id}")), "{report}");
+}
+
+/// `--partial-manifests`: the client kicks off with `allowPartialManifests=true`, follows the
+/// running export's manifest pages (long-polled with `Prefer: wait`) and downloads each file as
+/// soon as a page lists it; in the end the folder holds every file of the complete manifest
+/// under the same names as a download after the export, byte for byte, and `--verify` passes.
+#[test]
+fn the_client_downloads_while_the_export_runs_with_partial_manifests() {
+    let proxy_port = free_port();
+    // One worker, small items and files: 20 pages and 400 commits (each an fdatasync), so the
+    // export is still running when the first files are listed.
+    let server = serve_smart_with(
+        proxy_port,
+        10_000,
+        &[
+            ("FHIRHOSE_EXPORT_WORKERS", "1"),
+            ("FHIRHOSE_EXPORT_ITEM_RESOURCES", "1000"),
+            ("FHIRHOSE_EXPORT_FILE_RESOURCES", "50"),
+        ],
+    );
+    let state = Arc::new(ProxyState::default());
+    let port = server.direct.rsplit(':').next().unwrap().parse().unwrap();
+    proxy(proxy_port, port, state);
+    let base = format!("http://127.0.0.1:{proxy_port}");
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = export_cmd(&base, &out_dir)
+        .args(["--partial-manifests", "--verify", "--parallel", "2"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("400 files from 20 manifest pages"), "{err}");
+    assert!(err.contains("files fetched while the export ran"), "{err}");
+    assert!(err.contains("verified"), "{err}");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    assert!(manifest.get("link").is_none(), "{manifest}");
+    assert_eq!(manifest["output"].as_array().unwrap().len(), 400);
+    let ids = same_as_served(&out_dir, &base, &server);
+    assert_eq!(ids.len(), 20_000);
+    assert!(ids.values().all(|c| *c == 1));
 }
 
 /// Each failure is one line: a 401 with the server's reason, a client the token endpoint does
@@ -484,4 +502,43 @@ fn failures_are_one_line_and_ctrl_c_cancels_the_export() {
         "{err}"
     );
     assert!(state.saw_delete.load(Ordering::SeqCst));
+}
+
+/// The files `fhirhose export` saved in `out_dir` (named as its `manifest.json` lists them) are
+/// byte for byte what the server serves, fetched directly (not through the proxy at `base`);
+/// how many times each resource (`Type/id`) is in them.
+fn same_as_served(
+    out_dir: &Path,
+    base: &str,
+    server: &Server,
+) -> std::collections::BTreeMap<String, usize> {
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    let http = reqwest::blocking::Client::new();
+    let bearer = token(base);
+    let mut ids = std::collections::BTreeMap::<String, usize>::new();
+    let mut n: std::collections::HashMap<String, usize> = Default::default();
+    for entry in manifest["output"].as_array().unwrap() {
+        let rtype = entry["type"].as_str().unwrap();
+        let i = n.entry(rtype.to_owned()).or_default();
+        *i += 1;
+        let local = std::fs::read(out_dir.join(format!("{rtype}.{i}.ndjson"))).unwrap();
+        let url = entry["url"].as_str().unwrap().replace(base, &server.direct);
+        let served = http.get(url).bearer_auth(&bearer).send().unwrap();
+        assert!(served.status().is_success());
+        assert!(
+            local == served.bytes().unwrap().as_ref(),
+            "{rtype}.{i} differs"
+        );
+        for line in String::from_utf8(local).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            *ids.entry(format!(
+                "{}/{}",
+                v["resourceType"].as_str().unwrap(),
+                v["id"].as_str().unwrap()
+            ))
+            .or_default() += 1;
+        }
+    }
+    ids
 }

@@ -305,10 +305,21 @@ pub async fn group_export(
     .await
 }
 
-/// Polling faster than this answers 429.
+/// Polling faster than this answers 429 (a status request that waits for a change is held
+/// back to this pace instead).
 const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest a status request waits for a change (`Prefer: wait=N`, RFC 7240).
+const MAX_STATUS_WAIT: Duration = Duration::from_secs(30);
+/// A waiting status request looks again at least this often without being woken (another
+/// node's progress wakes nobody here).
+const STATUS_RECHECK: Duration = Duration::from_millis(250);
+/// ... and at most this often, however often this process's workers commit.
+const STATUS_RECHECK_MIN: Duration = Duration::from_millis(25);
+/// Status requests waiting at once; beyond this a request answers at once, as without `wait`.
+const MAX_WAITING_STATUS: usize = 32;
 
-fn polled_too_often(job: &str) -> bool {
+/// Time since the previous poll of `key` (`None`: the first), recording this one.
+fn since_last_poll(key: &str) -> Option<Duration> {
     static LAST: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
     let mut last = LAST
         .get_or_init(Default::default)
@@ -318,9 +329,32 @@ fn polled_too_often(job: &str) -> bool {
     if last.len() > 10_000 {
         last.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
     }
-    match last.insert(job.to_string(), now) {
-        Some(prev) => now.duration_since(prev) < MIN_POLL_INTERVAL,
-        None => false,
+    last.insert(key.to_string(), now)
+        .map(|prev| now.duration_since(prev))
+}
+
+fn polled_too_often(key: &str) -> bool {
+    since_last_poll(key).is_some_and(|d| d < MIN_POLL_INTERVAL)
+}
+
+/// `Prefer: wait=N` (whole seconds, at most [`MAX_STATUS_WAIT`]); anything else is no wait.
+fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+    let n: u64 = crate::negotiate::prefer(headers, "wait")?.parse().ok()?;
+    (n > 0).then(|| Duration::from_secs(n).min(MAX_STATUS_WAIT))
+}
+
+/// The validator of a running export's status answer: its manifest page with
+/// `allowPartialManifests` (which only grows, and gains `link` `next` when its item is done),
+/// else the same for the whole run.
+fn progress_tag(partial: &Option<serde_json::Value>) -> String {
+    use std::hash::{Hash, Hasher};
+    match partial {
+        Some(page) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            page.to_string().hash(&mut h);
+            format!("W/\"{:016x}\"", h.finish())
+        }
+        None => "W/\"running\"".to_string(),
     }
 }
 
@@ -337,18 +371,80 @@ fn status_page_param(raw: Option<&str>) -> Result<Option<i64>, ApiError> {
     }
 }
 
+/// `GET` of a status URL (or of a manifest page of it). `Prefer: wait=N` (RFC 7240) holds the
+/// answer while the export runs unchanged, at most N seconds (30 at most): until it ends, or,
+/// with `allowPartialManifests`, until its page lists more files or links the next page
+/// (unchanged = the page whose `ETag` the request names in `If-None-Match`, else the page as
+/// it was when the request came; a page that links the next is final and answered at once). A client learns of each file and of the end at once,
+/// without polling every few hundred milliseconds; `Preference-Applied: wait` says the
+/// preference was taken (the answer may come at once, when the page already differs from the
+/// one named). Such requests are paced (one answer per [`MIN_POLL_INTERVAL`] and
+/// page) instead of refused with 429.
 pub async fn status(
     State(state): State<AppState>,
     ctx: AuthContext,
     Path(job): Path<String>,
     RawQuery(raw): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    static WAITING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_WAITING_STATUS);
     let page = status_page_param(raw.as_deref())?;
     let svc = state.export.clone();
-    let j = job.clone();
-    let view = tokio::task::spawn_blocking(move || svc.status_page(&j, page, &Caller(ctx)))
-        .await
-        .map_err(|e| ApiError::internal("export status", e))??;
+    // Per manifest page: a client following the `next` links of a running export is not
+    // polling too often.
+    let key = match page {
+        Some(n) => format!("{job}?page={n}"),
+        None => job.clone(),
+    };
+    let waiting = prefer_wait(&headers).and_then(|w| Some((w, WAITING.try_acquire().ok()?)));
+    let mut base = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let started = Instant::now();
+    if waiting.is_some()
+        && let Some(since) = since_last_poll(&key)
+        && since < MIN_POLL_INTERVAL
+    {
+        tokio::time::sleep(MIN_POLL_INTERVAL - since).await;
+    }
+    // `Preference-Applied: wait` whenever the preference was taken (also when the answer was
+    // ready at once): the client may then ask again at once, the pacing is the server's.
+    let waited = waiting.is_some();
+    let view = loop {
+        // Registered before looking, so that a change made while looking still wakes.
+        let changed = svc.changes().notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (s, j, c) = (svc.clone(), job.clone(), ctx.clone());
+        let looked = Instant::now();
+        let view = tokio::task::spawn_blocking(move || s.status_page(&j, page, &Caller(c)))
+            .await
+            .map_err(|e| ApiError::internal("export status", e))??;
+        let Some((wait, _)) = &waiting else {
+            break view;
+        };
+        let Status::InProgress { partial, .. } = &view.status else {
+            break view;
+        };
+        // A page that links the next one is final: it never changes again.
+        let last_page = partial.as_ref().is_none_or(|p| {
+            p.get("link")
+                .is_none_or(|l| l.as_array().is_none_or(|a| a.is_empty()))
+        });
+        let tag = progress_tag(partial);
+        if *base.get_or_insert_with(|| tag.clone()) != tag || !last_page {
+            break view;
+        }
+        let deadline = started + *wait;
+        let now = Instant::now();
+        if now >= deadline || svc.is_stopping() {
+            break view;
+        }
+        let _ = tokio::time::timeout((deadline - now).min(STATUS_RECHECK), changed).await;
+        let next = (looked + STATUS_RECHECK_MIN).min(deadline);
+        tokio::time::sleep_until(next.into()).await;
+    };
     let separate = view.separate_status;
     // With `separate-export-status`, the poll itself succeeds (200) and the job's status is
     // in `X-Export-Status`: `202 Accepted`, `200 OK`, or the failure's code.
@@ -369,13 +465,8 @@ pub async fn status(
     };
     match view.status {
         Status::InProgress { progress, partial } => {
-            // Per manifest page: a client following the `next` links of a running export is
-            // not polling too often.
-            let key = match page {
-                Some(n) => format!("{job}?page={n}"),
-                None => job.clone(),
-            };
-            if polled_too_often(&key) {
+            let tag = progress_tag(&partial);
+            if waiting.is_none() && polled_too_often(&key) {
                 return Err(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "throttled",
@@ -400,6 +491,12 @@ pub async fn status(
             if let Ok(v) = HeaderValue::from_str(&progress) {
                 h.insert("x-progress", v);
             }
+            if let Ok(v) = HeaderValue::from_str(&tag) {
+                h.insert(header::ETAG, v);
+            }
+            if waited {
+                h.insert("preference-applied", HeaderValue::from_static("wait"));
+            }
             Ok(separated(resp))
         }
         Status::Complete {
@@ -417,6 +514,9 @@ pub async fn status(
                 + Duration::from_millis(u64::try_from(expires_ms).unwrap_or(0));
             if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
                 h.insert(header::EXPIRES, v);
+            }
+            if waited {
+                h.insert("preference-applied", HeaderValue::from_static("wait"));
             }
             Ok(separated(resp))
         }

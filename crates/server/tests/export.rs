@@ -230,6 +230,97 @@ async fn poll(s: &Server, url: &str) -> reqwest::Response {
     }
 }
 
+/// `Prefer: wait=N` on a status URL holds the answer while the export is unchanged (the
+/// `ETag` the request names in `If-None-Match`, else the state it found), at most N seconds,
+/// and says so with `Preference-Applied: wait`; a waiting request asked again at once is paced,
+/// not refused with 429; anything but a whole positive number of seconds is no wait; a
+/// request that waits answers with the manifest as soon as the export ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_request_waits_for_a_change_when_asked() {
+    use std::time::{Duration, Instant};
+    // No workers: the export stays queued, unchanged.
+    let s = common::start(
+        &[],
+        server::config::ExportOptions {
+            export_workers: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = s.kickoff("/$export").await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let status_url = r.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let get = |prefer: Option<&'static str>, tag: Option<String>| {
+        let mut rq = s.c.get(&status_url);
+        if let Some(p) = prefer {
+            rq = rq.header("prefer", p);
+        }
+        if let Some(t) = tag {
+            rq = rq.header("if-none-match", t);
+        }
+        rq.send()
+    };
+    let r = poll(&s, &status_url).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(r.headers().get("preference-applied").is_none());
+    let tag = r.headers()["etag"].to_str().unwrap().to_string();
+    for _ in 0..2 {
+        let t = Instant::now();
+        let r = get(Some("wait=1"), Some(tag.clone())).await.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        assert_eq!(r.headers()["preference-applied"], "wait");
+        assert_eq!(r.headers()["etag"], tag.as_str());
+        assert!(t.elapsed() >= Duration::from_millis(900), "it waited");
+    }
+    // A page the client does not have: the answer is ready at once.
+    let t = Instant::now();
+    let r = get(Some("wait=20"), Some("W/\"other\"".into()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(r.headers()["preference-applied"], "wait");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    for prefer in [
+        "wait=abc",
+        "wait=-1",
+        "wait=0",
+        "wait=99999999999999999999999",
+        "wait",
+    ] {
+        let r = loop {
+            let r = get(Some(prefer), Some(tag.clone())).await.unwrap();
+            if r.status() != StatusCode::TOO_MANY_REQUESTS {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        };
+        assert_eq!(r.status(), StatusCode::ACCEPTED, "{prefer}");
+        assert!(r.headers().get("preference-applied").is_none(), "{prefer}");
+    }
+
+    // With workers, a request that waits gets the manifest when the export ends.
+    let s = common::start(&[], Default::default()).await;
+    let r = s.kickoff("/$export").await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let status_url = r.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let r =
+        s.c.get(&status_url)
+            .header("prefer", "wait=20")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["preference-applied"], "wait");
+    let manifest: Value = r.json().await.unwrap();
+    assert!(manifest["output"].is_array(), "{manifest}");
+}
+
 /// Every entry of a manifest's `output` and `error`, by URL.
 fn entries(m: &Value) -> Vec<Value> {
     ["output", "error"]

@@ -116,6 +116,7 @@ impl ExportService {
         self.cancel_flag(id).store(true, Ordering::Relaxed);
         self.queue.cancel(id, now_ms())?;
         self.clean_up(&job);
+        self.changed.notify_waiters();
         Ok(())
     }
 

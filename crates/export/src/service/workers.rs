@@ -73,6 +73,8 @@ impl ExportService {
     pub fn shutdown(&self, drain: Duration) -> u64 {
         self.stopping.store(true, Ordering::SeqCst);
         self.notify();
+        // Status requests waiting for a change answer now, not at their deadline.
+        self.changed.notify_waiters();
         let deadline = std::time::Instant::now() + drain;
         let threads: Vec<_> = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
@@ -250,6 +252,7 @@ impl ExportService {
                 cancel: &cancel,
                 shutdown: &self.stopping,
                 live_scanned: &live_scanned,
+                committed: &|| self.changed.notify_waiters(),
             };
             execute_item(&ctx, item)?;
             if item.kind == ItemKind::Finalize {
@@ -261,6 +264,11 @@ impl ExportService {
 
     /// Records the outcome of an item (export or import).
     fn item_finished(&self, item: WorkItem, result: Result<(), RunError>, import: bool) {
+        self.record_outcome(item, result, import);
+        self.changed.notify_waiters();
+    }
+
+    fn record_outcome(&self, item: WorkItem, result: Result<(), RunError>, import: bool) {
         let job_id = item.job_id.clone();
         let key = (job_id.clone(), item.item_no);
         lock(&self.live).remove(&key);
