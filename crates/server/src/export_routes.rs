@@ -313,10 +313,11 @@ const MAX_STATUS_WAIT: Duration = Duration::from_secs(30);
 /// A waiting status request looks again at least this often without being woken (another
 /// node's progress wakes nobody here).
 const STATUS_RECHECK: Duration = Duration::from_millis(250);
-/// ... and at most this often, however often this process's workers commit.
-const STATUS_RECHECK_MIN: Duration = Duration::from_millis(25);
+/// ... and at most this often, however often this process's workers commit: with
+/// [`MAX_WAITING_STATUS`], at most 320 looks a second for all waiting requests together.
+const STATUS_RECHECK_MIN: Duration = Duration::from_millis(50);
 /// Status requests waiting at once; beyond this a request answers at once, as without `wait`.
-const MAX_WAITING_STATUS: usize = 32;
+const MAX_WAITING_STATUS: usize = 16;
 
 /// Time since the previous poll of `key` (`None`: the first), recording this one.
 fn since_last_poll(key: &str) -> Option<Duration> {
