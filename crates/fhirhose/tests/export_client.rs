@@ -515,7 +515,8 @@ fn same_as_served(
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
     let http = reqwest::blocking::Client::new();
-    let bearer = token(base);
+    // Tokens live 1 s here: a new one when the last has expired.
+    let mut bearer = token(base);
     let mut ids = std::collections::BTreeMap::<String, usize>::new();
     let mut n: std::collections::HashMap<String, usize> = Default::default();
     for entry in manifest["output"].as_array().unwrap() {
@@ -524,8 +525,12 @@ fn same_as_served(
         *i += 1;
         let local = std::fs::read(out_dir.join(format!("{rtype}.{i}.ndjson"))).unwrap();
         let url = entry["url"].as_str().unwrap().replace(base, &server.direct);
-        let served = http.get(url).bearer_auth(&bearer).send().unwrap();
-        assert!(served.status().is_success());
+        let mut served = http.get(&url).bearer_auth(&bearer).send().unwrap();
+        if served.status() == reqwest::StatusCode::UNAUTHORIZED {
+            bearer = token(base);
+            served = http.get(&url).bearer_auth(&bearer).send().unwrap();
+        }
+        assert!(served.status().is_success(), "{}", served.status());
         assert!(
             local == served.bytes().unwrap().as_ref(),
             "{rtype}.{i} differs"
