@@ -247,12 +247,7 @@ async fn a_status_request_waits_for_a_change_when_asked() {
         },
     )
     .await;
-    let r = s.kickoff("/$export").await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let status_url = r.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let status_url = kicked_off(&s, "/$export").await;
     let get = |prefer: Option<&'static str>, tag: Option<String>| {
         let mut rq = s.c.get(&status_url);
         if let Some(p) = prefer {
@@ -303,12 +298,7 @@ async fn a_status_request_waits_for_a_change_when_asked() {
 
     // With workers, a request that waits gets the manifest when the export ends.
     let s = common::start(&[], Default::default()).await;
-    let r = s.kickoff("/$export").await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let status_url = r.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let status_url = kicked_off(&s, "/$export").await;
     let r =
         s.c.get(&status_url)
             .header("prefer", "wait=20")
@@ -319,6 +309,16 @@ async fn a_status_request_waits_for_a_change_when_asked() {
     assert_eq!(r.headers()["preference-applied"], "wait");
     let manifest: Value = r.json().await.unwrap();
     assert!(manifest["output"].is_array(), "{manifest}");
+}
+
+/// Kicks off `path` (202 expected): the status URL.
+async fn kicked_off(s: &Server, path: &str) -> String {
+    let r = s.kickoff(path).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    r.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Every entry of a manifest's `output` and `error`, by URL.
