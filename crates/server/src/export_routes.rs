@@ -376,11 +376,11 @@ fn status_page_param(raw: Option<&str>) -> Result<Option<i64>, ApiError> {
 /// answer while the export runs unchanged, at most N seconds (30 at most): until it ends, or,
 /// with `allowPartialManifests`, until its page lists more files or links the next page
 /// (unchanged = the page whose `ETag` the request names in `If-None-Match`, else the page as
-/// it was when the request came; a page that links the next is final and answered at once). A client learns of each file and of the end at once,
-/// without polling every few hundred milliseconds; `Preference-Applied: wait` says the
-/// preference was taken (the answer may come at once, when the page already differs from the
-/// one named). Such requests are paced (one answer per [`MIN_POLL_INTERVAL`] and
-/// page) instead of refused with 429.
+/// it was when the request came; a page that links the next is final and answered at once).
+/// A client learns of each file and of the end at once, without polling every few hundred
+/// milliseconds; `Preference-Applied: wait` says the preference was taken (the answer may come
+/// at once, when the page already differs from the one named). Such requests are paced (one
+/// answer per 100 ms and page) instead of refused with 429.
 pub async fn status(
     State(state): State<AppState>,
     ctx: AuthContext,
