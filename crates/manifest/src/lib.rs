@@ -9,8 +9,9 @@
 //! [`verify`] checks an export against its manifest: every file read once, streamed, one per
 //! core at a time (sizes, SHA-256, line counts, every line a JSON resource of the entry's type),
 //! and whether the references of the output resolve to resources of the export, in memory of
-//! about 30 bytes per resource (the few lines that name a dangling reference are read again to
-//! list them). Files come from a [`Source`]: [`HttpSource`] (the manifest's URLs, with an
+//! about 30 bytes per resource up to a budget of about 64 MiB, beyond it in sorted runs written
+//! to a temporary directory and merged at the end (the few lines that name a dangling reference
+//! are read again to list them). Files come from a [`Source`]: [`HttpSource`] (the manifest's URLs, with an
 //! optional bearer token) or [`DirSource`] (a folder holding the files under the names their
 //! URLs end with, or under the export client's names). `fhirhose verify` and the export
 //! client's `--verify` are this function.
@@ -129,6 +130,11 @@ pub enum VerifyError {
     /// A page that does not belong to the manifest (a bad `next` URL, a page of another export).
     #[error("manifest page {page}: {message}")]
     BadPage { page: usize, message: String },
+    /// The reference check could not write or read its temporary files (a full disk).
+    #[error(
+        "the reference check's temporary files in {dir}: {message} (a full disk? TMPDIR sets where they go)"
+    )]
+    Spill { dir: String, message: String },
 }
 
 /// Where the files of a manifest are read from: shared by the threads [`verify`] reads with,
@@ -568,6 +574,9 @@ pub struct Report {
     /// References to types the export has no file of, by type (not checked).
     pub outside: BTreeMap<String, u64>,
     pub dangling_fails: bool,
+    /// Why the reference check could not be done to the end ([`VerifyError::Spill`]); its
+    /// counts are then incomplete. A failure.
+    pub reference_error: Option<String>,
 }
 
 /// How many problems of one kind are listed.
@@ -579,6 +588,7 @@ impl Report {
         self.manifest_problems.is_empty()
             && self.files.iter().all(|f| f.problems.is_empty())
             && !(self.dangling_fails && self.dangling_total > 0)
+            && self.reference_error.is_none()
     }
 
     /// Resources in `output` files.
@@ -595,6 +605,7 @@ impl Report {
         self.manifest_problems.len()
             + self.files.iter().map(|f| f.problems.len()).sum::<usize>()
             + usize::from(self.dangling_fails && self.dangling_total > 0)
+            + usize::from(self.reference_error.is_some())
     }
 }
 
@@ -639,6 +650,9 @@ impl fmt::Display for Report {
             "references: {} checked, {} dangling",
             self.references, self.dangling_total
         )?;
+        if let Some(e) = &self.reference_error {
+            writeln!(f, "  FAIL  references not checked to the end: {e}")?;
+        }
         for d in &self.dangling {
             writeln!(f, "  dangling: {} -> {}", d.from, d.reference)?;
         }
@@ -773,7 +787,15 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
             });
         }
     }
-    let check = refs::RefCheck::new();
+    // FHIRHOSE_VERIFY_BUDGET: the hashes the reference check holds in memory before it writes
+    // them to temporary files (for measuring; the default is refs::DEFAULT_BUDGET).
+    let check = match std::env::var("FHIRHOSE_VERIFY_BUDGET")
+        .ok()
+        .and_then(|b| b.trim().parse().ok())
+    {
+        Some(budget) => refs::RefCheck::with_budget(budget),
+        None => refs::RefCheck::new(),
+    };
     report.files = read_all(&planned, source, &check);
     if organized {
         types.extend(check.line_types());
@@ -790,6 +812,7 @@ pub fn verify(manifest: &Value, source: &dyn Source, options: &Options) -> Repor
     report.dangling = outcome.dangling;
     report.dangling_total = outcome.dangling_total;
     report.outside = outcome.outside;
+    report.reference_error = outcome.error.map(|e| e.to_string());
     report
 }
 
