@@ -439,6 +439,9 @@ async fn kickoff(args: &ExportArgs, session: &Session) -> Result<String, ClientE
 /// half of `--timeout`.
 const WAIT_SECONDS: u64 = 20;
 
+/// The least time between two polls of a page when the server holds its answers.
+const MIN_ASK_AGAIN: Duration = Duration::from_millis(100);
+
 /// Polls until the manifest is ready: its first page. Each poll asks the server to answer
 /// only once something changed (`Prefer: wait`, with the last answer's `ETag` in
 /// `If-None-Match`; a manifest page not read yet is first asked for without it); a server
@@ -474,6 +477,7 @@ async fn poll(
         if let Some(tag) = &etag {
             headers.insert("if-none-match", tag.clone());
         }
+        let sent = tokio::time::Instant::now();
         let resp = session
             .send(Method::GET, &url, &headers, None, true, policy)
             .await?;
@@ -549,6 +553,9 @@ async fn poll(
                 let unread = early.is_some() && etag.is_none();
                 etag = new_etag;
                 if waits || (unread && etag.is_some()) {
+                    // Asked again at once, but never more than 10 times a second, whatever a
+                    // server that claims to wait does.
+                    tokio::time::sleep_until(sent + MIN_ASK_AGAIN).await;
                     continue;
                 }
             }
