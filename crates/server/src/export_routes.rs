@@ -450,6 +450,10 @@ pub async fn status(
     // With `separate-export-status`, the poll itself succeeds (200) and the job's status is
     // in `X-Export-Status`: `202 Accepted`, `200 OK`, or the failure's code.
     let separated = |mut resp: Response| -> Response {
+        if waited && resp.status().is_success() {
+            resp.headers_mut()
+                .insert("preference-applied", HeaderValue::from_static("wait"));
+        }
         if separate {
             let code = resp.status();
             let text = format!(
@@ -495,9 +499,6 @@ pub async fn status(
             if let Ok(v) = HeaderValue::from_str(&tag) {
                 h.insert(header::ETAG, v);
             }
-            if waited {
-                h.insert("preference-applied", HeaderValue::from_static("wait"));
-            }
             Ok(separated(resp))
         }
         Status::Complete {
@@ -515,9 +516,6 @@ pub async fn status(
                 + Duration::from_millis(u64::try_from(expires_ms).unwrap_or(0));
             if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
                 h.insert(header::EXPIRES, v);
-            }
-            if waited {
-                h.insert("preference-applied", HeaderValue::from_static("wait"));
             }
             Ok(separated(resp))
         }
