@@ -28,7 +28,7 @@ pub use config::{ExportConfig, ImageConfigFetcher};
 pub use error::ExportError;
 use error::{failure_text, without_queries};
 pub use overview::{FileSummary, JobSummary, RECENT_JOBS, Stats, stats};
-pub use status::{Status, StatusView};
+pub use status::{PartialPage, Status, StatusView};
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()

@@ -353,8 +353,10 @@ fn stu3_options_are_recorded_with_the_job_and_honoured_by_the_node_that_resumes_
     match view.status {
         Status::InProgress { partial, .. } => {
             let page = partial.expect("a partial manifest");
-            assert_eq!(page["output"], json!([]));
-            assert!(page.get("link").is_none(), "nothing done yet");
+            assert_eq!(page.manifest["output"], json!([]));
+            assert!(page.manifest.get("link").is_none(), "nothing done yet");
+            assert!(!page.is_final());
+            assert_eq!((page.files, page.bytes), (0, 0));
         }
         other => panic!("{other:?}"),
     }

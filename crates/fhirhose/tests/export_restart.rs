@@ -364,7 +364,26 @@ fn sigterm_gives_running_export_work_back_without_using_an_attempt() {
     add_patients(&c, &first.base);
     let status_url = kickoff_ok(&c, &first.base);
     wait_running(&c, &status_url, 1);
+    // A status request waiting for a change (`Prefer: wait`, the page it has named) when the
+    // signal comes: it is answered at once, not at its 30 s deadline (the connections are
+    // closed at the 20 s drain, so a waiter nobody woke would get no answer at all).
+    let waiter = {
+        let (c, url) = (client(), status_url.clone());
+        std::thread::spawn(move || {
+            c.get(&url)
+                .header("Prefer", "wait=30")
+                .header("If-None-Match", "W/\"running\"")
+                .send()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
     sigterm(&mut first);
+    let answer = waiter
+        .join()
+        .expect("waiting request")
+        .expect("the waiting request is answered during the shutdown");
+    assert_eq!(answer.status().as_u16(), 202);
+    assert_eq!(answer.headers()["Preference-Applied"], "wait");
     drop(first);
     let mut second = serve_with(&data, &db, port, &args);
     let before = scanned(&c, &status_url).expect("still running");

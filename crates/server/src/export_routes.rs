@@ -345,18 +345,9 @@ fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// The validator of a running export's status answer: its manifest page with
-/// `allowPartialManifests` (which only grows, and gains `link` `next` when its item is done),
-/// else the same for the whole run.
-fn progress_tag(partial: &Option<serde_json::Value>) -> String {
-    use std::hash::{Hash, Hasher};
-    match partial {
-        Some(page) => {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            page.to_string().hash(&mut h);
-            format!("W/\"{:016x}\"", h.finish())
-        }
-        None => "W/\"running\"".to_string(),
-    }
+/// `allowPartialManifests` ([`export::PartialPage::etag`]), else the same for the whole run.
+fn progress_tag(partial: Option<&export::PartialPage>) -> String {
+    partial.map_or_else(|| "W/\"running\"".to_string(), export::PartialPage::etag)
 }
 
 /// The `page` of a status URL (a manifest page of an `allowPartialManifests` export); any
@@ -429,11 +420,8 @@ pub async fn status(
             break view;
         };
         // A page that links the next one is final: it never changes again.
-        let last_page = partial.as_ref().is_none_or(|p| {
-            p.get("link")
-                .is_none_or(|l| l.as_array().is_none_or(|a| a.is_empty()))
-        });
-        let tag = progress_tag(partial);
+        let last_page = partial.as_ref().is_none_or(|p| !p.is_final());
+        let tag = progress_tag(partial.as_ref());
         if *base.get_or_insert_with(|| tag.clone()) != tag || !last_page {
             break view;
         }
@@ -470,7 +458,7 @@ pub async fn status(
     };
     match view.status {
         Status::InProgress { progress, partial } => {
-            let tag = progress_tag(&partial);
+            let tag = progress_tag(partial.as_ref());
             if waiting.is_none() && polled_too_often(&key) {
                 return Err(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -481,8 +469,8 @@ pub async fn status(
             }
             let mut resp = match partial {
                 // `allowPartialManifests`: the files written so far.
-                Some(m) => {
-                    let mut r = (StatusCode::ACCEPTED, m.to_string()).into_response();
+                Some(p) => {
+                    let mut r = (StatusCode::ACCEPTED, p.manifest.to_string()).into_response();
                     r.headers_mut().insert(
                         header::CONTENT_TYPE,
                         HeaderValue::from_static("application/json"),

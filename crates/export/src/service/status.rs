@@ -28,7 +28,7 @@ pub enum Status {
     /// `partial`: with `allowPartialManifests`, the manifest page of the files written so far.
     InProgress {
         progress: String,
-        partial: Option<Value>,
+        partial: Option<PartialPage>,
     },
     /// `expires_ms`: when the files are removed (completion + retention).
     Complete {
@@ -39,6 +39,37 @@ pub enum Status {
         diagnostics: String,
         status: u16,
     },
+}
+
+/// A manifest page of a running `allowPartialManifests` export. A page only grows: files are
+/// added at its end (a listed file never changes), and once its work item and the items before
+/// the next page's are done it gains `link` `next` and never changes again.
+#[derive(Debug, Clone)]
+pub struct PartialPage {
+    /// The page as the status endpoint sends it.
+    pub manifest: Value,
+    /// The page's number (the `page` of its URL).
+    pub page: i64,
+    /// Files listed (every section).
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The next page's number, once the page is final.
+    pub next: Option<i64>,
+}
+
+impl PartialPage {
+    /// Whether the page links the next one: it never changes again.
+    pub fn is_final(&self) -> bool {
+        self.next.is_some()
+    }
+
+    /// A weak validator of the page as it is now, without reading its JSON: its number, what
+    /// it lists and its `next` (everything that changes on a page that only grows).
+    pub fn etag(&self) -> String {
+        let next = self.next.map(|n| format!("-{n}")).unwrap_or_default();
+        format!("W/\"p{}-{}-{}{next}\"", self.page, self.files, self.bytes)
+    }
 }
 
 impl ExportService {
@@ -89,7 +120,7 @@ impl ExportService {
                 })?;
                 Status::Complete {
                     manifest: match &req {
-                        Some(r) if r.allow_partial => self.manifest_page(&job, r, page)?,
+                        Some(r) if r.allow_partial => self.manifest_page(&job, r, page)?.manifest,
                         _ => stored,
                     },
                     expires_ms: job.finished_ms.unwrap_or_else(now_ms).saturating_add(
@@ -319,7 +350,7 @@ impl ExportService {
         job: &JobRecord,
         req: &ExportRequest,
         page: Option<i64>,
-    ) -> Result<Value, ExportError> {
+    ) -> Result<PartialPage, ExportError> {
         let items = self.queue.item_states(&job.id)?;
         let files: Vec<crate::jobs::FileRecord> = self
             .queue
@@ -358,7 +389,13 @@ impl ExportService {
                 "url": format!("{}/export-status/{}?page={n}", self.config.base_url, job.id),
             }]);
         }
-        Ok(m)
+        Ok(PartialPage {
+            manifest: m,
+            page: no,
+            files: mine.len(),
+            bytes: mine.iter().map(|f| f.bytes).sum(),
+            next,
+        })
     }
 }
 
@@ -372,5 +409,31 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(1000), "1,000");
         assert_eq!(thousands(3_000_000), "3,000,000");
+    }
+
+    #[test]
+    fn a_partial_page_tag_changes_with_everything_that_changes_on_a_page() {
+        let page = |page, files, bytes, next| PartialPage {
+            manifest: json!({}),
+            page,
+            files,
+            bytes,
+            next,
+        };
+        let empty = page(1, 0, 0, None);
+        assert!(!empty.is_final());
+        assert_eq!(empty.etag(), "W/\"p1-0-0\"");
+        let tags: std::collections::HashSet<String> = [
+            empty,
+            page(2, 0, 0, None),
+            page(1, 1, 10, None),
+            page(1, 1, 12, None),
+            page(1, 1, 12, Some(3)),
+        ]
+        .iter()
+        .map(PartialPage::etag)
+        .collect();
+        assert_eq!(tags.len(), 5);
+        assert!(page(1, 1, 12, Some(3)).is_final());
     }
 }
