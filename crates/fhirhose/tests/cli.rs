@@ -384,3 +384,104 @@ fn regression_summary_count_with_last_updated_lower_bound() {
         assert_eq!(b["total"], n, "{q}");
     }
 }
+
+/// Totals of searches that read every kind of index table the Synthea data fills (token, token
+/// text, string, date, quantity, reference, a chain), from a server of `data`.
+fn search_totals(data: &Path, db: &TestDb) -> Vec<(&'static str, u64)> {
+    const QUERIES: &[&str] = &[
+        "Patient?gender=female",
+        "Patient?name=a",
+        "Observation?code=http://loinc.org|8302-2",
+        "Observation?code:text=blood",
+        "Observation?date=ge2015-01-01",
+        "Observation?value-quantity=gt100",
+        "Encounter?subject:Patient.gender=male",
+        "Condition?patient:missing=false",
+    ];
+    let server = serve(data, db);
+    let client = reqwest::blocking::Client::new();
+    QUERIES
+        .iter()
+        .map(|q| {
+            let (status, body) = get_json(&client, &format!("{}/{q}&_summary=count", server.base));
+            assert_eq!(status, 200, "{q}: {body}");
+            (*q, body["total"].as_u64().expect("a total"))
+        })
+        .collect()
+}
+
+/// `fhirhose reindex` of `data` (not waited for).
+fn reindex(data: &Path, db: &TestDb) -> std::process::Child {
+    db.apply(&mut fhirhose())
+        .args(["reindex", "--data-dir"])
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start reindex")
+}
+
+/// A reindex killed with SIGKILL half-way (an operator's kill -9, an OOM kill, a lost node)
+/// leaves every search answering as before it — SQLite rolls its one transaction back,
+/// PostgreSQL keeps its live tables until the swap — and the next reindex finishes, clearing
+/// what the killed one left (PostgreSQL's `_rebuild` tables).
+#[test]
+fn a_reindex_killed_half_way_leaves_searches_whole_and_the_next_one_finishes() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::fresh();
+    let data = dir.path().join("data");
+    let out = db
+        .apply(&mut fhirhose())
+        .args(["load", "--data-dir"])
+        .arg(&data)
+        .arg(test_support::synthea_100())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "load: {}", text(&out.stderr));
+    let before = search_totals(&data, &db);
+    assert!(
+        before.iter().filter(|(_, n)| *n > 0).count() >= 6,
+        "the searches find something: {before:?}"
+    );
+
+    // A whole reindex, timed: the kills below land inside one.
+    let started = Instant::now();
+    let whole = reindex(&data, &db).wait_with_output().expect("reindex");
+    assert!(whole.status.success(), "reindex: {}", text(&whole.stderr));
+    let took = started.elapsed();
+    assert_eq!(search_totals(&data, &db), before, "after a whole reindex");
+
+    let mut killed = 0;
+    for fraction in [0.5, 0.3, 0.7] {
+        let mut child = reindex(&data, &db);
+        std::thread::sleep(took.mul_f64(fraction));
+        if child.try_wait().expect("reindex state").is_none() {
+            child.kill().expect("kill -9");
+            killed += 1;
+        }
+        child.wait().expect("reap");
+        assert_eq!(
+            search_totals(&data, &db),
+            before,
+            "after a reindex killed at {fraction} of its time"
+        );
+    }
+    eprintln!("{killed} of 3 reindexes killed while running (a whole one took {took:?})");
+    assert!(killed > 0, "no reindex was still running when killed");
+
+    let again = reindex(&data, &db).wait_with_output().expect("reindex");
+    assert!(again.status.success(), "reindex: {}", text(&again.stderr));
+    assert_eq!(search_totals(&data, &db), before, "after the next reindex");
+    if let Some(pg) = db.postgres() {
+        let mut c = postgres::Client::connect(&pg.url, postgres::NoTls).expect("connect");
+        let left: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'idx\\_%\\_rebuild'",
+                &[],
+            )
+            .expect("tables")
+            .get(0);
+        assert_eq!(left, 0, "the killed reindexes' tables are gone");
+    }
+}
