@@ -361,58 +361,49 @@ pub fn next_link(page: &Value) -> Option<&str> {
         .as_str()
 }
 
-/// Following a paged manifest's `link` `next` from its first page to its last, whatever
-/// fetches the pages ([`HttpSource::manifest`] here, the export client's session there): the
-/// pages' `output`, `error` and `deleted` entries are merged, in page order, into one manifest
-/// (the first page's other fields, no `link`). A `next` URL already read (the status URL of
-/// the first page included) is refused as a loop, and so is a page beyond `max_pages`, before
-/// anything is fetched; a page with another `transactionTime` than the first is refused.
-pub struct PageWalk {
-    merged: Value,
+/// The check of a paged manifest's `link` `next` URLs, page after page, on its own (no page
+/// merged): each `next` resolved against the page it is on, an http(s) URL, never a page
+/// already read (the first page's URL included), and at most `max_pages` pages in all.
+/// [`PageWalk`] checks its links with it, and so does the export client while it follows the
+/// pages of a running export (`--partial-manifests`), which are read but not merged.
+#[derive(Debug, Clone)]
+pub struct PageLinks {
+    seen: HashSet<String>,
+    /// The URL of the page read last (relative `next` URLs resolve against it).
+    current: Option<reqwest::Url>,
     pages: usize,
     max_pages: usize,
-    seen: HashSet<String>,
-    /// The URL of the last page read (relative `next` URLs resolve against it).
-    current: Option<reqwest::Url>,
-    next: Option<String>,
 }
 
-impl PageWalk {
-    /// The walk from the first page, read from `url` (`None`: a file).
-    pub fn new(first: Value, url: Option<&str>, max_pages: usize) -> Result<PageWalk, VerifyError> {
-        if !first.get("output").is_some_and(Value::is_array) {
-            return Err(VerifyError::NotAManifest("no `output` array".into()));
-        }
-        let mut walk = PageWalk {
-            next: next_link(&first).map(str::to_string),
-            merged: first,
-            pages: 1,
-            max_pages: max_pages.max(1),
+impl PageLinks {
+    /// The links from the first page, read from `url` (`None`: a file, whose `next` links must
+    /// then be absolute).
+    pub fn new(url: Option<&str>, max_pages: usize) -> Result<PageLinks, VerifyError> {
+        let mut links = PageLinks {
             seen: HashSet::new(),
             current: None,
+            pages: 1,
+            max_pages: max_pages.max(1),
         };
-        if let Some(obj) = walk.merged.as_object_mut() {
-            obj.remove("link");
-        }
         if let Some(u) = url {
             let u = reqwest::Url::parse(u).map_err(|e| VerifyError::BadPage {
                 page: 1,
                 message: format!("{u} is not a URL: {e}"),
             })?;
-            walk.seen.insert(u.to_string());
-            walk.current = Some(u);
+            links.seen.insert(u.to_string());
+            links.current = Some(u);
         }
-        Ok(walk)
+        Ok(links)
     }
 
-    /// The URL of the next page to read, checked: `None` when the last page was read.
-    pub fn next_url(&mut self) -> Result<Option<String>, VerifyError> {
-        let Some(next) = self.next.take() else {
-            return Ok(None);
-        };
+    /// The absolute URL of the page the current page's `next` link names, checked; it is then
+    /// the current page (counted as read). Refused: a `next` that is not a URL or not http(s)
+    /// ([`VerifyError::BadPage`]), a page already read ([`VerifyError::PageLoop`]), a page
+    /// beyond `max_pages` ([`VerifyError::TooManyPages`]).
+    pub fn follow(&mut self, next: &str) -> Result<String, VerifyError> {
         let url = match &self.current {
-            Some(base) => base.join(&next),
-            None => reqwest::Url::parse(&next),
+            Some(base) => base.join(next),
+            None => reqwest::Url::parse(next),
         }
         .map_err(|e| VerifyError::BadPage {
             page: self.pages,
@@ -435,8 +426,62 @@ impl PageWalk {
                 max: self.max_pages,
             });
         }
+        self.pages += 1;
         self.current = Some(url.clone());
-        Ok(Some(url.to_string()))
+        Ok(url.to_string())
+    }
+
+    /// Pages so far: the first and every one a `next` link led to.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// The URL of the current page (`None`: the first page, from a file).
+    pub fn current(&self) -> Option<&str> {
+        self.current.as_ref().map(reqwest::Url::as_str)
+    }
+}
+
+/// Following a paged manifest's `link` `next` from its first page to its last, whatever
+/// fetches the pages ([`HttpSource::manifest`] here, the export client's session there): the
+/// pages' `output`, `error` and `deleted` entries are merged, in page order, into one manifest
+/// (the first page's other fields, no `link`). The links are checked by [`PageLinks`]: a `next`
+/// URL already read (the status URL of the first page included) is refused as a loop, and so
+/// is a page beyond `max_pages`, before anything is fetched; a page with another
+/// `transactionTime` than the first is refused.
+pub struct PageWalk {
+    merged: Value,
+    /// Pages read (and merged) so far.
+    pages: usize,
+    links: PageLinks,
+    next: Option<String>,
+}
+
+impl PageWalk {
+    /// The walk from the first page, read from `url` (`None`: a file).
+    pub fn new(first: Value, url: Option<&str>, max_pages: usize) -> Result<PageWalk, VerifyError> {
+        if !first.get("output").is_some_and(Value::is_array) {
+            return Err(VerifyError::NotAManifest("no `output` array".into()));
+        }
+        let mut walk = PageWalk {
+            next: next_link(&first).map(str::to_string),
+            merged: first,
+            pages: 1,
+            links: PageLinks::new(url, max_pages)?,
+        };
+        if let Some(obj) = walk.merged.as_object_mut() {
+            obj.remove("link");
+        }
+        Ok(walk)
+    }
+
+    /// The URL of the next page to read, checked ([`PageLinks::follow`]): `None` when the last
+    /// page was read.
+    pub fn next_url(&mut self) -> Result<Option<String>, VerifyError> {
+        let Some(next) = self.next.take() else {
+            return Ok(None);
+        };
+        self.links.follow(&next).map(Some)
     }
 
     /// Adds the page read from the URL [`PageWalk::next_url`] gave.
@@ -1124,6 +1169,76 @@ mod tests {
         // A file manifest's next link must be absolute.
         let mut walk = PageWalk::new(page(&[], Some("?page=2")), None, 10).unwrap();
         assert!(matches!(walk.next_url(), Err(VerifyError::BadPage { .. })));
+    }
+
+    #[test]
+    fn page_links_resolve_relative_links_and_refuse_loops_schemes_and_too_many_pages() {
+        let status = "http://s/export-status/j";
+        let mut links = PageLinks::new(Some(status), 10).unwrap();
+        assert_eq!(links.pages(), 1);
+        assert_eq!(links.current(), Some(status));
+        // Relative links resolve against the page they are on, which then is the current one.
+        assert_eq!(
+            links.follow("j?page=2").unwrap(),
+            "http://s/export-status/j?page=2"
+        );
+        assert_eq!(links.current(), Some("http://s/export-status/j?page=2"));
+        assert_eq!(
+            links.follow("/export-status/j?page=3").unwrap(),
+            "http://s/export-status/j?page=3"
+        );
+        assert_eq!(
+            links.follow("https://t/other?page=4").unwrap(),
+            "https://t/other?page=4"
+        );
+        assert_eq!(links.pages(), 4);
+
+        // A loop: back to an earlier page, or to the first page (the status URL).
+        for back in ["http://s/export-status/j?page=2", "/export-status/j"] {
+            let mut links = PageLinks::new(Some(status), 10).unwrap();
+            links.follow("?page=2").unwrap();
+            links.follow("?page=3").unwrap();
+            let e = links.follow(back).unwrap_err();
+            assert!(matches!(e, VerifyError::PageLoop { page: 3, .. }), "{e}");
+            assert!(
+                e.to_string().contains("the pages loop")
+                    && e.to_string().contains("export-status/j"),
+                "{e}"
+            );
+        }
+
+        // Not http(s), or not a URL at all.
+        let mut links = PageLinks::new(Some(status), 10).unwrap();
+        for bad in ["file:///etc/passwd", "ftp://s/page2", "javascript:alert(1)"] {
+            let e = links.follow(bad).unwrap_err();
+            assert!(matches!(e, VerifyError::BadPage { page: 1, .. }), "{e}");
+            assert!(e.to_string().contains("not an http(s) URL"), "{e}");
+        }
+        let mut links = PageLinks::new(Some(status), 10).unwrap();
+        assert!(matches!(
+            links.follow("http://[::1"),
+            Err(VerifyError::BadPage { page: 1, .. })
+        ));
+        // Without a URL for the first page, a relative link is not a URL.
+        let mut links = PageLinks::new(None, 10).unwrap();
+        let e = links.follow("?page=2").unwrap_err();
+        assert!(e.to_string().contains("is not a URL"), "{e}");
+        assert_eq!(links.follow("http://s/p2").unwrap(), "http://s/p2");
+        assert!(PageLinks::new(Some("not a url"), 10).is_err());
+
+        // Ever new pages: at most max_pages in all (the first included); 0 means 1.
+        let mut links = PageLinks::new(Some(status), 3).unwrap();
+        links.follow("?page=2").unwrap();
+        links.follow("?page=3").unwrap();
+        let e = links.follow("?page=4").unwrap_err();
+        assert!(matches!(e, VerifyError::TooManyPages { max: 3 }), "{e}");
+        assert!(e.to_string().contains("more than 3 pages"), "{e}");
+        assert_eq!(links.pages(), 3);
+        let mut links = PageLinks::new(Some(status), 0).unwrap();
+        assert!(matches!(
+            links.follow("?page=2"),
+            Err(VerifyError::TooManyPages { max: 1 })
+        ));
     }
 
     #[test]
