@@ -463,8 +463,9 @@ async fn poll(
     let mut slow_down = 0u32;
     let mut url = status_url.to_owned();
     let mut etag: Option<reqwest::header::HeaderValue> = None;
-    // The pages followed while the export runs: none twice, at most --max-pages.
-    let mut pages: std::collections::HashSet<String> = Default::default();
+    // The pages followed while the export runs (read, not merged): none twice, at most
+    // --max-pages.
+    let mut pages = manifest::PageLinks::new(Some(status_url), args.max_pages).map_err(paging)?;
     let prefer = format!("wait={}", (args.timeout / 2).clamp(1, WAIT_SECONDS));
     loop {
         let mut headers = header("accept", "application/json");
@@ -544,7 +545,7 @@ async fn poll(
                     {
                         early.page(&page, &progress)?;
                         if let Some(next) = manifest::next_link(&page) {
-                            url = next_page(&url, next, &mut pages, args.max_pages)?;
+                            url = pages.follow(next).map_err(paging)?;
                             etag = None;
                             continue;
                         }
@@ -581,33 +582,9 @@ async fn poll(
     }
 }
 
-/// The `next` page of a running export's manifest page read from `current`: resolved, an
-/// http(s) URL, never followed twice, at most `max_pages` of them.
-fn next_page(
-    current: &str,
-    next: &str,
-    seen: &mut std::collections::HashSet<String>,
-    max_pages: usize,
-) -> Result<String, ClientError> {
-    let url = reqwest::Url::parse(current)
-        .and_then(|base| base.join(next))
-        .map_err(|e| ClientError::Protocol(format!("the `next` link {next} is not a URL: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(ClientError::Protocol(format!(
-            "the `next` link {url} is not an http(s) URL"
-        )));
-    }
-    if !seen.insert(url.to_string()) {
-        return Err(ClientError::Protocol(format!(
-            "the manifest pages loop: {url} was already read"
-        )));
-    }
-    if seen.len() >= max_pages.max(1) {
-        return Err(ClientError::Protocol(format!(
-            "the manifest has more than {max_pages} pages (--max-pages)"
-        )));
-    }
-    Ok(url.to_string())
+/// A link of the manifest pages refused ([`manifest::PageLinks`], [`manifest::PageWalk`]).
+fn paging(e: manifest::VerifyError) -> ClientError {
+    ClientError::Protocol(e.to_string())
 }
 
 /// The whole manifest of a complete export from its first page: the pages its `link` `next`
@@ -619,7 +596,6 @@ async fn all_pages(
     status_url: &str,
     first: Value,
 ) -> Result<(Value, usize), ClientError> {
-    let paging = |e: manifest::VerifyError| ClientError::Protocol(e.to_string());
     let mut walk =
         manifest::PageWalk::new(first, Some(status_url), args.max_pages).map_err(paging)?;
     let headers = header("accept", "application/json");
