@@ -110,71 +110,20 @@ pub struct Outcome {
     pub early: usize,
 }
 
-/// Downloads every file, `parallel` at a time; the first failure ends the run.
-pub async fn all(
-    session: Arc<Session>,
-    files: &[File],
-    requires_token: bool,
-    parallel: usize,
-    quiet: bool,
-) -> Result<Outcome, ClientError> {
-    let total: Option<u64> = files.iter().map(|f| f.size).sum();
-    let bar = if quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = match total {
-            Some(t) => indicatif::ProgressBar::new(t),
-            None => indicatif::ProgressBar::new_spinner(),
-        };
-        let template = if total.is_some() {
-            "{spinner} {elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}"
-        } else {
-            "{spinner} {elapsed_precise} {bytes} {binary_bytes_per_sec} {msg}"
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(template)
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
-                .progress_chars("=> "),
-        );
-        bar.enable_steady_tick(std::time::Duration::from_millis(200));
-        bar
-    };
-    let resumed = Arc::new(AtomicU32::new(0));
-    let done = Arc::new(AtomicU32::new(0));
-    let n = files.len();
-    bar.set_message(format!("0/{n} files"));
-    // Each download is a task of its own, so that `parallel` downloads receive and write on as
-    // many of the runtime's threads (in one task they would share one thread: receiving and
-    // writing hundreds of MB is CPU work). The first failure drops the others, which aborts them.
-    let mut stream = futures::stream::iter(files.iter().cloned())
-        .map(|f| {
-            let (session, bar, resumed, done) =
-                (session.clone(), bar.clone(), resumed.clone(), done.clone());
-            Aborting(tokio::spawn(async move {
-                let bytes = one(&session, &f, requires_token, &bar, &resumed).await?;
-                let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                bar.set_message(format!("{d}/{n} files"));
-                Ok::<u64, ClientError>(bytes)
-            }))
-        })
-        .buffer_unordered(parallel);
-    let mut bytes = 0;
-    while let Some(r) = stream.next().await {
-        bytes += r?;
-    }
-    bar.finish_and_clear();
-    Ok(Outcome {
-        bytes,
-        resumed: resumed.load(Ordering::Relaxed),
-        early: 0,
-    })
-}
-
-/// Downloads started while the export runs (`fhirhose export --partial-manifests`): each file
-/// as soon as a manifest page of the running export lists it (a listed file never changes),
-/// `parallel` at a time, under the name [`plan`] gives it in the complete manifest (pages are
-/// read in order and a page's files only ever grow at its end, so the names agree; a file the
-/// complete manifest names otherwise is moved once every download has ended).
+/// The run's downloads, `parallel` at a time, each a task of its own (so that `parallel`
+/// downloads receive and write on as many of the runtime's threads: in one task they would
+/// share one thread, and receiving and writing hundreds of MB is CPU work). The first failure
+/// ends the run; dropping the scheduler aborts the downloads still running.
+///
+/// Files are started in two ways. While the export runs (`fhirhose export --partial-manifests`),
+/// [`Early::page`] starts each file as soon as a manifest page of the running export lists it
+/// (a listed file never changes), under the name [`plan`] gives it in the complete manifest
+/// (pages are read in order and a page's files only ever grow at its end, so the names agree;
+/// a file the complete manifest names otherwise is moved once every download has ended).
+/// [`Early::finish`] then takes the complete manifest's files: those started early are awaited,
+/// the others downloaded now — for an export downloaded after it ended, that is every file.
+/// Once the complete manifest is known, the progress bar shows its total size when every
+/// entry gives one (`fileSize`).
 pub struct Early {
     session: Arc<Session>,
     out: PathBuf,
@@ -182,8 +131,13 @@ pub struct Early {
     bar: indicatif::ProgressBar,
     resumed: Arc<AtomicU32>,
     layout: manifest::DownloadLayout,
-    /// By URL: where each started file goes, and its download.
-    running: std::collections::HashMap<String, (PathBuf, Slot)>,
+    /// By URL: where each file started while the export ran goes.
+    running: std::collections::HashMap<String, PathBuf>,
+    /// The downloads not ended yet (dropped: aborted).
+    tasks: futures::stream::FuturesUnordered<Aborting>,
+    /// Bytes of the downloads ended so far, and how many ended.
+    bytes: u64,
+    done: usize,
     /// When the first download started.
     pub started: Option<std::time::Instant>,
 }
@@ -196,12 +150,7 @@ impl Early {
         parallel: usize,
         bar: indicatif::ProgressBar,
     ) -> Early {
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {elapsed_precise} {bytes} {binary_bytes_per_sec} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
+        bar.set_style(style(SPINNER));
         Early {
             session,
             out: out.to_path_buf(),
@@ -210,6 +159,9 @@ impl Early {
             resumed: Arc::default(),
             layout: manifest::DownloadLayout::default(),
             running: Default::default(),
+            tasks: Default::default(),
+            bytes: 0,
+            done: 0,
             started: None,
         }
     }
@@ -217,7 +169,7 @@ impl Early {
     /// Starts the files of a manifest page (of the running export) not started yet; the
     /// first download that failed ends the run here.
     pub fn page(&mut self, page: &Value, progress: &str) -> Result<(), ClientError> {
-        self.failed()?;
+        self.ended()?;
         let requires_token = page
             .get("requiresAccessToken")
             .and_then(Value::as_bool)
@@ -236,10 +188,8 @@ impl Early {
                     continue;
                 }
                 let file = entry_file(&mut self.layout, key, kind, e, &self.out)?;
-                self.started.get_or_insert_with(std::time::Instant::now);
-                let task = self.spawn(file.clone(), requires_token);
-                self.running
-                    .insert(file.url, (file.dest, Slot::Running(task)));
+                self.running.insert(file.url.clone(), file.dest.clone());
+                self.start(file, requires_token);
             }
         }
         self.bar.set_message(format!(
@@ -249,34 +199,45 @@ impl Early {
         Ok(())
     }
 
-    /// The error of a download that already failed, if any (ended ones are set aside).
-    fn failed(&mut self) -> Result<(), ClientError> {
+    /// Counts the downloads that ended; the error of one that failed, if any.
+    fn ended(&mut self) -> Result<(), ClientError> {
         use futures::FutureExt;
-        for (_, slot) in self.running.values_mut() {
-            if let Slot::Running(task) = slot
-                && task.0.is_finished()
-                && let Some(result) = task.now_or_never()
-            {
-                *slot = Slot::Done(result?);
-            }
+        while let Some(Some(result)) = self.tasks.next().now_or_never() {
+            self.count(result?);
         }
         Ok(())
     }
 
-    fn spawn(&self, file: File, requires_token: bool) -> Aborting {
+    fn count(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        self.done += 1;
+    }
+
+    fn start(&mut self, file: File, requires_token: bool) {
+        self.started.get_or_insert_with(std::time::Instant::now);
         let (session, bar, resumed, permits) = (
             self.session.clone(),
             self.bar.clone(),
             self.resumed.clone(),
             self.permits.clone(),
         );
-        Aborting(tokio::spawn(async move {
+        self.tasks.push(Aborting(tokio::spawn(async move {
             let _permit = permits
                 .acquire_owned()
                 .await
                 .map_err(|_| ClientError::Interrupted { cancelled: false })?;
             one(&session, &file, requires_token, &bar, &resumed).await
-        }))
+        })));
+    }
+
+    /// Awaits every download started, counting them, `n` files in all; the first failure
+    /// ends the run.
+    async fn drain(&mut self, n: usize) -> Result<(), ClientError> {
+        while let Some(result) = self.tasks.next().await {
+            self.count(result?);
+            self.bar.set_message(format!("{}/{n} files", self.done));
+        }
+        Ok(())
     }
 
     /// Every file of the complete manifest (`files`, from [`plan`]): those started while the
@@ -289,21 +250,12 @@ impl Early {
     ) -> Result<Outcome, ClientError> {
         let n = files.len();
         let started_early = self.running.len();
-        let mut bytes = 0;
-        let mut early = Vec::new();
         let mut moves = Vec::new();
         let mut late = Vec::new();
         for f in files {
             match self.running.remove(&f.url) {
-                Some((dest, slot)) => {
-                    if dest != f.dest {
-                        moves.push((dest, f.dest.clone()));
-                    }
-                    match slot {
-                        Slot::Done(b) => bytes += b,
-                        Slot::Running(task) => early.push(task),
-                    }
-                }
+                Some(dest) if dest != f.dest => moves.push((dest, f.dest.clone())),
+                Some(_) => {}
                 None => late.push(f.clone()),
             }
         }
@@ -312,14 +264,20 @@ impl Early {
                 "{url} was listed while the export ran but is not in its manifest"
             )));
         }
-        self.started.get_or_insert_with(std::time::Instant::now);
-        self.bar.set_message(format!("{n} files"));
+        if let Some(total) = files.iter().map(|f| f.size).sum::<Option<u64>>() {
+            // The bar counts the bytes received so far (those of the early files included).
+            self.bar.set_length(total);
+            self.bar.set_style(style(BAR));
+        }
+        if started_early == 0 {
+            // A download after the export: the time and rate are the download's.
+            self.bar.reset_elapsed();
+            self.bar.reset_eta();
+        }
+        self.bar.set_message(format!("{}/{n} files", self.done));
         if !moves.is_empty() {
             // Every early file in place first: a name may be another early file's.
-            bytes += futures::future::try_join_all(early.drain(..))
-                .await?
-                .into_iter()
-                .sum::<u64>();
+            self.drain(n).await?;
             tracing::warn!(
                 files = moves.len(),
                 "the complete manifest orders files otherwise than its pages did: renaming them"
@@ -332,28 +290,29 @@ impl Early {
                 std::fs::rename(parked(i, from), to).map_err(|e| ClientError::io(to, e))?;
             }
         }
-        let tasks: Vec<Aborting> = early
-            .into_iter()
-            .chain(late.into_iter().map(|f| self.spawn(f, requires_token)))
-            .collect();
-        // The first failure drops the others, which aborts them.
-        bytes += futures::future::try_join_all(tasks)
-            .await?
-            .into_iter()
-            .sum::<u64>();
+        for f in late {
+            self.start(f, requires_token);
+        }
+        self.drain(n).await?;
         self.bar.finish_and_clear();
         Ok(Outcome {
-            bytes,
+            bytes: self.bytes,
             resumed: self.resumed.load(Ordering::Relaxed),
             early: started_early,
         })
     }
 }
 
-/// A download started early: running, or ended with its byte count.
-enum Slot {
-    Running(Aborting),
-    Done(u64),
+/// The progress bar's look: bytes and rate while the total size is unknown, ...
+const SPINNER: &str = "{spinner} {elapsed_precise} {bytes} {binary_bytes_per_sec} {msg}";
+/// ... a bar of the total bytes once it is known.
+const BAR: &str =
+    "{spinner} {elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}";
+
+fn style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
+        .progress_chars("=> ")
 }
 
 /// A spawned download that is aborted when dropped (the run ended on another file's error).

@@ -675,26 +675,13 @@ async fn export(
         .get("requiresAccessToken")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    if early.is_none() {
-        bar.finish_and_clear();
-    }
-    let mut dl_started = Instant::now();
-    let outcome = match early {
-        Some(early) => {
-            dl_started = early.started.unwrap_or(dl_started);
-            early.finish(&files, requires_token).await?
-        }
-        None => {
-            download::all(
-                session.clone(),
-                &files,
-                requires_token,
-                args.parallel,
-                args.quiet,
-            )
-            .await?
-        }
-    };
+    // One scheduler for every download: the files started while the export ran are awaited,
+    // the others (all of them without --partial-manifests) downloaded now.
+    let downloads = early.unwrap_or_else(|| {
+        download::Early::new(session.clone(), &args.out, args.parallel, bar.clone())
+    });
+    let dl_started = downloads.started.unwrap_or_else(Instant::now);
+    let outcome = downloads.finish(&files, requires_token).await?;
     let download_seconds = dl_started.elapsed().as_secs_f64();
     let verified = if args.verify {
         let dangling = match args.dangling.as_deref() {
