@@ -199,6 +199,19 @@ impl Early {
         Ok(())
     }
 
+    /// The error of the first download that fails from now on (the others that end meanwhile
+    /// are counted); never, while none does. Cancel-safe: for racing whatever the run awaits
+    /// while the export runs, so that a failed download ends the run at once.
+    pub async fn failure(&mut self) -> ClientError {
+        loop {
+            match self.tasks.next().await {
+                Some(Ok(bytes)) => self.count(bytes),
+                Some(Err(e)) => return e,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
     /// Counts the downloads that ended; the error of one that failed, if any.
     fn ended(&mut self) -> Result<(), ClientError> {
         use futures::FutureExt;

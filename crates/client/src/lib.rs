@@ -479,9 +479,11 @@ async fn poll(
             headers.insert("if-none-match", tag.clone());
         }
         let sent = tokio::time::Instant::now();
-        let resp = session
-            .send(Method::GET, &url, &headers, None, true, policy)
-            .await?;
+        let resp = or_failed(
+            early.as_deref_mut(),
+            session.send(Method::GET, &url, &headers, None, true, policy),
+        )
+        .await?;
         let status = resp.status();
         let wait = session::retry_after(resp.headers());
         let waits = resp
@@ -521,7 +523,7 @@ async fn poll(
                 continue;
             }
             StatusCode::OK => {
-                let body = body(resp, url).await?;
+                let body = or_failed(early.as_deref_mut(), body(resp, url)).await?;
                 return serde_json::from_str(&body)
                     .map_err(|_| ClientError::Protocol("the manifest is not JSON".to_owned()));
             }
@@ -538,7 +540,7 @@ async fn poll(
                     tracing::debug!(progress, "export in progress");
                 }
                 if let Some(early) = early.as_deref_mut() {
-                    let text = body(resp, url.clone()).await?;
+                    let text = or_failed(Some(&mut *early), body(resp, url.clone())).await?;
                     // A running export's manifest page (`allowPartialManifests`), if any.
                     if let Ok(page) = serde_json::from_str::<Value>(&text)
                         && page.get("output").is_some_and(Value::is_array)
@@ -556,7 +558,11 @@ async fn poll(
                 if waits || (unread && etag.is_some()) {
                     // Asked again at once, but never more than 10 times a second, whatever a
                     // server that claims to wait does.
-                    tokio::time::sleep_until(sent + MIN_ASK_AGAIN).await;
+                    or_failed(early.as_deref_mut(), async {
+                        tokio::time::sleep_until(sent + MIN_ASK_AGAIN).await;
+                        Ok(())
+                    })
+                    .await?;
                     continue;
                 }
             }
@@ -578,13 +584,34 @@ async fn poll(
             }
         }
         let default = Duration::from_secs(args.poll_interval.max(1) << slow_down.min(4));
-        tokio::time::sleep(wait.unwrap_or(default).max(Duration::from_millis(200))).await;
+        let pause = wait.unwrap_or(default).max(Duration::from_millis(200));
+        or_failed(early.as_deref_mut(), async {
+            tokio::time::sleep(pause).await;
+            Ok(())
+        })
+        .await?;
     }
 }
 
 /// A link of the manifest pages refused ([`manifest::PageLinks`], [`manifest::PageWalk`]).
 fn paging(e: manifest::VerifyError) -> ClientError {
     ClientError::Protocol(e.to_string())
+}
+
+/// `work`, or the error of a download started while the export runs that failed meanwhile
+/// ([`download::Early::failure`]): such a failure ends the run at once, not when the server
+/// next answers (a status answer may be held for many seconds).
+async fn or_failed<T>(
+    early: Option<&mut download::Early>,
+    work: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    match early {
+        Some(early) => tokio::select! {
+            r = work => r,
+            e = early.failure() => Err(e),
+        },
+        None => work.await,
+    }
 }
 
 /// The whole manifest of a complete export from its first page: the pages its `link` `next`
