@@ -253,6 +253,42 @@ impl Early {
         Ok(())
     }
 
+    /// Checks the files started while the export ran against its complete manifest (`files`,
+    /// from [`plan`]): each must be in it. One that is not ends the run (a protocol error):
+    /// every download is stopped and the files listed only while the export ran are removed,
+    /// so that no name of the folder holds a file the manifest does not list.
+    pub async fn check(&mut self, files: &[File]) -> Result<(), ClientError> {
+        let listed: std::collections::HashSet<&str> =
+            files.iter().map(|f| f.url.as_str()).collect();
+        let mut strays: Vec<(&String, &PathBuf)> = self
+            .running
+            .iter()
+            .filter(|(url, _)| !listed.contains(url.as_str()))
+            .collect();
+        if strays.is_empty() {
+            return Ok(());
+        }
+        strays.sort();
+        for task in self.tasks.iter() {
+            task.0.abort();
+        }
+        // Every download ended (aborted ones included) before their files are removed.
+        while self.tasks.next().await.is_some() {}
+        for (_, dest) in &strays {
+            for path in [dest.to_path_buf(), part_path(dest)] {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let (url, _) = strays[0];
+        Err(ClientError::Protocol(format!(
+            "{url} was listed while the export ran but is not in its manifest{}",
+            match strays.len() {
+                1 => String::new(),
+                n => format!(" ({} more such files)", n - 1),
+            }
+        )))
+    }
+
     /// Every file of the complete manifest (`files`, from [`plan`]): those started while the
     /// export ran are awaited (and moved where `files` names them, if elsewhere), the others
     /// downloaded now.
@@ -261,6 +297,7 @@ impl Early {
         files: &[File],
         requires_token: bool,
     ) -> Result<Outcome, ClientError> {
+        self.check(files).await?;
         let n = files.len();
         let started_early = self.running.len();
         let mut moves = Vec::new();
@@ -271,11 +308,6 @@ impl Early {
                 Some(_) => {}
                 None => late.push(f.clone()),
             }
-        }
-        if let Some(url) = self.running.keys().next() {
-            return Err(ClientError::Protocol(format!(
-                "{url} was listed while the export ran but is not in its manifest"
-            )));
         }
         if let Some(total) = files.iter().map(|f| f.size).sum::<Option<u64>>() {
             // The bar counts the bytes received so far (those of the early files included).
@@ -344,7 +376,8 @@ impl std::future::Future for Aborting {
                 Ok(r) => r,
                 // A panic of the download is the caller's too.
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                // Cancelled: only when the runtime shuts down under it.
+                // Cancelled: when the runtime shuts down under it, or aborted by
+                // [`Early::check`].
                 Err(_) => Err(ClientError::Interrupted { cancelled: false }),
             })
     }

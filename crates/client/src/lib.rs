@@ -693,11 +693,16 @@ async fn export(
     let first = poll(args, &session, &status_url, &bar, early.as_mut()).await?;
     let (manifest, pages) = all_pages(args, &session, &status_url, first).await?;
     let export_seconds = started.elapsed().as_secs_f64();
+    let files = download::plan(&manifest, &args.out)?;
+    if let Some(early) = early.as_mut() {
+        // A file fetched while the export ran that its manifest does not list: refused before
+        // the manifest is written.
+        early.check(&files).await?;
+    }
     write_atomically(
         &args.out.join("manifest.json"),
         &serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
     )?;
-    let files = download::plan(&manifest, &args.out)?;
     let requires_token = manifest
         .get("requiresAccessToken")
         .and_then(Value::as_bool)
