@@ -3,7 +3,11 @@
 //! the manifest's URLs and the token endpoint go through it too). The proxy can hold the first
 //! file request long enough for the access token to expire, cut the next file download after
 //! a number of bytes (once), and hold status polls (for Ctrl-C). Test key:
-//! crates/auth/tests/data/rsa-a.pem (see PROVENANCE.md there).
+//! crates/auth/tests/data/rsa-a.pem (see PROVENANCE.md there). The bad days of
+//! `--partial-manifests` the real server never has (running pages that loop or never end, a
+//! file that cannot be served while the export runs, a file listed while running but not at
+//! the end) are played by a small hostile server written here ([`Fake`]) in front of the same
+//! binary.
 
 mod common;
 
@@ -546,4 +550,388 @@ fn same_as_served(
         }
     }
     ids
+}
+
+/// A hostile Bulk Data server for the protocol edges the real one never shows (pages that
+/// loop, pages without end, a file listed while the export runs but not at its end, a file
+/// that cannot be served): plain HTTP/1.1 on a thread per connection, each answer closing its
+/// connection. `GET /fhir/$export` answers 202 with `Content-Location: BASE/status`; the status
+/// URL (and its `?page=N`) answers 202 with the running export's page N from `page` until
+/// `runs_for` has passed since the kick-off, then 200 with `complete`; `GET /files/NAME`
+/// answers the file's bytes, or 500 for a name in `broken`. A status request with
+/// `Prefer: wait` for a page without `next` is held as a real server holds it (at most
+/// `hold`, and never past the end of the export), with `Preference-Applied: wait`.
+struct Fake {
+    base: String,
+    state: Arc<FakeState>,
+}
+
+/// The running export's manifest page N, given the fake's base URL.
+type PageFn = Box<dyn Fn(&str, usize) -> Value + Send + Sync>;
+
+struct FakeState {
+    page: PageFn,
+    runs_for: Duration,
+    complete: Value,
+    files: std::collections::HashMap<String, Vec<u8>>,
+    broken: Vec<String>,
+    hold: Duration,
+    kicked: Mutex<Option<std::time::Instant>>,
+    /// Request lines seen, in order.
+    requests: Mutex<Vec<String>>,
+}
+
+impl Fake {
+    fn start(
+        page: impl Fn(&str, usize) -> Value + Send + Sync + 'static,
+        runs_for: Duration,
+        complete: impl FnOnce(&str) -> Value,
+        files: &[(&str, &str)],
+        broken: &[&str],
+    ) -> Fake {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind the fake server");
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(FakeState {
+            page: Box::new(page),
+            runs_for,
+            complete: complete(&base),
+            files: files
+                .iter()
+                .map(|(n, b)| (n.to_string(), b.as_bytes().to_vec()))
+                .collect(),
+            broken: broken.iter().map(|s| s.to_string()).collect(),
+            hold: Duration::from_secs(30),
+            kicked: Mutex::default(),
+            requests: Mutex::default(),
+        });
+        let (st, b) = (state.clone(), base.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (st, b) = (st.clone(), b.clone());
+                std::thread::spawn(move || fake_answer(conn, &st, &b));
+            }
+        });
+        Fake { base, state }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.state.requests.lock().unwrap().clone()
+    }
+}
+
+/// A manifest (page) of Patient files served by the fake at `base` (`/files/NAME`), with a
+/// `next` link when given.
+fn fake_manifest(base: &str, names: &[&str], next: Option<String>) -> Value {
+    let output: Vec<Value> = names
+        .iter()
+        .map(|name| json!({"type": "Patient", "url": format!("{base}/files/{name}")}))
+        .collect();
+    let mut m = json!({"transactionTime": "2026-01-01T00:00:00Z", "request": "x",
+        "requiresAccessToken": false, "output": output, "error": []});
+    if let Some(n) = next {
+        m["link"] = json!([{"relation": "next", "url": n}]);
+    }
+    m
+}
+
+fn fake_answer(mut conn: TcpStream, st: &FakeState, base: &str) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let line = head.lines().next().unwrap_or_default().to_owned();
+    st.requests.lock().unwrap().push(line.clone());
+    let target = line.split(' ').nth(1).unwrap_or_default().to_owned();
+    let lower = head.to_ascii_lowercase();
+    let answer = |conn: &mut TcpStream, status: &str, headers: &str, body: &[u8]| {
+        let _ = conn.write_all(
+            format!(
+                "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: {}\r\n{headers}\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        let _ = conn.write_all(body);
+        let _ = conn.shutdown(Shutdown::Both);
+    };
+    if target.starts_with("/fhir/$export") {
+        *st.kicked.lock().unwrap() = Some(std::time::Instant::now());
+        let h = format!("content-location: {base}/status\r\n");
+        return answer(&mut conn, "202 Accepted", &h, b"");
+    }
+    if let Some(name) = target.strip_prefix("/files/") {
+        if st.broken.iter().any(|b| b == name) {
+            let body = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception","diagnostics":"the disk is on fire"}]}"#;
+            let h = "content-type: application/fhir+json\r\n";
+            return answer(&mut conn, "500 Internal Server Error", h, body);
+        }
+        return match st.files.get(name) {
+            Some(body) => answer(
+                &mut conn,
+                "200 OK",
+                "content-type: application/fhir+ndjson\r\n",
+                body,
+            ),
+            None => answer(&mut conn, "404 Not Found", "", b""),
+        };
+    }
+    if let Some(rest) = target.strip_prefix("/status") {
+        let kicked = st
+            .kicked
+            .lock()
+            .unwrap()
+            .unwrap_or_else(std::time::Instant::now);
+        let ends = kicked + st.runs_for;
+        let n: usize = rest
+            .strip_prefix("?page=")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let page = (st.page)(base, n);
+        let waits = lower.contains("\r\nprefer: wait");
+        if waits && next_of(&page).is_none() {
+            let until = (std::time::Instant::now() + st.hold).min(ends);
+            std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+        }
+        if std::time::Instant::now() >= ends {
+            let body = st.complete.to_string();
+            return answer(
+                &mut conn,
+                "200 OK",
+                "content-type: application/json\r\n",
+                body.as_bytes(),
+            );
+        }
+        let body = page.to_string();
+        let mut h = format!(
+            "content-type: application/json\r\nx-progress: page {n}\r\netag: W/\"{:x}\"\r\n",
+            body.len()
+        );
+        if waits {
+            h.push_str("preference-applied: wait\r\n");
+        }
+        return answer(&mut conn, "202 Accepted", &h, body.as_bytes());
+    }
+    answer(&mut conn, "404 Not Found", "", b"");
+}
+
+fn next_of(page: &Value) -> Option<&str> {
+    page["link"][0]["url"].as_str()
+}
+
+/// `fhirhose export --partial-manifests` against `fake`, without auth; its output and how
+/// long it ran.
+fn export_fake(fake: &Fake, out: &Path, extra: &[&str]) -> (Output, Duration) {
+    let started = std::time::Instant::now();
+    let out = fhirhose()
+        .args(["export", &format!("{}/fhir", fake.base), "--quiet"])
+        .arg("--out")
+        .arg(out)
+        .args(["--partial-manifests", "--poll-interval", "1"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (out, started.elapsed())
+}
+
+/// The names of the files in `dir` (recursively, relative), sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                names.push(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    names.sort();
+    names
+}
+
+/// Two small Patient files, `a` and `b`.
+const AB: [(&str, &str); 2] = [
+    ("a", "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n"),
+    ("b", "{\"resourceType\":\"Patient\",\"id\":\"b\"}\n"),
+];
+
+/// Whatever the client left in `dir` is whole: each file under a final name holds exactly the
+/// bytes of the file of `files` the manifest's order names so (`Patient.N.ndjson` is the N-th),
+/// anything else is a `.part`; the final names found.
+fn only_whole_files(dir: &Path, files: &[(&str, &str)], err: &str) -> Vec<String> {
+    let mut whole = Vec::new();
+    for name in names_in(dir) {
+        if name.ends_with(".part") {
+            continue;
+        }
+        let i: usize = name
+            .strip_prefix("Patient.")
+            .and_then(|n| n.strip_suffix(".ndjson"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: {err}"));
+        let (_, body) = files
+            .get(i - 1)
+            .unwrap_or_else(|| panic!("{name} should not be there: {err}"));
+        let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+        assert_eq!(&text, body, "{name}: {err}");
+        whole.push(name);
+    }
+    whole
+}
+
+/// `--partial-manifests`, running pages whose `next` links loop (back to an earlier page, or
+/// to the first: the status URL): the run ends at once with one line naming the loop and the
+/// page it leads back to; no manifest is written, no page is asked for after the loop was
+/// seen, and the files fetched so far are whole under their names.
+#[test]
+fn partial_manifests_running_pages_that_loop_are_refused() {
+    for back in ["?page=1", ""] {
+        let fake = Fake::start(
+            move |b, n| match n {
+                0 => fake_manifest(b, &["a"], Some(format!("{b}/status?page=1"))),
+                1 => fake_manifest(b, &["b"], Some(format!("{b}/status?page=2"))),
+                // Back to page 1, or to the first page.
+                _ => fake_manifest(b, &[], Some(format!("{b}/status{back}"))),
+            },
+            Duration::from_secs(120),
+            |b| fake_manifest(b, &["a", "b"], None),
+            &AB,
+            &[],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (out, took) = export_fake(&fake, dir.path(), &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(took < Duration::from_secs(20), "{took:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "manifest page 3 links to {}/status{back} as `next`, a page already read: the pages loop",
+                fake.base
+            )),
+            "{err}"
+        );
+        assert!(!dir.path().join("manifest.json").exists());
+        only_whole_files(dir.path(), &AB, &err);
+        let pages = fake
+            .requests()
+            .iter()
+            .filter(|r| r.contains(" /status"))
+            .count();
+        assert_eq!(pages, 3, "{:?}", fake.requests());
+    }
+}
+
+/// `--partial-manifests`, a running export whose pages never end (each links a new one): the
+/// run ends at `--max-pages` with one line saying so, before the export ends.
+#[test]
+fn partial_manifests_more_running_pages_than_max_pages_are_refused() {
+    let fake = Fake::start(
+        |b, n| fake_manifest(b, &[], Some(format!("{b}/status?page={}", n + 1))),
+        Duration::from_secs(120),
+        |b| fake_manifest(b, &[], None),
+        &[],
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (out, took) = export_fake(&fake, dir.path(), &["--max-pages", "5"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(took < Duration::from_secs(20), "{took:?}: {err}");
+    assert!(
+        err.contains("the manifest has more than 5 pages; refused (raise --max-pages"),
+        "{err}"
+    );
+    let pages: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains(" /status"))
+        .collect();
+    assert_eq!(pages.len(), 5, "{pages:?}");
+    assert!(!dir.path().join("manifest.json").exists());
+}
+
+/// `--partial-manifests`, a file listed by the running export that the server cannot serve
+/// (500 every time) while the status answers are held as long as the client asks
+/// (`Prefer: wait`): the run ends as soon as the download has failed (not when the server
+/// next answers, nor when the export ends), with one line naming the file and the server's
+/// reason; the other file is whole or a `.part`, and no manifest is written.
+#[test]
+fn partial_manifests_a_download_failing_while_the_export_runs_ends_the_run_at_once() {
+    let fake = Fake::start(
+        |b, _| fake_manifest(b, &["a", "b"], None),
+        Duration::from_secs(120),
+        |b| fake_manifest(b, &["a", "b"], None),
+        &AB,
+        &["b"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (out, took) = export_fake(&fake, dir.path(), &["--retries", "1"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // The fake holds each status answer 30 s; the failure is known after one retry (half a
+    // second).
+    assert!(took < Duration::from_secs(10), "{took:?}: {err}");
+    assert!(
+        err.contains(&format!(
+            "HTTP 500 from {}/files/b after 2 attempts: the disk is on fire",
+            fake.base
+        )),
+        "{err}"
+    );
+    assert!(!dir.path().join("manifest.json").exists());
+    let whole = only_whole_files(dir.path(), &AB, &err);
+    assert!(whole.iter().all(|n| n == "Patient.1.ndjson"), "{whole:?}");
+}
+
+/// `--partial-manifests`, a file listed by the running export but not by its complete
+/// manifest: a protocol error naming the file; no manifest is written and the file fetched
+/// early is removed (its name may be another file's in the manifest), the others are whole.
+#[test]
+fn partial_manifests_a_file_listed_while_running_but_not_at_the_end_is_refused() {
+    let files = [
+        AB[0],
+        ("x", "{\"resourceType\":\"Patient\",\"id\":\"x\"}\n"),
+        AB[1],
+    ];
+    let fake = Fake::start(
+        |b, _| fake_manifest(b, &["a", "x"], None),
+        Duration::from_secs(3),
+        |b| fake_manifest(b, &["a", "b"], None),
+        &files,
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = export_fake(&fake, dir.path(), &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}/files/x was listed while the export ran but is not in its manifest",
+            fake.base
+        )),
+        "{err}"
+    );
+    // `x` was fetched while the export ran (as Patient.2.ndjson, `b`'s name in the manifest).
+    assert!(
+        fake.requests().iter().any(|r| r.contains(" /files/x ")),
+        "{:?}",
+        fake.requests()
+    );
+    assert!(!dir.path().join("manifest.json").exists());
+    let whole = only_whole_files(dir.path(), &[files[0]], &err);
+    assert!(whole.iter().all(|n| n == "Patient.1.ndjson"), "{whole:?}");
 }
