@@ -19,6 +19,11 @@ DIR=.tools/azurite
 HOST=127.0.0.1
 PORT=${FHIRHOSE_AZURITE_PORT:-10000}
 CHECK=(python3 scripts/service-check.py azurite "$PORT")
+# One start at a time per port, from any checkout: two runs at the same moment would both find
+# the port free and both start an instance (the loser then fails to bind, or worse, the pidfile
+# names the wrong one). The lock is held until this script exits; the service does not inherit it.
+exec 9>"${TMPDIR:-/tmp}/fhirhose-azurite-$PORT.lock"
+flock -w 600 9 || { echo "$0: another start of this service on port $PORT held its lock for 10 minutes" >&2; exit 1; }
 
 if [[ "${1:-}" == "--clean" ]]; then
   rm -rf "$DIR/data"
@@ -40,7 +45,7 @@ mkdir -p "$DIR/data"
 # headers than this Azurite knows; both are needed on this Node version (see shared crates notes).
 # Absolute paths, so that the command line names the checkout (service-check.py reads it).
 nohup "$PWD/$DIR/node_modules/.bin/azurite-blob" --blobHost "$HOST" --blobPort "$PORT" \
-  --location "$PWD/$DIR/data" --skipApiVersionCheck --loose >"$DIR/azurite.log" 2>&1 &
+  --location "$PWD/$DIR/data" --skipApiVersionCheck --loose >"$DIR/azurite.log" 2>&1 9>&- &
 echo $! >"$DIR/azurite.pid"
 
 for _ in $(seq 1 150); do

@@ -24,6 +24,11 @@ PORT=${FHIRHOSE_REGISTRY_PORT:-5001}
 BIN="$DIR/root/usr/bin/docker-registry"
 
 CHECK=(python3 scripts/service-check.py registry "$PORT")
+# One start at a time per port, from any checkout: two runs at the same moment would both find
+# the port free and both start an instance (the loser then fails to bind, or worse, the pidfile
+# names the wrong one). The lock is held until this script exits; the service does not inherit it.
+exec 9>"${TMPDIR:-/tmp}/fhirhose-registry-$PORT.lock"
+flock -w 600 9 || { echo "$0: another start of this service on port $PORT held its lock for 10 minutes" >&2; exit 1; }
 
 if [[ "${1:-}" == "--clean" ]]; then
   rm -rf "$DIR/data"
@@ -78,7 +83,7 @@ http:
 EOF
 
 # Absolute paths, so that the command line names the checkout (service-check.py reads it).
-nohup "$PWD/$BIN" serve "$PWD/$DIR/config.yml" >"$DIR/registry.log" 2>&1 &
+nohup "$PWD/$BIN" serve "$PWD/$DIR/config.yml" >"$DIR/registry.log" 2>&1 9>&- &
 echo $! >"$DIR/registry.pid"
 
 for _ in $(seq 1 100); do

@@ -20,6 +20,11 @@ DIR=.tools/moto
 HOST=127.0.0.1
 PORT=${FHIRHOSE_S3_PORT:-5000}
 CHECK=(python3 scripts/service-check.py s3 "$PORT")
+# One start at a time per port, from any checkout: two runs at the same moment would both find
+# the port free and both start an instance (the loser then fails to bind, or worse, the pidfile
+# names the wrong one). The lock is held until this script exits; the service does not inherit it.
+exec 9>"${TMPDIR:-/tmp}/fhirhose-s3-$PORT.lock"
+flock -w 600 9 || { echo "$0: another start of this service on port $PORT held its lock for 10 minutes" >&2; exit 1; }
 
 # A working instance answers: nothing to do. A stale one of ours is stopped (exit 3).
 rc=0
@@ -36,7 +41,7 @@ fi
 # The venv's python named explicitly (not through moto_server's #! line) and absolute paths: the
 # command line names the checkout and the process uses only that checkout's virtualenv.
 nohup "$PWD/$DIR/venv/bin/python" "$PWD/$DIR/venv/bin/moto_server" -H "$HOST" -p "$PORT" \
-  >"$DIR/moto.log" 2>&1 &
+  >"$DIR/moto.log" 2>&1 9>&- &
 echo $! >"$DIR/moto.pid"
 
 for _ in $(seq 1 300); do

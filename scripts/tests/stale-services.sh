@@ -14,6 +14,8 @@
 #                  "new" is run
 #   checkout-gone  the whole "old" checkout is deleted while its instance runs (the CI case)
 #   reuse          the script is run again: same pid, well under a second or two
+#   race           two checkouts' scripts start it on a free port at the same moment: both
+#                  succeed and one instance runs
 #   foreign        a plain `python3 -m http.server` holds the port: the script fails naming the
 #                  port and the process, which is still running afterwards
 # Needs the three services installed once in this checkout (run ./scripts/azurite.sh,
@@ -177,8 +179,41 @@ for kind in "${KINDS[@]}"; do
     bad "$kind reuse: the script failed: $(tr '\n' ' ' <"$WORK/out")"
   fi
 
-  # foreign: something else on the port is named and left alone.
+  # race: two checkouts start the service on a free port at the same moment: both succeed, one
+  # instance serves (the scripts' lock per port), and every pid a script reports is that one's
+  # (without the lock the loser starts its own, which cannot bind and dies, and still reports
+  # it: the other's instance answered its probe).
   python3 scripts/service-check.py "$kind" "$port" stop >/dev/null
+  checkout "$kind" twin >/dev/null
+  env "$(var_of "$kind")=$port" "$WORK/new/scripts/$kind.sh" >"$WORK/out-a" 2>&1 &
+  a=$!
+  env "$(var_of "$kind")=$port" "$WORK/twin/scripts/$kind.sh" >"$WORK/out-b" 2>&1 &
+  b=$!
+  rc_a=0 rc_b=0
+  wait "$a" || rc_a=$?
+  wait "$b" || rc_b=$?
+  pid=$(owner "$kind" "$port" || true)
+  started+=("$pid")
+  pids=$(cat "$WORK/new/$dir/"*.pid "$WORK/twin/$dir/"*.pid 2>/dev/null | sort -u | tr '\n' ' ' || true)
+  orphans=""
+  for p in $pids; do
+    if [[ "$p" != "$pid" ]] && alive "$p"; then orphans+="$p "; started+=("$p"); fi
+  done
+  if [[ $rc_a != 0 || $rc_b != 0 ]]; then
+    bad "$kind race: exit codes $rc_a and $rc_b: $(tr '\n' ' ' <"$WORK/out-a") | $(tr '\n' ' ' <"$WORK/out-b")"
+  elif [[ -z "$pid" ]] || ! probe "$kind" "$port"; then
+    bad "$kind race: no working instance on $port"
+  elif [[ -n "$orphans" ]]; then
+    bad "$kind race: a second instance runs beside pid $pid: $orphans"
+  elif reported=$(grep -ho '(pid [0-9]*)' "$WORK/out-a" "$WORK/out-b" | tr -dc '0-9\n' | sort -u | tr '\n' ' ') &&
+    [[ "$reported" != "$pid " ]]; then
+    bad "$kind race: the scripts reported pids '$reported', the instance is $pid"
+  else
+    ok "$kind race: both scripts succeeded, one instance (pid $pid)"
+  fi
+  python3 scripts/service-check.py "$kind" "$port" stop >/dev/null
+
+  # foreign: something else on the port is named and left alone.
   python3 -m http.server "$port" --bind 127.0.0.1 >/dev/null 2>&1 &
   foreign=$!
   started+=("$foreign")
