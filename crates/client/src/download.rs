@@ -502,7 +502,11 @@ async fn one(
             .open(&part)
             .await
             .map_err(|e| ClientError::io(&part, e))?;
-        let mut w = BodyWriter::new(f.into_std().await);
+        let f = f.into_std().await;
+        if let Some(total) = expected_total.filter(|t| *t > have) {
+            reserve(&f, have, total - have).map_err(|e| ClientError::io(&part, e))?;
+        }
+        let mut w = BodyWriter::new(f);
         let mut resp = resp;
         let before = have;
         let mut dropped: Option<String> = None;
@@ -552,6 +556,29 @@ async fn one(
         .await
         .map_err(|e| ClientError::io(&file.dest, e))?;
     Ok(have)
+}
+
+/// Reserves the disk space of the `len` bytes still to come from `offset` on, without changing
+/// the part file's size (`FALLOC_FL_KEEP_SIZE`: a resume still starts at its length, and a file
+/// cut short keeps no zeros). A full disk or quota then shows when a file starts, not after most
+/// of it was received, and the filesystem allocates the file's blocks at once instead of on each
+/// write (ext4's delayed allocation: about a seventh of the kernel time of writing 550 MB here).
+/// A filesystem or system without it writes as before.
+fn reserve(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{FallocateFlags, fallocate};
+        use rustix::io::Errno;
+        match fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
+            Err(e) if e == Errno::NOSPC || e == Errno::DQUOT => return Err(e.into()),
+            // Not supported here (EOPNOTSUPP, ENOSYS), too large a size (EFBIG, EINVAL): the
+            // writes find out as before.
+            _ => {}
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+    Ok(())
 }
 
 /// Bytes gathered before one write: large writes let the page cache take whole large folios
@@ -641,6 +668,34 @@ fn write_chunks(file: &mut std::fs::File, chunks: &[bytes::Bytes]) -> std::io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserving_space_keeps_the_part_files_size() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.ndjson.part");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"{}\n").unwrap();
+        reserve(&f, 3, 4 << 20).unwrap();
+        // A resume starts at the bytes written, not at the reservation.
+        assert_eq!(f.metadata().unwrap().len(), 3);
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let blocks = f.metadata().unwrap().blocks();
+            // 512-byte blocks; a filesystem without fallocate allocates nothing (and is fine).
+            assert!(
+                blocks == 0 || blocks >= 8192 || blocks <= 16,
+                "{blocks} blocks"
+            );
+        }
+        // More than any disk here: refused as a full disk, or left to the writes.
+        match reserve(&f, 3, 1 << 60) {
+            Ok(()) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}"),
+        }
+        assert_eq!(f.metadata().unwrap().len(), 3);
+    }
 
     #[test]
     fn plan_names_files_safely() {
