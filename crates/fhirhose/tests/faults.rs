@@ -627,7 +627,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "client-disk-full",
-        invariant: "`fhirhose export` downloads into a folder that fills up (an 8 MB tmpfs): it exits with an error naming a file and the lack of space (no panic), and every file it gave its final name is whole",
+        invariant: "`fhirhose export` downloads into a folder that fills up (an 8 MB tmpfs), after the export and with --partial-manifests while it runs: it exits with an error naming a file and the lack of space (no panic), and every file it gave its final name is whole",
         rounds: 1,
         run: client_disk_full,
     },
@@ -1118,15 +1118,33 @@ fn disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
 
 fn client_disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
     let data = ctx.data_dir(dir)?;
-    let out = dir.join("client-out");
-    let Some(_mount) = Mount::small_tmpfs(&out)? else {
-        return missing("permission to mount a tmpfs (run as root)");
-    };
     let s = Server::start(&data, free_port(), &export_args(), &dir.join("serve.log"))?;
+    let mut found = Vec::new();
+    // Downloads after the export, and downloads while it runs (each file as a page lists it).
+    for (name, extra) in [
+        ("after", &[][..]),
+        ("--partial-manifests", &["--partial-manifests"][..]),
+    ] {
+        let out = dir.join(format!("client-out-{}", found.len()));
+        let Some(_mount) = Mount::small_tmpfs(&out)? else {
+            return missing("permission to mount a tmpfs (run as root)");
+        };
+        found.push(format!(
+            "{name}: {}",
+            client_into_full_disk(&s.base, &out, extra)?
+        ));
+    }
+    Ok(Some(found.join("; ")))
+}
+
+/// `fhirhose export` of `base` into `out` (a small tmpfs) with `extra` flags: an error exit
+/// naming a part file and the lack of space, and only whole files under final names.
+fn client_into_full_disk(base: &str, out: &Path, extra: &[&str]) -> R<String> {
     let started = Instant::now();
     let o = fhirhose()
-        .args(["export", &s.base, "--parallel", "2", "--quiet", "--out"])
-        .arg(&out)
+        .args(["export", base, "--parallel", "2", "--quiet", "--out"])
+        .arg(out)
+        .args(extra)
         .output()
         .map_err(|e| e.to_string())?;
     let took = started.elapsed();
@@ -1151,7 +1169,7 @@ fn client_disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<Strin
     );
     // Files get their final names only when complete: each is whole NDJSON.
     let mut whole = 0;
-    for entry in fs::read_dir(&out).map_err(|e| e.to_string())? {
+    for entry in fs::read_dir(out).map_err(|e| e.to_string())? {
         let path = entry.map_err(|e| e.to_string())?.path();
         if path.extension().is_none_or(|x| x != "ndjson") {
             continue;
@@ -1171,10 +1189,10 @@ fn client_disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<Strin
         }
         whole += 1;
     }
-    Ok(Some(format!(
+    Ok(format!(
         "failed after {} ms naming the file, {whole} whole files kept",
         took.as_millis()
-    )))
+    ))
 }
 
 #[test]
