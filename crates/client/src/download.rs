@@ -552,9 +552,11 @@ async fn one(
         });
         tokio::time::sleep(session::backoff(attempt)).await;
     }
-    tokio::fs::rename(&part, &file.dest)
-        .await
-        .map_err(|e| ClientError::io(&file.dest, e))?;
+    // Inline, not on the blocking pool: an aborted download (`Early::check`) stops at an await,
+    // so its file either has its final name before the abort lands or never gets it. A rename
+    // handed to the pool would go on after the abort and could land after `check` removed the
+    // file. One metadata call per file.
+    std::fs::rename(&part, &file.dest).map_err(|e| ClientError::io(&file.dest, e))?;
     Ok(have)
 }
 
