@@ -104,14 +104,30 @@ url() {
   echo "postgres://$DB_USER@127.0.0.1:$(cat "$PORT_FILE")/postgres"
 }
 
+# Whether PostgreSQL could listen on 127.0.0.1:PORT: bound the way it binds (SO_REUSEADDR, so the
+# TIME_WAIT connections of a cluster just stopped do not count) and listened on. A connect test
+# is not enough: a port held by an outgoing connection's local end answers no connect, yet
+# refuses the bind.
 port_free() {
-  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  python3 - "$1" <<'PY' 2>/dev/null
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(1)
+PY
 }
 
+# A free port below the kernel's ephemeral range (ip_local_port_range, 32768 by default): a port
+# in that range may become an outgoing connection's local port between the pick and the start,
+# or while the cluster is stopped for a restart on the same port ("Address already in use").
 pick_port() {
-  local p
+  local p low span
+  low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  span=$((low - 20000))
+  ((span >= 1000)) || span=10000 # an unusual range: fall back to 20000-29999
   for _ in $(seq 1 200); do
-    p=$((20000 + RANDOM % 30000))
+    p=$((20000 + RANDOM % span))
     if port_free "$p"; then
       echo "$p"
       return 0
