@@ -207,13 +207,20 @@ pub(super) fn build_value_indexes(
     let mut statements: Vec<String> = Vec::new();
     for (table, name) in k_indexes() {
         if !present.contains(&name) {
-            client.execute(
+            // Never a nested loop: right after a bulk load (or one killed half-way) the tables
+            // have no statistics yet, and a plan that scans the superseded versions once per
+            // index row took over 14 minutes for 122,616 rows against 38,971 versions. A hash
+            // (or merge) join reads each side once.
+            let mut tx = client.transaction()?;
+            tx.batch_execute("SET LOCAL enable_nestloop = off")?;
+            tx.execute(
                 &format!(
                     "DELETE FROM {table} WHERE k IN
                      (SELECT k FROM resource_versions WHERE superseded_seq IS NOT NULL)"
                 ),
                 &[],
             )?;
+            tx.commit()?;
             statements.push(format!("CREATE INDEX IF NOT EXISTS {name} ON {table}(k)"));
         }
     }
