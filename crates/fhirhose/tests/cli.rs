@@ -452,22 +452,34 @@ fn a_reindex_killed_half_way_leaves_searches_whole_and_the_next_one_finishes() {
     let took = started.elapsed();
     assert_eq!(search_totals(&data, &db), before, "after a whole reindex");
 
+    // kill -9, and SIGTERM (what a service manager sends first): neither may leave a
+    // half-built index behind.
     let mut killed = 0;
-    for fraction in [0.5, 0.3, 0.7] {
+    for (fraction, signal) in [(0.5, "-KILL"), (0.3, "-TERM"), (0.7, "-KILL")] {
         let mut child = reindex(&data, &db);
         std::thread::sleep(took.mul_f64(fraction));
         if child.try_wait().expect("reindex state").is_none() {
-            child.kill().expect("kill -9");
+            let sent = std::process::Command::new("kill")
+                .arg(signal)
+                .arg(child.id().to_string())
+                .status()
+                .expect("kill");
+            assert!(sent.success(), "kill {signal}");
             killed += 1;
+            let status = child.wait().expect("reap");
+            assert!(
+                !status.success(),
+                "a reindex stopped by {signal} must not report success: {status}"
+            );
         }
         child.wait().expect("reap");
         assert_eq!(
             search_totals(&data, &db),
             before,
-            "after a reindex killed at {fraction} of its time"
+            "after a reindex stopped by {signal} at {fraction} of its time"
         );
     }
-    eprintln!("{killed} of 3 reindexes killed while running (a whole one took {took:?})");
+    eprintln!("{killed} of 3 reindexes stopped while running (a whole one took {took:?})");
     assert!(killed > 0, "no reindex was still running when killed");
 
     let again = reindex(&data, &db).wait_with_output().expect("reindex");
