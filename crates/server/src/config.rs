@@ -70,6 +70,10 @@ pub struct ServeConfig {
     /// Seconds a client has to send a request's complete header (slowloris guard).
     #[arg(long, env = "FHIRHOSE_HEADER_READ_TIMEOUT", default_value_t = 10)]
     pub header_read_timeout: u64,
+    /// The least average rate of a request body, in bytes a second, after a grace of
+    /// --header-read-timeout; a slower body is answered 408 and its connection closed.
+    #[arg(long, env = "FHIRHOSE_MIN_BODY_RATE", default_value_t = 1024)]
+    pub min_body_rate: u64,
     /// Connections served at once; more wait until one closes.
     #[arg(long, env = "FHIRHOSE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -516,9 +520,10 @@ impl ServeConfig {
                 "--export-file-resources, --export-file-mb and --export-item-resources must be at least 1".into(),
             ));
         }
-        if self.header_read_timeout == 0 || self.max_connections == 0 {
+        if self.header_read_timeout == 0 || self.max_connections == 0 || self.min_body_rate == 0 {
             return Err(ConfigError::Export(
-                "--header-read-timeout and --max-connections must be at least 1".into(),
+                "--header-read-timeout, --max-connections and --min-body-rate must be at least 1"
+                    .into(),
             ));
         }
         if e.export_max_attempts < 1 || e.export_retention == 0 {

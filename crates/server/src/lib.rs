@@ -19,6 +19,7 @@ pub mod negotiate;
 pub mod node_id;
 pub mod ranges;
 pub mod routes;
+pub mod slow_clients;
 pub mod status_page;
 pub mod view_routes;
 
@@ -321,6 +322,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let limits = ConnectionLimits {
         header_read_timeout: std::time::Duration::from_secs(config.header_read_timeout),
         max_connections: config.max_connections,
+        min_body_rate: config.min_body_rate,
     };
     let drain = std::time::Duration::from_secs(config.shutdown_timeout);
     // Last: from here on work items are claimed.
@@ -363,6 +365,9 @@ pub struct ConnectionLimits {
     pub header_read_timeout: std::time::Duration,
     /// Connections served at once; more wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// The least average rate of a request body, in bytes a second, after a grace of
+    /// `header_read_timeout` ([`slow_clients::MinRateBody`]); a slower one is answered 408.
+    pub min_body_rate: u64,
 }
 
 /// Serves `app` on `listener` (HTTP/1.1 and HTTP/2) under `limits` until `shutdown` completes;
@@ -379,6 +384,10 @@ pub async fn serve_connections(
     use hyper_util::service::TowerToHyperService;
 
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let (rate, grace) = (limits.min_body_rate, limits.header_read_timeout);
+    let app = app.layer(tower::util::MapRequestLayer::new(
+        move |req: axum::extract::Request| slow_clients::min_rate(req, rate, grace),
+    ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -410,12 +419,21 @@ pub async fn serve_connections(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let first_byte = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // hyper's header timeout starts with a request's first byte: a connection that
+            // sends none would hold its permit for ever.
+            if !slow_clients::first_byte(&stream, first_byte).await {
+                tracing::debug!(peer = %peer, "connection closed: no request within the header-read timeout");
+                drop(permit);
+                return;
+            }
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
             drop(permit);

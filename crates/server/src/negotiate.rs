@@ -496,19 +496,21 @@ pub fn json_object(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiErro
     json_body(body, DEFAULT_MAX_BUNDLE_ENTRIES)
 }
 
-/// Turns a request body into a JSON object, with the errors a client can act on: 413 over the
-/// body limit or with more than `max_entries` Bundle entries, 400 for malformed JSON, duplicate
-/// object keys, nesting deeper than serde_json's limit (128) or JSON that is not an object.
-pub fn json_body(
-    body: Result<Bytes, BytesRejection>,
-    max_entries: usize,
-) -> Result<Value, ApiError> {
-    let bytes = body.map_err(|rej| {
+/// A request body as read, or why it could not be: 413 over the body limit, 408 when it came
+/// slower than `--min-body-rate` ([`crate::slow_clients`]), else 400.
+pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too-long",
                 "request body exceeds the configured limit (--max-body-bytes)",
+            )
+        } else if crate::slow_clients::too_slow(&rej) {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("cannot read the request body: {rej} (--min-body-rate)"),
             )
         } else {
             ApiError::new(
@@ -517,7 +519,17 @@ pub fn json_body(
                 format!("cannot read the request body: {rej}"),
             )
         }
-    })?;
+    })
+}
+
+/// Turns a request body into a JSON object, with the errors a client can act on: 413 over the
+/// body limit or with more than `max_entries` Bundle entries, 400 for malformed JSON, duplicate
+/// object keys, nesting deeper than serde_json's limit (128) or JSON that is not an object.
+pub fn json_body(
+    body: Result<Bytes, BytesRejection>,
+    max_entries: usize,
+) -> Result<Value, ApiError> {
+    let bytes = body_bytes(body)?;
     if bytes.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -819,13 +819,7 @@ async fn search_post(
     RawQuery(raw): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let bytes = body.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too-long",
-            "request body exceeds the configured limit",
-        )
-    })?;
+    let bytes = crate::negotiate::body_bytes(body)?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::invalid("the form body is not UTF-8", "body"))?;
     let mut pairs = query_pairs(raw.as_deref());

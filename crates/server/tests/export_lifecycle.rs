@@ -8,7 +8,8 @@
 //! - a cancel recorded but not carried out (a crash between the two) is finished by the sweeper;
 //! - retention: `Expires` is completion + retention; then the files go and status answers 410;
 //! - manifests and error texts show no server paths;
-//! - slowloris: a half-sent header is dropped after the header-read timeout;
+//! - slowloris: a half-sent header is dropped after the header-read timeout, and so is a
+//!   connection that sends nothing; a request body slower than the minimum rate gets 408;
 //! - the connection cap holds.
 
 use std::io::{Read, Write};
@@ -98,6 +99,7 @@ fn limits() -> server::ConnectionLimits {
     server::ConnectionLimits {
         header_read_timeout: Duration::from_secs(10),
         max_connections: 1024,
+        min_body_rate: 1024,
     }
 }
 
@@ -399,6 +401,7 @@ async fn a_half_sent_header_is_dropped_after_the_header_read_timeout() {
         server::ConnectionLimits {
             header_read_timeout: Duration::from_secs(1),
             max_connections: 1024,
+            min_body_rate: 1024,
         },
         |_, _| {},
     )
@@ -431,6 +434,97 @@ async fn a_half_sent_header_is_dropped_after_the_header_read_timeout() {
     assert_eq!(ok.status(), StatusCode::OK);
 }
 
+/// Reads what the server sends on `conn` until it closes (at most 20 s).
+fn until_closed(conn: &mut TcpStream) -> std::io::Result<String> {
+    conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut buf = Vec::new();
+    conn.read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// POSTs a Patient padded with spaces to 4,000 bytes in `chunks` pieces `every` apart; what the
+/// server answered.
+fn post_slowly(addr: &str, chunks: usize, every: Duration) -> std::io::Result<String> {
+    let mut body = br#"{"resourceType":"Patient","active":true}"#.to_vec();
+    body.resize(4000, b' ');
+    let mut conn = TcpStream::connect(addr)?;
+    write!(
+        conn,
+        "POST /Patient HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    for piece in body.chunks(body.len().div_ceil(chunks)) {
+        if conn.write_all(piece).is_err() {
+            break; // the server gave up on the body and closed
+        }
+        std::thread::sleep(every);
+    }
+    until_closed(&mut conn)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
+    let s = start(
+        0,
+        server::ConnectionLimits {
+            header_read_timeout: Duration::from_secs(1),
+            max_connections: 1024,
+            min_body_rate: 1024,
+        },
+        |_, _| {},
+    )
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        let mut conn = TcpStream::connect(&addr).unwrap();
+        let t0 = Instant::now();
+        (until_closed(&mut conn), t0.elapsed())
+    })
+    .await
+    .unwrap();
+    // Without the guard, hyper waits for a first byte for ever: the read above times out.
+    let answer = answer.expect("the server closed the silent connection");
+    assert_eq!(answer, "", "closed unanswered");
+    assert!(took < Duration::from_secs(10), "closed after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_body_slower_than_the_minimum_rate_gets_408_and_a_steady_one_is_read() {
+    let s = start(
+        0,
+        server::ConnectionLimits {
+            header_read_timeout: Duration::from_secs(1),
+            max_connections: 1024,
+            min_body_rate: 1000,
+        },
+        |_, _| {},
+    )
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // 10 bytes every 100 ms: 100 bytes a second against 1,000, after a 1 s grace.
+    let a = addr.clone();
+    let slow = tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        (
+            post_slowly(&a, 400, Duration::from_millis(100)),
+            t0.elapsed(),
+        )
+    });
+    let (answer, took) = slow.await.unwrap();
+    let answer = answer.expect("answered and closed");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("OperationOutcome") && answer.contains("--min-body-rate"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    // 400 bytes every 100 ms: 4,000 bytes a second.
+    let steady =
+        tokio::task::spawn_blocking(move || post_slowly(&addr, 10, Duration::from_millis(100)));
+    let answer = steady.await.unwrap().expect("answered");
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_connection_cap_holds() {
     let s = start(
@@ -438,6 +532,7 @@ async fn the_connection_cap_holds() {
         server::ConnectionLimits {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 2,
+            min_body_rate: 1024,
         },
         |_, _| {},
     )
