@@ -503,9 +503,13 @@ async fn one(
             .await
             .map_err(|e| ClientError::io(&part, e))?;
         let f = f.into_std().await;
-        if let Some(total) = expected_total.filter(|t| *t > have) {
-            reserve(&f, have, total - have).map_err(|e| ClientError::io(&part, e))?;
-        }
+        // Given back when this answer's body has ended, however it ends (dropped).
+        let reserved = match to_reserve(have, expected_total, file.size) {
+            Some(len) => {
+                Some(Reservation::new(&f, have, len).map_err(|e| ClientError::io(&part, e))?)
+            }
+            None => None,
+        };
         let mut w = BodyWriter::new(f);
         let mut resp = resp;
         let before = have;
@@ -526,6 +530,7 @@ async fn one(
             }
         }
         w.finish().await.map_err(|e| ClientError::io(&part, e))?;
+        drop(reserved);
         let short = expected_total.is_some_and(|t| have < t);
         if dropped.is_none() && !short {
             break;
@@ -581,6 +586,45 @@ fn reserve(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
     #[cfg(not(target_os = "linux"))]
     let _ = (file, offset, len);
     Ok(())
+}
+
+/// How many bytes to reserve from `have` on: up to the size the answer announces
+/// (`announced`: Content-Length, or the size in Content-Range), never past the size the
+/// manifest gives for the file (`known`), nothing when the answer announces none.
+fn to_reserve(have: u64, announced: Option<u64>, known: Option<u64>) -> Option<u64> {
+    let end = announced?.min(known.unwrap_or(u64::MAX));
+    end.checked_sub(have).filter(|len| *len > 0)
+}
+
+/// The space [`reserve`]d for one answer's body, given back when dropped: whether the body
+/// ended whole, cut short (about to be resumed) or failed, or the download was aborted, the
+/// part file keeps no blocks past its length — a server announcing more than it sends would
+/// otherwise leave them allocated, through the resumes, in the final file.
+///
+/// Holds its own handle of the part file: dropped after the body's last write has landed
+/// (an aborted download may still have one in flight: its part file is never resumed).
+struct Reservation(std::fs::File);
+
+impl Reservation {
+    fn new(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<Reservation> {
+        reserve(file, offset, len)?;
+        Ok(Reservation(file.try_clone()?))
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Err(e) = release(&self.0) {
+            tracing::debug!(error = %e, "the part file's reserved blocks were not given back");
+        }
+    }
+}
+
+/// Frees the blocks allocated past the end of `file` (by [`reserve`]): truncating a file to its
+/// own length does on ext4 and tmpfs (measured here: 4 MiB reserved past 5,000 bytes, 8,208
+/// blocks of 512 bytes before, 16 after); a filesystem that keeps them only costs the space.
+fn release(file: &std::fs::File) -> std::io::Result<()> {
+    file.set_len(file.metadata()?.len())
 }
 
 /// Bytes gathered before one write: large writes let the page cache take whole large folios
@@ -697,6 +741,40 @@ mod tests {
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}"),
         }
         assert_eq!(f.metadata().unwrap().len(), 3);
+    }
+
+    /// What [`reserve`] took past the part file's end, [`Reservation`] gives back when dropped;
+    /// never more is reserved than the manifest's size of the file.
+    #[test]
+    fn a_reservation_is_given_back_past_the_part_files_end() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.ndjson.part");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&[b' '; 5000]).unwrap();
+        let reserved = Reservation::new(&f, 5000, 4 << 20).unwrap();
+        drop(reserved);
+        assert_eq!(f.metadata().unwrap().len(), 5000);
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let (blocks, block) = (
+                f.metadata().unwrap().blocks(),
+                f.metadata().unwrap().blksize(),
+            );
+            // 512-byte blocks: at most the 5,000 bytes in whole filesystem blocks.
+            let whole_blocks = 5000u64.div_ceil(block) * block / 512;
+            assert!(
+                blocks <= whole_blocks,
+                "{blocks} blocks allocated for 5,000 bytes ({whole_blocks} in whole blocks)"
+            );
+        }
+        // From 100 on: up to what the answer announces, never past the manifest's size.
+        assert_eq!(to_reserve(100, Some(1000), None), Some(900));
+        assert_eq!(to_reserve(100, Some(1000), Some(400)), Some(300));
+        assert_eq!(to_reserve(100, Some(1000), Some(50)), None);
+        assert_eq!(to_reserve(100, None, Some(400)), None);
+        assert_eq!(to_reserve(1000, Some(1000), None), None);
     }
 
     #[test]

@@ -558,7 +558,7 @@ fn same_as_served(
 /// connection. `GET /fhir/$export` answers 202 with `Content-Location: BASE/status`; the status
 /// URL (and its `?page=N`) answers 202 with the running export's page N from `page` until
 /// `runs_for` has passed since the kick-off, then 200 with `complete`; `GET /files/NAME`
-/// answers the file's bytes, or 500 for a name in `broken`. A status request with
+/// answers the file's bytes (with a strong ETag), as [`Serving`] says. A status request with
 /// `Prefer: wait` for a page without `next` is held as a real server holds it (at most
 /// `hold`, and never past the end of the export), with `Preference-Applied: wait`.
 struct Fake {
@@ -569,12 +569,25 @@ struct Fake {
 /// The running export's manifest page N, given the fake's base URL.
 type PageFn = Box<dyn Fn(&str, usize) -> Value + Send + Sync>;
 
+/// How the fake serves its files, beyond their bytes.
+#[derive(Default, Clone, Copy)]
+struct Serving {
+    /// Files answered with 500 (an OperationOutcome) every time.
+    broken: &'static [&'static str],
+    /// Files whose first answer announces [`LIE`] bytes more than the file has
+    /// (`Content-Length`), sends its first half and closes the connection.
+    cut_first: &'static [&'static str],
+}
+
+/// What a cut first answer ([`Serving::cut_first`]) announces beyond the file's size.
+const LIE: usize = 8 << 20;
+
 struct FakeState {
     page: PageFn,
     runs_for: Duration,
     complete: Value,
     files: std::collections::HashMap<String, Vec<u8>>,
-    broken: Vec<String>,
+    serving: Serving,
     hold: Duration,
     kicked: Mutex<Option<std::time::Instant>>,
     /// Request lines seen, in order.
@@ -587,7 +600,7 @@ impl Fake {
         runs_for: Duration,
         complete: impl FnOnce(&str) -> Value,
         files: &[(&str, &str)],
-        broken: &[&str],
+        serving: Serving,
     ) -> Fake {
         let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind the fake server");
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -599,7 +612,7 @@ impl Fake {
                 .iter()
                 .map(|(n, b)| (n.to_string(), b.as_bytes().to_vec()))
                 .collect(),
-            broken: broken.iter().map(|s| s.to_string()).collect(),
+            serving,
             hold: Duration::from_secs(30),
             kicked: Mutex::default(),
             requests: Mutex::default(),
@@ -666,19 +679,55 @@ fn fake_answer(mut conn: TcpStream, st: &FakeState, base: &str) {
         return answer(&mut conn, "202 Accepted", &h, b"");
     }
     if let Some(name) = target.strip_prefix("/files/") {
-        if st.broken.iter().any(|b| b == name) {
+        if st.serving.broken.contains(&name) {
             let body = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception","diagnostics":"the disk is on fire"}]}"#;
             let h = "content-type: application/fhir+json\r\n";
             return answer(&mut conn, "500 Internal Server Error", h, body);
         }
-        return match st.files.get(name) {
-            Some(body) => answer(
-                &mut conn,
-                "200 OK",
-                "content-type: application/fhir+ndjson\r\n",
-                body,
-            ),
-            None => answer(&mut conn, "404 Not Found", "", b""),
+        let Some(body) = st.files.get(name) else {
+            return answer(&mut conn, "404 Not Found", "", b"");
+        };
+        let h = "content-type: application/fhir+ndjson\r\netag: \"v1\"\r\n";
+        let asked = line.clone();
+        let first = st
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| **r == asked)
+            .count()
+            == 1;
+        if first && st.serving.cut_first.contains(&name) {
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n{h}\r\n",
+                    body.len() + LIE
+                )
+                .as_bytes(),
+            );
+            let _ = conn.write_all(&body[..body.len() / 2]);
+            let _ = conn.shutdown(Shutdown::Both);
+            return;
+        }
+        let from = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("range: bytes="))
+            .and_then(|r| r.split('-').next()?.parse::<usize>().ok());
+        return match from {
+            Some(from) if from < body.len() => {
+                let range = format!(
+                    "content-range: bytes {from}-{}/{}\r\n",
+                    body.len() - 1,
+                    body.len()
+                );
+                answer(
+                    &mut conn,
+                    "206 Partial Content",
+                    &(range + h),
+                    &body[from..],
+                )
+            }
+            _ => answer(&mut conn, "200 OK", h, body),
         };
     }
     if let Some(rest) = target.strip_prefix("/status") {
@@ -807,7 +856,7 @@ fn partial_manifests_running_pages_that_loop_are_refused() {
             Duration::from_secs(120),
             |b| fake_manifest(b, &["a", "b"], None),
             &AB,
-            &[],
+            Serving::default(),
         );
         let dir = tempfile::tempdir().unwrap();
         let (out, took) = export_fake(&fake, dir.path(), &[]);
@@ -842,7 +891,7 @@ fn partial_manifests_more_running_pages_than_max_pages_are_refused() {
         Duration::from_secs(120),
         |b| fake_manifest(b, &[], None),
         &[],
-        &[],
+        Serving::default(),
     );
     let dir = tempfile::tempdir().unwrap();
     let (out, took) = export_fake(&fake, dir.path(), &["--max-pages", "5"]);
@@ -875,7 +924,10 @@ fn partial_manifests_a_download_failing_while_the_export_runs_ends_the_run_at_on
         Duration::from_secs(120),
         |b| fake_manifest(b, &["a", "b"], None),
         &AB,
-        &["b"],
+        Serving {
+            broken: &["b"],
+            ..Serving::default()
+        },
     );
     let dir = tempfile::tempdir().unwrap();
     let (out, took) = export_fake(&fake, dir.path(), &["--retries", "1"]);
@@ -911,7 +963,7 @@ fn partial_manifests_a_file_listed_while_running_but_not_at_the_end_is_refused()
         Duration::from_secs(3),
         |b| fake_manifest(b, &["a", "b"], None),
         &files,
-        &[],
+        Serving::default(),
     );
     let dir = tempfile::tempdir().unwrap();
     let (out, _) = export_fake(&fake, dir.path(), &[]);
@@ -934,4 +986,68 @@ fn partial_manifests_a_file_listed_while_running_but_not_at_the_end_is_refused()
     assert!(!dir.path().join("manifest.json").exists());
     let whole = only_whole_files(dir.path(), &[files[0]], &err);
     assert!(whole.iter().all(|n| n == "Patient.1.ndjson"), "{whole:?}");
+}
+
+/// One file `a` of `patients` Patients (about 40 bytes each) downloaded from a fake served as
+/// `serving` says, after an export that has already ended: the run's stderr (it must succeed)
+/// and the folder, which then holds exactly `Patient.1.ndjson` and `manifest.json`.
+fn downloaded(patients: usize, serving: Serving) -> (String, String, tempfile::TempDir) {
+    let body: String = (0..patients)
+        .map(|i| format!("{{\"resourceType\":\"Patient\",\"id\":\"p{i}\"}}\n"))
+        .collect();
+    let fake = Fake::start(
+        |b, _| fake_manifest(b, &[], None),
+        Duration::ZERO,
+        |b| fake_manifest(b, &["a"], None),
+        &[("a", body.as_str())],
+        serving,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = export_fake(&fake, dir.path(), &[]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(names_in(dir.path()), ["Patient.1.ndjson", "manifest.json"]);
+    let got = std::fs::read_to_string(dir.path().join("Patient.1.ndjson")).unwrap();
+    assert!(
+        got == body,
+        "{} bytes received, {} served",
+        got.len(),
+        body.len()
+    );
+    (err, body, dir)
+}
+
+/// The disk blocks of `path` against its size: allocated bytes at most the size rounded up to
+/// the filesystem's block, plus 64 KiB of slack (what the filesystem may keep on its own).
+fn assert_no_blocks_past_the_end(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    let (size, allocated, block) = (m.len(), m.blocks() * 512, m.blksize());
+    let whole_blocks = size.div_ceil(block) * block;
+    assert!(
+        allocated <= whole_blocks + (64 << 10),
+        "{}: {allocated} bytes allocated for {size} bytes ({whole_blocks} in whole {block}-byte blocks)",
+        path.display()
+    );
+}
+
+/// A server whose first answer announces 8 MiB more than the file it sends half of (a lying
+/// server, or a body cut short), then serves the rest by Range: the file is the server's
+/// bytes, and the disk space reserved for the announced size is given back (no blocks
+/// allocated past the file's end).
+#[test]
+fn a_body_shorter_than_announced_is_resumed_and_leaves_no_reserved_blocks() {
+    let (err, body, dir) = downloaded(
+        5000,
+        Serving {
+            cut_first: &["a"],
+            ..Serving::default()
+        },
+    );
+    assert!(
+        err.contains(&format!("interrupted at byte {}", body.len() / 2)),
+        "{err}"
+    );
+    assert!(err.contains("1 downloads resumed by Range"), "{err}");
+    assert_no_blocks_past_the_end(&dir.path().join("Patient.1.ndjson"));
 }
