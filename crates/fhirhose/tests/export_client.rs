@@ -839,6 +839,26 @@ fn only_whole_files(dir: &Path, files: &[(&str, &str)], err: &str) -> Vec<String
     whole
 }
 
+/// `fhirhose export --partial-manifests` (with `extra`) against `fake` into a new folder, which
+/// must fail within `within`: exit code 1, one line on stderr that contains `expect`, and no
+/// manifest written. That line and the folder.
+fn refused_by(
+    fake: &Fake,
+    extra: &[&str],
+    expect: &str,
+    within: Duration,
+) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, took) = export_fake(fake, dir.path(), extra);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(expect), "{err}");
+    assert!(took < within, "{took:?}: {err}");
+    assert!(!dir.path().join("manifest.json").exists());
+    (err, dir)
+}
+
 /// `--partial-manifests`, running pages whose `next` links loop (back to an earlier page, or
 /// to the first: the status URL): the run ends at once with one line naming the loop and the
 /// page it leads back to; no manifest is written, no page is asked for after the loop was
@@ -858,20 +878,11 @@ fn partial_manifests_running_pages_that_loop_are_refused() {
             &AB,
             Serving::default(),
         );
-        let dir = tempfile::tempdir().unwrap();
-        let (out, took) = export_fake(&fake, dir.path(), &[]);
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{err}");
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(took < Duration::from_secs(20), "{took:?}: {err}");
-        assert!(
-            err.contains(&format!(
-                "manifest page 3 links to {}/status{back} as `next`, a page already read: the pages loop",
-                fake.base
-            )),
-            "{err}"
+        let expect = format!(
+            "manifest page 3 links to {}/status{back} as `next`, a page already read: the pages loop",
+            fake.base
         );
-        assert!(!dir.path().join("manifest.json").exists());
+        let (err, dir) = refused_by(&fake, &[], &expect, Duration::from_secs(20));
         only_whole_files(dir.path(), &AB, &err);
         let pages = fake
             .requests()
@@ -893,15 +904,11 @@ fn partial_manifests_more_running_pages_than_max_pages_are_refused() {
         &[],
         Serving::default(),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let (out, took) = export_fake(&fake, dir.path(), &["--max-pages", "5"]);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(took < Duration::from_secs(20), "{took:?}: {err}");
-    assert!(
-        err.contains("the manifest has more than 5 pages; refused (raise --max-pages"),
-        "{err}"
+    refused_by(
+        &fake,
+        &["--max-pages", "5"],
+        "the manifest has more than 5 pages; refused (raise --max-pages",
+        Duration::from_secs(20),
     );
     let pages: Vec<String> = fake
         .requests()
@@ -909,7 +916,6 @@ fn partial_manifests_more_running_pages_than_max_pages_are_refused() {
         .filter(|r| r.contains(" /status"))
         .collect();
     assert_eq!(pages.len(), 5, "{pages:?}");
-    assert!(!dir.path().join("manifest.json").exists());
 }
 
 /// `--partial-manifests`, a file listed by the running export that the server cannot serve
@@ -929,21 +935,13 @@ fn partial_manifests_a_download_failing_while_the_export_runs_ends_the_run_at_on
             ..Serving::default()
         },
     );
-    let dir = tempfile::tempdir().unwrap();
-    let (out, took) = export_fake(&fake, dir.path(), &["--retries", "1"]);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let expect = format!(
+        "HTTP 500 from {}/files/b after 2 attempts: the disk is on fire",
+        fake.base
+    );
     // The fake holds each status answer 30 s; the failure is known after one retry (half a
     // second).
-    assert!(took < Duration::from_secs(10), "{took:?}: {err}");
-    assert!(
-        err.contains(&format!(
-            "HTTP 500 from {}/files/b after 2 attempts: the disk is on fire",
-            fake.base
-        )),
-        "{err}"
-    );
-    assert!(!dir.path().join("manifest.json").exists());
+    let (err, dir) = refused_by(&fake, &["--retries", "1"], &expect, Duration::from_secs(10));
     let whole = only_whole_files(dir.path(), &AB, &err);
     assert!(whole.iter().all(|n| n == "Patient.1.ndjson"), "{whole:?}");
 }
@@ -965,25 +963,18 @@ fn partial_manifests_a_file_listed_while_running_but_not_at_the_end_is_refused()
         &files,
         Serving::default(),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let (out, _) = export_fake(&fake, dir.path(), &[]);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains(&format!(
-            "{}/files/x was listed while the export ran but is not in its manifest",
-            fake.base
-        )),
-        "{err}"
+    let expect = format!(
+        "{}/files/x was listed while the export ran but is not in its manifest",
+        fake.base
     );
+    // The export runs 3 s.
+    let (err, dir) = refused_by(&fake, &[], &expect, Duration::from_secs(20));
     // `x` was fetched while the export ran (as Patient.2.ndjson, `b`'s name in the manifest).
     assert!(
         fake.requests().iter().any(|r| r.contains(" /files/x ")),
         "{:?}",
         fake.requests()
     );
-    assert!(!dir.path().join("manifest.json").exists());
     let whole = only_whole_files(dir.path(), &[files[0]], &err);
     assert!(whole.iter().all(|n| n == "Patient.1.ndjson"), "{whole:?}");
 }
