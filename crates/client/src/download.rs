@@ -348,11 +348,13 @@ impl Early {
     }
 }
 
-/// The progress bar's look: bytes and rate while the total size is unknown, ...
+/// The progress bar's look: bytes and rate while the total size is unknown (no time left to
+/// show), ...
 const SPINNER: &str = "{spinner} {elapsed_precise} {bytes} {binary_bytes_per_sec} {msg}";
-/// ... a bar of the total bytes once it is known.
-const BAR: &str =
-    "{spinner} {elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}";
+/// ... a bar of the total bytes once it is known (every manifest entry gives its `fileSize`),
+/// with the rate and the time left at the recent rate (indicatif's estimate).
+const BAR: &str = "{spinner} {elapsed_precise} [{bar:30}] {bytes}/{total_bytes} \
+                   {binary_bytes_per_sec}, {eta} left {msg}";
 
 fn style(template: &str) -> indicatif::ProgressStyle {
     indicatif::ProgressStyle::with_template(template)
@@ -780,6 +782,19 @@ mod tests {
         assert_eq!(to_reserve(100, Some(1000), Some(50)), None);
         assert_eq!(to_reserve(100, None, Some(400)), None);
         assert_eq!(to_reserve(1000, Some(1000), None), None);
+    }
+
+    /// A template indicatif refuses would fall back to a bare spinner without a word.
+    #[test]
+    fn the_progress_bar_shows_the_time_left_only_with_a_total() {
+        for template in [SPINNER, BAR] {
+            assert!(
+                indicatif::ProgressStyle::with_template(template).is_ok(),
+                "{template}"
+            );
+        }
+        assert!(BAR.contains("{eta}") && BAR.contains("{binary_bytes_per_sec}"));
+        assert!(!SPINNER.contains("{eta}"));
     }
 
     #[test]
