@@ -577,6 +577,19 @@ struct Serving {
     /// Files whose first answer announces [`LIE`] bytes more than the file has
     /// (`Content-Length`), sends its first half and closes the connection.
     cut_first: &'static [&'static str],
+    /// What a request with `Range: bytes=N-` gets.
+    ranges: Ranges,
+}
+
+#[derive(Default, Clone, Copy, Debug)]
+enum Ranges {
+    /// 206 and the bytes from N on (`Content-Range`).
+    #[default]
+    Served,
+    /// 200 and the whole file, as from a server without range support.
+    Ignored,
+    /// 416 with `Content-Range: bytes */SIZE`.
+    Refused,
 }
 
 /// What a cut first answer ([`Serving::cut_first`]) announces beyond the file's size.
@@ -713,8 +726,8 @@ fn fake_answer(mut conn: TcpStream, st: &FakeState, base: &str) {
             .lines()
             .find_map(|l| l.strip_prefix("range: bytes="))
             .and_then(|r| r.split('-').next()?.parse::<usize>().ok());
-        return match from {
-            Some(from) if from < body.len() => {
+        return match (from, st.serving.ranges) {
+            (Some(from), Ranges::Served) if from < body.len() => {
                 let range = format!(
                     "content-range: bytes {from}-{}/{}\r\n",
                     body.len() - 1,
@@ -726,6 +739,10 @@ fn fake_answer(mut conn: TcpStream, st: &FakeState, base: &str) {
                     &(range + h),
                     &body[from..],
                 )
+            }
+            (Some(_), Ranges::Refused) => {
+                let range = format!("content-range: bytes */{}\r\n", body.len());
+                answer(&mut conn, "416 Range Not Satisfiable", &range, b"")
             }
             _ => answer(&mut conn, "200 OK", h, body),
         };
@@ -980,9 +997,10 @@ fn partial_manifests_a_file_listed_while_running_but_not_at_the_end_is_refused()
 }
 
 /// One file `a` of `patients` Patients (about 40 bytes each) downloaded from a fake served as
-/// `serving` says, after an export that has already ended: the run's stderr (it must succeed)
-/// and the folder, which then holds exactly `Patient.1.ndjson` and `manifest.json`.
-fn downloaded(patients: usize, serving: Serving) -> (String, String, tempfile::TempDir) {
+/// `serving` says, after an export that has already ended: the run's stderr (it must succeed),
+/// the file's bytes, the folder (which then holds exactly `Patient.1.ndjson` and
+/// `manifest.json`) and how many times the file was asked for.
+fn downloaded(patients: usize, serving: Serving) -> (String, String, tempfile::TempDir, usize) {
     let body: String = (0..patients)
         .map(|i| format!("{{\"resourceType\":\"Patient\",\"id\":\"p{i}\"}}\n"))
         .collect();
@@ -1005,7 +1023,12 @@ fn downloaded(patients: usize, serving: Serving) -> (String, String, tempfile::T
         got.len(),
         body.len()
     );
-    (err, body, dir)
+    let gets = fake
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /files/a "))
+        .count();
+    (err, body, dir, gets)
 }
 
 /// The disk blocks of `path` against its size: allocated bytes at most the size rounded up to
@@ -1028,7 +1051,7 @@ fn assert_no_blocks_past_the_end(path: &Path) {
 /// allocated past the file's end).
 #[test]
 fn a_body_shorter_than_announced_is_resumed_and_leaves_no_reserved_blocks() {
-    let (err, body, dir) = downloaded(
+    let (err, body, dir, gets) = downloaded(
         5000,
         Serving {
             cut_first: &["a"],
@@ -1040,5 +1063,28 @@ fn a_body_shorter_than_announced_is_resumed_and_leaves_no_reserved_blocks() {
         "{err}"
     );
     assert!(err.contains("1 downloads resumed by Range"), "{err}");
+    assert_eq!(gets, 2, "{err}");
     assert_no_blocks_past_the_end(&dir.path().join("Patient.1.ndjson"));
+}
+
+/// A body cut short by a server that then refuses the Range request: a 200 with the whole
+/// file (no range support; the part is written again from its start) or a 416 (the part is
+/// dropped and the file asked for again without Range). Either way the file ends whole under
+/// its name, and nothing else is left in the folder.
+#[test]
+fn a_cut_body_whose_server_refuses_range_is_downloaded_again_from_the_start() {
+    for (ranges, requests) in [(Ranges::Ignored, 2), (Ranges::Refused, 3)] {
+        let (err, body, dir, gets) = downloaded(
+            5000,
+            Serving {
+                cut_first: &["a"],
+                ranges,
+                ..Serving::default()
+            },
+        );
+        let cut = format!("interrupted at byte {}", body.len() / 2);
+        assert!(err.contains(&cut), "{ranges:?}: {err}");
+        assert_eq!(gets, requests, "{ranges:?}: {err}");
+        assert_no_blocks_past_the_end(&dir.path().join("Patient.1.ndjson"));
+    }
 }
