@@ -418,7 +418,11 @@ pub async fn serve_connections(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let busy = slow_clients::Busy::new();
+        let service = TowerToHyperService::new(slow_clients::Tracked {
+            inner: app.clone(),
+            busy: busy.clone(),
+        });
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let first_byte = limits.header_read_timeout;
@@ -430,11 +434,19 @@ pub async fn serve_connections(
                 drop(permit);
                 return;
             }
+            busy.touch();
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            // A connection with no request in progress for the header-read timeout is closed
+            // (HTTP/2 has no such limit of its own).
+            tokio::select! {
+                ended = watcher.watch(conn) => if let Err(e) = ended {
+                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                },
+                () = busy.idle_for(first_byte) => {
+                    tracing::debug!(peer = %peer, "idle connection closed");
+                }
             }
             drop(permit);
         });

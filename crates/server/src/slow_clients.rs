@@ -5,9 +5,14 @@
 //! - [`first_byte`]: a new connection that sends no byte within it is closed;
 //! - [`MinRateBody`]: a request body must, from its first read on, arrive at an average of at
 //!   least `--min-body-rate` bytes a second after that grace; a slower one ends the request with
-//!   408 (see [`too_slow`]) and the connection is closed.
+//!   408 (see [`too_slow`]) and the connection is closed;
+//! - [`Busy`]: a connection with no request in progress (none being handled, no response body
+//!   being sent) for that long is closed. hyper does this for HTTP/1.1 keep-alive; an HTTP/2
+//!   connection would otherwise stay open, idle, for ever.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +28,141 @@ pub async fn first_byte(stream: &tokio::net::TcpStream, within: Duration) -> boo
         tokio::time::timeout(within, stream.peek(&mut byte)).await,
         Ok(Ok(n)) if n > 0
     )
+}
+
+/// Requests in progress on one connection, and since when it has had none.
+pub struct Busy {
+    in_flight: AtomicUsize,
+    /// Milliseconds since [`clock_base`] when the last request ended (or the connection began).
+    idle_since_ms: AtomicU64,
+}
+
+/// The origin of [`Busy::idle_since_ms`].
+fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    Instant::now()
+        .saturating_duration_since(clock_base())
+        .as_millis()
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+impl Busy {
+    pub fn new() -> Arc<Busy> {
+        Arc::new(Busy {
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(now_ms()),
+        })
+    }
+
+    /// The idle time starts again now (the connection sent its first byte).
+    pub fn touch(&self) {
+        self.idle_since_ms.store(now_ms(), Ordering::SeqCst);
+    }
+
+    /// A request begins; it ends when the guard is dropped (with its response body).
+    fn enter(self: &Arc<Busy>) -> BusyGuard {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        BusyGuard(self.clone())
+    }
+
+    /// Completes once the connection has had no request in progress for `timeout`.
+    pub async fn idle_for(&self, timeout: Duration) {
+        loop {
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                let since =
+                    clock_base() + Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
+                let due = since + timeout;
+                if Instant::now() >= due && self.in_flight.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                tokio::time::sleep_until(due.max(Instant::now() + Duration::from_millis(1))).await;
+            } else {
+                tokio::time::sleep(timeout).await;
+            }
+        }
+    }
+}
+
+/// One request in progress on a connection (see [`Busy`]).
+struct BusyGuard(Arc<Busy>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        // The idle time starts before the count reaches 0, so a check in between sees a request.
+        self.0.idle_since_ms.store(now_ms(), Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted in progress until it is sent (or dropped).
+struct GuardedBody {
+    inner: Body,
+    _guard: BusyGuard,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `inner` with each request counted in `busy` from its arrival to the end of its response body.
+#[derive(Clone)]
+pub struct Tracked<S> {
+    pub inner: S,
+    pub busy: Arc<Busy>,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for Tracked<S>
+where
+    S: tower::Service<
+            axum::http::Request<B>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        let guard = self.busy.enter();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|inner| {
+                Body::new(GuardedBody {
+                    inner,
+                    _guard: guard,
+                })
+            }))
+        })
+    }
 }
 
 /// A request body that came slower than the minimum rate.
@@ -218,6 +358,31 @@ mod tests {
             .expect_err("stalled");
         assert!(too_slow(&err));
         assert_eq!(t0.elapsed().as_secs(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_only_without_a_request_in_progress() {
+        let busy = Busy::new();
+        let t0 = Instant::now();
+        let guard = busy.enter();
+        // A request in progress for 5 s: not idle meanwhile, idle 1 s after it ended.
+        let ends = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(guard);
+        };
+        tokio::join!(ends, busy.idle_for(Duration::from_secs(1)));
+        assert_eq!(t0.elapsed().as_secs(), 6);
+        // Two overlapping requests: idle only after the last one.
+        let (a, b) = (busy.enter(), busy.enter());
+        let t1 = Instant::now();
+        let ends = async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(a);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(b);
+        };
+        tokio::join!(ends, busy.idle_for(Duration::from_secs(1)));
+        assert_eq!(t1.elapsed().as_secs(), 5);
     }
 
     #[test]

@@ -489,6 +489,39 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_idle_http2_connection_is_closed_after_the_header_read_timeout() {
+    let s = start(
+        0,
+        server::ConnectionLimits {
+            header_read_timeout: Duration::from_secs(1),
+            max_connections: 1024,
+            min_body_rate: 1024,
+        },
+        |_, _| {},
+    )
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        let mut conn = TcpStream::connect(&addr).unwrap();
+        // HTTP/2 with prior knowledge: the preface and an empty SETTINGS frame, then nothing.
+        conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .unwrap();
+        let t0 = Instant::now();
+        (until_closed(&mut conn), t0.elapsed())
+    })
+    .await
+    .unwrap();
+    // Without the guard the server keeps the connection (hyper has no idle limit for HTTP/2):
+    // the read above times out.
+    let answer = answer.expect("the server closed the idle HTTP/2 connection");
+    assert!(
+        answer.len() >= 9,
+        "the server's SETTINGS came first: {answer:?}"
+    );
+    assert!(took < Duration::from_secs(10), "closed after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_request_body_slower_than_the_minimum_rate_gets_408_and_a_steady_one_is_read() {
     let s = start(
         0,
@@ -518,9 +551,10 @@ async fn a_request_body_slower_than_the_minimum_rate_gets_408_and_a_steady_one_i
         "{answer}"
     );
     assert!(took < Duration::from_secs(10), "answered after {took:?}");
-    // 400 bytes every 100 ms: 4,000 bytes a second.
+    // 200 bytes every 100 ms: 2,000 bytes a second, for longer than the idle limit (1 s): a
+    // request in progress is not idle.
     let steady =
-        tokio::task::spawn_blocking(move || post_slowly(&addr, 10, Duration::from_millis(100)));
+        tokio::task::spawn_blocking(move || post_slowly(&addr, 20, Duration::from_millis(100)));
     let answer = steady.await.unwrap().expect("answered");
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
 }
