@@ -1,7 +1,7 @@
 //! The fault suite: the real `fhirhose` binary under the faults a deployment meets — kill -9 at
 //! random points of an export, a cancel, a bulk load and a transaction; SIGTERM during an
-//! export; the export destination (Azurite, S3 on moto, S3 on s3s-fs) down for a while or for
-//! good; a full disk, under the server's destination and under the export client's folder. Each
+//! export; PostgreSQL restarted during an export (PostgreSQL pass); the export destination
+//! (Azurite, S3 on moto, S3 on s3s-fs) down for a while or for good; a full disk, under the server's destination and under the export client's folder. Each
 //! case states the invariant it checks; the suite prints one line per round and
 //! `faults: N passed, M failed, K skipped (cases passed/total)`, and fails if any round failed.
 //!
@@ -138,7 +138,8 @@ impl Server {
             .arg(data)
             .args(database_args(data))
             .args(args)
-            .stdout(Stdio::null())
+            // The server logs to stdout: both into the round's log, which failures quote.
+            .stdout(log_file(log))
             .stderr(log_file(log))
             .spawn()
             .map_err(|e| format!("start fhirhose serve: {e}"))?;
@@ -391,7 +392,7 @@ fn load(data: &Path, log: &Path) -> R<Duration> {
         .arg(data)
         .args(database_args(data))
         .arg(synthea_100())
-        .stdout(Stdio::null())
+        .stdout(log_file(log))
         .stderr(log_file(log))
         .status()
         .map_err(|e| format!("run fhirhose load: {e}"))?;
@@ -578,6 +579,12 @@ const CASES: &[Case] = &[
         run: kill9_transaction,
     },
     Case {
+        name: "postgres-restart-export",
+        invariant: "the PostgreSQL server stopped at a random point of an export (a failover, a restart) and started again on the same port: the export completes under the same status URL with every resource exactly once and no uncommitted part left (PostgreSQL pass only)",
+        rounds: 1,
+        run: postgres_restart_export,
+    },
+    Case {
         name: "sigterm-export",
         invariant: "SIGTERM during an export: the server exits cleanly within its drain timeout with no work item left claimed; after restart the export completes, every resource exactly once",
         rounds: 2,
@@ -715,7 +722,7 @@ fn kill9_load(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
         .arg(&data)
         .args(database_args(&data))
         .arg(synthea_100())
-        .stdout(Stdio::null())
+        .stdout(log_file(&log))
         .stderr(log_file(&log))
         .spawn()
         .map_err(|e| format!("run fhirhose load: {e}"))?;
@@ -740,6 +747,84 @@ fn kill9_load(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
 }
 
 const TX_ENTRIES: usize = 10;
+
+/// `scripts/postgres.sh CMD DIR`: the last line it prints (the URL, for `start`).
+fn postgres_sh(cmd: &str, dir: &Path) -> R<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/postgres.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(cmd)
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("run postgres.sh {cmd}: {e}"))?;
+    ensure!(
+        out.status.success(),
+        "postgres.sh {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// A private PostgreSQL cluster of `scripts/postgres.sh`, stopped when dropped.
+struct Cluster(PathBuf);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = postgres_sh("stop", &self.0);
+    }
+}
+
+fn postgres_restart_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    if store::testing::test_database_url().is_none() {
+        return Ok(Some(
+            "not applicable on SQLite (no database server); runs in the PostgreSQL pass".into(),
+        ));
+    }
+    // The export time to draw the stop from.
+    ctx.ensure_golden()?;
+    // A cluster of its own: the suite's shared one serves the other rounds' databases.
+    let pg = dir.join("pg");
+    let url = postgres_sh("start", &pg)?;
+    let cluster = Cluster(pg.clone());
+    let data = dir.join("data");
+    let db = store::testing::fresh_database(&url).map_err(|e| format!("create a database: {e}"))?;
+    register_database(&data, db);
+    load(&data, &dir.join("load.log"))?;
+    let s = Server::start(&data, free_port(), &export_args(), &dir.join("serve.log"))?;
+    let status = kickoff(&ctx.c, &s.base, "")?;
+    let at = rng.below(ctx.export_ms * 2 / 3 + 1);
+    sleep_ms(at);
+    let was_running = is_running(&ctx.c, &status);
+    postgres_sh("stop", &pg)?;
+    let outage = rng.below(2000);
+    sleep_ms(outage);
+    postgres_sh("start", &pg)?;
+    let (code, manifest, took) = wait_end(&ctx.c, &status, COMPLETE_BOUND)?;
+    ensure!(
+        code == 200,
+        "status after the database came back: {code} {manifest}\n{}",
+        tail(&s.log)
+    );
+    let n = verify_manifest(&ctx.c, &manifest)?;
+    no_parts_left(&data.join("storage/exports").join(job_id(&status)))?;
+    drop(s);
+    // The database goes before its cluster.
+    drop_databases_under(&data);
+    drop(cluster);
+    Ok(Some(format!(
+        "PostgreSQL stopped {at} ms after kick-off ({}) for {outage} ms; complete {} ms after it was back, {n} resources once each",
+        if was_running {
+            "running"
+        } else {
+            "already done"
+        },
+        took.as_millis()
+    )))
+}
 
 fn kill9_transaction(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
     let data = ctx.empty_data(dir)?;

@@ -13,6 +13,7 @@ use crate::anonymization::Anonymizer;
 use crate::jobs::{Cleanup, FileKind, ItemKind, JobRecord, JobState, Orphans, Retry, WorkItem};
 use crate::record::{self, export_request};
 use crate::run::{ItemContext, Prepared, RunError, execute_item};
+use store::QueueError;
 
 impl ExportService {
     /// Starts this process's workers and the sweeper (retention, deletions still to do). Items
@@ -337,10 +338,10 @@ impl ExportService {
                 let job = self.queue.get(&job_id).ok().flatten();
                 let text = failure_text(&e, self.config.sink.as_ref(), job.as_ref());
                 tracing::error!(job = %job_id, item = item.item_no, attempt = item.attempt, error = %text, retry = retry.is_some(), "export work item failed");
-                match self
-                    .queue
-                    .fail_item(&item, &text, e.status(), retry, now_ms())
-                {
+                match self.until_recorded(|| {
+                    self.queue
+                        .fail_item(&item, &text, e.status(), retry, now_ms())
+                }) {
                     Ok(true) => {
                         overview::item_failed(false);
                         tracing::error!(job = %job_id, status = e.status(), "export failed");
@@ -359,6 +360,36 @@ impl ExportService {
                         tracing::error!(job = %job_id, error = %qe, "cannot record a failed work item")
                     }
                 }
+            }
+        }
+    }
+
+    /// `record` (an item's outcome on the job queue), tried again while the queue's database is
+    /// unavailable (a restart, a failover), until the service stops. An outcome not recorded
+    /// leaves its item `running` under this node, which no worker here runs any more and no
+    /// other node takes before the heartbeat timeout (10 minutes by default): the export would
+    /// stand still that long after the database came back.
+    fn until_recorded<T>(
+        &self,
+        mut record: impl FnMut() -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let mut wait = Duration::from_millis(100);
+        let mut warned = false;
+        loop {
+            match record() {
+                Err(QueueError::Db(store::StoreError::Unavailable { .. }))
+                    if !self.stopping.load(Ordering::SeqCst) =>
+                {
+                    if !warned {
+                        tracing::warn!(
+                            "the export job table is unavailable: recording the work item's outcome again until it is back"
+                        );
+                        warned = true;
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                done => return done,
             }
         }
     }
