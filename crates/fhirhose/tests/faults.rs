@@ -1,8 +1,9 @@
 //! The fault suite: the real `fhirhose` binary under the faults a deployment meets — kill -9 at
 //! random points of an export, a cancel, a bulk load and a transaction; SIGTERM during an
 //! export; PostgreSQL restarted during an export (PostgreSQL pass); the export destination
-//! (Azurite, S3 on moto, S3 on s3s-fs) down for a while or for good; a full disk, under the server's destination and under the export client's folder. Each
-//! case states the invariant it checks; the suite prints one line per round and
+//! (Azurite, S3 on moto, S3 on s3s-fs) down for a while or for good; a full disk, under the
+//! server's destination and under the export client's folder. Each case states the invariant
+//! it checks; the suite prints one line per round and
 //! `faults: N passed, M failed, K skipped (cases passed/total)`, and fails if any round failed.
 //!
 //! Settings (environment):
