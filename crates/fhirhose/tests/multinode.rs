@@ -363,28 +363,49 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
         location.rsplit('/').next().expect("job id").to_string()
     };
     let job = kickoff(&n1);
+    // Node 1 paused at once: nodes 2 and 3 learn of work by polling the queue (every 2 s), and
+    // on a quiet machine node 1 alone finished all 124 items within 1 s, before either looked.
+    // Its item in progress is taken over after the heartbeat timeout like any other.
+    signal(n1.child.id(), "STOP");
 
-    // Wait until nodes 2 and 3 have each finished an item and each hold one.
-    let (held2, held3) = wait_for("nodes 2 and 3 to hold leases after finishing items", || {
+    // Nodes 2 and 3 each finish an item, then are caught holding one: both paused first, the
+    // items read once statements already sent have landed (an item read as running a moment
+    // before a pause may be done by the time it takes effect: 100 resources take ~10 ms), and
+    // let go again when either holds none.
+    let started = Instant::now();
+    let (held2, held3) = loop {
+        assert!(
+            started.elapsed() < BOUND,
+            "timed out waiting for nodes 2 and 3 to hold leases after finishing items"
+        );
         let rows = items(&mut db, &job);
         let done = |n: &str| {
             rows.iter()
                 .any(|(_, o, s, _)| s == "done" && node_of(o) == n)
         };
+        if !(done("n2") && done("n3")) {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        signal(n2.child.id(), "STOP");
+        signal(n3.child.id(), "STOP");
+        std::thread::sleep(Duration::from_millis(300));
+        let rows = items(&mut db, &job);
         let running = |n: &str| {
             rows.iter()
                 .find(|(_, o, s, _)| s == "running" && node_of(o) == n)
                 .cloned()
         };
-        if done("n2") && done("n3") {
-            Some((running("n2")?, running("n3")?))
-        } else {
-            None
+        if let (Some(h2), Some(h3)) = (running("n2"), running("n3")) {
+            break (h2, h3);
         }
-    });
+        signal(n2.child.id(), "CONT");
+        signal(n3.child.id(), "CONT");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    signal(n1.child.id(), "CONT");
     signal(n3.child.id(), "KILL");
     let _ = n3.child.wait();
-    signal(n2.child.id(), "STOP");
     eprintln!("multinode: n3 killed holding item {held3:?}; n2 paused holding item {held2:?}");
 
     // Both leases are taken over after the heartbeat timeout (node 1 is the only live worker).
