@@ -396,31 +396,11 @@ async fn a_complete_export_expires_after_the_retention_period() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_half_sent_header_is_dropped_after_the_header_read_timeout() {
-    let s = start(
-        0,
-        server::ConnectionLimits {
-            header_read_timeout: Duration::from_secs(1),
-            max_connections: 1024,
-            min_body_rate: 1024,
-        },
-        |_, _| {},
-    )
-    .await;
-    let addr = s.base.trim_start_matches("http://").to_string();
-    let r = tokio::task::spawn_blocking(move || {
-        let mut conn = TcpStream::connect(&addr).unwrap();
-        conn.write_all(b"GET /metadata HTTP/1.1\r\nHost: x\r\nAccept: appl")
-            .unwrap();
-        // Bounded: a server without a header timeout never answers nor closes.
-        conn.set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut buf = Vec::new();
-        conn.read_to_end(&mut buf).map(|_| buf)
-    })
-    .await
-    .unwrap();
-    let answer = r.expect("the server closed the connection (no read timeout on our side)");
-    let text = String::from_utf8_lossy(&answer);
+    let s = start(0, short_limits(1024), |_, _| {}).await;
+    let (answer, _) =
+        sent_then_closed(&s, b"GET /metadata HTTP/1.1\r\nHost: x\r\nAccept: appl").await;
+    // Bounded: a server without a header timeout never answers nor closes.
+    let text = answer.expect("the server closed the connection (no read timeout on our side)");
     assert!(
         text.is_empty() || text.starts_with("HTTP/1.1 408"),
         "closed, at most with a 408: {text}"
@@ -432,6 +412,29 @@ async fn a_half_sent_header_is_dropped_after_the_header_read_timeout() {
             .await
             .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
+}
+
+/// Connection limits of the slow-client tests: a 1 s header-read timeout (and idle limit).
+fn short_limits(min_body_rate: u64) -> server::ConnectionLimits {
+    server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(1),
+        max_connections: 1024,
+        min_body_rate,
+    }
+}
+
+/// Connects to `s`, sends `first` (perhaps nothing), and reads until the server closes: what
+/// it sent, and how long after `first` it closed.
+async fn sent_then_closed(s: &Server, first: &'static [u8]) -> (std::io::Result<String>, Duration) {
+    let addr = s.base.trim_start_matches("http://").to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = TcpStream::connect(&addr).unwrap();
+        conn.write_all(first).unwrap();
+        let t0 = Instant::now();
+        (until_closed(&mut conn), t0.elapsed())
+    })
+    .await
+    .unwrap()
 }
 
 /// Reads what the server sends on `conn` until it closes (at most 20 s).
@@ -464,24 +467,8 @@ fn post_slowly(addr: &str, chunks: usize, every: Duration) -> std::io::Result<St
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
-    let s = start(
-        0,
-        server::ConnectionLimits {
-            header_read_timeout: Duration::from_secs(1),
-            max_connections: 1024,
-            min_body_rate: 1024,
-        },
-        |_, _| {},
-    )
-    .await;
-    let addr = s.base.trim_start_matches("http://").to_string();
-    let (answer, took) = tokio::task::spawn_blocking(move || {
-        let mut conn = TcpStream::connect(&addr).unwrap();
-        let t0 = Instant::now();
-        (until_closed(&mut conn), t0.elapsed())
-    })
-    .await
-    .unwrap();
+    let s = start(0, short_limits(1024), |_, _| {}).await;
+    let (answer, took) = sent_then_closed(&s, b"").await;
     // Without the guard, hyper waits for a first byte for ever: the read above times out.
     let answer = answer.expect("the server closed the silent connection");
     assert_eq!(answer, "", "closed unanswered");
@@ -490,27 +477,10 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_http2_connection_is_closed_after_the_header_read_timeout() {
-    let s = start(
-        0,
-        server::ConnectionLimits {
-            header_read_timeout: Duration::from_secs(1),
-            max_connections: 1024,
-            min_body_rate: 1024,
-        },
-        |_, _| {},
-    )
-    .await;
-    let addr = s.base.trim_start_matches("http://").to_string();
-    let (answer, took) = tokio::task::spawn_blocking(move || {
-        let mut conn = TcpStream::connect(&addr).unwrap();
-        // HTTP/2 with prior knowledge: the preface and an empty SETTINGS frame, then nothing.
-        conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-            .unwrap();
-        let t0 = Instant::now();
-        (until_closed(&mut conn), t0.elapsed())
-    })
-    .await
-    .unwrap();
+    let s = start(0, short_limits(1024), |_, _| {}).await;
+    // HTTP/2 with prior knowledge: the preface and an empty SETTINGS frame, then nothing.
+    let (answer, took) =
+        sent_then_closed(&s, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await;
     // Without the guard the server keeps the connection (hyper has no idle limit for HTTP/2):
     // the read above times out.
     let answer = answer.expect("the server closed the idle HTTP/2 connection");
@@ -523,16 +493,7 @@ async fn an_idle_http2_connection_is_closed_after_the_header_read_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_body_slower_than_the_minimum_rate_gets_408_and_a_steady_one_is_read() {
-    let s = start(
-        0,
-        server::ConnectionLimits {
-            header_read_timeout: Duration::from_secs(1),
-            max_connections: 1024,
-            min_body_rate: 1000,
-        },
-        |_, _| {},
-    )
-    .await;
+    let s = start(0, short_limits(1000), |_, _| {}).await;
     let addr = s.base.trim_start_matches("http://").to_string();
     // 10 bytes every 100 ms: 100 bytes a second against 1,000, after a 1 s grace.
     let a = addr.clone();
