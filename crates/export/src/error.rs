@@ -47,7 +47,7 @@ impl RunError {
             ) => true,
             // The job table's database went away or a statement waited too long (e.g. behind
             // a paused node's session, which the server then ends): the item is retried.
-            RunError::Queue(QueueError::Db(store::StoreError::Unavailable { .. })) => true,
+            RunError::Queue(e) => e.is_unavailable(),
             _ => false,
         }
     }

@@ -131,3 +131,11 @@ pub enum QueueError {
     #[error(transparent)]
     Unknown(#[from] UnknownName),
 }
+
+impl QueueError {
+    /// The job table's database went away or a statement waited too long: the same call may
+    /// succeed once it is back.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, QueueError::Db(StoreError::Unavailable { .. }))
+    }
+}

@@ -377,9 +377,7 @@ impl ExportService {
         let mut warned = false;
         loop {
             match record() {
-                Err(QueueError::Db(store::StoreError::Unavailable { .. }))
-                    if !self.stopping.load(Ordering::SeqCst) =>
-                {
+                Err(e) if e.is_unavailable() && !self.stopping.load(Ordering::SeqCst) => {
                     if !warned {
                         tracing::warn!(
                             "the export job table is unavailable: recording the work item's outcome again until it is back"
