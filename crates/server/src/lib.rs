@@ -395,6 +395,8 @@ pub async fn serve_connections(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
+    // One builder for every connection task (its settings are read, never changed).
+    let builder = Arc::new(builder);
     tokio::pin!(shutdown);
     loop {
         // A permit first: beyond the cap, connections wait in the backlog, unread.
@@ -423,7 +425,7 @@ pub async fn serve_connections(
             inner: app.clone(),
             busy: busy.clone(),
         });
-        let builder = builder.clone();
+        let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let first_byte = limits.header_read_timeout;
         tokio::spawn(async move {
