@@ -77,6 +77,15 @@ pub struct ServeConfig {
     /// Connections served at once; more wait until one closes.
     #[arg(long, env = "FHIRHOSE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// Connections served at once from one client address (an IPv4 address, an IPv6 /64);
+    /// more are answered 503 and closed. Behind a reverse proxy every request comes from the
+    /// proxy's address: raise it to --max-connections there.
+    #[arg(
+        long,
+        env = "FHIRHOSE_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    pub max_connections_per_address: usize,
     /// Seconds a graceful shutdown (SIGTERM, Ctrl-C) waits for open requests and running export
     /// work items to finish; items still running are then given back to resume at the next
     /// start.
@@ -520,9 +529,14 @@ impl ServeConfig {
                 "--export-file-resources, --export-file-mb and --export-item-resources must be at least 1".into(),
             ));
         }
-        if self.header_read_timeout == 0 || self.max_connections == 0 || self.min_body_rate == 0 {
+        if self.header_read_timeout == 0
+            || self.max_connections == 0
+            || self.max_connections_per_address == 0
+            || self.min_body_rate == 0
+        {
             return Err(ConfigError::Export(
-                "--header-read-timeout, --max-connections and --min-body-rate must be at least 1"
+                "--header-read-timeout, --max-connections, --max-connections-per-address and \
+                 --min-body-rate must be at least 1"
                     .into(),
             ));
         }

@@ -17,6 +17,7 @@ pub mod export_routes;
 pub mod metrics;
 pub mod negotiate;
 pub mod node_id;
+pub mod per_address;
 pub mod ranges;
 pub mod routes;
 pub mod slow_clients;
@@ -322,6 +323,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let limits = ConnectionLimits {
         header_read_timeout: std::time::Duration::from_secs(config.header_read_timeout),
         max_connections: config.max_connections,
+        max_connections_per_address: config.max_connections_per_address,
         min_body_rate: config.min_body_rate,
     };
     let drain = std::time::Duration::from_secs(config.shutdown_timeout);
@@ -365,6 +367,9 @@ pub struct ConnectionLimits {
     pub header_read_timeout: std::time::Duration,
     /// Connections served at once; more wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// Connections served at once from one client address (an IPv4 address, an IPv6 `/64`);
+    /// more are answered 503 and closed ([`per_address`]).
+    pub max_connections_per_address: usize,
     /// The least average rate of a request body, in bytes a second, after a grace of
     /// `header_read_timeout` ([`slow_clients::MinRateBody`]); a slower one is answered 408.
     pub min_body_rate: u64,
@@ -384,6 +389,7 @@ pub async fn serve_connections(
     use hyper_util::service::TowerToHyperService;
 
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let per_address = per_address::PerAddress::new(limits.max_connections_per_address);
     let (rate, grace) = (limits.min_body_rate, limits.header_read_timeout);
     let app = app.layer(tower::util::MapRequestLayer::new(
         move |req: axum::extract::Request| slow_clients::min_rate(req, rate, grace),
@@ -420,6 +426,12 @@ pub async fn serve_connections(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let Some(address_slot) = per_address.take(peer.ip()) else {
+            // One client may not hold every slot: this one goes back at once.
+            drop(permit);
+            per_address.refuse(stream, peer);
+            continue;
+        };
         let busy = slow_clients::Busy::new();
         let service = TowerToHyperService::new(slow_clients::Tracked {
             inner: app.clone(),
@@ -433,7 +445,7 @@ pub async fn serve_connections(
             // sends none would hold its permit for ever.
             if !slow_clients::first_byte(&stream, first_byte).await {
                 tracing::debug!(peer = %peer, "connection closed: no request within the header-read timeout");
-                drop(permit);
+                drop((permit, address_slot));
                 return;
             }
             busy.touch();
@@ -450,7 +462,7 @@ pub async fn serve_connections(
                     tracing::debug!(peer = %peer, "idle connection closed");
                 }
             }
-            drop(permit);
+            drop((permit, address_slot));
         });
     }
     drop(listener);

@@ -99,6 +99,7 @@ fn limits() -> server::ConnectionLimits {
     server::ConnectionLimits {
         header_read_timeout: Duration::from_secs(10),
         max_connections: 1024,
+        max_connections_per_address: 256,
         min_body_rate: 1024,
     }
 }
@@ -419,6 +420,7 @@ fn short_limits(min_body_rate: u64) -> server::ConnectionLimits {
     server::ConnectionLimits {
         header_read_timeout: Duration::from_secs(1),
         max_connections: 1024,
+        max_connections_per_address: 256,
         min_body_rate,
     }
 }
@@ -527,31 +529,13 @@ async fn the_connection_cap_holds() {
         server::ConnectionLimits {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 2,
+            max_connections_per_address: 2,
             min_body_rate: 1024,
         },
         |_, _| {},
     )
     .await;
-    let addr = s.base.trim_start_matches("http://").to_string();
-    let a = addr.clone();
-    // Two kept-alive connections, each served once and then idle.
-    let held = tokio::task::spawn_blocking(move || {
-        (0..2)
-            .map(|_| {
-                let mut conn = TcpStream::connect(&a).unwrap();
-                conn.write_all(format!("GET /metadata HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
-                    .unwrap();
-                conn.set_read_timeout(Some(Duration::from_secs(20)))
-                    .unwrap();
-                let mut first = [0u8; 9];
-                conn.read_exact(&mut first).unwrap();
-                assert_eq!(&first, b"HTTP/1.1 ", "served");
-                conn
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let held = held_connections(&s, 2).await;
     let quick = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
@@ -576,4 +560,90 @@ async fn the_connection_cap_holds() {
         StatusCode::OK,
         "served once a connection closed"
     );
+}
+
+/// `n` kept-alive connections to `s` from 127.0.0.1, each served once and then idle.
+async fn held_connections(s: &Server, n: usize) -> Vec<TcpStream> {
+    let a = s.base.trim_start_matches("http://").to_string();
+    tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|_| {
+                let mut conn = TcpStream::connect(&a).unwrap();
+                conn.write_all(format!("GET /metadata HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+                    .unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                let mut first = [0u8; 9];
+                conn.read_exact(&mut first).unwrap();
+                assert_eq!(&first, b"HTTP/1.1 ", "served");
+                conn
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap()
+}
+
+/// `GET /metadata` on a new connection from the local address `from`, read until the server
+/// closes it (`Connection: close`).
+async fn metadata_from(s: &Server, from: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    conn.write_all(
+        format!("GET /metadata HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut answer))
+        .await
+        .expect("the server closed the connection")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_address_cannot_hold_every_connection() {
+    let s = start(
+        0,
+        server::ConnectionLimits {
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 8,
+            max_connections_per_address: 2,
+            min_body_rate: 1024,
+        },
+        |_, _| {},
+    )
+    .await;
+    let held = held_connections(&s, 2).await;
+    // A third connection from the same address: answered at once, 503 with an
+    // OperationOutcome, and closed; it holds no slot.
+    let third = metadata_from(&s, "127.0.0.1").await;
+    assert!(third.starts_with("HTTP/1.1 503"), "{third}");
+    let lower = third.to_ascii_lowercase();
+    assert!(lower.contains("\r\nretry-after: 1\r\n"), "{third}");
+    assert!(
+        third.contains("OperationOutcome")
+            && third.contains("throttled")
+            && third.contains("--max-connections-per-address"),
+        "{third}"
+    );
+    // Another client (127.0.0.2 is also this machine's loopback) is served meanwhile.
+    let other = metadata_from(&s, "127.0.0.2").await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    // The same address again once one of its connections closed.
+    drop(held);
+    let mut again = String::new();
+    for _ in 0..50 {
+        again = metadata_from(&s, "127.0.0.1").await;
+        if again.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        // The server sees the close a moment after the client made it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
 }
