@@ -53,6 +53,15 @@ pub struct ExportService {
     changed: tokio::sync::Notify,
     /// Set by [`ExportService::shutdown`]: workers stop claiming and give their items back.
     stopping: AtomicBool,
+    /// Held shared by a worker from its claim until the item is in `held`; exclusively while
+    /// the items claimed under this process's name but run by none of its workers are given
+    /// back (so that no claim is half-way then).
+    claiming: std::sync::RwLock<()>,
+    /// The items this process's workers run (job id, item number).
+    held: Mutex<std::collections::HashSet<(String, i64)>>,
+    /// A claim failed: the database may have committed it without the answer reaching this
+    /// process. Unheld items are looked for before the next claim.
+    claim_unsure: AtomicBool,
     /// The worker and sweeper threads, once started.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Failed deletions of the sweeper per job: failures in a row and when to try next (`None`:
@@ -91,6 +100,9 @@ impl ExportService {
             wake: (Mutex::new(0), Condvar::new()),
             changed: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
+            claiming: std::sync::RwLock::new(()),
+            held: Mutex::new(std::collections::HashSet::new()),
+            claim_unsure: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             deletions: Mutex::new(HashMap::new()),
         });
@@ -112,6 +124,11 @@ impl ExportService {
     /// (other nodes' progress is only seen by looking again).
     pub fn changes(&self) -> &tokio::sync::Notify {
         &self.changed
+    }
+
+    /// This process's lease-owner name on the job queue (`<node>/<incarnation>`).
+    pub fn owner(&self) -> &str {
+        &self.node
     }
 
     /// Whether [`ExportService::shutdown`] has begun (waiting status requests answer then).

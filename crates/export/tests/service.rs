@@ -212,6 +212,44 @@ fn an_item_of_a_dead_node_is_taken_over_after_the_heartbeat_timeout() {
 }
 
 #[test]
+fn an_item_claimed_under_this_process_but_run_by_none_of_its_workers_is_given_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = seeded();
+    let store = db.store.clone();
+    // One node of several (so that starting does not release every running item), sweeping
+    // often.
+    let mut c = config(dir.path(), 2);
+    c.exclusive_queue = false;
+    c.node_id = Some("n1".into());
+    c.sweep_every = Duration::from_millis(100);
+    let svc = ExportService::open(store.clone(), c).expect("service");
+    let id = kickoff(&svc, ExportLevel::System, &[]);
+    // A claim of this process whose answer never came (the connection died after the
+    // database committed it): the item runs under this process's name, and no worker knows.
+    let queue = store.jobs().expect("the store's queue");
+    let now = chrono::Utc::now().timestamp_millis();
+    let lost = queue
+        .claim(svc.owner(), now, 600_000, 5)
+        .expect("claim")
+        .expect("an item");
+    svc.start_workers().expect("workers");
+    // Without the sweep the item waits for the heartbeat timeout (10 minutes) and `wait`
+    // gives up after 2.
+    let manifest = wait(&svc, &id);
+    let ids = contents(dir.path(), &manifest);
+    assert_eq!(ids["Patient"].len(), PATIENTS);
+    assert_eq!(
+        ids["Observation"].len(),
+        PATIENTS * OBSERVATIONS_PER_PATIENT
+    );
+    // The lost claim's lease is gone: had its answer come late, it could commit nothing.
+    assert_ne!(
+        queue.heartbeat(&lost, 1, now + 1).expect("heartbeat"),
+        export::jobs::Lease::Held
+    );
+}
+
+#[test]
 fn cancel_stops_the_workers_and_removes_the_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = seeded();

@@ -284,6 +284,38 @@ fn a_released_item_keeps_its_cursor_and_gets_its_attempt_back() {
 }
 
 #[test]
+fn claims_whose_answer_was_lost_are_given_back_and_held_ones_kept() {
+    let (_store, q) = open();
+    q.create(
+        &job("a", 1),
+        &[
+            scan("Patient", 0, 10),
+            scan("Patient", 10, 20),
+            scan("Patient", 20, 30),
+        ],
+        10,
+    )
+    .expect("create");
+    // "w" runs the first; its claim of the second was committed but never answered; another
+    // process holds the third.
+    let held = q.claim("w", 1, 600_000, 2).expect("claim").expect("item");
+    let lost = q.claim("w", 1, 600_000, 2).expect("claim").expect("item");
+    let other = q.claim("v", 1, 600_000, 2).expect("claim").expect("item");
+    let keep = [(held.job_id.clone(), held.item_no)];
+    assert_eq!(q.release_unheld("w", &keep).expect("release"), 1);
+    assert_eq!(q.release_unheld("w", &keep).expect("again"), 0);
+    assert_eq!(q.heartbeat(&held, 1, 2).expect("hb"), Lease::Held);
+    assert_eq!(q.heartbeat(&other, 1, 2).expect("hb"), Lease::Held);
+    assert_eq!(q.heartbeat(&lost, 1, 2).expect("hb"), Lease::Lost);
+    // Claimable at once; the attempt stays counted.
+    let again = q
+        .claim("w", 3, 600_000, 2)
+        .expect("claim")
+        .expect("the lost item");
+    assert_eq!((again.item_no, again.attempt), (lost.item_no, 2));
+}
+
+#[test]
 fn admission_is_refused_in_the_creating_transaction() {
     let (_store, q) = open();
     q.create(&job("a", 1), &[finalize()], 2).expect("a");

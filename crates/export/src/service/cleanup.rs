@@ -206,6 +206,7 @@ pub(super) fn sweeper_loop(svc: std::sync::Weak<ExportService>) {
         if let Err(e) = me.sweep() {
             tracing::error!(error = %e, "export sweep failed");
         }
+        me.give_back_unheld();
         let every = me.config.sweep_every;
         let (m, cv) = &me.wake;
         let deadline = std::time::Instant::now() + every;

@@ -392,6 +392,30 @@ impl ExportService {
         }
     }
 
+    /// Gives back the items running under this process's name that none of its workers runs:
+    /// claims whose answer was lost (the connection died after the database committed), or an
+    /// outcome that could not be recorded. Run before the next claim after a failed one, and
+    /// by every sweep. Their attempt stays counted ([`store::JobQueue::release_unheld`]).
+    pub(super) fn give_back_unheld(&self) {
+        // No claim is between the database and `held` meanwhile.
+        let _claiming = self.claiming.write().unwrap_or_else(|p| p.into_inner());
+        let held: Vec<(String, i64)> = lock(&self.held).iter().cloned().collect();
+        match self.queue.release_unheld(&self.node, &held) {
+            Ok(n) => {
+                self.claim_unsure.store(false, Ordering::SeqCst);
+                if n > 0 {
+                    tracing::warn!(
+                        items = n,
+                        owner = %self.node,
+                        "export work claimed by this process but run by none of its workers is given back"
+                    );
+                    self.notify();
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot look for unheld export work yet"),
+        }
+    }
+
     /// Writes the manifest of a job whose items are all done.
     fn complete_job(&self, prepared: &Prepared) -> Result<(), RunError> {
         let job = &prepared.job;
@@ -431,19 +455,34 @@ fn worker_loop(svc: std::sync::Weak<ExportService>) {
             return;
         }
         let seen = *lock(&me.wake.0);
-        let claimed = me.queue.claim(
-            &me.node,
-            now_ms(),
-            me.config.heartbeat_timeout.as_millis() as i64,
-            me.config.max_attempts,
-        );
+        if me.claim_unsure.load(Ordering::SeqCst) {
+            me.give_back_unheld();
+        }
+        let claimed = {
+            let _claiming = me.claiming.read().unwrap_or_else(|p| p.into_inner());
+            let claimed = me.queue.claim(
+                &me.node,
+                now_ms(),
+                me.config.heartbeat_timeout.as_millis() as i64,
+                me.config.max_attempts,
+            );
+            if let Ok(Some(item)) = &claimed {
+                lock(&me.held).insert((item.job_id.clone(), item.item_no));
+            }
+            claimed
+        };
         match claimed {
             Ok(Some(item)) => {
+                let key = (item.job_id.clone(), item.item_no);
                 me.run_item(item);
+                lock(&me.held).remove(&key);
                 continue;
             }
             Ok(None) => {}
-            Err(e) => tracing::error!(error = %e, "cannot claim export work"),
+            Err(e) => {
+                me.claim_unsure.store(true, Ordering::SeqCst);
+                tracing::error!(error = %e, "cannot claim export work");
+            }
         }
         {
             let (m, cv) = &me.wake;

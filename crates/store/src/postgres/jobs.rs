@@ -621,6 +621,29 @@ impl JobQueue for PgJobQueue {
         })
     }
 
+    fn release_unheld(&self, owner: &str, held: &[(String, i64)]) -> Result<u64, QueueError> {
+        self.tx(|tx| {
+            let running = tx.query(
+                "SELECT job_id, item_no FROM export_item WHERE state = 'running' AND owner = $1
+                 FOR UPDATE",
+                &[&owner],
+            )?;
+            let mut n = 0;
+            for row in &running {
+                let key = (row.get::<_, String>(0), row.get::<_, i64>(1));
+                if held.contains(&key) {
+                    continue;
+                }
+                n += tx.execute(
+                    "UPDATE export_item SET state = 'pending', owner = NULL, not_before_ms = NULL
+                     WHERE job_id = $1 AND item_no = $2",
+                    &[&key.0, &key.1],
+                )?;
+            }
+            Ok(n)
+        })
+    }
+
     fn finish(
         &self,
         id: &str,

@@ -684,6 +684,29 @@ impl JobQueue for SqliteJobQueue {
         Ok(n as u64)
     }
 
+    fn release_unheld(&self, owner: &str, held: &[(String, i64)]) -> Result<u64, QueueError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let running = tx
+            .prepare(
+                "SELECT job_id, item_no FROM export_item WHERE state = 'running' AND owner = ?1",
+            )?
+            .query_map([owner], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut n = 0;
+        for (job_id, item_no) in running.iter().filter(|k| !held.contains(k)) {
+            n += tx.execute(
+                "UPDATE export_item SET state = 'pending', owner = NULL, not_before_ms = NULL
+                 WHERE job_id = ?1 AND item_no = ?2 AND state = 'running' AND owner = ?3",
+                params![job_id, item_no, owner],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n as u64)
+    }
+
     fn finish(
         &self,
         id: &str,
