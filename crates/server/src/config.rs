@@ -28,6 +28,11 @@ pub struct ServeConfig {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "FHIRHOSE_MAX_BODY_BYTES", default_value_t = 100 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Bytes of request bodies held in memory at once, summed over every request being read or
+    /// handled (a parsed body takes 10–20 times its size); a body that would go over it is
+    /// answered 503 with Retry-After. At least --max-body-bytes.
+    #[arg(long, env = "FHIRHOSE_MAX_BODY_MEMORY", default_value_t = crate::body_budget::DEFAULT_MAX_BODY_MEMORY)]
+    pub max_body_memory: usize,
     /// Most entries in a batch or transaction Bundle (413 beyond); the body is refused while it
     /// is parsed.
     #[arg(
@@ -515,6 +520,12 @@ impl ServeConfig {
         }
         if self.max_body_bytes < 1024 {
             return Err(ConfigError::BodyLimit);
+        }
+        if self.max_body_memory < self.max_body_bytes {
+            return Err(ConfigError::Limit(format!(
+                "--max-body-memory ({}) must be at least --max-body-bytes ({})",
+                self.max_body_memory, self.max_body_bytes
+            )));
         }
         self.request_policy(&self.base_url())?;
         self.search.validate()?;

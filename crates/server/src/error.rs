@@ -234,3 +234,23 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// Whether `err` or an error in its chain of sources is an `E` (a body read error comes
+/// wrapped by the extractors, and `io::Error::source` skips the error it wraps: looked into).
+pub fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.is::<E>() {
+            return true;
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            && caused_by::<E>(inner)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}

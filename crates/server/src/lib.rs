@@ -10,6 +10,7 @@
 //! Architecture Invariant: handlers never block the async runtime: every store call runs in
 //! `spawn_blocking`. Stored resources are served as the stored bytes, without re-serialisation.
 
+pub mod body_budget;
 pub mod capability;
 pub mod config;
 pub mod error;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub base_url: Arc<str>,
     pub auth: auth::Auth,
     pub max_body_bytes: usize,
+    /// The request bodies held in memory at once (`--max-body-memory`, [`body_budget`]).
+    pub body_budget: body_budget::BodyBudget,
     pub export: Arc<export::ExportService>,
     /// Bounds on search requests and their time limit (`--search-*`).
     pub search_limits: search::SearchLimits,
@@ -115,6 +118,9 @@ impl AppState {
             base_url: base_url.into(),
             auth,
             max_body_bytes,
+            body_budget: body_budget::BodyBudget::new(
+                body_budget::DEFAULT_MAX_BODY_MEMORY.max(max_body_bytes),
+            ),
             export,
             search_limits: search::SearchLimits::default(),
             policy: Arc::new(policy),
@@ -304,6 +310,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     })?;
     let state = AppState {
         search_limits: config.search.limits(),
+        body_budget: body_budget::BodyBudget::new(config.max_body_memory),
         // `--metrics`, by default open without authorization and protected with it.
         metrics_mode: config
             .metrics

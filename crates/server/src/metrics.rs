@@ -230,6 +230,24 @@ pub fn render(state: &AppState) -> String {
             "Export file bytes sent to clients (whole files and ranges).",
             state.metrics.download_bytes.load(Ordering::Relaxed),
         ),
+        (
+            "fhirhose_request_body_bytes_held",
+            "gauge",
+            "Bytes of request bodies held in memory now (being read, or until their request is answered).",
+            state.body_budget.in_use() as u64,
+        ),
+        (
+            "fhirhose_request_body_bytes_limit",
+            "gauge",
+            "The most bytes of request bodies held in memory at once (--max-body-memory).",
+            state.body_budget.total() as u64,
+        ),
+        (
+            "fhirhose_request_bodies_refused_total",
+            "counter",
+            "Request bodies answered 503 because the bodies in memory were at --max-body-memory.",
+            state.body_budget.refused(),
+        ),
     ] {
         family(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {value}");

@@ -496,8 +496,9 @@ pub fn json_object(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiErro
     json_body(body, DEFAULT_MAX_BUNDLE_ENTRIES)
 }
 
-/// A request body as read, or why it could not be: 413 over the body limit, 408 when it came
-/// slower than `--min-body-rate` ([`crate::slow_clients`]), else 400.
+/// A request body as read, or why it could not be: 413 over the body limit, 503 when the bodies
+/// in memory are at `--max-body-memory` ([`crate::body_budget`]), 408 when it came slower than
+/// `--min-body-rate` ([`crate::slow_clients`]), else 400.
 pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -505,6 +506,16 @@ pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too-long",
                 "request body exceeds the configured limit (--max-body-bytes)",
+            )
+        } else if crate::error::caused_by::<crate::body_budget::OverBudget>(&rej) {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "the server is holding as many request bodies as it may (--max-body-memory); retry later",
+            )
+            .with_header(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(crate::error::RETRY_AFTER_SECS),
             )
         } else if crate::slow_clients::too_slow(&rej) {
             ApiError::new(

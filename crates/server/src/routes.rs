@@ -127,6 +127,11 @@ pub fn router(state: AppState) -> Router {
         ))
         // Inside the negotiation (which refuses other encodings with an OperationOutcome): a
         // gzip body is decoded as it is read, so the body limit applies to the decoded size.
+        // Counted as decoded (inside the decompression), held until the handler answered.
+        .layer(axum::middleware::from_fn_with_state(
+            state.body_budget.clone(),
+            crate::body_budget::hold,
+        ))
         .layer(RequestDecompressionLayer::new())
         .layer(axum::middleware::from_fn_with_state(
             state.policy.clone(),

@@ -179,22 +179,7 @@ pub struct BodyTooSlow {
 
 /// Whether `err` (a body read error, as the extractors wrap it) is [`BodyTooSlow`].
 pub fn too_slow(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(err);
-    while let Some(e) = next {
-        if e.is::<BodyTooSlow>() {
-            return true;
-        }
-        // `io::Error::source` skips the error it wraps: look inside.
-        if let Some(inner) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            && too_slow(inner)
-        {
-            return true;
-        }
-        next = e.source();
-    }
-    false
+    crate::error::caused_by::<BodyTooSlow>(err)
 }
 
 /// A request body that must keep to a minimum average rate: by `grace + received / rate` after

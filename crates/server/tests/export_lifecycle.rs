@@ -50,6 +50,16 @@ async fn start(
     limits: server::ConnectionLimits,
     tune: impl FnOnce(&Path, &mut export::ExportConfig),
 ) -> Server {
+    start_with(patients, limits, tune, |_| {}).await
+}
+
+/// [`start`], with the application state adjusted by `state_tune` too.
+async fn start_with(
+    patients: usize,
+    limits: server::ConnectionLimits,
+    tune: impl FnOnce(&Path, &mut export::ExportConfig),
+    state_tune: impl FnOnce(&mut server::AppState),
+) -> Server {
     let dir = tempfile::tempdir().unwrap();
     // Store calls block (PostgreSQL's client): off the async workers.
     let db = tokio::task::block_in_place(|| {
@@ -78,6 +88,8 @@ async fn start(
         )
     })
     .unwrap();
+    let mut state = state;
+    state_tune(&mut state);
     let export = state.export.clone();
     tokio::spawn(server::serve_connections(
         listener,
@@ -646,4 +658,72 @@ async fn one_client_address_cannot_hold_every_connection() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_bodies_in_memory_share_one_budget() {
+    let s = start_with(
+        0,
+        short_limits(1024),
+        |_, _| {},
+        |state| {
+            state.body_budget = server::body_budget::BodyBudget::new(10_000);
+        },
+    )
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // A body of 8,000 bytes, of which 7,000 come at once and the rest after a pause: its bytes
+    // are held while it is read.
+    let a = addr.clone();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut body = br#"{"resourceType":"Patient","active":true}"#.to_vec();
+        body.resize(8000, b' ');
+        let mut conn = TcpStream::connect(&a).unwrap();
+        conn.write_all(
+            format!(
+                "POST /Patient HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        conn.write_all(&body[..7000]).unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        conn.write_all(&body[7000..]).unwrap();
+        until_closed(&mut conn)
+    });
+    // Meanwhile another body of 4,000 bytes would go over 10,000.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let patient =
+        json!({"resourceType": "Patient", "active": true, "name": [{"family": "x".repeat(3900)}]});
+    let refused =
+        s.c.post(format!("{}/Patient", s.base))
+            .header("content-type", "application/fhir+json")
+            .body(patient.to_string())
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let outcome: Value = refused.json().await.unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["code"], "transient");
+    assert!(
+        outcome["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("--max-body-memory"),
+        "{outcome}"
+    );
+    let answer = first.await.unwrap().expect("answered");
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    // Once the first request is answered its bytes are given back.
+    let created =
+        s.c.post(format!("{}/Patient", s.base))
+            .header("content-type", "application/fhir+json")
+            .body(patient.to_string())
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
 }

@@ -1,0 +1,242 @@
+//! One budget for the request bodies held in memory at once. `--max-body-bytes` bounds one
+//! body, and handlers read a body whole before parsing it (a parsed tree is 10–20 times its
+//! JSON), so without a shared bound a dozen clients each sending the largest body at once could
+//! exhaust the server's memory. Every non-empty request body counts its bytes, as they arrive
+//! (after gzip decoding), against `--max-body-memory`; they are given back when the request's
+//! handler has answered. A body that would go over it is read to its end and dropped (a client
+//! still sending would otherwise not see the answer; at most the budget's size more is read),
+//! then ends with [`OverBudget`], which the handlers answer 503 `transient` with `Retry-After`
+//! ([`crate::negotiate::body_bytes`]): nothing waits for the budget, so a budget held by slow
+//! bodies cannot also hold the requests behind it.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use http_body::{Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The default of `--max-body-memory`: 256 MiB (at least one body of `--max-body-bytes`).
+pub const DEFAULT_MAX_BODY_MEMORY: usize = 256 * 1024 * 1024;
+
+/// The shared budget, in bytes.
+#[derive(Clone)]
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+    refused: Arc<AtomicU64>,
+}
+
+/// A request body would take the bodies in memory over `--max-body-memory`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the request bodies being read and handled at once exceed {total} bytes (--max-body-memory)"
+)]
+pub struct OverBudget {
+    pub total: usize,
+}
+
+impl BodyBudget {
+    /// `total` bytes (at least 1).
+    pub fn new(total: usize) -> BodyBudget {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        BodyBudget {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+            refused: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The budget, in bytes.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Request bodies refused for it since the start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of request bodies held now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.bytes.available_permits()
+    }
+}
+
+/// The middleware: a non-empty body counts against the budget until the handler has answered.
+pub async fn hold(State(budget): State<BodyBudget>, req: Request, next: Next) -> Response {
+    use http_body::Body as _;
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let held = Arc::new(Mutex::new(None));
+    let req = req.map(|inner| {
+        Body::new(Counted {
+            inner,
+            budget: budget.clone(),
+            held: Arc::clone(&held),
+            drained: None,
+            started: false,
+            reserved: 0,
+        })
+    });
+    let response = next.run(req).await;
+    // The body (and with it the other reference) is gone by now, or goes with the request.
+    drop(held);
+    response
+}
+
+/// A request body whose bytes are taken from the budget as they arrive.
+struct Counted {
+    inner: Body,
+    budget: BodyBudget,
+    held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    /// Refused: the bytes read and dropped since.
+    drained: Option<usize>,
+    /// Whether the first frame was read (the declared length is reserved then).
+    started: bool,
+    /// Bytes reserved for the declared length and not yet read.
+    reserved: usize,
+}
+
+impl Counted {
+    /// Takes `n` more bytes from the budget, held with the rest; `false` when it has not them.
+    fn take(&mut self, n: usize) -> bool {
+        let Ok(n) = u32::try_from(n) else {
+            return false;
+        };
+        match Arc::clone(&self.budget.bytes).try_acquire_many_owned(n) {
+            Ok(permit) => {
+                let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+                match held.as_mut() {
+                    Some(h) => h.merge(permit),
+                    None => *held = Some(permit),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// From now on the body is read and dropped; `len` bytes so far.
+    fn refuse(&mut self, len: usize) {
+        self.budget.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            limit = self.budget.total,
+            "a request body is refused: the bodies in memory are at --max-body-memory"
+        );
+        self.drained = Some(len);
+    }
+
+    fn refusal(&self) -> axum::BoxError {
+        Box::new(OverBudget {
+            total: self.budget.total,
+        })
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            let frame = match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                None if this.drained.is_some() => return Poll::Ready(Some(Err(this.refusal()))),
+                None => return Poll::Ready(None),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Some(Ok(frame)) => frame,
+            };
+            let len = frame.data_ref().map_or(0, Bytes::len);
+            if !this.started {
+                this.started = true;
+                // A declared length is reserved whole at once: bodies that arrive together
+                // then do not each take a part of the budget and all fail half-way.
+                let declared = this.inner.size_hint().exact().map(|n| n as usize + len);
+                if let Some(n) = declared.filter(|&n| n > 0) {
+                    if this.take(n) {
+                        this.reserved = n;
+                    } else {
+                        this.refuse(len);
+                        continue;
+                    }
+                }
+            }
+            if let Some(drained) = &mut this.drained {
+                // Refused: read to its end and dropped, so that the client, still sending,
+                // gets the answer; but not more than the budget itself.
+                *drained = drained.saturating_add(len);
+                if *drained > this.budget.total {
+                    return Poll::Ready(Some(Err(this.refusal())));
+                }
+                continue;
+            }
+            let from_reserve = len.min(this.reserved);
+            this.reserved -= from_reserve;
+            if len > from_reserve && !this.take(len - from_reserve) {
+                this.refuse(len);
+                continue;
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read(
+        budget: &BodyBudget,
+        held: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+        body: &'static [u8],
+    ) -> Result<Bytes, axum::Error> {
+        let counted = Counted {
+            inner: Body::from(body),
+            budget: budget.clone(),
+            held: Arc::clone(held),
+            drained: None,
+            started: false,
+            reserved: 0,
+        };
+        axum::body::to_bytes(Body::new(counted), usize::MAX).await
+    }
+
+    #[tokio::test]
+    async fn bodies_hold_their_bytes_until_given_back_and_one_over_the_budget_is_refused() {
+        let budget = BodyBudget::new(10);
+        let first = Arc::new(Mutex::new(None));
+        assert_eq!(read(&budget, &first, b"123456").await.unwrap(), "123456");
+        assert_eq!(budget.in_use(), 6, "held after the body was read");
+        let second = Arc::new(Mutex::new(None));
+        let err = read(&budget, &second, b"12345").await.unwrap_err();
+        assert!(crate::error::caused_by::<OverBudget>(&err), "{err}");
+        // What the refused body had taken is given back with it.
+        drop(second);
+        assert_eq!(budget.in_use(), 6);
+        drop(first);
+        assert_eq!(budget.in_use(), 0);
+        let third = Arc::new(Mutex::new(None));
+        assert_eq!(
+            read(&budget, &third, b"1234567890").await.unwrap().len(),
+            10
+        );
+    }
+}
