@@ -139,6 +139,24 @@ fn contents(dir: &Path, manifest: &Value) -> BTreeMap<String, Vec<String>> {
     ids
 }
 
+/// The system export in `dir` holds every Patient and Observation of [`seeded`] once.
+fn every_resource_once(dir: &Path, manifest: &Value) {
+    let ids = contents(dir, manifest);
+    assert_eq!(ids["Patient"].len(), PATIENTS);
+    assert_eq!(
+        ids["Observation"].len(),
+        PATIENTS * OBSERVATIONS_PER_PATIENT
+    );
+}
+
+/// `item`'s lease is no longer held: its holder could commit nothing.
+fn assert_lost(queue: &dyn export::jobs::JobQueue, item: &export::jobs::WorkItem, now: i64) {
+    assert_ne!(
+        queue.heartbeat(item, 1, now + 1).expect("heartbeat"),
+        export::jobs::Lease::Held
+    );
+}
+
 #[test]
 fn workers_share_an_export_split_into_items() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -148,12 +166,7 @@ fn workers_share_an_export_split_into_items() {
     svc.start_workers().expect("workers");
     let id = kickoff(&svc, ExportLevel::System, &[]);
     let manifest = wait(&svc, &id);
-    let ids = contents(dir.path(), &manifest);
-    assert_eq!(ids["Patient"].len(), PATIENTS);
-    assert_eq!(
-        ids["Observation"].len(),
-        PATIENTS * OBSERVATIONS_PER_PATIENT
-    );
+    every_resource_once(dir.path(), &manifest);
     // Files are cut per item, so there are more than count / file size.
     let files = manifest["output"].as_array().expect("output").len();
     assert!(files >= (PATIENTS * 4) / 200, "{files} files");
@@ -196,18 +209,9 @@ fn an_item_of_a_dead_node_is_taken_over_after_the_heartbeat_timeout() {
     worker.heartbeat_timeout = Duration::from_secs(1);
     let worker = ExportService::open(store, worker).expect("worker node");
     worker.start_workers().expect("workers");
-    let manifest = wait(&api, &id);
-    let ids = contents(dir.path(), &manifest);
-    assert_eq!(ids["Patient"].len(), PATIENTS);
-    assert_eq!(
-        ids["Observation"].len(),
-        PATIENTS * OBSERVATIONS_PER_PATIENT
-    );
+    every_resource_once(dir.path(), &wait(&api, &id));
     // The dead node, were it to wake up, can no longer commit.
-    assert_ne!(
-        queue.heartbeat(&dead, 1, now + 1).expect("heartbeat"),
-        export::jobs::Lease::Held
-    );
+    assert_lost(&*queue, &dead, now);
     drop(worker);
 }
 
@@ -235,18 +239,9 @@ fn an_item_claimed_under_this_process_but_run_by_none_of_its_workers_is_given_ba
     svc.start_workers().expect("workers");
     // Without the sweep the item waits for the heartbeat timeout (10 minutes) and `wait`
     // gives up after 2.
-    let manifest = wait(&svc, &id);
-    let ids = contents(dir.path(), &manifest);
-    assert_eq!(ids["Patient"].len(), PATIENTS);
-    assert_eq!(
-        ids["Observation"].len(),
-        PATIENTS * OBSERVATIONS_PER_PATIENT
-    );
+    every_resource_once(dir.path(), &wait(&svc, &id));
     // The lost claim's lease is gone: had its answer come late, it could commit nothing.
-    assert_ne!(
-        queue.heartbeat(&lost, 1, now + 1).expect("heartbeat"),
-        export::jobs::Lease::Held
-    );
+    assert_lost(&*queue, &lost, now);
 }
 
 #[test]
@@ -324,12 +319,7 @@ fn an_export_survives_its_database_connections_being_killed() {
             Ok(Status::InProgress { .. }) | Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     };
-    let ids = contents(dir.path(), &manifest);
-    assert_eq!(ids["Patient"].len(), PATIENTS);
-    assert_eq!(
-        ids["Observation"].len(),
-        PATIENTS * OBSERVATIONS_PER_PATIENT
-    );
+    every_resource_once(dir.path(), &manifest);
 }
 
 /// Every path under `dir` (files and folders), relative to it.

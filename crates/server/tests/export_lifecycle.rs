@@ -536,17 +536,7 @@ async fn a_request_body_slower_than_the_minimum_rate_gets_408_and_a_steady_one_i
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_connection_cap_holds() {
-    let s = start(
-        0,
-        server::ConnectionLimits {
-            header_read_timeout: Duration::from_secs(30),
-            max_connections: 2,
-            max_connections_per_address: 2,
-            min_body_rate: 1024,
-        },
-        |_, _| {},
-    )
-    .await;
+    let s = start(0, capped(2, 2), |_, _| {}).await;
     let held = held_connections(&s, 2).await;
     let quick = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -572,6 +562,16 @@ async fn the_connection_cap_holds() {
         StatusCode::OK,
         "served once a connection closed"
     );
+}
+
+/// At most `max` connections, `per_address` from one address; a long header-read timeout.
+fn capped(max: usize, per_address: usize) -> server::ConnectionLimits {
+    server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(30),
+        max_connections: max,
+        max_connections_per_address: per_address,
+        min_body_rate: 1024,
+    }
 }
 
 /// `n` kept-alive connections to `s` from 127.0.0.1, each served once and then idle.
@@ -619,17 +619,7 @@ async fn metadata_from(s: &Server, from: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_client_address_cannot_hold_every_connection() {
-    let s = start(
-        0,
-        server::ConnectionLimits {
-            header_read_timeout: Duration::from_secs(30),
-            max_connections: 8,
-            max_connections_per_address: 2,
-            min_body_rate: 1024,
-        },
-        |_, _| {},
-    )
-    .await;
+    let s = start(0, capped(8, 2), |_, _| {}).await;
     let held = held_connections(&s, 2).await;
     // A third connection from the same address: answered at once, 503 with an
     // OperationOutcome, and closed; it holds no slot.
