@@ -634,6 +634,12 @@ const CASES: &[Case] = &[
         run: disk_full,
     },
     Case {
+        name: "database-disk-full",
+        invariant: "(SQLite) the data directory (an 8 MB tmpfs) fills up under POSTs and a transaction: every write that does not fit gets a 507 OperationOutcome and leaves no trace, every acknowledged one is there, reads go on, and writes succeed again once space is freed, without a restart",
+        rounds: 1,
+        run: database_disk_full,
+    },
+    Case {
         name: "client-disk-full",
         invariant: "`fhirhose export` downloads into a folder that fills up (an 8 MB tmpfs), after the export and with --partial-manifests while it runs: it exits with an error naming a file and the lack of space (no panic), and every file it gave its final name is whole",
         rounds: 1,
@@ -1211,6 +1217,94 @@ fn disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
     Ok(Some(format!(
         "failed with 507 after {} ms, no file left",
         took.as_millis()
+    )))
+}
+
+fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    if store::testing::test_database_url().is_some() {
+        return Ok(Some(
+            "not applicable on PostgreSQL (the database's disk is the server's); runs in the SQLite pass".into(),
+        ));
+    }
+    let data = dir.join("small-data");
+    let Some(mount) = Mount::small_tmpfs(&data)? else {
+        return missing("permission to mount a tmpfs (run as root)");
+    };
+    let s = Server::start(&data, free_port(), &[], &dir.join("serve.log"))?;
+    let c = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let post = |path: &str, body: &Value| -> R<(u16, Value)> {
+        let r = c
+            .post(format!("{}/{path}", s.base))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .map_err(|e| format!("POST {path}: {e}"))?;
+        let code = r.status().as_u16();
+        Ok((code, r.json().unwrap_or(Value::Null)))
+    };
+    let patient = |n: usize| json!({"resourceType": "Patient", "name": [{"family": format!("Full{n}"), "given": ["x".repeat(4000)]}]});
+    let count = || -> R<u64> {
+        let b: Value = c
+            .get(format!("{}/Patient?_summary=count", s.base))
+            .send()
+            .and_then(|r| r.json())
+            .map_err(|e| format!("count: {e}"))?;
+        b["total"].as_u64().ok_or_else(|| format!("no total: {b}"))
+    };
+    // POSTs until one does not fit (8 MB hold about 1,000 of these).
+    let mut acknowledged = 0u64;
+    let refused = loop {
+        ensure!(acknowledged < 5000, "the 8 MB tmpfs never filled up");
+        let (code, body) = post("Patient", &patient(acknowledged as usize))?;
+        match code {
+            201 => acknowledged += 1,
+            _ => break (code, body),
+        }
+    };
+    ensure!(
+        refused.0 == 507,
+        "a POST on a full disk: {} {}",
+        refused.0,
+        refused.1
+    );
+    outcome_names(&refused.1, &["full", "space"])?;
+    // A transaction on the full disk: all or nothing, so nothing.
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": (0..10).map(|n| json!({
+        "resource": patient(100_000 + n), "request": {"method": "POST", "url": "Patient"}})).collect::<Vec<_>>()});
+    let (code, body) = post("", &bundle)?;
+    ensure!(code == 507, "a transaction on a full disk: {code} {body}");
+    // Reads go on, and hold every acknowledged write and nothing else.
+    let stored = count()?;
+    ensure!(
+        stored == acknowledged,
+        "{stored} Patients stored, {acknowledged} acknowledged"
+    );
+    // Space freed (the tmpfs grown): writes succeed again, without a restart.
+    let grown = Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&mount.0)
+        .status()
+        .is_ok_and(|st| st.success());
+    ensure!(grown, "cannot grow the tmpfs");
+    let (code, body) = post("Patient", &patient(0))?;
+    ensure!(code == 201, "a POST once space is back: {code} {body}");
+    let (code, body) = post("", &bundle)?;
+    ensure!(
+        code == 200,
+        "the transaction once space is back: {code} {body}"
+    );
+    let stored = count()?;
+    ensure!(
+        stored == acknowledged + 11,
+        "{stored} Patients after recovery, {} expected",
+        acknowledged + 11
+    );
+    drop(s);
+    Ok(Some(format!(
+        "{acknowledged} POSTs fitted, then 507 (a transaction too); written again after the tmpfs grew"
     )))
 }
 

@@ -55,6 +55,15 @@ pub fn operation_outcome(issues: &[OutcomeIssue]) -> Value {
 /// HTTP status and issue of a store error. Internal failures (database, i/o, corruption) get a
 /// generic diagnostics text: their detail belongs in the log, not in a response.
 pub fn store_error_issue(e: &StoreError) -> (u16, OutcomeIssue) {
+    if e.is_storage_full() {
+        return (
+            507,
+            OutcomeIssue::error(
+                "no-store",
+                "the database's disk is full: nothing of this request was written; retry once space is freed",
+            ),
+        );
+    }
     match e {
         StoreError::NotFound { .. } => (404, OutcomeIssue::error("not-found", e.to_string())),
         StoreError::Gone { .. } => (410, OutcomeIssue::error("deleted", e.to_string())),
@@ -105,11 +114,39 @@ pub fn status_line(status: u16) -> String {
         500 => "Internal Server Error",
         501 => "Not Implemented",
         503 => "Service Unavailable",
+        507 => "Insufficient Storage",
         _ => "",
     };
     if reason.is_empty() {
         status.to_string()
     } else {
         format!("{status} {reason}")
+    }
+}
+
+#[cfg(test)]
+mod storage_full_tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_507_no_store_and_other_database_errors_stay_500() {
+        let full = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        ));
+        let (status, issue) = store_error_issue(&full);
+        assert_eq!(status, 507);
+        assert_eq!(issue.code, "no-store");
+        let enospc = StoreError::Io {
+            path: "/data/fhirhose.db".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert_eq!(store_error_issue(&enospc).0, 507);
+        let busy = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+            None,
+        ));
+        assert_eq!(store_error_issue(&busy).0, 500);
+        assert_eq!(status_line(507), "507 Insufficient Storage");
     }
 }

@@ -80,6 +80,26 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// The database's disk (or quota) is full: SQLite's `SQLITE_FULL`, PostgreSQL's
+    /// `disk_full` (53100), or `ENOSPC`/`EDQUOT` on a file of the store. The write was not made
+    /// (SQLite rolls the transaction back; PostgreSQL aborts it), and the same write may succeed
+    /// once space is freed.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            StoreError::Postgres(e) => e.code() == Some(&::postgres::error::SqlState::DISK_FULL),
+            StoreError::Io { source, .. } => {
+                source.kind() == std::io::ErrorKind::StorageFull
+                    || source.kind() == std::io::ErrorKind::QuotaExceeded
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A PostgreSQL error as an operator needs it: the client's `Display` says only "db error" for
 /// an error the server sent, whose SQLSTATE, message and detail are in its source.
 fn postgres_detail(e: &::postgres::Error) -> String {
