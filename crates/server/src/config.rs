@@ -76,7 +76,8 @@ pub struct ServeConfig {
     #[arg(long, env = "FHIRHOSE_HEADER_READ_TIMEOUT", default_value_t = 10)]
     pub header_read_timeout: u64,
     /// The least average rate of a request body, in bytes a second, after a grace of
-    /// --header-read-timeout; a slower body is answered 408 and its connection closed.
+    /// --header-read-timeout (and no pause longer than 3 times that); a slower body is
+    /// answered 408 and its connection closed.
     #[arg(long, env = "FHIRHOSE_MIN_BODY_RATE", default_value_t = 1024)]
     pub min_body_rate: u64,
     /// Connections served at once; more wait until one closes.

@@ -4,8 +4,9 @@
 //! connecting, or a body one byte now and then. Two guards, both from the header-read timeout:
 //! - [`first_byte`]: a new connection that sends no byte within it is closed;
 //! - [`MinRateBody`]: a request body must, from its first read on, arrive at an average of at
-//!   least `--min-body-rate` bytes a second after that grace; a slower one ends the request with
-//!   408 (see [`too_slow`]) and the connection is closed;
+//!   least `--min-body-rate` bytes a second after that grace, and pause at most
+//!   [`PAUSE_FACTOR`] times it; a slower one ends the request with 408 (see [`too_slow`]) and
+//!   the connection is closed;
 //! - [`Busy`]: a connection with no request in progress (none being handled, no response body
 //!   being sent) for that long is closed. hyper does this for HTTP/1.1 keep-alive; an HTTP/2
 //!   connection would otherwise stay open, idle, for ever.
@@ -182,8 +183,12 @@ pub fn too_slow(err: &(dyn std::error::Error + 'static)) -> bool {
     crate::error::caused_by::<BodyTooSlow>(err)
 }
 
+/// The longest pause within a request body, in header-read timeouts (30 s by default).
+pub const PAUSE_FACTOR: u32 = 3;
+
 /// A request body that must keep to a minimum average rate: by `grace + received / rate` after
-/// its first read, more must have come (or the body ended). Data already buffered is always
+/// its first read, more must have come (or the body ended); and no pause between two reads may
+/// last longer than [`PAUSE_FACTOR`] times `grace`. Data already buffered is always
 /// handed on; the deadline only ends a wait.
 pub struct MinRateBody {
     inner: Body,
@@ -248,7 +253,12 @@ impl http_body::Body for MinRateBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.received += data.len() as u64;
-                    let due = this.due(started);
+                    // An average alone would let a body that came fast at first stop for as
+                    // long as it earned (a day after 85 MB), holding its connection and its
+                    // bytes: a pause is also bounded.
+                    let due = this
+                        .due(started)
+                        .min(Instant::now() + this.grace * PAUSE_FACTOR);
                     this.deadline.as_mut().reset(due);
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -278,6 +288,7 @@ impl http_body::Body for MinRateBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt as _;
 
     async fn read(body: MinRateBody) -> Result<Bytes, axum::Error> {
         axum::body::to_bytes(Body::new(body), usize::MAX).await
@@ -341,6 +352,25 @@ mod tests {
         let err = read(MinRateBody::new(stalled, 1, Duration::from_secs(3)))
             .await
             .expect_err("stalled");
+        assert!(too_slow(&err));
+        assert_eq!(t0.elapsed().as_secs(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_came_fast_may_not_then_pause_for_what_it_earned() {
+        // 5,000 bytes at once earn 5 s at 1,000 bytes a second; a pause is still cut at 3 times
+        // the 1 s grace.
+        let burst =
+            futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from(vec![b' '; 5000])) })
+                .chain(futures::stream::pending());
+        let t0 = Instant::now();
+        let err = read(MinRateBody::new(
+            Body::from_stream(burst),
+            1000,
+            Duration::from_secs(1),
+        ))
+        .await
+        .expect_err("paused too long");
         assert!(too_slow(&err));
         assert_eq!(t0.elapsed().as_secs(), 3);
     }
