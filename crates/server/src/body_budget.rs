@@ -21,6 +21,8 @@ use axum::response::Response;
 use http_body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::error::WarnEvery;
+
 /// The default of `--max-body-memory`: 256 MiB (at least one body of `--max-body-bytes`).
 pub const DEFAULT_MAX_BODY_MEMORY: usize = 256 * 1024 * 1024;
 
@@ -125,11 +127,15 @@ impl Counted {
 
     /// From now on the body is read and dropped; `len` bytes so far.
     fn refuse(&mut self, len: usize) {
-        self.budget.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            limit = self.budget.total,
-            "a request body is refused: the bodies in memory are at --max-body-memory"
-        );
+        let refused = self.budget.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        static WARNED: WarnEvery = WarnEvery::new(std::time::Duration::from_secs(10));
+        if WARNED.due() {
+            tracing::warn!(
+                limit = self.budget.total,
+                refused_in_all = refused,
+                "request bodies are refused: the bodies in memory are at --max-body-memory"
+            );
+        }
         self.drained = Some(len);
     }
 

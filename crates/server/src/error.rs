@@ -254,3 +254,29 @@ pub fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 
     }
     false
 }
+
+/// A warning an attacker could repeat at will, logged at most once per interval.
+pub struct WarnEvery {
+    every: std::time::Duration,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl WarnEvery {
+    pub const fn new(every: std::time::Duration) -> WarnEvery {
+        WarnEvery {
+            every,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether to log now (and then not again for the interval).
+    pub fn due(&self) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= self.every) {
+            *last = Some(std::time::Instant::now());
+            true
+        } else {
+            false
+        }
+    }
+}

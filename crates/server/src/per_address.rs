@@ -12,12 +12,12 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, WarnEvery};
 
 /// Over-cap connections being answered at once.
 pub const MAX_REFUSING: usize = 64;
@@ -25,16 +25,14 @@ pub const MAX_REFUSING: usize = 64;
 /// How long an over-cap connection may take to send its request.
 const REFUSE_WITHIN: Duration = Duration::from_secs(1);
 
-/// At most one warning per this interval, with the count refused since the last one.
-const WARN_EVERY: Duration = Duration::from_secs(10);
-
 /// Open connections per client address.
 pub struct PerAddress {
     max: usize,
     open: Mutex<HashMap<IpAddr, usize>>,
     refusing: Arc<tokio::sync::Semaphore>,
     refused: AtomicU64,
-    warned: Mutex<Option<Instant>>,
+    /// At most one warning every 10 s, with the count refused so far.
+    warned: WarnEvery,
 }
 
 /// One open connection of an address; counted until dropped.
@@ -62,7 +60,7 @@ impl PerAddress {
             open: Mutex::new(HashMap::new()),
             refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
             refused: AtomicU64::new(0),
-            warned: Mutex::new(None),
+            warned: WarnEvery::new(Duration::from_secs(10)),
         })
     }
 
@@ -122,10 +120,7 @@ impl PerAddress {
     fn note_refused(&self, peer: std::net::SocketAddr) {
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(peer = %peer, "connection over --max-connections-per-address");
-        let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
-        if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-            *warned = Some(Instant::now());
-            drop(warned);
+        if self.warned.due() {
             tracing::warn!(
                 client = %client_key(peer.ip()),
                 limit = self.max,
