@@ -7,8 +7,13 @@
 //! still sending would otherwise not see the answer; at most the budget's size more is read),
 //! then ends with [`OverBudget`], which the handlers answer 503 `transient` with `Retry-After`
 //! ([`crate::negotiate::body_bytes`]): nothing waits for the budget, so a budget held by slow
-//! bodies cannot also hold the requests behind it.
+//! bodies cannot also hold the requests behind it. One client (address, marked on each request
+//! by `serve_connections`) holds at most its share of the budget
+//! ([`crate::config::ServeConfig::body_memory_per_address`]), so that a few clients sending
+//! large bodies at the minimum rate cannot hold it all.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,6 +36,9 @@ pub const DEFAULT_MAX_BODY_MEMORY: usize = 256 * 1024 * 1024;
 pub struct BodyBudget {
     bytes: Arc<Semaphore>,
     total: usize,
+    /// The most one client (an address, [`crate::per_address::Client`]) may hold.
+    per_client: usize,
+    clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
     refused: Arc<AtomicU64>,
 }
 
@@ -44,14 +52,22 @@ pub struct OverBudget {
 }
 
 impl BodyBudget {
-    /// `total` bytes (at least 1).
+    /// `total` bytes (at least 1), all of which one client may hold.
     pub fn new(total: usize) -> BodyBudget {
         let total = total.clamp(1, Semaphore::MAX_PERMITS);
         BodyBudget {
             bytes: Arc::new(Semaphore::new(total)),
             total,
+            per_client: total,
+            clients: Arc::new(Mutex::new(HashMap::new())),
             refused: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// One client (an address) holds at most `per_client` bytes of it (at most all of it).
+    pub fn with_client_share(mut self, per_client: usize) -> BodyBudget {
+        self.per_client = per_client.clamp(1, self.total);
+        self
     }
 
     /// The budget, in bytes.
@@ -76,11 +92,19 @@ pub async fn hold(State(budget): State<BodyBudget>, req: Request, next: Next) ->
     if req.body().is_end_stream() {
         return next.run(req).await;
     }
-    let held = Arc::new(Mutex::new(None));
+    let client = req
+        .extensions()
+        .get::<crate::per_address::Client>()
+        .map(|c| c.0);
+    let held = Arc::new(Mutex::new(Held {
+        budget: budget.clone(),
+        client,
+        permit: None,
+        bytes: 0,
+    }));
     let req = req.map(|inner| {
         Body::new(Counted {
             inner,
-            budget: budget.clone(),
             held: Arc::clone(&held),
             drained: None,
             started: false,
@@ -93,11 +117,67 @@ pub async fn hold(State(budget): State<BodyBudget>, req: Request, next: Next) ->
     response
 }
 
+/// What one request holds of the budget; given back when dropped (the request answered).
+struct Held {
+    budget: BodyBudget,
+    client: Option<IpAddr>,
+    permit: Option<OwnedSemaphorePermit>,
+    bytes: usize,
+}
+
+impl Held {
+    /// `n` more bytes, within the client's share and the whole budget.
+    fn take(&mut self, n: usize) -> bool {
+        let Ok(permits) = u32::try_from(n) else {
+            return false;
+        };
+        let mut clients = self
+            .budget
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = self.client
+            && clients.get(&c).copied().unwrap_or(0).saturating_add(n) > self.budget.per_client
+        {
+            return false;
+        }
+        let Ok(permit) = Arc::clone(&self.budget.bytes).try_acquire_many_owned(permits) else {
+            return false;
+        };
+        if let Some(c) = self.client {
+            *clients.entry(c).or_insert(0) += n;
+        }
+        drop(clients);
+        match self.permit.as_mut() {
+            Some(p) => p.merge(permit),
+            None => self.permit = Some(permit),
+        }
+        self.bytes += n;
+        true
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(c) = self.client else { return };
+        let mut clients = self
+            .budget
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(used) = clients.get_mut(&c) {
+            *used = used.saturating_sub(self.bytes);
+            if *used == 0 {
+                clients.remove(&c);
+            }
+        }
+    }
+}
+
 /// A request body whose bytes are taken from the budget as they arrive.
 struct Counted {
     inner: Body,
-    budget: BodyBudget,
-    held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    held: Arc<Mutex<Held>>,
     /// Refused: the bytes read and dropped since.
     drained: Option<usize>,
     /// Whether the first frame was read (the declared length is reserved then).
@@ -109,29 +189,29 @@ struct Counted {
 impl Counted {
     /// Takes `n` more bytes from the budget, held with the rest; `false` when it has not them.
     fn take(&mut self, n: usize) -> bool {
-        let Ok(n) = u32::try_from(n) else {
-            return false;
-        };
-        match Arc::clone(&self.budget.bytes).try_acquire_many_owned(n) {
-            Ok(permit) => {
-                let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-                match held.as_mut() {
-                    Some(h) => h.merge(permit),
-                    None => *held = Some(permit),
-                }
-                true
-            }
-            Err(_) => false,
-        }
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(n)
+    }
+
+    fn budget(&self) -> BodyBudget {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .budget
+            .clone()
     }
 
     /// From now on the body is read and dropped; `len` bytes so far.
     fn refuse(&mut self, len: usize) {
-        let refused = self.budget.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let budget = self.budget();
+        let refused = budget.refused.fetch_add(1, Ordering::Relaxed) + 1;
         static WARNED: WarnEvery = WarnEvery::new(std::time::Duration::from_secs(10));
         if WARNED.due() {
             tracing::warn!(
-                limit = self.budget.total,
+                limit = budget.total,
+                per_client = budget.per_client,
                 refused_in_all = refused,
                 "request bodies are refused: the bodies in memory are at --max-body-memory"
             );
@@ -141,7 +221,7 @@ impl Counted {
 
     fn refusal(&self) -> axum::BoxError {
         Box::new(OverBudget {
-            total: self.budget.total,
+            total: self.budget().total,
         })
     }
 }
@@ -181,7 +261,7 @@ impl http_body::Body for Counted {
                 // Refused: read to its end and dropped, so that the client, still sending,
                 // gets the answer; but not more than the budget itself.
                 *drained = drained.saturating_add(len);
-                if *drained > this.budget.total {
+                if *drained > this.budget().total {
                     return Poll::Ready(Some(Err(this.refusal())));
                 }
                 continue;
@@ -209,14 +289,18 @@ impl http_body::Body for Counted {
 mod tests {
     use super::*;
 
-    async fn read(
-        budget: &BodyBudget,
-        held: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
-        body: &'static [u8],
-    ) -> Result<Bytes, axum::Error> {
+    fn held(budget: &BodyBudget, client: Option<&str>) -> Arc<Mutex<Held>> {
+        Arc::new(Mutex::new(Held {
+            budget: budget.clone(),
+            client: client.map(|c| c.parse().unwrap()),
+            permit: None,
+            bytes: 0,
+        }))
+    }
+
+    async fn read(held: &Arc<Mutex<Held>>, body: &'static [u8]) -> Result<Bytes, axum::Error> {
         let counted = Counted {
             inner: Body::from(body),
-            budget: budget.clone(),
             held: Arc::clone(held),
             drained: None,
             started: false,
@@ -228,21 +312,41 @@ mod tests {
     #[tokio::test]
     async fn bodies_hold_their_bytes_until_given_back_and_one_over_the_budget_is_refused() {
         let budget = BodyBudget::new(10);
-        let first = Arc::new(Mutex::new(None));
-        assert_eq!(read(&budget, &first, b"123456").await.unwrap(), "123456");
+        let first = held(&budget, None);
+        assert_eq!(read(&first, b"123456").await.unwrap(), "123456");
         assert_eq!(budget.in_use(), 6, "held after the body was read");
-        let second = Arc::new(Mutex::new(None));
-        let err = read(&budget, &second, b"12345").await.unwrap_err();
+        let second = held(&budget, None);
+        let err = read(&second, b"12345").await.unwrap_err();
         assert!(crate::error::caused_by::<OverBudget>(&err), "{err}");
         // What the refused body had taken is given back with it.
         drop(second);
         assert_eq!(budget.in_use(), 6);
         drop(first);
         assert_eq!(budget.in_use(), 0);
-        let third = Arc::new(Mutex::new(None));
-        assert_eq!(
-            read(&budget, &third, b"1234567890").await.unwrap().len(),
-            10
+        let third = held(&budget, None);
+        assert_eq!(read(&third, b"1234567890").await.unwrap().len(), 10);
+        assert_eq!(budget.refused(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_client_holds_at_most_its_share() {
+        // 40 bytes, 10 per client.
+        let budget = BodyBudget::new(40).with_client_share(10);
+        let a1 = held(&budget, Some("192.0.2.1"));
+        read(&a1, b"1234567").await.expect("within a's share");
+        let a2 = held(&budget, Some("192.0.2.1"));
+        let err = read(&a2, b"12345").await.unwrap_err();
+        assert!(crate::error::caused_by::<OverBudget>(&err), "{err}");
+        // Another client has a share of its own.
+        let b = held(&budget, Some("192.0.2.2"));
+        read(&b, b"1234567890").await.expect("b's share");
+        drop(a2);
+        assert_eq!(budget.in_use(), 17);
+        drop((a1, b));
+        assert_eq!(budget.in_use(), 0);
+        assert!(
+            budget.clients.lock().unwrap().is_empty(),
+            "no entry kept for a client holding nothing"
         );
     }
 }

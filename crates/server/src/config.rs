@@ -509,6 +509,20 @@ impl ServeConfig {
         store::Database::from_flag(self.database.as_ref(), &self.data_dir)
     }
 
+    /// The request-body bytes one client address may hold: the share of `--max-body-memory`
+    /// that `--max-connections-per-address` is of `--max-connections` (all of it behind a
+    /// proxy, where the two are set equal), and never less than one body of
+    /// `--max-body-bytes`.
+    pub fn body_memory_per_address(&self) -> usize {
+        let share = (self.max_body_memory as u128)
+            .saturating_mul(self.max_connections_per_address as u128)
+            / (self.max_connections.max(1) as u128);
+        usize::try_from(share)
+            .unwrap_or(usize::MAX)
+            .max(self.max_body_bytes)
+            .min(self.max_body_memory)
+    }
+
     /// Checks the values that clap cannot check alone.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(b) = &self.base_url {
@@ -646,6 +660,23 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         serve: ServeConfig,
+    }
+
+    #[test]
+    fn a_client_address_holds_its_connections_share_of_the_body_memory() {
+        let serve = |args: &[&str]| Cli::parse_from([&["serve"], args].concat()).serve;
+        // 256 of 1,024 connections: a quarter of 256 MiB is below one 100 MiB body.
+        assert_eq!(serve(&[]).body_memory_per_address(), 100 * 1024 * 1024);
+        let c = serve(&["--max-body-memory", "1000000", "--max-body-bytes", "1024"]);
+        assert_eq!(c.body_memory_per_address(), 250_000);
+        // Behind a proxy the two connection limits are equal: all of it.
+        let c = serve(&[
+            "--max-body-memory",
+            "1000000",
+            "--max-connections-per-address",
+            "1024",
+        ]);
+        assert_eq!(c.body_memory_per_address(), 1_000_000);
     }
 
     /// The flags' defaults and the structs' `Default`s are the same values (both read

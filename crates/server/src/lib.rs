@@ -310,7 +310,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     })?;
     let state = AppState {
         search_limits: config.search.limits(),
-        body_budget: body_budget::BodyBudget::new(config.max_body_memory),
+        body_budget: body_budget::BodyBudget::new(config.max_body_memory)
+            .with_client_share(config.body_memory_per_address()),
         // `--metrics`, by default open without authorization and protected with it.
         metrics_mode: config
             .metrics
@@ -443,6 +444,7 @@ pub async fn serve_connections(
         let service = TowerToHyperService::new(slow_clients::Tracked {
             inner: app.clone(),
             busy: busy.clone(),
+            client: per_address::Client(per_address::client_key(peer.ip())),
         });
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();

@@ -35,6 +35,11 @@ pub struct PerAddress {
     warned: WarnEvery,
 }
 
+/// The client a request came from ([`client_key`] of its peer): a request extension, set by
+/// `serve_connections` for every request of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Client(pub IpAddr);
+
 /// One open connection of an address; counted until dropped.
 pub struct AddressSlot {
     owner: Arc<PerAddress>,

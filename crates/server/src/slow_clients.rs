@@ -126,11 +126,13 @@ impl http_body::Body for GuardedBody {
     }
 }
 
-/// `inner` with each request counted in `busy` from its arrival to the end of its response body.
+/// `inner` with each request counted in `busy` from its arrival to the end of its response body,
+/// and marked with the connection's `client`.
 #[derive(Clone)]
 pub struct Tracked<S> {
     pub inner: S,
     pub busy: Arc<Busy>,
+    pub client: crate::per_address::Client,
 }
 
 impl<S, B> tower::Service<axum::http::Request<B>> for Tracked<S>
@@ -151,7 +153,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(self.client);
         let guard = self.busy.enter();
         let fut = self.inner.call(req);
         Box::pin(async move {
