@@ -244,6 +244,78 @@ fn load_into_a_data_dir_then_serve_then_load_over_http() {
 }
 
 #[test]
+fn load_over_http_sends_a_batch_again_when_the_server_asks_to_retry() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::fresh();
+    // One client may hold 1,024 bytes of request bodies (the smallest settings).
+    let server = common::serve(
+        &dir.path().join("data"),
+        Some(&db),
+        &["--max-body-bytes", "1024", "--max-body-memory", "4096"],
+    );
+    let addr = server.base.trim_start_matches("http://").to_string();
+    // A body of 1,000 bytes, held half-sent: this address's share is taken.
+    let mut body = br#"{"resourceType":"Patient","id":"held"}"#.to_vec();
+    body.resize(1000, b' ');
+    let mut held = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        held,
+        "PUT /Patient/held HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/fhir+json\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    held.write_all(&body[..900]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A load from the same address meanwhile: its batch (PUTs) is answered 503 with
+    // Retry-After, and sent again.
+    let ndjson = dir.path().join("two.ndjson");
+    write_ndjson(
+        &ndjson,
+        &[
+            r#"{"resourceType":"Patient","id":"a"}"#,
+            r#"{"resourceType":"Patient","id":"b"}"#,
+        ],
+    );
+    let load = fhirhose()
+        .args(["load", "--server", &server.base])
+        .arg(&ndjson)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = reqwest::blocking::Client::new();
+    let refused = || {
+        let m = client
+            .get(format!("{}/metrics", server.base))
+            .send()
+            .and_then(|r| r.text())
+            .unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("fhirhose_request_bodies_refused_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while refused() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load's batch was never refused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The held body ends: its share is given back.
+    held.write_all(&body[900..]).unwrap();
+    let mut answer = String::new();
+    held.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let out = load.wait_with_output().unwrap();
+    assert!(out.status.success(), "load --server: {}", text(&out.stderr));
+    let (st, b) = get_json(&client, &format!("{}/Patient?_summary=count", server.base));
+    assert_eq!(st, 200);
+    assert_eq!(b["total"], 3);
+}
+
+#[test]
 fn rest_behaviours_over_a_real_socket() {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::fresh();

@@ -706,6 +706,20 @@ fn count(summary: &mut LoadSummary, resource_type: &str, status: WriteStatus) {
     }
 }
 
+/// Sends of one batch answered 503 or 429 before `load --server` gives up.
+const REMOTE_TRIES: u32 = 6;
+
+/// A response's `Retry-After` in seconds (1 s when absent or a date; at most 30 s).
+fn retry_after(response: &reqwest::blocking::Response) -> std::time::Duration {
+    let secs = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    std::time::Duration::from_secs(secs.clamp(1, 30))
+}
+
 struct HttpSink {
     client: reqwest::blocking::Client,
     url: String,
@@ -762,20 +776,41 @@ impl Sink for HttpSink {
                 }
             })
             .collect();
+        // Only a batch of PUTs and DELETEs may be sent again: a POST that was made before the
+        // server answered would be made twice.
+        let idempotent = entries.iter().all(|e| e["request"]["method"] != "POST");
         let body = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
         let body = serde_json::to_vec(&body).map_err(|e| LoadError::Http(e.to_string()))?;
-        let response = self
-            .client
-            .post(&self.url)
-            .header("Content-Type", "application/fhir+json")
-            .header("Accept", "application/fhir+json")
-            .body(body)
-            .send()
-            .map_err(|e| LoadError::Http(e.to_string()))?;
-        let status = response.status().as_u16();
-        let text = response
-            .text()
-            .map_err(|e| LoadError::Http(e.to_string()))?;
+        let mut tries = 0;
+        let (status, text) = loop {
+            let response = self
+                .client
+                .post(&self.url)
+                .header("Content-Type", "application/fhir+json")
+                .header("Accept", "application/fhir+json")
+                .body(body.clone())
+                .send()
+                .map_err(|e| LoadError::Http(e.to_string()))?;
+            let status = response.status().as_u16();
+            let wait = retry_after(&response);
+            let text = response
+                .text()
+                .map_err(|e| LoadError::Http(e.to_string()))?;
+            tries += 1;
+            // 503 and 429 (the database restarting, the server's body memory or connection
+            // share in use): the server says when to come back.
+            if matches!(status, 429 | 503) && idempotent && tries < REMOTE_TRIES {
+                tracing::warn!(
+                    status,
+                    wait_secs = wait.as_secs(),
+                    try_no = tries,
+                    "the server asks to retry the batch later"
+                );
+                std::thread::sleep(wait);
+                continue;
+            }
+            break (status, text);
+        };
         if status != 200 {
             return Err(LoadError::Server {
                 status,
