@@ -187,17 +187,38 @@ impl PgJobQueue {
         f: impl FnOnce(&mut Client) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
         self.pool
-            .run(|c| match f(c) {
-                Ok(v) => Ok(Ok(v)),
-                Err(QueueError::Db(StoreError::Postgres(e)))
-                    if e.code().is_some_and(|c| RETRYABLE.contains(&c.code())) =>
-                {
-                    Err(self.pool.target.unavailable(super::target::describe(&e)))
-                }
-                Err(QueueError::Db(e)) => Err(e),
-                Err(other) => Ok(Err(other)),
-            })
+            .run(|c| self.for_pool(f(c)))
             .map_err(QueueError::Db)?
+    }
+
+    /// [`PgJobQueue::run`] for reads (status, manifest, metrics): a connection a database
+    /// restart closed while it idled is replaced and `f` runs once more ([`Pool::read`]).
+    fn read<T>(
+        &self,
+        mut f: impl FnMut(&mut Client) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        self.pool
+            .read(|c| self.for_pool(f(c)))
+            .map_err(QueueError::Db)?
+    }
+
+    /// The result of queue work as the pool sees it: database errors (with a statement that
+    /// waited too long made [`StoreError::Unavailable`]) outside, so that a lost connection is
+    /// seen; the queue's own errors inside.
+    fn for_pool<T>(
+        &self,
+        result: Result<T, QueueError>,
+    ) -> Result<Result<T, QueueError>, StoreError> {
+        match result {
+            Ok(v) => Ok(Ok(v)),
+            Err(QueueError::Db(StoreError::Postgres(e)))
+                if e.code().is_some_and(|c| RETRYABLE.contains(&c.code())) =>
+            {
+                Err(self.pool.target.unavailable(super::target::describe(&e)))
+            }
+            Err(QueueError::Db(e)) => Err(e),
+            Err(other) => Ok(Err(other)),
+        }
     }
 
     /// [`PgJobQueue::run`] in one transaction, committed when `f` succeeds.
@@ -331,7 +352,7 @@ impl JobQueue for PgJobQueue {
     }
 
     fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
-        self.run(|c| {
+        self.read(|c| {
             c.query_opt(
                 &format!("SELECT {JOB_COLUMNS} FROM export_job WHERE id = $1"),
                 &[&id],
@@ -343,7 +364,7 @@ impl JobQueue for PgJobQueue {
     }
 
     fn active_count(&self) -> Result<u64, QueueError> {
-        self.run(|c| {
+        self.read(|c| {
             Ok(c.query_one(
                 "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running')",
                 &[],
@@ -710,7 +731,7 @@ impl JobQueue for PgJobQueue {
 
     fn recent(&self, limit: u64, client: Option<&str>) -> Result<Vec<JobRecord>, QueueError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(|c| {
+        self.read(|c| {
             c.query(
                 &format!(
                     "SELECT {JOB_COLUMNS} FROM export_job WHERE $1::text IS NULL OR client_id = $1
@@ -725,7 +746,7 @@ impl JobQueue for PgJobQueue {
     }
 
     fn count_by_state(&self) -> Result<Vec<(JobState, bool, u64)>, QueueError> {
-        self.run(|c| {
+        self.read(|c| {
             c.query(
                 "SELECT state, strpos(request, '\"operation\":\"import\"') > 0, count(*)
                  FROM export_job GROUP BY 1, 2",
@@ -759,7 +780,7 @@ impl JobQueue for PgJobQueue {
     }
 
     fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError> {
-        self.run(|c| {
+        self.read(|c| {
             c.query(
                 &format!(
                     "SELECT {FILE_COLUMNS} FROM export_file WHERE job_id = $1 ORDER BY kind, prefix, number"
@@ -773,7 +794,7 @@ impl JobQueue for PgJobQueue {
     }
 
     fn progress(&self, job_id: &str) -> Result<Vec<TypeProgress>, QueueError> {
-        self.run(|c| {
+        self.read(|c| {
             Ok(c.query(
                 "SELECT resource_type, SUM(scanned)::bigint, SUM(expected)::bigint, bool_and(state = 'done')
                  FROM export_item WHERE job_id = $1 AND kind = 'scan'
@@ -792,7 +813,7 @@ impl JobQueue for PgJobQueue {
     }
 
     fn item_states(&self, job_id: &str) -> Result<Vec<(i64, bool)>, QueueError> {
-        self.run(|c| {
+        self.read(|c| {
             Ok(c.query(
                 "SELECT item_no, state = 'done' FROM export_item WHERE job_id = $1 ORDER BY item_no",
                 &[&job_id],
@@ -804,7 +825,7 @@ impl JobQueue for PgJobQueue {
     }
 
     fn item_progress(&self, job_id: &str) -> Result<Vec<ItemProgress>, QueueError> {
-        let rows = self.run(|c| {
+        let rows = self.read(|c| {
             Ok(c.query(
                 "SELECT item_no, kind, resource_type, cursor, scanned, state = 'done'
                  FROM export_item WHERE job_id = $1 ORDER BY item_no",

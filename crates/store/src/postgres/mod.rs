@@ -375,19 +375,8 @@ impl PgStore {
         &self.pool.target.display
     }
 
-    /// Run `f` with a pooled connection (for the backend's own modules: search, jobs). Errors of
-    /// the driver convert with `?` into [`StoreError::Postgres`]; a lost connection becomes
-    /// [`StoreError::Unavailable`] and is not reused.
-    #[allow(dead_code)] // for postgres/search.rs and postgres/jobs.rs
-    pub(crate) fn with_client<T>(
-        &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        self.pool.run(f)
-    }
-
     fn load_types(&self) -> Result<(), StoreError> {
-        let rows = self.pool.run(|c| {
+        let rows = self.pool.read(|c| {
             Ok(c.query("SELECT name, type_no FROM types", &[])?
                 .iter()
                 .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
@@ -397,7 +386,7 @@ impl PgStore {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .extend(rows);
-        let params = self.pool.run(|c| {
+        let params = self.pool.read(|c| {
             Ok(c.query("SELECT name, param_no FROM params", &[])?
                 .iter()
                 .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
@@ -439,7 +428,7 @@ impl PgStore {
         if let Some(no) = self.cached_type(resource_type) {
             return Ok(Some(no));
         }
-        self.pool.run(|c| self.lookup_type(c, resource_type))
+        self.pool.read(|c| self.lookup_type(c, resource_type))
     }
 
     fn lookup_type(
@@ -517,7 +506,7 @@ impl PgStore {
 
     /// Whether resources were loaded without search indexes since the last full reindex.
     pub fn indexes_stale(&self) -> Result<bool, StoreError> {
-        self.pool.run(|c| {
+        self.pool.read(|c| {
             Ok(
                 c.query_opt("SELECT 1 FROM store_meta WHERE key = 'indexes_stale'", &[])?
                     .is_some(),
@@ -553,7 +542,8 @@ impl Store for PgStore {
     crate::forward_to_backend_modules!();
 
     fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError> {
-        self.pool.run(|c| watermark::seq_at_or_after(c, instant_ms))
+        self.pool
+            .read(|c| watermark::seq_at_or_after(c, instant_ms))
     }
 
     fn set_indexes_stale(&self, stale: bool) -> Result<(), StoreError> {

@@ -1,6 +1,7 @@
 //! The connection pool: a few `postgres` clients handed out one at a time, a lost connection
 //! dropped (503) and replaced, idle ones checked with a round trip before use, and its use counted
-//! for `GET /metrics`.
+//! for `GET /metrics`. Reads ([`Pool::read`]) that meet an idle connection a database restart
+//! closed run once more on a new one; writes ([`Pool::run`]) do not.
 
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -101,6 +102,7 @@ impl Pool {
                     pool: self,
                     client: Some(client),
                     generation,
+                    reused: true,
                     broken: false,
                     discard: false,
                 });
@@ -114,6 +116,7 @@ impl Pool {
                         pool: self,
                         client: Some(client),
                         generation,
+                        reused: false,
                         broken: false,
                         discard: false,
                     }),
@@ -149,19 +152,70 @@ impl Pool {
 
     /// Run `f` on a pooled connection. A lost connection is dropped (with the idle ones opened
     /// before it) and the error becomes [`StoreError::Unavailable`].
+    ///
+    /// For writes and anything else that must not run twice: a connection lost during a
+    /// commit leaves it unknown whether the commit happened, so the caller (and its client,
+    /// through the 503) decides. Reads go through [`Pool::read`].
     pub(crate) fn run<T>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.get()?;
         let result = f(conn.client());
+        self.settle(&mut conn, result).map_err(Failure::into_error)
+    }
+
+    /// Run the read `f` on a pooled connection, like [`Pool::run`], but when the connection
+    /// came from the idle list and turns out lost, run `f` once more on another connection
+    /// (of a newer generation: the lost one's drop bumps it, which drops every idle connection
+    /// opened before) and report only a second failure as [`StoreError::Unavailable`].
+    ///
+    /// Why: a PostgreSQL restart closes every idle pooled connection, and the pool learns of it
+    /// only when one is used (the round-trip check runs on connections idle longer than
+    /// `IDLE_CHECK_AFTER`). Without the second run, the first request after a restart failed
+    /// with 503 although the database was back. Only work that is safe to run again may come
+    /// here: statements that change nothing (`f` is `FnMut` and may be called twice), or whose
+    /// side effects outside the database resume rather than repeat (the keyset scan hands on
+    /// from the last row it gave). A connection opened for this call is not retried: its loss
+    /// means the database is going away now, not that it went away while the connection idled.
+    pub(crate) fn read<T>(
+        &self,
+        mut f: impl FnMut(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.get()?;
+        let result = f(conn.client());
+        match self.settle(&mut conn, result) {
+            Err(Failure::Lost { reason, .. }) if conn.reused => {
+                // Dropped as broken: the generation moves on, the other stale idle connections go.
+                drop(conn);
+                tracing::info!(target_db = %self.target.display, error = %reason, "an idle database connection was found closed (a restart?); running the read again on another connection");
+                let mut conn = self.get()?;
+                let result = f(conn.client());
+                self.settle(&mut conn, result).map_err(Failure::into_error)
+            }
+            other => other.map_err(Failure::into_error),
+        }
+    }
+
+    /// What the result of work on `conn` means for the connection: lost (marked broken, so
+    /// that its drop closes it and moves the generation on), to be closed (a cancel may be in
+    /// flight for it), or fine.
+    fn settle<T>(
+        &self,
+        conn: &mut PooledClient<'_>,
+        result: Result<T, StoreError>,
+    ) -> Result<T, Failure> {
         match result {
             Err(StoreError::Postgres(e))
                 if is_connection_error(&e) || conn.client().is_closed() =>
             {
                 conn.broken = true;
-                tracing::warn!(target_db = %self.target.display, error = %describe(&e), "lost a database connection");
-                Err(self.target.unavailable(describe(&e)))
+                let reason = describe(&e);
+                tracing::warn!(target_db = %self.target.display, error = %reason, reused = conn.reused, "lost a database connection");
+                Err(Failure::Lost {
+                    unavailable: self.target.unavailable(reason.clone()),
+                    reason,
+                })
             }
             Err(StoreError::Cancelled) => {
                 // A statement of this connection was (or was being) cancelled: a cancel request
@@ -169,20 +223,39 @@ impl Pool {
                 // statement ended, and would then stop the next statement run here — another
                 // request's. The connection is closed instead of going back to the pool.
                 conn.discard = true;
-                Err(StoreError::Cancelled)
+                Err(Failure::Other(StoreError::Cancelled))
             }
             Err(e) => {
                 if conn.client().is_closed() {
                     conn.broken = true;
                 }
-                Err(e)
+                Err(Failure::Other(e))
             }
-            ok => ok,
+            Ok(v) => Ok(v),
         }
     }
 }
 
-/// A connection taken from the [`Pool`]; goes back on drop unless it was lost.
+/// How work on a pooled connection failed ([`Pool::settle`]).
+enum Failure {
+    /// The connection is gone: `unavailable` is what the caller sees, `reason` the driver's text.
+    Lost {
+        unavailable: StoreError,
+        reason: String,
+    },
+    /// Any other error, as the work returned it.
+    Other(StoreError),
+}
+
+impl Failure {
+    fn into_error(self) -> StoreError {
+        match self {
+            Failure::Lost { unavailable, .. } => unavailable,
+            Failure::Other(e) => e,
+        }
+    }
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
         // A `postgres::Client` closes its connection by blocking on a runtime of its own, which
@@ -204,10 +277,14 @@ impl Drop for Pool {
     }
 }
 
+/// A connection taken from the [`Pool`]; goes back on drop unless it was lost.
 pub(crate) struct PooledClient<'a> {
     pool: &'a Pool,
     client: Option<Client>,
     generation: u64,
+    /// It came from the idle list (it may have been closed by the server while it idled), not
+    /// opened for this call.
+    reused: bool,
     broken: bool,
     /// Close this connection instead of returning it (a cancel may be in flight for it); unlike
     /// `broken`, the other idle connections stay.

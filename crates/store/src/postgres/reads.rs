@@ -18,7 +18,7 @@ pub(super) fn read(
         resource_type: resource_type.to_string(),
         id: id.to_string(),
     };
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let Some(type_no) = store.lookup_type(c, resource_type)? else {
             return Err(not_found());
         };
@@ -44,7 +44,7 @@ pub(super) fn vread(
         resource_type: resource_type.to_string(),
         id: id.to_string(),
     };
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let Some(type_no) = store.lookup_type(c, resource_type)? else {
             return Err(not_found());
         };
@@ -70,7 +70,7 @@ pub(super) fn history(
     } else {
         query.count
     };
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let lo_seq = match query.since_ms {
             Some(ms) => seq_at_or_after(c, ms)?,
             None => 1,

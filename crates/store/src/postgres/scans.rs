@@ -18,7 +18,7 @@ use crate::ops::{MAX_SEQ, key};
 use super::watermark::seq_at_or_after;
 
 pub(super) fn types_present(store: &PgStore, as_of: i64) -> Result<Vec<String>, StoreError> {
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let types: Vec<(String, i64)> = c
             .query("SELECT name, type_no FROM types ORDER BY name", &[])?
             .iter()
@@ -46,7 +46,7 @@ pub(super) fn count_type(
     resource_type: &str,
     as_of: i64,
 ) -> Result<u64, StoreError> {
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let Some(type_no) = store.lookup_type(c, resource_type)? else {
             return Ok(0);
         };
@@ -59,7 +59,7 @@ pub(super) fn seq_range(
     resource_type: &str,
     as_of: i64,
 ) -> Result<Option<SeqStats>, StoreError> {
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let Some(type_no) = store.lookup_type(c, resource_type)? else {
             return Ok(None);
         };
@@ -104,26 +104,26 @@ pub(super) fn scan_type_each(
     // Keyset pages of SCAN_PAGE_ROWS, each its own short statement (no transaction stays
     // open across pages, so a long export holds back no vacuum), rows handed to `f` as they
     // arrive. The snapshot is `as_of`, not a database snapshot, so pages read at different
-    // moments still show one snapshot. One connection for the whole scan.
-    store.pool.run(|c| {
+    // moments still show one snapshot. One connection for the whole scan, unless it turns out
+    // closed by a restart while it idled in the pool: the second run (`Pool::read`) goes on
+    // after the last row handed to `f` (`after_k` lives outside the closure), never twice.
+    let hi = key(type_no, upper);
+    let mut after_k = key(type_no, bounds.after);
+    let mut n = 0u64;
+    store.pool.read(|c| {
         let stmt = c.prepare(
             "SELECT k, seq, id, version, last_updated, json FROM resource_versions
              WHERE k > $1 AND k <= $2 AND deleted = 0
              AND (superseded_seq IS NULL OR superseded_seq > $3) ORDER BY k LIMIT $4",
         )?;
-        let hi = key(type_no, upper);
-        let mut after_k = key(type_no, bounds.after);
-        let mut n = 0u64;
         loop {
             let params: [&(dyn ToSql + Sync); 4] = [&after_k, &hi, &as_of, &SCAN_PAGE_ROWS];
             let mut rows = c.query_raw(&stmt, params.iter().copied())?;
             let mut in_page = 0i64;
-            let mut last_k = after_k;
             while let Some(r) = rows.next()? {
                 in_page += 1;
-                last_k = r.try_get(0)?;
+                let k = r.try_get(0)?;
                 let json: Option<&[u8]> = r.try_get(5)?;
-                n += 1;
                 let row = ScanRow {
                     seq: r.try_get(1)?,
                     id: r.try_get(2)?,
@@ -131,6 +131,8 @@ pub(super) fn scan_type_each(
                     last_updated: r.try_get(4)?,
                     json: json.unwrap_or_default(),
                 };
+                n += 1;
+                after_k = k;
                 if f(row).is_break() {
                     return Ok(n);
                 }
@@ -138,7 +140,6 @@ pub(super) fn scan_type_each(
             if in_page < SCAN_PAGE_ROWS {
                 return Ok(n);
             }
-            after_k = last_k;
         }
     })
 }
@@ -151,7 +152,7 @@ pub(super) fn deleted_since(
     after_seq: i64,
     limit: usize,
 ) -> Result<Vec<Tombstone>, StoreError> {
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let Some(type_no) = store.lookup_type(c, resource_type)? else {
             return Ok(Vec::new());
         };
@@ -191,7 +192,7 @@ pub(super) fn list_type(
     count: usize,
     after_seq: Option<i64>,
 ) -> Result<ListPage, StoreError> {
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let empty = ListPage {
             resources: Vec::new(),
             next_after_seq: None,
@@ -268,7 +269,7 @@ pub(super) fn count_list(
     resource_type: &str,
     filter: &ListFilter,
 ) -> Result<u64, StoreError> {
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let Some(type_no) = store.lookup_type(c, resource_type)? else {
             return Ok(0);
         };
@@ -306,7 +307,7 @@ pub(super) fn count_list(
 }
 
 pub(super) fn stored_bytes(store: &PgStore) -> Result<u64, StoreError> {
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let n: i64 = c
             .query_one("SELECT pg_database_size(current_database())", &[])?
             .try_get(0)?;

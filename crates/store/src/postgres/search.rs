@@ -300,7 +300,7 @@ pub(super) fn search(
     if stop.is_some_and(|s| s()) {
         return Err(StoreError::Cancelled);
     }
-    store.with_client(|client| {
+    store.pool.read(|client| {
         let backend = Backend {
             store,
             client: RefCell::new(client),

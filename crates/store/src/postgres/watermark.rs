@@ -9,7 +9,7 @@ use crate::{StoreError, Watermark};
 use super::PgStore;
 
 pub(super) fn watermark(store: &PgStore) -> Result<Watermark, StoreError> {
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let row = c.query_one("SELECT seq, lu_ms FROM watermark", &[])?;
         let (seq, ms): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
         Ok(if seq == 0 {
@@ -27,7 +27,7 @@ pub(super) fn watermark(store: &PgStore) -> Result<Watermark, StoreError> {
 }
 
 pub(super) fn instant_of_seq(store: &PgStore, seq: i64) -> Result<Option<String>, StoreError> {
-    store.pool.run(|c| {
+    store.pool.read(|c| {
         let row = c.query_opt(
             "SELECT lu_ms, first_seq FROM transactions WHERE last_seq >= $1
              ORDER BY last_seq LIMIT 1",

@@ -39,7 +39,7 @@ impl KeySets for PgJobQueue {
     }
 
     fn key_set(&self, name: &str) -> Result<Option<KeySet>, QueueError> {
-        self.run(|c| {
+        self.read(|c| {
             Ok(c.query_opt(
                 &format!("SELECT {KEY_SET_COLUMNS} FROM deid_key_set WHERE name = $1"),
                 &[&name],
@@ -50,7 +50,7 @@ impl KeySets for PgJobQueue {
     }
 
     fn key_sets(&self) -> Result<Vec<KeySet>, QueueError> {
-        self.run(|c| {
+        self.read(|c| {
             Ok(c.query(
                 &format!("SELECT {KEY_SET_COLUMNS} FROM deid_key_set ORDER BY name"),
                 &[],
