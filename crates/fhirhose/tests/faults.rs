@@ -811,19 +811,11 @@ fn postgres_restart_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option
     sleep_ms(outage);
     postgres_sh("start", &pg)?;
     let back = Instant::now();
-    // The first requests after the restart may meet pooled connections the restart closed: 503
-    // `transient` "the database is unavailable" with Retry-After, which clients retry (the
-    // export itself goes on). Only the job's own end counts.
-    let (code, manifest) = loop {
-        let (code, body, _) = wait_end(&ctx.c, &status, COMPLETE_BOUND)?;
-        let transient = code == 503
-            && body.to_string().contains("the database is unavailable")
-            && back.elapsed() < COMPLETE_BOUND;
-        if !transient {
-            break (code, body);
-        }
-        sleep_ms(500);
-    };
+    // Status polls start once the database is back: the first ones meet pooled connections the
+    // restart closed, and are answered all the same (reads run again on a new connection;
+    // before, they were 503 "the database is unavailable"). A poll while the database is down
+    // is still 503 with Retry-After, but none is made here.
+    let (code, manifest, _) = wait_end(&ctx.c, &status, COMPLETE_BOUND)?;
     let took = back.elapsed();
     ensure!(
         code == 200,
