@@ -444,7 +444,7 @@ pub async fn serve_connections(
         let service = TowerToHyperService::new(slow_clients::Tracked {
             inner: app.clone(),
             busy: busy.clone(),
-            client: per_address::Client(per_address::client_key(peer.ip())),
+            mark: per_address::Client(per_address::client_key(peer.ip())),
         });
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();

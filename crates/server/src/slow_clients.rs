@@ -127,16 +127,17 @@ impl http_body::Body for GuardedBody {
 }
 
 /// `inner` with each request counted in `busy` from its arrival to the end of its response body,
-/// and marked with the connection's `client`.
+/// and given the connection's `mark` as an extension (the client it came from).
 #[derive(Clone)]
-pub struct Tracked<S> {
+pub struct Tracked<S, M> {
     pub inner: S,
     pub busy: Arc<Busy>,
-    pub client: crate::per_address::Client,
+    pub mark: M,
 }
 
-impl<S, B> tower::Service<axum::http::Request<B>> for Tracked<S>
+impl<S, M, B> tower::Service<axum::http::Request<B>> for Tracked<S, M>
 where
+    M: Clone + Send + Sync + 'static,
     S: tower::Service<
             axum::http::Request<B>,
             Response = axum::response::Response,
@@ -154,7 +155,7 @@ where
     }
 
     fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
-        req.extensions_mut().insert(self.client);
+        req.extensions_mut().insert(self.mark.clone());
         let guard = self.busy.enter();
         let fut = self.inner.call(req);
         Box::pin(async move {
