@@ -686,13 +686,13 @@ async fn request_bodies_in_memory_share_one_budget() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let patient =
         json!({"resourceType": "Patient", "active": true, "name": [{"family": "x".repeat(3900)}]});
-    let refused =
+    let post = || {
         s.c.post(format!("{}/Patient", s.base))
             .header("content-type", "application/fhir+json")
             .body(patient.to_string())
             .send()
-            .await
-            .unwrap();
+    };
+    let refused = post().await.unwrap();
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(refused.headers()["retry-after"], "5");
     let outcome: Value = refused.json().await.unwrap();
@@ -708,12 +708,6 @@ async fn request_bodies_in_memory_share_one_budget() {
     let answer = first.await.unwrap().expect("answered");
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     // Once the first request is answered its bytes are given back.
-    let created =
-        s.c.post(format!("{}/Patient", s.base))
-            .header("content-type", "application/fhir+json")
-            .body(patient.to_string())
-            .send()
-            .await
-            .unwrap();
+    let created = post().await.unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
 }
