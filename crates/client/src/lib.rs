@@ -38,6 +38,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 pub use error::ClientError;
+/// `Retry-After` as the client reads it (seconds or an HTTP date), for other HTTP callers.
+pub use session::retry_after;
 use session::{Credentials, Policy, Session, header};
 pub use verify::Verified;
 

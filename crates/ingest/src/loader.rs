@@ -709,15 +709,15 @@ fn count(summary: &mut LoadSummary, resource_type: &str, status: WriteStatus) {
 /// Sends of one batch answered 503 or 429 before `load --server` gives up.
 const REMOTE_TRIES: u32 = 6;
 
-/// A response's `Retry-After` in seconds (1 s when absent or a date; at most 30 s).
+/// How long the server asks `load --server` to wait: its `Retry-After` as the export client
+/// reads it (seconds or an HTTP date), 1 s when absent, at most 30 s.
 fn retry_after(response: &reqwest::blocking::Response) -> std::time::Duration {
-    let secs = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(1);
-    std::time::Duration::from_secs(secs.clamp(1, 30))
+    client::retry_after(response.headers())
+        .unwrap_or(std::time::Duration::from_secs(1))
+        .clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(30),
+        )
 }
 
 struct HttpSink {
@@ -780,7 +780,10 @@ impl Sink for HttpSink {
         // server answered would be made twice.
         let idempotent = entries.iter().all(|e| e["request"]["method"] != "POST");
         let body = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
-        let body = serde_json::to_vec(&body).map_err(|e| LoadError::Http(e.to_string()))?;
+        // Shared, not copied, by each send.
+        let body = bytes::Bytes::from(
+            serde_json::to_vec(&body).map_err(|e| LoadError::Http(e.to_string()))?,
+        );
         let mut tries = 0;
         let (status, text) = loop {
             let response = self

@@ -85,7 +85,8 @@ impl PerAddress {
     }
 
     /// Connections open from the client `peer` counts as.
-    pub fn open(&self, peer: IpAddr) -> usize {
+    #[cfg(test)]
+    fn open(&self, peer: IpAddr) -> usize {
         let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         open.get(&client_key(peer)).copied().unwrap_or(0)
     }
