@@ -854,6 +854,22 @@ impl Drop for PrivateCluster {
     }
 }
 
+/// A store of `pool_size` connections on a private cluster of its own (to stop and start), with
+/// the cluster's URL.
+fn restartable_store(pool_size: usize) -> (PrivateCluster, String, PgStore) {
+    let cluster = PrivateCluster::new();
+    let url = cluster.run("start");
+    let store = PgStore::connect(
+        &url,
+        PgOptions {
+            pool_size,
+            ..PgOptions::default()
+        },
+    )
+    .unwrap();
+    (cluster, url, store)
+}
+
 /// The database goes away and comes back (a private cluster from scripts/postgres.sh, stopped and
 /// started on the same port): calls fail with `Unavailable` while it is down, no panic, and the
 /// same store works again once it is back, without reopening.
@@ -862,16 +878,7 @@ fn the_pool_recovers_after_the_server_restarts() {
     if postgres_url("the_pool_recovers_after_the_server_restarts").is_none() {
         return;
     }
-    let cluster = PrivateCluster::new();
-    let url = cluster.run("start");
-    let store = PgStore::connect(
-        &url,
-        PgOptions {
-            pool_size: 2,
-            ..PgOptions::default()
-        },
-    )
-    .unwrap();
+    let (cluster, url, store) = restartable_store(2);
     store
         .write(vec![WriteOp::Create {
             resource: json!({"resourceType": "Patient", "id": "before"}),
@@ -1006,16 +1013,7 @@ fn a_read_right_after_a_restart_runs_again_on_a_new_connection() {
     if postgres_url("a_read_right_after_a_restart_runs_again_on_a_new_connection").is_none() {
         return;
     }
-    let cluster = PrivateCluster::new();
-    let url = cluster.run("start");
-    let store = PgStore::connect(
-        &url,
-        PgOptions {
-            pool_size: 3,
-            ..PgOptions::default()
-        },
-    )
-    .unwrap();
+    let (cluster, url, store) = restartable_store(3);
     store
         .write(vec![WriteOp::Update {
             resource_type: "Patient".into(),
