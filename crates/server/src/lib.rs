@@ -18,6 +18,7 @@ pub mod export_routes;
 pub mod metrics;
 pub mod negotiate;
 pub mod node_id;
+pub mod parse_errors;
 pub mod per_address;
 pub mod ranges;
 pub mod routes;
@@ -459,7 +460,10 @@ pub async fn serve_connections(
             }
             busy.touch();
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(
+                    TokioIo::new(parse_errors::OutcomeOnParseError::new(stream)),
+                    service,
+                )
                 .into_owned();
             // A connection with no request in progress for the header-read timeout is closed
             // (HTTP/2 has no such limit of its own).

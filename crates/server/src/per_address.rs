@@ -115,7 +115,10 @@ impl PerAddress {
             let answer = TowerToHyperService::new(tower::service_fn(move |_req| async move {
                 Ok::<_, std::convert::Infallible>(throttled(max).into_response())
             }));
-            let conn = builder.serve_connection(TokioIo::new(stream), answer);
+            let conn = builder.serve_connection(
+                TokioIo::new(crate::parse_errors::OutcomeOnParseError::new(stream)),
+                answer,
+            );
             // The answer is one small header and body: a client that does not read it is not
             // waited for.
             let _ = tokio::time::timeout(REFUSE_WITHIN * 2, conn).await;

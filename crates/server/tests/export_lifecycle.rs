@@ -427,6 +427,78 @@ async fn a_half_sent_header_is_dropped_after_the_header_read_timeout() {
     assert_eq!(ok.status(), StatusCode::OK);
 }
 
+/// The answers hyper makes itself, for requests it cannot parse, carry an OperationOutcome too.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_that_cannot_be_parsed_get_an_operation_outcome() {
+    let s = start(0, limits(), |_, _| {}).await;
+    let a = s.base.trim_start_matches("http://").to_string();
+    let many_fields: String = (0..101).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let cases = [
+        (
+            "GARBAGE\r\n\r\n".to_string(),
+            "400 Bad Request",
+            "structure",
+        ),
+        (
+            format!("GET /metadata HTTP/1.1\r\nHost: {a}\r\nBad Header\r\n\r\n"),
+            "400 Bad Request",
+            "structure",
+        ),
+        (
+            format!(
+                "GET /Patient?name={} HTTP/1.1\r\nHost: {a}\r\n\r\n",
+                "a".repeat(70_000)
+            ),
+            "414 URI Too Long",
+            "too-long",
+        ),
+        (
+            format!("GET /metadata HTTP/1.1\r\nHost: {a}\r\n{many_fields}\r\n"),
+            "431 Request Header Fields Too Large",
+            "too-long",
+        ),
+        // A good request first on the same connection: its answer is left as it is.
+        (
+            format!("GET /metadata HTTP/1.1\r\nHost: {a}\r\n\r\nGARBAGE\r\n\r\n"),
+            "400 Bad Request",
+            "structure",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let a = a.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut conn = TcpStream::connect(&a).unwrap();
+            conn.write_all(request.as_bytes()).unwrap();
+            until_closed(&mut conn).unwrap()
+        })
+        .await
+        .unwrap();
+        // The last answer on the connection is the error.
+        let at = answer.rfind("HTTP/1.1 ").unwrap();
+        let (before, last) = answer.split_at(at);
+        if !before.is_empty() {
+            assert!(before.starts_with("HTTP/1.1 200 OK\r\n"), "{before}");
+            assert!(before.contains("CapabilityStatement"), "{before}");
+        }
+        let (head, body) = last.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+            "{head}"
+        );
+        assert!(
+            head.contains("content-type: application/fhir+json"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let outcome: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{body}");
+        assert_eq!(outcome["issue"][0]["code"], code, "{body}");
+    }
+}
+
 /// Connection limits of the slow-client tests: a 1 s header-read timeout (and idle limit).
 fn short_limits(min_body_rate: u64) -> server::ConnectionLimits {
     server::ConnectionLimits {
