@@ -92,6 +92,12 @@ pub struct ServeConfig {
         default_value_t = 256
     )]
     pub max_connections_per_address: usize,
+    /// Requests in progress at once (from arrival to the end of the response body), over every
+    /// connection; one client address may have the share of it that
+    /// --max-connections-per-address is of --max-connections. More are answered 503 with
+    /// Retry-After at once. Bounds the memory of responses built and waiting for slow readers.
+    #[arg(long, env = "FHIRHOSE_MAX_REQUESTS", default_value_t = crate::in_flight::DEFAULT_MAX_REQUESTS)]
+    pub max_requests: usize,
     /// Seconds a graceful shutdown (SIGTERM, Ctrl-C) waits for open requests and running export
     /// work items to finish; items still running are then given back to resume at the next
     /// start.
@@ -523,6 +529,18 @@ impl ServeConfig {
             .min(self.max_body_memory)
     }
 
+    /// The requests one client address may have in progress: the share of `--max-requests`
+    /// that `--max-connections-per-address` is of `--max-connections` (all of it behind a
+    /// proxy, where the two are set equal), at least one.
+    pub fn requests_per_address(&self) -> usize {
+        let share = (self.max_requests as u128)
+            .saturating_mul(self.max_connections_per_address as u128)
+            / (self.max_connections.max(1) as u128);
+        usize::try_from(share)
+            .unwrap_or(usize::MAX)
+            .clamp(1, self.max_requests.max(1))
+    }
+
     /// Checks the values that clap cannot check alone.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(b) = &self.base_url {
@@ -558,11 +576,12 @@ impl ServeConfig {
         if self.header_read_timeout == 0
             || self.max_connections == 0
             || self.max_connections_per_address == 0
+            || self.max_requests == 0
             || self.min_body_rate == 0
         {
             return Err(ConfigError::Export(
-                "--header-read-timeout, --max-connections, --max-connections-per-address and \
-                 --min-body-rate must be at least 1"
+                "--header-read-timeout, --max-connections, --max-connections-per-address, \
+                 --max-requests and --min-body-rate must be at least 1"
                     .into(),
             ));
         }
@@ -677,6 +696,21 @@ mod tests {
             "1024",
         ]);
         assert_eq!(c.body_memory_per_address(), 1_000_000);
+    }
+
+    #[test]
+    fn a_client_address_holds_its_connections_share_of_the_requests() {
+        let serve = |args: &[&str]| Cli::parse_from([&["serve"], args].concat()).serve;
+        // 256 of 1,024 connections: a quarter of 128.
+        assert_eq!(serve(&[]).requests_per_address(), 32);
+        assert_eq!(serve(&["--max-requests", "2"]).requests_per_address(), 1);
+        let c = serve(&[
+            "--max-requests",
+            "10",
+            "--max-connections-per-address",
+            "1024",
+        ]);
+        assert_eq!(c.requests_per_address(), 10);
     }
 
     /// The flags' defaults and the structs' `Default`s are the same values (both read

@@ -15,6 +15,7 @@ pub mod capability;
 pub mod config;
 pub mod error;
 pub mod export_routes;
+pub mod in_flight;
 pub mod metrics;
 pub mod negotiate;
 pub mod node_id;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// The request bodies held in memory at once (`--max-body-memory`, [`body_budget`]).
     pub body_budget: body_budget::BodyBudget,
+    /// The requests in progress at once (`--max-requests`, [`in_flight`]).
+    pub in_flight: Arc<in_flight::InFlight>,
     pub export: Arc<export::ExportService>,
     /// Bounds on search requests and their time limit (`--search-*`).
     pub search_limits: search::SearchLimits,
@@ -121,6 +124,10 @@ impl AppState {
             max_body_bytes,
             body_budget: body_budget::BodyBudget::new(
                 body_budget::DEFAULT_MAX_BODY_MEMORY.max(max_body_bytes),
+            ),
+            in_flight: in_flight::InFlight::new(
+                in_flight::DEFAULT_MAX_REQUESTS,
+                in_flight::DEFAULT_MAX_REQUESTS / 4,
             ),
             export,
             search_limits: search::SearchLimits::default(),
@@ -313,6 +320,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         search_limits: config.search.limits(),
         body_budget: body_budget::BodyBudget::new(config.max_body_memory)
             .with_client_share(config.body_memory_per_address()),
+        in_flight: in_flight::InFlight::new(config.max_requests, config.requests_per_address()),
         // `--metrics`, by default open without authorization and protected with it.
         metrics_mode: config
             .metrics

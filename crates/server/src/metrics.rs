@@ -243,6 +243,24 @@ pub fn render(state: &AppState) -> String {
             state.body_budget.total() as u64,
         ),
         (
+            "fhirhose_requests_in_progress",
+            "gauge",
+            "Requests in progress now (from arrival to the end of the response body).",
+            state.in_flight.current() as u64,
+        ),
+        (
+            "fhirhose_requests_limit",
+            "gauge",
+            "The most requests in progress at once (--max-requests).",
+            state.in_flight.limit() as u64,
+        ),
+        (
+            "fhirhose_requests_refused_total",
+            "counter",
+            "Requests answered 503 because --max-requests or the client address's share of it was reached.",
+            state.in_flight.refused(),
+        ),
+        (
             "fhirhose_request_bodies_refused_total",
             "counter",
             "Request bodies answered 503 because the bodies in memory were at --max-body-memory.",

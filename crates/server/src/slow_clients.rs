@@ -100,13 +100,23 @@ impl Drop for BusyGuard {
     }
 }
 
-/// A response body that keeps its request counted in progress until it is sent (or dropped).
-struct GuardedBody {
+/// A response body that keeps `guard` (its request counted in progress) until it is sent or
+/// dropped.
+pub struct GuardedBody<G> {
     inner: Body,
-    _guard: BusyGuard,
+    _guard: G,
 }
 
-impl http_body::Body for GuardedBody {
+impl<G> GuardedBody<G> {
+    pub fn new(inner: Body, guard: G) -> GuardedBody<G> {
+        GuardedBody {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<G: Unpin> http_body::Body for GuardedBody<G> {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -160,12 +170,7 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            Ok(resp.map(|inner| {
-                Body::new(GuardedBody {
-                    inner,
-                    _guard: guard,
-                })
-            }))
+            Ok(resp.map(|inner| Body::new(GuardedBody::new(inner, guard))))
         })
     }
 }

@@ -722,6 +722,120 @@ async fn one_client_address_cannot_hold_every_connection() {
     assert!(again.starts_with("HTTP/1.1 200"), "{again}");
 }
 
+/// A POST from the local address `from` whose 100-byte body is half sent: its request stays in
+/// progress until [`finish_post`].
+async fn half_sent_post(s: &Server, from: &str) -> TcpStream {
+    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let conn = socket.connect(addr).await.unwrap().into_std().unwrap();
+    conn.set_nonblocking(false).unwrap();
+    let mut conn: TcpStream = conn;
+    write!(
+        conn,
+        "POST /Patient HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{}",
+        &half_patient()[..50]
+    )
+    .unwrap();
+    conn
+}
+
+fn half_patient() -> String {
+    let mut body = r#"{"resourceType":"Patient","active":true}"#.to_string();
+    body.push_str(&" ".repeat(100 - body.len()));
+    body
+}
+
+/// Sends the rest of a [`half_sent_post`]'s body: the server's answer.
+fn finish_post(mut conn: TcpStream) -> String {
+    conn.write_all(&half_patient().as_bytes()[50..]).unwrap();
+    until_closed(&mut conn).unwrap()
+}
+
+/// The value of the `/metrics` line `name`.
+async fn metric(s: &Server, name: &str) -> u64 {
+    let text =
+        s.c.get(format!("{}/metrics", s.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_address_holds_its_share_of_the_requests_in_progress() {
+    // 3 requests in progress at once, 2 of them from one address.
+    let s = start_with(
+        0,
+        limits(),
+        |_, _| {},
+        |state| {
+            state.in_flight = server::in_flight::InFlight::new(3, 2);
+        },
+    )
+    .await;
+    let held = vec![
+        half_sent_post(&s, "127.0.0.1").await,
+        half_sent_post(&s, "127.0.0.1").await,
+    ];
+    wait_until_async(&s, "fhirhose_requests_in_progress", 2).await;
+    // A third request from the same address: 503 at once, with an OperationOutcome.
+    let third = metadata_from(&s, "127.0.0.1").await;
+    assert!(third.starts_with("HTTP/1.1 503"), "{third}");
+    assert!(
+        third
+            .to_ascii_lowercase()
+            .contains("\r\nretry-after: 1\r\n"),
+        "{third}"
+    );
+    assert!(
+        third.contains("OperationOutcome")
+            && third.contains("throttled")
+            && third.contains("--max-requests"),
+        "{third}"
+    );
+    // Another address is served meanwhile.
+    let other = metadata_from(&s, "127.0.0.2").await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    // With a third request held (from 127.0.0.2), the server's bound: a fourth address waits
+    // for nothing and is answered 503 too; `/metrics` is still served.
+    let more = half_sent_post(&s, "127.0.0.2").await;
+    wait_until_async(&s, "fhirhose_requests_in_progress", 3).await;
+    let fourth = metadata_from(&s, "127.0.0.3").await;
+    assert!(fourth.starts_with("HTTP/1.1 503"), "{fourth}");
+    assert_eq!(metric(&s, "fhirhose_requests_refused_total").await, 2);
+    // The held requests complete; then the first address is served again.
+    let answers = tokio::task::spawn_blocking(move || {
+        held.into_iter()
+            .chain([more])
+            .map(finish_post)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for a in answers {
+        assert!(a.starts_with("HTTP/1.1 201"), "{a}");
+    }
+    let again = metadata_from(&s, "127.0.0.1").await;
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+}
+
+/// Waits (at most 20 s) until the `/metrics` gauge `name` reads `value`.
+async fn wait_until_async(s: &Server, name: &str, value: u64) {
+    for _ in 0..400 {
+        if metric(s, name).await == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name} never reached {value}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn request_bodies_in_memory_share_one_budget() {
     let s = start_with(

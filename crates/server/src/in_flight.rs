@@ -1,0 +1,216 @@
+//! At most `--max-requests` requests in progress at once, and one client address's share of
+//! them. A request is in progress from its arrival until its response body is sent (or
+//! dropped): a search builds its whole page before answering, and a page waits in memory while
+//! a slow reader takes it, so without a bound the requests one client keeps open are the
+//! server's memory. HTTP/2 makes that cheap: 20 connections of 200 streams each held 4,000
+//! search pages at once (16.7 GB) before this bound, while every other client's request waited
+//! behind them for the database.
+//!
+//! A client address (as [`crate::per_address`] counts them) may have the share of
+//! `--max-requests` that `--max-connections-per-address` is of `--max-connections` in progress
+//! (`ServeConfig::requests_per_address`). A request over either bound is answered at once —
+//! `503` `throttled` with an OperationOutcome and `Retry-After: 1` — and costs nothing more;
+//! nothing waits for a slot. `GET /metrics` is always served, so that an operator sees the
+//! refusals while they happen.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::error::{ApiError, WarnEvery};
+use crate::per_address::Client;
+use crate::slow_clients::GuardedBody;
+
+/// The default of `--max-requests`.
+pub const DEFAULT_MAX_REQUESTS: usize = 128;
+
+/// Requests in progress, in all and per client address.
+pub struct InFlight {
+    max: usize,
+    max_per_client: usize,
+    counts: Mutex<Counts>,
+    refused: AtomicU64,
+    warned: WarnEvery,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    by_client: HashMap<IpAddr, usize>,
+}
+
+/// Which bound a refused request met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--max-requests`.
+    Server,
+    /// The client address's share of it.
+    Client,
+}
+
+/// One request in progress; counted until dropped.
+pub struct Slot {
+    owner: Arc<InFlight>,
+    client: Option<IpAddr>,
+}
+
+impl InFlight {
+    pub fn new(max: usize, max_per_client: usize) -> Arc<InFlight> {
+        Arc::new(InFlight {
+            max: max.max(1),
+            max_per_client: max_per_client.clamp(1, max.max(1)),
+            counts: Mutex::new(Counts::default()),
+            refused: AtomicU64::new(0),
+            warned: WarnEvery::new(std::time::Duration::from_secs(10)),
+        })
+    }
+
+    /// A slot for a request from `client` (`None`: a request that did not come through
+    /// `serve_connections`, counted in all only), or the bound it would go over.
+    pub fn enter(self: &Arc<Self>, client: Option<IpAddr>) -> Result<Slot, Refusal> {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if counts.total >= self.max {
+            return Err(Refusal::Server);
+        }
+        if let Some(c) = client {
+            let n = counts.by_client.entry(c).or_insert(0);
+            if *n >= self.max_per_client {
+                return Err(Refusal::Client);
+            }
+            *n += 1;
+        }
+        counts.total += 1;
+        Ok(Slot {
+            owner: Arc::clone(self),
+            client,
+        })
+    }
+
+    /// Requests in progress now.
+    pub fn current(&self) -> usize {
+        self.counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .total
+    }
+
+    /// `--max-requests`.
+    pub fn limit(&self) -> usize {
+        self.max
+    }
+
+    /// Requests refused since the start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The answer to a refused request, counted and (at most every 10 s) logged.
+    fn refuse(&self, why: Refusal, client: Option<IpAddr>) -> Response {
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let (limit, what) = match why {
+            Refusal::Server => (
+                self.max,
+                "the server has as many requests in progress as --max-requests allows",
+            ),
+            Refusal::Client => (
+                self.max_per_client,
+                "this client address has its share of --max-requests in progress",
+            ),
+        };
+        if self.warned.due() {
+            tracing::warn!(client = %client.map(|c| c.to_string()).unwrap_or_default(), limit, refused_in_all = refused, "requests refused: {what}");
+        }
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "throttled",
+            format!("{what} ({limit}); retry after the ones in progress end"),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+        .into_response()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .owner
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(c) = self.client
+            && let Some(n) = counts.by_client.get_mut(&c)
+        {
+            *n -= 1;
+            if *n == 0 {
+                counts.by_client.remove(&c);
+            }
+        }
+    }
+}
+
+/// The router layer: every request but `GET /metrics` takes a slot of `in_flight` for as long
+/// as it is in progress, or is answered 503 at once.
+pub async fn admit(
+    axum::extract::State(in_flight): axum::extract::State<Arc<InFlight>>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.uri().path() == "/metrics" {
+        return next.run(req).await;
+    }
+    let client = req.extensions().get::<Client>().map(|c| c.0);
+    let slot = match in_flight.enter(client) {
+        Ok(slot) => slot,
+        Err(why) => return in_flight.refuse(why, client),
+    };
+    next.run(req)
+        .await
+        .map(|inner| Body::new(GuardedBody::new(inner, slot)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> Option<IpAddr> {
+        Some(IpAddr::from([127, 0, 0, last]))
+    }
+
+    #[test]
+    fn a_client_holds_its_share_and_the_server_its_limit() {
+        let f = InFlight::new(3, 2);
+        let a1 = f.enter(ip(1)).unwrap();
+        let a2 = f.enter(ip(1)).unwrap();
+        assert_eq!(f.enter(ip(1)).err(), Some(Refusal::Client));
+        let b1 = f.enter(ip(2)).unwrap();
+        assert_eq!(f.current(), 3);
+        assert_eq!(f.enter(ip(3)).err(), Some(Refusal::Server));
+        assert_eq!(f.enter(None).err(), Some(Refusal::Server));
+        drop(a1);
+        // The freed slot is the server's: another client may take it.
+        let c1 = f.enter(ip(3)).unwrap();
+        drop((a2, b1, c1));
+        assert_eq!(f.current(), 0);
+        assert!(f.counts.lock().unwrap().by_client.is_empty());
+        // Requests without a client address count in all only.
+        let n: Vec<_> = (0..3).map(|_| f.enter(None).unwrap()).collect();
+        assert_eq!(f.enter(ip(1)).err(), Some(Refusal::Server));
+        drop(n);
+    }
+
+    #[test]
+    fn the_share_is_at_least_one_and_at_most_the_limit() {
+        let f = InFlight::new(2, 0);
+        assert!(f.enter(ip(1)).is_ok());
+        let g = InFlight::new(2, 10);
+        let _a = g.enter(ip(1)).unwrap();
+        let _b = g.enter(ip(1)).unwrap();
+        assert_eq!(g.enter(ip(1)).err(), Some(Refusal::Server));
+    }
+}
