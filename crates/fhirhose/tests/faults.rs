@@ -635,7 +635,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "database-disk-full",
-        invariant: "(SQLite) the data directory (an 8 MB tmpfs) fills up under POSTs and a transaction: every write that does not fit gets a 507 OperationOutcome and leaves no trace, every acknowledged one is there, reads go on, and writes succeed again once space is freed, without a restart",
+        invariant: "the database's disk (SQLite: the data directory; PostgreSQL: the database's tablespace; an 8 MB tmpfs) fills up under POSTs and a transaction: every write that does not fit gets a 507 OperationOutcome and leaves no trace, every acknowledged one is there, reads go on, and writes succeed again once space is freed, without a restart",
         rounds: 1,
         run: database_disk_full,
     },
@@ -1213,14 +1213,18 @@ fn disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
 }
 
 fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
-    if store::testing::test_database_url().is_some() {
-        return Ok(Some(
-            "not applicable on PostgreSQL (the database's disk is the server's); runs in the SQLite pass".into(),
-        ));
-    }
     let data = dir.join("small-data");
-    let Some(mount) = Mount::small_tmpfs(&data)? else {
-        return missing("permission to mount a tmpfs (run as root)");
+    // SQLite: the data directory on the tmpfs. PostgreSQL: the database's tablespace (its
+    // tables and indexes; the write-ahead log stays on the cluster's own disk).
+    let (mount, _space) = match store::testing::test_database_url() {
+        None => match Mount::small_tmpfs(&data)? {
+            Some(m) => (m, None),
+            None => return missing("permission to mount a tmpfs (run as root)"),
+        },
+        Some(base) => match SmallTablespace::create(&base, &data)? {
+            Some(t) => (Mount(t.at.clone()), Some(t)),
+            None => return missing("permission to mount a tmpfs (run as root)"),
+        },
     };
     let s = Server::start(&data, free_port(), &[], &dir.join("serve.log"))?;
     let c = reqwest::blocking::Client::builder()
@@ -1237,7 +1241,19 @@ fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<St
         let code = r.status().as_u16();
         Ok((code, r.json().unwrap_or(Value::Null)))
     };
-    let patient = |n: usize| json!({"resourceType": "Patient", "name": [{"family": format!("Full{n}"), "given": ["x".repeat(4000)]}]});
+    // 4,000 letters that do not compress (PostgreSQL compresses long values).
+    let letters = |n: usize| -> String {
+        let mut x = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..4000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'a' + (x % 26) as u8)
+            })
+            .collect()
+    };
+    let patient = |n: usize| json!({"resourceType": "Patient", "name": [{"family": format!("Full{n}"), "given": [letters(n)]}]});
     let count = || -> R<u64> {
         let b: Value = c
             .get(format!("{}/Patient?_summary=count", s.base))
@@ -1295,9 +1311,73 @@ fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<St
         acknowledged + 11
     );
     drop(s);
+    // The database before its tablespace, the tablespace before its mount.
+    drop_databases_under(&data);
+    drop(_space);
+    drop(mount);
     Ok(Some(format!(
         "{acknowledged} POSTs fitted, then 507 (a transaction too); written again after the tmpfs grew"
     )))
+}
+
+/// A PostgreSQL tablespace on an 8 MB tmpfs (owned by the cluster's `postgres` user), made the
+/// default of a fresh database registered for `data`; dropped (tablespace, then its mount's
+/// contents) when dropped, after the database.
+struct SmallTablespace {
+    base: String,
+    name: String,
+    at: PathBuf,
+}
+
+impl SmallTablespace {
+    fn create(base: &str, data: &Path) -> R<Option<SmallTablespace>> {
+        // Where the cluster's user can reach it (a clone under /root is not traversable).
+        let at = PathBuf::from(format!(
+            "/var/tmp/fhirhose-full-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let Some(mount) = Mount::small_tmpfs(&at)? else {
+            return Ok(None);
+        };
+        let owned = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&at)
+            .status()
+            .is_ok_and(|st| st.success());
+        ensure!(owned, "chown postgres {}", at.display());
+        let db =
+            store::testing::fresh_database(base).map_err(|e| format!("create a database: {e}"))?;
+        let name = format!("ts_{}", db.name);
+        // Two statements: CREATE TABLESPACE cannot run in a transaction block.
+        store::testing::admin_batch(
+            base,
+            &format!("CREATE TABLESPACE {name} LOCATION '{}'", at.display()),
+        )
+        .map_err(|e| format!("create a tablespace: {e}"))?;
+        store::testing::admin_batch(
+            base,
+            &format!("ALTER DATABASE {} SET default_tablespace = {name}", db.name),
+        )
+        .map_err(|e| format!("set the tablespace: {e}"))?;
+        register_database(data, db);
+        // The mount is the caller's (grown and unmounted there).
+        std::mem::forget(mount);
+        Ok(Some(SmallTablespace {
+            base: base.to_string(),
+            name,
+            at,
+        }))
+    }
+}
+
+impl Drop for SmallTablespace {
+    fn drop(&mut self) {
+        let _ = store::testing::admin_batch(
+            &self.base,
+            &format!("DROP TABLESPACE IF EXISTS {}", self.name),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -57,3 +57,99 @@ pub enum IndexValue {
     /// `idx_uri(uri)`.
     Uri(String),
 }
+
+/// The most bytes of a text kept in a value index. PostgreSQL refuses a B-tree row over 2,704
+/// bytes (a third of a page), and a token or identifier row holds two texts: without a bound, a
+/// resource with a 3,000-character name was refused with 500 there. Longer texts are indexed by
+/// their first 1,024 bytes (cut at a character boundary; [`IndexValue::bounded`]), and searches
+/// cut their values the same way, on every backend: a search compares the first 1,024 bytes of a
+/// longer value (`:exact` on a string compares it whole, from a column no index holds).
+pub const MAX_INDEXED_TEXT: usize = 1024;
+
+/// `s`, or its longest prefix of at most [`MAX_INDEXED_TEXT`] bytes that ends at a character
+/// boundary.
+pub fn index_text(s: &str) -> &str {
+    if s.len() <= MAX_INDEXED_TEXT {
+        return s;
+    }
+    let mut end = MAX_INDEXED_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn cut(mut s: String) -> String {
+    let n = index_text(&s).len();
+    s.truncate(n);
+    s
+}
+
+impl IndexValue {
+    /// The value with every text an index holds cut by [`index_text`] (a string's `exact`
+    /// form, which no index holds, and a quantity's texts are kept whole).
+    pub fn bounded(self) -> IndexValue {
+        match self {
+            IndexValue::Token { system, code } => IndexValue::Token {
+                system: system.map(cut),
+                code: code.map(cut),
+            },
+            IndexValue::TokenText(t) => IndexValue::TokenText(cut(t)),
+            IndexValue::String { normalized, exact } => IndexValue::String {
+                normalized: cut(normalized),
+                exact,
+            },
+            IndexValue::Reference { target_type, id } => IndexValue::Reference {
+                target_type: cut(target_type),
+                id: cut(id),
+            },
+            IndexValue::ReferenceUrl(u) => IndexValue::ReferenceUrl(cut(u)),
+            IndexValue::ReferenceIdentifier { system, value } => IndexValue::ReferenceIdentifier {
+                system: system.map(cut),
+                value: value.map(cut),
+            },
+            IndexValue::Uri(u) => IndexValue::Uri(cut(u)),
+            other @ (IndexValue::Date { .. }
+            | IndexValue::Number(_)
+            | IndexValue::Quantity { .. }) => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_texts_are_cut_at_a_character_boundary() {
+        assert_eq!(index_text("short"), "short");
+        let exact = "a".repeat(MAX_INDEXED_TEXT);
+        assert_eq!(index_text(&exact), exact);
+        // A two-byte character across the bound is left out whole.
+        let s = format!("{}é tail", "a".repeat(MAX_INDEXED_TEXT - 1));
+        assert_eq!(index_text(&s), "a".repeat(MAX_INDEXED_TEXT - 1));
+        let long = "x".repeat(5000);
+        let v = IndexValue::String {
+            normalized: long.clone(),
+            exact: long.clone(),
+        }
+        .bounded();
+        assert_eq!(
+            v,
+            IndexValue::String {
+                normalized: "x".repeat(MAX_INDEXED_TEXT),
+                exact: long.clone()
+            }
+        );
+        let t = IndexValue::Token {
+            system: Some(long.clone()),
+            code: Some(long),
+        }
+        .bounded();
+        let IndexValue::Token { system, code } = t else {
+            unreachable!()
+        };
+        assert_eq!(system.unwrap().len(), MAX_INDEXED_TEXT);
+        assert_eq!(code.unwrap().len(), MAX_INDEXED_TEXT);
+    }
+}

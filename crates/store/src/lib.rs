@@ -46,7 +46,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 pub use error::StoreError;
-pub use index::{IndexEntry, IndexValue, Indexer};
+pub use index::{IndexEntry, IndexValue, Indexer, MAX_INDEXED_TEXT, index_text};
 pub use jobs::{JobQueue, QueueError};
 pub use lock::DataDirLock;
 pub use open::{DATABASE_ENV, Database, DatabaseArg, OpenOptions, UnknownDatabase, open};

@@ -15,6 +15,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::StoreError;
+use crate::index::index_text;
 use crate::plan::{
     ChainTarget, CursorValue, IncludeSpec, MAX_INCLUDE_ROUNDS, NumberRange, PageCursor, ParamKind,
     ParamMatch, ParamOn, PlanFilter, PlanValue, Prefix, SearchPlan, SearchRows, SortKey, SortOn,
@@ -192,6 +193,12 @@ fn any_of(d: &dyn Dialect, conds: &[String]) -> String {
 
 fn k_bounds(type_no: i64) -> (i64, i64) {
     (type_no << TYPE_SHIFT, ((type_no + 1) << TYPE_SHIFT) - 1)
+}
+
+/// A search value compared with an indexed text: cut as the index cut it
+/// ([`crate::index::index_text`]).
+fn key(v: &str) -> SqlParam {
+    text(index_text(v))
 }
 
 fn text(s: &str) -> SqlParam {
@@ -548,12 +555,12 @@ impl<'b> Builder<'b> {
     ) -> String {
         let mut c = Vec::new();
         if let Some(code) = code {
-            c.push(format!("{ccol} = {}", self.p(text(code))));
+            c.push(format!("{ccol} = {}", self.p(key(code))));
         }
         match system.as_deref() {
             None => {}
             Some("") => c.push(format!("{scol} IS NULL")),
-            Some(s) => c.push(format!("{scol} = {}", self.p(text(s)))),
+            Some(s) => c.push(format!("{scol} = {}", self.p(key(s)))),
         }
         if c.is_empty() {
             self.t(true)
@@ -571,13 +578,13 @@ impl<'b> Builder<'b> {
     ) -> Result<String, StoreError> {
         let mut c = Vec::new();
         if let Some(code) = code {
-            c.push(format!("code = {}", self.p(text(code))));
+            c.push(format!("code = {}", self.p(key(code))));
         }
         match system.as_deref() {
             None => {}
             Some("") => c.push("system_no IS NULL".to_string()),
             Some(s) => {
-                let no = self.backend.system_no(s)?.unwrap_or(-1);
+                let no = self.backend.system_no(index_text(s))?.unwrap_or(-1);
                 c.push(format!("system_no = {}", self.p(SqlParam::Int(no))));
             }
         }
@@ -631,12 +638,12 @@ impl<'b> Builder<'b> {
             PlanValue::Token { system, code } => {
                 ("idx_token", self.token_cond(system, code, "system", "code"))
             }
-            PlanValue::TokenText(t) => ("idx_token_text", self.prefix_cond("text", t)),
+            PlanValue::TokenText(t) => ("idx_token_text", self.prefix_cond("text", index_text(t))),
             PlanValue::String { value, mode } => {
                 let c = match mode {
-                    StringMatch::Prefix => self.prefix_cond("normalized", value),
+                    StringMatch::Prefix => self.prefix_cond("normalized", index_text(value)),
                     StringMatch::Contains => {
-                        let p = self.p(text(value));
+                        let p = self.p(key(value));
                         self.d.contains("normalized", &p)
                     }
                     StringMatch::Exact => format!("exact = {}", self.p(text(value))),
@@ -683,18 +690,18 @@ impl<'b> Builder<'b> {
                 ("idx_quantity", c.join(" AND "))
             }
             PlanValue::Reference { target_type, id } => {
-                let mut c = format!("target_id = {}", self.p(text(id)));
+                let mut c = format!("target_id = {}", self.p(key(id)));
                 if let Some(t) = target_type {
-                    c = format!("{c} AND target_type = {}", self.p(text(t)));
+                    c = format!("{c} AND target_type = {}", self.p(key(t)));
                 }
                 ("idx_reference", format!("({c})"))
             }
-            PlanValue::ReferenceUrl(u) => ("idx_reference", format!("url = {}", self.p(text(u)))),
+            PlanValue::ReferenceUrl(u) => ("idx_reference", format!("url = {}", self.p(key(u)))),
             PlanValue::ReferenceIdentifier { system, code } => (
                 "idx_reference_identifier",
                 format!("({})", self.token_cond(system, code, "system", "value")),
             ),
-            PlanValue::Uri(u) => ("idx_uri", format!("uri = {}", self.p(text(u)))),
+            PlanValue::Uri(u) => ("idx_uri", format!("uri = {}", self.p(key(u)))),
         })
     }
 
