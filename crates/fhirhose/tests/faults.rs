@@ -1311,8 +1311,7 @@ fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<St
         acknowledged + 11
     );
     drop(s);
-    // The database before its tablespace, the tablespace before its mount.
-    drop_databases_under(&data);
+    // The tablespace (and its database) before its mount.
     drop(_space);
     drop(mount);
     Ok(Some(format!(
@@ -1327,6 +1326,7 @@ struct SmallTablespace {
     base: String,
     name: String,
     at: PathBuf,
+    data: PathBuf,
 }
 
 impl SmallTablespace {
@@ -1367,12 +1367,15 @@ impl SmallTablespace {
             base: base.to_string(),
             name,
             at,
+            data: data.to_path_buf(),
         }))
     }
 }
 
 impl Drop for SmallTablespace {
     fn drop(&mut self) {
+        // Its database first (also when the case failed half-way): a tablespace in use stays.
+        drop_databases_under(&self.data);
         let _ = store::testing::admin_batch(
             &self.base,
             &format!("DROP TABLESPACE IF EXISTS {}", self.name),
