@@ -98,6 +98,9 @@ pub struct ExecOptions {
     /// Resources `_include`/`_revinclude` add to the page at most (more are left out, with a
     /// warning on the page).
     pub max_included: usize,
+    /// Bytes of stored JSON one page may hold, matches and included resources together
+    /// ([`store::plan::SearchPlan::max_page_bytes`]): the page ends early, with a next link.
+    pub max_page_bytes: usize,
 }
 
 impl Default for ExecOptions {
@@ -105,6 +108,7 @@ impl Default for ExecOptions {
         ExecOptions {
             control: None,
             max_included: usize::MAX,
+            max_page_bytes: store::plan::DEFAULT_MAX_PAGE_BYTES,
         }
     }
 }
@@ -294,6 +298,7 @@ pub fn compile(q: &SearchQuery, max_included: usize) -> Result<SearchPlan, Searc
         includes: q.includes.iter().map(include_spec).collect(),
         revincludes: q.revincludes.iter().map(include_spec).collect(),
         max_included,
+        max_page_bytes: store::plan::DEFAULT_MAX_PAGE_BYTES,
     })
 }
 
@@ -377,7 +382,10 @@ pub fn execute_with(
     q: &SearchQuery,
     opts: &ExecOptions,
 ) -> Result<SearchPage, SearchError> {
-    let plan = compile(q, opts.max_included)?;
+    let plan = SearchPlan {
+        max_page_bytes: opts.max_page_bytes,
+        ..compile(q, opts.max_included)?
+    };
     let stop: Option<StopCheck> = opts
         .control
         .clone()
@@ -412,8 +420,10 @@ fn page(q: &SearchQuery, plan: &SearchPlan, rows: SearchRows) -> Result<SearchPa
             "included resources left out at the limit"
         );
         page.warnings.push(format!(
-            "only the first {} included resources are in this page (the server's limit); ask for a smaller _count or fewer includes to get them all",
-            plan.max_included
+            "only the first {} included resources are in this page (the server's limits: {} resources, {} bytes in a page); ask for a smaller _count or fewer includes to get them all",
+            rows.included.len(),
+            plan.max_included,
+            plan.max_page_bytes
         ));
     }
     Ok(page)

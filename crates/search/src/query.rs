@@ -188,6 +188,9 @@ pub struct SearchLimits {
     /// Resources `_include`/`_revinclude` add to one page; more are left out, with a warning in
     /// the Bundle's OperationOutcome.
     pub max_included: usize,
+    /// Bytes of stored JSON in one page, matches and included resources together: the page
+    /// ends early (with a next link), and includes beyond it are left out with a warning.
+    pub max_page_bytes: usize,
     /// Longest a search may run before it is stopped (503 `timeout`).
     pub timeout: std::time::Duration,
 }
@@ -202,6 +205,7 @@ impl Default for SearchLimits {
             max_sort_keys: 8,
             max_includes: 10,
             max_included: 1000,
+            max_page_bytes: store::plan::DEFAULT_MAX_PAGE_BYTES,
             timeout: std::time::Duration::from_secs(30),
         }
     }

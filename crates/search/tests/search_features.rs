@@ -399,3 +399,100 @@ fn resources_with_very_long_indexed_texts_are_stored_and_found() {
     );
     assert_eq!(find("Observation", "subject=Patient/long".into()), ["o"]);
 }
+
+/// A page holds at most `max_page_bytes` of stored JSON: it ends early with a cursor to the
+/// next (never before its first match), and every match still comes once, in order; included
+/// resources beyond the bound are left out with a warning. Large resources (over 64 KiB) are
+/// read apart, only when their page takes them.
+#[test]
+fn a_page_holds_at_most_its_byte_budget() {
+    let big = |id: &str, seed: u64| {
+        json!({"resourceType": "Patient", "id": id,
+        "name": [{"family": "Big", "given": [letters(seed, 100_000)]}]})
+    };
+    let mut resources: Vec<Value> = (0..5).map(|i| big(&format!("b{i}"), i + 10)).collect();
+    resources.extend((0..5).map(|i| patient(&format!("s{i}"), "Big", "1990-01-01")));
+    resources.extend((0..5).map(|i| {
+        obs(
+            &format!("o{i}"),
+            &format!("b{i}"),
+            "1234-5",
+            "2020-01-01",
+            1.0,
+        )
+    }));
+    let (store, _) = support::load_store(&resources);
+    let pages = |query: &str, max_page_bytes: usize| -> Vec<Vec<String>> {
+        let mut pairs = parse_query_string(query);
+        let mut out = Vec::new();
+        loop {
+            let q = parse_query("Patient", &pairs, ParseOptions::default()).unwrap();
+            let opts = search::ExecOptions {
+                max_page_bytes,
+                ..Default::default()
+            };
+            let page = search::execute_with(&*store, &q, &opts).unwrap();
+            out.push(
+                page.matches
+                    .iter()
+                    .map(|r| r["id"].as_str().unwrap().to_string())
+                    .collect(),
+            );
+            match page.next_cursor {
+                Some(c) => {
+                    pairs.retain(|(k, _)| k != "_cursor");
+                    pairs.push(("_cursor".into(), c));
+                }
+                None => return out,
+            }
+        }
+    };
+    let every = |pages: &[Vec<String>]| pages.concat();
+    let whole = pages("family=Big&_sort=_id&_count=100", usize::MAX);
+    assert_eq!(whole.len(), 1);
+    assert_eq!(whole[0].len(), 10);
+    // Two large resources (about 100 KB each) fit in 250,000 bytes, a third does not.
+    let cut = pages("family=Big&_sort=_id&_count=100", 250_000);
+    assert!(cut.len() > 1, "{cut:?}");
+    assert!(
+        cut.iter()
+            .all(|p| !p.is_empty() && p.iter().filter(|id| id.starts_with('b')).count() <= 2),
+        "{cut:?}"
+    );
+    assert_eq!(every(&cut), whole[0]);
+    // Without `_sort` (pages in key order, driven by the index) the same.
+    let unsorted = pages("family=Big&_count=100", 250_000);
+    let mut ids = every(&unsorted);
+    ids.sort();
+    assert_eq!(ids, whole[0]);
+    // Each page keeps its first match, however large.
+    let ones = pages("family=Big&_sort=_id&_count=100", 1);
+    assert_eq!(ones.len(), 10);
+    assert_eq!(every(&ones), whole[0]);
+    // Included resources beyond the bound are left out, with a warning.
+    let q = parse_query(
+        "Observation",
+        &parse_query_string("_include=Observation:subject&_count=5"),
+        ParseOptions::default(),
+    )
+    .unwrap();
+    let all = search::execute_with(&*store, &q, &search::ExecOptions::default()).unwrap();
+    assert_eq!((all.matches.len(), all.included.len()), (5, 5));
+    assert!(all.warnings.is_empty());
+    let opts = search::ExecOptions {
+        max_page_bytes: 250_000,
+        ..Default::default()
+    };
+    let some = search::execute_with(&*store, &q, &opts).unwrap();
+    assert_eq!(some.matches.len(), 5);
+    assert!(
+        (1..5).contains(&some.included.len()),
+        "{}",
+        some.included.len()
+    );
+    assert!(
+        some.warnings.iter().any(|w| w.contains("250000 bytes")),
+        "{:?}",
+        some.warnings
+    );
+}

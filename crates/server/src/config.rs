@@ -136,6 +136,10 @@ pub struct SearchOptions {
     /// Included resources in one page; more are left out with a warning in the Bundle.
     #[arg(long, env = "FHIRHOSE_SEARCH_MAX_INCLUDED", default_value_t = search::SearchLimits::default().max_included)]
     pub search_max_included: usize,
+    /// Bytes of stored resources in one search page, matches and included ones together; the
+    /// page ends early (with a next link), and includes beyond it are left out with a warning.
+    #[arg(long, env = "FHIRHOSE_SEARCH_MAX_PAGE_BYTES", default_value_t = search::SearchLimits::default().max_page_bytes)]
+    pub search_max_page_bytes: usize,
 }
 
 impl Default for SearchOptions {
@@ -150,6 +154,7 @@ impl Default for SearchOptions {
             search_max_sort_keys: d.max_sort_keys,
             search_max_includes: d.max_includes,
             search_max_included: d.max_included,
+            search_max_page_bytes: d.max_page_bytes,
         }
     }
 }
@@ -165,6 +170,7 @@ impl SearchOptions {
             max_sort_keys: self.search_max_sort_keys,
             max_includes: self.search_max_includes,
             max_included: self.search_max_included,
+            max_page_bytes: self.search_max_page_bytes,
             timeout: std::time::Duration::from_secs(self.search_timeout),
         }
     }
@@ -747,6 +753,7 @@ mod tests {
         assert_eq!(s.max_sort_keys, d.max_sort_keys);
         assert_eq!(s.max_includes, d.max_includes);
         assert_eq!(s.max_included, d.max_included);
+        assert_eq!(s.max_page_bytes, d.max_page_bytes);
         assert_eq!(s.timeout, d.timeout);
     }
 }

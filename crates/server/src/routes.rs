@@ -869,6 +869,7 @@ async fn run_search(
     let exec = search::ExecOptions {
         control: Some(control),
         max_included: limits.max_included,
+        max_page_bytes: limits.max_page_bytes,
     };
     let span = tracing::Span::current();
     let mut page = blocking(move || {

@@ -246,7 +246,16 @@ pub struct SearchPlan {
     /// At most this many included resources are returned (the rest are left out and
     /// [`SearchRows::included_complete`] is false).
     pub max_included: usize,
+    /// Bytes of stored JSON one page may hold, matches and included resources together: a page
+    /// ends before the match that would go over it (with a cursor to the next; never before
+    /// its first match), and included resources beyond it are left out as beyond
+    /// `max_included`. Without it a page of 1,000 large resources (attachments) was held in
+    /// memory whole.
+    pub max_page_bytes: usize,
 }
+
+/// The default of [`SearchPlan::max_page_bytes`] (`--search-max-page-bytes`).
+pub const DEFAULT_MAX_PAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The answer of [`crate::Store::search`].
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -255,7 +264,8 @@ pub struct SearchRows {
     pub matches: Vec<Vec<u8>>,
     /// Stored JSON of the resources the includes added (each resource once, not a match).
     pub included: Vec<Vec<u8>>,
-    /// False when included resources were left out at [`SearchPlan::max_included`].
+    /// False when included resources were left out at [`SearchPlan::max_included`] or
+    /// [`SearchPlan::max_page_bytes`].
     pub included_complete: bool,
     /// The number of all matches when [`SearchPlan::count_total`].
     pub total: Option<u64>,

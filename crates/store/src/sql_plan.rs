@@ -758,8 +758,19 @@ impl<'b> Builder<'b> {
     }
 }
 
-/// A match of the page: its key, id, JSON and sort values.
-type PageRow = (i64, String, Vec<u8>, Vec<CursorValue>);
+/// A match of the page: its key, id, JSON (`None` when longer than [`SMALL_JSON`]: read
+/// apart, only when the page takes it), the JSON's length and the sort values.
+type PageRow = (i64, String, Option<Vec<u8>>, usize, Vec<CursorValue>);
+
+/// Stored JSON up to this length comes with the page's rows; a longer one is read by its key
+/// once the page's byte budget ([`SearchPlan::max_page_bytes`]) is known to take it, so that
+/// a page of large resources is never read whole first.
+const SMALL_JSON: usize = 64 * 1024;
+
+/// The select-list columns of a page row's JSON and its length (see [`page_row`]).
+fn json_columns() -> String {
+    format!("CASE WHEN length(rv.json) <= {SMALL_JSON} THEN rv.json END, length(rv.json)")
+}
 
 fn page_row(row: Vec<SqlCell>) -> Result<PageRow, StoreError> {
     let mut it = row.into_iter();
@@ -769,9 +780,37 @@ fn page_row(row: Vec<SqlCell>) -> Result<PageRow, StoreError> {
     };
     let k = next()?.int()?;
     let id = next()?.text()?;
-    let json = next()?.bytes()?;
+    let json = match next()? {
+        SqlCell::Null => None,
+        cell => Some(cell.bytes()?),
+    };
+    let len = usize::try_from(next()?.int()?).unwrap_or(usize::MAX);
     let sorts = it.map(SqlCell::cursor_value).collect();
-    Ok((k, id, json, sorts))
+    Ok((k, id, json, len, sorts))
+}
+
+/// The stored JSON of the version with key `k`, read when its page row left it out.
+fn json_of(
+    backend: &dyn SearchBackend,
+    k: i64,
+    json: Option<Vec<u8>>,
+) -> Result<Vec<u8>, StoreError> {
+    if let Some(j) = json {
+        return Ok(j);
+    }
+    let mut b = Builder::new(backend);
+    let sql = format!(
+        "SELECT json FROM resource_versions WHERE k = {}",
+        b.p(SqlParam::Int(k))
+    );
+    match backend.query(&sql, &b.params, true)?.into_iter().next() {
+        Some(row) => row
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Corrupt("search: short row".into()))?
+            .bytes(),
+        None => Err(StoreError::Corrupt(format!("search: version {k} vanished"))),
+    }
 }
 
 /// Runs `plan` on `backend`: the count, one page of matches, its includes and the next cursor.
@@ -871,7 +910,7 @@ pub(crate) fn run(
         }
         let limit = b.p(SqlParam::Int(i64::from(plan.page_size) + 1));
         let sql = d.distinct_page(
-            "rv.k, rv.id, rv.json",
+            &format!("rv.k, rv.id, {}", json_columns()),
             &format!("{table} d JOIN resource_versions rv ON rv.k = d.k"),
             &format!("{cond} AND {w}"),
             "d.k",
@@ -919,7 +958,8 @@ pub(crate) fn run(
         + "k";
     let limit = b.p(SqlParam::Int(i64::from(plan.page_size) + 1));
     let sql = format!(
-        "SELECT * FROM (SELECT rv.k AS k, rv.id AS id, rv.json AS json{select_sorts} FROM resource_versions rv WHERE {where_}) AS page \
+        "SELECT * FROM (SELECT rv.k AS k, rv.id AS id, CASE WHEN length(rv.json) <= {SMALL_JSON} THEN rv.json END AS json, \
+         length(rv.json) AS json_len{select_sorts} FROM resource_versions rv WHERE {where_}) AS page \
          WHERE {outer_where} ORDER BY {order} LIMIT {limit}"
     );
     let rows = backend
@@ -938,9 +978,20 @@ fn finish_page(
     mut rows: Vec<PageRow>,
 ) -> Result<SearchRows, StoreError> {
     let page_size = plan.page_size as usize;
-    if rows.len() > page_size {
-        rows.truncate(page_size);
-        if let Some((k, _, _, sorts)) = rows.last() {
+    // The page ends at `page_size` matches, or before the first match (never the page's
+    // first) that would take its stored JSON over `max_page_bytes`.
+    let mut used = 0usize;
+    let mut end = rows.len().min(page_size);
+    for (i, row) in rows.iter().enumerate().take(end) {
+        if i > 0 && used.saturating_add(row.3) > plan.max_page_bytes {
+            end = i;
+            break;
+        }
+        used = used.saturating_add(row.3);
+    }
+    if rows.len() > end {
+        rows.truncate(end);
+        if let Some((k, _, _, _, sorts)) = rows.last() {
             out.next = Some(PageCursor {
                 sort_values: sorts.clone(),
                 key: *k,
@@ -949,13 +1000,14 @@ fn finish_page(
     }
     let mut seen: HashSet<(String, String)> = HashSet::new();
     let mut page_refs: Vec<(String, String, i64)> = Vec::new();
-    for (k, id, json, _) in rows {
+    for (k, id, json, _, _) in rows {
         seen.insert((plan.resource_type.clone(), id.clone()));
         page_refs.push((plan.resource_type.clone(), id, k));
-        out.matches.push(json);
+        out.matches.push(json_of(backend, k, json)?);
     }
     if !plan.includes.is_empty() || !plan.revincludes.is_empty() {
-        let (included, complete) = includes(backend, plan, page_refs, &mut seen)?;
+        let room = plan.max_page_bytes.saturating_sub(used);
+        let (included, complete) = includes(backend, plan, page_refs, &mut seen, room)?;
         out.included = included;
         out.included_complete = complete;
     }
@@ -963,12 +1015,14 @@ fn finish_page(
 }
 
 /// `_include` and `_revinclude` (with `:iterate` up to [`MAX_INCLUDE_ROUNDS`] more rounds), at
-/// most `plan.max_included` resources; the flag is false when some were left out at that limit.
+/// most `plan.max_included` resources of at most `room` bytes of stored JSON together; the flag
+/// is false when some were left out at either limit.
 fn includes(
     backend: &dyn SearchBackend,
     plan: &SearchPlan,
     mut frontier: Vec<(String, String, i64)>,
     seen: &mut HashSet<(String, String)>,
+    mut room: usize,
 ) -> Result<(Vec<Vec<u8>>, bool), StoreError> {
     let max = plan.max_included;
     let mut out = Vec::new();
@@ -992,9 +1046,10 @@ fn includes(
                     if seen.insert((tt.clone(), tid.clone())) {
                         let ttno = type_no(&tt)?;
                         if let Some((k2, json)) = read_current(backend, ttno, &tid)? {
-                            if out.len() >= max {
+                            if out.len() >= max || json.len() > room {
                                 return Ok((out, false));
                             }
+                            room -= json.len();
                             out.push(json);
                             next.push((tt, tid, k2));
                         }
@@ -1009,13 +1064,14 @@ fn includes(
                     continue;
                 }
                 // One more than may still be added: enough to tell that the limit was reached.
-                let room = max.saturating_sub(out.len()).saturating_add(1);
-                for (k2, sid, json) in revinclude_sources(backend, sno, inc, t, id, room)? {
+                let slots = max.saturating_sub(out.len()).saturating_add(1);
+                for (k2, sid, json, len) in revinclude_sources(backend, sno, inc, t, id, slots)? {
                     if seen.insert((inc.source_type.clone(), sid.clone())) {
-                        if out.len() >= max {
+                        if out.len() >= max || len > room {
                             return Ok((out, false));
                         }
-                        out.push(json);
+                        room -= len;
+                        out.push(json_of(backend, k2, json)?);
                         next.push((inc.source_type.clone(), sid, k2));
                     }
                 }
@@ -1070,11 +1126,12 @@ fn revinclude_sources(
     target_type: &str,
     target_id: &str,
     limit: usize,
-) -> Result<Vec<(i64, String, Vec<u8>)>, StoreError> {
+) -> Result<Vec<(i64, String, Option<Vec<u8>>, usize)>, StoreError> {
     let mut b = Builder::new(backend);
     let mut sql = format!(
-        "SELECT DISTINCT rv.k, rv.id, rv.json FROM idx_reference r JOIN resource_versions rv ON rv.k = r.k \
+        "SELECT DISTINCT rv.k, rv.id, {} FROM idx_reference r JOIN resource_versions rv ON rv.k = r.k \
          WHERE r.type_no = {} AND r.target_id = {} AND r.target_type = {}",
+        json_columns(),
         b.p(SqlParam::Int(source_type_no)),
         b.p(text(target_id)),
         b.p(text(target_type))
@@ -1089,8 +1146,8 @@ fn revinclude_sources(
         .query(&sql, &b.params, true)?
         .into_iter()
         .map(|r| {
-            let (k, id, json, _) = page_row(r)?;
-            Ok((k, id, json))
+            let (k, id, json, len, _) = page_row(r)?;
+            Ok((k, id, json, len))
         })
         .collect()
 }

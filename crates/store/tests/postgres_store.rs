@@ -1033,6 +1033,7 @@ fn a_read_right_after_a_restart_runs_again_on_a_new_connection() {
         includes: Vec::new(),
         revincludes: Vec::new(),
         max_included: 0,
+        max_page_bytes: store::plan::DEFAULT_MAX_PAGE_BYTES,
     };
     type Read<'a> = (&'a str, Box<dyn Fn() -> Result<(), String> + Sync + 'a>);
     let reads: Vec<Read<'_>> = vec![
