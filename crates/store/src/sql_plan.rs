@@ -1065,7 +1065,8 @@ fn includes(
                 }
                 // One more than may still be added: enough to tell that the limit was reached.
                 let slots = max.saturating_sub(out.len()).saturating_add(1);
-                for (k2, sid, json, len) in revinclude_sources(backend, sno, inc, t, id, slots)? {
+                for (k2, sid, json, len, _) in revinclude_sources(backend, sno, inc, t, id, slots)?
+                {
                     if seen.insert((inc.source_type.clone(), sid.clone())) {
                         if out.len() >= max || len > room {
                             return Ok((out, false));
@@ -1126,7 +1127,7 @@ fn revinclude_sources(
     target_type: &str,
     target_id: &str,
     limit: usize,
-) -> Result<Vec<(i64, String, Option<Vec<u8>>, usize)>, StoreError> {
+) -> Result<Vec<PageRow>, StoreError> {
     let mut b = Builder::new(backend);
     let mut sql = format!(
         "SELECT DISTINCT rv.k, rv.id, {} FROM idx_reference r JOIN resource_versions rv ON rv.k = r.k \
@@ -1145,10 +1146,7 @@ fn revinclude_sources(
     backend
         .query(&sql, &b.params, true)?
         .into_iter()
-        .map(|r| {
-            let (k, id, json, len, _) = page_row(r)?;
-            Ok((k, id, json, len))
-        })
+        .map(page_row)
         .collect()
 }
 
