@@ -496,3 +496,81 @@ fn a_page_holds_at_most_its_byte_budget() {
         some.warnings
     );
 }
+
+/// A history page holds at most `max_bytes` of stored JSON (64 MiB by default): it ends early
+/// with a cursor (never before its first version), every version still comes once, tombstones
+/// included; versions over 64 KiB are read only when their page takes them.
+#[test]
+fn a_history_page_holds_at_most_its_byte_budget() {
+    use store::{HistoryQuery, HistoryScope};
+    let big = |seed: u64| {
+        json!({"resourceType": "Patient", "id": "h",
+        "name": [{"family": "Hist", "given": [letters(seed, 100_000)]}]})
+    };
+    let (store, _) = support::load_store(&[big(1), patient("small", "Small", "1990-01-01")]);
+    for seed in 2..5 {
+        store
+            .write(vec![WriteOp::Update {
+                resource_type: "Patient".into(),
+                id: "h".into(),
+                resource: big(seed),
+                if_match: None,
+            }])
+            .unwrap();
+    }
+    store
+        .write(vec![WriteOp::Delete {
+            resource_type: "Patient".into(),
+            id: "h".into(),
+            if_match: None,
+        }])
+        .unwrap();
+    let walk = |scope: HistoryScope<'_>, max_bytes: Option<usize>| -> Vec<Vec<(i64, bool)>> {
+        let mut q = HistoryQuery {
+            count: 100,
+            max_bytes,
+            ..Default::default()
+        };
+        let mut pages = Vec::new();
+        loop {
+            let page = store.history(scope, &q).unwrap();
+            pages.push(
+                page.entries
+                    .iter()
+                    .map(|e| (e.seq, e.json.is_some()))
+                    .collect(),
+            );
+            for e in &page.entries {
+                if let Some(j) = &e.json {
+                    let v: Value = serde_json::from_slice(j).unwrap();
+                    assert_eq!(v["resourceType"], "Patient");
+                }
+            }
+            match page.next_before_seq {
+                Some(b) => q.before_seq = Some(b),
+                None => return pages,
+            }
+        }
+    };
+    for scope in [
+        HistoryScope::Instance {
+            resource_type: "Patient",
+            id: "h",
+        },
+        HistoryScope::Type("Patient"),
+        HistoryScope::System,
+    ] {
+        let whole = walk(scope, None);
+        assert_eq!(whole.len(), 1);
+        let cut = walk(scope, Some(250_000));
+        assert!(cut.len() > 1, "{cut:?}");
+        // Two versions of about 100 KB fit in 250,000 bytes, a third does not.
+        assert!(cut.iter().all(|p| !p.is_empty() && p.len() <= 3), "{cut:?}");
+        assert_eq!(cut.concat(), whole[0]);
+        // Five versions of h (the last a tombstone), in every scope.
+        assert_eq!(whole[0].iter().filter(|(_, json)| !json).count(), 1);
+        let ones = walk(scope, Some(1));
+        assert_eq!(ones.concat(), whole[0]);
+        assert!(ones.iter().all(|p| p.len() == 1));
+    }
+}

@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::StoreError;
 use crate::index::index_text;
+use crate::ops::{SMALL_JSON, page_cut};
 use crate::plan::{
     ChainTarget, CursorValue, IncludeSpec, MAX_INCLUDE_ROUNDS, NumberRange, PageCursor, ParamKind,
     ParamMatch, ParamOn, PlanFilter, PlanValue, Prefix, SearchPlan, SearchRows, SortKey, SortOn,
@@ -759,13 +760,9 @@ impl<'b> Builder<'b> {
 }
 
 /// A match of the page: its key, id, JSON (`None` when longer than [`SMALL_JSON`]: read
-/// apart, only when the page takes it), the JSON's length and the sort values.
+/// apart, only when the page's [`SearchPlan::max_page_bytes`] takes it), the JSON's length
+/// and the sort values.
 type PageRow = (i64, String, Option<Vec<u8>>, usize, Vec<CursorValue>);
-
-/// Stored JSON up to this length comes with the page's rows; a longer one is read by its key
-/// once the page's byte budget ([`SearchPlan::max_page_bytes`]) is known to take it, so that
-/// a page of large resources is never read whole first.
-const SMALL_JSON: usize = 64 * 1024;
 
 /// The select-list columns of a page row's JSON and its length (see [`page_row`]).
 fn json_columns() -> String {
@@ -980,15 +977,14 @@ fn finish_page(
     let page_size = plan.page_size as usize;
     // The page ends at `page_size` matches, or before the first match (never the page's
     // first) that would take its stored JSON over `max_page_bytes`.
-    let mut used = 0usize;
-    let mut end = rows.len().min(page_size);
-    for (i, row) in rows.iter().enumerate().take(end) {
-        if i > 0 && used.saturating_add(row.3) > plan.max_page_bytes {
-            end = i;
-            break;
-        }
-        used = used.saturating_add(row.3);
-    }
+    let end = page_cut(
+        rows.iter().take(page_size).map(|r| r.3),
+        plan.max_page_bytes,
+    );
+    let used = rows
+        .iter()
+        .take(end)
+        .fold(0usize, |n, r| n.saturating_add(r.3));
     if rows.len() > end {
         rows.truncate(end);
         if let Some((k, _, _, _, sorts)) = rows.last() {

@@ -4,7 +4,9 @@
 use crate::{HistoryEntry, HistoryPage, HistoryQuery, HistoryScope, StoreError, StoredResource};
 
 use super::PgStore;
-use crate::ops::{DEFAULT_HISTORY_COUNT, MAX_SEQ, key, method_of};
+use crate::ops::{
+    DEFAULT_HISTORY_COUNT, MAX_HISTORY_PAGE_BYTES, MAX_SEQ, history_json, key, method_of, page_cut,
+};
 
 use super::scans::sql_limit;
 use super::watermark::seq_at_or_after;
@@ -90,10 +92,14 @@ pub(super) fn history(
                     });
                 };
                 let rows = c.query(
-                    "SELECT seq, id, version, last_updated, method, json, type_no
+                    concat!(
+                        "SELECT seq, id, version, last_updated, method, ",
+                        history_json!(),
+                        ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                      FROM resource_versions
                      WHERE type_no = $1 AND id = $2 AND seq >= $3 AND seq <= $4
-                     ORDER BY version DESC LIMIT $5",
+                     ORDER BY version DESC LIMIT $5"
+                    ),
                     &[&type_no, &id, &lo_seq, &hi_seq, &limit],
                 )?;
                 if rows.is_empty() && query.before_seq.is_none() {
@@ -118,31 +124,58 @@ pub(super) fn history(
                     });
                 };
                 c.query(
-                    "SELECT seq, id, version, last_updated, method, json, type_no
+                    concat!(
+                        "SELECT seq, id, version, last_updated, method, ",
+                        history_json!(),
+                        ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                      FROM resource_versions WHERE k >= $1 AND k <= $2
-                     ORDER BY k DESC LIMIT $3",
+                     ORDER BY k DESC LIMIT $3"
+                    ),
                     &[&key(type_no, lo_seq), &key(type_no, hi_seq), &limit],
                 )?
             }
             HistoryScope::System => c.query(
-                "SELECT seq, id, version, last_updated, method, json, type_no
+                concat!(
+                    "SELECT seq, id, version, last_updated, method, ",
+                    history_json!(),
+                    ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                  FROM resource_versions WHERE seq >= $1 AND seq <= $2
-                 ORDER BY seq DESC LIMIT $3",
+                 ORDER BY seq DESC LIMIT $3"
+                ),
                 &[&lo_seq, &hi_seq, &limit],
             )?,
         };
-        let more = rows.len() > count;
-        let mut entries = Vec::with_capacity(rows.len().min(count));
-        for row in rows.into_iter().take(count) {
+        let len = |row: &::postgres::Row| -> usize {
+            row.try_get::<_, i64>(7)
+                .ok()
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(usize::MAX)
+        };
+        let take = page_cut(
+            rows.iter().take(count).map(len),
+            query.max_bytes.unwrap_or(MAX_HISTORY_PAGE_BYTES),
+        );
+        let more = rows.len() > take;
+        let mut entries = Vec::with_capacity(take);
+        for row in rows.into_iter().take(take) {
             let type_no: i64 = row.try_get(6)?;
+            let seq: i64 = row.try_get(0)?;
+            // A version longer than the rows carry is read now that the page takes it.
+            let json: Option<Vec<u8>> = match row.try_get(5)? {
+                None if len(&row) > 0 => Some(
+                    c.query_one("SELECT json FROM resource_versions WHERE seq = $1", &[&seq])?
+                        .try_get(0)?,
+                ),
+                json => json,
+            };
             entries.push(HistoryEntry {
                 resource_type: store.type_name_of(c, type_no)?,
                 id: row.try_get(1)?,
-                seq: row.try_get(0)?,
+                seq,
                 version: row.try_get(2)?,
                 last_updated: row.try_get(3)?,
                 method: method_of(row.try_get(4)?)?,
-                json: row.try_get(5)?,
+                json,
             });
         }
         let next_before_seq = if more {

@@ -3,7 +3,9 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use crate::ops::{DEFAULT_HISTORY_COUNT, MAX_SEQ, key, method_of};
+use crate::ops::{
+    DEFAULT_HISTORY_COUNT, MAX_HISTORY_PAGE_BYTES, MAX_SEQ, history_json, key, method_of, page_cut,
+};
 use crate::{HistoryEntry, HistoryPage, HistoryQuery, HistoryScope, StoreError, StoredResource};
 
 use super::SqliteStore;
@@ -87,6 +89,7 @@ pub(super) fn history(
             method: r.get(4)?,
             json: r.get(5)?,
             type_no: r.get(6)?,
+            len: r.get(7)?,
         })
     };
     let rows: Vec<_> = match scope {
@@ -98,12 +101,14 @@ pub(super) fn history(
                 });
             };
             let rows: Vec<_> = conn
-                .prepare_cached(
-                    "SELECT seq, id, version, last_updated, method, json, type_no
+                .prepare_cached(concat!(
+                    "SELECT seq, id, version, last_updated, method, ",
+                    history_json!(),
+                    ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                      FROM resource_versions
                      WHERE type_no = ?1 AND id = ?2 AND seq >= ?3 AND seq <= ?4
-                     ORDER BY version DESC LIMIT ?5",
-                )?
+                     ORDER BY version DESC LIMIT ?5"
+                ))?
                 .query_map(params![type_no, id, lo_seq, hi_seq, limit], map)?
                 .collect::<Result<_, _>>()?;
             if rows.is_empty() && query.before_seq.is_none() {
@@ -130,11 +135,13 @@ pub(super) fn history(
                     next_before_seq: None,
                 });
             };
-            conn.prepare_cached(
-                "SELECT seq, id, version, last_updated, method, json, type_no
+            conn.prepare_cached(concat!(
+                "SELECT seq, id, version, last_updated, method, ",
+                history_json!(),
+                ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                  FROM resource_versions WHERE k >= ?1 AND k <= ?2
-                 ORDER BY k DESC LIMIT ?3",
-            )?
+                 ORDER BY k DESC LIMIT ?3"
+            ))?
             .query_map(
                 params![key(type_no, lo_seq), key(type_no, hi_seq), limit],
                 map,
@@ -142,16 +149,32 @@ pub(super) fn history(
             .collect::<Result<_, _>>()?
         }
         HistoryScope::System => conn
-            .prepare_cached(
-                "SELECT seq, id, version, last_updated, method, json, type_no
+            .prepare_cached(concat!(
+                "SELECT seq, id, version, last_updated, method, ",
+                history_json!(),
+                ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                  FROM resource_versions WHERE seq >= ?1 AND seq <= ?2
-                 ORDER BY seq DESC LIMIT ?3",
-            )?
+                 ORDER BY seq DESC LIMIT ?3"
+            ))?
             .query_map(params![lo_seq, hi_seq, limit], map)?
             .collect::<Result<_, _>>()?,
     };
-    let more = rows.len() > count;
-    for row in rows.into_iter().take(count) {
+    let take = page_cut(
+        rows.iter()
+            .take(count)
+            .map(|r| usize::try_from(r.len).unwrap_or(usize::MAX)),
+        query.max_bytes.unwrap_or(MAX_HISTORY_PAGE_BYTES),
+    );
+    let more = rows.len() > take;
+    for row in rows.into_iter().take(take) {
+        // A version longer than the rows carry is read now that the page takes it.
+        let json = match row.json {
+            None if row.len > 0 => Some(
+                conn.prepare_cached("SELECT json FROM resource_versions WHERE seq = ?1")?
+                    .query_row(params![row.seq], |r| r.get::<_, Vec<u8>>(0))?,
+            ),
+            json => json,
+        };
         entries.push(HistoryEntry {
             resource_type: store.type_name_of(&conn, row.type_no)?,
             id: row.id,
@@ -159,7 +182,7 @@ pub(super) fn history(
             version: row.version,
             last_updated: row.last_updated,
             method: method_of(row.method)?,
-            json: row.json,
+            json,
         });
     }
     let next_before_seq = if more {
@@ -181,6 +204,8 @@ pub(super) struct HistoryRow {
     method: i64,
     json: Option<Vec<u8>>,
     type_no: i64,
+    /// The stored JSON's length (`json` is `None` beyond [`crate::ops::SMALL_JSON`]).
+    len: i64,
 }
 
 pub(super) type VersionRow = (i64, i64, String, i64, Option<Vec<u8>>);
