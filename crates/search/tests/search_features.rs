@@ -497,7 +497,7 @@ fn a_page_holds_at_most_its_byte_budget() {
     );
 }
 
-/// A history page holds at most `max_bytes` of stored JSON (64 MiB by default): it ends early
+/// A history page holds at most `max_bytes` of stored JSON (16 MiB by default): it ends early
 /// with a cursor (never before its first version), every version still comes once, tombstones
 /// included; versions over 64 KiB are read only when their page takes them.
 #[test]

@@ -213,7 +213,7 @@ pub struct HistoryQuery {
     /// Pin the history to a snapshot: only versions with `seq <= as_of` (so that later pages do not
     /// shift when new versions arrive). `None` = everything committed.
     pub as_of: Option<i64>,
-    /// Bytes of stored JSON one page holds at most (`None`: 64 MiB, the search default): the
+    /// Bytes of stored JSON one page holds at most (`None`: 16 MiB, the search default): the
     /// page ends before the version that would go over it, never before its first, with a
     /// cursor to the rest. Versions over 64 KiB are read only when the page takes them.
     pub max_bytes: Option<usize>,

@@ -255,7 +255,7 @@ pub struct SearchPlan {
 }
 
 /// The default of [`SearchPlan::max_page_bytes`] (`--search-max-page-bytes`).
-pub const DEFAULT_MAX_PAGE_BYTES: usize = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_PAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The answer of [`crate::Store::search`].
 #[derive(Debug, Clone, Default, PartialEq)]
