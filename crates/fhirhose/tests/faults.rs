@@ -1242,17 +1242,7 @@ fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<St
         Ok((code, r.json().unwrap_or(Value::Null)))
     };
     // 4,000 letters that do not compress (PostgreSQL compresses long values).
-    let letters = |n: usize| -> String {
-        let mut x = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..4000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                char::from(b'a' + (x % 26) as u8)
-            })
-            .collect()
-    };
+    let letters = |n: usize| store::testing::incompressible_letters(n as u64, 4000);
     let patient = |n: usize| json!({"resourceType": "Patient", "name": [{"family": format!("Full{n}"), "given": [letters(n)]}]});
     let count = || -> R<u64> {
         let b: Value = c

@@ -325,18 +325,8 @@ fn search_bundle_for_the_server() {
     assert_eq!(oo["issue"][0]["expression"][0], "birthdate");
 }
 
-/// `n` lowercase letters that do not repeat or compress (PostgreSQL compresses long index rows,
-/// which would hide the bound).
 fn letters(seed: u64, n: usize) -> String {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect()
+    store::testing::incompressible_letters(seed, n)
 }
 
 /// Texts longer than an index row may hold (PostgreSQL refuses B-tree rows over 2,704 bytes:

@@ -262,6 +262,20 @@ pub fn test_store_sized(
     }
 }
 
+/// `n` lowercase letters from `seed` that neither repeat nor compress: long test values that
+/// PostgreSQL's compression of long values and index rows cannot shrink.
+pub fn incompressible_letters(seed: u64, n: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
