@@ -5,7 +5,7 @@
 //!
 //! A connection over the cap gives its slot back at once and, if it sends a request within a
 //! second, is answered `503` `throttled` with an OperationOutcome and `Retry-After`, then
-//! closed. At most [`MAX_REFUSING`] such answers are in progress at once (they hold no slot);
+//! closed (HTTP/2 with prior knowledge too: each of its requests within 2 s). At most [`MAX_REFUSING`] such answers are in progress at once (they hold no slot);
 //! beyond that, or when nothing comes within the second, the connection is closed unanswered.
 
 use std::collections::HashMap;
@@ -106,12 +106,14 @@ impl PerAddress {
             if !crate::slow_clients::first_byte(&stream, REFUSE_WITHIN).await {
                 return;
             }
-            let mut builder = Builder::new(TokioExecutor::new()).http1_only();
+            // HTTP/1.1 and HTTP/2 (prior knowledge) alike: every request gets the 503.
+            let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .keep_alive(false)
                 .timer(TokioTimer::new())
                 .header_read_timeout(REFUSE_WITHIN);
+            builder.http2().timer(TokioTimer::new());
             let answer = TowerToHyperService::new(tower::service_fn(move |_req| async move {
                 Ok::<_, std::convert::Infallible>(throttled(max).into_response())
             }));

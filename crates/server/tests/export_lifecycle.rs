@@ -836,6 +836,43 @@ async fn wait_until_async(s: &Server, name: &str, value: u64) {
     panic!("{name} never reached {value}");
 }
 
+/// An HTTP/2 (prior knowledge) connection over the per-address cap is answered 503 too.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_connection_over_the_address_cap_gets_503() {
+    let s = start(0, capped(8, 1), |_, _| {}).await;
+    let _held = held_connections(&s, 1).await;
+    let a = s.base.trim_start_matches("http://").to_string();
+    // The preface, an empty SETTINGS frame, and one HEADERS frame (END_STREAM | END_HEADERS)
+    // for `GET /metadata`: HPACK indexed `:method GET` and `:scheme http`, literal `:path` and
+    // `:authority` without Huffman coding.
+    let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    let mut block = vec![0x82, 0x86, 0x04, 9];
+    block.extend_from_slice(b"/metadata");
+    block.extend_from_slice(&[0x01, u8::try_from(a.len()).unwrap()]);
+    block.extend_from_slice(a.as_bytes());
+    let len = u32::try_from(block.len()).unwrap().to_be_bytes();
+    request.extend_from_slice(&[len[1], len[2], len[3], 0x01, 0x05, 0, 0, 0, 1]);
+    request.extend_from_slice(&block);
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut conn = TcpStream::connect(&a).unwrap();
+        conn.write_all(&request).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buf = Vec::new();
+        // Closed by the server within its 2 s; a reset after the answer ends the read too.
+        let _ = conn.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.contains("OperationOutcome")
+            && answer.contains("throttled")
+            && answer.contains("--max-connections-per-address"),
+        "{answer:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn request_bodies_in_memory_share_one_budget() {
     let s = start_with(
