@@ -16,6 +16,9 @@ pub const GROUP_MAX_MEMBERS: usize = 1_000_000;
 pub const MAX_CONCURRENT: u64 = 4;
 /// Seconds without a heartbeat after which a running work item is taken over.
 pub const HEARTBEAT_TIMEOUT_SECS: u64 = 600;
+/// Seconds an idle export worker waits before it looks at the job queue again unwoken (work of
+/// other nodes is announced at once on PostgreSQL; this poll is the fallback).
+pub const POLL_SECS: u64 = 2;
 /// Claims per work item before the export fails.
 pub const MAX_ATTEMPTS: i64 = 5;
 /// Seconds a complete export's files are kept.

@@ -62,6 +62,9 @@ pub struct ExportService {
     /// A claim failed: the database may have committed it without the answer reaching this
     /// process. Unheld items are looked for before the next claim.
     claim_unsure: AtomicBool,
+    /// Other nodes' new and given-back work, announced while the workers run (PostgreSQL);
+    /// dropped at shutdown.
+    work_watch: Mutex<Option<store::jobs::WorkWatch>>,
     /// The worker and sweeper threads, once started.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Failed deletions of the sweeper per job: failures in a row and when to try next (`None`:
@@ -103,6 +106,7 @@ impl ExportService {
             claiming: std::sync::RwLock::new(()),
             held: Mutex::new(std::collections::HashSet::new()),
             claim_unsure: AtomicBool::new(false),
+            work_watch: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
             deletions: Mutex::new(HashMap::new()),
         });

@@ -11,6 +11,8 @@
 //!   over after the heartbeat timeout, then continued: its late writes are refused (fencing by
 //!   owner and attempt) and removed. The export ends complete with every resource exactly once,
 //!   and the export folder holds exactly the manifest's files.
+//! - Another node takes work of a new export at once (`LISTEN`/`NOTIFY`), not at its next poll
+//!   (`a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll`).
 //! - A second export kicked off at node 1 and cancelled at node 3 (restarted with the same node
 //!   id) stops the workers running it on the other nodes at their next heartbeat; its files go.
 //!
@@ -142,6 +144,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(&self, id: &'static str, port: u16) -> Node {
+        self.start_with(id, port, &[])
+    }
+
+    /// [`Cluster::start`] with `extra` arguments.
+    fn start_with(&self, id: &'static str, port: u16, extra: &[&str]) -> Node {
         let data = self.root.path().join(id);
         fs::create_dir_all(&data).expect("data dir");
         let storage = data.join("storage");
@@ -168,6 +175,7 @@ impl Cluster {
             .args(["--export-item-resources", "100"])
             .args(["--export-file-resources", "50"])
             .args(["--export-max-attempts", "10"])
+            .args(extra)
             .args(self.dest.args())
             // The log goes to stdout.
             .stdout(stderr.try_clone().expect("log"))
@@ -363,9 +371,10 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
         location.rsplit('/').next().expect("job id").to_string()
     };
     let job = kickoff(&n1);
-    // Node 1 paused at once: nodes 2 and 3 learn of work by polling the queue (every 2 s), and
-    // on a quiet machine node 1 alone finished all 124 items within 1 s, before either looked.
-    // Its item in progress is taken over after the heartbeat timeout like any other.
+    // Node 1 paused at once: on a quiet machine it alone finished all 124 items within 1 s
+    // while nodes 2 and 3 learnt of work only by polling the queue (every 2 s; now they are
+    // woken at once, see the next test). Its item in progress is taken over after the heartbeat
+    // timeout like any other.
     signal(n1.child.id(), "STOP");
 
     // Nodes 2 and 3 each finish an item, then are caught holding one: both paused first, the
@@ -591,6 +600,121 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
 
 /// `admin` (with `scope`) registered with the auth crate's test key, in `dir/clients.json`; returns its path
 /// and the key's.
+/// Other nodes learn of new export work at once (PostgreSQL `LISTEN`/`NOTIFY`), not at their
+/// next poll of the queue: two nodes with one worker each and a poll interval of 60 s; node 1 is
+/// paused (SIGSTOP) right after it answered the kick-off, and node 2 — idle since its start, its
+/// next poll a minute away — takes items of the export and, with node 1 continued, the export
+/// completes. Before, node 2 waited for its poll (then every 2 s; here it would not have looked
+/// before the test's bound).
+#[test]
+fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
+    let Some(cluster_url) =
+        external::external("FHIRHOSE_TEST_POSTGRES", "scripts/postgres.sh start DIR")
+    else {
+        return;
+    };
+    let database = store::testing::fresh_database(&cluster_url).expect("fresh database");
+    let root = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let shared = root.path().join("shared");
+    fs::create_dir_all(&shared).expect("shared folder");
+    let (pem, clients) = admin_client(root.path(), "system/*.cruds");
+    let mut bundles: Vec<PathBuf> = fs::read_dir(test_support::synthea_100())
+        .expect("testdata")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".json.gz"))
+        .collect();
+    bundles.sort();
+    bundles.truncate(5);
+    let load = fhirhose()
+        .args(["load", "--database", &database.url, "--data-dir"])
+        .arg(root.path().join("load"))
+        .args(&bundles)
+        .stdout(Stdio::null())
+        .output()
+        .expect("load");
+    assert!(load.status.success(), "{load:?}");
+
+    let ports = [free_port(), free_port()];
+    let cluster = Cluster {
+        url: database.url.clone(),
+        base: format!("http://127.0.0.1:{}", ports[0]),
+        clients,
+        root,
+        dest: Dest::Shared(shared),
+    };
+    let poll = ["--export-poll-interval", "60"];
+    let n1 = cluster.start_with("n1", ports[0], &poll);
+    let n2 = cluster.start_with("n2", ports[1], &poll);
+    // Node 2's worker looked at the (empty) queue when it started; it polls next a minute later.
+    let n2_started = Instant::now();
+    let mut db = postgres::Client::connect(&database.url, postgres::NoTls).expect("database");
+
+    let token = fhirhose()
+        .args(["token", "--client-id", "admin", "--key"])
+        .arg(&pem)
+        .args(["--token-url", &n1.url("/auth/token")])
+        .args(["--scope", "system/*.cruds"])
+        .output()
+        .expect("token");
+    assert!(token.status.success(), "{token:?}");
+    let token: Value = serde_json::from_slice(&token.stdout).expect("token JSON");
+    let bearer = format!(
+        "Bearer {}",
+        token["access_token"].as_str().expect("access_token")
+    );
+    let r = http
+        .get(n1.url("/$export"))
+        .header("Authorization", &bearer)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .send()
+        .expect("kick-off");
+    assert_eq!(r.status().as_u16(), 202, "{:?}", r.text());
+    let job = r.headers()["content-location"]
+        .to_str()
+        .expect("location")
+        .rsplit('/')
+        .next()
+        .expect("job id")
+        .to_string();
+    // Node 1 does nothing more: whatever runs now runs on node 2.
+    signal(n1.child.id(), "STOP");
+
+    let started = Instant::now();
+    let taken = loop {
+        let rows = items(&mut db, &job);
+        if let Some(row) = rows.iter().find(|(_, o, _, _)| node_of(o) == "n2") {
+            break row.clone();
+        }
+        assert!(
+            n2_started.elapsed() < Duration::from_secs(55),
+            "node 2 took no item of the new export before its poll could have found it: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!(
+        "multinode: node 2 took item {taken:?} {:?} after node 1 was paused",
+        started.elapsed()
+    );
+    signal(n1.child.id(), "CONT");
+    let status_url = n2.url(&format!("/export-status/{job}"));
+    wait_for("the export to complete", || {
+        let r = http
+            .get(&status_url)
+            .header("Authorization", &bearer)
+            .send()
+            .expect("status");
+        (r.status().as_u16() == 200).then_some(())
+    });
+    drop(n2);
+    drop(n1);
+}
+
 fn admin_client(dir: &Path, scope: &str) -> (PathBuf, PathBuf) {
     let pem = test_support::smart::key_path("rsa-a.pem");
     let jwks = fhirhose().arg("jwks").arg(&pem).output().expect("jwks");

@@ -221,6 +221,11 @@ pub struct ExportOptions {
     /// sharing the database); items heartbeat every quarter of it, at most every 10 s.
     #[arg(long, env = "FHIRHOSE_EXPORT_HEARTBEAT_TIMEOUT", default_value_t = export::defaults::HEARTBEAT_TIMEOUT_SECS)]
     pub export_heartbeat_timeout: u64,
+    /// Seconds an idle export worker waits before it looks at the job queue again unwoken. A
+    /// kick-off or a release wakes the workers of its own process at once, and on PostgreSQL
+    /// those of every node (LISTEN/NOTIFY); this poll is the fallback.
+    #[arg(long, env = "FHIRHOSE_EXPORT_POLL_INTERVAL", default_value_t = export::defaults::POLL_SECS)]
+    pub export_poll_interval: u64,
     /// This node's id among the `serve` processes sharing one PostgreSQL database (letters,
     /// digits, `.`, `_`, `-`; at most 64), unique and stable across restarts: export leases are
     /// owned by `<node id>/<incarnation>`, and a restarted node releases its previous
@@ -322,6 +327,7 @@ impl Default for ExportOptions {
             export_item_resources: export::defaults::ITEM_RESOURCES,
             export_max_concurrent: export::defaults::MAX_CONCURRENT,
             export_heartbeat_timeout: export::defaults::HEARTBEAT_TIMEOUT_SECS,
+            export_poll_interval: export::defaults::POLL_SECS,
             node_id: None,
             export_max_attempts: export::defaults::MAX_ATTEMPTS,
             export_retention: export::defaults::RETENTION_SECS,
@@ -452,6 +458,7 @@ impl ExportOptions {
         c.max_concurrent = self.export_max_concurrent;
         c.heartbeat_timeout = std::time::Duration::from_secs(self.export_heartbeat_timeout);
         c.run.heartbeat_every = c.run.heartbeat_every.min(c.heartbeat_timeout / 4);
+        c.poll = std::time::Duration::from_secs(self.export_poll_interval);
         c.node_id = self.node_id.clone();
         c.max_attempts = self.export_max_attempts;
         c.retention = std::time::Duration::from_secs(self.export_retention);
@@ -596,6 +603,11 @@ impl ServeConfig {
                 "--export-max-attempts and --export-retention must be at least 1".into(),
             ));
         }
+        if e.export_poll_interval < 1 {
+            return Err(ConfigError::Export(
+                "--export-poll-interval must be at least 1 second".into(),
+            ));
+        }
         if e.export_heartbeat_timeout < 5 {
             return Err(ConfigError::Export(
                 "--export-heartbeat-timeout must be at least 5 seconds".into(),
@@ -737,6 +749,7 @@ mod tests {
         assert_eq!(e.export_item_resources, d.export_item_resources);
         assert_eq!(e.export_max_concurrent, d.export_max_concurrent);
         assert_eq!(e.export_heartbeat_timeout, d.export_heartbeat_timeout);
+        assert_eq!(e.export_poll_interval, d.export_poll_interval);
         assert_eq!(e.export_max_attempts, d.export_max_attempts);
         assert_eq!(e.export_retention, d.export_retention);
         assert_eq!(e.export_group_max_depth, d.export_group_max_depth);

@@ -458,4 +458,39 @@ pub trait JobQueue: Send + Sync {
     /// removed (`cleanup` done) and that finished at or before `finished_before_ms`. Returns how
     /// many jobs.
     fn purge(&self, finished_before_ms: i64) -> Result<u64, QueueError>;
+    /// Calls `wake` whenever another process may have made work claimable (a kick-off, items
+    /// given back), as soon as it is committed, until the returned watch is dropped; `None`
+    /// when no other process shares the queue (SQLite: this process's own kick-offs and
+    /// releases wake its workers directly). Workers poll the queue besides: a missed wake-up
+    /// delays work, never loses it.
+    fn watch_work(
+        &self,
+        _wake: std::sync::Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<Option<WorkWatch>, QueueError> {
+        Ok(None)
+    }
+}
+
+/// A running [`JobQueue::watch_work`]: the watching stops when it is dropped.
+pub struct WorkWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WorkWatch {
+    /// A watch that stops its watcher by setting `stop`.
+    pub fn new(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> WorkWatch {
+        WorkWatch { stop }
+    }
+}
+
+impl Drop for WorkWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for WorkWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkWatch").finish_non_exhaustive()
+    }
 }

@@ -41,6 +41,10 @@ pub struct ExportConfig {
     pub max_concurrent: u64,
     /// A running work item without a heartbeat for this long is taken over.
     pub heartbeat_timeout: Duration,
+    /// How long an idle worker waits before it looks at the job queue again without being
+    /// woken: this process's own kick-offs and releases wake it, and on PostgreSQL other nodes'
+    /// too ([`store::JobQueue::watch_work`]); the poll catches whatever a wake-up missed.
+    pub poll: Duration,
     /// Claims per work item before the export fails.
     pub max_attempts: i64,
     /// Back-off after a transient failure: doubles per attempt from this, up to
@@ -72,6 +76,7 @@ impl std::fmt::Debug for ExportConfig {
             .field("node_id", &self.node_id)
             .field("max_concurrent", &self.max_concurrent)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("poll", &self.poll)
             .field("max_attempts", &self.max_attempts)
             .field("retention", &self.retention)
             .finish_non_exhaustive()
@@ -90,6 +95,7 @@ impl ExportConfig {
             node_id: None,
             max_concurrent: crate::defaults::MAX_CONCURRENT,
             heartbeat_timeout: Duration::from_secs(crate::defaults::HEARTBEAT_TIMEOUT_SECS),
+            poll: Duration::from_secs(crate::defaults::POLL_SECS),
             max_attempts: crate::defaults::MAX_ATTEMPTS,
             retry_backoff: Duration::from_secs(2),
             retry_backoff_max: Duration::from_secs(60),

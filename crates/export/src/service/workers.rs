@@ -64,6 +64,20 @@ impl ExportService {
                 Box::new(move || worker_loop(me)),
             )?);
         }
+        // Work that other nodes add or give back wakes these workers at once (PostgreSQL
+        // LISTEN/NOTIFY); without a watch they find it at their next poll.
+        let me = Arc::downgrade(self);
+        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            if let Some(svc) = me.upgrade() {
+                svc.notify();
+            }
+        });
+        match self.queue.watch_work(wake) {
+            Ok(watch) => *lock(&self.work_watch) = watch,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for other nodes' export work; polling the queue only")
+            }
+        }
         Ok(())
     }
 
@@ -73,6 +87,7 @@ impl ExportService {
     /// workers can no longer commit). Returns how many items were given back here.
     pub fn shutdown(&self, drain: Duration) -> u64 {
         self.stopping.store(true, Ordering::SeqCst);
+        lock(&self.work_watch).take();
         self.notify();
         // Status requests waiting for a change answer now, not at their deadline.
         self.changed.notify_waiters();
@@ -443,10 +458,10 @@ impl ExportService {
     }
 }
 
-/// A worker: claims items until the service is dropped; waits for a kick-off (or polls, for
-/// work other processes release) when there is none.
+/// A worker: claims items until the service is dropped; when there is none, waits to be woken
+/// (a kick-off or a release of this process, or another node's announced through the queue's
+/// work watch) or for the poll interval (`ExportConfig::poll`), whichever comes first.
 fn worker_loop(svc: std::sync::Weak<ExportService>) {
-    const POLL: Duration = Duration::from_secs(2);
     loop {
         let Some(me) = svc.upgrade() else {
             return;
@@ -488,7 +503,7 @@ fn worker_loop(svc: std::sync::Weak<ExportService>) {
             let (m, cv) = &me.wake;
             let guard = lock(m);
             if *guard == seen {
-                let _ = cv.wait_timeout(guard, POLL);
+                let _ = cv.wait_timeout(guard, me.config.poll);
             }
         }
         drop(me);

@@ -12,6 +12,10 @@
 //! - The queue has its own small connection pool, so heartbeats never wait behind export scans
 //!   holding the store's connections.
 //!
+//! - Statements that make work claimable (a kick-off's items, items given back or to be retried)
+//!   `NOTIFY fhirhose_work` in their transaction; every node's export service listens on a
+//!   connection of its own ([`listen`]) and wakes its workers at once.
+//!
 //! States are text under the same `CHECK` constraints as on SQLite, read back through `FromStr`
 //! (an unknown value is [`QueueError::Unknown`]).
 
@@ -23,11 +27,12 @@ use super::{Pool, Target};
 use crate::StoreError;
 use crate::jobs::{
     Cleanup, FileRecord, ItemKind, ItemPlan, ItemProgress, JobQueue, JobRecord, JobState, Lease,
-    NewFile, Orphans, QueueError, Retry, TypeProgress, WorkItem,
+    NewFile, Orphans, QueueError, Retry, TypeProgress, WorkItem, WorkWatch,
 };
 use crate::shared::SharedState;
 
 mod keysets;
+mod listen;
 
 pub use super::ADMISSION_LOCK;
 
@@ -347,6 +352,7 @@ impl JobQueue for PgJobQueue {
                     ],
                 )?;
             }
+            tx.batch_execute(listen::NOTIFY)?;
             Ok(())
         })
     }
@@ -590,6 +596,7 @@ impl JobQueue for PgJobQueue {
                             &r.not_before(item.attempt, now_ms),
                         ],
                     )?;
+                    tx.batch_execute(listen::NOTIFY)?;
                     Ok(false)
                 }
                 _ => {
@@ -627,18 +634,23 @@ impl JobQueue for PgJobQueue {
                  WHERE job_id = $1 AND item_no = $2",
                 &[&item.job_id, &item.item_no],
             )?;
+            tx.batch_execute(listen::NOTIFY)?;
             Ok(true)
         })
     }
 
     fn release_owned(&self, owner: &str) -> Result<u64, QueueError> {
-        self.run(|c| {
-            Ok(c.execute(
+        self.tx(|tx| {
+            let released = tx.execute(
                 "UPDATE export_item SET state = 'pending', owner = NULL, attempts = GREATEST(attempts - 1, 0),
                    not_before_ms = NULL
                  WHERE state = 'running' AND owner = $1",
                 &[&owner],
-            )?)
+            )?;
+            if released > 0 {
+                tx.batch_execute(listen::NOTIFY)?;
+            }
+            Ok(released)
         })
     }
 
@@ -855,7 +867,7 @@ impl JobQueue for PgJobQueue {
         // `left(owner, n)` rather than LIKE: a node id is matched literally.
         const OF_NODE: &str = "left({col}, length($1) + 1) = $1 || '/' AND {col} <> $2";
         self.tx(|tx| {
-            Ok(match orphans {
+            let released = match orphans {
                 Orphans::All => {
                     tx.execute(UNHOLD, &[])?;
                     tx.execute(RELEASE, &[])?
@@ -871,7 +883,11 @@ impl JobQueue for PgJobQueue {
                         &[&node, &current],
                     )?
                 }
-            })
+            };
+            if released > 0 {
+                tx.batch_execute(listen::NOTIFY)?;
+            }
+            Ok(released)
         })
     }
 
@@ -890,6 +906,20 @@ impl JobQueue for PgJobQueue {
                 &[&id, &now_ms.saturating_add(hold_ms), &now_ms, &owner],
             )? == 1)
         })
+    }
+
+    fn watch_work(
+        &self,
+        wake: std::sync::Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<Option<WorkWatch>, QueueError> {
+        let watch = listen::spawn(self.pool.target.clone(), wake).map_err(|e| {
+            QueueError::Db(
+                self.pool
+                    .target
+                    .unavailable(format!("cannot start the work listener thread: {e}")),
+            )
+        })?;
+        Ok(Some(watch))
     }
 
     fn purge(&self, finished_before_ms: i64) -> Result<u64, QueueError> {
