@@ -551,3 +551,102 @@ fn a_restarted_node_takes_back_the_deletion_its_dead_incarnation_held() {
             .expect("free after a lone restart")
     );
 }
+
+/// Every change that makes work claimable wakes the queue's watchers at once. PostgreSQL: the
+/// statement's `NOTIFY` (at commit) reaches the listener, as it reaches every node's. SQLite: no
+/// other process shares the queue, so there is no watch (the service wakes its own workers).
+#[test]
+fn every_change_that_makes_work_claimable_wakes_the_watchers() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    let (_store, q) = open();
+    let wakes = Arc::new(AtomicU64::new(0));
+    let counter = wakes.clone();
+    let watch = q
+        .watch_work(Arc::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }))
+        .expect("watch");
+    if store::testing::test_database_url().is_none() {
+        assert!(watch.is_none(), "SQLite has no other process to hear of");
+        return;
+    }
+    assert!(watch.is_some());
+    // A bound against hangs: a wake-up comes well within it, or not at all.
+    let woken = |what: &str, before: u64| {
+        let start = Instant::now();
+        while wakes.load(Ordering::SeqCst) <= before {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no wake-up after {what}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // The listener wakes once when it listens.
+    woken("listening", 0);
+    let step = |what: &str, f: &mut dyn FnMut()| {
+        let before = wakes.load(Ordering::SeqCst);
+        f();
+        woken(what, before);
+    };
+    let retry = Retry {
+        max_attempts: 10,
+        base_ms: 0,
+        max_ms: 0,
+    };
+    step("a kick-off", &mut || {
+        q.create(
+            &job("a", 1),
+            &[
+                scan("Patient", 0, 10),
+                scan("Patient", 10, 20),
+                scan("Patient", 20, 30),
+                finalize(),
+            ],
+            10,
+        )
+        .expect("create");
+    });
+    let claim = |owner: &str| {
+        q.claim(owner, 10, 600_000, 10)
+            .expect("claim")
+            .expect("item")
+    };
+    step("a release", &mut || {
+        assert!(q.release(&claim("w")).expect("release"));
+    });
+    step("a release of unheld items", &mut || {
+        let held = claim("w");
+        claim("w");
+        let keep = [(held.job_id.clone(), held.item_no)];
+        assert_eq!(q.release_unheld("w", &keep).expect("release"), 1);
+    });
+    step("a release at shutdown", &mut || {
+        assert_eq!(q.release_owned("w").expect("release"), 1);
+    });
+    step("a failure to retry", &mut || {
+        let i = claim("w");
+        assert!(
+            !q.fail_item(&i, "unreachable", 503, Some(retry), 10)
+                .expect("fail")
+        );
+    });
+    step("a release of a dead incarnation's items", &mut || {
+        claim("n/1");
+        let orphans = Orphans::OfNode {
+            node: "n",
+            current: "n/2",
+        };
+        assert_eq!(q.release_orphans(orphans).expect("release"), 1);
+    });
+    let scans = [claim("w"), claim("w"), claim("w")];
+    assert!(q.complete_item(&scans[0], 10, 11).expect("complete"));
+    assert!(q.complete_item(&scans[1], 10, 11).expect("complete"));
+    step("the last item before the finalize done", &mut || {
+        assert!(q.complete_item(&scans[2], 10, 11).expect("complete"));
+    });
+    assert_eq!(claim("w").kind, ItemKind::Finalize);
+    drop(watch);
+}

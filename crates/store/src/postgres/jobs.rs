@@ -12,9 +12,11 @@
 //! - The queue has its own small connection pool, so heartbeats never wait behind export scans
 //!   holding the store's connections.
 //!
-//! - Statements that make work claimable (a kick-off's items, items given back or to be retried)
-//!   `NOTIFY fhirhose_work` in their transaction; every node's export service listens on a
-//!   connection of its own ([`listen`]) and wakes its workers at once.
+//! - Statements that make work claimable (a kick-off's items, items given back or to be retried,
+//!   the last item before a job's finalize done) `NOTIFY fhirhose_work` in their transaction;
+//!   every node's export service listens on a connection of its own ([`listen`]) and wakes its
+//!   workers at once. Work that becomes claimable by time alone (a retry's back-off over, a
+//!   stale heartbeat) is found by the workers' poll.
 //!
 //! States are text under the same `CHECK` constraints as on SQLite, read back through `FromStr`
 //! (an unknown value is [`QueueError::Unknown`]).
@@ -566,6 +568,22 @@ impl JobQueue for PgJobQueue {
                 "UPDATE export_item SET state = 'done', scanned = $3, heartbeat_ms = $4 WHERE job_id = $1 AND item_no = $2",
                 &[&item.job_id, &item.item_no, &(scanned as i64), &now_ms],
             )?;
+            // The last item before the job's finalize makes that claimable. (Two last items
+            // committing at once may each see the other undone: then the poll finds it.)
+            if item.kind != ItemKind::Finalize {
+                let unblocked: bool = tx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM export_item WHERE job_id = $1
+                                          AND kind = 'finalize' AND state = 'pending')
+                           AND NOT EXISTS (SELECT 1 FROM export_item WHERE job_id = $1
+                                          AND kind <> 'finalize' AND state <> 'done')",
+                        &[&item.job_id],
+                    )?
+                    .get(0);
+                if unblocked {
+                    tx.batch_execute(listen::NOTIFY)?;
+                }
+            }
             Ok(true)
         })
     }
@@ -672,6 +690,9 @@ impl JobQueue for PgJobQueue {
                      WHERE job_id = $1 AND item_no = $2",
                     &[&key.0, &key.1],
                 )?;
+            }
+            if n > 0 {
+                tx.batch_execute(listen::NOTIFY)?;
             }
             Ok(n)
         })
