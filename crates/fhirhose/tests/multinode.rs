@@ -39,6 +39,9 @@ use test_support::process::{Serve, clean_command, free_port, log_file};
 /// A bound against hangs (not a timing assertion).
 const BOUND: Duration = Duration::from_secs(40);
 const HEARTBEAT_TIMEOUT_S: &str = "5";
+/// A bound for a node woken by another's kick-off, well below its 60 s poll (not a timing
+/// assertion: on time it takes well under a second).
+const WOKEN_WITHIN: Duration = Duration::from_secs(30);
 
 fn fhirhose() -> Command {
     let mut c = clean_command(env!("CARGO_BIN_EXE_fhirhose"));
@@ -144,11 +147,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(&self, id: &'static str, port: u16) -> Node {
-        self.start_with(id, port, &[])
+        self.start_with(id, port, &[], "info")
     }
 
-    /// [`Cluster::start`] with `extra` arguments.
-    fn start_with(&self, id: &'static str, port: u16, extra: &[&str]) -> Node {
+    /// [`Cluster::start`] with `extra` arguments and the log filter `filter` (`FHIRHOSE_LOG`).
+    fn start_with(&self, id: &'static str, port: u16, extra: &[&str], filter: &str) -> Node {
         let data = self.root.path().join(id);
         fs::create_dir_all(&data).expect("data dir");
         let storage = data.join("storage");
@@ -177,6 +180,7 @@ impl Cluster {
             .args(["--export-max-attempts", "10"])
             .args(extra)
             .args(self.dest.args())
+            .env("FHIRHOSE_LOG", filter)
             // The log goes to stdout.
             .stdout(stderr.try_clone().expect("log"))
             .stderr(stderr);
@@ -598,14 +602,13 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
     drop(db);
 }
 
-/// `admin` (with `scope`) registered with the auth crate's test key, in `dir/clients.json`; returns its path
-/// and the key's.
 /// Other nodes learn of new export work at once (PostgreSQL `LISTEN`/`NOTIFY`), not at their
-/// next poll of the queue: two nodes with one worker each and a poll interval of 60 s; node 1 is
-/// paused (SIGSTOP) right after it answered the kick-off, and node 2 — idle since its start, its
-/// next poll a minute away — takes items of the export and, with node 1 continued, the export
-/// completes. Before, node 2 waited for its poll (then every 2 s; here it would not have looked
-/// before the test's bound).
+/// next poll of the queue: two nodes with one worker each and a poll interval of 60 s. Node 2's
+/// worker is seen idle (its log) after its listener listens, so it has looked at the empty queue
+/// for the last time before the kick-off; node 1 is paused (SIGSTOP) right after it answered the
+/// kick-off, and node 2 — its next poll a minute away — takes an item of the export within
+/// [`WOKEN_WITHIN`] and, with node 1 continued, the export completes. Without the `NOTIFY` node 2
+/// waits for its poll and the test fails.
 #[test]
 fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
     let Some(cluster_url) =
@@ -648,10 +651,18 @@ fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
         dest: Dest::Shared(shared),
     };
     let poll = ["--export-poll-interval", "60"];
-    let n1 = cluster.start_with("n1", ports[0], &poll);
-    let n2 = cluster.start_with("n2", ports[1], &poll);
-    // Node 2's worker looked at the (empty) queue when it started; it polls next a minute later.
-    let n2_started = Instant::now();
+    let n1 = cluster.start_with("n1", ports[0], &poll, "info");
+    let n2 = cluster.start_with("n2", ports[1], &poll, "info,export::service::workers=debug");
+    // Node 2's worker idle after its listener listens (and woke it once): it has looked at the
+    // still empty queue since, and looks again at a wake-up or a minute later.
+    let n2_log = cluster.root.path().join("n2.log");
+    wait_for("node 2's worker idle while its listener listens", || {
+        let log = String::from_utf8_lossy(&fs::read(&n2_log).ok()?).into_owned();
+        let listening = log.find("listening for export work")?;
+        log[listening..]
+            .contains("export worker idle")
+            .then_some(())
+    });
     let mut db = postgres::Client::connect(&database.url, postgres::NoTls).expect("database");
 
     let token = fhirhose()
@@ -692,8 +703,9 @@ fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
             break row.clone();
         }
         assert!(
-            n2_started.elapsed() < Duration::from_secs(55),
-            "node 2 took no item of the new export before its poll could have found it: {rows:?}"
+            started.elapsed() < WOKEN_WITHIN,
+            "node 2 took no item of the new export within {WOKEN_WITHIN:?} (its poll: 60 s), \
+             so it was not woken: {rows:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -715,6 +727,8 @@ fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
     drop(n1);
 }
 
+/// `admin` (with `scope`) registered with the auth crate's test key, in `dir/clients.json`; returns its path
+/// and the key's.
 fn admin_client(dir: &Path, scope: &str) -> (PathBuf, PathBuf) {
     let pem = test_support::smart::key_path("rsa-a.pem");
     let jwks = fhirhose().arg("jwks").arg(&pem).output().expect("jwks");

@@ -503,6 +503,12 @@ fn worker_loop(svc: std::sync::Weak<ExportService>) {
             let (m, cv) = &me.wake;
             let guard = lock(m);
             if *guard == seen {
+                // Under the lock: no wake-up is counted between this line and the wait.
+                tracing::debug!(
+                    wakes = seen,
+                    poll_s = me.config.poll.as_secs(),
+                    "export worker idle"
+                );
                 let _ = cv.wait_timeout(guard, me.config.poll);
             }
         }

@@ -67,12 +67,16 @@ fn listen(target: &Target, wake: &(dyn Fn() + Send + Sync), stop: &AtomicBool) {
                 continue;
             }
         };
+        backoff = BACKOFF_FIRST;
+        wake();
+        // Logged after the wake-up: a worker idle after this line has looked at the queue since
+        // the listener listens (the multinode test relies on this order).
         if failing {
             tracing::info!(target_db = %target.display, "listening for export work again");
             failing = false;
+        } else {
+            tracing::info!(target_db = %target.display, "listening for export work");
         }
-        backoff = BACKOFF_FIRST;
-        wake();
         if let Err(e) = serve(&mut client, wake, stop) {
             tracing::warn!(target_db = %target.display, error = %e, "lost the connection listening for export work; connecting again");
             failing = true;
