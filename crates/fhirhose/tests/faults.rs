@@ -129,7 +129,22 @@ impl Drop for Server {
 
 impl Server {
     fn start(data: &Path, port: u16, args: &[String], log: &Path) -> R<Server> {
-        let child = fhirhose()
+        Server::start_logging(data, port, args, log, None)
+    }
+
+    /// [`Server::start`] with the log filter `filter` (`FHIRHOSE_LOG`) instead of the suite's.
+    fn start_logging(
+        data: &Path,
+        port: u16,
+        args: &[String],
+        log: &Path,
+        filter: Option<&str>,
+    ) -> R<Server> {
+        let mut cmd = fhirhose();
+        if let Some(f) = filter {
+            cmd.env("FHIRHOSE_LOG", f);
+        }
+        let child = cmd
             .args([
                 "serve",
                 "--listen",
@@ -581,7 +596,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "postgres-restart-export",
-        invariant: "the PostgreSQL server stopped at a random point of an export (a failover, a restart) and started again on the same port: the export completes under the same status URL with every resource exactly once and no uncommitted part left (PostgreSQL pass only)",
+        invariant: "the PostgreSQL server stopped at a random point of an export (a failover, a restart) and started again on the same port: the export completes under the same status URL with every resource exactly once and no uncommitted part left, and the listener for other nodes' work listens again and wakes the workers at a NOTIFY (PostgreSQL pass only)",
         rounds: 1,
         run: postgres_restart_export,
     },
@@ -801,7 +816,14 @@ fn postgres_restart_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option
     let db = store::testing::fresh_database(&url).map_err(|e| format!("create a database: {e}"))?;
     register_database(&data, db);
     load(&data, &dir.join("load.log"))?;
-    let s = Server::start(&data, free_port(), &export_args(), &dir.join("serve.log"))?;
+    // The listener for other nodes' work and the workers' wake-ups are logged (see below).
+    let s = Server::start_logging(
+        &data,
+        free_port(),
+        &export_args(),
+        &dir.join("serve.log"),
+        Some("warn,store::postgres::jobs::listen=info,export::service::workers=debug"),
+    )?;
     let status = kickoff(&ctx.c, &s.base, "")?;
     let at = rng.below(ctx.export_ms * 2 / 3 + 1);
     sleep_ms(at);
@@ -824,12 +846,13 @@ fn postgres_restart_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option
     );
     let n = verify_manifest(&ctx.c, &manifest)?;
     no_parts_left(&data.join("storage/exports").join(job_id(&status)))?;
+    let relisten = listener_wakes_again(&s, &data, back)?;
     drop(s);
     // The database goes before its cluster.
     drop_databases_under(&data);
     drop(cluster);
     Ok(Some(format!(
-        "PostgreSQL stopped {at} ms after kick-off ({}) for {outage} ms; complete {} ms after it was back, {n} resources once each",
+        "PostgreSQL stopped {at} ms after kick-off ({}) for {outage} ms; complete {} ms after it was back, {n} resources once each; {relisten}",
         if was_running {
             "running"
         } else {
@@ -837,6 +860,90 @@ fn postgres_restart_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option
         },
         took.as_millis()
     )))
+}
+
+/// `text` without its terminal colour codes (`ESC [ … m`), as the text log writes fields.
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// After a database restart the listener for other nodes' export work (`LISTEN`) listens again
+/// and its wake-ups reach the workers: a `NOTIFY fhirhose_work` sent from another connection
+/// (as another node's kick-off would) is followed by a worker idle having seen more wake-ups
+/// than any worker had before it. Reads the server's log (`listen` at info, the workers at
+/// debug).
+fn listener_wakes_again(s: &Server, data: &Path, back: Instant) -> R<String> {
+    const AGAIN: &str = "listening for export work again";
+    const IDLE: &str = "export worker idle";
+    const BOUND: Duration = Duration::from_secs(30);
+    // The wake-up counts of the workers' idle lines after the listener listened again.
+    let idle_after_again = || -> Option<Vec<u64>> {
+        let log = without_colours(&String::from_utf8_lossy(&fs::read(&s.log).ok()?));
+        let again = log.rfind(AGAIN)?;
+        Some(
+            log[again..]
+                .split(IDLE)
+                .skip(1)
+                .filter_map(|rest| {
+                    let field = &rest[rest.find("wakes=")? + "wakes=".len()..];
+                    let digits: String = field.chars().take_while(char::is_ascii_digit).collect();
+                    digits.parse().ok()
+                })
+                .collect(),
+        )
+    };
+    let start = Instant::now();
+    // Both workers idle twice since: the highest count includes the reconnection's wake-up.
+    let before = loop {
+        match idle_after_again() {
+            Some(w) if w.len() >= 4 => break w.into_iter().max().unwrap_or(0),
+            _ => {}
+        }
+        ensure!(
+            start.elapsed() < BOUND,
+            "the export work listener did not listen again (or the workers were not seen idle) within {BOUND:?}\n{}",
+            tail(&s.log)
+        );
+        sleep_ms(50);
+    };
+    let listening = back.elapsed();
+    let url = databases()
+        .get(data)
+        .map(|db| db.url.clone())
+        .ok_or("no database for the data directory")?;
+    let mut db = postgres::Client::connect(&url, postgres::NoTls)
+        .map_err(|e| format!("connect to {url}: {e}"))?;
+    db.batch_execute("NOTIFY fhirhose_work")
+        .map_err(|e| format!("NOTIFY: {e}"))?;
+    let notified = Instant::now();
+    loop {
+        if idle_after_again().is_some_and(|w| w.iter().any(|&n| n > before)) {
+            break;
+        }
+        ensure!(
+            notified.elapsed() < BOUND,
+            "a NOTIFY fhirhose_work after the restart woke no worker within {BOUND:?} (wake-ups seen: {before})\n{}",
+            tail(&s.log)
+        );
+        sleep_ms(50);
+    }
+    Ok(format!(
+        "the work listener listened again (seen {} ms after the database was back) and a NOTIFY woke the workers",
+        listening.as_millis()
+    ))
 }
 
 fn kill9_transaction(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
