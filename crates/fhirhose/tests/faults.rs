@@ -862,24 +862,6 @@ fn postgres_restart_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option
     )))
 }
 
-/// `text` without its terminal colour codes (`ESC [ … m`), as the text log writes fields.
-fn without_colours(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// After a database restart the listener for other nodes' export work (`LISTEN`) listens again
 /// and its wake-ups reach the workers: a `NOTIFY fhirhose_work` sent from another connection
 /// (as another node's kick-off would) is followed by a worker idle having seen more wake-ups
@@ -891,7 +873,7 @@ fn listener_wakes_again(s: &Server, data: &Path, back: Instant) -> R<String> {
     const BOUND: Duration = Duration::from_secs(30);
     // The wake-up counts of the workers' idle lines after the listener listened again.
     let idle_after_again = || -> Option<Vec<u64>> {
-        let log = without_colours(&String::from_utf8_lossy(&fs::read(&s.log).ok()?));
+        let log = test_support::process::log_text(&s.log);
         let again = log.rfind(AGAIN)?;
         Some(
             log[again..]
@@ -908,9 +890,8 @@ fn listener_wakes_again(s: &Server, data: &Path, back: Instant) -> R<String> {
     let start = Instant::now();
     // Both workers idle twice since: the highest count includes the reconnection's wake-up.
     let before = loop {
-        match idle_after_again() {
-            Some(w) if w.len() >= 4 => break w.into_iter().max().unwrap_or(0),
-            _ => {}
+        if let Some(w) = idle_after_again().filter(|w| w.len() >= 4) {
+            break w.into_iter().max().unwrap_or(0);
         }
         ensure!(
             start.elapsed() < BOUND,

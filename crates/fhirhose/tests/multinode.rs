@@ -604,11 +604,11 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
 
 /// Other nodes learn of new export work at once (PostgreSQL `LISTEN`/`NOTIFY`), not at their
 /// next poll of the queue: two nodes with one worker each and a poll interval of 60 s. Node 2's
-/// worker is seen idle (its log) after its listener listens, so it has looked at the empty queue
-/// for the last time before the kick-off; node 1 is paused (SIGSTOP) right after it answered the
-/// kick-off, and node 2 — its next poll a minute away — takes an item of the export within
-/// [`WOKEN_WITHIN`] and, with node 1 continued, the export completes. Without the `NOTIFY` node 2
-/// waits for its poll and the test fails.
+/// worker is seen idle (its log) after its listener's wake-up, so it has looked at the empty
+/// queue for the last time before the kick-off; node 1 is paused (SIGSTOP) right after it
+/// answered the kick-off, and node 2 — its next poll a minute away — takes an item of the export
+/// within [`WOKEN_WITHIN`] and, with node 1 continued, the export completes. Without the
+/// `NOTIFY` node 2 waits for its poll and the test fails.
 #[test]
 fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
     let Some(cluster_url) =
@@ -653,15 +653,22 @@ fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
     let poll = ["--export-poll-interval", "60"];
     let n1 = cluster.start_with("n1", ports[0], &poll, "info");
     let n2 = cluster.start_with("n2", ports[1], &poll, "info,export::service::workers=debug");
-    // Node 2's worker idle after its listener listens (and woke it once): it has looked at the
-    // still empty queue since, and looks again at a wake-up or a minute later.
-    let n2_log = cluster.root.path().join("n2.log");
-    wait_for("node 2's worker idle while its listener listens", || {
-        let log = String::from_utf8_lossy(&fs::read(&n2_log).ok()?).into_owned();
-        let listening = log.find("listening for export work")?;
-        log[listening..]
-            .contains("export worker idle")
-            .then_some(())
+    // Node 2's worker idle having seen a wake-up: at start-up only its listener wakes it (once
+    // it listens; nothing is released or kicked off at node 2), so the worker has looked at the
+    // still empty queue since the listener listens, waits with no wake-up pending, and looks
+    // again at the next wake-up or a minute later.
+    wait_for("node 2's worker idle after its listener's wake-up", || {
+        let log = n2.log_text();
+        let woken_idle = log
+            .lines()
+            .filter(|l| l.contains("export worker idle"))
+            .filter_map(|l| {
+                let field = &l[l.find("wakes=")? + "wakes=".len()..];
+                let digits: String = field.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u64>().ok()
+            })
+            .any(|wakes| wakes >= 1);
+        (log.contains("listening for export work") && woken_idle).then_some(())
     });
     let mut db = postgres::Client::connect(&database.url, postgres::NoTls).expect("database");
 

@@ -69,8 +69,6 @@ fn listen(target: &Target, wake: &(dyn Fn() + Send + Sync), stop: &AtomicBool) {
         };
         backoff = BACKOFF_FIRST;
         wake();
-        // Logged after the wake-up: a worker idle after this line has looked at the queue since
-        // the listener listens (the multinode test relies on this order).
         if failing {
             tracing::info!(target_db = %target.display, "listening for export work again");
             failing = false;
