@@ -71,6 +71,13 @@ impl ApiError {
         .into()
     }
 
+    /// `503` `throttled` with `Retry-After: 1`: a bound on what one client or the server has in
+    /// progress was reached; nothing waits for it.
+    pub fn throttled(diagnostics: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "throttled", diagnostics)
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
     /// The parts, by value.
     pub fn into_body(self) -> ApiErrorBody {
         *self.0

@@ -13,17 +13,16 @@
 //! nothing waits for a slot. `GET /metrics` is always served, so that an operator sees the
 //! refusals while they happen.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::http::Request;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::{ApiError, WarnEvery};
-use crate::per_address::Client;
+use crate::per_address::{Client, Counted, PerClient};
 use crate::slow_clients::GuardedBody;
 
 /// The default of `--max-requests`.
@@ -32,16 +31,11 @@ pub const DEFAULT_MAX_REQUESTS: usize = 128;
 /// Requests in progress, in all and per client address.
 pub struct InFlight {
     max: usize,
+    total: AtomicUsize,
+    by_client: Arc<PerClient>,
     max_per_client: usize,
-    counts: Mutex<Counts>,
     refused: AtomicU64,
     warned: WarnEvery,
-}
-
-#[derive(Default)]
-struct Counts {
-    total: usize,
-    by_client: HashMap<IpAddr, usize>,
 }
 
 /// Which bound a refused request met.
@@ -56,15 +50,18 @@ pub enum Refusal {
 /// One request in progress; counted until dropped.
 pub struct Slot {
     owner: Arc<InFlight>,
-    client: Option<IpAddr>,
+    _client: Option<Counted>,
 }
 
 impl InFlight {
     pub fn new(max: usize, max_per_client: usize) -> Arc<InFlight> {
+        let max = max.max(1);
+        let max_per_client = max_per_client.clamp(1, max);
         Arc::new(InFlight {
-            max: max.max(1),
-            max_per_client: max_per_client.clamp(1, max.max(1)),
-            counts: Mutex::new(Counts::default()),
+            max,
+            total: AtomicUsize::new(0),
+            by_client: PerClient::new(max_per_client),
+            max_per_client,
             refused: AtomicU64::new(0),
             warned: WarnEvery::new(std::time::Duration::from_secs(10)),
         })
@@ -73,30 +70,25 @@ impl InFlight {
     /// A slot for a request from `client` (`None`: a request that did not come through
     /// `serve_connections`, counted in all only), or the bound it would go over.
     pub fn enter(self: &Arc<Self>, client: Option<IpAddr>) -> Result<Slot, Refusal> {
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        if counts.total >= self.max {
-            return Err(Refusal::Server);
-        }
-        if let Some(c) = client {
-            let n = counts.by_client.entry(c).or_insert(0);
-            if *n >= self.max_per_client {
-                return Err(Refusal::Client);
-            }
-            *n += 1;
-        }
-        counts.total += 1;
-        Ok(Slot {
+        self.total
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .map_err(|_| Refusal::Server)?;
+        // From here the total is counted: the slot (or its drop on refusal) gives it back.
+        let mut slot = Slot {
             owner: Arc::clone(self),
-            client,
-        })
+            _client: None,
+        };
+        if let Some(c) = client {
+            slot._client = Some(self.by_client.take(c).ok_or(Refusal::Client)?);
+        }
+        Ok(slot)
     }
 
     /// Requests in progress now.
     pub fn current(&self) -> usize {
-        self.counts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .total
+        self.total.load(Ordering::SeqCst)
     }
 
     /// `--max-requests`.
@@ -125,32 +117,16 @@ impl InFlight {
         if self.warned.due() {
             tracing::warn!(client = %client.map(|c| c.to_string()).unwrap_or_default(), limit, refused_in_all = refused, "requests refused: {what}");
         }
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "throttled",
-            format!("{what} ({limit}); retry after the ones in progress end"),
-        )
-        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+        ApiError::throttled(format!(
+            "{what} ({limit}); retry after the ones in progress end"
+        ))
         .into_response()
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut counts = self
-            .owner
-            .counts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        counts.total = counts.total.saturating_sub(1);
-        if let Some(c) = self.client
-            && let Some(n) = counts.by_client.get_mut(&c)
-        {
-            *n -= 1;
-            if *n == 0 {
-                counts.by_client.remove(&c);
-            }
-        }
+        self.owner.total.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -197,7 +173,7 @@ mod tests {
         let c1 = f.enter(ip(3)).unwrap();
         drop((a2, b1, c1));
         assert_eq!(f.current(), 0);
-        assert!(f.counts.lock().unwrap().by_client.is_empty());
+        assert!(f.by_client.is_empty());
         // Requests without a client address count in all only.
         let n: Vec<_> = (0..3).map(|_| f.enter(None).unwrap()).collect();
         assert_eq!(f.enter(ip(1)).err(), Some(Refusal::Server));

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::IntoResponse;
 
 use crate::error::{ApiError, WarnEvery};
@@ -25,10 +25,76 @@ pub const MAX_REFUSING: usize = 64;
 /// How long an over-cap connection may take to send its request.
 const REFUSE_WITHIN: Duration = Duration::from_secs(1);
 
+/// Things held per client address (connections here, requests in [`crate::in_flight`]), at most
+/// `max` each; a [`Counted`] holds one until dropped.
+pub struct PerClient {
+    max: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One thing a client holds in a [`PerClient`]; counted until dropped.
+pub struct Counted {
+    owner: Arc<PerClient>,
+    key: IpAddr,
+}
+
+impl PerClient {
+    pub fn new(max: usize) -> Arc<PerClient> {
+        Arc::new(PerClient {
+            max: max.max(1),
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// One more for `key` (a [`client_key`]), or `None` when it holds `max`.
+    pub fn take(self: &Arc<Self>, key: IpAddr) -> Option<Counted> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = held.entry(key).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Counted {
+            owner: Arc::clone(self),
+            key,
+        })
+    }
+
+    /// What `key` holds now.
+    pub fn held(&self, key: IpAddr) -> usize {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Whether no client holds anything.
+    pub fn is_empty(&self) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut held = self
+            .owner
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Open connections per client address.
 pub struct PerAddress {
     max: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Arc<PerClient>,
     refusing: Arc<tokio::sync::Semaphore>,
     refused: AtomicU64,
     /// At most one warning every 10 s, with the count refused so far.
@@ -41,10 +107,7 @@ pub struct PerAddress {
 pub struct Client(pub IpAddr);
 
 /// One open connection of an address; counted until dropped.
-pub struct AddressSlot {
-    owner: Arc<PerAddress>,
-    key: IpAddr,
-}
+pub type AddressSlot = Counted;
 
 /// The client `peer` counts as: an IPv4 address (also when written as an IPv4-mapped IPv6
 /// address, as a dual-stack listener gives it), or the `/64` of an IPv6 address.
@@ -62,7 +125,7 @@ impl PerAddress {
     pub fn new(max: usize) -> Arc<PerAddress> {
         Arc::new(PerAddress {
             max: max.max(1),
-            open: Mutex::new(HashMap::new()),
+            open: PerClient::new(max),
             refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
             refused: AtomicU64::new(0),
             warned: WarnEvery::new(Duration::from_secs(10)),
@@ -70,25 +133,14 @@ impl PerAddress {
     }
 
     /// A slot for a connection from `peer`, or `None` when its address has `max` open.
-    pub fn take(self: &Arc<Self>, peer: IpAddr) -> Option<AddressSlot> {
-        let key = client_key(peer);
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = open.entry(key).or_insert(0);
-        if *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot {
-            owner: Arc::clone(self),
-            key,
-        })
+    pub fn take(&self, peer: IpAddr) -> Option<AddressSlot> {
+        self.open.take(client_key(peer))
     }
 
     /// Connections open from the client `peer` counts as.
     #[cfg(test)]
     fn open(&self, peer: IpAddr) -> usize {
-        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        open.get(&client_key(peer)).copied().unwrap_or(0)
+        self.open.held(client_key(peer))
     }
 
     /// Answers the over-cap connection `stream` from `peer` (see the module's text), on a task
@@ -142,33 +194,12 @@ impl PerAddress {
     }
 }
 
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut open = self
-            .owner
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = open.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// The answer to a request on an over-cap connection.
 fn throttled(max: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "throttled",
-        format!(
-            "this client already has {max} connections open (--max-connections-per-address); \
-             reuse one, or retry when one has closed"
-        ),
-    )
-    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    ApiError::throttled(format!(
+        "this client already has {max} connections open (--max-connections-per-address); \
+         reuse one, or retry when one has closed"
+    ))
     .with_header(header::CONNECTION, HeaderValue::from_static("close"))
 }
 
@@ -205,7 +236,7 @@ mod tests {
         let again = limits.take(a).expect("a slot was given back");
         drop((second, again, other));
         assert!(
-            limits.open.lock().unwrap().is_empty(),
+            limits.open.is_empty(),
             "no entry is kept for an address with nothing open"
         );
     }
