@@ -15,29 +15,27 @@ pub(crate) const MAX_SEQ: i64 = (1 << TYPE_SHIFT) - 1;
 /// History page size when `_count` is absent.
 pub(crate) const DEFAULT_HISTORY_COUNT: usize = 50;
 
-/// Stored JSON up to this length comes with a page's rows (search and history); a longer one is
-/// read apart, by its key or seq, once the page's byte budget is known to take it, so that a
-/// page of large resources is never read whole first. The same number is written in
-/// [`history_json!`].
-pub(crate) const SMALL_JSON: usize = 64 * 1024;
-
 /// The bytes of stored JSON one history page holds at most (the search default,
 /// [`crate::plan::DEFAULT_MAX_PAGE_BYTES`]): the page ends before the version that would go
 /// over it, never before its first.
 pub(crate) const MAX_HISTORY_PAGE_BYTES: usize = crate::plan::DEFAULT_MAX_PAGE_BYTES;
 
-/// The history queries' column of a version's JSON: NULL when longer than [`SMALL_JSON`] bytes
-/// (or a tombstone). The queries select its length beside it (0 for a tombstone).
-macro_rules! history_json {
-    () => {
-        "CASE WHEN length(json) <= 65536 THEN json END"
+/// A page query's column of the stored JSON `$col` (a string literal): NULL when longer than
+/// 64 KiB (or a tombstone's NULL). The queries select its length beside it, and a longer JSON is
+/// read apart, by its key or seq, once the page's byte budget is known to take it, so that a
+/// page of large resources is never read whole first. One spelling for the search pages
+/// (`sql_plan`) and the history pages of both backends.
+macro_rules! small_json {
+    ($col:literal) => {
+        concat!("CASE WHEN length(", $col, ") <= 65536 THEN ", $col, " END")
     };
 }
-pub(crate) use history_json;
+pub(crate) use small_json;
 
 /// How many of a page's rows, whose stored JSON lengths `lens` gives in page order, a page of at
 /// most `max` bytes takes: all, or those before the first that would go over it (at least one).
-pub(crate) fn page_cut(lens: impl Iterator<Item = usize>, max: usize) -> usize {
+/// Also the bytes they hold together.
+pub(crate) fn page_cut(lens: impl Iterator<Item = usize>, max: usize) -> (usize, usize) {
     let mut used = 0usize;
     let mut n = 0;
     for len in lens {
@@ -47,7 +45,7 @@ pub(crate) fn page_cut(lens: impl Iterator<Item = usize>, max: usize) -> usize {
         used = used.saturating_add(len);
         n += 1;
     }
-    n
+    (n, used)
 }
 
 pub(crate) fn key(type_no: i64, seq: i64) -> i64 {
@@ -208,13 +206,13 @@ mod page_tests {
 
     #[test]
     fn a_page_takes_what_fits_and_at_least_one() {
-        assert_eq!(page_cut([10, 10, 10].into_iter(), 25), 2);
-        assert_eq!(page_cut([10, 10, 10].into_iter(), 30), 3);
-        assert_eq!(page_cut([100, 1].into_iter(), 10), 1);
-        assert_eq!(page_cut(std::iter::empty(), 10), 0);
+        assert_eq!(page_cut([10, 10, 10].into_iter(), 25), (2, 20));
+        assert_eq!(page_cut([10, 10, 10].into_iter(), 30), (3, 30));
+        assert_eq!(page_cut([100, 1].into_iter(), 10), (1, 100));
+        assert_eq!(page_cut(std::iter::empty(), 10), (0, 0));
         assert_eq!(
-            SMALL_JSON.to_string(),
-            history_json!().split(' ').nth(4).unwrap()
+            (64 * 1024).to_string(),
+            small_json!("json").split(' ').nth(4).unwrap()
         );
     }
 }

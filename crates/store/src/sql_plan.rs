@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::StoreError;
 use crate::index::index_text;
-use crate::ops::{SMALL_JSON, page_cut};
+use crate::ops::{page_cut, small_json};
 use crate::plan::{
     ChainTarget, CursorValue, IncludeSpec, MAX_INCLUDE_ROUNDS, NumberRange, PageCursor, ParamKind,
     ParamMatch, ParamOn, PlanFilter, PlanValue, Prefix, SearchPlan, SearchRows, SortKey, SortOn,
@@ -759,14 +759,14 @@ impl<'b> Builder<'b> {
     }
 }
 
-/// A match of the page: its key, id, JSON (`None` when longer than [`SMALL_JSON`]: read
+/// A match of the page: its key, id, JSON (`None` when longer than 64 KiB, [`small_json!`]: read
 /// apart, only when the page's [`SearchPlan::max_page_bytes`] takes it), the JSON's length
 /// and the sort values.
 type PageRow = (i64, String, Option<Vec<u8>>, usize, Vec<CursorValue>);
 
 /// The select-list columns of a page row's JSON and its length (see [`page_row`]).
-fn json_columns() -> String {
-    format!("CASE WHEN length(rv.json) <= {SMALL_JSON} THEN rv.json END, length(rv.json)")
+fn json_columns() -> &'static str {
+    concat!(small_json!("rv.json"), ", length(rv.json)")
 }
 
 fn page_row(row: Vec<SqlCell>) -> Result<PageRow, StoreError> {
@@ -955,9 +955,10 @@ pub(crate) fn run(
         + "k";
     let limit = b.p(SqlParam::Int(i64::from(plan.page_size) + 1));
     let sql = format!(
-        "SELECT * FROM (SELECT rv.k AS k, rv.id AS id, CASE WHEN length(rv.json) <= {SMALL_JSON} THEN rv.json END AS json, \
+        "SELECT * FROM (SELECT rv.k AS k, rv.id AS id, {small} AS json, \
          length(rv.json) AS json_len{select_sorts} FROM resource_versions rv WHERE {where_}) AS page \
-         WHERE {outer_where} ORDER BY {order} LIMIT {limit}"
+         WHERE {outer_where} ORDER BY {order} LIMIT {limit}",
+        small = small_json!("rv.json")
     );
     let rows = backend
         .query(&sql, &b.params, false)?
@@ -977,14 +978,10 @@ fn finish_page(
     let page_size = plan.page_size as usize;
     // The page ends at `page_size` matches, or before the first match (never the page's
     // first) that would take its stored JSON over `max_page_bytes`.
-    let end = page_cut(
+    let (end, used) = page_cut(
         rows.iter().take(page_size).map(|r| r.3),
         plan.max_page_bytes,
     );
-    let used = rows
-        .iter()
-        .take(end)
-        .fold(0usize, |n, r| n.saturating_add(r.3));
     if rows.len() > end {
         rows.truncate(end);
         if let Some((k, _, _, _, sorts)) = rows.last() {

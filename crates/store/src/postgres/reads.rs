@@ -5,7 +5,7 @@ use crate::{HistoryEntry, HistoryPage, HistoryQuery, HistoryScope, StoreError, S
 
 use super::PgStore;
 use crate::ops::{
-    DEFAULT_HISTORY_COUNT, MAX_HISTORY_PAGE_BYTES, MAX_SEQ, history_json, key, method_of, page_cut,
+    DEFAULT_HISTORY_COUNT, MAX_HISTORY_PAGE_BYTES, MAX_SEQ, key, method_of, page_cut, small_json,
 };
 
 use super::scans::sql_limit;
@@ -94,7 +94,7 @@ pub(super) fn history(
                 let rows = c.query(
                     concat!(
                         "SELECT seq, id, version, last_updated, method, ",
-                        history_json!(),
+                        small_json!("json"),
                         ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                      FROM resource_versions
                      WHERE type_no = $1 AND id = $2 AND seq >= $3 AND seq <= $4
@@ -126,7 +126,7 @@ pub(super) fn history(
                 c.query(
                     concat!(
                         "SELECT seq, id, version, last_updated, method, ",
-                        history_json!(),
+                        small_json!("json"),
                         ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                      FROM resource_versions WHERE k >= $1 AND k <= $2
                      ORDER BY k DESC LIMIT $3"
@@ -137,7 +137,7 @@ pub(super) fn history(
             HistoryScope::System => c.query(
                 concat!(
                     "SELECT seq, id, version, last_updated, method, ",
-                    history_json!(),
+                    small_json!("json"),
                     ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                  FROM resource_versions WHERE seq >= $1 AND seq <= $2
                  ORDER BY seq DESC LIMIT $3"
@@ -151,7 +151,7 @@ pub(super) fn history(
                 .and_then(|n| usize::try_from(n).ok())
                 .unwrap_or(usize::MAX)
         };
-        let take = page_cut(
+        let (take, _) = page_cut(
             rows.iter().take(count).map(len),
             query.max_bytes.unwrap_or(MAX_HISTORY_PAGE_BYTES),
         );

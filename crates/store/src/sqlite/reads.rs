@@ -4,7 +4,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use crate::ops::{
-    DEFAULT_HISTORY_COUNT, MAX_HISTORY_PAGE_BYTES, MAX_SEQ, history_json, key, method_of, page_cut,
+    DEFAULT_HISTORY_COUNT, MAX_HISTORY_PAGE_BYTES, MAX_SEQ, key, method_of, page_cut, small_json,
 };
 use crate::{HistoryEntry, HistoryPage, HistoryQuery, HistoryScope, StoreError, StoredResource};
 
@@ -103,7 +103,7 @@ pub(super) fn history(
             let rows: Vec<_> = conn
                 .prepare_cached(concat!(
                     "SELECT seq, id, version, last_updated, method, ",
-                    history_json!(),
+                    small_json!("json"),
                     ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                      FROM resource_versions
                      WHERE type_no = ?1 AND id = ?2 AND seq >= ?3 AND seq <= ?4
@@ -137,7 +137,7 @@ pub(super) fn history(
             };
             conn.prepare_cached(concat!(
                 "SELECT seq, id, version, last_updated, method, ",
-                history_json!(),
+                small_json!("json"),
                 ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                  FROM resource_versions WHERE k >= ?1 AND k <= ?2
                  ORDER BY k DESC LIMIT ?3"
@@ -151,7 +151,7 @@ pub(super) fn history(
         HistoryScope::System => conn
             .prepare_cached(concat!(
                 "SELECT seq, id, version, last_updated, method, ",
-                history_json!(),
+                small_json!("json"),
                 ", type_no, CAST(coalesce(length(json), 0) AS bigint)
                  FROM resource_versions WHERE seq >= ?1 AND seq <= ?2
                  ORDER BY seq DESC LIMIT ?3"
@@ -159,7 +159,7 @@ pub(super) fn history(
             .query_map(params![lo_seq, hi_seq, limit], map)?
             .collect::<Result<_, _>>()?,
     };
-    let take = page_cut(
+    let (take, _) = page_cut(
         rows.iter()
             .take(count)
             .map(|r| usize::try_from(r.len).unwrap_or(usize::MAX)),
@@ -204,7 +204,7 @@ pub(super) struct HistoryRow {
     method: i64,
     json: Option<Vec<u8>>,
     type_no: i64,
-    /// The stored JSON's length (`json` is `None` beyond [`crate::ops::SMALL_JSON`]).
+    /// The stored JSON's length (`json` is `None` beyond 64 KiB, [`crate::ops::small_json!`]).
     len: i64,
 }
 
