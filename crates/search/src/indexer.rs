@@ -30,8 +30,6 @@ impl Indexer for SearchIndexer {
             p.extract_with(resource, bound, table, &mut scratch, &mut vals);
             let start = out.len();
             for v in vals.drain(..) {
-                // Long texts cut to what an index row may hold (store::MAX_INDEXED_TEXT).
-                let v = v.bounded();
                 // Repeated values (the same coding twice) add nothing but rows.
                 if out[start..].iter().any(|e: &IndexEntry| e.value == v) {
                     continue;

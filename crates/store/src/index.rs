@@ -61,7 +61,7 @@ pub enum IndexValue {
 /// The most bytes of a text kept in a value index. PostgreSQL refuses a B-tree row over 2,704
 /// bytes (a third of a page), and a token or identifier row holds two texts: without a bound, a
 /// resource with a 3,000-character name was refused with 500 there. Longer texts are indexed by
-/// their first 1,024 bytes (cut at a character boundary; [`IndexValue::bounded`]), and searches
+/// their first 1,024 bytes (cut at a character boundary; `IndexValue::bounded`), and searches
 /// cut their values the same way, on every backend: a search compares the first 1,024 bytes of a
 /// longer value (`:exact` on a string compares it whole, from a column no index holds).
 pub const MAX_INDEXED_TEXT: usize = 1024;
@@ -88,7 +88,7 @@ fn cut(mut s: String) -> String {
 impl IndexValue {
     /// The value with every text an index holds cut by [`index_text`] (a string's `exact`
     /// form, which no index holds, and a quantity's texts are kept whole).
-    pub fn bounded(self) -> IndexValue {
+    pub(crate) fn bounded(self) -> IndexValue {
         match self {
             IndexValue::Token { system, code } => IndexValue::Token {
                 system: system.map(cut),
@@ -114,6 +114,20 @@ impl IndexValue {
             | IndexValue::Quantity { .. }) => other,
         }
     }
+}
+
+/// What `indexer` gives for `resource`, every text cut by [`IndexValue::bounded`]: the store
+/// writes no index row another limit (PostgreSQL's) would refuse, whichever [`Indexer`] it has.
+pub(crate) fn bounded_entries(
+    indexer: &dyn Indexer,
+    resource_type: &str,
+    resource: &serde_json::Value,
+) -> Vec<IndexEntry> {
+    let mut entries = indexer.entries(resource_type, resource);
+    for e in &mut entries {
+        e.value = std::mem::replace(&mut e.value, IndexValue::Number(0.0)).bounded();
+    }
+    entries
 }
 
 #[cfg(test)]

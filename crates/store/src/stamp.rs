@@ -86,7 +86,7 @@ impl PreparedResource {
                     resource.insert("id".to_string(), Value::String(id.to_string()));
                 }
                 let value = Value::Object(resource);
-                let entries = indexer.entries(resource_type, &value);
+                let entries = crate::index::bounded_entries(indexer, resource_type, &value);
                 let Value::Object(m) = value else {
                     unreachable!("built as an object above")
                 };

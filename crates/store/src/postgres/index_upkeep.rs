@@ -288,7 +288,11 @@ fn index_current(
             let value: Value = serde_json::from_slice(json.unwrap_or_default()).map_err(|e| {
                 StoreError::Corrupt(format!("stored {name} row {k} is not JSON: {e}"))
             })?;
-            batch.push((type_no, k, indexer.entries(name, &value)));
+            batch.push((
+                type_no,
+                k,
+                crate::index::bounded_entries(&**indexer, name, &value),
+            ));
             after = k;
         }
         let items: Vec<(i64, i64, &[IndexEntry])> = batch

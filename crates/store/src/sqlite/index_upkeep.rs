@@ -166,7 +166,11 @@ fn index_type(
         let json = r.get_ref(1)?.as_blob_or_null()?.unwrap_or_default();
         let value: Value = serde_json::from_slice(json)
             .map_err(|e| StoreError::Corrupt(format!("stored {name} row {k} is not JSON: {e}")))?;
-        inserts.insert(type_no, k, indexer.entries(name, &value))?;
+        inserts.insert(
+            type_no,
+            k,
+            crate::index::bounded_entries(&**indexer, name, &value),
+        )?;
         n += 1;
     }
     inserts.finish()?;
