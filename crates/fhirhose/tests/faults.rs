@@ -1279,6 +1279,8 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        // The mount point itself (empty once unmounted), e.g. a tablespace's under /var/tmp.
+        let _ = fs::remove_dir(&self.0);
     }
 }
 
@@ -1304,15 +1306,12 @@ fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<St
     let data = dir.join("small-data");
     // SQLite: the data directory on the tmpfs. PostgreSQL: the database's tablespace (its
     // tables and indexes; the write-ahead log stays on the cluster's own disk).
-    let (mount, _space) = match store::testing::test_database_url() {
-        None => match Mount::small_tmpfs(&data)? {
-            Some(m) => (m, None),
-            None => return missing("permission to mount a tmpfs (run as root)"),
-        },
-        Some(base) => match SmallTablespace::create(&base, &data)? {
-            Some(t) => (Mount(t.at.clone()), Some(t)),
-            None => return missing("permission to mount a tmpfs (run as root)"),
-        },
+    let small = match store::testing::test_database_url() {
+        None => Mount::small_tmpfs(&data)?.map(SmallDisk::DataDir),
+        Some(base) => SmallTablespace::create(&base, &data)?.map(SmallDisk::Tablespace),
+    };
+    let Some(small) = small else {
+        return missing("permission to mount a tmpfs (run as root)");
     };
     let s = Server::start(&data, free_port(), &[], &dir.join("serve.log"))?;
     let c = reqwest::blocking::Client::builder()
@@ -1371,7 +1370,7 @@ fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<St
     // Space freed (the tmpfs grown): writes succeed again, without a restart.
     let grown = Command::new("mount")
         .args(["-o", "remount,size=64m"])
-        .arg(&mount.0)
+        .arg(small.at())
         .status()
         .is_ok_and(|st| st.success());
     ensure!(grown, "cannot grow the tmpfs");
@@ -1389,9 +1388,7 @@ fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<St
         acknowledged + 11
     );
     drop(s);
-    // The tablespace (and its database) before its mount.
-    drop(_space);
-    drop(mount);
+    drop(small);
     Ok(Some(format!(
         "{acknowledged} POSTs fitted, then 507 (a transaction too); written again after the tmpfs grew"
     )))
@@ -1403,8 +1400,26 @@ fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<St
 struct SmallTablespace {
     base: String,
     name: String,
-    at: PathBuf,
     data: PathBuf,
+    /// Unmounted after [`Drop::drop`] dropped the database and the tablespace.
+    mount: Mount,
+}
+
+/// The small disk of `database-disk-full`: the SQLite data directory, or a PostgreSQL
+/// tablespace.
+enum SmallDisk {
+    DataDir(Mount),
+    Tablespace(SmallTablespace),
+}
+
+impl SmallDisk {
+    /// Where the tmpfs is mounted.
+    fn at(&self) -> &Path {
+        match self {
+            SmallDisk::DataDir(m) => &m.0,
+            SmallDisk::Tablespace(t) => &t.mount.0,
+        }
+    }
 }
 
 impl SmallTablespace {
@@ -1439,13 +1454,11 @@ impl SmallTablespace {
         )
         .map_err(|e| format!("set the tablespace: {e}"))?;
         register_database(data, db);
-        // The mount is the caller's (grown and unmounted there).
-        std::mem::forget(mount);
         Ok(Some(SmallTablespace {
             base: base.to_string(),
             name,
-            at,
             data: data.to_path_buf(),
+            mount,
         }))
     }
 }

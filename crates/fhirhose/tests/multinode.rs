@@ -236,19 +236,54 @@ fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
-#[test]
-fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_tokens() {
-    let Some(cluster_url) =
-        external::external("FHIRHOSE_TEST_POSTGRES", "scripts/postgres.sh start DIR")
-    else {
-        return;
-    };
+/// A fresh database on the PostgreSQL cluster of `FHIRHOSE_TEST_POSTGRES` (`None`: the test
+/// is skipped), a temporary root folder and an HTTP client.
+fn postgres_set_up() -> Option<(
+    store::testing::TestDatabase,
+    tempfile::TempDir,
+    reqwest::blocking::Client,
+)> {
+    let cluster_url =
+        external::external("FHIRHOSE_TEST_POSTGRES", "scripts/postgres.sh start DIR")?;
     let database = store::testing::fresh_database(&cluster_url).expect("fresh database");
     let root = tempfile::tempdir().expect("tempdir");
     let http = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
         .expect("client");
+    Some((database, root, http))
+}
+
+/// The first `n` Synthea Bundles of the test data, in name order.
+fn synthea_bundles(n: usize) -> Vec<PathBuf> {
+    let mut bundles: Vec<PathBuf> = fs::read_dir(test_support::synthea_100())
+        .expect("testdata")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".json.gz"))
+        .collect();
+    bundles.sort();
+    bundles.truncate(n);
+    bundles
+}
+
+/// `fhirhose load` of `bundles` into the database at `url` (data directory under `root`).
+fn load(url: &str, root: &Path, bundles: &[PathBuf]) {
+    let load = fhirhose()
+        .args(["load", "--database", url, "--data-dir"])
+        .arg(root.join("load"))
+        .args(bundles)
+        .stdout(Stdio::null())
+        .output()
+        .expect("load");
+    assert!(load.status.success(), "{load:?}");
+}
+
+#[test]
+fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_tokens() {
+    let Some((database, root, http)) = postgres_set_up() else {
+        return;
+    };
     let dest = match external::var("FHIRHOSE_TEST_S3") {
         Some(endpoint) => {
             let endpoint = endpoint.trim_end_matches('/').to_string();
@@ -279,23 +314,9 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
     let (pem, clients) = admin_client(root.path(), "system/*.cruds");
 
     // A third of the Synthea set: ~13,000 resources.
-    let mut bundles: Vec<PathBuf> = fs::read_dir(test_support::synthea_100())
-        .expect("testdata")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".json.gz"))
-        .collect();
-    bundles.sort();
-    bundles.truncate(34);
+    let bundles = synthea_bundles(34);
     let expected = expected_counts(&bundles);
-    let load = fhirhose()
-        .args(["load", "--database", &database.url, "--data-dir"])
-        .arg(root.path().join("load"))
-        .args(&bundles)
-        .stdout(Stdio::null())
-        .output()
-        .expect("load");
-    assert!(load.status.success(), "{load:?}");
+    load(&database.url, root.path(), &bundles);
 
     let ports = [free_port(), free_port(), free_port()];
     let cluster = Cluster {
@@ -611,36 +632,13 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
 /// `NOTIFY` node 2 waits for its poll and the test fails.
 #[test]
 fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
-    let Some(cluster_url) =
-        external::external("FHIRHOSE_TEST_POSTGRES", "scripts/postgres.sh start DIR")
-    else {
+    let Some((database, root, http)) = postgres_set_up() else {
         return;
     };
-    let database = store::testing::fresh_database(&cluster_url).expect("fresh database");
-    let root = tempfile::tempdir().expect("tempdir");
-    let http = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client");
     let shared = root.path().join("shared");
     fs::create_dir_all(&shared).expect("shared folder");
     let (pem, clients) = admin_client(root.path(), "system/*.cruds");
-    let mut bundles: Vec<PathBuf> = fs::read_dir(test_support::synthea_100())
-        .expect("testdata")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().ends_with(".json.gz"))
-        .collect();
-    bundles.sort();
-    bundles.truncate(5);
-    let load = fhirhose()
-        .args(["load", "--database", &database.url, "--data-dir"])
-        .arg(root.path().join("load"))
-        .args(&bundles)
-        .stdout(Stdio::null())
-        .output()
-        .expect("load");
-    assert!(load.status.success(), "{load:?}");
+    load(&database.url, root.path(), &synthea_bundles(5));
 
     let ports = [free_port(), free_port()];
     let cluster = Cluster {

@@ -668,14 +668,20 @@ async fn held_connections(s: &Server, n: usize) -> Vec<TcpStream> {
     .unwrap()
 }
 
+/// A new connection to `s` from the local address `from` (127.0.0.2 and so on are this
+/// machine's loopback too), and the server's address.
+async fn connect_from(s: &Server, from: &str) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    (socket.connect(addr).await.unwrap(), addr)
+}
+
 /// `GET /metadata` on a new connection from the local address `from`, read until the server
 /// closes it (`Connection: close`).
 async fn metadata_from(s: &Server, from: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    let mut conn = socket.connect(addr).await.unwrap();
+    let (mut conn, addr) = connect_from(s, from).await;
     conn.write_all(
         format!("GET /metadata HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
@@ -725,12 +731,9 @@ async fn one_client_address_cannot_hold_every_connection() {
 /// A POST from the local address `from` whose 100-byte body is half sent: its request stays in
 /// progress until [`finish_post`].
 async fn half_sent_post(s: &Server, from: &str) -> TcpStream {
-    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    let conn = socket.connect(addr).await.unwrap().into_std().unwrap();
+    let (conn, addr) = connect_from(s, from).await;
+    let mut conn = conn.into_std().unwrap();
     conn.set_nonblocking(false).unwrap();
-    let mut conn: TcpStream = conn;
     write!(
         conn,
         "POST /Patient HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{}",
