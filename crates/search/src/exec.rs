@@ -18,7 +18,7 @@ use store::plan::{
 };
 use store::{Store, StoreError};
 
-use crate::bundle::SearchPage;
+use crate::bundle::{PageRows, SearchPage};
 use crate::error::SearchError;
 use crate::query::{Filter, Include, SearchQuery, TotalMode, Value};
 use crate::registry::{self, Storage};
@@ -365,11 +365,6 @@ fn encode_cursor(c: &PageCursor) -> String {
     hex::encode(Json::Array(a).to_string())
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Json, SearchError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| SearchError::Store(format!("stored resource is not JSON: {e}")))
-}
-
 /// Runs a search: one page of matches, includes, total and next cursor.
 pub fn execute(store: &dyn Store, q: &SearchQuery) -> Result<SearchPage, SearchError> {
     execute_with(store, q, &ExecOptions::default())
@@ -382,6 +377,16 @@ pub fn execute_with(
     q: &SearchQuery,
     opts: &ExecOptions,
 ) -> Result<SearchPage, SearchError> {
+    execute_rows(store, q, opts)?.parse()
+}
+
+/// [`execute_with`] leaving each resource as the store keeps it (JSON bytes), for
+/// [`crate::bundle::write_searchset`].
+pub fn execute_rows(
+    store: &dyn Store,
+    q: &SearchQuery,
+    opts: &ExecOptions,
+) -> Result<PageRows, SearchError> {
     let plan = SearchPlan {
         max_page_bytes: opts.max_page_bytes,
         ..compile(q, opts.max_included)?
@@ -400,19 +405,16 @@ pub fn execute_with(
     }
 }
 
-/// The rows of a plan as a [`SearchPage`].
-fn page(q: &SearchQuery, plan: &SearchPlan, rows: SearchRows) -> Result<SearchPage, SearchError> {
-    let mut page = SearchPage {
+/// The rows of a plan as a [`PageRows`].
+fn page(q: &SearchQuery, plan: &SearchPlan, rows: SearchRows) -> Result<PageRows, SearchError> {
+    let included = rows.included.len();
+    let mut page = PageRows {
+        matches: rows.matches,
+        included: rows.included,
         total: rows.total,
         next_cursor: rows.next.as_ref().map(encode_cursor),
-        ..SearchPage::default()
+        warnings: Vec::new(),
     };
-    for json in &rows.matches {
-        page.matches.push(parse_json(json)?);
-    }
-    for json in &rows.included {
-        page.included.push(parse_json(json)?);
-    }
     if !rows.included_complete {
         tracing::info!(
             resource_type = %q.resource_type,
@@ -421,7 +423,7 @@ fn page(q: &SearchQuery, plan: &SearchPlan, rows: SearchRows) -> Result<SearchPa
         );
         page.warnings.push(format!(
             "only the first {} included resources are in this page (the server's limits: {} resources, {} bytes in a page); ask for a smaller _count or fewer includes to get them all",
-            rows.included.len(),
+            included,
             plan.max_included,
             plan.max_page_bytes
         ));

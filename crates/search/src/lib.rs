@@ -34,9 +34,14 @@ pub mod registry;
 mod reindex;
 pub mod values;
 
-pub use bundle::{SearchPage, into_searchset_bundle, searchset_bundle};
+pub use bundle::{
+    BundleBytes, PageRows, ResourceHead, SearchPage, into_searchset_bundle, searchset_bundle,
+    write_searchset,
+};
 pub use error::SearchError;
-pub use exec::{ExecOptions, SearchControl, compile, execute, execute_with, search_bundle};
+pub use exec::{
+    ExecOptions, SearchControl, compile, execute, execute_rows, execute_with, search_bundle,
+};
 pub use indexer::SearchIndexer;
 pub use predicate::{Predicate, PredicateSet};
 pub use query::{

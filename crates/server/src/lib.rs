@@ -6,12 +6,15 @@
 //! - [`routes`]: the handlers (CRUD, history, search, batch/transaction, metadata).
 //! - [`capability`]: the CapabilityStatement, generated from what is implemented.
 //! - [`negotiate`]: content negotiation (JSON only), body parsing.
+//! - [`chunks`]: the body of a Bundle written around stored resources (search, history).
 //!
 //! Architecture Invariant: handlers never block the async runtime: every store call runs in
-//! `spawn_blocking`. Stored resources are served as the stored bytes, without re-serialisation.
+//! `spawn_blocking`. Stored resources are served as the stored bytes, without re-serialisation,
+//! alone and inside the search and history Bundles.
 
 pub mod body_budget;
 pub mod capability;
+pub mod chunks;
 pub mod config;
 pub mod error;
 pub mod export_routes;

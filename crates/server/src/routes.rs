@@ -627,21 +627,54 @@ fn history_query(pairs: &[(String, String)]) -> Result<HistoryQuery, ApiError> {
     Ok(q)
 }
 
+/// The history Bundle of `page`, written around the versions' stored JSON
+/// ([`search::BundleBytes`]: no version is parsed into a tree and written again).
 fn history_bundle(
-    state: &AppState,
+    base_url: &str,
     path: &str,
     q: &HistoryQuery,
     as_of: i64,
-    page: &HistoryPage,
-) -> Result<Value, ApiError> {
-    let mut entries = Vec::with_capacity(page.entries.len());
-    for e in &page.entries {
-        let full_url = format!("{}/{}/{}", state.base_url, e.resource_type, e.id);
-        let mut entry = json!({"fullUrl": full_url});
-        if let Some(bytes) = &e.json {
-            let r: Value =
-                serde_json::from_slice(bytes).map_err(|err| ApiError::internal("history", err))?;
-            entry["resource"] = r;
+    page: HistoryPage,
+) -> Result<Vec<Vec<u8>>, ApiError> {
+    let mut params: Vec<String> = Vec::new();
+    if let Some(s) = q.since_ms {
+        params.push(format!("_since={}", store::format_instant_ms(s)));
+    }
+    if q.count > 0 {
+        params.push(format!("_count={}", q.count));
+    }
+    let self_url = format!(
+        "{}{}{}{}",
+        base_url,
+        path,
+        if params.is_empty() { "" } else { "?" },
+        params.join("&")
+    );
+    let mut links = vec![json!({"relation": "self", "url": self_url})];
+    if let Some(before) = page.next_before_seq {
+        let mut p = params.clone();
+        p.push(format!("_asof={as_of}"));
+        p.push(format!("_before={before}"));
+        links.push(
+            json!({"relation": "next", "url": format!("{}{}?{}", base_url, path, p.join("&"))}),
+        );
+    }
+    let mut b = search::BundleBytes::default();
+    b.raw(r#"{"resourceType":"Bundle","type":"history","link":"#);
+    b.value(&Value::Array(links));
+    b.raw(r#","entry":["#);
+    for (i, e) in page.entries.into_iter().enumerate() {
+        b.raw(if i == 0 {
+            r#"{"fullUrl":"#
+        } else {
+            r#",{"fullUrl":"#
+        });
+        b.string(&format!("{}/{}/{}", base_url, e.resource_type, e.id));
+        if let Some(bytes) = e.json {
+            // The whole version is checked to be one JSON object; only its type and id are read.
+            search::ResourceHead::read(&bytes).map_err(|err| ApiError::internal("history", err))?;
+            b.raw(r#","resource":"#);
+            b.resource(bytes);
         }
         let url = match e.method {
             HistoryMethod::Post => e.resource_type.clone(),
@@ -652,32 +685,14 @@ fn history_bundle(
             HistoryMethod::Put => "200 OK",
             HistoryMethod::Delete => "204 No Content",
         };
-        entry["request"] = json!({"method": e.method.as_str(), "url": url});
-        entry["response"] = json!({"status": status, "etag": format!("W/\"{}\"", e.version), "lastModified": e.last_updated});
-        entries.push(entry);
+        b.raw(r#","request":"#);
+        b.value(&json!({"method": e.method.as_str(), "url": url}));
+        b.raw(r#","response":"#);
+        b.value(&json!({"status": status, "etag": format!("W/\"{}\"", e.version), "lastModified": e.last_updated}));
+        b.raw("}");
     }
-    let mut params: Vec<String> = Vec::new();
-    if let Some(s) = q.since_ms {
-        params.push(format!("_since={}", store::format_instant_ms(s)));
-    }
-    if q.count > 0 {
-        params.push(format!("_count={}", q.count));
-    }
-    let self_url = format!(
-        "{}{}{}{}",
-        state.base_url,
-        path,
-        if params.is_empty() { "" } else { "?" },
-        params.join("&")
-    );
-    let mut links = vec![json!({"relation": "self", "url": self_url})];
-    if let Some(before) = page.next_before_seq {
-        let mut p = params.clone();
-        p.push(format!("_asof={as_of}"));
-        p.push(format!("_before={before}"));
-        links.push(json!({"relation": "next", "url": format!("{}{}?{}", state.base_url, path, p.join("&"))}));
-    }
-    Ok(json!({"resourceType": "Bundle", "type": "history", "link": links, "entry": entries}))
+    b.raw("]}");
+    Ok(b.finish())
 }
 
 async fn history(
@@ -689,7 +704,8 @@ async fn history(
     let pairs = query_pairs(raw.as_deref());
     let mut q = history_query(&pairs)?;
     let store = state.store.clone();
-    let (q2, page, as_of) = blocking(move || {
+    let base_url = state.base_url.clone();
+    let chunks = blocking(move || {
         let as_of = match q.as_of {
             Some(a) => a,
             None => store.current_seq()?,
@@ -704,11 +720,10 @@ async fn history(
             _ => HistoryScope::System,
         };
         let page = store.history(scope, &q)?;
-        Ok((q, page, as_of))
+        history_bundle(&base_url, &path, &q, as_of, page)
     })
     .await?;
-    let b = history_bundle(&state, &path, &q2, as_of, &page)?;
-    Ok(fhir_json(&b))
+    Ok(crate::chunks::fhir_chunks(chunks))
 }
 
 async fn history_system(
@@ -861,7 +876,6 @@ async fn run_search(
     limits.check_query(&q)?;
     authorize_search(&ctx, &q)?;
     let store = state.store.clone();
-    let q2 = q.clone();
     // The blocking search outlives this future when the client goes away (axum drops the
     // handler, not the blocking task): the guard stops it then, SQLite checks the time limit.
     let control = search::SearchControl::new(limits.timeout);
@@ -872,28 +886,31 @@ async fn run_search(
         max_page_bytes: limits.max_page_bytes,
     };
     let span = tracing::Span::current();
-    let mut page = blocking(move || {
+    let base = state.base_url.clone();
+    let chunks = blocking(move || {
         let _request = span.enter();
-        tracing::debug!(resource_type = %q2.resource_type, "search running");
-        let result = search::execute_with(&*store, &q2, &exec);
+        tracing::debug!(resource_type = %q.resource_type, "search running");
+        let result = search::execute_rows(&*store, &q, &exec);
         match &result {
             Err(search::SearchError::Cancelled) => {
-                tracing::info!(resource_type = %q2.resource_type, "search stopped: the client went away");
+                tracing::info!(resource_type = %q.resource_type, "search stopped: the client went away");
             }
             Err(search::SearchError::Timeout { limit }) => {
-                tracing::warn!(resource_type = %q2.resource_type, limit = ?limit, "search stopped: time limit");
+                tracing::warn!(resource_type = %q.resource_type, limit = ?limit, "search stopped: time limit");
             }
             _ => {}
         }
-        Ok(result?)
+        // The Bundle is written around the stored bytes (each resource's type and id read,
+        // nothing parsed into a tree). `_include` without a target type (or `*`) may reach
+        // types the client cannot read: those are withheld as it is written.
+        Ok(search::write_searchset(
+            &base,
+            &q,
+            &pairs,
+            result?,
+            &|t| ctx.scopes.can_read(t),
+        )?)
     })
     .await?;
-    // `_include` without a target type (or `*`) may reach types the client cannot read: withhold them.
-    page.included.retain(|r| {
-        r.get("resourceType")
-            .and_then(Value::as_str)
-            .is_some_and(|t| ctx.scopes.can_read(t))
-    });
-    let b = search::into_searchset_bundle(&state.base_url, &q, &pairs, page);
-    Ok(fhir_json(&b))
+    Ok(crate::chunks::fhir_chunks(chunks))
 }

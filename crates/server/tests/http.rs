@@ -241,6 +241,80 @@ async fn history_pages_follow_next_links() {
     assert_eq!(seen, ["o4", "o3", "o2", "o1", "o0"]);
 }
 
+/// Search and history pages embed each resource as it is stored (what a read answers), byte for
+/// byte.
+#[tokio::test]
+async fn search_and_history_bundles_carry_the_stored_bytes() {
+    let s = start().await;
+    let patient = json!({"resourceType": "Patient", "id": "p1", "active": true,
+        "name": [{"family": "Ünïcode \"quoted\" \\ name", "given": ["A"]}],
+        "extension": [{"url": "http://e/x", "valueDecimal": 1.50}]});
+    let (st, _, _) = s
+        .send(reqwest::Method::PUT, "/Patient/p1", Some(patient), &[])
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, _, _) = s
+        .send(
+            reqwest::Method::PUT,
+            "/Patient/p2",
+            Some(json!({"resourceType": "Patient", "id": "p2"})),
+            &[],
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, _, _) = s
+        .send(reqwest::Method::DELETE, "/Patient/p2", None, &[])
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let stored = s
+        .client
+        .get(s.url("/Patient/p1"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for path in [
+        "/Patient?_id=p1",
+        "/Patient?_sort=-_lastUpdated&_count=1",
+        "/Patient?_total=accurate&family:contains=quoted",
+        "/Patient/p1/_history",
+        "/Patient/_history",
+        "/_history",
+    ] {
+        let resp = s.client.get(s.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/fhir+json")
+        );
+        let text = resp.text().await.unwrap();
+        assert!(text.contains(&stored), "{path}: {text}");
+        let b: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(b["resourceType"], "Bundle", "{path}");
+        let entries = b["entry"].as_array().unwrap();
+        let first = entries
+            .iter()
+            .find(|e| e["fullUrl"] == s.url("/Patient/p1"))
+            .unwrap_or_else(|| panic!("{path}: {b}"));
+        if path.contains("_history") {
+            assert_eq!(first["response"]["etag"], "W/\"1\"", "{path}");
+        } else {
+            assert_eq!(first["search"]["mode"], "match", "{path}");
+        }
+        if path == "/Patient/_history" {
+            // p2's delete (newest first): an entry without a resource.
+            assert_eq!(entries.len(), 3, "{path}: {b}");
+            assert_eq!(entries[0]["fullUrl"], s.url("/Patient/p2"));
+            assert!(entries[0].get("resource").is_none());
+            assert_eq!(entries[0]["request"]["method"], "DELETE");
+        }
+    }
+}
+
 #[tokio::test]
 async fn if_match_conflicts() {
     let s = start().await;
