@@ -40,6 +40,13 @@ use store::{SqliteStore, Store};
 pub use config::{LogFormat, ServeConfig};
 pub use error::ApiError;
 
+/// The largest header list an HTTP/2 request may have (SETTINGS_MAX_HEADER_LIST_SIZE: the
+/// decoded names and values, 32 bytes more per field). hyper's default of 16 KiB answered a
+/// longer `:path` with a bare 431 that HTTP/1.1 takes (its request line may have 64 KiB); at
+/// 96 KiB the request reaches the server's own checks, which answer a too-long search with an
+/// OperationOutcome. Longer lists still get h2's bare 431.
+pub const HTTP2_MAX_HEADER_LIST: u32 = 96 * 1024;
+
 /// FHIR JSON media type.
 pub const FHIR_JSON: &str = "application/fhir+json";
 
@@ -420,7 +427,10 @@ pub async fn serve_connections(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(HTTP2_MAX_HEADER_LIST);
     // One builder for every connection task (its settings are read, never changed).
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);

@@ -876,6 +876,77 @@ async fn an_http2_connection_over_the_address_cap_gets_503() {
     );
 }
 
+/// An HTTP/2 request whose `:path` is longer than hyper's default header list (16 KiB) reaches
+/// the search's own limits and gets their OperationOutcome, as over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_http2_search_gets_an_operation_outcome() {
+    let s = start(0, capped(8, 8), |_, _| {}).await;
+    let a = s.base.trim_start_matches("http://").to_string();
+    let path = format!("/Patient?name={}", "a".repeat(40_000));
+    // HPACK: indexed `:method GET` and `:scheme http`; `:path` and `:authority` as literals
+    // without indexing (indexed names 4 and 1), lengths as HPACK integers with a 7-bit prefix.
+    fn literal(block: &mut Vec<u8>, name_index: u8, value: &[u8]) {
+        block.push(name_index);
+        let mut n = value.len();
+        if n < 127 {
+            block.push(u8::try_from(n).unwrap());
+        } else {
+            block.push(127);
+            n -= 127;
+            while n >= 128 {
+                block.push(u8::try_from(n % 128).unwrap() | 0x80);
+                n /= 128;
+            }
+            block.push(u8::try_from(n).unwrap());
+        }
+        block.extend_from_slice(value);
+    }
+    let mut block = vec![0x82, 0x86];
+    literal(&mut block, 0x04, path.as_bytes());
+    literal(&mut block, 0x01, a.as_bytes());
+    // The preface, an empty SETTINGS frame, then the block in frames of at most 16 KiB (the
+    // default SETTINGS_MAX_FRAME_SIZE): HEADERS (END_STREAM), CONTINUATION…, the last with
+    // END_HEADERS.
+    let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    let pieces: Vec<&[u8]> = block.chunks(16_384).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let len = u32::try_from(piece.len()).unwrap().to_be_bytes();
+        let kind = if i == 0 { 0x01 } else { 0x09 };
+        let mut flags = if i == 0 { 0x01 } else { 0 };
+        if i == pieces.len() - 1 {
+            flags |= 0x04;
+        }
+        request.extend_from_slice(&[len[1], len[2], len[3], kind, flags, 0, 0, 0, 1]);
+        request.extend_from_slice(piece);
+    }
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut conn = TcpStream::connect(&a).unwrap();
+        conn.write_all(&request).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 65_536];
+        // Read until the OperationOutcome has come (the connection stays open) or nothing more does.
+        while let Ok(n) = conn.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if String::from_utf8_lossy(&buf).contains("]}]}") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.contains("OperationOutcome")
+            && answer.contains("too-costly")
+            && answer.contains("at most 8192 are allowed"),
+        "{answer:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn request_bodies_in_memory_share_one_budget() {
     let s = start_with(
