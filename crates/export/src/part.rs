@@ -12,7 +12,8 @@ use crate::sink::{PartWriter, Sink, SinkError};
 
 enum Inner {
     Plain(DigestWriter<Box<dyn PartWriter>>),
-    Gzip(GzEncoder<DigestWriter<Box<dyn PartWriter>>>),
+    // Boxed: the encoder (zlib-rs) is larger than the plain writer.
+    Gzip(Box<GzEncoder<DigestWriter<Box<dyn PartWriter>>>>),
 }
 
 /// A part being written: the destination's writer under a digest (and a gzip encoder).
@@ -31,7 +32,7 @@ pub fn create(
     let w = DigestWriter::new(sink.create(container, path)?);
     let inner = if gzip {
         // Level 1: most of what level 6 saves on NDJSON, at a fraction of the CPU time.
-        Inner::Gzip(GzEncoder::new(w, flate2::Compression::fast()))
+        Inner::Gzip(Box::new(GzEncoder::new(w, flate2::Compression::fast())))
     } else {
         Inner::Plain(w)
     };
