@@ -419,6 +419,12 @@ mod tests {
         assert_eq!(modes, ["match", "outcome"]);
     }
 
+    /// The Bundle `write_searchset` writes for `rows`, every include allowed, parsed.
+    fn written(q: &SearchQuery, params: &[(String, String)], rows: PageRows) -> Json {
+        let chunks = write_searchset("http://h", q, params, rows, &|_| true).unwrap();
+        serde_json::from_slice(&chunks.concat()).unwrap()
+    }
+
     #[test]
     fn elements_count_and_empty_pages() {
         let obs =
@@ -429,12 +435,7 @@ mod tests {
             matches: vec![obs.clone()],
             ..Default::default()
         };
-        let b: Json = serde_json::from_slice(
-            &write_searchset("http://h", &q, &params, rows, &|_| true)
-                .unwrap()
-                .concat(),
-        )
-        .unwrap();
+        let b = written(&q, &params, rows);
         assert_eq!(b["entry"][0]["resource"]["status"], "final");
         assert!(b["entry"][0]["resource"].get("note").is_none());
         assert_eq!(
@@ -448,22 +449,12 @@ mod tests {
             total: Some(7),
             ..Default::default()
         };
-        let b: Json = serde_json::from_slice(
-            &write_searchset("http://h", &q, &params, rows, &|_| true)
-                .unwrap()
-                .concat(),
-        )
-        .unwrap();
+        let b = written(&q, &params, rows);
         assert_eq!(b["total"], 7);
         assert_eq!(b["entry"], json!([]));
 
         let (q, params) = query("status=final");
-        let b: Json = serde_json::from_slice(
-            &write_searchset("http://h", &q, &params, PageRows::default(), &|_| true)
-                .unwrap()
-                .concat(),
-        )
-        .unwrap();
+        let b = written(&q, &params, PageRows::default());
         assert_eq!(b["entry"], json!([]));
         assert!(b.get("total").is_none());
     }
