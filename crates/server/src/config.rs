@@ -98,6 +98,11 @@ pub struct ServeConfig {
     /// Retry-After at once. Bounds the memory of responses built and waiting for slow readers.
     #[arg(long, env = "FHIRHOSE_MAX_REQUESTS", default_value_t = crate::in_flight::DEFAULT_MAX_REQUESTS)]
     pub max_requests: usize,
+    /// Downloads of export files in progress at once, counted apart from --max-requests (so
+    /// that many parallel downloaders do not make every other request 503); one client
+    /// address may have the same share of it. More are answered 503 with Retry-After at once.
+    #[arg(long, env = "FHIRHOSE_MAX_DOWNLOADS", default_value_t = crate::in_flight::DEFAULT_MAX_DOWNLOADS)]
+    pub max_downloads: usize,
     /// Seconds a graceful shutdown (SIGTERM, Ctrl-C) waits for open requests and running export
     /// work items to finish; items still running are then given back to resume at the next
     /// start.
@@ -542,16 +547,16 @@ impl ServeConfig {
             .min(self.max_body_memory)
     }
 
-    /// The requests one client address may have in progress: the share of `--max-requests`
-    /// that `--max-connections-per-address` is of `--max-connections` (all of it behind a
-    /// proxy, where the two are set equal), at least one.
-    pub fn requests_per_address(&self) -> usize {
-        let share = (self.max_requests as u128)
-            .saturating_mul(self.max_connections_per_address as u128)
+    /// What one client address may have in progress of a bound of `total` (`--max-requests`,
+    /// `--max-downloads`): the share of it that `--max-connections-per-address` is of
+    /// `--max-connections` (all of it behind a proxy, where the two are set equal), at least
+    /// one.
+    pub fn share_per_address(&self, total: usize) -> usize {
+        let share = (total as u128).saturating_mul(self.max_connections_per_address as u128)
             / (self.max_connections.max(1) as u128);
         usize::try_from(share)
             .unwrap_or(usize::MAX)
-            .clamp(1, self.max_requests.max(1))
+            .clamp(1, total.max(1))
     }
 
     /// Checks the values that clap cannot check alone.
@@ -590,11 +595,12 @@ impl ServeConfig {
             || self.max_connections == 0
             || self.max_connections_per_address == 0
             || self.max_requests == 0
+            || self.max_downloads == 0
             || self.min_body_rate == 0
         {
             return Err(ConfigError::Export(
                 "--header-read-timeout, --max-connections, --max-connections-per-address, \
-                 --max-requests and --min-body-rate must be at least 1"
+                 --max-requests, --max-downloads and --min-body-rate must be at least 1"
                     .into(),
             ));
         }
@@ -719,16 +725,20 @@ mod tests {
     #[test]
     fn a_client_address_holds_its_connections_share_of_the_requests() {
         let serve = |args: &[&str]| Cli::parse_from([&["serve"], args].concat()).serve;
-        // 256 of 1,024 connections: a quarter of 128.
-        assert_eq!(serve(&[]).requests_per_address(), 32);
-        assert_eq!(serve(&["--max-requests", "2"]).requests_per_address(), 1);
+        // 256 of 1,024 connections: a quarter of 128 requests and of 64 downloads.
+        let c = serve(&[]);
+        assert_eq!(c.share_per_address(c.max_requests), 32);
+        assert_eq!(c.share_per_address(c.max_downloads), 16);
+        let c = serve(&["--max-requests", "2"]);
+        assert_eq!(c.share_per_address(c.max_requests), 1);
         let c = serve(&[
             "--max-requests",
             "10",
             "--max-connections-per-address",
             "1024",
         ]);
-        assert_eq!(c.requests_per_address(), 10);
+        assert_eq!(c.share_per_address(c.max_requests), 10);
+        assert!(serve(&["--max-downloads", "0"]).validate().is_err());
     }
 
     /// The flags' defaults and the structs' `Default`s are the same values (both read

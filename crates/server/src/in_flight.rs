@@ -8,10 +8,17 @@
 //!
 //! A client address (as [`crate::per_address`] counts them) may have the share of
 //! `--max-requests` that `--max-connections-per-address` is of `--max-connections` in progress
-//! (`ServeConfig::requests_per_address`). A request over either bound is answered at once —
+//! (`ServeConfig::share_per_address`). A request over either bound is answered at once —
 //! `503` `throttled` with an OperationOutcome and `Retry-After: 1` — and costs nothing more;
 //! nothing waits for a slot. `GET /metrics` is always served, so that an operator sees the
 //! refusals while they happen.
+//!
+//! Downloads of export files (`GET /export-files/…`) have a bound of their own,
+//! `--max-downloads` (and the same share of it per address), and do not count against
+//! `--max-requests`: a population's files fetched by many parallel downloaders would otherwise
+//! hold every request slot for as long as they take, and every other request — a status poll, a
+//! search, a kick-off — would get 503 meanwhile. A download holds at most a few 1 MiB chunks in
+//! memory (`export_routes`), so the bound is about the destination's reads and the sockets.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -28,8 +35,37 @@ use crate::slow_clients::GuardedBody;
 /// The default of `--max-requests`.
 pub const DEFAULT_MAX_REQUESTS: usize = 128;
 
-/// Requests in progress, in all and per client address.
+/// The default of `--max-downloads`.
+pub const DEFAULT_MAX_DOWNLOADS: usize = 64;
+
+/// What a bound counts: its option and the noun of its refusals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Every request but downloads (`--max-requests`).
+    Requests,
+    /// Downloads of export files (`--max-downloads`).
+    Downloads,
+}
+
+impl Pool {
+    fn flag(self) -> &'static str {
+        match self {
+            Pool::Requests => "--max-requests",
+            Pool::Downloads => "--max-downloads",
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Pool::Requests => "requests",
+            Pool::Downloads => "downloads",
+        }
+    }
+}
+
+/// Requests (or downloads) in progress, in all and per client address.
 pub struct InFlight {
+    pool: Pool,
     max: usize,
     total: AtomicUsize,
     by_client: Arc<PerClient>,
@@ -41,7 +77,7 @@ pub struct InFlight {
 /// Which bound a refused request met.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// `--max-requests`.
+    /// The bound of the pool (`--max-requests`, `--max-downloads`).
     Server,
     /// The client address's share of it.
     Client,
@@ -54,10 +90,17 @@ pub struct Slot {
 }
 
 impl InFlight {
+    /// The bound of `--max-requests`: `max` in all, `max_per_client` per client address.
     pub fn new(max: usize, max_per_client: usize) -> Arc<InFlight> {
+        InFlight::of(Pool::Requests, max, max_per_client)
+    }
+
+    /// A bound of `pool`: `max` in all, `max_per_client` per client address (each at least 1).
+    pub fn of(pool: Pool, max: usize, max_per_client: usize) -> Arc<InFlight> {
         let max = max.max(1);
         let max_per_client = max_per_client.clamp(1, max);
         Arc::new(InFlight {
+            pool,
             max,
             total: AtomicUsize::new(0),
             by_client: PerClient::new(max_per_client),
@@ -104,18 +147,19 @@ impl InFlight {
     /// The answer to a refused request, counted and (at most every 10 s) logged.
     fn refuse(&self, why: Refusal, client: Option<IpAddr>) -> Response {
         let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let (noun, flag) = (self.pool.noun(), self.pool.flag());
         let (limit, what) = match why {
             Refusal::Server => (
                 self.max,
-                "the server has as many requests in progress as --max-requests allows",
+                format!("the server has as many {noun} in progress as {flag} allows"),
             ),
             Refusal::Client => (
                 self.max_per_client,
-                "this client address has its share of --max-requests in progress",
+                format!("this client address has its share of {flag} in progress"),
             ),
         };
         if self.warned.due() {
-            tracing::warn!(client = %client.map(|c| c.to_string()).unwrap_or_default(), limit, refused_in_all = refused, "requests refused: {what}");
+            tracing::warn!(client = %client.map(|c| c.to_string()).unwrap_or_default(), limit, refused_in_all = refused, "{noun} refused: {what}");
         }
         ApiError::throttled(format!(
             "{what} ({limit}); retry after the ones in progress end"
@@ -130,16 +174,29 @@ impl Drop for Slot {
     }
 }
 
-/// The router layer: every request but `GET /metrics` takes a slot of `in_flight` for as long
-/// as it is in progress, or is answered 503 at once.
+/// The path prefix of downloads (`export_routes::download`), counted in [`Pool::Downloads`].
+pub const DOWNLOADS_PATH: &str = "/export-files/";
+
+/// The router layer: every request but `GET /metrics` takes a slot for as long as it is in
+/// progress — a download of `downloads`, any other request of `requests` — or is answered 503
+/// at once.
 pub async fn admit(
-    axum::extract::State(in_flight): axum::extract::State<Arc<InFlight>>,
+    axum::extract::State((requests, downloads)): axum::extract::State<(
+        Arc<InFlight>,
+        Arc<InFlight>,
+    )>,
     req: Request<Body>,
     next: axum::middleware::Next,
 ) -> Response {
-    if req.uri().path() == "/metrics" {
+    let path = req.uri().path();
+    if path == "/metrics" {
         return next.run(req).await;
     }
+    let in_flight = if path.starts_with(DOWNLOADS_PATH) {
+        downloads
+    } else {
+        requests
+    };
     let client = req.extensions().get::<Client>().map(|c| c.0);
     let slot = match in_flight.enter(client) {
         Ok(slot) => slot,

@@ -62,6 +62,8 @@ pub struct AppState {
     pub body_budget: body_budget::BodyBudget,
     /// The requests in progress at once (`--max-requests`, [`in_flight`]).
     pub in_flight: Arc<in_flight::InFlight>,
+    /// The downloads of export files in progress at once (`--max-downloads`, [`in_flight`]).
+    pub downloads_in_flight: Arc<in_flight::InFlight>,
     pub export: Arc<export::ExportService>,
     /// Bounds on search requests and their time limit (`--search-*`).
     pub search_limits: search::SearchLimits,
@@ -138,6 +140,11 @@ impl AppState {
             in_flight: in_flight::InFlight::new(
                 in_flight::DEFAULT_MAX_REQUESTS,
                 in_flight::DEFAULT_MAX_REQUESTS / 4,
+            ),
+            downloads_in_flight: in_flight::InFlight::of(
+                in_flight::Pool::Downloads,
+                in_flight::DEFAULT_MAX_DOWNLOADS,
+                in_flight::DEFAULT_MAX_DOWNLOADS / 4,
             ),
             export,
             search_limits: search::SearchLimits::default(),
@@ -330,7 +337,15 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         search_limits: config.search.limits(),
         body_budget: body_budget::BodyBudget::new(config.max_body_memory)
             .with_client_share(config.body_memory_per_address()),
-        in_flight: in_flight::InFlight::new(config.max_requests, config.requests_per_address()),
+        in_flight: in_flight::InFlight::new(
+            config.max_requests,
+            config.share_per_address(config.max_requests),
+        ),
+        downloads_in_flight: in_flight::InFlight::of(
+            in_flight::Pool::Downloads,
+            config.max_downloads,
+            config.share_per_address(config.max_downloads),
+        ),
         // `--metrics`, by default open without authorization and protected with it.
         metrics_mode: config
             .metrics

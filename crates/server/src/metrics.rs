@@ -261,6 +261,24 @@ pub fn render(state: &AppState) -> String {
             state.in_flight.refused(),
         ),
         (
+            "fhirhose_downloads_in_progress",
+            "gauge",
+            "Downloads of export files in progress now (not counted in fhirhose_requests_in_progress).",
+            state.downloads_in_flight.current() as u64,
+        ),
+        (
+            "fhirhose_downloads_limit",
+            "gauge",
+            "The most downloads of export files in progress at once (--max-downloads).",
+            state.downloads_in_flight.limit() as u64,
+        ),
+        (
+            "fhirhose_downloads_refused_total",
+            "counter",
+            "Downloads answered 503 because --max-downloads or the client address's share of it was reached.",
+            state.downloads_in_flight.refused(),
+        ),
+        (
             "fhirhose_request_bodies_refused_total",
             "counter",
             "Request bodies answered 503 because the bodies in memory were at --max-body-memory.",

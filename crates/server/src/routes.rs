@@ -171,9 +171,10 @@ pub fn router(state: AppState) -> Router {
             },
         ))
         // Before any work (and outside the logging, which would log a flood line by line): a
-        // request over `--max-requests` or its client's share is answered 503 at once.
+        // request over `--max-requests` (a download: `--max-downloads`) or its client's share
+        // is answered 503 at once.
         .layer(axum::middleware::from_fn_with_state(
-            state.in_flight.clone(),
+            (state.in_flight.clone(), state.downloads_in_flight.clone()),
             crate::in_flight::admit,
         ))
         // Outermost: every request gets an `x-request-id` (the client's, or a new UUID), seen by

@@ -828,6 +828,71 @@ async fn a_client_address_holds_its_share_of_the_requests_in_progress() {
     assert!(again.starts_with("HTTP/1.1 200"), "{again}");
 }
 
+/// Downloads of export files have a bound of their own (`--max-downloads`): with every download
+/// slot taken a download gets 503 naming it while other requests are served, and with every
+/// request slot taken downloads are still served.
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_and_other_requests_have_bounds_of_their_own() {
+    use server::in_flight::{InFlight, Pool};
+    let requests = InFlight::new(2, 2);
+    let downloads = InFlight::of(Pool::Downloads, 1, 1);
+    let (r, d) = (requests.clone(), downloads.clone());
+    let s = start_with(
+        20,
+        limits(),
+        |_, _| {},
+        move |state| {
+            state.in_flight = r;
+            state.downloads_in_flight = d;
+        },
+    )
+    .await;
+    let status_url = s.kickoff_ok().await;
+    let (code, _, manifest) = s.settle(&status_url).await;
+    assert_eq!(code, StatusCode::OK, "{manifest}");
+    let file_url = manifest["output"][0]["url"].as_str().unwrap().to_string();
+    assert!(
+        file_url.contains(server::in_flight::DOWNLOADS_PATH),
+        "{file_url}"
+    );
+
+    // The download slot taken (as a download in progress takes it).
+    let held = downloads.enter(None).unwrap();
+    let refused = s.c.get(&file_url).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let outcome = refused.text().await.unwrap();
+    assert!(
+        outcome.contains("throttled") && outcome.contains("--max-downloads"),
+        "{outcome}"
+    );
+    assert_eq!(
+        s.c.get(&status_url).send().await.unwrap().status(),
+        StatusCode::OK,
+        "a status request is served while the downloads are at their bound"
+    );
+    assert_eq!(metric(&s, "fhirhose_downloads_in_progress").await, 1);
+    assert_eq!(metric(&s, "fhirhose_downloads_refused_total").await, 1);
+    assert_eq!(metric(&s, "fhirhose_requests_refused_total").await, 0);
+    drop(held);
+
+    // Every request slot taken: a download is served, another request is not.
+    let held: Vec<_> = (0..2).map(|_| requests.enter(None).unwrap()).collect();
+    let file = s.c.get(&file_url).send().await.unwrap();
+    assert_eq!(file.status(), StatusCode::OK);
+    let ndjson = file.text().await.unwrap();
+    assert!(ndjson.lines().count() > 0 && ndjson.contains("resourceType"));
+    let status = s.c.get(&status_url).send().await.unwrap();
+    assert_eq!(status.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(status.text().await.unwrap().contains("--max-requests"));
+    drop(held);
+    assert_eq!(
+        s.c.get(&status_url).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(metric(&s, "fhirhose_downloads_in_progress").await, 0);
+}
+
 /// Waits (at most 20 s) until the `/metrics` gauge `name` reads `value`.
 async fn wait_until_async(s: &Server, name: &str, value: u64) {
     for _ in 0..400 {
