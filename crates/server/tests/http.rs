@@ -74,6 +74,23 @@ impl TestServer {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let (status, headers, text) = self.send_text(method, path, body, headers).await;
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, headers, v)
+    }
+
+    /// [`TestServer::send`] with the answer's body as text, unparsed.
+    async fn send_text(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, reqwest::header::HeaderMap, String) {
         let mut req = self.client.request(method, self.url(path));
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -86,13 +103,7 @@ impl TestServer {
         let resp = req.send().await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap();
-        let v = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, headers, v)
+        (status, headers, resp.text().await.unwrap())
     }
 
     async fn get(&self, path: &str) -> (StatusCode, reqwest::header::HeaderMap, Value) {
@@ -266,15 +277,9 @@ async fn search_and_history_bundles_carry_the_stored_bytes() {
         .send(reqwest::Method::DELETE, "/Patient/p2", None, &[])
         .await;
     assert_eq!(st, StatusCode::NO_CONTENT);
-    let stored = s
-        .client
-        .get(s.url("/Patient/p1"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, _, stored) = s
+        .send_text(reqwest::Method::GET, "/Patient/p1", None, &[])
+        .await;
     for path in [
         "/Patient?_id=p1",
         "/Patient?_sort=-_lastUpdated&_count=1",
@@ -283,15 +288,14 @@ async fn search_and_history_bundles_carry_the_stored_bytes() {
         "/Patient/_history",
         "/_history",
     ] {
-        let resp = s.client.get(s.url(path)).send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let (status, headers, text) = s.send_text(reqwest::Method::GET, path, None, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
         assert!(
-            resp.headers()["content-type"]
+            headers["content-type"]
                 .to_str()
                 .unwrap()
                 .starts_with("application/fhir+json")
         );
-        let text = resp.text().await.unwrap();
         assert!(text.contains(&stored), "{path}: {text}");
         let b: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(b["resourceType"], "Bundle", "{path}");
