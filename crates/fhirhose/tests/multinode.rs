@@ -254,6 +254,23 @@ fn postgres_set_up() -> Option<(
     Some((database, root, http))
 }
 
+/// Kicks off a system export at `node` with `bearer` (202 expected): its job id.
+fn kick_off_system_export(http: &reqwest::blocking::Client, node: &Node, bearer: &str) -> String {
+    let r = http
+        .get(node.url("/$export"))
+        .header("Authorization", bearer)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .send()
+        .expect("kick-off");
+    assert_eq!(r.status().as_u16(), 202, "{:?}", r.text());
+    let location = r.headers()["content-location"]
+        .to_str()
+        .expect("location")
+        .to_string();
+    location.rsplit('/').next().expect("job id").to_string()
+}
+
 /// The first `n` Synthea Bundles of the test data, in name order.
 fn synthea_bundles(n: usize) -> Vec<PathBuf> {
     let mut bundles: Vec<PathBuf> = fs::read_dir(test_support::synthea_100())
@@ -380,21 +397,7 @@ fn three_nodes_share_one_database_export_split_take_over_fencing_cancel_and_toke
     assert_eq!(at_n2.status().as_u16(), 200, "node 1's token at node 2");
 
     // A system export kicked off at node 1.
-    let kickoff = |node: &Node| -> String {
-        let r = http
-            .get(node.url("/$export"))
-            .header("Authorization", &bearer)
-            .header("Accept", "application/fhir+json")
-            .header("Prefer", "respond-async")
-            .send()
-            .expect("kick-off");
-        assert_eq!(r.status().as_u16(), 202, "{:?}", r.text());
-        let location = r.headers()["content-location"]
-            .to_str()
-            .expect("location")
-            .to_string();
-        location.rsplit('/').next().expect("job id").to_string()
-    };
+    let kickoff = |node: &Node| kick_off_system_export(&http, node, &bearer);
     let job = kickoff(&n1);
     // Node 1 paused at once: on a quiet machine it alone finished all 124 items within 1 s
     // while nodes 2 and 3 learnt of work only by polling the queue (every 2 s; now they are
@@ -683,21 +686,7 @@ fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
         "Bearer {}",
         token["access_token"].as_str().expect("access_token")
     );
-    let r = http
-        .get(n1.url("/$export"))
-        .header("Authorization", &bearer)
-        .header("Accept", "application/fhir+json")
-        .header("Prefer", "respond-async")
-        .send()
-        .expect("kick-off");
-    assert_eq!(r.status().as_u16(), 202, "{:?}", r.text());
-    let job = r.headers()["content-location"]
-        .to_str()
-        .expect("location")
-        .rsplit('/')
-        .next()
-        .expect("job id")
-        .to_string();
+    let job = kick_off_system_export(&http, &n1, &bearer);
     // Node 1 does nothing more: whatever runs now runs on node 2.
     signal(n1.child.id(), "STOP");
 

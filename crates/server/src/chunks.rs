@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -58,12 +57,7 @@ impl http_body::Body for ChunksBody {
 
 /// An `application/fhir+json` answer whose body is `chunks` in order.
 pub fn fhir_chunks(chunks: Vec<Vec<u8>>) -> Response {
-    let mut r = Response::new(Body::new(ChunksBody::new(chunks)));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+json; charset=utf-8"),
-    );
-    r
+    crate::fhir_json_type(Response::new(Body::new(ChunksBody::new(chunks))))
 }
 
 #[cfg(test)]

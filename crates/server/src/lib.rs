@@ -162,7 +162,11 @@ pub fn fhir_json(v: &serde_json::Value) -> Response {
 
 /// Stored JSON bytes as an `application/fhir+json` response body.
 pub fn fhir_bytes(bytes: Vec<u8>) -> Response {
-    let mut r = bytes.into_response();
+    fhir_json_type(bytes.into_response())
+}
+
+/// `r` with the `application/fhir+json` content type of every FHIR JSON answer.
+pub fn fhir_json_type(mut r: Response) -> Response {
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/fhir+json; charset=utf-8"),
