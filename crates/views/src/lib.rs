@@ -35,7 +35,7 @@ pub mod parquet;
 
 pub use error::{Reason, RowError, RowReason, ViewError};
 pub use functions::{registry as fhirpath_functions, split_reference};
-pub use run::{MAX_REPEAT_DEPTH, MAX_ROWS_PER_RESOURCE, Row};
+pub use run::{EachRowError, MAX_BUFFERED_CELLS, MAX_REPEAT_DEPTH, MAX_ROWS_PER_RESOURCE, Row};
 pub use value::{Value, ValueKind};
 pub use view::{Column, View};
 

@@ -20,8 +20,43 @@ pub type Row = Vec<Value>;
 pub const MAX_REPEAT_DEPTH: usize = 256;
 
 /// How many rows one resource may produce: sibling `forEach`es multiply (their Cartesian product),
-/// so a few of them over large collections could otherwise exhaust memory.
+/// and nested ones too, so a few of them over large collections could otherwise run for ever.
 pub const MAX_ROWS_PER_RESOURCE: usize = 1_000_000;
+
+/// How many cells of one resource's rows [`View::for_each_row`] holds at once. Beyond it the
+/// rows are counted first (every error found) and then generated one at a time, so a resource
+/// allowed [`MAX_ROWS_PER_RESOURCE`] rows costs time, not memory.
+pub const MAX_BUFFERED_CELLS: usize = 64 * 1024;
+
+/// Why [`View::for_each_row`] stopped.
+#[derive(Debug)]
+pub enum EachRowError<E> {
+    /// The resource's rows cannot be made; it gave none of them.
+    Row(RowError),
+    /// The caller's function refused a row.
+    Sink(E),
+}
+
+impl<E> From<RowError> for EachRowError<E> {
+    fn from(e: RowError) -> Self {
+        EachRowError::Row(e)
+    }
+}
+
+/// Why a walk over the select tree stopped.
+enum Stop<E> {
+    Row(RowError),
+    /// More rows than the walk may hold (only when it was given a bound below
+    /// [`MAX_ROWS_PER_RESOURCE`]).
+    Held,
+    Sink(E),
+}
+
+impl<E> From<RowError> for Stop<E> {
+    fn from(e: RowError) -> Self {
+        Stop::Row(e)
+    }
+}
 
 struct Env<'a> {
     base: EvalContext<'a>,
@@ -54,6 +89,16 @@ impl<'a> Env<'a> {
             reason,
         }
     }
+
+    /// The stop for more than `max` rows: [`RowReason::TooManyRows`] at the resource's bound,
+    /// [`Stop::Held`] below it.
+    fn over<E>(&self, element: &str, max: usize) -> Stop<E> {
+        if max < MAX_ROWS_PER_RESOURCE {
+            Stop::Held
+        } else {
+            Stop::Row(self.err(element, RowReason::TooManyRows(MAX_ROWS_PER_RESOURCE)))
+        }
+    }
 }
 
 impl View {
@@ -65,10 +110,78 @@ impl View {
         Ok(out)
     }
 
-    /// Appends the rows of one resource to `out`; returns how many were added.
+    /// Appends the rows of one resource to `out`; returns how many were added. Holds them all:
+    /// [`View::for_each_row`] is the bounded way.
     pub fn rows_into(&self, resource: &Json, out: &mut Vec<Row>) -> Result<usize, RowError> {
-        if resource.get("resourceType").and_then(Json::as_str) != Some(self.resource.as_str()) {
+        let Some(env) = self.env(resource)? else {
             return Ok(0);
+        };
+        let root = Item::Node(Node::root(resource));
+        let rows = match process::<()>(&self.root, &root, 0, &env, MAX_ROWS_PER_RESOURCE) {
+            Ok(rows) => rows,
+            Err(Stop::Row(e)) => return Err(e),
+            Err(Stop::Held | Stop::Sink(())) => unreachable!("no bound below the resource's"),
+        };
+        let n = rows.len();
+        out.extend(rows);
+        Ok(n)
+    }
+
+    /// Calls `sink` with each row of one resource, in order; returns how many there were. A
+    /// resource gives all its rows or, when they cannot be made, none: its error comes before its
+    /// first row. At most [`MAX_BUFFERED_CELLS`] cells are held: rows beyond them are counted
+    /// first (which finds every error) and then generated one at a time.
+    pub fn for_each_row<E>(
+        &self,
+        resource: &Json,
+        sink: impl FnMut(&[Value]) -> Result<(), E>,
+    ) -> Result<usize, EachRowError<E>> {
+        let held = MAX_BUFFERED_CELLS / self.columns().len().max(1);
+        self.for_each_row_holding(resource, held, sink)
+    }
+
+    /// [`View::for_each_row`] holding at most `held` rows (tests force the generated path with 1).
+    #[doc(hidden)]
+    pub fn for_each_row_holding<E>(
+        &self,
+        resource: &Json,
+        held: usize,
+        mut sink: impl FnMut(&[Value]) -> Result<(), E>,
+    ) -> Result<usize, EachRowError<E>> {
+        let Some(env) = self.env(resource)? else {
+            return Ok(0);
+        };
+        let root = Item::Node(Node::root(resource));
+        let held = held.clamp(1, MAX_ROWS_PER_RESOURCE - 1);
+        match process::<E>(&self.root, &root, 0, &env, held) {
+            Ok(rows) => {
+                for r in &rows {
+                    sink(r).map_err(EachRowError::Sink)?;
+                }
+                return Ok(rows.len());
+            }
+            Err(Stop::Row(e)) => return Err(EachRowError::Row(e)),
+            Err(Stop::Sink(e)) => return Err(EachRowError::Sink(e)),
+            Err(Stop::Held) => {}
+        }
+        let n = count(&self.root, &root, 0, &env)?;
+        let mut row = Vec::with_capacity(self.columns().len());
+        emit(&self.root, &root, 0, &env, &mut row, &mut |r: &mut Row| {
+            sink(r).map_err(Stop::Sink)
+        })
+        .map_err(|stop| match stop {
+            Stop::Row(e) => EachRowError::Row(e),
+            Stop::Sink(e) => EachRowError::Sink(e),
+            Stop::Held => unreachable!("generating rows holds none"),
+        })?;
+        Ok(n)
+    }
+
+    /// The evaluation context for `resource`, or `None` when it is not of the view's type or a
+    /// `where` excludes it.
+    fn env<'a>(&'a self, resource: &'a Json) -> Result<Option<Env<'a>>, RowError> {
+        if resource.get("resourceType").and_then(Json::as_str) != Some(self.resource.as_str()) {
+            return Ok(None);
         }
         let mut base = EvalContext::new(resource);
         for c in &self.constants {
@@ -90,10 +203,10 @@ impl View {
                     .evaluate(&ctx)
                     .map_err(|e| env.err(element, RowReason::Eval(e)))?;
                 match result.as_slice() {
-                    [] => return Ok(0),
+                    [] => return Ok(None),
                     [one] => match one.to_system() {
                         Some(SystemValue::Boolean(true)) => {}
-                        Some(SystemValue::Boolean(false)) => return Ok(0),
+                        Some(SystemValue::Boolean(false)) => return Ok(None),
                         _ => {
                             return Err(env.err(
                                 element,
@@ -110,27 +223,26 @@ impl View {
                 }
             }
         }
-        let rows = process(&self.root, &root, 0, &env)?;
-        let n = rows.len();
-        out.extend(rows);
-        Ok(n)
+        Ok(Some(env))
     }
 }
 
-fn process<'a>(
+/// The foci of `s` at `focus` (with their `%rowIndex`), or `None` for `forEachOrNull` over an
+/// empty collection (its one null row).
+fn foci<'a>(
     s: &Select,
     focus: &Item<'a>,
     row_index: usize,
     env: &Env<'a>,
-) -> Result<Vec<Row>, RowError> {
-    let foci: Vec<(Item<'a>, usize)> = match &s.iteration {
+) -> Result<Option<Vec<(Item<'a>, usize)>>, RowError> {
+    Ok(Some(match &s.iteration {
         Iteration::None => vec![(focus.clone(), row_index)],
         Iteration::ForEach(e) | Iteration::ForEachOrNull(e) => {
             let items = e
                 .evaluate(&env.ctx(focus, row_index))
                 .map_err(|err| env.err(&s.element, RowReason::Eval(err)))?;
             if items.is_empty() && matches!(s.iteration, Iteration::ForEachOrNull(_)) {
-                return Ok(vec![s.null_row.clone()]);
+                return Ok(None);
             }
             items
                 .into_iter()
@@ -147,38 +259,56 @@ fn process<'a>(
                 .map(|(i, it)| (it, i))
                 .collect()
         }
+    }))
+}
+
+/// The cells of `s`'s own columns at one focus.
+fn own_cells(s: &Select, ctx: &EvalContext<'_>, env: &Env<'_>) -> Result<Row, RowError> {
+    let mut own = Vec::with_capacity(s.null_row.len());
+    for c in &s.columns {
+        let items = c
+            .expr
+            .evaluate(ctx)
+            .map_err(|e| env.err(&c.element, RowReason::Eval(e)))?;
+        own.push(if c.collection {
+            Value::Collection(items.iter().map(Value::from_item).collect())
+        } else {
+            match items.as_slice() {
+                [] => Value::Null,
+                [one] => Value::from_item(one),
+                many => {
+                    return Err(env.err(
+                        &c.element,
+                        RowReason::MultipleValues {
+                            column: c.name.clone(),
+                            count: many.len(),
+                        },
+                    ));
+                }
+            }
+        });
+    }
+    Ok(own)
+}
+
+/// The rows of `s` at `focus`, held: at most `max` rows at any step ([`Env::over`] beyond).
+fn process<'a, E>(
+    s: &Select,
+    focus: &Item<'a>,
+    row_index: usize,
+    env: &Env<'a>,
+    max: usize,
+) -> Result<Vec<Row>, Stop<E>> {
+    let Some(foci) = foci(s, focus, row_index, env)? else {
+        return Ok(vec![s.null_row.clone()]);
     };
     let mut out = Vec::new();
     for (f, i) in &foci {
-        let ctx = env.ctx(f, *i);
-        let mut own = Vec::with_capacity(s.null_row.len());
-        for c in &s.columns {
-            let items = c
-                .expr
-                .evaluate(&ctx)
-                .map_err(|e| env.err(&c.element, RowReason::Eval(e)))?;
-            own.push(if c.collection {
-                Value::Collection(items.iter().map(Value::from_item).collect())
-            } else {
-                match items.as_slice() {
-                    [] => Value::Null,
-                    [one] => Value::from_item(one),
-                    many => {
-                        return Err(env.err(
-                            &c.element,
-                            RowReason::MultipleValues {
-                                column: c.name.clone(),
-                                count: many.len(),
-                            },
-                        ));
-                    }
-                }
-            });
-        }
+        let own = own_cells(s, &env.ctx(f, *i), env)?;
         let mut acc: Vec<Row> = vec![own];
         for sub in &s.selects {
-            let rows = process(sub, f, *i, env)?;
-            acc = product(acc, &rows, s, env)?;
+            let rows = process(sub, f, *i, env, max)?;
+            acc = product(acc, &rows, s, env, max)?;
             if acc.is_empty() {
                 break;
             }
@@ -186,23 +316,123 @@ fn process<'a>(
         if !acc.is_empty() && !s.union.is_empty() {
             let mut urows = Vec::new();
             for u in &s.union {
-                urows.extend(process(u, f, *i, env)?);
+                urows.extend(process(u, f, *i, env, max)?);
             }
-            acc = product(acc, &urows, s, env)?;
+            acc = product(acc, &urows, s, env, max)?;
         }
-        if out.len() + acc.len() > MAX_ROWS_PER_RESOURCE {
-            return Err(env.err(&s.element, RowReason::TooManyRows(MAX_ROWS_PER_RESOURCE)));
+        if out.len() + acc.len() > max {
+            return Err(env.over(&s.element, max));
         }
         out.extend(acc);
     }
     Ok(out)
 }
 
+/// How many rows `s` gives at `focus`, with every error [`process`] would find (the same
+/// evaluations, nothing held).
+fn count<'a>(
+    s: &Select,
+    focus: &Item<'a>,
+    row_index: usize,
+    env: &Env<'a>,
+) -> Result<usize, RowError> {
+    let too_many = || env.err(&s.element, RowReason::TooManyRows(MAX_ROWS_PER_RESOURCE));
+    let Some(foci) = foci(s, focus, row_index, env)? else {
+        return Ok(1);
+    };
+    let mut out = 0usize;
+    for (f, i) in &foci {
+        own_cells(s, &env.ctx(f, *i), env)?;
+        let mut acc = 1usize;
+        for sub in &s.selects {
+            let n = count(sub, f, *i, env)?;
+            acc = acc.saturating_mul(n);
+            if acc > MAX_ROWS_PER_RESOURCE {
+                return Err(too_many());
+            }
+            if acc == 0 {
+                break;
+            }
+        }
+        if acc != 0 && !s.union.is_empty() {
+            let mut u = 0usize;
+            for sub in &s.union {
+                u = u.saturating_add(count(sub, f, *i, env)?);
+            }
+            acc = acc.saturating_mul(u);
+            if acc > MAX_ROWS_PER_RESOURCE {
+                return Err(too_many());
+            }
+        }
+        out += acc;
+        if out > MAX_ROWS_PER_RESOURCE {
+            return Err(too_many());
+        }
+    }
+    Ok(out)
+}
+
+/// Generates the rows of `s` at `focus` one at a time: each is `row` (the cells before this
+/// select's) followed by this select's cells, handed to `next`, which may extend it further.
+fn emit<'a, E>(
+    s: &Select,
+    focus: &Item<'a>,
+    row_index: usize,
+    env: &Env<'a>,
+    row: &mut Row,
+    next: &mut dyn FnMut(&mut Row) -> Result<(), Stop<E>>,
+) -> Result<(), Stop<E>> {
+    let start = row.len();
+    let Some(foci) = foci(s, focus, row_index, env)? else {
+        row.extend(s.null_row.iter().cloned());
+        let done = next(row);
+        row.truncate(start);
+        return done;
+    };
+    for (f, i) in &foci {
+        row.extend(own_cells(s, &env.ctx(f, *i), env)?);
+        let done = emit_parts(s, 0, f, *i, env, row, next);
+        row.truncate(start);
+        done?;
+    }
+    Ok(())
+}
+
+/// The product of `s`'s parts from nested select `part` on (then its unionAll), left-major.
+fn emit_parts<'a, E>(
+    s: &Select,
+    part: usize,
+    focus: &Item<'a>,
+    row_index: usize,
+    env: &Env<'a>,
+    row: &mut Row,
+    next: &mut dyn FnMut(&mut Row) -> Result<(), Stop<E>>,
+) -> Result<(), Stop<E>> {
+    if let Some(sub) = s.selects.get(part) {
+        return emit(sub, focus, row_index, env, row, &mut |r: &mut Row| {
+            emit_parts(s, part + 1, focus, row_index, env, r, next)
+        });
+    }
+    if s.union.is_empty() {
+        return next(row);
+    }
+    for u in &s.union {
+        emit(u, focus, row_index, env, row, next)?;
+    }
+    Ok(())
+}
+
 /// Every row of `left` followed by every row of `right` (left-major order), refused beyond
-/// [`MAX_ROWS_PER_RESOURCE`].
-fn product(left: Vec<Row>, right: &[Row], s: &Select, env: &Env<'_>) -> Result<Vec<Row>, RowError> {
-    if left.len().saturating_mul(right.len()) > MAX_ROWS_PER_RESOURCE {
-        return Err(env.err(&s.element, RowReason::TooManyRows(MAX_ROWS_PER_RESOURCE)));
+/// `max` rows.
+fn product<E>(
+    left: Vec<Row>,
+    right: &[Row],
+    s: &Select,
+    env: &Env<'_>,
+    max: usize,
+) -> Result<Vec<Row>, Stop<E>> {
+    if left.len().saturating_mul(right.len()) > max {
+        return Err(env.over(&s.element, max));
     }
     Ok(product_unchecked(left, right))
 }

@@ -196,3 +196,66 @@ fn official_sql_on_fhir_v2_suite() {
         "{passed} of {total} cases pass; at least {PASS_FLOOR} did before"
     );
 }
+
+/// The rows `for_each_row` hands out, or its error.
+fn each_row(view: &View, r: &Json, held: Option<usize>) -> Result<Vec<views::Row>, String> {
+    let mut rows = Vec::new();
+    let sink = |row: &[views::Value]| -> Result<(), ()> {
+        rows.push(row.to_vec());
+        Ok(())
+    };
+    let n = match held {
+        Some(h) => view.for_each_row_holding(r, h, sink),
+        None => view.for_each_row(r, sink),
+    };
+    match n {
+        Ok(n) => {
+            assert_eq!(n, rows.len(), "the count returned is the rows handed out");
+            Ok(rows)
+        }
+        Err(views::EachRowError::Row(e)) => {
+            assert!(rows.is_empty(), "rows before the error: {e}");
+            Err(e.to_string())
+        }
+        Err(views::EachRowError::Sink(())) => unreachable!(),
+    }
+}
+
+/// Every view of the suite over every resource of its file: the rows generated one at a time
+/// (nothing held), and held as usual, are the rows `rows` gives, in the same order, and an error
+/// is the same error with no row before it.
+#[test]
+fn rows_generated_one_at_a_time_are_the_held_rows() {
+    let (mut pairs, mut with_rows) = (0usize, 0usize);
+    for entry in std::fs::read_dir(data_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|x| x != "json")
+            || path.file_name().is_some_and(|n| n == "tests.schema.json")
+        {
+            continue;
+        }
+        let suite: Json = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let resources = suite["resources"].as_array().cloned().unwrap_or_default();
+        for case in suite["tests"].as_array().unwrap() {
+            let Ok(view) = View::compile(&case["view"]) else {
+                continue;
+            };
+            for r in &resources {
+                let held = view.rows(r).map_err(|e| e.to_string());
+                for mode in [Some(1), Some(2), None] {
+                    assert_eq!(
+                        each_row(&view, r, mode),
+                        held,
+                        "{} — {} (holding {mode:?})",
+                        path.display(),
+                        case["title"]
+                    );
+                }
+                pairs += 1;
+                with_rows += usize::from(held.is_ok_and(|h| h.len() > 1));
+            }
+        }
+    }
+    println!("{pairs} view × resource pairs agree ({with_rows} with several rows)");
+    assert!(pairs > 400 && with_rows > 50, "{pairs} / {with_rows}");
+}

@@ -1,7 +1,8 @@
 //! No panic on any ViewDefinition: every view of the official suite, mutated at every node (each
 //! value replaced by null, numbers, strings, FHIRPath oddities, arrays, objects and deep nesting),
 //! is compiled and, when it compiles, run over the suite file's resources; each must end in rows
-//! or a typed error. Deterministic: the mutations are enumerated, not random.
+//! or a typed error, and the rows generated one at a time must be the held ones. Deterministic:
+//! the mutations are enumerated, not random.
 
 use serde_json::{Value as Json, json};
 use views::View;
@@ -99,9 +100,26 @@ fn mutated_suite_views_end_in_rows_or_typed_errors() {
                         Ok(v) => {
                             compiled += 1;
                             for r in &resources {
-                                if v.rows(r).is_err() {
+                                let held = v.rows(r).map_err(|e| e.to_string());
+                                if held.is_err() {
                                     row_errors += 1;
                                 }
+                                // Generated one at a time (nothing held): the same rows in the
+                                // same order, or the same error with no row before it.
+                                let mut one_by_one = Vec::new();
+                                let each = v.for_each_row_holding(r, 1, |row| -> Result<(), ()> {
+                                    one_by_one.push(row.to_vec());
+                                    Ok(())
+                                });
+                                let each = match each {
+                                    Ok(_) => Ok(one_by_one),
+                                    Err(views::EachRowError::Row(e)) => {
+                                        assert!(one_by_one.is_empty(), "rows before {e}");
+                                        Err(e.to_string())
+                                    }
+                                    Err(views::EachRowError::Sink(())) => unreachable!(),
+                                };
+                                assert_eq!(each, held, "{mutated}");
                             }
                         }
                     }

@@ -214,3 +214,60 @@ fn a_union_column_takes_the_type_any_branch_declares() {
     assert_eq!(view.columns()[0].ty.as_deref(), Some("date"));
     assert_eq!(view.columns()[0].kind(), ValueKind::Date);
 }
+
+/// `forEach` over every name of the resource, nested `depth` deep: `names ^ depth` rows.
+fn nested_for_each(depth: usize) -> View {
+    let mut select = serde_json::Value::Null;
+    for level in (0..depth).rev() {
+        let mut s = json!({"forEach": "%resource.name",
+            "column": [{"name": format!("c{level}"), "path": "family"}]});
+        if !select.is_null() {
+            s["select"] = json!([select]);
+        }
+        select = s;
+    }
+    View::compile(&json!({"resource": "Patient", "select": [select]})).unwrap()
+}
+
+#[test]
+fn nested_for_each_rows_are_generated_not_held() {
+    let names: Vec<_> = (0..100)
+        .map(|i| json!({"family": format!("f{i}")}))
+        .collect();
+    let patient = json!({"resourceType": "Patient", "id": "p", "name": names});
+    // Three levels over 100 names: 1,000,000 rows (the bound), each made on its own.
+    let (mut n, mut last) = (0usize, Vec::new());
+    let count = nested_for_each(3)
+        .for_each_row(&patient, |row| -> Result<(), ()> {
+            n += 1;
+            last = row.to_vec();
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!((count, n), (1_000_000, 1_000_000));
+    let f99 = Value::String("f99".into());
+    assert_eq!(last, vec![f99.clone(), f99.clone(), f99]);
+    // One level more is beyond the bound: an error, and no row before it.
+    let mut handed = 0;
+    let e = nested_for_each(4)
+        .for_each_row(&patient, |_| -> Result<(), ()> {
+            handed += 1;
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&e, views::EachRowError::Row(r) if r.reason == RowReason::TooManyRows(views::MAX_ROWS_PER_RESOURCE)),
+        "{e:?}"
+    );
+    assert_eq!(handed, 0);
+    // The sink's own error ends the walk at once.
+    let mut seen = 0;
+    let e = nested_for_each(3)
+        .for_each_row(&patient, |_| {
+            seen += 1;
+            if seen == 5 { Err("full") } else { Ok(()) }
+        })
+        .unwrap_err();
+    assert!(matches!(e, views::EachRowError::Sink("full")));
+    assert_eq!(seen, 5);
+}
