@@ -302,7 +302,6 @@ impl Job<'_> {
     fn lines(&self, file: &Path, lines: &[(usize, String)]) -> Result<(Out, Counts), String> {
         let mut out = self.out();
         let mut c = Counts::default();
-        let mut rows = Vec::new();
         for (line_no, line) in lines {
             let line = line.trim();
             if line.is_empty() {
@@ -321,7 +320,7 @@ impl Job<'_> {
                 }
                 Err(e) => return Err(format!("{}:{line_no}: invalid JSON: {e}", file.display())),
             };
-            self.resource(file, *line_no, &resource, &mut rows, &mut out, &mut c)?;
+            self.resource(file, *line_no, &resource, &mut out, &mut c)?;
         }
         Ok((out, c))
     }
@@ -333,19 +332,18 @@ impl Job<'_> {
             .map_err(|e| format!("{}: invalid JSON: {e}", file.display()))?;
         let mut out = self.out();
         let mut c = Counts::default();
-        let mut rows = Vec::new();
         let is_bundle = doc.get("resourceType").and_then(Json::as_str) == Some("Bundle");
         if is_bundle && self.view.resource_type() != "Bundle" {
             let entries = doc.get("entry").and_then(Json::as_array);
             for (i, e) in entries.into_iter().flatten().enumerate() {
                 if let Some(r) = e.get("resource") {
                     c.resources += 1;
-                    self.resource(file, i + 1, r, &mut rows, &mut out, &mut c)?;
+                    self.resource(file, i + 1, r, &mut out, &mut c)?;
                 }
             }
         } else {
             c.resources += 1;
-            self.resource(file, 1, &doc, &mut rows, &mut out, &mut c)?;
+            self.resource(file, 1, &doc, &mut out, &mut c)?;
         }
         Ok((out, c))
     }
@@ -355,7 +353,6 @@ impl Job<'_> {
         file: &Path,
         at: usize,
         resource: &Json,
-        rows: &mut Vec<views::Row>,
         out: &mut Out,
         c: &mut Counts,
     ) -> Result<(), String> {
@@ -363,25 +360,27 @@ impl Job<'_> {
             return Ok(());
         }
         c.matched += 1;
-        rows.clear();
-        if let Err(e) = self.view.rows_into(resource, rows) {
-            if self.skip_errors {
-                c.skipped += 1;
-                return Ok(());
+        // A resource's error comes before its first row: it adds all its rows or none.
+        let each = self.view.for_each_row(resource, |row| -> Result<(), ()> {
+            match out {
+                Out::Rows(all) => all.push(row.to_vec()),
+                Out::Text(text) => match self.format {
+                    Format::Ndjson => views::ndjson::write_row(self.view.columns(), row, text),
+                    _ => views::csv::write_row(row, text),
+                },
             }
-            return Err(format!("{}:{at}: {e}", file.display()));
-        }
-        c.rows += rows.len() as u64;
-        match out {
-            Out::Rows(all) => all.append(rows),
-            Out::Text(text) => {
-                for row in rows.iter() {
-                    match self.format {
-                        Format::Ndjson => views::ndjson::write_row(self.view.columns(), row, text),
-                        _ => views::csv::write_row(row, text),
-                    }
+            Ok(())
+        });
+        match each {
+            Ok(n) => c.rows += n as u64,
+            Err(views::EachRowError::Row(e)) => {
+                if self.skip_errors {
+                    c.skipped += 1;
+                    return Ok(());
                 }
+                return Err(format!("{}:{at}: {e}", file.display()));
             }
+            Err(views::EachRowError::Sink(())) => {}
         }
         Ok(())
     }

@@ -25,6 +25,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{OriginalUri, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -568,28 +569,57 @@ async fn run_request(
     } else {
         Source::Inline(std::mem::take(&mut params.resources))
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, StreamError>>(4);
     let span = tracing::Span::current();
     let limit = params.limit;
     tokio::task::spawn_blocking(move || {
         let _request = span.enter();
+        let fail = tx.clone();
         let out = ChannelWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
         };
         if let Err(e) = stream_rows(&view, source, format, header, limit, &name, out) {
-            // The status line is sent: the client sees the body end early.
             tracing::warn!(error = %e, "view run stopped");
+            // Before the first chunk the answer becomes the error's OperationOutcome; after it,
+            // the body is cut off (an error for the client, never a short answer that looks
+            // whole).
+            let _ = fail.blocking_send(Err(e));
         }
     });
-    let mut rx = rx;
-    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let mut resp = Body::from_stream(stream).into_response();
+    // The status waits for the first chunk (or the end of a small answer).
+    let first = match rx.recv().await {
+        Some(Err(e)) => return Err(run_error(e)),
+        first => first,
+    };
+    let rest = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut resp = Body::from_stream(futures::stream::iter(first).chain(rest)).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(format.content_type()),
     );
     Ok(resp)
+}
+
+/// The answer for a run that stopped before its first byte.
+fn run_error(e: StreamError) -> ApiError {
+    match e {
+        StreamError::Row(e) if matches!(e.reason, views::RowReason::TooManyRows(_)) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "too-costly", e.to_string())
+        }
+        StreamError::Row(e) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            e.to_string(),
+        ),
+        StreamError::Parquet(e) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            e.to_string(),
+        ),
+        StreamError::Store(e) => e.into(),
+        StreamError::Io(e) => ApiError::internal("view run", e),
+    }
 }
 
 fn unreachable_view() -> Result<Value, ApiError> {
@@ -611,7 +641,7 @@ const CHUNK: usize = 64 * 1024;
 /// A `Write` into the response body: chunks of [`CHUNK`] bytes through a bounded channel (the
 /// run waits for a slow client; it stops when the client went away).
 struct ChannelWriter {
-    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, StreamError>>,
     buf: Vec<u8>,
 }
 
@@ -664,7 +694,7 @@ enum RowWriter<W: Write + Send> {
 }
 
 impl<W: Write + Send> RowWriter<W> {
-    fn write_row(&mut self, view: &views::View, row: &views::Row) -> Result<(), StreamError> {
+    fn write_row(&mut self, view: &views::View, row: &[views::Value]) -> Result<(), StreamError> {
         match self {
             RowWriter::Parquet(p) => p.write_row(row)?,
             RowWriter::Text {
@@ -743,19 +773,22 @@ fn stream_rows(
     };
     let limit = limit.unwrap_or(u64::MAX);
     let mut written = 0u64;
-    let mut rows = Vec::new();
-    // One resource: its rows, until the limit.
+    // One resource: its rows, until the limit (`Sink(None)`: the limit is reached).
     let mut one = |w: &mut RowWriter<ChannelWriter>, r: &Value| -> Result<bool, StreamError> {
-        rows.clear();
-        view.rows_into(r, &mut rows)?;
-        for row in &rows {
+        let each = view.for_each_row(r, |row| {
             if written >= limit {
-                return Ok(false);
+                return Err(None);
             }
-            w.write_row(view, row)?;
+            w.write_row(view, row).map_err(Some)?;
             written += 1;
+            Ok(())
+        });
+        match each {
+            Ok(_) => Ok(written < limit),
+            Err(views::EachRowError::Row(e)) => Err(e.into()),
+            Err(views::EachRowError::Sink(None)) => Ok(false),
+            Err(views::EachRowError::Sink(Some(e))) => Err(e),
         }
-        Ok(written < limit)
     };
     match source {
         Source::Inline(resources) => {

@@ -676,6 +676,115 @@ async fn a_deidentified_view_sees_the_deidentified_resource() {
     );
 }
 
+/// `forEach` over every name of the resource, nested `depth` deep: `names ^ depth` rows.
+fn nested_names_view(depth: usize) -> Value {
+    let mut select = Value::Null;
+    for level in (0..depth).rev() {
+        let mut s = json!({"forEach": "%resource.name",
+            "column": [{"name": format!("c{level}"), "path": "family"}]});
+        if !select.is_null() {
+            s["select"] = json!([select]);
+        }
+        select = s;
+    }
+    json!({"resourceType": "ViewDefinition", "resource": "Patient", "status": "active",
+        "select": [select]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_run_gives_its_rows_or_an_error_never_a_short_answer_that_looks_whole() {
+    let s = Server::start().await;
+    let names: Vec<Value> = (0..100)
+        .map(|i| json!({"family": format!("f{i}")}))
+        .collect();
+    let (st, _) = s
+        .json(
+            Method::PUT,
+            "/Patient/many",
+            Some(json!({"resourceType": "Patient", "id": "many", "name": names})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    // 1,000,000 rows of one resource (the bound): generated one at a time and all sent.
+    let (st, _, body) = s.run(nested_names_view(3), vec![], "?_format=csv").await;
+    assert_eq!(st, StatusCode::OK);
+    let text = String::from_utf8(body).unwrap();
+    assert_eq!(text.lines().count(), 1 + 3 + 1_000_000);
+    assert!(text.ends_with("\nf99,f99,f99\n"));
+    // Beyond the bound, before the first byte: the status is the error's, with its outcome.
+    let (st, ct, body) = s.run(nested_names_view(4), vec![], "?_format=csv").await;
+    assert_eq!(
+        st,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(ct.contains("fhir+json"), "{ct}");
+    let oo: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+    assert_eq!(oo["issue"][0]["code"], "too-costly");
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("Patient/many"),
+        "{oo}"
+    );
+    // A column of several values: 422.
+    let bad = json!({"resourceType": "ViewDefinition", "resource": "Patient", "status": "active",
+        "select": [{"column": [{"name": "family", "path": "name.family"}]}]});
+    let (st, _, body) = s.run(bad.clone(), vec![], "").await;
+    assert_eq!(
+        st,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    // After rows were sent: the body is cut off, an error for the client. 5,000 rows come
+    // before the resource that fails (written after `many`, scanned after it).
+    let addresses: Vec<Value> = (0..5000)
+        .map(|i| json!({"city": format!("city number {i:05} of the wide patient")}))
+        .collect();
+    s.json(Method::DELETE, "/Patient/many", None).await;
+    for (id, resource) in [
+        (
+            "wide",
+            json!({"resourceType": "Patient", "id": "wide", "name": [{"family": "W"}], "address": addresses}),
+        ),
+        (
+            "two",
+            json!({"resourceType": "Patient", "id": "two", "name": [{"family": "A"}, {"family": "B"}]}),
+        ),
+    ] {
+        let (st, _) = s
+            .json(Method::PUT, &format!("/Patient/{id}"), Some(resource))
+            .await;
+        assert_eq!(st, StatusCode::CREATED);
+    }
+    let view = json!({"resourceType": "ViewDefinition", "resource": "Patient", "status": "active",
+        "select": [{"column": [{"name": "family", "path": "name.family"}]},
+                   {"forEach": "address", "column": [{"name": "city", "path": "city"}]}]});
+    let body = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "viewResource", "resource": view}, {"name": "_format", "valueCode": "csv"}]});
+    // The head and the first chunk may not even be out when the error comes (hyper then
+    // closes the connection before the head): either way the client gets an error.
+    let sent =
+        s.c.post(format!("{}/$viewdefinition-run", s.base))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await;
+    if let Ok(r) = sent {
+        assert_eq!(r.status(), StatusCode::OK);
+        let read = r.bytes().await;
+        assert!(
+            read.is_err(),
+            "a cut-off run read as whole: {} bytes",
+            read.map(|b| b.len()).unwrap_or(0)
+        );
+    }
+}
+
 /// A SMART server; the clients' scopes decide.
 async fn smart_server() -> (Server, auth::ClientKey, String) {
     let smart = common::start_smart(

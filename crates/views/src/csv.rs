@@ -2,7 +2,7 @@
 //! field; a field is quoted when it contains a comma, a quote, CR or LF, or starts or ends with a
 //! space (quotes doubled inside). Complex values and collections are their compact JSON text.
 
-use crate::{Column, Row};
+use crate::{Column, Value};
 
 /// Appends the header line (`\n` line ends) to `out`.
 pub fn write_header(columns: &[Column], out: &mut String) {
@@ -16,7 +16,7 @@ pub fn write_header(columns: &[Column], out: &mut String) {
 }
 
 /// Appends one row as a CSV line to `out`.
-pub fn write_row(row: &Row, out: &mut String) {
+pub fn write_row(row: &[Value], out: &mut String) {
     for (i, v) in row.iter().enumerate() {
         if i > 0 {
             out.push(',');

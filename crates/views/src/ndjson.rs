@@ -15,7 +15,7 @@ pub fn row_object(columns: &[Column], row: &Row) -> Json {
 }
 
 /// Appends the row as one NDJSON line to `out` (the same object as [`row_object`]).
-pub fn write_row(columns: &[Column], row: &Row, out: &mut String) {
+pub fn write_row(columns: &[Column], row: &[Value], out: &mut String) {
     out.push('{');
     for (i, (c, v)) in columns.iter().zip(row).enumerate() {
         if i > 0 {

@@ -31,7 +31,7 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::{Type, TypePtr};
 use thiserror::Error;
 
-use crate::{Column, Row, Value, ValueKind};
+use crate::{Column, Value, ValueKind};
 
 /// Row group limits.
 #[derive(Debug, Clone, Copy)]
@@ -400,7 +400,7 @@ impl<W: Write + Send> ParquetWriter<W> {
     }
 
     /// Converts and buffers one row; writes a row group when the buffered one is full.
-    pub fn write_row(&mut self, row: &Row) -> Result<(), ParquetError> {
+    pub fn write_row(&mut self, row: &[Value]) -> Result<(), ParquetError> {
         self.rows += 1;
         if row.len() != self.columns.len() {
             return Err(ParquetError::Width {

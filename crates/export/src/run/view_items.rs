@@ -111,7 +111,7 @@ impl<'s> ViewOut<'s> {
         &mut self,
         view: &views::View,
         format: ViewFormat,
-        row: &views::Row,
+        row: &[views::Value],
         line: &mut String,
     ) -> Result<(), RunError> {
         match self {
@@ -224,7 +224,6 @@ pub(super) fn scan_views(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, 
         after: item.cursor.max(p.since_after),
         up_to: item.seq_up_to,
     };
-    let mut rows: Vec<views::Row> = Vec::new();
     let mut line = String::new();
     let take_all = |outs: &mut Vec<ViewOut<'_>>, errors: &mut Roller<'_>| -> Vec<Unfinished> {
         outs.iter_mut()
@@ -257,15 +256,15 @@ pub(super) fn scan_views(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, 
                 }
             };
             for (view, out) in views.iter().zip(outs.iter_mut()) {
-                rows.clear();
-                if let Err(e) = view.rows_into(&resource, &mut rows) {
-                    let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
-                        "diagnostics": format!("view '{}': {e}", view.name().unwrap_or(""))}]});
-                    errors.write(oo.to_string().as_bytes())?;
-                    continue;
-                }
-                for r in &rows {
-                    out.write(view, format, r, &mut line)?;
+                // A resource's error comes before its first row: all its rows or none.
+                match view.for_each_row(&resource, |r| out.write(view, format, r, &mut line)) {
+                    Ok(_) => {}
+                    Err(views::EachRowError::Row(e)) => {
+                        let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
+                            "diagnostics": format!("view '{}': {e}", view.name().unwrap_or(""))}]});
+                        errors.write(oo.to_string().as_bytes())?;
+                    }
+                    Err(views::EachRowError::Sink(e)) => return Err(e),
                 }
             }
             if outs.iter().any(ViewOut::full) || errors.full() {
