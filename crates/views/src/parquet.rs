@@ -486,12 +486,12 @@ mod tests {
     fn a_value_that_does_not_convert_names_the_column_and_the_row() {
         let v = view(r#"[{"name": "n", "path": "id", "type": "integer"}]"#);
         let mut w = ParquetWriter::new("t", v.columns(), Vec::new(), Options::default()).unwrap();
-        w.write_row(&vec![Value::Integer(1)]).unwrap();
-        w.write_row(&vec![Value::Null]).unwrap();
-        let err = w.write_row(&vec![Value::String("abc".into())]).unwrap_err();
+        w.write_row(&[Value::Integer(1)]).unwrap();
+        w.write_row(&[Value::Null]).unwrap();
+        let err = w.write_row(&[Value::String("abc".into())]).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("row 3") && text.contains("'n'"), "{text}");
-        let err = w.write_row(&vec![Value::Integer(1 << 40)]).unwrap_err();
+        let err = w.write_row(&[Value::Integer(1 << 40)]).unwrap_err();
         assert!(matches!(err, ParquetError::Convert { row: 4, .. }), "{err}");
     }
 
@@ -507,7 +507,7 @@ mod tests {
         };
         let mut w = ParquetWriter::new("t", v.columns(), Vec::new(), opts).unwrap();
         for i in 0..5 {
-            w.write_row(&vec![
+            w.write_row(&[
                 Value::String(format!("p{i}")),
                 if i % 2 == 0 {
                     Value::Null
