@@ -132,6 +132,11 @@ fn err(param: &str, message: impl Into<String>) -> RequestError {
     }
 }
 
+/// Views one export may write. Each running work item keeps an open part file per view, with
+/// its write buffer (1 MiB on a local folder, up to 8 MiB of multipart upload on Azure or S3):
+/// 32 views are at most 256 MiB per worker in the worst case, and 32 file handles.
+pub const MAX_VIEWS: usize = 32;
+
 /// Containers the server keeps for itself: the de-identification configurations
 /// (`anonymization`, read at kick-off) must never be written or overwritten by an export.
 pub const RESERVED_CONTAINERS: [&str; 1] = [CONFIG_CONTAINER];
@@ -529,6 +534,14 @@ impl ExportRequest {
                 }
                 "_format" => {}
                 "_view" => {
+                    if r.views.len() >= MAX_VIEWS {
+                        return Err(err(
+                            "view",
+                            format!(
+                                "at most {MAX_VIEWS} views per export (each writes files of its own): split them over several exports"
+                            ),
+                        ));
+                    }
                     let v: Value = serde_json::from_str(value)
                         .map_err(|e| err("view", format!("not a ViewDefinition: {e}")))?;
                     let view = views::View::compile(&v).map_err(|e| err("view", e.to_string()))?;

@@ -957,6 +957,17 @@ pub async fn export_kickoff(
             "view",
         ));
     }
+    if views_given.len() > export::request::MAX_VIEWS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too-costly",
+            format!(
+                "at most {} views per export (each writes files of its own): split them over several exports",
+                export::request::MAX_VIEWS
+            ),
+        )
+        .at("view"));
+    }
     if views_given
         .iter()
         .any(|(_, s)| matches!(s, ViewSource::Reference(_)))

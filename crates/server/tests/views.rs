@@ -785,6 +785,60 @@ async fn a_view_run_gives_its_rows_or_an_error_never_a_short_answer_that_looks_w
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_writes_at_most_max_views_views() {
+    let s = Server::start().await;
+    let max = export::request::MAX_VIEWS;
+    let named = |i: usize| {
+        let mut v = patients_view();
+        v["name"] = json!(format!("v{i}"));
+        v
+    };
+    let views = |n: usize| -> Vec<Value> {
+        (0..n)
+            .map(|i| json!({"name": "view", "part": [{"name": "viewResource", "resource": named(i)}]}))
+            .collect()
+    };
+    // One more than the bound: refused at kick-off, by $viewdefinition-export and by $export.
+    let body = json!({"resourceType": "Parameters", "parameter": views(max + 1)});
+    let r =
+        s.c.post(format!("{}/$viewdefinition-export", s.base))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let oo: Value = r.json().await.unwrap();
+    assert_eq!(oo["issue"][0]["code"], "too-costly", "{oo}");
+    let direct: Vec<Value> = (0..=max)
+        .map(|i| json!({"name": "_view", "valueString": named(i).to_string()}))
+        .collect();
+    let r =
+        s.c.post(format!("{}/$export", s.base))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .header("content-type", "application/fhir+json")
+            .body(json!({"resourceType": "Parameters", "parameter": direct}).to_string())
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let oo: Value = r.json().await.unwrap();
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("at most {max} views")),
+        "{oo}"
+    );
+    // The bound itself is served: a file per view.
+    let m = s.export(views(max)).await;
+    assert_eq!(m["output"].as_array().unwrap().len(), max, "{m}");
+}
+
 /// A SMART server; the clients' scopes decide.
 async fn smart_server() -> (Server, auth::ClientKey, String) {
     let smart = common::start_smart(
