@@ -353,12 +353,12 @@ impl AuthContext {
         }
     }
 
-    /// Read, vread, history: `r`.
+    /// Read, vread, instance history: `r`.
     pub fn require_read(&self, resource_type: &str) -> Result<(), AuthRejection> {
         self.require(resource_type, Permission::Read)
     }
 
-    /// Search: `s`.
+    /// Search (type and system history need it too): `s`.
     pub fn require_search(&self, resource_type: &str) -> Result<(), AuthRejection> {
         self.require(resource_type, Permission::Search)
     }

@@ -217,12 +217,12 @@ impl Scopes {
         is_concrete_type(resource_type) && self.permissions(resource_type).contains(p)
     }
 
-    /// Reading an instance (read, vread, history): the `r` permission (v1 `read`).
+    /// Reading an instance (read, vread, instance history): the `r` permission (v1 `read`).
     pub fn can_read(&self, resource_type: &str) -> bool {
         self.allows(resource_type, Permission::Read)
     }
 
-    /// Searching: the `s` permission (v1 `read`).
+    /// Searching (and, with `r`, type and system history): the `s` permission (v1 `read`).
     pub fn can_search(&self, resource_type: &str) -> bool {
         self.allows(resource_type, Permission::Search)
     }

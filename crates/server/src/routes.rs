@@ -536,7 +536,10 @@ fn authorize_entry(
     use ingest::bundle::Interaction as I;
     let needs: &[P] = match request.interaction {
         I::Capabilities => return Ok(()),
-        I::Read | I::VRead | I::History => &[P::Read],
+        I::Read | I::VRead => &[P::Read],
+        // Instance history reads one resource; type and system history list a whole type.
+        I::History if request.id.is_some() => &[P::Read],
+        I::History => &[P::Read, P::Search],
         I::Search => &[P::Search],
         I::Create => &[P::Create],
         I::ConditionalCreate => &[P::Create, P::Search],
@@ -732,14 +735,15 @@ async fn history_system(
     ctx: AuthContext,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    // System history spans every type: it needs read on all of them (e.g. `system/*.rs`).
+    // System history lists every type's versions: it needs `r` and `s` on all of them (e.g.
+    // `system/*.rs`), as type history does on its type.
     if !fhir_model::r4()
         .resource_types()
         .iter()
-        .all(|t| ctx.scopes.can_read(t))
+        .all(|t| ctx.scopes.can_read(t) && ctx.scopes.can_search(t))
     {
         return Err(auth::AuthRejection::Forbidden(
-            "system history needs read access to every resource type".into(),
+            "system history needs read and search access (`rs`) to every resource type".into(),
         )
         .into());
     }
@@ -753,7 +757,10 @@ async fn history_type(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
+    // Type history lists every resource of the type, as a search does (SMART v2 puts type and
+    // system history under `s`), with their earlier versions (`r`): it needs both.
     ctx.require_read(&rtype)?;
+    ctx.require_search(&rtype)?;
     history(
         state,
         format!("/{rtype}/_history"),

@@ -213,3 +213,80 @@ async fn per_type_scopes_on_the_rest_api() {
         .await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
 }
+
+/// Type and system history list a whole type, as a search does (SMART v2 puts them under `s`):
+/// a client that may read Observations by id but not search them (`system/Observation.r`)
+/// listed every Observation through `GET /Observation/_history`, its earlier versions too.
+/// They now need `r` and `s`; instance history still needs `r` alone.
+#[tokio::test]
+async fn type_and_system_history_need_search_as_well_as_read() {
+    let s = start().await;
+    use reqwest::Method as M;
+    let admin = s.token("admin", "system/*.cruds").await;
+    let (st, _) = s
+        .json(
+            M::PUT,
+            "/Observation/o1",
+            Some(&admin),
+            Some(
+                json!({"resourceType": "Observation", "id": "o1", "status": "final",
+                "code": {"text": "secret"}}),
+            ),
+        )
+        .await;
+    assert!(st.is_success(), "{st}");
+
+    let read_only = s.token("observations", "system/Observation.r").await;
+    assert_eq!(
+        s.json(M::GET, "/Observation/o1", Some(&read_only), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.json(M::GET, "/Observation/o1/_history", Some(&read_only), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (st, b) = s
+        .json(M::GET, "/Observation?code=x", Some(&read_only), None)
+        .await;
+    forbidden(st, &b);
+    let (st, b) = s
+        .json(M::GET, "/Observation/_history", Some(&read_only), None)
+        .await;
+    forbidden(st, &b);
+    assert!(!b.to_string().contains("secret"), "{b}");
+    // The same interaction as a batch entry.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation/_history"}}
+    ]});
+    let (st, b) = s.json(M::POST, "/", Some(&read_only), Some(batch)).await;
+    forbidden(st, &b);
+    // Search alone does not read earlier versions either.
+    let search_only = s.token("observations", "system/Observation.s").await;
+    let (st, b) = s
+        .json(M::GET, "/Observation/_history", Some(&search_only), None)
+        .await;
+    forbidden(st, &b);
+    // `rs` (v1 `read`) lists them.
+    for scope in ["system/Observation.rs", "system/Observation.read"] {
+        let token = s.token("observations", scope).await;
+        let (st, b) = s
+            .json(M::GET, "/Observation/_history", Some(&token), None)
+            .await;
+        assert_eq!(st, StatusCode::OK, "{scope}: {b}");
+        assert_eq!(b["entry"][0]["resource"]["id"], "o1", "{scope}: {b}");
+    }
+
+    // System history: `r` on every type is not enough, `rs` is.
+    let read_all = s.token("admin", "system/*.r").await;
+    let (st, b) = s.json(M::GET, "/_history", Some(&read_all), None).await;
+    forbidden(st, &b);
+    let rs_all = s.token("admin", "system/*.rs").await;
+    assert_eq!(
+        s.json(M::GET, "/_history", Some(&rs_all), None).await.0,
+        StatusCode::OK
+    );
+}
