@@ -266,6 +266,12 @@ pub struct BundleOptions {
     pub validate: bool,
     /// Put the stored resource into each response entry (`Prefer: return=representation`).
     pub return_resources: bool,
+    /// Bytes of stored resources the read entries (`GET Type/id`, `GET Type/id/_history/v`) put
+    /// into the response together. A read that would go over it, and every read after it, is
+    /// answered `400 too-costly` in its entry without being read; the first read is always
+    /// answered (it alone is what a read of its own gives). Without it, a Bundle of 10,000
+    /// reads of one large resource made a response 10,000 times its size in memory.
+    pub max_read_bytes: usize,
 }
 
 impl Default for BundleOptions {
@@ -273,6 +279,7 @@ impl Default for BundleOptions {
         BundleOptions {
             validate: true,
             return_resources: false,
+            max_read_bytes: store::plan::DEFAULT_MAX_PAGE_BYTES,
         }
     }
 }
@@ -606,13 +613,38 @@ pub fn execute(
         }
     }
 
+    // Reads are answered in entry order until their bytes reach `max_read_bytes`.
+    let mut read_bytes = 0usize;
+    let mut reads_over = false;
     for (index, resource_type, id, version) in reads {
+        let too_costly = |read_bytes: usize| {
+            error_entry(&EntryError::TooCostly {
+                index,
+                message: format!(
+                    "the response already holds {read_bytes} bytes of resources read by earlier entries, \
+                     and reads together may hold {} bytes: read {resource_type}/{id} in a request of its own",
+                    options.max_read_bytes
+                ),
+            })
+        };
+        if reads_over {
+            responses[index] = Some(too_costly(read_bytes));
+            continue;
+        }
         let result = match version {
             Some(v) => store.vread(&resource_type, &id, v),
             None => store.read(&resource_type, &id),
         };
         responses[index] = Some(match result {
+            Ok(r)
+                if read_bytes > 0
+                    && read_bytes.saturating_add(r.json.len()) > options.max_read_bytes =>
+            {
+                reads_over = true;
+                too_costly(read_bytes)
+            }
             Ok(r) => {
+                read_bytes += r.json.len();
                 let mut entry = json!({"response": {
                     "status": status_line(200),
                     "location": format!("{resource_type}/{id}/_history/{}", r.version),

@@ -42,6 +42,10 @@ pub enum EntryError {
         message: String,
         expression: String,
     },
+    /// The entry would take the response beyond a bound on one request's work (the bytes of the
+    /// resources its reads return). → 400 `too-costly`.
+    #[error("entry {index}: {message}")]
+    TooCostly { index: usize, message: String },
     /// The store refused or failed the entry's operation (status from the store error).
     #[error("entry {index}: {source}")]
     Store {
@@ -59,6 +63,7 @@ impl EntryError {
             | EntryError::Validation { index, .. }
             | EntryError::UnresolvedReference { index, .. }
             | EntryError::NotSupported { index, .. }
+            | EntryError::TooCostly { index, .. }
             | EntryError::Store { index, .. } => *index,
         }
     }
@@ -68,7 +73,8 @@ impl EntryError {
         match self {
             EntryError::Invalid { .. }
             | EntryError::Validation { .. }
-            | EntryError::UnresolvedReference { .. } => 400,
+            | EntryError::UnresolvedReference { .. }
+            | EntryError::TooCostly { .. } => 400,
             EntryError::NotSupported { .. } => 501,
             EntryError::Store { source, .. } => store_error_issue(source).0,
         }
@@ -88,6 +94,12 @@ impl EntryError {
                 expression,
                 ..
             } => vec![OutcomeIssue::error("not-supported", message.clone()).at(expression.clone())],
+            EntryError::TooCostly { message, .. } => {
+                vec![
+                    OutcomeIssue::error("too-costly", message.clone())
+                        .at(format!("Bundle.entry[{i}]")),
+                ]
+            }
             EntryError::UnresolvedReference { expression, .. } => {
                 vec![OutcomeIssue::error("invalid", self.to_string()).at(expression.clone())]
             }

@@ -32,6 +32,7 @@ fn transaction_resolves_urns_keeps_ids_and_answers_per_entry() {
         &BundleOptions {
             validate: true,
             return_resources: true,
+            ..BundleOptions::default()
         },
     )
     .unwrap();

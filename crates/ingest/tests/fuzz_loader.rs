@@ -568,7 +568,7 @@ proptest! {
         if let Some(x) = extra {
             bundle["entry"] = x;
         }
-        let result = process_bundle(&*store, bundle, &BundleOptions { validate, return_resources });
+        let result = process_bundle(&*store, bundle, &BundleOptions { validate, return_resources, ..BundleOptions::default() });
         match result {
             Ok(resp) => {
                 let got = resp["entry"].as_array().map_or(0, Vec::len);

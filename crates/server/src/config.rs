@@ -143,6 +143,8 @@ pub struct SearchOptions {
     pub search_max_included: usize,
     /// Bytes of stored resources in one search page, matches and included ones together; the
     /// page ends early (with a next link), and includes beyond it are left out with a warning.
+    /// Also the bytes the read entries of one batch or transaction return together (later
+    /// reads are answered 400 too-costly in their entries).
     #[arg(long, env = "FHIRHOSE_SEARCH_MAX_PAGE_BYTES", default_value_t = search::SearchLimits::default().max_page_bytes)]
     pub search_max_page_bytes: usize,
 }

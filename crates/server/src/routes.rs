@@ -503,6 +503,8 @@ async fn bundle(
         validate: true,
         return_resources: negotiate::prefer(&headers, "return").as_deref()
             == Some("representation"),
+        // The resources read by its entries are bounded as a search page's are.
+        max_read_bytes: state.search_limits.max_page_bytes,
     };
     let store = state.store.clone();
     let response = blocking(move || {

@@ -362,3 +362,76 @@ async fn a_search_stops_when_its_client_hangs_up() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["entry"].as_array().unwrap().len(), 1);
 }
+
+/// A batch of reads is bounded as a search page is (`--search-max-page-bytes`): a request of
+/// 20 KB naming one 4 MiB resource 100 times was answered with 420 MB (1.6 GB of memory held
+/// by the server), and 10,000 entries would have taken 40 GB. Reads are answered in entry
+/// order until their resources reach the bound; that read and every one after it get `400
+/// too-costly` in their entry (never read), and the first read is always answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_reads_is_bounded_like_a_search_page() {
+    let limit = 64 * 1024;
+    let s = start(
+        2,
+        search::SearchLimits {
+            max_page_bytes: limit,
+            ..Default::default()
+        },
+        0,
+    )
+    .await;
+    let put = |id: &str, len: usize| {
+        let binary = json!({"resourceType": "Binary", "id": id,
+            "contentType": "application/octet-stream", "data": "QUJD".repeat(len / 4)});
+        s.c.put(format!("{}/Binary/{id}", s.base))
+            .header("content-type", "application/fhir+json")
+            .json(&binary)
+            .send()
+    };
+    assert!(put("big", 20_000).await.unwrap().status().is_success());
+    assert!(put("huge", 100_000).await.unwrap().status().is_success());
+    let batch = |urls: Vec<&str>| {
+        let entry: Vec<Value> = urls
+            .iter()
+            .map(|u| json!({"request": {"method": "GET", "url": u}}))
+            .collect();
+        s.c.post(&s.base)
+            .header("content-type", "application/fhir+json")
+            .json(&json!({"resourceType": "Bundle", "type": "batch", "entry": entry}))
+            .send()
+    };
+
+    let r = batch(vec!["Binary/big"; 100]).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    // The resources' bytes are within the bound; every entry has its own answer.
+    assert!(text.len() < limit + 100 * 1024, "{} bytes", text.len());
+    let body: Value = serde_json::from_str(&text).unwrap();
+    let entries = body["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 100);
+    let served = entries
+        .iter()
+        .take_while(|e| e["response"]["status"] == "200 OK")
+        .count();
+    assert!((1..100).contains(&served), "{served} reads answered");
+    for e in &entries[..served] {
+        assert_eq!(e["resource"]["id"], "big", "{e}");
+    }
+    for e in &entries[served..] {
+        assert_eq!(e["response"]["status"], "400 Bad Request", "{e}");
+        assert!(e.get("resource").is_none(), "{e}");
+        let issue = &e["response"]["outcome"]["issue"][0];
+        assert_eq!(issue["code"], "too-costly", "{e}");
+    }
+
+    // The first read is answered whatever its size (a read of its own would give it); the next
+    // one is not.
+    let r = batch(vec!["Binary/huge", "Binary/big"]).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["entry"][0]["resource"]["id"], "huge", "{body}");
+    assert_eq!(
+        body["entry"][1]["response"]["outcome"]["issue"][0]["code"], "too-costly",
+        "{body}"
+    );
+}
