@@ -638,8 +638,21 @@ enum Source {
 
 const CHUNK: usize = 64 * 1024;
 
+/// An error once the response body was dropped: the client went away.
+fn client_gone<T>(tx: &tokio::sync::mpsc::Sender<T>) -> std::io::Result<()> {
+    if tx.is_closed() {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "the client went away",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// A `Write` into the response body: chunks of [`CHUNK`] bytes through a bounded channel (the
-/// run waits for a slow client; it stops when the client went away).
+/// run waits for a slow client; it stops when the client went away, and [`stream_rows`] also
+/// looks before each resource, for a run that writes nothing for a long time).
 struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<Result<Bytes, StreamError>>,
     buf: Vec<u8>,
@@ -747,6 +760,8 @@ fn stream_rows(
     name: &str,
     mut out: ChannelWriter,
 ) -> Result<(), StreamError> {
+    let probe = out.tx.clone();
+    tracing::debug!(resource_type = %view.resource_type(), "view run running");
     let mut w = match format {
         RunFormat::Parquet => RowWriter::Parquet(Box::new(views::parquet::ParquetWriter::new(
             name,
@@ -793,6 +808,7 @@ fn stream_rows(
     match source {
         Source::Inline(resources) => {
             for r in &resources {
+                client_gone(&probe)?;
                 if !one(&mut w, r)? {
                     break;
                 }
@@ -806,6 +822,7 @@ fn stream_rows(
         } => {
             let rt = view.resource_type();
             let compartment = export::run::compartment_params(rt);
+            let mut looked_at = 0u64;
             'pages: loop {
                 // A bounded page at a time: no reader connection is held while the client reads.
                 let page = store.scan_type(rt, as_of, after, RUN_PAGE)?;
@@ -814,6 +831,17 @@ fn stream_rows(
                 };
                 after = last.seq;
                 for stored in &page {
+                    // A view whose rows are few (or none, or outside the patient's compartment)
+                    // sends nothing for a long time: without this look it ran through the whole
+                    // type after its client had gone.
+                    if let Err(e) = client_gone(&probe) {
+                        tracing::info!(
+                            resources = looked_at,
+                            "view run stopped: the client went away"
+                        );
+                        return Err(e.into());
+                    }
+                    looked_at += 1;
                     let Ok(r) = serde_json::from_slice::<Value>(&stored.json) else {
                         continue;
                     };

@@ -2,9 +2,11 @@
 //! search may ask for (400 `too-costly` naming the parameter, never 500), a time limit (503
 //! `timeout`), and a search that stops when its client hangs up. Before the fix 900 `_sort` keys
 //! ran for minutes after the client had gone, and a long OR list failed inside SQLite with 500.
+//! Also the bounds of the other requests that read many resources: the read entries of a batch,
+//! and a `$viewdefinition-run` that stops when its client hangs up.
 //!
 //! In its own test binary: it installs the process-wide `tracing` subscriber, whose lines show
-//! that a search stopped.
+//! that a search (or a view run) stopped.
 
 mod common;
 
@@ -434,4 +436,68 @@ async fn a_batch_of_reads_is_bounded_like_a_search_page() {
         body["entry"][1]["response"]["outcome"]["issue"][0]["code"], "too-costly",
         "{body}"
     );
+}
+
+/// `$viewdefinition-run` stops when its client hangs up, also while it writes nothing: it looked
+/// for the client only when it sent a chunk of rows, so a view whose rows are few or none (here a
+/// costly `where` that is never true) ran through the whole type after its client had gone, and
+/// the request no longer counted against any limit. Several such requests kept the CPU busy for
+/// as long as the type took, each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_run_stops_when_its_client_hangs_up() {
+    let patients = 300;
+    let s = start(2, search::SearchLimits::default(), patients).await;
+    // About 1.5 M evaluation steps per Patient (below the FHIRPath budget), false for each.
+    let x = (0..14)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    let view = json!({"resourceType": "ViewDefinition", "status": "active", "resource": "Patient",
+        "select": [{"column": [{"name": "id", "path": "getResourceKey()"}]}],
+        "where": [{"path": format!("({x}).select({x}).select({x}).select({x}).count() < 0")}]});
+    let body = json!({"resourceType": "Parameters",
+        "parameter": [{"name": "viewResource", "resource": view}]})
+    .to_string();
+    let marker = "view-hangup-test";
+    let running_before = log_lines_with(marker, "view run running");
+    let mut client = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let request = format!(
+        "POST /$viewdefinition-run HTTP/1.1\r\nHost: {}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nx-request-id: {marker}\r\n\r\n{body}",
+        s.addr,
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
+        .await
+        .unwrap();
+    let mut waited = 0;
+    while log_lines_with(marker, "view run running") == running_before {
+        assert!(waited < 6000, "the view run never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    drop(client);
+    let stopped = "view run stopped: the client went away";
+    let mut waited = 0;
+    while log_lines_with(marker, stopped) == 0 {
+        assert!(
+            waited < 6000,
+            "the view run did not stop after its client hung up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    // It stopped on the way, not at the end of the type.
+    let bytes = log().0.lock().unwrap().clone();
+    let text = String::from_utf8_lossy(&bytes);
+    let line = text
+        .lines()
+        .find(|l| l.contains(marker) && l.contains(stopped))
+        .unwrap();
+    let looked_at: usize = line
+        .split("resources=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(looked_at < patients, "{line}");
 }
