@@ -5,7 +5,14 @@
 //! names a `kid` the cache does not hold (key rotation), at most once per [`MIN_TTL`]. Each fetch
 //! has a bounded time and body size; one client's fetches are serialised so that a burst of
 //! token requests makes one request to the client's server.
+//!
+//! Redirects (at most [`MAX_REDIRECTS`]) are followed only to URLs the registration itself would
+//! accept (https, or plain http to a loopback host), and never from a public host to a loopback,
+//! private, link-local or unspecified address: the client's server must not be able to send the
+//! fetch over plain http (where anyone on the path could swap the keys) or into the server's own
+//! network.
 
+use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -18,6 +25,8 @@ pub const MIN_TTL: Duration = Duration::from_secs(30);
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BODY: usize = 256 * 1024;
+/// Redirects followed for one JWKS fetch.
+pub const MAX_REDIRECTS: usize = 3;
 
 /// Why a client's JWKS could not be obtained. Shown to the client as part of `invalid_client`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -28,6 +37,10 @@ pub enum JwksFetchError {
     Transport(String),
     #[error("the registered JWKS URL answered HTTP {0}")]
     Status(u16),
+    #[error(
+        "the registered JWKS URL redirected more than {MAX_REDIRECTS} times, or to a URL that may not serve it (plain http to a host that is not loopback, or an internal address)"
+    )]
+    Redirect,
     #[error("the registered JWKS is larger than {MAX_BODY} bytes")]
     TooLarge,
     #[error("the registered JWKS is not valid: {0}")]
@@ -54,7 +67,7 @@ impl JwksFetcher {
                 reqwest::Client::builder()
                     .timeout(FETCH_TIMEOUT)
                     .connect_timeout(FETCH_TIMEOUT)
-                    .redirect(reqwest::redirect::Policy::limited(3))
+                    .redirect(reqwest::redirect::Policy::custom(redirect_policy))
                     .build()
                     .map_err(|e| e.to_string())
             })
@@ -73,7 +86,13 @@ impl JwksFetcher {
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|e| JwksFetchError::Transport(transport_reason(&e)))?;
+            .map_err(|e| {
+                if e.is_redirect() {
+                    JwksFetchError::Redirect
+                } else {
+                    JwksFetchError::Transport(transport_reason(&e))
+                }
+            })?;
         if !response.status().is_success() {
             return Err(JwksFetchError::Status(response.status().as_u16()));
         }
@@ -116,6 +135,105 @@ impl JwksFetcher {
             ));
         }
         Ok((Arc::new(usable), ttl))
+    }
+}
+
+/// Why a URL may not serve a client's JWKS, at registration or as a redirect's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum JwksUrlError {
+    #[error("has no host")]
+    NoHost,
+    #[error("must be https (plain http only to a loopback host)")]
+    PlainHttp,
+    #[error("leads from a public host to a loopback, private, link-local or unspecified address")]
+    Internal,
+}
+
+/// A URL's host: a name, or an address literal (IPv4-mapped IPv6 ones as IPv4).
+enum Host<'a> {
+    Name(&'a str),
+    Ip(IpAddr),
+}
+
+fn host_of(url: &Url) -> Option<Host<'_>> {
+    let host = url.host_str()?;
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Some(match bare.parse::<IpAddr>() {
+        Ok(ip) => Host::Ip(ip.to_canonical()),
+        Err(_) => Host::Name(host),
+    })
+}
+
+/// The registration's rule: https, or plain http to a loopback host (for local testing).
+fn check_jwks_url(url: &Url) -> Result<(), JwksUrlError> {
+    let host = host_of(url).ok_or(JwksUrlError::NoHost)?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(&host) => Ok(()),
+        _ => Err(JwksUrlError::PlainHttp),
+    }
+}
+
+fn is_loopback(host: &Host) -> bool {
+    match host {
+        Host::Name(name) => name.eq_ignore_ascii_case("localhost"),
+        Host::Ip(ip) => ip.is_loopback(),
+    }
+}
+
+/// A host a public server has no business sending us to: `localhost`, or an address literal
+/// that is loopback, private, shared (CGNAT), link-local (cloud metadata services), unspecified
+/// (`0.0.0.0` reaches this very machine) or broadcast.
+fn is_internal(host: &Host) -> bool {
+    match host {
+        Host::Name(_) => is_loopback(host),
+        Host::Ip(IpAddr::V4(ip)) => {
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || (ip.octets()[0] == 100 && ip.octets()[1] & 0xc0 == 64)
+        }
+        Host::Ip(IpAddr::V6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_unique_local()
+                || ip.is_unicast_link_local()
+        }
+    }
+}
+
+/// Whether a fetch of the registered JWKS URL `registered` may follow a redirect to `next`: only
+/// to a URL the registration would accept, and to an internal address only from one.
+fn redirect_allowed(registered: &Url, next: &Url) -> Result<(), JwksUrlError> {
+    check_jwks_url(next)?;
+    let (Some(from), Some(to)) = (host_of(registered), host_of(next)) else {
+        return Err(JwksUrlError::NoHost);
+    };
+    if is_internal(&to) && !is_internal(&from) {
+        return Err(JwksUrlError::Internal);
+    }
+    Ok(())
+}
+
+fn redirect_policy(attempt: reqwest::redirect::Attempt) -> reqwest::redirect::Action {
+    // `previous` starts with the URL first asked for: the registered one.
+    let Some(registered) = attempt.previous().first().cloned() else {
+        return attempt.stop();
+    };
+    if attempt.previous().len() > MAX_REDIRECTS {
+        return attempt.error(JwksFetchError::Redirect);
+    }
+    match redirect_allowed(&registered, attempt.url()) {
+        Ok(()) => attempt.follow(),
+        Err(reason) => {
+            tracing::warn!(registered = %registered, next = %crate::log_safe(attempt.url().as_str()), %reason, "client JWKS redirect refused");
+            attempt.error(JwksFetchError::Redirect)
+        }
     }
 }
 
@@ -164,19 +282,7 @@ impl JwksUrlSource {
     /// Checks the URL: https, or plain http to a loopback host (for local testing).
     pub(crate) fn new(url: &str) -> Result<JwksUrlSource, String> {
         let parsed = Url::parse(url).map_err(|e| format!("is not a URL: {e}"))?;
-        let Some(host) = parsed.host_str() else {
-            return Err("has no host".to_owned());
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let loopback = host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        match parsed.scheme() {
-            "https" => {}
-            "http" if loopback => {}
-            _ => return Err("must be https (plain http only to a loopback host)".to_owned()),
-        }
+        check_jwks_url(&parsed).map_err(|e| e.to_string())?;
         Ok(JwksUrlSource {
             url: parsed,
             state: tokio::sync::Mutex::new(CacheState::default()),
@@ -246,5 +352,57 @@ mod tests {
         assert!(JwksUrlSource::new("http://localhost/jwks").is_ok());
         assert!(JwksUrlSource::new("http://example.org/jwks").is_err());
         assert!(JwksUrlSource::new("not a url").is_err());
+    }
+
+    #[test]
+    fn redirects_keep_to_the_registration_rule_and_out_of_internal_networks() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let public = url("https://client.example/jwks");
+        let local = url("http://127.0.0.1:9/jwks");
+        assert_eq!(
+            redirect_allowed(&public, &url("https://cdn.example/jwks")),
+            Ok(())
+        );
+        for plain in [
+            "http://client.example/jwks",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://0.0.0.0:9/jwks",
+        ] {
+            assert_eq!(
+                redirect_allowed(&public, &url(plain)),
+                Err(JwksUrlError::PlainHttp),
+                "{plain}"
+            );
+            assert_eq!(
+                redirect_allowed(&local, &url(plain)),
+                Err(JwksUrlError::PlainHttp),
+                "{plain}"
+            );
+        }
+        for internal in [
+            "https://127.0.0.1/jwks",
+            "https://localhost/jwks",
+            "https://10.1.2.3/jwks",
+            "https://192.168.0.1/jwks",
+            "https://172.16.0.1/jwks",
+            "https://100.64.0.1/jwks",
+            "https://169.254.169.254/jwks",
+            "https://0.0.0.0/jwks",
+            "https://[::1]/jwks",
+            "https://[::ffff:10.0.0.1]/jwks",
+            "https://[fd00::1]/jwks",
+            "https://[fe80::1]/jwks",
+        ] {
+            assert_eq!(
+                redirect_allowed(&public, &url(internal)),
+                Err(JwksUrlError::Internal),
+                "{internal}"
+            );
+        }
+        // A client registered on a loopback host (a local test set-up) may move on it.
+        assert_eq!(
+            redirect_allowed(&local, &url("http://localhost:9/keys")),
+            Ok(())
+        );
     }
 }

@@ -452,6 +452,73 @@ async fn jwks_url_is_fetched_and_cached() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
 
+/// A client's server that publishes its JWKS at `/jwks.json` and redirects `/to?url` to `url`;
+/// returns its `http://127.0.0.1:port` and the number of JWKS served.
+async fn redirecting_jwks_server(jwks: serde_json::Value) -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = Router::new()
+        .route(
+            "/jwks.json",
+            get(move || {
+                let h = h.clone();
+                let body = jwks.to_string();
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    body
+                }
+            }),
+        )
+        .route(
+            "/to",
+            get(|uri: axum::http::Uri| async move {
+                let target = uri.query().unwrap_or_default().to_owned();
+                (StatusCode::FOUND, [(header::LOCATION, target)])
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{addr}"), hits)
+}
+
+#[tokio::test]
+async fn a_jwks_redirect_is_followed_only_where_the_registration_could_point() {
+    let jwks = serde_json::json!({"keys": [ec_key().public_jwk().unwrap()]});
+    let (server, hits) = redirecting_jwks_server(jwks).await;
+    let port = server.rsplit(':').next().unwrap();
+    // `0.0.0.0` is no loopback address, so plain http there could not be registered; yet a
+    // connection to it reaches this machine, like one to any internal address would.
+    let smart = smart_with(serde_json::json!([
+        {"client_id": "downgraded", "jwks_url": format!("{server}/to?http://0.0.0.0:{port}/jwks.json"),
+         "scope": "system/*.rs"},
+        {"client_id": "moved", "jwks_url": format!("{server}/to?http://localhost:{port}/jwks.json"),
+         "scope": "system/*.rs"},
+    ]));
+    let a = ec_key().sign("downgraded", TOKEN_URL, now()).unwrap();
+    let e = smart
+        .token(&common::form(&a, "system/*.rs"), now())
+        .await
+        .unwrap_err();
+    assert_eq!(e.error, auth::OAuthErrorCode::InvalidClient);
+    assert_eq!(e.description, "client authentication failed");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the redirect was not followed"
+    );
+
+    // A redirect to where the registration could point is followed.
+    let a = ec_key().sign("moved", TOKEN_URL, now()).unwrap();
+    smart
+        .token(&common::form(&a, "system/*.rs"), now())
+        .await
+        .unwrap();
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn unreachable_or_failing_jwks_url_is_invalid_client() {
     let (url, _) = jwks_server(serde_json::json!({}), StatusCode::NOT_FOUND).await;
