@@ -22,6 +22,8 @@ pub enum AccessTokenError {
     BadSignature,
     Expired,
     BadScope,
+    /// Signed with the right key, but for a client the clients file no longer lists.
+    UnknownClient,
 }
 
 impl AccessTokenError {
@@ -33,6 +35,7 @@ impl AccessTokenError {
             }
             AccessTokenError::Expired => "the access token has expired",
             AccessTokenError::BadScope => "the access token carries no usable scope",
+            AccessTokenError::UnknownClient => "the access token's client is no longer registered",
         }
     }
 }

@@ -279,8 +279,7 @@ impl Auth {
                 "the Authorization header must be `Bearer <access token>`",
             ))?;
         let verified = smart
-            .issuer()
-            .verify(token, unix_now())
+            .verify_access_token(token, unix_now())
             .map_err(|e| AuthRejection::InvalidToken(e.reason()))?;
         Ok(AuthContext {
             client_id: Some(verified.client_id),

@@ -16,7 +16,7 @@ use base64::Engine;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::access_token::TokenIssuer;
+use crate::access_token::{AccessTokenError, TokenIssuer, VerifiedToken};
 use crate::registry::{ClientRegistry, KeySource, RegisteredClient, VerificationKey};
 use crate::replay::{ReplayCache, ReplayError};
 use crate::scope::Scopes;
@@ -203,6 +203,25 @@ impl SmartAuth {
 
     pub fn issuer(&self) -> &TokenIssuer {
         &self.issuer
+    }
+
+    /// Verifies a bearer token at `now` (unix seconds): signed with this server's key, not
+    /// expired, and of a client the clients file lists, its scopes cut to what that registration
+    /// allows now. The key can outlive the clients file it issued under (`--token-key`, or the
+    /// key the nodes of a cluster share): a client removed from the file, or registered for less,
+    /// must not go on with a token issued before.
+    pub fn verify_access_token(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<VerifiedToken, AccessTokenError> {
+        let mut verified = self.issuer.verify(token, now)?;
+        let client = self
+            .registry
+            .get(&verified.client_id)
+            .ok_or(AccessTokenError::UnknownClient)?;
+        verified.scopes = client.max_scope.intersect(&verified.scopes);
+        Ok(verified)
     }
 
     /// Handles one token request at time `now` (unix seconds).

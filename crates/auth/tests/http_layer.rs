@@ -452,6 +452,59 @@ async fn jwks_url_is_fetched_and_cached() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
 
+/// Tokens signed with a key that outlives the clients file (`--token-key`, or a cluster's shared
+/// key): after a restart with a new file, a removed client's token is refused and a narrowed
+/// client's token allows only what the new registration does.
+#[tokio::test]
+async fn a_token_does_not_outlive_its_clients_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("token.key");
+    std::fs::write(&key_file, "0123456789abcdef0123456789abcdef").unwrap();
+    let start = |clients: String| {
+        let clients_file = dir.path().join("clients.json");
+        std::fs::write(&clients_file, clients).unwrap();
+        let mut settings = auth::AuthSettings::new(auth::AuthMode::Smart, BASE_URL);
+        settings.clients_file = Some(clients_file);
+        settings.token_key_file = Some(key_file.clone());
+        app(&Auth::from_settings(&settings, "127.0.0.1:0".parse().unwrap()).unwrap())
+    };
+    let before = start(clients_json());
+    let rsa_client = get_token(&before, "rsa-client", "system/*.rs").await;
+    let limited = get_token(&before, "limited", "system/Patient.rs").await;
+    for (token, path) in [(&rsa_client, "/Observation/1"), (&limited, "/Patient/1")] {
+        let (status, ..) = send(&before, get_with(path, Some(token))).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+
+    // Restarted: `limited` is gone, `rsa-client` may read patients only.
+    let mut clients: serde_json::Value = serde_json::from_str(&clients_json()).unwrap();
+    let list = clients.as_array_mut().unwrap();
+    list.retain(|c| c["client_id"] != "limited");
+    for c in list.iter_mut() {
+        if c["client_id"] == "rsa-client" {
+            c["scope"] = "system/Patient.rs".into();
+        }
+    }
+    let after = start(clients.to_string());
+    let (status, headers, json, _) = send(&after, get_with("/Patient/1", Some(&limited))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{json}");
+    assert_eq!(json["resourceType"], "OperationOutcome");
+    assert_eq!(
+        json["issue"][0]["diagnostics"],
+        "the access token's client is no longer registered"
+    );
+    assert!(
+        headers[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+    let (status, _, json, _) = send(&after, get_with("/Observation/1", Some(&rsa_client))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{json}");
+    let (status, ..) = send(&after, get_with("/Patient/1", Some(&rsa_client))).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 /// A client's server that publishes its JWKS at `/jwks.json` and redirects `/to?url` to `url`;
 /// returns its `http://127.0.0.1:port` and the number of JWKS served.
 async fn redirecting_jwks_server(jwks: serde_json::Value) -> (String, Arc<AtomicUsize>) {
