@@ -159,9 +159,11 @@ impl SmartAuth {
         token_url: String,
         replay_capacity: usize,
     ) -> SmartAuth {
+        // Each client its share of the cache: one client cannot fill it for the others.
+        let share = replay_capacity / registry.len().max(1);
         SmartAuth {
+            replay: ReplayCache::new(replay_capacity).with_client_share(share),
             registry,
-            replay: ReplayCache::new(replay_capacity),
             issuer,
             token_url,
             shared: None,
@@ -489,7 +491,7 @@ impl SmartAuth {
             ReplayError::Replayed => OAuthError::client(
                 "this client_assertion's `jti` has already been used (replay refused)",
             ),
-            ReplayError::Full => {
+            ReplayError::Full | ReplayError::ClientFull => {
                 OAuthError::new(OAuthErrorCode::TemporarilyUnavailable, e.to_string())
             }
         })?;

@@ -401,6 +401,41 @@ async fn replayed_jti() {
     assert_eq!(e.error, OAuthErrorCode::InvalidClient);
 }
 
+/// A client sending valid assertions as fast as it can fills its own share of the replay cache,
+/// not the cache: it is refused (503) while the other clients still get tokens.
+#[tokio::test]
+async fn one_client_cannot_fill_the_replay_cache_for_the_others() {
+    let t = now();
+    let capacity = 6;
+    let s = auth::SmartAuth::new(
+        registry(),
+        auth::TokenIssuer::new(BASE_URL.to_owned(), std::time::Duration::from_secs(300)),
+        TOKEN_URL.to_owned(),
+        capacity,
+    );
+    let mut granted = 0;
+    let e = loop {
+        assert!(granted <= capacity, "the cache never filled");
+        let a = rsa_key().sign("rsa-client", TOKEN_URL, t).unwrap();
+        match s.token(&form(&a, "system/*.rs"), t).await {
+            Ok(_) => granted += 1,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        e.error,
+        OAuthErrorCode::TemporarilyUnavailable,
+        "{}",
+        e.description
+    );
+    assert_eq!(e.error.http_status(), 503);
+    assert!(granted > 0 && granted < capacity, "{granted} granted");
+    let a = ec_key().sign("ec-client", TOKEN_URL, t).unwrap();
+    s.token(&form(&a, "system/Patient.read"), t)
+        .await
+        .expect("another client still gets a token");
+}
+
 #[tokio::test]
 async fn refused_assertion_does_not_burn_its_jti() {
     // A failing signature must not record the jti, or anyone could block a client's assertions.
