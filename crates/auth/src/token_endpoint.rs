@@ -3,7 +3,8 @@
 //!
 //! Order of checks: form parameters (presence and fixed values, scope syntax) → assertion header
 //! (algorithm) → client lookup by `iss` → key selection (`jku`, `kid`, key type) → signature →
-//! claims (`sub`, `aud`, `exp`, `nbf`, `jti`) → replay cache → scope grant. The `jti` is only
+//! claims (`sub`, `aud`, `exp`, `nbf`, `jti`) → replay cache → a `client_id` parameter, if
+//! any, names the same client → scope grant. The `jti` is only
 //! recorded for assertions whose signature verified, so nobody can fill the cache with jtis of
 //! someone else's future assertions.
 //!
@@ -92,6 +93,9 @@ pub struct TokenForm {
     pub client_assertion_type: Option<String>,
     pub client_assertion: Option<String>,
     pub scope: Option<String>,
+    /// Optional with an assertion; when given it must name the client the assertion
+    /// authenticates (RFC 7521 §4.2).
+    pub client_id: Option<String>,
 }
 
 impl std::fmt::Debug for TokenForm {
@@ -104,6 +108,7 @@ impl std::fmt::Debug for TokenForm {
                 &self.client_assertion.as_ref().map(|_| "<redacted>"),
             )
             .field("scope", &self.scope)
+            .field("client_id", &self.client_id)
             .finish()
     }
 }
@@ -258,6 +263,13 @@ impl SmartAuth {
             .map_err(|e| OAuthError::new(OAuthErrorCode::InvalidScope, e.to_string()))?;
 
         let client = self.authenticate_client(assertion, now).await?;
+        if let Some(named) = form.client_id.as_deref()
+            && named != client.client_id
+        {
+            return Err(OAuthError::client(
+                "the `client_id` parameter names another client than the client_assertion's `iss`",
+            ));
+        }
 
         let granted = client.max_scope.intersect(&requested);
         if granted.is_empty() {

@@ -452,6 +452,30 @@ async fn jwks_url_is_fetched_and_cached() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
 
+/// RFC 7521 §4.2: a `client_id` sent beside the assertion must name the client the assertion
+/// authenticates; the token is not issued when it names another.
+#[tokio::test]
+async fn a_client_id_parameter_must_name_the_assertions_client() {
+    let app = app(&Auth::smart(smart()));
+    let a = rsa_key().sign("rsa-client", TOKEN_URL, now()).unwrap();
+    let body = format!("{}&client_id=limited", form_body(&a, "system/*.rs"));
+    let (status, headers, json, text) = send(&app, token_request(&body)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert_eq!(json["error"], "invalid_client");
+    assert!(
+        json["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("client_id")
+    );
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+
+    let a = rsa_key().sign("rsa-client", TOKEN_URL, now()).unwrap();
+    let body = format!("{}&client_id=rsa-client", form_body(&a, "system/*.rs"));
+    let (status, _, _, text) = send(&app, token_request(&body)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+}
+
 /// Tokens signed with a key that outlives the clients file (`--token-key`, or a cluster's shared
 /// key): after a restart with a new file, a removed client's token is refused and a narrowed
 /// client's token allows only what the new registration does.

@@ -83,6 +83,7 @@ pub fn form(assertion: &str, scope: &str) -> TokenForm {
         ),
         client_assertion: Some(assertion.to_owned()),
         scope: Some(scope.to_owned()),
+        client_id: None,
     }
 }
 
