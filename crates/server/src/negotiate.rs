@@ -219,6 +219,7 @@ pub async fn negotiate(
     request: Request,
     next: Next,
 ) -> Response {
+    let token_endpoint = request.uri().path() == auth::TOKEN_PATH;
     if let Err(e) = check_host(&policy, &request).and_then(|()| {
         check(
             request.method(),
@@ -227,13 +228,71 @@ pub async fn negotiate(
             request.uri().query(),
         )
     }) {
-        return e.into_response();
+        let response = e.into_response();
+        return if token_endpoint {
+            oauth_answer(response).await
+        } else {
+            response
+        };
     }
     let response = next.run(request).await;
     if response.status().is_client_error() || response.status().is_server_error() {
-        return error_answer(&policy, response).await;
+        let response = error_answer(&policy, response).await;
+        return if token_endpoint {
+            oauth_answer(response).await
+        } else {
+            response
+        };
     }
     response
+}
+
+/// An error answer of the token endpoint that is an OperationOutcome (a refusal before its
+/// handler: content type, method, host) rewritten as the OAuth error JSON OAuth clients read
+/// (RFC 6749 §5.2), with its status kept; the handler's own OAuth errors pass unchanged.
+async fn oauth_answer(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let is_fhir = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/fhir+json"));
+    if !is_fhir {
+        return Response::from_parts(parts, body);
+    }
+    let outcome: Value = axum::body::to_bytes(body, ERROR_BODY_MAX)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    let description = outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            parts
+                .status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_owned()
+        });
+    let error = match parts.status {
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+            auth::OAuthErrorCode::TemporarilyUnavailable
+        }
+        s if s.is_server_error() => auth::OAuthErrorCode::ServerError,
+        _ => auth::OAuthErrorCode::InvalidRequest,
+    };
+    let text = serde_json::to_string(&auth::OAuthError { error, description })
+        .unwrap_or_else(|_| r#"{"error":"server_error"}"#.to_owned());
+    let headers = &mut parts.headers;
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(text))
 }
 
 /// DNS rebinding: a page on another origin reaches this server under its own host name.

@@ -260,6 +260,44 @@ async fn token_endpoint_bounds_input_and_hides_client_ids() {
     assert!(!forged.to_string().contains("patients"), "{forged}");
 }
 
+/// Every refusal at the token endpoint is an OAuth error JSON (RFC 6749 §5.2) with its status,
+/// also those made before the token handler runs: a body without or with another content type,
+/// another method.
+#[tokio::test]
+async fn token_endpoint_refusals_before_its_handler_are_oauth_errors() {
+    let s = start().await;
+    let assertion = s.key.sign("patients", &s.token_url, now()).unwrap();
+    let form = token_form(&assertion, "system%2FPatient.rs");
+    let client = reqwest::Client::new();
+    let cases = [
+        (
+            client.post(&s.token_url).body(form.clone()),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            client
+                .post(&s.token_url)
+                .header("content-type", "text/plain")
+                .body(form.clone()),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (client.get(&s.token_url), StatusCode::METHOD_NOT_ALLOWED),
+    ];
+    for (request, want) in cases {
+        let res = request.send().await.unwrap();
+        let st = res.status();
+        let content_type = res.headers()["content-type"].to_str().unwrap().to_owned();
+        let cache = res.headers().get("cache-control").cloned();
+        let text = res.text().await.unwrap();
+        assert_eq!(st, want, "{text}");
+        assert_eq!(content_type, "application/json", "{text}");
+        assert_eq!(cache.unwrap(), "no-store");
+        let json: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["error"], "invalid_request", "{text}");
+        assert!(json["error_description"].is_string(), "{text}");
+    }
+}
+
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
