@@ -143,6 +143,24 @@ impl Auth {
         })
     }
 
+    /// Mode `smart` on a database one process uses: accepted assertions are recorded in
+    /// `record` so that a restart does not forget them ([`SmartAuth::record_assertions_in`]).
+    /// Call before the routes are built. Mode `none` is unchanged.
+    pub fn record_assertions_in(
+        self,
+        record: Arc<dyn crate::ReplayRecord>,
+    ) -> Result<Auth, crate::SharedStateError> {
+        let mut inner = Arc::try_unwrap(self.inner).map_err(|_| {
+            crate::SharedStateError("the authorization state is already in use".into())
+        })?;
+        if let AuthInner::Smart(smart) = &mut inner {
+            smart.record_assertions_in(record);
+        }
+        Ok(Auth {
+            inner: Arc::new(inner),
+        })
+    }
+
     pub fn smart_auth(&self) -> Option<&SmartAuth> {
         match &*self.inner {
             AuthInner::Smart(s) => Some(s),

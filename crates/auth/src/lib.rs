@@ -37,5 +37,5 @@ pub use jwks_fetch::JwksFetchError;
 pub use log_safe::log_safe;
 pub use registry::{ClientRegistry, RegistryError};
 pub use scope::{PermSet, Permission, ScopeError, Scopes};
-pub use shared::{SharedAuthState, SharedStateError};
+pub use shared::{ReplayRecord, SharedAuthState, SharedStateError};
 pub use token_endpoint::{OAuthError, OAuthErrorCode, SmartAuth, TokenForm, TokenResponse};

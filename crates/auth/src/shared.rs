@@ -17,12 +17,10 @@ pub const SIGNING_KEY_BYTES: usize = 32;
 #[error("shared authorization state: {0}")]
 pub struct SharedStateError(pub String);
 
-/// What the auth layer needs from a store several nodes share. Calls block (run them off the
-/// async workers).
-pub trait SharedAuthState: Send + Sync {
-    /// The signing key every node uses: `fresh` is kept when none exists yet (the first node to
-    /// start; made once, atomically), otherwise the existing one is returned.
-    fn signing_key(&self, fresh: &[u8]) -> Result<Vec<u8>, SharedStateError>;
+/// Where accepted client assertions are recorded so that they are refused as replays until
+/// they expire, also after a restart (the database), and on a database several nodes share at
+/// every node. Calls block (run them off the async workers).
+pub trait ReplayRecord: Send + Sync {
     /// Records an accepted assertion `(iss, jti)` until `keep_until` (unix seconds); `false`
     /// when it is recorded already and not expired at `now` (a replay, at any node).
     fn remember_once(
@@ -32,4 +30,12 @@ pub trait SharedAuthState: Send + Sync {
         keep_until: i64,
         now: i64,
     ) -> Result<bool, SharedStateError>;
+}
+
+/// What the auth layer needs from a store several nodes share: the signing key besides the
+/// [`ReplayRecord`]. Calls block (run them off the async workers).
+pub trait SharedAuthState: ReplayRecord {
+    /// The signing key every node uses: `fresh` is kept when none exists yet (the first node to
+    /// start; made once, atomically), otherwise the existing one is returned.
+    fn signing_key(&self, fresh: &[u8]) -> Result<Vec<u8>, SharedStateError>;
 }

@@ -21,7 +21,7 @@ use crate::access_token::{AccessTokenError, TokenIssuer, VerifiedToken};
 use crate::registry::{ClientRegistry, KeySource, RegisteredClient, VerificationKey};
 use crate::replay::{ReplayCache, ReplayError};
 use crate::scope::Scopes;
-use crate::shared::{SIGNING_KEY_BYTES, SharedAuthState, SharedStateError};
+use crate::shared::{ReplayRecord, SIGNING_KEY_BYTES, SharedAuthState, SharedStateError};
 
 pub const GRANT_TYPE: &str = "client_credentials";
 pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -150,9 +150,10 @@ pub struct SmartAuth {
     pub(crate) replay: ReplayCache,
     pub(crate) issuer: TokenIssuer,
     pub(crate) token_url: String,
-    /// The nodes' shared state, when several share a database: its replay cache replaces the
-    /// in-memory one (see [`SmartAuth::share`]).
-    pub(crate) shared: Option<std::sync::Arc<dyn SharedAuthState>>,
+    /// The database's record of accepted assertions, which replaces the in-memory cache: it
+    /// outlives a restart, and on a shared database every node sees it (see
+    /// [`SmartAuth::share`], [`SmartAuth::record_assertions_in`]).
+    pub(crate) shared: Option<std::sync::Arc<dyn ReplayRecord>>,
     /// The signing key was configured (`--token-key`): it is kept when the state is shared.
     pub(crate) key_configured: bool,
 }
@@ -184,7 +185,7 @@ impl SmartAuth {
         shared: std::sync::Arc<dyn SharedAuthState>,
     ) -> Result<(), SharedStateError> {
         if self.key_configured {
-            self.shared = Some(shared);
+            self.shared = Some(shared as std::sync::Arc<dyn ReplayRecord>);
             return Ok(());
         }
         let mut fresh = [0u8; SIGNING_KEY_BYTES];
@@ -200,8 +201,14 @@ impl SmartAuth {
             self.issuer.lifetime(),
             &key,
         );
-        self.shared = Some(shared);
+        self.shared = Some(shared as std::sync::Arc<dyn ReplayRecord>);
         Ok(())
+    }
+
+    /// Records accepted assertions in `record` (the database) instead of this process's memory,
+    /// so that a restart does not forget them; the signing key stays this process's.
+    pub fn record_assertions_in(&mut self, record: std::sync::Arc<dyn ReplayRecord>) {
+        self.shared = Some(record);
     }
 
     pub fn token_url(&self) -> &str {

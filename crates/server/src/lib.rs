@@ -221,7 +221,9 @@ impl auth::SharedAuthState for SharedAuth {
             .secret(auth::shared::SIGNING_KEY_NAME, fresh)
             .map_err(|e| auth::SharedStateError(e.to_string()))
     }
+}
 
+impl auth::ReplayRecord for SharedAuth {
     fn remember_once(
         &self,
         iss: &str,
@@ -229,9 +231,51 @@ impl auth::SharedAuthState for SharedAuth {
         keep_until: i64,
         now: i64,
     ) -> Result<bool, auth::SharedStateError> {
-        self.0
-            .remember_once(iss, jti, keep_until, now)
-            .map_err(|e| auth::SharedStateError(e.to_string()))
+        remember_once(&*self.0, iss, jti, keep_until, now)
+    }
+}
+
+/// The auth layer's [`auth::ReplayRecord`] over the store's [`store::AssertionRecord`] of a
+/// database one process uses (SQLite's `exports.db`).
+struct AssertionRecord(Arc<dyn store::AssertionRecord>);
+
+impl auth::ReplayRecord for AssertionRecord {
+    fn remember_once(
+        &self,
+        iss: &str,
+        jti: &str,
+        keep_until: i64,
+        now: i64,
+    ) -> Result<bool, auth::SharedStateError> {
+        remember_once(&*self.0, iss, jti, keep_until, now)
+    }
+}
+
+fn remember_once(
+    record: &dyn store::AssertionRecord,
+    iss: &str,
+    jti: &str,
+    keep_until: i64,
+    now: i64,
+) -> Result<bool, auth::SharedStateError> {
+    record
+        .remember_once(iss, jti, keep_until, now)
+        .map_err(|e| auth::SharedStateError(e.to_string()))
+}
+
+/// The authorization layer on `store`: on a database several nodes share, their signing key and
+/// replay cache; on one a single process uses, the accepted assertions recorded there, so that
+/// one accepted before a restart is refused after it. Blocks on the store.
+pub fn auth_on_store(auth: auth::Auth, store: &dyn Store) -> Result<auth::Auth, ServeError> {
+    if auth.mode() != auth::AuthMode::Smart {
+        return Ok(auth);
+    }
+    if let Some(shared) = store.shared_state() {
+        return Ok(auth.share(Arc::new(SharedAuth(shared)))?);
+    }
+    match store.assertion_record() {
+        Some(record) => Ok(auth.record_assertions_in(Arc::new(AssertionRecord(record)))?),
+        None => Ok(auth),
     }
 }
 
@@ -294,13 +338,9 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
                 source,
             }
         })?;
-    // Several nodes on one database: tokens and the replay cache are the cluster's.
-    let auth = match store.shared_state() {
-        Some(shared) if auth.mode() == auth::AuthMode::Smart => {
-            tokio::task::block_in_place(|| auth.share(Arc::new(SharedAuth(shared))))?
-        }
-        _ => auth,
-    };
+    // Several nodes on one database: tokens and the replay cache are the cluster's; one
+    // process: the replay cache is the database's, so that it outlives a restart.
+    let auth = tokio::task::block_in_place(|| auth_on_store(auth, &*store))?;
     if tokio::task::block_in_place(|| store.indexes_stale()).unwrap_or(false) {
         tracing::warn!(
             database = %database.describe(),

@@ -298,6 +298,58 @@ async fn token_endpoint_refusals_before_its_handler_are_oauth_errors() {
     }
 }
 
+/// SMART: an assertion's `jti` is refused for the assertion's whole lifetime, also across a
+/// restart. On SQLite the accepted assertions are `exports.db`'s, not the process's memory: a
+/// second process on the same data directory (the server restarted) refuses an assertion the
+/// first one accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_assertion_accepted_before_a_restart_is_refused_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = test_support::smart::test_key("rsa-a.pem");
+    let mut listener = Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let base = format!(
+        "http://{}",
+        listener.as_ref().unwrap().local_addr().unwrap()
+    );
+    let token_url = test_support::smart::token_url(&base);
+    let assertion = key.sign("patients", &token_url, now()).unwrap();
+    let form = token_form(&assertion, "system%2FPatient.rs");
+    for (start, want) in [
+        ("first", StatusCode::OK),
+        ("restarted", StatusCode::UNAUTHORIZED),
+    ] {
+        let listener = match listener.take() {
+            Some(l) => l,
+            // The same base URL (the assertion's audience) on another port.
+            None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let url = format!("http://{}/auth/token", listener.local_addr().unwrap());
+        let db = dir.path().join("fhirhose.db");
+        let store: std::sync::Arc<dyn store::Store> = common::blocking(move || {
+            std::sync::Arc::new(store::SqliteStore::open(&db, Default::default()).unwrap())
+        })
+        .await;
+        let auth = test_support::smart::auth(&base, &key, &[("patients", "system/Patient.rs")]);
+        let on = store.clone();
+        let auth = common::blocking(move || server::auth_on_store(auth, &*on).unwrap()).await;
+        let state = common::app_state(store, &base, auth, 1 << 20, dir.path()).await;
+        tokio::spawn(async move { axum::serve(listener, server::router(state)).await });
+        let res = reqwest::Client::new()
+            .post(&url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form.clone())
+            .send()
+            .await
+            .unwrap();
+        let st = res.status();
+        let text = res.text().await.unwrap();
+        assert_eq!(st, want, "{start}: {text}");
+        if want == StatusCode::UNAUTHORIZED {
+            assert!(text.contains("replay"), "{text}");
+        }
+    }
+}
+
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

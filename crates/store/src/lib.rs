@@ -51,7 +51,7 @@ pub use jobs::{JobQueue, QueueError};
 pub use lock::DataDirLock;
 pub use open::{DATABASE_ENV, Database, DatabaseArg, OpenOptions, UnknownDatabase, open};
 pub use postgres::{PgOptions, PgStore};
-pub use shared::SharedState;
+pub use shared::{AssertionRecord, SharedState};
 pub use sqlite::{SqliteOptions, SqliteStore};
 pub use stamp::{
     PreparedResource, format_instant_ms, is_valid_id, is_valid_type_name, parse_instant_ms,
@@ -645,6 +645,14 @@ pub trait Store: Send + Sync {
     /// database (SQLite, behind the data-directory lock).
     fn shared_state(&self) -> Option<std::sync::Arc<dyn SharedState>> {
         None
+    }
+
+    /// Where accepted client assertions are recorded so that a restart does not forget them
+    /// ([`AssertionRecord`]): the shared state's on a shared database, `exports.db` on SQLite.
+    /// `None` (the default): the process keeps them in memory.
+    fn assertion_record(&self) -> Option<std::sync::Arc<dyn AssertionRecord>> {
+        self.shared_state()
+            .map(|s| s as std::sync::Arc<dyn AssertionRecord>)
     }
 }
 

@@ -31,7 +31,7 @@ use crate::jobs::{
     Cleanup, FileRecord, ItemKind, ItemPlan, ItemProgress, JobQueue, JobRecord, JobState, Lease,
     NewFile, Orphans, QueueError, Retry, TypeProgress, WorkItem, WorkWatch,
 };
-use crate::shared::SharedState;
+use crate::shared::{AssertionRecord, SharedState};
 
 mod keysets;
 mod listen;
@@ -980,7 +980,9 @@ impl SharedState for PgJobQueue {
             )
         })
     }
+}
 
+impl AssertionRecord for PgJobQueue {
     fn remember_once(
         &self,
         scope: &str,

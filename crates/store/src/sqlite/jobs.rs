@@ -12,7 +12,9 @@
 //!
 //! # Schema (`PRAGMA user_version` = [`JOBS_SCHEMA_VERSION`])
 //!
-//! `export_job`, `export_item` and `export_file` (columns below). Every state column is text
+//! `export_job`, `export_item` and `export_file` (columns below); `deid_key_set` (version 3);
+//! `auth_jti`, the client assertions accepted until they expire ([`AssertionRecord`], version
+//! 4). Every state column is text
 //! constrained by a `CHECK (… IN (…))` over the names of its enum in [`crate::jobs`]. A file of
 //! the first schema (`user_version` 0, no constraints, maybe without the later columns) is
 //! migrated at open in one transaction — after checking that every stored state is one this
@@ -26,6 +28,7 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::StoreError;
+use crate::shared::AssertionRecord;
 
 mod keysets;
 use crate::jobs::{
@@ -36,10 +39,25 @@ use crate::jobs::{
 
 /// The job tables' schema version (`PRAGMA user_version` of `exports.db`). 0 is the first,
 /// unconstrained schema (migrated at open).
-pub const JOBS_SCHEMA_VERSION: i64 = 3;
+pub const JOBS_SCHEMA_VERSION: i64 = 4;
 
 /// What version 3 added to version 2: file digests and de-identification key sets (issue 21).
 const SCHEMA_V3_FROM_V2: &str = "ALTER TABLE export_file ADD COLUMN sha256 TEXT;";
+
+/// What version 4 added to version 3: the accepted client assertions (as PostgreSQL's
+/// `auth_jti`), so that a restart does not forget them.
+const SCHEMA_V4_FROM_V3: &str = "
+CREATE TABLE auth_jti (
+    iss TEXT NOT NULL,
+    jti TEXT NOT NULL,
+    expires_s INTEGER NOT NULL,
+    PRIMARY KEY (iss, jti)
+) WITHOUT ROWID;
+CREATE INDEX auth_jti_expires ON auth_jti(expires_s);
+";
+
+/// Seconds between two purges of expired assertions.
+const JTI_PURGE_EVERY_S: i64 = 60;
 
 /// The file name of the job queue in a data directory.
 pub const JOBS_FILE_NAME: &str = "exports.db";
@@ -81,6 +99,7 @@ fn schema() -> String {
     let item_state = check_in("state", ITEM_STATES);
     let file_kind = check_in("kind", FileKind::NAMES);
     let key_sets = crate::keysets::KEY_SET_TABLE;
+    let auth_jti = SCHEMA_V4_FROM_V3;
     format!(
         "
 CREATE TABLE export_job (
@@ -134,7 +153,7 @@ CREATE TABLE export_file (
     sha256 TEXT,
     PRIMARY KEY (job_id, name)
 );
-{key_sets}"
+{key_sets}{auth_jti}"
     )
 }
 
@@ -168,9 +187,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), QueueError> {
     if version == JOBS_SCHEMA_VERSION {
         return Ok(());
     }
-    if version == 2 {
-        tx.execute_batch(SCHEMA_V3_FROM_V2)?;
-        tx.execute_batch(crate::keysets::KEY_SET_TABLE)?;
+    if version == 2 || version == 3 {
+        if version == 2 {
+            tx.execute_batch(SCHEMA_V3_FROM_V2)?;
+            tx.execute_batch(crate::keysets::KEY_SET_TABLE)?;
+        }
+        tx.execute_batch(SCHEMA_V4_FROM_V3)?;
         tx.pragma_update(None, "user_version", JOBS_SCHEMA_VERSION)?;
         tx.commit()?;
         tracing::info!(file = %path.display(), version = JOBS_SCHEMA_VERSION, "export job tables migrated");
@@ -297,6 +319,8 @@ pub struct SqliteJobQueue {
     conn: Mutex<Connection>,
     /// Deletions in progress ([`JobQueue::hold_cleanup`]): job → (held until (ms), owner).
     cleanup_holds: Mutex<std::collections::HashMap<String, (i64, String)>>,
+    /// When expired assertions were last purged (unix seconds).
+    jti_purged_s: std::sync::atomic::AtomicI64,
 }
 
 impl SqliteJobQueue {
@@ -310,6 +334,7 @@ impl SqliteJobQueue {
         Ok(SqliteJobQueue {
             conn: Mutex::new(conn),
             cleanup_holds: Mutex::new(std::collections::HashMap::new()),
+            jti_purged_s: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -320,11 +345,43 @@ impl SqliteJobQueue {
         Ok(SqliteJobQueue {
             conn: Mutex::new(conn),
             cleanup_holds: Mutex::new(std::collections::HashMap::new()),
+            jti_purged_s: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl AssertionRecord for SqliteJobQueue {
+    fn remember_once(
+        &self,
+        scope: &str,
+        key: &str,
+        until_s: i64,
+        now_s: i64,
+    ) -> Result<bool, StoreError> {
+        use std::sync::atomic::Ordering;
+        let last = self.jti_purged_s.load(Ordering::Relaxed);
+        let purge = now_s.saturating_sub(last) >= JTI_PURGE_EVERY_S;
+        let c = self.conn();
+        if purge {
+            self.jti_purged_s.store(now_s, Ordering::Relaxed);
+            c.execute("DELETE FROM auth_jti WHERE expires_s < ?1", [now_s])?;
+        }
+        // Inserted, or an expired row of the same key taken over: a row comes back. A live row
+        // of the key (a replay) returns none.
+        Ok(c.query_row(
+            "INSERT INTO auth_jti (iss, jti, expires_s) VALUES (?1, ?2, ?3)
+             ON CONFLICT (iss, jti) DO UPDATE SET expires_s = excluded.expires_s
+               WHERE auth_jti.expires_s < ?4
+             RETURNING 1",
+            params![scope, key, until_s, now_s],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
     }
 }
 
@@ -960,6 +1017,52 @@ mod tests {
     //! tested on both backends in `tests/job_queue.rs`.
 
     use super::*;
+
+    /// A file of job schema version 3 (before the assertion record) gains it at open.
+    #[test]
+    fn a_version_3_file_gains_the_assertion_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(JOBS_FILE_NAME);
+        drop(SqliteJobQueue::open(&path).expect("create"));
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch("DROP TABLE auth_jti; PRAGMA user_version = 3;")
+            .expect("make a version 3 file");
+        let q = SqliteJobQueue::open(&path).expect("migrated");
+        assert!(q.remember_once("c", "j1", 100, 10).expect("recorded"));
+        let version: i64 = q
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, JOBS_SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn accepted_assertions_outlive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(JOBS_FILE_NAME);
+        let q = SqliteJobQueue::open(&path).expect("open");
+        assert!(q.remember_once("c", "j1", 100, 10).expect("first"));
+        assert!(!q.remember_once("c", "j1", 100, 20).expect("replay"));
+        assert!(
+            q.remember_once("other", "j1", 100, 20)
+                .expect("another client's")
+        );
+        drop(q);
+        let q = SqliteJobQueue::open(&path).expect("reopen");
+        assert!(
+            !q.remember_once("c", "j1", 100, 30).expect("after a reopen"),
+            "a replay after a restart"
+        );
+        // Expired entries are taken over (and purged).
+        assert!(q.remember_once("c", "j1", 300, 101).expect("expired"));
+        assert!(q.remember_once("c", "j2", 300, 200).expect("purge"));
+        let left: i64 = q
+            .conn()
+            .query_row("SELECT count(*) FROM auth_jti", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(left, 2);
+    }
 
     /// The first schema, as the previous release created it (no constraints, no `cleanup` and
     /// `error_status` columns yet).

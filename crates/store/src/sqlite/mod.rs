@@ -431,6 +431,21 @@ fn interrupted() -> StoreError {
     ))
 }
 
+impl SqliteStore {
+    /// The job queue of this data directory (`exports.db`), opened on first use.
+    fn job_queue(&self) -> Result<Arc<SqliteJobQueue>, QueueError> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = jobs.as_ref() {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(SqliteJobQueue::open(
+            &self.path.with_file_name(JOBS_FILE_NAME),
+        )?);
+        *jobs = Some(q.clone());
+        Ok(q)
+    }
+}
+
 impl Store for SqliteStore {
     fn search(
         &self,
@@ -461,15 +476,20 @@ impl Store for SqliteStore {
     }
 
     fn jobs(&self) -> Result<Arc<dyn JobQueue>, QueueError> {
-        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(q) = jobs.as_ref() {
-            return Ok(q.clone());
+        Ok(self.job_queue()?)
+    }
+
+    /// In `exports.db`, the one writer lock the bulk loader never holds: a token request does
+    /// not wait for resource writes. `None` when the file cannot be opened (the caller then
+    /// keeps assertions in memory, and the export service reports the file's problem).
+    fn assertion_record(&self) -> Option<Arc<dyn crate::AssertionRecord>> {
+        match self.job_queue() {
+            Ok(q) => Some(q),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the assertion record in exports.db");
+                None
+            }
         }
-        let q = Arc::new(SqliteJobQueue::open(
-            &self.path.with_file_name(JOBS_FILE_NAME),
-        )?);
-        *jobs = Some(q.clone());
-        Ok(q)
     }
 
     fn prepare_put(
