@@ -117,6 +117,64 @@ pub fn valid_config_name(name: &str) -> bool {
             .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
+/// Checks the `_typeFilter` queries of a kick-off against `limits` (the server's `--search-*`
+/// bounds). Each query is evaluated in memory on every resource of its type, and a type's
+/// queries all on each of its resources: together they may ask no more than one search
+/// request may (parameters, their bytes, OR-ed values), else one kick-off could make every
+/// resource of a type cost a worker as much as millions of searches.
+pub fn check_type_filter_limits(
+    type_filters: &[String],
+    limits: &search::SearchLimits,
+) -> Result<(), RequestError> {
+    // Per type: its queries' (name, value) pairs and their values.
+    type Asked<'a> = (&'a str, Vec<(String, String)>, usize);
+    let mut by_type: Vec<Asked<'_>> = Vec::new();
+    for filter in type_filters {
+        let Some((ty, query)) = filter.split_once('?') else {
+            continue;
+        };
+        let pairs = search::parse_query_string(query.trim_start_matches('?'));
+        let i = match by_type.iter().position(|(t, ..)| *t == ty) {
+            Some(i) => i,
+            None => {
+                by_type.push((ty, Vec::new(), 0));
+                by_type.len() - 1
+            }
+        };
+        let too_costly = |why: String| {
+            err(
+                "_typeFilter",
+                format!(
+                    "the _typeFilter queries of {ty} together ask more than one search may: {why}"
+                ),
+            )
+        };
+        let (_, all, values) = &mut by_type[i];
+        all.extend(pairs.iter().cloned());
+        limits
+            .check_request(all)
+            .map_err(|e| too_costly(e.to_string()))?;
+        let options = search::ParseOptions {
+            lenient: false,
+            predicate_only: true,
+        };
+        if let Ok(q) = search::parse_query(ty, &pairs, options) {
+            *values += q
+                .filters
+                .iter()
+                .map(search::Filter::value_count)
+                .sum::<usize>();
+        }
+        if *values > limits.max_values {
+            return Err(too_costly(format!(
+                "more than {} search values (comma-separated values count one each)",
+                limits.max_values
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A kick-off parameter problem: 400 with an OperationOutcome naming the parameter.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("{param}: {message}")]

@@ -351,6 +351,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         .export
         .export_config(&config.data_dir, base_url.clone())?;
     export_config.exclusive_queue = database.is_exclusive();
+    export_config.type_filter_limits = config.search.limits();
     // On a shared queue without --node-id: the data directory's id, so that a restart releases
     // this node's dead leases at once (see node_id). Held until `serve` returns.
     let _node_id = if export_config.exclusive_queue || export_config.node_id.is_some() {

@@ -218,6 +218,58 @@ async fn kickoff_validation_snapshot_and_cancel() {
     );
 }
 
+/// `_typeFilter` queries are evaluated on every resource of their type, each of a type's
+/// queries on each resource: one kick-off with thousands of them (or of OR-ed values) made
+/// every Observation cost a worker milliseconds to seconds, and nothing bounded it. A type's
+/// queries together are now held to what one search may ask (`--search-max-params`,
+/// `--search-max-values`, ...); each type on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn type_filters_are_held_to_the_search_limits_per_type() {
+    let s = start().await;
+    let codes = |prefix: &str, n: usize| {
+        (0..n)
+            .map(|i| format!("{prefix}{i}"))
+            .collect::<Vec<_>>()
+            .join("%2C")
+    };
+    let filter = |ty: &str, values: &str| format!("&_typeFilter={ty}%3Fcode%3D{values}");
+    // 51 queries of one value each: more parameters than one search may have.
+    let many: String = (0..51)
+        .map(|i| filter("Observation", &format!("x{i}")))
+        .collect();
+    // Two queries of 600 values each: more values than one search may have.
+    let wide = filter("Observation", &codes("a", 600)) + &filter("Observation", &codes("b", 600));
+    for query in [many, wide] {
+        let r = s
+            .kickoff(&format!("/$export?_type=Observation{query}"))
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["resourceType"], "OperationOutcome");
+        assert_eq!(v["issue"][0]["expression"][0], "_typeFilter", "{v}");
+        let text = v["issue"][0]["diagnostics"].as_str().unwrap();
+        assert!(text.contains("Observation"), "{text}");
+    }
+    // 600 values for each of two types: each type within the limits.
+    let two_types =
+        filter("Observation", &codes("a", 600)) + &filter("Condition", &codes("b", 600));
+    let r = s
+        .kickoff(&format!("/$export?_type=Observation,Condition{two_types}"))
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::ACCEPTED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let status_url = r.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let r = s.c.delete(&status_url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+}
+
 /// GETs a status URL until it answers something other than 429 (polls faster than the server
 /// allows are refused).
 async fn poll(s: &Server, url: &str) -> reqwest::Response {

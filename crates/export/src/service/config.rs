@@ -64,6 +64,9 @@ pub struct ExportConfig {
     /// `--export-gzip`: NDJSON files are stored gzip-compressed unless the kick-off says
     /// `_compression=none` (recorded on the job at kick-off).
     pub gzip: bool,
+    /// What the `_typeFilter` queries of one kick-off may ask for, per type (the server's
+    /// search bounds, `--search-max-*`): beyond it the kick-off is refused (400).
+    pub type_filter_limits: search::SearchLimits,
 }
 
 impl std::fmt::Debug for ExportConfig {
@@ -105,6 +108,7 @@ impl ExportConfig {
             requires_access_token: false,
             image_configs: None,
             gzip: false,
+            type_filter_limits: search::SearchLimits::default(),
         }
     }
 }

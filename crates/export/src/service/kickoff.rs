@@ -61,6 +61,10 @@ impl ExportService {
             now,
             request_url.clone(),
         )?;
+        crate::request::check_type_filter_limits(
+            &req.type_filters,
+            &self.config.type_filter_limits,
+        )?;
         if req.types.is_empty()
             && let Some(allowed) = access::exportable_types(access)
         {
