@@ -43,6 +43,6 @@ pub use request::{ExportLevel, ExportRequest, RequestError};
 pub use run::RunSettings;
 pub use service::{
     ExportConfig, ExportError, ExportService, FileSummary, ImageConfigFetcher, JobSummary,
-    PartialPage, RECENT_JOBS, Status, StatusView,
+    PartialPage, RECENT_JOBS, Status, StatusView, is_job_id,
 };
 pub use sink::{FileBody, LocalSink, ObjectInfo, Sink, SinkError};

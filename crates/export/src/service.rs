@@ -27,6 +27,7 @@ mod workers;
 pub use config::{ExportConfig, ImageConfigFetcher};
 pub use error::ExportError;
 use error::{failure_text, without_queries};
+pub use kickoff::is_job_id;
 pub use overview::{FileSummary, JobSummary, RECENT_JOBS, Stats, stats};
 pub use status::{PartialPage, Status, StatusView};
 

@@ -569,3 +569,49 @@ fn a_reindex_killed_half_way_leaves_searches_whole_and_the_next_one_finishes() {
         assert_eq!(left, 0, "the killed reindexes' tables are gone");
     }
 }
+
+/// The server's resident memory, from `/proc/<pid>/status` (Linux).
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// An attacker polls `/export-status/<id>` with `Prefer: wait` and ids of jobs that do not
+/// exist, each as long as a request line allows. Every answer is 404, yet the server kept the
+/// time of each poll under its id for pacing (and forgot none before 10,000 were kept): 4,000
+/// such polls of 60 KB ids held about 280 MB of the server's memory, and more polls more.
+/// Only job-shaped ids are paced now, and the poll times kept are bounded.
+#[test]
+fn status_polls_of_ids_that_name_no_job_hold_no_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve(&dir.path().join("data"), None, &[]);
+    let client = reqwest::blocking::Client::new();
+    let pid = server.child.id();
+    let poll = |id: &str| {
+        let r = client
+            .get(server.url(&format!("/export-status/{id}")))
+            .header("prefer", "wait=1")
+            .send()
+            .expect("status poll");
+        assert_eq!(r.status().as_u16(), 404);
+    };
+    // The server's own allocations settle first.
+    for i in 0..50 {
+        poll(&format!("{i:08}{}", "a".repeat(60_000)));
+    }
+    let before = resident_bytes(pid);
+    for i in 50..4_000 {
+        poll(&format!("{i:08}{}", "a".repeat(60_000)));
+    }
+    let grown = resident_bytes(pid).saturating_sub(before);
+    assert!(
+        grown < 64 << 20,
+        "4,000 status polls of jobs that do not exist grew the server by {} MB",
+        grown >> 20
+    );
+}

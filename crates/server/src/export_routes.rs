@@ -319,23 +319,36 @@ const STATUS_RECHECK_MIN: Duration = Duration::from_millis(50);
 /// Status requests waiting at once; beyond this a request answers at once, as without `wait`.
 const MAX_WAITING_STATUS: usize = 16;
 
-/// Time since the previous poll of `key` (`None`: the first), recording this one.
-fn since_last_poll(key: &str) -> Option<Duration> {
+/// Polls whose time is kept at once (about 100 bytes each): beyond it, polls older than
+/// [`MIN_POLL_INTERVAL`] (which pace nothing any more) are forgotten, and while every kept poll
+/// is younger a new key is not kept (its poll is paced as a first one).
+const MAX_POLL_KEYS: usize = 10_000;
+
+/// Time since the previous poll of `key` (`None`: the first), recording this one. Only the
+/// status URLs of jobs are kept (`job` as the server names them, 32 hexadecimal digits): any
+/// other text in the path, up to a URI's 64 KiB, is a job nobody has and must not take memory.
+fn since_last_poll(job: &str, key: &str) -> Option<Duration> {
     static LAST: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+    if !export::is_job_id(job) {
+        return None;
+    }
     let mut last = LAST
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
-    if last.len() > 10_000 {
-        last.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+    if last.len() >= MAX_POLL_KEYS && !last.contains_key(key) {
+        last.retain(|_, t| now.duration_since(*t) < MIN_POLL_INTERVAL);
+        if last.len() >= MAX_POLL_KEYS {
+            return None;
+        }
     }
     last.insert(key.to_string(), now)
         .map(|prev| now.duration_since(prev))
 }
 
-fn polled_too_often(key: &str) -> bool {
-    since_last_poll(key).is_some_and(|d| d < MIN_POLL_INTERVAL)
+fn polled_too_often(job: &str, key: &str) -> bool {
+    since_last_poll(job, key).is_some_and(|d| d < MIN_POLL_INTERVAL)
 }
 
 /// `Prefer: wait=N` (whole seconds, at most [`MAX_STATUS_WAIT`]); anything else is no wait.
@@ -395,7 +408,7 @@ pub async fn status(
         .map(str::to_owned);
     let started = Instant::now();
     if waiting.is_some()
-        && let Some(since) = since_last_poll(&key)
+        && let Some(since) = since_last_poll(&job, &key)
         && since < MIN_POLL_INTERVAL
     {
         tokio::time::sleep(MIN_POLL_INTERVAL - since).await;
@@ -459,7 +472,7 @@ pub async fn status(
     match view.status {
         Status::InProgress { progress, partial } => {
             let tag = progress_tag(partial.as_ref());
-            if waiting.is_none() && polled_too_often(&key) {
+            if waiting.is_none() && polled_too_often(&job, &key) {
                 return Err(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "throttled",

@@ -182,7 +182,7 @@ impl ExportService {
             .sink
             .ensure_container(&new.container)
             .map_err(|e| self.destination_error(&new.container, &e))?;
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id = new_job_id();
         let job = JobRecord {
             id: id.clone(),
             state: JobState::Queued,
@@ -313,4 +313,29 @@ struct NewJob {
     /// The encoded de-identification of an `$export`.
     anonymization: Option<String>,
     created_ms: i64,
+}
+
+/// A new job's id, which also names its folder and its status URL: a random UUID in 32
+/// lowercase hexadecimal digits (see [`is_job_id`]).
+fn new_job_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Whether `id` has the shape of the ids this server gives jobs (32 lowercase hexadecimal
+/// digits): a status URL whose id has another shape names no job.
+pub fn is_job_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn new_job_ids_have_the_job_id_shape() {
+        for _ in 0..100 {
+            assert!(super::is_job_id(&super::new_job_id()));
+        }
+        for bad in ["", "job1", &"A".repeat(32), &"a".repeat(33), "../x"] {
+            assert!(!super::is_job_id(bad), "{bad}");
+        }
+    }
 }
