@@ -116,7 +116,7 @@ pub struct Config {
 
 /// Strips `//` and `/* */` comments and trailing commas (Newtonsoft accepts them) and rejects
 /// duplicate keys in any object.
-fn normalise_json(text: &str) -> Result<String, ConfigError> {
+pub(crate) fn normalise_json(text: &str) -> Result<String, ConfigError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let b: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());

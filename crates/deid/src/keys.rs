@@ -59,7 +59,7 @@ impl Keys {
 
 /// Why keys cannot be applied.
 #[derive(Debug, thiserror::Error)]
-#[error("a key set applies to a configuration in plain JSON: {0}")]
+#[error("keys cannot be filled into the configuration: {0}")]
 pub struct ApplyError(String);
 
 /// The configuration text with every key it leaves empty (absent, `null` or `""`) taken from
@@ -69,8 +69,9 @@ pub fn fill_empty(
     config_text: &str,
     keys: &Keys,
 ) -> Result<(String, Vec<&'static str>), ApplyError> {
-    let text = config_text.trim_start_matches('\u{feff}');
-    let mut v: Value = serde_json::from_str(text).map_err(|e| ApplyError(e.to_string()))?;
+    // Comments and trailing commas (which Newtonsoft, and so `Config::parse`, accepts) removed.
+    let text = crate::config::normalise_json(config_text).map_err(|e| ApplyError(e.to_string()))?;
+    let mut v: Value = serde_json::from_str(&text).map_err(|e| ApplyError(e.to_string()))?;
     let Some(root) = v.as_object_mut() else {
         return Err(ApplyError("not a JSON object".into()));
     };
@@ -122,6 +123,10 @@ mod tests {
         assert_eq!(c.parameters.date_shift_key, "mine");
         let (_, supplied) = fill_empty(r#"{"fhirPathRules": []}"#, &keys).unwrap();
         assert_eq!(supplied.len(), 3);
-        assert!(fill_empty("// comment\n{}", &keys).is_err());
+        // Comments and trailing commas, as the configuration parser accepts them.
+        let (text, supplied) = fill_empty("// comment\n{\"fhirPathRules\": [],}", &keys).unwrap();
+        assert_eq!(supplied.len(), 3);
+        crate::Config::parse(&text).unwrap();
+        assert!(fill_empty("[]", &keys).is_err());
     }
 }

@@ -132,6 +132,30 @@ pub fn apply_key_set(
     Ok(())
 }
 
+/// Fills the keys the configuration still leaves empty (no key set supplied them) with fresh
+/// random keys, at kick-off, so that the job records them. Left empty, each compilation of the
+/// configuration draws its own (the reference's per-process default), and the job's
+/// configuration is compiled once per process: the work a restarted server (or another node)
+/// resumed hashed ids and shifted dates with other keys than the files written before, so the
+/// references of one export no longer resolved within it. The keys stay in the job's record
+/// in the database, never in a manifest or status; the fingerprint stays that of the
+/// configuration as given.
+pub fn draw_missing_keys(info: &mut AnonymizationInfo) -> Result<(), AnonymizationError> {
+    let keys = deid::keys::Keys::generate();
+    let (text, supplied) = deid::keys::fill_empty(&info.config_text, &keys).map_err(|e| {
+        AnonymizationError::Invalid {
+            name: info.name.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    if supplied.is_empty() {
+        return Ok(());
+    }
+    compile(&info.name, &text)?;
+    info.config_text = text;
+    Ok(())
+}
+
 /// Compiles a configuration text, naming the file in errors.
 pub fn compile(name: &str, text: &str) -> Result<deid::Engine, AnonymizationError> {
     deid::Engine::from_config_text(text).map_err(|e| AnonymizationError::Invalid {

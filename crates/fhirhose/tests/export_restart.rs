@@ -443,3 +443,95 @@ fn a_start_that_cannot_bind_its_port_claims_no_export_work() {
     );
     assert_every_patient_once(&c, &manifest);
 }
+
+/// A de-identified export that a restarted server resumes: every reference of the export still
+/// names a resource of the export. The configuration leaves its keys empty (as the shipped
+/// sample does), so the server draws random ones. It drew them per process: the Patients the
+/// restarted server wrote hashed their ids and references with other keys than those written
+/// before the kill, and their links to the first Patient resolved to nothing.
+#[test]
+fn a_resumed_deidentified_export_hashes_with_the_keys_it_started_with() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let db = TestDb::fresh();
+    let c = client();
+    let port = free_port();
+    let configs = data.join("storage/anonymization");
+    std::fs::create_dir_all(&configs).expect("config container");
+    std::fs::write(
+        configs.join("ids.json"),
+        serde_json::json!({
+            "fhirPathRules": [
+                {"path": "Resource.id", "method": "cryptoHash"},
+                {"path": "nodesByType('Reference').reference", "method": "cryptoHash"}
+            ],
+            "parameters": {"cryptoHashKey": "", "dateShiftKey": "", "encryptKey": ""}
+        })
+        .to_string(),
+    )
+    .expect("write config");
+    let first = serve_with(&data, &db, port, SLOW);
+    // Every Patient links to the first one, which the first process writes.
+    for chunk in 0..PATIENTS / 500 {
+        let entries: Vec<Value> = (chunk * 500..(chunk + 1) * 500)
+            .map(|i| {
+                serde_json::json!({"resource": {"resourceType": "Patient", "id": format!("p{i}"),
+                    "link": [{"other": {"reference": "Patient/p0"}, "type": "seealso"}]},
+                    "request": {"method": "PUT", "url": format!("Patient/p{i}")}})
+            })
+            .collect();
+        let r = c
+            .post(&first.base)
+            .header("Content-Type", "application/fhir+json")
+            .body(
+                serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+                    .to_string(),
+            )
+            .send()
+            .expect("transaction");
+        assert!(r.status().is_success(), "transaction: {}", r.status());
+    }
+    let r = c
+        .get(format!(
+            "{}/$export?_type=Patient&_container=deid&_anonymizationConfig=ids.json",
+            first.base
+        ))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .send()
+        .expect("kick-off");
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().unwrap_or_default());
+    let status_url = r.headers()["Content-Location"]
+        .to_str()
+        .expect("status URL")
+        .to_owned();
+    // Well into the export: many files committed under the first process's keys.
+    wait_running(&c, &status_url, 100);
+    sigkill(first);
+    let _second = serve_with(&data, &db, port, SLOW);
+    let (code, manifest) = settle(&c, &status_url);
+    assert_eq!(code, 200, "{manifest}");
+    let mut ids = HashSet::new();
+    let mut links = Vec::new();
+    for out in manifest["output"].as_array().expect("output") {
+        let body = c
+            .get(out["url"].as_str().expect("url"))
+            .send()
+            .expect("download")
+            .text()
+            .expect("text");
+        for line in body.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line).expect("json line");
+            ids.insert(format!("Patient/{}", v["id"].as_str().expect("id")));
+            links.push(
+                v["link"][0]["other"]["reference"]
+                    .as_str()
+                    .expect("link")
+                    .to_owned(),
+            );
+        }
+    }
+    assert_eq!(ids.len(), PATIENTS, "every Patient once");
+    let dangling = links.iter().filter(|l| !ids.contains(*l)).count();
+    assert_eq!(dangling, 0, "links that name no exported Patient");
+}

@@ -105,6 +105,7 @@ impl ExportService {
                 if let Some(name) = &spec.key_set {
                     crate::anonymization::apply_key_set(&mut info, self.queue.as_ref(), name)?;
                 }
+                crate::anonymization::draw_missing_keys(&mut info)?;
                 Some(info)
             }
         };
