@@ -143,19 +143,26 @@ impl Server {
         (st, ct, r.bytes().await.unwrap().to_vec())
     }
 
-    /// Kicks off a view export (202), polls to the manifest.
-    async fn export(&self, params: Vec<Value>) -> Value {
+    /// POSTs an asynchronous kick-off (`path`: `/$viewdefinition-export` or `/$export`) of
+    /// these parameters, with the client's token if it has one.
+    async fn kick_off(&self, path: &str, params: Vec<Value>) -> reqwest::Response {
         let body = json!({"resourceType": "Parameters", "parameter": params});
-        let r = self
+        let mut req = self
             .c
-            .post(format!("{}/$viewdefinition-export", self.base))
+            .post(format!("{}{path}", self.base))
             .header("accept", "application/fhir+json")
             .header("prefer", "respond-async")
             .header("content-type", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
+            .body(body.to_string());
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Kicks off a view export (202), polls to the manifest.
+    async fn export(&self, params: Vec<Value>) -> Value {
+        let r = self.kick_off("/$viewdefinition-export", params).await;
         assert_eq!(
             r.status(),
             StatusCode::ACCEPTED,
@@ -500,17 +507,12 @@ async fn invalid_view_definitions_are_400_naming_element_and_reason() {
         );
         assert!(oo.to_string().contains(reason), "{oo}");
         // the same at export kick-off
-        let body = json!({"resourceType": "Parameters", "parameter": [
-            {"name": "view", "part": [{"name": "viewResource", "resource": view}]}]});
-        let r =
-            s.c.post(format!("{}/$viewdefinition-export", s.base))
-                .header("accept", "application/fhir+json")
-                .header("prefer", "respond-async")
-                .header("content-type", "application/fhir+json")
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
+        let r = s
+            .kick_off(
+                "/$viewdefinition-export",
+                vec![json!({"name": "view", "part": [{"name": "viewResource", "resource": view}]})],
+            )
+            .await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         let oo: Value = r.json().await.unwrap();
         assert!(oo.to_string().contains(reason), "{oo}");
@@ -800,31 +802,14 @@ async fn an_export_writes_at_most_max_views_views() {
             .collect()
     };
     // One more than the bound: refused at kick-off, by $viewdefinition-export and by $export.
-    let body = json!({"resourceType": "Parameters", "parameter": views(max + 1)});
-    let r =
-        s.c.post(format!("{}/$viewdefinition-export", s.base))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .header("content-type", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
+    let r = s.kick_off("/$viewdefinition-export", views(max + 1)).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let oo: Value = r.json().await.unwrap();
     assert_eq!(oo["issue"][0]["code"], "too-costly", "{oo}");
     let direct: Vec<Value> = (0..=max)
         .map(|i| json!({"name": "_view", "valueString": named(i).to_string()}))
         .collect();
-    let r =
-        s.c.post(format!("{}/$export", s.base))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .header("content-type", "application/fhir+json")
-            .body(json!({"resourceType": "Parameters", "parameter": direct}).to_string())
-            .send()
-            .await
-            .unwrap();
+    let r = s.kick_off("/$export", direct).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let oo: Value = r.json().await.unwrap();
     assert!(
@@ -906,18 +891,12 @@ async fn runs_and_exports_need_the_scopes_of_the_views_type() {
         .await;
     assert_eq!(st, StatusCode::OK);
     // Export: the same rule, decided at kick-off by the $export authorization.
-    let body = json!({"resourceType": "Parameters", "parameter": [
-        {"name": "view", "part": [{"name": "viewReference", "valueReference": {"reference": "ViewDefinition/obs"}}]}]});
-    let r =
-        s.c.post(format!("{}/$viewdefinition-export", s.base))
-            .bearer_auth(s.token.as_ref().unwrap())
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .header("content-type", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
+    let r = s
+        .kick_off(
+            "/$viewdefinition-export",
+            vec![json!({"name": "view", "part": [{"name": "viewReference", "valueReference": {"reference": "ViewDefinition/obs"}}]})],
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert!(r.text().await.unwrap().contains("Observation"));
 
