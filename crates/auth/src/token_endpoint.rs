@@ -452,7 +452,8 @@ impl SmartAuth {
         }
         let exp = int_claim(claims, "exp")?
             .ok_or_else(|| OAuthError::client("the client_assertion has no `exp`"))?;
-        if exp + CLOCK_SKEW_S <= now {
+        // Saturating: an `exp` near `i64::MAX` is "too far ahead", not an overflow.
+        if exp.saturating_add(CLOCK_SKEW_S) <= now {
             return Err(OAuthError::client("the client_assertion has expired"));
         }
         if exp > now + MAX_ASSERTION_LIFETIME_S + CLOCK_SKEW_S {

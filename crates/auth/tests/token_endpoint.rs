@@ -321,6 +321,16 @@ async fn exp_too_far_ahead() {
         OAuthErrorCode::InvalidClient,
         "five minutes",
     );
+    // The largest `exp` is refused for the same reason (it overflowed the skew once: a panic
+    // in a debug build, "expired" in a release build).
+    let a = rsa_key()
+        .sign_with_exp("rsa-client", TOKEN_URL, t, i64::MAX)
+        .unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "five minutes",
+    );
 }
 
 #[tokio::test]
