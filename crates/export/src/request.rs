@@ -622,6 +622,14 @@ impl ExportRequest {
                 other => soft(&mut r, err(other, "unknown $export parameter"))?,
             }
         }
+        if let (Some(since), Some(until)) = (r.since_ms, r.until_ms)
+            && since > until
+        {
+            return Err(err(
+                "_until",
+                "`_until` (`_till`) is before `_since`: no resource can be in the export",
+            ));
+        }
         if !r.views.is_empty() {
             if !r.elements.is_empty() || r.associated.is_some() {
                 return Err(err(
@@ -733,6 +741,22 @@ mod tests {
         assert_eq!(bad(&[("_type", "Unicorn")]), "_type");
         assert_eq!(bad(&[("_since", "2999-01-01T00:00:00Z")]), "_since");
         assert_eq!(bad(&[("_since", "nope")]), "_since");
+        let window = |since: &str, until: &str| {
+            ExportRequest::parse(
+                ExportLevel::System,
+                &pairs(&[("_since", since), ("_till", until)]),
+                false,
+                false,
+                now,
+                String::new(),
+            )
+            .map_err(|e| e.param)
+        };
+        assert_eq!(
+            window("2020-01-02T00:00:00Z", "2020-01-01T00:00:00Z").unwrap_err(),
+            "_until"
+        );
+        assert!(window("2020-01-01T00:00:00Z", "2020-01-01T00:00:00Z").is_ok());
         assert_eq!(bad(&[("_container", "Bad_Name")]), "_container");
         assert_eq!(bad(&[("_container", "../x")]), "_container");
         assert_eq!(bad(&[("_container", "anonymization")]), "_container");

@@ -231,6 +231,8 @@ fn check_accepted(
     prop_assert_eq!(dedup.len(), r.types.len());
     if let Some(s) = r.since_ms {
         prop_assert!(s <= NOW_MS);
+        // A window that cannot hold a resource is refused, not exported empty.
+        prop_assert!(r.until_ms.is_none_or(|u| s <= u));
     }
     if let Some(c) = &r.container {
         prop_assert!(valid_container(c), "{c}");
