@@ -210,57 +210,31 @@ pub enum ServeError {
     SharedAuth(#[from] auth::SharedStateError),
 }
 
-/// The auth layer's shared state ([`auth::SharedAuthState`]) over the store's
-/// ([`store::SharedState`]): the nodes sharing a PostgreSQL database share the token signing key
-/// and the assertion replay cache.
-struct SharedAuth(Arc<dyn store::SharedState>);
+/// The auth layer's state over the store's: the accepted client assertions its database records
+/// ([`store::AssertionRecord`]: SQLite's `exports.db`, or a database several nodes share) and,
+/// over [`store::SharedState`], the token signing key the nodes sharing the database share.
+struct OnStore<T: ?Sized>(Arc<T>);
 
-impl auth::SharedAuthState for SharedAuth {
+impl<T: store::AssertionRecord + ?Sized> auth::ReplayRecord for OnStore<T> {
+    fn remember_once(
+        &self,
+        iss: &str,
+        jti: &str,
+        keep_until: i64,
+        now: i64,
+    ) -> Result<bool, auth::SharedStateError> {
+        self.0
+            .remember_once(iss, jti, keep_until, now)
+            .map_err(|e| auth::SharedStateError(e.to_string()))
+    }
+}
+
+impl auth::SharedAuthState for OnStore<dyn store::SharedState> {
     fn signing_key(&self, fresh: &[u8]) -> Result<Vec<u8>, auth::SharedStateError> {
         self.0
             .secret(auth::shared::SIGNING_KEY_NAME, fresh)
             .map_err(|e| auth::SharedStateError(e.to_string()))
     }
-}
-
-impl auth::ReplayRecord for SharedAuth {
-    fn remember_once(
-        &self,
-        iss: &str,
-        jti: &str,
-        keep_until: i64,
-        now: i64,
-    ) -> Result<bool, auth::SharedStateError> {
-        remember_once(&*self.0, iss, jti, keep_until, now)
-    }
-}
-
-/// The auth layer's [`auth::ReplayRecord`] over the store's [`store::AssertionRecord`] of a
-/// database one process uses (SQLite's `exports.db`).
-struct AssertionRecord(Arc<dyn store::AssertionRecord>);
-
-impl auth::ReplayRecord for AssertionRecord {
-    fn remember_once(
-        &self,
-        iss: &str,
-        jti: &str,
-        keep_until: i64,
-        now: i64,
-    ) -> Result<bool, auth::SharedStateError> {
-        remember_once(&*self.0, iss, jti, keep_until, now)
-    }
-}
-
-fn remember_once(
-    record: &dyn store::AssertionRecord,
-    iss: &str,
-    jti: &str,
-    keep_until: i64,
-    now: i64,
-) -> Result<bool, auth::SharedStateError> {
-    record
-        .remember_once(iss, jti, keep_until, now)
-        .map_err(|e| auth::SharedStateError(e.to_string()))
 }
 
 /// The authorization layer on `store`: on a database several nodes share, their signing key and
@@ -271,10 +245,10 @@ pub fn auth_on_store(auth: auth::Auth, store: &dyn Store) -> Result<auth::Auth, 
         return Ok(auth);
     }
     if let Some(shared) = store.shared_state() {
-        return Ok(auth.share(Arc::new(SharedAuth(shared)))?);
+        return Ok(auth.share(Arc::new(OnStore(shared)))?);
     }
     match store.assertion_record() {
-        Some(record) => Ok(auth.record_assertions_in(Arc::new(AssertionRecord(record)))?),
+        Some(record) => Ok(auth.record_assertions_in(Arc::new(OnStore(record)))?),
         None => Ok(auth),
     }
 }
