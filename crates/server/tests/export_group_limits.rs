@@ -51,17 +51,7 @@ async fn post(s: &common::Server, resources: Vec<Value>) {
 
 /// Kicks off `path` and polls until the export ends: (status, body).
 async fn run(s: &common::Server, path: &str) -> (StatusCode, Value) {
-    let r = s.kickoff(path).await;
-    assert_eq!(
-        r.status(),
-        StatusCode::ACCEPTED,
-        "{}",
-        r.text().await.unwrap()
-    );
-    let url = r.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let url = s.kickoff_accepted(path).await;
     for _ in 0..1200 {
         let r = s.c.get(&url).send().await.unwrap();
         match r.status() {

@@ -116,6 +116,13 @@ impl Server {
 
     /// [`Server::export`] that also returns the status URL (to cancel or poll again).
     pub async fn export_with_status(&self, path: &str) -> (String, Value) {
+        let status_url = self.kickoff_accepted(path).await;
+        let manifest = self.wait(&status_url).await;
+        (status_url, manifest)
+    }
+
+    /// Kick-off that must be accepted (202): its status URL.
+    pub async fn kickoff_accepted(&self, path: &str) -> String {
         let r = self.kickoff(path).await;
         assert_eq!(
             r.status(),
@@ -123,12 +130,10 @@ impl Server {
             "{}",
             r.text().await.unwrap()
         );
-        let status_url = r.headers()["content-location"]
+        r.headers()["content-location"]
             .to_str()
             .unwrap()
-            .to_string();
-        let manifest = self.wait(&status_url).await;
-        (status_url, manifest)
+            .to_string()
     }
 
     /// Polls a status URL until the manifest (checking the headers of each answer).
