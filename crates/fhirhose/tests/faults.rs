@@ -577,6 +577,12 @@ const CASES: &[Case] = &[
         run: kill9_export,
     },
     Case {
+        name: "kill9-view-export",
+        invariant: "kill -9 at a random point of a `$viewdefinition-export` (two views, NDJSON rows), restart: it completes under the same status URL with every view row exactly once and no uncommitted part left",
+        rounds: 2,
+        run: kill9_view_export,
+    },
+    Case {
         name: "kill9-cancel",
         invariant: "kill -9 at a random point of a DELETE (cancel), restart: an acknowledged cancel holds (404) and no file of the job is left in storage",
         rounds: 3,
@@ -686,6 +692,124 @@ fn kill9_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
             "already done"
         }
     )))
+}
+
+/// The views of [`kill9_view_export`]: (name, resource type), one row per resource, keyed by
+/// the resource's id.
+const FAULT_VIEWS: [(&str, &str); 2] = [("obs_rows", "Observation"), ("patient_rows", "Patient")];
+
+fn kill9_view_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    let data = ctx.data_dir(dir)?;
+    let log = dir.join("serve.log");
+    let port = free_port();
+    let mut s = Server::start(&data, port, &export_args(), &log)?;
+    let status = view_kickoff(&ctx.c, &s.base)?;
+    let at = rng.below(ctx.export_ms * 2 / 3 + 1);
+    sleep_ms(at);
+    let was_running = is_running(&ctx.c, &status);
+    s.kill9();
+    drop(s);
+    let _s = Server::start(&data, port, &export_args(), &log)?;
+    let (code, manifest, _) = wait_end(&ctx.c, &status, COMPLETE_BOUND)?;
+    ensure!(code == 200, "status after restart: {code} {manifest}");
+    let n = verify_view_rows(&ctx.c, &manifest)?;
+    no_parts_left(&data.join("storage/exports").join(job_id(&status)))?;
+    Ok(Some(format!(
+        "killed {at} ms after kick-off ({}), {n} rows once each",
+        if was_running {
+            "running"
+        } else {
+            "already done"
+        }
+    )))
+}
+
+/// Kicks off a `$viewdefinition-export` of [`FAULT_VIEWS`] as NDJSON: the status URL.
+fn view_kickoff(c: &reqwest::blocking::Client, base: &str) -> R<String> {
+    let views: Vec<Value> = FAULT_VIEWS
+        .iter()
+        .map(|(name, rtype)| {
+            json!({"name": "view", "part": [{"name": "viewResource", "resource": {
+                "resourceType": "ViewDefinition", "name": name, "status": "active",
+                "resource": rtype,
+                "select": [{"column": [
+                    {"name": "id", "path": "getResourceKey()", "type": "id"},
+                    {"name": "updated", "path": "meta.lastUpdated", "type": "instant"}]}]}}]})
+        })
+        .chain([json!({"name": "_format", "valueCode": "ndjson"})])
+        .collect();
+    let r = c
+        .post(format!("{base}/$viewdefinition-export"))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .header("Content-Type", "application/fhir+json")
+        .body(json!({"resourceType": "Parameters", "parameter": views}).to_string())
+        .send()
+        .map_err(|e| format!("view kick-off: {e}"))?;
+    let code = r.status().as_u16();
+    let location = r
+        .headers()
+        .get("Content-Location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    ensure!(
+        code == 202,
+        "view kick-off answered {code}: {}",
+        r.text().unwrap_or_default()
+    );
+    location.ok_or_else(|| "view kick-off without Content-Location".to_string())
+}
+
+/// Every file of a view export's manifest downloaded through the server: each view's rows name
+/// every resource of its type exactly once.
+fn verify_view_rows(c: &reqwest::blocking::Client, manifest: &Value) -> R<usize> {
+    let outputs = manifest["output"]
+        .as_array()
+        .ok_or_else(|| format!("manifest without output: {manifest}"))?;
+    let mut seen: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+    for out in outputs {
+        let view = out["type"].as_str().unwrap_or_default().to_owned();
+        let url = out["url"].as_str().unwrap_or_default();
+        let r = c
+            .get(url)
+            .send()
+            .map_err(|e| format!("download {url}: {e}"))?;
+        ensure!(r.status().is_success(), "download {url}: {}", r.status());
+        let body = r.text().map_err(|e| format!("download {url}: {e}"))?;
+        let ids = seen.entry(view.clone()).or_default();
+        for line in body.lines().filter(|l| !l.trim().is_empty()) {
+            let row: Value =
+                serde_json::from_str(line).map_err(|e| format!("{url}: not JSON: {e}"))?;
+            let id = row["id"].as_str().unwrap_or_default().to_owned();
+            ensure!(
+                row["updated"].is_string(),
+                "{url}: a row without its second column: {row}"
+            );
+            ensure!(
+                ids.insert(id.clone()),
+                "view {view}: row {id} written twice"
+            );
+        }
+    }
+    let mut rows = 0;
+    for (view, rtype) in FAULT_VIEWS {
+        let expected = SYNTHEA_100_COUNTS
+            .iter()
+            .find(|(t, _)| *t == rtype)
+            .map_or(0, |(_, n)| *n);
+        let got = seen.get(view).map_or(0, HashSet::len);
+        ensure!(
+            got == expected,
+            "view {view}: {got} rows, expected one per {rtype} ({expected})"
+        );
+        rows += got;
+    }
+    ensure!(
+        seen.len() == FAULT_VIEWS.len(),
+        "manifest outputs name views {:?}",
+        seen.keys().collect::<Vec<_>>()
+    );
+    Ok(rows)
 }
 
 fn kill9_cancel(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
