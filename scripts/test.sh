@@ -38,6 +38,10 @@ export FHIRHOSE_TEST_CHROMEDRIVER
 # Parquet reader for the `fhirhose view --format parquet` test: pyarrow (PyPI) in .tools/pyarrow.
 FHIRHOSE_TEST_PYARROW=$(./scripts/pyarrow.sh | tail -n 1)
 export FHIRHOSE_TEST_PYARROW
+# A node whose clock is 20 minutes behind the others, for the multinode test: Debian's libfaketime
+# (apt, when missing), preloaded into that node only.
+FHIRHOSE_TEST_FAKETIME=$(./scripts/faketime.sh | tail -n 1)
+export FHIRHOSE_TEST_FAKETIME
 # OCI registry for de-identification configs in images: Debian's docker-registry on 127.0.0.1:5001.
 ./scripts/registry.sh
 export FHIRHOSE_TEST_REGISTRY=127.0.0.1:5001

@@ -152,6 +152,19 @@ impl Cluster {
 
     /// [`Cluster::start`] with `extra` arguments and the log filter `filter` (`FHIRHOSE_LOG`).
     fn start_with(&self, id: &'static str, port: u16, extra: &[&str], filter: &str) -> Node {
+        self.start_env(id, port, extra, filter, &[])
+    }
+
+    /// [`Cluster::start_with`] with more environment variables; `extra` may give its own
+    /// `--export-heartbeat-timeout`.
+    fn start_env(
+        &self,
+        id: &'static str,
+        port: u16,
+        extra: &[&str],
+        filter: &str,
+        env: &[(&str, &str)],
+    ) -> Node {
         let data = self.root.path().join(id);
         fs::create_dir_all(&data).expect("data dir");
         let storage = data.join("storage");
@@ -170,17 +183,20 @@ impl Cluster {
             .args(["--node-id", id, "--auth", "smart"])
             .arg("--clients")
             .arg(&self.clients)
-            .args(["--export-workers", "1"])
-            .args(["--export-heartbeat-timeout", HEARTBEAT_TIMEOUT_S])
-            // Small items, so that the export lasts many claims (about 130 items for the
-            // ~13,000 resources) and every node is seen finishing one and holding the next even
-            // on a quiet machine (with 300 the whole export could pass between two polls).
-            .args(["--export-item-resources", "100"])
+            .args(["--export-workers", "1"]);
+        if !extra.contains(&"--export-heartbeat-timeout") {
+            cmd.args(["--export-heartbeat-timeout", HEARTBEAT_TIMEOUT_S]);
+        }
+        // Small items, so that the export lasts many claims (about 130 items for the ~13,000
+        // resources) and every node is seen finishing one and holding the next even on a quiet
+        // machine (with 300 the whole export could pass between two polls).
+        cmd.args(["--export-item-resources", "100"])
             .args(["--export-file-resources", "50"])
             .args(["--export-max-attempts", "10"])
             .args(extra)
             .args(self.dest.args())
             .env("FHIRHOSE_LOG", filter)
+            .envs(env.iter().copied())
             // The log goes to stdout.
             .stdout(stderr.try_clone().expect("log"))
             .stderr(stderr);
@@ -717,6 +733,104 @@ fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
             .expect("status");
         (r.status().as_u16() == 200).then_some(())
     });
+    drop(n2);
+    drop(n1);
+}
+
+/// Two nodes whose clocks disagree by 20 minutes (node 2 runs with Debian's libfaketime
+/// preloaded), with a 60 s heartbeat timeout: node 2's heartbeats, on its own clock, would be
+/// 20 minutes old to node 1, which would take over every item node 2 runs (and the reverse for a
+/// node ahead). The queue keeps its leases on the database server's clock, so an export run by
+/// both takes each item once.
+#[test]
+fn nodes_whose_clocks_disagree_take_no_items_from_each_other() {
+    let Some((database, root, http)) = postgres_set_up() else {
+        return;
+    };
+    let Some(faketime) = external::external("FHIRHOSE_TEST_FAKETIME", "scripts/faketime.sh") else {
+        return;
+    };
+    let shared = root.path().join("shared");
+    fs::create_dir_all(&shared).expect("shared folder");
+    let (pem, clients) = admin_client(root.path(), "system/*.cruds");
+    let bundles = synthea_bundles(5);
+    load(&database.url, root.path(), &bundles);
+    let ports = [free_port(), free_port()];
+    let cluster = Cluster {
+        url: database.url.clone(),
+        base: format!("http://127.0.0.1:{}", ports[0]),
+        clients,
+        root,
+        dest: Dest::Shared(shared.clone()),
+    };
+    let timeout = ["--export-heartbeat-timeout", "60"];
+    let n1 = cluster.start_with("n1", ports[0], &timeout, "info");
+    // The monotonic clock is left alone: only the wall clock is behind.
+    let n2 = cluster.start_env(
+        "n2",
+        ports[1],
+        &timeout,
+        "info",
+        &[
+            ("LD_PRELOAD", faketime.as_str()),
+            ("FAKETIME", "-20m"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let token = fhirhose()
+        .args(["token", "--client-id", "admin", "--key"])
+        .arg(&pem)
+        .args(["--token-url", &n1.url("/auth/token")])
+        .args(["--scope", "system/*.cruds"])
+        .output()
+        .expect("token");
+    assert!(token.status.success(), "{token:?}");
+    let token: Value = serde_json::from_slice(&token.stdout).expect("token JSON");
+    let bearer = format!(
+        "Bearer {}",
+        token["access_token"].as_str().expect("access_token")
+    );
+    let job = kick_off_system_export(&http, &n1, &bearer);
+    let status_url = n1.url(&format!("/export-status/{job}"));
+    let manifest: Value = wait_for("the export to complete", || {
+        let r = http
+            .get(&status_url)
+            .header("Authorization", &bearer)
+            .send()
+            .expect("status");
+        (r.status().as_u16() == 200).then(|| r.json().expect("manifest"))
+    });
+    let mut db = postgres::Client::connect(&database.url, postgres::NoTls).expect("database");
+    let rows = items(&mut db, &job);
+    let by_n2 = rows
+        .iter()
+        .filter(|(_, o, _, _)| node_of(o) == "n2")
+        .count();
+    eprintln!(
+        "multinode: {} items, {by_n2} run by the node 20 minutes behind",
+        rows.len()
+    );
+    assert!(
+        by_n2 > 0,
+        "the node whose clock is behind ran no item, so nothing was shown: {rows:?}\n{}",
+        n2.log_text()
+    );
+    let retaken: Vec<_> = rows.iter().filter(|(_, _, _, a)| *a != 1).collect();
+    assert!(
+        retaken.is_empty(),
+        "items claimed more than once (taken over from a live node): {retaken:?}"
+    );
+    assert!(
+        rows.iter().all(|(_, _, state, _)| state == "done"),
+        "{rows:?}"
+    );
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for out in manifest["output"].as_array().expect("output") {
+        *counts
+            .entry(out["type"].as_str().expect("type").to_string())
+            .or_default() += out["count"].as_u64().expect("count") as usize;
+    }
+    assert_eq!(counts, expected_counts(&bundles), "{manifest}");
     drop(n2);
     drop(n1);
 }

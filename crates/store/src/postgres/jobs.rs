@@ -33,6 +33,7 @@ use crate::jobs::{
 };
 use crate::shared::{AssertionRecord, SharedState};
 
+mod clock;
 mod keysets;
 mod listen;
 
@@ -166,6 +167,8 @@ pub struct PgJobQueue {
     pool: Pool,
     /// When this process last purged expired replay-cache rows (unix seconds).
     jti_purged_s: AtomicI64,
+    /// The database server's clock, on which lease times are kept (nodes' clocks differ).
+    clock: clock::SharedClock,
 }
 
 impl PgJobQueue {
@@ -179,6 +182,7 @@ impl PgJobQueue {
         PgJobQueue {
             pool: Pool::new(target, QUEUE_CONNECTIONS),
             jti_purged_s: AtomicI64::new(0),
+            clock: clock::SharedClock::default(),
         }
     }
 
@@ -388,8 +392,10 @@ impl JobQueue for PgJobQueue {
         timeout_ms: i64,
         max_attempts: i64,
     ) -> Result<Option<WorkItem>, QueueError> {
-        let stale_before = now_ms - timeout_ms;
         self.tx(|tx| {
+            // Leases on the database's clock; the job's finish time on this node's.
+            let lease_now = self.clock.shared(tx, now_ms)?;
+            let stale_before = lease_now - timeout_ms;
             // Items whose attempts ran out fail their job (see the SQLite queue).
             let exhausted = tx.query(
                 "SELECT i.job_id, i.item_no, i.attempts, i.error, i.error_status, i.state = 'running'
@@ -434,7 +440,7 @@ impl JobQueue for PgJobQueue {
                           AND o.kind <> 'finalize' AND o.state <> 'done'))
                  ORDER BY j.created_ms, i.item_no LIMIT 1
                  FOR UPDATE OF i SKIP LOCKED",
-                &[&stale_before, &max_attempts, &now_ms],
+                &[&stale_before, &max_attempts, &lease_now],
             )?;
             let Some(found) = found else {
                 return Ok(None);
@@ -445,7 +451,7 @@ impl JobQueue for PgJobQueue {
                    attempts = attempts + 1
                  WHERE job_id = $1 AND item_no = $2
                  RETURNING kind, resource_type, seq_after, seq_up_to, cursor, expected, scanned, attempts",
-                &[&job_id, &item_no, &owner, &now_ms],
+                &[&job_id, &item_no, &owner, &lease_now],
             )?;
             tx.execute(
                 "UPDATE export_job SET state = 'running' WHERE id = $1 AND state = 'queued'",
@@ -472,9 +478,10 @@ impl JobQueue for PgJobQueue {
         self.tx(|tx| {
             let lease = lease_state(tx, item)?;
             if lease == Lease::Held {
+                let lease_now = self.clock.shared(tx, now_ms)?;
                 tx.execute(
                     "UPDATE export_item SET heartbeat_ms = $3, scanned = $4 WHERE job_id = $1 AND item_no = $2",
-                    &[&item.job_id, &item.item_no, &now_ms, &(scanned as i64)],
+                    &[&item.job_id, &item.item_no, &lease_now, &(scanned as i64)],
                 )?;
             }
             Ok(lease)
@@ -536,9 +543,10 @@ impl JobQueue for PgJobQueue {
                     pending_rename: Some(file.temp_path.clone()),
                 });
             }
+            let lease_now = self.clock.shared(tx, now_ms)?;
             tx.execute(
                 "UPDATE export_item SET cursor = $3, scanned = $4, heartbeat_ms = $5 WHERE job_id = $1 AND item_no = $2",
-                &[&item.job_id, &item.item_no, &cursor, &(scanned as i64), &now_ms],
+                &[&item.job_id, &item.item_no, &cursor, &(scanned as i64), &lease_now],
             )?;
             Ok(Some(records))
         })
@@ -564,9 +572,10 @@ impl JobQueue for PgJobQueue {
             if lease_state(tx, item)? != Lease::Held {
                 return Ok(false);
             }
+            let lease_now = self.clock.shared(tx, now_ms)?;
             tx.execute(
                 "UPDATE export_item SET state = 'done', scanned = $3, heartbeat_ms = $4 WHERE job_id = $1 AND item_no = $2",
-                &[&item.job_id, &item.item_no, &(scanned as i64), &now_ms],
+                &[&item.job_id, &item.item_no, &(scanned as i64), &lease_now],
             )?;
             // The last item before the job's finalize makes that claimable. (Two last items
             // committing at once may each see the other undone: then the poll finds it.)
@@ -603,6 +612,7 @@ impl JobQueue for PgJobQueue {
             }
             match retry {
                 Some(r) if item.attempt < r.max_attempts => {
+                    let lease_now = self.clock.shared(tx, now_ms)?;
                     tx.execute(
                         "UPDATE export_item SET state = 'pending', owner = NULL, error = $3, error_status = $4,
                            not_before_ms = $5 WHERE job_id = $1 AND item_no = $2",
@@ -611,7 +621,7 @@ impl JobQueue for PgJobQueue {
                             &item.item_no,
                             &message,
                             &status,
-                            &r.not_before(item.attempt, now_ms),
+                            &r.not_before(item.attempt, lease_now),
                         ],
                     )?;
                     tx.batch_execute(listen::NOTIFY)?;
@@ -920,11 +930,12 @@ impl JobQueue for PgJobQueue {
         hold_ms: i64,
     ) -> Result<bool, QueueError> {
         self.run(|c| {
+            let lease_now = self.clock.shared(c, now_ms)?;
             Ok(c.execute(
                 "UPDATE export_job SET cleanup_until_ms = $2, cleanup_owner = $4
                  WHERE id = $1 AND cleanup = 'pending'
                    AND (cleanup_until_ms IS NULL OR cleanup_until_ms <= $3)",
-                &[&id, &now_ms.saturating_add(hold_ms), &now_ms, &owner],
+                &[&id, &lease_now.saturating_add(hold_ms), &lease_now, &owner],
             )? == 1)
         })
     }
