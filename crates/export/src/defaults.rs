@@ -14,6 +14,16 @@ pub const GROUP_MAX_DEPTH: usize = 100;
 pub const GROUP_MAX_MEMBERS: usize = 1_000_000;
 /// Exports queued or running at once.
 pub const MAX_CONCURRENT: u64 = 4;
+
+/// Exports queued or running at once of one client, by default: half of `max_concurrent`, at
+/// least one, so that one client never holds every slot while another is refused.
+pub const fn max_per_client(max_concurrent: u64) -> u64 {
+    if max_concurrent < 2 {
+        1
+    } else {
+        max_concurrent / 2
+    }
+}
 /// Seconds without a heartbeat after which a running work item is taken over.
 pub const HEARTBEAT_TIMEOUT_SECS: u64 = 600;
 /// Seconds an idle export worker waits before it looks at the job queue again unwoken (work of

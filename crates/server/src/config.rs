@@ -224,6 +224,12 @@ pub struct ExportOptions {
     /// Exports queued or running at once; more kick-offs get 429.
     #[arg(long, env = "FHIRHOSE_EXPORT_MAX_CONCURRENT", default_value_t = export::defaults::MAX_CONCURRENT)]
     pub export_max_concurrent: u64,
+    /// Exports and imports queued or running at once of one SMART client (default: half of
+    /// `--export-max-concurrent`, at least 1); more kick-offs of that client get 429, so that
+    /// one client cannot take every slot. Without authentication (`--auth none`) every caller is
+    /// the same principal and only `--export-max-concurrent` applies.
+    #[arg(long, env = "FHIRHOSE_EXPORT_MAX_PER_CLIENT")]
+    pub export_max_per_client: Option<u64>,
     /// Seconds without a heartbeat after which a running work item is taken over (by any node
     /// sharing the database); items heartbeat every quarter of it, at most every 10 s.
     #[arg(long, env = "FHIRHOSE_EXPORT_HEARTBEAT_TIMEOUT", default_value_t = export::defaults::HEARTBEAT_TIMEOUT_SECS)]
@@ -333,6 +339,7 @@ impl Default for ExportOptions {
             export_gzip: false,
             export_item_resources: export::defaults::ITEM_RESOURCES,
             export_max_concurrent: export::defaults::MAX_CONCURRENT,
+            export_max_per_client: None,
             export_heartbeat_timeout: export::defaults::HEARTBEAT_TIMEOUT_SECS,
             export_poll_interval: export::defaults::POLL_SECS,
             node_id: None,
@@ -463,6 +470,9 @@ impl ExportOptions {
         c.run.group_max_depth = self.export_group_max_depth;
         c.run.group_max_members = self.export_group_max_members;
         c.max_concurrent = self.export_max_concurrent;
+        c.max_per_client = self
+            .export_max_per_client
+            .unwrap_or(export::defaults::max_per_client(self.export_max_concurrent));
         c.heartbeat_timeout = std::time::Duration::from_secs(self.export_heartbeat_timeout);
         c.run.heartbeat_every = c.run.heartbeat_every.min(c.heartbeat_timeout / 4);
         c.poll = std::time::Duration::from_secs(self.export_poll_interval);
@@ -604,6 +614,11 @@ impl ServeConfig {
                 "--header-read-timeout, --max-connections, --max-connections-per-address, \
                  --max-requests, --max-downloads and --min-body-rate must be at least 1"
                     .into(),
+            ));
+        }
+        if e.export_max_per_client == Some(0) {
+            return Err(ConfigError::Export(
+                "--export-max-per-client must be at least 1".into(),
             ));
         }
         if e.export_max_attempts < 1 || e.export_retention == 0 {
@@ -760,6 +775,7 @@ mod tests {
         assert_eq!(e.export_file_mb, d.export_file_mb);
         assert_eq!(e.export_item_resources, d.export_item_resources);
         assert_eq!(e.export_max_concurrent, d.export_max_concurrent);
+        assert_eq!(e.export_max_per_client, d.export_max_per_client);
         assert_eq!(e.export_heartbeat_timeout, d.export_heartbeat_timeout);
         assert_eq!(e.export_poll_interval, d.export_poll_interval);
         assert_eq!(e.export_max_attempts, d.export_max_attempts);

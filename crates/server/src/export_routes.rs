@@ -42,7 +42,7 @@ impl From<ExportError> for ApiError {
             ExportError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
-            ExportError::TooMany(_) => {
+            ExportError::TooMany(_) | ExportError::TooManyForClient { .. } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", e.to_string())
                     .with_header(header::RETRY_AFTER, HeaderValue::from_static("30"))
             }

@@ -197,6 +197,84 @@ async fn expired_or_foreign_tokens_cannot_poll() {
     assert!(st == StatusCode::OK || st == StatusCode::ACCEPTED, "{st}");
 }
 
+/// One client holds at most its share of the export slots (`--export-max-per-client`, by
+/// default half of `--export-max-concurrent`): before, a client kicking off four exports took
+/// every slot of the default four and every other client's kick-off answered 429 until they
+/// ended. Its kick-offs beyond the share answer 429 with Retry-After, another client's are
+/// still admitted, and the global limit still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_client_cannot_hold_every_export_slot() {
+    // No workers: admitted exports stay queued, so each holds its slot.
+    let s = std::sync::Arc::new(
+        common::start_smart_export(
+            "rsa-a.pem",
+            &[
+                ("exporter", "system/Patient.rs"),
+                ("other", "system/Patient.rs"),
+                ("third", "system/Patient.rs"),
+            ],
+            1 << 20,
+            |c| {
+                c.workers = 0;
+                c.max_concurrent = 4;
+            },
+        )
+        .await,
+    );
+    let exporter = s.token("exporter", "system/Patient.rs").await;
+    let other = s.token("other", "system/Patient.rs").await;
+    let third = s.token("third", "system/Patient.rs").await;
+    // Six simultaneous kick-offs of one client: two admitted (its share), atomically.
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (s, t) = (s.clone(), exporter.clone());
+        tasks.push(tokio::spawn(async move {
+            s.send(Method::GET, "/$export?_type=Patient", Some(&t), None)
+                .await
+        }));
+    }
+    let mut accepted = Vec::new();
+    for t in tasks {
+        let (st, h, body) = t.await.unwrap();
+        match st {
+            StatusCode::ACCEPTED => {
+                accepted.push(h["content-location"].to_str().unwrap().to_owned())
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(h.contains_key("retry-after"), "{h:?}");
+                assert!(
+                    body.contains("OperationOutcome") && body.contains("throttled"),
+                    "{body}"
+                );
+            }
+            other => panic!("kick-off answered {other}: {body}"),
+        }
+    }
+    assert_eq!(accepted.len(), 2, "one client's share of four slots");
+    // Another client is still admitted, up to its own share.
+    for _ in 0..2 {
+        let (st, _, body) = s
+            .send(Method::GET, "/$export?_type=Patient", Some(&other), None)
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+    }
+    // Every slot is taken now: the global limit refuses a third client.
+    let (st, h, body) = s
+        .send(Method::GET, "/$export?_type=Patient", Some(&third), None)
+        .await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(h.contains_key("retry-after"));
+    // A cancelled export gives its client's slot back.
+    let (st, _, _) = s
+        .send(Method::DELETE, &accepted[0], Some(&exporter), None)
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let (st, _, body) = s
+        .send(Method::GET, "/$export?_type=Patient", Some(&exporter), None)
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+}
+
 /// `$import` Parameters (IncrementalLoad) with one input per `(type, url)`.
 fn import_parameters(inputs: &[(&str, &str)]) -> Value {
     let mut params = vec![

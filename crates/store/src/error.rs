@@ -146,6 +146,10 @@ pub enum QueueError {
     /// The concurrent-export limit is reached (the number of active jobs). → 429.
     #[error("{0} exports in progress")]
     Full(u64),
+    /// The new job's client has as many jobs queued or running as one client may (the number
+    /// of its active jobs). → 429.
+    #[error("{0} exports of this client in progress")]
+    ClientFull(u64),
     /// A stored state this version does not know (a newer version wrote it, or the table was
     /// edited by hand): refused, never read as some other state. → 500.
     #[error(transparent)]

@@ -337,16 +337,48 @@ pub struct ItemProgress {
     pub done: bool,
 }
 
+/// The limits a new job is admitted under ([`JobQueue::create_admitted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Jobs queued or running at once, over every client.
+    pub max_active: u64,
+    /// Jobs queued or running at once of the new job's client (`client_id`); a job without a
+    /// client (no authentication: every caller is the same principal) is held only to
+    /// `max_active`.
+    pub max_per_client: u64,
+}
+
 /// The job queue contract shared by every backend.
 pub trait JobQueue: Send + Sync {
-    /// Inserts a job and its work items atomically, unless `max_active` jobs are queued or
-    /// running already ([`QueueError::Full`]): admission is decided in the same transaction.
+    /// [`JobQueue::create_admitted`] without a per-client limit.
     fn create(
         &self,
         job: &JobRecord,
         items: &[ItemPlan],
         max_active: u64,
+    ) -> Result<(), QueueError> {
+        self.create_admitted(
+            job,
+            items,
+            Admission {
+                max_active,
+                max_per_client: u64::MAX,
+            },
+        )
+    }
+    /// Inserts a job and its work items atomically, unless `admission.max_active` jobs are
+    /// queued or running already ([`QueueError::Full`]), or `admission.max_per_client` of the
+    /// job's client ([`QueueError::ClientFull`]): admission is decided in the same transaction,
+    /// under the lock that serializes admissions, so two kick-offs never both take the last
+    /// slot (of the server or of one client).
+    fn create_admitted(
+        &self,
+        job: &JobRecord,
+        items: &[ItemPlan],
+        admission: Admission,
     ) -> Result<(), QueueError>;
+    /// Jobs of `client` queued or running.
+    fn active_count_of(&self, client: &str) -> Result<u64, QueueError>;
     fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError>;
     /// Jobs queued or running.
     fn active_count(&self) -> Result<u64, QueueError>;

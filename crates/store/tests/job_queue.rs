@@ -427,6 +427,76 @@ fn concurrent_claims_take_every_item_exactly_once() {
     assert_eq!(sorted, (1..=40).collect::<Vec<_>>(), "{claimed:?}");
 }
 
+/// `job` recorded for `client` (`None`: no authentication).
+fn job_of(id: &str, client: Option<&str>) -> JobRecord {
+    JobRecord {
+        client_id: client.map(str::to_string),
+        ..job(id, 1)
+    }
+}
+
+#[test]
+fn one_clients_jobs_are_admitted_up_to_its_share() {
+    let (_store, q) = open();
+    let admission = Admission {
+        max_active: 4,
+        max_per_client: 2,
+    };
+    let create = |id: &str, client: Option<&str>| {
+        q.create_admitted(&job_of(id, client), &[finalize()], admission)
+    };
+    create("a1", Some("a")).expect("a1");
+    create("a2", Some("a")).expect("a2");
+    assert!(matches!(
+        create("a3", Some("a")),
+        Err(QueueError::ClientFull(2))
+    ));
+    assert!(q.get("a3").expect("get").is_none());
+    assert_eq!(q.active_count_of("a").expect("count"), 2);
+    // Another client has a share of its own; jobs without a client only the global limit.
+    create("b1", Some("b")).expect("b1");
+    create("n1", None).expect("n1");
+    assert!(matches!(create("c1", Some("c")), Err(QueueError::Full(4))));
+    // A cancelled job frees its client's slot.
+    q.cancel("a1", 2).expect("cancel");
+    create("a4", Some("a")).expect("a4 after the cancel");
+    assert_eq!(q.active_count_of("a").expect("count"), 2);
+}
+
+#[test]
+fn concurrent_kickoffs_of_one_client_never_pass_its_share() {
+    let (_store, q) = open();
+    let admission = Admission {
+        max_active: 100,
+        max_per_client: 3,
+    };
+    let admitted = std::thread::scope(|s| {
+        let kickoffs: Vec<_> = (0..8)
+            .map(|n| {
+                let q = q.clone();
+                s.spawn(move || {
+                    match q.create_admitted(
+                        &job_of(&format!("j{n}"), Some("one")),
+                        &[finalize()],
+                        admission,
+                    ) {
+                        Ok(()) => true,
+                        Err(QueueError::ClientFull(_)) => false,
+                        Err(e) => panic!("create: {e}"),
+                    }
+                })
+            })
+            .collect();
+        kickoffs
+            .into_iter()
+            .map(|k| k.join().expect("kick-off"))
+            .filter(|admitted| *admitted)
+            .count()
+    });
+    assert_eq!(admitted, 3);
+    assert_eq!(q.active_count_of("one").expect("count"), 3);
+}
+
 #[test]
 fn concurrent_kickoffs_never_pass_the_limit() {
     let (_store, q) = open();

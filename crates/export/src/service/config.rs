@@ -39,6 +39,10 @@ pub struct ExportConfig {
     pub node_id: Option<String>,
     /// Exports queued or running at once; more get 429.
     pub max_concurrent: u64,
+    /// Exports (and imports) queued or running at once of one SMART client; more of that
+    /// client get 429, so that one client cannot hold every slot of `max_concurrent`. Jobs
+    /// without a client (`--auth none`) are held to `max_concurrent` only.
+    pub max_per_client: u64,
     /// A running work item without a heartbeat for this long is taken over.
     pub heartbeat_timeout: Duration,
     /// How long an idle worker waits before it looks at the job queue again without being
@@ -78,6 +82,7 @@ impl std::fmt::Debug for ExportConfig {
             .field("workers", &self.workers)
             .field("node_id", &self.node_id)
             .field("max_concurrent", &self.max_concurrent)
+            .field("max_per_client", &self.max_per_client)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("poll", &self.poll)
             .field("max_attempts", &self.max_attempts)
@@ -97,6 +102,7 @@ impl ExportConfig {
             exclusive_queue: true,
             node_id: None,
             max_concurrent: crate::defaults::MAX_CONCURRENT,
+            max_per_client: crate::defaults::max_per_client(crate::defaults::MAX_CONCURRENT),
             heartbeat_timeout: Duration::from_secs(crate::defaults::HEARTBEAT_TIMEOUT_SECS),
             poll: Duration::from_secs(crate::defaults::POLL_SECS),
             max_attempts: crate::defaults::MAX_ATTEMPTS,

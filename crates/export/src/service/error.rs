@@ -48,6 +48,12 @@ pub enum ExportError {
     /// Too many exports at once → 429 with Retry-After.
     #[error("too many exports in progress ({0}); retry later")]
     TooMany(u64),
+    /// The caller's client has as many exports queued or running as one client may
+    /// (`--export-max-per-client`) → 429 with Retry-After.
+    #[error(
+        "this client has {active} exports or imports in progress, the most one client may run at once ({limit}); retry when one has finished"
+    )]
+    TooManyForClient { active: u64, limit: u64 },
     /// A payload of a job's record cannot be used (written by a newer version, or edited by
     /// hand; the cause kept as the source) → 500.
     #[error(transparent)]
@@ -77,6 +83,11 @@ impl From<QueueError> for ExportError {
     fn from(e: QueueError) -> Self {
         match e {
             QueueError::Full(n) => ExportError::TooMany(n),
+            // The limit is the service's: `queue_job` names it.
+            QueueError::ClientFull(n) => ExportError::TooManyForClient {
+                active: n,
+                limit: n,
+            },
             e => ExportError::Queue(e),
         }
     }

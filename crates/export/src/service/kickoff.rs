@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::{ExportError, ExportService, now_ms, without_queries};
 use crate::access::{self, ExportAccess};
 use crate::anonymization::{AnonymizationError, load_from_storage};
-use crate::jobs::{Cleanup, ItemKind, JobRecord, JobState};
+use crate::jobs::{Cleanup, ItemKind, JobRecord, JobState, QueueError};
 use crate::record::{self, ExportRecord, JobRequest};
 use crate::request::{ExportLevel, ExportRequest, RequestError, parameters_to_pairs};
 use crate::run::{RunError, plan};
@@ -89,7 +89,7 @@ impl ExportService {
             }
         }
         // An early answer before the configuration is fetched and the export planned.
-        self.admission()?;
+        self.admission(client_id.as_deref())?;
         // The configuration is fetched and compiled now: a bad one answers 400 here rather
         // than failing the job later.
         let anonymization = match &req.anonymization {
@@ -163,10 +163,19 @@ impl ExportService {
 
     /// The early answer to a kick-off while the server runs as many jobs as it may (429); the
     /// admission itself is decided atomically when the job is recorded ([`Self::queue_job`]).
-    fn admission(&self) -> Result<(), ExportError> {
+    fn admission(&self, client: Option<&str>) -> Result<(), ExportError> {
         let active = self.queue.active_count()?;
         if active >= self.config.max_concurrent {
             return Err(ExportError::TooMany(active));
+        }
+        if let Some(client) = client {
+            let mine = self.queue.active_count_of(client)?;
+            if mine >= self.config.max_per_client {
+                return Err(ExportError::TooManyForClient {
+                    active: mine,
+                    limit: self.config.max_per_client,
+                });
+            }
         }
         Ok(())
     }
@@ -200,7 +209,19 @@ impl ExportService {
             finished_ms: None,
             cleanup: Cleanup::None,
         };
-        self.queue.create(&job, items, self.config.max_concurrent)?;
+        let admission = store::jobs::Admission {
+            max_active: self.config.max_concurrent,
+            max_per_client: self.config.max_per_client,
+        };
+        self.queue
+            .create_admitted(&job, items, admission)
+            .map_err(|e| match e {
+                QueueError::ClientFull(active) => ExportError::TooManyForClient {
+                    active,
+                    limit: admission.max_per_client,
+                },
+                e => ExportError::from(e),
+            })?;
         self.notify();
         Ok(id)
     }
@@ -264,7 +285,7 @@ impl ExportService {
                 Err(e) => return Err(self.destination_error(&input.container, &e)),
             }
         }
-        self.admission()?;
+        self.admission(access.client_id())?;
         let now = now_ms();
         let mut items: Vec<store::jobs::ItemPlan> = req
             .inputs

@@ -204,6 +204,41 @@ pub async fn start_smart_with(
     }
 }
 
+/// [`start_smart`] with export settings changed by `adjust` (e.g. no workers, so that admitted
+/// exports stay queued and hold their slots).
+pub async fn start_smart_export(
+    key_name: &str,
+    clients: &[(&str, &str)],
+    max_body: usize,
+    adjust: impl FnOnce(&mut export::ExportConfig) + Send + 'static,
+) -> SmartServer {
+    let dir = tempfile::tempdir().unwrap();
+    let db = test_store_async().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let token_url = test_support::smart::token_url(&base);
+    let key = test_support::smart::test_key(key_name);
+    let auth = test_support::smart::auth(&base, &key, clients);
+    let mut config = server::config::ExportOptions::default()
+        .export_config(dir.path(), base.clone())
+        .unwrap();
+    adjust(&mut config);
+    let (store, url, a) = (db.store.clone(), base.clone(), auth.clone());
+    let state =
+        blocking(move || server::AppState::with_export(store, url, a, max_body, config).unwrap())
+            .await;
+    let app = server::router(state);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    SmartServer {
+        base,
+        token_url,
+        key,
+        auth,
+        dir,
+        db,
+    }
+}
+
 impl SmartServer {
     /// An access token for `client` with `scope` from this server's token endpoint.
     pub async fn token(&self, client: &str, scope: &str) -> String {

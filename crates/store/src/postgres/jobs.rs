@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use super::{Pool, Target};
 use crate::StoreError;
 use crate::jobs::{
-    Cleanup, FileRecord, ItemKind, ItemPlan, ItemProgress, JobQueue, JobRecord, JobState, Lease,
-    NewFile, Orphans, QueueError, Retry, TypeProgress, WorkItem, WorkWatch,
+    Admission, Cleanup, FileRecord, ItemKind, ItemPlan, ItemProgress, JobQueue, JobRecord,
+    JobState, Lease, NewFile, Orphans, QueueError, Retry, TypeProgress, WorkItem, WorkWatch,
 };
 use crate::shared::{AssertionRecord, SharedState};
 
@@ -306,8 +306,15 @@ fn lease_state(c: &mut impl GenericClient, item: &WorkItem) -> Result<Lease, Que
 }
 
 impl JobQueue for PgJobQueue {
-    fn create(&self, j: &JobRecord, items: &[ItemPlan], max_active: u64) -> Result<(), QueueError> {
+    fn create_admitted(
+        &self,
+        j: &JobRecord,
+        items: &[ItemPlan],
+        admission: Admission,
+    ) -> Result<(), QueueError> {
         self.tx(|tx| {
+            // Every admission takes the lock: the counts and the insert of one kick-off are
+            // never interleaved with another's (of any client).
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ADMISSION_LOCK])?;
             let active: i64 = tx
                 .query_one(
@@ -315,8 +322,19 @@ impl JobQueue for PgJobQueue {
                     &[],
                 )?
                 .get(0);
-            if active as u64 >= max_active {
+            if active as u64 >= admission.max_active {
                 return Err(QueueError::Full(active as u64));
+            }
+            if let Some(client) = &j.client_id {
+                let mine: i64 = tx
+                    .query_one(
+                        "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running') AND client_id = $1",
+                        &[client],
+                    )?
+                    .get(0);
+                if mine as u64 >= admission.max_per_client {
+                    return Err(QueueError::ClientFull(mine as u64));
+                }
             }
             tx.execute(
                 &format!(
@@ -380,6 +398,16 @@ impl JobQueue for PgJobQueue {
             Ok(c.query_one(
                 "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running')",
                 &[],
+            )?
+            .get::<_, i64>(0) as u64)
+        })
+    }
+
+    fn active_count_of(&self, client: &str) -> Result<u64, QueueError> {
+        self.read(|c| {
+            Ok(c.query_one(
+                "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running') AND client_id = $1",
+                &[&client],
             )?
             .get::<_, i64>(0) as u64)
         })

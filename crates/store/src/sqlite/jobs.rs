@@ -32,9 +32,9 @@ use crate::shared::AssertionRecord;
 
 mod keysets;
 use crate::jobs::{
-    Cleanup, FileKind, FileRecord, ITEM_STATES, ItemKind, ItemPlan, ItemProgress, JobQueue,
-    JobRecord, JobState, Lease, NewFile, Orphans, QueueError, Retry, TypeProgress, UnknownName,
-    WorkItem, check_in,
+    Admission, Cleanup, FileKind, FileRecord, ITEM_STATES, ItemKind, ItemPlan, ItemProgress,
+    JobQueue, JobRecord, JobState, Lease, NewFile, Orphans, QueueError, Retry, TypeProgress,
+    UnknownName, WorkItem, check_in,
 };
 
 /// The job tables' schema version (`PRAGMA user_version` of `exports.db`). 0 is the first,
@@ -410,18 +410,33 @@ fn lease_state(c: &Connection, item: &WorkItem) -> rusqlite::Result<Lease> {
 }
 
 impl JobQueue for SqliteJobQueue {
-    fn create(&self, j: &JobRecord, items: &[ItemPlan], max_active: u64) -> Result<(), QueueError> {
+    fn create_admitted(
+        &self,
+        j: &JobRecord,
+        items: &[ItemPlan],
+        admission: Admission,
+    ) -> Result<(), QueueError> {
         let mut c = self.conn();
-        // IMMEDIATE: the count and the insert happen under the write lock, so two kick-offs
-        // can never both take the last slot.
+        // IMMEDIATE: the counts and the insert happen under the write lock, so two kick-offs
+        // can never both take the last slot (the server's, or one client's).
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let active: i64 = tx.query_row(
             "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running')",
             [],
             |r| r.get(0),
         )?;
-        if active as u64 >= max_active {
+        if active as u64 >= admission.max_active {
             return Err(QueueError::Full(active as u64));
+        }
+        if let Some(client) = &j.client_id {
+            let mine: i64 = tx.query_row(
+                "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running') AND client_id = ?1",
+                [client],
+                |r| r.get(0),
+            )?;
+            if mine as u64 >= admission.max_per_client {
+                return Err(QueueError::ClientFull(mine as u64));
+            }
         }
         tx.execute(
             &format!("INSERT INTO export_job ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
@@ -463,6 +478,14 @@ impl JobQueue for SqliteJobQueue {
         Ok(self.conn().query_row(
             "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running')",
             [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    fn active_count_of(&self, client: &str) -> Result<u64, QueueError> {
+        Ok(self.conn().query_row(
+            "SELECT count(*) FROM export_job WHERE state IN ('queued', 'running') AND client_id = ?1",
+            [client],
             |r| r.get::<_, i64>(0),
         )? as u64)
     }
