@@ -43,6 +43,9 @@ pub struct ExportService {
     /// This process's lease-owner name.
     node: String,
     prepared: Mutex<HashMap<String, Arc<Prepared>>>,
+    /// Jobs' recorded requests as status polls, downloads and cancels use them, parsed once
+    /// (`status::Recorded`; at most `status::MAX_RECORDED`).
+    recorded: Mutex<HashMap<String, status::Recorded>>,
     /// Import jobs seen by this process's workers, with their requests.
     imports: Mutex<HashMap<String, (JobRecord, Arc<crate::import::ImportRequest>)>>,
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
@@ -98,6 +101,7 @@ impl ExportService {
             config,
             node,
             prepared: Mutex::new(HashMap::new()),
+            recorded: Mutex::new(HashMap::new()),
             imports: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),

@@ -21,6 +21,10 @@ impl From<ExportError> for ApiError {
     fn from(e: ExportError) -> ApiError {
         match &e {
             ExportError::Request(r) => ApiError::invalid(e.to_string(), r.param.clone()),
+            ExportError::TooCostly(r) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "too-costly", e.to_string())
+                    .at(r.param.clone())
+            }
             ExportError::GroupNotFound(_)
             | ExportError::UnknownJob(_)
             | ExportError::UnknownFile(_)

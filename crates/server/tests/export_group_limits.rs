@@ -185,3 +185,54 @@ async fn group_bounds_are_configurable() {
         "{body}"
     );
 }
+
+/// A POST kick-off's `patient` references are bounded like a Group's members
+/// (`--export-group-max-members`): before, their number was bounded only by the request body
+/// (a 100 MiB body holds about 1.6 million), and the list was parsed again on every status
+/// poll. More than the bound answers 400 `too-costly` naming `patient` at kick-off; exactly the
+/// bound is accepted and exports those patients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_references_of_a_kickoff_are_bounded_like_group_members() {
+    let s = common::start(
+        &[],
+        server::config::ExportOptions {
+            export_group_max_members: 3,
+            ..Default::default()
+        },
+    )
+    .await;
+    post(
+        &s,
+        vec![patient("p1"), patient("p2"), patient("p3"), patient("p4")],
+    )
+    .await;
+    let kickoff = |ids: &[&str]| {
+        let parameter: Vec<Value> = ids
+            .iter()
+            .map(|id| json!({"name": "patient", "valueReference": {"reference": format!("Patient/{id}")}}))
+            .chain([json!({"name": "_type", "valueString": "Patient"})])
+            .collect();
+        s.c.post(format!("{}/Patient/$export", s.base))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .header("content-type", "application/fhir+json")
+            .json(&json!({"resourceType": "Parameters", "parameter": parameter}))
+            .send()
+    };
+    let r = kickoff(&["p1", "p2", "p3", "p4"]).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    assert_eq!(body["issue"][0]["code"], "too-costly", "{body}");
+    assert_eq!(body["issue"][0]["expression"][0], "patient", "{body}");
+    assert!(
+        body.to_string().contains("--export-group-max-members"),
+        "{body}"
+    );
+    // Exactly the bound is accepted.
+    let r = kickoff(&["p1", "p2", "p4"]).await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let url = r.headers()["content-location"].to_str().unwrap().to_owned();
+    let manifest = s.wait(&url).await;
+    assert_eq!(exported_patients(&s, &manifest).await, ["p1", "p2", "p4"]);
+}

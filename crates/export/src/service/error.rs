@@ -14,6 +14,10 @@ pub enum ExportError {
     /// A kick-off parameter is invalid → 400.
     #[error(transparent)]
     Request(#[from] RequestError),
+    /// A kick-off asks for more work than one request may (more `patient` references than
+    /// `--export-group-max-members`) → 400 `too-costly` naming the parameter.
+    #[error("{}", .0.message)]
+    TooCostly(RequestError),
     /// The Group of a Group-level export does not exist → 404.
     #[error("Group/{0} not found")]
     GroupNotFound(String),

@@ -52,6 +52,16 @@ impl ExportService {
         if let Some(b) = body {
             pairs.extend(parameters_to_pairs(b)?);
         }
+        // As many patients as a Group export may resolve, counted before anything is parsed.
+        let max_patients = self.config.run.group_max_members;
+        if pairs.iter().filter(|(k, _)| k == "patient").count() > max_patients {
+            return Err(ExportError::TooCostly(RequestError {
+                param: "patient".into(),
+                message: format!(
+                    "more than {max_patients} patient references (the most a Group export may resolve, --export-group-max-members): export a Group of them instead, or split the list over several exports"
+                ),
+            }));
+        }
         let now = now_ms();
         let mut req = ExportRequest::parse(
             level.clone(),

@@ -2,6 +2,7 @@
 //! `allowPartialManifests`, the failure), its files, its cancel — each for the job's own client
 //! only, with the scopes its request needs.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use serde_json::{Value, json};
@@ -72,7 +73,44 @@ impl PartialPage {
     }
 }
 
+/// A job's recorded request as status polls, downloads and cancels use it: decoded and parsed
+/// once per job in this process ([`ExportService::recorded`]) rather than at every poll. An
+/// export's `patient` list is dropped (those paths never read it: up to
+/// `--export-group-max-members` ids, and a poll parsed them all, twice for a restricted
+/// caller). A job's request never changes once recorded, so the parsed form stays true.
+#[derive(Debug, Clone)]
+pub(super) enum Recorded {
+    Export(Arc<ExportRequest>),
+    /// An import: the types it writes (what authorizes its caller).
+    Import(Arc<Vec<String>>),
+}
+
+/// Parsed requests kept at once (a few KiB each without their patients): beyond it the kept
+/// ones are dropped and parsed again when next polled.
+pub(super) const MAX_RECORDED: usize = 1024;
+
 impl ExportService {
+    /// The request recorded on `job`, parsed once (see [`Recorded`]).
+    pub(super) fn recorded(&self, job: &JobRecord) -> Result<Recorded, RecordError> {
+        if let Some(r) = lock(&self.recorded).get(&job.id) {
+            return Ok(r.clone());
+        }
+        let r = match JobRequest::decode(job)? {
+            JobRequest::Import(req) => Recorded::Import(Arc::new(req.types())),
+            JobRequest::Export(rec) => {
+                let mut req = rec.request(&job.id, job.created_ms)?;
+                req.patients = Vec::new();
+                Recorded::Export(Arc::new(req))
+            }
+        };
+        let mut kept = lock(&self.recorded);
+        if kept.len() >= MAX_RECORDED {
+            kept.clear();
+        }
+        kept.insert(job.id.clone(), r.clone());
+        Ok(r)
+    }
+
     /// The state of a job, for a caller who may use it (see `owned_job`).
     pub fn status(&self, id: &str, access: &dyn ExportAccess) -> Result<Status, ExportError> {
         Ok(self.status_page(id, None, access)?.status)
@@ -87,13 +125,19 @@ impl ExportService {
         access: &dyn ExportAccess,
     ) -> Result<StatusView, ExportError> {
         let job = self.owned_job(id, access)?;
-        let recorded = JobRequest::decode(&job)?;
-        let separate_status = matches!(&recorded, JobRequest::Export(r) if r.separate());
-        let req = match recorded.export(&job) {
-            Ok(req) => req,
+        let (req, separate_status) = match self.recorded(&job) {
+            Ok(Recorded::Export(req)) => {
+                let separate = req.separate_status;
+                (Some(req), separate)
+            }
+            Ok(Recorded::Import(_)) => (None, false),
             // Recorded parameters that no longer parse failed the job (400) when it ran: its
             // status is that failure.
-            Err(RecordError::Request { .. }) if job.state == JobState::Failed => None,
+            Err(RecordError::Request { .. }) if job.state == JobState::Failed => {
+                let separate =
+                    matches!(JobRequest::decode(&job)?, JobRequest::Export(r) if r.separate());
+                (None, separate)
+            }
             Err(e) => return Err(e.into()),
         };
         let allow_partial = req.as_ref().is_some_and(|r| r.allow_partial);
@@ -161,9 +205,7 @@ impl ExportService {
         let job = self.owned_job(id, access)?;
         // A running export's files are served once listed by a partial manifest.
         let listed_early = matches!(job.state, JobState::Queued | JobState::Running)
-            && JobRequest::decode(&job)?
-                .export(&job)?
-                .is_some_and(|r| r.allow_partial);
+            && matches!(self.recorded(&job)?, Recorded::Export(r) if r.allow_partial);
         if job.state != JobState::Complete && !listed_early {
             return Err(ExportError::UnknownFile(name.to_string()));
         }
@@ -193,13 +235,11 @@ impl ExportService {
             return Err(ExportError::UnknownJob(id.to_string()));
         }
         if !access.is_unrestricted() {
-            match JobRequest::decode(&job)? {
-                JobRequest::Import(req) => {
-                    access::authorize_import(&req.types(), access)
-                        .map_err(ExportError::Forbidden)?;
+            match self.recorded(&job)? {
+                Recorded::Import(types) => {
+                    access::authorize_import(&types, access).map_err(ExportError::Forbidden)?;
                 }
-                JobRequest::Export(r) => {
-                    let req = r.request(&job.id, job.created_ms)?;
+                Recorded::Export(req) => {
                     access::authorize(&req, access).map_err(ExportError::Forbidden)?;
                 }
             }
