@@ -35,3 +35,5 @@ pub const MAX_ATTEMPTS: i64 = 5;
 pub const RETENTION_SECS: u64 = 24 * 3600;
 /// Container used when a kick-off has no `_container`.
 pub const CONTAINER: &str = "exports";
+/// The one container `$import` reads its inputs from (and exports may not write into).
+pub const IMPORT_CONTAINER: &str = "imports";

@@ -21,12 +21,15 @@
 //! NDJSON). A crash between the two transactions re-runs the chunk, which is idempotent (see
 //! [`ingest::import`]): every resource ends up stored and counted exactly once.
 //!
-//! Only objects of the configured storage can be named: an input URL must be the storage's
-//! location of an object ([`Sink::location`]: `<container>/<path>` for the local folder,
+//! Only objects of the import container of the configured storage can be named
+//! (`--import-container`, `imports` by default): an input URL must be the storage's location of
+//! an object there ([`Sink::location`]: `<container>/<path>` for the local folder,
 //! `https://<account>.blob.core.windows.net/<container>/<path>` for Azure,
 //! `s3://<bucket>/<container>/<path>` for S3), without query, fragment, `%` escapes or `..`;
 //! anything else is refused at kick-off (400), so a client can neither read server files nor
-//! make the server fetch an arbitrary URL.
+//! make the server fetch an arbitrary URL, nor load (and learn the ids of, through the error
+//! file's `Type/id` of each refused line) another client's export output: exports are written
+//! to other containers, and none may write into the import container.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,10 +122,11 @@ pub fn storage_object(sink: &dyn Sink, url: &str) -> Option<(String, String)> {
 
 impl ImportRequest {
     /// Parses and checks the kick-off's Parameters: the format, the mode, and each input's type
-    /// (an R4 resource type) and URL (an object of `sink`'s storage).
+    /// (an R4 resource type) and URL (an object of `sink`'s storage in `import_container`).
     pub fn parse(
         body: &Value,
         sink: &dyn Sink,
+        import_container: &str,
         request_url: String,
     ) -> Result<ImportRequest, RequestError> {
         if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
@@ -172,14 +176,16 @@ impl ImportRequest {
                     let Some(url) = part("url") else {
                         return Err(bad("input", "an input needs a `url` part"));
                     };
-                    let Some((container, path)) = storage_object(sink, url) else {
+                    let Some((container, path)) = storage_object(sink, url)
+                        .filter(|(container, _)| container == import_container)
+                    else {
                         return Err(bad(
                             "input",
                             format!(
-                                "input url '{}' is not an object of the server's {} storage (expected {})",
+                                "input url '{}' is not an object of the import container of the server's {} storage (expected {})",
                                 url.chars().take(200).collect::<String>(),
                                 sink.kind(),
-                                sink.location("<container>", "<path>")
+                                sink.location(import_container, "<path>")
                             ),
                         ));
                     };
@@ -515,6 +521,7 @@ mod tests {
                 input("Patient", "imports/Patient.ndjson.gz"),
             ])),
             &sink,
+            "imports",
             "u".into(),
         )
         .expect("valid");
@@ -566,9 +573,14 @@ mod tests {
                 json!([{"name": "inputFormat", "valueString": INPUT_FORMAT}, {"name": "mode", "valueString": "InitialLoad"}, input("Patient", "/etc/passwd")]),
                 "input",
             ),
+            // Another container of the storage: export output, above all.
+            (
+                json!([{"name": "inputFormat", "valueString": INPUT_FORMAT}, {"name": "mode", "valueString": "InitialLoad"}, input("Patient", "exports/0123456789abcdef0123456789abcdef/Patient-1.ndjson")]),
+                "input",
+            ),
         ] {
-            let e =
-                ImportRequest::parse(&p(params.clone()), &sink, "u".into()).expect_err("refused");
+            let e = ImportRequest::parse(&p(params.clone()), &sink, "imports", "u".into())
+                .expect_err("refused");
             assert_eq!(e.param, param, "{params}: {}", e.message);
         }
     }

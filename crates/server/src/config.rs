@@ -270,6 +270,10 @@ pub struct ExportOptions {
     /// Container used when a kick-off has no `_container`.
     #[arg(long, env = "FHIRHOSE_EXPORT_CONTAINER", default_value = export::defaults::CONTAINER)]
     pub export_container: String,
+    /// The container of the storage `$import` reads its inputs from (no other object may be
+    /// named; exports may not write into it). Not `--export-container`.
+    #[arg(long, env = "FHIRHOSE_IMPORT_CONTAINER", default_value = export::defaults::IMPORT_CONTAINER)]
+    pub import_container: String,
     /// Where export files go: `local` (`<data-dir>/storage/<container>/`), `azure` (Blob /
     /// ADLS Gen2) or `s3` (an S3-compatible store). When several nodes share one PostgreSQL
     /// database, `local` must be shared storage (the same folder mounted at every node's
@@ -348,6 +352,7 @@ impl Default for ExportOptions {
             export_group_max_depth: export::defaults::GROUP_MAX_DEPTH,
             export_group_max_members: export::defaults::GROUP_MAX_MEMBERS,
             export_container: export::defaults::CONTAINER.into(),
+            import_container: export::defaults::IMPORT_CONTAINER.into(),
             export_destination: "local".into(),
             azure_connection_string: None,
             azure_account: None,
@@ -480,6 +485,7 @@ impl ExportOptions {
         c.max_attempts = self.export_max_attempts;
         c.retention = std::time::Duration::from_secs(self.export_retention);
         c.default_container = self.export_container.clone();
+        c.import_container = self.import_container.clone();
         c.gzip = self.export_gzip;
         if let Some(remote) = self.remote_destination()? {
             let sink = export::ObjectStoreSink::new(remote, export::RemoteSettings::default())
@@ -615,6 +621,15 @@ impl ServeConfig {
                  --max-requests, --max-downloads and --min-body-rate must be at least 1"
                     .into(),
             ));
+        }
+        if !export::request::valid_container(&e.import_container)
+            || export::request::RESERVED_CONTAINERS.contains(&e.import_container.as_str())
+            || e.import_container == e.export_container
+        {
+            return Err(ConfigError::Export(format!(
+                "--import-container '{}' must be a container name (3-63 lowercase letters, digits and single hyphens) other than --export-container and 'anonymization'",
+                e.import_container
+            )));
         }
         if e.export_max_per_client == Some(0) {
             return Err(ConfigError::Export(
@@ -783,6 +798,7 @@ mod tests {
         assert_eq!(e.export_group_max_depth, d.export_group_max_depth);
         assert_eq!(e.export_group_max_members, d.export_group_max_members);
         assert_eq!(e.export_container, d.export_container);
+        assert_eq!(e.import_container, d.import_container);
         let run = export::RunSettings::default();
         assert_eq!(e.export_file_resources, run.file_max_resources);
         assert_eq!(e.export_file_mb * 1024 * 1024, run.file_max_bytes);

@@ -401,3 +401,74 @@ async fn import_is_limited_to_write_scopes_and_to_its_client() {
         .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
 }
+
+/// `$import` reads only the import container (`--import-container`, `imports` by default).
+/// Before, an input could be any object of the storage outside `anonymization`: another
+/// client's export output too (its folder is the export's job id), and the import's error
+/// file named each refused line's `Type/id`, so an importer with `c` and `u` on Patient learnt
+/// the ids in an export of Observations it may not read. Such inputs are refused (400 naming
+/// `input`, before any object is read), and no export may write into the import container.
+#[tokio::test]
+async fn import_reads_only_the_import_container() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    for (path, resource) in [
+        (
+            "/Patient/p1",
+            json!({"resourceType": "Patient", "id": "p1"}),
+        ),
+        (
+            "/Observation/o1",
+            json!({"resourceType": "Observation", "id": "o1", "status": "final",
+                "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}}),
+        ),
+    ] {
+        let (st, _, body) = s
+            .send(Method::PUT, path, Some(&admin), Some(resource))
+            .await;
+        assert!(st.is_success(), "{path}: {body}");
+    }
+    let exporter = s.token("exporter", "system/*.read").await;
+    let (st, status_url) = s.kickoff("/$export?_type=Observation", &exporter).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{status_url}");
+    let manifest = s.manifest(&status_url, &exporter).await;
+    let location = manifest["extension"]["storage"]["location"]
+        .as_str()
+        .unwrap();
+    let url = manifest["output"][0]["url"].as_str().unwrap();
+    let name = url.rsplit('/').next().unwrap();
+    let exported = format!("{location}/{name}");
+
+    let importer = s
+        .token("importer", "system/Patient.cruds system/Observation.rs")
+        .await;
+    // Another container of the storage, e.g. a file an operator left beside the exports.
+    let elsewhere = s.dir.path().join("storage/other");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(
+        elsewhere.join("p.ndjson"),
+        "{\"resourceType\": \"Patient\", \"id\": \"p9\"}\n",
+    )
+    .unwrap();
+    for input in [exported.as_str(), "other/p.ndjson"] {
+        let (st, _, body) = s
+            .send(
+                Method::POST,
+                "/$import",
+                Some(&importer),
+                Some(import_parameters(&[("Patient", input)])),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{input}: {body}");
+        assert!(
+            body.contains("OperationOutcome") && body.contains("input") && body.contains("imports"),
+            "{input}: {body}"
+        );
+    }
+    // No export writes into the import container.
+    let (st, body) = s
+        .kickoff("/$export?_type=Observation&_container=imports", &exporter)
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("_container"), "{body}");
+}

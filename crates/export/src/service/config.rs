@@ -22,6 +22,10 @@ pub struct ExportConfig {
     pub sink: Arc<dyn Sink>,
     /// Container used without `_container`.
     pub default_container: String,
+    /// The container `$import` inputs must be in (`--import-container`); exports may not write
+    /// into it. Any other object of the storage — another client's export output above all —
+    /// is refused as an input.
+    pub import_container: String,
     /// File cutting and item sizes.
     pub run: RunSettings,
     /// Worker threads in this process (0: this process only answers kick-off, status and
@@ -97,6 +101,7 @@ impl ExportConfig {
         ExportConfig {
             sink: Arc::new(crate::sink::LocalSink::new(storage_root)),
             default_container: crate::defaults::CONTAINER.into(),
+            import_container: crate::defaults::IMPORT_CONTAINER.into(),
             run: RunSettings::default(),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
             exclusive_queue: true,

@@ -71,6 +71,15 @@ impl ExportService {
             now,
             request_url.clone(),
         )?;
+        if req.container.as_deref() == Some(self.config.import_container.as_str()) {
+            return Err(ExportError::Request(RequestError {
+                param: "_container".into(),
+                message: format!(
+                    "'{}' is the container $import reads from (--import-container) and cannot receive exports",
+                    self.config.import_container
+                ),
+            }));
+        }
         crate::request::check_type_filter_limits(
             &req.type_filters,
             &self.config.type_filter_limits,
@@ -270,7 +279,12 @@ impl ExportService {
         access: &dyn ExportAccess,
     ) -> Result<String, ExportError> {
         let sink = self.config.sink.as_ref();
-        let req = crate::import::ImportRequest::parse(body, sink, request_url)?;
+        let req = crate::import::ImportRequest::parse(
+            body,
+            sink,
+            &self.config.import_container,
+            request_url,
+        )?;
         access::authorize_import(&req.types(), access).map_err(ExportError::Forbidden)?;
         if req.mode == ingest::import::ImportMode::InitialLoad {
             let wm = self.store.watermark().map_err(ExportError::Store)?;
