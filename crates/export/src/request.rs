@@ -190,6 +190,25 @@ fn err(param: &str, message: impl Into<String>) -> RequestError {
     }
 }
 
+/// Problems accepted under `handling=lenient` that are listed (the rest are counted as one).
+pub const MAX_WARNINGS: usize = 100;
+
+/// The names of the top-level elements of every R4 resource type (what an `_elements` name
+/// without a type may be), built once.
+fn resource_element_names() -> &'static std::collections::HashSet<String> {
+    static NAMES: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    NAMES.get_or_init(|| {
+        let model = fhir_model::r4();
+        model
+            .resource_types()
+            .iter()
+            .filter_map(|t| model.type_def(t))
+            .flat_map(|d| d.elements.iter().map(|e| e.name.clone()))
+            .collect()
+    })
+}
+
 /// Views one export may write. Each running work item keeps an open part file per view, with
 /// its write buffer (1 MiB on a local folder, up to 8 MiB of multipart upload on Azure or S3):
 /// 32 views are at most 256 MiB per worker in the worst case, and 32 file handles.
@@ -382,13 +401,20 @@ impl ExportRequest {
         };
         let (mut anon_config, mut anon_etag, mut anon_collection) = (None, None, None);
         let (mut anon_key_set, mut anon_dry_run) = (None, false);
+        let mut elements_seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
         let soft = |r: &mut ExportRequest, e: RequestError| -> Result<(), RequestError> {
-            if lenient {
-                r.warnings.push(e.to_string());
-                Ok(())
-            } else {
-                Err(e)
+            if !lenient {
+                return Err(e);
             }
+            // Each warning is a line of the manifest's error file: a few, not one per item of
+            // a list of millions.
+            if r.warnings.len() < MAX_WARNINGS {
+                r.warnings.push(e.to_string());
+            } else if r.warnings.len() == MAX_WARNINGS {
+                r.warnings
+                    .push("further problems of this request are not listed".into());
+            }
+            Ok(())
         };
         for (name, value) in pairs {
             match name.as_str() {
@@ -479,21 +505,30 @@ impl ExportRequest {
                 }
                 "_elements" => {
                     for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                        // Each name once: an export compares every key of every resource
+                        // with the kept names.
+                        if !elements_seen.insert(part) {
+                            continue;
+                        }
                         let (ty, elem) = match part.split_once('.') {
                             Some((t, e)) => (Some(t.to_string()), e),
                             None => (None, part),
                         };
-                        let known_type = ty.as_deref().is_none_or(|t| model.is_resource(t));
-                        let simple = !elem.is_empty()
-                            && elem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-                        if known_type && simple {
+                        let known = match ty.as_deref() {
+                            Some(t) => model.is_resource(t) && model.element(t, elem).is_some(),
+                            None => resource_element_names().contains(elem),
+                        };
+                        if known {
                             r.elements.push((ty, elem.to_string()));
                         } else {
                             soft(
                                 &mut r,
                                 err(
                                     "_elements",
-                                    format!("'{part}' is not a top-level [Type.]element"),
+                                    format!(
+                                        "'{part}' is not a top-level element of {} (use the element's name: `value` for value[x])",
+                                        ty.as_deref().unwrap_or("any resource type")
+                                    ),
                                 ),
                             )?;
                         }
@@ -776,6 +811,34 @@ mod tests {
         .unwrap();
         assert_eq!(lenient.types, ["Patient"]);
         assert_eq!(lenient.warnings.len(), 1);
+    }
+
+    #[test]
+    fn elements_are_model_elements_kept_once_and_warnings_are_bounded() {
+        let parse = |elements: &str, lenient: bool| {
+            ExportRequest::parse(
+                ExportLevel::System,
+                &pairs(&[("_elements", elements)]),
+                false,
+                lenient,
+                0,
+                String::new(),
+            )
+        };
+        let r = parse("gender,gender,Patient.gender,Observation.value,id", false).unwrap();
+        assert_eq!(r.elements.len(), 4, "{:?}", r.elements);
+        for bad in [
+            "nonsense",
+            "Patient.value",
+            "Patient.valueQuantity",
+            "Nope.id",
+        ] {
+            assert_eq!(parse(bad, false).unwrap_err().param, "_elements", "{bad}");
+        }
+        let many: Vec<String> = (0..500).map(|i| format!("x{i}")).collect();
+        let r = parse(&many.join(","), true).unwrap();
+        assert!(r.elements.is_empty());
+        assert_eq!(r.warnings.len(), MAX_WARNINGS + 1);
     }
 
     #[test]

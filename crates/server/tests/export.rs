@@ -260,6 +260,67 @@ async fn type_filters_are_held_to_the_search_limits_per_type() {
     assert_eq!(r.status(), StatusCode::ACCEPTED);
 }
 
+/// `_elements` names top-level elements of the R4 model: before, any name of letters, digits
+/// and `_` was accepted and kept, and each exported resource compared each of its keys with
+/// every kept name (a prefix test for choice elements), so one POST kick-off listing a hundred
+/// thousand made-up names made every resource of the export cost a worker that many string
+/// comparisons per key. A name that is no element of its type (or, without a type, of any
+/// resource type) is refused (400 naming `_elements`; a warning under `handling=lenient`), and
+/// repeated names are kept once.
+#[tokio::test(flavor = "multi_thread")]
+async fn elements_must_name_elements_of_the_model() {
+    let s = start().await;
+    for elements in [
+        "Patient.gender,Patient.nonsense",
+        "nonsense",
+        "Patient.valueQuantity",
+    ] {
+        let r = s
+            .kickoff(&format!("/$export?_type=Patient&_elements={elements}"))
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{elements}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["resourceType"], "OperationOutcome", "{v}");
+        assert_eq!(v["issue"][0]["expression"][0], "_elements", "{v}");
+    }
+    // A hundred thousand made-up names in one POST body: refused before anything is planned.
+    let many: Vec<String> = (0..100_000).map(|i| format!("x{i}")).collect();
+    let r =
+        s.c.post(format!("{}/$export", s.base))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .header("content-type", "application/fhir+json")
+            .json(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "_type", "valueString": "Patient"},
+                {"name": "_elements", "valueString": many.join(",")},
+            ]}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Real elements, repeated, typed or not: the export keeps them (and the mandatory ones).
+    let m = s
+        .export(
+            "/$export?_type=Patient&_elements=gender,gender,Patient.birthDate,Observation.value",
+        )
+        .await;
+    let url = m["output"][0]["url"].as_str().unwrap();
+    let text = s.c.get(url).send().await.unwrap().text().await.unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let mut keys: Vec<&str> = first
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["birthDate", "gender", "id", "meta", "resourceType"],
+        "{first}"
+    );
+}
+
 /// GETs a status URL until it answers something other than 429 (polls faster than the server
 /// allows are refused).
 async fn poll(s: &Server, url: &str) -> reqwest::Response {
