@@ -10,9 +10,13 @@
 //! accept (https, or plain http to a loopback host), and never from a public host to a loopback,
 //! private, link-local or unspecified address: the client's server must not be able to send the
 //! fetch over plain http (where anyone on the path could swap the keys) or into the server's own
-//! network.
+//! network. A registration on a public host is fetched by a client whose resolver drops every
+//! address that is not public ([`PublicOnlyResolver`]): a host *name* that resolves, now or after
+//! DNS rebinding, to an internal address is refused when the fetch connects, not only an address
+//! literal when it is checked. Registrations that point at `localhost` or an internal address
+//! literal themselves (a local test, an on-premises client) may connect anywhere, as before.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -47,40 +51,103 @@ pub enum JwksFetchError {
     Invalid(String),
     #[error("a recent fetch of the registered JWKS failed; retry later")]
     Backoff,
+    #[error(
+        "the registered JWKS URL's host resolves to no public address (only loopback, private, link-local or other internal ones)"
+    )]
+    InternalAddress,
 }
 
-/// The shared HTTP client for JWKS fetches, built on first use.
+/// Where a fetch may connect, decided by the registered URL's host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// A public host: only public addresses, whatever a name resolves to.
+    PublicOnly,
+    /// `localhost` or an internal address literal, registered as such: anywhere.
+    Any,
+}
+
+/// A host name resolved only to public addresses: the rest are dropped, and a name with none
+/// left is refused ([`ResolvedInternal`]). The connection is made to the addresses returned
+/// here, so a name rebound between a check and the connect cannot slip through.
+struct PublicOnlyResolver;
+
+/// The error [`PublicOnlyResolver`] answers for a name without public addresses.
+#[derive(Debug, thiserror::Error)]
+#[error("{host} resolves to no public address")]
+struct ResolvedInternal {
+    host: String,
+}
+
+impl reqwest::dns::Resolve for PublicOnlyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let resolved: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<SocketAddr> = resolved
+                .iter()
+                .copied()
+                .filter(|a| is_public_ip(a.ip()))
+                .collect();
+            if public.is_empty() {
+                let addresses: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
+                tracing::warn!(host = %crate::log_safe(&host), addresses = %addresses.join(" "), "client JWKS host resolves to no public address; not fetched");
+                return Err(Box::new(ResolvedInternal { host }) as Box<_>);
+            }
+            if public.len() < resolved.len() {
+                tracing::warn!(host = %crate::log_safe(&host), dropped = resolved.len() - public.len(), "client JWKS host resolves to internal addresses too; only the public ones are used");
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The shared HTTP clients for JWKS fetches, built on first use: one for registrations on public
+/// hosts, one for those on `localhost` or an internal address literal.
 pub(crate) struct JwksFetcher {
-    client: OnceLock<Result<reqwest::Client, String>>,
+    public_only: OnceLock<Result<reqwest::Client, String>>,
+    any: OnceLock<Result<reqwest::Client, String>>,
 }
 
 impl JwksFetcher {
     pub(crate) fn new() -> JwksFetcher {
         JwksFetcher {
-            client: OnceLock::new(),
+            public_only: OnceLock::new(),
+            any: OnceLock::new(),
         }
     }
 
-    fn client(&self) -> Result<&reqwest::Client, JwksFetchError> {
-        self.client
-            .get_or_init(|| {
-                reqwest::Client::builder()
-                    .timeout(FETCH_TIMEOUT)
-                    .connect_timeout(FETCH_TIMEOUT)
-                    .redirect(reqwest::redirect::Policy::custom(redirect_policy))
-                    .build()
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|e| JwksFetchError::Client(e.clone()))
+    fn client(&self, reach: Reach) -> Result<&reqwest::Client, JwksFetchError> {
+        let cell = match reach {
+            Reach::PublicOnly => &self.public_only,
+            Reach::Any => &self.any,
+        };
+        cell.get_or_init(|| {
+            let builder = reqwest::Client::builder()
+                .timeout(FETCH_TIMEOUT)
+                .connect_timeout(FETCH_TIMEOUT)
+                .redirect(reqwest::redirect::Policy::custom(redirect_policy));
+            match reach {
+                // No proxy: a proxy would resolve the name itself, beyond the resolver's check.
+                Reach::PublicOnly => builder
+                    .no_proxy()
+                    .dns_resolver(Arc::new(PublicOnlyResolver)),
+                Reach::Any => builder,
+            }
+            .build()
+            .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| JwksFetchError::Client(e.clone()))
     }
 
     /// One GET of `url`: the usable keys and how long they may be cached.
     async fn fetch(
         &self,
         url: &Url,
+        reach: Reach,
     ) -> Result<(Arc<Vec<VerificationKey>>, Duration), JwksFetchError> {
-        let client = self.client()?;
+        let client = self.client(reach)?;
         let mut response = client
             .get(url.clone())
             .header(reqwest::header::ACCEPT, "application/json")
@@ -89,6 +156,8 @@ impl JwksFetcher {
             .map_err(|e| {
                 if e.is_redirect() {
                     JwksFetchError::Redirect
+                } else if resolved_internal(&e) {
+                    JwksFetchError::InternalAddress
                 } else {
                     JwksFetchError::Transport(transport_reason(&e))
                 }
@@ -185,25 +254,64 @@ fn is_loopback(host: &Host) -> bool {
 }
 
 /// A host a public server has no business sending us to: `localhost`, or an address literal
-/// that is loopback, private, shared (CGNAT), link-local (cloud metadata services), unspecified
-/// (`0.0.0.0` reaches this very machine) or broadcast.
+/// that is not public ([`is_public_ip`]). Host names are checked when they are resolved
+/// ([`PublicOnlyResolver`]).
 fn is_internal(host: &Host) -> bool {
     match host {
         Host::Name(_) => is_loopback(host),
-        Host::Ip(IpAddr::V4(ip)) => {
-            ip.is_loopback()
-                || ip.is_private()
-                || ip.is_link_local()
-                || ip.is_unspecified()
-                || ip.is_broadcast()
-                || (ip.octets()[0] == 100 && ip.octets()[1] & 0xc0 == 64)
-        }
-        Host::Ip(IpAddr::V6(ip)) => {
-            ip.is_loopback()
-                || ip.is_unspecified()
-                || ip.is_unique_local()
-                || ip.is_unicast_link_local()
-        }
+        Host::Ip(ip) => !is_public_ip(*ip),
+    }
+}
+
+/// Whether an address may be reached from a registration on a public host: not loopback,
+/// private, shared (CGNAT), link-local (cloud metadata services), unspecified (`0.0.0.0` reaches
+/// this very machine), multicast, broadcast, reserved or documentation, nor an IPv6 address
+/// that embeds such an IPv4 address (IPv4-mapped, -compatible, NAT64, 6to4).
+fn is_public_ip(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    !(a == 0 // "this network", 0.0.0.0 included
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || (a == 100 && b & 0xc0 == 64) // shared address space (CGNAT), 100.64/10
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments, 192.0.0/24
+        || (a == 198 && b & 0xfe == 18) // benchmarking, 198.18/15
+        || ip.is_documentation()
+        || ip.is_multicast()
+        || a >= 240) // reserved, and the broadcast address
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    let embedded_v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    if ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || ip.is_unique_local()
+        || ip.is_unicast_link_local()
+        || s[0] & 0xffc0 == 0xfec0 // site-local (deprecated), fec0::/10
+        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation, 2001:db8::/32
+        || (s[0] == 0x0100 && s[1..4] == [0, 0, 0]) // discard-only, 100::/64
+        || s[..6] == [0; 6]
+    // IPv4-compatible (deprecated), ::/96
+    {
+        return false;
+    }
+    match (s[0], s[1], s[2]) {
+        // NAT64, 64:ff9b::/96: as public as the IPv4 address it carries.
+        (0x0064, 0xff9b, 0) if s[3..6] == [0, 0, 0] => is_public_v4(embedded_v4(s[6], s[7])),
+        // Local-use NAT64, 64:ff9b:1::/48.
+        (0x0064, 0xff9b, 1) => false,
+        // 6to4, 2002::/16: as public as the IPv4 address it carries.
+        (0x2002, hi, lo) => is_public_v4(embedded_v4(hi, lo)),
+        _ => true,
     }
 }
 
@@ -235,6 +343,18 @@ fn redirect_policy(attempt: reqwest::redirect::Attempt) -> reqwest::redirect::Ac
             attempt.error(JwksFetchError::Redirect)
         }
     }
+}
+
+/// Whether a fetch failed because [`PublicOnlyResolver`] refused its host.
+fn resolved_internal(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<ResolvedInternal>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn transport_reason(e: &reqwest::Error) -> String {
@@ -275,6 +395,7 @@ struct CacheState {
 /// A client's registered JWKS URL and its cached keys.
 pub(crate) struct JwksUrlSource {
     url: Url,
+    reach: Reach,
     state: tokio::sync::Mutex<CacheState>,
 }
 
@@ -283,8 +404,13 @@ impl JwksUrlSource {
     pub(crate) fn new(url: &str) -> Result<JwksUrlSource, String> {
         let parsed = Url::parse(url).map_err(|e| format!("is not a URL: {e}"))?;
         check_jwks_url(&parsed).map_err(|e| e.to_string())?;
+        let reach = match host_of(&parsed) {
+            Some(host) if is_internal(&host) => Reach::Any,
+            _ => Reach::PublicOnly,
+        };
         Ok(JwksUrlSource {
             url: parsed,
+            reach,
             state: tokio::sync::Mutex::new(CacheState::default()),
         })
     }
@@ -315,7 +441,7 @@ impl JwksUrlSource {
             return Err(JwksFetchError::Backoff);
         }
         state.last_fetch = Some(now);
-        match fetcher.fetch(&self.url).await {
+        match fetcher.fetch(&self.url, self.reach).await {
             Ok((keys, ttl)) => {
                 tracing::debug!(url = %self.url, keys = keys.len(), ttl_s = ttl.as_secs(), "fetched client JWKS");
                 state.keys = Some(keys.clone());
@@ -404,5 +530,100 @@ mod tests {
             redirect_allowed(&local, &url("http://localhost:9/keys")),
             Ok(())
         );
+    }
+
+    #[test]
+    fn public_addresses_are_told_from_internal_ones() {
+        for internal in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "127.255.0.1",
+            "10.1.2.3",
+            "172.31.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "192.0.0.8",
+            "198.18.0.1",
+            "192.0.2.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::127.0.0.1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b:1::1",
+            "2002:7f00:1::",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "fec0::1",
+            "ff02::1",
+            "2001:db8::1",
+            "100::1",
+        ] {
+            assert!(!is_public_ip(internal.parse().unwrap()), "{internal}");
+        }
+        for public in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "100.128.0.1",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::8.8.8.8",
+            "2002:808:808::",
+        ] {
+            assert!(is_public_ip(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
+    fn only_registrations_on_public_hosts_are_kept_to_public_addresses() {
+        let reach = |u: &str| JwksUrlSource::new(u).unwrap().reach;
+        assert_eq!(
+            reach("https://keys.example.com/jwks.json"),
+            Reach::PublicOnly
+        );
+        assert_eq!(reach("https://93.184.215.14/jwks.json"), Reach::PublicOnly);
+        assert_eq!(reach("http://127.0.0.1:9/jwks"), Reach::Any);
+        assert_eq!(reach("http://localhost:9/jwks"), Reach::Any);
+        assert_eq!(reach("https://10.0.0.5/jwks"), Reach::Any);
+        assert_eq!(reach("https://[fd00::5]/jwks"), Reach::Any);
+    }
+
+    /// A name that resolves to loopback (`localhost` here; a public-looking name rebound to
+    /// 127.0.0.1 alike) is refused when the fetch of a public registration connects: no
+    /// connection is opened, and the error says why.
+    #[tokio::test]
+    async fn a_public_registrations_fetch_never_connects_to_a_name_resolving_internally() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n{\"keys\": []}")
+                    .await;
+            }
+        });
+        let url = Url::parse(&format!("http://localhost:{port}/jwks.json")).unwrap();
+        let fetcher = JwksFetcher::new();
+        let err = fetcher.fetch(&url, Reach::PublicOnly).await.unwrap_err();
+        assert!(matches!(err, JwksFetchError::InternalAddress), "{err}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // The same URL registered as such (`localhost`) is fetched.
+        let err = fetcher.fetch(&url, Reach::Any).await.unwrap_err();
+        assert!(matches!(err, JwksFetchError::Invalid(_)), "{err}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }
