@@ -5,6 +5,15 @@
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
+/// Most entries a client's JWKS may hold (`keys`, usable or not), inline or fetched: each is
+/// parsed, and kept for the life of the cache.
+pub const MAX_JWKS_KEYS: usize = 100;
+/// Most keys one client assertion is tried against: those of the client's JWKS that fit its
+/// `alg` (key type, curve, the JWK's own `alg`; signature keys only) and its `kid`, if any. An
+/// assertion that leaves more candidates (no `kid`, or a `kid` several keys share) is refused
+/// rather than verified that many times.
+pub const MAX_CANDIDATE_KEYS: usize = 10;
+
 /// The kind of public key, which decides the algorithms it can verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyKind {

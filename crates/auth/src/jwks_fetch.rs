@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Url;
 
-use crate::jwk::{VerificationKey, parse_jwk};
+use crate::jwk::{MAX_JWKS_KEYS, VerificationKey, parse_jwk};
 
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 pub const MIN_TTL: Duration = Duration::from_secs(30);
@@ -47,6 +47,8 @@ pub enum JwksFetchError {
     Redirect,
     #[error("the registered JWKS is larger than {MAX_BODY} bytes")]
     TooLarge,
+    #[error("the registered JWKS holds more than {MAX_JWKS_KEYS} keys")]
+    TooManyKeys,
     #[error("the registered JWKS is not valid: {0}")]
     Invalid(String),
     #[error("a recent fetch of the registered JWKS failed; retry later")]
@@ -193,6 +195,9 @@ impl JwksFetcher {
         let Some(keys) = doc.get("keys").and_then(|k| k.as_array()) else {
             return Err(JwksFetchError::Invalid("no `keys` array".to_owned()));
         };
+        if keys.len() > MAX_JWKS_KEYS {
+            return Err(JwksFetchError::TooManyKeys);
+        }
         // A published JWKS may carry keys for other uses; keep the ones that can verify.
         let usable: Vec<VerificationKey> = keys
             .iter()

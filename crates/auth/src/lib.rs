@@ -33,6 +33,7 @@ pub use access_token::{AccessTokenError, TokenIssuer};
 pub use client_tools::{ClientKey, ClientKeyError};
 pub use config::{AuthMode, AuthSettings, ConfigError, DEFAULT_TOKEN_LIFETIME, check_mode};
 pub use http::{Auth, AuthContext, AuthRejection, SMART_CONFIGURATION_PATH, TOKEN_PATH};
+pub use jwk::{MAX_CANDIDATE_KEYS, MAX_JWKS_KEYS};
 pub use jwks_fetch::JwksFetchError;
 pub use log_safe::log_safe;
 pub use registry::{ClientRegistry, RegistryError};

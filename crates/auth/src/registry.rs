@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::jwk::parse_jwk;
 pub use crate::jwk::{KeyKind, VerificationKey};
+use crate::jwk::{MAX_JWKS_KEYS, parse_jwk};
 use crate::jwks_fetch::{JwksFetcher, JwksUrlSource};
 use crate::scope::{ScopeError, Scopes};
 
@@ -53,6 +53,14 @@ pub enum RegistryError {
     },
     #[error("clients file {path}, client `{client_id}`: `jwks` has no keys")]
     NoKeys { path: PathBuf, client_id: String },
+    #[error(
+        "clients file {path}, client `{client_id}`: `jwks` holds {count} keys, more than {MAX_JWKS_KEYS}"
+    )]
+    TooManyKeys {
+        path: PathBuf,
+        client_id: String,
+        count: usize,
+    },
     #[error("clients file {path}, client `{client_id}`: `jwks_url` {reason}")]
     JwksUrl {
         path: PathBuf,
@@ -139,6 +147,13 @@ impl ClientRegistry {
             })?;
             let keys = match (entry.jwks, entry.jwks_url) {
                 (Some(jwks), None) => {
+                    if jwks.keys.len() > MAX_JWKS_KEYS {
+                        return Err(RegistryError::TooManyKeys {
+                            path: p(),
+                            client_id,
+                            count: jwks.keys.len(),
+                        });
+                    }
                     let mut keys = Vec::new();
                     for (i, k) in jwks.keys.iter().enumerate() {
                         match parse_jwk(k) {

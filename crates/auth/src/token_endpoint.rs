@@ -2,7 +2,8 @@
 //! assertion (RFC 7523 §2.2, §3).
 //!
 //! Order of checks: form parameters (presence and fixed values, scope syntax) → assertion header
-//! (algorithm) → client lookup by `iss` → key selection (`jku`, `kid`, key type) → signature →
+//! (algorithm) → client lookup by `iss` → key selection (`jku`, `kid`, key type; at most
+//! [`MAX_CANDIDATE_KEYS`] candidates) → signature (on a blocking thread) →
 //! claims (`sub`, `aud`, `exp`, `nbf`, `jti`) → replay cache → a `client_id` parameter, if
 //! any, names the same client → scope grant. The `jti` is only
 //! recorded for assertions whose signature verified, so nobody can fill the cache with jtis of
@@ -18,6 +19,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::access_token::{AccessTokenError, TokenIssuer, VerifiedToken};
+use crate::jwk::MAX_CANDIDATE_KEYS;
 use crate::registry::{ClientRegistry, KeySource, RegisteredClient, VerificationKey};
 use crate::replay::{ReplayCache, ReplayError};
 use crate::scope::Scopes;
@@ -363,13 +365,23 @@ impl SmartAuth {
                 OAuthErrorCode::InvalidClient => hidden_client_failure(iss, e.description),
                 _ => e,
             })?;
-        let claims = verify_with_any(assertion, alg, &keys).ok_or_else(|| {
-            hidden_client_failure(
-                iss,
-                "the client_assertion signature does not verify with the client's registered keys"
-                    .to_owned(),
-            )
-        })?;
+        // Up to MAX_CANDIDATE_KEYS signature checks: off the async workers.
+        let owned = assertion.to_owned();
+        let claims = tokio::task::spawn_blocking(move || verify_with_any(&owned, alg, &keys))
+            .await
+            .map_err(|_| {
+                OAuthError::new(
+                    OAuthErrorCode::ServerError,
+                    "the signature check did not finish",
+                )
+            })?
+            .ok_or_else(|| {
+                hidden_client_failure(
+                    iss,
+                    "the client_assertion signature does not verify with the client's registered keys"
+                        .to_owned(),
+                )
+            })?;
 
         self.check_claims(&client, &claims, now).await
     }
@@ -407,6 +419,17 @@ impl SmartAuth {
                 }
             }
         };
+        if chosen.len() > MAX_CANDIDATE_KEYS {
+            return Err(OAuthError::client(format!(
+                "{} of the client's keys fit algorithm {alg:?}{}: more than the {MAX_CANDIDATE_KEYS} one assertion is tried against; name the key with a distinct `kid`",
+                chosen.len(),
+                if kid.is_some() {
+                    " and share its kid"
+                } else {
+                    ""
+                },
+            )));
+        }
         if chosen.is_empty() {
             return Err(OAuthError::client(match kid {
                 Some(kid) => format!(

@@ -202,6 +202,21 @@ fn registry_skips_encryption_keys_but_needs_one_signing_key() {
     load(&json.to_string()).unwrap();
 }
 
+/// An inline JWKS holds at most `MAX_JWKS_KEYS` keys, as a fetched one does.
+#[test]
+fn registry_refuses_a_jwks_of_more_keys_than_the_limit() {
+    let at_limit = vec![rsa_jwk(); auth::MAX_JWKS_KEYS];
+    let json =
+        serde_json::json!([{"client_id": "a", "jwks": {"keys": at_limit}, "scope": "system/*.rs"}]);
+    load(&json.to_string()).unwrap();
+    let over = vec![rsa_jwk(); auth::MAX_JWKS_KEYS + 1];
+    let json =
+        serde_json::json!([{"client_id": "a", "jwks": {"keys": over}, "scope": "system/*.rs"}]);
+    let e = load(&json.to_string()).err().unwrap();
+    assert!(matches!(e, RegistryError::TooManyKeys { .. }), "{e}");
+    assert!(e.to_string().contains("more than 100"), "{e}");
+}
+
 #[test]
 fn missing_clients_file_is_reported() {
     let e = ClientRegistry::load(Path::new("/nonexistent/clients.json"))

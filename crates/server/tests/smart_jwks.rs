@@ -134,3 +134,175 @@ async fn a_jwks_host_name_resolving_to_an_internal_address_is_not_connected_to()
         "the server connected to {name}:{port}, an internal address"
     );
 }
+
+/// Serves `jwks` at `http://127.0.0.1:port/jwks.json`; counts the fetches.
+async fn jwks_server(jwks: Value) -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let body = jwks.to_string();
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            h.fetch_add(1, Ordering::SeqCst);
+            let body = body.clone();
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/jwks.json"), hits)
+}
+
+/// An assertion of `client` signed by the test key `pem_name` (RS384 for RSA keys, ES256 for
+/// `ec-p256.pem`), with no `kid` in its header: the server must find the key among all the
+/// client's keys.
+fn assertion_without_kid(pem_name: &str, client: &str, token_url: &str) -> String {
+    let pem = std::fs::read(test_support::smart::key_path(pem_name)).unwrap();
+    let (alg, key) = if pem_name.starts_with("ec-") {
+        (
+            jsonwebtoken::Algorithm::ES256,
+            jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+        )
+    } else {
+        (
+            jsonwebtoken::Algorithm::RS384,
+            jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+        )
+    };
+    let t = now();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &json!({"iss": client, "sub": client, "aud": token_url, "exp": t + 240, "iat": t,
+                "jti": uuid_like()}),
+        &key,
+    )
+    .unwrap()
+}
+
+fn uuid_like() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{}-{}", now(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// A JWKS of `n` keys: `n - 1` copies of the public key of `rsa-b.pem` (which signs nothing
+/// here) with the `kid` `decoy_kid` (none if `None`), then the key of `rsa-a.pem` with its own.
+fn jwks_of(n: usize, decoy_kid: Option<&str>) -> Value {
+    let mut decoy = test_support::smart::test_key("rsa-b.pem")
+        .public_jwk()
+        .unwrap();
+    match decoy_kid {
+        Some(kid) => decoy["kid"] = kid.into(),
+        None => {
+            decoy.as_object_mut().unwrap().remove("kid");
+        }
+    }
+    let mut keys = vec![decoy; n - 1];
+    keys.push(
+        test_support::smart::test_key("rsa-a.pem")
+            .public_jwk()
+            .unwrap(),
+    );
+    json!({ "keys": keys })
+}
+
+/// Without a `kid`, every key of the client's JWKS that fit the algorithm was tried, however many
+/// it held, on an async worker: an assertion (valid or not) for a client whose JWKS holds
+/// hundreds of keys cost hundreds of signature checks (measured with
+/// `measure_token_request_cost_of_a_large_jwks`: 1,000 EC keys, 291 ms CPU per request). Before
+/// the fix a JWKS of 100 keys was accepted and a `kid`-less assertion signed by its last key
+/// verified (100 RSA verifications, token issued). Now a JWKS holds at most
+/// `auth::MAX_JWKS_KEYS` keys, one assertion is tried against at most
+/// `auth::MAX_CANDIDATE_KEYS` of them (those that fit its `alg` and `kid`; more is refused, also
+/// when several keys share the `kid`), and the checks run off the async workers.
+#[tokio::test]
+async fn a_jwks_of_many_keys_costs_an_assertion_at_most_the_candidate_limit() {
+    const { assert!(auth::MAX_CANDIDATE_KEYS < 100 && 100 <= auth::MAX_JWKS_KEYS) };
+    let rsa_a = test_support::smart::test_key("rsa-a.pem");
+    let kid = rsa_a.public_jwk().unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (many, hits) = jwks_server(jwks_of(100, None)).await;
+    let (few, _) = jwks_server(jwks_of(auth::MAX_CANDIDATE_KEYS, None)).await;
+    let (too_many, _) = jwks_server(jwks_of(auth::MAX_JWKS_KEYS + 1, None)).await;
+    let (shared_kid, _) = jwks_server(jwks_of(auth::MAX_CANDIDATE_KEYS + 1, Some(&kid))).await;
+    let s = start(json!([
+        {"client_id": "many", "jwks_url": many, "scope": "system/*.rs"},
+        {"client_id": "few", "jwks_url": few, "scope": "system/*.rs"},
+        {"client_id": "too-many", "jwks_url": too_many, "scope": "system/*.rs"},
+        {"client_id": "shared-kid", "jwks_url": shared_kid, "scope": "system/*.rs"},
+    ]))
+    .await;
+    let refused = |(st, body): (StatusCode, Value)| {
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["error"], "invalid_client", "{body}");
+    };
+    let granted = |(st, body): (StatusCode, Value)| assert_eq!(st, StatusCode::OK, "{body}");
+
+    // 100 keys fit RS384 and the assertion names none: refused, not tried 100 times.
+    refused(
+        s.token_with(&assertion_without_kid("rsa-a.pem", "many", &s.token_url))
+            .await,
+    );
+    // Named by its `kid`, the one key is tried.
+    granted(s.token("many", &rsa_a).await);
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "the JWKS was fetched once");
+    // As many candidates as the limit: tried.
+    granted(
+        s.token_with(&assertion_without_kid("rsa-a.pem", "few", &s.token_url))
+            .await,
+    );
+    // A JWKS beyond the key limit is not usable at all.
+    refused(s.token("too-many", &rsa_a).await);
+    // A `kid` that more keys share than the limit.
+    refused(s.token("shared-kid", &rsa_a).await);
+}
+
+/// This process's CPU time (user + system, every thread), in clock ticks of 10 ms.
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The fields after the command name (which is in parentheses): utime and stime are the
+    // 12th and 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Measurement (run by hand: `cargo test -p server --profile ci --test smart_jwks -- --ignored
+/// --nocapture`): the cost of one token request whose assertion has no `kid` and a bad
+/// signature, for a client whose fetched JWKS holds `n` EC P-256 keys (copies of one key).
+#[tokio::test]
+#[ignore]
+async fn measure_token_request_cost_of_a_large_jwks() {
+    for n in [1usize, 10, 100, 1000] {
+        let mut jwk = test_support::smart::test_key("ec-p256.pem")
+            .public_jwk()
+            .unwrap();
+        jwk.as_object_mut().unwrap().remove("kid");
+        let (url, _) = jwks_server(json!({ "keys": vec![jwk; n] })).await;
+        let s =
+            start(json!([{"client_id": "many", "jwks_url": url, "scope": "system/*.rs"}])).await;
+        let forged = || {
+            let a = assertion_without_kid("ec-p256.pem", "many", &s.token_url);
+            // The signature's first character changed: it verifies with none of the keys.
+            let (head, sig) = a.rsplit_once('.').unwrap();
+            let first = if sig.starts_with('A') { 'B' } else { 'A' };
+            format!("{head}.{first}{}", &sig[1..])
+        };
+        // The first request fetches the JWKS.
+        let (st, body) = s.token_with(&forged()).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{body}");
+        let rounds = 20;
+        let (cpu, wall) = (cpu_ticks(), std::time::Instant::now());
+        for _ in 0..rounds {
+            let (st, body) = s.token_with(&forged()).await;
+            assert_eq!(st, StatusCode::UNAUTHORIZED, "{body}");
+        }
+        let wall_ms = wall.elapsed().as_secs_f64() * 1000.0 / rounds as f64;
+        let cpu_ms = (cpu_ticks() - cpu) as f64 * 10.0 / rounds as f64;
+        println!(
+            "JWKS of {n} keys, no kid, bad signature: {wall_ms:.1} ms wall, {cpu_ms:.1} ms CPU per token request ({rounds} requests)"
+        );
+    }
+}
