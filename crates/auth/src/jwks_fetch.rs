@@ -3,8 +3,11 @@
 //! Keys are fetched on first use, cached for the response's `Cache-Control: max-age` (clamped to
 //! [`MIN_TTL`, `MAX_TTL`], [`DEFAULT_TTL`] without one), and re-fetched early when an assertion
 //! names a `kid` the cache does not hold (key rotation), at most once per [`MIN_TTL`]. Each fetch
-//! has a bounded time and body size; one client's fetches are serialised so that a burst of
-//! token requests makes one request to the client's server.
+//! has a bounded time and body size. One client's requests that need a fetch share one (single
+//! flight: they wait for its turn and then read what it left), so that a burst of token
+//! requests makes one request to the client's server; the cache itself is read under a lock
+//! never held across a fetch, so a slow JWKS host holds up no request its cached keys serve,
+//! and no other client (each has its own cache).
 //!
 //! Redirects (at most [`MAX_REDIRECTS`]) are followed only to URLs the registration itself would
 //! accept (https, or plain http to a loopback host), and never from a public host to a loopback,
@@ -393,15 +396,45 @@ fn cache_ttl(value: &str) -> Duration {
 struct CacheState {
     keys: Option<Arc<Vec<VerificationKey>>>,
     expires_at: Option<Instant>,
+    /// When the last fetch that ended began.
     last_fetch: Option<Instant>,
     last_failed: bool,
+}
+
+/// What the cache can do for a request.
+enum Cached {
+    Keys(Arc<Vec<VerificationKey>>),
+    Backoff,
+    Fetch,
+}
+
+impl CacheState {
+    fn lookup(&self, refresh: bool, now: Instant) -> Cached {
+        let recently = self
+            .last_fetch
+            .is_some_and(|t| now.duration_since(t) < MIN_TTL);
+        if let (Some(keys), Some(exp)) = (&self.keys, self.expires_at)
+            && now < exp
+            && (!refresh || recently)
+        {
+            return Cached::Keys(keys.clone());
+        }
+        if recently && self.last_failed {
+            return Cached::Backoff;
+        }
+        Cached::Fetch
+    }
 }
 
 /// A client's registered JWKS URL and its cached keys.
 pub(crate) struct JwksUrlSource {
     url: Url,
     reach: Reach,
-    state: tokio::sync::Mutex<CacheState>,
+    /// Held only to read or update the cache, never across an await.
+    cache: std::sync::Mutex<CacheState>,
+    /// The turn to fetch: held by the one fetch in flight, waited for by the requests of this
+    /// client that need one meanwhile. Cache hits never take it.
+    fetch_turn: tokio::sync::Mutex<()>,
 }
 
 impl JwksUrlSource {
@@ -416,7 +449,8 @@ impl JwksUrlSource {
         Ok(JwksUrlSource {
             url: parsed,
             reach,
-            state: tokio::sync::Mutex::new(CacheState::default()),
+            cache: std::sync::Mutex::new(CacheState::default()),
+            fetch_turn: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -431,22 +465,23 @@ impl JwksUrlSource {
         fetcher: &JwksFetcher,
         refresh: bool,
     ) -> Result<Arc<Vec<VerificationKey>>, JwksFetchError> {
-        let mut state = self.state.lock().await;
-        let now = Instant::now();
-        let recently = state
-            .last_fetch
-            .is_some_and(|t| now.duration_since(t) < MIN_TTL);
-        if let (Some(keys), Some(exp)) = (&state.keys, state.expires_at)
-            && now < exp
-            && (!refresh || recently)
-        {
-            return Ok(keys.clone());
+        match self.lookup(refresh) {
+            Cached::Keys(keys) => return Ok(keys),
+            Cached::Backoff => return Err(JwksFetchError::Backoff),
+            Cached::Fetch => {}
         }
-        if recently && state.last_failed {
-            return Err(JwksFetchError::Backoff);
+        let _turn = self.fetch_turn.lock().await;
+        // A fetch that ended while this request waited for its turn decides for it too.
+        match self.lookup(refresh) {
+            Cached::Keys(keys) => return Ok(keys),
+            Cached::Backoff => return Err(JwksFetchError::Backoff),
+            Cached::Fetch => {}
         }
-        state.last_fetch = Some(now);
-        match fetcher.fetch(&self.url, self.reach).await {
+        let started = Instant::now();
+        let fetched = fetcher.fetch(&self.url, self.reach).await;
+        let mut state = self.state();
+        state.last_fetch = Some(started);
+        match fetched {
             Ok((keys, ttl)) => {
                 tracing::debug!(url = %self.url, keys = keys.len(), ttl_s = ttl.as_secs(), "fetched client JWKS");
                 state.keys = Some(keys.clone());
@@ -461,10 +496,23 @@ impl JwksUrlSource {
             }
         }
     }
+
+    fn lookup(&self, refresh: bool) -> Cached {
+        self.state().lookup(refresh, Instant::now())
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        // Nothing panics while holding it; a poisoned cache is still a consistent one.
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
 
     #[test]
@@ -534,6 +582,100 @@ mod tests {
         assert_eq!(
             redirect_allowed(&local, &url("http://localhost:9/keys")),
             Ok(())
+        );
+    }
+
+    /// A JWKS host that answers the first request with `jwks` (and closes the connection) and
+    /// reads every later one without answering; `stalled` is told of each of those.
+    async fn answers_once_then_stalls(jwks: String) -> (String, Arc<tokio::sync::Notify>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let stalled = Arc::new(tokio::sync::Notify::new());
+        let tell = stalled.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut first = true;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                if first {
+                    first = false;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+                        jwks.len()
+                    );
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let _ = socket.write_all(jwks.as_bytes()).await;
+                } else {
+                    tell.notify_one();
+                    held.push(socket);
+                }
+            }
+        });
+        (url, stalled)
+    }
+
+    fn test_jwks() -> String {
+        let pem = include_bytes!("../tests/data/ec-p384.pem");
+        let key = crate::client_tools::ClientKey::from_pem(pem, None, Some("k1".into())).unwrap();
+        crate::client_tools::jwks_document(&[key])
+            .unwrap()
+            .to_string()
+    }
+
+    /// A client's JWKS cache was one async lock held for the whole fetch (up to 5 s): while one
+    /// request re-fetched (an unknown `kid`, or expired keys), every other request of that
+    /// client waited, even those its cached keys would serve. Now the cache is read and written
+    /// under a lock never held across a fetch, and the fetch has a turn of its own: a cache hit
+    /// is answered at its first poll while another request's fetch is in flight.
+    #[tokio::test]
+    async fn a_fetch_in_flight_holds_up_no_cache_hit() {
+        let (url, stalled) = answers_once_then_stalls(test_jwks()).await;
+        let source = Arc::new(JwksUrlSource::new(&url).unwrap());
+        let fetcher = Arc::new(JwksFetcher::new());
+        assert_eq!(source.keys(&fetcher, false).await.unwrap().len(), 1);
+        // The fetch as if a minute ago: a request for an unknown `kid` may fetch again.
+        source.state().last_fetch = Instant::now().checked_sub(MIN_TTL * 2);
+        let refreshing = tokio::spawn({
+            let (source, fetcher) = (source.clone(), fetcher.clone());
+            async move { source.keys(&fetcher, true).await.map(|k| k.len()) }
+        });
+        stalled.notified().await;
+        // That fetch is in flight (its request arrived, never to be answered). A request whose
+        // key is cached gets it without waiting for it.
+        let mut hit = std::pin::pin!(source.keys(&fetcher, false));
+        let polled = hit
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        assert!(
+            matches!(&polled, std::task::Poll::Ready(Ok(keys)) if keys.len() == 1),
+            "a cache hit waited for another request's fetch"
+        );
+        assert!(!refreshing.is_finished());
+        refreshing.abort();
+    }
+
+    /// Requests of one client that find no usable keys at once share one fetch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_share_one_fetch() {
+        let (url, stalled) = answers_once_then_stalls(test_jwks()).await;
+        let source = Arc::new(JwksUrlSource::new(&url).unwrap());
+        let fetcher = Arc::new(JwksFetcher::new());
+        let requests: Vec<_> = (0..8)
+            .map(|_| {
+                let (source, fetcher) = (source.clone(), fetcher.clone());
+                tokio::spawn(async move { source.keys(&fetcher, false).await.map(|k| k.len()) })
+            })
+            .collect();
+        for r in requests {
+            assert_eq!(r.await.unwrap().unwrap(), 1);
+        }
+        // A second fetch would have stalled: none was made.
+        assert!(
+            std::pin::pin!(stalled.notified())
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+                .is_pending()
         );
     }
 

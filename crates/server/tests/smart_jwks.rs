@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
 
 /// A server with `--auth smart` whose clients file is `clients`.
 struct JwksServer {
@@ -257,6 +258,60 @@ async fn a_jwks_of_many_keys_costs_an_assertion_at_most_the_candidate_limit() {
     refused(s.token("too-many", &rsa_a).await);
     // A `kid` that more keys share than the limit.
     refused(s.token("shared-kid", &rsa_a).await);
+}
+
+/// A JWKS host that reads each request and never answers; `requests` counts the requests read.
+async fn stalling_jwks_server() -> (String, Arc<tokio::sync::Notify>, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (a, r) = (arrived.clone(), requests.clone());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            if socket.read(&mut buf).await.unwrap_or(0) > 0 {
+                r.fetch_add(1, Ordering::SeqCst);
+                a.notify_one();
+            }
+            held.push(socket);
+        }
+    });
+    (format!("http://{addr}/jwks.json"), arrived, requests)
+}
+
+/// One client's JWKS host that does not answer holds up that client's token requests for at
+/// most the fetch timeout, and nobody else's: another client's token request is answered while
+/// the first client's fetch is still waiting. (This held before too: each client's JWKS cache
+/// has its own lock; kept as a guard.)
+#[tokio::test]
+async fn a_stalling_jwks_host_does_not_hold_up_another_client() {
+    let (stalled_url, arrived, requests) = stalling_jwks_server().await;
+    let key = test_support::smart::test_key("rsa-a.pem");
+    let (prompt_url, _) =
+        jwks_server(auth::client_tools::jwks_document(std::slice::from_ref(&key)).unwrap()).await;
+    let s = Arc::new(
+        start(json!([
+            {"client_id": "stalled", "jwks_url": stalled_url, "scope": "system/*.rs"},
+            {"client_id": "prompt", "jwks_url": prompt_url, "scope": "system/*.rs"},
+        ]))
+        .await,
+    );
+    let waiting = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let key = test_support::smart::test_key("rsa-a.pem");
+            s.token("stalled", &key).await
+        })
+    };
+    arrived.notified().await;
+    let (st, body) = s.token("prompt", &key).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    // The stalled client's request ends with the fetch timeout: invalid_client.
+    let (st, body) = waiting.await.unwrap();
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{body}");
 }
 
 /// This process's CPU time (user + system, every thread), in clock ticks of 10 ms.
