@@ -4,7 +4,7 @@
 //! Order of checks: form parameters (presence and fixed values, scope syntax) → assertion header
 //! (algorithm) → client lookup by `iss` → key selection (`jku`, `kid`, key type; at most
 //! [`MAX_CANDIDATE_KEYS`] candidates) → signature (on a blocking thread) →
-//! claims (`sub`, `aud`, `exp`, `nbf`, `jti`) → replay cache → a `client_id` parameter, if
+//! claims (`sub`, `aud`, `exp`, `nbf`, `iat`, `jti`) → replay cache → a `client_id` parameter, if
 //! any, names the same client → scope grant. The `jti` is only
 //! recorded for assertions whose signature verified, so nobody can fill the cache with jtis of
 //! someone else's future assertions.
@@ -489,6 +489,13 @@ impl SmartAuth {
         {
             return Err(OAuthError::client(
                 "the client_assertion is not valid yet (`nbf`)",
+            ));
+        }
+        if let Some(iat) = int_claim(claims, "iat")?
+            && iat > now + CLOCK_SKEW_S
+        {
+            return Err(OAuthError::client(
+                "the client_assertion was issued in the future (`iat`)",
             ));
         }
         let jti = match claims.get("jti") {

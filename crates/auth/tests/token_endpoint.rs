@@ -367,6 +367,76 @@ async fn not_yet_valid() {
     );
 }
 
+/// `iat` was not checked: an assertion claiming to be issued an hour (or ages) ahead of the
+/// server's clock was accepted, like one whose `nbf` says so is not. Now an `iat` beyond the
+/// clock skew is refused, and one that is not a number too.
+#[tokio::test]
+async fn issued_in_the_future() {
+    let t = now();
+    for iat in [
+        json!(t + 3600),
+        json!(1e300),
+        json!(i64::MAX),
+        json!("soon"),
+    ] {
+        let mut c = claims("rsa-client", t);
+        c["iat"] = iat.clone();
+        let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+        assert_code(
+            refused(&form(&a, "system/*.rs"), t).await,
+            OAuthErrorCode::InvalidClient,
+            "iat",
+        );
+    }
+    // Within the clock skew, and in the past: accepted.
+    for iat in [t + 10, t - 100] {
+        let mut c = claims("rsa-client", t);
+        c["iat"] = json!(iat);
+        let a = sign_raw("rsa-a.pem", Algorithm::RS384, Some("rsa-1"), &c);
+        smart().token(&form(&a, "system/*.rs"), t).await.unwrap();
+    }
+}
+
+/// Keys offered by the assertion itself are never used, and key locations in its header never
+/// fetched: an assertion signed by an unregistered key that carries that key (`jwk`), a URL
+/// for it (`x5u`) and a certificate chain (`x5c`) in its header is refused, and nobody
+/// connects to the `x5u` host.
+#[tokio::test]
+async fn keys_offered_in_the_assertion_header_are_ignored() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = connections.clone();
+    tokio::spawn(async move {
+        while let Ok(_socket) = listener.accept().await {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let t = now();
+    let attacker = key("rsa-b.pem", None, "rsa-1");
+    let mut header = jsonwebtoken::Header::new(Algorithm::RS384);
+    header.kid = Some("rsa-1".into());
+    header.jwk = Some(serde_json::from_value(attacker.public_jwk().unwrap()).unwrap());
+    header.x5u = Some(format!("http://{addr}/cert.pem"));
+    header.x5c = Some(vec!["MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA".into()]);
+    let a = jsonwebtoken::encode(
+        &header,
+        &claims("rsa-client", t),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&pem("rsa-b.pem")).unwrap(),
+    )
+    .unwrap();
+    assert_code(
+        refused(&form(&a, "system/*.rs"), t).await,
+        OAuthErrorCode::InvalidClient,
+        "client authentication failed",
+    );
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "x5u fetched"
+    );
+}
+
 #[tokio::test]
 async fn missing_or_empty_jti() {
     let t = now();
