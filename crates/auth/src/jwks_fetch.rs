@@ -679,6 +679,69 @@ mod tests {
         );
     }
 
+    /// A JWKS host that answers every request with `head` and then `body`, written in pieces
+    /// of `piece` bytes with `pause` between them.
+    async fn hostile_host(head: &'static str, body: Vec<u8>, piece: usize, pause: Duration) -> Url {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = socket.read(&mut request).await;
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    for chunk in body.chunks(piece) {
+                        if socket.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                });
+            }
+        });
+        Url::parse(&url).unwrap()
+    }
+
+    /// Probes of a hostile JWKS host: a body over the limit without a `content-length` (read
+    /// until the limit, then refused), and one trickled a byte at a time (cut off by the fetch
+    /// time limit, which covers the body).
+    #[tokio::test]
+    async fn hostile_jwks_hosts_are_cut_off() {
+        let fetcher = JwksFetcher::new();
+        // Chunked: `3ffff` (256 KiB - 1) bytes per chunk, twice.
+        let mut body = Vec::new();
+        for _ in 0..2 {
+            body.extend_from_slice(b"3ffff\r\n");
+            body.extend(std::iter::repeat_n(b' ', 0x3ffff));
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        let url = hostile_host(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            body,
+            64 * 1024,
+            Duration::ZERO,
+        )
+        .await;
+        let err = fetcher.fetch(&url, Reach::Any).await.unwrap_err();
+        assert!(matches!(err, JwksFetchError::TooLarge), "{err}");
+
+        let url = hostile_host(
+            "HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n",
+            vec![b' '; 100_000],
+            1,
+            Duration::from_millis(200),
+        )
+        .await;
+        let err = fetcher.fetch(&url, Reach::Any).await.unwrap_err();
+        assert!(
+            matches!(&err, JwksFetchError::Transport(reason) if reason == "timed out"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn public_addresses_are_told_from_internal_ones() {
         for internal in [
