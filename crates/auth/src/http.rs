@@ -380,6 +380,23 @@ impl AuthContext {
         self.require(resource_type, Permission::Search)
     }
 
+    /// A system-level interaction (system `_history`, a Bundle entry without a type) lists every
+    /// type the server stores: each permission of `needs` on every one of them, `ViewDefinition`
+    /// included ([`Scopes::allows_on_every_type`]).
+    pub fn require_on_every_type(
+        &self,
+        needs: &[Permission],
+        interaction: &str,
+    ) -> Result<(), AuthRejection> {
+        if needs.iter().all(|p| self.scopes.allows_on_every_type(*p)) {
+            return Ok(());
+        }
+        let letters: String = needs.iter().map(|p| p.letter()).collect();
+        Err(AuthRejection::Forbidden(format!(
+            "{interaction} needs `{letters}` on every resource type (ViewDefinition included)"
+        )))
+    }
+
     /// v1 `write`: create, update and delete. Prefer [`AuthContext::require`] with the exact
     /// permission when the interaction is known.
     pub fn require_write(&self, resource_type: &str) -> Result<(), AuthRejection> {

@@ -241,6 +241,17 @@ impl Scopes {
             .all(|p| self.allows(resource_type, *p))
     }
 
+    /// Whether `p` is held on every type the server stores: each concrete R4 resource type and
+    /// `ViewDefinition` (what a system-level interaction, e.g. system `_history`, may return).
+    pub fn allows_on_every_type(&self, p: Permission) -> bool {
+        self.unrestricted
+            || (self.allows(VIEW_DEFINITION, p)
+                && fhir_model::r4()
+                    .resource_types()
+                    .iter()
+                    .all(|t| self.allows(t, p)))
+    }
+
     /// The concrete R4 resource types that may be read (`r`), sorted.
     pub fn readable_types(&self) -> Vec<String> {
         self.types_where(|s, t| s.can_read(t))
@@ -333,10 +344,13 @@ impl fmt::Display for Scopes {
     }
 }
 
+/// SQL on FHIR v2's logical model, stored by the server like a resource.
+const VIEW_DEFINITION: &str = "ViewDefinition";
+
 /// A concrete R4 resource type (not `Resource` or `DomainResource`), or `ViewDefinition` (SQL on
 /// FHIR v2's logical model, stored by the server like a resource).
 fn is_concrete_type(name: &str) -> bool {
-    name == "ViewDefinition"
+    name == VIEW_DEFINITION
         || fhir_model::r4()
             .resource_types()
             .binary_search_by(|t| t.as_str().cmp(name))
@@ -406,6 +420,27 @@ mod tests {
         assert_eq!(PermSet::parse_v2("rr"), None);
         assert_eq!(PermSet::parse_v2("x"), None);
         assert_eq!(PermSet::parse_v2(""), None);
+    }
+
+    #[test]
+    fn every_type_includes_view_definition() {
+        let every_r4: Vec<String> = fhir_model::r4()
+            .resource_types()
+            .iter()
+            .map(|t| format!("system/{t}.rs"))
+            .collect();
+        let s = Scopes::parse(&every_r4.join(" ")).unwrap();
+        assert!(!s.allows_on_every_type(Permission::Read));
+        let s = Scopes::parse(&format!("{} system/ViewDefinition.rs", every_r4.join(" "))).unwrap();
+        assert!(s.allows_on_every_type(Permission::Read));
+        assert!(s.allows_on_every_type(Permission::Search));
+        assert!(!s.allows_on_every_type(Permission::Create));
+        assert!(
+            Scopes::parse("system/*.rs")
+                .unwrap()
+                .allows_on_every_type(Permission::Search)
+        );
+        assert!(Scopes::unrestricted().allows_on_every_type(Permission::Delete));
     }
 
     #[test]

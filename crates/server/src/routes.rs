@@ -559,14 +559,8 @@ fn authorize_entry(
                 ctx.require(t, *p)?;
             }
         }
-        // System level (`_history`, `?query`, `$op`): every type.
-        None => {
-            for t in fhir_model::r4().resource_types() {
-                for p in needs {
-                    ctx.require(t, *p)?;
-                }
-            }
-        }
+        // System level (`_history`, `?query`, `$op`): every type, ViewDefinition included.
+        None => ctx.require_on_every_type(needs, "a system-level entry")?,
     }
     // The query of a search or conditional interaction: chains, `_has` and includes need what
     // the same query needs at the top level. A query that does not parse is never run.
@@ -737,18 +731,12 @@ async fn history_system(
     ctx: AuthContext,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    // System history lists every type's versions: it needs `r` and `s` on all of them (e.g.
-    // `system/*.rs`), as type history does on its type.
-    if !fhir_model::r4()
-        .resource_types()
-        .iter()
-        .all(|t| ctx.scopes.can_read(t) && ctx.scopes.can_search(t))
-    {
-        return Err(auth::AuthRejection::Forbidden(
-            "system history needs read and search access (`rs`) to every resource type".into(),
-        )
-        .into());
-    }
+    // System history lists every stored type's versions, ViewDefinitions too: it needs `r`
+    // and `s` on all of them (e.g. `system/*.rs`), as type history does on its type.
+    ctx.require_on_every_type(
+        &[auth::Permission::Read, auth::Permission::Search],
+        "system history",
+    )?;
     history(state, "/_history".into(), (None, None), raw).await
 }
 
