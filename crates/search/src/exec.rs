@@ -250,7 +250,7 @@ fn include_spec(inc: &Include) -> IncludeSpec {
             .param
             .as_deref()
             .map(|p| param_match(&inc.source_type, p)),
-        target_type: inc.target_type.clone(),
+        target_types: inc.target_types(),
         iterate: inc.iterate,
     }
 }

@@ -106,6 +106,34 @@ pub struct Include {
     pub param: Option<String>,
     pub target_type: Option<String>,
     pub iterate: bool,
+    /// When set, references are followed only to these types: the types the client may read,
+    /// set by the server's authorization ([`SearchQuery::include_only_targets`]) before the
+    /// search runs, so that resources it may not read are never fetched nor counted against
+    /// the page's limits. `None`: any type.
+    pub only_targets: Option<Vec<String>>,
+}
+
+impl Include {
+    /// The types this include may reach: its `target_type` (when that is among
+    /// `only_targets`) or `only_targets`; `None` when any type.
+    pub fn target_types(&self) -> Option<Vec<String>> {
+        match (&self.target_type, &self.only_targets) {
+            (Some(t), Some(only)) => Some(only.iter().filter(|o| *o == t).cloned().collect()),
+            (Some(t), None) => Some(vec![t.clone()]),
+            (None, only) => only.clone(),
+        }
+    }
+}
+
+impl SearchQuery {
+    /// Restricts every `_include` (and `_include:iterate`) to references to `types`. A
+    /// `_revinclude` adds resources of its source type only, which the caller authorizes as
+    /// such.
+    pub fn include_only_targets(&mut self, types: &[String]) {
+        for inc in &mut self.includes {
+            inc.only_targets = Some(types.to_vec());
+        }
+    }
 }
 
 /// A `_sort` key.
@@ -550,6 +578,7 @@ fn parse_include(name: &str, value: &str, iterate: bool) -> Result<Include, Sear
         param,
         target_type,
         iterate,
+        only_targets: None,
     })
 }
 

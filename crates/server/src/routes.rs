@@ -572,8 +572,8 @@ fn authorize_entry(
             lenient: false,
             predicate_only: false,
         };
-        if let Ok(parsed) = search::parse_query(t, &pairs, opts) {
-            authorize_search(ctx, &parsed)?;
+        if let Ok(mut parsed) = search::parse_query(t, &pairs, opts) {
+            authorize_search(ctx, &mut parsed)?;
         }
     }
     Ok(())
@@ -800,8 +800,12 @@ async fn search_get(
 }
 
 /// Every type a search touches needs scope: chained and `_has` filters search the types they
-/// name (`s`), includes read theirs (`r`).
-fn authorize_search(ctx: &AuthContext, q: &search::SearchQuery) -> Result<(), ApiError> {
+/// name (`s`); an `_include` reads its targets (`r`, also the type it follows references from),
+/// a `_revinclude` its sources (`r`). An `_include` without a target type (or `*`) is restricted here to the types the
+/// client may read, so that the search never fetches, counts or pages by a resource the client
+/// may not see (those used to be fetched, counted against `--search-max-included` and
+/// `--search-max-page-bytes` and withheld only when the Bundle was written: an oracle).
+fn authorize_search(ctx: &AuthContext, q: &mut search::SearchQuery) -> Result<(), ApiError> {
     fn filter(ctx: &AuthContext, f: &search::Filter) -> Result<(), ApiError> {
         match f {
             search::Filter::Chain {
@@ -831,6 +835,9 @@ fn authorize_search(ctx: &AuthContext, q: &search::SearchQuery) -> Result<(), Ap
         if let Some(t) = &inc.target_type {
             ctx.require_read(t)?;
         }
+    }
+    if !q.includes.is_empty() && !ctx.scopes.allows_on_every_type(auth::Permission::Read) {
+        q.include_only_targets(&ctx.scopes.readable_types());
     }
     Ok(())
 }
@@ -870,9 +877,9 @@ async fn run_search(
     };
     let limits = state.search_limits;
     limits.check_request(&pairs)?;
-    let q = search::parse_query(&rtype, &pairs, opts)?;
+    let mut q = search::parse_query(&rtype, &pairs, opts)?;
     limits.check_query(&q)?;
-    authorize_search(&ctx, &q)?;
+    authorize_search(&ctx, &mut q)?;
     let store = state.store.clone();
     // The blocking search outlives this future when the client goes away (axum drops the
     // handler, not the blocking task): the guard stops it then, SQLite checks the time limit.
@@ -899,8 +906,8 @@ async fn run_search(
             _ => {}
         }
         // The Bundle is written around the stored bytes (each resource's type and id read,
-        // nothing parsed into a tree). `_include` without a target type (or `*`) may reach
-        // types the client cannot read: those are withheld as it is written.
+        // nothing parsed into a tree). The includes were restricted to readable types by
+        // `authorize_search`; the check as it is written only keeps that so.
         Ok(search::write_searchset(
             &base,
             &q,

@@ -70,6 +70,80 @@ fn entry_ids(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// `_include` without a target type reaches Patients, which the client may not read. They were
+/// withheld only when the Bundle was written, after they had been fetched and counted against
+/// `--search-max-included` (here 1) and `--search-max-page-bytes` (here 4 KiB, the Patient is
+/// 8 KiB): the client got no Group, a `too-costly` warning, and the opposite once the Patient
+/// was deleted, so the page told whether (and how large) a resource it may not read existed.
+/// Now the includes follow references only to readable types: the page is the same with or
+/// without the Patient.
+#[tokio::test]
+async fn withheld_includes_do_not_change_the_page() {
+    type Limit = fn(&mut search::SearchLimits);
+    let configs: [(&str, Limit); 2] = [
+        ("max_included", |l| l.max_included = 1),
+        ("max_page_bytes", |l| l.max_page_bytes = 4096),
+    ];
+    for (limit, set) in configs {
+        let s = start_with(|mut state| {
+            set(&mut state.search_limits);
+            state
+        })
+        .await;
+        let admin = s.token("admin", "system/*.cruds").await;
+        s.put(
+            &admin,
+            json!({"resourceType": "Patient", "id": "p1",
+                "name": [{"text": "x".repeat(8192)}]}),
+        )
+        .await;
+        s.put(
+            &admin,
+            json!({"resourceType": "Group", "id": "g1", "type": "person", "actual": true}),
+        )
+        .await;
+        for (id, subject) in [("o1", "Patient/p1"), ("o2", "Group/g1")] {
+            s.put(
+                &admin,
+                json!({"resourceType": "Observation", "id": id, "status": "final",
+                    "code": {"text": "c"}, "subject": {"reference": subject}}),
+            )
+            .await;
+        }
+        let reader = s
+            .token("reader", "system/Observation.rs system/Group.rs")
+            .await;
+        let paths = [
+            "/Observation?_include=Observation:subject&_sort=_id",
+            "/Observation?_include=Observation:*&_sort=_id",
+            "/Observation?_include:iterate=Observation:subject&_sort=_id",
+        ];
+        let mut with_patient = Vec::new();
+        for path in paths {
+            let body = s.get_ok(path, &reader).await;
+            assert_eq!(
+                entry_ids(&body),
+                ["Observation/o1", "Observation/o2", "Group/g1"],
+                "{limit} {path}: {body}"
+            );
+            assert!(!body.contains("too-costly"), "{limit} {path}: {body}");
+            with_patient.push(body);
+        }
+        // The administrator still gets the Patient (within the limits).
+        let body = s.get_ok(paths[0], &admin).await;
+        assert!(body.contains("Patient/p1"), "{limit}: {body}");
+
+        let (st, _, body) = s
+            .send(Method::DELETE, "/Patient/p1", Some(&admin), None)
+            .await;
+        assert!(st.is_success(), "{body}");
+        for (path, before) in paths.iter().zip(&with_patient) {
+            let after = s.get_ok(path, &reader).await;
+            assert_eq!(&after, before, "{limit} {path}");
+        }
+    }
+}
+
 /// System history lists every stored type's versions, ViewDefinitions (stored like a resource
 /// by view_routes) too, but its scope check covered only the R4 types: a client holding `rs`
 /// on each of them but nothing on ViewDefinition listed the stored ViewDefinitions. It now

@@ -214,13 +214,14 @@ pub struct PageCursor {
 }
 
 /// `_include` / `_revinclude`: references from `source_type` through `param` (all reference
-/// parameters when `None`), to `target_type` only when set; `iterate` follows them again from the
-/// resources they added.
+/// parameters when `None`), to `target_types` only when set (for an `_include`: the types it
+/// may fetch, none when empty; for a `_revinclude`: the types of the resources referred to);
+/// `iterate` follows them again from the resources they added.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncludeSpec {
     pub source_type: String,
     pub param: Option<ParamMatch>,
-    pub target_type: Option<String>,
+    pub target_types: Option<Vec<String>>,
     pub iterate: bool,
 }
 

@@ -1053,7 +1053,7 @@ fn includes(
         for inc in plan.revincludes.iter().filter(|i| applies(i)) {
             let sno = type_no(&inc.source_type)?;
             for (t, id, _) in &frontier {
-                if inc.target_type.as_ref().is_some_and(|tt| tt != t) {
+                if inc.target_types.as_ref().is_some_and(|tt| !tt.contains(t)) {
                     continue;
                 }
                 // One more than may still be added: enough to tell that the limit was reached.
@@ -1085,6 +1085,10 @@ fn include_targets(
     k: i64,
     inc: &IncludeSpec,
 ) -> Result<Vec<(String, String)>, StoreError> {
+    // Restricted to no type (a client that may read none of the targets): nothing is read.
+    if inc.target_types.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(Vec::new());
+    }
     let mut b = Builder::new(backend);
     let ni = b.d.no_index();
     let kp = b.p(SqlParam::Int(k));
@@ -1097,8 +1101,9 @@ fn include_targets(
         let pmc = b.param_match(pm, "idx_reference", ni)?;
         sql.push_str(&format!(" AND {pmc}"));
     }
-    if let Some(t) = &inc.target_type {
-        sql.push_str(&format!(" AND target_type = {}", b.p(text(t))));
+    if let Some(types) = &inc.target_types {
+        let list: Vec<String> = types.iter().map(|t| b.p(text(t))).collect();
+        sql.push_str(&format!(" AND target_type IN ({})", list.join(", ")));
     }
     backend
         .query(&sql, &b.params, true)?
