@@ -800,8 +800,9 @@ async fn search_get(
 }
 
 /// Every type a search touches needs scope: chained and `_has` filters search the types they
-/// name (`s`); an `_include` reads its targets (`r`, also the type it follows references from),
-/// a `_revinclude` its sources (`r`). An `_include` without a target type (or `*`) is restricted here to the types the
+/// name (`s`); an `_include` reads its targets (`r`, also the type it follows references from);
+/// a `_revinclude` searches its source type by reference (`r` and `s` on it, as type history
+/// does). An `_include` without a target type (or `*`) is restricted here to the types the
 /// client may read, so that the search never fetches, counts or pages by a resource the client
 /// may not see (those used to be fetched, counted against `--search-max-included` and
 /// `--search-max-page-bytes` and withheld only when the Bundle was written: an oracle).
@@ -830,8 +831,15 @@ fn authorize_search(ctx: &AuthContext, q: &mut search::SearchQuery) -> Result<()
     for f in &q.filters {
         filter(ctx, f)?;
     }
-    for inc in q.includes.iter().chain(q.revincludes.iter()) {
+    for inc in &q.includes {
         ctx.require_read(&inc.source_type)?;
+        if let Some(t) = &inc.target_type {
+            ctx.require_read(t)?;
+        }
+    }
+    for inc in &q.revincludes {
+        ctx.require_read(&inc.source_type)?;
+        ctx.require_search(&inc.source_type)?;
         if let Some(t) = &inc.target_type {
             ctx.require_read(t)?;
         }

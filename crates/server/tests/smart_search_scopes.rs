@@ -195,3 +195,80 @@ async fn system_history_needs_view_definition_scopes_too() {
     let body = s.get_ok("/_history", &all).await;
     assert!(body.contains("secret_view"), "{body}");
 }
+
+/// `_revinclude` searches its source type by reference (every Provenance pointing at the
+/// matches): it needed only `r` on that type, where a search and type history need `s`. It now
+/// needs `r` and `s`; chains and `_has` through a type the client cannot search are refused
+/// rather than filtering the matches.
+#[tokio::test]
+async fn revinclude_chains_and_has_need_search_on_the_types_they_search() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    s.put(
+        &admin,
+        json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Doe"}]}),
+    )
+    .await;
+    s.put(
+        &admin,
+        json!({"resourceType": "Observation", "id": "o1", "status": "final",
+            "code": {"text": "c"}, "subject": {"reference": "Patient/p1"}}),
+    )
+    .await;
+    s.put(
+        &admin,
+        json!({"resourceType": "Provenance", "id": "pv1", "recorded": "2024-01-01T00:00:00Z",
+            "target": [{"reference": "Observation/o1"}],
+            "agent": [{"who": {"reference": "Patient/p1"}}]}),
+    )
+    .await;
+
+    let read_only = s
+        .token(
+            "provenance",
+            "system/Observation.rs system/Provenance.r system/Patient.r",
+        )
+        .await;
+    for path in [
+        "/Observation?_revinclude=Provenance:target",
+        "/Observation?_revinclude=Provenance:target:Observation",
+        "/Observation?_revinclude:iterate=Provenance:target",
+        // A chain through Patient, which may be read but not searched.
+        "/Observation?subject:Patient.family=Doe",
+        "/Observation?subject.family=Doe",
+        // `_has` searches Provenance.
+        "/Observation?_has:Provenance:target:agent=Patient/p1",
+    ] {
+        let (st, _, body) = s.send(Method::GET, path, Some(&read_only), None).await;
+        assert_outcome(st, StatusCode::FORBIDDEN, &body);
+        assert!(!body.contains("pv1"), "{path}: {body}");
+    }
+    // The same searches inside a batch are refused alike.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation?_revinclude=Provenance:target"}}
+    ]});
+    let (st, _, body) = s
+        .send(Method::POST, "/", Some(&read_only), Some(batch))
+        .await;
+    assert_outcome(st, StatusCode::FORBIDDEN, &body);
+
+    // With `s` on Provenance the revinclude and `_has` run.
+    let searching = s
+        .token("provenance", "system/Observation.rs system/Provenance.rs")
+        .await;
+    let body = s
+        .get_ok("/Observation?_revinclude=Provenance:target", &searching)
+        .await;
+    assert_eq!(
+        entry_ids(&body),
+        ["Observation/o1", "Provenance/pv1"],
+        "{body}"
+    );
+    let body = s
+        .get_ok(
+            "/Observation?_has:Provenance:target:agent=Patient/p1",
+            &searching,
+        )
+        .await;
+    assert_eq!(entry_ids(&body), ["Observation/o1"], "{body}");
+}
