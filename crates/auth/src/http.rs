@@ -273,7 +273,23 @@ impl Auth {
         ))
     }
 
-    /// Resolves the `Authorization` header value (if any) into a context.
+    /// Resolves the request's `Authorization` headers into a context. More than one is refused
+    /// (mode `smart`): which of them a server, a proxy or a cache in front of it would honour is
+    /// ambiguous, and the first one used to win.
+    pub fn authenticate_headers(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<AuthContext, AuthRejection> {
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let first = values.next();
+        if self.smart_auth().is_some() && values.next().is_some() {
+            return Err(AuthRejection::AmbiguousCredentials);
+        }
+        self.authenticate(first)
+    }
+
+    /// Resolves one `Authorization` header value (if any) into a context. A request's headers
+    /// go through [`Auth::authenticate_headers`], which refuses several.
     pub fn authenticate(
         &self,
         authorization: Option<&HeaderValue>,
@@ -330,7 +346,7 @@ pub async fn require_bearer(
     mut request: Request,
     next: Next,
 ) -> Response {
-    match auth.authenticate(request.headers().get(header::AUTHORIZATION)) {
+    match auth.authenticate_headers(request.headers()) {
         Ok(ctx) => {
             request.extensions_mut().insert(ctx);
             next.run(request).await
@@ -429,11 +445,14 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthContext {
     }
 }
 
-/// Why a request was refused: 401 (no or bad token) or 403 (scopes fall short).
+/// Why a request was refused: 401 (no or bad token), 400 (more than one `Authorization`
+/// header) or 403 (scopes fall short).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthRejection {
     #[error("no bearer token")]
     MissingToken,
+    #[error("the request has more than one Authorization header; send exactly one bearer token")]
+    AmbiguousCredentials,
     #[error("{0}")]
     InvalidToken(&'static str),
     #[error("{0}")]
@@ -456,6 +475,16 @@ impl IntoResponse for AuthRejection {
                 (*reason).to_owned(),
                 format!(
                     r#"Bearer realm="fhirhose", error="invalid_token", error_description="{reason}""#
+                ),
+            ),
+            // RFC 6750 §3.1: a malformed request (here: two sets of credentials) is 400
+            // `invalid_request`.
+            AuthRejection::AmbiguousCredentials => (
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                self.to_string(),
+                format!(
+                    r#"Bearer realm="fhirhose", error="invalid_request", error_description="{self}""#
                 ),
             ),
             AuthRejection::Forbidden(reason) => (

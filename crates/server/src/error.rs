@@ -217,6 +217,11 @@ impl From<auth::AuthRejection> for ApiError {
                 "forbidden",
                 r#"Bearer realm="fhirhose", error="insufficient_scope""#,
             ),
+            auth::AuthRejection::AmbiguousCredentials => (
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                r#"Bearer realm="fhirhose", error="invalid_request""#,
+            ),
             _ => (
                 StatusCode::UNAUTHORIZED,
                 "login",

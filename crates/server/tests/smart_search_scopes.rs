@@ -272,3 +272,61 @@ async fn revinclude_chains_and_has_need_search_on_the_types_they_search() {
         .await;
     assert_eq!(entry_ids(&body), ["Observation/o1"], "{body}");
 }
+
+/// A request with two `Authorization` headers was served with the first (whichever a proxy
+/// or cache in front would have honoured). It is now refused, 400 `invalid_request` with an
+/// OperationOutcome and a `WWW-Authenticate` challenge, on the FHIR routes, export status
+/// polls and file downloads alike.
+#[tokio::test]
+async fn two_authorization_headers_are_refused() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    let reader = s
+        .token("reader", "system/Observation.rs system/Group.rs")
+        .await;
+    s.put(&admin, json!({"resourceType": "Patient", "id": "p1"}))
+        .await;
+    let (st, h, body) = s
+        .send(Method::GET, "/$export?_type=Patient", Some(&admin), None)
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{body}");
+    let status_url = h["content-location"].to_str().unwrap().to_owned();
+    let manifest = s.manifest(&status_url, &admin).await;
+    let file_url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
+
+    let client = reqwest::Client::new();
+    for url in [
+        format!("{}/Patient/p1", s.base),
+        format!("{}/Patient?_id=p1", s.base),
+        status_url.clone(),
+        file_url.clone(),
+    ] {
+        for (first, second) in [
+            (admin.as_str(), "not-a-token"),
+            (reader.as_str(), admin.as_str()),
+            (admin.as_str(), admin.as_str()),
+        ] {
+            let res = client
+                .get(&url)
+                .header("accept", "application/fhir+json")
+                .header("authorization", format!("Bearer {first}"))
+                .header("authorization", format!("Bearer {second}"))
+                .send()
+                .await
+                .unwrap();
+            let st = res.status();
+            let challenge = res
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = res.text().await.unwrap();
+            assert_outcome(st, StatusCode::BAD_REQUEST, &body);
+            let challenge = challenge.unwrap_or_else(|| panic!("{url}: no WWW-Authenticate"));
+            assert!(challenge.contains("invalid_request"), "{challenge}");
+        }
+    }
+    // One header still works everywhere.
+    s.get_ok("/Patient/p1", &admin).await;
+    s.get_ok(&status_url, &admin).await;
+    s.get_ok(&file_url, &admin).await;
+}
