@@ -295,6 +295,17 @@ fn each_stored_view(
     }
 }
 
+/// What resolving `reference` ([`resolve_reference`]) needs: `ViewDefinition/id` reads one
+/// (`r`); a canonical `url` searches the stored ViewDefinitions by it (`r` and `s`: whether a
+/// view of that url exists is a search's answer).
+fn authorize_reference(ctx: &AuthContext, reference: &str) -> Result<(), ApiError> {
+    ctx.require_read(VIEW_DEFINITION)?;
+    if !reference.starts_with("ViewDefinition/") {
+        ctx.require_search(VIEW_DEFINITION)?;
+    }
+    Ok(())
+}
+
 /// A stored ViewDefinition by `ViewDefinition/id` or by canonical `url` (`url|version` too).
 fn resolve_reference(store: &dyn store::Store, reference: &str) -> Result<Value, ApiError> {
     if let Some(id) = reference.strip_prefix("ViewDefinition/") {
@@ -504,7 +515,7 @@ async fn run_request(
             .await?
         }
         (None, Some(reference), None) => {
-            ctx.require_read(VIEW_DEFINITION)?;
+            authorize_reference(&ctx, reference)?;
             let store = state.store.clone();
             let reference = reference.clone();
             blocking(move || resolve_reference(store.as_ref(), &reference)).await?
@@ -996,11 +1007,10 @@ pub async fn export_kickoff(
         )
         .at("view"));
     }
-    if views_given
-        .iter()
-        .any(|(_, s)| matches!(s, ViewSource::Reference(_)))
-    {
-        ctx.require_read(VIEW_DEFINITION)?;
+    for (_, source) in &views_given {
+        if let ViewSource::Reference(r) = source {
+            authorize_reference(&ctx, r)?;
+        }
     }
     let store = state.store.clone();
     let resolved = blocking(move || {

@@ -330,3 +330,49 @@ async fn two_authorization_headers_are_refused() {
     s.get_ok(&status_url, &admin).await;
     s.get_ok(&file_url, &admin).await;
 }
+
+/// `viewReference` by canonical url looks the stored ViewDefinitions up by that url, a search
+/// of them: with `r` alone on ViewDefinition a client learned which urls exist (a run, or 400
+/// "no stored ViewDefinition has this url"). It now needs `s` as well; a reference by id is a
+/// read and needs `r`.
+#[tokio::test]
+async fn view_reference_by_url_needs_search_on_view_definition() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    s.put(
+        &admin,
+        json!({"resourceType": "ViewDefinition", "id": "v1", "name": "patients",
+            "status": "active", "url": "https://example.org/views/patients", "resource": "Patient",
+            "select": [{"column": [{"name": "id", "path": "getResourceKey()", "type": "id"}]}]}),
+    )
+    .await;
+    s.put(&admin, json!({"resourceType": "Patient", "id": "p1"}))
+        .await;
+    let read_only = s
+        .token("views", "system/ViewDefinition.r system/Patient.rs")
+        .await;
+    for url in [
+        "https://example.org/views/patients",
+        "https://example.org/views/none",
+    ] {
+        let path = format!("/$viewdefinition-run?viewReference={url}&_format=json");
+        let (st, _, body) = s.send(Method::GET, &path, Some(&read_only), None).await;
+        assert_outcome(st, StatusCode::FORBIDDEN, &body);
+    }
+    // By id: a read.
+    let body = s
+        .get_ok(
+            "/$viewdefinition-run?viewReference=ViewDefinition/v1&_format=json",
+            &read_only,
+        )
+        .await;
+    assert!(body.contains("p1"), "{body}");
+    // With `s` too, by url.
+    let body = s
+        .get_ok(
+            "/$viewdefinition-run?viewReference=https://example.org/views/patients&_format=json",
+            &admin,
+        )
+        .await;
+    assert!(body.contains("p1"), "{body}");
+}
