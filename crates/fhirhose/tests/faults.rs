@@ -669,29 +669,45 @@ const CASES: &[Case] = &[
 ];
 
 fn kill9_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    let (killed, manifest, _s) = kill9_during(ctx, rng, dir, |c, base| kickoff(c, base, ""))?;
+    let n = verify_manifest(&ctx.c, &manifest)?;
+    Ok(Some(format!("{killed}, {n} resources once each")))
+}
+
+/// Kicks off an export with `kick` (its status URL), kills the server with SIGKILL at a random
+/// point of it, restarts it on the same data and port, and waits for the export's end: a
+/// complete manifest, no uncommitted part left. Returns when and how the kill fell, the
+/// manifest, and the restarted server (which serves the manifest's files).
+fn kill9_during(
+    ctx: &mut Ctx,
+    rng: &mut Rng,
+    dir: &Path,
+    kick: impl Fn(&reqwest::blocking::Client, &str) -> R<String>,
+) -> R<(String, Value, Server)> {
     let data = ctx.data_dir(dir)?;
     let log = dir.join("serve.log");
     let port = free_port();
     let mut s = Server::start(&data, port, &export_args(), &log)?;
-    let status = kickoff(&ctx.c, &s.base, "")?;
+    let status = kick(&ctx.c, &s.base)?;
     let at = rng.below(ctx.export_ms * 2 / 3 + 1);
     sleep_ms(at);
     let was_running = is_running(&ctx.c, &status);
     s.kill9();
     drop(s);
-    let _s = Server::start(&data, port, &export_args(), &log)?;
+    let s = Server::start(&data, port, &export_args(), &log)?;
     let (code, manifest, _) = wait_end(&ctx.c, &status, COMPLETE_BOUND)?;
     ensure!(code == 200, "status after restart: {code} {manifest}");
-    let n = verify_manifest(&ctx.c, &manifest)?;
     no_parts_left(&data.join("storage/exports").join(job_id(&status)))?;
-    Ok(Some(format!(
-        "killed {at} ms after kick-off ({}), {n} resources once each",
-        if was_running {
-            "running"
-        } else {
-            "already done"
-        }
-    )))
+    let when = if was_running {
+        "running"
+    } else {
+        "already done"
+    };
+    Ok((
+        format!("killed {at} ms after kick-off ({when})"),
+        manifest,
+        s,
+    ))
 }
 
 /// The views of [`kill9_view_export`]: (name, resource type), one row per resource, keyed by
@@ -699,29 +715,9 @@ fn kill9_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
 const FAULT_VIEWS: [(&str, &str); 2] = [("obs_rows", "Observation"), ("patient_rows", "Patient")];
 
 fn kill9_view_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
-    let data = ctx.data_dir(dir)?;
-    let log = dir.join("serve.log");
-    let port = free_port();
-    let mut s = Server::start(&data, port, &export_args(), &log)?;
-    let status = view_kickoff(&ctx.c, &s.base)?;
-    let at = rng.below(ctx.export_ms * 2 / 3 + 1);
-    sleep_ms(at);
-    let was_running = is_running(&ctx.c, &status);
-    s.kill9();
-    drop(s);
-    let _s = Server::start(&data, port, &export_args(), &log)?;
-    let (code, manifest, _) = wait_end(&ctx.c, &status, COMPLETE_BOUND)?;
-    ensure!(code == 200, "status after restart: {code} {manifest}");
+    let (killed, manifest, _s) = kill9_during(ctx, rng, dir, view_kickoff)?;
     let n = verify_view_rows(&ctx.c, &manifest)?;
-    no_parts_left(&data.join("storage/exports").join(job_id(&status)))?;
-    Ok(Some(format!(
-        "killed {at} ms after kick-off ({}), {n} rows once each",
-        if was_running {
-            "running"
-        } else {
-            "already done"
-        }
-    )))
+    Ok(Some(format!("{killed}, {n} rows once each")))
 }
 
 /// Kicks off a `$viewdefinition-export` of [`FAULT_VIEWS`] as NDJSON: the status URL.

@@ -689,19 +689,7 @@ fn a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll() {
     });
     let mut db = postgres::Client::connect(&database.url, postgres::NoTls).expect("database");
 
-    let token = fhirhose()
-        .args(["token", "--client-id", "admin", "--key"])
-        .arg(&pem)
-        .args(["--token-url", &n1.url("/auth/token")])
-        .args(["--scope", "system/*.cruds"])
-        .output()
-        .expect("token");
-    assert!(token.status.success(), "{token:?}");
-    let token: Value = serde_json::from_slice(&token.stdout).expect("token JSON");
-    let bearer = format!(
-        "Bearer {}",
-        token["access_token"].as_str().expect("access_token")
-    );
+    let bearer = admin_bearer(&pem, &n1);
     let job = kick_off_system_export(&http, &n1, &bearer);
     // Node 1 does nothing more: whatever runs now runs on node 2.
     signal(n1.child.id(), "STOP");
@@ -777,19 +765,7 @@ fn nodes_whose_clocks_disagree_take_no_items_from_each_other() {
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
         ],
     );
-    let token = fhirhose()
-        .args(["token", "--client-id", "admin", "--key"])
-        .arg(&pem)
-        .args(["--token-url", &n1.url("/auth/token")])
-        .args(["--scope", "system/*.cruds"])
-        .output()
-        .expect("token");
-    assert!(token.status.success(), "{token:?}");
-    let token: Value = serde_json::from_slice(&token.stdout).expect("token JSON");
-    let bearer = format!(
-        "Bearer {}",
-        token["access_token"].as_str().expect("access_token")
-    );
+    let bearer = admin_bearer(&pem, &n1);
     let job = kick_off_system_export(&http, &n1, &bearer);
     let status_url = n1.url(&format!("/export-status/{job}"));
     let manifest: Value = wait_for("the export to complete", || {
@@ -833,6 +809,24 @@ fn nodes_whose_clocks_disagree_take_no_items_from_each_other() {
     assert_eq!(counts, expected_counts(&bundles), "{manifest}");
     drop(n2);
     drop(n1);
+}
+
+/// `Bearer <token>` of `admin` (`system/*.cruds`) from `node`'s token endpoint, by
+/// `fhirhose token` with the key at `pem`.
+fn admin_bearer(pem: &Path, node: &Node) -> String {
+    let token = fhirhose()
+        .args(["token", "--client-id", "admin", "--key"])
+        .arg(pem)
+        .args(["--token-url", &node.url("/auth/token")])
+        .args(["--scope", "system/*.cruds"])
+        .output()
+        .expect("token");
+    assert!(token.status.success(), "{token:?}");
+    let token: Value = serde_json::from_slice(&token.stdout).expect("token JSON");
+    format!(
+        "Bearer {}",
+        token["access_token"].as_str().expect("access_token")
+    )
 }
 
 /// `admin` (with `scope`) registered with the auth crate's test key, in `dir/clients.json`; returns its path
