@@ -29,18 +29,6 @@ async fn start_with(adjust: impl FnOnce(server::AppState) -> server::AppState) -
 }
 
 impl Server {
-    async fn put(&self, token: &str, resource: Value) {
-        let path = format!(
-            "/{}/{}",
-            resource["resourceType"].as_str().unwrap(),
-            resource["id"].as_str().unwrap()
-        );
-        let (st, _, body) = self
-            .send(Method::PUT, &path, Some(token), Some(resource))
-            .await;
-        assert!(st.is_success(), "{path}: {body}");
-    }
-
     async fn get_ok(&self, path: &str, token: &str) -> String {
         let (st, _, body) = self.send(Method::GET, path, Some(token), None).await;
         assert_eq!(st, StatusCode::OK, "{path}: {body}");

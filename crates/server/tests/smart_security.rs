@@ -32,20 +32,6 @@ async fn start() -> Server {
     start_with(1 << 20).await
 }
 
-impl Server {
-    async fn put(&self, token: &str, resource: Value) {
-        let path = format!(
-            "/{}/{}",
-            resource["resourceType"].as_str().unwrap(),
-            resource["id"].as_str().unwrap()
-        );
-        let (st, _, body) = self
-            .send(Method::PUT, &path, Some(token), Some(resource))
-            .await;
-        assert!(st.is_success(), "{path}: {body}");
-    }
-}
-
 fn assert_outcome(st: StatusCode, want: StatusCode, body: &str) {
     assert_eq!(st, want, "{body}");
     assert!(body.contains("\"OperationOutcome\""), "{body}");

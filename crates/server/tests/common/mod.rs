@@ -184,24 +184,16 @@ pub async fn start_smart_with(
     max_body: usize,
     adjust: impl FnOnce(server::AppState) -> server::AppState,
 ) -> SmartServer {
-    let dir = tempfile::tempdir().unwrap();
-    let db = test_store_async().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let token_url = test_support::smart::token_url(&base);
-    let key = test_support::smart::test_key(key_name);
-    let auth = test_support::smart::auth(&base, &key, clients);
-    let state = app_state(db.store.clone(), &base, auth.clone(), max_body, dir.path()).await;
-    let app = server::router(adjust(state));
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    SmartServer {
-        base,
-        token_url,
-        key,
-        auth,
-        dir,
-        db,
-    }
+    let (listener, s) = smart_parts(key_name, clients).await;
+    let state = app_state(
+        s.db.store.clone(),
+        &s.base,
+        s.auth.clone(),
+        max_body,
+        s.dir.path(),
+    )
+    .await;
+    s.serve(listener, adjust(state))
 }
 
 /// [`start_smart`] with export settings changed by `adjust` (e.g. no workers, so that admitted
@@ -212,6 +204,24 @@ pub async fn start_smart_export(
     max_body: usize,
     adjust: impl FnOnce(&mut export::ExportConfig) + Send + 'static,
 ) -> SmartServer {
+    let (listener, s) = smart_parts(key_name, clients).await;
+    let mut config = server::config::ExportOptions::default()
+        .export_config(s.dir.path(), s.base.clone())
+        .unwrap();
+    adjust(&mut config);
+    let (store, url, a) = (s.db.store.clone(), s.base.clone(), s.auth.clone());
+    let state =
+        blocking(move || server::AppState::with_export(store, url, a, max_body, config).unwrap())
+            .await;
+    s.serve(listener, state)
+}
+
+/// A [`SmartServer`] not serving yet: its folder, store, key and clients, and the listener its
+/// base URL names.
+async fn smart_parts(
+    key_name: &str,
+    clients: &[(&str, &str)],
+) -> (tokio::net::TcpListener, SmartServer) {
     let dir = tempfile::tempdir().unwrap();
     let db = test_store_async().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -219,30 +229,41 @@ pub async fn start_smart_export(
     let token_url = test_support::smart::token_url(&base);
     let key = test_support::smart::test_key(key_name);
     let auth = test_support::smart::auth(&base, &key, clients);
-    let mut config = server::config::ExportOptions::default()
-        .export_config(dir.path(), base.clone())
-        .unwrap();
-    adjust(&mut config);
-    let (store, url, a) = (db.store.clone(), base.clone(), auth.clone());
-    let state =
-        blocking(move || server::AppState::with_export(store, url, a, max_body, config).unwrap())
-            .await;
-    let app = server::router(state);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    SmartServer {
+    let server = SmartServer {
         base,
         token_url,
         key,
         auth,
         dir,
         db,
-    }
+    };
+    (listener, server)
 }
 
 impl SmartServer {
+    /// Serves `state`'s router on `listener` (in the background).
+    fn serve(self, listener: tokio::net::TcpListener, state: server::AppState) -> SmartServer {
+        let app = server::router(state);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        self
+    }
+
     /// An access token for `client` with `scope` from this server's token endpoint.
     pub async fn token(&self, client: &str, scope: &str) -> String {
         test_support::smart::token(&self.token_url, client, &self.key, scope).await
+    }
+
+    /// PUTs `resource` at its own type and id with `token`; asserts success.
+    pub async fn put(&self, token: &str, resource: Value) {
+        let path = format!(
+            "/{}/{}",
+            resource["resourceType"].as_str().unwrap(),
+            resource["id"].as_str().unwrap()
+        );
+        let (st, _, body) = self
+            .send(reqwest::Method::PUT, &path, Some(token), Some(resource))
+            .await;
+        assert!(st.is_success(), "{path}: {body}");
     }
 
     /// A request as a SMART client sends it ([`test_support::smart::send`]): the status, the
