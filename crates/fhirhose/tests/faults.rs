@@ -218,6 +218,12 @@ fn kickoff(c: &reqwest::blocking::Client, base: &str, query: &str) -> R<String> 
         .header("Prefer", "respond-async")
         .send()
         .map_err(|e| format!("kick-off: {e}"))?;
+    accepted(r, "kick-off")
+}
+
+/// The status URL of an asynchronous kick-off's answer (`what` names it in errors): 202 with
+/// `Content-Location`.
+fn accepted(r: reqwest::blocking::Response, what: &str) -> R<String> {
     let code = r.status().as_u16();
     let location = r
         .headers()
@@ -226,10 +232,10 @@ fn kickoff(c: &reqwest::blocking::Client, base: &str, query: &str) -> R<String> 
         .map(str::to_owned);
     ensure!(
         code == 202,
-        "kick-off answered {code}: {}",
+        "{what} answered {code}: {}",
         r.text().unwrap_or_default()
     );
-    location.ok_or_else(|| "kick-off without Content-Location".to_string())
+    location.ok_or_else(|| format!("{what} without Content-Location"))
 }
 
 fn job_id(status_url: &str) -> String {
@@ -742,18 +748,7 @@ fn view_kickoff(c: &reqwest::blocking::Client, base: &str) -> R<String> {
         .body(json!({"resourceType": "Parameters", "parameter": views}).to_string())
         .send()
         .map_err(|e| format!("view kick-off: {e}"))?;
-    let code = r.status().as_u16();
-    let location = r
-        .headers()
-        .get("Content-Location")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    ensure!(
-        code == 202,
-        "view kick-off answered {code}: {}",
-        r.text().unwrap_or_default()
-    );
-    location.ok_or_else(|| "view kick-off without Content-Location".to_string())
+    accepted(r, "view kick-off")
 }
 
 /// Every file of a view export's manifest downloaded through the server: each view's rows name

@@ -412,21 +412,12 @@ async fn import_is_limited_to_write_scopes_and_to_its_client() {
 async fn import_reads_only_the_import_container() {
     let s = start().await;
     let admin = s.token("admin", "system/*.cruds").await;
-    for (path, resource) in [
-        (
-            "/Patient/p1",
-            json!({"resourceType": "Patient", "id": "p1"}),
-        ),
-        (
-            "/Observation/o1",
-            json!({"resourceType": "Observation", "id": "o1", "status": "final",
+    for resource in [
+        json!({"resourceType": "Patient", "id": "p1"}),
+        json!({"resourceType": "Observation", "id": "o1", "status": "final",
                 "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}}),
-        ),
     ] {
-        let (st, _, body) = s
-            .send(Method::PUT, path, Some(&admin), Some(resource))
-            .await;
-        assert!(st.is_success(), "{path}: {body}");
+        s.put(&admin, resource).await;
     }
     let exporter = s.token("exporter", "system/*.read").await;
     let (st, status_url) = s.kickoff("/$export?_type=Observation", &exporter).await;
