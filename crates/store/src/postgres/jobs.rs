@@ -21,6 +21,7 @@
 //! States are text under the same `CHECK` constraints as on SQLite, read back through `FromStr`
 //! (an unknown value is [`QueueError::Unknown`]).
 
+use ::postgres::types::Type;
 use ::postgres::{Client, GenericClient, Row, Transaction};
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -285,12 +286,16 @@ fn file_row(r: &Row) -> Result<FileRecord, QueueError> {
 }
 
 /// Whether `item` still holds its lease and its job is active; locks the item row.
+///
+/// This and the other statements a worker runs per committed file (heartbeats, file commits,
+/// renames) go with their parameter types (`*_typed`): one round trip each, where a statement
+/// given as text is prepared first (a round trip of its own, and a close).
 fn lease_state(c: &mut impl GenericClient, item: &WorkItem) -> Result<Lease, QueueError> {
-    let row = c.query_opt(
+    let row = c.query_typed_opt(
         "SELECT i.state, i.owner, i.attempts, j.state
          FROM export_item i JOIN export_job j ON j.id = i.job_id
          WHERE i.job_id = $1 AND i.item_no = $2 FOR UPDATE OF i",
-        &[&item.job_id, &item.item_no],
+        &[(&item.job_id, Type::TEXT), (&item.item_no, Type::INT8)],
     )?;
     let Some(row) = row else {
         return Ok(Lease::JobStopped);
@@ -507,9 +512,14 @@ impl JobQueue for PgJobQueue {
             let lease = lease_state(tx, item)?;
             if lease == Lease::Held {
                 let lease_now = self.clock.shared(tx, now_ms)?;
-                tx.execute(
+                tx.execute_typed(
                     "UPDATE export_item SET heartbeat_ms = $3, scanned = $4 WHERE job_id = $1 AND item_no = $2",
-                    &[&item.job_id, &item.item_no, &lease_now, &(scanned as i64)],
+                    &[
+                        (&item.job_id, Type::TEXT),
+                        (&item.item_no, Type::INT8),
+                        (&lease_now, Type::INT8),
+                        (&(scanned as i64), Type::INT8),
+                    ],
                 )?;
             }
             Ok(lease)
@@ -529,34 +539,34 @@ impl JobQueue for PgJobQueue {
                 return Ok(None);
             }
             // File numbers are per job: commits of one job's items take turns.
-            tx.execute(
+            tx.execute_typed(
                 "SELECT 1 FROM export_job WHERE id = $1 FOR UPDATE",
-                &[&item.job_id],
+                &[(&item.job_id, Type::TEXT)],
             )?;
             let mut records = Vec::with_capacity(files.len());
             for file in files {
                 let number: i64 = tx
-                    .query_one(
+                    .query_typed_one(
                         "SELECT COALESCE(MAX(number), 0) + 1 FROM export_file WHERE job_id = $1 AND prefix = $2",
-                        &[&item.job_id, &file.prefix],
+                        &[(&item.job_id, Type::TEXT), (&file.prefix, Type::TEXT)],
                     )?
                     .get(0);
                 let name = crate::jobs::file_name(&file.prefix, number);
-                tx.execute(
+                tx.execute_typed(
                     "INSERT INTO export_file (job_id, name, kind, resource_type, prefix, number, count, bytes, item_no, pending_rename, sha256)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     &[
-                        &item.job_id,
-                        &name,
-                        &file.kind.as_str(),
-                        &file.resource_type,
-                        &file.prefix,
-                        &number,
-                        &(file.count as i64),
-                        &(file.bytes as i64),
-                        &item.item_no,
-                        &file.temp_path,
-                        &file.sha256,
+                        (&item.job_id, Type::TEXT),
+                        (&name, Type::TEXT),
+                        (&file.kind.as_str(), Type::TEXT),
+                        (&file.resource_type, Type::TEXT),
+                        (&file.prefix, Type::TEXT),
+                        (&number, Type::INT8),
+                        (&(file.count as i64), Type::INT8),
+                        (&(file.bytes as i64), Type::INT8),
+                        (&item.item_no, Type::INT8),
+                        (&file.temp_path, Type::TEXT),
+                        (&file.sha256, Type::TEXT),
                     ],
                 )?;
                 records.push(FileRecord {
@@ -572,9 +582,15 @@ impl JobQueue for PgJobQueue {
                 });
             }
             let lease_now = self.clock.shared(tx, now_ms)?;
-            tx.execute(
+            tx.execute_typed(
                 "UPDATE export_item SET cursor = $3, scanned = $4, heartbeat_ms = $5 WHERE job_id = $1 AND item_no = $2",
-                &[&item.job_id, &item.item_no, &cursor, &(scanned as i64), &lease_now],
+                &[
+                    (&item.job_id, Type::TEXT),
+                    (&item.item_no, Type::INT8),
+                    (&cursor, Type::INT8),
+                    (&(scanned as i64), Type::INT8),
+                    (&lease_now, Type::INT8),
+                ],
             )?;
             Ok(Some(records))
         })
@@ -582,9 +598,9 @@ impl JobQueue for PgJobQueue {
 
     fn renamed(&self, job_id: &str, name: &str) -> Result<(), QueueError> {
         self.run(|c| {
-            c.execute(
+            c.execute_typed(
                 "UPDATE export_file SET pending_rename = NULL WHERE job_id = $1 AND name = $2",
-                &[&job_id, &name],
+                &[(&job_id, Type::TEXT), (&name, Type::TEXT)],
             )?;
             Ok(())
         })
