@@ -1,6 +1,8 @@
 //! Reads of single resources and of history: `read`, `vread` and `history` (instance, type and
 //! system level), with the row-to-resource helper they share.
 
+use ::postgres::types::Type;
+
 use crate::{HistoryEntry, HistoryPage, HistoryQuery, HistoryScope, StoreError, StoredResource};
 
 use super::PgStore;
@@ -24,10 +26,12 @@ pub(super) fn read(
         let Some(type_no) = store.lookup_type(c, resource_type)? else {
             return Err(not_found());
         };
-        let row = c.query_opt(
+        // With its parameter types: one round trip (a statement given as text is prepared
+        // first, a round trip of its own).
+        let row = c.query_typed_opt(
             "SELECT seq, version, last_updated, deleted, json FROM resource_versions
              WHERE type_no = $1 AND id = $2 ORDER BY version DESC LIMIT 1",
-            &[&type_no, &id],
+            &[(&type_no, Type::INT8), (&id, Type::TEXT)],
         )?;
         match row {
             Some(row) => finish_version(row, resource_type, id),
@@ -50,10 +54,14 @@ pub(super) fn vread(
         let Some(type_no) = store.lookup_type(c, resource_type)? else {
             return Err(not_found());
         };
-        let row = c.query_opt(
+        let row = c.query_typed_opt(
             "SELECT seq, version, last_updated, deleted, json FROM resource_versions
              WHERE type_no = $1 AND id = $2 AND version = $3",
-            &[&type_no, &id, &version],
+            &[
+                (&type_no, Type::INT8),
+                (&id, Type::TEXT),
+                (&version, Type::INT8),
+            ],
         )?;
         match row {
             Some(row) => finish_version(row, resource_type, id),
