@@ -13,7 +13,9 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-/// The value indexes: (name, `CREATE INDEX IF NOT EXISTS` statement), valid on both backends.
+/// The value indexes: (name, `CREATE INDEX IF NOT EXISTS` statement), valid on both backends
+/// (SQLite's index rows have no `k` column since schema version 5: its statements leave out
+/// the trailing `k`, the rowid that ends every index entry gives it).
 pub(crate) const VALUE_INDEXES: [(&str, &str); 10] = [
     (
         "idx_token_value",

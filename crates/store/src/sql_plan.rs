@@ -6,7 +6,8 @@
 //! Both backends have the same table shapes: `resource_versions(k, seq, type_no, id, deleted,
 //! superseded_seq, json)` with `k = (type_no << 40) | seq`, and the index tables
 //! `idx_*(type_no, param_no, <values>, k)` holding rows only for current, non-deleted versions (so an
-//! `IN` over an index table is already restricted to current resources).
+//! `IN` over an index table is already restricted to current resources). SQLite's index rows
+//! store no `k` ([`Dialect::index_key`] gives it from their type and rowid).
 //!
 //! Paging is keyset by (sort keys, `k`). With no sort and an equality filter (token, reference,
 //! uri), that filter's index drives the page in `k` order and the page stops after `count`
@@ -120,6 +121,35 @@ pub(crate) trait Dialect {
     fn version_rows(&self, _table: &str, k: &str) -> String {
         format!("k = {k}")
     }
+    /// The version key `k` of the index-table row whose columns are prefixed with `alias` (`""`,
+    /// or a table alias and a dot): its `k` column where the rows store one.
+    fn index_key(&self, alias: &str) -> String {
+        format!("{alias}k")
+    }
+    /// The page of a search driven by an equality filter's index ([`Builder::driver`]): `cols` of
+    /// the rows of `table` (aliased `d`) joined with their versions (`resource_versions rv`) that
+    /// satisfy `cond` (the driver's row condition on `d` and the other filters on `rv`), one
+    /// row per version, in key order, after the key `after` (a parameter) when given, at most
+    /// `limit`. `row_cond` is the driver's row condition alone on the same table aliased `e`,
+    /// written only where [`Dialect::driven_row_cond`] asks for it (every bound parameter must
+    /// appear in the statement).
+    fn driven_page(&self, page: &DrivenPage<'_>) -> String {
+        let after = page
+            .after
+            .map(|a| format!(" AND d.k > {a}"))
+            .unwrap_or_default();
+        self.distinct_page(
+            page.cols,
+            &format!("{} d JOIN resource_versions rv ON rv.k = d.k", page.table),
+            &format!("{}{after}", page.cond),
+            "d.k",
+            page.limit,
+        )
+    }
+    /// Whether [`Dialect::driven_page`] needs the driver's row condition on alias `e`.
+    fn driven_row_cond(&self) -> bool {
+        false
+    }
     /// Whether `idx_token` names its system by number (`system_no`, SQLite) rather than by its
     /// text (`system`).
     fn token_system_numbers(&self) -> bool {
@@ -150,6 +180,16 @@ pub(crate) trait Dialect {
     fn opaque(&self, cond: &str) -> String {
         cond.to_string()
     }
+}
+
+/// The parts of a driven page's statement ([`Dialect::driven_page`]).
+pub(crate) struct DrivenPage<'a> {
+    pub(crate) cols: &'a str,
+    pub(crate) table: &'a str,
+    pub(crate) cond: &'a str,
+    pub(crate) row_cond: Option<&'a str>,
+    pub(crate) after: Option<&'a str>,
+    pub(crate) limit: &'a str,
 }
 
 /// A backend that runs the statements of [`run`].
@@ -223,6 +263,10 @@ fn tables_of(kind: ParamKind) -> &'static [&'static str] {
         ParamKind::Other => &[],
     }
 }
+
+/// A driving filter's index table, its row condition on alias `d`, and on alias `e` where the
+/// dialect asks for it ([`Builder::driver`]).
+type DriverRows = (&'static str, String, Option<String>);
 
 /// SQL text plus its positional parameters.
 struct Builder<'b> {
@@ -300,10 +344,11 @@ impl<'b> Builder<'b> {
             } => {
                 let tn = self.p(SqlParam::Int(type_no));
                 let mut present = Vec::new();
+                let ik = self.d.index_key("");
                 for t in tables_of(*kind) {
                     let pmc = self.param_match(pm, t, "")?;
                     present.push(format!(
-                        "{kexpr} IN (SELECT k FROM {t} WHERE type_no = {tn} AND {pmc})"
+                        "{kexpr} IN (SELECT {ik} FROM {t} WHERE type_no = {tn} AND {pmc})"
                     ));
                 }
                 let present = any_of(self.d, &present);
@@ -324,8 +369,9 @@ impl<'b> Builder<'b> {
                     let ttp = self.p(text(target_type));
                     let lop = self.p(SqlParam::Int(lo));
                     let hip = self.p(SqlParam::Int(hi));
+                    let rk = self.d.index_key("r.");
                     alts.push(format!(
-                        "{kexpr} IN (SELECT r.k FROM idx_reference r WHERE r.type_no = {tn} AND {pc} \
+                        "{kexpr} IN (SELECT {rk} FROM idx_reference r WHERE r.type_no = {tn} AND {pc} \
                          AND r.target_type = {ttp} AND r.target_id IN (SELECT t.id FROM resource_versions t \
                          WHERE t.k > {lop} AND t.k <= {hip} AND t.superseded_seq IS NULL AND t.deleted = 0 AND {inner_sql}))"
                     ));
@@ -342,7 +388,8 @@ impl<'b> Builder<'b> {
                 inner,
             } => {
                 let sno = self.type_no(source_type)?;
-                let inner_sql = self.filter(source_type, inner, "r.k", "")?;
+                let rk = self.d.index_key("r.");
+                let inner_sql = self.filter(source_type, inner, &rk, "")?;
                 let sn = self.p(SqlParam::Int(sno));
                 let pc = self.param_match(param, "idx_reference", "r.")?;
                 let me = self.p(text(resource_type));
@@ -355,12 +402,9 @@ impl<'b> Builder<'b> {
     }
 
     /// The driving index lookup of an equality filter (token, reference, uri values of one index
-    /// table), as conditions on the table aliased `d`; `None` when the filter cannot drive.
-    fn driver(
-        &mut self,
-        type_no: i64,
-        f: &PlanFilter,
-    ) -> Result<Option<(&'static str, String)>, StoreError> {
+    /// table), as conditions on the table aliased `d` (and on `e`, see
+    /// [`Dialect::driven_row_cond`]); `None` when the filter cannot drive.
+    fn driver(&mut self, type_no: i64, f: &PlanFilter) -> Result<Option<DriverRows>, StoreError> {
         let PlanFilter::Param {
             on: ParamOn::Index(pm),
             kind,
@@ -392,12 +436,19 @@ impl<'b> Builder<'b> {
         };
         let tn = self.p(SqlParam::Int(type_no));
         let pmc = self.param_match(pm, table, "d.")?;
+        // The value conditions name no table: on `d` in the page's statement, on `e` in a
+        // subquery over `e`.
+        let values = any_of(self.d, &conds);
+        let row_cond = if self.d.driven_row_cond() {
+            let pme = self.param_match(pm, table, "e.")?;
+            Some(format!("e.type_no = {tn} AND {pme} AND ({values})"))
+        } else {
+            None
+        };
         Ok(Some((
             table,
-            format!(
-                "d.type_no = {tn} AND {pmc} AND ({})",
-                any_of(self.d, &conds)
-            ),
+            format!("d.type_no = {tn} AND {pmc} AND ({values})"),
+            row_cond,
         )))
     }
 
@@ -534,8 +585,9 @@ impl<'b> Builder<'b> {
                 ));
             } else {
                 let pc = self.param_match(pm, table, "")?;
+                let ik = self.d.index_key("");
                 parts.push(format!(
-                    "{kexpr} IN (SELECT k FROM {table} WHERE type_no = {tn} AND {pc} AND ({}))",
+                    "{kexpr} IN (SELECT {ik} FROM {table} WHERE type_no = {tn} AND {pc} AND ({}))",
                     any_of(self.d, &conds)
                 ));
             }
@@ -892,9 +944,10 @@ pub(crate) fn run(
             }
         }
     }
-    if let Some((i, (table, cond))) = driven {
-        // Pages in `k` order driven by an equality filter's index (whose entries end in `k`):
-        // the page stops after `count` matches instead of collecting every match first.
+    if let Some((i, (table, cond, row_cond))) = driven {
+        // Pages in `k` order driven by an equality filter's index (whose entries end in `k`,
+        // or in the rowid that gives it): the page stops after `count` matches instead of
+        // collecting every match first.
         let mut w = base_where;
         for (j, c) in filter_sqls.iter().enumerate() {
             if j != i {
@@ -902,17 +955,16 @@ pub(crate) fn run(
                 w.push_str(c);
             }
         }
-        if let Some(c) = &plan.cursor {
-            w.push_str(&format!(" AND d.k > {}", b.p(SqlParam::Int(c.key))));
-        }
+        let after = plan.cursor.as_ref().map(|c| b.p(SqlParam::Int(c.key)));
         let limit = b.p(SqlParam::Int(i64::from(plan.page_size) + 1));
-        let sql = d.distinct_page(
-            &format!("rv.k, rv.id, {}", json_columns()),
-            &format!("{table} d JOIN resource_versions rv ON rv.k = d.k"),
-            &format!("{cond} AND {w}"),
-            "d.k",
-            &limit,
-        );
+        let sql = d.driven_page(&DrivenPage {
+            cols: &format!("rv.k, rv.id, {}", json_columns()),
+            table,
+            cond: &format!("{cond} AND {w}"),
+            row_cond: row_cond.as_deref(),
+            after: after.as_deref(),
+            limit: &limit,
+        });
         let rows = backend
             .query(&sql, &b.params, false)?
             .into_iter()
@@ -1127,8 +1179,9 @@ fn revinclude_sources(
     limit: usize,
 ) -> Result<Vec<PageRow>, StoreError> {
     let mut b = Builder::new(backend);
+    let rk = b.d.index_key("r.");
     let mut sql = format!(
-        "SELECT DISTINCT rv.k, rv.id, {} FROM idx_reference r JOIN resource_versions rv ON rv.k = r.k \
+        "SELECT DISTINCT rv.k, rv.id, {} FROM idx_reference r JOIN resource_versions rv ON rv.k = {rk} \
          WHERE r.type_no = {} AND r.target_id = {} AND r.target_type = {}",
         json_columns(),
         b.p(SqlParam::Int(source_type_no)),

@@ -662,7 +662,8 @@ fn index_rows_follow_the_current_version() {
     let count = |code: &str| -> i64 {
         s.with_reader(|c| {
             Ok(c.query_row(
-                "SELECT count(*) FROM idx_token t JOIN resource_versions rv ON rv.k = t.k
+                "SELECT count(*) FROM idx_token t
+                 JOIN resource_versions rv ON rv.k = (t.type_no << 40) | (t.rowid >> 20)
                  WHERE t.param_no = (SELECT param_no FROM params WHERE name = 'gender')
                  AND t.code = ?1",
                 [code],
@@ -1084,6 +1085,7 @@ fn a_schema_version_1_database_is_migrated_to_parameter_numbers() {
     for name in value_index_names() {
         downgrade.push_str(&format!("DROP INDEX {name};"));
     }
+    downgrade.push_str(&k_columns_added());
     for t in [
         "idx_token",
         "idx_token_text",
@@ -1152,14 +1154,18 @@ fn reopen_migrated(
     s
 }
 
-/// The index rows whose rowid is not in their version's range `(seq << 20) | n`, over all
-/// index tables, and the number of `(k)` indexes.
+/// The index rows whose rowid is not in the range `(seq << 20) | n` of a current version of
+/// their type, over all index tables, and the number of `(k)` indexes.
 fn misplaced_rows_and_k_indexes(s: &SqliteStore) -> (i64, i64) {
     s.with_reader(|c| {
         let mut misplaced = 0;
         for t in INDEX_TABLES {
             misplaced += c.query_row(
-                &format!("SELECT count(*) FROM {t} WHERE rowid >> 20 != k & 1099511627775"),
+                &format!(
+                    "SELECT count(*) FROM {t} i WHERE NOT EXISTS (SELECT 1 FROM resource_versions rv
+                     WHERE rv.k = (i.type_no << 40) | (i.rowid >> 20)
+                     AND rv.superseded_seq IS NULL AND rv.deleted = 0)"
+                ),
                 [],
                 |r| r.get::<_, i64>(0),
             )?;
@@ -1172,6 +1178,35 @@ fn misplaced_rows_and_k_indexes(s: &SqliteStore) -> (i64, i64) {
         Ok((misplaced, k_indexes))
     })
     .unwrap()
+}
+
+/// How many index tables have a `k` column (versions 1 to 4 had one in each).
+fn k_columns(s: &SqliteStore) -> i64 {
+    s.with_reader(|c| {
+        let mut n = 0;
+        for t in INDEX_TABLES {
+            n += c.query_row(
+                &format!("SELECT count(*) FROM pragma_table_info('{t}') WHERE name = 'k'"),
+                [],
+                |r| r.get::<_, i64>(0),
+            )?;
+        }
+        Ok(n)
+    })
+    .unwrap()
+}
+
+/// Versions 1 to 4 had a `k` column in every index table (the key of the row's version, which
+/// its `type_no` and rowid give since version 3): added back, the value indexes dropped first.
+fn k_columns_added() -> String {
+    let mut sql = String::new();
+    for t in INDEX_TABLES {
+        sql.push_str(&format!(
+            "ALTER TABLE {t} ADD COLUMN k INTEGER NOT NULL DEFAULT 0;
+             UPDATE {t} SET k = (type_no << 40) | (rowid >> 20);"
+        ));
+    }
+    sql
 }
 
 /// Versions 1 to 3 stored a token's system as text: `idx_token.system` (its value index
@@ -1236,6 +1271,10 @@ fn a_schema_version_2_database_is_migrated_to_version_rowids_and_system_numbers(
     // Version 2's shape: rowids numbered from 1, a `(k)` index per table, token systems as text.
     let conn = rusqlite::Connection::open(dir.path().join(store::sqlite::DB_FILE_NAME)).unwrap();
     let mut downgrade = String::from("BEGIN;");
+    for name in value_index_names() {
+        downgrade.push_str(&format!("DROP INDEX {name};"));
+    }
+    downgrade.push_str(&k_columns_added());
     for t in INDEX_TABLES {
         downgrade.push_str(&format!(
             "CREATE TEMP TABLE old AS SELECT * FROM {t} ORDER BY rowid;
@@ -1245,7 +1284,6 @@ fn a_schema_version_2_database_is_migrated_to_version_rowids_and_system_numbers(
              CREATE INDEX {t}_k ON {t}(k);"
         ));
     }
-    downgrade.push_str("DROP INDEX idx_token_value;");
     downgrade.push_str(TOKEN_SYSTEMS_AS_TEXT);
     downgrade.push_str("UPDATE store_meta SET value = '2' WHERE key = 'schema_version'; COMMIT;");
     conn.execute_batch(&downgrade).unwrap();
@@ -1254,6 +1292,52 @@ fn a_schema_version_2_database_is_migrated_to_version_rowids_and_system_numbers(
     let s = reopen_migrated(dir.path(), &before, &tokens);
     assert_eq!(misplaced_rows_and_k_indexes(&s), (0, 0));
     // A migrated version's rows go when it is superseded; the new version's rows come.
+    put(
+        &s,
+        "Patient",
+        "a",
+        json!({"resourceType": "Patient", "gender": "female"}),
+    );
+    assert_eq!(gender_lookup(&s, "male"), (1, true));
+    assert_eq!(gender_lookup(&s, "female"), (2, true));
+    assert_eq!(misplaced_rows_and_k_indexes(&s), (0, 0));
+}
+
+/// A database of schema version 4 (every index row carrying its version's key `k`, which its
+/// `type_no` and rowid already give) is migrated at open to version 5: the same rows without
+/// the `k` column, the value indexes built without it; lookups, and superseding a migrated
+/// version, work as before.
+#[test]
+fn a_schema_version_4_database_is_migrated_to_index_rows_without_k() {
+    let (dir, s) = open_indexed();
+    for (id, g, b) in [
+        ("a", "male", "2000"),
+        ("b", "female", "2001"),
+        ("c", "male", "2002"),
+    ] {
+        put(
+            &s,
+            "Patient",
+            id,
+            json!({"resourceType": "Patient", "gender": g, "birthDate": b}),
+        );
+    }
+    let before = rows_by_code(&s);
+    let tokens = tokens_by_system(&s);
+    drop(s);
+    let conn = rusqlite::Connection::open(dir.path().join(store::sqlite::DB_FILE_NAME)).unwrap();
+    let mut downgrade = String::from("BEGIN;");
+    for name in value_index_names() {
+        downgrade.push_str(&format!("DROP INDEX {name};"));
+    }
+    downgrade.push_str(&k_columns_added());
+    downgrade.push_str("UPDATE store_meta SET value = '4' WHERE key = 'schema_version'; COMMIT;");
+    conn.execute_batch(&downgrade).unwrap();
+    drop(conn);
+
+    let s = reopen_migrated(dir.path(), &before, &tokens);
+    assert_eq!(k_columns(&s), 0);
+    assert_eq!(misplaced_rows_and_k_indexes(&s), (0, 0));
     put(
         &s,
         "Patient",

@@ -10,7 +10,7 @@ use rusqlite::{
 use serde_json::Value;
 
 use crate::index_tables::{INDEX_TABLES, ParamNumbers, VALUE_INDEXES};
-use crate::ops::{MAX_SEQ, key};
+use crate::ops::{MAX_SEQ, TYPE_SHIFT, key};
 use crate::{IndexEntry, IndexValue, StoreError};
 
 use super::SqliteStore;
@@ -198,6 +198,15 @@ fn index_rowids(k: i64) -> (i64, i64) {
     (index_rowid(k, 0), index_rowid(k, 0) + MAX_INDEX_ROWS as i64)
 }
 
+/// The SQL expression of the version key `k` of the index row whose columns are prefixed with
+/// `alias` (`""`, or a table alias and a dot): `(type_no << 40) | (rowid >> INDEX_ROW_BITS)`.
+/// SQLite's index rows store no `k` (schema version 5): their type and rowid give it, and the
+/// rowid ends every index entry, so a value index still covers it and still yields the rows of
+/// one value in `k` order.
+pub(crate) fn index_key(alias: &str) -> String {
+    format!("(({alias}type_no << {TYPE_SHIFT}) | ({alias}rowid >> {INDEX_ROW_BITS}))")
+}
+
 /// Rows per multi-row `INSERT` of [`IndexInserts`].
 const ROWS_PER_INSERT: usize = 64;
 
@@ -205,42 +214,36 @@ const ROWS_PER_INSERT: usize = 64;
 /// References to a `Type/id` and to a URL go to the same table with different `NULL`s.
 const SHAPES: [(&str, &str); 10] = [
     (
-        "idx_token(rowid, type_no, param_no, system_no, code, k)",
-        "(?,?,?,?,?,?)",
-    ),
-    (
-        "idx_token_text(rowid, type_no, param_no, text, k)",
+        "idx_token(rowid, type_no, param_no, system_no, code)",
         "(?,?,?,?,?)",
     ),
     (
-        "idx_string(rowid, type_no, param_no, normalized, exact, k)",
-        "(?,?,?,?,?,?)",
+        "idx_token_text(rowid, type_no, param_no, text)",
+        "(?,?,?,?)",
     ),
     (
-        "idx_date(rowid, type_no, param_no, lo, hi, k)",
-        "(?,?,?,?,?,?)",
-    ),
-    (
-        "idx_number(rowid, type_no, param_no, value, k)",
+        "idx_string(rowid, type_no, param_no, normalized, exact)",
         "(?,?,?,?,?)",
     ),
+    ("idx_date(rowid, type_no, param_no, lo, hi)", "(?,?,?,?,?)"),
+    ("idx_number(rowid, type_no, param_no, value)", "(?,?,?,?)"),
     (
-        "idx_quantity(rowid, type_no, param_no, value, system, code, unit, k)",
-        "(?,?,?,?,?,?,?,?)",
+        "idx_quantity(rowid, type_no, param_no, value, system, code, unit)",
+        "(?,?,?,?,?,?,?)",
     ),
     (
-        "idx_reference(rowid, type_no, param_no, target_type, target_id, url, k)",
-        "(?,?,?,?,?,NULL,?)",
+        "idx_reference(rowid, type_no, param_no, target_type, target_id, url)",
+        "(?,?,?,?,?,NULL)",
     ),
     (
-        "idx_reference(rowid, type_no, param_no, target_type, target_id, url, k)",
-        "(?,?,?,NULL,NULL,?,?)",
+        "idx_reference(rowid, type_no, param_no, target_type, target_id, url)",
+        "(?,?,?,NULL,NULL,?)",
     ),
     (
-        "idx_reference_identifier(rowid, type_no, param_no, system, value, k)",
-        "(?,?,?,?,?,?)",
+        "idx_reference_identifier(rowid, type_no, param_no, system, value)",
+        "(?,?,?,?,?)",
     ),
-    ("idx_uri(rowid, type_no, param_no, uri, k)", "(?,?,?,?,?)"),
+    ("idx_uri(rowid, type_no, param_no, uri)", "(?,?,?,?)"),
 ];
 
 /// The position of a value's shape in [`SHAPES`].
@@ -273,6 +276,7 @@ struct Row {
     param_no: i64,
     /// A token's system, by number.
     system_no: Option<i64>,
+    /// The key of the row's version (not stored: [`index_key`]), for [`IndexInserts::forget`].
     k: i64,
     value: IndexValue,
 }
@@ -324,7 +328,6 @@ fn bind_row(stmt: &mut Statement<'_>, mut at: usize, r: &Row) -> rusqlite::Resul
         }
         IndexValue::Uri(uri) => bind(uri)?,
     }
-    bind(&r.k)?;
     Ok(at)
 }
 

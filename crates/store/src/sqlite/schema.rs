@@ -89,27 +89,28 @@ CREATE TABLE IF NOT EXISTS systems(
   system_no INTEGER PRIMARY KEY,
   name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS idx_token(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
-  system_no INTEGER, code TEXT, k INTEGER NOT NULL);
+  system_no INTEGER, code TEXT);
 CREATE TABLE IF NOT EXISTS idx_token_text(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
-  text TEXT NOT NULL, k INTEGER NOT NULL);
+  text TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS idx_string(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
-  normalized TEXT NOT NULL, exact TEXT NOT NULL, k INTEGER NOT NULL);
+  normalized TEXT NOT NULL, exact TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS idx_date(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
-  lo INTEGER NOT NULL, hi INTEGER NOT NULL, k INTEGER NOT NULL);
+  lo INTEGER NOT NULL, hi INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS idx_number(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
-  value REAL NOT NULL, k INTEGER NOT NULL);
+  value REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS idx_quantity(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
-  value REAL NOT NULL, system TEXT, code TEXT, unit TEXT, k INTEGER NOT NULL);
+  value REAL NOT NULL, system TEXT, code TEXT, unit TEXT);
 CREATE TABLE IF NOT EXISTS idx_reference(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
-  target_type TEXT, target_id TEXT, url TEXT, k INTEGER NOT NULL);
+  target_type TEXT, target_id TEXT, url TEXT);
 CREATE TABLE IF NOT EXISTS idx_reference_identifier(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
-  system TEXT, value TEXT, k INTEGER NOT NULL);
+  system TEXT, value TEXT);
 CREATE TABLE IF NOT EXISTS idx_uri(type_no INTEGER NOT NULL, param_no INTEGER NOT NULL,
-  uri TEXT NOT NULL, k INTEGER NOT NULL);
+  uri TEXT NOT NULL);
 ";
 
-/// Each index table's value columns now (after `type_no` and `param_no`, before `k`), and the
-/// expressions that compute them from a row `o` of schema versions 1–3, for the migration.
+/// Each index table's value columns now (after `type_no` and `param_no`), and the expressions
+/// that compute them from a row `o` of schema versions 1–3, for the migration (version 4's
+/// tables have these columns already, see [`migrate`]).
 const INDEX_TABLE_COLUMNS: [(&str, &str, &str); 9] = [
     (
         "idx_token",
@@ -138,7 +139,7 @@ const INDEX_TABLE_COLUMNS: [(&str, &str, &str); 9] = [
     ("idx_uri", "uri", "o.uri"),
 ];
 
-/// Schema versions 1, 2 and 3 → 4 (issue 24), each index table rewritten into its current shape
+/// Schema versions 1 to 4 → 5 (issue 24), each index table rewritten into its current shape
 /// in one transaction with the version change; the value indexes, dropped with the old tables,
 /// are built by the open that follows ([`build_value_indexes`]). What changed:
 /// - 1 → 2: index rows name their parameter by number (`param_no`, numbered in the new `params`
@@ -148,7 +149,10 @@ const INDEX_TABLE_COLUMNS: [(&str, &str, &str); 9] = [
 ///   their old order), so the rows of one stored version are one rowid range of the table and
 ///   the separate `(k)` index of each table is gone;
 /// - 3 → 4: a token row names its system by number (`system_no`, from the new `systems` table,
-///   numbered in the order of the systems) instead of by its text.
+///   numbered in the order of the systems) instead of by its text;
+/// - 4 → 5: no `k` column: a row's version key is `(type_no << 40) | (rowid >> 20)`
+///   ([`index_key`](super::index_upkeep::index_key)), so neither the row nor its value index
+///   entry stores it.
 fn migrate(conn: &Connection, from: i64) -> Result<(), StoreError> {
     let mut sql = String::from("BEGIN IMMEDIATE;\n");
     for (name, _) in VALUE_INDEXES {
@@ -171,10 +175,12 @@ fn migrate(conn: &Connection, from: i64) -> Result<(), StoreError> {
             codes.join(" UNION ")
         ));
     }
-    sql.push_str(
-        "INSERT INTO systems(name) SELECT DISTINCT system FROM idx_token_old
-         WHERE system IS NOT NULL ORDER BY system;\n",
-    );
+    if from <= 3 {
+        sql.push_str(
+            "INSERT INTO systems(name) SELECT DISTINCT system FROM idx_token_old
+             WHERE system IS NOT NULL ORDER BY system;\n",
+        );
+    }
     let (param, join) = if from == 1 {
         ("p.param_no", "JOIN params p ON p.name = o.param")
     } else {
@@ -189,9 +195,19 @@ fn migrate(conn: &Connection, from: i64) -> Result<(), StoreError> {
         "o.rowid".to_string()
     };
     for (table, columns, exprs) in INDEX_TABLE_COLUMNS {
+        // Version 4 has the current value columns (a token's `system_no` among them).
+        let exprs = if from == 4 {
+            columns
+                .split(", ")
+                .map(|c| format!("o.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            exprs.to_string()
+        };
         sql.push_str(&format!(
-            "INSERT INTO {table}(rowid, type_no, param_no, {columns}, k)
-             SELECT {rowid}, o.type_no, {param}, {exprs}, o.k FROM {table}_old o {join};
+            "INSERT INTO {table}(rowid, type_no, param_no, {columns})
+             SELECT {rowid}, o.type_no, {param}, {exprs} FROM {table}_old o {join};
              DROP TABLE {table}_old;\n"
         ));
     }
@@ -239,6 +255,7 @@ pub(super) fn create_schema(conn: &Connection) -> Result<bool, StoreError> {
         Some(v) if v == "1" => migrate(conn, 1)?,
         Some(v) if v == "2" => migrate(conn, 2)?,
         Some(v) if v == "3" => migrate(conn, 3)?,
+        Some(v) if v == "4" => migrate(conn, 4)?,
         Some(v) => {
             return Err(StoreError::Corrupt(format!(
                 "database schema version {v}, this build reads version {SCHEMA_VERSION}"
@@ -248,13 +265,16 @@ pub(super) fn create_schema(conn: &Connection) -> Result<bool, StoreError> {
     Ok(false)
 }
 
-/// The `CREATE INDEX` of value index `name` on SQLite: [`VALUE_INDEXES`]' own, except the token
-/// index, whose system is a number here (`system_no`).
-fn sqlite_ddl(name: &str, ddl: &'static str) -> &'static str {
+/// The `CREATE INDEX` of value index `name` on SQLite: [`VALUE_INDEXES`]' own without the
+/// trailing `k` (SQLite's index rows have no `k` column: every index entry ends with the row's
+/// rowid, which gives it with `type_no`, and keeps equal values in `k` order), and the token
+/// index's system by number (`system_no`).
+fn sqlite_ddl(name: &str, ddl: &str) -> String {
     if name == "idx_token_value" {
-        "CREATE INDEX IF NOT EXISTS idx_token_value ON idx_token(type_no, param_no, code, system_no, k)"
+        "CREATE INDEX IF NOT EXISTS idx_token_value ON idx_token(type_no, param_no, code, system_no)"
+            .to_string()
     } else {
-        ddl
+        ddl.replace(", k)", ")")
     }
 }
 
@@ -299,7 +319,7 @@ pub(super) fn create_value_indexes(conn: &Connection) -> Result<usize, StoreErro
         .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'idx_%'")?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    let missing: Vec<&str> = VALUE_INDEXES
+    let missing: Vec<String> = VALUE_INDEXES
         .iter()
         .filter(|(name, _)| !present.contains(*name))
         .map(|(name, ddl)| sqlite_ddl(name, ddl))

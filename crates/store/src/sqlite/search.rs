@@ -4,12 +4,12 @@
 
 use rusqlite::types::Value as Sql;
 
-use super::index_upkeep::INDEX_ROW_BITS;
+use super::index_upkeep::{INDEX_ROW_BITS, index_key};
 use super::{SqliteStore, is_interrupted};
 use crate::StoreError;
 use crate::ops::MAX_SEQ;
 use crate::plan::{SearchPlan, SearchRows, StopCheck};
-use crate::sql_plan::{self, Dialect, SearchBackend, SqlCell, SqlParam};
+use crate::sql_plan::{self, Dialect, DrivenPage, SearchBackend, SqlCell, SqlParam};
 
 struct SqliteDialect;
 
@@ -27,6 +27,49 @@ impl Dialect for SqliteDialect {
         format!(
             "{table}.rowid >= ((({k}) & {MAX_SEQ}) << {INDEX_ROW_BITS}) \
              AND {table}.rowid < (((({k}) & {MAX_SEQ}) + 1) << {INDEX_ROW_BITS})"
+        )
+    }
+
+    fn index_key(&self, alias: &str) -> String {
+        index_key(alias)
+    }
+
+    fn driven_row_cond(&self) -> bool {
+        true
+    }
+
+    /// In rowid order, which is `k` order within the one type the driver's condition names
+    /// (the rowid ends every value index entry, so an equality lookup reads its rows in that
+    /// order and stops at `limit`, as with `k` in the index; grouping by an expression of the
+    /// rowid would sort every match first). A version may have several matching rows, one
+    /// after the other in its rowid range: only the first is taken, the one with no earlier
+    /// matching row of its version, looked up in the version's rowid range of the table
+    /// (`NOT INDEXED`: through the value index, a lookup of a value without its system would
+    /// read every row of the value for each row of the page).
+    fn driven_page(&self, page: &DrivenPage<'_>) -> String {
+        let DrivenPage {
+            cols,
+            table,
+            cond,
+            row_cond,
+            after,
+            limit,
+        } = page;
+        let key = index_key("d.");
+        let after = after
+            .map(|a| format!(" AND d.rowid >= ((({a}) & {MAX_SEQ}) + 1) << {INDEX_ROW_BITS}"))
+            .unwrap_or_default();
+        let first = match row_cond {
+            Some(e) => format!(
+                " AND NOT EXISTS (SELECT 1 FROM {table} e NOT INDEXED \
+                 WHERE e.rowid >= (d.rowid >> {INDEX_ROW_BITS}) << {INDEX_ROW_BITS} \
+                 AND e.rowid < d.rowid AND {e})"
+            ),
+            None => String::new(),
+        };
+        format!(
+            "SELECT {cols} FROM {table} d JOIN resource_versions rv ON rv.k = {key} \
+             WHERE {cond}{after}{first} ORDER BY d.rowid LIMIT {limit}"
         )
     }
 
