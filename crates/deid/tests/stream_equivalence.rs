@@ -224,6 +224,30 @@ fn entries(bundles: &[Json]) -> Vec<Json> {
         .collect()
 }
 
+/// Nesting as deep as the tree path's parser allows, and past it: the stream writes a resource
+/// only where the tree path would (an extension nests an object in an array, and `serde_json`
+/// counts both toward its 128 levels). The stream counted only objects, so a Patient with 63 to
+/// 98 nested extensions was written by `anonymize_json` and refused by the tree path.
+#[test]
+fn deeply_nested_extensions_stream_only_where_the_tree_path_parses() {
+    let engines = [("sample", sample())];
+    for (name, engine) in &engines {
+        for levels in [10, 40, 49, 50, 51, 62, 63, 64, 97, 98, 99, 130] {
+            let mut ext = serde_json::json!({"url": "http://example.org/leaf", "valueString": "x"});
+            for _ in 1..levels {
+                ext = serde_json::json!({"url": "http://example.org/nest", "extension": [ext]});
+            }
+            let patient =
+                serde_json::json!({"resourceType": "Patient", "id": "p", "extension": [ext]});
+            same(
+                engine,
+                patient.to_string().as_bytes(),
+                &format!("{name}: {levels} nested extensions"),
+            );
+        }
+    }
+}
+
 #[test]
 fn synthea_and_synth_seed_resources_stream_to_the_tree_paths_bytes() {
     let synthea = bundles("synthea-r4-100");

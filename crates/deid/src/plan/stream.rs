@@ -43,7 +43,8 @@ struct GiveUp;
 
 type R<T> = Result<T, GiveUp>;
 
-/// Deeper than this gives up (`serde_json` refuses 128 levels; FHIR rarely goes past 20).
+/// Deeper than this (objects and arrays) gives up (`serde_json` refuses 128 levels; FHIR rarely
+/// goes past 20).
 const MAX_DEPTH: u32 = 100;
 
 /// Anonymizes the resource `input` (compact JSON) into `out` through the compiled plan without
@@ -664,6 +665,12 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
                 Ok(false)
             }
             b'[' => {
+                // Arrays count toward the depth as objects do (`serde_json`'s limit counts both):
+                // the stream writes only what the tree path can parse.
+                self.depth += 1;
+                if self.depth > MAX_DEPTH {
+                    return Err(GiveUp);
+                }
                 self.pos += 1;
                 self.out.push(b'[');
                 let mut any = false;
@@ -703,6 +710,7 @@ impl<'a, 'p> Streamer<'a, 'p, '_> {
                     }
                 }
                 self.out.push(b']');
+                self.depth -= 1;
                 Ok(any)
             }
             _ if fast.map_or(child.element.max_many, |m| m.max_many) => {
