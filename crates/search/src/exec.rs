@@ -258,7 +258,7 @@ fn include_spec(inc: &Include) -> IncludeSpec {
 /// Compiles `q` into the store's [`SearchPlan`], with at most `max_included` included
 /// resources. Fails only on a malformed `_cursor` (400).
 pub fn compile(q: &SearchQuery, max_included: usize) -> Result<SearchPlan, SearchError> {
-    let only_total = q.summary_count || q.count == 0;
+    let only_total = !q.returns_resources();
     // A cursor only matters for a page of matches (a count ignores it, as it always did).
     let cursor = match &q.cursor {
         Some(c) if !only_total => Some(decode_cursor(c, q.sort.len())?),

@@ -126,6 +126,12 @@ impl Include {
 }
 
 impl SearchQuery {
+    /// Whether the search answers with resources (matches, and what they include): every
+    /// search but a total alone (`_summary=count`, `_count=0`).
+    pub fn returns_resources(&self) -> bool {
+        !(self.summary_count || self.count == 0)
+    }
+
     /// Restricts every `_include` (and `_include:iterate`) to references to `types`. A
     /// `_revinclude` adds resources of its source type only, which the caller authorizes as
     /// such.

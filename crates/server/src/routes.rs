@@ -563,17 +563,21 @@ fn authorize_entry(
         None => ctx.require_on_every_type(needs, "a system-level entry")?,
     }
     // The query of a search or conditional interaction: chains, `_has` and includes need what
-    // the same query needs at the top level. A query that does not parse is never run.
-    if let (Some(t), Some(q)) = (&request.resource_type, &request.query)
+    // the same query needs at the top level (a search without a query too: it returns every
+    // resource). A query that does not parse is never run.
+    if let Some(t) = &request.resource_type
         && needs.contains(&P::Search)
     {
-        let pairs = search::parse_query_string(q);
+        let pairs = search::parse_query_string(request.query.as_deref().unwrap_or(""));
         let opts = search::ParseOptions {
             lenient: false,
             predicate_only: false,
         };
         if let Ok(mut parsed) = search::parse_query(t, &pairs, opts) {
             authorize_search(ctx, &mut parsed)?;
+            if request.interaction == I::Search {
+                authorize_results(ctx, &parsed)?;
+            }
         }
     }
     Ok(())
@@ -850,6 +854,20 @@ fn authorize_search(ctx: &AuthContext, q: &mut search::SearchQuery) -> Result<()
     Ok(())
 }
 
+/// A search that returns resources reads them: `r` on the searched type beside its `s`. With
+/// `s` alone a client gets a total only (`_summary=count`, `_count=0`): without this a client
+/// holding `s` but not `r` read every resource of the type through a search.
+fn authorize_results(ctx: &AuthContext, q: &search::SearchQuery) -> Result<(), ApiError> {
+    if q.returns_resources() && !ctx.scopes.can_read(&q.resource_type) {
+        return Err(auth::AuthRejection::Forbidden(format!(
+            "a search that returns {t} resources needs `r` on {t}; with `s` alone use _summary=count",
+            t = q.resource_type
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 async fn search_post(
     State(state): State<AppState>,
     ctx: AuthContext,
@@ -888,6 +906,7 @@ async fn run_search(
     let mut q = search::parse_query(&rtype, &pairs, opts)?;
     limits.check_query(&q)?;
     authorize_search(&ctx, &mut q)?;
+    authorize_results(&ctx, &q)?;
     let store = state.store.clone();
     // The blocking search outlives this future when the client goes away (axum drops the
     // handler, not the blocking task): the guard stops it then, SQLite checks the time limit.

@@ -354,6 +354,8 @@ pub async fn search(
     pairs: Vec<(String, String)>,
 ) -> Result<Response, ApiError> {
     ctx.require_search(VIEW_DEFINITION)?;
+    // It answers with the stored views: a search that returns resources reads them (`r`).
+    ctx.require_read(VIEW_DEFINITION)?;
     let (mut name, mut url, mut count) = (None, None, 100usize);
     for (k, v) in &pairs {
         match k.as_str() {
