@@ -6,11 +6,13 @@
 //! a transaction is one atomic [`Store::write`]; a batch applies each entry independently (it
 //! tries all writes in one transaction first and falls back to one per entry if that fails).
 //!
-//! Id policy: `POST` keeps `resource.id` when it is present and valid (Synthea bundles rely on
-//! this: `fullUrl` `urn:uuid:X` with `resource.id` X, referenced across files) and assigns a new
-//! UUID otherwise; `PUT Type/id` uses the URL's id. Processing order inside a transaction follows
-//! FHIR: DELETE, POST, PUT, then GET (reads run after the write committed); the response lists the
-//! entries in request order.
+//! Id policy: `POST` keeps `resource.id` when it is present and valid (Bundles written with
+//! `fullUrl` `urn:uuid:X` and `resource.id` X, as Synthea's are, keep their ids) and assigns a new
+//! UUID otherwise, unless the caller takes the client's ids away first
+//! ([`BundlePlan::assign_create_ids`]: the server does for a client that may not read the type,
+//! for which a kept id made the `409` of an existing one an existence oracle); `PUT Type/id` uses
+//! the URL's id. Processing order inside a transaction follows FHIR: DELETE, POST, PUT, then GET
+//! (reads run after the write committed); the response lists the entries in request order.
 
 use serde_json::{Map, Value, json};
 use store::{
@@ -373,6 +375,25 @@ impl BundlePlan {
             .iter()
             .enumerate()
             .filter_map(|(i, (r, _))| r.as_ref().map(|r| (i, r)))
+    }
+
+    /// Gives every create (`POST`) of a type for which `keep_id` answers false a new id in place
+    /// of the one its resource came with, as FHIR's create does. References to the entry's
+    /// `fullUrl` follow it; an `id` kept would be written as given and answered `409` when that
+    /// resource exists.
+    pub fn assign_create_ids(&mut self, keep_id: impl Fn(&str) -> bool) {
+        for (_, p) in &mut self.entries {
+            let Ok(entry) = p else { continue };
+            if let EntryAction::Write(WriteOp::Create { resource }) = &mut entry.action {
+                let keep = resource
+                    .get("resourceType")
+                    .and_then(Value::as_str)
+                    .is_some_and(&keep_id);
+                if !keep {
+                    resource["id"] = Value::String(uuid::Uuid::new_v4().to_string());
+                }
+            }
+        }
     }
 
     /// Decides ids, resolves `fullUrl`s, rewrites references and validates (`validate`). For a

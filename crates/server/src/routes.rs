@@ -497,8 +497,11 @@ async fn bundle(
         ));
     }
     // The entries' typed requests are authorized, then the same plan is translated and run.
-    let plan = ingest::bundle::plan(v)?;
+    let mut plan = ingest::bundle::plan(v)?;
     authorize_bundle(&ctx, &plan)?;
+    // A create keeps the id its resource came with only for a client that may read the type:
+    // for any other the `409` of an id that exists (even deleted) told it which ones do.
+    plan.assign_create_ids(|t| ctx.scopes.can_read(t));
     let options = ingest::BundleOptions {
         validate: true,
         return_resources: negotiate::prefer(&headers, "return").as_deref()

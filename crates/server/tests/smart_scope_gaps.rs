@@ -60,6 +60,35 @@ fn assert_outcome(st: StatusCode, want: StatusCode, body: &str) {
     assert!(body.contains("\"OperationOutcome\""), "{body}");
 }
 
+fn bundle(kind: &str, entries: Value) -> Value {
+    json!({"resourceType": "Bundle", "type": kind, "entry": entries})
+}
+
+fn statuses(body: &str) -> Vec<String> {
+    let b: Value = serde_json::from_str(body).unwrap();
+    b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn locations(body: &str) -> Vec<String> {
+    let b: Value = serde_json::from_str(body).unwrap();
+    b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["response"]["location"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
 /// A client holding `s` but not `r` on Observation got whole Observations from a search. A
 /// search that returns resources reads them: it needs `r`; `s` alone allows only
 /// `_summary=count` (or `_count=0`), a total without entries.
@@ -132,4 +161,54 @@ async fn search_without_read_scope_gets_only_a_total() {
         )
         .await;
     assert_outcome(st, StatusCode::FORBIDDEN, &body);
+}
+
+/// A Bundle `POST` entry kept the `resource.id` it came with, and answered 409 when that
+/// resource existed (even deleted): a client allowed only to create Patients learnt which
+/// Patient ids exist. For a client that may not read the type the server now assigns the id
+/// (FHIR's create); a client that may read it (who learns existence by reading anyway) keeps
+/// the id as before.
+#[tokio::test]
+async fn bundle_post_keeps_no_client_id_for_a_client_that_cannot_read() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    s.put(&admin, json!({"resourceType": "Patient", "id": "secret"}))
+        .await;
+    let creator = s
+        .token("creator", "system/Patient.c system/Observation.c")
+        .await;
+    for kind in ["batch", "transaction"] {
+        let entries = json!([
+            {"resource": {"resourceType": "Patient", "id": "secret"},
+             "request": {"method": "POST", "url": "Patient"}},
+            {"resource": {"resourceType": "Patient", "id": format!("free-{kind}")},
+             "request": {"method": "POST", "url": "Patient"}}
+        ]);
+        let (st, _, body) = s
+            .send(Method::POST, "/", Some(&creator), Some(bundle(kind, entries)))
+            .await;
+        assert_eq!(st, StatusCode::OK, "{kind}: {body}");
+        assert_eq!(statuses(&body), ["201 Created", "201 Created"], "{body}");
+        for location in locations(&body) {
+            assert!(
+                !location.starts_with("Patient/secret/") && !location.starts_with("Patient/free"),
+                "{kind}: {body}"
+            );
+        }
+    }
+    let (st, _, body) = s
+        .send(Method::GET, "/Patient/secret/_history", Some(&admin), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let history: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(history["entry"].as_array().unwrap().len(), 1, "{body}");
+
+    // A client that may read Patients keeps its ids (and its 409).
+    let entries = json!([{"resource": {"resourceType": "Patient", "id": "kept"},
+        "request": {"method": "POST", "url": "Patient"}}]);
+    let (st, _, body) = s
+        .send(Method::POST, "/", Some(&admin), Some(bundle("batch", entries)))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(locations(&body)[0].starts_with("Patient/kept/"), "{body}");
 }
