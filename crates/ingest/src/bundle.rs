@@ -13,6 +13,12 @@
 //! for which a kept id made the `409` of an existing one an existence oracle); `PUT Type/id` uses
 //! the URL's id. Processing order inside a transaction follows FHIR: DELETE, POST, PUT, then GET
 //! (reads run after the write committed); the response lists the entries in request order.
+//!
+//! Conditional create (`request.ifNoneExist`): the condition is a search, which this crate
+//! cannot run; the caller runs it after [`plan`] and before [`BundlePlan::translate`] and settles
+//! the entry with what it found ([`BundlePlan::settle`]): nothing → the entry creates; one
+//! resource → the entry answers 200 with it, writes nothing, and the Bundle's references to its
+//! `fullUrl` name that resource; several → 412. An entry nobody settled is refused (501).
 
 use serde_json::{Map, Value, json};
 use store::{
@@ -302,6 +308,28 @@ pub enum EntryAction {
         id: String,
         version: Option<i64>,
     },
+    /// A conditional create whose condition matched this resource: answered 200 with its
+    /// location, nothing written.
+    Existing {
+        resource_type: String,
+        id: String,
+        version: i64,
+        last_updated: String,
+    },
+}
+
+/// What the condition of a conditional create (`request.ifNoneExist`) found, run as a search by
+/// the caller ([`BundlePlan::settle`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConditionMatch {
+    /// No resource: the entry creates its own.
+    Nothing,
+    /// Exactly one resource, current at this version: the entry answers with it.
+    One {
+        id: String,
+        version: i64,
+        last_updated: String,
+    },
 }
 
 /// A translated entry.
@@ -377,10 +405,61 @@ impl BundlePlan {
             .filter_map(|(i, (r, _))| r.as_ref().map(|r| (i, r)))
     }
 
-    /// Gives every create (`POST`) of a type for which `keep_id` answers false a new id in place
-    /// of the one its resource came with, as FHIR's create does. References to the entry's
-    /// `fullUrl` follow it; an `id` kept would be written as given and answered `409` when that
-    /// resource exists.
+    /// The conditional creates ([`Interaction::ConditionalCreate`]) to [`BundlePlan::settle`]:
+    /// each entry's index, type and condition (the `ifNoneExist` query, without `?`).
+    pub fn conditions(&self) -> Vec<(usize, String, String)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, p))| {
+                let p = p.as_ref().ok()?;
+                if p.request.interaction != Interaction::ConditionalCreate {
+                    return None;
+                }
+                Some((
+                    i,
+                    p.request.resource_type.clone()?,
+                    p.request.query.clone().unwrap_or_default(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Settles the condition of entry `index` (one of [`BundlePlan::conditions`]) with what its
+    /// search found, or with the error that stops the entry (several matches: 412; a condition
+    /// that is no valid search: its status). An entry that is not a conditional create is left
+    /// as it is.
+    pub fn settle(&mut self, index: usize, found: Result<ConditionMatch, EntryError>) {
+        let Some((_, slot)) = self.entries.get_mut(index) else {
+            return;
+        };
+        let Ok(entry) = slot else { return };
+        if entry.request.interaction != Interaction::ConditionalCreate {
+            return;
+        }
+        match found {
+            Err(e) => *slot = Err(e),
+            Ok(ConditionMatch::Nothing) => entry.settled = true,
+            Ok(ConditionMatch::One {
+                id,
+                version,
+                last_updated,
+            }) => {
+                entry.settled = true;
+                entry.action = EntryAction::Existing {
+                    resource_type: entry.request.resource_type.clone().unwrap_or_default(),
+                    id,
+                    version,
+                    last_updated,
+                };
+            }
+        }
+    }
+
+    /// Gives every create (`POST`, conditional or not) of a type for which `keep_id` answers
+    /// false a new id in place of the one its resource came with, as FHIR's create does.
+    /// References to the entry's `fullUrl` follow it; an `id` kept would be written as given and
+    /// answered `409` when that resource exists.
     pub fn assign_create_ids(&mut self, keep_id: impl Fn(&str) -> bool) {
         for (_, p) in &mut self.entries {
             let Ok(entry) = p else { continue };
@@ -401,8 +480,20 @@ impl BundlePlan {
     /// change the same resource (FHIR: their identities SHALL NOT overlap).
     pub fn translate(self, validate: bool) -> Result<Translated, BundleError> {
         let kind = self.kind;
-        let mut parsed: Vec<Result<Parsed, EntryError>> =
-            self.entries.into_iter().map(|(_, p)| p).collect();
+        let mut parsed: Vec<Result<Parsed, EntryError>> = self
+            .entries
+            .into_iter()
+            .map(|(_, p)| match p {
+                Ok(p) if p.request.interaction == Interaction::ConditionalCreate && !p.settled => {
+                    Err(EntryError::NotSupported {
+                        index: p.index,
+                        message: "conditional create (ifNoneExist) is not supported here".into(),
+                        expression: format!("Bundle.entry[{}].request.ifNoneExist", p.index),
+                    })
+                }
+                p => p,
+            })
+            .collect();
         if kind == BundleKind::Transaction {
             check_overlaps(&parsed)?;
         }
@@ -569,6 +660,23 @@ pub fn execute(
                         version,
                     },
             }) => reads.push((index, resource_type, id, version)),
+            Ok(PlannedEntry {
+                index,
+                action:
+                    EntryAction::Existing {
+                        resource_type,
+                        id,
+                        version,
+                        last_updated,
+                    },
+            }) => {
+                responses[index] = Some(json!({"response": {
+                    "status": status_line(200),
+                    "location": format!("{resource_type}/{id}/_history/{version}"),
+                    "etag": format!("W/\"{version}\""),
+                    "lastModified": last_updated,
+                }}))
+            }
             Err(err) => responses[err.index()] = Some(error_entry(&err)),
         }
     }
@@ -847,6 +955,8 @@ struct Parsed {
     full_url: Option<String>,
     request: EntryRequest,
     action: EntryAction,
+    /// A conditional create's condition was run ([`BundlePlan::settle`]).
+    settled: bool,
 }
 
 impl Parsed {
@@ -859,7 +969,10 @@ impl Parsed {
             )),
             EntryAction::Write(WriteOp::Update {
                 resource_type, id, ..
-            }) => Some((resource_type, id)),
+            })
+            | EntryAction::Existing {
+                resource_type, id, ..
+            } => Some((resource_type, id)),
             _ => None,
         }
     }
@@ -936,6 +1049,7 @@ fn parse_entry(index: usize, entry: Value) -> (Option<EntryRequest>, Result<Pars
             full_url,
             request: typed,
             action,
+            settled: false,
         }),
     )
 }
@@ -1019,7 +1133,9 @@ fn plan_entry(
     let ty = typed.resource_type.clone().unwrap_or_default();
     let id = typed.id.clone().unwrap_or_default();
     let action = match typed.interaction {
-        Interaction::Create => {
+        // A conditional create is planned as a create; its condition settles it before
+        // translation (`BundlePlan::settle`).
+        Interaction::Create | Interaction::ConditionalCreate => {
             let mut resource = needs_resource(resource)?;
             let id = match resource.get("id") {
                 Some(Value::String(id)) if is_valid_id(id) => id.clone(),
@@ -1061,12 +1177,6 @@ fn plan_entry(
             id,
             version: typed.version,
         },
-        Interaction::ConditionalCreate => {
-            return Err(not_supported(
-                "conditional create (ifNoneExist) is not supported".into(),
-                ".request.ifNoneExist",
-            ));
-        }
         Interaction::Patch | Interaction::ConditionalPatch => {
             return Err(not_supported(
                 format!("{method} is not supported in a Bundle"),
@@ -1142,6 +1252,51 @@ mod tests {
         assert_eq!(o["subject"]["reference"], "Patient/aaaa");
         // No id in the resource: a fresh uuid, used consistently by references.
         assert!(is_valid_id(o["id"].as_str().unwrap()));
+    }
+
+    #[test]
+    fn conditional_create_is_settled_by_the_caller() {
+        let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:cccc", "resource": {"resourceType": "Patient"},
+             "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=x|1"}},
+            {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+              "subject": {"reference": "urn:uuid:cccc"}},
+             "request": {"method": "POST", "url": "Observation"}}
+        ]});
+        // Nobody ran the condition: refused, as before conditional create existed.
+        match translate(b.clone(), true) {
+            Err(BundleError::Entry(EntryError::NotSupported { index: 0, .. })) => {}
+            other => panic!("{other:?}"),
+        }
+        let mut p = plan(b).unwrap();
+        assert_eq!(
+            p.conditions(),
+            vec![(0, "Patient".to_string(), "identifier=x|1".to_string())]
+        );
+        p.settle(
+            0,
+            Ok(ConditionMatch::One {
+                id: "p9".into(),
+                version: 3,
+                last_updated: "2024-01-01T00:00:00.000Z".into(),
+            }),
+        );
+        let ops: Vec<_> = p
+            .translate(true)
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| e.unwrap())
+            .collect();
+        assert!(
+            matches!(&ops[0].action, EntryAction::Existing { id, version: 3, .. } if id == "p9"),
+            "{:?}",
+            ops[0].action
+        );
+        let EntryAction::Write(WriteOp::Create { resource: o }) = &ops[1].action else {
+            panic!()
+        };
+        assert_eq!(o["subject"]["reference"], "Patient/p9");
     }
 
     #[test]

@@ -34,8 +34,8 @@ pub enum EntryError {
         reference: String,
         expression: String,
     },
-    /// A valid request this server does not implement (conditional create/update, search in a
-    /// Bundle, PATCH). → 501 `not-supported`.
+    /// A valid request this server does not implement (conditional update and delete, search in
+    /// a Bundle, PATCH). → 501 `not-supported`.
     #[error("entry {index}: {message}")]
     NotSupported {
         index: usize,
@@ -46,6 +46,16 @@ pub enum EntryError {
     /// resources its reads return). → 400 `too-costly`.
     #[error("entry {index}: {message}")]
     TooCostly { index: usize, message: String },
+    /// The condition of a conditional create (`request.ifNoneExist`) stopped the entry: it
+    /// matched more than one resource (412 `duplicate`), or it could not be run as the search
+    /// it is (the search's status and issue code: 400 `invalid`, `too-costly`, 403, 503, ...).
+    #[error("entry {index}: {message}")]
+    Condition {
+        index: usize,
+        status: u16,
+        code: &'static str,
+        message: String,
+    },
     /// The store refused or failed the entry's operation (status from the store error).
     #[error("entry {index}: {source}")]
     Store {
@@ -64,6 +74,7 @@ impl EntryError {
             | EntryError::UnresolvedReference { index, .. }
             | EntryError::NotSupported { index, .. }
             | EntryError::TooCostly { index, .. }
+            | EntryError::Condition { index, .. }
             | EntryError::Store { index, .. } => *index,
         }
     }
@@ -76,6 +87,7 @@ impl EntryError {
             | EntryError::UnresolvedReference { .. }
             | EntryError::TooCostly { .. } => 400,
             EntryError::NotSupported { .. } => 501,
+            EntryError::Condition { status, .. } => *status,
             EntryError::Store { source, .. } => store_error_issue(source).0,
         }
     }
@@ -98,6 +110,12 @@ impl EntryError {
                 vec![
                     OutcomeIssue::error("too-costly", message.clone())
                         .at(format!("Bundle.entry[{i}]")),
+                ]
+            }
+            EntryError::Condition { code, message, .. } => {
+                vec![
+                    OutcomeIssue::error(code, message.clone())
+                        .at(format!("Bundle.entry[{i}].request.ifNoneExist")),
                 ]
             }
             EntryError::UnresolvedReference { expression, .. } => {

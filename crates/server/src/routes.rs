@@ -370,6 +370,7 @@ fn write_response(state: &AppState, headers: &HeaderMap, o: &WriteOutcome) -> Re
     resp
 }
 
+/// `POST /{type}`, with `If-None-Exist` a conditional create (FHIR http.html#ccreate).
 async fn create(
     State(state): State<AppState>,
     ctx: AuthContext,
@@ -379,11 +380,42 @@ async fn create(
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
     ctx.require(&rtype, auth::Permission::Create)?;
+    let condition = match headers.get("if-none-exist") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::invalid("If-None-Exist is not ASCII text", "If-None-Exist"))?
+                .trim_start_matches('?')
+                .to_string(),
+        ),
+    };
+    // The condition is a search: answered 200, 201 or 412 by whether resources match, it
+    // tells a client that may not search the type whether they exist.
+    if condition.is_some() {
+        ctx.require_search(&rtype)?;
+    }
     let mut v = json_body(body, state.policy.max_bundle_entries)?;
     check_resource(&mut v, &rtype)?;
     // The server assigns the id of a created resource.
     if let Some(obj) = v.as_object_mut() {
         obj.remove("id");
+    }
+    if let Some(condition) = condition {
+        match condition_matches(&state, &ctx, &rtype, &condition)
+            .await
+            .map_err(|e| e.at("If-None-Exist"))?
+        {
+            Found::Nothing => {}
+            Found::One(r) => return Ok(matched_response(&state, &ctx, &headers, &r)),
+            Found::Several => {
+                return Err(ApiError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    "duplicate",
+                    format!("the condition (If-None-Exist) matches more than one {rtype}"),
+                )
+                .at("If-None-Exist"));
+            }
+        }
     }
     let store = state.store.clone();
     let outcomes =
@@ -392,6 +424,129 @@ async fn create(
         .first()
         .ok_or_else(|| ApiError::internal("create", "store returned no outcome"))?;
     Ok(write_response(&state, &headers, o))
+}
+
+/// What the condition of a conditional create found ([`condition_matches`]).
+enum Found {
+    Nothing,
+    One(StoredResource),
+    Several,
+}
+
+/// Runs the condition of a conditional create (`If-None-Exist`, a Bundle entry's
+/// `request.ifNoneExist`) as the search it is: the same limits and the same scope rules as that
+/// query at the top level (the caller checked `s` on the type; chains and `_has` need `s` on
+/// the types they search), the same time limit. Only whether it matches none, one or more
+/// resources is asked: no includes, sort, paging or total; at most two matches are read.
+///
+/// Not under the write lock: two conditional creates of the same condition at the same moment
+/// can both find nothing and both create (as with FHIR servers that have no unique index on
+/// the condition); a transaction's own entries are settled before it writes, atomically.
+async fn condition_matches(
+    state: &AppState,
+    ctx: &AuthContext,
+    rtype: &str,
+    condition: &str,
+) -> Result<Found, ApiError> {
+    let pairs: Vec<(String, String)> = search::parse_query_string(condition)
+        .into_iter()
+        .filter(|(k, _)| k != "_format")
+        .collect();
+    if pairs.is_empty() {
+        return Err(ApiError::invalid(
+            "the condition of a conditional create is empty",
+            "If-None-Exist",
+        ));
+    }
+    let limits = state.search_limits;
+    limits.check_request(&pairs)?;
+    let opts = search::ParseOptions {
+        lenient: false,
+        predicate_only: false,
+    };
+    let mut q = search::parse_query(rtype, &pairs, opts)?;
+    limits.check_query(&q)?;
+    authorize_search(ctx, &mut q)?;
+    q.includes.clear();
+    q.revincludes.clear();
+    q.sort.clear();
+    q.cursor = None;
+    q.elements = None;
+    q.summary_count = false;
+    q.total = search::TotalMode::None;
+    q.count = 2;
+    let control = search::SearchControl::new(limits.timeout);
+    let _stop_when_dropped = control.cancel_on_drop();
+    let exec = search::ExecOptions {
+        control: Some(control),
+        max_included: limits.max_included,
+        max_page_bytes: limits.max_page_bytes,
+    };
+    let store = state.store.clone();
+    let rtype = rtype.to_string();
+    blocking(move || {
+        let rows = search::execute_rows(&*store, &q, &exec)?;
+        // A page ends early at its byte limit (never before its first match): a next page
+        // means more matches.
+        match (rows.matches.as_slice(), &rows.next_cursor) {
+            ([], _) => Ok(Found::Nothing),
+            ([one], None) => {
+                let head = search::ResourceHead::read(one)?;
+                let id = head
+                    .id
+                    .ok_or_else(|| ApiError::internal("condition", "a match without an id"))?;
+                match store.read(&rtype, &id) {
+                    Ok(r) => Ok(Found::One(r)),
+                    // Deleted since the search ran: nothing matches any more.
+                    Err(store::StoreError::Gone { .. } | store::StoreError::NotFound { .. }) => {
+                        Ok(Found::Nothing)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            _ => Ok(Found::Several),
+        }
+    })
+    .await
+}
+
+/// The 200 of a conditional create whose condition matched `r`: its Location, ETag and
+/// Last-Modified; its content only for a client that may read it (the condition needs `s`,
+/// not `r`), else an OperationOutcome.
+fn matched_response(
+    state: &AppState,
+    ctx: &AuthContext,
+    headers: &HeaderMap,
+    r: &StoredResource,
+) -> Response {
+    let readable = ctx.scopes.can_read(&r.resource_type);
+    let outcome = || {
+        fhir_json(&json!({"resourceType": "OperationOutcome", "issue": [{
+            "severity": "information", "code": "informational",
+            "diagnostics": format!("the condition matched {}/{} version {}: nothing created",
+                r.resource_type, r.id, r.version)}]}))
+    };
+    let mut resp = match negotiate::prefer(headers, "return").as_deref() {
+        Some("minimal") => StatusCode::OK.into_response(),
+        Some("operationoutcome") => outcome(),
+        _ if readable => fhir_bytes(r.json.clone()),
+        _ => outcome(),
+    };
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, etag(r.version));
+    if let Some(d) = http_date(&r.last_updated) {
+        h.insert(header::LAST_MODIFIED, d);
+    }
+    let location = format!(
+        "{}/{}/{}/_history/{}",
+        state.base_url, r.resource_type, r.id, r.version
+    );
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        h.insert(header::LOCATION, v.clone());
+        h.insert(header::CONTENT_LOCATION, v);
+    }
+    resp
 }
 
 fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
@@ -502,6 +657,35 @@ async fn bundle(
     // A create keeps the id its resource came with only for a client that may read the type:
     // for any other the `409` of an id that exists (even deleted) told it which ones do.
     plan.assign_create_ids(|t| ctx.scopes.can_read(t));
+    // Conditional creates: each condition run as a search before the Bundle is translated, so
+    // that references to the entry's fullUrl name what it matched, and a transaction writes
+    // what it creates atomically with its other entries.
+    for (index, rtype, condition) in plan.conditions() {
+        let found = match condition_matches(&state, &ctx, &rtype, &condition).await {
+            Ok(Found::Nothing) => Ok(ingest::bundle::ConditionMatch::Nothing),
+            Ok(Found::One(r)) => Ok(ingest::bundle::ConditionMatch::One {
+                id: r.id,
+                version: r.version,
+                last_updated: r.last_updated,
+            }),
+            Ok(Found::Several) => Err(ingest::EntryError::Condition {
+                index,
+                status: StatusCode::PRECONDITION_FAILED.as_u16(),
+                code: "duplicate",
+                message: format!("the condition (ifNoneExist) matches more than one {rtype}"),
+            }),
+            Err(e) => Err(ingest::EntryError::Condition {
+                index,
+                status: e.status.as_u16(),
+                code: e.issues.first().map_or("invalid", |i| i.code),
+                message: e.issues.first().map_or_else(
+                    || "invalid condition".to_string(),
+                    |i| i.diagnostics.clone(),
+                ),
+            }),
+        };
+        plan.settle(index, found);
+    }
     let options = ingest::BundleOptions {
         validate: true,
         return_resources: negotiate::prefer(&headers, "return").as_deref()

@@ -29,6 +29,21 @@ async fn start() -> Server {
     common::start_smart("rsa-a.pem", CLIENTS, 1 << 20).await
 }
 
+const SYSTEM: &str = "http://example.org/mrn";
+
+fn patient(id: Option<&str>, mrn: &str) -> Value {
+    let mut p = json!({"resourceType": "Patient", "birthDate": "1970-01-01",
+        "identifier": [{"system": SYSTEM, "value": mrn}]});
+    if let Some(id) = id {
+        p["id"] = json!(id);
+    }
+    p
+}
+
+fn condition(mrn: &str) -> String {
+    format!("identifier={SYSTEM}|{mrn}")
+}
+
 /// A request with extra headers: status, headers, body text.
 async fn send_with(
     s: &Server,
@@ -55,9 +70,45 @@ async fn send_with(
     (status, headers, res.text().await.unwrap())
 }
 
+async fn conditional_create(
+    s: &Server,
+    token: &str,
+    resource: Value,
+    if_none_exist: &str,
+) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    let path = format!("/{}", resource["resourceType"].as_str().unwrap());
+    send_with(
+        s,
+        Method::POST,
+        &path,
+        token,
+        Some(resource),
+        &[("if-none-exist", if_none_exist)],
+    )
+    .await
+}
+
+fn header<'h>(h: &'h reqwest::header::HeaderMap, name: &str) -> &'h str {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
 fn assert_outcome(st: StatusCode, want: StatusCode, body: &str) {
     assert_eq!(st, want, "{body}");
     assert!(body.contains("\"OperationOutcome\""), "{body}");
+}
+
+async fn total(s: &Server, token: &str, query: &str) -> u64 {
+    let (st, _, body) = s
+        .send(
+            Method::GET,
+            &format!("/{query}&_summary=count"),
+            Some(token),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{query}: {body}");
+    let b: Value = serde_json::from_str(&body).unwrap();
+    b["total"].as_u64().unwrap()
 }
 
 fn bundle(kind: &str, entries: Value) -> Value {
@@ -87,6 +138,209 @@ fn locations(body: &str) -> Vec<String> {
                 .to_string()
         })
         .collect()
+}
+
+/// `POST /Patient` with `If-None-Exist` created a duplicate every time (the header was
+/// ignored). Now: no match → 201; one match → 200 with that resource's Location and ETag and no
+/// new version; several → 412. The CapabilityStatement says `conditionalCreate: true`.
+#[tokio::test]
+async fn conditional_create_creates_once_and_refuses_several_matches() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    let (st, h, body) = conditional_create(&s, &admin, patient(None, "1"), &condition("1")).await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let first = header(&h, "location").to_string();
+    assert!(first.contains("/Patient/"), "{first}");
+    assert_eq!(header(&h, "etag"), "W/\"1\"");
+
+    let (st, h, body) = conditional_create(&s, &admin, patient(None, "1"), &condition("1")).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(header(&h, "location"), first);
+    assert_eq!(header(&h, "etag"), "W/\"1\"");
+    assert_eq!(
+        total(&s, &admin, &format!("Patient?{}", condition("1"))).await,
+        1
+    );
+    let id = first.split('/').rev().nth(2).unwrap();
+    let (st, _, history) = s
+        .send(
+            Method::GET,
+            &format!("/Patient/{id}/_history"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let history: Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(history["entry"].as_array().unwrap().len(), 1, "{history}");
+
+    // A second Patient with the same identifier: the condition is ambiguous.
+    s.put(&admin, patient(Some("dup"), "1")).await;
+    let (st, _, body) = conditional_create(&s, &admin, patient(None, "1"), &condition("1")).await;
+    assert_outcome(st, StatusCode::PRECONDITION_FAILED, &body);
+    assert_eq!(
+        total(&s, &admin, &format!("Patient?{}", condition("1"))).await,
+        2
+    );
+
+    // The condition is a search like any other: an unknown parameter is a 400, as is a
+    // condition beyond the search limits (here more than 50 parameters).
+    let (st, _, body) = conditional_create(&s, &admin, patient(None, "2"), "frobnicate=1").await;
+    assert_outcome(st, StatusCode::BAD_REQUEST, &body);
+    let many = vec![condition("2"); 51].join("&");
+    let (st, _, body) = conditional_create(&s, &admin, patient(None, "2"), &many).await;
+    assert_outcome(st, StatusCode::BAD_REQUEST, &body);
+    assert_eq!(
+        total(&s, &admin, &format!("Patient?{}", condition("2"))).await,
+        0
+    );
+
+    let (_, _, body) = s.send(Method::GET, "/metadata", None, None).await;
+    let cs: Value = serde_json::from_str(&body).unwrap();
+    let patient_cs = cs["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Patient")
+        .unwrap();
+    assert_eq!(patient_cs["conditionalCreate"], true, "{patient_cs}");
+}
+
+/// `request.ifNoneExist` in a Bundle was refused (501). Now an entry whose condition matches
+/// one resource answers 200 with it and the Bundle's references to its `fullUrl` point at it;
+/// in a transaction that fails later nothing is created; in a batch an ambiguous condition
+/// fails its entry alone with 412.
+#[tokio::test]
+async fn bundle_if_none_exist_resolves_to_the_match_inside_the_transaction() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    s.put(&admin, patient(Some("p1"), "1")).await;
+
+    let tx = bundle(
+        "transaction",
+        json!([
+            {"fullUrl": "urn:uuid:0c3a9b52-5a8e-4d7e-9f3b-111111111111", "resource": patient(None, "1"),
+             "request": {"method": "POST", "url": "Patient", "ifNoneExist": condition("1")}},
+            {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "c"},
+              "subject": {"reference": "urn:uuid:0c3a9b52-5a8e-4d7e-9f3b-111111111111"}},
+             "request": {"method": "POST", "url": "Observation"}}
+        ]),
+    );
+    let (st, _, body) = s.send(Method::POST, "/", Some(&admin), Some(tx)).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(statuses(&body)[0].starts_with("200"), "{body}");
+    assert!(statuses(&body)[1].starts_with("201"), "{body}");
+    assert_eq!(locations(&body)[0], "Patient/p1/_history/1", "{body}");
+    let (st, _, obs) = s
+        .send(
+            Method::GET,
+            &format!("/{}", locations(&body)[1]),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{obs}");
+    let obs: Value = serde_json::from_str(&obs).unwrap();
+    assert_eq!(obs["subject"]["reference"], "Patient/p1", "{obs}");
+    assert_eq!(
+        total(&s, &admin, &format!("Patient?{}", condition("1"))).await,
+        1
+    );
+
+    // No match: created, unless a later entry fails the transaction.
+    let failing = bundle(
+        "transaction",
+        json!([
+            {"resource": patient(None, "2"),
+             "request": {"method": "POST", "url": "Patient", "ifNoneExist": condition("2")}},
+            {"resource": patient(Some("zz"), "3"),
+             "request": {"method": "PUT", "url": "Patient/zz", "ifMatch": "W/\"9\""}}
+        ]),
+    );
+    let (st, _, body) = s.send(Method::POST, "/", Some(&admin), Some(failing)).await;
+    assert!(st.is_client_error(), "{st} {body}");
+    assert_eq!(
+        total(&s, &admin, &format!("Patient?{}", condition("2"))).await,
+        0
+    );
+
+    // A batch: the ambiguous condition fails its own entry; the others run.
+    s.put(&admin, patient(Some("dup"), "1")).await;
+    let batch = bundle(
+        "batch",
+        json!([
+            {"resource": patient(None, "1"),
+             "request": {"method": "POST", "url": "Patient", "ifNoneExist": condition("1")}},
+            {"resource": patient(None, "2"),
+             "request": {"method": "POST", "url": "Patient", "ifNoneExist": condition("2")}}
+        ]),
+    );
+    let (st, _, body) = s.send(Method::POST, "/", Some(&admin), Some(batch)).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let got = statuses(&body);
+    assert!(got[0].starts_with("412"), "{body}");
+    assert!(got[1].starts_with("201"), "{body}");
+    assert_eq!(
+        total(&s, &admin, &format!("Patient?{}", condition("2"))).await,
+        1
+    );
+    assert_eq!(
+        total(&s, &admin, &format!("Patient?{}", condition("1"))).await,
+        2
+    );
+}
+
+/// The condition of a conditional create is a search: answered 200, 201 or 412 by whether
+/// resources match, it is an existence oracle for a client that may not search the type. It
+/// needs `s` beside `c` (and what the same query needs as a search: `_has` through a type the
+/// client cannot search is refused), directly and in a Bundle. Without `r` the 200 does not
+/// carry the matched resource.
+#[tokio::test]
+async fn conditional_create_needs_search_scope() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    s.put(&admin, patient(Some("p1"), "1")).await;
+
+    let creator = s
+        .token("creator", "system/Patient.c system/Observation.c")
+        .await;
+    for mrn in ["1", "404"] {
+        let (st, _, body) =
+            conditional_create(&s, &creator, patient(None, mrn), &condition(mrn)).await;
+        assert_outcome(st, StatusCode::FORBIDDEN, &body);
+        let tx = bundle(
+            "batch",
+            json!([{"resource": patient(None, mrn),
+                "request": {"method": "POST", "url": "Patient", "ifNoneExist": condition(mrn)}}]),
+        );
+        let (st, _, body) = s.send(Method::POST, "/", Some(&creator), Some(tx)).await;
+        assert_outcome(st, StatusCode::FORBIDDEN, &body);
+    }
+    assert_eq!(
+        total(&s, &admin, &format!("Patient?{}", condition("1"))).await,
+        1
+    );
+    assert_eq!(
+        total(&s, &admin, &format!("Patient?{}", condition("404"))).await,
+        0
+    );
+
+    let finder = s
+        .token("finder", "system/Patient.cs system/Observation.c")
+        .await;
+    let (st, h, body) = conditional_create(&s, &finder, patient(None, "1"), &condition("1")).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(header(&h, "location").ends_with("/Patient/p1/_history/1"));
+    assert!(!body.contains("1970-01-01"), "the matched resource: {body}");
+    // `_has` searches Observations, which this client may not search.
+    let (st, _, body) = conditional_create(
+        &s,
+        &finder,
+        patient(None, "5"),
+        "_has:Observation:subject:status=final",
+    )
+    .await;
+    assert_outcome(st, StatusCode::FORBIDDEN, &body);
 }
 
 /// A client holding `s` but not `r` on Observation got whole Observations from a search. A
@@ -185,7 +439,12 @@ async fn bundle_post_keeps_no_client_id_for_a_client_that_cannot_read() {
              "request": {"method": "POST", "url": "Patient"}}
         ]);
         let (st, _, body) = s
-            .send(Method::POST, "/", Some(&creator), Some(bundle(kind, entries)))
+            .send(
+                Method::POST,
+                "/",
+                Some(&creator),
+                Some(bundle(kind, entries)),
+            )
             .await;
         assert_eq!(st, StatusCode::OK, "{kind}: {body}");
         assert_eq!(statuses(&body), ["201 Created", "201 Created"], "{body}");
@@ -207,7 +466,12 @@ async fn bundle_post_keeps_no_client_id_for_a_client_that_cannot_read() {
     let entries = json!([{"resource": {"resourceType": "Patient", "id": "kept"},
         "request": {"method": "POST", "url": "Patient"}}]);
     let (st, _, body) = s
-        .send(Method::POST, "/", Some(&admin), Some(bundle("batch", entries)))
+        .send(
+            Method::POST,
+            "/",
+            Some(&admin),
+            Some(bundle("batch", entries)),
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert!(locations(&body)[0].starts_with("Patient/kept/"), "{body}");
