@@ -18,6 +18,8 @@ const CLIENTS: &[(&str, &str)] = &[
     ("creator", "system/Patient.c system/Observation.c"),
     // Creates and searches Patients, reads nothing.
     ("finder", "system/Patient.cs system/Observation.c"),
+    // Reads and searches Observations only.
+    ("observer", "system/Observation.rs"),
     // Searches Observations and ViewDefinitions without reading them.
     (
         "searcher",
@@ -475,4 +477,58 @@ async fn bundle_post_keeps_no_client_id_for_a_client_that_cannot_read() {
         .await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert!(locations(&body)[0].starts_with("Patient/kept/"), "{body}");
+}
+
+/// The other probes of the review, as a client holding `rs` on Observation only: `_has` and
+/// chains through types it may not search, type and system history with `_since`, system
+/// search with `_type`, instance history, a total of Patients, and `$export` kick-offs naming a
+/// Group or Patients. Each answer (status and body) is the same whether the Patient and Group
+/// it names exist or not.
+#[tokio::test]
+async fn other_probes_answer_alike_whether_unreadable_resources_exist() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    let observer = s.token("observer", "system/Observation.rs").await;
+    s.put(
+        &admin,
+        json!({"resourceType": "Observation", "id": "o1", "status": "final",
+            "code": {"text": "c"}, "subject": {"reference": "Patient/secret"}}),
+    )
+    .await;
+    let probes: &[(Method, &str)] = &[
+        (
+            Method::GET,
+            "/Observation?_has:Provenance:target:agent=Patient/secret",
+        ),
+        (Method::GET, "/Observation?subject:Patient.name=Secret"),
+        (Method::GET, "/Observation?subject.name=Secret"),
+        (Method::GET, "/Patient/_history?_since=2000-01-01T00:00:00Z"),
+        (Method::GET, "/_history?_since=2000-01-01T00:00:00Z"),
+        (Method::GET, "/?_type=Patient&name=Secret"),
+        (Method::GET, "/Patient/secret/_history"),
+        (Method::GET, "/Patient?_summary=count"),
+        (Method::GET, "/Group/secret/$export"),
+        (Method::GET, "/Patient/$export?_type=Observation"),
+    ];
+    let mut before = Vec::new();
+    for (method, path) in probes {
+        let (st, _, body) = s.send(method.clone(), path, Some(&observer), None).await;
+        assert!(st.is_client_error(), "{path}: {st} {body}");
+        before.push((st, body));
+    }
+    s.put(
+        &admin,
+        json!({"resourceType": "Patient", "id": "secret", "name": [{"family": "Secret"}]}),
+    )
+    .await;
+    s.put(
+        &admin,
+        json!({"resourceType": "Group", "id": "secret", "type": "person", "actual": true,
+            "member": [{"entity": {"reference": "Patient/secret"}}]}),
+    )
+    .await;
+    for ((method, path), (st, body)) in probes.iter().zip(&before) {
+        let after = s.send(method.clone(), path, Some(&observer), None).await;
+        assert_eq!((after.0, &after.2), (*st, body), "{path}");
+    }
 }
