@@ -346,7 +346,9 @@ pub fn run_input(ctx: &InputContext<'_>, item: &WorkItem) -> Result<u64, RunErro
     }
     let mut loaded = item.scanned;
     let mut parts = 0u32;
-    let stamp_ms = ctx.job.created_ms;
+    // The job's start on the store's clock (its `transactionTime`, taken at kick-off from
+    // `Store::now_ms`: PostgreSQL's clock, not the kick-off node's), the same in a re-run.
+    let stamp_ms = store::parse_instant_ms(&ctx.job.transaction_time).unwrap_or(ctx.job.created_ms);
     loop {
         if ctx.cancel.load(Ordering::Relaxed) {
             return Err(RunError::Stopped);

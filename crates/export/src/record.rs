@@ -109,9 +109,11 @@ impl ExportRecord {
         self.group.as_deref()
     }
 
-    /// The request parsed again from the recorded parameters (`now_ms`: the job's creation, so
-    /// that `_since` is judged as at kick-off).
-    pub fn request(&self, job: &str, now_ms: i64) -> Result<ExportRequest, RecordError> {
+    /// The request parsed again from the recorded parameters. `_since` was checked against the
+    /// store's clock at kick-off (PostgreSQL: the database server's); it is not judged again
+    /// here, against the clock of the node that happens to run the job (or its creation time on
+    /// the kick-off node's clock, which may be behind the database's).
+    pub fn request(&self, job: &str) -> Result<ExportRequest, RecordError> {
         let level = match (self.level, &self.group) {
             (Level::System, None) => ExportLevel::System,
             (Level::Patient, None) => ExportLevel::Patient,
@@ -124,7 +126,7 @@ impl ExportRecord {
             &self.params,
             self.post,
             self.lenient,
-            now_ms,
+            i64::MAX,
             self.url.clone(),
         )
         .map_err(|source| RecordError::Request {
@@ -228,7 +230,7 @@ impl JobRequest {
     /// The export request of an export job (`None` for an import).
     pub fn export(&self, job: &JobRecord) -> Result<Option<ExportRequest>, RecordError> {
         match self {
-            JobRequest::Export(r) => r.request(&job.id, job.created_ms).map(Some),
+            JobRequest::Export(r) => r.request(&job.id).map(Some),
             JobRequest::Import(_) => Ok(None),
         }
     }
@@ -372,7 +374,7 @@ mod tests {
         let JobRequest::Export(r) = JobRequest::decode(&job(EXPORT_ROW)).expect("decodes") else {
             panic!("an export");
         };
-        let req = r.request("j1", 0).expect("parses");
+        let req = r.request("j1").expect("parses");
         assert_eq!(req.level, ExportLevel::Group("g1".into()));
         assert!(req.separate_status);
 
@@ -390,7 +392,7 @@ mod tests {
         let JobRequest::Export(r) = JobRequest::decode(&job(old)).expect("decodes") else {
             panic!("an export");
         };
-        assert!(!r.request("j1", 0).expect("parses").separate_status);
+        assert!(!r.request("j1").expect("parses").separate_status);
     }
 
     #[test]
@@ -445,7 +447,7 @@ mod tests {
         let JobRequest::Export(r) = JobRequest::decode(&job(&row)).expect("decodes") else {
             panic!("an export");
         };
-        let e = r.request("j1", 0).expect_err("refused");
+        let e = r.request("j1").expect_err("refused");
         assert_eq!(e.status(), 400);
         assert!(e.source().is_some());
     }

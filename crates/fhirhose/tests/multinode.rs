@@ -13,6 +13,9 @@
 //!   and the export folder holds exactly the manifest's files.
 //! - Another node takes work of a new export at once (`LISTEN`/`NOTIFY`), not at its next poll
 //!   (`a_second_node_takes_work_of_a_new_export_without_waiting_for_its_poll`).
+//! - Nodes whose clocks disagree (one 20 minutes behind, libfaketime) take no items from each
+//!   other, and `_since` chained across them takes each write once: `lastUpdated` is the
+//!   database's clock (`since_chained_across_nodes_whose_clocks_disagree_takes_each_write_once`).
 //! - A second export kicked off at node 1 and cancelled at node 3 (restarted with the same node
 //!   id) stops the workers running it on the other nodes at their next heartbeat; its files go.
 //!
@@ -26,7 +29,7 @@
 //! after 3 s (`idle_in_transaction_session_timeout`): a node stopped inside a queue transaction
 //! would otherwise keep its item's row lock, and `SKIP LOCKED` claims would never take it over.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -809,6 +812,156 @@ fn nodes_whose_clocks_disagree_take_no_items_from_each_other() {
     assert_eq!(counts, expected_counts(&bundles), "{manifest}");
     drop(n2);
     drop(n1);
+}
+
+/// `_since` chained across nodes whose clocks disagree by 20 minutes (node 2 behind, with
+/// libfaketime). Every instant the store stamps or compares on PostgreSQL is the database
+/// server's: a resource written through node 2 is last updated when it was written (not at the
+/// previous write's instant plus 1 ms, as when each node stamped with its own clock and only
+/// the sequence kept the order), node 1's `transactionTime` passed as `_since` to node 2 is not
+/// "in the future" there (it was refused with 400), and the chained exports each hold exactly
+/// what was written between them.
+#[test]
+fn since_chained_across_nodes_whose_clocks_disagree_takes_each_write_once() {
+    let Some((database, root, http)) = postgres_set_up() else {
+        return;
+    };
+    let Some(faketime) = external::external("FHIRHOSE_TEST_FAKETIME", "scripts/faketime.sh") else {
+        return;
+    };
+    let shared = root.path().join("shared");
+    fs::create_dir_all(&shared).expect("shared folder");
+    let (pem, clients) = admin_client(root.path(), "system/*.cruds");
+    let ports = [free_port(), free_port()];
+    let cluster = Cluster {
+        url: database.url.clone(),
+        base: format!("http://127.0.0.1:{}", ports[0]),
+        clients,
+        root,
+        dest: Dest::Shared(shared),
+    };
+    let n1 = cluster.start("n1", ports[0]);
+    let n2 = cluster.start_env(
+        "n2",
+        ports[1],
+        &[],
+        "info",
+        &[
+            ("LD_PRELOAD", faketime.as_str()),
+            ("FAKETIME", "-20m"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let bearer = admin_bearer(&pem, &n1);
+    let put = |node: &Node, id: &str| -> String {
+        let r = http
+            .put(node.url(&format!("/Patient/{id}")))
+            .header("Authorization", &bearer)
+            .header("Content-Type", "application/fhir+json")
+            .body(json!({"resourceType": "Patient", "id": id}).to_string())
+            .send()
+            .expect("PUT");
+        assert!(r.status().is_success(), "PUT Patient/{id}: {}", r.status());
+        let read: Value = http
+            .get(node.url(&format!("/Patient/{id}")))
+            .header("Authorization", &bearer)
+            .send()
+            .and_then(|r| r.json())
+            .expect("read");
+        read["meta"]["lastUpdated"]
+            .as_str()
+            .expect("lastUpdated")
+            .to_string()
+    };
+    // Kicks off a system export of Patients at `node` (with `_since`, if given) and waits for
+    // its manifest: (transactionTime, the exported ids), or the kick-off's refusal.
+    let export = |node: &Node, since: Option<&str>| -> Result<(String, BTreeSet<String>), String> {
+        let mut url = node.url("/$export?_type=Patient");
+        if let Some(since) = since {
+            url.push_str(&format!("&_since={since}"));
+        }
+        let r = http
+            .get(&url)
+            .header("Authorization", &bearer)
+            .header("Accept", "application/fhir+json")
+            .header("Prefer", "respond-async")
+            .send()
+            .expect("kick-off");
+        if r.status().as_u16() != 202 {
+            return Err(format!("{} {}", r.status(), r.text().unwrap_or_default()));
+        }
+        let status_url = r.headers()["content-location"]
+            .to_str()
+            .expect("location")
+            .to_string();
+        let manifest: Value = wait_for("the export to complete", || {
+            let r = http
+                .get(&status_url)
+                .header("Authorization", &bearer)
+                .send()
+                .expect("status");
+            (r.status().as_u16() == 200).then(|| r.json().expect("manifest"))
+        });
+        let mut ids = BTreeSet::new();
+        for out in manifest["output"].as_array().expect("output") {
+            let body = http
+                .get(out["url"].as_str().expect("url"))
+                .header("Authorization", &bearer)
+                .send()
+                .and_then(|r| r.error_for_status())
+                .and_then(|r| r.text())
+                .expect("download");
+            for line in body.lines().filter(|l| !l.is_empty()) {
+                let resource: Value = serde_json::from_str(line).expect("NDJSON");
+                ids.insert(resource["id"].as_str().expect("id").to_string());
+            }
+        }
+        let time = manifest["transactionTime"]
+            .as_str()
+            .expect("transactionTime")
+            .to_string();
+        Ok((time, ids))
+    };
+    let ms = |instant: &str| store::parse_instant_ms(instant).expect("an instant");
+    let set = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+
+    let a_updated = put(&n1, "a");
+    let (t1, first) = export(&n1, None).expect("the first export");
+    assert_eq!(first, set(&["a"]));
+    assert!(ms(&t1) >= ms(&a_updated), "{t1} before a's {a_updated}");
+
+    // Node 2 writes b after node 1's export: this machine's clock (the database server's too)
+    // is past `t1` and past a's instant.
+    let before_b = now_ms();
+    let b_updated = put(&n2, "b");
+    assert!(
+        ms(&b_updated) >= before_b,
+        "Patient/b written through node 2 is last updated {b_updated}, before the write was sent ({}); a is last updated {a_updated}",
+        store::format_instant_ms(before_b)
+    );
+    // The chain goes on at node 2 with node 1's transactionTime.
+    let (t2, second) = export(&n2, Some(&t1))
+        .unwrap_or_else(|e| panic!("_since={t1} (node 1's transactionTime) at node 2: {e}"));
+    assert_eq!(second, set(&["b"]), "_since={t1} at node 2");
+    assert!(ms(&t2) >= ms(&b_updated), "{t2} before b's {b_updated}");
+    // A client's own clock as `_since`, at node 1, and in a search.
+    let (_, since_b) = export(&n1, Some(&store::format_instant_ms(before_b - 1)))
+        .expect("an export since just before b");
+    assert_eq!(since_b, set(&["b"]));
+
+    // And back at node 1 with node 2's transactionTime.
+    put(&n1, "c");
+    let (_, third) = export(&n1, Some(&t2))
+        .unwrap_or_else(|e| panic!("_since={t2} (node 2's transactionTime) at node 1: {e}"));
+    assert_eq!(third, set(&["c"]), "_since={t2} at node 1");
+    drop(n2);
+    drop(n1);
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// `Bearer <token>` of `admin` (`system/*.cruds`) from `node`'s token endpoint, by

@@ -467,6 +467,14 @@ pub trait Store: Send + Sync {
         Ok(self.watermark()?.seq)
     }
 
+    /// Now, in ms since the epoch, on the clock that stamps `lastUpdated`: what an instant a
+    /// client passes (`_since`) is compared with, and an export's `transactionTime` when nothing
+    /// was written yet. SQLite (one process): this process's clock. PostgreSQL: the database
+    /// server's (`clock_timestamp()`), the one clock of every node sharing it.
+    fn now_ms(&self) -> Result<i64, StoreError> {
+        Ok(chrono::Utc::now().timestamp_millis())
+    }
+
     /// The first seq whose `lastUpdated >= instant_ms`; `current_seq() + 1` if there is none. A
     /// `_since` instant becomes the seq bound `after = seq_at_or_after(since) - 1`.
     fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError>;

@@ -63,12 +63,15 @@ impl ExportService {
             }));
         }
         let now = now_ms();
+        // `_since` is checked, and an empty store's `transactionTime` taken, on the clock that
+        // stamps `lastUpdated` (PostgreSQL: the database server's, shared by every node).
+        let store_now = self.store.now_ms().map_err(ExportError::Store)?;
         let mut req = ExportRequest::parse(
             level.clone(),
             &pairs,
             is_post,
             lenient,
-            now,
+            store_now,
             request_url.clone(),
         )?;
         if req.container.as_deref() == Some(self.config.import_container.as_str()) {
@@ -136,7 +139,7 @@ impl ExportService {
         let wm = self.store.watermark().map_err(ExportError::Store)?;
         let transaction_time = wm
             .last_updated
-            .unwrap_or_else(|| store::format_instant_ms(now));
+            .unwrap_or_else(|| store::format_instant_ms(store_now));
         // De-identification is CPU-bound: smaller items let every worker share a large type.
         let item_resources = if anonymization.is_some() {
             self.config.run.item_resources.min(DEID_ITEM_RESOURCES)
@@ -334,7 +337,9 @@ impl ExportService {
             NewJob {
                 request: JobRequest::Import(req),
                 watermark: 0,
-                transaction_time: store::format_instant_ms(now),
+                transaction_time: store::format_instant_ms(
+                    self.store.now_ms().map_err(ExportError::Store)?,
+                ),
                 client_id: access.client_id().map(str::to_string),
                 container: self.config.default_container.clone(),
                 anonymization: None,

@@ -98,7 +98,7 @@ impl ExportService {
         let r = match JobRequest::decode(job)? {
             JobRequest::Import(req) => Recorded::Import(Arc::new(req.types())),
             JobRequest::Export(rec) => {
-                let mut req = rec.request(&job.id, job.created_ms)?;
+                let mut req = rec.request(&job.id)?;
                 req.patients = Vec::new();
                 Recorded::Export(Arc::new(req))
             }

@@ -49,6 +49,19 @@
 //! single writer, and seq order is commit order: a reader that sees watermark W sees every row
 //! with `seq <= W`.
 //!
+//! # One clock
+//!
+//! The nodes sharing a database may disagree about the time. Every instant the store stamps
+//! (`lastUpdated` of a write, its history entry or tombstone, the `transactions` row `_since`
+//! and `_lastUpdated` map to seqs) is the database server's `clock_timestamp()`, read in the
+//! write's transaction with the watermark, and [`Store::now_ms`] (what a `_since` is checked
+//! against, an empty store's `transactionTime`) reads the same clock. A node's own clock never
+//! reaches a stored instant: with it, a node behind stamped each write at the previous write's
+//! instant plus 1 ms (the monotonic guard), so its resources looked older than they were and a
+//! `_since` between missed them, and another node's `transactionTime` was "in the future" to it.
+//! The guard (`max(now, last + 1 ms)`) stays, so `lastUpdated` grows with seq even if the
+//! database's clock steps back.
+//!
 //! # Modules
 //!
 //! This module holds [`PgStore`], its options and open, the migrations, the type-number cache
@@ -544,6 +557,10 @@ impl Store for PgStore {
     fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError> {
         self.pool
             .read(|c| watermark::seq_at_or_after(c, instant_ms))
+    }
+
+    fn now_ms(&self) -> Result<i64, StoreError> {
+        self.pool.read(watermark::database_now_ms)
     }
 
     fn set_indexes_stale(&self, stale: bool) -> Result<(), StoreError> {

@@ -40,6 +40,16 @@ pub(super) fn instant_of_seq(store: &PgStore, seq: i64) -> Result<Option<String>
     })
 }
 
+/// The database server's clock, in ms since the epoch (see the module docs of `postgres`, "One
+/// clock").
+pub(super) fn database_now_ms(c: &mut impl GenericClient) -> Result<i64, StoreError> {
+    Ok(c.query_one(
+        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+        &[],
+    )?
+    .try_get(0)?)
+}
+
 pub(super) fn seq_at_or_after(
     c: &mut impl GenericClient,
     instant_ms: i64,

@@ -39,9 +39,14 @@ impl PgStore {
     ) -> Result<Vec<WriteOutcome>, StoreError> {
         let mut tx = c.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
-        let row = tx.query_one("SELECT seq, lu_ms FROM watermark", &[])?;
-        let (last_seq, last_ms): (i64, i64) = (row.get(0), row.get(1));
-        let now = chrono::Utc::now().timestamp_millis();
+        // The instant is the database server's, read under the lock (one clock for every node:
+        // see the module docs of `postgres`), and strictly after the last one.
+        let row = tx.query_one(
+            "SELECT seq, lu_ms, (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+             FROM watermark",
+            &[],
+        )?;
+        let (last_seq, last_ms, now): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
         let lu_ms = now.max(last_ms + 1);
         let last_updated = format_instant_ms(lu_ms);
         let first_seq = last_seq + 1;

@@ -7,7 +7,9 @@
 //! So the queue moves every lease time it is given (heartbeats, the stale cut-off, retry
 //! not-before times, cleanup holds) onto the database server's clock, by an offset measured
 //! against `clock_timestamp()` and measured again every [`REMEASURE`]. Job timestamps shown to
-//! users (created, finished) stay on the node's clock, like the resources' `lastUpdated`.
+//! users (created, finished) stay on the node's clock. The resources' `lastUpdated` (and so an
+//! export's `transactionTime` and what `_since` compares) is the database's clock itself, read
+//! in the write's transaction (see the module docs of `postgres`, "One clock").
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
