@@ -1,8 +1,9 @@
 //! The fault suite: the real `fhirhose` binary under the faults a deployment meets — kill -9 at
-//! random points of an export, a cancel, a bulk load and a transaction; SIGTERM during an
-//! export; PostgreSQL restarted during an export (PostgreSQL pass); the export destination
-//! (Azurite, S3 on moto, S3 on s3s-fs) down for a while or for good; a full disk, under the
-//! server's destination and under the export client's folder. Each case states the invariant
+//! random points of an export, a view export, a cancel, a bulk load and a transaction; SIGTERM
+//! during an export and a view export; PostgreSQL restarted during an export (PostgreSQL pass);
+//! the export destination (Azurite, S3 on moto, S3 on s3s-fs) down for a while or for good; a
+//! full disk, under the server's destination (resource and view exports) and under the export
+//! client's folder. Each case states the invariant
 //! it checks; the suite prints one line per round and
 //! `faults: N passed, M failed, K skipped (cases passed/total)`, and fails if any round failed.
 //!
@@ -545,17 +546,29 @@ fn drop_databases_under(dir: &Path) {
 /// Export work items in the `running` state (claimed by a worker) in the data directory's job
 /// queue: `exports.db` on SQLite, the `export_item` table of its database on PostgreSQL.
 fn running_items(data: &Path) -> R<i64> {
-    const SQL: &str = "SELECT count(*) FROM export_item WHERE state = 'running'";
+    count_items(data, "state = 'running'")
+}
+
+/// Export work items waiting to be claimed (`pending`) with an attempt counted: given back with
+/// the attempt they did not finish still spent (or failed, which no case here provokes).
+fn pending_items_with_attempts(data: &Path) -> R<i64> {
+    count_items(data, "state = 'pending' AND attempts > 0")
+}
+
+/// Export work items matching `condition` in the data directory's job queue: `exports.db` on
+/// SQLite, the `export_item` table of its database on PostgreSQL.
+fn count_items(data: &Path, condition: &str) -> R<i64> {
+    let sql = format!("SELECT count(*) FROM export_item WHERE {condition}");
     if let Some(url) = databases().get(data).map(|db| db.url.clone()) {
         let mut db = postgres::Client::connect(&url, postgres::NoTls)
             .map_err(|e| format!("connect to {url}: {e}"))?;
         let row = db
-            .query_one(SQL, &[])
+            .query_one(&sql, &[])
             .map_err(|e| format!("read export_item: {e}"))?;
         return Ok(row.get(0));
     }
     rusqlite::Connection::open(data.join("exports.db"))
-        .and_then(|db| db.query_row(SQL, [], |r| r.get(0)))
+        .and_then(|db| db.query_row(&sql, [], |r| r.get(0)))
         .map_err(|e| format!("read exports.db: {e}"))
 }
 
@@ -614,9 +627,15 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "sigterm-export",
-        invariant: "SIGTERM during an export: the server exits cleanly within its drain timeout with no work item left claimed; after restart the export completes, every resource exactly once",
+        invariant: "SIGTERM during an export: the server exits cleanly within its drain timeout with no work item left claimed and none given back with its attempt counted; after restart the export completes, every resource exactly once",
         rounds: 2,
         run: sigterm_export,
+    },
+    Case {
+        name: "sigterm-view-export",
+        invariant: "SIGTERM during a `$viewdefinition-export` (two views, NDJSON rows): the server exits cleanly within its drain timeout with no work item left claimed and none given back with its attempt counted; after restart the export completes under the same status URL with every view row exactly once and no uncommitted part left",
+        rounds: 1,
+        run: sigterm_view_export,
     },
     Case {
         name: "kickoff-destination-down",
@@ -659,6 +678,12 @@ const CASES: &[Case] = &[
         invariant: "the local destination (an 8 MB tmpfs) fills up: the job fails with a 507 OperationOutcome and no file of it is left",
         rounds: 1,
         run: disk_full,
+    },
+    Case {
+        name: "disk-full-view-export",
+        invariant: "the local destination (a 512 KB tmpfs, less than the rows) fills up during a `$viewdefinition-export`: the job fails with a 507 OperationOutcome and no file of it is left",
+        rounds: 1,
+        run: disk_full_view_export,
     },
     Case {
         name: "database-disk-full",
@@ -1124,11 +1149,33 @@ fn kill9_transaction(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<Strin
 }
 
 fn sigterm_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    let (sigterm, manifest, _s) = sigterm_during(ctx, rng, dir, |c, base| kickoff(c, base, ""))?;
+    let n = verify_manifest(&ctx.c, &manifest)?;
+    Ok(Some(format!("{sigterm}, {n} resources once each")))
+}
+
+fn sigterm_view_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    let (sigterm, manifest, _s) = sigterm_during(ctx, rng, dir, view_kickoff)?;
+    let n = verify_view_rows(&ctx.c, &manifest)?;
+    Ok(Some(format!("{sigterm}, {n} rows once each")))
+}
+
+/// Kicks off an export with `kick` (its status URL), sends SIGTERM at a random point of it: the
+/// server must exit cleanly within its drain timeout, leaving no work item claimed and none
+/// given back with its attempt counted. Restarts it on the same data and port and waits for the
+/// export's end: a complete manifest, no uncommitted part left. Returns when the signal fell and
+/// how long the exit took, the manifest, and the restarted server (which serves the files).
+fn sigterm_during(
+    ctx: &mut Ctx,
+    rng: &mut Rng,
+    dir: &Path,
+    kick: impl Fn(&reqwest::blocking::Client, &str) -> R<String>,
+) -> R<(String, Value, Server)> {
     let data = ctx.data_dir(dir)?;
     let log = dir.join("serve.log");
     let port = free_port();
     let mut s = Server::start(&data, port, &export_args(), &log)?;
-    let status = kickoff(&ctx.c, &s.base, "")?;
+    let status = kick(&ctx.c, &s.base)?;
     let at = rng.below(ctx.export_ms * 2 / 3 + 1);
     sleep_ms(at);
     let was_running = is_running(&ctx.c, &status);
@@ -1151,20 +1198,26 @@ fn sigterm_export(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>>
         running == 0,
         "{running} work items left claimed after a graceful shutdown"
     );
-    let _s = Server::start(&data, port, &export_args(), &log)?;
+    // A shutdown is not the item's fault: what it gives back keeps its attempts.
+    let spent = pending_items_with_attempts(&data)?;
+    ensure!(
+        spent == 0,
+        "{spent} work items given back by the graceful shutdown with an attempt counted"
+    );
+    let s = Server::start(&data, port, &export_args(), &log)?;
     let (code, manifest, _) = wait_end(&ctx.c, &status, COMPLETE_BOUND)?;
     ensure!(code == 200, "status after restart: {code} {manifest}");
-    let n = verify_manifest(&ctx.c, &manifest)?;
     no_parts_left(&data.join("storage/exports").join(job_id(&status)))?;
-    Ok(Some(format!(
-        "SIGTERM {at} ms after kick-off ({}), exited in {} ms, {n} resources once each",
+    let note = format!(
+        "SIGTERM {at} ms after kick-off ({}), exited in {} ms",
         if was_running {
             "running"
         } else {
             "already done"
         },
         took.as_millis()
-    )))
+    );
+    Ok((note, manifest, s))
 }
 
 /// Creates a bucket on moto (an unsigned `PUT /<bucket>`; its IAM checks are off).
@@ -1380,9 +1433,14 @@ impl Mount {
     /// An 8 MB tmpfs mounted on `at` (created), unmounted when dropped; `None` without the
     /// permission to mount (it needs root; CI runs as root).
     fn small_tmpfs(at: &Path) -> R<Option<Mount>> {
+        Mount::tmpfs(at, "8m")
+    }
+
+    /// [`Mount::small_tmpfs`] of `size` (`mount -o size=…`).
+    fn tmpfs(at: &Path, size: &str) -> R<Option<Mount>> {
         fs::create_dir_all(at).map_err(|e| e.to_string())?;
         let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(at)
             .stderr(Stdio::null())
             .status()
@@ -1400,13 +1458,30 @@ impl Drop for Mount {
 }
 
 fn disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    disk_full_during(ctx, dir, "8m", |c, base| kickoff(c, base, ""))
+}
+
+/// The rows of [`FAULT_VIEWS`] take about 1.4 MB (one Observation's is ~80 bytes of NDJSON):
+/// a 512 KB tmpfs fills up well before the end.
+fn disk_full_view_export(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    disk_full_during(ctx, dir, "512k", view_kickoff)
+}
+
+/// An export kicked off with `kick` into a local destination on a tmpfs of `size`, which fills
+/// up: the job fails with a 507 OperationOutcome and no file of it is left.
+fn disk_full_during(
+    ctx: &mut Ctx,
+    dir: &Path,
+    size: &str,
+    kick: impl Fn(&reqwest::blocking::Client, &str) -> R<String>,
+) -> R<Option<String>> {
     let data = ctx.data_dir(dir)?;
     let storage = data.join("storage");
-    let Some(_mount) = Mount::small_tmpfs(&storage)? else {
+    let Some(_mount) = Mount::tmpfs(&storage, size)? else {
         return missing("permission to mount a tmpfs (run as root)");
     };
     let s = Server::start(&data, free_port(), &export_args(), &dir.join("serve.log"))?;
-    let status = kickoff(&ctx.c, &s.base, "")?;
+    let status = kick(&ctx.c, &s.base)?;
     let (code, body, took) = wait_end(&ctx.c, &status, FAIL_BOUND)?;
     ensure!(code == 507, "status with the disk full: {code} {body}");
     outcome_names(&body, &["space", "full", "storage"])?;
