@@ -63,6 +63,10 @@ pub struct ExportService {
     claiming: std::sync::RwLock<()>,
     /// The items this process's workers run (job id, item number).
     held: Mutex<std::collections::HashSet<(String, i64)>>,
+    /// The items this process's workers ran since unheld items were last given back: one still
+    /// `running` under this process's name had its outcome lost, and keeps its attempt when
+    /// given back (any other unheld item is a claim whose answer was lost, which never ran).
+    ran: Mutex<std::collections::HashSet<(String, i64)>>,
     /// A claim failed: the database may have committed it without the answer reaching this
     /// process. Unheld items are looked for before the next claim.
     claim_unsure: AtomicBool,
@@ -110,6 +114,7 @@ impl ExportService {
             stopping: AtomicBool::new(false),
             claiming: std::sync::RwLock::new(()),
             held: Mutex::new(std::collections::HashSet::new()),
+            ran: Mutex::new(std::collections::HashSet::new()),
             claim_unsure: AtomicBool::new(false),
             work_watch: Mutex::new(None),
             threads: Mutex::new(Vec::new()),

@@ -428,10 +428,15 @@ pub trait JobQueue: Send + Sync {
     /// Makes the items running under `owner` that are not in `held` (job id, item number)
     /// claimable at once: claims `owner` made whose answer never reached it (the connection
     /// died after the database committed the claim), which no worker of `owner` runs. Without
-    /// this they would wait for the heartbeat timeout. Unlike [`JobQueue::release`] the attempt
-    /// stays counted (an item whose outcome could not be recorded is also unheld, and must not
-    /// be retried for ever).
-    fn release_unheld(&self, owner: &str, held: &[(String, i64)]) -> Result<u64, QueueError>;
+    /// this they would wait for the heartbeat timeout. Such an item never ran: its attempt is
+    /// not counted, as by [`JobQueue::release`]. An item in `ran` did run but its outcome could
+    /// not be recorded: its attempt stays counted (it must not be retried for ever).
+    fn release_unheld(
+        &self,
+        owner: &str,
+        held: &[(String, i64)],
+        ran: &[(String, i64)],
+    ) -> Result<u64, QueueError>;
     /// Ends a job (a cancelled job is never overwritten).
     fn finish(
         &self,

@@ -302,17 +302,25 @@ fn claims_whose_answer_was_lost_are_given_back_and_held_ones_kept() {
     let lost = q.claim("w", 1, 600_000, 2).expect("claim").expect("item");
     let other = q.claim("v", 1, 600_000, 2).expect("claim").expect("item");
     let keep = [(held.job_id.clone(), held.item_no)];
-    assert_eq!(q.release_unheld("w", &keep).expect("release"), 1);
-    assert_eq!(q.release_unheld("w", &keep).expect("again"), 0);
+    assert_eq!(q.release_unheld("w", &keep, &[]).expect("release"), 1);
+    assert_eq!(q.release_unheld("w", &keep, &[]).expect("again"), 0);
     assert_eq!(q.heartbeat(&held, 1, 2).expect("hb"), Lease::Held);
     assert_eq!(q.heartbeat(&other, 1, 2).expect("hb"), Lease::Held);
     assert_eq!(q.heartbeat(&lost, 1, 2).expect("hb"), Lease::Lost);
-    // Claimable at once; the attempt stays counted.
+    // Claimable at once; the lost claim never ran, so its attempt is not counted.
     let again = q
         .claim("w", 3, 600_000, 2)
         .expect("claim")
         .expect("the lost item");
-    assert_eq!((again.item_no, again.attempt), (lost.item_no, 2));
+    assert_eq!((again.item_no, again.attempt), (lost.item_no, 1));
+    // An item that ran but whose outcome was lost keeps its attempt.
+    let ran = [(again.job_id.clone(), again.item_no)];
+    assert_eq!(q.release_unheld("w", &keep, &ran).expect("release"), 1);
+    let third = q
+        .claim("w", 4, 600_000, 2)
+        .expect("claim")
+        .expect("the item again");
+    assert_eq!((third.item_no, third.attempt), (lost.item_no, 2));
 }
 
 #[test]
@@ -691,7 +699,7 @@ fn every_change_that_makes_work_claimable_wakes_the_watchers() {
         let held = claim("w");
         claim("w");
         let keep = [(held.job_id.clone(), held.item_no)];
-        assert_eq!(q.release_unheld("w", &keep).expect("release"), 1);
+        assert_eq!(q.release_unheld("w", &keep, &[]).expect("release"), 1);
     });
     step("a release at shutdown", &mut || {
         assert_eq!(q.release_owned("w").expect("release"), 1);

@@ -410,13 +410,23 @@ impl ExportService {
     /// Gives back the items running under this process's name that none of its workers runs:
     /// claims whose answer was lost (the connection died after the database committed), or an
     /// outcome that could not be recorded. Run before the next claim after a failed one, and
-    /// by every sweep. Their attempt stays counted ([`store::JobQueue::release_unheld`]).
+    /// by every sweep. A lost claim's attempt is not counted (the item never ran); a lost
+    /// outcome's stays counted ([`store::JobQueue::release_unheld`]).
     pub(super) fn give_back_unheld(&self) {
         // No claim is between the database and `held` meanwhile.
         let _claiming = self.claiming.write().unwrap_or_else(|p| p.into_inner());
+        // `ran` before `held`: a worker adds its item to `ran` before it leaves `held`.
+        let ran: Vec<(String, i64)> = lock(&self.ran).iter().cloned().collect();
         let held: Vec<(String, i64)> = lock(&self.held).iter().cloned().collect();
-        match self.queue.release_unheld(&self.node, &held) {
+        match self.queue.release_unheld(&self.node, &held, &ran) {
             Ok(n) => {
+                // Every item of `ran` is now recorded or given back: forgotten, so that the set
+                // holds at most the items run between two sweeps.
+                let mut left = lock(&self.ran);
+                for key in &ran {
+                    left.remove(key);
+                }
+                drop(left);
                 self.claim_unsure.store(false, Ordering::SeqCst);
                 if n > 0 {
                     tracing::warn!(
@@ -490,6 +500,7 @@ fn worker_loop(svc: std::sync::Weak<ExportService>) {
             Ok(Some(item)) => {
                 let key = (item.job_id.clone(), item.item_no);
                 me.run_item(item);
+                lock(&me.ran).insert(key.clone());
                 lock(&me.held).remove(&key);
                 continue;
             }

@@ -726,7 +726,12 @@ impl JobQueue for PgJobQueue {
         })
     }
 
-    fn release_unheld(&self, owner: &str, held: &[(String, i64)]) -> Result<u64, QueueError> {
+    fn release_unheld(
+        &self,
+        owner: &str,
+        held: &[(String, i64)],
+        ran: &[(String, i64)],
+    ) -> Result<u64, QueueError> {
         self.tx(|tx| {
             let running = tx.query(
                 "SELECT job_id, item_no FROM export_item WHERE state = 'running' AND owner = $1
@@ -739,10 +744,13 @@ impl JobQueue for PgJobQueue {
                 if held.contains(&key) {
                     continue;
                 }
+                // A claim whose answer was lost never ran: its attempt is not spent.
+                let refund: i64 = if ran.contains(&key) { 0 } else { 1 };
                 n += tx.execute(
-                    "UPDATE export_item SET state = 'pending', owner = NULL, not_before_ms = NULL
+                    "UPDATE export_item SET state = 'pending', owner = NULL, not_before_ms = NULL,
+                       attempts = GREATEST(attempts - $3, 0)
                      WHERE job_id = $1 AND item_no = $2",
-                    &[&key.0, &key.1],
+                    &[&key.0, &key.1, &refund],
                 )?;
             }
             if n > 0 {

@@ -764,7 +764,12 @@ impl JobQueue for SqliteJobQueue {
         Ok(n as u64)
     }
 
-    fn release_unheld(&self, owner: &str, held: &[(String, i64)]) -> Result<u64, QueueError> {
+    fn release_unheld(
+        &self,
+        owner: &str,
+        held: &[(String, i64)],
+        ran: &[(String, i64)],
+    ) -> Result<u64, QueueError> {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let running = tx
@@ -776,11 +781,14 @@ impl JobQueue for SqliteJobQueue {
             })?
             .collect::<Result<Vec<_>, _>>()?;
         let mut n = 0;
-        for (job_id, item_no) in running.iter().filter(|k| !held.contains(k)) {
+        for key in running.iter().filter(|k| !held.contains(k)) {
+            // A claim whose answer was lost never ran: its attempt is not spent.
+            let refund: i64 = if ran.contains(key) { 0 } else { 1 };
             n += tx.execute(
-                "UPDATE export_item SET state = 'pending', owner = NULL, not_before_ms = NULL
+                "UPDATE export_item SET state = 'pending', owner = NULL, not_before_ms = NULL,
+                   attempts = max(attempts - ?4, 0)
                  WHERE job_id = ?1 AND item_no = ?2 AND state = 'running' AND owner = ?3",
-                params![job_id, item_no, owner],
+                params![key.0, key.1, owner, refund],
             )?;
         }
         tx.commit()?;
