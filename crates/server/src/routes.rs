@@ -354,20 +354,35 @@ fn write_response(state: &AppState, headers: &HeaderMap, o: &WriteOutcome) -> Re
         _ => fhir_bytes(o.json.clone().unwrap_or_default()),
     };
     *resp.status_mut() = status;
+    version_headers(
+        &mut resp,
+        state,
+        (&o.resource_type, &o.id, o.version),
+        &o.last_updated,
+    );
+    resp
+}
+
+/// ETag, Last-Modified, Location and Content-Location of the version `(type, id, version)`.
+fn version_headers(
+    resp: &mut Response,
+    state: &AppState,
+    (resource_type, id, version): (&str, &str, i64),
+    last_updated: &str,
+) {
     let h = resp.headers_mut();
-    h.insert(header::ETAG, etag(o.version));
-    if let Some(d) = http_date(&o.last_updated) {
+    h.insert(header::ETAG, etag(version));
+    if let Some(d) = http_date(last_updated) {
         h.insert(header::LAST_MODIFIED, d);
     }
     let location = format!(
         "{}/{}/{}/_history/{}",
-        state.base_url, o.resource_type, o.id, o.version
+        state.base_url, resource_type, id, version
     );
     if let Ok(v) = HeaderValue::from_str(&location) {
         h.insert(header::LOCATION, v.clone());
         h.insert(header::CONTENT_LOCATION, v);
     }
-    resp
 }
 
 /// `POST /{type}`, with `If-None-Exist` a conditional create (FHIR http.html#ccreate).
@@ -533,19 +548,12 @@ fn matched_response(
         _ => outcome(),
     };
     *resp.status_mut() = StatusCode::OK;
-    let h = resp.headers_mut();
-    h.insert(header::ETAG, etag(r.version));
-    if let Some(d) = http_date(&r.last_updated) {
-        h.insert(header::LAST_MODIFIED, d);
-    }
-    let location = format!(
-        "{}/{}/{}/_history/{}",
-        state.base_url, r.resource_type, r.id, r.version
+    version_headers(
+        &mut resp,
+        state,
+        (&r.resource_type, &r.id, r.version),
+        &r.last_updated,
     );
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        h.insert(header::LOCATION, v.clone());
-        h.insert(header::CONTENT_LOCATION, v);
-    }
     resp
 }
 
