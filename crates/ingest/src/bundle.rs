@@ -475,6 +475,42 @@ impl BundlePlan {
         }
     }
 
+    /// Makes every update (`PUT`) of a type for which `may_create` answers false a
+    /// [`WriteOp::Replace`]: it updates a resource that exists and fails (`403`) instead of
+    /// creating one, as the client may update that type but not create in it.
+    pub fn updates_never_create(&mut self, may_create: impl Fn(&str) -> bool) {
+        for (_, p) in &mut self.entries {
+            let Ok(entry) = p else { continue };
+            let EntryAction::Write(op) = &mut entry.action else {
+                continue;
+            };
+            if let WriteOp::Update { resource_type, .. } = op
+                && !may_create(resource_type)
+            {
+                let WriteOp::Update {
+                    resource_type,
+                    id,
+                    resource,
+                    if_match,
+                } = std::mem::replace(
+                    op,
+                    WriteOp::Create {
+                        resource: Value::Null,
+                    },
+                )
+                else {
+                    unreachable!("matched above")
+                };
+                *op = WriteOp::Replace {
+                    resource_type,
+                    id,
+                    resource,
+                    if_match,
+                };
+            }
+        }
+    }
+
     /// Decides ids, resolves `fullUrl`s, rewrites references and validates (`validate`). For a
     /// transaction, the first failing entry fails the whole Bundle, and so do two entries that
     /// change the same resource (FHIR: their identities SHALL NOT overlap).
@@ -684,7 +720,7 @@ pub fn execute(
     writes.sort_by_key(|(_, op)| match op {
         WriteOp::Delete { .. } => 0,
         WriteOp::Create { .. } => 1,
-        WriteOp::Update { .. } | WriteOp::Put(_) => 2,
+        WriteOp::Update { .. } | WriteOp::Replace { .. } | WriteOp::Put(_) => 2,
     });
 
     match translated.kind {
@@ -917,6 +953,9 @@ fn op_key(op: &WriteOp) -> Option<(String, String)> {
         WriteOp::Update {
             resource_type, id, ..
         }
+        | WriteOp::Replace {
+            resource_type, id, ..
+        }
         | WriteOp::Delete {
             resource_type, id, ..
         } => Some((resource_type.clone(), id.clone())),
@@ -934,7 +973,8 @@ fn failing_entry(e: &StoreError, keys: &[Option<(String, String)>]) -> Option<us
         | StoreError::VersionConflict {
             resource_type, id, ..
         }
-        | StoreError::AlreadyExists { resource_type, id } => (resource_type, id),
+        | StoreError::AlreadyExists { resource_type, id }
+        | StoreError::UpdateWouldCreate { resource_type, id } => (resource_type, id),
         _ => return None,
     };
     keys.iter()
@@ -967,9 +1007,14 @@ impl Parsed {
                 resource.get("resourceType")?.as_str()?,
                 resource.get("id")?.as_str()?,
             )),
-            EntryAction::Write(WriteOp::Update {
-                resource_type, id, ..
-            })
+            EntryAction::Write(
+                WriteOp::Update {
+                    resource_type, id, ..
+                }
+                | WriteOp::Replace {
+                    resource_type, id, ..
+                },
+            )
             | EntryAction::Existing {
                 resource_type, id, ..
             } => Some((resource_type, id)),
@@ -980,7 +1025,8 @@ impl Parsed {
     fn resource_mut(&mut self) -> Option<&mut Value> {
         match &mut self.action {
             EntryAction::Write(WriteOp::Create { resource })
-            | EntryAction::Write(WriteOp::Update { resource, .. }) => Some(resource),
+            | EntryAction::Write(WriteOp::Update { resource, .. })
+            | EntryAction::Write(WriteOp::Replace { resource, .. }) => Some(resource),
             _ => None,
         }
     }

@@ -750,6 +750,12 @@ impl Sink for HttpSink {
                         id,
                         resource,
                         ..
+                    }
+                    | WriteOp::Replace {
+                        resource_type,
+                        id,
+                        resource,
+                        ..
                     } => {
                         let url = format!("{resource_type}/{id}");
                         kinds.push((resource_type, false));

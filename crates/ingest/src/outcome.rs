@@ -69,6 +69,9 @@ pub fn store_error_issue(e: &StoreError) -> (u16, OutcomeIssue) {
         StoreError::Gone { .. } => (410, OutcomeIssue::error("deleted", e.to_string())),
         StoreError::VersionConflict { .. } => (412, OutcomeIssue::error("conflict", e.to_string())),
         StoreError::AlreadyExists { .. } => (409, OutcomeIssue::error("duplicate", e.to_string())),
+        StoreError::UpdateWouldCreate { .. } => {
+            (403, OutcomeIssue::error("forbidden", e.to_string()))
+        }
         StoreError::InvalidId(_) => (400, OutcomeIssue::error("invalid", e.to_string()).at("id")),
         StoreError::InvalidType(_) | StoreError::InvalidResource(_) => {
             (400, OutcomeIssue::error("invalid", e.to_string()))

@@ -600,14 +600,27 @@ async fn update(
     }
     check_resource(&mut v, &rtype)?;
     let expected = if_match(&headers)?;
+    // An update that would create needs `c` as well: a client with `u` alone updates what
+    // exists and gets 403 for what does not (decided inside the write).
+    let may_create = ctx.scopes.allows(&rtype, auth::Permission::Create);
     let store = state.store.clone();
     let outcomes = blocking(move || {
-        Ok(store.write(vec![WriteOp::Update {
-            resource_type: rtype,
-            id,
-            resource: v,
-            if_match: expected,
-        }])?)
+        let op = if may_create {
+            WriteOp::Update {
+                resource_type: rtype,
+                id,
+                resource: v,
+                if_match: expected,
+            }
+        } else {
+            WriteOp::Replace {
+                resource_type: rtype,
+                id,
+                resource: v,
+                if_match: expected,
+            }
+        };
+        Ok(store.write(vec![op])?)
     })
     .await?;
     let o = outcomes
@@ -665,6 +678,7 @@ async fn bundle(
     // A create keeps the id its resource came with only for a client that may read the type:
     // for any other the `409` of an id that exists (even deleted) told it which ones do.
     plan.assign_create_ids(|t| ctx.scopes.can_read(t));
+    plan.updates_never_create(|t| ctx.scopes.allows(t, auth::Permission::Create));
     // Conditional creates: each condition run as a search before the Bundle is translated, so
     // that references to the entry's fullUrl name what it matched, and a transaction writes
     // what it creates atomically with its other entries.

@@ -20,6 +20,8 @@ const CLIENTS: &[(&str, &str)] = &[
     ("finder", "system/Patient.cs system/Observation.c"),
     // Reads and searches Observations only.
     ("observer", "system/Observation.rs"),
+    // Reads and updates Patients, creates nothing.
+    ("updater", "system/Patient.ru"),
     // Searches Observations and ViewDefinitions without reading them.
     (
         "searcher",
@@ -531,4 +533,88 @@ async fn other_probes_answer_alike_whether_unreadable_resources_exist() {
         let after = s.send(method.clone(), path, Some(&observer), None).await;
         assert_eq!((after.0, &after.2), (*st, body), "{path}");
     }
+}
+
+/// A `PUT` of an id that does not exist creates the resource (create-on-update), so a client
+/// with `u` but not `c` on a type could create in it: a scope bypass. Now such a client's update
+/// of a missing or deleted resource is 403 and writes nothing, over REST and in Bundles (the
+/// batch entry alone, the whole transaction), decided inside the write; its updates of
+/// resources that exist work as before.
+#[tokio::test]
+async fn update_without_create_scope_never_creates() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    s.put(&admin, json!({"resourceType": "Patient", "id": "there"}))
+        .await;
+    s.put(&admin, json!({"resourceType": "Patient", "id": "gone"}))
+        .await;
+    let (st, _, body) = s
+        .send(Method::DELETE, "/Patient/gone", Some(&admin), None)
+        .await;
+    assert!(st.is_success(), "{body}");
+    let updater = s.token("updater", "system/Patient.ru").await;
+    for id in ["new", "gone"] {
+        let (st, _, body) = s
+            .send(
+                Method::PUT,
+                &format!("/Patient/{id}"),
+                Some(&updater),
+                Some(json!({"resourceType": "Patient", "id": id})),
+            )
+            .await;
+        assert_outcome(st, StatusCode::FORBIDDEN, &body);
+    }
+    let (st, _, body) = s
+        .send(
+            Method::PUT,
+            "/Patient/there",
+            Some(&updater),
+            Some(json!({"resourceType": "Patient", "id": "there", "active": true})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let entries = json!([
+        {"resource": {"resourceType": "Patient", "id": "new2"},
+         "request": {"method": "PUT", "url": "Patient/new2"}},
+        {"resource": {"resourceType": "Patient", "id": "there", "active": false},
+         "request": {"method": "PUT", "url": "Patient/there"}}
+    ]);
+    let (st, _, body) = s
+        .send(
+            Method::POST,
+            "/",
+            Some(&updater),
+            Some(bundle("batch", entries.clone())),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let got = statuses(&body);
+    assert!(got[0].starts_with("403"), "{body}");
+    assert!(got[1].starts_with("200"), "{body}");
+    let (st, _, body) = s
+        .send(
+            Method::POST,
+            "/",
+            Some(&updater),
+            Some(bundle("transaction", entries)),
+        )
+        .await;
+    assert_outcome(st, StatusCode::FORBIDDEN, &body);
+    for id in ["new", "new2"] {
+        let (st, _, body) = s
+            .send(Method::GET, &format!("/Patient/{id}"), Some(&admin), None)
+            .await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
+    }
+    let (st, _, body) = s
+        .send(Method::GET, "/Patient/gone", Some(&admin), None)
+        .await;
+    assert_eq!(st, StatusCode::GONE, "{body}");
+    // Versions: the admin's, the REST update, the batch's; the transaction wrote nothing.
+    let (st, _, body) = s
+        .send(Method::GET, "/Patient/there/_history", Some(&admin), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let history: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(history["entry"].as_array().unwrap().len(), 3, "{body}");
 }

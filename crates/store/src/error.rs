@@ -27,6 +27,10 @@ pub enum StoreError {
     /// A create with a caller-chosen id that already exists (also if deleted). → 409 `duplicate`.
     #[error("{resource_type}/{id} already exists")]
     AlreadyExists { resource_type: String, id: String },
+    /// A [`crate::WriteOp::Replace`] of a resource that does not exist (or is deleted): the
+    /// caller may update, not create. → 403 `forbidden`.
+    #[error("{resource_type}/{id} does not exist, and this update may not create it")]
+    UpdateWouldCreate { resource_type: String, id: String },
     /// Not a valid FHIR id (`[A-Za-z0-9\-\.]{1,64}`). → 400 `invalid`.
     #[error("invalid resource id '{0}'")]
     InvalidId(String),

@@ -77,6 +77,16 @@ pub enum WriteOp {
         resource: serde_json::Value,
         if_match: Option<i64>,
     },
+    /// [`WriteOp::Update`] that never creates: when the resource does not exist or is deleted
+    /// the write fails with [`StoreError::UpdateWouldCreate`] (a `PUT` of a client that may
+    /// update the type but not create in it; decided inside the write, so that a delete between
+    /// a check and the write cannot turn the update into a create).
+    Replace {
+        resource_type: String,
+        id: String,
+        resource: serde_json::Value,
+        if_match: Option<i64>,
+    },
     /// Delete: writes a tombstone version. Deleting a missing or already deleted resource is not an
     /// error and writes nothing (status [`WriteStatus::DeleteNotFound`]). With `if_match`, the
     /// current version must be that version.

@@ -91,6 +91,8 @@ pub(crate) struct Prepared {
     pub(crate) resource: Option<Body>,
     pub(crate) if_match: Option<i64>,
     pub(crate) method: HistoryMethod,
+    /// A [`WriteOp::Replace`]: the resource must exist (and not be deleted).
+    pub(crate) must_exist: bool,
 }
 
 pub(crate) enum Body {
@@ -154,6 +156,7 @@ pub(crate) fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
                 resource: Some(Body::Json(m)),
                 if_match: None,
                 method: HistoryMethod::Post,
+                must_exist: false,
             })
         }
         WriteOp::Update {
@@ -169,6 +172,23 @@ pub(crate) fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
                 resource: Some(Body::Json(m)),
                 if_match,
                 method: HistoryMethod::Put,
+                must_exist: false,
+            })
+        }
+        WriteOp::Replace {
+            resource_type,
+            id,
+            resource,
+            if_match,
+        } => {
+            let m = check_update(&resource_type, &id, resource)?;
+            Ok(Prepared {
+                resource_type,
+                id: Some(id),
+                resource: Some(Body::Json(m)),
+                if_match,
+                method: HistoryMethod::Put,
+                must_exist: true,
             })
         }
         WriteOp::Put(ready) => Ok(Prepared {
@@ -177,6 +197,7 @@ pub(crate) fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
             resource: Some(Body::Ready(ready)),
             if_match: None,
             method: HistoryMethod::Put,
+            must_exist: false,
         }),
         WriteOp::Delete {
             resource_type,
@@ -195,6 +216,7 @@ pub(crate) fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
                 resource: None,
                 if_match,
                 method: HistoryMethod::Delete,
+                must_exist: false,
             })
         }
     }

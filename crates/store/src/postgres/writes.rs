@@ -104,6 +104,12 @@ impl PgStore {
                     id,
                 });
             }
+            if p.must_exist && cur.is_none_or(|c| c.deleted) {
+                return Err(StoreError::UpdateWouldCreate {
+                    resource_type: p.resource_type,
+                    id,
+                });
+            }
             if let Some(expected) = p.if_match {
                 let live = cur.filter(|c| !c.deleted).map(|c| c.version);
                 if live != Some(expected) {

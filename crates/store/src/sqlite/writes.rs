@@ -74,6 +74,12 @@ pub(super) fn write(
                     id,
                 });
             }
+            if p.must_exist && current.as_ref().is_none_or(|c| c.deleted) {
+                return Err(StoreError::UpdateWouldCreate {
+                    resource_type: p.resource_type,
+                    id,
+                });
+            }
             if let Some(expected) = p.if_match {
                 let live = current.as_ref().filter(|c| !c.deleted).map(|c| c.version);
                 if live != Some(expected) {
