@@ -136,6 +136,7 @@ pub(crate) fn check_update(
 }
 
 pub(crate) fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
+    let must_exist = matches!(op, WriteOp::Replace { .. });
     match op {
         WriteOp::Create { resource } => {
             let resource_type = resource_type_of(&resource)?.to_string();
@@ -164,18 +165,8 @@ pub(crate) fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
             id,
             resource,
             if_match,
-        } => {
-            let m = check_update(&resource_type, &id, resource)?;
-            Ok(Prepared {
-                resource_type,
-                id: Some(id),
-                resource: Some(Body::Json(m)),
-                if_match,
-                method: HistoryMethod::Put,
-                must_exist: false,
-            })
         }
-        WriteOp::Replace {
+        | WriteOp::Replace {
             resource_type,
             id,
             resource,
@@ -188,7 +179,7 @@ pub(crate) fn prepare(op: WriteOp) -> Result<Prepared, StoreError> {
                 resource: Some(Body::Json(m)),
                 if_match,
                 method: HistoryMethod::Put,
-                must_exist: true,
+                must_exist,
             })
         }
         WriteOp::Put(ready) => Ok(Prepared {
