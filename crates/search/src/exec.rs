@@ -103,6 +103,22 @@ pub struct ExecOptions {
     pub max_page_bytes: usize,
 }
 
+impl ExecOptions {
+    /// The options of a search run under `limits` (its time limit, include and page-bytes
+    /// bounds), and the guard that stops it when dropped: an async handler holds the guard, so
+    /// that the blocking search stops when the client goes away.
+    pub fn under(limits: &crate::query::SearchLimits) -> (ExecOptions, CancelOnDrop) {
+        let control = SearchControl::new(limits.timeout);
+        let guard = control.cancel_on_drop();
+        let exec = ExecOptions {
+            control: Some(control),
+            max_included: limits.max_included,
+            max_page_bytes: limits.max_page_bytes,
+        };
+        (exec, guard)
+    }
+}
+
 impl Default for ExecOptions {
     fn default() -> Self {
         ExecOptions {

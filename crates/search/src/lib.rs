@@ -40,7 +40,8 @@ pub use bundle::{
 };
 pub use error::SearchError;
 pub use exec::{
-    ExecOptions, SearchControl, compile, execute, execute_rows, execute_with, search_bundle,
+    CancelOnDrop, ExecOptions, SearchControl, compile, execute, execute_rows, execute_with,
+    search_bundle,
 };
 pub use indexer::SearchIndexer;
 pub use predicate::{Predicate, PredicateSet};

@@ -490,13 +490,7 @@ async fn condition_matches(
     q.summary_count = false;
     q.total = search::TotalMode::None;
     q.count = 2;
-    let control = search::SearchControl::new(limits.timeout);
-    let _stop_when_dropped = control.cancel_on_drop();
-    let exec = search::ExecOptions {
-        control: Some(control),
-        max_included: limits.max_included,
-        max_page_bytes: limits.max_page_bytes,
-    };
+    let (exec, _stop_when_dropped) = search::ExecOptions::under(&limits);
     let store = state.store.clone();
     let rtype = rtype.to_string();
     blocking(move || {
@@ -1119,13 +1113,7 @@ async fn run_search(
     let store = state.store.clone();
     // The blocking search outlives this future when the client goes away (axum drops the
     // handler, not the blocking task): the guard stops it then, SQLite checks the time limit.
-    let control = search::SearchControl::new(limits.timeout);
-    let _stop_when_dropped = control.cancel_on_drop();
-    let exec = search::ExecOptions {
-        control: Some(control),
-        max_included: limits.max_included,
-        max_page_bytes: limits.max_page_bytes,
-    };
+    let (exec, _stop_when_dropped) = search::ExecOptions::under(&limits);
     let span = tracing::Span::current();
     let base = state.base_url.clone();
     let chunks = blocking(move || {
