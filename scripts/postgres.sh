@@ -18,6 +18,9 @@
 # (created if missing) and DIR is owned by it; when DIR's parent directories are not traversable
 # by that user (a clone under /root), the cluster lives in /var/tmp/fhirhose-pg-<hash of DIR>
 # (named in DIR/cluster) and only the port file stays in DIR.
+# POSTGRES_WAL_DIR (read by the first `start` only, when it runs initdb): the write-ahead log in
+# that directory (which must not exist yet, inside a directory the cluster's user owns) in 1 MB
+# segments, e.g. on a small tmpfs for the `database-wal-full` fault case.
 # When the binaries are missing (no /usr/lib/postgresql/*/bin/initdb and no pg_ctl on PATH), the
 # Debian/Ubuntu package `postgresql` is installed with apt-get.
 set -euo pipefail
@@ -154,12 +157,19 @@ case $CMD in
     fi
     if [[ ! -f $DATA/PG_VERSION ]]; then
       rm -rf "$DATA"
+      WAL_ARGS=()
+      if [[ -n ${POSTGRES_WAL_DIR:-} ]]; then
+        WAL_ARGS=(--waldir="$POSTGRES_WAL_DIR" --wal-segsize=1)
+      fi
       as_owner "$BIN/initdb" -D "$DATA" --username="$DB_USER" --auth=trust \
-        --encoding=UTF8 --locale=C.UTF-8 >"$OWNED/initdb.log" 2>&1 || {
+        --encoding=UTF8 --locale=C.UTF-8 "${WAL_ARGS[@]}" >"$OWNED/initdb.log" 2>&1 || {
         # Older initdb versions or images without C.UTF-8.
         rm -rf "$DATA"
+        if [[ -n ${POSTGRES_WAL_DIR:-} ]]; then
+          rm -rf "$POSTGRES_WAL_DIR"
+        fi
         as_owner "$BIN/initdb" -D "$DATA" --username="$DB_USER" --auth=trust \
-          --encoding=UTF8 --no-locale >"$OWNED/initdb.log" 2>&1 || {
+          --encoding=UTF8 --no-locale "${WAL_ARGS[@]}" >"$OWNED/initdb.log" 2>&1 || {
           echo "postgres.sh: initdb failed; see $OWNED/initdb.log" >&2
           tail -n 20 "$OWNED/initdb.log" >&2
           exit 1

@@ -692,6 +692,12 @@ const CASES: &[Case] = &[
         run: database_disk_full,
     },
     Case {
+        name: "database-wal-full",
+        invariant: "PostgreSQL's write-ahead log on a disk that fills up (a 12 MB tmpfs) under POSTs: the database server stops itself (PANIC) and cannot restart; the write that met the full log and every request while the database is down get a 507 or 503 OperationOutcome (503 with Retry-After), never a 500, and the server keeps running; once space is freed and the database started again, every acknowledged write is there, no refused one, and writes succeed without restarting Fhirhose (PostgreSQL pass only)",
+        rounds: 1,
+        run: database_wal_full,
+    },
+    Case {
         name: "client-disk-full",
         invariant: "`fhirhose export` downloads into a folder that fills up (an 8 MB tmpfs), after the export and with --partial-manifests while it runs: it exits with an error naming a file and the lack of space (no panic), and every file it gave its final name is whole",
         rounds: 1,
@@ -912,11 +918,17 @@ const TX_ENTRIES: usize = 10;
 
 /// `scripts/postgres.sh CMD DIR`: the last line it prints (the URL, for `start`).
 fn postgres_sh(cmd: &str, dir: &Path) -> R<String> {
+    postgres_sh_with(cmd, dir, &[])
+}
+
+/// [`postgres_sh`] with environment variables for the script (e.g. `POSTGRES_WAL_DIR`).
+fn postgres_sh_with(cmd: &str, dir: &Path, env: &[(&str, &Path)]) -> R<String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/postgres.sh");
     let out = Command::new("bash")
         .arg(&script)
         .arg(cmd)
         .arg(dir)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .output()
         .map_err(|e| format!("run postgres.sh {cmd}: {e}"))?;
     ensure!(
@@ -1581,6 +1593,168 @@ fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<St
     drop(small);
     Ok(Some(format!(
         "{acknowledged} POSTs fitted, then 507 (a transaction too); written again after the tmpfs grew"
+    )))
+}
+
+/// `database-wal-full`: a cluster of its own whose write-ahead log is on a 12 MB tmpfs (1 MB
+/// segments; `scripts/postgres.sh` keeps up to 4 GB of log between checkpoints, so it fills).
+/// When a backend cannot write the log PostgreSQL PANICs, and its crash recovery, which must
+/// write the log too, fails: the cluster is down until space is freed and it is started again
+/// (what an operator does).
+fn database_wal_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    if store::testing::test_database_url().is_none() {
+        return Ok(Some(
+            "not applicable on SQLite (its log is in the data directory: database-disk-full); runs in the PostgreSQL pass".into(),
+        ));
+    }
+    // Where the cluster's user can reach it (a clone under /root is not traversable).
+    let at = PathBuf::from(format!(
+        "/var/tmp/fhirhose-wal-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let Some(mount) = Mount::tmpfs(&at, "12m")? else {
+        return missing("permission to mount a tmpfs (run as root)");
+    };
+    let owned = Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&at)
+        .status()
+        .is_ok_and(|st| st.success());
+    ensure!(owned, "chown postgres {}", at.display());
+    let pg = dir.join("pg");
+    let url = postgres_sh_with("start", &pg, &[("POSTGRES_WAL_DIR", &at.join("pg_wal"))])?;
+    let cluster = Cluster(pg.clone());
+    let data = dir.join("data");
+    let db = store::testing::fresh_database(&url).map_err(|e| format!("create a database: {e}"))?;
+    register_database(&data, db);
+    let mut s = Server::start(&data, free_port(), &[], &dir.join("serve.log"))?;
+    let base = s.base.clone();
+    let c = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| e.to_string())?;
+    // A request's status, whether it came with Retry-After, and its body.
+    let send = |r: reqwest::blocking::RequestBuilder| -> R<(u16, bool, Value)> {
+        let r = r.send().map_err(|e| format!("request: {e}"))?;
+        let code = r.status().as_u16();
+        let retry = r.headers().contains_key("retry-after");
+        Ok((code, retry, r.json().unwrap_or(Value::Null)))
+    };
+    let post = |n: u64| {
+        let body = json!({"resourceType": "Patient", "name": [{"family": format!("Wal{n}"),
+            "given": [store::testing::incompressible_letters(n, 4000)]}]});
+        send(
+            c.post(format!("{base}/Patient"))
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string()),
+        )
+    };
+    // A refusal while the log is full or the database down: 507, or 503 with Retry-After; an
+    // OperationOutcome either way.
+    let refusal = |what: &str, (code, retry, body): &(u16, bool, Value)| -> R<()> {
+        ensure!(
+            *code == 507 || (*code == 503 && *retry),
+            "{what}: {code} (Retry-After: {retry}) {body}"
+        );
+        ensure!(
+            body["resourceType"] == "OperationOutcome",
+            "{what}: not an OperationOutcome: {body}"
+        );
+        Ok(())
+    };
+    let mut acknowledged: Vec<String> = Vec::new();
+    let started = Instant::now();
+    let first = loop {
+        ensure!(
+            acknowledged.len() < 20_000 && started.elapsed() < Duration::from_secs(300),
+            "the 12 MB log disk never filled up ({} POSTs)",
+            acknowledged.len()
+        );
+        let answer = post(acknowledged.len() as u64)?;
+        if answer.0 != 201 {
+            break answer;
+        }
+        let id = answer.2["id"].as_str().ok_or("a 201 without an id")?;
+        acknowledged.push(id.to_string());
+    };
+    refusal("the POST that met the full log", &first)?;
+    // A 503 for the write in flight when the database went down leaves its outcome unknown to
+    // the client; a 507 says nothing of it was written.
+    let unknown = u64::from(first.0 == 503);
+    // While the database is down (or restarting in vain): writes and reads refused the same
+    // way, the server alive.
+    let mut during = Vec::new();
+    for n in 0..3u64 {
+        let w = post(1_000_000 + n)?;
+        let r = send(c.get(format!("{base}/Patient?_count=1")))?;
+        // The database may have come back meanwhile: then the write stands.
+        if w.0 == 201 {
+            acknowledged.push(w.2["id"].as_str().ok_or("a 201 without an id")?.to_string());
+        } else {
+            refusal("a POST while the log is full", &w)?;
+        }
+        if r.0 != 200 {
+            refusal("a search while the log is full", &r)?;
+        }
+        during.push(format!("{}/{}", w.0, r.0));
+        sleep_ms(200);
+    }
+    if let Ok(Some(status)) = s.child.try_wait() {
+        return Err(format!("fhirhose serve exited: {status}\n{}", tail(&s.log)));
+    }
+    // Space freed, the database started again (a no-op if it came back by itself).
+    let grown = Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&at)
+        .status()
+        .is_ok_and(|st| st.success());
+    ensure!(grown, "cannot grow the tmpfs");
+    postgres_sh("start", &pg)?;
+    let back = Instant::now();
+    let total = loop {
+        let (code, _, body) = send(c.get(format!("{base}/Patient?_summary=count")))?;
+        if code == 200 {
+            break body["total"]
+                .as_u64()
+                .ok_or_else(|| format!("no total: {body}"))?;
+        }
+        ensure!(
+            back.elapsed() < Duration::from_secs(60),
+            "no answer 60 s after the database came back: {code} {body}\n{}",
+            tail(&s.log)
+        );
+        sleep_ms(100);
+    };
+    let acked = acknowledged.len() as u64;
+    ensure!(
+        total >= acked && total <= acked + unknown,
+        "{total} Patients after recovery, {acked} acknowledged (+{unknown} of unknown outcome)"
+    );
+    for id in &acknowledged {
+        let (code, _, body) = send(c.get(format!("{base}/Patient/{id}")))?;
+        ensure!(
+            code == 200,
+            "acknowledged Patient/{id} after recovery: {code} {body}"
+        );
+    }
+    let again = post(2_000_000)?;
+    ensure!(
+        again.0 == 201,
+        "a POST once the database is back: {} {}",
+        again.0,
+        again.2
+    );
+    drop(s);
+    // The database goes before its cluster, the cluster before its log's disk.
+    drop_databases_under(&data);
+    drop(cluster);
+    drop(mount);
+    Ok(Some(format!(
+        "{acked} POSTs acknowledged, then {} (Retry-After: {}); while down (POST/search) {}; all there and writable again after the restart",
+        first.0,
+        first.1,
+        during.join(", ")
     )))
 }
 

@@ -117,13 +117,42 @@ impl Target {
         }
     }
 
-    /// Open one connection.
+    /// Open one connection, its commits durable ([`durable_commits`]).
     pub(crate) fn connect(&self) -> Result<Client, StoreError> {
         let tls = self.tls()?;
-        self.config
+        let mut client = self
+            .config
             .connect(tls)
-            .map_err(|e| self.unavailable(describe(&e)))
+            .map_err(|e| self.unavailable(describe(&e)))?;
+        durable_commits(&mut client, &self.display).map_err(|e| self.unavailable(describe(&e)))?;
+        Ok(client)
     }
+}
+
+/// A write is answered once its transaction commits, so a commit must be on disk when it
+/// returns. With `synchronous_commit = off` (a database, role or cluster default some
+/// operators choose for speed) it returns before its log record is flushed, and a crash of the
+/// database server loses writes already answered `201`, or an export's committed file: the
+/// `database-wal-full` fault case on a cluster set so (a full log disk makes PostgreSQL PANIC)
+/// had 166 POSTs acknowledged and 165 Patients after the restart. Such a connection is set to
+/// `local` (the commit waits for the local flush); `on` and the `remote_*` settings, which also
+/// wait for synchronous standbys, are left as configured. One round trip per new connection.
+fn durable_commits(client: &mut Client, target_db: &str) -> Result<(), ::postgres::Error> {
+    let setting = client
+        .simple_query("SHOW synchronous_commit")?
+        .into_iter()
+        .find_map(|m| match m {
+            ::postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        });
+    if setting.as_deref() == Some("off") {
+        client.batch_execute("SET synchronous_commit = local")?;
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(%target_db, "the database's synchronous_commit is off: Fhirhose's connections use `local`, so that an acknowledged write survives a crash of the database server");
+        });
+    }
+    Ok(())
 }
 
 /// The driver's error text, with the database's own message when there is one.
@@ -206,6 +235,42 @@ pub(crate) fn is_connection_error(e: &::postgres::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a connection's `synchronous_commit` is after `connect`, when its database's default
+    /// is `setting` (a fresh database of the test cluster; skipped without one).
+    fn synchronous_commit_under(setting: &str) -> Option<String> {
+        let base = crate::testing::test_database_url()?;
+        let db = crate::testing::fresh_database(&base).expect("database");
+        crate::testing::admin_batch(
+            &base,
+            &format!(
+                "ALTER DATABASE {} SET synchronous_commit = {setting}",
+                db.name
+            ),
+        )
+        .expect("alter");
+        let target = Target::parse(&db.url, Duration::from_secs(10)).expect("url");
+        let mut client = target.connect().expect("connect");
+        let row = client
+            .query_one("SELECT current_setting('synchronous_commit')", &[])
+            .expect("show");
+        Some(row.get(0))
+    }
+
+    #[test]
+    fn commits_are_flushed_before_they_return_whatever_the_database_default() {
+        for (default, expected) in [
+            ("off", "local"),
+            ("local", "local"),
+            ("on", "on"),
+            ("remote_apply", "remote_apply"),
+        ] {
+            let Some(got) = synchronous_commit_under(default) else {
+                return;
+            };
+            assert_eq!(got, expected, "database default {default}");
+        }
+    }
 
     #[test]
     fn sslrootcert_is_taken_out_of_the_url() {
