@@ -1107,3 +1107,71 @@ fn a_read_right_after_a_restart_runs_again_on_a_new_connection() {
     drop(reads);
     drop(store);
 }
+
+/// A database that refuses writes (a standby after a failover, a replica named by mistake, or
+/// `default_transaction_read_only` during maintenance) answers SQLSTATE 25006: the store's
+/// writes and the job queue's are `Unavailable` (503 with Retry-After), not a 500, reads go
+/// on, and writes succeed again once the database accepts them. Before, a job-queue write
+/// (an export kick-off) was `StoreError::Postgres` → 500 "internal server error".
+#[test]
+fn a_database_that_refuses_writes_is_unavailable_until_it_accepts_them() {
+    let Some(base) =
+        postgres_url("a_database_that_refuses_writes_is_unavailable_until_it_accepts_them")
+    else {
+        return;
+    };
+    let db = fresh_database(&base).unwrap();
+    let store = PgStore::connect(&db.url, PgOptions::default()).unwrap();
+    let queue = store.jobs().unwrap();
+    let patient = |id: &str| WriteOp::Update {
+        resource_type: "Patient".into(),
+        id: id.into(),
+        resource: json!({"resourceType": "Patient", "active": true}),
+        if_match: None,
+    };
+    store.write(vec![patient("before")]).unwrap();
+    assert_eq!(queue.purge(0).unwrap(), 0);
+    let mut admin = postgres::Client::connect(&base, postgres::NoTls).unwrap();
+    let set_read_only = |admin: &mut postgres::Client, on: bool| {
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} SET default_transaction_read_only = {on}",
+                db.name
+            ))
+            .unwrap();
+        // Sessions take a database default when they start: end the pooled ones.
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&db.name],
+            )
+            .unwrap();
+    };
+    set_read_only(&mut admin, true);
+    // The first call after the sessions ended may meet a closed pooled connection (already
+    // Unavailable); the ones after it meet the read-only database.
+    for _ in 0..3 {
+        match store.write(vec![patient("during")]) {
+            Err(StoreError::Unavailable { .. }) => {}
+            other => panic!("a write to a read-only database: {other:?}"),
+        }
+        match queue.purge(0) {
+            Err(e) if e.is_unavailable() => {}
+            other => panic!("a job-queue write to a read-only database: {other:?}"),
+        }
+    }
+    assert_eq!(store.read("Patient", "before").unwrap().version, 1);
+    set_read_only(&mut admin, false);
+    // Writable again: the next calls succeed (a first one may meet a terminated connection).
+    let mut ok = false;
+    for _ in 0..3 {
+        if store.write(vec![patient("after")]).is_ok() && queue.purge(0).is_ok() {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "writes did not succeed once the database accepted them");
+    assert!(store.read("Patient", "during").is_err());
+    assert_eq!(store.read("Patient", "after").unwrap().version, 1);
+}

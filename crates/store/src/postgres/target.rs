@@ -219,8 +219,12 @@ pub(crate) fn is_connection_error(e: &::postgres::Error) -> bool {
     if let Some(code) = e.code() {
         let c = code.code();
         // 08: connection exception; 57P01-57P03: admin/crash shutdown, cannot connect now;
-        // 25P03: the server ended a session idle in a transaction (the job queue's timeout).
-        return c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "25P03");
+        // 25P03: the server ended a session idle in a transaction (the job queue's timeout);
+        // 25006: a read-only transaction refused a write — the server is a standby (a
+        // failover demoted it, or the URL names a replica) or the database is read-only for
+        // maintenance: writes can succeed later, on a new connection (with several hosts and
+        // `target_session_attrs=read-write`, to the new primary), so this one is dropped too.
+        return c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "25P03" | "25006");
     }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
