@@ -64,6 +64,15 @@ pub fn store_error_issue(e: &StoreError) -> (u16, OutcomeIssue) {
             ),
         );
     }
+    if e.is_transient() {
+        return (
+            503,
+            OutcomeIssue::error(
+                "transient",
+                "the database could not complete the request now (a timeout, a lock or a conflict): nothing of it was written; retry later",
+            ),
+        );
+    }
     match e {
         StoreError::NotFound { .. } => (404, OutcomeIssue::error("not-found", e.to_string())),
         StoreError::Gone { .. } => (410, OutcomeIssue::error("deleted", e.to_string())),

@@ -138,7 +138,7 @@ impl From<store::StoreError> for ApiError {
             tracing::error!(error = %e, "store error");
         }
         let mut headers = Vec::new();
-        if matches!(e, store::StoreError::Unavailable { .. }) {
+        if matches!(e, store::StoreError::Unavailable { .. }) || e.is_transient() {
             headers.push((
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),

@@ -85,6 +85,28 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The database could not do it now and did nothing of it: a statement cancelled by the
+    /// database's `statement_timeout` (57014), a lock not granted within `lock_timeout`
+    /// (55P03), a serialization failure or a deadlock (40001, 40P01), the server short of
+    /// memory or resources (53000, 53200); SQLite busy or locked beyond its timeout. The
+    /// transaction was rolled back and the same request may succeed later: 503 `transient`
+    /// with `Retry-After`, not a 500. (A search's own cancel is [`StoreError::Cancelled`].)
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            StoreError::Postgres(e) => e.code().is_some_and(|c| {
+                matches!(
+                    c.code(),
+                    "57014" | "55P03" | "40001" | "40P01" | "53000" | "53200"
+                )
+            }),
+            _ => false,
+        }
+    }
+
     /// The database's disk (or quota) is full: SQLite's `SQLITE_FULL`, PostgreSQL's
     /// `disk_full` (53100), or `ENOSPC`/`EDQUOT` on a file of the store. The write was not made
     /// (SQLite rolls the transaction back; PostgreSQL aborts it), and the same write may succeed

@@ -1175,3 +1175,53 @@ fn a_database_that_refuses_writes_is_unavailable_until_it_accepts_them() {
     assert!(store.read("Patient", "during").is_err());
     assert_eq!(store.read("Patient", "after").unwrap().version, 1);
 }
+
+/// A write the database cancels by its own `statement_timeout` (here: blocked behind another
+/// session holding the write lock) is transient — 503 with Retry-After, nothing written —
+/// rather than `StoreError::Postgres` → 500 "internal storage error"; the next write, once the
+/// lock is free, succeeds.
+#[test]
+fn a_write_cancelled_by_the_databases_statement_timeout_is_transient() {
+    let Some(base) =
+        postgres_url("a_write_cancelled_by_the_databases_statement_timeout_is_transient")
+    else {
+        return;
+    };
+    let db = fresh_database(&base).unwrap();
+    postgres::Client::connect(&base, postgres::NoTls)
+        .unwrap()
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET statement_timeout = '300ms'",
+            db.name
+        ))
+        .unwrap();
+    let store = PgStore::connect(&db.url, PgOptions::default()).unwrap();
+    let patient = |id: &str| WriteOp::Update {
+        resource_type: "Patient".into(),
+        id: id.into(),
+        resource: json!({"resourceType": "Patient", "active": true}),
+        if_match: None,
+    };
+    store.write(vec![patient("before")]).unwrap();
+    // Another session of the same database holds the store's write lock.
+    let mut holder = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&store::postgres::WRITE_LOCK],
+        )
+        .unwrap();
+    match store.write(vec![patient("blocked")]) {
+        Err(e) => assert!(e.is_transient(), "not transient: {e:?}"),
+        Ok(o) => panic!("a write behind a held write lock succeeded: {o:?}"),
+    }
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&store::postgres::WRITE_LOCK],
+        )
+        .unwrap();
+    store.write(vec![patient("after")]).unwrap();
+    assert!(store.read("Patient", "blocked").is_err());
+    assert_eq!(store.read("Patient", "after").unwrap().version, 1);
+}
