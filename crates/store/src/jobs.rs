@@ -15,6 +15,9 @@
 //!                  ^                  │  └──> failed (attempts exhausted, or not retryable)
 //!                  ├── failed transiently: pending again after a back-off (attempt counted)
 //!                  ├── released at shutdown: pending at once, the attempt given back
+//!                  ├── its destination full: pending after a wait that grows with the time
+//!                  │   waited, the attempt given back, until a commit of it succeeds or it
+//!                  │   waited longer than the limit (then it fails its job)
 //!                  └── heartbeat older than the timeout: taken over by another worker,
 //!                      which resumes from the item's committed cursor
 //! ```
@@ -172,6 +175,55 @@ impl Retry {
         let shift = (attempt - 1).clamp(0, 20) as u32;
         now_ms + self.base_ms.saturating_mul(1i64 << shift).min(self.max_ms)
     }
+}
+
+/// How an item whose destination is full waits for space ([`JobQueue::wait_for_space`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpaceWait {
+    /// The wait before the item may be claimed again is the time it has waited so far, at
+    /// least `min_ms` and at most `max_ms`: so the waits double (5 s, 5 s, 10 s, 20 s, …).
+    pub min_ms: i64,
+    pub max_ms: i64,
+    /// How long the item may wait in all, from the first full destination after its last
+    /// commit: the next full destination after it fails the job.
+    pub limit_ms: i64,
+}
+
+impl SpaceWait {
+    /// When an item waiting since `since_ms` may be claimed again, at `now_ms` (never after
+    /// its limit); `None` when it has waited `limit_ms` or longer.
+    pub fn next_try(&self, since_ms: i64, now_ms: i64) -> Option<i64> {
+        let waited = now_ms.saturating_sub(since_ms).max(0);
+        if waited >= self.limit_ms {
+            return None;
+        }
+        let delay = waited.max(self.min_ms).min(self.max_ms.max(self.min_ms));
+        Some(
+            now_ms
+                .saturating_add(delay)
+                .min(since_ms.saturating_add(self.limit_ms)),
+        )
+    }
+}
+
+/// The failure of a job whose item waited `waited_ms` for space in vain: `message` (what the
+/// full destination said) and how long it waited; the same text on every backend.
+pub(crate) fn space_wait_over(message: &str, waited_ms: i64) -> String {
+    format!(
+        "{message}; still full after waiting {} s for space",
+        waited_ms / 1000
+    )
+}
+
+/// What [`JobQueue::wait_for_space`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpaceWaited {
+    /// Given back: claimable again after `retry_in_ms`; it has waited `waited_ms` so far.
+    Waiting { waited_ms: i64, retry_in_ms: i64 },
+    /// It waited longer than the limit: the item and its job failed (its files to be removed).
+    JobFailed,
+    /// This claim no longer holds the item (taken over, or its job stopped): nothing changed.
+    NotHeld,
 }
 
 /// What a work item does.
@@ -395,7 +447,8 @@ pub trait JobQueue: Send + Sync {
     /// Refreshes the lease and records the scanned count.
     fn heartbeat(&self, item: &WorkItem, scanned: u64, now_ms: i64) -> Result<Lease, QueueError>;
     /// Commits finished file parts and the item's new cursor atomically; allocates the files'
-    /// numbers. `None` when the lease is lost or the job stopped (the caller discards the parts).
+    /// numbers; ends the item's wait for space, if any (its destination took the parts). `None`
+    /// when the lease is lost or the job stopped (the caller discards the parts).
     fn commit_files(
         &self,
         item: &WorkItem,
@@ -423,6 +476,24 @@ pub trait JobQueue: Send + Sync {
     /// Gives a held item back without counting the attempt (graceful shutdown): claimable at
     /// once, resumed at its committed cursor.
     fn release(&self, item: &WorkItem) -> Result<bool, QueueError>;
+    /// Gives a held item back because its destination is full (`message`, `status`: what its
+    /// job fails with once the wait is over). The attempt is not counted (a full disk is not
+    /// the item's fault), and the item is claimable again after the wait `wait` gives for the
+    /// time it has waited since its first full destination after its last commit (recorded
+    /// with the item, so every node and a restarted one see the same wait; a commit of the item
+    /// ends it, [`JobQueue::commit_files`]). Past `wait.limit_ms` the item and its job fail
+    /// instead, as by [`JobQueue::fail_item`] without a retry.
+    fn wait_for_space(
+        &self,
+        item: &WorkItem,
+        message: &str,
+        status: u16,
+        wait: SpaceWait,
+        now_ms: i64,
+    ) -> Result<SpaceWaited, QueueError>;
+    /// How long (ms, at `now_ms`) the longest waiting item of job `id` has been waiting for
+    /// space at its destination ([`JobQueue::wait_for_space`]); `None` when none waits.
+    fn space_wait(&self, id: &str, now_ms: i64) -> Result<Option<i64>, QueueError>;
     /// [`JobQueue::release`] for every item `owner` holds.
     fn release_owned(&self, owner: &str) -> Result<u64, QueueError>;
     /// Makes the items running under `owner` that are not in `held` (job id, item number)

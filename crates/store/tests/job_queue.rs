@@ -728,3 +728,95 @@ fn every_change_that_makes_work_claimable_wakes_the_watchers() {
     assert_eq!(claim("w").kind, ItemKind::Finalize);
     drop(watch);
 }
+
+/// A full destination: the item is given back without spending its attempt, claimable again
+/// after a wait that grows with the time waited; a commit ends the wait; once the item has
+/// waited longer than the limit, the next full destination fails the job with the cause and
+/// the status given. A restart (orphans released) keeps the wait, a non-holder changes nothing.
+#[test]
+fn a_full_destination_gives_the_item_back_to_wait_until_the_limit() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[scan("Patient", 0, 10), finalize()], 10)
+        .expect("create");
+    let wait = SpaceWait {
+        min_ms: 5_000,
+        max_ms: 60_000,
+        limit_ms: 30_000,
+    };
+    let full = |item: &WorkItem, now: i64| {
+        q.wait_for_space(item, "the destination is full", 507, wait, now)
+            .expect("wait")
+    };
+    let claim = |now: i64| q.claim("w1", now, 600_000, 3).expect("claim");
+    let item = claim(1_000).expect("item");
+    assert_eq!(q.space_wait("a", 1_000).expect("read"), None);
+    assert_eq!(
+        full(&item, 1_000),
+        SpaceWaited::Waiting {
+            waited_ms: 0,
+            retry_in_ms: 5_000
+        }
+    );
+    assert_eq!(q.space_wait("a", 2_000).expect("read"), Some(1_000));
+    // Not before the wait is over; then under the same attempt (none was spent).
+    assert!(claim(3_000).is_none());
+    let stale = item;
+    let item = claim(6_000).expect("claimed again after the wait");
+    assert_eq!((item.item_no, item.attempt), (1, 1));
+    // A restart keeps the wait (its start is recorded with the item).
+    assert_eq!(
+        full(&item, 6_000),
+        SpaceWaited::Waiting {
+            waited_ms: 5_000,
+            retry_in_ms: 5_000
+        }
+    );
+    assert_eq!(q.release_orphans(Orphans::All).expect("orphans"), 0);
+    assert_eq!(q.space_wait("a", 7_000).expect("read"), Some(6_000));
+    // Space again: a commit ends the wait.
+    let item = claim(11_000).expect("claimed");
+    assert_eq!(item.attempt, 1);
+    q.commit_files(&item, &[part("Patient", "t/1", 3)], 3, 3, 11_500)
+        .expect("commit")
+        .expect("held");
+    assert_eq!(q.space_wait("a", 11_600).expect("read"), None);
+    // Full again: a new wait, each delay the time waited (at least 5 s), never past the
+    // 30 s limit; the next full destination after it fails the job.
+    let (mut at, mut item, mut waits) = (12_000, item, Vec::new());
+    let failed = loop {
+        match full(&item, at) {
+            SpaceWaited::Waiting {
+                waited_ms,
+                retry_in_ms,
+            } => {
+                assert_eq!(waited_ms, at - 12_000);
+                waits.push(retry_in_ms);
+                assert!(
+                    claim(at + retry_in_ms - 1).is_none(),
+                    "claimed before its wait"
+                );
+                at += retry_in_ms;
+                item = claim(at).expect("claimable once its wait is over");
+                assert_eq!(item.attempt, 1);
+            }
+            other => break other,
+        }
+        assert!(waits.len() < 10, "the wait never ends: {waits:?}");
+    };
+    assert_eq!(waits, vec![5_000, 5_000, 10_000, 10_000]);
+    assert_eq!(at, 42_000);
+    assert_eq!(failed, SpaceWaited::JobFailed);
+    let j = q.get("a").expect("get").expect("job");
+    assert_eq!(
+        (j.state, j.failure_status, j.cleanup),
+        (JobState::Failed, Some(507), Cleanup::Pending)
+    );
+    let text = j.result.unwrap_or_default();
+    assert!(
+        text.contains("the destination is full") && text.contains("after waiting 30 s"),
+        "{text}"
+    );
+    assert_eq!(q.space_wait("a", 50_000).expect("read"), None);
+    // An earlier claim of the item changes nothing.
+    assert_eq!(full(&stale, 50_000), SpaceWaited::NotHeld);
+}

@@ -30,7 +30,8 @@ use super::{Pool, Target};
 use crate::StoreError;
 use crate::jobs::{
     Admission, Cleanup, FileRecord, ItemKind, ItemPlan, ItemProgress, JobQueue, JobRecord,
-    JobState, Lease, NewFile, Orphans, QueueError, Retry, TypeProgress, WorkItem, WorkWatch,
+    JobState, Lease, NewFile, Orphans, QueueError, Retry, SpaceWait, SpaceWaited, TypeProgress,
+    WorkItem, WorkWatch,
 };
 use crate::shared::{AssertionRecord, SharedState};
 
@@ -152,6 +153,12 @@ CREATE TABLE deid_key_set (
     created_ms bigint NOT NULL,
     rotated_ms bigint
 );
+";
+
+/// Migration 7: when an item's wait for space at a full destination began
+/// ([`JobQueue::wait_for_space`]), on the database's clock.
+pub(crate) const SCHEMA_V7: &str = "
+ALTER TABLE export_item ADD COLUMN full_since_ms bigint;
 ";
 
 /// How often (seconds) a node deletes expired replay-cache rows.
@@ -583,7 +590,8 @@ impl JobQueue for PgJobQueue {
             }
             let lease_now = self.clock.shared(tx, now_ms)?;
             tx.execute_typed(
-                "UPDATE export_item SET cursor = $3, scanned = $4, heartbeat_ms = $5 WHERE job_id = $1 AND item_no = $2",
+                "UPDATE export_item SET cursor = $3, scanned = $4, heartbeat_ms = $5, full_since_ms = NULL
+                 WHERE job_id = $1 AND item_no = $2",
                 &[
                     (&item.job_id, Type::TEXT),
                     (&item.item_no, Type::INT8),
@@ -692,6 +700,74 @@ impl JobQueue for PgJobQueue {
                     Ok(true)
                 }
             }
+        })
+    }
+
+    fn wait_for_space(
+        &self,
+        item: &WorkItem,
+        message: &str,
+        status: u16,
+        wait: SpaceWait,
+        now_ms: i64,
+    ) -> Result<SpaceWaited, QueueError> {
+        let status = i64::from(status);
+        self.tx(|tx| {
+            if lease_state(tx, item)? != Lease::Held {
+                return Ok(SpaceWaited::NotHeld);
+            }
+            // The wait's times on the database's clock, as every lease time.
+            let lease_now = self.clock.shared(tx, now_ms)?;
+            let since: i64 = tx
+                .query_one(
+                    "SELECT full_since_ms FROM export_item WHERE job_id = $1 AND item_no = $2",
+                    &[&item.job_id, &item.item_no],
+                )?
+                .get::<_, Option<i64>>(0)
+                .unwrap_or(lease_now);
+            let waited_ms = lease_now.saturating_sub(since).max(0);
+            match wait.next_try(since, lease_now) {
+                Some(at) => {
+                    tx.execute(
+                        "UPDATE export_item SET state = 'pending', owner = NULL,
+                           attempts = GREATEST(attempts - 1, 0), not_before_ms = $3, full_since_ms = $4
+                         WHERE job_id = $1 AND item_no = $2",
+                        &[&item.job_id, &item.item_no, &at, &since],
+                    )?;
+                    Ok(SpaceWaited::Waiting {
+                        waited_ms,
+                        retry_in_ms: at - lease_now,
+                    })
+                }
+                None => {
+                    let message = crate::jobs::space_wait_over(message, waited_ms);
+                    tx.execute(
+                        "UPDATE export_item SET state = 'failed', error = $3, error_status = $4 WHERE job_id = $1 AND item_no = $2",
+                        &[&item.job_id, &item.item_no, &message, &status],
+                    )?;
+                    tx.execute(
+                        "UPDATE export_job SET state = 'failed', result = $2, failure_status = $3, finished_ms = $4,
+                           cleanup = 'pending'
+                         WHERE id = $1 AND state IN ('queued', 'running')",
+                        &[&item.job_id, &message, &status, &now_ms],
+                    )?;
+                    Ok(SpaceWaited::JobFailed)
+                }
+            }
+        })
+    }
+
+    fn space_wait(&self, id: &str, now_ms: i64) -> Result<Option<i64>, QueueError> {
+        self.read(|c| {
+            let lease_now = self.clock.shared(c, now_ms)?;
+            let since: Option<i64> = c
+                .query_one(
+                    "SELECT MIN(full_since_ms) FROM export_item
+                     WHERE job_id = $1 AND state IN ('pending', 'running')",
+                    &[&id],
+                )?
+                .get(0);
+            Ok(since.map(|s| lease_now.saturating_sub(s).max(0)))
         })
     }
 

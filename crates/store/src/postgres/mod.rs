@@ -140,6 +140,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (5, "search parameters by number in index rows", SCHEMA_V5),
     (6, "the owner of a deletion hold", jobs::SCHEMA_V6),
+    (
+        7,
+        "the start of a work item's wait for space",
+        jobs::SCHEMA_V7,
+    ),
 ];
 
 const SCHEMA_V1: &str = r#"

@@ -14,7 +14,8 @@
 //!
 //! `export_job`, `export_item` and `export_file` (columns below); `deid_key_set` (version 3);
 //! `auth_jti`, the client assertions accepted until they expire ([`AssertionRecord`], version
-//! 4). Every state column is text
+//! 4); `export_item.full_since_ms`, when an item's wait for space at a full destination began
+//! ([`JobQueue::wait_for_space`], version 5). Every state column is text
 //! constrained by a `CHECK (… IN (…))` over the names of its enum in [`crate::jobs`]. A file of
 //! the first schema (`user_version` 0, no constraints, maybe without the later columns) is
 //! migrated at open in one transaction — after checking that every stored state is one this
@@ -33,13 +34,13 @@ use crate::shared::AssertionRecord;
 mod keysets;
 use crate::jobs::{
     Admission, Cleanup, FileKind, FileRecord, ITEM_STATES, ItemKind, ItemPlan, ItemProgress,
-    JobQueue, JobRecord, JobState, Lease, NewFile, Orphans, QueueError, Retry, TypeProgress,
-    UnknownName, WorkItem, check_in,
+    JobQueue, JobRecord, JobState, Lease, NewFile, Orphans, QueueError, Retry, SpaceWait,
+    SpaceWaited, TypeProgress, UnknownName, WorkItem, check_in,
 };
 
 /// The job tables' schema version (`PRAGMA user_version` of `exports.db`). 0 is the first,
 /// unconstrained schema (migrated at open).
-pub const JOBS_SCHEMA_VERSION: i64 = 4;
+pub const JOBS_SCHEMA_VERSION: i64 = 5;
 
 /// What version 3 added to version 2: file digests and de-identification key sets (issue 21).
 const SCHEMA_V3_FROM_V2: &str = "ALTER TABLE export_file ADD COLUMN sha256 TEXT;";
@@ -55,6 +56,9 @@ CREATE TABLE auth_jti (
 ) WITHOUT ROWID;
 CREATE INDEX auth_jti_expires ON auth_jti(expires_s);
 ";
+
+/// What version 5 added to version 4: when an item's wait for space began.
+const SCHEMA_V5_FROM_V4: &str = "ALTER TABLE export_item ADD COLUMN full_since_ms INTEGER;";
 
 /// Seconds between two purges of expired assertions.
 const JTI_PURGE_EVERY_S: i64 = 60;
@@ -136,6 +140,7 @@ CREATE TABLE export_item (
     not_before_ms INTEGER,
     error TEXT,
     error_status INTEGER,
+    full_since_ms INTEGER,
     PRIMARY KEY (job_id, item_no)
 );
 CREATE INDEX export_item_state ON export_item(state);
@@ -187,12 +192,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), QueueError> {
     if version == JOBS_SCHEMA_VERSION {
         return Ok(());
     }
-    if version == 2 || version == 3 {
+    if (2..=4).contains(&version) {
         if version == 2 {
             tx.execute_batch(SCHEMA_V3_FROM_V2)?;
             tx.execute_batch(crate::keysets::KEY_SET_TABLE)?;
         }
-        tx.execute_batch(SCHEMA_V4_FROM_V3)?;
+        if version <= 3 {
+            tx.execute_batch(SCHEMA_V4_FROM_V3)?;
+        }
+        tx.execute_batch(SCHEMA_V5_FROM_V4)?;
         tx.pragma_update(None, "user_version", JOBS_SCHEMA_VERSION)?;
         tx.commit()?;
         tracing::info!(file = %path.display(), version = JOBS_SCHEMA_VERSION, "export job tables migrated");
@@ -653,7 +661,8 @@ impl JobQueue for SqliteJobQueue {
             });
         }
         tx.execute(
-            "UPDATE export_item SET cursor = ?3, scanned = ?4, heartbeat_ms = ?5 WHERE job_id = ?1 AND item_no = ?2",
+            "UPDATE export_item SET cursor = ?3, scanned = ?4, heartbeat_ms = ?5, full_since_ms = NULL
+             WHERE job_id = ?1 AND item_no = ?2",
             params![item.job_id, item.item_no, cursor, scanned as i64, now_ms],
         )?;
         tx.commit()?;
@@ -738,6 +747,69 @@ impl JobQueue for SqliteJobQueue {
         }
         tx.commit()?;
         Ok(job_failed)
+    }
+
+    fn wait_for_space(
+        &self,
+        item: &WorkItem,
+        message: &str,
+        status: u16,
+        wait: SpaceWait,
+        now_ms: i64,
+    ) -> Result<SpaceWaited, QueueError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if lease_state(&tx, item)? != Lease::Held {
+            return Ok(SpaceWaited::NotHeld);
+        }
+        let since: i64 = tx
+            .query_row(
+                "SELECT full_since_ms FROM export_item WHERE job_id = ?1 AND item_no = ?2",
+                params![item.job_id, item.item_no],
+                |r| r.get::<_, Option<i64>>(0),
+            )?
+            .unwrap_or(now_ms);
+        let waited_ms = now_ms.saturating_sub(since).max(0);
+        let outcome = match wait.next_try(since, now_ms) {
+            Some(at) => {
+                tx.execute(
+                    "UPDATE export_item SET state = 'pending', owner = NULL, attempts = max(attempts - 1, 0),
+                       not_before_ms = ?3, full_since_ms = ?4
+                     WHERE job_id = ?1 AND item_no = ?2",
+                    params![item.job_id, item.item_no, at, since],
+                )?;
+                SpaceWaited::Waiting {
+                    waited_ms,
+                    retry_in_ms: at - now_ms,
+                }
+            }
+            None => {
+                let message = crate::jobs::space_wait_over(message, waited_ms);
+                tx.execute(
+                    "UPDATE export_item SET state = 'failed', error = ?3, error_status = ?4 WHERE job_id = ?1 AND item_no = ?2",
+                    params![item.job_id, item.item_no, message, i64::from(status)],
+                )?;
+                tx.execute(
+                    "UPDATE export_job SET state = 'failed', result = ?2, failure_status = ?3, finished_ms = ?4,
+                       cleanup = 'pending'
+                     WHERE id = ?1 AND state IN ('queued', 'running')",
+                    params![item.job_id, message, i64::from(status), now_ms],
+                )?;
+                SpaceWaited::JobFailed
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    fn space_wait(&self, id: &str, now_ms: i64) -> Result<Option<i64>, QueueError> {
+        let since: Option<i64> = self.conn().query_row(
+            "SELECT MIN(full_since_ms) FROM export_item
+             WHERE job_id = ?1 AND state IN ('pending', 'running')",
+            [id],
+            |r| r.get(0),
+        )?;
+        Ok(since.map(|s| now_ms.saturating_sub(s).max(0)))
     }
 
     fn release(&self, item: &WorkItem) -> Result<bool, QueueError> {
@@ -1057,10 +1129,35 @@ mod tests {
         drop(SqliteJobQueue::open(&path).expect("create"));
         Connection::open(&path)
             .expect("open")
-            .execute_batch("DROP TABLE auth_jti; PRAGMA user_version = 3;")
+            .execute_batch(
+                "DROP TABLE auth_jti; ALTER TABLE export_item DROP COLUMN full_since_ms;
+                 PRAGMA user_version = 3;",
+            )
             .expect("make a version 3 file");
         let q = SqliteJobQueue::open(&path).expect("migrated");
         assert!(q.remember_once("c", "j1", 100, 10).expect("recorded"));
+        let version: i64 = q
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, JOBS_SCHEMA_VERSION);
+    }
+
+    /// A file of job schema version 4 (before waits for space) gains the wait's column at
+    /// open, and its items can wait.
+    #[test]
+    fn a_version_4_file_gains_the_wait_for_space() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(JOBS_FILE_NAME);
+        drop(SqliteJobQueue::open(&path).expect("create"));
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch(
+                "ALTER TABLE export_item DROP COLUMN full_since_ms; PRAGMA user_version = 4;",
+            )
+            .expect("make a version 4 file");
+        let q = SqliteJobQueue::open(&path).expect("migrated");
+        assert_eq!(q.space_wait("none", 10).expect("read"), None);
         let version: i64 = q
             .conn()
             .query_row("PRAGMA user_version", [], |r| r.get(0))

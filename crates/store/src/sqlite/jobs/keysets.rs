@@ -140,7 +140,8 @@ mod tests {
             let c = rusqlite::Connection::open(&path).expect("open");
             c.execute_batch(
                 "ALTER TABLE export_file DROP COLUMN sha256; DROP TABLE deid_key_set;
-                 DROP TABLE auth_jti; PRAGMA user_version = 2;",
+                 DROP TABLE auth_jti; ALTER TABLE export_item DROP COLUMN full_since_ms;
+                 PRAGMA user_version = 2;",
             )
             .expect("make a version 2 file");
         }
