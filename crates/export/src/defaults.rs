@@ -31,6 +31,13 @@ pub const HEARTBEAT_TIMEOUT_SECS: u64 = 600;
 pub const POLL_SECS: u64 = 2;
 /// Claims per work item before the export fails.
 pub const MAX_ATTEMPTS: i64 = 5;
+/// Seconds an export waits for space at a full local destination before it fails (507).
+pub const FULL_WAIT_SECS: u64 = 15 * 60;
+/// Seconds of the first wait for space; each next wait is the time waited so far, at most
+/// [`SPACE_WAIT_MAX_SECS`] (so 5 s, 5 s, 10 s, 20 s, 40 s, 60 s, 60 s, …).
+pub const SPACE_WAIT_MIN_SECS: u64 = 5;
+/// Longest wait between two tries of a full destination.
+pub const SPACE_WAIT_MAX_SECS: u64 = 60;
 /// Seconds a complete export's files are kept.
 pub const RETENTION_SECS: u64 = 24 * 3600;
 /// Container used when a kick-off has no `_container`.

@@ -675,15 +675,27 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "disk-full",
-        invariant: "the local destination (an 8 MB tmpfs) fills up: the job fails with a 507 OperationOutcome and no file of it is left",
+        invariant: "the local destination (an 8 MB tmpfs) fills up: the job waits (202, X-Progress says it waits for space, no attempt spent); once the tmpfs is grown it completes with every resource exactly once and no uncommitted part left",
         rounds: 1,
         run: disk_full,
     },
     Case {
         name: "disk-full-view-export",
-        invariant: "the local destination (a 512 KB tmpfs, less than the rows) fills up during a `$viewdefinition-export`: the job fails with a 507 OperationOutcome and no file of it is left",
+        invariant: "the local destination (a 512 KB tmpfs, less than the rows) fills up during a `$viewdefinition-export`: the job waits for space; SIGTERM while it waits exits cleanly with nothing claimed and no attempt spent; with the tmpfs grown and the server restarted it completes with every view row exactly once",
         rounds: 1,
         run: disk_full_view_export,
+    },
+    Case {
+        name: "disk-full-wait-over",
+        invariant: "the local destination (an 8 MB tmpfs) fills up and stays full longer than `--export-full-wait` (2 s): the job fails with a 507 OperationOutcome and no file of it is left",
+        rounds: 1,
+        run: disk_full_wait_over,
+    },
+    Case {
+        name: "disk-full-cancel",
+        invariant: "an export waiting for space at its full destination (an 8 MB tmpfs) is cancelled: 202, then 404, and no file of it is left",
+        rounds: 1,
+        run: disk_full_cancel,
     },
     Case {
         name: "database-disk-full",
@@ -1470,37 +1482,188 @@ impl Drop for Mount {
 }
 
 fn disk_full(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
-    disk_full_during(ctx, dir, "8m", |c, base| kickoff(c, base, ""))
+    disk_full_during(ctx, dir, "8m", resources(), SpaceThen::Freed)
 }
 
 /// The rows of [`FAULT_VIEWS`] take about 1.4 MB (one Observation's is ~80 bytes of NDJSON):
 /// a 512 KB tmpfs fills up well before the end.
 fn disk_full_view_export(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
-    disk_full_during(ctx, dir, "512k", view_kickoff)
+    let rows: Export = (view_kickoff, verify_view_rows, "rows");
+    disk_full_during(ctx, dir, "512k", rows, SpaceThen::SigtermAndFreed)
+}
+
+fn disk_full_wait_over(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    disk_full_during(ctx, dir, "8m", resources(), SpaceThen::NotFreed)
+}
+
+fn disk_full_cancel(ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    disk_full_during(ctx, dir, "8m", resources(), SpaceThen::Cancelled)
+}
+
+/// An export of the full-disk cases: its kick-off (the status URL), the check of its complete
+/// manifest (every resource or row exactly once: how many) and what it counts.
+type Export = (
+    fn(&reqwest::blocking::Client, &str) -> R<String>,
+    fn(&reqwest::blocking::Client, &Value) -> R<usize>,
+    &'static str,
+);
+
+/// A system-level `$export` of the data set.
+fn resources() -> Export {
+    (|c, base| kickoff(c, base, ""), verify_manifest, "resources")
+}
+
+/// What happens to an export that waits for space at its full destination.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SpaceThen {
+    /// The tmpfs is grown: the export completes, every resource (or view row) exactly once.
+    Freed,
+    /// SIGTERM while it waits (a clean exit, nothing left claimed, no attempt spent), the tmpfs
+    /// grown, the server started again: the export completes, every row exactly once.
+    SigtermAndFreed,
+    /// The server runs with `--export-full-wait 2` and no space comes: the job fails with 507
+    /// and no file of it is left.
+    NotFreed,
+    /// The export is cancelled while it waits: 404 afterwards, no file of it left.
+    Cancelled,
+}
+
+/// The size a full tmpfs is grown to (the whole data set's export takes about 60 MB).
+const GROWN: &str = "remount,size=512m";
+
+/// Polls (within [`FAIL_BOUND`]) until the export's status is 202 with an `X-Progress` that
+/// says it waits for space at the destination; returns that text. An export that ends
+/// meanwhile (the 507 of a full disk before waits existed) is an error.
+fn wait_for_space(c: &reqwest::blocking::Client, status_url: &str) -> R<String> {
+    let start = Instant::now();
+    loop {
+        let r = poll(c, status_url)?;
+        let code = r.status().as_u16();
+        let progress = r
+            .headers()
+            .get("X-Progress")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if code != 202 {
+            return Err(format!(
+                "the export ended with {code} while its destination was full, instead of waiting for space: {}",
+                r.text().unwrap_or_default()
+            ));
+        }
+        if progress.contains("waiting for space at the destination") {
+            return Ok(progress);
+        }
+        ensure!(
+            start.elapsed() < FAIL_BOUND,
+            "no wait for space reported within {FAIL_BOUND:?} (last X-Progress: {progress})"
+        );
+        sleep_ms(200);
+    }
 }
 
 /// An export kicked off with `kick` into a local destination on a tmpfs of `size`, which fills
-/// up: the job fails with a 507 OperationOutcome and no file of it is left.
+/// up: the job waits for space (202, `X-Progress` naming it, no attempt of any work item spent
+/// by the waits), then `then` happens.
 fn disk_full_during(
     ctx: &mut Ctx,
     dir: &Path,
     size: &str,
-    kick: impl Fn(&reqwest::blocking::Client, &str) -> R<String>,
+    (kick, verify, unit): Export,
+    then: SpaceThen,
 ) -> R<Option<String>> {
     let data = ctx.data_dir(dir)?;
     let storage = data.join("storage");
     let Some(_mount) = Mount::tmpfs(&storage, size)? else {
         return missing("permission to mount a tmpfs (run as root)");
     };
-    let s = Server::start(&data, free_port(), &export_args(), &dir.join("serve.log"))?;
-    let status = kick(&ctx.c, &s.base)?;
-    let (code, body, took) = wait_end(&ctx.c, &status, FAIL_BOUND)?;
-    ensure!(code == 507, "status with the disk full: {code} {body}");
-    outcome_names(&body, &["space", "full", "storage"])?;
-    wait_no_files(&storage.join("exports").join(job_id(&status)))?;
+    let log = dir.join("serve.log");
+    let port = free_port();
+    let mut args = export_args();
+    if then == SpaceThen::NotFreed {
+        args.extend(["--export-full-wait".to_string(), "2".to_string()]);
+    }
+    let mut s = Some(Server::start(&data, port, &args, &log)?);
+    let status = kick(&ctx.c, &s.as_ref().ok_or("no server")?.base)?;
+    let folder = storage.join("exports").join(job_id(&status));
+    if then == SpaceThen::NotFreed {
+        let (code, body, took) = wait_end(&ctx.c, &status, FAIL_BOUND)?;
+        ensure!(code == 507, "status with the disk full: {code} {body}");
+        outcome_names(&body, &["space", "full", "storage"])?;
+        wait_no_files(&folder)?;
+        return Ok(Some(format!(
+            "failed with 507 after {} ms (--export-full-wait 2), no file left",
+            took.as_millis()
+        )));
+    }
+    let progress = wait_for_space(&ctx.c, &status)?;
+    // Waiting spends no attempt: an item given back for space has none counted.
+    let spent = pending_items_with_attempts(&data)?;
+    ensure!(
+        spent == 0,
+        "{spent} work items waiting for space with an attempt counted"
+    );
+    if then == SpaceThen::Cancelled {
+        let code = ctx
+            .c
+            .delete(&status)
+            .send()
+            .map_err(|e| format!("cancel: {e}"))?
+            .status()
+            .as_u16();
+        ensure!(code == 202, "cancel while waiting for space: {code}");
+        let now = poll(&ctx.c, &status)?.status().as_u16();
+        ensure!(now == 404, "status after the cancel: {now}");
+        wait_no_files(&folder)?;
+        return Ok(Some(format!(
+            "waited ({progress}), cancelled: 404, no file left"
+        )));
+    }
+    if then == SpaceThen::SigtermAndFreed {
+        let mut server = s.take().ok_or("no server")?;
+        let _ = signal(server.child.id(), "TERM");
+        let exit = wait_exit(&mut server.child, Duration::from_secs(90));
+        ensure!(
+            exit.is_some_and(|e| e.success()),
+            "exit after SIGTERM while waiting for space: {exit:?}\n{}",
+            tail(&log)
+        );
+        drop(server);
+        let running = running_items(&data)?;
+        ensure!(
+            running == 0,
+            "{running} work items left claimed after SIGTERM"
+        );
+        let spent = pending_items_with_attempts(&data)?;
+        ensure!(
+            spent == 0,
+            "{spent} work items given back by SIGTERM while waiting with an attempt counted"
+        );
+    }
+    let grown = Command::new("mount")
+        .args(["-o", GROWN])
+        .arg(&storage)
+        .status()
+        .is_ok_and(|st| st.success());
+    ensure!(grown, "cannot grow the tmpfs");
+    // After the SIGTERM: started again on the same data and port.
+    let s = match s {
+        Some(s) => s,
+        None => Server::start(&data, port, &export_args(), &log)?,
+    };
+    let (code, manifest, took) = wait_end(&ctx.c, &status, COMPLETE_BOUND)?;
+    ensure!(code == 200, "status once space is back: {code} {manifest}");
+    no_parts_left(&folder)?;
+    let n = verify(&ctx.c, &manifest)?;
+    drop(s);
     Ok(Some(format!(
-        "failed with 507 after {} ms, no file left",
-        took.as_millis()
+        "waited ({progress}); complete {} ms after the tmpfs grew{}, {n} {unit} once each",
+        took.as_millis(),
+        if then == SpaceThen::SigtermAndFreed {
+            " and a SIGTERM and restart"
+        } else {
+            ""
+        }
     )))
 }
 

@@ -252,6 +252,13 @@ pub struct ExportOptions {
     /// ran, uses one; back-off 2 s, 4 s, … ≤ 60 s between them); then the export fails.
     #[arg(long, env = "FHIRHOSE_EXPORT_MAX_ATTEMPTS", default_value_t = export::defaults::MAX_ATTEMPTS)]
     pub export_max_attempts: i64,
+    /// Seconds an export may wait for space at a full local destination (ENOSPC, EDQUOT): its
+    /// work is given back without spending an attempt and tried again after 5 s, then after
+    /// the time waited so far (at most 60 s), its status saying `waiting for space at the
+    /// destination`; once it has waited this long it fails with 507 and its files are removed.
+    /// 0: it fails at once.
+    #[arg(long, env = "FHIRHOSE_EXPORT_FULL_WAIT", default_value_t = export::defaults::FULL_WAIT_SECS)]
+    pub export_full_wait: u64,
     /// Seconds a complete export's files are kept; then they are removed and its status URL
     /// answers 410.
     #[arg(long, env = "FHIRHOSE_EXPORT_RETENTION", default_value_t = export::defaults::RETENTION_SECS)]
@@ -348,6 +355,7 @@ impl Default for ExportOptions {
             export_poll_interval: export::defaults::POLL_SECS,
             node_id: None,
             export_max_attempts: export::defaults::MAX_ATTEMPTS,
+            export_full_wait: export::defaults::FULL_WAIT_SECS,
             export_retention: export::defaults::RETENTION_SECS,
             export_group_max_depth: export::defaults::GROUP_MAX_DEPTH,
             export_group_max_members: export::defaults::GROUP_MAX_MEMBERS,
@@ -484,6 +492,7 @@ impl ExportOptions {
         c.node_id = self.node_id.clone();
         c.max_attempts = self.export_max_attempts;
         c.retention = std::time::Duration::from_secs(self.export_retention);
+        c.full_wait = std::time::Duration::from_secs(self.export_full_wait);
         c.default_container = self.export_container.clone();
         c.import_container = self.import_container.clone();
         c.gzip = self.export_gzip;
@@ -795,6 +804,7 @@ mod tests {
         assert_eq!(e.export_poll_interval, d.export_poll_interval);
         assert_eq!(e.export_max_attempts, d.export_max_attempts);
         assert_eq!(e.export_retention, d.export_retention);
+        assert_eq!(e.export_full_wait, d.export_full_wait);
         assert_eq!(e.export_group_max_depth, d.export_group_max_depth);
         assert_eq!(e.export_group_max_members, d.export_group_max_members);
         assert_eq!(e.export_container, d.export_container);

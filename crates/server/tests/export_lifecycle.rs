@@ -308,6 +308,8 @@ impl Drop for Tmpfs {
     }
 }
 
+/// With `--export-full-wait 0` a full disk fails the export at once, as before exports waited
+/// for space (the wait itself is the fault suite's `disk-full` cases).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_fails_the_export_with_507_and_removes_its_files() {
     let mut mounted = None;
@@ -315,6 +317,7 @@ async fn a_full_disk_fails_the_export_with_507_and_removes_its_files() {
     let s = start(2500, limits(), |dir, c| {
         mounted = Tmpfs::mount(&dir.join("storage"), 256);
         c.max_attempts = 2;
+        c.full_wait = Duration::ZERO;
     })
     .await;
     if mounted.is_none() {

@@ -59,6 +59,13 @@ pub struct ExportConfig {
     /// `retry_backoff_max`.
     pub retry_backoff: Duration,
     pub retry_backoff_max: Duration,
+    /// How long an item may wait for space at a full destination (`--export-full-wait`): an
+    /// item that meets one is given back without spending an attempt and tried again after
+    /// `space_wait_min`, then after the time it has waited so far (at most `space_wait_max`);
+    /// when it has waited this long, its export fails with 507 and its files are removed.
+    pub full_wait: Duration,
+    pub space_wait_min: Duration,
+    pub space_wait_max: Duration,
     /// How long a complete export's files are kept (then removed; status answers 410).
     pub retention: Duration,
     /// How often expired exports are removed and failed deletions retried.
@@ -90,12 +97,23 @@ impl std::fmt::Debug for ExportConfig {
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("poll", &self.poll)
             .field("max_attempts", &self.max_attempts)
+            .field("full_wait", &self.full_wait)
             .field("retention", &self.retention)
             .finish_non_exhaustive()
     }
 }
 
 impl ExportConfig {
+    /// How an item waits for space at a full destination ([`store::JobQueue::wait_for_space`]).
+    pub fn space_wait(&self) -> store::jobs::SpaceWait {
+        let ms = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
+        store::jobs::SpaceWait {
+            min_ms: ms(self.space_wait_min),
+            max_ms: ms(self.space_wait_max),
+            limit_ms: ms(self.full_wait),
+        }
+    }
+
     /// Defaults for a local folder destination at `storage_root`.
     pub fn local(storage_root: PathBuf, base_url: String) -> ExportConfig {
         ExportConfig {
@@ -113,6 +131,9 @@ impl ExportConfig {
             max_attempts: crate::defaults::MAX_ATTEMPTS,
             retry_backoff: Duration::from_secs(2),
             retry_backoff_max: Duration::from_secs(60),
+            full_wait: Duration::from_secs(crate::defaults::FULL_WAIT_SECS),
+            space_wait_min: Duration::from_secs(crate::defaults::SPACE_WAIT_MIN_SECS),
+            space_wait_max: Duration::from_secs(crate::defaults::SPACE_WAIT_MAX_SECS),
             retention: Duration::from_secs(crate::defaults::RETENTION_SECS),
             sweep_every: Duration::from_secs(60),
             base_url,

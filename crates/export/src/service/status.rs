@@ -247,13 +247,27 @@ impl ExportService {
         Ok(job)
     }
 
-    /// Progress text such as `Observation 1,200,000 of 3,000,000 (2 of 17 types done)`.
+    /// Progress text such as `Observation 1,200,000 of 3,000,000 (2 of 17 types done)`, after
+    /// `waiting for space at the destination (full for 2 min 5 s; fails after 15 min): `
+    /// while an item of the job waits for space at its full destination (every node sees it:
+    /// the wait is recorded with the item).
     pub(super) fn progress_text(&self, job_id: &str) -> Result<String, ExportError> {
-        if let Some(job) = self.queue.get(job_id)?
-            && record::is_import(&job)
-        {
-            return self.import_progress_text(job_id);
-        }
+        let text = match self.queue.get(job_id)? {
+            Some(job) if record::is_import(&job) => self.import_progress_text(job_id)?,
+            _ => self.export_progress_text(job_id)?,
+        };
+        Ok(match self.queue.space_wait(job_id, now_ms())? {
+            Some(waited_ms) => format!(
+                "waiting for space at the destination (full for {}; fails after {}): {text}",
+                spoken(waited_ms.max(0) as u64 / 1000),
+                spoken(self.config.full_wait.as_secs())
+            ),
+            None => text,
+        })
+    }
+
+    /// [`ExportService::progress_text`] of an export, without its wait for space.
+    fn export_progress_text(&self, job_id: &str) -> Result<String, ExportError> {
         let mut types = self.queue.progress(job_id)?;
         for ((j, _), (t, n)) in lock(&self.live).iter() {
             if j == job_id
@@ -439,9 +453,31 @@ impl ExportService {
     }
 }
 
+/// A duration of `secs` seconds as people say it: `45 s`, `2 min 5 s`, `15 min`, `1 h 3 min`.
+fn spoken(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m, s) {
+        (0, 0, s) => format!("{s} s"),
+        (0, m, 0) => format!("{m} min"),
+        (0, m, s) => format!("{m} min {s} s"),
+        (h, 0, _) => format!("{h} h"),
+        (h, m, _) => format!("{h} h {m} min"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_spoken() {
+        assert_eq!(spoken(0), "0 s");
+        assert_eq!(spoken(45), "45 s");
+        assert_eq!(spoken(125), "2 min 5 s");
+        assert_eq!(spoken(900), "15 min");
+        assert_eq!(spoken(3600), "1 h");
+        assert_eq!(spoken(3790), "1 h 3 min");
+    }
 
     #[test]
     fn progress_numbers_have_separators() {

@@ -10,9 +10,12 @@ use std::time::Duration;
 use super::cleanup::sweeper_loop;
 use super::{ExportError, ExportService, failure_text, lock, now_ms, overview};
 use crate::anonymization::Anonymizer;
-use crate::jobs::{Cleanup, FileKind, ItemKind, JobRecord, JobState, Orphans, Retry, WorkItem};
+use crate::jobs::{
+    Cleanup, FileKind, ItemKind, JobRecord, JobState, Orphans, Retry, SpaceWaited, WorkItem,
+};
 use crate::record::{self, export_request};
 use crate::run::{ItemContext, Prepared, RunError, execute_item};
+use crate::sink::SinkError;
 use store::QueueError;
 
 impl ExportService {
@@ -344,6 +347,9 @@ impl ExportService {
                 }
                 self.forget(&job_id);
             }
+            // A full destination (a local disk; remote ones have no ENOSPC) is the operator's to
+            // fix: the item waits for space rather than failing its export at once.
+            Err(e @ RunError::Sink(SinkError::NoSpace(_))) => self.wait_for_space(item, e),
             Err(e) => {
                 let retry = e.is_transient().then_some(Retry {
                     max_attempts: self.config.max_attempts,
@@ -375,6 +381,46 @@ impl ExportService {
                         tracing::error!(job = %job_id, error = %qe, "cannot record a failed work item")
                     }
                 }
+            }
+        }
+    }
+
+    /// An item whose destination is full (`e`): its partial part is removed and it is given
+    /// back to wait for space, its attempt not spent; once it has waited `--export-full-wait`,
+    /// its export fails with 507 and the export's files are removed, as any failure's.
+    fn wait_for_space(&self, item: WorkItem, e: RunError) {
+        let job_id = item.job_id.clone();
+        let job = self.queue.get(&job_id).ok().flatten();
+        let text = failure_text(&e, self.config.sink.as_ref(), job.as_ref());
+        // Before the item is given back: it is claimed again under the same attempt (a wait
+        // spends none), so into the same part folder, and the partial part holds space.
+        self.remove_own_writes(&item, false);
+        let wait = self.config.space_wait();
+        let waited = self.until_recorded(|| {
+            self.queue
+                .wait_for_space(&item, &text, e.status(), wait, now_ms())
+        });
+        match waited {
+            Ok(SpaceWaited::Waiting {
+                waited_ms,
+                retry_in_ms,
+            }) => {
+                overview::item_failed(true);
+                tracing::warn!(job = %job_id, item = item.item_no, waited_s = waited_ms / 1000, retry_in_s = retry_in_ms / 1000, limit_s = self.config.full_wait.as_secs(), error = %text, "export destination full: the work item waits for space");
+            }
+            Ok(SpaceWaited::JobFailed) => {
+                overview::item_failed(false);
+                tracing::error!(job = %job_id, item = item.item_no, status = e.status(), limit_s = self.config.full_wait.as_secs(), error = %text, "export failed: its destination stayed full");
+                if let Ok(Some(job)) = self.queue.get(&job_id) {
+                    self.clean_up(&job);
+                }
+                self.forget(&job_id);
+            }
+            Ok(SpaceWaited::NotHeld) => {
+                tracing::info!(job = %job_id, item = item.item_no, "work item taken over or stopped while its destination was full");
+            }
+            Err(qe) => {
+                tracing::error!(job = %job_id, item = item.item_no, error = %qe, "cannot record a work item's wait for space")
             }
         }
     }
