@@ -732,10 +732,11 @@ fn every_change_that_makes_work_claimable_wakes_the_watchers() {
 /// A full destination: the item is given back without spending its attempt, claimable again
 /// after a wait that grows with the time waited; a commit ends the wait; once the item has
 /// waited longer than the limit, the next full destination fails the job with the cause and
-/// the status given. A restart (orphans released) keeps the wait, a non-holder changes nothing.
+/// the status given. Another node sees the wait, a restart (orphans released) keeps it, a
+/// non-holder changes nothing.
 #[test]
 fn a_full_destination_gives_the_item_back_to_wait_until_the_limit() {
-    let (_store, q) = open();
+    let (store, q) = open();
     q.create(&job("a", 1), &[scan("Patient", 0, 10), finalize()], 10)
         .expect("create");
     let wait = SpaceWait {
@@ -758,6 +759,20 @@ fn a_full_destination_gives_the_item_back_to_wait_until_the_limit() {
         }
     );
     assert_eq!(q.space_wait("a", 2_000).expect("read"), Some(1_000));
+    // Another node sees the same wait (on PostgreSQL within its own clock offset's
+    // measurement, a few ms) and cannot claim the item before it is over either.
+    let other = store.reopen(None).jobs().expect("another node's queue");
+    let seen = other
+        .space_wait("a", 2_000)
+        .expect("read")
+        .expect("waiting");
+    assert!((900..=1_100).contains(&seen), "{seen}");
+    assert!(
+        other
+            .claim("w2", 3_000, 600_000, 3)
+            .expect("claim")
+            .is_none()
+    );
     // Not before the wait is over; then under the same attempt (none was spent).
     assert!(claim(3_000).is_none());
     let stale = item;
