@@ -66,7 +66,7 @@ pg_suites=(
   bundles fuzz_loader load_synthea pipeline synth
   azure fuzz_request run_levels service wal
   export export_lifecycle deid_export export_group_limits azure_export s3_export views
-  download_ranges status_page import http hardening smart_auth smart_export smart_security smart_search_scopes smart_scope_gaps search_limits
+  download_ranges status_page import http hardening smart_auth smart_export smart_security smart_search_scopes smart_scope_gaps search_limits conditional_race condition_locks
   cli database faults export_restart
 )
 FHIRHOSE_TEST_DATABASE=$FHIRHOSE_TEST_POSTGRES cargo test --workspace --profile ci --lib \

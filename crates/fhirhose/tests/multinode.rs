@@ -16,6 +16,8 @@
 //! - Nodes whose clocks disagree (one 20 minutes behind, libfaketime) take no items from each
 //!   other, and `_since` chained across them takes each write once: `lastUpdated` is the
 //!   database's clock (`since_chained_across_nodes_whose_clocks_disagree_takes_each_write_once`).
+//! - Conditional creates of one condition sent to two nodes at once create one resource
+//!   (`conditional_creates_of_one_condition_on_two_nodes_create_once`).
 //! - A second export kicked off at node 1 and cancelled at node 3 (restarted with the same node
 //!   id) stops the workers running it on the other nodes at their next heartbeat; its files go.
 //!
@@ -956,6 +958,83 @@ fn since_chained_across_nodes_whose_clocks_disagree_takes_each_write_once() {
     assert_eq!(third, set(&["c"]), "_since={t2} at node 1");
     drop(n2);
     drop(n1);
+}
+
+/// Conditional creates of one condition sent at the same moment to two nodes of one database:
+/// 32 clients, split over both nodes, `POST /Patient` with the same `If-None-Exist` (half with
+/// its parameters in the other order) after one barrier, for three identifiers. Each condition
+/// creates one Patient (201) and every other client gets it (200): the condition's lock is a
+/// PostgreSQL advisory lock, held from before the condition's search until the create commits,
+/// so a node's search waits for the other node's create.
+#[test]
+fn conditional_creates_of_one_condition_on_two_nodes_create_once() {
+    let Some((database, root, http)) = postgres_set_up() else {
+        return;
+    };
+    let shared = root.path().join("shared");
+    fs::create_dir_all(&shared).expect("shared folder");
+    let (pem, clients) = admin_client(root.path(), "system/*.cruds");
+    let ports = [free_port(), free_port()];
+    let cluster = Cluster {
+        url: database.url.clone(),
+        base: format!("http://127.0.0.1:{}", ports[0]),
+        clients,
+        root,
+        dest: Dest::Shared(shared),
+    };
+    let nodes = [cluster.start("n1", ports[0]), cluster.start("n2", ports[1])];
+    let bearer = admin_bearer(&pem, &nodes[0]);
+    const CLIENTS: usize = 32;
+    for round in 0..3 {
+        let mrn = format!("two-nodes-{round}");
+        let barrier = std::sync::Barrier::new(CLIENTS);
+        let statuses: Vec<u16> = std::thread::scope(|scope| {
+            let sent: Vec<_> = (0..CLIENTS)
+                .map(|i| {
+                    let (node, barrier, bearer, mrn) = (&nodes[i % 2], &barrier, &bearer, &mrn);
+                    scope.spawn(move || {
+                        let condition = if i % 4 < 2 {
+                            format!("identifier=urn:x|{mrn}&birthdate=1970-01-01")
+                        } else {
+                            format!("birthdate=1970-01-01&identifier=urn:x|{mrn}")
+                        };
+                        let client = reqwest::blocking::Client::builder()
+                            .timeout(Duration::from_secs(30))
+                            .build()
+                            .expect("client");
+                        let request = client
+                            .post(node.url("/Patient"))
+                            .header("Authorization", bearer)
+                            .header("Content-Type", "application/fhir+json")
+                            .header("If-None-Exist", condition)
+                            .body(
+                                json!({"resourceType": "Patient", "birthDate": "1970-01-01",
+                                    "identifier": [{"system": "urn:x", "value": mrn}]})
+                                .to_string(),
+                            );
+                        barrier.wait();
+                        request.send().expect("POST").status().as_u16()
+                    })
+                })
+                .collect();
+            sent.into_iter()
+                .map(|t| t.join().expect("client"))
+                .collect()
+        });
+        let found: Value = http
+            .get(nodes[1].url(&format!("/Patient?identifier=urn:x|{mrn}&_summary=count")))
+            .header("Authorization", &bearer)
+            .send()
+            .and_then(|r| r.json())
+            .expect("count");
+        let created = statuses.iter().filter(|s| **s == 201).count();
+        let matched = statuses.iter().filter(|s| **s == 200).count();
+        assert_eq!(
+            (found["total"].as_u64(), created, matched),
+            (Some(1), 1, CLIENTS - 1),
+            "round {round}: answers {statuses:?}"
+        );
+    }
 }
 
 fn now_ms() -> i64 {

@@ -94,6 +94,9 @@ pub fn store_error_issue(e: &StoreError) -> (u16, OutcomeIssue) {
             ),
         ),
         StoreError::Cancelled => (503, OutcomeIssue::error("timeout", e.to_string())),
+        StoreError::ConditionLocked { .. } => {
+            (503, OutcomeIssue::error("transient", e.to_string()))
+        }
         // The message names the database host: it stays in the log.
         StoreError::Unavailable { .. } => (
             503,

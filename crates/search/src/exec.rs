@@ -73,6 +73,15 @@ impl SearchControl {
         self.cancelled.load(Ordering::Relaxed) || self.timed_out()
     }
 
+    /// The same control with its time limit counted from now; a cancellation reaches both.
+    pub fn restarted(&self) -> SearchControl {
+        SearchControl {
+            cancelled: self.cancelled.clone(),
+            deadline: Instant::now().checked_add(self.limit),
+            limit: self.limit,
+        }
+    }
+
     /// A guard that cancels the search when dropped: hold it in the async handler, whose future
     /// is dropped when the client disconnects (the blocking work it started is not).
     pub fn cancel_on_drop(&self) -> CancelOnDrop {
@@ -116,6 +125,16 @@ impl ExecOptions {
             max_page_bytes: limits.max_page_bytes,
         };
         (exec, guard)
+    }
+
+    /// These options with the time limit counted from now (the cancellation shared): for a
+    /// search set up before it waits, e.g. a conditional create's condition, which waits for
+    /// its lock and then has the whole time limit, as any search.
+    pub fn from_now(&self) -> ExecOptions {
+        ExecOptions {
+            control: self.control.as_ref().map(SearchControl::restarted),
+            ..self.clone()
+        }
     }
 }
 

@@ -415,86 +415,129 @@ async fn create(
     if let Some(obj) = v.as_object_mut() {
         obj.remove("id");
     }
-    if let Some(condition) = condition {
-        match condition_matches(&state, &ctx, &rtype, &condition)
-            .await
-            .map_err(|e| e.at("If-None-Exist"))?
-        {
-            Found::Nothing => {}
-            Found::One(r) => return Ok(matched_response(&state, &ctx, &headers, &r)),
-            Found::Several => {
-                return Err(ApiError::new(
-                    StatusCode::PRECONDITION_FAILED,
-                    "duplicate",
-                    format!("the condition (If-None-Exist) matches more than one {rtype}"),
-                )
-                .at("If-None-Exist"));
-            }
-        }
-    }
     let store = state.store.clone();
-    let outcomes =
-        blocking(move || Ok(store.write(vec![WriteOp::Create { resource: v }])?)).await?;
-    let o = outcomes
-        .first()
-        .ok_or_else(|| ApiError::internal("create", "store returned no outcome"))?;
-    Ok(write_response(&state, &headers, o))
+    let Some(condition) = condition else {
+        let outcomes =
+            blocking(move || Ok(store.write(vec![WriteOp::Create { resource: v }])?)).await?;
+        let o = outcomes
+            .first()
+            .ok_or_else(|| ApiError::internal("create", "store returned no outcome"))?;
+        return Ok(write_response(&state, &headers, o));
+    };
+    let (condition, _stop_when_dropped) =
+        Condition::prepare(&state, &ctx, &rtype, &condition).map_err(|e| e.at("If-None-Exist"))?;
+    // The condition's lock is held from before its search until the create has committed: a
+    // conditional create with the same condition (on any node of a shared database) waits, and
+    // then finds what this one created.
+    enum Decided {
+        Created(Vec<WriteOutcome>),
+        Matched(StoredResource),
+        Several,
+    }
+    let decided = blocking(move || {
+        let _held = store.lock_conditions(&[condition.key], CONDITION_LOCK_WAIT)?;
+        Ok(
+            match condition.run(&*store).map_err(|e| e.at("If-None-Exist"))? {
+                Found::Nothing => {
+                    Decided::Created(store.write(vec![WriteOp::Create { resource: v }])?)
+                }
+                Found::One(r) => Decided::Matched(r),
+                Found::Several => Decided::Several,
+            },
+        )
+    })
+    .await?;
+    match decided {
+        Decided::Created(outcomes) => {
+            let o = outcomes
+                .first()
+                .ok_or_else(|| ApiError::internal("create", "store returned no outcome"))?;
+            Ok(write_response(&state, &headers, o))
+        }
+        Decided::Matched(r) => Ok(matched_response(&state, &ctx, &headers, &r)),
+        Decided::Several => Err(ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "duplicate",
+            format!("the condition (If-None-Exist) matches more than one {rtype}"),
+        )
+        .at("If-None-Exist")),
+    }
 }
 
-/// What the condition of a conditional create found ([`condition_matches`]).
+/// How long a conditional create waits for its condition's lock, held by a request with the
+/// same condition from its search to its commit (on PostgreSQL by any node), before it is
+/// answered 503 with `Retry-After`.
+pub const CONDITION_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the condition of a conditional create found ([`Condition::run`]).
 enum Found {
     Nothing,
     One(StoredResource),
     Several,
 }
 
-/// Runs the condition of a conditional create (`If-None-Exist`, a Bundle entry's
-/// `request.ifNoneExist`) as the search it is: the same limits and the same scope rules as that
-/// query at the top level (the caller checked `s` on the type; chains and `_has` need `s` on
-/// the types they search), the same time limit. Only whether it matches none, one or more
-/// resources is asked: no includes, sort, paging or total; at most two matches are read.
-///
-/// Not under the write lock: two conditional creates of the same condition at the same moment
-/// can both find nothing and both create (as with FHIR servers that have no unique index on
-/// the condition); a transaction's own entries are settled before it writes, atomically.
-async fn condition_matches(
-    state: &AppState,
-    ctx: &AuthContext,
-    rtype: &str,
-    condition: &str,
-) -> Result<Found, ApiError> {
-    let pairs: Vec<(String, String)> = search::parse_query_string(condition)
-        .into_iter()
-        .filter(|(k, _)| k != "_format")
-        .collect();
-    if pairs.is_empty() {
-        return Err(ApiError::invalid(
-            "the condition of a conditional create is empty",
-            "If-None-Exist",
-        ));
+/// The condition of a conditional create (`If-None-Exist`, a Bundle entry's
+/// `request.ifNoneExist`), parsed and authorized as the search it is, with the key of its lock.
+struct Condition {
+    query: search::SearchQuery,
+    exec: search::ExecOptions,
+    key: store::ConditionKey,
+}
+
+impl Condition {
+    /// The condition's search: the same limits and the same scope rules as that query at the
+    /// top level (the caller checked `s` on the type; chains and `_has` need `s` on the types
+    /// they search), the same time limit (counted from when it runs). Only whether it matches
+    /// none, one or more resources is asked: no includes, sort, paging or total; at most two
+    /// matches are read. The guard stops the search when the request's handler is dropped.
+    fn prepare(
+        state: &AppState,
+        ctx: &AuthContext,
+        rtype: &str,
+        condition: &str,
+    ) -> Result<(Condition, search::CancelOnDrop), ApiError> {
+        let pairs: Vec<(String, String)> = search::parse_query_string(condition)
+            .into_iter()
+            .filter(|(k, _)| k != "_format")
+            .collect();
+        if pairs.is_empty() {
+            return Err(ApiError::invalid(
+                "the condition of a conditional create is empty",
+                "If-None-Exist",
+            ));
+        }
+        let limits = state.search_limits;
+        limits.check_request(&pairs)?;
+        let opts = search::ParseOptions {
+            lenient: false,
+            predicate_only: false,
+        };
+        let mut q = search::parse_query(rtype, &pairs, opts)?;
+        limits.check_query(&q)?;
+        authorize_search(ctx, &mut q)?;
+        q.includes.clear();
+        q.revincludes.clear();
+        q.sort.clear();
+        q.cursor = None;
+        q.elements = None;
+        q.summary_count = false;
+        q.total = search::TotalMode::None;
+        q.count = 2;
+        let (exec, stop_when_dropped) = search::ExecOptions::under(&limits);
+        let key = store::ConditionKey::new(rtype, &pairs);
+        Ok((
+            Condition {
+                query: q,
+                exec,
+                key,
+            },
+            stop_when_dropped,
+        ))
     }
-    let limits = state.search_limits;
-    limits.check_request(&pairs)?;
-    let opts = search::ParseOptions {
-        lenient: false,
-        predicate_only: false,
-    };
-    let mut q = search::parse_query(rtype, &pairs, opts)?;
-    limits.check_query(&q)?;
-    authorize_search(ctx, &mut q)?;
-    q.includes.clear();
-    q.revincludes.clear();
-    q.sort.clear();
-    q.cursor = None;
-    q.elements = None;
-    q.summary_count = false;
-    q.total = search::TotalMode::None;
-    q.count = 2;
-    let (exec, _stop_when_dropped) = search::ExecOptions::under(&limits);
-    let store = state.store.clone();
-    let rtype = rtype.to_string();
-    blocking(move || {
-        let rows = search::execute_rows(&*store, &q, &exec)?;
+
+    /// Runs the search (blocking: call it off the async workers, holding the condition's lock).
+    fn run(&self, store: &dyn store::Store) -> Result<Found, ApiError> {
+        let rows = search::execute_rows(store, &self.query, &self.exec.from_now())?;
         // A page ends early at its byte limit (never before its first match): a next page
         // means more matches.
         match (rows.matches.as_slice(), &rows.next_cursor) {
@@ -504,7 +547,7 @@ async fn condition_matches(
                 let id = head
                     .id
                     .ok_or_else(|| ApiError::internal("condition", "a match without an id"))?;
-                match store.read(&rtype, &id) {
+                match store.read(&self.query.resource_type, &id) {
                     Ok(r) => Ok(Found::One(r)),
                     // Deleted since the search ran: nothing matches any more.
                     Err(store::StoreError::Gone { .. } | store::StoreError::NotFound { .. }) => {
@@ -515,8 +558,7 @@ async fn condition_matches(
             }
             _ => Ok(Found::Several),
         }
-    })
-    .await
+    }
 }
 
 /// The 200 of a conditional create whose condition matched `r`: its Location, ETag and
@@ -673,44 +715,55 @@ async fn bundle(
     // for any other the `409` of an id that exists (even deleted) told it which ones do.
     plan.assign_create_ids(|t| ctx.scopes.can_read(t));
     plan.updates_never_create(|t| ctx.scopes.allows(t, auth::Permission::Create));
-    // Conditional creates: each condition run as a search before the Bundle is translated, so
-    // that references to the entry's fullUrl name what it matched, and a transaction writes
-    // what it creates atomically with its other entries.
-    for (index, rtype, condition) in plan.conditions() {
-        let found = match condition_matches(&state, &ctx, &rtype, &condition).await {
-            Ok(Found::Nothing) => Ok(ingest::bundle::ConditionMatch::Nothing),
-            Ok(Found::One(r)) => Ok(ingest::bundle::ConditionMatch::One {
-                id: r.id,
-                version: r.version,
-                last_updated: r.last_updated,
-            }),
-            Ok(Found::Several) => Err(ingest::EntryError::Condition {
-                index,
-                status: StatusCode::PRECONDITION_FAILED.as_u16(),
-                code: "duplicate",
-                message: format!("the condition (ifNoneExist) matches more than one {rtype}"),
-            }),
-            Err(e) => Err(ingest::EntryError::Condition {
-                index,
-                status: e.status.as_u16(),
-                code: e.issues.first().map_or("invalid", |i| i.code),
-                message: e.issues.first().map_or_else(
-                    || "invalid condition".to_string(),
-                    |i| i.diagnostics.clone(),
-                ),
-            }),
-        };
-        plan.settle(index, found);
-    }
+    let return_resources =
+        negotiate::prefer(&headers, "return").as_deref() == Some("representation");
     let options = ingest::BundleOptions {
         validate: true,
-        return_resources: negotiate::prefer(&headers, "return").as_deref()
-            == Some("representation"),
+        return_resources,
         // The resources read by its entries are bounded as a search page's are.
         max_read_bytes: state.search_limits.max_page_bytes,
     };
+    // Conditional creates: each condition run as a search before the Bundle is translated, so
+    // that references to the entry's fullUrl name what it matched, and a transaction writes
+    // what it creates atomically with its other entries. Every condition's lock is taken (in
+    // one order) before the first search and held until the Bundle's writes have committed.
+    let mut conditions = Vec::new();
+    let mut stop_when_dropped = Vec::new();
+    for (index, rtype, condition) in plan.conditions() {
+        match Condition::prepare(&state, &ctx, &rtype, &condition) {
+            Ok((c, stop)) => {
+                stop_when_dropped.push(stop);
+                conditions.push((index, rtype, c));
+            }
+            Err(e) => plan.settle(index, Err(condition_failure(index, e))),
+        }
+    }
     let store = state.store.clone();
     let response = blocking(move || {
+        let keys: Vec<store::ConditionKey> = conditions.iter().map(|(_, _, c)| c.key).collect();
+        let _held = if keys.is_empty() {
+            None
+        } else {
+            Some(store.lock_conditions(&keys, CONDITION_LOCK_WAIT)?)
+        };
+        for (index, rtype, c) in conditions {
+            let found = match c.run(&*store) {
+                Ok(Found::Nothing) => Ok(ingest::bundle::ConditionMatch::Nothing),
+                Ok(Found::One(r)) => Ok(ingest::bundle::ConditionMatch::One {
+                    id: r.id,
+                    version: r.version,
+                    last_updated: r.last_updated,
+                }),
+                Ok(Found::Several) => Err(ingest::EntryError::Condition {
+                    index,
+                    status: StatusCode::PRECONDITION_FAILED.as_u16(),
+                    code: "duplicate",
+                    message: format!("the condition (ifNoneExist) matches more than one {rtype}"),
+                }),
+                Err(e) => Err(condition_failure(index, e)),
+            };
+            plan.settle(index, found);
+        }
         let translated = plan.translate(options.validate)?;
         Ok(ingest::bundle::execute(
             store.as_ref(),
@@ -720,6 +773,19 @@ async fn bundle(
     })
     .await?;
     Ok(fhir_json(&response))
+}
+
+/// The failure of a Bundle entry whose condition is no valid search, or could not be run.
+fn condition_failure(index: usize, e: ApiError) -> ingest::EntryError {
+    ingest::EntryError::Condition {
+        index,
+        status: e.status.as_u16(),
+        code: e.issues.first().map_or("invalid", |i| i.code),
+        message: e.issues.first().map_or_else(
+            || "invalid condition".to_string(),
+            |i| i.diagnostics.clone(),
+        ),
+    }
 }
 
 /// Every entry of a Bundle needs the scope of the interaction its `request` performs, on the

@@ -78,6 +78,13 @@ pub enum StoreError {
     /// (details to the log only).
     #[error("postgres: {}", postgres_detail(.0))]
     Postgres(#[from] ::postgres::Error),
+    /// A conditional interaction's condition stayed locked by another request (of this node or
+    /// another) for all of `waited` ([`crate::Store::lock_conditions`]). → 503 `transient` with
+    /// `Retry-After`; nothing was written.
+    #[error(
+        "the condition is locked by another request with the same condition (waited {waited:?})"
+    )]
+    ConditionLocked { waited: std::time::Duration },
     /// The database content is not what this version of the store expects (unknown schema
     /// version, malformed stored row). → 500, and refuse to start.
     #[error("store is corrupt or from an incompatible version: {0}")]

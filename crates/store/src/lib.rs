@@ -24,6 +24,7 @@
 //! Stored resources are compact JSON bytes with `id`, `meta.versionId` and `meta.lastUpdated`
 //! already set, ready to be written into an NDJSON file unchanged. Numbers keep their exact text.
 
+pub mod conditions;
 mod error;
 pub mod format;
 mod index;
@@ -45,6 +46,7 @@ pub mod testing;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
+pub use conditions::{ConditionGuard, ConditionKey};
 pub use error::StoreError;
 pub use index::{IndexEntry, IndexValue, Indexer, MAX_INDEXED_TEXT, index_text};
 pub use jobs::{JobQueue, QueueError};
@@ -629,6 +631,20 @@ pub trait Store: Send + Sync {
         plan: &plan::SearchPlan,
         stop: Option<&plan::StopCheck>,
     ) -> Result<plan::SearchRows, StoreError>;
+
+    /// Locks the conditions `keys` (in any order, repeats allowed) of conditional interactions
+    /// until the guard is dropped: hold it from before the conditions' searches until the write
+    /// they decided has committed, and a request with the same condition (of this process or,
+    /// on PostgreSQL, of any node on the database) waits for it. Keys are taken in one order
+    /// (sorted), so two requests locking several never wait for each other. Waits at most
+    /// `wait` in all, then [`StoreError::ConditionLocked`] (nothing held). The guard releases
+    /// on drop, also on an error or a panic; on PostgreSQL a release that fails closes the
+    /// session, which releases it too ([`conditions`]).
+    fn lock_conditions(
+        &self,
+        keys: &[ConditionKey],
+        wait: Duration,
+    ) -> Result<ConditionGuard<'_>, StoreError>;
 
     /// Records whether the search indexes miss resources (a `load --no-index`), until a full
     /// reindex clears it. Default: nothing recorded (a store that always indexes).

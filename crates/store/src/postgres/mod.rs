@@ -79,6 +79,7 @@ use std::time::Duration;
 use ::postgres::{Client, GenericClient};
 use serde_json::Value;
 
+mod conditions;
 mod index_upkeep;
 mod jobs;
 mod pool;
@@ -339,6 +340,10 @@ pub struct PgStore {
     /// index tables have no `k` index, so the index rows of superseded versions stay until the
     /// resume deletes them in bulk (searches read current versions only and never see them).
     upkeep_suspended: std::sync::atomic::AtomicBool,
+    /// This node's condition locks, taken before the database's ([`conditions`]).
+    condition_locks: crate::conditions::ProcessLocks,
+    /// Connections whose sessions hold conditions' advisory locks (as many as the store pool).
+    condition_pool: Pool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -356,6 +361,7 @@ impl PgStore {
     pub fn connect(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
         let target = Target::parse(url, options.connect_timeout)?;
         let jobs = Arc::new(PgJobQueue::new(target.clone()));
+        let condition_pool = Pool::new(target.clone(), options.pool_size);
         let pool = Pool::new(target, options.pool_size);
         let store = PgStore {
             pool,
@@ -364,6 +370,8 @@ impl PgStore {
             indexer: options.indexer,
             jobs,
             upkeep_suspended: std::sync::atomic::AtomicBool::new(false),
+            condition_locks: Default::default(),
+            condition_pool,
         };
         store.pool.run(|c| {
             with_schema_lock(c, |c| {
@@ -559,6 +567,14 @@ impl Store for PgStore {
 
     crate::forward_to_backend_modules!();
 
+    fn lock_conditions(
+        &self,
+        keys: &[crate::ConditionKey],
+        wait: Duration,
+    ) -> Result<crate::ConditionGuard<'_>, StoreError> {
+        conditions::lock_conditions(self, keys, wait)
+    }
+
     fn seq_at_or_after(&self, instant_ms: i64) -> Result<i64, StoreError> {
         self.pool
             .read(|c| watermark::seq_at_or_after(c, instant_ms))
@@ -581,7 +597,11 @@ impl Store for PgStore {
     }
 
     fn pool_stats(&self) -> Vec<crate::PoolStats> {
-        vec![self.pool.stats("store"), self.jobs.pool_stats()]
+        vec![
+            self.pool.stats("store"),
+            self.jobs.pool_stats(),
+            self.condition_pool.stats("conditions"),
+        ]
     }
 
     fn shared_state(&self) -> Option<Arc<dyn crate::SharedState>> {

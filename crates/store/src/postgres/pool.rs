@@ -75,7 +75,11 @@ impl Pool {
     /// Take a checked connection, opening one when fewer than `max` are open; waits at most
     /// the target's `pool_timeout` for one to be returned ([`StoreError::Unavailable`] then).
     pub(crate) fn get(&self) -> Result<PooledClient<'_>, StoreError> {
-        let deadline = Instant::now() + self.target.pool_timeout;
+        self.get_until(Instant::now() + self.target.pool_timeout)
+    }
+
+    /// [`Pool::get`], waiting for a connection until `deadline` rather than `pool_timeout`.
+    pub(crate) fn get_until(&self, deadline: Instant) -> Result<PooledClient<'_>, StoreError> {
         let mut state = self.lock();
         let mut waited = false;
         loop {
@@ -134,7 +138,7 @@ impl Pool {
                 drop(state);
                 tracing::warn!(target_db = %self.target.display, connections = self.max, "no pooled database connection became free in time");
                 return Err(self.target.unavailable(format!(
-                    "all {} connections stayed in use for {:?} (pool_timeout)",
+                    "all {} connections stayed in use until the call's deadline (pool_timeout {:?})",
                     self.max, self.target.pool_timeout
                 )));
             }
@@ -294,6 +298,17 @@ pub(crate) struct PooledClient<'a> {
 impl PooledClient<'_> {
     pub(crate) fn client(&mut self) -> &mut Client {
         self.client.as_mut().expect("present until drop")
+    }
+
+    /// Close this connection on drop instead of returning it to the pool (its session holds
+    /// state the next user must not inherit).
+    pub(crate) fn discard(&mut self) {
+        self.discard = true;
+    }
+
+    /// The connection was lost: dropped, with the idle ones opened before it.
+    pub(crate) fn mark_broken(&mut self) {
+        self.broken = true;
     }
 }
 

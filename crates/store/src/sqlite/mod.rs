@@ -144,6 +144,8 @@ pub struct SqliteStore {
     /// The export job queue in `exports.db` beside the database file, opened on first use
     /// ([`jobs`] says why it is a separate file).
     jobs: Mutex<Option<Arc<SqliteJobQueue>>>,
+    /// The locks of conditional interactions' conditions: one process writes a data directory.
+    conditions: crate::conditions::ProcessLocks,
     /// Declared after `writer`: dropped once the writer connection is closed, which ends its
     /// thread.
     _checkpointer: checkpointer::Checkpointer,
@@ -238,6 +240,7 @@ impl SqliteStore {
             systems,
             indexer: options.indexer,
             jobs: Mutex::new(None),
+            conditions: Default::default(),
             _checkpointer: checkpointer,
             _lock: None,
         })
@@ -449,6 +452,16 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn lock_conditions(
+        &self,
+        keys: &[crate::ConditionKey],
+        wait: std::time::Duration,
+    ) -> Result<crate::ConditionGuard<'_>, StoreError> {
+        let deadline = std::time::Instant::now() + wait;
+        let held = self.conditions.lock(keys, wait, deadline)?;
+        Ok(crate::ConditionGuard::new(held))
+    }
+
     fn search(
         &self,
         plan: &crate::plan::SearchPlan,
