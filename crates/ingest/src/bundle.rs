@@ -309,13 +309,28 @@ pub enum EntryAction {
         version: Option<i64>,
     },
     /// A conditional create whose condition matched this resource: answered 200 with its
-    /// location, nothing written.
+    /// location, nothing written; with the resource as a REST conditional create answers it.
     Existing {
         resource_type: String,
         id: String,
         version: i64,
         last_updated: String,
+        resource: MatchedResource,
     },
+}
+
+/// What the entry of a matched conditional create carries of the resource it matched (a REST
+/// conditional create answers the same: the resource under `Prefer: return=representation`
+/// when the client may read it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MatchedResource {
+    /// Not returned: no `return=representation`, or a client that may not read the type.
+    Withheld,
+    /// The matched version's stored JSON, returned as the entry's `resource`.
+    Included(Vec<u8>),
+    /// Left out because the resources the Bundle's entries return reached their byte limit
+    /// ([`BundleOptions::max_read_bytes`]): the entry's response says so.
+    OverLimit,
 }
 
 /// What the condition of a conditional create (`request.ifNoneExist`) found, run as a search by
@@ -329,6 +344,7 @@ pub enum ConditionMatch {
         id: String,
         version: i64,
         last_updated: String,
+        resource: MatchedResource,
     },
 }
 
@@ -444,6 +460,7 @@ impl BundlePlan {
                 id,
                 version,
                 last_updated,
+                resource,
             }) => {
                 entry.settled = true;
                 entry.action = EntryAction::Existing {
@@ -451,6 +468,7 @@ impl BundlePlan {
                     id,
                     version,
                     last_updated,
+                    resource,
                 };
             }
         }
@@ -679,6 +697,9 @@ pub fn execute(
 ) -> Result<Value, BundleError> {
     let n = translated.entries.len();
     let mut responses: Vec<Option<Value>> = vec![None; n];
+    // Bytes of stored resources the response returns for read entries and matched conditional
+    // creates, bounded by `max_read_bytes` together.
+    let mut read_bytes = 0usize;
     let mut writes: Vec<(usize, WriteOp)> = Vec::new();
     let mut reads: Vec<(usize, String, String, Option<i64>)> = Vec::new();
     for e in translated.entries {
@@ -704,14 +725,31 @@ pub fn execute(
                         id,
                         version,
                         last_updated,
+                        resource,
                     },
             }) => {
-                responses[index] = Some(json!({"response": {
+                let mut entry = json!({"response": {
                     "status": status_line(200),
                     "location": format!("{resource_type}/{id}/_history/{version}"),
                     "etag": format!("W/\"{version}\""),
                     "lastModified": last_updated,
-                }}))
+                }});
+                match resource {
+                    MatchedResource::Withheld => {}
+                    MatchedResource::Included(json) => {
+                        read_bytes = read_bytes.saturating_add(json.len());
+                        if let Ok(v) = serde_json::from_slice::<Value>(&json) {
+                            entry["resource"] = v;
+                        }
+                    }
+                    MatchedResource::OverLimit => {
+                        entry["response"]["outcome"] = json!({"resourceType": "OperationOutcome",
+                            "issue": [{"severity": "information", "code": "too-costly",
+                            "diagnostics": format!("{resource_type}/{id} is not included: the resources this Bundle's entries return \
+                                reached {} bytes; read it at its location", options.max_read_bytes)}]});
+                    }
+                }
+                responses[index] = Some(entry)
             }
             Err(err) => responses[err.index()] = Some(error_entry(&err)),
         }
@@ -778,8 +816,8 @@ pub fn execute(
         }
     }
 
-    // Reads are answered in entry order until their bytes reach `max_read_bytes`.
-    let mut read_bytes = 0usize;
+    // Reads are answered in entry order until their bytes (with the matched resources') reach
+    // `max_read_bytes`.
     let mut reads_over = false;
     for (index, resource_type, id, version) in reads {
         let too_costly = |read_bytes: usize| {
@@ -1325,6 +1363,7 @@ mod tests {
                 id: "p9".into(),
                 version: 3,
                 last_updated: "2024-01-01T00:00:00.000Z".into(),
+                resource: MatchedResource::Withheld,
             }),
         );
         let ops: Vec<_> = p

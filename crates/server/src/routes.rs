@@ -739,6 +739,10 @@ async fn bundle(
         }
     }
     let store = state.store.clone();
+    let readable: Vec<bool> = conditions
+        .iter()
+        .map(|(_, rtype, _)| ctx.scopes.can_read(rtype))
+        .collect();
     let response = blocking(move || {
         let keys: Vec<store::ConditionKey> = conditions.iter().map(|(_, _, c)| c.key).collect();
         let _held = if keys.is_empty() {
@@ -746,14 +750,31 @@ async fn bundle(
         } else {
             Some(store.lock_conditions(&keys, CONDITION_LOCK_WAIT)?)
         };
-        for (index, rtype, c) in conditions {
+        // The matched resources the response returns, bounded with the read entries' by
+        // `max_read_bytes` (never before the first).
+        let mut returned = 0usize;
+        for ((index, rtype, c), readable) in conditions.into_iter().zip(readable) {
             let found = match c.run(&*store) {
                 Ok(Found::Nothing) => Ok(ingest::bundle::ConditionMatch::Nothing),
-                Ok(Found::One(r)) => Ok(ingest::bundle::ConditionMatch::One {
-                    id: r.id,
-                    version: r.version,
-                    last_updated: r.last_updated,
-                }),
+                Ok(Found::One(r)) => {
+                    use ingest::bundle::MatchedResource as M;
+                    let resource = if !(options.return_resources && readable) {
+                        M::Withheld
+                    } else if returned > 0
+                        && returned.saturating_add(r.json.len()) > options.max_read_bytes
+                    {
+                        M::OverLimit
+                    } else {
+                        returned = returned.saturating_add(r.json.len());
+                        M::Included(r.json)
+                    };
+                    Ok(ingest::bundle::ConditionMatch::One {
+                        id: r.id,
+                        version: r.version,
+                        last_updated: r.last_updated,
+                        resource,
+                    })
+                }
                 Ok(Found::Several) => Err(ingest::EntryError::Condition {
                     index,
                     status: StatusCode::PRECONDITION_FAILED.as_u16(),

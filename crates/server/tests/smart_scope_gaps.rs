@@ -618,3 +618,80 @@ async fn update_without_create_scope_never_creates() {
     let history: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(history["entry"].as_array().unwrap().len(), 3, "{body}");
 }
+
+/// A Bundle entry whose `ifNoneExist` matched never returned the resource, even with
+/// `Prefer: return=representation` (a REST conditional create does). Now the entry answers as
+/// REST does: 200, the match's location and ETag, and under `return=representation` the
+/// resource — only for a client that may read the type (`finder`, `c`+`s` without `r`, gets
+/// none, as its REST 200 carries an OperationOutcome instead).
+#[tokio::test]
+async fn bundle_if_none_exist_match_returns_the_resource_as_rest_does() {
+    let s = start().await;
+    let admin = s.token("admin", "system/*.cruds").await;
+    s.put(&admin, patient(Some("p1"), "1")).await;
+    let entries = || {
+        json!([{"resource": patient(None, "1"),
+            "request": {"method": "POST", "url": "Patient", "ifNoneExist": condition("1")}}])
+    };
+    let representation = [("prefer", "return=representation")];
+    for kind in ["transaction", "batch"] {
+        let (st, _, body) = send_with(
+            &s,
+            Method::POST,
+            "/",
+            &admin,
+            Some(bundle(kind, entries())),
+            &representation,
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        let b: Value = serde_json::from_str(&body).unwrap();
+        let entry = &b["entry"][0];
+        assert!(statuses(&body)[0].starts_with("200"), "{body}");
+        assert_eq!(entry["response"]["location"], "Patient/p1/_history/1");
+        assert_eq!(entry["response"]["etag"], "W/\"1\"");
+        assert_eq!(entry["resource"]["id"], "p1", "{kind}: {body}");
+        assert_eq!(entry["resource"]["identifier"][0]["value"], "1", "{body}");
+
+        // Without return=representation: no resource, as for any entry.
+        let (st, _, body) = s
+            .send(
+                Method::POST,
+                "/",
+                Some(&admin),
+                Some(bundle(kind, entries())),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        let b: Value = serde_json::from_str(&body).unwrap();
+        assert!(b["entry"][0].get("resource").is_none(), "{body}");
+    }
+
+    // A client that may create and search Patients but not read them: the location, never
+    // the resource.
+    let finder = s
+        .token("finder", "system/Patient.cs system/Observation.c")
+        .await;
+    let (st, _, body) = send_with(
+        &s,
+        Method::POST,
+        "/",
+        &finder,
+        Some(bundle("batch", entries())),
+        &representation,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let b: Value = serde_json::from_str(&body).unwrap();
+    assert!(statuses(&body)[0].starts_with("200"), "{body}");
+    assert_eq!(
+        b["entry"][0]["response"]["location"],
+        "Patient/p1/_history/1"
+    );
+    assert!(b["entry"][0].get("resource").is_none(), "{body}");
+    assert!(!body.contains("\"birthDate\""), "{body}");
+    assert_eq!(
+        total(&s, &admin, &format!("Patient?{}", condition("1"))).await,
+        1
+    );
+}
