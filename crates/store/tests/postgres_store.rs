@@ -1225,3 +1225,80 @@ fn a_write_cancelled_by_the_databases_statement_timeout_is_transient() {
     assert!(store.read("Patient", "blocked").is_err());
     assert_eq!(store.read("Patient", "after").unwrap().version, 1);
 }
+
+/// Each pooled connection keeps the statements it prepared (searches, reads, writes). A reindex
+/// swaps new index tables in (the old ones dropped, the new renamed): searches, reads and writes
+/// on the same single connection, which prepared its statements before the swap, still find
+/// the right rows after it, and a second reindex and more searches too.
+#[test]
+fn searches_on_one_pooled_connection_still_work_after_a_reindex_swap() {
+    let Some(base) =
+        postgres_url("searches_on_one_pooled_connection_still_work_after_a_reindex_swap")
+    else {
+        return;
+    };
+    let db = fresh_database(&base).unwrap();
+    let store = PgStore::connect(
+        &db.url,
+        PgOptions {
+            indexer: Some(Arc::new(EveryKind)),
+            pool_size: 1,
+            ..PgOptions::default()
+        },
+    )
+    .unwrap();
+    let obs = |id: &str, code: &str| WriteOp::Update {
+        resource_type: "Observation".into(),
+        id: id.into(),
+        resource: json!({"resourceType": "Observation", "code": code}),
+        if_match: None,
+    };
+    store
+        .write(vec![obs("o1", "A"), obs("o2", "B"), obs("o3", "A")])
+        .unwrap();
+    let by_code = |code: &str| store::plan::SearchPlan {
+        resource_type: "Observation".into(),
+        filters: vec![store::plan::PlanFilter::Param {
+            on: store::plan::ParamOn::Index(store::plan::ParamMatch::Own("code".into())),
+            kind: store::plan::ParamKind::Token,
+            values: vec![store::plan::PlanValue::Token {
+                system: Some("http://s".into()),
+                code: Some(code.into()),
+            }],
+            negate: false,
+        }],
+        sort: Vec::new(),
+        page_size: 10,
+        count_total: true,
+        cursor: None,
+        includes: Vec::new(),
+        revincludes: Vec::new(),
+        max_included: 0,
+        max_page_bytes: store::plan::DEFAULT_MAX_PAGE_BYTES,
+    };
+    let total = |code: &str| store.search(&by_code(code), None).unwrap().total;
+    for _ in 0..3 {
+        assert_eq!(total("A"), Some(2));
+        assert_eq!(total("B"), Some(1));
+    }
+    assert_eq!(store.reindex(None, &mut |_, _| {}).unwrap(), 3);
+    assert_eq!(total("A"), Some(2));
+    assert_eq!(total("B"), Some(1));
+    // Writes after the swap land in the new tables; the next searches see them.
+    store.write(vec![obs("o2", "A")]).unwrap();
+    assert_eq!(total("A"), Some(3));
+    assert_eq!(total("B"), Some(0));
+    assert_eq!(store.read("Observation", "o2").unwrap().version, 2);
+    assert_eq!(store.reindex(None, &mut |_, _| {}).unwrap(), 3);
+    assert_eq!(total("A"), Some(3));
+    let history = store
+        .history(
+            store::HistoryScope::Instance {
+                resource_type: "Observation",
+                id: "o2",
+            },
+            &store::HistoryQuery::default(),
+        )
+        .unwrap();
+    assert_eq!(history.entries.len(), 2);
+}

@@ -3,8 +3,8 @@
 //! `reindex` (a full one builds new tables beside the live ones and swaps them in, see
 //! [`rebuild_and_swap`]).
 
+use super::statements::{Conn, Session, Tx};
 use ::postgres::error::SqlState;
-use ::postgres::{Client, GenericClient};
 use serde_json::Value;
 
 use crate::{IndexEntry, StoreError};
@@ -115,7 +115,7 @@ const SWAP_TRIES: u32 = 50;
 /// the writes of a moment.
 fn rebuild_and_swap(
     store: &PgStore,
-    c: &mut Client,
+    c: &mut Conn,
     progress: &mut dyn FnMut(&str, u64),
 ) -> Result<u64, StoreError> {
     // A reindex killed earlier may have left its tables: they are dropped (waiting, if need
@@ -152,7 +152,7 @@ fn rebuild_and_swap(
 }
 
 /// The resource types by name, with their numbers, in name order.
-fn types(c: &mut impl GenericClient) -> Result<Vec<(String, i64)>, StoreError> {
+fn types(c: &mut impl Session) -> Result<Vec<(String, i64)>, StoreError> {
     Ok(
         c.query("SELECT name, type_no FROM types ORDER BY name", &[])?
             .iter()
@@ -163,7 +163,7 @@ fn types(c: &mut impl GenericClient) -> Result<Vec<(String, i64)>, StoreError> {
 
 /// Drop the `_rebuild` tables a full reindex left (killed half-way); nothing when there are
 /// none. Call holding [`REINDEX_LOCK`].
-pub(super) fn drop_rebuild_tables(c: &mut Client) -> Result<(), StoreError> {
+pub(super) fn drop_rebuild_tables(c: &mut Conn) -> Result<(), StoreError> {
     let left: Vec<String> = c
         .query(
             "SELECT tablename::text FROM pg_tables
@@ -204,7 +204,7 @@ fn rebuild_index_ddl(name: &str, ddl: &str) -> Result<String, StoreError> {
 
 /// The `k` and value indexes of the filled `_rebuild` tables (two at a time, as after a bulk
 /// load), then their statistics.
-fn build_rebuild_indexes(store: &PgStore, c: &mut Client) -> Result<(), StoreError> {
+fn build_rebuild_indexes(store: &PgStore, c: &mut Conn) -> Result<(), StoreError> {
     let mut statements: Vec<String> = k_indexes()
         .map(|(table, name)| format!("CREATE INDEX {name}{REBUILD} ON {table}{REBUILD}(k)"))
         .collect();
@@ -228,7 +228,7 @@ fn build_rebuild_indexes(store: &PgStore, c: &mut Client) -> Result<(), StoreErr
 /// parameter numbers assigned (for the cache once `tx` committed).
 fn catch_up(
     store: &PgStore,
-    tx: &mut ::postgres::Transaction<'_>,
+    tx: &mut Tx<'_>,
     from: i64,
 ) -> Result<(i64, u64, Assigned), StoreError> {
     // The watermark, then the types (some may be new since the rebuild began).
@@ -261,7 +261,7 @@ fn catch_up(
 /// versions and the parameter numbers assigned.
 fn index_current(
     store: &PgStore,
-    tx: &mut ::postgres::Transaction<'_>,
+    tx: &mut Tx<'_>,
     name: &str,
     type_no: i64,
     (from, to): (i64, i64),
@@ -315,7 +315,7 @@ fn index_current(
 /// transaction holds would otherwise be in a deadlock with it; on a timeout it rolls back and
 /// tries again, [`SWAP_TRIES`] times, then waits without a limit. Returns how many versions
 /// the catch-up added.
-fn swap(store: &PgStore, c: &mut Client, from: i64) -> Result<u64, StoreError> {
+fn swap(store: &PgStore, c: &mut Conn, from: i64) -> Result<u64, StoreError> {
     let mut tries = 0;
     loop {
         tries += 1;
@@ -362,6 +362,10 @@ fn swap(store: &PgStore, c: &mut Client, from: i64) -> Result<u64, StoreError> {
         });
         tx.batch_execute(&ddl)?;
         tx.commit()?;
+        // The server re-plans statements on the swapped tables by itself; the pool's
+        // connections forget theirs all the same (rare, and no statement outlives a schema
+        // change of this store; see `statements`).
+        store.pool.forget_statements();
         store.params.extend(assigned);
         if tries > 1 {
             tracing::info!(
@@ -377,7 +381,7 @@ fn swap(store: &PgStore, c: &mut Client, from: i64) -> Result<u64, StoreError> {
 /// live tables and written again (searches see the old rows until the commit).
 fn reindex_type(
     store: &PgStore,
-    c: &mut Client,
+    c: &mut Conn,
     resource_type: &str,
     progress: &mut dyn FnMut(&str, u64),
 ) -> Result<u64, StoreError> {

@@ -21,8 +21,10 @@
 //! States are text under the same `CHECK` constraints as on SQLite, read back through `FromStr`
 //! (an unknown value is [`QueueError::Unknown`]).
 
+use ::postgres::Row;
 use ::postgres::types::Type;
-use ::postgres::{Client, GenericClient, Row, Transaction};
+
+use super::statements::{Conn, Session, Tx};
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -201,10 +203,7 @@ impl PgJobQueue {
 
     /// Runs `f` on a pooled connection; a lost connection becomes [`StoreError::Unavailable`]
     /// (the pool's rule), every other error stays what it is.
-    fn run<T>(
-        &self,
-        f: impl FnOnce(&mut Client) -> Result<T, QueueError>,
-    ) -> Result<T, QueueError> {
+    fn run<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, QueueError>) -> Result<T, QueueError> {
         self.pool
             .run(|c| self.for_pool(f(c)))
             .map_err(QueueError::Db)?
@@ -214,7 +213,7 @@ impl PgJobQueue {
     /// restart closed while it idled is replaced and `f` runs once more ([`Pool::read`]).
     fn read<T>(
         &self,
-        mut f: impl FnMut(&mut Client) -> Result<T, QueueError>,
+        mut f: impl FnMut(&mut Conn) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
         self.pool
             .read(|c| self.for_pool(f(c)))
@@ -241,10 +240,7 @@ impl PgJobQueue {
     }
 
     /// [`PgJobQueue::run`] in one transaction, committed when `f` succeeds.
-    fn tx<T>(
-        &self,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, QueueError>,
-    ) -> Result<T, QueueError> {
+    fn tx<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T, QueueError>) -> Result<T, QueueError> {
         self.run(|c| {
             let mut tx = c.transaction()?;
             let value = f(&mut tx)?;
@@ -297,7 +293,7 @@ fn file_row(r: &Row) -> Result<FileRecord, QueueError> {
 /// This and the other statements a worker runs per committed file (heartbeats, file commits,
 /// renames) go with their parameter types (`*_typed`): one round trip each, where a statement
 /// given as text is prepared first (a round trip of its own, and a close).
-fn lease_state(c: &mut impl GenericClient, item: &WorkItem) -> Result<Lease, QueueError> {
+fn lease_state(c: &mut impl Session, item: &WorkItem) -> Result<Lease, QueueError> {
     let row = c.query_typed_opt(
         "SELECT i.state, i.owner, i.attempts, j.state
          FROM export_item i JOIN export_job j ON j.id = i.job_id
@@ -370,12 +366,12 @@ impl JobQueue for PgJobQueue {
                     &j.cleanup.as_str(),
                 ],
             )?;
-            let insert = tx.prepare(
+            let insert = tx.prepared(
                 "INSERT INTO export_item (job_id, item_no, kind, resource_type, seq_after, seq_up_to, expected, cursor, state)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $5, 'pending')",
             )?;
             for (n, it) in items.iter().enumerate() {
-                tx.execute(
+                tx.raw().execute(
                     &insert,
                     &[
                         &j.id,

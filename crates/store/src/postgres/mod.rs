@@ -70,14 +70,16 @@
 //! the advisory lock, building the index tables' indexes), `writes` (the write transaction, binary
 //! `COPY`), `reads` (read, vread, history), `scans` (as-of counts and keyset scans, listings),
 //! `watermark` (the watermark, instants and seqs), `index_upkeep` (suspend/resume, reindex),
-//! `search` (search plan execution) and `jobs` (the export job queue and shared state).
+//! `search` (search plan execution), `jobs` (the export job queue and shared state) and
+//! `statements` (each pooled connection's prepared statements, which the others' text
+//! statements go through).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ::postgres::{Client, GenericClient};
 use serde_json::Value;
+use statements::{Conn, Session};
 
 mod conditions;
 mod index_upkeep;
@@ -87,6 +89,7 @@ mod reads;
 mod scans;
 mod schema;
 mod search;
+mod statements;
 mod target;
 mod watermark;
 mod writes;
@@ -424,11 +427,7 @@ impl PgStore {
 
     /// The number of a search parameter code in the index rows; `None` if no index row of it was
     /// ever written.
-    fn lookup_param(
-        &self,
-        c: &mut impl GenericClient,
-        code: &str,
-    ) -> Result<Option<i64>, StoreError> {
+    fn lookup_param(&self, c: &mut impl Session, code: &str) -> Result<Option<i64>, StoreError> {
         if let Some(no) = self.params.get(code) {
             return Ok(Some(no));
         }
@@ -457,11 +456,7 @@ impl PgStore {
         self.pool.read(|c| self.lookup_type(c, resource_type))
     }
 
-    fn lookup_type(
-        &self,
-        c: &mut impl GenericClient,
-        name: &str,
-    ) -> Result<Option<i64>, StoreError> {
+    fn lookup_type(&self, c: &mut impl Session, name: &str) -> Result<Option<i64>, StoreError> {
         if let Some(no) = self.cached_type(name) {
             return Ok(Some(no));
         }
@@ -477,7 +472,7 @@ impl PgStore {
         Ok(no)
     }
 
-    fn type_name_of(&self, c: &mut impl GenericClient, type_no: i64) -> Result<String, StoreError> {
+    fn type_name_of(&self, c: &mut impl Session, type_no: i64) -> Result<String, StoreError> {
         {
             let types = self.types.read().unwrap_or_else(|e| e.into_inner());
             if let Some((name, _)) = types.iter().find(|(_, n)| **n == type_no) {
@@ -498,7 +493,7 @@ impl PgStore {
 
     /// Register the types that have no number yet, committed on their own (a type row without
     /// resources is harmless, and this keeps the cache valid if the write itself rolls back).
-    fn register_types(&self, c: &mut Client, names: &[&str]) -> Result<(), StoreError> {
+    fn register_types(&self, c: &mut Conn, names: &[&str]) -> Result<(), StoreError> {
         for name in names {
             if self.cached_type(name).is_some() {
                 continue;

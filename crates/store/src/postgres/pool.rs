@@ -2,19 +2,22 @@
 //! dropped (503) and replaced, idle ones checked with a round trip before use, and its use counted
 //! for `GET /metrics`. Reads ([`Pool::read`]) that meet an idle connection a database restart
 //! closed run once more on a new one; writes ([`Pool::run`]) do not.
+//!
+//! A pooled connection is a [`Conn`]: the client with the statements it prepared (`statements`),
+//! which live and die with it.
 
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-
-use ::postgres::Client;
 
 use crate::StoreError;
 
 use super::IDLE_CHECK_AFTER;
+use super::statements::Conn;
 use super::target::{Target, describe, is_connection_error};
 
 struct Idle {
-    client: Client,
+    client: Conn,
     generation: u64,
     since: Instant,
 }
@@ -37,6 +40,9 @@ pub(crate) struct Pool {
     max: usize,
     state: Mutex<PoolState>,
     available: Condvar,
+    /// Shared by the statement caches of this pool's connections: moved on, it makes each
+    /// forget its prepared statements (a schema change; see `statements`).
+    schema_epoch: Arc<AtomicU64>,
 }
 
 impl Pool {
@@ -52,11 +58,19 @@ impl Pool {
                 wait_timeouts: 0,
             }),
             available: Condvar::new(),
+            schema_epoch: Arc::new(AtomicU64::new(0)),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes every connection of this pool forget its prepared statements before it runs the
+    /// next one: the store changed its schema (see `statements`).
+    pub(crate) fn forget_statements(&self) {
+        self.schema_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The pool's use now, named `name` (metrics).
@@ -118,7 +132,7 @@ impl Pool {
                 return match self.target.connect() {
                     Ok(client) => Ok(PooledClient {
                         pool: self,
-                        client: Some(client),
+                        client: Some(Conn::new(client, self.schema_epoch.clone())),
                         generation,
                         reused: false,
                         broken: false,
@@ -162,7 +176,7 @@ impl Pool {
     /// through the 503) decides. Reads go through [`Pool::read`].
     pub(crate) fn run<T>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.get()?;
         let result = f(conn.client());
@@ -184,7 +198,7 @@ impl Pool {
     /// means the database is going away now, not that it went away while the connection idled.
     pub(crate) fn read<T>(
         &self,
-        mut f: impl FnMut(&mut Client) -> Result<T, StoreError>,
+        mut f: impl FnMut(&mut Conn) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.get()?;
         let result = f(conn.client());
@@ -284,7 +298,7 @@ impl Drop for Pool {
 /// A connection taken from the [`Pool`]; goes back on drop unless it was lost.
 pub(crate) struct PooledClient<'a> {
     pool: &'a Pool,
-    client: Option<Client>,
+    client: Option<Conn>,
     generation: u64,
     /// It came from the idle list (it may have been closed by the server while it idled), not
     /// opened for this call.
@@ -296,7 +310,7 @@ pub(crate) struct PooledClient<'a> {
 }
 
 impl PooledClient<'_> {
-    pub(crate) fn client(&mut self) -> &mut Client {
+    pub(crate) fn client(&mut self) -> &mut Conn {
         self.client.as_mut().expect("present until drop")
     }
 

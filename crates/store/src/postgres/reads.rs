@@ -3,6 +3,8 @@
 
 use ::postgres::types::Type;
 
+use super::statements::Session;
+
 use crate::{HistoryEntry, HistoryPage, HistoryQuery, HistoryScope, StoreError, StoredResource};
 
 use super::PgStore;

@@ -4,7 +4,7 @@
 
 use std::ops::ControlFlow;
 
-use ::postgres::Client;
+use super::statements::{Conn, Session};
 use ::postgres::fallible_iterator::FallibleIterator;
 use ::postgres::types::ToSql;
 
@@ -24,13 +24,15 @@ pub(super) fn types_present(store: &PgStore, as_of: i64) -> Result<Vec<String>, 
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let stmt = c.prepare(
+        let stmt = c.prepared(
             "SELECT 1 FROM resource_versions WHERE k > $1 AND k <= $2 AND deleted = 0
              AND (superseded_seq IS NULL OR superseded_seq > $3) LIMIT 1",
         )?;
         let mut out = Vec::new();
         for (name, type_no) in types {
-            let any = c.query_opt(&stmt, &[&key(type_no, 0), &key(type_no, as_of), &as_of])?;
+            let any = c
+                .raw()
+                .query_opt(&stmt, &[&key(type_no, 0), &key(type_no, as_of), &as_of])?;
             if any.is_some() {
                 out.push(name);
             }
@@ -111,14 +113,14 @@ pub(super) fn scan_type_each(
     let mut after_k = key(type_no, bounds.after);
     let mut n = 0u64;
     store.pool.read(|c| {
-        let stmt = c.prepare(
+        let stmt = c.prepared(
             "SELECT k, seq, id, version, last_updated, json FROM resource_versions
              WHERE k > $1 AND k <= $2 AND deleted = 0
              AND (superseded_seq IS NULL OR superseded_seq > $3) ORDER BY k LIMIT $4",
         )?;
         loop {
             let params: [&(dyn ToSql + Sync); 4] = [&after_k, &hi, &as_of, &SCAN_PAGE_ROWS];
-            let mut rows = c.query_raw(&stmt, params.iter().copied())?;
+            let mut rows = c.raw().query_raw(&stmt, params.iter().copied())?;
             let mut in_page = 0i64;
             while let Some(r) = rows.next()? {
                 in_page += 1;
@@ -317,7 +319,7 @@ pub(super) fn stored_bytes(store: &PgStore) -> Result<u64, StoreError> {
 
 impl PgStore {
     /// Current resources of a type at `as_of` (see [`crate::sqlite`]'s `count_as_of`).
-    pub(super) fn count_as_of(c: &mut Client, type_no: i64, as_of: i64) -> Result<u64, StoreError> {
+    pub(super) fn count_as_of(c: &mut Conn, type_no: i64, as_of: i64) -> Result<u64, StoreError> {
         if as_of <= 0 {
             return Ok(0);
         }
@@ -343,7 +345,7 @@ impl PgStore {
 
 /// The seq window `(lo, hi]` of a listing, from `_lastUpdated` and the page cursor; `None` if empty.
 pub(super) fn list_bounds(
-    c: &mut Client,
+    c: &mut Conn,
     filter: &ListFilter,
     after_seq: Option<i64>,
 ) -> Result<Option<(i64, i64)>, StoreError> {

@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use ::postgres::Client;
+use super::statements::{Conn, Session};
 
 use crate::StoreError;
 
@@ -15,8 +15,8 @@ use crate::index_tables::{INDEX_TABLES, VALUE_INDEXES};
 /// Run `f` holding the session advisory lock [`MIGRATION_LOCK`] (schema changes: migrations and
 /// the value indexes), so that several processes starting at once do each change once.
 pub(super) fn with_schema_lock<T>(
-    client: &mut Client,
-    f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    client: &mut Conn,
+    f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
     let result = f(client);
@@ -28,7 +28,7 @@ pub(super) fn with_schema_lock<T>(
 
 /// Apply the [`MIGRATIONS`] this database lacks (call under [`with_schema_lock`]). Refuses a
 /// database migrated by a newer version.
-pub(super) fn migrate(client: &mut Client) -> Result<usize, StoreError> {
+pub(super) fn migrate(client: &mut Conn) -> Result<usize, StoreError> {
     client.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations(
            version bigint PRIMARY KEY,
@@ -103,7 +103,7 @@ pub(super) const BUILD_RESET: &str =
 /// so such a session stops early.
 pub(super) fn run_on_two_connections(
     target: &Target,
-    client: &mut Client,
+    client: &mut Conn,
     statements: Vec<String>,
     build: bool,
 ) -> Result<usize, StoreError> {
@@ -116,7 +116,7 @@ pub(super) fn run_on_two_connections(
         client.execute("SELECT pg_advisory_unlock($1)", &[&BUILD_LOCK])?;
     }
     let queue = Mutex::new(statements.into_iter());
-    let run_all = |c: &mut Client| -> Result<(), StoreError> {
+    let run_all = |c: &mut Conn| -> Result<(), StoreError> {
         loop {
             let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
             let Some(sql) = next else { break };
@@ -124,7 +124,7 @@ pub(super) fn run_on_two_connections(
         }
         Ok(())
     };
-    let work = |c: &mut Client| -> Result<(), StoreError> {
+    let work = |c: &mut Conn| -> Result<(), StoreError> {
         if !build {
             return run_all(c);
         }
@@ -152,7 +152,8 @@ pub(super) fn run_on_two_connections(
     };
     let second = if n > 1 { target.connect().ok() } else { None };
     let (mine, theirs) = std::thread::scope(|scope| {
-        let helper = second.map(|mut c| {
+        let helper = second.map(|c| {
+            let mut c = Conn::unpooled(c);
             let work = &work;
             scope.spawn(move || {
                 work(&mut c).map_err(|e| match e {
@@ -177,7 +178,7 @@ pub(super) fn run_on_two_connections(
 }
 
 /// The names of the index tables' indexes that exist.
-pub(super) fn present_indexes(client: &mut Client) -> Result<Vec<String>, StoreError> {
+pub(super) fn present_indexes(client: &mut Conn) -> Result<Vec<String>, StoreError> {
     Ok(client
         .query(
             "SELECT indexname::text FROM pg_indexes
@@ -199,10 +200,7 @@ pub(super) fn k_indexes() -> impl Iterator<Item = (&'static str, String)> {
 /// many were. A missing `k` index means a bulk load suspended index upkeep and may have left the
 /// index rows of versions it superseded (their deletion waits for the `k` index, see
 /// [`PgStore::write_in`]): they are deleted first, in one pass per table.
-pub(super) fn build_value_indexes(
-    target: &Target,
-    client: &mut Client,
-) -> Result<usize, StoreError> {
+pub(super) fn build_value_indexes(target: &Target, client: &mut Conn) -> Result<usize, StoreError> {
     let present = present_indexes(client)?;
     let mut statements: Vec<String> = Vec::new();
     let missing_k = k_indexes().any(|(_, name)| !present.contains(&name));

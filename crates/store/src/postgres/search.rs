@@ -11,13 +11,12 @@
 //! keyset page — whose type the server could not infer).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use super::statements::{Conn, Session};
 use ::postgres::types::{ToSql, Type};
-use ::postgres::{Client, Statement};
 
 use super::PgStore;
 use super::watermark::seq_at_or_after;
@@ -93,10 +92,8 @@ impl Dialect for PgDialect {
 
 struct Backend<'a> {
     store: &'a PgStore,
-    client: RefCell<&'a mut Client>,
+    client: RefCell<&'a mut Conn>,
     stop: Option<&'a StopCheck>,
-    /// Statements of the shapes run many times (includes), prepared once per search.
-    prepared: RefCell<HashMap<String, Statement>>,
 }
 
 fn param_type(p: &SqlParam) -> Type {
@@ -172,41 +169,42 @@ impl Backend<'_> {
         self.stop.is_some_and(|s| s())
     }
 
+    /// Runs `sql` as the connection's cached statement (prepared with the types of `params`
+    /// the first time this connection runs it; see `statements`), whatever `cached` says: the
+    /// page statement of a search shape run again by the next request is worth keeping too,
+    /// and the cache is bounded.
     fn run_statement(
         &self,
-        client: &mut Client,
+        client: &mut Conn,
         sql: &str,
         params: &[SqlParam],
-        cached: bool,
     ) -> Result<Vec<Vec<SqlCell>>, StoreError> {
-        let stmt = match self.prepared.borrow().get(sql) {
-            Some(s) => s.clone(),
-            None => {
-                let types: Vec<Type> = params.iter().map(param_type).collect();
-                client.prepare_typed(sql, &types).map_err(classify)?
-            }
-        };
-        if cached {
-            self.prepared
-                .borrow_mut()
-                .entry(sql.to_string())
-                .or_insert_with(|| stmt.clone());
-        }
-        let types = stmt.params();
-        if types.len() != params.len() {
-            return Err(StoreError::InvalidPlan(format!(
-                "{} parameters for {} places",
-                params.len(),
-                types.len()
-            )));
-        }
-        let bound = params
-            .iter()
-            .zip(types)
-            .map(|(p, t)| bind(p, t))
-            .collect::<Result<Vec<_>, _>>()?;
-        let refs: Vec<&(dyn ToSql + Sync)> = bound.iter().map(|b| &**b).collect();
-        let rows = client.query(&stmt, &refs).map_err(classify)?;
+        let types: Vec<Type> = params.iter().map(param_type).collect();
+        let rows = client
+            .with_statement(sql, &types, |c, stmt| {
+                // Inner: this store's own refusals; outer: the database's errors (a stale
+                // statement among them, which `with_statement` handles).
+                let types = stmt.params();
+                if types.len() != params.len() {
+                    return Ok(Err(StoreError::InvalidPlan(format!(
+                        "{} parameters for {} places",
+                        params.len(),
+                        types.len()
+                    ))));
+                }
+                let bound = match params
+                    .iter()
+                    .zip(types)
+                    .map(|(p, t)| bind(p, t))
+                    .collect::<Result<Vec<_>, _>>()
+                {
+                    Ok(b) => b,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let refs: Vec<&(dyn ToSql + Sync)> = bound.iter().map(|b| &**b).collect();
+                c.query(stmt, &refs).map(Ok)
+            })
+            .map_err(classify)??;
         rows.iter()
             .map(|r| (0..r.len()).map(|i| cell(r, i)).collect())
             .collect()
@@ -238,14 +236,14 @@ impl SearchBackend for Backend<'_> {
         &self,
         sql: &str,
         params: &[SqlParam],
-        cached: bool,
+        _cached: bool,
     ) -> Result<Vec<Vec<SqlCell>>, StoreError> {
         if self.stopped() {
             return Err(StoreError::Cancelled);
         }
         let mut client = self.client.borrow_mut();
         let Some(stop) = self.stop else {
-            return self.run_statement(&mut client, sql, params, cached);
+            return self.run_statement(&mut client, sql, params);
         };
         // The watcher cancels the statement when the stop check says so; it ends as soon as
         // the statement does (the sender is dropped).
@@ -270,7 +268,7 @@ impl SearchBackend for Backend<'_> {
                     }
                 }
             });
-            let result = self.run_statement(&mut client, sql, params, cached);
+            let result = self.run_statement(&mut client, sql, params);
             drop(done);
             result
         });
@@ -305,7 +303,6 @@ pub(super) fn search(
             store,
             client: RefCell::new(client),
             stop,
-            prepared: RefCell::new(HashMap::new()),
         };
         sql_plan::run(&backend, plan)
     })

@@ -54,6 +54,16 @@ impl Target {
         if config.get_application_name().is_none() {
             config.application_name("fhirhose");
         }
+        // Each connection keeps its statements prepared (`statements`). Planned for each run
+        // with its parameter values, as the text statements they replace were: left to itself
+        // the server may switch a statement run five times to one generic plan, made for an
+        // average value, the wrong plan for a search on a skewed column.
+        let options = match config.get_options() {
+            Some(o) if o.contains("plan_cache_mode") => o.to_string(),
+            Some(o) => format!("{o} -c plan_cache_mode=force_custom_plan"),
+            None => "-c plan_cache_mode=force_custom_plan".to_string(),
+        };
+        config.options(&options);
         // No `sslmode` in the URL: plain text. (The driver's own default, `prefer`, would try TLS
         // and, with a server certificate our verifier refuses — e.g. Debian's self-signed
         // snakeoil one — fail instead of falling back.) `require`/`prefer` use TLS and verify.

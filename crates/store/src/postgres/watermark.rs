@@ -1,7 +1,7 @@
 //! The watermark and the mapping between instants and seqs (`transactions` table): what an
 //! export's `as_of` and `_since` are computed from.
 
-use ::postgres::GenericClient;
+use super::statements::Session;
 
 use crate::stamp::format_instant_ms;
 use crate::{StoreError, Watermark};
@@ -42,7 +42,7 @@ pub(super) fn instant_of_seq(store: &PgStore, seq: i64) -> Result<Option<String>
 
 /// The database server's clock, in ms since the epoch (see the module docs of `postgres`, "One
 /// clock").
-pub(super) fn database_now_ms(c: &mut impl GenericClient) -> Result<i64, StoreError> {
+pub(super) fn database_now_ms(c: &mut impl Session) -> Result<i64, StoreError> {
     Ok(c.query_one(
         "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
         &[],
@@ -50,10 +50,7 @@ pub(super) fn database_now_ms(c: &mut impl GenericClient) -> Result<i64, StoreEr
     .try_get(0)?)
 }
 
-pub(super) fn seq_at_or_after(
-    c: &mut impl GenericClient,
-    instant_ms: i64,
-) -> Result<i64, StoreError> {
+pub(super) fn seq_at_or_after(c: &mut impl Session, instant_ms: i64) -> Result<i64, StoreError> {
     let first: Option<i64> = c
         .query_opt(
             "SELECT first_seq FROM transactions WHERE lu_ms >= $1 ORDER BY lu_ms LIMIT 1",

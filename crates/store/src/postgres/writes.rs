@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use ::postgres::Client;
+use super::statements::{Conn, Session, Tx};
 use ::postgres::binary_copy::BinaryCopyInWriter;
 use ::postgres::types::Type;
 
@@ -34,7 +34,7 @@ impl PgStore {
     /// The write transaction (see the module docs).
     pub(super) fn write_in(
         &self,
-        c: &mut Client,
+        c: &mut Conn,
         prepared: Vec<Prepared>,
     ) -> Result<Vec<WriteOutcome>, StoreError> {
         let mut tx = c.transaction()?;
@@ -294,14 +294,17 @@ pub(super) struct Current {
 }
 
 pub(super) fn copy_versions(
-    tx: &mut ::postgres::Transaction<'_>,
+    tx: &mut Tx<'_>,
     rows: &[NewRow],
     outcomes: &[WriteOutcome],
 ) -> Result<(), StoreError> {
-    let sink = tx.copy_in(
+    // Prepared once per connection like the other statements (`statements`): a COPY given as
+    // text costs a Parse round trip on every write.
+    let copy = tx.prepared(
         "COPY resource_versions (k, seq, type_no, id, version, last_updated, method, deleted,
          superseded_seq, json) FROM STDIN (FORMAT binary)",
     )?;
+    let sink = tx.raw().copy_in(&copy)?;
     let types = [
         Type::INT8,
         Type::INT8,
@@ -342,7 +345,7 @@ pub(super) fn copy_versions(
 /// Returns the parameter numbers it read or assigned in `tx` (for the store's cache once `tx`
 /// committed).
 pub(super) fn copy_index_rows(
-    tx: &mut ::postgres::Transaction<'_>,
+    tx: &mut Tx<'_>,
     params: &ParamNumbers,
     items: &[(i64, i64, &[IndexEntry])],
     suffix: &str,
@@ -463,9 +466,10 @@ pub(super) fn copy_index_rows(
         if !any {
             continue;
         }
-        let sink = tx.copy_in(&format!(
+        let copy = tx.prepared(&format!(
             "COPY {table}{suffix} ({columns}) FROM STDIN (FORMAT binary)"
         ))?;
+        let sink = tx.raw().copy_in(&copy)?;
         let mut w = BinaryCopyInWriter::new(sink, &types);
         for (type_no, k, entries) in items {
             for e in entries.iter().filter(|e| pick(&e.value)) {

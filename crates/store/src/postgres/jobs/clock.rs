@@ -14,7 +14,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::postgres::GenericClient;
+use super::super::statements::Session;
 
 /// How long a measured offset is used before it is measured again.
 pub(super) const REMEASURE: Duration = Duration::from_secs(30);
@@ -31,7 +31,7 @@ impl SharedClock {
     /// is measured on `c` first when it is older than [`REMEASURE`] (one query).
     pub(super) fn shared(
         &self,
-        c: &mut impl GenericClient,
+        c: &mut impl Session,
         local_ms: i64,
     ) -> Result<i64, ::postgres::Error> {
         let known = *self.measured.lock().unwrap_or_else(|e| e.into_inner());
@@ -55,7 +55,7 @@ impl SharedClock {
 }
 
 /// Database clock minus this process's clock, in ms, taken at the middle of the round trip.
-fn measure(c: &mut impl GenericClient) -> Result<i64, ::postgres::Error> {
+fn measure(c: &mut impl Session) -> Result<i64, ::postgres::Error> {
     let before = now_ms();
     let db: i64 = c
         .query_one(

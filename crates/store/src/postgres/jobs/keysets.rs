@@ -2,6 +2,8 @@
 
 use ::postgres::Row;
 
+use super::super::statements::Session;
+
 use super::PgJobQueue;
 use crate::jobs::QueueError;
 use crate::keysets::{KEY_SET_COLUMNS, KeySet, KeySets};
