@@ -366,13 +366,10 @@ impl JobQueue for PgJobQueue {
                     &j.cleanup.as_str(),
                 ],
             )?;
-            let insert = tx.prepared(
-                "INSERT INTO export_item (job_id, item_no, kind, resource_type, seq_after, seq_up_to, expected, cursor, state)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $5, 'pending')",
-            )?;
             for (n, it) in items.iter().enumerate() {
-                tx.raw().execute(
-                    &insert,
+                tx.execute(
+                    "INSERT INTO export_item (job_id, item_no, kind, resource_type, seq_after, seq_up_to, expected, cursor, state)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $5, 'pending')",
                     &[
                         &j.id,
                         &(n as i64 + 1),

@@ -24,15 +24,13 @@ pub(super) fn types_present(store: &PgStore, as_of: i64) -> Result<Vec<String>, 
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let stmt = c.prepared(
-            "SELECT 1 FROM resource_versions WHERE k > $1 AND k <= $2 AND deleted = 0
-             AND (superseded_seq IS NULL OR superseded_seq > $3) LIMIT 1",
-        )?;
         let mut out = Vec::new();
         for (name, type_no) in types {
-            let any = c
-                .raw()
-                .query_opt(&stmt, &[&key(type_no, 0), &key(type_no, as_of), &as_of])?;
+            let any = c.query_opt(
+                "SELECT 1 FROM resource_versions WHERE k > $1 AND k <= $2 AND deleted = 0
+                 AND (superseded_seq IS NULL OR superseded_seq > $3) LIMIT 1",
+                &[&key(type_no, 0), &key(type_no, as_of), &as_of],
+            )?;
             if any.is_some() {
                 out.push(name);
             }
@@ -112,7 +110,7 @@ pub(super) fn scan_type_each(
     let hi = key(type_no, upper);
     let mut after_k = key(type_no, bounds.after);
     let mut n = 0u64;
-    store.pool.read(|c| {
+    let mut pages = |c: &mut Conn| -> Result<u64, StoreError> {
         let stmt = c.prepared(
             "SELECT k, seq, id, version, last_updated, json FROM resource_versions
              WHERE k > $1 AND k <= $2 AND deleted = 0
@@ -143,6 +141,13 @@ pub(super) fn scan_type_each(
                 return Ok(n);
             }
         }
+    };
+    store.pool.read(|c| {
+        let scanned = pages(c);
+        if let Err(StoreError::Postgres(e)) = &scanned {
+            c.forget_if_stale(e);
+        }
+        scanned
     })
 }
 

@@ -179,10 +179,21 @@ pub(crate) trait Session {
         self.parts().0
     }
 
-    /// The cached statement for `sql` (parameter types inferred).
+    /// The cached statement for `sql` (parameter types inferred), for a caller that runs it
+    /// on [`Session::raw`] itself: a `COPY` (no result columns to go stale) or a streamed
+    /// scan, which hands its run's error to [`Session::forget_if_stale`].
     fn prepared(&mut self, sql: &str) -> Result<Statement, Error> {
         let (client, cache) = self.parts();
         cache.statement(client, sql, &[])
+    }
+
+    /// After `e` from running a cached statement: when it says the statement went stale,
+    /// every connection of the pool forgets its statements (see the module docs).
+    fn forget_if_stale(&mut self, e: &Error) {
+        if is_stale_statement(e) {
+            tracing::info!(error = %e, "a prepared statement no longer fits the schema; every pooled connection prepares its statements again");
+            self.parts().1.forget_everywhere();
+        }
     }
 
     /// Runs `run` with the cached statement for `sql` (`types` as in
