@@ -14,6 +14,7 @@ use ::postgres::error::SqlState;
 
 use super::PgStore;
 use super::pool::PooledClient;
+use super::statements::Session as _;
 use super::target::{describe, is_connection_error};
 use crate::conditions::{ConditionKey, LocalGuard, in_lock_order};
 use crate::{ConditionGuard, StoreError};
