@@ -704,6 +704,12 @@ const CASES: &[Case] = &[
         run: database_disk_full,
     },
     Case {
+        name: "database-frozen",
+        invariant: "the PostgreSQL server frozen (SIGSTOP: a paused host, a storage stall; its connections stay open and never answer) during an export, while POSTs, a search, a status poll and a kick-off come in: each is answered within `--database-wait` (4 s) and a few seconds, 503 with Retry-After or 504, never 500 and never a hang, `/metadata` goes on; once it is thawed (SIGCONT) no POST answered 503 was written, every 201 is there, and the export completes with every resource exactly once (PostgreSQL pass only)",
+        rounds: 1,
+        run: database_frozen,
+    },
+    Case {
         name: "database-wal-full",
         invariant: "PostgreSQL's write-ahead log on a disk that fills up (a 12 MB tmpfs) under POSTs: the database server stops itself (PANIC) and cannot restart; the write that met the full log and every request while the database is down get a 507 or 503 OperationOutcome (503 with Retry-After), never a 500, and the server keeps running; once space is freed and the database started again, every acknowledged write is there, no refused one, and writes succeed without restarting Fhirhose (PostgreSQL pass only)",
         rounds: 1,
@@ -1756,6 +1762,223 @@ fn database_disk_full(_ctx: &mut Ctx, _rng: &mut Rng, dir: &Path) -> R<Option<St
     drop(small);
     Ok(Some(format!(
         "{acknowledged} POSTs fitted, then 507 (a transaction too); written again after the tmpfs grew"
+    )))
+}
+
+/// The processes of the cluster in `pg` (its postmaster and every backend), for SIGSTOP/SIGCONT.
+fn cluster_pids(pg: &Path) -> R<Vec<u32>> {
+    let pid_file = pg.join("data/postmaster.pid");
+    let text =
+        fs::read_to_string(&pid_file).map_err(|e| format!("read {}: {e}", pid_file.display()))?;
+    let main: u32 = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| format!("no pid in {}", pid_file.display()))?;
+    let children = Command::new("pgrep")
+        .args(["-P", &main.to_string()])
+        .output()
+        .map_err(|e| format!("pgrep: {e}"))?;
+    let mut pids = vec![main];
+    pids.extend(
+        String::from_utf8_lossy(&children.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok()),
+    );
+    Ok(pids)
+}
+
+/// Sends `sig` to every process of `pids` (all of them: a missed backend would go on answering).
+fn signal_all(sig: &str, pids: &[u32]) -> R<()> {
+    for &pid in pids {
+        let ok = signal(pid, sig).is_ok_and(|st| st.success());
+        ensure!(ok, "kill -{sig} {pid}");
+    }
+    Ok(())
+}
+
+/// `database-frozen`: a cluster of its own, all of whose processes are stopped (SIGSTOP) during
+/// an export: the kernel still accepts its connections and their bytes, nobody answers (a host
+/// or VM paused, a storage stall). Requests must be answered within the server's
+/// `--database-wait`, and a write answered 503 must never appear once the database runs again.
+fn database_frozen(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>> {
+    if store::testing::test_database_url().is_none() {
+        return Ok(Some(
+            "not applicable on SQLite (no database server to freeze); runs in the PostgreSQL pass"
+                .into(),
+        ));
+    }
+    const WAIT_S: u64 = 4;
+    // Answered within the wait, plus the client's and a loaded machine's slack.
+    const ANSWER_BOUND: Duration = Duration::from_secs(WAIT_S + 6);
+    ctx.ensure_golden()?;
+    let pg = dir.join("pg");
+    let url = postgres_sh("start", &pg)?;
+    let cluster = Cluster(pg.clone());
+    let data = dir.join("data");
+    let db = store::testing::fresh_database(&url).map_err(|e| format!("create a database: {e}"))?;
+    register_database(&data, db);
+    load(&data, &dir.join("load.log"))?;
+    let mut args = export_args();
+    args.extend(
+        [
+            "--search-timeout",
+            "2",
+            "--database-wait",
+            &WAIT_S.to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_string()),
+    );
+    let s = Server::start(&data, free_port(), &args, &dir.join("serve.log"))?;
+    let base = s.base.clone();
+    let status = kickoff(&ctx.c, &base, "")?;
+    let at = rng.below(ctx.export_ms / 2 + 1);
+    sleep_ms(at);
+    let pids = cluster_pids(&pg)?;
+    signal_all("STOP", &pids)?;
+    let frozen = Instant::now();
+    // The requests, each on a thread of its own (as many clients): (what, status, Retry-After,
+    // body, time to the answer).
+    type Answer = (String, u16, bool, Value, Duration);
+    let ask = |what: String, r: reqwest::blocking::RequestBuilder| {
+        std::thread::spawn(move || -> R<Answer> {
+            let started = Instant::now();
+            let r = r.send().map_err(|e| format!("{what}: {e}"))?;
+            let code = r.status().as_u16();
+            let retry = r.headers().contains_key("retry-after");
+            let body = r.json().unwrap_or(Value::Null);
+            Ok((what, code, retry, body, started.elapsed()))
+        })
+    };
+    let c = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let family = |n: u32| format!("Frozen{n}");
+    let mut asked = Vec::new();
+    for n in 0..3u32 {
+        let body = json!({"resourceType": "Patient", "name": [{"family": family(n)}]});
+        asked.push(ask(
+            format!("POST {}", family(n)),
+            c.post(format!("{base}/Patient"))
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string()),
+        ));
+    }
+    asked.push(ask(
+        "search".into(),
+        c.get(format!("{base}/Observation?code=8302-2&_count=5")),
+    ));
+    asked.push(ask("status poll".into(), c.get(&status)));
+    asked.push(ask(
+        "kick-off".into(),
+        c.get(format!("{base}/Patient/$export"))
+            .header("Accept", "application/fhir+json")
+            .header("Prefer", "respond-async"),
+    ));
+    // Not a database request: answered at once all along.
+    let meta = ctx
+        .c
+        .get(format!("{base}/metadata"))
+        .send()
+        .map(|r| r.status().as_u16())
+        .map_err(|e| format!("metadata while frozen: {e}"))?;
+    ensure!(
+        meta == 200,
+        "/metadata while the database is frozen: {meta}"
+    );
+    let mut answers = Vec::new();
+    for t in asked {
+        answers.push(t.join().map_err(|_| "a request thread panicked")??);
+    }
+    // Frozen a little longer than the slowest answer, then thawed.
+    sleep_ms(500);
+    let held = frozen.elapsed();
+    signal_all("CONT", &pids)?;
+    let mut lines = Vec::new();
+    let mut refused_posts = Vec::new();
+    let mut unknown_posts = Vec::new();
+    let mut created = Vec::new();
+    for (what, code, retry, body, took) in &answers {
+        lines.push(format!("{what} {code} in {} ms", took.as_millis()));
+        ensure!(
+            *took <= ANSWER_BOUND,
+            "{what}: answered after {took:?} with the database frozen (bound {ANSWER_BOUND:?}): {code} {body}"
+        );
+        // The database may have answered the request before it froze.
+        let answered_normally = (200..=202).contains(code);
+        if !answered_normally {
+            ensure!(
+                (*code == 503 && *retry) || *code == 504,
+                "{what}: {code} (Retry-After: {retry}) {body}"
+            );
+            ensure!(
+                body["resourceType"] == "OperationOutcome",
+                "{what}: not an OperationOutcome: {body}"
+            );
+        }
+        if let Some(name) = what.strip_prefix("POST ") {
+            match code {
+                201 => created.push(name.to_string()),
+                503 => refused_posts.push(name.to_string()),
+                _ => unknown_posts.push(name.to_string()),
+            }
+        }
+    }
+    // Thawed: the export ends, and the writes are as answered.
+    let (code, manifest, _) = wait_end(&ctx.c, &status, COMPLETE_BOUND)?;
+    ensure!(
+        code == 200,
+        "status after the database was thawed: {code} {manifest}\n{}",
+        tail(&s.log)
+    );
+    let n = verify_manifest(&ctx.c, &manifest)?;
+    no_parts_left(&data.join("storage/exports").join(job_id(&status)))?;
+    // A refused write's thread finishes once the database answers; give it the time to.
+    sleep_ms(1000);
+    let count = |name: &str| -> R<u64> {
+        let r = ctx
+            .c
+            .get(format!("{base}/Patient?family:exact={name}&_summary=count"))
+            .send()
+            .map_err(|e| format!("count {name}: {e}"))?;
+        let body: Value = r.json().map_err(|e| format!("count {name}: {e}"))?;
+        body["total"]
+            .as_u64()
+            .ok_or_else(|| format!("count {name}: {body}"))
+    };
+    for name in &refused_posts {
+        ensure!(
+            count(name)? == 0,
+            "the POST of {name} was answered 503 while the database was frozen, and was written once it was thawed"
+        );
+    }
+    for name in &created {
+        ensure!(
+            count(name)? == 1,
+            "the acknowledged POST of {name} is not there"
+        );
+    }
+    for name in &unknown_posts {
+        ensure!(count(name)? <= 1, "{name} written twice");
+    }
+    let again = ctx
+        .c
+        .post(format!("{base}/Patient"))
+        .header("content-type", "application/fhir+json")
+        .body(json!({"resourceType": "Patient"}).to_string())
+        .send()
+        .map(|r| r.status().as_u16())
+        .map_err(|e| format!("a POST once thawed: {e}"))?;
+    ensure!(again == 201, "a POST once the database was thawed: {again}");
+    drop(s);
+    drop_databases_under(&data);
+    drop(cluster);
+    Ok(Some(format!(
+        "frozen {at} ms after kick-off for {} ms: {}; export complete, {n} resources once each; no refused write appeared",
+        held.as_millis(),
+        lines.join(", ")
     )))
 }
 

@@ -94,7 +94,7 @@ pub fn store_error_issue(e: &StoreError) -> (u16, OutcomeIssue) {
             ),
         ),
         StoreError::Cancelled => (503, OutcomeIssue::error("timeout", e.to_string())),
-        StoreError::ConditionLocked { .. } => {
+        StoreError::ConditionLocked { .. } | StoreError::GivenUp => {
             (503, OutcomeIssue::error("transient", e.to_string()))
         }
         // The message names the database host: it stays in the log.

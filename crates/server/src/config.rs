@@ -108,6 +108,14 @@ pub struct ServeConfig {
     /// start.
     #[arg(long, env = "FHIRHOSE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Seconds a request waits for the database (a read, a write, a search, an export's
+    /// kick-off or status) before it answers 503 with Retry-After, when the database stops
+    /// answering without closing its connections (a paused host, a storage stall, a network
+    /// dropping packets). A write that had not begun its commit by then is rolled back when the
+    /// database answers again (nothing written); one whose commit had begun is answered 504
+    /// (its outcome is the database's). At least --search-timeout.
+    #[arg(long, env = "FHIRHOSE_DATABASE_WAIT", default_value_t = crate::database_wait::DEFAULT.as_secs())]
+    pub database_wait: u64,
     #[command(flatten)]
     pub export: ExportOptions,
     #[command(flatten)]
@@ -607,6 +615,12 @@ impl ServeConfig {
         }
         self.request_policy(&self.base_url())?;
         self.search.validate()?;
+        if self.database_wait < self.search.search_timeout {
+            return Err(ConfigError::Limit(format!(
+                "--database-wait ({}) must be at least --search-timeout ({})",
+                self.database_wait, self.search.search_timeout
+            )));
+        }
         let e = &self.export;
         if e.export_workers == Some(0) {
             return Err(ConfigError::Export(

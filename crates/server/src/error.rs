@@ -142,7 +142,10 @@ impl From<store::StoreError> for ApiError {
             // Another request holds the condition for as long as its search and write take.
             headers.push((header::RETRY_AFTER, HeaderValue::from_static("1")));
         } else if matches!(e, store::StoreError::Unavailable { .. }) || e.is_transient() {
-            headers.push((header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS)));
+            headers.push((
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            ));
         }
         ApiErrorBody {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

@@ -164,7 +164,7 @@ pub(crate) async fn kickoff(
     let lenient = negotiate::lenient(&headers);
     let separate = negotiate::prefer_token(&headers, SEPARATE_EXPORT_STATUS);
     let svc = state.export.clone();
-    let id = tokio::task::spawn_blocking(move || {
+    let id = crate::database_wait::run(state.database_wait, "export kick-off", move || {
         svc.kickoff_with(
             level,
             pairs,
@@ -175,8 +175,7 @@ pub(crate) async fn kickoff(
             &Caller(ctx),
         )
     })
-    .await
-    .map_err(|e| ApiError::internal("export kick-off", e))??;
+    .await??;
     let location = format!("{}/export-status/{id}", state.base_url);
     let mut resp = StatusCode::ACCEPTED.into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
@@ -214,10 +213,10 @@ pub async fn import_kickoff(
     let body = json_object(body)?;
     let request_url = format!("{}{}", state.base_url, uri);
     let svc = state.export.clone();
-    let id =
-        tokio::task::spawn_blocking(move || svc.import_kickoff(&body, request_url, &Caller(ctx)))
-            .await
-            .map_err(|e| ApiError::internal("import kick-off", e))??;
+    let id = crate::database_wait::run(state.database_wait, "import kick-off", move || {
+        svc.import_kickoff(&body, request_url, &Caller(ctx))
+    })
+    .await??;
     let location = format!("{}/import-status/{id}", state.base_url);
     let mut resp = StatusCode::ACCEPTED.into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
@@ -427,9 +426,10 @@ pub async fn status(
         changed.as_mut().enable();
         let (s, j, c) = (svc.clone(), job.clone(), ctx.clone());
         let looked = Instant::now();
-        let view = tokio::task::spawn_blocking(move || s.status_page(&j, page, &Caller(c)))
-            .await
-            .map_err(|e| ApiError::internal("export status", e))??;
+        let view = crate::database_wait::run(state.database_wait, "export status", move || {
+            s.status_page(&j, page, &Caller(c))
+        })
+        .await??;
         let Some((wait, _)) = &waiting else {
             break view;
         };
@@ -551,9 +551,10 @@ pub async fn cancel(
     Path(job): Path<String>,
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
-    tokio::task::spawn_blocking(move || svc.cancel(&job, &Caller(ctx)))
-        .await
-        .map_err(|e| ApiError::internal("export cancel", e))??;
+    crate::database_wait::run(state.database_wait, "export cancel", move || {
+        svc.cancel(&job, &Caller(ctx))
+    })
+    .await??;
     let oo = serde_json::json!({"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational", "diagnostics": "export cancelled; its files are removed"}]});
     let mut resp = fhir_json(&oo);
     *resp.status_mut() = StatusCode::ACCEPTED;
@@ -573,9 +574,10 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
     let media = media_type(&file);
-    let body = tokio::task::spawn_blocking(move || svc.file(&job, &file, &Caller(ctx)))
-        .await
-        .map_err(|e| ApiError::internal("export download", e))??;
+    let body = crate::database_wait::run(state.database_wait, "export download", move || {
+        svc.file(&job, &file, &Caller(ctx))
+    })
+    .await??;
     let head_only = method == Method::HEAD;
     let mut resp = match body {
         export::FileBody::Local(path) => {

@@ -16,6 +16,7 @@ pub mod body_budget;
 pub mod capability;
 pub mod chunks;
 pub mod config;
+pub mod database_wait;
 pub mod error;
 pub mod export_routes;
 pub mod in_flight;
@@ -67,6 +68,9 @@ pub struct AppState {
     pub export: Arc<export::ExportService>,
     /// Bounds on search requests and their time limit (`--search-*`).
     pub search_limits: search::SearchLimits,
+    /// How long a request waits for its store work before it answers 503
+    /// (`--database-wait`, [`database_wait`]).
+    pub database_wait: std::time::Duration,
     /// Host check, Bundle entry limit, paths kept out of error answers ([`negotiate`]).
     pub policy: Arc<negotiate::RequestPolicy>,
     /// Request counters and latencies for `GET /metrics` ([`metrics`]).
@@ -148,6 +152,7 @@ impl AppState {
             ),
             export,
             search_limits: search::SearchLimits::default(),
+            database_wait: database_wait::DEFAULT,
             policy: Arc::new(policy),
             metrics: Arc::new(metrics::Metrics::default()),
             metrics_mode: metrics::MetricsMode::Open,
@@ -354,6 +359,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     })?;
     let state = AppState {
         search_limits: config.search.limits(),
+        database_wait: std::time::Duration::from_secs(config.database_wait),
         body_budget: body_budget::BodyBudget::new(config.max_body_memory)
             .with_client_share(config.body_memory_per_address()),
         in_flight: in_flight::InFlight::new(

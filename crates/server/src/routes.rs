@@ -202,11 +202,10 @@ async fn metadata(State(state): State<AppState>) -> Response {
 
 /// Runs blocking store work off the async runtime.
 async fn blocking<T: Send + 'static>(
+    wait: std::time::Duration,
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal("blocking task", e))?
+    crate::database_wait::run_api(wait, "store work", f).await
 }
 
 /// The resource type in a URL must be a concrete R4 resource type.
@@ -316,7 +315,7 @@ async fn read(
     ctx.require_read(&rtype)?;
     check_id(&id)?;
     let store = state.store.clone();
-    let r = blocking(move || Ok(store.read(&rtype, &id)?)).await?;
+    let r = blocking(state.database_wait, move || Ok(store.read(&rtype, &id)?)).await?;
     Ok(resource_response(StatusCode::OK, &r))
 }
 
@@ -334,7 +333,10 @@ async fn vread(
         .filter(|v| *v > 0)
         .ok_or_else(|| ApiError::not_found(format!("no version '{vid}' of {rtype}/{id}")))?;
     let store = state.store.clone();
-    let r = blocking(move || Ok(store.vread(&rtype, &id, version)?)).await?;
+    let r = blocking(state.database_wait, move || {
+        Ok(store.vread(&rtype, &id, version)?)
+    })
+    .await?;
     Ok(resource_response(StatusCode::OK, &r))
 }
 
@@ -417,8 +419,10 @@ async fn create(
     }
     let store = state.store.clone();
     let Some(condition) = condition else {
-        let outcomes =
-            blocking(move || Ok(store.write(vec![WriteOp::Create { resource: v }])?)).await?;
+        let outcomes = blocking(state.database_wait, move || {
+            Ok(store.write(vec![WriteOp::Create { resource: v }])?)
+        })
+        .await?;
         let o = outcomes
             .first()
             .ok_or_else(|| ApiError::internal("create", "store returned no outcome"))?;
@@ -434,7 +438,7 @@ async fn create(
         Matched(StoredResource),
         Several,
     }
-    let decided = blocking(move || {
+    let decided = blocking(state.database_wait, move || {
         let _held = store.lock_conditions(&[condition.key], CONDITION_LOCK_WAIT)?;
         Ok(
             match condition.run(&*store).map_err(|e| e.at("If-None-Exist"))? {
@@ -640,7 +644,7 @@ async fn update(
     // exists and gets 403 for what does not (decided inside the write).
     let may_create = ctx.scopes.allows(&rtype, auth::Permission::Create);
     let store = state.store.clone();
-    let outcomes = blocking(move || {
+    let outcomes = blocking(state.database_wait, move || {
         let op = if may_create {
             WriteOp::Update {
                 resource_type: rtype,
@@ -676,7 +680,7 @@ async fn delete(
     check_id(&id)?;
     let expected = if_match(&headers)?;
     let store = state.store.clone();
-    let outcomes = blocking(move || {
+    let outcomes = blocking(state.database_wait, move || {
         Ok(store.write(vec![WriteOp::Delete {
             resource_type: rtype,
             id,
@@ -743,7 +747,7 @@ async fn bundle(
         .iter()
         .map(|(_, rtype, _)| ctx.scopes.can_read(rtype))
         .collect();
-    let response = blocking(move || {
+    let response = blocking(state.database_wait, move || {
         let keys: Vec<store::ConditionKey> = conditions.iter().map(|(_, _, c)| c.key).collect();
         let _held = if keys.is_empty() {
             None
@@ -999,7 +1003,7 @@ async fn history(
     let mut q = history_query(&pairs)?;
     let store = state.store.clone();
     let base_url = state.base_url.clone();
-    let chunks = blocking(move || {
+    let chunks = blocking(state.database_wait, move || {
         let as_of = match q.as_of {
             Some(a) => a,
             None => store.current_seq()?,
@@ -1066,7 +1070,7 @@ async fn history_instance(
     // An instance history of a resource that never existed is a 404.
     let store = state.store.clone();
     let (t, i) = (rtype.clone(), id.clone());
-    blocking(move || match store.read(&t, &i) {
+    blocking(state.database_wait, move || match store.read(&t, &i) {
         Ok(_) | Err(store::StoreError::Gone { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     })
@@ -1203,7 +1207,7 @@ async fn run_search(
     let (exec, _stop_when_dropped) = search::ExecOptions::under(&limits);
     let span = tracing::Span::current();
     let base = state.base_url.clone();
-    let chunks = blocking(move || {
+    let chunks = blocking(state.database_wait, move || {
         let _request = span.enter();
         tracing::debug!(resource_type = %q.resource_type, "search running");
         let result = search::execute_rows(&*store, &q, &exec);

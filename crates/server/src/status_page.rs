@@ -60,9 +60,10 @@ pub async fn exports_page(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
-    let jobs = tokio::task::spawn_blocking(move || svc.overview(&Lister(ctx), export::RECENT_JOBS))
-        .await
-        .map_err(|e| ApiError::internal("export overview", e))??;
+    let jobs = crate::database_wait::run(state.database_wait, "export overview", move || {
+        svc.overview(&Lister(ctx), export::RECENT_JOBS)
+    })
+    .await??;
     if wants_json(&headers, query.as_deref()) {
         let mut resp = serde_json::to_string(&serde_json::json!({ "jobs": jobs }))
             .map_err(|e| ApiError::internal("export overview", e))?

@@ -111,11 +111,10 @@ pub fn check_view_definition(v: &Value) -> Result<(), ApiError> {
 }
 
 async fn blocking<T: Send + 'static>(
+    wait: std::time::Duration,
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal("blocking task", e))?
+    crate::database_wait::run_api(wait, "store work", f).await
 }
 
 // ---- the parameters ----
@@ -380,7 +379,7 @@ pub async fn search(
     }
     let store = state.store.clone();
     let base = state.base_url.clone();
-    let entries = blocking(move || {
+    let entries = blocking(state.database_wait, move || {
         let mut out = Vec::new();
         each_stored_view(store.as_ref(), &mut |r, v| {
             let keep = name
@@ -506,7 +505,7 @@ async fn run_request(
             ctx.require_read(VIEW_DEFINITION)?;
             let store = state.store.clone();
             let reference = format!("{VIEW_DEFINITION}/{id}");
-            blocking(move || {
+            blocking(state.database_wait, move || {
                 match store.read(VIEW_DEFINITION, &reference[VIEW_DEFINITION.len() + 1..]) {
                     Ok(r) => {
                         serde_json::from_slice(&r.json).map_err(|e| ApiError::internal("view", e))
@@ -520,7 +519,10 @@ async fn run_request(
             authorize_reference(&ctx, reference)?;
             let store = state.store.clone();
             let reference = reference.clone();
-            blocking(move || resolve_reference(store.as_ref(), &reference)).await?
+            blocking(state.database_wait, move || {
+                resolve_reference(store.as_ref(), &reference)
+            })
+            .await?
         }
         (None, None, None) => unreachable_view()?,
     };
@@ -542,7 +544,7 @@ async fn run_request(
             params.since_ms,
         );
         let settings = state.export.run_settings().clone();
-        let prepared = blocking(move || {
+        let prepared = blocking(state.database_wait, move || {
             let as_of = store.current_seq()?;
             let since_after = match since_ms {
                 Some(ms) => (store.seq_at_or_after(ms.saturating_add(1))? - 1).max(0),
@@ -1015,7 +1017,7 @@ pub async fn export_kickoff(
         }
     }
     let store = state.store.clone();
-    let resolved = blocking(move || {
+    let resolved = blocking(state.database_wait, move || {
         let mut list = Vec::new();
         let mut names = HashSet::new();
         for (i, (name, src)) in views_given.into_iter().enumerate() {

@@ -85,6 +85,11 @@ pub enum StoreError {
         "the condition is locked by another request with the same condition (waited {waited:?})"
     )]
     ConditionLocked { waited: std::time::Duration },
+    /// The caller stopped waiting for the database before this transaction committed
+    /// ([`crate::Patience::give_up`]): it was rolled back, nothing written. → 503 `transient`
+    /// (the caller has normally answered already).
+    #[error("the request stopped waiting for the database before its commit; nothing was written")]
+    GivenUp,
     /// The database content is not what this version of the store expects (unknown schema
     /// version, malformed stored row). → 500, and refuse to start.
     #[error("store is corrupt or from an incompatible version: {0}")]
@@ -110,6 +115,7 @@ impl StoreError {
                     "57014" | "55P03" | "40001" | "40P01" | "53000" | "53200"
                 )
             }),
+            StoreError::GivenUp => true,
             _ => false,
         }
     }

@@ -27,6 +27,7 @@
 pub mod conditions;
 mod error;
 pub mod format;
+pub mod give_up;
 mod index;
 mod index_tables;
 pub mod jobs;
@@ -48,6 +49,7 @@ use std::time::{Duration, Instant};
 
 pub use conditions::{ConditionGuard, ConditionKey};
 pub use error::StoreError;
+pub use give_up::{GaveUp, Patience};
 pub use index::{IndexEntry, IndexValue, Indexer, MAX_INDEXED_TEXT, index_text};
 pub use jobs::{JobQueue, QueueError};
 pub use lock::DataDirLock;

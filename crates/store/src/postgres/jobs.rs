@@ -244,6 +244,7 @@ impl PgJobQueue {
         self.run(|c| {
             let mut tx = c.transaction()?;
             let value = f(&mut tx)?;
+            crate::give_up::before_commit()?;
             tx.commit()?;
             Ok(value)
         })

@@ -264,6 +264,7 @@ impl PgStore {
             )?;
             tx.execute("UPDATE watermark SET seq = $1, lu_ms = $2", &[&seq, &lu_ms])?;
         }
+        crate::give_up::before_commit()?;
         tx.commit()?;
         self.params.extend(assigned);
         Ok(outcomes)

@@ -202,6 +202,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), QueueError> {
         }
         tx.execute_batch(SCHEMA_V5_FROM_V4)?;
         tx.pragma_update(None, "user_version", JOBS_SCHEMA_VERSION)?;
+        crate::give_up::before_commit()?;
         tx.commit()?;
         tracing::info!(file = %path.display(), version = JOBS_SCHEMA_VERSION, "export job tables migrated");
         return Ok(());
@@ -266,6 +267,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), QueueError> {
         tracing::info!(file = %path.display(), version = JOBS_SCHEMA_VERSION, "export job tables migrated");
     }
     tx.pragma_update(None, "user_version", JOBS_SCHEMA_VERSION)?;
+    crate::give_up::before_commit()?;
     tx.commit()?;
     Ok(())
 }
@@ -467,6 +469,7 @@ impl JobQueue for SqliteJobQueue {
                 ])?;
             }
         }
+        crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(())
     }
@@ -572,6 +575,7 @@ impl JobQueue for SqliteJobQueue {
             )
             .optional()?;
         let Some((job_id, item_no)) = found else {
+            crate::give_up::before_commit()?;
             tx.commit()?;
             return Ok(None);
         };
@@ -604,6 +608,7 @@ impl JobQueue for SqliteJobQueue {
                 })
             },
         )?;
+        crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(Some(item))
     }
@@ -618,6 +623,7 @@ impl JobQueue for SqliteJobQueue {
                 params![item.job_id, item.item_no, now_ms, scanned as i64],
             )?;
         }
+        crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(lease)
     }
@@ -665,6 +671,7 @@ impl JobQueue for SqliteJobQueue {
              WHERE job_id = ?1 AND item_no = ?2",
             params![item.job_id, item.item_no, cursor, scanned as i64, now_ms],
         )?;
+        crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(Some(records))
     }
@@ -692,6 +699,7 @@ impl JobQueue for SqliteJobQueue {
             "UPDATE export_item SET state = 'done', scanned = ?3, heartbeat_ms = ?4 WHERE job_id = ?1 AND item_no = ?2",
             params![item.job_id, item.item_no, scanned as i64, now_ms],
         )?;
+        crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(true)
     }
@@ -745,6 +753,7 @@ impl JobQueue for SqliteJobQueue {
                 }
             }
         }
+        crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(job_failed)
     }
@@ -798,6 +807,7 @@ impl JobQueue for SqliteJobQueue {
                 SpaceWaited::JobFailed
             }
         };
+        crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(outcome)
     }
@@ -823,6 +833,7 @@ impl JobQueue for SqliteJobQueue {
              WHERE job_id = ?1 AND item_no = ?2",
             params![item.job_id, item.item_no],
         )?;
+        crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(true)
     }
@@ -863,6 +874,7 @@ impl JobQueue for SqliteJobQueue {
                 params![key.0, key.1, owner, refund],
             )?;
         }
+        crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(n as u64)
     }
@@ -1109,6 +1121,7 @@ impl JobQueue for SqliteJobQueue {
             &format!("DELETE FROM export_job WHERE id IN ({gone})"),
             [finished_before_ms],
         )?;
+        crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(n as u64)
     }

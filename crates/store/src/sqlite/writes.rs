@@ -222,6 +222,7 @@ pub(super) fn write(
             None => None,
         }
     };
+    crate::give_up::before_commit()?;
     tx.commit()?;
     if let Some(assigned) = assigned_params {
         store.remember_numbers(assigned);

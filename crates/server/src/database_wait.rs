@@ -1,0 +1,139 @@
+//! Every request's store work runs here: on the blocking pool, under a [`store::Patience`],
+//! and waited for at most `--database-wait`.
+//!
+//! A database that stops answering without closing its connections (a paused host or VM, a
+//! storage stall under PostgreSQL or SQLite, a network dropping packets) blocks the thread of
+//! each call in a read until it answers again; a request waiting on that thread would hang as
+//! long, and so would its client, its proxy and the status polls of every export. Past the
+//! wait the request is answered instead, and the thread is left to finish on its own:
+//! - no commit of the request's work had begun: 503 `transient` with `Retry-After`. The
+//!   store refuses every commit of that work from then on ([`store::give_up`]), so the
+//!   answer is true whenever the database answers again: nothing was written.
+//! - a commit had begun (sent to the database, no answer yet): 504 `timeout`, saying that the
+//!   outcome is the database's; the client reads before it writes again.
+//!
+//! The blocked threads stay bounded: each holds a pooled database connection or waits for one
+//! (PostgreSQL's `pool_timeout`), or waits for SQLite's single writer.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use store::{GaveUp, Patience};
+
+use crate::error::{ApiError, RETRY_AFTER_SECS};
+
+/// `--database-wait`'s default: twice the default search time limit, so that a search on an
+/// answering database always ends by its own limit first.
+pub const DEFAULT: Duration = Duration::from_secs(60);
+
+/// Runs `f` (store work) on the blocking pool under a fresh [`Patience`] and waits for it at
+/// most `wait`; past it, answers as the module documentation says. `what` names the work in
+/// the log.
+pub async fn run<T: Send + 'static>(
+    wait: Duration,
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let patience = Patience::new();
+    let worker = patience.clone();
+    let task = tokio::task::spawn_blocking(move || worker.run(f));
+    match tokio::time::timeout(wait, task).await {
+        Ok(joined) => joined.map_err(|e| ApiError::internal(what, e)),
+        Err(_) => Err(gave_up(patience.give_up(), wait, what)),
+    }
+}
+
+/// [`run`] for work that answers with an [`ApiError`] of its own.
+pub async fn run_api<T: Send + 'static>(
+    wait: Duration,
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    run(wait, what, f).await?
+}
+
+fn gave_up(found: GaveUp, wait: Duration, what: &'static str) -> ApiError {
+    let secs = wait.as_secs();
+    match found {
+        GaveUp::NothingWritten => {
+            tracing::error!(
+                work = what,
+                wait_s = secs,
+                "the database did not answer within the wait; the request answered 503"
+            );
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                format!(
+                    "the database did not answer within {secs} s: nothing of this request was \
+                     written; retry later"
+                ),
+            )
+            .with_header(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            )
+        }
+        GaveUp::CommitBegun => {
+            tracing::error!(
+                work = what,
+                wait_s = secs,
+                "the database did not confirm a commit within the wait; the request answered 504"
+            );
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "the database did not confirm this request's write within {secs} s: it may \
+                     or may not have been made; read the resource before writing it again"
+                ),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_past_the_wait_is_answered_503_and_its_later_commit_refused() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go, wait_go) = std::sync::mpsc::channel::<()>();
+        let answer = run(Duration::from_millis(50), "test", move || {
+            // Blocked like a read from a database that does not answer.
+            wait_go.recv().unwrap();
+            tx.send(store::give_up::before_commit().is_ok()).unwrap();
+        })
+        .await;
+        let e = answer.unwrap_err();
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        go.send(()).unwrap();
+        assert!(
+            !rx.recv().unwrap(),
+            "a commit after the request gave up was allowed"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_whose_commit_began_before_the_wait_ended_is_answered_504() {
+        let (go, wait_go) = std::sync::mpsc::channel::<()>();
+        let answer = run(Duration::from_millis(50), "test", move || {
+            assert!(store::give_up::before_commit().is_ok());
+            // The commit was sent; its answer does not come.
+            wait_go.recv().unwrap();
+        })
+        .await;
+        assert_eq!(answer.unwrap_err().status, StatusCode::GATEWAY_TIMEOUT);
+        go.send(()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn work_within_the_wait_is_answered_by_the_work() {
+        let answer = run(Duration::from_secs(10), "test", || {
+            store::give_up::before_commit().is_ok()
+        })
+        .await;
+        assert!(answer.unwrap());
+    }
+}
