@@ -113,9 +113,10 @@ pub struct ServeConfig {
     /// answering without closing its connections (a paused host, a storage stall, a network
     /// dropping packets). A write that had not begun its commit by then is rolled back when the
     /// database answers again (nothing written); one whose commit had begun is answered 504
-    /// (its outcome is the database's). At least --search-timeout.
-    #[arg(long, env = "FHIRHOSE_DATABASE_WAIT", default_value_t = crate::database_wait::DEFAULT.as_secs())]
-    pub database_wait: u64,
+    /// (its outcome is the database's). At least --search-timeout. Default: 60, or twice
+    /// --search-timeout when that is longer.
+    #[arg(long, env = "FHIRHOSE_DATABASE_WAIT")]
+    pub database_wait: Option<u64>,
     #[command(flatten)]
     pub export: ExportOptions,
     #[command(flatten)]
@@ -563,6 +564,18 @@ fn oci_error(e: oci_config::OciError, image: &str, name: &str) -> export::Anonym
 }
 
 impl ServeConfig {
+    /// `--database-wait`, or its default: [`crate::database_wait::DEFAULT`], or twice
+    /// `--search-timeout` when that is longer (a search on an answering database ends by its
+    /// own limit first).
+    pub fn database_wait(&self) -> std::time::Duration {
+        let secs = self.database_wait.unwrap_or_else(|| {
+            crate::database_wait::DEFAULT
+                .as_secs()
+                .max(self.search.search_timeout.saturating_mul(2))
+        });
+        std::time::Duration::from_secs(secs)
+    }
+
     /// The database `--database` names (SQLite in `--data-dir` by default).
     pub fn database(&self) -> store::Database {
         store::Database::from_flag(self.database.as_ref(), &self.data_dir)
@@ -615,10 +628,12 @@ impl ServeConfig {
         }
         self.request_policy(&self.base_url())?;
         self.search.validate()?;
-        if self.database_wait < self.search.search_timeout {
+        if let Some(wait) = self.database_wait
+            && wait < self.search.search_timeout
+        {
             return Err(ConfigError::Limit(format!(
-                "--database-wait ({}) must be at least --search-timeout ({})",
-                self.database_wait, self.search.search_timeout
+                "--database-wait ({wait}) must be at least --search-timeout ({})",
+                self.search.search_timeout
             )));
         }
         let e = &self.export;
@@ -836,5 +851,20 @@ mod tests {
         assert_eq!(s.max_included, d.max_included);
         assert_eq!(s.max_page_bytes, d.max_page_bytes);
         assert_eq!(s.timeout, d.timeout);
+    }
+
+    #[test]
+    fn the_database_wait_outlasts_the_search_time_limit() {
+        let serve = |args: &[&str]| Cli::parse_from([&["serve"], args].concat()).serve;
+        let secs = |c: ServeConfig| c.database_wait().as_secs();
+        assert_eq!(secs(serve(&[])), 60);
+        assert_eq!(secs(serve(&["--search-timeout", "100"])), 200);
+        assert_eq!(secs(serve(&["--database-wait", "45"])), 45);
+        assert!(serve(&["--database-wait", "10"]).validate().is_err());
+        assert!(
+            serve(&["--database-wait", "10", "--search-timeout", "5"])
+                .validate()
+                .is_ok()
+        );
     }
 }

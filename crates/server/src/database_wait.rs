@@ -13,7 +13,8 @@
 //!   outcome is the database's; the client reads before it writes again.
 //!
 //! The blocked threads stay bounded: each holds a pooled database connection or waits for one
-//! (PostgreSQL's `pool_timeout`), or waits for SQLite's single writer.
+//! (PostgreSQL's `pool_timeout`), or waits for SQLite's single writer; work that was still
+//! queued for a thread when its request gave up is dropped without touching the database.
 
 use std::time::Duration;
 
@@ -36,9 +37,15 @@ pub async fn run<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let patience = Patience::new();
     let worker = patience.clone();
-    let task = tokio::task::spawn_blocking(move || worker.run(f));
+    // Work still queued for a blocking thread when its request gave up (every thread blocked
+    // by the same silent database) is dropped unstarted once a thread takes it: it would only
+    // hold a connection, or the queue, for an answer nobody waits for.
+    let task = tokio::task::spawn_blocking(move || (!worker.given_up()).then(|| worker.run(f)));
     match tokio::time::timeout(wait, task).await {
-        Ok(joined) => joined.map_err(|e| ApiError::internal(what, e)),
+        Ok(Ok(Some(done))) => Ok(done),
+        // Not started: only after a give-up, which this caller would have seen first.
+        Ok(Ok(None)) => Err(ApiError::internal(what, "work dropped unstarted")),
+        Ok(Err(e)) => Err(ApiError::internal(what, e)),
         Err(_) => Err(gave_up(patience.give_up(), wait, what)),
     }
 }
@@ -126,6 +133,39 @@ mod tests {
         .await;
         assert_eq!(answer.unwrap_err().status, StatusCode::GATEWAY_TIMEOUT);
         go.send(()).unwrap();
+    }
+
+    #[test]
+    fn work_still_queued_when_its_request_gave_up_never_starts() {
+        // One blocking thread, held by work that does not return: the next work waits in the
+        // queue past its wait.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        rt.block_on(async {
+            let first = run(Duration::from_millis(50), "test", move || {
+                held.recv().unwrap();
+            });
+            assert!(first.await.is_err());
+            let flag = started.clone();
+            let second = run(Duration::from_millis(50), "test", move || {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            assert_eq!(
+                second.await.unwrap_err().status,
+                StatusCode::SERVICE_UNAVAILABLE
+            );
+            release.send(()).unwrap();
+            // The thread is free: later work runs, the queued one did not.
+            let third = run(Duration::from_secs(10), "test", || 7);
+            assert_eq!(third.await.unwrap(), 7);
+        });
+        assert!(!started.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[tokio::test]

@@ -359,7 +359,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     })?;
     let state = AppState {
         search_limits: config.search.limits(),
-        database_wait: std::time::Duration::from_secs(config.database_wait),
+        database_wait: config.database_wait(),
         body_budget: body_budget::BodyBudget::new(config.max_body_memory)
             .with_client_share(config.body_memory_per_address()),
         in_flight: in_flight::InFlight::new(

@@ -108,6 +108,17 @@ pub fn before_commit() -> Result<(), StoreError> {
     })
 }
 
+/// Called where work may have waited long before it starts (SQLite's single writer lock, held
+/// by a write the stalled disk blocks): refuses ([`StoreError::GivenUp`]) once the current
+/// [`Patience`] was given up, so that the writes queued behind a stall do not each run a
+/// transaction only to roll it back when it ends. Without a current patience, always `Ok`.
+pub fn still_waited_for() -> Result<(), StoreError> {
+    CURRENT.with(|c| match &*c.borrow() {
+        Some(p) if p.given_up() => Err(StoreError::GivenUp),
+        _ => Ok(()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +132,8 @@ mod tests {
         assert_eq!(p.give_up(), GaveUp::NothingWritten);
         assert!(p.given_up());
         assert!(matches!(p.run(before_commit), Err(StoreError::GivenUp)));
+        assert!(matches!(p.run(still_waited_for), Err(StoreError::GivenUp)));
+        assert!(still_waited_for().is_ok());
         // Restored afterwards: this thread's next work is not affected.
         assert!(before_commit().is_ok());
 

@@ -30,6 +30,8 @@ pub(super) fn write(
 ) -> Result<Vec<WriteOutcome>, StoreError> {
     let prepared: Vec<Prepared> = ops.into_iter().map(prepare).collect::<Result<_, _>>()?;
     let mut w = store.writer.lock().unwrap_or_else(|e| e.into_inner());
+    // A request that stopped waiting while this write waited for the writer gets nothing done.
+    crate::give_up::still_waited_for()?;
     let mut names: Vec<&str> = prepared.iter().map(|p| p.resource_type.as_str()).collect();
     names.sort_unstable();
     names.dedup();
