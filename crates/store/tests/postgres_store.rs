@@ -1108,6 +1108,16 @@ fn a_read_right_after_a_restart_runs_again_on_a_new_connection() {
     drop(store);
 }
 
+/// `PUT Patient/{id}` of a minimal active Patient.
+fn patient(id: &str) -> WriteOp {
+    WriteOp::Update {
+        resource_type: "Patient".into(),
+        id: id.into(),
+        resource: json!({"resourceType": "Patient", "active": true}),
+        if_match: None,
+    }
+}
+
 /// A database that refuses writes (a standby after a failover, a replica named by mistake, or
 /// `default_transaction_read_only` during maintenance) answers SQLSTATE 25006: the store's
 /// writes and the job queue's are `Unavailable` (503 with Retry-After), not a 500, reads go
@@ -1123,12 +1133,6 @@ fn a_database_that_refuses_writes_is_unavailable_until_it_accepts_them() {
     let db = fresh_database(&base).unwrap();
     let store = PgStore::connect(&db.url, PgOptions::default()).unwrap();
     let queue = store.jobs().unwrap();
-    let patient = |id: &str| WriteOp::Update {
-        resource_type: "Patient".into(),
-        id: id.into(),
-        resource: json!({"resourceType": "Patient", "active": true}),
-        if_match: None,
-    };
     store.write(vec![patient("before")]).unwrap();
     assert_eq!(queue.purge(0).unwrap(), 0);
     let mut admin = postgres::Client::connect(&base, postgres::NoTls).unwrap();
@@ -1196,12 +1200,6 @@ fn a_write_cancelled_by_the_databases_statement_timeout_is_transient() {
         ))
         .unwrap();
     let store = PgStore::connect(&db.url, PgOptions::default()).unwrap();
-    let patient = |id: &str| WriteOp::Update {
-        resource_type: "Patient".into(),
-        id: id.into(),
-        resource: json!({"resourceType": "Patient", "active": true}),
-        if_match: None,
-    };
     store.write(vec![patient("before")]).unwrap();
     // Another session of the same database holds the store's write lock.
     let mut holder = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
