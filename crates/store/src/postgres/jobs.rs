@@ -681,16 +681,7 @@ impl JobQueue for PgJobQueue {
                         ),
                         None => message.to_string(),
                     };
-                    tx.execute(
-                        "UPDATE export_item SET state = 'failed', error = $3, error_status = $4 WHERE job_id = $1 AND item_no = $2",
-                        &[&item.job_id, &item.item_no, &message, &status],
-                    )?;
-                    tx.execute(
-                        "UPDATE export_job SET state = 'failed', result = $2, failure_status = $3, finished_ms = $4,
-                           cleanup = 'pending'
-                         WHERE id = $1 AND state IN ('queued', 'running')",
-                        &[&item.job_id, &message, &status, &now_ms],
-                    )?;
+                    fail_item_and_job(tx, item, &message, status, now_ms)?;
                     Ok(true)
                 }
             }
@@ -735,16 +726,7 @@ impl JobQueue for PgJobQueue {
                 }
                 None => {
                     let message = crate::jobs::space_wait_over(message, waited_ms);
-                    tx.execute(
-                        "UPDATE export_item SET state = 'failed', error = $3, error_status = $4 WHERE job_id = $1 AND item_no = $2",
-                        &[&item.job_id, &item.item_no, &message, &status],
-                    )?;
-                    tx.execute(
-                        "UPDATE export_job SET state = 'failed', result = $2, failure_status = $3, finished_ms = $4,
-                           cleanup = 'pending'
-                         WHERE id = $1 AND state IN ('queued', 'running')",
-                        &[&item.job_id, &message, &status, &now_ms],
-                    )?;
+                    fail_item_and_job(tx, item, &message, status, now_ms)?;
                     Ok(SpaceWaited::JobFailed)
                 }
             }
@@ -1145,6 +1127,29 @@ impl AssertionRecord for PgJobQueue {
             .is_some())
         })
     }
+}
+
+/// Fails `item` and its job (while still queued or running) with `message` and HTTP `status`:
+/// an item out of attempts ([`JobQueue::fail_item`]) or past its wait for space
+/// ([`JobQueue::wait_for_space`]).
+fn fail_item_and_job(
+    tx: &mut Tx<'_>,
+    item: &WorkItem,
+    message: &str,
+    status: i64,
+    now_ms: i64,
+) -> Result<(), ::postgres::Error> {
+    tx.execute(
+        "UPDATE export_item SET state = 'failed', error = $3, error_status = $4 WHERE job_id = $1 AND item_no = $2",
+        &[&item.job_id, &item.item_no, &message, &status],
+    )?;
+    tx.execute(
+        "UPDATE export_job SET state = 'failed', result = $2, failure_status = $3, finished_ms = $4,
+           cleanup = 'pending'
+         WHERE id = $1 AND state IN ('queued', 'running')",
+        &[&item.job_id, &message, &status, &now_ms],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -739,16 +739,7 @@ impl JobQueue for SqliteJobQueue {
                         ),
                         None => message.to_string(),
                     };
-                    tx.execute(
-                        "UPDATE export_item SET state = 'failed', error = ?3, error_status = ?4 WHERE job_id = ?1 AND item_no = ?2",
-                        params![item.job_id, item.item_no, message, i64::from(status)],
-                    )?;
-                    tx.execute(
-                        "UPDATE export_job SET state = 'failed', result = ?2, failure_status = ?3, finished_ms = ?4,
-                           cleanup = 'pending'
-                         WHERE id = ?1 AND state IN ('queued', 'running')",
-                        params![item.job_id, message, i64::from(status), now_ms],
-                    )?;
+                    fail_item_and_job(&tx, item, &message, status, now_ms)?;
                     job_failed = true;
                 }
             }
@@ -794,16 +785,7 @@ impl JobQueue for SqliteJobQueue {
             }
             None => {
                 let message = crate::jobs::space_wait_over(message, waited_ms);
-                tx.execute(
-                    "UPDATE export_item SET state = 'failed', error = ?3, error_status = ?4 WHERE job_id = ?1 AND item_no = ?2",
-                    params![item.job_id, item.item_no, message, i64::from(status)],
-                )?;
-                tx.execute(
-                    "UPDATE export_job SET state = 'failed', result = ?2, failure_status = ?3, finished_ms = ?4,
-                       cleanup = 'pending'
-                     WHERE id = ?1 AND state IN ('queued', 'running')",
-                    params![item.job_id, message, i64::from(status), now_ms],
-                )?;
+                fail_item_and_job(&tx, item, &message, status, now_ms)?;
                 SpaceWaited::JobFailed
             }
         };
@@ -1125,6 +1107,29 @@ impl JobQueue for SqliteJobQueue {
         tx.commit()?;
         Ok(n as u64)
     }
+}
+
+/// Fails `item` and its job (while still queued or running) with `message` and HTTP `status`:
+/// an item out of attempts ([`JobQueue::fail_item`]) or past its wait for space
+/// ([`JobQueue::wait_for_space`]).
+fn fail_item_and_job(
+    tx: &rusqlite::Connection,
+    item: &WorkItem,
+    message: &str,
+    status: u16,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE export_item SET state = 'failed', error = ?3, error_status = ?4 WHERE job_id = ?1 AND item_no = ?2",
+        params![item.job_id, item.item_no, message, i64::from(status)],
+    )?;
+    tx.execute(
+        "UPDATE export_job SET state = 'failed', result = ?2, failure_status = ?3, finished_ms = ?4,
+           cleanup = 'pending'
+         WHERE id = ?1 AND state IN ('queued', 'running')",
+        params![item.job_id, message, i64::from(status), now_ms],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
