@@ -80,6 +80,11 @@ pub struct ServeConfig {
     /// answered 408 and its connection closed.
     #[arg(long, env = "FHIRHOSE_MIN_BODY_RATE", default_value_t = 1024)]
     pub min_body_rate: u64,
+    /// Seconds a response may wait for its client to take the part of it sent last: a client
+    /// that reads nothing, or hardly anything, would hold its request (or download) slot for
+    /// ever. Past it the connection is closed.
+    #[arg(long, env = "FHIRHOSE_SEND_TIMEOUT", default_value_t = 60)]
+    pub send_timeout: u64,
     /// Connections served at once; more wait until one closes.
     #[arg(long, env = "FHIRHOSE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -653,10 +658,12 @@ impl ServeConfig {
             || self.max_requests == 0
             || self.max_downloads == 0
             || self.min_body_rate == 0
+            || self.send_timeout == 0
         {
             return Err(ConfigError::Export(
                 "--header-read-timeout, --max-connections, --max-connections-per-address, \
-                 --max-requests, --max-downloads and --min-body-rate must be at least 1"
+                 --max-requests, --max-downloads, --min-body-rate and --send-timeout must be at \
+                 least 1"
                     .into(),
             ));
         }

@@ -392,6 +392,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         max_connections: config.max_connections,
         max_connections_per_address: config.max_connections_per_address,
         min_body_rate: config.min_body_rate,
+        send_timeout: std::time::Duration::from_secs(config.send_timeout),
     };
     let drain = std::time::Duration::from_secs(config.shutdown_timeout);
     // Last: from here on work items are claimed.
@@ -440,6 +441,9 @@ pub struct ConnectionLimits {
     /// The least average rate of a request body, in bytes a second, after a grace of
     /// `header_read_timeout` ([`slow_clients::MinRateBody`]); a slower one is answered 408.
     pub min_body_rate: u64,
+    /// The longest a response body waits for its client to take the part it handed out last;
+    /// past it the connection is closed ([`slow_clients::Busy::stalled_for`]).
+    pub send_timeout: std::time::Duration,
 }
 
 /// Serves `app` on `listener` (HTTP/1.1 and HTTP/2) under `limits` until `shutdown` completes;
@@ -502,7 +506,7 @@ pub async fn serve_connections(
             per_address.refuse(stream, peer);
             continue;
         };
-        let busy = slow_clients::Busy::new();
+        let busy = slow_clients::Busy::for_socket(&stream);
         let service = TowerToHyperService::new(slow_clients::Tracked {
             inner: app.clone(),
             busy: busy.clone(),
@@ -511,6 +515,7 @@ pub async fn serve_connections(
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let first_byte = limits.header_read_timeout;
+        let send_timeout = limits.send_timeout;
         tokio::spawn(async move {
             // hyper's header timeout starts with a request's first byte: a connection that
             // sends none would hold its permit for ever.
@@ -522,7 +527,9 @@ pub async fn serve_connections(
             busy.touch();
             let conn = builder
                 .serve_connection_with_upgrades(
-                    TokioIo::new(parse_errors::OutcomeOnParseError::new(stream)),
+                    TokioIo::new(parse_errors::OutcomeOnParseError::new(
+                        slow_clients::WriteWatch::new(stream, busy.clone()),
+                    )),
                     service,
                 )
                 .into_owned();
@@ -534,6 +541,11 @@ pub async fn serve_connections(
                 },
                 () = busy.idle_for(first_byte) => {
                     tracing::debug!(peer = %peer, "idle connection closed");
+                }
+                // A client that does not read its responses would hold their request slots for
+                // ever (`slow_clients`).
+                () = busy.stalled_for(send_timeout) => {
+                    slow_clients::note_stalled(peer, send_timeout);
                 }
             }
             drop((permit, address_slot));

@@ -279,6 +279,12 @@ pub fn render(state: &AppState) -> String {
             state.downloads_in_flight.refused(),
         ),
         (
+            "fhirhose_stalled_connections_closed_total",
+            "counter",
+            "Connections closed because a response waited --send-timeout for its client to read it.",
+            crate::slow_clients::stalled_closed(),
+        ),
+        (
             "fhirhose_request_bodies_refused_total",
             "counter",
             "Request bodies answered 503 because the bodies in memory were at --max-body-memory.",

@@ -10,6 +10,9 @@
 //! - manifests and error texts show no server paths;
 //! - slowloris: a half-sent header is dropped after the header-read timeout, and so is a
 //!   connection that sends nothing; a request body slower than the minimum rate gets 408;
+//! - slow reading: a connection whose client does not read its response (HTTP/1.1 with a
+//!   closed TCP window, HTTP/2 with no window granted) is closed after the send timeout and its
+//!   request slot is free again; a client that reads steadily gets its whole response;
 //! - the connection cap holds.
 
 use std::io::{Read, Write};
@@ -113,6 +116,7 @@ fn limits() -> server::ConnectionLimits {
         max_connections: 1024,
         max_connections_per_address: 256,
         min_body_rate: 1024,
+        send_timeout: Duration::from_secs(60),
     }
 }
 
@@ -509,6 +513,7 @@ fn short_limits(min_body_rate: u64) -> server::ConnectionLimits {
         max_connections: 1024,
         max_connections_per_address: 256,
         min_body_rate,
+        send_timeout: Duration::from_secs(60),
     }
 }
 
@@ -609,6 +614,174 @@ async fn a_request_body_slower_than_the_minimum_rate_gets_408_and_a_steady_one_i
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
 }
 
+/// The start of an HTTP/2 (prior knowledge) connection to `authority` that asks for `path`
+/// (shorter than 127 bytes): the preface, an empty SETTINGS frame, and one HEADERS frame
+/// (END_STREAM | END_HEADERS) with HPACK indexed `:method GET` and `:scheme http`, literal
+/// `:path` and `:authority` without Huffman coding.
+fn h2_get(authority: &str, path: &str) -> Vec<u8> {
+    let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    let mut block = vec![0x82, 0x86, 0x04, u8::try_from(path.len()).unwrap()];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, u8::try_from(authority.len()).unwrap()]);
+    block.extend_from_slice(authority.as_bytes());
+    let len = u32::try_from(block.len()).unwrap().to_be_bytes();
+    request.extend_from_slice(&[len[1], len[2], len[3], 0x01, 0x05, 0, 0, 0, 1]);
+    request.extend_from_slice(&block);
+    request
+}
+
+/// Connection limits of the slow-reader tests: a 2 s send timeout.
+fn stall_limits() -> server::ConnectionLimits {
+    server::ConnectionLimits {
+        send_timeout: Duration::from_secs(2),
+        ..limits()
+    }
+}
+
+/// A server whose search `GET /Patient?_count=40` answers about 4 MB (40 Patients of 100 KB),
+/// with at most `requests` requests in progress (all of them from one address if need be).
+async fn start_big_pages(requests: usize) -> Server {
+    let s = start_with(
+        0,
+        stall_limits(),
+        |_, _| {},
+        move |state| state.in_flight = server::in_flight::InFlight::new(requests, requests),
+    )
+    .await;
+    tokio::task::block_in_place(|| fill(&*s.db.store, 40, 100_000));
+    s
+}
+
+/// Asks for the 4 MB page of [`start_big_pages`] over HTTP/1.1 from `from` with a 4 KiB
+/// receive buffer, and reads nothing.
+async fn unread_page(s: &Server, from: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    conn.write_all(format!("GET /Patient?_count=40 HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    conn
+}
+
+/// Reads `conn` to its end (at most 20 s, else panics): the bytes read, whether the server
+/// closed or reset it.
+async fn read_until_closed(mut conn: tokio::net::TcpStream) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 65_536];
+    let mut total = 0;
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    });
+    read.await.expect("the server closed the connection");
+    total
+}
+
+/// A client that asks for a large response and does not read it held its request slot for
+/// ever (two such requests and every request of the server was answered 503); now the
+/// connection is closed once the response has waited `--send-timeout` for it, and the slots are
+/// free again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_does_not_read_its_response_loses_its_connection_and_slot() {
+    let s = start_big_pages(2).await;
+    let t0 = Instant::now();
+    let stalled = vec![
+        unread_page(&s, "127.0.0.1").await,
+        unread_page(&s, "127.0.0.2").await,
+    ];
+    wait_until_async(&s, "fhirhose_requests_in_progress", 2).await;
+    // Every slot held: another client gets 503 meanwhile.
+    let refused = metadata_from(&s, "127.0.0.3").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    // Within the 2 s send timeout (and the watch's 1 s tick) both are closed, having taken a
+    // part of the 4 MB page only.
+    wait_until_async(&s, "fhirhose_requests_in_progress", 0).await;
+    let freed = t0.elapsed();
+    assert!(freed >= Duration::from_secs(2), "freed after {freed:?}");
+    for conn in stalled {
+        let read = read_until_closed(conn).await;
+        assert!(read < 4_000_000, "read {read} bytes of the page");
+    }
+    assert!(metric(&s, "fhirhose_stalled_connections_closed_total").await >= 2);
+    let served = metadata_from(&s, "127.0.0.3").await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+}
+
+/// The send timeout bounds each wait for the client, not the response: a client that reads
+/// steadily but slowly (4 MB at about 1 MB/s, twice the timeout) gets all of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_reads_slowly_but_steadily_gets_its_whole_response() {
+    use tokio::io::AsyncReadExt;
+    let s = start_big_pages(2).await;
+    let mut conn = unread_page(&s, "127.0.0.1").await;
+    let mut buf = vec![0u8; 32_768];
+    let mut answer = Vec::new();
+    let t0 = Instant::now();
+    while !answer.ends_with(b"]}") {
+        let n = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf))
+            .await
+            .expect("the answer goes on")
+            .unwrap();
+        assert!(n > 0, "closed after {} bytes", answer.len());
+        answer.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let took = t0.elapsed();
+    assert!(took > Duration::from_secs(2), "read in {took:?}");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{}", &text[..200]);
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    // Chunked or not, the 40 Patients are all there.
+    assert_eq!(body.matches("\"resourceType\":\"Patient\"").count(), 40);
+}
+
+/// HTTP/2: a stream that the client grants no window beyond the initial 64 KiB waits with its
+/// socket idle (no TCP back-pressure); it held its slot for ever too.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_stream_granted_no_window_loses_its_connection_and_slot() {
+    let s = start_big_pages(2).await;
+    let a = s.base.trim_start_matches("http://").to_string();
+    let request = h2_get(&a, "/Patient?_count=40");
+    let t0 = Instant::now();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut conn = TcpStream::connect(&a).unwrap();
+        conn.write_all(&request).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buf = Vec::new();
+        // No WINDOW_UPDATE, no SETTINGS acknowledgement: read until the server closes.
+        let ended = conn.read_to_end(&mut buf);
+        (ended.map_err(|e| e.kind()), buf.len())
+    });
+    wait_until_async(&s, "fhirhose_requests_in_progress", 1).await;
+    let (ended, bytes) = read.await.unwrap();
+    assert!(
+        !matches!(
+            ended,
+            Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        ),
+        "the server kept the connection: {ended:?}"
+    );
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+        "closed after {took:?}"
+    );
+    assert!(
+        bytes < 200_000,
+        "{bytes} bytes sent within the initial window"
+    );
+    wait_until_async(&s, "fhirhose_requests_in_progress", 0).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_connection_cap_holds() {
     let s = start(0, capped(2, 2), |_, _| {}).await;
@@ -646,6 +819,7 @@ fn capped(max: usize, per_address: usize) -> server::ConnectionLimits {
         max_connections: max,
         max_connections_per_address: per_address,
         min_body_rate: 1024,
+        send_timeout: Duration::from_secs(60),
     }
 }
 
@@ -913,17 +1087,7 @@ async fn an_http2_connection_over_the_address_cap_gets_503() {
     let s = start(0, capped(8, 1), |_, _| {}).await;
     let _held = held_connections(&s, 1).await;
     let a = s.base.trim_start_matches("http://").to_string();
-    // The preface, an empty SETTINGS frame, and one HEADERS frame (END_STREAM | END_HEADERS)
-    // for `GET /metadata`: HPACK indexed `:method GET` and `:scheme http`, literal `:path` and
-    // `:authority` without Huffman coding.
-    let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
-    let mut block = vec![0x82, 0x86, 0x04, 9];
-    block.extend_from_slice(b"/metadata");
-    block.extend_from_slice(&[0x01, u8::try_from(a.len()).unwrap()]);
-    block.extend_from_slice(a.as_bytes());
-    let len = u32::try_from(block.len()).unwrap().to_be_bytes();
-    request.extend_from_slice(&[len[1], len[2], len[3], 0x01, 0x05, 0, 0, 0, 1]);
-    request.extend_from_slice(&block);
+    let request = h2_get(&a, "/metadata");
     let answer = tokio::task::spawn_blocking(move || {
         let mut conn = TcpStream::connect(&a).unwrap();
         conn.write_all(&request).unwrap();
