@@ -616,24 +616,137 @@ impl Drop for RemotePart {
     }
 }
 
-/// A blocking reader over an object's byte stream.
+/// Times in a row a read of an object asks for the rest again after its answer failed, with
+/// no byte in between ([`RemoteReader`]).
+const READ_RESUMES: u32 = 3;
+
+/// A blocking reader over an object's bytes `next..end` (all of it, or a range), as one streamed
+/// GET at the reader's pace. The client's request timeout (`RemoteSettings::request_timeout`,
+/// 60 s) covers a whole answer, body included, so a download read at its HTTP client's pace —
+/// more than 60 s for a 64 MB file below about 1 MB/s — ended in an error part way through, and
+/// so did one whose connection to the store broke. When the answer fails (or ends short), the
+/// rest is asked for again from the next byte, provided the object's ETag is the one the read
+/// began with; at most [`READ_RESUMES`] times in a row without a byte in between.
 struct RemoteReader {
     rt: Arc<OwnedRuntime>,
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    /// The container and the object's name in it, for errors.
+    container: String,
+    what: String,
+    /// The object's ETag when the read began (cleaned), if the store gave one.
+    etag: Option<String>,
+    /// The next byte to hand out, and the end of what is read.
+    next: u64,
+    end: u64,
     stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
     current: Bytes,
+    /// Failed answers since the last byte.
+    failures: u32,
+}
+
+impl RemoteReader {
+    /// A GET of `range` of the object at `path` (`None`: all of it) whose answer must carry the
+    /// ETag `etag` when one is given.
+    fn open(
+        rt: Arc<OwnedRuntime>,
+        store: Arc<dyn ObjectStore>,
+        path: Path,
+        (container, what): (&str, &str),
+        range: Option<std::ops::Range<u64>>,
+        etag: Option<String>,
+    ) -> Result<RemoteReader, SinkError> {
+        let (container, what) = (container.to_string(), what.to_string());
+        let r = rt.block_on(get_checked(
+            &store,
+            &path,
+            (&container, &what),
+            range,
+            etag.as_deref(),
+        ))?;
+        Ok(RemoteReader {
+            etag: etag.or_else(|| r.meta.e_tag.as_deref().map(clean_etag)),
+            next: r.range.start,
+            end: r.range.end,
+            stream: r.into_stream(),
+            rt,
+            store,
+            path,
+            container,
+            what,
+            current: Bytes::new(),
+            failures: 0,
+        })
+    }
+
+    /// Asks for the rest (`next..end`) again after `cause` ended the answer.
+    fn resume(&mut self, cause: String) -> std::io::Result<()> {
+        self.failures += 1;
+        if self.failures > READ_RESUMES {
+            return Err(std::io::Error::other(format!(
+                "{}/{}: the read failed {} times at byte {}: {cause}",
+                self.container, self.what, self.failures, self.next
+            )));
+        }
+        tracing::debug!(object = %self.what, at = self.next, cause = %cause, "object read resumed");
+        let r = self
+            .rt
+            .block_on(get_checked(
+                &self.store,
+                &self.path,
+                (&self.container, &self.what),
+                Some(self.next..self.end),
+                self.etag.as_deref(),
+            ))
+            .map_err(std::io::Error::other)?;
+        self.stream = r.into_stream();
+        Ok(())
+    }
+}
+
+/// A GET of `range` of `path` (`None`: the whole object), the object `what` of `container`;
+/// with `etag`, an answer for another version of the object is refused (bytes of two versions
+/// would be mixed).
+async fn get_checked(
+    store: &Arc<dyn ObjectStore>,
+    path: &Path,
+    (container, what): (&str, &str),
+    range: Option<std::ops::Range<u64>>,
+    etag: Option<&str>,
+) -> Result<object_store::GetResult, SinkError> {
+    let options = object_store::GetOptions {
+        range: range.map(object_store::GetRange::Bounded),
+        ..Default::default()
+    };
+    let r = store
+        .get_opts(path, options)
+        .await
+        .map_err(|e| classify(what, e))?;
+    if let Some(expected) = etag {
+        let current = r.meta.e_tag.as_deref().map(clean_etag).unwrap_or_default();
+        if current != expected {
+            return Err(SinkError::Unavailable(format!(
+                "{container}/{what} changed while it was read"
+            )));
+        }
+    }
+    Ok(r)
 }
 
 impl Read for RemoteReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
             match self.rt.block_on(self.stream.next()) {
-                None => return Ok(0),
                 Some(Ok(b)) => self.current = b,
-                Some(Err(e)) => return Err(std::io::Error::other(e)),
+                None if self.next >= self.end => return Ok(0),
+                None => self.resume("the answer ended early".to_string())?,
+                Some(Err(e)) => self.resume(e.to_string())?,
             }
         }
         let n = buf.len().min(self.current.len());
         buf[..n].copy_from_slice(&self.current.split_to(n));
+        self.next += n as u64;
+        self.failures = 0;
         Ok(n)
     }
 }
@@ -765,18 +878,14 @@ impl Sink for ObjectStoreSink {
     fn open_read(&self, container: &str, path: &str) -> Result<Box<dyn Read + Send>, SinkError> {
         let store = self.store(container)?;
         let p = self.path(container, path)?;
-        let stream = self.rt.block_on(async {
-            store
-                .get(&p)
-                .await
-                .map(|r| r.into_stream())
-                .map_err(|e| classify(path, e))
-        })?;
-        Ok(Box::new(RemoteReader {
-            rt: self.rt.clone(),
-            stream,
-            current: Bytes::new(),
-        }))
+        Ok(Box::new(RemoteReader::open(
+            self.rt.clone(),
+            store,
+            p,
+            (container, path),
+            None,
+            None,
+        )?))
     }
 
     fn stat(&self, container: &str, path: &str) -> Result<ObjectInfo, SinkError> {
@@ -806,32 +915,14 @@ impl Sink for ObjectStoreSink {
         }
         let store = self.store(container)?;
         let p = self.path(container, path)?;
-        let stream = self.rt.block_on(async {
-            let options = object_store::GetOptions {
-                range: Some(object_store::GetRange::Bounded(range.clone())),
-                ..Default::default()
-            };
-            let r = store
-                .get_opts(&p, options)
-                .await
-                .map_err(|e| classify(path, e))?;
-            // The answer's own ETag guards the read: bytes of another version than the one
-            // `stat` saw are refused instead of mixed into a resumed download.
-            if let Some(expected) = etag {
-                let current = r.meta.e_tag.as_deref().map(clean_etag).unwrap_or_default();
-                if current != expected {
-                    return Err(SinkError::Unavailable(format!(
-                        "{container}/{path} changed while it was read"
-                    )));
-                }
-            }
-            Ok(r.into_stream())
-        })?;
-        Ok(Box::new(RemoteReader {
-            rt: self.rt.clone(),
-            stream,
-            current: Bytes::new(),
-        }))
+        Ok(Box::new(RemoteReader::open(
+            self.rt.clone(),
+            store,
+            p,
+            (container, path),
+            Some(range),
+            etag.map(str::to_string),
+        )?))
     }
 
     fn location(&self, container: &str, path: &str) -> String {

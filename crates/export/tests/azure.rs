@@ -36,14 +36,83 @@ fn azurite() -> Option<String> {
 }
 
 fn sink(endpoint: &str) -> ObjectStoreSink {
+    sink_with(endpoint, RemoteSettings::default())
+}
+
+fn sink_with(endpoint: &str, settings: RemoteSettings) -> ObjectStoreSink {
     let conn = format!(
         "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};BlobEndpoint={endpoint};"
     );
     ObjectStoreSink::new(
         RemoteConfig::azure_from_connection_string(&conn).expect("connection string"),
-        RemoteSettings::default(),
+        settings,
     )
     .expect("sink")
+}
+
+/// Reads `r` to its end a MiB at a time with `pause` after each: what it gave.
+fn read_slowly(mut r: impl Read, pause: Duration) -> std::io::Result<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut since_pause = 0;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(got);
+        }
+        got.extend_from_slice(&buf[..n]);
+        since_pause += n;
+        if since_pause >= 1 << 20 {
+            since_pause = 0;
+            std::thread::sleep(pause);
+        }
+    }
+}
+
+/// A download is read at its HTTP client's pace, through one GET of the object whose answer
+/// the store client's request timeout (60 s by default) bounds as a whole: a client slower than
+/// that (a 64 MB file below about 1 MB/s) got an error part way through. (object_store asks
+/// for the rest itself only within its retry timeout from the first request, 30 s by default:
+/// never after a 60 s timeout.) The read now asks for the rest again from where the answer
+/// stopped. Here the timeouts are 1 s and 0.5 s, in the defaults' order, and each of the 12 MiB
+/// is read 250 ms apart; the whole object and a range of it come back byte for byte.
+#[test]
+fn a_read_slower_than_the_request_timeout_gets_every_byte() {
+    let Some(endpoint) = azurite() else { return };
+    let sink = sink_with(
+        &endpoint,
+        RemoteSettings {
+            request_timeout: Duration::from_secs(1),
+            retry_timeout: Duration::from_millis(500),
+            ..RemoteSettings::default()
+        },
+    );
+    let container = fresh("slowread");
+    sink.ensure_container(&container).expect("container");
+    let data: Vec<u8> = (0..12u32 << 20)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
+    let mut part = sink.create(&container, "big.ndjson").expect("create");
+    std::io::Write::write_all(&mut part, &data).expect("write");
+    part.finish().expect("finish");
+    let pause = Duration::from_millis(250);
+    let whole = read_slowly(
+        sink.open_read(&container, "big.ndjson").expect("open"),
+        pause,
+    )
+    .expect("read whole");
+    assert_eq!(whole.len(), data.len());
+    assert!(whole == data, "the bytes differ");
+    let etag = sink.stat(&container, "big.ndjson").expect("stat").etag;
+    let range = 1_000_000..9_500_000u64;
+    let part = read_slowly(
+        sink.open_range(&container, "big.ndjson", range.clone(), Some(&etag))
+            .expect("open range"),
+        pause,
+    )
+    .expect("read range");
+    assert!(part == data[1_000_000..9_500_000], "the range differs");
+    sink.delete_prefix(&container, "").ok();
 }
 
 /// A container name no earlier run used.
