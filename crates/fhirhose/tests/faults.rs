@@ -705,7 +705,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "database-frozen",
-        invariant: "the PostgreSQL server frozen (SIGSTOP: a paused host, a storage stall; its connections stay open and never answer) during an export, while POSTs, a search, a status poll and a kick-off come in: each is answered within `--database-wait` (4 s) and a few seconds, 503 with Retry-After or 504, never 500 and never a hang, `/metadata` goes on; once it is thawed (SIGCONT) no POST answered 503 was written, every 201 is there, and the export completes with every resource exactly once (PostgreSQL pass only)",
+        invariant: "the PostgreSQL server frozen (SIGSTOP: a paused host, a storage stall; its connections stay open and never answer) during an export, while POSTs, a search, a status poll and a kick-off come in: each is answered within `--database-wait` (4 s) and a few seconds, 503 with Retry-After or 504, never 500 and never a hang, and a `$viewdefinition-run` streaming at the time is cut off as soon, `/metadata` goes on; once it is thawed (SIGCONT) no POST answered 503 was written, every 201 is there, and the export completes with every resource exactly once (PostgreSQL pass only)",
         rounds: 1,
         run: database_frozen,
     },
@@ -1834,10 +1834,14 @@ fn database_frozen(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>
     let base = s.base.clone();
     let status = kickoff(&ctx.c, &base, "")?;
     let at = rng.below(ctx.export_ms / 2 + 1);
+    let run = view_run_started(&base)?;
     sleep_ms(at);
     let pids = cluster_pids(&pg)?;
     signal_all("STOP", &pids)?;
     let frozen = Instant::now();
+    // The view run reads the store a page at a time as its client reads: its answer must end
+    // (cut off) within the wait too, not hang until the database answers.
+    let run = std::thread::spawn(move || read_to_close(run));
     // The requests, each on a thread of its own (as many clients): (what, status, Retry-After,
     // body, time to the answer).
     type Answer = (String, u16, bool, Value, Duration);
@@ -1892,10 +1896,20 @@ fn database_frozen(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>
     for t in asked {
         answers.push(t.join().map_err(|_| "a request thread panicked")??);
     }
+    let (run_bytes, run_end, run_took) = run.join().map_err(|_| "the view run thread panicked")?;
     // Frozen a little longer than the slowest answer, then thawed.
     sleep_ms(500);
     let held = frozen.elapsed();
     signal_all("CONT", &pids)?;
+    // Checked once thawed: a failure must not leave the cluster stopped.
+    ensure!(
+        run_took <= ANSWER_BOUND,
+        "the view run's answer was still open {run_took:?} after the database froze ({run_end}, {run_bytes} bytes)"
+    );
+    ensure!(
+        !run_end.contains("complete"),
+        "the view run's answer ended whole with the database frozen ({run_bytes} bytes): it must be cut off"
+    );
     let mut lines = Vec::new();
     let mut refused_posts = Vec::new();
     let mut unknown_posts = Vec::new();
@@ -1976,10 +1990,91 @@ fn database_frozen(ctx: &mut Ctx, rng: &mut Rng, dir: &Path) -> R<Option<String>
     drop_databases_under(&data);
     drop(cluster);
     Ok(Some(format!(
-        "frozen {at} ms after kick-off for {} ms: {}; export complete, {n} resources once each; no refused write appeared",
+        "frozen {at} ms after kick-off for {} ms: {}, view run cut off after {} ms ({run_bytes} bytes); export complete, {n} resources once each; no refused write appeared",
         held.as_millis(),
-        lines.join(", ")
+        lines.join(", "),
+        run_took.as_millis()
     )))
+}
+
+/// Starts a `$viewdefinition-run` of 20 timestamp columns per Observation (about 14 MB of
+/// NDJSON, far more than the sockets and the server hold) on a socket with a 4 KiB receive
+/// buffer, and reads its first bytes: the run then stays a few chunks ahead of its reader,
+/// reading the store page by page as it goes.
+fn view_run_started(base: &str) -> R<std::net::TcpStream> {
+    use std::io::{Read as _, Write as _};
+    let columns: Vec<Value> = (0..20)
+        .map(|i| json!({"name": format!("c{i}"), "path": "meta.lastUpdated", "type": "instant"}))
+        .collect();
+    let body = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "viewResource", "resource": {"resourceType": "ViewDefinition", "status": "active",
+            "resource": "Observation", "select": [{"column": columns}]}},
+        {"name": "_format", "valueCode": "ndjson"}]})
+    .to_string();
+    let addr: std::net::SocketAddr = base
+        .trim_start_matches("http://")
+        .parse()
+        .map_err(|e| format!("{base}: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let conn = rt
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_recv_buffer_size(4096)?;
+            socket.connect(addr).await?.into_std()
+        })
+        .map_err(|e| format!("view run connect: {e}"))?;
+    drop(rt);
+    let mut conn = conn;
+    conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        conn,
+        "POST /$viewdefinition-run HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| format!("view run request: {e}"))?;
+    let mut first = [0u8; 4096];
+    let n = conn
+        .read(&mut first)
+        .map_err(|e| format!("view run first bytes: {e}"))?;
+    let head = String::from_utf8_lossy(&first[..n]).into_owned();
+    ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "view run: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    Ok(conn)
+}
+
+/// Reads `conn` (a chunked answer on a kept-alive connection) until its last chunk, the server
+/// closing it or the read timing out: the bytes read, how it ended (`complete`: the last
+/// chunk), and when.
+fn read_to_close(mut conn: std::net::TcpStream) -> (usize, String, Duration) {
+    use std::io::Read as _;
+    let started = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    let mut tail: Vec<u8> = Vec::new();
+    let end = loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break "closed part way".to_string(),
+            Ok(n) => {
+                total += n;
+                tail.extend_from_slice(&buf[..n]);
+                let keep = tail.len().saturating_sub(16);
+                tail.drain(..keep);
+                if tail.ends_with(b"\r\n0\r\n\r\n") {
+                    break "complete".to_string();
+                }
+            }
+            Err(e) => break format!("read error: {e}"),
+        }
+    };
+    (total, end, started.elapsed())
 }
 
 /// `database-wal-full`: a cluster of its own whose write-ahead log is on a 12 MB tmpfs (1 MB

@@ -59,28 +59,33 @@ pub async fn run_api<T: Send + 'static>(
     run(wait, what, f).await?
 }
 
+/// The answer to a request whose store work waited `wait` for a database that did not answer
+/// and wrote nothing: 503 `transient` with `Retry-After`.
+pub fn silent(wait: Duration, what: &'static str) -> ApiError {
+    let secs = wait.as_secs();
+    tracing::error!(
+        work = what,
+        wait_s = secs,
+        "the database did not answer within the wait; the request answered 503"
+    );
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "transient",
+        format!(
+            "the database did not answer within {secs} s: nothing of this request was \
+             written; retry later"
+        ),
+    )
+    .with_header(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    )
+}
+
 fn gave_up(found: GaveUp, wait: Duration, what: &'static str) -> ApiError {
     let secs = wait.as_secs();
     match found {
-        GaveUp::NothingWritten => {
-            tracing::error!(
-                work = what,
-                wait_s = secs,
-                "the database did not answer within the wait; the request answered 503"
-            );
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "transient",
-                format!(
-                    "the database did not answer within {secs} s: nothing of this request was \
-                     written; retry later"
-                ),
-            )
-            .with_header(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECS),
-            )
-        }
+        GaveUp::NothingWritten => silent(wait, what),
         GaveUp::CommitBegun => {
             tracing::error!(
                 work = what,
