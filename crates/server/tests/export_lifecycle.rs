@@ -656,11 +656,7 @@ async fn start_big_pages(requests: usize) -> Server {
 /// receive buffer, and reads nothing.
 async fn unread_page(s: &Server, from: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
-    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    let mut conn = socket.connect(addr).await.unwrap();
+    let (mut conn, addr) = connect_with(s, from, Some(4096)).await;
     conn.write_all(format!("GET /Patient?_count=40 HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
         .await
         .unwrap();
@@ -848,8 +844,20 @@ async fn held_connections(s: &Server, n: usize) -> Vec<TcpStream> {
 /// A new connection to `s` from the local address `from` (127.0.0.2 and so on are this
 /// machine's loopback too), and the server's address.
 async fn connect_from(s: &Server, from: &str) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    connect_with(s, from, None).await
+}
+
+/// [`connect_from`], with a receive buffer of `recv_buffer` bytes when one is given.
+async fn connect_with(
+    s: &Server,
+    from: &str,
+    recv_buffer: Option<u32>,
+) -> (tokio::net::TcpStream, std::net::SocketAddr) {
     let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
     socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
     (socket.connect(addr).await.unwrap(), addr)
 }
