@@ -568,6 +568,9 @@ fn oci_error(e: oci_config::OciError, image: &str, name: &str) -> export::Anonym
     }
 }
 
+/// The longest `--header-read-timeout` and `--send-timeout`, in seconds: a day.
+pub const MAX_CONNECTION_TIMEOUT_S: u64 = 86_400;
+
 impl ServeConfig {
     /// `--database-wait`, or its default: [`crate::database_wait::DEFAULT`], or twice
     /// `--search-timeout` when that is longer (a search on an answering database ends by its
@@ -666,6 +669,15 @@ impl ServeConfig {
                  least 1"
                     .into(),
             ));
+        }
+        // The connection guards add these to clock readings: a value beyond what a clock can
+        // hold (u64::MAX seconds) panicked in every connection's task.
+        if self.header_read_timeout > MAX_CONNECTION_TIMEOUT_S
+            || self.send_timeout > MAX_CONNECTION_TIMEOUT_S
+        {
+            return Err(ConfigError::Export(format!(
+                "--header-read-timeout and --send-timeout must be at most {MAX_CONNECTION_TIMEOUT_S} seconds (a day)"
+            )));
         }
         if !export::request::valid_container(&e.import_container)
             || export::request::RESERVED_CONTAINERS.contains(&e.import_container.as_str())
@@ -775,6 +787,20 @@ pub fn valid_node_id(id: &str) -> bool {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn connection_timeouts_beyond_a_day_are_refused_at_start() {
+        let serve = |args: &[&str]| Cli::parse_from([&["serve"], args].concat()).serve;
+        assert!(serve(&[]).validate().is_ok());
+        assert!(serve(&["--send-timeout", "86400"]).validate().is_ok());
+        for flag in ["--send-timeout", "--header-read-timeout"] {
+            let e = serve(&[flag, "18446744073709551615"])
+                .validate()
+                .expect_err(flag)
+                .to_string();
+            assert!(e.contains(flag) && e.contains("at most 86400"), "{e}");
+        }
+    }
 
     #[derive(Parser)]
     struct Cli {

@@ -228,9 +228,11 @@ impl Busy {
                 }
                 since = Some(since.map_or(waiting, |s| s.min(waiting)));
             }
-            let next = match since {
-                Some(since) if now >= since + timeout => return,
-                Some(since) => (since + timeout).min(now + tick),
+            // A timeout beyond what an `Instant` can hold (`--send-timeout` of u64::MAX
+            // seconds) never ends a wait, rather than panicking on the sum.
+            let next = match since.and_then(|since| since.checked_add(timeout)) {
+                Some(due) if now >= due => return,
+                Some(due) => due.min(now + tick),
                 None => now + tick,
             };
             tokio::time::sleep_until(next).await;
@@ -720,6 +722,18 @@ mod tests {
         };
         tokio::join!(takes_some, busy.stalled_for(Duration::from_secs(5)));
         assert_eq!(t1.elapsed().as_secs(), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_timeout_too_large_for_a_clock_never_ends_a_wait() {
+        let busy = Busy::new();
+        busy.wrote(&Poll::Pending);
+        let waited = tokio::time::timeout(
+            Duration::from_secs(3600),
+            busy.stalled_for(Duration::from_secs(u64::MAX)),
+        )
+        .await;
+        assert!(waited.is_err(), "a wait ended under an unreachable timeout");
     }
 
     #[tokio::test(start_paused = true)]
