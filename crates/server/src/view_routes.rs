@@ -531,8 +531,6 @@ async fn run_request(
     let format = params.format.unwrap_or(RunFormat::Json);
     let header = params.header.unwrap_or(true);
     let name = view.name().unwrap_or("view").to_string();
-    // Set while the run reads a page of the store (see `next_chunk`).
-    let probe = StoreProbe::default();
     let source = if params.resources.is_empty() {
         let rt = view.resource_type().to_string();
         ctx.require_read(&rt)?;
@@ -583,7 +581,8 @@ async fn run_request(
             as_of: prepared.0,
             after: prepared.1,
             scope: prepared.2,
-            in_store: probe.clone(),
+            wait: state.database_wait,
+            runtime: tokio::runtime::Handle::current(),
         }
     } else {
         Source::Inline(std::mem::take(&mut params.resources))
@@ -607,15 +606,14 @@ async fn run_request(
         }
     });
     // The status waits for the first chunk (or the end of a small answer).
-    let wait = state.database_wait;
-    let first = match next_chunk(&mut rx, &probe, wait).await {
+    let first = match rx.recv().await {
         Some(Err(e)) => return Err(run_error(e)),
         first => first,
     };
     // Fused: a body may be asked again after its end (an unfold must not be).
-    let rest = futures::stream::unfold((rx, probe), move |(mut rx, probe)| async move {
-        let chunk = next_chunk(&mut rx, &probe, wait).await?;
-        Some((chunk, (rx, probe)))
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((chunk, rx))
     })
     .fuse();
     let mut resp = Body::from_stream(futures::stream::iter(first).chain(rest)).into_response();
@@ -643,57 +641,8 @@ fn run_error(e: StreamError) -> ApiError {
             e.to_string(),
         ),
         StreamError::Store(e) => e.into(),
-        StreamError::DatabaseSilent(wait) => crate::database_wait::silent(wait, "view run"),
+        StreamError::Database(e) => e,
         StreamError::Io(e) => ApiError::internal("view run", e),
-    }
-}
-
-/// When the run's thread began the store read it is in, if it is in one.
-#[derive(Clone, Default)]
-struct StoreProbe(Arc<std::sync::Mutex<Option<std::time::Instant>>>);
-
-impl StoreProbe {
-    /// Runs `read` (a page of the store) marked as a store read.
-    fn read<T>(&self, read: impl FnOnce() -> T) -> T {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
-        let done = read();
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        done
-    }
-
-    /// Whether the run's thread has been in one store read for longer than `wait`.
-    fn stuck(&self, wait: Duration) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|since| since.elapsed() > wait)
-    }
-}
-
-/// The run's next chunk (`None`: the run ended). A run reads the store a page at a time while it
-/// streams, so a database that stops answering without closing its connections (a paused host,
-/// a storage stall) held the answer — before its first byte or part way — for as long as the
-/// database was silent. Once one read has taken longer than `--database-wait` the run's answer
-/// is an error instead: 503 before the first byte, a cut-off body after it (never a short
-/// answer that looks whole); its thread stops when the database answers again.
-async fn next_chunk(
-    rx: &mut tokio::sync::mpsc::Receiver<Result<Bytes, StreamError>>,
-    probe: &StoreProbe,
-    wait: Duration,
-) -> Option<Result<Bytes, StreamError>> {
-    let tick = wait.min(Duration::from_millis(500));
-    loop {
-        match tokio::time::timeout(tick, rx.recv()).await {
-            Ok(chunk) => return chunk,
-            Err(_) if probe.stuck(wait) => {
-                tracing::warn!(
-                    wait_s = wait.as_secs(),
-                    "view run stopped: the database did not answer within --database-wait"
-                );
-                return Some(Err(StreamError::DatabaseSilent(wait)));
-            }
-            Err(_) => {}
-        }
     }
 }
 
@@ -708,8 +657,10 @@ enum Source {
         as_of: i64,
         after: i64,
         scope: Option<HashSet<String>>,
-        /// Marks each page read, for [`next_chunk`].
-        in_store: StoreProbe,
+        /// `--database-wait`: the bound on each page read.
+        wait: Duration,
+        /// The server's runtime, which the run's thread waits on for each page read.
+        runtime: tokio::runtime::Handle,
     },
 }
 
@@ -770,8 +721,9 @@ enum StreamError {
     Parquet(#[from] views::parquet::ParquetError),
     #[error("{0}")]
     Store(#[from] store::StoreError),
-    #[error("the database did not answer within {} s", .0.as_secs())]
-    DatabaseSilent(Duration),
+    /// A page read that the database did not answer within `--database-wait`.
+    #[error("{}", .0.issues.first().map_or("database wait", |i| i.diagnostics.as_str()))]
+    Database(ApiError),
 }
 
 /// Rows into one of the formats.
@@ -898,14 +850,25 @@ fn stream_rows(
             as_of,
             mut after,
             scope,
-            in_store,
+            wait,
+            runtime,
         } => {
             let rt = view.resource_type();
             let compartment = export::run::compartment_params(rt);
             let mut looked_at = 0u64;
             'pages: loop {
                 // A bounded page at a time: no reader connection is held while the client reads.
-                let page = in_store.read(|| store.scan_type(rt, as_of, after, RUN_PAGE))?;
+                // Each page read waits at most `--database-wait`, as every request's store work
+                // does: a database that stops answering ends the run (503 before its first
+                // byte, a cut-off body after it) instead of holding its answer for as long.
+                let (store, ty) = (store.clone(), rt.to_string());
+                let page = runtime
+                    .block_on(crate::database_wait::run(
+                        wait,
+                        "view run page",
+                        move || store.scan_type(&ty, as_of, after, RUN_PAGE),
+                    ))
+                    .map_err(StreamError::Database)??;
                 let Some(last) = page.last() else {
                     break;
                 };
