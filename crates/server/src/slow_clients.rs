@@ -22,7 +22,7 @@
 //!   nginx's `send_timeout`: a bound on the wait between two writes, not on the response: a
 //!   slow client that goes on reading gets all of it), or
 //! - (HTTP/2) one of whose response bodies has waited `--send-timeout` for the stream to take
-//!   the part it handed out last ([`WatchedBody`]): flow control stalls a stream without
+//!   the part it handed out last ([`GuardedBody::watched`]): flow control stalls a stream without
 //!   blocking the socket.
 //!
 //! A connection whose socket is waiting for its client is not idle: [`Busy::idle_for`] leaves it
@@ -96,7 +96,7 @@ pub struct Busy {
     /// Milliseconds since [`clock_base`] since when the socket has refused every write (0:
     /// it is not refusing; see [`WriteWatch`]).
     blocked_since_ms: AtomicU64,
-    /// The HTTP/2 response bodies of the connection ([`WatchedBody`]): each one's moment it
+    /// The HTTP/2 response bodies of the connection ([`GuardedBody::watched`]): each one's moment it
     /// handed out a part that its stream has not yet taken (0: none waits).
     bodies: Mutex<Vec<Weak<AtomicU64>>>,
     /// The connection's socket, to read how much of what was written its client has not yet
@@ -175,13 +175,14 @@ impl Busy {
         }
     }
 
-    /// `inner`, watched as an HTTP/2 response body of this connection ([`Busy::stalled_for`]).
-    pub fn watch(&self, inner: Body) -> WatchedBody {
+    /// A watch for an HTTP/2 response body of this connection ([`GuardedBody::watched`],
+    /// [`Busy::stalled_for`]).
+    fn body_watch(&self) -> Arc<AtomicU64> {
         let waiting = Arc::new(AtomicU64::new(0));
         let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
         bodies.retain(|b| b.strong_count() > 0);
         bodies.push(Arc::downgrade(&waiting));
-        WatchedBody { inner, waiting }
+        waiting
     }
 
     /// Since when (milliseconds since [`clock_base`]) an HTTP/2 response body of the connection
@@ -285,10 +286,14 @@ impl Drop for BusyGuard {
 }
 
 /// A response body that keeps `guard` (its request counted in progress) until it is sent or
-/// dropped.
+/// dropped; an HTTP/2 one is also watched for a stream that stops taking it
+/// ([`GuardedBody::watched`]).
 pub struct GuardedBody<G> {
     inner: Body,
     _guard: G,
+    /// Milliseconds since [`clock_base`] (at least 1) when the last part was handed out and not
+    /// yet taken; 0 while the connection is asking for a part. Only on a watched body.
+    waiting: Option<Arc<AtomicU64>>,
 }
 
 impl<G> GuardedBody<G> {
@@ -296,6 +301,19 @@ impl<G> GuardedBody<G> {
         GuardedBody {
             inner,
             _guard: guard,
+            waiting: None,
+        }
+    }
+
+    /// `inner`, also watched as an HTTP/2 response body of `busy`'s connection: from the moment
+    /// it hands a part of itself to its stream until the stream asks for the next (hyper asks
+    /// once the stream's flow-control window has room again), it records that it waits for its
+    /// client ([`Busy::stalled_for`]). A body that is slow to produce its next part (a streamed
+    /// view run) waits for the server, not for the client: that is not counted.
+    pub fn watched(inner: Body, guard: G, busy: &Busy) -> GuardedBody<G> {
+        GuardedBody {
+            waiting: Some(busy.body_watch()),
+            ..GuardedBody::new(inner, guard)
         }
     }
 }
@@ -308,7 +326,18 @@ impl<G: Unpin> http_body::Body for GuardedBody<G> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let Some(waiting) = self.waiting.clone() else {
+            return Pin::new(&mut self.inner).poll_frame(cx);
+        };
+        // Asked for more: the part handed out before has been taken.
+        waiting.store(0, Ordering::SeqCst);
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && frame.data_ref().is_some_and(|d| !d.is_empty())
+        {
+            waiting.store(now_ms().max(1), Ordering::SeqCst);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -377,46 +406,6 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteWatch<T> {
     }
 }
 
-/// An HTTP/2 response body that records, from the moment it hands a part of itself to its
-/// stream until the stream asks for the next (hyper asks once the stream's flow-control window
-/// has room again), that it waits for its client ([`Busy::stalled_for`]).
-/// A body that is slow to produce its next part (a streamed view run) waits for the server, not
-/// for the client: that is not counted.
-pub struct WatchedBody {
-    inner: Body,
-    /// Milliseconds since [`clock_base`] (at least 1) when the last part was handed out and not
-    /// yet taken; 0 while the connection is asking for a part.
-    waiting: Arc<AtomicU64>,
-}
-
-impl http_body::Body for WatchedBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        // Asked for more: the part handed out before has been taken.
-        self.waiting.store(0, Ordering::SeqCst);
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && frame.data_ref().is_some_and(|d| !d.is_empty())
-        {
-            self.waiting.store(now_ms().max(1), Ordering::SeqCst);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// `inner` with each request counted in `busy` from its arrival to the end of its response body,
 /// and given the connection's `mark` as an extension (the client it came from).
 #[derive(Clone)]
@@ -454,11 +443,10 @@ where
         Box::pin(async move {
             let resp = fut.await?;
             Ok(resp.map(|inner| {
-                let inner = match watch {
-                    Some(busy) => Body::new(busy.watch(inner)),
-                    None => inner,
-                };
-                Body::new(GuardedBody::new(inner, guard))
+                Body::new(match watch {
+                    Some(busy) => GuardedBody::watched(inner, guard, &busy),
+                    None => GuardedBody::new(inner, guard),
+                })
             }))
         })
     }
@@ -752,7 +740,7 @@ mod tests {
                 _ => None,
             }
         });
-        let mut body = Box::pin(busy.watch(Body::from_stream(parts)));
+        let mut body = Box::pin(GuardedBody::watched(Body::from_stream(parts), (), &busy));
         let t0 = Instant::now();
         let first = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
         assert!(first.is_some());
