@@ -12,6 +12,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::registry::KeySets;
 use crate::scope::Scopes;
 
 /// Why a bearer token was refused. The texts are fixed: they never echo the token.
@@ -55,6 +56,9 @@ struct AccessClaims {
 pub struct VerifiedToken {
     pub client_id: String,
     pub scopes: Scopes,
+    /// The key sets the client may use: none from the token itself; filled from the client's
+    /// current registration ([`crate::SmartAuth::verify_access_token`]).
+    pub key_sets: KeySets,
     pub expires_at: i64,
 }
 
@@ -137,6 +141,7 @@ impl TokenIssuer {
         Ok(VerifiedToken {
             client_id: claims.sub,
             scopes,
+            key_sets: KeySets::none(),
             expires_at: claims.exp,
         })
     }

@@ -25,7 +25,7 @@ use axum::routing::{get, post};
 
 use crate::access_token::TokenIssuer;
 use crate::config::{AuthMode, AuthSettings, ConfigError, check_mode};
-use crate::registry::ClientRegistry;
+use crate::registry::{ClientRegistry, KeySets};
 use crate::scope::{Permission, Scopes};
 use crate::token_endpoint::{ACCEPTED_ALGORITHMS, OAuthError, SmartAuth, TokenForm};
 
@@ -318,6 +318,7 @@ impl Auth {
         Ok(AuthContext {
             client_id: Some(verified.client_id),
             scopes: verified.scopes,
+            key_sets: verified.key_sets,
         })
     }
 }
@@ -364,6 +365,8 @@ pub struct AuthContext {
     /// `None` in mode `none`.
     pub client_id: Option<String>,
     pub scopes: Scopes,
+    /// The stored de-identification key sets the caller may use (every one in mode `none`).
+    pub key_sets: KeySets,
 }
 
 impl AuthContext {
@@ -372,6 +375,7 @@ impl AuthContext {
         AuthContext {
             client_id: None,
             scopes: Scopes::unrestricted(),
+            key_sets: KeySets::All,
         }
     }
 

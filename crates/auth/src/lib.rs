@@ -36,7 +36,7 @@ pub use http::{Auth, AuthContext, AuthRejection, SMART_CONFIGURATION_PATH, TOKEN
 pub use jwk::{MAX_CANDIDATE_KEYS, MAX_JWKS_KEYS};
 pub use jwks_fetch::JwksFetchError;
 pub use log_safe::log_safe;
-pub use registry::{ClientRegistry, RegistryError};
+pub use registry::{ClientRegistry, KeySets, RegistryError};
 pub use scope::{PermSet, Permission, ScopeError, Scopes};
 pub use shared::{ReplayRecord, SharedAuthState, SharedStateError};
 pub use token_endpoint::{OAuthError, OAuthErrorCode, SmartAuth, TokenForm, TokenResponse};

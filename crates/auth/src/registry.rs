@@ -78,6 +78,10 @@ struct ClientEntry {
     #[serde(default)]
     jwks_url: Option<String>,
     scope: String,
+    /// The stored de-identification key sets the client may name in `_anonymizationKeySet`
+    /// (`"*"`: every one). None by default.
+    #[serde(default)]
+    key_sets: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -96,7 +100,46 @@ pub struct RegisteredClient {
     pub client_id: String,
     /// The most this client may be granted.
     pub max_scope: Scopes,
+    /// The key sets the client may use (`key_sets` in the clients file).
+    pub key_sets: KeySets,
     pub(crate) keys: KeySource,
+}
+
+/// Which stored de-identification key sets (`_anonymizationKeySet`) a caller may use.
+///
+/// Whoever may use a key set and read the raw data can pair a raw export with a de-identified
+/// one under that key set, and so holds the mapping from real ids and dates to that release's
+/// pseudonyms and shifts: a key set is granted per client, none by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySets {
+    /// Every key set (no authorization, or `"*"` in the clients file).
+    All,
+    /// Only these (by name).
+    Only(Vec<String>),
+}
+
+impl KeySets {
+    /// No key set.
+    pub fn none() -> KeySets {
+        KeySets::Only(Vec::new())
+    }
+
+    /// From a clients file's `key_sets` list.
+    fn from_names(names: Vec<String>) -> KeySets {
+        if names.iter().any(|n| n == "*") {
+            KeySets::All
+        } else {
+            KeySets::Only(names)
+        }
+    }
+
+    /// Whether the key set `name` may be used.
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            KeySets::All => true,
+            KeySets::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
 }
 
 impl RegisteredClient {
@@ -140,6 +183,7 @@ impl ClientRegistry {
                 return Err(RegistryError::EmptyClientId { path: p(), index });
             }
             let client_id = entry.client_id;
+            let key_sets = KeySets::from_names(entry.key_sets);
             let max_scope = Scopes::parse(&entry.scope).map_err(|source| RegistryError::Scope {
                 path: p(),
                 client_id: client_id.clone(),
@@ -202,6 +246,7 @@ impl ClientRegistry {
             let client = RegisteredClient {
                 client_id: client_id.clone(),
                 max_scope,
+                key_sets,
                 keys,
             };
             clients.insert(client_id, Arc::new(client));

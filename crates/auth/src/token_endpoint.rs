@@ -237,6 +237,7 @@ impl SmartAuth {
             .get(&verified.client_id)
             .ok_or(AccessTokenError::UnknownClient)?;
         verified.scopes = client.max_scope.intersect(&verified.scopes);
+        verified.key_sets = client.key_sets.clone();
         Ok(verified)
     }
 

@@ -330,6 +330,7 @@ async fn ownership_helpers() {
     let ctx = AuthContext {
         client_id: Some("a".into()),
         scopes: auth::Scopes::parse("system/Patient.rs system/Observation.r").unwrap(),
+        key_sets: auth::KeySets::none(),
     };
     assert_eq!(ctx.scopes.exportable_types(), vec!["Patient".to_string()]);
     assert!(ctx.owns(Some("a")));

@@ -26,6 +26,9 @@ pub trait ExportAccess: Send + Sync {
     fn is_unrestricted(&self) -> bool;
     /// Whether the granted scopes allow `permission` on `resource_type`.
     fn allows(&self, resource_type: &str, permission: Permission) -> bool;
+    /// Whether the caller may use the stored de-identification key set `name`
+    /// (`_anonymizationKeySet`).
+    fn may_use_key_set(&self, name: &str) -> bool;
 }
 
 /// No authorization: every job and every type (servers without authentication, tools, tests).
@@ -43,6 +46,9 @@ impl ExportAccess for Unrestricted {
         true
     }
     fn allows(&self, _resource_type: &str, _permission: Permission) -> bool {
+        true
+    }
+    fn may_use_key_set(&self, _name: &str) -> bool {
         true
     }
 }
@@ -71,8 +77,10 @@ pub fn exportable_types(access: &dyn ExportAccess) -> Option<Vec<String>> {
 
 /// Checks that `access` grants everything `req` needs: `r`+`s` on every type the export may
 /// contain (its `_type` list, or every type of its level without one), on Provenance for
-/// `includeAssociatedData`, on Patient below system level, and `r` on Group at Group level.
-/// The error names every missing permission.
+/// `includeAssociatedData`, on Patient below system level, `r` on Group at Group level, and
+/// the key set of a de-identified export that names one (granted per client: whoever may use a
+/// key set and read the raw data can pair the two exports and re-identify that key set's
+/// releases). The error names every missing permission.
 pub fn authorize(req: &ExportRequest, access: &dyn ExportAccess) -> Result<(), String> {
     if access.is_unrestricted() {
         return Ok(());
@@ -104,6 +112,16 @@ pub fn authorize(req: &ExportRequest, access: &dyn ExportAccess) -> Result<(), S
     }
     if matches!(req.level, ExportLevel::Group(_)) && !access.allows("Group", Permission::Read) {
         problems.push("`r` on Group (a Group-level export reads its Group)".into());
+    }
+    if let Some(name) = req
+        .anonymization
+        .as_ref()
+        .and_then(|a| a.key_set.as_deref())
+        && !access.may_use_key_set(name)
+    {
+        problems.push(format!(
+            "the key set `{name}` (not granted to this client: `key_sets` in the clients file)"
+        ));
     }
     if problems.is_empty() {
         Ok(())
@@ -158,6 +176,9 @@ mod tests {
         }
         fn allows(&self, t: &str, p: Permission) -> bool {
             self.rs.contains(&t) || (p == Permission::Read && self.read.contains(&t))
+        }
+        fn may_use_key_set(&self, name: &str) -> bool {
+            name == "granted"
         }
     }
 
@@ -222,5 +243,18 @@ mod tests {
             ["Observation", "Patient"]
         );
         assert_eq!(exportable_types(&Unrestricted), None);
+        // A key set is checked like a type: granted per client.
+        let deid = |set: &str| {
+            sys(&[
+                ("_type", "Patient"),
+                ("_container", "deid"),
+                ("_anonymizationConfig", "c.json"),
+                ("_anonymizationKeySet", set),
+            ])
+        };
+        assert!(authorize(&deid("granted"), &patient_obs).is_ok());
+        let e = authorize(&deid("another"), &patient_obs).unwrap_err();
+        assert!(e.contains("key set `another`"), "{e}");
+        assert!(authorize(&deid("another"), &Unrestricted).is_ok());
     }
 }

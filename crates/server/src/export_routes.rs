@@ -107,6 +107,9 @@ impl export::ExportAccess for Caller {
         };
         self.0.scopes.allows(resource_type, p)
     }
+    fn may_use_key_set(&self, name: &str) -> bool {
+        self.0.key_sets.allows(name)
+    }
 }
 
 /// `Accept: application/fhir+json` and `Prefer: respond-async` are required at kick-off.

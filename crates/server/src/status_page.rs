@@ -36,6 +36,9 @@ impl export::ExportAccess for Lister {
         // Listing shows the caller's own jobs only; it reads no resource.
         false
     }
+    fn may_use_key_set(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 fn wants_json(headers: &HeaderMap, query: Option<&str>) -> bool {

@@ -275,6 +275,86 @@ async fn one_client_cannot_hold_every_export_slot() {
     assert_eq!(st, StatusCode::ACCEPTED, "{body}");
 }
 
+/// A stored de-identification key set is used only by the clients granted it (`key_sets` in
+/// the clients file, `"*"` for every one): before, any client that could export could name any
+/// key set, and a client that may read the raw data could pair a raw export with a
+/// de-identified one under another release's key set — the map from real ids and dates to that
+/// release's pseudonyms and shifts. A key set not granted answers 403 whether it exists or not
+/// (its name tells nothing), and a de-identified export without a key set stays allowed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_set_is_used_only_by_the_clients_granted_it() {
+    let s = common::start_smart_registered(
+        "rsa-a.pem",
+        &[
+            json!({"client_id": "releaser", "scope": "system/Patient.rs", "key_sets": ["research"]}),
+            json!({"client_id": "reader", "scope": "system/Patient.rs"}),
+            json!({"client_id": "steward", "scope": "system/Patient.rs", "key_sets": ["*"]}),
+        ],
+        1 << 20,
+        |c| c.workers = 0,
+    )
+    .await;
+    let config = json!({"fhirVersion": "R4", "fhirPathRules": [
+        {"path": "Resource.id", "method": "cryptoHash"}
+    ]});
+    let dir = s.dir.path().join("storage/anonymization");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("empty-keys.json"), config.to_string()).unwrap();
+    let queue = s.db.store.jobs().unwrap();
+    tokio::task::spawn_blocking(move || {
+        for name in ["research", "other"] {
+            let keys = deid::keys::Keys::generate();
+            let set = store::keysets::KeySet {
+                name: name.into(),
+                version: 1,
+                crypto_hash_key: keys.crypto_hash_key,
+                encrypt_key: keys.encrypt_key,
+                date_shift_key: keys.date_shift_key,
+                created_ms: 0,
+                rotated_ms: None,
+            };
+            assert!(queue.key_sets().unwrap().create_key_set(&set).unwrap());
+        }
+    })
+    .await
+    .unwrap();
+    let kickoff = |key_set: &str| {
+        let mut path =
+            "/$export?_type=Patient&_container=deid&_anonymizationConfig=empty-keys.json"
+                .to_string();
+        if !key_set.is_empty() {
+            path.push_str("&_anonymizationKeySet=");
+            path.push_str(key_set);
+        }
+        path
+    };
+    let releaser = s.token("releaser", "system/Patient.rs").await;
+    let reader = s.token("reader", "system/Patient.rs").await;
+    let steward = s.token("steward", "system/Patient.rs").await;
+    for (token, key_set, allowed) in [
+        (&releaser, "research", true),
+        (&releaser, "other", false),
+        (&reader, "research", false),
+        (&reader, "nope", false),
+        (&reader, "", true),
+        (&steward, "other", true),
+    ] {
+        let (st, _, body) = s
+            .send(Method::GET, &kickoff(key_set), Some(token), None)
+            .await;
+        if allowed {
+            assert_eq!(st, StatusCode::ACCEPTED, "{key_set}: {body}");
+        } else {
+            assert_forbidden(st, &body, &format!("key set `{key_set}`"));
+        }
+    }
+    // A key set that does not exist, granted: the kick-off's 400 as before.
+    let (st, _, body) = s
+        .send(Method::GET, &kickoff("nope"), Some(&steward), None)
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+}
+
 /// `$import` Parameters (IncrementalLoad) with one input per `(type, url)`.
 fn import_parameters(inputs: &[(&str, &str)]) -> Value {
     let mut params = vec![

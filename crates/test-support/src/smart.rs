@@ -21,10 +21,32 @@ pub fn key_path(name: &str) -> std::path::PathBuf {
 /// 300 s, a replay cache of 1,000): each `(client_id, scope)` of `clients` is registered with
 /// the public half of `key`.
 pub fn auth(base: &str, key: &auth::ClientKey, clients: &[(&str, &str)]) -> auth::Auth {
+    auth_registered(base, key, &registrations(clients))
+}
+
+/// The clients file entries (without keys) of `(client_id, scope)` pairs.
+pub fn registrations(clients: &[(&str, &str)]) -> Vec<serde_json::Value> {
+    clients
+        .iter()
+        .map(|(id, scope)| serde_json::json!({"client_id": id, "scope": scope}))
+        .collect()
+}
+
+/// [`auth`] with clients given as clients file entries without keys (`client_id`, `scope`,
+/// `key_sets`, ...): each is registered with the public half of `key`.
+pub fn auth_registered(
+    base: &str,
+    key: &auth::ClientKey,
+    clients: &[serde_json::Value],
+) -> auth::Auth {
     let jwks = auth::client_tools::jwks_document(std::slice::from_ref(key)).expect("jwks");
     let clients: Vec<serde_json::Value> = clients
         .iter()
-        .map(|(id, scope)| serde_json::json!({"client_id": id, "jwks": jwks, "scope": scope}))
+        .map(|c| {
+            let mut c = c.clone();
+            c["jwks"] = jwks.clone();
+            c
+        })
         .collect();
     let registry = auth::ClientRegistry::from_json(
         &serde_json::Value::Array(clients).to_string(),

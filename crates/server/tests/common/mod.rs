@@ -184,7 +184,7 @@ pub async fn start_smart_with(
     max_body: usize,
     adjust: impl FnOnce(server::AppState) -> server::AppState,
 ) -> SmartServer {
-    let (listener, s) = smart_parts(key_name, clients).await;
+    let (listener, s) = smart_parts(key_name, &test_support::smart::registrations(clients)).await;
     let state = app_state(
         s.db.store.clone(),
         &s.base,
@@ -204,6 +204,23 @@ pub async fn start_smart_export(
     max_body: usize,
     adjust: impl FnOnce(&mut export::ExportConfig) + Send + 'static,
 ) -> SmartServer {
+    start_smart_registered(
+        key_name,
+        &test_support::smart::registrations(clients),
+        max_body,
+        adjust,
+    )
+    .await
+}
+
+/// [`start_smart_export`] with clients given as clients file entries without keys (for fields
+/// beside `scope`, such as `key_sets`).
+pub async fn start_smart_registered(
+    key_name: &str,
+    clients: &[Value],
+    max_body: usize,
+    adjust: impl FnOnce(&mut export::ExportConfig) + Send + 'static,
+) -> SmartServer {
     let (listener, s) = smart_parts(key_name, clients).await;
     let mut config = server::config::ExportOptions::default()
         .export_config(s.dir.path(), s.base.clone())
@@ -218,17 +235,14 @@ pub async fn start_smart_export(
 
 /// A [`SmartServer`] not serving yet: its folder, store, key and clients, and the listener its
 /// base URL names.
-async fn smart_parts(
-    key_name: &str,
-    clients: &[(&str, &str)],
-) -> (tokio::net::TcpListener, SmartServer) {
+async fn smart_parts(key_name: &str, clients: &[Value]) -> (tokio::net::TcpListener, SmartServer) {
     let dir = tempfile::tempdir().unwrap();
     let db = test_store_async().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let token_url = test_support::smart::token_url(&base);
     let key = test_support::smart::test_key(key_name);
-    let auth = test_support::smart::auth(&base, &key, clients);
+    let auth = test_support::smart::auth_registered(&base, &key, clients);
     let server = SmartServer {
         base,
         token_url,
