@@ -551,6 +551,30 @@ impl BundlePlan {
         if kind == BundleKind::Transaction {
             check_overlaps(&parsed)?;
         }
+        // bdl-7: a fullUrl names one entry. Two entries with the same one made a reference to
+        // it ambiguous, and it followed the last of them silently (a Patient's `urn:uuid` could
+        // send an Observation's subject to a Group); the second is refused, and with it a
+        // transaction.
+        let mut full_urls: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::new();
+        for p in parsed.iter_mut() {
+            let Ok(entry) = p else { continue };
+            let Some(full_url) = &entry.full_url else {
+                continue;
+            };
+            if let Some(first) = full_urls.get(full_url) {
+                let index = entry.index;
+                *p = Err(EntryError::Invalid {
+                    index,
+                    message: format!(
+                        "entries {first} and {index} have the same fullUrl `{full_url}`; a fullUrl names one entry of a Bundle"
+                    ),
+                    expression: format!("Bundle.entry[{index}].fullUrl"),
+                });
+            } else {
+                full_urls.insert(full_url.clone(), entry.index);
+            }
+        }
         // Every fullUrl is known before references are rewritten.
         let mut refs = ReferenceMap::new();
         for p in parsed.iter().flatten() {
@@ -1382,6 +1406,39 @@ mod tests {
             panic!()
         };
         assert_eq!(o["subject"]["reference"], "Patient/p9");
+    }
+
+    #[test]
+    fn a_fullurl_names_one_entry() {
+        let entries = json!([
+            {"fullUrl": "urn:uuid:aaaa", "resource": {"resourceType": "Patient"},
+             "request": {"method": "POST", "url": "Patient"}},
+            {"fullUrl": "urn:uuid:aaaa", "resource": {"resourceType": "Group", "type": "person", "actual": true},
+             "request": {"method": "POST", "url": "Group"}},
+            {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                          "subject": {"reference": "urn:uuid:aaaa"}},
+             "request": {"method": "POST", "url": "Observation"}}
+        ]);
+        let bundle = |kind: &str| json!({"resourceType": "Bundle", "type": kind, "entry": entries});
+        let Err(BundleError::Entry(e)) = translate(bundle("transaction"), true) else {
+            panic!("a transaction with a fullUrl twice was accepted");
+        };
+        assert!(e.to_string().contains("same fullUrl"), "{e}");
+        // In a batch the second entry fails alone, and the reference follows the first.
+        let t = translate(bundle("batch"), true).unwrap();
+        assert!(t.entries[1].is_err());
+        let EntryAction::Write(WriteOp::Create { resource: o }) =
+            &t.entries[2].as_ref().unwrap().action
+        else {
+            panic!()
+        };
+        assert!(
+            o["subject"]["reference"]
+                .as_str()
+                .unwrap()
+                .starts_with("Patient/"),
+            "{o}"
+        );
     }
 
     #[test]
