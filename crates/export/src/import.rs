@@ -132,10 +132,10 @@ impl ImportRequest {
         if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
             return Err(bad("resourceType", "$import takes a Parameters resource"));
         }
-        let params = body
-            .get("parameter")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad("parameter", "the Parameters resource has no parameter"))?;
+        let params = crate::request::parameter_list(body)?;
+        if params.is_empty() {
+            return Err(bad("parameter", "the Parameters resource has no parameter"));
+        }
         let mut format = None;
         let mut mode = None;
         let mut inputs = Vec::new();

@@ -277,19 +277,44 @@ fn value_type_allowed(name: &str, ty: &str) -> bool {
     }
 }
 
+/// The `parameter` array of a Parameters body (empty without one), or what is wrong with it
+/// (the element named, and why).
+///
+/// A member an operation does not read is refused, never skipped: a misspelt or malformed
+/// `parameter` (an object for the array, `parameters`) dropped every parameter in it, and a
+/// body meant to narrow an export or a view run to one patient covered the whole population.
+pub fn parameter_list(body: &Value) -> Result<&[Value], RequestError> {
+    if let Some(other) = body.as_object().into_iter().flatten().find_map(|(k, _)| {
+        (!matches!(
+            k.as_str(),
+            "resourceType" | "id" | "meta" | "implicitRules" | "language" | "parameter"
+        ))
+        .then_some(k)
+    }) {
+        return Err(err(
+            "body",
+            format!(
+                "a Parameters resource has no member `{}` (the parameters go in the `parameter` array)",
+                other.chars().take(40).collect::<String>()
+            ),
+        ));
+    }
+    match body.get("parameter") {
+        None => Ok(&[]),
+        Some(Value::Array(a)) => Ok(a.as_slice()),
+        Some(_) => Err(err("parameter", "`parameter` is an array of parameters")),
+    }
+}
+
 /// Parameters from a `POST` Parameters body into (name, value) pairs; `patient` references
 /// become `patient` pairs with the reference text.
 pub fn parameters_to_pairs(body: &Value) -> Result<Vec<(String, String)>, RequestError> {
     if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
         return Err(err("body", "a POST kick-off takes a Parameters resource"));
     }
+    let parameters = parameter_list(body)?;
     let mut pairs = Vec::new();
-    for p in body
-        .get("parameter")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for p in parameters {
         let Some(name) = p.get("name").and_then(Value::as_str) else {
             return Err(err("parameter", "every parameter needs a name"));
         };
@@ -839,6 +864,28 @@ mod tests {
         let r = parse(&many.join(","), true).unwrap();
         assert!(r.elements.is_empty());
         assert_eq!(r.warnings.len(), MAX_WARNINGS + 1);
+    }
+
+    #[test]
+    fn a_malformed_parameters_body_is_refused_not_skipped() {
+        let one =
+            serde_json::json!({"name": "patient", "valueReference": {"reference": "Patient/p1"}});
+        let ok = serde_json::json!({"resourceType": "Parameters", "id": "x", "parameter": [one]});
+        assert_eq!(
+            parameters_to_pairs(&ok).unwrap(),
+            [("patient".to_string(), "Patient/p1".to_string())]
+        );
+        // Each of these narrowed nothing before: every parameter was dropped, and the export
+        // covered the whole population.
+        for bad in [
+            serde_json::json!({"resourceType": "Parameters", "parameter": one}),
+            serde_json::json!({"resourceType": "Parameters", "parameters": [one]}),
+            serde_json::json!({"resourceType": "Parameters", "parameter": "patient"}),
+        ] {
+            assert!(parameters_to_pairs(&bad).is_err(), "{bad}");
+        }
+        let empty = serde_json::json!({"resourceType": "Parameters"});
+        assert!(parameters_to_pairs(&empty).unwrap().is_empty());
     }
 
     #[test]

@@ -206,7 +206,7 @@ impl RunParams {
                 "resourceType",
             ));
         }
-        for (i, p) in parameters(body).enumerate() {
+        for (i, p) in parameters(body)?.enumerate() {
             let at = format!("Parameters.parameter[{i}]");
             let name = p
                 .get("name")
@@ -232,11 +232,12 @@ impl RunParams {
     }
 }
 
-fn parameters(body: &Value) -> impl Iterator<Item = &Value> {
-    body.get("parameter")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+/// The `parameter` array of a Parameters body; a malformed body is refused (see
+/// [`export::request::parameter_list`]).
+fn parameters(body: &Value) -> Result<impl Iterator<Item = &Value>, ApiError> {
+    export::request::parameter_list(body)
+        .map(|list| list.iter())
+        .map_err(|e| ApiError::invalid(e.message, e.param))
 }
 
 fn part_resource<'a>(p: &'a Value, at: &str) -> Result<&'a Value, ApiError> {
@@ -935,7 +936,7 @@ pub async fn export_kickoff(
         .map(search::parse_query_string)
         .unwrap_or_default();
     let mut body_pairs: Vec<(String, String)> = Vec::new();
-    for (i, p) in parameters(&body).enumerate() {
+    for (i, p) in parameters(&body)?.enumerate() {
         let at = format!("Parameters.parameter[{i}]");
         let name = p
             .get("name")

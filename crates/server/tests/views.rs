@@ -530,6 +530,20 @@ async fn invalid_view_definitions_are_400_naming_element_and_reason() {
         )
         .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{b}");
+    // A malformed `parameter` is refused, not skipped: before, its `patient` was dropped and
+    // the run covered every patient.
+    let view = json!({"resourceType": "ViewDefinition", "resource": "Patient", "status": "active",
+        "select": [{"column": [{"name": "id", "path": "id"}]}]});
+    for body in [
+        json!({"resourceType": "Parameters", "parameter": {"name": "patient", "valueString": "p1"}}),
+        json!({"resourceType": "Parameters", "parameters": [{"name": "viewResource", "resource": view}]}),
+    ] {
+        let (st, b) = s
+            .json(Method::POST, "/$viewdefinition-run", Some(body))
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{b}");
+        assert!(b.to_string().contains("parameter"), "{b}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
