@@ -313,6 +313,24 @@ fn load_over_http_sends_a_batch_again_when_the_server_asks_to_retry() {
     let (st, b) = get_json(&client, &format!("{}/Patient?_summary=count", server.base));
     assert_eq!(st, 200);
     assert_eq!(b["total"], 3);
+    // A body over --max-body-bytes can never succeed: 413, not the share's 503 "retry later"
+    // (the share here is one largest body, as under the defaults), declared or chunked.
+    let mut big = br#"{"resourceType":"Patient","id":"big"}"#.to_vec();
+    big.resize(2000, b' ');
+    for chunked in [false, true] {
+        let body = if chunked {
+            reqwest::blocking::Body::new(std::io::Cursor::new(big.clone()))
+        } else {
+            reqwest::blocking::Body::from(big.clone())
+        };
+        let r = client
+            .put(format!("{}/Patient/big", server.base))
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 413, "chunked {chunked}: {}", r.text().unwrap());
+    }
 }
 
 #[test]

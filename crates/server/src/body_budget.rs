@@ -38,6 +38,8 @@ pub struct BodyBudget {
     total: usize,
     /// The most one client (an address, [`crate::per_address::Client`]) may hold.
     per_client: usize,
+    /// `--max-body-bytes`: a body past it is not counted but left to the body limit (413).
+    body_limit: usize,
     clients: Arc<Mutex<HashMap<IpAddr, usize>>>,
     refused: Arc<AtomicU64>,
 }
@@ -59,6 +61,7 @@ impl BodyBudget {
             bytes: Arc::new(Semaphore::new(total)),
             total,
             per_client: total,
+            body_limit: usize::MAX,
             clients: Arc::new(Mutex::new(HashMap::new())),
             refused: Arc::new(AtomicU64::new(0)),
         }
@@ -67,6 +70,15 @@ impl BodyBudget {
     /// One client (an address) holds at most `per_client` bytes of it (at most all of it).
     pub fn with_client_share(mut self, per_client: usize) -> BodyBudget {
         self.per_client = per_client.clamp(1, self.total);
+        self
+    }
+
+    /// One body is at most `limit` bytes (`--max-body-bytes`, enforced by the handlers' body
+    /// limit): a body past it is answered 413 by that limit, not refused here. Under the
+    /// defaults a client's share is one largest body, so a body over the limit met the share
+    /// first, and a request that can never succeed was told to retry later (503).
+    pub fn with_body_limit(mut self, limit: usize) -> BodyBudget {
+        self.body_limit = limit;
         self
     }
 
@@ -109,6 +121,7 @@ pub async fn hold(State(budget): State<BodyBudget>, req: Request, next: Next) ->
             drained: None,
             started: false,
             reserved: 0,
+            over_limit: false,
         })
     });
     let response = next.run(req).await;
@@ -184,6 +197,9 @@ struct Counted {
     started: bool,
     /// Bytes reserved for the declared length and not yet read.
     reserved: usize,
+    /// Past `--max-body-bytes`: passed on uncounted to the body limit, which ends it (413)
+    /// within this frame.
+    over_limit: bool,
 }
 
 impl Counted {
@@ -193,6 +209,12 @@ impl Counted {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take(n)
+    }
+
+    /// Whether `n` more bytes take this body past `--max-body-bytes`.
+    fn past_limit(&self, n: usize) -> bool {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.bytes.saturating_add(n) > held.budget.body_limit
     }
 
     fn budget(&self) -> BodyBudget {
@@ -243,12 +265,19 @@ impl http_body::Body for Counted {
                 Some(Ok(frame)) => frame,
             };
             let len = frame.data_ref().map_or(0, Bytes::len);
+            if this.over_limit {
+                return Poll::Ready(Some(Ok(frame)));
+            }
             if !this.started {
                 this.started = true;
                 // A declared length is reserved whole at once: bodies that arrive together
                 // then do not each take a part of the budget and all fail half-way.
                 let declared = this.inner.size_hint().exact().map(|n| n as usize + len);
                 if let Some(n) = declared.filter(|&n| n > 0) {
+                    if this.past_limit(n) {
+                        this.over_limit = true;
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                     if this.take(n) {
                         this.reserved = n;
                     } else {
@@ -268,6 +297,10 @@ impl http_body::Body for Counted {
             }
             let from_reserve = len.min(this.reserved);
             this.reserved -= from_reserve;
+            if len > from_reserve && this.past_limit(len - from_reserve) {
+                this.over_limit = true;
+                return Poll::Ready(Some(Ok(frame)));
+            }
             if len > from_reserve && !this.take(len - from_reserve) {
                 this.refuse(len);
                 continue;
@@ -305,6 +338,7 @@ mod tests {
             drained: None,
             started: false,
             reserved: 0,
+            over_limit: false,
         };
         axum::body::to_bytes(Body::new(counted), usize::MAX).await
     }
@@ -326,6 +360,26 @@ mod tests {
         let third = held(&budget, None);
         assert_eq!(read(&third, b"1234567890").await.unwrap().len(), 10);
         assert_eq!(budget.refused(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_body_limit_is_left_to_the_limit_not_refused() {
+        // The defaults' shape: a client's share is one largest body.
+        let budget = BodyBudget::new(40)
+            .with_client_share(10)
+            .with_body_limit(10);
+        let a = held(&budget, Some("192.0.2.1"));
+        // Past the limit: passed on (the body limit answers 413), not an OverBudget (503).
+        let body = read(&a, b"123456789012").await.unwrap();
+        assert_eq!(body.len(), 12);
+        assert_eq!(budget.refused(), 0);
+        assert_eq!(budget.in_use(), 0, "a body past the limit holds nothing");
+        // Within the limit but over the client's share with another body held: refused.
+        let b1 = held(&budget, Some("192.0.2.2"));
+        read(&b1, b"12345678").await.unwrap();
+        let b2 = held(&budget, Some("192.0.2.2"));
+        let err = read(&b2, b"12345").await.unwrap_err();
+        assert!(crate::error::caused_by::<OverBudget>(&err), "{err}");
     }
 
     #[tokio::test]

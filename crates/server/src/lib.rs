@@ -140,7 +140,8 @@ impl AppState {
             max_body_bytes,
             body_budget: body_budget::BodyBudget::new(
                 body_budget::DEFAULT_MAX_BODY_MEMORY.max(max_body_bytes),
-            ),
+            )
+            .with_body_limit(max_body_bytes),
             in_flight: in_flight::InFlight::new(
                 in_flight::DEFAULT_MAX_REQUESTS,
                 in_flight::DEFAULT_MAX_REQUESTS / 4,
@@ -361,7 +362,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         search_limits: config.search.limits(),
         database_wait: config.database_wait(),
         body_budget: body_budget::BodyBudget::new(config.max_body_memory)
-            .with_client_share(config.body_memory_per_address()),
+            .with_client_share(config.body_memory_per_address())
+            .with_body_limit(config.max_body_bytes),
         in_flight: in_flight::InFlight::new(
             config.max_requests,
             config.share_per_address(config.max_requests),
