@@ -152,6 +152,15 @@ pub(crate) async fn kickoff(
     raw: Option<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    // The router answers HEAD with a GET route: a HEAD must not start an export.
+    if method != Method::GET && method != Method::POST {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not-supported",
+            format!("$export is kicked off by GET or POST, not {method}"),
+        )
+        .with_header(header::ALLOW, HeaderValue::from_static("GET, POST")));
+    }
     check_kickoff_headers(&headers)?;
     let pairs: Vec<(String, String)> = raw
         .as_deref()

@@ -136,6 +136,27 @@ async fn kickoff_validation_snapshot_and_cancel() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["resourceType"], "OperationOutcome", "{path}");
     }
+    // HEAD has no side effects: it started an export before (the router serves HEAD with the
+    // GET route).
+    for path in ["/$export", "/Patient/$export", "/Group/nope/$export"] {
+        let r =
+            s.c.head(format!("{}{path}", s.base))
+                .header("accept", "application/fhir+json")
+                .header("prefer", "respond-async")
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+    }
+    let jobs: Value =
+        s.c.get(format!("{}/exports?format=json", s.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
     let r =
         s.c.get(format!("{}/$export", s.base))
             .header("accept", "application/fhir+json")
