@@ -19,13 +19,15 @@ mod types;
 mod utility;
 
 use std::borrow::Cow;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
 
 use crate::EvalContext;
 use crate::compare::equals;
 use crate::error::EvalError;
 use crate::functions::Builtin;
-use crate::node::Item;
+use crate::node::{Item, number_out_of_range};
 use crate::parser::{Expr, Func};
 use crate::quantity::Quantity;
 use crate::value::SystemValue;
@@ -41,27 +43,114 @@ pub(crate) struct Env<'c, 'a> {
     this: Item<'a>,
     index: Option<usize>,
     total: Option<&'c [Item<'a>]>,
-    /// Work left to this evaluation (see [`BUDGET`]), shared by every nested environment.
-    budget: &'c Cell<u64>,
+    /// State of the whole evaluation, shared by every nested environment.
+    work: &'c Work,
+}
+
+/// What one evaluation shares across its nested environments.
+pub(crate) struct Work {
+    /// Units left (see [`BUDGET`]).
+    left: Cell<u64>,
+    /// Patterns compiled at run time, by their final text (see [`Env::regex`]): a pattern computed
+    /// by the expression is otherwise compiled again for every item it is applied to.
+    regexes: RefCell<HashMap<String, Rc<regex::Regex>>>,
+}
+
+impl Work {
+    fn new(units: u64) -> Self {
+        Work {
+            left: Cell::new(units),
+            regexes: RefCell::new(HashMap::new()),
+        }
+    }
 }
 
 /// The work one evaluation may do, in units: one per item any sub-expression produces, one per
 /// 16 bytes of a computed string, one per item comparison of `distinct`, `union`,
-/// `intersect`, `exclude`, `subsetOf` and `repeat`. A few thousand units are typical of a
+/// `intersect`, `exclude`, `subsetOf` and `repeat`, one per 16 bytes of compiled program for a
+/// regular expression compiled at run time. A few thousand units are typical of a
 /// resource; the budget stops expressions whose results grow without bound
 /// (`repeat($this + 1)`, a string doubled in a loop, nested `select`s of `descendants()`) with
 /// [`EvalError::Budget`] while their memory and time are still small.
+///
+/// A step is charged for its result once it has built it ([`eval`]), so every step whose result
+/// can be much larger than its (already charged) input first checks with [`Env::afford`] that
+/// the budget can pay for it: no single step allocates much more than the budget allows
+/// (a `replace` whose output is its input times the replacement would otherwise ask for
+/// gigabytes before the charge).
 pub(crate) const BUDGET: u64 = 4_000_000;
+
+/// The units a computed string of `bytes` bytes costs.
+fn string_units(bytes: usize) -> u64 {
+    bytes as u64 / 16
+}
+
+/// The largest program a run-time pattern may compile to: the `regex` crate's default, which
+/// patterns written as literals get when the expression is compiled.
+const REGEX_SIZE_LIMIT: usize = 10 << 20;
+
+/// The size limit of the first attempt at compiling a run-time pattern. Compile time grows with the
+/// program's size, and a compile that outgrows its limit stops early, so a pattern is tried with
+/// limits growing eightfold, each attempt charged for its limit: small patterns stay cheap and a
+/// large one pays for what it costs. The limit also caps the cache its searches grow (2 MB by
+/// default, per cached pattern); when that is too small the crate searches with another engine,
+/// with the same results.
+const REGEX_FIRST_LIMIT: usize = 64 << 10;
 
 impl Env<'_, '_> {
     fn spend(&self, units: u64) -> Result<(), EvalError> {
-        let left = self.budget.get();
+        let left = self.work.left.get();
         if units > left {
-            self.budget.set(0);
+            self.work.left.set(0);
             return Err(EvalError::Budget(BUDGET));
         }
-        self.budget.set(left - units);
+        self.work.left.set(left - units);
         Ok(())
+    }
+
+    /// Refuses, before anything is built, a result that would cost more than the units left. The
+    /// charge itself comes when the step returns the result ([`eval`]).
+    fn afford(&self, units: u64) -> Result<(), EvalError> {
+        if units > self.work.left.get() {
+            self.work.left.set(0);
+            return Err(EvalError::Budget(BUDGET));
+        }
+        Ok(())
+    }
+
+    /// [`Env::afford`] for one computed string of `bytes` bytes.
+    fn afford_string(&self, bytes: usize) -> Result<(), EvalError> {
+        self.afford(string_units(bytes))
+    }
+
+    /// `pattern` compiled, from this evaluation's cache or charged to the budget (see
+    /// [`REGEX_FIRST_LIMIT`]).
+    fn regex(&self, pattern: &str) -> Result<Rc<regex::Regex>, EvalError> {
+        if let Some(re) = self.work.regexes.borrow().get(pattern) {
+            return Ok(Rc::clone(re));
+        }
+        let mut limit = REGEX_FIRST_LIMIT;
+        loop {
+            self.spend(string_units(limit))?;
+            let built = regex::RegexBuilder::new(pattern)
+                .size_limit(limit)
+                .dfa_size_limit(limit)
+                .build();
+            match built {
+                Ok(re) => {
+                    let re = Rc::new(re);
+                    self.work
+                        .regexes
+                        .borrow_mut()
+                        .insert(pattern.to_string(), Rc::clone(&re));
+                    return Ok(re);
+                }
+                Err(regex::Error::CompiledTooBig(_)) if limit < REGEX_SIZE_LIMIT => {
+                    limit = limit.saturating_mul(8).min(REGEX_SIZE_LIMIT);
+                }
+                Err(e) => return Err(EvalError::ty(format!("invalid regex: {e}"))),
+            }
+        }
     }
 
     /// The cost of comparing each of `a` items with each of `b`.
@@ -73,7 +162,7 @@ impl Env<'_, '_> {
         let mut units = items.len() as u64;
         for i in items {
             if let Item::Value(SystemValue::String(Cow::Owned(s))) = i {
-                units += s.len() as u64 / 16;
+                units += string_units(s.len());
             }
         }
         self.spend(units)
@@ -81,13 +170,16 @@ impl Env<'_, '_> {
 }
 
 pub(crate) fn evaluate<'a>(expr: &Expr, ctx: &EvalContext<'a>) -> R<'a> {
-    let budget = Cell::new(BUDGET);
+    evaluate_with(expr, ctx, &Work::new(BUDGET))
+}
+
+fn evaluate_with<'a>(expr: &Expr, ctx: &EvalContext<'a>, work: &Work) -> R<'a> {
     let env = Env {
         ctx,
         this: ctx.focus.clone(),
         index: None,
         total: None,
-        budget: &budget,
+        work,
     };
     let input = [ctx.focus.clone()];
     eval(expr, &env, &input)
@@ -109,9 +201,10 @@ pub(crate) fn singleton_bool(items: &[Item<'_>]) -> Result<Option<bool>, EvalErr
 }
 
 /// A primitive that has only extensions (`"_given": [{…}]` with a null value) carries no value:
-/// value-consuming operators and functions treat it as empty.
+/// value-consuming operators and functions treat it as empty. So does a number no Decimal holds
+/// (see [`number_out_of_range`]).
 fn valueless(item: &Item<'_>) -> bool {
-    matches!(item, Item::Node(n) if n.json().is_none())
+    matches!(item, Item::Node(n) if n.json().is_none() || number_out_of_range(n))
 }
 
 /// Like [`single`] but keeps a valueless primitive (type tests look at the node, not the value).
@@ -169,6 +262,14 @@ fn single_int(items: &[Item<'_>], what: &str) -> Result<Option<i64>, EvalError> 
             "{what}: expected an Integer, found {}",
             other.type_name()
         ))),
+    }
+}
+
+/// An Integer result, empty outside FHIRPath's 32-bit Integer range (as for any overflow).
+fn integer<'a>(i: Option<i64>) -> R<'a> {
+    match i {
+        Some(i) if i32::try_from(i).is_ok() => val(SystemValue::Integer(i)),
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -281,10 +382,7 @@ fn eval_node<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
             let items = eval(e, env, input)?;
             match single_sys(&items, "unary -")? {
                 None => Ok(Vec::new()),
-                Some(SystemValue::Integer(i)) => match i.checked_neg() {
-                    Some(n) => val(SystemValue::Integer(n)),
-                    None => Ok(Vec::new()),
-                },
+                Some(SystemValue::Integer(i)) => integer(i.checked_neg()),
                 Some(SystemValue::Decimal(d)) => val(SystemValue::Decimal(-d)),
                 Some(SystemValue::Quantity(q)) => {
                     val(SystemValue::Quantity(Quantity::new(-q.value, q.unit)))
@@ -332,7 +430,7 @@ fn eval_node<'a>(expr: &Expr, env: &Env<'_, 'a>, input: &[Item<'a>]) -> R<'a> {
                     Some(ib) => eval(ib, env, input)?,
                     None => input.to_vec(),
                 };
-                return Ok(descendants_of_type(&roots, spec));
+                return descendants_of_type(&roots, spec, env);
             }
             let focus = match base {
                 Some(b) => eval(b, env, input)?,
@@ -412,7 +510,7 @@ fn lambda<'a>(expr: &Expr, env: &Env<'_, 'a>, item: &Item<'a>, index: usize) -> 
         this: item.clone(),
         index: Some(index),
         total: env.total,
-        budget: env.budget,
+        work: env.work,
     };
     eval(expr, &sub, std::slice::from_ref(item))
 }
@@ -556,4 +654,74 @@ fn misrouted(f: Builtin) -> EvalError {
         "{}() (internal: dispatched to the wrong family)",
         f.name()
     ))
+}
+
+/// Test support: evaluation with a small budget, and the largest single allocation it made. A
+/// step refused before it builds its result and one charged after building it end with the same
+/// error; only the allocation tells them apart.
+#[cfg(test)]
+pub(crate) mod probe {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    use super::{EvalError, Work, evaluate_with};
+    use crate::{EvalContext, Expression};
+
+    struct Probe;
+
+    thread_local! {
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn note(size: usize) {
+        // `try_with`: the allocator also runs while a thread's locals are torn down.
+        let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+    }
+
+    // SAFETY: every call is forwarded unchanged to the system allocator.
+    unsafe impl GlobalAlloc for Probe {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note(new_size);
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static PROBE: Probe = Probe;
+
+    /// Evaluates `src` on `doc` with `units` of budget; the results as JSON, and the largest
+    /// allocation of the evaluation in bytes.
+    pub(crate) fn run(
+        doc: &serde_json::Value,
+        src: &str,
+        units: u64,
+    ) -> (Result<Vec<serde_json::Value>, EvalError>, usize) {
+        let expr = Expression::compile(src).expect("test expressions compile");
+        let ctx = EvalContext::new(doc);
+        let work = Work::new(units);
+        LARGEST.with(|l| l.set(0));
+        let out = evaluate_with(&expr.expr, &ctx, &work);
+        let largest = LARGEST.with(Cell::get);
+        (
+            out.map(|v| v.iter().map(|i| i.as_json()).collect()),
+            largest,
+        )
+    }
+
+    /// [`run`] on a small Patient with the full budget, for tests of results.
+    pub(crate) fn eval(src: &str) -> Result<Vec<serde_json::Value>, EvalError> {
+        let doc = serde_json::json!({"resourceType": "Patient", "id": "p"});
+        run(&doc, src, super::BUDGET).0
+    }
 }

@@ -106,6 +106,17 @@ fn json_unescape(s: &str) -> Option<String> {
     Some(out)
 }
 
+/// The most bytes [`codec`] can produce from `len` bytes with any format: `encode` makes at most
+/// two bytes of one (hex) and `escape` six (`"` → `&quot;`, a control character → `\u0001`);
+/// `decode` and `unescape` never lengthen.
+pub(crate) fn codec_len_bound(f: Builtin, len: usize) -> usize {
+    match f {
+        Builtin::Encode => len.saturating_mul(2),
+        Builtin::Escape => len.saturating_mul(6),
+        _ => len,
+    }
+}
+
 /// Applies `f` (encode/decode/escape/unescape) with `format`; `None` when the input is invalid for
 /// the format or the format is unknown.
 pub(crate) fn codec(f: Builtin, s: &str, format: &str) -> Option<String> {

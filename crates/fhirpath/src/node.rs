@@ -855,11 +855,7 @@ pub(crate) fn node_system_value<'a>(n: &Node<'a>) -> Option<SystemValue<'a>> {
             }
         }
         Json::Object(m) => {
-            let quantity_like = n.info.is_some_and(|i| i.is_a("Quantity"));
-            let untyped_quantity = ty.is_empty()
-                && m.contains_key("value")
-                && (m.contains_key("unit") || m.contains_key("code"));
-            if !quantity_like && !untyped_quantity {
+            if !quantity_like(n, m) {
                 return None;
             }
             let value = match m.get("value")? {
@@ -873,6 +869,33 @@ pub(crate) fn node_system_value<'a>(n: &Node<'a>) -> Option<SystemValue<'a>> {
         }
         _ => None,
     }
+}
+
+/// Whether a complex node is read as a Quantity: typed as one (or a profile of one), or untyped
+/// with a value and a unit.
+fn quantity_like(n: &Node<'_>, m: &serde_json::Map<String, Json>) -> bool {
+    n.info.is_some_and(|i| i.is_a("Quantity"))
+        || (n.ty.is_empty()
+            && m.contains_key("value")
+            && (m.contains_key("unit") || m.contains_key("code")))
+}
+
+/// Whether the node is a number, or a Quantity whose value is a number, that no Decimal holds
+/// (beyond about ±7.9e28). FHIRPath's Decimal has 28 significant digits, so such a number has no
+/// FHIRPath value: the evaluator treats it as empty, like a primitive with only extensions,
+/// rather than as a complex value that comparisons reject (which would fail a whole view run
+/// over one resource). The JSON itself is still there for outputs that copy it.
+pub(crate) fn number_out_of_range(n: &Node<'_>) -> bool {
+    let number = match n.value {
+        Some(Json::Number(num)) => num,
+        Some(Json::Object(m)) if quantity_like(n, m) => match m.get("value") {
+            Some(Json::Number(num)) => num,
+            _ => return false,
+        },
+        _ => return false,
+    };
+    let text = number.as_str();
+    text.parse::<i64>().is_err() && parse_decimal(text).is_none()
 }
 
 /// The unit a FHIR Quantity contributes: the UCUM code when coded in UCUM (calendar-like UCUM codes
@@ -897,6 +920,39 @@ fn fhir_quantity_unit(m: &serde_json::Map<String, Json>) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A number beyond Decimal's range made its node a "complex value", and comparing it failed
+    /// the whole evaluation (a whole view run, for one resource). It is now empty; its JSON stays.
+    #[test]
+    fn numbers_beyond_decimal_are_empty_not_errors() {
+        let doc: Json = serde_json::from_str(
+            r#"{"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                "valueQuantity": {"value": 1e300, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"},
+                "component": [{"code": {"text": "y"}, "valueQuantity": {"value": 1e-33}}]}"#,
+        )
+        .unwrap();
+        let run = |src: &str| crate::eval::probe::run(&doc, src, crate::eval::BUDGET).0;
+        for src in [
+            "value > 5 'mg'",
+            "valueQuantity.value > 5",
+            "valueQuantity.value + 1",
+            "valueQuantity.value.max()",
+        ] {
+            assert_eq!(run(src), Ok(Vec::new()), "{src}");
+        }
+        assert_eq!(run("valueQuantity.value.exists()"), Ok(vec![json!(true)]));
+        // Equality compares the items themselves, as for a primitive with only extensions.
+        assert_eq!(run("valueQuantity.value = 5"), Ok(vec![json!(false)]));
+        let value = run("valueQuantity.value").unwrap();
+        assert_eq!(value.len(), 1);
+        assert_eq!(value[0].as_f64(), Some(1e300));
+        assert_eq!(
+            run("valueQuantity.value.combine(2).sort().last()"),
+            Ok(vec![json!(2)])
+        );
+        // Below Decimal's 28 decimal places a value rounds to 0 (FHIRPath's Decimal precision).
+        assert_eq!(run("component.value.value = 0"), Ok(vec![json!(true)]));
+    }
 
     #[test]
     fn path_roundtrip() {

@@ -332,8 +332,16 @@ impl Temporal {
 
     /// Adds a calendar duration (`unit` is a calendar keyword: year, month, week, day, hour, minute,
     /// second, millisecond). Fractional amounts are truncated, as the specification requires for
-    /// calendar arithmetic; amounts below the value's precision are ignored.
+    /// calendar arithmetic; amounts below the value's precision are ignored. `None` when the
+    /// result is not a date of the specification's range, years 1 to 9999.
     pub fn add(&self, amount: rust_decimal::Decimal, unit: &str) -> Option<Temporal> {
+        let t = self.add_unchecked(amount, unit)?;
+        (t.kind == TemporalKind::Time || (1..=9999).contains(&t.year)).then_some(t)
+    }
+
+    /// [`Temporal::add`] without the year range; the arithmetic itself is checked, so an amount
+    /// too large for it is `None` rather than a wrapped year.
+    fn add_unchecked(&self, amount: rust_decimal::Decimal, unit: &str) -> Option<Temporal> {
         use rust_decimal::prelude::ToPrimitive;
         let mut t = *self;
         let whole = amount.trunc().to_i64()?;
@@ -342,14 +350,19 @@ impl Temporal {
                 if t.kind == TemporalKind::Time {
                     return None;
                 }
-                let months = if unit == "year" { whole * 12 } else { whole };
+                let months = if unit == "year" {
+                    whole.checked_mul(12)?
+                } else {
+                    whole
+                };
                 if unit == "month" && t.precision < Precision::Month {
                     // A year-precision value moves by whole years only.
-                    t.year = (i64::from(t.year) + months / 12) as i32;
+                    t.year = i32::try_from(i64::from(t.year).checked_add(months / 12)?).ok()?;
                     return Some(t);
                 }
-                let total = i64::from(t.year) * 12 + i64::from(t.month.max(1)) - 1 + months;
-                t.year = total.div_euclid(12) as i32;
+                let total =
+                    (i64::from(t.year) * 12 + i64::from(t.month.max(1)) - 1).checked_add(months)?;
+                t.year = i32::try_from(total.div_euclid(12)).ok()?;
                 if t.precision >= Precision::Month {
                     t.month = (total.rem_euclid(12) + 1) as u8;
                 }
@@ -363,7 +376,11 @@ impl Temporal {
                 if t.kind == TemporalKind::Time {
                     return None;
                 }
-                let days = if unit == "week" { whole * 7 } else { whole };
+                let days = if unit == "week" {
+                    whole.checked_mul(7)?
+                } else {
+                    whole
+                };
                 if t.precision < Precision::Day {
                     return Some(t);
                 }
@@ -419,6 +436,7 @@ fn last_day(year: i32, month: u32) -> Option<u32> {
 impl fmt::Display for Temporal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.kind != TemporalKind::Time {
+            // Four digits: parsing and `add` keep years within 0..=9999.
             write!(f, "{:04}", self.year)?;
             if self.precision >= Precision::Month {
                 write!(f, "-{:02}", self.month)?;
@@ -505,6 +523,41 @@ mod tests {
         assert_eq!(
             e.add(Decimal::from(1), "month").unwrap().to_string(),
             "2016-02-29"
+        );
+    }
+
+    /// Calendar arithmetic wrapped (`whole * 12` in release builds) or truncated to 32 bits, and
+    /// let years leave 1..=9999: `@2020-01-01 + 4294967296 years` was 2020-01-01 and
+    /// `@0001-01-01 - 1 day - 1 year` printed as `-001-12-31`. Such results are now empty.
+    #[test]
+    fn calendar_add_outside_years_1_to_9999_is_none() {
+        let day = |s: &str| Temporal::parse_date(s).unwrap();
+        let year = Temporal::parse_date("2020").unwrap();
+        for (t, amount, unit) in [
+            (day("2020-01-01"), Decimal::from(4_294_967_296_i64), "year"),
+            (year, Decimal::from(i64::MAX), "month"),
+            (year, Decimal::from(i64::MAX), "year"),
+            (day("2020-01-01"), Decimal::from(i64::MAX), "week"),
+            (day("9999-12-31"), Decimal::from(1), "year"),
+            (day("9999-12-31"), Decimal::from(1), "day"),
+            (day("0001-01-01"), Decimal::from(-1), "day"),
+            (day("0001-03-01"), Decimal::from(-3), "month"),
+            (year, Decimal::from(8000), "year"),
+        ] {
+            assert_eq!(t.add(amount, unit), None, "{t} + {amount} {unit}");
+        }
+        for (t, amount, unit, want) in [
+            (day("9998-12-31"), Decimal::from(1), "year", "9999-12-31"),
+            (day("0002-01-01"), Decimal::from(-1), "year", "0001-01-01"),
+            (year, Decimal::from(25), "month", "2022"),
+        ] {
+            assert_eq!(t.add(amount, unit).unwrap().to_string(), want);
+        }
+        // Times have no year: they wrap around midnight as before.
+        let time = Temporal::parse_time("23:00").unwrap();
+        assert_eq!(
+            time.add(Decimal::from(2), "hour").unwrap().to_string(),
+            "01:00"
         );
     }
 }

@@ -122,10 +122,66 @@ impl fmt::Display for SystemValue<'_> {
     }
 }
 
+/// `None` beyond Decimal's range (about ±7.9e28, see `node::number_out_of_range`). Digits beyond
+/// its 28 decimal places are rounded away (`1e-33` is 0), FHIRPath's Decimal precision.
 pub(crate) fn parse_decimal(text: &str) -> Option<Decimal> {
-    if text.contains(['e', 'E']) {
-        Decimal::from_scientific(text).ok()
-    } else {
-        text.parse().ok()
+    if !text.contains(['e', 'E']) {
+        // The plain notation rounds what lies beyond 28 places itself.
+        return text.parse().ok();
+    }
+    if let Ok(d) = Decimal::from_scientific(text) {
+        return Some(d);
+    }
+    // `from_scientific` refuses more than 28 places (`1e-33`, `1.5e-28`) rather than round them
+    // as the plain notation does: round them here too. A positive exponent is a value too large.
+    let (mantissa, exponent) = text.split_once(['e', 'E'])?;
+    let exponent: i32 = exponent.parse().ok()?;
+    if exponent >= 0 {
+        return None;
+    }
+    let m: Decimal = mantissa.parse().ok()?;
+    let scale = u64::from(m.scale()) + u64::from(exponent.unsigned_abs());
+    let drop = scale.saturating_sub(28);
+    // A Decimal mantissa has at most 29 digits: dropping more leaves 0.
+    let digits = match u32::try_from(drop).ok().filter(|d| *d <= 29) {
+        Some(d) => {
+            let p = 10_i128.pow(d);
+            let (q, r) = (m.mantissa() / p, m.mantissa() % p);
+            q + if r.abs() * 2 >= p { r.signum() } else { 0 }
+        }
+        None => 0,
+    };
+    Decimal::try_from_i128_with_scale(digits, scale.min(28) as u32).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scientific notation with more than 28 decimal places was refused (and the number, now
+    /// out of range, would be empty) where the plain notation of the same value rounds.
+    #[test]
+    fn tiny_numbers_round_to_28_places_in_both_notations() {
+        for (text, want) in [
+            ("1e-33", "0.0000000000000000000000000000"),
+            (
+                "0.000000000000000000000000000000001",
+                "0.0000000000000000000000000000",
+            ),
+            ("1.5e-28", "0.0000000000000000000000000002"),
+            ("-2.5e-29", "0.0000000000000000000000000000"),
+            ("1e-28", "0.0000000000000000000000000001"),
+            ("1.25e2", "125"),
+            ("3e-1000000", "0.0000000000000000000000000000"),
+        ] {
+            assert_eq!(
+                parse_decimal(text).map(|d| d.to_string()),
+                Some(want.to_string()),
+                "{text}"
+            );
+        }
+        for text in ["1e300", "79228162514264337593543950336", "1e29"] {
+            assert_eq!(parse_decimal(text), None, "{text}");
+        }
     }
 }

@@ -11,7 +11,8 @@ use crate::value::SystemValue;
 
 use super::{Env, R, eval, lambda, misrouted, val, valueless};
 
-use super::operators::arithmetic;
+use super::operators::{arithmetic, dec};
+use rust_decimal::Decimal;
 
 /// `aggregate()`, `sum()` … `avg()`, `sort()`.
 pub(super) fn call<'a>(
@@ -35,7 +36,7 @@ pub(super) fn call<'a>(
                     this: item.clone(),
                     index: Some(i),
                     total: Some(&total),
-                    budget: env.budget,
+                    work: env.work,
                 };
                 let next = eval(&args[0], &sub, std::slice::from_ref(item))?;
                 total = next;
@@ -69,6 +70,13 @@ fn aggregate_simple<'a>(f: Builtin, focus: Vec<Item<'a>>) -> R<'a> {
             "{}(): expected numbers or quantities",
             f.name()
         )));
+    }
+    if f == Builtin::Avg
+        && vals
+            .iter()
+            .all(|v| matches!(v, S::Integer(_) | S::Decimal(_)))
+    {
+        return average(&vals);
     }
     match f {
         Builtin::Sum | Builtin::Avg => {
@@ -111,6 +119,28 @@ fn aggregate_simple<'a>(f: Builtin, focus: Vec<Item<'a>>) -> R<'a> {
     }
 }
 
+/// `avg()` of numbers, summed as Decimals: the Integer sum of Integers may leave the 32-bit range
+/// (and so be empty) although their average cannot. The result is a Decimal, normalized when every
+/// item is an Integer, as `Integer / Integer` is.
+fn average<'a>(vals: &[SystemValue<'a>]) -> R<'a> {
+    let mut total = Decimal::ZERO;
+    for v in vals {
+        let Some(next) = dec(v).and_then(|d| total.checked_add(d)) else {
+            return Ok(Vec::new());
+        };
+        total = next;
+    }
+    let Some(avg) = total.checked_div(Decimal::from(vals.len())) else {
+        return Ok(Vec::new());
+    };
+    let all_integers = vals.iter().all(|v| matches!(v, SystemValue::Integer(_)));
+    val(SystemValue::Decimal(if all_integers {
+        avg.normalize()
+    } else {
+        avg
+    }))
+}
+
 fn sort<'a>(focus: Vec<Item<'a>>, crit: Option<&Expr>, env: &Env<'_, 'a>) -> R<'a> {
     let (expr, desc) = match crit {
         Some(Expr::Neg(inner)) => (Some(inner.as_ref()), true),
@@ -119,10 +149,14 @@ fn sort<'a>(focus: Vec<Item<'a>>, crit: Option<&Expr>, env: &Env<'_, 'a>) -> R<'
     };
     let mut keyed = Vec::with_capacity(focus.len());
     for (i, item) in focus.into_iter().enumerate() {
-        let key = match expr {
+        let mut key = match expr {
             Some(e) => lambda(e, env, &item, i)?,
             None => vec![item.clone()],
         };
+        // A key without a value sorts as an empty one instead of failing the comparison.
+        if key.first().is_some_and(valueless) {
+            key.clear();
+        }
         keyed.push((key, item));
     }
     let mut err = None;
@@ -146,4 +180,26 @@ fn sort<'a>(focus: Vec<Item<'a>>, crit: Option<&Expr>, env: &Env<'_, 'a>) -> R<'
         return Err(e);
     }
     Ok(keyed.into_iter().map(|(_, i)| i).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::eval::probe::eval;
+
+    /// The sum of two large Integers leaves the 32-bit range, their average does not: `avg()`
+    /// used to be empty because it summed as Integers.
+    #[test]
+    fn avg_does_not_overflow_where_its_result_fits() {
+        assert_eq!(
+            eval("(2147483647 | 2147483646).avg()").unwrap(),
+            vec![json!(2147483646.5)]
+        );
+        assert_eq!(eval("(1 | 2).avg()").unwrap(), vec![json!(1.5)]);
+        assert_eq!(eval("(1 | 3).avg()").unwrap(), vec![json!(2)]);
+        assert_eq!(eval("(1.0 | 2).avg()").unwrap(), vec![json!(1.5)]);
+        // `sum()` is an Integer, so it still overflows like `+`.
+        assert!(eval("(2147483647 | 1).sum()").unwrap().is_empty());
+    }
 }

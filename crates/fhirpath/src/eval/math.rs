@@ -10,7 +10,7 @@ use crate::parser::Expr;
 use crate::quantity::Quantity;
 use crate::value::SystemValue;
 
-use super::{Env, R, b, eval, misrouted, single_int, single_sys, val};
+use super::{Env, R, b, eval, integer, misrouted, single_int, single_sys, val};
 
 use super::operators::dec;
 
@@ -94,16 +94,17 @@ fn math<'a>(
     };
     let fx = d.to_f64().unwrap_or(f64::NAN);
     match f {
+        // Integer results outside the 32-bit range are empty, like an overflowing `+`.
         F::Abs => {
             if is_int {
-                val(S::Integer(d.abs().to_i64().unwrap_or(0)))
+                integer(d.abs().to_i64())
             } else {
                 val(S::Decimal(d.abs()))
             }
         }
-        F::Ceiling => val(S::Integer(d.ceil().to_i64().unwrap_or(0))),
-        F::Floor => val(S::Integer(d.floor().to_i64().unwrap_or(0))),
-        F::Truncate => val(S::Integer(d.trunc().to_i64().unwrap_or(0))),
+        F::Ceiling => integer(d.ceil().to_i64()),
+        F::Floor => integer(d.floor().to_i64()),
+        F::Truncate => integer(d.trunc().to_i64()),
         F::Exp => float(fx.exp()),
         F::Ln => {
             if fx <= 0.0 {
@@ -137,10 +138,7 @@ fn math<'a>(
             if let (S::Integer(base), S::Integer(exp)) = (&v, &e)
                 && *exp >= 0
             {
-                return match u32::try_from(*exp).ok().and_then(|x| base.checked_pow(x)) {
-                    Some(r) => val(S::Integer(r)),
-                    None => Ok(Vec::new()),
-                };
+                return integer(u32::try_from(*exp).ok().and_then(|x| base.checked_pow(x)));
             }
             let Some(ed) = dec(&e) else {
                 return Err(EvalError::ty("power(): exponent must be a number"));
@@ -165,5 +163,42 @@ fn math<'a>(
             )))
         }
         _ => Ok(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::eval::probe::eval;
+
+    /// FHIRPath's Integer is 32-bit: a rounding or power whose result leaves that range is empty,
+    /// as `2147483647 + 1` is. Out-of-range results used to be returned as 64-bit numbers, and
+    /// beyond 64 bits as 0.
+    #[test]
+    fn integer_results_outside_32_bits_are_empty() {
+        for src in [
+            "99999999999999999999.5.floor()",
+            "3000000000.5.floor()",
+            "3000000000.5.ceiling()",
+            "(0 - 3000000000.5).truncate()",
+            "(0 - 2147483647 - 1).abs()",
+            "2.power(40)",
+            "(0 - 2147483647 - 1).abs().exists().not().not()",
+        ] {
+            let out = eval(src).unwrap();
+            assert!(
+                out.is_empty() || out == vec![json!(false)],
+                "{src}: {out:?}"
+            );
+        }
+        for (src, want) in [
+            ("2147483647.5.floor()", json!(2147483647)),
+            ("(0 - 2147483648.5).ceiling()", json!(-2147483648)),
+            ("2.power(30)", json!(1073741824)),
+            ("(0 - 5).abs()", json!(5)),
+        ] {
+            assert_eq!(eval(src).unwrap(), vec![want], "{src}");
+        }
     }
 }

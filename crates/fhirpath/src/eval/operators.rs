@@ -14,7 +14,8 @@ use crate::temporal::TemporalKind;
 use crate::value::SystemValue;
 
 use super::{
-    Env, R, b, distinct, eval, opt_b, single, single_string, single_sys, singleton_bool, val,
+    Env, R, b, distinct, eval, integer, opt_b, single, single_string, single_sys, singleton_bool,
+    val,
 };
 
 pub(super) fn binary<'a>(
@@ -130,6 +131,7 @@ pub(super) fn binary<'a>(
         BinOp::Concat => {
             let x = single_string(&lv, "&")?.unwrap_or_default();
             let y = single_string(&rv, "&")?.unwrap_or_default();
+            env.afford_string(x.len().saturating_add(y.len()))?;
             Ok(vec![Item::string(format!("{x}{y}"))])
         }
         _ => {
@@ -142,6 +144,9 @@ pub(super) fn binary<'a>(
                 }
                 return Ok(Vec::new());
             };
+            if let (BinOp::Add, SystemValue::String(p), SystemValue::String(q)) = (op, &x, &y) {
+                env.afford_string(p.len().saturating_add(q.len()))?;
+            }
             arithmetic(op, x, y)
         }
     }
@@ -203,10 +208,7 @@ pub(super) fn arithmetic<'a>(op: BinOp, x: SystemValue<'a>, y: SystemValue<'a>) 
                 }
                 _ => None,
             };
-            return match r {
-                Some(i) if (i32::MIN as i64..=i32::MAX as i64).contains(&i) => val(S::Integer(i)),
-                _ => none(),
-            };
+            return integer(r);
         }
         (_, S::Quantity(p), S::Quantity(q)) => return quantity_arith(op, p, q),
         (BinOp::Add | BinOp::Sub, S::Quantity(p), n) if dec(n).is_some() => {
@@ -249,10 +251,7 @@ pub(super) fn arithmetic<'a>(op: BinOp, x: SystemValue<'a>, y: SystemValue<'a>) 
             if q.is_zero() {
                 return none();
             }
-            return match p.checked_div(q).and_then(|d| d.trunc().to_i64()) {
-                Some(i) => val(S::Integer(i)),
-                None => none(),
-            };
+            return integer(p.checked_div(q).and_then(|d| d.trunc().to_i64()));
         }
         BinOp::Mod => {
             if q.is_zero() {
@@ -333,5 +332,25 @@ fn ucum_of(unit: &str) -> &str {
         "second" => "s",
         "millisecond" => "ms",
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::eval::probe::eval;
+
+    #[test]
+    fn integer_operators_stay_within_32_bits() {
+        for src in [
+            "2147483647 + 1",
+            "-(0 - 2147483647 - 1)",
+            "10000000000.0 div 1",
+        ] {
+            assert_eq!(eval(src).unwrap(), Vec::<serde_json::Value>::new(), "{src}");
+        }
+        assert_eq!(eval("7.5 div 2").unwrap(), vec![json!(3)]);
+        assert_eq!(eval("'ab' + 'c' & 'd'").unwrap(), vec![json!("abcd")]);
     }
 }

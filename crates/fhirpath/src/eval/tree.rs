@@ -12,6 +12,7 @@ use crate::value::SystemValue;
 
 use super::types::is_type;
 use super::{Env, R, eval, misrouted, single_string};
+use crate::error::EvalError;
 
 /// `children()`, `descendants()`, `extension()`, `resolve()`.
 pub(super) fn call<'a>(
@@ -34,11 +35,14 @@ pub(super) fn call<'a>(
             Ok(out)
         }
         F::Descendants => {
-            // Breadth-first in one vector: each node's children are appended behind it.
+            // Breadth-first in one vector: each node's children are appended behind it. The
+            // vector is checked against the budget as it grows, since a large document (or many
+            // copies of one in the focus) has millions of nodes.
             let mut out = Vec::new();
             for i in &focus {
                 if let Item::Node(n) = i {
                     n.push_children(&mut out);
+                    env.afford(out.len() as u64)?;
                 }
             }
             let mut next = 0;
@@ -46,6 +50,7 @@ pub(super) fn call<'a>(
                 if let Item::Node(n) = &out[next] {
                     let n = n.clone();
                     n.push_children(&mut out);
+                    env.afford(out.len() as u64)?;
                 }
                 next += 1;
             }
@@ -78,14 +83,20 @@ pub(super) fn call<'a>(
 }
 
 /// Breadth-first like `descendants()`, keeping only nodes of type `spec`; leaves without children
-/// are tested and dropped at once.
-pub(super) fn descendants_of_type<'a>(roots: &[Item<'a>], spec: &TypeSpec) -> Vec<Item<'a>> {
+/// are tested and dropped at once. Like `descendants()`, the items held are checked against the
+/// budget as they grow.
+pub(super) fn descendants_of_type<'a>(
+    roots: &[Item<'a>],
+    spec: &TypeSpec,
+    env: &Env<'_, 'a>,
+) -> Result<Vec<Item<'a>>, EvalError> {
     let mut out = Vec::new();
     let mut level: Vec<Item<'a>> = Vec::new();
     let leaves = spec.matches_leaves;
     for r in roots {
         if let Item::Node(n) = r {
             n.push_children_with(&mut level, leaves);
+            env.afford(level.len() as u64)?;
         }
     }
     let mut next = Vec::new();
@@ -98,11 +109,12 @@ pub(super) fn descendants_of_type<'a>(roots: &[Item<'a>], spec: &TypeSpec) -> Ve
                 && n.has_children()
             {
                 n.push_children_with(&mut next, leaves);
+                env.afford((out.len() + next.len()) as u64)?;
             }
         }
         std::mem::swap(&mut level, &mut next);
     }
-    out
+    Ok(out)
 }
 
 /// `resolve()`: a Reference (or a reference string) to the resource it points at, looked up in the
@@ -175,4 +187,38 @@ fn resolve<'a>(item: &Item<'a>, ctx: &EvalContext<'a>) -> Option<Item<'a>> {
     contained
         .into_iter()
         .find(|c| c.as_node().is_some_and(matches_resource))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::error::EvalError;
+    use crate::eval::probe::run;
+    use crate::node::Item;
+
+    /// A document of 12 960 nodes, none with more than 80 children.
+    fn wide_patient() -> serde_json::Value {
+        let coding: Vec<_> = (0..80).map(|_| json!({"code": "a"})).collect();
+        let identifiers: Vec<_> = (0..80)
+            .map(|_| json!({"type": {"coding": coding}}))
+            .collect();
+        json!({"resourceType": "Patient", "identifier": identifiers})
+    }
+
+    /// `descendants()` collected every node of the document before the budget saw any: its vector
+    /// now stops growing within one node's children of the budget (here 1000 items, far from
+    /// 12 960).
+    #[test]
+    fn descendants_stop_at_the_budget_while_they_are_collected() {
+        let doc = wide_patient();
+        let item = std::mem::size_of::<Item<'_>>();
+        for src in ["descendants()", "descendants().ofType(Coding)"] {
+            let (out, largest) = run(&doc, src, 1000);
+            assert!(matches!(out, Err(EvalError::Budget(_))), "{src}: {out:?}");
+            assert!(largest < 3000 * item, "{src}: allocated {largest} bytes");
+            let (all, _) = run(&doc, &format!("{src}.count()"), 100_000);
+            assert!(all.is_ok(), "{src}: {all:?}");
+        }
+    }
 }

@@ -28,7 +28,7 @@ pub(super) fn call<'a>(
                 this: this.clone(),
                 index: env.index,
                 total: env.total,
-                budget: env.budget,
+                work: env.work,
             };
             let cin = if focus.is_empty() {
                 input.to_vec()
