@@ -5,6 +5,8 @@ use std::collections::HashSet;
 use fhirpath::{Expression, FunctionRegistry};
 use serde_json::Value as Json;
 
+use crate::transforms::MAX_NOISE;
+
 /// A configuration problem. `rule` is the zero-based index in `fhirPathRules` when one rule is at fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{}{field}: {problem}", rule.map(|r| format!("fhirPathRules[{r}].")).unwrap_or_default())]
@@ -378,11 +380,25 @@ impl Config {
         };
         let fixed = match member(params, "dateShiftFixedOffsetInDays") {
             None | Some(Json::Null) => None,
-            Some(v) => Some(
-                value_text(v)
-                    .and_then(|t| t.parse::<i64>().ok())
-                    .ok_or_else(|| parse_fail("dateShiftFixedOffsetInDays is not an integer"))?,
-            ),
+            Some(v) => {
+                // The reference binds an Int32 (a larger number fails to parse). Within it, an
+                // offset longer than the calendar (years 1 to 9999) can shift no date: the
+                // reference throws on every date at run time, and refusing it here keeps every
+                // shift inside the calendar, so none can overflow and leave a date as it was.
+                let days = value_text(v)
+                    .and_then(|t| t.parse::<i32>().ok())
+                    .ok_or_else(|| parse_fail("dateShiftFixedOffsetInDays is not an integer"))?;
+                if i64::from(days).abs() > MAX_FIXED_OFFSET_DAYS {
+                    return Err(err(
+                        None,
+                        "parameters.dateShiftFixedOffsetInDays",
+                        format!(
+                            "dateShiftFixedOffsetInDays {days} is invalid: a shift can be at most {MAX_FIXED_OFFSET_DAYS} days (0001-01-01 to 9999-12-31)"
+                        ),
+                    ));
+                }
+                Some(i64::from(days))
+            }
         };
         let zips = match member(params, "restrictedZipCodeTabulationAreas") {
             None | Some(Json::Null) => Vec::new(),
@@ -427,6 +443,42 @@ impl Config {
     }
 }
 
+/// The largest fixed date shift, in days: 0001-01-01 to 9999-12-31, the calendar of the
+/// reference's `DateTime`.
+pub const MAX_FIXED_OFFSET_DAYS: i64 = 3_652_058;
+
+/// Whether a perturb span draws noise that can be added. The reference converts the noise (up
+/// to half the span; for a proportional span, half of it times the value) to a .NET decimal,
+/// which throws beyond ±2^96 and fails the run; here such noise is an error too (never a
+/// silent zero). A fixed span of 2^97 or more draws it (for 2^98, half the draws), and a
+/// proportional one draws it even for the smallest non-zero decimal, 1e-28, when its product
+/// does: refused at load, as a configuration error, rather than failing the export at run time.
+fn span_applies(span: f64, proportional: bool) -> bool {
+    let half = if proportional { span * 1e-28 } else { span } / 2.0;
+    half < MAX_NOISE
+}
+
+impl Config {
+    /// Refuses a rule whose method is not built in. The reference only warns at load, since a
+    /// .NET host may register a custom processor of that name, and fails once a resource the
+    /// rule applies to is processed, whatever `processingErrors` says (§1.2, §1.4). A host
+    /// without custom processors (the server) knows at load that such a rule can never run.
+    pub fn require_built_in_methods(&self) -> Result<(), ConfigError> {
+        for rule in &self.rules {
+            if let Method::Unknown(m) = &rule.method {
+                return Err(err(
+                    Some(rule.index),
+                    "method",
+                    format!(
+                        "Anonymization method {m} not supported: the built-in methods are keep, redact, dateShift, cryptoHash, encrypt, substitute, perturb and generalize"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn parse_method(
     i: usize,
     method: &str,
@@ -451,6 +503,18 @@ fn parse_method(
             }
         },
         "perturb" => {
+            let proportional = match r.get("rangeType") {
+                None | Some(Json::Null) => false,
+                Some(Json::String(s)) if s.eq_ignore_ascii_case("fixed") => false,
+                Some(Json::String(s)) if s.eq_ignore_ascii_case("proportional") => true,
+                Some(v) => {
+                    return Err(err(
+                        Some(i),
+                        "rangeType",
+                        format!("RangeType value is invalid: {v}"),
+                    ));
+                }
+            };
             let span = match r.get("span") {
                 None | Some(Json::Null) => {
                     return Err(err(
@@ -464,18 +528,20 @@ fn parse_method(
                     .filter(|s| *s >= 0.0 && s.is_finite())
                     .ok_or_else(|| err(Some(i), "span", format!("Span value is invalid: {v}")))?,
             };
-            let proportional = match r.get("rangeType") {
-                None | Some(Json::Null) => false,
-                Some(Json::String(s)) if s.eq_ignore_ascii_case("fixed") => false,
-                Some(Json::String(s)) if s.eq_ignore_ascii_case("proportional") => true,
-                Some(v) => {
-                    return Err(err(
-                        Some(i),
-                        "rangeType",
-                        format!("RangeType value is invalid: {v}"),
-                    ));
-                }
-            };
+            if !span_applies(span, proportional) {
+                return Err(err(
+                    Some(i),
+                    "span",
+                    format!(
+                        "Span value is invalid: {span:e} draws noise beyond the decimal range (at most {MAX_NOISE:e} either way{}), which cannot be added to any value",
+                        if proportional {
+                            ", for the smallest non-zero value 1e-28"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
             let round_to = match r.get("roundTo") {
                 None | Some(Json::Null) => 2,
                 Some(v) => value_text(v)
@@ -558,6 +624,79 @@ mod tests {
     #[test]
     fn rejects_duplicate_keys() {
         assert!(Config::parse(r#"{"fhirPathRules": [], "fhirPathRules": []}"#).is_err());
+    }
+
+    /// Security review: a perturb span of 1e300 was accepted and then added no noise. A span
+    /// whose noise cannot be represented is a configuration error now; spans the reference
+    /// applies stay accepted.
+    #[test]
+    fn regression_perturb_spans_that_cannot_add_noise_are_refused() {
+        let cfg = |span: &str, range: &str| {
+            Config::parse(&format!(
+                r#"{{"fhirPathRules": [{{"path": "Observation.value", "method": "perturb", "span": {span}, "rangeType": "{range}"}}]}}"#
+            ))
+        };
+        for (span, range) in [
+            ("1e300", "fixed"),
+            ("\"1e300\"", "fixed"),
+            ("2e29", "fixed"),
+            ("1e300", "proportional"),
+            ("1e58", "proportional"),
+        ] {
+            let e = cfg(span, range).expect_err(span);
+            assert_eq!((e.rule, e.field.as_str()), (Some(0), "span"), "{e}");
+        }
+        for (span, range) in [
+            ("0", "fixed"),
+            ("5", "fixed"),
+            ("1e29", "fixed"),
+            ("0.1", "proportional"),
+            ("1e40", "proportional"),
+        ] {
+            cfg(span, range).expect(span);
+        }
+    }
+
+    /// A fixed offset is an Int32 in the reference, and one beyond the calendar could shift no
+    /// date: a shift that overflowed left the date as it was.
+    #[test]
+    fn fixed_date_shifts_must_fit_the_calendar() {
+        let cfg = |days: &str| {
+            Config::parse(&format!(
+                r#"{{"fhirPathRules": [], "parameters": {{"dateShiftFixedOffsetInDays": {days}}}}}"#
+            ))
+        };
+        for ok in ["0", "-21", "3652058", "-3652058", "\"40\""] {
+            cfg(ok).expect(ok);
+        }
+        for bad in [
+            "3652059",
+            "-2147483648",
+            "3000000000",
+            "1000000000000000",
+            "1.5",
+        ] {
+            assert!(cfg(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The reference loads a configuration with an unknown method (only a warning: it may be a
+    /// custom processor), and so does `parse` (the conformance corpus expects it); a host
+    /// without custom processors refuses it with `require_built_in_methods`.
+    #[test]
+    fn regression_unknown_methods_are_refused_by_hosts_without_custom_processors() {
+        let c = Config::parse(
+            r#"{"fhirPathRules": [{"path": "Patient.id", "method": "keep"}, {"path": "Patient.name", "method": "scramble"}]}"#,
+        )
+        .expect("the reference only warns");
+        assert!(c.warnings.iter().any(|w| w.contains("scramble")));
+        let e = c.require_built_in_methods().expect_err("unknown method");
+        assert_eq!((e.rule, e.field.as_str()), (Some(1), "method"));
+        assert!(e.to_string().contains("scramble"), "{e}");
+        Config::parse(r#"{"fhirPathRules": [{"path": "Patient.name", "method": "REDACT"}]}"#)
+            .expect("built in, case-insensitive")
+            .require_built_in_methods()
+            .expect("built in");
     }
 
     #[test]

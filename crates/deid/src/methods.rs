@@ -110,10 +110,11 @@ pub(crate) fn primitive_change(
                 }
             } else if ty == "decimal" && name == "value" && parent() == "Age" {
                 if params.enable_partial_ages_for_redact {
-                    // int.Parse in the reference: a non-integral text is a hard failure.
-                    let age: i64 = text.parse().map_err(|_| {
-                        rule_err(rule, format!("Age value {text} is not an integer"))
-                    })?;
+                    // int.Parse in the reference: a non-integral text is a hard failure. The
+                    // message leaves the age out: it reaches error files and job status.
+                    let age: i64 = text
+                        .parse()
+                        .map_err(|_| rule_err(rule, "an Age value is not an integer".into()))?;
                     if age <= 89 {
                         return Ok(Some((Change::Keep, REDACT)));
                     }
@@ -227,7 +228,7 @@ pub(crate) fn perturb(rule: &Rule, text: &str, kind: NumberKind) -> Result<Json,
     let num: serde_json::Number = out
         .to_string()
         .parse()
-        .map_err(|_| rule_err(rule, format!("bad number {out}")))?;
+        .map_err(|_| rule_err(rule, "the perturbed value is not a JSON number".into()))?;
     Ok(Json::Number(num))
 }
 

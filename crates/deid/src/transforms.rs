@@ -521,13 +521,26 @@ pub fn redact_postal_code(text: &str, restricted: &[String]) -> String {
     text.to_string()
 }
 
+/// Why a value could not be perturbed. The texts never carry the value: they reach error files,
+/// job status and logs of de-identified exports.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PerturbError {
-    #[error("value {0} is not a number")]
-    NotNumber(String),
-    #[error("proportional span on a negative value {0} gives an empty range")]
-    NegativeRange(String),
+    #[error("the value is not a number")]
+    NotNumber,
+    #[error("a proportional span on a negative value gives an empty range")]
+    NegativeRange,
+    /// The noise drawn is beyond ±2^96 ([`MAX_NOISE`]), where the reference's conversion to
+    /// decimal throws.
+    #[error("the noise drawn is beyond the decimal range (±2^96); the span is too large")]
+    NoiseOutOfRange,
+    /// The value plus the noise is beyond the decimal range (the reference throws too).
+    #[error("the perturbed value is beyond the decimal range")]
+    ResultOutOfRange,
 }
+
+/// The largest noise magnitude a decimal holds (2^96, exclusive): every double below it is an
+/// integer or finer and fits the decimal's 96-bit mantissa.
+pub const MAX_NOISE: f64 = 79_228_162_514_264_337_593_543_950_336.0;
 
 /// FHIR numeric primitive kinds perturb distinguishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -551,23 +564,27 @@ pub fn perturb(
         .trim()
         .parse()
         .or_else(|_| Decimal::from_scientific(text.trim()))
-        .map_err(|_| PerturbError::NotNumber(text.to_string()))?;
-    let vf: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| PerturbError::NotNumber(text.to_string()))?;
+        .map_err(|_| PerturbError::NotNumber)?;
+    let vf: f64 = text.trim().parse().map_err(|_| PerturbError::NotNumber)?;
     let span = if proportional { vf * span } else { span };
     if span < 0.0 {
-        return Err(PerturbError::NegativeRange(text.to_string()));
+        return Err(PerturbError::NegativeRange);
     }
     let noise = -span / 2.0 + unit * span;
-    let noise = Decimal::from_f64_retain(noise).unwrap_or(Decimal::ZERO);
+    // Noise the decimal cannot hold is an error for the resource, never a zero: a silent zero
+    // wrote values unchanged and labelled PERTURBED (fail open). Noise too small for the
+    // decimal's 28 places becomes 0, as the reference's conversion does.
+    if noise.is_nan() || noise.abs() >= MAX_NOISE {
+        return Err(PerturbError::NoiseOutOfRange);
+    }
+    let noise = Decimal::from_f64_retain(noise).ok_or(PerturbError::NoiseOutOfRange)?;
+    let sum = v.checked_add(noise).ok_or(PerturbError::ResultOutOfRange)?;
     let round_to = if kind == NumberKind::Decimal {
         round_to
     } else {
         0
     };
-    let mut r = (v + noise).round_dp_with_strategy(round_to, RoundingStrategy::MidpointNearestEven);
+    let mut r = sum.round_dp_with_strategy(round_to, RoundingStrategy::MidpointNearestEven);
     match kind {
         NumberKind::PositiveInt if r <= Decimal::ZERO => r = Decimal::ONE,
         NumberKind::UnsignedInt if r < Decimal::ZERO => r = Decimal::ZERO,
@@ -903,6 +920,58 @@ mod tests {
             "http://example.org/fhir/Observation/<apo89654>/_history/2"
         );
         assert_eq!(transform_reference("#", &|s| crypto_hash("k", s)), "#");
+    }
+
+    /// Security review: a span of 1e300 left most values byte-identical, labelled PERTURBED
+    /// (noise beyond the decimal range became 0). Such noise is an error now, never a zero.
+    #[test]
+    fn regression_noise_beyond_the_decimal_range_is_an_error_not_zero() {
+        for unit in [0.0, 0.1, 0.49, 0.51, 0.99] {
+            assert_eq!(
+                perturb("42.5", NumberKind::Decimal, 1e300, false, 2, unit),
+                Err(PerturbError::NoiseOutOfRange),
+                "unit {unit}"
+            );
+        }
+        // A proportional span whose product is infinite.
+        assert_eq!(
+            perturb("1e10", NumberKind::Decimal, 1e300, true, 2, 0.9),
+            Err(PerturbError::NoiseOutOfRange)
+        );
+        // Noise that fits, on a value it pushes past the largest decimal (no panic).
+        assert_eq!(
+            perturb(
+                "79228162514264337593543950000",
+                NumberKind::Decimal,
+                1e28,
+                false,
+                0,
+                0.99
+            ),
+            Err(PerturbError::ResultOutOfRange)
+        );
+        // Noise finer than the decimal's 28 places is 0, as in the reference.
+        assert_eq!(
+            perturb("1.5", NumberKind::Decimal, 1e-300, false, 2, 0.9),
+            Ok(Decimal::new(15, 1))
+        );
+        // The largest noise that fits is added.
+        let r = perturb("0", NumberKind::Decimal, 1.5e29, false, 0, 0.0).expect("fits");
+        let bound: Decimal = "-70000000000000000000000000000".parse().expect("decimal");
+        assert!(r < bound, "{r}");
+    }
+
+    /// Error texts reach error files and job status: they never carry the value.
+    #[test]
+    fn perturb_errors_leave_the_value_out() {
+        for e in [
+            perturb("1234.5678x", NumberKind::Decimal, 1.0, false, 2, 0.5),
+            perturb("-1234.5678", NumberKind::Decimal, 0.5, true, 2, 0.5),
+            perturb("1234.5678", NumberKind::Decimal, 1e300, false, 2, 0.1),
+        ] {
+            let text = e.expect_err("an error").to_string();
+            assert!(!text.contains("1234"), "{text}");
+        }
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub enum AnonymizationError {
     /// The storage could not be read (transient): 503 rather than 400.
     #[error("Failed to fetch anonymization configuration: {0}")]
     Fetch(String),
+    /// The storage's final answer about this name (a directory, no permission, a refused
+    /// read): 400, since another attempt cannot succeed and a 503 would be retried forever.
+    #[error("Anonymization configuration '{name}' cannot be read: {reason}")]
+    Unreadable { name: String, reason: String },
 }
 
 /// What the job records about its configuration. The text itself is kept so that a resumed job,
@@ -156,12 +160,20 @@ pub fn draw_missing_keys(info: &mut AnonymizationInfo) -> Result<(), Anonymizati
     Ok(())
 }
 
-/// Compiles a configuration text, naming the file in errors.
+/// Compiles a configuration text, naming the file in errors. A method that is not built in is
+/// refused here, at kick-off: the reference only warns (a .NET host may register a custom
+/// processor of that name) and fails at run time, whatever `processingErrors` says; this server
+/// has no custom processors, so such a rule could only fail the job later.
 pub fn compile(name: &str, text: &str) -> Result<deid::Engine, AnonymizationError> {
-    deid::Engine::from_config_text(text).map_err(|e| AnonymizationError::Invalid {
-        name: name.to_string(),
-        message: e.to_string(),
-    })
+    deid::Engine::from_config_text(text)
+        .and_then(|engine| {
+            engine.config().require_built_in_methods()?;
+            Ok(engine)
+        })
+        .map_err(|e| AnonymizationError::Invalid {
+            name: name.to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// A fingerprint of the configuration's rules and parameters: SHA-256 over its JSON with each
@@ -200,7 +212,17 @@ pub fn load_from_storage(
             SinkError::ContainerNotFound(_) => AnonymizationError::ContainerNotFound,
             SinkError::NotFound(_) => AnonymizationError::NotFound(spec.config.clone()),
             SinkError::TooLarge { .. } => AnonymizationError::TooLarge,
-            other => AnonymizationError::Fetch(other.to_string()),
+            // Only what the sink classes as worth another attempt (unreachable, throttled,
+            // full for now) is a 503 with Retry-After.
+            e if e.is_transient() || matches!(e, SinkError::NoSpace(_)) => {
+                AnonymizationError::Fetch(e.to_string())
+            }
+            // The rest is permanent for this name: a directory, no permission, a refused read.
+            // (The local sink's I/O errors arrive as text, without their `io::ErrorKind`.)
+            other => AnonymizationError::Unreadable {
+                name: spec.config.clone(),
+                reason: other.to_string(),
+            },
         })?;
     let etag = strip_quotes(&etag).to_string();
     if let Some(expected) = &spec.etag
@@ -247,14 +269,6 @@ pub fn from_bytes(
 pub struct Anonymizer {
     engine: Arc<deid::Engine>,
     pub info: AnonymizationInfo,
-}
-
-fn describe(v: &Value) -> String {
-    format!(
-        "{}/{}",
-        v.get("resourceType").and_then(Value::as_str).unwrap_or("?"),
-        v.get("id").and_then(Value::as_str).unwrap_or("?")
-    )
 }
 
 /// One compact JSON line. `serde_json::to_vec` writes straight into the buffer; `to_string`
@@ -306,9 +320,12 @@ impl Anonymizer {
     }
 
     pub fn apply_value(&self, v: Value) -> Result<(Vec<u8>, Option<Vec<u8>>), RunError> {
-        let what = describe(&v);
+        // Kept for the error texts only (the resource is consumed); named there by `describe`.
+        let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
+        let (resource_type, id) = (text("resourceType"), text("id"));
         match self.engine.anonymize(v) {
             Ok(out) if out.skipped => {
+                let what = self.describe(resource_type.as_deref(), id.as_deref());
                 let oo = json!({"resourceType": "OperationOutcome", "issue": [{
                     "severity": "error", "code": "processing",
                     "diagnostics": format!("{what} could not be de-identified; the redacted stub was written (processingErrors: skip)")
@@ -316,9 +333,36 @@ impl Anonymizer {
                 Ok((json_line(&out.resource)?, Some(json_line(&oo)?)))
             }
             Ok(out) => Ok((json_line(&out.resource)?, None)),
-            Err(e) => Err(RunError::Anonymization(format!(
-                "Failed to anonymize resource {what}. The job is marked as failed: {e}"
-            ))),
+            Err(e) => {
+                let what = self.describe(resource_type.as_deref(), id.as_deref());
+                Err(RunError::Anonymization(format!(
+                    "Failed to anonymize resource {what}. The job is marked as failed: {e}"
+                )))
+            }
+        }
+    }
+
+    /// How the error file, the job's status and the logs name a resource that could not be
+    /// de-identified. Its stored id is real data that the export must not reveal: it appears
+    /// only as the configuration's `cryptoHash` makes it (the id of the `deleted` entries, from
+    /// [`Anonymizer::deleted_id`] on the bare resource, which the failing content cannot stop),
+    /// and not at all when the configuration keeps, encrypts (reversible), removes or otherwise
+    /// rewrites it.
+    fn describe(&self, resource_type: Option<&str>, id: Option<&str>) -> String {
+        // A stored resource's type is a FHIR type name; anything else is not echoed.
+        let ty = resource_type
+            .filter(|t| {
+                !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphanumeric())
+            })
+            .unwrap_or("resource");
+        let hashed = id.and_then(|id| {
+            let out = self.deleted_id(ty, id, None)?;
+            let key = &self.engine.config().parameters.crypto_hash_key;
+            (out == deid::transforms::crypto_hash(key, id)).then_some(out)
+        });
+        match hashed {
+            Some(h) => format!("{ty}/{h}"),
+            None => format!("{ty} (id withheld: the configuration does not hash it)"),
         }
     }
 
@@ -413,6 +457,96 @@ mod tests {
             load_from_storage(&sink, &spec("big.json", None)),
             Err(AnonymizationError::TooLarge)
         ));
+    }
+
+    /// Security review: the error file and the failed job's status named a resource that could
+    /// not be de-identified by its real id. They carry the id only as the configuration hashes
+    /// it, and no id when the configuration does not hash ids.
+    #[test]
+    fn regression_error_texts_carry_no_real_ids() {
+        const ID: &str = "6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2";
+        let patient = format!(
+            r#"{{"resourceType":"Patient","id":"{ID}","birthDate":"1970-01-01","name":[{{"family":"Doe"}}]}}"#
+        );
+        let config = |errors: &str, id_method: &str| {
+            format!(
+                r#"{{"fhirVersion":"R4","processingErrors":"{errors}","fhirPathRules":[{{"path":"Resource.id","method":"{id_method}"}},{{"path":"Patient.birthDate","method":"generalize","cases":{{"$this":"%nonexistent"}}}},{{"path":"Patient.name","method":"redact"}}],"parameters":{{"cryptoHashKey":"secret","encryptKey":"0123456789abcdef"}}}}"#
+            )
+        };
+        let anonymizer = |text: String| {
+            let info =
+                from_bytes("c.json", text.into_bytes(), "storage", None, None, None).expect("info");
+            Anonymizer::new(info, "folder").expect("anonymizer")
+        };
+        let hashed = deid::transforms::crypto_hash("secret", ID);
+
+        // skip: the stub, and an error line naming the hashed id.
+        let a = anonymizer(config("skip", "cryptoHash"));
+        for (line, error) in [
+            a.apply_bytes(patient.as_bytes()).expect("stub"),
+            a.apply_value(serde_json::from_str(&patient).expect("json"))
+                .expect("stub"),
+        ] {
+            let line = String::from_utf8(line).expect("utf-8");
+            let error = String::from_utf8(error.expect("an error line")).expect("utf-8");
+            assert!(line.contains("REDACTED") && !line.contains(ID), "{line}");
+            assert!(!error.contains(ID), "{error}");
+            assert!(error.contains(&format!("Patient/{hashed}")), "{error}");
+        }
+        // raise: the job's error text.
+        let a = anonymizer(config("raise", "cryptoHash"));
+        let e = a
+            .apply_bytes(patient.as_bytes())
+            .expect_err("fails")
+            .to_string();
+        assert!(!e.contains(ID) && e.contains(&hashed), "{e}");
+
+        // Ids kept or encrypted (reversible) are not shown at all.
+        for method in ["keep", "encrypt", "redact"] {
+            let a = anonymizer(config("skip", method));
+            let (_, error) = a.apply_bytes(patient.as_bytes()).expect("stub");
+            let error = String::from_utf8(error.expect("an error line")).expect("utf-8");
+            assert!(!error.contains(ID), "{method}: {error}");
+            assert!(error.contains("Patient (id withheld"), "{method}: {error}");
+            let a = anonymizer(config("raise", method));
+            let e = a
+                .apply_bytes(patient.as_bytes())
+                .expect_err("fails")
+                .to_string();
+            assert!(!e.contains(ID), "{method}: {e}");
+        }
+    }
+
+    /// Security review: a configuration with an unknown method passed kick-off and failed the
+    /// job at run time, even with `processingErrors: skip`; a perturb span of 1e300 passed and
+    /// added no noise. Both are refused at kick-off now (400).
+    #[test]
+    fn regression_configs_that_cannot_run_are_refused_at_kickoff() {
+        for text in [
+            r#"{"fhirVersion":"R4","processingErrors":"skip","fhirPathRules":[{"path":"Patient.name","method":"scramble"}]}"#,
+            r#"{"fhirVersion":"R4","fhirPathRules":[{"path":"Observation.value","method":"perturb","span":1e300}]}"#,
+        ] {
+            let e = from_bytes("c.json", text.into(), "storage", None, None, None).expect_err(text);
+            assert!(matches!(e, AnonymizationError::Invalid { .. }), "{e}");
+        }
+    }
+
+    /// Security review: a configuration name that is a directory answered 503 (transient, with
+    /// Retry-After), so clients retried forever. It is a permanent error (400).
+    #[test]
+    fn regression_a_directory_is_not_a_transient_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = LocalSink::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("anonymization/subdir")).expect("mkdir");
+        let e = load_from_storage(&sink, &spec("subdir", None)).expect_err("a directory");
+        assert!(
+            matches!(&e, AnonymizationError::Unreadable { name, .. } if name == "subdir"),
+            "{e:?}"
+        );
+        assert!(
+            !e.to_string().contains(&dir.path().display().to_string()),
+            "{e}"
+        );
     }
 
     #[test]

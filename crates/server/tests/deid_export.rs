@@ -303,6 +303,34 @@ async fn kickoff_validates_configs_and_etags() {
         "invalid.json",
     )
     .await;
+    // Security review: configurations that could only fail (or fail open) at run time, and a
+    // name that is a directory (a 503 with Retry-After before: retried forever), are 400s.
+    std::fs::write(
+        configs.join("scramble.json"),
+        r#"{"processingErrors": "skip", "fhirPathRules": [{"path": "Patient.name", "method": "scramble"}]}"#,
+    )
+    .unwrap();
+    s.bad_kickoff(
+        "/$export?_container=deid&_anonymizationConfig=scramble.json",
+        "Anonymization method scramble not supported",
+    )
+    .await;
+    std::fs::write(
+        configs.join("span.json"),
+        r#"{"fhirPathRules": [{"path": "Observation.value", "method": "perturb", "span": 1e300}]}"#,
+    )
+    .unwrap();
+    s.bad_kickoff(
+        "/$export?_container=deid&_anonymizationConfig=span.json",
+        "Span value is invalid",
+    )
+    .await;
+    std::fs::create_dir_all(configs.join("subdir")).unwrap();
+    s.bad_kickoff(
+        "/$export?_container=deid&_anonymizationConfig=subdir",
+        "Anonymization configuration 'subdir' cannot be read",
+    )
+    .await;
 
     // ETags: the SHA-256 of the file, quotes optional; a mismatch names both.
     let etag = {
@@ -353,6 +381,12 @@ async fn processing_errors_skip_writes_stubs_and_error_lines() {
             .iter()
             .all(|e| e["resourceType"] == "OperationOutcome")
     );
+    // Security review: the lines named each Patient by its real id. This configuration does
+    // not hash ids, so none is shown.
+    for e in &errors {
+        let text = e["issue"][0]["diagnostics"].as_str().unwrap();
+        assert!(text.starts_with("Patient (id withheld"), "{text}");
+    }
 
     // With `raise`, the same failure fails the export with a 400 OperationOutcome.
     std::fs::write(
@@ -378,6 +412,7 @@ async fn processing_errors_skip_writes_stubs_and_error_lines() {
             let oo: Value = r.json().await.unwrap();
             assert_eq!(oo["resourceType"], "OperationOutcome");
             assert!(oo.to_string().contains("Failed to anonymize"), "{oo}");
+            assert!(oo.to_string().contains("Patient (id withheld"), "{oo}");
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
