@@ -73,7 +73,14 @@ impl Prepared {
         settings: &RunSettings,
     ) -> Result<Prepared, RunError> {
         let filters = req.filters.clone();
-        let scope = patient_scope(store, &req, settings)?;
+        // Membership as of the export's transactionTime, whenever (and on whichever node, after
+        // however many restarts) this runs: the export is a snapshot at that time.
+        let at = Snapshot {
+            seq: job.watermark,
+            at_ms: store::parse_instant_ms(&job.transaction_time)
+                .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+        };
+        let scope = patient_scope(store, &req, settings, at)?;
         let by_patient = !matches!(req.level, ExportLevel::System) || !req.patients.is_empty();
         let since_after = since_seq(store, &req)?;
         Ok(Prepared {
@@ -217,10 +224,11 @@ fn patient_scope(
     store: &dyn Store,
     req: &ExportRequest,
     settings: &RunSettings,
+    at: Snapshot,
 ) -> Result<Option<HashSet<String>>, RunError> {
     let mut set: Option<HashSet<String>> = match &req.level {
         ExportLevel::System | ExportLevel::Patient => None,
-        ExportLevel::Group(id) => Some(group_members(store, id, settings)?),
+        ExportLevel::Group(id) => Some(group_members(store, id, settings, at)?),
     };
     if !req.patients.is_empty() {
         let wanted: HashSet<String> = req.patients.iter().cloned().collect();
@@ -242,23 +250,67 @@ fn period_covers(start: Option<&str>, end: Option<&str>, now_ms: i64) -> bool {
     starts_ok && ends_ok
 }
 
-/// Active patient members of a Group: `inactive` members and members whose `period` does not
-/// cover now are left out; nested Groups are followed once each (a cycle ends there), breadth
-/// first with an explicit queue, so that no nesting depth can exhaust the stack. Nesting deeper
-/// than `group_max_depth` or more than `group_max_members` member entries fail the export.
+/// The moment an export (or a view run) sees the data at: its watermark and transactionTime.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    /// Versions with `seq <= seq` are visible.
+    pub seq: i64,
+    /// The instant member periods are judged at (ms since the epoch).
+    pub at_ms: i64,
+}
+
+/// The version of `Group/id` current at `seq`: the live one could have been updated or deleted
+/// since the export's transactionTime (a member added after the kick-off was exported, a Group
+/// deleted while the job waited failed it, and a job resumed after a restart mixed two
+/// memberships in one export).
+fn group_as_of(store: &dyn Store, id: &str, seq: i64) -> Result<Vec<u8>, store::StoreError> {
+    let page = store.history(
+        store::HistoryScope::Instance {
+            resource_type: "Group",
+            id,
+        },
+        &store::HistoryQuery {
+            count: 1,
+            as_of: Some(seq),
+            ..Default::default()
+        },
+    )?;
+    let gone = |version| store::StoreError::Gone {
+        resource_type: "Group".into(),
+        id: id.into(),
+        version,
+    };
+    match page.entries.into_iter().next() {
+        Some(v) => {
+            let version = v.version;
+            v.json.ok_or_else(|| gone(version))
+        }
+        None => Err(store::StoreError::NotFound {
+            resource_type: "Group".into(),
+            id: id.into(),
+        }),
+    }
+}
+
+/// Active patient members of a Group as of `at`: the Group's version (and each nested Group's)
+/// current at `at.seq`; `inactive` members and members whose `period` does not cover `at.at_ms`
+/// are left out; nested Groups are followed once each (a cycle ends there), breadth first with
+/// an explicit queue, so that no nesting depth can exhaust the stack. Nesting deeper than
+/// `group_max_depth` or more than `group_max_members` member entries fail the export.
 pub fn group_members(
     store: &dyn Store,
     id: &str,
     settings: &RunSettings,
+    at: Snapshot,
 ) -> Result<HashSet<String>, RunError> {
     let mut out = HashSet::new();
     let mut seen: HashSet<String> = HashSet::from([id.to_string()]);
     let mut queue: std::collections::VecDeque<(String, usize)> =
         std::collections::VecDeque::from([(id.to_string(), 0)]);
     let mut entries = 0usize;
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = at.at_ms;
     while let Some((gid, depth)) = queue.pop_front() {
-        let g = match store.read("Group", &gid) {
+        let g = match group_as_of(store, &gid, at.seq) {
             Ok(g) => g,
             Err(store::StoreError::NotFound { .. } | store::StoreError::Gone { .. })
                 if gid == id =>
@@ -268,7 +320,7 @@ pub fn group_members(
             Err(store::StoreError::NotFound { .. } | store::StoreError::Gone { .. }) => continue,
             Err(e) => return Err(e.into()),
         };
-        let v: Value = serde_json::from_slice(&g.json).unwrap_or(Value::Null);
+        let v: Value = serde_json::from_slice(&g).unwrap_or(Value::Null);
         for m in v
             .get("member")
             .and_then(Value::as_array)
@@ -1376,7 +1428,7 @@ pub fn run_export(
         state: crate::jobs::JobState::Queued,
         request: String::new(),
         watermark,
-        transaction_time: String::new(),
+        transaction_time: store.instant_of_seq(watermark)?.unwrap_or_default(),
         client_id: None,
         container: container.to_string(),
         folder: folder.to_string(),

@@ -257,6 +257,71 @@ fn levels_membership_rolling_and_snapshot() {
     );
 }
 
+/// A Group export is a snapshot at its transactionTime, membership included: the Group (and
+/// each nested Group) as it was at the watermark. Before, membership was read from the live
+/// Group when the job ran: a member added after the kick-off was exported, a Group deleted
+/// while the job waited failed it, and a job resumed after a restart read it again.
+#[test]
+fn group_membership_is_read_as_of_the_watermark() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db = store::testing::test_store(None);
+    let store = &*db.store;
+    seed(store);
+    let wm = store.current_seq().expect("seq");
+    let update = |id: &str, members: &[&str]| WriteOp::Update {
+        resource_type: "Group".into(),
+        id: id.into(),
+        resource: json!({"resourceType": "Group", "id": id, "type": "person", "actual": true,
+            "member": members.iter().map(|m| json!({"entity": {"reference": m}})).collect::<Vec<_>>()}),
+        if_match: None,
+    };
+    // After the watermark: g1 gains p3 directly, the nested g2 loses p2, then g1 is deleted.
+    store
+        .write(vec![update(
+            "g1",
+            &["Patient/p1", "Patient/p3", "Group/g2"],
+        )])
+        .expect("update g1");
+    store.write(vec![update("g2", &[])]).expect("update g2");
+    let out = tmp.path().join("out");
+    let grp = out.join("grp");
+    let req = request(ExportLevel::Group("g1".into()), &[("_type", "Patient")]);
+    run(store, &req, wm, &grp, 5000);
+    assert_eq!(
+        read_out(&grp).0["Patient"],
+        ["p1", "p2"],
+        "as at the watermark"
+    );
+    store
+        .write(vec![WriteOp::Delete {
+            resource_type: "Group".into(),
+            id: "g1".into(),
+            if_match: None,
+        }])
+        .expect("delete g1");
+    let again = out.join("again");
+    run(store, &req, wm, &again, 5000);
+    assert_eq!(read_out(&again).0["Patient"], ["p1", "p2"], "deleted since");
+    // At the current watermark: the Group is gone.
+    let now = store.current_seq().expect("seq");
+    let e = export::run::run_export(
+        store,
+        &req,
+        now,
+        &LocalSink::new(tmp.path()),
+        "out",
+        "now",
+        &RunSettings::default(),
+        None,
+        &AtomicBool::new(false),
+    );
+    assert!(
+        matches!(e, Err(export::run::RunError::GroupNotFound(_))),
+        "{:?}",
+        e.err()
+    );
+}
+
 #[test]
 fn since_exports_changes_and_lists_deletions() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -555,17 +555,24 @@ async fn run_request(
             let mut scope: Option<HashSet<String>> = None;
             if let Some(g) = &group {
                 scope = Some(
-                    export::run::group_members(store.as_ref(), g, &settings).map_err(
-                        |e| match e {
-                            export::run::RunError::GroupNotFound(_) => {
-                                ApiError::not_found(format!("Group/{g} not found"))
-                            }
-                            export::run::RunError::GroupTooLarge(m) => {
-                                ApiError::new(StatusCode::BAD_REQUEST, "too-costly", m).at("group")
-                            }
-                            other => ApiError::internal("view run group", other),
+                    export::run::group_members(
+                        store.as_ref(),
+                        g,
+                        &settings,
+                        export::run::Snapshot {
+                            seq: as_of,
+                            at_ms: chrono::Utc::now().timestamp_millis(),
                         },
-                    )?,
+                    )
+                    .map_err(|e| match e {
+                        export::run::RunError::GroupNotFound(_) => {
+                            ApiError::not_found(format!("Group/{g} not found"))
+                        }
+                        export::run::RunError::GroupTooLarge(m) => {
+                            ApiError::new(StatusCode::BAD_REQUEST, "too-costly", m).at("group")
+                        }
+                        other => ApiError::internal("view run group", other),
+                    })?,
                 );
             }
             if let Some(p) = patient {
