@@ -115,6 +115,37 @@ pub struct JobSummary {
 /// Jobs the status page lists at most.
 pub const RECENT_JOBS: u64 = 50;
 
+/// Parameters shown per job in the overview (the status page refreshes it every second).
+const SHOWN_PARAMETERS: usize = 20;
+/// Characters shown of one parameter's value.
+const SHOWN_VALUE_CHARS: usize = 200;
+
+/// A job's parameters as the overview shows them: the first [`SHOWN_PARAMETERS`], each value
+/// cut at [`SHOWN_VALUE_CHARS`] characters, and a count of the rest. A kick-off may carry a
+/// million `patient` references (68 MB): listed whole, each refresh of the status page sent
+/// them all (46 MB a second for one open tab).
+fn shortened(parameters: Vec<(String, String)>) -> Vec<(String, String)> {
+    let total = parameters.len();
+    let mut shown: Vec<(String, String)> = parameters
+        .into_iter()
+        .take(SHOWN_PARAMETERS)
+        .map(|(k, v)| {
+            let v = match v.char_indices().nth(SHOWN_VALUE_CHARS) {
+                Some((at, _)) => format!("{}…", &v[..at]),
+                None => v,
+            };
+            (k, v)
+        })
+        .collect();
+    if total > SHOWN_PARAMETERS {
+        shown.push((
+            "…".to_string(),
+            format!("{} more parameters", total - SHOWN_PARAMETERS),
+        ));
+    }
+    shown
+}
+
 impl ExportService {
     /// Jobs by state and kind (`export` or `import`), over the whole job queue.
     pub fn job_counts(&self) -> Result<Vec<(&'static str, &'static str, u64)>, ExportError> {
@@ -172,6 +203,7 @@ impl ExportService {
             }
             crate::record::JobRequest::Export(r) => r.params.clone(),
         };
+        let parameters = shortened(parameters);
         let (level, group) = match &request {
             crate::record::JobRequest::Export(r) => (r.level_name(), r.group().map(str::to_string)),
             crate::record::JobRequest::Import(_) => ("system", None),
@@ -276,5 +308,25 @@ impl ExportService {
                 })
                 .collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overview_shows_a_bounded_part_of_many_or_long_parameters() {
+        let many: Vec<(String, String)> = (0..1000)
+            .map(|i| ("patient".to_string(), format!("Patient/p{i}")))
+            .collect();
+        let shown = shortened(many);
+        assert_eq!(shown.len(), SHOWN_PARAMETERS + 1);
+        assert_eq!(shown[SHOWN_PARAMETERS].1, "980 more parameters");
+        let long = shortened(vec![("_typeFilter".into(), "é".repeat(5000))]);
+        assert_eq!(long.len(), 1);
+        assert_eq!(long[0].1.chars().count(), SHOWN_VALUE_CHARS + 1);
+        let few = vec![("_type".to_string(), "Patient".to_string())];
+        assert_eq!(shortened(few.clone()), few);
     }
 }
