@@ -12,6 +12,7 @@ use store::{
     HistoryMethod, HistoryPage, HistoryQuery, HistoryScope, StoredResource, WriteOp, WriteOutcome,
 };
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
 use tower_http::compression::{CompressionLayer, CompressionLevel};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -140,7 +141,16 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         // gzip at the fastest level: at the default level (6) deflate was the largest share of
         // the server's CPU under search load (issue 24, scripts/bench-search-load.sh).
-        .layer(CompressionLayer::new().quality(CompressionLevel::Fastest))
+        // Not what is gzip already (`_compression=gzip` export files): compressed again it
+        // grew and cost the CPU of every download.
+        .layer(
+            CompressionLayer::new()
+                .quality(CompressionLevel::Fastest)
+                .compress_when(
+                    DefaultPredicate::new()
+                        .and(NotForContentType::const_new("application/gzip")),
+                ),
+        )
         // One INFO span per request with the fields an operator filters on; the response line
         // adds status and latency.
         .layer(

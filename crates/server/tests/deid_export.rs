@@ -1013,6 +1013,15 @@ async fn gzip_exports_store_and_serve_ndjson_gz() {
     std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
         .unwrap();
     assert_eq!(text.lines().count(), 3);
+    // Already gzip: not compressed again for a client that accepts gzip.
+    let r =
+        s.c.get(url)
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .unwrap();
+    assert!(r.headers().get("content-encoding").is_none(), "{r:?}");
+    assert_eq!(r.bytes().await.unwrap(), bytes);
     let checked = m.clone();
     let report = tokio::task::spawn_blocking(move || {
         manifest::verify(
