@@ -140,6 +140,18 @@ fn check_kickoff_headers(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Whether a kick-off may carry views (`_view`, `_viewFormat`, `_viewHeader`): the job
+/// parameters `$viewdefinition-export` records, after it has checked its views (names unique,
+/// each named: they name the files). Given to `$export` itself they skipped those checks (two
+/// views of one name wrote files of two schemas under one type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Views {
+    Refused,
+    Checked,
+}
+
+const VIEW_PARAMETERS: [&str; 3] = ["_view", "_viewFormat", "_viewHeader"];
+
 // One argument per axum extractor (and the level): a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn kickoff(
@@ -151,6 +163,7 @@ pub(crate) async fn kickoff(
     uri: String,
     raw: Option<String>,
     body: Result<Bytes, BytesRejection>,
+    views: Views,
 ) -> Result<Response, ApiError> {
     // The router answers HEAD with a GET route: a HEAD must not start an export.
     if method != Method::GET && method != Method::POST {
@@ -171,6 +184,23 @@ pub(crate) async fn kickoff(
     } else {
         None
     };
+    if views == Views::Refused
+        && let Some(name) = pairs
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .chain(
+                body.iter()
+                    .flat_map(|b| b.get("parameter").and_then(serde_json::Value::as_array))
+                    .flatten()
+                    .filter_map(|p| p.get("name").and_then(serde_json::Value::as_str)),
+            )
+            .find(|n| VIEW_PARAMETERS.contains(n))
+    {
+        return Err(ApiError::invalid(
+            format!("{name} is a parameter of $viewdefinition-export, not of $export"),
+            name.to_string(),
+        ));
+    }
     // The service parses the request once and authorizes the typed request for this caller.
     let request_url = format!("{}{}", state.base_url, uri);
     let lenient = negotiate::lenient(&headers);
@@ -255,6 +285,7 @@ pub async fn system_export(
         uri.to_string(),
         raw,
         body,
+        Views::Refused,
     )
     .await
 }
@@ -286,6 +317,7 @@ pub async fn type_export(
         uri.to_string(),
         raw,
         body,
+        Views::Refused,
     )
     .await
 }
@@ -316,6 +348,7 @@ pub async fn group_export(
         uri.to_string(),
         raw,
         body,
+        Views::Refused,
     )
     .await
 }

@@ -1115,6 +1115,7 @@ pub async fn export_kickoff(
         uri.path().to_string(),
         None,
         Ok(body),
+        crate::export_routes::Views::Checked,
     )
     .await
 }

@@ -130,6 +130,9 @@ async fn kickoff_validation_snapshot_and_cancel() {
         ),
         ("/Group/nope/$export", StatusCode::NOT_FOUND),
         ("/Observation/$export", StatusCode::NOT_FOUND),
+        // The views' job parameters belong to $viewdefinition-export, which checks the views.
+        ("/$export?_view=%7B%7D", StatusCode::BAD_REQUEST),
+        ("/Patient/$export?_viewFormat=csv", StatusCode::BAD_REQUEST),
     ] {
         let r = s.kickoff(path).await;
         assert_eq!(r.status(), want, "{path}");
