@@ -59,6 +59,9 @@ impl From<ExportError> for ApiError {
                 | export::AnonymizationError::Registry(_) => {
                     ApiError::invalid(e.to_string(), "_anonymizationConfigCollectionReference")
                 }
+                export::AnonymizationError::UnknownKeySet(_) => {
+                    ApiError::invalid(e.to_string(), "_anonymizationKeySet")
+                }
                 _ => ApiError::invalid(e.to_string(), "_anonymizationConfig"),
             },
             // A job record this version cannot read: refused loudly, naming the job, the

@@ -353,6 +353,7 @@ async fn a_key_set_is_used_only_by_the_clients_granted_it() {
         .send(Method::GET, &kickoff("nope"), Some(&steward), None)
         .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("\"_anonymizationKeySet\""), "{body}");
 }
 
 /// `$import` Parameters (IncrementalLoad) with one input per `(type, url)`.
