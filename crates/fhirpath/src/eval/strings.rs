@@ -22,6 +22,15 @@ pub(super) fn call<'a>(
 ) -> R<'a> {
     use Builtin as F;
     use SystemValue as S;
+    // Every one of these reads its focus string through: that is work as well, charged like a
+    // computed string of its length. A string of the resource costs nothing to reach, so
+    // without it an expression could scan a 10 MB narrative once per item of a collection as
+    // large as the budget allows (millions of times) within its budget.
+    if let [item] = focus.as_slice()
+        && let Some(S::String(s)) = item.to_system()
+    {
+        env.spend(string_units(s.len()))?;
+    }
     match f {
         F::IndexOf | F::LastIndexOf => {
             let Some(s) = single_string(&focus, f.name())? else {
@@ -336,6 +345,23 @@ mod tests {
             let (out, largest) = run(&doc, src, 1000);
             assert!(matches!(out, Err(EvalError::Budget(_))), "{src}: {out:?}");
             assert!(largest < 16_000, "{src}: allocated {largest} bytes");
+        }
+    }
+
+    /// Scanning a string of the resource is charged by its length: a 1 MB string scanned once
+    /// does not fit in 1000 units. Before, any number of scans cost one unit each.
+    #[test]
+    fn scans_of_resource_strings_are_charged_by_their_length() {
+        let doc = json!({"resourceType": "Patient", "id": "p", "gender": "g".repeat(1 << 20)});
+        for src in [
+            "gender.contains('z')",
+            "gender.indexOf('z')",
+            "gender.matches('z')",
+            "gender.length()",
+        ] {
+            let (out, _) = run(&doc, src, 1000);
+            assert!(matches!(out, Err(EvalError::Budget(_))), "{src}: {out:?}");
+            assert!(run(&doc, src, 100_000).0.is_ok(), "{src}");
         }
     }
 
