@@ -427,6 +427,15 @@ async fn one(
     bar: &indicatif::ProgressBar,
     resumed: &AtomicU32,
 ) -> Result<u64, ClientError> {
+    if requires_token && session.has_credentials() && !session.token_may_go_to(&file.url) {
+        // The token stays on its origins (see Session); fetched without it, such a file would
+        // only be refused (401) by a server that means it, and a server naming another host
+        // for it wants the token there. Refused with the reason instead.
+        return Err(ClientError::TokenWithheld {
+            url: file.url.clone(),
+            origin: session.base_origin(),
+        });
+    }
     let part = part_path(&file.dest);
     let _ = tokio::fs::remove_file(&part).await;
     let mut have: u64 = 0;
@@ -516,10 +525,27 @@ async fn one(
         let mut resp = resp;
         let before = have;
         let mut dropped: Option<String> = None;
+        // No file grows past the size its manifest entry gives, the size the answer announces,
+        // or --max-file-bytes: an endless body would otherwise fill the disk.
+        let limit = [file.size, expected_total, session.max_file_bytes]
+            .into_iter()
+            .flatten()
+            .min();
         loop {
             match resp.chunk().await {
                 Ok(Some(bytes)) => {
                     let n = bytes.len() as u64;
+                    if let Some(limit) = limit
+                        && have + n > limit
+                    {
+                        drop(w);
+                        drop(reserved);
+                        let _ = tokio::fs::remove_file(&part).await;
+                        return Err(ClientError::TooLarge {
+                            url: file.url.clone(),
+                            limit,
+                        });
+                    }
                     w.push(bytes).await.map_err(|e| ClientError::io(&part, e))?;
                     have += n;
                     bar.inc(n);
@@ -590,13 +616,20 @@ fn reserve(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// How many bytes to reserve from `have` on: up to the size the answer announces
-/// (`announced`: Content-Length, or the size in Content-Range), never past the size the
-/// manifest gives for the file (`known`), nothing when the answer announces none.
+/// How many bytes to reserve from `have` on: up to the size the manifest gives for the file
+/// (`known`), never past the size the answer announces (`announced`: Content-Length, or the
+/// size in Content-Range), nothing without the manifest's size (an answer may announce any
+/// size and then trickle), and at most [`MAX_RESERVE`] (a manifest may lie too).
 fn to_reserve(have: u64, announced: Option<u64>, known: Option<u64>) -> Option<u64> {
-    let end = announced?.min(known.unwrap_or(u64::MAX));
-    end.checked_sub(have).filter(|len| *len > 0)
+    let end = known?.min(announced.unwrap_or(u64::MAX));
+    end.checked_sub(have)
+        .map(|len| len.min(MAX_RESERVE))
+        .filter(|len| *len > 0)
 }
+
+/// The most disk space reserved ahead for one answer's body: the reservation only spares the
+/// filesystem allocating block by block, so a larger file loses little by reserving part of it.
+const MAX_RESERVE: u64 = 1 << 30;
 
 /// The space [`reserve`]d for one answer's body, given back when dropped: whether the body
 /// ended whole, cut short (about to be resumed) or failed, or the download was aborted, the
@@ -776,11 +809,18 @@ mod tests {
                 "{blocks} blocks allocated for 5,000 bytes ({whole_blocks} in whole blocks)"
             );
         }
-        // From 100 on: up to what the answer announces, never past the manifest's size.
-        assert_eq!(to_reserve(100, Some(1000), None), Some(900));
+        // From 100 on: up to the manifest's size, never past what the answer announces.
+        // Nothing without the manifest's size, whatever the answer announces; at most
+        // MAX_RESERVE.
+        assert_eq!(to_reserve(100, Some(1000), None), None);
+        assert_eq!(
+            to_reserve(100, Some(20 << 30), Some(20 << 30)),
+            Some(MAX_RESERVE)
+        );
+        assert_eq!(to_reserve(100, None, Some(1000)), Some(900));
         assert_eq!(to_reserve(100, Some(1000), Some(400)), Some(300));
         assert_eq!(to_reserve(100, Some(1000), Some(50)), None);
-        assert_eq!(to_reserve(100, None, Some(400)), None);
+        assert_eq!(to_reserve(100, None, Some(400)), Some(300));
         assert_eq!(to_reserve(1000, Some(1000), None), None);
     }
 

@@ -47,6 +47,16 @@ pub enum ClientError {
         attempts: u32,
         reason: String,
     },
+    /// A body past its bound: a manifest page, a token or configuration document, a file past
+    /// its `fileSize`, its Content-Length or `--max-file-bytes`.
+    #[error("{url} sent more than {limit} bytes; stopped")]
+    TooLarge { url: String, limit: u64 },
+    /// A file that needs the access token on an origin the token does not go to.
+    #[error(
+        "{url} needs the access token (requiresAccessToken), but the token goes only to {origin} \
+         (the FHIR base URL's origin) and the origins --token-origin names; not downloaded"
+    )]
+    TokenWithheld { url: String, origin: String },
     #[error("the export failed on the server: {0}")]
     ExportFailed(String),
     #[error("the server's answer is not what Bulk Data specifies: {0}")]

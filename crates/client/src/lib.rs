@@ -109,6 +109,12 @@ pub struct ExportArgs {
     /// The client's private key: PKCS#8 PEM (RSA, EC P-256/P-384) or a private JWK / JWKS.
     #[arg(long, env = "FHIRHOSE_EXPORT_KEY", requires = "client_id")]
     pub key: Option<PathBuf>,
+    /// Another origin (e.g. `https://files.example.org`) the access token may be sent to
+    /// (repeatable). By default it goes to the FHIR base URL's origin (scheme, host, port)
+    /// only: a status, manifest page or file URL elsewhere is read without it, and a file there
+    /// the manifest says needs it (`requiresAccessToken`) is refused.
+    #[arg(long = "token-origin")]
+    pub token_origins: Vec<String>,
     /// Token endpoint (default: from `BASE/.well-known/smart-configuration`).
     #[arg(long)]
     pub token_url: Option<String>,
@@ -121,6 +127,10 @@ pub struct ExportArgs {
     /// Signing algorithm: RS384, RS256, ES384 or ES256 (default: from the key).
     #[arg(long)]
     pub alg: Option<String>,
+    /// The most bytes one file may have: a download passing it stops with an error (besides
+    /// the manifest's `fileSize` and the answer's Content-Length, which always bound it).
+    #[arg(long)]
+    pub max_file_bytes: Option<u64>,
     /// Files downloaded at once.
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
@@ -279,12 +289,15 @@ fn session_for(args: &ExportArgs) -> Result<Session, ClientError> {
         }),
         _ => None,
     };
-    Session::new(
+    let mut session = Session::new(
         base_of(&args.url),
+        &args.token_origins,
         credentials,
         args.retries,
         Duration::from_secs(args.timeout.max(1)),
-    )
+    )?;
+    session.max_file_bytes = args.max_file_bytes;
+    Ok(session)
 }
 
 /// The FHIR base of a base or kick-off URL.
@@ -436,6 +449,9 @@ async fn kickoff(args: &ExportArgs, session: &Session) -> Result<String, ClientE
         .ok_or_else(|| ClientError::Protocol("202 without Content-Location".to_owned()))
 }
 
+/// The largest status answer or manifest page read (as `fhirhose verify` reads them).
+const MAX_PAGE_BYTES: usize = manifest::MAX_MANIFEST_BYTES as usize;
+
 /// Seconds a status request asks the server to hold its answer until something changes
 /// (`Prefer: wait`, RFC 7240; servers that do not know it answer at once, as before), at most
 /// half of `--timeout`.
@@ -510,11 +526,7 @@ async fn poll(
             _ => status,
         };
         let body = |resp: reqwest::Response, url: String| async move {
-            resp.text().await.map_err(|e| ClientError::Transport {
-                url,
-                attempts: 1,
-                reason: session::transport_reason(&e),
-            })
+            session::read_body(resp, &url, MAX_PAGE_BYTES).await
         };
         match status {
             StatusCode::OK if url != status_url => {
@@ -640,11 +652,7 @@ async fn all_pages(
         if resp.status() != StatusCode::OK {
             return Err(session.fail(&url, resp, 1).await);
         }
-        let body = resp.text().await.map_err(|e| ClientError::Transport {
-            url: url.clone(),
-            attempts: 1,
-            reason: session::transport_reason(&e),
-        })?;
+        let body = session::read_body(resp, &url, MAX_PAGE_BYTES).await?;
         let page: Value = serde_json::from_str(&body)
             .map_err(|_| ClientError::Protocol(format!("the manifest page {url} is not JSON")))?;
         walk.push(page).map_err(paging)?;

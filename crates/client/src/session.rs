@@ -28,6 +28,13 @@ struct Token {
 pub struct Session {
     pub http: reqwest::Client,
     base: String,
+    /// The origins (scheme, host, port) the access token is sent to: the FHIR base URL's and
+    /// those `--token-origin` adds. A status, page or file URL is the server's choice: on any
+    /// other origin it gets no token (a hostile server would otherwise collect it by naming its
+    /// own host), and an https origin's token never goes over http (the scheme is part of it).
+    token_origins: Vec<reqwest::Url>,
+    /// `--max-file-bytes`: no download grows past it.
+    pub max_file_bytes: Option<u64>,
     credentials: Option<Credentials>,
     token: tokio::sync::Mutex<Option<Token>>,
     token_url: tokio::sync::OnceCell<String>,
@@ -52,16 +59,26 @@ pub const IDEMPOTENT: Policy = Policy {
 };
 
 impl Session {
+    /// `token_origins`: origins besides the base URL's the token may go to.
     pub fn new(
         base: &str,
+        token_origins: &[String],
         credentials: Option<Credentials>,
         retries: u32,
         timeout: Duration,
     ) -> Result<Session, ClientError> {
+        let origins = std::iter::once(base)
+            .chain(token_origins.iter().map(String::as_str))
+            .map(|u| match reqwest::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
+                _ => Err(ClientError::Usage(format!("{u} is not an http(s) URL"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         // No gzip: a resumed download's Range counts bytes of the identity encoding, and a
         // server compressing NDJSON on the fly spends the CPU the export needs.
         let http = reqwest::Client::builder()
             .no_gzip()
+            .redirect(manifest::redirect_policy())
             .connect_timeout(Duration::from_secs(30))
             .read_timeout(timeout)
             .user_agent(concat!("fhirhose-export/", env!("CARGO_PKG_VERSION")))
@@ -70,6 +87,8 @@ impl Session {
         Ok(Session {
             http,
             base: base.trim_end_matches('/').to_owned(),
+            token_origins: origins,
+            max_file_bytes: None,
             credentials,
             token: tokio::sync::Mutex::new(None),
             token_url: tokio::sync::OnceCell::new(),
@@ -97,7 +116,9 @@ impl Session {
             .await?
             .clone();
         let (value, expires_in) = self.request_token(creds, &token_url).await?;
-        // Renew at 80 % of the lifetime, at most a minute early.
+        // Renew at 80 % of the lifetime, at most a minute early; a lifetime past a day is taken
+        // as a day (an Instant that far ahead may not exist: adding it would panic).
+        let expires_in = expires_in.min(MAX_TOKEN_SECONDS);
         let margin = (expires_in / 5).min(60);
         let renew_at = Instant::now() + Duration::from_secs(expires_in.saturating_sub(margin));
         self.tokens.fetch_add(1, Ordering::Relaxed);
@@ -107,6 +128,25 @@ impl Session {
             renew_at,
         });
         Ok(Some(value))
+    }
+
+    /// Whether the access token may go to `url`: one of [`Session::token_origins`].
+    pub fn token_may_go_to(&self, url: &str) -> bool {
+        reqwest::Url::parse(url)
+            .is_ok_and(|u| self.token_origins.iter().any(|o| o.origin() == u.origin()))
+    }
+
+    /// Whether the session has credentials (requests can carry a token at all).
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    /// The FHIR base URL's origin, for messages.
+    pub fn base_origin(&self) -> String {
+        self.token_origins
+            .first()
+            .map(|u| u.origin().ascii_serialization())
+            .unwrap_or_default()
     }
 
     async fn discover_token_url(&self, creds: &Credentials) -> Result<String, ClientError> {
@@ -126,10 +166,10 @@ impl Session {
             .await
             .map_err(|e| fail(transport_reason(&e)))?;
         let status = resp.status();
-        let body = resp.text().await.map_err(|e| fail(transport_reason(&e)))?;
         if !status.is_success() {
             return Err(fail(format!("HTTP {status}")));
         }
+        let body = read_body(resp, &url, MAX_DOCUMENT_BYTES).await?;
         let doc: Value = serde_json::from_str(&body).map_err(|_| fail("not JSON".to_owned()))?;
         doc.get("token_endpoint")
             .and_then(Value::as_str)
@@ -193,14 +233,15 @@ impl Session {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            let body = resp.text().await.unwrap_or_default();
             if !status.is_success() {
+                let body = error_body(resp).await;
                 return Err(ClientError::TokenRefused {
                     url: token_url.to_owned(),
                     status: status.as_u16(),
                     reason: reason_of(&body, None),
                 });
             }
+            let body = read_body(resp, token_url, MAX_DOCUMENT_BYTES).await?;
             let doc: Value = serde_json::from_str(&body).map_err(|_| {
                 ClientError::Protocol(format!("{token_url} answered no JSON token response"))
             })?;
@@ -230,6 +271,7 @@ impl Session {
         let mut attempt: u32 = 0;
         let mut stale: Option<String> = None;
         let mut renewed_after_401 = false;
+        let auth = auth && self.token_may_go_to(url);
         loop {
             let token = if auth {
                 self.bearer(stale.as_deref()).await?
@@ -304,7 +346,7 @@ impl Session {
             .get("www-authenticate")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = resp.text().await.unwrap_or_default();
+        let body = error_body(resp).await;
         let reason = reason_of(&body, www.as_deref());
         let url = url.to_owned();
         match status {
@@ -328,6 +370,60 @@ impl Session {
             },
         }
     }
+}
+
+/// The longest token lifetime taken from a token endpoint (a day): renewed by then at the latest.
+const MAX_TOKEN_SECONDS: u64 = 24 * 60 * 60;
+
+/// The largest SMART configuration or token response read: such documents are a few hundred
+/// bytes, a larger one is no answer of a token endpoint.
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+/// How much of an error answer's body is read for its reason (which is cut to 300 characters
+/// anyway): the rest is never received.
+pub const MAX_ERROR_BODY_BYTES: usize = 8 * 1024;
+
+/// The body of `resp` as text, at most `limit` bytes: a longer one is refused as soon as it
+/// passes the limit, so a server cannot make the client hold more.
+pub async fn read_body(mut resp: Response, url: &str, limit: usize) -> Result<String, ClientError> {
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(ClientError::TooLarge {
+                        url: url.to_owned(),
+                        limit: limit as u64,
+                    });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ClientError::Transport {
+                    url: url.to_owned(),
+                    attempts: 1,
+                    reason: transport_reason(&e),
+                });
+            }
+        }
+    }
+    String::from_utf8(body)
+        .map_err(|_| ClientError::Protocol(format!("{url} answered no UTF-8 text")))
+}
+
+/// The start of an error answer's body (at most [`MAX_ERROR_BODY_BYTES`]; reading stops there,
+/// and at the first transport error), for its reason.
+async fn error_body(mut resp: Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY_BYTES {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(MAX_ERROR_BODY_BYTES);
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// `Retry-After` as seconds or an HTTP date, at most ten minutes.

@@ -12,7 +12,7 @@
 //! about 30 bytes per resource up to a budget of about 64 MiB, beyond it in sorted runs written
 //! to a temporary directory and merged at the end (the few lines that name a dangling reference
 //! are read again to list them). Files come from a [`Source`]: [`HttpSource`] (the manifest's URLs, with an
-//! optional bearer token) or [`DirSource`] (a folder holding the files under the names their
+//! optional bearer token for one origin) or [`DirSource`] (a folder holding the files under the names their
 //! URLs end with, or under the export client's names). `fhirhose verify` and the export
 //! client's `--verify` are this function.
 //!
@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -29,7 +29,10 @@ use std::sync::{Mutex, PoisonError};
 use serde_json::Value;
 use sha2::Digest as _;
 
+mod limits;
 mod refs;
+
+pub use limits::{MAX_LINE_BYTES, MAX_MANIFEST_BYTES};
 
 /// Lowercase hex of a digest.
 fn hex(bytes: &[u8]) -> String {
@@ -113,6 +116,9 @@ pub fn entry_extension(sha256: &str, gzip: bool) -> Value {
 pub enum VerifyError {
     #[error("{what}: {message}")]
     Read { what: String, message: String },
+    /// A body past its bound ([`MAX_MANIFEST_BYTES`]): read no further.
+    #[error("{what}: more than {limit} bytes; refused")]
+    TooLarge { what: String, limit: u64 },
     #[error("HTTP {status} for {url}")]
     Status { url: String, status: u16 },
     #[error("the manifest is not a Bulk Data manifest: {0}")]
@@ -144,33 +150,120 @@ pub trait Source: Sync {
     fn open(&self, url: &str) -> Result<Box<dyn Read + '_>, VerifyError>;
 }
 
-/// The files over HTTP, at their manifest URLs, with a bearer token when given. Files are read
-/// as stored (a `.ndjson.gz` is not decoded by the transport).
+/// The files over HTTP, at their manifest URLs. Files are read as stored (a `.ndjson.gz` is not
+/// decoded by the transport).
+///
+/// The bearer token, when given, goes to one origin only (scheme, host and port:
+/// [`HttpSource::send_token_to`]; none until it is named): the manifest's pages and files are
+/// URLs a server chose, and a hostile one would otherwise collect the token by naming its own
+/// host. Files get it only when the manifest says `requiresAccessToken`
+/// ([`HttpSource::files_need_token`]). The scheme is part of the origin, so an `https` origin's
+/// token never goes over `http`; and a redirect from `https` to `http` is refused.
 pub struct HttpSource {
     client: reqwest::blocking::Client,
     token: Option<String>,
+    /// The origin the token is sent to.
+    token_origin: Option<reqwest::Url>,
+    files_need_token: bool,
+}
+
+/// Seconds without a byte from a server before `verify` gives a request up (as `fhirhose export
+/// --timeout`).
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How `verify` and the export client follow redirects: at most 10, and never from https to
+/// http (reqwest itself drops the Authorization header on a redirect to another host or port;
+/// a downgrade on the same one would send the token in clear).
+pub fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let downgrade = attempt.url().scheme() == "http"
+            && attempt.previous().iter().any(|u| u.scheme() == "https");
+        if downgrade {
+            attempt.error("a redirect from https to http (refused)")
+        } else if attempt.previous().len() >= 10 {
+            attempt.error("more than 10 redirects")
+        } else {
+            attempt.follow()
+        }
+    })
 }
 
 impl HttpSource {
+    /// A source with the token for no origin yet and [`DEFAULT_TIMEOUT`].
     pub fn new(token: Option<String>) -> Result<HttpSource, VerifyError> {
+        HttpSource::with_timeout(token, DEFAULT_TIMEOUT)
+    }
+
+    /// `timeout`: the longest wait for a connection, for an answer and for each read of a
+    /// body (a server that stops sending would otherwise hold `verify` forever).
+    pub fn with_timeout(
+        token: Option<String>,
+        timeout: std::time::Duration,
+    ) -> Result<HttpSource, VerifyError> {
         let client = reqwest::blocking::Client::builder()
-            .timeout(None)
+            .connect_timeout(timeout.min(std::time::Duration::from_secs(30)))
+            // Blocking reqwest: the wait for the answer's head and for each read of its body.
+            .timeout(timeout)
+            .redirect(redirect_policy())
             .build()
             .map_err(|e| VerifyError::Read {
                 what: "HTTP client".into(),
                 message: e.to_string(),
             })?;
-        Ok(HttpSource { client, token })
+        Ok(HttpSource {
+            client,
+            token,
+            token_origin: None,
+            files_need_token: false,
+        })
     }
 
-    fn get(&self, url: &str, accept: &str) -> Result<reqwest::blocking::Response, VerifyError> {
+    /// Sends the token to the origin (scheme, host, port) of `url`, and to no other.
+    pub fn send_token_to(mut self, url: &str) -> Result<HttpSource, VerifyError> {
+        let u = reqwest::Url::parse(url).map_err(|e| VerifyError::Read {
+            what: url.to_string(),
+            message: format!("not a URL: {e}"),
+        })?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err(VerifyError::Read {
+                what: url.to_string(),
+                message: "not an http(s) URL".into(),
+            });
+        }
+        self.token_origin = Some(u);
+        Ok(self)
+    }
+
+    /// Whether the files get the token (the manifest's `requiresAccessToken`), on the token's
+    /// origin only.
+    pub fn files_need_token(&mut self, yes: bool) {
+        self.files_need_token = yes;
+    }
+
+    /// The token for a request to `url`, if it may have it.
+    fn token_for(&self, url: &str, file: bool) -> Option<&str> {
+        let token = self.token.as_deref()?;
+        let origin = self.token_origin.as_ref()?;
+        if file && !self.files_need_token {
+            return None;
+        }
+        let u = reqwest::Url::parse(url).ok()?;
+        (u.origin() == origin.origin()).then_some(token)
+    }
+
+    fn get(
+        &self,
+        url: &str,
+        accept: &str,
+        file: bool,
+    ) -> Result<reqwest::blocking::Response, VerifyError> {
         let mut req = self.client.get(url).header("accept", accept);
-        if let Some(t) = &self.token {
+        if let Some(t) = self.token_for(url, file) {
             req = req.bearer_auth(t);
         }
         let resp = req.send().map_err(|e| VerifyError::Read {
             what: url.to_string(),
-            message: e.to_string(),
+            message: transport_reason(&e),
         })?;
         if !resp.status().is_success() {
             return Err(VerifyError::Status {
@@ -183,9 +276,10 @@ impl HttpSource {
 
     /// The manifest at a status URL (which must answer 200 with the manifest: the export is
     /// complete; with `Prefer: separate-export-status` the `X-Export-Status` header must say
-    /// `200` too). A paged manifest's first page only: see [`HttpSource::manifest_pages`].
+    /// `200` too), at most [`MAX_MANIFEST_BYTES`]. A paged manifest's first page only: see
+    /// [`HttpSource::manifest_pages`].
     pub fn manifest(&self, url: &str) -> Result<Value, VerifyError> {
-        let resp = self.get(url, "application/json")?;
+        let resp = self.get(url, "application/json", false)?;
         if let Some(s) = resp
             .headers()
             .get("x-export-status")
@@ -197,10 +291,17 @@ impl HttpSource {
                 message: format!("the export is not complete (X-Export-Status: {s})"),
             });
         }
-        let text = resp.text().map_err(|e| VerifyError::Read {
-            what: url.to_string(),
-            message: e.to_string(),
-        })?;
+        let body = limits::read_at_most(resp, MAX_MANIFEST_BYTES)
+            .map_err(|e| VerifyError::Read {
+                what: url.to_string(),
+                message: e.to_string(),
+            })?
+            .ok_or_else(|| VerifyError::TooLarge {
+                what: url.to_string(),
+                limit: MAX_MANIFEST_BYTES,
+            })?;
+        let text = String::from_utf8(body)
+            .map_err(|_| VerifyError::NotAManifest("not UTF-8 text".into()))?;
         parse_manifest(&text)
     }
 
@@ -221,9 +322,34 @@ impl HttpSource {
     }
 }
 
+/// Why a request failed, in words: a timeout says so, and the innermost cause is named
+/// (reqwest's own message is "error sending request" whatever happened).
+fn transport_reason(e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut reason = if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "cannot connect".to_owned()
+    } else {
+        e.to_string()
+    };
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.source().is_none() {
+            reason.push_str(&format!(" ({s})"));
+        }
+        source = s.source();
+    }
+    reason
+}
+
 impl Source for HttpSource {
     fn open(&self, url: &str) -> Result<Box<dyn Read + '_>, VerifyError> {
-        Ok(Box::new(self.get(url, "application/fhir+ndjson, */*")?))
+        Ok(Box::new(self.get(
+            url,
+            "application/fhir+ndjson, */*",
+            true,
+        )?))
     }
 }
 
@@ -337,11 +463,41 @@ impl DirSource {
 impl Source for DirSource {
     fn open(&self, url: &str) -> Result<Box<dyn Read + '_>, VerifyError> {
         let path = self.path_of(url);
-        let f = std::fs::File::open(&path).map_err(|e| VerifyError::Read {
-            what: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        Ok(Box::new(f))
+        Ok(Box::new(open_regular(&self.dir, &path)?))
+    }
+}
+
+/// Opens `path` if it is a regular file in `dir`: a symbolic link is followed only to a regular
+/// file inside `dir` (a manifest names files, not whatever a link in the folder points to), and
+/// a FIFO, socket or device is reported, never opened (opening a FIFO waits for a writer).
+fn open_regular(dir: &Path, path: &Path) -> Result<std::fs::File, VerifyError> {
+    let fail = |message: String| VerifyError::Read {
+        what: path.display().to_string(),
+        message,
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(|e| fail(e.to_string()))?;
+    if meta.file_type().is_symlink() {
+        let target = std::fs::canonicalize(path).map_err(|e| fail(e.to_string()))?;
+        let root = std::fs::canonicalize(dir).map_err(|e| fail(e.to_string()))?;
+        if !target.starts_with(&root) {
+            return Err(fail(format!(
+                "a symbolic link to {}, outside the folder; not read",
+                target.display()
+            )));
+        }
+    }
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail(
+            "not a regular file (a FIFO, socket, device or folder); not read".into(),
+        ));
+    }
+    let f = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    // The file checked may have been replaced meanwhile: what was opened is checked too.
+    match f.metadata() {
+        Ok(m) if m.is_file() => Ok(f),
+        Ok(_) => Err(fail("not a regular file; not read".into())),
+        Err(e) => Err(fail(e.to_string())),
     }
 }
 
@@ -956,9 +1112,20 @@ fn check_file(
         let mut line = Vec::new();
         loop {
             line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) => break,
-                Ok(_) => {}
+            match limits::read_line(&mut reader, &mut line, MAX_LINE_BYTES) {
+                Ok(limits::Line::End) => break,
+                Ok(limits::Line::Read) => {}
+                Ok(limits::Line::TooLong) => {
+                    file.lines += 1;
+                    bad_lines += 1;
+                    if bad_lines <= 5 {
+                        file.problems.push(format!(
+                            "line {} is longer than {MAX_LINE_BYTES} bytes (not read)",
+                            file.lines
+                        ));
+                    }
+                    continue;
+                }
                 Err(e) => {
                     file.problems.push(format!(
                         "read failed after line {}: {e}{}",

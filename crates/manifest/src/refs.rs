@@ -31,7 +31,7 @@ use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -648,9 +648,14 @@ impl Keys {
         let mut n = 0u64;
         while n < last {
             line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            match crate::limits::read_line(&mut reader, &mut line, crate::MAX_LINE_BYTES) {
+                Ok(crate::limits::Line::End) | Err(_) => return,
+                Ok(crate::limits::Line::Read) => {}
+                // Counted as a line, as the first read counted it; never a wanted one.
+                Ok(crate::limits::Line::TooLong) => {
+                    n += 1;
+                    continue;
+                }
             }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
