@@ -99,8 +99,23 @@ pub enum CliError {
         line: usize,
         source: deid::DeidError,
     },
+    /// A socket, device or folder named as the input (a device may never end).
+    #[error("{path}: not a regular file")]
+    NotRegularFile { path: PathBuf },
     #[error("{0}")]
     Usage(String),
+}
+
+/// Longest NDJSON line, the same as the server's `$import` (`export::import::MAX_LINE_BYTES`):
+/// a longer line is a bad line, found without holding more than this in memory (a gzip bomb
+/// of one endless line must not exhaust memory).
+pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+
+/// An entry of an input folder that was not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedInput {
+    pub path: PathBuf,
+    pub reason: &'static str,
 }
 
 /// What a run did.
@@ -115,6 +130,9 @@ pub struct Summary {
     pub rule_hits: Vec<(usize, String, u64)>,
     /// `--dry-run`: the report (also printed to standard output).
     pub report: Option<deid::report::Report>,
+    /// Entries of the input folder left alone: symbolic links (never followed, so a walk
+    /// neither loops nor reads outside the input folder) and what is not a regular file.
+    pub skipped: Vec<SkippedInput>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
@@ -124,8 +142,29 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     }
 }
 
+/// Opens a regular file (a link named by the user is followed: it is their choice), `.gz`
+/// decompressed; or a FIFO named by the user (`-i <(zcat …)`: they write to it; a folder's walk
+/// never yields one). Anything else is refused before it is opened: a device may never end.
 fn open_text(path: &Path) -> Result<Box<dyn BufRead + Send>, CliError> {
+    let readable = |m: &fs::Metadata| {
+        #[cfg(unix)]
+        let fifo = std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type());
+        #[cfg(not(unix))]
+        let fifo = false;
+        m.is_file() || fifo
+    };
+    if !readable(&fs::metadata(path).map_err(io(path))?) {
+        return Err(CliError::NotRegularFile {
+            path: path.to_path_buf(),
+        });
+    }
     let f = fs::File::open(path).map_err(io(path))?;
+    // Replaced between the check and the open: still refused.
+    if !readable(&f.metadata().map_err(io(path))?) {
+        return Err(CliError::NotRegularFile {
+            path: path.to_path_buf(),
+        });
+    }
     if path.extension().is_some_and(|e| e == "gz") {
         Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(
             f,
@@ -181,24 +220,45 @@ fn is_input(p: &Path, bulk: bool) -> bool {
     }
 }
 
+/// The input files of folder `dir`, sorted. Symbolic links are never followed (a link to `.`
+/// made the walk loop, and a link could lead out of the input folder): those the walk would
+/// have read are reported in `skipped`, as are FIFOs, sockets and devices with an input's name.
 fn collect(
     dir: &Path,
     recursive: bool,
     bulk: bool,
     out: &mut Vec<PathBuf>,
+    skipped: &mut Vec<SkippedInput>,
 ) -> Result<(), CliError> {
-    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+    let mut entries: Vec<(PathBuf, fs::FileType)> = fs::read_dir(dir)
         .map_err(io(dir))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_type().ok().map(|t| (e.path(), t)))
         .collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (p, kind) in entries {
+        if kind.is_symlink() {
+            // Looked at only to decide whether to warn: a link to a folder matters with -r.
+            let to_folder = fs::metadata(&p).is_ok_and(|m| m.is_dir());
+            if (to_folder && recursive) || (!to_folder && is_input(&p, bulk)) {
+                skipped.push(SkippedInput {
+                    path: p,
+                    reason: "a symbolic link (not followed)",
+                });
+            }
+        } else if kind.is_dir() {
             if recursive {
-                collect(&p, recursive, bulk, out)?;
+                collect(&p, recursive, bulk, out, skipped)?;
             }
         } else if is_input(&p, bulk) {
-            out.push(p);
+            if kind.is_file() {
+                out.push(p);
+            } else {
+                skipped.push(SkippedInput {
+                    path: p,
+                    reason: "not a regular file",
+                });
+            }
         }
     }
     Ok(())
@@ -273,6 +333,48 @@ struct Batch {
     text: String,
     /// End offset in `text` of each line, line terminator excluded.
     ends: Vec<usize>,
+    /// The line after the last one could not be read (too long, not UTF-8): the input's last
+    /// batch, which fails there once its lines are done, so the first bad line is reported.
+    bad_line: Option<String>,
+}
+
+/// How [`read_line`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    End,
+    /// A line in the buffer, without its terminator.
+    Line,
+    /// Longer than [`MAX_LINE_BYTES`]: the buffer holds its first bytes only.
+    TooLong,
+}
+
+/// Reads one line into `buf`, reading at most [`MAX_LINE_BYTES`] + 1 bytes.
+fn read_line(reader: &mut dyn BufRead, buf: &mut Vec<u8>) -> std::io::Result<LineRead> {
+    buf.clear();
+    let n = (&mut *reader)
+        .take(MAX_LINE_BYTES as u64 + 1)
+        .read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(LineRead::End);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > MAX_LINE_BYTES {
+        return Ok(LineRead::TooLong);
+    }
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    Ok(LineRead::Line)
+}
+
+/// Why a line read by [`read_line`] is bad, `None` when it is text.
+fn bad_line(read: &LineRead, line: &[u8]) -> Option<String> {
+    match read {
+        LineRead::TooLong => Some(format!("the line is longer than {MAX_LINE_BYTES} bytes")),
+        _ if std::str::from_utf8(line).is_err() => Some("the line is not UTF-8".into()),
+        _ => None,
+    }
 }
 
 /// Reads the next batch of lines (`None` at the end of the input).
@@ -284,20 +386,26 @@ fn read_batch(
 ) -> Result<Option<Batch>, CliError> {
     let mut text = String::new();
     let mut ends = Vec::with_capacity(BATCH_LINES);
+    let mut line = Vec::new();
+    let mut bad = None;
     while ends.len() < BATCH_LINES && text.len() < BATCH_BYTES {
-        let start = text.len();
-        if reader.read_line(&mut text).map_err(io(input))? == 0 {
+        let read = read_line(reader, &mut line).map_err(io(input))?;
+        if read == LineRead::End {
             break;
         }
-        let end = start + text[start..].trim_end_matches(['\n', '\r']).len();
-        text.truncate(end);
-        ends.push(end);
+        if let Some(why) = bad_line(&read, &line) {
+            bad = Some(why);
+            break;
+        }
+        text.push_str(&String::from_utf8_lossy(&line));
+        ends.push(text.len());
     }
-    Ok((!ends.is_empty()).then_some(Batch {
+    Ok((!ends.is_empty() || bad.is_some()).then_some(Batch {
         seq,
         first_line,
         text,
         ends,
+        bad_line: bad,
     }))
 }
 
@@ -345,7 +453,14 @@ fn anonymize_lines(
         serde_json::to_writer(&mut *out, &v).map_err(|e| io(input)(e.into()))?;
         out.push(b'\n');
     }
-    Ok(())
+    match &batch.bad_line {
+        Some(why) => Err(CliError::Resource {
+            path: input.to_path_buf(),
+            line: batch.first_line + batch.ends.len(),
+            source: deid::DeidError::InvalidInput(why.clone()),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Anonymizes an NDJSON stream into `w`, keeping the input order. One thread does everything
@@ -368,6 +483,7 @@ fn anonymize_ndjson(
         let (mut seq, mut line) = (0, 1);
         while let Some(batch) = read_batch(&mut *reader, seq, line, input)? {
             out.clear();
+            // A batch with a bad line fails here: nothing is read after it.
             anonymize_lines(job, &batch, input, summary, &mut out)?;
             w.write_all(&out).map_err(io(output))?;
             seq += 1;
@@ -400,7 +516,9 @@ fn anonymize_ndjson(
                 };
                 seq += 1;
                 line += batch.ends.len();
-                if work_tx.send(batch).is_err() {
+                // A batch with a bad line is the last: its worker fails at that line.
+                let last = batch.bad_line.is_some();
+                if work_tx.send(batch).is_err() || last {
                     return Ok(());
                 }
             }
@@ -469,8 +587,15 @@ fn dry_run(args: &AnonymizeArgs, config: &Config, input_root: &Path) -> Result<S
     risk.quasi_identifiers = qis;
     risk.k = args.k.max(1);
     let mut files = Vec::new();
+    let mut summary = Summary::default();
     if input_root.is_dir() {
-        collect(input_root, args.recursive, args.bulk, &mut files)?;
+        collect(
+            input_root,
+            args.recursive,
+            args.bulk,
+            &mut files,
+            &mut summary.skipped,
+        )?;
     } else {
         files.push(input_root.to_path_buf());
     }
@@ -480,7 +605,6 @@ fn dry_run(args: &AnonymizeArgs, config: &Config, input_root: &Path) -> Result<S
         .unwrap_or("")
         .to_string();
     let mut all: Option<deid::report::DryRun> = None;
-    let mut summary = Summary::default();
     for input in &files {
         let file_name = input.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let engine = Engine::new(config.clone()).with_file_context(file_name, &folder_name);
@@ -501,12 +625,21 @@ fn dry_run(args: &AnonymizeArgs, config: &Config, input_root: &Path) -> Result<S
         };
         if args.bulk {
             let mut n = 0;
+            let mut line = Vec::new();
             loop {
-                text.clear();
-                if reader.read_line(&mut text).map_err(io(input))? == 0 {
+                let read = read_line(&mut *reader, &mut line).map_err(io(input))?;
+                if read == LineRead::End {
                     break;
                 }
                 n += 1;
+                if let Some(why) = bad_line(&read, &line) {
+                    return Err(CliError::Resource {
+                        path: input.clone(),
+                        line: n,
+                        source: deid::DeidError::InvalidInput(why),
+                    });
+                }
+                let text = String::from_utf8_lossy(&line);
                 if !text.trim().is_empty() {
                     one(n, &text, &mut dry)?;
                 }
@@ -592,7 +725,13 @@ pub fn run(args: &AnonymizeArgs) -> Result<Summary, CliError> {
             ));
         }
         let mut files = Vec::new();
-        collect(&input_root, args.recursive, args.bulk, &mut files)?;
+        collect(
+            &input_root,
+            args.recursive,
+            args.bulk,
+            &mut files,
+            &mut summary.skipped,
+        )?;
         files
             .into_iter()
             .map(|f| {
@@ -667,6 +806,78 @@ impl std::fmt::Display for Summary {
                 writeln!(f, "  rule {i} {p}: {h}")?;
             }
         }
+        for s in &self.skipped {
+            writeln!(f, "warning: skipped {}: {}", s.path.display(), s.reason)?;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts the bytes taken from the inner reader.
+    struct Counted<R> {
+        inner: R,
+        taken: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl<R: Read> Read for Counted<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.taken
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(n)
+        }
+    }
+
+    /// Security review: a line without a newline (a gzip bomb of `a`) was read whole, and
+    /// aborted the process with a multi-gigabyte allocation.
+    #[test]
+    fn an_endless_line_is_a_bad_line_found_in_bounded_memory() {
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut reader = BufReader::new(Counted {
+            inner: std::io::repeat(b'a'),
+            taken: taken.clone(),
+        });
+        let batch = read_batch(&mut reader, 0, 1, Path::new("in.ndjson"))
+            .expect("read")
+            .expect("a batch");
+        assert!(batch.ends.is_empty());
+        assert_eq!(
+            batch.bad_line,
+            Some(format!("the line is longer than {MAX_LINE_BYTES} bytes"))
+        );
+        let taken = taken.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            taken <= MAX_LINE_BYTES as u64 + 64 * 1024,
+            "read {taken} bytes"
+        );
+    }
+
+    #[test]
+    fn lines_up_to_the_limit_are_read_and_the_bad_one_ends_the_batch() {
+        let mut text = b"{\"a\":1}\r\n{}\n".to_vec();
+        text.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 1));
+        text.extend(b"\n{}\n");
+        let mut reader = &text[..];
+        let batch = read_batch(&mut reader, 0, 7, Path::new("in.ndjson"))
+            .expect("read")
+            .expect("a batch");
+        assert_eq!(batch.text, "{\"a\":1}{}");
+        assert_eq!(batch.ends, vec![7, 9]);
+        assert!(batch.bad_line.is_some());
+        let mut exact = vec![b'x'; MAX_LINE_BYTES];
+        exact.push(b'\n');
+        let batch = read_batch(&mut &exact[..], 0, 1, Path::new("in.ndjson"))
+            .expect("read")
+            .expect("a batch");
+        assert_eq!((batch.ends.len(), batch.bad_line), (1, None));
+        let batch = read_batch(&mut &b"{}\n\xff\n"[..], 0, 1, Path::new("in.ndjson"))
+            .expect("read")
+            .expect("a batch");
+        assert_eq!(batch.ends.len(), 1);
+        assert_eq!(batch.bad_line.as_deref(), Some("the line is not UTF-8"));
     }
 }

@@ -214,3 +214,170 @@ fn a_bad_line_in_a_late_batch_fails_with_its_number() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A gzip member of one line longer than the limit, without a newline.
+fn endless_line_gz(path: &std::path::Path) {
+    use std::io::Write;
+    let f = std::fs::File::create(path).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+    let chunk = vec![b'a'; 1 << 20];
+    for _ in 0..(deid_cli::MAX_LINE_BYTES >> 20) + 1 {
+        gz.write_all(&chunk).unwrap();
+    }
+    gz.finish().unwrap();
+}
+
+/// Security review: a gzip bomb of one line without a newline aborted `anonymize -b` (and its
+/// dry run) with a huge allocation; an over-long line is now a bad line with its number.
+#[test]
+fn an_over_long_line_is_a_bad_line() {
+    let dir = Scratch::new("bomb");
+    let input = dir.path().join("bomb.ndjson.gz");
+    endless_line_gz(&input);
+    for threads in [1, 2] {
+        let e = run(&AnonymizeArgs {
+            threads: Some(threads),
+            ..args(input.clone(), dir.path().join("out.ndjson"))
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string().contains(":1: ") && e.to_string().contains("longer than"),
+            "{threads} threads: {e}"
+        );
+        assert!(!dir.path().join("out.ndjson").exists());
+    }
+    let e = run(&AnonymizeArgs {
+        output: None,
+        dry_run: true,
+        ..args(input, PathBuf::new())
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("longer than"), "dry run: {e}");
+}
+
+/// Runs `f` on another thread, failing (not hanging) after a minute: a FIFO input used to
+/// block `anonymize` forever.
+#[cfg(unix)]
+fn within_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("finished within a minute")
+}
+
+/// Security review: `-r` followed a link to `.` (41 nested copies, or no end with two), and
+/// links out of the input folder; a FIFO with an input's name hung the run.
+#[cfg(unix)]
+#[test]
+fn a_recursive_walk_follows_no_link_and_opens_only_regular_files() {
+    use std::os::unix::fs::symlink;
+    let dir = Scratch::new("links");
+    let (input, outside, out) = (
+        dir.path().join("in"),
+        dir.path().join("outside"),
+        dir.path().join("out"),
+    );
+    std::fs::create_dir_all(input.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    let patient = std::fs::read(data("Patient-1.ndjson")).unwrap();
+    std::fs::write(input.join("a.ndjson"), &patient).unwrap();
+    std::fs::write(input.join("sub/b.ndjson"), &patient).unwrap();
+    std::fs::write(outside.join("secret.ndjson"), &patient).unwrap();
+    symlink(".", input.join("loop")).unwrap();
+    symlink("..", input.join("sub/up")).unwrap();
+    symlink(&outside, input.join("ext")).unwrap();
+    symlink(outside.join("secret.ndjson"), input.join("link.ndjson")).unwrap();
+    let fifo = input.join("fifo.ndjson");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let a = AnonymizeArgs {
+        recursive: true,
+        ..args(input.clone(), out.clone())
+    };
+    let s = within_a_minute(move || run(&a)).unwrap();
+    assert_eq!(s.files, 2);
+    let mut written: Vec<_> = walk(&out);
+    written.sort();
+    assert_eq!(written, vec!["a.ndjson", "sub/b.ndjson"]);
+    let mut skipped: Vec<_> = s
+        .skipped
+        .iter()
+        .map(|k| {
+            let rel = k.path.strip_prefix(&input).unwrap();
+            format!("{} {}", rel.display(), k.reason)
+        })
+        .collect();
+    skipped.sort();
+    assert_eq!(
+        skipped,
+        vec![
+            "ext a symbolic link (not followed)",
+            "fifo.ndjson not a regular file",
+            "link.ndjson a symbolic link (not followed)",
+            "loop a symbolic link (not followed)",
+            "sub/up a symbolic link (not followed)",
+        ]
+    );
+    assert!(s.to_string().contains("warning: skipped"));
+    // Named as the input by the user (`-i <(zcat …)`), a FIFO is read: they write to it.
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            std::fs::write(&fifo, "{\"resourceType\":\"Patient\",\"id\":\"f\"}\n").unwrap()
+        })
+    };
+    let a = args(fifo, dir.path().join("fifo-out.ndjson"));
+    let s = within_a_minute(move || run(&a)).unwrap();
+    writer.join().unwrap();
+    assert_eq!(s.resources, 1, "{s}");
+    // A socket or device named as the input is refused, never opened.
+    let a = args("/dev/null".into(), dir.path().join("null-out.ndjson"));
+    let e = within_a_minute(move || run(&a)).unwrap_err();
+    assert!(
+        matches!(e, deid_cli::CliError::NotRegularFile { .. }),
+        "{e}"
+    );
+}
+
+/// Files under `dir`, relative, `/`-separated (no link is followed).
+#[cfg(unix)]
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()).into_iter().map(|n| format!("{name}/{n}")));
+        } else {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// A fresh folder under the system's temporary folder, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("deid-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
