@@ -178,6 +178,87 @@ impl LocalSink {
         }
         Ok(self.root.join(container).join(path))
     }
+
+    /// The path of the object `path` in `container` and its metadata, when it is a regular file
+    /// reached without a symbolic link below the container folder. A link planted in the
+    /// storage folder (`imports/x.ndjson -> ../exports/<other job>/Patient.ndjson`, or to any
+    /// server file) must not make its target an object, so every component is looked at with
+    /// `symlink_metadata`; and a FIFO or device is never an object (opening a FIFO blocks).
+    /// What exists but is not an object is [`SinkError::Refused`] (permanent: asking again gets
+    /// the same answer), with the reason and the container-relative name only. The container
+    /// folder itself may be a link (an operator's mount): it is not the client's to plant.
+    fn object_path(
+        &self,
+        container: &str,
+        path: &str,
+    ) -> Result<(PathBuf, fs::Metadata), SinkError> {
+        let mut p = self.path(container, "")?;
+        let not_object =
+            |why: &str| SinkError::Refused(format!("'{container}/{path}' is {why}, not an object"));
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let Some((last, folders)) = segments.split_last() else {
+            return Err(SinkError::NotFound(path.to_string()));
+        };
+        for segment in folders {
+            p.push(segment);
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(not_object("under a symbolic link"));
+                }
+                Ok(_) => return Err(SinkError::NotFound(path.to_string())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(SinkError::NotFound(path.to_string()));
+                }
+                Err(e) => return Err(self.io_error(&p, e)),
+            }
+        }
+        p.push(last);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_file() => Ok((p, m)),
+            Ok(m) if m.file_type().is_symlink() => Err(not_object("a symbolic link")),
+            Ok(_) => Err(not_object("not a regular file")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(SinkError::NotFound(path.to_string()))
+            }
+            Err(e) => Err(self.io_error(&p, e)),
+        }
+    }
+
+    /// Opens the object `path` of `container` ([`LocalSink::object_path`]) with the metadata of
+    /// the open file. The open file must be the one inspected: a name swapped for a link between
+    /// the inspection and the open is refused rather than read through. (A FIFO swapped in
+    /// within that window would still block the open: that needs `O_NONBLOCK`, i.e. `libc`.)
+    fn open_object(&self, container: &str, path: &str) -> Result<(File, fs::Metadata), SinkError> {
+        let (p, inspected) = self.object_path(container, path)?;
+        let f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SinkError::NotFound(path.to_string()));
+            }
+            Err(e) => return Err(self.io_error(&p, e)),
+        };
+        let opened = f.metadata().map_err(|e| self.io_error(&p, e))?;
+        if !opened.is_file() || !same_file(&inspected, &opened) {
+            return Err(SinkError::Refused(format!(
+                "'{container}/{path}' was replaced while it was opened, not an object"
+            )));
+        }
+        Ok((f, opened))
+    }
+}
+
+/// Whether two metadata describe the same file (device and inode on unix).
+fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        a.dev() == b.dev() && a.ino() == b.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        a.len() == b.len() && a.modified().ok() == b.modified().ok()
+    }
 }
 
 impl LocalSink {
@@ -285,18 +366,11 @@ impl Sink for LocalSink {
         if !dir.is_dir() {
             return Err(SinkError::ContainerNotFound(container.to_string()));
         }
-        let p = self.path(container, path)?;
-        let f = match File::open(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SinkError::NotFound(path.to_string()));
-            }
-            Err(e) => return Err(self.io_error(&p, e)),
-        };
+        let (f, _) = self.open_object(container, path)?;
         let mut bytes = Vec::new();
         f.take(max_bytes + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| self.io_error(&p, e))?;
+            .map_err(|e| SinkError::from_io(&format!("{container}/{path}"), e))?;
         if bytes.len() as u64 > max_bytes {
             return Err(SinkError::TooLarge {
                 path: path.to_string(),
@@ -310,30 +384,25 @@ impl Sink for LocalSink {
     }
 
     fn open_read(&self, container: &str, path: &str) -> Result<Box<dyn Read + Send>, SinkError> {
-        let p = self.path(container, path)?;
-        match File::open(&p) {
-            Ok(f) => Ok(Box::new(f)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(SinkError::NotFound(path.to_string()))
-            }
-            Err(e) => Err(self.io_error(&p, e)),
-        }
+        let (f, _) = self.open_object(container, path)?;
+        Ok(Box::new(f))
     }
 
     fn stat(&self, container: &str, path: &str) -> Result<ObjectInfo, SinkError> {
-        let p = self.path(container, path)?;
-        match fs::metadata(&p) {
-            Ok(m) if m.is_file() => Ok(ObjectInfo {
-                size: m.len(),
-                etag: local_etag(&m),
-                last_modified: m.modified().ok(),
-            }),
-            Ok(_) => Err(SinkError::NotFound(path.to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(SinkError::NotFound(path.to_string()))
+        // What is not an object is not found here, as before links were refused: `$import`'s
+        // kick-off answers "does not exist" (400), a download 404. The reason goes to the log.
+        let (_, m) = self.object_path(container, path).map_err(|e| match e {
+            SinkError::Refused(why) => {
+                tracing::warn!(reason = %why, "stat of a storage path that is not an object");
+                SinkError::NotFound(path.to_string())
             }
-            Err(e) => Err(self.io_error(&p, e)),
-        }
+            other => other,
+        })?;
+        Ok(ObjectInfo {
+            size: m.len(),
+            etag: local_etag(&m),
+            last_modified: m.modified().ok(),
+        })
     }
 
     fn open_range(
@@ -344,17 +413,10 @@ impl Sink for LocalSink {
         etag: Option<&str>,
     ) -> Result<Box<dyn Read + Send>, SinkError> {
         use std::io::{Seek, SeekFrom};
-        let p = self.path(container, path)?;
-        let mut f = match File::open(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SinkError::NotFound(path.to_string()));
-            }
-            Err(e) => return Err(self.io_error(&p, e)),
-        };
+        let (mut f, m) = self.open_object(container, path)?;
+        let name = format!("{container}/{path}");
         if let Some(expected) = etag {
             // The open file's own metadata: the validator of exactly the bytes read.
-            let m = f.metadata().map_err(|e| self.io_error(&p, e))?;
             if local_etag(&m) != expected {
                 return Err(SinkError::Unavailable(format!(
                     "{container}/{path} changed while it was read"
@@ -362,7 +424,7 @@ impl Sink for LocalSink {
             }
         }
         f.seek(SeekFrom::Start(range.start))
-            .map_err(|e| self.io_error(&p, e))?;
+            .map_err(|e| SinkError::from_io(&name, e))?;
         Ok(Box::new(f.take(range.end.saturating_sub(range.start))))
     }
 
@@ -442,5 +504,95 @@ mod tests {
         assert!(sink.create("exports", "../escape").is_err());
         sink.delete_prefix("exports", "job").expect("delete");
         assert!(!dir.path().join("exports/job").exists());
+    }
+
+    /// Security review: a symbolic link planted in the import container was read through, so
+    /// `$import` loaded another client's export output or any server file.
+    #[cfg(unix)]
+    #[test]
+    fn reads_never_follow_a_symbolic_link_nor_open_what_is_not_a_regular_file() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let sink = LocalSink::new(dir.path());
+        sink.ensure_container("imports").expect("container");
+        sink.ensure_container("exports").expect("container");
+        let secret = outside.path().join("secret.ndjson");
+        fs::write(&secret, b"{\"resourceType\":\"Patient\"}\n").expect("write");
+        fs::create_dir_all(dir.path().join("exports/other")).expect("mkdir");
+        fs::write(dir.path().join("exports/other/Patient.ndjson"), b"{}\n").expect("write");
+        let imports = dir.path().join("imports");
+        symlink(&secret, imports.join("abs.ndjson")).expect("symlink");
+        symlink(
+            "../exports/other/Patient.ndjson",
+            imports.join("rel.ndjson"),
+        )
+        .expect("symlink");
+        symlink(outside.path(), imports.join("folder")).expect("symlink");
+        symlink("../exports/other", imports.join("sibling")).expect("symlink");
+        let socket = std::os::unix::net::UnixListener::bind(imports.join("socket.ndjson"));
+        assert!(socket.is_ok(), "a socket file to refuse");
+        fs::create_dir_all(imports.join("real")).expect("mkdir");
+        fs::write(imports.join("real/ok.ndjson"), b"{}\n").expect("write");
+
+        for path in [
+            "abs.ndjson",
+            "rel.ndjson",
+            "folder/secret.ndjson",
+            "sibling/Patient.ndjson",
+            "socket.ndjson",
+            "real",
+            "real/",
+        ] {
+            assert!(
+                matches!(sink.open_read("imports", path), Err(SinkError::Refused(_))),
+                "open_read {path}"
+            );
+            assert!(
+                matches!(sink.stat("imports", path), Err(SinkError::NotFound(_))),
+                "stat {path}"
+            );
+            assert!(
+                matches!(
+                    sink.open_range("imports", path, 0..1, None),
+                    Err(SinkError::Refused(_))
+                ),
+                "open_range {path}"
+            );
+            assert!(
+                matches!(
+                    sink.read_limited("imports", path, 100),
+                    Err(SinkError::Refused(_))
+                ),
+                "read_limited {path}"
+            );
+        }
+        // The reason, without the server's directories.
+        let Err(e) = sink.open_read("imports", "abs.ndjson") else {
+            panic!("a link was opened");
+        };
+        assert_eq!(
+            e.to_string(),
+            "'imports/abs.ndjson' is a symbolic link, not an object"
+        );
+        assert!(matches!(
+            sink.open_read("imports", "missing.ndjson"),
+            Err(SinkError::NotFound(_))
+        ));
+        // A regular file in a real folder is an object.
+        let mut text = String::new();
+        sink.open_read("imports", "real/ok.ndjson")
+            .expect("open")
+            .read_to_string(&mut text)
+            .expect("read");
+        assert_eq!(text, "{}\n");
+        assert_eq!(
+            sink.stat("imports", "real/ok.ndjson").expect("stat").size,
+            3
+        );
+        let (bytes, _) = sink
+            .read_limited("imports", "real/ok.ndjson", 10)
+            .expect("read");
+        assert_eq!(bytes, b"{}\n");
     }
 }

@@ -250,6 +250,46 @@ async fn bad_requests_and_urls_outside_the_storage_are_refused() {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
 
+/// Security review: a symbolic link in the import container (to another client's export
+/// output, or to any server file) was imported; links are not objects of the storage.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn symbolic_links_in_the_import_container_are_not_inputs() {
+    use std::os::unix::fs::symlink;
+    let s = common::start(&[], server::config::ExportOptions::default()).await;
+    let patient = b"{\"resourceType\":\"Patient\",\"id\":\"other\"}\n";
+    let other = s.dir.path().join("storage/exports/other");
+    std::fs::create_dir_all(&other).expect("mkdir");
+    std::fs::write(other.join("Patient.ndjson"), patient).expect("export file");
+    let secret = s.dir.path().join("secret.ndjson");
+    std::fs::write(&secret, patient).expect("secret");
+    put_file(&s, "imports", "real.ndjson", patient);
+    let imports = s.dir.path().join("storage/imports");
+    symlink(
+        "../exports/other/Patient.ndjson",
+        imports.join("rel.ndjson"),
+    )
+    .expect("link");
+    symlink(&secret, imports.join("abs.ndjson")).expect("link");
+    symlink("../exports/other", imports.join("folder")).expect("link");
+    for url in [
+        "imports/rel.ndjson",
+        "imports/abs.ndjson",
+        "imports/folder/Patient.ndjson",
+    ] {
+        let r = kickoff(&s, &parameters("IncrementalLoad", &[("Patient", url)])).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{url}");
+    }
+    assert_eq!(read(&s, "Patient/other").await.0, StatusCode::NOT_FOUND);
+    // The same file, not through a link, is an input.
+    import(
+        &s,
+        &parameters("IncrementalLoad", &[("Patient", "imports/real.ndjson")]),
+    )
+    .await;
+    assert_eq!(read(&s, "Patient/other").await.0, StatusCode::OK);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn line_errors_go_to_error_files_and_incremental_load_makes_versions() {
     let s = common::start(&[], server::config::ExportOptions::default()).await;
