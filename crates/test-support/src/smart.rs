@@ -32,7 +32,7 @@ pub fn registrations(clients: &[(&str, &str)]) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// [`auth`] with clients given as clients file entries without keys (`client_id`, `scope`,
+/// [`auth()`] with clients given as clients file entries without keys (`client_id`, `scope`,
 /// `key_sets`, ...): each is registered with the public half of `key`.
 pub fn auth_registered(
     base: &str,
