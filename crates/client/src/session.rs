@@ -446,22 +446,7 @@ pub fn backoff(attempt: u32) -> Duration {
 }
 
 pub fn transport_reason(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut reason = if e.is_timeout() {
-        "timed out".to_owned()
-    } else if e.is_connect() {
-        "cannot connect".to_owned()
-    } else {
-        "connection error".to_owned()
-    };
-    let mut source = e.source();
-    while let Some(s) = source {
-        if s.source().is_none() {
-            reason.push_str(&format!(" ({s})"));
-        }
-        source = s.source();
-    }
-    reason
+    manifest::transport_reason(e, || "connection error".to_owned())
 }
 
 pub fn header(name: &'static str, value: &str) -> HeaderMap {

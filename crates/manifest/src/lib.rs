@@ -263,7 +263,7 @@ impl HttpSource {
         }
         let resp = req.send().map_err(|e| VerifyError::Read {
             what: url.to_string(),
-            message: transport_reason(&e),
+            message: transport_reason(&e, || e.to_string()),
         })?;
         if !resp.status().is_success() {
             return Err(VerifyError::Status {
@@ -322,16 +322,17 @@ impl HttpSource {
     }
 }
 
-/// Why a request failed, in words: a timeout says so, and the innermost cause is named
-/// (reqwest's own message is "error sending request" whatever happened).
-fn transport_reason(e: &reqwest::Error) -> String {
+/// Why a request failed, in words: a timeout or a refused connection says so, `other` words
+/// the rest, and the innermost cause is named (reqwest's own message is "error sending
+/// request" whatever happened). `fhirhose verify` and the export client both word theirs so.
+pub fn transport_reason(e: &reqwest::Error, other: impl FnOnce() -> String) -> String {
     use std::error::Error as _;
     let mut reason = if e.is_timeout() {
         "timed out".to_owned()
     } else if e.is_connect() {
         "cannot connect".to_owned()
     } else {
-        e.to_string()
+        other()
     };
     let mut source = e.source();
     while let Some(s) = source {
