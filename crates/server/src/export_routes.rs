@@ -192,9 +192,9 @@ pub(crate) async fn kickoff(
             .iter()
             .map(|(k, _)| k.as_str())
             .chain(
+                // A malformed body is refused by the kick-off's own parse.
                 body.iter()
-                    .flat_map(|b| b.get("parameter").and_then(serde_json::Value::as_array))
-                    .flatten()
+                    .flat_map(|b| export::request::parameter_list(b).unwrap_or(&[]))
                     .filter_map(|p| p.get("name").and_then(serde_json::Value::as_str)),
             )
             .find(|n| VIEW_PARAMETERS.contains(n))
