@@ -326,12 +326,13 @@ impl<G: Unpin> http_body::Body for GuardedBody<G> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let Some(waiting) = self.waiting.clone() else {
-            return Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let Some(waiting) = &this.waiting else {
+            return Pin::new(&mut this.inner).poll_frame(cx);
         };
         // Asked for more: the part handed out before has been taken.
         waiting.store(0, Ordering::SeqCst);
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && frame.data_ref().is_some_and(|d| !d.is_empty())
         {
