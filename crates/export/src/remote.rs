@@ -939,11 +939,11 @@ impl Sink for ObjectStoreSink {
         }
     }
 
-    fn body(&self, container: &str, path: &str) -> FileBody {
-        FileBody::Remote {
+    fn body(&self, container: &str, path: &str) -> Result<FileBody, SinkError> {
+        Ok(FileBody::Remote {
             container: container.to_string(),
             path: path.to_string(),
-        }
+        })
     }
 }
 

@@ -152,8 +152,10 @@ pub trait Sink: Send + Sync {
     /// Where a path lies, for people: `<container>/<path>` for a local folder, the object's URL
     /// (without credentials) for an object store — never a server file path.
     fn location(&self, container: &str, path: &str) -> String;
-    /// How to serve a finished file.
-    fn body(&self, container: &str, path: &str) -> FileBody;
+    /// How to serve a finished file: a local one only when it is an object (a regular file
+    /// reached without a symbolic link below its container), as every other read of the local
+    /// folder.
+    fn body(&self, container: &str, path: &str) -> Result<FileBody, SinkError>;
 }
 
 /// Containers as folders under a root directory.
@@ -433,8 +435,9 @@ impl Sink for LocalSink {
         format!("{container}/{path}")
     }
 
-    fn body(&self, container: &str, path: &str) -> FileBody {
-        FileBody::Local(self.root.join(container).join(path))
+    fn body(&self, container: &str, path: &str) -> Result<FileBody, SinkError> {
+        let (p, _) = self.object_path(container, path)?;
+        Ok(FileBody::Local(p))
     }
 }
 

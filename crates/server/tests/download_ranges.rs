@@ -351,6 +351,30 @@ async fn large_folder_file_whole_and_by_ranges() {
     check_large_file(&url, Some(&expected)).await;
 }
 
+/// A link planted in the storage folder in place of a finished export's file is not served
+/// (the download route opened the path itself and followed it; every other read of the local
+/// folder refuses links).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_link_in_place_of_an_export_file_is_not_served() {
+    let s = common::start(&[one_patient()], server::config::ExportOptions::default()).await;
+    let url = largest_file(&s, "/$export?_type=Observation").await;
+    let c = reqwest::Client::new();
+    assert_eq!(get(&c, &url, &[]).await.status(), StatusCode::OK);
+    let name = url.rsplit('/').next().expect("file name");
+    let on_disk = walk(s.dir.path())
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == name))
+        .unwrap_or_else(|| panic!("{name} under the export folder"));
+    let secret = s.dir.path().join("secret.txt");
+    std::fs::write(&secret, "not an export file").expect("write");
+    std::fs::remove_file(&on_disk).expect("remove");
+    std::os::unix::fs::symlink(&secret, &on_disk).expect("symlink");
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(!r.text().await.expect("body").contains("not an export file"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn large_azure_blob_whole_and_by_ranges() {
     let Some(options) = azure_options() else {

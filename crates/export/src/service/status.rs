@@ -13,7 +13,7 @@ use crate::access::{self, ExportAccess};
 use crate::jobs::{FileKind, ItemKind, JobRecord, JobState};
 use crate::record::{self, JobRequest, RecordError};
 use crate::request::{ExportRequest, RequestError};
-use crate::sink::FileBody;
+use crate::sink::{FileBody, SinkError};
 
 /// What the status endpoint answers: the job's state, and whether the kick-off asked for
 /// `Prefer: separate-export-status` (then the state travels in `X-Export-Status`).
@@ -217,10 +217,20 @@ impl ExportService {
         if !known {
             return Err(ExportError::UnknownFile(name.to_string()));
         }
-        Ok(self
-            .config
+        // A listed file that is gone, or is no longer an object (a link planted in its place),
+        // is not served.
+        self.config
             .sink
-            .body(&job.container, &format!("{}/{name}", job.folder)))
+            .body(&job.container, &format!("{}/{name}", job.folder))
+            .map_err(|e| match e {
+                SinkError::NotFound(_) => ExportError::UnknownFile(name.to_string()),
+                SinkError::Refused(why) => {
+                    tracing::warn!(job = %id, reason = %why, "export file is not an object");
+                    ExportError::UnknownFile(name.to_string())
+                }
+                // The folder could not be looked at (as an open that failed before: 500).
+                other => ExportError::Destination(other.to_string()),
+            })
     }
 
     /// The job `id` if `access` may use it: another client's job is unknown (404), and the
