@@ -153,6 +153,12 @@ pub(crate) fn primitive_change(
                 Shifted::Redacted(Some(v)) => (Change::Set(Json::String(v)), REDACT),
                 Shifted::Redacted(None) => (Change::Remove, REDACT),
                 Shifted::Unchanged => return Ok(None),
+                Shifted::OutOfRange => {
+                    return Err(rule_err(
+                        rule,
+                        "the shifted date falls outside years 0001 to 9999".to_string(),
+                    ));
+                }
             }
         }
         Method::CryptoHash => {

@@ -391,6 +391,9 @@ pub enum Shifted {
     Redacted(Option<String>),
     /// Not a date text: unchanged.
     Unchanged,
+    /// A date whose shift leaves years 0001–9999 (the reference's `DateTime` throws): never
+    /// written, never kept as it was.
+    OutOfRange,
 }
 
 /// Offset in days from prefix and key (§2.3 step 3).
@@ -461,10 +464,15 @@ pub fn shift_date(
     if over_89(&p, today) {
         return Shifted::Redacted(redact_date(text, is_date, partial, today));
     }
-    let Some(date) = NaiveDate::from_ymd_opt(p.year, m, d)
-        .and_then(|nd| nd.checked_add_signed(chrono::Duration::try_days(offset)?))
-    else {
+    let Some(original) = NaiveDate::from_ymd_opt(p.year, m, d) else {
+        // Day 31 of a 30-day month and the like: not a date.
         return Shifted::Unchanged;
+    };
+    let Some(date) = chrono::Duration::try_days(offset)
+        .and_then(|by| original.checked_add_signed(by))
+        .filter(|shifted| (1..=9999).contains(&shifted.year()))
+    else {
+        return Shifted::OutOfRange;
     };
     let mut out = String::with_capacity(text.len());
     push_date(&mut out, date);
@@ -482,14 +490,10 @@ pub fn shift_date(
     Shifted::Value(out)
 }
 
-/// `date` as chrono's `%Y-%m-%d` writes it.
+/// `date` (years 1–9999) as chrono's `%Y-%m-%d` writes it.
 fn push_date(out: &mut String, date: NaiveDate) {
     let (y, m, d) = (date.year(), date.month(), date.day());
-    if !(0..=9999).contains(&y) {
-        use std::fmt::Write as _;
-        let _ = write!(out, "{}", date.format("%Y-%m-%d"));
-        return;
-    }
+    debug_assert!((1..=9999).contains(&y), "a four-digit year");
     let digit = |v: u32| char::from(b'0' + (v % 10) as u8);
     let y = y as u32;
     for v in [y / 1000, y / 100, y / 10, y] {
@@ -901,6 +905,29 @@ mod tests {
         let today = NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
         let s = shift_date("2015-02-07T13:28:17.12345-05:00", false, -21, true, today);
         assert_eq!(s, Shifted::Value("2015-01-17T00:00:00.00000-05:00".into()));
+    }
+
+    #[test]
+    fn a_shift_out_of_the_calendar_is_neither_written_nor_kept() {
+        let today = NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+        assert_eq!(
+            shift_date("9999-12-20", true, 30, true, today),
+            Shifted::OutOfRange
+        );
+        // (Before year 1 is out of reach: such dates are over 89 and redacted first.)
+        assert_eq!(
+            shift_date("2020-01-01", true, i64::MAX, true, today),
+            Shifted::OutOfRange
+        );
+        assert_eq!(
+            shift_date("9999-12-01", true, 30, true, today),
+            Shifted::Value("9999-12-31".into())
+        );
+        // Not a calendar date at all: left to the other rules, as before.
+        assert_eq!(
+            shift_date("2021-02-30", true, 3, true, today),
+            Shifted::Unchanged
+        );
     }
 
     #[test]
