@@ -109,10 +109,11 @@ pub fn local_etag(meta: &std::fs::Metadata) -> String {
 }
 
 /// How the server hands a finished file to a client.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum FileBody {
-    /// A local file, streamed from disk.
-    Local(PathBuf),
+    /// A local file, already opened (and checked to be the object looked up, so a link swapped
+    /// in after the check is never what is read), with the open file's own metadata.
+    Local { file: File, meta: fs::Metadata },
     /// An object in a remote store, streamed through the server.
     Remote { container: String, path: String },
 }
@@ -152,9 +153,9 @@ pub trait Sink: Send + Sync {
     /// Where a path lies, for people: `<container>/<path>` for a local folder, the object's URL
     /// (without credentials) for an object store — never a server file path.
     fn location(&self, container: &str, path: &str) -> String;
-    /// How to serve a finished file: a local one only when it is an object (a regular file
-    /// reached without a symbolic link below its container), as every other read of the local
-    /// folder.
+    /// How to serve a finished file: a local one opened only when it is an object (a regular
+    /// file reached without a symbolic link below its container), as every other read of the
+    /// local folder.
     fn body(&self, container: &str, path: &str) -> Result<FileBody, SinkError>;
 }
 
@@ -436,8 +437,8 @@ impl Sink for LocalSink {
     }
 
     fn body(&self, container: &str, path: &str) -> Result<FileBody, SinkError> {
-        let (p, _) = self.object_path(container, path)?;
-        Ok(FileBody::Local(p))
+        let (file, meta) = self.open_object(container, path)?;
+        Ok(FileBody::Local { file, meta })
     }
 }
 

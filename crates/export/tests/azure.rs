@@ -338,7 +338,7 @@ fn a_deidentified_export_service_on_azurite() {
             export::FileBody::Remote { container, path } => {
                 read_all(sink.as_ref(), &container, &path)
             }
-            export::FileBody::Local(p) => panic!("a remote file expected, got {}", p.display()),
+            export::FileBody::Local { .. } => panic!("a remote file expected, got a local one"),
         };
         for l in body.lines() {
             let v: Value = serde_json::from_str(l).expect("json");

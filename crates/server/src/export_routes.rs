@@ -622,26 +622,15 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
     let media = media_type(&file);
+    let name = file.clone();
     let body = crate::database_wait::run(state.database_wait, "export download", move || {
         svc.file(&job, &file, &Caller(ctx))
     })
     .await??;
     let head_only = method == Method::HEAD;
     let mut resp = match body {
-        export::FileBody::Local(path) => {
-            use tokio::io::AsyncSeekExt;
-            let mut f = match tokio::fs::File::open(&path).await {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(ApiError::not_found("the export file is gone"));
-                }
-                Err(e) => return Err(ApiError::internal("export download", e)),
-            };
-            // The open file's own metadata: the validator of exactly the bytes sent.
-            let meta = f
-                .metadata()
-                .await
-                .map_err(|e| ApiError::internal("export download", e))?;
+        export::FileBody::Local { mut file, meta } => {
+            use std::io::Seek;
             let info = export::ObjectInfo {
                 size: meta.len(),
                 etag: export::sink::local_etag(&meta),
@@ -654,10 +643,10 @@ pub async fn download(
             let body = if head_only || range.is_empty() {
                 Body::empty()
             } else {
-                f.seek(std::io::SeekFrom::Start(range.start))
-                    .await
+                // A seek on an open file only moves its offset: no wait on the disk.
+                file.seek(std::io::SeekFrom::Start(range.start))
                     .map_err(|e| ApiError::internal("export download", e))?;
-                let part = std::io::Read::take(f.into_std().await, range.end - range.start);
+                let part = std::io::Read::take(file, range.end - range.start);
                 blocking_body(part)
             };
             file_response(status, head, body)
@@ -681,9 +670,26 @@ pub async fn download(
             file_response(status, head, body)
         }
     };
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
+    // A file to save, never a page to show (whatever the resources in it hold).
+    headers.insert(header::CONTENT_DISPOSITION, attachment(&name));
     Ok(resp)
+}
+
+/// `attachment`, with the file's name when it is plain (export files are `Type-N.ndjson`,
+/// views' names are checked at kick-off; anything else is left for the client to name).
+fn attachment(name: &str) -> HeaderValue {
+    let plain = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if plain {
+        HeaderValue::from_str(&format!("attachment; filename=\"{name}\""))
+            .unwrap_or(HeaderValue::from_static("attachment"))
+    } else {
+        HeaderValue::from_static("attachment")
+    }
 }
 
 /// The media type of an export file, by its name: resources as FHIR NDJSON, the outputs of

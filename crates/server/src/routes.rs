@@ -187,11 +187,27 @@ pub fn router(state: AppState) -> Router {
             (state.in_flight.clone(), state.downloads_in_flight.clone()),
             crate::in_flight::admit,
         ))
+        // Every answer, refusals of the admission above included.
+        .layer(axum::middleware::map_response(protective_headers))
         // Outermost: every request gets an `x-request-id` (the client's, or a new UUID), seen by
         // the trace span and echoed on the response, panics included.
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// What every answer carries unless its handler chose otherwise. The data is clinical: no cache
+/// (a browser's, or a proxy's in front of a token-adding gateway) keeps it, validators (`ETag`,
+/// `Last-Modified`) still serve revalidation and resumed downloads. And no browser reads a body
+/// as anything but its declared type: a stored resource, view row or export file holding markup
+/// is never rendered as a page of this origin.
+async fn protective_headers(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    h.entry(header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(HeaderValue::from_static("nosniff"));
+    resp
 }
 
 async fn unknown_route(uri: Uri) -> ApiError {
@@ -320,23 +336,27 @@ async fn read(
     State(state): State<AppState>,
     ctx: AuthContext,
     Path((rtype, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
     ctx.require_read(&rtype)?;
     check_id(&id)?;
+    let elements = read_elements(raw.as_deref())?;
     let store = state.store.clone();
     let r = blocking(state.database_wait, move || Ok(store.read(&rtype, &id)?)).await?;
-    Ok(resource_response(StatusCode::OK, &r))
+    read_response(r, elements)
 }
 
 async fn vread(
     State(state): State<AppState>,
     ctx: AuthContext,
     Path((rtype, id, vid)): Path<(String, String, String)>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     check_type(&rtype)?;
     ctx.require_read(&rtype)?;
     check_id(&id)?;
+    let elements = read_elements(raw.as_deref())?;
     let version: i64 = vid
         .parse()
         .ok()
@@ -347,7 +367,50 @@ async fn vread(
         Ok(store.vread(&rtype, &id, version)?)
     })
     .await?;
-    Ok(resource_response(StatusCode::OK, &r))
+    read_response(r, elements)
+}
+
+/// `_elements` and `_summary` of a read or vread, taken as search takes them: `_elements` names
+/// the top-level elements to keep, `_summary=false` is the whole resource, and any other
+/// `_summary` is refused as search refuses it. Never ignored: a client must not take a whole
+/// resource for the subset it asked for.
+fn read_elements(raw: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
+    let mut elements: Option<Vec<String>> = None;
+    for (k, v) in query_pairs(raw) {
+        match k.as_str() {
+            "_summary" if v == "false" => {}
+            "_summary" => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "not-supported",
+                    format!("_summary={v} is not supported (only _summary=false on a read)"),
+                ));
+            }
+            "_elements" => {
+                let names = v.split(',').map(str::trim).filter(|e| !e.is_empty());
+                // `Patient.name` names the element `name`, as in search.
+                let names = names.map(|e| e.split_once('.').map_or(e, |(_, el)| el).to_string());
+                elements.get_or_insert_with(Vec::new).extend(names);
+            }
+            _ => {}
+        }
+    }
+    Ok(elements)
+}
+
+/// A read's answer: the stored bytes, or under `_elements` the subset (tagged `SUBSETTED`).
+fn read_response(r: StoredResource, elements: Option<Vec<String>>) -> Result<Response, ApiError> {
+    let Some(elements) = elements else {
+        return Ok(resource_response(StatusCode::OK, &r));
+    };
+    let whole: Value = serde_json::from_slice(&r.json)
+        .map_err(|e| ApiError::internal("a stored resource is not JSON", e))?;
+    let cut = search::elements::apply_elements(&whole, &elements);
+    let json = serde_json::to_vec(&cut).map_err(|e| ApiError::internal("read", e))?;
+    Ok(resource_response(
+        StatusCode::OK,
+        &StoredResource { json, ..r },
+    ))
 }
 
 /// The answer to a create or update, honouring `Prefer: return=`.

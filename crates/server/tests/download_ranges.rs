@@ -52,6 +52,14 @@ async fn check_ranges(url: &str) {
     let h = r.headers().clone();
     assert_eq!(h["accept-ranges"], "bytes");
     assert_eq!(h["content-type"], "application/fhir+ndjson");
+    // A file to save, kept by no cache, never sniffed into a page.
+    let file = url.rsplit('/').next().expect("a file name");
+    assert_eq!(
+        h["content-disposition"],
+        format!("attachment; filename=\"{file}\"").as_str()
+    );
+    assert_eq!(h["cache-control"], "no-store");
+    assert_eq!(h["x-content-type-options"], "nosniff");
     let etag = h["etag"].to_str().expect("etag").to_string();
     assert!(
         etag.starts_with('"') && etag.ends_with('"') && etag.len() > 2,

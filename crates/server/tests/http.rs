@@ -210,6 +210,73 @@ async fn crud_vread_and_history() {
     assert_eq!(st, StatusCode::NOT_FOUND);
 }
 
+/// Clinical data is kept by no cache and never sniffed into a page: a resource holding markup is
+/// JSON to every browser, on reads, searches, errors and the capability statement alike.
+#[tokio::test]
+async fn every_answer_is_uncached_and_never_sniffed() {
+    let s = start().await;
+    let markup = json!({"resourceType": "Patient", "id": "m1",
+        "name": [{"family": "<html><body><script>alert(1)</script>"}]});
+    let (st, _, _) = s
+        .send(reqwest::Method::PUT, "/Patient/m1", Some(markup), &[])
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    for path in [
+        "/Patient/m1",
+        "/Patient?_id=m1",
+        "/Patient/none",
+        "/metadata",
+        "/nowhere",
+    ] {
+        let (_, h, _) = s.get(path).await;
+        assert_eq!(h["cache-control"], "no-store", "{path}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+    }
+}
+
+/// A read takes `_elements` and `_summary` as search does: the subset asked for, tagged
+/// SUBSETTED, or a refusal; never the whole resource in silence.
+#[tokio::test]
+async fn reads_honour_elements_and_refuse_other_summaries() {
+    let s = start().await;
+    let p = json!({"resourceType": "Patient", "id": "e1", "gender": "female",
+        "birthDate": "1970-01-01", "name": [{"family": "Doe"}]});
+    let (st, _, _) = s
+        .send(reqwest::Method::PUT, "/Patient/e1", Some(p), &[])
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    for path in [
+        "/Patient/e1?_elements=gender",
+        "/Patient/e1/_history/1?_elements=Patient.gender",
+    ] {
+        let (st, h, v) = s.get(path).await;
+        assert_eq!(st, StatusCode::OK, "{path}: {v}");
+        assert_eq!(h["etag"], "W/\"1\"");
+        assert_eq!(v["gender"], "female", "{path}");
+        assert!(
+            v.get("name").is_none() && v.get("birthDate").is_none(),
+            "{path}: {v}"
+        );
+        assert_eq!(v["meta"]["tag"][0]["code"], "SUBSETTED", "{path}");
+    }
+    let (st, _, v) = s.get("/Patient/e1?_summary=false").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["name"][0]["family"], "Doe");
+    let (st, _, v) = s.get("/Patient/e1?_summary=true").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_outcome(&v, "_summary=true");
+    // An answer the client says it will not take: 406, not JSON regardless.
+    let (st, _, _) = s
+        .send(
+            reqwest::Method::GET,
+            "/Patient/e1",
+            None,
+            &[("accept", "application/fhir+json;q=0")],
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_ACCEPTABLE);
+}
+
 #[tokio::test]
 async fn history_pages_follow_next_links() {
     let s = start().await;
