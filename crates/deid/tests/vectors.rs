@@ -50,6 +50,8 @@ fn vectors() {
         Shifted::Value(x) => Some(x),
         Shifted::Redacted(x) => x,
         Shifted::Unchanged => Some(input.to_string()),
+        // The reference throws: no output, as a vector expecting none says.
+        Shifted::OutOfRange => None,
     };
     for v in arr(&d, "shiftVectors_key_dummy_prefix_empty") {
         let r = transforms::shift_date(s(&v["input"]), s(&v["type"]) == "date", -21, false, today);
