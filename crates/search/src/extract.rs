@@ -20,10 +20,15 @@ fn get<'a>(v: &'a Json, key: &str) -> Option<&'a Json> {
     crate::evaluate::member(v.as_object()?, key)
 }
 
+/// The indexed value of a decimal (a number, or a number written as a string), as the search
+/// side reads the same text (`values::index_number`: an underflow is not zero, an overflow is
+/// `±f64::MAX`, not infinite).
 fn f(v: &Json) -> Option<f64> {
     match v {
-        Json::Number(n) => n.as_f64().or_else(|| n.to_string().parse().ok()),
-        Json::String(t) => t.parse().ok(),
+        // The text as written (`arbitrary_precision`), not `as_f64`, which gives `None` above
+        // the f64 range and 0 below it.
+        Json::Number(n) => values::index_number(n.as_str()),
+        Json::String(t) => values::index_number(t),
         _ => None,
     }
 }

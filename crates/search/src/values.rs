@@ -161,6 +161,14 @@ pub fn parse_date_range(s: &str) -> Result<DateRange, String> {
 
 /// A decimal as written, with the half-open interval its significant digits imply
 /// (`100` → `[99.5, 100.5)`, `1.50` → `[1.495, 1.505)`).
+///
+/// Values and bounds are f64s (the index holds f64s, [`index_number`]). Where the implied
+/// interval is narrower than the f64 spacing around the value (`12345678901234567890`, or
+/// `1.000000000000000000001`), it is widened to the f64s within one step of the value —
+/// `[prev, next]`, as `[prev, next_up(next))` — so it never collapses to nothing: the same
+/// decimal, stored, is found, and so is a stored decimal inside the true interval (both round to
+/// f64s less than about a step and a half apart). It may also match a stored decimal just
+/// outside the interval, by less than two steps: an f64 cannot tell them apart.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decimal {
     pub value: f64,
@@ -168,26 +176,89 @@ pub struct Decimal {
     pub hi: f64,
 }
 
+/// Parses a search value of a `number` or `quantity` parameter. Its value is the f64 the index
+/// would hold for the same text ([`index_number`]; `1e-400` is the smallest positive f64, not
+/// zero); a value beyond the f64 range (`1e400`) is refused, as the model refuses to store one.
 pub fn parse_decimal(s: &str) -> Result<Decimal, String> {
     let t = s.trim();
+    let (value, overflow) = nearest_f64(t).ok_or_else(|| format!("'{s}' is not a number"))?;
+    if overflow {
+        return Err(format!(
+            "'{s}' is beyond the range of numbers the server can search"
+        ));
+    }
+    let (mantissa, exp) = match t.find(['e', 'E']) {
+        Some(i) => (&t[..i], exponent(&t[i + 1..])),
+        None => (t, 0),
+    };
+    let frac_digits = mantissa.split_once('.').map_or(0, |(_, f)| f.len()) as i64;
+    let decimals = frac_digits.saturating_sub(exp);
+    // 0.5 × 10^-decimals, without overflowing `powi`'s exponent: beyond ±400 it is 0 or ∞
+    // anyway.
+    let half = match decimals {
+        401.. => 0.0,
+        ..-400 => f64::INFINITY,
+        d => 0.5 * 10f64.powi(-(d as i32)),
+    };
+    let mut lo = (value - half).min(value.next_down());
+    let mut hi = (value + half).max(value.next_up().next_up());
+    // Zero is exact and an underflow keeps its sign (`index_number`), so the widening never
+    // crosses zero: a nonzero value's interval lies on its side of zero, as the true one does.
+    if value > 0.0 {
+        lo = lo.max(f64::from_bits(1));
+    } else if value < 0.0 {
+        hi = hi.min(0.0);
+    }
+    Ok(Decimal { value, lo, hi })
+}
+
+/// The value a decimal's text is indexed by (a `number`, or a `quantity`'s value): the nearest
+/// f64, except that a nonzero value too small for one (`1e-400`) is the smallest f64 of its
+/// sign rather than zero, so it stays on its side of zero for `gt0`/`lt0` and is found by
+/// [`parse_decimal`] of the same text; and a value too large (`1e400`, which the model's
+/// validation refuses) is `±f64::MAX`, still above (below) every other. `None` when `t` is not
+/// a decimal (`NaN`, `inf` and white space included).
+pub fn index_number(t: &str) -> Option<f64> {
+    nearest_f64(t).map(|(v, _)| v)
+}
+
+/// The nearest f64 of a decimal, as [`index_number`] gives it, and whether it overflowed.
+fn nearest_f64(t: &str) -> Option<(f64, bool)> {
     let ok = !t.is_empty()
         && t.bytes()
             .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
         && t.bytes().any(|b| b.is_ascii_digit());
-    let value: f64 = if ok { t.parse().ok() } else { None }
-        .filter(|v: &f64| v.is_finite())
-        .ok_or_else(|| format!("'{s}' is not a number"))?;
-    let (mantissa, exp) = match t.find(['e', 'E']) {
-        Some(i) => (&t[..i], t[i + 1..].parse::<i32>().unwrap_or(0)),
-        None => (t, 0),
+    if !ok {
+        return None;
+    }
+    let v: f64 = t.parse().ok()?;
+    if v.is_infinite() {
+        return Some((f64::MAX.copysign(v), true));
+    }
+    if v == 0.0 {
+        let mantissa = t.split(['e', 'E']).next().unwrap_or_default();
+        if mantissa.bytes().any(|b| matches!(b, b'1'..=b'9')) {
+            // Underflow: keep the sign (`-1e-400` parses as -0.0).
+            return Some((f64::from_bits(1).copysign(v), false));
+        }
+    }
+    Some((v, false))
+}
+
+/// A decimal exponent (`-5`, `+12`, `0003`), saturated far beyond any f64's: huge exponents
+/// only ever mean 0 or ∞ digits of precision.
+fn exponent(e: &str) -> i64 {
+    let (neg, digits) = match e.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, e.strip_prefix('+').unwrap_or(e)),
     };
-    let decimals = mantissa.split_once('.').map_or(0, |(_, f)| f.len()) as i32 - exp;
-    let half = 0.5 * 10f64.powi(-decimals);
-    Ok(Decimal {
-        value,
-        lo: value - half,
-        hi: value + half,
-    })
+    let digits = digits.trim_start_matches('0');
+    let n = if digits.len() > 12 {
+        1_000_000_000_000
+    } else {
+        digits.parse::<i64>().unwrap_or(0)
+    };
+    if neg { -n } else { n }
 }
 
 /// Normalizes a string for `string` search: accents removed (NFD, combining marks dropped),
@@ -280,6 +351,97 @@ mod tests {
         assert!(parse_decimal("1.2.3").is_err());
         assert!(parse_decimal("x").is_err());
         assert!(parse_decimal("NaN").is_err());
+    }
+
+    /// Whether `eq` of the search text `q` matches a stored decimal written `stored`.
+    fn eq_matches(q: &str, stored: &str) -> bool {
+        let v = index_number(stored).unwrap();
+        crate::matching::number_matches(crate::query::Prefix::Eq, v, &parse_decimal(q).unwrap())
+    }
+
+    #[test]
+    fn decimals_finer_than_an_f64_keep_a_nonempty_interval() {
+        let big = "12345678901234567890.123456789";
+        let d = parse_decimal(big).unwrap();
+        assert!(d.lo < d.value && d.value < d.hi, "{d:?}");
+        // Exactly the f64s one step either side of the value.
+        assert_eq!(d.lo, d.value.next_down());
+        assert_eq!(d.hi, d.value.next_up().next_up());
+        assert!(eq_matches(big, big));
+        assert!(eq_matches("12345678901234567890", big));
+        assert!(eq_matches(big, "12345678901234567890"));
+        assert!(eq_matches("1.2345678901234567890123456789e19", big));
+        assert!(!eq_matches(big, "12345678901234500000"));
+        assert!(!eq_matches(big, "12345678901234600000"));
+        let fine = "1.000000000000000000000001";
+        assert!(eq_matches(fine, fine));
+        assert!(eq_matches(fine, "1"));
+        assert!(!eq_matches(fine, "1.0000000001"));
+        // Coarser precisions keep their interval.
+        assert!(eq_matches("1.5", "1.54"));
+        assert!(!eq_matches("1.5", "1.56"));
+        assert!(eq_matches("-100", "-100.5"));
+        assert!(!eq_matches("-100", "-99.5"));
+        assert!(eq_matches("1e2", "149"));
+        assert!(!eq_matches("1e2", "150"));
+    }
+
+    #[test]
+    fn underflow_keeps_the_sign_and_is_found() {
+        let tiny = f64::from_bits(1);
+        assert_eq!(index_number("1e-400"), Some(tiny));
+        assert_eq!(index_number("-1e-400"), Some(-tiny));
+        assert_eq!(index_number("0.00000e-400"), Some(0.0));
+        assert_eq!(index_number("1e-300"), Some(1e-300));
+        assert!(eq_matches("1e-400", "1e-400"));
+        assert!(eq_matches("1e-400", "1.2e-400"));
+        assert!(eq_matches("-1e-400", "-1e-400"));
+        // Zero is exact: the widened interval of a nonzero value stops short of it.
+        assert!(!eq_matches("1e-400", "0"));
+        assert!(!eq_matches("1e-400", "-1e-400"));
+        assert!(!eq_matches("-1e-400", "0"));
+        assert!(!eq_matches("-1e-400", "-0"));
+        // ... but 1e-400 is within `0`'s interval [-0.5, 0.5).
+        assert!(eq_matches("0", "1e-400"));
+        assert!(eq_matches("0", "-1e-400"));
+        let gt0 = parse_decimal("0").unwrap();
+        assert!(crate::matching::number_matches(
+            crate::query::Prefix::Gt,
+            tiny,
+            &gt0
+        ));
+        // Exponents beyond any i64 saturate.
+        let d = parse_decimal("1e-99999999999999999999999").unwrap();
+        assert_eq!(d.value, tiny);
+        let d = parse_decimal("0e-99999999999999999999999").unwrap();
+        assert!(d.lo < 0.0 && 0.0 < d.hi && d.hi < 1e-300, "{d:?}");
+        let d = parse_decimal("0e99999999999999999999999").unwrap();
+        assert_eq!((d.lo, d.hi), (f64::NEG_INFINITY, f64::INFINITY));
+    }
+
+    #[test]
+    fn overflow_saturates_in_the_index_and_is_refused_in_a_search() {
+        assert_eq!(index_number("1e400"), Some(f64::MAX));
+        assert_eq!(index_number("-1e400"), Some(-f64::MAX));
+        assert_eq!(index_number("1.7976931348623157e308"), Some(f64::MAX));
+        assert!(parse_decimal("1e400").is_err());
+        assert!(parse_decimal("-1e99999999999999999999999").is_err());
+        let max = parse_decimal("1.7976931348623157e308").unwrap();
+        assert_eq!(max.value, f64::MAX);
+        assert!(max.lo < f64::MAX && max.hi == f64::INFINITY);
+        for s in [
+            "NaN",
+            "inf",
+            "-infinity",
+            " 1",
+            "",
+            "e",
+            "1e",
+            "0x10",
+            "1.2.3",
+        ] {
+            assert_eq!(index_number(s), None, "{s}");
+        }
     }
 
     #[test]

@@ -608,3 +608,64 @@ fn an_equality_driven_page_lists_a_resource_once_whatever_its_matching_rows() {
     assert_eq!(p.total, Some(7));
     assert_eq!(p.matches.len(), 2);
 }
+
+/// `eq` on a number finer than an f64 can tell apart, or too small for one, still finds the
+/// resource that holds it (the implied interval used to collapse to nothing), on the store's
+/// SQL as in the `_typeFilter` predicate.
+#[test]
+fn decimals_beyond_f64_precision_are_found_by_eq() {
+    let obs = |id: &str, value: &str| -> Value {
+        serde_json::from_str(&format!(
+            r#"{{"resourceType":"Observation","id":"{id}","status":"final",
+                "code":{{"text":"x"}},"valueQuantity":{{"value":{value},"code":"kg"}}}}"#
+        ))
+        .unwrap()
+    };
+    let (store, _) = support::load_store(&[
+        obs("big", "12345678901234567890.123456789"),
+        obs("near", "12345678901234560000"),
+        obs("tiny", "1e-400"),
+        obs("negtiny", "-1e-400"),
+        obs("zero", "0"),
+    ]);
+    let find = |q: &str| {
+        let mut ids = support::search_ids(&*store, "Observation", q).unwrap();
+        ids.sort();
+        ids
+    };
+    for q in [
+        "gt0",
+        "lt0",
+        "0",
+        "1e-400",
+        "1.23456789012346e19",
+        "12345678901234567890",
+        "12345678901234567890|kg",
+    ] {
+        find(&format!("value-quantity={q}"));
+    }
+    for q in [
+        "12345678901234567890.123456789",
+        "12345678901234567890",
+        "1.2345678901234567890123456789e19",
+    ] {
+        assert_eq!(find(&format!("value-quantity={q}")), ["big"], "{q}");
+        assert_eq!(find(&format!("value-quantity={q}||kg")), ["big"], "{q}");
+    }
+    assert_eq!(find("value-quantity=1.23456789012346e19"), ["big", "near"]);
+    assert_eq!(find("value-quantity=1e-400"), ["tiny"]);
+    assert_eq!(find("value-quantity=-1e-400"), ["negtiny"]);
+    assert_eq!(find("value-quantity=gt0"), ["big", "near", "tiny"]);
+    assert_eq!(find("value-quantity=lt0"), ["negtiny"]);
+    assert_eq!(find("value-quantity=0"), ["negtiny", "tiny", "zero"]);
+    assert!(matches!(
+        run(&*store, "Observation", "value-quantity=1e400"),
+        Err(SearchError::InvalidValue { .. })
+    ));
+    // The compiled `_typeFilter` predicate agrees.
+    let mut set = PredicateSet::new();
+    set.add_type_filter("Observation?value-quantity=12345678901234567890")
+        .unwrap();
+    assert!(set.matches(&obs("big", "12345678901234567890.123456789")));
+    assert!(!set.matches(&obs("near", "12345678901234560000")));
+}
