@@ -1,15 +1,17 @@
 //! Structural validation of FHIR JSON against the R4 model.
 //!
-//! Checks: a known concrete `resourceType`; no unknown elements; primitive syntax; `_element` shadow
-//! objects that hold only `id`/`extension`; arrays exactly where the maximum cardinality is `*`;
-//! contained resources and `Bundle.entry.resource` validated as resources. Cardinality minimums and
+//! Checks: a known concrete `resourceType`; no unknown elements; primitive syntax; choice elements
+//! (`value[x]`) present with one type only; `_element` shadow objects that are not empty and hold
+//! only `id`/`extension`, shadow arrays as long as their value arrays and never `null` where the
+//! value is `null` too; arrays exactly where the maximum cardinality is `*`; contained resources
+//! and `Bundle.entry.resource` validated as resources. Cardinality minimums and
 //! invariants are not checked (profiles and invariants are not part of structural validation).
 
 use std::fmt::Write as _;
 
 use serde_json::{Map, Value};
 
-use crate::model::{Model, TypeDef, TypeKind};
+use crate::model::{ElementDef, Model, TypeDef, TypeKind};
 
 /// One problem found by validation, with the FHIRPath-style location of the offending element.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,8 +40,9 @@ struct Validator<'m> {
 // Validation depends on the model, not the reverse: the method is defined here.
 impl Model {
     /// Structural validation of a resource: a known concrete `resourceType`, no unknown elements,
-    /// primitive syntax, `_element` shadow objects, arrays exactly where the maximum cardinality is
-    /// `*`, contained resources and `Bundle.entry.resource` validated as resources.
+    /// primitive syntax, one type per choice element, `_element` shadow objects and arrays, arrays
+    /// exactly where the maximum cardinality is `*`, contained resources and
+    /// `Bundle.entry.resource` validated as resources.
     pub fn validate(&self, resource: &Value) -> Result<(), Vec<ValidationIssue>> {
         let mut v = Validator {
             model: self,
@@ -136,6 +139,7 @@ impl<'m> Validator<'m> {
             return;
         };
         let model = self.model;
+        let mut choices = ChoicesSeen::default();
         for (key, value) in obj {
             if is_resource && key == "resourceType" {
                 continue;
@@ -146,7 +150,10 @@ impl<'m> Validator<'m> {
             if let Some(name) = key.strip_prefix('_') {
                 match model.child_with_def(def, name) {
                     Some((child, Some(child_def))) if child_def.kind == TypeKind::Primitive => {
-                        self.shadow(value, child.element.max_many, path, depth);
+                        if child.element.choice {
+                            self.choice(&mut choices, child.element, name, path);
+                        }
+                        self.shadow(value, child.element.max_many, obj, name, path, depth);
                         if value.is_null() && !obj.contains_key(name) {
                             self.issue(path, "empty primitive extension");
                         }
@@ -160,6 +167,9 @@ impl<'m> Validator<'m> {
             } else {
                 match model.child_with_def(def, key) {
                     Some((child, child_def)) => {
+                        if child.element.choice {
+                            self.choice(&mut choices, child.element, key, path);
+                        }
                         let many = child.element.max_many;
                         self.element(
                             child.type_name,
@@ -257,17 +267,92 @@ impl<'m> Validator<'m> {
         }
     }
 
-    /// A `_name` shadow: an object with `id` and/or `extension` (or an array of them, null allowed).
-    fn shadow(&mut self, value: &Value, many: bool, path: &mut String, depth: usize) {
+    /// Records that the choice element `element` (`value[x]`) appears as `key` (`valueQuantity`,
+    /// or the name of a `_valueString` shadow): a choice element takes one type only.
+    fn choice<'k>(
+        &mut self,
+        seen: &mut ChoicesSeen<'m, 'k>,
+        element: &'m ElementDef,
+        key: &'k str,
+        path: &str,
+    ) {
+        for (el, first) in seen.seen.iter().flatten() {
+            if std::ptr::eq(*el, element) {
+                if *first != key {
+                    self.issue(
+                        path,
+                        format!(
+                            "'{}[x]' is a choice element with one type only, but both '{first}' and '{key}' are present",
+                            element.name
+                        ),
+                    );
+                }
+                return;
+            }
+        }
+        if let Some(slot) = seen.seen.iter_mut().find(|s| s.is_none()) {
+            *slot = Some((element, key));
+        }
+    }
+
+    /// A `_name` shadow of the primitive element `name` of `parent`: an object with `id` and/or
+    /// `extension`, or for a repeating element an array of them, aligned with the `name` array
+    /// (same length, `null` where one side has no entry, never `null` on both sides).
+    fn shadow(
+        &mut self,
+        value: &Value,
+        many: bool,
+        parent: &Map<String, Value>,
+        name: &str,
+        path: &mut String,
+        depth: usize,
+    ) {
         match (many, value) {
             (true, Value::Array(items)) => {
+                if items.is_empty() {
+                    self.issue(path, "arrays must not be empty");
+                }
+                // The values the shadows align with (a non-array `name` is reported on `name`).
+                let named = parent.get(name);
+                if let Some(Value::Array(values)) = named
+                    && values.len() != items.len()
+                {
+                    self.issue(
+                        path,
+                        format!(
+                            "'_{name}' has {} entries but '{name}' has {}: the arrays must have the same length, with null where one side has no entry",
+                            items.len(),
+                            values.len()
+                        ),
+                    );
+                }
                 for (i, item) in items.iter().enumerate() {
-                    if item.is_null() {
-                        continue;
-                    }
                     let saved = path.len();
                     push_index(path, i);
-                    self.shadow_object(item, path, depth);
+                    if item.is_null() {
+                        match named {
+                            None => self.issue(
+                                path,
+                                format!(
+                                    "null in '_{name}' and no '{name}' array: each entry needs a value or an extension"
+                                ),
+                            ),
+                            // Past the end of `name`: reported as a length mismatch above.
+                            Some(Value::Array(values))
+                                if values.get(i).is_some_and(Value::is_null) =>
+                            {
+                                self.issue(
+                                    path,
+                                    format!(
+                                        "null in both '{name}' and '_{name}' at this index: each entry needs a value or an extension"
+                                    ),
+                                )
+                            }
+                            _ => {}
+                        }
+                    } else {
+                        self.shadow_object(item, path, depth);
+                    }
                     path.truncate(saved);
                 }
             }
@@ -279,12 +364,27 @@ impl<'m> Validator<'m> {
     fn shadow_object(&mut self, value: &Value, path: &mut String, depth: usize) {
         match value.as_object() {
             Some(obj) => {
+                if obj.is_empty() {
+                    self.issue(
+                        path,
+                        "objects must not be empty: a primitive's '_' shadow holds an 'id' and/or 'extension'",
+                    );
+                }
                 let element = self.model.type_def("Element");
                 self.object("Element", element, obj, path, false, depth + 1)
             }
             None => self.issue(path, "a primitive's '_' shadow must be a JSON object"),
         }
     }
+}
+
+/// The choice elements (`value[x]`) met so far in one object, each with the first key that named
+/// it. A fixed array, so that validation allocates nothing per object: R4 types have at most 5
+/// choice elements (`ElementDefinition`); were a type to have more, the extra ones would go
+/// unchecked.
+#[derive(Default)]
+struct ChoicesSeen<'m, 'k> {
+    seen: [Option<(&'m ElementDef, &'k str)>; 8],
 }
 
 fn truncate(s: &str) -> String {
@@ -378,7 +478,7 @@ mod tests {
         shadows.push(json!({"id": "x"}));
         let p = json!({"resourceType": "Patient", "name": [{"given": given, "_given": shadows}]});
         assert_eq!(issues(p), Vec::<String>::new());
-        let p = json!({"resourceType": "Patient", "name": [{"_given": [null, {"id": 1}]}]});
+        let p = json!({"resourceType": "Patient", "name": [{"_given": [{"id": "a"}, {"id": 1}]}]});
         assert_eq!(
             issues(p),
             vec!["Patient.name[0]._given[1].id: invalid string value 1".to_string()]
@@ -421,5 +521,154 @@ mod tests {
             got.iter().any(|i| i.contains("nesting too deep")),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn a_choice_element_takes_one_type() {
+        // The reviewed cases: two and three types of one `[x]` element.
+        let p = json!({"resourceType": "Patient", "id": "e18", "deceasedBoolean": true, "deceasedDateTime": "2020"});
+        assert_eq!(
+            issues(p),
+            vec!["Patient.deceasedDateTime: 'deceased[x]' is a choice element with one type only, but both 'deceasedBoolean' and 'deceasedDateTime' are present".to_string()]
+        );
+        let o = json!({"resourceType": "Observation", "id": "c1", "status": "final", "code": {"text": "x"},
+            "valueQuantity": {"value": 5}, "valueString": "hello", "valueBoolean": true});
+        assert_eq!(
+            issues(o),
+            vec![
+                "Observation.valueString: 'value[x]' is a choice element with one type only, but both 'valueQuantity' and 'valueString' are present".to_string(),
+                "Observation.valueBoolean: 'value[x]' is a choice element with one type only, but both 'valueQuantity' and 'valueBoolean' are present".to_string(),
+            ]
+        );
+        // A shadow of another type counts as that type.
+        let p = json!({"resourceType": "Patient", "deceasedBoolean": true, "_deceasedDateTime": {"id": "x"}});
+        assert_eq!(
+            issues(p),
+            vec!["Patient._deceasedDateTime: 'deceased[x]' is a choice element with one type only, but both 'deceasedBoolean' and 'deceasedDateTime' are present".to_string()]
+        );
+        // Nested objects (extensions, backbone elements) are checked too.
+        let p = json!({"resourceType": "Patient", "extension": [{"url": "http://x", "valueString": "a", "valueCode": "b"}]});
+        let got = issues(p);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("Patient.extension[0].valueCode: 'value[x]'"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn distinct_choice_elements_and_a_choice_with_its_own_shadow_are_valid() {
+        // One type with its shadow, or the shadow alone.
+        let p = json!({"resourceType": "Patient", "deceasedDateTime": "2020", "_deceasedDateTime": {"id": "d"},
+            "multipleBirthInteger": 2});
+        assert_eq!(issues(p), Vec::<String>::new());
+        let p = json!({"resourceType": "Patient", "_deceasedBoolean": {"extension": [{"url": "http://x", "valueString": "y"}]}});
+        assert_eq!(issues(p), Vec::<String>::new());
+        // Several different choice elements in one object: effective[x], value[x] (and none twice).
+        let o = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "effectiveDateTime": "2020-01-01", "valueQuantity": {"value": 5},
+            "component": [{"code": {"text": "a"}, "valueString": "s"}, {"code": {"text": "b"}, "valueBoolean": true}]});
+        assert_eq!(issues(o), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_choice_table_is_large_enough_for_every_type() {
+        // `ChoicesSeen` holds 8 choice elements per object; the R4 model needs at most 5.
+        let raw: serde_json::Value =
+            serde_json::from_str(include_str!("../data/r4-model.json")).unwrap();
+        let most = raw["types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                t["e"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|e| e[1].as_u64() != Some(0))
+                    .count()
+            })
+            .max()
+            .unwrap();
+        assert!(most > 0 && most <= 8, "{most}");
+    }
+
+    #[test]
+    fn shadow_arrays_align_with_their_values() {
+        // Longer shadow than values (the reviewed e8).
+        let p = json!({"resourceType": "Patient", "id": "e8", "name": [{"given": ["a"], "_given": [null, {"id": "x"}]}]});
+        assert_eq!(
+            issues(p),
+            vec!["Patient.name[0]._given: '_given' has 2 entries but 'given' has 1: the arrays must have the same length, with null where one side has no entry".to_string()]
+        );
+        // Shorter shadow than values.
+        let p = json!({"resourceType": "Patient", "name": [{"given": ["a", "b"], "_given": [{"id": "x"}]}]});
+        let got = issues(p);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("Patient.name[0]._given: '_given' has 1 entries but 'given' has 2"),
+            "{got:?}"
+        );
+        // Null on both sides (the reviewed e21).
+        let p = json!({"resourceType": "Patient", "id": "e21", "name": [{"given": [null], "_given": [null]}]});
+        assert_eq!(
+            issues(p),
+            vec!["Patient.name[0]._given[0]: null in both 'given' and '_given' at this index: each entry needs a value or an extension".to_string()]
+        );
+        let p = json!({"resourceType": "Patient", "name": [{"given": ["a", null], "_given": [{"id": "x"}, null]}]});
+        assert_eq!(
+            issues(p),
+            vec!["Patient.name[0]._given[1]: null in both 'given' and '_given' at this index: each entry needs a value or an extension".to_string()]
+        );
+        // A shadow array without values: every entry must be an object.
+        let p = json!({"resourceType": "Patient", "name": [{"_given": [{"id": "x"}, null]}]});
+        assert_eq!(
+            issues(p),
+            vec!["Patient.name[0]._given[1]: null in '_given' and no 'given' array: each entry needs a value or an extension".to_string()]
+        );
+        let p = json!({"resourceType": "Patient", "name": [{"given": ["a"], "_given": []}]});
+        assert_eq!(
+            issues(p),
+            vec![
+                "Patient.name[0]._given: arrays must not be empty".to_string(),
+                "Patient.name[0]._given: '_given' has 0 entries but 'given' has 1: the arrays must have the same length, with null where one side has no entry".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn aligned_shadow_arrays_are_valid() {
+        let p = json!({"resourceType": "Patient", "name": [
+            {"given": ["a", "b"], "_given": [null, {"id": "x"}]},
+            {"given": ["a", null], "_given": [{"id": "x"}, {"extension": [{"url": "http://x", "valueString": "y"}]}]},
+            {"given": [null], "_given": [{"id": "only-extension"}]},
+            {"given": ["a", "b"], "_given": [{"id": "x"}, {"id": "y"}]},
+            {"_given": [{"id": "x"}, {"id": "y"}]}
+        ]});
+        assert_eq!(issues(p), Vec::<String>::new());
+    }
+
+    #[test]
+    fn shadow_objects_must_not_be_empty() {
+        // The reviewed e12.
+        let p = json!({"resourceType": "Patient", "id": "e12", "gender": "male", "_gender": {}});
+        assert_eq!(
+            issues(p),
+            vec!["Patient._gender: objects must not be empty: a primitive's '_' shadow holds an 'id' and/or 'extension'".to_string()]
+        );
+        // Without the value too, and in shadow arrays.
+        let p = json!({"resourceType": "Patient", "_gender": {}});
+        assert_eq!(
+            issues(p),
+            vec!["Patient._gender: objects must not be empty: a primitive's '_' shadow holds an 'id' and/or 'extension'".to_string()]
+        );
+        let p = json!({"resourceType": "Patient", "name": [{"given": ["a"], "_given": [{}]}]});
+        assert_eq!(
+            issues(p),
+            vec!["Patient.name[0]._given[0]: objects must not be empty: a primitive's '_' shadow holds an 'id' and/or 'extension'".to_string()]
+        );
+        // A shadow without its value is valid when it has content (extension only).
+        let p = json!({"resourceType": "Patient", "_gender": {"extension": [{"url": "http://x", "valueCode": "y"}]}});
+        assert_eq!(issues(p), Vec::<String>::new());
     }
 }
