@@ -360,6 +360,33 @@ pub struct PlannedEntry {
 pub struct Translated {
     pub kind: BundleKind,
     pub entries: Vec<Result<PlannedEntry, EntryError>>,
+    /// In a batch, the planned entries whose references name (by `fullUrl`) the resource another
+    /// planned entry writes: [`execute`] fails such an entry when that one fails (an entry whose
+    /// target failed in translation has failed already).
+    pub dependencies: Vec<Dependency>,
+}
+
+/// Batch entry `entry` has a reference (the first one, at `expression`) to `reference`, the
+/// `fullUrl` of entry `on`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dependency {
+    pub entry: usize,
+    pub on: usize,
+    pub reference: String,
+    pub expression: String,
+}
+
+impl Dependency {
+    /// The failure of `entry` because `on` failed with the status line `on_status`.
+    fn failure(&self, on_status: String) -> EntryError {
+        EntryError::Dependency {
+            index: self.entry,
+            on: self.on,
+            on_status,
+            reference: self.reference.clone(),
+            expression: self.expression.clone(),
+        }
+    }
 }
 
 /// A Bundle whose entries' requests are parsed ([`plan`]): every entry's typed
@@ -582,19 +609,44 @@ impl BundlePlan {
                 refs.insert(full_url.clone(), ty, id);
             }
         }
+        // In a batch, which entries each entry's references name by fullUrl (the first reference
+        // to each): FHIR lets a server resolve them, but an entry whose target fails must fail.
+        let mut dependencies: Vec<Dependency> = Vec::new();
         for p in parsed.iter_mut() {
             let Ok(entry) = p else { continue };
             let index = entry.index;
-            if let Some(resource) = entry.resource_mut()
-                && let Err(e) = check_resource(
-                    resource,
-                    &refs,
-                    &format!("Bundle.entry[{index}].resource"),
-                    validate,
-                )
-            {
+            let Some(resource) = entry.resource_mut() else {
+                continue;
+            };
+            let first = dependencies.len();
+            let mut resolved = |full_url: &str, path: &dyn Fn() -> String| {
+                if kind != BundleKind::Batch {
+                    return;
+                }
+                let Some(&on) = full_urls.get(full_url) else {
+                    return;
+                };
+                if on != index && !dependencies[first..].iter().any(|d| d.on == on) {
+                    dependencies.push(Dependency {
+                        entry: index,
+                        on,
+                        reference: full_url.to_string(),
+                        expression: path(),
+                    });
+                }
+            };
+            if let Err(e) = check_resource_tracking(
+                resource,
+                &refs,
+                &format!("Bundle.entry[{index}].resource"),
+                validate,
+                &mut resolved,
+            ) {
                 *p = Err(e.at_entry(index));
             }
+        }
+        if kind == BundleKind::Batch {
+            fail_dependents(&mut parsed, &mut dependencies);
         }
 
         let mut entries = Vec::with_capacity(parsed.len());
@@ -604,7 +656,11 @@ impl BundlePlan {
                 p => entries.push(p.map(Parsed::into_planned)),
             }
         }
-        Ok(Translated { kind, entries })
+        Ok(Translated {
+            kind,
+            entries,
+            dependencies,
+        })
     }
 }
 
@@ -652,12 +708,29 @@ pub fn check_resource(
     root: &str,
     validate: bool,
 ) -> Result<(), ResourceProblem> {
+    check_resource_tracking(resource, refs, root, validate, &mut |_, _| {})
+}
+
+/// [`check_resource`], and each reference rewritten goes to `resolved` (the fullUrl it named and
+/// its location), as [`ReferenceMap::rewrite_tracking`] reports it.
+fn check_resource_tracking(
+    resource: &mut Value,
+    refs: &ReferenceMap,
+    root: &str,
+    validate: bool,
+    resolved: &mut dyn FnMut(&str, &dyn Fn() -> String),
+) -> Result<(), ResourceProblem> {
     let mut unresolved = None;
-    refs.rewrite(resource, root, &mut |r, path| {
-        if unresolved.is_none() {
-            unresolved = Some((r.to_string(), path));
-        }
-    });
+    refs.rewrite_tracking(
+        resource,
+        root,
+        &mut |r, path| {
+            if unresolved.is_none() {
+                unresolved = Some((r.to_string(), path));
+            }
+        },
+        resolved,
+    );
     if let Some((reference, expression)) = unresolved {
         return Err(ResourceProblem::UnresolvedReference {
             reference,
@@ -670,6 +743,35 @@ pub fn check_resource(
             .map_err(ResourceProblem::Invalid)?;
     }
     Ok(())
+}
+
+/// Fails (in place) every batch entry that depends on a failed entry, transitively, and keeps
+/// in `dependencies` only those between entries still planned.
+fn fail_dependents(parsed: &mut [Result<Parsed, EntryError>], dependencies: &mut Vec<Dependency>) {
+    let mut dependents: std::collections::HashMap<usize, Vec<usize>> =
+        std::collections::HashMap::new();
+    for (i, d) in dependencies.iter().enumerate() {
+        dependents.entry(d.on).or_default().push(i);
+    }
+    let mut failed: Vec<usize> = parsed
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.is_err().then_some(i))
+        .collect();
+    while let Some(on) = failed.pop() {
+        let on_status = match &parsed[on] {
+            Err(e) => status_line(e.status()),
+            Ok(_) => continue,
+        };
+        for &d in dependents.get(&on).map(Vec::as_slice).unwrap_or_default() {
+            let d = &dependencies[d];
+            if parsed[d.entry].is_ok() {
+                parsed[d.entry] = Err(d.failure(on_status.clone()));
+                failed.push(d.entry);
+            }
+        }
+    }
+    dependencies.retain(|d| parsed[d.entry].is_ok() && parsed[d.on].is_ok());
 }
 
 /// Two entries of a transaction that change the same resource (`Type/id`, or the same
@@ -720,6 +822,7 @@ pub fn execute(
     options: &BundleOptions,
 ) -> Result<Value, BundleError> {
     let n = translated.entries.len();
+    let dependencies = translated.dependencies;
     let mut responses: Vec<Option<Value>> = vec![None; n];
     // Bytes of stored resources the response returns for read entries and matched conditional
     // creates, bounded by `max_read_bytes` together.
@@ -822,20 +925,7 @@ pub fn execute(
                         responses[*index] = Some(write_entry(&outcome, options.return_resources));
                     }
                 }
-                Err(_) => {
-                    for (index, copy) in retry {
-                        responses[index] = Some(match store.write(vec![copy.into_op()]) {
-                            Ok(mut outcomes) => match outcomes.pop() {
-                                Some(o) => write_entry(&o, options.return_resources),
-                                None => error_entry(&EntryError::Store {
-                                    index,
-                                    source: StoreError::Corrupt("no outcome".into()),
-                                }),
-                            },
-                            Err(source) => error_entry(&EntryError::Store { index, source }),
-                        });
-                    }
-                }
+                Err(_) => retry_alone(store, retry, &dependencies, options, &mut responses),
             }
         }
     }
@@ -903,7 +993,204 @@ pub fn execute(
     }))
 }
 
+/// A batch's writes after their single transaction failed: each alone, in the order given,
+/// except that an entry whose references name another entry's resource waits for that entry,
+/// and fails (424) when it failed. Entries that name each other in a circle are written
+/// together, atomically; when that fails, the entry the store error names (else the first)
+/// fails, and the others are tried again.
+fn retry_alone(
+    store: &dyn Store,
+    retry: Vec<(usize, RetryCopy)>,
+    dependencies: &[Dependency],
+    options: &BundleOptions,
+    responses: &mut [Option<Value>],
+) {
+    use std::collections::{HashMap, VecDeque};
+    // Settled writes: `true` written, `false` failed. Entries that are not written here (reads,
+    // matched conditional creates) never fail now, so they are no one's obstacle.
+    let mut settled: HashMap<usize, bool> = HashMap::new();
+    let pending: std::collections::HashSet<usize> = retry.iter().map(|(i, _)| *i).collect();
+    let mut on: HashMap<usize, Vec<&Dependency>> = HashMap::new();
+    let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut waiting: HashMap<usize, usize> = HashMap::new();
+    for d in dependencies {
+        if pending.contains(&d.entry) && pending.contains(&d.on) {
+            on.entry(d.entry).or_default().push(d);
+            dependents.entry(d.on).or_default().push(d.entry);
+            *waiting.entry(d.entry).or_default() += 1;
+        }
+    }
+    let mut copies: HashMap<usize, RetryCopy> = HashMap::new();
+    let mut order = Vec::with_capacity(retry.len());
+    for (index, copy) in retry {
+        order.push(index);
+        copies.insert(index, copy);
+    }
+    let mut ready: VecDeque<usize> = order
+        .iter()
+        .copied()
+        .filter(|i| !waiting.contains_key(i))
+        .collect();
+    // Settles `index`, and queues the entries that waited for it alone.
+    let settle = |index: usize,
+                  ok: bool,
+                  response: Value,
+                  settled: &mut HashMap<usize, bool>,
+                  waiting: &mut HashMap<usize, usize>,
+                  ready: &mut VecDeque<usize>,
+                  responses: &mut [Option<Value>]| {
+        settled.insert(index, ok);
+        responses[index] = Some(response);
+        for d in dependents
+            .get(&index)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            if let Some(w) = waiting.get_mut(d) {
+                *w -= 1;
+                if *w == 0 {
+                    waiting.remove(d);
+                    ready.push_back(*d);
+                }
+            }
+        }
+    };
+    // The failure of `index` because an entry it depends on failed, if one did.
+    let failed_dependency =
+        |index: usize, settled: &HashMap<usize, bool>, responses: &[Option<Value>]| {
+            on.get(&index)?
+                .iter()
+                .find(|d| settled.get(&d.on) == Some(&false))
+                .map(|d| {
+                    let on_status = responses[d.on]
+                        .as_ref()
+                        .and_then(|r| r["response"]["status"].as_str())
+                        .unwrap_or_default()
+                        .to_string();
+                    d.failure(on_status)
+                })
+        };
+    loop {
+        while let Some(index) = ready.pop_front() {
+            if settled.contains_key(&index) {
+                continue;
+            }
+            if let Some(e) = failed_dependency(index, &settled, responses) {
+                let response = error_entry(&e);
+                settle(
+                    index,
+                    false,
+                    response,
+                    &mut settled,
+                    &mut waiting,
+                    &mut ready,
+                    responses,
+                );
+                continue;
+            }
+            let Some(copy) = copies.remove(&index) else {
+                continue;
+            };
+            let (ok, response) = match store.write(vec![copy.into_op()]) {
+                Ok(mut outcomes) => match outcomes.pop() {
+                    Some(o) => (true, write_entry(&o, options.return_resources)),
+                    None => (
+                        false,
+                        error_entry(&EntryError::Store {
+                            index,
+                            source: StoreError::Corrupt("no outcome".into()),
+                        }),
+                    ),
+                },
+                Err(source) => (false, error_entry(&EntryError::Store { index, source })),
+            };
+            settle(
+                index,
+                ok,
+                response,
+                &mut settled,
+                &mut waiting,
+                &mut ready,
+                responses,
+            );
+        }
+        // What is left waits in a circle (or behind one). Those that depend on a failed entry
+        // fail first; the rest is written together.
+        let mut group: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|i| !settled.contains_key(i))
+            .collect();
+        if group.is_empty() {
+            return;
+        }
+        let mut failed_one = false;
+        for &index in &group {
+            if let Some(e) = failed_dependency(index, &settled, responses) {
+                let response = error_entry(&e);
+                settle(
+                    index,
+                    false,
+                    response,
+                    &mut settled,
+                    &mut waiting,
+                    &mut ready,
+                    responses,
+                );
+                failed_one = true;
+            }
+        }
+        if failed_one {
+            continue;
+        }
+        let keys: Vec<Option<(String, String)>> = group
+            .iter()
+            .map(|i| copies.get(i).and_then(|c| op_key(&c.op)))
+            .collect();
+        let ops: Vec<WriteOp> = group
+            .iter()
+            .filter_map(|i| copies.get(i).cloned().map(RetryCopy::into_op))
+            .collect();
+        match store.write(ops) {
+            Ok(outcomes) => {
+                for (index, o) in group.iter().zip(outcomes) {
+                    copies.remove(index);
+                    settled.insert(*index, true);
+                    responses[*index] = Some(write_entry(&o, options.return_resources));
+                }
+                // Whatever the store did not answer for.
+                for index in group.drain(..) {
+                    if let std::collections::hash_map::Entry::Vacant(v) = settled.entry(index) {
+                        v.insert(false);
+                        responses[index] = Some(error_entry(&EntryError::Store {
+                            index,
+                            source: StoreError::Corrupt("no outcome".into()),
+                        }));
+                    }
+                }
+                // Nothing waits on them any more than on written entries.
+                waiting.clear();
+            }
+            Err(source) => {
+                let index = group[failing_entry(&source, &keys).unwrap_or(0)];
+                copies.remove(&index);
+                let response = error_entry(&EntryError::Store { index, source });
+                settle(
+                    index,
+                    false,
+                    response,
+                    &mut settled,
+                    &mut waiting,
+                    &mut ready,
+                    responses,
+                );
+            }
+        }
+    }
+}
+
 /// A batch write kept for a retry: the op with its resource as JSON text.
+#[derive(Clone)]
 struct RetryCopy {
     op: WriteOp,
     json: Option<Vec<u8>>,
@@ -1222,7 +1509,7 @@ fn plan_entry(
         None => None,
         Some(Value::String(s)) => Some(parse_etag(s).ok_or_else(|| {
             invalid(
-                format!("ifMatch '{s}' is not an ETag like W/\"3\""),
+                format!("ifMatch '{s}' is not a version ETag such as W/\"3\""),
                 ".request.ifMatch",
             )
         })?),
@@ -1315,15 +1602,23 @@ fn plan_entry(
     Ok((full_url, action))
 }
 
-/// `W/"3"`, `"3"` or `3` → 3.
+/// The version an `If-Match` ETag names: `W/"3"` → 3, and the strong form `"3"` that clients
+/// send too. FHIR compares the `versionId` in the quotes as a string, and the versions this
+/// server writes are `1`, `2`, ...: anything else (`W/"01"`, `W/"+2"`, an unquoted `3`, an empty
+/// or lowercase-`w/` tag) is a malformed ETag, `None`, which callers answer 400. Whitespace
+/// around the tag (a header's optional whitespace) is ignored.
 pub fn parse_etag(s: &str) -> Option<i64> {
     let s = s.trim();
-    let s = s.strip_prefix("W/").unwrap_or(s);
-    let s = s
-        .strip_prefix('"')
-        .and_then(|x| x.strip_suffix('"'))
-        .unwrap_or(s);
-    s.parse().ok().filter(|v: &i64| *v > 0)
+    let tag = s.strip_prefix("W/").unwrap_or(s);
+    let version = tag.strip_prefix('"')?.strip_suffix('"')?;
+    // The exact text of a version this server writes: decimal digits without a leading zero.
+    if version.is_empty()
+        || version.starts_with('0')
+        || !version.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    version.parse().ok()
 }
 
 #[cfg(test)]
@@ -1334,9 +1629,53 @@ mod tests {
     fn etags() {
         assert_eq!(parse_etag("W/\"3\""), Some(3));
         assert_eq!(parse_etag("\"12\""), Some(12));
-        assert_eq!(parse_etag("4"), Some(4));
+        assert_eq!(parse_etag(" W/\"7\" "), Some(7));
         assert_eq!(parse_etag("W/\"x\""), None);
         assert_eq!(parse_etag("0"), None);
+    }
+
+    /// FHIR compares the versionId as a string: a tag whose text is not exactly a version this
+    /// server writes names no version, and is malformed rather than a mismatch.
+    #[test]
+    fn etags_compare_the_version_text_exactly() {
+        for bad in [
+            "W/\"01\"",
+            "W/\"+2\"",
+            "W/\"-1\"",
+            "W/\"0\"",
+            "W/\" 2\"",
+            "W/\"2 \"",
+            "W/\"2.0\"",
+            "W/\"\"",
+            "W/\"99999999999999999999\"",
+            "\"01\"",
+            "3",
+            "+3",
+            "W/3",
+            "w/\"3\"",
+            "W/\"3",
+            "\"3",
+            "3\"",
+            "W/\"3\"x",
+            "*",
+            "",
+        ] {
+            assert_eq!(parse_etag(bad), None, "{bad}");
+        }
+        assert_eq!(parse_etag("W/\"10\""), Some(10));
+        assert_eq!(parse_etag("W/\"9223372036854775807\""), Some(i64::MAX));
+    }
+
+    #[test]
+    fn a_bundle_if_match_that_is_no_version_etag_is_invalid() {
+        for bad in ["W/\"01\"", "3"] {
+            let b = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+                {"request": {"method": "DELETE", "url": "Patient/p", "ifMatch": bad}}]});
+            let t = translate(b, true).unwrap();
+            let err = t.entries[0].as_ref().unwrap_err();
+            assert_eq!(err.status(), 400, "{bad}");
+            assert!(err.to_string().contains("ifMatch"), "{err}");
+        }
     }
 
     #[test]

@@ -56,6 +56,21 @@ pub enum EntryError {
         code: &'static str,
         message: String,
     },
+    /// A batch entry whose reference names (by `fullUrl`) the resource another entry was to
+    /// write, and that entry failed: the reference would name nothing. → 424 `processing`.
+    #[error(
+        "entry {index}: entry {on} failed ({on_status}), and this entry's reference '{reference}' names the resource entry {on} was to write"
+    )]
+    Dependency {
+        index: usize,
+        /// The entry that failed.
+        on: usize,
+        /// Its response status line (`400 Bad Request`).
+        on_status: String,
+        reference: String,
+        /// Where the reference is (`Bundle.entry[i].resource.subject.reference`).
+        expression: String,
+    },
     /// The store refused or failed the entry's operation (status from the store error).
     #[error("entry {index}: {source}")]
     Store {
@@ -75,6 +90,7 @@ impl EntryError {
             | EntryError::NotSupported { index, .. }
             | EntryError::TooCostly { index, .. }
             | EntryError::Condition { index, .. }
+            | EntryError::Dependency { index, .. }
             | EntryError::Store { index, .. } => *index,
         }
     }
@@ -87,6 +103,7 @@ impl EntryError {
             | EntryError::UnresolvedReference { .. }
             | EntryError::TooCostly { .. } => 400,
             EntryError::NotSupported { .. } => 501,
+            EntryError::Dependency { .. } => 424,
             EntryError::Condition { status, .. } => *status,
             EntryError::Store { source, .. } => store_error_issue(source).0,
         }
@@ -120,6 +137,9 @@ impl EntryError {
             }
             EntryError::UnresolvedReference { expression, .. } => {
                 vec![OutcomeIssue::error("invalid", self.to_string()).at(expression.clone())]
+            }
+            EntryError::Dependency { expression, .. } => {
+                vec![OutcomeIssue::error("processing", self.to_string()).at(expression.clone())]
             }
             EntryError::Validation { issues, .. } => issues
                 .iter()

@@ -126,7 +126,8 @@ fn prepare_line(
     mode: ImportMode,
     default_last_updated_ms: i64,
 ) -> Result<Ready, LineError> {
-    let resource: Value = serde_json::from_slice(bytes)
+    // The reader of every ingestion path: a repeated key is refused as REST refuses it.
+    let resource: Value = crate::strict_json::from_slice(bytes)
         .map_err(|e| line_error(line, None, "structure", format!("not a JSON resource: {e}")))?;
     let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else {
         return Err(line_error(

@@ -13,6 +13,8 @@
 //! - [`source`]: input discovery and streaming (NDJSON, Bundle JSON, `.gz`); the JSON parse and
 //!   the streaming of Bundle entries on serde_json's public API in `source/json.rs`, the fullUrl
 //!   pre-pass in `source/prepass.rs`.
+//! - [`strict_json`]: the JSON reader of every ingestion path (REST bodies, the loader,
+//!   `$import`): serde_json's `Value`, but a duplicate object key is an error.
 //! - [`outcome`]: OperationOutcome building and the store-error → HTTP status mapping, which the
 //!   server should reuse so that bundle entries and plain requests answer alike.
 
@@ -24,6 +26,7 @@ pub mod outcome;
 pub mod references;
 mod sched;
 pub mod source;
+pub mod strict_json;
 pub mod synth;
 
 pub use bundle::{BundleOptions, process_bundle};

@@ -126,6 +126,7 @@ pub fn status_line(status: u16) -> String {
         410 => "Gone",
         412 => "Precondition Failed",
         422 => "Unprocessable Entity",
+        424 => "Failed Dependency",
         500 => "Internal Server Error",
         501 => "Not Implemented",
         503 => "Service Unavailable",

@@ -43,7 +43,19 @@ impl ReferenceMap {
         root: &str,
         unresolved: &mut dyn FnMut(&str, String),
     ) -> usize {
-        self.walk(value, &Step::Root(root), unresolved)
+        self.rewrite_tracking(value, root, unresolved, &mut |_, _| {})
+    }
+
+    /// [`ReferenceMap::rewrite`], and each reference rewritten is reported to `resolved` with the
+    /// fullUrl it named and its location (built on demand, relative to `root`).
+    pub fn rewrite_tracking(
+        &self,
+        value: &mut Value,
+        root: &str,
+        unresolved: &mut dyn FnMut(&str, String),
+        resolved: &mut dyn FnMut(&str, &dyn Fn() -> String),
+    ) -> usize {
+        self.walk(value, &Step::Root(root), unresolved, resolved)
     }
 
     fn walk(
@@ -51,6 +63,7 @@ impl ReferenceMap {
         value: &mut Value,
         at: &Step<'_>,
         unresolved: &mut dyn FnMut(&str, String),
+        resolved: &mut dyn FnMut(&str, &dyn Fn() -> String),
     ) -> usize {
         let mut n = 0;
         match value {
@@ -58,7 +71,8 @@ impl ReferenceMap {
                 for (k, v) in map.iter_mut() {
                     match v {
                         Value::String(s) if k == "reference" => {
-                            if let Some(target) = self.map.get(s.as_str()) {
+                            if let Some((full_url, target)) = self.map.get_key_value(s.as_str()) {
+                                resolved(full_url, &|| Step::Member(at, k).path());
                                 *s = target.clone();
                                 n += 1;
                             } else if s.starts_with("urn:") {
@@ -66,7 +80,7 @@ impl ReferenceMap {
                             }
                         }
                         Value::Object(_) | Value::Array(_) => {
-                            n += self.walk(v, &Step::Member(at, k), unresolved);
+                            n += self.walk(v, &Step::Member(at, k), unresolved, resolved);
                         }
                         _ => {}
                     }
@@ -75,7 +89,7 @@ impl ReferenceMap {
             Value::Array(items) => {
                 for (i, v) in items.iter_mut().enumerate() {
                     if matches!(v, Value::Object(_) | Value::Array(_)) {
-                        n += self.walk(v, &Step::Index(at, i), unresolved);
+                        n += self.walk(v, &Step::Index(at, i), unresolved, resolved);
                     }
                 }
             }

@@ -312,9 +312,9 @@ fn entry_location(file: &Arc<Path>, i: usize) -> Location {
 pub enum UnitEvent {
     /// The next item, as [`unit_items`] would pass it.
     Item(Result<Item, (Location, String)>),
-    /// Forget every item this unit passed so far: the document turned out to be malformed, or
-    /// (through repeated keys) not a Bundle whose entries are loaded. What the document really
-    /// holds follows, as [`unit_items`] would pass it.
+    /// Forget every item this unit passed so far: the document turned out to be malformed (a
+    /// repeated key included). What the document really holds follows, as [`unit_items`] would
+    /// pass it: its error.
     Restart,
 }
 
@@ -356,17 +356,6 @@ pub fn stream_unit_items(
     match parsed {
         Ok(json::Doc::Streamed) => Ok(()),
         Ok(json::Doc::Whole(value)) => whole(f, value),
-        Ok(json::Doc::Redo) => {
-            f(UnitEvent::Restart)?;
-            // It parsed once, it parses again.
-            match json::from_slice(&bytes) {
-                Ok(value) => whole(f, value),
-                Err(e) => f(UnitEvent::Item(Err((
-                    document_location(file),
-                    format!("malformed JSON: {e}"),
-                )))),
-            }
-        }
         Err(e) => {
             if passed > 0 {
                 f(UnitEvent::Restart)?;
@@ -469,16 +458,15 @@ mod tests {
     }
 
     /// The parse (through `str` when the text is UTF-8) gives what `serde_json::from_slice` gives,
-    /// value and bytes, and the same errors.
+    /// value and bytes, and the same errors, but for a repeated key (see
+    /// `duplicate_keys_are_malformed_json`).
     #[test]
     fn json_parse_matches_serde_json() {
         let cases = [
             r#"{"a":1,"b":[1.50,-0,1e5,12345678901234567890123,0.1e-3],"c":{},"d":[],"e":null}"#,
-            r#"{"k":1,"j":2,"k":3}"#,
             r#"[{"x":{"y":[[[]]]}},"s\u00e9\n",true,false,null]"#,
             r#"{"$serde_json::private::Number":"1.50"}"#,
             r#"{"$serde_json::private::Number":1}"#,
-            r#"{"$serde_json::private::RawValue":"{\"a\":1}"}"#,
             r#"{"a":1,"$serde_json::private::Number":"2"}"#,
             r#"{"a":"\ud800"}"#,
             r#"{"a":1,}"#,
@@ -504,6 +492,12 @@ mod tests {
                 );
             }
         }
+        // serde_json's `Value` reads this member as the JSON in its text; it is an ordinary
+        // member here, as in REST bodies.
+        assert_eq!(
+            json::from_str(r#"{"$serde_json::private::RawValue":"{\"a\":1}"}"#).unwrap(),
+            serde_json::json!({"$serde_json::private::RawValue": "{\"a\":1}"})
+        );
         let text = "{\"a\":\"Jos\u{e9} \u{1F600}\",\"b\":[\"\\u00e9\"]}";
         assert_eq!(
             json::from_slice(text.as_bytes()).map_err(|e| e.to_string()),
@@ -514,6 +508,60 @@ mod tests {
             json::from_slice(bad_utf8).map_err(|e| e.to_string()),
             serde_json::from_slice::<Value>(bad_utf8).map_err(|e| e.to_string())
         );
+    }
+
+    /// A repeated key, where serde_json keeps the last value, is malformed JSON for the loader
+    /// as for REST: an NDJSON line is reported with its file and line, a `.json` document with its
+    /// file, whether its entries were streamed or not.
+    #[test]
+    fn duplicate_keys_are_malformed_json() {
+        let file: Arc<Path> = Arc::from(Path::new("x.ndjson"));
+        let lines = Unit::Lines {
+            first_line: 7,
+            lines: vec![
+                br#"{"resourceType":"Patient","id":"a"}"#.to_vec(),
+                br#"{"resourceType":"Patient","id":"x","gender":"male","gender":"female"}"#
+                    .to_vec(),
+                br#"{"resourceType":"Patient","id":"b","name":[{"given":["A"],"given":["B"]}]}"#
+                    .to_vec(),
+            ],
+        };
+        let items = buffered(&file, lines);
+        assert_eq!(items.len(), 3);
+        assert!(items[0].starts_with("Ok("), "{}", items[0]);
+        for (item, line, key) in [(&items[1], 8, "gender"), (&items[2], 9, "given")] {
+            assert!(item.starts_with("Err("), "{item}");
+            assert!(item.contains(&format!("line: Some({line})")), "{item}");
+            assert!(
+                item.contains(&format!(r#"malformed JSON: duplicate key \"{key}\""#)),
+                "{item}"
+            );
+        }
+        let file: Arc<Path> = Arc::from(Path::new("x.json"));
+        let e = r#"{"resource":{"resourceType":"Patient","id":"a"}}"#;
+        for doc in [
+            format!(
+                r#"{{"resourceType":"Bundle","type":"batch","entry":[{e},{{"resource":{{"resourceType":"Patient","id":"b","id":"c"}}}}]}}"#
+            ),
+            format!(r#"{{"resourceType":"Bundle","type":"batch","entry":[{e}],"entry":[{e}]}}"#),
+            format!(r#"{{"resourceType":"Bundle","entry":[{e}],"type":"batch","entry":[{e}]}}"#),
+            format!(
+                r#"{{"resourceType":"Bundle","type":"batch","entry":[{e}],"type":"collection"}}"#
+            ),
+            format!(
+                r#"{{"resourceType":"Bundle","type":"batch","id":"1","entry":[{e}],"id":"2"}}"#
+            ),
+            r#"{"resourceType":"Patient","id":"x","id":"y"}"#.to_string(),
+        ] {
+            let unit = || Unit::Document(doc.clone().into_bytes());
+            let want = buffered(&file, unit());
+            assert_eq!(want.len(), 1, "{doc}: {want:?}");
+            assert!(
+                want[0].starts_with("Err(") && want[0].contains("duplicate key"),
+                "{doc}: {want:?}"
+            );
+            assert_eq!(streamed(&file, unit()), want, "{doc}");
+        }
     }
 
     /// The same on every file of the Synthea set: equal values, byte-identical when serialized.

@@ -370,8 +370,9 @@ fn write_file(path: &Path, bytes: &[u8], gzip: bool) {
 proptest! {
     #![proptest_config(config(256))]
 
-    /// One NDJSON line: the loader's reader agrees with `serde_json` exactly (`from_str` on the
-    /// trimmed text, `from_slice` on a line that is not UTF-8).
+    /// One NDJSON line: the loader's reader agrees with `ingest::strict_json` exactly (`from_str`
+    /// on the trimmed text, `from_slice` on a line that is not UTF-8), and what it reads is what
+    /// `serde_json` reads (which also takes a repeated key, keeping its last value).
     #[test]
     fn ndjson_lines_read_exactly_as_serde_json(text in mutated_text()) {
         let mut line = text;
@@ -382,9 +383,13 @@ proptest! {
                 prop_assert!(items.is_empty());
                 return Ok(());
             }
-            Ok(t) => serde_json::from_str::<Value>(t.trim()),
-            Err(_) => serde_json::from_slice::<Value>(line.trim_ascii()),
+            Ok(t) => ingest::strict_json::from_str(t.trim()),
+            Err(_) => ingest::strict_json::from_slice(line.trim_ascii()),
         };
+        if let Ok(v) = &expected {
+            let serde = serde_json::from_slice::<Value>(line.trim_ascii()).ok();
+            prop_assert_eq!(serde.as_ref(), Some(v));
+        }
         prop_assert_eq!(items.len(), 1);
         prop_assert!(items[0].contains("line: Some(7)"), "{}", items[0]);
         match expected {
@@ -401,13 +406,13 @@ proptest! {
 
     /// A `.json` document: streaming its entries (restarts applied) gives the items of the
     /// whole-document path, and a document that is not a Bundle of entries is one item equal
-    /// to `serde_json::from_slice`'s value.
+    /// to `ingest::strict_json::from_slice`'s value (`serde_json`'s, without repeated keys).
     #[test]
     fn streamed_documents_give_the_whole_document_items(doc in prop_oneof![bundle_document(), mutated_text()]) {
         let whole = whole_items(Unit::Document(doc.clone()));
         let streamed = streamed_items(Unit::Document(doc.clone()));
         prop_assert_eq!(&streamed, &whole);
-        if let Ok(v) = serde_json::from_slice::<Value>(&doc) {
+        if let Ok(v) = ingest::strict_json::from_slice(&doc) {
             let entry_bundle = v["resourceType"] == "Bundle"
                 && matches!(v["type"].as_str(), Some("transaction" | "batch" | "collection" | "searchset"));
             if !entry_bundle {

@@ -113,3 +113,60 @@ fn strict_writes_what_precedes_the_first_invalid_resource_and_nothing_after() {
     assert_eq!(summary.invalid, 1);
     assert!(summary.problems[0].location.ends_with("x.ndjson:2101"));
 }
+
+/// A repeated key is refused as REST refuses it (serde_json kept the last value): the line is
+/// reported with its file and line and skipped, and `strict` stops there.
+#[test]
+fn a_line_with_a_duplicate_key_is_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dup.ndjson");
+    let mut f = std::fs::File::create(&file).unwrap();
+    writeln!(f, "{}", patient_line("a", 0)).unwrap();
+    writeln!(
+        f,
+        r#"{{"resourceType":"Patient","id":"x","gender":"male","gender":"female"}}"#
+    )
+    .unwrap();
+    writeln!(f, "{}", patient_line("b", 1)).unwrap();
+    drop(f);
+
+    let (_d, store) = support::temp_store();
+    let summary = load_into_store(
+        &*store,
+        std::slice::from_ref(&file),
+        &LoadOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(summary.written(), 2);
+    assert_eq!(summary.invalid, 1);
+    let problem = &summary.problems[0];
+    assert!(problem.location.ends_with("dup.ndjson:2"), "{problem:?}");
+    assert!(
+        problem.message.contains("duplicate key \"gender\""),
+        "{problem:?}"
+    );
+    assert!(store.read("Patient", "x").is_err());
+    assert!(store.read("Patient", "b").is_ok());
+
+    let (_d2, store) = support::temp_store();
+    let err = load_into_store(
+        &*store,
+        &[file],
+        &LoadOptions {
+            strict: true,
+            ..LoadOptions::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap_err();
+    match err {
+        LoadError::Invalid { location, message } => {
+            assert!(location.ends_with("dup.ndjson:2"), "{location}");
+            assert!(message.contains("duplicate key \"gender\""), "{message}");
+        }
+        other => panic!("expected Invalid, got {other}"),
+    }
+    assert!(store.read("Patient", "x").is_err());
+    assert!(store.read("Patient", "b").is_err());
+}

@@ -6,9 +6,9 @@
 //! and `/auth/token`: a web page cannot write by CSRF), `Content-Encoding` (gzip or identity,
 //! decoded within the body limit), and on the way out every error answer becomes an
 //! OperationOutcome without server paths. [`json_body`] parses request bodies with a bound on
-//! Bundle entries, without duplicate object keys and within serde_json's nesting limit.
+//! Bundle entries, without duplicate object keys and within serde_json's nesting limit (the
+//! reader of every ingestion path, [`ingest::strict_json`]).
 
-use std::cell::Cell;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -16,8 +16,8 @@ use axum::extract::{Request, State, rejection::BytesRejection};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Number, Value};
+use ingest::strict_json::{JsonError, parse_json};
+use serde_json::Value;
 
 use crate::error::ApiError;
 
@@ -179,23 +179,26 @@ fn default_hosts(base_url: &str) -> Vec<HostPattern> {
 }
 
 fn is_json_media(m: &str) -> bool {
-    let m = m
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    matches!(
-        m.as_str(),
-        "application/fhir+json"
-            | "application/json"
-            | "application/json+fhir"
-            | "application/fhir+ndjson"
-            | "application/ndjson"
-            | "*/*"
-            | "application/*"
-            | ""
-    )
+    let mut parts = m.split(';');
+    let m = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+    // `q=0` says "not this one" (RFC 9110 §12.4.2).
+    let refused = parts.any(|p| {
+        p.split_once('=').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+        })
+    });
+    !refused
+        && matches!(
+            m.as_str(),
+            "application/fhir+json"
+                | "application/json"
+                | "application/json+fhir"
+                | "application/fhir+ndjson"
+                | "application/ndjson"
+                | "*/*"
+                | "application/*"
+                | ""
+        )
 }
 
 fn format_param(query: Option<&str>) -> Option<String> {
@@ -636,157 +639,6 @@ pub fn json_body(
     Ok(v)
 }
 
-/// Why [`parse_json`] refused a body.
-#[derive(Debug)]
-pub enum JsonError {
-    /// The root object's `entry` array has more elements than allowed.
-    TooManyEntries,
-    /// Malformed JSON, a duplicate key or nesting deeper than 128.
-    Syntax(serde_json::Error),
-}
-
-/// Parses JSON into a [`Value`] as serde_json does (numbers keep their text), except that a
-/// duplicate key in an object is an error, parsing stops as soon as the root object's `entry`
-/// array exceeds `max_entries` (so an oversized Bundle is refused before its tree is built),
-/// and arrays and objects are allocated at their final size (a quarter less memory than
-/// `serde_json::from_slice` for FHIR resources). Nesting is bounded by serde_json's recursion
-/// limit (128).
-pub fn parse_json(bytes: &[u8], max_entries: usize) -> Result<Value, JsonError> {
-    let ctx = ParseContext {
-        max_entries,
-        too_many: Cell::new(false),
-    };
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let parsed = Node {
-        ctx: &ctx,
-        place: Place::Root,
-    }
-    .deserialize(&mut de)
-    .and_then(|v| de.end().map(|()| v));
-    match parsed {
-        Ok(v) => Ok(v),
-        Err(_) if ctx.too_many.get() => Err(JsonError::TooManyEntries),
-        Err(e) => Err(JsonError::Syntax(e)),
-    }
-}
-
-/// With serde_json's `arbitrary_precision`, a number that is not a 64-bit integer reaches a
-/// visitor as a one-entry map with this key and the number's text.
-const NUMBER_TOKEN: &str = "$serde_json::private::Number";
-
-struct ParseContext {
-    max_entries: usize,
-    too_many: Cell<bool>,
-}
-
-#[derive(Clone, Copy)]
-enum Place {
-    Root,
-    /// The root object's `entry`.
-    Entries,
-    Other,
-}
-
-#[derive(Clone, Copy)]
-struct Node<'c> {
-    ctx: &'c ParseContext,
-    place: Place,
-}
-
-impl<'de> DeserializeSeed<'de> for Node<'_> {
-    type Value = Value;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Node<'_> {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
-        Ok(Value::Bool(b))
-    }
-    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
-        Ok(Value::Number(n.into()))
-    }
-    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
-        Ok(Value::Number(n.into()))
-    }
-    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
-        Ok(Number::from_f64(n).map_or(Value::Null, Value::Number))
-    }
-    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
-        Ok(Value::String(s.to_owned()))
-    }
-    fn visit_string<E>(self, s: String) -> Result<Value, E> {
-        Ok(Value::String(s))
-    }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_none<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let child = Node {
-            ctx: self.ctx,
-            place: Place::Other,
-        };
-        let mut out = Vec::new();
-        while let Some(v) = seq.next_element_seed(child)? {
-            if matches!(self.place, Place::Entries) && out.len() >= self.ctx.max_entries {
-                self.ctx.too_many.set(true);
-                return Err(de::Error::custom("too many Bundle entries"));
-            }
-            out.push(v);
-        }
-        out.shrink_to_fit();
-        Ok(Value::Array(out))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let Some(first) = map.next_key::<String>()? else {
-            return Ok(Value::Object(Map::new()));
-        };
-        if first == NUMBER_TOKEN {
-            let text: String = map.next_value()?;
-            return text
-                .parse::<Number>()
-                .map(Value::Number)
-                .map_err(de::Error::custom);
-        }
-        let child = |key: &str| Node {
-            ctx: self.ctx,
-            place: match self.place {
-                Place::Root if key == "entry" => Place::Entries,
-                _ => Place::Other,
-            },
-        };
-        let value = map.next_value_seed(child(&first))?;
-        let mut pairs = vec![(first, value)];
-        while let Some(key) = map.next_key::<String>()? {
-            let value = map.next_value_seed(child(&key))?;
-            pairs.push((key, value));
-        }
-        let mut object = Map::with_capacity(pairs.len());
-        for (key, value) in pairs {
-            if object.contains_key(&key) {
-                let shown: String = key.chars().take(100).collect();
-                return Err(de::Error::custom(format_args!(
-                    "duplicate key \"{}\" in an object",
-                    shown.escape_debug()
-                )));
-            }
-            object.insert(key, value);
-        }
-        Ok(Value::Object(object))
-    }
-}
-
 /// `Prefer: handling=lenient`.
 pub fn lenient(headers: &HeaderMap) -> bool {
     prefer(headers, "handling").as_deref() == Some("lenient")
@@ -830,6 +682,9 @@ mod tests {
         assert!(is_json_media("*/*"));
         assert!(!is_json_media("application/fhir+xml"));
         assert!(!is_json_media("text/html"));
+        assert!(is_json_media("application/fhir+json; q=0.5"));
+        assert!(!is_json_media("application/fhir+json;q=0"));
+        assert!(!is_json_media("*/*; q=0.000"));
     }
 
     #[test]

@@ -230,6 +230,145 @@ async fn batch_entries_retried_alone_keep_their_resources_intact() {
     assert_eq!(s.get("/Patient/b").await.body["gender"], "male");
 }
 
+/// The status lines of a batch-response's entries.
+fn statuses(a: &Answer) -> Vec<String> {
+    assert_eq!(a.status, StatusCode::OK, "{:#}", a.body);
+    a.body["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_entry_naming_an_entry_that_failed_validation_fails_too() {
+    let s = start().await;
+    // Entry 0 is invalid (an empty gender); entry 1 names it. Entries 2 and 3: the same pair,
+    // valid, so the reference resolves.
+    let bundle = r#"{"resourceType":"Bundle","type":"batch","entry":[
+        {"fullUrl":"urn:uuid:55555555-0000-0000-0000-000000000001","resource":{"resourceType":"Patient","gender":""},"request":{"method":"POST","url":"Patient"}},
+        {"resource":{"resourceType":"Observation","status":"final","code":{"text":"x"},"subject":{"reference":"urn:uuid:55555555-0000-0000-0000-000000000001"}},"request":{"method":"POST","url":"Observation"}},
+        {"fullUrl":"urn:uuid:55555555-0000-0000-0000-000000000002","resource":{"resourceType":"Patient","gender":"male"},"request":{"method":"POST","url":"Patient"}},
+        {"resource":{"resourceType":"Observation","status":"final","code":{"text":"y"},"subject":{"reference":"urn:uuid:55555555-0000-0000-0000-000000000002"}},"request":{"method":"POST","url":"Observation"}}
+    ]}"#;
+    let a = s.post("/", FHIR, bundle).await;
+    let st = statuses(&a);
+    assert!(st[0].starts_with("400"), "{st:?}");
+    assert_eq!(st[1], "424 Failed Dependency", "{:#}", a.body);
+    assert!(st[2].starts_with("201"), "{st:?}");
+    assert!(st[3].starts_with("201"), "{st:?}");
+    let issue = &a.body["entry"][1]["response"]["outcome"]["issue"][0];
+    let d = issue["diagnostics"].as_str().unwrap();
+    assert!(d.contains("entry 0 failed (400 Bad Request)"), "{d}");
+    assert!(
+        d.contains("urn:uuid:55555555-0000-0000-0000-000000000001"),
+        "{d}"
+    );
+    assert_eq!(
+        issue["expression"][0],
+        "Bundle.entry[1].resource.subject.reference"
+    );
+    // One Observation, and its subject exists.
+    let obs = s.get("/Observation").await;
+    assert_eq!(entries(&obs), 1, "{:#}", obs.body);
+    let subject = obs.body["entry"][0]["resource"]["subject"]["reference"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let patient = a.body["entry"][2]["response"]["location"].as_str().unwrap();
+    assert!(
+        patient.starts_with(&format!("{subject}/_history/")),
+        "{subject} {patient}"
+    );
+    assert_eq!(s.get(&format!("/{subject}")).await.status, StatusCode::OK);
+    assert_eq!(entries(&s.get("/Patient").await), 1);
+}
+
+#[tokio::test]
+async fn a_batch_entry_naming_an_entry_that_failed_in_the_store_fails_too() {
+    let s = start().await;
+    // Entry 0 fails in the store (If-Match on a resource that does not exist: 412), so the
+    // batch's single transaction fails and the entries are written one by one; entry 1 names
+    // entry 0 and fails, entry 3 names entry 2 (written after it) and is written. Entry 4 names
+    // entry 1 (failed because of entry 0).
+    let bundle = r#"{"resourceType":"Bundle","type":"batch","entry":[
+        {"fullUrl":"urn:uuid:66666666-0000-0000-0000-000000000001","resource":{"resourceType":"Patient","id":"a"},"request":{"method":"PUT","url":"Patient/a","ifMatch":"W/\"9\""}},
+        {"fullUrl":"urn:uuid:66666666-0000-0000-0000-000000000003","resource":{"resourceType":"Observation","status":"final","code":{"text":"x"},"subject":{"reference":"urn:uuid:66666666-0000-0000-0000-000000000001"}},"request":{"method":"POST","url":"Observation"}},
+        {"fullUrl":"urn:uuid:66666666-0000-0000-0000-000000000002","resource":{"resourceType":"Patient","id":"b"},"request":{"method":"PUT","url":"Patient/b"}},
+        {"resource":{"resourceType":"Observation","status":"final","code":{"text":"y"},"subject":{"reference":"urn:uuid:66666666-0000-0000-0000-000000000002"}},"request":{"method":"POST","url":"Observation"}},
+        {"resource":{"resourceType":"Provenance","target":[{"reference":"urn:uuid:66666666-0000-0000-0000-000000000003"}],"recorded":"2020-01-01T00:00:00Z","agent":[{"who":{"display":"x"}}]},"request":{"method":"POST","url":"Provenance"}}
+    ]}"#;
+    let a = s.post("/", FHIR, bundle).await;
+    let st = statuses(&a);
+    assert!(st[0].starts_with("412"), "{st:?}");
+    assert_eq!(st[1], "424 Failed Dependency", "{:#}", a.body);
+    assert!(st[2].starts_with("201"), "{st:?}");
+    assert!(st[3].starts_with("201"), "{st:?}");
+    assert_eq!(st[4], "424 Failed Dependency", "{:#}", a.body);
+    let d = a.body["entry"][1]["response"]["outcome"]["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap();
+    assert!(
+        d.contains("entry 0 failed (412 Precondition Failed)"),
+        "{d}"
+    );
+    let d = a.body["entry"][4]["response"]["outcome"]["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap();
+    assert!(d.contains("entry 1 failed (424 Failed Dependency)"), "{d}");
+    let obs = s.get("/Observation").await;
+    assert_eq!(entries(&obs), 1, "{:#}", obs.body);
+    assert_eq!(
+        obs.body["entry"][0]["resource"]["subject"]["reference"],
+        "Patient/b"
+    );
+    assert_eq!(s.get("/Patient/a").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(entries(&s.get("/Provenance").await), 0);
+}
+
+#[tokio::test]
+async fn if_match_compares_the_version_text_exactly() {
+    let s = start().await;
+    let put = |etag: Option<&'static str>| {
+        let mut r = s
+            .client
+            .put(s.url("/Patient/p"))
+            .header("content-type", FHIR)
+            .body(r#"{"resourceType":"Patient","id":"p"}"#);
+        if let Some(e) = etag {
+            r = r.header("if-match", e);
+        }
+        async move { Answer::of(r.send().await.unwrap()).await }
+    };
+    assert_eq!(put(None).await.status, StatusCode::CREATED);
+    for bad in ["W/\"01\"", "W/\"+1\"", "1", "W/\"\"", "garbage"] {
+        put(Some(bad))
+            .await
+            .outcome(StatusCode::BAD_REQUEST, "is not a version ETag");
+    }
+    let delete = |etag: &'static str| {
+        let r = s
+            .client
+            .delete(s.url("/Patient/p"))
+            .header("if-match", etag);
+        async move { Answer::of(r.send().await.unwrap()).await }
+    };
+    delete("1")
+        .await
+        .outcome(StatusCode::BAD_REQUEST, "is not a version ETag");
+    delete("W/\"01\"")
+        .await
+        .outcome(StatusCode::BAD_REQUEST, "is not a version ETag");
+    // The strong form names the version too; a well-formed other version is a 412.
+    assert_eq!(put(Some("\"1\"")).await.status, StatusCode::OK);
+    assert_eq!(
+        put(Some("W/\"1\"")).await.status,
+        StatusCode::PRECONDITION_FAILED
+    );
+    assert_eq!(delete("W/\"2\"").await.status, StatusCode::NO_CONTENT);
+}
+
 #[tokio::test]
 async fn deep_nesting_is_a_400_not_a_stack_overflow() {
     let s = start().await;

@@ -435,6 +435,40 @@ async fn line_errors_go_to_error_files_and_incremental_load_makes_versions() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_line_with_a_duplicate_key_is_a_line_error() {
+    let s = common::start(&[], server::config::ExportOptions::default()).await;
+    let lines = [
+        r#"{"resourceType":"Patient","id":"d1"}"#,
+        r#"{"resourceType":"Patient","id":"x","gender":"male","gender":"female"}"#,
+        r#"{"resourceType":"Patient","id":"d2"}"#,
+    ]
+    .join("\n");
+    put_file(&s, "imports", "dup.ndjson", lines.as_bytes());
+    let result = import(
+        &s,
+        &parameters("IncrementalLoad", &[("Patient", "imports/dup.ndjson")]),
+    )
+    .await;
+    assert_eq!(result["output"][0]["count"], 2, "{result}");
+    let errors = result["error"].as_array().expect("errors");
+    assert_eq!(errors[0]["count"], 1, "{result}");
+    let text =
+        s.c.get(errors[0]["url"].as_str().expect("url"))
+            .send()
+            .await
+            .expect("errors")
+            .text()
+            .await
+            .expect("text");
+    let outcome: Value = serde_json::from_str(text.trim()).expect("json");
+    assert_eq!(outcome["issue"][0]["expression"][0], "line 2", "{text}");
+    let d = outcome["issue"][0]["diagnostics"].as_str().unwrap_or("");
+    assert!(d.contains("duplicate key \"gender\""), "{text}");
+    assert_eq!(read(&s, "Patient/x").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(read(&s, "Patient/d2").await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn initial_load_keeps_versions_and_refuses_what_exists() {
     let s = common::start(&[], server::config::ExportOptions::default()).await;
     put_file(

@@ -1,29 +1,26 @@
-//! JSON text to `serde_json::Value` with serde_json's own `Value` deserializer (a supported API:
-//! numbers keep their text under `arbitrary_precision` and errors read as serde_json's), plus
-//! [`stream_document`], which hands over a Bundle's entries one by one while the document is
-//! being parsed.
+//! JSON text to `serde_json::Value` with the reader of every ingestion path
+//! ([`crate::strict_json`]: serde_json's `Value`, numbers keep their text under
+//! `arbitrary_precision` and errors read as serde_json's, but a duplicate object key is an
+//! error), plus [`stream_document`], which hands over a Bundle's entries one by one while the
+//! document is being parsed.
 
 use std::fmt;
 
-use serde::de::value::MapAccessDeserializer;
-use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 use crate::error::LoadError;
+use crate::strict_json::{self, Strict};
 
-/// `serde_json::from_str`.
+/// [`strict_json::from_str`].
 pub(super) fn from_str(text: &str) -> serde_json::Result<Value> {
-    serde_json::from_str(text)
+    strict_json::from_str(text)
 }
 
-/// `serde_json::from_slice`, but text that is UTF-8 is checked once as a whole and read as a
-/// `str` (cheaper than checking each string as it is read); other text takes the slice reader,
-/// for its exact error.
+/// [`strict_json::from_slice`]: text that is UTF-8 is checked once as a whole and read as a
+/// `str`; other text takes the slice reader, for its exact error.
 pub(super) fn from_slice(bytes: &[u8]) -> serde_json::Result<Value> {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => serde_json::from_str(text),
-        Err(_) => serde_json::from_slice(bytes),
-    }
+    strict_json::from_slice(bytes)
 }
 
 /// How [`stream_document`] ended.
@@ -33,9 +30,6 @@ pub(super) enum Doc {
     Streamed,
     /// Nothing went to `emit`: the whole document.
     Whole(Value),
-    /// Entries went to `emit`, but the rest of the document voids them (a repeated `entry`,
-    /// or a repeated `resourceType`/`type` that changes what the document is).
-    Redo,
 }
 
 /// Receives each `Bundle.entry` element as soon as it is parsed.
@@ -50,7 +44,7 @@ enum Stop {
     Whole,
 }
 
-/// Parse a whole document as [`from_slice`] does, but pass the elements of `entry` to `emit`
+/// Parse a whole document as [`from_slice`] does (a duplicate key, at any depth, is an error), but pass the elements of `entry` to `emit`
 /// one by one while parsing, when the document is an object whose `resourceType` (`Bundle`) and
 /// `type` (transaction, batch, collection, searchset) come before `entry`: each entry is then
 /// handled while it is still in the CPU caches, and the Bundle is never whole in memory. An
@@ -134,20 +128,19 @@ impl<'de> Visitor<'de> for DocSeed<'_, '_> {
             return Err(de::Error::custom("parsed whole"));
         }
         let DocSeed { emit, stop } = self;
-        // Inserted in order, so that a repeated key keeps its first position and its last value,
-        // as serde_json's `Value` does.
         let mut members = Map::new();
-        // The last value of each wins, as in a map.
         let mut is_bundle = false;
         let mut entry_type = false;
-        let mut entry_keys = 0u32;
+        // `entry` went to `emit`; it is then not among `members`.
         let mut streamed = false;
         let mut key = first;
         let result = loop {
-            if key == "entry" {
-                entry_keys += 1;
-            }
-            if key == "entry" && entry_keys == 1 && is_bundle && entry_type {
+            if key == "entry"
+                && is_bundle
+                && entry_type
+                && !streamed
+                && !members.contains_key("entry")
+            {
                 let entries = EntriesSeed {
                     emit: &mut *emit,
                     stop: &mut *stop,
@@ -160,10 +153,14 @@ impl<'de> Visitor<'de> for DocSeed<'_, '_> {
                     Err(e) => break Err(e),
                 }
             } else {
-                let value: Value = match map.next_value() {
+                let value: Value = match map.next_value_seed(Strict) {
                     Ok(value) => value,
                     Err(e) => break Err(e),
                 };
+                // As the whole-document parse, after the repeated member's value.
+                if (streamed && key == "entry") || members.contains_key(&key) {
+                    break Err(strict_json::duplicate_key(&key));
+                }
                 match key.as_str() {
                     "resourceType" => is_bundle = value.as_str() == Some("Bundle"),
                     "type" => entry_type = value.as_str().is_some_and(is_entry_type),
@@ -178,12 +175,12 @@ impl<'de> Visitor<'de> for DocSeed<'_, '_> {
             }
         };
         result?;
-        Ok(if !streamed {
-            Doc::Whole(Value::Object(members))
-        } else if entry_keys == 1 && is_bundle && entry_type {
+        // No key repeats, so what made the entries stream (`resourceType` Bundle, a `type` whose
+        // entries are loaded, one `entry`) still holds at the end.
+        Ok(if streamed {
             Doc::Streamed
         } else {
-            Doc::Redo
+            Doc::Whole(Value::Object(members))
         })
     }
 }
@@ -239,7 +236,7 @@ impl<'de> Visitor<'de> for EntriesSeed<'_, '_> {
     }
 
     fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<Option<Value>, D::Error> {
-        Value::deserialize(de).map(Some)
+        Strict.deserialize(de).map(Some)
     }
 
     fn visit_unit<E>(self) -> Result<Option<Value>, E> {
@@ -247,13 +244,13 @@ impl<'de> Visitor<'de> for EntriesSeed<'_, '_> {
     }
 
     /// An object (or what serde_json hands over as one, such as a number under
-    /// `arbitrary_precision`): read by serde_json's `Value`.
+    /// `arbitrary_precision`): read as [`Strict`] reads it.
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Option<Value>, A::Error> {
-        Value::deserialize(MapAccessDeserializer::new(map)).map(Some)
+        Strict.visit_map(map).map(Some)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Value>, A::Error> {
-        while let Some(entry) = seq.next_element::<Value>()? {
+        while let Some(entry) = seq.next_element_seed(Strict)? {
             if let Err(e) = (self.emit)(entry) {
                 *self.stop = Some(Stop::Caller(e));
                 return Err(de::Error::custom("stopped by the caller"));
