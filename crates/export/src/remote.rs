@@ -527,6 +527,36 @@ impl ObjectStoreSink {
     }
 }
 
+/// The bound on the S3 probe of a kick-off ([`ObjectStoreSink::probe_s3`]), the client's own
+/// retries included.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl ObjectStoreSink {
+    /// S3 has no containers to create (a container is a key prefix in the bucket): the bucket
+    /// is probed instead, so that a kick-off answers 503 while the store is unreachable and a
+    /// clear error when the bucket does not exist, rather than 202 and a failure later. One
+    /// request: a listing under a key no export writes (empty, or a few keys).
+    async fn probe_s3(&self, container: &str) -> Result<(), SinkError> {
+        let store = self.store(container)?;
+        let probe = self.path(container, "_probe")?;
+        let what = format!("{container}/");
+        let first = tokio::time::timeout(PROBE_TIMEOUT, async {
+            store.list(Some(&probe)).next().await
+        })
+        .await
+        .map_err(|_| {
+            SinkError::Unavailable(format!(
+                "{what}: no answer within {} s",
+                PROBE_TIMEOUT.as_secs()
+            ))
+        })?;
+        match first {
+            None | Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(classify(&what, e)),
+        }
+    }
+}
+
 /// Whether a listing failed because the container does not exist (Azure answers 404 with the
 /// error code `ContainerNotFound`, which `object_store` may report as a generic error).
 fn container_missing(e: &object_store::Error) -> bool {
@@ -556,11 +586,51 @@ struct RemotePart {
     buffer: Vec<u8>,
     bytes: u64,
     what: String,
+    /// Azure only: the store and the blob whose staged blocks an unfinished part discards
+    /// ([`RemotePart::discard_blocks`]).
+    azure_blob: Option<(Arc<dyn ObjectStore>, Path)>,
 }
 
 const CHUNK: usize = 8 * 1024 * 1024;
 
+/// The bound on discarding an unfinished Azure part's blocks (two requests): a destination
+/// that is down does not hold a stopping worker for the client's whole retry budget.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl RemotePart {
+    /// An unfinished part on Azure: its staged, uncommitted blocks (the export's bytes: PHI)
+    /// are discarded. Aborting a multipart upload does nothing on Azure (object_store 0.14),
+    /// and Azure keeps uncommitted blocks for a week, invisible to a listing of blobs (so to
+    /// the deletion of the export's folder). A Put Blob of an empty body discards them; the
+    /// empty blob it leaves is then deleted. Best effort, bounded by [`DISCARD_TIMEOUT`].
+    fn discard_blocks(&mut self) {
+        let Some((store, path)) = self.azure_blob.take() else {
+            return;
+        };
+        let done = self.rt.block_on(async {
+            tokio::time::timeout(DISCARD_TIMEOUT, async {
+                store.put(&path, object_store::PutPayload::new()).await?;
+                match store.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            })
+            .await
+        });
+        let error = match done {
+            Ok(Ok(())) => return,
+            // Up to the first URL's query (an Azure SAS travels in it).
+            Ok(Err(e)) => e
+                .to_string()
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            Err(_) => format!("no answer within {} s", DISCARD_TIMEOUT.as_secs()),
+        };
+        tracing::warn!(part = %self.what, error = %error, "cannot discard the uploaded blocks of an unfinished part; Azure drops them after 7 days");
+    }
+
     fn flush_chunk(&mut self) -> std::io::Result<()> {
         if self.buffer.is_empty() {
             return Ok(());
@@ -600,18 +670,25 @@ impl PartWriter for RemotePart {
         let Some(mut w) = self.writer.take() else {
             return Err(SinkError::Failed(format!("{what}: already finished")));
         };
-        self.rt
-            .block_on(w.shutdown())
-            .map_err(|e| classify_io(&what, e))?;
+        if let Err(e) = self.rt.block_on(w.shutdown()) {
+            // The commit (Put Block List) failed: the staged blocks stay unless discarded.
+            // (The writer is shut down: aborting it panics.)
+            self.discard_blocks();
+            return Err(classify_io(&what, e));
+        }
+        // Committed: the blocks are the blob's now.
+        self.azure_blob = None;
         Ok(self.bytes)
     }
 }
 
 impl Drop for RemotePart {
     fn drop(&mut self) {
-        // Unfinished: abort the multipart upload so nothing becomes visible.
+        // Unfinished (a cancel, a failed or stopped attempt): abort the multipart upload so
+        // nothing becomes visible, and on Azure discard the blocks it staged.
         if let Some(mut w) = self.writer.take() {
             let _ = self.rt.block_on(w.abort());
+            self.discard_blocks();
         }
     }
 }
@@ -758,18 +835,24 @@ impl Sink for ObjectStoreSink {
 
     fn ensure_container(&self, container: &str) -> Result<(), SinkError> {
         self.path(container, "")?;
-        self.rt.block_on(self.create_azure_container(container))
+        match &self.config {
+            RemoteConfig::Azure { .. } => self.rt.block_on(self.create_azure_container(container)),
+            RemoteConfig::S3 { .. } => self.rt.block_on(self.probe_s3(container)),
+        }
     }
 
     fn create(&self, container: &str, path: &str) -> Result<Box<dyn PartWriter>, SinkError> {
         let store = self.store(container)?;
         let p = self.path(container, path)?;
+        let azure_blob =
+            matches!(self.config, RemoteConfig::Azure { .. }).then(|| (store.clone(), p.clone()));
         Ok(Box::new(RemotePart {
             rt: self.rt.clone(),
             writer: Some(BufWriter::with_capacity(store, p, CHUNK)),
             buffer: Vec::with_capacity(64 * 1024),
             bytes: 0,
             what: format!("{container}/{path}"),
+            azure_blob,
         }))
     }
 
@@ -943,6 +1026,7 @@ impl Sink for ObjectStoreSink {
         Ok(FileBody::Remote {
             container: container.to_string(),
             path: path.to_string(),
+            size: None,
         })
     }
 }
@@ -1053,5 +1137,63 @@ mod tests {
         assert!(e.is_transient(), "{e}");
         // Bounded: well under the default timeouts (no timing assertion beyond "it returned").
         let _ = started.elapsed();
+    }
+
+    fn s3_sink(endpoint: &str, bucket: &str) -> ObjectStoreSink {
+        ObjectStoreSink::new(
+            RemoteConfig::S3 {
+                bucket: bucket.into(),
+                region: "us-east-1".into(),
+                endpoint: Some(endpoint.into()),
+                access_key_id: Some("test".into()),
+                secret_access_key: Some("test".into()),
+                allow_http: true,
+            },
+            RemoteSettings {
+                connect_timeout: Duration::from_millis(200),
+                request_timeout: Duration::from_secs(2),
+                max_retries: 1,
+                retry_timeout: Duration::from_secs(1),
+            },
+        )
+        .expect("sink")
+    }
+
+    /// D6: a kick-off probes the S3 bucket (Azure's creates its container): an unreachable
+    /// store is transient (503 Retry-After at kick-off), a missing bucket a refusal naming it
+    /// (with `FHIRHOSE_TEST_S3`: a real S3 server), an existing one fine.
+    #[test]
+    fn a_kickoff_probes_the_s3_bucket() {
+        let e = s3_sink("http://127.0.0.1:1", "b")
+            .ensure_container("exports")
+            .expect_err("unreachable");
+        assert!(e.is_transient(), "{e}");
+        let Some(endpoint) = std::env::var("FHIRHOSE_TEST_S3")
+            .ok()
+            .filter(|e| !e.is_empty())
+        else {
+            eprintln!("the S3 part skipped: FHIRHOSE_TEST_S3 not set");
+            return;
+        };
+        let bucket = format!("probe-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let sink = s3_sink(&endpoint, &bucket);
+        let e = sink.ensure_container("exports").expect_err("no bucket");
+        assert!(
+            matches!(&e, SinkError::Refused(why) if why.contains("does not exist")),
+            "{e:?}"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let created = rt
+            .block_on(
+                reqwest::Client::new()
+                    .put(format!("{}/{bucket}", endpoint.trim_end_matches('/')))
+                    .send(),
+            )
+            .expect("create bucket");
+        assert!(created.status().is_success(), "{}", created.status());
+        sink.ensure_container("exports").expect("the bucket exists");
     }
 }

@@ -797,7 +797,10 @@ impl Pulse {
     }
 }
 
-/// Executes one claimed item to its end (files committed, item done) or to an error.
+/// Executes one claimed item to its end (files committed, item done) or to an error. The
+/// finalize item is the exception: its files are committed and renamed, but it is left running
+/// for the caller, which writes the manifest and marks the item done with its job complete in
+/// one transaction ([`store::JobQueue::complete_job`]).
 pub fn execute_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<(), RunError> {
     // A previous holder may have committed parts without renaming them.
     let mine: Vec<FileRecord> = ctx
@@ -810,7 +813,12 @@ pub fn execute_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<(), RunErr
     let scanned = match item.kind {
         ItemKind::Scan => scan_item(ctx, item)?,
         ItemKind::Associated => associated_item(ctx, item)?,
-        ItemKind::Finalize => finalize_item(ctx, item)?,
+        ItemKind::Finalize => {
+            // Marked done only with the job's completion: a job whose items are all done
+            // while it still runs would never be claimed (nor completed) again.
+            finalize_item(ctx, item)?;
+            return Ok(());
+        }
     };
     let now = chrono::Utc::now().timestamp_millis();
     if !ctx.queue.complete_item(item, scanned, now)? {

@@ -114,8 +114,15 @@ pub enum FileBody {
     /// A local file, already opened (and checked to be the object looked up, so a link swapped
     /// in after the check is never what is read), with the open file's own metadata.
     Local { file: File, meta: fs::Metadata },
-    /// An object in a remote store, streamed through the server.
-    Remote { container: String, path: String },
+    /// An object in a remote store, streamed through the server. `size` is the size the export
+    /// recorded when it committed the file (set by the export service; `None` from
+    /// [`Sink::body`]): a stored object of another size was replaced after the manifest and is
+    /// not served as the export's.
+    Remote {
+        container: String,
+        path: String,
+        size: Option<u64>,
+    },
 }
 
 /// A storage destination: containers holding export folders, and the `anonymization` container.

@@ -79,6 +79,7 @@ fn read_slowly(mut r: impl Read, pause: Duration) -> std::io::Result<Vec<u8>> {
 #[test]
 fn a_read_slower_than_the_request_timeout_gets_every_byte() {
     let Some(endpoint) = azurite() else { return };
+    let _alone = big_uploads();
     let sink = sink_with(
         &endpoint,
         RemoteSettings {
@@ -113,6 +114,14 @@ fn a_read_slower_than_the_request_timeout_gets_every_byte() {
     .expect("read range");
     assert!(part == data[1_000_000..9_500_000], "the range differs");
     sink.delete_prefix(&container, "").ok();
+}
+
+/// Held by the tests that upload many MiB: the 1 s request timeout of
+/// `a_read_slower_than_the_request_timeout_gets_every_byte` is not met by an Azurite busy with
+/// another test's 20 MiB.
+fn big_uploads() -> std::sync::MutexGuard<'static, ()> {
+    static BIG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    BIG.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A container name no earlier run used.
@@ -152,6 +161,7 @@ fn read_all(sink: &dyn Sink, container: &str, path: &str) -> String {
 #[test]
 fn parts_uploads_renames_and_errors_on_azurite() {
     let Some(endpoint) = azurite() else { return };
+    let _alone = big_uploads();
     let sink = sink(&endpoint);
     let c = fresh("parts");
     sink.ensure_container(&c).expect("create container");
@@ -335,9 +345,9 @@ fn a_deidentified_export_service_on_azurite() {
             .next()
             .expect("name");
         let body = match svc.file(&id, file, &export::Unrestricted).expect("file") {
-            export::FileBody::Remote { container, path } => {
-                read_all(sink.as_ref(), &container, &path)
-            }
+            export::FileBody::Remote {
+                container, path, ..
+            } => read_all(sink.as_ref(), &container, &path),
             export::FileBody::Local { .. } => panic!("a remote file expected, got a local one"),
         };
         for l in body.lines() {
@@ -348,4 +358,151 @@ fn a_deidentified_export_service_on_azurite() {
         }
     }
     assert_eq!(n, 100);
+}
+
+/// The blobs of `container` with uncommitted ones (`include=uncommittedblobs`, SharedKey): the
+/// listing's XML. An ordinary listing (object_store's) never shows staged blocks.
+fn list_with_uncommitted(endpoint: &str, container: &str) -> String {
+    use base64::Engine;
+    use hmac::{KeyInit, Mac};
+    let account = "devstoreaccount1";
+    let base = endpoint.trim_end_matches('/');
+    let path_prefix = base
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(_, p)| format!("/{p}"))
+        .unwrap_or_default();
+    let date = chrono::Utc::now()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    let version = "2021-08-06";
+    let to_sign = format!(
+        "GET\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{account}{path_prefix}/{container}\ncomp:list\ninclude:uncommittedblobs\nrestype:container"
+    );
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(DEV_KEY)
+        .expect("key");
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).expect("hmac");
+    mac.update(to_sign.as_bytes());
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let url = format!("{base}/{container}?restype=container&comp=list&include=uncommittedblobs");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let resp = reqwest::Client::new()
+            .get(&url)
+            .header("x-ms-date", date)
+            .header("x-ms-version", version)
+            .header("Authorization", format!("SharedKey {account}:{signature}"))
+            .send()
+            .await
+            .expect("list");
+        let status = resp.status();
+        let body = resp.text().await.expect("listing");
+        assert!(status.is_success(), "{status}: {body}");
+        body
+    })
+}
+
+/// D1: a part dropped unfinished (a cancel, a failed or retried attempt) after some of its
+/// chunks were uploaded leaves no staged blocks. Aborting a multipart upload does nothing on
+/// Azure: the blocks (the export's bytes) stayed uncommitted for a week, invisible to listings
+/// and so to the export's deletion.
+#[test]
+fn a_dropped_part_leaves_no_uncommitted_blocks_on_azurite() {
+    let Some(endpoint) = azurite() else { return };
+    let _alone = big_uploads();
+    let sink = sink(&endpoint);
+    let c = fresh("dropped");
+    sink.ensure_container(&c).expect("create container");
+    let name = "job/_parts/1-1/Patient-1.ndjson";
+    let mut w = sink.create(&c, name).expect("create");
+    let line = format!(
+        "{{\"resourceType\":\"Patient\",\"x\":\"{}\"}}\n",
+        "y".repeat(1000)
+    );
+    let mut written = 0u64;
+    while written < 20 * 1024 * 1024 {
+        w.write_all(line.as_bytes()).expect("write");
+        written += line.len() as u64;
+    }
+    // Blocks are staged (uploaded in the background): the listing with uncommitted blobs
+    // shows the part.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut staged = list_with_uncommitted(&endpoint, &c);
+    while !staged.contains(name) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        staged = list_with_uncommitted(&endpoint, &c);
+    }
+    assert!(staged.contains(name), "blocks staged: {staged}");
+    drop(w);
+    let left = list_with_uncommitted(&endpoint, &c);
+    assert!(
+        !left.contains("<Blob>"),
+        "an unfinished part leaves no blob, committed or not: {left}"
+    );
+    // A finished part is unaffected.
+    let mut w = sink.create(&c, name).expect("create");
+    w.write_all(line.as_bytes()).expect("write");
+    assert_eq!(w.finish().expect("finish"), line.len() as u64);
+    assert_eq!(read_all(&sink, &c, name), line);
+    sink.delete_prefix(&c, "").ok();
+}
+
+/// D4: a remote file carries the size the export recorded when it committed it, so that the
+/// download refuses an object replaced in the store after the manifest (a different size)
+/// rather than serve it as the export's.
+#[test]
+fn a_remote_file_carries_its_recorded_size_on_azurite() {
+    let Some(endpoint) = azurite() else { return };
+    let sink: Arc<dyn Sink> = Arc::new(self::sink(&endpoint));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = seeded(dir.path(), 20);
+    let mut config = ExportConfig::local(dir.path().join("unused"), "http://fhirhose.test".into());
+    config.sink = sink.clone();
+    let svc = ExportService::open(store, config).expect("service");
+    svc.start_workers().expect("workers");
+    let id = svc
+        .kickoff(
+            ExportLevel::System,
+            vec![("_container".into(), fresh("recorded"))],
+            None,
+            false,
+            "http://x/$export".into(),
+            &export::Unrestricted,
+        )
+        .expect("kickoff");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let manifest = loop {
+        match svc.status(&id, &export::Unrestricted).expect("status") {
+            Status::Complete { manifest, .. } => break manifest,
+            Status::Failed { diagnostics, .. } => panic!("failed: {diagnostics}"),
+            Status::InProgress { .. } => {
+                assert!(Instant::now() < deadline, "export did not finish");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let url = manifest["output"][0]["url"].as_str().expect("url");
+    let file = url.rsplit('/').next().expect("name");
+    let export::FileBody::Remote {
+        container,
+        path,
+        size,
+    } = svc.file(&id, file, &export::Unrestricted).expect("file")
+    else {
+        panic!("a remote file expected");
+    };
+    let stored = sink.stat(&container, &path).expect("stat").size;
+    assert_eq!(size, Some(stored), "the recorded size is the stored one");
+    // Replaced in the store after the manifest: the sizes differ, the download refuses it.
+    let mut w = sink.create(&container, &path).expect("create");
+    w.write_all(b"{\"resourceType\":\"Patient\",\"id\":\"planted\"}\n")
+        .expect("write");
+    w.finish().expect("finish");
+    let replaced = sink.stat(&container, &path).expect("stat").size;
+    assert_ne!(size, Some(replaced));
+    sink.delete_prefix(&container, "").ok();
 }

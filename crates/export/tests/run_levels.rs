@@ -653,3 +653,98 @@ fn a_refused_commit_ends_every_scan_kind() {
         assert!(queue.files(name).expect("files").is_empty(), "{name}");
     }
 }
+
+/// Defect: the finalize item was marked done before its job's completion was written, in a
+/// separate transaction; when that write failed (a lost connection, a failover) the job stayed
+/// `running` for ever with every item done (nothing claims such a job). Now the finalize item
+/// stays held until the job completes with it (`JobQueue::complete_job`): a completion that
+/// was never recorded leaves the item to be retried, and a retry finalizes and completes.
+#[test]
+fn a_finalize_whose_completion_was_not_recorded_is_run_again_and_completes() {
+    use export::jobs::{ItemKind, JobQueue, JobRecord, JobState, Retry, SqliteJobQueue};
+    use export::run::{ItemContext, Prepared, execute_item, plan};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db = store::testing::test_store(None);
+    let store = &*db.store;
+    seed(store);
+    let wm = store.current_seq().expect("seq");
+    let req = patient_post(&[("_type", "Patient,Observation")]);
+    let settings = RunSettings::default();
+    let sink = LocalSink::new(tmp.path());
+    export::Sink::ensure_container(&sink, "out").expect("container");
+    let queue = SqliteJobQueue::open_in_memory().expect("queue");
+    let job = JobRecord {
+        id: "j".into(),
+        state: JobState::Queued,
+        request: String::new(),
+        watermark: wm,
+        transaction_time: String::new(),
+        client_id: None,
+        container: "out".into(),
+        folder: "j".into(),
+        anonymization: None,
+        result: None,
+        failure_status: None,
+        created_ms: 0,
+        finished_ms: None,
+        cleanup: export::jobs::Cleanup::None,
+    };
+    let items = plan(store, &req, wm, 1000).expect("plan");
+    queue.create(&job, &items, u64::MAX).expect("create");
+    let prepared = Prepared::new(store, job, req, None, &settings).expect("prepared");
+    let ctx = ItemContext {
+        store,
+        queue: &queue,
+        sink: &sink,
+        prepared: &prepared,
+        settings: &settings,
+        cancel: &AtomicBool::new(false),
+        shutdown: &AtomicBool::new(false),
+        live_scanned: &|_| {},
+        committed: &|| {},
+    };
+    let claim = |now: i64| queue.claim("w", now, 600_000, 3).expect("claim");
+    let fin = loop {
+        let item = claim(10).expect("an item");
+        execute_item(&ctx, &item).expect("item");
+        if item.kind == ItemKind::Finalize {
+            break item;
+        }
+    };
+    // The worker's completion (manifest and job state) is not recorded: the write failed. Its
+    // failure is recorded as any item's, retried.
+    assert_eq!(
+        queue.get("j").expect("get").expect("job").state,
+        JobState::Running
+    );
+    let retry = Retry {
+        max_attempts: 3,
+        base_ms: 0,
+        max_ms: 0,
+    };
+    assert!(
+        !queue
+            .fail_item(&fin, "the connection was lost", 500, Some(retry), 20)
+            .expect("fail")
+    );
+    let again = claim(1_000).expect("the finalize item is claimable again");
+    assert_eq!((again.kind, again.attempt), (ItemKind::Finalize, 2));
+    execute_item(&ctx, &again).expect("finalize again");
+    assert!(
+        queue
+            .complete_job(&again, 0, r#"{"output":[]}"#, 1_001)
+            .expect("complete")
+    );
+    let j = queue.get("j").expect("get").expect("job");
+    assert_eq!(j.state, JobState::Complete);
+    assert_eq!(j.result.as_deref(), Some(r#"{"output":[]}"#));
+    assert!(
+        queue
+            .item_states("j")
+            .expect("items")
+            .iter()
+            .all(|(_, done)| *done)
+    );
+    assert!(claim(2_000).is_none());
+}

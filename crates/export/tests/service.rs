@@ -322,6 +322,65 @@ fn an_export_survives_its_database_connections_being_killed() {
     every_resource_once(dir.path(), &manifest);
 }
 
+/// Defect 1 of the reliability review: the finalize item was marked done in one transaction and
+/// the job `complete` (its manifest) in another; when the connection writing the second was lost
+/// (here its backend is terminated inside the job's completing UPDATE, once), the job stayed
+/// `running` for ever with every item done. Now both are one transaction, recorded again on a
+/// new connection: the export completes with every resource once.
+#[test]
+fn an_export_whose_completion_write_loses_its_connection_still_completes() {
+    let db = seeded();
+    let store::testing::TestGuard::Postgres(pg) = &db.guard else {
+        eprintln!("skipped: SQLite (set FHIRHOSE_TEST_DATABASE)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path(), 2);
+    c.retry_backoff = Duration::from_millis(50);
+    c.retry_backoff_max = Duration::from_millis(200);
+    let svc = ExportService::open(db.store.clone(), c).expect("service");
+    // The first completion of a job kills its own session (a lost connection, a failover).
+    store::testing::admin_batch(
+        &pg.url,
+        "CREATE SEQUENCE cut_once;
+         CREATE FUNCTION cut_completion() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF nextval('cut_once') = 1 THEN
+             PERFORM pg_terminate_backend(pg_backend_pid());
+             PERFORM pg_sleep(5);
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER cut_completion BEFORE UPDATE ON export_job FOR EACH ROW
+           WHEN (NEW.state = 'complete' AND OLD.state = 'running')
+           EXECUTE FUNCTION cut_completion();",
+    )
+    .expect("trigger");
+    svc.start_workers().expect("workers");
+    let id = kickoff(&svc, ExportLevel::System, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let manifest = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the export did not finish after its completion write was cut off"
+        );
+        match svc.status(&id, &export::Unrestricted) {
+            Ok(Status::Complete { manifest, .. }) => break manifest,
+            Ok(Status::Failed { diagnostics, .. }) => panic!("export failed: {diagnostics}"),
+            Ok(Status::InProgress { .. }) | Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    // The cut happened (a completion was tried before the one that committed).
+    store::testing::admin_batch(
+        &pg.url,
+        "DO $$ BEGIN IF (SELECT last_value FROM cut_once) < 2 THEN
+           RAISE EXCEPTION 'the completion was never cut off';
+         END IF; END $$;",
+    )
+    .expect("the completion was cut off once, then recorded");
+    every_resource_once(dir.path(), &manifest);
+}
+
 /// Every path under `dir` (files and folders), relative to it.
 fn walk(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -445,4 +504,109 @@ fn stu3_options_are_recorded_with_the_job_and_honoured_by_the_node_that_resumes_
     assert_eq!(patients.len(), PATIENTS);
     assert_eq!(observations, PATIENTS * OBSERVATIONS_PER_PATIENT);
     drop(worker);
+}
+
+/// A local folder whose deletions fail while `down` is set (a destination outage).
+struct FlakySink {
+    inner: export::LocalSink,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl export::Sink for FlakySink {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn ensure_container(&self, container: &str) -> Result<(), export::SinkError> {
+        self.inner.ensure_container(container)
+    }
+    fn create(
+        &self,
+        container: &str,
+        path: &str,
+    ) -> Result<Box<dyn export::sink::PartWriter>, export::SinkError> {
+        self.inner.create(container, path)
+    }
+    fn rename(&self, container: &str, from: &str, to: &str) -> Result<(), export::SinkError> {
+        self.inner.rename(container, from, to)
+    }
+    fn delete_prefix(&self, container: &str, prefix: &str) -> Result<(), export::SinkError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(export::SinkError::Unavailable(
+                "the destination is down".into(),
+            ));
+        }
+        self.inner.delete_prefix(container, prefix)
+    }
+    fn read_limited(
+        &self,
+        container: &str,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, String), export::SinkError> {
+        self.inner.read_limited(container, path, max_bytes)
+    }
+    fn open_read(
+        &self,
+        container: &str,
+        path: &str,
+    ) -> Result<Box<dyn std::io::Read + Send>, export::SinkError> {
+        self.inner.open_read(container, path)
+    }
+    fn stat(&self, container: &str, path: &str) -> Result<export::ObjectInfo, export::SinkError> {
+        self.inner.stat(container, path)
+    }
+    fn open_range(
+        &self,
+        container: &str,
+        path: &str,
+        range: std::ops::Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Box<dyn std::io::Read + Send>, export::SinkError> {
+        self.inner.open_range(container, path, range, etag)
+    }
+    fn location(&self, container: &str, path: &str) -> String {
+        self.inner.location(container, path)
+    }
+    fn body(&self, container: &str, path: &str) -> Result<export::FileBody, export::SinkError> {
+        self.inner.body(container, path)
+    }
+}
+
+/// D2: a deletion that failed (the destination was down at the cancel) releases its hold, so
+/// the sweeper's next try removes the files (PHI) at once rather than after the 10-minute hold.
+#[test]
+fn a_failed_deletion_is_retried_by_the_next_sweep_not_after_its_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = seeded();
+    let sink = Arc::new(FlakySink {
+        inner: export::LocalSink::new(dir.path().join("storage")),
+        down: std::sync::atomic::AtomicBool::new(false),
+    });
+    let mut c = config(dir.path(), 1);
+    c.sink = sink.clone();
+    let svc = ExportService::open(db.store.clone(), c).expect("service");
+    svc.start_workers().expect("workers");
+    let id = kickoff(&svc, ExportLevel::System, &[]);
+    wait(&svc, &id);
+    let folder = dir.path().join("storage/exports").join(&id);
+    assert!(folder.exists(), "the export's files");
+
+    // The destination goes down; the cancel's deletion fails and is left to the sweeper.
+    sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    svc.cancel(&id, &export::Unrestricted).expect("cancel");
+    assert!(folder.exists(), "not removed while the destination is down");
+    // The destination is back: the next sweep removes them (before the fix it found the
+    // deletion held for 10 minutes by the failed try and did nothing).
+    sink.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let cleaned = svc.sweep().expect("sweep");
+    let left = if folder.exists() {
+        walk(&folder)
+    } else {
+        Vec::new()
+    };
+    assert!(
+        left.is_empty(),
+        "files of a cancelled export stay after the sweep: {left:?}"
+    );
+    assert_eq!(cleaned, 1, "the sweep did the deletion");
 }

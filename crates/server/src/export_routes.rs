@@ -651,13 +651,30 @@ pub async fn download(
             };
             file_response(status, head, body)
         }
-        export::FileBody::Remote { container, path } => {
+        export::FileBody::Remote {
+            container,
+            path,
+            size,
+        } => {
             let sink = state.export.sink().clone();
             let (c, p, s) = (container.clone(), path.clone(), sink.clone());
             let info = tokio::task::spawn_blocking(move || s.stat(&c, &p))
                 .await
                 .map_err(|e| ApiError::internal("export download", e))?
                 .map_err(download_error)?;
+            // The object is not the one the export committed (replaced in the store after the
+            // manifest): refused rather than served as the export's file.
+            if let Some(recorded) = size.filter(|&n| n != info.size) {
+                tracing::warn!(file = %name, recorded, stored = info.size, "export download: the stored file changed after the export");
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "exception",
+                    format!(
+                        "the stored file '{name}' changed after the export ({} bytes stored, {recorded} recorded in the manifest); it is not served",
+                        info.size
+                    ),
+                ));
+            }
             let (status, range, head) = plan_download(&headers, &info)?;
             if !head_only {
                 state.metrics.downloaded(range.end - range.start);

@@ -146,6 +146,78 @@ fn dead_s3() -> export::ObjectStoreSink {
     .unwrap()
 }
 
+/// [`dead_s3`] that went down just after the kick-off: its probe at kick-off succeeds (a
+/// destination down at kick-off is answered 503 there, `a_destination_down_at_kick_off_is_503`),
+/// everything after it fails.
+struct DownAfterKickoff(export::ObjectStoreSink);
+
+impl export::Sink for DownAfterKickoff {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    fn ensure_container(&self, _: &str) -> Result<(), export::SinkError> {
+        Ok(())
+    }
+    fn create(
+        &self,
+        c: &str,
+        p: &str,
+    ) -> Result<Box<dyn export::sink::PartWriter>, export::SinkError> {
+        self.0.create(c, p)
+    }
+    fn rename(&self, c: &str, from: &str, to: &str) -> Result<(), export::SinkError> {
+        self.0.rename(c, from, to)
+    }
+    fn delete_prefix(&self, c: &str, prefix: &str) -> Result<(), export::SinkError> {
+        self.0.delete_prefix(c, prefix)
+    }
+    fn read_limited(
+        &self,
+        c: &str,
+        p: &str,
+        max: u64,
+    ) -> Result<(Vec<u8>, String), export::SinkError> {
+        self.0.read_limited(c, p, max)
+    }
+    fn open_read(&self, c: &str, p: &str) -> Result<Box<dyn Read + Send>, export::SinkError> {
+        self.0.open_read(c, p)
+    }
+    fn stat(&self, c: &str, p: &str) -> Result<export::ObjectInfo, export::SinkError> {
+        self.0.stat(c, p)
+    }
+    fn open_range(
+        &self,
+        c: &str,
+        p: &str,
+        range: std::ops::Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Box<dyn Read + Send>, export::SinkError> {
+        self.0.open_range(c, p, range, etag)
+    }
+    fn location(&self, c: &str, p: &str) -> String {
+        self.0.location(c, p)
+    }
+    fn body(&self, c: &str, p: &str) -> Result<export::FileBody, export::SinkError> {
+        self.0.body(c, p)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_down_at_kick_off_is_503() {
+    let s = start(300, limits(), |_, c| {
+        c.sink = Arc::new(dead_s3());
+    })
+    .await;
+    let r = s.kickoff().await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("OperationOutcome") && !text.contains("very-secret-key"),
+        "{text}"
+    );
+}
+
 impl Server {
     async fn kickoff(&self) -> reqwest::Response {
         self.c
@@ -236,7 +308,7 @@ async fn sixteen_simultaneous_kickoffs_with_a_limit_of_four_admit_exactly_four()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_that_stays_down_fails_the_export_with_503_naming_it_and_frees_its_slot() {
     let s = start(300, limits(), |_, c| {
-        c.sink = Arc::new(dead_s3());
+        c.sink = Arc::new(DownAfterKickoff(dead_s3()));
         c.max_attempts = 3;
         c.max_concurrent = 1;
     })
@@ -266,7 +338,7 @@ async fn a_destination_that_stays_down_fails_the_export_with_503_naming_it_and_f
 #[tokio::test(flavor = "multi_thread")]
 async fn delete_while_the_destination_is_down_answers_202() {
     let s = start(300, limits(), |_, c| {
-        c.sink = Arc::new(dead_s3());
+        c.sink = Arc::new(DownAfterKickoff(dead_s3()));
         // The export keeps retrying for the length of this test.
         c.max_attempts = 1000;
         c.retry_backoff = Duration::from_secs(60);

@@ -517,7 +517,24 @@ pub trait JobQueue: Send + Sync {
         failure_status: Option<u16>,
         now_ms: i64,
     ) -> Result<(), QueueError>;
-    /// Cancels a job durably (its files to be removed).
+    /// Ends a job `complete` with its `result` (the manifest) in the same transaction that marks
+    /// its finalize `item` done (only by the item's lease holder), so that a job is never left
+    /// `running` with every item done and no result: a failure of the write leaves both as
+    /// they were (the item still held, its outcome recorded again or retried). True when the job
+    /// is complete, also when this call repeats one that committed but whose answer was lost
+    /// (the same item, owner and attempt); false when the lease is lost or the job stopped
+    /// (a cancelled or failed job is never overwritten).
+    fn complete_job(
+        &self,
+        item: &WorkItem,
+        scanned: u64,
+        result: &str,
+        now_ms: i64,
+    ) -> Result<bool, QueueError>;
+    /// Cancels a job durably (its files to be removed): a queued or running job, or a complete
+    /// one (its status then answers 404, as after any cancel). A failed, expired or cancelled
+    /// job keeps its state, its failure and its finish time (its files are removed already or
+    /// still to be).
     fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError>;
     /// Complete jobs finished at or before `finished_before_ms` become `expired` (their files to
     /// be removed). Returns how many.
@@ -562,6 +579,11 @@ pub trait JobQueue: Send + Sync {
         now_ms: i64,
         hold_ms: i64,
     ) -> Result<bool, QueueError>;
+    /// Ends `owner`'s hold on the deletion of job `id`'s files ([`JobQueue::hold_cleanup`]) at
+    /// once: the deletion failed (the destination is down) and is to be retried by the next
+    /// sweep, on this or another node, rather than after the hold lapses. A hold of another
+    /// owner, or none, is left as it is.
+    fn release_cleanup(&self, id: &str, owner: &str) -> Result<(), QueueError>;
     /// Deletes the rows (job, items, files) of failed, cancelled and expired jobs whose files are
     /// removed (`cleanup` done) and that finished at or before `finished_before_ms`. Returns how
     /// many jobs.

@@ -597,6 +597,25 @@ fn one_deleter_at_a_time_holds_a_jobs_cleanup() {
 }
 
 #[test]
+fn a_failed_deletion_releases_its_hold_for_the_next_try() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[scan("Patient", 0, 10)], 10)
+        .expect("create");
+    q.cancel("a", 100).expect("cancel");
+    let (n1, n2) = (owner_name("n1", "a"), owner_name("n2", "a"));
+    assert!(q.hold_cleanup("a", &n1, 200, 600_000).expect("hold"));
+    // Another owner's release leaves the hold alone.
+    q.release_cleanup("a", &n2).expect("not the holder");
+    assert!(!q.hold_cleanup("a", &n2, 300, 600_000).expect("still held"));
+    // The holder's deletion failed: released, the next try (any node) takes it at once.
+    q.release_cleanup("a", &n1).expect("release");
+    assert!(q.hold_cleanup("a", &n2, 400, 600_000).expect("taken again"));
+    q.cleaned("a").expect("cleaned");
+    q.release_cleanup("a", &n2).expect("nothing held");
+    assert!(!q.hold_cleanup("a", &n1, 500, 600_000).expect("done"));
+}
+
+#[test]
 fn a_restarted_node_takes_back_the_deletion_its_dead_incarnation_held() {
     let (_store, q) = open();
     for id in ["a", "b"] {
@@ -834,4 +853,165 @@ fn a_full_destination_gives_the_item_back_to_wait_until_the_limit() {
     assert_eq!(q.space_wait("a", 50_000).expect("read"), None);
     // An earlier claim of the item changes nothing.
     assert_eq!(full(&stale, 50_000), SpaceWaited::NotHeld);
+}
+
+/// Defect: the finalize item was marked done in one transaction and the job complete in
+/// another; when the second write failed (a lost connection, a failover), the job stayed
+/// `running` with every item done, which nothing claims again. Both are now one transaction:
+/// a failed completion changes nothing, so it can be recorded again (or the item retried).
+#[test]
+fn a_completion_whose_write_fails_changes_nothing_and_completes_when_recorded_again() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[scan("Patient", 0, 10), finalize()], 10)
+        .expect("create");
+    let s = q.claim("w", 100, 1000, 3).expect("claim").expect("scan");
+    assert!(q.complete_item(&s, 10, 101).expect("complete"));
+    let fin = q
+        .claim("w", 102, 1000, 3)
+        .expect("claim")
+        .expect("finalize");
+    assert_eq!(fin.kind, ItemKind::Finalize);
+
+    // The completion's commit fails (here refused before it is sent): nothing is written.
+    let patience = store::Patience::new();
+    patience.give_up();
+    let failed = patience.run(|| q.complete_job(&fin, 0, r#"{"output":[]}"#, 103));
+    assert!(failed.is_err(), "{failed:?}");
+    let a = q.get("a").expect("get").expect("job");
+    assert_eq!((a.state, a.result), (JobState::Running, None));
+    assert_eq!(
+        q.item_states("a").expect("items"),
+        vec![(1, true), (2, false)],
+        "the finalize item is not done without its job"
+    );
+    assert_eq!(q.active_count().expect("count"), 1);
+
+    // Recorded again: the item done and the job complete with its manifest, together.
+    assert!(
+        q.complete_job(&fin, 0, r#"{"output":[]}"#, 104)
+            .expect("complete job")
+    );
+    let a = q.get("a").expect("get").expect("job");
+    assert_eq!(a.state, JobState::Complete);
+    assert_eq!(a.result.as_deref(), Some(r#"{"output":[]}"#));
+    assert_eq!((a.finished_ms, a.cleanup), (Some(104), Cleanup::None));
+    assert_eq!(
+        q.item_states("a").expect("items"),
+        vec![(1, true), (2, true)]
+    );
+    assert_eq!(q.active_count().expect("count"), 0);
+    // A repeat whose first answer was lost after the commit is told it is complete, and
+    // changes nothing.
+    assert!(q.complete_job(&fin, 0, "{}", 105).expect("repeat"));
+    let a = q.get("a").expect("get").expect("job");
+    assert_eq!(
+        (a.result.as_deref(), a.finished_ms),
+        (Some(r#"{"output":[]}"#), Some(104))
+    );
+}
+
+#[test]
+fn a_completion_never_overwrites_a_stopped_job_nor_another_holders_item() {
+    let (_store, q) = open();
+    // Taken over after the heartbeat timeout: the old holder cannot complete the job.
+    q.create(&job("a", 1), &[finalize()], 10).expect("create");
+    let old = q.claim("w1", 0, 1000, 3).expect("claim").expect("finalize");
+    let new = q
+        .claim("w2", 5_000, 1000, 3)
+        .expect("claim")
+        .expect("again");
+    assert!(!q.complete_job(&old, 0, "{}", 5_001).expect("old holder"));
+    assert_eq!(
+        q.get("a").expect("get").expect("job").state,
+        JobState::Running
+    );
+    assert!(q.complete_job(&new, 0, "{}", 5_002).expect("new holder"));
+
+    // Cancelled while finalizing: stays cancelled, the completion is refused.
+    q.create(&job("b", 2), &[finalize()], 10).expect("create");
+    let fin = q.claim("w", 10, 1000, 3).expect("claim").expect("finalize");
+    q.cancel("b", 11).expect("cancel");
+    assert!(!q.complete_job(&fin, 0, "{}", 12).expect("complete"));
+    let b = q.get("b").expect("get").expect("job");
+    assert_eq!((b.state, b.result), (JobState::Cancelled, None));
+}
+
+/// What a finished job answers with: its state, result, failure status, finish time and
+/// clean-up.
+fn outcome(j: &JobRecord) -> (JobState, Option<String>, Option<u16>, Option<i64>, Cleanup) {
+    (
+        j.state,
+        j.result.clone(),
+        j.failure_status,
+        j.finished_ms,
+        j.cleanup,
+    )
+}
+
+/// Defect: DELETE on a failed export rewrote it to `cancelled`, and its failure was lost. A
+/// queued, running or complete job is cancelled (a complete export's status then answers 404);
+/// a failed, expired or cancelled one keeps its state, its failure and its finish time.
+#[test]
+fn cancel_ends_active_and_complete_jobs_and_keeps_a_finished_ones_outcome() {
+    let (_store, q) = open();
+    // Failed.
+    q.create(&job("f", 1), &[scan("Patient", 0, 10)], 10)
+        .expect("create");
+    let i = q.claim("w", 10, 10_000, 3).expect("claim").expect("item");
+    assert!(
+        q.fail_item(&i, "bad request body", 400, None, 11)
+            .expect("fail")
+    );
+    let before = outcome(&q.get("f").expect("get").expect("job"));
+    assert_eq!((before.0, before.2), (JobState::Failed, Some(400)));
+    q.cancel("f", 20).expect("cancel");
+    let after = q.get("f").expect("get").expect("job");
+    assert_eq!(outcome(&after), before, "a failed job's failure is kept");
+    assert!(
+        after
+            .result
+            .as_deref()
+            .is_some_and(|r| r.contains("bad request body"))
+    );
+
+    // Complete, then DELETE: cancelled, its files to be removed.
+    q.create(&job("c", 2), &[finalize()], 10).expect("create");
+    let fin = q
+        .claim("w", 30, 10_000, 3)
+        .expect("claim")
+        .expect("finalize");
+    assert!(q.complete_job(&fin, 0, "{}", 31).expect("complete"));
+    q.cancel("c", 32).expect("cancel");
+    let c = q.get("c").expect("get").expect("job");
+    assert_eq!(
+        (c.state, c.cleanup, c.finished_ms),
+        (JobState::Cancelled, Cleanup::Pending, Some(32))
+    );
+    // Cancelled again: the first cancel's time stays.
+    q.cancel("c", 33).expect("cancel");
+    assert_eq!(q.get("c").expect("get").expect("job").finished_ms, Some(32));
+
+    // Expired: stays expired.
+    q.create(&job("e", 3), &[finalize()], 10).expect("create");
+    let fin = q
+        .claim("w", 40, 10_000, 3)
+        .expect("claim")
+        .expect("finalize");
+    assert!(q.complete_job(&fin, 0, "{}", 41).expect("complete"));
+    assert_eq!(q.expire(41).expect("expire"), 1);
+    let before = outcome(&q.get("e").expect("get").expect("job"));
+    assert_eq!(before.0, JobState::Expired);
+    q.cancel("e", 42).expect("cancel");
+    let after = outcome(&q.get("e").expect("get").expect("job"));
+    assert_eq!(after, before);
+
+    // Queued: cancelled.
+    q.create(&job("q", 4), &[scan("Patient", 0, 10)], 10)
+        .expect("create");
+    q.cancel("q", 50).expect("cancel");
+    let j = q.get("q").expect("get").expect("job");
+    assert_eq!(
+        (j.state, j.cleanup, j.finished_ms),
+        (JobState::Cancelled, Cleanup::Pending, Some(50))
+    );
 }

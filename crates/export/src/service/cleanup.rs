@@ -61,6 +61,7 @@ impl ExportService {
             Ok(()) => {
                 if let Err(e) = self.queue.cleaned(&job.id) {
                     tracing::error!(job = %job.id, error = %e, "cannot record a finished deletion");
+                    self.release_cleanup(&job.id);
                     return Deletion::Failed;
                 }
                 tracing::info!(job = %job.id, state = job.state.as_str(), "export files removed");
@@ -68,8 +69,19 @@ impl ExportService {
             }
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %without_queries(&e.to_string()), "cannot remove export files yet; retried later");
+                // The sweeper's back-off (60 s, 120 s, ...) retries it: the hold, taken for a
+                // deletion in progress, would refuse those tries (`Busy`) until it lapsed.
+                self.release_cleanup(&job.id);
                 Deletion::Failed
             }
+        }
+    }
+
+    /// Ends this node's hold on a deletion that failed, so that the next sweep (here or on
+    /// another node) retries it; if even that fails, the hold lapses after [`CLEANUP_HOLD`].
+    fn release_cleanup(&self, job: &str) {
+        if let Err(e) = self.queue.release_cleanup(job, &self.node) {
+            tracing::warn!(job, error = %e, "cannot release the hold on a failed deletion; it lapses");
         }
     }
 

@@ -209,14 +209,14 @@ impl ExportService {
         if job.state != JobState::Complete && !listed_early {
             return Err(ExportError::UnknownFile(name.to_string()));
         }
-        let known = self
+        let Some(recorded) = self
             .queue
             .files(id)?
             .into_iter()
-            .any(|f| f.name == name && f.pending_rename.is_none());
-        if !known {
+            .find(|f| f.name == name && f.pending_rename.is_none())
+        else {
             return Err(ExportError::UnknownFile(name.to_string()));
-        }
+        };
         // A listed file that is gone, or is no longer an object (a link planted in its place),
         // is not served.
         self.config
@@ -230,6 +230,18 @@ impl ExportService {
                 }
                 // The folder could not be looked at (as an open that failed before: 500).
                 other => ExportError::Destination(other.to_string()),
+            })
+            .map(|body| match body {
+                // The download compares it with the stored object's size: a file replaced in
+                // the store after the manifest is not served as the export's.
+                FileBody::Remote {
+                    container, path, ..
+                } => FileBody::Remote {
+                    container,
+                    path,
+                    size: Some(recorded.bytes),
+                },
+                local => local,
             })
     }
 

@@ -11,7 +11,7 @@ use super::cleanup::sweeper_loop;
 use super::{ExportError, ExportService, failure_text, lock, now_ms, overview};
 use crate::anonymization::Anonymizer;
 use crate::jobs::{
-    Cleanup, FileKind, ItemKind, JobRecord, JobState, Orphans, Retry, SpaceWaited, WorkItem,
+    Cleanup, FileKind, ItemKind, JobRecord, JobState, Lease, Orphans, Retry, SpaceWaited, WorkItem,
 };
 use crate::record::{self, export_request};
 use crate::run::{ItemContext, Prepared, RunError, execute_item};
@@ -229,26 +229,16 @@ impl ExportService {
                 crate::import::run_input(&ctx, item)?
             }
         };
-        let now = now_ms();
-        if !self.queue.complete_item(item, loaded, now)? {
-            return Err(match self.queue.heartbeat(item, loaded, now)? {
-                crate::jobs::Lease::JobStopped => RunError::Stopped,
-                _ => RunError::LeaseLost,
-            });
-        }
         if item.kind == ItemKind::Finalize {
             let result =
                 crate::import::result(self.queue.as_ref(), job, request, &self.config.base_url)?;
-            self.queue.finish(
-                &job.id,
-                JobState::Complete,
-                Some(&result.to_string()),
-                None,
-                now_ms(),
-            )?;
+            self.record_completion(item, loaded, &result.to_string())?;
             tracing::info!(job = %job.id, "import complete");
             self.forget(&job.id);
         } else {
+            if !self.queue.complete_item(item, loaded, now_ms())? {
+                return Err(self.not_held(item, loaded)?);
+            }
             tracing::info!(resources = loaded, "import input done");
         }
         Ok(())
@@ -275,7 +265,7 @@ impl ExportService {
             };
             execute_item(&ctx, item)?;
             if item.kind == ItemKind::Finalize {
-                self.complete_job(&prepared)?;
+                self.complete_job(&prepared, item)?;
             }
             Ok(())
         })
@@ -487,8 +477,9 @@ impl ExportService {
         }
     }
 
-    /// Writes the manifest of a job whose items are all done.
-    fn complete_job(&self, prepared: &Prepared) -> Result<(), RunError> {
+    /// Writes the manifest of a job whose other items are all done, with its finalize item
+    /// (`item`, its files committed and renamed) done.
+    fn complete_job(&self, prepared: &Prepared, item: &WorkItem) -> Result<(), RunError> {
         let job = &prepared.job;
         let files = self.queue.files(&job.id)?;
         let anonymization = prepared
@@ -496,13 +487,7 @@ impl ExportService {
             .as_ref()
             .map(|a| a.info.manifest_extension());
         let manifest = self.manifest_of(job, &prepared.req, anonymization, &files);
-        self.queue.finish(
-            &job.id,
-            JobState::Complete,
-            Some(&manifest.to_string()),
-            None,
-            now_ms(),
-        )?;
+        self.record_completion(item, 0, &manifest.to_string())?;
         let total: u64 = files
             .iter()
             .filter(|f| f.kind == FileKind::Output)
@@ -511,6 +496,35 @@ impl ExportService {
         tracing::info!(job = %job.id, files = files.len(), resources = total, "export complete");
         self.forget(&job.id);
         Ok(())
+    }
+}
+
+impl ExportService {
+    /// Marks a job's finalize `item` done and the job complete with `result` (its manifest) in
+    /// one transaction, tried again while the job table is unavailable: a completion whose write
+    /// failed must not leave the job `running` with every item done, which nothing would claim
+    /// again. Should it still fail, the item stays held and its failure is recorded as any other
+    /// (retried, so finalized again, while attempts remain).
+    fn record_completion(
+        &self,
+        item: &WorkItem,
+        scanned: u64,
+        result: &str,
+    ) -> Result<(), RunError> {
+        if self.until_recorded(|| self.queue.complete_job(item, scanned, result, now_ms()))? {
+            Ok(())
+        } else {
+            Err(self.not_held(item, scanned)?)
+        }
+    }
+
+    /// Why an item's outcome could not be recorded by this claim: its job stopped (cancelled or
+    /// failed) or its lease went to another worker.
+    fn not_held(&self, item: &WorkItem, scanned: u64) -> Result<RunError, RunError> {
+        Ok(match self.queue.heartbeat(item, scanned, now_ms())? {
+            Lease::JobStopped => RunError::Stopped,
+            _ => RunError::LeaseLost,
+        })
     }
 }
 

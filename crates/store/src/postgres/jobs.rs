@@ -314,6 +314,23 @@ fn lease_state(c: &mut impl Session, item: &WorkItem) -> Result<Lease, QueueErro
     Ok(if held { Lease::Held } else { Lease::Lost })
 }
 
+/// Whether `item`'s job is complete with the item done under the same owner and attempt: its
+/// completion ([`JobQueue::complete_job`]) committed already.
+fn completed_by(c: &mut impl Session, item: &WorkItem) -> Result<bool, QueueError> {
+    Ok(c.query_typed_opt(
+        "SELECT 1 FROM export_item i JOIN export_job j ON j.id = i.job_id
+             WHERE i.job_id = $1 AND i.item_no = $2 AND i.state = 'done' AND i.owner = $3
+               AND i.attempts = $4 AND j.state = 'complete'",
+        &[
+            (&item.job_id, Type::TEXT),
+            (&item.item_no, Type::INT8),
+            (&item.owner, Type::TEXT),
+            (&item.attempt, Type::INT8),
+        ],
+    )?
+    .is_some())
+}
+
 impl JobQueue for PgJobQueue {
     fn create_admitted(
         &self,
@@ -842,10 +859,39 @@ impl JobQueue for PgJobQueue {
         })
     }
 
+    fn complete_job(
+        &self,
+        item: &WorkItem,
+        scanned: u64,
+        result: &str,
+        now_ms: i64,
+    ) -> Result<bool, QueueError> {
+        self.tx(|tx| {
+            match lease_state(tx, item)? {
+                Lease::Held => {}
+                // A repeat of a completion that committed but whose answer was lost.
+                Lease::JobStopped => return completed_by(tx, item),
+                Lease::Lost => return Ok(false),
+            }
+            let lease_now = self.clock.shared(tx, now_ms)?;
+            tx.execute(
+                "UPDATE export_item SET state = 'done', scanned = $3, heartbeat_ms = $4 WHERE job_id = $1 AND item_no = $2",
+                &[&item.job_id, &item.item_no, &(scanned as i64), &lease_now],
+            )?;
+            let n = tx.execute(
+                "UPDATE export_job SET state = 'complete', result = $2, failure_status = NULL, finished_ms = $3, cleanup = 'none'
+                 WHERE id = $1 AND state IN ('queued', 'running')",
+                &[&item.job_id, &result, &now_ms],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
     fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError> {
         self.run(|c| {
             c.execute(
-                "UPDATE export_job SET state = 'cancelled', finished_ms = $2, cleanup = 'pending' WHERE id = $1",
+                "UPDATE export_job SET state = 'cancelled', finished_ms = $2, cleanup = 'pending'
+                 WHERE id = $1 AND state IN ('queued', 'running', 'complete')",
                 &[&id, &now_ms],
             )?;
             Ok(())
@@ -1041,6 +1087,17 @@ impl JobQueue for PgJobQueue {
                    AND (cleanup_until_ms IS NULL OR cleanup_until_ms <= $3)",
                 &[&id, &lease_now.saturating_add(hold_ms), &lease_now, &owner],
             )? == 1)
+        })
+    }
+
+    fn release_cleanup(&self, id: &str, owner: &str) -> Result<(), QueueError> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE export_job SET cleanup_until_ms = NULL, cleanup_owner = NULL
+                 WHERE id = $1 AND cleanup_owner = $2",
+                &[&id, &owner],
+            )?;
+            Ok(())
         })
     }
 

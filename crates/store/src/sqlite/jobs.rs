@@ -419,6 +419,20 @@ fn lease_state(c: &Connection, item: &WorkItem) -> rusqlite::Result<Lease> {
     })
 }
 
+/// Whether `item`'s job is complete with the item done under the same owner and attempt: its
+/// completion ([`JobQueue::complete_job`]) committed already.
+fn completed_by(c: &Connection, item: &WorkItem) -> rusqlite::Result<bool> {
+    Ok(c.query_row(
+        "SELECT 1 FROM export_item i JOIN export_job j ON j.id = i.job_id
+             WHERE i.job_id = ?1 AND i.item_no = ?2 AND i.state = 'done' AND i.owner = ?3
+               AND i.attempts = ?4 AND j.state = 'complete'",
+        params![item.job_id, item.item_no, item.owner, item.attempt],
+        |_| Ok(()),
+    )
+    .optional()?
+    .is_some())
+}
+
 impl JobQueue for SqliteJobQueue {
     fn create_admitted(
         &self,
@@ -889,9 +903,39 @@ impl JobQueue for SqliteJobQueue {
         Ok(())
     }
 
+    fn complete_job(
+        &self,
+        item: &WorkItem,
+        scanned: u64,
+        result: &str,
+        now_ms: i64,
+    ) -> Result<bool, QueueError> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        match lease_state(&tx, item)? {
+            Lease::Held => {}
+            // A repeat of a completion that committed but whose answer was lost.
+            Lease::JobStopped => return Ok(completed_by(&tx, item)?),
+            Lease::Lost => return Ok(false),
+        }
+        tx.execute(
+            "UPDATE export_item SET state = 'done', scanned = ?3, heartbeat_ms = ?4 WHERE job_id = ?1 AND item_no = ?2",
+            params![item.job_id, item.item_no, scanned as i64, now_ms],
+        )?;
+        let n = tx.execute(
+            "UPDATE export_job SET state = 'complete', result = ?2, failure_status = NULL, finished_ms = ?3, cleanup = 'none'
+             WHERE id = ?1 AND state IN ('queued', 'running')",
+            params![item.job_id, result, now_ms],
+        )?;
+        crate::give_up::before_commit()?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
     fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError> {
         self.conn().execute(
-            "UPDATE export_job SET state = 'cancelled', finished_ms = ?2, cleanup = 'pending' WHERE id = ?1",
+            "UPDATE export_job SET state = 'cancelled', finished_ms = ?2, cleanup = 'pending'
+             WHERE id = ?1 AND state IN ('queued', 'running', 'complete')",
             params![id, now_ms],
         )?;
         Ok(())
@@ -1084,6 +1128,14 @@ impl JobQueue for SqliteJobQueue {
             (now_ms.saturating_add(hold_ms), owner.to_string()),
         );
         Ok(true)
+    }
+
+    fn release_cleanup(&self, id: &str, owner: &str) -> Result<(), QueueError> {
+        let mut holds = self.cleanup_holds.lock().unwrap_or_else(|p| p.into_inner());
+        if holds.get(id).is_some_and(|(_, o)| o == owner) {
+            holds.remove(id);
+        }
+        Ok(())
     }
 
     fn purge(&self, finished_before_ms: i64) -> Result<u64, QueueError> {
