@@ -597,6 +597,10 @@ const CHUNK: usize = 8 * 1024 * 1024;
 /// that is down does not hold a stopping worker for the client's whole retry budget.
 const DISCARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a block already sent when its upload was aborted is given to land before the
+/// second discard.
+const LATE_BLOCKS: Duration = Duration::from_secs(1);
+
 impl RemotePart {
     /// An unfinished part on Azure: its staged, uncommitted blocks (the export's bytes: PHI)
     /// are discarded. Aborting a multipart upload does nothing on Azure (object_store 0.14),
@@ -609,11 +613,19 @@ impl RemotePart {
         };
         let done = self.rt.block_on(async {
             tokio::time::timeout(DISCARD_TIMEOUT, async {
-                store.put(&path, object_store::PutPayload::new()).await?;
-                match store.delete(&path).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(e),
+                // Twice: a block whose request was already sent when the upload was aborted
+                // can land after the first discard (seen on Azurite), staged anew.
+                for round in 0..2 {
+                    if round > 0 {
+                        tokio::time::sleep(LATE_BLOCKS).await;
+                    }
+                    store.put(&path, object_store::PutPayload::new()).await?;
+                    match store.delete(&path).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
+                Ok(())
             })
             .await
         });
