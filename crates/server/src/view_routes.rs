@@ -331,15 +331,44 @@ fn resolve_reference(store: &dyn store::Store, reference: &str) -> Result<Value,
         Some((u, v)) => (u, Some(v)),
         None => (reference, None),
     };
+    // Every match is looked for, not the first: two stored views of one url (another client may
+    // create one, or an update may move the real one behind it in the store's order) would make
+    // the view that runs a matter of store order, so a reference that names several is refused.
     let mut found = None;
-    each_stored_view(store, &mut |_, v| {
+    let mut ids = Vec::new();
+    each_stored_view(store, &mut |r, v| {
         let matches = v.get("url").and_then(Value::as_str) == Some(url)
             && version.is_none_or(|ver| v.get("version").and_then(Value::as_str) == Some(ver));
         if matches {
-            found = Some(v.clone());
+            ids.push(r.id.clone());
+            found.get_or_insert_with(|| v.clone());
         }
-        !matches
+        true
     })?;
+    if ids.len() > 1 {
+        ids.sort();
+        let shown = ids.len().min(MAX_AMBIGUOUS_SHOWN);
+        return Err(ApiError::invalid(
+            format!(
+                "viewReference '{reference}' is ambiguous: {} stored ViewDefinitions have this \
+                 url{} ({}{}); name one by `ViewDefinition/id`{}",
+                ids.len(),
+                if version.is_some() {
+                    " and version"
+                } else {
+                    ""
+                },
+                ids[..shown].join(", "),
+                if shown < ids.len() { ", …" } else { "" },
+                if version.is_some() {
+                    ""
+                } else {
+                    " or by `url|version`"
+                },
+            ),
+            "viewReference",
+        ));
+    }
     found.ok_or_else(|| {
         ApiError::invalid(
             format!("viewReference '{reference}': no stored ViewDefinition has this url"),
@@ -347,6 +376,9 @@ fn resolve_reference(store: &dyn store::Store, reference: &str) -> Result<Value,
         )
     })
 }
+
+/// How many ids of the stored views an ambiguous canonical reference names in its refusal.
+const MAX_AMBIGUOUS_SHOWN: usize = 5;
 
 /// `GET /ViewDefinition?name=&url=&_count=`: a bounded scan of the stored ViewDefinitions.
 pub async fn search(

@@ -465,6 +465,64 @@ async fn a_stored_view_runs_at_instance_level_and_by_reference() {
     assert_eq!(st, StatusCode::BAD_REQUEST, "{b}");
 }
 
+/// Two stored views of one canonical url (a second one planted by another client, or the real
+/// one moved behind it in the store's order by an update): a reference by that url is refused
+/// as ambiguous, naming both, instead of running whichever the store lists first; `url|version`
+/// and `ViewDefinition/id` still tell them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canonical_url_of_several_stored_views_is_refused_as_ambiguous() {
+    let s = Server::start().await;
+    let mut real = observations_view();
+    real["id"] = json!("real");
+    real["url"] = json!("https://example.org/views/obs");
+    real["version"] = json!("1");
+    let (st, b) = s
+        .json(Method::PUT, "/ViewDefinition/real", Some(real.clone()))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{b}");
+    let by_url = "/$viewdefinition-run?viewReference=https://example.org/views/obs&_format=csv";
+    let r = s.send(Method::GET, by_url, None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let mut planted = patients_view();
+    planted["id"] = json!("planted");
+    planted["url"] = json!("https://example.org/views/obs");
+    planted["version"] = json!("2");
+    let (st, b) = s
+        .json(Method::PUT, "/ViewDefinition/planted", Some(planted))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{b}");
+    // The real one updated: it now comes after the planted one in the store's order.
+    let (st, b) = s
+        .json(Method::PUT, "/ViewDefinition/real", Some(real))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+
+    let (st, b) = s.json(Method::GET, by_url, None).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{b}");
+    let text = b.to_string();
+    assert!(
+        text.contains("is ambiguous: 2 stored ViewDefinitions"),
+        "{text}"
+    );
+    assert!(text.contains("planted, real"), "{text}");
+    for (path, header) in [
+        (
+            "/$viewdefinition-run?viewReference=https://example.org/views/obs|1&_format=csv",
+            "id,patient,code,value",
+        ),
+        (
+            "/$viewdefinition-run?viewReference=ViewDefinition/real&_format=csv",
+            "id,patient,code,value",
+        ),
+    ] {
+        let r = s.send(Method::GET, path, None).await;
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let text = r.text().await.unwrap();
+        assert_eq!(text.lines().next(), Some(header), "{path}: {text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_view_definitions_are_400_naming_element_and_reason() {
     let s = Server::start().await;
