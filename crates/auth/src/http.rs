@@ -10,7 +10,7 @@
 //! async fn read(ctx: AuthContext, ...) -> Result<..., AuthRejection> { ctx.require_read("Patient")?; ... }
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,6 +33,12 @@ pub const TOKEN_PATH: &str = "/auth/token";
 pub const SMART_CONFIGURATION_PATH: &str = "/.well-known/smart-configuration";
 /// Largest `/auth/token` form body; larger ones get 413 before anything is decoded.
 pub const TOKEN_BODY_LIMIT: usize = 64 * 1024;
+
+/// The client address a request came from (a request extension the server sets on every
+/// request of a connection: the peer's IPv4 address, or the `/64` of an IPv6 one). The token
+/// endpoint keys its failure throttle by it beside the `iss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddress(pub IpAddr);
 
 /// The authorization layer of a running server: cheap to clone.
 #[derive(Clone)]
@@ -179,10 +185,13 @@ impl Auth {
         Router::new()
             .route(
                 TOKEN_PATH,
-                post(move |form: Result<axum::Form<TokenForm>, FormRejection>| {
-                    let auth = for_token.clone();
-                    async move { auth.token_handler(form).await }
-                })
+                post(
+                    move |from: Option<axum::Extension<ClientAddress>>,
+                          form: Result<axum::Form<TokenForm>, FormRejection>| {
+                        let auth = for_token.clone();
+                        async move { auth.token_handler(from.map(|f| f.0.0), form).await }
+                    },
+                )
                 // Bounded before the form is decoded, whatever the server's body limit.
                 .layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)),
             )
@@ -195,12 +204,16 @@ impl Auth {
             )
     }
 
-    async fn token_handler(&self, form: Result<axum::Form<TokenForm>, FormRejection>) -> Response {
+    async fn token_handler(
+        &self,
+        from: Option<IpAddr>,
+        form: Result<axum::Form<TokenForm>, FormRejection>,
+    ) -> Response {
         let Some(smart) = self.smart_auth() else {
             return StatusCode::NOT_FOUND.into_response();
         };
         let result = match form {
-            Ok(axum::Form(form)) => smart.token(&form, unix_now()).await,
+            Ok(axum::Form(form)) => smart.token_from(&form, unix_now(), from).await,
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 let e = OAuthError {
                     error: crate::token_endpoint::OAuthErrorCode::InvalidRequest,
@@ -524,5 +537,11 @@ fn no_store(mut response: Response) -> Response {
 
 fn oauth_error_response(e: &OAuthError) -> Response {
     let status = StatusCode::from_u16(e.error.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
-    no_store((status, axum::Json(e)).into_response())
+    let mut response = no_store((status, axum::Json(e)).into_response());
+    if let Some(secs) = e.error.retry_after() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }

@@ -8,11 +8,15 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 /// Most entries a client's JWKS may hold (`keys`, usable or not), inline or fetched: each is
 /// parsed, and kept for the life of the cache.
 pub const MAX_JWKS_KEYS: usize = 100;
-/// Most keys one client assertion is tried against: those of the client's JWKS that fit its
-/// `alg` (key type, curve, the JWK's own `alg`; signature keys only) and its `kid`, if any. An
-/// assertion that leaves more candidates (no `kid`, or a `kid` several keys share) is refused
-/// rather than verified that many times.
-pub const MAX_CANDIDATE_KEYS: usize = 10;
+/// Keys one client assertion is checked against: exactly one, the key of the client's JWKS that
+/// fits its `alg` (key type, curve, the JWK's own `alg`; signature keys only) and its `kid`, if
+/// any. An assertion that leaves several candidates (no `kid` while several keys fit its `alg`,
+/// or a `kid` several keys share) is refused — after one check against a decoy key, like every
+/// other refusal before the signature ([`crate::token_endpoint`]) — rather than checked several
+/// times: the work an unauthenticated request causes is one signature check, and does not tell
+/// how many keys a client has. SMART Backend Services requires `kid` in the assertion header and
+/// unique within the client's JWKS anyway.
+pub const MAX_CANDIDATE_KEYS: usize = 1;
 
 /// The kind of public key, which decides the algorithms it can verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

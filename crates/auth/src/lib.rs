@@ -2,7 +2,9 @@
 //!
 //! - [`registry`]: the registered clients (`--clients FILE`), their JWKS (inline or by URL).
 //! - [`scope`]: SMART v1/v2 `system/` scopes and what they allow.
-//! - [`token_endpoint`]: `POST /auth/token` (client-credentials grant with a JWT assertion).
+//! - [`token_endpoint`]: `POST /auth/token` (client-credentials grant with a JWT assertion);
+//!   [`assertion_guard`]: the decoy keys, the per-`iss` throttle and the bound on concurrent
+//!   signature checks that keep its refusals uniform and its unauthenticated work bounded.
 //! - [`access_token`]: the bearer tokens this server issues (HS256, per-process key, or a key
 //!   shared by the nodes of a cluster through [`shared`]).
 //! - [`shared`]: [`SharedAuthState`], the signing key and replay cache several nodes share.
@@ -16,6 +18,7 @@
 //! a log line or to an error's `Display`; types holding them redact their `Debug`.
 
 pub mod access_token;
+pub mod assertion_guard;
 pub mod cli;
 pub mod client_tools;
 pub mod config;
@@ -32,7 +35,9 @@ pub mod token_endpoint;
 pub use access_token::{AccessTokenError, TokenIssuer};
 pub use client_tools::{ClientKey, ClientKeyError};
 pub use config::{AuthMode, AuthSettings, ConfigError, DEFAULT_TOKEN_LIFETIME, check_mode};
-pub use http::{Auth, AuthContext, AuthRejection, SMART_CONFIGURATION_PATH, TOKEN_PATH};
+pub use http::{
+    Auth, AuthContext, AuthRejection, ClientAddress, SMART_CONFIGURATION_PATH, TOKEN_PATH,
+};
 pub use jwk::{MAX_CANDIDATE_KEYS, MAX_JWKS_KEYS};
 pub use jwks_fetch::JwksFetchError;
 pub use log_safe::log_safe;

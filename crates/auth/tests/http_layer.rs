@@ -161,6 +161,49 @@ async fn token_endpoint_over_http() {
     assert_eq!(json["error"], "invalid_scope");
 }
 
+/// A known client with a wrong key and an unknown one get the same status, headers and body,
+/// after one signature check each; once an `iss` has spent its failed checks it gets 429
+/// `temporarily_unavailable` with `Retry-After` — an unknown `iss` exactly like a known one.
+#[tokio::test]
+async fn refusals_do_not_tell_client_ids_apart_and_failures_are_throttled() {
+    let auth = Auth::smart(smart());
+    let app = app(&auth);
+    // rsa-b.pem is registered by nobody.
+    let wrong = key("rsa-b.pem", None, "rsa-1");
+    let mut answers = Vec::new();
+    for iss in ["rsa-client", "nobody"] {
+        let before = auth.smart_auth().unwrap().signature_checks().0;
+        let a = wrong.sign(iss, TOKEN_URL, now()).unwrap();
+        let (status, headers, _, text) =
+            send(&app, token_request(&form_body(&a, "system/*.rs"))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+        assert_eq!(auth.smart_auth().unwrap().signature_checks().0, before + 1);
+        answers.push((status, headers.get(header::RETRY_AFTER).cloned(), text));
+    }
+    assert_eq!(answers[0], answers[1]);
+
+    let mut throttled = Vec::new();
+    for iss in ["rsa-client", "nobody"] {
+        let mut last = None;
+        for _ in 0..=auth::assertion_guard::THROTTLE_BURST {
+            let a = wrong.sign(iss, TOKEN_URL, now()).unwrap();
+            last = Some(send(&app, token_request(&form_body(&a, "system/*.rs"))).await);
+        }
+        let (status, headers, json, text) = last.unwrap();
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{text}");
+        assert_eq!(json["error"], "temporarily_unavailable");
+        assert_eq!(
+            headers[header::RETRY_AFTER],
+            auth::assertion_guard::THROTTLE_REFILL_S
+                .to_string()
+                .as_str()
+        );
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        throttled.push((status, text));
+    }
+    assert_eq!(throttled[0], throttled[1]);
+}
+
 #[tokio::test]
 async fn smart_configuration() {
     let auth = Auth::smart(smart());

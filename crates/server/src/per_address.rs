@@ -102,9 +102,9 @@ pub struct PerAddress {
 }
 
 /// The client a request came from ([`client_key`] of its peer): a request extension, set by
-/// `serve_connections` for every request of a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Client(pub IpAddr);
+/// `serve_connections` for every request of a connection. The auth crate's type, so that the
+/// token endpoint reads it too (its failure throttle is per client address).
+pub use auth::ClientAddress as Client;
 
 /// One open connection of an address; counted until dropped.
 pub type AddressSlot = Counted;
