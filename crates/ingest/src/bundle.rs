@@ -20,6 +20,8 @@
 //! resource → the entry answers 200 with it, writes nothing, and the Bundle's references to its
 //! `fullUrl` name that resource; several → 412. An entry nobody settled is refused (501).
 
+use std::collections::{HashMap, HashSet, VecDeque};
+
 use serde_json::{Map, Value, json};
 use store::{
     Store, StoreError, WriteOp, WriteOutcome, WriteStatus, is_valid_id, is_valid_type_name,
@@ -118,10 +120,12 @@ impl EntryRequest {
                 Err(bad_url(format!("invalid id '{id}' in request.url")))
             }
         };
-        let op_name = |s: &str| {
+        // `$name` → `name`.
+        let operation = |s: &str| {
             s.strip_prefix('$')
                 .filter(|n| !n.is_empty())
                 .map(str::to_string)
+                .ok_or_else(|| bad_url(format!("invalid operation in '{url}'")))
         };
         let mut r = EntryRequest {
             interaction: Interaction::Read,
@@ -141,24 +145,18 @@ impl EntryRequest {
         }
         r.interaction = match (method, segments.as_slice()) {
             (_, [op]) if op.starts_with('$') => {
-                r.operation = Some(
-                    op_name(op).ok_or_else(|| bad_url(format!("invalid operation in '{url}'")))?,
-                );
+                r.operation = Some(operation(op)?);
                 I::Operation
             }
             (_, [ty, op]) if op.starts_with('$') => {
                 r.resource_type = Some(check_type(ty)?);
-                r.operation = Some(
-                    op_name(op).ok_or_else(|| bad_url(format!("invalid operation in '{url}'")))?,
-                );
+                r.operation = Some(operation(op)?);
                 I::Operation
             }
             (_, [ty, id, op]) if op.starts_with('$') => {
                 r.resource_type = Some(check_type(ty)?);
                 r.id = Some(check_id(id)?);
-                r.operation = Some(
-                    op_name(op).ok_or_else(|| bad_url(format!("invalid operation in '{url}'")))?,
-                );
+                r.operation = Some(operation(op)?);
                 I::Operation
             }
             (_, []) if reads => I::Search,
@@ -582,8 +580,7 @@ impl BundlePlan {
         // it ambiguous, and it followed the last of them silently (a Patient's `urn:uuid` could
         // send an Observation's subject to a Group); the second is refused, and with it a
         // transaction.
-        let mut full_urls: std::collections::HashMap<String, usize> =
-            std::collections::HashMap::new();
+        let mut full_urls: HashMap<String, usize> = HashMap::new();
         for p in parsed.iter_mut() {
             let Ok(entry) = p else { continue };
             let Some(full_url) = &entry.full_url else {
@@ -748,8 +745,7 @@ fn check_resource_tracking(
 /// Fails (in place) every batch entry that depends on a failed entry, transitively, and keeps
 /// in `dependencies` only those between entries still planned.
 fn fail_dependents(parsed: &mut [Result<Parsed, EntryError>], dependencies: &mut Vec<Dependency>) {
-    let mut dependents: std::collections::HashMap<usize, Vec<usize>> =
-        std::collections::HashMap::new();
+    let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
     for (i, d) in dependencies.iter().enumerate() {
         dependents.entry(d.on).or_default().push(i);
     }
@@ -777,7 +773,7 @@ fn fail_dependents(parsed: &mut [Result<Parsed, EntryError>], dependencies: &mut
 /// Two entries of a transaction that change the same resource (`Type/id`, or the same
 /// conditional URL) fail it; the second one is reported.
 fn check_overlaps(parsed: &[Result<Parsed, EntryError>]) -> Result<(), BundleError> {
-    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
     for p in parsed.iter().flatten() {
         let key = match p.request.interaction {
             Interaction::Create => p.target().map(|(t, i)| format!("{t}/{i}")),
@@ -855,26 +851,19 @@ pub fn execute(
                         resource,
                     },
             }) => {
-                let mut entry = json!({"response": {
-                    "status": status_line(200),
-                    "location": format!("{resource_type}/{id}/_history/{version}"),
-                    "etag": format!("W/\"{version}\""),
-                    "lastModified": last_updated,
-                }});
-                match resource {
-                    MatchedResource::Withheld => {}
+                let included = match &resource {
                     MatchedResource::Included(json) => {
                         read_bytes = read_bytes.saturating_add(json.len());
-                        if let Ok(v) = serde_json::from_slice::<Value>(&json) {
-                            entry["resource"] = v;
-                        }
+                        Some(json.as_slice())
                     }
-                    MatchedResource::OverLimit => {
-                        entry["response"]["outcome"] = json!({"resourceType": "OperationOutcome",
+                    MatchedResource::Withheld | MatchedResource::OverLimit => None,
+                };
+                let mut entry = found_entry(&resource_type, &id, version, &last_updated, included);
+                if resource == MatchedResource::OverLimit {
+                    entry["response"]["outcome"] = json!({"resourceType": "OperationOutcome",
                             "issue": [{"severity": "information", "code": "too-costly",
                             "diagnostics": format!("{resource_type}/{id} is not included: the resources this Bundle's entries return \
                                 reached {} bytes; read it at its location", options.max_read_bytes)}]});
-                    }
                 }
                 responses[index] = Some(entry)
             }
@@ -962,16 +951,13 @@ pub fn execute(
             }
             Ok(r) => {
                 read_bytes += r.json.len();
-                let mut entry = json!({"response": {
-                    "status": status_line(200),
-                    "location": format!("{resource_type}/{id}/_history/{}", r.version),
-                    "etag": format!("W/\"{}\"", r.version),
-                    "lastModified": r.last_updated,
-                }});
-                if let Ok(v) = serde_json::from_slice::<Value>(&r.json) {
-                    entry["resource"] = v;
-                }
-                entry
+                found_entry(
+                    &resource_type,
+                    &id,
+                    r.version,
+                    &r.last_updated,
+                    Some(&r.json),
+                )
             }
             Err(source) => error_entry(&EntryError::Store { index, source }),
         });
@@ -1005,140 +991,31 @@ fn retry_alone(
     options: &BundleOptions,
     responses: &mut [Option<Value>],
 ) {
-    use std::collections::{HashMap, VecDeque};
-    // Settled writes: `true` written, `false` failed. Entries that are not written here (reads,
-    // matched conditional creates) never fail now, so they are no one's obstacle.
-    let mut settled: HashMap<usize, bool> = HashMap::new();
-    let pending: std::collections::HashSet<usize> = retry.iter().map(|(i, _)| *i).collect();
-    let mut on: HashMap<usize, Vec<&Dependency>> = HashMap::new();
-    let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
-    let mut waiting: HashMap<usize, usize> = HashMap::new();
-    for d in dependencies {
-        if pending.contains(&d.entry) && pending.contains(&d.on) {
-            on.entry(d.entry).or_default().push(d);
-            dependents.entry(d.on).or_default().push(d.entry);
-            *waiting.entry(d.entry).or_default() += 1;
-        }
-    }
-    let mut copies: HashMap<usize, RetryCopy> = HashMap::new();
-    let mut order = Vec::with_capacity(retry.len());
-    for (index, copy) in retry {
-        order.push(index);
-        copies.insert(index, copy);
-    }
-    let mut ready: VecDeque<usize> = order
-        .iter()
-        .copied()
-        .filter(|i| !waiting.contains_key(i))
-        .collect();
-    // Settles `index`, and queues the entries that waited for it alone.
-    let settle = |index: usize,
-                  ok: bool,
-                  response: Value,
-                  settled: &mut HashMap<usize, bool>,
-                  waiting: &mut HashMap<usize, usize>,
-                  ready: &mut VecDeque<usize>,
-                  responses: &mut [Option<Value>]| {
-        settled.insert(index, ok);
-        responses[index] = Some(response);
-        for d in dependents
-            .get(&index)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            if let Some(w) = waiting.get_mut(d) {
-                *w -= 1;
-                if *w == 0 {
-                    waiting.remove(d);
-                    ready.push_back(*d);
-                }
-            }
-        }
-    };
-    // The failure of `index` because an entry it depends on failed, if one did.
-    let failed_dependency =
-        |index: usize, settled: &HashMap<usize, bool>, responses: &[Option<Value>]| {
-            on.get(&index)?
-                .iter()
-                .find(|d| settled.get(&d.on) == Some(&false))
-                .map(|d| {
-                    let on_status = responses[d.on]
-                        .as_ref()
-                        .and_then(|r| r["response"]["status"].as_str())
-                        .unwrap_or_default()
-                        .to_string();
-                    d.failure(on_status)
-                })
-        };
+    let order: Vec<usize> = retry.iter().map(|(i, _)| *i).collect();
+    let mut copies: HashMap<usize, RetryCopy> = retry.into_iter().collect();
+    let mut state = RetryState::new(&order, dependencies, responses, options.return_resources);
     loop {
-        while let Some(index) = ready.pop_front() {
-            if settled.contains_key(&index) {
-                continue;
-            }
-            if let Some(e) = failed_dependency(index, &settled, responses) {
-                let response = error_entry(&e);
-                settle(
-                    index,
-                    false,
-                    response,
-                    &mut settled,
-                    &mut waiting,
-                    &mut ready,
-                    responses,
-                );
+        while let Some(index) = state.next_ready() {
+            if state.fail_if_dependency_failed(index) {
                 continue;
             }
             let Some(copy) = copies.remove(&index) else {
                 continue;
             };
-            let (ok, response) = match store.write(vec![copy.into_op()]) {
-                Ok(mut outcomes) => match outcomes.pop() {
-                    Some(o) => (true, write_entry(&o, options.return_resources)),
-                    None => (
-                        false,
-                        error_entry(&EntryError::Store {
-                            index,
-                            source: StoreError::Corrupt("no outcome".into()),
-                        }),
-                    ),
-                },
-                Err(source) => (false, error_entry(&EntryError::Store { index, source })),
-            };
-            settle(
-                index,
-                ok,
-                response,
-                &mut settled,
-                &mut waiting,
-                &mut ready,
-                responses,
-            );
+            let written = store
+                .write(vec![copy.into_op()])
+                .and_then(|mut outcomes| outcomes.pop().ok_or_else(no_outcome));
+            state.record(index, written);
         }
         // What is left waits in a circle (or behind one). Those that depend on a failed entry
         // fail first; the rest is written together.
-        let mut group: Vec<usize> = order
-            .iter()
-            .copied()
-            .filter(|i| !settled.contains_key(i))
-            .collect();
+        let group = state.unsettled(&order);
         if group.is_empty() {
             return;
         }
         let mut failed_one = false;
         for &index in &group {
-            if let Some(e) = failed_dependency(index, &settled, responses) {
-                let response = error_entry(&e);
-                settle(
-                    index,
-                    false,
-                    response,
-                    &mut settled,
-                    &mut waiting,
-                    &mut ready,
-                    responses,
-                );
-                failed_one = true;
-            }
+            failed_one |= state.fail_if_dependency_failed(index);
         }
         if failed_one {
             continue;
@@ -1153,43 +1030,164 @@ fn retry_alone(
             .collect();
         match store.write(ops) {
             Ok(outcomes) => {
-                for (index, o) in group.iter().zip(outcomes) {
-                    copies.remove(index);
-                    settled.insert(*index, true);
-                    responses[*index] = Some(write_entry(&o, options.return_resources));
+                // An entry the store did not answer for failed.
+                let mut outcomes = outcomes.into_iter();
+                for &index in &group {
+                    copies.remove(&index);
+                    state.record(index, outcomes.next().ok_or_else(no_outcome));
                 }
-                // Whatever the store did not answer for.
-                for index in group.drain(..) {
-                    if let std::collections::hash_map::Entry::Vacant(v) = settled.entry(index) {
-                        v.insert(false);
-                        responses[index] = Some(error_entry(&EntryError::Store {
-                            index,
-                            source: StoreError::Corrupt("no outcome".into()),
-                        }));
-                    }
-                }
-                // Nothing waits on them any more than on written entries.
-                waiting.clear();
             }
             Err(source) => {
                 let index = group[failing_entry(&source, &keys).unwrap_or(0)];
                 copies.remove(&index);
-                let response = error_entry(&EntryError::Store { index, source });
-                settle(
-                    index,
-                    false,
-                    response,
-                    &mut settled,
-                    &mut waiting,
-                    &mut ready,
-                    responses,
-                );
+                state.record(index, Err(source));
             }
         }
     }
 }
 
-/// A batch write kept for a retry: the op with its resource as JSON text.
+/// The error of a write the store answered without an outcome.
+fn no_outcome() -> StoreError {
+    StoreError::Corrupt("no outcome".into())
+}
+
+/// Where the one-by-one retry of a batch's writes stands ([`retry_alone`]): which entries are
+/// settled (written or failed) with their response entry, which wait for entries they depend
+/// on, and which are ready to be written.
+struct RetryState<'a> {
+    /// Settled writes: `true` written, `false` failed. Entries that are not written here
+    /// (reads, matched conditional creates) never fail now, so they are no one's obstacle.
+    settled: HashMap<usize, bool>,
+    /// Each retried entry's dependencies on other retried entries.
+    on: HashMap<usize, Vec<&'a Dependency>>,
+    /// The retried entries that depend on each retried entry.
+    dependents: HashMap<usize, Vec<usize>>,
+    /// How many unsettled entries each waiting entry still depends on.
+    waiting: HashMap<usize, usize>,
+    /// Entries that wait for no one, in the order to write them.
+    ready: VecDeque<usize>,
+    /// The response entries of the whole Bundle, by entry index.
+    responses: &'a mut [Option<Value>],
+    /// `Prefer: return=representation` ([`BundleOptions::return_resources`]).
+    return_resources: bool,
+}
+
+impl<'a> RetryState<'a> {
+    /// The state before the first write of the entries `order` (in the order to write them).
+    fn new(
+        order: &[usize],
+        dependencies: &'a [Dependency],
+        responses: &'a mut [Option<Value>],
+        return_resources: bool,
+    ) -> RetryState<'a> {
+        let retried: HashSet<usize> = order.iter().copied().collect();
+        let mut on: HashMap<usize, Vec<&Dependency>> = HashMap::new();
+        let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut waiting: HashMap<usize, usize> = HashMap::new();
+        for d in dependencies {
+            if retried.contains(&d.entry) && retried.contains(&d.on) {
+                on.entry(d.entry).or_default().push(d);
+                dependents.entry(d.on).or_default().push(d.entry);
+                *waiting.entry(d.entry).or_default() += 1;
+            }
+        }
+        let ready = order
+            .iter()
+            .copied()
+            .filter(|i| !waiting.contains_key(i))
+            .collect();
+        RetryState {
+            settled: HashMap::new(),
+            on,
+            dependents,
+            waiting,
+            ready,
+            responses,
+            return_resources,
+        }
+    }
+
+    /// The next unsettled entry that waits for no one.
+    fn next_ready(&mut self) -> Option<usize> {
+        while let Some(index) = self.ready.pop_front() {
+            if !self.settled.contains_key(&index) {
+                return Some(index);
+            }
+        }
+        None
+    }
+
+    /// The entries of `order` not settled yet, in that order.
+    fn unsettled(&self, order: &[usize]) -> Vec<usize> {
+        order
+            .iter()
+            .copied()
+            .filter(|i| !self.settled.contains_key(i))
+            .collect()
+    }
+
+    /// Records the store's answer to the write of `index`: written, or failed with its error.
+    fn record(&mut self, index: usize, written: Result<WriteOutcome, StoreError>) {
+        match written {
+            Ok(outcome) => {
+                let response = write_entry(&outcome, self.return_resources);
+                self.settle(index, true, response);
+            }
+            Err(source) => {
+                let response = error_entry(&EntryError::Store { index, source });
+                self.settle(index, false, response);
+            }
+        }
+    }
+
+    /// Fails `index` (424) when an entry it depends on failed. Whether it did.
+    fn fail_if_dependency_failed(&mut self, index: usize) -> bool {
+        let Some(failure) = self.failed_dependency(index) else {
+            return false;
+        };
+        let response = error_entry(&failure);
+        self.settle(index, false, response);
+        true
+    }
+
+    /// The failure of `index` because an entry it depends on failed, if one did.
+    fn failed_dependency(&self, index: usize) -> Option<EntryError> {
+        let d = self
+            .on
+            .get(&index)?
+            .iter()
+            .find(|d| self.settled.get(&d.on) == Some(&false))?;
+        let on_status = self.responses[d.on]
+            .as_ref()
+            .and_then(|r| r["response"]["status"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        Some(d.failure(on_status))
+    }
+
+    /// Settles `index` with its response, and queues the entries that waited for it alone.
+    fn settle(&mut self, index: usize, written: bool, response: Value) {
+        self.settled.insert(index, written);
+        self.responses[index] = Some(response);
+        for d in self
+            .dependents
+            .get(&index)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            if let Some(w) = self.waiting.get_mut(d) {
+                *w -= 1;
+                if *w == 0 {
+                    self.waiting.remove(d);
+                    self.ready.push_back(*d);
+                }
+            }
+        }
+    }
+}
+
+/// A batch write kept for a retry: the op with its resource as JSON text (`op` holds `null`
+/// in its place).
 #[derive(Clone)]
 struct RetryCopy {
     op: WriteOp,
@@ -1198,43 +1196,10 @@ struct RetryCopy {
 
 impl RetryCopy {
     fn of(op: &WriteOp) -> RetryCopy {
-        let (op, resource) = match op {
-            WriteOp::Create { resource } => (
-                WriteOp::Create {
-                    resource: Value::Null,
-                },
-                Some(resource),
-            ),
-            WriteOp::Update {
-                resource_type,
-                id,
-                resource,
-                if_match,
-            } => (
-                WriteOp::Update {
-                    resource_type: resource_type.clone(),
-                    id: id.clone(),
-                    resource: Value::Null,
-                    if_match: *if_match,
-                },
-                Some(resource),
-            ),
-            other => (other.clone(), None),
-        };
-        RetryCopy {
-            op,
-            json: resource.and_then(|r| serde_json::to_vec(r).ok()),
-        }
-    }
-
-    fn into_op(self) -> WriteOp {
-        let parsed = |json: Option<Vec<u8>>| {
-            json.and_then(|j| serde_json::from_slice(&j).ok())
-                .unwrap_or(Value::Null)
-        };
-        match self.op {
+        let json = op_resource(op).and_then(|r| serde_json::to_vec(r).ok());
+        let op = match op {
             WriteOp::Create { .. } => WriteOp::Create {
-                resource: parsed(self.json),
+                resource: Value::Null,
             },
             WriteOp::Update {
                 resource_type,
@@ -1242,13 +1207,53 @@ impl RetryCopy {
                 if_match,
                 ..
             } => WriteOp::Update {
+                resource_type: resource_type.clone(),
+                id: id.clone(),
+                resource: Value::Null,
+                if_match: *if_match,
+            },
+            WriteOp::Replace {
                 resource_type,
                 id,
-                resource: parsed(self.json),
                 if_match,
+                ..
+            } => WriteOp::Replace {
+                resource_type: resource_type.clone(),
+                id: id.clone(),
+                resource: Value::Null,
+                if_match: *if_match,
             },
-            other => other,
+            other => other.clone(),
+        };
+        RetryCopy { op, json }
+    }
+
+    fn into_op(self) -> WriteOp {
+        let mut op = self.op;
+        if let (Some(slot), Some(json)) = (op_resource_mut(&mut op), self.json) {
+            *slot = serde_json::from_slice(&json).unwrap_or(Value::Null);
         }
+        op
+    }
+}
+
+/// The resource a create, update or replace writes.
+fn op_resource(op: &WriteOp) -> Option<&Value> {
+    match op {
+        WriteOp::Create { resource }
+        | WriteOp::Update { resource, .. }
+        | WriteOp::Replace { resource, .. } => Some(resource),
+        WriteOp::Delete { .. } | WriteOp::Put(_) => None,
+    }
+}
+
+/// [`op_resource`], to change.
+fn op_resource_mut(op: &mut WriteOp) -> Option<&mut Value> {
+    match op {
+        WriteOp::Create { resource }
+        | WriteOp::Update { resource, .. }
+        | WriteOp::Replace { resource, .. } => Some(resource),
+        WriteOp::Delete { .. } | WriteOp::Put(_) => None,
     }
 }
 
@@ -1283,6 +1288,27 @@ pub fn write_entry(o: &WriteOutcome, return_resource: bool) -> Value {
     }
     entry.insert("response".into(), Value::Object(response));
     Value::Object(entry)
+}
+
+/// The `200` response entry of a stored version that an entry found (a read, or the match of a
+/// conditional create), with the version's stored JSON as its `resource` when given.
+fn found_entry(
+    resource_type: &str,
+    id: &str,
+    version: i64,
+    last_updated: &str,
+    json: Option<&[u8]>,
+) -> Value {
+    let mut entry = json!({"response": {
+        "status": status_line(200),
+        "location": format!("{resource_type}/{id}/_history/{version}"),
+        "etag": format!("W/\"{version}\""),
+        "lastModified": last_updated,
+    }});
+    if let Some(v) = json.and_then(|j| serde_json::from_slice::<Value>(j).ok()) {
+        entry["resource"] = v;
+    }
+    entry
 }
 
 /// The response entry of a failed batch entry.
@@ -1373,9 +1399,7 @@ impl Parsed {
 
     fn resource_mut(&mut self) -> Option<&mut Value> {
         match &mut self.action {
-            EntryAction::Write(WriteOp::Create { resource })
-            | EntryAction::Write(WriteOp::Update { resource, .. })
-            | EntryAction::Write(WriteOp::Replace { resource, .. }) => Some(resource),
+            EntryAction::Write(op) => op_resource_mut(op),
             _ => None,
         }
     }
@@ -1572,13 +1596,11 @@ fn plan_entry(
             id,
             version: typed.version,
         },
-        Interaction::Patch | Interaction::ConditionalPatch => {
-            return Err(not_supported(
-                format!("{method} is not supported in a Bundle"),
-                ".request.method",
-            ));
-        }
-        Interaction::Read | Interaction::VRead => {
+        // `PATCH`, and `HEAD` of a read.
+        Interaction::Patch
+        | Interaction::ConditionalPatch
+        | Interaction::Read
+        | Interaction::VRead => {
             return Err(not_supported(
                 format!("{method} is not supported in a Bundle"),
                 ".request.method",

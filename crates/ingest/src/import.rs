@@ -7,9 +7,10 @@
 //!
 //! - [`ImportMode::InitialLoad`] keeps each line's `id`, `meta.versionId` and
 //!   `meta.lastUpdated` ([`store::PreparedResource::keeping_version`]): the stored bytes are the
-//!   line's bytes when they came from a Fhirhose export. It never overwrites: a resource that
-//!   exists already is a line error — unless it holds exactly the version the line describes
-//!   (same version, same stored bytes), which is a re-run and counts as loaded.
+//!   line's bytes when they came from a Fhirhose export. A `lastUpdated` later than the store's
+//!   now is a line error, not clamped (why: `kept_version`). It never overwrites: a resource
+//!   that exists already is a line error — unless it holds exactly the version the line
+//!   describes (same version, same stored bytes), which is a re-run and counts as loaded.
 //! - [`ImportMode::IncrementalLoad`] keeps ids and writes a new version like a `PUT` — unless the
 //!   current version already has exactly the line's content, which writes nothing (a re-run,
 //!   or an unchanged resource) and counts as loaded. Several lines of one id in a chunk are
@@ -124,7 +125,7 @@ fn prepare_line(
     bytes: &[u8],
     resource_type: &str,
     mode: ImportMode,
-    default_last_updated_ms: i64,
+    stamps: Stamps,
 ) -> Result<Ready, LineError> {
     // The reader of every ingestion path: a repeated key is refused as REST refuses it.
     let resource: Value = crate::strict_json::from_slice(bytes)
@@ -170,56 +171,10 @@ fn prepare_line(
     }
     let kept = match mode {
         ImportMode::IncrementalLoad => None,
-        ImportMode::InitialLoad => {
-            let meta = resource.get("meta");
-            let version = match meta.and_then(|m| m.get("versionId")) {
-                None => 1,
-                Some(Value::String(v)) => match v.parse::<i64>() {
-                    Ok(n) if n >= 1 => n,
-                    _ => {
-                        return Err(line_error(
-                            line,
-                            named(),
-                            "invalid",
-                            format!(
-                                "meta.versionId '{v}' is not a positive integer (InitialLoad keeps it)"
-                            ),
-                        ));
-                    }
-                },
-                Some(_) => {
-                    return Err(line_error(
-                        line,
-                        named(),
-                        "invalid",
-                        "meta.versionId is not a string".into(),
-                    ));
-                }
-            };
-            let last_updated = match meta.and_then(|m| m.get("lastUpdated")) {
-                None => default_last_updated_ms,
-                Some(Value::String(t)) => match store::parse_instant_ms(t) {
-                    Some(ms) if t.contains('T') => ms,
-                    _ => {
-                        return Err(line_error(
-                            line,
-                            named(),
-                            "invalid",
-                            format!("meta.lastUpdated '{t}' is not an instant"),
-                        ));
-                    }
-                },
-                Some(_) => {
-                    return Err(line_error(
-                        line,
-                        named(),
-                        "invalid",
-                        "meta.lastUpdated is not a string".into(),
-                    ));
-                }
-            };
-            Some((version, last_updated))
-        }
+        ImportMode::InitialLoad => Some(
+            kept_version(resource.get("meta"), stamps)
+                .map_err(|message| line_error(line, named(), "invalid", message))?,
+        ),
     };
     let prepared = store
         .prepare_put(resource_type, &id, resource)
@@ -229,6 +184,109 @@ fn prepare_line(
         None => prepared,
     };
     Ok(Ready { line, id, prepared })
+}
+
+/// The instants an InitialLoad line's `meta.lastUpdated` is set or bounded by.
+#[derive(Debug, Clone, Copy)]
+struct Stamps {
+    /// What a line without `meta.lastUpdated` keeps: the job's start, the same in a re-run.
+    default_ms: i64,
+    /// The store's now, read before the chunk's write: the latest `meta.lastUpdated` kept.
+    now_ms: i64,
+}
+
+/// The greatest `meta.versionId` InitialLoad keeps: 2^53 - 1, an integer every JSON reader
+/// holds exactly, and far enough from `i64::MAX` that the versions later updates add never
+/// overflow.
+const MAX_KEPT_VERSION: i64 = (1 << 53) - 1;
+
+/// The earliest `meta.lastUpdated` InitialLoad keeps, `0001-01-01T00:00:00Z`: an earlier
+/// instant would be stored with a year FHIR's `instant` does not have (`0000`, or negative).
+const MIN_KEPT_INSTANT_MS: i64 = -62_135_596_800_000;
+
+/// The `(versionId, lastUpdated in ms)` an InitialLoad line keeps from its `meta`, or why the
+/// line is refused.
+///
+/// `versionId` is the decimal text of a version this server writes (`1`, `2`, …, at most
+/// [`MAX_KEPT_VERSION`]; `01` or `+1` are refused as `If-Match` refuses them); without one the
+/// line is version 1. `lastUpdated` is a FHIR `instant` (date, time with seconds, time zone),
+/// from `0001-01-01T00:00:00Z` on; without one the line keeps `stamps.default_ms`.
+///
+/// A `lastUpdated` later than the store's now (`stamps.now_ms`) is **refused**, not clamped.
+/// Every `lastUpdated` this server stores is at most the instant of the transaction that wrote
+/// it, and what reads by time rest on that: a `_since` export turns its instant into the first
+/// transaction at or after it and its `transactionTime` is the instant of its last one, so a
+/// version stamped in the future would be exported with a `lastUpdated` after the export's own
+/// `transactionTime` (a client that takes its next `_since` from the newest `lastUpdated` it
+/// received asks for a `_since` in the future, which is refused, or skips what was written in
+/// between), and `_history?_since` and `_lastUpdated` searches would find it again until that
+/// instant, out of history order. Clamping it to now would keep the data but silently change
+/// the one thing InitialLoad promises to keep (the stored bytes are the line's bytes), and
+/// make the line's content differ between a run and its re-run after a crash, which the
+/// idempotence check compares. A future `lastUpdated` in a migration's data means the source's
+/// clock or the data is wrong: the operator learns it from the line's error (and may load
+/// those lines with IncrementalLoad, which stamps its own instants). Azure's `$import` is no
+/// guide here: its documentation keeps `lastUpdated` only in incremental mode and does not say
+/// what it does with a future one.
+fn kept_version(meta: Option<&Value>, stamps: Stamps) -> Result<(i64, i64), String> {
+    let version = match meta.and_then(|m| m.get("versionId")) {
+        None => 1,
+        Some(Value::String(v)) => canonical_version(v).ok_or_else(|| {
+            format!(
+                "meta.versionId '{v}' is not a version number from 1 to {MAX_KEPT_VERSION} \
+                 without leading zeros (InitialLoad keeps it)"
+            )
+        })?,
+        Some(_) => return Err("meta.versionId is not a string".into()),
+    };
+    let last_updated = match meta.and_then(|m| m.get("lastUpdated")) {
+        None => stamps.default_ms,
+        Some(Value::String(t)) => {
+            let ms = instant_ms(t).ok_or_else(|| {
+                format!(
+                    "meta.lastUpdated '{t}' is not an instant (a date and a time with seconds \
+                     and a time zone, from year 0001)"
+                )
+            })?;
+            if ms > stamps.now_ms {
+                return Err(format!(
+                    "meta.lastUpdated '{t}' is in the future (the server's time is {}); \
+                     InitialLoad keeps lastUpdated, and a version stamped after it was written \
+                     would come back in every _since export and history until then: correct \
+                     the source data, or load it with IncrementalLoad, which stamps the time \
+                     of the write",
+                    store::format_instant_ms(stamps.now_ms)
+                ));
+            }
+            ms
+        }
+        Some(_) => return Err("meta.lastUpdated is not a string".into()),
+    };
+    Ok((version, last_updated))
+}
+
+/// The version `text` names when it is the text of one this server writes: decimal digits
+/// without a leading zero, at most [`MAX_KEPT_VERSION`].
+fn canonical_version(text: &str) -> Option<i64> {
+    if text.is_empty() || text.starts_with('0') || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<i64>()
+        .ok()
+        .filter(|v| (1..=MAX_KEPT_VERSION).contains(v))
+}
+
+/// `text` as ms since the epoch when it is a FHIR `instant` (`YYYY-MM-DDThh:mm:ss[.s+]` and
+/// `Z` or `±hh:mm`) no earlier than [`MIN_KEPT_INSTANT_MS`].
+fn instant_ms(text: &str) -> Option<i64> {
+    // RFC 3339 as chrono reads it also takes a lowercase `t`/`z` and a space for the `T`,
+    // which FHIR's instant does not.
+    let b = text.as_bytes();
+    if b.len() < 20 || b.get(10) != Some(&b'T') || text.contains(['t', 'z', ' ']) {
+        return None;
+    }
+    let t = chrono::DateTime::parse_from_rfc3339(text).ok()?;
+    Some(t.timestamp_millis()).filter(|ms| *ms >= MIN_KEPT_INSTANT_MS)
 }
 
 /// A prepared line's content, to compare two lines of one id (the same version and instant on
@@ -249,18 +307,16 @@ pub fn import_lines(
     mode: ImportMode,
     default_last_updated_ms: i64,
 ) -> Result<ChunkOutcome, StoreError> {
+    let stamps = Stamps {
+        default_ms: default_last_updated_ms,
+        now_ms: match mode {
+            ImportMode::InitialLoad => store.now_ms()?,
+            ImportMode::IncrementalLoad => i64::MAX,
+        },
+    };
     let prepared: Vec<Result<Ready, LineError>> = lines
         .par_iter()
-        .map(|(n, bytes)| {
-            prepare_line(
-                store,
-                *n,
-                bytes,
-                resource_type,
-                mode,
-                default_last_updated_ms,
-            )
-        })
+        .map(|(n, bytes)| prepare_line(store, *n, bytes, resource_type, mode, stamps))
         .collect();
     let mut outcome = ChunkOutcome::default();
     let mut ready: Vec<Ready> = Vec::with_capacity(prepared.len());

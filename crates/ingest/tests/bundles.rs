@@ -198,3 +198,101 @@ fn transaction_changing_one_resource_twice_fails_and_writes_nothing() {
     assert!(err.to_string().contains("at most once"), "{err}");
     assert!(store.read("Patient", "x").is_err());
 }
+
+/// The status lines of a batch-response's entries.
+fn statuses(resp: &Value) -> Vec<String> {
+    resp["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A Patient `PUT` entry with `fullUrl` `urn:uuid:…{n}` whose link names `urn:uuid:…{other}`.
+fn linked_patient(id: &str, n: u32, other: u32, if_match: Option<&str>) -> Value {
+    let mut request = json!({"method": "PUT", "url": format!("Patient/{id}")});
+    if let Some(etag) = if_match {
+        request["ifMatch"] = json!(etag);
+    }
+    json!({"fullUrl": format!("urn:uuid:77777777-0000-4000-8000-00000000000{n}"),
+           "resource": {"resourceType": "Patient", "id": id, "link": [{"type": "seealso",
+               "other": {"reference": format!("urn:uuid:77777777-0000-4000-8000-00000000000{other}")}}]},
+           "request": request})
+}
+
+/// A batch whose single transaction fails is written entry by entry; two entries that name each
+/// other are written together, and an entry behind them waits for them.
+#[test]
+fn a_batch_retried_alone_writes_entries_that_name_each_other_together() {
+    let (_d, store) = support::temp_store();
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "x"},
+         "request": {"method": "PUT", "url": "Patient/x", "ifMatch": "W/\"9\""}},
+        linked_patient("a", 1, 2, None),
+        linked_patient("b", 2, 1, None),
+        {"resource": obs("urn:uuid:77777777-0000-4000-8000-000000000001"),
+         "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let resp = process_bundle(&*store, bundle, &BundleOptions::default()).unwrap();
+    assert_eq!(
+        statuses(&resp),
+        [
+            "412 Precondition Failed",
+            "201 Created",
+            "201 Created",
+            "201 Created"
+        ]
+    );
+    let read = |id: &str| -> Value {
+        serde_json::from_slice(&store.read("Patient", id).unwrap().json).unwrap()
+    };
+    assert_eq!(read("a")["link"][0]["other"]["reference"], "Patient/b");
+    assert_eq!(read("b")["link"][0]["other"]["reference"], "Patient/a");
+    assert!(store.read("Patient", "x").is_err());
+}
+
+/// Entries that name each other and fail together in the store: the entry the store error
+/// names fails with it, the others that depend on it fail 424, and so does an entry behind them;
+/// an entry outside the circle is written.
+#[test]
+fn a_circle_failing_in_the_store_fails_the_named_entry_and_its_dependents() {
+    let (_d, store) = support::temp_store();
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        linked_patient("a", 1, 2, Some("W/\"9\"")),
+        linked_patient("b", 2, 1, None),
+        {"resource": {"resourceType": "Patient", "id": "c"},
+         "request": {"method": "PUT", "url": "Patient/c"}},
+        {"resource": obs("urn:uuid:77777777-0000-4000-8000-000000000002"),
+         "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let resp = process_bundle(&*store, bundle, &BundleOptions::default()).unwrap();
+    assert_eq!(
+        statuses(&resp),
+        [
+            "412 Precondition Failed",
+            "424 Failed Dependency",
+            "201 Created",
+            "424 Failed Dependency"
+        ]
+    );
+    let diagnostics = |i: usize| {
+        resp["entry"][i]["response"]["outcome"]["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        diagnostics(1).contains("entry 0 failed (412 Precondition Failed)"),
+        "{}",
+        diagnostics(1)
+    );
+    assert!(
+        diagnostics(3).contains("entry 1 failed (424 Failed Dependency)"),
+        "{}",
+        diagnostics(3)
+    );
+    assert!(store.read("Patient", "a").is_err());
+    assert!(store.read("Patient", "b").is_err());
+    assert_eq!(store.read("Patient", "c").unwrap().version, 1);
+}
