@@ -1250,10 +1250,37 @@ fn finalize_item(ctx: &ItemContext<'_>, item: &WorkItem) -> Result<u64, RunError
     }
     let all = ctx.queue.files(&item.job_id)?;
     finish_renames(ctx.sink, ctx.queue, &p.job, &all)?;
-    let _ = ctx
-        .sink
-        .delete_prefix(&p.job.container, &format!("{}/_parts", p.job.folder));
+    // The temporary parts folder goes with the completion ([`remove_parts`]), which records
+    // it when it stays.
     Ok(0)
+}
+
+/// The folder of a job's temporary parts (`<folder>/_parts`, see [`attempt_dir`]).
+pub fn parts_dir(folder: &str) -> String {
+    format!("{folder}/_parts")
+}
+
+/// Removes a finished job's temporary parts folder after its last rename. A failure (the
+/// destination down) does not fail the export, whose files are all in place: it is logged and
+/// reported (`false`) so that the completion records it ([`store::jobs::Cleanup::Parts`]) and
+/// the sweeper removes the folder later; before, it was ignored and the folder stayed for
+/// ever.
+pub fn remove_parts(sink: &dyn Sink, job: &JobRecord) -> bool {
+    let dir = parts_dir(&job.folder);
+    match sink.delete_prefix(&job.container, &dir) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                job = %job.id,
+                container = %job.container,
+                path = %dir,
+                error = %e,
+                transient = e.is_transient(),
+                "cannot remove the export's temporary parts folder; recorded for the sweeper to retry"
+            );
+            false
+        }
+    }
 }
 
 /// `_anonymizationDryRun=true`: the export's resources (its types, `_since`, level, patients
@@ -1468,6 +1495,8 @@ pub fn run_export(
     while let Some(item) = queue.claim("local", 0, i64::MAX / 4, 1)? {
         execute_item(&ctx, &item)?;
     }
+    // One run, no sweeper: a parts folder that cannot be removed is only logged.
+    remove_parts(sink, &prepared.job);
     let mut out = RunOutput::default();
     for f in queue.files("run")? {
         match f.kind {

@@ -47,6 +47,8 @@ impl SinkError {
         if e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28 | 122))
         {
             SinkError::NoSpace(what.to_string())
+        } else if io_is_transient(&e) {
+            SinkError::Unavailable(format!("{what}: {e}"))
         } else {
             SinkError::Failed(format!("{what}: {e}"))
         }
@@ -56,6 +58,70 @@ impl SinkError {
     pub fn is_transient(&self) -> bool {
         matches!(self, SinkError::Unavailable(_))
     }
+}
+
+/// Whether an OS error of a local (or network-mounted) file system is a state of the mount or
+/// of the machine that passes — the same call may succeed later, so the export retries it with
+/// its back-off and a deletion is retried by the sweeper — rather than a property of the
+/// request that no retry changes.
+///
+/// Transient:
+/// - `EIO`: a network mount whose server went away, a device that failed a request. A disk
+///   that is really broken keeps failing: the item's attempts are bounded, so it still fails.
+/// - `ESTALE`: an NFS handle invalidated by a server restart or a re-export.
+/// - `ETIMEDOUT`, `ENOTCONN` ("transport endpoint is not connected": a FUSE, SMB or NFS mount
+///   whose daemon or session died), `EHOSTDOWN`, `EHOSTUNREACH`, `ENETDOWN`, `ENETUNREACH`,
+///   `ECONNRESET`, `ECONNABORTED`, `ENOLINK`, `ECOMM`, `EREMOTEIO`, `ENOLCK` (the lock daemon
+///   of an NFS server): the network under a mount.
+/// - `EAGAIN`, `EINTR`, `EBUSY`, `ENOMEM`, `EMFILE`, `ENFILE`: the machine is short of
+///   something for now.
+/// - `EROFS`: the file system is (re)mounted read-only. Arguably the operator's error, but it
+///   is a state of the mount, not of the request: the same write succeeds once it is
+///   remounted read-write, and the kernel itself remounts a file system read-only after a
+///   device error (`errors=remount-ro`). Retried with the back-off and failed (503, naming it)
+///   once the attempts run out; a deletion meanwhile stays recorded and is retried.
+///
+/// Everything else is permanent (`Failed`): `EACCES`/`EPERM` (the server's user may not write
+/// there: a retry gets the same answer), `EINVAL`, `ENAMETOOLONG`, `ENOTDIR`, `EISDIR`, `ELOOP`,
+/// `EEXIST`, `EXDEV`, `EFBIG`, and errors without an OS code. ENOSPC and EDQUOT are neither:
+/// [`SinkError::NoSpace`], waited for.
+fn io_is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    if matches!(
+        e.kind(),
+        K::StaleNetworkFileHandle
+            | K::ReadOnlyFilesystem
+            | K::TimedOut
+            | K::NotConnected
+            | K::HostUnreachable
+            | K::NetworkDown
+            | K::NetworkUnreachable
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::WouldBlock
+            | K::Interrupted
+            | K::ResourceBusy
+            | K::OutOfMemory
+    ) {
+        return true;
+    }
+    // Codes without an `ErrorKind` of their own (Linux numbers; EIO is 5 on every unix).
+    #[cfg(target_os = "linux")]
+    const RAW: &[i32] = &[
+        5,   // EIO
+        23,  // ENFILE
+        24,  // EMFILE
+        37,  // ENOLCK
+        67,  // ENOLINK
+        70,  // ECOMM
+        112, // EHOSTDOWN
+        121, // EREMOTEIO
+    ];
+    #[cfg(all(unix, not(target_os = "linux")))]
+    const RAW: &[i32] = &[5, 23, 24];
+    #[cfg(not(unix))]
+    const RAW: &[i32] = &[];
+    e.raw_os_error().is_some_and(|code| RAW.contains(&code))
 }
 
 /// A file being written.
@@ -361,7 +427,21 @@ impl Sink for LocalSink {
         let p = self.path(container, prefix)?;
         match fs::remove_dir_all(&p) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            // Nothing under the prefix (never written, or removed before) — but only when the
+            // storage root is there: a root that is gone (an unmounted volume, a removed or
+            // renamed folder) hides the files rather than lacking them, and they are back with
+            // it. That is the destination being unavailable, so the deletion stays recorded and
+            // is retried, not recorded done.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match fs::metadata(&self.root) {
+                Ok(m) if m.is_dir() => Ok(()),
+                Ok(_) => Err(SinkError::Unavailable(
+                    "the storage root is not a folder".to_string(),
+                )),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(SinkError::Unavailable(
+                    "the storage root is missing (an unmounted volume?)".to_string(),
+                )),
+                Err(e) => Err(SinkError::from_io("the storage root", e)),
+            },
             Err(e) => Err(self.io_error(&p, e)),
         }
     }
@@ -515,6 +595,89 @@ mod tests {
         assert!(sink.create("exports", "../escape").is_err());
         sink.delete_prefix("exports", "job").expect("delete");
         assert!(!dir.path().join("exports/job").exists());
+    }
+
+    /// Reliability review: a deletion under a storage root that is gone (an unmounted volume, a
+    /// removed folder) was reported done, and the export's files were back with the volume. A
+    /// prefix missing under a root that is there is still nothing to delete.
+    #[test]
+    fn a_deletion_under_a_missing_storage_root_is_unavailable_not_done() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("storage");
+        let sink = LocalSink::new(&root);
+        sink.ensure_container("exports").expect("container");
+        // Nothing under the prefix, nor a container: done.
+        sink.delete_prefix("exports", "never-written")
+            .expect("a missing prefix under an existing root");
+        sink.delete_prefix("other", "job")
+            .expect("a missing container under an existing root");
+        let mut w = sink
+            .create("exports", "job/Patient-1.ndjson")
+            .expect("create");
+        w.write_all(b"{}\n").expect("write");
+        w.finish().expect("finish");
+        // The volume goes away (here: the folder is moved aside).
+        let aside = dir.path().join("unmounted");
+        fs::rename(&root, &aside).expect("unmount");
+        let e = sink
+            .delete_prefix("exports", "job")
+            .expect_err("a missing root is not a done deletion");
+        assert!(matches!(e, SinkError::Unavailable(_)), "{e:?}");
+        assert!(e.is_transient());
+        assert!(
+            !e.to_string().contains(&*dir.path().to_string_lossy()),
+            "{e}"
+        );
+        // It comes back: the retry removes the files.
+        fs::rename(&aside, &root).expect("mount again");
+        sink.delete_prefix("exports", "job").expect("delete");
+        assert!(!root.join("exports/job").exists());
+    }
+
+    /// Reliability review: only ENOSPC and EDQUOT were told apart; every other OS error failed
+    /// an export at its first attempt, also those of a network mount that pass.
+    #[test]
+    fn transient_os_errors_are_retried_and_permanent_ones_fail() {
+        use std::io::{Error, ErrorKind};
+        let kind = |e: Error| match SinkError::from_io("exports/job/x.ndjson", e) {
+            SinkError::Unavailable(_) => "unavailable",
+            SinkError::Failed(_) => "failed",
+            SinkError::NoSpace(_) => "no space",
+            other => panic!("{other:?}"),
+        };
+        #[cfg(target_os = "linux")]
+        {
+            // errno: EIO, EAGAIN, EINTR, ETIMEDOUT, ESTALE, EROFS, ENOTCONN, EHOSTDOWN, EBUSY,
+            // EMFILE, ENOLCK, EREMOTEIO.
+            for code in [5, 11, 4, 110, 116, 30, 107, 112, 16, 24, 37, 121] {
+                assert_eq!(
+                    kind(Error::from_raw_os_error(code)),
+                    "unavailable",
+                    "errno {code}"
+                );
+            }
+            // EACCES, EPERM, EINVAL, ENAMETOOLONG, ENOTDIR, EISDIR, ELOOP, EEXIST, EXDEV, EFBIG.
+            for code in [13, 1, 22, 36, 20, 21, 40, 17, 18, 27] {
+                assert_eq!(
+                    kind(Error::from_raw_os_error(code)),
+                    "failed",
+                    "errno {code}"
+                );
+            }
+            // ENOSPC, EDQUOT: waited for.
+            for code in [28, 122] {
+                assert_eq!(
+                    kind(Error::from_raw_os_error(code)),
+                    "no space",
+                    "errno {code}"
+                );
+            }
+        }
+        assert_eq!(kind(Error::from(ErrorKind::TimedOut)), "unavailable");
+        assert_eq!(kind(Error::from(ErrorKind::PermissionDenied)), "failed");
+        assert_eq!(kind(Error::other("odd")), "failed");
+        // A transient one is what the export retries.
+        assert!(SinkError::from_io("x", Error::from(ErrorKind::Interrupted)).is_transient());
     }
 
     /// Security review: a symbolic link planted in the import container was read through, so

@@ -733,7 +733,7 @@ fn a_finalize_whose_completion_was_not_recorded_is_run_again_and_completes() {
     execute_item(&ctx, &again).expect("finalize again");
     assert!(
         queue
-            .complete_job(&again, 0, r#"{"output":[]}"#, 1_001)
+            .complete_job(&again, 0, r#"{"output":[]}"#, false, 1_001)
             .expect("complete")
     );
     let j = queue.get("j").expect("get").expect("job");

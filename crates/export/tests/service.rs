@@ -506,70 +506,29 @@ fn stu3_options_are_recorded_with_the_job_and_honoured_by_the_node_that_resumes_
     drop(worker);
 }
 
-/// A local folder whose deletions fail while `down` is set (a destination outage).
-struct FlakySink {
-    inner: export::LocalSink,
-    down: std::sync::atomic::AtomicBool,
-}
-
-impl export::Sink for FlakySink {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    fn ensure_container(&self, container: &str) -> Result<(), export::SinkError> {
-        self.inner.ensure_container(container)
-    }
-    fn create(
-        &self,
-        container: &str,
-        path: &str,
-    ) -> Result<Box<dyn export::sink::PartWriter>, export::SinkError> {
-        self.inner.create(container, path)
-    }
-    fn rename(&self, container: &str, from: &str, to: &str) -> Result<(), export::SinkError> {
-        self.inner.rename(container, from, to)
-    }
-    fn delete_prefix(&self, container: &str, prefix: &str) -> Result<(), export::SinkError> {
-        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(export::SinkError::Unavailable(
-                "the destination is down".into(),
-            ));
-        }
-        self.inner.delete_prefix(container, prefix)
-    }
-    fn read_limited(
-        &self,
-        container: &str,
-        path: &str,
-        max_bytes: u64,
-    ) -> Result<(Vec<u8>, String), export::SinkError> {
-        self.inner.read_limited(container, path, max_bytes)
-    }
-    fn open_read(
-        &self,
-        container: &str,
-        path: &str,
-    ) -> Result<Box<dyn std::io::Read + Send>, export::SinkError> {
-        self.inner.open_read(container, path)
-    }
-    fn stat(&self, container: &str, path: &str) -> Result<export::ObjectInfo, export::SinkError> {
-        self.inner.stat(container, path)
-    }
-    fn open_range(
-        &self,
-        container: &str,
-        path: &str,
-        range: std::ops::Range<u64>,
-        etag: Option<&str>,
-    ) -> Result<Box<dyn std::io::Read + Send>, export::SinkError> {
-        self.inner.open_range(container, path, range, etag)
-    }
-    fn location(&self, container: &str, path: &str) -> String {
-        self.inner.location(container, path)
-    }
-    fn body(&self, container: &str, path: &str) -> Result<export::FileBody, export::SinkError> {
-        self.inner.body(container, path)
-    }
+/// A local folder under `dir` whose deletions fail while the returned flag is set (a
+/// destination outage).
+fn flaky_deletions(
+    dir: &Path,
+) -> (
+    Arc<test_support::sink::FaultySink>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
+    use test_support::sink::{Call, Fault, FaultySink};
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = down.clone();
+    let sink = FaultySink::with_hook(
+        Arc::new(export::LocalSink::new(dir.join("storage"))),
+        move |call| match call {
+            Call::DeletePrefix { .. } if flag.load(std::sync::atomic::Ordering::SeqCst) => {
+                Some(Fault::Fail(export::SinkError::Unavailable(
+                    "the destination is down".into(),
+                )))
+            }
+            _ => None,
+        },
+    );
+    (Arc::new(sink), down)
 }
 
 /// D2: a deletion that failed (the destination was down at the cancel) releases its hold, so
@@ -578,12 +537,9 @@ impl export::Sink for FlakySink {
 fn a_failed_deletion_is_retried_by_the_next_sweep_not_after_its_hold() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = seeded();
-    let sink = Arc::new(FlakySink {
-        inner: export::LocalSink::new(dir.path().join("storage")),
-        down: std::sync::atomic::AtomicBool::new(false),
-    });
+    let (sink, down) = flaky_deletions(dir.path());
     let mut c = config(dir.path(), 1);
-    c.sink = sink.clone();
+    c.sink = sink;
     let svc = ExportService::open(db.store.clone(), c).expect("service");
     svc.start_workers().expect("workers");
     let id = kickoff(&svc, ExportLevel::System, &[]);
@@ -592,12 +548,12 @@ fn a_failed_deletion_is_retried_by_the_next_sweep_not_after_its_hold() {
     assert!(folder.exists(), "the export's files");
 
     // The destination goes down; the cancel's deletion fails and is left to the sweeper.
-    sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
     svc.cancel(&id, &export::Unrestricted).expect("cancel");
     assert!(folder.exists(), "not removed while the destination is down");
     // The destination is back: the next sweep removes them (before the fix it found the
     // deletion held for 10 minutes by the failed try and did nothing).
-    sink.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
     let cleaned = svc.sweep().expect("sweep");
     let left = if folder.exists() {
         walk(&folder)
@@ -609,4 +565,214 @@ fn a_failed_deletion_is_retried_by_the_next_sweep_not_after_its_hold() {
         "files of a cancelled export stay after the sweep: {left:?}"
     );
     assert_eq!(cleaned, 1, "the sweep did the deletion");
+}
+
+/// Runs `sql` on the job tables of `db` (SQLite's `exports.db`, or the PostgreSQL test
+/// database): the tests below make states by hand that only time, or an older version, makes.
+fn jobs_sql(db: &store::testing::TestStore, sql: &str) {
+    match &db.guard {
+        store::testing::TestGuard::Postgres(pg) => {
+            store::testing::admin_batch(&pg.url, sql).expect("job table SQL");
+        }
+        store::testing::TestGuard::Sqlite(_) => {
+            let path = Path::new(&db.location).with_file_name(store::sqlite::JOBS_FILE_NAME);
+            let c = rusqlite::Connection::open(path).expect("open exports.db");
+            c.busy_timeout(Duration::from_secs(10))
+                .expect("busy timeout");
+            c.execute_batch(sql).expect("job table SQL");
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+}
+
+/// Reliability review, finding 1: the deletion of a cancelled export whose storage root was
+/// gone (an unmounted volume, a renamed folder) was recorded done, and the files were back
+/// with the volume, for ever. Now it stays to do and the sweep after the root came back
+/// removes them.
+#[test]
+fn a_deletion_while_the_storage_root_is_gone_is_retried_once_it_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = seeded();
+    let svc = ExportService::open(db.store.clone(), config(dir.path(), 1)).expect("service");
+    svc.start_workers().expect("workers");
+    let id = kickoff(&svc, ExportLevel::System, &[]);
+    wait(&svc, &id);
+    let root = dir.path().join("storage");
+    let folder = root.join("exports").join(&id);
+    assert!(folder.exists(), "the export's files");
+
+    // The volume is unmounted (here: the folder moved aside), and the export cancelled.
+    let aside = dir.path().join("unmounted");
+    std::fs::rename(&root, &aside).expect("unmount");
+    svc.cancel(&id, &export::Unrestricted).expect("cancel");
+    assert!(
+        aside.join("exports").join(&id).exists(),
+        "the files are on the volume"
+    );
+    // It comes back: the next sweep removes the files (a sweep meanwhile would only back off).
+    std::fs::rename(&aside, &root).expect("mount again");
+    assert_eq!(
+        svc.sweep().expect("sweep"),
+        1,
+        "the deletion was still to do"
+    );
+    let left = if folder.exists() {
+        walk(&folder)
+    } else {
+        Vec::new()
+    };
+    assert!(
+        left.is_empty() && !folder.exists(),
+        "files of a cancelled export stay: {left:?}"
+    );
+}
+
+/// Reliability review, finding 3: a failed deletion of the temporary `_parts` folder at the
+/// completion was ignored, so the folder stayed for ever. The export still completes, and the
+/// folder's deletion is recorded for the sweeper, which removes it (and only it) later.
+#[test]
+fn a_parts_folder_left_at_completion_is_removed_by_a_later_sweep() {
+    use test_support::sink::{Call, Fault, FaultySink};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = seeded();
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = down.clone();
+    // The destination refuses the removal of `_parts` folders while `down` is set.
+    let sink = FaultySink::with_hook(
+        Arc::new(export::LocalSink::new(dir.path().join("storage"))),
+        move |call| match call {
+            Call::DeletePrefix { prefix, .. }
+                if prefix.ends_with("/_parts")
+                    && flag.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                Some(Fault::Fail(export::SinkError::Unavailable(
+                    "the destination is down".into(),
+                )))
+            }
+            _ => None,
+        },
+    );
+    let mut c = config(dir.path(), 2);
+    c.sink = Arc::new(sink);
+    let svc = ExportService::open(db.store.clone(), c).expect("service");
+    svc.start_workers().expect("workers");
+    let id = kickoff(&svc, ExportLevel::System, &[]);
+    let manifest = wait(&svc, &id);
+    let parts = dir.path().join("storage/exports").join(&id).join("_parts");
+    assert!(parts.exists(), "the parts folder could not be removed");
+
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        svc.sweep().expect("sweep"),
+        1,
+        "the parts folder's deletion"
+    );
+    assert!(!parts.exists(), "removed by the sweep");
+    // The export is complete and whole: its files stay.
+    match svc.status(&id, &export::Unrestricted).expect("status") {
+        Status::Complete {
+            manifest: after, ..
+        } => assert_eq!(after, manifest),
+        other => panic!("{other:?}"),
+    }
+    every_resource_once(dir.path(), &manifest);
+    assert_eq!(svc.sweep().expect("sweep"), 0, "done once");
+}
+
+/// Reliability review, finding 4: an export completed long before the sweep (the server was
+/// down for days) was expired and, in the same sweep, its row purged (two retention periods
+/// counted from its completion): its status went from 200 straight to 404. It now answers 410
+/// for a retention period after its expiry.
+#[test]
+fn an_export_expired_late_answers_gone_for_a_retention_period_after_its_expiry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = seeded();
+    let mut c = config(dir.path(), 2);
+    c.retention = Duration::from_secs(3600);
+    let svc = ExportService::open(db.store.clone(), c).expect("service");
+    svc.start_workers().expect("workers");
+    let id = kickoff(&svc, ExportLevel::System, &[]);
+    wait(&svc, &id);
+    // Completed ten days ago.
+    let days_ago = now_ms() - 10 * 24 * 3_600_000;
+    jobs_sql(
+        &db,
+        &format!("UPDATE export_job SET finished_ms = {days_ago} WHERE id = '{id}'"),
+    );
+    assert_eq!(svc.sweep().expect("sweep"), 1, "expired, its files removed");
+    let gone = |svc: &ExportService| match svc.status(&id, &export::Unrestricted) {
+        Err(export::ExportError::Expired(_)) => "410",
+        Err(export::ExportError::UnknownJob(_)) => "404",
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(gone(&svc), "410", "expired, not purged in the same sweep");
+    assert!(!dir.path().join("storage/exports").join(&id).exists());
+    svc.sweep().expect("sweep");
+    assert_eq!(
+        gone(&svc),
+        "410",
+        "still within the retention after its expiry"
+    );
+    // A retention period after its expiry the row goes.
+    let expired_before = now_ms() - 3_600_000 - 1_000;
+    jobs_sql(
+        &db,
+        &format!("UPDATE export_job SET expired_ms = {expired_before} WHERE id = '{id}'"),
+    );
+    svc.sweep().expect("sweep");
+    assert_eq!(gone(&svc), "404");
+}
+
+/// Reliability review, finding 5: an older version marked the finalize item done and completed
+/// the job in two writes; a job whose second write was lost stayed `running` (202) for ever
+/// with every item done, holding a concurrency slot. The state is made here in the database as
+/// that version left it; the sweep gives the finalize item back and the job completes with its
+/// manifest.
+#[test]
+fn a_job_left_running_with_its_finalize_done_is_completed_by_the_sweep() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = seeded();
+    let mut c = config(dir.path(), 2);
+    c.max_concurrent = 1;
+    let svc = ExportService::open(db.store.clone(), c).expect("service");
+    svc.start_workers().expect("workers");
+    let id = kickoff(&svc, ExportLevel::System, &[]);
+    let before = wait(&svc, &id);
+    // Every item done (the finalize item long ago), the job running without its manifest.
+    jobs_sql(
+        &db,
+        &format!(
+            "UPDATE export_job SET state = 'running', result = NULL, finished_ms = NULL
+               WHERE id = '{id}';
+             UPDATE export_item SET heartbeat_ms = 0 WHERE job_id = '{id}' AND kind = 'finalize';"
+        ),
+    );
+    assert!(matches!(
+        svc.status(&id, &export::Unrestricted).expect("status"),
+        Status::InProgress { .. }
+    ));
+    assert!(
+        svc.kickoff(
+            ExportLevel::System,
+            Vec::new(),
+            None,
+            false,
+            "http://x/$export".into(),
+            &export::Unrestricted,
+        )
+        .is_err(),
+        "it holds the one slot"
+    );
+    svc.sweep().expect("sweep");
+    let after = wait(&svc, &id);
+    assert_eq!(after["output"], before["output"], "the same files");
+    every_resource_once(dir.path(), &after);
+    // Its slot is free again.
+    kickoff(&svc, ExportLevel::System, &[]);
 }

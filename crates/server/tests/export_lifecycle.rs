@@ -149,57 +149,12 @@ fn dead_s3() -> export::ObjectStoreSink {
 /// [`dead_s3`] that went down just after the kick-off: its probe at kick-off succeeds (a
 /// destination down at kick-off is answered 503 there, `a_destination_down_at_kick_off_is_503`),
 /// everything after it fails.
-struct DownAfterKickoff(export::ObjectStoreSink);
-
-impl export::Sink for DownAfterKickoff {
-    fn kind(&self) -> &'static str {
-        self.0.kind()
-    }
-    fn ensure_container(&self, _: &str) -> Result<(), export::SinkError> {
-        Ok(())
-    }
-    fn create(
-        &self,
-        c: &str,
-        p: &str,
-    ) -> Result<Box<dyn export::sink::PartWriter>, export::SinkError> {
-        self.0.create(c, p)
-    }
-    fn rename(&self, c: &str, from: &str, to: &str) -> Result<(), export::SinkError> {
-        self.0.rename(c, from, to)
-    }
-    fn delete_prefix(&self, c: &str, prefix: &str) -> Result<(), export::SinkError> {
-        self.0.delete_prefix(c, prefix)
-    }
-    fn read_limited(
-        &self,
-        c: &str,
-        p: &str,
-        max: u64,
-    ) -> Result<(Vec<u8>, String), export::SinkError> {
-        self.0.read_limited(c, p, max)
-    }
-    fn open_read(&self, c: &str, p: &str) -> Result<Box<dyn Read + Send>, export::SinkError> {
-        self.0.open_read(c, p)
-    }
-    fn stat(&self, c: &str, p: &str) -> Result<export::ObjectInfo, export::SinkError> {
-        self.0.stat(c, p)
-    }
-    fn open_range(
-        &self,
-        c: &str,
-        p: &str,
-        range: std::ops::Range<u64>,
-        etag: Option<&str>,
-    ) -> Result<Box<dyn Read + Send>, export::SinkError> {
-        self.0.open_range(c, p, range, etag)
-    }
-    fn location(&self, c: &str, p: &str) -> String {
-        self.0.location(c, p)
-    }
-    fn body(&self, c: &str, p: &str) -> Result<export::FileBody, export::SinkError> {
-        self.0.body(c, p)
-    }
+fn down_after_kickoff() -> test_support::sink::FaultySink {
+    use test_support::sink::{Call, Fault, FaultySink};
+    FaultySink::with_hook(Arc::new(dead_s3()), |call| match call {
+        Call::EnsureContainer { .. } => Some(Fault::Skip),
+        _ => None,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -308,7 +263,7 @@ async fn sixteen_simultaneous_kickoffs_with_a_limit_of_four_admit_exactly_four()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_that_stays_down_fails_the_export_with_503_naming_it_and_frees_its_slot() {
     let s = start(300, limits(), |_, c| {
-        c.sink = Arc::new(DownAfterKickoff(dead_s3()));
+        c.sink = Arc::new(down_after_kickoff());
         c.max_attempts = 3;
         c.max_concurrent = 1;
     })
@@ -338,7 +293,7 @@ async fn a_destination_that_stays_down_fails_the_export_with_503_naming_it_and_f
 #[tokio::test(flavor = "multi_thread")]
 async fn delete_while_the_destination_is_down_answers_202() {
     let s = start(300, limits(), |_, c| {
-        c.sink = Arc::new(DownAfterKickoff(dead_s3()));
+        c.sink = Arc::new(down_after_kickoff());
         // The export keeps retrying for the length of this test.
         c.max_attempts = 1000;
         c.retry_backoff = Duration::from_secs(60);

@@ -8,8 +8,11 @@
 //!                  └───────────┴──────> cancelled
 //!   failed, cancelled and expired jobs have their files removed: `cleanup` is set to
 //!   `pending` in the same transaction as the state, and to `done` once the deletion succeeded
-//!   (retried by the sweeper and at start-up until then). Rows of jobs whose files are removed
-//!   are deleted by [`JobQueue::purge`] once they are older than the sweeper's horizon.
+//!   (retried by the sweeper and at start-up until then). A complete job whose temporary
+//!   `_parts` folder could not be removed at its completion has `cleanup` = `parts` until the
+//!   sweeper removed it (then `none`). Rows of jobs whose files are removed are deleted by
+//!   [`JobQueue::purge`] once they are older than the sweeper's horizon: failed and cancelled
+//!   ones counted from their end, expired ones from their expiry (`expired_ms`).
 //!
 //!   work item:  pending ──claim──> running ──> done
 //!                  ^                  │  └──> failed (attempts exhausted, or not retryable)
@@ -117,12 +120,17 @@ pub enum Cleanup {
     Pending,
     /// Its files are removed.
     Done,
+    /// A complete job whose temporary parts folder (`<folder>/_parts`) could not be removed
+    /// when it completed: only that folder is to be removed, its files stay (SQLite job schema
+    /// 6, PostgreSQL migration 8).
+    Parts,
 }
 
 text_enum!(Cleanup {
     None = "none",
     Pending = "pending",
     Done = "done",
+    Parts = "parts",
 });
 
 impl JobState {
@@ -508,38 +516,41 @@ pub trait JobQueue: Send + Sync {
         held: &[(String, i64)],
         ran: &[(String, i64)],
     ) -> Result<u64, QueueError>;
-    /// Ends a job (a cancelled job is never overwritten).
-    fn finish(
-        &self,
-        id: &str,
-        state: JobState,
-        result: Option<&str>,
-        failure_status: Option<u16>,
-        now_ms: i64,
-    ) -> Result<(), QueueError>;
     /// Ends a job `complete` with its `result` (the manifest) in the same transaction that marks
     /// its finalize `item` done (only by the item's lease holder), so that a job is never left
     /// `running` with every item done and no result: a failure of the write leaves both as
     /// they were (the item still held, its outcome recorded again or retried). True when the job
     /// is complete, also when this call repeats one that committed but whose answer was lost
     /// (the same item, owner and attempt); false when the lease is lost or the job stopped
-    /// (a cancelled or failed job is never overwritten).
+    /// (a cancelled or failed job is never overwritten). `parts_left`: the job's temporary
+    /// parts folder could not be removed, recorded as [`Cleanup::Parts`] in the same
+    /// transaction (the sweeper removes it later).
     fn complete_job(
         &self,
         item: &WorkItem,
         scanned: u64,
         result: &str,
+        parts_left: bool,
         now_ms: i64,
     ) -> Result<bool, QueueError>;
+    /// Jobs left `running` with every item done (an older version marked the finalize item
+    /// done and completed the job in two writes; the second was lost): their finalize item is
+    /// made claimable again, its attempt not counted, so that a worker writes the manifest and
+    /// completes the job (finalize is idempotent: its committed files are kept). Only finalize
+    /// items done more than `timeout_ms` before `now_ms` are taken (as a stale heartbeat: an
+    /// older node may still be between its two writes). Returns how many jobs.
+    fn requeue_stranded(&self, now_ms: i64, timeout_ms: i64) -> Result<u64, QueueError>;
     /// Cancels a job durably (its files to be removed): a queued or running job, or a complete
     /// one (its status then answers 404, as after any cancel). A failed, expired or cancelled
     /// job keeps its state, its failure and its finish time (its files are removed already or
     /// still to be).
     fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError>;
     /// Complete jobs finished at or before `finished_before_ms` become `expired` (their files to
-    /// be removed). Returns how many.
-    fn expire(&self, finished_before_ms: i64) -> Result<u64, QueueError>;
-    /// Jobs whose files are still to be removed.
+    /// be removed), their expiry recorded at `now_ms` ([`JobQueue::purge`] counts from it).
+    /// Returns how many.
+    fn expire(&self, finished_before_ms: i64, now_ms: i64) -> Result<u64, QueueError>;
+    /// Jobs whose files are still to be removed: [`Cleanup::Pending`] (the job's folder) and
+    /// [`Cleanup::Parts`] (only its temporary parts folder).
     fn cleanups(&self) -> Result<Vec<JobRecord>, QueueError>;
     /// The most recent jobs (by creation, newest first), at most `limit`; only `client`'s when
     /// given (the status page: a client sees its own jobs).
@@ -548,8 +559,12 @@ pub trait JobQueue: Send + Sync {
     /// recorded request holds `"operation":"import"`), for the metrics endpoint; states without
     /// jobs are left out.
     fn count_by_state(&self) -> Result<Vec<(JobState, bool, u64)>, QueueError>;
-    /// Records that a job's files are removed.
+    /// Records that a job's files are removed (its cleanup was [`Cleanup::Pending`]).
     fn cleaned(&self, id: &str) -> Result<(), QueueError>;
+    /// Records that a complete job's temporary parts folder is removed (its cleanup was
+    /// [`Cleanup::Parts`]; then [`Cleanup::None`]) and ends the deletion's hold. A cleanup that
+    /// became [`Cleanup::Pending`] meanwhile (the job expired or was cancelled) stays.
+    fn parts_cleaned(&self, id: &str) -> Result<(), QueueError>;
     fn files(&self, job_id: &str) -> Result<Vec<FileRecord>, QueueError>;
     /// The de-identification key sets kept in the same database ([`crate::keysets`]).
     fn key_sets(&self) -> Option<&dyn crate::keysets::KeySets> {
@@ -567,7 +582,8 @@ pub trait JobQueue: Send + Sync {
     /// counted. Returns how many items.
     fn release_orphans(&self, orphans: Orphans<'_>) -> Result<u64, QueueError>;
     /// Takes the deletion of job `id`'s files for `hold_ms` on behalf of `owner` (a lease owner,
-    /// [`owner_name`]): true when its cleanup is pending and no other deletion holds it
+    /// [`owner_name`]): true when its cleanup is pending (or its parts folder left,
+    /// [`Cleanup::Parts`]) and no other deletion holds it
     /// (cluster-wide: two nodes never remove the same export's files at once). The hold ends
     /// with [`JobQueue::cleaned`], or lapses (a deletion that failed, or a node that died, is
     /// retried by anyone after `hold_ms`), or is released at once by the next start of the
@@ -585,9 +601,12 @@ pub trait JobQueue: Send + Sync {
     /// owner, or none, is left as it is.
     fn release_cleanup(&self, id: &str, owner: &str) -> Result<(), QueueError>;
     /// Deletes the rows (job, items, files) of failed, cancelled and expired jobs whose files are
-    /// removed (`cleanup` done) and that finished at or before `finished_before_ms`. Returns how
-    /// many jobs.
-    fn purge(&self, finished_before_ms: i64) -> Result<u64, QueueError>;
+    /// removed (`cleanup` done): failed and cancelled ones that finished at or before
+    /// `finished_before_ms`, expired ones that expired at or before `expired_before_ms` (an
+    /// expired job's status answers 410 until then, however long ago it completed; one expired
+    /// by an older version, without its expiry recorded, counts from its completion as
+    /// `finished_before_ms`). Returns how many jobs.
+    fn purge(&self, finished_before_ms: i64, expired_before_ms: i64) -> Result<u64, QueueError>;
     /// Calls `wake` whenever another process may have made work claimable (a kick-off, items
     /// given back), as soon as it is committed, until the returned watch is dropped; `None`
     /// when no other process shares the queue (SQLite: this process's own kick-offs and

@@ -113,8 +113,7 @@ fn items_are_claimed_once_and_finalize_waits_for_the_rest() {
     let progress = q.progress("a").expect("progress");
     assert_eq!(progress.len(), 1);
     assert_eq!((progress[0].scanned, progress[0].done), (20, true));
-    q.finish("a", JobState::Complete, Some("{}"), None, 105)
-        .expect("finish");
+    assert!(q.complete_job(&fin, 0, "{}", false, 105).expect("complete"));
     assert_eq!(q.active_count().expect("count"), 0);
 }
 
@@ -191,8 +190,10 @@ fn attempts_are_bounded_and_cancel_stops_workers() {
     q.cancel("b", 201).expect("cancel");
     assert_eq!(q.heartbeat(&i, 1, 202).expect("hb"), Lease::JobStopped);
     // A runner finishing late never overwrites the cancel.
-    q.finish("b", JobState::Complete, Some("{}"), None, 203)
-        .expect("finish");
+    assert!(
+        !q.complete_job(&i, 0, "{}", false, 203)
+            .expect("complete late")
+    );
     assert_eq!(
         q.get("b").expect("get").expect("job").state,
         JobState::Cancelled
@@ -371,20 +372,43 @@ fn rows_of_removed_jobs_are_purged_after_the_horizon_and_nothing_else() {
     q.commit_files(&item, &[part("Patient", "_parts/a", 3)], 10, 3, 11)
         .expect("commit")
         .expect("held");
-    q.finish("a", JobState::Complete, Some("{}"), None, 100)
-        .expect("finish");
-    q.finish("b", JobState::Failed, Some("broken"), Some(500), 100)
-        .expect("finish");
+    assert!(q.complete_item(&item, 3, 100).expect("a's scan done"));
+    let fin = q
+        .claim("w", 100, 600_000, 3)
+        .expect("claim")
+        .expect("a's finalize");
+    assert!(
+        q.complete_job(&fin, 0, "{}", false, 100)
+            .expect("a complete")
+    );
+    let b = q
+        .claim("w", 100, 600_000, 3)
+        .expect("claim")
+        .expect("b's item");
+    assert_eq!(b.job_id, "b");
+    assert!(q.fail_item(&b, "broken", 500, None, 100).expect("b failed"));
     q.cancel("c", 100).expect("cancel");
-    q.finish("d", JobState::Complete, Some("{}"), None, 5_000)
-        .expect("finish");
-    assert_eq!(q.expire(1_000).expect("expire"), 1);
+    let d = q
+        .claim("w", 100, 600_000, 3)
+        .expect("claim")
+        .expect("d's item");
+    assert_eq!(d.job_id, "d");
+    assert!(q.complete_item(&d, 3, 100).expect("d's scan done"));
+    let fin = q
+        .claim("w", 100, 600_000, 3)
+        .expect("claim")
+        .expect("d's finalize");
+    assert!(
+        q.complete_job(&fin, 0, "{}", false, 5_000)
+            .expect("d complete")
+    );
+    assert_eq!(q.expire(1_000, 1_000).expect("expire"), 1);
     q.cleaned("a").expect("cleaned");
     q.cleaned("b").expect("cleaned");
 
     // Nothing finished after the horizon goes.
-    assert_eq!(q.purge(99).expect("purge"), 0);
-    assert_eq!(q.purge(10_000).expect("purge"), 2);
+    assert_eq!(q.purge(99, 99).expect("purge"), 0);
+    assert_eq!(q.purge(10_000, 10_000).expect("purge"), 2);
     assert!(q.get("a").expect("get").is_none());
     assert!(q.get("b").expect("get").is_none());
     assert!(q.files("a").expect("files").is_empty());
@@ -399,7 +423,7 @@ fn rows_of_removed_jobs_are_purged_after_the_horizon_and_nothing_else() {
         JobState::Complete
     );
     assert!(q.get("e").expect("get").expect("e").state.is_active());
-    assert_eq!(q.purge(i64::MAX).expect("purge"), 0);
+    assert_eq!(q.purge(i64::MAX, i64::MAX).expect("purge"), 0);
 }
 
 #[test]
@@ -875,7 +899,7 @@ fn a_completion_whose_write_fails_changes_nothing_and_completes_when_recorded_ag
     // The completion's commit fails (here refused before it is sent): nothing is written.
     let patience = store::Patience::new();
     patience.give_up();
-    let failed = patience.run(|| q.complete_job(&fin, 0, r#"{"output":[]}"#, 103));
+    let failed = patience.run(|| q.complete_job(&fin, 0, r#"{"output":[]}"#, false, 103));
     assert!(failed.is_err(), "{failed:?}");
     let a = q.get("a").expect("get").expect("job");
     assert_eq!((a.state, a.result), (JobState::Running, None));
@@ -888,7 +912,7 @@ fn a_completion_whose_write_fails_changes_nothing_and_completes_when_recorded_ag
 
     // Recorded again: the item done and the job complete with its manifest, together.
     assert!(
-        q.complete_job(&fin, 0, r#"{"output":[]}"#, 104)
+        q.complete_job(&fin, 0, r#"{"output":[]}"#, false, 104)
             .expect("complete job")
     );
     let a = q.get("a").expect("get").expect("job");
@@ -902,7 +926,7 @@ fn a_completion_whose_write_fails_changes_nothing_and_completes_when_recorded_ag
     assert_eq!(q.active_count().expect("count"), 0);
     // A repeat whose first answer was lost after the commit is told it is complete, and
     // changes nothing.
-    assert!(q.complete_job(&fin, 0, "{}", 105).expect("repeat"));
+    assert!(q.complete_job(&fin, 0, "{}", false, 105).expect("repeat"));
     let a = q.get("a").expect("get").expect("job");
     assert_eq!(
         (a.result.as_deref(), a.finished_ms),
@@ -920,18 +944,24 @@ fn a_completion_never_overwrites_a_stopped_job_nor_another_holders_item() {
         .claim("w2", 5_000, 1000, 3)
         .expect("claim")
         .expect("again");
-    assert!(!q.complete_job(&old, 0, "{}", 5_001).expect("old holder"));
+    assert!(
+        !q.complete_job(&old, 0, "{}", false, 5_001)
+            .expect("old holder")
+    );
     assert_eq!(
         q.get("a").expect("get").expect("job").state,
         JobState::Running
     );
-    assert!(q.complete_job(&new, 0, "{}", 5_002).expect("new holder"));
+    assert!(
+        q.complete_job(&new, 0, "{}", false, 5_002)
+            .expect("new holder")
+    );
 
     // Cancelled while finalizing: stays cancelled, the completion is refused.
     q.create(&job("b", 2), &[finalize()], 10).expect("create");
     let fin = q.claim("w", 10, 1000, 3).expect("claim").expect("finalize");
     q.cancel("b", 11).expect("cancel");
-    assert!(!q.complete_job(&fin, 0, "{}", 12).expect("complete"));
+    assert!(!q.complete_job(&fin, 0, "{}", false, 12).expect("complete"));
     let b = q.get("b").expect("get").expect("job");
     assert_eq!((b.state, b.result), (JobState::Cancelled, None));
 }
@@ -980,7 +1010,7 @@ fn cancel_ends_active_and_complete_jobs_and_keeps_a_finished_ones_outcome() {
         .claim("w", 30, 10_000, 3)
         .expect("claim")
         .expect("finalize");
-    assert!(q.complete_job(&fin, 0, "{}", 31).expect("complete"));
+    assert!(q.complete_job(&fin, 0, "{}", false, 31).expect("complete"));
     q.cancel("c", 32).expect("cancel");
     let c = q.get("c").expect("get").expect("job");
     assert_eq!(
@@ -997,8 +1027,8 @@ fn cancel_ends_active_and_complete_jobs_and_keeps_a_finished_ones_outcome() {
         .claim("w", 40, 10_000, 3)
         .expect("claim")
         .expect("finalize");
-    assert!(q.complete_job(&fin, 0, "{}", 41).expect("complete"));
-    assert_eq!(q.expire(41).expect("expire"), 1);
+    assert!(q.complete_job(&fin, 0, "{}", false, 41).expect("complete"));
+    assert_eq!(q.expire(41, 41).expect("expire"), 1);
     let before = outcome(&q.get("e").expect("get").expect("job"));
     assert_eq!(before.0, JobState::Expired);
     q.cancel("e", 42).expect("cancel");
@@ -1014,4 +1044,144 @@ fn cancel_ends_active_and_complete_jobs_and_keeps_a_finished_ones_outcome() {
         (j.state, j.cleanup, j.finished_ms),
         (JobState::Cancelled, Cleanup::Pending, Some(50))
     );
+}
+
+/// Reliability review: the sweeper expired an overdue export and, in the same sweep, purged
+/// its row (the purge counted two retention periods from its completion), so an export
+/// completed long before (a server down for days) went from 200 straight to 404, never 410.
+/// An expired job's row now counts from its expiry.
+#[test]
+fn an_expired_job_is_purged_counting_from_its_expiry_not_its_completion() {
+    let (_store, q) = open();
+    q.create(&job("old", 1), &[finalize()], 10).expect("create");
+    let fin = q
+        .claim("w", 10, 10_000, 3)
+        .expect("claim")
+        .expect("finalize");
+    assert!(q.complete_job(&fin, 0, "{}", false, 100).expect("complete"));
+    // Days later (retention 1_000 here): expired now, at 1_000_000.
+    assert_eq!(q.expire(1_000_000 - 1_000, 1_000_000).expect("expire"), 1);
+    q.cleaned("old").expect("cleaned");
+    // The sweep's purge at the same instant: completion is long past both horizons, expiry
+    // is not.
+    assert_eq!(
+        q.purge(1_000_000 - 2_000, 1_000_000 - 1_000)
+            .expect("purge"),
+        0
+    );
+    assert_eq!(
+        q.get("old").expect("get").expect("kept").state,
+        JobState::Expired
+    );
+    // One retention period after the expiry it goes.
+    assert_eq!(
+        q.purge(1_001_000 - 2_000, 1_001_000 - 1_000)
+            .expect("purge"),
+        1
+    );
+    assert!(q.get("old").expect("get").is_none());
+}
+
+/// Reliability review: a failed deletion of a complete export's temporary parts folder was
+/// ignored, so the folder stayed for ever. It is recorded with the completion
+/// (`Cleanup::Parts`), listed and held like any deletion, and recorded done on its own.
+#[test]
+fn a_parts_folder_left_at_completion_is_a_cleanup_of_its_own() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[finalize()], 10).expect("create");
+    let fin = q
+        .claim("w", 10, 10_000, 3)
+        .expect("claim")
+        .expect("finalize");
+    assert!(q.complete_job(&fin, 0, "{}", true, 11).expect("complete"));
+    let a = q.get("a").expect("get").expect("job");
+    assert_eq!((a.state, a.cleanup), (JobState::Complete, Cleanup::Parts));
+    let listed = q.cleanups().expect("cleanups");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].cleanup, Cleanup::Parts);
+    let n1 = owner_name("n1", "i1");
+    assert!(q.hold_cleanup("a", &n1, 20, 600_000).expect("hold"));
+    assert!(
+        !q.hold_cleanup("a", &owner_name("n2", "i1"), 21, 600_000)
+            .expect("held")
+    );
+    q.parts_cleaned("a").expect("parts cleaned");
+    let a = q.get("a").expect("get").expect("job");
+    assert_eq!((a.state, a.cleanup), (JobState::Complete, Cleanup::None));
+    assert!(q.cleanups().expect("cleanups").is_empty());
+    assert!(
+        !q.hold_cleanup("a", &n1, 22, 600_000)
+            .expect("nothing to do")
+    );
+    // A complete job is never purged, whatever its cleanup.
+    assert_eq!(q.purge(i64::MAX, i64::MAX).expect("purge"), 0);
+
+    // Expired (or cancelled) while its parts are still to go: the whole folder goes, and a
+    // late record of the parts' removal does not end that.
+    q.create(&job("b", 2), &[finalize()], 10).expect("create");
+    let fin = q
+        .claim("w", 30, 10_000, 3)
+        .expect("claim")
+        .expect("finalize");
+    assert!(q.complete_job(&fin, 0, "{}", true, 31).expect("complete"));
+    assert_eq!(q.expire(31, 40).expect("expire"), 2, "a and b");
+    q.parts_cleaned("b").expect("late");
+    let b = q.get("b").expect("get").expect("job");
+    assert_eq!((b.state, b.cleanup), (JobState::Expired, Cleanup::Pending));
+}
+
+/// Reliability review: an older version completed a job in two writes (finalize item done,
+/// then the job complete); when the second was lost the job stayed `running` with every item
+/// done for ever, holding a concurrency slot. Its finalize item is made claimable again
+/// (once it is older than the heartbeat timeout), and the job completes.
+#[test]
+fn a_job_left_running_with_every_item_done_gets_its_finalize_again() {
+    let (_store, q) = open();
+    q.create(&job("a", 1), &[scan("Patient", 0, 10), finalize()], 10)
+        .expect("create");
+    q.create(&job("busy", 2), &[scan("Patient", 0, 10), finalize()], 10)
+        .expect("create");
+    let s = q.claim("old", 10, 1_000, 3).expect("claim").expect("scan");
+    assert!(q.complete_item(&s, 10, 11).expect("scan done"));
+    let fin = q
+        .claim("old", 12, 1_000, 3)
+        .expect("claim")
+        .expect("finalize");
+    assert_eq!(fin.kind, ItemKind::Finalize);
+    // The older version's first write; its second (the job complete) is lost.
+    assert!(q.complete_item(&fin, 0, 13).expect("finalize done"));
+    // Another job still running is not touched.
+    let busy = q
+        .claim("w", 14, 1_000, 3)
+        .expect("claim")
+        .expect("busy's scan");
+    assert_eq!(busy.job_id, "busy");
+    assert_eq!(q.active_count().expect("count"), 2);
+    assert!(q.claim("w", 15, 1_000, 3).expect("claim").is_none());
+
+    // Not before the heartbeat timeout: the older node may be between its two writes.
+    assert_eq!(q.requeue_stranded(500, 1_000).expect("requeue"), 0);
+    assert_eq!(q.requeue_stranded(2_000, 1_000).expect("requeue"), 1);
+    let again = q
+        .claim("new", 2_001, 1_000_000, 3)
+        .expect("claim")
+        .expect("finalize again");
+    assert_eq!(
+        (again.job_id.as_str(), again.kind),
+        ("a", ItemKind::Finalize)
+    );
+    assert_eq!(
+        again.attempt, fin.attempt,
+        "its attempt is not counted again"
+    );
+    assert!(
+        q.complete_job(&again, 0, "{}", false, 2_002)
+            .expect("complete")
+    );
+    assert_eq!(
+        q.get("a").expect("get").expect("a").state,
+        JobState::Complete
+    );
+    assert_eq!(q.active_count().expect("count"), 1);
+    assert_eq!(q.requeue_stranded(i64::MAX / 2, 1_000).expect("requeue"), 0);
 }

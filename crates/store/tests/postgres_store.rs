@@ -1134,7 +1134,7 @@ fn a_database_that_refuses_writes_is_unavailable_until_it_accepts_them() {
     let store = PgStore::connect(&db.url, PgOptions::default()).unwrap();
     let queue = store.jobs().unwrap();
     store.write(vec![patient("before")]).unwrap();
-    assert_eq!(queue.purge(0).unwrap(), 0);
+    assert_eq!(queue.purge(0, 0).unwrap(), 0);
     let mut admin = postgres::Client::connect(&base, postgres::NoTls).unwrap();
     let set_read_only = |admin: &mut postgres::Client, on: bool| {
         admin
@@ -1160,7 +1160,7 @@ fn a_database_that_refuses_writes_is_unavailable_until_it_accepts_them() {
             Err(StoreError::Unavailable { .. }) => {}
             other => panic!("a write to a read-only database: {other:?}"),
         }
-        match queue.purge(0) {
+        match queue.purge(0, 0) {
             Err(e) if e.is_unavailable() => {}
             other => panic!("a job-queue write to a read-only database: {other:?}"),
         }
@@ -1170,7 +1170,7 @@ fn a_database_that_refuses_writes_is_unavailable_until_it_accepts_them() {
     // Writable again: the next calls succeed (a first one may meet a terminated connection).
     let mut ok = false;
     for _ in 0..3 {
-        if store.write(vec![patient("after")]).is_ok() && queue.purge(0).is_ok() {
+        if store.write(vec![patient("after")]).is_ok() && queue.purge(0, 0).is_ok() {
             ok = true;
             break;
         }

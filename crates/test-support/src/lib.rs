@@ -7,6 +7,8 @@
 //! - [`destination`]: a private Azurite, moto or s3s-fs on a free port of its own, to stop,
 //!   pause and restart without disturbing other tests.
 //! - [`smart`]: SMART Backend Services clients signed with the auth crate's test keys.
+//! - [`sink`]: [`sink::FaultySink`], an export destination forwarding to another with a fault
+//!   hook per call (a destination down for some calls).
 //!
 //! The PostgreSQL database of one test is the store's own (`store::testing`, cargo feature
 //! `test-support` of the store). This crate is a dev-dependency only: nothing here is built into
@@ -15,6 +17,7 @@
 pub mod destination;
 pub mod external;
 pub mod process;
+pub mod sink;
 pub mod smart;
 
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{ExportError, ExportService, lock, now_ms, without_queries};
-use crate::jobs::{JobRecord, JobState, WorkItem};
+use crate::jobs::{Cleanup, JobRecord, JobState, WorkItem};
 
 /// How long one node holds the deletion of an export's files ([`JobQueue::hold_cleanup`]);
 /// if it dies meanwhile, another node retries after it.
@@ -46,7 +46,9 @@ fn deletion_backoff(failures: u32, every: Duration) -> Option<Duration> {
 impl ExportService {
     /// Removes the files of a failed, cancelled or expired job and records it; a failure (the
     /// destination is down) leaves the deletion to the sweeper. The deletion is held in the
-    /// queue first, so nodes sharing it never remove the same export at once.
+    /// queue first, so nodes sharing it never remove the same export at once. Of a complete job
+    /// whose temporary parts folder was left at its completion ([`Cleanup::Parts`]) only that
+    /// folder goes.
     pub(super) fn clean_up(&self, job: &JobRecord) -> Deletion {
         let hold = CLEANUP_HOLD.as_millis() as i64;
         match self.queue.hold_cleanup(&job.id, &self.node, now_ms(), hold) {
@@ -56,6 +58,9 @@ impl ExportService {
                 tracing::error!(job = %job.id, error = %e, "cannot hold an export's deletion");
                 return Deletion::Failed;
             }
+        }
+        if job.cleanup == Cleanup::Parts {
+            return self.clean_up_parts(job);
         }
         match self.config.sink.delete_prefix(&job.container, &job.folder) {
             Ok(()) => {
@@ -71,6 +76,31 @@ impl ExportService {
                 tracing::warn!(job = %job.id, error = %without_queries(&e.to_string()), "cannot remove export files yet; retried later");
                 // The sweeper's back-off (60 s, 120 s, ...) retries it: the hold, taken for a
                 // deletion in progress, would refuse those tries (`Busy`) until it lapsed.
+                self.release_cleanup(&job.id);
+                Deletion::Failed
+            }
+        }
+    }
+
+    /// The held deletion of a complete job's temporary parts folder, left at its completion: the
+    /// export's files stay. Recorded done, or released for the sweeper's next try.
+    fn clean_up_parts(&self, job: &JobRecord) -> Deletion {
+        let dir = crate::run::parts_dir(&job.folder);
+        match self.config.sink.delete_prefix(&job.container, &dir) {
+            Ok(()) => {
+                let recorded = self.queue.parts_cleaned(&job.id);
+                // The hold ends with the record, unless the job expired or was cancelled
+                // meanwhile (its whole folder now to go): then it is released here.
+                self.release_cleanup(&job.id);
+                if let Err(e) = recorded {
+                    tracing::error!(job = %job.id, error = %e, "cannot record a removed parts folder");
+                    return Deletion::Failed;
+                }
+                tracing::info!(job = %job.id, container = %job.container, path = %dir, "temporary parts folder of a complete export removed");
+                Deletion::Done
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, container = %job.container, path = %dir, error = %without_queries(&e.to_string()), "cannot remove a complete export's temporary parts folder yet; retried later");
                 self.release_cleanup(&job.id);
                 Deletion::Failed
             }
@@ -156,12 +186,36 @@ impl ExportService {
         deletions.insert(job.to_string(), (failures, next));
     }
 
-    /// One pass of the sweeper: expires complete jobs past the retention period, removes the
-    /// files of every job whose deletion is still to do, and deletes the rows of removed jobs
-    /// finished more than two retention periods ago. Returns the jobs cleaned.
+    /// One pass of the sweeper: makes the finalize item of jobs left running with every item
+    /// done claimable again, expires complete jobs past the retention period, removes the
+    /// files of every job whose deletion is still to do (and the temporary parts folders of
+    /// complete jobs left at their completion), and deletes the rows of removed jobs: failed
+    /// and cancelled ones two retention periods after they ended, expired ones one retention
+    /// period after their expiry. Returns the deletions done.
     pub fn sweep(&self) -> Result<u64, ExportError> {
         let retention = self.config.retention.as_millis().min(i64::MAX as u128) as i64;
-        let expired = self.queue.expire(now_ms().saturating_sub(retention))?;
+        let timeout = self
+            .config
+            .heartbeat_timeout
+            .as_millis()
+            .min(i64::MAX as u128) as i64;
+        // An older version completed a job in two writes; a job whose second write was lost
+        // is `running` with every item done, which no claim takes.
+        match self.queue.requeue_stranded(now_ms(), timeout) {
+            Ok(0) => {}
+            Ok(jobs) => {
+                tracing::warn!(
+                    jobs,
+                    "exports left running with every work item done are finalized again"
+                );
+                self.notify();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for exports left running with every work item done")
+            }
+        }
+        let now = now_ms();
+        let expired = self.queue.expire(now.saturating_sub(retention), now)?;
         if expired > 0 {
             tracing::info!(jobs = expired, "exports past their retention period expire");
         }
@@ -189,11 +243,16 @@ impl ExportService {
                 Deletion::Failed => self.deletion_failed(&job.id),
             }
         }
-        // The rows of jobs whose files are gone stay one more retention period (status answers
-        // 410 or the failure meanwhile), then go.
-        let purged = self
-            .queue
-            .purge(now_ms().saturating_sub(retention.saturating_mul(2)))?;
+        // The rows of jobs whose files are gone stay a while, then go: a failed or cancelled
+        // job's two retention periods after it ended (its failure is answered meanwhile), an
+        // expired job's one retention period after its expiry (410 meanwhile) — counted from
+        // the expiry, not the completion: a job completed long before (the server was down)
+        // is expired and still answers 410 for the whole period.
+        let now = now_ms();
+        let purged = self.queue.purge(
+            now.saturating_sub(retention.saturating_mul(2)),
+            now.saturating_sub(retention),
+        )?;
         if purged > 0 {
             tracing::info!(jobs = purged, "rows of removed exports purged");
         }

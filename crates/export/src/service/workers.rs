@@ -206,10 +206,6 @@ impl ExportService {
                     job,
                     &files,
                 )?;
-                let _ = self
-                    .config
-                    .sink
-                    .delete_prefix(&job.container, &format!("{}/_parts", job.folder));
                 0
             }
             _ => {
@@ -232,7 +228,8 @@ impl ExportService {
         if item.kind == ItemKind::Finalize {
             let result =
                 crate::import::result(self.queue.as_ref(), job, request, &self.config.base_url)?;
-            self.record_completion(item, loaded, &result.to_string())?;
+            let parts_left = !crate::run::remove_parts(self.config.sink.as_ref(), job);
+            self.record_completion(item, loaded, &result.to_string(), parts_left)?;
             tracing::info!(job = %job.id, "import complete");
             self.forget(&job.id);
         } else {
@@ -487,7 +484,8 @@ impl ExportService {
             .as_ref()
             .map(|a| a.info.manifest_extension());
         let manifest = self.manifest_of(job, &prepared.req, anonymization, &files);
-        self.record_completion(item, 0, &manifest.to_string())?;
+        let parts_left = !crate::run::remove_parts(self.config.sink.as_ref(), job);
+        self.record_completion(item, 0, &manifest.to_string(), parts_left)?;
         let total: u64 = files
             .iter()
             .filter(|f| f.kind == FileKind::Output)
@@ -504,14 +502,19 @@ impl ExportService {
     /// one transaction, tried again while the job table is unavailable: a completion whose write
     /// failed must not leave the job `running` with every item done, which nothing would claim
     /// again. Should it still fail, the item stays held and its failure is recorded as any other
-    /// (retried, so finalized again, while attempts remain).
+    /// (retried, so finalized again, while attempts remain). `parts_left`: the temporary parts
+    /// folder could not be removed, recorded with the completion for the sweeper.
     fn record_completion(
         &self,
         item: &WorkItem,
         scanned: u64,
         result: &str,
+        parts_left: bool,
     ) -> Result<(), RunError> {
-        if self.until_recorded(|| self.queue.complete_job(item, scanned, result, now_ms()))? {
+        if self.until_recorded(|| {
+            self.queue
+                .complete_job(item, scanned, result, parts_left, now_ms())
+        })? {
             Ok(())
         } else {
             Err(self.not_held(item, scanned)?)

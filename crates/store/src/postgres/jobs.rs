@@ -163,6 +163,17 @@ pub(crate) const SCHEMA_V7: &str = "
 ALTER TABLE export_item ADD COLUMN full_since_ms bigint;
 ";
 
+/// Migration 8: when a job expired ([`JobQueue::purge`] counts an expired job's rows from it,
+/// not from its completion), and the cleanup state `parts` (a complete job whose temporary
+/// parts folder is still to be removed, [`Cleanup::Parts`]). The constraint is the one
+/// migration 2 declared on the column (PostgreSQL names it `<table>_<column>_check`).
+pub(crate) const SCHEMA_V8: &str = "
+ALTER TABLE export_job ADD COLUMN expired_ms bigint;
+ALTER TABLE export_job DROP CONSTRAINT export_job_cleanup_check;
+ALTER TABLE export_job ADD CONSTRAINT export_job_cleanup_check
+    CHECK (cleanup IN ('none', 'pending', 'done', 'parts'));
+";
+
 /// How often (seconds) a node deletes expired replay-cache rows.
 const JTI_PURGE_EVERY_S: i64 = 60;
 
@@ -829,43 +840,19 @@ impl JobQueue for PgJobQueue {
         })
     }
 
-    fn finish(
-        &self,
-        id: &str,
-        state: JobState,
-        result: Option<&str>,
-        failure_status: Option<u16>,
-        now_ms: i64,
-    ) -> Result<(), QueueError> {
-        let cleanup = if state == JobState::Complete {
-            Cleanup::None
-        } else {
-            Cleanup::Pending
-        };
-        self.run(|c| {
-            c.execute(
-                "UPDATE export_job SET state = $2, result = $3, failure_status = $4, finished_ms = $5, cleanup = $6
-                 WHERE id = $1 AND state IN ('queued', 'running')",
-                &[
-                    &id,
-                    &state.as_str(),
-                    &result,
-                    &failure_status.map(i64::from),
-                    &now_ms,
-                    &cleanup.as_str(),
-                ],
-            )?;
-            Ok(())
-        })
-    }
-
     fn complete_job(
         &self,
         item: &WorkItem,
         scanned: u64,
         result: &str,
+        parts_left: bool,
         now_ms: i64,
     ) -> Result<bool, QueueError> {
+        let cleanup = if parts_left {
+            Cleanup::Parts
+        } else {
+            Cleanup::None
+        };
         self.tx(|tx| {
             match lease_state(tx, item)? {
                 Lease::Held => {}
@@ -879,11 +866,34 @@ impl JobQueue for PgJobQueue {
                 &[&item.job_id, &item.item_no, &(scanned as i64), &lease_now],
             )?;
             let n = tx.execute(
-                "UPDATE export_job SET state = 'complete', result = $2, failure_status = NULL, finished_ms = $3, cleanup = 'none'
+                "UPDATE export_job SET state = 'complete', result = $2, failure_status = NULL, finished_ms = $3, cleanup = $4
                  WHERE id = $1 AND state IN ('queued', 'running')",
-                &[&item.job_id, &result, &now_ms],
+                &[&item.job_id, &result, &now_ms, &cleanup.as_str()],
             )?;
             Ok(n == 1)
+        })
+    }
+
+    fn requeue_stranded(&self, now_ms: i64, timeout_ms: i64) -> Result<u64, QueueError> {
+        self.tx(|tx| {
+            let lease_now = self.clock.shared(tx, now_ms)?;
+            // Only item rows are written (no claim takes a done item); a job an older node
+            // completes meanwhile keeps its state, and its pending finalize is never claimed.
+            let n = tx.execute(
+                "UPDATE export_item i SET state = 'pending', owner = NULL, not_before_ms = NULL,
+                   attempts = greatest(i.attempts - 1, 0)
+                 FROM export_job j
+                 WHERE j.id = i.job_id AND j.state = 'running'
+                   AND i.kind = 'finalize' AND i.state = 'done'
+                   AND COALESCE(i.heartbeat_ms, 0) <= $1
+                   AND NOT EXISTS (SELECT 1 FROM export_item o
+                                   WHERE o.job_id = i.job_id AND o.state <> 'done')",
+                &[&lease_now.saturating_sub(timeout_ms)],
+            )?;
+            if n > 0 {
+                tx.batch_execute(listen::NOTIFY)?;
+            }
+            Ok(n)
         })
     }
 
@@ -898,12 +908,12 @@ impl JobQueue for PgJobQueue {
         })
     }
 
-    fn expire(&self, finished_before_ms: i64) -> Result<u64, QueueError> {
+    fn expire(&self, finished_before_ms: i64, now_ms: i64) -> Result<u64, QueueError> {
         self.run(|c| {
             Ok(c.execute(
-                "UPDATE export_job SET state = 'expired', cleanup = 'pending', result = NULL
+                "UPDATE export_job SET state = 'expired', cleanup = 'pending', result = NULL, expired_ms = $2
                  WHERE state = 'complete' AND finished_ms <= $1",
-                &[&finished_before_ms],
+                &[&finished_before_ms, &now_ms],
             )?)
         })
     }
@@ -912,7 +922,7 @@ impl JobQueue for PgJobQueue {
         self.run(|c| {
             c.query(
                 &format!(
-                    "SELECT {JOB_COLUMNS} FROM export_job WHERE cleanup = 'pending' ORDER BY finished_ms"
+                    "SELECT {JOB_COLUMNS} FROM export_job WHERE cleanup IN ('pending', 'parts') ORDER BY finished_ms"
                 ),
                 &[],
             )?
@@ -962,6 +972,17 @@ impl JobQueue for PgJobQueue {
             c.execute(
                 "UPDATE export_job SET cleanup = 'done', cleanup_until_ms = NULL
                  WHERE id = $1 AND cleanup = 'pending'",
+                &[&id],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn parts_cleaned(&self, id: &str) -> Result<(), QueueError> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE export_job SET cleanup = 'none', cleanup_until_ms = NULL, cleanup_owner = NULL
+                 WHERE id = $1 AND cleanup = 'parts'",
                 &[&id],
             )?;
             Ok(())
@@ -1083,7 +1104,7 @@ impl JobQueue for PgJobQueue {
             let lease_now = self.clock.shared(c, now_ms)?;
             Ok(c.execute(
                 "UPDATE export_job SET cleanup_until_ms = $2, cleanup_owner = $4
-                 WHERE id = $1 AND cleanup = 'pending'
+                 WHERE id = $1 AND cleanup IN ('pending', 'parts')
                    AND (cleanup_until_ms IS NULL OR cleanup_until_ms <= $3)",
                 &[&id, &lease_now.saturating_add(hold_ms), &lease_now, &owner],
             )? == 1)
@@ -1115,19 +1136,21 @@ impl JobQueue for PgJobQueue {
         Ok(Some(watch))
     }
 
-    fn purge(&self, finished_before_ms: i64) -> Result<u64, QueueError> {
+    fn purge(&self, finished_before_ms: i64, expired_before_ms: i64) -> Result<u64, QueueError> {
         // One statement: the jobs deleted are exactly those whose items and files go (nodes
         // purging at once wait for each other's row locks and delete each row once).
         self.run(|c| {
             Ok(c.query_one(
                 "WITH gone AS (
                    DELETE FROM export_job WHERE state IN ('failed', 'cancelled', 'expired')
-                     AND cleanup = 'done' AND finished_ms <= $1
+                     AND cleanup = 'done'
+                     AND CASE WHEN state = 'expired' AND expired_ms IS NOT NULL
+                              THEN expired_ms <= $2 ELSE finished_ms <= $1 END
                    RETURNING id),
                  files AS (DELETE FROM export_file WHERE job_id IN (SELECT id FROM gone)),
                  items AS (DELETE FROM export_item WHERE job_id IN (SELECT id FROM gone))
                  SELECT count(*) FROM gone",
-                &[&finished_before_ms],
+                &[&finished_before_ms, &expired_before_ms],
             )?
             .get::<_, i64>(0) as u64)
         })
@@ -1217,9 +1240,12 @@ mod tests {
     #[test]
     fn the_check_constraints_list_exactly_the_enum_names() {
         let flat = SCHEMA.split_whitespace().collect::<Vec<_>>().join(" ");
+        // The cleanup constraint as migration 8 replaced it.
+        let v8 = SCHEMA_V8.split_whitespace().collect::<Vec<_>>().join(" ");
+        let cleanup = check_in("cleanup", Cleanup::NAMES);
+        assert!(v8.contains(&cleanup), "{cleanup} missing from migration 8");
         for (column, names) in [
             ("state", JobState::NAMES),
-            ("cleanup", Cleanup::NAMES),
             ("kind", ItemKind::NAMES),
             ("state", ITEM_STATES),
             ("kind", FileKind::NAMES),

@@ -149,6 +149,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "the start of a work item's wait for space",
         jobs::SCHEMA_V7,
     ),
+    (
+        8,
+        "export expiry instants, a complete export's parts folder left to remove",
+        jobs::SCHEMA_V8,
+    ),
 ];
 
 const SCHEMA_V1: &str = r#"

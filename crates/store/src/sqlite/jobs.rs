@@ -15,7 +15,9 @@
 //! `export_job`, `export_item` and `export_file` (columns below); `deid_key_set` (version 3);
 //! `auth_jti`, the client assertions accepted until they expire ([`AssertionRecord`], version
 //! 4); `export_item.full_since_ms`, when an item's wait for space at a full destination began
-//! ([`JobQueue::wait_for_space`], version 5). Every state column is text
+//! ([`JobQueue::wait_for_space`], version 5); `export_job.expired_ms`, when a job expired
+//! ([`JobQueue::purge`] counts from it), and the cleanup state `parts` (a complete job's
+//! temporary parts folder left, [`Cleanup::Parts`]), version 6. Every state column is text
 //! constrained by a `CHECK (… IN (…))` over the names of its enum in [`crate::jobs`]. A file of
 //! the first schema (`user_version` 0, no constraints, maybe without the later columns) is
 //! migrated at open in one transaction — after checking that every stored state is one this
@@ -40,7 +42,7 @@ use crate::jobs::{
 
 /// The job tables' schema version (`PRAGMA user_version` of `exports.db`). 0 is the first,
 /// unconstrained schema (migrated at open).
-pub const JOBS_SCHEMA_VERSION: i64 = 5;
+pub const JOBS_SCHEMA_VERSION: i64 = 6;
 
 /// What version 3 added to version 2: file digests and de-identification key sets (issue 21).
 const SCHEMA_V3_FROM_V2: &str = "ALTER TABLE export_file ADD COLUMN sha256 TEXT;";
@@ -59,6 +61,21 @@ CREATE INDEX auth_jti_expires ON auth_jti(expires_s);
 
 /// What version 5 added to version 4: when an item's wait for space began.
 const SCHEMA_V5_FROM_V4: &str = "ALTER TABLE export_item ADD COLUMN full_since_ms INTEGER;";
+
+/// What version 6 changed in version 5: `export_job` gains `expired_ms` and its `cleanup`
+/// constraint the state `parts`. SQLite changes a `CHECK` constraint only by rebuilding the
+/// table: renamed, created anew, its rows copied (the columns of version 5 are
+/// [`JOB_COLUMNS`]).
+fn schema_v6_from_v5() -> String {
+    format!(
+        "ALTER TABLE export_job RENAME TO old_export_job;
+         DROP INDEX IF EXISTS export_job_state;
+         {}
+         INSERT INTO export_job ({JOB_COLUMNS}) SELECT {JOB_COLUMNS} FROM old_export_job;
+         DROP TABLE old_export_job;",
+        job_table()
+    )
+}
 
 /// Seconds between two purges of expired assertions.
 const JTI_PURGE_EVERY_S: i64 = 60;
@@ -95,15 +112,10 @@ macro_rules! from_sql_text {
 
 from_sql_text!(JobState, Cleanup, ItemKind, FileKind);
 
-/// The tables of [`JOBS_SCHEMA_VERSION`].
-fn schema() -> String {
+/// The job table of [`JOBS_SCHEMA_VERSION`] and its index.
+fn job_table() -> String {
     let job_state = check_in("state", JobState::NAMES);
     let cleanup = check_in("cleanup", Cleanup::NAMES);
-    let item_kind = check_in("kind", ItemKind::NAMES);
-    let item_state = check_in("state", ITEM_STATES);
-    let file_kind = check_in("kind", FileKind::NAMES);
-    let key_sets = crate::keysets::KEY_SET_TABLE;
-    let auth_jti = SCHEMA_V4_FROM_V3;
     format!(
         "
 CREATE TABLE export_job (
@@ -120,9 +132,23 @@ CREATE TABLE export_job (
     failure_status INTEGER,
     created_ms INTEGER NOT NULL,
     finished_ms INTEGER,
-    cleanup TEXT NOT NULL DEFAULT 'none' {cleanup}
+    cleanup TEXT NOT NULL DEFAULT 'none' {cleanup},
+    expired_ms INTEGER
 );
-CREATE INDEX export_job_state ON export_job(state);
+CREATE INDEX export_job_state ON export_job(state);"
+    )
+}
+
+/// The tables of [`JOBS_SCHEMA_VERSION`].
+fn schema() -> String {
+    let job_table = job_table();
+    let item_kind = check_in("kind", ItemKind::NAMES);
+    let item_state = check_in("state", ITEM_STATES);
+    let file_kind = check_in("kind", FileKind::NAMES);
+    let key_sets = crate::keysets::KEY_SET_TABLE;
+    let auth_jti = SCHEMA_V4_FROM_V3;
+    format!(
+        "{job_table}
 CREATE TABLE export_item (
     job_id TEXT NOT NULL,
     item_no INTEGER NOT NULL,
@@ -192,7 +218,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), QueueError> {
     if version == JOBS_SCHEMA_VERSION {
         return Ok(());
     }
-    if (2..=4).contains(&version) {
+    if (2..=5).contains(&version) {
         if version == 2 {
             tx.execute_batch(SCHEMA_V3_FROM_V2)?;
             tx.execute_batch(crate::keysets::KEY_SET_TABLE)?;
@@ -200,7 +226,10 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), QueueError> {
         if version <= 3 {
             tx.execute_batch(SCHEMA_V4_FROM_V3)?;
         }
-        tx.execute_batch(SCHEMA_V5_FROM_V4)?;
+        if version <= 4 {
+            tx.execute_batch(SCHEMA_V5_FROM_V4)?;
+        }
+        tx.execute_batch(&schema_v6_from_v5())?;
         tx.pragma_update(None, "user_version", JOBS_SCHEMA_VERSION)?;
         crate::give_up::before_commit()?;
         tx.commit()?;
@@ -875,41 +904,19 @@ impl JobQueue for SqliteJobQueue {
         Ok(n as u64)
     }
 
-    fn finish(
-        &self,
-        id: &str,
-        state: JobState,
-        result: Option<&str>,
-        failure_status: Option<u16>,
-        now_ms: i64,
-    ) -> Result<(), QueueError> {
-        let cleanup = if state == JobState::Complete {
-            Cleanup::None
-        } else {
-            Cleanup::Pending
-        };
-        self.conn().execute(
-            "UPDATE export_job SET state = ?2, result = ?3, failure_status = ?4, finished_ms = ?5, cleanup = ?6
-             WHERE id = ?1 AND state IN ('queued', 'running')",
-            params![
-                id,
-                state.as_str(),
-                result,
-                failure_status.map(i64::from),
-                now_ms,
-                cleanup.as_str()
-            ],
-        )?;
-        Ok(())
-    }
-
     fn complete_job(
         &self,
         item: &WorkItem,
         scanned: u64,
         result: &str,
+        parts_left: bool,
         now_ms: i64,
     ) -> Result<bool, QueueError> {
+        let cleanup = if parts_left {
+            Cleanup::Parts
+        } else {
+            Cleanup::None
+        };
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         match lease_state(&tx, item)? {
@@ -923,13 +930,26 @@ impl JobQueue for SqliteJobQueue {
             params![item.job_id, item.item_no, scanned as i64, now_ms],
         )?;
         let n = tx.execute(
-            "UPDATE export_job SET state = 'complete', result = ?2, failure_status = NULL, finished_ms = ?3, cleanup = 'none'
+            "UPDATE export_job SET state = 'complete', result = ?2, failure_status = NULL, finished_ms = ?3, cleanup = ?4
              WHERE id = ?1 AND state IN ('queued', 'running')",
-            params![item.job_id, result, now_ms],
+            params![item.job_id, result, now_ms, cleanup.as_str()],
         )?;
         crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(n == 1)
+    }
+
+    fn requeue_stranded(&self, now_ms: i64, timeout_ms: i64) -> Result<u64, QueueError> {
+        let n = self.conn().execute(
+            "UPDATE export_item SET state = 'pending', owner = NULL, not_before_ms = NULL,
+               attempts = max(attempts - 1, 0)
+             WHERE kind = 'finalize' AND state = 'done' AND COALESCE(heartbeat_ms, 0) <= ?1
+               AND job_id IN (SELECT id FROM export_job WHERE state = 'running')
+               AND NOT EXISTS (SELECT 1 FROM export_item o
+                               WHERE o.job_id = export_item.job_id AND o.state <> 'done')",
+            [now_ms.saturating_sub(timeout_ms)],
+        )?;
+        Ok(n as u64)
     }
 
     fn cancel(&self, id: &str, now_ms: i64) -> Result<(), QueueError> {
@@ -941,11 +961,11 @@ impl JobQueue for SqliteJobQueue {
         Ok(())
     }
 
-    fn expire(&self, finished_before_ms: i64) -> Result<u64, QueueError> {
+    fn expire(&self, finished_before_ms: i64, now_ms: i64) -> Result<u64, QueueError> {
         let n = self.conn().execute(
-            "UPDATE export_job SET state = 'expired', cleanup = 'pending', result = NULL
+            "UPDATE export_job SET state = 'expired', cleanup = 'pending', result = NULL, expired_ms = ?2
              WHERE state = 'complete' AND finished_ms <= ?1",
-            [finished_before_ms],
+            [finished_before_ms, now_ms],
         )?;
         Ok(n as u64)
     }
@@ -953,7 +973,7 @@ impl JobQueue for SqliteJobQueue {
     fn cleanups(&self) -> Result<Vec<JobRecord>, QueueError> {
         let c = self.conn();
         let mut stmt = c.prepare(&format!(
-            "SELECT {JOB_COLUMNS} FROM export_job WHERE cleanup = 'pending' ORDER BY finished_ms"
+            "SELECT {JOB_COLUMNS} FROM export_job WHERE cleanup IN ('pending', 'parts') ORDER BY finished_ms"
         ))?;
         let rows = stmt.query_map([], job_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -994,6 +1014,18 @@ impl JobQueue for SqliteJobQueue {
     fn cleaned(&self, id: &str) -> Result<(), QueueError> {
         self.conn().execute(
             "UPDATE export_job SET cleanup = 'done' WHERE id = ?1 AND cleanup = 'pending'",
+            [id],
+        )?;
+        self.cleanup_holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    fn parts_cleaned(&self, id: &str) -> Result<(), QueueError> {
+        self.conn().execute(
+            "UPDATE export_job SET cleanup = 'none' WHERE id = ?1 AND cleanup = 'parts'",
             [id],
         )?;
         self.cleanup_holds
@@ -1112,7 +1144,7 @@ impl JobQueue for SqliteJobQueue {
         let pending: bool = self
             .conn()
             .query_row(
-                "SELECT cleanup = 'pending' FROM export_job WHERE id = ?1",
+                "SELECT cleanup IN ('pending', 'parts') FROM export_job WHERE id = ?1",
                 [id],
                 |r| r.get(0),
             )
@@ -1138,28 +1170,38 @@ impl JobQueue for SqliteJobQueue {
         Ok(())
     }
 
-    fn purge(&self, finished_before_ms: i64) -> Result<u64, QueueError> {
+    fn purge(&self, finished_before_ms: i64, expired_before_ms: i64) -> Result<u64, QueueError> {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let gone = "SELECT id FROM export_job WHERE state IN ('failed', 'cancelled', 'expired')
-                      AND cleanup = 'done' AND finished_ms <= ?1";
+        let gone = format!(
+            "SELECT id FROM export_job WHERE state IN ('failed', 'cancelled', 'expired')
+               AND cleanup = 'done' AND {PURGE_AFTER}"
+        );
+        let cutoffs = [finished_before_ms, expired_before_ms];
         tx.execute(
             &format!("DELETE FROM export_file WHERE job_id IN ({gone})"),
-            [finished_before_ms],
+            cutoffs,
         )?;
         tx.execute(
             &format!("DELETE FROM export_item WHERE job_id IN ({gone})"),
-            [finished_before_ms],
+            cutoffs,
         )?;
         let n = tx.execute(
             &format!("DELETE FROM export_job WHERE id IN ({gone})"),
-            [finished_before_ms],
+            cutoffs,
         )?;
         crate::give_up::before_commit()?;
         tx.commit()?;
         Ok(n as u64)
     }
 }
+
+/// Whether a removed job's row is old enough to purge (`?1`: finished at or before, `?2`:
+/// expired at or before): an expired job counts from its expiry, so that its status answers
+/// 410 for the whole period after it however long ago it completed; one expired by an older
+/// version (no `expired_ms`) from its completion, as before.
+const PURGE_AFTER: &str = "CASE WHEN state = 'expired' AND expired_ms IS NOT NULL
+                                THEN expired_ms <= ?2 ELSE finished_ms <= ?1 END";
 
 /// Fails `item` and its job (while still queued or running) with `message` and HTTP `status`:
 /// an item out of attempts ([`JobQueue::fail_item`]) or past its wait for space
@@ -1233,6 +1275,63 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
         assert_eq!(version, JOBS_SCHEMA_VERSION);
+    }
+
+    /// A file of job schema version 5 (before expiry instants and `parts` cleanups) has its
+    /// job table rebuilt at open, rows kept, and takes both.
+    #[test]
+    fn a_version_5_file_gains_expiry_instants_and_parts_cleanups() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(JOBS_FILE_NAME);
+        drop(SqliteJobQueue::open(&path).expect("create"));
+        Connection::open(&path)
+            .expect("open")
+            .execute_batch(&format!(
+                "DROP TABLE export_job;
+                 CREATE TABLE export_job (
+                    id TEXT PRIMARY KEY,
+                    state TEXT NOT NULL {},
+                    request TEXT NOT NULL, watermark INTEGER NOT NULL,
+                    transaction_time TEXT NOT NULL, client_id TEXT, container TEXT NOT NULL,
+                    folder TEXT NOT NULL, anonymization TEXT, result TEXT,
+                    failure_status INTEGER, created_ms INTEGER NOT NULL, finished_ms INTEGER,
+                    cleanup TEXT NOT NULL DEFAULT 'none'
+                        CHECK (cleanup IN ('none', 'pending', 'done')));
+                 CREATE INDEX export_job_state ON export_job(state);
+                 INSERT INTO export_job VALUES ('done', 'complete', '{{}}', 7, 't', NULL,
+                    'exports', 'done', NULL, '{{\"output\":[]}}', NULL, 1, 2, 'none');
+                 PRAGMA user_version = 5;",
+                check_in("state", JobState::NAMES)
+            ))
+            .expect("make a version 5 file");
+        let q = SqliteJobQueue::open(&path).expect("migrated");
+        let version: i64 = q
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, JOBS_SCHEMA_VERSION);
+        let done = q.get("done").expect("get").expect("kept");
+        assert_eq!(
+            (done.state, done.finished_ms),
+            (JobState::Complete, Some(2))
+        );
+        q.conn()
+            .execute(
+                "UPDATE export_job SET cleanup = 'parts' WHERE id = 'done'",
+                [],
+            )
+            .expect("the new cleanup state is allowed");
+        assert_eq!(q.cleanups().expect("cleanups").len(), 1);
+        assert_eq!(q.expire(2, 50).expect("expire"), 1);
+        let expired_ms: Option<i64> = q
+            .conn()
+            .query_row(
+                "SELECT expired_ms FROM export_job WHERE id = 'done'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("read");
+        assert_eq!(expired_ms, Some(50));
     }
 
     #[test]
