@@ -1,8 +1,6 @@
 //! `fhirhose export` against servers that try to take its token, its memory, its disk or its
-//! process: real local HTTP servers (a few lines over `TcpListener`) speaking to the real client.
+//! process: real local HTTP servers (`test_support::raw_http`) speaking to the real client.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,132 +8,16 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::{Value, json};
+use test_support::raw_http::{Reply, Server};
 
-/// What a test server answers.
-enum Reply {
-    Body {
-        status: u16,
-        headers: Vec<(&'static str, String)>,
-        body: Vec<u8>,
-    },
-    /// A chunked body of `times` chunks (finite, so that a client without a bound fills no
-    /// disk or memory when the test fails), its bytes written counted in `written` until the
-    /// client hangs up.
-    Chunked {
-        status: u16,
-        chunk: Vec<u8>,
-        times: usize,
-        written: Arc<AtomicUsize>,
-    },
-}
-
+/// 200 with a JSON body.
 fn ok(body: impl Into<Vec<u8>>) -> Reply {
-    Reply::Body {
-        status: 200,
-        headers: vec![("content-type", "application/json".into())],
-        body: body.into(),
-    }
+    Reply::json(body)
 }
 
-/// The requests a [`Server`] received: path and `Authorization` header.
-type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
-
-type Answer = dyn Fn(&str) -> Reply + Send + Sync;
-
-/// A local HTTP/1.1 server that records each request's path and `Authorization` header.
-struct Server {
-    base: String,
-    seen: Seen,
-}
-
-impl Server {
-    fn start(answer: impl Fn(&str) -> Reply + Send + Sync + 'static) -> Server {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let seen: Seen = Arc::default();
-        let answer: Arc<Answer> = Arc::new(answer);
-        let log = seen.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let (log, answer) = (log.clone(), answer.clone());
-                std::thread::spawn(move || serve(conn, &log, &*answer));
-            }
-        });
-        Server { base, seen }
-    }
-
-    fn seen(&self) -> Vec<(String, Option<String>)> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-fn serve(conn: TcpStream, log: &Seen, answer: &Answer) {
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut conn = conn;
-    loop {
-        let mut first = String::new();
-        if reader.read_line(&mut first).unwrap_or(0) == 0 {
-            return;
-        }
-        let path = first.split(' ').nth(1).unwrap_or("").to_owned();
-        let (mut auth, mut length) = (None, 0usize);
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("authorization") {
-                    auth = Some(v.trim().to_owned());
-                } else if k.eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut body = vec![0; length];
-        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
-            return;
-        }
-        log.lock().unwrap().push((path.clone(), auth));
-        match answer(&path) {
-            Reply::Body {
-                status,
-                headers,
-                body,
-            } => {
-                let mut head = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
-                for (k, v) in headers {
-                    head.push_str(&format!("{k}: {v}\r\n"));
-                }
-                head.push_str("\r\n");
-                if conn.write_all(head.as_bytes()).is_err() || conn.write_all(&body).is_err() {
-                    return;
-                }
-            }
-            Reply::Chunked {
-                status,
-                chunk,
-                times,
-                written,
-            } => {
-                let head = format!("HTTP/1.1 {status} X\r\ntransfer-encoding: chunked\r\n\r\n");
-                if conn.write_all(head.as_bytes()).is_err() {
-                    return;
-                }
-                let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
-                framed.extend_from_slice(&chunk);
-                framed.extend_from_slice(b"\r\n");
-                for _ in 0..times {
-                    if conn.write_all(&framed).is_err() {
-                        return;
-                    }
-                    written.fetch_add(chunk.len(), Ordering::Relaxed);
-                }
-                let _ = conn.write_all(b"0\r\n\r\n");
-                return;
-            }
-        }
-    }
+/// A [`Server`] answering each request's target with `answer`.
+fn start(answer: impl Fn(&str) -> Reply + Send + Sync + 'static) -> Server {
+    Server::start(move |r| answer(&r.target))
 }
 
 #[derive(Parser)]
@@ -203,7 +85,7 @@ fn fhir_server_with(
 ) -> Server {
     let base: Arc<Mutex<String>> = Arc::default();
     let b = base.clone();
-    let server = Server::start(move |path| {
+    let server = start(move |path| {
         let base = b.lock().unwrap().clone();
         if path.starts_with("/fhir/.well-known/smart-configuration") {
             return ok(json!({"token_endpoint": format!("{base}/token")}).to_string());
@@ -214,15 +96,11 @@ fn fhir_server_with(
             .to_string());
         }
         if path.contains("$export") {
-            return Reply::Body {
-                status: 202,
-                headers: vec![("content-location", status(&base))],
-                body: Vec::new(),
-            };
+            return Reply::status(202, "").header("content-location", status(&base));
         }
         rest(&base, path)
     });
-    *base.lock().unwrap() = server.base.clone();
+    *base.lock().unwrap() = server.base().to_owned();
     server
 }
 
@@ -242,7 +120,7 @@ fn a_token_lifetime_past_a_day_is_taken_as_a_day() {
         |_, _| ok(manifest(false, vec![], None)),
     );
     let out = tempfile::tempdir().unwrap();
-    let summary = export(&format!("{}/fhir", home.base), out.path(), &[])
+    let summary = export(&format!("{}/fhir", home.base()), out.path(), &[])
         .expect("the client panicked or hung")
         .unwrap();
     assert_eq!(summary.tokens, 1);
@@ -251,22 +129,18 @@ fn a_token_lifetime_past_a_day_is_taken_as_a_day() {
 /// A status URL and a manifest page on another origin are read without the token.
 #[test]
 fn the_token_stays_on_the_fhir_servers_origin() {
-    let other = Server::start(|path| match path {
+    let other = start(|path| match path {
         "/page2" => ok(manifest(false, vec![], None)),
         "/Patient.ndjson" => ok(LINE),
         _ => ok(manifest(false, vec![], Some("/page2".into()))),
     });
-    let other_base = other.base.clone();
+    let other_base = other.base().to_owned();
     let home = fhir_server(
         move |_| format!("{other_base}/status"),
-        |_, _| Reply::Body {
-            status: 404,
-            headers: vec![],
-            body: Vec::new(),
-        },
+        |_, _| Reply::status(404, ""),
     );
     let out = tempfile::tempdir().unwrap();
-    let r = export(&format!("{}/fhir", home.base), out.path(), &[]).expect("hung");
+    let r = export(&format!("{}/fhir", home.base()), out.path(), &[]).expect("hung");
     r.unwrap();
     assert_no_token(&other);
     assert!(
@@ -286,8 +160,8 @@ fn the_token_stays_on_the_fhir_servers_origin() {
 /// `--token-origin` lets the token go there.
 #[test]
 fn a_file_needing_the_token_on_another_origin_is_refused() {
-    let other = Server::start(|_| ok(LINE));
-    let file = format!("{}/Patient.ndjson", other.base);
+    let other = start(|_| ok(LINE));
+    let file = format!("{}/Patient.ndjson", other.base());
     let home = fhir_server(
         |base| format!("{base}/status"),
         move |_, _| {
@@ -299,16 +173,16 @@ fn a_file_needing_the_token_on_another_origin_is_refused() {
         },
     );
     let out = tempfile::tempdir().unwrap();
-    let err = export(&format!("{}/fhir", home.base), out.path(), &[])
+    let err = export(&format!("{}/fhir", home.base()), out.path(), &[])
         .expect("hung")
         .unwrap_err();
     assert!(err.contains("needs the access token"), "{err}");
     assert_no_token(&other);
     let out = tempfile::tempdir().unwrap();
     export(
-        &format!("{}/fhir", home.base),
+        &format!("{}/fhir", home.base()),
         out.path(),
-        &["--token-origin", &other.base],
+        &["--token-origin", other.base()],
     )
     .expect("hung")
     .unwrap();
@@ -344,7 +218,7 @@ fn a_body_past_its_file_size_is_stopped() {
         },
     );
     let out = tempfile::tempdir().unwrap();
-    let err = export(&format!("{}/fhir", home.base), out.path(), &[])
+    let err = export(&format!("{}/fhir", home.base()), out.path(), &[])
         .expect("hung")
         .unwrap_err();
     assert!(err.contains("more than 100000 bytes"), "{err}");
@@ -367,7 +241,7 @@ fn a_body_past_its_file_size_is_stopped() {
         },
     );
     let err = export(
-        &format!("{}/fhir", home.base),
+        &format!("{}/fhir", home.base()),
         out.path(),
         &["--max-file-bytes", "1000000"],
     )
@@ -388,7 +262,7 @@ fn a_huge_manifest_or_an_endless_error_body_is_not_held_in_memory() {
         },
     );
     let out = tempfile::tempdir().unwrap();
-    let err = export(&format!("{}/fhir", home.base), out.path(), &[])
+    let err = export(&format!("{}/fhir", home.base()), out.path(), &[])
         .expect("hung")
         .unwrap_err();
     assert!(
@@ -408,7 +282,7 @@ fn a_huge_manifest_or_an_endless_error_body_is_not_held_in_memory() {
             written: w.clone(),
         },
     );
-    let err = export(&format!("{}/fhir", home.base), out.path(), &[])
+    let err = export(&format!("{}/fhir", home.base()), out.path(), &[])
         .expect("hung")
         .unwrap_err();
     assert!(err.contains("HTTP 400"), "{err}");

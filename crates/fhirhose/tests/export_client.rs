@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use test_support::raw_http;
 
 use common::{fhirhose, free_port};
 
@@ -615,8 +616,18 @@ impl Fake {
         files: &[(&str, &str)],
         serving: Serving,
     ) -> Fake {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind the fake server");
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let base = Arc::new(std::sync::OnceLock::<String>::new());
+        let b = base.clone();
+        let st: Arc<std::sync::OnceLock<Arc<FakeState>>> = Arc::default();
+        let s = st.clone();
+        let server = raw_http::Server::start(move |r| {
+            let (st, b) = (s.get().expect("state first"), b.get().expect("base first"));
+            fake_answer(r, st, b)
+        });
+        let base = {
+            base.set(server.base().to_owned()).unwrap();
+            server.base().to_owned()
+        };
         let state = Arc::new(FakeState {
             page: Box::new(page),
             runs_for,
@@ -630,14 +641,9 @@ impl Fake {
             kicked: Mutex::default(),
             requests: Mutex::default(),
         });
-        let (st, b) = (state.clone(), base.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let (st, b) = (st.clone(), b.clone());
-                std::thread::spawn(move || fake_answer(conn, &st, &b));
-            }
-        });
+        if st.set(state.clone()).is_err() {
+            unreachable!("the state is set once");
+        }
         Fake { base, state }
     }
 
@@ -661,44 +667,36 @@ fn fake_manifest(base: &str, names: &[&str], next: Option<String>) -> Value {
     m
 }
 
-fn fake_answer(mut conn: TcpStream, st: &FakeState, base: &str) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match conn.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => return,
-        }
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let line = head.lines().next().unwrap_or_default().to_owned();
+fn fake_answer(r: &raw_http::Request, st: &FakeState, base: &str) -> raw_http::Reply {
+    let line = r.line.clone();
     st.requests.lock().unwrap().push(line.clone());
-    let target = line.split(' ').nth(1).unwrap_or_default().to_owned();
-    let lower = head.to_ascii_lowercase();
-    let answer = |conn: &mut TcpStream, status: &str, headers: &str, body: &[u8]| {
-        let _ = conn.write_all(
-            format!(
-                "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: {}\r\n{headers}\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        );
-        let _ = conn.write_all(body);
-        let _ = conn.shutdown(Shutdown::Both);
+    let target = r.target.as_str();
+    // `status` is a status line's code and reason; `headers` lines of `name: value\r\n`.
+    let answer = |status: &str, headers: &str, body: &[u8]| {
+        let code = status
+            .split(' ')
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(500);
+        let mut reply = raw_http::Reply::status(code, body);
+        for (k, v) in headers.lines().filter_map(|l| l.split_once(':')) {
+            reply = reply.header(k.trim(), v.trim());
+        }
+        reply
     };
     if target.starts_with("/fhir/$export") {
         *st.kicked.lock().unwrap() = Some(std::time::Instant::now());
         let h = format!("content-location: {base}/status\r\n");
-        return answer(&mut conn, "202 Accepted", &h, b"");
+        return answer("202 Accepted", &h, b"");
     }
     if let Some(name) = target.strip_prefix("/files/") {
         if st.serving.broken.contains(&name) {
             let body = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception","diagnostics":"the disk is on fire"}]}"#;
             let h = "content-type: application/fhir+json\r\n";
-            return answer(&mut conn, "500 Internal Server Error", h, body);
+            return answer("500 Internal Server Error", h, body);
         }
         let Some(body) = st.files.get(name) else {
-            return answer(&mut conn, "404 Not Found", "", b"");
+            return answer("404 Not Found", "", b"");
         };
         let h = "content-type: application/fhir+ndjson\r\netag: \"v1\"\r\n";
         let asked = line.clone();
@@ -711,20 +709,17 @@ fn fake_answer(mut conn: TcpStream, st: &FakeState, base: &str) {
             .count()
             == 1;
         if first && st.serving.cut_first.contains(&name) {
-            let _ = conn.write_all(
-                format!(
-                    "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n{h}\r\n",
-                    body.len() + LIE
-                )
-                .as_bytes(),
-            );
-            let _ = conn.write_all(&body[..body.len() / 2]);
-            let _ = conn.shutdown(Shutdown::Both);
-            return;
+            let mut raw = format!(
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n{h}\r\n",
+                body.len() + LIE
+            )
+            .into_bytes();
+            raw.extend_from_slice(&body[..body.len() / 2]);
+            return raw_http::Reply::Raw(raw);
         }
-        let from = lower
-            .lines()
-            .find_map(|l| l.strip_prefix("range: bytes="))
+        let from = r
+            .header("range")
+            .and_then(|v| v.strip_prefix("bytes="))
             .and_then(|r| r.split('-').next()?.parse::<usize>().ok());
         return match (from, st.serving.ranges) {
             (Some(from), Ranges::Served) if from < body.len() => {
@@ -733,18 +728,13 @@ fn fake_answer(mut conn: TcpStream, st: &FakeState, base: &str) {
                     body.len() - 1,
                     body.len()
                 );
-                answer(
-                    &mut conn,
-                    "206 Partial Content",
-                    &(range + h),
-                    &body[from..],
-                )
+                answer("206 Partial Content", &(range + h), &body[from..])
             }
             (Some(_), Ranges::Refused) => {
                 let range = format!("content-range: bytes */{}\r\n", body.len());
-                answer(&mut conn, "416 Range Not Satisfiable", &range, b"")
+                answer("416 Range Not Satisfiable", &range, b"")
             }
-            _ => answer(&mut conn, "200 OK", h, body),
+            _ => answer("200 OK", h, body),
         };
     }
     if let Some(rest) = target.strip_prefix("/status") {
@@ -759,7 +749,9 @@ fn fake_answer(mut conn: TcpStream, st: &FakeState, base: &str) {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         let page = (st.page)(base, n);
-        let waits = lower.contains("\r\nprefer: wait");
+        let waits = r
+            .header("prefer")
+            .is_some_and(|v| v.to_ascii_lowercase().starts_with("wait"));
         if waits && next_of(&page).is_none() {
             let until = (std::time::Instant::now() + st.hold).min(ends);
             std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
@@ -767,7 +759,6 @@ fn fake_answer(mut conn: TcpStream, st: &FakeState, base: &str) {
         if std::time::Instant::now() >= ends {
             let body = st.complete.to_string();
             return answer(
-                &mut conn,
                 "200 OK",
                 "content-type: application/json\r\n",
                 body.as_bytes(),
@@ -781,9 +772,9 @@ fn fake_answer(mut conn: TcpStream, st: &FakeState, base: &str) {
         if waits {
             h.push_str("preference-applied: wait\r\n");
         }
-        return answer(&mut conn, "202 Accepted", &h, body.as_bytes());
+        return answer("202 Accepted", &h, body.as_bytes());
     }
-    answer(&mut conn, "404 Not Found", "", b"");
+    answer("404 Not Found", "", b"")
 }
 
 fn next_of(page: &Value) -> Option<&str> {

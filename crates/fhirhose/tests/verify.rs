@@ -7,12 +7,12 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use test_support::raw_http::{Reply, Server};
 
 use common::{Serve, fhirhose};
 
@@ -362,44 +362,30 @@ fn a_paged_manifest_is_verified_and_exported_page_by_page() {
 /// links page after page for ever (`?page=N` → `?page=N+1`). Answers every request, one per
 /// connection.
 fn hostile_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let base = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
     let b = base.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match std::io::Read::read(&mut conn, &mut byte) {
-                    Ok(1) => head.push(byte[0]),
-                    _ => break,
-                }
-            }
-            let head = String::from_utf8_lossy(&head).into_owned();
-            let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-            let next = if path.starts_with("/loop") {
-                format!("{b}/loop")
-            } else {
-                let n: u64 = path
-                    .rsplit("page=")
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(1);
-                format!("{b}/endless?page={}", n + 1)
-            };
-            let body = json!({"transactionTime": "2026-01-01T00:00:00Z", "request": b,
+    let server = Server::start(move |r| {
+        let b = b.get().expect("the base is set before any request");
+        let next = if r.target.starts_with("/loop") {
+            format!("{b}/loop")
+        } else {
+            let n: u64 = r
+                .target
+                .rsplit("page=")
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1);
+            format!("{b}/endless?page={}", n + 1)
+        };
+        Reply::json(
+            json!({"transactionTime": "2026-01-01T00:00:00Z", "request": b,
                 "requiresAccessToken": false, "output": [], "error": [],
                 "link": [{"relation": "next", "url": next}]})
-            .to_string();
-            let _ = write!(
-                conn,
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
+            .to_string(),
+        )
     });
-    base
+    base.set(server.base().to_owned()).unwrap();
+    server.base().to_owned()
 }
 
 /// `fhirhose verify` and `fhirhose export` refuse a manifest whose `next` page is one already
@@ -438,69 +424,36 @@ fn pages_that_loop_or_never_end_are_refused() {
     }
 }
 
-/// The requests a [`recording_server`] received: path and `Authorization` header.
-type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
-
 /// A status endpoint that records each request's path and `Authorization` header: `/status` is a
 /// manifest page whose `next` is `next` (if any), any other path the last page.
-fn recording_server(next: Option<String>) -> (String, Seen) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let seen: Seen = Default::default();
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match std::io::Read::read(&mut conn, &mut byte) {
-                    Ok(1) => head.push(byte[0]),
-                    _ => break,
-                }
-            }
-            let head = String::from_utf8_lossy(&head).into_owned();
-            let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-            let auth = head.lines().find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("authorization")
-                    .then(|| v.trim().to_string())
-            });
-            log.lock().unwrap().push((path.clone(), auth));
-            let mut m = json!({"transactionTime": "2026-01-01T00:00:00Z", "request": "x",
-                "requiresAccessToken": true, "output": [], "error": []});
-            if path == "/status"
-                && let Some(n) = &next
-            {
-                m["link"] = json!([{"relation": "next", "url": n}]);
-            }
-            let body = m.to_string();
-            let _ = write!(
-                conn,
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
+fn recording_server(next: Option<String>) -> Server {
+    Server::start(move |r| {
+        let mut m = json!({"transactionTime": "2026-01-01T00:00:00Z", "request": "x",
+            "requiresAccessToken": true, "output": [], "error": []});
+        if r.target == "/status"
+            && let Some(n) = &next
+        {
+            m["link"] = json!([{"relation": "next", "url": n}]);
         }
-    });
-    (base, seen)
+        Reply::json(m.to_string())
+    })
 }
 
 /// `fhirhose verify --token` sends the token to the status URL's origin only (not to a `next`
 /// page on another host), and from a manifest file to no origin unless `--token-origin` names it.
 #[test]
 fn verify_sends_its_token_only_to_the_origin_the_user_named() {
-    let (other, other_seen) = recording_server(None);
-    let (home, home_seen) = recording_server(Some(format!("{other}/page2")));
+    let other_server = recording_server(None);
+    let other = other_server.base();
+    let home_server = recording_server(Some(format!("{other}/page2")));
+    let home = home_server.base();
     let out = run(&["verify", &format!("{home}/status"), "--token", "SECRET"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
-        home_seen.lock().unwrap().clone(),
+        home_server.seen(),
         [("/status".to_string(), Some("Bearer SECRET".to_string()))]
     );
-    assert_eq!(
-        other_seen.lock().unwrap().clone(),
-        [("/page2".to_string(), None)]
-    );
+    assert_eq!(other_server.seen(), [("/page2".to_string(), None)]);
 
     // A saved first page whose `next` is on `home`.
     let dir = tempfile::tempdir().unwrap();
@@ -512,11 +465,11 @@ fn verify_sends_its_token_only_to_the_origin_the_user_named() {
     let m = manifest.to_str().unwrap();
     let out = run(&["verify", m, "--token", "SECRET"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(home_seen.lock().unwrap().last().unwrap().1, None);
-    let out = run(&["verify", m, "--token", "SECRET", "--token-origin", &home]);
+    assert_eq!(home_server.seen().last().unwrap().1, None);
+    let out = run(&["verify", m, "--token", "SECRET", "--token-origin", home]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
-        home_seen.lock().unwrap().last().unwrap().1.as_deref(),
+        home_server.seen().last().unwrap().1.as_deref(),
         Some("Bearer SECRET")
     );
 }

@@ -1,80 +1,20 @@
 //! `verify` against servers and folders that try to take its token, its memory or its time:
-//! real local HTTP servers (a few lines over `TcpListener`), real files.
+//! real local HTTP servers (`test_support::raw_http`), real files.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use test_support::raw_http::{Reply, Server};
 
-/// The requests a [`Server`] received: path and `Authorization` header.
-type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
-
-/// What a test server answers for a path: status and body, or `None` to hold the connection
-/// open without answering.
-type Answer = dyn Fn(&str) -> Option<(u16, Vec<u8>)> + Send + Sync;
-
-/// A local HTTP/1.1 server that records each request's path and `Authorization` header.
-struct Server {
-    base: String,
-    seen: Seen,
-}
-
-impl Server {
-    fn start(answer: impl Fn(&str) -> Option<(u16, Vec<u8>)> + Send + Sync + 'static) -> Server {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let seen: Seen = Arc::default();
-        let answer: Arc<Answer> = Arc::new(answer);
-        let log = seen.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let (log, answer) = (log.clone(), answer.clone());
-                std::thread::spawn(move || serve(conn, &log, &*answer));
-            }
-        });
-        Server { base, seen }
-    }
-
-    fn seen(&self) -> Vec<(String, Option<String>)> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-fn serve(conn: TcpStream, log: &Seen, answer: &Answer) {
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut first = String::new();
-    if reader.read_line(&mut first).is_err() {
-        return;
-    }
-    let path = first.split(' ').nth(1).unwrap_or("").to_owned();
-    let mut auth = None;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("authorization")
-        {
-            auth = Some(v.trim().to_owned());
-        }
-    }
-    log.lock().unwrap().push((path.clone(), auth));
-    let mut conn = conn;
-    match answer(&path) {
-        Some((status, body)) => {
-            let head = format!(
-                "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes());
-            let _ = conn.write_all(&body);
-        }
-        None => std::thread::sleep(Duration::from_secs(3600)),
-    }
+/// A [`Server`] answering each request's target with a status and body, or with `None` by
+/// holding the connection open without answering.
+fn start(answer: impl Fn(&str) -> Option<(u16, Vec<u8>)> + Send + Sync + 'static) -> Server {
+    Server::start(move |r| match answer(&r.target) {
+        Some((status, body)) => Reply::status(status, body),
+        None => Reply::Hold(Duration::from_secs(3600)),
+    })
 }
 
 const LINE: &str = "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n";
@@ -108,14 +48,14 @@ fn within<T: Send + 'static>(
 /// are read without it, however the manifest says `requiresAccessToken`.
 #[test]
 fn the_token_goes_only_to_the_status_urls_origin() {
-    let other = Server::start(|path| {
+    let other = start(|path| {
         Some(match path {
             "/page2" => (200, manifest(&[], None)),
             _ => (200, LINE.as_bytes().to_vec()),
         })
     });
-    let other_base = other.base.clone();
-    let home = Server::start(move |path| {
+    let other_base = other.base().to_owned();
+    let home = start(move |path| {
         Some(match path {
             "/status" => (
                 200,
@@ -127,7 +67,7 @@ fn the_token_goes_only_to_the_status_urls_origin() {
             _ => (200, LINE.as_bytes().to_vec()),
         })
     });
-    let status = format!("{}/status", home.base);
+    let status = format!("{}/status", home.base());
     let mut source = manifest::HttpSource::new(Some("SECRET".into()))
         .unwrap()
         .send_token_to(&status)
@@ -139,7 +79,7 @@ fn the_token_goes_only_to_the_status_urls_origin() {
     m["output"]
         .as_array_mut()
         .unwrap()
-        .push(json!({"type": "Patient", "url": format!("{}/own.ndjson", home.base)}));
+        .push(json!({"type": "Patient", "url": format!("{}/own.ndjson", home.base())}));
     source.files_need_token(true);
     let report = manifest::verify(&m, &source, &manifest::Options::default());
     assert!(report.ok(), "{report}");
@@ -164,10 +104,10 @@ fn the_token_goes_only_to_the_status_urls_origin() {
 fn a_manifest_larger_than_the_bound_is_refused() {
     let pad = "A".repeat(manifest::MAX_MANIFEST_BYTES as usize);
     let body = format!("{{\"output\":[],\"pad\":\"{pad}\"}}").into_bytes();
-    let body = Arc::new(body);
-    let server = Server::start(move |_| Some((200, body.to_vec())));
+    let body = std::sync::Arc::new(body);
+    let server = start(move |_| Some((200, body.to_vec())));
     let source = manifest::HttpSource::new(None).unwrap();
-    match source.manifest(&format!("{}/status", server.base)) {
+    match source.manifest(&format!("{}/status", server.base())) {
         Err(manifest::VerifyError::TooLarge { limit, .. }) => {
             assert_eq!(limit, manifest::MAX_MANIFEST_BYTES)
         }
@@ -180,8 +120,8 @@ fn a_manifest_larger_than_the_bound_is_refused() {
 /// A server that never answers is given up after the timeout.
 #[test]
 fn a_server_that_never_answers_times_out() {
-    let server = Server::start(|_| None);
-    let url = format!("{}/status", server.base);
+    let server = start(|_| None);
+    let url = format!("{}/status", server.base());
     let outcome = within(Duration::from_secs(30), move || {
         let source = manifest::HttpSource::with_timeout(None, Duration::from_secs(1)).unwrap();
         source.manifest(&url).map(|_| ()).map_err(|e| e.to_string())

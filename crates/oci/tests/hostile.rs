@@ -1,17 +1,18 @@
-//! Against a deliberately broken registry: a tiny HTTP server in this test that answers what an
-//! honest registry never would (content that does not match its digest, lying sizes, garbage,
-//! error statuses). A real registry cannot be made to misbehave like this, so this is the one
-//! place where a hand-written server stands in for it. Every case must end in a typed error, never
-//! a panic or a hang.
+//! Against a deliberately broken registry: a hand-written HTTP server (`test_support::raw_http`)
+//! that answers what an honest registry never would (content that does not match its digest,
+//! lying sizes, garbage, error statuses). A real registry cannot be made to misbehave like this,
+//! so this is the one place where a hand-written server stands in for it. Every case must end in
+//! a typed error, never a panic or a hang.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
 use oci_config::{OciError, OciSettings, fetch_file};
 use sha2::{Digest, Sha256};
+use test_support::raw_http::{self, Request, Server};
 
 #[derive(Clone, Default)]
 struct Reply {
@@ -60,49 +61,21 @@ fn serve(routes: HashMap<String, Reply>) -> String {
 
 /// [`serve`] on `addr`.
 fn serve_on(addr: &str, routes: HashMap<String, Reply>) -> String {
-    let listener = TcpListener::bind(addr).unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let routes = Arc::new(routes);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let routes = Arc::clone(&routes);
-            std::thread::spawn(move || answer(stream, &routes));
-        }
-    });
-    addr
+    let server = Server::start_on(addr, move |r| answer(r, &routes));
+    server.addr().to_owned()
 }
 
-fn answer(mut stream: TcpStream, routes: &HashMap<String, Reply>) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut request = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 65536 {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
-        }
-    }
-    let line = String::from_utf8_lossy(&request);
-    let path = line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("/")
-        .split('?')
-        .next()
-        .unwrap_or("/")
-        .to_string();
-    // A route `<path>#authed` answers requests that carry the token the test's token service
-    // hands out.
-    let authed = line
-        .to_ascii_lowercase()
-        .contains("authorization: bearer good-token");
+/// The route's reply to `request`: a route `<path>#authed` answers requests that carry the token
+/// the test's token service hands out.
+fn answer(request: &Request, routes: &HashMap<String, Reply>) -> raw_http::Reply {
+    let path = request.path();
+    let authed = request
+        .header("authorization")
+        .is_some_and(|a| a.eq_ignore_ascii_case("bearer good-token"));
     let reply = authed
         .then(|| routes.get(&format!("{path}#authed")).cloned())
         .flatten()
-        .or_else(|| routes.get(&path).cloned())
+        .or_else(|| routes.get(path).cloned())
         .unwrap_or_else(|| {
             if path == "/v2/" {
                 ok("{}", "application/json")
@@ -110,22 +83,14 @@ fn answer(mut stream: TcpStream, routes: &HashMap<String, Reply>) {
                 status(404)
             }
         });
-    if let Some(raw) = reply.raw {
-        let _ = stream.write_all(&raw);
-        return;
+    match reply.raw {
+        Some(raw) => raw_http::Reply::Raw(raw),
+        None => raw_http::Reply::Full {
+            status: reply.status,
+            headers: reply.headers,
+            body: reply.body,
+        },
     }
-    let mut head = format!("HTTP/1.1 {} X\r\n", reply.status);
-    let mut has_length = false;
-    for (name, value) in &reply.headers {
-        has_length |= name.eq_ignore_ascii_case("content-length");
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if !has_length {
-        head.push_str(&format!("Content-Length: {}\r\n", reply.body.len()));
-    }
-    head.push_str("Connection: close\r\n\r\n");
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(&reply.body);
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -525,29 +490,20 @@ fn random_answers_never_panic() {
 /// A server that answers every request with 418 and a body that must never reach an error
 /// message, counting the requests it gets: the stand-in for an internal service.
 fn bystander() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
     let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = Arc::clone(&hits);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            std::thread::spawn(move || {
-                answer(
-                    stream,
-                    &HashMap::from([(
-                        "/latest/meta-data".to_string(),
-                        Reply {
-                            body: b"SECRET-CREDENTIALS".to_vec(),
-                            ..status(418)
-                        },
-                    )]),
-                )
-            });
-        }
+    let routes = HashMap::from([(
+        "/latest/meta-data".to_string(),
+        Reply {
+            body: b"SECRET-CREDENTIALS".to_vec(),
+            ..status(418)
+        },
+    )]);
+    let server = Server::start(move |r| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        answer(r, &routes)
     });
-    (addr, hits)
+    (server.addr().to_owned(), hits)
 }
 
 fn redirect(to: &str) -> Reply {

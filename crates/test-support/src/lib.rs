@@ -9,6 +9,7 @@
 //! - [`smart`]: SMART Backend Services clients signed with the auth crate's test keys.
 //! - [`sink`]: [`sink::FaultySink`], an export destination forwarding to another with a fault
 //!   hook per call (a destination down for some calls).
+//! - [`raw_http`]: a hand-written HTTP/1.1 server for the hostile-server tests of the clients.
 //!
 //! The PostgreSQL database of one test is the store's own (`store::testing`, cargo feature
 //! `test-support` of the store). This crate is a dev-dependency only: nothing here is built into
@@ -17,6 +18,7 @@
 pub mod destination;
 pub mod external;
 pub mod process;
+pub mod raw_http;
 pub mod sink;
 pub mod smart;
 
