@@ -29,6 +29,19 @@ pub trait ExportAccess: Send + Sync {
     /// Whether the caller may use the stored de-identification key set `name`
     /// (`_anonymizationKeySet`).
     fn may_use_key_set(&self, name: &str) -> bool;
+    /// The kind of job the caller's route serves (`/export-status/…` an export,
+    /// `/import-status/…` an import): a job of the other kind is unknown there (404). `None`:
+    /// any job (tools, tests).
+    fn job_kind(&self) -> Option<JobKind> {
+        None
+    }
+}
+
+/// An export or an `$import`: both are jobs of one queue, each with routes of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Export,
+    Import,
 }
 
 /// No authorization: every job and every type (servers without authentication, tools, tests).

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{OriginalUri, Path, RawQuery, State};
+use axum::extract::{MatchedPath, OriginalUri, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use export::{ExportError, ExportLevel, Status};
@@ -91,6 +91,57 @@ impl From<ExportError> for ApiError {
 /// cancel).
 struct Caller(AuthContext);
 
+/// [`Caller`] on a job's route: status, cancel and files of an export at `/export-…`, of an
+/// `$import` at `/import-…`; a job of the other kind is unknown there.
+struct OnRoute(AuthContext, export::access::JobKind);
+
+/// The kind of job `route` serves.
+fn route_kind(route: &MatchedPath) -> export::access::JobKind {
+    let p = route.as_str();
+    if p.contains("/import-status/") || p.contains("/import-files/") {
+        export::access::JobKind::Import
+    } else {
+        export::access::JobKind::Export
+    }
+}
+
+impl export::ExportAccess for OnRoute {
+    fn client_id(&self) -> Option<&str> {
+        self.0.client_id.as_deref()
+    }
+    fn owns(&self, owner: Option<&str>) -> bool {
+        self.0.owns(owner)
+    }
+    fn is_unrestricted(&self) -> bool {
+        self.0.scopes.is_unrestricted()
+    }
+    fn allows(&self, resource_type: &str, permission: export::access::Permission) -> bool {
+        Caller::allows_in(&self.0, resource_type, permission)
+    }
+    fn may_use_key_set(&self, name: &str) -> bool {
+        self.0.key_sets.allows(name)
+    }
+    fn job_kind(&self) -> Option<export::access::JobKind> {
+        Some(self.1)
+    }
+}
+
+impl Caller {
+    fn allows_in(
+        ctx: &AuthContext,
+        resource_type: &str,
+        permission: export::access::Permission,
+    ) -> bool {
+        let p = match permission {
+            export::access::Permission::Read => auth::Permission::Read,
+            export::access::Permission::Search => auth::Permission::Search,
+            export::access::Permission::Create => auth::Permission::Create,
+            export::access::Permission::Update => auth::Permission::Update,
+        };
+        ctx.scopes.allows(resource_type, p)
+    }
+}
+
 impl export::ExportAccess for Caller {
     fn client_id(&self) -> Option<&str> {
         self.0.client_id.as_deref()
@@ -102,13 +153,7 @@ impl export::ExportAccess for Caller {
         self.0.scopes.is_unrestricted()
     }
     fn allows(&self, resource_type: &str, permission: export::access::Permission) -> bool {
-        let p = match permission {
-            export::access::Permission::Read => auth::Permission::Read,
-            export::access::Permission::Search => auth::Permission::Search,
-            export::access::Permission::Create => auth::Permission::Create,
-            export::access::Permission::Update => auth::Permission::Update,
-        };
-        self.0.scopes.allows(resource_type, p)
+        Caller::allows_in(&self.0, resource_type, permission)
     }
     fn may_use_key_set(&self, name: &str) -> bool {
         self.0.key_sets.allows(name)
@@ -439,6 +484,7 @@ fn status_page_param(raw: Option<&str>) -> Result<Option<i64>, ApiError> {
 pub async fn status(
     State(state): State<AppState>,
     ctx: AuthContext,
+    route: MatchedPath,
     Path(job): Path<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -467,6 +513,7 @@ pub async fn status(
     // `Preference-Applied: wait` whenever the preference was taken (also when the answer was
     // ready at once): the client may then ask again at once, the pacing is the server's.
     let waited = waiting.is_some();
+    let kind = route_kind(&route);
     let view = loop {
         // Registered before looking, so that a change made while looking still wakes.
         let changed = svc.changes().notified();
@@ -475,7 +522,7 @@ pub async fn status(
         let (s, j, c) = (svc.clone(), job.clone(), ctx.clone());
         let looked = Instant::now();
         let view = crate::database_wait::run(state.database_wait, "export status", move || {
-            s.status_page(&j, page, &Caller(c))
+            s.status_page(&j, page, &OnRoute(c, kind))
         })
         .await??;
         let Some((wait, _)) = &waiting else {
@@ -596,11 +643,13 @@ pub async fn status(
 pub async fn cancel(
     State(state): State<AppState>,
     ctx: AuthContext,
+    route: MatchedPath,
     Path(job): Path<String>,
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
+    let kind = route_kind(&route);
     crate::database_wait::run(state.database_wait, "export cancel", move || {
-        svc.cancel(&job, &Caller(ctx))
+        svc.cancel(&job, &OnRoute(ctx, kind))
     })
     .await??;
     let oo = serde_json::json!({"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational", "diagnostics": "export cancelled; its files are removed"}]});
@@ -616,15 +665,17 @@ pub async fn cancel(
 pub async fn download(
     State(state): State<AppState>,
     ctx: AuthContext,
+    route: MatchedPath,
     Path((job, file)): Path<(String, String)>,
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let svc = state.export.clone();
+    let kind = route_kind(&route);
     let media = media_type(&file);
     let name = file.clone();
     let body = crate::database_wait::run(state.database_wait, "export download", move || {
-        svc.file(&job, &file, &Caller(ctx))
+        svc.file(&job, &file, &OnRoute(ctx, kind))
     })
     .await??;
     let head_only = method == Method::HEAD;

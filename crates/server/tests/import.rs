@@ -123,6 +123,18 @@ async fn an_export_imported_into_an_empty_server_exports_the_same_bytes() {
     let a = common::start(&some_patients(8), server::config::ExportOptions::default()).await;
     let first = a.export("/$export").await;
     let exported = lines_by_type(&a, &first).await;
+    // An export's job is unknown on the import routes (and so is its file).
+    let file = first["output"][0]["url"].as_str().expect("url");
+    let job = file.rsplit('/').nth(1).expect("job");
+    for url in [
+        file.replacen("/export-files/", "/import-files/", 1),
+        format!("{}/import-status/{job}", a.base),
+    ] {
+        let r = a.c.get(&url).send().await.expect("get");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{url}");
+    }
+    let r = a.c.get(file).send().await.expect("get");
+    assert_eq!(r.status(), StatusCode::OK, "{file}");
     let total: usize = exported.values().map(BTreeSet::len).sum();
     assert!(
         exported.len() >= 10 && total > 1000,

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use store::format::thousands;
 
 use super::{ExportError, ExportService, lock, now_ms};
-use crate::access::{self, ExportAccess};
+use crate::access::{self, ExportAccess, JobKind};
 use crate::jobs::{FileKind, ItemKind, JobRecord, JobState};
 use crate::record::{self, JobRequest, RecordError};
 use crate::request::{ExportRequest, RequestError};
@@ -254,6 +254,14 @@ impl ExportService {
             .get(id)?
             .ok_or_else(|| ExportError::UnknownJob(id.to_string()))?;
         if job.state == JobState::Cancelled || !access.owns(job.client_id.as_deref()) {
+            return Err(ExportError::UnknownJob(id.to_string()));
+        }
+        let kind = if record::is_import(&job) {
+            JobKind::Import
+        } else {
+            JobKind::Export
+        };
+        if access.job_kind().is_some_and(|k| k != kind) {
             return Err(ExportError::UnknownJob(id.to_string()));
         }
         if !access.is_unrestricted() {
