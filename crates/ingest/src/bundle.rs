@@ -1020,6 +1020,11 @@ fn retry_alone(
         if failed_one {
             continue;
         }
+        // Only the first circle that waits for nothing else: writing everything left at once
+        // made one failing entry behind a circle cost a rewrite of all the others, again for
+        // each such entry (quadratic in the Bundle's entries); those behind are written one by
+        // one once the circle is settled.
+        let group = state.closed_group(&group);
         let keys: Vec<Option<(String, String)>> = group
             .iter()
             .map(|i| copies.get(i).and_then(|c| op_key(&c.op)))
@@ -1124,6 +1129,69 @@ impl<'a> RetryState<'a> {
             .copied()
             .filter(|i| !self.settled.contains_key(i))
             .collect()
+    }
+
+    /// The first strongly connected set of `group` (unsettled entries, each waiting for another)
+    /// that depends on no unsettled entry outside itself: a circle of entries that name each
+    /// other, to be written together, in `group`'s order. Tarjan's algorithm without recursion
+    /// (a Bundle's entries may be many); the first set it completes reaches no other.
+    fn closed_group(&self, group: &[usize]) -> Vec<usize> {
+        let pos: HashMap<usize, usize> = group.iter().enumerate().map(|(k, &i)| (i, k)).collect();
+        let edges = |k: usize| -> Vec<usize> {
+            self.on
+                .get(&group[k])
+                .map(|ds| ds.iter().filter_map(|d| pos.get(&d.on).copied()).collect())
+                .unwrap_or_default()
+        };
+        let n = group.len();
+        let (mut index, mut low) = (vec![usize::MAX; n], vec![0; n]);
+        let mut on_stack = vec![false; n];
+        let (mut stack, mut next) = (Vec::new(), 0);
+        for root in 0..n {
+            if index[root] != usize::MAX {
+                continue;
+            }
+            index[root] = next;
+            low[root] = next;
+            next += 1;
+            stack.push(root);
+            on_stack[root] = true;
+            let mut calls: Vec<(usize, Vec<usize>, usize)> = vec![(root, edges(root), 0)];
+            while let Some(top) = calls.last_mut() {
+                let v = top.0;
+                if let Some(&w) = top.1.get(top.2) {
+                    top.2 += 1;
+                    if index[w] == usize::MAX {
+                        index[w] = next;
+                        low[w] = next;
+                        next += 1;
+                        stack.push(w);
+                        on_stack[w] = true;
+                        calls.push((w, edges(w), 0));
+                    } else if on_stack[w] {
+                        low[v] = low[v].min(index[w]);
+                    }
+                    continue;
+                }
+                calls.pop();
+                if let Some(parent) = calls.last() {
+                    low[parent.0] = low[parent.0].min(low[v]);
+                }
+                if low[v] == index[v] {
+                    let mut members = Vec::new();
+                    while let Some(w) = stack.pop() {
+                        on_stack[w] = false;
+                        members.push(w);
+                        if w == v {
+                            break;
+                        }
+                    }
+                    members.sort_unstable();
+                    return members.into_iter().map(|k| group[k]).collect();
+                }
+            }
+        }
+        group.to_vec()
     }
 
     /// Records the store's answer to the write of `index`: written, or failed with its error.

@@ -252,6 +252,62 @@ fn a_batch_retried_alone_writes_entries_that_name_each_other_together() {
     assert!(store.read("Patient", "x").is_err());
 }
 
+/// Two circles of entries that name each other, one failing, and many entries behind the other,
+/// each failing on its own: each circle is written (or fails) alone, the good circle's entries
+/// and those behind it settle one by one (each failure behind a circle used to rewrite the
+/// circle and everything else left, again for each failure: quadratic in the entries).
+#[test]
+fn circles_are_written_alone_and_failures_behind_them_settle_one_by_one() {
+    let (_d, store) = support::temp_store();
+    let mut entries = vec![
+        linked_patient("a", 1, 2, None),
+        linked_patient("b", 2, 1, None),
+        linked_patient("c", 3, 4, Some("W/\"9\"")),
+        linked_patient("d", 4, 3, None),
+    ];
+    for i in 0..200 {
+        let mut request = json!({"method": "PUT", "url": format!("Observation/o{i}")});
+        if i % 2 == 1 {
+            request["ifMatch"] = json!("W/\"9\"");
+        }
+        let mut o = obs("urn:uuid:77777777-0000-4000-8000-000000000001");
+        o["id"] = json!(format!("o{i}"));
+        entries.push(json!({"resource": o, "request": request}));
+    }
+    let mut behind_c = obs("urn:uuid:77777777-0000-4000-8000-000000000003");
+    behind_c["id"] = json!("oc");
+    entries
+        .push(json!({"resource": behind_c, "request": {"method": "PUT", "url": "Observation/oc"}}));
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
+    let resp = process_bundle(&*store, bundle, &BundleOptions::default()).unwrap();
+    let statuses = statuses(&resp);
+    assert_eq!(
+        statuses[..4],
+        [
+            "201 Created",
+            "201 Created",
+            "412 Precondition Failed",
+            "424 Failed Dependency"
+        ]
+    );
+    for i in 0..200 {
+        let expected = if i % 2 == 1 {
+            "412 Precondition Failed"
+        } else {
+            "201 Created"
+        };
+        assert_eq!(statuses[4 + i], expected, "entry {}", 4 + i);
+    }
+    assert_eq!(statuses[204], "424 Failed Dependency");
+    assert_eq!(store.read("Observation", "o0").unwrap().version, 1);
+    assert!(store.read("Observation", "o1").is_err());
+    assert!(store.read("Patient", "c").is_err());
+    let read = |id: &str| -> Value {
+        serde_json::from_slice(&store.read("Patient", id).unwrap().json).unwrap()
+    };
+    assert_eq!(read("a")["link"][0]["other"]["reference"], "Patient/b");
+}
+
 /// Entries that name each other and fail together in the store: the entry the store error
 /// names fails with it, the others that depend on it fail 424, and so does an entry behind them;
 /// an entry outside the circle is written.
