@@ -10,7 +10,10 @@ StructureDefinitions, SearchParameters and the Patient CompartmentDefinition).
 The output is a compact JSON document embedded into the `fhir-model` crate, so a fresh clone builds
 offline. Layout (short keys keep it small):
   types:  [{n: name, k: P|C|R|B (primitive, complex, resource, backbone), b: base, a: abstract,
-            e: [[name, choice, [type codes], min, many], ...]}]
+            e: [[name, choice, [type codes], min, many(, summary)], ...]}]
+          summary: a sixth item 1 when the element is marked isSummary in its base definition
+          (absent otherwise, so that most entries stay five items and readers of the five-item
+          layout can skip it)
   search: [{c: code, u: url, t: type, b: [bases], x: {base: expression-part}, tg: [targets],
             comp: [[definition, expression]]}]
   compartment: {Type: [param codes]}   (Patient compartment)
@@ -75,7 +78,10 @@ def convert(sd):
         owner = types.get(parent)
         if owner is None:
             raise SystemExit(f"no owner for {path}")
-        owner["e"].append([leaf, 1 if choice else 0, codes, int(el.get("min", 0)), 1 if max_ == "*" else 0])
+        entry = [leaf, 1 if choice else 0, codes, int(el.get("min", 0)), 1 if max_ == "*" else 0]
+        if el.get("isSummary"):
+            entry.append(1)
+        owner["e"].append(entry)
     return list(types.values())
 
 

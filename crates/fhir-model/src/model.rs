@@ -37,6 +37,8 @@ pub struct ElementDef {
     pub min: u32,
     /// `max == "*"`: the JSON representation is an array.
     pub max_many: bool,
+    /// `isSummary` in the base definition: part of a `_summary=true` answer.
+    pub summary: bool,
 }
 
 /// A type definition with its (flattened) elements.
@@ -332,7 +334,52 @@ struct RawType {
     k: String,
     b: Option<String>,
     a: bool,
-    e: Vec<(String, u8, Vec<String>, u32, u8)>,
+    e: Vec<RawElement>,
+}
+
+/// An element entry: `[name, choice, [type codes], min, many]`, then `1` when the element is
+/// marked `isSummary` (absent otherwise: entries of the first layout read as not summary).
+struct RawElement {
+    name: String,
+    choice: u8,
+    types: Vec<String>,
+    min: u32,
+    many: u8,
+    summary: u8,
+}
+
+impl<'de> Deserialize<'de> for RawElement {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = RawElement;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("[name, choice, types, min, many] with an optional summary flag")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawElement, A::Error> {
+                use serde::de::Error;
+                let missing = |i: usize| A::Error::invalid_length(i, &self);
+                let e = RawElement {
+                    name: seq.next_element()?.ok_or_else(|| missing(0))?,
+                    choice: seq.next_element()?.ok_or_else(|| missing(1))?,
+                    types: seq.next_element()?.ok_or_else(|| missing(2))?,
+                    min: seq.next_element()?.ok_or_else(|| missing(3))?,
+                    many: seq.next_element()?.ok_or_else(|| missing(4))?,
+                    summary: seq.next_element()?.unwrap_or(0),
+                };
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(A::Error::invalid_length(7, &self));
+                }
+                Ok(e)
+            }
+        }
+        d.deserialize_seq(Entry)
+    }
 }
 
 #[derive(Deserialize)]
@@ -372,12 +419,13 @@ impl Model {
             };
             let elements: Vec<ElementDef> =
                 t.e.into_iter()
-                    .map(|(name, choice, types, min, many)| ElementDef {
-                        name,
-                        choice: choice != 0,
-                        types,
-                        min,
-                        max_many: many != 0,
+                    .map(|e| ElementDef {
+                        name: e.name,
+                        choice: e.choice != 0,
+                        types: e.types,
+                        min: e.min,
+                        max_many: e.many != 0,
+                        summary: e.summary != 0,
                     })
                     .collect();
             let mut children = Vec::new();
@@ -533,6 +581,16 @@ impl Model {
     /// An element of a type by element name (`value` for `value[x]`).
     pub fn element(&self, type_name: &str, name: &str) -> Option<&ElementDef> {
         self.type_def(type_name)?.element(name)
+    }
+
+    /// Whether the element a JSON key names in a type is marked `isSummary` in its base
+    /// definition (`Patient`, `birthDate` or `_birthDate`; `Observation`, `valueQuantity`;
+    /// `Patient.link`, `other`): the elements `_summary=true` keeps. False for keys the type
+    /// does not define.
+    pub fn is_summary(&self, type_name: &str, json_key: &str) -> bool {
+        let name = json_key.strip_prefix('_').unwrap_or(json_key);
+        self.child(type_name, name)
+            .is_some_and(|c| c.element.summary)
     }
 
     /// All search parameters of a resource type, those defined on `Resource` and `DomainResource`
@@ -716,6 +774,60 @@ mod tests {
             m.child("Patient", "contained").unwrap().type_name,
             "Resource"
         );
+    }
+
+    #[test]
+    fn summary_flags() {
+        let m = r4();
+        for key in [
+            "id",
+            "meta",
+            "identifier",
+            "name",
+            "birthDate",
+            "_birthDate",
+            "deceasedBoolean",
+            "link",
+        ] {
+            assert!(m.is_summary("Patient", key), "Patient.{key}");
+        }
+        for key in [
+            "text",
+            "contained",
+            "extension",
+            "contact",
+            "photo",
+            // R4 marks a resource's modifierExtension not summary, a backbone's summary.
+            "modifierExtension",
+            "multipleBirthInteger",
+            "nonsense",
+        ] {
+            assert!(!m.is_summary("Patient", key), "Patient.{key}");
+        }
+        assert!(m.is_summary("Patient.link", "other"));
+        assert!(!m.is_summary("Patient.link", "id"));
+        assert!(m.is_summary("Patient.contact", "modifierExtension"));
+        assert!(!m.is_summary("Patient.contact", "name"));
+        assert!(m.is_summary("Observation", "valueQuantity"));
+        assert!(m.is_summary("Quantity", "value"));
+        assert!(!m.is_summary("Quantity", "extension"));
+        assert!(!m.is_summary("Extension", "url"));
+        assert!(!m.is_summary("Narrative", "div"));
+        assert!(m.is_summary("Age", "unit"), "inherited from Quantity");
+        assert!(!m.is_summary("NoSuchType", "id"));
+    }
+
+    #[test]
+    fn element_entries_read_with_and_without_the_summary_flag() {
+        let text = r#"{"types":[{"n":"T","k":"C","b":null,"a":false,"e":[["a",0,["string"],0,0],["b",0,["string"],1,1,1]]}],"search":[],"compartment":{}}"#;
+        let m = Model::from_json(text).unwrap();
+        assert!(!m.element("T", "a").unwrap().summary);
+        let b = m.element("T", "b").unwrap();
+        assert!(b.summary && b.max_many && b.min == 1);
+        for bad in [r#"["a",0,["string"],0]"#, r#"["a",0,["string"],0,0,1,9]"#] {
+            let text = text.replace(r#"["a",0,["string"],0,0]"#, bad);
+            assert!(Model::from_json(&text).is_err(), "{bad}");
+        }
     }
 
     #[test]

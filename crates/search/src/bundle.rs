@@ -3,17 +3,18 @@
 //!
 //! The server writes the Bundle as bytes around the resources' stored JSON ([`BundleBytes`],
 //! [`write_searchset`]): a resource is never parsed into a tree and written again (under
-//! `_elements` excepted), so a page costs about its stored bytes in memory, not the three to
-//! four times a `serde_json::Value` tree of it takes.
+//! `_elements` and `_summary`, a subset is cut from the stored bytes, [`crate::subset`]), so a
+//! page costs about its stored bytes in memory, not the three to four times a
+//! `serde_json::Value` tree of it takes.
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
-use crate::elements::apply_elements;
 use crate::error::SearchError;
 use crate::query::{Ignored, SearchQuery};
+use crate::subset::{Subset, Summary};
 
 /// One page of search results, each resource parsed.
 #[derive(Debug, Clone, Default)]
@@ -159,7 +160,8 @@ impl BundleBytes {
 }
 
 /// Writes the searchset Bundle of `page` as bytes ([`BundleBytes`]), each resource's stored
-/// JSON embedded as it is (under `_elements`, a match is parsed, cut and written again).
+/// JSON embedded as it is (under `_elements` a match, under `_summary=true|text|data` every
+/// resource, is cut from its stored bytes and tagged `SUBSETTED`).
 /// `base` is the server base URL without a trailing slash; `params` are the request's
 /// parameters as received (used for the links). An included resource whose type
 /// `include_allowed` refuses is left out (types the client may not read).
@@ -176,6 +178,12 @@ pub fn write_searchset(
     if let Some(c) = &page.next_cursor {
         links.push(json!({"relation": "next", "url": format!("{base}/{ty}?{}", link_query(params, Some(c)))}));
     }
+    // `_elements` cuts the matches only; `_summary` the included resources too.
+    let include_subset = q.summary.subset();
+    let match_subset = match &q.elements {
+        Some(names) => Some(Subset::Elements(names.clone())),
+        None => include_subset.clone(),
+    };
     let mut b = BundleBytes::default();
     b.raw(r#"{"resourceType":"Bundle","type":"searchset""#);
     if let Some(t) = page.total {
@@ -202,17 +210,19 @@ pub fn write_searchset(
         first = false;
         b.string(&full_url);
         b.raw(r#","resource":"#);
-        match &q.elements {
-            Some(els) if mode == "match" => {
-                let cut = apply_elements(&parse_stored(&json)?, els);
-                b.value(&cut);
-            }
-            _ => b.resource(json),
+        let subset = if mode == "match" {
+            &match_subset
+        } else {
+            &include_subset
+        };
+        match subset {
+            Some(subset) => b.resource(subset.apply(&json)?),
+            None => b.resource(json),
         }
         b.raw(&format!(r#","search":{{"mode":"{mode}"}}}}"#));
         Ok(())
     };
-    if !q.summary_count {
+    if q.summary != Summary::Count {
         for json in page.matches {
             entry(&mut b, json, "match")?;
         }
@@ -457,6 +467,57 @@ mod tests {
         let b = written(&q, &params, PageRows::default());
         assert_eq!(b["entry"], json!([]));
         assert!(b.get("total").is_none());
+    }
+
+    #[test]
+    fn summaries_cut_matches_and_includes_elements_only_matches() {
+        let obs = br#"{"resourceType":"Observation","id":"o","text":{"status":"generated","div":"<div xmlns=\"http://www.w3.org/1999/xhtml\">o</div>"},"status":"final","code":{"text":"c"},"subject":{"reference":"Patient/p"},"valueQuantity":{"value":1.50},"note":[{"text":"n"}]}"#.to_vec();
+        let pat = br#"{"resourceType":"Patient","id":"p","text":{"status":"generated","div":"<div xmlns=\"http://www.w3.org/1999/xhtml\">p</div>"},"gender":"male","contact":[{"name":{"family":"X"}}]}"#.to_vec();
+        let rows = || PageRows {
+            matches: vec![obs.clone()],
+            included: vec![pat.clone()],
+            ..Default::default()
+        };
+        let tagged = |r: &Json| {
+            r["meta"]["tag"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["code"] == "SUBSETTED"))
+        };
+        let (q, params) = query("_include=Observation:subject&_summary=true");
+        let chunks = write_searchset("http://h", &q, &params, rows(), &|_| true).unwrap();
+        let text = String::from_utf8(chunks.concat()).unwrap();
+        assert!(text.contains(r#""valueQuantity":{"value":1.50}"#), "{text}");
+        let b: Json = serde_json::from_str(&text).unwrap();
+        let (m, i) = (&b["entry"][0]["resource"], &b["entry"][1]["resource"]);
+        assert!(m.get("note").is_none() && m.get("text").is_none(), "{m}");
+        assert_eq!(m["subject"]["reference"], "Patient/p");
+        assert!(i.get("contact").is_none() && i.get("text").is_none(), "{i}");
+        assert_eq!(i["gender"], "male");
+        assert!(tagged(m) && tagged(i));
+
+        let (q, params) = query("_include=Observation:subject&_summary=text");
+        let b = written(&q, &params, rows());
+        let (m, i) = (&b["entry"][0]["resource"], &b["entry"][1]["resource"]);
+        assert!(m.get("subject").is_none() && m["text"]["status"] == "generated");
+        assert_eq!(m["status"], "final");
+        assert!(i.get("gender").is_none() && i["text"]["status"] == "generated");
+
+        let (q, params) = query("_include=Observation:subject&_summary=data");
+        let b = written(&q, &params, rows());
+        let (m, i) = (&b["entry"][0]["resource"], &b["entry"][1]["resource"]);
+        assert!(m.get("text").is_none() && m["note"][0]["text"] == "n");
+        assert!(i.get("text").is_none() && i["contact"][0]["name"]["family"] == "X");
+        assert!(tagged(m) && tagged(i));
+
+        // `_elements` cuts the matches only, as before; `_summary=false` nothing.
+        let (q, params) = query("_include=Observation:subject&_elements=status");
+        let b = written(&q, &params, rows());
+        let (m, i) = (&b["entry"][0]["resource"], &b["entry"][1]["resource"]);
+        assert!(m.get("note").is_none() && tagged(m));
+        assert!(i.get("contact").is_some() && !tagged(i));
+        let (q, params) = query("_include=Observation:subject&_summary=false");
+        let chunks = write_searchset("http://h", &q, &params, rows(), &|_| true).unwrap();
+        assert!(chunks.contains(&obs) && chunks.contains(&pat));
     }
 
     #[test]

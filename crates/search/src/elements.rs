@@ -1,62 +1,110 @@
-//! `_elements`: keep only the named top-level elements of a resource (plus `resourceType`, `id`,
-//! `meta` and the type's mandatory elements) and tag the result `SUBSETTED`.
+//! `_elements` and `_summary` as parameters: the element names `_elements` lists, the subset a
+//! read asks for, and [`apply_elements`] over a parsed resource. The cutting itself is
+//! [`crate::subset`]'s, over stored bytes.
 
-use serde_json::{Map, Value as Json, json};
+use serde_json::Value as Json;
 
-const SUBSETTED: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
+use crate::error::SearchError;
+use crate::subset::{Subset, Summary};
 
-/// Returns the subset of `resource` that `_elements` asks for.
+/// The element names of one `_elements` value: comma-separated, blanks dropped, and a name
+/// with a type (`Patient.name`) cut to the element (`name`). Search and read both take
+/// `_elements` through it.
+pub fn parse_elements(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| e.split_once('.').map_or(e, |(_, el)| el).to_string())
+        .collect()
+}
+
+/// The value of a `_summary` parameter (`param`: its name as written, for the error).
+pub fn parse_summary(param: &str, value: &str) -> Result<Summary, SearchError> {
+    Summary::parse(value).ok_or_else(|| {
+        SearchError::invalid(
+            param,
+            format!("'{value}' is not one of true, text, data, count, false"),
+        )
+    })
+}
+
+/// `_summary` other than `false` with `_elements`: refused, as HAPI FHIR refuses it (FHIR
+/// lets a server refuse the pair or let `_elements` win).
+pub(crate) fn check_combination(
+    summary: Summary,
+    elements: Option<&[String]>,
+) -> Result<(), SearchError> {
+    if summary != Summary::False && elements.is_some() {
+        return Err(SearchError::invalid(
+            "_summary",
+            format!(
+                "_summary={} cannot be combined with _elements",
+                summary.as_str()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The subset a read or vread asks for with `_elements` and `_summary` (`params`: the
+/// request's query parameters), taken as a search takes them: `None` for the whole resource
+/// (`_summary=false`, or neither). Refused: `_summary=count` (searches only), a value that is
+/// not a `_summary` value, two different `_summary` values, and `_summary` with `_elements`.
+pub fn read_subset(params: &[(String, String)]) -> Result<Option<Subset>, SearchError> {
+    let mut summary: Option<Summary> = None;
+    let mut elements: Option<Vec<String>> = None;
+    for (name, value) in params {
+        match name.as_str() {
+            "_summary" => {
+                let s = parse_summary(name, value)?;
+                if s == Summary::Count {
+                    return Err(SearchError::invalid(
+                        name,
+                        "_summary=count applies to searches, not to reads",
+                    ));
+                }
+                if summary.is_some_and(|earlier| earlier != s) {
+                    return Err(SearchError::invalid(
+                        name,
+                        "given twice, with different values",
+                    ));
+                }
+                summary = Some(s);
+            }
+            "_elements" => elements
+                .get_or_insert_with(Vec::new)
+                .extend(parse_elements(value)),
+            _ => {}
+        }
+    }
+    let summary = summary.unwrap_or_default();
+    check_combination(summary, elements.as_deref())?;
+    Ok(match elements {
+        Some(names) => Some(Subset::Elements(names)),
+        None => summary.subset(),
+    })
+}
+
+/// Returns the subset of `resource` that `_elements` asks for: its `resourceType`, `id`,
+/// `meta`, mandatory and named top-level elements, tagged `SUBSETTED` ([`Subset::Elements`]
+/// over its JSON). A value that is not an object is returned as it is.
 pub fn apply_elements(resource: &Json, elements: &[String]) -> Json {
-    let Some(obj) = resource.as_object() else {
+    if !resource.is_object() {
         return resource.clone();
-    };
-    let ty = obj
-        .get("resourceType")
-        .and_then(Json::as_str)
-        .unwrap_or_default();
-    let model = fhir_model::r4();
-    let mandatory = |key: &str| {
-        let name = key.trim_start_matches('_');
-        model
-            .type_def(ty)
-            .and_then(|t| {
-                t.elements
-                    .iter()
-                    .find(|e| name == e.name || (e.choice && name.starts_with(e.name.as_str())))
-            })
-            .is_some_and(|e| e.min > 0)
-    };
-    let wanted = |key: &str| {
-        let name = key.trim_start_matches('_');
-        matches!(name, "resourceType" | "id" | "meta")
-            || mandatory(key)
-            || elements.iter().any(|e| {
-                e == name
-                    // choice elements: `_elements=value` keeps `valueQuantity`
-                    || (name.starts_with(e.as_str())
-                        && name[e.len()..].starts_with(|c: char| c.is_ascii_uppercase())
-                        && model.element(ty, e).is_some_and(|d| d.choice))
-            })
-    };
-    let mut out = Map::new();
-    for (k, v) in obj {
-        if wanted(k) {
-            out.insert(k.clone(), v.clone());
-        }
     }
-    let meta = out.entry("meta").or_insert_with(|| json!({}));
-    if let Some(m) = meta.as_object_mut() {
-        let tags = m.entry("tag").or_insert_with(|| json!([]));
-        if let Some(a) = tags.as_array_mut() {
-            a.push(json!({"system": SUBSETTED, "code": "SUBSETTED"}));
-        }
-    }
-    Json::Object(out)
+    let subset = Subset::Elements(elements.to_vec());
+    serde_json::to_vec(resource)
+        .ok()
+        .and_then(|bytes| subset.apply(&bytes).ok())
+        .and_then(|cut| serde_json::from_slice(&cut).ok())
+        .unwrap_or_else(|| resource.clone())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn keeps_requested_and_mandatory() {
@@ -77,5 +125,61 @@ mod tests {
             ]
         );
         assert_eq!(out["meta"]["tag"][0]["code"], "SUBSETTED");
+    }
+
+    #[test]
+    fn element_lists() {
+        assert_eq!(
+            parse_elements(" name, Patient.birthDate,,_id ,"),
+            ["name", "birthDate", "_id"]
+        );
+        assert!(parse_elements("").is_empty());
+    }
+
+    fn pairs(text: &str) -> Vec<(String, String)> {
+        crate::query::parse_query_string(text)
+    }
+
+    #[test]
+    fn read_subsets() {
+        assert_eq!(read_subset(&pairs("")).unwrap(), None);
+        assert_eq!(read_subset(&pairs("_summary=false")).unwrap(), None);
+        assert_eq!(
+            read_subset(&pairs("_summary=true")).unwrap(),
+            Some(Subset::Summary)
+        );
+        assert_eq!(
+            read_subset(&pairs("_summary=text&_summary=text")).unwrap(),
+            Some(Subset::Text)
+        );
+        assert_eq!(
+            read_subset(&pairs("_summary=data&_format=json")).unwrap(),
+            Some(Subset::Data)
+        );
+        assert_eq!(
+            read_subset(&pairs("_elements=Patient.name,gender&_elements=birthDate")).unwrap(),
+            Some(Subset::Elements(vec![
+                "name".into(),
+                "gender".into(),
+                "birthDate".into()
+            ]))
+        );
+        assert_eq!(
+            read_subset(&pairs("_summary=false&_elements=name")).unwrap(),
+            Some(Subset::Elements(vec!["name".into()]))
+        );
+        for bad in [
+            "_summary=count",
+            "_summary=yes",
+            "_summary=true&_summary=data",
+            "_summary=true&_elements=name",
+            "_elements=name&_summary=text",
+        ] {
+            let e = read_subset(&pairs(bad)).unwrap_err();
+            assert!(
+                matches!(&e, SearchError::InvalidValue { param, .. } if param == "_summary"),
+                "{bad}: {e:?}"
+            );
+        }
     }
 }

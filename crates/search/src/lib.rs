@@ -14,7 +14,8 @@
 //!   the server.
 //! - [`predicate`]: compiled predicates for bulk export `_typeFilter` ([`Predicate`],
 //!   [`PredicateSet`]).
-//! - [`bundle`], [`elements`]: the searchset Bundle and `_elements`.
+//! - [`bundle`], [`elements`], [`subset`]: the searchset Bundle, and `_elements` and
+//!   `_summary` (parameters, and the subset of a resource cut from its stored bytes).
 //! - [`reindex`](reindex()): rebuild the index of existing data.
 //!
 //! Architecture invariant: the same extraction code feeds the index tables and the in-memory
@@ -32,6 +33,7 @@ pub mod predicate;
 pub mod query;
 pub mod registry;
 mod reindex;
+pub mod subset;
 pub mod values;
 
 pub use bundle::{
@@ -50,3 +52,4 @@ pub use query::{
     StringMatch, TotalMode, Value, parse_query, parse_query_string,
 };
 pub use reindex::reindex;
+pub use subset::{Subset, Summary};

@@ -3,7 +3,9 @@
 
 use fhir_model::{SearchParamType, r4};
 
+use crate::elements::{check_combination, parse_elements, parse_summary};
 use crate::error::SearchError;
+use crate::subset::Summary;
 use crate::values::{self, DateRange, Decimal};
 
 /// Comparison prefixes and string modes are the store plan's own types (the query hands them to
@@ -129,7 +131,7 @@ impl SearchQuery {
     /// Whether the search answers with resources (matches, and what they include): every
     /// search but a total alone (`_summary=count`, `_count=0`).
     pub fn returns_resources(&self) -> bool {
-        !(self.summary_count || self.count == 0)
+        !(self.summary == Summary::Count || self.count == 0)
     }
 
     /// Restricts every `_include` (and `_include:iterate`) to references to `types`. A
@@ -182,9 +184,11 @@ pub struct SearchQuery {
     /// Page size (`_count`), capped at [`MAX_COUNT`]; `0` asks only for the total.
     pub count: u32,
     pub total: TotalMode,
-    /// `_summary=count`.
-    pub summary_count: bool,
-    /// `_elements`: top-level element names to keep.
+    /// `_summary`: `count` for a total alone, `true`, `text` or `data` for a subset of each
+    /// resource, matches and included ones alike ([`crate::subset`]). Never other than
+    /// `false` together with `elements` (the pair is refused).
+    pub summary: Summary,
+    /// `_elements`: top-level element names to keep of each match.
     pub elements: Option<Vec<String>>,
     /// Opaque keyset-paging cursor (`_cursor`) produced by a previous page.
     pub cursor: Option<String>,
@@ -379,7 +383,7 @@ pub fn parse_query(
         sort: Vec::new(),
         count: DEFAULT_COUNT,
         total: TotalMode::None,
-        summary_count: false,
+        summary: Summary::False,
         elements: None,
         cursor: None,
         ignored: Vec::new(),
@@ -401,6 +405,7 @@ pub fn parse_query(
             Err(e) => return Err(e),
         }
     }
+    check_combination(q.summary, q.elements.as_deref())?;
     Ok(q)
 }
 
@@ -462,23 +467,20 @@ fn parse_one(
                 }
             }
         }
-        "_summary" => match value {
-            "count" => q.summary_count = true,
-            "false" => {}
-            _ => return Err(SearchError::unsupported(name, "only _summary=count")),
-        },
-        "_elements" => {
-            let list: Vec<String> = value
-                .split(',')
-                .map(|e| e.trim())
-                .filter(|e| !e.is_empty())
-                .map(|e| match e.split_once('.') {
-                    Some((_, el)) => el.to_string(),
-                    None => e.to_string(),
-                })
-                .collect();
-            q.elements.get_or_insert_with(Vec::new).extend(list);
+        "_summary" => {
+            let summary = parse_summary(name, value)?;
+            if q.summary != Summary::False && q.summary != summary {
+                return Err(SearchError::invalid(
+                    name,
+                    "given twice, with different values",
+                ));
+            }
+            q.summary = summary;
         }
+        "_elements" => q
+            .elements
+            .get_or_insert_with(Vec::new)
+            .extend(parse_elements(value)),
         "_cursor" => q.cursor = Some(value.to_string()),
         "_sort" => {
             for key in value.split(',').map(str::trim).filter(|k| !k.is_empty()) {
@@ -1134,10 +1136,51 @@ mod tests {
     }
 
     #[test]
+    fn summary_values() {
+        for (text, summary) in [
+            ("_summary=count", Summary::Count),
+            ("_summary=true", Summary::True),
+            ("_summary=text", Summary::Text),
+            ("_summary=data", Summary::Data),
+            ("_summary=false", Summary::False),
+            ("_summary=true&_summary=true", Summary::True),
+            ("_summary=false&_summary=data", Summary::Data),
+        ] {
+            let q = parse("Observation", text).unwrap();
+            assert_eq!(q.summary, summary, "{text}");
+            assert_eq!(q.returns_resources(), summary != Summary::Count, "{text}");
+        }
+        let lenient = ParseOptions {
+            lenient: true,
+            ..Default::default()
+        };
+        // Refused even under handling=lenient: ignoring them would return what the client
+        // did not ask for.
+        for bad in [
+            "_summary=yes",
+            "_summary=TRUE",
+            "_summary=true&_summary=count",
+            "_summary=true&_elements=status",
+            "_elements=status&_summary=data",
+            "_summary=count&_elements=status",
+        ] {
+            for opts in [ParseOptions::default(), lenient] {
+                let e = parse_query("Observation", &pairs(bad), opts).unwrap_err();
+                assert!(
+                    matches!(&e, SearchError::InvalidValue { param, .. } if param == "_summary"),
+                    "{bad}: {e:?}"
+                );
+            }
+        }
+        let q = parse("Observation", "_summary=false&_elements=status").unwrap();
+        assert_eq!(q.elements.as_deref().unwrap(), ["status"]);
+    }
+
+    #[test]
     fn result_parameters() {
         let q = parse(
             "Observation",
-            "_sort=-date,_id&_count=10&_total=accurate&_include=Observation:subject&_revinclude=Provenance:target&_elements=id,status&_summary=count&_format=json",
+            "_sort=-date,_id&_count=10&_total=accurate&_include=Observation:subject&_revinclude=Provenance:target&_elements=id,Observation.status&_summary=false&_format=json",
         )
         .unwrap();
         assert_eq!(q.sort.len(), 2);
@@ -1146,8 +1189,8 @@ mod tests {
         assert_eq!(q.total, TotalMode::Accurate);
         assert_eq!(q.includes.len(), 1);
         assert_eq!(q.revincludes.len(), 1);
-        assert!(q.summary_count);
-        assert_eq!(q.elements.as_ref().unwrap().len(), 2);
+        assert_eq!(q.summary, Summary::False);
+        assert_eq!(q.elements.as_deref().unwrap(), ["id", "status"]);
         let e = parse_query(
             "Observation",
             &pairs("_sort=date"),

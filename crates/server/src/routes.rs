@@ -341,10 +341,10 @@ async fn read(
     check_type(&rtype)?;
     ctx.require_read(&rtype)?;
     check_id(&id)?;
-    let elements = read_elements(raw.as_deref())?;
+    let subset = search::elements::read_subset(&query_pairs(raw.as_deref()))?;
     let store = state.store.clone();
     let r = blocking(state.database_wait, move || Ok(store.read(&rtype, &id)?)).await?;
-    read_response(r, elements)
+    read_response(r, subset)
 }
 
 async fn vread(
@@ -356,7 +356,7 @@ async fn vread(
     check_type(&rtype)?;
     ctx.require_read(&rtype)?;
     check_id(&id)?;
-    let elements = read_elements(raw.as_deref())?;
+    let subset = search::elements::read_subset(&query_pairs(raw.as_deref()))?;
     let version: i64 = vid
         .parse()
         .ok()
@@ -367,46 +367,18 @@ async fn vread(
         Ok(store.vread(&rtype, &id, version)?)
     })
     .await?;
-    read_response(r, elements)
+    read_response(r, subset)
 }
 
-/// `_elements` and `_summary` of a read or vread, taken as search takes them: `_elements` names
-/// the top-level elements to keep, `_summary=false` is the whole resource, and any other
-/// `_summary` is refused as search refuses it. Never ignored: a client must not take a whole
-/// resource for the subset it asked for.
-fn read_elements(raw: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
-    let mut elements: Option<Vec<String>> = None;
-    for (k, v) in query_pairs(raw) {
-        match k.as_str() {
-            "_summary" if v == "false" => {}
-            "_summary" => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "not-supported",
-                    format!("_summary={v} is not supported (only _summary=false on a read)"),
-                ));
-            }
-            "_elements" => {
-                let names = v.split(',').map(str::trim).filter(|e| !e.is_empty());
-                // `Patient.name` names the element `name`, as in search.
-                let names = names.map(|e| e.split_once('.').map_or(e, |(_, el)| el).to_string());
-                elements.get_or_insert_with(Vec::new).extend(names);
-            }
-            _ => {}
-        }
-    }
-    Ok(elements)
-}
-
-/// A read's answer: the stored bytes, or under `_elements` the subset (tagged `SUBSETTED`).
-fn read_response(r: StoredResource, elements: Option<Vec<String>>) -> Result<Response, ApiError> {
-    let Some(elements) = elements else {
+/// A read's answer: the stored bytes, or under `_elements` or `_summary=true|text|data` (taken
+/// as search takes them, [`search::elements::read_subset`]) the subset cut from them, tagged
+/// `SUBSETTED`. A subset asked for is never ignored: a client must not take a whole resource
+/// for the subset it asked for.
+fn read_response(r: StoredResource, subset: Option<search::Subset>) -> Result<Response, ApiError> {
+    let Some(subset) = subset else {
         return Ok(resource_response(StatusCode::OK, &r));
     };
-    let whole: Value = serde_json::from_slice(&r.json)
-        .map_err(|e| ApiError::internal("a stored resource is not JSON", e))?;
-    let cut = search::elements::apply_elements(&whole, &elements);
-    let json = serde_json::to_vec(&cut).map_err(|e| ApiError::internal("read", e))?;
+    let json = subset.apply(&r.json)?;
     Ok(resource_response(
         StatusCode::OK,
         &StoredResource { json, ..r },
@@ -597,7 +569,7 @@ impl Condition {
         q.sort.clear();
         q.cursor = None;
         q.elements = None;
-        q.summary_count = false;
+        q.summary = search::Summary::False;
         q.total = search::TotalMode::None;
         q.count = 2;
         let (exec, stop_when_dropped) = search::ExecOptions::under(&limits);
