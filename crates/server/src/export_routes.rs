@@ -88,58 +88,21 @@ impl From<ExportError> for ApiError {
 
 /// The caller as the export service sees it: its client and its current token's scopes. The
 /// service decides on the parsed request (kick-off) or the job's recorded one (status, files,
-/// cancel).
-struct Caller(AuthContext);
-
-/// [`Caller`] on a job's route: status, cancel and files of an export at `/export-…`, of an
-/// `$import` at `/import-…`; a job of the other kind is unknown there.
-struct OnRoute(AuthContext, export::access::JobKind);
+/// cancel). On a job's route, the kind of job the route serves: status, cancel and files of an
+/// export at `/export-…`, of an `$import` at `/import-…`; a job of the other kind is unknown
+/// there.
+struct Caller(AuthContext, Option<export::access::JobKind>);
 
 /// The kind of job `route` serves.
-fn route_kind(route: &MatchedPath) -> export::access::JobKind {
+fn route_kind(route: &MatchedPath) -> Option<export::access::JobKind> {
     let p = route.as_str();
-    if p.contains("/import-status/") || p.contains("/import-files/") {
-        export::access::JobKind::Import
-    } else {
-        export::access::JobKind::Export
-    }
-}
-
-impl export::ExportAccess for OnRoute {
-    fn client_id(&self) -> Option<&str> {
-        self.0.client_id.as_deref()
-    }
-    fn owns(&self, owner: Option<&str>) -> bool {
-        self.0.owns(owner)
-    }
-    fn is_unrestricted(&self) -> bool {
-        self.0.scopes.is_unrestricted()
-    }
-    fn allows(&self, resource_type: &str, permission: export::access::Permission) -> bool {
-        Caller::allows_in(&self.0, resource_type, permission)
-    }
-    fn may_use_key_set(&self, name: &str) -> bool {
-        self.0.key_sets.allows(name)
-    }
-    fn job_kind(&self) -> Option<export::access::JobKind> {
-        Some(self.1)
-    }
-}
-
-impl Caller {
-    fn allows_in(
-        ctx: &AuthContext,
-        resource_type: &str,
-        permission: export::access::Permission,
-    ) -> bool {
-        let p = match permission {
-            export::access::Permission::Read => auth::Permission::Read,
-            export::access::Permission::Search => auth::Permission::Search,
-            export::access::Permission::Create => auth::Permission::Create,
-            export::access::Permission::Update => auth::Permission::Update,
-        };
-        ctx.scopes.allows(resource_type, p)
-    }
+    Some(
+        if p.contains("/import-status/") || p.contains("/import-files/") {
+            export::access::JobKind::Import
+        } else {
+            export::access::JobKind::Export
+        },
+    )
 }
 
 impl export::ExportAccess for Caller {
@@ -153,10 +116,19 @@ impl export::ExportAccess for Caller {
         self.0.scopes.is_unrestricted()
     }
     fn allows(&self, resource_type: &str, permission: export::access::Permission) -> bool {
-        Caller::allows_in(&self.0, resource_type, permission)
+        let p = match permission {
+            export::access::Permission::Read => auth::Permission::Read,
+            export::access::Permission::Search => auth::Permission::Search,
+            export::access::Permission::Create => auth::Permission::Create,
+            export::access::Permission::Update => auth::Permission::Update,
+        };
+        self.0.scopes.allows(resource_type, p)
     }
     fn may_use_key_set(&self, name: &str) -> bool {
         self.0.key_sets.allows(name)
+    }
+    fn job_kind(&self) -> Option<export::access::JobKind> {
+        self.1
     }
 }
 
@@ -262,7 +234,7 @@ pub(crate) async fn kickoff(
             lenient,
             separate,
             request_url,
-            &Caller(ctx),
+            &Caller(ctx, None),
         )
     })
     .await??;
@@ -304,7 +276,7 @@ pub async fn import_kickoff(
     let request_url = format!("{}{}", state.base_url, uri);
     let svc = state.export.clone();
     let id = crate::database_wait::run(state.database_wait, "import kick-off", move || {
-        svc.import_kickoff(&body, request_url, &Caller(ctx))
+        svc.import_kickoff(&body, request_url, &Caller(ctx, None))
     })
     .await??;
     let location = format!("{}/import-status/{id}", state.base_url);
@@ -522,7 +494,7 @@ pub async fn status(
         let (s, j, c) = (svc.clone(), job.clone(), ctx.clone());
         let looked = Instant::now();
         let view = crate::database_wait::run(state.database_wait, "export status", move || {
-            s.status_page(&j, page, &OnRoute(c, kind))
+            s.status_page(&j, page, &Caller(c, kind))
         })
         .await??;
         let Some((wait, _)) = &waiting else {
@@ -649,7 +621,7 @@ pub async fn cancel(
     let svc = state.export.clone();
     let kind = route_kind(&route);
     crate::database_wait::run(state.database_wait, "export cancel", move || {
-        svc.cancel(&job, &OnRoute(ctx, kind))
+        svc.cancel(&job, &Caller(ctx, kind))
     })
     .await??;
     let oo = serde_json::json!({"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational", "diagnostics": "export cancelled; its files are removed"}]});
@@ -675,7 +647,7 @@ pub async fn download(
     let media = media_type(&file);
     let name = file.clone();
     let body = crate::database_wait::run(state.database_wait, "export download", move || {
-        svc.file(&job, &file, &OnRoute(ctx, kind))
+        svc.file(&job, &file, &Caller(ctx, kind))
     })
     .await??;
     let head_only = method == Method::HEAD;

@@ -391,6 +391,19 @@ impl SqliteJobQueue {
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Records a job's cleanup `from` as done (`to`) and drops its hold.
+    fn cleanup_done(&self, id: &str, from: &str, to: &str) -> Result<(), QueueError> {
+        self.conn().execute(
+            "UPDATE export_job SET cleanup = ?3 WHERE id = ?1 AND cleanup = ?2",
+            rusqlite::params![id, from, to],
+        )?;
+        self.cleanup_holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
+    }
 }
 
 impl AssertionRecord for SqliteJobQueue {
@@ -1012,27 +1025,11 @@ impl JobQueue for SqliteJobQueue {
     }
 
     fn cleaned(&self, id: &str) -> Result<(), QueueError> {
-        self.conn().execute(
-            "UPDATE export_job SET cleanup = 'done' WHERE id = ?1 AND cleanup = 'pending'",
-            [id],
-        )?;
-        self.cleanup_holds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        Ok(())
+        self.cleanup_done(id, "pending", "done")
     }
 
     fn parts_cleaned(&self, id: &str) -> Result<(), QueueError> {
-        self.conn().execute(
-            "UPDATE export_job SET cleanup = 'none' WHERE id = ?1 AND cleanup = 'parts'",
-            [id],
-        )?;
-        self.cleanup_holds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        Ok(())
+        self.cleanup_done(id, "parts", "none")
     }
 
     fn key_sets(&self) -> Option<&dyn crate::keysets::KeySets> {
