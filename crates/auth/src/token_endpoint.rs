@@ -349,7 +349,7 @@ impl SmartAuth {
         let requested = Scopes::parse(scope)
             .map_err(|e| OAuthError::new(OAuthErrorCode::InvalidScope, e.to_string()))?;
 
-        let client = self.authenticate_client_from(assertion, now, from).await?;
+        let client = self.authenticate_client(assertion, now, from).await?;
         if let Some(named) = form.client_id.as_deref()
             && named != client.client_id
         {
@@ -379,17 +379,9 @@ impl SmartAuth {
         })
     }
 
-    /// Validates a client assertion and returns the client it authenticates.
+    /// Validates a client assertion sent from client address `from` (`None` when unknown) and
+    /// returns the client it authenticates.
     pub async fn authenticate_client(
-        &self,
-        assertion: &str,
-        now: i64,
-    ) -> Result<Arc<RegisteredClient>, OAuthError> {
-        self.authenticate_client_from(assertion, now, None).await
-    }
-
-    /// [`SmartAuth::authenticate_client`] for a request from client address `from`.
-    pub async fn authenticate_client_from(
         &self,
         assertion: &str,
         now: i64,

@@ -1,8 +1,5 @@
 //! `_elements` and `_summary` as parameters: the element names `_elements` lists, the subset a
-//! read asks for, and [`apply_elements`] over a parsed resource. The cutting itself is
-//! [`crate::subset`]'s, over stored bytes.
-
-use serde_json::Value as Json;
+//! read asks for. The cutting itself is [`crate::subset`]'s, over stored bytes.
 
 use crate::error::SearchError;
 use crate::subset::{Subset, Summary};
@@ -86,31 +83,18 @@ pub fn read_subset(params: &[(String, String)]) -> Result<Option<Subset>, Search
     })
 }
 
-/// Returns the subset of `resource` that `_elements` asks for: its `resourceType`, `id`,
-/// `meta`, mandatory and named top-level elements, tagged `SUBSETTED` ([`Subset::Elements`]
-/// over its JSON). A value that is not an object is returned as it is.
-pub fn apply_elements(resource: &Json, elements: &[String]) -> Json {
-    if !resource.is_object() {
-        return resource.clone();
-    }
-    let subset = Subset::Elements(elements.to_vec());
-    serde_json::to_vec(resource)
-        .ok()
-        .and_then(|bytes| subset.apply(&bytes).ok())
-        .and_then(|cut| serde_json::from_slice(&cut).ok())
-        .unwrap_or_else(|| resource.clone())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value as Json, json};
 
     #[test]
     fn keeps_requested_and_mandatory() {
         let obs = json!({"resourceType":"Observation","id":"1","status":"final","code":{"text":"x"},
             "valueQuantity":{"value":1},"subject":{"reference":"Patient/1"},"note":[{"text":"n"}]});
-        let out = apply_elements(&obs, &["value".into(), "subject".into()]);
+        let subset = Subset::Elements(vec!["value".into(), "subject".into()]);
+        let cut = subset.apply(&serde_json::to_vec(&obs).unwrap()).unwrap();
+        let out: Json = serde_json::from_slice(&cut).unwrap();
         let keys: Vec<&String> = out.as_object().unwrap().keys().collect();
         assert_eq!(
             keys,
