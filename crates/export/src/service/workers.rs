@@ -228,8 +228,7 @@ impl ExportService {
         if item.kind == ItemKind::Finalize {
             let result =
                 crate::import::result(self.queue.as_ref(), job, request, &self.config.base_url)?;
-            let parts_left = !crate::run::remove_parts(self.config.sink.as_ref(), job);
-            self.record_completion(item, loaded, &result.to_string(), parts_left)?;
+            self.record_completion(job, item, loaded, &result.to_string())?;
             tracing::info!(job = %job.id, "import complete");
             self.forget(&job.id);
         } else {
@@ -484,8 +483,7 @@ impl ExportService {
             .as_ref()
             .map(|a| a.info.manifest_extension());
         let manifest = self.manifest_of(job, &prepared.req, anonymization, &files);
-        let parts_left = !crate::run::remove_parts(self.config.sink.as_ref(), job);
-        self.record_completion(item, 0, &manifest.to_string(), parts_left)?;
+        self.record_completion(job, item, 0, &manifest.to_string())?;
         let total: u64 = files
             .iter()
             .filter(|f| f.kind == FileKind::Output)
@@ -502,15 +500,16 @@ impl ExportService {
     /// one transaction, tried again while the job table is unavailable: a completion whose write
     /// failed must not leave the job `running` with every item done, which nothing would claim
     /// again. Should it still fail, the item stays held and its failure is recorded as any other
-    /// (retried, so finalized again, while attempts remain). `parts_left`: the temporary parts
-    /// folder could not be removed, recorded with the completion for the sweeper.
+    /// (retried, so finalized again, while attempts remain). The job's temporary parts folder
+    /// is removed first; one that could not be is recorded with the completion for the sweeper.
     fn record_completion(
         &self,
+        job: &JobRecord,
         item: &WorkItem,
         scanned: u64,
         result: &str,
-        parts_left: bool,
     ) -> Result<(), RunError> {
+        let parts_left = !crate::run::remove_parts(self.config.sink.as_ref(), job);
         if self.until_recorded(|| {
             self.queue
                 .complete_job(item, scanned, result, parts_left, now_ms())
