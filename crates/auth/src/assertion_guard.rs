@@ -69,8 +69,10 @@ impl DecoyKeys {
     }
 
     /// The decoy for an assertion of `alg` whose signature is `signature_len` bytes: for RSA the
-    /// key of that modulus length (a registered key of another length would refuse the
-    /// signature before any arithmetic; so does the decoy), else the 2048-bit one.
+    /// key of that modulus length, so that the check costs what a registered key of that length
+    /// costs (a signature whose length fits no registered key is checked against the decoy too:
+    /// `VerificationKey::fits_signature`); for a length no RSA key of an accepted size has, the
+    /// 2048-bit one, which refuses it before any arithmetic as every key would.
     pub(crate) fn for_assertion(&self, alg: Algorithm, signature_len: usize) -> &VerificationKey {
         match alg {
             Algorithm::ES256 => &self.es256,

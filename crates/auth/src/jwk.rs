@@ -44,6 +44,8 @@ pub struct VerificationKey {
     /// The JWK's own `alg`, when it pins one.
     pub alg: Option<Algorithm>,
     pub kind: KeyKind,
+    /// RSA: the modulus length in bytes, which every signature of the key has.
+    pub(crate) rsa_bytes: Option<usize>,
     pub(crate) decoding: DecodingKey,
 }
 
@@ -62,6 +64,15 @@ impl VerificationKey {
     /// Whether this key may verify a signature made with `alg`.
     pub fn accepts(&self, alg: Algorithm) -> bool {
         self.kind.fits(alg) && self.alg.is_none_or(|a| a == alg)
+    }
+
+    /// Whether a signature of `len` bytes can be this key's. An RSA key refuses one of another
+    /// length before any arithmetic, so a check against it would cost less than one against the
+    /// decoy of that length and tell a registered client apart: the token endpoint checks such
+    /// a signature against the decoy instead. (EC signatures of a wrong length are refused
+    /// before any arithmetic by a registered key and a decoy alike.)
+    pub(crate) fn fits_signature(&self, len: usize) -> bool {
+        self.rsa_bytes.is_none_or(|n| n == len)
     }
 }
 
@@ -93,6 +104,7 @@ pub(crate) fn parse_jwk(value: &serde_json::Value) -> Result<Option<Verification
             ));
         }
     };
+    let mut rsa_bytes = None;
     let (kind, decoding) = match &jwk.algorithm {
         AlgorithmParameters::RSA(p) => {
             let n = b64url_int_len(&p.n).ok_or("`n` is not base64url")?;
@@ -104,6 +116,7 @@ pub(crate) fn parse_jwk(value: &serde_json::Value) -> Result<Option<Verification
             }
             let key = DecodingKey::from_rsa_components(&p.n, &p.e)
                 .map_err(|_| "RSA `n`/`e` are not valid base64url".to_owned())?;
+            rsa_bytes = Some(n);
             (KeyKind::Rsa, key)
         }
         AlgorithmParameters::EllipticCurve(p) => {
@@ -132,6 +145,7 @@ pub(crate) fn parse_jwk(value: &serde_json::Value) -> Result<Option<Verification
         kid: jwk.common.key_id.clone(),
         alg,
         kind,
+        rsa_bytes,
         decoding,
     }))
 }

@@ -436,8 +436,9 @@ impl SmartAuth {
                 "too many failed client assertions for this client_id; retry later",
             ));
         }
-        let selected = self.select_key(iss, &header, alg).await;
+        // Unpadded base64url: the decoded length (the verifier refuses any other encoding).
         let signature_len = parts[2].len() * 3 / 4;
+        let selected = self.select_key(iss, &header, alg, signature_len).await;
         let (client, key, failure) = match selected {
             Ok((client, key)) => (Some(client), key, None),
             Err(reason) => (
@@ -482,6 +483,7 @@ impl SmartAuth {
         iss: &str,
         header: &AssertionHeader,
         alg: Algorithm,
+        signature_len: usize,
     ) -> Result<(Arc<RegisteredClient>, VerificationKey), String> {
         let client = self
             .registry
@@ -497,6 +499,11 @@ impl SmartAuth {
             .await
             .map_err(|e| e.description)?;
         let key = keys.pop().ok_or("no candidate key")?;
+        if !key.fits_signature(signature_len) {
+            return Err(format!(
+                "a {signature_len}-byte signature cannot be the registered key's"
+            ));
+        }
         Ok((client, key))
     }
 
@@ -870,11 +877,17 @@ mod tests {
 
     /// The same assertion with its signature replaced by random bytes of the same length.
     fn random_signature(a: &str) -> String {
-        let (signed, sig) = a.rsplit_once('.').unwrap();
+        let (_, sig) = a.rsplit_once('.').unwrap();
         let len = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(sig)
             .unwrap()
             .len();
+        random_signature_of(a, len)
+    }
+
+    /// `a` with random signature bytes of length `len`.
+    fn random_signature_of(a: &str, len: usize) -> String {
+        let (signed, _) = a.rsplit_once('.').unwrap();
         let mut bytes = vec![0u8; len];
         rand::Rng::fill_bytes(&mut rand::rng(), &mut bytes);
         format!(
@@ -916,6 +929,20 @@ mod tests {
                     "nobody",
                     t,
                 )),
+                true,
+            ),
+            // Review (timing): a registered key refused a signature of another length than
+            // its modulus before any arithmetic, while the decoy of that length did the
+            // exponentiation — a known id answered twice as fast. Such a signature is now
+            // checked against the decoy for a known id too.
+            (
+                "known iss, RSA signature of another length than the key's",
+                random_signature_of(&assertion("rsa-a.pem", rs, None, None, "one-key", t), 512),
+                true,
+            ),
+            (
+                "unknown iss, RSA signature of that length",
+                random_signature_of(&assertion("rsa-a.pem", rs, None, None, "nobody", t), 512),
                 true,
             ),
             (

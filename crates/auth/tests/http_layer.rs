@@ -204,6 +204,41 @@ async fn refusals_do_not_tell_client_ids_apart_and_failures_are_throttled() {
     assert_eq!(throttled[0], throttled[1]);
 }
 
+/// The failure throttle is kept per `iss` **and** client address: whoever sends failing
+/// assertions naming a client from one address locks that client out there only; the client
+/// itself, from its own address, still gets its token (through the HTTP layer, with the
+/// address the server sets on each connection).
+#[tokio::test]
+async fn a_client_throttled_at_one_address_gets_its_token_from_another() {
+    let auth = Auth::smart(smart());
+    let app = app(&auth);
+    let from = |ip: [u8; 4], body: &str| {
+        let mut req = token_request(body);
+        req.extensions_mut()
+            .insert(auth::ClientAddress(std::net::IpAddr::from(ip)));
+        req
+    };
+    let wrong = key("rsa-b.pem", None, "rsa-1");
+    let mut last = None;
+    for _ in 0..=auth::assertion_guard::THROTTLE_BURST {
+        let a = wrong.sign("rsa-client", TOKEN_URL, now()).unwrap();
+        last = Some(send(&app, from([10, 0, 0, 66], &form_body(&a, "system/*.rs"))).await);
+    }
+    let (status, _, _, text) = last.unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{text}");
+    // The attacker's address stays locked out, also with the right key.
+    let good = rsa_key().sign("rsa-client", TOKEN_URL, now()).unwrap();
+    let (status, _, _, text) =
+        send(&app, from([10, 0, 0, 66], &form_body(&good, "system/*.rs"))).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{text}");
+    // The client's own address is not.
+    let good = rsa_key().sign("rsa-client", TOKEN_URL, now()).unwrap();
+    let (status, _, json, text) =
+        send(&app, from([10, 0, 0, 7], &form_body(&good, "system/*.rs"))).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(json["access_token"].is_string());
+}
+
 #[tokio::test]
 async fn smart_configuration() {
     let auth = Auth::smart(smart());
