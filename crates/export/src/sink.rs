@@ -239,8 +239,18 @@ pub struct LocalSink {
 }
 
 impl LocalSink {
+    /// Containers under the folder `root`, which must exist when the sink is used: nothing
+    /// creates it later ([`LocalSink::create_root`] at start).
     pub fn new(root: impl Into<PathBuf>) -> LocalSink {
         LocalSink { root: root.into() }
+    }
+
+    /// Creates the storage root (and its parents) if it is missing, then the sink: what a server
+    /// does once when it starts. Later writes never create it again.
+    pub fn create_root(root: impl Into<PathBuf>) -> std::io::Result<LocalSink> {
+        let root = root.into();
+        fs::create_dir_all(&root)?;
+        Ok(LocalSink { root })
     }
 
     /// The path of `path` in `container`; names are checked by the callers (container rules,
@@ -338,6 +348,31 @@ fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
 }
 
 impl LocalSink {
+    /// `Ok` when the storage root is a folder. A root that is gone (an unmounted volume, a
+    /// removed or renamed folder) is the destination being unavailable, not an empty one: its
+    /// files are back with it, and what is written meanwhile must not land in a fresh folder on
+    /// the file system below the mount point (filling the server's own disk, and hidden by the
+    /// volume once it is mounted again). So nothing here creates the root: the server does,
+    /// once, when it starts ([`LocalSink::create_root`]).
+    fn root_is_there(&self) -> Result<(), SinkError> {
+        match fs::metadata(&self.root) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(SinkError::Unavailable(
+                "the storage root is not a folder".to_string(),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(SinkError::Unavailable(
+                "the storage root is missing (an unmounted volume?)".to_string(),
+            )),
+            Err(e) => Err(SinkError::from_io("the storage root", e)),
+        }
+    }
+
+    /// Creates the folders of `dir` (below the root), when the root is there.
+    fn make_dirs(&self, dir: &Path) -> Result<(), SinkError> {
+        self.root_is_there()?;
+        fs::create_dir_all(dir).map_err(|e| self.io_error(dir, e))
+    }
+
     /// An I/O error on `path`, named relative to the storage root (`<container>/<path>`): error
     /// texts reach clients and logs, and must not show the server's directories.
     fn io_error(&self, path: &Path, e: std::io::Error) -> SinkError {
@@ -390,13 +425,13 @@ impl Sink for LocalSink {
 
     fn ensure_container(&self, container: &str) -> Result<(), SinkError> {
         let p = self.path(container, "")?;
-        fs::create_dir_all(&p).map_err(|e| self.io_error(&p, e))
+        self.make_dirs(&p)
     }
 
     fn create(&self, container: &str, path: &str) -> Result<Box<dyn PartWriter>, SinkError> {
         let p = self.path(container, path)?;
         if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).map_err(|e| self.io_error(parent, e))?;
+            self.make_dirs(parent)?;
         }
         let f = File::create(&p).map_err(|e| self.io_error(&p, e))?;
         Ok(Box::new(LocalPart {
@@ -410,7 +445,9 @@ impl Sink for LocalSink {
         let (src, dst) = (self.path(container, from)?, self.path(container, to)?);
         if !src.exists() {
             // Renamed before (a retry after a crash), or gone with its folder (a cancel that
-            // removed the export while a worker was renaming): never re-create the folder.
+            // removed the export while a worker was renaming): never re-create the folder. Both
+            // only when the root is there: without it, the part is hidden, not gone.
+            self.root_is_there()?;
             return if dst.exists() {
                 Ok(())
             } else {
@@ -418,7 +455,7 @@ impl Sink for LocalSink {
             };
         }
         if let Some(parent) = dst.parent() {
-            fs::create_dir_all(parent).map_err(|e| self.io_error(parent, e))?;
+            self.make_dirs(parent)?;
         }
         fs::rename(&src, &dst).map_err(|e| self.io_error(&src, e))
     }
@@ -432,16 +469,7 @@ impl Sink for LocalSink {
             // renamed folder) hides the files rather than lacking them, and they are back with
             // it. That is the destination being unavailable, so the deletion stays recorded and
             // is retried, not recorded done.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match fs::metadata(&self.root) {
-                Ok(m) if m.is_dir() => Ok(()),
-                Ok(_) => Err(SinkError::Unavailable(
-                    "the storage root is not a folder".to_string(),
-                )),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(SinkError::Unavailable(
-                    "the storage root is missing (an unmounted volume?)".to_string(),
-                )),
-                Err(e) => Err(SinkError::from_io("the storage root", e)),
-            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.root_is_there(),
             Err(e) => Err(self.io_error(&p, e)),
         }
     }
@@ -604,7 +632,7 @@ mod tests {
     fn a_deletion_under_a_missing_storage_root_is_unavailable_not_done() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("storage");
-        let sink = LocalSink::new(&root);
+        let sink = LocalSink::create_root(&root).expect("root");
         sink.ensure_container("exports").expect("container");
         // Nothing under the prefix, nor a container: done.
         sink.delete_prefix("exports", "never-written")
@@ -632,6 +660,40 @@ mod tests {
         fs::rename(&aside, &root).expect("mount again");
         sink.delete_prefix("exports", "job").expect("delete");
         assert!(!root.join("exports/job").exists());
+    }
+
+    /// Reliability review: with the storage root gone, the next part written re-created it (and
+    /// the container and folders) on the file system below the mount point — filling the
+    /// server's own disk, the files hidden once the volume is mounted again. Every write that
+    /// makes folders is now `Unavailable` (retried) and leaves nothing behind.
+    #[test]
+    fn writes_under_a_missing_storage_root_are_unavailable_and_create_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("storage");
+        let sink = LocalSink::create_root(&root).expect("root");
+        sink.ensure_container("exports").expect("container");
+        let mut w = sink.create("exports", "job/_parts/a").expect("create");
+        w.write_all(b"{}\n").expect("write");
+        w.finish().expect("finish");
+        fs::rename(&root, dir.path().join("unmounted")).expect("unmount");
+        let unavailable = |r: Result<(), SinkError>| {
+            let e = r.expect_err("a missing root");
+            assert!(matches!(e, SinkError::Unavailable(_)), "{e:?}");
+            assert!(
+                !e.to_string().contains(&*dir.path().to_string_lossy()),
+                "{e}"
+            );
+        };
+        unavailable(sink.ensure_container("exports"));
+        unavailable(sink.create("exports", "job/_parts/b").map(drop));
+        unavailable(sink.rename("exports", "job/_parts/a", "job/Patient-1.ndjson"));
+        assert!(!root.exists(), "the root was created again");
+        // `new` never creates it either; `create_root` (the server's start) does.
+        unavailable(LocalSink::new(&root).ensure_container("exports"));
+        LocalSink::create_root(&root)
+            .expect("root")
+            .ensure_container("exports")
+            .expect("a root made at start");
     }
 
     /// Reliability review: only ENOSPC and EDQUOT were told apart; every other OS error failed

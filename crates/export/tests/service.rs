@@ -39,6 +39,8 @@ fn seeded() -> store::testing::TestStore {
 }
 
 fn config(dir: &Path, workers: usize) -> ExportConfig {
+    // The storage root is made at start (the server's `export_config`), never by a write.
+    std::fs::create_dir_all(dir.join("storage")).expect("storage root");
     let mut c = ExportConfig::local(dir.join("storage"), "http://fhirhose.test".into());
     c.workers = workers;
     c.run.item_resources = 250;
@@ -518,7 +520,7 @@ fn flaky_deletions(
     let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = down.clone();
     let sink = FaultySink::with_hook(
-        Arc::new(export::LocalSink::new(dir.join("storage"))),
+        Arc::new(export::LocalSink::create_root(dir.join("storage")).expect("root")),
         move |call| match call {
             Call::DeletePrefix { .. } if flag.load(std::sync::atomic::Ordering::SeqCst) => {
                 Some(Fault::Fail(export::SinkError::Unavailable(
@@ -645,7 +647,7 @@ fn a_parts_folder_left_at_completion_is_removed_by_a_later_sweep() {
     let flag = down.clone();
     // The destination refuses the removal of `_parts` folders while `down` is set.
     let sink = FaultySink::with_hook(
-        Arc::new(export::LocalSink::new(dir.path().join("storage"))),
+        Arc::new(export::LocalSink::create_root(dir.path().join("storage")).expect("root")),
         move |call| match call {
             Call::DeletePrefix { prefix, .. }
                 if prefix.ends_with("/_parts")

@@ -514,6 +514,14 @@ impl ExportOptions {
             let sink = export::ObjectStoreSink::new(remote, export::RemoteSettings::default())
                 .map_err(|e| ConfigError::Export(format!("export destination: {e}")))?;
             c.sink = std::sync::Arc::new(sink);
+        } else {
+            // The local storage root is made here, at start, and never again by a write: a
+            // root that vanishes later (an unmounted volume) makes writes wait, not recreate it.
+            let root = data_dir.join("storage");
+            let sink = export::LocalSink::create_root(&root).map_err(|e| {
+                ConfigError::Export(format!("storage folder {}: {e}", root.display()))
+            })?;
+            c.sink = std::sync::Arc::new(sink);
         }
         let registry = self.registry_settings()?;
         c.image_configs = Some(std::sync::Arc::new(move |image: &str, name: &str| {

@@ -114,7 +114,8 @@ impl ExportConfig {
         }
     }
 
-    /// Defaults for a local folder destination at `storage_root`.
+    /// Defaults for a local folder destination at `storage_root`, which must exist when the
+    /// service writes (nothing creates it later: [`crate::LocalSink::create_root`] at start).
     pub fn local(storage_root: PathBuf, base_url: String) -> ExportConfig {
         ExportConfig {
             sink: Arc::new(crate::sink::LocalSink::new(storage_root)),
