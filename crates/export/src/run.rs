@@ -434,7 +434,7 @@ fn apply_subset(mut v: Value, keep: &HashSet<String>) -> Value {
         if let Some(meta) = meta.as_object_mut() {
             let tags = meta.entry("tag").or_insert_with(|| json!([]));
             if let Some(tags) = tags.as_array_mut() {
-                tags.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}));
+                tags.push(json!({"system": fhir_model::SUBSETTED_SYSTEM, "code": fhir_model::SUBSETTED_CODE}));
             }
         }
     }

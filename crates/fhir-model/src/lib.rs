@@ -9,10 +9,12 @@
 
 mod model;
 mod primitives;
+mod subsetted;
 mod validate;
 
 pub use model::{
     ChildRef, ElementDef, KeyWords, Model, SearchParam, SearchParamType, TypeDef, TypeKind, r4,
 };
 pub use primitives::{primitive_text_ok, primitive_value_ok};
+pub use subsetted::{SUBSETTED_CODE, SUBSETTED_SYSTEM, subsetted_tag};
 pub use validate::ValidationIssue;

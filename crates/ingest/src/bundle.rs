@@ -734,12 +734,32 @@ fn check_resource_tracking(
             expression,
         });
     }
+    if let Some(issue) = subsetted_issue(resource) {
+        return Err(ResourceProblem::Invalid(vec![issue]));
+    }
     if validate {
         fhir_model::r4()
             .validate(resource)
             .map_err(ResourceProblem::Invalid)?;
     }
     Ok(())
+}
+
+/// A resource tagged `SUBSETTED` (read with `_summary` or `_elements`) is refused on every
+/// write path — REST, Bundles, the loader, `$import`: stored, it would replace the whole
+/// resource by the part that was read, and carry the tag into every later read and export.
+pub(crate) fn subsetted_issue(resource: &Value) -> Option<fhir_model::ValidationIssue> {
+    let i = fhir_model::subsetted_tag(resource)?;
+    let rtype = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("Resource");
+    Some(fhir_model::ValidationIssue {
+        path: format!("{rtype}.meta.tag[{i}]"),
+        message: "the resource is tagged SUBSETTED (read with _summary or _elements): it is \
+            incomplete and is not stored; write the whole resource"
+            .to_string(),
+    })
 }
 
 /// Fails (in place) every batch entry that depends on a failed entry, transitively, and keeps

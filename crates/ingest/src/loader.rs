@@ -650,6 +650,9 @@ fn prepare_item(
 /// What the R4 model finds wrong with `resource` (its first three issues), or `None` when it is
 /// valid: the loader's check, shared with `$import` ([`crate::import`]).
 pub(crate) fn validation_problem(resource: &Value) -> Option<String> {
+    if let Some(issue) = crate::bundle::subsetted_issue(resource) {
+        return Some(issue.to_string());
+    }
     let issues = fhir_model::r4().validate(resource).err()?;
     let shown: Vec<String> = issues.iter().take(3).map(|i| i.to_string()).collect();
     let more = if issues.len() > 3 {

@@ -26,7 +26,7 @@ use fhir_model::{ChildRef, Model, TypeDef, TypeKind};
 use crate::error::SearchError;
 
 /// The system of the `SUBSETTED` tag.
-pub const SUBSETTED_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
+pub const SUBSETTED_SYSTEM: &str = fhir_model::SUBSETTED_SYSTEM;
 
 /// The `SUBSETTED` tag as JSON text.
 const SUBSETTED_TAG: &str =

@@ -314,3 +314,46 @@ async fn searches_cut_matches_and_included_resources() {
     assert_eq!(p2["id"], "p2");
     assert!(subsetted(p2));
 }
+
+/// Review: a resource read with `_summary=true` and written back (`PUT`, `POST`, a Bundle
+/// entry) was stored as it came — the elements the summary left out gone from the new version,
+/// and the `SUBSETTED` tag kept in every later read and export. It is refused (400, the tag
+/// named), and nothing is written.
+#[tokio::test]
+async fn a_subsetted_resource_is_not_stored() {
+    let s = start().await;
+    load(&s).await;
+    let (_, cut) = get(&s, "/Patient/p1?_summary=true").await;
+    assert!(subsetted(&cut));
+    let (st, _, text) = send(&s, Method::PUT, "/Patient/p1", Some(cut.to_string())).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{text}");
+    let outcome: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert!(
+        text.contains("SUBSETTED") && text.contains("meta.tag"),
+        "{text}"
+    );
+    let mut created = cut.clone();
+    created.as_object_mut().unwrap().remove("id");
+    let (st, _, text) = send(&s, Method::POST, "/Patient", Some(created.to_string())).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{text}");
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": cut, "request": {"method": "PUT", "url": "Patient/p1"}}]});
+    let (st, _, text) = send(&s, Method::POST, "/", Some(batch.to_string())).await;
+    assert_eq!(st, StatusCode::OK, "{text}");
+    let b: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        b["entry"][0]["response"]["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("400"),
+        "{b}"
+    );
+    // The whole resource, at its version, untouched.
+    let (_, whole) = get(&s, "/Patient/p1").await;
+    assert_eq!(whole["meta"]["versionId"], "2");
+    assert!(!subsetted(&whole));
+    assert_eq!(whole["maritalStatus"]["text"], "M");
+    let (_, b) = get(&s, "/Patient?_total=accurate").await;
+    assert_eq!(b["total"], 2, "nothing created: {b}");
+}
