@@ -1679,11 +1679,24 @@ fn plan_entry(
             id,
             if_match,
         }),
-        Interaction::Read | Interaction::VRead if method == "GET" => EntryAction::Read {
-            resource_type: ty,
-            id,
-            version: typed.version,
-        },
+        Interaction::Read | Interaction::VRead if method == "GET" => {
+            // A subset asked of a read entry would be answered with the whole resource: refused
+            // rather than ignored (a direct read cuts it). Other parameters (`_format`,
+            // `_pretty`) change nothing here, as on a direct read.
+            if let Some(name) = subset_parameter(typed.query.as_deref()) {
+                return Err(not_supported(
+                    format!(
+                        "{name} on a read is not supported in a Bundle entry; read {ty}/{id} directly"
+                    ),
+                    ".request.url",
+                ));
+            }
+            EntryAction::Read {
+                resource_type: ty,
+                id,
+                version: typed.version,
+            }
+        }
         // `PATCH`, and `HEAD` of a read.
         Interaction::Patch
         | Interaction::ConditionalPatch
@@ -1710,6 +1723,19 @@ fn plan_entry(
         }
     };
     Ok((full_url, action))
+}
+
+/// The first parameter of a read's `query` that asks for a subset of the resource: `_elements`,
+/// or `_summary` other than `false`.
+fn subset_parameter(query: Option<&str>) -> Option<&'static str> {
+    query?.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "_elements" => Some("_elements"),
+            "_summary" if value != "false" => Some("_summary"),
+            _ => None,
+        }
+    })
 }
 
 /// The version an `If-Match` ETag names: `W/"3"` → 3, and the strong form `"3"` that clients

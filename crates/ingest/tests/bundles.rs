@@ -124,6 +124,37 @@ fn transaction_rolls_back_on_a_version_conflict() {
     assert_eq!(store.read("Patient", "a").unwrap().version, 1);
 }
 
+/// Review: `GET Patient/a?_elements=gender` in a batch answered the whole resource (the
+/// query of a read entry was dropped). A subset asked of a read entry is refused per entry;
+/// `_summary=false` and parameters that change nothing are read as a direct read reads them.
+#[test]
+fn a_read_entry_asking_for_a_subset_is_refused_not_answered_whole() {
+    let (_d, store) = support::temp_store();
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "a", "gender": "other"},
+         "request": {"method": "PUT", "url": "Patient/a"}},
+        {"request": {"method": "GET", "url": "Patient/a?_elements=gender"}},
+        {"request": {"method": "GET", "url": "Patient/a/_history/1?_summary=true"}},
+        {"request": {"method": "GET", "url": "Patient/a?_format=json&_summary=false"}}
+    ]});
+    let resp = process_bundle(&*store, bundle, &BundleOptions::default()).unwrap();
+    let e = resp["entry"].as_array().unwrap();
+    for (i, name) in [(1, "_elements"), (2, "_summary")] {
+        let status = e[i]["response"]["status"].as_str().unwrap();
+        assert!(
+            status.starts_with('4') || status.starts_with('5'),
+            "{status}"
+        );
+        assert!(e[i].get("resource").is_none());
+        let text = e[i]["response"]["outcome"]["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap();
+        assert!(text.contains(name), "{text}");
+    }
+    assert_eq!(e[3]["response"]["status"], "200 OK");
+    assert_eq!(e[3]["resource"]["gender"], "other");
+}
+
 #[test]
 fn batch_entries_succeed_or_fail_independently() {
     let (_d, store) = support::temp_store();

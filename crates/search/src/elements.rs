@@ -17,13 +17,31 @@ pub fn parse_elements(value: &str) -> Vec<String> {
 }
 
 /// The value of a `_summary` parameter (`param`: its name as written, for the error).
-pub fn parse_summary(param: &str, value: &str) -> Result<Summary, SearchError> {
+fn parse_summary(param: &str, value: &str) -> Result<Summary, SearchError> {
     Summary::parse(value).ok_or_else(|| {
         SearchError::invalid(
             param,
             format!("'{value}' is not one of true, text, data, count, false"),
         )
     })
+}
+
+/// The `_summary` of a request's parameters, one rule for reads and searches: `false` when
+/// absent; a value given more than once must be the same each time (`_summary=false&_summary=data`
+/// is refused as `_summary=data&_summary=false` is: which one was meant is the client's to say).
+pub fn summary_of(params: &[(String, String)]) -> Result<Summary, SearchError> {
+    let mut summary: Option<Summary> = None;
+    for (name, value) in params.iter().filter(|(n, _)| n == "_summary") {
+        let s = parse_summary(name, value)?;
+        if summary.is_some_and(|earlier| earlier != s) {
+            return Err(SearchError::invalid(
+                name,
+                "given twice, with different values",
+            ));
+        }
+        summary = Some(s);
+    }
+    Ok(summary.unwrap_or_default())
 }
 
 /// `_summary` other than `false` with `_elements`: refused, as HAPI FHIR refuses it (FHIR
@@ -49,33 +67,19 @@ pub(crate) fn check_combination(
 /// (`_summary=false`, or neither). Refused: `_summary=count` (searches only), a value that is
 /// not a `_summary` value, two different `_summary` values, and `_summary` with `_elements`.
 pub fn read_subset(params: &[(String, String)]) -> Result<Option<Subset>, SearchError> {
-    let mut summary: Option<Summary> = None;
-    let mut elements: Option<Vec<String>> = None;
-    for (name, value) in params {
-        match name.as_str() {
-            "_summary" => {
-                let s = parse_summary(name, value)?;
-                if s == Summary::Count {
-                    return Err(SearchError::invalid(
-                        name,
-                        "_summary=count applies to searches, not to reads",
-                    ));
-                }
-                if summary.is_some_and(|earlier| earlier != s) {
-                    return Err(SearchError::invalid(
-                        name,
-                        "given twice, with different values",
-                    ));
-                }
-                summary = Some(s);
-            }
-            "_elements" => elements
-                .get_or_insert_with(Vec::new)
-                .extend(parse_elements(value)),
-            _ => {}
-        }
+    let summary = summary_of(params)?;
+    if summary == Summary::Count {
+        return Err(SearchError::invalid(
+            "_summary",
+            "_summary=count applies to searches, not to reads",
+        ));
     }
-    let summary = summary.unwrap_or_default();
+    let mut elements: Option<Vec<String>> = None;
+    for (_, value) in params.iter().filter(|(n, _)| n == "_elements") {
+        elements
+            .get_or_insert_with(Vec::new)
+            .extend(parse_elements(value));
+    }
     check_combination(summary, elements.as_deref())?;
     Ok(match elements {
         Some(names) => Some(Subset::Elements(names)),

@@ -3,7 +3,7 @@
 
 use fhir_model::{SearchParamType, r4};
 
-use crate::elements::{check_combination, parse_elements, parse_summary};
+use crate::elements::{check_combination, parse_elements, summary_of};
 use crate::error::SearchError;
 use crate::subset::Summary;
 use crate::values::{self, DateRange, Decimal};
@@ -383,7 +383,7 @@ pub fn parse_query(
         sort: Vec::new(),
         count: DEFAULT_COUNT,
         total: TotalMode::None,
-        summary: Summary::False,
+        summary: summary_of(params)?,
         elements: None,
         cursor: None,
         ignored: Vec::new(),
@@ -467,16 +467,8 @@ fn parse_one(
                 }
             }
         }
-        "_summary" => {
-            let summary = parse_summary(name, value)?;
-            if q.summary != Summary::False && q.summary != summary {
-                return Err(SearchError::invalid(
-                    name,
-                    "given twice, with different values",
-                ));
-            }
-            q.summary = summary;
-        }
+        // Taken with its repeats before the loop ([`summary_of`]).
+        "_summary" => {}
         "_elements" => q
             .elements
             .get_or_insert_with(Vec::new)
@@ -1144,7 +1136,6 @@ mod tests {
             ("_summary=data", Summary::Data),
             ("_summary=false", Summary::False),
             ("_summary=true&_summary=true", Summary::True),
-            ("_summary=false&_summary=data", Summary::Data),
         ] {
             let q = parse("Observation", text).unwrap();
             assert_eq!(q.summary, summary, "{text}");
@@ -1160,6 +1151,8 @@ mod tests {
             "_summary=yes",
             "_summary=TRUE",
             "_summary=true&_summary=count",
+            "_summary=false&_summary=data",
+            "_summary=data&_summary=false",
             "_summary=true&_elements=status",
             "_elements=status&_summary=data",
             "_summary=count&_elements=status",
