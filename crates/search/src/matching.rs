@@ -32,8 +32,8 @@ pub fn number_matches(prefix: Prefix, v: f64, p: &Decimal) -> bool {
         Prefix::Ge => v >= p.value,
         Prefix::Le => v <= p.value,
         Prefix::Ap => {
-            let tol = (p.value.abs() * 0.1).max(p.hi - p.value);
-            (v - p.value).abs() <= tol
+            let (low, high) = store::plan::ap_range(p.value, p.lo, p.hi);
+            low <= v && v <= high
         }
     }
 }
@@ -133,6 +133,28 @@ pub fn param_matches(values: &[Value], negate: bool, entries: &[&IndexValue]) ->
 mod tests {
     use super::*;
     use crate::values::parse_date_range;
+
+    /// Review: `ap` of a number whose precision range overflows (`ap` of `f64::MAX`: its `hi` is
+    /// +∞) had an infinite tolerance and matched every number, negative ones included.
+    #[test]
+    fn ap_near_the_largest_number_matches_only_numbers_near_it() {
+        let near_max = crate::values::parse_decimal("1.7976931348623157e308").unwrap();
+        assert!(near_max.hi.is_infinite());
+        for v in [1.79e308, 1.65e308, f64::MAX] {
+            assert!(number_matches(Prefix::Ap, v, &near_max), "{v}");
+        }
+        for v in [0.0, -5.0, -f64::MAX, 1e300, 1.5e308] {
+            assert!(!number_matches(Prefix::Ap, v, &near_max), "{v}");
+        }
+        let neg = crate::values::parse_decimal("-1.7976931348623157e308").unwrap();
+        assert!(neg.lo.is_infinite());
+        assert!(number_matches(Prefix::Ap, -1.7e308, &neg));
+        assert!(!number_matches(Prefix::Ap, 0.0, &neg));
+        // Ordinary values keep their 10 % (`ap100` reaches 90..=110).
+        let hundred = crate::values::parse_decimal("100").unwrap();
+        assert!(number_matches(Prefix::Ap, 110.0, &hundred));
+        assert!(!number_matches(Prefix::Ap, 110.5, &hundred));
+    }
 
     #[test]
     fn date_prefixes() {

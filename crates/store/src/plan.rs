@@ -52,6 +52,30 @@ pub struct NumberRange {
     pub hi: f64,
 }
 
+impl NumberRange {
+    /// The numbers an `ap` search matches, `[low, high]` ([`ap_range`]).
+    pub fn ap_range(&self) -> (f64, f64) {
+        ap_range(self.value, self.lo, self.hi)
+    }
+}
+
+/// The numbers an `ap` search of `value` (precision range `[lo, hi)`) matches, both ends
+/// included: within 10 % of the value, or within its precision's half width when that is wider
+/// (FHIR leaves `ap` to the server). Near `f64::MAX` the precision range's far end overflows to
+/// infinity (`ap` of `f64::MAX`: `hi` is +∞); the half width is then taken from the finite end, else
+/// `ap` would match every number, negative ones included. A range rather than
+/// `abs(x - value) <= tolerance`: the subtraction overflows (PostgreSQL raises an error), and a
+/// range can use the value index. Search's in-memory matching takes it from here, so both say
+/// the same.
+pub fn ap_range(value: f64, lo: f64, hi: f64) -> (f64, f64) {
+    let half = match (hi - value, value - lo) {
+        (up, _) if up.is_finite() => up,
+        (_, down) => down,
+    };
+    let tolerance = (value.abs() * 0.1).max(half);
+    (value - tolerance, value + tolerance)
+}
+
 /// The kind of a search parameter, which decides its index table(s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamKind {

@@ -675,9 +675,9 @@ impl<'b> Builder<'b> {
             Prefix::Ge => format!("{col} >= {v}"),
             Prefix::Le => format!("{col} <= {v}"),
             Prefix::Ap => {
-                let tol = (d.value.abs() * 0.1).max(d.hi - d.value);
-                let t = self.p(SqlParam::Real(tol));
-                format!("abs({col} - {v}) <= {t}")
+                let (low, high) = d.ap_range();
+                let (a, b) = (self.p(SqlParam::Real(low)), self.p(SqlParam::Real(high)));
+                format!("({col} >= {a} AND {col} <= {b})")
             }
         }
     }
