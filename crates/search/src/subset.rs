@@ -113,6 +113,7 @@ impl Subset {
             out: Vec::with_capacity(json.len().min(1 << 16)),
             model: fhir_model::r4(),
             subset: self,
+            dropped: false,
         };
         cut.scan.ws();
         if cut.scan.peek() != Some(b'{') {
@@ -121,6 +122,12 @@ impl Subset {
             ));
         }
         cut.resource(true, 0)?;
+        // `_summary=data` of a resource without text, `_elements` naming all it has: the
+        // resource is complete, and a `SUBSETTED` tag would say otherwise (and keep a client
+        // from writing back what it read).
+        if !cut.dropped {
+            return Ok(json.to_vec());
+        }
         Ok(cut.out)
     }
 }
@@ -304,6 +311,9 @@ struct Cut<'a, 's> {
     out: Vec<u8>,
     model: &'static Model,
     subset: &'s Subset,
+    /// Whether anything of the stored resource was left out (else it is answered whole,
+    /// untagged: nothing is missing from it).
+    dropped: bool,
 }
 
 impl Cut<'_, '_> {
@@ -373,6 +383,7 @@ impl Cut<'_, '_> {
             match keep {
                 Keep::Drop => {
                     self.scan.skip_value()?;
+                    self.dropped = true;
                 }
                 Keep::Whole => {
                     self.key(any, &m.span)?;
@@ -386,6 +397,7 @@ impl Cut<'_, '_> {
                         any = true;
                     } else {
                         self.out.truncate(mark);
+                        self.dropped = true;
                     }
                 }
                 Keep::Summary(c) => {
@@ -396,6 +408,7 @@ impl Cut<'_, '_> {
                         any = true;
                     } else {
                         self.out.truncate(mark);
+                        self.dropped = true;
                     }
                 }
             }
@@ -571,11 +584,13 @@ impl Cut<'_, '_> {
                         items += 1;
                     } else {
                         self.out.truncate(mark);
+                        self.dropped = true;
                     }
                 }
                 self.out.push(b']');
                 if kept == 0 {
                     self.out.truncate(start);
+                    self.dropped = true;
                     return Ok(false);
                 }
                 Ok(true)
@@ -628,15 +643,18 @@ impl Cut<'_, '_> {
                         any = true;
                     } else {
                         self.out.truncate(mark);
+                        self.dropped = true;
                     }
                 }
                 None => {
                     self.scan.skip_value()?;
+                    self.dropped = true;
                 }
             }
         }
         if !any {
             self.out.truncate(start);
+            self.dropped = true;
             return Ok(false);
         }
         self.out.push(b'}');
@@ -695,6 +713,27 @@ mod tests {
     const TAG: &str = SUBSETTED_TAG;
 
     const PATIENT: &str = r#"{"resourceType":"Patient","id":"p1","meta":{"versionId":"2","lastUpdated":"2024-01-01T00:00:00Z"},"text":{"status":"generated","div":"<div xmlns=\"http://www.w3.org/1999/xhtml\">Jo</div>"},"extension":[{"url":"http://e/race","valueString":"x"}],"modifierExtension":[{"url":"http://e/mod","valueBoolean":true}],"identifier":[{"id":"i1","extension":[{"url":"http://e/i","valueString":"y"}],"system":"http://mrn","value":"12\u00e9"}],"active":true,"name":[{"family":"Doe","given":["Jo","Ann"],"_given":[null,{"extension":[{"url":"http://e/g","valueString":"z"}]}]}],"gender":"female","birthDate":"1970-01-01","_birthDate":{"extension":[{"url":"http://hl7.org/fhir/StructureDefinition/patient-birthTime","valueDateTime":"1970-01-01T10:00:00Z"}]},"deceasedBoolean":false,"maritalStatus":{"text":"M"},"multipleBirthInteger":2,"contact":[{"relationship":[{"text":"mother"}],"name":{"family":"Doe"},"modifierExtension":[{"url":"http://e/cm","valueBoolean":true}]},{"name":{"family":"Roe"}}],"communication":[{"language":{"text":"en"}}],"link":[{"id":"l1","other":{"reference":"Patient/p2"},"type":"seealso"}]}"#;
+
+    /// Review: a subset that leaves nothing out (`_summary=data` of a resource without text,
+    /// `_elements` naming all it has, `_summary=true` of a resource of summary elements only)
+    /// was tagged `SUBSETTED` all the same. It is the stored resource, byte for byte.
+    #[test]
+    fn a_subset_that_leaves_nothing_out_is_the_resource_untagged() {
+        let plain = r#"{"resourceType":"Patient","id":"p","meta":{"versionId":"1"},"gender":"male","birthDate":"1970-01-01"}"#;
+        for subset in [
+            Subset::Data,
+            Subset::Summary,
+            Subset::Elements(vec!["gender".into(), "birthDate".into()]),
+        ] {
+            let out = subset.apply(plain.as_bytes()).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), plain, "{subset:?}");
+        }
+        // One element fewer: tagged.
+        let (text, _) = cut(&Subset::Elements(vec!["gender".into()]), plain);
+        assert!(text.contains(TAG), "{text}");
+        let (text, _) = cut(&Subset::Text, plain);
+        assert!(text.contains(TAG), "{text}");
+    }
 
     #[test]
     fn summary_of_a_patient() {
@@ -853,14 +892,19 @@ mod tests {
 
     #[test]
     fn meta_is_made_or_tagged_once() {
-        let (text, _) = cut(&Subset::Summary, r#"{"resourceType":"Patient","id":"x"}"#);
+        // (Each input has an element the subset leaves out: a subset that leaves nothing out
+        // is the resource untagged.)
+        let (text, _) = cut(
+            &Subset::Summary,
+            r#"{"resourceType":"Patient","id":"x","maritalStatus":{"text":"M"}}"#,
+        );
         assert_eq!(
             text,
             format!(r#"{{"resourceType":"Patient","id":"x","meta":{{"tag":[{TAG}]}}}}"#)
         );
         let (text, _) = cut(
             &Subset::Text,
-            r#"{"meta":{"versionId":"1"},"resourceType":"Patient"}"#,
+            r#"{"meta":{"versionId":"1"},"resourceType":"Patient","gender":"male"}"#,
         );
         assert_eq!(
             text,
@@ -871,7 +915,7 @@ mod tests {
         assert_eq!(text, tagged, "already SUBSETTED: not tagged twice");
         let (text, _) = cut(
             &Subset::Data,
-            r#"{"resourceType":"Patient","meta":{"tag":[]}}"#,
+            r#"{"resourceType":"Patient","meta":{"tag":[]},"text":{"status":"empty"}}"#,
         );
         assert_eq!(
             text,

@@ -287,7 +287,11 @@ async fn searches_cut_matches_and_included_resources() {
     assert_eq!(keys(r), ["resourceType", "id", "meta", "text"]);
     let r = &b["entry"][1]["resource"];
     assert_eq!(keys(r), ["resourceType", "id", "meta"], "no text to keep");
-    assert!(subsetted(r));
+    // Nothing of p2 was left out: it is answered whole, untagged (review: the tag said a
+    // complete resource was incomplete, and kept the client from writing it back).
+    assert!(!subsetted(r));
+    let (_, whole) = get(&s, "/Patient/p2").await;
+    assert_eq!(r, &whole);
 
     // count: the total alone, as before.
     let (st, b) = get(&s, "/Patient?_summary=count").await;
@@ -312,7 +316,8 @@ async fn searches_cut_matches_and_included_resources() {
     let b: Value = r.json().await.unwrap();
     let p2 = &b["entry"][0]["resource"];
     assert_eq!(p2["id"], "p2");
-    assert!(subsetted(p2));
+    // p2 has only summary elements: nothing left out, not tagged.
+    assert!(!subsetted(p2));
 }
 
 /// Review: a resource read with `_summary=true` and written back (`PUT`, `POST`, a Bundle
