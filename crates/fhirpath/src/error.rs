@@ -48,6 +48,10 @@ pub enum EvalError {
         "the expression needs more than {0} evaluation steps (its collections or strings grow too large)"
     )]
     Budget(u64),
+    /// The caller's stop condition ([`crate::with_stop`]) asked the evaluation to end: the
+    /// client went away, the job was cancelled.
+    #[error("the evaluation was stopped (the request ended or was cancelled)")]
+    Stopped,
 }
 
 impl EvalError {

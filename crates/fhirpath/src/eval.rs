@@ -54,6 +54,8 @@ pub(crate) struct Work {
     /// Patterns compiled at run time, by their final text (see [`Env::regex`]): a pattern computed
     /// by the expression is otherwise compiled again for every item it is applied to.
     regexes: RefCell<HashMap<String, Rc<regex::Regex>>>,
+    /// Units spent and not yet charged to the caller's shared budget ([`crate::limits`]).
+    unshared: Cell<u64>,
 }
 
 impl Work {
@@ -61,7 +63,15 @@ impl Work {
         Work {
             left: Cell::new(units),
             regexes: RefCell::new(HashMap::new()),
+            unshared: Cell::new(0),
         }
+    }
+
+    /// Charges what is not charged yet to the caller's limits (every
+    /// [`crate::limits::CHECK_EVERY`] units, and at the end of the evaluation).
+    fn share(&self) -> Result<(), EvalError> {
+        let units = self.unshared.replace(0);
+        crate::limits::charge(units)
     }
 }
 
@@ -105,6 +115,11 @@ impl Env<'_, '_> {
             return Err(EvalError::Budget(BUDGET));
         }
         self.work.left.set(left - units);
+        let unshared = self.work.unshared.get() + units;
+        self.work.unshared.set(unshared);
+        if unshared >= crate::limits::CHECK_EVERY {
+            self.work.share()?;
+        }
         Ok(())
     }
 
@@ -182,7 +197,9 @@ fn evaluate_with<'a>(expr: &Expr, ctx: &EvalContext<'a>, work: &Work) -> R<'a> {
         work,
     };
     let input = [ctx.focus.clone()];
-    eval(expr, &env, &input)
+    let out = eval(expr, &env, &input)?;
+    work.share()?;
+    Ok(out)
 }
 
 /// Singleton evaluation as a boolean (FHIRPath §4.5).

@@ -23,6 +23,7 @@ mod eval;
 mod eval_strings;
 mod functions;
 mod lexer;
+mod limits;
 mod node;
 mod parser;
 mod quantity;
@@ -35,6 +36,7 @@ use chrono::{DateTime, FixedOffset};
 use serde_json::Value as Json;
 
 pub use error::{EvalError, ParseError};
+pub use limits::{with_shared_budget, with_stop};
 pub use node::{Item, Node, NodePath, Segment};
 pub use quantity::Quantity;
 pub use registry::{CustomFn, FunctionRegistry, walk_without_subresources};

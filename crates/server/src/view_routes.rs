@@ -637,7 +637,13 @@ async fn run_request(
             tx,
             buf: Vec::with_capacity(CHUNK),
         };
-        if let Err(e) = stream_rows(&view, source, format, header, limit, &name, out) {
+        // The client's going away also stops an evaluation in the middle of one resource
+        // (`stream_rows` looks between resources; one resource of a costly view takes seconds).
+        let gone = fail.clone();
+        let run = views::with_stop(std::rc::Rc::new(move || gone.is_closed()), || {
+            stream_rows(&view, source, format, header, limit, &name, out)
+        });
+        if let Err(e) = run {
             tracing::warn!(error = %e, "view run stopped");
             // Before the first chunk the answer becomes the error's OperationOutcome; after it,
             // the body is cut off (an error for the client, never a short answer that looks

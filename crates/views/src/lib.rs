@@ -34,8 +34,14 @@ pub mod ndjson;
 pub mod parquet;
 
 pub use error::{Reason, RowError, RowReason, ViewError};
+/// The stop condition of [`fhirpath::with_stop`], for callers of views that do not depend on
+/// the evaluator themselves.
+pub use fhirpath::with_stop;
 pub use functions::{registry as fhirpath_functions, split_reference};
-pub use run::{EachRowError, MAX_BUFFERED_CELLS, MAX_REPEAT_DEPTH, MAX_ROWS_PER_RESOURCE, Row};
+pub use run::{
+    EachRowError, MAX_BUFFERED_CELLS, MAX_REPEAT_DEPTH, MAX_RESOURCE_WORK, MAX_ROWS_PER_RESOURCE,
+    Row,
+};
 pub use value::{Value, ValueKind};
 pub use view::{Column, View};
 

@@ -130,3 +130,31 @@ fn mutated_suite_views_end_in_rows_or_typed_errors() {
     println!("{compiled} mutated views compiled, {refused} refused, {row_errors} row errors");
     assert!(compiled > 1000 && refused > 1000);
 }
+
+/// Review: each FHIRPath evaluation had its own budget and a view may list any number of
+/// expressions, so one resource of a view of many costly `where` clauses took minutes (one
+/// `$viewdefinition-run` about an hour), and `=` of two long strings cost one unit. Now string
+/// comparisons are charged by their bytes and all of one resource's evaluations share
+/// `views::MAX_RESOURCE_WORK`: the resource ends in a typed error, and a view of few clauses
+/// still gives its rows.
+#[test]
+fn the_evaluations_of_one_resource_share_one_budget() {
+    let long = "x".repeat(64 * 1024);
+    let clause = json!({"path": "%a.repeat($this).select(%a = %b).count() > 0"});
+    let view = |clauses: usize| {
+        json!({"resourceType": "ViewDefinition", "resource": "Patient", "status": "active",
+            "constant": [{"name": "a", "valueString": long}, {"name": "b", "valueString": long}],
+            "where": vec![clause.clone(); clauses],
+            "select": [{"column": [{"name": "id", "path": "id"}]}]})
+    };
+    let patient = json!({"resourceType": "Patient", "id": "p"});
+    // One clause: 4,096 units for its 64 KiB comparison, far within every budget.
+    let few = View::compile(&view(3)).expect("compiles");
+    assert_eq!(few.rows(&patient).expect("rows").len(), 1);
+    // Each clause within its own budget, together beyond the resource's.
+    let many = View::compile(&view(5_000)).expect("compiles");
+    let e = many
+        .rows(&patient)
+        .expect_err("beyond the resource's budget");
+    assert!(e.to_string().contains("evaluation steps"), "{e}");
+}
