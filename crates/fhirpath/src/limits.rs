@@ -106,7 +106,9 @@ mod tests {
         // One evaluation of (1 | 2 ... ) repeated within its own budget, many of them not.
         let src = "(1 | 2 | 3 | 4).repeat($this).count()";
         assert!(eval(src).is_ok());
-        let outcome = with_shared_budget(10_000, || (0..1_000).map(|_| eval(src)).last());
+        let outcome = with_shared_budget(10_000, || {
+            (0..1_000).map(|_| eval(src)).find(Result::is_err)
+        });
         assert!(
             matches!(outcome, Some(Err(EvalError::Budget(10_000)))),
             "{outcome:?}"
