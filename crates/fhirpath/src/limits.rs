@@ -41,14 +41,11 @@ pub fn with_stop<T>(stop: Rc<dyn Fn() -> bool>, f: impl FnOnce() -> T) -> T {
         None => stop,
     };
     SCOPE.with(|s| s.borrow_mut().stop = Some(combined));
-    struct Restore(Option<Rc<dyn Fn() -> bool>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let outer = self.0.take();
-            SCOPE.with(|s| s.borrow_mut().stop = outer);
-        }
-    }
-    let _restore = Restore(outer);
+    let mut outer = Some(outer);
+    let _restore = OnDrop(move || {
+        let outer = outer.take().flatten();
+        SCOPE.with(|s| s.borrow_mut().stop = outer);
+    });
     f()
 }
 
@@ -57,15 +54,17 @@ pub fn with_stop<T>(stop: Rc<dyn Fn() -> bool>, f: impl FnOnce() -> T) -> T {
 /// budget for the time of `f`.
 pub fn with_shared_budget<T>(units: u64, f: impl FnOnce() -> T) -> T {
     let outer = SCOPE.with(|s| s.borrow_mut().shared.replace((units, units)));
-    struct Restore(Option<(u64, u64)>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let outer = self.0.take();
-            SCOPE.with(|s| s.borrow_mut().shared = outer);
-        }
-    }
-    let _restore = Restore(outer);
+    let _restore = OnDrop(move || SCOPE.with(|s| s.borrow_mut().shared = outer));
     f()
+}
+
+/// Runs its closure when dropped: the scope is restored also when `f` panics.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
 }
 
 /// Charges `units` done by an evaluation to the shared budget and looks at the stop condition.

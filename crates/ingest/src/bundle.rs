@@ -934,6 +934,13 @@ pub fn execute(
                         responses[*index] = Some(write_entry(&outcome, options.return_resources));
                     }
                 }
+                // The connection lost during the call: the transaction may have committed (its
+                // reply lost), and writing the entries again would create the POSTs twice. The
+                // whole batch is 503 (a client resends only what it knows to be idempotent, as
+                // `fhirhose load --server` does). Any other failure rolled everything back.
+                Err(e @ store::StoreError::Unavailable { .. }) => {
+                    return Err(BundleError::Store(e));
+                }
                 Err(_) => retry_alone(store, retry, &dependencies, options, &mut responses),
             }
         }
