@@ -938,7 +938,22 @@ fn stream_rows(
                     {
                         continue;
                     }
-                    if !one(&mut w, &r)? {
+                    // An error of a resource whose client is gone is the stop condition ending
+                    // its evaluations (`views::with_stop`): the client went away.
+                    let more = match one(&mut w, &r) {
+                        Ok(more) => more,
+                        Err(e) => match client_gone(&probe) {
+                            Err(gone) => {
+                                tracing::info!(
+                                    resources = looked_at,
+                                    "view run stopped: the client went away"
+                                );
+                                return Err(gone.into());
+                            }
+                            Ok(()) => return Err(e),
+                        },
+                    };
+                    if !more {
                         break 'pages;
                     }
                 }
