@@ -923,13 +923,17 @@ fn stream_rows(
                     // A view whose rows are few (or none, or outside the patient's compartment)
                     // sends nothing for a long time: without this look it ran through the whole
                     // type after its client had gone.
-                    if let Err(e) = client_gone(&probe) {
-                        tracing::info!(
-                            resources = looked_at,
-                            "view run stopped: the client went away"
-                        );
-                        return Err(e.into());
-                    }
+                    // The client gone: logged with how far the run got, then the run ends.
+                    let gone = |looked_at: u64| {
+                        client_gone(&probe).map_err(|e| {
+                            tracing::info!(
+                                resources = looked_at,
+                                "view run stopped: the client went away"
+                            );
+                            StreamError::from(e)
+                        })
+                    };
+                    gone(looked_at)?;
                     looked_at += 1;
                     let Ok(r) = serde_json::from_slice::<Value>(&stored.json) else {
                         continue;
@@ -942,16 +946,10 @@ fn stream_rows(
                     // its evaluations (`views::with_stop`): the client went away.
                     let more = match one(&mut w, &r) {
                         Ok(more) => more,
-                        Err(e) => match client_gone(&probe) {
-                            Err(gone) => {
-                                tracing::info!(
-                                    resources = looked_at,
-                                    "view run stopped: the client went away"
-                                );
-                                return Err(gone.into());
-                            }
-                            Ok(()) => return Err(e),
-                        },
+                        Err(e) => {
+                            gone(looked_at)?;
+                            return Err(e);
+                        }
                     };
                     if !more {
                         break 'pages;
